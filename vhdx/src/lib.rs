@@ -1,0 +1,1 @@
+//! The VHDX virtual disk format (MS-VHDX).
