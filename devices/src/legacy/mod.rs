@@ -1,0 +1,29 @@
+//! Legacy platform devices: the ones a PC guest expects at fixed port addresses.
+
+mod acpi_pm;
+mod debug_exit;
+mod i8042;
+mod serial;
+
+pub use acpi_pm::{
+    AcpiPmDevice, ACPI_PM_PORT, ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLP_TYP_S5,
+};
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
+pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+pub use serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+
+/// Why the guest asked the platform to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerEvent {
+    /// ACPI S5 or a debug-exit write of 0.
+    PowerOff,
+    /// The guest wrote a non-zero code to the debug-exit port (test guests report failure so).
+    GuestFailure(u32),
+    /// i8042 or ACPI reset.
+    Reset,
+}
+
+/// Receives the guest's power requests; the VMM implements it.
+pub trait PowerControl: Send + Sync {
+    fn request(&self, event: PowerEvent);
+}

@@ -1,0 +1,19 @@
+//! Device models for the Vireo VMM.
+//!
+//! - [`bus`]: port-I/O and MMIO dispatch of guest accesses to devices.
+//! - [`legacy`]: 16550 serial, debug-exit port, i8042 reset, ACPI power management.
+//! - [`pci`]: PCI configuration space, the root bus with ECAM, MSI-X.
+//! - [`virtio`]: the virtio-pci transport and virtio devices (block, rng).
+//! - [`block`]: disk backends (raw, VHDX) behind one [`block::BlockBackend`] trait.
+//!
+//! Devices know nothing of KVM: interrupts leave through the [`interrupt`] traits,
+//! which the VMM implements.
+
+pub mod block;
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+pub mod pci;
+pub mod virtio;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,237 @@
+//! The virtio-blk device as the transport sees it: features, configuration space,
+//! activation of its worker.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::BlockWorker;
+use crate::block::BlockBackend;
+use crate::virtio::{
+    ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
+};
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_TOPOLOGY: u64 = 1 << 10;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+pub(super) const SECTOR_SHIFT: u32 = 9;
+pub(super) const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Descriptors per request we accept (the config's seg_max + header + status).
+pub(super) const SEG_MAX: u32 = 254;
+const QUEUE_SIZE: u16 = 256;
+/// Largest discard / write-zeroes in one request, in sectors (1 GiB).
+pub(super) const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+
+/// What the user configured for one disk.
+#[derive(Clone, Debug)]
+pub struct BlockConfig {
+    pub read_only: bool,
+    /// The serial number the guest reads with GET_ID (up to 20 bytes).
+    pub serial: String,
+    pub num_queues: u16,
+}
+
+/// I/O counters served by `vm.counters`.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub read_ops: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_ops: AtomicU64,
+    pub discard_ops: AtomicU64,
+    pub write_zeroes_ops: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+struct Running {
+    stop: EventFd,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub struct Block {
+    backend: Arc<dyn BlockBackend>,
+    config: BlockConfig,
+    queue_sizes: Vec<u16>,
+    acked_features: u64,
+    counters: Arc<BlockCounters>,
+    running: Option<Running>,
+    config_space: Vec<u8>,
+}
+
+impl Block {
+    pub fn new(backend: Arc<dyn BlockBackend>, config: BlockConfig) -> Self {
+        let num_queues = config.num_queues.max(1);
+        let config_space = build_config_space(backend.as_ref(), num_queues);
+        Self {
+            backend,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(num_queues)],
+            config,
+            acked_features: 0,
+            counters: Arc::new(BlockCounters::default()),
+            running: None,
+            config_space,
+        }
+    }
+
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    fn stop_workers(&mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.stop.write(1);
+            for t in running.threads {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// `struct virtio_blk_config` (little endian).
+fn build_config_space(backend: &dyn BlockBackend, num_queues: u16) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    let capacity = backend.size() >> SECTOR_SHIFT;
+    c[0..8].copy_from_slice(&capacity.to_le_bytes());
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    let lbs = backend.logical_block_size().max(512);
+    c[20..24].copy_from_slice(&lbs.to_le_bytes());
+    let pbs = backend.physical_block_size().max(lbs);
+    c[24] = (pbs / lbs).trailing_zeros() as u8; // physical_block_exp
+    c[34..36].copy_from_slice(&num_queues.to_le_bytes());
+    c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&(lbs >> SECTOR_SHIFT).to_le_bytes()); // discard alignment
+    c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn name(&self) -> &'static str {
+        "block"
+    }
+
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1
+            | F_RING_INDIRECT_DESC
+            | F_RING_EVENT_IDX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_TOPOLOGY
+            | F_FLUSH
+            | F_DISCARD
+            | F_WRITE_ZEROES;
+        if self.queue_sizes.len() > 1 {
+            f |= F_MQ;
+        }
+        if self.config.read_only {
+            f |= F_RO;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = self
+                .config_space
+                .get(offset as usize + i)
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        self.stop_workers();
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ActivateError::Setup {
+            device: "block",
+            source,
+        })?;
+        let mut threads = Vec::new();
+        for q in queues {
+            let stop_fd = stop.try_clone().map_err(|source| ActivateError::Setup {
+                device: "block",
+                source,
+            })?;
+            let worker = BlockWorker::new(
+                q,
+                mem.clone(),
+                interrupt.clone(),
+                self.backend.clone(),
+                self.config.clone(),
+                self.counters.clone(),
+                stop_fd,
+            )
+            .map_err(|source| ActivateError::Setup {
+                device: "block",
+                source,
+            })?;
+            let name = format!("vireo-blk-q{}", worker.queue_index());
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker.run())
+                .map_err(|source| ActivateError::SpawnWorker {
+                    device: "block",
+                    source,
+                })?;
+            threads.push(t);
+        }
+        self.running = Some(Running { stop, threads });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+        self.acked_features = 0;
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            ("read_ops", c.read_ops.load(Ordering::Relaxed)),
+            ("read_bytes", c.read_bytes.load(Ordering::Relaxed)),
+            ("write_ops", c.write_ops.load(Ordering::Relaxed)),
+            ("write_bytes", c.write_bytes.load(Ordering::Relaxed)),
+            ("flush_ops", c.flush_ops.load(Ordering::Relaxed)),
+            ("discard_ops", c.discard_ops.load(Ordering::Relaxed)),
+            (
+                "write_zeroes_ops",
+                c.write_zeroes_ops.load(Ordering::Relaxed),
+            ),
+            ("errors", c.errors.load(Ordering::Relaxed)),
+        ]
+    }
+}

@@ -1,0 +1,108 @@
+//! Virtio: the device trait, the PCI transport, and the devices.
+//!
+//! Each device lives in its own module with the same split: `device.rs` (what the
+//! transport sees: features, config space, activation) and `worker.rs` (the thread that
+//! serves its queues).
+
+pub mod block;
+mod memory;
+mod transport;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use memory::{GuestMemoryMmap, GuestRegionMmap};
+pub use transport::{
+    VirtioPciDevice, VirtioPciError, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR_SIZE,
+};
+
+/// Virtio device types (virtio 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_RNG: u32 = 4;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// Feature bits common to every device.
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_RING_EVENT_IDX: u64 = 1 << 29;
+
+/// Which interrupt a device raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioInterruptKind {
+    Config,
+    Queue(u16),
+}
+
+/// A device's interrupt line(s), provided by the transport.
+pub trait VirtioInterrupt: Send + Sync {
+    fn trigger(&self, kind: VirtioInterruptKind) -> std::io::Result<()>;
+}
+
+/// One queue handed to a device at activation.
+pub struct ActivatedQueue {
+    pub index: u16,
+    pub queue: Queue,
+    /// Written by the guest's notify (through the bus or an ioeventfd).
+    pub kick: EventFd,
+}
+
+/// Errors of device activation.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("cannot start the {device} worker thread: {source}")]
+    SpawnWorker {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{device}: {reason}")]
+    BadConfig {
+        device: &'static str,
+        reason: String,
+    },
+    #[error("{device}: cannot set up the worker: {source}")]
+    Setup {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A virtio device as the transport sees it.
+pub trait VirtioDevice: Send {
+    /// Short name for logs and thread names ("block", "rng").
+    fn name(&self) -> &'static str;
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers (including transport features such as VERSION_1).
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn ack_features(&mut self, features: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving the queues (the driver set DRIVER_OK).
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the worker and forgets the queues (the driver wrote status 0).
+    fn reset(&mut self);
+    /// Named counters for `vm.counters`.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
