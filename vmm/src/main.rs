@@ -1,1 +1,145 @@
-fn main() {}
+//! `vireo`: one VMM process per VM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use api::config::{self, PayloadConfig};
+use api::VmConfig;
+use vmm::vmm::{error_chain, Vmm};
+
+/// Run one virtual machine on KVM.
+#[derive(Parser, Debug)]
+#[command(name = "vireo", version, about)]
+struct Cli {
+    /// Kernel to boot: a PVH ELF (vmlinux, the Vireo test guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// vCPUs: boot=N.
+    #[arg(long, default_value = "boot=1")]
+    cpus: String,
+    /// Memory: size=SIZE[,hugepages=on].
+    #[arg(long, default_value = "size=512M")]
+    memory: String,
+    /// A disk: path=FILE[,readonly=on][,direct=on][,serial=S][,num_queues=N][,id=ID]
+    /// (repeatable; VHDX or raw, detected from the content).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Serial port (COM1): off, null, tty or file=PATH.
+    #[arg(long, default_value = "tty")]
+    serial: String,
+    /// Add a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// The VM as a JSON file (the same schema as `vm.create`); flags are then ignored.
+    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk"])]
+    config: Option<PathBuf>,
+    /// Serve the REST API on this unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot read config file {path}: {source}")]
+    ReadConfig {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    ParseConfig {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("nothing to run: give --kernel (or --config), or --api-socket to wait for vm.create")]
+    NothingToRun,
+}
+
+fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
+    if let Some(path) = &cli.config {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadConfig {
+            path: p.clone(),
+            source,
+        })?;
+        let cfg: VmConfig = serde_json::from_str(&text)
+            .map_err(|source| CliError::ParseConfig { path: p, source })?;
+        cfg.validate()?;
+        return Ok(Some(cfg));
+    }
+    let Some(kernel) = &cli.kernel else {
+        return Ok(None);
+    };
+    let cfg = VmConfig {
+        payload: PayloadConfig {
+            kernel: kernel.clone(),
+            cmdline: cli.cmdline.clone(),
+            initramfs: cli.initramfs.clone(),
+        },
+        cpus: config::parse_cpus(&cli.cpus)?,
+        memory: config::parse_memory(&cli.memory)?,
+        disks: cli
+            .disk
+            .iter()
+            .map(|d| config::parse_disk(d))
+            .collect::<Result<_, _>>()?,
+        serial: config::parse_output("--serial", &cli.serial)?,
+        rng: cli.rng,
+    };
+    cfg.validate()?;
+    Ok(Some(cfg))
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let cfg = vm_config(&cli)?;
+    if cfg.is_none() && cli.api_socket.is_none() {
+        return Err(Box::new(CliError::NothingToRun));
+    }
+    let mut vmm = Vmm::new();
+    let _server = match &cli.api_socket {
+        Some(path) => Some(api::serve(path, vmm.api_dispatch())?),
+        None => None,
+    };
+    if let Some(cfg) = cfg {
+        vmm.create(cfg)?;
+        vmm.boot()?;
+    }
+    let exit = vmm.run();
+    match &exit {
+        vmm::vmm::VmmExit::Crashed(why) => eprintln!("vireo: error: {why}"),
+        vmm::vmm::VmmExit::GuestFailure(code) => {
+            eprintln!("vireo: guest reported failure (debug-exit code {code:#x})")
+        }
+        vmm::vmm::VmmExit::PowerOff => {}
+    }
+    Ok(ExitCode::from(exit.status() as u8))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vireo: error: {}", error_chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}

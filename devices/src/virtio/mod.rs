@@ -6,6 +6,7 @@
 
 pub mod block;
 mod memory;
+pub mod rng;
 mod transport;
 
 use std::sync::Arc;

@@ -134,7 +134,7 @@ impl Request {
     fn byte_range(&self, disk: &dyn BlockBackend) -> Result<u64, u8> {
         let offset = self.sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
         let end = offset.checked_add(self.data_len()).ok_or(S_IOERR)?;
-        if end > disk.size() || self.data_len() % SECTOR_SIZE != 0 {
+        if end > disk.size() || !self.data_len().is_multiple_of(SECTOR_SIZE) {
             return Err(S_IOERR);
         }
         Ok(offset)
@@ -214,7 +214,7 @@ impl Request {
         ops: &AtomicU64,
     ) -> Result<u32, u8> {
         for &(addr, len, writable) in &self.data {
-            if writable || len as usize % DISCARD_SEGMENT_LEN != 0 {
+            if writable || !(len as usize).is_multiple_of(DISCARD_SEGMENT_LEN) {
                 return Err(S_IOERR);
             }
             for i in 0..(len as usize / DISCARD_SEGMENT_LEN) {

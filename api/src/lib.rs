@@ -1,0 +1,18 @@
+//! Vireo's REST API: the types (VM configuration, state, info, counters) and the
+//! per-VM server that `vireo` runs on a unix socket.
+//!
+//! The server never touches VM internals: each HTTP request becomes an [`ApiRequest`]
+//! sent to the VMM's control loop, which answers on a one-shot channel.
+
+pub mod config;
+pub mod lifecycle;
+mod server;
+mod types;
+
+pub use config::VmConfig;
+pub use lifecycle::{Action, InvalidTransition, VmState};
+pub use server::{serve, Dispatch, ServerError, ServerHandle};
+pub use types::{ApiError, ApiRequest, ApiResponse, Counters, VmAction, VmInfo};
+
+/// The OpenAPI document of the per-VM API.
+pub const OPENAPI_YAML: &str = include_str!("../openapi/vireo.yaml");

@@ -1,0 +1,164 @@
+//! The HTTP/1.1 server on a unix socket (axum on a current-thread tokio runtime in its
+//! own thread). Routes follow Cloud Hypervisor's names.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use tokio::sync::oneshot;
+
+use crate::types::{ApiError, ApiRequest, ApiResponse, VmAction};
+use crate::VmConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("API socket {path} is in use by a running process")]
+    InUse { path: String },
+    #[error("cannot create API socket {path}: {source}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the API thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Hands an API request to the control loop; false when the loop is gone.
+pub type Dispatch = std::sync::Arc<dyn Fn(ApiRequest) -> bool + Send + Sync>;
+
+#[derive(Clone)]
+struct AppState {
+    dispatch: Dispatch,
+}
+
+/// The running server; dropping it does not stop it (the process exit does), but
+/// `path` is removed on drop.
+pub struct ServerHandle {
+    pub path: PathBuf,
+    _thread: JoinHandle<()>,
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` (mode 0600; a stale socket nobody listens on is replaced) and serves
+/// the per-VM API, forwarding each request through `dispatch`.
+pub fn serve(path: &Path, dispatch: Dispatch) -> Result<ServerHandle, ServerError> {
+    let p = path.display().to_string();
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse { path: p });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let std_listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|source| ServerError::Bind {
+            path: p.clone(),
+            source,
+        })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ServerError::Bind {
+            path: p.clone(),
+            source,
+        }
+    })?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|source| ServerError::Bind {
+            path: p.clone(),
+            source,
+        })?;
+    let state = AppState { dispatch };
+    let thread = std::thread::Builder::new()
+        .name("vireo-api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the API runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot use the API socket");
+                        return;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, router(state)).await {
+                    tracing::error!(error = %e, "API server stopped");
+                }
+            });
+        })
+        .map_err(ServerError::Thread)?;
+    Ok(ServerHandle {
+        path: path.to_path_buf(),
+        _thread: thread,
+    })
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/vmm.ping", get(|s| action(s, VmAction::Ping)))
+        .route(
+            "/api/v1/vmm.shutdown",
+            put(|s| action(s, VmAction::VmmShutdown)),
+        )
+        .route("/api/v1/vm.create", put(create))
+        .route("/api/v1/vm.boot", put(|s| action(s, VmAction::Boot)))
+        .route("/api/v1/vm.pause", put(|s| action(s, VmAction::Pause)))
+        .route("/api/v1/vm.resume", put(|s| action(s, VmAction::Resume)))
+        .route(
+            "/api/v1/vm.shutdown",
+            put(|s| action(s, VmAction::Shutdown)),
+        )
+        .route("/api/v1/vm.reboot", put(|s| action(s, VmAction::Reboot)))
+        .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
+        .route(
+            "/api/v1/vm.counters",
+            get(|s| action(s, VmAction::Counters)),
+        )
+        .fallback(|| async { error_response(ApiError::not_found("no such API endpoint")) })
+        .with_state(state)
+}
+
+fn error_response(e: ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(serde_json::json!({ "error": e.message }))).into_response()
+}
+
+async fn create(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<VmConfig>(&body) {
+        Ok(cfg) => action(State(state), VmAction::Create(Box::new(cfg))).await,
+        Err(e) => error_response(ApiError::bad_request(format!("invalid VM config: {e}"))),
+    }
+}
+
+async fn action(State(state): State<AppState>, action: VmAction) -> Response {
+    let (tx, rx) = oneshot::channel::<ApiResponse>();
+    let sent = (state.dispatch)(ApiRequest { action, reply: tx });
+    if !sent {
+        return error_response(ApiError::internal("the VMM is shutting down"));
+    }
+    match rx.await {
+        Ok(Ok(Some(body))) => (StatusCode::OK, Json(body)).into_response(),
+        Ok(Ok(None)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error_response(e),
+        Err(_) => error_response(ApiError::internal("the VMM dropped the request")),
+    }
+}

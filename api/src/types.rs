@@ -1,0 +1,87 @@
+//! What crosses the API: requests to the control loop and their answers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::{VmConfig, VmState};
+
+/// Per-device counters: device id → counter name → value.
+pub type Counters = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// `vm.info`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub config: VmConfig,
+    pub memory_actual_size: u64,
+    pub uptime_ms: u64,
+}
+
+/// What the API asks of the control loop.
+#[derive(Debug)]
+pub enum VmAction {
+    Ping,
+    Create(Box<VmConfig>),
+    Boot,
+    Pause,
+    Resume,
+    Shutdown,
+    Reboot,
+    Info,
+    Counters,
+    /// Ends the VMM process (after shutting the VM down).
+    VmmShutdown,
+}
+
+/// An error as the client sees it: an HTTP status and a one-line message.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: m.into(),
+        }
+    }
+    /// The request is valid but not in the VM's current state.
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self {
+            status: 409,
+            message: m.into(),
+        }
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self {
+            status: 500,
+            message: m.into(),
+        }
+    }
+}
+
+pub type ApiResponse = Result<Option<serde_json::Value>, ApiError>;
+
+/// One request and where to send its answer.
+pub struct ApiRequest {
+    pub action: VmAction,
+    pub reply: oneshot::Sender<ApiResponse>,
+}
+
+impl ApiRequest {
+    /// Answers the request (a client that went away is not an error).
+    pub fn respond(self, r: ApiResponse) {
+        let _ = self.reply.send(r);
+    }
+}

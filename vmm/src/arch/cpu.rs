@@ -1,0 +1,217 @@
+//! vCPU state at power-on for a PVH entry: 32-bit protected mode, flat segments,
+//! paging off, EBX pointing at the start info (PVH boot protocol, Xen's pvh.html).
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
+use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use devices::virtio::GuestMemoryMmap;
+
+use crate::kvm::KvmError;
+use crate::layout;
+
+const X86_CR0_PE: u64 = 0x1;
+const X86_CR0_ET: u64 = 0x10;
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+const MTRR_ENABLE: u64 = 1 << 11;
+const MTRR_TYPE_WRBACK: u64 = 6;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// GDT entries (flat 4 GiB): null, null, code32 (0x10), data (0x18), TSS (0x20).
+const GDT: [u64; 5] = [
+    0,
+    0,
+    gdt_entry(0xc09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
+const CODE_SELECTOR: u16 = 0x10;
+const DATA_SELECTOR: u16 = 0x18;
+const TSS_SELECTOR: u16 = 0x20;
+
+const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << (56 - 24))
+        | ((flags as u64 & 0x0000_f0ff) << 40)
+        | ((limit as u64 & 0x000f_0000) << (48 - 16))
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+}
+
+fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
+    let limit_raw = (entry & 0xffff) | ((entry >> 32) & 0xf_0000);
+    let g = ((entry >> 55) & 1) as u8;
+    let limit = if g == 1 {
+        (limit_raw << 12) | 0xfff
+    } else {
+        limit_raw
+    };
+    kvm_segment {
+        base,
+        limit: limit as u32,
+        selector,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present: ((entry >> 47) & 1) as u8,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g,
+        avl: ((entry >> 52) & 1) as u8,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}
+
+/// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID and the
+/// hypervisor bit.
+pub fn cpuid_for(kvm: &Kvm, cpu: u8, cpus: u8) -> Result<CpuId, KvmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("GET_SUPPORTED_CPUID"))?;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(cpu) << 24) | (u32::from(cpus) << 16);
+                e.ecx |= 1 << 31; // hypervisor present
+            }
+            0xb | 0x1f => {
+                e.edx = u32::from(cpu);
+            }
+            _ => {}
+        }
+    }
+    Ok(cpuid)
+}
+
+/// Puts vCPU `cpu` in the PVH entry state; the boot vCPU starts at `entry`.
+pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, cpu: u8, cpus: u8, entry: u64) -> Result<(), KvmError> {
+    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, cpus)?)
+        .map_err(ioctl("SET_CPUID2"))?;
+
+    let msrs = Msrs::from_entries(&[
+        msr(MSR_IA32_SYSENTER_CS, 0),
+        msr(MSR_IA32_SYSENTER_ESP, 0),
+        msr(MSR_IA32_SYSENTER_EIP, 0),
+        msr(MSR_STAR, 0),
+        msr(MSR_CSTAR, 0),
+        msr(MSR_KERNEL_GS_BASE, 0),
+        msr(MSR_SYSCALL_MASK, 0),
+        msr(MSR_LSTAR, 0),
+        msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRBACK),
+    ])
+    .map_err(|_| KvmError::MissingCap("MSR list"))?;
+    vcpu.set_msrs(&msrs).map_err(ioctl("SET_MSRS"))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(ioctl("SET_FPU"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(ioctl("GET_LAPIC"))?;
+    set_lapic_lvt(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+    set_lapic_lvt(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic).map_err(ioctl("SET_LAPIC"))?;
+
+    if cpu != 0 {
+        // Application processors wait for INIT/SIPI, as on hardware.
+        return Ok(());
+    }
+
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(ioctl("GET_SREGS"))?;
+    let code = segment_from_gdt(GDT[2], CODE_SELECTOR);
+    let data = segment_from_gdt(GDT[3], DATA_SELECTOR);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(GDT[4], TSS_SELECTOR);
+    sregs.gdt.base = layout::BOOT_GDT;
+    sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(ioctl("SET_SREGS"))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: layout::PVH_START_INFO,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(ioctl("SET_REGS"))?;
+    Ok(())
+}
+
+/// Writes the boot GDT into guest memory (PVH leaves GDTR to the VMM's choice).
+pub fn write_boot_gdt(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+    for (i, e) in GDT.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT + (i * 8) as u64))?;
+    }
+    Ok(())
+}
+
+fn msr(index: u32, data: u64) -> kvm_msr_entry {
+    kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }
+}
+
+fn set_lapic_lvt(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
+    let mut b = [0u8; 4];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = regs[offset + i] as u8;
+    }
+    let v = u32::from_le_bytes(b);
+    let v = (v & !0x700) | (mode << 8);
+    for (i, x) in v.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *x as std::os::raw::c_char;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_decode_to_flat_segments() {
+        let cs = segment_from_gdt(GDT[2], CODE_SELECTOR);
+        assert_eq!(
+            (cs.base, cs.limit, cs.type_, cs.db, cs.l, cs.g),
+            (0, 0xffff_ffff, 0xb, 1, 0, 1)
+        );
+        let ds = segment_from_gdt(GDT[3], DATA_SELECTOR);
+        assert_eq!((ds.type_, ds.present, ds.s), (0x3, 1, 1));
+        let tr = segment_from_gdt(GDT[4], TSS_SELECTOR);
+        assert_eq!((tr.type_, tr.limit, tr.s), (0xb, 0x67, 0));
+    }
+}

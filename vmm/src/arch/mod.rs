@@ -1,0 +1,5 @@
+//! x86_64 specifics: vCPU register set-up, PVH boot information, ACPI tables.
+
+pub mod acpi;
+pub mod cpu;
+pub mod pvh;

@@ -1,0 +1,210 @@
+//! Builds the VM's devices and wires them to the buses, KVM interrupts and ioeventfds.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::block::{detect_format, BlockBackend, ImageFormat, OpenError, RawFile};
+use devices::legacy::{
+    AcpiPmDevice, DebugExit, PowerControl, SerialDevice, SerialOutput, ACPI_PM_PORT,
+    ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN,
+    I8042, I8042_PORT, I8042_PORT_LEN,
+};
+use devices::pci::{PciDevice, PciEcam, PciRoot, PciRootError, ECAM_BUS_SIZE};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::{
+    GuestMemoryMmap, VirtioDevice, VirtioPciDevice, VirtioPciError, VIRTIO_PCI_BAR_SIZE,
+};
+use devices::{Bus, BusError};
+
+use crate::kvm::{Hypervisor, KvmError};
+use crate::layout;
+use api::config::{DiskConfig, OutputConfig};
+use api::VmConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("cannot map a device on the bus: {0}")]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Pci(#[from] PciRootError),
+    #[error("cannot create virtio device: {0}")]
+    VirtioPci(#[from] VirtioPciError),
+    #[error(transparent)]
+    Disk(#[from] OpenError),
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the PCI MMIO window is full")]
+    MmioExhausted,
+}
+
+/// A virtio-pci function with the bookkeeping the VMM needs.
+pub struct PciFunction {
+    pub id: String,
+    pub device: Arc<Mutex<VirtioPciDevice>>,
+    pub bar: u64,
+}
+
+pub struct DeviceManager {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub pci: Arc<PciRoot>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub functions: Vec<PciFunction>,
+    next_bar: u64,
+}
+
+/// Writer that discards output (serial=null).
+struct Sink;
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn serial_output(cfg: &OutputConfig) -> Result<SerialOutput, DeviceError> {
+    Ok(match cfg {
+        OutputConfig::Off | OutputConfig::Null => Box::new(Sink),
+        OutputConfig::Tty => Box::new(std::io::stdout()),
+        OutputConfig::File(p) => {
+            Box::new(File::create(p).map_err(|source| DeviceError::SerialFile {
+                path: p.display().to_string(),
+                source,
+            })?)
+        }
+    })
+}
+
+/// Opens a disk image in the format its content says.
+pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
+    let format = detect_format(&cfg.path)?;
+    tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
+    Ok(match format {
+        ImageFormat::Raw => Arc::new(RawFile::open(&cfg.path, cfg.readonly, cfg.direct)?),
+        ImageFormat::Vhdx => crate::vhdx_disk::open(&cfg.path, cfg.readonly)?,
+    })
+}
+
+impl DeviceManager {
+    pub fn new(
+        hv: &Hypervisor,
+        mem: &Arc<GuestMemoryMmap>,
+        config: &VmConfig,
+        power: Arc<dyn PowerControl>,
+    ) -> Result<Self, DeviceError> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            hv.irq_line(COM1_IRQ)?,
+            serial_output(&config.serial)?,
+        )));
+        if config.serial != OutputConfig::Off {
+            pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+        }
+        pio.insert(
+            Arc::new(Mutex::new(DebugExit::new(power.clone()))),
+            DEBUG_EXIT_PORT,
+            DEBUG_EXIT_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(power.clone()))),
+            I8042_PORT,
+            I8042_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPmDevice::new(power))),
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+        )?;
+
+        let pci = Arc::new(PciRoot::new(mmio.clone()));
+        mmio.insert(
+            Arc::new(Mutex::new(PciEcam::new(pci.clone()))),
+            layout::ECAM_START,
+            ECAM_BUS_SIZE,
+        )?;
+
+        let mut dm = Self {
+            pio,
+            mmio,
+            pci,
+            serial,
+            functions: Vec::new(),
+            next_bar: layout::PCI_MMIO_START,
+        };
+        for (i, disk) in config.disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            let backend = open_disk(disk)?;
+            let block = Block::new(
+                backend,
+                BlockConfig {
+                    read_only: disk.readonly,
+                    serial: disk.serial.clone().unwrap_or_else(|| id.clone()),
+                    num_queues: disk.num_queues,
+                },
+            );
+            dm.add_virtio(hv, mem, id, Box::new(block))?;
+        }
+        if config.rng {
+            let rng = devices::virtio::rng::Rng::new();
+            dm.add_virtio(hv, mem, "rng0".into(), Box::new(rng))?;
+        }
+        Ok(dm)
+    }
+
+    fn allocate_bar(&mut self, size: u64) -> Result<u64, DeviceError> {
+        let addr = self.next_bar.next_multiple_of(size);
+        let end = addr.checked_add(size).ok_or(DeviceError::MmioExhausted)?;
+        if end > layout::PCI_MMIO_END {
+            return Err(DeviceError::MmioExhausted);
+        }
+        self.next_bar = end;
+        Ok(addr)
+    }
+
+    fn add_virtio(
+        &mut self,
+        hv: &Hypervisor,
+        mem: &Arc<GuestMemoryMmap>,
+        id: String,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), DeviceError> {
+        let mut pci_dev = VirtioPciDevice::new(device, mem.clone(), hv.msi_sink())?;
+        let bar = self.allocate_bar(VIRTIO_PCI_BAR_SIZE)?;
+        pci_dev.config_mut().set_bar_address(0, bar);
+        pci_dev.config_mut().enable_memory_and_master();
+        for (offset, fd) in pci_dev.notify_eventfds() {
+            hv.register_ioevent(fd, bar + offset)?;
+        }
+        let dev = Arc::new(Mutex::new(pci_dev));
+        let slot = self.pci.add_device(dev.clone())?;
+        tracing::info!(%id, slot, bar = format_args!("{bar:#x}"), "virtio-pci device added");
+        self.functions.push(PciFunction {
+            id,
+            device: dev,
+            bar,
+        });
+        Ok(())
+    }
+
+    /// Per-device counters for `vm.counters`.
+    pub fn counters(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+        self.functions
+            .iter()
+            .map(|f| {
+                let d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+                (f.id.clone(), d.device().counters())
+            })
+            .collect()
+    }
+}

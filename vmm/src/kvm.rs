@@ -1,0 +1,165 @@
+//! The thin layer over KVM: the rest of the VMM reads as VM logic, not ioctls.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use devices::interrupt::{LineSink, MsiMessage, MsiSink};
+use devices::virtio::GuestMemoryMmap;
+
+use crate::layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Open(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM {op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}
+
+/// The hypervisor handle of one VM.
+pub struct Hypervisor {
+    pub kvm: Kvm,
+    pub vm: Arc<VmFd>,
+}
+
+impl Hypervisor {
+    /// Creates the VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
+    pub fn new() -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let v = kvm.get_api_version();
+        if v != 12 {
+            return Err(KvmError::ApiVersion(v));
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "IRQCHIP"),
+            (kvm_ioctls::Cap::Irqfd, "IRQFD"),
+            (kvm_ioctls::Cap::Ioeventfd, "IOEVENTFD"),
+            (kvm_ioctls::Cap::SignalMsi, "SIGNAL_MSI"),
+            (kvm_ioctls::Cap::UserMemory, "USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(ioctl("CREATE_VM"))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(ioctl("SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(ioctl("SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(ioctl("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(ioctl("CREATE_PIT2"))?;
+        Ok(Self {
+            kvm,
+            vm: Arc::new(vm),
+        })
+    }
+
+    /// Registers every region of guest memory as a KVM memory slot.
+    pub fn map_memory(&self, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), KvmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| KvmError::MissingCap("host mapping of guest memory"))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if log_dirty {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM
+            // (the Vm struct holds both and drops the VM first).
+            unsafe { self.vm.set_user_memory_region(r) }
+                .map_err(ioctl("SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, KvmError> {
+        self.vm
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl("CREATE_VCPU"))
+    }
+
+    /// An edge-triggered legacy interrupt line (GSI), raised by writing an eventfd.
+    pub fn irq_line(&self, gsi: u32) -> Result<Arc<IrqLine>, KvmError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| ioctl("EVENTFD")(kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0))))?;
+        self.vm.register_irqfd(&fd, gsi).map_err(ioctl("IRQFD"))?;
+        Ok(Arc::new(IrqLine { fd }))
+    }
+
+    /// Makes guest writes to `addr` signal `fd` inside KVM (no exit to user space).
+    pub fn register_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(ioctl("IOEVENTFD"))
+    }
+
+    pub fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(ioctl("IOEVENTFD deassign"))
+    }
+
+    pub fn msi_sink(&self) -> Arc<KvmMsi> {
+        Arc::new(KvmMsi {
+            vm: self.vm.clone(),
+        })
+    }
+}
+
+/// A legacy interrupt line wired through irqfd.
+pub struct IrqLine {
+    fd: EventFd,
+}
+
+impl LineSink for IrqLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.fd.write(1)
+    }
+}
+
+/// MSI delivery through KVM_SIGNAL_MSI.
+pub struct KvmMsi {
+    vm: Arc<VmFd>,
+}
+
+impl MsiSink for KvmMsi {
+    fn deliver(&self, msg: MsiMessage) -> std::io::Result<()> {
+        let msi = kvm_msi {
+            address_lo: msg.address as u32,
+            address_hi: (msg.address >> 32) as u32,
+            data: msg.data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}

@@ -1,0 +1,60 @@
+//! The guest-physical address map of an x86_64 Vireo VM.
+//!
+//! ```text
+//! 0x0000_0000 ..0x000a_0000  RAM (low; boot structures live here)
+//! 0x000e_0000 ..0x0010_0000  ACPI tables (reserved)
+//! 0x0010_0000 ..LOW_RAM_END  RAM (the kernel loads at 1 MiB)
+//! 0xc000_0000 ..0xe000_0000  PCI MMIO window for BARs
+//! 0xe000_0000 ..0xf000_0000  PCIe ECAM (bus 0 used)
+//! 0xfec0_0000                IOAPIC      0xfee0_0000  LAPIC
+//! 0x1_0000_0000..            RAM above 4 GiB (the rest of the memory)
+//! ```
+
+pub const PVH_START_INFO: u64 = 0x6000;
+pub const PVH_MEMMAP: u64 = 0x7000;
+/// Our GDT for the 32-bit PVH entry.
+pub const BOOT_GDT: u64 = 0x500;
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 0x10000;
+pub const EBDA_START: u64 = 0xa0000;
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+pub const HIGH_RAM_START: u64 = 0x100000;
+/// End of RAM below the 32-bit hole.
+pub const LOW_RAM_END: u64 = 0xc000_0000;
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+pub const ECAM_START: u64 = 0xe000_0000;
+pub const ECAM_SIZE: u64 = 0x1000_0000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const LAPIC_START: u64 = 0xfee0_0000;
+pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// KVM needs three pages for the TSS just below the BIOS area (Intel only).
+pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// RAM ranges for `size` bytes of memory: below the hole, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= LOW_RAM_END {
+        vec![(0, size)]
+    } else {
+        vec![(0, LOW_RAM_END), (RAM_64BIT_START, size - LOW_RAM_END)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_splits_around_the_pci_hole() {
+        assert_eq!(ram_ranges(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![(0, LOW_RAM_END), (RAM_64BIT_START, (4 << 30) - LOW_RAM_END)]
+        );
+        const { assert!(LOW_RAM_END <= PCI_MMIO_START) };
+        const { assert!(PCI_MMIO_END <= ECAM_START) };
+        const { assert!(ECAM_START + ECAM_SIZE <= IOAPIC_START) };
+    }
+}

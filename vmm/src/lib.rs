@@ -1,0 +1,15 @@
+//! One VM on KVM: memory, vCPUs, boot, buses, devices and lifecycle.
+//!
+//! [`vmm::Vmm`] is the control loop; [`vm::Vm`] one VM built from an
+//! [`api::VmConfig`]; [`kvm`] the only module that speaks ioctls for VM set-up.
+
+pub mod arch;
+pub mod boot;
+pub mod device_manager;
+pub mod kvm;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+mod vhdx_disk;
+pub mod vm;
+pub mod vmm;

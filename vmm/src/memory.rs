@@ -1,0 +1,72 @@
+//! Guest RAM: anonymous mappings (optionally huge pages) with a dirty bitmap that
+//! devices fill when they write guest memory.
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+use vm_memory::{GuestAddress, GuestRegionCollection};
+
+use devices::virtio::{GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {requested} MiB exceeds this host's {host} MiB of RAM")]
+    MoreThanHost { requested: u64, host: u64 },
+    #[error("cannot map {size} MiB of guest memory at {addr:#x}{hint}: {reason}")]
+    Map {
+        size: u64,
+        addr: u64,
+        hint: &'static str,
+        reason: String,
+    },
+    #[error("guest memory regions overlap or are invalid: {0}")]
+    Regions(String),
+}
+
+/// Total RAM of the host in bytes (MemTotal of /proc/meminfo).
+fn host_ram() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`].
+pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, MemoryError> {
+    if let Some(host) = host_ram() {
+        if size > host {
+            return Err(MemoryError::MoreThanHost {
+                requested: size >> 20,
+                host: host >> 20,
+            });
+        }
+    }
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if hugepages {
+        flags |= libc::MAP_HUGETLB;
+    }
+    let mut regions = Vec::new();
+    for (start, len) in layout::ram_ranges(size) {
+        let map_err = |reason: String| MemoryError::Map {
+            size: len >> 20,
+            addr: start,
+            hint: if hugepages {
+                " (are enough huge pages reserved in /proc/sys/vm/nr_hugepages?)"
+            } else {
+                ""
+            },
+            reason,
+        };
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| map_err("region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    GuestRegionCollection::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
+}

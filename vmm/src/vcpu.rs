@@ -1,0 +1,262 @@
+//! vCPU threads: run KVM_RUN, dispatch port I/O and MMIO exits to the buses, and obey
+//! pause/resume/stop requests from the control loop (delivered by a kick signal).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use devices::Bus;
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the (empty) kick handler once per process; KVM_RUN returns EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), noop)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// What the control loop wants a vCPU to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wanted {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// What a vCPU thread reports to the control loop.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// Triple fault or KVM shutdown: the guest reset itself.
+    Shutdown(u8),
+    /// The vCPU cannot continue (emulation failure, entry failure, ioctl error).
+    Failed(u8, String),
+}
+
+struct Shared {
+    wanted: Wanted,
+    parked: bool,
+}
+
+/// Control block shared by the control loop and one vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    exits: Arc<AtomicU64>,
+}
+
+/// Everything a vCPU needs to run.
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub events: std::sync::mpsc::Sender<crate::vmm::ControlEvent>,
+}
+
+impl VcpuHandle {
+    pub fn spawn(id: u8, mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
+        let shared = Arc::new((
+            Mutex::new(Shared {
+                wanted: Wanted::Run,
+                parked: false,
+            }),
+            Condvar::new(),
+        ));
+        let exits = Arc::new(AtomicU64::new(0));
+        let (s, e) = (shared.clone(), exits.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vireo-vcpu{id}"))
+            .spawn(move || run_loop(id, &mut fd, &ctx, &s, &e))?;
+        Ok(Self {
+            id,
+            shared,
+            thread: Some(thread),
+            exits,
+        })
+    }
+
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
+    }
+
+    fn set_wanted(&self, w: Wanted) {
+        let (m, cv) = &*self.shared;
+        m.lock().unwrap_or_else(|e| e.into_inner()).wanted = w;
+        cv.notify_all();
+    }
+
+    /// Kicks the thread until it has parked (paused) or exited.
+    fn kick_until(&self, done: impl Fn(&Shared) -> bool) {
+        let (m, cv) = &*self.shared;
+        loop {
+            let Some(t) = &self.thread else {
+                return; // Already joined.
+            };
+            if t.is_finished() {
+                return;
+            }
+            let _ = t.kill(kick_signal());
+            let g = m.lock().unwrap_or_else(|e| e.into_inner());
+            let (g, _) = cv
+                .wait_timeout_while(g, Duration::from_millis(2), |s| !done(s))
+                .unwrap_or_else(|e| e.into_inner());
+            if done(&g) {
+                return;
+            }
+        }
+    }
+
+    pub fn pause(&self) {
+        self.set_wanted(Wanted::Pause);
+        self.kick_until(|s| s.parked);
+        tracing::debug!(vcpu = self.id, "paused");
+    }
+
+    pub fn resume(&self) {
+        self.set_wanted(Wanted::Run);
+    }
+
+    pub fn stop(&mut self) {
+        self.set_wanted(Wanted::Stop);
+        self.kick_until(|_| false);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Blocks while paused; returns false when the thread must exit.
+fn obey(shared: &(Mutex<Shared>, Condvar)) -> bool {
+    let (m, cv) = shared;
+    let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        match s.wanted {
+            Wanted::Run => {
+                if s.parked {
+                    s.parked = false;
+                    cv.notify_all();
+                }
+                return true;
+            }
+            Wanted::Stop => return false,
+            Wanted::Pause => {
+                if !s.parked {
+                    s.parked = true;
+                    cv.notify_all();
+                }
+                s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+}
+
+fn run_loop(
+    id: u8,
+    fd: &mut VcpuFd,
+    ctx: &VcpuContext,
+    shared: &(Mutex<Shared>, Condvar),
+    exits: &AtomicU64,
+) {
+    use crate::vmm::ControlEvent;
+    let report = |e: VcpuEvent| {
+        let _ = ctx.events.send(ControlEvent::Vcpu(e));
+    };
+    loop {
+        if !obey(shared) {
+            return;
+        }
+        let exit = fd.run();
+        exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC, HLT is handled by KVM; an exit here means
+                // interrupts are off for good: the guest has stopped.
+                report(VcpuEvent::Failed(
+                    id,
+                    "halted with interrupts disabled".into(),
+                ));
+                park_forever(shared);
+                return;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                report(VcpuEvent::Shutdown(id));
+                park_forever(shared);
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                tracing::info!(vcpu = id, kind, "system event");
+                report(VcpuEvent::Shutdown(id));
+                park_forever(shared);
+                return;
+            }
+            Ok(VcpuExit::InternalError) => {
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                report(VcpuEvent::Failed(
+                    id,
+                    format!("KVM internal error (emulation failure) at rip {rip:#x}"),
+                ));
+                park_forever(shared);
+                return;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                report(VcpuEvent::Failed(
+                    id,
+                    format!("KVM entry failed: reason {reason:#x} on host cpu {cpu}"),
+                ));
+                park_forever(shared);
+                return;
+            }
+            Ok(other) => {
+                tracing::debug!(vcpu = id, exit = ?other, "unhandled vCPU exit");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: loop around to obey the control loop.
+            }
+            Err(e) => {
+                report(VcpuEvent::Failed(id, format!("KVM_RUN failed: {e}")));
+                park_forever(shared);
+                return;
+            }
+        }
+    }
+}
+
+/// After a fatal exit the thread waits until asked to stop.
+fn park_forever(shared: &(Mutex<Shared>, Condvar)) {
+    let (m, cv) = shared;
+    let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+    s.parked = true;
+    cv.notify_all();
+    while s.wanted != Wanted::Stop {
+        s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+    }
+}
