@@ -11,5 +11,5 @@ if [ "${1:-}" = "--debug" ]; then profile=debug; flag=; fi
 RUSTFLAGS="-C relocation-model=static -C link-arg=-nostartfiles -C link-arg=-static \
 -C link-arg=-no-pie -C link-arg=-T$here/linker.ld -C link-arg=-Wl,--build-id=none" \
 CARGO_TARGET_DIR="$here/target" \
-cargo build $flag --locked --target x86_64-unknown-linux-gnu -j "${GUEST_BUILD_JOBS:-1}" >&2
+cargo build --quiet $flag --locked --target x86_64-unknown-linux-gnu -j "${GUEST_BUILD_JOBS:-1}" >&2
 echo "$here/target/x86_64-unknown-linux-gnu/$profile/vireo-guest"

@@ -17,7 +17,14 @@
 //! CS, RSP (and CR2 for #PF), then `vireo-guest: result fail exception` and writes 0x7f to
 //! the isa-debug-exit port 0xf4. Vectors 32..255 have no gate, so a stray interrupt shows
 //! up as #GP with error code (vector << 3) | 2. Vector 0x40 is the one interrupt gate used
-//! by `test=irq` (LAPIC timer probe): it counts, EOIs and returns.
+//! by `test=irq` (LAPIC timer probe): it counts, EOIs and returns. CPL3 cannot use STI/CLI
+//! here (PVM forces IOPL=0, so they #GP) nor INT n (it raises #UD under PVM), so
+//! `guest_sti`/`guest_cli` execute a UD2 that the #UD path of `isr_common` recognises by
+//! its address: it flips IF in the return frame and skips the UD2.
+//!
+//! Port I/O at CPL3: IOPL=3 is requested in RFLAGS, but PVM forces IOPL=0 for CPL3, so the
+//! TSS carries a full I/O permission bitmap allowing every port; that is what makes CPL3
+//! port I/O work here.
 
 core::arch::global_asm!(
     r#"
@@ -163,6 +170,27 @@ isr_stubs:
 
     /* stack: [rsp] vector, +8 error, +16 rip, +24 cs, +32 rflags, +40 rsp, +48 ss */
 isr_common:
+    cmp qword ptr [rsp], 6
+    jne 1f
+    push rax
+    mov rax, [rsp + 24]             /* faulting rip */
+    cmp rax, offset ud_sti
+    je 2f
+    cmp rax, offset ud_cli
+    je 3f
+    pop rax
+    jmp 1f
+2:
+    or qword ptr [rsp + 40], 0x200  /* rflags.IF = 1 */
+    jmp 4f
+3:
+    and qword ptr [rsp + 40], -0x201
+4:
+    add qword ptr [rsp + 24], 2     /* skip the ud2 */
+    pop rax
+    add rsp, 16                     /* vector, error code */
+    iretq
+1:
     cld
     mov rbx, rsp
     lea rsi, [rip + msg_exc]
@@ -271,6 +299,20 @@ irq_probe_isr:
     pop rax
     iretq
 
+    /* CPL3 "STI"/"CLI": a UD2 at these two addresses is handled by isr_common, which
+       sets/clears IF in the return frame and skips the UD2. */
+    .section .text, "ax"
+    .global guest_sti
+guest_sti:
+ud_sti:
+    ud2
+    ret
+    .global guest_cli
+guest_cli:
+ud_cli:
+    ud2
+    ret
+
     .section .rodata
 msg_exc:  .asciz "\nvireo-guest: exception vector=0x"
 msg_err:  .asciz " error=0x"
@@ -374,3 +416,10 @@ ustack_top:
 /// Incremented by the vector 0x40 interrupt handler (LAPIC timer probe).
 #[no_mangle]
 pub static IRQ_PROBE_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+extern "C" {
+    /// Sets RFLAGS.IF for CPL3 (through the #UD handler).
+    pub fn guest_sti();
+    /// Clears RFLAGS.IF for CPL3 (through the #UD handler).
+    pub fn guest_cli();
+}

@@ -6,7 +6,6 @@ use core::ptr::read_unaligned as rd;
 pub const HVM_START_MAGIC: u32 = 0x336e_c578;
 
 pub struct StartInfo {
-    pub addr: u64,
     pub rsdp: u64,
     pub memmap: u64,
     pub memmap_entries: u32,
@@ -25,7 +24,6 @@ pub unsafe fn start_info(addr: u64) -> Option<StartInfo> {
         (0, 0)
     };
     let info = StartInfo {
-        addr,
         rsdp: rd((addr + 32) as *const u64),
         memmap,
         memmap_entries,
@@ -156,10 +154,8 @@ pub fn find_rsdp(hint: u64) -> Option<u64> {
         .find(|&p| sig_at(p, b"RSD PTR ") && checksum_ok(p, 20))
 }
 
-/// Where the CPU count came from, for diagnostics.
 pub struct Madt {
     pub cpus: u32,
-    pub madt_addr: u64,
 }
 
 /// Counts enabled Local APIC (type 0) and Local x2APIC (type 9) entries of the MADT.
@@ -209,7 +205,7 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Madt> {
                     }
                     p += l;
                 }
-                return Some(Madt { cpus, madt_addr: t });
+                return Some(Madt { cpus });
             }
         }
     }

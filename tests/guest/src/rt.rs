@@ -109,10 +109,6 @@ impl Bump {
         end.saturating_sub(next)
     }
 
-    pub fn region(&self) -> (usize, usize) {
-        unsafe { *self.inner.get() }
-    }
-
     pub fn alloc_raw(&self, size: usize, align: usize) -> *mut u8 {
         let st = unsafe { &mut *self.inner.get() };
         let start = (st.0 + align - 1) & !(align - 1);

@@ -383,7 +383,7 @@ pub fn fault() -> ! {
 }
 
 /// `test=irq`: does an interrupt reach the guest while it runs at CPL3? Arms the LAPIC timer
-/// (xAPIC MMIO at 0xfee00000, one-shot, vector 0x40), sets IF with STI (IOPL=3) and waits up
+/// (xAPIC MMIO at 0xfee00000, one-shot, vector 0x40), sets IF through `guest_sti` (a UD2 the CPL0 #UD handler turns into STI) and waits up
 /// to 1 s for the CPL0 handler to count it.
 pub fn irq() -> ! {
     use core::sync::atomic::Ordering;
@@ -400,11 +400,11 @@ pub fn irq() -> ! {
         reg(0x320).write_volatile(0x40); // LVT timer: one-shot, vector 0x40
         reg(0x380).write_volatile(1_000_000); // initial count
         let t0 = rdtsc();
-        core::arch::asm!("sti");
+        crate::boot::guest_sti();
         while crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst) == 0 && rdtsc() - t0 < f.khz * 1000 {
             core::hint::spin_loop();
         }
-        core::arch::asm!("cli");
+        crate::boot::guest_cli();
         let n = crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst);
         let waited_us = (rdtsc() - t0) * 1000 / f.khz;
         println!("irq lapic-timer vector=0x40 delivered={} waited_us={}", n, waited_us);

@@ -53,27 +53,36 @@ pub fn tsc_khz() -> TscFreq {
     }
 }
 
-/// Measures the TSC over 20 ms of PIT channel 2 (mode 0, gate on, speaker off), as Linux's
-/// `pit_calibrate_tsc` does. Needs a PIT (QEMU microvm: pit=on; KVM_CREATE_PIT2).
+/// Measures the TSC against 50 ms of PIT channel 0 (mode 0, count 0xffff, read back with
+/// the counter-latch command). Channel 0's gate is always on, so this does not depend on
+/// port 0x61 (which QEMU microvm does not emulate). IF stays 0, so IRQ0 is never taken.
+/// Needs a PIT (QEMU microvm: pit=on by default; Vireo: KVM_CREATE_PIT2).
 fn pit_calibrate() -> Option<u64> {
     const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 20;
-    let latch = (PIT_HZ * MS / 1000) as u16;
-    outb(0x61, (inb(0x61) & !0x02) | 0x01);
-    outb(0x43, 0xb0);
-    outb(0x42, latch as u8);
-    outb(0x42, (latch >> 8) as u8);
+    const MS: u64 = 50;
+    const TICKS: u16 = (PIT_HZ * MS / 1000) as u16;
+    fn read_ch0() -> u16 {
+        outb(0x43, 0x00); // latch channel 0
+        let lo = inb(0x40) as u16;
+        let hi = inb(0x40) as u16;
+        lo | (hi << 8)
+    }
+    outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0, binary
+    outb(0x40, 0xff);
+    outb(0x40, 0xff);
+    let c0 = read_ch0();
     let t0 = rdtsc();
     let mut spins = 0u64;
-    while inb(0x61) & 0x20 == 0 {
+    loop {
+        let c = read_ch0();
+        if c0.wrapping_sub(c) >= TICKS && c0 >= c {
+            break;
+        }
         spins += 1;
-        if spins > 10_000_000 {
-            return None;
+        if spins > 1_000_000 {
+            return None; // counter does not move: no PIT
         }
     }
     let t1 = rdtsc();
-    if spins == 0 {
-        return None; // OUT2 already high: no working PIT.
-    }
     Some((t1 - t0) / MS)
 }
