@@ -76,6 +76,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "dirty" => tests::dirty(),
         "fault" => tests::fault(),
         "irq" => tests::irq(),
+        "msi" => tests::msi(),
         _ => {
             println!("vireo-guest: result fail unknown test");
             io::exit(1)

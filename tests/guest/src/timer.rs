@@ -59,30 +59,29 @@ pub fn tsc_khz() -> TscFreq {
 /// Needs a PIT (QEMU microvm: pit=on by default; Vireo: KVM_CREATE_PIT2).
 fn pit_calibrate() -> Option<u64> {
     const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 50;
-    const TICKS: u16 = (PIT_HZ * MS / 1000) as u16;
-    fn read_ch0() -> u16 {
+    const TICKS: u16 = (PIT_HZ * 50 / 1000) as u16;
+    /// Latches and reads channel 0; returns the count and the TSC midpoint of the read.
+    fn sample() -> (u16, u64) {
+        let a = rdtsc();
         outb(0x43, 0x00); // latch channel 0
         let lo = inb(0x40) as u16;
         let hi = inb(0x40) as u16;
-        lo | (hi << 8)
+        let b = rdtsc();
+        (lo | (hi << 8), a + (b - a) / 2)
     }
     outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0, binary
     outb(0x40, 0xff);
     outb(0x40, 0xff);
-    let c0 = read_ch0();
-    let t0 = rdtsc();
+    let (c0, t0) = sample();
     let mut spins = 0u64;
     loop {
-        let c = read_ch0();
-        if c0.wrapping_sub(c) >= TICKS && c0 >= c {
-            break;
+        let (c, t) = sample();
+        if c <= c0 && c0 - c >= TICKS {
+            return Some((t - t0) * PIT_HZ / (c0 - c) as u64 / 1000);
         }
         spins += 1;
         if spins > 1_000_000 {
             return None; // counter does not move: no PIT
         }
     }
-    let t1 = rdtsc();
-    Some((t1 - t0) / MS)
 }
