@@ -41,6 +41,9 @@ pub fn pci() -> ! {
         );
         n += 1;
     }
+    if n == 0 {
+        fail!("no PCI functions on bus 0 (ecam={:#x})", pci::ecam_base());
+    }
     pci::assign_bars(&mut root, true);
     println!("pci functions={}", n);
     io::result_ok()
