@@ -243,7 +243,7 @@ isr_common:
 
     /* k_putc: al = byte (clobbers rdx, r8) */
 k_putc:
-    mov r8d, 100000
+    mov r8d, 256
     mov dx, 0x3fd
 4:
     push rax

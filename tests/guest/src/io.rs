@@ -37,12 +37,21 @@ pub fn serial_init() {
     outb(COM1 + 2, 0x07); // FCR: enable + clear FIFOs
 }
 
+static LSR_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 pub fn putc(b: u8) {
-    // Wait (bounded) for THR empty, then write.
-    let mut spins = 0u32;
-    while inb(COM1 + 5) & 0x20 == 0 && spins < 1_000_000 {
-        spins += 1;
-        core::hint::spin_loop();
+    // Wait (bounded) for THR empty, then write. If THR never shows empty (a VMM that does not
+    // implement LSR), stop polling for good rather than crawl.
+    if !LSR_BROKEN.load(core::sync::atomic::Ordering::Relaxed) {
+        let mut spins = 0u32;
+        while inb(COM1 + 5) & 0x20 == 0 {
+            spins += 1;
+            if spins > 10_000 {
+                LSR_BROKEN.store(true, core::sync::atomic::Ordering::Relaxed);
+                break;
+            }
+            core::hint::spin_loop();
+        }
     }
     outb(COM1, b);
 }
