@@ -24,7 +24,8 @@ fn main() {
     let (seed, sectors) = (num(&a[2]), num(&a[3]));
     let offset = a.get(4).map_or(0, |s| num(s));
     let mut f = std::fs::File::open(&a[1]).expect("open image");
-    f.seek(SeekFrom::Start(offset * pattern::SECTOR_SIZE as u64)).expect("seek");
+    f.seek(SeekFrom::Start(offset * pattern::SECTOR_SIZE as u64))
+        .expect("seek");
     let mut crc = pattern::Crc32::new();
     let mut bad = 0u64;
     let mut s = [0u8; pattern::SECTOR_SIZE];

@@ -78,7 +78,11 @@ const fn crc32_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -158,7 +162,11 @@ mod tests {
         let mut a = [0u8; 4 * SECTOR_SIZE];
         fill(9, 100, &mut a);
         for i in 0..4 {
-            assert!(check_sector(9, 100 + i as u64, &a[i * SECTOR_SIZE..][..SECTOR_SIZE]));
+            assert!(check_sector(
+                9,
+                100 + i as u64,
+                &a[i * SECTOR_SIZE..][..SECTOR_SIZE]
+            ));
         }
         assert!(!check_sector(9, 99, &a[..SECTOR_SIZE]));
         assert!(!check_sector(8, 100, &a[..SECTOR_SIZE]));

@@ -11,7 +11,8 @@
 //! IOPL=3 and IF=0. Page tables (static, in `.data`, no CPL0 loop needed):
 //! * 0 .. 4 GiB: 2 MiB pages (four page directories),
 //! * 4 GiB .. 1 TiB: 1 GiB pages (needs CPUID pdpe1gb; accesses fault otherwise),
-//! all entries present, writable and user-accessible. Everything above 1 TiB is unmapped.
+//!
+//! All entries are present, writable and user-accessible. Everything above 1 TiB is unmapped.
 //!
 //! Exceptions (vectors 0..31) go to `isr_common`, which prints the vector, error code, RIP,
 //! CS, RSP (and CR2 for #PF), then `vireo-guest: result fail exception` and writes 0x7f to

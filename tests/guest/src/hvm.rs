@@ -191,16 +191,9 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Madt> {
                         break;
                     }
                     match ty {
-                        0 if l >= 8 => {
-                            if rd((p + 4) as *const u32) & 1 != 0 {
-                                cpus += 1;
-                            }
-                        }
-                        9 if l >= 16 => {
-                            if rd((p + 8) as *const u32) & 1 != 0 {
-                                cpus += 1;
-                            }
-                        }
+                        // Local APIC: flags at 4; Local x2APIC: flags at 8; bit 0 = enabled.
+                        0 if l >= 8 && rd((p + 4) as *const u32) & 1 != 0 => cpus += 1,
+                        9 if l >= 16 && rd((p + 8) as *const u32) & 1 != 0 => cpus += 1,
                         _ => {}
                     }
                     p += l;

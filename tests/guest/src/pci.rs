@@ -4,8 +4,8 @@ use crate::hvm::CMDLINE;
 use crate::println;
 use core::ptr::NonNull;
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam, Command, DeviceFunction, DeviceFunctionInfo, HeaderType, MemoryBarType,
-    MmioCam, PciRoot,
+    BarInfo, Cam, Command, DeviceFunction, DeviceFunctionInfo, HeaderType, MemoryBarType, MmioCam,
+    PciRoot,
 };
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
@@ -59,7 +59,10 @@ pub fn mmio_window() -> (u64, u64) {
         None => (DEFAULT_MMIO_BASE, DEFAULT_MMIO_SIZE),
         Some(v) => {
             let parsed = v.split_once(':').and_then(|(b, s)| {
-                Some((crate::hvm::parse_hex(b).ok()?, crate::hvm::parse_hex(s).ok()?))
+                Some((
+                    crate::hvm::parse_hex(b).ok()?,
+                    crate::hvm::parse_hex(s).ok()?,
+                ))
             });
             match parsed {
                 Some(w) => w,
@@ -114,7 +117,11 @@ pub fn assign_bars(root: &mut Root, verbose: bool) {
                     continue;
                 }
             };
-            let step = if bar.as_ref().is_some_and(|b| b.takes_two_entries()) { 2 } else { 1 };
+            let step = if bar.as_ref().is_some_and(|b| b.takes_two_entries()) {
+                2
+            } else {
+                1
+            };
             match bar {
                 Some(BarInfo::Memory {
                     address_type,
@@ -127,30 +134,42 @@ pub fn assign_bars(root: &mut Root, verbose: bool) {
                         MemoryBarType::Width64 => "mem64",
                         _ => "mem32",
                     };
-                    let (addr, by) = if address != 0 {
-                        (address, "vmm")
-                    } else {
-                        let a = (next + size - 1) & !(size - 1);
-                        if size == 0 || a + size > wend {
-                            crate::fail!(
+                    let (addr, by) =
+                        if address != 0 {
+                            (address, "vmm")
+                        } else {
+                            let a = (next + size - 1) & !(size - 1);
+                            if size == 0 || a + size > wend {
+                                crate::fail!(
                                 "bar {} index={} size={:#x} does not fit mmio window {:#x}:{:#x}",
                                 bdf(&df), idx, size, wbase, wsize
                             );
-                        }
-                        if address_type == MemoryBarType::Width64 {
-                            root.set_bar_64(df, idx, a);
-                        } else if a + size <= 1 << 32 {
-                            root.set_bar_32(df, idx, a as u32);
-                        } else {
-                            crate::fail!("32-bit bar {} index={} cannot go at {:#x}", bdf(&df), idx, a);
-                        }
-                        next = a + size;
-                        (a, "guest")
-                    };
+                            }
+                            if address_type == MemoryBarType::Width64 {
+                                root.set_bar_64(df, idx, a);
+                            } else if a + size <= 1 << 32 {
+                                root.set_bar_32(df, idx, a as u32);
+                            } else {
+                                crate::fail!(
+                                    "32-bit bar {} index={} cannot go at {:#x}",
+                                    bdf(&df),
+                                    idx,
+                                    a
+                                );
+                            }
+                            next = a + size;
+                            (a, "guest")
+                        };
                     if verbose {
                         println!(
                             "bar {} index={} kind={} prefetch={} addr={:#x} size={:#x} assigned={}",
-                            bdf(&df), idx, kind, prefetchable as u8, addr, size, by
+                            bdf(&df),
+                            idx,
+                            kind,
+                            prefetchable as u8,
+                            addr,
+                            size,
+                            by
                         );
                     }
                 }
@@ -159,7 +178,10 @@ pub fn assign_bars(root: &mut Root, verbose: bool) {
                     if verbose {
                         println!(
                             "bar {} index={} kind=io addr={:#x} size={:#x} assigned={}",
-                            bdf(&df), idx, address, size,
+                            bdf(&df),
+                            idx,
+                            address,
+                            size,
                             if address != 0 { "vmm" } else { "none" }
                         );
                     }

@@ -57,8 +57,8 @@ fn open_blk() -> Blk {
 fn open_blk_at() -> (Blk, virtio_drivers::transport::pci::bus::DeviceFunction) {
     let mut root = pci::root();
     pci::assign_bars(&mut root, CMDLINE.get("verbose").is_some());
-    let found = pci::functions(&root)
-        .find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Block));
+    let found =
+        pci::functions(&root).find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Block));
     let Some((df, _)) = found else {
         fail!("no virtio-blk device on bus 0");
     };
@@ -153,7 +153,11 @@ pub fn blk_read() -> ! {
         crc.finish()
     );
     if let Some(lba) = first_bad {
-        fail!("{} mismatching sectors, first at sector {}", mismatches, lba);
+        fail!(
+            "{} mismatching sectors, first at sector {}",
+            mismatches,
+            lba
+        );
     }
     io::result_ok()
 }
@@ -179,7 +183,10 @@ pub fn blk_ro() -> ! {
     let unchanged = before == after;
     match res {
         Ok(()) => println!("blk-ro write=accepted unchanged={}", unchanged as u8),
-        Err(e) => println!("blk-ro write=refused error={:?} unchanged={}", e, unchanged as u8),
+        Err(e) => println!(
+            "blk-ro write=refused error={:?} unchanged={}",
+            e, unchanged as u8
+        ),
     }
     if res.is_ok() {
         fail!("write to read-only disk was accepted");
@@ -275,8 +282,8 @@ pub fn dirty() -> ! {
                 unsafe { page.add(k as usize).write_volatile(dirty_word(p, i, k)) };
             }
             written += 1;
-            if rate != 0 {
-                let due = start + written * f.khz * 1000 / rate;
+            if let Some(per_page) = (f.khz * 1000).checked_div(rate) {
+                let due = start + written * per_page;
                 while rdtsc() < due {
                     core::hint::spin_loop();
                 }
@@ -383,7 +390,9 @@ pub fn fault() -> ! {
             }
             "gp" => core::arch::asm!("hlt"),
             "ud" => core::arch::asm!("ud2"),
-            "de" => core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _),
+            "de" => {
+                core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _)
+            }
             _ => fail!("unknown fault kind"),
         }
     }
@@ -409,13 +418,18 @@ pub fn irq() -> ! {
         reg(0x380).write_volatile(1_000_000); // initial count
         let t0 = rdtsc();
         crate::boot::guest_sti();
-        while crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst) == 0 && rdtsc() - t0 < f.khz * 1000 {
+        while crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst) == 0
+            && rdtsc() - t0 < f.khz * 1000
+        {
             core::hint::spin_loop();
         }
         crate::boot::guest_cli();
         let n = crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst);
         let waited_us = (rdtsc() - t0) * 1000 / f.khz;
-        println!("irq lapic-timer vector=0x40 delivered={} waited_us={}", n, waited_us);
+        println!(
+            "irq lapic-timer vector=0x40 delivered={} waited_us={}",
+            n, waited_us
+        );
         if n == 0 {
             fail!("LAPIC timer interrupt not delivered within 1 s");
         }

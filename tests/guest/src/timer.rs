@@ -12,7 +12,10 @@ pub struct TscFreq {
 pub fn tsc_khz() -> TscFreq {
     if let Some(Ok(k)) = crate::hvm::CMDLINE.num("tsc_khz") {
         if k > 0 {
-            return TscFreq { khz: k, source: "cmdline" };
+            return TscFreq {
+                khz: k,
+                source: "cmdline",
+            };
         }
     }
     let max = __cpuid(0).eax;
@@ -45,7 +48,10 @@ pub fn tsc_khz() -> TscFreq {
         }
     }
     match pit_calibrate() {
-        Some(k) => TscFreq { khz: k, source: "pit" },
+        Some(k) => TscFreq {
+            khz: k,
+            source: "pit",
+        },
         None => TscFreq {
             khz: 2_000_000,
             source: "guess",
