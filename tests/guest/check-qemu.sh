@@ -34,6 +34,7 @@ if "$work/pattern-test" >"$work/out" 2>&1; then ok "pattern.rs unit tests"; else
 
 check boot 0 '^vireo-guest: result ok$' "test=boot"
 check boot-smp2-mem512 0 'boot cpus=2 mem_mib=512' "test=boot" QEMU_SMP=2 QEMU_MEM=512
+check mem-6g 0 '^mem ram 0x100000000\.\.0x1c0000000 ok$' "test=mem" QEMU_MEM=6144
 check unknown-test 1 '^vireo-guest: result fail unknown test$' "test=bogus"
 check no-test 1 '^vireo-guest: result fail unknown test$' ""
 

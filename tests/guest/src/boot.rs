@@ -8,11 +8,10 @@
 //!   identity-mapped, RBX = physical address of `hvm_start_info` (same register as PVH).
 //!
 //! Both load our own page tables, GDT, TSS and IDT and `iretq` to `user_entry` at CPL3 with
-//! IOPL=3 and IF=0. Page tables (static, in `.data`, no CPL0 loop needed):
-//! * 0 .. 4 GiB: 2 MiB pages (four page directories),
-//! * 4 GiB .. 1 TiB: 1 GiB pages (needs CPUID pdpe1gb; accesses fault otherwise),
-//!
-//! All entries are present, writable and user-accessible. Everything above 1 TiB is unmapped.
+//! IOPL=3 and IF=0. Page tables (static, in `.data`, no CPL0 loop needed) map 0 .. 4 GiB
+//! with 2 MiB pages; the CPL3 code extends the map above 4 GiB (paging.rs: the tables are
+//! user-accessible memory like everything else). All entries are present, writable and
+//! user-accessible.
 //!
 //! Exceptions (vectors 0..31) go to `isr_common`, which prints the vector, error code, RIP,
 //! CS, RSP (and CR2 for #PF), then `vireo-guest: result fail exception` and writes 0x7f to
@@ -331,22 +330,16 @@ pml4:
     .quad pdpt0 + 0x7
     .quad pdpt1 + 0x7
     .fill 510, 8, 0
-pdpt0:
+    .global pdpt0
+pdpt0:                          /* 0..512 GiB; entries 4.. are filled at CPL3 (paging.rs) */
     .quad pd0 + 0x0007
     .quad pd0 + 0x1007
     .quad pd0 + 0x2007
     .quad pd0 + 0x3007
-    .set gib, 4
-    .rept 508
-    .quad (gib << 30) + 0x87
-    .set gib, gib + 1
-    .endr
-pdpt1:
-    .set gib, 512
-    .rept 512
-    .quad (gib << 30) + 0x87
-    .set gib, gib + 1
-    .endr
+    .fill 508, 8, 0
+    .global pdpt1
+pdpt1:                          /* 512 GiB..1 TiB; filled at CPL3 (paging.rs) */
+    .fill 512, 8, 0
 pd0:                            /* four consecutive page directories */
     .set mib2, 0
     .rept 2048
