@@ -53,6 +53,8 @@ for img in d.raw d.vhdx; do
         "test=blk-read seed=78 sectors=3000 offset=11" DISK="$d"
     check "blk-ro $img" 0 '^blk-ro write=refused .*unchanged=1$' "test=blk-ro" DISK="$d" DISK_RO=1
 done
+check "blk-read d.raw, 64-bit BAR at 192 TiB" 0 '^blk read=3000 mismatches=0 ' \
+    "test=blk-read seed=77 sectors=3000 offset=11 mmio64=0xc00000000000:0x400000000000" DISK="$work/d.raw"
 check "blk-ro on a writable disk" 1 'result fail write to read-only disk was accepted' \
     "test=blk-ro" DISK="$work/d.raw"
 qemu-img convert -O raw "$work/d.vhdx" "$work/from-vhdx.raw"

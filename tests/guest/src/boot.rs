@@ -326,20 +326,16 @@ msg_fail: .asciz "\nvireo-guest: result fail exception\n"
     /* ---------------------------------------------------------------- tables */
     .section .data.pagetables, "aw"
     .p2align 12
-pml4:
+    .global pml4
+pml4:                           /* entries 1.. are filled at CPL3 (paging.rs) */
     .quad pdpt0 + 0x7
-    .quad pdpt1 + 0x7
-    .fill 510, 8, 0
-    .global pdpt0
+    .fill 511, 8, 0
 pdpt0:                          /* 0..512 GiB; entries 4.. are filled at CPL3 (paging.rs) */
     .quad pd0 + 0x0007
     .quad pd0 + 0x1007
     .quad pd0 + 0x2007
     .quad pd0 + 0x3007
     .fill 508, 8, 0
-    .global pdpt1
-pdpt1:                          /* 512 GiB..1 TiB; filled at CPL3 (paging.rs) */
-    .fill 512, 8, 0
 pd0:                            /* four consecutive page directories */
     .set mib2, 0
     .rept 2048

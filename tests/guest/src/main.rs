@@ -53,26 +53,16 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
     let (hs, he) = heap.unwrap_or((image_end, image_end + (64 << 20)));
     unsafe { rt::HEAP.init(hs as usize, he as usize) };
 
-    // Identity map above 4 GiB: RAM, the BAR window and ECAM must be reachable.
-    let ram_top = si
-        .memmap()
-        .filter(|e| e.kind == 1)
-        .map(|e| e.addr + e.size)
-        .max()
-        .unwrap_or(0);
-    let (mb, ms) = pci::mmio_window();
-    let want = (64u64 << 30)
-        .max(ram_top)
-        .max(mb + ms)
-        .max(pci::ecam_base() + (256 << 20));
-    let mapped = paging::map_high(want);
+    // Identity map above 4 GiB: RAM now; ECAM and BARs when they are used.
+    for e in si.memmap().filter(|e| e.kind == 1) {
+        paging::ensure_mapped(e.addr, e.size);
+    }
 
     if CMDLINE.get("verbose").is_some() {
         println!("vireo-guest: cmdline \"{}\"", CMDLINE.as_str());
         println!("vireo-guest: heap {:#x}..{:#x}", hs, he);
         println!(
-            "vireo-guest: identity map 0..{:#x} (1 GiB pages: {})",
-            mapped,
+            "vireo-guest: paging 1g_pages={}",
             paging::has_1g_pages() as u8
         );
         for e in si.memmap() {

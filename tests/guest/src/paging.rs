@@ -1,58 +1,78 @@
-//! Extends the identity map above 4 GiB, from CPL3 (the page tables are ordinary
-//! user-accessible memory; the entries written here were not present before, so no TLB
-//! flush is needed).
+//! Extends the identity map beyond the static 0..4 GiB, from CPL3: the page tables are
+//! ordinary user-accessible memory, and every entry written here was not present before,
+//! so no TLB flush is needed.
 //!
-//! With CPUID pdpe1gb: 1 GiB pages up to 1 TiB. Without it (this PVM-style KVM rejects
-//! 1 GiB pages with a reserved-bit #PF): 2 MiB pages, page directories taken from the heap,
-//! up to `limit` (the caller passes max(64 GiB, top of RAM, end of the MMIO window and ECAM)).
+//! With CPUID pdpe1gb, 1 GiB pages; without it (this PVM-style KVM faults 1 GiB pages with
+//! a reserved-bit #PF), 2 MiB pages. New page-directory-pointer tables and page directories
+//! come from the heap. Covered: RAM (at boot), ECAM (when first used), and every MMIO
+//! region virtio-drivers maps (`Hal::mmio_phys_to_virt`), wherever the VMM put the BARs
+//! (QEMU microvm's 64-bit PCIe window is the top quarter of the physical address space,
+//! e.g. 0xc000_0000_0000 with 48 physical bits).
 
 use core::arch::x86_64::__cpuid;
 
 extern "C" {
-    static mut pdpt0: [u64; 512];
-    static mut pdpt1: [u64; 512];
+    static mut pml4: [u64; 512];
 }
 
 const GIB: u64 = 1 << 30;
 const FLAGS_LEAF: u64 = 0x87; // present, writable, user, PS
 const FLAGS_TABLE: u64 = 0x07; // present, writable, user
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// 4-level paging covers 48 physical address bits. Physical addresses from 128 TiB up are
+/// reached at their sign-extended (canonical) virtual address: see `virt`.
+const MAX_ADDR: u64 = 1 << 48;
+
+/// Virtual address of physical address `paddr`: identical below 128 TiB; above, bit 47 is
+/// sign-extended (the page-table indices are the same, so one map serves both).
+pub fn virt(paddr: u64) -> u64 {
+    if paddr & (1 << 47) != 0 {
+        paddr | 0xffff_0000_0000_0000
+    } else {
+        paddr
+    }
+}
 
 pub fn has_1g_pages() -> bool {
     __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).edx & (1 << 26) != 0
 }
 
-/// Maps [4 GiB, limit) (rounded up to 1 GiB, at most 1 TiB). Returns the end of the map.
-pub fn map_high(limit: u64) -> u64 {
-    let big = has_1g_pages();
-    let end_gib = if big {
-        1024
-    } else {
-        limit.div_ceil(GIB).clamp(4, 1024)
-    };
-    for g in 4..end_gib {
-        let entry = if big {
-            (g * GIB) | FLAGS_LEAF
-        } else {
-            let pd = crate::rt::HEAP.alloc_raw(4096, 4096) as *mut u64;
-            if pd.is_null() {
-                return g * GIB;
-            }
-            for i in 0..512u64 {
-                unsafe {
-                    pd.add(i as usize)
-                        .write_volatile((g * GIB + (i << 21)) | FLAGS_LEAF)
-                };
-            }
-            pd as u64 | FLAGS_TABLE
-        };
-        unsafe {
-            let t = if g < 512 {
-                &raw mut pdpt0
-            } else {
-                &raw mut pdpt1
-            };
-            (&raw mut (*t)[(g % 512) as usize]).write_volatile(entry);
-        }
+fn new_table() -> *mut u64 {
+    let t = crate::rt::HEAP.alloc_raw(4096, 4096) as *mut u64;
+    if t.is_null() {
+        crate::fail!("out of memory for page tables");
     }
-    end_gib * GIB
+    unsafe { core::ptr::write_bytes(t, 0, 512) };
+    t
+}
+
+/// Identity-maps [start, start + len) (rounded out to 1 GiB), keeping what is mapped.
+pub fn ensure_mapped(start: u64, len: u64) {
+    let end = start.saturating_add(len).min(MAX_ADDR);
+    let big = has_1g_pages();
+    let mut g = start / GIB;
+    while g * GIB < end {
+        unsafe {
+            let l4 = &raw mut pml4[(g >> 9) as usize];
+            if l4.read_volatile() == 0 {
+                l4.write_volatile(new_table() as u64 | FLAGS_TABLE);
+            }
+            let pdpt = (l4.read_volatile() & ADDR_MASK) as *mut u64;
+            let l3 = pdpt.add((g & 511) as usize);
+            if l3.read_volatile() == 0 {
+                let entry = if big {
+                    (g * GIB) | FLAGS_LEAF
+                } else {
+                    let pd = new_table();
+                    for i in 0..512u64 {
+                        pd.add(i as usize)
+                            .write_volatile((g * GIB + (i << 21)) | FLAGS_LEAF);
+                    }
+                    pd as u64 | FLAGS_TABLE
+                };
+                l3.write_volatile(entry);
+            }
+        }
+        g += 1;
+    }
 }

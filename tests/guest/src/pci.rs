@@ -32,8 +32,9 @@ unsafe impl Hal for GuestHal {
         0
     }
 
-    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
-        NonNull::new(paddr as *mut u8).unwrap()
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        crate::paging::ensure_mapped(paddr, size as u64);
+        NonNull::new(crate::paging::virt(paddr) as *mut u8).unwrap()
     }
 
     unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
@@ -53,30 +54,61 @@ pub fn ecam_base() -> u64 {
     }
 }
 
+fn window(key: &str) -> Option<(u64, u64)> {
+    let v = CMDLINE.get(key)?;
+    let parsed = v.split_once(':').and_then(|(b, s)| {
+        Some((
+            crate::hvm::parse_hex(b).ok()?,
+            crate::hvm::parse_hex(s).ok()?,
+        ))
+    });
+    match parsed {
+        Some(w) => Some(w),
+        None => crate::fail!("bad {}= value (want <hex base>:<hex size>)", key),
+    }
+}
+
 /// BAR window from `mmio=<hex base>:<hex size>`, default QEMU microvm's.
 pub fn mmio_window() -> (u64, u64) {
-    match CMDLINE.get("mmio") {
-        None => (DEFAULT_MMIO_BASE, DEFAULT_MMIO_SIZE),
-        Some(v) => {
-            let parsed = v.split_once(':').and_then(|(b, s)| {
-                Some((
-                    crate::hvm::parse_hex(b).ok()?,
-                    crate::hvm::parse_hex(s).ok()?,
-                ))
-            });
-            match parsed {
-                Some(w) => w,
-                None => crate::fail!("bad mmio= value (want <hex base>:<hex size>)"),
-            }
+    window("mmio").unwrap_or((DEFAULT_MMIO_BASE, DEFAULT_MMIO_SIZE))
+}
+
+/// Optional separate window for 64-bit BARs: `mmio64=<hex base>:<hex size>`.
+pub fn mmio64_window() -> Option<(u64, u64)> {
+    window("mmio64")
+}
+
+/// Bump allocator over one BAR window.
+struct Window {
+    base: u64,
+    end: u64,
+    next: u64,
+}
+
+impl Window {
+    fn new((base, size): (u64, u64)) -> Self {
+        Window {
+            base,
+            end: base + size,
+            next: base,
         }
+    }
+
+    fn alloc(&mut self, size: u64) -> Option<u64> {
+        let a = self.next.checked_add(size - 1)? & !(size - 1);
+        if a.checked_add(size)? > self.end {
+            return None;
+        }
+        self.next = a + size;
+        Some(a)
     }
 }
 
 pub fn root() -> Root {
     let base = ecam_base();
-    // SAFETY: ECAM is identity-mapped (first 4 GiB with 2 MiB pages, above with 1 GiB pages)
-    // and nothing else accesses it.
-    PciRoot::new(unsafe { MmioCam::new(base as *mut u8, Cam::Ecam) })
+    crate::paging::ensure_mapped(base, Cam::Ecam.size() as u64);
+    // SAFETY: ECAM is identity-mapped (just above) and nothing else accesses it.
+    PciRoot::new(unsafe { MmioCam::new(crate::paging::virt(base) as *mut u8, Cam::Ecam) })
 }
 
 pub fn functions(root: &Root) -> impl Iterator<Item = (DeviceFunction, DeviceFunctionInfo)> {
@@ -94,12 +126,11 @@ pub fn bdf(df: &DeviceFunction) -> impl core::fmt::Display {
 }
 
 /// Gives every unassigned (zero) memory BAR of every bus-0 function an address from the
-/// MMIO window (naturally aligned), keeps BARs that are already assigned, and enables memory
+/// MMIO window (64-bit BARs from the `mmio64=` window if given; naturally aligned), keeps BARs that are already assigned, and enables memory
 /// decoding and bus mastering. With `verbose`, prints one `bar ...` line per BAR.
 pub fn assign_bars(root: &mut Root, verbose: bool) {
-    let (wbase, wsize) = mmio_window();
-    let wend = wbase + wsize;
-    let mut next = wbase;
+    let mut w32 = Window::new(mmio_window());
+    let mut w64 = mmio64_window().map(Window::new);
     let devs: alloc::vec::Vec<_> = functions(root).collect();
     for (df, info) in devs {
         if info.header_type != HeaderType::Standard {
@@ -134,32 +165,38 @@ pub fn assign_bars(root: &mut Root, verbose: bool) {
                         MemoryBarType::Width64 => "mem64",
                         _ => "mem32",
                     };
-                    let (addr, by) =
-                        if address != 0 {
-                            (address, "vmm")
-                        } else {
-                            let a = (next + size - 1) & !(size - 1);
-                            if size == 0 || a + size > wend {
-                                crate::fail!(
-                                "bar {} index={} size={:#x} does not fit mmio window {:#x}:{:#x}",
-                                bdf(&df), idx, size, wbase, wsize
-                            );
-                            }
-                            if address_type == MemoryBarType::Width64 {
-                                root.set_bar_64(df, idx, a);
-                            } else if a + size <= 1 << 32 {
-                                root.set_bar_32(df, idx, a as u32);
-                            } else {
-                                crate::fail!(
-                                    "32-bit bar {} index={} cannot go at {:#x}",
-                                    bdf(&df),
-                                    idx,
-                                    a
-                                );
-                            }
-                            next = a + size;
-                            (a, "guest")
+                    let (addr, by) = if address != 0 {
+                        (address, "vmm")
+                    } else {
+                        let is64 = address_type == MemoryBarType::Width64;
+                        let w = match w64.as_mut() {
+                            Some(w) if is64 => w,
+                            _ => &mut w32,
                         };
+                        let Some(a) = (size != 0).then(|| w.alloc(size)).flatten() else {
+                            crate::fail!(
+                                "bar {} index={} size={:#x} does not fit window {:#x}..{:#x}",
+                                bdf(&df),
+                                idx,
+                                size,
+                                w.base,
+                                w.end
+                            );
+                        };
+                        if is64 {
+                            root.set_bar_64(df, idx, a);
+                        } else if a + size <= 1 << 32 {
+                            root.set_bar_32(df, idx, a as u32);
+                        } else {
+                            crate::fail!(
+                                "32-bit bar {} index={} cannot go at {:#x}",
+                                bdf(&df),
+                                idx,
+                                a
+                            );
+                        }
+                        (a, "guest")
+                    };
                     if verbose {
                         println!(
                             "bar {} index={} kind={} prefetch={} addr={:#x} size={:#x} assigned={}",

@@ -445,7 +445,7 @@ pub fn msi() -> ! {
     use core::sync::atomic::Ordering;
     let (mut blk, df) = open_blk_at();
     let f = crate::timer::tsc_khz();
-    let cfg = pci::ecam_base()
+    let cfg = crate::paging::virt(pci::ecam_base())
         + (((df.bus as u64) << 20) | ((df.device as u64) << 15) | ((df.function as u64) << 12));
     let r32 = |off: u64| unsafe { ((cfg + off) as *const u32).read_volatile() };
     let bar_addr = |bir: u64| -> u64 {
@@ -454,7 +454,7 @@ pub fn msi() -> ! {
         if lo & 0b110 == 0b100 {
             a |= (r32(0x14 + 4 * bir) as u64) << 32;
         }
-        a
+        crate::paging::virt(a)
     };
     let mut msix = None;
     let mut common = None;
@@ -476,6 +476,7 @@ pub fn msi() -> ! {
     };
     let tbl = r32(msix + 4);
     let table = bar_addr((tbl & 7) as u64) + (tbl & !7) as u64;
+    crate::paging::ensure_mapped(table & 0x0000_ffff_ffff_ffff, 16);
     unsafe {
         let e = table as *mut u32;
         e.write_volatile(0xfee0_0000);
