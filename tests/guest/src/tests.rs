@@ -45,7 +45,7 @@ pub fn pci() -> ! {
         fail!("no PCI functions on bus 0 (ecam={:#x})", pci::ecam_base());
     }
     pci::assign_bars(&mut root, true);
-    println!("pci functions={}", n);
+    println!("bus 00 functions={}", n);
     io::result_ok()
 }
 
