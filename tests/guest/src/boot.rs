@@ -49,9 +49,8 @@ pvh_entry32:
     mov esi, ebx
     mov esp, offset kstack_top
     lgdt [gdt_desc]
-    mov eax, cr4
-    or eax, 0x620           /* PAE | OSFXSR | OSXMMEXCPT */
-    mov cr4, eax
+    mov eax, 0x620          /* CR4 = PAE | OSFXSR | OSXMMEXCPT (no SMEP/SMAP: CPL0 code */
+    mov cr4, eax            /* and data live in user pages) */
     mov eax, offset pml4
     mov cr3, eax
     mov ecx, 0xc0000080     /* EFER */
@@ -77,8 +76,7 @@ _start64:
     mov eax, offset pml4
     mov cr3, rax
     lgdt [gdt_desc]
-    mov rax, cr4
-    or eax, 0x620
+    mov eax, 0x620          /* as above; clears SMEP/SMAP/PGE/PCIDE a VMM may have set */
     mov cr4, rax
     mov rax, cr0
     and eax, 0xfffffff3

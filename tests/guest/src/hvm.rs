@@ -7,9 +7,14 @@ pub const HVM_START_MAGIC: u32 = 0x336e_c578;
 
 pub struct StartInfo {
     pub rsdp: u64,
-    pub memmap: u64,
-    pub memmap_entries: u32,
+    memmap_entries: usize,
 }
+
+/// Copy of the PVH memory map (so later allocations cannot overwrite it).
+const MAX_MEMMAP: usize = 128;
+struct MemmapCopy(UnsafeCell<[(u64, u64, u32); MAX_MEMMAP]>);
+unsafe impl Sync for MemmapCopy {}
+static MEMMAP: MemmapCopy = MemmapCopy(UnsafeCell::new([(0, 0, 0); MAX_MEMMAP]));
 
 /// # Safety
 /// `addr` must point at readable memory.
@@ -23,10 +28,23 @@ pub unsafe fn start_info(addr: u64) -> Option<StartInfo> {
     } else {
         (0, 0)
     };
+    let n = if memmap == 0 {
+        0
+    } else {
+        (memmap_entries as usize).min(MAX_MEMMAP)
+    };
+    let copy = &mut *MEMMAP.0.get();
+    for (i, slot) in copy.iter_mut().enumerate().take(n) {
+        let e = memmap + i as u64 * 24;
+        *slot = (
+            rd(e as *const u64),
+            rd((e + 8) as *const u64),
+            rd((e + 16) as *const u32),
+        );
+    }
     let info = StartInfo {
         rsdp: rd((addr + 32) as *const u64),
-        memmap,
-        memmap_entries,
+        memmap_entries: n,
     };
     let cmdline = rd((addr + 24) as *const u64);
     if cmdline != 0 {
@@ -43,14 +61,10 @@ pub struct MemEntry {
 
 impl StartInfo {
     pub fn memmap(&self) -> impl Iterator<Item = MemEntry> + '_ {
-        (0..self.memmap_entries as u64).map(move |i| unsafe {
-            let e = self.memmap + i * 24;
-            MemEntry {
-                addr: rd(e as *const u64),
-                size: rd((e + 8) as *const u64),
-                kind: rd((e + 16) as *const u32),
-            }
-        })
+        let copy = unsafe { &*MEMMAP.0.get() };
+        copy[..self.memmap_entries]
+            .iter()
+            .map(|&(addr, size, kind)| MemEntry { addr, size, kind })
     }
 
     /// Total RAM (E820 type 1) in bytes.

@@ -2,6 +2,7 @@
 
 use core::arch::asm;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 
 pub const COM1: u16 = 0x3f8;
 pub const DEBUG_EXIT: u16 = 0xf4;
@@ -43,23 +44,28 @@ pub fn serial_init() {
     outb(COM1 + 2, 0x07); // FCR: enable + clear FIFOs
 }
 
-static LSR_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static LSR_BROKEN: AtomicBool = AtomicBool::new(false);
+/// Bytes written since THR-empty was last seen; the FIFO (enabled in `serial_init`) holds 16.
+static IN_FIFO: AtomicU32 = AtomicU32::new(16);
 
 pub fn putc(b: u8) {
-    // Wait (bounded) for THR empty, then write. If THR never shows empty (a VMM that does not
-    // implement LSR), stop polling for good rather than crawl.
-    if !LSR_BROKEN.load(core::sync::atomic::Ordering::Relaxed) {
+    // THRE set means the transmit FIFO is empty, so one LSR read allows 16 bytes (halves the
+    // port exits of a line). Polling is bounded: if THR never shows empty (a VMM without
+    // LSR), stop polling for good rather than crawl.
+    if IN_FIFO.load(Relaxed) >= 16 && !LSR_BROKEN.load(Relaxed) {
         let mut spins = 0u32;
         while inb(COM1 + 5) & 0x20 == 0 {
             spins += 1;
             if spins > 10_000 {
-                LSR_BROKEN.store(true, core::sync::atomic::Ordering::Relaxed);
+                LSR_BROKEN.store(true, Relaxed);
                 break;
             }
             core::hint::spin_loop();
         }
+        IN_FIFO.store(0, Relaxed);
     }
     outb(COM1, b);
+    IN_FIFO.store(IN_FIFO.load(Relaxed) + 1, Relaxed);
 }
 
 pub struct Serial;
