@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 use crate::types::{ApiError, ApiRequest, ApiResponse, VmAction};
 use crate::VmConfig;
 
+/// How long in-flight requests may take once the server is asked to stop.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("API socket {path} is in use by a running process")]
@@ -38,16 +41,33 @@ struct AppState {
     dispatch: Dispatch,
 }
 
-/// The running server; dropping it does not stop it (the process exit does), but
-/// `path` is removed on drop.
+/// The running server. [`ServerHandle::shutdown`] (or drop) stops accepting, lets
+/// in-flight responses finish, and removes the socket.
 pub struct ServerHandle {
     pub path: PathBuf,
-    _thread: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.stop_and_join();
     }
 }
 
@@ -79,6 +99,7 @@ pub fn serve(path: &Path, dispatch: Dispatch) -> Result<ServerHandle, ServerErro
             source,
         })?;
     let state = AppState { dispatch };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("vireo-api".into())
         .spawn(move || {
@@ -100,15 +121,26 @@ pub fn serve(path: &Path, dispatch: Dispatch) -> Result<ServerHandle, ServerErro
                         return;
                     }
                 };
-                if let Err(e) = axum::serve(listener, router(state)).await {
-                    tracing::error!(error = %e, "API server stopped");
-                }
+                let (grace_tx, grace_rx) = oneshot::channel::<()>();
+                let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async {
+                    let _ = grace_rx.await;
+                });
+                let task = tokio::spawn(async move {
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "API server stopped");
+                    }
+                });
+                let _ = stop_rx.await;
+                let _ = grace_tx.send(());
+                // In-flight responses get a bounded time to finish.
+                let _ = tokio::time::timeout(GRACE, task).await;
             });
         })
         .map_err(ServerError::Thread)?;
     Ok(ServerHandle {
         path: path.to_path_buf(),
-        _thread: thread,
+        stop: Some(stop_tx),
+        thread: Some(thread),
     })
 }
 

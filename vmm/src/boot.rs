@@ -48,7 +48,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<Entry, BootErro
     let read = |source| BootError::Read { path: p(), source };
     let mut f = File::open(path).map_err(read)?;
     let mut magic = [0u8; 4];
-    let is_elf = f.read_exact(&mut magic).is_ok() && &magic == ELF_MAGIC;
+    let is_elf = match f.read_exact(&mut magic) {
+        Ok(()) => &magic == ELF_MAGIC,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) => return Err(read(e)),
+    };
     if !is_elf {
         let mut hdrs = [0u8; 4];
         let is_bz = f.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET)).is_ok()

@@ -107,7 +107,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Err(Box::new(CliError::NothingToRun));
     }
     let mut vmm = Vmm::new();
-    let _server = match &cli.api_socket {
+    let server = match &cli.api_socket {
         Some(path) => Some(api::serve(path, vmm.api_dispatch())?),
         None => None,
     };
@@ -116,6 +116,9 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         vmm.boot()?;
     }
     let exit = vmm.run();
+    if let Some(server) = server {
+        server.shutdown();
+    }
     match &exit {
         vmm::vmm::VmmExit::Crashed(why) => eprintln!("vireo: error: {why}"),
         vmm::vmm::VmmExit::GuestFailure(code) => {

@@ -29,6 +29,11 @@ extern "C" {
 #[no_mangle]
 extern "C" fn guest_main(start_info_addr: u64) -> ! {
     io::serial_init();
+    // No firmware ran: the 8259 PICs are uninitialised (vector base 0), so a PIT tick
+    // through LINT0/ExtINT would arrive as vector 0 once IF is set. Mask both PICs, as
+    // firmware and Linux do; interrupts then come only from the LAPIC/IOAPIC/MSI.
+    io::outb(0x21, 0xff);
+    io::outb(0xa1, 0xff);
     let si = unsafe { hvm::start_info(start_info_addr) };
     let rsdp_hint = si.as_ref().map_or(0, |s| s.rsdp);
     let cpus = hvm::madt_cpus(rsdp_hint).map_or(0, |m| m.cpus);

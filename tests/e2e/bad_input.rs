@@ -1,0 +1,134 @@
+//! Bad input: a clear one-line error, a non-zero exit status, nothing written.
+
+use std::process::Command;
+use std::time::Duration;
+
+use vireo_e2e::{bin, guest, wait_with_timeout};
+
+const T: Duration = Duration::from_secs(30);
+
+fn vireo(args: &[&str]) -> (i32, String) {
+    let child = Command::new(bin("vireo"))
+        .args(args)
+        .args(["--serial", "null"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, T);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn assert_one_line_error(code: i32, stderr: &str, needle: &str) {
+    assert_ne!(code, 0, "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("vireo: error:") || l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "exactly one error line:\n{stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "{needle:?} not in {:?}",
+        errors[0]
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    let (code, err) = vireo(&["--kernel", "/no/such/kernel"]);
+    assert_one_line_error(code, &err, "/no/such/kernel");
+}
+
+#[test]
+fn kernel_that_is_not_elf() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, b"#!/bin/sh\necho not a kernel\n").unwrap();
+    let (code, err) = vireo(&["--kernel", k.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "neither an ELF");
+}
+
+#[test]
+fn unreadable_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    std::fs::create_dir(&k).unwrap(); // a directory cannot be read as a kernel
+    let (code, err) = vireo(&["--kernel", k.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "cannot read kernel");
+}
+
+#[test]
+fn bad_flags() {
+    let g = guest();
+    let g = g.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--kernel", g, "--disk", "readonly=on"],
+            "missing required option 'path'",
+        ),
+        (vec!["--kernel", g, "--memory", "size=lots"], "--memory"),
+        (vec!["--kernel", g, "--cpus", "boot=0"], "cpus.boot"),
+        (vec!["--kernel", g, "--cpus", "boot=9999"], "--cpus"),
+        (
+            vec!["--kernel", g, "--disk", "path=/x,colour=red"],
+            "unknown option 'colour'",
+        ),
+        (vec![], "nothing to run"),
+    ] {
+        let (code, err) = vireo(&args);
+        assert_one_line_error(code, &err, needle);
+    }
+}
+
+#[test]
+fn memory_larger_than_the_host() {
+    let (code, err) = vireo(&[
+        "--kernel",
+        guest().to_str().unwrap(),
+        "--memory",
+        "size=64T",
+    ]);
+    assert_one_line_error(code, &err, "exceeds this host");
+}
+
+#[test]
+fn disk_locked_by_another_vmm_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let disk_arg = format!("path={}", disk.display());
+    let first = vireo_e2e::Vireo::guest(
+        "test=counter",
+        &["--disk", &disk_arg, "--api-socket", sock.to_str().unwrap()],
+    )
+    .spawn();
+    vireo_e2e::wait_for_socket(&sock, T);
+    let (code, err) = vireo(&[
+        "--kernel",
+        guest().to_str().unwrap(),
+        "--cmdline",
+        "test=blk-write seed=1 sectors=8",
+        "--disk",
+        &disk_arg,
+    ]);
+    assert_one_line_error(code, &err, "in use by another process");
+    drop(first);
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn malformed_disk_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        r#"{"payload":{"kernel":"/k"},"cpus":{"boot":"many"}}"#,
+    )
+    .unwrap();
+    let (code, err) = vireo(&["--config", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "vm.json");
+}

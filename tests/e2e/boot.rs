@@ -1,0 +1,88 @@
+//! Booting the test guest: banner, CPU count and memory size as configured, exit status.
+
+use std::time::Duration;
+
+use vireo_e2e::{assert_guest_ok, serial_line, Vireo};
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn guest_sees_configured_cpus_and_memory() {
+    for (cpus, mem) in [(1u32, 128u32), (4, 512)] {
+        let (out, serial) = Vireo::guest(
+            "test=boot",
+            &[
+                "--cpus",
+                &format!("boot={cpus}"),
+                "--memory",
+                &format!("size={mem}M"),
+            ],
+        )
+        .run(T);
+        assert_guest_ok(&out, &serial);
+        assert_eq!(
+            serial_line(&serial, "vireo-guest: boot"),
+            format!("vireo-guest: boot cpus={cpus} mem_mib={mem}")
+        );
+    }
+}
+
+#[test]
+fn memory_above_4g_is_usable() {
+    // 4.5 GiB: RAM continues above the 32-bit PCI hole; the guest probes every GiB.
+    let (out, serial) = Vireo::guest("test=mem", &["--memory", "size=4608M"]).run(T);
+    assert_guest_ok(&out, &serial);
+    assert!(serial.contains("mem ram 0x100000000.."), "{serial}");
+}
+
+#[test]
+fn guest_failure_is_exit_status_2() {
+    let (out, serial) = Vireo::guest("test=no-such-test", &[]).run(T);
+    assert!(serial.contains("result fail unknown test"), "{serial}");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn guest_exception_is_reported_not_hung() {
+    let (out, serial) = Vireo::guest("test=fault kind=pf", &[]).run(T);
+    assert!(
+        serial.contains("vireo-guest: exception vector=0x0e"),
+        "{serial}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "guest exits 0x7f through debug-exit"
+    );
+}
+
+#[test]
+fn pci_enumeration_finds_host_bridge_and_virtio_devices() {
+    let (out, serial) = Vireo::guest("test=pci", &["--rng"]).run(T);
+    assert_guest_ok(&out, &serial);
+    assert!(
+        serial.contains("pci 00:00.0 vendor=8086 device=0d57 class=060000"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("pci 00:01.0 vendor=1af4 device=1044"),
+        "virtio-rng: {serial}"
+    );
+    assert!(
+        serial.contains("assigned=vmm"),
+        "the VMM assigns BARs: {serial}"
+    );
+}
+
+#[test]
+fn msix_interrupts_reach_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (out, serial) =
+        Vireo::guest("test=msi", &["--disk", &format!("path={}", disk.display())]).run(T);
+    assert_guest_ok(&out, &serial);
+}

@@ -1,0 +1,252 @@
+//! Harness for Vireo's end-to-end tests: finds the binaries, builds the PVH test guest,
+//! runs `vireo` as a user would, reads the guest's serial output, talks to the API socket.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[path = "../guest/pattern.rs"]
+pub mod pattern;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A binary of the workspace, built by `cargo build --bins` (scripts/test does it first)
+/// next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --release --bins)",
+        p.display()
+    );
+    p
+}
+
+/// Builds (once, under a file lock shared by parallel test processes) and returns the
+/// test guest ELF.
+pub fn guest() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            let dir = workspace().join("tests/guest");
+            let lock = std::fs::File::create(std::env::temp_dir().join("vireo-guest-build.lock"))
+                .expect("create guest build lock");
+            // SAFETY: flock on a valid fd; released when `lock` is dropped.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            let out = Command::new(dir.join("build.sh"))
+                .output()
+                .expect("run tests/guest/build.sh");
+            assert!(
+                out.status.success(),
+                "guest build failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
+/// True when QEMU and qemu-img are installed (scripts/setup installs them).
+pub fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// A `vireo` invocation with its serial output captured in a file.
+pub struct Vireo {
+    pub cmd: Command,
+    pub serial: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Vireo {
+    /// `vireo --kernel <guest> --cmdline <cmdline> --serial file=<tmp>` plus `args`.
+    pub fn guest(cmdline: &str, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serial = dir.path().join("serial.log");
+        let mut cmd = Command::new(bin("vireo"));
+        cmd.arg("--kernel")
+            .arg(guest())
+            .arg("--cmdline")
+            .arg(cmdline)
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .args(args)
+            .stdin(Stdio::null());
+        Self {
+            cmd,
+            serial,
+            _dir: dir,
+        }
+    }
+
+    /// Runs to completion (bounded by `timeout`); returns the output and the serial text.
+    pub fn run(mut self, timeout: Duration) -> (Output, String) {
+        let child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vireo");
+        let out = wait_with_timeout(child, timeout);
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        (out, serial)
+    }
+
+    pub fn spawn(mut self) -> Running {
+        let child = self
+            .cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vireo");
+        Running {
+            child: Some(child),
+            serial: self.serial.clone(),
+            _dir: self._dir,
+        }
+    }
+}
+
+/// A running `vireo`; killed on drop.
+pub struct Running {
+    pub child: Option<Child>,
+    pub serial: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until the serial output contains `needle`.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.serial_text();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {needle:?} on serial; got:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let child = self.child.take().expect("child");
+        wait_with_timeout(child, timeout)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for `child`, killing it (and failing the test) after `timeout`.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("collect output");
+                panic!(
+                    "process did not finish within {timeout:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("wait failed: {e}"),
+        }
+    }
+}
+
+/// The guest's result line must be `result ok`.
+pub fn assert_guest_ok(out: &Output, serial: &str) {
+    assert!(
+        serial.contains("vireo-guest: result ok"),
+        "guest did not report ok.\nserial:\n{serial}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "vireo exit status; stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One line of the serial output that starts with `prefix`.
+pub fn serial_line<'a>(serial: &'a str, prefix: &str) -> &'a str {
+    serial
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{serial}"))
+}
+
+/// Minimal HTTP/1.1 client over the VMM's unix socket.
+pub fn api(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect to API socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read response");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until the API socket accepts connections.
+pub fn wait_for_socket(path: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while UnixStream::connect(path).is_err() {
+        assert!(
+            start.elapsed() < timeout,
+            "API socket {} never came up",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
