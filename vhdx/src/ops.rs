@@ -452,3 +452,49 @@ pub fn probe(path: &Path) -> Result<bool> {
         Err(e) => Err(Error::io(&pstr, "reading", 0, e)),
     }
 }
+
+impl Vhdx {
+    /// End of the last byte any structure or block uses.
+    fn used_end(&self) -> u64 {
+        let st = rlock(&self.state);
+        let mut end = [
+            self.log_offset + self.log_len,
+            self.meta_offset + self.meta_len,
+            self.bat_offset + self.bat_region_len,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(MIB);
+        let stride = self.geo.chunk_ratio + 1;
+        for (i, &e) in st.bat.iter().enumerate() {
+            let is_sb = (i as u64) % stride == self.geo.chunk_ratio;
+            let s = bat::state(e);
+            if is_sb && s == bat::SB_PRESENT && self.geo.has_parent {
+                end = end.max(bat::offset(e) + MIB);
+            } else if !is_sb && matches!(s, bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT) {
+                end = end.max(bat::offset(e) + self.geo.block_size);
+            }
+        }
+        end
+    }
+
+    /// Bytes at the end of the file that nothing references (left by a crash
+    /// between allocating a block and logging its BAT entry).
+    pub fn leaked_bytes(&self) -> Result<u64> {
+        Ok(self.file_size()?.saturating_sub(self.used_end()))
+    }
+
+    /// Cuts leaked space off the end of the file.
+    pub fn repair_leaks(&self) -> Result<()> {
+        self.begin_write()?;
+        self.flush()?;
+        let end = self.used_end();
+        let mut st = wlock(&self.state);
+        if st.file_len > end {
+            self.storage.set_len(end).map_err(|e| Error::io(&self.pstr, "truncating leaked space", end, e))?;
+            st.file_len = end;
+            st.eof = end.div_ceil(MIB) * MIB;
+        }
+        Ok(())
+    }
+}
