@@ -155,18 +155,21 @@ impl Vhdx {
         }
         let new_geo = Geometry::new(new_size, self.params.block_size, self.params.logical_sector_size, false);
         if new_size < old {
+            // Only ranges that hold data can hold non-zero bytes.
             let mut buf = vec![0u8; MIB as usize];
-            let mut at = new_size;
-            while at < old {
-                let n = (old - at).min(buf.len() as u64);
-                self.read_at(&mut buf[..n as usize], at)?;
-                if !is_zero(&buf[..n as usize]) {
-                    return Err(Error::WouldLoseData {
-                        path: self.pstr.clone(),
-                        reason: format!("shrinking to {new_size} would discard data near offset {at}"),
-                    });
+            for ext in self.block_status(new_size, old - new_size)?.into_iter().filter(|e| e.data) {
+                let mut at = ext.start;
+                while at < ext.start + ext.length {
+                    let n = (ext.start + ext.length - at).min(buf.len() as u64);
+                    self.read_at(&mut buf[..n as usize], at)?;
+                    if !is_zero(&buf[..n as usize]) {
+                        return Err(Error::WouldLoseData {
+                            path: self.pstr.clone(),
+                            reason: format!("shrinking to {new_size} would discard data near offset {at}"),
+                        });
+                    }
+                    at += n;
                 }
-                at += n;
             }
             for block in new_geo.data_blocks..self.geo.data_blocks {
                 self.release_block(block, false)?;
