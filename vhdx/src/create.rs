@@ -58,11 +58,18 @@ impl Vhdx {
         let mut o = opts.clone();
         let mut locator = None;
         if let DiskKind::Differencing { parent } = &opts.kind {
-            let par = Vhdx::open(parent, OpenOptions { read_only: true, ..Default::default() })?;
+            let par = Vhdx::open(
+                parent,
+                OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )?;
             o.size = par.virtual_size();
             o.logical_sector_size = par.logical_sector_size();
             o.physical_sector_size = par.physical_sector_size();
-            let abs = std::fs::canonicalize(parent).map_err(|e| Error::io(&parent.display().to_string(), "resolving", 0, e))?;
+            let abs = std::fs::canonicalize(parent)
+                .map_err(|e| Error::io(&parent.display().to_string(), "resolving", 0, e))?;
             let child_dir = path
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
@@ -72,30 +79,50 @@ impl Vhdx {
             let rel_win = format!(".\\{}", rel.display().to_string().replace('/', "\\"));
             locator = Some(ParentLocator {
                 entries: vec![
-                    ("parent_linkage".into(), format!("{{{}}}", par.data_write_guid())),
+                    (
+                        "parent_linkage".into(),
+                        format!("{{{}}}", par.data_write_guid()),
+                    ),
                     ("relative_path".into(), rel_win),
                     ("absolute_win32_path".into(), abs.display().to_string()),
                 ],
             });
         }
         let has_parent = locator.is_some();
-        let block_size = o.block_size.unwrap_or(if has_parent { 2 * MIB as u32 } else { 32 * MIB as u32 });
+        let block_size = o.block_size.unwrap_or(if has_parent {
+            2 * MIB as u32
+        } else {
+            32 * MIB as u32
+        });
         if !block_size.is_power_of_two() || !(MIB as u32..=256 * MIB as u32).contains(&block_size) {
-            return Err(Error::InvalidArgument(format!("block size {block_size} must be a power of two from 1 MiB to 256 MiB")));
+            return Err(Error::InvalidArgument(format!(
+                "block size {block_size} must be a power of two from 1 MiB to 256 MiB"
+            )));
         }
-        for (n, v) in [("logical", o.logical_sector_size), ("physical", o.physical_sector_size)] {
+        for (n, v) in [
+            ("logical", o.logical_sector_size),
+            ("physical", o.physical_sector_size),
+        ] {
             if v != 512 && v != 4096 {
-                return Err(Error::InvalidArgument(format!("{n} sector size {v} must be 512 or 4096")));
+                return Err(Error::InvalidArgument(format!(
+                    "{n} sector size {v} must be 512 or 4096"
+                )));
             }
         }
-        if o.size == 0 || o.size > MAX_VIRTUAL_SIZE || o.size % u64::from(o.logical_sector_size) != 0 {
+        if o.size == 0
+            || o.size > MAX_VIRTUAL_SIZE
+            || !o.size.is_multiple_of(u64::from(o.logical_sector_size))
+        {
             return Err(Error::InvalidArgument(format!(
                 "size {} must be non-zero, at most 64 TiB and a multiple of the logical sector size {}",
                 o.size, o.logical_sector_size
             )));
         }
         if o.log_size == 0 || u64::from(o.log_size) % MIB != 0 {
-            return Err(Error::InvalidArgument(format!("log size {} must be a multiple of 1 MiB", o.log_size)));
+            return Err(Error::InvalidArgument(format!(
+                "log size {} must be a multiple of 1 MiB",
+                o.log_size
+            )));
         }
         let params = DiskParams {
             block_size,
@@ -130,7 +157,11 @@ impl Vhdx {
             for b in 0..geo.data_blocks {
                 let off = data_start + b * u64::from(block_size);
                 let i = geo.payload_index(b);
-                put64(&mut bat_bytes, i * 8, bat::entry(bat::PAYLOAD_FULLY_PRESENT, off));
+                put64(
+                    &mut bat_bytes,
+                    i * 8,
+                    bat::entry(bat::PAYLOAD_FULLY_PRESENT, off),
+                );
             }
             file_len = data_start + geo.data_blocks * u64::from(block_size);
         }
@@ -139,15 +170,30 @@ impl Vhdx {
             if let Some(fd) = s.raw_fd() {
                 // SAFETY: plain fallocate on our open descriptor; failure is harmless (space stays sparse).
                 unsafe {
-                    libc::fallocate(fd, 0, data_start as libc::off_t, (file_len - data_start) as libc::off_t);
+                    libc::fallocate(
+                        fd,
+                        0,
+                        data_start as libc::off_t,
+                        (file_len - data_start) as libc::off_t,
+                    );
                 }
             }
         }
         storage::write_all_at(&s, &header::file_identifier("vireo-img"), 0).map_err(werr(0))?;
         let rt = RegionTable {
             entries: vec![
-                RegionEntry { guid: BAT_GUID, file_offset: bat_off, length: bat_len as u32, required: true },
-                RegionEntry { guid: METADATA_GUID, file_offset: meta_off, length: meta_len as u32, required: true },
+                RegionEntry {
+                    guid: BAT_GUID,
+                    file_offset: bat_off,
+                    length: bat_len as u32,
+                    required: true,
+                },
+                RegionEntry {
+                    guid: METADATA_GUID,
+                    file_offset: meta_off,
+                    length: meta_len as u32,
+                    required: true,
+                },
             ],
         };
         let rtb = rt.to_bytes();
@@ -185,5 +231,6 @@ impl Vhdx {
 pub fn create_raw(path: &Path, size: u64) -> Result<()> {
     let pstr = path.display().to_string();
     let f = std::fs::File::create(path).map_err(|e| Error::io(&pstr, "creating", 0, e))?;
-    f.set_len(size).map_err(|e| Error::io(&pstr, "setting the length", 0, e))
+    f.set_len(size)
+        .map_err(|e| Error::io(&pstr, "setting the length", 0, e))
 }

@@ -45,7 +45,10 @@ pub(crate) fn open_parent(
     chain: &mut Vec<PathBuf>,
 ) -> Result<Vhdx> {
     let cp = child.display().to_string();
-    let perr = |reason: String| Error::Parent { path: cp.clone(), reason };
+    let perr = |reason: String| Error::Parent {
+        path: cp.clone(),
+        reason,
+    };
     let linkage = loc.get("parent_linkage").and_then(parse_linkage);
     let linkage2 = loc.get("parent_linkage2").and_then(parse_linkage);
     if linkage.is_none() {
@@ -55,14 +58,28 @@ pub(crate) fn open_parent(
     let Some(found) = cands.iter().find(|p| p.is_file()) else {
         return Err(perr(format!(
             "none of the locator paths exists: {}",
-            cands.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            cands
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     };
     let canon = std::fs::canonicalize(found).unwrap_or_else(|_| found.clone());
     if chain.contains(&canon) {
-        return Err(perr(format!("parent chain loops back to {}", canon.display())));
+        return Err(perr(format!(
+            "parent chain loops back to {}",
+            canon.display()
+        )));
     }
-    let parent = Vhdx::open_depth(found, &OpenOptions { read_only: true, ..Default::default() }, chain)?;
+    let parent = Vhdx::open_depth(
+        found,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+        chain,
+    )?;
     let dwg = parent.data_write_guid();
     if Some(dwg) != linkage && Some(dwg) != linkage2 {
         return Err(perr(format!(
@@ -71,7 +88,9 @@ pub(crate) fn open_parent(
             linkage.unwrap_or_default()
         )));
     }
-    if parent.virtual_size() != params.virtual_size || parent.logical_sector_size() != params.logical_sector_size {
+    if parent.virtual_size() != params.virtual_size
+        || parent.logical_sector_size() != params.logical_sector_size
+    {
         return Err(perr(format!(
             "{} has size {} / sector {} but the child has {} / {}",
             found.display(),

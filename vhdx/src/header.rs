@@ -173,9 +173,18 @@ mod tests {
     fn selection_rules() {
         let a = hdr(5);
         let b = hdr(6);
-        assert_eq!(select_current("x", &[Ok(a.clone()), Ok(b.clone())]).unwrap(), 1);
-        assert_eq!(select_current("x", &[Ok(b.clone()), Ok(a.clone())]).unwrap(), 0);
-        assert_eq!(select_current("x", &[Ok(a.clone()), Ok(a.clone())]).unwrap(), 0);
+        assert_eq!(
+            select_current("x", &[Ok(a.clone()), Ok(b.clone())]).unwrap(),
+            1
+        );
+        assert_eq!(
+            select_current("x", &[Ok(b.clone()), Ok(a.clone())]).unwrap(),
+            0
+        );
+        assert_eq!(
+            select_current("x", &[Ok(a.clone()), Ok(a.clone())]).unwrap(),
+            0
+        );
         let mut c = a.clone();
         c.file_write_guid = Uuid::new_v4();
         assert!(select_current("x", &[Ok(a.clone()), Ok(c)]).is_err());

@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::header::{self, Header, HEADER_OFFSETS};
 use crate::log::{self, LogOp, Replay};
 use crate::metadata::{DiskParams, Metadata, ParentLocator, PARENT_LOCATOR};
-use crate::region::{RegionTable, BAT_GUID, METADATA_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
+use crate::region::{
+    RegionTable, BAT_GUID, METADATA_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE,
+};
 use crate::storage::{self, FileStorage, Storage};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -123,7 +125,9 @@ pub(crate) fn apply_overlay(ops: &[LogOp], buf: &mut [u8], offset: u64) {
         }
         let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
         match op {
-            LogOp::Data { data, .. } => dst.copy_from_slice(&data[(s - o) as usize..(e - o) as usize]),
+            LogOp::Data { data, .. } => {
+                dst.copy_from_slice(&data[(s - o) as usize..(e - o) as usize])
+            }
             LogOp::Zero { .. } => dst.fill(0),
         }
     }
@@ -135,7 +139,11 @@ impl Vhdx {
         Self::open_depth(path, &opts, &mut Vec::new())
     }
 
-    pub(crate) fn open_depth(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> Result<Vhdx> {
+    pub(crate) fn open_depth(
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Vhdx> {
         let pstr = path.display().to_string();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -165,65 +173,124 @@ impl Vhdx {
                 crate::lock::lock(fd, !opts.read_only, p)?;
             }
         }
-        let file_len = storage.len().map_err(|e| Error::io(p, "getting the length", 0, e))?;
-        let raw = MetaReader { path: p, storage: &*storage, overlay: None };
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io(p, "getting the length", 0, e))?;
+        let raw = MetaReader {
+            path: p,
+            storage: &*storage,
+            overlay: None,
+        };
         let ident = raw.read(0, 64 * 1024, "reading the file identifier")?;
         if &ident[0..8] != header::FILE_ID_SIGNATURE {
             return Err(Error::NotVhdx { path: pstr.clone() });
         }
         if file_len < 2 * MIB {
-            return Err(Error::corrupt(p, "file", 0, format!("file is {file_len} bytes, too short for a VHDX image")));
+            return Err(Error::corrupt(
+                p,
+                "file",
+                0,
+                format!("file is {file_len} bytes, too short for a VHDX image"),
+            ));
         }
         let creator = header::creator(&ident);
-        let h0 = Header::parse(&raw.read(HEADER_OFFSETS[0], header::HEADER_SIZE, "reading header 1")?);
-        let h1 = Header::parse(&raw.read(HEADER_OFFSETS[1], header::HEADER_SIZE, "reading header 2")?);
+        let h0 =
+            Header::parse(&raw.read(HEADER_OFFSETS[0], header::HEADER_SIZE, "reading header 1")?);
+        let h1 =
+            Header::parse(&raw.read(HEADER_OFFSETS[1], header::HEADER_SIZE, "reading header 2")?);
         let hs = [h0, h1];
         let current = header::select_current(p, &hs)?;
         let cur = match &hs[current] {
             Ok(h) => h.clone(),
-            Err(e) => return Err(Error::corrupt(p, "header", HEADER_OFFSETS[current], e.clone())),
+            Err(e) => {
+                return Err(Error::corrupt(
+                    p,
+                    "header",
+                    HEADER_OFFSETS[current],
+                    e.clone(),
+                ))
+            }
         };
         let other = match &hs[1 - current] {
             Ok(h) => h.clone(),
             Err(_) => cur.clone(),
         };
-        let headers = if current == 0 { [cur.clone(), other] } else { [other, cur.clone()] };
+        let headers = if current == 0 {
+            [cur.clone(), other]
+        } else {
+            [other, cur.clone()]
+        };
 
         // The log region.
         let log_offset = cur.log_offset;
         let log_len = u64::from(cur.log_length);
         let bad_log = |r: String| Error::corrupt(p, "log region", log_offset, r);
         if log_len == 0 || log_len % MIB != 0 || log_offset % MIB != 0 || log_offset < MIB {
-            return Err(bad_log(format!("log at {log_offset} length {log_len} is not 1 MiB aligned past the header area")));
+            return Err(bad_log(format!(
+                "log at {log_offset} length {log_len} is not 1 MiB aligned past the header area"
+            )));
         }
         if log_offset.saturating_add(log_len) > file_len {
-            return Err(bad_log(format!("log [{log_offset}, +{log_len}) extends past the end of the file ({file_len})")));
+            return Err(bad_log(format!(
+                "log [{log_offset}, +{log_len}) extends past the end of the file ({file_len})"
+            )));
         }
         if log_len > log::MAX_LOG_LEN {
-            return Err(Error::unsupported(p, format!("log of {log_len} bytes (at most {} supported)", log::MAX_LOG_LEN)));
+            return Err(Error::unsupported(
+                p,
+                format!(
+                    "log of {log_len} bytes (at most {} supported)",
+                    log::MAX_LOG_LEN
+                ),
+            ));
         }
         let mut replay: Option<Replay> = None;
         if !cur.log_guid.is_nil() {
             if cur.log_version != 0 {
-                return Err(Error::unsupported(p, format!("log version {}", cur.log_version)));
+                return Err(Error::unsupported(
+                    p,
+                    format!("log version {}", cur.log_version),
+                ));
             }
             let buf = raw.read(log_offset, log_len as usize, "reading the log")?;
             replay = log::find_replay(p, log_offset, &buf, &cur.log_guid, file_len)?;
             if let Some(r) = &replay {
-                tracing::info!(path = p, entries = r.entries, ops = r.ops.len(), "log has a pending sequence to replay");
+                tracing::info!(
+                    path = p,
+                    entries = r.entries,
+                    ops = r.ops.len(),
+                    "log has a pending sequence to replay"
+                );
             }
         }
-        let eff_len = replay.as_ref().map_or(file_len, |r| r.last_file_offset.max(file_len));
-        let mr = MetaReader { path: p, storage: &*storage, overlay: replay.as_ref().map(|r| r.ops.as_slice()) };
+        let eff_len = replay
+            .as_ref()
+            .map_or(file_len, |r| r.last_file_offset.max(file_len));
+        let mr = MetaReader {
+            path: p,
+            storage: &*storage,
+            overlay: replay.as_ref().map(|r| r.ops.as_slice()),
+        };
 
         // Region table: first valid copy.
-        let rt0 = RegionTable::parse(&mr.read(REGION_TABLE_OFFSETS[0], REGION_TABLE_SIZE, "reading region table 1")?);
+        let rt0 = RegionTable::parse(&mr.read(
+            REGION_TABLE_OFFSETS[0],
+            REGION_TABLE_SIZE,
+            "reading region table 1",
+        )?);
         let regions = match rt0 {
             Ok(t) => t,
             Err(e0) => {
-                match RegionTable::parse(&mr.read(REGION_TABLE_OFFSETS[1], REGION_TABLE_SIZE, "reading region table 2")?) {
+                match RegionTable::parse(&mr.read(
+                    REGION_TABLE_OFFSETS[1],
+                    REGION_TABLE_SIZE,
+                    "reading region table 2",
+                )?) {
                     Ok(t) => {
-                        tracing::warn!(path = p, "region table 1 invalid ({e0}); using region table 2");
+                        tracing::warn!(
+                            path = p,
+                            "region table 1 invalid ({e0}); using region table 2"
+                        );
                         t
                     }
                     Err(e1) => {
@@ -238,23 +305,44 @@ impl Vhdx {
             }
         };
         regions.validate(p, eff_len)?;
-        let (Some(bat_re), Some(meta_re)) = (regions.find(&BAT_GUID), regions.find(&METADATA_GUID)) else {
-            return Err(Error::corrupt(p, "region table", REGION_TABLE_OFFSETS[0], "BAT or metadata region missing"));
+        let (Some(bat_re), Some(meta_re)) = (regions.find(&BAT_GUID), regions.find(&METADATA_GUID))
+        else {
+            return Err(Error::corrupt(
+                p,
+                "region table",
+                REGION_TABLE_OFFSETS[0],
+                "BAT or metadata region missing",
+            ));
         };
         let (bat_offset, bat_region_len) = (bat_re.file_offset, u64::from(bat_re.length));
         let (meta_offset, meta_len) = (meta_re.file_offset, u64::from(meta_re.length));
-        for (name, o, l) in [("BAT", bat_offset, bat_region_len), ("metadata", meta_offset, meta_len)] {
+        for (name, o, l) in [
+            ("BAT", bat_offset, bat_region_len),
+            ("metadata", meta_offset, meta_len),
+        ] {
             if o < log_offset + log_len && log_offset < o + l {
                 return Err(bad_log(format!("log overlaps the {name} region")));
             }
         }
         if meta_len > MAX_METADATA_REGION {
-            return Err(Error::unsupported(p, format!("metadata region of {meta_len} bytes")));
+            return Err(Error::unsupported(
+                p,
+                format!("metadata region of {meta_len} bytes"),
+            ));
         }
-        let meta_bytes = mr.read(meta_offset, meta_len as usize, "reading the metadata region")?;
+        let meta_bytes = mr.read(
+            meta_offset,
+            meta_len as usize,
+            "reading the metadata region",
+        )?;
         let metadata = Metadata::parse(p, meta_offset, &meta_bytes)?;
         let params = metadata.params(p, meta_offset)?;
-        let geo = Geometry::new(params.virtual_size, params.block_size, params.logical_sector_size, params.has_parent);
+        let geo = Geometry::new(
+            params.virtual_size,
+            params.block_size,
+            params.logical_sector_size,
+            params.has_parent,
+        );
         let entries = geo.bat_entries();
         if entries.saturating_mul(8) > bat_region_len {
             return Err(Error::corrupt(
@@ -266,12 +354,19 @@ impl Vhdx {
         }
         let bat_bytes = mr.read(bat_offset, (entries * 8) as usize, "reading the BAT")?;
         let bat: Vec<u64> = bat_bytes.chunks_exact(8).map(|c| le64(c, 0)).collect();
-        validate_bat(p, &geo, &bat, bat_offset, eff_len, &[
-            (0, MIB),
-            (log_offset, log_len),
-            (bat_offset, bat_region_len),
-            (meta_offset, meta_len),
-        ])?;
+        validate_bat(
+            p,
+            &geo,
+            &bat,
+            bat_offset,
+            eff_len,
+            &[
+                (0, MIB),
+                (log_offset, log_len),
+                (bat_offset, bat_region_len),
+                (meta_offset, meta_len),
+            ],
+        )?;
 
         let locator = match metadata.get(&PARENT_LOCATOR) {
             Some(it) if params.has_parent => Some(ParentLocator::parse(p, meta_offset, &it.data)?),
@@ -282,7 +377,10 @@ impl Vhdx {
         } else if let Some(loc) = &locator {
             chain.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
             if chain.len() > MAX_CHAIN_DEPTH {
-                return Err(Error::Parent { path: pstr.clone(), reason: format!("chain deeper than {MAX_CHAIN_DEPTH}") });
+                return Err(Error::Parent {
+                    path: pstr.clone(),
+                    reason: format!("chain deeper than {MAX_CHAIN_DEPTH}"),
+                });
             }
             let parent = crate::diff::open_parent(path, loc, &params, chain)?;
             Some(Box::new(parent))
@@ -348,7 +446,8 @@ impl Vhdx {
         let p = &self.pstr;
         let s = &*self.storage;
         if r.last_file_offset > file_len {
-            s.set_len(r.last_file_offset).map_err(|e| Error::io(p, "extending the file for log replay", file_len, e))?;
+            s.set_len(r.last_file_offset)
+                .map_err(|e| Error::io(p, "extending the file for log replay", file_len, e))?;
         }
         for op in &r.ops {
             match op {
@@ -358,7 +457,8 @@ impl Vhdx {
                     .map_err(|e| Error::io(p, "replaying the log", *offset, e))?,
             }
         }
-        s.sync_data().map_err(|e| Error::io(p, "flushing the log replay", 0, e))?;
+        s.sync_data()
+            .map_err(|e| Error::io(p, "flushing the log replay", 0, e))?;
         let mut hs = mlock(&self.hdr);
         self.update_header(&mut hs, |h| h.log_guid = Uuid::nil())?;
         tracing::info!(path = p.as_str(), entries = r.entries, "replayed the log");
@@ -366,7 +466,11 @@ impl Vhdx {
     }
 
     /// Writes the non-current header with `f` applied and the next sequence number, then flushes.
-    pub(crate) fn update_header(&self, hs: &mut HeaderState, f: impl FnOnce(&mut Header)) -> Result<()> {
+    pub(crate) fn update_header(
+        &self,
+        hs: &mut HeaderState,
+        f: impl FnOnce(&mut Header),
+    ) -> Result<()> {
         let mut h = hs.headers[hs.current].clone();
         f(&mut h);
         h.sequence_number += 1;
@@ -374,7 +478,9 @@ impl Vhdx {
         let b = h.to_bytes();
         storage::write_all_at(&*self.storage, &b, HEADER_OFFSETS[idx])
             .map_err(|e| Error::io(&self.pstr, "writing a header", HEADER_OFFSETS[idx], e))?;
-        self.storage.sync_data().map_err(|e| Error::io(&self.pstr, "flushing a header", HEADER_OFFSETS[idx], e))?;
+        self.storage
+            .sync_data()
+            .map_err(|e| Error::io(&self.pstr, "flushing a header", HEADER_OFFSETS[idx], e))?;
         hs.headers[idx] = h;
         hs.current = idx;
         Ok(())
@@ -383,7 +489,9 @@ impl Vhdx {
     /// Before the first write of this session: new file and data write GUIDs (MS-VHDX 2.2.2).
     pub(crate) fn begin_write(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly { path: self.pstr.clone() });
+            return Err(Error::ReadOnly {
+                path: self.pstr.clone(),
+            });
         }
         let mut hs = mlock(&self.hdr);
         if hs.session_started {
@@ -452,7 +560,10 @@ impl Vhdx {
     /// Raw BAT entry of payload block `block`.
     pub fn payload_entry(&self, block: u64) -> u64 {
         let st = rlock(&self.state);
-        st.bat.get(self.geo.payload_index(block)).copied().unwrap_or(0)
+        st.bat
+            .get(self.geo.payload_index(block))
+            .copied()
+            .unwrap_or(0)
     }
     /// Geometry derived from the metadata.
     pub fn geometry(&self) -> Geometry {
@@ -460,7 +571,9 @@ impl Vhdx {
     }
     /// File size of the image.
     pub fn file_size(&self) -> Result<u64> {
-        self.storage.len().map_err(|e| Error::io(&self.pstr, "getting the length", 0, e))
+        self.storage
+            .len()
+            .map_err(|e| Error::io(&self.pstr, "getting the length", 0, e))
     }
 
     /// Flushes and marks the log clean; errors are reported (Drop would only log them).
@@ -517,20 +630,31 @@ fn validate_bat(
                     }
                     bat::SECTOR_BITMAP_SIZE
                 }
-                s => return Err(bad(format!("sector bitmap entry {i} has invalid state {s}"))),
+                s => {
+                    return Err(bad(format!(
+                        "sector bitmap entry {i} has invalid state {s}"
+                    )))
+                }
             }
         } else {
             match st {
-                bat::PAYLOAD_NOT_PRESENT | bat::PAYLOAD_UNDEFINED | bat::PAYLOAD_ZERO | bat::PAYLOAD_UNMAPPED => continue,
+                bat::PAYLOAD_NOT_PRESENT
+                | bat::PAYLOAD_UNDEFINED
+                | bat::PAYLOAD_ZERO
+                | bat::PAYLOAD_UNMAPPED => continue,
                 bat::PAYLOAD_FULLY_PRESENT => geo.block_size,
                 bat::PAYLOAD_PARTIALLY_PRESENT => {
                     if !geo.has_parent {
-                        return Err(bad(format!("entry {i} is PARTIALLY_PRESENT in a disk without a parent")));
+                        return Err(bad(format!(
+                            "entry {i} is PARTIALLY_PRESENT in a disk without a parent"
+                        )));
                     }
                     let chunk = (i as u64) / stride;
                     let sb = bat.get(geo.bitmap_index(chunk)).copied().unwrap_or(0);
                     if bat::state(sb) != bat::SB_PRESENT {
-                        return Err(bad(format!("entry {i} is PARTIALLY_PRESENT but its sector bitmap is not present")));
+                        return Err(bad(format!(
+                            "entry {i} is PARTIALLY_PRESENT but its sector bitmap is not present"
+                        )));
                     }
                     geo.block_size
                 }
@@ -539,7 +663,9 @@ fn validate_bat(
         };
         let off = bat::offset(e);
         if off < MIB {
-            return Err(bad(format!("entry {i} points into the header area (offset {off})")));
+            return Err(bad(format!(
+                "entry {i} points into the header area (offset {off})"
+            )));
         }
         if off.saturating_add(len) > file_len {
             return Err(bad(format!(
@@ -548,7 +674,10 @@ fn validate_bat(
         }
         spans.push((off, len, i));
     }
-    let mut all: Vec<(u64, u64, String)> = spans.iter().map(|&(o, l, i)| (o, l, format!("BAT entry {i}"))).collect();
+    let mut all: Vec<(u64, u64, String)> = spans
+        .iter()
+        .map(|&(o, l, i)| (o, l, format!("BAT entry {i}")))
+        .collect();
     for &(o, l) in fixed {
         all.push((o, l, "header/log/BAT/metadata".to_string()));
     }

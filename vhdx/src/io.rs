@@ -52,7 +52,9 @@ fn sub_mut<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<IoSl
         let bl = b.len() as u64;
         let (s, e) = (start.max(at), end.min(at + bl));
         if s < e {
-            out.push(IoSliceMut::new(&mut b[(s - at) as usize..(e - at) as usize]));
+            out.push(IoSliceMut::new(
+                &mut b[(s - at) as usize..(e - at) as usize],
+            ));
         }
         at += bl;
         if at >= end {
@@ -102,7 +104,11 @@ impl Vhdx {
         if st.bitmaps.contains_key(&chunk) {
             return Ok(());
         }
-        let e = st.bat.get(self.geo.bitmap_index(chunk)).copied().unwrap_or(0);
+        let e = st
+            .bat
+            .get(self.geo.bitmap_index(chunk))
+            .copied()
+            .unwrap_or(0);
         let mut bm = vec![0u8; SECTOR_BITMAP_SIZE as usize];
         if bat::state(e) == bat::SB_PRESENT {
             let off = bat::offset(e);
@@ -126,7 +132,10 @@ impl Vhdx {
         for block in offset / bs..=(offset + len - 1) / bs {
             let e = st.bat[self.geo.payload_index(block)];
             let chunk = block / self.geo.chunk_ratio;
-            if bat::state(e) == bat::PAYLOAD_PARTIALLY_PRESENT && !st.bitmaps.contains_key(&chunk) && !v.contains(&chunk) {
+            if bat::state(e) == bat::PAYLOAD_PARTIALLY_PRESENT
+                && !st.bitmaps.contains_key(&chunk)
+                && !v.contains(&chunk)
+            {
                 v.push(chunk);
             }
         }
@@ -153,7 +162,11 @@ impl Vhdx {
         let mut out = Vec::new();
         let bs = self.geo.block_size;
         let lss = self.geo.logical_sector_size;
-        let absent = if self.parent.is_some() { Seg::Parent } else { Seg::Zero };
+        let absent = if self.parent.is_some() {
+            Seg::Parent
+        } else {
+            Seg::Zero
+        };
         let mut pos = 0u64;
         while pos < len {
             let v = offset + pos;
@@ -162,13 +175,34 @@ impl Vhdx {
             let n = (bs - inb).min(len - pos);
             let e = st.bat[self.geo.payload_index(block)];
             match bat::state(e) {
-                bat::PAYLOAD_FULLY_PRESENT => push(&mut out, Piece { pos, len: n, seg: Seg::File(bat::offset(e) + inb) }),
-                bat::PAYLOAD_ZERO => push(&mut out, Piece { pos, len: n, seg: Seg::Zero }),
+                bat::PAYLOAD_FULLY_PRESENT => push(
+                    &mut out,
+                    Piece {
+                        pos,
+                        len: n,
+                        seg: Seg::File(bat::offset(e) + inb),
+                    },
+                ),
+                bat::PAYLOAD_ZERO => push(
+                    &mut out,
+                    Piece {
+                        pos,
+                        len: n,
+                        seg: Seg::Zero,
+                    },
+                ),
                 bat::PAYLOAD_PARTIALLY_PRESENT => {
                     let chunk = block / self.geo.chunk_ratio;
                     let first_sector = (block * bs) / lss % SECTORS_PER_CHUNK;
                     match st.bitmaps.get(&chunk) {
-                        None => push(&mut out, Piece { pos, len: n, seg: absent }),
+                        None => push(
+                            &mut out,
+                            Piece {
+                                pos,
+                                len: n,
+                                seg: absent,
+                            },
+                        ),
                         Some(bm) => {
                             let mut p = inb;
                             while p < inb + n {
@@ -179,13 +213,27 @@ impl Vhdx {
                                 } else {
                                     absent
                                 };
-                                push(&mut out, Piece { pos: pos + (p - inb), len: send - p, seg });
+                                push(
+                                    &mut out,
+                                    Piece {
+                                        pos: pos + (p - inb),
+                                        len: send - p,
+                                        seg,
+                                    },
+                                );
                                 p = send;
                             }
                         }
                     }
                 }
-                _ => push(&mut out, Piece { pos, len: n, seg: absent }),
+                _ => push(
+                    &mut out,
+                    Piece {
+                        pos,
+                        len: n,
+                        seg: absent,
+                    },
+                ),
             }
             pos += n;
         }
@@ -199,7 +247,8 @@ impl Vhdx {
             let dst = &mut buf[pc.pos as usize..(pc.pos + pc.len) as usize];
             match pc.seg {
                 Seg::File(f) => {
-                    storage::read_zero_padded_at(&*self.storage, dst, f).map_err(self.io_err("reading data", f))?;
+                    storage::read_zero_padded_at(&*self.storage, dst, f)
+                        .map_err(self.io_err("reading data", f))?;
                     if let Some(ops) = &self.overlay {
                         apply_overlay(ops, dst, f);
                     }
@@ -225,7 +274,10 @@ impl Vhdx {
                     let mut at = f;
                     let mut left = pc.len;
                     while left > 0 {
-                        let n = self.storage.read_vectored_at(slices, at).map_err(self.io_err("reading data", at))?;
+                        let n = self
+                            .storage
+                            .read_vectored_at(slices, at)
+                            .map_err(self.io_err("reading data", at))?;
                         if n == 0 {
                             for s in slices.iter_mut() {
                                 s.fill(0);
@@ -274,7 +326,7 @@ impl Vhdx {
             return Ok(());
         }
         let lss = self.geo.logical_sector_size;
-        if self.geo.has_parent && (offset % lss != 0 || len % lss != 0) {
+        if self.geo.has_parent && (!offset.is_multiple_of(lss) || !len.is_multiple_of(lss)) {
             // Copy-on-write works on whole sectors: merge partial sectors here.
             let start = offset / lss * lss;
             let end = (offset + len).div_ceil(lss) * lss;
@@ -301,9 +353,17 @@ impl Vhdx {
             let mut at = block_off + inb;
             let mut left = n;
             while left > 0 {
-                let w = self.storage.write_vectored_at(slices, at).map_err(self.io_err("writing data", at))?;
+                let w = self
+                    .storage
+                    .write_vectored_at(slices, at)
+                    .map_err(self.io_err("writing data", at))?;
                 if w == 0 {
-                    return Err(Error::io(&self.pstr, "writing data", at, std::io::ErrorKind::WriteZero.into()));
+                    return Err(Error::io(
+                        &self.pstr,
+                        "writing data",
+                        at,
+                        std::io::ErrorKind::WriteZero.into(),
+                    ));
                 }
                 left -= w as u64;
                 at += w as u64;
@@ -369,7 +429,8 @@ impl Vhdx {
         if bat::state(st.bat[sbi]) != bat::SB_PRESENT {
             let sb = self.allocate(&mut st, SECTOR_BITMAP_SIZE)?;
             self.set_bat(&mut st, sbi, bat::entry(bat::SB_PRESENT, sb));
-            st.bitmaps.insert(chunk, vec![0u8; SECTOR_BITMAP_SIZE as usize]);
+            st.bitmaps
+                .insert(chunk, vec![0u8; SECTOR_BITMAP_SIZE as usize]);
             // The whole new bitmap block goes through the log with its BAT entry.
             for page in 0..(SECTOR_BITMAP_SIZE as usize / 4096) {
                 st.dirty_bitmap.insert((chunk, page));
@@ -381,18 +442,31 @@ impl Vhdx {
             let first = (block * spb) % SECTORS_PER_CHUNK;
             self.change_bits(&mut st, chunk, first, spb, false);
         }
-        self.set_bat(&mut st, idx, bat::entry(bat::PAYLOAD_PARTIALLY_PRESENT, off));
+        self.set_bat(
+            &mut st,
+            idx,
+            bat::entry(bat::PAYLOAD_PARTIALLY_PRESENT, off),
+        );
         Ok((off, true))
     }
 
-    pub(crate) fn change_bits(&self, st: &mut State, chunk: u64, first: u64, count: u64, value: bool) {
-        let Some(bm) = st.bitmaps.get_mut(&chunk) else { return };
+    pub(crate) fn change_bits(
+        &self,
+        st: &mut State,
+        chunk: u64,
+        first: u64,
+        count: u64,
+        value: bool,
+    ) {
+        let Some(bm) = st.bitmaps.get_mut(&chunk) else {
+            return;
+        };
         let mut pages = Vec::new();
         let mut i = first;
         let end = first + count;
         while i < end {
             let byte = (i / 8) as usize;
-            if i % 8 == 0 && end - i >= 8 {
+            if i.is_multiple_of(8) && end - i >= 8 {
                 let nv = if value { 0xff } else { 0 };
                 if bm[byte] != nv {
                     bm[byte] = nv;
@@ -472,7 +546,11 @@ impl Vhdx {
         let bs = self.geo.block_size;
         let first = offset.div_ceil(bs);
         let end = (offset + len) / bs;
-        let end = if offset + len == self.geo.virtual_size { self.geo.data_blocks } else { end };
+        let end = if offset + len == self.geo.virtual_size {
+            self.geo.data_blocks
+        } else {
+            end
+        };
         for block in first..end {
             self.release_block(block, self.parent.is_some())?;
         }
@@ -485,7 +563,11 @@ impl Vhdx {
         let idx = self.geo.payload_index(block);
         let mut st = wlock(&self.state);
         let e = st.bat[idx];
-        let new_state = if zero_state { bat::PAYLOAD_ZERO } else { bat::PAYLOAD_NOT_PRESENT };
+        let new_state = if zero_state {
+            bat::PAYLOAD_ZERO
+        } else {
+            bat::PAYLOAD_NOT_PRESENT
+        };
         if bat::state(e) == new_state {
             return Ok(());
         }
@@ -493,10 +575,19 @@ impl Vhdx {
             let chunk = block / self.geo.chunk_ratio;
             self.load_bitmap(&mut st, chunk)?;
             let spb = self.geo.sectors_per_block();
-            self.change_bits(&mut st, chunk, (block * spb) % SECTORS_PER_CHUNK, spb, false);
+            self.change_bits(
+                &mut st,
+                chunk,
+                (block * spb) % SECTORS_PER_CHUNK,
+                spb,
+                false,
+            );
         }
         self.set_bat(&mut st, idx, bat::entry(new_state, 0));
-        if matches!(bat::state(e), bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT) {
+        if matches!(
+            bat::state(e),
+            bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT
+        ) {
             // Zeroed space stays referenced by the on-disk BAT until the next
             // flush; reading zeros from it is what discard allows.
             let _ = self.storage.punch_hole(bat::offset(e), self.geo.block_size);

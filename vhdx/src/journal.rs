@@ -67,12 +67,17 @@ impl Vhdx {
         }
         for (c, p) in std::mem::take(&mut st.dirty_bitmap) {
             let e = st.bat.get(self.geo.bitmap_index(c)).copied().unwrap_or(0);
-            let Some(bm) = st.bitmaps.get(&c) else { continue };
+            let Some(bm) = st.bitmaps.get(&c) else {
+                continue;
+            };
             if bat::state(e) != bat::SB_PRESENT {
                 continue;
             }
             keys.push(Key::Bitmap(c, p));
-            pages.push((bat::offset(e) + (p as u64) * 4096, bm[p * 4096..(p + 1) * 4096].to_vec()));
+            pages.push((
+                bat::offset(e) + (p as u64) * 4096,
+                bm[p * 4096..(p + 1) * 4096].to_vec(),
+            ));
         }
         for (o, d) in std::mem::take(&mut st.dirty_raw) {
             keys.push(Key::Raw(o));
@@ -84,7 +89,8 @@ impl Vhdx {
     fn flush_pages(&self, pages: &[(u64, Vec<u8>)]) -> Result<()> {
         let p = &self.pstr;
         let s = &*self.storage;
-        s.sync_data().map_err(|e| Error::io(p, "flushing data", 0, e))?;
+        s.sync_data()
+            .map_err(|e| Error::io(p, "flushing data", 0, e))?;
         if pages.is_empty() {
             return Ok(());
         }
@@ -95,19 +101,25 @@ impl Vhdx {
             hs.log_guid = g;
             hs.log_active = true;
         }
-        let file_len = s.len().map_err(|e| Error::io(p, "getting the length", 0, e))?;
+        let file_len = s
+            .len()
+            .map_err(|e| Error::io(p, "getting the length", 0, e))?;
         let per = log::max_pages_per_entry(self.log_len).max(1);
         for batch in pages.chunks(per) {
             hs.log_seq += 1;
             let refs: Vec<(u64, &[u8])> = batch.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            let entry = log::build_entry(hs.log_seq, &hs.log_guid, 0, &refs, &[], file_len, file_len);
+            let entry =
+                log::build_entry(hs.log_seq, &hs.log_guid, 0, &refs, &[], file_len, file_len);
             storage::write_all_at(s, &entry, self.log_offset)
                 .map_err(|e| Error::io(p, "writing a log entry", self.log_offset, e))?;
-            s.sync_data().map_err(|e| Error::io(p, "flushing the log", self.log_offset, e))?;
+            s.sync_data()
+                .map_err(|e| Error::io(p, "flushing the log", self.log_offset, e))?;
             for (o, d) in batch {
-                storage::write_all_at(s, d, *o).map_err(|e| Error::io(p, "writing metadata", *o, e))?;
+                storage::write_all_at(s, d, *o)
+                    .map_err(|e| Error::io(p, "writing metadata", *o, e))?;
             }
-            s.sync_data().map_err(|e| Error::io(p, "flushing metadata", 0, e))?;
+            s.sync_data()
+                .map_err(|e| Error::io(p, "flushing metadata", 0, e))?;
         }
         Ok(())
     }
@@ -122,4 +134,3 @@ impl Vhdx {
         }
     }
 }
-

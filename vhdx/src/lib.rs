@@ -33,8 +33,9 @@ pub use storage::{FileStorage, Storage};
 /// Raw BAT entry helpers (for tools and tests that inspect images).
 pub mod bat_entry {
     pub use crate::bat::{
-        entry, offset, state, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT,
-        PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED, PAYLOAD_ZERO, SB_NOT_PRESENT, SB_PRESENT,
+        entry, offset, state, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT,
+        PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED, PAYLOAD_ZERO,
+        SB_NOT_PRESENT, SB_PRESENT,
     };
 }
 

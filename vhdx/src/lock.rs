@@ -18,7 +18,11 @@ pub(crate) fn lock(fd: i32, exclusive: bool, path: &str) -> Result<()> {
 fn lock_range(fd: i32, exclusive: bool, start: i64, len: i64, path: &str) -> Result<()> {
     // SAFETY: flock is a plain C struct; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
+    fl.l_type = if exclusive {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = start as libc::off_t;
     fl.l_len = len as libc::off_t;
@@ -31,7 +35,11 @@ fn lock_range(fd: i32, exclusive: bool, start: i64, len: i64, path: &str) -> Res
     match e.raw_os_error() {
         Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Locked {
             path: path.to_string(),
-            mode: if exclusive { "exclusive write" } else { "shared read" },
+            mode: if exclusive {
+                "exclusive write"
+            } else {
+                "shared read"
+            },
         }),
         // Filesystems without lock support: go on unlocked, like QEMU does.
         Some(libc::EINVAL) | Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => {

@@ -71,10 +71,10 @@ fn parse_entry(log: &CircularLog<'_>, at: usize, log_guid: &Uuid) -> Option<Entr
     if guid(first, 32) != *log_guid {
         return None;
     }
-    if entry_len == 0 || entry_len % SECTOR != 0 || entry_len / SECTOR > n {
+    if entry_len == 0 || !entry_len.is_multiple_of(SECTOR) || entry_len / SECTOR > n {
         return None;
     }
-    if tail % SECTOR != 0 || tail / SECTOR >= n || seq == 0 {
+    if !tail.is_multiple_of(SECTOR) || tail / SECTOR >= n || seq == 0 {
         return None;
     }
     let sectors = entry_len / SECTOR;
@@ -98,6 +98,9 @@ fn parse_entry(log: &CircularLog<'_>, at: usize, log_guid: &Uuid) -> Option<Entr
         }
         match &d[0..4] {
             b"desc" => {
+                if hs + data_sectors >= sectors {
+                    return None;
+                }
                 let ds = &whole[(hs + data_sectors) * SECTOR..(hs + data_sectors + 1) * SECTOR];
                 if &ds[0..4] != b"data"
                     || u64::from(le32(ds, 4)) != seq >> 32
@@ -106,9 +109,6 @@ fn parse_entry(log: &CircularLog<'_>, at: usize, log_guid: &Uuid) -> Option<Entr
                     return None;
                 }
                 data_sectors += 1;
-                if hs + data_sectors > sectors {
-                    return None;
-                }
             }
             b"zero" => {}
             _ => return None,
@@ -117,7 +117,13 @@ fn parse_entry(log: &CircularLog<'_>, at: usize, log_guid: &Uuid) -> Option<Entr
     if hs + data_sectors != sectors {
         return None;
     }
-    Some(EntryInfo { seq, sectors, tail: tail / SECTOR, flushed, last })
+    Some(EntryInfo {
+        seq,
+        sectors,
+        tail: tail / SECTOR,
+        flushed,
+        last,
+    })
 }
 
 /// Finds the active sequence of a log image (`buf` = the whole log region) and
@@ -149,7 +155,12 @@ pub(crate) fn find_replay(
         let mut expect: Option<u64> = None;
         let ok = loop {
             if budget == 0 {
-                return Err(Error::corrupt(path, "log", log_offset, "log entries form too many overlapping sequences"));
+                return Err(Error::corrupt(
+                    path,
+                    "log",
+                    log_offset,
+                    "log entries form too many overlapping sequences",
+                ));
             }
             budget -= 1;
             let Some(e) = &infos[cur] else { break false };
@@ -172,7 +183,9 @@ pub(crate) fn find_replay(
             best = Some((head.seq, chain));
         }
     }
-    let Some((_, chain)) = best else { return Ok(None) };
+    let Some((_, chain)) = best else {
+        return Ok(None);
+    };
     let mut ops = Vec::new();
     let mut flushed = 0;
     let mut last = 0;
@@ -185,9 +198,13 @@ pub(crate) fn find_replay(
         for i in 0..dc {
             let d = &whole[64 + 32 * i..96 + 32 * i];
             let file_offset = le64(d, 16);
-            let bad = |r: String| Error::corrupt(path, "log descriptor", log_offset + (at * SECTOR) as u64, r);
-            if file_offset % SECTOR as u64 != 0 || file_offset < MIN_LOGGABLE_OFFSET {
-                return Err(bad(format!("target offset {file_offset} is unaligned or inside the header area")));
+            let bad = |r: String| {
+                Error::corrupt(path, "log descriptor", log_offset + (at * SECTOR) as u64, r)
+            };
+            if !file_offset.is_multiple_of(SECTOR as u64) || file_offset < MIN_LOGGABLE_OFFSET {
+                return Err(bad(format!(
+                    "target offset {file_offset} is unaligned or inside the header area"
+                )));
             }
             if &d[0..4] == b"desc" {
                 let sec = &whole[ds * SECTOR..(ds + 1) * SECTOR];
@@ -195,14 +212,20 @@ pub(crate) fn find_replay(
                 data[0..8].copy_from_slice(&d[8..16]);
                 data[8..4092].copy_from_slice(&sec[8..4092]);
                 data[4092..4096].copy_from_slice(&d[4..8]);
-                ops.push(LogOp::Data { offset: file_offset, data });
+                ops.push(LogOp::Data {
+                    offset: file_offset,
+                    data,
+                });
                 ds += 1;
             } else {
                 let len = le64(d, 8);
-                if len % SECTOR as u64 != 0 {
+                if !len.is_multiple_of(SECTOR as u64) {
                     return Err(bad(format!("zero length {len} is not a multiple of 4 KiB")));
                 }
-                ops.push(LogOp::Zero { offset: file_offset, len });
+                ops.push(LogOp::Zero {
+                    offset: file_offset,
+                    len,
+                });
             }
         }
         flushed = info.flushed;
@@ -218,7 +241,12 @@ pub(crate) fn find_replay(
         ));
     }
     if last < flushed || last > crate::metadata::MAX_VIRTUAL_SIZE * 2 {
-        return Err(Error::corrupt(path, "log entry", at, format!("last file offset {last} is implausible")));
+        return Err(Error::corrupt(
+            path,
+            "log entry",
+            at,
+            format!("last file offset {last} is implausible"),
+        ));
     }
     let limit = last.max(file_len);
     for op in &ops {
@@ -235,7 +263,12 @@ pub(crate) fn find_replay(
             ));
         }
     }
-    Ok(Some(Replay { ops, flushed_file_offset: flushed, last_file_offset: last, entries: chain.len() }))
+    Ok(Some(Replay {
+        ops,
+        flushed_file_offset: flushed,
+        last_file_offset: last,
+        entries: chain.len(),
+    }))
 }
 
 /// How many 4 KiB pages fit in one entry of a log of `log_len` bytes.
@@ -306,18 +339,44 @@ mod tests {
     fn entry_roundtrip() {
         let g = Uuid::new_v4();
         let page: Vec<u8> = (0..4096).map(|i| (i * 7 % 251) as u8).collect();
-        let e = build_entry(9, &g, 0, &[(3 << 20, &page)], &[(5 << 20, 8192)], 8 << 20, 8 << 20);
+        let e = build_entry(
+            9,
+            &g,
+            0,
+            &[(3 << 20, &page)],
+            &[(5 << 20, 8192)],
+            8 << 20,
+            8 << 20,
+        );
         let mut log = vec![0u8; 1 << 20];
         log[..e.len()].copy_from_slice(&e);
-        let r = find_replay("x", 1 << 20, &log, &g, 8 << 20).unwrap().unwrap();
+        let r = find_replay("x", 1 << 20, &log, &g, 8 << 20)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.ops.len(), 2);
-        assert_eq!(r.ops[0], LogOp::Data { offset: 3 << 20, data: page });
-        assert_eq!(r.ops[1], LogOp::Zero { offset: 5 << 20, len: 8192 });
+        assert_eq!(
+            r.ops[0],
+            LogOp::Data {
+                offset: 3 << 20,
+                data: page
+            }
+        );
+        assert_eq!(
+            r.ops[1],
+            LogOp::Zero {
+                offset: 5 << 20,
+                len: 8192
+            }
+        );
         // A different log GUID means no active log.
-        assert!(find_replay("x", 1 << 20, &log, &Uuid::new_v4(), 8 << 20).unwrap().is_none());
+        assert!(find_replay("x", 1 << 20, &log, &Uuid::new_v4(), 8 << 20)
+            .unwrap()
+            .is_none());
         // A flipped byte invalidates the entry.
         log[5000] ^= 1;
-        assert!(find_replay("x", 1 << 20, &log, &g, 8 << 20).unwrap().is_none());
+        assert!(find_replay("x", 1 << 20, &log, &g, 8 << 20)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -330,9 +389,33 @@ mod tests {
         let mut log = vec![0u8; 1 << 20];
         log[..e1.len()].copy_from_slice(&e1);
         log[e1.len()..e1.len() + e2.len()].copy_from_slice(&e2);
-        let r = find_replay("x", 1 << 20, &log, &g, 8 << 20).unwrap().unwrap();
+        let r = find_replay("x", 1 << 20, &log, &g, 8 << 20)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.entries, 2);
-        assert_eq!(r.ops[1], LogOp::Data { offset: 4 << 20, data: p2 });
+        assert_eq!(
+            r.ops[1],
+            LogOp::Data {
+                offset: 4 << 20,
+                data: p2
+            }
+        );
         assert!(max_pages_per_entry(1 << 20) >= 250);
+    }
+
+    #[test]
+    fn descriptor_count_lying_about_data_sectors_is_invalid() {
+        let g = Uuid::new_v4();
+        let page = vec![5u8; 4096];
+        let mut e = build_entry(4, &g, 0, &[(3 << 20, &page)], &[], 8 << 20, 8 << 20);
+        // Claim the entry is only one sector long: the data sector is missing.
+        put32(&mut e, 8, 4096);
+        let c = crc_with_zero_field(&e[..4096], 4);
+        put32(&mut e, 4, c);
+        let mut log = vec![0u8; 1 << 20];
+        log[..4096].copy_from_slice(&e[..4096]);
+        assert!(find_replay("x", 1 << 20, &log, &g, 8 << 20)
+            .unwrap()
+            .is_none());
     }
 }

@@ -50,7 +50,10 @@ pub struct ParentLocator {
 
 impl ParentLocator {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub(crate) fn parse(path: &str, off: u64, b: &[u8]) -> Result<ParentLocator> {
@@ -60,11 +63,17 @@ impl ParentLocator {
         }
         let ty = guid(b, 0);
         if ty != VHDX_LOCATOR_TYPE {
-            return Err(Error::unsupported(path, format!("parent locator type {ty}")));
+            return Err(Error::unsupported(
+                path,
+                format!("parent locator type {ty}"),
+            ));
         }
         let count = le16(b, 18) as usize;
         if 20 + count * 12 > b.len() {
-            return Err(bad(format!("{count} key/value entries do not fit in {} bytes", b.len())));
+            return Err(bad(format!(
+                "{count} key/value entries do not fit in {} bytes",
+                b.len()
+            )));
         }
         let mut entries = Vec::with_capacity(count);
         for i in 0..count {
@@ -74,9 +83,10 @@ impl ParentLocator {
             let kl = le16(b, e + 8) as usize;
             let vl = le16(b, e + 10) as usize;
             let get = |o: usize, l: usize| -> Result<String> {
-                let end = o.checked_add(l).filter(|&x| x <= b.len()).ok_or_else(|| {
-                    bad(format!("entry {i} string [{o}, +{l}) outside the item"))
-                })?;
+                let end = o
+                    .checked_add(l)
+                    .filter(|&x| x <= b.len())
+                    .ok_or_else(|| bad(format!("entry {i} string [{o}, +{l}) outside the item")))?;
                 from_utf16le(&b[o..end]).ok_or_else(|| bad(format!("entry {i} is not UTF-16")))
             };
             entries.push((get(ko, kl)?, get(vo, vl)?));
@@ -123,7 +133,10 @@ impl Metadata {
         }
         let count = le16(b, 10) as usize;
         if count > MAX_ENTRIES {
-            return Err(bad(10, format!("entry count {count} exceeds {MAX_ENTRIES}")));
+            return Err(bad(
+                10,
+                format!("entry count {count} exceeds {MAX_ENTRIES}"),
+            ));
         }
         let mut items: Vec<MetadataItem> = Vec::with_capacity(count);
         let mut spans: Vec<(u64, u64)> = Vec::new();
@@ -137,7 +150,11 @@ impl Metadata {
                 return Err(bad(e as u64, format!("item {id} listed twice")));
             }
             if length == 0 {
-                items.push(MetadataItem { id, flags, data: Vec::new() });
+                items.push(MetadataItem {
+                    id,
+                    flags,
+                    data: Vec::new(),
+                });
                 continue;
             }
             if offset < TABLE_SIZE as u64 || offset + length > b.len() as u64 {
@@ -187,13 +204,21 @@ impl Metadata {
             ]
             .contains(&it.id);
             if !known && it.flags & FLAG_REQUIRED != 0 && it.flags & FLAG_USER == 0 {
-                return Err(Error::unsupported(path, format!("required metadata item {} is not known", it.id)));
+                return Err(Error::unsupported(
+                    path,
+                    format!("required metadata item {} is not known", it.id),
+                ));
             }
         }
         let item = |id: &Uuid, name: &str, len: usize| -> Result<&[u8]> {
-            let it = self.get(id).ok_or_else(|| bad(format!("{name} item missing")))?;
+            let it = self
+                .get(id)
+                .ok_or_else(|| bad(format!("{name} item missing")))?;
             if it.data.len() < len {
-                return Err(bad(format!("{name} item is {} bytes, needs {len}", it.data.len())));
+                return Err(bad(format!(
+                    "{name} item is {} bytes, needs {len}",
+                    it.data.len()
+                )));
             }
             Ok(&it.data)
         };
@@ -201,18 +226,27 @@ impl Metadata {
         let block_size = le32(fp, 0);
         let flags = le32(fp, 4);
         if !block_size.is_power_of_two() || !(MIB as u32..=256 * MIB as u32).contains(&block_size) {
-            return Err(bad(format!("block size {block_size} is not a power of two in 1 MiB..256 MiB")));
+            return Err(bad(format!(
+                "block size {block_size} is not a power of two in 1 MiB..256 MiB"
+            )));
         }
         let virtual_size = le64(item(&VIRTUAL_DISK_SIZE, "virtual disk size", 8)?, 0);
         let logical = le32(item(&LOGICAL_SECTOR, "logical sector size", 4)?, 0);
         let physical = le32(item(&PHYSICAL_SECTOR, "physical sector size", 4)?, 0);
         if logical != 512 && logical != 4096 {
-            return Err(bad(format!("logical sector size {logical} is not 512 or 4096")));
+            return Err(bad(format!(
+                "logical sector size {logical} is not 512 or 4096"
+            )));
         }
         if physical != 512 && physical != 4096 {
-            return Err(bad(format!("physical sector size {physical} is not 512 or 4096")));
+            return Err(bad(format!(
+                "physical sector size {physical} is not 512 or 4096"
+            )));
         }
-        if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE || virtual_size % u64::from(logical) != 0 {
+        if virtual_size == 0
+            || virtual_size > MAX_VIRTUAL_SIZE
+            || !virtual_size.is_multiple_of(u64::from(logical))
+        {
             return Err(bad(format!(
                 "virtual disk size {virtual_size} is zero, above 64 TiB or not a multiple of the logical sector size"
             )));
@@ -241,7 +275,10 @@ impl Metadata {
     pub(crate) fn to_bytes(&self, path: &str, region_len: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; region_len];
         if self.items.len() > MAX_ENTRIES {
-            return Err(Error::InvalidArgument(format!("{} metadata items exceed {MAX_ENTRIES}", self.items.len())));
+            return Err(Error::InvalidArgument(format!(
+                "{} metadata items exceed {MAX_ENTRIES}",
+                self.items.len()
+            )));
         }
         b[0..8].copy_from_slice(b"metadata");
         put16(&mut b, 10, self.items.len() as u16);
@@ -249,9 +286,16 @@ impl Metadata {
         for (i, it) in self.items.iter().enumerate() {
             let e = 32 + i * 32;
             put_guid(&mut b, e, &it.id);
-            let (off, len) = if it.data.is_empty() { (0, 0) } else { (at, it.data.len()) };
+            let (off, len) = if it.data.is_empty() {
+                (0, 0)
+            } else {
+                (at, it.data.len())
+            };
             if off + len > region_len {
-                return Err(Error::unsupported(path, "metadata items do not fit in the metadata region"));
+                return Err(Error::unsupported(
+                    path,
+                    "metadata items do not fit in the metadata region",
+                ));
             }
             put32(&mut b, e + 16, off as u32);
             put32(&mut b, e + 20, len as u32);
@@ -266,7 +310,11 @@ impl Metadata {
     pub(crate) fn new_image(p: &DiskParams, locator: Option<&ParentLocator>) -> Metadata {
         let mut fp = vec![0u8; 8];
         put32(&mut fp, 0, p.block_size);
-        put32(&mut fp, 4, u32::from(p.leave_blocks_allocated) | (u32::from(p.has_parent) << 1));
+        put32(
+            &mut fp,
+            4,
+            u32::from(p.leave_blocks_allocated) | (u32::from(p.has_parent) << 1),
+        );
         let mut vs = vec![0u8; 8];
         put64(&mut vs, 0, p.virtual_size);
         let mut p83 = vec![0u8; 16];
@@ -277,14 +325,38 @@ impl Metadata {
         put32(&mut ps, 0, p.physical_sector_size);
         let vd = FLAG_REQUIRED | FLAG_VIRTUAL_DISK;
         let mut items = vec![
-            MetadataItem { id: FILE_PARAMETERS, flags: FLAG_REQUIRED, data: fp },
-            MetadataItem { id: VIRTUAL_DISK_SIZE, flags: vd, data: vs },
-            MetadataItem { id: PAGE83, flags: vd, data: p83 },
-            MetadataItem { id: LOGICAL_SECTOR, flags: vd, data: ls },
-            MetadataItem { id: PHYSICAL_SECTOR, flags: vd, data: ps },
+            MetadataItem {
+                id: FILE_PARAMETERS,
+                flags: FLAG_REQUIRED,
+                data: fp,
+            },
+            MetadataItem {
+                id: VIRTUAL_DISK_SIZE,
+                flags: vd,
+                data: vs,
+            },
+            MetadataItem {
+                id: PAGE83,
+                flags: vd,
+                data: p83,
+            },
+            MetadataItem {
+                id: LOGICAL_SECTOR,
+                flags: vd,
+                data: ls,
+            },
+            MetadataItem {
+                id: PHYSICAL_SECTOR,
+                flags: vd,
+                data: ps,
+            },
         ];
         if let Some(l) = locator {
-            items.push(MetadataItem { id: PARENT_LOCATOR, flags: FLAG_REQUIRED, data: l.to_bytes() });
+            items.push(MetadataItem {
+                id: PARENT_LOCATOR,
+                flags: FLAG_REQUIRED,
+                data: l.to_bytes(),
+            });
         }
         Metadata { items }
     }
@@ -307,12 +379,19 @@ mod tests {
         };
         let loc = ParentLocator {
             entries: vec![
-                ("parent_linkage".into(), "{00000000-0000-0000-0000-000000000001}".into()),
+                (
+                    "parent_linkage".into(),
+                    "{00000000-0000-0000-0000-000000000001}".into(),
+                ),
                 ("relative_path".into(), ".\\p.vhdx".into()),
             ],
         };
         let mut m = Metadata::new_image(&p, Some(&loc));
-        m.items.push(MetadataItem { id: Uuid::new_v4(), flags: FLAG_USER, data: vec![1, 2, 3, 4, 5] });
+        m.items.push(MetadataItem {
+            id: Uuid::new_v4(),
+            flags: FLAG_USER,
+            data: vec![1, 2, 3, 4, 5],
+        });
         let b = m.to_bytes("x", 1 << 20).unwrap();
         let m2 = Metadata::parse("x", 0, &b).unwrap();
         assert_eq!(m2.items, m.items);

@@ -4,8 +4,10 @@ use crate::bat::{self, Geometry, SECTORS_PER_CHUNK};
 use crate::bytes::*;
 use crate::error::{Error, Result};
 use crate::image::{rlock, wlock, OpenOptions, Vhdx};
-use crate::metadata::{ParentLocator, FLAG_REQUIRED, FLAG_VIRTUAL_DISK, PARENT_LOCATOR, VIRTUAL_DISK_SIZE};
-use crate::region::{REGION_TABLE_OFFSETS, BAT_GUID};
+use crate::metadata::{
+    ParentLocator, FLAG_REQUIRED, FLAG_VIRTUAL_DISK, PARENT_LOCATOR, VIRTUAL_DISK_SIZE,
+};
+use crate::region::{BAT_GUID, REGION_TABLE_OFFSETS};
 use crate::storage;
 use std::path::Path;
 
@@ -31,7 +33,12 @@ fn push_ext(out: &mut Vec<Extent>, e: Extent) {
             (None, None) => true,
             _ => false,
         };
-        if l.start + l.length == e.start && l.data == e.data && l.zero == e.zero && l.depth == e.depth && contiguous {
+        if l.start + l.length == e.start
+            && l.data == e.data
+            && l.zero == e.zero
+            && l.depth == e.depth
+            && contiguous
+        {
             l.length += e.length;
             return;
         }
@@ -60,16 +67,46 @@ impl Vhdx {
         for pc in self.plan(offset, len)? {
             let start = offset + pc.pos;
             match pc.seg {
-                crate::io::Seg::File(f) => push_ext(out, Extent { start, length: pc.len, data: true, zero: false, depth, offset: Some(f) }),
+                crate::io::Seg::File(f) => push_ext(
+                    out,
+                    Extent {
+                        start,
+                        length: pc.len,
+                        data: true,
+                        zero: false,
+                        depth,
+                        offset: Some(f),
+                    },
+                ),
                 crate::io::Seg::Zero => {
                     // ZERO state at this level, or unallocated without a parent.
                     let idx = self.geo.payload_index(start / self.geo.block_size);
                     let explicit = bat::state(rlock(&self.state).bat[idx]) == bat::PAYLOAD_ZERO;
-                    push_ext(out, Extent { start, length: pc.len, data: false, zero: true, depth: if explicit { depth } else { depth + 1 }, offset: None })
+                    push_ext(
+                        out,
+                        Extent {
+                            start,
+                            length: pc.len,
+                            data: false,
+                            zero: true,
+                            depth: if explicit { depth } else { depth + 1 },
+                            offset: None,
+                        },
+                    )
                 }
                 crate::io::Seg::Parent => match &self.parent {
                     Some(p) => p.status_into(start, pc.len, depth + 1, out)?,
-                    None => push_ext(out, Extent { start, length: pc.len, data: false, zero: true, depth: depth + 1, offset: None }),
+                    None => push_ext(
+                        out,
+                        Extent {
+                            start,
+                            length: pc.len,
+                            data: false,
+                            zero: true,
+                            depth: depth + 1,
+                            offset: None,
+                        },
+                    ),
                 },
             }
         }
@@ -107,7 +144,9 @@ impl Vhdx {
                     let chunk = block / self.geo.chunk_ratio;
                     let mut st = wlock(&self.state);
                     self.load_bitmap(&mut st, chunk)?;
-                    let Some(bm) = st.bitmaps.get(&chunk) else { continue };
+                    let Some(bm) = st.bitmaps.get(&chunk) else {
+                        continue;
+                    };
                     let first = (start / lss) % SECTORS_PER_CHUNK;
                     for s in 0..len / lss {
                         let i = first + s;
@@ -126,8 +165,14 @@ impl Vhdx {
     fn queue_metadata(&self) -> Result<()> {
         let new = self.metadata.to_bytes(&self.pstr, self.meta_len as usize)?;
         let mut old = vec![0u8; self.meta_len as usize];
-        storage::read_zero_padded_at(&*self.storage, &mut old, self.meta_offset)
-            .map_err(|e| Error::io(&self.pstr, "reading the metadata region", self.meta_offset, e))?;
+        storage::read_zero_padded_at(&*self.storage, &mut old, self.meta_offset).map_err(|e| {
+            Error::io(
+                &self.pstr,
+                "reading the metadata region",
+                self.meta_offset,
+                e,
+            )
+        })?;
         for (i, (a, b)) in old.chunks(4096).zip(new.chunks(4096)).enumerate() {
             if a != b {
                 self.queue_raw(self.meta_offset + (i as u64) * 4096, b);
@@ -141,23 +186,38 @@ impl Vhdx {
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         self.begin_write()?;
         let lss = u64::from(self.params.logical_sector_size);
-        if new_size == 0 || new_size > crate::metadata::MAX_VIRTUAL_SIZE || new_size % lss != 0 {
+        if new_size == 0
+            || new_size > crate::metadata::MAX_VIRTUAL_SIZE
+            || !new_size.is_multiple_of(lss)
+        {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} must be non-zero, at most 64 TiB and a multiple of {lss}"
             )));
         }
         if self.parent.is_some() {
-            return Err(Error::unsupported(&self.pstr, "resizing a differencing disk (its size must match the parent's)"));
+            return Err(Error::unsupported(
+                &self.pstr,
+                "resizing a differencing disk (its size must match the parent's)",
+            ));
         }
         let old = self.geo.virtual_size;
         if new_size == old {
             return Ok(());
         }
-        let new_geo = Geometry::new(new_size, self.params.block_size, self.params.logical_sector_size, false);
+        let new_geo = Geometry::new(
+            new_size,
+            self.params.block_size,
+            self.params.logical_sector_size,
+            false,
+        );
         if new_size < old {
             // Only ranges that hold data can hold non-zero bytes.
             let mut buf = vec![0u8; MIB as usize];
-            for ext in self.block_status(new_size, old - new_size)?.into_iter().filter(|e| e.data) {
+            for ext in self
+                .block_status(new_size, old - new_size)?
+                .into_iter()
+                .filter(|e| e.data)
+            {
                 let mut at = ext.start;
                 while at < ext.start + ext.length {
                     let n = (ext.start + ext.length - at).min(buf.len() as u64);
@@ -165,7 +225,9 @@ impl Vhdx {
                     if !is_zero(&buf[..n as usize]) {
                         return Err(Error::WouldLoseData {
                             path: self.pstr.clone(),
-                            reason: format!("shrinking to {new_size} would discard data near offset {at}"),
+                            reason: format!(
+                                "shrinking to {new_size} would discard data near offset {at}"
+                            ),
                         });
                     }
                     at += n;
@@ -193,7 +255,9 @@ impl Vhdx {
                 };
                 storage::write_all_at(&*self.storage, &bytes, off)
                     .map_err(|e| Error::io(&self.pstr, "writing the moved BAT", off, e))?;
-                self.storage.sync_data().map_err(|e| Error::io(&self.pstr, "flushing the moved BAT", off, e))?;
+                self.storage
+                    .sync_data()
+                    .map_err(|e| Error::io(&self.pstr, "flushing the moved BAT", off, e))?;
                 for e in self.regions.entries.iter_mut() {
                     if e.guid == BAT_GUID {
                         e.file_offset = off;
@@ -230,7 +294,8 @@ impl Vhdx {
         }
         let mut vs = vec![0u8; 8];
         put64(&mut vs, 0, new_size);
-        self.metadata.set(VIRTUAL_DISK_SIZE, FLAG_REQUIRED | FLAG_VIRTUAL_DISK, vs);
+        self.metadata
+            .set(VIRTUAL_DISK_SIZE, FLAG_REQUIRED | FLAG_VIRTUAL_DISK, vs);
         self.queue_metadata()?;
         self.geo = new_geo;
         self.params.virtual_size = new_size;
@@ -241,14 +306,19 @@ impl Vhdx {
     /// the holes, then truncates the file.
     pub fn compact(&mut self) -> Result<CompactStats> {
         self.begin_write()?;
-        let mut stats = CompactStats { old_file_size: self.file_size()?, ..Default::default() };
+        let mut stats = CompactStats {
+            old_file_size: self.file_size()?,
+            ..Default::default()
+        };
         if self.params.leave_blocks_allocated {
             stats.new_file_size = stats.old_file_size;
             return Ok(stats);
         }
         let mut buf = vec![0u8; (self.geo.block_size as usize).min(8 << 20)];
         for block in 0..self.geo.data_blocks {
-            if bat::state(self.payload_entry(block)) == bat::PAYLOAD_FULLY_PRESENT && self.block_is_zero(block, &mut buf)? {
+            if bat::state(self.payload_entry(block)) == bat::PAYLOAD_FULLY_PRESENT
+                && self.block_is_zero(block, &mut buf)?
+            {
                 self.release_block(block, self.parent.is_some())?;
                 stats.released_blocks += 1;
             }
@@ -272,7 +342,12 @@ impl Vhdx {
                     let s = bat::state(e);
                     if is_sb && s == bat::SB_PRESENT && self.geo.has_parent {
                         used.push((bat::offset(e), MIB));
-                    } else if !is_sb && matches!(s, bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT) {
+                    } else if !is_sb
+                        && matches!(
+                            s,
+                            bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT
+                        )
+                    {
                         used.push((bat::offset(e), bs));
                         blocks.push((bat::offset(e), i));
                     }
@@ -341,7 +416,12 @@ impl Vhdx {
                 let s = bat::state(e);
                 if is_sb && s == bat::SB_PRESENT && self.geo.has_parent {
                     end = end.max(bat::offset(e) + MIB);
-                } else if !is_sb && matches!(s, bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT) {
+                } else if !is_sb
+                    && matches!(
+                        s,
+                        bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT
+                    )
+                {
                     end = end.max(bat::offset(e) + bs);
                 }
             }
@@ -350,7 +430,9 @@ impl Vhdx {
         {
             let mut st = wlock(&self.state);
             if end < st.file_len {
-                self.storage.set_len(end).map_err(|e| Error::io(&self.pstr, "truncating", end, e))?;
+                self.storage
+                    .set_len(end)
+                    .map_err(|e| Error::io(&self.pstr, "truncating", end, e))?;
                 st.file_len = end;
                 st.eof = end.div_ceil(MIB) * MIB;
             }
@@ -362,7 +444,9 @@ impl Vhdx {
 
     /// Points this differencing disk at a parent with a new data write GUID.
     fn relink(&mut self, dwg: uuid::Uuid) -> Result<()> {
-        let Some(loc) = &self.locator else { return Ok(()) };
+        let Some(loc) = &self.locator else {
+            return Ok(());
+        };
         let mut loc: ParentLocator = loc.clone();
         for (k, v) in loc.entries.iter_mut() {
             if k == "parent_linkage" {
@@ -370,7 +454,8 @@ impl Vhdx {
             }
         }
         loc.entries.retain(|(k, _)| k != "parent_linkage2");
-        self.metadata.set(PARENT_LOCATOR, FLAG_REQUIRED, loc.to_bytes());
+        self.metadata
+            .set(PARENT_LOCATOR, FLAG_REQUIRED, loc.to_bytes());
         self.locator = Some(loc);
         self.queue_metadata()
     }
@@ -378,7 +463,11 @@ impl Vhdx {
 
 /// Options that open a child without its parent (for commit).
 fn skip_parent_opts() -> OpenOptions {
-    OpenOptions { read_only: false, no_lock: false, skip_parent: true }
+    OpenOptions {
+        read_only: false,
+        no_lock: false,
+        skip_parent: true,
+    }
 }
 
 /// Merges a differencing disk into its parent (like `qemu-img commit`), then
@@ -386,9 +475,18 @@ fn skip_parent_opts() -> OpenOptions {
 /// Returns the number of bytes copied.
 pub fn commit(child_path: &Path) -> Result<u64> {
     let (extents, parent_path) = {
-        let child = Vhdx::open(child_path, OpenOptions { read_only: true, ..Default::default() })?;
+        let child = Vhdx::open(
+            child_path,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )?;
         let Some(parent) = child.parent() else {
-            return Err(Error::InvalidArgument(format!("{} has no parent to commit into", child_path.display())));
+            return Err(Error::InvalidArgument(format!(
+                "{} has no parent to commit into",
+                child_path.display()
+            )));
         };
         (child.own_extents()?, parent.path().to_path_buf())
     };
@@ -405,7 +503,8 @@ pub fn commit(child_path: &Path) -> Result<u64> {
                 while done < *len {
                     let n = (*len - done).min(8 << 20);
                     buf.resize(n as usize, 0);
-                    storage::read_exact_at(&cs, &mut buf, f + done).map_err(|e| Error::io(&cstr, "reading", f + done, e))?;
+                    storage::read_exact_at(&cs, &mut buf, f + done)
+                        .map_err(|e| Error::io(&cstr, "reading", f + done, e))?;
                     parent.write_at(&buf, start + done)?;
                     done += n;
                 }
@@ -433,7 +532,9 @@ pub fn commit(child_path: &Path) -> Result<u64> {
             }
             child.set_bat(&mut st, idx, bat::entry(bat::PAYLOAD_NOT_PRESENT, 0));
             if matches!(s, bat::PAYLOAD_FULLY_PRESENT) {
-                let _ = child.storage.punch_hole(bat::offset(e), child.geo.block_size);
+                let _ = child
+                    .storage
+                    .punch_hole(bat::offset(e), child.geo.block_size);
             }
         }
     }
@@ -474,7 +575,12 @@ impl Vhdx {
             let s = bat::state(e);
             if is_sb && s == bat::SB_PRESENT && self.geo.has_parent {
                 end = end.max(bat::offset(e) + MIB);
-            } else if !is_sb && matches!(s, bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT) {
+            } else if !is_sb
+                && matches!(
+                    s,
+                    bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT
+                )
+            {
                 end = end.max(bat::offset(e) + self.geo.block_size);
             }
         }
@@ -494,7 +600,9 @@ impl Vhdx {
         let end = self.used_end();
         let mut st = wlock(&self.state);
         if st.file_len > end {
-            self.storage.set_len(end).map_err(|e| Error::io(&self.pstr, "truncating leaked space", end, e))?;
+            self.storage
+                .set_len(end)
+                .map_err(|e| Error::io(&self.pstr, "truncating leaked space", end, e))?;
             st.file_len = end;
             st.eof = end.div_ceil(MIB) * MIB;
         }

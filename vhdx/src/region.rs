@@ -80,7 +80,8 @@ impl RegionTable {
     /// Checks the entries: known regions present once, aligned, inside the file,
     /// not overlapping each other or the header area; unknown required regions refused.
     pub(crate) fn validate(&self, path: &str, file_len: u64) -> Result<()> {
-        let bad = |reason: String| Error::corrupt(path, "region table", REGION_TABLE_OFFSETS[0], reason);
+        let bad =
+            |reason: String| Error::corrupt(path, "region table", REGION_TABLE_OFFSETS[0], reason);
         let mut spans: Vec<(u64, u64, Uuid)> = Vec::new();
         for e in &self.entries {
             if e.guid != BAT_GUID && e.guid != METADATA_GUID {
@@ -102,7 +103,10 @@ impl RegionTable {
                 )));
             }
             if u64::from(e.length) % MIB != 0 || e.length == 0 {
-                return Err(bad(format!("region {} length {} not a multiple of 1 MiB", e.guid, e.length)));
+                return Err(bad(format!(
+                    "region {} length {} not a multiple of 1 MiB",
+                    e.guid, e.length
+                )));
             }
             let end = e.file_offset.saturating_add(u64::from(e.length));
             if end > file_len {

@@ -7,6 +7,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// Positioned I/O on the file that holds an image.
+// `len` is a file length that can fail, not a collection size.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 at EOF).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
@@ -135,7 +137,11 @@ impl Storage for FileStorage {
 }
 
 /// Reads exactly `buf.len()` bytes; a read past the end of the file fails with `UnexpectedEof`.
-pub(crate) fn read_exact_at(s: &dyn Storage, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+pub(crate) fn read_exact_at(
+    s: &dyn Storage,
+    mut buf: &mut [u8],
+    mut offset: u64,
+) -> io::Result<()> {
     while !buf.is_empty() {
         match s.read_at(buf, offset) {
             Ok(0) => {
@@ -156,7 +162,11 @@ pub(crate) fn read_exact_at(s: &dyn Storage, mut buf: &mut [u8], mut offset: u64
 }
 
 /// Reads `buf.len()` bytes, filling whatever lies past the end of the file with zeros.
-pub(crate) fn read_zero_padded_at(s: &dyn Storage, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+pub(crate) fn read_zero_padded_at(
+    s: &dyn Storage,
+    mut buf: &mut [u8],
+    mut offset: u64,
+) -> io::Result<()> {
     while !buf.is_empty() {
         match s.read_at(buf, offset) {
             Ok(0) => {

@@ -49,7 +49,15 @@ fn apply(v: &mut Vec<u8>, op: &Op) {
 
 impl Faulty {
     fn new(img: Vec<u8>, crash_at: usize, tear: usize) -> Faulty {
-        Faulty(Mutex::new(Inner { cur: img.clone(), durable: img, pending: Vec::new(), writes: 0, crash_at, crashed: false, tear }))
+        Faulty(Mutex::new(Inner {
+            cur: img.clone(),
+            durable: img,
+            pending: Vec::new(),
+            writes: 0,
+            crash_at,
+            crashed: false,
+            tear,
+        }))
     }
     /// What a disk could hold after the crash: the durable state plus a random
     /// subset of the writes issued since the last sync.
@@ -142,7 +150,10 @@ struct Run {
 fn workload(v: &Vhdx, seed: u64) -> Run {
     let mut r = rng(seed);
     let mut model = vec![0u8; SIZE as usize];
-    let mut run = Run { flushed: model.clone(), touched: vec![false; (SIZE / 512) as usize] };
+    let mut run = Run {
+        flushed: model.clone(),
+        touched: vec![false; (SIZE / 512) as usize],
+    };
     for i in 0..48 {
         let len = 512 * r.gen_range(1..64usize);
         let off = r.gen_range(0..(SIZE - len as u64) / 512) * 512;
@@ -170,14 +181,18 @@ fn workload(v: &Vhdx, seed: u64) -> Run {
 }
 
 fn verify(img: &Path, run: &Run, what: &str) {
-    let v = Vhdx::open(img, OpenOptions::default()).unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+    let v = Vhdx::open(img, OpenOptions::default())
+        .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     let all = read_all(&v);
     v.close().unwrap();
     qemu_check(img);
     for (s, t) in run.touched.iter().enumerate() {
         if !t {
             let r = s * 512..(s + 1) * 512;
-            assert!(all[r.clone()] == run.flushed[r], "{what}: flushed sector {s} lost");
+            assert!(
+                all[r.clone()] == run.flushed[r],
+                "{what}: flushed sector {s} lost"
+            );
         }
     }
 }
@@ -186,7 +201,17 @@ fn verify(img: &Path, run: &Run, what: &str) {
 fn injected_crash_at_every_write() {
     let d = tmp();
     let base = d.path().join("base.vhdx");
-    Vhdx::create(&base, &CreateOptions { size: SIZE, block_size: Some(MIB as u32), ..Default::default() }).unwrap().close().unwrap();
+    Vhdx::create(
+        &base,
+        &CreateOptions {
+            size: SIZE,
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
     let img0 = std::fs::read(&base).unwrap();
     // Dry run to count writes.
     let total = {
@@ -209,7 +234,11 @@ fn injected_crash_at_every_write() {
         };
         for keep_all in [false, true] {
             std::fs::write(&target, f.crash_image(&mut r, keep_all)).unwrap();
-            verify(&target, &run, &format!("crash at write {crash_at}/{total} keep_all={keep_all}"));
+            verify(
+                &target,
+                &run,
+                &format!("crash at write {crash_at}/{total} keep_all={keep_all}"),
+            );
             runs += 1;
         }
     }
@@ -220,7 +249,9 @@ fn injected_crash_at_every_write() {
 #[test]
 #[ignore]
 fn sigkill_child_writer() {
-    let Ok(path) = std::env::var("VHDX_CRASH_CHILD") else { return };
+    let Ok(path) = std::env::var("VHDX_CRASH_CHILD") else {
+        return;
+    };
     let v = Vhdx::open(Path::new(&path), OpenOptions::default()).unwrap();
     let slots = v.virtual_size() / 4096;
     let mut out = std::io::stdout();
@@ -250,9 +281,24 @@ fn sigkill_writer_then_reopen() {
     let mut r = rng(7);
     for round in 0..4 {
         let p = d.path().join(format!("k{round}.vhdx"));
-        Vhdx::create(&p, &CreateOptions { size: 64 * MIB, block_size: Some(MIB as u32), ..Default::default() }).unwrap().close().unwrap();
+        Vhdx::create(
+            &p,
+            &CreateOptions {
+                size: 64 * MIB,
+                block_size: Some(MIB as u32),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .close()
+        .unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["sigkill_child_writer", "--exact", "--ignored", "--nocapture"])
+            .args([
+                "sigkill_child_writer",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
             .env("VHDX_CRASH_CHILD", &p)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -262,8 +308,14 @@ fn sigkill_writer_then_reopen() {
         let acked = Arc::new(Mutex::new(None::<u64>));
         let a2 = acked.clone();
         let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line.strip_prefix("ACK ").and_then(|s| s.parse::<u64>().ok()) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(n) = line
+                    .strip_prefix("ACK ")
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
                     *a2.lock().unwrap() = Some(n);
                 }
             }
@@ -278,11 +330,17 @@ fn sigkill_writer_then_reopen() {
         child.kill().unwrap();
         child.wait().unwrap();
         reader.join().unwrap();
-        let last = acked.lock().unwrap().expect("writer never acknowledged a flush");
+        let last = acked
+            .lock()
+            .unwrap()
+            .expect("writer never acknowledged a flush");
         // QEMU's replay of the same crashed image.
         let q = d.path().join(format!("q{round}.vhdx"));
         std::fs::copy(&p, &q).unwrap();
-        let _ = run("qemu-img", &["check", "-r", "all", "-f", "vhdx", q.to_str().unwrap()]);
+        let _ = run(
+            "qemu-img",
+            &["check", "-r", "all", "-f", "vhdx", q.to_str().unwrap()],
+        );
         qemu_check(&q);
         let qemu_view = qemu_to_raw(&q, d.path());
         // Ours.
@@ -294,8 +352,14 @@ fn sigkill_writer_then_reopen() {
         for i in 0..=last {
             let o = (((i * 7919) % slots) * 4096) as usize;
             let want = pattern(i);
-            assert!(ours[o..o + 4096] == want[..], "round {round}: acked write {i} (of {last}) lost by us");
-            assert!(qemu_view[o..o + 4096] == want[..], "round {round}: acked write {i} (of {last}) lost in qemu's replay");
+            assert!(
+                ours[o..o + 4096] == want[..],
+                "round {round}: acked write {i} (of {last}) lost by us"
+            );
+            assert!(
+                qemu_view[o..o + 4096] == want[..],
+                "round {round}: acked write {i} (of {last}) lost in qemu's replay"
+            );
         }
     }
 }

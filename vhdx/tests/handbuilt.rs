@@ -11,9 +11,21 @@ const MIB: u64 = 1 << 20;
 fn qemu_image(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("hv.vhdx");
     let ps = p.to_str().unwrap();
-    ok("qemu-img", &["create", "-f", "vhdx", "-o", "block_size=1M", ps, "32M"]);
+    ok(
+        "qemu-img",
+        &["create", "-f", "vhdx", "-o", "block_size=1M", ps, "32M"],
+    );
     for b in 0..8u64 {
-        ok("qemu-io", &["-f", "vhdx", "-c", &format!("write -P {} {} 1M", 0x10 + b, b * MIB), ps]);
+        ok(
+            "qemu-io",
+            &[
+                "-f",
+                "vhdx",
+                "-c",
+                &format!("write -P {} {} 1M", 0x10 + b, b * MIB),
+                ps,
+            ],
+        );
     }
     p
 }
@@ -87,7 +99,10 @@ fn pending_log_replay_matches_qemu_replay() {
     let q = d.path().join("qemu-copy.vhdx");
     std::fs::copy(&p, &q).unwrap();
     // QEMU replays with check -r all.
-    let _ = run("qemu-img", &["check", "-r", "all", "-f", "vhdx", q.to_str().unwrap()]);
+    let _ = run(
+        "qemu-img",
+        &["check", "-r", "all", "-f", "vhdx", q.to_str().unwrap()],
+    );
     qemu_check(&q);
     let qemu_view = qemu_to_raw(&q, d.path());
     assert_same(&qemu_view, &expect, "qemu's replay");
@@ -98,9 +113,17 @@ fn pending_log_replay_matches_qemu_replay() {
         v.close().unwrap();
     }
     qemu_check(&p);
-    assert_same(&qemu_to_raw(&p, d.path()), &expect, "qemu read of our replay");
+    assert_same(
+        &qemu_to_raw(&p, d.path()),
+        &expect,
+        "qemu read of our replay",
+    );
     let v = Vhdx::open(&p, ro(&p)).unwrap();
-    assert_eq!(v.replayed_log_entries(), 0, "log still pending after replay");
+    assert_eq!(
+        v.replayed_log_entries(),
+        0,
+        "log still pending after replay"
+    );
     assert_same(&read_all(&v), &expect, "our read after replay");
 }
 
@@ -114,20 +137,40 @@ fn lying_log_entry_is_refused_and_file_unchanged() {
     let guid: [u8; 16] = *b"lying-log-guid!!";
     let page = f[bat_off as usize..bat_off as usize + 4096].to_vec();
     // Claims the file was flushed at 1 TiB: the file was "truncated".
-    let e = log_entry(3, &guid, 0, &[(bat_off, page.clone())], &[], 1 << 40, 1 << 40);
+    let e = log_entry(
+        3,
+        &guid,
+        0,
+        &[(bat_off, page.clone())],
+        &[],
+        1 << 40,
+        1 << 40,
+    );
     f[log_off..log_off + e.len()].copy_from_slice(&e);
     bump_header(&mut f, |h| h[48..64].copy_from_slice(&guid));
     std::fs::write(&p, &f).unwrap();
     let before = file_hash(&p);
-    let err = Vhdx::open(&p, OpenOptions::default()).err().expect("must refuse");
+    let err = Vhdx::open(&p, OpenOptions::default())
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("flushed file offset"), "{err}");
     assert_eq!(file_hash(&p), before);
     // A descriptor aimed at the headers.
-    let e = log_entry(3, &guid, 0, &[(64 << 10, page)], &[], f.len() as u64, f.len() as u64);
+    let e = log_entry(
+        3,
+        &guid,
+        0,
+        &[(64 << 10, page)],
+        &[],
+        f.len() as u64,
+        f.len() as u64,
+    );
     f[log_off..log_off + e.len()].copy_from_slice(&e);
     std::fs::write(&p, &f).unwrap();
     let before = file_hash(&p);
-    let err = Vhdx::open(&p, OpenOptions::default()).err().expect("must refuse");
+    let err = Vhdx::open(&p, OpenOptions::default())
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("header area"), "{err}");
     assert_eq!(file_hash(&p), before);
 }
@@ -175,10 +218,16 @@ fn bat_states_zero_unmapped_undefined_in_dynamic() {
     let v = Vhdx::open(&p, ro(&p)).unwrap();
     let all = read_all(&v);
     assert!(all[MIB as usize..4 * MIB as usize].iter().all(|&b| b == 0));
-    assert!(all[4 * MIB as usize..5 * MIB as usize].iter().all(|&b| b == 0x14));
+    assert!(all[4 * MIB as usize..5 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0x14));
     drop(v);
     qemu_check(&p);
-    assert_same(&qemu_to_raw(&p, d.path()), &all, "qemu agrees on ZERO/UNMAPPED/UNDEFINED");
+    assert_same(
+        &qemu_to_raw(&p, d.path()),
+        &all,
+        "qemu agrees on ZERO/UNMAPPED/UNDEFINED",
+    );
 }
 
 #[test]
@@ -187,7 +236,15 @@ fn partially_present_zero_unmapped_in_differencing() {
     let base = d.path().join("base.vhdx");
     let mut model = vec![0u8; 16 * MIB as usize];
     {
-        let v = Vhdx::create(&base, &CreateOptions { size: 16 * MIB, block_size: Some(MIB as u32), ..Default::default() }).unwrap();
+        let v = Vhdx::create(
+            &base,
+            &CreateOptions {
+                size: 16 * MIB,
+                block_size: Some(MIB as u32),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut r = rng(5);
         model = random_bytes(&mut r, model.len());
         v.write_at(&model, 0).unwrap();
@@ -196,7 +253,17 @@ fn partially_present_zero_unmapped_in_differencing() {
     let child = d.path().join("child.vhdx");
     let child_block;
     {
-        let v = Vhdx::create(&child, &CreateOptions { kind: DiskKind::Differencing { parent: base.clone() }, block_size: Some(MIB as u32), ..Default::default() }).unwrap();
+        let v = Vhdx::create(
+            &child,
+            &CreateOptions {
+                kind: DiskKind::Differencing {
+                    parent: base.clone(),
+                },
+                block_size: Some(MIB as u32),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         v.write_at(&vec![0xcc; MIB as usize], 2 * MIB).unwrap();
         v.close().unwrap();
         let v = Vhdx::open(&child, ro(&child)).unwrap();
@@ -221,14 +288,21 @@ fn partially_present_zero_unmapped_in_differencing() {
     put64(&mut f, b + 4 * 8, 3);
     put64(&mut f, b + 4096 * 8, sb_off | 6);
     std::fs::write(&child, &f).unwrap();
-    for (i, x) in model[2 * MIB as usize..3 * MIB as usize].chunks_mut(4096).enumerate() {
+    for (i, x) in model[2 * MIB as usize..3 * MIB as usize]
+        .chunks_mut(4096)
+        .enumerate()
+    {
         if i % 2 == 0 {
             x.fill(0xcc);
         }
     }
     model[3 * MIB as usize..4 * MIB as usize].fill(0);
     let v = Vhdx::open(&child, ro(&child)).unwrap();
-    assert_same(&read_all(&v), &model, "PARTIALLY_PRESENT/ZERO/UNMAPPED through the chain");
+    assert_same(
+        &read_all(&v),
+        &model,
+        "PARTIALLY_PRESENT/ZERO/UNMAPPED through the chain",
+    );
     drop(v);
     // Writing into the partial block sets more bits; reads stay right.
     let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
@@ -236,14 +310,28 @@ fn partially_present_zero_unmapped_in_differencing() {
     model[(2 * MIB + 4096 + 512) as usize..(2 * MIB + 4096 + 1536) as usize].fill(0xdd);
     v.close().unwrap();
     let v = Vhdx::open(&child, ro(&child)).unwrap();
-    assert_same(&read_all(&v), &model, "after writing into a PARTIALLY_PRESENT block");
+    assert_same(
+        &read_all(&v),
+        &model,
+        "after writing into a PARTIALLY_PRESENT block",
+    );
 }
 
 #[test]
 fn user_metadata_items_survive_rewrites() {
     let d = tmp();
     let p = d.path().join("u.vhdx");
-    Vhdx::create(&p, &CreateOptions { size: 8 * MIB, block_size: Some(MIB as u32), ..Default::default() }).unwrap().close().unwrap();
+    Vhdx::create(
+        &p,
+        &CreateOptions {
+            size: 8 * MIB,
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
     // Insert a user item (IsUser) after the existing ones.
     let mut f = std::fs::read(&p).unwrap();
     let (mo, _) = region(&f, &META_GUID);
@@ -270,9 +358,16 @@ fn user_metadata_items_survive_rewrites() {
     qemu_check(&p);
     let v = Vhdx::open(&p, ro(&p)).unwrap();
     assert_eq!(v.virtual_size(), 24 * MIB);
-    let it = v.metadata_items().iter().find(|i| i.flags & 1 != 0).expect("user item kept");
+    let it = v
+        .metadata_items()
+        .iter()
+        .find(|i| i.flags & 1 != 0)
+        .expect("user item kept");
     assert_eq!(it.data, payload);
     assert_eq!(it.id.to_bytes_le(), *b"user-item-guid!!");
-    let out = ok("qemu-img", &["info", "--output", "json", p.to_str().unwrap()]);
+    let out = ok(
+        "qemu-img",
+        &["info", "--output", "json", p.to_str().unwrap()],
+    );
     assert!(out.contains(&format!("{}", 24 * MIB)), "{out}");
 }

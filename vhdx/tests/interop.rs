@@ -65,15 +65,29 @@ fn ours_to_qemu(lss: u32, kind: DiskKind, seed: u64) {
     }
     if lss == 512 {
         qemu_check(&p);
-        assert_same(&qemu_to_raw(&p, d.path()), &model, "qemu-img convert of our image");
+        assert_same(
+            &qemu_to_raw(&p, d.path()),
+            &model,
+            "qemu-img convert of our image",
+        );
     } else {
         // QEMU's VHDX driver refuses logical sectors other than 512 bytes
         // ("Operation not supported"), so only our own reader can check these.
         let out = run("qemu-img", &["info", "-f", "vhdx", p.to_str().unwrap()]);
-        assert!(!out.status.success(), "qemu-img learned 4096-byte sectors: extend this test");
+        assert!(
+            !out.status.success(),
+            "qemu-img learned 4096-byte sectors: extend this test"
+        );
     }
     // And reopened by us.
-    let v = Vhdx::open(&p, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let v = Vhdx::open(
+        &p,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut back = vec![0u8; size as usize];
     v.read_at(&mut back, 0).unwrap();
     assert_same(&back, &model, "reopened read back");
@@ -99,7 +113,10 @@ fn qemu_written_read_by_us() {
     let d = tmp();
     let p = d.path().join("q.vhdx");
     let ps = p.to_str().unwrap();
-    ok("qemu-img", &["create", "-f", "vhdx", "-o", "block_size=1M", ps, "40M"]);
+    ok(
+        "qemu-img",
+        &["create", "-f", "vhdx", "-o", "block_size=1M", ps, "40M"],
+    );
     // Patterned writes with qemu-io, at and across block boundaries.
     let writes: &[(u8, u64, u64)] = &[
         (0x11, 0, 4096),
@@ -110,7 +127,16 @@ fn qemu_written_read_by_us() {
     ];
     let mut model = vec![0u8; 40 * MIB as usize];
     for &(pat, off, len) in writes {
-        ok("qemu-io", &["-f", "vhdx", "-c", &format!("write -P {pat} {off} {len}"), ps]);
+        ok(
+            "qemu-io",
+            &[
+                "-f",
+                "vhdx",
+                "-c",
+                &format!("write -P {pat} {off} {len}"),
+                ps,
+            ],
+        );
         model[off as usize..(off + len) as usize].fill(pat);
     }
     // Random data through qemu-img convert from raw.
@@ -124,16 +150,37 @@ fn qemu_written_read_by_us() {
     }
     std::fs::write(&raw, &rawdata).unwrap();
     let p2 = d.path().join("q2.vhdx");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "vhdx", raw.to_str().unwrap(), p2.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            raw.to_str().unwrap(),
+            p2.to_str().unwrap(),
+        ],
+    );
     for (img, want) in [(&p, &model), (&p2, &rawdata)] {
-        let v = Vhdx::open(img, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let v = Vhdx::open(
+            img,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut back = vec![0u8; want.len()];
         v.read_at(&mut back, 0).unwrap();
         assert_same(&back, want, "our read of a qemu image");
         // Vectored read of an odd split.
         let (mut a, mut b) = (vec![0u8; 777], vec![0u8; 3 * MIB as usize]);
         {
-            let mut iov = [std::io::IoSliceMut::new(&mut a), std::io::IoSliceMut::new(&mut b)];
+            let mut iov = [
+                std::io::IoSliceMut::new(&mut a),
+                std::io::IoSliceMut::new(&mut b),
+            ];
             v.read_vectored_at(&mut iov, MIB - 100).unwrap();
         }
         let s = (MIB - 100) as usize;
@@ -145,18 +192,32 @@ fn qemu_written_read_by_us() {
         let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
         let data = random_bytes(&mut r, 2 * MIB as usize + 512);
         v.write_at(&data, 7 * MIB + 512).unwrap();
-        model[(7 * MIB + 512) as usize..(7 * MIB + 512) as usize + data.len()].copy_from_slice(&data);
+        model[(7 * MIB + 512) as usize..(7 * MIB + 512) as usize + data.len()]
+            .copy_from_slice(&data);
         v.close().unwrap();
     }
     qemu_check(&p);
-    assert_same(&qemu_to_raw(&p, d.path()), &model, "qemu read of our write to its image");
+    assert_same(
+        &qemu_to_raw(&p, d.path()),
+        &model,
+        "qemu read of our write to its image",
+    );
     // qemu-io read -P checks a pattern we wrote.
     {
         let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
         v.write_at(&vec![0x5a; 65536], 30 * MIB).unwrap();
         v.close().unwrap();
     }
-    let out = ok("qemu-io", &["-f", "vhdx", "-c", &format!("read -P 0x5a {} 65536", 30 * MIB), ps]);
+    let out = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "vhdx",
+            "-c",
+            &format!("read -P 0x5a {} 65536", 30 * MIB),
+            ps,
+        ],
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 

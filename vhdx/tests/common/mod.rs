@@ -7,11 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("vhdx-test").tempdir_in(std::env::temp_dir()).expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("vhdx-test")
+        .tempdir_in(std::env::temp_dir())
+        .expect("tempdir")
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
     out
 }
 
@@ -34,7 +40,18 @@ pub fn qemu_check(path: &Path) {
 /// Converts a VHDX to raw with qemu-img and returns the bytes.
 pub fn qemu_to_raw(path: &Path, dir: &Path) -> Vec<u8> {
     let out = dir.join(format!("qemu-out-{}.raw", rand::random::<u32>()));
-    ok("qemu-img", &["convert", "-f", "vhdx", "-O", "raw", path.to_str().unwrap(), out.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "vhdx",
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
     let b = std::fs::read(&out).expect("read raw");
     let _ = std::fs::remove_file(&out);
     b
@@ -66,7 +83,10 @@ pub fn file_hash(p: &Path) -> u32 {
 pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");
     if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-        panic!("{what}: first difference at byte {i} ({} vs {})", a[i], b[i]);
+        panic!(
+            "{what}: first difference at byte {i} ({} vs {})",
+            a[i], b[i]
+        );
     }
 }
 
@@ -120,8 +140,12 @@ pub fn region(f: &[u8], guid_le: &[u8; 16]) -> (u64, u64) {
     panic!("region not found");
 }
 
-pub const BAT_GUID: [u8; 16] = [0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08];
-pub const META_GUID: [u8; 16] = [0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e];
+pub const BAT_GUID: [u8; 16] = [
+    0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08,
+];
+pub const META_GUID: [u8; 16] = [
+    0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e,
+];
 
 /// Writes a new current header: copy of the current one with `f` applied,
 /// sequence number + 1, in the other slot, CRC fixed.
@@ -138,7 +162,15 @@ pub fn bump_header(file: &mut [u8], f: impl FnOnce(&mut [u8])) {
 
 /// Builds a log entry (MS-VHDX 2.3.1) the way Hyper-V does: data descriptors
 /// with their data sectors, and zero descriptors.
-pub fn log_entry(seq: u64, log_guid: &[u8; 16], tail: u32, pages: &[(u64, Vec<u8>)], zeros: &[(u64, u64)], flushed: u64, last: u64) -> Vec<u8> {
+pub fn log_entry(
+    seq: u64,
+    log_guid: &[u8; 16],
+    tail: u32,
+    pages: &[(u64, Vec<u8>)],
+    zeros: &[(u64, u64)],
+    flushed: u64,
+    last: u64,
+) -> Vec<u8> {
     let dc = pages.len() + zeros.len();
     let hs = (64 + 32 * dc).div_ceil(4096);
     let len = (hs + pages.len()) * 4096;
@@ -184,5 +216,8 @@ pub fn read_all(v: &vhdx::Vhdx) -> Vec<u8> {
 
 pub fn ro(p: &Path) -> vhdx::OpenOptions {
     let _ = p;
-    vhdx::OpenOptions { read_only: true, ..Default::default() }
+    vhdx::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
 }

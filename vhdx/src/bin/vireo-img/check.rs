@@ -5,7 +5,14 @@ use crate::CliResult;
 use std::path::Path;
 use vhdx::{Error, OpenOptions, Vhdx};
 
-fn report(file: &Path, output: &str, corruptions: u64, leaks: u64, repaired_leaks: u64, msgs: &[String]) -> CliResult<u8> {
+fn report(
+    file: &Path,
+    output: &str,
+    corruptions: u64,
+    leaks: u64,
+    repaired_leaks: u64,
+    msgs: &[String],
+) -> CliResult<u8> {
     if output == "json" {
         let j = serde_json::json!({
             "filename": file.display().to_string(),
@@ -16,7 +23,10 @@ fn report(file: &Path, output: &str, corruptions: u64, leaks: u64, repaired_leak
             "leaks-fixed": repaired_leaks,
             "messages": msgs,
         });
-        println!("{}", serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?
+        );
     } else {
         for m in msgs {
             println!("{m}");
@@ -51,7 +61,13 @@ pub fn run(file: &Path, repair: Option<&str>, output: &str) -> CliResult<u8> {
         Some(r) => return Err(format!("Unknown option for -r: '{r}' (leaks or all)")),
     };
     let mut msgs = Vec::new();
-    let v = match Vhdx::open(file, OpenOptions { read_only: !fix, ..Default::default() }) {
+    let v = match Vhdx::open(
+        file,
+        OpenOptions {
+            read_only: !fix,
+            ..Default::default()
+        },
+    ) {
         Ok(v) => v,
         Err(e @ (Error::Corrupt { .. } | Error::Parent { .. })) => {
             msgs.push(format!("ERROR: {e}"));
@@ -68,7 +84,10 @@ pub fn run(file: &Path, repair: Option<&str>, output: &str) -> CliResult<u8> {
         ));
         corruptions += 1;
     } else if fix && v.replayed_log_entries() > 0 {
-        msgs.push(format!("Replayed {} pending log entries.", v.replayed_log_entries()));
+        msgs.push(format!(
+            "Replayed {} pending log entries.",
+            v.replayed_log_entries()
+        ));
     }
     // Every block must be readable (sector bitmaps, parents).
     if let Err(e) = v.block_status(0, v.virtual_size()) {

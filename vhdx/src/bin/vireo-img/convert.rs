@@ -69,7 +69,10 @@ fn raw_data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
         // SAFETY: lseek on our open descriptor.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
         if data < 0 {
-            if out.is_empty() && pos == 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+            if out.is_empty()
+                && pos == 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
+            {
                 // SEEK_DATA unsupported: treat everything as data.
                 return vec![(0, size)];
             }
@@ -94,7 +97,9 @@ enum Dst {
 impl Dst {
     fn write(&self, buf: &[u8], off: u64) -> CliResult<()> {
         match self {
-            Dst::Raw(f) => f.write_all_at(buf, off).map_err(|e| format!("error while writing at byte {off}: {e}")),
+            Dst::Raw(f) => f
+                .write_all_at(buf, off)
+                .map_err(|e| format!("error while writing at byte {off}: {e}")),
             Dst::Vhdx(v) => v.write_at(buf, off).map_err(|e| e.to_string()),
         }
     }
@@ -114,12 +119,14 @@ pub fn run(
     options: Option<&str>,
     progress: bool,
 ) -> CliResult<()> {
-    let is_vhdx = vhdx::probe(src).map_err(|e| format!("Could not open '{}': {e}", src.display()))?;
+    let is_vhdx =
+        vhdx::probe(src).map_err(|e| format!("Could not open '{}': {e}", src.display()))?;
     let fmt = src_format.unwrap_or(if is_vhdx { "vhdx" } else { "raw" });
     let source = match fmt {
         "vhdx" => Src::Vhdx(Box::new(crate::open_ro(src)?)),
         "raw" => {
-            let f = File::open(src).map_err(|e| format!("Could not open '{}': {e}", src.display()))?;
+            let f =
+                File::open(src).map_err(|e| format!("Could not open '{}': {e}", src.display()))?;
             let size = f.metadata().map_err(|e| e.to_string())?.len();
             Src::Raw(f, size)
         }
@@ -135,7 +142,8 @@ pub fn run(
             Dst::Vhdx(Box::new(Vhdx::create(dst, &o).map_err(|e| e.to_string())?))
         }
         "raw" => {
-            let f = File::create(dst).map_err(|e| format!("Could not create '{}': {e}", dst.display()))?;
+            let f = File::create(dst)
+                .map_err(|e| format!("Could not create '{}': {e}", dst.display()))?;
             f.set_len(size).map_err(|e| e.to_string())?;
             Dst::Raw(f)
         }
@@ -146,8 +154,10 @@ pub fn run(
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
-            indicatif::ProgressStyle::with_template("    ({percent:.2}/100%) {bytes}/{total_bytes} {bytes_per_sec}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "    ({percent:.2}/100%) {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(b)
     } else {

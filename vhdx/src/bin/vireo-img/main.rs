@@ -13,7 +13,11 @@ use vhdx::{CreateOptions, DiskKind, OpenOptions, Vhdx};
 pub type CliResult<T> = Result<T, String>;
 
 #[derive(Parser)]
-#[command(name = "vireo-img", version, about = "VHDX disk image tool (qemu-img verbs)")]
+#[command(
+    name = "vireo-img",
+    version,
+    about = "VHDX disk image tool (qemu-img verbs)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -97,20 +101,51 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Create { format, options, backing, backing_format, file, size } => {
-            create(&format, options.as_deref(), backing.as_deref(), backing_format.as_deref(), &file, size.as_deref())
-                .map(|_| 0)
-        }
+        Cmd::Create {
+            format,
+            options,
+            backing,
+            backing_format,
+            file,
+            size,
+        } => create(
+            &format,
+            options.as_deref(),
+            backing.as_deref(),
+            backing_format.as_deref(),
+            &file,
+            size.as_deref(),
+        )
+        .map(|_| 0),
         Cmd::Info { output, file, .. } => info(&file, &output).map(|_| 0),
-        Cmd::Check { repair, output, file, .. } => check::run(&file, repair.as_deref(), &output),
-        Cmd::Convert { progress, src_format, dst_format, options, src, dst } => {
-            convert::run(&src, src_format.as_deref(), &dst, &dst_format, options.as_deref(), progress).map(|_| 0)
-        }
+        Cmd::Check {
+            repair,
+            output,
+            file,
+            ..
+        } => check::run(&file, repair.as_deref(), &output),
+        Cmd::Convert {
+            progress,
+            src_format,
+            dst_format,
+            options,
+            src,
+            dst,
+        } => convert::run(
+            &src,
+            src_format.as_deref(),
+            &dst,
+            &dst_format,
+            options.as_deref(),
+            progress,
+        )
+        .map(|_| 0),
         Cmd::Resize { file, size, .. } => resize(&file, &size).map(|_| 0),
         Cmd::Commit { file, .. } => vhdx::commit(&file)
             .map(|_| {
@@ -134,11 +169,14 @@ fn main() -> ExitCode {
 pub fn parse_create_options(opts: Option<&str>, base: &mut CreateOptions) -> CliResult<()> {
     let Some(opts) = opts else { return Ok(()) };
     for kv in opts.split(',').filter(|s| !s.is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| format!("Invalid option '{kv}'"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("Invalid option '{kv}'"))?;
         match k {
             "block_size" => {
                 let b = size::parse(v)?;
-                base.block_size = Some(u32::try_from(b).map_err(|_| format!("block_size {v} too large"))?);
+                base.block_size =
+                    Some(u32::try_from(b).map_err(|_| format!("block_size {v} too large"))?);
             }
             "logical_sector_size" => base.logical_sector_size = size::parse(v)? as u32,
             "physical_sector_size" => base.physical_sector_size = size::parse(v)? as u32,
@@ -178,10 +216,14 @@ fn create(
             if let Some(b) = backing {
                 if let Some(bf) = backing_format {
                     if bf != "vhdx" {
-                        return Err(format!("backing format '{bf}' is not supported (only vhdx)"));
+                        return Err(format!(
+                            "backing format '{bf}' is not supported (only vhdx)"
+                        ));
                     }
                 }
-                o.kind = DiskKind::Differencing { parent: b.to_path_buf() };
+                o.kind = DiskKind::Differencing {
+                    parent: b.to_path_buf(),
+                };
             } else {
                 let s = size_arg.ok_or("Image creation needs a size parameter")?;
                 o.size = size::parse(s)?;
@@ -223,17 +265,34 @@ fn disk_usage(p: &Path) -> u64 {
 }
 
 pub fn open_ro(file: &Path) -> CliResult<Vhdx> {
-    Vhdx::open(file, OpenOptions { read_only: true, ..Default::default() }).map_err(|e| format!("Could not open '{}': {e}", file.display()))
+    Vhdx::open(
+        file,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("Could not open '{}': {e}", file.display()))
 }
 
 fn info(file: &Path, output: &str) -> CliResult<()> {
     if !vhdx::probe(file).map_err(|e| e.to_string())? {
-        let size = std::fs::metadata(file).map_err(|e| format!("Could not open '{}': {e}", file.display()))?.len();
+        let size = std::fs::metadata(file)
+            .map_err(|e| format!("Could not open '{}': {e}", file.display()))?
+            .len();
         if output == "json" {
             let j = serde_json::json!({"filename": file.display().to_string(), "format": "raw", "virtual-size": size, "actual-size": disk_usage(file), "dirty-flag": false});
-            println!("{}", serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?
+            );
         } else {
-            println!("image: {}\nfile format: raw\nvirtual size: {} ({size} bytes)\ndisk size: {}", file.display(), human(size), human(disk_usage(file)));
+            println!(
+                "image: {}\nfile format: raw\nvirtual size: {} ({size} bytes)\ndisk size: {}",
+                file.display(),
+                human(size),
+                human(disk_usage(file))
+            );
         }
         return Ok(());
     }
@@ -272,11 +331,18 @@ fn info(file: &Path, output: &str) -> CliResult<()> {
             j["backing-filename"] = serde_json::Value::String(p);
             j["backing-filename-format"] = serde_json::Value::String("vhdx".into());
         }
-        println!("{}", serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?
+        );
     } else {
         println!("image: {}", file.display());
         println!("file format: vhdx");
-        println!("virtual size: {} ({} bytes)", human(v.virtual_size()), v.virtual_size());
+        println!(
+            "virtual size: {} ({} bytes)",
+            human(v.virtual_size()),
+            v.virtual_size()
+        );
         println!("disk size: {}", human(disk_usage(file)));
         println!("cluster_size: {}", v.block_size());
         if let Some(p) = parent {
@@ -286,10 +352,22 @@ fn info(file: &Path, output: &str) -> CliResult<()> {
         println!("Format specific information:");
         println!("    logical sector size: {}", v.logical_sector_size());
         println!("    physical sector size: {}", v.physical_sector_size());
-        println!("    subformat: {}", if v.leave_blocks_allocated() { "fixed" } else if v.has_parent() { "differencing" } else { "dynamic" });
+        println!(
+            "    subformat: {}",
+            if v.leave_blocks_allocated() {
+                "fixed"
+            } else if v.has_parent() {
+                "differencing"
+            } else {
+                "dynamic"
+            }
+        );
         println!("    log length: {}", h.log_length);
         if v.replayed_log_entries() > 0 {
-            println!("    pending log entries: {} (replayed in memory)", v.replayed_log_entries());
+            println!(
+                "    pending log entries: {} (replayed in memory)",
+                v.replayed_log_entries()
+            );
         }
         println!("    creator: {}", v.creator());
         for u in user_items {
@@ -308,7 +386,10 @@ fn resize(file: &Path, arg: &str) -> CliResult<()> {
     };
     let n = size::parse(s)?;
     if !is_vhdx {
-        let f = std::fs::OpenOptions::new().write(true).open(file).map_err(|e| e.to_string())?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .map_err(|e| e.to_string())?;
         let cur = f.metadata().map_err(|e| e.to_string())?.len();
         let new = match rel {
             1 => cur + n,
@@ -319,7 +400,8 @@ fn resize(file: &Path, arg: &str) -> CliResult<()> {
         println!("Image resized.");
         return Ok(());
     }
-    let mut v = Vhdx::open(file, OpenOptions::default()).map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
+    let mut v = Vhdx::open(file, OpenOptions::default())
+        .map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
     let cur = v.virtual_size();
     let new = match rel {
         1 => cur + n,
@@ -335,7 +417,8 @@ fn resize(file: &Path, arg: &str) -> CliResult<()> {
 }
 
 fn compact(file: &Path) -> CliResult<()> {
-    let mut v = Vhdx::open(file, OpenOptions::default()).map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
+    let mut v = Vhdx::open(file, OpenOptions::default())
+        .map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
     let s = v.compact().map_err(|e| e.to_string())?;
     v.close().map_err(|e| e.to_string())?;
     println!(
@@ -347,7 +430,9 @@ fn compact(file: &Path) -> CliResult<()> {
 
 fn map(file: &Path, output: &str) -> CliResult<()> {
     let v = open_ro(file)?;
-    let ext = v.block_status(0, v.virtual_size()).map_err(|e| e.to_string())?;
+    let ext = v
+        .block_status(0, v.virtual_size())
+        .map_err(|e| e.to_string())?;
     let files: Vec<String> = {
         let mut f = vec![v.path().display().to_string()];
         let mut p = v.parent();
@@ -368,7 +453,10 @@ fn map(file: &Path, output: &str) -> CliResult<()> {
                 j
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&arr).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&arr).map_err(|e| e.to_string())?
+        );
     } else {
         println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         for e in ext.iter().filter(|e| e.data) {

@@ -20,7 +20,7 @@ pub fn parse(s: &str) -> CliResult<u64> {
         _ => (s, 1),
     };
     let v: f64 = num.parse().map_err(|_| format!("Invalid size '{s}'"))?;
-    if !(v >= 0.0) || !v.is_finite() {
+    if v.is_nan() || v < 0.0 || !v.is_finite() {
         return Err(format!("Invalid size '{s}'"));
     }
     let r = v * mult as f64;
