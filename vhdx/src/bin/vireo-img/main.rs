@@ -1,0 +1,473 @@
+//! `vireo-img`: the disk tool, with qemu-img's verbs.
+
+mod check;
+mod convert;
+mod size;
+
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vhdx::{CreateOptions, DiskKind, OpenOptions, Vhdx};
+
+/// Errors of the tool: the message printed after `vireo-img: `.
+pub type CliResult<T> = Result<T, String>;
+
+#[derive(Parser)]
+#[command(
+    name = "vireo-img",
+    version,
+    about = "VHDX disk image tool (qemu-img verbs)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an image: `create -f vhdx [-o opts] FILE SIZE`, `create -f vhdx -b PARENT -F vhdx CHILD`, `create -f raw FILE SIZE`.
+    Create {
+        #[arg(short = 'f', default_value = "vhdx")]
+        format: String,
+        #[arg(short = 'o')]
+        options: Option<String>,
+        #[arg(short = 'b')]
+        backing: Option<PathBuf>,
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        file: PathBuf,
+        size: Option<String>,
+    },
+    /// Show what an image is.
+    Info {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        file: PathBuf,
+    },
+    /// Check an image (exit 0 clean, 2 corruption, 3 leaks).
+    Check {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        file: PathBuf,
+    },
+    /// Copy an image to another format, skipping zeros.
+    Convert {
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'f')]
+        src_format: Option<String>,
+        #[arg(short = 'O', default_value = "raw")]
+        dst_format: String,
+        #[arg(short = 'o')]
+        options: Option<String>,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Change the virtual size: `resize FILE [+|-]SIZE`.
+    Resize {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long)]
+        shrink: bool,
+        file: PathBuf,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Merge a differencing disk into its parent.
+    Commit {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Release all-zero blocks and shrink the file.
+    Compact { file: PathBuf },
+    /// Show where the data of an image lives.
+    Map {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Create {
+            format,
+            options,
+            backing,
+            backing_format,
+            file,
+            size,
+        } => create(
+            &format,
+            options.as_deref(),
+            backing.as_deref(),
+            backing_format.as_deref(),
+            &file,
+            size.as_deref(),
+        )
+        .map(|_| 0),
+        Cmd::Info { output, file, .. } => info(&file, &output).map(|_| 0),
+        Cmd::Check {
+            repair,
+            output,
+            file,
+            ..
+        } => check::run(&file, repair.as_deref(), &output),
+        Cmd::Convert {
+            progress,
+            src_format,
+            dst_format,
+            options,
+            src,
+            dst,
+        } => convert::run(
+            &src,
+            src_format.as_deref(),
+            &dst,
+            &dst_format,
+            options.as_deref(),
+            progress,
+        )
+        .map(|_| 0),
+        Cmd::Resize { file, size, .. } => resize(&file, &size).map(|_| 0),
+        Cmd::Commit { file, .. } => vhdx::commit(&file)
+            .map(|_| {
+                println!("Image committed.");
+                0
+            })
+            .map_err(|e| e.to_string()),
+        Cmd::Compact { file } => compact(&file).map(|_| 0),
+        Cmd::Map { output, file, .. } => map(&file, &output).map(|_| 0),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            eprintln!("vireo-img: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `-o key=value,...` for VHDX creation.
+pub fn parse_create_options(opts: Option<&str>, base: &mut CreateOptions) -> CliResult<()> {
+    let Some(opts) = opts else { return Ok(()) };
+    for kv in opts.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("Invalid option '{kv}'"))?;
+        match k {
+            "block_size" => {
+                let b = size::parse(v)?;
+                base.block_size =
+                    Some(u32::try_from(b).map_err(|_| format!("block_size {v} too large"))?);
+            }
+            "logical_sector_size" => base.logical_sector_size = size::parse(v)? as u32,
+            "physical_sector_size" => base.physical_sector_size = size::parse(v)? as u32,
+            "log_size" => base.log_size = size::parse(v)? as u32,
+            "subformat" => {
+                base.kind = match v {
+                    "dynamic" => DiskKind::Dynamic,
+                    "fixed" => DiskKind::Fixed,
+                    _ => return Err(format!("Invalid subformat '{v}' (dynamic or fixed)")),
+                }
+            }
+            "size" => base.size = size::parse(v)?,
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    Ok(())
+}
+
+fn create(
+    format: &str,
+    options: Option<&str>,
+    backing: Option<&Path>,
+    backing_format: Option<&str>,
+    file: &Path,
+    size_arg: Option<&str>,
+) -> CliResult<()> {
+    match format {
+        "raw" => {
+            let size = size::parse(size_arg.ok_or("Image creation needs a size parameter")?)?;
+            vhdx::create_raw(file, size).map_err(|e| e.to_string())?;
+            println!("Formatting '{}', fmt=raw size={size}", file.display());
+            Ok(())
+        }
+        "vhdx" => {
+            let mut o = CreateOptions::default();
+            parse_create_options(options, &mut o)?;
+            if let Some(b) = backing {
+                if let Some(bf) = backing_format {
+                    if bf != "vhdx" {
+                        return Err(format!(
+                            "backing format '{bf}' is not supported (only vhdx)"
+                        ));
+                    }
+                }
+                o.kind = DiskKind::Differencing {
+                    parent: b.to_path_buf(),
+                };
+            } else {
+                let s = size_arg.ok_or("Image creation needs a size parameter")?;
+                o.size = size::parse(s)?;
+                let lss = u64::from(o.logical_sector_size);
+                o.size = o.size.div_ceil(lss) * lss;
+            }
+            let v = Vhdx::create(file, &o).map_err(|e| e.to_string())?;
+            println!(
+                "Formatting '{}', fmt=vhdx size={} block_size={} log_size={}",
+                file.display(),
+                v.virtual_size(),
+                v.block_size(),
+                o.log_size
+            );
+            v.close().map_err(|e| e.to_string())
+        }
+        f => Err(format!("Unknown file format '{f}'")),
+    }
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.3} {}", U[i]).replace(".000 ", " ")
+    }
+}
+
+fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+pub fn open_ro(file: &Path) -> CliResult<Vhdx> {
+    Vhdx::open(
+        file,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("Could not open '{}': {e}", file.display()))
+}
+
+fn info(file: &Path, output: &str) -> CliResult<()> {
+    if !vhdx::probe(file).map_err(|e| e.to_string())? {
+        let size = std::fs::metadata(file)
+            .map_err(|e| format!("Could not open '{}': {e}", file.display()))?
+            .len();
+        if output == "json" {
+            let j = serde_json::json!({"filename": file.display().to_string(), "format": "raw", "virtual-size": size, "actual-size": disk_usage(file), "dirty-flag": false});
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?
+            );
+        } else {
+            println!(
+                "image: {}\nfile format: raw\nvirtual size: {} ({size} bytes)\ndisk size: {}",
+                file.display(),
+                human(size),
+                human(disk_usage(file))
+            );
+        }
+        return Ok(());
+    }
+    let v = open_ro(file)?;
+    let h = v.header();
+    let parent = v.parent().map(|p| p.path().display().to_string());
+    let user_items: Vec<String> = v
+        .metadata_items()
+        .iter()
+        .filter(|i| i.flags & 1 != 0)
+        .map(|i| format!("{} ({} bytes)", i.id, i.data.len()))
+        .collect();
+    if output == "json" {
+        let mut j = serde_json::json!({
+            "filename": file.display().to_string(),
+            "format": "vhdx",
+            "virtual-size": v.virtual_size(),
+            "actual-size": disk_usage(file),
+            "cluster-size": v.block_size(),
+            "dirty-flag": v.replayed_log_entries() > 0,
+            "format-specific": {"type": "vhdx", "data": {
+                "block-size": v.block_size(),
+                "logical-sector-size": v.logical_sector_size(),
+                "physical-sector-size": v.physical_sector_size(),
+                "leave-blocks-allocated": v.leave_blocks_allocated(),
+                "has-parent": v.has_parent(),
+                "log-length": h.log_length,
+                "pending-log-entries": v.replayed_log_entries(),
+                "page83": v.page83().to_string(),
+                "data-write-guid": h.data_write_guid.to_string(),
+                "creator": v.creator(),
+                "user-metadata-items": user_items,
+            }},
+        });
+        if let Some(p) = parent {
+            j["backing-filename"] = serde_json::Value::String(p);
+            j["backing-filename-format"] = serde_json::Value::String("vhdx".into());
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!("image: {}", file.display());
+        println!("file format: vhdx");
+        println!(
+            "virtual size: {} ({} bytes)",
+            human(v.virtual_size()),
+            v.virtual_size()
+        );
+        println!("disk size: {}", human(disk_usage(file)));
+        println!("cluster_size: {}", v.block_size());
+        if let Some(p) = parent {
+            println!("backing file: {p}");
+            println!("backing file format: vhdx");
+        }
+        println!("Format specific information:");
+        println!("    logical sector size: {}", v.logical_sector_size());
+        println!("    physical sector size: {}", v.physical_sector_size());
+        println!(
+            "    subformat: {}",
+            if v.leave_blocks_allocated() {
+                "fixed"
+            } else if v.has_parent() {
+                "differencing"
+            } else {
+                "dynamic"
+            }
+        );
+        println!("    log length: {}", h.log_length);
+        if v.replayed_log_entries() > 0 {
+            println!(
+                "    pending log entries: {} (replayed in memory)",
+                v.replayed_log_entries()
+            );
+        }
+        println!("    creator: {}", v.creator());
+        for u in user_items {
+            println!("    user metadata: {u}");
+        }
+    }
+    Ok(())
+}
+
+fn resize(file: &Path, arg: &str) -> CliResult<()> {
+    let is_vhdx = vhdx::probe(file).map_err(|e| e.to_string())?;
+    let (rel, s) = match arg.as_bytes().first() {
+        Some(b'+') => (1i8, &arg[1..]),
+        Some(b'-') => (-1, &arg[1..]),
+        _ => (0, arg),
+    };
+    let n = size::parse(s)?;
+    if !is_vhdx {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .map_err(|e| e.to_string())?;
+        let cur = f.metadata().map_err(|e| e.to_string())?.len();
+        let new = match rel {
+            1 => cur + n,
+            -1 => cur.checked_sub(n).ok_or("Image size cannot be negative")?,
+            _ => n,
+        };
+        f.set_len(new).map_err(|e| e.to_string())?;
+        println!("Image resized.");
+        return Ok(());
+    }
+    let mut v = Vhdx::open(file, OpenOptions::default())
+        .map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
+    let cur = v.virtual_size();
+    let new = match rel {
+        1 => cur + n,
+        -1 => cur.checked_sub(n).ok_or("Image size cannot be negative")?,
+        _ => n,
+    };
+    let lss = u64::from(v.logical_sector_size());
+    let new = new.div_ceil(lss) * lss;
+    v.resize(new).map_err(|e| e.to_string())?;
+    v.close().map_err(|e| e.to_string())?;
+    println!("Image resized.");
+    Ok(())
+}
+
+fn compact(file: &Path) -> CliResult<()> {
+    let mut v = Vhdx::open(file, OpenOptions::default())
+        .map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
+    let s = v.compact().map_err(|e| e.to_string())?;
+    v.close().map_err(|e| e.to_string())?;
+    println!(
+        "Image compacted: {} zero blocks released, {} blocks moved, file {} -> {} bytes.",
+        s.released_blocks, s.moved_blocks, s.old_file_size, s.new_file_size
+    );
+    Ok(())
+}
+
+fn map(file: &Path, output: &str) -> CliResult<()> {
+    let v = open_ro(file)?;
+    let ext = v
+        .block_status(0, v.virtual_size())
+        .map_err(|e| e.to_string())?;
+    let files: Vec<String> = {
+        let mut f = vec![v.path().display().to_string()];
+        let mut p = v.parent();
+        while let Some(x) = p {
+            f.push(x.path().display().to_string());
+            p = x.parent();
+        }
+        f
+    };
+    if output == "json" {
+        let arr: Vec<serde_json::Value> = ext
+            .iter()
+            .map(|e| {
+                let mut j = serde_json::json!({"start": e.start, "length": e.length, "depth": e.depth, "present": e.data || (e.zero && (e.depth as usize) < files.len()), "zero": e.zero, "data": e.data});
+                if let Some(o) = e.offset {
+                    j["offset"] = serde_json::Value::from(o);
+                }
+                j
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&arr).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        for e in ext.iter().filter(|e| e.data) {
+            println!(
+                "{:<#16x}{:<#16x}{:<#16x}{}",
+                e.start,
+                e.length,
+                e.offset.unwrap_or(0),
+                files.get(e.depth as usize).cloned().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

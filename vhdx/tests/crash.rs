@@ -1,0 +1,365 @@
+//! Crash consistency: a fault-injecting storage that fails (and tears) the Nth
+//! write and then loses an arbitrary subset of the writes not yet flushed, and
+//! real SIGKILLs of a writer process. After reopening, qemu-img check passes
+//! and every write followed by a completed flush reads back.
+
+mod common;
+use common::*;
+use rand::Rng;
+use std::io::{self, BufRead};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use vhdx::{CreateOptions, OpenOptions, Storage, Vhdx};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 16 * MIB;
+
+enum Op {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+}
+
+struct Inner {
+    cur: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<Op>,
+    writes: usize,
+    crash_at: usize,
+    crashed: bool,
+    tear: usize,
+}
+
+/// In-memory file that models a disk cache: writes are visible at once but
+/// durable only after sync; the `crash_at`th write is torn and fails, and
+/// every later call fails.
+struct Faulty(Mutex<Inner>);
+
+fn apply(v: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::Write(o, d) => {
+            let end = *o as usize + d.len();
+            if v.len() < end {
+                v.resize(end, 0);
+            }
+            v[*o as usize..end].copy_from_slice(d);
+        }
+        Op::SetLen(l) => v.resize(*l as usize, 0),
+    }
+}
+
+impl Faulty {
+    fn new(img: Vec<u8>, crash_at: usize, tear: usize) -> Faulty {
+        Faulty(Mutex::new(Inner {
+            cur: img.clone(),
+            durable: img,
+            pending: Vec::new(),
+            writes: 0,
+            crash_at,
+            crashed: false,
+            tear,
+        }))
+    }
+    /// What a disk could hold after the crash: the durable state plus a random
+    /// subset of the writes issued since the last sync.
+    fn crash_image(&self, r: &mut impl Rng, keep_all: bool) -> Vec<u8> {
+        let g = self.0.lock().unwrap();
+        let mut img = g.durable.clone();
+        for op in &g.pending {
+            if keep_all || r.gen_bool(0.5) {
+                apply(&mut img, op);
+            }
+        }
+        img
+    }
+    fn writes(&self) -> usize {
+        self.0.lock().unwrap().writes
+    }
+}
+
+fn crashed() -> io::Error {
+    io::Error::other("injected crash")
+}
+
+impl Storage for Faulty {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let g = self.0.lock().unwrap();
+        if g.crashed {
+            return Err(crashed());
+        }
+        let o = offset as usize;
+        if o >= g.cur.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(g.cur.len() - o);
+        buf[..n].copy_from_slice(&g.cur[o..o + n]);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let mut g = self.0.lock().unwrap();
+        if g.crashed {
+            return Err(crashed());
+        }
+        g.writes += 1;
+        if g.writes == g.crash_at {
+            g.crashed = true;
+            // Torn: only a prefix (whole 512-byte sectors) reaches the cache.
+            let keep = (g.tear % (buf.len() / 512 + 1)) * 512;
+            let op = Op::Write(offset, buf[..keep.min(buf.len())].to_vec());
+            apply(&mut g.cur, &op);
+            g.pending.push(op);
+            return Err(crashed());
+        }
+        let op = Op::Write(offset, buf.to_vec());
+        apply(&mut g.cur, &op);
+        g.pending.push(op);
+        Ok(buf.len())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let mut g = self.0.lock().unwrap();
+        if g.crashed {
+            return Err(crashed());
+        }
+        let ops = std::mem::take(&mut g.pending);
+        for op in &ops {
+            apply(&mut g.durable, op);
+        }
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut g = self.0.lock().unwrap();
+        if g.crashed {
+            return Err(crashed());
+        }
+        let op = Op::SetLen(len);
+        apply(&mut g.cur, &op);
+        g.pending.push(op);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.lock().unwrap().cur.len() as u64)
+    }
+}
+
+struct Run {
+    flushed: Vec<u8>,
+    touched: Vec<bool>,
+}
+
+/// Runs the workload until the storage fails; returns the model as of the last
+/// completed flush and the sectors written since.
+fn workload(v: &Vhdx, seed: u64) -> Run {
+    let mut r = rng(seed);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut run = Run {
+        flushed: model.clone(),
+        touched: vec![false; (SIZE / 512) as usize],
+    };
+    for i in 0..48 {
+        let len = 512 * r.gen_range(1..64usize);
+        let off = r.gen_range(0..(SIZE - len as u64) / 512) * 512;
+        let data = random_bytes(&mut r, len);
+        for s in off / 512..(off + len as u64) / 512 {
+            run.touched[s as usize] = true;
+        }
+        if v.write_at(&data, off).is_err() {
+            return run;
+        }
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        if i % 6 == 5 {
+            if v.flush().is_err() {
+                return run;
+            }
+            run.flushed.copy_from_slice(&model);
+            run.touched.fill(false);
+        }
+    }
+    if v.flush().is_ok() {
+        run.flushed.copy_from_slice(&model);
+        run.touched.fill(false);
+    }
+    run
+}
+
+fn verify(img: &Path, run: &Run, what: &str) {
+    let v = Vhdx::open(img, OpenOptions::default())
+        .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+    let all = read_all(&v);
+    v.close().unwrap();
+    qemu_check(img);
+    for (s, t) in run.touched.iter().enumerate() {
+        if !t {
+            let r = s * 512..(s + 1) * 512;
+            assert!(
+                all[r.clone()] == run.flushed[r],
+                "{what}: flushed sector {s} lost"
+            );
+        }
+    }
+}
+
+#[test]
+fn injected_crash_at_every_write() {
+    let d = tmp();
+    let base = d.path().join("base.vhdx");
+    Vhdx::create(
+        &base,
+        &CreateOptions {
+            size: SIZE,
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let img0 = std::fs::read(&base).unwrap();
+    // Dry run to count writes.
+    let total = {
+        let f = Arc::new(Faulty::new(img0.clone(), usize::MAX, 0));
+        let v = Vhdx::open_storage(f.clone(), &base, OpenOptions::default()).unwrap();
+        workload(&v, 1);
+        v.close().unwrap();
+        f.writes()
+    };
+    assert!(total > 50, "{total}");
+    let mut r = rng(99);
+    let target = d.path().join("crashed.vhdx");
+    let step = (total / 60).max(1);
+    let mut runs = 0;
+    for crash_at in (1..=total).step_by(step) {
+        let f = Arc::new(Faulty::new(img0.clone(), crash_at, r.gen()));
+        let run = {
+            let v = Vhdx::open_storage(f.clone(), &base, OpenOptions::default()).unwrap();
+            workload(&v, 1)
+        };
+        for keep_all in [false, true] {
+            std::fs::write(&target, f.crash_image(&mut r, keep_all)).unwrap();
+            verify(
+                &target,
+                &run,
+                &format!("crash at write {crash_at}/{total} keep_all={keep_all}"),
+            );
+            runs += 1;
+        }
+    }
+    assert!(runs >= 40);
+}
+
+/// The writer process for the SIGKILL test (runs only when spawned by it).
+#[test]
+#[ignore]
+fn sigkill_child_writer() {
+    let Ok(path) = std::env::var("VHDX_CRASH_CHILD") else {
+        return;
+    };
+    let v = Vhdx::open(Path::new(&path), OpenOptions::default()).unwrap();
+    let slots = v.virtual_size() / 4096;
+    let mut out = std::io::stdout();
+    for i in 0..slots {
+        let slot = (i * 7919) % slots;
+        v.write_at(&pattern(i), slot * 4096).unwrap();
+        if i % 8 == 7 {
+            v.flush().unwrap();
+            use std::io::Write;
+            writeln!(out, "ACK {i}").unwrap();
+            out.flush().unwrap();
+        }
+    }
+}
+
+fn pattern(i: u64) -> Vec<u8> {
+    let mut p = vec![0u8; 4096];
+    for (k, c) in p.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(i * 1_000_003 + k as u64).to_le_bytes());
+    }
+    p
+}
+
+#[test]
+fn sigkill_writer_then_reopen() {
+    let d = tmp();
+    let mut r = rng(7);
+    for round in 0..4 {
+        let p = d.path().join(format!("k{round}.vhdx"));
+        Vhdx::create(
+            &p,
+            &CreateOptions {
+                size: 64 * MIB,
+                block_size: Some(MIB as u32),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "sigkill_child_writer",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("VHDX_CRASH_CHILD", &p)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let acked = Arc::new(Mutex::new(None::<u64>));
+        let a2 = acked.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(n) = line
+                    .strip_prefix("ACK ")
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    *a2.lock().unwrap() = Some(n);
+                }
+            }
+        });
+        // Kill at a random moment once it has made some progress.
+        let wait = r.gen_range(30..300);
+        let t0 = std::time::Instant::now();
+        while acked.lock().unwrap().is_none() && t0.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        reader.join().unwrap();
+        let last = acked
+            .lock()
+            .unwrap()
+            .expect("writer never acknowledged a flush");
+        // QEMU's replay of the same crashed image.
+        let q = d.path().join(format!("q{round}.vhdx"));
+        std::fs::copy(&p, &q).unwrap();
+        let _ = run(
+            "qemu-img",
+            &["check", "-r", "all", "-f", "vhdx", q.to_str().unwrap()],
+        );
+        qemu_check(&q);
+        let qemu_view = qemu_to_raw(&q, d.path());
+        // Ours.
+        let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
+        let ours = read_all(&v);
+        v.close().unwrap();
+        qemu_check(&p);
+        let slots = 64 * MIB / 4096;
+        for i in 0..=last {
+            let o = (((i * 7919) % slots) * 4096) as usize;
+            let want = pattern(i);
+            assert!(
+                ours[o..o + 4096] == want[..],
+                "round {round}: acked write {i} (of {last}) lost by us"
+            );
+            assert!(
+                qemu_view[o..o + 4096] == want[..],
+                "round {round}: acked write {i} (of {last}) lost in qemu's replay"
+            );
+        }
+    }
+}
