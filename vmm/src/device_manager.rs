@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use devices::block::{detect_format, BlockBackend, ImageFormat, OpenError, RawFile};
+use devices::block::{detect_format, BlockBackend, ImageFormat, OpenError, RawFile, VhdxDisk};
 use devices::legacy::{
     AcpiPmDevice, DebugExit, PowerControl, SerialDevice, SerialOutput, ACPI_PM_PORT,
     ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN,
@@ -90,7 +90,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError>
     tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
     Ok(match format {
         ImageFormat::Raw => Arc::new(RawFile::open(&cfg.path, cfg.readonly, cfg.direct)?),
-        ImageFormat::Vhdx => crate::vhdx_disk::open(&cfg.path, cfg.readonly)?,
+        ImageFormat::Vhdx => Arc::new(VhdxDisk::open(&cfg.path, cfg.readonly)?),
     })
 }
 
@@ -127,7 +127,7 @@ impl DeviceManager {
             ACPI_PM_PORT_LEN,
         )?;
 
-        let pci = Arc::new(PciRoot::new(mmio.clone()));
+        let pci = Arc::new(PciRoot::new(&mmio));
         mmio.insert(
             Arc::new(Mutex::new(PciEcam::new(pci.clone()))),
             layout::ECAM_START,

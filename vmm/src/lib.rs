@@ -10,6 +10,5 @@ pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;
-mod vhdx_disk;
 pub mod vm;
 pub mod vmm;

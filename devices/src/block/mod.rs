@@ -2,10 +2,12 @@
 
 mod lock;
 mod raw;
+mod vhdx;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::Path;
 
+pub use self::vhdx::VhdxDisk;
 pub use lock::{lock_image, LockMode};
 pub use raw::RawFile;
 
@@ -59,24 +61,14 @@ pub enum OpenError {
     Format { path: String, reason: String },
 }
 
-/// The first 8 bytes of every VHDX file (MS-VHDX 2.2.1, file type identifier).
-const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
-
 /// Detects the image format by its content (a VHDX file starts with its identifier).
 pub fn detect_format(path: &Path) -> Result<ImageFormat, OpenError> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path).map_err(|source| OpenError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut sig = [0u8; 8];
-    let n = file.read_at(&mut sig, 0).map_err(|source| OpenError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(if n == 8 && &sig == VHDX_SIGNATURE {
-        ImageFormat::Vhdx
-    } else {
-        ImageFormat::Raw
-    })
+    match ::vhdx::probe(path) {
+        Ok(true) => Ok(ImageFormat::Vhdx),
+        Ok(false) => Ok(ImageFormat::Raw),
+        Err(e) => Err(OpenError::Format {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+    }
 }

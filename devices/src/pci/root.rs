@@ -1,6 +1,6 @@
 //! The PCI root complex: bus 0, its functions, and the MMIO mappings of their BARs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::{PciConfiguration, PciDevice, PciHeader};
 use crate::bus::{Bus, BusError};
@@ -13,6 +13,8 @@ const SLOTS: usize = 32;
 pub enum PciRootError {
     #[error("PCI bus 0 has no free slot")]
     NoFreeSlot,
+    #[error("the MMIO bus is gone (VM shutting down)")]
+    BusGone,
     #[error("cannot map BAR {bar} of PCI device {slot:02x}.0 at {addr:#x}")]
     MapBar {
         slot: u8,
@@ -82,11 +84,12 @@ impl BusDevice for BarWindow {
 /// Bus 0 with its devices. Config accesses come through [`super::PciEcam`].
 pub struct PciRoot {
     slots: Mutex<Vec<Option<Slot>>>,
-    mmio: Arc<Bus>,
+    /// Weak: the MMIO bus holds the ECAM window, which holds this root.
+    mmio: Weak<Bus>,
 }
 
 impl PciRoot {
-    pub fn new(mmio: Arc<Bus>) -> Self {
+    pub fn new(mmio: &Arc<Bus>) -> Self {
         let bridge = HostBridge {
             config: PciConfiguration::new(&PciHeader {
                 vendor_id: 0x8086,
@@ -106,13 +109,14 @@ impl PciRoot {
         });
         Self {
             slots: Mutex::new(slots),
-            mmio,
+            mmio: Arc::downgrade(mmio),
         }
     }
 
     /// Plugs `device` into the first free slot, mapping each BAR at the address its
     /// configuration already holds (the VMM assigns addresses before plugging).
     pub fn add_device(&self, device: SharedPci) -> Result<u8, PciRootError> {
+        let mmio = self.mmio.upgrade().ok_or(PciRootError::BusGone)?;
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots
             .iter()
@@ -134,8 +138,7 @@ impl PciRoot {
                 device: device.clone(),
                 bar,
             }));
-            self.mmio
-                .insert(window, addr, size)
+            mmio.insert(window, addr, size)
                 .map_err(|source| PciRootError::MapBar {
                     slot,
                     bar,
@@ -181,14 +184,15 @@ impl PciRoot {
         if new == old || new == 0 || new & (size - 1) != 0 || new.checked_add(size).is_none() {
             return None;
         }
+        let mmio = self.mmio.upgrade()?;
         let moved = if old == 0 {
             let window = Arc::new(Mutex::new(BarWindow {
                 device: s.device.clone(),
                 bar,
             }));
-            self.mmio.insert(window, new, size)
+            mmio.insert(window, new, size)
         } else {
-            self.mmio.relocate(old, new)
+            mmio.relocate(old, new)
         };
         match moved {
             Ok(()) => {

@@ -100,6 +100,11 @@ impl Block {
 impl Drop for Block {
     fn drop(&mut self) {
         self.stop_workers();
+        // What the guest wrote reaches the disk even if it never flushed, as when
+        // QEMU closes an image.
+        if let Err(e) = self.backend.flush() {
+            tracing::warn!(error = %e, "flushing the disk on close failed");
+        }
     }
 }
 
