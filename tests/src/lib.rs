@@ -24,12 +24,13 @@ pub fn workspace() -> PathBuf {
 /// next to this test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    // Tests run from target/<profile>/deps/, binaries (the bench) from target/<profile>/.
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        dir
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::block::{detect_format, BlockBackend, ImageFormat, OpenError, RawFile, VhdxDisk};
 use devices::legacy::{
-    AcpiPmDevice, DebugExit, PowerControl, SerialDevice, SerialOutput, ACPI_PM_PORT,
-    ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN,
-    I8042, I8042_PORT, I8042_PORT_LEN,
+    AcpiPmDevice, DebugExit, Ioapic, IoapicLine, IoapicMmio, PowerControl, SerialDevice,
+    SerialOutput, ACPI_PM_PORT, ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
+    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN, I8042, I8042_PORT, I8042_PORT_LEN, IOAPIC_SIZE,
+    IOAPIC_START,
 };
 use devices::pci::{PciDevice, PciEcam, PciRoot, PciRootError, ECAM_BUS_SIZE};
 use devices::virtio::block::{Block, BlockConfig};
@@ -56,6 +57,7 @@ pub struct DeviceManager {
     pub mmio: Arc<Bus>,
     pub pci: Arc<PciRoot>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub ioapic: Arc<Ioapic>,
     pub functions: Vec<PciFunction>,
     next_bar: u64,
 }
@@ -104,8 +106,17 @@ impl DeviceManager {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
 
+        let ioapic = Arc::new(Ioapic::new(hv.msi_sink()));
+        mmio.insert(
+            Arc::new(Mutex::new(IoapicMmio(ioapic.clone()))),
+            IOAPIC_START,
+            IOAPIC_SIZE,
+        )?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
-            hv.irq_line(COM1_IRQ)?,
+            Arc::new(IoapicLine {
+                ioapic: ioapic.clone(),
+                pin: COM1_IRQ as usize,
+            }),
             serial_output(&config.serial)?,
         )));
         if config.serial != OutputConfig::Off {
@@ -139,6 +150,7 @@ impl DeviceManager {
             mmio,
             pci,
             serial,
+            ioapic,
             functions: Vec::new(),
             next_bar: layout::PCI_MMIO_START,
         };

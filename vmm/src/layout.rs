@@ -26,7 +26,7 @@ pub const PCI_MMIO_START: u64 = 0xc000_0000;
 pub const PCI_MMIO_END: u64 = 0xe000_0000;
 pub const ECAM_START: u64 = 0xe000_0000;
 pub const ECAM_SIZE: u64 = 0x1000_0000;
-pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub use devices::legacy::IOAPIC_START;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 /// KVM needs three pages for the TSS just below the BIOS area (Intel only).

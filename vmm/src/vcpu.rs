@@ -43,6 +43,7 @@ pub enum VcpuEvent {
 struct Shared {
     wanted: Wanted,
     parked: bool,
+    exited: bool,
 }
 
 /// Control block shared by the control loop and one vCPU thread.
@@ -57,6 +58,7 @@ pub struct VcpuHandle {
 pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    pub ioapic: Arc<devices::legacy::Ioapic>,
     pub events: std::sync::mpsc::Sender<crate::vmm::ControlEvent>,
 }
 
@@ -66,6 +68,7 @@ impl VcpuHandle {
             Mutex::new(Shared {
                 wanted: Wanted::Run,
                 parked: false,
+                exited: false,
             }),
             Condvar::new(),
         ));
@@ -73,7 +76,12 @@ impl VcpuHandle {
         let (s, e) = (shared.clone(), exits.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vireo-vcpu{id}"))
-            .spawn(move || run_loop(id, &mut fd, &ctx, &s, &e))?;
+            .spawn(move || {
+                run_loop(id, &mut fd, &ctx, &s, &e);
+                let (m, cv) = &*s;
+                m.lock().unwrap_or_else(|e| e.into_inner()).exited = true;
+                cv.notify_all();
+            })?;
         Ok(Self {
             id,
             shared,
@@ -125,7 +133,7 @@ impl VcpuHandle {
 
     pub fn stop(&mut self) {
         self.set_wanted(Wanted::Stop);
-        self.kick_until(|_| false);
+        self.kick_until(|s| s.exited);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -196,6 +204,9 @@ fn run_loop(
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::IoapicEoi(vector)) => {
+                ctx.ioapic.end_of_interrupt(vector);
             }
             Ok(VcpuExit::Hlt) => {
                 // With the in-kernel LAPIC, HLT is handled by KVM; an exit here means

@@ -124,6 +124,7 @@ impl Vm {
             let ctx = VcpuContext {
                 pio: self.devices.pio.clone(),
                 mmio: self.devices.mmio.clone(),
+                ioapic: self.devices.ioapic.clone(),
                 events: self.events_tx.clone(),
             };
             self.vcpus

@@ -126,8 +126,10 @@ impl Vmm {
                 if let Some(vm) = &mut self.vm {
                     let _ = vm.shutdown();
                 }
+                tracing::debug!("vCPUs stopped");
                 // Dropping the VM stops device workers and flushes disks.
                 self.vm = None;
+                tracing::debug!("VM torn down");
                 return exit;
             }
         }

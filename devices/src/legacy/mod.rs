@@ -3,6 +3,7 @@
 mod acpi_pm;
 mod debug_exit;
 mod i8042;
+mod ioapic;
 mod serial;
 
 pub use acpi_pm::{
@@ -10,6 +11,7 @@ pub use acpi_pm::{
 };
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+pub use ioapic::{Ioapic, IoapicLine, IoapicMmio, IOAPIC_PINS, IOAPIC_SIZE, IOAPIC_START};
 pub use serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 
 /// Why the guest asked the platform to stop.

@@ -82,12 +82,38 @@ fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     move |source| KvmError::Ioctl { op, source }
 }
 
-/// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID and the
-/// hypervisor bit.
-pub fn cpuid_for(kvm: &Kvm, cpu: u8, cpus: u8) -> Result<CpuId, KvmError> {
+/// Hypervisor leaf with the TSC and LAPIC timer frequencies in kHz (the leaf VMware
+/// defined and Linux, QEMU and Cloud Hypervisor use): guests need no PIT to calibrate.
+const CPUID_TSC_LEAF: u32 = 0x4000_0010;
+/// KVM's LAPIC timer counts at 1 GHz.
+const LAPIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID, the
+/// hypervisor bit and (when known) the TSC frequency leaf.
+pub fn cpuid_for(kvm: &Kvm, cpu: u8, cpus: u8, tsc_khz: Option<u32>) -> Result<CpuId, KvmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("GET_SUPPORTED_CPUID"))?;
+    if let Some(khz) = tsc_khz {
+        let mut has_leaf = false;
+        for e in cpuid.as_mut_slice() {
+            if e.function == 0x4000_0000 {
+                e.eax = e.eax.max(CPUID_TSC_LEAF);
+            }
+            has_leaf |= e.function == CPUID_TSC_LEAF;
+        }
+        if !has_leaf {
+            let entry = kvm_bindings::kvm_cpuid_entry2 {
+                function: CPUID_TSC_LEAF,
+                eax: khz,
+                ebx: LAPIC_TIMER_KHZ,
+                ..Default::default()
+            };
+            if cpuid.push(entry).is_err() {
+                tracing::debug!("CPUID table full; no TSC frequency leaf");
+            }
+        }
+    }
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -105,7 +131,8 @@ pub fn cpuid_for(kvm: &Kvm, cpu: u8, cpus: u8) -> Result<CpuId, KvmError> {
 
 /// Puts vCPU `cpu` in the PVH entry state; the boot vCPU starts at `entry`.
 pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, cpu: u8, cpus: u8, entry: u64) -> Result<(), KvmError> {
-    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, cpus)?)
+    let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
+    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, cpus, tsc_khz)?)
         .map_err(ioctl("SET_CPUID2"))?;
 
     let msrs = Msrs::from_entries(&[

@@ -1,0 +1,332 @@
+//! `vireo-bench`: the VMM's figures, side by side with QEMU microvm in one run.
+//!
+//! 1. exec → first guest serial byte, and exec → guest power-off (`test=boot`).
+//! 2. VMM memory overhead: process RSS minus the RSS of guest RAM.
+//! 3. In-guest virtio-blk (`test=blk-bench`, queue depth 1): 4K random read/write IOPS
+//!    and 1 MiB sequential MB/s on raw and on dynamic VHDX images.
+//!
+//! Usage: `vireo-bench [--runs N] [--skip-blk]` (build the workspace binaries first).
+//! Prints markdown tables for docs/benchmarks.md.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vireo_e2e::{bin, guest};
+
+#[derive(Clone, Copy)]
+enum Vmm {
+    Vireo,
+    Qemu,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Vireo => "vireo",
+            Vmm::Qemu => "qemu microvm",
+        }
+    }
+
+    /// The command that boots the test guest with `cmdline`, serial on stdout.
+    fn command(self, cmdline: &str, mem_mib: u32, disk: Option<(&Path, &str)>) -> Command {
+        match self {
+            Vmm::Vireo => {
+                let mut c = Command::new(bin("vireo"));
+                c.arg("--kernel")
+                    .arg(guest())
+                    .args(["--cmdline", cmdline, "--serial", "tty"])
+                    .args(["--memory", &format!("size={mem_mib}M")]);
+                if let Some((p, _)) = disk {
+                    c.args(["--disk", &format!("path={}", p.display())]);
+                }
+                c
+            }
+            Vmm::Qemu => {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args([
+                    "-M",
+                    "microvm,pcie=on",
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                ])
+                .args(["-m", &mem_mib.to_string(), "-display", "none", "-no-reboot"])
+                .args([
+                    "-serial",
+                    "stdio",
+                    "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=4",
+                ])
+                .arg("-kernel")
+                .arg(guest())
+                .args(["-append", cmdline]);
+                if let Some((p, fmt)) = disk {
+                    c.arg("-drive")
+                        .arg(format!(
+                            "file={},if=none,id=d0,format={fmt},cache=none,aio=threads",
+                            p.display()
+                        ))
+                        .args(["-device", "virtio-blk-pci,drive=d0"]);
+                }
+                c
+            }
+        }
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// One boot: (ms to first serial byte, ms to exit).
+fn boot_once(vmm: Vmm) -> (f64, f64) {
+    let t0 = Instant::now();
+    let mut child = vmm
+        .command("test=boot", 256, None)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn VMM");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut b = [0u8; 1];
+    out.read_exact(&mut b).expect("first serial byte");
+    let first = t0.elapsed();
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest);
+    let _ = child.wait();
+    let exit = t0.elapsed();
+    (first.as_secs_f64() * 1e3, exit.as_secs_f64() * 1e3)
+}
+
+fn boot_table(runs: usize) {
+    println!(
+        "### Boot: exec → first serial byte, exec → power-off (test=boot, 256 MiB, {runs} runs)\n"
+    );
+    println!("| VMM | first byte p50 (ms) | first byte p90 | power-off p50 (ms) | power-off p90 |");
+    println!("|---|---|---|---|---|");
+    let mut p50s = Vec::new();
+    for vmm in [Vmm::Vireo, Vmm::Qemu] {
+        // One warm-up run (page cache), then the measured runs, interleaved per VMM.
+        let _ = boot_once(vmm);
+        let (mut f, mut e): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| boot_once(vmm)).unzip();
+        let row = (
+            percentile(&mut f, 0.5),
+            percentile(&mut f, 0.9),
+            percentile(&mut e, 0.5),
+            percentile(&mut e, 0.9),
+        );
+        p50s.push(row.2);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            vmm.name(),
+            row.0,
+            row.1,
+            row.2,
+            row.3
+        );
+    }
+    println!(
+        "\nVireo's power-off time is {:.2} of QEMU's (goal ≤ 0.20).\n",
+        p50s[0] / p50s[1]
+    );
+}
+
+/// (total RSS, RSS of the guest RAM mapping) in KiB, from /proc/PID/smaps.
+fn rss_split(pid: u32, guest_bytes: u64) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut cur_size = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let mut it = first.split('-');
+            let a = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            let b = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            cur_size = b - a;
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            total += kib;
+            // Guest RAM: the mapping(s) of at least the guest's size (QEMU may align up).
+            if cur_size >= guest_bytes && cur_size < guest_bytes + (64 << 20) {
+                guest += kib;
+            }
+        }
+    }
+    (total, guest)
+}
+
+fn memory_table() {
+    println!("### VMM memory overhead (test=counter, 512 MiB guest, 1 vCPU, no disk)\n");
+    println!("| VMM | total RSS (MiB) | guest RAM RSS (MiB) | overhead (MiB) |");
+    println!("|---|---|---|---|");
+    for vmm in [Vmm::Vireo, Vmm::Qemu] {
+        let mut child = vmm
+            .command("test=counter period_ms=50", 512, None)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn VMM");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut buf = [0u8; 256];
+        let mut seen = String::new();
+        while !seen.contains("tick 3 ") {
+            let n = out.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let (total, guest) = rss_split(child.id(), 512 << 20);
+        let _ = child.kill();
+        let _ = child.wait();
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} |",
+            vmm.name(),
+            total as f64 / 1024.0,
+            guest as f64 / 1024.0,
+            (total - guest) as f64 / 1024.0
+        );
+    }
+    println!("\nGoal: Vireo's overhead ≤ 5 MiB.\n");
+}
+
+/// Parses `bench <phase> ops=.. iops=.. mbps=.. avg_us=..` lines.
+fn bench_lines(serial: &str) -> Vec<(String, f64, f64)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("bench ")?;
+            let mut it = rest.split_whitespace();
+            let phase = it.next()?.to_string();
+            if phase.starts_with("capacity") {
+                return None;
+            }
+            let mut iops = 0.0;
+            let mut mbps = 0.0;
+            for kv in it {
+                if let Some(v) = kv.strip_prefix("iops=") {
+                    iops = v.parse().unwrap_or(0.0);
+                }
+                if let Some(v) = kv.strip_prefix("mbps=") {
+                    mbps = v.parse().unwrap_or(0.0);
+                }
+            }
+            Some((phase, iops, mbps))
+        })
+        .collect()
+}
+
+fn run_blk_bench(vmm: Vmm, disk: &Path, fmt: &str) -> Vec<(String, f64, f64)> {
+    let out = vmm
+        .command(
+            "test=blk-bench ms=2000 span_mib=512 seed=3",
+            512,
+            Some((disk, fmt)),
+        )
+        .stderr(Stdio::null())
+        .output()
+        .expect("run blk-bench");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines = bench_lines(&s);
+    assert!(
+        !lines.is_empty(),
+        "{} on {fmt}: no bench output:\n{s}",
+        vmm.name()
+    );
+    lines
+}
+
+fn prepare_images(dir: &Path) -> (PathBuf, PathBuf) {
+    let raw = dir.join("bench.raw");
+    let vhdx = dir.join("bench.vhdx");
+    // Fully written images: the figures are for allocated blocks.
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", raw.display()),
+            "bs=1M",
+            "count=1024",
+            "status=none",
+        ])
+        .status()
+        .expect("dd");
+    assert!(status.success());
+    let status = Command::new(bin("vireo-img"))
+        .args(["convert", "-f", "raw", "-O", "vhdx"])
+        .arg(&raw)
+        .arg(&vhdx)
+        .status()
+        .expect("vireo-img convert");
+    assert!(status.success());
+    (raw, vhdx)
+}
+
+fn blk_table() {
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("tempdir");
+    let (raw, vhdx) = prepare_images(dir.path());
+    println!("### In-guest virtio-blk, queue depth 1 (test=blk-bench, 2 s per phase, 512 MiB span of a 1 GiB fully allocated image)\n");
+    println!("| VMM | image | rand 4K read IOPS | rand 4K write IOPS | seq 1M write MB/s | seq 1M read MB/s |");
+    println!("|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for (vmm, img, fmt) in [
+        (Vmm::Vireo, &raw, "raw"),
+        (Vmm::Vireo, &vhdx, "vhdx"),
+        (Vmm::Qemu, &raw, "raw"),
+        (Vmm::Qemu, &vhdx, "vhdx"),
+    ] {
+        let r = run_blk_bench(vmm, img, fmt);
+        let get = |p: &str, mb: bool| {
+            r.iter()
+                .find(|(ph, _, _)| ph == p)
+                .map(|(_, i, m)| if mb { *m } else { *i })
+                .unwrap_or(0.0)
+        };
+        let row = [
+            get("rand4k-read", false),
+            get("rand4k-write", false),
+            get("seq1m-write", true),
+            get("seq1m-read", true),
+        ];
+        println!(
+            "| {} | {fmt} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            vmm.name(),
+            row[0],
+            row[1],
+            row[2],
+            row[3]
+        );
+        results.push(row);
+    }
+    let ratio = |a: usize, b: usize| -> String {
+        (0..4)
+            .map(|i| format!("{:.2}", results[a][i] / results[b][i].max(1e-9)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!("\nVireo VHDX ÷ Vireo raw (read IOPS / write IOPS / seq write / seq read): {} (goal ≥ 0.90)", ratio(1, 0));
+    println!("Vireo VHDX ÷ QEMU VHDX: {} (goal ≥ 1.5)\n", ratio(1, 3));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let _ = Duration::ZERO;
+    println!("## vireo VMM (generated by `vireo-bench`)\n");
+    boot_table(runs);
+    memory_table();
+    if !args.iter().any(|a| a == "--skip-blk") {
+        blk_table();
+    }
+}
