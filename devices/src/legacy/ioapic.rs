@@ -125,7 +125,7 @@ impl Ioapic {
             r if (REG_TABLE..REG_TABLE + 2 * IOAPIC_PINS as u32).contains(&r) => {
                 let i = ((r - REG_TABLE) / 2) as usize;
                 let e = s.table[i];
-                if (r - REG_TABLE) % 2 == 0 {
+                if (r - REG_TABLE).is_multiple_of(2) {
                     e as u32
                 } else {
                     (e >> 32) as u32
@@ -146,7 +146,7 @@ impl Ioapic {
                 r if (REG_TABLE..REG_TABLE + 2 * IOAPIC_PINS as u32).contains(&r) => {
                     let i = ((r - REG_TABLE) / 2) as usize;
                     let old = s.table[i];
-                    let half = if (r - REG_TABLE) % 2 == 0 {
+                    let half = if (r - REG_TABLE).is_multiple_of(2) {
                         (old & !0xffff_ffff) | u64::from(value)
                     } else {
                         (old & 0xffff_ffff) | (u64::from(value) << 32)
