@@ -83,11 +83,19 @@ pub struct Vireo {
 impl Vireo {
     /// `vireo --kernel <guest> --cmdline <cmdline> --serial file=<tmp>` plus `args`.
     pub fn guest(cmdline: &str, args: &[&str]) -> Self {
+        Self::payload(&guest(), None, cmdline, args)
+    }
+
+    /// Any kernel (and initramfs), serial captured in a file.
+    pub fn payload(kernel: &Path, initramfs: Option<&Path>, cmdline: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let serial = dir.path().join("serial.log");
         let mut cmd = Command::new(bin("vireo"));
+        if let Some(rd) = initramfs {
+            cmd.arg("--initramfs").arg(rd);
+        }
         cmd.arg("--kernel")
-            .arg(guest())
+            .arg(kernel)
             .arg("--cmdline")
             .arg(cmdline)
             .arg("--serial")

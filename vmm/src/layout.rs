@@ -10,7 +10,16 @@
 //! 0x1_0000_0000..            RAM above 4 GiB (the rest of the memory)
 //! ```
 
+/// Linux boot protocol: the zero page (boot_params).
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Linux boot protocol: identity page tables for the 64-bit entry.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPT_START: u64 = 0xa000;
+pub const PD_START: u64 = 0xb000;
+/// PVH: start info and memory map (the protocols are exclusive, so 0x7000 is reused).
 pub const PVH_START_INFO: u64 = 0x6000;
+/// PVH: initramfs module descriptor.
+pub const PVH_MODLIST: u64 = 0x6800;
 pub const PVH_MEMMAP: u64 = 0x7000;
 /// Our GDT for the 32-bit PVH entry.
 pub const BOOT_GDT: u64 = 0x500;

@@ -8,8 +8,9 @@ use std::time::Instant;
 use devices::legacy::{PowerControl, PowerEvent};
 use devices::virtio::GuestMemoryMmap;
 
-use crate::arch::{acpi, cpu, pvh};
-use crate::boot::{self, BootError};
+use crate::arch::cpu::BootEntry;
+use crate::arch::{acpi, cpu, linux, pvh};
+use crate::boot::{self, BootError, BootProtocol};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::kvm::{Hypervisor, KvmError};
 use crate::memory::{self, MemoryError};
@@ -34,6 +35,8 @@ pub enum VmError {
     Pvh(#[from] pvh::PvhError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    LinuxBoot(#[from] linux::LinuxBootError),
     #[error("cannot write the boot GDT: {0}")]
     Gdt(#[source] vm_memory::GuestMemoryError),
     #[error("cannot start vCPU thread: {0}")]
@@ -60,7 +63,7 @@ pub struct Vm {
     hv: Hypervisor,
     mem: Arc<GuestMemoryMmap>,
     state: VmState,
-    entry: u64,
+    entry: BootEntry,
     events_tx: Sender<ControlEvent>,
     created_at: Instant,
     booted_at: Option<Instant>,
@@ -78,11 +81,7 @@ impl Vm {
         )?);
         hv.map_memory(&mem, false)?;
 
-        let entry = boot::load_kernel(&mem, &config.payload.kernel)?;
-        cpu::write_boot_gdt(&mem).map_err(VmError::Gdt)?;
-        let rsdp = acpi::write_tables(&mem, config.cpus.boot)?;
-        let cmdline = config.payload.cmdline.clone().unwrap_or_default();
-        pvh::write_boot_info(&mem, config.memory.size, &cmdline, rsdp)?;
+        let entry = Self::load_payload(&mem, &config)?;
 
         let power: Arc<dyn PowerControl> =
             Arc::new(PowerToControl(std::sync::Mutex::new(events_tx.clone())));
@@ -94,10 +93,36 @@ impl Vm {
             hv,
             mem,
             state: VmState::Created,
-            entry: entry.addr,
+            entry,
             events_tx,
             created_at,
             booted_at: None,
+        })
+    }
+
+    /// Loads kernel and initramfs and writes what the boot protocol needs (ACPI,
+    /// command line, PVH start info or Linux zero page and page tables).
+    fn load_payload(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<BootEntry, VmError> {
+        let size = config.memory.size;
+        let (protocol, kernel_end) = boot::load_kernel(mem, &config.payload.kernel)?;
+        let initramfs = match &config.payload.initramfs {
+            Some(p) => Some(boot::load_initramfs(mem, size, kernel_end, p)?),
+            None => None,
+        };
+        cpu::write_boot_gdt(mem).map_err(VmError::Gdt)?;
+        let rsdp = acpi::write_tables(mem, config.cpus.boot)?;
+        let cmdline = config.payload.cmdline.clone().unwrap_or_default();
+        Ok(match protocol {
+            BootProtocol::Pvh { entry } => {
+                pvh::write_boot_info(mem, size, &cmdline, rsdp, initramfs)?;
+                BootEntry::Pvh32 { entry }
+            }
+            BootProtocol::Linux64 { entry, header } => {
+                pvh::write_cmdline(mem, &cmdline)?;
+                linux::write_zero_page(mem, &header, size, cmdline.len(), initramfs, rsdp)?;
+                let cr3 = linux::write_page_tables(mem)?;
+                BootEntry::Long64 { entry, cr3 }
+            }
         })
     }
 

@@ -32,14 +32,23 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
-/// GDT entries (flat 4 GiB): null, null, code32 (0x10), data (0x18), TSS (0x20).
-const GDT: [u64; 5] = [
+/// GDT entries (flat 4 GiB): null, null, code32 (0x10), data (0x18), TSS (0x20),
+/// code64 (0x28).
+const GDT: [u64; 6] = [
     0,
     0,
     gdt_entry(0xc09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x008b, 0, 0x67),
+    gdt_entry(0xa09b, 0, 0xfffff),
 ];
+const CODE64_SELECTOR: u16 = 0x28;
+const X86_CR0_PG: u64 = 0x8000_0000;
+const X86_CR4_PAE: u64 = 0x20;
+const EFER_LME: u64 = 0x100;
+const EFER_LMA: u64 = 0x400;
+/// Stack for the Linux 64-bit entry (below the zero page, as Firecracker does).
+const BOOT_STACK: u64 = 0x8ff0;
 const CODE_SELECTOR: u16 = 0x10;
 const DATA_SELECTOR: u16 = 0x18;
 const TSS_SELECTOR: u16 = 0x20;
@@ -129,8 +138,23 @@ pub fn cpuid_for(kvm: &Kvm, cpu: u8, cpus: u8, tsc_khz: Option<u32>) -> Result<C
     Ok(cpuid)
 }
 
-/// Puts vCPU `cpu` in the PVH entry state; the boot vCPU starts at `entry`.
-pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, cpu: u8, cpus: u8, entry: u64) -> Result<(), KvmError> {
+/// Where and how the boot vCPU starts.
+#[derive(Clone, Copy, Debug)]
+pub enum BootEntry {
+    /// PVH: 32-bit protected mode, paging off, EBX = start info.
+    Pvh32 { entry: u64 },
+    /// Linux 64-bit boot protocol: long mode with identity paging, RSI = zero page.
+    Long64 { entry: u64, cr3: u64 },
+}
+
+/// Puts vCPU `cpu` in its power-on state; the boot vCPU (0) starts at `boot`.
+pub fn setup_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    cpu: u8,
+    cpus: u8,
+    boot: BootEntry,
+) -> Result<(), KvmError> {
     let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
     vcpu.set_cpuid2(&cpuid_for(kvm, cpu, cpus, tsc_khz)?)
         .map_err(ioctl("SET_CPUID2"))?;
@@ -168,7 +192,14 @@ pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, cpu: u8, cpus: u8, entry: u64) -> Re
     }
 
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(ioctl("GET_SREGS"))?;
-    let code = segment_from_gdt(GDT[2], CODE_SELECTOR);
+    let (entry, long_mode) = match boot {
+        BootEntry::Pvh32 { entry } => (entry, None),
+        BootEntry::Long64 { entry, cr3 } => (entry, Some(cr3)),
+    };
+    let code = match long_mode {
+        None => segment_from_gdt(GDT[2], CODE_SELECTOR),
+        Some(_) => segment_from_gdt(GDT[5], CODE64_SELECTOR),
+    };
     let data = segment_from_gdt(GDT[3], DATA_SELECTOR);
     sregs.cs = code;
     sregs.ds = data;
@@ -185,13 +216,29 @@ pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, cpu: u8, cpus: u8, entry: u64) -> Re
     sregs.cr3 = 0;
     sregs.cr4 = 0;
     sregs.efer = 0;
+    if let Some(cr3) = long_mode {
+        sregs.cr0 |= X86_CR0_PG;
+        sregs.cr3 = cr3;
+        sregs.cr4 = X86_CR4_PAE;
+        sregs.efer = EFER_LME | EFER_LMA;
+    }
     vcpu.set_sregs(&sregs).map_err(ioctl("SET_SREGS"))?;
 
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rbx: layout::PVH_START_INFO,
-        ..Default::default()
+    let regs = match long_mode {
+        None => kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rbx: layout::PVH_START_INFO,
+            ..Default::default()
+        },
+        Some(_) => kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rsp: BOOT_STACK,
+            rbp: BOOT_STACK,
+            rsi: layout::ZERO_PAGE,
+            ..Default::default()
+        },
     };
     vcpu.set_regs(&regs).map_err(ioctl("SET_REGS"))?;
     Ok(())
@@ -240,5 +287,7 @@ mod tests {
         assert_eq!((ds.type_, ds.present, ds.s), (0x3, 1, 1));
         let tr = segment_from_gdt(GDT[4], TSS_SELECTOR);
         assert_eq!((tr.type_, tr.limit, tr.s), (0xb, 0x67, 0));
+        let cs64 = segment_from_gdt(GDT[5], CODE64_SELECTOR);
+        assert_eq!((cs64.l, cs64.db, cs64.type_), (1, 0, 0xb));
     }
 }

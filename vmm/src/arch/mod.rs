@@ -2,4 +2,5 @@
 
 pub mod acpi;
 pub mod cpu;
+pub mod linux;
 pub mod pvh;

@@ -3,11 +3,14 @@
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use devices::virtio::GuestMemoryMmap;
 
+use crate::boot::Initramfs;
 use crate::layout;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -53,13 +56,8 @@ pub fn memory_map(mem_size: u64) -> Vec<hvm_memmap_table_entry> {
     map
 }
 
-/// Writes the command line, memory map and start info; `rsdp` is the ACPI root.
-pub fn write_boot_info(
-    mem: &GuestMemoryMmap,
-    mem_size: u64,
-    cmdline: &str,
-    rsdp: u64,
-) -> Result<(), PvhError> {
+/// Writes the NUL-terminated kernel command line (both boot protocols use it).
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), PvhError> {
     let bytes = cmdline.as_bytes();
     if bytes.len() + 1 > layout::CMDLINE_MAX {
         return Err(PvhError::CmdlineTooLong {
@@ -74,10 +72,22 @@ pub fn write_boot_info(
                 GuestAddress(layout::CMDLINE_START + bytes.len() as u64),
             )
         })
-        .map_err(PvhError::Cmdline)?;
+        .map_err(PvhError::Cmdline)
+}
+
+/// Writes the command line, memory map, initramfs module and start info; `rsdp` is
+/// the ACPI root.
+pub fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    cmdline: &str,
+    rsdp: u64,
+    initramfs: Option<Initramfs>,
+) -> Result<(), PvhError> {
+    write_cmdline(mem, cmdline)?;
 
     let map = memory_map(mem_size);
-    let start_info = hvm_start_info {
+    let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: layout::CMDLINE_START,
@@ -86,8 +96,20 @@ pub fn write_boot_info(
         memmap_entries: map.len() as u32,
         ..Default::default()
     };
+    if initramfs.is_some() {
+        start_info.nr_modules = 1;
+        start_info.modlist_paddr = layout::PVH_MODLIST;
+    }
     let mut params = BootParams::new(&start_info, GuestAddress(layout::PVH_START_INFO));
     params.set_sections(&map, GuestAddress(layout::PVH_MEMMAP));
+    if let Some(rd) = initramfs {
+        let module = hvm_modlist_entry {
+            paddr: rd.addr,
+            size: rd.size,
+            ..Default::default()
+        };
+        params.set_modules(&[module], GuestAddress(layout::PVH_MODLIST));
+    }
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(PvhError::Configure)
 }
