@@ -73,7 +73,13 @@ impl Drop for ServerHandle {
 
 /// Binds `path` (mode 0600; a stale socket nobody listens on is replaced) and serves
 /// the per-VM API, forwarding each request through `dispatch`.
-pub fn serve(path: &Path, dispatch: Dispatch) -> Result<ServerHandle, ServerError> {
+/// `on_thread_start` runs first on the server's thread (the VMM installs its seccomp
+/// filter there).
+pub fn serve(
+    path: &Path,
+    dispatch: Dispatch,
+    on_thread_start: Box<dyn FnOnce() + Send>,
+) -> Result<ServerHandle, ServerError> {
     let p = path.display().to_string();
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -103,6 +109,7 @@ pub fn serve(path: &Path, dispatch: Dispatch) -> Result<ServerHandle, ServerErro
     let thread = std::thread::Builder::new()
         .name("vireo-api".into())
         .spawn(move || {
+            on_thread_start();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -14,6 +14,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod threads;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -86,3 +86,68 @@ fn msix_interrupts_reach_the_guest() {
         Vireo::guest("test=msi", &["--disk", &format!("path={}", disk.display())]).run(T);
     assert_guest_ok(&out, &serial);
 }
+
+/// Seccomp mode (0 off, 2 filter) and name of every thread of `pid`.
+fn thread_seccomp(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:").parse().unwrap_or(99)));
+    }
+    out
+}
+
+#[test]
+fn every_thread_runs_under_a_seccomp_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path().join("vm.sock");
+    let disk_arg = format!("path={}", disk.display());
+    for (flag, want) in [("true", 2u32), ("false", 0)] {
+        let _ = std::fs::remove_file(&sock);
+        let vm = Vireo::guest(
+            // msi activates virtio-blk (its worker thread starts), then the counter runs.
+            "test=counter period_ms=20",
+            &[
+                "--cpus",
+                "boot=2",
+                "--disk",
+                &disk_arg,
+                "--rng",
+                "--api-socket",
+                sock.to_str().unwrap(),
+                "--seccomp",
+                flag,
+            ],
+        )
+        .spawn();
+        vm.wait_serial("tick 2 ", T);
+        let pid = vm.child.as_ref().unwrap().id();
+        let threads = thread_seccomp(pid);
+        let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&"vireo-vcpu0") && names.contains(&"vireo-api"),
+            "{names:?}"
+        );
+        for (name, mode) in &threads {
+            assert_eq!(
+                *mode, want,
+                "thread {name} with --seccomp {flag}: {threads:?}"
+            );
+        }
+    }
+}

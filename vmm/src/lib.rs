@@ -9,6 +9,7 @@ pub mod device_manager;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -7,6 +7,7 @@ use clap::Parser;
 
 use api::config::{self, PayloadConfig};
 use api::VmConfig;
+use vmm::seccomp::{Filters, SeccompMode, ThreadKind};
 use vmm::vmm::{error_chain, Vmm};
 
 /// Run one virtual machine on KVM.
@@ -44,6 +45,9 @@ struct Cli {
     /// Serve the REST API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Seccomp filtering of every thread: true, false (debugging) or log.
+    #[arg(long, default_value = "true")]
+    seccomp: vmm::seccomp::SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,15 +110,31 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if cfg.is_none() && cli.api_socket.is_none() {
         return Err(Box::new(CliError::NothingToRun));
     }
-    let mut vmm = Vmm::new();
+    let filters = Filters::new(cli.seccomp)?;
+    if cli.seccomp != SeccompMode::Off {
+        vmm::seccomp::install_violation_handler();
+    }
+    let worker_filters = filters.clone();
+    devices::threads::set_start_hook(Box::new(move |kind| {
+        worker_filters.apply_or_exit(match kind {
+            devices::threads::WorkerKind::Block => ThreadKind::BlockWorker,
+            devices::threads::WorkerKind::Rng => ThreadKind::RngWorker,
+        })
+    }));
+    let mut vmm = Vmm::new(filters.clone());
     let server = match &cli.api_socket {
-        Some(path) => Some(api::serve(path, vmm.api_dispatch())?),
+        Some(path) => {
+            let f = filters.clone();
+            let on_start = Box::new(move || f.apply_or_exit(ThreadKind::Api));
+            Some(api::serve(path, vmm.api_dispatch(), on_start)?)
+        }
         None => None,
     };
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
     }
+    filters.apply(ThreadKind::Control)?;
     let exit = vmm.run();
     if let Some(server) = server {
         server.shutdown();

@@ -59,6 +59,7 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub ioapic: Arc<devices::legacy::Ioapic>,
+    pub seccomp: crate::seccomp::Filters,
     pub events: std::sync::mpsc::Sender<crate::vmm::ControlEvent>,
 }
 
@@ -77,6 +78,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vireo-vcpu{id}"))
             .spawn(move || {
+                ctx.seccomp.apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
                 run_loop(id, &mut fd, &ctx, &s, &e);
                 let (m, cv) = &*s;
                 m.lock().unwrap_or_else(|e| e.into_inner()).exited = true;

@@ -65,13 +65,18 @@ pub struct Vm {
     state: VmState,
     entry: BootEntry,
     events_tx: Sender<ControlEvent>,
+    seccomp: crate::seccomp::Filters,
     created_at: Instant,
     booted_at: Option<Instant>,
 }
 
 impl Vm {
     /// Builds the VM (memory, devices, loaded kernel) without running it.
-    pub fn new(config: VmConfig, events_tx: Sender<ControlEvent>) -> Result<Self, VmError> {
+    pub fn new(
+        config: VmConfig,
+        events_tx: Sender<ControlEvent>,
+        seccomp: crate::seccomp::Filters,
+    ) -> Result<Self, VmError> {
         config.validate()?;
         let created_at = Instant::now();
         let hv = Hypervisor::new()?;
@@ -95,6 +100,7 @@ impl Vm {
             state: VmState::Created,
             entry,
             events_tx,
+            seccomp,
             created_at,
             booted_at: None,
         })
@@ -150,6 +156,7 @@ impl Vm {
                 pio: self.devices.pio.clone(),
                 mmio: self.devices.mmio.clone(),
                 ioapic: self.devices.ioapic.clone(),
+                seccomp: self.seccomp.clone(),
                 events: self.events_tx.clone(),
             };
             self.vcpus

@@ -40,21 +40,17 @@ impl VmmExit {
 
 pub struct Vmm {
     vm: Option<Vm>,
+    seccomp: crate::seccomp::Filters,
     events_tx: Sender<ControlEvent>,
     events_rx: Receiver<ControlEvent>,
 }
 
-impl Default for Vmm {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Vmm {
-    pub fn new() -> Self {
+    pub fn new(seccomp: crate::seccomp::Filters) -> Self {
         let (events_tx, events_rx) = channel();
         Self {
             vm: None,
+            seccomp,
             events_tx,
             events_rx,
         }
@@ -72,7 +68,11 @@ impl Vmm {
     }
 
     pub fn create(&mut self, config: VmConfig) -> Result<(), VmError> {
-        self.vm = Some(Vm::new(config, self.events_tx.clone())?);
+        self.vm = Some(Vm::new(
+            config,
+            self.events_tx.clone(),
+            self.seccomp.clone(),
+        )?);
         Ok(())
     }
 
@@ -91,7 +91,7 @@ impl Vmm {
         let config = old.config().clone();
         let _ = old.shutdown();
         drop(old); // Releases disk locks before the new VM takes them.
-        let mut vm = Vm::new(config, self.events_tx.clone())?;
+        let mut vm = Vm::new(config, self.events_tx.clone(), self.seccomp.clone())?;
         vm.boot()?;
         self.vm = Some(vm);
         tracing::info!("VM rebooted");

@@ -66,6 +66,7 @@ impl BlockWorker {
     }
 
     pub fn run(mut self) {
+        crate::threads::started(crate::threads::WorkerKind::Block);
         let mut events = vec![EpollEvent::default(); 4];
         // Requests may already be waiting (activation after the driver queued some).
         self.process_queue();

@@ -72,6 +72,7 @@ impl RngWorker {
     }
 
     pub fn run(mut self) {
+        crate::threads::started(crate::threads::WorkerKind::Rng);
         let mut events = vec![EpollEvent::default(); 2];
         self.process();
         loop {
