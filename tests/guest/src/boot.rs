@@ -129,6 +129,23 @@ long_entry:
     mov word ptr [idt + 0x40 * 16 + 6], ax
     lidt [idt_desc]
 
+    /* CPUID at CPL0, into CPUID_TABLE (cpuid.rs): where a PVM-style KVM lets CPL3 code
+       run CPUID natively, CPL3 would see the host's values instead of the VMM's. */
+    mov r8d, offset CPUID_TABLE
+2:
+    mov eax, dword ptr [r8]
+    cmp eax, 0xffffffff
+    je 3f
+    mov ecx, dword ptr [r8 + 4]
+    cpuid
+    mov dword ptr [r8 + 8], eax
+    mov dword ptr [r8 + 12], ebx
+    mov dword ptr [r8 + 16], ecx
+    mov dword ptr [r8 + 20], edx
+    add r8d, 24
+    jmp 2b
+3:
+
     /* drop to CPL3: SS, RSP, RFLAGS (IOPL=3, IF=0), CS, RIP */
     push 0x1b
     push offset ustack_top

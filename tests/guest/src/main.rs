@@ -9,6 +9,7 @@
 extern crate alloc;
 
 mod boot;
+mod cpuid;
 mod hvm;
 mod io;
 mod paging;
@@ -93,6 +94,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "irq" => tests::irq(),
         "msi" => tests::msi(),
         "mem" => tests::mem(&si),
+        "console" => tests::console(),
         _ => {
             println!("vireo-guest: result fail unknown test");
             io::exit(1)

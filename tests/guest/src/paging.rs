@@ -9,7 +9,7 @@
 //! (QEMU microvm's 64-bit PCIe window is the top quarter of the physical address space,
 //! e.g. 0xc000_0000_0000 with 48 physical bits).
 
-use core::arch::x86_64::__cpuid;
+use crate::cpuid::cpuid;
 
 extern "C" {
     static mut pml4: [u64; 512];
@@ -34,7 +34,7 @@ pub fn virt(paddr: u64) -> u64 {
 }
 
 pub fn has_1g_pages() -> bool {
-    __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).edx & (1 << 26) != 0
+    cpuid(0x8000_0001).edx & (1 << 26) != 0
 }
 
 fn new_table() -> *mut u64 {

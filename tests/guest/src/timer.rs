@@ -1,8 +1,8 @@
 //! TSC frequency: cmdline `tsc_khz=`, CPUID 0x15, CPUID 0x16, hypervisor leaf 0x40000010,
 //! else calibration against PIT channel 2.
 
+use crate::cpuid::cpuid;
 use crate::io::{inb, outb, rdtsc};
-use core::arch::x86_64::__cpuid;
 
 pub struct TscFreq {
     pub khz: u64,
@@ -18,34 +18,26 @@ pub fn tsc_khz() -> TscFreq {
             };
         }
     }
-    let max = __cpuid(0).eax;
-    if max >= 0x15 {
-        let l = __cpuid(0x15);
-        if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
-            return TscFreq {
-                khz: l.ecx as u64 * l.ebx as u64 / l.eax as u64 / 1000,
-                source: "cpuid15",
-            };
-        }
+    let l15 = cpuid(0x15);
+    if l15.eax != 0 && l15.ebx != 0 && l15.ecx != 0 {
+        return TscFreq {
+            khz: l15.ecx as u64 * l15.ebx as u64 / l15.eax as u64 / 1000,
+            source: "cpuid15",
+        };
     }
-    if max >= 0x16 {
-        let l = __cpuid(0x16);
-        if l.eax & 0xffff != 0 {
-            return TscFreq {
-                khz: (l.eax & 0xffff) as u64 * 1000,
-                source: "cpuid16",
-            };
-        }
+    let l16 = cpuid(0x16);
+    if l16.eax & 0xffff != 0 {
+        return TscFreq {
+            khz: (l16.eax & 0xffff) as u64 * 1000,
+            source: "cpuid16",
+        };
     }
-    let hv = __cpuid(0x4000_0000).eax;
-    if (0x4000_0010..0x4001_0000).contains(&hv) {
-        let l = __cpuid(0x4000_0010);
-        if l.eax != 0 {
-            return TscFreq {
-                khz: l.eax as u64,
-                source: "cpuid40000010",
-            };
-        }
+    let hv = cpuid(0x4000_0010);
+    if hv.eax != 0 {
+        return TscFreq {
+            khz: hv.eax as u64,
+            source: "cpuid40000010",
+        };
     }
     match pit_calibrate() {
         Some(k) => TscFreq {
@@ -85,9 +77,13 @@ fn pit_calibrate() -> Option<u64> {
         if c <= c0 && c0 - c >= TICKS {
             return Some((t - t0) * PIT_HZ / (c0 - c) as u64 / 1000);
         }
-        spins += 1;
-        if spins > 1_000_000 {
-            return None; // counter does not move: no PIT
+        // A PIT counts down ~1.19 per microsecond, so a count that has not moved over
+        // thousands of reads (each a VM exit) means there is no PIT.
+        if c == c0 {
+            spins += 1;
+            if spins > 10_000 {
+                return None;
+            }
         }
     }
 }
