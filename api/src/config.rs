@@ -93,8 +93,8 @@ fn one() -> u16 {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase", tag = "mode", content = "file")]
 pub enum OutputConfig {
-    Off,
     #[default]
+    Off,
     Null,
     Tty,
     File(PathBuf),
@@ -112,6 +112,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default = "serial_default")]
     pub serial: OutputConfig,
+    /// virtio-console: off (no device), null, tty (stdout, input from stdin) or file.
+    #[serde(default)]
+    pub console: OutputConfig,
     #[serde(default)]
     pub rng: bool,
 }
@@ -142,6 +145,11 @@ impl VmConfig {
         if !self.memory.size.is_multiple_of(4096) {
             return Err(ConfigError::Invalid(
                 "memory.size must be a multiple of 4 KiB".into(),
+            ));
+        }
+        if self.serial == OutputConfig::Tty && self.console == OutputConfig::Tty {
+            return Err(ConfigError::Invalid(
+                "serial and console cannot both be tty (one of them owns the terminal)".into(),
             ));
         }
         for d in &self.disks {

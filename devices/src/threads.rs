@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerKind {
     Block,
+    Console,
     Rng,
 }
 

@@ -233,3 +233,39 @@ fn malformed_vhdx_is_refused_and_left_untouched() {
     assert!(err.contains("bad.vhdx"), "error names the image: {err}");
     assert!(std::fs::read(&img).unwrap() == bytes, "image unchanged");
 }
+
+#[test]
+fn virtio_console_carries_output_and_input() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let mut child = std::process::Command::new(vireo_e2e::bin("vireo"))
+        .arg("--kernel")
+        .arg(vireo_e2e::guest())
+        .args(["--cmdline", "test=console ms=5000", "--console", "tty"])
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello guest, from the host\n")
+        .unwrap();
+    let out = vireo_e2e::wait_with_timeout(child, T);
+    let serial = std::fs::read_to_string(&serial).unwrap();
+    assert_guest_ok(&out, &serial);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "vireo-guest: hello through virtio-console\n",
+        "console output goes to stdout, serial to its file"
+    );
+    assert!(
+        serial.contains("console got=hello guest, from the host"),
+        "{serial}"
+    );
+}

@@ -86,6 +86,22 @@ fn serial_output(cfg: &OutputConfig) -> Result<SerialOutput, DeviceError> {
     })
 }
 
+/// A non-blocking duplicate of stdin for the guest console (None if stdin is closed).
+fn stdin_for_guest() -> Option<File> {
+    use std::os::fd::{AsFd, OwnedFd};
+    let fd: OwnedFd = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    let file = File::from(fd);
+    // SAFETY: fcntl on a valid, owned fd with integer arguments.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+    Some(file)
+}
+
 /// Opens a disk image in the format its content says.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
     let format = detect_format(&cfg.path)?;
@@ -166,6 +182,15 @@ impl DeviceManager {
                 },
             );
             dm.add_virtio(hv, mem, id, Box::new(block))?;
+        }
+        if config.console != OutputConfig::Off {
+            let input = match config.console {
+                OutputConfig::Tty => stdin_for_guest(),
+                _ => None,
+            };
+            let console =
+                devices::virtio::console::Console::new(serial_output(&config.console)?, input);
+            dm.add_virtio(hv, mem, "console0".into(), Box::new(console))?;
         }
         if config.rng {
             let rng = devices::virtio::rng::Rng::new();

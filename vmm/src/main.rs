@@ -36,6 +36,9 @@ struct Cli {
     /// Serial port (COM1): off, null, tty or file=PATH.
     #[arg(long, default_value = "tty")]
     serial: String,
+    /// virtio-console: off, null, tty (stdout; input from stdin) or file=PATH.
+    #[arg(long, default_value = "off")]
+    console: String,
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
@@ -99,6 +102,7 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             .map(|d| config::parse_disk(d))
             .collect::<Result<_, _>>()?,
         serial: config::parse_output("--serial", &cli.serial)?,
+        console: config::parse_output("--console", &cli.console)?,
         rng: cli.rng,
     };
     cfg.validate()?;
@@ -119,6 +123,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         worker_filters.apply_or_exit(match kind {
             devices::threads::WorkerKind::Block => ThreadKind::BlockWorker,
             devices::threads::WorkerKind::Rng => ThreadKind::RngWorker,
+            devices::threads::WorkerKind::Console => ThreadKind::ConsoleWorker,
         })
     }));
     let mut vmm = Vmm::new(filters.clone());

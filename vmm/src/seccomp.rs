@@ -29,15 +29,18 @@ pub enum ThreadKind {
     BlockWorker,
     /// The virtio-rng worker.
     RngWorker,
+    /// The virtio-console worker: terminal or file I/O.
+    ConsoleWorker,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::BlockWorker,
         ThreadKind::RngWorker,
+        ThreadKind::ConsoleWorker,
     ];
 }
 
@@ -220,6 +223,13 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::RngWorker => {
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
+        }
+        ThreadKind::ConsoleWorker => {
+            allow(&mut rules, &[libc::SYS_pwrite64, libc::SYS_fsync]);
+            rules.insert(
+                libc::SYS_ioctl,
+                ioctls(&[KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ])?,
+            );
         }
     }
     Ok(rules)

@@ -5,6 +5,7 @@
 //! serves its queues).
 
 pub mod block;
+pub mod console;
 mod memory;
 pub mod rng;
 mod transport;

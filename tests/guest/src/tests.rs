@@ -559,3 +559,45 @@ pub fn mem(si: &crate::hvm::StartInfo) -> ! {
     println!("mem regions={} probes={}", regions, probes);
     io::result_ok()
 }
+
+/// `test=console [ms=M]`: writes a line through the first virtio-console (driven by
+/// virtio-drivers' `VirtIOConsole`), then collects input bytes up to a newline or for
+/// at most M ms (default 2000) and reports them on the serial port.
+pub fn console() -> ! {
+    use virtio_drivers::device::console::VirtIOConsole;
+    let mut root = pci::root();
+    pci::assign_bars(&mut root, CMDLINE.get("verbose").is_some());
+    let found = pci::functions(&root)
+        .find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Console));
+    let Some((df, _)) = found else {
+        fail!("no virtio-console device on bus 0");
+    };
+    let transport = match PciTransport::new::<GuestHal, _>(&mut root, df) {
+        Ok(t) => t,
+        Err(e) => fail!("virtio-console {}: transport: {:?}", pci::bdf(&df), e),
+    };
+    let mut con = match VirtIOConsole::<GuestHal, _>::new(transport) {
+        Ok(c) => c,
+        Err(e) => fail!("virtio-console: init: {:?}", e),
+    };
+    if let Err(e) = con.send_bytes(b"vireo-guest: hello through virtio-console\n") {
+        fail!("virtio-console send: {:?}", e);
+    }
+    let ms = num("ms", Some(2000));
+    let f = crate::timer::tsc_khz();
+    let t0 = rdtsc();
+    let mut got = alloc::vec::Vec::new();
+    while rdtsc() - t0 < f.khz * ms {
+        match con.recv(true) {
+            Ok(Some(b'\n')) => break,
+            Ok(Some(b)) => got.push(b),
+            Ok(None) => core::hint::spin_loop(),
+            Err(e) => fail!("virtio-console recv: {:?}", e),
+        }
+    }
+    println!(
+        "console got={}",
+        core::str::from_utf8(&got).unwrap_or("<not utf-8>")
+    );
+    io::result_ok()
+}
