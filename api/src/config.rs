@@ -83,6 +83,47 @@ pub struct DiskConfig {
     /// Device id for the API (default: disk0, disk1, ...).
     #[serde(default)]
     pub id: Option<String>,
+    /// IOPS and bandwidth limits (none by default).
+    #[serde(default, skip_serializing_if = "RateLimitConfig::is_unlimited")]
+    pub rate_limiter: RateLimitConfig,
+}
+
+/// One token bucket: `size` tokens (bytes or operations), refilled from empty to full
+/// in `refill_time` milliseconds (Cloud Hypervisor's and Firecracker's model).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    pub size: u64,
+    pub refill_time: u64,
+}
+
+/// A device's I/O limits: bandwidth in bytes, ops in operations.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+impl RateLimitConfig {
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none() && self.ops.is_none()
+    }
+
+    fn validate(&self, what: &str) -> Result<(), ConfigError> {
+        for (name, b) in [("bandwidth", self.bandwidth), ("ops", self.ops)] {
+            if let Some(b) = b {
+                if b.size == 0 || b.refill_time == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what}: {name} rate limit needs size > 0 and refill_time > 0 (ms)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn one() -> u16 {
@@ -153,6 +194,8 @@ impl VmConfig {
             ));
         }
         for d in &self.disks {
+            d.rate_limiter
+                .validate(&format!("disk {}", d.path.display()))?;
             if d.num_queues == 0 || d.num_queues > 16 {
                 return Err(ConfigError::Invalid(format!(
                     "disk {}: num_queues must be 1..=16",
@@ -254,7 +297,10 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         serial: None,
         num_queues: 1,
         id: None,
+        rate_limiter: RateLimitConfig::default(),
     };
+    let mut bw = (None, None);
+    let mut ops = (None, None);
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
             "path" => path = Some(PathBuf::from(v)),
@@ -262,22 +308,47 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "direct" => d.direct = on_off(F, &k, &v)?,
             "serial" => d.serial = Some(v),
             "id" => d.id = Some(v),
-            "num_queues" => {
-                d.num_queues = v.parse().map_err(|_| ConfigError::BadValue {
-                    flag: F,
-                    key: k.clone(),
-                    value: v.clone(),
-                    reason: "expected a number".into(),
-                })?
-            }
+            "num_queues" => d.num_queues = number(F, &k, &v)?,
+            "bw_size" => bw.0 = Some(number(F, &k, &v)?),
+            "bw_refill_time" => bw.1 = Some(number(F, &k, &v)?),
+            "ops_size" => ops.0 = Some(number(F, &k, &v)?),
+            "ops_refill_time" => ops.1 = Some(number(F, &k, &v)?),
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
+    d.rate_limiter = RateLimitConfig {
+        bandwidth: bucket(F, "bw", bw)?,
+        ops: bucket(F, "ops", ops)?,
+    };
     d.path = path.ok_or(ConfigError::Missing {
         flag: F,
         key: "path",
     })?;
     Ok(d)
+}
+
+fn number<T: std::str::FromStr>(flag: &'static str, key: &str, v: &str) -> Result<T, ConfigError> {
+    v.parse().map_err(|_| ConfigError::BadValue {
+        flag,
+        key: key.into(),
+        value: v.into(),
+        reason: "expected a number".into(),
+    })
+}
+
+/// `<p>_size` and `<p>_refill_time` (ms) come together or not at all.
+fn bucket(
+    flag: &'static str,
+    prefix: &str,
+    (size, refill): (Option<u64>, Option<u64>),
+) -> Result<Option<TokenBucket>, ConfigError> {
+    match (size, refill) {
+        (None, None) => Ok(None),
+        (Some(size), Some(refill_time)) => Ok(Some(TokenBucket { size, refill_time })),
+        _ => Err(ConfigError::Invalid(format!(
+            "{flag}: {prefix}_size and {prefix}_refill_time (ms) must be given together"
+        ))),
+    }
 }
 
 pub fn parse_output(flag: &'static str, s: &str) -> Result<OutputConfig, ConfigError> {
@@ -341,6 +412,39 @@ mod tests {
         assert!(parse_output("--serial", "file=").is_err());
         assert_eq!(parse_size("1T"), Some(1 << 40));
         assert_eq!(parse_size("99999999999999T"), None);
+    }
+
+    #[test]
+    fn disk_rate_limits_parse_in_pairs_and_validate() {
+        let d = parse_disk(
+            "path=/a,ops_size=100,ops_refill_time=1000,bw_size=1048576,bw_refill_time=100",
+        )
+        .unwrap();
+        assert_eq!(
+            d.rate_limiter.ops,
+            Some(TokenBucket {
+                size: 100,
+                refill_time: 1000
+            })
+        );
+        assert_eq!(d.rate_limiter.bandwidth.map(|b| b.size), Some(1 << 20));
+        assert!(matches!(
+            parse_disk("path=/a,ops_size=100"),
+            Err(ConfigError::Invalid(m)) if m.contains("ops_refill_time")
+        ));
+        assert!(matches!(
+            parse_disk("path=/a,bw_size=fast,bw_refill_time=1"),
+            Err(ConfigError::BadValue { .. })
+        ));
+        let json = r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/d",
+                      "rate_limiter":{"ops":{"size":0,"refill_time":10}}}]}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("ops rate limit"))
+        );
+        // An unlimited disk serializes without the field (older readers accept it).
+        let plain = serde_json::to_value(parse_disk("path=/a").unwrap()).unwrap();
+        assert!(plain.get("rate_limiter").is_none());
     }
 
     #[test]

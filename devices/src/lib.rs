@@ -3,7 +3,8 @@
 //! - [`bus`]: port-I/O and MMIO dispatch of guest accesses to devices.
 //! - [`legacy`]: 16550 serial, debug-exit port, i8042 reset, ACPI power management.
 //! - [`pci`]: PCI configuration space, the root bus with ECAM, MSI-X.
-//! - [`virtio`]: the virtio-pci transport and virtio devices (block, rng).
+//! - [`virtio`]: the virtio-pci transport and virtio devices (block, console, rng).
+//! - [`rate_limiter`]: token buckets for per-device IOPS and bandwidth limits.
 //! - [`block`]: disk backends (raw, VHDX) behind one [`block::BlockBackend`] trait.
 //!
 //! Devices know nothing of KVM: interrupts leave through the [`interrupt`] traits,
@@ -14,6 +15,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod rate_limiter;
 pub mod threads;
 pub mod virtio;
 

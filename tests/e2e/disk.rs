@@ -269,3 +269,69 @@ fn virtio_console_carries_output_and_input() {
         "{serial}"
     );
 }
+
+/// `bench <phase> ops=.. iops=.. mbps=..` lines of `test=blk-bench` → (phase, iops, MB/s).
+fn bench_phases(serial: &str) -> Vec<(String, f64, f64)> {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("bench "))
+        .filter(|l| !l.starts_with("capacity="))
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let phase = words.next().unwrap_or_default().to_string();
+            let field = |name: &str| -> f64 {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in {l}"))
+            };
+            (phase, field("iops="), field("mbps="))
+        })
+        .collect()
+}
+
+/// The guest measures its own I/O under a disk's limits. Upper bounds only: a slow
+/// machine can only lower the numbers, an unlimited disk runs ~10x above them here.
+#[test]
+fn rate_limited_disk_holds_the_guest_to_its_iops_and_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path(), 64 << 20);
+    // 200 IOPS: 20 operations per 100 ms. The bucket starts full: +20 ops in 0.5 s.
+    let (out, serial) = Vireo::guest(
+        "test=blk-bench ms=500 span_mib=32",
+        &[
+            "--disk",
+            &disk_arg(&disk, ",ops_size=20,ops_refill_time=100"),
+        ],
+    )
+    .run(T);
+    assert_guest_ok(&out, &serial);
+    let phases = bench_phases(&serial);
+    assert_eq!(phases.len(), 4, "{serial}");
+    for (phase, iops, _) in &phases {
+        assert!(*iops > 0.0, "{phase} made no progress");
+        assert!(
+            *iops <= 200.0 * 1.25,
+            "{phase}: {iops} IOPS over a 200 IOPS limit"
+        );
+    }
+    // 8 MiB/s: 819,200 bytes per 100 ms; 4K ops are not held by ops, only by bytes.
+    let (out, serial) = Vireo::guest(
+        "test=blk-bench ms=500 span_mib=32",
+        &[
+            "--disk",
+            &disk_arg(&disk, ",bw_size=838861,bw_refill_time=100"),
+        ],
+    )
+    .run(T);
+    assert_guest_ok(&out, &serial);
+    let limit_mbps = 838_861.0 * 10.0 / 1e6;
+    for (phase, _, mbps) in bench_phases(&serial) {
+        assert!(mbps > 0.0, "{phase} made no progress");
+        // One request of up to 1 MiB may pass on a full bucket at the start.
+        assert!(
+            mbps <= limit_mbps * 1.25 + 2.1,
+            "{phase}: {mbps} MB/s over an {limit_mbps} MB/s limit"
+        );
+    }
+}

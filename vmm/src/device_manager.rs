@@ -102,6 +102,19 @@ fn stdin_for_guest() -> Option<File> {
     Some(file)
 }
 
+/// The device model's view of a configured rate limit.
+fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::RateLimiterConfig {
+    use devices::rate_limiter::TokenBucketConfig;
+    let bucket = |b: api::config::TokenBucket| TokenBucketConfig {
+        size: b.size,
+        refill_time_ms: b.refill_time,
+    };
+    devices::rate_limiter::RateLimiterConfig {
+        bandwidth: cfg.bandwidth.map(bucket),
+        ops: cfg.ops.map(bucket),
+    }
+}
+
 /// Opens a disk image in the format its content says.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
     let format = detect_format(&cfg.path)?;
@@ -179,6 +192,7 @@ impl DeviceManager {
                     read_only: disk.readonly,
                     serial: disk.serial.clone().unwrap_or_else(|| id.clone()),
                     num_queues: disk.num_queues,
+                    rate_limiter: rate_limiter(&disk.rate_limiter),
                 },
             );
             dm.add_virtio(hv, mem, id, Box::new(block))?;

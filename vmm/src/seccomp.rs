@@ -206,8 +206,15 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             allow(&mut rules, CONTROL);
         }
         ThreadKind::Vcpu => {
-            // Serial output to a file; flushing disks when a device is reset.
+            // Serial output to a file; flushing disks when a device is reset; a disk's
+            // rate-limit timer when the driver activates it. Device workers are spawned
+            // by the vCPU that activates them and inherit this filter (filters stack),
+            // so what a worker needs must be allowed here too.
             allow(&mut rules, DISK_IO);
+            allow(
+                &mut rules,
+                &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
+            );
             rules.insert(
                 libc::SYS_ioctl,
                 ioctls(&[KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ])?,
@@ -219,6 +226,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::BlockWorker => {
             allow(&mut rules, DISK_IO);
+            allow(&mut rules, &[libc::SYS_timerfd_settime]);
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
         ThreadKind::RngWorker => {

@@ -7,8 +7,9 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::BlockWorker;
+use super::worker::{BlockWorker, Throttle};
 use crate::block::BlockBackend;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
@@ -38,6 +39,8 @@ pub struct BlockConfig {
     /// The serial number the guest reads with GET_ID (up to 20 bytes).
     pub serial: String,
     pub num_queues: u16,
+    /// IOPS and bandwidth limits of the whole disk (all queues together).
+    pub rate_limiter: RateLimiterConfig,
 }
 
 /// I/O counters served by `vm.counters`.
@@ -51,6 +54,8 @@ pub struct BlockCounters {
     pub discard_ops: AtomicU64,
     pub write_zeroes_ops: AtomicU64,
     pub errors: AtomicU64,
+    /// Times a request had to wait for the rate limiter.
+    pub throttled: AtomicU64,
 }
 
 struct Running {
@@ -64,6 +69,7 @@ pub struct Block {
     queue_sizes: Vec<u16>,
     acked_features: u64,
     counters: Arc<BlockCounters>,
+    limiter: Option<Arc<RateLimiter>>,
     running: Option<Running>,
     config_space: Vec<u8>,
 }
@@ -75,6 +81,7 @@ impl Block {
         Self {
             backend,
             queue_sizes: vec![QUEUE_SIZE; usize::from(num_queues)],
+            limiter: RateLimiter::new(&config.rate_limiter).map(Arc::new),
             config,
             acked_features: 0,
             counters: Arc::new(BlockCounters::default()),
@@ -187,10 +194,15 @@ impl VirtioDevice for Block {
         })?;
         let mut threads = Vec::new();
         for q in queues {
-            let stop_fd = stop.try_clone().map_err(|source| ActivateError::Setup {
+            let setup = |source| ActivateError::Setup {
                 device: "block",
                 source,
-            })?;
+            };
+            let stop_fd = stop.try_clone().map_err(setup)?;
+            let throttle = match &self.limiter {
+                Some(l) => Some(Throttle::new(l.clone()).map_err(setup)?),
+                None => None,
+            };
             let worker = BlockWorker::new(
                 q,
                 mem.clone(),
@@ -198,6 +210,7 @@ impl VirtioDevice for Block {
                 self.backend.clone(),
                 self.config.clone(),
                 self.counters.clone(),
+                throttle,
                 stop_fd,
             )
             .map_err(|source| ActivateError::Setup {
@@ -237,6 +250,7 @@ impl VirtioDevice for Block {
                 c.write_zeroes_ops.load(Ordering::Relaxed),
             ),
             ("errors", c.errors.load(Ordering::Relaxed)),
+            ("throttled", c.throttled.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -96,6 +96,15 @@ impl Request {
         })
     }
 
+    /// What the bandwidth bucket charges: data moved by reads and writes; other
+    /// requests (flush, discard, write-zeroes, get-id) count as operations only.
+    pub fn rate_limited_bytes(&self) -> u64 {
+        match self.kind {
+            T_IN | T_OUT => self.data_len(),
+            _ => 0,
+        }
+    }
+
     fn data_len(&self) -> u64 {
         self.data.iter().map(|(_, l, _)| u64::from(*l)).sum()
     }

@@ -1,20 +1,44 @@
 //! The thread that serves one virtio-blk queue: waits on the queue's notify eventfd,
 //! runs every available request, returns them in the used ring, interrupts the guest.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::QueueT;
+use std::os::fd::AsRawFd;
+
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{BlockConfig, BlockCounters};
 use super::request::{Request, S_IOERR};
 use crate::block::BlockBackend;
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptKind};
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
+const TOKEN_THROTTLE: u64 = 2;
+
+/// The disk's rate limiter (shared by its queues) and this worker's wake-up timer.
+pub(super) struct Throttle {
+    pub limiter: Arc<RateLimiter>,
+    timer: TimerFd,
+    /// A request waits for tokens: kicks are ignored until the timer fires.
+    waiting: bool,
+}
+
+impl Throttle {
+    pub fn new(limiter: Arc<RateLimiter>) -> std::io::Result<Self> {
+        Ok(Self {
+            limiter,
+            timer: TimerFd::new()?,
+            waiting: false,
+        })
+    }
+}
 
 pub(super) struct BlockWorker {
     q: ActivatedQueue,
@@ -23,11 +47,13 @@ pub(super) struct BlockWorker {
     disk: Arc<dyn BlockBackend>,
     config: BlockConfig,
     counters: Arc<BlockCounters>,
+    throttle: Option<Throttle>,
     stop: EventFd,
     epoll: Epoll,
 }
 
 impl BlockWorker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         q: ActivatedQueue,
         mem: Arc<GuestMemoryMmap>,
@@ -35,10 +61,10 @@ impl BlockWorker {
         disk: Arc<dyn BlockBackend>,
         config: BlockConfig,
         counters: Arc<BlockCounters>,
+        throttle: Option<Throttle>,
         stop: EventFd,
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
-        use std::os::fd::AsRawFd;
         epoll.ctl(
             ControlOperation::Add,
             q.kick.as_raw_fd(),
@@ -49,6 +75,13 @@ impl BlockWorker {
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_STOP),
         )?;
+        if let Some(t) = &throttle {
+            epoll.ctl(
+                ControlOperation::Add,
+                t.timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_THROTTLE),
+            )?;
+        }
         Ok(Self {
             q,
             mem,
@@ -56,6 +89,7 @@ impl BlockWorker {
             disk,
             config,
             counters,
+            throttle,
             stop,
             epoll,
         })
@@ -85,9 +119,18 @@ impl BlockWorker {
                         let _ = self.stop.read();
                         return;
                     }
+                    TOKEN_THROTTLE => {
+                        if let Some(t) = &mut self.throttle {
+                            let _ = t.timer.wait();
+                            t.waiting = false;
+                        }
+                        self.process_queue();
+                    }
                     _ => {
                         let _ = self.q.kick.read();
-                        self.process_queue();
+                        if !self.throttle.as_ref().is_some_and(|t| t.waiting) {
+                            self.process_queue();
+                        }
                     }
                 }
             }
@@ -102,9 +145,24 @@ impl BlockWorker {
                 tracing::warn!(error = ?e, "cannot disable queue notifications");
             }
             let mut completed = 0;
+            let mut throttled = false;
             while let Some(chain) = self.q.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                let (status_addr, status, len) = match Request::parse(mem, chain) {
+                let parsed = Request::parse(mem, chain);
+                if let (Ok(req), Some(t)) = (&parsed, &mut self.throttle) {
+                    if let Err(wait) = t.limiter.admit(req.rate_limited_bytes()) {
+                        // Put the request back and sleep until the buckets allow it.
+                        self.q.queue.go_to_previous_position();
+                        if let Err(e) = t.timer.reset(wait, None) {
+                            tracing::warn!(error = %e, "cannot arm the rate-limit timer");
+                        }
+                        t.waiting = true;
+                        throttled = true;
+                        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                let (status_addr, status, len) = match parsed {
                     Ok(req) => {
                         let (status, written) =
                             req.execute(mem, self.disk.as_ref(), &self.config, &self.counters);
@@ -138,6 +196,10 @@ impl BlockWorker {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = ?e, "needs_notification failed"),
                 }
+            }
+            if throttled {
+                // Notifications stay off: the timer, not the guest, wakes us.
+                return;
             }
             match self.q.queue.enable_notification(mem) {
                 Ok(true) => continue, // More arrived while notifications were off.
