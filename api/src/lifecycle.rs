@@ -3,6 +3,7 @@
 //! ```text
 //! Created --boot--> Running --pause--> Paused --resume--> Running
 //! Running|Paused --shutdown--> Shutdown        Running|Paused --reboot--> Running
+//! Running --power-button--> Running (the guest decides; paused guests cannot see it)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ pub enum Action {
     Resume,
     Shutdown,
     Reboot,
+    PowerButton,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +43,7 @@ impl VmState {
             (Paused, Action::Resume) => Running,
             (Running | Paused, Action::Shutdown) => VmState::Shutdown,
             (Running | Paused, Action::Reboot) => Running,
+            (Running, Action::PowerButton) => Running,
             (from, action) => return Err(InvalidTransition { from, action }),
         };
         Ok(to)
@@ -49,14 +52,14 @@ impl VmState {
 
 #[cfg(test)]
 mod tests {
-    use super::Action::{Boot, Pause, Reboot, Resume};
+    use super::Action::{Boot, Pause, PowerButton, Reboot, Resume};
     use super::VmState::{Created, Paused, Running};
     use super::*;
 
     #[test]
     fn every_transition_is_explicit() {
         let all_states = [Created, Running, Paused, VmState::Shutdown];
-        let all_actions = [Boot, Pause, Resume, Action::Shutdown, Reboot];
+        let all_actions = [Boot, Pause, Resume, Action::Shutdown, Reboot, PowerButton];
         let allowed = [
             (Created, Boot, Running),
             (Running, Pause, Paused),
@@ -65,6 +68,7 @@ mod tests {
             (Paused, Action::Shutdown, VmState::Shutdown),
             (Running, Reboot, Running),
             (Paused, Reboot, Running),
+            (Running, PowerButton, Running),
         ];
         for s in all_states {
             for a in all_actions {

@@ -167,6 +167,10 @@ fn router(state: AppState) -> Router {
             put(|s| action(s, VmAction::Shutdown)),
         )
         .route("/api/v1/vm.reboot", put(|s| action(s, VmAction::Reboot)))
+        .route(
+            "/api/v1/vm.power-button",
+            put(|s| action(s, VmAction::PowerButton)),
+        )
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(
             "/api/v1/vm.counters",

@@ -29,6 +29,8 @@ pub enum VmAction {
     Resume,
     Shutdown,
     Reboot,
+    /// Presses the ACPI power button (the guest decides what to do).
+    PowerButton,
     Info,
     Counters,
     /// Ends the VMM process (after shutting the VM down).

@@ -183,3 +183,38 @@ fn serde_yaml_like_paths(yaml: &str) -> serde_json::Value {
     assert!(out.len() >= 8, "parsed too few routes: {out:?}");
     serde_json::Value::Array(out)
 }
+
+#[test]
+fn power_button_reaches_the_guest_which_powers_off_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let vm = Vireo::guest(
+        "test=power-button",
+        &["--api-socket", sock.to_str().unwrap()],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("power-button waiting", T);
+    // A paused guest cannot see the button: refused, nothing pending afterwards.
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let (s, body) = api(&sock, "PUT", "vm.power-button", None);
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(api(&sock, "PUT", "vm.resume", None).0, 204);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !vm.serial_text().contains("pressed"),
+        "a refused press must not reach the guest"
+    );
+    assert_eq!(api(&sock, "PUT", "vm.power-button", None).0, 204);
+    let serial = vm.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains("power-button pressed events=0x08"),
+        "{serial}"
+    );
+    let out = vm.wait(T);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ACPI S5 power-off is a clean exit"
+    );
+}

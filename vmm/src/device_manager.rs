@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::block::{detect_format, BlockBackend, ImageFormat, OpenError, RawFile, VhdxDisk};
 use devices::legacy::{
-    AcpiPmDevice, DebugExit, Ioapic, IoapicLine, IoapicMmio, PowerControl, SerialDevice,
-    SerialOutput, ACPI_PM_PORT, ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
-    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN, I8042, I8042_PORT, I8042_PORT_LEN, IOAPIC_SIZE,
-    IOAPIC_START,
+    AcpiGed, AcpiGedMmio, AcpiPmDevice, DebugExit, Ioapic, IoapicLine, IoapicMmio, PowerControl,
+    SerialDevice, SerialOutput, ACPI_PM_PORT, ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
+    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN, GED_IRQ, GED_SIZE, GED_START, I8042, I8042_PORT,
+    I8042_PORT_LEN, IOAPIC_SIZE, IOAPIC_START,
 };
 use devices::pci::{PciDevice, PciEcam, PciRoot, PciRootError, ECAM_BUS_SIZE};
 use devices::virtio::block::{Block, BlockConfig};
@@ -58,6 +58,8 @@ pub struct DeviceManager {
     pub pci: Arc<PciRoot>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ioapic: Arc<Ioapic>,
+    /// The ACPI Generic Event Device (power button).
+    pub ged: Arc<AcpiGed>,
     pub functions: Vec<PciFunction>,
     next_bar: u64,
 }
@@ -167,6 +169,16 @@ impl DeviceManager {
             ACPI_PM_PORT_LEN,
         )?;
 
+        let ged = Arc::new(AcpiGed::new(Arc::new(IoapicLine {
+            ioapic: ioapic.clone(),
+            pin: GED_IRQ as usize,
+        })));
+        mmio.insert(
+            Arc::new(Mutex::new(AcpiGedMmio(ged.clone()))),
+            GED_START,
+            GED_SIZE,
+        )?;
+
         let pci = Arc::new(PciRoot::new(&mmio));
         mmio.insert(
             Arc::new(Mutex::new(PciEcam::new(pci.clone()))),
@@ -180,6 +192,7 @@ impl DeviceManager {
             pci,
             serial,
             ioapic,
+            ged,
             functions: Vec::new(),
             next_bar: layout::PCI_MMIO_START,
         };

@@ -43,6 +43,8 @@ pub enum VmError {
     VcpuThread(#[source] std::io::Error),
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
+    #[error("cannot interrupt the guest: {0}")]
+    Interrupt(#[source] std::io::Error),
 }
 
 /// Forwards device power requests to the control loop.
@@ -199,6 +201,16 @@ impl Vm {
         }
         self.state = next;
         Ok(())
+    }
+
+    /// Presses the ACPI power button: a GED event the guest's `_EVT` turns into a
+    /// power-button notification. Only a running VM has anyone to press it for.
+    pub fn power_button(&mut self) -> Result<(), VmError> {
+        self.state.next(Action::PowerButton)?;
+        self.devices
+            .ged
+            .notify(devices::legacy::GED_POWER_BUTTON)
+            .map_err(VmError::Interrupt)
     }
 
     pub fn info(&self) -> VmInfo {

@@ -180,6 +180,9 @@ impl Vmm {
                     }),
                 },
             },
+            VmAction::PowerButton => self
+                .vm_mut()
+                .and_then(|vm| vm.power_button().map(|_| None).map_err(api_error)),
             VmAction::Info => self.vm_mut().and_then(|vm| {
                 serde_json::to_value(vm.info())
                     .map(Some)

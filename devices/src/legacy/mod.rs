@@ -2,6 +2,7 @@
 
 mod acpi_pm;
 mod debug_exit;
+mod ged;
 mod i8042;
 mod ioapic;
 mod serial;
@@ -10,6 +11,7 @@ pub use acpi_pm::{
     AcpiPmDevice, ACPI_PM_PORT, ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLP_TYP_S5,
 };
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
+pub use ged::{AcpiGed, AcpiGedMmio, GED_IRQ, GED_POWER_BUTTON, GED_SIZE, GED_START};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 pub use ioapic::{Ioapic, IoapicLine, IoapicMmio, IOAPIC_PINS, IOAPIC_SIZE, IOAPIC_START};
 pub use serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};

@@ -95,6 +95,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "msi" => tests::msi(),
         "mem" => tests::mem(&si),
         "console" => tests::console(),
+        "power-button" => tests::power_button(),
         _ => {
             println!("vireo-guest: result fail unknown test");
             io::exit(1)

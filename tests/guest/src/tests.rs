@@ -601,3 +601,34 @@ pub fn console() -> ! {
     );
     io::result_ok()
 }
+
+/// `test=power-button [ged=ADDR] [pm=PORT] [ms=M]`: waits (up to M ms, default 30000)
+/// for the power-button flag (bit 3) in the ACPI Generic Event Device's register at ADDR
+/// (default 0xfeb00000, Vireo's GED; reading clears it, as the DSDT's `_EVT` does), then
+/// powers off as an ACPI OS would: SLP_TYP=5 | SLP_EN to the hardware-reduced sleep
+/// control register at PORT (default 0x600, from Vireo's FADT).
+pub fn power_button() -> ! {
+    let ged = num("ged", Some(0xfeb0_0000));
+    let pm = num("pm", Some(0x600)) as u16;
+    let ms = num("ms", Some(30_000));
+    let f = crate::timer::tsc_khz();
+    println!("power-button waiting ged={:#x}", ged);
+    let t0 = rdtsc();
+    let events = loop {
+        // SAFETY: 0..4 GiB is identity-mapped, user-accessible; the GED register is MMIO.
+        let e = unsafe { (ged as *const u8).read_volatile() };
+        if e & (1 << 3) != 0 {
+            break e;
+        }
+        if rdtsc() - t0 > f.khz * ms {
+            fail!("no power-button event within {} ms", ms);
+        }
+        core::hint::spin_loop();
+    };
+    println!("power-button pressed events={:#04x}", events);
+    println!("vireo-guest: result ok");
+    io::outb(pm, (5 << 2) | (1 << 5));
+    loop {
+        core::hint::spin_loop();
+    }
+}

@@ -10,7 +10,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
-use devices::legacy::{ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_SLP_TYP_S5};
+use devices::legacy::{
+    ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_SLP_TYP_S5, GED_IRQ, GED_POWER_BUTTON, GED_SIZE, GED_START,
+};
 use devices::virtio::GuestMemoryMmap;
 
 use crate::layout;
@@ -33,6 +35,50 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
+/// \_SB_.GED_ (the Generic Event Device: its register, its interrupt and the `_EVT`
+/// method that turns the power-button flag into a notification) and \_SB_.PWRB.
+fn ged_and_power_button() -> Vec<u8> {
+    // Consumer, edge-triggered, active high, exclusive: the IOAPIC pin we raise.
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let ged_crs = aml::ResourceTemplate::new(vec![&irq]);
+    let (ged_start, ged_size) = (GED_START as usize, GED_SIZE as usize);
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &ged_start,
+        &ged_size,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let power_button = GED_POWER_BUTTON as usize;
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &power_button);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80usize);
+    let pressed = aml::Equal::new(&aml::Local(1), &power_button);
+    let if_pressed = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &masked, &if_pressed]);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &ged_crs);
+    let ged = aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&ged_hid, &uid, &crs, &region, &field, &evt],
+    );
+    let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let pwrb_dev = aml::Device::new("_SB_.PWRB".into(), vec![&pwrb_hid, &uid]);
+    let mut body = Vec::new();
+    ged.to_aml_bytes(&mut body);
+    pwrb_dev.to_aml_bytes(&mut body);
+    body
+}
+
 fn dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // \_S5_: the sleep type the guest writes to power off.
@@ -40,6 +86,7 @@ fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
+    dsdt.append_slice(&ged_and_power_button());
     to_bytes(&dsdt)
 }
 
@@ -136,6 +183,14 @@ mod tests {
             assert_eq!(len, t.len(), "{}", String::from_utf8_lossy(&t[..4]));
             assert!(checksum_ok(&t), "{}", String::from_utf8_lossy(&t[..4]));
         }
+        let d = dsdt();
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        // The GED (its HID, register and _EVT method) and the power button device.
+        assert!(has(b"ACPI0013") && has(b"GDAT") && has(b"_EVT") && has(b"PWRB"));
+        assert!(
+            has(&(GED_START as u32).to_le_bytes()),
+            "GED register address"
+        );
         // 4 local APICs of 8 bytes + one IOAPIC of 12 after the 44-byte header.
         assert_eq!(madt(4).len(), 44 + 4 * 8 + 12);
     }
