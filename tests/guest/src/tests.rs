@@ -301,13 +301,51 @@ pub fn dirty() -> ! {
     }
 }
 
-/// `test=blk-bench [ms=D] [span_mib=M] [seed=S]`: QD1 benchmarks (destroys disk contents).
+/// One in-flight request of blk-bench: its header, status and data buffer stay put
+/// (the device reads and writes them) until it completes.
+struct BenchSlot {
+    req: virtio_drivers::device::blk::BlkReq,
+    resp: virtio_drivers::device::blk::BlkResp,
+    buf: alloc::vec::Vec<u8>,
+    token: Option<u16>,
+}
+
+/// Next LBA of a phase: xorshift-random 4K-aligned slots, or sequential ones.
+struct LbaGen {
+    x: u64,
+    seq: u64,
+    slots: u64,
+    secs: u64,
+    random: bool,
+}
+
+impl LbaGen {
+    fn next(&mut self) -> u64 {
+        if self.random {
+            self.x ^= self.x >> 12;
+            self.x ^= self.x << 25;
+            self.x ^= self.x >> 27;
+            (self.x.wrapping_mul(0x2545_F491_4F6C_DD1D) % self.slots) * self.secs
+        } else {
+            let l = (self.seq % self.slots) * self.secs;
+            self.seq += 1;
+            l
+        }
+    }
+}
+
+/// `test=blk-bench [ms=D] [span_mib=M] [seed=S] [qd=Q]`: I/O benchmarks at queue depth Q
+/// (1..=16, default 1; 16 is virtio-drivers' queue size) — destroys disk contents.
 pub fn blk_bench() -> ! {
     let mut blk = open_blk();
     if blk.readonly() {
         fail!("device is read-only");
     }
     let ms = num("ms", Some(1000)).max(1);
+    let qd = num("qd", Some(1));
+    if qd == 0 || qd > u64::from(blk.virt_queue_size()) {
+        fail!("qd must be 1..={}", blk.virt_queue_size());
+    }
     let cap = blk.capacity();
     let span = (num("span_mib", Some(256)) * 2048).min(cap);
     if span < 2048 {
@@ -315,12 +353,22 @@ pub fn blk_bench() -> ! {
     }
     let f = crate::timer::tsc_khz();
     println!(
-        "bench capacity={} span_sectors={} ms={} tsc_khz={} source={}",
-        cap, span, ms, f.khz, f.source
+        "bench capacity={} span_sectors={} ms={} qd={} tsc_khz={} source={}",
+        cap, span, ms, qd, f.khz, f.source
     );
-    let mut x = num("seed", Some(1)) | 1;
-    let mut buf = vec![0u8; 1 << 20];
-    pattern::fill(x, 0, &mut buf);
+    let seed = num("seed", Some(1)) | 1;
+    let mut slots: alloc::vec::Vec<BenchSlot> = (0..qd)
+        .map(|i| {
+            let mut buf = vec![0u8; 1 << 20];
+            pattern::fill(seed + i, 0, &mut buf);
+            BenchSlot {
+                req: Default::default(),
+                resp: Default::default(),
+                buf,
+                token: None,
+            }
+        })
+        .collect();
     let dur = f.khz * ms;
     for (name, write, bs) in [
         ("rand4k-read", false, 4096usize),
@@ -329,31 +377,62 @@ pub fn blk_bench() -> ! {
         ("seq1m-read", false, 1 << 20),
     ] {
         let secs = (bs / SECTOR_SIZE) as u64;
-        let slots = span / secs;
+        let mut lbas = LbaGen {
+            x: seed,
+            seq: 0,
+            slots: span / secs,
+            secs,
+            random: bs == 4096,
+        };
+        let submit = |blk: &mut Blk, slot: &mut BenchSlot, lba: u64| {
+            let b = &mut slot.buf[..bs];
+            // SAFETY: the slot's req, resp and buffer are not touched until the request
+            // completes (`complete` below), and the slots outlive every request.
+            let r = unsafe {
+                if write {
+                    blk.write_blocks_nb(lba as usize, &mut slot.req, b, &mut slot.resp)
+                } else {
+                    blk.read_blocks_nb(lba as usize, &mut slot.req, b, &mut slot.resp)
+                }
+            };
+            match r {
+                Ok(t) => slot.token = Some(t),
+                Err(e) => fail!("{} at sector {}: {:?}", name, lba, e),
+            }
+        };
         let t0 = rdtsc();
         let mut ops = 0u64;
-        let mut seq = 0u64;
-        while rdtsc() - t0 < dur {
-            let lba = if bs == 4096 {
-                x ^= x >> 12;
-                x ^= x << 25;
-                x ^= x >> 27;
-                (x.wrapping_mul(0x2545_F491_4F6C_DD1D) % slots) * secs
-            } else {
-                let l = (seq % slots) * secs;
-                seq += 1;
-                l
+        for slot in slots.iter_mut() {
+            submit(&mut blk, slot, lbas.next());
+        }
+        let mut in_flight = slots.len();
+        while in_flight > 0 {
+            let Some(done) = blk.peek_used() else {
+                core::hint::spin_loop();
+                continue;
             };
-            let b = &mut buf[..bs];
-            let r = if write {
-                blk.write_blocks(lba as usize, b)
-            } else {
-                blk.read_blocks(lba as usize, b)
+            let Some(slot) = slots.iter_mut().find(|s| s.token == Some(done)) else {
+                fail!("{}: completion for unknown token {}", name, done);
             };
+            let b = &mut slot.buf[..bs];
+            // SAFETY: the same buffers as the submission of this token.
+            let r = unsafe {
+                if write {
+                    blk.complete_write_blocks(done, &slot.req, b, &mut slot.resp)
+                } else {
+                    blk.complete_read_blocks(done, &slot.req, b, &mut slot.resp)
+                }
+            };
+            slot.token = None;
             if let Err(e) = r {
-                fail!("{} at sector {}: {:?}", name, lba, e);
+                fail!("{}: {:?}", name, e);
             }
             ops += 1;
+            if rdtsc() - t0 < dur {
+                submit(&mut blk, slot, lbas.next());
+            } else {
+                in_flight -= 1;
+            }
         }
         let cycles = rdtsc() - t0;
         let us = cycles * 1000 / f.khz;
@@ -367,7 +446,7 @@ pub fn blk_bench() -> ! {
             iops,
             milli_mbps / 1000,
             milli_mbps % 1000,
-            us / ops.max(1)
+            us * qd / ops.max(1)
         );
     }
     if let Err(e) = blk.flush() {
