@@ -12,7 +12,10 @@ mod types;
 pub use config::VmConfig;
 pub use lifecycle::{Action, InvalidTransition, VmState};
 pub use server::{serve, Dispatch, ServerError, ServerHandle};
-pub use types::{ApiError, ApiRequest, ApiResponse, Counters, VmAction, VmInfo};
+pub use types::{
+    file_url_path, ApiError, ApiRequest, ApiResponse, Counters, RestoreRequest, SnapshotRequest,
+    VmAction, VmInfo,
+};
 
 /// The OpenAPI document of the per-VM API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi/vireo.yaml");

@@ -24,6 +24,8 @@ pub enum Action {
     Shutdown,
     Reboot,
     PowerButton,
+    /// Not a transition: allowed only while Paused (checked by the VMM).
+    Snapshot,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

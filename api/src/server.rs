@@ -13,7 +13,9 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use tokio::sync::oneshot;
 
-use crate::types::{ApiError, ApiRequest, ApiResponse, VmAction};
+use crate::types::{
+    file_url_path, ApiError, ApiRequest, ApiResponse, RestoreRequest, SnapshotRequest, VmAction,
+};
 use crate::VmConfig;
 
 /// How long in-flight requests may take once the server is asked to stop.
@@ -171,6 +173,8 @@ fn router(state: AppState) -> Router {
             "/api/v1/vm.power-button",
             put(|s| action(s, VmAction::PowerButton)),
         )
+        .route("/api/v1/vm.snapshot", put(snapshot))
+        .route("/api/v1/vm.restore", put(restore))
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(
             "/api/v1/vm.counters",
@@ -189,6 +193,26 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Response {
     match serde_json::from_slice::<VmConfig>(&body) {
         Ok(cfg) => action(State(state), VmAction::Create(Box::new(cfg))).await,
         Err(e) => error_response(ApiError::bad_request(format!("invalid VM config: {e}"))),
+    }
+}
+
+async fn snapshot(State(state): State<AppState>, body: Bytes) -> Response {
+    let path = serde_json::from_slice::<SnapshotRequest>(&body)
+        .map_err(|e| format!("invalid snapshot request: {e}"))
+        .and_then(|r| file_url_path(&r.destination_url));
+    match path {
+        Ok(p) => action(State(state), VmAction::Snapshot(p)).await,
+        Err(e) => error_response(ApiError::bad_request(e)),
+    }
+}
+
+async fn restore(State(state): State<AppState>, body: Bytes) -> Response {
+    let path = serde_json::from_slice::<RestoreRequest>(&body)
+        .map_err(|e| format!("invalid restore request: {e}"))
+        .and_then(|r| file_url_path(&r.source_url));
+    match path {
+        Ok(p) => action(State(state), VmAction::Restore(p)).await,
+        Err(e) => error_response(ApiError::bad_request(e)),
     }
 }
 

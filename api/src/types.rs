@@ -19,6 +19,29 @@ pub struct VmInfo {
     pub uptime_ms: u64,
 }
 
+/// `vm.snapshot`'s body (Cloud Hypervisor's): where to write, as a `file://` URL.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub destination_url: String,
+}
+
+/// `vm.restore`'s body (Cloud Hypervisor's): the snapshot, as a `file://` URL.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub source_url: String,
+}
+
+/// The directory of a `file://` URL (the only scheme snapshots use).
+pub fn file_url_path(url: &str) -> Result<std::path::PathBuf, String> {
+    match url.strip_prefix("file://") {
+        Some(p) if p.starts_with('/') => Ok(p.into()),
+        Some(_) => Err(format!("{url}: the path of a file:// URL must be absolute")),
+        None => Err(format!("{url}: only file:// URLs are supported")),
+    }
+}
+
 /// What the API asks of the control loop.
 #[derive(Debug)]
 pub enum VmAction {
@@ -33,6 +56,10 @@ pub enum VmAction {
     PowerButton,
     Info,
     Counters,
+    /// Writes a snapshot of the paused VM into this directory.
+    Snapshot(std::path::PathBuf),
+    /// Builds the VM from the snapshot in this directory (no VM may exist yet).
+    Restore(std::path::PathBuf),
     /// Ends the VMM process (after shutting the VM down).
     VmmShutdown,
 }

@@ -272,3 +272,100 @@ impl DeviceManager {
             .collect()
     }
 }
+
+/// Every device's state in a snapshot (the virtio functions by their ids).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub ioapic: devices::legacy::IoapicState,
+    pub serial: devices::legacy::SerialSnapshot,
+    pub ged_pending: u8,
+    pub virtio: Vec<(String, devices::virtio::VirtioPciState)>,
+}
+
+/// Why saved device state does not fit this VM's devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("{device}: {reason}")]
+    Mismatch { device: String, reason: String },
+    #[error(transparent)]
+    Virtio(#[from] devices::virtio::VirtioStateError),
+}
+
+impl DeviceManager {
+    /// Stops every device worker (they keep their queues) — nothing touches guest
+    /// memory until [`Self::resume`].
+    pub fn pause(&self) {
+        for f in &self.functions {
+            f.device.lock().unwrap_or_else(|e| e.into_inner()).pause();
+        }
+    }
+
+    pub fn resume(&self) {
+        for f in &self.functions {
+            f.device.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
+    }
+
+    /// The state of every device; the devices must be paused.
+    pub fn state(&self) -> Result<DevicesState, DeviceStateError> {
+        let mut virtio = Vec::with_capacity(self.functions.len());
+        for f in &self.functions {
+            let d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            virtio.push((f.id.clone(), d.state()?));
+        }
+        Ok(DevicesState {
+            ioapic: self.ioapic.state(),
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+            ged_pending: self.ged.pending(),
+            virtio,
+        })
+    }
+
+    /// Puts saved state into this VM's (freshly built, same-configuration) devices.
+    pub fn restore(&self, s: &DevicesState) -> Result<(), DeviceStateError> {
+        let mismatch = |device: &str, reason: String| DeviceStateError::Mismatch {
+            device: device.into(),
+            reason,
+        };
+        self.ioapic
+            .restore(&s.ioapic)
+            .map_err(|r| mismatch("ioapic", r))?;
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&s.serial)
+            .map_err(|r| mismatch("serial", r))?;
+        self.ged.restore(s.ged_pending);
+        let ours: Vec<&str> = self.functions.iter().map(|f| f.id.as_str()).collect();
+        let saved: Vec<&str> = s.virtio.iter().map(|(id, _)| id.as_str()).collect();
+        if ours != saved {
+            return Err(mismatch(
+                "virtio",
+                format!("the snapshot has devices {saved:?}, this VM {ours:?}"),
+            ));
+        }
+        for (f, (_, state)) in self.functions.iter().zip(&s.virtio) {
+            let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            if d.config().bar_address(0) != state_bar0(state) {
+                return Err(mismatch(
+                    &f.id,
+                    "the guest moved the device's BAR; restoring moved BARs is not supported"
+                        .into(),
+                ));
+            }
+            d.restore(state)?;
+        }
+        Ok(())
+    }
+}
+
+/// BAR 0's address in saved configuration registers (64-bit BAR at registers 4 and 5).
+fn state_bar0(s: &devices::virtio::VirtioPciState) -> u64 {
+    let lo = u64::from(s.pci_registers.get(4).copied().unwrap_or(0) & !0xf);
+    let hi = u64::from(s.pci_registers.get(5).copied().unwrap_or(0));
+    (hi << 32) | lo
+}

@@ -21,6 +21,8 @@ pub enum KvmError {
     ApiVersion(i32),
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
+    #[error("KVM refused to restore MSR {index:#x}")]
+    MsrRestore { index: u32 },
     #[error("KVM {op} failed: {source}")]
     Ioctl {
         op: &'static str,

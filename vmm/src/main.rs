@@ -33,9 +33,10 @@ struct Cli {
     /// (repeatable; VHDX or raw, detected from the content).
     #[arg(long)]
     disk: Vec<String>,
-    /// Serial port (COM1): off, null, tty or file=PATH.
-    #[arg(long, default_value = "tty")]
-    serial: String,
+    /// Serial port (COM1): off, null, tty (the default) or file=PATH. With --restore,
+    /// replaces the snapshot's serial output.
+    #[arg(long)]
+    serial: Option<String>,
     /// virtio-console: off, null, tty (stdout; input from stdin) or file=PATH.
     #[arg(long, default_value = "off")]
     console: String,
@@ -45,6 +46,10 @@ struct Cli {
     /// The VM as a JSON file (the same schema as `vm.create`); flags are then ignored.
     #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk"])]
     config: Option<PathBuf>,
+    /// Restore a snapshot: DIR or source_url=file:///DIR[,resume=on]. The VM comes up
+    /// paused (resume with `vm.resume`) unless resume=on.
+    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk", "config"])]
+    restore: Option<String>,
     /// Serve the REST API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -69,8 +74,10 @@ enum CliError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("nothing to run: give --kernel (or --config), or --api-socket to wait for vm.create")]
+    #[error("nothing to run: give --kernel (or --config, --restore), or --api-socket to wait for vm.create")]
     NothingToRun,
+    #[error("--restore: {0}")]
+    Restore(String),
 }
 
 fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
@@ -101,7 +108,7 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             .iter()
             .map(|d| config::parse_disk(d))
             .collect::<Result<_, _>>()?,
-        serial: config::parse_output("--serial", &cli.serial)?,
+        serial: config::parse_output("--serial", cli.serial.as_deref().unwrap_or("tty"))?,
         console: config::parse_output("--console", &cli.console)?,
         rng: cli.rng,
     };
@@ -109,9 +116,35 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
     Ok(Some(cfg))
 }
 
+/// `--restore DIR` or `--restore source_url=file:///DIR[,resume=on]`: (dir, resume).
+fn parse_restore(s: &str) -> Result<(PathBuf, bool), CliError> {
+    if !s.contains('=') {
+        return Ok((PathBuf::from(s), false));
+    }
+    let (mut dir, mut resume) = (None, false);
+    for item in s.split(',') {
+        match item.split_once('=') {
+            Some(("source_url", url)) => {
+                dir = Some(api::file_url_path(url).map_err(CliError::Restore)?)
+            }
+            Some(("resume", v)) => {
+                resume = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(CliError::Restore(format!("resume={v}: expected on or off"))),
+                }
+            }
+            _ => return Err(CliError::Restore(format!("unknown option '{item}'"))),
+        }
+    }
+    dir.map(|d| (d, resume))
+        .ok_or_else(|| CliError::Restore("missing source_url=file:///DIR".into()))
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = vm_config(&cli)?;
-    if cfg.is_none() && cli.api_socket.is_none() {
+    let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
+    if cfg.is_none() && restore.is_none() && cli.api_socket.is_none() {
         return Err(Box::new(CliError::NothingToRun));
     }
     let filters = Filters::new(cli.seccomp)?;
@@ -138,6 +171,17 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
+    }
+    if let Some((dir, resume)) = restore {
+        let serial = cli
+            .serial
+            .as_deref()
+            .map(|s| config::parse_output("--serial", s))
+            .transpose()?;
+        vmm.restore(&dir, serial)?;
+        if resume {
+            vmm.resume()?;
+        }
     }
     filters.apply(ThreadKind::Control)?;
     let exit = vmm.run();

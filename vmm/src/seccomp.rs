@@ -77,9 +77,41 @@ pub enum SeccompError {
 }
 
 // ioctl request numbers the restricted threads may use.
+#[cfg(test)]
+mod ioctl_numbers {
+    #[test]
+    fn computed_numbers_match_the_kernel_headers() {
+        // From <linux/kvm.h> on x86_64.
+        assert_eq!(
+            super::kvm_ior::<kvm_bindings::kvm_regs>(0x81),
+            super::KVM_GET_REGS
+        );
+        assert_eq!(super::VCPU_SAVE_IOCTLS[0], 0x8138_ae83); // KVM_GET_SREGS
+        assert_eq!(super::VCPU_SAVE_IOCTLS[1], 0xc008_ae88); // KVM_GET_MSRS
+        assert_eq!(super::VCPU_SAVE_IOCTLS[6], 0x9000_aea4); // KVM_GET_XSAVE
+    }
+}
 const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
+/// `_IOR(KVMIO, nr, T)` and `_IOWR(KVMIO, nr, T)`.
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+}
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+}
+/// What a paused vCPU thread reads to save its own state (snapshot, migration).
+const VCPU_SAVE_IOCTLS: [u64; 8] = [
+    kvm_ior::<kvm_bindings::kvm_sregs>(0x83),
+    kvm_iowr::<kvm_bindings::kvm_msrs>(0x88),
+    kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
+    kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
+    kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
+    kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
+    kvm_ior::<kvm_bindings::kvm_xsave>(0xa4),
+    kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6),
+];
 const TCGETS: u64 = 0x5401;
 const TIOCGWINSZ: u64 = 0x5413;
 const FIONBIO: u64 = 0x5421;
@@ -162,9 +194,12 @@ const SOCKETS: &[i64] = &[
 ];
 
 /// What the control thread needs beyond the rest: creating VMs (files, KVM, memory),
-/// tearing them down, removing the API socket.
+/// tearing them down, removing the API socket, writing and reading snapshots.
 const CONTROL: &[i64] = &[
     libc::SYS_openat,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_lseek,
     libc::SYS_ioctl,
     libc::SYS_flock,
     libc::SYS_unlink,
@@ -215,10 +250,9 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
                 &mut rules,
                 &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
             );
-            rules.insert(
-                libc::SYS_ioctl,
-                ioctls(&[KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ])?,
-            );
+            let mut allowed = vec![KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
+            allowed.extend(VCPU_SAVE_IOCTLS);
+            rules.insert(libc::SYS_ioctl, ioctls(&allowed)?);
         }
         ThreadKind::Api => {
             allow(&mut rules, SOCKETS);

@@ -11,6 +11,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use devices::Bus;
 
+use crate::arch::cpu_state::VcpuState;
+
 /// The signal that kicks a vCPU out of KVM_RUN.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -44,6 +46,9 @@ struct Shared {
     wanted: Wanted,
     parked: bool,
     exited: bool,
+    /// The control loop asks a parked vCPU for its state (it alone owns the fd).
+    save_requested: bool,
+    saved: Option<Result<VcpuState, String>>,
 }
 
 /// Control block shared by the control loop and one vCPU thread.
@@ -61,15 +66,21 @@ pub struct VcpuContext {
     pub ioapic: Arc<devices::legacy::Ioapic>,
     pub seccomp: crate::seccomp::Filters,
     pub events: std::sync::mpsc::Sender<crate::vmm::ControlEvent>,
+    /// MSRs a state save reads (KVM's index list) and whether KVM has XCRs.
+    pub msr_indices: Arc<Vec<u32>>,
+    pub has_xcrs: bool,
 }
 
 impl VcpuHandle {
-    pub fn spawn(id: u8, mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
+    /// Starts the vCPU's thread: running, or parked until [`Self::resume`] (restore).
+    pub fn spawn(id: u8, mut fd: VcpuFd, ctx: VcpuContext, paused: bool) -> std::io::Result<Self> {
         let shared = Arc::new((
             Mutex::new(Shared {
-                wanted: Wanted::Run,
+                wanted: if paused { Wanted::Pause } else { Wanted::Run },
                 parked: false,
                 exited: false,
+                save_requested: false,
+                saved: None,
             }),
             Condvar::new(),
         ));
@@ -133,6 +144,27 @@ impl VcpuHandle {
         self.set_wanted(Wanted::Run);
     }
 
+    /// The vCPU's architectural state; the vCPU must be paused.
+    pub fn save_state(&self) -> Result<VcpuState, String> {
+        let (m, cv) = &*self.shared;
+        let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.parked || s.wanted != Wanted::Pause {
+            return Err(format!("vCPU {} is not paused", self.id));
+        }
+        s.saved = None;
+        s.save_requested = true;
+        cv.notify_all();
+        loop {
+            if let Some(r) = s.saved.take() {
+                return r;
+            }
+            if s.exited {
+                return Err(format!("vCPU {} exited", self.id));
+            }
+            s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     pub fn stop(&mut self) {
         self.set_wanted(Wanted::Stop);
         self.kick_until(|s| s.exited);
@@ -148,11 +180,20 @@ impl Drop for VcpuHandle {
     }
 }
 
-/// Blocks while paused; returns false when the thread must exit.
-fn obey(shared: &(Mutex<Shared>, Condvar)) -> bool {
+/// Blocks while paused (saving state when asked); returns false when the thread must
+/// exit.
+fn obey(id: u8, fd: &VcpuFd, ctx: &VcpuContext, shared: &(Mutex<Shared>, Condvar)) -> bool {
     let (m, cv) = shared;
     let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
     loop {
+        if s.save_requested && s.parked {
+            s.save_requested = false;
+            s.saved = Some(
+                VcpuState::save(id, fd, &ctx.msr_indices, ctx.has_xcrs).map_err(|e| e.to_string()),
+            );
+            cv.notify_all();
+            continue;
+        }
         match s.wanted {
             Wanted::Run => {
                 if s.parked {
@@ -185,7 +226,7 @@ fn run_loop(
         let _ = ctx.events.send(ControlEvent::Vcpu(e));
     };
     loop {
-        if !obey(shared) {
+        if !obey(id, fd, ctx, shared) {
             return;
         }
         let exit = fd.run();

@@ -9,7 +9,7 @@ use devices::legacy::{PowerControl, PowerEvent};
 use devices::virtio::GuestMemoryMmap;
 
 use crate::arch::cpu::BootEntry;
-use crate::arch::{acpi, cpu, linux, pvh};
+use crate::arch::{acpi, cpu, cpu_state, linux, pvh};
 use crate::boot::{self, BootError, BootProtocol};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::kvm::{Hypervisor, KvmError};
@@ -45,6 +45,24 @@ pub enum VmError {
     Transition(#[from] InvalidTransition),
     #[error("cannot interrupt the guest: {0}")]
     Interrupt(#[source] std::io::Error),
+    #[error("this VM was restored, not loaded: it cannot boot")]
+    NoPayload,
+    #[error(transparent)]
+    Snapshot(#[from] migration::SnapshotError),
+    #[error("the snapshot does not fit its own configuration: {0}")]
+    SnapshotMismatch(String),
+    #[error("cannot save vCPU state: {0}")]
+    VcpuState(String),
+    #[error(transparent)]
+    DeviceState(#[from] crate::device_manager::DeviceStateError),
+}
+
+/// What a snapshot's state.json holds (format [`migration::SNAPSHOT_VERSION`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedVm {
+    pub vcpus: Vec<cpu_state::VcpuState>,
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub devices: crate::device_manager::DevicesState,
 }
 
 /// Forwards device power requests to the control loop.
@@ -65,7 +83,11 @@ pub struct Vm {
     hv: Hypervisor,
     mem: Arc<GuestMemoryMmap>,
     state: VmState,
-    entry: BootEntry,
+    /// Where the boot vCPU starts (None for a restored VM, which never boots).
+    entry: Option<BootEntry>,
+    /// MSRs a vCPU state save reads; XCR support.
+    msr_indices: Arc<Vec<u32>>,
+    has_xcrs: bool,
     events_tx: Sender<ControlEvent>,
     seccomp: crate::seccomp::Filters,
     created_at: Instant,
@@ -97,10 +119,12 @@ impl Vm {
             config,
             vcpus: Vec::new(),
             devices,
+            msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
+            has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
             hv,
             mem,
             state: VmState::Created,
-            entry,
+            entry: Some(entry),
             events_tx,
             seccomp,
             created_at,
@@ -147,22 +171,29 @@ impl Vm {
         &self.config
     }
 
+    fn vcpu_context(&self) -> VcpuContext {
+        VcpuContext {
+            pio: self.devices.pio.clone(),
+            mmio: self.devices.mmio.clone(),
+            ioapic: self.devices.ioapic.clone(),
+            seccomp: self.seccomp.clone(),
+            events: self.events_tx.clone(),
+            msr_indices: self.msr_indices.clone(),
+            has_xcrs: self.has_xcrs,
+        }
+    }
+
     pub fn boot(&mut self) -> Result<(), VmError> {
         let next = self.state.next(Action::Boot)?;
+        let entry = self.entry.ok_or(VmError::NoPayload)?;
         vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
         let cpus = self.config.cpus.boot;
         for id in 0..cpus {
             let fd = self.hv.create_vcpu(id)?;
-            cpu::setup_vcpu(&self.hv.kvm, &fd, id, cpus, self.entry)?;
-            let ctx = VcpuContext {
-                pio: self.devices.pio.clone(),
-                mmio: self.devices.mmio.clone(),
-                ioapic: self.devices.ioapic.clone(),
-                seccomp: self.seccomp.clone(),
-                events: self.events_tx.clone(),
-            };
+            cpu::setup_vcpu(&self.hv.kvm, &fd, id, cpus, entry)?;
+            let ctx = self.vcpu_context();
             self.vcpus
-                .push(VcpuHandle::spawn(id, fd, ctx).map_err(VmError::VcpuThread)?);
+                .push(VcpuHandle::spawn(id, fd, ctx, false).map_err(VmError::VcpuThread)?);
         }
         self.state = next;
         self.booted_at = Some(Instant::now());
@@ -175,22 +206,143 @@ impl Vm {
         Ok(())
     }
 
+    /// Parks every vCPU, then stops the device workers: nothing changes guest memory
+    /// or device state until resume.
     pub fn pause(&mut self) -> Result<(), VmError> {
         let next = self.state.next(Action::Pause)?;
         for v in &self.vcpus {
             v.pause();
         }
+        self.devices.pause();
         self.state = next;
         Ok(())
     }
 
     pub fn resume(&mut self) -> Result<(), VmError> {
         let next = self.state.next(Action::Resume)?;
+        self.devices.resume();
         for v in &self.vcpus {
             v.resume();
         }
         self.state = next;
         Ok(())
+    }
+
+    /// Writes a snapshot of the paused VM into `dir` (see [`migration::snapshot`]).
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmError> {
+        if self.state != VmState::Paused {
+            return Err(VmError::Transition(InvalidTransition {
+                from: self.state,
+                action: Action::Snapshot,
+            }));
+        }
+        let state = self.saved_state()?;
+        let started = Instant::now();
+        let stats = migration::snapshot::write(dir, &self.config, &state, self.mem.as_ref())
+            .map_err(VmError::Snapshot)?;
+        tracing::info!(
+            dir = %dir.display(),
+            pages_written = stats.pages_written,
+            zero_pages = stats.zero_pages,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot written"
+        );
+        Ok(())
+    }
+
+    /// vCPUs, clock and devices of the paused VM.
+    pub fn saved_state(&self) -> Result<SavedVm, VmError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.save_state().map_err(VmError::VcpuState)?);
+        }
+        let clock = self.hv.vm.get_clock().map_err(|source| KvmError::Ioctl {
+            op: "GET_CLOCK",
+            source,
+        })?;
+        Ok(SavedVm {
+            vcpus,
+            clock,
+            devices: self.devices.state()?,
+        })
+    }
+
+    /// Builds a VM from a snapshot: same configuration, memory and device state put
+    /// back, vCPUs restored and parked. The VM is Paused; `resume` runs it.
+    pub fn restore(
+        snapshot: &migration::Snapshot<VmConfig, SavedVm>,
+        events_tx: Sender<ControlEvent>,
+        seccomp: crate::seccomp::Filters,
+    ) -> Result<Self, VmError> {
+        let config = snapshot.config.clone();
+        config.validate()?;
+        let saved = &snapshot.state;
+        if saved.vcpus.len() != usize::from(config.cpus.boot) {
+            return Err(VmError::SnapshotMismatch(format!(
+                "{} vCPUs saved, the configuration has {}",
+                saved.vcpus.len(),
+                config.cpus.boot
+            )));
+        }
+        let created_at = Instant::now();
+        let hv = Hypervisor::new()?;
+        let mem = Arc::new(memory::create_guest_memory(
+            config.memory.size,
+            config.memory.hugepages,
+        )?);
+        hv.map_memory(&mem, false)?;
+        snapshot
+            .load_memory(mem.as_ref())
+            .map_err(VmError::Snapshot)?;
+        let power: Arc<dyn PowerControl> =
+            Arc::new(PowerToControl(std::sync::Mutex::new(events_tx.clone())));
+        let devices = DeviceManager::new(&hv, &mem, &config, power)?;
+        devices.restore(&saved.devices)?;
+        let mut clock = saved.clock;
+        clock.flags = 0; // KVM_SET_CLOCK takes only the time.
+        hv.vm.set_clock(&clock).map_err(|source| KvmError::Ioctl {
+            op: "SET_CLOCK",
+            source,
+        })?;
+        let mut vm = Self {
+            config,
+            vcpus: Vec::new(),
+            devices,
+            msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
+            has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+            hv,
+            mem,
+            state: VmState::Paused,
+            entry: None,
+            events_tx,
+            seccomp,
+            created_at,
+            booted_at: Some(Instant::now()),
+        };
+        vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
+        let cpus = vm.config.cpus.boot;
+        for s in &saved.vcpus {
+            let fd = vm.hv.create_vcpu(s.id)?;
+            let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
+            fd.set_cpuid2(&cpu::cpuid_for(&vm.hv.kvm, s.id, cpus, tsc_khz)?)
+                .map_err(|source| KvmError::Ioctl {
+                    op: "SET_CPUID2",
+                    source,
+                })?;
+            s.restore(&fd)?;
+            let ctx = vm.vcpu_context();
+            vm.vcpus
+                .push(VcpuHandle::spawn(s.id, fd, ctx, true).map_err(VmError::VcpuThread)?);
+        }
+        // The devices were restored running; hold them with the vCPUs until resume.
+        vm.devices.pause();
+        tracing::info!(
+            dir = %snapshot.dir.display(),
+            cpus,
+            setup_ms = vm.created_at.elapsed().as_secs_f64() * 1e3,
+            "VM restored (paused)"
+        );
+        Ok(vm)
     }
 
     /// Stops every vCPU for good.

@@ -76,6 +76,34 @@ impl Vmm {
         Ok(())
     }
 
+    /// Builds the VM from a snapshot directory (its serial output redirected if asked);
+    /// it stays paused until `vm.resume`.
+    pub fn restore(
+        &mut self,
+        dir: &std::path::Path,
+        serial: Option<api::config::OutputConfig>,
+    ) -> Result<(), VmError> {
+        let mut snapshot: migration::Snapshot<VmConfig, crate::vm::SavedVm> =
+            migration::Snapshot::open(dir)?;
+        if let Some(s) = serial {
+            snapshot.config.serial = s;
+        }
+        self.vm = Some(Vm::restore(
+            &snapshot,
+            self.events_tx.clone(),
+            self.seccomp.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// Resumes a restored (paused) VM.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        match &mut self.vm {
+            Some(vm) => vm.resume(),
+            None => Ok(()),
+        }
+    }
+
     pub fn boot(&mut self) -> Result<(), VmError> {
         match &mut self.vm {
             Some(vm) => vm.boot(),
@@ -183,6 +211,18 @@ impl Vmm {
             VmAction::PowerButton => self
                 .vm_mut()
                 .and_then(|vm| vm.power_button().map(|_| None).map_err(api_error)),
+            VmAction::Snapshot(dir) => self
+                .vm_mut()
+                .and_then(|vm| vm.snapshot(dir).map(|_| None).map_err(api_error)),
+            VmAction::Restore(dir) => {
+                if self.vm.is_some() {
+                    Err(ApiError::conflict("a VM already exists in this VMM"))
+                } else {
+                    self.restore(dir, None)
+                        .map(|_| None)
+                        .map_err(|e| ApiError::bad_request(error_chain(&e)))
+                }
+            }
             VmAction::Info => self.vm_mut().and_then(|vm| {
                 serde_json::to_value(vm.info())
                     .map(Some)
@@ -206,6 +246,7 @@ impl Vmm {
 fn api_error(e: VmError) -> ApiError {
     match e {
         VmError::Transition(t) => ApiError::conflict(t.to_string()),
+        VmError::Snapshot(s) => ApiError::bad_request(error_chain(&s)),
         other => ApiError::internal(error_chain(&other)),
     }
 }

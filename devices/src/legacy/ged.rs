@@ -31,6 +31,15 @@ impl AcpiGed {
         }
     }
 
+    /// Events raised and not yet read by the guest (snapshots keep them).
+    pub fn pending(&self) -> u8 {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    pub fn restore(&self, pending: u8) {
+        self.pending.store(pending, Ordering::SeqCst);
+    }
+
     /// Records `events` and interrupts the guest.
     pub fn notify(&self, events: u8) -> std::io::Result<()> {
         self.pending.fetch_or(events, Ordering::SeqCst);

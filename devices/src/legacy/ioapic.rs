@@ -39,6 +39,15 @@ struct State {
     level: [bool; IOAPIC_PINS],
 }
 
+/// The IOAPIC's registers as a snapshot saves them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoapicState {
+    pub id: u32,
+    pub select: u32,
+    pub table: Vec<u64>,
+    pub level: Vec<bool>,
+}
+
 /// The IOAPIC; shared by the MMIO bus and the interrupt lines it serves.
 pub struct Ioapic {
     state: Mutex<State>,
@@ -73,6 +82,34 @@ impl Ioapic {
     }
 
     /// Raises (edge) or sets the level of input `pin`.
+    pub fn state(&self) -> IoapicState {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        IoapicState {
+            id: s.id,
+            select: s.select,
+            table: s.table.to_vec(),
+            level: s.level.to_vec(),
+        }
+    }
+
+    pub fn restore(&self, saved: &IoapicState) -> Result<(), String> {
+        let (Ok(table), Ok(level)) = (
+            <[u64; IOAPIC_PINS]>::try_from(saved.table.as_slice()),
+            <[bool; IOAPIC_PINS]>::try_from(saved.level.as_slice()),
+        ) else {
+            return Err(format!(
+                "IOAPIC with {} pins in the snapshot, {IOAPIC_PINS} here",
+                saved.table.len()
+            ));
+        };
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.id = saved.id;
+        s.select = saved.select;
+        s.table = table;
+        s.level = level;
+        Ok(())
+    }
+
     pub fn set_line(&self, pin: usize, asserted: bool) -> std::io::Result<()> {
         let msg = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());

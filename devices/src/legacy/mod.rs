@@ -13,8 +13,10 @@ pub use acpi_pm::{
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
 pub use ged::{AcpiGed, AcpiGedMmio, GED_IRQ, GED_POWER_BUTTON, GED_SIZE, GED_START};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-pub use ioapic::{Ioapic, IoapicLine, IoapicMmio, IOAPIC_PINS, IOAPIC_SIZE, IOAPIC_START};
-pub use serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+pub use ioapic::{
+    Ioapic, IoapicLine, IoapicMmio, IoapicState, IOAPIC_PINS, IOAPIC_SIZE, IOAPIC_START,
+};
+pub use serial::{SerialDevice, SerialOutput, SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 
 /// Why the guest asked the platform to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -29,12 +29,79 @@ impl Trigger for LineTrigger {
 
 pub struct SerialDevice {
     uart: Serial<LineTrigger, NoEvents, SerialOutput>,
+    irq: Arc<dyn LineSink>,
+}
+
+/// The UART's registers and receive FIFO as a snapshot saves them (vm-superio's
+/// `SerialState`, which has no serde).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl SerialDevice {
     pub fn new(irq: Arc<dyn LineSink>, out: SerialOutput) -> Self {
         Self {
-            uart: Serial::new(LineTrigger(irq), out),
+            uart: Serial::new(LineTrigger(irq.clone()), out),
+            irq,
+        }
+    }
+
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Takes saved registers; output keeps going where this device's output goes.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), String> {
+        // vm-superio's FIFO holds 64 bytes; checked first so a bad snapshot cannot cost
+        // us the output writer.
+        if s.in_buffer.len() > 64 {
+            return Err(format!("serial FIFO of {} bytes", s.in_buffer.len()));
+        }
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let placeholder = Serial::new(
+            LineTrigger(self.irq.clone()),
+            Box::new(std::io::sink()) as SerialOutput,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        match Serial::from_state(&state, LineTrigger(self.irq.clone()), NoEvents, out) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(format!("serial state: {e:?}")),
         }
     }
 

@@ -162,6 +162,30 @@ impl PciConfiguration {
         self.regs[reg] = (self.regs[reg] & !(0xff << shift)) | (u32::from(b) << shift);
     }
 
+    /// Every register, as a snapshot saves them.
+    pub fn registers(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Puts back saved registers (the layout — BARs, capabilities — is the device's own
+    /// and must match, which the caller checks through the vendor/device ids).
+    pub fn restore_registers(&mut self, regs: &[u32]) -> Result<(), String> {
+        if regs.len() != NUM_REGS {
+            return Err(format!(
+                "configuration space of {} registers, expected {NUM_REGS}",
+                regs.len()
+            ));
+        }
+        if regs[0] != self.regs[0] {
+            return Err(format!(
+                "vendor/device id {:#010x} in the snapshot, {:#010x} here",
+                regs[0], self.regs[0]
+            ));
+        }
+        self.regs.copy_from_slice(regs);
+        Ok(())
+    }
+
     pub fn read_reg(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0xffff_ffff)
     }

@@ -7,7 +7,7 @@ mod root;
 
 pub use config::{BarKind, PciBar, PciConfiguration, PciHeader};
 pub use ecam::{PciEcam, ECAM_BUS_SIZE};
-pub use msix::{MsixCap, MsixTable, MSIX_ENTRY_SIZE};
+pub use msix::{MsixCap, MsixState, MsixTable, MSIX_ENTRY_SIZE};
 pub use root::{BarRelocation, PciRoot, PciRootError};
 
 /// A function on the PCI bus.

@@ -52,6 +52,16 @@ impl Entry {
     }
 }
 
+/// An MSI-X table as saved in a snapshot: per vector (address low, address high, data,
+/// control), the pending bits, and the capability's enable and function-mask bits.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    pub entries: Vec<[u32; 4]>,
+    pub pending: Vec<u64>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
 /// The vector table and pending bits of one function.
 pub struct MsixTable {
     entries: Vec<Entry>,
@@ -185,6 +195,45 @@ impl MsixTable {
                 }
             }
         }
+    }
+}
+
+impl MsixTable {
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Takes a saved table of the same size (no interrupt is delivered: pending bits
+    /// stay pending until the guest unmasks, as on the source).
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "MSI-X table has {} vectors, the snapshot {}",
+                self.entries.len(),
+                s.entries.len()
+            ));
+        }
+        for (e, [addr_lo, addr_hi, data, control]) in self.entries.iter_mut().zip(&s.entries) {
+            *e = Entry {
+                addr_lo: *addr_lo,
+                addr_hi: *addr_hi,
+                data: *data,
+                control: *control,
+            };
+        }
+        self.pending.clone_from(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        Ok(())
     }
 }
 

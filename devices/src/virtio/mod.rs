@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use memory::{GuestMemoryMmap, GuestRegionMmap};
 pub use transport::{
-    VirtioPciDevice, VirtioPciError, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR_SIZE,
+    QueueSnapshot, VirtioPciDevice, VirtioPciError, VirtioPciState, VirtioStateError,
+    NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR_SIZE,
 };
 
 /// Virtio device types (virtio 1.2, section 5).
@@ -103,6 +104,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the worker and forgets the queues (the driver wrote status 0).
     fn reset(&mut self);
+    /// Stops serving without forgetting: the workers finish the request in hand, stop,
+    /// and hand back their queues (with the positions they reached). Activating the
+    /// device again with them continues where it stopped (resume, restore).
+    fn pause(&mut self) -> Vec<ActivatedQueue>;
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -4,7 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -12,7 +13,9 @@ use super::{
     F_VERSION_1, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
 };
 use crate::interrupt::MsiSink;
-use crate::pci::{BarKind, MsixCap, MsixTable, PciBar, PciConfiguration, PciDevice, PciHeader};
+use crate::pci::{
+    BarKind, MsixCap, MsixState, MsixTable, PciBar, PciConfiguration, PciDevice, PciHeader,
+};
 
 /// BAR 0 layout.
 const COMMON_OFFSET: u64 = 0x0000;
@@ -90,6 +93,90 @@ impl VirtioInterrupt for Interrupts {
     }
 }
 
+/// One queue in a snapshot: what the driver programmed and where the device stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A virtio-pci function in a snapshot: PCI configuration space, transport registers,
+/// MSI-X, and each queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u32,
+    pub pci_registers: Vec<u32>,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    pub status: u8,
+    pub config_generation: u8,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+    pub isr: u8,
+    pub msix: MsixState,
+    pub queues: Vec<QueueSnapshot>,
+    pub activated: bool,
+}
+
+/// Why a saved function does not fit this one.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioStateError {
+    #[error("{device}: snapshot state is for virtio device type {found}, this is type {expected}")]
+    DeviceType {
+        device: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{device}: {reason}")]
+    Mismatch {
+        device: &'static str,
+        reason: String,
+    },
+    #[error("{device}: snapshot taken while the device was running (pause it first)")]
+    NotPaused { device: &'static str },
+}
+
 /// Per-queue registers the driver programs before enabling a queue.
 struct QueueSlot {
     queue: Queue,
@@ -112,6 +199,8 @@ pub struct VirtioPciDevice {
     status: u8,
     config_generation: u8,
     activated: bool,
+    /// Queues handed back by a paused device (activated again on resume).
+    paused: Option<Vec<ActivatedQueue>>,
 }
 
 impl VirtioPciDevice {
@@ -197,6 +286,7 @@ impl VirtioPciDevice {
             status: 0,
             config_generation: 0,
             activated: false,
+            paused: None,
         })
     }
 
@@ -217,6 +307,132 @@ impl VirtioPciDevice {
 
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    /// Stops the device's workers, keeping their queues (VM pause, snapshot).
+    pub fn pause(&mut self) {
+        if self.activated && self.paused.is_none() {
+            self.paused = Some(self.device.pause());
+        }
+    }
+
+    /// Starts the device again where [`Self::pause`] stopped it.
+    pub fn resume(&mut self) {
+        let Some(queues) = self.paused.take() else {
+            return;
+        };
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupts.clone();
+        if let Err(e) = self.device.activate(self.mem.clone(), interrupt, queues) {
+            tracing::error!(device = self.device.name(), error = %e, "resume failed");
+            self.status |= STATUS_NEEDS_RESET;
+        }
+    }
+
+    /// The function's whole state; an activated device must be paused first.
+    pub fn state(&self) -> Result<VirtioPciState, VirtioStateError> {
+        let device = self.device.name();
+        if self.activated && self.paused.is_none() {
+            return Err(VirtioStateError::NotPaused { device });
+        }
+        let paused = self.paused.as_deref().unwrap_or(&[]);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                // A running queue's position lives in the worker's copy.
+                let live = paused.iter().find(|q| usize::from(q.index) == i);
+                let mut q = QueueSnapshot::from(match live {
+                    Some(q) => q.queue.state(),
+                    None => slot.queue.state(),
+                });
+                q.ready = slot.enabled;
+                q
+            })
+            .collect();
+        Ok(VirtioPciState {
+            device_type: self.device.device_type(),
+            pci_registers: self.config.registers(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            status: self.status,
+            config_generation: self.config_generation,
+            config_vector: *lock(&self.interrupts.config_vector),
+            queue_vectors: lock(&self.interrupts.queue_vectors).clone(),
+            isr: *lock(&self.interrupts.isr),
+            msix: lock(&self.interrupts.msix).state(),
+            queues,
+            activated: self.activated,
+        })
+    }
+
+    /// Takes a saved state (a freshly created function of the same device); an activated
+    /// device starts serving its queues from where they were.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioStateError> {
+        let device = self.device.name();
+        let mismatch = |reason: String| VirtioStateError::Mismatch { device, reason };
+        if s.device_type != self.device.device_type() {
+            return Err(VirtioStateError::DeviceType {
+                device,
+                found: s.device_type,
+                expected: self.device.device_type(),
+            });
+        }
+        if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
+            return Err(mismatch(format!(
+                "{} queues in the snapshot, {} here",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if s.driver_features & !self.device.features() != 0 {
+            return Err(mismatch(format!(
+                "driver features {:#x} include some this device does not offer ({:#x})",
+                s.driver_features,
+                self.device.features()
+            )));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, q) in s.queues.iter().enumerate() {
+            let queue = Queue::try_from(QueueState::from(*q))
+                .map_err(|e| mismatch(format!("queue {i}: {e:?}")))?;
+            queues.push(queue);
+        }
+        self.config
+            .restore_registers(&s.pci_registers)
+            .map_err(mismatch)?;
+        lock(&self.interrupts.msix)
+            .restore(&s.msix)
+            .map_err(mismatch)?;
+        for (slot, (queue, saved)) in self
+            .queues
+            .iter_mut()
+            .zip(queues.into_iter().zip(&s.queues))
+        {
+            slot.queue = queue;
+            slot.enabled = saved.ready;
+        }
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.queue_select = s.queue_select;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        *lock(&self.interrupts.config_vector) = s.config_vector;
+        lock(&self.interrupts.queue_vectors).clone_from(&s.queue_vectors);
+        *lock(&self.interrupts.isr) = s.isr;
+        if s.status & STATUS_FEATURES_OK != 0 {
+            self.device.ack_features(s.driver_features);
+        }
+        if s.activated {
+            self.activate();
+            if !self.activated {
+                return Err(mismatch("the saved queues cannot be activated".into()));
+            }
+        }
+        Ok(())
     }
 
     fn selected(&mut self) -> Option<&mut QueueSlot> {
@@ -441,6 +657,7 @@ impl VirtioPciDevice {
         if self.activated {
             self.device.reset();
         }
+        self.paused = None;
         self.activated = false;
         self.status = 0;
         self.driver_features = 0;
@@ -553,6 +770,10 @@ impl PciDevice for VirtioPciDevice {
             _ => {}
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// PCI class of each virtio device type (what `lspci` shows).

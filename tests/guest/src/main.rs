@@ -96,6 +96,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "mem" => tests::mem(&si),
         "console" => tests::console(),
         "power-button" => tests::power_button(),
+        "workload" => tests::workload(),
         _ => {
             println!("vireo-guest: result fail unknown test");
             io::exit(1)

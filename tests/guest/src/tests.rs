@@ -711,3 +711,78 @@ pub fn power_button() -> ! {
         core::hint::spin_loop();
     }
 }
+
+/// `test=workload pages=N [blocks=B] [ops=K] [report=R]`: the mobility workload. Each
+/// iteration n = 1, 2, ... checks and rewrites N pages of memory (as `dirty` does: every
+/// word holds a function of the pass), writes 4 KiB block `n % B` (default B = 64) with
+/// the pattern of seed n through virtio-blk, and reads back the block of iteration n-1
+/// to check it. Prints `work iter=<n> tsc=<rdtsc>` every R iterations (default 1000);
+/// with `ops=K`, stops after iteration K with `work done iter=K` and `result ok`.
+/// A snapshot, restore or migration in between must be invisible: any lost page or
+/// block fails with the first mismatch.
+pub fn workload() -> ! {
+    let pages = num("pages", None);
+    let blocks = num("blocks", Some(64)).max(2);
+    let ops = num("ops", Some(0));
+    let report = num("report", Some(1000)).max(1);
+    let bytes = pages as usize * 4096;
+    if pages == 0 || crate::rt::HEAP.remaining() < bytes + (1 << 20) {
+        fail!("pages={} must be > 0 and fit in the heap", pages);
+    }
+    let mut blk = open_blk();
+    if blk.capacity() < blocks * 8 {
+        fail!("disk too small for blocks={}", blocks);
+    }
+    let base = crate::rt::HEAP.alloc_raw(bytes, 4096) as *mut u64;
+    // SAFETY: `base` is a fresh heap allocation of `bytes` bytes.
+    unsafe { core::ptr::write_bytes(base as *mut u8, 0, bytes) };
+    println!("work pages={} blocks={} ops={}", pages, blocks, ops);
+    let mut wbuf = vec![0u8; 4096];
+    let mut rbuf = vec![0u8; 4096];
+    let mut want = vec![0u8; 4096];
+    let mut n = 1u64;
+    loop {
+        for i in 0..pages {
+            // SAFETY: page i of the allocation above.
+            let page = unsafe { base.add(i as usize * 512) };
+            for k in 0..512u64 {
+                let got = unsafe { page.add(k as usize).read_volatile() };
+                if got != dirty_word(n - 1, i, k) {
+                    println!(
+                        "work mismatch memory iter={} page={} word={} got={:#x}",
+                        n, i, k, got
+                    );
+                    fail!("memory mismatch");
+                }
+                unsafe { page.add(k as usize).write_volatile(dirty_word(n, i, k)) };
+            }
+        }
+        let lba = (n % blocks) * 8;
+        pattern::fill(n, lba, &mut wbuf);
+        if let Err(e) = blk.write_blocks(lba as usize, &wbuf) {
+            fail!("work write iter={} lba={}: {:?}", n, lba, e);
+        }
+        if n > 1 {
+            let prev = ((n - 1) % blocks) * 8;
+            if let Err(e) = blk.read_blocks(prev as usize, &mut rbuf) {
+                fail!("work read iter={} lba={}: {:?}", n, prev, e);
+            }
+            pattern::fill(n - 1, prev, &mut want);
+            if rbuf != want {
+                println!("work mismatch block iter={} lba={}", n - 1, prev);
+                fail!("block mismatch");
+            }
+        }
+        if n.is_multiple_of(report) {
+            println!("work iter={} tsc={}", n, rdtsc());
+        }
+        if ops != 0 && n >= ops {
+            if let Err(e) = blk.flush() {
+                fail!("flush: {:?}", e);
+            }
+            println!("work done iter={}", n);
+            io::result_ok();
+        }
+        n += 1;
+    }
+}

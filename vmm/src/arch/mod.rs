@@ -2,5 +2,6 @@
 
 pub mod acpi;
 pub mod cpu;
+pub mod cpu_state;
 pub mod linux;
 pub mod pvh;

@@ -60,7 +60,7 @@ pub struct BlockCounters {
 
 struct Running {
     stop: EventFd,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<ActivatedQueue>>,
 }
 
 pub struct Block {
@@ -94,13 +94,19 @@ impl Block {
         self.counters.clone()
     }
 
-    fn stop_workers(&mut self) {
+    /// Stops the workers; returns their queues.
+    fn stop_workers(&mut self) -> Vec<ActivatedQueue> {
+        let mut queues = Vec::new();
         if let Some(running) = self.running.take() {
             let _ = running.stop.write(1);
             for t in running.threads {
-                let _ = t.join();
+                match t.join() {
+                    Ok(q) => queues.push(q),
+                    Err(_) => tracing::error!("a block worker panicked"),
+                }
             }
         }
+        queues
     }
 }
 
@@ -234,6 +240,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.stop_workers();
         self.acked_features = 0;
+    }
+
+    fn pause(&mut self) -> Vec<ActivatedQueue> {
+        self.stop_workers()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

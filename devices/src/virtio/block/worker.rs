@@ -99,7 +99,8 @@ impl BlockWorker {
         self.q.index
     }
 
-    pub fn run(mut self) {
+    /// Serves until stopped; hands back the queue (with its position) when it stops.
+    pub fn run(mut self) -> ActivatedQueue {
         crate::threads::started(crate::threads::WorkerKind::Block);
         let mut events = vec![EpollEvent::default(); 4];
         // Requests may already be waiting (activation after the driver queued some).
@@ -110,14 +111,14 @@ impl BlockWorker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "block worker epoll failed");
-                    return;
+                    return self.q;
                 }
             };
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => {
                         let _ = self.stop.read();
-                        return;
+                        return self.q;
                     }
                     TOKEN_THROTTLE => {
                         if let Some(t) = &mut self.throttle {

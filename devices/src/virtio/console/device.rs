@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::ConsoleWorker;
+use super::worker::{ConsoleWorker, WorkerParts};
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_VERSION_1, TYPE_CONSOLE,
@@ -27,7 +27,7 @@ pub struct Console {
     input: Option<std::fs::File>,
     bytes_out: Arc<AtomicU64>,
     bytes_in: Arc<AtomicU64>,
-    running: Option<(EventFd, JoinHandle<Option<std::fs::File>>)>,
+    running: Option<(EventFd, JoinHandle<WorkerParts>)>,
 }
 
 impl Console {
@@ -41,13 +41,19 @@ impl Console {
         }
     }
 
-    fn stop(&mut self) {
-        if let Some((stop, t)) = self.running.take() {
-            let _ = stop.write(1);
-            // The worker hands the input back so a re-activated device keeps it.
-            if let Ok(input) = t.join() {
-                self.input = input;
+    /// Stops the worker; returns its queues.
+    fn stop(&mut self) -> Vec<ActivatedQueue> {
+        let Some((stop, t)) = self.running.take() else {
+            return Vec::new();
+        };
+        let _ = stop.write(1);
+        // The worker hands the input back so a re-activated device keeps it.
+        match t.join() {
+            Ok(parts) => {
+                self.input = parts.input;
+                parts.queues
             }
+            Err(_) => Vec::new(),
         }
     }
 }
@@ -139,6 +145,10 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.stop();
+    }
+
+    fn pause(&mut self) -> Vec<ActivatedQueue> {
+        self.stop()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -22,6 +22,12 @@ const TOKEN_INPUT: u64 = 3;
 /// Input held for the guest before we stop reading the host side.
 const MAX_PENDING_INPUT: usize = 64 << 10;
 
+/// What a stopped worker hands back to the device.
+pub(super) struct WorkerParts {
+    pub input: Option<std::fs::File>,
+    pub queues: Vec<ActivatedQueue>,
+}
+
 pub(super) struct ConsoleWorker {
     rx: ActivatedQueue,
     tx: ActivatedQueue,
@@ -91,8 +97,9 @@ impl ConsoleWorker {
         })
     }
 
-    /// Serves until stopped; returns the input so the device can keep it.
-    pub fn run(mut self) -> Option<std::fs::File> {
+    /// Serves until stopped; hands back the input and the queues (with their positions)
+    /// so the device can keep them.
+    pub fn run(mut self) -> WorkerParts {
         crate::threads::started(crate::threads::WorkerKind::Console);
         let mut events = vec![EpollEvent::default(); 4];
         self.transmit();
@@ -102,14 +109,14 @@ impl ConsoleWorker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "console worker epoll failed");
-                    return self.input.take();
+                    return self.into_parts();
                 }
             };
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => {
                         let _ = self.stop.read();
-                        return self.input.take();
+                        return self.into_parts();
                     }
                     TOKEN_TX => {
                         let _ = self.tx.kick.read();
@@ -125,6 +132,13 @@ impl ConsoleWorker {
                     }
                 }
             }
+        }
+    }
+
+    fn into_parts(self) -> WorkerParts {
+        WorkerParts {
+            input: self.input,
+            queues: vec![self.rx, self.tx],
         }
     }
 

@@ -16,7 +16,7 @@ const QUEUE_SIZES: [u16; 1] = [256];
 
 pub struct Rng {
     bytes: Arc<AtomicU64>,
-    running: Option<(EventFd, JoinHandle<()>)>,
+    running: Option<(EventFd, JoinHandle<ActivatedQueue>)>,
 }
 
 impl Rng {
@@ -27,11 +27,13 @@ impl Rng {
         }
     }
 
-    fn stop(&mut self) {
-        if let Some((stop, t)) = self.running.take() {
-            let _ = stop.write(1);
-            let _ = t.join();
-        }
+    /// Stops the worker; returns its queue.
+    fn stop(&mut self) -> Vec<ActivatedQueue> {
+        let Some((stop, t)) = self.running.take() else {
+            return Vec::new();
+        };
+        let _ = stop.write(1);
+        t.join().map(|q| vec![q]).unwrap_or_default()
     }
 }
 
@@ -102,6 +104,10 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.stop();
+    }
+
+    fn pause(&mut self) -> Vec<ActivatedQueue> {
+        self.stop()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

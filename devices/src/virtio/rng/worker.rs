@@ -71,7 +71,8 @@ impl RngWorker {
         })
     }
 
-    pub fn run(mut self) {
+    /// Serves until stopped; hands back the queue (with its position) when it stops.
+    pub fn run(mut self) -> ActivatedQueue {
         crate::threads::started(crate::threads::WorkerKind::Rng);
         let mut events = vec![EpollEvent::default(); 2];
         self.process();
@@ -81,13 +82,13 @@ impl RngWorker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "rng worker epoll failed");
-                    return;
+                    return self.q;
                 }
             };
             for ev in &events[..n] {
                 if ev.data() == TOKEN_STOP {
                     let _ = self.stop.read();
-                    return;
+                    return self.q;
                 }
                 let _ = self.q.kick.read();
                 self.process();

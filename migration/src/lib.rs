@@ -1,0 +1,12 @@
+//! Moving a VM in time and space.
+//!
+//! - [`snapshot`]: a paused VM as a directory — its configuration, its device and vCPU
+//!   state (versioned JSON, written by the VMM), and its memory as a sparse image.
+//! - [`memory`]: guest memory to and from files, skipping zero pages.
+//!
+//! This crate knows the formats, not the VM: the VMM decides what the state contains.
+
+pub mod memory;
+pub mod snapshot;
+
+pub use snapshot::{Snapshot, SnapshotError, SNAPSHOT_VERSION};
