@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use tokio::sync::oneshot;
 
 use crate::types::{
-    file_url_path, ApiError, ApiRequest, ApiResponse, RestoreRequest, SnapshotRequest, VmAction,
+    file_url_path, ApiError, ApiRequest, ApiResponse, ReceiveMigrationRequest, RestoreRequest,
+    SendMigrationRequest, SnapshotRequest, VmAction,
 };
 use crate::VmConfig;
 
@@ -175,6 +176,12 @@ fn router(state: AppState) -> Router {
         )
         .route("/api/v1/vm.snapshot", put(snapshot))
         .route("/api/v1/vm.restore", put(restore))
+        .route("/api/v1/vm.send-migration", put(send_migration))
+        .route("/api/v1/vm.receive-migration", put(receive_migration))
+        .route(
+            "/api/v1/vm.migration-info",
+            get(|s| action(s, VmAction::MigrationInfo)),
+        )
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(
             "/api/v1/vm.counters",
@@ -213,6 +220,24 @@ async fn restore(State(state): State<AppState>, body: Bytes) -> Response {
     match path {
         Ok(p) => action(State(state), VmAction::Restore(p)).await,
         Err(e) => error_response(ApiError::bad_request(e)),
+    }
+}
+
+async fn send_migration(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<SendMigrationRequest>(&body) {
+        Ok(r) => action(State(state), VmAction::SendMigration(r)).await,
+        Err(e) => error_response(ApiError::bad_request(format!(
+            "invalid send-migration request: {e}"
+        ))),
+    }
+}
+
+async fn receive_migration(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<ReceiveMigrationRequest>(&body) {
+        Ok(r) => action(State(state), VmAction::ReceiveMigration(r)).await,
+        Err(e) => error_response(ApiError::bad_request(format!(
+            "invalid receive-migration request: {e}"
+        ))),
     }
 }
 

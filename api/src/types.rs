@@ -42,6 +42,54 @@ pub fn file_url_path(url: &str) -> Result<std::path::PathBuf, String> {
     }
 }
 
+/// `vm.send-migration`'s body: where the destination listens (`unix:/path` or
+/// `tcp:host:port`) and the longest pause the guest should see.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationRequest {
+    pub destination_url: String,
+    /// Downtime target in milliseconds (default 50).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+}
+
+/// `vm.receive-migration`'s body: where to listen for the source.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationRequest {
+    pub receiver_url: String,
+}
+
+/// Where a migration stands (`vm.migration-info`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationStatus {
+    #[default]
+    None,
+    Sending,
+    Receiving,
+    Completed,
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationInfo {
+    pub status: MigrationStatus,
+    /// Pre-copy rounds done (round 0 copies all of memory).
+    pub rounds: u32,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    /// Dirty pages left at the last round.
+    pub remaining_pages: u64,
+    /// Measured link bandwidth and guest dirty rate, last round.
+    pub bandwidth_mib_s: f64,
+    pub dirty_pages_per_s: f64,
+    /// From pausing the VM to sending Go (source side).
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub error: Option<String>,
+}
+
 /// What the API asks of the control loop.
 #[derive(Debug)]
 pub enum VmAction {
@@ -60,6 +108,9 @@ pub enum VmAction {
     Snapshot(std::path::PathBuf),
     /// Builds the VM from the snapshot in this directory (no VM may exist yet).
     Restore(std::path::PathBuf),
+    SendMigration(SendMigrationRequest),
+    ReceiveMigration(ReceiveMigrationRequest),
+    MigrationInfo,
     /// Ends the VMM process (after shutting the VM down).
     VmmShutdown,
 }

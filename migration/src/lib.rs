@@ -3,10 +3,14 @@
 //! - [`snapshot`]: a paused VM as a directory — its configuration, its device and vCPU
 //!   state (versioned JSON, written by the VMM), and its memory as a sparse image.
 //! - [`memory`]: guest memory to and from files, skipping zero pages.
+//! - [`protocol`]: the live-migration wire protocol (framed messages, page runs).
+//! - [`transport`]: migration URLs (unix, TCP) with timeouts and keepalives.
 //!
 //! This crate knows the formats, not the VM: the VMM decides what the state contains.
 
 pub mod memory;
+pub mod protocol;
 pub mod snapshot;
+pub mod transport;
 
 pub use snapshot::{Snapshot, SnapshotError, SNAPSHOT_VERSION};

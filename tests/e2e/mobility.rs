@@ -164,3 +164,224 @@ fn restore_refuses_what_is_not_a_whole_snapshot() {
     assert_eq!(code, Some(1));
     assert!(err.contains("newer Vireo"), "{err}");
 }
+
+/// A `vireo` with no VM, waiting for one on its API socket; killed on drop.
+struct Destination {
+    child: Option<std::process::Child>,
+    sock: std::path::PathBuf,
+    serial: std::path::PathBuf,
+}
+
+impl Destination {
+    fn start(dir: &Path) -> Self {
+        let sock = dir.join("dst.sock");
+        let serial = dir.join("dst.log");
+        let child = Command::new(bin("vireo"))
+            .arg("--api-socket")
+            .arg(&sock)
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&sock, T);
+        Self {
+            child: Some(child),
+            sock,
+            serial,
+        }
+    }
+
+    fn listen(&self, url: &str) {
+        let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+        let (s, b) = api(&self.sock, "PUT", "vm.receive-migration", Some(&body));
+        assert_eq!(s, 204, "{b}");
+    }
+
+    fn wait(mut self) -> std::process::Output {
+        wait_with_timeout(self.child.take().unwrap(), T)
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn send(sock: &Path, url: &str) {
+    let body = format!(r#"{{"destination_url":"{url}"}}"#);
+    let (s, b) = api(sock, "PUT", "vm.send-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+}
+
+/// A source VMM running the workload on `disk`.
+fn source(dir: &Path, disk: &Path, ops: u64) -> (vireo_e2e::Running, std::path::PathBuf) {
+    let sock = dir.join("src.sock");
+    let vm = Vireo::guest(
+        &format!("test=workload pages=512 ops={ops} report=200"),
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", disk.display()),
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    (vm, sock)
+}
+
+fn migrate_and_check(url_of: impl Fn(&Path) -> String) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 6000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=600 ", T);
+    let dst = Destination::start(dir.path());
+    let url = url_of(dir.path());
+    dst.listen(&url);
+    send(&src_sock, &url);
+    // The source hands over and ends cleanly; the guest finishes at the destination.
+    let src_serial_path = src.serial.clone();
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    let _ = src_serial_path;
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    assert!(
+        !dst_serial.contains("work pages="),
+        "the guest must not start over"
+    );
+    assert_blocks(&disk, ops);
+}
+
+#[test]
+fn live_migration_over_a_unix_socket_moves_the_running_workload() {
+    migrate_and_check(|d| format!("unix:{}", d.join("mig.sock").display()));
+}
+
+#[test]
+fn live_migration_over_tcp_loopback_moves_the_running_workload() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    migrate_and_check(move |_| format!("tcp:127.0.0.1:{port}"));
+}
+
+/// A destination that misbehaves at a chosen moment, speaking the wire format
+/// (12-byte header: kind u32, length u64) by hand.
+fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut frames = 0;
+        loop {
+            let mut hdr = [0u8; 12];
+            if s.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let kind = u32::from_le_bytes(hdr[..4].try_into().unwrap());
+            let len = u64::from_le_bytes(hdr[4..].try_into().unwrap());
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).unwrap();
+            frames += 1;
+            match (fail_at, kind) {
+                // Vanish in the middle of the memory copy.
+                ("pages", 2) if frames >= 3 => return,
+                // Refuse the VM when its state arrives (after the disks were handed over).
+                ("state", 3) => {
+                    let why = b"destination disk full";
+                    let mut f = Vec::new();
+                    f.extend_from_slice(&6u32.to_le_bytes());
+                    f.extend_from_slice(&(why.len() as u64).to_le_bytes());
+                    f.extend_from_slice(why);
+                    s.write_all(&f).unwrap();
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+fn failed_migration_leaves_the_source_running(fail_at: &'static str) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 4000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let mig = dir.path().join("fake.sock");
+    let peer = fake_destination(&mig, fail_at);
+    send(&src_sock, &format!("unix:{}", mig.display()));
+    peer.join().unwrap();
+    // The source notices, takes its disk back and goes on: the guest finishes here,
+    // every page and block checked by the guest and the blocks by us.
+    let mut info = String::new();
+    for _ in 0..500 {
+        info = api(&src_sock, "GET", "vm.migration-info", None).1;
+        if info.contains("\"failed\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(info.contains("\"failed\""), "{info}");
+    if fail_at == "state" {
+        assert!(info.contains("destination disk full"), "{info}");
+    }
+    let serial = src.wait_serial(&format!("work done iter={ops}"), T);
+    assert!(serial.contains("vireo-guest: result ok"), "{serial}");
+    let out = src.wait(T);
+    assert_eq!(out.status.code(), Some(0));
+    assert_blocks(&disk, ops);
+}
+
+#[test]
+fn destination_vanishing_mid_copy_leaves_the_source_running() {
+    failed_migration_leaves_the_source_running("pages");
+}
+
+#[test]
+fn destination_refusing_after_the_disk_handover_leaves_the_source_running() {
+    failed_migration_leaves_the_source_running("state");
+}
+
+#[test]
+fn destination_refuses_a_bad_url_and_a_second_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = Destination::start(dir.path());
+    let (s, b) = api(
+        &dst.sock,
+        "PUT",
+        "vm.receive-migration",
+        Some(r#"{"receiver_url":"ftp:nowhere"}"#),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("unix:/path or tcp:host:port"), "{b}");
+    let (s, _) = api(
+        &dst.sock,
+        "PUT",
+        "vm.send-migration",
+        Some(r#"{"destination_url":"unix:/x"}"#),
+    );
+    assert_eq!(s, 404, "no VM to send");
+    let _ = &dst.serial;
+}

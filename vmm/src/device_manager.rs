@@ -207,7 +207,11 @@ impl DeviceManager {
                     num_queues: disk.num_queues,
                     rate_limiter: rate_limiter(&disk.rate_limiter),
                 },
-            );
+            )
+            .with_reopen({
+                let disk = disk.clone();
+                Box::new(move || open_disk(&disk).map_err(std::io::Error::other))
+            });
             dm.add_virtio(hv, mem, id, Box::new(block))?;
         }
         if config.console != OutputConfig::Off {
@@ -304,6 +308,36 @@ impl DeviceManager {
         for f in &self.functions {
             f.device.lock().unwrap_or_else(|e| e.into_inner()).resume();
         }
+    }
+
+    /// Flushes and closes every disk (they must be paused); stops at the first failure.
+    pub fn detach_storage(&self) -> Result<(), String> {
+        for f in &self.functions {
+            let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            d.detach_storage().map_err(|e| format!("{}: {e}", f.id))?;
+        }
+        Ok(())
+    }
+
+    /// Opens every detached disk again, retrying while another process (a destination
+    /// that is letting go) still holds a lock.
+    pub fn reattach_storage(&self) -> Result<(), String> {
+        for f in &self.functions {
+            let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tries = 0;
+            loop {
+                match d.reattach_storage() {
+                    Ok(()) => break,
+                    Err(e) if tries < 50 => {
+                        tracing::debug!(device = %f.id, error = %e, "reattach: retrying");
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(format!("{}: {e}", f.id)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The state of every device; the devices must be paused.

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod device_manager;
 pub mod kvm;
 pub mod layout;
+pub mod live;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;

@@ -33,8 +33,9 @@ struct Cli {
     /// (repeatable; VHDX or raw, detected from the content).
     #[arg(long)]
     disk: Vec<String>,
-    /// Serial port (COM1): off, null, tty (the default) or file=PATH. With --restore,
-    /// replaces the snapshot's serial output.
+    /// Serial port (COM1): off, null, tty (the default) or file=PATH. Without --kernel or
+    /// --config, applies to the VM that arrives (--restore, vm.restore, an incoming
+    /// migration) in place of its own configuration's.
     #[arg(long)]
     serial: Option<String>,
     /// virtio-console: off, null, tty (stdout; input from stdin) or file=PATH.
@@ -168,17 +169,23 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         None => None,
     };
+    let cfg_is_none = cfg.is_none();
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
     }
+    // A VM that arrives (restore, incoming migration) writes its serial output where
+    // this process's --serial says, if it says.
+    if cfg_is_none {
+        vmm.set_serial_override(
+            cli.serial
+                .as_deref()
+                .map(|s| config::parse_output("--serial", s))
+                .transpose()?,
+        );
+    }
     if let Some((dir, resume)) = restore {
-        let serial = cli
-            .serial
-            .as_deref()
-            .map(|s| config::parse_output("--serial", s))
-            .transpose()?;
-        vmm.restore(&dir, serial)?;
+        vmm.restore(&dir)?;
         if resume {
             vmm.resume()?;
         }
@@ -194,6 +201,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             eprintln!("vireo: guest reported failure (debug-exit code {code:#x})")
         }
         vmm::vmm::VmmExit::PowerOff => {}
+        vmm::vmm::VmmExit::Migrated => tracing::info!("the VM runs at its migration destination"),
     }
     Ok(ExitCode::from(exit.status() as u8))
 }

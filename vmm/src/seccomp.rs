@@ -195,11 +195,21 @@ const SOCKETS: &[i64] = &[
 
 /// What the control thread needs beyond the rest: creating VMs (files, KVM, memory),
 /// tearing them down, removing the API socket, writing and reading snapshots.
+///
+/// Threads the control thread starts (migration threads, and vCPUs of a VM created
+/// through the API) inherit this filter — filters stack — so it also allows what they
+/// need: migration sockets, disk rate-limit timers.
 const CONTROL: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
     libc::SYS_lseek,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
     libc::SYS_ioctl,
     libc::SYS_flock,
     libc::SYS_unlink,

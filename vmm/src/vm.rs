@@ -53,6 +53,8 @@ pub enum VmError {
     SnapshotMismatch(String),
     #[error("cannot save vCPU state: {0}")]
     VcpuState(String),
+    #[error("disk hand-over: {0}")]
+    Storage(String),
     #[error(transparent)]
     DeviceState(#[from] crate::device_manager::DeviceStateError),
 }
@@ -63,6 +65,105 @@ pub struct SavedVm {
     pub vcpus: Vec<cpu_state::VcpuState>,
     pub clock: kvm_bindings::kvm_clock_data,
     pub devices: crate::device_manager::DevicesState,
+}
+
+/// A VM being received (restore, incoming migration): hypervisor and memory exist, the
+/// memory is filled by the caller, then [`IncomingVm::finish`] builds the rest.
+pub struct IncomingVm {
+    pub config: VmConfig,
+    hv: Hypervisor,
+    pub mem: Arc<GuestMemoryMmap>,
+    created_at: Instant,
+}
+
+impl IncomingVm {
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        config.validate()?;
+        let created_at = Instant::now();
+        let hv = Hypervisor::new()?;
+        let mem = Arc::new(memory::create_guest_memory(
+            config.memory.size,
+            config.memory.hugepages,
+        )?);
+        hv.map_memory(&mem, false)?;
+        Ok(Self {
+            config,
+            hv,
+            mem,
+            created_at,
+        })
+    }
+
+    /// Opens the devices (and disks), puts back their state, the clock and every vCPU
+    /// (parked). The VM is Paused.
+    pub fn finish(
+        self,
+        saved: &SavedVm,
+        events_tx: Sender<ControlEvent>,
+        seccomp: crate::seccomp::Filters,
+    ) -> Result<Vm, VmError> {
+        let IncomingVm {
+            config,
+            hv,
+            mem,
+            created_at,
+        } = self;
+        if saved.vcpus.len() != usize::from(config.cpus.boot) {
+            return Err(VmError::SnapshotMismatch(format!(
+                "{} vCPUs saved, the configuration has {}",
+                saved.vcpus.len(),
+                config.cpus.boot
+            )));
+        }
+        let power: Arc<dyn PowerControl> =
+            Arc::new(PowerToControl(std::sync::Mutex::new(events_tx.clone())));
+        let devices = DeviceManager::new(&hv, &mem, &config, power)?;
+        devices.restore(&saved.devices)?;
+        let mut clock = saved.clock;
+        clock.flags = 0; // KVM_SET_CLOCK takes only the time.
+        hv.vm.set_clock(&clock).map_err(|source| KvmError::Ioctl {
+            op: "SET_CLOCK",
+            source,
+        })?;
+        let mut vm = Vm {
+            config,
+            vcpus: Vec::new(),
+            devices,
+            msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
+            has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+            hv,
+            mem,
+            state: VmState::Paused,
+            entry: None,
+            events_tx,
+            seccomp,
+            created_at,
+            booted_at: Some(Instant::now()),
+        };
+        vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
+        let cpus = vm.config.cpus.boot;
+        for s in &saved.vcpus {
+            let fd = vm.hv.create_vcpu(s.id)?;
+            let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
+            fd.set_cpuid2(&cpu::cpuid_for(&vm.hv.kvm, s.id, cpus, tsc_khz)?)
+                .map_err(|source| KvmError::Ioctl {
+                    op: "SET_CPUID2",
+                    source,
+                })?;
+            s.restore(&fd)?;
+            let ctx = vm.vcpu_context();
+            vm.vcpus
+                .push(VcpuHandle::spawn(s.id, fd, ctx, true).map_err(VmError::VcpuThread)?);
+        }
+        // The devices were restored running; hold them with the vCPUs until resume.
+        vm.devices.pause();
+        tracing::info!(
+            cpus,
+            setup_ms = vm.created_at.elapsed().as_secs_f64() * 1e3,
+            "VM state restored (paused)"
+        );
+        Ok(vm)
+    }
 }
 
 /// Forwards device power requests to the control loop.
@@ -274,75 +375,33 @@ impl Vm {
         events_tx: Sender<ControlEvent>,
         seccomp: crate::seccomp::Filters,
     ) -> Result<Self, VmError> {
-        let config = snapshot.config.clone();
-        config.validate()?;
-        let saved = &snapshot.state;
-        if saved.vcpus.len() != usize::from(config.cpus.boot) {
-            return Err(VmError::SnapshotMismatch(format!(
-                "{} vCPUs saved, the configuration has {}",
-                saved.vcpus.len(),
-                config.cpus.boot
-            )));
-        }
-        let created_at = Instant::now();
-        let hv = Hypervisor::new()?;
-        let mem = Arc::new(memory::create_guest_memory(
-            config.memory.size,
-            config.memory.hugepages,
-        )?);
-        hv.map_memory(&mem, false)?;
+        let incoming = IncomingVm::new(snapshot.config.clone())?;
         snapshot
-            .load_memory(mem.as_ref())
+            .load_memory(incoming.mem.as_ref())
             .map_err(VmError::Snapshot)?;
-        let power: Arc<dyn PowerControl> =
-            Arc::new(PowerToControl(std::sync::Mutex::new(events_tx.clone())));
-        let devices = DeviceManager::new(&hv, &mem, &config, power)?;
-        devices.restore(&saved.devices)?;
-        let mut clock = saved.clock;
-        clock.flags = 0; // KVM_SET_CLOCK takes only the time.
-        hv.vm.set_clock(&clock).map_err(|source| KvmError::Ioctl {
-            op: "SET_CLOCK",
-            source,
-        })?;
-        let mut vm = Self {
-            config,
-            vcpus: Vec::new(),
-            devices,
-            msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
-            has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
-            hv,
-            mem,
-            state: VmState::Paused,
-            entry: None,
-            events_tx,
-            seccomp,
-            created_at,
-            booted_at: Some(Instant::now()),
-        };
-        vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
-        let cpus = vm.config.cpus.boot;
-        for s in &saved.vcpus {
-            let fd = vm.hv.create_vcpu(s.id)?;
-            let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
-            fd.set_cpuid2(&cpu::cpuid_for(&vm.hv.kvm, s.id, cpus, tsc_khz)?)
-                .map_err(|source| KvmError::Ioctl {
-                    op: "SET_CPUID2",
-                    source,
-                })?;
-            s.restore(&fd)?;
-            let ctx = vm.vcpu_context();
-            vm.vcpus
-                .push(VcpuHandle::spawn(s.id, fd, ctx, true).map_err(VmError::VcpuThread)?);
-        }
-        // The devices were restored running; hold them with the vCPUs until resume.
-        vm.devices.pause();
-        tracing::info!(
-            dir = %snapshot.dir.display(),
-            cpus,
-            setup_ms = vm.created_at.elapsed().as_secs_f64() * 1e3,
-            "VM restored (paused)"
-        );
+        let vm = incoming.finish(&snapshot.state, events_tx, seccomp)?;
+        tracing::info!(dir = %snapshot.dir.display(), "VM restored (paused)");
         Ok(vm)
+    }
+
+    /// Guest RAM and the hypervisor VM (for the dirty log of a migration).
+    pub fn memory_and_vm(&self) -> (Arc<GuestMemoryMmap>, Arc<kvm_ioctls::VmFd>) {
+        (self.mem.clone(), self.hv.vm.clone())
+    }
+
+    /// Turns KVM's dirty-page logging of guest RAM on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        self.hv.map_memory(&self.mem, on)?;
+        Ok(())
+    }
+
+    /// Flushes and closes every disk (migration hand-over); the VM must be paused.
+    pub fn detach_storage(&self) -> Result<(), VmError> {
+        self.devices.detach_storage().map_err(VmError::Storage)
+    }
+
+    pub fn reattach_storage(&self) -> Result<(), VmError> {
+        self.devices.reattach_storage().map_err(VmError::Storage)
     }
 
     /// Stops every vCPU for good.

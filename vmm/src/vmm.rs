@@ -4,9 +4,13 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use api::{ApiError, ApiRequest, ApiResponse, VmAction, VmConfig};
+use api::{
+    ApiError, ApiRequest, ApiResponse, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
+    SendMigrationRequest, VmAction, VmConfig, VmState,
+};
 use devices::legacy::PowerEvent;
 
+use crate::live::{receive, send, MigrationEvent};
 use crate::vcpu::VcpuEvent;
 use crate::vm::{Vm, VmError};
 
@@ -15,6 +19,7 @@ pub enum ControlEvent {
     Vcpu(VcpuEvent),
     Power(PowerEvent),
     Api(ApiRequest),
+    Migration(MigrationEvent),
 }
 
 /// Why the VMM stopped; decides the process exit status.
@@ -26,12 +31,14 @@ pub enum VmmExit {
     GuestFailure(u32),
     /// The VM could not continue: status 1.
     Crashed(String),
+    /// The VM now runs at a migration destination: status 0.
+    Migrated,
 }
 
 impl VmmExit {
     pub fn status(&self) -> i32 {
         match self {
-            VmmExit::PowerOff => 0,
+            VmmExit::PowerOff | VmmExit::Migrated => 0,
             VmmExit::GuestFailure(_) => 2,
             VmmExit::Crashed(_) => 1,
         }
@@ -43,6 +50,13 @@ pub struct Vmm {
     seccomp: crate::seccomp::Filters,
     events_tx: Sender<ControlEvent>,
     events_rx: Receiver<ControlEvent>,
+    /// The current (or last) migration, shared with its thread.
+    migration: Arc<Mutex<MigrationInfo>>,
+    /// Source side: whether the VM ran before the switch-over (resumed if it fails).
+    resume_if_migration_fails: bool,
+    /// This process's own `--serial`, which replaces the serial output of a VM that
+    /// arrives by restore or migration (its configuration names the old host's file).
+    serial_override: Option<api::config::OutputConfig>,
 }
 
 impl Vmm {
@@ -53,6 +67,9 @@ impl Vmm {
             seccomp,
             events_tx,
             events_rx,
+            migration: Arc::new(Mutex::new(MigrationInfo::default())),
+            resume_if_migration_fails: false,
+            serial_override: None,
         }
     }
 
@@ -76,17 +93,18 @@ impl Vmm {
         Ok(())
     }
 
-    /// Builds the VM from a snapshot directory (its serial output redirected if asked);
-    /// it stays paused until `vm.resume`.
-    pub fn restore(
-        &mut self,
-        dir: &std::path::Path,
-        serial: Option<api::config::OutputConfig>,
-    ) -> Result<(), VmError> {
+    /// Where the serial output of a restored or incoming VM goes (instead of where its
+    /// configuration says).
+    pub fn set_serial_override(&mut self, serial: Option<api::config::OutputConfig>) {
+        self.serial_override = serial;
+    }
+
+    /// Builds the VM from a snapshot directory; it stays paused until `vm.resume`.
+    pub fn restore(&mut self, dir: &std::path::Path) -> Result<(), VmError> {
         let mut snapshot: migration::Snapshot<VmConfig, crate::vm::SavedVm> =
             migration::Snapshot::open(dir)?;
-        if let Some(s) = serial {
-            snapshot.config.serial = s;
+        if let Some(s) = &self.serial_override {
+            snapshot.config.serial = s.clone();
         }
         self.vm = Some(Vm::restore(
             &snapshot,
@@ -149,6 +167,7 @@ impl Vmm {
                     Some(VmmExit::Crashed(format!("vCPU {id}: {why}")))
                 }
                 ControlEvent::Api(req) => self.handle_api(req),
+                ControlEvent::Migration(ev) => self.handle_migration(ev),
             };
             if let Some(exit) = exit {
                 if let Some(vm) = &mut self.vm {
@@ -218,11 +237,16 @@ impl Vmm {
                 if self.vm.is_some() {
                     Err(ApiError::conflict("a VM already exists in this VMM"))
                 } else {
-                    self.restore(dir, None)
+                    self.restore(dir)
                         .map(|_| None)
                         .map_err(|e| ApiError::bad_request(error_chain(&e)))
                 }
             }
+            VmAction::SendMigration(r) => self.send_migration(r).map(|_| None),
+            VmAction::ReceiveMigration(r) => self.receive_migration(r).map(|_| None),
+            VmAction::MigrationInfo => serde_json::to_value(self.migration_info())
+                .map(Some)
+                .map_err(|e| ApiError::internal(e.to_string())),
             VmAction::Info => self.vm_mut().and_then(|vm| {
                 serde_json::to_value(vm.info())
                     .map(Some)
@@ -240,6 +264,194 @@ impl Vmm {
         };
         req.respond(result);
         exit
+    }
+}
+
+impl Vmm {
+    fn migration_info(&self) -> MigrationInfo {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn migration_busy(&self) -> bool {
+        matches!(
+            self.migration_info().status,
+            MigrationStatus::Sending | MigrationStatus::Receiving
+        )
+    }
+
+    fn set_migration(&self, info: MigrationInfo) {
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = info;
+    }
+
+    /// Starts sending the running (or paused) VM to a listening destination.
+    fn send_migration(&mut self, r: &SendMigrationRequest) -> Result<(), ApiError> {
+        let url: migration::transport::MigrationUrl =
+            r.destination_url
+                .parse()
+                .map_err(|e: migration::transport::TransportError| {
+                    ApiError::bad_request(e.to_string())
+                })?;
+        if self.migration_busy() {
+            return Err(ApiError::conflict("a migration is already in progress"));
+        }
+        let seccomp = self.seccomp.clone();
+        let events = self.events_tx.clone();
+        let info = self.migration.clone();
+        let vm = self.vm_mut()?;
+        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+            return Err(ApiError::conflict(format!(
+                "cannot migrate a VM that is {:?}",
+                vm.state()
+            )));
+        }
+        let config =
+            serde_json::to_value(vm.config()).map_err(|e| ApiError::internal(e.to_string()))?;
+        vm.set_dirty_logging(true).map_err(api_error)?;
+        let (mem, vmfd) = vm.memory_and_vm();
+        self.set_migration(MigrationInfo {
+            status: MigrationStatus::Sending,
+            ..Default::default()
+        });
+        let job = send::SendJob {
+            url,
+            downtime: std::time::Duration::from_millis(r.downtime_ms.unwrap_or(50)),
+            config,
+            mem,
+            vm: vmfd,
+            events,
+            info,
+            seccomp,
+        };
+        send::spawn(job).map_err(|e| {
+            self.set_migration(MigrationInfo::default());
+            ApiError::internal(format!("cannot start the migration thread: {e}"))
+        })
+    }
+
+    /// Listens for a source; the VM arrives paused and runs when the source commits.
+    fn receive_migration(&mut self, r: &ReceiveMigrationRequest) -> Result<(), ApiError> {
+        let url: migration::transport::MigrationUrl =
+            r.receiver_url
+                .parse()
+                .map_err(|e: migration::transport::TransportError| {
+                    ApiError::bad_request(e.to_string())
+                })?;
+        if self.vm.is_some() {
+            return Err(ApiError::conflict("a VM already exists in this VMM"));
+        }
+        if self.migration_busy() {
+            return Err(ApiError::conflict("a migration is already in progress"));
+        }
+        self.set_migration(MigrationInfo {
+            status: MigrationStatus::Receiving,
+            ..Default::default()
+        });
+        receive::spawn(receive::ReceiveJob {
+            url,
+            serial_override: self.serial_override.clone(),
+            events: self.events_tx.clone(),
+            info: self.migration.clone(),
+            seccomp: self.seccomp.clone(),
+        })
+        .map_err(|e| ApiError::internal(format!("cannot start the migration thread: {e}")))
+    }
+
+    /// Pauses the VM, saves its state and hands its disks over; on any failure the VM
+    /// is put back as it was.
+    fn switch_over(&mut self) -> Result<Vec<u8>, String> {
+        let vm = self.vm.as_mut().ok_or("the VM is gone")?;
+        let was_running = vm.state() == VmState::Running;
+        if was_running {
+            vm.pause().map_err(|e| error_chain(&e))?;
+        }
+        self.resume_if_migration_fails = was_running;
+        let state = vm
+            .saved_state()
+            .map_err(|e| error_chain(&e))
+            .and_then(|s| serde_json::to_vec(&s).map_err(|e| e.to_string()))?;
+        vm.detach_storage().map_err(|e| error_chain(&e))?;
+        Ok(state)
+    }
+
+    /// After a failed send: disks back, dirty logging off, the guest running again.
+    fn recover_from_failed_send(&mut self) -> Result<(), String> {
+        let resume = std::mem::take(&mut self.resume_if_migration_fails);
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(());
+        };
+        vm.reattach_storage().map_err(|e| error_chain(&e))?;
+        if let Err(e) = vm.set_dirty_logging(false) {
+            tracing::warn!(error = %error_chain(&e), "cannot turn the dirty log off");
+        }
+        if resume && vm.state() == VmState::Paused {
+            vm.resume().map_err(|e| error_chain(&e))?;
+        }
+        Ok(())
+    }
+
+    fn handle_migration(&mut self, ev: MigrationEvent) -> Option<VmmExit> {
+        match ev {
+            MigrationEvent::SwitchOver(reply) => {
+                let r = self.switch_over();
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "switch-over failed; the VM stays here");
+                    if let Err(e) = self.recover_from_failed_send() {
+                        return Some(VmmExit::Crashed(format!("cannot recover the VM: {e}")));
+                    }
+                }
+                let _ = reply.send(r);
+                None
+            }
+            MigrationEvent::SendFinished(Ok(())) => {
+                tracing::info!("VM migrated; this VMM stops");
+                Some(VmmExit::Migrated)
+            }
+            MigrationEvent::SendFinished(Err(e)) => {
+                {
+                    let mut i = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+                    i.status = MigrationStatus::Failed;
+                    i.error = Some(e);
+                }
+                match self.recover_from_failed_send() {
+                    Ok(()) => None,
+                    Err(e) => Some(VmmExit::Crashed(format!("cannot recover the VM: {e}"))),
+                }
+            }
+            MigrationEvent::Incoming(vm, reply) => {
+                let r = if self.vm.is_some() {
+                    Err("a VM already exists in this VMM".to_string())
+                } else {
+                    self.vm = Some(*vm);
+                    Ok(())
+                };
+                let _ = reply.send(r);
+                None
+            }
+            MigrationEvent::IncomingGo => {
+                let r = self.vm.as_mut().map(|vm| vm.resume());
+                match r {
+                    Some(Ok(())) => {
+                        tracing::info!("incoming VM running");
+                        None
+                    }
+                    Some(Err(e)) => Some(VmmExit::Crashed(format!(
+                        "cannot resume the migrated VM: {}",
+                        error_chain(&e)
+                    ))),
+                    None => Some(VmmExit::Crashed("the migrated VM is gone".into())),
+                }
+            }
+            MigrationEvent::IncomingFailed(e) => {
+                tracing::warn!(error = %e, "incoming migration failed; discarding the copy");
+                if let Some(mut vm) = self.vm.take() {
+                    let _ = vm.shutdown();
+                }
+                None
+            }
+        }
     }
 }
 

@@ -108,6 +108,16 @@ pub trait VirtioDevice: Send {
     /// and hand back their queues (with the positions they reached). Activating the
     /// device again with them continues where it stopped (resume, restore).
     fn pause(&mut self) -> Vec<ActivatedQueue>;
+    /// Flushes and closes the device's host storage, so another VMM can open it (the
+    /// hand-over of a live migration). The device must be paused; until
+    /// [`Self::reattach_storage`] its I/O fails.
+    fn detach_storage(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Opens the storage again (a migration that did not complete).
+    fn reattach_storage(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -328,6 +328,15 @@ impl VirtioPciDevice {
         }
     }
 
+    /// See [`VirtioDevice::detach_storage`].
+    pub fn detach_storage(&mut self) -> std::io::Result<()> {
+        self.device.detach_storage()
+    }
+
+    pub fn reattach_storage(&mut self) -> std::io::Result<()> {
+        self.device.reattach_storage()
+    }
+
     /// The function's whole state; an activated device must be paused first.
     pub fn state(&self) -> Result<VirtioPciState, VirtioStateError> {
         let device = self.device.name();

@@ -63,8 +63,51 @@ struct Running {
     threads: Vec<JoinHandle<ActivatedQueue>>,
 }
 
+/// Opens a disk's image again (after a detach).
+pub type Reopen = Box<dyn Fn() -> std::io::Result<Arc<dyn BlockBackend>> + Send>;
+
+/// The backend of a detached disk: same geometry, every I/O fails.
+struct Detached {
+    size: u64,
+    logical: u32,
+    physical: u32,
+}
+
+impl BlockBackend for Detached {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn logical_block_size(&self) -> u32 {
+        self.logical
+    }
+    fn physical_block_size(&self) -> u32 {
+        self.physical
+    }
+    fn read_vectored_at(&self, _: &mut [std::io::IoSliceMut<'_>], _: u64) -> std::io::Result<()> {
+        Err(detached())
+    }
+    fn write_vectored_at(&self, _: &[std::io::IoSlice<'_>], _: u64) -> std::io::Result<()> {
+        Err(detached())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Err(detached())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Err(detached())
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Err(detached())
+    }
+}
+
+fn detached() -> std::io::Error {
+    std::io::Error::other("the disk is detached (handed over to a migration destination)")
+}
+
 pub struct Block {
     backend: Arc<dyn BlockBackend>,
+    reopen: Option<Reopen>,
+    detached: bool,
     config: BlockConfig,
     queue_sizes: Vec<u16>,
     acked_features: u64,
@@ -80,6 +123,8 @@ impl Block {
         let config_space = build_config_space(backend.as_ref(), num_queues);
         Self {
             backend,
+            reopen: None,
+            detached: false,
             queue_sizes: vec![QUEUE_SIZE; usize::from(num_queues)],
             limiter: RateLimiter::new(&config.rate_limiter).map(Arc::new),
             config,
@@ -88,6 +133,12 @@ impl Block {
             running: None,
             config_space,
         }
+    }
+
+    /// How to open the image again after [`VirtioDevice::detach_storage`].
+    pub fn with_reopen(mut self, reopen: Reopen) -> Self {
+        self.reopen = Some(reopen);
+        self
     }
 
     pub fn counters(&self) -> Arc<BlockCounters> {
@@ -115,8 +166,10 @@ impl Drop for Block {
         self.stop_workers();
         // What the guest wrote reaches the disk even if it never flushed, as when
         // QEMU closes an image.
-        if let Err(e) = self.backend.flush() {
-            tracing::warn!(error = %e, "flushing the disk on close failed");
+        if !self.detached {
+            if let Err(e) = self.backend.flush() {
+                tracing::warn!(error = %e, "flushing the disk on close failed");
+            }
         }
     }
 }
@@ -244,6 +297,49 @@ impl VirtioDevice for Block {
 
     fn pause(&mut self) -> Vec<ActivatedQueue> {
         self.stop_workers()
+    }
+
+    fn detach_storage(&mut self) -> std::io::Result<()> {
+        if self.detached {
+            return Ok(());
+        }
+        if self.running.is_some() {
+            return Err(std::io::Error::other("pause the disk before detaching it"));
+        }
+        if self.reopen.is_none() {
+            return Err(std::io::Error::other("this disk cannot be reopened"));
+        }
+        self.backend.flush()?;
+        let placeholder = Arc::new(Detached {
+            size: self.backend.size(),
+            logical: self.backend.logical_block_size(),
+            physical: self.backend.physical_block_size(),
+        });
+        // Dropping the last reference closes the image and releases its lock.
+        self.backend = placeholder;
+        self.detached = true;
+        Ok(())
+    }
+
+    fn reattach_storage(&mut self) -> std::io::Result<()> {
+        if !self.detached {
+            return Ok(());
+        }
+        let reopen = self
+            .reopen
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("this disk cannot be reopened"))?;
+        let backend = reopen()?;
+        if backend.size() != self.backend.size() {
+            return Err(std::io::Error::other(format!(
+                "the image changed size while detached ({} -> {} bytes)",
+                self.backend.size(),
+                backend.size()
+            )));
+        }
+        self.backend = backend;
+        self.detached = false;
+        Ok(())
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

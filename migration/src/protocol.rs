@@ -1,0 +1,293 @@
+//! The live-migration wire protocol: framed messages over one stream (unix or TCP).
+//!
+//! ```text
+//! source                                   destination
+//!   Hello {version, config}  ──────────▶   checks the version, maps guest memory
+//!   Pages {runs}*            ──────────▶   copies them in          (pre-copy rounds)
+//!   ... the source pauses the VM, flushes and releases its disks ...
+//!   Pages {last runs}        ──────────▶
+//!   State {vCPUs, devices}   ──────────▶   opens the disks, restores, stays paused
+//!                            ◀──────────   Ready             (or Error {why})
+//!   Go                       ──────────▶   resumes the VM    ← the commit point:
+//!                                            the source stops for good once Go is sent
+//! ```
+//! Any error before Go: the source resumes by itself, the destination discards its copy.
+//!
+//! A frame is `kind: u32 LE, len: u64 LE, payload`. Pages payloads are binary: a run
+//! is `gpa: u64 LE, pages: u32 LE, zero: u8`, followed by the pages' bytes unless
+//! `zero` (the destination zeroes them: a page may have been cleared since it was sent).
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol this Vireo speaks (both sides must agree).
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest frame accepted: a batch of pages plus headers, or a big state document.
+pub const MAX_FRAME: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("migration connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer sent a frame of {0} bytes (limit {MAX_FRAME})")]
+    FrameTooBig(u64),
+    #[error("peer sent unknown message kind {0}")]
+    UnknownKind(u32),
+    #[error("peer sent a malformed {what} message")]
+    Malformed { what: &'static str },
+    #[error("peer speaks migration protocol {theirs}, this Vireo {PROTOCOL_VERSION}")]
+    Version { theirs: u32 },
+    #[error("expected {expected}, peer sent {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("peer reported: {0}")]
+    Peer(String),
+    #[error("bad JSON in {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The opening message: who we are and the VM's configuration (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub vireo: String,
+    pub config: serde_json::Value,
+}
+
+/// One run of consecutive pages.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PageRun<'a> {
+    pub gpa: u64,
+    pub pages: u32,
+    /// None: the pages are all zero.
+    pub data: Option<&'a [u8]>,
+}
+
+#[derive(Debug)]
+pub enum Message {
+    Hello(Hello),
+    Pages(Vec<u8>),
+    State(Vec<u8>),
+    Ready,
+    Go,
+    Error(String),
+}
+
+const K_HELLO: u32 = 1;
+const K_PAGES: u32 = 2;
+const K_STATE: u32 = 3;
+const K_READY: u32 = 4;
+const K_GO: u32 = 5;
+const K_ERROR: u32 = 6;
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Pages(_) => "Pages",
+            Message::State(_) => "State",
+            Message::Ready => "Ready",
+            Message::Go => "Go",
+            Message::Error(_) => "Error",
+        }
+    }
+}
+
+fn frame<W: Write + ?Sized>(w: &mut W, kind: u32, payload: &[u8]) -> Result<(), ProtocolError> {
+    let mut hdr = [0u8; 12];
+    hdr[..4].copy_from_slice(&kind.to_le_bytes());
+    hdr[4..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    w.write_all(&hdr)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+pub fn send<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<(), ProtocolError> {
+    match m {
+        Message::Hello(h) => {
+            let b = serde_json::to_vec(h).map_err(|source| ProtocolError::Json {
+                what: "Hello",
+                source,
+            })?;
+            frame(w, K_HELLO, &b)?
+        }
+        Message::Pages(p) => frame(w, K_PAGES, p)?,
+        Message::State(s) => frame(w, K_STATE, s)?,
+        Message::Ready => frame(w, K_READY, &[])?,
+        Message::Go => frame(w, K_GO, &[])?,
+        Message::Error(e) => frame(w, K_ERROR, e.as_bytes())?,
+    }
+    w.flush()?;
+    Ok(())
+}
+
+pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
+    let mut hdr = [0u8; 12];
+    r.read_exact(&mut hdr)?;
+    let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&hdr[4..]);
+    let len = u64::from_le_bytes(len8);
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooBig(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    Ok(match kind {
+        K_HELLO => {
+            let h: Hello =
+                serde_json::from_slice(&payload).map_err(|source| ProtocolError::Json {
+                    what: "Hello",
+                    source,
+                })?;
+            if h.version != PROTOCOL_VERSION {
+                return Err(ProtocolError::Version { theirs: h.version });
+            }
+            Message::Hello(h)
+        }
+        K_PAGES => Message::Pages(payload),
+        K_STATE => Message::State(payload),
+        K_READY => Message::Ready,
+        K_GO => Message::Go,
+        K_ERROR => Message::Error(String::from_utf8_lossy(&payload).into_owned()),
+        k => return Err(ProtocolError::UnknownKind(k)),
+    })
+}
+
+/// Appends one run to a Pages payload.
+pub fn push_run(buf: &mut Vec<u8>, gpa: u64, pages: u32, data: Option<&[u8]>) {
+    buf.extend_from_slice(&gpa.to_le_bytes());
+    buf.extend_from_slice(&pages.to_le_bytes());
+    buf.push(u8::from(data.is_none()));
+    if let Some(d) = data {
+        buf.extend_from_slice(d);
+    }
+}
+
+/// The runs of a Pages payload; a truncated or lying payload is an error.
+pub fn runs(payload: &[u8]) -> Result<Vec<PageRun<'_>>, ProtocolError> {
+    let bad = ProtocolError::Malformed { what: "Pages" };
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        if rest.len() < 13 {
+            return Err(bad);
+        }
+        let gpa = u64::from_le_bytes(
+            rest[..8]
+                .try_into()
+                .map_err(|_| ProtocolError::Malformed { what: "Pages" })?,
+        );
+        let pages = u32::from_le_bytes(
+            rest[8..12]
+                .try_into()
+                .map_err(|_| ProtocolError::Malformed { what: "Pages" })?,
+        );
+        let zero = rest[12] != 0;
+        rest = &rest[13..];
+        let data = if zero {
+            None
+        } else {
+            let n = (pages as usize)
+                .checked_mul(PAGE_SIZE as usize)
+                .ok_or(ProtocolError::Malformed { what: "Pages" })?;
+            if rest.len() < n {
+                return Err(ProtocolError::Malformed { what: "Pages" });
+            }
+            let (d, r) = rest.split_at(n);
+            rest = r;
+            Some(d)
+        };
+        out.push(PageRun { gpa, pages, data });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_a_byte_stream() {
+        let mut buf = Vec::new();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            vireo: "test".into(),
+            config: serde_json::json!({"cpus": 2}),
+        };
+        send(&mut buf, &Message::Hello(hello)).unwrap();
+        let mut pages = Vec::new();
+        push_run(&mut pages, 0x1000, 2, Some(&[7u8; 8192]));
+        push_run(&mut pages, 0x9000, 5, None);
+        send(&mut buf, &Message::Pages(pages)).unwrap();
+        send(&mut buf, &Message::Go).unwrap();
+        let mut r = &buf[..];
+        let Message::Hello(h) = recv(&mut r).unwrap() else {
+            panic!("hello")
+        };
+        assert_eq!(h.config["cpus"], 2);
+        let Message::Pages(p) = recv(&mut r).unwrap() else {
+            panic!("pages")
+        };
+        let runs = runs(&p).unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(
+            (runs[0].gpa, runs[0].pages, runs[0].data.map(|d| d.len())),
+            (0x1000, 2, Some(8192))
+        );
+        assert_eq!(
+            runs[1],
+            PageRun {
+                gpa: 0x9000,
+                pages: 5,
+                data: None
+            }
+        );
+        assert!(matches!(recv(&mut r).unwrap(), Message::Go));
+        assert!(
+            matches!(recv(&mut r), Err(ProtocolError::Io(_))),
+            "end of stream"
+        );
+    }
+
+    #[test]
+    fn hostile_frames_are_errors_not_allocations() {
+        let mut hdr = Vec::new();
+        hdr.extend_from_slice(&K_PAGES.to_le_bytes());
+        hdr.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            recv(&mut &hdr[..]),
+            Err(ProtocolError::FrameTooBig(_))
+        ));
+        let mut p = Vec::new();
+        push_run(&mut p, 0, 3, Some(&[1u8; 4096])); // claims 3 pages, carries 1
+        assert!(runs(&p).is_err());
+        assert!(runs(&[1, 2, 3]).is_err());
+        let mut other = Vec::new();
+        frame(&mut other, 99, &[]).unwrap();
+        assert!(matches!(
+            recv(&mut &other[..]),
+            Err(ProtocolError::UnknownKind(99))
+        ));
+        let mut old = Vec::new();
+        let h = serde_json::to_vec(&Hello {
+            version: 0,
+            vireo: "old".into(),
+            config: serde_json::Value::Null,
+        })
+        .unwrap();
+        frame(&mut old, K_HELLO, &h).unwrap();
+        assert!(matches!(
+            recv(&mut &old[..]),
+            Err(ProtocolError::Version { theirs: 0 })
+        ));
+    }
+}

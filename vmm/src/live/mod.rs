@@ -1,0 +1,35 @@
+//! Live migration of a running VM (pre-copy over the KVM dirty log, shared storage).
+//!
+//! - [`dirty`]: which pages changed since the last look: KVM's log for vCPU writes,
+//!   united with the bitmap our own devices fill when they write guest memory.
+//! - [`send`]: the source's thread: memory rounds until the rest fits the downtime
+//!   target, then the switch-over (the control loop pauses the VM and hands its disks
+//!   over), the last pages, the state, and the commit.
+//! - [`receive`]: the destination's thread: memory in, then the VM built from the
+//!   state, and resumed only when the source commits.
+//!
+//! The protocol and its commit point are in `migration::protocol`.
+
+pub mod dirty;
+pub mod receive;
+pub mod send;
+
+use std::sync::mpsc::Sender;
+
+use crate::vm::Vm;
+
+/// What migration threads ask of (or tell) the control loop.
+pub enum MigrationEvent {
+    /// Source: converged. Pause the VM, save its state, release its disks; reply with
+    /// the state (JSON) or why not.
+    SwitchOver(Sender<Result<Vec<u8>, String>>),
+    /// Source: Go was sent (Ok: the destination owns the VM now) or the migration failed
+    /// before the commit (Err: resume here).
+    SendFinished(Result<(), String>),
+    /// Destination: the VM is built (paused); install it, then say so.
+    Incoming(Box<Vm>, Sender<Result<(), String>>),
+    /// Destination: the source committed; run.
+    IncomingGo,
+    /// Destination: failed; discard any copy.
+    IncomingFailed(String),
+}

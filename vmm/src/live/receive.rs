@@ -1,0 +1,150 @@
+//! The destination side of a live migration (runs on its own thread).
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use migration::protocol::{self, Message};
+use migration::transport::{MigrationUrl, Stream};
+use vm_memory::{Bytes, GuestAddress};
+
+use api::{MigrationInfo, MigrationStatus, VmConfig};
+
+use super::MigrationEvent;
+use crate::vm::{IncomingVm, SavedVm};
+use crate::vmm::ControlEvent;
+
+pub struct ReceiveJob {
+    pub url: MigrationUrl,
+    /// Replaces the incoming configuration's serial output (see `Vmm`).
+    pub serial_override: Option<api::config::OutputConfig>,
+    pub events: Sender<ControlEvent>,
+    pub info: Arc<Mutex<MigrationInfo>>,
+    pub seccomp: crate::seccomp::Filters,
+}
+
+fn lock(info: &Mutex<MigrationInfo>) -> std::sync::MutexGuard<'_, MigrationInfo> {
+    info.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts the receiver thread (it listens at once).
+pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("vireo-migrate-recv".into())
+        .spawn(move || {
+            job.seccomp
+                .apply_or_exit(crate::seccomp::ThreadKind::Control);
+            if let Err(e) = run(&job) {
+                tracing::warn!(error = %e, "incoming migration failed");
+                {
+                    let mut i = lock(&job.info);
+                    i.status = MigrationStatus::Failed;
+                    i.error = Some(e.clone());
+                }
+                let _ = job
+                    .events
+                    .send(ControlEvent::Migration(MigrationEvent::IncomingFailed(e)));
+            }
+        })
+        .map(|_| ())
+}
+
+/// Copies a Pages payload into guest memory; pages outside it are the peer's error.
+fn apply_pages(mem: &devices::virtio::GuestMemoryMmap, payload: &[u8]) -> Result<u64, String> {
+    let zeros = vec![0u8; 64 * protocol::PAGE_SIZE as usize];
+    let mut pages = 0;
+    for run in protocol::runs(payload).map_err(|e| e.to_string())? {
+        let len = u64::from(run.pages) * protocol::PAGE_SIZE;
+        let outside = || {
+            format!(
+                "source sent pages {:#x}+{len:#x} outside guest memory",
+                run.gpa
+            )
+        };
+        match run.data {
+            Some(d) => mem
+                .write_slice(d, GuestAddress(run.gpa))
+                .map_err(|_| outside())?,
+            None => {
+                let mut at = run.gpa;
+                let end = run.gpa.checked_add(len).ok_or_else(outside)?;
+                while at < end {
+                    let n = ((end - at) as usize).min(zeros.len());
+                    mem.write_slice(&zeros[..n], GuestAddress(at))
+                        .map_err(|_| outside())?;
+                    at += n as u64;
+                }
+            }
+        }
+        pages += u64::from(run.pages);
+    }
+    Ok(pages)
+}
+
+fn run(job: &ReceiveJob) -> Result<(), String> {
+    let mut stream: Box<dyn Stream> = job.url.accept_one().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let result = receive(job, stream.as_mut(), started);
+    if let Err(e) = &result {
+        // Best effort: tell the source why, so it resumes with a reason.
+        let _ = protocol::send(stream.as_mut(), &Message::Error(e.clone()));
+    }
+    result
+}
+
+fn receive(job: &ReceiveJob, stream: &mut dyn Stream, started: Instant) -> Result<(), String> {
+    let hello = match protocol::recv(stream).map_err(|e| e.to_string())? {
+        Message::Hello(h) => h,
+        other => return Err(format!("expected Hello, source sent {}", other.name())),
+    };
+    let mut config: VmConfig = serde_json::from_value(hello.config)
+        .map_err(|e| format!("the source's VM configuration: {e}"))?;
+    if let Some(s) = &job.serial_override {
+        config.serial = s.clone();
+    }
+    let incoming = IncomingVm::new(config).map_err(|e| crate::vmm::error_chain(&e))?;
+    tracing::info!(source_vireo = %hello.vireo, "receiving a VM");
+    loop {
+        match protocol::recv(stream).map_err(|e| e.to_string())? {
+            Message::Pages(p) => {
+                let n = apply_pages(&incoming.mem, &p)?;
+                let mut i = lock(&job.info);
+                i.pages_sent += n;
+                i.bytes_sent += p.len() as u64 + 12;
+            }
+            Message::State(s) => {
+                let saved: SavedVm = serde_json::from_slice(&s)
+                    .map_err(|e| format!("the source's VM state: {e}"))?;
+                let vm = incoming
+                    .finish(&saved, job.events.clone(), job.seccomp.clone())
+                    .map_err(|e| crate::vmm::error_chain(&e))?;
+                let (tx, rx) = channel();
+                job.events
+                    .send(ControlEvent::Migration(MigrationEvent::Incoming(
+                        Box::new(vm),
+                        tx,
+                    )))
+                    .map_err(|_| "the control loop is gone".to_string())?;
+                rx.recv()
+                    .map_err(|_| "the control loop did not take the VM".to_string())??;
+                protocol::send(stream, &Message::Ready).map_err(|e| e.to_string())?;
+                return match protocol::recv(stream).map_err(|e| e.to_string())? {
+                    Message::Go => {
+                        {
+                            let mut i = lock(&job.info);
+                            i.status = MigrationStatus::Completed;
+                            i.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                        }
+                        job.events
+                            .send(ControlEvent::Migration(MigrationEvent::IncomingGo))
+                            .map_err(|_| "the control loop is gone".to_string())
+                    }
+                    Message::Error(e) => Err(format!("source aborted: {e}")),
+                    other => Err(format!("expected Go, source sent {}", other.name())),
+                };
+            }
+            Message::Error(e) => return Err(format!("source aborted: {e}")),
+            other => return Err(format!("unexpected {} before the state", other.name())),
+        }
+    }
+}
