@@ -84,6 +84,8 @@ pub struct MigrationInfo {
     /// Measured link bandwidth and guest dirty rate, last round.
     pub bandwidth_mib_s: f64,
     pub dirty_pages_per_s: f64,
+    /// vCPU throttle (auto-converge) in percent, at the last round.
+    pub throttle_percent: u64,
     /// From pausing the VM to sending Go (source side).
     pub downtime_ms: f64,
     pub total_ms: f64,

@@ -69,6 +69,77 @@ pub struct VcpuContext {
     /// MSRs a state save reads (KVM's index list) and whether KVM has XCRs.
     pub msr_indices: Arc<Vec<u32>>,
     pub has_xcrs: bool,
+    /// Share of time each vCPU sleeps (auto-converge of a live migration).
+    pub throttle: Arc<Throttle>,
+}
+
+/// Slows vCPUs down so a migration's copy can outrun the guest's dirtying (QEMU calls
+/// it auto-converge): a ticker kicks every vCPU out of KVM_RUN each [`THROTTLE_PERIOD`],
+/// and a kicked vCPU sleeps `percent` of the period before it runs again.
+#[derive(Default)]
+pub struct Throttle {
+    percent: AtomicU64,
+}
+
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+impl Throttle {
+    pub fn set(&self, percent: u64) {
+        self.percent.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    pub fn percent(&self) -> u64 {
+        self.percent.load(Ordering::Relaxed)
+    }
+
+    /// What a kicked vCPU owes.
+    fn pause(&self) {
+        let p = self.percent();
+        if p > 0 {
+            std::thread::sleep(THROTTLE_PERIOD * p as u32 / 100);
+        }
+    }
+}
+
+/// Kicks the vCPU threads every period while a throttle is set (stopped on drop).
+pub struct ThrottleTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ThrottleTicker {
+    pub fn start(threads: Vec<libc::pthread_t>, throttle: Arc<Throttle>) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vireo-throttle".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(THROTTLE_PERIOD);
+                    if throttle.percent() == 0 {
+                        continue;
+                    }
+                    for &t in &threads {
+                        // SAFETY: the threads are the VM's vCPU threads, which outlive
+                        // the ticker (the migration that owns it ends before the VM).
+                        unsafe { libc::pthread_kill(t, kick_signal()) };
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ThrottleTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl VcpuHandle {
@@ -101,6 +172,12 @@ impl VcpuHandle {
             thread: Some(thread),
             exits,
         })
+    }
+
+    /// The thread, for signals (None once it has been joined).
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
     pub fn exits(&self) -> u64 {
@@ -293,7 +370,8 @@ fn run_loop(
                 tracing::debug!(vcpu = id, exit = ?other, "unhandled vCPU exit");
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked: loop around to obey the control loop.
+                // Kicked: pay any throttle, then loop around to obey the control loop.
+                ctx.throttle.pause();
             }
             Err(e) => {
                 report(VcpuEvent::Failed(id, format!("KVM_RUN failed: {e}")));

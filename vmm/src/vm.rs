@@ -131,6 +131,7 @@ impl IncomingVm {
             devices,
             msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
             has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+            throttle: Arc::default(),
             hv,
             mem,
             state: VmState::Paused,
@@ -189,6 +190,8 @@ pub struct Vm {
     /// MSRs a vCPU state save reads; XCR support.
     msr_indices: Arc<Vec<u32>>,
     has_xcrs: bool,
+    /// Auto-converge throttle shared with the vCPU threads.
+    throttle: Arc<vcpu::Throttle>,
     events_tx: Sender<ControlEvent>,
     seccomp: crate::seccomp::Filters,
     created_at: Instant,
@@ -222,6 +225,7 @@ impl Vm {
             devices,
             msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
             has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+            throttle: Arc::default(),
             hv,
             mem,
             state: VmState::Created,
@@ -281,6 +285,7 @@ impl Vm {
             events: self.events_tx.clone(),
             msr_indices: self.msr_indices.clone(),
             has_xcrs: self.has_xcrs,
+            throttle: self.throttle.clone(),
         }
     }
 
@@ -387,6 +392,14 @@ impl Vm {
     /// Guest RAM and the hypervisor VM (for the dirty log of a migration).
     pub fn memory_and_vm(&self) -> (Arc<GuestMemoryMmap>, Arc<kvm_ioctls::VmFd>) {
         (self.mem.clone(), self.hv.vm.clone())
+    }
+
+    /// The vCPU throttle and the vCPU threads to kick for it (auto-converge).
+    pub fn throttle(&self) -> (Arc<vcpu::Throttle>, Vec<libc::pthread_t>) {
+        (
+            self.throttle.clone(),
+            self.vcpus.iter().filter_map(|v| v.pthread()).collect(),
+        )
     }
 
     /// Turns KVM's dirty-page logging of guest RAM on or off.

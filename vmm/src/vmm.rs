@@ -311,6 +311,7 @@ impl Vmm {
             serde_json::to_value(vm.config()).map_err(|e| ApiError::internal(e.to_string()))?;
         vm.set_dirty_logging(true).map_err(api_error)?;
         let (mem, vmfd) = vm.memory_and_vm();
+        let (throttle, vcpu_threads) = vm.throttle();
         self.set_migration(MigrationInfo {
             status: MigrationStatus::Sending,
             ..Default::default()
@@ -324,6 +325,8 @@ impl Vmm {
             events,
             info,
             seccomp,
+            throttle,
+            vcpu_threads,
         };
         send::spawn(job).map_err(|e| {
             self.set_migration(MigrationInfo::default());

@@ -43,7 +43,53 @@ impl DirtyLog {
     }
 }
 
-/// Every page of every region (round 0).
+/// The pages of guest RAM that hold anything: present or swapped out, per
+/// /proc/self/pagemap. A page the guest never touched is neither (and reads as zero),
+/// so round 0 skips it without reading it — which for an idle 1 GiB guest is almost
+/// everything. Falls back to every page if pagemap cannot be read.
+pub fn populated_pages(mem: &GuestMemoryMmap) -> Bitmaps {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return all_pages(mem);
+    };
+    let host_page = 4096u64;
+    let mut out = Vec::new();
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            return all_pages(mem);
+        };
+        let pages = region.len().div_ceil(PAGE_SIZE) as usize;
+        let mut bits = vec![0u64; pages.div_ceil(64)];
+        let first = host as u64 / host_page;
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut p = 0usize;
+        while p < pages {
+            let n = (pages - p).min(4096);
+            let bytes = &mut buf[..n * 8];
+            if pagemap
+                .read_exact_at(bytes, (first + p as u64) * 8)
+                .is_err()
+            {
+                return all_pages(mem);
+            }
+            for (i, e) in bytes.chunks_exact(8).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(e);
+                if u64::from_le_bytes(w) & (PRESENT | SWAPPED) != 0 {
+                    let k = p + i;
+                    bits[k / 64] |= 1 << (k % 64);
+                }
+            }
+            p += n;
+        }
+        out.push(bits);
+    }
+    out
+}
+
+/// Every page of every region.
 pub fn all_pages(mem: &GuestMemoryMmap) -> Bitmaps {
     mem.iter()
         .map(|r| {

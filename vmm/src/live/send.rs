@@ -14,6 +14,7 @@ use devices::virtio::GuestMemoryMmap;
 
 use super::dirty::{self, Bitmaps, DirtyLog, PAGE_SIZE};
 use super::MigrationEvent;
+use crate::vcpu::{Throttle, ThrottleTicker};
 use crate::vmm::ControlEvent;
 
 /// A Pages frame is sent once it holds this much.
@@ -32,6 +33,22 @@ pub struct SendJob {
     pub events: Sender<ControlEvent>,
     pub info: Arc<Mutex<MigrationInfo>>,
     pub seccomp: crate::seccomp::Filters,
+    /// Auto-converge: the VM's vCPU throttle and its vCPU threads.
+    pub throttle: Arc<Throttle>,
+    pub vcpu_threads: Vec<libc::pthread_t>,
+}
+
+/// Throttle steps: the first when a round leaves at least as much as the one before,
+/// then more each round that still does not converge (QEMU's 20% + 10%).
+const THROTTLE_INITIAL: u64 = 20;
+const THROTTLE_STEP: u64 = 10;
+
+/// Clears the throttle however the migration ends.
+struct ThrottleGuard<'a>(&'a Throttle);
+impl Drop for ThrottleGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(0);
+    }
 }
 
 fn lock(info: &Mutex<MigrationInfo>) -> std::sync::MutexGuard<'_, MigrationInfo> {
@@ -87,7 +104,9 @@ impl Wire<'_> {
 }
 
 fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
+    // SAFETY: reading u64 words out of bytes; every bit pattern is a valid u64.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// Sends the pages set in `bitmaps` as they are now. Zero pages go as zero runs, or not
@@ -158,6 +177,9 @@ fn run(job: &SendJob) -> Result<(), String> {
         }),
     )
     .map_err(|e| e.to_string())?;
+    let _ticker = ThrottleTicker::start(job.vcpu_threads.clone(), job.throttle.clone())
+        .map_err(|e| format!("cannot start the throttle ticker: {e}"))?;
+    let _unthrottle = ThrottleGuard(&job.throttle);
     let log = DirtyLog::new(job.mem.clone(), job.vm.clone());
     log.take()?; // Start from a clean log: round 0 sends everything anyway.
     let mut wire = Wire {
@@ -170,8 +192,9 @@ fn run(job: &SendJob) -> Result<(), String> {
     // Pre-copy: round 0 is all of memory; each next round what the guest dirtied
     // meanwhile, until the rest can go within the downtime target.
     let mut round = 0u32;
-    let mut pending = dirty::all_pages(&job.mem);
+    let mut pending = dirty::populated_pages(&job.mem);
     let mut skip_zero = true;
+    let mut last_remaining = u64::MAX;
     loop {
         let t = Instant::now();
         let bytes_before = wire.bytes;
@@ -197,11 +220,20 @@ fn run(job: &SendJob) -> Result<(), String> {
             round,
             remaining,
             predicted_ms = predicted.as_secs_f64() * 1e3,
+            throttle = job.throttle.percent(),
             "pre-copy round"
         );
         if predicted <= job.downtime || round >= MAX_ROUNDS {
             break;
         }
+        // The guest dirties about as fast as we copy: slow it down, a step per round.
+        if round >= 2 && remaining >= last_remaining / 2 {
+            let p = job.throttle.percent();
+            let next = if p == 0 { THROTTLE_INITIAL } else { p + THROTTLE_STEP };
+            job.throttle.set(next);
+            lock(&job.info).throttle_percent = job.throttle.percent();
+        }
+        last_remaining = remaining;
     }
 
     // Switch-over: the control loop pauses the VM and releases the disks.
