@@ -86,23 +86,48 @@ impl MigrationUrl {
         }
     }
 
-    /// Listens, accepts one source, and stops listening (a unix socket file is removed).
-    pub fn accept_one(&self) -> Result<Box<dyn Stream>, TransportError> {
+    /// Starts listening (so a source may connect as soon as this returns).
+    pub fn listen(&self) -> Result<Listener, TransportError> {
+        let url = self.to_string();
         match self {
             MigrationUrl::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 let l = UnixListener::bind(p).map_err(self.io())?;
-                let accepted = l.accept();
-                let _ = std::fs::remove_file(p);
-                let (s, _) = accepted.map_err(self.io())?;
-                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
-                s.set_write_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
-                Ok(Box::new(s))
+                Ok(Listener::Unix(l, p.clone(), url))
             }
             MigrationUrl::Tcp(a) => {
                 let l = TcpListener::bind(a).map_err(self.io())?;
-                let (s, _) = l.accept().map_err(self.io())?;
-                tune_tcp(&s).map_err(self.io())?;
+                Ok(Listener::Tcp(l, url))
+            }
+        }
+    }
+}
+
+/// A bound migration endpoint, waiting for its one source.
+pub enum Listener {
+    Unix(UnixListener, PathBuf, String),
+    Tcp(TcpListener, String),
+}
+
+impl Listener {
+    /// Accepts one source and stops listening (a unix socket file is removed).
+    pub fn accept_one(self) -> Result<Box<dyn Stream>, TransportError> {
+        let io = |url: &str| {
+            let url = url.to_string();
+            move |source| TransportError::Io { url, source }
+        };
+        match self {
+            Listener::Unix(l, path, url) => {
+                let accepted = l.accept();
+                let _ = std::fs::remove_file(&path);
+                let (s, _) = accepted.map_err(io(&url))?;
+                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io(&url))?;
+                s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io(&url))?;
+                Ok(Box::new(s))
+            }
+            Listener::Tcp(l, url) => {
+                let (s, _) = l.accept().map_err(io(&url))?;
+                tune_tcp(&s).map_err(io(&url))?;
                 Ok(Box::new(s))
             }
         }

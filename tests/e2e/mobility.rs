@@ -240,9 +240,9 @@ fn source(dir: &Path, disk: &Path, ops: u64) -> (vireo_e2e::Running, std::path::
 fn migrate_and_check(url_of: impl Fn(&Path) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
-    let ops = 6000;
+    let ops = 3000;
     let (src, src_sock) = source(dir.path(), &disk, ops);
-    src.wait_serial("work iter=600 ", T);
+    src.wait_serial("work iter=400 ", T);
     let dst = Destination::start(dir.path());
     let url = url_of(dir.path());
     dst.listen(&url);
@@ -326,7 +326,7 @@ fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHand
 fn failed_migration_leaves_the_source_running(fail_at: &'static str) {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
-    let ops = 4000;
+    let ops = 2000;
     let (src, src_sock) = source(dir.path(), &disk, ops);
     src.wait_serial("work iter=400 ", T);
     let mig = dir.path().join("fake.sock");

@@ -348,12 +348,15 @@ impl Vmm {
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
+        let listener = url
+            .listen()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         self.set_migration(MigrationInfo {
             status: MigrationStatus::Receiving,
             ..Default::default()
         });
         receive::spawn(receive::ReceiveJob {
-            url,
+            listener,
             serial_override: self.serial_override.clone(),
             events: self.events_tx.clone(),
             info: self.migration.clone(),

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use migration::protocol::{self, Message};
-use migration::transport::{MigrationUrl, Stream};
+use migration::transport::{Listener, Stream};
 use vm_memory::{Bytes, GuestAddress};
 
 use api::{MigrationInfo, MigrationStatus, VmConfig};
@@ -15,7 +15,8 @@ use crate::vm::{IncomingVm, SavedVm};
 use crate::vmm::ControlEvent;
 
 pub struct ReceiveJob {
-    pub url: MigrationUrl,
+    /// Already bound: the API call returns only once a source can connect.
+    pub listener: Listener,
     /// Replaces the incoming configuration's serial output (see `Vmm`).
     pub serial_override: Option<api::config::OutputConfig>,
     pub events: Sender<ControlEvent>,
@@ -27,14 +28,27 @@ fn lock(info: &Mutex<MigrationInfo>) -> std::sync::MutexGuard<'_, MigrationInfo>
     info.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the receiver thread (it listens at once).
+/// Starts the receiver thread.
 pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("vireo-migrate-recv".into())
         .spawn(move || {
             job.seccomp
                 .apply_or_exit(crate::seccomp::ThreadKind::Control);
-            if let Err(e) = run(&job) {
+            let ReceiveJob {
+                listener,
+                serial_override,
+                events,
+                info,
+                seccomp,
+            } = job;
+            let job = Job {
+                serial_override,
+                events,
+                info,
+                seccomp,
+            };
+            if let Err(e) = run(listener, &job) {
                 tracing::warn!(error = %e, "incoming migration failed");
                 {
                     let mut i = lock(&job.info);
@@ -81,8 +95,16 @@ fn apply_pages(mem: &devices::virtio::GuestMemoryMmap, payload: &[u8]) -> Result
     Ok(pages)
 }
 
-fn run(job: &ReceiveJob) -> Result<(), String> {
-    let mut stream: Box<dyn Stream> = job.url.accept_one().map_err(|e| e.to_string())?;
+/// What the receiver needs once connected.
+struct Job {
+    serial_override: Option<api::config::OutputConfig>,
+    events: Sender<ControlEvent>,
+    info: Arc<Mutex<MigrationInfo>>,
+    seccomp: crate::seccomp::Filters,
+}
+
+fn run(listener: Listener, job: &Job) -> Result<(), String> {
+    let mut stream: Box<dyn Stream> = listener.accept_one().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let result = receive(job, stream.as_mut(), started);
     if let Err(e) = &result {
@@ -92,7 +114,7 @@ fn run(job: &ReceiveJob) -> Result<(), String> {
     result
 }
 
-fn receive(job: &ReceiveJob, stream: &mut dyn Stream, started: Instant) -> Result<(), String> {
+fn receive(job: &Job, stream: &mut dyn Stream, started: Instant) -> Result<(), String> {
     let hello = match protocol::recv(stream).map_err(|e| e.to_string())? {
         Message::Hello(h) => h,
         other => return Err(format!("expected Hello, source sent {}", other.name())),

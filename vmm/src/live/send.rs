@@ -229,7 +229,11 @@ fn run(job: &SendJob) -> Result<(), String> {
         // The guest dirties about as fast as we copy: slow it down, a step per round.
         if round >= 2 && remaining >= last_remaining / 2 {
             let p = job.throttle.percent();
-            let next = if p == 0 { THROTTLE_INITIAL } else { p + THROTTLE_STEP };
+            let next = if p == 0 {
+                THROTTLE_INITIAL
+            } else {
+                p + THROTTLE_STEP
+            };
             job.throttle.set(next);
             lock(&job.info).throttle_percent = job.throttle.percent();
         }
