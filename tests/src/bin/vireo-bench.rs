@@ -5,7 +5,10 @@
 //! 3. In-guest virtio-blk (`test=blk-bench`, queue depth 1 and 16): 4K random read/write IOPS
 //!    and 1 MiB sequential MB/s on raw and on dynamic VHDX images.
 //!
-//! Usage: `vireo-bench [--runs N] [--skip-blk]` (build the workspace binaries first).
+//! 4. Live migration on one host: total time and downtime, idle and dirtying guests.
+//!
+//! Usage: `vireo-bench [--runs N] [--skip-blk] [--only boot|memory|blk|migration]`
+//! (build the workspace binaries first).
 //! Prints markdown tables for docs/benchmarks.md.
 
 use std::io::Read;
@@ -322,6 +325,221 @@ fn blk_table_at(raw: &Path, vhdx: &Path, qd: u32) {
     println!("Vireo VHDX ÷ QEMU VHDX: {} (goal ≥ 1.5)\n", ratio(1, 3));
 }
 
+/// One QMP session (QEMU's JSON control protocol) on a unix socket.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let start = Instant::now();
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("QMP {}: {e}", path.display()),
+            }
+        };
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        };
+        q.line(); // greeting
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Sends a command; returns its "return" (events in between are skipped).
+    fn cmd(&mut self, c: &str) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.writer, "{c}").expect("QMP write");
+        loop {
+            let v = self.line();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    }
+}
+
+/// (total ms, downtime ms, rounds or "-") of one migration of `cmdline`'s guest.
+fn migrate_once(vmm: Vmm, cmdline: &str, mem_mib: u32, auto_converge: bool) -> (f64, f64, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    match vmm {
+        Vmm::Vireo => {
+            let src_sock = d.join("src.sock");
+            let dst_sock = d.join("dst.sock");
+            let mut src = vmm.command(cmdline, mem_mib, None);
+            src.arg("--api-socket")
+                .arg(&src_sock)
+                .env("RUST_LOG", "vmm::live=info");
+            let src_log = std::fs::File::create(d.join("src.err")).expect("log");
+            let mut src = src
+                .stdout(Stdio::null())
+                .stderr(src_log)
+                .spawn()
+                .expect("source");
+            let mut dst = Command::new(bin("vireo"))
+                .arg("--api-socket")
+                .arg(&dst_sock)
+                .args(["--serial", "null"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("destination");
+            vireo_e2e::wait_for_socket(&src_sock, Duration::from_secs(10));
+            vireo_e2e::wait_for_socket(&dst_sock, Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
+            let url = format!("unix:{}", d.join("mig.sock").display());
+            let (s, b) = vireo_e2e::api(
+                &dst_sock,
+                "PUT",
+                "vm.receive-migration",
+                Some(&format!(r#"{{"receiver_url":"{url}"}}"#)),
+            );
+            assert_eq!(s, 204, "{b}");
+            let (s, b) = vireo_e2e::api(
+                &src_sock,
+                "PUT",
+                "vm.send-migration",
+                Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
+            );
+            assert_eq!(s, 204, "{b}");
+            let _ = src.wait();
+            let log = std::fs::read_to_string(d.join("src.err")).unwrap_or_default();
+            let line = log
+                .lines()
+                .find(|l| l.contains("migration committed"))
+                .unwrap_or_else(|| panic!("vireo migration did not commit:\n{log}"))
+                .to_string();
+            let field = |name: &str| -> f64 {
+                let clean: String = line
+                    .split('\x1b')
+                    .map(|p| p.split_once('m').map_or(p, |(_, r)| r))
+                    .collect();
+                clean
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(f64::NAN)
+            };
+            let _ = vireo_e2e::api(&dst_sock, "PUT", "vm.shutdown", None);
+            let _ = dst.kill();
+            let _ = dst.wait();
+            (
+                field("total_ms="),
+                field("downtime_ms="),
+                format!("{}", field("rounds=")),
+            )
+        }
+        Vmm::Qemu => {
+            let mig = d.join("q.mig");
+            let mut dst = vmm.command(cmdline, mem_mib, None);
+            dst.arg("-incoming")
+                .arg(format!("unix:{}", mig.display()))
+                .arg("-qmp")
+                .arg(format!(
+                    "unix:{},server=on,wait=off",
+                    d.join("dst.qmp").display()
+                ));
+            let mut dst = dst
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu dst");
+            let mut src = vmm.command(cmdline, mem_mib, None);
+            src.arg("-qmp").arg(format!(
+                "unix:{},server=on,wait=off",
+                d.join("src.qmp").display()
+            ));
+            let mut src = src
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu src");
+            let mut qs = Qmp::connect(&d.join("src.qmp"));
+            let _qd = Qmp::connect(&d.join("dst.qmp"));
+            std::thread::sleep(Duration::from_millis(1000));
+            if auto_converge {
+                qs.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#);
+            }
+            qs.cmd(&format!(
+                r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+                mig.display()
+            ));
+            let start = Instant::now();
+            let result = loop {
+                let v = qs.cmd(r#"{"execute":"query-migrate"}"#);
+                let r = &v["return"];
+                match r["status"].as_str() {
+                    Some("completed") => {
+                        break (
+                            r["total-time"].as_f64().unwrap_or(f64::NAN),
+                            r["downtime"].as_f64().unwrap_or(f64::NAN),
+                            r["ram"]["dirty-sync-count"]
+                                .as_u64()
+                                .map_or("-".into(), |n| n.to_string()),
+                        )
+                    }
+                    Some("failed") | Some("cancelled") => {
+                        break (f64::NAN, f64::NAN, "failed".into())
+                    }
+                    _ => {}
+                }
+                if start.elapsed() > Duration::from_secs(60) {
+                    qs.cmd(r#"{"execute":"migrate_cancel"}"#);
+                    break (f64::NAN, f64::NAN, "did not converge in 60 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            for c in [&mut src, &mut dst] {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            result
+        }
+    }
+}
+
+fn migration_table() {
+    println!("### Live migration on one host (unix socket), 1 GiB guest, 1 vCPU\n");
+    println!("Each VMM reports its own figures: Vireo from pausing the VM to sending Go, QEMU `query-migrate`'s `downtime` (QEMU's default downtime limit is 300 ms, Vireo's target 50 ms). Dirty-sync count is QEMU's number of dirty-log passes.\n");
+    println!("| guest | VMM | total (ms) | downtime (ms) | rounds / dirty syncs |");
+    println!("|---|---|---|---|---|");
+    let cases = [
+        ("idle (test=counter)", "test=counter period_ms=1"),
+        (
+            "dirtying a 128 MiB hot set at full speed (test=dirty pages=32768)",
+            "test=dirty pages=32768",
+        ),
+    ];
+    for (name, cmdline) in cases {
+        for (vmm, label, ac) in [
+            (Vmm::Vireo, "vireo", false),
+            (Vmm::Qemu, "qemu microvm", false),
+            (Vmm::Qemu, "qemu microvm, auto-converge", true),
+        ] {
+            if ac && name.starts_with("idle") {
+                continue;
+            }
+            let (total, down, rounds) = migrate_once(vmm, cmdline, 1024, ac);
+            println!("| {name} | {label} | {total:.1} | {down:.1} | {rounds} |");
+        }
+    }
+    println!("\nGoals: idle total ≤ 1500 ms and downtime ≤ 20 ms; dirtying guest always completes with downtime ≤ 50 ms.\n");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runs = args
@@ -331,10 +549,23 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let _ = Duration::ZERO;
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let want = |part: &str| only.as_deref().is_none_or(|o| o == part);
     println!("## vireo VMM (generated by `vireo-bench`)\n");
-    boot_table(runs);
-    memory_table();
-    if !args.iter().any(|a| a == "--skip-blk") {
+    if want("boot") {
+        boot_table(runs);
+    }
+    if want("memory") {
+        memory_table();
+    }
+    if want("blk") && !args.iter().any(|a| a == "--skip-blk") {
         blk_table();
+    }
+    if want("migration") {
+        migration_table();
     }
 }
