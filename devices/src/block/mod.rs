@@ -1,6 +1,7 @@
 //! Disk backends behind one trait: the virtio-blk worker never knows which it has.
 
 mod lock;
+mod mirror;
 mod raw;
 mod vhdx;
 
@@ -9,6 +10,7 @@ use std::path::Path;
 
 pub use self::vhdx::VhdxDisk;
 pub use lock::{lock_image, LockMode};
+pub use mirror::{Mirror, MIRROR_CHUNK};
 pub use raw::RawFile;
 
 /// What a virtio-blk device needs from a disk image.
