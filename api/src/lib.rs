@@ -13,9 +13,9 @@ pub use config::VmConfig;
 pub use lifecycle::{Action, InvalidTransition, VmState};
 pub use server::{serve, Dispatch, ServerError, ServerHandle};
 pub use types::{
-    file_url_path, ApiError, ApiRequest, ApiResponse, Counters, MigrationInfo, MigrationStatus,
-    ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction,
-    VmInfo,
+    file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DiskMigrationInfo,
+    MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest, RestoreRequest,
+    SendMigrationRequest, SnapshotRequest, VmAction, VmInfo,
 };
 
 /// The OpenAPI document of the per-VM API.

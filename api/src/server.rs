@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use tokio::sync::oneshot;
 
 use crate::types::{
-    file_url_path, ApiError, ApiRequest, ApiResponse, ReceiveMigrationRequest, RestoreRequest,
-    SendMigrationRequest, SnapshotRequest, VmAction,
+    file_url_path, ApiError, ApiRequest, ApiResponse, MigrateDiskRequest, ReceiveMigrationRequest,
+    RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction,
 };
 use crate::VmConfig;
 
@@ -177,6 +177,15 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/vm.snapshot", put(snapshot))
         .route("/api/v1/vm.restore", put(restore))
         .route("/api/v1/vm.send-migration", put(send_migration))
+        .route("/api/v1/vm.migrate-disk", put(migrate_disk))
+        .route(
+            "/api/v1/vm.migrate-disk-cancel",
+            put(|s| action(s, VmAction::MigrateDiskCancel)),
+        )
+        .route(
+            "/api/v1/vm.migrate-disk-info",
+            get(|s| action(s, VmAction::MigrateDiskInfo)),
+        )
         .route("/api/v1/vm.receive-migration", put(receive_migration))
         .route(
             "/api/v1/vm.migration-info",
@@ -228,6 +237,15 @@ async fn send_migration(State(state): State<AppState>, body: Bytes) -> Response 
         Ok(r) => action(State(state), VmAction::SendMigration(r)).await,
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid send-migration request: {e}"
+        ))),
+    }
+}
+
+async fn migrate_disk(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<MigrateDiskRequest>(&body) {
+        Ok(r) => action(State(state), VmAction::MigrateDisk(r)).await,
+        Err(e) => error_response(ApiError::bad_request(format!(
+            "invalid migrate-disk request: {e}"
         ))),
     }
 }

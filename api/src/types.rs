@@ -92,6 +92,33 @@ pub struct MigrationInfo {
     pub error: Option<String>,
 }
 
+/// `vm.migrate-disk`'s body: move disk `id` to a new image while the VM runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateDiskRequest {
+    pub id: String,
+    /// The new image (created; must not exist).
+    pub destination: std::path::PathBuf,
+    /// `raw` or `vhdx` (default: the format of the current image).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Delete the old image once the VM runs on the new one.
+    #[serde(default)]
+    pub delete_source: bool,
+}
+
+/// Where a storage migration stands (`vm.migrate-disk-info`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskMigrationInfo {
+    pub status: MigrationStatus,
+    pub id: Option<String>,
+    pub destination: Option<std::path::PathBuf>,
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+    pub total_ms: f64,
+    pub error: Option<String>,
+}
+
 /// What the API asks of the control loop.
 #[derive(Debug)]
 pub enum VmAction {
@@ -111,6 +138,9 @@ pub enum VmAction {
     /// Builds the VM from the snapshot in this directory (no VM may exist yet).
     Restore(std::path::PathBuf),
     SendMigration(SendMigrationRequest),
+    MigrateDisk(MigrateDiskRequest),
+    MigrateDiskCancel,
+    MigrateDiskInfo,
     ReceiveMigration(ReceiveMigrationRequest),
     MigrationInfo,
     /// Ends the VMM process (after shutting the VM down).

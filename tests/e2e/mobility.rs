@@ -385,3 +385,135 @@ fn destination_refuses_a_bad_url_and_a_second_vm() {
     assert_eq!(s, 404, "no VM to send");
     let _ = &dst.serial;
 }
+
+fn disk_info(sock: &Path) -> serde_json::Value {
+    serde_json::from_str(&api(sock, "GET", "vm.migrate-disk-info", None).1).unwrap()
+}
+
+fn wait_disk_migration(sock: &Path) -> serde_json::Value {
+    for _ in 0..1500 {
+        let i = disk_info(sock);
+        if i["status"] == "completed" || i["status"] == "failed" {
+            return i;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("storage migration did not end: {}", disk_info(sock));
+}
+
+/// Reads a VHDX back as raw bytes through qemu-img (the peer decides).
+fn vhdx_as_raw(vhdx: &Path, raw: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "vhdx", "-O", "raw"])
+        .arg(vhdx)
+        .arg(raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn storage_migration_moves_a_running_disk_to_vhdx_and_deletes_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 3000;
+    let (src, sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let new = dir.path().join("moved.vhdx");
+    let body = format!(
+        r#"{{"id":"disk0","destination":"{}","format":"vhdx","delete_source":true}}"#,
+        new.display()
+    );
+    let (s, b) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    // One at a time; and no snapshot while it runs.
+    let (s, _) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
+    assert!(s == 409 || s == 400, "second storage migration: {s}");
+    let info = wait_disk_migration(&sock);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(info["copied_bytes"], 64 << 20);
+    assert!(!disk.exists(), "the old image is deleted after the switch");
+    let (_, vm_info) = api(&sock, "GET", "vm.info", None);
+    assert!(vm_info.contains("moved.vhdx"), "{vm_info}");
+    // The guest goes on (now writing only to the new image) and finishes.
+    let serial = src.wait_serial(&format!("work done iter={ops}"), T);
+    assert!(serial.contains("vireo-guest: result ok"), "{serial}");
+    assert_eq!(src.wait(T).status.code(), Some(0));
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let back = dir.path().join("back.raw");
+    vhdx_as_raw(&new, &back);
+    assert_blocks(&back, ops);
+}
+
+#[test]
+fn cancelled_storage_migration_leaves_the_disk_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 2000;
+    let (src, sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=200 ", T);
+    let new = dir.path().join("moved.raw");
+    // Bad requests change nothing.
+    for (body, code) in [
+        (
+            r#"{"id":"disk9","destination":"/tmp/x.raw"}"#.to_string(),
+            404,
+        ),
+        (
+            format!(r#"{{"id":"disk0","destination":"{}"}}"#, disk.display()),
+            400,
+        ),
+        (
+            format!(
+                r#"{{"id":"disk0","destination":"{}","format":"qcow2"}}"#,
+                new.display()
+            ),
+            400,
+        ),
+        (
+            format!(
+                r#"{{"id":"disk0","destination":"{}/no/such/dir/x.raw"}}"#,
+                dir.path().display()
+            ),
+            400,
+        ),
+    ] {
+        let (s, b) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
+        assert_eq!(s, code, "{body}: {b}");
+    }
+    assert_eq!(api(&sock, "PUT", "vm.migrate-disk-cancel", None).0, 409);
+    let body = format!(r#"{{"id":"disk0","destination":"{}"}}"#, new.display());
+    assert_eq!(api(&sock, "PUT", "vm.migrate-disk", Some(&body)).0, 204);
+    let _ = api(&sock, "PUT", "vm.migrate-disk-cancel", None);
+    let info = wait_disk_migration(&sock);
+    if info["status"] == "failed" {
+        assert_eq!(info["error"], "cancelled", "{info}");
+        assert!(!new.exists(), "the abandoned new image is removed");
+        let (_, vm_info) = api(&sock, "GET", "vm.info", None);
+        assert!(vm_info.contains("disk.raw"), "{vm_info}");
+    }
+    // Either way (a 64 MiB copy may finish before the cancel lands) the guest
+    // completes and every block is on the image the VM now uses.
+    let serial = src.wait_serial(&format!("work done iter={ops}"), T);
+    assert!(serial.contains("vireo-guest: result ok"), "{serial}");
+    assert_eq!(src.wait(T).status.code(), Some(0));
+    let used = if info["status"] == "failed" {
+        &disk
+    } else {
+        &new
+    };
+    assert_blocks(used, ops);
+}

@@ -117,6 +117,12 @@ fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::Ra
     }
 }
 
+/// How a block device opens its image again (migration hand-over).
+pub fn reopen_for(disk: &DiskConfig) -> devices::virtio::block::Reopen {
+    let disk = disk.clone();
+    Box::new(move || open_disk(&disk).map_err(std::io::Error::other))
+}
+
 /// Opens a disk image in the format its content says.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
     let format = detect_format(&cfg.path)?;
@@ -208,10 +214,7 @@ impl DeviceManager {
                     rate_limiter: rate_limiter(&disk.rate_limiter),
                 },
             )
-            .with_reopen({
-                let disk = disk.clone();
-                Box::new(move || open_disk(&disk).map_err(std::io::Error::other))
-            });
+            .with_reopen(reopen_for(disk));
             dm.add_virtio(hv, mem, id, Box::new(block))?;
         }
         if config.console != OutputConfig::Off {
@@ -300,7 +303,7 @@ impl DeviceManager {
     /// memory until [`Self::resume`].
     pub fn pause(&self) {
         for f in &self.functions {
-            f.device.lock().unwrap_or_else(|e| e.into_inner()).pause();
+            let _ = f.device.lock().unwrap_or_else(|e| e.into_inner()).pause();
         }
     }
 
@@ -308,6 +311,30 @@ impl DeviceManager {
         for f in &self.functions {
             f.device.lock().unwrap_or_else(|e| e.into_inner()).resume();
         }
+    }
+
+    /// Runs `f` on block device `id` with its workers stopped (they restart after).
+    pub fn with_block<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Block) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let func = self
+            .functions
+            .iter()
+            .find(|f| f.id == id)
+            .ok_or_else(|| format!("no device '{id}'"))?;
+        let mut d = func.device.lock().unwrap_or_else(|e| e.into_inner());
+        // A paused VM's devices stay paused afterwards.
+        let paused_here = d.pause();
+        let result = match d.device_mut().as_any_mut().downcast_mut::<Block>() {
+            Some(block) => f(block),
+            None => Err(format!("device '{id}' is not a disk")),
+        };
+        if paused_here {
+            d.resume();
+        }
+        result
     }
 
     /// Flushes and closes every disk (they must be paused); stops at the first failure.

@@ -394,6 +394,17 @@ impl Vm {
         (self.mem.clone(), self.hv.vm.clone())
     }
 
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Disk `index` now lives at `disk` (a completed storage migration).
+    pub fn set_disk(&mut self, index: usize, disk: api::config::DiskConfig) {
+        if let Some(d) = self.config.disks.get_mut(index) {
+            *d = disk;
+        }
+    }
+
     /// The vCPU throttle and the vCPU threads to kick for it (auto-converge).
     pub fn throttle(&self) -> (Arc<vcpu::Throttle>, Vec<libc::pthread_t>) {
         (

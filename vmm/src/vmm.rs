@@ -57,6 +57,9 @@ pub struct Vmm {
     /// This process's own `--serial`, which replaces the serial output of a VM that
     /// arrives by restore or migration (its configuration names the old host's file).
     serial_override: Option<api::config::OutputConfig>,
+    /// A live storage migration in progress, and the last one's progress.
+    disk_migration: Option<crate::live::disk::DiskMigration>,
+    disk_info: Arc<Mutex<api::DiskMigrationInfo>>,
 }
 
 impl Vmm {
@@ -70,6 +73,8 @@ impl Vmm {
             migration: Arc::new(Mutex::new(MigrationInfo::default())),
             resume_if_migration_fails: false,
             serial_override: None,
+            disk_migration: None,
+            disk_info: Arc::new(Mutex::new(api::DiskMigrationInfo::default())),
         }
     }
 
@@ -230,6 +235,9 @@ impl Vmm {
             VmAction::PowerButton => self
                 .vm_mut()
                 .and_then(|vm| vm.power_button().map(|_| None).map_err(api_error)),
+            VmAction::Snapshot(_) if self.disk_migration.is_some() => Err(ApiError::conflict(
+                "a storage migration is in progress; snapshot after it",
+            )),
             VmAction::Snapshot(dir) => self
                 .vm_mut()
                 .and_then(|vm| vm.snapshot(dir).map(|_| None).map_err(api_error)),
@@ -243,6 +251,22 @@ impl Vmm {
                 }
             }
             VmAction::SendMigration(r) => self.send_migration(r).map(|_| None),
+            VmAction::MigrateDisk(r) => self.migrate_disk(r).map(|_| None),
+            VmAction::MigrateDiskCancel => match &self.disk_migration {
+                Some(m) => {
+                    m.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok(None)
+                }
+                None => Err(ApiError::conflict("no storage migration is in progress")),
+            },
+            VmAction::MigrateDiskInfo => serde_json::to_value(
+                self.disk_info
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )
+            .map(Some)
+            .map_err(|e| ApiError::internal(e.to_string())),
             VmAction::ReceiveMigration(r) => self.receive_migration(r).map(|_| None),
             VmAction::MigrationInfo => serde_json::to_value(self.migration_info())
                 .map(Some)
@@ -297,6 +321,11 @@ impl Vmm {
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
+        if self.disk_migration.is_some() {
+            return Err(ApiError::conflict(
+                "a storage migration is in progress; migrate the VM after it",
+            ));
+        }
         let seccomp = self.seccomp.clone();
         let events = self.events_tx.clone();
         let info = self.migration.clone();
@@ -332,6 +361,172 @@ impl Vmm {
             self.set_migration(MigrationInfo::default());
             ApiError::internal(format!("cannot start the migration thread: {e}"))
         })
+    }
+
+    /// Starts moving disk `r.id` to a new image while the VM runs (see `live::disk`).
+    fn migrate_disk(&mut self, r: &api::MigrateDiskRequest) -> Result<(), ApiError> {
+        use devices::block::{detect_format, ImageFormat, Mirror};
+        if self.disk_migration.is_some() {
+            return Err(ApiError::conflict(
+                "a storage migration is already in progress",
+            ));
+        }
+        if self.migration_busy() {
+            return Err(ApiError::conflict("a live migration is in progress"));
+        }
+        let events = self.events_tx.clone();
+        let seccomp = self.seccomp.clone();
+        let vm = self.vm_mut()?;
+        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+            return Err(ApiError::conflict(format!(
+                "cannot migrate a disk of a VM that is {:?}",
+                vm.state()
+            )));
+        }
+        let disks = &vm.config().disks;
+        let index = disks
+            .iter()
+            .enumerate()
+            .position(|(i, d)| d.id.clone().unwrap_or_else(|| format!("disk{i}")) == r.id)
+            .ok_or_else(|| ApiError::not_found(format!("no disk '{}'", r.id)))?;
+        let source = disks[index].clone();
+        if source.readonly {
+            return Err(ApiError::bad_request(format!(
+                "disk '{}' is read-only",
+                r.id
+            )));
+        }
+        if r.destination.exists() {
+            return Err(ApiError::bad_request(format!(
+                "{} exists (storage migration creates a new image)",
+                r.destination.display()
+            )));
+        }
+        let format = match r.format.as_deref() {
+            Some("raw") => ImageFormat::Raw,
+            Some("vhdx") => ImageFormat::Vhdx,
+            Some(f) => {
+                return Err(ApiError::bad_request(format!(
+                    "format '{f}': expected raw or vhdx"
+                )))
+            }
+            None => detect_format(&source.path).map_err(|e| ApiError::internal(e.to_string()))?,
+        };
+        let src = vm
+            .devices()
+            .with_block(&r.id, |b| Ok(b.backend()))
+            .map_err(ApiError::internal)?;
+        let created = match format {
+            ImageFormat::Raw => vhdx::create_raw(&r.destination, src.size()).map(|_| ()),
+            ImageFormat::Vhdx => vhdx::Vhdx::create(
+                &r.destination,
+                &vhdx::CreateOptions {
+                    size: src.size(),
+                    kind: vhdx::DiskKind::Dynamic,
+                    logical_sector_size: src.logical_block_size(),
+                    physical_sector_size: src.physical_block_size(),
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+        };
+        created.map_err(|e| ApiError::bad_request(format!("cannot create the new image: {e}")))?;
+        let destination = api::config::DiskConfig {
+            path: r.destination.clone(),
+            ..source.clone()
+        };
+        let started = (|| {
+            let dst = crate::device_manager::open_disk(&destination).map_err(|e| e.to_string())?;
+            let mirror = Arc::new(Mirror::new(src, dst).map_err(|e| e.to_string())?);
+            vm.devices().with_block(&r.id, |b| {
+                b.replace_backend(mirror.clone(), None)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })?;
+            Ok::<_, String>(mirror)
+        })();
+        let mirror = match started {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&r.destination);
+                return Err(ApiError::internal(format!("cannot start the mirror: {e}")));
+            }
+        };
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        *self.disk_info.lock().unwrap_or_else(|e| e.into_inner()) = api::DiskMigrationInfo {
+            status: MigrationStatus::Sending,
+            id: Some(r.id.clone()),
+            destination: Some(r.destination.clone()),
+            total_bytes: mirror.size_bytes(),
+            ..Default::default()
+        };
+        crate::live::disk::spawn_copy(crate::live::disk::CopyJob {
+            mirror: mirror.clone(),
+            cancel: cancel.clone(),
+            info: self.disk_info.clone(),
+            events,
+            seccomp,
+        })
+        .map_err(|e| ApiError::internal(format!("cannot start the copy thread: {e}")))?;
+        self.disk_migration = Some(crate::live::disk::DiskMigration {
+            id: r.id.clone(),
+            index,
+            source,
+            destination,
+            delete_source: r.delete_source,
+            mirror,
+            cancel,
+        });
+        tracing::info!(disk = %r.id, to = %r.destination.display(), "storage migration started");
+        Ok(())
+    }
+
+    /// The copy ended: switch to the new image, or back to the old one.
+    fn disk_copied(&mut self, result: Result<(), String>) -> Option<VmmExit> {
+        let m = self.disk_migration.take()?;
+        let Some(vm) = self.vm.as_mut() else {
+            return None;
+        };
+        let result = result.and_then(|()| {
+            vm.devices().with_block(&m.id, |b| {
+                b.replace_backend(
+                    m.mirror.destination(),
+                    Some(crate::device_manager::reopen_for(&m.destination)),
+                )
+                .map(drop)
+                .map_err(|e| format!("switching to the new image: {e}"))
+            })
+        });
+        match &result {
+            Ok(()) => {
+                vm.set_disk(m.index, m.destination.clone());
+                drop(m.mirror);
+                tracing::info!(disk = %m.id, path = %m.destination.path.display(), "storage migration done");
+                if m.delete_source {
+                    if let Err(e) = std::fs::remove_file(&m.source.path) {
+                        tracing::warn!(error = %e, path = %m.source.path.display(), "cannot delete the old image");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(disk = %m.id, error = %e, "storage migration abandoned; the disk stays on its image");
+                let back = vm.devices().with_block(&m.id, |b| {
+                    b.replace_backend(m.mirror.source(), None)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = back {
+                    return Some(VmmExit::Crashed(format!(
+                        "cannot put disk {} back on its image: {e}",
+                        m.id
+                    )));
+                }
+                drop(m.mirror);
+                let _ = std::fs::remove_file(&m.destination.path);
+            }
+        }
+        crate::live::disk::finish(&self.disk_info, &result);
+        None
     }
 
     /// Listens for a source; the VM arrives paused and runs when the source commits.
@@ -450,6 +645,7 @@ impl Vmm {
                     None => Some(VmmExit::Crashed("the migrated VM is gone".into())),
                 }
             }
+            MigrationEvent::DiskCopied(result) => self.disk_copied(result),
             MigrationEvent::IncomingFailed(e) => {
                 tracing::warn!(error = %e, "incoming migration failed; discarding the copy");
                 if let Some(mut vm) = self.vm.take() {

@@ -54,6 +54,10 @@ impl Mirror {
         self.dst.clone()
     }
 
+    pub fn size_bytes(&self) -> u64 {
+        self.src.size()
+    }
+
     pub fn chunks(&self) -> u64 {
         self.src.size().div_ceil(MIRROR_CHUNK)
     }

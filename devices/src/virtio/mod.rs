@@ -118,6 +118,9 @@ pub trait VirtioDevice: Send {
     fn reattach_storage(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// The concrete device, for the VMM's device-specific operations (swapping a
+    /// block device's backend during a storage migration).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -309,11 +309,18 @@ impl VirtioPciDevice {
         self.device.as_ref()
     }
 
-    /// Stops the device's workers, keeping their queues (VM pause, snapshot).
-    pub fn pause(&mut self) {
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Stops the device's workers, keeping their queues (VM pause, snapshot). True if
+    /// this call stopped them (false: not activated, or already paused).
+    pub fn pause(&mut self) -> bool {
         if self.activated && self.paused.is_none() {
             self.paused = Some(self.device.pause());
+            return true;
         }
+        false
     }
 
     /// Starts the device again where [`Self::pause`] stopped it.

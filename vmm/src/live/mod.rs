@@ -8,9 +8,12 @@
 //! - [`receive`]: the destination's thread: memory in, then the VM built from the
 //!   state, and resumed only when the source commits.
 //!
+//! - [`disk`]: live storage migration, a mirror of the old and new image.
+//!
 //! The protocol and its commit point are in `migration::protocol`.
 
 pub mod dirty;
+pub mod disk;
 pub mod receive;
 pub mod send;
 
@@ -32,4 +35,6 @@ pub enum MigrationEvent {
     IncomingGo,
     /// Destination: failed; discard any copy.
     IncomingFailed(String),
+    /// Storage migration: the copy is done (Ok: switch to the new image) or failed.
+    DiskCopied(Result<(), String>),
 }

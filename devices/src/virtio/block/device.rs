@@ -135,6 +135,32 @@ impl Block {
         }
     }
 
+    /// The disk's backend now.
+    pub fn backend(&self) -> Arc<dyn BlockBackend> {
+        self.backend.clone()
+    }
+
+    /// Puts another backend under the device (same size; the device must be paused, so
+    /// no worker holds the old one) and, if given, how to reopen it; returns the old.
+    pub fn replace_backend(
+        &mut self,
+        backend: Arc<dyn BlockBackend>,
+        reopen: Option<Reopen>,
+    ) -> std::io::Result<Arc<dyn BlockBackend>> {
+        if self.running.is_some() {
+            return Err(std::io::Error::other(
+                "pause the disk before replacing its image",
+            ));
+        }
+        if backend.size() != self.backend.size() {
+            return Err(std::io::Error::other("the new image has another size"));
+        }
+        if let Some(r) = reopen {
+            self.reopen = Some(r);
+        }
+        Ok(std::mem::replace(&mut self.backend, backend))
+    }
+
     /// How to open the image again after [`VirtioDevice::detach_storage`].
     pub fn with_reopen(mut self, reopen: Reopen) -> Self {
         self.reopen = Some(reopen);
@@ -340,6 +366,10 @@ impl VirtioDevice for Block {
         self.backend = backend;
         self.detached = false;
         Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

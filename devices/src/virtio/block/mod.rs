@@ -4,4 +4,4 @@ mod device;
 mod request;
 mod worker;
 
-pub use device::{Block, BlockConfig, BlockCounters};
+pub use device::{Block, BlockConfig, BlockCounters, Reopen};

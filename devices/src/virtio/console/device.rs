@@ -151,6 +151,10 @@ impl VirtioDevice for Console {
         self.stop()
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("tx_bytes", self.bytes_out.load(Ordering::Relaxed)),

@@ -110,6 +110,10 @@ impl VirtioDevice for Rng {
         self.stop()
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![("bytes", self.bytes.load(Ordering::Relaxed))]
     }
