@@ -484,9 +484,7 @@ impl Vmm {
     /// The copy ended: switch to the new image, or back to the old one.
     fn disk_copied(&mut self, result: Result<(), String>) -> Option<VmmExit> {
         let m = self.disk_migration.take()?;
-        let Some(vm) = self.vm.as_mut() else {
-            return None;
-        };
+        let vm = self.vm.as_mut()?;
         let result = result.and_then(|()| {
             vm.devices().with_block(&m.id, |b| {
                 b.replace_backend(
