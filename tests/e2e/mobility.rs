@@ -517,3 +517,69 @@ fn cancelled_storage_migration_leaves_the_disk_where_it_was() {
     };
     assert_blocks(used, ops);
 }
+
+/// Plays a source by hand: connects to `path` and writes `frames` (kind, payload).
+fn fake_source(path: &Path, frames: &[(u32, Vec<u8>)], cut_last: bool) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    for (i, (kind, payload)) in frames.iter().enumerate() {
+        let mut f = Vec::new();
+        f.extend_from_slice(&kind.to_le_bytes());
+        f.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        f.extend_from_slice(payload);
+        if cut_last && i == frames.len() - 1 {
+            f.truncate(f.len() / 2);
+        }
+        let _ = s.write_all(&f);
+    }
+}
+
+fn wait_failed(sock: &Path) -> String {
+    for _ in 0..500 {
+        let info = api(sock, "GET", "vm.migration-info", None).1;
+        if info.contains("\"failed\"") {
+            return info;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("destination did not fail: {}", api(sock, "GET", "vm.migration-info", None).1);
+}
+
+#[test]
+fn destination_refuses_a_wrong_version_a_wrong_peer_and_a_truncated_stream() {
+    let guest = vireo_e2e::guest();
+    let hello = |version: u32| {
+        serde_json::to_vec(&serde_json::json!({
+            "version": version,
+            "vireo": "test",
+            "config": {"payload": {"kernel": guest}},
+        }))
+        .unwrap()
+    };
+    let cases: Vec<(&str, Vec<(u32, Vec<u8>)>, bool, &str)> = vec![
+        ("version", vec![(1, hello(99))], false, "protocol 99"),
+        ("peer", vec![(4, vec![])], false, "expected Hello"),
+        ("garbage", vec![(1, b"{not json".to_vec())], false, "bad JSON in Hello"),
+        ("truncated", vec![(1, hello(1)), (2, vec![0u8; 13 + 4096])], true, "migration connection"),
+        ("outside", vec![(1, hello(1)), (2, {
+            let mut p = Vec::new();
+            p.extend_from_slice(&(1u64 << 40).to_le_bytes());
+            p.extend_from_slice(&1u32.to_le_bytes());
+            p.push(0);
+            p.extend_from_slice(&[7u8; 4096]);
+            p
+        })], false, "outside guest memory"),
+    ];
+    for (name, frames, cut, expect) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = Destination::start(dir.path());
+        let mig = dir.path().join("mig.sock");
+        dst.listen(&format!("unix:{}", mig.display()));
+        fake_source(&mig, &frames, cut);
+        let info = wait_failed(&dst.sock);
+        assert!(info.contains(expect), "{name}: {info}");
+        // Nothing was installed: the VMM has no VM and can be asked again.
+        assert_eq!(api(&dst.sock, "GET", "vm.info", None).0, 404, "{name}");
+        dst.listen(&format!("unix:{}", mig.display()));
+    }
+}
