@@ -51,6 +51,12 @@ pub struct SendMigrationRequest {
     /// Downtime target in milliseconds (default 50).
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Compress memory pages with zstd (worth it on slow links).
+    #[serde(default)]
+    pub compress: bool,
+    /// Bandwidth limit in MiB/s (default: none).
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
 }
 
 /// `vm.receive-migration`'s body: where to listen for the source.

@@ -215,7 +215,12 @@ impl Drop for Destination {
 }
 
 fn send(sock: &Path, url: &str) {
-    let body = format!(r#"{{"destination_url":"{url}"}}"#);
+    send_with(sock, url, "");
+}
+
+/// `extra`: more JSON fields for the request, e.g. `,"compress":true`.
+fn send_with(sock: &Path, url: &str, extra: &str) {
+    let body = format!(r#"{{"destination_url":"{url}"{extra}}}"#);
     let (s, b) = api(sock, "PUT", "vm.send-migration", Some(&body));
     assert_eq!(s, 204, "{b}");
 }
@@ -237,7 +242,7 @@ fn source(dir: &Path, disk: &Path, ops: u64) -> (vireo_e2e::Running, std::path::
     (vm, sock)
 }
 
-fn migrate_and_check(url_of: impl Fn(&Path) -> String) {
+fn migrate_and_check(url_of: impl Fn(&Path) -> String, extra: &str) {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
     let ops = 3000;
@@ -246,7 +251,7 @@ fn migrate_and_check(url_of: impl Fn(&Path) -> String) {
     let dst = Destination::start(dir.path());
     let url = url_of(dir.path());
     dst.listen(&url);
-    send(&src_sock, &url);
+    send_with(&src_sock, &url, extra);
     // The source hands over and ends cleanly; the guest finishes at the destination.
     let src_serial_path = src.serial.clone();
     let src_out = src.wait(T);
@@ -273,17 +278,21 @@ fn migrate_and_check(url_of: impl Fn(&Path) -> String) {
 
 #[test]
 fn live_migration_over_a_unix_socket_moves_the_running_workload() {
-    migrate_and_check(|d| format!("unix:{}", d.join("mig.sock").display()));
+    migrate_and_check(|d| format!("unix:{}", d.join("mig.sock").display()), "");
 }
 
 #[test]
-fn live_migration_over_tcp_loopback_moves_the_running_workload() {
+fn live_migration_over_tcp_loopback_compressed_and_paced_moves_the_running_workload() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    migrate_and_check(move |_| format!("tcp:127.0.0.1:{port}"));
+    // zstd pages and a 200 MiB/s cap: the guest checks every page it wrote.
+    migrate_and_check(
+        move |_| format!("tcp:127.0.0.1:{port}"),
+        r#","compress":true,"bandwidth_mib_s":200"#,
+    );
 }
 
 /// A destination that misbehaves at a chosen moment, speaking the wire format
@@ -347,8 +356,12 @@ fn failed_migration_leaves_the_source_running(fail_at: &'static str) {
     if fail_at == "state" {
         assert!(info.contains("destination disk full"), "{info}");
     }
-    let serial = src.wait_serial(&format!("work done iter={ops}"), T);
+    let serial = src.wait_serial("vireo-guest: result ok", T);
     assert!(serial.contains("vireo-guest: result ok"), "{serial}");
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
     let out = src.wait(T);
     assert_eq!(out.status.code(), Some(0));
     assert_blocks(&disk, ops);
@@ -440,8 +453,12 @@ fn storage_migration_moves_a_running_disk_to_vhdx_and_deletes_the_old_one() {
     let (_, vm_info) = api(&sock, "GET", "vm.info", None);
     assert!(vm_info.contains("moved.vhdx"), "{vm_info}");
     // The guest goes on (now writing only to the new image) and finishes.
-    let serial = src.wait_serial(&format!("work done iter={ops}"), T);
+    let serial = src.wait_serial("vireo-guest: result ok", T);
     assert!(serial.contains("vireo-guest: result ok"), "{serial}");
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
     assert_eq!(src.wait(T).status.code(), Some(0));
     let check = Command::new("qemu-img")
         .args(["check", "-f", "vhdx"])
@@ -507,8 +524,12 @@ fn cancelled_storage_migration_leaves_the_disk_where_it_was() {
     }
     // Either way (a 64 MiB copy may finish before the cancel lands) the guest
     // completes and every block is on the image the VM now uses.
-    let serial = src.wait_serial(&format!("work done iter={ops}"), T);
+    let serial = src.wait_serial("vireo-guest: result ok", T);
     assert!(serial.contains("vireo-guest: result ok"), "{serial}");
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
     assert_eq!(src.wait(T).status.code(), Some(0));
     let used = if info["status"] == "failed" {
         &disk
@@ -542,7 +563,10 @@ fn wait_failed(sock: &Path) -> String {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("destination did not fail: {}", api(sock, "GET", "vm.migration-info", None).1);
+    panic!(
+        "destination did not fail: {}",
+        api(sock, "GET", "vm.migration-info", None).1
+    );
 }
 
 #[test]
@@ -556,19 +580,38 @@ fn destination_refuses_a_wrong_version_a_wrong_peer_and_a_truncated_stream() {
         }))
         .unwrap()
     };
-    let cases: Vec<(&str, Vec<(u32, Vec<u8>)>, bool, &str)> = vec![
+    type Case = (&'static str, Vec<(u32, Vec<u8>)>, bool, &'static str);
+    let cases: Vec<Case> = vec![
         ("version", vec![(1, hello(99))], false, "protocol 99"),
         ("peer", vec![(4, vec![])], false, "expected Hello"),
-        ("garbage", vec![(1, b"{not json".to_vec())], false, "bad JSON in Hello"),
-        ("truncated", vec![(1, hello(1)), (2, vec![0u8; 13 + 4096])], true, "migration connection"),
-        ("outside", vec![(1, hello(1)), (2, {
-            let mut p = Vec::new();
-            p.extend_from_slice(&(1u64 << 40).to_le_bytes());
-            p.extend_from_slice(&1u32.to_le_bytes());
-            p.push(0);
-            p.extend_from_slice(&[7u8; 4096]);
-            p
-        })], false, "outside guest memory"),
+        (
+            "garbage",
+            vec![(1, b"{not json".to_vec())],
+            false,
+            "bad JSON in Hello",
+        ),
+        (
+            "truncated",
+            vec![(1, hello(1)), (2, vec![0u8; 13 + 4096])],
+            true,
+            "migration connection",
+        ),
+        (
+            "outside",
+            vec![
+                (1, hello(1)),
+                (2, {
+                    let mut p = Vec::new();
+                    p.extend_from_slice(&(1u64 << 40).to_le_bytes());
+                    p.extend_from_slice(&1u32.to_le_bytes());
+                    p.push(0);
+                    p.extend_from_slice(&[7u8; 4096]);
+                    p
+                }),
+            ],
+            false,
+            "outside guest memory",
+        ),
     ];
     for (name, frames, cut, expect) in cases {
         let dir = tempfile::tempdir().unwrap();

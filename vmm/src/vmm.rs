@@ -348,6 +348,8 @@ impl Vmm {
         let job = send::SendJob {
             url,
             downtime: std::time::Duration::from_millis(r.downtime_ms.unwrap_or(50)),
+            compress: r.compress,
+            bandwidth_limit: r.bandwidth_mib_s.map(|m| m << 20),
             config,
             mem,
             vm: vmfd,

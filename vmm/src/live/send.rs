@@ -27,6 +27,9 @@ pub const MAX_ROUNDS: u32 = 30;
 pub struct SendJob {
     pub url: MigrationUrl,
     pub downtime: Duration,
+    pub compress: bool,
+    /// Bytes per second on the wire, at most.
+    pub bandwidth_limit: Option<u64>,
     pub config: serde_json::Value,
     pub mem: Arc<GuestMemoryMmap>,
     pub vm: Arc<VmFd>,
@@ -75,12 +78,14 @@ pub fn spawn(job: SendJob) -> std::io::Result<()> {
         .map(|_| ())
 }
 
-/// Counts what went on the wire.
+/// Counts what went on the wire; compresses and paces it if asked.
 struct Wire<'a> {
     stream: &'a mut dyn Stream,
     payload: Vec<u8>,
     pages: u64,
     bytes: u64,
+    compress: bool,
+    limiter: Option<devices::rate_limiter::RateLimiter>,
 }
 
 impl Wire<'_> {
@@ -89,8 +94,22 @@ impl Wire<'_> {
             return Ok(());
         }
         let p = std::mem::take(&mut self.payload);
-        self.bytes += p.len() as u64 + 12;
-        protocol::send(self.stream, &Message::Pages(p)).map_err(|e| e.to_string())
+        let msg = if self.compress {
+            Message::PagesZstd(protocol::compress_pages(&p).map_err(|e| e.to_string())?)
+        } else {
+            Message::Pages(p)
+        };
+        let len = match &msg {
+            Message::Pages(p) | Message::PagesZstd(p) => p.len() as u64 + 12,
+            _ => 0,
+        };
+        if let Some(l) = &self.limiter {
+            while let Err(wait) = l.admit(len) {
+                std::thread::sleep(wait);
+            }
+        }
+        self.bytes += len;
+        protocol::send(self.stream, &msg).map_err(|e| e.to_string())
     }
 
     fn push(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
@@ -182,11 +201,23 @@ fn run(job: &SendJob) -> Result<(), String> {
     let _unthrottle = ThrottleGuard(&job.throttle);
     let log = DirtyLog::new(job.mem.clone(), job.vm.clone());
     log.take()?; // Start from a clean log: round 0 sends everything anyway.
+                 // A bucket of 1/10 s of bandwidth, refilled every 100 ms.
+    let limiter = job.bandwidth_limit.and_then(|bps| {
+        devices::rate_limiter::RateLimiter::new(&devices::rate_limiter::RateLimiterConfig {
+            bandwidth: Some(devices::rate_limiter::TokenBucketConfig {
+                size: (bps / 10).max(1),
+                refill_time_ms: 100,
+            }),
+            ops: None,
+        })
+    });
     let mut wire = Wire {
         stream: stream.as_mut(),
         payload: Vec::new(),
         pages: 0,
         bytes: 0,
+        compress: job.compress,
+        limiter,
     };
 
     // Pre-copy: round 0 is all of memory; each next round what the guest dirtied
