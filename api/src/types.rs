@@ -57,6 +57,10 @@ pub struct SendMigrationRequest {
     /// Bandwidth limit in MiB/s (default: none).
     #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
+    /// Shared-nothing: copy the disks over the connection too (the destination cannot
+    /// see the source's storage).
+    #[serde(default)]
+    pub copy_storage: bool,
 }
 
 /// `vm.receive-migration`'s body: where to listen for the source.
@@ -64,6 +68,9 @@ pub struct SendMigrationRequest {
 #[serde(deny_unknown_fields)]
 pub struct ReceiveMigrationRequest {
     pub receiver_url: String,
+    /// Where the disks of a shared-nothing migration are written (required for one).
+    #[serde(default)]
+    pub storage_dir: Option<std::path::PathBuf>,
 }
 
 /// Where a migration stands (`vm.migration-info`).

@@ -60,6 +60,36 @@ pub struct Hello {
     pub version: u32,
     pub vireo: String,
     pub config: serde_json::Value,
+    /// Shared-nothing: the disks' contents follow (`DiskBegin`, `DiskWrite`, ...).
+    #[serde(default)]
+    pub copy_storage: bool,
+}
+
+/// Shared-nothing: disk `index` of the configuration is coming; the destination makes
+/// a new image of this format and geometry (named `name` in its storage directory).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskBegin {
+    pub index: u32,
+    pub name: String,
+    pub format: String,
+    pub size: u64,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+}
+
+/// One disk operation of a shared-nothing migration (copy or mirrored guest write).
+#[derive(Debug, PartialEq, Eq)]
+pub enum DiskOp {
+    Write {
+        index: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zeroes {
+        index: u32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// One run of consecutive pages.
@@ -81,6 +111,8 @@ pub enum Message {
     Ready,
     Go,
     Error(String),
+    DiskBegin(DiskBegin),
+    Disk(DiskOp),
 }
 
 const K_HELLO: u32 = 1;
@@ -90,6 +122,9 @@ const K_READY: u32 = 4;
 const K_GO: u32 = 5;
 const K_ERROR: u32 = 6;
 const K_PAGES_ZSTD: u32 = 7;
+const K_DISK_BEGIN: u32 = 8;
+const K_DISK_WRITE: u32 = 9;
+const K_DISK_ZEROES: u32 = 10;
 
 /// zstd level for page batches: fast (guest memory compresses well or not at all).
 const ZSTD_LEVEL: i32 = 1;
@@ -108,6 +143,8 @@ impl Message {
             Message::Ready => "Ready",
             Message::Go => "Go",
             Message::Error(_) => "Error",
+            Message::DiskBegin(_) => "DiskBegin",
+            Message::Disk(_) => "Disk",
         }
     }
 }
@@ -132,6 +169,31 @@ pub fn send<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<(), ProtocolErr
         }
         Message::Pages(p) => frame(w, K_PAGES, p)?,
         Message::PagesZstd(p) => frame(w, K_PAGES_ZSTD, p)?,
+        Message::DiskBegin(d) => {
+            let b = serde_json::to_vec(d).map_err(|source| ProtocolError::Json {
+                what: "DiskBegin",
+                source,
+            })?;
+            frame(w, K_DISK_BEGIN, &b)?
+        }
+        Message::Disk(DiskOp::Write {
+            index,
+            offset,
+            data,
+        }) => {
+            let mut b = Vec::with_capacity(12 + data.len());
+            b.extend_from_slice(&index.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+            b.extend_from_slice(data);
+            frame(w, K_DISK_WRITE, &b)?
+        }
+        Message::Disk(DiskOp::Zeroes { index, offset, len }) => {
+            let mut b = Vec::with_capacity(20);
+            b.extend_from_slice(&index.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            frame(w, K_DISK_ZEROES, &b)?
+        }
         Message::State(s) => frame(w, K_STATE, s)?,
         Message::Ready => frame(w, K_READY, &[])?,
         Message::Go => frame(w, K_GO, &[])?,
@@ -175,6 +237,45 @@ pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
             })?,
         ),
         K_STATE => Message::State(payload),
+        K_DISK_BEGIN => Message::DiskBegin(serde_json::from_slice(&payload).map_err(|source| {
+            ProtocolError::Json {
+                what: "DiskBegin",
+                source,
+            }
+        })?),
+        K_DISK_WRITE | K_DISK_ZEROES => {
+            let bad = || ProtocolError::Malformed { what: "Disk" };
+            let index = u32::from_le_bytes(
+                payload
+                    .get(..4)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            );
+            let offset = u64::from_le_bytes(
+                payload
+                    .get(4..12)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            );
+            if kind == K_DISK_WRITE {
+                Message::Disk(DiskOp::Write {
+                    index,
+                    offset,
+                    data: payload[12..].to_vec(),
+                })
+            } else {
+                let len = u64::from_le_bytes(
+                    payload
+                        .get(12..20)
+                        .ok_or_else(bad)?
+                        .try_into()
+                        .map_err(|_| bad())?,
+                );
+                Message::Disk(DiskOp::Zeroes { index, offset, len })
+            }
+        }
         K_READY => Message::Ready,
         K_GO => Message::Go,
         K_ERROR => Message::Error(String::from_utf8_lossy(&payload).into_owned()),
@@ -242,6 +343,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             vireo: "test".into(),
             config: serde_json::json!({"cpus": 2}),
+            copy_storage: false,
         };
         send(&mut buf, &Message::Hello(hello)).unwrap();
         let mut pages = Vec::new();
@@ -249,6 +351,21 @@ mod tests {
         push_run(&mut pages, 0x9000, 5, None);
         send(&mut buf, &Message::Pages(pages)).unwrap();
         send(&mut buf, &Message::Go).unwrap();
+        let op = DiskOp::Write {
+            index: 1,
+            offset: 4096,
+            data: vec![3; 512],
+        };
+        send(&mut buf, &Message::Disk(op)).unwrap();
+        send(
+            &mut buf,
+            &Message::Disk(DiskOp::Zeroes {
+                index: 0,
+                offset: 8,
+                len: 9,
+            }),
+        )
+        .unwrap();
         let mut r = &buf[..];
         let Message::Hello(h) = recv(&mut r).unwrap() else {
             panic!("hello")
@@ -272,6 +389,28 @@ mod tests {
             }
         );
         assert!(matches!(recv(&mut r).unwrap(), Message::Go));
+        let Message::Disk(op) = recv(&mut r).unwrap() else {
+            panic!("disk")
+        };
+        assert_eq!(
+            op,
+            DiskOp::Write {
+                index: 1,
+                offset: 4096,
+                data: vec![3; 512]
+            }
+        );
+        let Message::Disk(op) = recv(&mut r).unwrap() else {
+            panic!("disk")
+        };
+        assert_eq!(
+            op,
+            DiskOp::Zeroes {
+                index: 0,
+                offset: 8,
+                len: 9
+            }
+        );
         assert!(
             matches!(recv(&mut r), Err(ProtocolError::Io(_))),
             "end of stream"
@@ -322,6 +461,7 @@ mod tests {
             version: 0,
             vireo: "old".into(),
             config: serde_json::Value::Null,
+            copy_storage: false,
         })
         .unwrap();
         frame(&mut old, K_HELLO, &h).unwrap();

@@ -214,10 +214,6 @@ impl Drop for Destination {
     }
 }
 
-fn send(sock: &Path, url: &str) {
-    send_with(sock, url, "");
-}
-
 /// `extra`: more JSON fields for the request, e.g. `,"compress":true`.
 fn send_with(sock: &Path, url: &str, extra: &str) {
     let body = format!(r#"{{"destination_url":"{url}"{extra}}}"#);
@@ -333,6 +329,10 @@ fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHand
 }
 
 fn failed_migration_leaves_the_source_running(fail_at: &'static str) {
+    failed_migration_leaves_the_source_running_with(fail_at, "");
+}
+
+fn failed_migration_leaves_the_source_running_with(fail_at: &'static str, extra: &str) {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
     let ops = 2000;
@@ -340,7 +340,7 @@ fn failed_migration_leaves_the_source_running(fail_at: &'static str) {
     src.wait_serial("work iter=400 ", T);
     let mig = dir.path().join("fake.sock");
     let peer = fake_destination(&mig, fail_at);
-    send(&src_sock, &format!("unix:{}", mig.display()));
+    send_with(&src_sock, &format!("unix:{}", mig.display()), extra);
     peer.join().unwrap();
     // The source notices, takes its disk back and goes on: the guest finishes here,
     // every page and block checked by the guest and the blocks by us.
@@ -625,4 +625,76 @@ fn destination_refuses_a_wrong_version_a_wrong_peer_and_a_truncated_stream() {
         assert_eq!(api(&dst.sock, "GET", "vm.info", None).0, 404, "{name}");
         dst.listen(&format!("unix:{}", mig.display()));
     }
+}
+
+#[test]
+fn shared_nothing_migration_copies_a_vhdx_disk_and_the_running_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let disk = src_dir.join("os.vhdx");
+    let out = Command::new(bin("vireo-img"))
+        .args(["create", "-f", "vhdx"])
+        .arg(&disk)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ops = 3000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let dst = Destination::start(dir.path());
+    let mig = dir.path().join("mig.sock");
+    let body = format!(
+        r#"{{"receiver_url":"unix:{}","storage_dir":"{}"}}"#,
+        mig.display(),
+        dst_dir.display()
+    );
+    let (s, b) = api(&dst.sock, "PUT", "vm.receive-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    send_with(
+        &src_sock,
+        &format!("unix:{}", mig.display()),
+        r#","copy_storage":true"#,
+    );
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    // The copy is a valid VHDX holding every block the guest wrote, before and after.
+    let copy = dst_dir.join("os.vhdx");
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let back = dir.path().join("back.raw");
+    vhdx_as_raw(&copy, &back);
+    assert_blocks(&back, ops);
+    assert!(disk.exists(), "the source keeps its own image");
+}
+
+#[test]
+fn shared_nothing_migration_refused_leaves_the_source_on_its_disk() {
+    failed_migration_leaves_the_source_running_with("state", r#","copy_storage":true"#);
 }

@@ -59,6 +59,10 @@ pub struct Vmm {
     serial_override: Option<api::config::OutputConfig>,
     /// A live storage migration in progress, and the last one's progress.
     disk_migration: Option<crate::live::disk::DiskMigration>,
+    /// Shared-nothing send: the disks' mirrors (undone if the migration fails).
+    remote_mirrors: Vec<(String, Arc<devices::block::Mirror>)>,
+    /// The outgoing migration copies storage (so the disks are not handed over).
+    copying_storage: bool,
     disk_info: Arc<Mutex<api::DiskMigrationInfo>>,
 }
 
@@ -74,6 +78,8 @@ impl Vmm {
             resume_if_migration_fails: false,
             serial_override: None,
             disk_migration: None,
+            remote_mirrors: Vec::new(),
+            copying_storage: false,
             disk_info: Arc::new(Mutex::new(api::DiskMigrationInfo::default())),
         }
     }
@@ -341,6 +347,7 @@ impl Vmm {
         vm.set_dirty_logging(true).map_err(api_error)?;
         let (mem, vmfd) = vm.memory_and_vm();
         let (throttle, vcpu_threads) = vm.throttle();
+        self.copying_storage = r.copy_storage;
         self.set_migration(MigrationInfo {
             status: MigrationStatus::Sending,
             ..Default::default()
@@ -349,6 +356,7 @@ impl Vmm {
             url,
             downtime: std::time::Duration::from_millis(r.downtime_ms.unwrap_or(50)),
             compress: r.compress,
+            copy_storage: r.copy_storage,
             bandwidth_limit: r.bandwidth_mib_s.map(|m| m << 20),
             config,
             mem,
@@ -552,6 +560,7 @@ impl Vmm {
         });
         receive::spawn(receive::ReceiveJob {
             listener,
+            storage_dir: r.storage_dir.clone(),
             serial_override: self.serial_override.clone(),
             events: self.events_tx.clone(),
             info: self.migration.clone(),
@@ -573,13 +582,73 @@ impl Vmm {
             .saved_state()
             .map_err(|e| error_chain(&e))
             .and_then(|s| serde_json::to_vec(&s).map_err(|e| e.to_string()))?;
-        vm.detach_storage().map_err(|e| error_chain(&e))?;
+        // Shared storage changes hands; copied storage stays here, untouched.
+        if !self.copying_storage {
+            vm.detach_storage().map_err(|e| error_chain(&e))?;
+        }
         Ok(state)
+    }
+
+    /// Shared-nothing: a mirror under every disk, its second half the migration queue.
+    fn mirror_disks(
+        &mut self,
+        ops: std::sync::mpsc::Sender<migration::protocol::DiskOp>,
+    ) -> Result<crate::live::MirroredDisks, String> {
+        use devices::block::{detect_format, BlockBackend, Mirror};
+        let vm = self.vm.as_ref().ok_or("the VM is gone")?;
+        let mut out = Vec::new();
+        for (i, d) in vm.config().disks.iter().enumerate() {
+            let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            let format = detect_format(&d.path).map_err(|e| e.to_string())?;
+            let name = d
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("{id}.img"));
+            let mirror = vm.devices().with_block(&id, |b| {
+                let src = b.backend();
+                let remote =
+                    crate::live::remote_disk::RemoteDisk::new(i as u32, src.as_ref(), ops.clone());
+                let m = Arc::new(Mirror::new(src, Arc::new(remote)).map_err(|e| e.to_string())?);
+                b.replace_backend(m.clone(), None)
+                    .map_err(|e| e.to_string())?;
+                Ok(m)
+            })?;
+            let begin = migration::protocol::DiskBegin {
+                index: i as u32,
+                name,
+                format: format.to_string(),
+                size: mirror.size_bytes(),
+                logical_sector: mirror.logical_block_size(),
+                physical_sector: mirror.physical_block_size(),
+            };
+            self.remote_mirrors.push((id, mirror.clone()));
+            out.push((mirror, begin));
+        }
+        Ok(out)
+    }
+
+    /// Takes every shared-nothing mirror away again (the migration failed).
+    fn unmirror_disks(&mut self) -> Result<(), String> {
+        let mirrors = std::mem::take(&mut self.remote_mirrors);
+        let Some(vm) = self.vm.as_ref() else {
+            return Ok(());
+        };
+        for (id, m) in mirrors {
+            vm.devices().with_block(&id, |b| {
+                b.replace_backend(m.source(), None)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })?;
+        }
+        Ok(())
     }
 
     /// After a failed send: disks back, dirty logging off, the guest running again.
     fn recover_from_failed_send(&mut self) -> Result<(), String> {
         let resume = std::mem::take(&mut self.resume_if_migration_fails);
+        self.unmirror_disks()?;
+        self.copying_storage = false;
         let Some(vm) = self.vm.as_mut() else {
             return Ok(());
         };
@@ -646,6 +715,14 @@ impl Vmm {
                 }
             }
             MigrationEvent::DiskCopied(result) => self.disk_copied(result),
+            MigrationEvent::MirrorDisks(ops, reply) => {
+                let r = self.mirror_disks(ops);
+                if r.is_err() {
+                    let _ = self.unmirror_disks();
+                }
+                let _ = reply.send(r);
+                None
+            }
             MigrationEvent::IncomingFailed(e) => {
                 tracing::warn!(error = %e, "incoming migration failed; discarding the copy");
                 if let Some(mut vm) = self.vm.take() {

@@ -15,11 +15,18 @@
 pub mod dirty;
 pub mod disk;
 pub mod receive;
+pub mod remote_disk;
 pub mod send;
 
 use std::sync::mpsc::Sender;
 
 use crate::vm::Vm;
+
+/// The disks a shared-nothing migration copies: the mirrors and their announcements.
+pub type MirroredDisks = Vec<(
+    std::sync::Arc<devices::block::Mirror>,
+    migration::protocol::DiskBegin,
+)>;
 
 /// What migration threads ask of (or tell) the control loop.
 pub enum MigrationEvent {
@@ -35,6 +42,13 @@ pub enum MigrationEvent {
     IncomingGo,
     /// Destination: failed; discard any copy.
     IncomingFailed(String),
+    /// Shared-nothing source: put a mirror under every disk whose second half sends
+    /// writes to this queue; reply with the mirrors (in disk order) and each disk's
+    /// announcement for the destination.
+    MirrorDisks(
+        std::sync::mpsc::Sender<migration::protocol::DiskOp>,
+        Sender<Result<MirroredDisks, String>>,
+    ),
     /// Storage migration: the copy is done (Ok: switch to the new image) or failed.
     DiskCopied(Result<(), String>),
 }

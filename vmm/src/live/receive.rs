@@ -17,6 +17,8 @@ use crate::vmm::ControlEvent;
 pub struct ReceiveJob {
     /// Already bound: the API call returns only once a source can connect.
     pub listener: Listener,
+    /// Where a shared-nothing migration's disks are written.
+    pub storage_dir: Option<std::path::PathBuf>,
     /// Replaces the incoming configuration's serial output (see `Vmm`).
     pub serial_override: Option<api::config::OutputConfig>,
     pub events: Sender<ControlEvent>,
@@ -37,12 +39,14 @@ pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
                 .apply_or_exit(crate::seccomp::ThreadKind::Control);
             let ReceiveJob {
                 listener,
+                storage_dir,
                 serial_override,
                 events,
                 info,
                 seccomp,
             } = job;
             let job = Job {
+                storage_dir,
                 serial_override,
                 events,
                 info,
@@ -97,6 +101,7 @@ fn apply_pages(mem: &devices::virtio::GuestMemoryMmap, payload: &[u8]) -> Result
 
 /// What the receiver needs once connected.
 struct Job {
+    storage_dir: Option<std::path::PathBuf>,
     serial_override: Option<api::config::OutputConfig>,
     events: Sender<ControlEvent>,
     info: Arc<Mutex<MigrationInfo>>,
@@ -106,7 +111,11 @@ struct Job {
 fn run(listener: Listener, job: &Job) -> Result<(), String> {
     let mut stream: Box<dyn Stream> = listener.accept_one().map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let result = receive(job, stream.as_mut(), started);
+    let mut disks = IncomingDisks::default();
+    let result = receive(job, stream.as_mut(), started, &mut disks);
+    if result.is_err() {
+        disks.discard();
+    }
     if let Err(e) = &result {
         // Best effort: tell the source why, so it resumes with a reason.
         let _ = protocol::send(stream.as_mut(), &Message::Error(e.clone()));
@@ -114,7 +123,119 @@ fn run(listener: Listener, job: &Job) -> Result<(), String> {
     result
 }
 
-fn receive(job: &Job, stream: &mut dyn Stream, started: Instant) -> Result<(), String> {
+/// The disks a shared-nothing migration writes here (deleted if it fails).
+#[derive(Default)]
+struct IncomingDisks {
+    open: Vec<Option<std::sync::Arc<dyn devices::block::BlockBackend>>>,
+    created: Vec<std::path::PathBuf>,
+}
+
+impl IncomingDisks {
+    fn discard(&mut self) {
+        self.open.clear();
+        for p in self.created.drain(..) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+
+    /// Creates and opens the image for `b` in `dir`; the VM's disk now points there.
+    fn begin(
+        &mut self,
+        dir: &std::path::Path,
+        b: &protocol::DiskBegin,
+        config: &mut VmConfig,
+    ) -> Result<(), String> {
+        let i = b.index as usize;
+        let count = config.disks.len();
+        let disk = config
+            .disks
+            .get_mut(i)
+            .ok_or_else(|| format!("source announced disk {i}, the VM has {count}"))?;
+        let name = std::path::Path::new(&b.name)
+            .file_name()
+            .ok_or_else(|| format!("bad disk name '{}'", b.name))?;
+        let path = dir.join(name);
+        if path.exists() {
+            return Err(format!("{} exists; not overwriting it", path.display()));
+        }
+        let created = match b.format.as_str() {
+            "raw" => vhdx::create_raw(&path, b.size),
+            "vhdx" => vhdx::Vhdx::create(
+                &path,
+                &vhdx::CreateOptions {
+                    size: b.size,
+                    kind: vhdx::DiskKind::Dynamic,
+                    logical_sector_size: b.logical_sector,
+                    physical_sector_size: b.physical_sector,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+            f => return Err(format!("unknown disk format '{f}'")),
+        };
+        created.map_err(|e| format!("creating {}: {e}", path.display()))?;
+        self.created.push(path.clone());
+        disk.path = path;
+        let writable = api::config::DiskConfig {
+            readonly: false,
+            ..disk.clone()
+        };
+        let backend = crate::device_manager::open_disk(&writable).map_err(|e| e.to_string())?;
+        if self.open.len() <= i {
+            self.open.resize(i + 1, None);
+        }
+        self.open[i] = Some(backend);
+        Ok(())
+    }
+
+    fn apply(&self, op: protocol::DiskOp) -> Result<(), String> {
+        use std::io::IoSlice;
+        let (index, r) = match op {
+            protocol::DiskOp::Write {
+                index,
+                offset,
+                data,
+            } => {
+                let b = self.get(index)?;
+                (index, b.write_vectored_at(&[IoSlice::new(&data)], offset))
+            }
+            protocol::DiskOp::Zeroes { index, offset, len } => {
+                let b = self.get(index)?;
+                (index, b.write_zeroes(offset, len))
+            }
+        };
+        r.map_err(|e| format!("writing disk {index}: {e}"))
+    }
+
+    fn get(&self, index: u32) -> Result<&dyn devices::block::BlockBackend, String> {
+        self.open
+            .get(index as usize)
+            .and_then(|b| b.as_deref())
+            .ok_or_else(|| format!("disk {index} was not announced"))
+    }
+
+    /// Flushes and closes every image (the VM's devices open them again).
+    fn finish(&mut self, expected: usize) -> Result<(), String> {
+        if self.open.len() != expected || self.open.iter().any(|b| b.is_none()) {
+            return Err(format!(
+                "the source sent {} of {expected} disks",
+                self.open.iter().flatten().count()
+            ));
+        }
+        for (i, b) in self.open.iter().flatten().enumerate() {
+            b.flush().map_err(|e| format!("flushing disk {i}: {e}"))?;
+        }
+        self.open.clear();
+        Ok(())
+    }
+}
+
+fn receive(
+    job: &Job,
+    stream: &mut dyn Stream,
+    started: Instant,
+    disks: &mut IncomingDisks,
+) -> Result<(), String> {
     let hello = match protocol::recv(stream).map_err(|e| e.to_string())? {
         Message::Hello(h) => h,
         other => return Err(format!("expected Hello, source sent {}", other.name())),
@@ -124,7 +245,11 @@ fn receive(job: &Job, stream: &mut dyn Stream, started: Instant) -> Result<(), S
     if let Some(s) = &job.serial_override {
         config.serial = s.clone();
     }
-    let incoming = IncomingVm::new(config).map_err(|e| crate::vmm::error_chain(&e))?;
+    if hello.copy_storage && job.storage_dir.is_none() {
+        return Err("a shared-nothing migration needs storage_dir on vm.receive-migration".into());
+    }
+    let copy_storage = hello.copy_storage;
+    let mut incoming = IncomingVm::new(config).map_err(|e| crate::vmm::error_chain(&e))?;
     tracing::info!(source_vireo = %hello.vireo, "receiving a VM");
     loop {
         match protocol::recv(stream).map_err(|e| e.to_string())? {
@@ -134,7 +259,15 @@ fn receive(job: &Job, stream: &mut dyn Stream, started: Instant) -> Result<(), S
                 i.pages_sent += n;
                 i.bytes_sent += p.len() as u64 + 12;
             }
+            Message::DiskBegin(b) => {
+                let dir = job.storage_dir.as_deref().ok_or("unexpected DiskBegin")?;
+                disks.begin(dir, &b, &mut incoming.config)?;
+            }
+            Message::Disk(op) => disks.apply(op)?,
             Message::State(s) => {
+                if copy_storage {
+                    disks.finish(incoming.config.disks.len())?;
+                }
                 let saved: SavedVm = serde_json::from_slice(&s)
                     .map_err(|e| format!("the source's VM state: {e}"))?;
                 let vm = incoming
@@ -149,6 +282,8 @@ fn receive(job: &Job, stream: &mut dyn Stream, started: Instant) -> Result<(), S
                     .map_err(|_| "the control loop is gone".to_string())?;
                 rx.recv()
                     .map_err(|_| "the control loop did not take the VM".to_string())??;
+                // From here the VM owns the copied images; a failure before Go drops
+                // the VM (in the control loop) and the images with it.
                 protocol::send(stream, &Message::Ready).map_err(|e| e.to_string())?;
                 return match protocol::recv(stream).map_err(|e| e.to_string())? {
                     Message::Go => {

@@ -26,6 +26,8 @@ pub const MAX_ROUNDS: u32 = 30;
 
 pub struct SendJob {
     pub url: MigrationUrl,
+    /// Shared-nothing: copy the disks over the connection first.
+    pub copy_storage: bool,
     pub downtime: Duration,
     pub compress: bool,
     /// Bytes per second on the wire, at most.
@@ -86,10 +88,39 @@ struct Wire<'a> {
     bytes: u64,
     compress: bool,
     limiter: Option<devices::rate_limiter::RateLimiter>,
+    /// Shared-nothing: disk operations (copy and mirrored guest writes) to forward.
+    disk_ops: Option<std::sync::mpsc::Receiver<protocol::DiskOp>>,
 }
 
 impl Wire<'_> {
+    fn pace(&self, len: u64) {
+        if let Some(l) = &self.limiter {
+            while let Err(wait) = l.admit(len) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    /// Sends every queued disk operation, in order.
+    fn drain_disk_ops(&mut self) -> Result<(), String> {
+        let Some(rx) = &self.disk_ops else {
+            return Ok(());
+        };
+        let ops: Vec<protocol::DiskOp> = rx.try_iter().collect();
+        for op in ops {
+            let len = match &op {
+                protocol::DiskOp::Write { data, .. } => data.len() as u64 + 24,
+                protocol::DiskOp::Zeroes { .. } => 32,
+            };
+            self.pace(len);
+            self.bytes += len;
+            protocol::send(self.stream, &Message::Disk(op)).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), String> {
+        self.drain_disk_ops()?;
         if self.payload.is_empty() {
             return Ok(());
         }
@@ -103,11 +134,7 @@ impl Wire<'_> {
             Message::Pages(p) | Message::PagesZstd(p) => p.len() as u64 + 12,
             _ => 0,
         };
-        if let Some(l) = &self.limiter {
-            while let Err(wait) = l.admit(len) {
-                std::thread::sleep(wait);
-            }
-        }
+        self.pace(len);
         self.bytes += len;
         protocol::send(self.stream, &msg).map_err(|e| e.to_string())
     }
@@ -184,6 +211,44 @@ fn send_pages(
     wire.flush()
 }
 
+/// Shared-nothing: mirrors every disk into the connection and copies it whole; guest
+/// writes keep flowing (in order) until the switch-over.
+fn copy_disks(job: &SendJob, wire: &mut Wire<'_>) -> Result<(), String> {
+    let (ops_tx, ops_rx) = channel();
+    let (tx, rx) = channel();
+    job.events
+        .send(ControlEvent::Migration(MigrationEvent::MirrorDisks(
+            ops_tx, tx,
+        )))
+        .map_err(|_| "the control loop is gone".to_string())?;
+    let disks = rx
+        .recv()
+        .map_err(|_| "the control loop did not mirror the disks".to_string())??;
+    wire.disk_ops = Some(ops_rx);
+    for (_, begin) in &disks {
+        protocol::send(wire.stream, &Message::DiskBegin(begin.clone()))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut buf = Vec::new();
+    for (mirror, begin) in &disks {
+        for chunk in 0..mirror.chunks() {
+            mirror
+                .copy_chunk(chunk, &mut buf)
+                .map_err(|e| format!("copying disk {} chunk {chunk}: {e}", begin.index))?;
+            wire.drain_disk_ops()?;
+            if let Some(f) = mirror.failure() {
+                return Err(f);
+            }
+        }
+        tracing::debug!(
+            disk = begin.index,
+            bytes = mirror.copied_bytes(),
+            "disk copied"
+        );
+    }
+    Ok(())
+}
+
 fn run(job: &SendJob) -> Result<(), String> {
     let started = Instant::now();
     let mut stream = job.url.connect().map_err(|e| e.to_string())?;
@@ -193,6 +258,7 @@ fn run(job: &SendJob) -> Result<(), String> {
             version: PROTOCOL_VERSION,
             vireo: env!("CARGO_PKG_VERSION").into(),
             config: job.config.clone(),
+            copy_storage: job.copy_storage,
         }),
     )
     .map_err(|e| e.to_string())?;
@@ -218,7 +284,11 @@ fn run(job: &SendJob) -> Result<(), String> {
         bytes: 0,
         compress: job.compress,
         limiter,
+        disk_ops: None,
     };
+    if job.copy_storage {
+        copy_disks(job, &mut wire)?;
+    }
 
     // Pre-copy: round 0 is all of memory; each next round what the guest dirtied
     // meanwhile, until the rest can go within the downtime target.
@@ -282,6 +352,8 @@ fn run(job: &SendJob) -> Result<(), String> {
         .map_err(|_| "the control loop did not answer the switch-over".to_string())??;
     let last = log.take()?;
     dirty::merge(&mut pending, &last);
+    // The VM is paused: the disk queue holds its last writes.
+    wire.drain_disk_ops()?;
     send_pages(&mut wire, &job.mem, &pending, false)?;
     protocol::send(wire.stream, &Message::State(state)).map_err(|e| e.to_string())?;
     match protocol::recv(wire.stream).map_err(|e| e.to_string())? {
