@@ -30,6 +30,11 @@ pub trait BlockBackend: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// False only if `offset..offset+len` surely reads as zeros without being stored
+    /// (a hole): copies skip it without reading it.
+    fn may_have_data(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
 }
 
 /// Disk image formats Vireo opens.

@@ -716,7 +716,8 @@ pub fn power_button() -> ! {
 /// iteration n = 1, 2, ... checks and rewrites N pages of memory (as `dirty` does: every
 /// word holds a function of the pass), writes 4 KiB block `n % B` (default B = 64) with
 /// the pattern of seed n through virtio-blk, and reads back the block of iteration n-1
-/// to check it. Prints `work iter=<n> tsc=<rdtsc>` every R iterations (default 1000);
+/// to check it. Prints `work iter=<n> tsc=<rdtsc> max_write_us=<slowest write since the
+/// last report>` every R iterations (default 1000);
 /// with `ops=K`, stops after iteration K with `work done iter=K` and `result ok`.
 /// A snapshot, restore or migration in between must be invisible: any lost page or
 /// block fails with the first mismatch.
@@ -736,7 +737,13 @@ pub fn workload() -> ! {
     let base = crate::rt::HEAP.alloc_raw(bytes, 4096) as *mut u64;
     // SAFETY: `base` is a fresh heap allocation of `bytes` bytes.
     unsafe { core::ptr::write_bytes(base as *mut u8, 0, bytes) };
-    println!("work pages={} blocks={} ops={}", pages, blocks, ops);
+    let tsc = crate::timer::tsc_khz();
+    println!(
+        "work pages={} blocks={} ops={} tsc_khz={}",
+        pages, blocks, ops, tsc.khz
+    );
+    // The slowest block write since the last report (storage-migration latency).
+    let mut max_write_cycles = 0u64;
     let mut wbuf = vec![0u8; 4096];
     let mut rbuf = vec![0u8; 4096];
     let mut want = vec![0u8; 4096];
@@ -759,9 +766,11 @@ pub fn workload() -> ! {
         }
         let lba = (n % blocks) * 8;
         pattern::fill(n, lba, &mut wbuf);
+        let t0 = rdtsc();
         if let Err(e) = blk.write_blocks(lba as usize, &wbuf) {
             fail!("work write iter={} lba={}: {:?}", n, lba, e);
         }
+        max_write_cycles = max_write_cycles.max(rdtsc() - t0);
         if n > 1 {
             let prev = ((n - 1) % blocks) * 8;
             if let Err(e) = blk.read_blocks(prev as usize, &mut rbuf) {
@@ -774,7 +783,13 @@ pub fn workload() -> ! {
             }
         }
         if n.is_multiple_of(report) {
-            println!("work iter={} tsc={}", n, rdtsc());
+            println!(
+                "work iter={} tsc={} max_write_us={}",
+                n,
+                rdtsc(),
+                max_write_cycles * 1000 / tsc.khz.max(1)
+            );
+            max_write_cycles = 0;
         }
         if ops != 0 && n >= ops {
             if let Err(e) = blk.flush() {
