@@ -178,14 +178,18 @@ pub fn spawn(spec: &LaunchSpec) -> Result<(Handle, Watch), AgentError> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    // SAFETY: setsid is async-signal-safe; the closure touches nothing else. A new
-    // session and process group: the VMM keeps running when vireod (or its terminal,
-    // or its process group) is killed.
+    // SAFETY: setsid, sigemptyset and sigprocmask are async-signal-safe; the closure
+    // touches nothing else. A new session and process group: the VMM keeps running
+    // when vireod (or its terminal, or its process group) is killed. vireod blocks
+    // SIGTERM/SIGINT in its threads; the VMM must not inherit that mask.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             Ok(())
         });
     }

@@ -71,7 +71,10 @@ fn find_vireo() -> PathBuf {
     PathBuf::from("vireo")
 }
 
-async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(
+    cli: Cli,
+    signal_rx: tokio::sync::oneshot::Receiver<i32>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = Config {
         state_dir: cli.state_dir.clone(),
         run_dir: cli.run_dir.clone(),
@@ -104,11 +107,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         let s = sup.clone();
         tokio::spawn(async move { s.autostart().await });
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+        sig = signal_rx => info!(signal = sig.unwrap_or(0), "asked to stop"),
         r = serve => {
             warn!(result = ?r, "API server ended");
             return Err("API server ended".into());
@@ -126,6 +126,36 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// SIGTERM and SIGINT are blocked in every thread (call this before any thread
+/// starts) and received by one thread with sigwait, which reports the first one.
+/// (Not tokio's signal driver: its feature would be unified into the VMM's tokio,
+/// whose seccomp-filtered API thread must not create the driver's socket pair.)
+fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
+    // pthread_sigmask only changes this thread's mask (inherited by later threads).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+        set
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vireod-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait with an initialised set and a valid out pointer.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            let _ = tx.send(if r == 0 { sig } else { 0 });
+        })?;
+    Ok(rx)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -135,6 +165,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let signal_rx = match stop_signals() {
+        Ok(rx) => rx,
+        Err(e) => {
+            eprintln!("vireod: error: cannot handle signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))
         .enable_all()
@@ -146,7 +183,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, signal_rx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vireod: error: {}", error_chain(e.as_ref()));
