@@ -85,27 +85,23 @@ fn shipped_systemd_units_verify() {
         eprintln!("SKIP: systemd-analyze is not installed (scripts/setup installs systemd)");
         return;
     }
-    // The units name /usr/bin/vireod and /usr/bin/vireo: verify against stand-ins in a
-    // private root so the check does not depend on an installation.
-    let root = tempfile::tempdir().unwrap();
-    let units = root.path().join("etc/systemd/system");
-    std::fs::create_dir_all(&units).unwrap();
-    for u in ["vireod.service", "vireo@.service"] {
-        std::fs::copy(
-            vireo_e2e::workspace().join("agent/systemd").join(u),
-            units.join(u),
-        )
-        .unwrap();
-    }
-    std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
-    for b in ["vireod", "vireo"] {
-        std::fs::copy(common::bin(b), root.path().join("usr/bin").join(b)).unwrap();
+    // The units name /usr/bin/vireod and /usr/bin/vireo: verify copies that name the
+    // built binaries, so the check does not depend on an installation.
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = common::bin("vireod").parent().unwrap().to_path_buf();
+    for (src, dst) in [
+        ("vireod.service", "vireod.service"),
+        ("vireo@.service", "vireo@.service"),
+        ("vireo@.service", "vireo@test.service"),
+    ] {
+        let text = std::fs::read_to_string(vireo_e2e::workspace().join("agent/systemd").join(src)).unwrap();
+        assert!(text.contains("/usr/bin/"), "{src}");
+        std::fs::write(dir.path().join(dst), text.replace("/usr/bin/", &format!("{}/", bin_dir.display()))).unwrap();
     }
     let o = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(format!("--root={}", root.path().display()))
-        .arg(units.join("vireod.service"))
-        .arg(units.join("vireo@test.service"))
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("vireod.service"))
+        .arg(dir.path().join("vireo@test.service"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
