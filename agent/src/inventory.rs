@@ -83,6 +83,10 @@ pub struct Sample {
     pub write_ops: u64,
 }
 
+/// A VM's previous reading in `meter`: pid, start, at, cpu, read, write, read ops,
+/// write ops.
+type LastReading = (i64, i64, i64, i64, i64, i64, i64, i64);
+
 pub struct Inventory {
     conn: Connection,
     path: PathBuf,
@@ -266,7 +270,7 @@ impl Inventory {
                 ],
             )
             .map_err(db)?;
-            let last: Option<(i64, i64, i64, i64, i64, i64, i64, i64)> = tx
+            let last: Option<LastReading> = tx
                 .query_row(
                     "SELECT last_pid, last_start, last_at_ms, last_cpu_ns, last_read, last_write,
                             last_read_ops, last_write_ops FROM meter WHERE name = ?1",

@@ -82,13 +82,15 @@ fn reply<T: serde::Serialize>(r: Result<T, AgentError>) -> Response {
     }
 }
 
-fn number(q: &Q, key: &str) -> Result<Option<u64>, Response> {
+fn number(q: &Q, key: &str) -> Result<Option<u64>, Box<Response>> {
     match q.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| error(400, format!("query parameter {key}={v:?} is not a number"))),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            Box::new(error(
+                400,
+                format!("query parameter {key}={v:?} is not a number"),
+            ))
+        }),
     }
 }
 
@@ -141,7 +143,7 @@ async fn start(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
 async fn stop(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
     let timeout = match number(&q, "timeout_s") {
         Ok(t) => t.map(Duration::from_secs),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     reply(s.stop(&name, timeout).await)
 }
@@ -182,7 +184,7 @@ async fn metrics_reset(State(s): S, UrlPath(name): UrlPath<String>) -> Response 
 async fn exits(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
     match number(&q, "limit") {
         Ok(l) => reply(s.exits(&name, l.unwrap_or(20).min(1000) as usize)),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -198,7 +200,7 @@ async fn serial(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
             }
             Err(e) => error(e.status(), error_chain(&e)),
         },
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 

@@ -94,9 +94,14 @@ fn shipped_systemd_units_verify() {
         ("vireo@.service", "vireo@.service"),
         ("vireo@.service", "vireo@test.service"),
     ] {
-        let text = std::fs::read_to_string(vireo_e2e::workspace().join("agent/systemd").join(src)).unwrap();
+        let text = std::fs::read_to_string(vireo_e2e::workspace().join("agent/systemd").join(src))
+            .unwrap();
         assert!(text.contains("/usr/bin/"), "{src}");
-        std::fs::write(dir.path().join(dst), text.replace("/usr/bin/", &format!("{}/", bin_dir.display()))).unwrap();
+        std::fs::write(
+            dir.path().join(dst),
+            text.replace("/usr/bin/", &format!("{}/", bin_dir.display())),
+        )
+        .unwrap();
     }
     let o = std::process::Command::new("systemd-analyze")
         .args(["verify", "--man=no"])

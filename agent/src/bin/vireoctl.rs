@@ -538,7 +538,10 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             for l in &last {
                 println!("{l}");
             }
-            while follow {
+            if !follow {
+                return Ok(());
+            }
+            loop {
                 std::thread::sleep(Duration::from_millis(200));
                 let r = ctx.call(
                     "GET",
@@ -561,7 +564,6 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                 let _ = std::io::stdout().flush();
                 last = now;
             }
-            Ok(())
         }
         VmCommand::Migrate { name, to: _ } => {
             ctx.json("PUT", &path(&name, "migrate"), None)?;
