@@ -743,82 +743,21 @@ impl Supervisor {
     /// records those that died meanwhile and cleans their stale files.
     pub async fn recover(self: &Arc<Self>) {
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
-        for name in &names {
-            let spec = self.spec(name);
-            match launcher::adopt(&spec) {
-                Ok((handle, watch)) => {
-                    let state = match client::request(
-                        &spec.socket,
-                        "GET",
-                        "/api/v1/vm.info",
-                        None,
-                        VMM_TIMEOUT,
-                    )
-                    .await
-                    {
-                        Ok(r) if r.ok() => r.json().and_then(|v| {
-                            v.get("state").and_then(|s| s.as_str()).map(str::to_string)
-                        }),
-                        _ => None,
-                    };
-                    let state = match state.as_deref() {
-                        Some("Paused") => VmState::Paused,
-                        Some("Running") => VmState::Running,
-                        other => {
-                            // Alive but not answering as a running VM: leave it be, but
-                            // supervise it so that its end is seen.
-                            warn!(vm = %name, pid = handle.pid, state = ?other, "adopted VMM does not report a running VM");
-                            VmState::Running
-                        }
-                    };
-                    let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-                    {
-                        let mut vms = lock(&self.vms);
-                        let Some(vm) = vms.get_mut(name) else {
-                            continue;
-                        };
-                        vm.generation = generation;
-                        vm.handle = Some(handle.clone());
-                        vm.adopted = true;
-                        vm.started_at_ms = Some(
-                            now_ms().saturating_sub(crate::procfs::age_ms(handle.start_ticks)),
-                        );
-                        self.set_state(
-                            name,
-                            vm,
-                            state,
-                            Some(format!("re-adopted pid {}", handle.pid)),
-                        );
-                    }
-                    info!(vm = %name, pid = handle.pid, "re-adopted running VMM");
-                    self.watch(name.clone(), generation, handle.pid, watch);
-                }
-                Err(NotAdopted::NoPidFile) => self.remove_run_files(name),
-                Err(why) => {
-                    // It ran when the previous vireod stopped, and is gone now.
-                    let pid = std::fs::read_to_string(&spec.pid_file)
-                        .ok()
-                        .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse().ok()))
-                        .unwrap_or(0);
-                    warn!(vm = %name, pid, why = ?why, "VMM ended while vireod was not running");
-                    let rec = self.exit_record(
-                        name,
-                        pid,
-                        Exit {
-                            status: None,
-                            signal: None,
-                        },
-                        "ended while vireod was not running",
-                    );
-                    let _ = lock(&self.inv).record_exit(name, &rec);
-                    if let Some(vm) = lock(&self.vms).get_mut(name) {
-                        vm.last_exit = Some(rec);
-                        self.set_state(name, vm, VmState::Crashed, None);
-                    }
-                    self.remove_run_files(name);
-                }
-            }
+        // Each adoption asks the VMM for its state: many at once (a busy host answers
+        // slowly, one by one it would add up).
+        let sem = Arc::new(Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in names.clone() {
+            let me = self.clone();
+            let sem = sem.clone();
+            tasks.spawn(async move {
+                let Ok(_permit) = sem.acquire().await else {
+                    return;
+                };
+                me.recover_one(&name).await;
+            });
         }
+        while tasks.join_next().await.is_some() {}
         // Sockets, pid files and configs of VMs that are no longer defined.
         if let Ok(dir) = std::fs::read_dir(self.cfg.run_dir.join("vms")) {
             for entry in dir.flatten() {
@@ -830,6 +769,83 @@ impl Supervisor {
                 if !names.contains(&stem) {
                     let _ = std::fs::remove_file(&p);
                 }
+            }
+        }
+    }
+
+    /// Re-adopts one VM's VMM, or records that it ended while vireod was away.
+    async fn recover_one(self: &Arc<Self>, name: &str) {
+        let spec = self.spec(name);
+        match launcher::adopt(&spec) {
+            Ok((handle, watch)) => {
+                let state = match client::request(
+                    &spec.socket,
+                    "GET",
+                    "/api/v1/vm.info",
+                    None,
+                    VMM_TIMEOUT,
+                )
+                .await
+                {
+                    Ok(r) if r.ok() => r
+                        .json()
+                        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string)),
+                    _ => None,
+                };
+                let state = match state.as_deref() {
+                    Some("Paused") => VmState::Paused,
+                    Some("Running") => VmState::Running,
+                    other => {
+                        // Alive but not answering as a running VM: leave it be, but
+                        // supervise it so that its end is seen.
+                        warn!(vm = %name, pid = handle.pid, state = ?other, "adopted VMM does not report a running VM");
+                        VmState::Running
+                    }
+                };
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut vms = lock(&self.vms);
+                    let Some(vm) = vms.get_mut(name) else {
+                        return;
+                    };
+                    vm.generation = generation;
+                    vm.handle = Some(handle.clone());
+                    vm.adopted = true;
+                    vm.started_at_ms =
+                        Some(now_ms().saturating_sub(crate::procfs::age_ms(handle.start_ticks)));
+                    self.set_state(
+                        name,
+                        vm,
+                        state,
+                        Some(format!("re-adopted pid {}", handle.pid)),
+                    );
+                }
+                info!(vm = %name, pid = handle.pid, "re-adopted running VMM");
+                self.watch(name.to_string(), generation, handle.pid, watch);
+            }
+            Err(NotAdopted::NoPidFile) => self.remove_run_files(name),
+            Err(why) => {
+                // It ran when the previous vireod stopped, and is gone now.
+                let pid = std::fs::read_to_string(&spec.pid_file)
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse().ok()))
+                    .unwrap_or(0);
+                warn!(vm = %name, pid, why = ?why, "VMM ended while vireod was not running");
+                let rec = self.exit_record(
+                    name,
+                    pid,
+                    Exit {
+                        status: None,
+                        signal: None,
+                    },
+                    "ended while vireod was not running",
+                );
+                let _ = lock(&self.inv).record_exit(name, &rec);
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.last_exit = Some(rec);
+                    self.set_state(name, vm, VmState::Crashed, None);
+                }
+                self.remove_run_files(name);
             }
         }
     }
