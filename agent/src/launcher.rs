@@ -178,7 +178,7 @@ pub fn spawn(spec: &LaunchSpec) -> Result<(Handle, Watch), AgentError> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    // SAFETY: setsid, sigemptyset and sigprocmask are async-signal-safe; the closure
+    // SAFETY: setsid, sigemptyset, sigprocmask and setpriority are async-signal-safe; the closure
     // touches nothing else. A new session and process group: the VMM keeps running
     // when vireod (or its terminal, or its process group) is killed. vireod blocks
     // SIGTERM/SIGINT in its threads; the VMM must not inherit that mask.
@@ -190,6 +190,9 @@ pub fn spawn(spec: &LaunchSpec) -> Result<(Handle, Watch), AgentError> {
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            // VMMs run at normal priority even when vireod runs above it (Nice= in
+            // vireod.service): the control plane answers while guests spin.
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
             Ok(())
         });
     }

@@ -33,6 +33,9 @@ struct Cli {
     /// The test guest ELF (default: build tests/guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Run vireod at this nice value (the VMMs it starts run at 0).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    nice: i32,
     /// Directory with vireod and vireo (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -49,6 +52,17 @@ fn guest() -> R<PathBuf> {
         return Err("tests/guest/build.sh failed".into());
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// This process's nice value.
+fn own_nice() -> i32 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|t| {
+            let rest = &t[t.rfind(')')? + 1..];
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -68,6 +82,7 @@ struct Daemon {
     dir: PathBuf,
     socket: PathBuf,
     bin_dir: PathBuf,
+    nice: i32,
 }
 
 impl Daemon {
@@ -77,7 +92,10 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.dir.join("vireod.log"))?;
-        let child = Command::new(self.bin_dir.join("vireod"))
+        let child = Command::new("nice")
+            .arg("-n")
+            .arg(self.nice.to_string())
+            .arg(self.bin_dir.join("vireod"))
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .arg("--run-dir")
@@ -223,6 +241,7 @@ async fn run(cli: Cli) -> R<()> {
         socket: dir.join("run/vireod.sock"),
         dir,
         bin_dir,
+        nice: cli.nice,
     };
     let up = d.spawn()?;
     let sock = d.socket.clone();
@@ -341,8 +360,11 @@ async fn run(cli: Cli) -> R<()> {
 
     let ms = |x: (f64, f64, f64)| format!("{:.2} / {:.2} / {:.2}", x.0, x.1, x.2);
     println!(
-        "| figure ({n} VMs, {} MiB each, {} starts in flight) | value |",
-        cli.memory_mib, cli.concurrency
+        "| figure ({n} VMs, {} MiB each, {} starts in flight, bench nice {}, vireod nice {}) | value |",
+        cli.memory_mib,
+        cli.concurrency,
+        own_nice(),
+        own_nice() + cli.nice
     );
     println!("|---|---|");
     println!("| define {n} VMs (SQLite, synchronous=FULL) | {define_s:.2} s |");
