@@ -33,6 +33,10 @@ struct Cli {
     /// The test guest ELF (default: build tests/guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Pause each VM as soon as it runs (the test guest spins at 100% of a CPU, unlike
+    /// an idle real guest): measures vireod without n spinning guests.
+    #[arg(long)]
+    pause_after_boot: bool,
     /// Run vireod at this nice value (the VMMs it starts run at 0).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     nice: i32,
@@ -163,6 +167,7 @@ async fn batch(
     conc: usize,
     method: &'static str,
     path: Arc<dyn Fn(usize) -> String + Send + Sync>,
+    then: Option<Arc<dyn Fn(usize) -> String + Send + Sync>>,
 ) -> R<Vec<f64>> {
     let sem = Arc::new(tokio::sync::Semaphore::new(conc.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -170,13 +175,20 @@ async fn batch(
         let sem = sem.clone();
         let sock = sock.to_path_buf();
         let path = path.clone();
+        let then = then.clone();
         tasks.spawn(async move {
             let _p = sem.acquire().await;
             let t = Instant::now();
-            call(&sock, method, &path(i), None)
+            let ms = call(&sock, method, &path(i), None)
                 .await
                 .map(|_| t.elapsed().as_secs_f64() * 1000.0)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            if let Some(then) = then {
+                call(&sock, "PUT", &then(i), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<f64, String>(ms)
         });
     }
     let mut out = Vec::new();
@@ -271,10 +283,17 @@ async fn run(cli: Cli) -> R<()> {
         cli.concurrency,
         "PUT",
         Arc::new(|i| format!("/api/v1/vms/vm{i:03}/start")),
+        cli.pause_after_boot
+            .then(|| Arc::new(|i| format!("/api/v1/vms/vm{i:03}/pause")) as Arc<_>),
     )
     .await?;
     let all_booted_s = t.elapsed().as_secs_f64();
-    let running = all_in(&sock, "Running").await?;
+    let up_state = if cli.pause_after_boot {
+        "Paused"
+    } else {
+        "Running"
+    };
+    let running = all_in(&sock, up_state).await?;
     if running != n {
         return Err(format!("only {running} of {n} running").into());
     }
@@ -292,23 +311,30 @@ async fn run(cli: Cli) -> R<()> {
         })
         .sum();
 
-    eprintln!("latency with {n} guests running");
-    let info_run = latency(
-        &sock,
-        cli.requests,
-        Arc::new(move |i| format!("/api/v1/vms/vm{:03}", i % n)),
-    )
-    .await?;
-    let list_run = latency(&sock, cli.requests, Arc::new(|_| "/api/v1/vms".to_string())).await?;
-    eprintln!("pausing all");
-    batch(
-        &sock,
-        n,
-        cli.concurrency,
-        "PUT",
-        Arc::new(|i| format!("/api/v1/vms/vm{i:03}/pause")),
-    )
-    .await?;
+    let (mut info_run, mut list_run) = (
+        (f64::NAN, f64::NAN, f64::NAN),
+        (f64::NAN, f64::NAN, f64::NAN),
+    );
+    if !cli.pause_after_boot {
+        eprintln!("latency with {n} guests running");
+        info_run = latency(
+            &sock,
+            cli.requests,
+            Arc::new(move |i| format!("/api/v1/vms/vm{:03}", i % n)),
+        )
+        .await?;
+        list_run = latency(&sock, cli.requests, Arc::new(|_| "/api/v1/vms".to_string())).await?;
+        eprintln!("pausing all");
+        batch(
+            &sock,
+            n,
+            cli.concurrency,
+            "PUT",
+            Arc::new(|i| format!("/api/v1/vms/vm{i:03}/pause")),
+            None,
+        )
+        .await?;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let info_idle = latency(
         &sock,
@@ -323,14 +349,17 @@ async fn run(cli: Cli) -> R<()> {
         Arc::new(|_| "/metrics".to_string()),
     )
     .await?;
-    batch(
-        &sock,
-        n,
-        cli.concurrency,
-        "PUT",
-        Arc::new(|i| format!("/api/v1/vms/vm{i:03}/resume")),
-    )
-    .await?;
+    if !cli.pause_after_boot {
+        batch(
+            &sock,
+            n,
+            cli.concurrency,
+            "PUT",
+            Arc::new(|i| format!("/api/v1/vms/vm{i:03}/resume")),
+            None,
+        )
+        .await?;
+    }
 
     eprintln!("kill -9 vireod, restart, re-adopt");
     if let Some(mut c) = d.child.take() {
@@ -339,7 +368,7 @@ async fn run(cli: Cli) -> R<()> {
     }
     let t = Instant::now();
     d.spawn()?;
-    while all_in(&sock, "Running").await? != n {
+    while all_in(&sock, up_state).await? != n {
         if t.elapsed() > Duration::from_secs(120) {
             return Err("not all re-adopted".into());
         }
@@ -360,16 +389,26 @@ async fn run(cli: Cli) -> R<()> {
 
     let ms = |x: (f64, f64, f64)| format!("{:.2} / {:.2} / {:.2}", x.0, x.1, x.2);
     println!(
-        "| figure ({n} VMs, {} MiB each, {} starts in flight, bench nice {}, vireod nice {}) | value |",
+        "| figure ({n} VMs, {} MiB each, {} starts in flight, bench nice {}, vireod nice {}{}) | value |",
         cli.memory_mib,
         cli.concurrency,
         own_nice(),
-        own_nice() + cli.nice
+        own_nice() + cli.nice,
+        if cli.pause_after_boot {
+            ", each paused once running"
+        } else {
+            ""
+        }
     );
     println!("|---|---|");
     println!("| define {n} VMs (SQLite, synchronous=FULL) | {define_s:.2} s |");
     println!(
-        "| start all until every one reports Running | {all_booted_s:.2} s ({:.1} VMs/s) |",
+        "| start all until every one reports Running{} | {all_booted_s:.2} s ({:.1} VMs/s) |",
+        if cli.pause_after_boot {
+            " (and pause it)"
+        } else {
+            ""
+        },
         n as f64 / all_booted_s
     );
     println!(
