@@ -73,7 +73,9 @@ pub async fn sample_all(sup: &Arc<Supervisor>) {
             samples.push(s);
         }
     }
-    store(sup, &samples);
+    // The transaction waits for fsync: off the runtime's worker threads.
+    let sup = sup.clone();
+    let _ = tokio::task::spawn_blocking(move || store(&sup, &samples)).await;
 }
 
 /// Samples one VM now (before it is stopped, so its last I/O is counted).
