@@ -609,7 +609,9 @@ impl Supervisor {
         let sock = self.socket_path(name);
         let asked = client::request(&sock, "PUT", "/api/v1/vm.shutdown", None, VMM_TIMEOUT).await;
         let timeout = timeout.unwrap_or(self.cfg.stop_timeout);
-        let gone = asked.is_ok() && self.wait_gone(name, &handle, timeout).await;
+        // A VMM that refuses (or cannot be reached) is killed at once.
+        let asked = matches!(&asked, Ok(r) if r.ok());
+        let gone = asked && self.wait_gone(name, &handle, timeout).await;
         if !gone {
             warn!(vm = name, "VMM did not stop in time; killing it");
             let _ = handle.signal(libc::SIGKILL);

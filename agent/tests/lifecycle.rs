@@ -62,6 +62,12 @@ fn define_start_pause_resume_stop_with_list_telling_the_truth() {
     let console = d.ctl_ok(&["vm", "console", "web", "--lines", "3"]);
     assert_eq!(console.lines().count(), 3, "{console}");
     assert!(console.lines().all(|l| l.starts_with("tick ")), "{console}");
+    let host = d.ctl_ok(&["host", "info"]);
+    assert!(
+        host.lines()
+            .any(|l| l.starts_with("vms_running") && l.ends_with(" 1")),
+        "{host}"
+    );
     // Straight to the VMM's own socket.
     let direct = d.ctl_ok(&["--vm-socket", &sock, "-o", "json", "vm", "info"]);
     assert!(direct.contains("\"Running\""), "{direct}");
