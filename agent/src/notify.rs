@@ -29,7 +29,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("notify");
         let server = std::os::unix::net::UnixDatagram::bind(&p).unwrap();
-        // SAFETY-free: tests in this module are the only users of NOTIFY_SOCKET.
+        // Nothing else in this test process reads NOTIFY_SOCKET (nextest runs each test
+        // in its own process).
         std::env::set_var("NOTIFY_SOCKET", &p);
         assert!(super::notify("READY=1"));
         std::env::remove_var("NOTIFY_SOCKET");
