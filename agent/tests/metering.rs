@@ -39,9 +39,10 @@ fn disk_bytes_cpu_and_memory_match_what_the_guest_did() {
     };
     assert_eq!(m["disk_write_bytes"], sectors * 512, "{m}");
     assert_eq!(m["disk_write_ops"], 16, "{m}");
-    // The guest spins after its writes: about one host CPU.
+    // The guest spins after its writes: up to one host CPU (less when the host is busy
+    // with other tests), never more than its one vCPU plus the VMM's own threads.
     let cpu = m["avg_cpu_percent"].as_f64().unwrap();
-    assert!(cpu > 20.0 && cpu < 250.0, "{m}");
+    assert!(cpu > 1.0 && cpu < 150.0, "{m}");
     assert!(m["cpu_ns"].as_u64().unwrap() > 0);
     let (min, avg, max) = (
         m["min_memory_bytes"].as_u64().unwrap(),
