@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod notify;
+
 use api::config::{self, PayloadConfig};
 use api::VmConfig;
 use vmm::seccomp::{Filters, SeccompMode, ThreadKind};
@@ -173,6 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
+        notify::notify("READY=1");
     }
     // A VM that arrives (restore, incoming migration) writes its serial output where
     // this process's --serial says, if it says.

@@ -1,0 +1,682 @@
+//! `vireoctl`: the command-line client of vireod (or, with `--vm-socket`, of one VMM).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent::client;
+use agent::model::{MeteringReport, Priority, RestartPolicy, VmDefinition, VmStatus};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+/// Manage the VMs of a host through vireod.
+#[derive(Parser, Debug)]
+#[command(name = "vireoctl", version, about)]
+struct Cli {
+    /// vireod's socket.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/vireo/vireod.sock",
+        env = "VIREOD_SOCKET"
+    )]
+    socket: PathBuf,
+    /// Talk straight to one VMM's socket instead of vireod (info, pause, resume, stop,
+    /// metrics).
+    #[arg(long, global = true)]
+    vm_socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// This host.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCommand {
+    /// vireod's version, directories and VM counts.
+    Info,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PriorityArg {
+    High,
+    Medium,
+    Low,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RestartArg {
+    Never,
+    OnFailure,
+    Always,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Define a VM from a JSON file: a VM config (as `vireo --config` takes) or a full
+    /// definition ({"config": ..., "priority": ..., "restart": ...}).
+    Define {
+        name: String,
+        /// The JSON file ("-" for standard input).
+        #[arg(long, short)]
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        priority: Option<PriorityArg>,
+        #[arg(long, value_enum)]
+        restart: Option<RestartArg>,
+        #[arg(long)]
+        max_restarts: Option<u32>,
+    },
+    /// Start a VM; returns when it runs.
+    Start {
+        name: String,
+    },
+    /// Shut a VM down (killed after the timeout).
+    Stop {
+        name: Option<String>,
+        /// Seconds before the VM is killed (vireod's default if not given).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Kill a VM's VMM at once.
+    Kill {
+        name: String,
+    },
+    Pause {
+        name: Option<String>,
+    },
+    Resume {
+        name: Option<String>,
+    },
+    /// All VMs and their state.
+    List,
+    /// One VM: state, process, last exit, definition.
+    Info {
+        name: Option<String>,
+    },
+    /// The guest's serial output (read-only).
+    Console {
+        name: String,
+        /// Lines to show.
+        #[arg(long, default_value_t = 50)]
+        lines: usize,
+        /// Keep printing new output.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Live migration (not supported yet).
+    Migrate {
+        name: String,
+        /// Destination host.
+        #[arg(long)]
+        to: String,
+    },
+    /// Resource metering since the last reset.
+    Metrics {
+        name: Option<String>,
+        /// Start metering afresh.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Remove a stopped VM's definition and history.
+    Delete {
+        name: String,
+    },
+    /// The definitions as JSON (one VM, or all).
+    Export {
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("cannot reach {what} at {path}: {reason} (is it running? see --socket / --vm-socket)")]
+    Connect {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{0}")]
+    Api(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Ctx {
+    socket: PathBuf,
+    what: &'static str,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Ctx {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<client::Response, CtlError> {
+        let r = self
+            .rt
+            .block_on(client::request(&self.socket, method, path, body, TIMEOUT))
+            .map_err(|e| match e {
+                client::ClientError::Connect { path, source } => CtlError::Connect {
+                    what: self.what,
+                    path,
+                    reason: source.to_string(),
+                },
+                other => CtlError::Api(agent::error_chain(&other)),
+            })?;
+        if !r.ok() {
+            return Err(CtlError::Api(format!(
+                "{} ({})",
+                r.error_message(),
+                r.status
+            )));
+        }
+        Ok(r)
+    }
+
+    fn json(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Value, CtlError> {
+        let r = self.call(method, path, body)?;
+        Ok(r.json().unwrap_or(Value::Null))
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn fmt_ms_ago(ms: Option<u64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(t) => {
+            let s = agent::now_ms().saturating_sub(t) / 1000;
+            format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
+        }
+    }
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn print_pairs(pairs: &[(&str, String)]) {
+    let w = pairs.iter().map(|p| p.0.len()).max().unwrap_or(0);
+    for (k, v) in pairs {
+        println!("{k:<w$}  {v}");
+    }
+}
+
+fn status_table(s: &VmStatus) {
+    let exit = s.last_exit.as_ref().map(|e| {
+        let how = match (e.status, e.signal) {
+            (Some(c), _) => format!("status {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            _ => "status unknown".into(),
+        };
+        format!("{} ({how})", e.reason)
+    });
+    print_pairs(&[
+        ("name", s.name.clone()),
+        ("state", s.state.to_string()),
+        ("priority", format!("{:?}", s.priority)),
+        ("restart", format!("{:?}", s.restart)),
+        ("pid", s.pid.map(|p| p.to_string()).unwrap_or("-".into())),
+        ("socket", s.socket.clone().unwrap_or("-".into())),
+        ("adopted", s.adopted.to_string()),
+        (
+            "uptime",
+            if s.pid.is_some() {
+                fmt_ms_ago(s.started_at_ms)
+            } else {
+                "-".into()
+            },
+        ),
+        ("restarts", s.restarts.to_string()),
+        ("last exit", exit.unwrap_or("-".into())),
+    ]);
+    if let Some(e) = &s.last_exit {
+        if !e.serial_tail.is_empty() {
+            println!("last serial lines:");
+            for l in e.serial_tail.iter().rev().take(5).rev() {
+                println!("  {l}");
+            }
+        }
+    }
+}
+
+fn metrics_table(m: &MeteringReport) {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    print_pairs(&[
+        ("name", m.name.clone()),
+        ("since", fmt_ms_ago(Some(m.since_ms)) + " ago"),
+        ("running", format!("{:.1} s", m.running_ms as f64 / 1000.0)),
+        ("avg cpu", format!("{:.1} % of one CPU", m.avg_cpu_percent)),
+        ("cpu time", format!("{:.2} s", m.cpu_ns as f64 / 1e9)),
+        (
+            "memory avg/min/max",
+            format!(
+                "{} / {} / {}",
+                mib(m.avg_memory_bytes),
+                mib(m.min_memory_bytes),
+                mib(m.max_memory_bytes)
+            ),
+        ),
+        (
+            "disk read",
+            format!("{} bytes ({} ops)", m.disk_read_bytes, m.disk_read_ops),
+        ),
+        (
+            "disk written",
+            format!("{} bytes ({} ops)", m.disk_write_bytes, m.disk_write_ops),
+        ),
+        (
+            "network rx/tx",
+            format!("{} / {} bytes", m.net_rx_bytes, m.net_tx_bytes),
+        ),
+        ("samples", m.samples.to_string()),
+    ]);
+}
+
+fn name_of(n: &Option<String>) -> Result<&str, CtlError> {
+    n.as_deref()
+        .ok_or_else(|| CtlError::Usage("a VM name is required (or --vm-socket PATH)".into()))
+}
+
+fn read_definition(
+    file: &Path,
+    priority: Option<PriorityArg>,
+    restart: Option<RestartArg>,
+    max_restarts: Option<u32>,
+) -> Result<Value, CtlError> {
+    let text = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|source| {
+            CtlError::Read {
+                path: file.to_path_buf(),
+                source,
+            }
+        })?;
+        s
+    } else {
+        std::fs::read_to_string(file).map_err(|source| CtlError::Read {
+            path: file.to_path_buf(),
+            source,
+        })?
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|source| CtlError::Json {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let mut def = if v.get("config").is_some() {
+        v
+    } else {
+        serde_json::json!({ "config": v })
+    };
+    if let Some(p) = priority {
+        def["priority"] = serde_json::to_value(match p {
+            PriorityArg::High => Priority::High,
+            PriorityArg::Medium => Priority::Medium,
+            PriorityArg::Low => Priority::Low,
+            PriorityArg::Off => Priority::Off,
+        })
+        .unwrap_or(Value::Null);
+    }
+    if let Some(r) = restart {
+        def["restart"] = serde_json::to_value(match r {
+            RestartArg::Never => RestartPolicy::Never,
+            RestartArg::OnFailure => RestartPolicy::OnFailure,
+            RestartArg::Always => RestartPolicy::Always,
+        })
+        .unwrap_or(Value::Null);
+    }
+    if let Some(m) = max_restarts {
+        def["max_restarts"] = m.into();
+    }
+    Ok(def)
+}
+
+/// Direct access to one VMM's own API (no vireod).
+fn direct(ctx: &Ctx, cmd: &VmCommand, out: Output) -> Result<(), CtlError> {
+    let (method, route) = match cmd {
+        VmCommand::Info { .. } => ("GET", "vm.info"),
+        VmCommand::Pause { .. } => ("PUT", "vm.pause"),
+        VmCommand::Resume { .. } => ("PUT", "vm.resume"),
+        VmCommand::Stop { .. } => ("PUT", "vm.shutdown"),
+        VmCommand::Metrics { .. } => ("GET", "vm.counters"),
+        _ => {
+            return Err(CtlError::Usage(
+                "with --vm-socket only info, pause, resume, stop and metrics are available".into(),
+            ))
+        }
+    };
+    let v = ctx.json(method, &format!("/api/v1/{route}"), None)?;
+    match (out, &v) {
+        (_, Value::Null) => {}
+        (Output::Json, v) => print_json(v),
+        (Output::Table, Value::Object(m)) if route == "vm.info" => {
+            let get = |k: &str| {
+                m.get(k)
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            print_pairs(&[
+                ("state", get("state")),
+                ("memory", get("memory_actual_size")),
+                ("uptime_ms", get("uptime_ms")),
+            ]);
+        }
+        (Output::Table, Value::Object(m)) => {
+            let mut rows = Vec::new();
+            for (dev, c) in m {
+                if let Some(c) = c.as_object() {
+                    for (k, x) in c {
+                        rows.push(vec![dev.clone(), k.clone(), x.to_string()]);
+                    }
+                }
+            }
+            print_table(&["DEVICE", "COUNTER", "VALUE"], &rows);
+        }
+        (Output::Table, v) => print_json(v),
+    }
+    Ok(())
+}
+
+fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
+    let path = |n: &str, verb: &str| {
+        if verb.is_empty() {
+            format!("/api/v1/vms/{n}")
+        } else {
+            format!("/api/v1/vms/{n}/{verb}")
+        }
+    };
+    let show_status = |v: Value| -> Result<(), CtlError> {
+        match out {
+            Output::Json => print_json(&v),
+            Output::Table => match serde_json::from_value::<VmStatus>(v.clone()) {
+                Ok(s) => status_table(&s),
+                Err(_) => print_json(&v),
+            },
+        }
+        Ok(())
+    };
+    match cmd {
+        VmCommand::Define {
+            name,
+            file,
+            priority,
+            restart,
+            max_restarts,
+        } => {
+            let def = read_definition(&file, priority, restart, max_restarts)?;
+            // Checked here too, for an error that points at the file.
+            if let Err(e) = serde_json::from_value::<VmDefinition>(def.clone()) {
+                return Err(CtlError::Usage(format!(
+                    "{}: invalid VM definition: {e}",
+                    file.display()
+                )));
+            }
+            let v = ctx.json("PUT", &path(&name, ""), Some(def.to_string().into_bytes()))?;
+            show_status(v)
+        }
+        VmCommand::Start { name } => show_status(ctx.json("PUT", &path(&name, "start"), None)?),
+        VmCommand::Stop { name, timeout } => {
+            let n = name_of(&name)?;
+            let q = timeout
+                .map(|t| format!("?timeout_s={t}"))
+                .unwrap_or_default();
+            show_status(ctx.json("PUT", &(path(n, "stop") + &q), None)?)
+        }
+        VmCommand::Kill { name } => show_status(ctx.json("PUT", &path(&name, "kill"), None)?),
+        VmCommand::Pause { name } => {
+            show_status(ctx.json("PUT", &path(name_of(&name)?, "pause"), None)?)
+        }
+        VmCommand::Resume { name } => {
+            show_status(ctx.json("PUT", &path(name_of(&name)?, "resume"), None)?)
+        }
+        VmCommand::Info { name } => {
+            show_status(ctx.json("GET", &path(name_of(&name)?, ""), None)?)
+        }
+        VmCommand::List => {
+            let v = ctx.json("GET", "/api/v1/vms", None)?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => {
+                    let list: Vec<VmStatus> =
+                        serde_json::from_value(v).map_err(|e| CtlError::Api(e.to_string()))?;
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                s.state.to_string(),
+                                format!("{:?}", s.priority),
+                                s.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                                if s.pid.is_some() {
+                                    fmt_ms_ago(s.started_at_ms)
+                                } else {
+                                    "-".into()
+                                },
+                                s.restarts.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["NAME", "STATE", "PRIORITY", "PID", "UPTIME", "RESTARTS"],
+                        &rows,
+                    );
+                }
+            }
+            Ok(())
+        }
+        VmCommand::Console {
+            name,
+            lines,
+            follow,
+        } => {
+            let r = ctx.call(
+                "GET",
+                &format!("{}?lines={lines}", path(&name, "serial")),
+                None,
+            )?;
+            let mut last: Vec<String> = String::from_utf8_lossy(&r.body)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            for l in &last {
+                println!("{l}");
+            }
+            if !follow {
+                return Ok(());
+            }
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let r = ctx.call(
+                    "GET",
+                    &format!("{}?lines=1000", path(&name, "serial")),
+                    None,
+                )?;
+                let now: Vec<String> = String::from_utf8_lossy(&r.body)
+                    .lines()
+                    .map(str::to_string)
+                    .collect();
+                // Print what follows the last line we printed.
+                let start = last
+                    .last()
+                    .and_then(|l| now.iter().rposition(|x| x == l))
+                    .map(|i| i + 1)
+                    .unwrap_or(0);
+                for l in &now[start.min(now.len())..] {
+                    println!("{l}");
+                }
+                let _ = std::io::stdout().flush();
+                last = now;
+            }
+        }
+        VmCommand::Migrate { name, to: _ } => {
+            ctx.json("PUT", &path(&name, "migrate"), None)?;
+            Ok(())
+        }
+        VmCommand::Metrics { name, reset } => {
+            let n = name_of(&name)?;
+            if reset {
+                ctx.call("PUT", &path(n, "metrics/reset"), None)?;
+            }
+            let v = ctx.json("GET", &path(n, "metrics"), None)?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => match serde_json::from_value::<MeteringReport>(v.clone()) {
+                    Ok(m) => metrics_table(&m),
+                    Err(_) => print_json(&v),
+                },
+            }
+            Ok(())
+        }
+        VmCommand::Delete { name } => {
+            ctx.call("DELETE", &path(&name, ""), None)?;
+            if out == Output::Table {
+                println!("deleted {name}");
+            }
+            Ok(())
+        }
+        VmCommand::Export { name } => {
+            let v = match name {
+                Some(n) => ctx
+                    .json("GET", &path(&n, ""), None)?
+                    .get("definition")
+                    .cloned()
+                    .unwrap_or(Value::Null),
+                None => ctx.json("GET", "/api/v1/export", None)?,
+            };
+            print_json(&v);
+            Ok(())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CtlError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CtlError::Api(format!("cannot start the runtime: {e}")))?;
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "vireoctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => {
+            let man = clap_mangen::Man::new(Cli::command());
+            man.render(&mut std::io::stdout())
+                .map_err(|e| CtlError::Api(format!("cannot write the man page: {e}")))
+        }
+        Command::Host(HostCommand::Info) => {
+            let ctx = Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            };
+            let v = ctx.json("GET", "/api/v1/host.info", None)?;
+            match cli.output {
+                Output::Json => print_json(&v),
+                Output::Table => {
+                    if let Value::Object(m) = &v {
+                        let pairs: Vec<(&str, String)> = m
+                            .iter()
+                            .map(|(k, x)| (k.as_str(), x.to_string().trim_matches('"').to_string()))
+                            .collect();
+                        print_pairs(&pairs);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Vm(cmd) => match cli.vm_socket {
+            Some(s) => direct(
+                &Ctx {
+                    socket: s,
+                    what: "the VMM",
+                    rt,
+                },
+                &cmd,
+                cli.output,
+            ),
+            None => vm(
+                &Ctx {
+                    socket: cli.socket,
+                    what: "vireod",
+                    rt,
+                },
+                cmd,
+                cli.output,
+            ),
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vireoctl: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! `vireod`: the host agent. Owns the host's VMs (definitions, `vireo` processes,
+//! sockets, metering) and serves its REST API on a unix socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent::supervisor::{Config, Supervisor};
+use agent::{error_chain, metering, server};
+use clap::Parser;
+use tracing::{info, warn};
+
+/// The Vireo host agent.
+#[derive(Parser, Debug)]
+#[command(name = "vireod", version, about)]
+struct Cli {
+    /// Inventory database and per-VM logs.
+    #[arg(long, default_value = "/var/lib/vireo")]
+    state_dir: PathBuf,
+    /// vireod's socket and the VMs' sockets (vms/NAME.sock), runtime configs and pid files.
+    #[arg(long, default_value = "/run/vireo")]
+    run_dir: PathBuf,
+    /// vireod's API socket (default: <run-dir>/vireod.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The VMM binary (default: `vireo` next to vireod, else from PATH).
+    #[arg(long)]
+    vireo_bin: Option<PathBuf>,
+    /// At most this many VMs start at once during automatic start.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent_starts: usize,
+    /// Seconds a VMM may take to report its VM running.
+    #[arg(long, default_value_t = 30)]
+    start_timeout_s: u64,
+    /// Seconds a VM may take to stop before it is killed.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout_s: u64,
+    /// Metering sample period in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    meter_interval_ms: u64,
+    /// Do not start VMs automatically (their priority is ignored).
+    #[arg(long)]
+    no_autostart: bool,
+    /// On SIGTERM leave the VMs running (for a restart or an upgrade of vireod);
+    /// without it they are shut down, lowest priority first.
+    #[arg(long)]
+    keep_vms_on_exit: bool,
+    /// Worker threads of the runtime.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+fn find_vireo() -> PathBuf {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from))
+    {
+        let p = dir.join("vireo");
+        if p.is_file() {
+            return p;
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("vireo");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("vireo")
+}
+
+async fn run(
+    cli: Cli,
+    signal_rx: tokio::sync::oneshot::Receiver<i32>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = Config {
+        state_dir: cli.state_dir.clone(),
+        run_dir: cli.run_dir.clone(),
+        vireo_bin: cli.vireo_bin.clone().unwrap_or_else(find_vireo),
+        max_concurrent_starts: cli.max_concurrent_starts,
+        start_timeout: Duration::from_secs(cli.start_timeout_s),
+        stop_timeout: Duration::from_secs(cli.stop_timeout_s),
+        meter_interval: Duration::from_millis(cli.meter_interval_ms.max(10)),
+    };
+    let sup = Supervisor::open(cfg)?;
+    let sock = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
+    let listener = server::bind(&sock)?;
+    sup.recover().await;
+    tokio::spawn(metering::run(sup.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = server::router(sup.clone());
+    let serve = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    info!(socket = %sock.display(), vireo = %sup.cfg.vireo_bin.display(), "vireod ready");
+    agent::notify::notify("READY=1");
+    if !cli.no_autostart {
+        let s = sup.clone();
+        tokio::spawn(async move { s.autostart().await });
+    }
+    tokio::select! {
+        sig = signal_rx => info!(signal = sig.unwrap_or(0), "asked to stop"),
+        r = serve => {
+            warn!(result = ?r, "API server ended");
+            return Err("API server ended".into());
+        }
+    }
+    agent::notify::notify("STOPPING=1");
+    if cli.keep_vms_on_exit {
+        info!("leaving the VMs running");
+    } else {
+        info!("shutting the VMs down, lowest priority first");
+        sup.shutdown_all().await;
+    }
+    let _ = stop_tx.send(());
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// SIGTERM and SIGINT are blocked in every thread (call this before any thread
+/// starts) and received by one thread with sigwait, which reports the first one.
+/// (Not tokio's signal driver: its feature would be unified into the VMM's tokio,
+/// whose seccomp-filtered API thread must not create the driver's socket pair.)
+fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
+    // pthread_sigmask only changes this thread's mask (inherited by later threads).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+        set
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vireod-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait with an initialised set and a valid out pointer.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            let _ = tx.send(if r == 0 { sig } else { 0 });
+        })?;
+    Ok(rx)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let signal_rx = match stop_signals() {
+        Ok(rx) => rx,
+        Err(e) => {
+            eprintln!("vireod: error: cannot handle signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vireod: error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli, signal_rx)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vireod: error: {}", error_chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The agent's errors. Each variant says what a user needs to act on it, and maps to
+//! one HTTP status.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid VM name {name:?}: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error("invalid VM definition: {0}")]
+    BadDefinition(String),
+    #[error("no VM named {0:?}")]
+    UnknownVm(String),
+    #[error("a VM named {0:?} already exists")]
+    Duplicate(String),
+    #[error("VM {name:?} is {state}: cannot {action}")]
+    WrongState {
+        name: String,
+        state: String,
+        action: &'static str,
+    },
+    #[error("VM {name:?} failed to start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error("{0} is not supported yet")]
+    Unsupported(&'static str),
+    #[error("inventory database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VMM of {name:?}: {message}")]
+    Vmm { name: String, message: String },
+    #[error("stored definition of {name:?} is unreadable: {source}")]
+    Corrupt {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl AgentError {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        AgentError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            AgentError::BadName { .. } | AgentError::BadDefinition(_) => 400,
+            AgentError::UnknownVm(_) => 404,
+            AgentError::Duplicate(_) | AgentError::WrongState { .. } => 409,
+            AgentError::Unsupported(_) => 501,
+            AgentError::StartFailed { .. } => 500,
+            AgentError::Vmm { .. } => 502,
+            _ => 500,
+        }
+    }
+}

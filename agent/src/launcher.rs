@@ -1,0 +1,364 @@
+//! One `vireo` process: start it (in its own session, so it outlives vireod), find it
+//! again after vireod restarts (pid file + /proc checks), signal it, and learn when it
+//! ends (a pidfd, which also works for processes that are not vireod's children).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::procfs;
+use crate::AgentError;
+
+/// Where one VM's VMM finds its configuration and puts its socket, logs and pid.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    pub vireo_bin: PathBuf,
+    /// The runtime configuration (`vireo --config`).
+    pub config: PathBuf,
+    /// The VMM's REST socket (`vireo --api-socket`).
+    pub socket: PathBuf,
+    /// The VMM's stdout and stderr (appended).
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+/// How to reach a VMM process (cheap to clone; signals go through the pidfd, so they
+/// can never hit another process that reused the pid).
+#[derive(Clone, Debug)]
+pub struct Handle {
+    pub pid: i32,
+    pub start_ticks: u64,
+    pidfd: Arc<OwnedFd>,
+}
+
+/// Waits for the end of the process (owned by the one task that watches it).
+pub struct Watch {
+    pidfd: AsyncFd<Arc<OwnedFd>>,
+    child: Option<Child>,
+    pid: i32,
+}
+
+/// How the process ended: `status` and `signal` are None when vireod cannot know
+/// (the process is not its child).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub status: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl Handle {
+    /// Sends `signal` (e.g. libc::SIGKILL). An exited process is not an error.
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn alive(&self) -> bool {
+        procfs::stat(self.pid)
+            .is_some_and(|s| s.start_ticks == self.start_ticks && s.state != 'Z' && s.state != 'X')
+    }
+}
+
+impl Watch {
+    /// Waits until the process has ended; reaps it if it is vireod's child.
+    pub async fn wait(mut self) -> Exit {
+        loop {
+            match self.pidfd.readable().await {
+                Ok(mut g) => {
+                    g.clear_ready();
+                    if let Some(e) = self.try_exit() {
+                        return e;
+                    }
+                }
+                Err(_) => {
+                    // Cannot poll: fall back to /proc.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if let Some(e) = self.try_exit() {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The exit, if the process has ended.
+    pub fn try_exit(&mut self) -> Option<Exit> {
+        match &mut self.child {
+            Some(c) => match c.try_wait() {
+                Ok(Some(st)) => Some(Exit {
+                    status: st.code(),
+                    signal: st.signal(),
+                }),
+                Ok(None) => None,
+                Err(_) => Some(Exit {
+                    status: None,
+                    signal: None,
+                }),
+            },
+            None => (!procfs::alive(self.pid)).then_some(Exit {
+                status: None,
+                signal: None,
+            }),
+        }
+    }
+}
+
+fn watch(pid: i32, child: Option<Child>) -> Result<(Handle, Watch), std::io::Error> {
+    let start_ticks = procfs::stat(pid).map(|s| s.start_ticks).unwrap_or(0);
+    let pidfd = Arc::new(pidfd_open(pid)?);
+    // SAFETY: the AsyncFd holds a clone of the Arc, so the pidfd stays open and is the
+    // same descriptor for the AsyncFd's whole life.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd.clone(), tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+    let w = Watch {
+        pidfd: registered,
+        child,
+        pid,
+    };
+    Ok((
+        Handle {
+            pid,
+            start_ticks,
+            pidfd,
+        },
+        w,
+    ))
+}
+
+/// Starts `vireo --config <config> --api-socket <socket>` in a new session, with its
+/// output appended to the log, and writes the pid file.
+pub fn spawn(spec: &LaunchSpec) -> Result<(Handle, Watch), AgentError> {
+    let _ = std::fs::remove_file(&spec.socket); // Stale: the VM is not running.
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .map_err(|e| AgentError::io("cannot open VMM log", &spec.log, e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| AgentError::io("cannot open VMM log", &spec.log, e))?;
+    let mut cmd = Command::new(&spec.vireo_bin);
+    cmd.arg("--config")
+        .arg(&spec.config)
+        .arg("--api-socket")
+        .arg(&spec.socket)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: setsid, sigemptyset, sigprocmask and setpriority are async-signal-safe; the closure
+    // touches nothing else. A new session and process group: the VMM keeps running
+    // when vireod (or its terminal, or its process group) is killed. vireod blocks
+    // SIGTERM/SIGINT in its threads; the VMM must not inherit that mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            // VMMs run at normal priority even when vireod runs above it (Nice= in
+            // vireod.service): the control plane answers while guests spin.
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| AgentError::Spawn {
+        bin: spec.vireo_bin.clone(),
+        source,
+    })?;
+    let pid = child.id() as i32;
+    let (h, w) = match watch(pid, Some(child)) {
+        Ok(x) => x,
+        Err(e) => {
+            // SAFETY: kill on the pid of our own unreaped child (it cannot be reused).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Err(AgentError::io(
+                "cannot watch VMM process",
+                &spec.vireo_bin,
+                e,
+            ));
+        }
+    };
+    write_pid_file(&spec.pid_file, &h)?;
+    Ok((h, w))
+}
+
+fn write_pid_file(path: &Path, h: &Handle) -> Result<(), AgentError> {
+    let tmp = path.with_extension("pid.tmp");
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(|e| AgentError::io("cannot write pid file", &tmp, e))?;
+    writeln!(f, "{} {}", h.pid, h.start_ticks)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| AgentError::io("cannot write pid file", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| AgentError::io("cannot write pid file", path, e))
+}
+
+/// Why a pid file did not lead to a live VMM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotAdopted {
+    NoPidFile,
+    Gone,
+    /// The pid is alive but is not this VM's vireo (pid reuse).
+    NotOurs(String),
+}
+
+/// Finds the VMM that a previous vireod started, from its pid file: the process must
+/// be alive, started at the recorded time, run `vireo` and serve this VM's socket.
+pub fn adopt(spec: &LaunchSpec) -> Result<(Handle, Watch), NotAdopted> {
+    let text = std::fs::read_to_string(&spec.pid_file).map_err(|_| NotAdopted::NoPidFile)?;
+    let mut it = text.split_whitespace();
+    let pid: i32 = it
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or(NotAdopted::NoPidFile)?;
+    let start: u64 = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let check = || -> Result<(), NotAdopted> {
+        let st = procfs::stat(pid).ok_or(NotAdopted::Gone)?;
+        if st.state == 'Z' || st.state == 'X' {
+            return Err(NotAdopted::Gone);
+        }
+        if start != 0 && st.start_ticks != start {
+            return Err(NotAdopted::NotOurs("started at another time".into()));
+        }
+        let exe = procfs::exe(pid).unwrap_or_default();
+        let exe_name = exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !exe_name.starts_with("vireo") {
+            return Err(NotAdopted::NotOurs(format!("runs {}", exe.display())));
+        }
+        let args = procfs::cmdline(pid).unwrap_or_default();
+        let sock = spec.socket.to_string_lossy();
+        if !args.iter().any(|a| *a == sock) {
+            return Err(NotAdopted::NotOurs(format!(
+                "does not serve {sock}: {}",
+                args.join(" ")
+            )));
+        }
+        Ok(())
+    };
+    check()?;
+    let (h, w) = watch(pid, None).map_err(|_| NotAdopted::Gone)?;
+    // The pidfd now pins this process; check again that it is still the one.
+    check()?;
+    Ok((h, w))
+}
+
+/// The last `n` lines of a text file (at most the last 64 KiB are read).
+pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(64 * 1024);
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<String> = text
+        .lines()
+        .skip(usize::from(from > 0)) // The first line may be cut.
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let keep = lines.len().saturating_sub(n);
+    lines.drain(..keep);
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_lines_takes_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\nb\n\nc\nd\n").unwrap();
+        assert_eq!(tail_lines(&p, 2), ["c", "d"]);
+        assert_eq!(tail_lines(&p, 10), ["a", "b", "c", "d"]);
+        assert!(tail_lines(&dir.path().join("none"), 3).is_empty());
+    }
+
+    #[tokio::test]
+    async fn spawn_watch_signal_and_refuse_to_adopt_a_stranger() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = LaunchSpec {
+            vireo_bin: "/bin/sleep".into(),
+            config: "100".into(),
+            socket: dir.path().join("s.sock"),
+            log: dir.path().join("log"),
+            pid_file: dir.path().join("x.pid"),
+        };
+        // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.
+        let (h, w) = spawn(&spec).unwrap();
+        let e = w.wait().await;
+        assert_eq!(e.status, Some(1));
+        assert!(!h.alive());
+        // A live process that is not vireo is not adopted.
+        let mut sleeper = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+        let st = procfs::stat(sleeper.id() as i32).unwrap();
+        std::fs::write(
+            &spec.pid_file,
+            format!("{} {}", sleeper.id(), st.start_ticks),
+        )
+        .unwrap();
+        assert!(matches!(adopt(&spec), Err(NotAdopted::NotOurs(_))));
+        std::fs::write(&spec.pid_file, "999999999 1").unwrap();
+        assert!(matches!(adopt(&spec), Err(NotAdopted::Gone)));
+        std::fs::remove_file(&spec.pid_file).unwrap();
+        assert!(matches!(adopt(&spec), Err(NotAdopted::NoPidFile)));
+        // Killing through the pidfd, seen by a watcher of a non-child.
+        let (h, w) = watch(sleeper.id() as i32, None).unwrap();
+        h.signal(libc::SIGKILL).unwrap();
+        let _ = sleeper.wait();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), w.wait())
+            .await
+            .unwrap();
+        assert_eq!(
+            e,
+            Exit {
+                status: None,
+                signal: None
+            }
+        );
+    }
+}

@@ -1,0 +1,52 @@
+//! Vireo's host agent: `vireod` owns a host's VMs (their definitions, their `vireo`
+//! processes, their sockets, their metering) and serves a REST API on a unix socket;
+//! `vireoctl` is its command-line client.
+//!
+//! One job per module:
+//! - [`model`]: what a VM definition and a VM's status are (the API's types);
+//! - [`inventory`]: definitions, exit records and metering in SQLite;
+//! - [`launcher`]: starting, adopting, signalling and watching one `vireo` process;
+//! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
+//! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
+//! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
+//! - [`client`]: an HTTP/1.1 client over unix sockets (vireod → VMMs, vireoctl → vireod);
+//! - [`procfs`]: what the agent reads from /proc.
+
+pub mod client;
+pub mod error;
+pub mod inventory;
+pub mod launcher;
+pub mod metering;
+pub mod model;
+pub mod notify;
+pub mod procfs;
+pub mod server;
+pub mod supervisor;
+
+pub use error::AgentError;
+
+/// The OpenAPI document of vireod's REST API.
+pub const OPENAPI_YAML: &str = include_str!("../openapi/vireod.yaml");
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// "outer: inner: innermost" on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let msg = inner.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        src = inner.source();
+    }
+    s
+}

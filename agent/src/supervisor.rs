@@ -1,0 +1,911 @@
+//! The VMs' lifecycle: define, start, stop, kill, pause, resume, delete; watching
+//! each VMM process, recording how it ended and restarting it per the VM's policy;
+//! re-adopting running VMMs when vireod starts again; automatic start in priority
+//! order; host shutdown lowest priority first.
+//!
+//! One lock (`vms`) guards the in-memory view; it is never held across an await.
+//! The inventory (SQLite) is the durable truth for definitions and history.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use api::config::OutputConfig;
+use tokio::sync::{broadcast, Semaphore};
+use tracing::{info, warn};
+
+use crate::client;
+use crate::inventory::Inventory;
+use crate::launcher::{self, Exit, Handle, LaunchSpec, NotAdopted, Watch};
+use crate::model::{
+    validate_name, Event, ExitRecord, HostInfo, Priority, RestartPolicy, VmDefinition, VmState,
+    VmStatus,
+};
+use crate::{error_chain, now_ms, AgentError};
+
+/// How vireod runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Inventory database, per-VM serial and VMM logs.
+    pub state_dir: PathBuf,
+    /// vireod's socket; `vms/`: each VM's socket, runtime config and pid file.
+    pub run_dir: PathBuf,
+    pub vireo_bin: PathBuf,
+    /// At most this many VMs boot at the same time during automatic start.
+    pub max_concurrent_starts: usize,
+    /// How long a VMM may take from exec to reporting its VM running.
+    pub start_timeout: Duration,
+    /// How long a VM may take to stop before it is killed.
+    pub stop_timeout: Duration,
+    /// Metering sample period.
+    pub meter_interval: Duration,
+}
+
+const VMM_TIMEOUT: Duration = Duration::from_secs(5);
+const SERIAL_TAIL_LINES: usize = 20;
+const LOG_TAIL_LINES: usize = 10;
+
+struct Vm {
+    def: VmDefinition,
+    state: VmState,
+    handle: Option<Handle>,
+    adopted: bool,
+    started_at_ms: Option<u64>,
+    restarts: u32,
+    last_exit: Option<ExitRecord>,
+    /// Set by stop/kill: the coming exit was asked for.
+    stop_requested: bool,
+    /// Which process the watcher belongs to (a stale watcher must not touch a new one).
+    generation: u64,
+}
+
+pub struct Supervisor {
+    pub cfg: Config,
+    inv: Mutex<Inventory>,
+    vms: Mutex<BTreeMap<String, Vm>>,
+    events: broadcast::Sender<Event>,
+    seq: AtomicU64,
+    started: Instant,
+    generation: AtomicU64,
+}
+
+/// How a start was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StartKind {
+    User,
+    Auto,
+    Restart,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|e| AgentError::io("cannot create directory", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| AgentError::io("cannot set permissions of", path, e))
+}
+
+impl Supervisor {
+    /// Opens the inventory and prepares the directories. Call [`Supervisor::recover`]
+    /// next (inside the tokio runtime) to re-adopt running VMMs.
+    pub fn open(cfg: Config) -> Result<Arc<Self>, AgentError> {
+        mkdir(&cfg.state_dir, 0o750)?;
+        mkdir(&cfg.state_dir.join("vms"), 0o750)?;
+        mkdir(&cfg.run_dir, 0o755)?;
+        mkdir(&cfg.run_dir.join("vms"), 0o750)?;
+        let inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
+        let mut vms = BTreeMap::new();
+        for (name, def) in inv.list()? {
+            let last_exit = inv.exits(&name, 1)?.into_iter().next();
+            vms.insert(
+                name,
+                Vm {
+                    def,
+                    state: VmState::Stopped,
+                    handle: None,
+                    adopted: false,
+                    started_at_ms: None,
+                    restarts: 0,
+                    last_exit,
+                    stop_requested: false,
+                    generation: 0,
+                },
+            );
+        }
+        let (events, _) = broadcast::channel(4096);
+        Ok(Arc::new(Self {
+            cfg,
+            inv: Mutex::new(inv),
+            vms: Mutex::new(vms),
+            events,
+            seq: AtomicU64::new(0),
+            started: Instant::now(),
+            generation: AtomicU64::new(1),
+        }))
+    }
+
+    // ---- paths ----
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("vms").join(name)
+    }
+
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        self.cfg.run_dir.join("vms").join(format!("{name}.sock"))
+    }
+
+    pub fn serial_path(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("serial.log")
+    }
+
+    fn spec(&self, name: &str) -> LaunchSpec {
+        let run = self.cfg.run_dir.join("vms");
+        LaunchSpec {
+            vireo_bin: self.cfg.vireo_bin.clone(),
+            config: run.join(format!("{name}.json")),
+            socket: run.join(format!("{name}.sock")),
+            log: self.vm_dir(name).join("vireo.log"),
+            pid_file: run.join(format!("{name}.pid")),
+        }
+    }
+
+    fn remove_run_files(&self, name: &str) {
+        let s = self.spec(name);
+        for p in [&s.socket, &s.pid_file, &s.config] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    // ---- events ----
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, vm: &str, event: &str, detail: Option<String>) {
+        let e = Event {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            at_ms: now_ms(),
+            vm: vm.to_string(),
+            event: event.to_string(),
+            detail,
+        };
+        info!(vm = %e.vm, event = %e.event, detail = e.detail.as_deref().unwrap_or(""), "event");
+        let _ = self.events.send(e);
+    }
+
+    fn set_state(&self, name: &str, vm: &mut Vm, state: VmState, detail: Option<String>) {
+        if vm.state != state {
+            vm.state = state;
+            self.emit(name, state.as_str(), detail);
+        }
+    }
+
+    // ---- queries ----
+
+    fn status_of(&self, name: &str, vm: &Vm, with_definition: bool) -> VmStatus {
+        VmStatus {
+            name: name.to_string(),
+            state: vm.state,
+            priority: vm.def.priority,
+            restart: vm.def.restart,
+            pid: vm.handle.as_ref().map(|h| h.pid),
+            socket: vm
+                .handle
+                .as_ref()
+                .map(|_| self.socket_path(name).display().to_string()),
+            adopted: vm.adopted,
+            started_at_ms: vm.started_at_ms,
+            restarts: vm.restarts,
+            last_exit: vm.last_exit.clone(),
+            definition: with_definition.then(|| vm.def.clone()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<VmStatus> {
+        let vms = lock(&self.vms);
+        vms.iter()
+            .map(|(n, vm)| self.status_of(n, vm, false))
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<VmStatus, AgentError> {
+        let vms = lock(&self.vms);
+        let vm = vms
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        Ok(self.status_of(name, vm, true))
+    }
+
+    /// Every definition (the inventory as JSON).
+    pub fn export(&self) -> BTreeMap<String, VmDefinition> {
+        let vms = lock(&self.vms);
+        vms.iter()
+            .map(|(n, vm)| (n.clone(), vm.def.clone()))
+            .collect()
+    }
+
+    pub fn exits(&self, name: &str, limit: usize) -> Result<Vec<ExitRecord>, AgentError> {
+        self.require(name)?;
+        lock(&self.inv).exits(name, limit)
+    }
+
+    fn require(&self, name: &str) -> Result<(), AgentError> {
+        if lock(&self.vms).contains_key(name) {
+            Ok(())
+        } else {
+            Err(AgentError::UnknownVm(name.to_string()))
+        }
+    }
+
+    /// The last `lines` lines of the guest's serial output.
+    pub fn serial_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, AgentError> {
+        self.require(name)?;
+        Ok(launcher::tail_lines(&self.serial_path(name), lines))
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let (vms, running) = {
+            let v = lock(&self.vms);
+            (
+                v.len(),
+                v.values().filter(|vm| vm.state.has_process()).count(),
+            )
+        };
+        HostInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            hostname: crate::procfs::hostname(),
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            state_dir: self.cfg.state_dir.display().to_string(),
+            run_dir: self.cfg.run_dir.display().to_string(),
+            vireo_bin: self.cfg.vireo_bin.display().to_string(),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            memory_total_bytes: crate::procfs::mem_total_bytes(),
+            vms,
+            vms_running: running,
+        }
+    }
+
+    /// (name, pid, start ticks, socket) of every VM whose VMM runs: what metering samples.
+    pub fn running_processes(&self) -> Vec<(String, i32, u64, PathBuf)> {
+        let vms = lock(&self.vms);
+        vms.iter()
+            .filter(|(_, vm)| matches!(vm.state, VmState::Running | VmState::Paused))
+            .filter_map(|(n, vm)| {
+                vm.handle
+                    .as_ref()
+                    .map(|h| (n.clone(), h.pid, h.start_ticks, self.socket_path(n)))
+            })
+            .collect()
+    }
+
+    pub fn inventory(&self) -> MutexGuard<'_, Inventory> {
+        lock(&self.inv)
+    }
+
+    // ---- definitions ----
+
+    pub fn define(&self, name: &str, def: VmDefinition) -> Result<VmStatus, AgentError> {
+        validate_name(name)?;
+        def.validate()?;
+        let mut vms = lock(&self.vms);
+        if vms.contains_key(name) {
+            return Err(AgentError::Duplicate(name.to_string()));
+        }
+        lock(&self.inv).insert(name, &def, now_ms())?;
+        let vm = Vm {
+            def,
+            state: VmState::Stopped,
+            handle: None,
+            adopted: false,
+            started_at_ms: None,
+            restarts: 0,
+            last_exit: None,
+            stop_requested: false,
+            generation: 0,
+        };
+        let st = self.status_of(name, &vm, true);
+        vms.insert(name.to_string(), vm);
+        drop(vms);
+        self.emit(name, "defined", None);
+        Ok(st)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), AgentError> {
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if vm.state.has_process() {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: vm.state.to_string(),
+                action: "delete it (stop it first)",
+            });
+        }
+        lock(&self.inv).delete(name)?;
+        vms.remove(name);
+        drop(vms);
+        self.remove_run_files(name);
+        let dir = self.vm_dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm = name, dir = %dir.display(), error = %e, "cannot remove VM directory");
+            }
+        }
+        self.emit(name, "deleted", None);
+        Ok(())
+    }
+
+    // ---- start ----
+
+    /// Starts the VM and returns once its VMM reports it running (or failed).
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmStatus, AgentError> {
+        self.start_as(name, StartKind::User).await
+    }
+
+    async fn start_as(
+        self: &Arc<Self>,
+        name: &str,
+        kind: StartKind,
+    ) -> Result<VmStatus, AgentError> {
+        let (def, generation) = {
+            let mut vms = lock(&self.vms);
+            let vm = vms
+                .get_mut(name)
+                .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+            if vm.state.has_process() {
+                return Err(AgentError::WrongState {
+                    name: name.to_string(),
+                    state: vm.state.to_string(),
+                    action: "start it",
+                });
+            }
+            if kind == StartKind::User {
+                vm.restarts = 0;
+            }
+            vm.stop_requested = false;
+            vm.adopted = false;
+            vm.generation = self.generation.fetch_add(1, Ordering::Relaxed);
+            let detail = match kind {
+                StartKind::User => None,
+                StartKind::Auto => Some(format!("automatic start, priority {:?}", vm.def.priority)),
+                StartKind::Restart => Some(format!(
+                    "restart {} of {}",
+                    vm.restarts, vm.def.max_restarts
+                )),
+            };
+            self.set_state(name, vm, VmState::Starting, detail);
+            (vm.def.clone(), vm.generation)
+        };
+        match self.launch(name, &def, generation).await {
+            Ok(()) => self.get(name),
+            Err((err, exit)) => {
+                let mut vms = lock(&self.vms);
+                if let Some(vm) = vms.get_mut(name) {
+                    if vm.generation == generation {
+                        vm.handle = None;
+                        if let Some(e) = exit {
+                            vm.last_exit = Some(e);
+                        }
+                        self.set_state(name, vm, VmState::Stopped, Some(err.to_string()));
+                    }
+                }
+                drop(vms);
+                self.remove_run_files(name);
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes the runtime config, spawns the VMM and waits until it reports the VM
+    /// running; then hands the process to a watcher task.
+    async fn launch(
+        self: &Arc<Self>,
+        name: &str,
+        def: &VmDefinition,
+        generation: u64,
+    ) -> Result<(), (AgentError, Option<ExitRecord>)> {
+        let spec = self.spec(name);
+        mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
+        let mut cfg = def.config.clone();
+        // vireod owns the serial port: it goes to a file it can show and tail.
+        cfg.serial = OutputConfig::File(self.serial_path(name));
+        let json = serde_json::to_vec_pretty(&cfg)
+            .map_err(|e| (AgentError::BadDefinition(e.to_string()), None))?;
+        std::fs::write(&spec.config, json).map_err(|e| {
+            (
+                AgentError::io("cannot write runtime config", &spec.config, e),
+                None,
+            )
+        })?;
+        let (handle, mut watch) = launcher::spawn(&spec).map_err(|e| (e, None))?;
+        {
+            let mut vms = lock(&self.vms);
+            match vms.get_mut(name) {
+                Some(vm) if vm.generation == generation => {
+                    vm.handle = Some(handle.clone());
+                    vm.started_at_ms = Some(now_ms());
+                }
+                _ => {
+                    let _ = handle.signal(libc::SIGKILL);
+                    return Err((AgentError::UnknownVm(name.to_string()), None));
+                }
+            }
+        }
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let failed = |reason: String, exit: Option<ExitRecord>| {
+            (
+                AgentError::StartFailed {
+                    name: name.to_string(),
+                    reason,
+                },
+                exit,
+            )
+        };
+        loop {
+            if let Some(exit) = watch.try_exit() {
+                let rec = self.exit_record(name, handle.pid, exit, "start-failed");
+                let why = rec
+                    .vmm_log_tail
+                    .iter()
+                    .rev()
+                    .find(|l| l.contains("error"))
+                    .or(rec.vmm_log_tail.last())
+                    .cloned()
+                    .unwrap_or_else(|| "no output".into());
+                let _ = lock(&self.inv).record_exit(name, &rec);
+                let msg = format!("{} ({})", why, describe_exit(exit));
+                return Err(failed(msg, Some(rec)));
+            }
+            if spec.socket.exists() {
+                if let Ok(r) =
+                    client::request(&spec.socket, "GET", "/api/v1/vm.info", None, VMM_TIMEOUT).await
+                {
+                    let state = r
+                        .json()
+                        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string));
+                    match state.as_deref() {
+                        Some("Running") | Some("Paused") => break,
+                        _ => {}
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = handle.signal(libc::SIGKILL);
+                let exit = watch.wait().await;
+                let rec = self.exit_record(name, handle.pid, exit, "start-failed");
+                let _ = lock(&self.inv).record_exit(name, &rec);
+                return Err(failed(
+                    format!("not running after {:?}; killed", self.cfg.start_timeout),
+                    Some(rec),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        {
+            let mut vms = lock(&self.vms);
+            if let Some(vm) = vms.get_mut(name) {
+                if vm.generation == generation && vm.state == VmState::Starting {
+                    self.set_state(
+                        name,
+                        vm,
+                        VmState::Running,
+                        Some(format!("pid {}", handle.pid)),
+                    );
+                }
+            }
+        }
+        self.watch(name.to_string(), generation, handle.pid, watch);
+        Ok(())
+    }
+
+    fn watch(self: &Arc<Self>, name: String, generation: u64, pid: i32, watch: Watch) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let exit = watch.wait().await;
+            me.on_exit(&name, generation, pid, exit);
+        });
+    }
+
+    fn exit_record(&self, name: &str, pid: i32, exit: Exit, reason: &str) -> ExitRecord {
+        let spec = self.spec(name);
+        ExitRecord {
+            at_ms: now_ms(),
+            pid,
+            status: exit.status,
+            signal: exit.signal,
+            reason: reason.to_string(),
+            serial_tail: launcher::tail_lines(&self.serial_path(name), SERIAL_TAIL_LINES),
+            vmm_log_tail: launcher::tail_lines(&spec.log, LOG_TAIL_LINES),
+        }
+    }
+
+    /// A VMM ended: record it, then stop, mark crashed, or restart per the policy.
+    fn on_exit(self: &Arc<Self>, name: &str, generation: u64, pid: i32, exit: Exit) {
+        let mut vms = lock(&self.vms);
+        let Some(vm) = vms.get_mut(name) else {
+            return;
+        };
+        if vm.generation != generation {
+            return;
+        }
+        let reason = if vm.stop_requested {
+            "requested"
+        } else if exit.status == Some(0) {
+            "power-off"
+        } else if exit.status.is_none() && exit.signal.is_none() {
+            "unknown"
+        } else {
+            "crashed"
+        };
+        let rec = self.exit_record(name, pid, exit, reason);
+        if let Err(e) = lock(&self.inv).record_exit(name, &rec) {
+            warn!(vm = name, error = %error_chain(&e), "cannot record exit");
+        }
+        vm.handle = None;
+        vm.last_exit = Some(rec.clone());
+        self.remove_run_files(name);
+        let restart = !vm.stop_requested
+            && match vm.def.restart {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => rec.is_failure(),
+                RestartPolicy::Always => true,
+            };
+        let detail = Some(format!("{reason}: {}", describe_exit(exit)));
+        let state = if vm.stop_requested || reason == "power-off" {
+            VmState::Stopped
+        } else {
+            VmState::Crashed
+        };
+        self.set_state(name, vm, state, detail);
+        if !restart {
+            return;
+        }
+        if vm.restarts >= vm.def.max_restarts {
+            self.emit(
+                name,
+                "restart-limit",
+                Some(format!("{} restarts in a row; not restarting", vm.restarts)),
+            );
+            return;
+        }
+        vm.restarts += 1;
+        let backoff = Duration::from_millis(100 * u64::from(vm.restarts));
+        drop(vms);
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            if let Err(e) = me.start_as(&name, StartKind::Restart).await {
+                warn!(vm = %name, error = %error_chain(&e), "restart failed");
+            }
+        });
+    }
+
+    // ---- stop, kill, pause, resume ----
+
+    /// Asks the VMM to shut the VM down; kills it after `timeout`. Returns once the
+    /// process is gone.
+    pub async fn stop(
+        self: &Arc<Self>,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<VmStatus, AgentError> {
+        let handle = self.begin_stop(name, "stop it")?;
+        crate::metering::sample_one(self, name).await;
+        let sock = self.socket_path(name);
+        let asked = client::request(&sock, "PUT", "/api/v1/vm.shutdown", None, VMM_TIMEOUT).await;
+        let timeout = timeout.unwrap_or(self.cfg.stop_timeout);
+        // A VMM that refuses (or cannot be reached) is killed at once.
+        let asked = matches!(&asked, Ok(r) if r.ok());
+        let gone = asked && self.wait_gone(name, &handle, timeout).await;
+        if !gone {
+            warn!(vm = name, "VMM did not stop in time; killing it");
+            let _ = handle.signal(libc::SIGKILL);
+            self.wait_gone(name, &handle, Duration::from_secs(10)).await;
+        }
+        self.get(name)
+    }
+
+    /// SIGKILL to the VMM; returns once it is gone.
+    pub async fn kill(self: &Arc<Self>, name: &str) -> Result<VmStatus, AgentError> {
+        let handle = self.begin_stop(name, "kill it")?;
+        handle
+            .signal(libc::SIGKILL)
+            .map_err(|e| AgentError::io("cannot kill VMM", &self.cfg.vireo_bin, e))?;
+        self.wait_gone(name, &handle, Duration::from_secs(10)).await;
+        self.get(name)
+    }
+
+    fn begin_stop(&self, name: &str, action: &'static str) -> Result<Handle, AgentError> {
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get_mut(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        let handle = match (&vm.handle, vm.state) {
+            (
+                Some(h),
+                VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping,
+            ) => h.clone(),
+            _ => {
+                return Err(AgentError::WrongState {
+                    name: name.to_string(),
+                    state: vm.state.to_string(),
+                    action,
+                })
+            }
+        };
+        vm.stop_requested = true;
+        self.set_state(name, vm, VmState::Stopping, None);
+        Ok(handle)
+    }
+
+    /// Waits until the watcher has seen the process end (true) or `timeout` (false).
+    async fn wait_gone(&self, name: &str, handle: &Handle, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let still = {
+                let vms = lock(&self.vms);
+                vms.get(name)
+                    .and_then(|vm| vm.handle.as_ref())
+                    .is_some_and(|h| h.pid == handle.pid && h.start_ticks == handle.start_ticks)
+            };
+            if !still {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<VmStatus, AgentError> {
+        self.vmm_transition(
+            name,
+            VmState::Running,
+            VmState::Paused,
+            "vm.pause",
+            "pause it",
+        )
+        .await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<VmStatus, AgentError> {
+        self.vmm_transition(
+            name,
+            VmState::Paused,
+            VmState::Running,
+            "vm.resume",
+            "resume it",
+        )
+        .await
+    }
+
+    async fn vmm_transition(
+        &self,
+        name: &str,
+        from: VmState,
+        to: VmState,
+        route: &str,
+        action: &'static str,
+    ) -> Result<VmStatus, AgentError> {
+        {
+            let vms = lock(&self.vms);
+            let vm = vms
+                .get(name)
+                .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+            if vm.state != from {
+                return Err(AgentError::WrongState {
+                    name: name.to_string(),
+                    state: vm.state.to_string(),
+                    action,
+                });
+            }
+        }
+        let sock = self.socket_path(name);
+        let r = client::request(&sock, "PUT", &format!("/api/v1/{route}"), None, VMM_TIMEOUT)
+            .await
+            .map_err(|e| AgentError::Vmm {
+                name: name.to_string(),
+                message: error_chain(&e),
+            })?;
+        if !r.ok() {
+            return Err(AgentError::Vmm {
+                name: name.to_string(),
+                message: format!("{route}: {} {}", r.status, r.error_message()),
+            });
+        }
+        let mut vms = lock(&self.vms);
+        if let Some(vm) = vms.get_mut(name) {
+            if vm.state == from {
+                self.set_state(name, vm, to, None);
+            }
+        }
+        drop(vms);
+        self.get(name)
+    }
+
+    // ---- agent start and stop ----
+
+    /// Re-adopts the VMMs that a previous vireod started (pid file, /proc, socket);
+    /// records those that died meanwhile and cleans their stale files.
+    pub async fn recover(self: &Arc<Self>) {
+        let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        // Each adoption asks the VMM for its state: many at once (a busy host answers
+        // slowly, one by one it would add up).
+        let sem = Arc::new(Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in names.clone() {
+            let me = self.clone();
+            let sem = sem.clone();
+            tasks.spawn(async move {
+                let Ok(_permit) = sem.acquire().await else {
+                    return;
+                };
+                me.recover_one(&name).await;
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        // Sockets, pid files and configs of VMs that are no longer defined.
+        if let Ok(dir) = std::fs::read_dir(self.cfg.run_dir.join("vms")) {
+            for entry in dir.flatten() {
+                let p = entry.path();
+                let stem = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if !names.contains(&stem) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+    }
+
+    /// Re-adopts one VM's VMM, or records that it ended while vireod was away.
+    async fn recover_one(self: &Arc<Self>, name: &str) {
+        let spec = self.spec(name);
+        match launcher::adopt(&spec) {
+            Ok((handle, watch)) => {
+                let state = match client::request(
+                    &spec.socket,
+                    "GET",
+                    "/api/v1/vm.info",
+                    None,
+                    VMM_TIMEOUT,
+                )
+                .await
+                {
+                    Ok(r) if r.ok() => r
+                        .json()
+                        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string)),
+                    _ => None,
+                };
+                let state = match state.as_deref() {
+                    Some("Paused") => VmState::Paused,
+                    Some("Running") => VmState::Running,
+                    other => {
+                        // Alive but not answering as a running VM: leave it be, but
+                        // supervise it so that its end is seen.
+                        warn!(vm = %name, pid = handle.pid, state = ?other, "adopted VMM does not report a running VM");
+                        VmState::Running
+                    }
+                };
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut vms = lock(&self.vms);
+                    let Some(vm) = vms.get_mut(name) else {
+                        return;
+                    };
+                    vm.generation = generation;
+                    vm.handle = Some(handle.clone());
+                    vm.adopted = true;
+                    vm.started_at_ms =
+                        Some(now_ms().saturating_sub(crate::procfs::age_ms(handle.start_ticks)));
+                    self.set_state(
+                        name,
+                        vm,
+                        state,
+                        Some(format!("re-adopted pid {}", handle.pid)),
+                    );
+                }
+                info!(vm = %name, pid = handle.pid, "re-adopted running VMM");
+                self.watch(name.to_string(), generation, handle.pid, watch);
+            }
+            Err(NotAdopted::NoPidFile) => self.remove_run_files(name),
+            Err(why) => {
+                // It ran when the previous vireod stopped, and is gone now.
+                let pid = std::fs::read_to_string(&spec.pid_file)
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse().ok()))
+                    .unwrap_or(0);
+                warn!(vm = %name, pid, why = ?why, "VMM ended while vireod was not running");
+                let rec = self.exit_record(
+                    name,
+                    pid,
+                    Exit {
+                        status: None,
+                        signal: None,
+                    },
+                    "ended while vireod was not running",
+                );
+                let _ = lock(&self.inv).record_exit(name, &rec);
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.last_exit = Some(rec);
+                    self.set_state(name, vm, VmState::Crashed, None);
+                }
+                self.remove_run_files(name);
+            }
+        }
+    }
+
+    /// Starts every VM whose priority is not Off and that is not running: all High
+    /// ones first, then Medium, then Low; at most `max_concurrent_starts` at a time.
+    pub async fn autostart(self: &Arc<Self>) {
+        let sem = Arc::new(Semaphore::new(self.cfg.max_concurrent_starts.max(1)));
+        for prio in [Priority::High, Priority::Medium, Priority::Low] {
+            let names: Vec<String> = lock(&self.vms)
+                .iter()
+                .filter(|(_, vm)| vm.def.priority == prio && !vm.state.has_process())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut tasks = tokio::task::JoinSet::new();
+            for name in names {
+                let me = self.clone();
+                let sem = sem.clone();
+                tasks.spawn(async move {
+                    let Ok(_permit) = sem.acquire().await else {
+                        return;
+                    };
+                    if let Err(e) = me.start_as(&name, StartKind::Auto).await {
+                        warn!(vm = %name, error = %error_chain(&e), "automatic start failed");
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Host shutdown: stops every running VM, lowest priority first (Off, Low,
+    /// Medium, High), each group within the stop timeout.
+    pub async fn shutdown_all(self: &Arc<Self>) {
+        for prio in Priority::ALL.iter().rev() {
+            let names: Vec<String> = lock(&self.vms)
+                .iter()
+                .filter(|(_, vm)| vm.def.priority == *prio && vm.handle.is_some())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut tasks = tokio::task::JoinSet::new();
+            for name in names {
+                let me = self.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = me.stop(&name, None).await {
+                        warn!(vm = %name, error = %error_chain(&e), "stop at shutdown failed");
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}
+
+fn describe_exit(e: Exit) -> String {
+    match (e.status, e.signal) {
+        (Some(s), _) => format!("exit status {s}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => "exit status unknown (not vireod's child)".into(),
+    }
+}

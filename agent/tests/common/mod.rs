@@ -1,0 +1,384 @@
+//! Harness for the agent's end-to-end tests: a real vireod on a temporary state and
+//! run directory, real `vireo` processes booting the PVH test guest, and vireoctl.
+//! Everything a test starts is killed when its [`Daemon`] is dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const T: Duration = Duration::from_secs(60);
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub args: Vec<String>,
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    vireo_e2e::bin(name)
+}
+
+impl Daemon {
+    /// vireod with a fast metering period and `extra` flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vd")
+            .tempdir()
+            .expect("tempdir");
+        let mut d = Daemon {
+            child: None,
+            socket: dir.path().join("run/vireod.sock"),
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            dir,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the vireod process with the same directories and flags.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "vireod already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("vireod.log"))
+            .expect("vireod log");
+        let child = Command::new(bin("vireod"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--vireo-bin")
+            .arg(bin("vireo"))
+            .arg("--meter-interval-ms")
+            .arg("100")
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn vireod");
+        self.child = Some(child);
+        let start = Instant::now();
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("vireod exited with {st}:\n{}", self.log());
+                }
+            }
+            assert!(
+                start.elapsed() < T,
+                "vireod socket never came up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vireod.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL to vireod (its VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM to vireod; waits for it to exit and returns its status code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take().expect("vireod running");
+        // SAFETY: kill on the pid of our own unreaped child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("vireod did not exit after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        http(&self.socket, method, path, body)
+    }
+
+    /// An API call that must succeed; returns its JSON (Null for 204).
+    pub fn ok(&self, method: &str, path: &str, body: Option<&str>) -> Value {
+        let (s, b) = self.api(method, path, body);
+        assert!(
+            (200..300).contains(&s),
+            "{method} {path}: {s} {b}\nvireod log:\n{}",
+            self.log()
+        );
+        serde_json::from_str(&b).unwrap_or(Value::Null)
+    }
+
+    pub fn vm(&self, name: &str) -> Value {
+        self.ok("GET", &format!("/api/v1/vms/{name}"), None)
+    }
+
+    pub fn state(&self, name: &str) -> String {
+        self.vm(name)["state"].as_str().unwrap_or("").to_string()
+    }
+
+    pub fn pid(&self, name: &str) -> Option<i32> {
+        self.vm(name)["pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Waits until `name` is in `state`.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.vm(name);
+            if v["state"] == state {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name} never became {state}: {v}\nvireod log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Defines a VM running the counter guest (32 MiB).
+    pub fn define_counter(&self, name: &str, priority: &str, restart: &str) {
+        let def = json!({
+            "config": counter_config(),
+            "priority": priority,
+            "restart": restart,
+        });
+        self.ok(
+            "PUT",
+            &format!("/api/v1/vms/{name}"),
+            Some(&def.to_string()),
+        );
+    }
+
+    pub fn serial(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state_dir.join("vms").join(name).join("serial.log"))
+            .unwrap_or_default()
+    }
+
+    /// Waits until the guest's serial output contains `needle`.
+    pub fn wait_serial(&self, name: &str, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.serial(name);
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name}: no {needle:?} on serial; got:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn ticks(&self, name: &str) -> usize {
+        self.serial(name)
+            .lines()
+            .filter(|l| l.starts_with("tick "))
+            .count()
+    }
+
+    /// Runs vireoctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("vireoctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vireoctl")
+    }
+
+    /// vireoctl that must succeed; returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "vireoctl {args:?}: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Every process whose command line mentions this test's directory (vireod and
+    /// the VMMs it started).
+    pub fn processes(&self) -> Vec<i32> {
+        processes_mentioning(&self.dir.path().to_string_lossy())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.processes() {
+            // SAFETY: kill with a pid and a signal; the pid was just read from /proc.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id() as i32;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me || !alive(pid) {
+                continue;
+            }
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Alive and not a zombie.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().chars().next()))
+        .flatten()
+        .is_some_and(|c| c != 'Z' && c != 'X')
+}
+
+pub fn wait_dead(pid: i32, timeout: Duration) {
+    let start = Instant::now();
+    while alive(pid) {
+        assert!(start.elapsed() < timeout, "pid {pid} still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn counter_config() -> Value {
+    json!({
+        "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=counter period_ms=10"},
+        "memory": {"size": 32u64 << 20},
+    })
+}
+
+/// One HTTP/1.1 exchange over a unix socket.
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send request");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read response");
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A server-sent events subscription: yields the JSON of each event.
+pub struct Events {
+    reader: BufReader<UnixStream>,
+}
+
+impl Events {
+    pub fn subscribe(socket: &Path, query: &str) -> Self {
+        let mut s = UnixStream::connect(socket).expect("connect");
+        s.set_read_timeout(Some(T)).ok();
+        let req = format!("GET /api/v1/events{query} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        s.write_all(req.as_bytes()).expect("send");
+        let mut reader = BufReader::new(s);
+        // Skip the response head.
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("read head");
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        Events { reader }
+    }
+
+    /// The next event (chunk framing lines are skipped).
+    pub fn next(&mut self) -> Value {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.reader.read_line(&mut line).expect("read event");
+            assert!(n > 0, "event stream closed");
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                return serde_json::from_str(data.trim()).expect("event JSON");
+            }
+        }
+    }
+
+    /// Events until one with `event == until` for `vm`; returns all of them.
+    pub fn until(&mut self, vm: &str, until: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let e = self.next();
+            let done = e["vm"] == vm && e["event"] == until;
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+    }
+}

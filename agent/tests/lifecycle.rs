@@ -1,0 +1,156 @@
+//! define → start → guest ticks → pause/resume → stop through vireod and vireoctl,
+//! with `list` telling the truth at each step, and the state changes on the SSE stream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_dead, Daemon, Events, T};
+use serde_json::Value;
+
+fn list_state(d: &Daemon, name: &str) -> String {
+    let list = d.ok("GET", "/api/v1/vms", None);
+    let vm = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null);
+    vm["state"].as_str().unwrap_or("absent").to_string()
+}
+
+#[test]
+fn define_start_pause_resume_stop_with_list_telling_the_truth() {
+    let d = Daemon::start(&["--no-autostart"]);
+    let mut events = Events::subscribe(&d.socket, "?vm=web");
+    let cfg = d.dir.path().join("web.json");
+    std::fs::write(&cfg, common::counter_config().to_string()).unwrap();
+
+    // Define through vireoctl (a plain VM config file plus flags).
+    let out = d.ctl_ok(&[
+        "vm",
+        "define",
+        "web",
+        "--file",
+        cfg.to_str().unwrap(),
+        "--priority",
+        "low",
+    ]);
+    assert!(out.contains("Stopped"), "{out}");
+    assert_eq!(list_state(&d, "web"), "Stopped");
+    let table = d.ctl_ok(&["vm", "list"]);
+    assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("web") && l.contains("Stopped") && l.contains("Low")),
+        "{table}"
+    );
+
+    // Start: returns when the VMM reports the VM running.
+    let out = d.ctl_ok(&["--output", "json", "vm", "start", "web"]);
+    let st: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["state"], "Running", "{out}");
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    assert!(common::alive(pid));
+    assert_eq!(list_state(&d, "web"), "Running");
+    let sock = st["socket"].as_str().unwrap().to_string();
+    assert_eq!(sock, d.run_dir.join("vms/web.sock").display().to_string());
+    d.wait_serial("web", "tick 5 ", T);
+    // The guest's serial output through vireoctl console.
+    let console = d.ctl_ok(&["vm", "console", "web", "--lines", "3"]);
+    assert_eq!(console.lines().count(), 3, "{console}");
+    assert!(console.lines().all(|l| l.starts_with("tick ")), "{console}");
+    let host = d.ctl_ok(&["host", "info"]);
+    assert!(
+        host.lines()
+            .any(|l| l.starts_with("vms_running") && l.ends_with(" 1")),
+        "{host}"
+    );
+    // Straight to the VMM's own socket.
+    let direct = d.ctl_ok(&["--vm-socket", &sock, "-o", "json", "vm", "info"]);
+    assert!(direct.contains("\"Running\""), "{direct}");
+
+    // Pause: the guest stops ticking; list says Paused.
+    d.ctl_ok(&["vm", "pause", "web"]);
+    assert_eq!(list_state(&d, "web"), "Paused");
+    let before = d.ticks("web");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = d.ticks("web");
+    assert!(
+        after <= before + 1,
+        "guest ran while paused: {before} -> {after}"
+    );
+    // Pausing twice is refused with a message, state unchanged.
+    let o = d.ctl(&["vm", "pause", "web"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Paused") && err.contains("409"), "{err}");
+    assert_eq!(list_state(&d, "web"), "Paused");
+
+    d.ctl_ok(&["vm", "resume", "web"]);
+    assert_eq!(list_state(&d, "web"), "Running");
+    d.wait_serial("web", &format!("tick {} ", after + 10), T);
+
+    // Info (table) and metering.
+    let info = d.ctl_ok(&["vm", "info", "web"]);
+    assert!(
+        info.contains("Running") && info.contains(&pid.to_string()),
+        "{info}"
+    );
+    let prom = d.ok_text("/metrics");
+    assert!(
+        prom.contains("vireo_vm_state{vm=\"web\",state=\"Running\"} 1"),
+        "{prom}"
+    );
+
+    // Stop: vm.shutdown through the VMM's socket; the process exits, files are gone.
+    let out = d.ctl_ok(&["-o", "json", "vm", "stop", "web"]);
+    let st: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["state"], "Stopped", "{out}");
+    assert!(st["pid"].is_null());
+    assert_eq!(st["last_exit"]["reason"], "requested");
+    assert_eq!(st["last_exit"]["status"], 0);
+    wait_dead(pid, T);
+    assert_eq!(list_state(&d, "web"), "Stopped");
+    assert!(!d.run_dir.join("vms/web.sock").exists());
+    assert!(!d.run_dir.join("vms/web.pid").exists());
+
+    // Every transition was on the event stream, in order.
+    let seen: Vec<String> = events
+        .until("web", "Stopped")
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        ["defined", "Starting", "Running", "Paused", "Running", "Stopping", "Stopped"]
+    );
+
+    // Export, then delete: the VM and its files are gone.
+    let export = d.ctl_ok(&["vm", "export", "web"]);
+    let def: Value = serde_json::from_str(&export).unwrap();
+    assert_eq!(def["priority"], "Low");
+    assert_eq!(def["config"]["memory"]["size"], 32u64 << 20);
+    d.ctl_ok(&["vm", "delete", "web"]);
+    assert_eq!(list_state(&d, "web"), "absent");
+    assert!(!d.state_dir.join("vms/web").exists());
+    assert!(
+        d.processes().len() == 1,
+        "only vireod is left: {:?}",
+        d.processes()
+    );
+}
+
+trait Text {
+    fn ok_text(&self, path: &str) -> String;
+}
+
+impl Text for Daemon {
+    fn ok_text(&self, path: &str) -> String {
+        let (s, b) = self.api("GET", path, None);
+        assert_eq!(s, 200, "{b}");
+        b
+    }
+}
