@@ -203,6 +203,11 @@ impl Vhdx {
         let md = Metadata::new_image(&params, locator.as_ref());
         let mdb = md.to_bytes(&pstr, meta_len as usize)?;
         storage::write_all_at(&s, &mdb, meta_off).map_err(werr(meta_off))?;
+        // The log is written with zeros rather than left sparse: log entries are
+        // appended through it, and a write into a hole costs a block allocation
+        // (a metadata change the next fdatasync has to commit).
+        storage::write_all_at(&s, &vec![0u8; log_len as usize], LOG_OFFSET)
+            .map_err(werr(LOG_OFFSET))?;
         storage::write_all_at(&s, &bat_bytes, bat_off).map_err(werr(bat_off))?;
         s.sync_data().map_err(werr(0))?;
         // Headers last: until they exist the file is not a VHDX image.

@@ -38,8 +38,11 @@ pub(crate) struct State {
     pub dirty_raw: BTreeMap<u64, Vec<u8>>,
     /// Next free 1 MiB-aligned offset at the end of the file.
     pub eof: u64,
-    /// Current file length as this engine has set it.
+    /// Current file length as this engine has set it (may lie past `eof`:
+    /// the file grows ahead of need).
     pub file_len: u64,
+    /// Bytes allocated since the last flush took the dirty pages.
+    pub alloc_since_flush: u64,
 }
 
 pub(crate) struct HeaderState {
@@ -49,6 +52,14 @@ pub(crate) struct HeaderState {
     pub log_active: bool,
     pub log_guid: Uuid,
     pub log_seq: u64,
+    /// Log sector where the next entry goes (entries of one log GUID are
+    /// written one after the other from sector 0 and never wrap).
+    pub log_head: usize,
+    /// Log sector of the oldest entry whose in-place writes may not be durable
+    /// yet (the tail of the next entry); `None` when every entry is applied.
+    pub pending_tail: Option<usize>,
+    /// File length as of the last completed fdatasync.
+    pub durable_len: u64,
 }
 
 /// An open VHDX image. `Send + Sync`: reads and writes may come from many threads.
@@ -414,6 +425,7 @@ impl Vhdx {
                 dirty_raw: BTreeMap::new(),
                 eof,
                 file_len: eff_len,
+                alloc_since_flush: 0,
             }),
             hdr: Mutex::new(HeaderState {
                 headers,
@@ -422,6 +434,9 @@ impl Vhdx {
                 log_active: false,
                 log_guid: Uuid::nil(),
                 log_seq: 0,
+                log_head: 0,
+                pending_tail: None,
+                durable_len: eff_len,
             }),
             flush_lock: Mutex::new(()),
             overlay: None,
@@ -586,12 +601,8 @@ impl Vhdx {
             return Ok(());
         }
         self.flush()?;
-        let mut hs = mlock(&self.hdr);
-        if hs.log_active {
-            self.update_header(&mut hs, |h| h.log_guid = Uuid::nil())?;
-            hs.log_active = false;
-        }
-        Ok(())
+        self.retire_log()?;
+        self.trim_growth()
     }
 }
 

@@ -4,11 +4,14 @@
 //! caller's buffers; locks are held only to look up or change the BAT.
 
 use crate::bat::{self, SECTORS_PER_CHUNK, SECTOR_BITMAP_SIZE};
-use crate::bytes::is_zero;
+use crate::bytes::{is_zero, MIB};
 use crate::error::{Error, Result};
 use crate::image::{apply_overlay, rlock, wlock, State, Vhdx};
 use crate::storage;
 use std::io::{IoSlice, IoSliceMut};
+
+/// Most the file grows ahead of need (sparse: costs no disk space).
+pub(crate) const GROW_AHEAD_MAX: u64 = 1 << 30;
 
 /// Where a piece of a request lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,17 +380,55 @@ impl Vhdx {
         Ok(())
     }
 
-    /// Extends the file by `len` bytes of zeros at the end; returns where.
+    /// Takes `len` bytes of zeros at the end of the used space; returns where.
+    ///
+    /// When the file must grow it grows ahead of need (by an eighth of its
+    /// length, between 1 MiB and [`GROW_AHEAD_MAX`]): one metadata change
+    /// instead of one per block. Flushes grow it ahead too (see `journal.rs`);
+    /// `close` gives the unused tail back.
     pub(crate) fn allocate(&self, st: &mut State, len: u64) -> Result<u64> {
         let off = st.eof;
         st.eof += len;
+        st.alloc_since_flush += len;
         if st.eof > st.file_len {
+            let ahead = (st.file_len / 8).clamp(MIB, GROW_AHEAD_MAX) / MIB * MIB;
+            let new_len = st.eof + ahead;
             self.storage
-                .set_len(st.eof)
+                .set_len(new_len)
                 .map_err(|e| Error::io(&self.pstr, "extending the file", off, e))?;
-            st.file_len = st.eof;
+            st.file_len = new_len;
         }
         Ok(off)
+    }
+
+    /// Makes sure at least `room` bytes of file lie past the used space.
+    pub(crate) fn grow_ahead(&self, room: u64) -> Result<()> {
+        let mut st = wlock(&self.state);
+        let want = (st.eof + room).div_ceil(MIB) * MIB;
+        if want > st.file_len {
+            self.storage
+                .set_len(want)
+                .map_err(|e| Error::io(&self.pstr, "extending the file", st.file_len, e))?;
+            st.file_len = want;
+        }
+        Ok(())
+    }
+
+    /// Cuts the space grown ahead of need off the end of the file (once the log
+    /// is retired: log entries must not claim a larger file than there is).
+    pub(crate) fn trim_growth(&self) -> Result<()> {
+        let mut st = wlock(&self.state);
+        if st.file_len > st.eof {
+            let end = st.eof;
+            self.storage
+                .set_len(end)
+                .map_err(|e| Error::io(&self.pstr, "trimming the file", end, e))?;
+            self.storage
+                .sync_data()
+                .map_err(|e| Error::io(&self.pstr, "flushing the trimmed file", end, e))?;
+            st.file_len = end;
+        }
+        Ok(())
     }
 
     pub(crate) fn set_bat(&self, st: &mut State, idx: usize, e: u64) {

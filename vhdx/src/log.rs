@@ -282,6 +282,11 @@ pub(crate) fn max_pages_per_entry(log_len: u64) -> usize {
     k
 }
 
+/// Sectors of a log entry holding `pages` data pages (and no zero descriptors).
+pub(crate) fn entry_sectors(pages: usize) -> usize {
+    (64 + 32 * pages).div_ceil(SECTOR) + pages
+}
+
 /// Builds one log entry writing `pages` (each 4 KiB at a 4 KiB-aligned file offset).
 pub(crate) fn build_entry(
     seq: u64,

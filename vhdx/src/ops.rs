@@ -389,6 +389,11 @@ impl Vhdx {
                 storage::write_all_at(&*self.storage, &data, to)
                     .map_err(|e| Error::io(&self.pstr, "moving a block", to, e))?;
             }
+            // The moved data must be durable before the BAT points at it: the
+            // space it went to is not fresh, so the flush adds no barrier of its own.
+            self.storage
+                .sync_data()
+                .map_err(|e| Error::io(&self.pstr, "flushing moved blocks", 0, e))?;
             {
                 let mut st = wlock(&self.state);
                 for &(_, to, idx) in &moves {
@@ -427,6 +432,9 @@ impl Vhdx {
             }
             end
         };
+        // Shrinking the file: nothing may be left in the log that claims a larger one.
+        self.flush()?;
+        self.retire_log()?;
         {
             let mut st = wlock(&self.state);
             if end < st.file_len {
@@ -597,6 +605,7 @@ impl Vhdx {
     pub fn repair_leaks(&self) -> Result<()> {
         self.begin_write()?;
         self.flush()?;
+        self.retire_log()?;
         let end = self.used_end();
         let mut st = wlock(&self.state);
         if st.file_len > end {

@@ -27,6 +27,8 @@ struct Inner {
     crash_at: usize,
     crashed: bool,
     tear: usize,
+    /// File offset of every write call, in order.
+    offsets: Vec<u64>,
 }
 
 /// In-memory file that models a disk cache: writes are visible at once but
@@ -57,6 +59,7 @@ impl Faulty {
             crash_at,
             crashed: false,
             tear,
+            offsets: Vec::new(),
         }))
     }
     /// What a disk could hold after the crash: the durable state plus a random
@@ -73,6 +76,16 @@ impl Faulty {
     }
     fn writes(&self) -> usize {
         self.0.lock().unwrap().writes
+    }
+    /// 1-based indices of the writes that went to a header.
+    fn header_writes(&self) -> Vec<usize> {
+        let g = self.0.lock().unwrap();
+        g.offsets
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| HDR.contains(&(**o as usize)))
+            .map(|(i, _)| i + 1)
+            .collect()
     }
 }
 
@@ -100,6 +113,7 @@ impl Storage for Faulty {
             return Err(crashed());
         }
         g.writes += 1;
+        g.offsets.push(offset);
         if g.writes == g.crash_at {
             g.crashed = true;
             // Torn: only a prefix (whole 512-byte sectors) reaches the cache.
@@ -148,15 +162,27 @@ struct Run {
 /// Runs the workload until the storage fails; returns the model as of the last
 /// completed flush and the sectors written since.
 fn workload(v: &Vhdx, seed: u64) -> Run {
+    workload_with(v, seed, vec![0u8; SIZE as usize], 48, 6)
+}
+
+/// `writes` random writes over a disk whose content starts as `model`, a flush
+/// after every `flush_every`th and at the end.
+fn workload_with(
+    v: &Vhdx,
+    seed: u64,
+    mut model: Vec<u8>,
+    writes: usize,
+    flush_every: usize,
+) -> Run {
+    let size = model.len() as u64;
     let mut r = rng(seed);
-    let mut model = vec![0u8; SIZE as usize];
     let mut run = Run {
         flushed: model.clone(),
-        touched: vec![false; (SIZE / 512) as usize],
+        touched: vec![false; (size / 512) as usize],
     };
-    for i in 0..48 {
+    for i in 0..writes {
         let len = 512 * r.gen_range(1..64usize);
-        let off = r.gen_range(0..(SIZE - len as u64) / 512) * 512;
+        let off = r.gen_range(0..(size - len as u64) / 512) * 512;
         let data = random_bytes(&mut r, len);
         for s in off / 512..(off + len as u64) / 512 {
             run.touched[s as usize] = true;
@@ -165,7 +191,7 @@ fn workload(v: &Vhdx, seed: u64) -> Run {
             return run;
         }
         model[off as usize..off as usize + len].copy_from_slice(&data);
-        if i % 6 == 5 {
+        if i % flush_every == flush_every - 1 {
             if v.flush().is_err() {
                 return run;
             }
@@ -181,11 +207,17 @@ fn workload(v: &Vhdx, seed: u64) -> Run {
 }
 
 fn verify(img: &Path, run: &Run, what: &str) {
+    verify_with(img, run, what, true)
+}
+
+fn verify_with(img: &Path, run: &Run, what: &str, qemu: bool) {
     let v = Vhdx::open(img, OpenOptions::default())
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     let all = read_all(&v);
     v.close().unwrap();
-    qemu_check(img);
+    if qemu {
+        qemu_check(img);
+    }
     for (s, t) in run.touched.iter().enumerate() {
         if !t {
             let r = s * 512..(s + 1) * 512;
@@ -279,7 +311,12 @@ fn pattern(i: u64) -> Vec<u8> {
 fn sigkill_writer_then_reopen() {
     let d = tmp();
     let mut r = rng(7);
-    for round in 0..4 {
+    // VHDX_CRASH_RUNS=200 for a long run (`vhdx-bench --crash-runs N` does the same and more).
+    let rounds: usize = std::env::var("VHDX_CRASH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    for round in 0..rounds {
         let p = d.path().join(format!("k{round}.vhdx"));
         Vhdx::create(
             &p,
@@ -361,5 +398,186 @@ fn sigkill_writer_then_reopen() {
                 "round {round}: acked write {i} (of {last}) lost in qemu's replay"
             );
         }
+    }
+}
+
+/// A differencing disk: the first partial write of a block allocates a sector
+/// bitmap block whose 256 pages all go through the log, so the first flush
+/// fills the log and starts a new log sequence in the middle of the flush.
+/// (qemu does not open differencing VHDX images: the engine alone verifies.)
+#[test]
+fn injected_crash_differencing_with_log_restarts() {
+    let d = tmp();
+    let parent = d.path().join("parent.vhdx");
+    let psize = 64 * MIB;
+    let pv = Vhdx::create(
+        &parent,
+        &CreateOptions {
+            size: psize,
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut r = rng(5);
+    let pdata = random_bytes(&mut r, psize as usize);
+    pv.write_at(&pdata, 0).unwrap();
+    pv.close().unwrap();
+    let base = d.path().join("child.vhdx");
+    Vhdx::create(
+        &base,
+        &CreateOptions {
+            kind: vhdx::DiskKind::Differencing {
+                parent: parent.clone(),
+            },
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let img0 = std::fs::read(&base).unwrap();
+    let (total, headers) = {
+        let f = Arc::new(Faulty::new(img0.clone(), usize::MAX, 0));
+        let v = Vhdx::open_storage(f.clone(), &base, OpenOptions::default()).unwrap();
+        workload_with(&v, 3, pdata.clone(), 48, 6);
+        v.close().unwrap();
+        (f.writes(), f.header_writes())
+    };
+    // Session start, log start, at least one restart, close.
+    assert!(headers.len() >= 4, "headers written at {headers:?}");
+    let target = d.path().join("crashed.vhdx");
+    let step = (total / 60).max(1);
+    let mut runs = 0;
+    for crash_at in (1..=total).step_by(step) {
+        let f = Arc::new(Faulty::new(img0.clone(), crash_at, r.gen()));
+        let run = {
+            let v = Vhdx::open_storage(f.clone(), &base, OpenOptions::default()).unwrap();
+            workload_with(&v, 3, pdata.clone(), 48, 6)
+        };
+        for keep_all in [false, true] {
+            std::fs::write(&target, f.crash_image(&mut r, keep_all)).unwrap();
+            verify_with(
+                &target,
+                &run,
+                &format!("differencing: crash at write {crash_at}/{total} keep_all={keep_all}"),
+                false,
+            );
+            runs += 1;
+        }
+    }
+    assert!(runs >= 40);
+}
+
+/// Writes of its own block each, a flush after each: every flush logs a BAT
+/// page, the log fills after 128 entries and a new sequence (new log GUID)
+/// starts. Returns the writes issued and how many were covered by a completed flush.
+fn lap_workload(v: &Vhdx) -> (Vec<(u64, Vec<u8>)>, usize) {
+    let blocks = v.virtual_size() / MIB;
+    let mut writes = Vec::new();
+    let mut flushed = 0;
+    for i in 0..blocks {
+        let off = i * MIB + (i % 5) * 4096;
+        let data: Vec<u8> = (0..4096u64).map(|k| (i * 31 + k * 7 + 1) as u8).collect();
+        writes.push((off, data));
+        let (o, d) = writes.last().unwrap();
+        if v.write_at(d, *o).is_err() || v.flush().is_err() {
+            return (writes, flushed);
+        }
+        flushed = writes.len();
+    }
+    (writes, flushed)
+}
+
+/// Every flushed write reads back, nothing else is there (bytes of the write
+/// in flight at the crash may be old or new).
+fn check_lap_view(view: &[u8], writes: &[(u64, Vec<u8>)], flushed: usize, what: &str) {
+    let mut want = vec![0u8; view.len()];
+    for (i, (o, d)) in writes.iter().enumerate() {
+        let r = *o as usize..*o as usize + d.len();
+        if i < flushed {
+            want[r].copy_from_slice(d);
+        } else {
+            want[r.clone()].copy_from_slice(&view[r]);
+        }
+    }
+    assert_same(view, &want, what);
+}
+
+/// Crashes around the start of a new log sequence, replayed by qemu (on a
+/// copy) and by the engine.
+#[test]
+fn injected_crash_across_log_sequences() {
+    let d = tmp();
+    let base = d.path().join("laps.vhdx");
+    Vhdx::create(
+        &base,
+        &CreateOptions {
+            size: 132 * MIB,
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let img0 = std::fs::read(&base).unwrap();
+    let (total, headers) = {
+        let f = Arc::new(Faulty::new(img0.clone(), usize::MAX, 0));
+        let v = Vhdx::open_storage(f.clone(), &base, OpenOptions::default()).unwrap();
+        let (w, n) = lap_workload(&v);
+        assert_eq!(n, w.len());
+        v.close().unwrap();
+        (f.writes(), f.header_writes())
+    };
+    // Header writes well inside the run are new log sequences.
+    let restarts: Vec<usize> = headers
+        .iter()
+        .copied()
+        .filter(|&h| h > total / 4 && h < total - 8)
+        .collect();
+    assert!(
+        !restarts.is_empty(),
+        "no new log sequence: headers at {headers:?} of {total}"
+    );
+    let mut points: Vec<usize> = restarts
+        .iter()
+        .flat_map(|&h| h.saturating_sub(3)..=h + 3)
+        .collect();
+    points.extend((1..=total).step_by((total / 10).max(1)));
+    points.sort();
+    points.dedup();
+    let mut r = rng(11);
+    let target = d.path().join("crashed-laps.vhdx");
+    let copy = d.path().join("crashed-laps-qemu.vhdx");
+    for crash_at in points {
+        let f = Arc::new(Faulty::new(img0.clone(), crash_at, r.gen()));
+        let (writes, flushed) = {
+            let v = Vhdx::open_storage(f.clone(), &base, OpenOptions::default()).unwrap();
+            lap_workload(&v)
+        };
+        let what = format!("crash at write {crash_at}/{total} (new sequences at {restarts:?})");
+        std::fs::write(&target, f.crash_image(&mut r, false)).unwrap();
+        // qemu's replay of a copy.
+        std::fs::copy(&target, &copy).unwrap();
+        let _ = run(
+            "qemu-img",
+            &["check", "-r", "all", "-f", "vhdx", copy.to_str().unwrap()],
+        );
+        qemu_check(&copy);
+        check_lap_view(
+            &qemu_to_raw(&copy, d.path()),
+            &writes,
+            flushed,
+            &format!("qemu: {what}"),
+        );
+        // Ours.
+        let v = Vhdx::open(&target, OpenOptions::default())
+            .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+        let ours = read_all(&v);
+        v.close().unwrap();
+        qemu_check(&target);
+        check_lap_view(&ours, &writes, flushed, &format!("engine: {what}"));
     }
 }

@@ -13,12 +13,49 @@ pub fn tmp() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// Longest a tool may run: a hang (qemu-img once looped forever on a log
+/// filled to its last sector) fails the test instead of stalling the suite.
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd)
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(cmd)
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    out
+    // Drain the pipes on threads so a chatty tool cannot block on a full pipe.
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let to = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let te = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t0.elapsed() > TOOL_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd} {args:?} did not finish in {TOOL_TIMEOUT:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    std::process::Output {
+        status,
+        stdout: to.join().expect("stdout reader"),
+        stderr: te.join().expect("stderr reader"),
+    }
 }
 
 /// Runs a command that must succeed; returns stdout.

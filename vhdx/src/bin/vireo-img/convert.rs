@@ -1,18 +1,25 @@
 //! `convert`: raw/VHDX to raw/VHDX. Reads only ranges that hold data (holes of
 //! a raw file via SEEK_DATA/SEEK_HOLE, allocated blocks of a VHDX), skips
-//! all-zero pieces so the destination stays sparse, and overlaps reading and
-//! writing with a reader thread.
+//! all-zero pieces so the destination stays sparse. Several workers (`-m`)
+//! each read a 4 MiB chunk and write its non-zero pieces, so reads overlap
+//! (one read in flight at a time leaves the disk idle between requests) and
+//! writeback of the destination starts while the conversion goes on.
 
 use crate::CliResult;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use vhdx::{CreateOptions, Vhdx};
 
 const CHUNK: u64 = 4 << 20;
 const PIECE: usize = 64 << 10;
+/// Start writeback of the destination after every this many bytes written.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+/// Chunks converted at once by default (reads in flight keep the disk busy).
+pub const DEFAULT_WORKERS: usize = 4;
 
 enum Src {
     Raw(File, u64),
@@ -118,6 +125,7 @@ pub fn run(
     dst_format: &str,
     options: Option<&str>,
     progress: bool,
+    workers: usize,
 ) -> CliResult<()> {
     let is_vhdx =
         vhdx::probe(src).map_err(|e| format!("Could not open '{}': {e}", src.display()))?;
@@ -150,6 +158,16 @@ pub fn run(
         f => return Err(format!("Unknown file format '{f}'")),
     };
     let ranges = source.data_ranges()?;
+    // Chunks of at most CHUNK bytes, aligned to CHUNK, in order.
+    let mut chunks = Vec::new();
+    for &(start, len) in &ranges {
+        let mut off = start;
+        while off < start + len {
+            let n = (start + len - off).min(CHUNK - off % CHUNK);
+            chunks.push((off, n as usize));
+            off += n;
+        }
+    }
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total);
@@ -163,60 +181,87 @@ pub fn run(
     } else {
         None
     };
-    // Reader thread -> bounded channel -> this thread writes.
-    let (tx, rx) = mpsc::sync_channel::<CliResult<(u64, Vec<u8>)>>(4);
-    let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|s| -> CliResult<()> {
-        let source = &source;
-        let ranges = &ranges;
-        s.spawn(move || {
-            for &(start, len) in ranges {
-                let mut off = start;
-                while off < start + len {
-                    let n = (start + len - off).min(CHUNK - off % CHUNK) as usize;
-                    let mut buf = ret_rx.try_recv().unwrap_or_default();
+    // A second descriptor of the destination, to start writeback early.
+    let wb = File::open(dst).ok();
+    let workers = workers.clamp(1, 64);
+    let next = AtomicUsize::new(0);
+    let written = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_err: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(off, n)) = chunks.get(i) else {
+                        break;
+                    };
                     buf.resize(n, 0);
-                    let r = source.read(&mut buf, off).map(|_| (off, buf));
-                    let failed = r.is_err();
-                    if tx.send(r).is_err() || failed {
-                        return;
-                    }
-                    off += n as u64;
-                }
-            }
-        });
-        for msg in rx {
-            let (off, buf) = msg?;
-            // Write runs of non-zero pieces.
-            let mut i = 0;
-            while i < buf.len() {
-                let pe = (i + PIECE).min(buf.len());
-                if is_zero(&buf[i..pe]) {
-                    i = pe;
-                    continue;
-                }
-                let mut j = pe;
-                while j < buf.len() {
-                    let qe = (j + PIECE).min(buf.len());
-                    if is_zero(&buf[j..qe]) {
+                    let r = source
+                        .read(&mut buf, off)
+                        .and_then(|_| write_nonzero(&dest, &buf, off, &written, wb.as_ref()));
+                    if let Err(e) = r {
+                        failed.store(true, Ordering::Relaxed);
+                        let mut g = first_err.lock().unwrap_or_else(|e| e.into_inner());
+                        g.get_or_insert(e);
                         break;
                     }
-                    j = qe;
+                    if let Some(b) = &bar {
+                        b.inc(n as u64);
+                    }
                 }
-                dest.write(&buf[i..j], off + i as u64)?;
-                i = j;
-            }
-            if let Some(b) = &bar {
-                b.inc(buf.len() as u64);
-            }
-            let _ = ret_tx.send(buf);
+            });
         }
-        Ok(())
-    })?;
+    });
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
     if let Some(b) = bar {
         b.finish();
     }
     dest.finish()
+}
+
+/// Writes the runs of non-zero PIECEs of `buf` (the destination is new and
+/// reads as zeros); every WRITEBACK_EVERY bytes starts writeback of the
+/// destination so that the final flush does not have to write it all.
+fn write_nonzero(
+    dest: &Dst,
+    buf: &[u8],
+    off: u64,
+    written: &AtomicU64,
+    wb: Option<&File>,
+) -> CliResult<()> {
+    let mut i = 0;
+    while i < buf.len() {
+        let pe = (i + PIECE).min(buf.len());
+        if is_zero(&buf[i..pe]) {
+            i = pe;
+            continue;
+        }
+        let mut j = pe;
+        while j < buf.len() {
+            let qe = (j + PIECE).min(buf.len());
+            if is_zero(&buf[j..qe]) {
+                break;
+            }
+            j = qe;
+        }
+        dest.write(&buf[i..j], off + i as u64)?;
+        let before = written.fetch_add((j - i) as u64, Ordering::Relaxed);
+        if before / WRITEBACK_EVERY != (before + (j - i) as u64) / WRITEBACK_EVERY {
+            if let Some(f) = wb {
+                // SAFETY: sync_file_range on an open descriptor with plain
+                // integer arguments; it only starts writeback (failure is harmless).
+                unsafe {
+                    libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                }
+            }
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 fn is_zero(b: &[u8]) -> bool {

@@ -66,6 +66,9 @@ enum Cmd {
         dst_format: String,
         #[arg(short = 'o')]
         options: Option<String>,
+        /// Chunks converted in parallel (like qemu-img's -m).
+        #[arg(short = 'm', default_value_t = convert::DEFAULT_WORKERS)]
+        workers: usize,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
             src_format,
             dst_format,
             options,
+            workers,
             src,
             dst,
         } => convert::run(
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
             &dst_format,
             options.as_deref(),
             progress,
+            workers,
         )
         .map(|_| 0),
         Cmd::Resize { file, size, .. } => resize(&file, &size).map(|_| 0),
