@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub alloc_block: u64,
     /// Runs of each alloc case (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub alloc_rounds: usize,
     /// SIGKILL crash runs.
     #[arg(long, default_value_t = 20)]
