@@ -41,6 +41,9 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// Metering sample period.
     pub meter_interval: Duration,
+    /// Group that may use vireod's socket and the VMs' sockets (mode 0660, and the
+    /// run directory's `vms/` 0750 with this group). None: only vireod's user.
+    pub socket_group: Option<u32>,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,6 +97,15 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
         .map_err(|e| AgentError::io("cannot set permissions of", path, e))
 }
 
+/// Gives `path` to `group` (owner unchanged) with `mode`.
+pub fn share_with_group(path: &Path, group: u32, mode: u32) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, None, Some(group))
+        .map_err(|e| AgentError::io("cannot change the group of", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| AgentError::io("cannot set permissions of", path, e))
+}
+
 impl Supervisor {
     /// Opens the inventory and prepares the directories. Call [`Supervisor::recover`]
     /// next (inside the tokio runtime) to re-adopt running VMMs.
@@ -102,6 +114,9 @@ impl Supervisor {
         mkdir(&cfg.state_dir.join("vms"), 0o750)?;
         mkdir(&cfg.run_dir, 0o755)?;
         mkdir(&cfg.run_dir.join("vms"), 0o750)?;
+        if let Some(g) = cfg.socket_group {
+            share_with_group(&cfg.run_dir.join("vms"), g, 0o750)?;
+        }
         let inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
         let mut vms = BTreeMap::new();
         for (name, def) in inv.list()? {
@@ -506,6 +521,12 @@ impl Supervisor {
                         Some(format!("pid {}", handle.pid)),
                     );
                 }
+            }
+        }
+        if let Some(g) = self.cfg.socket_group {
+            // The VMM creates its socket 0600; the group may use it too.
+            if let Err(e) = share_with_group(&spec.socket, g, 0o660) {
+                warn!(vm = name, error = %error_chain(&e), "cannot share the VM's socket");
             }
         }
         self.watch(name.to_string(), generation, handle.pid, watch);

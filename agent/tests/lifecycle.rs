@@ -154,3 +154,25 @@ impl Text for Daemon {
         b
     }
 }
+
+#[test]
+fn socket_group_may_use_vireods_and_the_vms_sockets() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: giving sockets to another group needs root");
+        return;
+    }
+    let d = Daemon::start(&["--no-autostart", "--socket-group", "65534"]);
+    let meta = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.gid(), m.permissions().mode() & 0o777)
+    };
+    assert_eq!(meta(&d.socket), (65534, 0o660));
+    assert_eq!(meta(&d.run_dir.join("vms")), (65534, 0o750));
+    d.define_counter("g", "Off", "never");
+    let st = d.ok("PUT", "/api/v1/vms/g/start", None);
+    let sock = std::path::PathBuf::from(st["socket"].as_str().unwrap());
+    assert_eq!(meta(&sock), (65534, 0o660));
+    d.ok("PUT", "/api/v1/vms/g/kill", None);
+}

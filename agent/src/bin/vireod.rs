@@ -45,9 +45,29 @@ struct Cli {
     /// without it they are shut down, lowest priority first.
     #[arg(long)]
     keep_vms_on_exit: bool,
+    /// Group (name or number) that may use vireod's and the VMs' sockets.
+    #[arg(long)]
+    socket_group: Option<String>,
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+}
+
+/// A group's id from its number or its name (/etc/group).
+fn group_id(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == g)
+                .then(|| f[2].parse().ok())
+                .flatten()
+        })
+        .next()
+        .ok_or_else(|| format!("--socket-group: no group named {g:?}"))
 }
 
 fn find_vireo() -> PathBuf {
@@ -83,6 +103,10 @@ async fn run(
         start_timeout: Duration::from_secs(cli.start_timeout_s),
         stop_timeout: Duration::from_secs(cli.stop_timeout_s),
         meter_interval: Duration::from_millis(cli.meter_interval_ms.max(10)),
+        socket_group: match &cli.socket_group {
+            Some(g) => Some(group_id(g)?),
+            None => None,
+        },
     };
     let sup = Supervisor::open(cfg)?;
     let sock = cli
@@ -90,6 +114,9 @@ async fn run(
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
+    if let Some(g) = sup.cfg.socket_group {
+        agent::supervisor::share_with_group(&sock, g, 0o660)?;
+    }
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
