@@ -48,6 +48,8 @@ pub struct Config {
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
 const SERIAL_TAIL_LINES: usize = 20;
+/// A VMM that ran this long resets the count of restarts in a row.
+const STABLE_RUN: Duration = Duration::from_secs(60);
 const LOG_TAIL_LINES: usize = 10;
 
 struct Vm {
@@ -579,6 +581,14 @@ impl Supervisor {
         vm.handle = None;
         vm.last_exit = Some(rec.clone());
         self.remove_run_files(name);
+        // A VMM that ran for a while before it ended is not part of a crash loop: the
+        // restart cap counts restarts in a row.
+        if vm
+            .started_at_ms
+            .is_some_and(|t| rec.at_ms.saturating_sub(t) > STABLE_RUN.as_millis() as u64)
+        {
+            vm.restarts = 0;
+        }
         let restart = !vm.stop_requested
             && match vm.def.restart {
                 RestartPolicy::Never => false,
