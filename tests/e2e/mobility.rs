@@ -414,6 +414,23 @@ fn wait_disk_migration(sock: &Path) -> serde_json::Value {
     panic!("storage migration did not end: {}", disk_info(sock));
 }
 
+/// A VHDX passes `qemu-img check` and holds the workload's blocks (read back as raw
+/// bytes through qemu-img into `scratch`: the peer decides).
+fn assert_vhdx_blocks(vhdx: &Path, scratch: &Path, ops: u64) {
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(vhdx)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    vhdx_as_raw(vhdx, scratch);
+    assert_blocks(scratch, ops);
+}
+
 /// Reads a VHDX back as raw bytes through qemu-img (the peer decides).
 fn vhdx_as_raw(vhdx: &Path, raw: &Path) {
     let out = Command::new("qemu-img")
@@ -460,19 +477,7 @@ fn storage_migration_moves_a_running_disk_to_vhdx_and_deletes_the_old_one() {
         "{serial}"
     );
     assert_eq!(src.wait(T).status.code(), Some(0));
-    let check = Command::new("qemu-img")
-        .args(["check", "-f", "vhdx"])
-        .arg(&new)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
-    let back = dir.path().join("back.raw");
-    vhdx_as_raw(&new, &back);
-    assert_blocks(&back, ops);
+    assert_vhdx_blocks(&new, &dir.path().join("back.raw"), ops);
 }
 
 #[test]
@@ -678,19 +683,7 @@ fn shared_nothing_migration_copies_a_vhdx_disk_and_the_running_workload() {
     );
     // The copy is a valid VHDX holding every block the guest wrote, before and after.
     let copy = dst_dir.join("os.vhdx");
-    let check = Command::new("qemu-img")
-        .args(["check", "-f", "vhdx"])
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
-    let back = dir.path().join("back.raw");
-    vhdx_as_raw(&copy, &back);
-    assert_blocks(&back, ops);
+    assert_vhdx_blocks(&copy, &dir.path().join("back.raw"), ops);
     assert!(disk.exists(), "the source keeps its own image");
 }
 

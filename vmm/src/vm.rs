@@ -205,15 +205,13 @@ impl Vm {
         events_tx: Sender<ControlEvent>,
         seccomp: crate::seccomp::Filters,
     ) -> Result<Self, VmError> {
-        config.validate()?;
-        let created_at = Instant::now();
-        let hv = Hypervisor::new()?;
-        let mem = Arc::new(memory::create_guest_memory(
-            config.memory.size,
-            config.memory.hugepages,
-        )?);
-        hv.map_memory(&mem, false)?;
-
+        // Hypervisor and memory are made as for an arriving VM; then the payload.
+        let IncomingVm {
+            config,
+            hv,
+            mem,
+            created_at,
+        } = IncomingVm::new(config)?;
         let entry = Self::load_payload(&mem, &config)?;
 
         let power: Arc<dyn PowerControl> =
