@@ -36,17 +36,4 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// "outer: inner: innermost" on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let msg = inner.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        src = inner.source();
-    }
-    s
-}
+pub use api::error_chain;

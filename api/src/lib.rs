@@ -20,3 +20,18 @@ pub use types::{
 
 /// The OpenAPI document of the per-VM API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi/vireo.yaml");
+
+/// "outer: inner: innermost" on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let msg = inner.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        src = inner.source();
+    }
+    s
+}

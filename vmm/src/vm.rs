@@ -125,22 +125,20 @@ impl IncomingVm {
             op: "SET_CLOCK",
             source,
         })?;
-        let mut vm = Vm {
-            config,
-            vcpus: Vec::new(),
+        let mut vm = Vm::assemble(
+            IncomingVm {
+                config,
+                hv,
+                mem,
+                created_at,
+            },
             devices,
-            msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
-            has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
-            throttle: Arc::default(),
-            hv,
-            mem,
-            state: VmState::Paused,
-            entry: None,
+            None,
             events_tx,
             seccomp,
-            created_at,
-            booted_at: Some(Instant::now()),
-        };
+        )?;
+        vm.state = VmState::Paused;
+        vm.booted_at = Some(Instant::now());
         vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
         let cpus = vm.config.cpus.boot;
         for s in &saved.vcpus {
@@ -217,6 +215,34 @@ impl Vm {
         let power: Arc<dyn PowerControl> =
             Arc::new(PowerToControl(std::sync::Mutex::new(events_tx.clone())));
         let devices = DeviceManager::new(&hv, &mem, &config, power)?;
+        Self::assemble(
+            IncomingVm {
+                config,
+                hv,
+                mem,
+                created_at,
+            },
+            devices,
+            Some(entry),
+            events_tx,
+            seccomp,
+        )
+    }
+
+    /// The one place a `Vm` is put together (state Created, not booted).
+    fn assemble(
+        parts: IncomingVm,
+        devices: DeviceManager,
+        entry: Option<BootEntry>,
+        events_tx: Sender<ControlEvent>,
+        seccomp: crate::seccomp::Filters,
+    ) -> Result<Self, VmError> {
+        let IncomingVm {
+            config,
+            hv,
+            mem,
+            created_at,
+        } = parts;
         Ok(Self {
             config,
             vcpus: Vec::new(),
@@ -227,7 +253,7 @@ impl Vm {
             hv,
             mem,
             state: VmState::Created,
-            entry: Some(entry),
+            entry,
             events_tx,
             seccomp,
             created_at,
