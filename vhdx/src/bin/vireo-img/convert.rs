@@ -1,7 +1,8 @@
 //! `convert`: raw/VHDX to raw/VHDX. Reads only ranges that hold data (holes of
 //! a raw file via SEEK_DATA/SEEK_HOLE, allocated blocks of a VHDX), skips
-//! all-zero pieces so the destination stays sparse. Several workers (`-m`)
-//! each read a 4 MiB chunk and write its non-zero pieces, so reads overlap
+//! all-zero pieces so the destination stays sparse. `-m` readers each read
+//! 4 MiB chunks into a pool of buffers and half as many writers write their
+//! non-zero pieces, so reads stay in flight while earlier chunks are written
 //! (one read in flight at a time leaves the disk idle between requests).
 //!
 //! Cache modes, as qemu-img's `-t`/`-T`: by default (`none`) both sides use
@@ -15,7 +16,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use vhdx::storage::DIRECT_ALIGN;
 use vhdx::{CreateOptions, FileStorage, OpenOptions, Storage, Vhdx};
 
@@ -187,6 +188,17 @@ fn raw_storage(file: File, path: &Path, write: bool, cache: CacheMode) -> FileSt
     }
 }
 
+/// A chunk read, on its way to the writers.
+struct Filled {
+    mem: AlignedBuf,
+    off: u64,
+    n: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A zeroed buffer of `len` bytes whose start is [`DIRECT_ALIGN`]-aligned
 /// (so aligned chunks can go through `O_DIRECT`).
 struct AlignedBuf {
@@ -289,37 +301,75 @@ pub fn run(job: &Job) -> CliResult<()> {
         CacheMode::Writeback => File::open(dst).ok(),
         CacheMode::None | CacheMode::Unsafe => None,
     };
-    let workers = job.workers.clamp(1, 64);
+    let readers = job.workers.clamp(1, 64);
+    let writers = readers.div_ceil(2);
     let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<String>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut mem = AlignedBuf::new(CHUNK as usize);
-                while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(off, n)) = chunks.get(i) else {
+    let fail = |e: String| {
+        failed.store(true, Ordering::Relaxed);
+        let mut g = first_err.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert(e);
+    };
+    // A pipeline: readers fill buffers from a pool, writers empty them, so
+    // `readers` reads stay in flight while earlier chunks are being written.
+    let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+    for _ in 0..readers + writers + 1 {
+        // Cannot fail: the receiver is alive.
+        let _ = free_tx.send(AlignedBuf::new(CHUNK as usize));
+    }
+    let free_rx = Mutex::new(free_rx);
+    let (full_tx, full_rx) = mpsc::channel::<Filled>();
+    let full_rx = Mutex::new(full_rx);
+    {
+        let (source, dest, chunks, bar) = (&source, &dest, &chunks, &bar);
+        let (next, written, failed, fail, wb) = (&next, &written, &failed, &fail, &wb);
+        let (free_rx, full_rx, free_tx) = (&free_rx, &full_rx, &free_tx);
+        std::thread::scope(|s| {
+            for _ in 0..readers {
+                let full_tx = full_tx.clone();
+                s.spawn(move || {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(off, n)) = chunks.get(i) else {
+                            break;
+                        };
+                        let Ok(mut mem) = lock(free_rx).recv() else {
+                            break;
+                        };
+                        if let Err(e) = source.read(mem.slice(n), off) {
+                            fail(e);
+                            break;
+                        }
+                        if full_tx.send(Filled { mem, off, n }).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(full_tx);
+            for _ in 0..writers {
+                s.spawn(move || loop {
+                    let msg = lock(full_rx).recv();
+                    let Ok(Filled { mut mem, off, n }) = msg else {
                         break;
                     };
-                    let buf = mem.slice(n);
-                    let r = source
-                        .read(buf, off)
-                        .and_then(|_| write_nonzero(&dest, buf, off, &written, wb.as_ref()));
-                    if let Err(e) = r {
-                        failed.store(true, Ordering::Relaxed);
-                        let mut g = first_err.lock().unwrap_or_else(|e| e.into_inner());
-                        g.get_or_insert(e);
-                        break;
+                    if !failed.load(Ordering::Relaxed) {
+                        match write_nonzero(dest, mem.slice(n), off, written, wb.as_ref()) {
+                            Ok(()) => {
+                                if let Some(b) = bar {
+                                    b.inc(n as u64);
+                                }
+                            }
+                            Err(e) => fail(e),
+                        }
                     }
-                    if let Some(b) = &bar {
-                        b.inc(n as u64);
-                    }
-                }
-            });
-        }
-    });
+                    let _ = free_tx.send(mem);
+                });
+            }
+        });
+    }
     if let Some(e) = first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
