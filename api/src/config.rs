@@ -86,6 +86,17 @@ pub struct DiskConfig {
     /// IOPS and bandwidth limits (none by default).
     #[serde(default, skip_serializing_if = "RateLimitConfig::is_unlimited")]
     pub rate_limiter: RateLimitConfig,
+    /// Microseconds a queue's worker keeps polling the ring after it ran dry
+    /// (like QEMU's iothread `poll-max-ns`); 0 = sleep at once.
+    #[serde(default = "default_poll_us")]
+    pub poll_us: u32,
+}
+
+/// The default poll window of a disk queue's worker, in microseconds.
+pub const DEFAULT_POLL_US: u32 = 50;
+
+fn default_poll_us() -> u32 {
+    DEFAULT_POLL_US
 }
 
 /// One token bucket: `size` tokens (bytes or operations), refilled from empty to full
@@ -298,6 +309,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         num_queues: 1,
         id: None,
         rate_limiter: RateLimitConfig::default(),
+        poll_us: DEFAULT_POLL_US,
     };
     let mut bw = (None, None);
     let mut ops = (None, None);
@@ -309,6 +321,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "serial" => d.serial = Some(v),
             "id" => d.id = Some(v),
             "num_queues" => d.num_queues = number(F, &k, &v)?,
+            "poll_us" => d.poll_us = number(F, &k, &v)?,
             "bw_size" => bw.0 = Some(number(F, &k, &v)?),
             "bw_refill_time" => bw.1 = Some(number(F, &k, &v)?),
             "ops_size" => ops.0 = Some(number(F, &k, &v)?),

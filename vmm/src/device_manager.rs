@@ -212,6 +212,7 @@ impl DeviceManager {
                     serial: disk.serial.clone().unwrap_or_else(|| id.clone()),
                     num_queues: disk.num_queues,
                     rate_limiter: rate_limiter(&disk.rate_limiter),
+                    poll_us: disk.poll_us,
                 },
             )
             .with_reopen(reopen_for(disk));

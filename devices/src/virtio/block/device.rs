@@ -41,6 +41,9 @@ pub struct BlockConfig {
     pub num_queues: u16,
     /// IOPS and bandwidth limits of the whole disk (all queues together).
     pub rate_limiter: RateLimiterConfig,
+    /// How long a queue's worker keeps watching the ring for new requests after
+    /// it ran dry, before it sleeps (0: sleep at once).
+    pub poll_us: u32,
 }
 
 /// I/O counters served by `vm.counters`.
@@ -54,6 +57,8 @@ pub struct BlockCounters {
     pub discard_ops: AtomicU64,
     pub write_zeroes_ops: AtomicU64,
     pub errors: AtomicU64,
+    /// Times polling found new requests before the worker went to sleep.
+    pub polled: AtomicU64,
     /// Times a request had to wait for the rate limiter.
     pub throttled: AtomicU64,
 }
@@ -387,6 +392,7 @@ impl VirtioDevice for Block {
             ),
             ("errors", c.errors.load(Ordering::Relaxed)),
             ("throttled", c.throttled.load(Ordering::Relaxed)),
+            ("polled", c.polled.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -1,6 +1,7 @@
 //! virtio-blk (virtio 1.2, section 5.2): a disk backed by any [`crate::block::BlockBackend`].
 
 mod device;
+mod poll;
 mod request;
 mod worker;
 

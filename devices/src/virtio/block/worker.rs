@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use std::os::fd::AsRawFd;
 
@@ -13,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{BlockConfig, BlockCounters};
+use super::poll::PollWindow;
 use super::request::{Request, S_IOERR};
 use crate::block::BlockBackend;
 use crate::rate_limiter::RateLimiter;
@@ -48,6 +50,7 @@ pub(super) struct BlockWorker {
     config: BlockConfig,
     counters: Arc<BlockCounters>,
     throttle: Option<Throttle>,
+    poll: PollWindow,
     stop: EventFd,
     epoll: Epoll,
 }
@@ -87,6 +90,7 @@ impl BlockWorker {
             mem,
             interrupt,
             disk,
+            poll: PollWindow::new(config.poll_us),
             config,
             counters,
             throttle,
@@ -106,6 +110,10 @@ impl BlockWorker {
         // Requests may already be waiting (activation after the driver queued some).
         self.process_queue();
         loop {
+            while self.poll_for_more() {
+                self.process_queue();
+            }
+            self.poll.sleeping();
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -128,6 +136,7 @@ impl BlockWorker {
                         self.process_queue();
                     }
                     _ => {
+                        self.poll.woke_for_kick();
                         let _ = self.q.kick.read();
                         if !self.throttle.as_ref().is_some_and(|t| t.waiting) {
                             self.process_queue();
@@ -135,6 +144,32 @@ impl BlockWorker {
                     }
                 }
             }
+        }
+    }
+
+    /// After the queue ran dry, watches the available ring for up to the
+    /// current poll window (see `poll.rs`) before the thread goes to sleep;
+    /// true when requests arrived.
+    fn poll_for_more(&mut self) -> bool {
+        let window = self.poll.current();
+        if window.is_zero() || self.throttle.as_ref().is_some_and(|t| t.waiting) {
+            return false;
+        }
+        let mem = self.mem.clone();
+        let start = Instant::now();
+        loop {
+            match self.q.queue.avail_idx(mem.as_ref(), Ordering::Acquire) {
+                Ok(idx) if idx.0 != self.q.queue.next_avail() => {
+                    self.counters.polled.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if start.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
