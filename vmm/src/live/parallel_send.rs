@@ -25,8 +25,8 @@ use super::dirty::{Bitmaps, PAGE_SIZE};
 use super::pages::{self, Wire};
 use super::send::SendJob;
 
-/// Pages per span: 8 MiB of address space (a multiple of 64: spans start on a word).
-const SPAN_PAGES: usize = 2048;
+/// Pages per span: 1 MiB of address space (a multiple of 64: spans start on a word).
+const SPAN_PAGES: usize = 256;
 
 /// One round, shared by the stream threads.
 struct RoundWork {
