@@ -560,41 +560,51 @@ fn read_frame(s: &mut impl std::io::Read) -> Option<(u32, Vec<u8>)> {
 fn a_page_stream_cut_mid_copy_leaves_the_source_running() {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
-    let ops = 3000;
+    let ops = 5000;
     let (src, src_sock) = source_with_pages(dir.path(), &disk, ops, 512);
     src.wait_serial("work iter=400 ", T);
-    // A destination that takes the control stream and two page streams, then drops
-    // page stream 0 after two frames, holding the others open (and unread).
+    // A destination that takes the control stream and two page streams, drops page
+    // stream 0 after its first frame, and from then on holds stream 1 open unread (so
+    // the source's writer there blocks on a full socket).
     let path = dir.path().join("fake.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let peer = std::thread::spawn(move || {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let (mut control, _) = listener.accept().unwrap();
         let (kind, hello) = read_frame(&mut control).unwrap();
         assert_eq!(kind, 1);
         let hello: serde_json::Value = serde_json::from_slice(&hello).unwrap();
         assert_eq!(hello["connections"], 2, "{hello}");
-        let mut streams: Vec<_> = (0..2).map(|_| listener.accept().unwrap().0).collect();
-        let mut lane0 = 0;
-        for (i, s) in streams.iter_mut().enumerate() {
-            let (kind, join) = read_frame(s).unwrap();
+        let mut streams = [None, None];
+        for _ in 0..2 {
+            let mut s = listener.accept().unwrap().0;
+            let (kind, join) = read_frame(&mut s).unwrap();
             assert_eq!(kind, 11, "Join");
             assert_eq!(join[..8], hello["session"].as_u64().unwrap().to_le_bytes());
-            if join[8..12] == 0u32.to_le_bytes() {
-                lane0 = i;
-            }
+            let lane = u32::from_le_bytes(join[8..12].try_into().unwrap()) as usize;
+            streams[lane] = Some(s);
         }
-        for _ in 0..2 {
-            read_frame(&mut streams[lane0]).unwrap();
-        }
+        let [Some(mut lane0), Some(mut lane1)] = streams else {
+            panic!("two page streams, lanes 0 and 1");
+        };
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let drain = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) && read_frame(&mut lane1).is_some() {}
+            lane1
+        });
+        let first = read_frame(&mut lane0).map(|(kind, _)| kind);
+        stop.store(true, Ordering::SeqCst);
         let cut_at = std::time::Instant::now();
-        drop(streams.remove(lane0));
+        drop(lane0);
         // The source gives up: it closes the control stream.
         while read_frame(&mut control).is_some() {}
-        (cut_at, streams)
+        (first, cut_at, drain.join().unwrap())
     });
     send_with(&src_sock, &format!("unix:{}", path.display()), r#","connections":2"#);
+    let (first, cut_at, _held) = peer.join().unwrap();
+    assert!(matches!(first, Some(2 | 12)), "Pages or RoundEnd first: {first:?}");
     let e = wait_send_failed(&src_sock);
-    let (cut_at, _held) = peer.join().unwrap();
     assert!(e.contains("page stream"), "{e}");
     assert!(
         cut_at.elapsed() < Duration::from_secs(10),
