@@ -138,10 +138,16 @@ pub enum Message {
     DiskBegin(DiskBegin),
     Disk(DiskOp),
     /// The first frame of page stream `lane` (0-based) of migration `session`.
-    Join { session: u64, lane: u32 },
+    Join {
+        session: u64,
+        lane: u32,
+    },
     /// A page stream finished pre-copy round `round` (rounds count from 0); `last`: the
     /// final round, after the switch-over.
-    RoundEnd { round: u32, last: bool },
+    RoundEnd {
+        round: u32,
+        last: bool,
+    },
 }
 
 const K_HELLO: u32 = 1;

@@ -237,13 +237,15 @@ impl ServerTls {
         let (chain, key) = identity(files)?.ok_or(TlsError::ServerNeedsCert)?;
         let provider = provider();
         // Client certificates are required (the builder's default) and must chain to `ca`.
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider.clone())
-                .build()
-                .map_err(|e| TlsError::BadCa {
-                    path: files.ca.clone(),
-                    reason: e.to_string(),
-                })?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(&files.ca)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?

@@ -146,13 +146,15 @@ impl MigrationUrl {
     /// certificate is presented. The socket's timeouts and keepalives apply throughout.
     pub fn connect_with(&self, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>, TransportError> {
         let name = match tls {
-            Some(t) => Some(
-                t.server_name_for(self.host())
-                    .map_err(|source| TransportError::Tls {
-                        url: self.to_string(),
-                        source,
-                    })?,
-            ),
+            Some(t) => {
+                Some(
+                    t.server_name_for(self.host())
+                        .map_err(|source| TransportError::Tls {
+                            url: self.to_string(),
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         let handshake = |e: std::io::Error| TransportError::Handshake {

@@ -45,9 +45,8 @@ impl Ca {
     /// A leaf for `names` (server) or a client certificate; returns (cert, key) files.
     fn issue(&self, leaf: &str, names: &[&str], server: bool) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
-        let mut p =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
         p.distinguished_name.push(DnType::CommonName, leaf);
         p.extended_key_usages = vec![if server {
             ExtendedKeyUsagePurpose::ServerAuth
@@ -181,7 +180,10 @@ fn handshake_failures_name_their_cause_on_both_sides() {
     .unwrap();
     let (src, dst) = exchange(&tcp_url(), s.clone(), &c);
     let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
-    assert!(src.contains("does not trust this side's certificate"), "{src}");
+    assert!(
+        src.contains("does not trust this side's certificate"),
+        "{src}"
+    );
     assert!(dst.contains("UnknownIssuer"), "{dst}");
 
     // The source trusts another CA than the one that signed the destination.

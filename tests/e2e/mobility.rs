@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use vireo_e2e::{api, assert_guest_ok, bin, pattern, wait_for_socket, wait_with_timeout, Vireo};
 
-mod tls_certs;
-use tls_certs::{receive_tls, send_tls, Ca};
+use vireo_e2e::tls_certs::{receive_tls, send_tls, Ca};
 
 const T: Duration = Duration::from_secs(60);
 const BLOCKS: u64 = 64;
@@ -489,11 +488,17 @@ fn tls_failures_leave_the_source_running_and_a_good_tls_migration_then_succeeds(
     let src_out = src.wait(T);
     assert_eq!(src_out.status.code(), Some(0), "{}", plain(&src_out.stderr));
     let log = plain(&src_out.stderr);
-    assert!(log.contains("tls=true") && log.contains("connections=4"), "{log}");
+    assert!(
+        log.contains("tls=true") && log.contains("connections=4"),
+        "{log}"
+    );
     let dst_out = dst.wait();
     let dst_serial = std::fs::read_to_string(d4.join("dst.log")).unwrap();
     assert_guest_ok(&dst_out, &dst_serial);
-    assert!(dst_serial.contains(&format!("work done iter={ops}")), "{dst_serial}");
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
     assert_blocks(&disk, ops);
 }
 
@@ -511,9 +516,13 @@ fn migration_requests_with_bad_tls_or_connections_are_refused() {
         assert_eq!(s, 400, "{b}");
         assert!(b.contains("connections must be 1..=16"), "{b}");
     }
-    let (s, b) = send(r#"{"destination_url":"tcp:127.0.0.1:1","tls":{"ca":"/nonexistent/ca.pem"}}"#);
+    let (s, b) =
+        send(r#"{"destination_url":"tcp:127.0.0.1:1","tls":{"ca":"/nonexistent/ca.pem"}}"#);
     assert_eq!(s, 400, "{b}");
-    assert!(b.contains("/nonexistent/ca.pem") && b.contains("No such file"), "{b}");
+    assert!(
+        b.contains("/nonexistent/ca.pem") && b.contains("No such file"),
+        "{b}"
+    );
     let (s, b) = send(&format!(
         r#"{{"destination_url":"unix:/tmp/x.sock"{}}}"#,
         send_tls(None, &ca)
@@ -601,9 +610,16 @@ fn a_page_stream_cut_mid_copy_leaves_the_source_running() {
         while read_frame(&mut control).is_some() {}
         (first, cut_at, drain.join().unwrap())
     });
-    send_with(&src_sock, &format!("unix:{}", path.display()), r#","connections":2"#);
+    send_with(
+        &src_sock,
+        &format!("unix:{}", path.display()),
+        r#","connections":2"#,
+    );
     let (first, cut_at, _held) = peer.join().unwrap();
-    assert!(matches!(first, Some(2 | 12)), "Pages or RoundEnd first: {first:?}");
+    assert!(
+        matches!(first, Some(2 | 12)),
+        "Pages or RoundEnd first: {first:?}"
+    );
     let e = wait_send_failed(&src_sock);
     assert!(e.contains("page stream"), "{e}");
     assert!(
@@ -612,7 +628,10 @@ fn a_page_stream_cut_mid_copy_leaves_the_source_running() {
         cut_at.elapsed()
     );
     let serial = src.wait_serial("vireo-guest: result ok", T);
-    assert!(serial.contains(&format!("work done iter={ops}")), "{serial}");
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
     let out = src.wait(T);
     assert_eq!(out.status.code(), Some(0));
     assert_blocks(&disk, ops);

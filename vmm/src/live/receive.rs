@@ -364,7 +364,9 @@ fn copy_in_parallel(
         let mut threads = Vec::new();
         for (lane, mut s) in page_streams.into_iter().enumerate() {
             // A failed stream wakes the control stream's reader, which then fails too.
-            let wake_control = stream.cutter().map_err(|e| format!("control stream: {e}"))?;
+            let wake_control = stream
+                .cutter()
+                .map_err(|e| format!("control stream: {e}"))?;
             let (barrier, mem, info) = (&barrier, &*mem, &*job.info);
             let t = std::thread::Builder::new()
                 .name(format!("vireo-mig-in{lane}"))

@@ -127,10 +127,7 @@ fn session_token() -> Result<u64, String> {
     // SAFETY: getrandom(2) writes at most b.len() bytes into the live buffer `b`.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != b.len() as isize {
-        return Err(format!(
-            "getrandom: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
     }
     Ok(u64::from_le_bytes(b))
 }
@@ -163,7 +160,7 @@ fn run(job: &SendJob) -> Result<(), String> {
     let _unthrottle = ThrottleGuard(&job.throttle);
     let log = DirtyLog::new(job.mem.clone(), job.vm.clone());
     log.take()?; // Start from a clean log: round 0 sends everything anyway.
-    // A bucket of 1/10 s of bandwidth, refilled every 100 ms, shared by every stream.
+                 // A bucket of 1/10 s of bandwidth, refilled every 100 ms, shared by every stream.
     let limiter = job.bandwidth_limit.and_then(|bps| {
         devices::rate_limiter::RateLimiter::new(&devices::rate_limiter::RateLimiterConfig {
             bandwidth: Some(devices::rate_limiter::TokenBucketConfig {

@@ -1,5 +1,5 @@
-//! Certificates for the TLS migration tests, made with rcgen: a CA, and leaves it
-//! signs, written as PEM files.
+//! Certificates for the TLS migration tests and the bench, made with rcgen: a CA, and
+//! leaves it signs, written as PEM files.
 
 use std::path::{Path, PathBuf};
 
