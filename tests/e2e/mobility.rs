@@ -230,16 +230,37 @@ fn send_with(sock: &Path, url: &str, extra: &str) {
 
 /// A source VMM running the workload on `disk`.
 fn source(dir: &Path, disk: &Path, ops: u64) -> (vireo_e2e::Running, std::path::PathBuf) {
-    source_with_pages(dir, disk, ops, 512)
+    source_with(dir, disk, ops, 512, &[])
 }
 
-/// A source VMM whose workload rewrites (and checks) `pages` pages per iteration; it
-/// logs its migration's summary (vmm::live at info) on stderr.
+/// [`source`] with more environment variables (e.g. `VIREO_FAULT`).
+fn source_with_env(
+    dir: &Path,
+    disk: &Path,
+    ops: u64,
+    env: &[(&str, &str)],
+) -> (vireo_e2e::Running, std::path::PathBuf) {
+    source_with(dir, disk, ops, 512, env)
+}
+
+/// [`source`] whose workload rewrites (and checks) `pages` pages per iteration.
 fn source_with_pages(
     dir: &Path,
     disk: &Path,
     ops: u64,
     pages: u64,
+) -> (vireo_e2e::Running, std::path::PathBuf) {
+    source_with(dir, disk, ops, pages, &[])
+}
+
+/// A source VMM running the workload (`pages` per iteration) on `disk`, with `env`;
+/// it logs its migration's summary (vmm::live at info) on stderr.
+fn source_with(
+    dir: &Path,
+    disk: &Path,
+    ops: u64,
+    pages: u64,
+    env: &[(&str, &str)],
 ) -> (vireo_e2e::Running, std::path::PathBuf) {
     let sock = dir.join("src.sock");
     let mut vm = Vireo::guest(
@@ -252,6 +273,7 @@ fn source_with_pages(
         ],
     );
     vm.cmd.env("RUST_LOG", "vmm::live=info");
+    vm.cmd.envs(env.iter().copied());
     let vm = vm.spawn();
     wait_for_socket(&sock, T);
     (vm, sock)
@@ -1036,4 +1058,164 @@ fn shared_nothing_migration_copies_a_vhdx_disk_and_the_running_workload() {
 #[test]
 fn shared_nothing_migration_refused_leaves_the_source_on_its_disk() {
     failed_migration_leaves_the_source_running_with("state", r#","copy_storage":true"#);
+}
+
+#[test]
+fn source_killed_right_after_the_commit_leaves_the_vm_running_at_the_destination() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 3000;
+    let (src, src_sock) = source_with_env(
+        dir.path(),
+        &disk,
+        ops,
+        &[("VIREO_FAULT", "kill-after-commit")],
+    );
+    src.wait_serial("work iter=400 ", T);
+    let dst = Destination::start(dir.path());
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen(&url);
+    send_with(&src_sock, &url, "");
+    // The source dies by SIGKILL the moment Go is out: no clean end, no goodbye.
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.signal(),
+        Some(libc::SIGKILL),
+        "the fault point must have killed the source: {:?}",
+        src_out.status
+    );
+    // Exactly one VM runs: the destination's, to the end, every page and block checked.
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    assert!(
+        !dst_serial.contains("work pages="),
+        "the guest must not start over"
+    );
+    assert_blocks(&disk, ops);
+}
+
+#[test]
+fn real_destination_killed_mid_copy_leaves_the_source_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 2000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let mut dst = Destination::start(dir.path());
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen(&url);
+    // 1 MiB/s: the copy of the guest's memory takes seconds, the kill lands inside it.
+    send_with(&src_sock, &url, r#","bandwidth_mib_s":1"#);
+    let mut copying = false;
+    for _ in 0..500 {
+        let info = api(&src_sock, "GET", "vm.migration-info", None).1;
+        if info.contains("\"pages_sent\":") && !info.contains("\"pages_sent\":0,") {
+            copying = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(copying, "the copy did not start");
+    let mut child = dst.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+    let info = wait_failed(&src_sock);
+    assert!(info.contains("\"failed\""), "{info}");
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    let out = src.wait(T);
+    assert_eq!(out.status.code(), Some(0));
+    assert_blocks(&disk, ops);
+}
+
+/// A small tmpfs mounted for the test (root only), unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
+        let p = dir.join("smallfs");
+        std::fs::create_dir_all(&p).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&p)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallFs(p))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn destination_disk_full_during_shared_nothing_leaves_the_source_on_its_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(small) = SmallFs::mount(dir.path(), "4M") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root): no real full disk to test");
+        return;
+    };
+    let disk = raw_disk(dir.path());
+    // 8 MiB of data away from the workload's blocks: more than the 4 MiB tmpfs holds.
+    let filler: Vec<u8> = (0..8 << 20)
+        .map(|i: u32| (i * 7 + i / 4096) as u8)
+        .collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&filler, 16 << 20)
+        .unwrap();
+    let ops = 2000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let dst = Destination::start(dir.path());
+    let mig = dir.path().join("mig.sock");
+    let body = format!(
+        r#"{{"receiver_url":"unix:{}","storage_dir":"{}"}}"#,
+        mig.display(),
+        small.0.display()
+    );
+    let (s, b) = api(&dst.sock, "PUT", "vm.receive-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    send_with(
+        &src_sock,
+        &format!("unix:{}", mig.display()),
+        r#","copy_storage":true"#,
+    );
+    // The destination fails on its full disk and says so; the source carries on.
+    let dst_info = wait_failed(&dst.sock);
+    assert!(dst_info.contains("No space left on device"), "{dst_info}");
+    let info = wait_failed(&src_sock);
+    assert!(info.contains("\"failed\""), "{info}");
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    let out = src.wait(T);
+    assert_eq!(out.status.code(), Some(0));
+    assert_blocks(&disk, ops);
+    let mut back = vec![0u8; filler.len()];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut back, 16 << 20)
+        .unwrap();
+    assert!(back == filler, "the source image lost data");
+    assert_eq!(
+        api(&dst.sock, "GET", "vm.info", None).0,
+        404,
+        "no VM at the destination"
+    );
 }

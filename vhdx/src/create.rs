@@ -54,6 +54,11 @@ pub(crate) const LOG_OFFSET: u64 = MIB;
 impl Vhdx {
     /// Creates (truncating any existing file) and opens an image for writing.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Vhdx> {
+        Self::create_with(path, opts, OpenOptions::default())
+    }
+
+    /// [`Vhdx::create`], then opens the new image with `open` (say, `direct`).
+    pub fn create_with(path: &Path, opts: &CreateOptions, open: OpenOptions) -> Result<Vhdx> {
         let pstr = path.display().to_string();
         let mut o = opts.clone();
         let mut locator = None;
@@ -228,7 +233,7 @@ impl Vhdx {
         s.sync_data().map_err(werr(0))?;
         drop(s);
         tracing::debug!(path = pstr.as_str(), size = o.size, block_size, "created");
-        Vhdx::open(path, OpenOptions::default())
+        Vhdx::open(path, open)
     }
 }
 

@@ -42,6 +42,7 @@ pub(crate) fn open_parent(
     child: &Path,
     loc: &ParentLocator,
     params: &DiskParams,
+    direct: bool,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Vhdx> {
     let cp = child.display().to_string();
@@ -76,6 +77,7 @@ pub(crate) fn open_parent(
         found,
         &OpenOptions {
             read_only: true,
+            direct,
             ..Default::default()
         },
         chain,

@@ -27,6 +27,10 @@ pub struct OpenOptions {
     /// Open a differencing disk without opening its parent (reads of sectors
     /// the child does not hold return zeros). For tools such as commit.
     pub skip_parent: bool,
+    /// Payload I/O that is 4 KiB-aligned (offset, length, buffers) bypasses
+    /// the page cache (`O_DIRECT`); metadata I/O stays buffered. Ignored where
+    /// the file system has no `O_DIRECT`. Parents are opened the same way.
+    pub direct: bool,
 }
 
 pub(crate) struct State {
@@ -161,7 +165,11 @@ impl Vhdx {
             .write(!opts.read_only)
             .open(path)
             .map_err(|e| Error::io(&pstr, "opening", 0, e))?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let storage: Arc<dyn Storage> = Arc::new(if opts.direct {
+            FileStorage::with_direct(file, path, !opts.read_only)
+        } else {
+            FileStorage::new(file)
+        });
         Self::open_storage_depth(storage, path, opts, chain)
     }
 
@@ -393,7 +401,7 @@ impl Vhdx {
                     reason: format!("chain deeper than {MAX_CHAIN_DEPTH}"),
                 });
             }
-            let parent = crate::diff::open_parent(path, loc, &params, chain)?;
+            let parent = crate::diff::open_parent(path, loc, &params, opts.direct, chain)?;
             Some(Box::new(parent))
         } else {
             None
@@ -518,6 +526,12 @@ impl Vhdx {
         })?;
         hs.session_started = true;
         Ok(())
+    }
+
+    /// Whether aligned payload I/O bypasses the page cache (opened with
+    /// `direct` on a file system that has `O_DIRECT`).
+    pub fn direct_io(&self) -> bool {
+        self.storage.is_direct()
     }
 
     pub fn virtual_size(&self) -> u64 {

@@ -473,8 +473,8 @@ impl Vhdx {
 fn skip_parent_opts() -> OpenOptions {
     OpenOptions {
         read_only: false,
-        no_lock: false,
         skip_parent: true,
+        ..Default::default()
     }
 }
 

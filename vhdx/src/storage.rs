@@ -1,5 +1,14 @@
 //! The file under an image: a small trait so tests can inject faults, and its
 //! implementation over `std::fs::File` with pread/pwrite.
+//!
+//! A [`FileStorage`] may hold a second descriptor of the same file opened with
+//! `O_DIRECT`: payload I/O whose offset, length and buffer addresses are all
+//! [`DIRECT_ALIGN`]-aligned goes through it (no page-cache copy, no writeback
+//! later), everything else (headers, log, BAT, metadata, unaligned guest I/O)
+//! through the buffered one. The two never cover the same bytes at once in
+//! practice (payload blocks and metadata are disjoint regions), and where they
+//! would, the kernel keeps them coherent (direct I/O writes back and drops
+//! cached pages of its range first).
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -42,19 +51,69 @@ pub trait Storage: Send + Sync {
     fn raw_fd(&self) -> Option<i32> {
         None
     }
+    /// Whether aligned I/O bypasses the page cache (`O_DIRECT`).
+    fn is_direct(&self) -> bool {
+        false
+    }
 }
 
-/// A plain file.
+/// Alignment (offset, length, buffer address) that I/O needs to go through
+/// the `O_DIRECT` descriptor. 4 KiB covers every logical block size in use.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A plain file, optionally with an `O_DIRECT` descriptor for aligned I/O.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    direct: Option<File>,
 }
 
 impl FileStorage {
-    /// Wraps an open file.
+    /// Wraps an open file (buffered I/O only).
     pub fn new(file: File) -> FileStorage {
-        FileStorage { file }
+        FileStorage { file, direct: None }
     }
+
+    /// Wraps an open file and, when the file system supports it, opens `path`
+    /// a second time with `O_DIRECT` for aligned I/O. Without support (tmpfs,
+    /// some FUSE file systems) all I/O stays buffered.
+    pub fn with_direct(file: File, path: &std::path::Path, write: bool) -> FileStorage {
+        let direct = open_direct(path, write)
+            .map_err(|e| tracing::debug!(path = %path.display(), "no O_DIRECT: {e}"))
+            .ok();
+        FileStorage { file, direct }
+    }
+
+    fn direct_for(&self, offset: u64, bufs: impl Iterator<Item = (usize, usize)>) -> Option<&File> {
+        let d = self.direct.as_ref()?;
+        if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
+            return None;
+        }
+        let mut any = false;
+        for (addr, len) in bufs {
+            if !addr.is_multiple_of(DIRECT_ALIGN) || !len.is_multiple_of(DIRECT_ALIGN) {
+                return None;
+            }
+            any = true;
+        }
+        any.then_some(d)
+    }
+}
+
+/// Opens `path` with `O_DIRECT` (read-only or read-write).
+pub fn open_direct(path: &std::path::Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// Whether an error from the `O_DIRECT` descriptor means "not this way"
+/// (alignment the device does not accept) rather than a real I/O error.
+fn direct_refused(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
 }
 
 fn iov_max(n: usize) -> libc::c_int {
@@ -62,50 +121,90 @@ fn iov_max(n: usize) -> libc::c_int {
     n.min(1024) as libc::c_int
 }
 
+fn preadv(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: IoSliceMut is ABI-compatible with iovec; the pointers are valid
+    // for the lifetime of `bufs`, which outlives the call.
+    let n = unsafe {
+        libc::preadv(
+            file.as_raw_fd(),
+            bufs.as_mut_ptr() as *const libc::iovec,
+            iov_max(bufs.len()),
+            off,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn pwritev(file: &File, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: IoSlice is ABI-compatible with iovec; the buffers stay borrowed
+    // for the duration of the call and are only read.
+    let n = unsafe {
+        libc::pwritev(
+            file.as_raw_fd(),
+            bufs.as_ptr() as *const libc::iovec,
+            iov_max(bufs.len()),
+            off,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if let Some(d) =
+            self.direct_for(offset, std::iter::once((buf.as_ptr() as usize, buf.len())))
+        {
+            match d.read_at(buf, offset) {
+                Err(e) if direct_refused(&e) => {}
+                r => return r,
+            }
+        }
         self.file.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        if let Some(d) =
+            self.direct_for(offset, std::iter::once((buf.as_ptr() as usize, buf.len())))
+        {
+            match d.write_at(buf, offset) {
+                Err(e) if direct_refused(&e) => {}
+                r => return r,
+            }
+        }
         self.file.write_at(buf, offset)
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        // SAFETY: IoSliceMut is ABI-compatible with iovec; the pointers are valid
-        // for the lifetime of `bufs`, which outlives the call.
-        let n = unsafe {
-            libc::preadv(
-                self.file.as_raw_fd(),
-                bufs.as_mut_ptr() as *const libc::iovec,
-                iov_max(bufs.len()),
-                off,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+        if let Some(d) =
+            self.direct_for(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
+        {
+            match preadv(d, bufs, offset) {
+                Err(e) if direct_refused(&e) => {}
+                r => return r,
+            }
         }
+        preadv(&self.file, bufs, offset)
     }
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        // SAFETY: IoSlice is ABI-compatible with iovec; the buffers stay borrowed
-        // for the duration of the call and are only read.
-        let n = unsafe {
-            libc::pwritev(
-                self.file.as_raw_fd(),
-                bufs.as_ptr() as *const libc::iovec,
-                iov_max(bufs.len()),
-                off,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+        if let Some(d) =
+            self.direct_for(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
+        {
+            match pwritev(d, bufs, offset) {
+                Err(e) if direct_refused(&e) => {}
+                r => return r,
+            }
         }
+        pwritev(&self.file, bufs, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -133,6 +232,9 @@ impl Storage for FileStorage {
     }
     fn raw_fd(&self) -> Option<i32> {
         Some(self.file.as_raw_fd())
+    }
+    fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 }
 

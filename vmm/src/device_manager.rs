@@ -129,7 +129,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError>
     tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
     Ok(match format {
         ImageFormat::Raw => Arc::new(RawFile::open(&cfg.path, cfg.readonly, cfg.direct)?),
-        ImageFormat::Vhdx => Arc::new(VhdxDisk::open(&cfg.path, cfg.readonly)?),
+        ImageFormat::Vhdx => Arc::new(VhdxDisk::open(&cfg.path, cfg.readonly, cfg.direct)?),
     })
 }
 

@@ -296,6 +296,7 @@ fn migrate(
     }
     // The commit point: once Go is on its way, the destination owns the VM.
     protocol::send(wire.stream, &Message::Go).map_err(|e| e.to_string())?;
+    crate::fault::point("kill-after-commit");
     let mut i = lock(&job.info);
     i.status = MigrationStatus::Completed;
     i.pages_sent = wire.pages;

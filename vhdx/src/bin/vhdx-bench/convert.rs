@@ -14,9 +14,17 @@ const MIB: u64 = 1 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tool {
+    /// `vireo-img convert` (default cache mode `none`: O_DIRECT, flush at the end).
     Vireo,
+    /// `qemu-img convert` (default cache mode `unsafe`: page cache, no flush).
     Qemu,
+    /// `qemu-img convert -t none -T none`: qemu-img in vireo-img's cache mode.
+    QemuDirect,
 }
+
+const TOOLS: [Tool; 3] = [Tool::Vireo, Tool::Qemu, Tool::QemuDirect];
+/// Tools whose VHDX output is also used as an input.
+const MAKERS: [Tool; 2] = [Tool::Vireo, Tool::Qemu];
 
 /// Wall times of one case: until the command exits, and until its output is durable.
 #[derive(Default)]
@@ -66,9 +74,13 @@ fn make_source(path: &Path, size: u64) -> BenchResult<String> {
 fn command(tool: Tool, from: &str, to: &str, src: &Path, dst: &Path) -> BenchResult<Command> {
     let mut c = match tool {
         Tool::Vireo => Command::new(vireo_img()?),
-        Tool::Qemu => Command::new("qemu-img"),
+        Tool::Qemu | Tool::QemuDirect => Command::new("qemu-img"),
     };
-    c.args(["convert", "-f", from, "-O", to]).arg(src).arg(dst);
+    c.args(["convert", "-f", from, "-O", to]);
+    if tool == Tool::QemuDirect {
+        c.args(["-t", "none", "-T", "none"]);
+    }
+    c.arg(src).arg(dst);
     Ok(c)
 }
 
@@ -100,7 +112,98 @@ fn name(t: Tool) -> &'static str {
     match t {
         Tool::Vireo => "vireo-img",
         Tool::Qemu => "qemu-img",
+        Tool::QemuDirect => "qemu-img -t none -T none",
     }
+}
+
+/// File name part for a tool's outputs.
+fn tag(t: Tool) -> &'static str {
+    match t {
+        Tool::Vireo => "vireo",
+        Tool::Qemu => "qemu",
+        Tool::QemuDirect => "qemu-direct",
+    }
+}
+
+/// The allocated ranges of a file (SEEK_DATA/SEEK_HOLE).
+fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on an open descriptor with plain integer arguments.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            size as i64
+        } else {
+            hole.min(size as i64)
+        };
+        out.push((data as u64, (end - data) as u64));
+        pos = end;
+    }
+    out
+}
+
+/// The read floor of a conversion: seconds to read every allocated byte of
+/// `input` from a cold cache with O_DIRECT (4 MiB reads, 4 in flight) and write
+/// nothing. No converter that must read those bytes can beat it.
+fn read_floor(input: &Path) -> BenchResult<(f64, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    drop_caches();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(input)?;
+    let size = f.metadata()?.len();
+    let chunk = 4 * MIB;
+    let mut chunks = Vec::new();
+    for (start, len) in data_ranges(&f, size) {
+        let first = start / 4096 * 4096;
+        let mut o = first;
+        while o < start + len {
+            let n = (start + len - o).min(chunk).div_ceil(4096) * 4096;
+            chunks.push((o, n as usize));
+            o += n;
+        }
+    }
+    let bytes: u64 = chunks.iter().map(|c| c.1 as u64).sum();
+    let next = AtomicUsize::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> BenchResult<()> {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    let mut mem = vec![0u8; chunk as usize + 4096];
+                    let a = mem.as_ptr().align_offset(4096);
+                    loop {
+                        let Some(&(off, n)) = chunks.get(next.fetch_add(1, Ordering::Relaxed))
+                        else {
+                            return Ok(());
+                        };
+                        let mut done = 0;
+                        while done < n {
+                            match f.read_at(&mut mem[a + done..a + n], off + done as u64)? {
+                                0 => break,
+                                k => done += k,
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| "read floor thread panicked")??;
+        }
+        Ok(())
+    })?;
+    Ok((t0.elapsed().as_secs_f64(), bytes))
 }
 
 fn fmt_runs(v: &[f64]) -> String {
@@ -117,25 +220,20 @@ pub fn run(args: &Args, dir: &Path) -> BenchResult<()> {
     eprintln!("convert: writing the {} source image", human_size(size));
     let layout = make_source(&src, size)?;
     let cold = drop_caches();
-    let tools = [Tool::Vireo, Tool::Qemu];
-    let vhdx_out = |t: Tool| -> PathBuf {
-        dir.join(match t {
-            Tool::Vireo => "by-vireo.vhdx",
-            Tool::Qemu => "by-qemu.vhdx",
-        })
-    };
-    let mut rows: Vec<(String, [Times; 2])> = Vec::new();
+    let vhdx_out = |t: Tool| -> PathBuf { dir.join(format!("by-{}.vhdx", tag(t))) };
+    let mut rows: Vec<(String, [Times; 3], (f64, u64))> = Vec::new();
     let mut checks: Vec<String> = Vec::new();
 
     // raw -> VHDX.
-    let mut t: [Times; 2] = Default::default();
+    let floor = read_floor(&src)?;
+    let mut t: [Times; 3] = Default::default();
     for r in 0..runs {
-        for (i, &tool) in tools.iter().enumerate() {
+        for (i, &tool) in TOOLS.iter().enumerate() {
             eprintln!("convert: raw->vhdx {} run {}/{runs}", name(tool), r + 1);
             time_one(tool, "raw", "vhdx", &src, &vhdx_out(tool), &mut t[i])?;
         }
     }
-    for &tool in &tools {
+    for &tool in &TOOLS {
         let out = vhdx_out(tool);
         qemu_check(&out)?;
         qemu_compare(&src, &out)?;
@@ -144,15 +242,16 @@ pub fn run(args: &Args, dir: &Path) -> BenchResult<()> {
             name(tool)
         ));
     }
-    rows.push(("raw → VHDX".into(), t));
+    rows.push(("raw → VHDX".into(), t, floor));
 
     // VHDX -> raw, from each tool's image.
-    for &maker in &tools {
+    for &maker in &MAKERS {
         let input = vhdx_out(maker);
-        let mut t: [Times; 2] = Default::default();
-        let raw_out = |t: Tool| dir.join(format!("{}-from-{}.raw", name(t), name(maker)));
+        let floor = read_floor(&input)?;
+        let mut t: [Times; 3] = Default::default();
+        let raw_out = |t: Tool| dir.join(format!("{}-from-{}.raw", tag(t), tag(maker)));
         for r in 0..runs {
-            for (i, &tool) in tools.iter().enumerate() {
+            for (i, &tool) in TOOLS.iter().enumerate() {
                 eprintln!(
                     "convert: vhdx({})->raw {} run {}/{runs}",
                     name(maker),
@@ -162,7 +261,7 @@ pub fn run(args: &Args, dir: &Path) -> BenchResult<()> {
                 time_one(tool, "vhdx", "raw", &input, &raw_out(tool), &mut t[i])?;
             }
         }
-        for &tool in &tools {
+        for &tool in &TOOLS {
             let out = raw_out(tool);
             same_file(&src, &out)?;
             checks.push(format!(
@@ -172,10 +271,10 @@ pub fn run(args: &Args, dir: &Path) -> BenchResult<()> {
             ));
             std::fs::remove_file(&out)?;
         }
-        rows.push((format!("VHDX (made by {}) → raw", name(maker)), t));
+        rows.push((format!("VHDX (made by {}) → raw", name(maker)), t, floor));
     }
     if !args.keep {
-        for &tool in &tools {
+        for &tool in &TOOLS {
             let _ = std::fs::remove_file(vhdx_out(tool));
         }
         let _ = std::fs::remove_file(&src);
@@ -185,32 +284,43 @@ pub fn run(args: &Args, dir: &Path) -> BenchResult<()> {
     println!("Source: {layout}.");
     println!(
         "Median of {runs} runs, {}. \"exit\" = wall time until the command exits; \
-         \"durable\" = until its output file is also fsync'ed (vireo-img fsyncs before \
-         exiting; qemu-img convert's default cache mode `unsafe` never flushes). \
-         Speedup = qemu time / vireo time.\n",
+         \"durable\" = until its output file is also fsync'ed. vireo-img's default cache \
+         mode (`none`: O_DIRECT, flush before exit) makes its exit time a durable time; \
+         qemu-img's default (`unsafe`) exits with its output still in the page cache; \
+         `qemu-img -t none -T none` is qemu-img in vireo-img's mode. The read floor is \
+         the time to read just the bytes the conversion must read (every allocated byte \
+         of the input, O_DIRECT, 4 MiB reads, 4 in flight, nothing written): no tool \
+         that reads them beats it. Speedup = qemu time / vireo time.\n",
         if cold {
             "page cache dropped before every run"
         } else {
             "page cache NOT dropped (not root): warm source"
         }
     );
-    println!("| case | vireo exit (s) | qemu exit (s) | speedup (exit) | vireo durable (s) | qemu durable (s) | speedup (durable) |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (case, [v, q]) in &rows {
-        let (ve, qe) = (median(&v.exit), median(&q.exit));
-        let (vd, qd) = (median(&v.durable), median(&q.durable));
+    println!(
+        "| case | vireo (s) | qemu exit (s) | qemu durable (s) | qemu -t none (s) | read floor (s) | \
+         vs qemu exit | vs qemu durable | vs qemu -t none | vireo / floor |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (case, [v, q, qn], (floor, bytes)) in &rows {
+        let (ve, qe) = (median(&v.durable), median(&q.exit));
+        let (qd, qnd) = (median(&q.durable), median(&qn.durable));
         println!(
-            "| {case} | {ve:.2} | {qe:.2} | {:.2}x | {vd:.2} | {qd:.2} | {:.2}x |",
+            "| {case} | {ve:.2} | {qe:.2} | {qd:.2} | {qnd:.2} | {floor:.2} ({}) | {:.2}x | {:.2}x | {:.2}x | {:.2} |",
+            human_size(*bytes),
             qe / ve,
-            qd / vd
+            qd / ve,
+            qnd / ve,
+            ve / floor
         );
     }
     println!("\nAll runs (exit s): ");
-    for (case, [v, q]) in &rows {
+    for (case, [v, q, qn], _) in &rows {
         println!(
-            "- {case}: vireo {} / qemu {}",
+            "- {case}: vireo {} / qemu {} / qemu -t none {}",
             fmt_runs(&v.exit),
-            fmt_runs(&q.exit)
+            fmt_runs(&q.exit),
+            fmt_runs(&qn.exit)
         );
     }
     println!("\nVerified:");

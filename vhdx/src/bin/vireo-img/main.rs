@@ -69,6 +69,13 @@ enum Cmd {
         /// Chunks converted in parallel (like qemu-img's -m).
         #[arg(short = 'm', default_value_t = convert::DEFAULT_WORKERS)]
         workers: usize,
+        /// Destination cache mode: none (O_DIRECT, flush at the end),
+        /// writeback (page cache, flush at the end), unsafe (no flush).
+        #[arg(short = 't', default_value = "none")]
+        dst_cache: convert::CacheMode,
+        /// Source cache mode: none (O_DIRECT) or writeback (page cache).
+        #[arg(short = 'T', default_value = "none")]
+        src_cache: convert::CacheMode,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -139,17 +146,21 @@ fn main() -> ExitCode {
             dst_format,
             options,
             workers,
+            dst_cache,
+            src_cache,
             src,
             dst,
-        } => convert::run(
-            &src,
-            src_format.as_deref(),
-            &dst,
-            &dst_format,
-            options.as_deref(),
+        } => convert::run(&convert::Job {
+            src: &src,
+            src_format: src_format.as_deref(),
+            src_cache,
+            dst: &dst,
+            dst_format: &dst_format,
+            dst_cache,
+            options: options.as_deref(),
             progress,
             workers,
-        )
+        })
         .map(|_| 0),
         Cmd::Resize { file, size, .. } => resize(&file, &size).map(|_| 0),
         Cmd::Commit { file, .. } => vhdx::commit(&file)
