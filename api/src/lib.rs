@@ -14,8 +14,9 @@ pub use lifecycle::{Action, InvalidTransition, VmState};
 pub use server::{serve, Dispatch, ServerError, ServerHandle};
 pub use types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DiskMigrationInfo,
-    MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest, RestoreRequest,
-    SendMigrationRequest, SnapshotRequest, VmAction, VmInfo,
+    MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
+    ReceiveMigrationTls, RestoreRequest, SendMigrationRequest, SendMigrationTls, SnapshotRequest,
+    VmAction, VmInfo,
 };
 
 /// The OpenAPI document of the per-VM API.

@@ -61,6 +61,42 @@ pub struct SendMigrationRequest {
     /// see the source's storage).
     #[serde(default)]
     pub copy_storage: bool,
+    /// Mutual TLS on the connection(s) (default: none).
+    #[serde(default)]
+    pub tls: Option<SendMigrationTls>,
+    /// Connections that carry memory pages, 1..=16 (default 1: one connection carries
+    /// everything). With N > 1 the pages of every round are split across N more
+    /// connections beside the one that carries the protocol (docs/migration.md).
+    #[serde(default)]
+    pub connections: Option<u32>,
+}
+
+/// The source's TLS settings (PEM files on the source host).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationTls {
+    /// The CA that the destination's certificate must chain to.
+    pub ca: std::path::PathBuf,
+    /// The source's own certificate chain and its key (a Vireo destination requires a
+    /// client certificate); both or neither.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of a
+    /// `tcp:` URL; required for `unix:`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// The destination's TLS settings (PEM files on the destination host): it presents
+/// `cert` and requires every source to present a certificate that chains to `ca`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
 }
 
 /// `vm.receive-migration`'s body: where to listen for the source.
@@ -71,6 +107,9 @@ pub struct ReceiveMigrationRequest {
     /// Where the disks of a shared-nothing migration are written (required for one).
     #[serde(default)]
     pub storage_dir: Option<std::path::PathBuf>,
+    /// Mutual TLS: only sources with a certificate from `ca` get in (default: none).
+    #[serde(default)]
+    pub tls: Option<ReceiveMigrationTls>,
 }
 
 /// Where a migration stands (`vm.migration-info`).

@@ -5,12 +5,14 @@
 //! - [`memory`]: guest memory to and from files, skipping zero pages.
 //! - [`protocol`]: the live-migration wire protocol (framed messages, page runs).
 //! - [`transport`]: migration URLs (unix, TCP) with timeouts and keepalives.
+//! - [`tls`]: mutual TLS (rustls) on top of either.
 //!
 //! This crate knows the formats, not the VM: the VMM decides what the state contains.
 
 pub mod memory;
 pub mod protocol;
 pub mod snapshot;
+pub mod tls;
 pub mod transport;
 
 pub use snapshot::{Snapshot, SnapshotError, SNAPSHOT_VERSION};

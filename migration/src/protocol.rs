@@ -13,6 +13,17 @@
 //! ```
 //! Any error before Go: the source resumes by itself, the destination discards its copy.
 //!
+//! **Parallel page streams** (`Hello.connections` = N > 1): after Hello the source opens
+//! N more connections to the same URL, each starting with `Join {session, lane}`. From
+//! then on pages travel only on those N streams, split by the source; each stream ends
+//! every pre-copy round with `RoundEnd {round}` (the last one after the switch-over with
+//! `last` set). The destination lets no stream apply pages of round k+1 until every
+//! stream has reached `RoundEnd {k}` (a barrier per round), so a page resent in a later
+//! round is never overwritten by its older copy; and it answers `Ready` only once every
+//! stream has passed its last `RoundEnd`. The first stream (the control stream) keeps
+//! everything else, in order: disk operations, State, Ready, Go. With N = 1 (the
+//! default) nothing of this is sent and the protocol is the single-stream one.
+//!
 //! A frame is `kind: u32 LE, len: u64 LE, payload`. Pages payloads are binary: a run
 //! is `gpa: u64 LE, pages: u32 LE, zero: u8`, followed by the pages' bytes unless
 //! `zero` (the destination zeroes them: a page may have been cleared since it was sent).
@@ -63,7 +74,20 @@ pub struct Hello {
     /// Shared-nothing: the disks' contents follow (`DiskBegin`, `DiskWrite`, ...).
     #[serde(default)]
     pub copy_storage: bool,
+    /// Streams that carry pages (1: this one; N > 1: N more streams that `Join`).
+    #[serde(default = "one")]
+    pub connections: u32,
+    /// Names this migration in the page streams' `Join` (random per migration).
+    #[serde(default)]
+    pub session: u64,
 }
+
+fn one() -> u32 {
+    1
+}
+
+/// Most page streams a migration may open.
+pub const MAX_CONNECTIONS: u32 = 16;
 
 /// Shared-nothing: disk `index` of the configuration is coming; the destination makes
 /// a new image of this format and geometry (named `name` in its storage directory).
@@ -113,6 +137,17 @@ pub enum Message {
     Error(String),
     DiskBegin(DiskBegin),
     Disk(DiskOp),
+    /// The first frame of page stream `lane` (0-based) of migration `session`.
+    Join {
+        session: u64,
+        lane: u32,
+    },
+    /// A page stream finished pre-copy round `round` (rounds count from 0); `last`: the
+    /// final round, after the switch-over.
+    RoundEnd {
+        round: u32,
+        last: bool,
+    },
 }
 
 const K_HELLO: u32 = 1;
@@ -125,6 +160,8 @@ const K_PAGES_ZSTD: u32 = 7;
 const K_DISK_BEGIN: u32 = 8;
 const K_DISK_WRITE: u32 = 9;
 const K_DISK_ZEROES: u32 = 10;
+const K_JOIN: u32 = 11;
+const K_ROUND_END: u32 = 12;
 
 /// zstd level for page batches: fast (guest memory compresses well or not at all).
 const ZSTD_LEVEL: i32 = 1;
@@ -145,6 +182,8 @@ impl Message {
             Message::Error(_) => "Error",
             Message::DiskBegin(_) => "DiskBegin",
             Message::Disk(_) => "Disk",
+            Message::Join { .. } => "Join",
+            Message::RoundEnd { .. } => "RoundEnd",
         }
     }
 }
@@ -198,6 +237,18 @@ pub fn send<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<(), ProtocolErr
         Message::Ready => frame(w, K_READY, &[])?,
         Message::Go => frame(w, K_GO, &[])?,
         Message::Error(e) => frame(w, K_ERROR, e.as_bytes())?,
+        Message::Join { session, lane } => {
+            let mut b = [0u8; 12];
+            b[..8].copy_from_slice(&session.to_le_bytes());
+            b[8..].copy_from_slice(&lane.to_le_bytes());
+            frame(w, K_JOIN, &b)?
+        }
+        Message::RoundEnd { round, last } => {
+            let mut b = [0u8; 5];
+            b[..4].copy_from_slice(&round.to_le_bytes());
+            b[4] = u8::from(*last);
+            frame(w, K_ROUND_END, &b)?
+        }
     }
     w.flush()?;
     Ok(())
@@ -276,6 +327,30 @@ pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
                 Message::Disk(DiskOp::Zeroes { index, offset, len })
             }
         }
+        K_JOIN => {
+            let b: [u8; 12] = payload
+                .as_slice()
+                .try_into()
+                .map_err(|_| ProtocolError::Malformed { what: "Join" })?;
+            let mut session = [0u8; 8];
+            session.copy_from_slice(&b[..8]);
+            let mut lane = [0u8; 4];
+            lane.copy_from_slice(&b[8..]);
+            Message::Join {
+                session: u64::from_le_bytes(session),
+                lane: u32::from_le_bytes(lane),
+            }
+        }
+        K_ROUND_END => {
+            let b: [u8; 5] = payload
+                .as_slice()
+                .try_into()
+                .map_err(|_| ProtocolError::Malformed { what: "RoundEnd" })?;
+            Message::RoundEnd {
+                round: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                last: b[4] != 0,
+            }
+        }
         K_READY => Message::Ready,
         K_GO => Message::Go,
         K_ERROR => Message::Error(String::from_utf8_lossy(&payload).into_owned()),
@@ -344,6 +419,8 @@ mod tests {
             vireo: "test".into(),
             config: serde_json::json!({"cpus": 2}),
             copy_storage: false,
+            connections: 1,
+            session: 0,
         };
         send(&mut buf, &Message::Hello(hello)).unwrap();
         let mut pages = Vec::new();
@@ -418,6 +495,52 @@ mod tests {
     }
 
     #[test]
+    fn page_stream_frames_round_trip_and_old_hellos_mean_one_stream() {
+        let mut buf = Vec::new();
+        send(
+            &mut buf,
+            &Message::Join {
+                session: 0xdead_beef_0123,
+                lane: 3,
+            },
+        )
+        .unwrap();
+        send(
+            &mut buf,
+            &Message::RoundEnd {
+                round: 7,
+                last: true,
+            },
+        )
+        .unwrap();
+        let mut r = &buf[..];
+        assert!(matches!(
+            recv(&mut r).unwrap(),
+            Message::Join {
+                session: 0xdead_beef_0123,
+                lane: 3
+            }
+        ));
+        assert!(matches!(
+            recv(&mut r).unwrap(),
+            Message::RoundEnd {
+                round: 7,
+                last: true
+            }
+        ));
+        let mut short = Vec::new();
+        frame(&mut short, K_ROUND_END, &[1, 2]).unwrap();
+        assert!(matches!(
+            recv(&mut &short[..]),
+            Err(ProtocolError::Malformed { what: "RoundEnd" })
+        ));
+        // A Hello from a Vireo without parallel streams.
+        let h: Hello =
+            serde_json::from_str(r#"{"version":1,"vireo":"0.1","config":null}"#).unwrap();
+        assert_eq!((h.connections, h.session), (1, 0));
+    }
+
+    #[test]
     fn compressed_pages_arrive_as_pages() {
         let mut pages = Vec::new();
         push_run(&mut pages, 0x2000, 4, Some(&[0x5a; 4 * 4096]));
@@ -462,6 +585,8 @@ mod tests {
             vireo: "old".into(),
             config: serde_json::Value::Null,
             copy_storage: false,
+            connections: 1,
+            session: 0,
         })
         .unwrap();
         frame(&mut old, K_HELLO, &h).unwrap();

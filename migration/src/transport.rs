@@ -1,12 +1,16 @@
-//! Where a migration goes: `unix:/path/to.sock` or `tcp:host:port`. Every socket gets
-//! timeouts so a peer that vanishes ends the migration instead of hanging it, and TCP
-//! gets keepalives.
+//! Where a migration goes: `unix:/path/to.sock` or `tcp:host:port`, optionally with
+//! mutual TLS on either (see [`crate::tls`]). Every socket gets timeouts so a peer that
+//! vanishes ends the migration instead of hanging it, and TCP gets keepalives; TLS runs
+//! on top of the same socket, so both still apply.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::tls::{ClientTls, ServerTls, TlsError};
 
 /// How long a read or write may block before the peer counts as gone.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,6 +31,16 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{url}: {source}")]
+    Tls {
+        url: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("{url}: TLS handshake failed: {reason}")]
+    Handshake { url: String, reason: String },
+    #[error("{url}: no connection within {secs} s")]
+    AcceptTimeout { url: String, secs: u64 },
 }
 
 impl std::fmt::Display for MigrationUrl {
@@ -57,9 +71,54 @@ impl std::str::FromStr for MigrationUrl {
     }
 }
 
-/// A connected migration stream.
-pub trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+/// A connected migration stream: plain unix or TCP, or either wrapped in TLS.
+pub trait Stream: Read + Write + Send {
+    /// A handle that cuts this connection from another thread: a read or write blocked
+    /// on it (here or at the peer) fails at once instead of waiting for the timeout.
+    fn cutter(&self) -> std::io::Result<Cutter>;
+}
+
+impl Stream for TcpStream {
+    fn cutter(&self) -> std::io::Result<Cutter> {
+        Cutter::of(self)
+    }
+}
+
+impl Stream for UnixStream {
+    fn cutter(&self) -> std::io::Result<Cutter> {
+        Cutter::of(self)
+    }
+}
+
+impl<C, S: Read + Write + AsFd> Stream for rustls::StreamOwned<C, S>
+where
+    Self: Read + Write + Send,
+{
+    fn cutter(&self) -> std::io::Result<Cutter> {
+        Cutter::of(&self.sock)
+    }
+}
+
+/// Shuts a socket down (both directions) from any thread; see [`Stream::cutter`].
+pub struct Cutter(OwnedFd);
+
+impl Cutter {
+    fn of(s: &impl AsFd) -> std::io::Result<Self> {
+        s.as_fd().try_clone_to_owned().map(Self)
+    }
+
+    pub fn cut(&self) {
+        // SAFETY: shutdown(2) on a descriptor this value owns; no memory is involved.
+        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    /// Ends reading only: a blocked reader sees the end of the stream, while writing
+    /// (e.g. an `Error` frame to the peer) still works.
+    pub fn stop_reading(&self) {
+        // SAFETY: as in `cut`.
+        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RD) };
+    }
+}
 
 impl MigrationUrl {
     fn io(&self) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
@@ -69,73 +128,179 @@ impl MigrationUrl {
         }
     }
 
-    /// Connects to a destination that is listening.
+    /// The host of a TCP URL (what a TLS destination's certificate must name).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            MigrationUrl::Unix(_) => None,
+            MigrationUrl::Tcp(a) => a.rsplit_once(':').map(|(h, _)| h),
+        }
+    }
+
+    /// Connects to a destination that is listening (without TLS).
     pub fn connect(&self) -> Result<Box<dyn Stream>, TransportError> {
+        self.connect_with(None)
+    }
+
+    /// Connects, then (with `tls`) handshakes: the destination's certificate is checked
+    /// against the CA for the URL's host (or the explicit server name), and this side's
+    /// certificate is presented. The socket's timeouts and keepalives apply throughout.
+    pub fn connect_with(&self, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>, TransportError> {
+        let name = match tls {
+            Some(t) => {
+                Some(
+                    t.server_name_for(self.host())
+                        .map_err(|source| TransportError::Tls {
+                            url: self.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let handshake = |e: std::io::Error| TransportError::Handshake {
+            url: self.to_string(),
+            reason: crate::tls::explain(&e),
+        };
         match self {
             MigrationUrl::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(self.io())?;
                 s.set_read_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
                 s.set_write_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
-                Ok(Box::new(s))
+                match (tls, name) {
+                    (Some(t), Some(n)) => Ok(Box::new(t.handshake(n, s).map_err(handshake)?)),
+                    _ => Ok(Box::new(s)),
+                }
             }
             MigrationUrl::Tcp(a) => {
                 let s = TcpStream::connect(a).map_err(self.io())?;
                 tune_tcp(&s).map_err(self.io())?;
-                Ok(Box::new(s))
+                match (tls, name) {
+                    (Some(t), Some(n)) => Ok(Box::new(t.handshake(n, s).map_err(handshake)?)),
+                    _ => Ok(Box::new(s)),
+                }
             }
         }
     }
 
     /// Starts listening (so a source may connect as soon as this returns).
     pub fn listen(&self) -> Result<Listener, TransportError> {
+        self.listen_with(None)
+    }
+
+    /// Starts listening; with `tls` every accepted stream must pass a mutual-TLS
+    /// handshake before it is handed out.
+    pub fn listen_with(&self, tls: Option<ServerTls>) -> Result<Listener, TransportError> {
         let url = self.to_string();
-        match self {
+        let socket = match self {
             MigrationUrl::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 let l = UnixListener::bind(p).map_err(self.io())?;
-                Ok(Listener::Unix(l, p.clone(), url))
+                Socket::Unix(l, p.clone())
             }
-            MigrationUrl::Tcp(a) => {
-                let l = TcpListener::bind(a).map_err(self.io())?;
-                Ok(Listener::Tcp(l, url))
-            }
+            MigrationUrl::Tcp(a) => Socket::Tcp(TcpListener::bind(a).map_err(self.io())?),
+        };
+        Ok(Listener { socket, url, tls })
+    }
+}
+
+enum Socket {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// A bound migration endpoint. It stops listening when dropped (a unix socket file is
+/// removed then).
+pub struct Listener {
+    socket: Socket,
+    url: String,
+    tls: Option<ServerTls>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Socket::Unix(_, path) = &self.socket {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
 
-/// A bound migration endpoint, waiting for its one source.
-pub enum Listener {
-    Unix(UnixListener, PathBuf, String),
-    Tcp(TcpListener, String),
-}
-
 impl Listener {
-    /// Accepts one source and stops listening (a unix socket file is removed).
+    fn io(&self) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
+        move |source| TransportError::Io {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// Accepts one source and stops listening.
     pub fn accept_one(self) -> Result<Box<dyn Stream>, TransportError> {
-        let io = |url: &str| {
-            let url = url.to_string();
-            move |source| TransportError::Io { url, source }
+        self.accept()
+    }
+
+    /// Waits (as long as it takes) for the next connection; see [`Listener::accept_within`].
+    pub fn accept(&self) -> Result<Box<dyn Stream>, TransportError> {
+        self.accept_within(None)
+    }
+
+    /// Accepts the next connection within `timeout` (None: no limit), with the
+    /// stream's timeouts set and, if configured, the TLS handshake done.
+    pub fn accept_within(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<Box<dyn Stream>, TransportError> {
+        if let Some(t) = timeout {
+            self.wait_readable(t)?;
+        }
+        let handshake = |e: std::io::Error| TransportError::Handshake {
+            url: self.url.clone(),
+            reason: crate::tls::explain(&e),
         };
-        match self {
-            Listener::Unix(l, path, url) => {
-                let accepted = l.accept();
-                let _ = std::fs::remove_file(&path);
-                let (s, _) = accepted.map_err(io(&url))?;
-                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io(&url))?;
-                s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io(&url))?;
-                Ok(Box::new(s))
+        match &self.socket {
+            Socket::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(self.io())?;
+                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
+                s.set_write_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
+                match &self.tls {
+                    Some(t) => Ok(Box::new(t.handshake(s).map_err(handshake)?)),
+                    None => Ok(Box::new(s)),
+                }
             }
-            Listener::Tcp(l, url) => {
-                let (s, _) = l.accept().map_err(io(&url))?;
-                tune_tcp(&s).map_err(io(&url))?;
-                Ok(Box::new(s))
+            Socket::Tcp(l) => {
+                let (s, _) = l.accept().map_err(self.io())?;
+                tune_tcp(&s).map_err(self.io())?;
+                match &self.tls {
+                    Some(t) => Ok(Box::new(t.handshake(s).map_err(handshake)?)),
+                    None => Ok(Box::new(s)),
+                }
             }
+        }
+    }
+
+    fn wait_readable(&self, timeout: Duration) -> Result<(), TransportError> {
+        let fd = match &self.socket {
+            Socket::Unix(l, _) => l.as_raw_fd(),
+            Socket::Tcp(l) => l.as_raw_fd(),
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll(2) on one pollfd that lives on this stack frame.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        match rc {
+            0 => Err(TransportError::AcceptTimeout {
+                url: self.url.clone(),
+                secs: timeout.as_secs(),
+            }),
+            n if n < 0 => Err(self.io()(std::io::Error::last_os_error())),
+            _ => Ok(()),
         }
     }
 }
 
 fn tune_tcp(s: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use vireo_e2e::{api, assert_guest_ok, bin, pattern, wait_for_socket, wait_with_timeout, Vireo};
 
+use vireo_e2e::tls_certs::{receive_tls, send_tls, Ca};
+
 const T: Duration = Duration::from_secs(60);
 const BLOCKS: u64 = 64;
 
@@ -195,7 +197,12 @@ impl Destination {
     }
 
     fn listen(&self, url: &str) {
-        let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+        self.listen_with(url, "");
+    }
+
+    /// `extra`: more JSON fields, e.g. `,"tls":{...}`.
+    fn listen_with(&self, url: &str, extra: &str) {
+        let body = format!(r#"{{"receiver_url":"{url}"{extra}}}"#);
         let (s, b) = api(&self.sock, "PUT", "vm.receive-migration", Some(&body));
         assert_eq!(s, 204, "{b}");
     }
@@ -223,7 +230,7 @@ fn send_with(sock: &Path, url: &str, extra: &str) {
 
 /// A source VMM running the workload on `disk`.
 fn source(dir: &Path, disk: &Path, ops: u64) -> (vireo_e2e::Running, std::path::PathBuf) {
-    source_with_env(dir, disk, ops, &[])
+    source_with(dir, disk, ops, 512, &[])
 }
 
 /// [`source`] with more environment variables (e.g. `VIREO_FAULT`).
@@ -233,9 +240,31 @@ fn source_with_env(
     ops: u64,
     env: &[(&str, &str)],
 ) -> (vireo_e2e::Running, std::path::PathBuf) {
+    source_with(dir, disk, ops, 512, env)
+}
+
+/// [`source`] whose workload rewrites (and checks) `pages` pages per iteration.
+fn source_with_pages(
+    dir: &Path,
+    disk: &Path,
+    ops: u64,
+    pages: u64,
+) -> (vireo_e2e::Running, std::path::PathBuf) {
+    source_with(dir, disk, ops, pages, &[])
+}
+
+/// A source VMM running the workload (`pages` per iteration) on `disk`, with `env`;
+/// it logs its migration's summary (vmm::live at info) on stderr.
+fn source_with(
+    dir: &Path,
+    disk: &Path,
+    ops: u64,
+    pages: u64,
+    env: &[(&str, &str)],
+) -> (vireo_e2e::Running, std::path::PathBuf) {
     let sock = dir.join("src.sock");
     let mut vm = Vireo::guest(
-        &format!("test=workload pages=512 ops={ops} report=200"),
+        &format!("test=workload pages={pages} ops={ops} report=200"),
         &[
             "--api-socket",
             sock.to_str().unwrap(),
@@ -243,21 +272,62 @@ fn source_with_env(
             &format!("path={}", disk.display()),
         ],
     );
+    vm.cmd.env("RUST_LOG", "vmm::live=info");
     vm.cmd.envs(env.iter().copied());
     let vm = vm.spawn();
     wait_for_socket(&sock, T);
     (vm, sock)
 }
 
+/// Log text without ANSI colour sequences.
+fn plain(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A free TCP port on loopback, as a migration URL.
+fn tcp_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("tcp:127.0.0.1:{port}")
+}
+
 fn migrate_and_check(url_of: impl Fn(&Path) -> String, extra: &str) {
+    migrate_and_check_with(url_of, extra, "", 512);
+}
+
+/// Migrates the running workload and checks that it finishes at the destination with
+/// every page and block intact; returns the source's log.
+fn migrate_and_check_with(
+    url_of: impl Fn(&Path) -> String,
+    extra: &str,
+    receive_extra: &str,
+    pages: u64,
+) -> String {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
     let ops = 3000;
-    let (src, src_sock) = source(dir.path(), &disk, ops);
+    let (src, src_sock) = source_with_pages(dir.path(), &disk, ops, pages);
     src.wait_serial("work iter=400 ", T);
     let dst = Destination::start(dir.path());
     let url = url_of(dir.path());
-    dst.listen(&url);
+    dst.listen_with(&url, receive_extra);
     send_with(&src_sock, &url, extra);
     // The source hands over and ends cleanly; the guest finishes at the destination.
     let src_serial_path = src.serial.clone();
@@ -281,6 +351,7 @@ fn migrate_and_check(url_of: impl Fn(&Path) -> String, extra: &str) {
         "the guest must not start over"
     );
     assert_blocks(&disk, ops);
+    plain(&src_out.stderr)
 }
 
 #[test]
@@ -290,16 +361,302 @@ fn live_migration_over_a_unix_socket_moves_the_running_workload() {
 
 #[test]
 fn live_migration_over_tcp_loopback_compressed_and_paced_moves_the_running_workload() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let url = tcp_url();
     // zstd pages and a 200 MiB/s cap: the guest checks every page it wrote.
     migrate_and_check(
-        move |_| format!("tcp:127.0.0.1:{port}"),
+        move |_| url.clone(),
         r#","compress":true,"bandwidth_mib_s":200"#,
     );
+}
+
+#[test]
+fn live_migration_over_tcp_with_mutual_tls_moves_the_running_workload() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path(), "ca");
+    let server = ca.server("dst", &["localhost", "127.0.0.1"]);
+    let client = ca.client("src");
+    let url = tcp_url();
+    let log = migrate_and_check_with(
+        move |_| url.clone(),
+        &send_tls(Some(&client), &ca),
+        &receive_tls(&server, &ca),
+        512,
+    );
+    assert!(log.contains("migration committed"), "{log}");
+    assert!(log.contains("tls=true"), "{log}");
+}
+
+#[test]
+fn live_migration_over_four_connections_moves_the_running_workload() {
+    // A 4 MiB hot set (1024 pages): each round's pages are split over the four page
+    // streams, and the guest checks every page of every iteration after the move.
+    let url = tcp_url();
+    let log = migrate_and_check_with(move |_| url.clone(), r#","connections":4"#, "", 1024);
+    assert!(log.contains("connections=4"), "{log}");
+    assert!(log.contains("tls=false"), "{log}");
+}
+
+#[test]
+fn live_migration_over_a_unix_socket_with_tls_and_two_compressed_connections() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new(certs.path(), "ca");
+    let server = ca.server("dst", &["dst.vireo.test"]);
+    let client = ca.client("src");
+    let tls = send_tls(Some(&client), &ca);
+    // A unix URL has no host: the certificate's name is given.
+    let extra = format!(
+        r#"{},"server_name":"dst.vireo.test"}},"connections":2,"compress":true"#,
+        tls.trim_end_matches('}')
+    );
+    let log = migrate_and_check_with(
+        |d| format!("unix:{}", d.join("mig.sock").display()),
+        &extra,
+        &receive_tls(&server, &ca),
+        1024,
+    );
+    assert!(log.contains("connections=2"), "{log}");
+    assert!(log.contains("tls=true"), "{log}");
+}
+
+/// Waits for the source's migration to fail; returns its error.
+fn wait_send_failed(sock: &Path) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let info = api(sock, "GET", "vm.migration-info", None).1;
+        if info.contains("\"failed\"") {
+            let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+            return v["error"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(start.elapsed() < T, "the migration did not fail: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The guest goes on counting: a report line past `after` appears.
+fn assert_keeps_counting(src: &vireo_e2e::Running, sock: &Path) {
+    let now = last_iter(&src.serial_text());
+    let next = (now / 200 + 2) * 200;
+    src.wait_serial(&format!("work iter={next} "), T);
+    let (_, info) = api(sock, "GET", "vm.info", None);
+    assert!(info.contains("\"Running\""), "{info}");
+}
+
+#[test]
+fn tls_failures_leave_the_source_running_and_a_good_tls_migration_then_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let other = Ca::new(dir.path(), "other");
+    let server = ca.server("dst", &["localhost", "127.0.0.1"]);
+    let client = ca.client("src");
+    let disk = raw_disk(dir.path());
+    let ops = 5000;
+    let (src, src_sock) = source_with_pages(dir.path(), &disk, ops, 512);
+    src.wait_serial("work iter=400 ", T);
+
+    // The destination trusts another CA than the one that signed the source.
+    let d1 = dir.path().join("d1");
+    std::fs::create_dir(&d1).unwrap();
+    let dst = Destination::start(&d1);
+    let url = tcp_url();
+    dst.listen_with(&url, &receive_tls(&server, &other));
+    send_with(&src_sock, &url, &send_tls(Some(&client), &ca));
+    let e = wait_send_failed(&src_sock);
+    assert!(e.contains("TLS handshake failed"), "{e}");
+    assert!(e.contains("does not trust this side's certificate"), "{e}");
+    let d = wait_failed(&dst.sock);
+    assert!(d.contains("UnknownIssuer"), "{d}");
+    assert_keeps_counting(&src, &src_sock);
+    drop(dst);
+
+    // The source presents no certificate.
+    let d2 = dir.path().join("d2");
+    std::fs::create_dir(&d2).unwrap();
+    let dst = Destination::start(&d2);
+    let url = tcp_url();
+    dst.listen_with(&url, &receive_tls(&server, &ca));
+    send_with(&src_sock, &url, &send_tls(None, &ca));
+    let e = wait_send_failed(&src_sock);
+    assert!(e.contains("requires a client certificate"), "{e}");
+    let d = wait_failed(&dst.sock);
+    assert!(d.contains("no certificates"), "{d}");
+    assert_keeps_counting(&src, &src_sock);
+
+    // A plain source at a TLS destination: refused there.
+    drop(dst);
+    let d3 = dir.path().join("d3");
+    std::fs::create_dir(&d3).unwrap();
+    let dst = Destination::start(&d3);
+    let url = tcp_url();
+    dst.listen_with(&url, &receive_tls(&server, &ca));
+    send_with(&src_sock, &url, "");
+    let d = wait_failed(&dst.sock);
+    assert!(d.contains("TLS handshake failed"), "{d}");
+    wait_send_failed(&src_sock);
+    assert_keeps_counting(&src, &src_sock);
+    drop(dst);
+
+    // Then the right certificates, over four page streams: the guest finishes at the
+    // destination with every page and block it wrote.
+    let d4 = dir.path().join("d4");
+    std::fs::create_dir(&d4).unwrap();
+    let dst = Destination::start(&d4);
+    let url = tcp_url();
+    dst.listen_with(&url, &receive_tls(&server, &ca));
+    send_with(
+        &src_sock,
+        &url,
+        &format!(r#"{},"connections":4"#, send_tls(Some(&client), &ca)),
+    );
+    let src_out = src.wait(T);
+    assert_eq!(src_out.status.code(), Some(0), "{}", plain(&src_out.stderr));
+    let log = plain(&src_out.stderr);
+    assert!(
+        log.contains("tls=true") && log.contains("connections=4"),
+        "{log}"
+    );
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(d4.join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    assert_blocks(&disk, ops);
+}
+
+#[test]
+fn migration_requests_with_bad_tls_or_connections_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.server("dst", &["localhost"]);
+    let dst = Destination::start(dir.path());
+    let send = |body: &str| api(&dst.sock, "PUT", "vm.send-migration", Some(body));
+    for n in [0, 17] {
+        let (s, b) = send(&format!(
+            r#"{{"destination_url":"tcp:127.0.0.1:1","connections":{n}}}"#
+        ));
+        assert_eq!(s, 400, "{b}");
+        assert!(b.contains("connections must be 1..=16"), "{b}");
+    }
+    let (s, b) =
+        send(r#"{"destination_url":"tcp:127.0.0.1:1","tls":{"ca":"/nonexistent/ca.pem"}}"#);
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b.contains("/nonexistent/ca.pem") && b.contains("No such file"),
+        "{b}"
+    );
+    let (s, b) = send(&format!(
+        r#"{{"destination_url":"unix:/tmp/x.sock"{}}}"#,
+        send_tls(None, &ca)
+    ));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("server_name"), "{b}");
+    let (s, b) = send(&format!(
+        r#"{{"destination_url":"tcp:127.0.0.1:1","tls":{{"ca":"{}","cert":"{}"}}}}"#,
+        ca.file().display(),
+        server.cert.display()
+    ));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("both cert and key"), "{b}");
+
+    let receive = |body: &str| api(&dst.sock, "PUT", "vm.receive-migration", Some(body));
+    let url = tcp_url();
+    let (s, b) = receive(&format!(
+        r#"{{"receiver_url":"{url}","tls":{{"cert":"{}","key":"{}","ca":"{}"}}}}"#,
+        server.cert.display(),
+        ca.file().display(), // not a key
+        ca.file().display()
+    ));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("no PEM private key"), "{b}");
+    let (s, b) = receive(&format!(r#"{{"receiver_url":"{url}","tls":{{"ca":"x"}}}}"#));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("missing field"), "{b}");
+    // Nothing was left listening by the refused requests.
+    dst.listen(&url);
+}
+
+/// Reads one frame (kind, payload) by hand.
+fn read_frame(s: &mut impl std::io::Read) -> Option<(u32, Vec<u8>)> {
+    let mut hdr = [0u8; 12];
+    s.read_exact(&mut hdr).ok()?;
+    let kind = u32::from_le_bytes(hdr[..4].try_into().unwrap());
+    let len = u64::from_le_bytes(hdr[4..].try_into().unwrap());
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).ok()?;
+    Some((kind, payload))
+}
+
+#[test]
+fn a_page_stream_cut_mid_copy_leaves_the_source_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 5000;
+    let (src, src_sock) = source_with_pages(dir.path(), &disk, ops, 512);
+    src.wait_serial("work iter=400 ", T);
+    // A destination that takes the control stream and two page streams, drops page
+    // stream 0 after its first frame, and from then on holds stream 1 open unread (so
+    // the source's writer there blocks on a full socket).
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (mut control, _) = listener.accept().unwrap();
+        let (kind, hello) = read_frame(&mut control).unwrap();
+        assert_eq!(kind, 1);
+        let hello: serde_json::Value = serde_json::from_slice(&hello).unwrap();
+        assert_eq!(hello["connections"], 2, "{hello}");
+        let mut streams = [None, None];
+        for _ in 0..2 {
+            let mut s = listener.accept().unwrap().0;
+            let (kind, join) = read_frame(&mut s).unwrap();
+            assert_eq!(kind, 11, "Join");
+            assert_eq!(join[..8], hello["session"].as_u64().unwrap().to_le_bytes());
+            let lane = u32::from_le_bytes(join[8..12].try_into().unwrap()) as usize;
+            streams[lane] = Some(s);
+        }
+        let [Some(mut lane0), Some(mut lane1)] = streams else {
+            panic!("two page streams, lanes 0 and 1");
+        };
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let drain = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) && read_frame(&mut lane1).is_some() {}
+            lane1
+        });
+        let first = read_frame(&mut lane0).map(|(kind, _)| kind);
+        stop.store(true, Ordering::SeqCst);
+        let cut_at = std::time::Instant::now();
+        drop(lane0);
+        // The source gives up: it closes the control stream.
+        while read_frame(&mut control).is_some() {}
+        (first, cut_at, drain.join().unwrap())
+    });
+    send_with(
+        &src_sock,
+        &format!("unix:{}", path.display()),
+        r#","connections":2"#,
+    );
+    let (first, cut_at, _held) = peer.join().unwrap();
+    assert!(
+        matches!(first, Some(2 | 12)),
+        "Pages or RoundEnd first: {first:?}"
+    );
+    let e = wait_send_failed(&src_sock);
+    assert!(e.contains("page stream"), "{e}");
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(10),
+        "the source took {:?} to give up (a blocked stream must not wait for its timeout)",
+        cut_at.elapsed()
+    );
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    let out = src.wait(T);
+    assert_eq!(out.status.code(), Some(0));
+    assert_blocks(&disk, ops);
 }
 
 /// A destination that misbehaves at a chosen moment, speaking the wire format

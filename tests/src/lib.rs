@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
+pub mod tls_certs;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

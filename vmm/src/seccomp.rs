@@ -140,6 +140,10 @@ const COMMON: &[i64] = &[
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+    // std's hash seeds; and on migration threads (which run under the Control filter)
+    // rustls/ring's randomness for TLS handshakes and the page streams' session number.
+    // TLS needs nothing else: it only reads and writes the sockets, and its PEM files
+    // are read on the control thread when the migration is requested.
     libc::SYS_getrandom,
     libc::SYS_gettid,
     libc::SYS_getpid,
@@ -178,6 +182,9 @@ const DISK_IO: &[i64] = &[
     libc::SYS_ftruncate,
 ];
 
+/// Sockets. The migration threads use `shutdown` to cut their streams from another
+/// thread (a failed page stream ends the others at once) and `poll` to wait for page
+/// streams with a time limit.
 const SOCKETS: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_recvfrom,

@@ -324,6 +324,19 @@ impl Vmm {
                 .map_err(|e: migration::transport::TransportError| {
                     ApiError::bad_request(e.to_string())
                 })?;
+        let connections = r.connections.unwrap_or(1);
+        if !(1..=migration::protocol::MAX_CONNECTIONS).contains(&connections) {
+            return Err(ApiError::bad_request(format!(
+                "connections must be 1..={}, got {connections}",
+                migration::protocol::MAX_CONNECTIONS
+            )));
+        }
+        let tls = r
+            .tls
+            .as_ref()
+            .map(|t| crate::live::tls::client(t, &url))
+            .transpose()
+            .map_err(ApiError::bad_request)?;
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
@@ -354,6 +367,8 @@ impl Vmm {
         });
         let job = send::SendJob {
             url,
+            tls,
+            connections,
             downtime: std::time::Duration::from_millis(r.downtime_ms.unwrap_or(50)),
             compress: r.compress,
             copy_storage: r.copy_storage,
@@ -551,8 +566,14 @@ impl Vmm {
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
+        let tls = r
+            .tls
+            .as_ref()
+            .map(crate::live::tls::server)
+            .transpose()
+            .map_err(ApiError::bad_request)?;
         let listener = url
-            .listen()
+            .listen_with(tls)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         self.set_migration(MigrationInfo {
             status: MigrationStatus::Receiving,

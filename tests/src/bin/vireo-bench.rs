@@ -9,7 +9,10 @@
 //!
 //! 5. Live storage migration of a 4 GiB disk under a guest write load (vs drive-mirror).
 //!
-//! Usage: `vireo-bench [--runs N] [--skip-blk] [--only boot|memory|blk|migration|storage]`
+//! 6. Live migration over TCP: plain vs mutual TLS, one vs four page streams (Vireo).
+//!
+//! Usage: `vireo-bench [--runs N] [--skip-blk]
+//! [--only boot|memory|blk|migration|storage|migration-transport]`
 //! (build the workspace binaries first).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -406,78 +409,92 @@ fn guest_gap(d: &Path) -> String {
     }
 }
 
+/// One Vireo migration of `cmdline`'s guest in `d` to `url`, with more JSON fields for
+/// the send and receive requests: (total ms, downtime ms, rounds), as the source logs them.
+fn vireo_migrate(
+    d: &Path,
+    cmdline: &str,
+    mem_mib: u32,
+    url: &str,
+    send_extra: &str,
+    receive_extra: &str,
+) -> (f64, f64, String) {
+    let src_sock = d.join("src.sock");
+    let dst_sock = d.join("dst.sock");
+    let mut src = Vmm::Vireo.command(cmdline, mem_mib, None);
+    src.arg("--api-socket")
+        .arg(&src_sock)
+        .env("RUST_LOG", "vmm::live=info");
+    let src_log = std::fs::File::create(d.join("src.err")).expect("log");
+    let mut src = src
+        .stdout(std::fs::File::create(d.join("src.serial")).expect("serial"))
+        .stderr(src_log)
+        .spawn()
+        .expect("source");
+    let mut dst = Command::new(bin("vireo"))
+        .arg("--api-socket")
+        .arg(&dst_sock)
+        .arg("--serial")
+        .arg(format!("file={}", d.join("dst.serial").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("destination");
+    vireo_e2e::wait_for_socket(&src_sock, Duration::from_secs(10));
+    vireo_e2e::wait_for_socket(&dst_sock, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
+    let (s, b) = vireo_e2e::api(
+        &dst_sock,
+        "PUT",
+        "vm.receive-migration",
+        Some(&format!(r#"{{"receiver_url":"{url}"{receive_extra}}}"#)),
+    );
+    assert_eq!(s, 204, "{b}");
+    let (s, b) = vireo_e2e::api(
+        &src_sock,
+        "PUT",
+        "vm.send-migration",
+        Some(&format!(r#"{{"destination_url":"{url}"{send_extra}}}"#)),
+    );
+    assert_eq!(s, 204, "{b}");
+    let _ = src.wait();
+    let log = std::fs::read_to_string(d.join("src.err")).unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("migration committed"))
+        .unwrap_or_else(|| panic!("vireo migration did not commit:\n{log}"))
+        .to_string();
+    let field = |name: &str| -> f64 {
+        let clean: String = line
+            .split('\x1b')
+            .map(|p| p.split_once('m').map_or(p, |(_, r)| r))
+            .collect();
+        clean
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = vireo_e2e::api(&dst_sock, "PUT", "vm.shutdown", None);
+    let _ = dst.kill();
+    let _ = dst.wait();
+    (
+        field("total_ms="),
+        field("downtime_ms="),
+        field("rounds=").to_string(),
+    )
+}
+
 /// (total ms, downtime ms, "rounds | guest gap") of one migration of `cmdline`'s guest.
 fn migrate_once(vmm: Vmm, cmdline: &str, mem_mib: u32, auto_converge: bool) -> (f64, f64, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     match vmm {
         Vmm::Vireo => {
-            let src_sock = d.join("src.sock");
-            let dst_sock = d.join("dst.sock");
-            let mut src = vmm.command(cmdline, mem_mib, None);
-            src.arg("--api-socket")
-                .arg(&src_sock)
-                .env("RUST_LOG", "vmm::live=info");
-            let src_log = std::fs::File::create(d.join("src.err")).expect("log");
-            let mut src = src
-                .stdout(std::fs::File::create(d.join("src.serial")).expect("serial"))
-                .stderr(src_log)
-                .spawn()
-                .expect("source");
-            let mut dst = Command::new(bin("vireo"))
-                .arg("--api-socket")
-                .arg(&dst_sock)
-                .arg("--serial")
-                .arg(format!("file={}", d.join("dst.serial").display()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("destination");
-            vireo_e2e::wait_for_socket(&src_sock, Duration::from_secs(10));
-            vireo_e2e::wait_for_socket(&dst_sock, Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
             let url = format!("unix:{}", d.join("mig.sock").display());
-            let (s, b) = vireo_e2e::api(
-                &dst_sock,
-                "PUT",
-                "vm.receive-migration",
-                Some(&format!(r#"{{"receiver_url":"{url}"}}"#)),
-            );
-            assert_eq!(s, 204, "{b}");
-            let (s, b) = vireo_e2e::api(
-                &src_sock,
-                "PUT",
-                "vm.send-migration",
-                Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
-            );
-            assert_eq!(s, 204, "{b}");
-            let _ = src.wait();
-            let log = std::fs::read_to_string(d.join("src.err")).unwrap_or_default();
-            let line = log
-                .lines()
-                .find(|l| l.contains("migration committed"))
-                .unwrap_or_else(|| panic!("vireo migration did not commit:\n{log}"))
-                .to_string();
-            let field = |name: &str| -> f64 {
-                let clean: String = line
-                    .split('\x1b')
-                    .map(|p| p.split_once('m').map_or(p, |(_, r)| r))
-                    .collect();
-                clean
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(f64::NAN)
-            };
-            std::thread::sleep(Duration::from_millis(300));
-            let _ = vireo_e2e::api(&dst_sock, "PUT", "vm.shutdown", None);
-            let _ = dst.kill();
-            let _ = dst.wait();
-            (
-                field("total_ms="),
-                field("downtime_ms="),
-                format!("{} | {}", field("rounds="), guest_gap(d)),
-            )
+            let (total, down, rounds) = vireo_migrate(d, cmdline, mem_mib, &url, "", "");
+            (total, down, format!("{rounds} | {}", guest_gap(d)))
         }
         Vmm::Qemu => {
             let mig = d.join("q.mig");
@@ -576,6 +593,64 @@ fn migration_table() {
         }
     }
     println!("\nGoals: idle total ≤ 1500 ms and downtime ≤ 20 ms; dirtying guest always completes with downtime ≤ 50 ms.\n");
+}
+
+/// Live migration over TCP loopback: plain or mutual TLS, one or four page streams.
+fn migration_transport_table() {
+    println!("### Live migration over TCP loopback: TLS and parallel page streams, 1 GiB guest, 1 vCPU\n");
+    println!("Vireo only, source and destination on this host; total and downtime as the source logs them (median of 3).\n");
+    println!("| guest | transport | connections | total (ms) | downtime (ms) | rounds |");
+    println!("|---|---|---|---|---|---|");
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = vireo_e2e::tls_certs::Ca::new(certs.path(), "ca");
+    let server = ca.server("dst", &["127.0.0.1"]);
+    let client = ca.client("src");
+    let cases = [
+        ("idle (test=counter)", "test=counter period_ms=1"),
+        (
+            "dirtying a 128 MiB hot set at full speed (test=dirty pages=32768)",
+            "test=dirty pages=32768",
+        ),
+    ];
+    for (name, cmdline) in cases {
+        for tls in [false, true] {
+            for connections in [1, 4] {
+                let mut runs = Vec::new();
+                for _ in 0..3 {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let port = std::net::TcpListener::bind("127.0.0.1:0")
+                        .and_then(|l| l.local_addr())
+                        .map(|a| a.port())
+                        .expect("a free port");
+                    let url = format!("tcp:127.0.0.1:{port}");
+                    let (send, receive) = if tls {
+                        (
+                            vireo_e2e::tls_certs::send_tls(Some(&client), &ca),
+                            vireo_e2e::tls_certs::receive_tls(&server, &ca),
+                        )
+                    } else {
+                        (String::new(), String::new())
+                    };
+                    let send = format!(r#"{send},"connections":{connections}"#);
+                    runs.push(vireo_migrate(
+                        dir.path(),
+                        cmdline,
+                        1024,
+                        &url,
+                        &send,
+                        &receive,
+                    ));
+                }
+                runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let (total, down, rounds) = &runs[1];
+                let transport = if tls { "mutual TLS" } else { "plain" };
+                println!(
+                    "| {name} | {transport} | {connections} | {total:.1} | {down:.1} | {rounds} |"
+                );
+            }
+        }
+    }
+    println!();
 }
 
 /// (worst write latency in ms, writes/s) of `work iter=` lines between two marks.
@@ -780,5 +855,8 @@ fn main() {
     }
     if want("storage") {
         storage_migration_table();
+    }
+    if want("migration-transport") {
+        migration_transport_table();
     }
 }

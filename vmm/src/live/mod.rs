@@ -8,15 +8,26 @@
 //! - [`receive`]: the destination's thread: memory in, then the VM built from the
 //!   state, and resumed only when the source commits.
 //!
+//! - [`pages`]: dirty pages into Pages frames on one stream (batching, zero runs,
+//!   compression, pacing).
+//! - [`parallel_send`] / [`parallel_receive`]: several page streams beside the control
+//!   stream (`connections` > 1), with a barrier per round at the destination.
+//!
+//! - [`tls`]: the API's TLS settings loaded into the transport's TLS configurations.
+//!
 //! - [`disk`]: live storage migration, a mirror of the old and new image.
 //!
 //! The protocol and its commit point are in `migration::protocol`.
 
 pub mod dirty;
 pub mod disk;
+pub mod pages;
+pub mod parallel_receive;
+pub mod parallel_send;
 pub mod receive;
 pub mod remote_disk;
 pub mod send;
+pub mod tls;
 
 use std::sync::mpsc::Sender;
 

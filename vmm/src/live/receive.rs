@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use api::{MigrationInfo, MigrationStatus, VmConfig};
 
+use super::parallel_receive::{self, RoundBarrier};
 use super::MigrationEvent;
 use crate::vm::{IncomingVm, SavedVm};
 use crate::vmm::ControlEvent;
@@ -68,7 +69,7 @@ pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
 }
 
 /// Copies a Pages payload into guest memory; pages outside it are the peer's error.
-fn apply_pages(mem: &devices::virtio::GuestMemoryMmap, payload: &[u8]) -> Result<u64, String> {
+pub fn apply_pages(mem: &devices::virtio::GuestMemoryMmap, payload: &[u8]) -> Result<u64, String> {
     let zeros = vec![0u8; 64 * protocol::PAGE_SIZE as usize];
     let mut pages = 0;
     for run in protocol::runs(payload).map_err(|e| e.to_string())? {
@@ -109,10 +110,10 @@ struct Job {
 }
 
 fn run(listener: Listener, job: &Job) -> Result<(), String> {
-    let mut stream: Box<dyn Stream> = listener.accept_one().map_err(|e| e.to_string())?;
+    let mut stream: Box<dyn Stream> = listener.accept().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut disks = IncomingDisks::default();
-    let result = receive(job, stream.as_mut(), started, &mut disks);
+    let result = receive(job, listener, stream.as_mut(), started, &mut disks);
     if result.is_err() {
         disks.discard();
     }
@@ -232,6 +233,7 @@ impl IncomingDisks {
 
 fn receive(
     job: &Job,
+    listener: Listener,
     stream: &mut dyn Stream,
     started: Instant,
     disks: &mut IncomingDisks,
@@ -240,6 +242,19 @@ fn receive(
         Message::Hello(h) => h,
         other => return Err(format!("expected Hello, source sent {}", other.name())),
     };
+    if !(1..=protocol::MAX_CONNECTIONS).contains(&hello.connections) {
+        return Err(format!(
+            "the source asks for {} page streams (1..={})",
+            hello.connections,
+            protocol::MAX_CONNECTIONS
+        ));
+    }
+    let page_streams = if hello.connections > 1 {
+        parallel_receive::accept(&listener, hello.connections, hello.session)?
+    } else {
+        Vec::new()
+    };
+    drop(listener); // Every connection of this migration is in.
     let mut config: VmConfig = serde_json::from_value(hello.config)
         .map_err(|e| format!("the source's VM configuration: {e}"))?;
     if let Some(s) = &job.serial_override {
@@ -250,9 +265,66 @@ fn receive(
     }
     let copy_storage = hello.copy_storage;
     let mut incoming = IncomingVm::new(config).map_err(|e| crate::vmm::error_chain(&e))?;
-    tracing::info!(source_vireo = %hello.vireo, "receiving a VM");
+    tracing::info!(
+        source_vireo = %hello.vireo,
+        page_streams = page_streams.len(),
+        "receiving a VM"
+    );
+    let state = if page_streams.is_empty() {
+        copy_in(job, stream, &mut incoming, disks, false)?
+    } else {
+        copy_in_parallel(job, stream, page_streams, &mut incoming, disks)?
+    };
+    if copy_storage {
+        disks.finish(incoming.config.disks.len())?;
+    }
+    let saved: SavedVm =
+        serde_json::from_slice(&state).map_err(|e| format!("the source's VM state: {e}"))?;
+    let vm = incoming
+        .finish(&saved, job.events.clone(), job.seccomp.clone())
+        .map_err(|e| crate::vmm::error_chain(&e))?;
+    let (tx, rx) = channel();
+    job.events
+        .send(ControlEvent::Migration(MigrationEvent::Incoming(
+            Box::new(vm),
+            tx,
+        )))
+        .map_err(|_| "the control loop is gone".to_string())?;
+    rx.recv()
+        .map_err(|_| "the control loop did not take the VM".to_string())??;
+    // From here the VM owns the copied images; a failure before Go drops
+    // the VM (in the control loop) and the images with it.
+    protocol::send(stream, &Message::Ready).map_err(|e| e.to_string())?;
+    match protocol::recv(stream).map_err(|e| e.to_string())? {
+        Message::Go => {
+            {
+                let mut i = lock(&job.info);
+                i.status = MigrationStatus::Completed;
+                i.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            }
+            job.events
+                .send(ControlEvent::Migration(MigrationEvent::IncomingGo))
+                .map_err(|_| "the control loop is gone".to_string())
+        }
+        Message::Error(e) => Err(format!("source aborted: {e}")),
+        other => Err(format!("expected Go, source sent {}", other.name())),
+    }
+}
+
+/// The control stream up to `State` (returned): pages (unless they come on page
+/// streams), and a shared-nothing migration's disks.
+fn copy_in(
+    job: &Job,
+    stream: &mut dyn Stream,
+    incoming: &mut IncomingVm,
+    disks: &mut IncomingDisks,
+    parallel: bool,
+) -> Result<Vec<u8>, String> {
     loop {
         match protocol::recv(stream).map_err(|e| e.to_string())? {
+            Message::Pages(_) if parallel => {
+                return Err("the source sent pages on the control stream".into())
+            }
             Message::Pages(p) => {
                 let n = apply_pages(&incoming.mem, &p)?;
                 let mut i = lock(&job.info);
@@ -264,44 +336,67 @@ fn receive(
                 disks.begin(dir, &b, &mut incoming.config)?;
             }
             Message::Disk(op) => disks.apply(op)?,
-            Message::State(s) => {
-                if copy_storage {
-                    disks.finish(incoming.config.disks.len())?;
-                }
-                let saved: SavedVm = serde_json::from_slice(&s)
-                    .map_err(|e| format!("the source's VM state: {e}"))?;
-                let vm = incoming
-                    .finish(&saved, job.events.clone(), job.seccomp.clone())
-                    .map_err(|e| crate::vmm::error_chain(&e))?;
-                let (tx, rx) = channel();
-                job.events
-                    .send(ControlEvent::Migration(MigrationEvent::Incoming(
-                        Box::new(vm),
-                        tx,
-                    )))
-                    .map_err(|_| "the control loop is gone".to_string())?;
-                rx.recv()
-                    .map_err(|_| "the control loop did not take the VM".to_string())??;
-                // From here the VM owns the copied images; a failure before Go drops
-                // the VM (in the control loop) and the images with it.
-                protocol::send(stream, &Message::Ready).map_err(|e| e.to_string())?;
-                return match protocol::recv(stream).map_err(|e| e.to_string())? {
-                    Message::Go => {
-                        {
-                            let mut i = lock(&job.info);
-                            i.status = MigrationStatus::Completed;
-                            i.total_ms = started.elapsed().as_secs_f64() * 1e3;
-                        }
-                        job.events
-                            .send(ControlEvent::Migration(MigrationEvent::IncomingGo))
-                            .map_err(|_| "the control loop is gone".to_string())
-                    }
-                    Message::Error(e) => Err(format!("source aborted: {e}")),
-                    other => Err(format!("expected Go, source sent {}", other.name())),
-                };
-            }
+            Message::State(s) => return Ok(s),
             Message::Error(e) => return Err(format!("source aborted: {e}")),
             other => return Err(format!("unexpected {} before the state", other.name())),
         }
     }
+}
+
+/// [`copy_in`] with the pages on their own streams, one thread each; returns the state
+/// once every stream has delivered its last round, so nothing is acknowledged (Ready)
+/// before all pages are in. Any failure ends every stream.
+fn copy_in_parallel(
+    job: &Job,
+    stream: &mut dyn Stream,
+    page_streams: Vec<Box<dyn Stream>>,
+    incoming: &mut IncomingVm,
+    disks: &mut IncomingDisks,
+) -> Result<Vec<u8>, String> {
+    let barrier = RoundBarrier::new(page_streams.len());
+    let mem = incoming.mem.clone();
+    let cutters = page_streams
+        .iter()
+        .map(|s| s.cutter())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("page streams: {e}"))?;
+    std::thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for (lane, mut s) in page_streams.into_iter().enumerate() {
+            // A failed stream wakes the control stream's reader, which then fails too.
+            let wake_control = stream
+                .cutter()
+                .map_err(|e| format!("control stream: {e}"))?;
+            let (barrier, mem, info) = (&barrier, &*mem, &*job.info);
+            let t = std::thread::Builder::new()
+                .name(format!("vireo-mig-in{lane}"))
+                .spawn_scoped(scope, move || {
+                    let r = parallel_receive::receive_stream(lane, s.as_mut(), mem, barrier, info);
+                    if let Err(e) = &r {
+                        barrier.fail(e);
+                        wake_control.stop_reading();
+                    }
+                    r
+                })
+                .map_err(|e| format!("cannot start page stream thread {lane}: {e}"))?;
+            threads.push(t);
+        }
+        let r = copy_in(job, stream, incoming, disks, true);
+        if let Err(e) = &r {
+            barrier.fail(e);
+            for c in &cutters {
+                c.cut();
+            }
+        }
+        let mut streams_ok = Ok(());
+        for t in threads {
+            let done = t
+                .join()
+                .unwrap_or_else(|_| Err("a page stream thread panicked".into()));
+            streams_ok = streams_ok.and(done);
+        }
+        // A stream's own failure explains the control stream's better than "EOF".
+        let state = r.map_err(|e| barrier.failure().unwrap_or(e))?;
+        streams_ok.map(|()| state)
+    })
 }

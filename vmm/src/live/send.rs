@@ -6,26 +6,29 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use migration::protocol::{self, Hello, Message, PROTOCOL_VERSION};
-use migration::transport::{MigrationUrl, Stream};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use migration::tls::ClientTls;
+use migration::transport::MigrationUrl;
 
 use api::{MigrationInfo, MigrationStatus};
 use devices::virtio::GuestMemoryMmap;
 
 use super::dirty::{self, Bitmaps, DirtyLog, PAGE_SIZE};
+use super::pages::{self, Wire};
+use super::parallel_send::PageStreams;
 use super::MigrationEvent;
 use crate::vcpu::{Throttle, ThrottleTicker};
 use crate::vmm::ControlEvent;
 
-/// A Pages frame is sent once it holds this much.
-const BATCH_BYTES: usize = 4 << 20;
-/// Pages read from guest memory at a time.
-const CHUNK_PAGES: usize = 256;
 /// After this many rounds without convergence the switch-over happens anyway.
 pub const MAX_ROUNDS: u32 = 30;
 
 pub struct SendJob {
     pub url: MigrationUrl,
+    /// Mutual TLS on every connection (loaded when the migration was requested).
+    pub tls: Option<ClientTls>,
+    /// Page streams: 1 = the one connection carries everything; N > 1 = N more
+    /// connections carry the pages (`parallel_send`).
+    pub connections: u32,
     /// Shared-nothing: copy the disks over the connection first.
     pub copy_storage: bool,
     pub downtime: Duration,
@@ -80,137 +83,6 @@ pub fn spawn(job: SendJob) -> std::io::Result<()> {
         .map(|_| ())
 }
 
-/// Counts what went on the wire; compresses and paces it if asked.
-struct Wire<'a> {
-    stream: &'a mut dyn Stream,
-    payload: Vec<u8>,
-    pages: u64,
-    bytes: u64,
-    compress: bool,
-    limiter: Option<devices::rate_limiter::RateLimiter>,
-    /// Shared-nothing: disk operations (copy and mirrored guest writes) to forward.
-    disk_ops: Option<std::sync::mpsc::Receiver<protocol::DiskOp>>,
-}
-
-impl Wire<'_> {
-    fn pace(&self, len: u64) {
-        if let Some(l) = &self.limiter {
-            while let Err(wait) = l.admit(len) {
-                std::thread::sleep(wait);
-            }
-        }
-    }
-
-    /// Sends every queued disk operation, in order.
-    fn drain_disk_ops(&mut self) -> Result<(), String> {
-        let Some(rx) = &self.disk_ops else {
-            return Ok(());
-        };
-        let ops: Vec<protocol::DiskOp> = rx.try_iter().collect();
-        for op in ops {
-            let len = match &op {
-                protocol::DiskOp::Write { data, .. } => data.len() as u64 + 24,
-                protocol::DiskOp::Zeroes { .. } => 32,
-            };
-            self.pace(len);
-            self.bytes += len;
-            protocol::send(self.stream, &Message::Disk(op)).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), String> {
-        self.drain_disk_ops()?;
-        if self.payload.is_empty() {
-            return Ok(());
-        }
-        let p = std::mem::take(&mut self.payload);
-        let msg = if self.compress {
-            Message::PagesZstd(protocol::compress_pages(&p).map_err(|e| e.to_string())?)
-        } else {
-            Message::Pages(p)
-        };
-        let len = match &msg {
-            Message::Pages(p) | Message::PagesZstd(p) => p.len() as u64 + 12,
-            _ => 0,
-        };
-        self.pace(len);
-        self.bytes += len;
-        protocol::send(self.stream, &msg).map_err(|e| e.to_string())
-    }
-
-    fn push(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
-        protocol::push_run(&mut self.payload, gpa, pages, data);
-        self.pages += u64::from(pages);
-        if self.payload.len() >= BATCH_BYTES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: reading u64 words out of bytes; every bit pattern is a valid u64.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-/// Sends the pages set in `bitmaps` as they are now. Zero pages go as zero runs, or not
-/// at all with `skip_zero` (round 0: the destination's memory starts zeroed).
-fn send_pages(
-    wire: &mut Wire<'_>,
-    mem: &GuestMemoryMmap,
-    bitmaps: &Bitmaps,
-    skip_zero: bool,
-) -> Result<(), String> {
-    let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE as usize];
-    for (region, bits) in mem.iter().zip(bitmaps) {
-        let base = region.start_addr().0;
-        let pages = (region.len() / PAGE_SIZE) as usize;
-        let mut p = 0usize;
-        while p < pages {
-            if bits[p / 64] == 0 && p.is_multiple_of(64) {
-                p += 64;
-                continue;
-            }
-            if bits[p / 64] & (1 << (p % 64)) == 0 {
-                p += 1;
-                continue;
-            }
-            // A run of dirty pages from p, at most CHUNK_PAGES long.
-            let mut end = p + 1;
-            while end < pages && end - p < CHUNK_PAGES && bits[end / 64] & (1 << (end % 64)) != 0 {
-                end += 1;
-            }
-            let n = end - p;
-            let chunk = &mut buf[..n * PAGE_SIZE as usize];
-            let gpa = base + p as u64 * PAGE_SIZE;
-            mem.read_slice(chunk, GuestAddress(gpa))
-                .map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
-            // Split the run where pages switch between zero and data.
-            let mut i = 0;
-            while i < n {
-                let page = |k: usize| &chunk[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize];
-                let zero = is_zero(page(i));
-                let mut j = i + 1;
-                while j < n && is_zero(page(j)) == zero {
-                    j += 1;
-                }
-                let at = gpa + i as u64 * PAGE_SIZE;
-                let data = &chunk[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
-                if !zero {
-                    wire.push(at, (j - i) as u32, Some(data))?;
-                } else if !skip_zero {
-                    wire.push(at, (j - i) as u32, None)?;
-                }
-                i = j;
-            }
-            p = end;
-        }
-    }
-    wire.flush()
-}
-
 /// Shared-nothing: mirrors every disk into the connection and copies it whole; guest
 /// writes keep flowing (in order) until the switch-over.
 fn copy_disks(job: &SendJob, wire: &mut Wire<'_>) -> Result<(), String> {
@@ -249,9 +121,28 @@ fn copy_disks(job: &SendJob, wire: &mut Wire<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// A random name for this migration, so the destination takes only its page streams.
+fn session_token() -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom(2) writes at most b.len() bytes into the live buffer `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
+    }
+    Ok(u64::from_le_bytes(b))
+}
+
 fn run(job: &SendJob) -> Result<(), String> {
     let started = Instant::now();
-    let mut stream = job.url.connect().map_err(|e| e.to_string())?;
+    let mut stream = job
+        .url
+        .connect_with(job.tls.as_ref())
+        .map_err(|e| e.to_string())?;
+    let session = if job.connections > 1 {
+        session_token()?
+    } else {
+        0
+    };
     protocol::send(
         &mut stream,
         &Message::Hello(Hello {
@@ -259,6 +150,8 @@ fn run(job: &SendJob) -> Result<(), String> {
             vireo: env!("CARGO_PKG_VERSION").into(),
             config: job.config.clone(),
             copy_storage: job.copy_storage,
+            connections: job.connections,
+            session,
         }),
     )
     .map_err(|e| e.to_string())?;
@@ -267,7 +160,7 @@ fn run(job: &SendJob) -> Result<(), String> {
     let _unthrottle = ThrottleGuard(&job.throttle);
     let log = DirtyLog::new(job.mem.clone(), job.vm.clone());
     log.take()?; // Start from a clean log: round 0 sends everything anyway.
-                 // A bucket of 1/10 s of bandwidth, refilled every 100 ms.
+                 // A bucket of 1/10 s of bandwidth, refilled every 100 ms, shared by every stream.
     let limiter = job.bandwidth_limit.and_then(|bps| {
         devices::rate_limiter::RateLimiter::new(&devices::rate_limiter::RateLimiterConfig {
             bandwidth: Some(devices::rate_limiter::TokenBucketConfig {
@@ -276,18 +169,51 @@ fn run(job: &SendJob) -> Result<(), String> {
             }),
             ops: None,
         })
+        .map(Arc::new)
     });
-    let mut wire = Wire {
-        stream: stream.as_mut(),
-        payload: Vec::new(),
-        pages: 0,
-        bytes: 0,
-        compress: job.compress,
-        limiter,
-        disk_ops: None,
-    };
+    let mut wire = Wire::new(stream.as_mut(), job.compress, limiter.clone());
+    std::thread::scope(|scope| {
+        // Dropped (its streams cut, its threads ended) before the scope joins them.
+        let mut streams = if job.connections > 1 {
+            Some(PageStreams::open(scope, job, session, limiter)?)
+        } else {
+            None
+        };
+        migrate(job, &mut wire, streams.as_mut(), &log, started)
+    })
+}
+
+/// One round of pages: on the control stream, or split over the page streams (while
+/// the control stream keeps forwarding disk operations).
+fn send_round(
+    wire: &mut Wire<'_>,
+    streams: Option<&mut PageStreams>,
+    mem: &GuestMemoryMmap,
+    bitmaps: Bitmaps,
+    skip_zero: bool,
+    last: bool,
+) -> Result<(), String> {
+    match streams {
+        None => pages::send_pages(wire, mem, &bitmaps, skip_zero),
+        Some(s) => {
+            wire.drain_disk_ops()?;
+            let (p, b) = s.round(mem, bitmaps, skip_zero, last, || wire.drain_disk_ops())?;
+            wire.pages += p;
+            wire.bytes += b;
+            Ok(())
+        }
+    }
+}
+
+fn migrate(
+    job: &SendJob,
+    wire: &mut Wire<'_>,
+    mut streams: Option<&mut PageStreams>,
+    log: &DirtyLog,
+    started: Instant,
+) -> Result<(), String> {
     if job.copy_storage {
-        copy_disks(job, &mut wire)?;
+        copy_disks(job, wire)?;
     }
 
     // Pre-copy: round 0 is all of memory; each next round what the guest dirtied
@@ -299,7 +225,14 @@ fn run(job: &SendJob) -> Result<(), String> {
     loop {
         let t = Instant::now();
         let bytes_before = wire.bytes;
-        send_pages(&mut wire, &job.mem, &pending, skip_zero)?;
+        send_round(
+            wire,
+            streams.as_deref_mut(),
+            &job.mem,
+            pending,
+            skip_zero,
+            false,
+        )?;
         skip_zero = false;
         let elapsed = t.elapsed().as_secs_f64().max(1e-6);
         let bandwidth = ((wire.bytes - bytes_before) as f64 / elapsed).max(1e6);
@@ -354,7 +287,7 @@ fn run(job: &SendJob) -> Result<(), String> {
     dirty::merge(&mut pending, &last);
     // The VM is paused: the disk queue holds its last writes.
     wire.drain_disk_ops()?;
-    send_pages(&mut wire, &job.mem, &pending, false)?;
+    send_round(wire, streams, &job.mem, pending, false, true)?;
     protocol::send(wire.stream, &Message::State(state)).map_err(|e| e.to_string())?;
     match protocol::recv(wire.stream).map_err(|e| e.to_string())? {
         Message::Ready => {}
@@ -374,6 +307,8 @@ fn run(job: &SendJob) -> Result<(), String> {
     tracing::info!(
         rounds = i.rounds,
         pages = i.pages_sent,
+        connections = job.connections,
+        tls = job.tls.is_some(),
         downtime_ms = i.downtime_ms,
         total_ms = i.total_ms,
         "migration committed"

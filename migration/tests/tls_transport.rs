@@ -1,0 +1,273 @@
+//! The TLS transport over real sockets: mutual TLS on TCP loopback and on a unix
+//! socket, and every way a handshake or a certificate file can be wrong, each with the
+//! error a user can act on. Certificates are made here with rcgen.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use migration::protocol::{self, Message};
+use migration::tls::{ClientTls, ServerTls, TlsError, TlsFiles};
+use migration::transport::{MigrationUrl, TransportError};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A CA and the PEM files of certificates it signed, in a directory.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    dir: PathBuf,
+    name: &'static str,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &'static str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Self {
+            cert,
+            key,
+            dir: dir.to_path_buf(),
+            name,
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join(format!("{}.pem", self.name))
+    }
+
+    /// A leaf for `names` (server) or a client certificate; returns (cert, key) files.
+    fn issue(&self, leaf: &str, names: &[&str], server: bool) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        p.distinguished_name.push(DnType::CommonName, leaf);
+        p.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let c = self.dir.join(format!("{}-{leaf}.crt", self.name));
+        let k = self.dir.join(format!("{}-{leaf}.key", self.name));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+fn files(cert: Option<&(PathBuf, PathBuf)>, ca: &Ca) -> TlsFiles {
+    TlsFiles {
+        cert: cert.map(|c| c.0.clone()),
+        key: cert.map(|c| c.1.clone()),
+        ca: ca.ca_file(),
+    }
+}
+
+fn tcp_url() -> MigrationUrl {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("tcp:127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Listens with `server`, connects with `client`; returns both sides' results after
+/// one Go frame each way (when both handshakes succeed).
+fn exchange(
+    url: &MigrationUrl,
+    server: ServerTls,
+    client: &ClientTls,
+) -> (Result<(), String>, Result<(), String>) {
+    let listener = url.listen_with(Some(server)).unwrap();
+    let dst = std::thread::spawn(move || -> Result<(), String> {
+        let mut s = listener
+            .accept_within(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        match protocol::recv(s.as_mut()).map_err(|e| e.to_string())? {
+            Message::Go => {}
+            other => return Err(format!("got {}", other.name())),
+        }
+        protocol::send(s.as_mut(), &Message::Ready).map_err(|e| e.to_string())
+    });
+    let src = (|| -> Result<(), String> {
+        let mut s = url.connect_with(Some(client)).map_err(|e| e.to_string())?;
+        protocol::send(s.as_mut(), &Message::Go).map_err(|e| e.to_string())?;
+        match protocol::recv(s.as_mut()).map_err(|e| e.to_string())? {
+            Message::Ready => Ok(()),
+            other => Err(format!("got {}", other.name())),
+        }
+    })();
+    (src, dst.join().unwrap())
+}
+
+#[test]
+fn mutual_tls_over_tcp_and_unix_carries_frames_and_a_large_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.issue("dst", &["localhost", "127.0.0.1"], true);
+    let client = ca.issue("src", &[], false);
+    let s = ServerTls::load(&files(Some(&server), &ca)).unwrap();
+    // TCP: the server name is the URL's host (an IP address here).
+    let c = ClientTls::load(&files(Some(&client), &ca), None).unwrap();
+    let url = tcp_url();
+    let listener = url.listen_with(Some(s.clone())).unwrap();
+    let pages: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let sent = pages.clone();
+    let dst = std::thread::spawn(move || {
+        let mut st = listener.accept_one().unwrap();
+        let Message::Pages(p) = protocol::recv(st.as_mut()).unwrap() else {
+            panic!("pages")
+        };
+        protocol::send(st.as_mut(), &Message::Ready).unwrap();
+        p
+    });
+    let mut st = url.connect_with(Some(&c)).unwrap();
+    protocol::send(st.as_mut(), &Message::Pages(sent)).unwrap();
+    assert!(matches!(
+        protocol::recv(st.as_mut()).unwrap(),
+        Message::Ready
+    ));
+    assert!(dst.join().unwrap() == pages, "8 MiB arrive intact");
+
+    // A unix socket with an explicit server name.
+    let unix: MigrationUrl = format!("unix:{}", dir.path().join("m.sock").display())
+        .parse()
+        .unwrap();
+    let named = ClientTls::load(&files(Some(&client), &ca), Some("localhost")).unwrap();
+    let (src, dst) = exchange(&unix, s.clone(), &named);
+    assert_eq!((src, dst), (Ok(()), Ok(())));
+    // ... which is required there: a unix URL has no host to check against.
+    let e = unix.connect_with(Some(&c)).err().unwrap();
+    assert!(matches!(e, TransportError::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("explicit server_name"), "{e}");
+}
+
+#[test]
+fn handshake_failures_name_their_cause_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let other = Ca::new(dir.path(), "other");
+    let server = ca.issue("dst", &["localhost", "127.0.0.1"], true);
+    let client = ca.issue("src", &[], false);
+    let stranger = other.issue("src", &[], false);
+    let s = ServerTls::load(&files(Some(&server), &ca)).unwrap();
+
+    // The source presents no certificate: the destination requires one.
+    let c = ClientTls::load(&files(None, &ca), None).unwrap();
+    let (src, dst) = exchange(&tcp_url(), s.clone(), &c);
+    let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
+    assert!(src.contains("TLS handshake failed"), "{src}");
+    assert!(src.contains("requires a client certificate"), "{src}");
+    assert!(dst.contains("TLS handshake failed"), "{dst}");
+    assert!(dst.contains("no certificates"), "{dst}");
+
+    // The source's certificate is from a CA the destination does not trust.
+    let c = ClientTls::load(
+        &TlsFiles {
+            ca: ca.ca_file(),
+            ..files(Some(&stranger), &other)
+        },
+        None,
+    )
+    .unwrap();
+    let (src, dst) = exchange(&tcp_url(), s.clone(), &c);
+    let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
+    assert!(
+        src.contains("does not trust this side's certificate"),
+        "{src}"
+    );
+    assert!(dst.contains("UnknownIssuer"), "{dst}");
+
+    // The source trusts another CA than the one that signed the destination.
+    let c = ClientTls::load(&files(Some(&client), &other), None).unwrap();
+    let (src, dst) = exchange(&tcp_url(), s.clone(), &c);
+    let src = src.unwrap_err();
+    assert!(src.contains("UnknownIssuer"), "{src}");
+    assert!(src.contains("does not chain to the CA"), "{src}");
+    assert!(dst.unwrap_err().contains("TLS handshake failed"));
+
+    // The destination's certificate is for other names.
+    let c = ClientTls::load(&files(Some(&client), &ca), Some("dst.example")).unwrap();
+    let (src, _) = exchange(&tcp_url(), s.clone(), &c);
+    let src = src.unwrap_err();
+    assert!(src.contains("not valid for name"), "{src}");
+    assert!(src.contains("server_name"), "{src}");
+
+    // A source without TLS at all.
+    let url = tcp_url();
+    let listener = url.listen_with(Some(s)).unwrap();
+    let dst = std::thread::spawn(move || listener.accept_one().map(|_| ()));
+    let mut plain = url.connect().unwrap();
+    let _ = protocol::send(plain.as_mut(), &Message::Go);
+    let e = dst.join().unwrap().unwrap_err().to_string();
+    assert!(e.contains("TLS handshake failed"), "{e}");
+    assert!(e.contains("speaking TLS"), "{e}");
+}
+
+#[test]
+fn bad_certificate_files_are_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.issue("dst", &["localhost"], true);
+    let other = ca.issue("other", &["localhost"], true);
+    let missing = dir.path().join("missing.pem");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+
+    let e = ServerTls::load(&TlsFiles {
+        cert: Some(missing.clone()),
+        ..files(Some(&server), &ca)
+    })
+    .unwrap_err();
+    assert!(matches!(e, TlsError::Read { .. }), "{e}");
+    assert!(e.to_string().contains("missing.pem"), "{e}");
+    assert!(e.to_string().contains("No such file"), "{e}");
+
+    let e = ClientTls::load(
+        &TlsFiles {
+            ca: garbage.clone(),
+            ..files(None, &ca)
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("garbage.pem"), "{e}");
+    assert!(e.to_string().contains("no PEM certificate"), "{e}");
+
+    let e = ServerTls::load(&TlsFiles {
+        key: Some(garbage.clone()),
+        ..files(Some(&server), &ca)
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("no PEM private key"), "{e}");
+
+    // A key of another certificate.
+    let e = ServerTls::load(&TlsFiles {
+        key: Some(other.1.clone()),
+        ..files(Some(&server), &ca)
+    })
+    .unwrap_err();
+    assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
+
+    let e = ClientTls::load(
+        &TlsFiles {
+            key: None,
+            ..files(Some(&server), &ca)
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(e, TlsError::CertWithoutKey), "{e}");
+    let e = ServerTls::load(&files(None, &ca)).unwrap_err();
+    assert!(matches!(e, TlsError::ServerNeedsCert), "{e}");
+    let e = ClientTls::load(&files(None, &ca), Some("not a name!")).unwrap_err();
+    assert!(matches!(e, TlsError::ServerName(_)), "{e}");
+}
