@@ -91,7 +91,11 @@ mod tests {
             steps += 1;
             assert!(steps < 10, "window did not grow back: {:?}", w.current());
         }
-        assert_eq!(w.current(), Duration::from_micros(64), "capped at the maximum");
+        assert_eq!(
+            w.current(),
+            Duration::from_micros(64),
+            "capped at the maximum"
+        );
     }
 
     #[test]
