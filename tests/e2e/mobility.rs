@@ -1065,7 +1065,9 @@ fn source_killed_right_after_the_commit_leaves_the_vm_running_at_the_destination
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
-    let ops = 3000;
+    // Long enough that the guest cannot finish at the source before the commit,
+    // even on a loaded machine.
+    let ops = 8000;
     let (src, src_sock) = source_with_env(
         dir.path(),
         &disk,
@@ -1104,7 +1106,7 @@ fn source_killed_right_after_the_commit_leaves_the_vm_running_at_the_destination
 fn real_destination_killed_mid_copy_leaves_the_source_running() {
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
-    let ops = 2000;
+    let ops = 6000;
     let (src, src_sock) = source(dir.path(), &disk, ops);
     src.wait_serial("work iter=400 ", T);
     let mut dst = Destination::start(dir.path());
@@ -1112,16 +1114,20 @@ fn real_destination_killed_mid_copy_leaves_the_source_running() {
     dst.listen(&url);
     // 1 MiB/s: the copy of the guest's memory takes seconds, the kill lands inside it.
     send_with(&src_sock, &url, r#","bandwidth_mib_s":1"#);
+    // Round 0 of the copy takes seconds at 1 MiB/s: kill the destination inside it.
     let mut copying = false;
     for _ in 0..500 {
         let info = api(&src_sock, "GET", "vm.migration-info", None).1;
-        if info.contains("\"pages_sent\":") && !info.contains("\"pages_sent\":0,") {
+        if info.contains("\"sending\"") {
             copying = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(copying, "the copy did not start");
+    std::thread::sleep(Duration::from_millis(300));
+    let info = api(&src_sock, "GET", "vm.migration-info", None).1;
+    assert!(info.contains("\"sending\""), "still copying when killed: {info}");
     let mut child = dst.child.take().unwrap();
     child.kill().unwrap(); // SIGKILL
     let _ = child.wait();

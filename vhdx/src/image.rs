@@ -91,6 +91,9 @@ pub struct Vhdx {
     pub(crate) replayed_entries: usize,
     pub(crate) creator: String,
     pub(crate) closed: AtomicBool,
+    /// `HeaderState::session_started`, readable without the header lock (which
+    /// a flush holds across its fdatasync): writes after the first do not wait.
+    pub(crate) session_open: AtomicBool,
 }
 
 pub(crate) fn rlock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -451,6 +454,7 @@ impl Vhdx {
             replayed_entries: replay.as_ref().map_or(0, |r| r.entries),
             creator,
             closed: AtomicBool::new(false),
+            session_open: AtomicBool::new(false),
         };
         match replay {
             Some(r) if !opts.read_only => me.replay_to_disk(&r, file_len)?,
@@ -516,6 +520,9 @@ impl Vhdx {
                 path: self.pstr.clone(),
             });
         }
+        if self.session_open.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut hs = mlock(&self.hdr);
         if hs.session_started {
             return Ok(());
@@ -525,6 +532,7 @@ impl Vhdx {
             h.data_write_guid = Uuid::new_v4();
         })?;
         hs.session_started = true;
+        self.session_open.store(true, Ordering::Release);
         Ok(())
     }
 
