@@ -247,11 +247,12 @@ fn dirty_word(p: u64, i: u64, k: u64) -> u64 {
     p.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 20) ^ k
 }
 
-/// `test=dirty pages=N [rate=R] [passes=P]`: see README.md.
+/// `test=dirty pages=N [rate=R] [passes=P] [report_ms=M]`: see README.md.
 pub fn dirty() -> ! {
     let pages = num("pages", None);
     let rate = num("rate", Some(0));
     let passes = num("passes", Some(0));
+    let report_ms = num("report_ms", Some(1000)).max(1);
     if pages == 0 {
         fail!("pages=0");
     }
@@ -268,11 +269,21 @@ pub fn dirty() -> ! {
         pages, rate, f.khz, f.source, base as u64
     );
     let start = rdtsc();
+    let report_every = f.khz * report_ms;
     let mut written = 0u64;
     let mut last_report = start;
     let mut p = 1u64;
     loop {
         for i in 0..pages {
+            // Stamped reports in the middle of a pass too: the interval between two
+            // is what the guest sees of a pause (e.g. a migration's downtime).
+            if i % 64 == 0 {
+                let now = rdtsc();
+                if now - last_report >= report_every {
+                    println!("dirty pass={} written={} tsc={}", p, written, now);
+                    last_report = now;
+                }
+            }
             let page = unsafe { base.add(i as usize * 512) };
             for k in 0..512u64 {
                 let got = unsafe { page.add(k as usize).read_volatile() };
@@ -296,12 +307,8 @@ pub fn dirty() -> ! {
                 }
             }
         }
-        let now = rdtsc();
-        if now - last_report >= f.khz * 1000 || (passes != 0 && p >= passes) {
-            println!("dirty pass={} written={} tsc={}", p, written, now);
-            last_report = now;
-        }
         if passes != 0 && p >= passes {
+            println!("dirty pass={} written={} tsc={}", p, written, rdtsc());
             io::result_ok();
         }
         p += 1;
