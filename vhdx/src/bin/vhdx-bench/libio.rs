@@ -189,8 +189,8 @@ pub fn run(args: &Args, dir: &Path) -> BenchResult<()> {
     println!("## 2. library I/O: dynamic VHDX vs raw file\n");
     println!(
         "{} images, every block allocated beforehand (dynamic VHDX, {} blocks). \
-         One thread, queue depth 1. Buffered I/O for both: the engine opens images \
-         without O_DIRECT, so both files sit in the page cache and this measures the \
+         One thread, queue depth 1. Buffered I/O for both (the engine's default open, \
+         no O_DIRECT), so both files sit in the page cache and this measures the \
          engine's CPU cost over bare pread/pwrite. Median of {rounds} rounds of {:.1} s, \
          raw and VHDX alternating. `qemu-img check` of the VHDX afterwards: clean.\n",
         human_size(size),
