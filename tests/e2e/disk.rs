@@ -347,3 +347,41 @@ fn rate_limited_disk_holds_the_guest_to_its_iops_and_bandwidth() {
         );
     }
 }
+
+/// `vm.counters` of a guest that wrote 16384 sectors (one request after another) and holds.
+fn counters_after_writes(poll_us: u32) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path(), 64 << 20);
+    let sock = dir.path().join("vm.sock");
+    let vm = Vireo::guest(
+        "test=blk-write seed=3 sectors=16384 offset=0 hold=1",
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &disk_arg(&disk, &format!(",poll_us={poll_us}")),
+        ],
+    )
+    .spawn();
+    vireo_e2e::wait_for_socket(&sock, T);
+    vm.wait_serial("blk-write holding", T);
+    let (s, body) = vireo_e2e::api(&sock, "GET", "vm.counters", None);
+    assert_eq!(s, 200, "{body}");
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_pattern(&disk, 3, 0, 16384);
+    c
+}
+
+#[test]
+fn queue_polling_serves_back_to_back_requests_and_can_be_turned_off() {
+    // The guest submits its next request as soon as one completes: with a poll
+    // window the worker finds many of them without going to sleep.
+    let polled = counters_after_writes(1000);
+    let ops = polled["disk0"]["write_ops"].as_u64().unwrap();
+    assert!(ops > 0, "{polled}");
+    let found = polled["disk0"]["polled"].as_u64().unwrap();
+    assert!(found > 0, "polling found no request: {polled}");
+    let off = counters_after_writes(0);
+    assert_eq!(off["disk0"]["polled"].as_u64(), Some(0), "{off}");
+    assert_eq!(off["disk0"]["write_ops"].as_u64(), Some(ops), "{off}");
+}

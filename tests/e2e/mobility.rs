@@ -1127,7 +1127,10 @@ fn real_destination_killed_mid_copy_leaves_the_source_running() {
     assert!(copying, "the copy did not start");
     std::thread::sleep(Duration::from_millis(300));
     let info = api(&src_sock, "GET", "vm.migration-info", None).1;
-    assert!(info.contains("\"sending\""), "still copying when killed: {info}");
+    assert!(
+        info.contains("\"sending\""),
+        "still copying when killed: {info}"
+    );
     let mut child = dst.child.take().unwrap();
     child.kill().unwrap(); // SIGKILL
     let _ = child.wait();
