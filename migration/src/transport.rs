@@ -112,6 +112,30 @@ impl Cutter {
         unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
+    /// Bounds how long a read of this socket may block (SO_RCVTIMEO).
+    pub fn set_read_timeout(&self, t: std::time::Duration) -> std::io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(t.subsec_micros()),
+        };
+        // SAFETY: setsockopt on a descriptor this value owns, with a pointer to a
+        // live timeval and its exact size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// Ends reading only: a blocked reader sees the end of the stream, while writing
     /// (e.g. an `Error` frame to the peer) still works.
     pub fn stop_reading(&self) {

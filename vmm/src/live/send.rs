@@ -172,7 +172,7 @@ fn run(job: &SendJob) -> Result<(), String> {
         .map(Arc::new)
     });
     let mut wire = Wire::new(stream.as_mut(), job.compress, limiter.clone());
-    std::thread::scope(|scope| {
+    let result = std::thread::scope(|scope| {
         // Dropped (its streams cut, its threads ended) before the scope joins them.
         let mut streams = if job.connections > 1 {
             Some(PageStreams::open(scope, job, session, limiter)?)
@@ -180,7 +180,29 @@ fn run(job: &SendJob) -> Result<(), String> {
             None
         };
         migrate(job, &mut wire, streams.as_mut(), &log, started)
+    });
+    drop(wire);
+    result.map_err(|e| match destination_reason(stream.as_mut()) {
+        Some(why) => format!("{e} (the destination failed: {why})"),
+        None => e,
     })
+}
+
+/// A destination that fails sends an `Error` frame before it hangs up; a source
+/// busy writing sees only a broken pipe. After a failure, reads what the
+/// destination said, if it said anything (waiting at most 200 ms).
+fn destination_reason(stream: &mut dyn migration::transport::Stream) -> Option<String> {
+    let cutter = stream.cutter().ok()?;
+    cutter.set_read_timeout(Duration::from_millis(200)).ok()?;
+    for _ in 0..1024 {
+        match protocol::recv(stream) {
+            Ok(Message::Error(why)) => return Some(why),
+            // Frames sent before the failure (acknowledgements) come first.
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// One round of pages: on the control stream, or split over the page streams (while
