@@ -57,7 +57,9 @@ fn openapi_document_lists_exactly_the_served_routes() {
         if path == "/api/v1/events" {
             continue; // A stream; covered by the lifecycle test.
         }
-        let p = path.replace("{name}", "no-such-vm");
+        let p = path
+            .replace("{name}", "no-such-vm")
+            .replace("{id}", "no-such-migration");
         let (s, body) = d.api(method, &p, Some("{}"));
         assert_ne!(s, 405, "{method} {p}: wrong method: {body}");
         assert!(
@@ -67,6 +69,11 @@ fn openapi_document_lists_exactly_the_served_routes() {
         if path.contains("{name}") && !(method == "PUT" && path == "/api/v1/vms/{name}") {
             assert_eq!(s, 404, "{method} {p}: {body}");
             assert!(body.contains("no VM named"), "{method} {p}: {body}");
+        } else if path.contains("{id}") {
+            assert_eq!(s, 404, "{method} {p}: {body}");
+            assert!(body.contains("no migration"), "{method} {p}: {body}");
+        } else if method == "POST" {
+            assert_eq!(s, 400, "{method} {p}: {body}");
         } else if method == "GET" {
             assert_eq!(s, 200, "{method} {p}: {body}");
         }

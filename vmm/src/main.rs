@@ -193,6 +193,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             vmm.resume()?;
         }
     }
+    if cfg_is_none {
+        // Ready for what comes next: the restored VM is in place, or the API waits
+        // for vm.create / vm.restore / vm.receive-migration (a systemd unit that
+        // receives a migration is "started" once it can listen).
+        notify::notify("READY=1");
+    }
     filters.apply(ThreadKind::Control)?;
     let exit = vmm.run();
     if let Some(server) = server {

@@ -1,0 +1,217 @@
+//! CPU isolation of the VMMs with the cgroup v1 `cpu` controller (cpu.shares), so that
+//! a host full of busy guests does not starve vireod's API or the VMs still booting:
+//!
+//! ```text
+//! <root>              e.g. /sys/fs/cgroup/cpu/vireo
+//! ├── boot            VMMs from exec until their VM runs (and receivers of incoming
+//! │                   migrations until the VM arrived): --boot-cpu-shares (high)
+//! └── vms             every running VM together: --vms-cpu-shares (low)
+//!     └── NAME        one VM: its relative CPU weight (Hyper-V's "relative weight",
+//!                     1..=10000, default 100 → cpu.shares 1024)
+//! ```
+//!
+//! vireod itself stays where it was started (root cgroup, or its systemd unit): it
+//! competes with the whole `vireo` group as one entity, whatever the number of VMs.
+//! A new VMM joins `boot` before it executes `vireo` (the launcher writes `0` to
+//! `boot/cgroup.procs` in the child); once its VM runs, vireod moves the process (all
+//! its threads) to `vms/NAME`. Where the hierarchy cannot be created or written (no
+//! cgroup v1 cpu controller, not root), placement is off with one warning and nothing
+//! fails.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, warn};
+
+/// The default relative weight of a VM (as Hyper-V's).
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// The allowed range of a VM's relative weight.
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
+
+/// How to lay out the hierarchy.
+#[derive(Clone, Debug)]
+pub struct CgroupConfig {
+    /// The `vireo` directory in the cpu hierarchy; None: no placement at all.
+    pub root: Option<PathBuf>,
+    pub boot_shares: u64,
+    pub vms_shares: u64,
+}
+
+/// cpu.shares for a relative weight: 100 → 1024, linear, at least 2 (the kernel's
+/// minimum).
+pub fn shares_for_weight(weight: u32) -> u64 {
+    (u64::from(weight) * 1024 / u64::from(DEFAULT_WEIGHT)).max(2)
+}
+
+/// The live hierarchy (or nothing, when placement is off or impossible).
+#[derive(Clone, Debug)]
+pub struct CpuCgroups {
+    root: Option<PathBuf>,
+    /// `<root>/boot/cgroup.procs` as a C string, for the launcher's pre-exec hook.
+    boot_procs: Option<CString>,
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::write(path, value)
+}
+
+impl CpuCgroups {
+    /// No placement.
+    pub fn off() -> Self {
+        Self {
+            root: None,
+            boot_procs: None,
+        }
+    }
+
+    /// Creates `<root>`, `boot` and `vms` with their shares. Any failure: a warning and
+    /// no placement.
+    pub fn setup(cfg: &CgroupConfig) -> Self {
+        let Some(root) = &cfg.root else {
+            return Self::off();
+        };
+        let made = (|| -> Result<(), (PathBuf, std::io::Error)> {
+            for (dir, shares) in [
+                (root.clone(), None),
+                (root.join("boot"), Some(cfg.boot_shares)),
+                (root.join("vms"), Some(cfg.vms_shares)),
+            ] {
+                std::fs::create_dir_all(&dir).map_err(|e| (dir.clone(), e))?;
+                let file = dir.join("cpu.shares");
+                if !file.exists() {
+                    return Err((
+                        file,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "not a cgroup v1 cpu hierarchy",
+                        ),
+                    ));
+                }
+                if let Some(s) = shares {
+                    write(&file, &s.max(2).to_string()).map_err(|e| (file, e))?;
+                }
+            }
+            Ok(())
+        })();
+        match made {
+            Ok(()) => {
+                let procs = root.join("boot/cgroup.procs");
+                Self {
+                    boot_procs: CString::new(procs.as_os_str().as_bytes()).ok(),
+                    root: Some(root.clone()),
+                }
+            }
+            Err((path, e)) => {
+                warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "CPU cgroups unavailable: VMMs are not placed in cgroups (the API and new boots may be starved by busy guests)"
+                );
+                Self::off()
+            }
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.root.is_some()
+    }
+
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// `<root>/boot/cgroup.procs`, which a new VMM joins before exec.
+    pub fn boot_procs(&self) -> Option<&CString> {
+        self.boot_procs.as_ref()
+    }
+
+    pub fn vm_dir(&self, name: &str) -> Option<PathBuf> {
+        self.root.as_ref().map(|r| r.join("vms").join(name))
+    }
+
+    /// Moves process `pid` (all its threads) to `<root>/boot`: a receiver whose VM is
+    /// still to arrive, or a VMM that re-adoption found booting.
+    pub fn place_booting(&self, pid: i32) {
+        if let Some(r) = &self.root {
+            let procs = r.join("boot/cgroup.procs");
+            if let Err(e) = write(&procs, &pid.to_string()) {
+                warn!(pid, path = %procs.display(), error = %e, "cannot move VMM into the boot cgroup");
+            }
+        }
+    }
+
+    /// Moves process `pid` (all its threads) to `<root>/vms/NAME` with the VM's weight.
+    pub fn place_running(&self, name: &str, pid: i32, weight: u32) {
+        let Some(dir) = self.vm_dir(name) else {
+            return;
+        };
+        let r = std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                write(
+                    &dir.join("cpu.shares"),
+                    &shares_for_weight(weight).to_string(),
+                )
+            })
+            .and_then(|()| write(&dir.join("cgroup.procs"), &pid.to_string()));
+        match r {
+            Ok(()) => debug!(vm = name, pid, weight, "VMM placed in its cgroup"),
+            Err(e) => {
+                warn!(vm = name, pid, dir = %dir.display(), error = %e, "cannot place VMM in its cgroup")
+            }
+        }
+    }
+
+    /// Removes a VM's cgroup once its VMM has ended (a cgroup with tasks stays).
+    pub fn remove(&self, name: &str) {
+        if let Some(dir) = self.vm_dir(name) {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    debug!(vm = name, dir = %dir.display(), error = %e, "cgroup not removed");
+                }
+            }
+        }
+    }
+}
+
+/// The cpu-controller cgroup of a process, from /proc/PID/cgroup (v1: the line whose
+/// controllers include `cpu`).
+pub fn cpu_cgroup_of(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_map_to_shares() {
+        assert_eq!(shares_for_weight(100), 1024);
+        assert_eq!(shares_for_weight(200), 2048);
+        assert_eq!(shares_for_weight(1), 10);
+        assert_eq!(shares_for_weight(10_000), 102_400);
+    }
+
+    #[test]
+    fn a_directory_that_is_no_cgroup_turns_placement_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CpuCgroups::setup(&CgroupConfig {
+            root: Some(dir.path().join("vireo")),
+            boot_shares: 4096,
+            vms_shares: 256,
+        });
+        assert!(!c.enabled());
+        // Nothing panics or fails when placement is off.
+        c.place_running("x", std::process::id() as i32, 100);
+        c.remove("x");
+        assert!(c.boot_procs().is_none());
+    }
+}
