@@ -100,10 +100,14 @@ fn shipped_systemd_units_verify() {
         ("vireod.service", "vireod.service"),
         ("vireo@.service", "vireo@.service"),
         ("vireo@.service", "vireo@test.service"),
+        ("vireo.slice", "vireo.slice"),
     ] {
         let text = std::fs::read_to_string(vireo_e2e::workspace().join("agent/systemd").join(src))
             .unwrap();
-        assert!(text.contains("/usr/bin/"), "{src}");
+        assert!(
+            text.contains("/usr/bin/") || src.ends_with(".slice"),
+            "{src}"
+        );
         std::fs::write(
             dir.path().join(dst),
             text.replace("/usr/bin/", &format!("{}/", bin_dir.display())),
@@ -114,6 +118,7 @@ fn shipped_systemd_units_verify() {
         .args(["verify", "--man=no"])
         .arg(dir.path().join("vireod.service"))
         .arg(dir.path().join("vireo@test.service"))
+        .arg(dir.path().join("vireo.slice"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -5,10 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod notify;
-
 use api::config::{self, PayloadConfig};
 use api::VmConfig;
+use vmm::notify;
 use vmm::seccomp::{Filters, SeccompMode, ThreadKind};
 use vmm::vmm::{error_chain, Vmm};
 
@@ -163,6 +162,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         })
     }));
     let mut vmm = Vmm::new(filters.clone());
+    // WATCHDOG=1 from the control loop when systemd asks for it (WatchdogSec=).
+    vmm.set_watchdog(vmm::watchdog::Watchdog::from_env());
     let server = match &cli.api_socket {
         Some(path) => {
             let f = filters.clone();
