@@ -65,6 +65,11 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("vireod.log"))
             .expect("vireod log");
+        let mut cgroup = Vec::new();
+        if !self.args.iter().any(|a| a == "--cpu-cgroup-root") {
+            cgroup.push("--cpu-cgroup-root".into());
+            cgroup.push(self.cgroup_root.clone().into_os_string());
+        }
         let child = Command::new(bin("vireod"))
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -74,8 +79,7 @@ impl Daemon {
             .arg(bin("vireo"))
             .arg("--meter-interval-ms")
             .arg("100")
-            .arg("--cpu-cgroup-root")
-            .arg(&self.cgroup_root)
+            .args(&cgroup)
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
