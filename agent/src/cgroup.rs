@@ -2,21 +2,28 @@
 //! a host full of busy guests does not starve vireod's API or the VMs still booting:
 //!
 //! ```text
-//! <root>              e.g. /sys/fs/cgroup/cpu/vireo
+//! <root>              e.g. /sys/fs/cgroup/cpu/vireo (--cpu-cgroup-shares: all of it
+//! │                   against the rest of the host)
 //! ├── boot            VMMs from exec until their VM runs (and receivers of incoming
 //! │                   migrations until the VM arrived): --boot-cpu-shares (high)
-//! └── vms             every running VM together: --vms-cpu-shares (low)
-//!     └── NAME        one VM: its relative CPU weight (Hyper-V's "relative weight",
-//!                     1..=10000, default 100 → cpu.shares 1024)
+//! ├── vmm             the running VMMs' own threads — control loop, API server,
+//! │                   migration — which answer vireod: --vmm-cpu-shares (high)
+//! └── vms             every running VM's guest work together: --vms-cpu-shares (low)
+//!     └── NAME        one VM's vCPU threads and device workers: its relative CPU
+//!                     weight (Hyper-V's "relative weight", 1..=10000, default 100 →
+//!                     cpu.shares 1024)
 //! ```
 //!
 //! vireod itself stays where it was started (root cgroup, or its systemd unit): it
 //! competes with the whole `vireo` group as one entity, whatever the number of VMs.
 //! A new VMM joins `boot` before it executes `vireo` (the launcher writes `0` to
 //! `boot/cgroup.procs` in the child); once its VM runs, vireod moves the process (all
-//! its threads) to `vms/NAME`. Where the hierarchy cannot be created or written (no
-//! cgroup v1 cpu controller, not root), placement is off with one warning and nothing
-//! fails.
+//! threads) to `vmm` and then its guest threads (by name: `vireo-vcpu*`, `vireo-blk*`,
+//! `vireo-console`, `vireo-rng`; workers started later inherit their vCPU's group) to
+//! `vms/NAME` — cgroup v1 places threads one by one. So a VM's API answers at the
+//! VMMs' share while its guest spins at the VM's. Where the hierarchy cannot be
+//! created or written (no cgroup v1 cpu controller, not root), placement is off with
+//! one warning and nothing fails.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -34,8 +41,34 @@ pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
 pub struct CgroupConfig {
     /// The `vireo` directory in the cpu hierarchy; None: no placement at all.
     pub root: Option<PathBuf>,
+    /// cpu.shares of the root itself (all VMs together against the rest of the host);
+    /// None: as created (1024, like one nice-0 process).
+    pub root_shares: Option<u64>,
     pub boot_shares: u64,
+    pub vmm_shares: u64,
     pub vms_shares: u64,
+}
+
+/// Threads that do the guest's work (named by the VMM).
+pub fn is_guest_thread(comm: &str) -> bool {
+    comm.starts_with("vireo-vcpu")
+        || comm.starts_with("vireo-blk")
+        || comm == "vireo-console"
+        || comm == "vireo-rng"
+}
+
+/// (tid, name) of every thread of `pid`.
+fn threads(pid: i32) -> Vec<(i32, String)> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|t| {
+            let tid: i32 = t.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((tid, comm.trim().to_string()))
+        })
+        .collect()
 }
 
 /// cpu.shares for a relative weight: 100 → 1024, linear, at least 2 (the kernel's
@@ -73,8 +106,9 @@ impl CpuCgroups {
         };
         let made = (|| -> Result<(), (PathBuf, std::io::Error)> {
             for (dir, shares) in [
-                (root.clone(), None),
+                (root.clone(), cfg.root_shares),
                 (root.join("boot"), Some(cfg.boot_shares)),
+                (root.join("vmm"), Some(cfg.vmm_shares)),
                 (root.join("vms"), Some(cfg.vms_shares)),
             ] {
                 std::fs::create_dir_all(&dir).map_err(|e| (dir.clone(), e))?;
@@ -141,25 +175,38 @@ impl CpuCgroups {
         }
     }
 
-    /// Moves process `pid` (all its threads) to `<root>/vms/NAME` with the VM's weight.
+    /// The VM runs: process `pid` to `<root>/vmm`, its guest threads to
+    /// `<root>/vms/NAME` with the VM's weight.
     pub fn place_running(&self, name: &str, pid: i32, weight: u32) {
-        let Some(dir) = self.vm_dir(name) else {
+        let (Some(root), Some(dir)) = (&self.root, self.vm_dir(name)) else {
             return;
         };
+        let shares = shares_for_weight(weight).to_string();
         let r = std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                write(
-                    &dir.join("cpu.shares"),
-                    &shares_for_weight(weight).to_string(),
-                )
-            })
-            .and_then(|()| write(&dir.join("cgroup.procs"), &pid.to_string()));
-        match r {
-            Ok(()) => debug!(vm = name, pid, weight, "VMM placed in its cgroup"),
-            Err(e) => {
-                warn!(vm = name, pid, dir = %dir.display(), error = %e, "cannot place VMM in its cgroup")
+            .and_then(|()| write(&dir.join("cpu.shares"), &shares))
+            .and_then(|()| write(&root.join("vmm/cgroup.procs"), &pid.to_string()));
+        if let Err(e) = r {
+            warn!(vm = name, pid, dir = %dir.display(), error = %e, "cannot place VMM in its cgroup");
+            return;
+        }
+        let mut guest = 0;
+        for (tid, comm) in threads(pid) {
+            if !is_guest_thread(&comm) {
+                continue;
+            }
+            match write(&dir.join("tasks"), &tid.to_string()) {
+                Ok(()) => guest += 1,
+                // A thread that just ended.
+                Err(e) => debug!(vm = name, tid, error = %e, "thread not placed"),
             }
         }
+        debug!(
+            vm = name,
+            pid,
+            weight,
+            guest_threads = guest,
+            "VMM placed in its cgroups"
+        );
     }
 
     /// Removes a VM's cgroup once its VMM has ended (a cgroup with tasks stays).
@@ -193,6 +240,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn guest_threads_are_told_by_name() {
+        for g in [
+            "vireo-vcpu0",
+            "vireo-vcpu12",
+            "vireo-blk-q0",
+            "vireo-console",
+            "vireo-rng",
+        ] {
+            assert!(is_guest_thread(g), "{g}");
+        }
+        for v in [
+            "vireo",
+            "vireo-api",
+            "vireo-migrate-s",
+            "vireo-throttle",
+            "kvm-nx-lpage-re",
+        ] {
+            assert!(!is_guest_thread(v), "{v}");
+        }
+    }
+
+    #[test]
     fn weights_map_to_shares() {
         assert_eq!(shares_for_weight(100), 1024);
         assert_eq!(shares_for_weight(200), 2048);
@@ -205,7 +274,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = CpuCgroups::setup(&CgroupConfig {
             root: Some(dir.path().join("vireo")),
+            root_shares: None,
             boot_shares: 4096,
+            vmm_shares: 2048,
             vms_shares: 256,
         });
         assert!(!c.enabled());

@@ -24,19 +24,21 @@ fn read(p: &Path) -> String {
         .to_string()
 }
 
-/// The cpu cgroup of every thread of `pid`.
-fn thread_cgroups(pid: i32) -> Vec<String> {
+/// (name, cpu cgroup) of every thread of `pid`.
+fn thread_cgroups(pid: i32) -> Vec<(String, String)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
         .filter_map(|t| {
             let tid: i32 = t.file_name().to_str()?.parse().ok()?;
             let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).ok()?;
-            text.lines().find_map(|l| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let cg = text.lines().find_map(|l| {
                 let mut p = l.splitn(3, ':');
                 let (_, c, path) = (p.next()?, p.next()?, p.next()?);
                 c.split(',').any(|c| c == "cpu").then(|| path.to_string())
-            })
+            })?;
+            Some((comm.trim().to_string(), cg))
         })
         .collect()
 }
@@ -59,17 +61,29 @@ fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
     d.ok("PUT", "/api/v1/vms/web", Some(&def.to_string()));
     let st = d.ok("PUT", "/api/v1/vms/web/start", None);
     let pid = st["pid"].as_i64().unwrap() as i32;
-    let want = format!("{rel}/vms/web");
+    // The vCPU in the VM's own group, the VMM's other threads (control loop, API)
+    // with the VMMs.
     let cg = thread_cgroups(pid);
-    assert!(!cg.is_empty() && cg.iter().all(|c| *c == want), "{cg:?} != {want}");
+    let vcpu = cg.iter().find(|(n, _)| n == "vireo-vcpu0").unwrap();
+    assert_eq!(vcpu.1, format!("{rel}/vms/web"), "{cg:?}");
+    for (n, c) in &cg {
+        if ["vireo", "vireo-api"].contains(&n.as_str()) {
+            assert_eq!(*c, format!("{rel}/vmm"), "{cg:?}");
+        }
+    }
     assert_eq!(read(&root.join("vms/web/cpu.shares")), "3072");
+    assert_eq!(read(&root.join("vmm/cpu.shares")), "2048");
     // vireod itself stays where it was started.
     let own = agent::cgroup::cpu_cgroup_of(d.child.as_ref().unwrap().id() as i32).unwrap();
     assert!(!own.starts_with(&rel), "{own}");
 
     // A receiver whose VM has not arrived is still "booting".
     let req = json!({"name": "rx", "definition": {"config": common::counter_config()}});
-    let (s, b) = d.api("POST", "/api/v1/migrations/incoming", Some(&req.to_string()));
+    let (s, b) = d.api(
+        "POST",
+        "/api/v1/migrations/incoming",
+        Some(&req.to_string()),
+    );
     assert_eq!(s, 201, "{b}");
     let id = serde_json::from_str::<serde_json::Value>(&b).unwrap()["id"]
         .as_str()
@@ -77,7 +91,10 @@ fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
         .to_string();
     let rx = d.pid("rx").unwrap();
     let cg = thread_cgroups(rx);
-    assert!(cg.iter().all(|c| *c == format!("{rel}/boot")), "{cg:?}");
+    assert!(
+        !cg.is_empty() && cg.iter().all(|(_, c)| *c == format!("{rel}/boot")),
+        "{cg:?}"
+    );
     d.ok("DELETE", &format!("/api/v1/migrations/{id}"), None);
     let m = d.wait_migration(&id, T);
     assert_eq!(m["state"], "cancelled", "{m}");
@@ -105,7 +122,11 @@ fn without_cgroups_or_where_none_can_be_made_vms_still_start() {
     // A directory that is not a cgroup: one warning, and the VM starts anyway.
     let plain = tempfile::tempdir().unwrap();
     let root = plain.path().join("vireo");
-    let d2 = Daemon::start(&["--no-autostart", "--cpu-cgroup-root", root.to_str().unwrap()]);
+    let d2 = Daemon::start(&[
+        "--no-autostart",
+        "--cpu-cgroup-root",
+        root.to_str().unwrap(),
+    ]);
     assert!(d2.log().contains("CPU cgroups unavailable"), "{}", d2.log());
     assert!(d2.ok("GET", "/api/v1/host.info", None)["cpu_cgroup"].is_null());
     d2.define_counter("b", "Medium", "on-failure");

@@ -69,13 +69,20 @@ struct Cli {
     /// <root>/boot while they boot, <root>/vms/NAME once their VM runs.
     #[arg(long, default_value = "/sys/fs/cgroup/cpu/vireo")]
     cpu_cgroup_root: PathBuf,
+    /// cpu.shares of the cgroup root itself: all VMs together against everything
+    /// else in the parent (default: left as created, 1024 = one nice-0 process).
+    #[arg(long)]
+    cpu_cgroup_shares: Option<u64>,
     /// Do not place VMMs in CPU cgroups.
     #[arg(long)]
     no_cpu_cgroups: bool,
     /// cpu.shares of <root>/boot (VMMs whose VM does not run yet).
     #[arg(long, default_value_t = 4096)]
     boot_cpu_shares: u64,
-    /// cpu.shares of <root>/vms (all running VMs together).
+    /// cpu.shares of <root>/vmm (the running VMMs' control, API and migration threads).
+    #[arg(long, default_value_t = 2048)]
+    vmm_cpu_shares: u64,
+    /// cpu.shares of <root>/vms (the guest threads of all running VMs together).
     #[arg(long, default_value_t = 256)]
     vms_cpu_shares: u64,
 }
@@ -132,7 +139,9 @@ async fn run(
     } else {
         agent::cgroup::CpuCgroups::setup(&agent::cgroup::CgroupConfig {
             root: (!cli.no_cpu_cgroups).then(|| cli.cpu_cgroup_root.clone()),
+            root_shares: cli.cpu_cgroup_shares,
             boot_shares: cli.boot_cpu_shares,
+            vmm_shares: cli.vmm_cpu_shares,
             vms_shares: cli.vms_cpu_shares,
         })
     };

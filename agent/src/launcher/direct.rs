@@ -38,7 +38,7 @@ impl Direct {
             .stdout(log)
             .stderr(log2);
         let boot_procs = self.cgroups.boot_procs().cloned();
-        // SAFETY: setsid, sigemptyset, sigprocmask, setpriority, open, write and close
+        // SAFETY: setsid, sigemptyset, sigprocmask, get/setpriority, open, write and close
         // are async-signal-safe; the closure touches nothing else (the cgroup path was
         // made into a C string before the fork). A new session and process group: the
         // VMM keeps running when vireod (or its terminal, or its process group) is
@@ -52,9 +52,13 @@ impl Direct {
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
                 libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                // VMMs run at normal priority even when vireod runs above it (Nice= in
-                // vireod.service): the control plane answers while guests spin.
-                libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+                // VMMs run at normal priority when vireod runs above it (Nice= in
+                // vireod.service): the control plane answers while guests spin. A
+                // vireod that runs below normal (a benchmark under `nice`) keeps its
+                // VMMs there too: they never run above it.
+                if libc::getpriority(libc::PRIO_PROCESS, 0) < 0 {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+                }
                 // Join the boot cgroup ("0": the writing process). A failure only
                 // costs the placement, never the start.
                 if let Some(p) = &boot_procs {
