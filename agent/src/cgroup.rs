@@ -189,17 +189,7 @@ impl CpuCgroups {
             warn!(vm = name, pid, dir = %dir.display(), error = %e, "cannot place VMM in its cgroup");
             return;
         }
-        let mut guest = 0;
-        for (tid, comm) in threads(pid) {
-            if !is_guest_thread(&comm) {
-                continue;
-            }
-            match write(&dir.join("tasks"), &tid.to_string()) {
-                Ok(()) => guest += 1,
-                // A thread that just ended.
-                Err(e) => debug!(vm = name, tid, error = %e, "thread not placed"),
-            }
-        }
+        let guest = self.move_guest_threads(name, pid, &dir);
         debug!(
             vm = name,
             pid,
@@ -207,6 +197,40 @@ impl CpuCgroups {
             guest_threads = guest,
             "VMM placed in its cgroups"
         );
+    }
+
+    /// Moves the guest threads of `pid` into `dir`; how many moved.
+    fn move_guest_threads(&self, name: &str, pid: i32, dir: &Path) -> usize {
+        let mut moved = 0;
+        for (tid, comm) in threads(pid) {
+            if !is_guest_thread(&comm) {
+                continue;
+            }
+            match write(&dir.join("tasks"), &tid.to_string()) {
+                Ok(()) => moved += 1,
+                // A thread that just ended.
+                Err(e) => debug!(vm = name, tid, error = %e, "thread not moved"),
+            }
+        }
+        moved
+    }
+
+    /// The VM's guest threads to `<root>/vmm` for a moment: a pause or a stop needs
+    /// every vCPU to run once to leave the guest, which at the VM's own share takes a
+    /// scheduling round of all busy guests.
+    pub fn boost(&self, name: &str, pid: i32) {
+        if let Some(r) = &self.root {
+            self.move_guest_threads(name, pid, &r.join("vmm"));
+        }
+    }
+
+    /// The VM's guest threads back to `<root>/vms/NAME`.
+    pub fn unboost(&self, name: &str, pid: i32) {
+        if let Some(dir) = self.vm_dir(name) {
+            if dir.is_dir() {
+                self.move_guest_threads(name, pid, &dir);
+            }
+        }
     }
 
     /// Removes a VM's cgroup once its VMM has ended (a cgroup with tasks stays).

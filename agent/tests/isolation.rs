@@ -73,6 +73,12 @@ fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
     }
     assert_eq!(read(&root.join("vms/web/cpu.shares")), "3072");
     assert_eq!(read(&root.join("vmm/cpu.shares")), "2048");
+    // A pause lends the vCPU the VMMs' share while it parks, then gives it back.
+    d.ok("PUT", "/api/v1/vms/web/pause", None);
+    let cg = thread_cgroups(pid);
+    let vcpu = cg.iter().find(|(n, _)| n == "vireo-vcpu0").unwrap();
+    assert_eq!(vcpu.1, format!("{rel}/vms/web"), "{cg:?}");
+    d.ok("PUT", "/api/v1/vms/web/resume", None);
     // vireod itself stays where it was started.
     let own = agent::cgroup::cpu_cgroup_of(d.child.as_ref().unwrap().id() as i32).unwrap();
     assert!(!own.starts_with(&rel), "{own}");

@@ -163,6 +163,21 @@ impl Launcher {
         }
     }
 
+    /// The VM's guest threads run at the VMMs' share for a moment (a pause or a stop
+    /// waits for every vCPU to leave the guest).
+    pub fn boost(&self, spec: &LaunchSpec, pid: i32) {
+        if let Launcher::Direct(d) = self {
+            d.cgroups.boost(&spec.name, pid);
+        }
+    }
+
+    /// Back to the VM's own share after [`Launcher::boost`].
+    pub fn unboost(&self, spec: &LaunchSpec, pid: i32) {
+        if let Launcher::Direct(d) = self {
+            d.cgroups.unboost(&spec.name, pid);
+        }
+    }
+
     /// A VMM that waits for an incoming VM (re-adopted): back to the boot share.
     pub fn booting(&self, pid: i32) {
         if let Launcher::Direct(d) = self {
@@ -392,6 +407,16 @@ pub fn adopt(spec: &LaunchSpec) -> Result<(Handle, Watch), NotAdopted> {
 
 /// The last `n` lines of a text file (at most the last 64 KiB are read).
 pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    tail(path, n, false)
+}
+
+/// The last `n` complete lines (a line still being written is left out: the guest
+/// writes its serial output byte by byte).
+pub fn tail_complete_lines(path: &Path, n: usize) -> Vec<String> {
+    tail(path, n, true)
+}
+
+fn tail(path: &Path, n: usize, complete: bool) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
         return Vec::new();
@@ -403,6 +428,10 @@ pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
     }
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
+    if complete {
+        let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        buf.truncate(end);
+    }
     let text = String::from_utf8_lossy(&buf);
     let mut lines: Vec<String> = text
         .lines()
@@ -464,6 +493,9 @@ mod tests {
         assert_eq!(tail_lines(&p, 2), ["c", "d"]);
         assert_eq!(tail_lines(&p, 10), ["a", "b", "c", "d"]);
         assert!(tail_lines(&dir.path().join("none"), 3).is_empty());
+        std::fs::write(&p, "a\nb\ntic").unwrap();
+        assert_eq!(tail_lines(&p, 2), ["b", "tic"]);
+        assert_eq!(tail_complete_lines(&p, 2), ["a", "b"]);
     }
 
     #[tokio::test]

@@ -60,6 +60,9 @@ pub struct Config {
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pause answers once every vCPU has left the guest; on an overcommitted host that
+/// takes a scheduling round of every busy vCPU (seconds with hundreds of them).
+const TRANSITION_TIMEOUT: Duration = Duration::from_secs(30);
 const SERIAL_TAIL_LINES: usize = 20;
 /// A VMM that ran this long resets the count of restarts in a row.
 const STABLE_RUN: Duration = Duration::from_secs(60);
@@ -388,7 +391,10 @@ impl Supervisor {
     /// The last `lines` lines of the guest's serial output.
     pub fn serial_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, AgentError> {
         self.require(name)?;
-        Ok(launcher::tail_lines(&self.serial_path(name), lines))
+        Ok(launcher::tail_complete_lines(
+            &self.serial_path(name),
+            lines,
+        ))
     }
 
     pub fn host_info(&self) -> HostInfo {
@@ -801,8 +807,18 @@ impl Supervisor {
         let handle = self.begin_stop(name, "stop it")?;
         crate::metering::sample_one(self, name).await;
         let sock = self.socket_path(name);
-        let asked = client::request(&sock, "PUT", "/api/v1/vm.shutdown", None, VMM_TIMEOUT).await;
         let timeout = timeout.unwrap_or(self.cfg.stop_timeout);
+        // The VMM answers once its vCPUs have stopped: let them run at the VMMs' share
+        // meanwhile (they are gone with the process).
+        self.cfg.launcher.boost(&self.spec(name), handle.pid);
+        let asked = client::request(
+            &sock,
+            "PUT",
+            "/api/v1/vm.shutdown",
+            None,
+            timeout.max(VMM_TIMEOUT),
+        )
+        .await;
         // A VMM that refuses (or cannot be reached) is killed at once.
         let asked = matches!(&asked, Ok(r) if r.ok());
         let gone = asked && self.wait_gone(name, &handle, timeout).await;
@@ -920,12 +936,30 @@ impl Supervisor {
             }
         }
         let sock = self.socket_path(name);
-        let r = client::request(&sock, "PUT", &format!("/api/v1/{route}"), None, VMM_TIMEOUT)
-            .await
-            .map_err(|e| AgentError::Vmm {
-                name: name.to_string(),
-                message: error_chain(&e),
-            })?;
+        // A pause waits for every vCPU to leave the guest: they get the VMMs' share
+        // for that moment, then go back to the VM's own (parked, they use none).
+        let pid = lock(&self.vms)
+            .get(name)
+            .and_then(|vm| vm.handle.as_ref().map(|h| h.pid));
+        let boost = (to == VmState::Paused).then_some(pid).flatten();
+        if let Some(pid) = boost {
+            self.cfg.launcher.boost(&self.spec(name), pid);
+        }
+        let r = client::request(
+            &sock,
+            "PUT",
+            &format!("/api/v1/{route}"),
+            None,
+            TRANSITION_TIMEOUT,
+        )
+        .await;
+        if let Some(pid) = boost {
+            self.cfg.launcher.unboost(&self.spec(name), pid);
+        }
+        let r = r.map_err(|e| AgentError::Vmm {
+            name: name.to_string(),
+            message: error_chain(&e),
+        })?;
         if !r.ok() {
             return Err(AgentError::Vmm {
                 name: name.to_string(),
