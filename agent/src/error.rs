@@ -21,8 +21,6 @@ pub enum AgentError {
     },
     #[error("VM {name:?} failed to start: {reason}")]
     StartFailed { name: String, reason: String },
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
     #[error("inventory database {path}: {source}")]
     Db {
         path: PathBuf,
@@ -42,6 +40,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{unit}: {message}")]
+    Systemd { unit: String, message: String },
+    #[error("no migration {0:?}")]
+    UnknownMigration(String),
+    #[error("invalid migration request: {0}")]
+    BadMigration(String),
+    #[error("migration {id}: {reason}")]
+    MigrationConflict { id: String, reason: String },
     #[error("VMM of {name:?}: {message}")]
     Vmm { name: String, message: String },
     #[error("stored definition of {name:?} is unreadable: {source}")]
@@ -64,10 +70,13 @@ impl AgentError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            AgentError::BadName { .. } | AgentError::BadDefinition(_) => 400,
-            AgentError::UnknownVm(_) => 404,
-            AgentError::Duplicate(_) | AgentError::WrongState { .. } => 409,
-            AgentError::Unsupported(_) => 501,
+            AgentError::BadName { .. }
+            | AgentError::BadDefinition(_)
+            | AgentError::BadMigration(_) => 400,
+            AgentError::UnknownVm(_) | AgentError::UnknownMigration(_) => 404,
+            AgentError::Duplicate(_)
+            | AgentError::WrongState { .. }
+            | AgentError::MigrationConflict { .. } => 409,
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,
             _ => 500,

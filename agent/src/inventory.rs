@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::model::{ExitRecord, MeteringReport, VmDefinition};
+use crate::model::{ExitRecord, MeteringReport, MigrationRecord, VmDefinition};
 use crate::AgentError;
 
 const SCHEMA: &str = "
@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS samples (
     disk_write INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples(at_ms);
+CREATE TABLE IF NOT EXISTS migrations (
+    id TEXT PRIMARY KEY NOT NULL,
+    queued_ms INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
 ";
 
 /// Raw samples older than this are dropped (the `meter` totals keep their sum).
@@ -186,6 +191,61 @@ impl Inventory {
         }
         tx.commit().map_err(|e| self.db(e))?;
         Ok(n > 0)
+    }
+
+    /// Replaces the definition of an existing VM (e.g. its disks after a shared-nothing
+    /// migration); false if there is none.
+    pub fn update(&mut self, name: &str, def: &VmDefinition) -> Result<bool, AgentError> {
+        let json =
+            serde_json::to_string(def).map_err(|e| AgentError::BadDefinition(e.to_string()))?;
+        let n = self
+            .conn
+            .execute(
+                "UPDATE vms SET definition = ?2 WHERE name = ?1",
+                params![name, json],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(n > 0)
+    }
+
+    /// Writes a migration record (insert or replace); keeps the newest
+    /// [`crate::migrations::KEEP_FINISHED`] records.
+    pub fn save_migration(&mut self, rec: &MigrationRecord) -> Result<(), AgentError> {
+        let json =
+            serde_json::to_string(rec).map_err(|e| AgentError::BadMigration(e.to_string()))?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO migrations (id, queued_ms, record) VALUES (?1, ?2, ?3)",
+                params![rec.id, i(rec.queued_at_ms), json],
+            )
+            .map_err(|e| self.db(e))?;
+        self.conn
+            .execute(
+                "DELETE FROM migrations WHERE id NOT IN (SELECT id FROM migrations ORDER BY queued_ms DESC LIMIT ?1)",
+                params![crate::migrations::KEEP_FINISHED as i64],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// Every stored migration record, oldest first (unreadable rows are skipped).
+    pub fn migrations(&self) -> Result<Vec<MigrationRecord>, AgentError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT record FROM migrations ORDER BY queued_ms, id")
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.db(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let json = row.map_err(|e| self.db(e))?;
+            match serde_json::from_str(&json) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(error = %e, "unreadable migration record skipped"),
+            }
+        }
+        Ok(out)
     }
 
     /// Every definition, by name.

@@ -5,18 +5,23 @@
 //! One job per module:
 //! - [`model`]: what a VM definition and a VM's status are (the API's types);
 //! - [`inventory`]: definitions, exit records and metering in SQLite;
-//! - [`launcher`]: starting, adopting, signalling and watching one `vireo` process;
+//! - [`launcher`]: starting (directly or as a systemd unit), adopting, signalling and
+//!   watching one `vireo` process;
+//! - [`cgroup`]: CPU isolation of the VMMs (cgroup v1 cpu.shares);
+//! - [`migrations`]: the migration records and the host's migration queue;
 //! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
 //! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
 //! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
 //! - [`client`]: an HTTP/1.1 client over unix sockets (vireod → VMMs, vireoctl → vireod);
 //! - [`procfs`]: what the agent reads from /proc.
 
+pub mod cgroup;
 pub mod client;
 pub mod error;
 pub mod inventory;
 pub mod launcher;
 pub mod metering;
+pub mod migrations;
 pub mod model;
 pub mod notify;
 pub mod procfs;

@@ -1,6 +1,6 @@
 //! What vireod stores and answers: VM definitions, VM status, exit records, metering.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use api::config::OutputConfig;
 use api::VmConfig;
@@ -61,6 +61,10 @@ pub struct VmDefinition {
     pub restart: RestartPolicy,
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// Relative CPU weight against the host's other VMs (Hyper-V's "relative weight"),
+    /// 1..=10000; default 100. See `cgroup.rs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
 }
 
 /// VM names become file names (socket, pid file, state directory): letters, digits,
@@ -120,7 +124,19 @@ impl VmDefinition {
         if let OutputConfig::File(p) = &self.config.console {
             abs("console", p)?;
         }
+        if let Some(w) = self.cpu_weight {
+            if !crate::cgroup::WEIGHTS.contains(&w) {
+                return Err(AgentError::BadDefinition(format!(
+                    "cpu_weight {w} is outside 1..=10000"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The relative CPU weight (default 100).
+    pub fn weight(&self) -> u32 {
+        self.cpu_weight.unwrap_or(crate::cgroup::DEFAULT_WEIGHT)
     }
 }
 
@@ -137,6 +153,10 @@ pub enum VmState {
     Stopping,
     /// The VMM ended without being asked to and is not being restarted.
     Crashed,
+    /// The VM is being live-migrated to another host (it runs meanwhile).
+    Migrating,
+    /// A VMM waits for this VM to arrive from another host by live migration.
+    Incoming,
 }
 
 impl VmState {
@@ -144,9 +164,25 @@ impl VmState {
     pub fn has_process(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+            VmState::Starting
+                | VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Migrating
+                | VmState::Incoming
         )
     }
+
+    pub const ALL: [VmState; 8] = [
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopping,
+        VmState::Crashed,
+        VmState::Migrating,
+        VmState::Incoming,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -156,6 +192,8 @@ impl VmState {
             VmState::Paused => "Paused",
             VmState::Stopping => "Stopping",
             VmState::Crashed => "Crashed",
+            VmState::Migrating => "Migrating",
+            VmState::Incoming => "Incoming",
         }
     }
 }
@@ -207,6 +245,9 @@ pub struct VmStatus {
     /// Restarts since the last start by a user.
     pub restarts: u32,
     pub last_exit: Option<ExitRecord>,
+    /// The live migration (its id) that owns the VM right now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
     /// Only in `GET /api/v1/vms/{name}`: the stored definition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<VmDefinition>,
@@ -251,6 +292,155 @@ pub struct Event {
     pub detail: Option<String>,
 }
 
+/// `PUT /api/v1/vms/{name}/migrate`: where to, and how. Exactly one of
+/// `destination_agent` and `destination_url`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination host's vireod (its API socket): it defines the VM and starts a
+    /// receiving VMM; after the commit the VM belongs to it.
+    #[serde(default)]
+    pub destination_agent: Option<PathBuf>,
+    /// Or a `vireo` already listening (`unix:/path` or `tcp:host:port`) that no vireod
+    /// here knows: the VM is sent there and forgotten here.
+    #[serde(default)]
+    pub destination_url: Option<String>,
+    /// With `destination_agent`: where the destination's VMM listens (default a unix
+    /// socket in the destination's run directory).
+    #[serde(default)]
+    pub receiver_url: Option<String>,
+    /// Downtime target in milliseconds (the VMM's default: 50).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    #[serde(default)]
+    pub compress: bool,
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Shared-nothing: the disks travel too (the destination needs `storage_dir`).
+    #[serde(default)]
+    pub copy_storage: bool,
+    /// With `destination_agent` and `copy_storage`: where the destination writes them.
+    #[serde(default)]
+    pub storage_dir: Option<PathBuf>,
+}
+
+impl MigrateRequest {
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let bad = |m: &str| Err(AgentError::BadMigration(m.to_string()));
+        match (&self.destination_agent, &self.destination_url) {
+            (Some(_), Some(_)) => {
+                return bad("give destination_agent or destination_url, not both")
+            }
+            (None, None) => {
+                return bad("give destination_agent (a vireod socket) or destination_url")
+            }
+            (Some(p), None) if !p.is_absolute() => {
+                return bad("destination_agent must be an absolute path")
+            }
+            _ => {}
+        }
+        for url in [&self.destination_url, &self.receiver_url]
+            .into_iter()
+            .flatten()
+        {
+            if !(url.starts_with("unix:") || url.starts_with("tcp:")) {
+                return Err(AgentError::BadMigration(format!(
+                    "{url:?}: expected unix:/path or tcp:host:port"
+                )));
+            }
+        }
+        if self.destination_url.is_some()
+            && (self.receiver_url.is_some() || self.storage_dir.is_some())
+        {
+            return bad("receiver_url and storage_dir need destination_agent");
+        }
+        if self.storage_dir.is_some() && !self.copy_storage {
+            return bad("storage_dir is for copy_storage");
+        }
+        Ok(())
+    }
+
+    /// The peer, as the records show it.
+    pub fn peer(&self) -> String {
+        match (&self.destination_agent, &self.destination_url) {
+            (Some(p), _) => format!("agent:{}", p.display()),
+            (None, Some(u)) => u.clone(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// `POST /api/v1/migrations/incoming` (sent by the source's vireod): define this VM
+/// here and start a VMM that waits for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    pub name: String,
+    pub definition: VmDefinition,
+    /// Where the receiving VMM listens (default `unix:<run-dir>/vms/NAME.migrate.sock`).
+    #[serde(default)]
+    pub receiver_url: Option<String>,
+    /// Shared-nothing: where the copied disks are written.
+    #[serde(default)]
+    pub storage_dir: Option<PathBuf>,
+    /// Who sends it (shown in the record).
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// Where a migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Waiting for one of the host's migration slots.
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationState {
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationDirection {
+    /// This host sends the VM.
+    Outgoing,
+    /// This host receives it.
+    Incoming,
+}
+
+/// One migration, as `GET /api/v1/migrations` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub vm: String,
+    pub direction: MigrationDirection,
+    /// Outgoing: `agent:<socket>` or the destination URL; incoming: the source.
+    pub peer: String,
+    pub state: MigrationState,
+    pub queued_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    /// Where the receiving VMM listens.
+    pub receiver_url: Option<String>,
+    /// The other vireod's id of the same migration.
+    pub peer_id: Option<String>,
+    /// The sending (or receiving) VMM's `vm.migration-info`, last read.
+    pub progress: Option<api::MigrationInfo>,
+    /// Pages sent over pages sent plus pages left, 0..=100 (100 once completed).
+    pub percent: f64,
+    pub error: Option<String>,
+}
+
 /// `GET /api/v1/host.info`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostInfo {
@@ -265,6 +455,11 @@ pub struct HostInfo {
     pub memory_total_bytes: u64,
     pub vms: usize,
     pub vms_running: usize,
+    /// `direct` or `systemd`.
+    pub launcher: String,
+    /// The CPU cgroup root VMMs are placed under (None: no placement).
+    pub cpu_cgroup: Option<String>,
+    pub max_concurrent_migrations: usize,
 }
 
 #[cfg(test)]

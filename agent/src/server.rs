@@ -13,12 +13,12 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
-use crate::model::VmDefinition;
+use crate::model::{IncomingRequest, MigrateRequest, VmDefinition};
 use crate::supervisor::Supervisor;
 use crate::{error_chain, AgentError};
 
@@ -61,6 +61,9 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/vms/{name}/pause", put(pause))
         .route("/api/v1/vms/{name}/resume", put(resume))
         .route("/api/v1/vms/{name}/migrate", put(migrate))
+        .route("/api/v1/migrations", get(migrations))
+        .route("/api/v1/migrations/incoming", post(incoming))
+        .route("/api/v1/migrations/{id}", get(migration).delete(cancel))
         .route("/api/v1/vms/{name}/metrics", get(metrics))
         .route("/api/v1/vms/{name}/metrics/reset", put(metrics_reset))
         .route("/api/v1/vms/{name}/exits", get(exits))
@@ -160,11 +163,47 @@ async fn resume(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
     reply(s.resume(&name).await)
 }
 
-async fn migrate(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
-    reply(
-        s.get(&name)
-            .and_then(|_| Err::<(), _>(AgentError::Unsupported("live migration"))),
-    )
+/// Parses a JSON body, or answers 400 with what is wrong.
+fn body<T: serde::de::DeserializeOwned>(what: &str, body: &Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| Box::new(error(400, format!("invalid {what}: {e}"))))
+}
+
+async fn migrate(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Response {
+    // An unknown VM is 404 whatever the body.
+    if let Err(e) = s.get(&name) {
+        return error(e.status(), error_chain(&e));
+    }
+    let req: MigrateRequest = match body("migration request", &b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    match s.migrate(&name, req) {
+        Ok(rec) => (StatusCode::ACCEPTED, Json(rec)).into_response(),
+        Err(e) => error(e.status(), error_chain(&e)),
+    }
+}
+
+async fn migrations(State(s): S) -> Response {
+    (StatusCode::OK, Json(s.migrations())).into_response()
+}
+
+async fn migration(State(s): S, UrlPath(id): UrlPath<String>) -> Response {
+    reply(s.migration(&id))
+}
+
+async fn cancel(State(s): S, UrlPath(id): UrlPath<String>) -> Response {
+    reply(s.cancel_migration(&id))
+}
+
+async fn incoming(State(s): S, b: Bytes) -> Response {
+    let req: IncomingRequest = match body("incoming migration request", &b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    match s.incoming(req).await {
+        Ok(rec) => (StatusCode::CREATED, Json(rec)).into_response(),
+        Err(e) => error(e.status(), error_chain(&e)),
+    }
 }
 
 async fn metrics(State(s): S, UrlPath(name): UrlPath<String>) -> Response {

@@ -57,7 +57,9 @@ fn openapi_document_lists_exactly_the_served_routes() {
         if path == "/api/v1/events" {
             continue; // A stream; covered by the lifecycle test.
         }
-        let p = path.replace("{name}", "no-such-vm");
+        let p = path
+            .replace("{name}", "no-such-vm")
+            .replace("{id}", "no-such-migration");
         let (s, body) = d.api(method, &p, Some("{}"));
         assert_ne!(s, 405, "{method} {p}: wrong method: {body}");
         assert!(
@@ -67,6 +69,11 @@ fn openapi_document_lists_exactly_the_served_routes() {
         if path.contains("{name}") && !(method == "PUT" && path == "/api/v1/vms/{name}") {
             assert_eq!(s, 404, "{method} {p}: {body}");
             assert!(body.contains("no VM named"), "{method} {p}: {body}");
+        } else if path.contains("{id}") {
+            assert_eq!(s, 404, "{method} {p}: {body}");
+            assert!(body.contains("no migration"), "{method} {p}: {body}");
+        } else if method == "POST" {
+            assert_eq!(s, 400, "{method} {p}: {body}");
         } else if method == "GET" {
             assert_eq!(s, 200, "{method} {p}: {body}");
         }
@@ -93,10 +100,14 @@ fn shipped_systemd_units_verify() {
         ("vireod.service", "vireod.service"),
         ("vireo@.service", "vireo@.service"),
         ("vireo@.service", "vireo@test.service"),
+        ("vireo.slice", "vireo.slice"),
     ] {
         let text = std::fs::read_to_string(vireo_e2e::workspace().join("agent/systemd").join(src))
             .unwrap();
-        assert!(text.contains("/usr/bin/"), "{src}");
+        assert!(
+            text.contains("/usr/bin/") || src.ends_with(".slice"),
+            "{src}"
+        );
         std::fs::write(
             dir.path().join(dst),
             text.replace("/usr/bin/", &format!("{}/", bin_dir.display())),
@@ -107,6 +118,7 @@ fn shipped_systemd_units_verify() {
         .args(["verify", "--man=no"])
         .arg(dir.path().join("vireod.service"))
         .arg(dir.path().join("vireo@test.service"))
+        .arg(dir.path().join("vireo.slice"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -86,8 +86,16 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     // Bad query, unknown route, migration.
     error_of(&d, "PUT", "/api/v1/vms/one/stop?timeout_s=soon", None, 400);
     error_of(&d, "GET", "/api/v1/nothing", None, 404);
-    let m = error_of(&d, "PUT", "/api/v1/vms/one/migrate", None, 501);
-    assert!(m.contains("not supported yet"), "{m}");
+    let m = error_of(&d, "PUT", "/api/v1/vms/one/migrate", None, 400);
+    assert!(m.contains("invalid migration request"), "{m}");
+    let m = error_of(
+        &d,
+        "PUT",
+        "/api/v1/vms/one/migrate",
+        Some(r#"{"destination_url":"unix:/x"}"#),
+        409,
+    );
+    assert!(m.contains("Stopped"), "{m}");
 
     assert_eq!(
         d.ok("GET", "/api/v1/export", None),

@@ -5,10 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod notify;
-
 use api::config::{self, PayloadConfig};
 use api::VmConfig;
+use vmm::notify;
 use vmm::seccomp::{Filters, SeccompMode, ThreadKind};
 use vmm::vmm::{error_chain, Vmm};
 
@@ -165,6 +164,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         })
     }));
     let mut vmm = Vmm::new(filters.clone());
+    // WATCHDOG=1 from the control loop when systemd asks for it (WatchdogSec=).
+    vmm.set_watchdog(vmm::watchdog::Watchdog::from_env());
     let server = match &cli.api_socket {
         Some(path) => {
             let f = filters.clone();
@@ -194,6 +195,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if resume {
             vmm.resume()?;
         }
+    }
+    if cfg_is_none {
+        // Ready for what comes next: the restored VM is in place, or the API waits
+        // for vm.create / vm.restore / vm.receive-migration (a systemd unit that
+        // receives a migration is "started" once it can listen).
+        notify::notify("READY=1");
     }
     filters.apply(ThreadKind::Control)?;
     let exit = vmm.run();

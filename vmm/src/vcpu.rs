@@ -184,6 +184,26 @@ impl VcpuHandle {
         self.exits.load(Ordering::Relaxed)
     }
 
+    /// What the watchdog checks: exits so far, and whether the vCPU should be in the
+    /// guest (wanted running, not parked, not ended).
+    pub fn liveness(&self) -> crate::watchdog::VcpuLiveness {
+        let (m, _) = &*self.shared;
+        let s = m.lock().unwrap_or_else(|e| e.into_inner());
+        crate::watchdog::VcpuLiveness {
+            exits: self.exits(),
+            running: s.wanted == Wanted::Run && !s.parked && !s.exited,
+        }
+    }
+
+    /// One kick out of KVM_RUN (the vCPU goes on running).
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            if !t.is_finished() {
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
     fn set_wanted(&self, w: Wanted) {
         let (m, cv) = &*self.shared;
         m.lock().unwrap_or_else(|e| e.into_inner()).wanted = w;

@@ -296,6 +296,20 @@ impl Vm {
         &self.mem
     }
 
+    /// Each vCPU as the watchdog sees it.
+    pub fn vcpu_liveness(&self) -> Vec<crate::watchdog::VcpuLiveness> {
+        self.vcpus.iter().map(|v| v.liveness()).collect()
+    }
+
+    /// Kicks these vCPUs out of KVM_RUN once (they go on running).
+    pub fn kick_vcpus(&self, which: &[usize]) {
+        for &i in which {
+            if let Some(v) = self.vcpus.get(i) {
+                v.kick();
+            }
+        }
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
     }

@@ -64,6 +64,8 @@ pub struct Vmm {
     /// The outgoing migration copies storage (so the disks are not handed over).
     copying_storage: bool,
     disk_info: Arc<Mutex<api::DiskMigrationInfo>>,
+    /// systemd's watchdog, pinged from this loop (None: not asked for).
+    watchdog: Option<crate::watchdog::Watchdog>,
 }
 
 impl Vmm {
@@ -81,6 +83,47 @@ impl Vmm {
             remote_mirrors: Vec::new(),
             copying_storage: false,
             disk_info: Arc::new(Mutex::new(api::DiskMigrationInfo::default())),
+            watchdog: None,
+        }
+    }
+
+    /// Pings systemd's watchdog from the control loop while the VM is healthy.
+    pub fn set_watchdog(&mut self, watchdog: Option<crate::watchdog::Watchdog>) {
+        self.watchdog = watchdog;
+    }
+
+    /// The next event; with a watchdog, None when a ping is due first.
+    fn next_event(&mut self) -> Result<Option<ControlEvent>, ()> {
+        match &self.watchdog {
+            None => self.events_rx.recv().map(Some).map_err(|_| ()),
+            Some(w) => match self
+                .events_rx
+                .recv_timeout(w.wait(std::time::Instant::now()))
+            {
+                Ok(e) => Ok(Some(e)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            },
+        }
+    }
+
+    /// Pings the watchdog if due (and the vCPUs are healthy).
+    fn watchdog_tick(&mut self) {
+        let Some(w) = &mut self.watchdog else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if w.wait(now) > std::time::Duration::ZERO {
+            return;
+        }
+        let vcpus = self
+            .vm
+            .as_ref()
+            .map(|vm| vm.vcpu_liveness())
+            .unwrap_or_default();
+        let kick = w.tick(now, &vcpus);
+        if let Some(vm) = &self.vm {
+            vm.kick_vcpus(&kick);
         }
     }
 
@@ -158,8 +201,11 @@ impl Vmm {
     /// Runs until the VM stops (or `vmm.shutdown`); returns why.
     pub fn run(&mut self) -> VmmExit {
         loop {
-            let Ok(event) = self.events_rx.recv() else {
-                return VmmExit::Crashed("control channel closed".into());
+            self.watchdog_tick();
+            let event = match self.next_event() {
+                Ok(Some(e)) => e,
+                Ok(None) => continue, // A watchdog ping is due.
+                Err(()) => return VmmExit::Crashed("control channel closed".into()),
             };
             let exit = match event {
                 ControlEvent::Power(PowerEvent::PowerOff) => Some(VmmExit::PowerOff),

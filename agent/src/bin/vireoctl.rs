@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agent::client;
-use agent::model::{MeteringReport, Priority, RestartPolicy, VmDefinition, VmStatus};
+use agent::model::{
+    MeteringReport, MigrationRecord, MigrationState, Priority, RestartPolicy, VmDefinition,
+    VmStatus,
+};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
@@ -47,6 +50,9 @@ enum Command {
     /// This host.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Live migrations (this host's queue and history).
+    #[command(subcommand)]
+    Migration(MigrationCommand),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -57,6 +63,16 @@ enum Command {
 enum HostCommand {
     /// vireod's version, directories and VM counts.
     Info,
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrationCommand {
+    /// Every migration vireod knows: queued, running and finished.
+    List,
+    /// One migration with its progress.
+    Info { id: String },
+    /// Take a queued migration out of the queue (or give up an incoming one).
+    Cancel { id: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -127,12 +143,37 @@ enum VmCommand {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Live migration (not supported yet).
+    /// Live-migrate a running VM to another host's vireod (queued: at most
+    /// --max-concurrent-migrations run at once on this host).
     Migrate {
         name: String,
-        /// Destination host.
+        /// The destination's vireod socket (the VM then belongs to that vireod).
+        #[arg(long, required_unless_present = "to_url", conflicts_with = "to_url")]
+        to: Option<PathBuf>,
+        /// Or a `vireo` already listening (unix:/path, tcp:host:port); the VM is then
+        /// forgotten here.
         #[arg(long)]
-        to: String,
+        to_url: Option<String>,
+        /// Where the destination's VMM listens (default: a unix socket on its host).
+        #[arg(long)]
+        receiver_url: Option<String>,
+        /// Downtime target in milliseconds.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Compress memory pages (zstd).
+        #[arg(long)]
+        compress: bool,
+        /// Bandwidth limit in MiB/s.
+        #[arg(long)]
+        bandwidth_mib_s: Option<u64>,
+        /// Copy the disks too (shared-nothing); with --storage-dir on the destination.
+        #[arg(long)]
+        copy_storage: bool,
+        #[arg(long)]
+        storage_dir: Option<PathBuf>,
+        /// Wait for the end, with a progress bar; fails if the migration does.
+        #[arg(long, short)]
+        wait: bool,
     },
     /// Resource metering since the last reset.
     Metrics {
@@ -565,9 +606,59 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                 last = now;
             }
         }
-        VmCommand::Migrate { name, to: _ } => {
-            ctx.json("PUT", &path(&name, "migrate"), None)?;
-            Ok(())
+        VmCommand::Migrate {
+            name,
+            to,
+            to_url,
+            receiver_url,
+            downtime_ms,
+            compress,
+            bandwidth_mib_s,
+            copy_storage,
+            storage_dir,
+            wait,
+        } => {
+            let to = match to {
+                Some(p) => Some(std::path::absolute(&p).map_err(|source| CtlError::Read {
+                    path: p.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            let body = serde_json::json!({
+                "destination_agent": to,
+                "destination_url": to_url,
+                "receiver_url": receiver_url,
+                "downtime_ms": downtime_ms,
+                "compress": compress,
+                "bandwidth_mib_s": bandwidth_mib_s,
+                "copy_storage": copy_storage,
+                "storage_dir": storage_dir,
+            });
+            let v = ctx.json(
+                "PUT",
+                &path(&name, "migrate"),
+                Some(body.to_string().into_bytes()),
+            )?;
+            let rec: MigrationRecord =
+                serde_json::from_value(v.clone()).map_err(|e| CtlError::Api(e.to_string()))?;
+            if !wait {
+                match out {
+                    Output::Json => print_json(&v),
+                    Output::Table => println!("migration {} of {name}: {:?}", rec.id, rec.state),
+                }
+                return Ok(());
+            }
+            let done = follow_migration(ctx, &rec.id, out)?;
+            match done.state {
+                MigrationState::Completed => Ok(()),
+                s => Err(CtlError::Api(format!(
+                    "migration {} {}: {}",
+                    done.id,
+                    format!("{s:?}").to_lowercase(),
+                    done.error.unwrap_or_default()
+                ))),
+            }
         }
         VmCommand::Metrics { name, reset } => {
             let n = name_of(&name)?;
@@ -604,6 +695,144 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             Ok(())
         }
     }
+}
+
+/// One line about a migration's progress.
+fn progress_line(r: &MigrationRecord) -> String {
+    match &r.progress {
+        Some(p) if r.state == MigrationState::Running => format!(
+            "round {}, {:.1} MiB sent, {} pages left, {:.0} MiB/s",
+            p.rounds,
+            p.bytes_sent as f64 / (1u64 << 20) as f64,
+            p.remaining_pages,
+            p.bandwidth_mib_s
+        ),
+        _ => format!("{:?}", r.state).to_lowercase(),
+    }
+}
+
+/// Polls a migration until it ends, drawing a progress bar on a terminal (plain
+/// lines at each state change otherwise); returns the final record.
+fn follow_migration(ctx: &Ctx, id: &str, out: Output) -> Result<MigrationRecord, CtlError> {
+    use std::io::IsTerminal;
+    let bar = indicatif::ProgressBar::new(100);
+    if !std::io::stderr().is_terminal() || out == Output::Json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut last_state = None;
+    loop {
+        let v = ctx.json("GET", &format!("/api/v1/migrations/{id}"), None)?;
+        let r: MigrationRecord =
+            serde_json::from_value(v.clone()).map_err(|e| CtlError::Api(e.to_string()))?;
+        bar.set_prefix(format!(
+            "{} {}",
+            r.vm,
+            format!("{:?}", r.state).to_lowercase()
+        ));
+        bar.set_position(r.percent.round() as u64);
+        bar.set_message(progress_line(&r));
+        if last_state != Some(r.state) && bar.is_hidden() && out == Output::Table {
+            eprintln!("migration {id} of {}: {}", r.vm, progress_line(&r));
+        }
+        last_state = Some(r.state);
+        if r.state.finished() {
+            bar.finish_and_clear();
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => migration_table(&r),
+            }
+            return Ok(r);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn fmt_time(ms: Option<u64>) -> String {
+    ms.map(|t| format!("{}.{:03}", t / 1000, t % 1000))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn migration_table(r: &MigrationRecord) {
+    let p = r.progress.clone().unwrap_or_default();
+    print_pairs(&[
+        ("id", r.id.clone()),
+        ("vm", r.vm.clone()),
+        ("direction", format!("{:?}", r.direction).to_lowercase()),
+        ("peer", r.peer.clone()),
+        ("state", format!("{:?}", r.state).to_lowercase()),
+        ("progress", format!("{:.0} %", r.percent)),
+        ("rounds", p.rounds.to_string()),
+        (
+            "sent",
+            format!("{} pages, {} bytes", p.pages_sent, p.bytes_sent),
+        ),
+        ("downtime", format!("{:.1} ms", p.downtime_ms)),
+        ("queued at", fmt_time(Some(r.queued_at_ms))),
+        ("started at", fmt_time(r.started_at_ms)),
+        ("finished at", fmt_time(r.finished_at_ms)),
+        ("receiver", r.receiver_url.clone().unwrap_or("-".into())),
+        ("error", r.error.clone().unwrap_or("-".into())),
+    ]);
+}
+
+fn migration(ctx: &Ctx, cmd: MigrationCommand, out: Output) -> Result<(), CtlError> {
+    let (v, one) = match &cmd {
+        MigrationCommand::List => (ctx.json("GET", "/api/v1/migrations", None)?, false),
+        MigrationCommand::Info { id } => (
+            ctx.json("GET", &format!("/api/v1/migrations/{id}"), None)?,
+            true,
+        ),
+        MigrationCommand::Cancel { id } => (
+            ctx.json("DELETE", &format!("/api/v1/migrations/{id}"), None)?,
+            true,
+        ),
+    };
+    if out == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
+    if one {
+        let r: MigrationRecord =
+            serde_json::from_value(v).map_err(|e| CtlError::Api(e.to_string()))?;
+        migration_table(&r);
+        return Ok(());
+    }
+    let list: Vec<MigrationRecord> =
+        serde_json::from_value(v).map_err(|e| CtlError::Api(e.to_string()))?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.vm.clone(),
+                format!("{:?}", r.direction).to_lowercase(),
+                format!("{:?}", r.state).to_lowercase(),
+                format!("{:.0}%", r.percent),
+                fmt_ms_ago(Some(r.queued_at_ms)),
+                r.peer.clone(),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "VM",
+            "DIRECTION",
+            "STATE",
+            "PROGRESS",
+            "QUEUED",
+            "PEER",
+            "ERROR",
+        ],
+        &rows,
+    );
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), CtlError> {
@@ -647,6 +876,15 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Command::Migration(cmd) => migration(
+            &Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            },
+            cmd,
+            cli.output,
+        ),
         Command::Vm(cmd) => match cli.vm_socket {
             Some(s) => direct(
                 &Ctx {

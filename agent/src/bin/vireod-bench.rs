@@ -2,6 +2,11 @@
 //! report running, vireod's RSS and the per-VM overhead, API latency (info, list) with
 //! the guests running and with them paused, re-adoption after `kill -9 vireod`, and
 //! host shutdown. Prints a Markdown table.
+//!
+//! CPU isolation (vireod's cgroup placement) is on unless `--no-cgroups`: the bench's
+//! vireod places its VMMs under `--cgroup-root` (default a fresh
+//! /sys/fs/cgroup/cpu/vireo-bench-PID, removed at the end), so that the same build
+//! shows the figures with and without it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +48,19 @@ struct Cli {
     /// Directory with vireod and vireo (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Run without CPU cgroups (vireod --no-cpu-cgroups): the "before" figures.
+    #[arg(long)]
+    no_cgroups: bool,
+    /// vireod's --cpu-cgroup-root (default /sys/fs/cgroup/cpu/vireo-bench-PID).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// vireod's --cpu-cgroup-shares: the weight of all VMs together against the rest
+    /// of the host (e.g. 15, one nice-19 process, when the bench itself runs at nice 19).
+    #[arg(long)]
+    cgroup_shares: Option<u64>,
+    /// More vireod arguments (repeatable), e.g. --vireod-arg=--vms-cpu-shares=64.
+    #[arg(long, allow_hyphen_values = true)]
+    vireod_arg: Vec<String>,
 }
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
@@ -87,6 +105,10 @@ struct Daemon {
     socket: PathBuf,
     bin_dir: PathBuf,
     nice: i32,
+    /// vireod's cgroup arguments and other extra arguments.
+    extra: Vec<String>,
+    /// A cgroup root this bench made (removed at the end).
+    cgroup_root: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -109,6 +131,7 @@ impl Daemon {
             .arg("--no-autostart")
             .arg("--stop-timeout-s")
             .arg("60")
+            .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -149,7 +172,23 @@ impl Drop for Daemon {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(root) = &self.cgroup_root {
+            std::thread::sleep(Duration::from_millis(200)); // Killed VMMs leave their cgroups.
+            remove_cgroup_tree(root);
+        }
     }
+}
+
+/// Removes a cgroup directory with its children (rmdir, deepest first).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 async fn call(sock: &Path, method: &str, path: &str, body: Option<Vec<u8>>) -> R<client::Response> {
@@ -214,6 +253,17 @@ async fn latency(
     Ok((pct(&v, 0.5), pct(&v, 0.99), pct(&v, 1.0)))
 }
 
+/// Serial `tick` lines of each VM so far.
+fn ticks(dir: &Path, n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|i| {
+            std::fs::read_to_string(dir.join(format!("state/vms/vm{i:03}/serial.log")))
+                .map(|t| t.lines().filter(|l| l.starts_with("tick ")).count())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
 async fn all_in(sock: &Path, state: &str) -> R<usize> {
     let r = call(sock, "GET", "/api/v1/vms", None).await?;
     let v: Value = serde_json::from_slice(&r.body)?;
@@ -248,14 +298,49 @@ async fn run(cli: Cli) -> R<()> {
     };
     let dir = std::env::temp_dir().join(format!("vireod-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let mut extra = cli.vireod_arg.clone();
+    let mut cgroup_root = None;
+    if cli.no_cgroups {
+        extra.push("--no-cpu-cgroups".into());
+    } else {
+        let root = cli.cgroup_root.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "/sys/fs/cgroup/cpu/vireo-bench-{}",
+                std::process::id()
+            ))
+        });
+        extra.push("--cpu-cgroup-root".into());
+        extra.push(root.display().to_string());
+        if let Some(s) = cli.cgroup_shares {
+            extra.push("--cpu-cgroup-shares".into());
+            extra.push(s.to_string());
+        }
+        cgroup_root = Some(root);
+    }
     let mut d = Daemon {
         child: None,
         socket: dir.join("run/vireod.sock"),
         dir,
         bin_dir,
         nice: cli.nice,
+        extra,
+        cgroup_root,
     };
     let up = d.spawn()?;
+    let host: Value = serde_json::from_slice(
+        &call(&d.socket, "GET", "/api/v1/host.info", None)
+            .await?
+            .body,
+    )?;
+    let isolation = match host["cpu_cgroup"].as_str() {
+        Some(root) => format!(
+            "CPU cgroups under {root}{}",
+            cli.cgroup_shares
+                .map(|s| format!(" (root cpu.shares {s})"))
+                .unwrap_or_default()
+        ),
+        None => "no CPU cgroups".to_string(),
+    };
     let sock = d.socket.clone();
     let rss0 = rss_kib(d.pid());
     let n = cli.vms;
@@ -315,8 +400,18 @@ async fn run(cli: Cli) -> R<()> {
         (f64::NAN, f64::NAN, f64::NAN),
         (f64::NAN, f64::NAN, f64::NAN),
     );
+    let mut guests_busy = String::from("(not measured: paused)");
     if !cli.pause_after_boot {
         eprintln!("latency with {n} guests running");
+        // That the guests really spin meanwhile: the VMMs' CPU time and the guests'
+        // serial ticks over the phase.
+        let cpu0: u64 = pids
+            .iter()
+            .filter_map(|p| agent::procfs::stat(*p))
+            .map(|s| s.cpu_ns)
+            .sum();
+        let ticks0 = ticks(&d.dir, n);
+        let t0 = Instant::now();
         info_run = latency(
             &sock,
             cli.requests,
@@ -324,6 +419,23 @@ async fn run(cli: Cli) -> R<()> {
         )
         .await?;
         list_run = latency(&sock, cli.requests, Arc::new(|_| "/api/v1/vms".to_string())).await?;
+        // A window of at least 3 s (the guests tick once a second).
+        let window = Duration::from_secs(3);
+        if t0.elapsed() < window {
+            tokio::time::sleep(window - t0.elapsed()).await;
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu1: u64 = pids
+            .iter()
+            .filter_map(|p| agent::procfs::stat(*p))
+            .map(|s| s.cpu_ns)
+            .sum();
+        let ticks1 = ticks(&d.dir, n);
+        let ticked = ticks0.iter().zip(&ticks1).filter(|(a, b)| b > a).count();
+        guests_busy = format!(
+            "{:.2} CPUs over {wall:.1} s; {ticked}/{n} guests ticked",
+            cpu1.saturating_sub(cpu0) as f64 / 1e9 / wall
+        );
         eprintln!("pausing all");
         batch(
             &sock,
@@ -389,11 +501,11 @@ async fn run(cli: Cli) -> R<()> {
 
     let ms = |x: (f64, f64, f64)| format!("{:.2} / {:.2} / {:.2}", x.0, x.1, x.2);
     println!(
-        "| figure ({n} VMs, {} MiB each, {} starts in flight, bench nice {}, vireod nice {}{}) | value |",
+        "| figure ({n} VMs, {} MiB each, {} starts in flight, bench nice {}, vireod nice {}, {isolation}{}) | value |",
         cli.memory_mib,
         cli.concurrency,
         own_nice(),
-        own_nice() + cli.nice,
+        (own_nice() + cli.nice).clamp(-20, 19),
         if cli.pause_after_boot {
             ", each paused once running"
         } else {
@@ -424,6 +536,7 @@ async fn run(cli: Cli) -> R<()> {
     );
     println!("| VMM (vireo) RSS per VM, average | {vmm_rss_avg:.0} KiB |");
     println!("| VMM threads, total | {threads} |");
+    println!("| guests while the running latencies were measured | {guests_busy} |");
     println!(
         "| GET vms/NAME p50 / p99 / max, guests running | {} ms |",
         ms(info_run)

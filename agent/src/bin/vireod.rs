@@ -51,6 +51,40 @@ struct Cli {
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// At most this many outgoing live migrations run at once; the rest wait in order.
+    #[arg(long, default_value_t = 2)]
+    max_concurrent_migrations: usize,
+    /// Seconds a receiving VMM waits for its source's first pages before the incoming
+    /// migration is given up.
+    #[arg(long, default_value_t = 300)]
+    incoming_timeout_s: u64,
+    /// How VMMs are started: auto (systemd units when systemd is PID 1, else direct),
+    /// direct (vireod forks them), or systemd (`systemctl start vireo@NAME.service`).
+    #[arg(long, default_value = "auto")]
+    launcher: agent::launcher::LauncherKind,
+    /// The systemctl of the systemd launcher.
+    #[arg(long, default_value = "systemctl")]
+    systemctl: PathBuf,
+    /// The cgroup v1 cpu directory under which VMMs are placed (direct launcher):
+    /// <root>/boot while they boot, <root>/vms/NAME once their VM runs.
+    #[arg(long, default_value = "/sys/fs/cgroup/cpu/vireo")]
+    cpu_cgroup_root: PathBuf,
+    /// cpu.shares of the cgroup root itself: all VMs together against everything
+    /// else in the parent (default: left as created, 1024 = one nice-0 process).
+    #[arg(long)]
+    cpu_cgroup_shares: Option<u64>,
+    /// Do not place VMMs in CPU cgroups.
+    #[arg(long)]
+    no_cpu_cgroups: bool,
+    /// cpu.shares of <root>/boot (VMMs whose VM does not run yet).
+    #[arg(long, default_value_t = 4096)]
+    boot_cpu_shares: u64,
+    /// cpu.shares of <root>/vmm (the running VMMs' control, API and migration threads).
+    #[arg(long, default_value_t = 2048)]
+    vmm_cpu_shares: u64,
+    /// cpu.shares of <root>/vms (the guest threads of all running VMs together).
+    #[arg(long, default_value_t = 256)]
+    vms_cpu_shares: u64,
 }
 
 /// A group's id from its number or its name (/etc/group).
@@ -95,6 +129,23 @@ async fn run(
     cli: Cli,
     signal_rx: tokio::sync::oneshot::Receiver<i32>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let launcher_kind = cli.launcher;
+    let cgroups = if launcher_kind == agent::launcher::LauncherKind::Systemd
+        || (launcher_kind == agent::launcher::LauncherKind::Auto
+            && agent::launcher::systemd_booted())
+    {
+        // systemd places its units itself (vireo.slice).
+        agent::cgroup::CpuCgroups::off()
+    } else {
+        agent::cgroup::CpuCgroups::setup(&agent::cgroup::CgroupConfig {
+            root: (!cli.no_cpu_cgroups).then(|| cli.cpu_cgroup_root.clone()),
+            root_shares: cli.cpu_cgroup_shares,
+            boot_shares: cli.boot_cpu_shares,
+            vmm_shares: cli.vmm_cpu_shares,
+            vms_shares: cli.vms_cpu_shares,
+        })
+    };
+    let launcher = agent::launcher::Launcher::new(launcher_kind, cli.systemctl.clone(), cgroups);
     let cfg = Config {
         state_dir: cli.state_dir.clone(),
         run_dir: cli.run_dir.clone(),
@@ -107,6 +158,9 @@ async fn run(
             Some(g) => Some(group_id(g)?),
             None => None,
         },
+        launcher,
+        max_concurrent_migrations: cli.max_concurrent_migrations.max(1),
+        incoming_timeout: Duration::from_secs(cli.incoming_timeout_s),
     };
     let sup = Supervisor::open(cfg)?;
     let sock = cli
@@ -128,7 +182,12 @@ async fn run(
             })
             .await
     });
-    info!(socket = %sock.display(), vireo = %sup.cfg.vireo_bin.display(), "vireod ready");
+    info!(
+        socket = %sock.display(),
+        vireo = %sup.cfg.vireo_bin.display(),
+        launcher = sup.cfg.launcher.name(),
+        "vireod ready"
+    );
     agent::notify::notify("READY=1");
     if !cli.no_autostart {
         let s = sup.clone();

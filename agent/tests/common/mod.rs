@@ -16,6 +16,8 @@ pub const T: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
     pub child: Option<Child>,
+    /// This vireod's CPU cgroup root (removed on drop).
+    pub cgroup_root: PathBuf,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
@@ -34,8 +36,17 @@ impl Daemon {
             .prefix("vd")
             .tempdir()
             .expect("tempdir");
+        // Each test's vireod has its own cgroup root, so that parallel tests with the
+        // same VM names do not share cgroups.
+        let cgroup_root = Path::new(CGROUP_TEST_ROOT).join(
+            dir.path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         let mut d = Daemon {
             child: None,
+            cgroup_root,
             socket: dir.path().join("run/vireod.sock"),
             state_dir: dir.path().join("state"),
             run_dir: dir.path().join("run"),
@@ -54,6 +65,11 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("vireod.log"))
             .expect("vireod log");
+        let mut cgroup = Vec::new();
+        if !self.args.iter().any(|a| a == "--cpu-cgroup-root") {
+            cgroup.push("--cpu-cgroup-root".into());
+            cgroup.push(self.cgroup_root.clone().into_os_string());
+        }
         let child = Command::new(bin("vireod"))
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -63,6 +79,7 @@ impl Daemon {
             .arg(bin("vireo"))
             .arg("--meter-interval-ms")
             .arg("100")
+            .args(&cgroup)
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -133,6 +150,50 @@ impl Daemon {
         serde_json::from_str(&b).unwrap_or(Value::Null)
     }
 
+    /// Asks for a live migration; returns the record (202).
+    pub fn migrate(&self, name: &str, body: &Value) -> Value {
+        let (s, b) = self.api(
+            "PUT",
+            &format!("/api/v1/vms/{name}/migrate"),
+            Some(&body.to_string()),
+        );
+        assert_eq!(s, 202, "migrate {name}: {b}\nvireod log:\n{}", self.log());
+        serde_json::from_str(&b).unwrap()
+    }
+
+    pub fn migration(&self, id: &str) -> Value {
+        self.ok("GET", &format!("/api/v1/migrations/{id}"), None)
+    }
+
+    pub fn migrations(&self) -> Vec<Value> {
+        self.ok("GET", "/api/v1/migrations", None)
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until migration `id` has finished; returns its record.
+    pub fn wait_migration(&self, id: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let m = self.migration(id);
+            if ["completed", "failed", "cancelled"].contains(&m["state"].as_str().unwrap_or("")) {
+                return m;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "migration {id} did not finish: {m}\nvireod log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// 404 for `name`: not defined here.
+    pub fn absent(&self, name: &str) -> bool {
+        self.api("GET", &format!("/api/v1/vms/{name}"), None).0 == 404
+    }
+
     pub fn vm(&self, name: &str) -> Value {
         self.ok("GET", &format!("/api/v1/vms/{name}"), None)
     }
@@ -197,6 +258,15 @@ impl Daemon {
         }
     }
 
+    /// The tick numbers on the guest's serial (`tick N ...` lines of test=counter).
+    pub fn tick_numbers(&self, name: &str) -> Vec<u64> {
+        self.serial(name)
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick "))
+            .filter_map(|r| r.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .collect()
+    }
+
     pub fn ticks(&self, name: &str) -> usize {
         self.serial(name)
             .lines()
@@ -237,11 +307,35 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.processes() {
+        let pids = self.processes();
+        for &pid in &pids {
             // SAFETY: kill with a pid and a signal; the pid was just read from /proc.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        for pid in pids {
+            let start = Instant::now();
+            while alive(pid) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        remove_cgroup_tree(&self.cgroup_root);
     }
+}
+
+/// Where the tests' vireods put their CPU cgroups.
+pub const CGROUP_TEST_ROOT: &str = "/sys/fs/cgroup/cpu/vireo-test";
+
+/// Removes a cgroup directory and its children (cgroup directories are removed with
+/// rmdir, deepest first; their files are not real files).
+pub fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 pub fn processes_mentioning(needle: &str) -> Vec<i32> {

@@ -1,31 +1,199 @@
-//! One `vireo` process: start it (in its own session, so it outlives vireod), find it
-//! again after vireod restarts (pid file + /proc checks), signal it, and learn when it
-//! ends (a pidfd, which also works for processes that are not vireod's children).
+//! One `vireo` process: start it, find it again after vireod restarts (pid file +
+//! /proc checks), signal it, and learn when it ends (a pidfd, which also works for
+//! processes that are not vireod's children).
+//!
+//! Two ways to start it, one interface ([`Launcher`]): [`direct`] forks and execs
+//! `vireo` in its own session (so it outlives vireod); [`systemd`] starts the template
+//! unit `vireo@NAME.service` when systemd is PID 1. Everything above (supervision,
+//! restart policy, migration) does not know which one ran.
 
-use std::fs::OpenOptions;
+pub mod direct;
+pub mod systemd;
+
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 
 use tokio::io::unix::AsyncFd;
 
+use crate::cgroup::CpuCgroups;
 use crate::procfs;
 use crate::AgentError;
+
+/// What the VMM is started for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmArgs {
+    /// Boot the VM of this runtime configuration (`vireo --config`).
+    Boot { config: PathBuf },
+    /// Wait, with no VM, for one to arrive by live migration; its serial port goes to
+    /// `serial` (`vireo --serial file=...`, which replaces the arriving VM's own).
+    Receive { serial: PathBuf },
+}
 
 /// Where one VM's VMM finds its configuration and puts its socket, logs and pid.
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
+    /// The VM's name (the systemd unit's instance).
+    pub name: String,
     pub vireo_bin: PathBuf,
-    /// The runtime configuration (`vireo --config`).
-    pub config: PathBuf,
+    pub args: VmmArgs,
     /// The VMM's REST socket (`vireo --api-socket`).
     pub socket: PathBuf,
     /// The VMM's stdout and stderr (appended).
     pub log: PathBuf,
     pub pid_file: PathBuf,
+    /// The systemd launcher's environment file for the unit (`VIREO_ARGS=...`).
+    pub env_file: PathBuf,
+}
+
+impl LaunchSpec {
+    /// The VMM's arguments (after the program name).
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        match &self.args {
+            VmmArgs::Boot { config } => {
+                v.push("--config".into());
+                v.push(config.into());
+            }
+            VmmArgs::Receive { serial } => {
+                let mut s = OsString::from("file=");
+                s.push(serial);
+                v.push("--serial".into());
+                v.push(s);
+            }
+        }
+        v.push("--api-socket".into());
+        v.push(self.socket.clone().into());
+        v
+    }
+}
+
+/// Starts VMMs one way or the other; the rest of vireod only sees [`Handle`] and
+/// [`Watch`].
+#[derive(Clone, Debug)]
+pub enum Launcher {
+    /// vireod forks and execs `vireo` itself.
+    Direct(direct::Direct),
+    /// `systemctl start vireo@NAME.service`.
+    Systemd(systemd::Systemd),
+}
+
+/// Which launcher to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LauncherKind {
+    /// systemd when it is PID 1 (/run/systemd/system exists), else direct.
+    #[default]
+    Auto,
+    Direct,
+    Systemd,
+}
+
+impl std::str::FromStr for LauncherKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "direct" => Ok(Self::Direct),
+            "systemd" => Ok(Self::Systemd),
+            _ => Err(format!("expected auto, direct or systemd, got {s:?}")),
+        }
+    }
+}
+
+/// sd_booted(): systemd is the init system of this host.
+pub fn systemd_booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+impl Launcher {
+    /// The launcher of `kind`; `cgroups` are the direct launcher's CPU placement (the
+    /// systemd launcher leaves cgroups to systemd: its units live in `vireo.slice`).
+    pub fn new(kind: LauncherKind, systemctl: PathBuf, cgroups: CpuCgroups) -> Self {
+        let systemd = match kind {
+            LauncherKind::Auto => systemd_booted(),
+            LauncherKind::Direct => false,
+            LauncherKind::Systemd => true,
+        };
+        if systemd {
+            Launcher::Systemd(systemd::Systemd::new(systemctl))
+        } else {
+            Launcher::Direct(direct::Direct::new(cgroups))
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Launcher::Direct(_) => "direct",
+            Launcher::Systemd(_) => "systemd",
+        }
+    }
+
+    /// Starts the VMM and writes its pid file.
+    pub async fn spawn(&self, spec: &LaunchSpec) -> Result<(Handle, Watch), AgentError> {
+        let (h, w) = match self {
+            Launcher::Direct(d) => d.spawn(spec)?,
+            Launcher::Systemd(s) => s.spawn(spec).await?,
+        };
+        if let Err(e) = write_pid_file(&spec.pid_file, &h) {
+            let _ = h.signal(libc::SIGKILL);
+            return Err(e);
+        }
+        Ok((h, w))
+    }
+
+    /// Finds the VMM that a previous vireod started (see [`adopt`]).
+    pub fn adopt(&self, spec: &LaunchSpec) -> Result<(Handle, Watch), NotAdopted> {
+        let (h, mut w) = adopt(spec)?;
+        if let Launcher::Systemd(s) = self {
+            w.unit = Some(s.status_query(&spec.name));
+        }
+        Ok((h, w))
+    }
+
+    /// The VM runs: give the VMM the VM's CPU weight (its own cgroup, or the unit's
+    /// CPUWeight=).
+    pub async fn running(&self, spec: &LaunchSpec, pid: i32, weight: u32) {
+        match self {
+            Launcher::Direct(d) => d.cgroups.place_running(&spec.name, pid, weight),
+            Launcher::Systemd(s) => s.set_weight(&spec.name, weight).await,
+        }
+    }
+
+    /// The VM's guest threads run at the VMMs' share for a moment (a pause or a stop
+    /// waits for every vCPU to leave the guest).
+    pub fn boost(&self, spec: &LaunchSpec, pid: i32) {
+        if let Launcher::Direct(d) = self {
+            d.cgroups.boost(&spec.name, pid);
+        }
+    }
+
+    /// Back to the VM's own share after [`Launcher::boost`].
+    pub fn unboost(&self, spec: &LaunchSpec, pid: i32) {
+        if let Launcher::Direct(d) = self {
+            d.cgroups.unboost(&spec.name, pid);
+        }
+    }
+
+    /// A VMM that waits for an incoming VM (re-adopted): back to the boot share.
+    pub fn booting(&self, pid: i32) {
+        if let Launcher::Direct(d) = self {
+            d.cgroups.place_booting(pid);
+        }
+    }
+
+    /// The VMM has ended: remove what the launcher made for it.
+    pub fn ended(&self, spec: &LaunchSpec) {
+        match self {
+            Launcher::Direct(d) => d.cgroups.remove(&spec.name),
+            Launcher::Systemd(_) => {
+                let _ = std::fs::remove_file(&spec.env_file);
+            }
+        }
+    }
 }
 
 /// How to reach a VMM process (cheap to clone; signals go through the pidfd, so they
@@ -42,6 +210,8 @@ pub struct Watch {
     pidfd: AsyncFd<Arc<OwnedFd>>,
     child: Option<Child>,
     pid: i32,
+    /// A process systemd started: how to ask it for the exit status.
+    unit: Option<systemd::StatusQuery>,
 }
 
 /// How the process ended: `status` and `signal` are None when vireod cannot know
@@ -92,8 +262,22 @@ impl Handle {
 }
 
 impl Watch {
-    /// Waits until the process has ended; reaps it if it is vireod's child.
+    /// Waits until the process has ended; reaps it if it is vireod's child, or asks
+    /// systemd how it ended if systemd started it.
     pub async fn wait(mut self) -> Exit {
+        let exit = self.wait_gone().await;
+        match self.unit.take() {
+            Some(q) if exit.status.is_none() && exit.signal.is_none() => {
+                let pid = self.pid;
+                tokio::task::spawn_blocking(move || q.exit_of(pid))
+                    .await
+                    .unwrap_or(exit)
+            }
+            _ => exit,
+        }
+    }
+
+    async fn wait_gone(&mut self) -> Exit {
         loop {
             match self.pidfd.readable().await {
                 Ok(mut g) => {
@@ -147,6 +331,7 @@ fn watch(pid: i32, child: Option<Child>) -> Result<(Handle, Watch), std::io::Err
         pidfd: registered,
         child,
         pid,
+        unit: None,
     };
     Ok((
         Handle {
@@ -158,66 +343,7 @@ fn watch(pid: i32, child: Option<Child>) -> Result<(Handle, Watch), std::io::Err
     ))
 }
 
-/// Starts `vireo --config <config> --api-socket <socket>` in a new session, with its
-/// output appended to the log, and writes the pid file.
-pub fn spawn(spec: &LaunchSpec) -> Result<(Handle, Watch), AgentError> {
-    let _ = std::fs::remove_file(&spec.socket); // Stale: the VM is not running.
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.log)
-        .map_err(|e| AgentError::io("cannot open VMM log", &spec.log, e))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| AgentError::io("cannot open VMM log", &spec.log, e))?;
-    let mut cmd = Command::new(&spec.vireo_bin);
-    cmd.arg("--config")
-        .arg(&spec.config)
-        .arg("--api-socket")
-        .arg(&spec.socket)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    // SAFETY: setsid, sigemptyset, sigprocmask and setpriority are async-signal-safe; the closure
-    // touches nothing else. A new session and process group: the VMM keeps running
-    // when vireod (or its terminal, or its process group) is killed. vireod blocks
-    // SIGTERM/SIGINT in its threads; the VMM must not inherit that mask.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            // VMMs run at normal priority even when vireod runs above it (Nice= in
-            // vireod.service): the control plane answers while guests spin.
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|source| AgentError::Spawn {
-        bin: spec.vireo_bin.clone(),
-        source,
-    })?;
-    let pid = child.id() as i32;
-    let (h, w) = match watch(pid, Some(child)) {
-        Ok(x) => x,
-        Err(e) => {
-            // SAFETY: kill on the pid of our own unreaped child (it cannot be reused).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            return Err(AgentError::io(
-                "cannot watch VMM process",
-                &spec.vireo_bin,
-                e,
-            ));
-        }
-    };
-    write_pid_file(&spec.pid_file, &h)?;
-    Ok((h, w))
-}
-
-fn write_pid_file(path: &Path, h: &Handle) -> Result<(), AgentError> {
+pub(crate) fn write_pid_file(path: &Path, h: &Handle) -> Result<(), AgentError> {
     let tmp = path.with_extension("pid.tmp");
     let mut f = std::fs::File::create(&tmp)
         .map_err(|e| AgentError::io("cannot write pid file", &tmp, e))?;
@@ -281,6 +407,16 @@ pub fn adopt(spec: &LaunchSpec) -> Result<(Handle, Watch), NotAdopted> {
 
 /// The last `n` lines of a text file (at most the last 64 KiB are read).
 pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    tail(path, n, false)
+}
+
+/// The last `n` complete lines (a line still being written is left out: the guest
+/// writes its serial output byte by byte).
+pub fn tail_complete_lines(path: &Path, n: usize) -> Vec<String> {
+    tail(path, n, true)
+}
+
+fn tail(path: &Path, n: usize, complete: bool) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
         return Vec::new();
@@ -292,6 +428,10 @@ pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
     }
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
+    if complete {
+        let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        buf.truncate(end);
+    }
     let text = String::from_utf8_lossy(&buf);
     let mut lines: Vec<String> = text
         .lines()
@@ -307,6 +447,43 @@ pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn argv_boots_a_config_or_receives_with_a_serial_file() {
+        let mut spec = LaunchSpec {
+            name: "web".into(),
+            vireo_bin: "/usr/bin/vireo".into(),
+            args: VmmArgs::Boot {
+                config: "/run/vireo/vms/web.json".into(),
+            },
+            socket: "/run/vireo/vms/web.sock".into(),
+            log: "/l".into(),
+            pid_file: "/p".into(),
+            env_file: "/e".into(),
+        };
+        assert_eq!(
+            spec.argv(),
+            [
+                "--config",
+                "/run/vireo/vms/web.json",
+                "--api-socket",
+                "/run/vireo/vms/web.sock"
+            ]
+        );
+        spec.args = VmmArgs::Receive {
+            serial: "/var/lib/vireo/vms/web/serial.log".into(),
+        };
+        assert_eq!(
+            spec.argv(),
+            [
+                "--serial",
+                "file=/var/lib/vireo/vms/web/serial.log",
+                "--api-socket",
+                "/run/vireo/vms/web.sock"
+            ]
+        );
+    }
 
     #[test]
     fn tail_lines_takes_the_last_lines() {
@@ -316,20 +493,28 @@ mod tests {
         assert_eq!(tail_lines(&p, 2), ["c", "d"]);
         assert_eq!(tail_lines(&p, 10), ["a", "b", "c", "d"]);
         assert!(tail_lines(&dir.path().join("none"), 3).is_empty());
+        std::fs::write(&p, "a\nb\ntic").unwrap();
+        assert_eq!(tail_lines(&p, 2), ["b", "tic"]);
+        assert_eq!(tail_complete_lines(&p, 2), ["a", "b"]);
     }
 
     #[tokio::test]
     async fn spawn_watch_signal_and_refuse_to_adopt_a_stranger() {
         let dir = tempfile::tempdir().unwrap();
         let spec = LaunchSpec {
+            name: "x".into(),
             vireo_bin: "/bin/sleep".into(),
-            config: "100".into(),
+            args: VmmArgs::Boot {
+                config: "100".into(),
+            },
             socket: dir.path().join("s.sock"),
             log: dir.path().join("log"),
             pid_file: dir.path().join("x.pid"),
+            env_file: dir.path().join("x.env"),
         };
         // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.
-        let (h, w) = spawn(&spec).unwrap();
+        let launcher = Launcher::Direct(direct::Direct::new(CpuCgroups::off()));
+        let (h, w) = launcher.spawn(&spec).await.unwrap();
         let e = w.wait().await;
         assert_eq!(e.status, Some(1));
         assert!(!h.alive());
@@ -341,7 +526,7 @@ mod tests {
             format!("{} {}", sleeper.id(), st.start_ticks),
         )
         .unwrap();
-        assert!(matches!(adopt(&spec), Err(NotAdopted::NotOurs(_))));
+        assert!(matches!(launcher.adopt(&spec), Err(NotAdopted::NotOurs(_))));
         std::fs::write(&spec.pid_file, "999999999 1").unwrap();
         assert!(matches!(adopt(&spec), Err(NotAdopted::Gone)));
         std::fs::remove_file(&spec.pid_file).unwrap();

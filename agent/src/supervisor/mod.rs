@@ -5,6 +5,12 @@
 //!
 //! One lock (`vms`) guards the in-memory view; it is never held across an await.
 //! The inventory (SQLite) is the durable truth for definitions and history.
+//!
+//! Live migration between two vireods is in [`outgoing`] (the source's queue and
+//! hand-over) and [`incoming`] (the destination's receiving VMM).
+
+mod incoming;
+mod outgoing;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,10 +24,11 @@ use tracing::{info, warn};
 
 use crate::client;
 use crate::inventory::Inventory;
-use crate::launcher::{self, Exit, Handle, LaunchSpec, NotAdopted, Watch};
+use crate::launcher::{self, Exit, Handle, LaunchSpec, Launcher, NotAdopted, VmmArgs, Watch};
+use crate::migrations::Migrations;
 use crate::model::{
-    validate_name, Event, ExitRecord, HostInfo, Priority, RestartPolicy, VmDefinition, VmState,
-    VmStatus,
+    validate_name, Event, ExitRecord, HostInfo, MigrationRecord, Priority, RestartPolicy,
+    VmDefinition, VmState, VmStatus,
 };
 use crate::{error_chain, now_ms, AgentError};
 
@@ -44,9 +51,18 @@ pub struct Config {
     /// Group that may use vireod's socket and the VMs' sockets (mode 0660, and the
     /// run directory's `vms/` 0750 with this group). None: only vireod's user.
     pub socket_group: Option<u32>,
+    /// How VMMs are started (directly, or as systemd units) and placed (CPU cgroups).
+    pub launcher: Launcher,
+    /// At most this many outgoing live migrations run at once; the rest queue.
+    pub max_concurrent_migrations: usize,
+    /// How long a receiving VMM waits for its source to connect.
+    pub incoming_timeout: Duration,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pause answers once every vCPU has left the guest; on an overcommitted host that
+/// takes a scheduling round of every busy vCPU (seconds with hundreds of them).
+const TRANSITION_TIMEOUT: Duration = Duration::from_secs(30);
 const SERIAL_TAIL_LINES: usize = 20;
 /// A VMM that ran this long resets the count of restarts in a row.
 const STABLE_RUN: Duration = Duration::from_secs(60);
@@ -64,6 +80,26 @@ struct Vm {
     stop_requested: bool,
     /// Which process the watcher belongs to (a stale watcher must not touch a new one).
     generation: u64,
+    /// The live migration (outgoing or incoming) that owns this VM's VMM right now:
+    /// its exit is then the migration's business, not the restart policy's.
+    migration: Option<String>,
+}
+
+impl Vm {
+    fn new(def: VmDefinition) -> Self {
+        Vm {
+            def,
+            state: VmState::Stopped,
+            handle: None,
+            adopted: false,
+            started_at_ms: None,
+            restarts: 0,
+            last_exit: None,
+            stop_requested: false,
+            generation: 0,
+            migration: None,
+        }
+    }
 }
 
 pub struct Supervisor {
@@ -74,6 +110,7 @@ pub struct Supervisor {
     seq: AtomicU64,
     started: Instant,
     generation: AtomicU64,
+    migrations: Migrations,
 }
 
 /// How a start was asked for.
@@ -119,24 +156,18 @@ impl Supervisor {
         if let Some(g) = cfg.socket_group {
             share_with_group(&cfg.run_dir.join("vms"), g, 0o750)?;
         }
-        let inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
+        let mut inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
         let mut vms = BTreeMap::new();
         for (name, def) in inv.list()? {
             let last_exit = inv.exits(&name, 1)?.into_iter().next();
-            vms.insert(
-                name,
-                Vm {
-                    def,
-                    state: VmState::Stopped,
-                    handle: None,
-                    adopted: false,
-                    started_at_ms: None,
-                    restarts: 0,
-                    last_exit,
-                    stop_requested: false,
-                    generation: 0,
-                },
-            );
+            let mut vm = Vm::new(def);
+            vm.last_exit = last_exit;
+            vms.insert(name, vm);
+        }
+        let (migrations, interrupted) =
+            Migrations::new(cfg.max_concurrent_migrations, inv.migrations()?);
+        for rec in &interrupted {
+            inv.save_migration(rec)?;
         }
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
@@ -147,6 +178,7 @@ impl Supervisor {
             seq: AtomicU64::new(0),
             started: Instant::now(),
             generation: AtomicU64::new(1),
+            migrations,
         }))
     }
 
@@ -164,20 +196,53 @@ impl Supervisor {
         self.vm_dir(name).join("serial.log")
     }
 
+    fn config_path(&self, name: &str) -> PathBuf {
+        self.cfg.run_dir.join("vms").join(format!("{name}.json"))
+    }
+
+    /// Where an incoming migration's VMM listens by default.
+    fn migrate_socket_path(&self, name: &str) -> PathBuf {
+        self.cfg
+            .run_dir
+            .join("vms")
+            .join(format!("{name}.migrate.sock"))
+    }
+
+    /// The launch of a VMM that boots the VM's runtime configuration.
     fn spec(&self, name: &str) -> LaunchSpec {
         let run = self.cfg.run_dir.join("vms");
         LaunchSpec {
+            name: name.to_string(),
             vireo_bin: self.cfg.vireo_bin.clone(),
-            config: run.join(format!("{name}.json")),
+            args: VmmArgs::Boot {
+                config: self.config_path(name),
+            },
             socket: run.join(format!("{name}.sock")),
             log: self.vm_dir(name).join("vireo.log"),
             pid_file: run.join(format!("{name}.pid")),
+            env_file: run.join(format!("{name}.env")),
+        }
+    }
+
+    /// The launch of a VMM that waits for the VM to arrive by live migration.
+    fn receive_spec(&self, name: &str) -> LaunchSpec {
+        LaunchSpec {
+            args: VmmArgs::Receive {
+                serial: self.serial_path(name),
+            },
+            ..self.spec(name)
         }
     }
 
     fn remove_run_files(&self, name: &str) {
         let s = self.spec(name);
-        for p in [&s.socket, &s.pid_file, &s.config] {
+        for p in [
+            &s.socket,
+            &s.pid_file,
+            &self.config_path(name),
+            &s.env_file,
+            &self.migrate_socket_path(name),
+        ] {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -207,6 +272,64 @@ impl Supervisor {
         }
     }
 
+    /// Sets the state of `name` (if it is still defined).
+    fn set_state_of(&self, name: &str, state: VmState, detail: Option<String>) {
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            self.set_state(name, vm, state, detail);
+        }
+    }
+
+    // ---- migration records ----
+
+    pub fn migrations(&self) -> Vec<MigrationRecord> {
+        self.migrations.list()
+    }
+
+    pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
+        self.migrations.get(id)
+    }
+
+    /// Asks migration `id` to stop (a queued one, or an incoming one).
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
+        self.migrations.cancel(id)?;
+        self.migrations.get(id)
+    }
+
+    fn save_record(&self, rec: &MigrationRecord) {
+        if let Err(e) = lock(&self.inv).save_migration(rec) {
+            warn!(id = %rec.id, error = %error_chain(&e), "cannot store migration record");
+        }
+    }
+
+    /// Changes a record and stores it (state changes; progress is only kept in memory).
+    fn record(&self, id: &str, f: impl FnOnce(&mut MigrationRecord)) -> Option<MigrationRecord> {
+        let rec = self.migrations.update(id, f)?;
+        self.save_record(&rec);
+        Some(rec)
+    }
+
+    /// Removes a VM that is no longer this host's (migrated away, or an incoming one
+    /// that never arrived): definition, history, files. Its VMM must be gone.
+    fn forget(&self, name: &str) {
+        let mut vms = lock(&self.vms);
+        if vms.remove(name).is_none() {
+            return;
+        }
+        if let Err(e) = lock(&self.inv).delete(name) {
+            warn!(vm = name, error = %error_chain(&e), "cannot remove the VM from the inventory");
+        }
+        drop(vms);
+        self.remove_run_files(name);
+        self.cfg.launcher.ended(&self.spec(name));
+        let dir = self.vm_dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm = name, dir = %dir.display(), error = %e, "cannot remove VM directory");
+            }
+        }
+        self.emit(name, "deleted", None);
+    }
+
     // ---- queries ----
 
     fn status_of(&self, name: &str, vm: &Vm, with_definition: bool) -> VmStatus {
@@ -224,6 +347,7 @@ impl Supervisor {
             started_at_ms: vm.started_at_ms,
             restarts: vm.restarts,
             last_exit: vm.last_exit.clone(),
+            migration: vm.migration.clone(),
             definition: with_definition.then(|| vm.def.clone()),
         }
     }
@@ -267,7 +391,10 @@ impl Supervisor {
     /// The last `lines` lines of the guest's serial output.
     pub fn serial_tail(&self, name: &str, lines: usize) -> Result<Vec<String>, AgentError> {
         self.require(name)?;
-        Ok(launcher::tail_lines(&self.serial_path(name), lines))
+        Ok(launcher::tail_complete_lines(
+            &self.serial_path(name),
+            lines,
+        ))
     }
 
     pub fn host_info(&self) -> HostInfo {
@@ -292,6 +419,12 @@ impl Supervisor {
             memory_total_bytes: crate::procfs::mem_total_bytes(),
             vms,
             vms_running: running,
+            launcher: self.cfg.launcher.name().to_string(),
+            cpu_cgroup: match &self.cfg.launcher {
+                Launcher::Direct(d) => d.cgroups.root().map(|p| p.display().to_string()),
+                Launcher::Systemd(_) => Some("vireo.slice".into()),
+            },
+            max_concurrent_migrations: self.migrations.limit(),
         }
     }
 
@@ -299,7 +432,12 @@ impl Supervisor {
     pub fn running_processes(&self) -> Vec<(String, i32, u64, PathBuf)> {
         let vms = lock(&self.vms);
         vms.iter()
-            .filter(|(_, vm)| matches!(vm.state, VmState::Running | VmState::Paused))
+            .filter(|(_, vm)| {
+                matches!(
+                    vm.state,
+                    VmState::Running | VmState::Paused | VmState::Migrating
+                )
+            })
             .filter_map(|(n, vm)| {
                 vm.handle
                     .as_ref()
@@ -322,17 +460,7 @@ impl Supervisor {
             return Err(AgentError::Duplicate(name.to_string()));
         }
         lock(&self.inv).insert(name, &def, now_ms())?;
-        let vm = Vm {
-            def,
-            state: VmState::Stopped,
-            handle: None,
-            adopted: false,
-            started_at_ms: None,
-            restarts: 0,
-            last_exit: None,
-            stop_requested: false,
-            generation: 0,
-        };
+        let vm = Vm::new(def);
         let st = self.status_of(name, &vm, true);
         vms.insert(name.to_string(), vm);
         drop(vms);
@@ -442,13 +570,19 @@ impl Supervisor {
         cfg.serial = OutputConfig::File(self.serial_path(name));
         let json = serde_json::to_vec_pretty(&cfg)
             .map_err(|e| (AgentError::BadDefinition(e.to_string()), None))?;
-        std::fs::write(&spec.config, json).map_err(|e| {
+        let config = self.config_path(name);
+        std::fs::write(&config, json).map_err(|e| {
             (
-                AgentError::io("cannot write runtime config", &spec.config, e),
+                AgentError::io("cannot write runtime config", &config, e),
                 None,
             )
         })?;
-        let (handle, mut watch) = launcher::spawn(&spec).map_err(|e| (e, None))?;
+        let (handle, mut watch) = self
+            .cfg
+            .launcher
+            .spawn(&spec)
+            .await
+            .map_err(|e| (e, None))?;
         {
             let mut vms = lock(&self.vms);
             match vms.get_mut(name) {
@@ -525,14 +659,22 @@ impl Supervisor {
                 }
             }
         }
+        self.share_socket(name, &spec.socket);
+        self.cfg
+            .launcher
+            .running(&spec, handle.pid, def.weight())
+            .await;
+        self.watch(name.to_string(), generation, handle.pid, watch);
+        Ok(())
+    }
+
+    /// The VMM creates its socket 0600; with --socket-group the group may use it too.
+    fn share_socket(&self, name: &str, socket: &Path) {
         if let Some(g) = self.cfg.socket_group {
-            // The VMM creates its socket 0600; the group may use it too.
-            if let Err(e) = share_with_group(&spec.socket, g, 0o660) {
+            if let Err(e) = share_with_group(socket, g, 0o660) {
                 warn!(vm = name, error = %error_chain(&e), "cannot share the VM's socket");
             }
         }
-        self.watch(name.to_string(), generation, handle.pid, watch);
-        Ok(())
     }
 
     fn watch(self: &Arc<Self>, name: String, generation: u64, pid: i32, watch: Watch) {
@@ -565,6 +707,32 @@ impl Supervisor {
         if vm.generation != generation {
             return;
         }
+        if vm.migration.is_some() {
+            // The migration's task decides what this exit means (handed over, or lost).
+            let reason = if vm.stop_requested {
+                "requested"
+            } else if exit.status == Some(0) {
+                "migrated"
+            } else {
+                "crashed"
+            };
+            let rec = self.exit_record(name, pid, exit, reason);
+            if let Err(e) = lock(&self.inv).record_exit(name, &rec) {
+                warn!(vm = name, error = %error_chain(&e), "cannot record exit");
+            }
+            vm.handle = None;
+            vm.last_exit = Some(rec);
+            self.remove_run_files(name);
+            self.cfg.launcher.ended(&self.spec(name));
+            if reason != "migrated" {
+                let detail = Some(format!(
+                    "{reason} during a migration: {}",
+                    describe_exit(exit)
+                ));
+                self.set_state(name, vm, VmState::Crashed, detail);
+            }
+            return;
+        }
         let reason = if vm.stop_requested {
             "requested"
         } else if exit.status == Some(0) {
@@ -581,6 +749,7 @@ impl Supervisor {
         vm.handle = None;
         vm.last_exit = Some(rec.clone());
         self.remove_run_files(name);
+        self.cfg.launcher.ended(&self.spec(name));
         // A VMM that ran for a while before it ended is not part of a crash loop: the
         // restart cap counts restarts in a row.
         if vm
@@ -638,8 +807,18 @@ impl Supervisor {
         let handle = self.begin_stop(name, "stop it")?;
         crate::metering::sample_one(self, name).await;
         let sock = self.socket_path(name);
-        let asked = client::request(&sock, "PUT", "/api/v1/vm.shutdown", None, VMM_TIMEOUT).await;
         let timeout = timeout.unwrap_or(self.cfg.stop_timeout);
+        // The VMM answers once its vCPUs have stopped: let them run at the VMMs' share
+        // meanwhile (they are gone with the process).
+        self.cfg.launcher.boost(&self.spec(name), handle.pid);
+        let asked = client::request(
+            &sock,
+            "PUT",
+            "/api/v1/vm.shutdown",
+            None,
+            timeout.max(VMM_TIMEOUT),
+        )
+        .await;
         // A VMM that refuses (or cannot be reached) is killed at once.
         let asked = matches!(&asked, Ok(r) if r.ok());
         let gone = asked && self.wait_gone(name, &handle, timeout).await;
@@ -654,6 +833,8 @@ impl Supervisor {
     /// SIGKILL to the VMM; returns once it is gone.
     pub async fn kill(self: &Arc<Self>, name: &str) -> Result<VmStatus, AgentError> {
         let handle = self.begin_stop(name, "kill it")?;
+        // A killed VM that was migrating stays here (the migration fails before its
+        // commit); one that was arriving is discarded by its migration.
         handle
             .signal(libc::SIGKILL)
             .map_err(|e| AgentError::io("cannot kill VMM", &self.cfg.vireo_bin, e))?;
@@ -666,11 +847,16 @@ impl Supervisor {
         let vm = vms
             .get_mut(name)
             .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        // A migrating VM cannot be shut down (a clean exit would look like the hand-over),
+        // only killed.
+        let killable =
+            action == "kill it" && matches!(vm.state, VmState::Migrating | VmState::Incoming);
         let handle = match (&vm.handle, vm.state) {
             (
                 Some(h),
                 VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping,
             ) => h.clone(),
+            (Some(h), _) if killable => h.clone(),
             _ => {
                 return Err(AgentError::WrongState {
                     name: name.to_string(),
@@ -680,7 +866,9 @@ impl Supervisor {
             }
         };
         vm.stop_requested = true;
-        self.set_state(name, vm, VmState::Stopping, None);
+        if !killable {
+            self.set_state(name, vm, VmState::Stopping, None);
+        }
         Ok(handle)
     }
 
@@ -748,12 +936,30 @@ impl Supervisor {
             }
         }
         let sock = self.socket_path(name);
-        let r = client::request(&sock, "PUT", &format!("/api/v1/{route}"), None, VMM_TIMEOUT)
-            .await
-            .map_err(|e| AgentError::Vmm {
-                name: name.to_string(),
-                message: error_chain(&e),
-            })?;
+        // A pause waits for every vCPU to leave the guest: they get the VMMs' share
+        // for that moment, then go back to the VM's own (parked, they use none).
+        let pid = lock(&self.vms)
+            .get(name)
+            .and_then(|vm| vm.handle.as_ref().map(|h| h.pid));
+        let boost = (to == VmState::Paused).then_some(pid).flatten();
+        if let Some(pid) = boost {
+            self.cfg.launcher.boost(&self.spec(name), pid);
+        }
+        let r = client::request(
+            &sock,
+            "PUT",
+            &format!("/api/v1/{route}"),
+            None,
+            TRANSITION_TIMEOUT,
+        )
+        .await;
+        if let Some(pid) = boost {
+            self.cfg.launcher.unboost(&self.spec(name), pid);
+        }
+        let r = r.map_err(|e| AgentError::Vmm {
+            name: name.to_string(),
+            message: error_chain(&e),
+        })?;
         if !r.ok() {
             return Err(AgentError::Vmm {
                 name: name.to_string(),
@@ -791,6 +997,7 @@ impl Supervisor {
             });
         }
         while tasks.join_next().await.is_some() {}
+        self.resume_incoming().await;
         // Sockets, pid files and configs of VMs that are no longer defined.
         if let Ok(dir) = std::fs::read_dir(self.cfg.run_dir.join("vms")) {
             for entry in dir.flatten() {
@@ -809,7 +1016,7 @@ impl Supervisor {
     /// Re-adopts one VM's VMM, or records that it ended while vireod was away.
     async fn recover_one(self: &Arc<Self>, name: &str) {
         let spec = self.spec(name);
-        match launcher::adopt(&spec) {
+        match self.cfg.launcher.adopt(&spec) {
             Ok((handle, watch)) => {
                 let state = match client::request(
                     &spec.socket,
@@ -825,9 +1032,13 @@ impl Supervisor {
                         .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string)),
                     _ => None,
                 };
+                let receiving = state.is_none() && self.vmm_is_receiving(&spec.socket).await;
                 let state = match state.as_deref() {
                     Some("Paused") => VmState::Paused,
                     Some("Running") => VmState::Running,
+                    // A receiver whose VM has not arrived: vireod's restart cut its
+                    // migration short (the record says so); it is stopped below.
+                    None if receiving => VmState::Incoming,
                     other => {
                         // Alive but not answering as a running VM: leave it be, but
                         // supervise it so that its end is seen.
@@ -844,6 +1055,12 @@ impl Supervisor {
                     vm.generation = generation;
                     vm.handle = Some(handle.clone());
                     vm.adopted = true;
+                    if state == VmState::Incoming {
+                        // resume_incoming follows its migration again.
+                        vm.migration = self
+                            .migrations
+                            .active_for(name, crate::model::MigrationDirection::Incoming);
+                    }
                     vm.started_at_ms =
                         Some(now_ms().saturating_sub(crate::procfs::age_ms(handle.start_ticks)));
                     self.set_state(
@@ -854,6 +1071,19 @@ impl Supervisor {
                     );
                 }
                 info!(vm = %name, pid = handle.pid, "re-adopted running VMM");
+                if state == VmState::Incoming {
+                    self.cfg.launcher.booting(handle.pid);
+                } else {
+                    let weight = lock(&self.vms).get(name).map(|vm| vm.def.weight());
+                    self.cfg
+                        .launcher
+                        .running(
+                            &spec,
+                            handle.pid,
+                            weight.unwrap_or(crate::cgroup::DEFAULT_WEIGHT),
+                        )
+                        .await;
+                }
                 self.watch(name.to_string(), generation, handle.pid, watch);
             }
             Err(NotAdopted::NoPidFile) => self.remove_run_files(name),
@@ -880,6 +1110,24 @@ impl Supervisor {
                 }
                 self.remove_run_files(name);
             }
+        }
+    }
+
+    /// Whether the VMM at `socket` waits for an incoming migration.
+    async fn vmm_is_receiving(&self, socket: &Path) -> bool {
+        match client::request(
+            socket,
+            "GET",
+            "/api/v1/vm.migration-info",
+            None,
+            VMM_TIMEOUT,
+        )
+        .await
+        {
+            Ok(r) if r.ok() => r
+                .json()
+                .is_some_and(|v| v.get("status").and_then(|s| s.as_str()) == Some("receiving")),
+            _ => false,
         }
     }
 

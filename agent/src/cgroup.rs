@@ -1,0 +1,312 @@
+//! CPU isolation of the VMMs with the cgroup v1 `cpu` controller (cpu.shares), so that
+//! a host full of busy guests does not starve vireod's API or the VMs still booting:
+//!
+//! ```text
+//! <root>              e.g. /sys/fs/cgroup/cpu/vireo (--cpu-cgroup-shares: all of it
+//! │                   against the rest of the host)
+//! ├── boot            VMMs from exec until their VM runs (and receivers of incoming
+//! │                   migrations until the VM arrived): --boot-cpu-shares (high)
+//! ├── vmm             the running VMMs' own threads — control loop, API server,
+//! │                   migration — which answer vireod: --vmm-cpu-shares (high)
+//! └── vms             every running VM's guest work together: --vms-cpu-shares (low)
+//!     └── NAME        one VM's vCPU threads and device workers: its relative CPU
+//!                     weight (Hyper-V's "relative weight", 1..=10000, default 100 →
+//!                     cpu.shares 1024)
+//! ```
+//!
+//! vireod itself stays where it was started (root cgroup, or its systemd unit): it
+//! competes with the whole `vireo` group as one entity, whatever the number of VMs.
+//! A new VMM joins `boot` before it executes `vireo` (the launcher writes `0` to
+//! `boot/cgroup.procs` in the child); once its VM runs, vireod moves the process (all
+//! threads) to `vmm` and then its guest threads (by name: `vireo-vcpu*`, `vireo-blk*`,
+//! `vireo-console`, `vireo-rng`; workers started later inherit their vCPU's group) to
+//! `vms/NAME` — cgroup v1 places threads one by one. So a VM's API answers at the
+//! VMMs' share while its guest spins at the VM's. Where the hierarchy cannot be
+//! created or written (no cgroup v1 cpu controller, not root), placement is off with
+//! one warning and nothing fails.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, warn};
+
+/// The default relative weight of a VM (as Hyper-V's).
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// The allowed range of a VM's relative weight.
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
+
+/// How to lay out the hierarchy.
+#[derive(Clone, Debug)]
+pub struct CgroupConfig {
+    /// The `vireo` directory in the cpu hierarchy; None: no placement at all.
+    pub root: Option<PathBuf>,
+    /// cpu.shares of the root itself (all VMs together against the rest of the host);
+    /// None: as created (1024, like one nice-0 process).
+    pub root_shares: Option<u64>,
+    pub boot_shares: u64,
+    pub vmm_shares: u64,
+    pub vms_shares: u64,
+}
+
+/// Threads that do the guest's work (named by the VMM).
+pub fn is_guest_thread(comm: &str) -> bool {
+    comm.starts_with("vireo-vcpu")
+        || comm.starts_with("vireo-blk")
+        || comm == "vireo-console"
+        || comm == "vireo-rng"
+}
+
+/// (tid, name) of every thread of `pid`.
+fn threads(pid: i32) -> Vec<(i32, String)> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|t| {
+            let tid: i32 = t.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((tid, comm.trim().to_string()))
+        })
+        .collect()
+}
+
+/// cpu.shares for a relative weight: 100 → 1024, linear, at least 2 (the kernel's
+/// minimum).
+pub fn shares_for_weight(weight: u32) -> u64 {
+    (u64::from(weight) * 1024 / u64::from(DEFAULT_WEIGHT)).max(2)
+}
+
+/// The live hierarchy (or nothing, when placement is off or impossible).
+#[derive(Clone, Debug)]
+pub struct CpuCgroups {
+    root: Option<PathBuf>,
+    /// `<root>/boot/cgroup.procs` as a C string, for the launcher's pre-exec hook.
+    boot_procs: Option<CString>,
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::write(path, value)
+}
+
+impl CpuCgroups {
+    /// No placement.
+    pub fn off() -> Self {
+        Self {
+            root: None,
+            boot_procs: None,
+        }
+    }
+
+    /// Creates `<root>`, `boot` and `vms` with their shares. Any failure: a warning and
+    /// no placement.
+    pub fn setup(cfg: &CgroupConfig) -> Self {
+        let Some(root) = &cfg.root else {
+            return Self::off();
+        };
+        let made = (|| -> Result<(), (PathBuf, std::io::Error)> {
+            for (dir, shares) in [
+                (root.clone(), cfg.root_shares),
+                (root.join("boot"), Some(cfg.boot_shares)),
+                (root.join("vmm"), Some(cfg.vmm_shares)),
+                (root.join("vms"), Some(cfg.vms_shares)),
+            ] {
+                std::fs::create_dir_all(&dir).map_err(|e| (dir.clone(), e))?;
+                let file = dir.join("cpu.shares");
+                if !file.exists() {
+                    return Err((
+                        file,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "not a cgroup v1 cpu hierarchy",
+                        ),
+                    ));
+                }
+                if let Some(s) = shares {
+                    write(&file, &s.max(2).to_string()).map_err(|e| (file, e))?;
+                }
+            }
+            Ok(())
+        })();
+        match made {
+            Ok(()) => {
+                let procs = root.join("boot/cgroup.procs");
+                Self {
+                    boot_procs: CString::new(procs.as_os_str().as_bytes()).ok(),
+                    root: Some(root.clone()),
+                }
+            }
+            Err((path, e)) => {
+                warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "CPU cgroups unavailable: VMMs are not placed in cgroups (the API and new boots may be starved by busy guests)"
+                );
+                Self::off()
+            }
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.root.is_some()
+    }
+
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// `<root>/boot/cgroup.procs`, which a new VMM joins before exec.
+    pub fn boot_procs(&self) -> Option<&CString> {
+        self.boot_procs.as_ref()
+    }
+
+    pub fn vm_dir(&self, name: &str) -> Option<PathBuf> {
+        self.root.as_ref().map(|r| r.join("vms").join(name))
+    }
+
+    /// Moves process `pid` (all its threads) to `<root>/boot`: a receiver whose VM is
+    /// still to arrive, or a VMM that re-adoption found booting.
+    pub fn place_booting(&self, pid: i32) {
+        if let Some(r) = &self.root {
+            let procs = r.join("boot/cgroup.procs");
+            if let Err(e) = write(&procs, &pid.to_string()) {
+                warn!(pid, path = %procs.display(), error = %e, "cannot move VMM into the boot cgroup");
+            }
+        }
+    }
+
+    /// The VM runs: process `pid` to `<root>/vmm`, its guest threads to
+    /// `<root>/vms/NAME` with the VM's weight.
+    pub fn place_running(&self, name: &str, pid: i32, weight: u32) {
+        let (Some(root), Some(dir)) = (&self.root, self.vm_dir(name)) else {
+            return;
+        };
+        let shares = shares_for_weight(weight).to_string();
+        let r = std::fs::create_dir_all(&dir)
+            .and_then(|()| write(&dir.join("cpu.shares"), &shares))
+            .and_then(|()| write(&root.join("vmm/cgroup.procs"), &pid.to_string()));
+        if let Err(e) = r {
+            warn!(vm = name, pid, dir = %dir.display(), error = %e, "cannot place VMM in its cgroup");
+            return;
+        }
+        let guest = self.move_guest_threads(name, pid, &dir);
+        debug!(
+            vm = name,
+            pid,
+            weight,
+            guest_threads = guest,
+            "VMM placed in its cgroups"
+        );
+    }
+
+    /// Moves the guest threads of `pid` into `dir`; how many moved.
+    fn move_guest_threads(&self, name: &str, pid: i32, dir: &Path) -> usize {
+        let mut moved = 0;
+        for (tid, comm) in threads(pid) {
+            if !is_guest_thread(&comm) {
+                continue;
+            }
+            match write(&dir.join("tasks"), &tid.to_string()) {
+                Ok(()) => moved += 1,
+                // A thread that just ended.
+                Err(e) => debug!(vm = name, tid, error = %e, "thread not moved"),
+            }
+        }
+        moved
+    }
+
+    /// The VM's guest threads to `<root>/vmm` for a moment: a pause or a stop needs
+    /// every vCPU to run once to leave the guest, which at the VM's own share takes a
+    /// scheduling round of all busy guests.
+    pub fn boost(&self, name: &str, pid: i32) {
+        if let Some(r) = &self.root {
+            self.move_guest_threads(name, pid, &r.join("vmm"));
+        }
+    }
+
+    /// The VM's guest threads back to `<root>/vms/NAME`.
+    pub fn unboost(&self, name: &str, pid: i32) {
+        if let Some(dir) = self.vm_dir(name) {
+            if dir.is_dir() {
+                self.move_guest_threads(name, pid, &dir);
+            }
+        }
+    }
+
+    /// Removes a VM's cgroup once its VMM has ended (a cgroup with tasks stays).
+    pub fn remove(&self, name: &str) {
+        if let Some(dir) = self.vm_dir(name) {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    debug!(vm = name, dir = %dir.display(), error = %e, "cgroup not removed");
+                }
+            }
+        }
+    }
+}
+
+/// The cpu-controller cgroup of a process, from /proc/PID/cgroup (v1: the line whose
+/// controllers include `cpu`).
+pub fn cpu_cgroup_of(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_threads_are_told_by_name() {
+        for g in [
+            "vireo-vcpu0",
+            "vireo-vcpu12",
+            "vireo-blk-q0",
+            "vireo-console",
+            "vireo-rng",
+        ] {
+            assert!(is_guest_thread(g), "{g}");
+        }
+        for v in [
+            "vireo",
+            "vireo-api",
+            "vireo-migrate-s",
+            "vireo-throttle",
+            "kvm-nx-lpage-re",
+        ] {
+            assert!(!is_guest_thread(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn weights_map_to_shares() {
+        assert_eq!(shares_for_weight(100), 1024);
+        assert_eq!(shares_for_weight(200), 2048);
+        assert_eq!(shares_for_weight(1), 10);
+        assert_eq!(shares_for_weight(10_000), 102_400);
+    }
+
+    #[test]
+    fn a_directory_that_is_no_cgroup_turns_placement_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CpuCgroups::setup(&CgroupConfig {
+            root: Some(dir.path().join("vireo")),
+            root_shares: None,
+            boot_shares: 4096,
+            vmm_shares: 2048,
+            vms_shares: 256,
+        });
+        assert!(!c.enabled());
+        // Nothing panics or fails when placement is off.
+        c.place_running("x", std::process::id() as i32, 100);
+        c.remove("x");
+        assert!(c.boot_procs().is_none());
+    }
+}

@@ -1,0 +1,417 @@
+//! The destination's side of a migration between two vireods.
+//!
+//! `POST /api/v1/migrations/incoming` (from the source's vireod) defines the VM here
+//! (state Incoming), starts a `vireo` with no VM (`--serial file=<this host's serial
+//! log>`), has it listen (`vm.receive-migration`) and answers with the record, whose
+//! `receiver_url` the source's VMM connects to. A task then follows the receiving
+//! VMM: once its `vm.migration-info` says completed and `vm.info` shows the VM, the
+//! VM is this host's (Running, its VMM supervised like any other, event `migrated`).
+//! If the migration fails, is cancelled (`DELETE /api/v1/migrations/{id}`, which the
+//! source sends when its side fails), no source connects within
+//! `--incoming-timeout-s`, or the receiver dies, the receiver is stopped and the
+//! definition removed: the VM was never here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{lock, mkdir, Supervisor, Vm, VMM_TIMEOUT};
+use crate::client;
+use crate::model::{
+    validate_name, IncomingRequest, MigrationDirection, MigrationRecord, MigrationState, VmState,
+};
+use crate::{error_chain, now_ms, AgentError};
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// How an incoming migration ended.
+enum Arrival {
+    /// The VM runs here, in this state.
+    Arrived(VmState),
+    Failed(String),
+    Cancelled,
+}
+
+impl Supervisor {
+    /// Defines the VM and starts its receiving VMM; returns the record with the
+    /// receiver's URL.
+    pub async fn incoming(
+        self: &Arc<Self>,
+        req: IncomingRequest,
+    ) -> Result<MigrationRecord, AgentError> {
+        validate_name(&req.name)?;
+        req.definition.validate()?;
+        let name = req.name.clone();
+        let url = req
+            .receiver_url
+            .clone()
+            .unwrap_or_else(|| format!("unix:{}", self.migrate_socket_path(&name).display()));
+        if !(url.starts_with("unix:") || url.starts_with("tcp:")) {
+            return Err(AgentError::BadMigration(format!(
+                "receiver_url {url:?}: expected unix:/path or tcp:host:port"
+            )));
+        }
+        let peer = req
+            .source
+            .clone()
+            .unwrap_or_else(|| "unknown source".into());
+        let (rec, cancel, generation) = {
+            let mut vms = lock(&self.vms);
+            if vms.contains_key(&name) {
+                return Err(AgentError::Duplicate(name));
+            }
+            let (rec, cancel) =
+                self.migrations
+                    .create(&name, MigrationDirection::Incoming, peer.clone())?;
+            if let Err(e) = lock(&self.inv).insert(&name, &req.definition, now_ms()) {
+                self.migrations.update(&rec.id, |r| {
+                    r.state = MigrationState::Failed;
+                    r.error = Some(error_chain(&e));
+                    r.finished_at_ms = Some(now_ms());
+                });
+                return Err(e);
+            }
+            let mut vm = Vm::new(req.definition.clone());
+            vm.migration = Some(rec.id.clone());
+            vm.generation = self
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let generation = vm.generation;
+            vms.insert(name.clone(), vm);
+            (rec, cancel, generation)
+        };
+        self.emit(
+            &name,
+            "defined",
+            Some(format!("incoming migration {}", rec.id)),
+        );
+        self.set_state_of(
+            &name,
+            VmState::Incoming,
+            Some(format!("migration {} from {peer}", rec.id)),
+        );
+        self.save_record(&rec);
+        if let Err(e) = self
+            .start_receiver(&name, generation, &url, req.storage_dir.clone())
+            .await
+        {
+            let msg = error_chain(&e);
+            warn!(vm = %name, error = %msg, "incoming migration: receiver did not start");
+            self.end_incoming(&rec.id, &name, Arrival::Failed(msg))
+                .await;
+            return Err(e);
+        }
+        let rec = self
+            .record(&rec.id, |r| r.receiver_url = Some(url.clone()))
+            .unwrap_or(rec);
+        let me = self.clone();
+        let (id, n) = (rec.id.clone(), name.clone());
+        tokio::spawn(async move { me.follow_incoming(id, n, cancel).await });
+        info!(vm = %name, id = %rec.id, url = %url, "waiting for an incoming VM");
+        Ok(rec)
+    }
+
+    /// Spawns the receiving VMM and has it listen on `url`.
+    async fn start_receiver(
+        self: &Arc<Self>,
+        name: &str,
+        generation: u64,
+        url: &str,
+        storage_dir: Option<std::path::PathBuf>,
+    ) -> Result<(), AgentError> {
+        let spec = self.receive_spec(name);
+        mkdir(&self.vm_dir(name), 0o750)?;
+        if let Some(p) = url.strip_prefix("unix:") {
+            let _ = std::fs::remove_file(p); // A stale socket of an earlier attempt.
+        }
+        let (handle, watch) = self.cfg.launcher.spawn(&spec).await?;
+        {
+            let mut vms = lock(&self.vms);
+            match vms.get_mut(name) {
+                Some(vm) if vm.generation == generation => {
+                    vm.handle = Some(handle.clone());
+                    vm.started_at_ms = Some(now_ms());
+                }
+                _ => {
+                    let _ = handle.signal(libc::SIGKILL);
+                    return Err(AgentError::UnknownVm(name.to_string()));
+                }
+            }
+        }
+        self.watch(name.to_string(), generation, handle.pid, watch);
+        let body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let failed = |reason: String| AgentError::StartFailed {
+            name: name.to_string(),
+            reason,
+        };
+        loop {
+            if !self.has_process(name, generation) {
+                let why = crate::launcher::tail_lines(&spec.log, 3).join(" / ");
+                return Err(failed(format!("the receiving VMM ended: {why}")));
+            }
+            if spec.socket.exists() {
+                if let Ok(r) = client::request(
+                    &spec.socket,
+                    "PUT",
+                    "/api/v1/vm.receive-migration",
+                    Some(body.to_string().into_bytes()),
+                    VMM_TIMEOUT,
+                )
+                .await
+                {
+                    if r.ok() {
+                        break;
+                    }
+                    let _ = handle.signal(libc::SIGKILL);
+                    return Err(AgentError::Vmm {
+                        name: name.to_string(),
+                        message: format!(
+                            "vm.receive-migration: {} {}",
+                            r.status,
+                            r.error_message()
+                        ),
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = handle.signal(libc::SIGKILL);
+                return Err(failed(format!(
+                    "the receiving VMM did not listen within {:?}",
+                    self.cfg.start_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.share_socket(name, &spec.socket);
+        Ok(())
+    }
+
+    /// Whether `name`'s VMM of this generation is still there.
+    pub(super) fn has_process(&self, name: &str, generation: u64) -> bool {
+        lock(&self.vms)
+            .get(name)
+            .is_some_and(|vm| vm.generation == generation && vm.handle.is_some())
+    }
+
+    /// Follows the receiving VMM until the VM arrived, the migration failed, or it was
+    /// cancelled.
+    pub(super) async fn follow_incoming(
+        self: Arc<Self>,
+        id: String,
+        name: String,
+        mut cancel: oneshot::Receiver<()>,
+    ) {
+        let generation = lock(&self.vms).get(&name).map(|vm| vm.generation);
+        let Some(generation) = generation else {
+            return;
+        };
+        let sock = self.socket_path(&name);
+        let connect_deadline = Instant::now() + self.cfg.incoming_timeout;
+        let (mut cancelled, mut armed) = (false, true);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut cancel, if armed => {
+                    // A cancel that lost its sender (record finished) is no cancel.
+                    armed = false;
+                    cancelled = r.is_ok();
+                }
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            if !self.has_process(&name, generation) {
+                let why = lock(&self.vms)
+                    .get(&name)
+                    .and_then(|vm| vm.last_exit.clone())
+                    .map(|e| {
+                        format!(
+                            "{}{}",
+                            e.reason,
+                            e.vmm_log_tail
+                                .last()
+                                .map(|l| format!(": {l}"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .unwrap_or_else(|| "gone".into());
+                break Arrival::Failed(format!("the receiving VMM ended ({why})"));
+            }
+            let info =
+                match client::request(&sock, "GET", "/api/v1/vm.migration-info", None, VMM_TIMEOUT)
+                    .await
+                {
+                    Ok(r) if r.ok() => serde_json::from_slice::<api::MigrationInfo>(&r.body).ok(),
+                    _ => None,
+                };
+            let Some(info) = info else {
+                continue;
+            };
+            self.migrations.update(&id, |r| {
+                r.percent = crate::migrations::percent(&info);
+                r.progress = Some(info.clone());
+            });
+            match info.status {
+                api::MigrationStatus::Completed => match self.vm_state_of_vmm(&name).await {
+                    Some(state) => break Arrival::Arrived(state),
+                    None => continue, // Resuming: the next poll sees it.
+                },
+                api::MigrationStatus::Failed => {
+                    break Arrival::Failed(
+                        info.error
+                            .unwrap_or_else(|| "the receiving VMM reports failure".into()),
+                    )
+                }
+                _ if cancelled => break Arrival::Cancelled,
+                _ if info.bytes_sent == 0 && Instant::now() > connect_deadline => {
+                    break Arrival::Failed(format!(
+                        "no source sent anything within {:?}",
+                        self.cfg.incoming_timeout
+                    ))
+                }
+                _ => {}
+            }
+        };
+        self.end_incoming(&id, &name, outcome).await;
+    }
+
+    /// The VM's state as its VMM reports it (Running or Paused), if it has a VM.
+    pub(super) async fn vm_state_of_vmm(&self, name: &str) -> Option<VmState> {
+        let sock = self.socket_path(name);
+        let r = client::request(&sock, "GET", "/api/v1/vm.info", None, VMM_TIMEOUT)
+            .await
+            .ok()?;
+        if !r.ok() {
+            return None;
+        }
+        match r.json()?.get("state")?.as_str()? {
+            "Running" => Some(VmState::Running),
+            "Paused" => Some(VmState::Paused),
+            _ => None,
+        }
+    }
+
+    /// Makes the arrived VM this host's, or removes every trace of it.
+    async fn end_incoming(self: &Arc<Self>, id: &str, name: &str, outcome: Arrival) {
+        match outcome {
+            Arrival::Arrived(state) => {
+                self.adopt_arrived(name, state).await;
+                self.record(id, |r| {
+                    r.state = MigrationState::Completed;
+                    r.percent = 100.0;
+                    r.finished_at_ms = Some(now_ms());
+                });
+                self.emit(name, "migrated", Some(format!("arrived (migration {id})")));
+                info!(vm = name, id, "incoming VM arrived");
+            }
+            Arrival::Failed(why) => {
+                self.discard_incoming(name).await;
+                self.record(id, |r| {
+                    r.state = MigrationState::Failed;
+                    r.error = Some(why.clone());
+                    r.finished_at_ms = Some(now_ms());
+                });
+                self.emit(name, "migration-failed", Some(why.clone()));
+                warn!(vm = name, id, error = %why, "incoming migration failed");
+            }
+            Arrival::Cancelled => {
+                self.discard_incoming(name).await;
+                self.record(id, |r| {
+                    r.state = MigrationState::Cancelled;
+                    r.finished_at_ms = Some(now_ms());
+                });
+                self.emit(name, "migration-cancelled", Some(id.to_string()));
+            }
+        }
+    }
+
+    /// The VM runs here now: supervised as any VM, its definition updated with what
+    /// the migration changed (the disks of a shared-nothing migration).
+    async fn adopt_arrived(self: &Arc<Self>, name: &str, state: VmState) {
+        let sock = self.socket_path(name);
+        let disks = match client::request(&sock, "GET", "/api/v1/vm.info", None, VMM_TIMEOUT).await
+        {
+            Ok(r) if r.ok() => serde_json::from_slice::<api::VmInfo>(&r.body)
+                .ok()
+                .map(|i| i.config.disks),
+            _ => None,
+        };
+        let (pid, weight) = {
+            let mut vms = lock(&self.vms);
+            let Some(vm) = vms.get_mut(name) else {
+                return;
+            };
+            vm.migration = None;
+            vm.restarts = 0;
+            vm.started_at_ms = Some(now_ms());
+            if let Some(d) = disks {
+                if d != vm.def.config.disks {
+                    vm.def.config.disks = d;
+                    if let Err(e) = lock(&self.inv).update(name, &vm.def) {
+                        warn!(vm = name, error = %error_chain(&e), "cannot record the migrated disks");
+                    }
+                }
+            }
+            self.set_state(name, vm, state, Some("arrived by live migration".into()));
+            (vm.handle.as_ref().map(|h| h.pid), vm.def.weight())
+        };
+        let _ = std::fs::remove_file(self.migrate_socket_path(name));
+        if let Some(pid) = pid {
+            self.cfg
+                .launcher
+                .running(&self.spec(name), pid, weight)
+                .await;
+        }
+    }
+
+    /// Stops the receiving VMM (if any) and forgets the VM.
+    async fn discard_incoming(self: &Arc<Self>, name: &str) {
+        let handle = lock(&self.vms).get_mut(name).and_then(|vm| {
+            vm.stop_requested = true;
+            vm.handle.clone()
+        });
+        if let Some(h) = handle {
+            let _ = h.signal(libc::SIGKILL);
+            self.wait_gone(name, &h, Duration::from_secs(10)).await;
+        }
+        self.forget(name);
+    }
+
+    /// Follows again, after vireod's restart, the incoming migrations whose receiver
+    /// was re-adopted; settles those whose receiver is gone or whose VM arrived while
+    /// vireod was away.
+    pub(super) async fn resume_incoming(self: &Arc<Self>) {
+        for rec in self.migrations.list() {
+            if rec.direction != MigrationDirection::Incoming || rec.state.finished() {
+                continue;
+            }
+            let state = lock(&self.vms).get(&rec.vm).map(|vm| vm.state);
+            match state {
+                Some(VmState::Incoming) => {
+                    if let Some(cancel) = self.migrations.rearm(&rec.id) {
+                        let me = self.clone();
+                        tokio::spawn(
+                            async move { me.follow_incoming(rec.id, rec.vm, cancel).await },
+                        );
+                    }
+                }
+                Some(VmState::Running | VmState::Paused) => {
+                    if let Some(vm) = lock(&self.vms).get_mut(&rec.vm) {
+                        vm.migration = None;
+                    }
+                    self.record(&rec.id, |r| {
+                        r.state = MigrationState::Completed;
+                        r.percent = 100.0;
+                        r.finished_at_ms = Some(now_ms());
+                        r.error = None;
+                    });
+                }
+                _ => {
+                    let why = "the receiving VMM ended while vireod was not running".to_string();
+                    self.end_incoming(&rec.id, &rec.vm, Arrival::Failed(why))
+                        .await;
+                }
+            }
+        }
+    }
+}

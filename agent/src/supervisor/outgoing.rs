@@ -1,0 +1,479 @@
+//! The source's side of a live migration: the queue and the hand-over.
+//!
+//! `PUT /api/v1/vms/{name}/migrate` records the migration (queued) and returns at
+//! once; a task waits for one of the host's `--max-concurrent-migrations` slots (in
+//! the order the migrations were asked for), then:
+//! 1. claims the VM (state Migrating: no stop, pause or second migration meanwhile;
+//!    kill stays possible);
+//! 2. with `destination_agent`: asks the destination's vireod to receive it
+//!    (`POST /api/v1/migrations/incoming` with the VM's definition), which answers
+//!    with the receiver's URL; with `destination_url`: that URL;
+//! 3. `vm.send-migration` on the VM's VMM, then follows its `vm.migration-info`
+//!    (progress into the record) until it completes, fails, or the VMM ends;
+//! 4. committed (the VMM reported completed, or ended with status 0 and — with an
+//!    agent — the destination confirms the VM arrived): the VM is forgotten here
+//!    (definition, history and files removed; the record stays) and event
+//!    `migrated`; not committed: the VMM resumed the guest itself, the VM is
+//!    Running (or Paused) here again, supervised as before, the destination is told
+//!    to discard its copy, and event `migration-failed`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{lock, Supervisor, VMM_TIMEOUT};
+use crate::client;
+use crate::model::{
+    MigrateRequest, MigrationDirection, MigrationRecord, MigrationState, VmDefinition, VmState,
+};
+use crate::{error_chain, now_ms, AgentError};
+
+const POLL: Duration = Duration::from_millis(100);
+/// How long the destination's vireod may take to start its receiver.
+const INCOMING_CALL: Duration = Duration::from_secs(120);
+/// After the commit: how long the source VMM may take to exit, and the destination
+/// to report the VM running.
+const AFTER_COMMIT: Duration = Duration::from_secs(60);
+
+/// The destination's vireod and its id of this migration.
+struct PeerAgent {
+    socket: PathBuf,
+    id: String,
+}
+
+/// What the sending VMM did.
+enum Sent {
+    /// It reported the commit (or exited cleanly after sending).
+    Committed {
+        confirmed: bool,
+    },
+    Failed(String),
+}
+
+impl Supervisor {
+    /// Queues a live migration of `name`; returns its record at once.
+    pub fn migrate(
+        self: &Arc<Self>,
+        name: &str,
+        req: MigrateRequest,
+    ) -> Result<MigrationRecord, AgentError> {
+        req.validate()?;
+        {
+            let vms = lock(&self.vms);
+            let vm = vms
+                .get(name)
+                .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+            if !matches!(vm.state, VmState::Running | VmState::Paused) {
+                return Err(AgentError::WrongState {
+                    name: name.to_string(),
+                    state: vm.state.to_string(),
+                    action: "migrate it (it must be Running or Paused)",
+                });
+            }
+        }
+        let (rec, cancel) =
+            self.migrations
+                .create(name, MigrationDirection::Outgoing, req.peer())?;
+        self.save_record(&rec);
+        self.emit(
+            name,
+            "migration-queued",
+            Some(format!("migration {} to {}", rec.id, rec.peer)),
+        );
+        let me = self.clone();
+        let (id, n) = (rec.id.clone(), name.to_string());
+        tokio::spawn(async move { me.run_outgoing(id, n, req, cancel).await });
+        Ok(rec)
+    }
+
+    async fn run_outgoing(
+        self: Arc<Self>,
+        id: String,
+        name: String,
+        req: MigrateRequest,
+        mut cancel: oneshot::Receiver<()>,
+    ) {
+        let permit = tokio::select! {
+            p = self.migrations.slot() => p,
+            r = &mut cancel => {
+                if r.is_ok() {
+                    self.record(&id, |r| {
+                        r.state = MigrationState::Cancelled;
+                        r.finished_at_ms = Some(now_ms());
+                    });
+                    self.emit(&name, "migration-cancelled", Some(id.clone()));
+                }
+                return;
+            }
+        };
+        // Cancelled while the slot was being handed over: start() refuses.
+        let Some(rec) = self.migrations.start(&id) else {
+            self.record(&id, |r| {
+                r.state = MigrationState::Cancelled;
+                r.finished_at_ms = Some(now_ms());
+            });
+            self.emit(&name, "migration-cancelled", Some(id.clone()));
+            return;
+        };
+        self.save_record(&rec);
+        self.emit(
+            &name,
+            "migration-started",
+            Some(format!("migration {id} to {}", rec.peer)),
+        );
+        info!(vm = %name, id = %id, to = %rec.peer, "migration started");
+        let result = self.send_vm(&id, &name, &req).await;
+        // The record is final before the slot is given back: the next migration's
+        // start time is never before this one's end.
+        match result {
+            Ok(()) => {
+                self.record(&id, |r| {
+                    r.state = MigrationState::Completed;
+                    r.percent = 100.0;
+                    r.finished_at_ms = Some(now_ms());
+                });
+                self.emit(
+                    &name,
+                    "migrated",
+                    Some(format!("to {} (migration {id})", rec.peer)),
+                );
+                info!(vm = %name, id = %id, "migration completed");
+            }
+            Err(e) => {
+                self.record(&id, |r| {
+                    r.state = MigrationState::Failed;
+                    r.error = Some(e.clone());
+                    r.finished_at_ms = Some(now_ms());
+                });
+                self.emit(&name, "migration-failed", Some(e.clone()));
+                warn!(vm = %name, id = %id, error = %e, "migration failed");
+            }
+        }
+        drop(permit);
+    }
+
+    /// Claims the VM, hands it over, and settles where it is afterwards.
+    async fn send_vm(
+        self: &Arc<Self>,
+        id: &str,
+        name: &str,
+        req: &MigrateRequest,
+    ) -> Result<(), String> {
+        let (was, def, generation) = {
+            let mut vms = lock(&self.vms);
+            let vm = vms
+                .get_mut(name)
+                .ok_or_else(|| format!("VM {name:?} is no longer defined"))?;
+            if vm.handle.is_none() || !matches!(vm.state, VmState::Running | VmState::Paused) {
+                return Err(format!("VM {name:?} is {}: not migrated", vm.state));
+            }
+            vm.migration = Some(id.to_string());
+            let was = vm.state;
+            self.set_state(
+                name,
+                vm,
+                VmState::Migrating,
+                Some(format!("migration {id} to {}", req.peer())),
+            );
+            (was, vm.def.clone(), vm.generation)
+        };
+        let peer = match &req.destination_agent {
+            Some(socket) => match self.ask_destination(id, name, &def, socket, req).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.release(name, id, was).await;
+                    return Err(e);
+                }
+            },
+            None => {
+                let url = req.destination_url.clone().unwrap_or_default();
+                self.migrations
+                    .update(id, |r| r.receiver_url = Some(url.clone()));
+                None
+            }
+        };
+        let url = self
+            .migrations
+            .get(id)
+            .ok()
+            .and_then(|r| r.receiver_url)
+            .unwrap_or_default();
+        let sent = self
+            .send_and_follow(id, name, req, &url, generation, peer.as_ref())
+            .await;
+        match sent {
+            Sent::Committed { confirmed } => {
+                // The VM is the destination's now.
+                self.forget(name);
+                match (&peer, confirmed) {
+                    (Some(p), false) => self
+                        .await_arrival(p)
+                        .await
+                        .map_err(|e| format!("handed over (the source let the VM go), but {e}")),
+                    _ => Ok(()),
+                }
+            }
+            Sent::Failed(e) => {
+                if let Some(p) = &peer {
+                    self.tell_destination_to_discard(p).await;
+                }
+                self.release(name, id, was).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// `POST /api/v1/migrations/incoming` on the destination's vireod.
+    async fn ask_destination(
+        &self,
+        id: &str,
+        name: &str,
+        def: &VmDefinition,
+        socket: &Path,
+        req: &MigrateRequest,
+    ) -> Result<PeerAgent, String> {
+        let body = serde_json::json!({
+            "name": name,
+            "definition": def,
+            "receiver_url": req.receiver_url,
+            "storage_dir": req.storage_dir,
+            "source": format!("{} (migration {id})", crate::procfs::hostname()),
+        });
+        let r = client::request(
+            socket,
+            "POST",
+            "/api/v1/migrations/incoming",
+            Some(body.to_string().into_bytes()),
+            INCOMING_CALL,
+        )
+        .await
+        .map_err(|e| format!("destination vireod: {}", error_chain(&e)))?;
+        if !r.ok() {
+            return Err(format!(
+                "destination refused: {} ({})",
+                r.error_message(),
+                r.status
+            ));
+        }
+        let rec: MigrationRecord = serde_json::from_slice(&r.body)
+            .map_err(|e| format!("destination vireod answered something else: {e}"))?;
+        let url = rec
+            .receiver_url
+            .clone()
+            .ok_or("destination vireod gave no receiver_url")?;
+        self.migrations.update(id, |r| {
+            r.peer_id = Some(rec.id.clone());
+            r.receiver_url = Some(url);
+        });
+        Ok(PeerAgent {
+            socket: socket.to_path_buf(),
+            id: rec.id,
+        })
+    }
+
+    /// Starts the VMM's send and follows it to its end.
+    async fn send_and_follow(
+        &self,
+        id: &str,
+        name: &str,
+        req: &MigrateRequest,
+        url: &str,
+        generation: u64,
+        peer: Option<&PeerAgent>,
+    ) -> Sent {
+        let sock = self.socket_path(name);
+        let body = serde_json::json!({
+            "destination_url": url,
+            "downtime_ms": req.downtime_ms,
+            "compress": req.compress,
+            "bandwidth_mib_s": req.bandwidth_mib_s,
+            "copy_storage": req.copy_storage,
+        });
+        match client::request(
+            &sock,
+            "PUT",
+            "/api/v1/vm.send-migration",
+            Some(body.to_string().into_bytes()),
+            VMM_TIMEOUT,
+        )
+        .await
+        {
+            Ok(r) if r.ok() => {}
+            Ok(r) => {
+                return Sent::Failed(format!(
+                    "the VMM refused to send: {} ({})",
+                    r.error_message(),
+                    r.status
+                ))
+            }
+            Err(e) => return Sent::Failed(format!("the VMM: {}", error_chain(&e))),
+        }
+        let mut committed_at: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let ended = {
+                let vms = lock(&self.vms);
+                match vms.get(name) {
+                    Some(vm) if vm.generation == generation && vm.handle.is_some() => None,
+                    Some(vm) => Some((vm.last_exit.clone(), vm.stop_requested)),
+                    None => Some((None, false)),
+                }
+            };
+            if let Some((exit, killed)) = ended {
+                if committed_at.is_some() {
+                    return Sent::Committed { confirmed: false };
+                }
+                let clean = !killed && exit.as_ref().is_some_and(|e| e.status == Some(0));
+                let how = exit
+                    .as_ref()
+                    .map(|e| {
+                        format!(
+                            "{} (status {:?}, signal {:?})",
+                            e.reason, e.status, e.signal
+                        )
+                    })
+                    .unwrap_or_else(|| "gone".into());
+                if !clean {
+                    return Sent::Failed(format!(
+                        "the source VMM ended during the migration: {how}"
+                    ));
+                }
+                // A clean exit before the VMM said "completed": the hand-over, unless
+                // the guest powered off meanwhile. Only a destination vireod can tell.
+                return match peer {
+                    None => Sent::Committed { confirmed: false },
+                    Some(p) => match self.await_arrival(p).await {
+                        Ok(()) => Sent::Committed { confirmed: true },
+                        Err(e) => Sent::Failed(format!(
+                            "the source VMM ended (status 0) and {e}; the VM stays here, stopped"
+                        )),
+                    },
+                };
+            }
+            if let Some(t) = committed_at {
+                if t.elapsed() > AFTER_COMMIT {
+                    // The VM runs at the destination; this process has no business.
+                    warn!(
+                        vm = name,
+                        "source VMM still there after the commit; killing it"
+                    );
+                    if let Some(h) = lock(&self.vms).get(name).and_then(|vm| vm.handle.clone()) {
+                        let _ = h.signal(libc::SIGKILL);
+                    }
+                }
+                continue;
+            }
+            let info =
+                match client::request(&sock, "GET", "/api/v1/vm.migration-info", None, VMM_TIMEOUT)
+                    .await
+                {
+                    Ok(r) if r.ok() => serde_json::from_slice::<api::MigrationInfo>(&r.body).ok(),
+                    _ => None, // Busy, or exiting: the next round sees which.
+                };
+            let Some(info) = info else {
+                continue;
+            };
+            self.migrations.update(id, |r| {
+                r.percent = crate::migrations::percent(&info);
+                r.progress = Some(info.clone());
+            });
+            match info.status {
+                api::MigrationStatus::Completed => committed_at = Some(Instant::now()),
+                api::MigrationStatus::Failed => {
+                    return Sent::Failed(
+                        info.error
+                            .unwrap_or_else(|| "the VMM reports failure".into()),
+                    )
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the destination's vireod reports the VM arrived.
+    async fn await_arrival(&self, p: &PeerAgent) -> Result<(), String> {
+        let deadline = Instant::now() + AFTER_COMMIT;
+        let path = format!("/api/v1/migrations/{}", p.id);
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            match client::request(&p.socket, "GET", &path, None, VMM_TIMEOUT).await {
+                Ok(r) if r.ok() => {
+                    if let Ok(rec) = serde_json::from_slice::<MigrationRecord>(&r.body) {
+                        match rec.state {
+                            MigrationState::Completed => return Ok(()),
+                            MigrationState::Failed | MigrationState::Cancelled => {
+                                return Err(format!(
+                                    "the destination reports the migration {:?}: {}",
+                                    rec.state,
+                                    rec.error.unwrap_or_default()
+                                )
+                                .to_lowercase())
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Ok(r) => last = format!("{} ({})", r.error_message(), r.status),
+                Err(e) => last = error_chain(&e),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Err(format!(
+            "the destination vireod did not confirm the VM's arrival within {AFTER_COMMIT:?} ({last})"
+        ))
+    }
+
+    /// The send failed before the commit: the destination discards its copy.
+    async fn tell_destination_to_discard(&self, p: &PeerAgent) {
+        let path = format!("/api/v1/migrations/{}", p.id);
+        match client::request(&p.socket, "DELETE", &path, None, VMM_TIMEOUT).await {
+            Ok(r) if r.ok() || r.status == 409 => {} // 409: it ended on its own.
+            Ok(r) => {
+                warn!(id = %p.id, status = r.status, error = %r.error_message(), "destination did not cancel")
+            }
+            Err(e) => {
+                warn!(id = %p.id, error = %error_chain(&e), "cannot reach the destination to cancel")
+            }
+        }
+    }
+
+    /// The migration did not happen: the VM is this host's again, in the state its
+    /// VMM reports (the VMM resumes the guest itself after a failed send).
+    async fn release(&self, name: &str, id: &str, was: VmState) {
+        let alive = lock(&self.vms)
+            .get(name)
+            .is_some_and(|vm| vm.handle.is_some());
+        let now = if alive {
+            self.vm_state_of_vmm(name).await.unwrap_or(was)
+        } else {
+            VmState::Stopped
+        };
+        let mut vms = lock(&self.vms);
+        let Some(vm) = vms.get_mut(name) else {
+            return;
+        };
+        if vm.migration.as_deref() != Some(id) {
+            return;
+        }
+        vm.migration = None;
+        vm.stop_requested = false;
+        if vm.state == VmState::Migrating {
+            let state = if vm.handle.is_some() {
+                now
+            } else if vm.last_exit.as_ref().is_some_and(|e| e.status == Some(0)) {
+                VmState::Stopped
+            } else {
+                VmState::Crashed
+            };
+            self.set_state(
+                name,
+                vm,
+                state,
+                Some(format!("migration {id} failed; the VM stays here")),
+            );
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Live migration between two real vireods on one machine (different state and run
+//! directories), real VMMs running the test guest: the queue's concurrency limit,
+//! the hand-over of ownership, and failures that leave the VM on the source.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{alive, Daemon, Events, T};
+use serde_json::{json, Value};
+
+/// A guest that rewrites 1024 pages (4 MiB) and checks each one it rewrites: once it
+/// has written them all and is paused, a migration capped at 1 MiB/s takes ~4 s.
+fn define_dirty(d: &Daemon, name: &str) {
+    let def = json!({
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=dirty pages=1024 rate=4000"},
+            "memory": {"size": 64u64 << 20},
+        },
+        "priority": "Medium",
+    });
+    d.ok(
+        "PUT",
+        &format!("/api/v1/vms/{name}"),
+        Some(&def.to_string()),
+    );
+}
+
+fn ms(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// The largest number of migrations whose [started, finished] intervals overlap.
+fn max_overlap(records: &[Value]) -> usize {
+    let mut edges: Vec<(u64, i32)> = Vec::new();
+    for r in records {
+        edges.push((ms(&r["started_at_ms"]), 1));
+        edges.push((ms(&r["finished_at_ms"]), -1));
+    }
+    // At equal times an end comes before a start (a slot handed over).
+    edges.sort();
+    let (mut now, mut max) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        max = max.max(now);
+    }
+    max as usize
+}
+
+#[test]
+fn three_migrations_with_a_limit_of_two_queue_the_third_and_all_arrive_counting() {
+    let src = Daemon::start(&["--no-autostart", "--max-concurrent-migrations", "2"]);
+    let dst = Daemon::start(&["--no-autostart"]);
+    let mut src_events = Events::subscribe(&src.socket, "?vm=c");
+    let names = ["a", "b", "c"];
+    let mut pids = Vec::new();
+    for n in names {
+        src.define_counter(n, "Medium", "on-failure");
+        src.ok("PUT", &format!("/api/v1/vms/{n}/start"), None);
+        pids.push(src.pid(n).unwrap());
+    }
+    for n in names {
+        src.wait_serial(n, "tick 20 ", T);
+    }
+    let host = src.ok("GET", "/api/v1/host.info", None);
+    assert_eq!(host["max_concurrent_migrations"], 2, "{host}");
+
+    // Three requests at once (a, b by the API, c by vireoctl).
+    let body = json!({"destination_agent": dst.socket});
+    let ra = src.migrate("a", &body);
+    let rb = src.migrate("b", &body);
+    let out = src.ctl_ok(&["vm", "migrate", "c", "--to", dst.socket.to_str().unwrap()]);
+    assert!(out.contains("migration "), "{out}");
+    let mut ids = vec![
+        ra["id"].as_str().unwrap().to_string(),
+        rb["id"].as_str().unwrap().to_string(),
+    ];
+    let list = src.migrations();
+    let rc = list.iter().find(|r| r["vm"] == "c").unwrap().clone();
+    ids.push(rc["id"].as_str().unwrap().to_string());
+    // Right after the requests at most two run; the third waits its turn.
+    let mut saw_queued = false;
+    let start = Instant::now();
+    loop {
+        let recs = src.migrations();
+        let running = recs.iter().filter(|r| r["state"] == "running").count();
+        assert!(running <= 2, "more than 2 running: {recs:?}");
+        saw_queued |= recs
+            .iter()
+            .any(|r| r["vm"] == "c" && r["state"] == "queued");
+        if recs.iter().all(|r| r["state"] == "completed") {
+            break;
+        }
+        assert!(
+            !recs.iter().any(|r| r["state"] == "failed"),
+            "a migration failed: {recs:?}\nsrc log:\n{}\ndst log:\n{}",
+            src.log(),
+            dst.log()
+        );
+        assert!(start.elapsed() < T, "migrations did not finish: {recs:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(saw_queued, "the third migration was never seen queued");
+    let recs: Vec<Value> = ids.iter().map(|id| src.migration(id)).collect();
+    // The timestamps agree: never more than 2 at once, and the third started only
+    // once one of the first two had finished.
+    assert_eq!(max_overlap(&recs), 2, "{recs:?}");
+    let first_end = ms(&recs[0]["finished_at_ms"]).min(ms(&recs[1]["finished_at_ms"]));
+    assert!(
+        ms(&recs[2]["started_at_ms"]) >= first_end,
+        "c started before a slot was free: {recs:?}"
+    );
+    assert!(ms(&recs[2]["queued_at_ms"]) < ms(&recs[2]["started_at_ms"]));
+    for r in &recs {
+        // (progress is what the last poll saw: a tiny guest may be across in less
+        // than one poll period)
+        assert_eq!(r["percent"], 100.0, "{r}");
+        assert!(r["peer_id"].is_string(), "{r}");
+        assert!(r["error"].is_null(), "{r}");
+    }
+    // The VMs now belong to the destination: gone from the source (their VMMs
+    // ended), running on the destination and still counting where they were.
+    for (i, n) in names.iter().enumerate() {
+        assert!(src.absent(n), "{n} still defined on the source");
+        common::wait_dead(pids[i], T);
+        let v = dst.wait_state(n, "Running", T);
+        let pid = v["pid"].as_i64().unwrap() as i32;
+        assert!(alive(pid));
+        let before = dst.tick_numbers(n);
+        let first = *before.first().unwrap_or(&0);
+        assert!(
+            first > 20,
+            "{n} started over on the destination: {before:?}"
+        );
+        let last = *before.last().unwrap_or(&0);
+        dst.wait_serial(n, &format!("tick {} ", last + 10), T);
+        // The destination's records say the same.
+        let incoming = dst
+            .migrations()
+            .into_iter()
+            .find(|r| r["vm"] == *n)
+            .unwrap();
+        assert_eq!(incoming["direction"], "incoming");
+        assert_eq!(incoming["state"], "completed");
+    }
+    let seen: Vec<String> = src_events
+        .until("c", "migrated")
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        seen.ends_with(&[
+            "migration-queued".to_string(),
+            "migration-started".to_string(),
+            "Migrating".to_string(),
+            "deleted".to_string(),
+            "migrated".to_string()
+        ]),
+        "{seen:?}"
+    );
+    let table = src.ctl_ok(&["migration", "list"]);
+    assert!(table.lines().next().unwrap().starts_with("ID"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains("completed")).count(),
+        3,
+        "{table}"
+    );
+
+    // And back, with vireoctl waiting for the end.
+    let out = dst.ctl_ok(&[
+        "vm",
+        "migrate",
+        "a",
+        "--to",
+        src.socket.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert!(out.contains("completed"), "{out}");
+    src.wait_state("a", "Running", T);
+    assert!(dst.absent("a"));
+    let last = *src.tick_numbers("a").last().unwrap_or(&0);
+    src.wait_serial("a", &format!("tick {} ", last + 5), T);
+}
+
+#[test]
+fn failed_migrations_leave_the_vm_running_and_supervised_on_the_source() {
+    let src = Daemon::start(&["--no-autostart", "--max-concurrent-migrations", "1"]);
+    let dst = Daemon::start(&["--no-autostart"]);
+    define_dirty(&src, "x");
+    src.define_counter("y", "Medium", "on-failure");
+    for n in ["x", "y"] {
+        src.ok("PUT", &format!("/api/v1/vms/{n}/start"), None);
+    }
+    // Every page written (the first report comes after a second), then paused: the
+    // copy then has 4 MiB to move and nothing new to chase.
+    src.wait_serial("x", "dirty pass=", T);
+    src.ok("PUT", "/api/v1/vms/x/pause", None);
+    src.wait_serial("y", "tick 5 ", T);
+    let pid_x = src.pid("x").unwrap();
+    let pid_y = src.pid("y").unwrap();
+
+    // 1. The destination refuses: it has a VM of that name already.
+    dst.define_counter("y", "Medium", "on-failure");
+    let r = src.migrate("y", &json!({"destination_agent": dst.socket}));
+    let r = src.wait_migration(r["id"].as_str().unwrap(), T);
+    assert_eq!(r["state"], "failed", "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("destination refused") && err.contains("409"),
+        "{err}"
+    );
+    assert_eq!(src.state("y"), "Running");
+    assert_eq!(src.pid("y"), Some(pid_y));
+    dst.ok("DELETE", "/api/v1/vms/y", None);
+
+    // 2. No vireod at the destination socket.
+    let r = src.migrate(
+        "y",
+        &json!({"destination_agent": dst.dir.path().join("nobody.sock")}),
+    );
+    let r = src.wait_migration(r["id"].as_str().unwrap(), T);
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("cannot connect"),
+        "{r}"
+    );
+    assert_eq!(src.state("y"), "Running");
+
+    // 3. The destination vanishes in the middle of the copy (its receiving VMM is
+    // killed); meanwhile a second migration waits its turn (limit 1) and is cancelled,
+    // and the running one cannot be.
+    let rx = src.migrate(
+        "x",
+        &json!({"destination_agent": dst.socket, "bandwidth_mib_s": 1}),
+    );
+    let ry = src.migrate("y", &json!({"destination_agent": dst.socket}));
+    let (idx, idy) = (
+        rx["id"].as_str().unwrap().to_string(),
+        ry["id"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(src.migration(&idy)["state"], "queued");
+    let (s, b) = src.api("DELETE", &format!("/api/v1/migrations/{idy}"), None);
+    assert_eq!(s, 200, "{b}");
+    let ry = src.wait_migration(&idy, T);
+    assert_eq!(ry["state"], "cancelled", "{ry}");
+    assert!(ry["started_at_ms"].is_null());
+    assert_eq!(src.state("y"), "Running");
+    let (s, b) = src.api("DELETE", &format!("/api/v1/migrations/{idx}"), None);
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(src.state("x"), "Migrating");
+    // Pages are flowing (the destination's record counts what its VMM received; the
+    // source's counts only at the end of each round); kill the receiver.
+    let start = Instant::now();
+    let peer_id = loop {
+        if let Some(p) = src.migration(&idx)["peer_id"].as_str() {
+            break p.to_string();
+        }
+        assert!(start.elapsed() < T, "the destination never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    loop {
+        let m = dst.migration(&peer_id);
+        if m["progress"]["bytes_sent"].as_u64().unwrap_or(0) > 512 * 1024 {
+            break;
+        }
+        assert_eq!(m["state"], "running", "{m}");
+        assert_eq!(src.migration(&idx)["state"], "running");
+        assert!(start.elapsed() < T, "no progress: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let receiver = dst.pid("x").expect("receiver on the destination");
+    assert_eq!(dst.state("x"), "Incoming");
+    // SAFETY: kill with a pid read from vireod's API and a signal.
+    unsafe { libc::kill(receiver, libc::SIGKILL) };
+    let m = src.wait_migration(&idx, T);
+    assert_eq!(m["state"], "failed", "{m}");
+    // The VM stays where it was, with the same VMM, supervised and as it was
+    // (paused); resumed, the guest goes on checking every page.
+    let v = src.wait_state("x", "Paused", T);
+    assert_eq!(v["pid"], pid_x, "{v}");
+    assert!(v["migration"].is_null(), "{v}");
+    src.ok("PUT", "/api/v1/vms/x/resume", None);
+    let serial = src.serial("x");
+    let reports = serial.lines().filter(|l| l.starts_with("dirty ")).count();
+    let start = Instant::now();
+    while src
+        .serial("x")
+        .lines()
+        .filter(|l| l.starts_with("dirty "))
+        .count()
+        < reports + 2
+    {
+        assert!(
+            start.elapsed() < T,
+            "x stopped on the source:\n{}",
+            src.serial("x")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!src.serial("x").contains("mismatch"), "{}", src.serial("x"));
+    // The destination forgot it.
+    let start = Instant::now();
+    while !dst.absent("x") {
+        assert!(start.elapsed() < T, "destination kept x: {}", dst.vm("x"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let incoming = dst
+        .migrations()
+        .into_iter()
+        .find(|r| r["vm"] == "x")
+        .unwrap();
+    assert_eq!(incoming["state"], "failed", "{incoming}");
+    // Still supervised: a crash of its VMM is restarted by the policy.
+    // SAFETY: kill with a pid read from vireod's API and a signal.
+    unsafe { libc::kill(pid_x, libc::SIGKILL) };
+    let start = Instant::now();
+    loop {
+        let v = src.vm("x");
+        if v["state"] == "Running" && v["pid"] != pid_x {
+            break;
+        }
+        assert!(start.elapsed() < T, "x was not restarted: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn migrate_requests_are_checked() {
+    let d = Daemon::start(&["--no-autostart"]);
+    d.define_counter("s", "Medium", "on-failure");
+    // Unknown VM, stopped VM, both or neither destination, a bad URL.
+    let (s, b) = d.api("PUT", "/api/v1/vms/nope/migrate", Some("{}"));
+    assert_eq!(s, 404, "{b}");
+    let (s, b) = d.api(
+        "PUT",
+        "/api/v1/vms/s/migrate",
+        Some(r#"{"destination_url":"unix:/x"}"#),
+    );
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("Stopped"), "{b}");
+    for body in [
+        r#"{}"#,
+        r#"{"destination_url":"unix:/x","destination_agent":"/y"}"#,
+        r#"{"destination_url":"http://x"}"#,
+        r#"{"destination_agent":"relative.sock"}"#,
+        r#"{"destination_url":"unix:/x","bogus":1}"#,
+    ] {
+        let (s, b) = d.api("PUT", "/api/v1/vms/s/migrate", Some(body));
+        assert_eq!(s, 400, "{body}: {b}");
+    }
+    let (s, b) = d.api("GET", "/api/v1/migrations/no-such-id", None);
+    assert_eq!(s, 404, "{b}");
+    // An incoming request for a name that exists is refused and changes nothing.
+    let def = json!({"name": "s", "definition": {"config": common::counter_config()}});
+    let (s, b) = d.api(
+        "POST",
+        "/api/v1/migrations/incoming",
+        Some(&def.to_string()),
+    );
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(d.state("s"), "Stopped");
+    assert!(d.migrations().is_empty());
+}
