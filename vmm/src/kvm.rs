@@ -39,6 +39,9 @@ fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
 pub struct Hypervisor {
     pub kvm: Kvm,
     pub vm: Arc<VmFd>,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: KVM_GET_DIRTY_LOG only reads the
+    /// log, and pages are write-protected again by KVM_CLEAR_DIRTY_LOG.
+    pub manual_dirty_log: bool,
 }
 
 impl Hypervisor {
@@ -74,9 +77,11 @@ impl Hypervisor {
         };
         vm.enable_cap(&split)
             .map_err(ioctl("ENABLE_CAP(SPLIT_IRQCHIP)"))?;
+        let manual_dirty_log = enable_manual_dirty_log(&vm);
         Ok(Self {
             kvm,
             vm: Arc::new(vm),
+            manual_dirty_log,
         })
     }
 
@@ -148,5 +153,29 @@ impl MsiSink for KvmMsi {
             .signal_msi(msi)
             .map(|_| ())
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// Turns on manual dirty-log protection where KVM has it (KVM_CAP_MANUAL_DIRTY_LOG_
+/// PROTECT2, without INITIALLY_SET): reading the log then no longer write-protects
+/// every dirty page at once under KVM's MMU lock; the reader clears what it took
+/// (`live::dirty`). Returns whether it is on.
+fn enable_manual_dirty_log(vm: &VmFd) -> bool {
+    use kvm_bindings::{KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
+    let supported = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    if supported < 0 || (supported as u64) & u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) == 0 {
+        return false;
+    }
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+        ..Default::default()
+    };
+    match vm.enable_cap(&cap) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "manual dirty-log protection not enabled");
+            false
+        }
     }
 }

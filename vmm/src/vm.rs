@@ -432,6 +432,11 @@ impl Vm {
         (self.mem.clone(), self.hv.vm.clone())
     }
 
+    /// Whether KVM's dirty log is under manual protection (cleared by its reader).
+    pub fn manual_dirty_log(&self) -> bool {
+        self.hv.manual_dirty_log
+    }
+
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
     }
@@ -454,6 +459,11 @@ impl Vm {
     /// Turns KVM's dirty-page logging of guest RAM on or off.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         self.hv.map_memory(&self.mem, on)?;
+        tracing::info!(
+            on,
+            manual_protect = self.hv.manual_dirty_log,
+            "dirty logging"
+        );
         Ok(())
     }
 

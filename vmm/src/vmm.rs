@@ -405,6 +405,7 @@ impl Vmm {
             serde_json::to_value(vm.config()).map_err(|e| ApiError::internal(e.to_string()))?;
         vm.set_dirty_logging(true).map_err(api_error)?;
         let (mem, vmfd) = vm.memory_and_vm();
+        let manual_dirty_log = vm.manual_dirty_log();
         let (throttle, vcpu_threads) = vm.throttle();
         self.copying_storage = r.copy_storage;
         self.set_migration(MigrationInfo {
@@ -427,6 +428,7 @@ impl Vmm {
             seccomp,
             throttle,
             vcpu_threads,
+            manual_dirty_log,
         };
         send::spawn(job).map_err(|e| {
             self.set_migration(MigrationInfo::default());

@@ -14,14 +14,16 @@ pub const PAGE_SIZE: u64 = 4096;
 pub struct DirtyLog {
     mem: Arc<GuestMemoryMmap>,
     vm: Arc<VmFd>,
+    /// KVM's log is under manual protection: what `take` reads it clears itself.
+    manual: bool,
 }
 
 /// One bitmap per region (same order as the guest memory's regions).
 pub type Bitmaps = Vec<Vec<u64>>;
 
 impl DirtyLog {
-    pub fn new(mem: Arc<GuestMemoryMmap>, vm: Arc<VmFd>) -> Self {
-        Self { mem, vm }
+    pub fn new(mem: Arc<GuestMemoryMmap>, vm: Arc<VmFd>, manual: bool) -> Self {
+        Self { mem, vm, manual }
     }
 
     /// Pages written since the last call, by vCPUs or by devices.
@@ -32,6 +34,11 @@ impl DirtyLog {
                 .vm
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(|e| format!("KVM_GET_DIRTY_LOG (slot {slot}): {e}"))?;
+            if self.manual {
+                let pages = region.len() / PAGE_SIZE;
+                clear_dirty_log(&self.vm, slot as u32, pages, &mut kvm)
+                    .map_err(|e| format!("KVM_CLEAR_DIRTY_LOG (slot {slot}): {e}"))?;
+            }
             // The mapping's own bitmap (the region-level `bitmap()` is a slice view).
             let devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
             for (k, d) in kvm.iter_mut().zip(devices) {
@@ -40,6 +47,39 @@ impl DirtyLog {
             out.push(kvm);
         }
         Ok(out)
+    }
+}
+
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// Clears (and write-protects again) exactly the pages set in `bitmap` of `slot`,
+/// the log just read: a page the guest writes after this is logged again.
+fn clear_dirty_log(vm: &VmFd, slot: u32, pages: u64, bitmap: &mut [u64]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if (bitmap.len() as u64) * 64 < pages {
+        return Err(std::io::Error::other("dirty bitmap shorter than the slot"));
+    }
+    let arg = kvm_bindings::kvm_clear_dirty_log {
+        slot,
+        num_pages: u32::try_from(pages)
+            .map_err(|_| std::io::Error::other("memory slot too large to clear at once"))?,
+        first_page: 0,
+        __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: KVM_CLEAR_DIRTY_LOG on our VM descriptor with a struct that points to a
+    // live bitmap of `num_pages` bits, which the kernel only reads.
+    let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG(), &arg) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -44,6 +44,8 @@ pub struct SendJob {
     /// Auto-converge: the VM's vCPU throttle and its vCPU threads.
     pub throttle: Arc<Throttle>,
     pub vcpu_threads: Vec<libc::pthread_t>,
+    /// KVM's dirty log is under manual protection (see `kvm::Hypervisor`).
+    pub manual_dirty_log: bool,
 }
 
 /// Throttle steps: the first when a round leaves at least as much as the one before,
@@ -158,7 +160,7 @@ fn run(job: &SendJob) -> Result<(), String> {
     let _ticker = ThrottleTicker::start(job.vcpu_threads.clone(), job.throttle.clone())
         .map_err(|e| format!("cannot start the throttle ticker: {e}"))?;
     let _unthrottle = ThrottleGuard(&job.throttle);
-    let log = DirtyLog::new(job.mem.clone(), job.vm.clone());
+    let log = DirtyLog::new(job.mem.clone(), job.vm.clone(), job.manual_dirty_log);
     log.take()?; // Start from a clean log: round 0 sends everything anyway.
                  // A bucket of 1/10 s of bandwidth, refilled every 100 ms, shared by every stream.
     let limiter = job.bandwidth_limit.and_then(|bps| {
