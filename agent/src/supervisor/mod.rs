@@ -662,7 +662,12 @@ impl Supervisor {
         self.share_socket(name, &spec.socket);
         self.cfg
             .launcher
-            .running(&spec, handle.pid, def.weight())
+            .running(
+                &spec,
+                handle.pid,
+                def.weight(),
+                usize::from(def.config.cpus.boot),
+            )
             .await;
         self.watch(name.to_string(), generation, handle.pid, watch);
         Ok(())
@@ -1074,14 +1079,13 @@ impl Supervisor {
                 if state == VmState::Incoming {
                     self.cfg.launcher.booting(handle.pid);
                 } else {
-                    let weight = lock(&self.vms).get(name).map(|vm| vm.def.weight());
+                    let (weight, vcpus) = lock(&self.vms)
+                        .get(name)
+                        .map(|vm| (vm.def.weight(), usize::from(vm.def.config.cpus.boot)))
+                        .unwrap_or((crate::cgroup::DEFAULT_WEIGHT, 1));
                     self.cfg
                         .launcher
-                        .running(
-                            &spec,
-                            handle.pid,
-                            weight.unwrap_or(crate::cgroup::DEFAULT_WEIGHT),
-                        )
+                        .running(&spec, handle.pid, weight, vcpus)
                         .await;
                 }
                 self.watch(name.to_string(), generation, handle.pid, watch);
