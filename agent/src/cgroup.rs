@@ -176,10 +176,11 @@ impl CpuCgroups {
     }
 
     /// The VM runs: process `pid` to `<root>/vmm`, its guest threads to
-    /// `<root>/vms/NAME` with the VM's weight.
-    pub fn place_running(&self, name: &str, pid: i32, weight: u32) {
+    /// `<root>/vms/NAME` with the VM's weight. Returns how many vCPU threads were
+    /// placed (None: placement is off or failed).
+    pub fn place_running(&self, name: &str, pid: i32, weight: u32) -> Option<usize> {
         let (Some(root), Some(dir)) = (&self.root, self.vm_dir(name)) else {
-            return;
+            return None;
         };
         let shares = shares_for_weight(weight).to_string();
         let r = std::fs::create_dir_all(&dir)
@@ -187,9 +188,9 @@ impl CpuCgroups {
             .and_then(|()| write(&root.join("vmm/cgroup.procs"), &pid.to_string()));
         if let Err(e) = r {
             warn!(vm = name, pid, dir = %dir.display(), error = %e, "cannot place VMM in its cgroup");
-            return;
+            return None;
         }
-        let guest = self.move_guest_threads(name, pid, &dir);
+        let (guest, vcpus) = self.move_guest_threads(name, pid, &dir);
         debug!(
             vm = name,
             pid,
@@ -197,22 +198,27 @@ impl CpuCgroups {
             guest_threads = guest,
             "VMM placed in its cgroups"
         );
+        Some(vcpus)
     }
 
-    /// Moves the guest threads of `pid` into `dir`; how many moved.
-    fn move_guest_threads(&self, name: &str, pid: i32, dir: &Path) -> usize {
-        let mut moved = 0;
+    /// Moves the guest threads of `pid` into `dir`; how many moved, and how many of
+    /// them are vCPUs.
+    fn move_guest_threads(&self, name: &str, pid: i32, dir: &Path) -> (usize, usize) {
+        let (mut moved, mut vcpus) = (0, 0);
         for (tid, comm) in threads(pid) {
             if !is_guest_thread(&comm) {
                 continue;
             }
             match write(&dir.join("tasks"), &tid.to_string()) {
-                Ok(()) => moved += 1,
+                Ok(()) => {
+                    moved += 1;
+                    vcpus += usize::from(comm.starts_with("vireo-vcpu"));
+                }
                 // A thread that just ended.
                 Err(e) => debug!(vm = name, tid, error = %e, "thread not moved"),
             }
         }
-        moved
+        (moved, vcpus)
     }
 
     /// The VM's guest threads to `<root>/vmm` for a moment: a pause or a stop needs

@@ -119,12 +119,9 @@ pub fn prometheus(sup: &Supervisor) -> String {
             let _ = writeln!(out, "{name}{{{labels}}} {v}");
         }
     };
-    let states = [
-        "Stopped", "Starting", "Running", "Paused", "Stopping", "Crashed",
-    ];
     let mut rows = Vec::new();
     for v in &vms {
-        for s in states {
+        for s in crate::model::VmState::ALL.map(|s| s.as_str()) {
             rows.push((
                 format!("vm=\"{}\",state=\"{s}\"", v.name),
                 f64::from(u8::from(v.state.as_str() == s)),

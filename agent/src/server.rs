@@ -67,7 +67,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/vms/{name}/metrics", get(metrics))
         .route("/api/v1/vms/{name}/metrics/reset", put(metrics_reset))
         .route("/api/v1/vms/{name}/exits", get(exits))
-        .route("/api/v1/vms/{name}/serial", get(serial))
+        .route("/api/v1/vms/{name}/serial", get(serial).post(serial_input))
         .route("/metrics", get(prometheus))
         .fallback(|| async { error(404, "no such API endpoint".into()) })
         .with_state(sup)
@@ -241,6 +241,15 @@ async fn serial(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
         },
         Err(r) => *r,
     }
+}
+
+/// Input for the guest's serial port: the raw body bytes.
+async fn serial_input(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Response {
+    reply(
+        s.serial_input(&name, &b)
+            .await
+            .map(|sent| serde_json::json!({"sent": sent, "of": b.len()})),
+    )
 }
 
 async fn prometheus(State(s): S) -> Response {

@@ -64,7 +64,10 @@ fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
     // The vCPU in the VM's own group, the VMM's other threads (control loop, API)
     // with the VMMs.
     let cg = thread_cgroups(pid);
-    let vcpu = cg.iter().find(|(n, _)| n == "vireo-vcpu0").unwrap();
+    let vcpu = cg
+        .iter()
+        .find(|(n, _)| n == "vireo-vcpu0")
+        .unwrap_or_else(|| panic!("no vCPU thread: {cg:?}"));
     assert_eq!(vcpu.1, format!("{rel}/vms/web"), "{cg:?}");
     for (n, c) in &cg {
         if ["vireo", "vireo-api"].contains(&n.as_str()) {
@@ -76,7 +79,10 @@ fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
     // A pause lends the vCPU the VMMs' share while it parks, then gives it back.
     d.ok("PUT", "/api/v1/vms/web/pause", None);
     let cg = thread_cgroups(pid);
-    let vcpu = cg.iter().find(|(n, _)| n == "vireo-vcpu0").unwrap();
+    let vcpu = cg
+        .iter()
+        .find(|(n, _)| n == "vireo-vcpu0")
+        .unwrap_or_else(|| panic!("no vCPU thread: {cg:?}"));
     assert_eq!(vcpu.1, format!("{rel}/vms/web"), "{cg:?}");
     d.ok("PUT", "/api/v1/vms/web/resume", None);
     // vireod itself stays where it was started.

@@ -53,14 +53,14 @@ fn vireo_pings_the_watchdog_at_half_the_interval_while_healthy_and_not_when_froz
     let mut c = common::counter_config();
     c["serial"] = serde_json::json!({"mode": "file", "file": dir.path().join("serial.log")});
     std::fs::write(&cfg, c.to_string()).unwrap();
-    // WatchdogSec=200ms: a ping every 100 ms.
+    // WatchdogSec=400ms: a ping every 200 ms.
     let mut child = std::process::Command::new(common::bin("vireo"))
         .arg("--config")
         .arg(&cfg)
         .arg("--api-socket")
         .arg(&sock)
         .env("NOTIFY_SOCKET", &notify)
-        .env("WATCHDOG_USEC", "200000")
+        .env("WATCHDOG_USEC", "400000")
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -70,21 +70,22 @@ fn vireo_pings_the_watchdog_at_half_the_interval_while_healthy_and_not_when_froz
         unsafe { libc::kill(pid, sig) }
     };
     let result = std::panic::catch_unwind(|| {
-        let first = collect(&server, Duration::from_secs(2));
+        let first = collect(&server, Duration::from_secs(3));
         assert!(
             first.iter().any(|(_, m)| m == "READY=1"),
             "no READY=1: {first:?}"
         );
         let p = pings(&first);
-        // ~20 in 2 s; the machine is shared, so allow slack but demand the rhythm.
-        assert!((12..=26).contains(&p.len()), "{} pings in 2 s", p.len());
+        // ~15 in 3 s (the machine is shared: some slack), and never a gap as long as
+        // the interval, after which systemd would kill the VMM.
+        assert!((10..=20).contains(&p.len()), "{} pings in 3 s", p.len());
         let max_gap = p.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-        assert!(max_gap < Duration::from_millis(200), "gap {max_gap:?}");
+        assert!(max_gap < Duration::from_millis(400), "gap {max_gap:?}");
 
         // A paused VM is healthy: the pings go on.
         let (s, b) = common::http(&sock, "PUT", "/api/v1/vm.pause", None);
         assert_eq!(s, 204, "{b}");
-        let paused = pings(&collect(&server, Duration::from_millis(600)));
+        let paused = pings(&collect(&server, Duration::from_millis(1000)));
         assert!(paused.len() >= 3, "{} pings while paused", paused.len());
         let (s, b) = common::http(&sock, "PUT", "/api/v1/vm.resume", None);
         assert_eq!(s, 204, "{b}");
@@ -94,10 +95,10 @@ fn vireo_pings_the_watchdog_at_half_the_interval_while_healthy_and_not_when_froz
         kill(libc::SIGSTOP);
         std::thread::sleep(Duration::from_millis(50));
         let _ = collect(&server, Duration::from_millis(1)); // Drain what was in flight.
-        let frozen = pings(&collect(&server, Duration::from_millis(700)));
+        let frozen = pings(&collect(&server, Duration::from_millis(1000)));
         kill(libc::SIGCONT);
         assert!(frozen.is_empty(), "{} pings while frozen", frozen.len());
-        let thawed = pings(&collect(&server, Duration::from_millis(500)));
+        let thawed = pings(&collect(&server, Duration::from_millis(800)));
         assert!(thawed.len() >= 2, "{} pings after SIGCONT", thawed.len());
     });
     kill(libc::SIGCONT);

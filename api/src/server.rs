@@ -191,6 +191,7 @@ fn router(state: AppState) -> Router {
             "/api/v1/vm.migration-info",
             get(|s| action(s, VmAction::MigrationInfo)),
         )
+        .route("/api/v1/vm.serial-input", put(serial_input))
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(
             "/api/v1/vm.counters",
@@ -257,6 +258,11 @@ async fn receive_migration(State(state): State<AppState>, body: Bytes) -> Respon
             "invalid receive-migration request: {e}"
         ))),
     }
+}
+
+/// The body is the raw bytes (no JSON).
+async fn serial_input(State(state): State<AppState>, body: Bytes) -> Response {
+    action(State(state), VmAction::SerialInput(body.to_vec())).await
 }
 
 async fn action(State(state): State<AppState>, action: VmAction) -> Response {

@@ -197,6 +197,9 @@ pub enum VmAction {
     MigrationInfo,
     /// Ends the VMM process (after shutting the VM down).
     VmmShutdown,
+    /// Bytes for the guest to read from its serial port (COM1's receive FIFO, 64
+    /// bytes: the answer says how many were taken; the caller sends the rest later).
+    SerialInput(Vec<u8>),
 }
 
 /// An error as the client sees it: an HTTP status and a one-line message.

@@ -337,6 +337,15 @@ impl Vmm {
                 exit = Some(VmmExit::PowerOff);
                 Ok(None)
             }
+            VmAction::SerialInput(bytes) => self.vm_mut().map(|vm| {
+                let queued = vm
+                    .devices()
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .enqueue_input(bytes);
+                Some(serde_json::json!({ "queued": queued }))
+            }),
         };
         req.respond(result);
         exit

@@ -155,10 +155,22 @@ impl Launcher {
     }
 
     /// The VM runs: give the VMM the VM's CPU weight (its own cgroup, or the unit's
-    /// CPUWeight=).
-    pub async fn running(&self, spec: &LaunchSpec, pid: i32, weight: u32) {
+    /// CPUWeight=). `vcpus`: how many vCPU threads to expect (a thread names itself
+    /// when it first runs, which on a busy host can come after the VM reports
+    /// running: placement waits for the names, up to 2 s).
+    pub async fn running(&self, spec: &LaunchSpec, pid: i32, weight: u32, vcpus: usize) {
         match self {
-            Launcher::Direct(d) => d.cgroups.place_running(&spec.name, pid, weight),
+            Launcher::Direct(d) => {
+                for _ in 0..100 {
+                    match d.cgroups.place_running(&spec.name, pid, weight) {
+                        Some(placed) if placed < vcpus => {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                        }
+                        _ => return,
+                    }
+                }
+                tracing::warn!(vm = %spec.name, pid, "vCPU threads not found; not all placed in the VM's cgroup");
+            }
             Launcher::Systemd(s) => s.set_weight(&spec.name, weight).await,
         }
     }

@@ -353,13 +353,16 @@ impl Supervisor {
                 }
             }
             self.set_state(name, vm, state, Some("arrived by live migration".into()));
-            (vm.handle.as_ref().map(|h| h.pid), vm.def.weight())
+            (
+                vm.handle.as_ref().map(|h| h.pid),
+                (vm.def.weight(), usize::from(vm.def.config.cpus.boot)),
+            )
         };
         let _ = std::fs::remove_file(self.migrate_socket_path(name));
         if let Some(pid) = pid {
             self.cfg
                 .launcher
-                .running(&self.spec(name), pid, weight)
+                .running(&self.spec(name), pid, weight.0, weight.1)
                 .await;
         }
     }

@@ -397,6 +397,60 @@ impl Supervisor {
         ))
     }
 
+    /// Gives `bytes` to the guest's serial port, as fast as the guest reads them (the
+    /// UART's receive FIFO holds 64); returns how many it took within 10 s.
+    pub async fn serial_input(&self, name: &str, bytes: &[u8]) -> Result<usize, AgentError> {
+        {
+            let vms = lock(&self.vms);
+            let vm = vms
+                .get(name)
+                .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+            if !matches!(
+                vm.state,
+                VmState::Running | VmState::Paused | VmState::Migrating
+            ) {
+                return Err(AgentError::WrongState {
+                    name: name.to_string(),
+                    state: vm.state.to_string(),
+                    action: "send it serial input",
+                });
+            }
+        }
+        let sock = self.socket_path(name);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sent = 0;
+        while sent < bytes.len() && Instant::now() < deadline {
+            let r = client::request(
+                &sock,
+                "PUT",
+                "/api/v1/vm.serial-input",
+                Some(bytes[sent..].to_vec()),
+                VMM_TIMEOUT,
+            )
+            .await
+            .map_err(|e| AgentError::Vmm {
+                name: name.to_string(),
+                message: error_chain(&e),
+            })?;
+            if !r.ok() {
+                return Err(AgentError::Vmm {
+                    name: name.to_string(),
+                    message: format!("vm.serial-input: {} {}", r.status, r.error_message()),
+                });
+            }
+            let queued = r
+                .json()
+                .and_then(|v| v.get("queued").and_then(|q| q.as_u64()))
+                .unwrap_or(0) as usize;
+            sent += queued;
+            if queued == 0 {
+                // The FIFO is full: the guest has not read yet.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(sent)
+    }
+
     pub fn host_info(&self) -> HostInfo {
         let (vms, running) = {
             let v = lock(&self.vms);
@@ -662,7 +716,12 @@ impl Supervisor {
         self.share_socket(name, &spec.socket);
         self.cfg
             .launcher
-            .running(&spec, handle.pid, def.weight())
+            .running(
+                &spec,
+                handle.pid,
+                def.weight(),
+                usize::from(def.config.cpus.boot),
+            )
             .await;
         self.watch(name.to_string(), generation, handle.pid, watch);
         Ok(())
@@ -1074,14 +1133,13 @@ impl Supervisor {
                 if state == VmState::Incoming {
                     self.cfg.launcher.booting(handle.pid);
                 } else {
-                    let weight = lock(&self.vms).get(name).map(|vm| vm.def.weight());
+                    let (weight, vcpus) = lock(&self.vms)
+                        .get(name)
+                        .map(|vm| (vm.def.weight(), usize::from(vm.def.config.cpus.boot)))
+                        .unwrap_or((crate::cgroup::DEFAULT_WEIGHT, 1));
                     self.cfg
                         .launcher
-                        .running(
-                            &spec,
-                            handle.pid,
-                            weight.unwrap_or(crate::cgroup::DEFAULT_WEIGHT),
-                        )
+                        .running(&spec, handle.pid, weight, vcpus)
                         .await;
                 }
                 self.watch(name.to_string(), generation, handle.pid, watch);

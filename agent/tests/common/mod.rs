@@ -259,9 +259,12 @@ impl Daemon {
     }
 
     /// The tick numbers on the guest's serial (`tick N ...` lines of test=counter).
+    /// Only complete lines count (the guest writes byte by byte; a migrated guest's
+    /// new serial file may also start in the middle of a line).
     pub fn tick_numbers(&self, name: &str) -> Vec<u64> {
-        self.serial(name)
-            .lines()
+        let mut text = self.serial(name);
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+        text.lines()
             .filter_map(|l| l.strip_prefix("tick "))
             .filter_map(|r| r.split_whitespace().next().and_then(|n| n.parse().ok()))
             .collect()

@@ -95,6 +95,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "msi" => tests::msi(),
         "mem" => tests::mem(&si),
         "console" => tests::console(),
+        "echo" => tests::echo(),
         "power-button" => tests::power_button(),
         "workload" => tests::workload(),
         _ => {

@@ -815,3 +815,34 @@ pub fn workload() -> ! {
         n += 1;
     }
 }
+
+/// `test=echo`: reads COM1's receiver (polling the line status register's data-ready
+/// bit) and prints every line it got as `echo <line>`; the line `quit` ends the test.
+pub fn echo() -> ! {
+    println!("echo ready");
+    let mut line = alloc::vec::Vec::new();
+    loop {
+        if io::inb(io::COM1 + 5) & 1 == 0 {
+            // Nothing yet: wait a little before the next (exiting) port read.
+            for _ in 0..20_000 {
+                core::hint::spin_loop();
+            }
+            continue;
+        }
+        match io::inb(io::COM1) {
+            b'\r' | b'\n' => {
+                if line.is_empty() {
+                    continue;
+                }
+                let text = core::str::from_utf8(&line).unwrap_or("(not UTF-8)");
+                println!("echo {}", text);
+                if text == "quit" {
+                    io::result_ok();
+                }
+                line.clear();
+            }
+            b if line.len() < 256 => line.push(b),
+            _ => {}
+        }
+    }
+}
