@@ -131,10 +131,12 @@ impl CpuCgroups {
         match made {
             Ok(()) => {
                 let procs = root.join("boot/cgroup.procs");
-                Self {
+                let c = Self {
                     boot_procs: CString::new(procs.as_os_str().as_bytes()).ok(),
                     root: Some(root.clone()),
-                }
+                };
+                c.sweep();
+                c
             }
             Err((path, e)) => {
                 warn!(
@@ -240,11 +242,32 @@ impl CpuCgroups {
     }
 
     /// Removes a VM's cgroup once its VMM has ended (a cgroup with tasks stays).
-    pub fn remove(&self, name: &str) {
-        if let Some(dir) = self.vm_dir(name) {
-            if let Err(e) = std::fs::remove_dir(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    debug!(vm = name, dir = %dir.display(), error = %e, "cgroup not removed");
+    /// False while a task is still in it (an ended VMM that nobody has reaped yet
+    /// still counts): try again later.
+    pub fn remove(&self, name: &str) -> bool {
+        let Some(dir) = self.vm_dir(name) else {
+            return true;
+        };
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                debug!(vm = name, dir = %dir.display(), error = %e, "cgroup not removed (yet)");
+                false
+            }
+        }
+    }
+
+    /// Removes the cgroups of VMs whose VMMs are gone (left by a vireod that was
+    /// killed); those with tasks stay.
+    fn sweep(&self) {
+        let Some(root) = &self.root else {
+            return;
+        };
+        if let Ok(rd) = std::fs::read_dir(root.join("vms")) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
                 }
             }
         }

@@ -173,8 +173,12 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(root) = &self.cgroup_root {
-            std::thread::sleep(Duration::from_millis(200)); // Killed VMMs leave their cgroups.
-            remove_cgroup_tree(root);
+            // Killed VMMs leave their cgroups once they are reaped.
+            let start = Instant::now();
+            while root.exists() && start.elapsed() < Duration::from_secs(10) {
+                remove_cgroup_tree(root);
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }

@@ -200,7 +200,24 @@ impl Launcher {
     /// The VMM has ended: remove what the launcher made for it.
     pub fn ended(&self, spec: &LaunchSpec) {
         match self {
-            Launcher::Direct(d) => d.cgroups.remove(&spec.name),
+            Launcher::Direct(d) => {
+                if d.cgroups.remove(&spec.name) {
+                    return;
+                }
+                // A VMM vireod did not start (re-adopted) is reaped by someone else;
+                // until then its cgroup is busy.
+                let (cgroups, name) = (d.cgroups.clone(), spec.name.clone());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        for _ in 0..50 {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            if cgroups.remove(&name) {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
             Launcher::Systemd(_) => {
                 let _ = std::fs::remove_file(&spec.env_file);
             }

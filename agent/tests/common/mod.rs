@@ -321,7 +321,15 @@ impl Drop for Daemon {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        remove_cgroup_tree(&self.cgroup_root);
+        // A killed VMM leaves its cgroup only once it is reaped (by init, its parent
+        // vireod being dead): retry for a while.
+        let start = Instant::now();
+        while self.cgroup_root.exists() && start.elapsed() < Duration::from_secs(10) {
+            remove_cgroup_tree(&self.cgroup_root);
+            if self.cgroup_root.exists() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
 
