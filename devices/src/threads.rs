@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 pub enum WorkerKind {
     Block,
     Console,
+    Net,
     Rng,
 }
 

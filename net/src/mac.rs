@@ -108,7 +108,10 @@ mod tests {
         let m: MacAddr = "52:54:00:AB:cd:1".parse().unwrap();
         assert_eq!(m.bytes(), [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01]);
         assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
-        assert_eq!("02-00-00-00-00-07".parse::<MacAddr>().unwrap().bytes()[5], 7);
+        assert_eq!(
+            "02-00-00-00-00-07".parse::<MacAddr>().unwrap().bytes()[5],
+            7
+        );
     }
 
     #[test]

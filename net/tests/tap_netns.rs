@@ -56,7 +56,11 @@ fn packet_socket(ifname: &str) -> OwnedFd {
     let proto = ETHERTYPE.to_be() as i32;
     // SAFETY: plain socket(2); owned at once.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fresh fd.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let cname = std::ffi::CString::new(ifname).unwrap();
@@ -97,7 +101,10 @@ fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "timed out: {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -124,9 +131,7 @@ fn frames_cross_the_tap_both_ways_with_vnet_headers() {
         let mut got = vec![0u8; 2048];
         let len = until("frame on the packet socket", || {
             // SAFETY: recv into a buffer we own.
-            let r = unsafe {
-                libc::recv(sock.as_raw_fd(), got.as_mut_ptr().cast(), got.len(), 0)
-            };
+            let r = unsafe { libc::recv(sock.as_raw_fd(), got.as_mut_ptr().cast(), got.len(), 0) };
             (r > 0).then_some(r as usize)
         });
         assert_eq!(&got[..len], &out[..], "frame arrives byte-exact");
@@ -174,7 +179,16 @@ fn a_tap_in_use_is_refused_with_its_name() {
         let first = Tap::open("vbusy0").expect("first open");
         let e = Tap::open("vbusy0").unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, TapError::Ioctl { op: "TUNSETIFF", .. }), "{msg}");
+        assert!(
+            matches!(
+                e,
+                TapError::Ioctl {
+                    op: "TUNSETIFF",
+                    ..
+                }
+            ),
+            "{msg}"
+        );
         assert!(msg.contains("vbusy0") && msg.contains("in use"), "{msg}");
         drop(first);
         // Closed: it can be opened again (it is re-created: nothing kept it).

@@ -7,6 +7,7 @@
 pub mod block;
 pub mod console;
 mod memory;
+pub mod net;
 pub mod rng;
 mod transport;
 
