@@ -92,6 +92,34 @@ pub struct DiskConfig {
     pub poll_us: u32,
 }
 
+/// One virtio-net device on a host tap interface.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap interface (created if it does not exist, which needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// The guest's MAC address (default: a locally administered one derived from the
+    /// tap name, so it stays the same across restarts, snapshots and migrations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<net::MacAddr>,
+    /// Device id for the API (default: net0, net1, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl NetConfig {
+    /// The MAC the guest sees: the configured one, else one derived from the tap name.
+    pub fn mac_or_default(&self) -> net::MacAddr {
+        self.mac.unwrap_or_else(|| {
+            // FNV-1a of the name: stable across processes and hosts.
+            let seed = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            net::MacAddr::local_from_seed(seed)
+        })
+    }
+}
+
 /// The default poll window of a disk queue's worker, in microseconds.
 pub const DEFAULT_POLL_US: u32 = 50;
 
@@ -169,6 +197,10 @@ pub struct VmConfig {
     pub console: OutputConfig,
     #[serde(default)]
     pub rng: bool,
+    /// virtio-net devices, each on a tap (omitted when empty, so configurations
+    /// without networking read as before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
 }
 
 fn serial_default() -> OutputConfig {
@@ -204,6 +236,17 @@ impl VmConfig {
                 "serial and console cannot both be tty (one of them owns the terminal)".into(),
             ));
         }
+        for n in &self.nets {
+            net::validate_tap_name(&n.tap).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for id in self.device_ids() {
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two devices have the id '{id}'"
+                )));
+            }
+        }
         for d in &self.disks {
             d.rate_limiter
                 .validate(&format!("disk {}", d.path.display()))?;
@@ -215,6 +258,23 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Every virtio device's API id, with the defaults filled in (disk0.., net0..).
+    pub fn device_ids(&self) -> Vec<String> {
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d.id.clone().unwrap_or_else(|| format!("disk{i}")));
+        let nets = self
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}")));
+        disks.chain(nets).collect()
     }
 }
 
@@ -340,6 +400,58 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     Ok(d)
 }
 
+/// `--net tap=NAME[,mac=52:54:00:12:34:56][,id=ID]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    const F: &str = "--net";
+    let mut tap = None;
+    let mut n = NetConfig {
+        tap: String::new(),
+        mac: None,
+        id: None,
+    };
+    for (k, v) in pairs(F, s)? {
+        match k.as_str() {
+            "tap" => {
+                net::validate_tap_name(&v).map_err(|e| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: match e {
+                        net::TapError::BadName { reason, .. } => reason.to_string(),
+                        other => other.to_string(),
+                    },
+                })?;
+                tap = Some(v)
+            }
+            "mac" => {
+                n.mac = Some(
+                    v.parse()
+                        .map_err(|e: net::MacParseError| ConfigError::BadValue {
+                            flag: F,
+                            key: k.clone(),
+                            value: v.clone(),
+                            reason: match e {
+                                net::MacParseError::Syntax(_) => {
+                                    "expected six hex bytes such as 52:54:00:12:34:56".into()
+                                }
+                                net::MacParseError::Multicast(_) => {
+                                    "a multicast address; a NIC needs a unicast one".into()
+                                }
+                            },
+                        })?,
+                )
+            }
+            "id" => n.id = Some(v),
+            _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
+        }
+    }
+    n.tap = tap.ok_or(ConfigError::Missing {
+        flag: F,
+        key: "tap",
+    })?;
+    Ok(n)
+}
+
 fn number<T: std::str::FromStr>(flag: &'static str, key: &str, v: &str) -> Result<T, ConfigError> {
     v.parse().map_err(|_| ConfigError::BadValue {
         flag,
@@ -458,6 +570,104 @@ mod tests {
         // An unlimited disk serializes without the field (older readers accept it).
         let plain = serde_json::to_value(parse_disk("path=/a").unwrap()).unwrap();
         assert!(plain.get("rate_limiter").is_none());
+    }
+
+    #[test]
+    fn nets_parse_validate_and_keep_a_stable_mac() {
+        let n = parse_net("tap=vtap0,mac=52:54:00:aa:bb:cc,id=lan").unwrap();
+        assert_eq!(n.tap, "vtap0");
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
+        assert_eq!(n.id.as_deref(), Some("lan"));
+        for (bad, needle) in [
+            ("mac=52:54:00:aa:bb:cc", "missing required option 'tap'"),
+            ("tap=", "tap=: empty"),
+            ("tap=a234567890123456", "longer than 15 bytes"),
+            ("tap=t0,mac=52:54:00:aa:bb", "six hex bytes"),
+            ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=t0,queues=4", "unknown option 'queues'"),
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+            assert!(!e.contains('\n'));
+        }
+        let a = parse_net("tap=vtap0").unwrap();
+        assert_eq!(
+            a.mac_or_default(),
+            parse_net("tap=vtap0").unwrap().mac_or_default()
+        );
+        assert_ne!(
+            a.mac_or_default(),
+            parse_net("tap=vtap1").unwrap().mac_or_default()
+        );
+
+        let json =
+            r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"vtap0","mac":"52:54:00:01:02:03"}]}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.device_ids(), ["net0"]);
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let bad_mac = r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"t","mac":"zz"}]}"#;
+        let e = serde_json::from_str::<VmConfig>(bad_mac)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a MAC address"), "{e}");
+        let unknown = r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"t","vhost":true}]}"#;
+        assert!(serde_json::from_str::<VmConfig>(unknown).is_err());
+        let long = r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"a234567890123456"}]}"#;
+        let c: VmConfig = serde_json::from_str(long).unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("IFNAMSIZ")));
+        let clash = r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/d","id":"x"}],
+                        "nets":[{"tap":"t","id":"x"}]}"#;
+        let c: VmConfig = serde_json::from_str(clash).unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("'x'")));
+        // A configuration without networking serializes without the field.
+        let plain: VmConfig = serde_json::from_str(r#"{"payload":{"kernel":"/k"}}"#).unwrap();
+        assert!(serde_json::to_value(&plain).unwrap().get("nets").is_none());
+    }
+
+    #[test]
+    fn the_openapi_document_describes_every_config_field() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(crate::OPENAPI_YAML).unwrap();
+        let vm = &doc["components"]["schemas"]["VmConfig"]["properties"];
+        let keys = |v: &serde_yaml::Value| -> Vec<String> {
+            let mut k: Vec<String> = v
+                .as_mapping()
+                .map(|m| {
+                    m.keys()
+                        .filter_map(|k| k.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            k.sort();
+            k
+        };
+        let full = VmConfig {
+            payload: PayloadConfig {
+                kernel: "/k".into(),
+                cmdline: None,
+                initramfs: None,
+            },
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            disks: vec![parse_disk("path=/d").unwrap()],
+            serial: OutputConfig::Null,
+            console: OutputConfig::Off,
+            rng: true,
+            nets: vec![parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()],
+        };
+        let json = serde_json::to_value(&full).unwrap();
+        let serde_keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(vm), serde_keys(&json), "VmConfig properties");
+        assert_eq!(
+            keys(&vm["nets"]["items"]["properties"]),
+            serde_keys(&json["nets"][0]),
+            "NetConfig properties"
+        );
     }
 
     #[test]

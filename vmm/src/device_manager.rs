@@ -13,6 +13,7 @@ use devices::legacy::{
 };
 use devices::pci::{PciDevice, PciEcam, PciRoot, PciRootError, ECAM_BUS_SIZE};
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::{
     GuestMemoryMmap, VirtioDevice, VirtioPciDevice, VirtioPciError, VIRTIO_PCI_BAR_SIZE,
 };
@@ -35,6 +36,8 @@ pub enum DeviceError {
     VirtioPci(#[from] VirtioPciError),
     #[error(transparent)]
     Disk(#[from] OpenError),
+    #[error(transparent)]
+    Tap(#[from] net::TapError),
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
         path: String,
@@ -121,6 +124,15 @@ fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::Ra
 pub fn reopen_for(disk: &DiskConfig) -> devices::virtio::block::Reopen {
     let disk = disk.clone();
     Box::new(move || open_disk(&disk).map_err(std::io::Error::other))
+}
+
+/// How a network device opens its tap again (a migration that did not complete).
+fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
+    let name = name.to_string();
+    Box::new(move || {
+        let tap = net::Tap::open(&name).map_err(std::io::Error::other)?;
+        Ok(Arc::new(tap) as Arc<dyn devices::virtio::net::NetBackend>)
+    })
 }
 
 /// Opens a disk image in the format its content says.
@@ -217,6 +229,14 @@ impl DeviceManager {
             )
             .with_reopen(reopen_for(disk));
             dm.add_virtio(hv, mem, id, Box::new(block))?;
+        }
+        for (i, n) in config.nets.iter().enumerate() {
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            let tap = Arc::new(net::Tap::open(&n.tap)?);
+            let mac = n.mac_or_default();
+            tracing::info!(%id, tap = %n.tap, %mac, "network device");
+            let dev = Net::new(tap, NetConfig { mac }).with_reopen(reopen_tap(&n.tap));
+            dm.add_virtio(hv, mem, id, Box::new(dev))?;
         }
         if config.console != OutputConfig::Off {
             let input = match config.console {
@@ -338,7 +358,8 @@ impl DeviceManager {
         result
     }
 
-    /// Flushes and closes every disk (they must be paused); stops at the first failure.
+    /// Flushes and closes every disk and tap (they must be paused), so a migration
+    /// destination can open them; stops at the first failure.
     pub fn detach_storage(&self) -> Result<(), String> {
         for f in &self.functions {
             let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
@@ -347,7 +368,7 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Opens every detached disk again, retrying while another process (a destination
+    /// Opens every detached disk and tap again, retrying while another process (a destination
     /// that is letting go) still holds a lock.
     pub fn reattach_storage(&self) -> Result<(), String> {
         for f in &self.functions {

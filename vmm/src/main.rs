@@ -47,12 +47,17 @@ struct Cli {
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// A network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56][,id=ID]
+    /// (repeatable; the tap is created if it does not exist, which needs
+    /// CAP_NET_ADMIN; default MAC derived from the tap name, default id net0, net1, ...).
+    #[arg(long)]
+    net: Vec<String>,
     /// The VM as a JSON file (the same schema as `vm.create`); flags are then ignored.
-    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk"])]
+    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk", "net"])]
     config: Option<PathBuf>,
     /// Restore a snapshot: DIR or source_url=file:///DIR[,resume=on]. The VM comes up
     /// paused (resume with `vm.resume`) unless resume=on.
-    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk", "config"])]
+    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk", "net", "config"])]
     restore: Option<String>,
     /// Serve the REST API on this unix socket.
     #[arg(long)]
@@ -115,6 +120,11 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
         serial: config::parse_output("--serial", cli.serial.as_deref().unwrap_or("tty"))?,
         console: config::parse_output("--console", &cli.console)?,
         rng: cli.rng,
+        nets: cli
+            .net
+            .iter()
+            .map(|n| config::parse_net(n))
+            .collect::<Result<_, _>>()?,
     };
     cfg.validate()?;
     Ok(Some(cfg))
@@ -161,6 +171,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Block => ThreadKind::BlockWorker,
             devices::threads::WorkerKind::Rng => ThreadKind::RngWorker,
             devices::threads::WorkerKind::Console => ThreadKind::ConsoleWorker,
+            devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
         })
     }));
     let mut vmm = Vmm::new(filters.clone());

@@ -31,16 +31,21 @@ pub enum ThreadKind {
     RngWorker,
     /// The virtio-console worker: terminal or file I/O.
     ConsoleWorker,
+    /// The virtio-net worker: readv/writev on its tap (opened and configured with
+    /// TUNSETIFF & co. before any filter, or by the control thread on reattach),
+    /// epoll, interrupts.
+    NetWorker,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::BlockWorker,
         ThreadKind::RngWorker,
         ThreadKind::ConsoleWorker,
+        ThreadKind::NetWorker,
     ];
 }
 
@@ -280,7 +285,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             allow(&mut rules, &[libc::SYS_timerfd_settime]);
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
-        ThreadKind::RngWorker => {
+        ThreadKind::RngWorker | ThreadKind::NetWorker => {
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
         ThreadKind::ConsoleWorker => {
