@@ -20,6 +20,8 @@ mod timer;
 
 #[path = "../pattern.rs"]
 mod pattern;
+#[path = "../netframe.rs"]
+mod netframe;
 
 use hvm::CMDLINE;
 
@@ -95,6 +97,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "msi" => tests::msi(),
         "mem" => tests::mem(&si),
         "console" => tests::console(),
+        "net" => tests::net(),
         "echo" => tests::echo(),
         "power-button" => tests::power_button(),
         "workload" => tests::workload(),
