@@ -9,6 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+#[path = "../guest/netframe.rs"]
+pub mod netframe;
+pub mod netns;
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
 pub mod tls_certs;
