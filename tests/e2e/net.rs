@@ -420,3 +420,94 @@ fn qemu_runs_the_same_guest_on_a_tap_with_the_same_results() {
         );
     }
 }
+
+#[test]
+fn a_live_migration_hands_the_tap_to_the_destination_and_traffic_continues() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = NetNs::new("net-mig");
+    ns.add_tap("vtapm");
+    let sock = PacketSocket::open(&ns, "vtapm", ETHERTYPE);
+    let (seed, out_n, in_n) = (9u64, 6u32, 30u32);
+    let dir = tempfile::tempdir().unwrap();
+    let (src_sock, dst_sock) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    let mut src = Vireo::guest(
+        &format!("test=net send={out_n} recv={in_n} seed={seed} len=900 ms=60000"),
+        &[
+            "--net",
+            "tap=vtapm,mac=52:54:00:12:34:56,id=lan0",
+            "--api-socket",
+            src_sock.to_str().unwrap(),
+        ],
+    );
+    ns.enter_on_exec(&mut src.cmd);
+    let src = src.spawn();
+    wait_for_socket(&src_sock, T);
+    let (out_frames, _, _) = guest_stream(seed, out_n, 900);
+    expect_frames(&sock, &out_frames);
+    wait_line(&src, "net sent=");
+
+    let dst_serial = dir.path().join("dst.log");
+    let mut dst = Command::new(bin("vireo"));
+    dst.arg("--api-socket")
+        .arg(&dst_sock)
+        .arg("--serial")
+        .arg(format!("file={}", dst_serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    ns.enter_on_exec(&mut dst);
+    let dst = dst.spawn().unwrap();
+    wait_for_socket(&dst_sock, T);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (s, b) = api(
+        &dst_sock,
+        "PUT",
+        "vm.receive-migration",
+        Some(&format!(r#"{{"receiver_url":"{url}"}}"#)),
+    );
+    assert_eq!(s, 204, "{b}");
+    let (s, b) = api(
+        &src_sock,
+        "PUT",
+        "vm.send-migration",
+        Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
+    );
+    assert_eq!(s, 204, "{b}");
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.code(),
+        Some(0),
+        "source: {}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    let start = std::time::Instant::now();
+    while !api(&dst_sock, "GET", "vm.info", None)
+        .1
+        .contains("\"Running\"")
+    {
+        assert!(start.elapsed() < T, "the migrated VM never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The destination owns the tap now: the guest gets the host's frames there.
+    let (in_frames, in_bytes, in_crc) = host_stream(seed, in_n, 900);
+    for f in &in_frames {
+        sock.send(f);
+    }
+    let out = wait_with_timeout(dst, T);
+    let serial = std::fs::read_to_string(&dst_serial).unwrap_or_default();
+    assert!(
+        serial.contains("vireo-guest: result ok"),
+        "destination guest: {serial}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !serial.contains("net mac="),
+        "the guest must not start over"
+    );
+    let got = serial_line(&serial, "net received=");
+    assert_eq!(field(got, "bytes"), in_bytes.to_string(), "{got}");
+    assert_eq!(field(got, "crc32"), format!("{in_crc:08x}"), "{got}");
+    assert_eq!(out.status.code(), Some(0));
+}
