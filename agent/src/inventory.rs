@@ -48,7 +48,11 @@ CREATE TABLE IF NOT EXISTS meter (
     last_read INTEGER NOT NULL DEFAULT 0,
     last_write INTEGER NOT NULL DEFAULT 0,
     last_read_ops INTEGER NOT NULL DEFAULT 0,
-    last_write_ops INTEGER NOT NULL DEFAULT 0
+    last_write_ops INTEGER NOT NULL DEFAULT 0,
+    net_rx INTEGER NOT NULL DEFAULT 0,
+    net_tx INTEGER NOT NULL DEFAULT 0,
+    last_net_rx INTEGER NOT NULL DEFAULT 0,
+    last_net_tx INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS samples (
     name TEXT NOT NULL,
@@ -57,7 +61,9 @@ CREATE TABLE IF NOT EXISTS samples (
     cpu_ns INTEGER NOT NULL,
     rss_bytes INTEGER NOT NULL,
     disk_read INTEGER NOT NULL,
-    disk_write INTEGER NOT NULL
+    disk_write INTEGER NOT NULL,
+    net_rx INTEGER NOT NULL DEFAULT 0,
+    net_tx INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples(at_ms);
 CREATE TABLE IF NOT EXISTS migrations (
@@ -66,6 +72,17 @@ CREATE TABLE IF NOT EXISTS migrations (
     record TEXT NOT NULL
 );
 ";
+
+/// Columns added after the first release: (table, column), added to an older
+/// database when it is opened (`CREATE TABLE IF NOT EXISTS` leaves old tables alone).
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("meter", "net_rx"),
+    ("meter", "net_tx"),
+    ("meter", "last_net_rx"),
+    ("meter", "last_net_tx"),
+    ("samples", "net_rx"),
+    ("samples", "net_tx"),
+];
 
 /// Raw samples older than this are dropped (the `meter` totals keep their sum).
 const SAMPLE_RETENTION_MS: u64 = 24 * 3600 * 1000;
@@ -86,11 +103,32 @@ pub struct Sample {
     pub disk_write: u64,
     pub read_ops: u64,
     pub write_ops: u64,
+    /// Bytes the guest received and sent on its network devices.
+    pub net_rx: u64,
+    pub net_tx: u64,
 }
 
 /// A VM's previous reading in `meter`: pid, start, at, cpu, read, write, read ops,
-/// write ops.
-type LastReading = (i64, i64, i64, i64, i64, i64, i64, i64);
+/// write ops, net rx, net tx.
+type LastReading = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+
+/// Adds the columns of [`ADDED_COLUMNS`] an older database lacks.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column) in ADDED_COLUMNS {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let present = stmt
+            .query_map([], |r| r.get::<_, String>(1))?
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .any(|c| c == column);
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 pub struct Inventory {
     conn: Connection,
@@ -119,6 +157,7 @@ impl Inventory {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        add_missing_columns(&conn).map_err(db)?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -317,8 +356,9 @@ impl Inventory {
         let tx = self.conn.transaction().map_err(db)?;
         for s in samples {
             tx.execute(
-                "INSERT INTO samples (name, at_ms, pid, cpu_ns, rss_bytes, disk_read, disk_write)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO samples (name, at_ms, pid, cpu_ns, rss_bytes, disk_read, disk_write,
+                                      net_rx, net_tx)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     s.name,
                     i(s.at_ms),
@@ -326,14 +366,17 @@ impl Inventory {
                     i(s.cpu_ns),
                     i(s.rss_bytes),
                     i(s.disk_read),
-                    i(s.disk_write)
+                    i(s.disk_write),
+                    i(s.net_rx),
+                    i(s.net_tx)
                 ],
             )
             .map_err(db)?;
             let last: Option<LastReading> = tx
                 .query_row(
                     "SELECT last_pid, last_start, last_at_ms, last_cpu_ns, last_read, last_write,
-                            last_read_ops, last_write_ops FROM meter WHERE name = ?1",
+                            last_read_ops, last_write_ops, last_net_rx, last_net_tx
+                     FROM meter WHERE name = ?1",
                     params![s.name],
                     |r| {
                         Ok((
@@ -345,12 +388,14 @@ impl Inventory {
                             r.get(5)?,
                             r.get(6)?,
                             r.get(7)?,
+                            r.get(8)?,
+                            r.get(9)?,
                         ))
                     },
                 )
                 .optional()
                 .map_err(db)?;
-            let Some((lpid, lstart, lat, lcpu, lr, lw, lro, lwo)) = last else {
+            let Some((lpid, lstart, lat, lcpu, lr, lw, lro, lwo, lrx, ltx)) = last else {
                 continue; // Deleted meanwhile.
             };
             let same = lpid == i64::from(s.pid) && u(lstart) == s.start_ticks;
@@ -377,7 +422,9 @@ impl Inventory {
                     disk_read = disk_read + ?6, disk_write = disk_write + ?7,
                     read_ops = read_ops + ?8, write_ops = write_ops + ?9,
                     last_pid = ?10, last_start = ?11, last_at_ms = ?2, last_cpu_ns = ?12,
-                    last_read = ?13, last_write = ?14, last_read_ops = ?15, last_write_ops = ?16
+                    last_read = ?13, last_write = ?14, last_read_ops = ?15, last_write_ops = ?16,
+                    net_rx = net_rx + ?17, net_tx = net_tx + ?18,
+                    last_net_rx = ?19, last_net_tx = ?20
                  WHERE name = ?1",
                 params![
                     s.name,
@@ -395,7 +442,11 @@ impl Inventory {
                     i(s.disk_read),
                     i(s.disk_write),
                     i(s.read_ops),
-                    i(s.write_ops)
+                    i(s.write_ops),
+                    i(d(s.net_rx, lrx)),
+                    i(d(s.net_tx, ltx)),
+                    i(s.net_rx),
+                    i(s.net_tx)
                 ],
             )
             .map_err(db)?;
@@ -415,7 +466,8 @@ impl Inventory {
         self.conn
             .query_row(
                 "SELECT since_ms, sampled_at_ms, running_ms, cpu_ns, mem_sum, mem_samples, mem_min,
-                        mem_max, disk_read, disk_write, read_ops, write_ops FROM meter WHERE name = ?1",
+                        mem_max, disk_read, disk_write, read_ops, write_ops, net_rx, net_tx
+                 FROM meter WHERE name = ?1",
                 params![name],
                 |r| {
                     let running_ms = u(r.get(2)?);
@@ -440,8 +492,8 @@ impl Inventory {
                         disk_write_bytes: u(r.get(9)?),
                         disk_read_ops: u(r.get(10)?),
                         disk_write_ops: u(r.get(11)?),
-                        net_rx_bytes: 0,
-                        net_tx_bytes: 0,
+                        net_rx_bytes: u(r.get(12)?),
+                        net_tx_bytes: u(r.get(13)?),
                         samples,
                     })
                 },
@@ -458,7 +510,8 @@ impl Inventory {
             .execute(
                 "UPDATE meter SET since_ms = ?2, sampled_at_ms = 0, running_ms = 0, cpu_ns = 0,
                     mem_sum = 0, mem_samples = 0, mem_min = 0, mem_max = 0, disk_read = 0,
-                    disk_write = 0, read_ops = 0, write_ops = 0, last_at_ms = ?2
+                    disk_write = 0, read_ops = 0, write_ops = 0, net_rx = 0, net_tx = 0,
+                    last_at_ms = ?2
                  WHERE name = ?1",
                 params![name, i(now_ms)],
             )
@@ -469,6 +522,34 @@ impl Inventory {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_older_database_gets_the_network_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The meter and samples tables as the first release made them.
+            let c = Connection::open(&path).unwrap();
+            let old = super::SCHEMA
+                .replace(",\n    net_rx INTEGER NOT NULL DEFAULT 0,\n    net_tx INTEGER NOT NULL DEFAULT 0,\n    last_net_rx INTEGER NOT NULL DEFAULT 0,\n    last_net_tx INTEGER NOT NULL DEFAULT 0\n", "\n")
+                .replace(",\n    net_rx INTEGER NOT NULL DEFAULT 0,\n    net_tx INTEGER NOT NULL DEFAULT 0\n", "\n");
+            assert!(!old.contains("net_rx"), "{old}");
+            c.execute_batch(&old).unwrap();
+        }
+        let mut inv = Inventory::open(&path).unwrap();
+        inv.insert("a", &def(), 0).unwrap();
+        inv.record_samples(&[Sample {
+            name: "a".into(),
+            at_ms: 10,
+            pid: 1,
+            net_rx: 100,
+            net_tx: 7,
+            ..Default::default()
+        }])
+        .unwrap();
+        let m = inv.metering("a").unwrap().unwrap();
+        assert_eq!((m.net_rx_bytes, m.net_tx_bytes), (100, 7));
+    }
+
     use super::*;
 
     fn def() -> VmDefinition {
@@ -543,6 +624,8 @@ mod tests {
             disk_write,
             read_ops: 0,
             write_ops: disk_write / 512,
+            net_rx: disk_write * 2,
+            net_tx: disk_write / 2,
         };
         inv.record_samples(&[s(1000, 10, 1, 100_000_000, 4 << 20, 1024)])
             .unwrap();
@@ -554,6 +637,10 @@ mod tests {
         let m = inv.metering("a").unwrap().unwrap();
         assert_eq!(m.disk_write_bytes, 4096 + 512);
         assert_eq!(m.disk_write_ops, 9);
+        assert_eq!(
+            (m.net_rx_bytes, m.net_tx_bytes),
+            (2 * (4096 + 512), (4096 + 512) / 2)
+        );
         assert_eq!(m.cpu_ns, 650_000_000);
         assert_eq!(m.running_ms, 500 + 1000 + 500);
         assert_eq!(m.min_memory_bytes, 4 << 20);
@@ -575,6 +662,7 @@ mod tests {
             m.disk_write_bytes, 1024,
             "only what happened after the reset"
         );
+        assert_eq!((m.net_rx_bytes, m.net_tx_bytes), (2048, 512));
         assert_eq!(m.cpu_ns, 30_000_000);
         assert_eq!(m.running_ms, 500);
         assert!(inv.metering("zz").unwrap().is_none());

@@ -1,6 +1,7 @@
 //! Resource metering (Hyper-V's `Measure-VM`): every interval, for each running VM,
 //! CPU time (/proc/PID/stat, all threads), resident memory (/proc/PID/status) and the
-//! VMM's disk counters (`vm.counters`), added to the VM's totals in the inventory.
+//! VMM's disk and network counters (`vm.counters`), added to the VM's totals in the
+//! inventory.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +29,24 @@ pub fn disk_totals(counters: &serde_json::Value) -> (u64, u64, u64, u64) {
     t
 }
 
+/// Sums the traffic of every network device in a `vm.counters` answer: (bytes the
+/// guest received, bytes it sent). Network devices are those that count packets
+/// (`rx_packets`, `tx_packets`); the console's `rx_bytes`/`tx_bytes` are not traffic.
+pub fn net_totals(counters: &serde_json::Value) -> (u64, u64) {
+    let mut t = (0, 0);
+    if let Some(devs) = counters.as_object() {
+        for c in devs.values() {
+            if c.get("rx_packets").is_none() || c.get("tx_packets").is_none() {
+                continue;
+            }
+            let g = |k: &str| c.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            t.0 += g("rx_bytes");
+            t.1 += g("tx_bytes");
+        }
+    }
+    t
+}
+
 async fn read_sample(name: String, pid: i32, start_ticks: u64, socket: &Path) -> Option<Sample> {
     let counters = client::request(
         socket,
@@ -46,6 +65,7 @@ async fn read_sample(name: String, pid: i32, start_ticks: u64, socket: &Path) ->
     }
     let rss = procfs::rss_bytes(pid).unwrap_or(0);
     let (dr, dw, ro, wo) = counters.as_ref().map(disk_totals).unwrap_or_default();
+    let (net_rx, net_tx) = counters.as_ref().map(net_totals).unwrap_or_default();
     Some(Sample {
         name,
         at_ms: now_ms(),
@@ -58,6 +78,8 @@ async fn read_sample(name: String, pid: i32, start_ticks: u64, socket: &Path) ->
         disk_write: dw,
         read_ops: ro,
         write_ops: wo,
+        net_rx,
+        net_tx,
     })
 }
 
@@ -187,13 +209,13 @@ pub fn prometheus(sup: &Supervisor) -> String {
     metric(
         "vireo_vm_network_rx_bytes_total",
         "counter",
-        "Network bytes received (0: no network devices yet)",
+        "Bytes the guest received on its network devices",
         per(&|r| r.net_rx_bytes as f64),
     );
     metric(
         "vireo_vm_network_tx_bytes_total",
         "counter",
-        "Network bytes sent (0: no network devices yet)",
+        "Bytes the guest sent on its network devices",
         per(&|r| r.net_tx_bytes as f64),
     );
     let running = vms.iter().filter(|v| v.state.has_process()).count();
@@ -218,5 +240,17 @@ mod tests {
         });
         assert_eq!(disk_totals(&c), (1536, 4096, 3, 8));
         assert_eq!(disk_totals(&serde_json::json!(null)), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn net_totals_sum_network_devices_only() {
+        let c = serde_json::json!({
+            "disk0": {"read_bytes": 512, "write_bytes": 4096},
+            "console0": {"rx_bytes": 3, "tx_bytes": 900},
+            "net0": {"rx_bytes": 1000, "rx_packets": 10, "tx_bytes": 60, "tx_packets": 1},
+            "lan": {"rx_bytes": 24, "rx_packets": 2, "tx_bytes": 0, "tx_packets": 0},
+        });
+        assert_eq!(net_totals(&c), (1024, 60));
+        assert_eq!(net_totals(&serde_json::json!({})), (0, 0));
     }
 }

@@ -274,7 +274,8 @@ pub struct MeteringReport {
     pub disk_write_bytes: u64,
     pub disk_read_ops: u64,
     pub disk_write_ops: u64,
-    /// Always 0 until the VMM has network devices.
+    /// Bytes the guest received (in) and sent (out) on its network devices (Ethernet
+    /// frames, from the VMM's virtio-net counters).
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     pub samples: u64,

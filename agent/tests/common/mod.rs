@@ -23,6 +23,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub args: Vec<String>,
+    /// The network namespace vireod (and so its VMMs) runs in, if not the host's.
+    pub netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -32,6 +34,18 @@ pub fn bin(name: &str) -> PathBuf {
 impl Daemon {
     /// vireod with a fast metering period and `extra` flags.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_netns(extra, None)
+    }
+
+    /// [`Daemon::start`] inside a network namespace (its VMMs' taps live there).
+    pub fn start_in_netns(extra: &[&str], ns: std::sync::Arc<vireo_e2e::netns::NetNs>) -> Self {
+        Self::start_with_netns(extra, Some(ns))
+    }
+
+    fn start_with_netns(
+        extra: &[&str],
+        netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vd")
             .tempdir()
@@ -52,6 +66,7 @@ impl Daemon {
             run_dir: dir.path().join("run"),
             dir,
             args: extra.iter().map(|s| s.to_string()).collect(),
+            netns,
         };
         d.spawn();
         d
@@ -70,7 +85,11 @@ impl Daemon {
             cgroup.push("--cpu-cgroup-root".into());
             cgroup.push(self.cgroup_root.clone().into_os_string());
         }
-        let child = Command::new(bin("vireod"))
+        let mut cmd = Command::new(bin("vireod"));
+        if let Some(ns) = &self.netns {
+            ns.enter_on_exec(&mut cmd);
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--run-dir")
