@@ -163,6 +163,20 @@ impl PacketSocket {
         );
     }
 
+    /// Sends one frame if the socket takes it now (false: its buffer is full).
+    pub fn try_send(&self, frame: &[u8]) -> bool {
+        // SAFETY: send from a buffer we own.
+        let r = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        r == frame.len() as isize
+    }
+
     /// The next frame, waiting up to `timeout`.
     pub fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
         let start = Instant::now();

@@ -98,6 +98,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "mem" => tests::mem(&si),
         "console" => tests::console(),
         "net" => tests::net(),
+        "net-bench" => tests::net_bench(),
         "echo" => tests::echo(),
         "power-button" => tests::power_button(),
         "workload" => tests::workload(),

@@ -847,6 +847,83 @@ pub fn echo() -> ! {
     }
 }
 
+type Nic = virtio_drivers::device::net::VirtIONet<GuestHal, PciTransport, 16>;
+
+/// Opens the first virtio-net function on bus 0 (virtio-drivers' `VirtIONet`, 16
+/// buffers of 2 KiB per queue).
+fn open_net() -> Nic {
+    let mut root = pci::root();
+    pci::assign_bars(&mut root, CMDLINE.get("verbose").is_some());
+    let found = pci::functions(&root)
+        .find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Network));
+    let Some((df, _)) = found else {
+        fail!("no virtio-net device on bus 0");
+    };
+    let transport = match PciTransport::new::<GuestHal, _>(&mut root, df) {
+        Ok(t) => t,
+        Err(e) => fail!("virtio-net {}: transport: {:?}", pci::bdf(&df), e),
+    };
+    match Nic::new(transport, 2048) {
+        Ok(n) => n,
+        Err(e) => fail!("virtio-net: init: {:?}", e),
+    }
+}
+
+/// `test=net-bench [ms=D] [len=L]`: sends frames of L bytes (default 1514) as fast as
+/// virtio-drivers' blocking `send` allows for D ms (default 2000), then counts the
+/// frames it receives for D ms (the host floods the tap); prints
+/// `bench net-tx frames=.. fps=.. mbps=..` and `bench net-rx frames=.. fps=.. mbps=..`
+/// (MB/s = 10^6 bytes/s of Ethernet frames, three decimals).
+pub fn net_bench() -> ! {
+    use crate::netframe;
+    let ms = num("ms", Some(2000)).max(1);
+    let len = (num("len", Some(netframe::MAX_LEN as u64)) as usize)
+        .clamp(netframe::MIN_LEN, netframe::MAX_LEN);
+    let mut nic = open_net();
+    let mac = nic.mac_address();
+    let f = crate::timer::tsc_khz();
+    println!("bench net len={} ms={} tsc_khz={} source={}", len, ms, f.khz, f.source);
+    let report = |phase: &str, frames: u64, bytes: u64, cycles: u64| {
+        let us = (cycles * 1000 / f.khz).max(1);
+        println!(
+            "bench {} frames={} fps={} mbps={}.{:03}",
+            phase,
+            frames,
+            frames * 1_000_000 / us,
+            bytes / us,
+            bytes * 1000 / us % 1000
+        );
+    };
+    let mut frame = vec![0u8; len];
+    netframe::fill(&mut frame, netframe::BROADCAST, mac, 1, 0);
+    let t0 = rdtsc();
+    let mut sent = 0u64;
+    while rdtsc() - t0 < f.khz * ms {
+        if let Err(e) = nic.send(virtio_drivers::device::net::TxBuffer::from(&frame)) {
+            fail!("net send: {:?}", e);
+        }
+        sent += 1;
+    }
+    report("net-tx", sent, sent * len as u64, rdtsc() - t0);
+    let t0 = rdtsc();
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    while rdtsc() - t0 < f.khz * ms {
+        match nic.receive() {
+            Ok(rx) => {
+                frames += 1;
+                bytes += rx.packet().len() as u64;
+                if let Err(e) = nic.recycle_rx_buffer(rx) {
+                    fail!("net recycle: {:?}", e);
+                }
+            }
+            Err(virtio_drivers::Error::NotReady) => core::hint::spin_loop(),
+            Err(e) => fail!("net receive: {:?}", e),
+        }
+    }
+    report("net-rx", frames, bytes, rdtsc() - t0);
+    io::result_ok()
+}
+
 /// `test=net [send=N] [recv=M] [seed=S] [len=L] [ms=T]`: through the first virtio-net
 /// function (virtio-drivers' `VirtIONet`), sends N test frames (netframe.rs: seed S,
 /// lengths varying up to L, broadcast, from the device's MAC), then receives M test
@@ -855,27 +932,12 @@ pub fn echo() -> ! {
 /// `hold=1` it then spins instead of powering off.
 pub fn net() -> ! {
     use crate::netframe;
-    use virtio_drivers::device::net::VirtIONet;
     let send = num("send", Some(8));
     let recv = num("recv", Some(0));
     let seed = num("seed", Some(1));
     let max_len = num("len", Some(netframe::MAX_LEN as u64)) as usize;
     let ms = num("ms", Some(10_000));
-    let mut root = pci::root();
-    pci::assign_bars(&mut root, CMDLINE.get("verbose").is_some());
-    let found =
-        pci::functions(&root).find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Network));
-    let Some((df, _)) = found else {
-        fail!("no virtio-net device on bus 0");
-    };
-    let transport = match PciTransport::new::<GuestHal, _>(&mut root, df) {
-        Ok(t) => t,
-        Err(e) => fail!("virtio-net {}: transport: {:?}", pci::bdf(&df), e),
-    };
-    let mut nic = match VirtIONet::<GuestHal, _, 16>::new(transport, 2048) {
-        Ok(n) => n,
-        Err(e) => fail!("virtio-net: init: {:?}", e),
-    };
+    let mut nic = open_net();
     let mac = nic.mac_address();
     println!(
         "net mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
