@@ -886,6 +886,9 @@ fn net_bench_lines(serial: &str) -> Vec<(String, f64, f64)> {
         .collect()
 }
 
+/// (frames/s, MB/s) of the transmit and the receive phase of one net-bench run.
+type NetRun = [(f64, f64); 2];
+
 /// One `test=net-bench` run on tap `tap` of `ns` while a thread floods the tap with
 /// frames for the guest: [(tx fps, tx MB/s), (rx fps, rx MB/s)].
 fn net_bench_once(
@@ -957,14 +960,14 @@ fn net_table() {
     println!("| VMM | frame | tx frames/s | tx MB/s | rx frames/s | rx MB/s |");
     println!("|---|---|---|---|---|---|");
     for len in [1514usize, 60] {
-        let mut runs: Vec<Vec<[(f64, f64); 2]>> = vec![Vec::new(), Vec::new()];
+        let mut runs: Vec<Vec<NetRun>> = vec![Vec::new(), Vec::new()];
         for _ in 0..3 {
             for (i, vmm) in [Vmm::Vireo, Vmm::Qemu].into_iter().enumerate() {
                 runs[i].push(net_bench_once(vmm, &ns, "vbench0", len));
             }
         }
         for (i, vmm) in [Vmm::Vireo, Vmm::Qemu].into_iter().enumerate() {
-            let med = |f: &dyn Fn(&[(f64, f64); 2]) -> f64| {
+            let med = |f: &dyn Fn(&NetRun) -> f64| {
                 let mut v: Vec<f64> = runs[i].iter().map(f).collect();
                 percentile(&mut v, 0.5)
             };
