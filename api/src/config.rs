@@ -98,26 +98,14 @@ pub struct DiskConfig {
 pub struct NetConfig {
     /// The tap interface (created if it does not exist, which needs CAP_NET_ADMIN).
     pub tap: String,
-    /// The guest's MAC address (default: a locally administered one derived from the
-    /// tap name, so it stays the same across restarts, snapshots and migrations).
+    /// The guest's MAC address. Without one, the VMM picks a random locally
+    /// administered address when it creates the VM and writes it here, so snapshots
+    /// and migrations keep it (a new VM from the same flags gets another one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<net::MacAddr>,
     /// Device id for the API (default: net0, net1, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-}
-
-impl NetConfig {
-    /// The MAC the guest sees: the configured one, else one derived from the tap name.
-    pub fn mac_or_default(&self) -> net::MacAddr {
-        self.mac.unwrap_or_else(|| {
-            // FNV-1a of the name: stable across processes and hosts.
-            let seed = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-            net::MacAddr::local_from_seed(seed)
-        })
-    }
 }
 
 /// The default poll window of a disk queue's worker, in microseconds.
@@ -236,8 +224,15 @@ impl VmConfig {
                 "serial and console cannot both be tty (one of them owns the terminal)".into(),
             ));
         }
+        let mut taps = std::collections::BTreeSet::new();
         for n in &self.nets {
             net::validate_tap_name(&n.tap).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if !taps.insert(n.tap.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two network devices use tap {} (a tap serves one device)",
+                    n.tap
+                )));
+            }
         }
         let mut ids = std::collections::BTreeSet::new();
         for id in self.device_ids() {
@@ -262,6 +257,14 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// Gives every network device without a MAC one from `pick` (the VMM does this
+    /// once, when it creates the VM; the address then travels with the config).
+    pub fn assign_missing_macs(&mut self, mut pick: impl FnMut() -> net::MacAddr) {
+        for n in &mut self.nets {
+            n.mac.get_or_insert_with(&mut pick);
+        }
+    }
+
     /// Every virtio device's API id, with the defaults filled in (disk0.., net0..).
     pub fn device_ids(&self) -> Vec<String> {
         let disks = self
@@ -590,15 +593,24 @@ mod tests {
             assert!(e.contains(needle), "{bad}: {e}");
             assert!(!e.contains('\n'));
         }
-        let a = parse_net("tap=vtap0").unwrap();
+        let mut c: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"a"},{"tap":"b","mac":"52:54:00:00:00:09"}]}"#,
+        )
+        .unwrap();
+        let mut n = 0u8;
+        c.assign_missing_macs(|| {
+            n += 1;
+            net::MacAddr::new([2, 0, 0, 0, 0, n])
+        });
+        assert_eq!(c.nets[0].mac.unwrap().to_string(), "02:00:00:00:00:01");
         assert_eq!(
-            a.mac_or_default(),
-            parse_net("tap=vtap0").unwrap().mac_or_default()
+            c.nets[1].mac.unwrap().to_string(),
+            "52:54:00:00:00:09",
+            "kept"
         );
-        assert_ne!(
-            a.mac_or_default(),
-            parse_net("tap=vtap1").unwrap().mac_or_default()
-        );
+        let two = r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"t"},{"tap":"t"}]}"#;
+        let c: VmConfig = serde_json::from_str(two).unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("tap t")));
 
         let json =
             r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"vtap0","mac":"52:54:00:01:02:03"}]}"#;

@@ -37,6 +37,23 @@ impl MacAddr {
         Self([0x52, 0x54, 0x00, b[0], b[1], b[2]])
     }
 
+    /// A random locally administered unicast address (52:54:00:xx:xx:xx), from the
+    /// kernel's random pool (falls back to the time if getrandom fails).
+    pub fn random_local() -> Self {
+        let mut seed = [0u8; 8];
+        // SAFETY: getrandom writes at most `seed.len()` bytes into `seed`.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let seed = if n == seed.len() as isize {
+            u64::from_le_bytes(seed)
+        } else {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        };
+        Self::local_from_seed(seed)
+    }
+
     pub fn is_multicast(&self) -> bool {
         self.0[0] & 1 == 1
     }
@@ -154,5 +171,8 @@ mod tests {
         assert_ne!(a, MacAddr::local_from_seed(2));
         assert!(!a.is_multicast());
         assert_eq!(a.bytes()[0] & 2, 2, "locally administered");
+        let (r1, r2) = (MacAddr::random_local(), MacAddr::random_local());
+        assert_ne!(r1, r2);
+        assert!(!r1.is_multicast() && r1.bytes()[..3] == [0x52, 0x54, 0]);
     }
 }

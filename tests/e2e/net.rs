@@ -49,12 +49,12 @@ fn wait_line(vm: &vireo_e2e::Running, prefix: &str) -> String {
 }
 
 /// The frames the guest sends: (frames, total bytes, CRC-32).
-fn guest_stream(seed: u64, n: u32, max_len: usize) -> (Vec<Vec<u8>>, u64, u32) {
+fn guest_stream(seed: u64, n: u32, max_len: usize, mac: [u8; 6]) -> (Vec<Vec<u8>>, u64, u32) {
     let mut crc = Crc32::new();
     let frames: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let mut f = vec![0u8; netframe::frame_len(i, max_len)];
-            netframe::fill(&mut f, netframe::BROADCAST, GUEST_MAC, seed, i);
+            netframe::fill(&mut f, netframe::BROADCAST, mac, seed, i);
             crc.update(&f);
             f
         })
@@ -114,7 +114,7 @@ fn frames_cross_between_guest_and_tap_byte_exact_and_are_counted() {
     wait_for_socket(&api_sock, T);
 
     // Guest → host: every frame arrives, in order, byte for byte.
-    let (out_frames, out_bytes, out_crc) = guest_stream(seed, out_n, max_len);
+    let (out_frames, out_bytes, out_crc) = guest_stream(seed, out_n, max_len, GUEST_MAC);
     expect_frames(&sock, &out_frames);
     assert_eq!(wait_line(&vm, "net mac="), "net mac=52:54:00:12:34:56");
     let sent = &wait_line(&vm, "net sent=");
@@ -179,7 +179,7 @@ fn a_snapshot_restores_onto_the_same_tap_and_traffic_continues() {
     ns.enter_on_exec(&mut a.cmd);
     let a = a.spawn();
     wait_for_socket(&a_sock, T);
-    let (out_frames, _, _) = guest_stream(seed, out_n, 600);
+    let (out_frames, _, _) = guest_stream(seed, out_n, 600, GUEST_MAC);
     expect_frames(&sock, &out_frames);
     wait_line(&a, "net sent=");
     // The guest now waits for frames: snapshot it there, on a paused VM.
@@ -381,7 +381,7 @@ fn qemu_runs_the_same_guest_on_a_tap_with_the_same_results() {
     .stderr(Stdio::piped());
     ns.enter_on_exec(&mut q);
     let child = q.spawn().expect("run qemu-system-x86_64");
-    let (out_frames, _, _) = guest_stream(seed, out_n, max_len);
+    let (out_frames, _, _) = guest_stream(seed, out_n, max_len, GUEST_MAC);
     expect_frames(&sock, &out_frames);
     let (in_frames, _, _) = host_stream(seed, in_n, max_len);
     for f in &in_frames {
@@ -434,9 +434,10 @@ fn a_live_migration_hands_the_tap_to_the_destination_and_traffic_continues() {
     let (src_sock, dst_sock) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let mut src = Vireo::guest(
         &format!("test=net send={out_n} recv={in_n} seed={seed} len=900 ms=60000"),
+        // No mac=: the VMM picks one, and the migration must keep it.
         &[
             "--net",
-            "tap=vtapm,mac=52:54:00:12:34:56,id=lan0",
+            "tap=vtapm,id=lan0",
             "--api-socket",
             src_sock.to_str().unwrap(),
         ],
@@ -444,7 +445,22 @@ fn a_live_migration_hands_the_tap_to_the_destination_and_traffic_continues() {
     ns.enter_on_exec(&mut src.cmd);
     let src = src.spawn();
     wait_for_socket(&src_sock, T);
-    let (out_frames, _, _) = guest_stream(seed, out_n, 900);
+    let mac_of = |sock: &std::path::Path| {
+        let (_, info) = api(sock, "GET", "vm.info", None);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        v["config"]["nets"][0]["mac"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mac = mac_of(&src_sock);
+    assert!(mac.starts_with("52:54:00:"), "{mac}");
+    assert_eq!(wait_line(&src, "net mac="), format!("net mac={mac}"));
+    let mut mac_bytes = [0u8; 6];
+    for (b, h) in mac_bytes.iter_mut().zip(mac.split(':')) {
+        *b = u8::from_str_radix(h, 16).unwrap();
+    }
+    let (out_frames, _, _) = guest_stream(seed, out_n, 900, mac_bytes);
     expect_frames(&sock, &out_frames);
     wait_line(&src, "net sent=");
 

@@ -233,7 +233,8 @@ impl DeviceManager {
         for (i, n) in config.nets.iter().enumerate() {
             let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
             let tap = Arc::new(net::Tap::open(&n.tap)?);
-            let mac = n.mac_or_default();
+            // `Vm::new` assigned one; a configuration restored from elsewhere may lack it.
+            let mac = n.mac.unwrap_or_else(net::MacAddr::random_local);
             tracing::info!(%id, tap = %n.tap, %mac, "network device");
             let dev = Net::new(tap, NetConfig { mac }).with_reopen(reopen_tap(&n.tap));
             dm.add_virtio(hv, mem, id, Box::new(dev))?;

@@ -49,7 +49,8 @@ struct Cli {
     rng: bool,
     /// A network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56][,id=ID]
     /// (repeatable; the tap is created if it does not exist, which needs
-    /// CAP_NET_ADMIN; default MAC derived from the tap name, default id net0, net1, ...).
+    /// CAP_NET_ADMIN; without mac= a random local one, kept by snapshots and
+    /// migrations; default id net0, net1, ...).
     #[arg(long)]
     net: Vec<String>,
     /// The VM as a JSON file (the same schema as `vm.create`); flags are then ignored.

@@ -199,10 +199,13 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM (memory, devices, loaded kernel) without running it.
     pub fn new(
-        config: VmConfig,
+        mut config: VmConfig,
         events_tx: Sender<ControlEvent>,
         seccomp: crate::seccomp::Filters,
     ) -> Result<Self, VmError> {
+        // Chosen once, here: snapshots and migrations carry the config, so the guest
+        // keeps its MAC wherever the VM goes.
+        config.assign_missing_macs(net::MacAddr::random_local);
         // Hypervisor and memory are made as for an arriving VM; then the payload.
         let IncomingVm {
             config,
