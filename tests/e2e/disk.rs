@@ -381,7 +381,21 @@ fn queue_polling_serves_back_to_back_requests_and_can_be_turned_off() {
     assert!(ops > 0, "{polled}");
     let found = polled["disk0"]["polled"].as_u64().unwrap();
     assert!(found > 0, "polling found no request: {polled}");
+    // While the worker polls, the guest's notifications stay off: most requests
+    // arrive without a kick (an exit to the host).
+    let kicks = polled["disk0"]["kicks"].as_u64().unwrap();
+    assert!(
+        kicks * 2 <= ops,
+        "{kicks} kicks for {ops} requests: {polled}"
+    );
     let off = counters_after_writes(0);
     assert_eq!(off["disk0"]["polled"].as_u64(), Some(0), "{off}");
     assert_eq!(off["disk0"]["write_ops"].as_u64(), Some(ops), "{off}");
+    // Without polling the one-at-a-time guest kicks for (nearly) every request.
+    let off_kicks = off["disk0"]["kicks"].as_u64().unwrap();
+    eprintln!("{ops} requests: {kicks} kicks polling, {off_kicks} without");
+    assert!(
+        off_kicks * 2 > ops,
+        "{off_kicks} kicks for {ops} requests: {off}"
+    );
 }
