@@ -359,6 +359,63 @@ fn live_migration_over_a_unix_socket_moves_the_running_workload() {
     migrate_and_check(|d| format!("unix:{}", d.join("mig.sock").display()), "");
 }
 
+/// A VM the user paused arrives paused (its guest makes no progress at the
+/// destination until `vm.resume`), then finishes its workload there intact.
+#[test]
+fn a_paused_vm_arrives_paused_and_runs_when_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 3000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let (s, b) = api(&src_sock, "PUT", "vm.pause", None);
+    assert_eq!(s, 204, "{b}");
+    let dst = Destination::start(dir.path());
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen(&url);
+    send_with(&src_sock, &url, "");
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    let info = || {
+        let (s, b) = api(&dst.sock, "GET", "vm.info", None);
+        assert_eq!(s, 200, "{b}");
+        serde_json::from_str::<serde_json::Value>(&b).unwrap()
+    };
+    let migration = || {
+        let (_, b) = api(&dst.sock, "GET", "vm.migration-info", None);
+        serde_json::from_str::<serde_json::Value>(&b).unwrap_or_default()
+    };
+    let start = std::time::Instant::now();
+    while migration()["status"] != "completed" {
+        assert!(start.elapsed() < T, "not completed: {}", migration());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(info()["state"], "Paused", "{}", info());
+    let progress = || std::fs::read_to_string(&dst.serial).unwrap_or_default();
+    let before = progress();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        progress(),
+        before,
+        "the paused guest ran at the destination"
+    );
+    let (s, b) = api(&dst.sock, "PUT", "vm.resume", None);
+    assert_eq!(s, 204, "{b}");
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    assert_blocks(&disk, ops);
+}
+
 #[test]
 fn live_migration_over_tcp_loopback_compressed_and_paced_moves_the_running_workload() {
     let url = tcp_url();
