@@ -134,8 +134,10 @@ impl BlockWorker {
                     }
                     _ => {
                         self.poll.woke_for_kick();
-                        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-                        let _ = self.q.kick.read();
+                        self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(n) = self.q.kick.read() {
+                            self.counters.notifications.fetch_add(n, Ordering::Relaxed);
+                        }
                         if !self.throttle.as_ref().is_some_and(|t| t.waiting) {
                             self.serve();
                         }
@@ -147,9 +149,13 @@ impl BlockWorker {
 
     /// Serves requests until the ring stays empty for the poll window, then asks the
     /// guest for kicks again. While the worker serves or polls, the guest's notifications
-    /// stay off (QEMU's model): a driver that submits while we watch the ring never pays
-    /// for a kick, which is an exit to the host. A throttled queue returns at once, with
-    /// notifications off; the rate limiter's timer wakes it.
+    /// stay off (QEMU's model): with VIRTIO_F_EVENT_IDX the avail_event it last wrote
+    /// stays behind, and a driver that checks it as the spec says (Linux's
+    /// vring_need_event) submits without a kick, which is an exit to the host.
+    /// (virtio-drivers 0.13 compares `avail_idx >= avail_event + 1` instead, so it
+    /// kicks on every request while avail_event is behind: it gains only the wake-ups.)
+    /// A throttled queue returns at once, with notifications off; the rate limiter's
+    /// timer wakes it.
     fn serve(&mut self) {
         let mem = self.mem.clone();
         loop {
