@@ -32,15 +32,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Progress of a migration from the VMM's counters: pages sent over pages sent plus
-/// the pages still dirty. Round 0 has no dirty count yet, so it shows 0 until the
-/// first round ends.
+/// the pages still to send (during round 0, the rest of memory; after it, the pages
+/// dirty again). Below 100 until the VMM reports the migration completed.
 pub fn percent(info: &api::MigrationInfo) -> f64 {
     match info.status {
         api::MigrationStatus::Completed => 100.0,
         _ => {
             let sent = info.pages_sent as f64;
             let total = sent + info.remaining_pages as f64;
-            if info.rounds == 0 || total == 0.0 {
+            if total == 0.0 {
                 0.0
             } else {
                 (sent / total * 100.0).clamp(0.0, 99.9)
@@ -261,10 +261,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(percent(&i), 0.0);
+        // Round 0, a quarter of memory sent.
+        i.pages_sent = 100;
+        i.remaining_pages = 300;
+        assert_eq!(percent(&i), 25.0);
         i.rounds = 1;
         i.pages_sent = 300;
         i.remaining_pages = 100;
         assert_eq!(percent(&i), 75.0);
+        i.remaining_pages = 0;
+        assert_eq!(percent(&i), 99.9, "not done until the VMM says so");
         i.status = api::MigrationStatus::Completed;
         assert_eq!(percent(&i), 100.0);
     }

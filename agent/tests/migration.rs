@@ -361,3 +361,42 @@ fn migrate_requests_are_checked() {
     assert_eq!(d.state("s"), "Stopped");
     assert!(d.migrations().is_empty());
 }
+
+/// A paused VM moves paused (as Hyper-V keeps a moved VM's state): the destination
+/// vireod reports it Paused, its guest makes no progress there until resumed.
+#[test]
+fn a_paused_vm_migrates_and_stays_paused_until_resumed() {
+    let src = Daemon::start(&["--no-autostart"]);
+    let dst = Daemon::start(&["--no-autostart"]);
+    src.define_counter("p", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/p/start", None);
+    src.wait_serial("p", "tick 20 ", T);
+    let paused = src.ok("PUT", "/api/v1/vms/p/pause", None);
+    assert_eq!(paused["state"], "Paused", "{paused}");
+    let rec = src.migrate("p", &json!({"destination_agent": dst.socket}));
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(done["state"], "completed", "{done}\n{}", dst.log());
+    assert!(src.absent("p"));
+    let v = dst.wait_state("p", "Paused", T);
+    assert_eq!(v["state"], "Paused", "{v}");
+    // The destination's serial log holds what the guest printed there: nothing yet.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        dst.tick_numbers("p"),
+        Vec::<u64>::new(),
+        "the paused guest ran"
+    );
+    dst.ok("PUT", "/api/v1/vms/p/resume", None);
+    dst.wait_state("p", "Running", T);
+    let start = Instant::now();
+    let ticks = loop {
+        let t = dst.tick_numbers("p");
+        if !t.is_empty() {
+            break t;
+        }
+        assert!(start.elapsed() < T, "no tick after resume");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(ticks[0] > 20, "the guest started over: {ticks:?}");
+    dst.wait_serial("p", &format!("tick {} ", ticks[0] + 5), T);
+}

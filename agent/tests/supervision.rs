@@ -145,9 +145,21 @@ fn restart_cap_stops_a_crash_loop() {
     });
     d.ok("PUT", "/api/v1/vms/loop", Some(&def.to_string()));
     d.ok("PUT", "/api/v1/vms/loop/start", None);
+    let mut killed = serde_json::Value::Null;
     for round in 0..3 {
-        let v = d.wait_state("loop", "Running", T);
+        // Running again with a new VMM (on a busy host vireod may not have seen the
+        // last kill yet: the old pid still shows Running for a moment).
+        let start = std::time::Instant::now();
+        let v = loop {
+            let v = d.wait_state("loop", "Running", T);
+            if v["pid"] != killed {
+                break v;
+            }
+            assert!(start.elapsed() < T, "not restarted: {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert_eq!(v["restarts"], round);
+        killed = v["pid"].clone();
         kill9(v["pid"].as_i64().unwrap() as i32);
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -1,12 +1,12 @@
 //! vireo's side of systemd (the watchdog protocol, tested with a real datagram socket
 //! as NOTIFY_SOCKET) and vireod's systemd launcher.
 //!
-//! The launcher test uses a stand-in `systemctl` (a shell script the test writes)
-//! because systemd cannot be PID 1 in this sandbox: the stand-in does what systemd
-//! does for `vireo@.service` — reads the unit's environment file, runs
-//! `vireo $VIREO_ARGS` with NOTIFY_SOCKET, returns from `start` once READY=1 arrived,
-//! answers `show` with MainPID/ExecMain*, records `set-property`. On a host where
-//! systemd is PID 1 the real one is used (`--launcher auto`).
+//! The launcher test here uses a stand-in `systemctl` (a shell script the test writes)
+//! that does what systemd does for `vireo@.service` — reads the unit's environment
+//! file, runs `vireo $VIREO_ARGS` with NOTIFY_SOCKET, returns from `start` once READY=1
+//! arrived, answers `show` with MainPID/ExecMain*, records `set-property` — so that the
+//! launcher's protocol is checked call by call. systemd_pid1.rs runs the same launcher
+//! against a real systemd as PID 1 of its own namespaces.
 
 mod common;
 

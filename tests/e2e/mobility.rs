@@ -359,6 +359,63 @@ fn live_migration_over_a_unix_socket_moves_the_running_workload() {
     migrate_and_check(|d| format!("unix:{}", d.join("mig.sock").display()), "");
 }
 
+/// A VM the user paused arrives paused (its guest makes no progress at the
+/// destination until `vm.resume`), then finishes its workload there intact.
+#[test]
+fn a_paused_vm_arrives_paused_and_runs_when_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 3000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let (s, b) = api(&src_sock, "PUT", "vm.pause", None);
+    assert_eq!(s, 204, "{b}");
+    let dst = Destination::start(dir.path());
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen(&url);
+    send_with(&src_sock, &url, "");
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    let info = || {
+        let (s, b) = api(&dst.sock, "GET", "vm.info", None);
+        assert_eq!(s, 200, "{b}");
+        serde_json::from_str::<serde_json::Value>(&b).unwrap()
+    };
+    let migration = || {
+        let (_, b) = api(&dst.sock, "GET", "vm.migration-info", None);
+        serde_json::from_str::<serde_json::Value>(&b).unwrap_or_default()
+    };
+    let start = std::time::Instant::now();
+    while migration()["status"] != "completed" {
+        assert!(start.elapsed() < T, "not completed: {}", migration());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(info()["state"], "Paused", "{}", info());
+    let progress = || std::fs::read_to_string(&dst.serial).unwrap_or_default();
+    let before = progress();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        progress(),
+        before,
+        "the paused guest ran at the destination"
+    );
+    let (s, b) = api(&dst.sock, "PUT", "vm.resume", None);
+    assert_eq!(s, 204, "{b}");
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    assert_blocks(&disk, ops);
+}
+
 #[test]
 fn live_migration_over_tcp_loopback_compressed_and_paced_moves_the_running_workload() {
     let url = tcp_url();
@@ -1144,6 +1201,74 @@ fn real_destination_killed_mid_copy_leaves_the_source_running() {
     let out = src.wait(T);
     assert_eq!(out.status.code(), Some(0));
     assert_blocks(&disk, ops);
+}
+
+/// `vm.migration-info` moves during a round, frame by frame, not only at its end: a
+/// paused guest with 16 MiB written, sent at 4 MiB/s, shows round 0's pages go from
+/// remaining to sent.
+#[test]
+fn migration_progress_moves_within_round_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("src.sock");
+    let src = Vireo::guest(
+        "test=dirty pages=4096 rate=100000 report_ms=50",
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--memory",
+            "size=64M",
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    src.wait_serial("dirty pass=3 ", T);
+    let (s, b) = api(&sock, "PUT", "vm.pause", None);
+    assert_eq!(s, 204, "{b}");
+    let mut dst = Destination::start(dir.path());
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen(&url);
+    send_with(&sock, &url, r#","bandwidth_mib_s":4"#);
+    let mut seen = Vec::new();
+    let start = std::time::Instant::now();
+    while seen.len() < 3 && start.elapsed() < Duration::from_secs(10) {
+        let v: serde_json::Value =
+            serde_json::from_str(&api(&sock, "GET", "vm.migration-info", None).1).unwrap();
+        if v["status"] == "sending" && v["rounds"] == 0 {
+            let (sent, left) = (
+                v["pages_sent"].as_u64().unwrap(),
+                v["remaining_pages"].as_u64().unwrap(),
+            );
+            // (0, 0) until round 0 starts (connection and handshake first).
+            if sent + left > 0 && seen.last() != Some(&(sent, left)) {
+                seen.push((sent, left));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut child = dst.child.take().unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        seen.len() >= 3,
+        "progress did not move within round 0: {seen:?}"
+    );
+    for w in seen.windows(2) {
+        assert!(w[1].0 > w[0].0 && w[1].1 < w[0].1, "{seen:?}");
+        assert_eq!(
+            w[1].0 + w[1].1,
+            w[0].0 + w[0].1,
+            "round 0's total changed: {seen:?}"
+        );
+    }
+    assert!(seen[0].0 + seen[0].1 >= 4096, "{seen:?}");
+    let info = wait_failed(&sock);
+    assert!(info.contains("\"failed\""), "{info}");
+    let (s, b) = api(&sock, "GET", "vm.info", None);
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b.contains("\"Paused\""),
+        "the source keeps the VM as it was: {b}"
+    );
 }
 
 /// A small tmpfs mounted for the test (root only), unmounted on drop.

@@ -65,6 +65,16 @@ pub struct SavedVm {
     pub vcpus: Vec<cpu_state::VcpuState>,
     pub clock: kvm_bindings::kvm_clock_data,
     pub devices: crate::device_manager::DevicesState,
+    /// Whether the guest ran when the switch-over of a live migration paused it: a VM
+    /// the user had paused arrives paused (Hyper-V keeps a moved VM's state too). A
+    /// snapshot is always taken paused and restored paused; states without the field
+    /// (older sources) arrive running, as they always did.
+    #[serde(default = "running_by_default")]
+    pub running: bool,
+}
+
+fn running_by_default() -> bool {
+    true
 }
 
 /// A VM being received (restore, incoming migration): hypervisor and memory exist, the
@@ -411,6 +421,7 @@ impl Vm {
             vcpus,
             clock,
             devices: self.devices.state()?,
+            running: self.state() == VmState::Running,
         })
     }
 

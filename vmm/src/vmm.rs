@@ -54,6 +54,8 @@ pub struct Vmm {
     migration: Arc<Mutex<MigrationInfo>>,
     /// Source side: whether the VM ran before the switch-over (resumed if it fails).
     resume_if_migration_fails: bool,
+    /// Destination: the VM ran on the source, so it runs here once the source commits.
+    run_incoming_on_go: bool,
     /// This process's own `--serial`, which replaces the serial output of a VM that
     /// arrives by restore or migration (its configuration names the old host's file).
     serial_override: Option<api::config::OutputConfig>,
@@ -78,6 +80,7 @@ impl Vmm {
             events_rx,
             migration: Arc::new(Mutex::new(MigrationInfo::default())),
             resume_if_migration_fails: false,
+            run_incoming_on_go: true,
             serial_override: None,
             disk_migration: None,
             remote_mirrors: Vec::new(),
@@ -658,6 +661,10 @@ impl Vmm {
         self.resume_if_migration_fails = was_running;
         let state = vm
             .saved_state()
+            .map(|s| crate::vm::SavedVm {
+                running: was_running,
+                ..s
+            })
             .map_err(|e| error_chain(&e))
             .and_then(|s| serde_json::to_vec(&s).map_err(|e| e.to_string()))?;
         // Shared storage changes hands; copied storage stays here, untouched.
@@ -768,14 +775,19 @@ impl Vmm {
                     Err(e) => Some(VmmExit::Crashed(format!("cannot recover the VM: {e}"))),
                 }
             }
-            MigrationEvent::Incoming(vm, reply) => {
+            MigrationEvent::Incoming(vm, running, reply) => {
                 let r = if self.vm.is_some() {
                     Err("a VM already exists in this VMM".to_string())
                 } else {
                     self.vm = Some(*vm);
+                    self.run_incoming_on_go = running;
                     Ok(())
                 };
                 let _ = reply.send(r);
+                None
+            }
+            MigrationEvent::IncomingGo if !self.run_incoming_on_go => {
+                tracing::info!("incoming VM here, paused as it was on the source");
                 None
             }
             MigrationEvent::IncomingGo => {

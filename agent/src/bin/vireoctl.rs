@@ -1022,6 +1022,10 @@ fn run(cli: Cli) -> Result<(), CtlError> {
 }
 
 fn main() -> ExitCode {
+    // `vireoctl vm list | head`: a closed pipe ends us quietly, as it does any Unix
+    // tool, instead of a panic in println!.
+    // SAFETY: resetting SIGPIPE's disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

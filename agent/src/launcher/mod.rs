@@ -149,7 +149,7 @@ impl Launcher {
     pub fn adopt(&self, spec: &LaunchSpec) -> Result<(Handle, Watch), NotAdopted> {
         let (h, mut w) = adopt(spec)?;
         if let Launcher::Systemd(s) = self {
-            w.unit = Some(s.status_query(&spec.name));
+            w.unit = Some(s.status_query(spec));
         }
         Ok((h, w))
     }
@@ -220,6 +220,7 @@ impl Launcher {
             }
             Launcher::Systemd(_) => {
                 let _ = std::fs::remove_file(&spec.env_file);
+                let _ = std::fs::remove_file(systemd::exit_file(&spec.env_file));
             }
         }
     }

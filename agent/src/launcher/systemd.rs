@@ -6,7 +6,10 @@
 //! `systemctl start vireo@NAME.service` (which returns once `vireo` sent READY=1, or
 //! failed), reads the unit's MainPID and from then on watches and signals the process
 //! through a pidfd like any other. When it ends, the exit status comes from the
-//! unit's ExecMainCode/ExecMainStatus. CPU placement is systemd's: the units live in
+//! unit's `ExecStopPost=`, which writes `$EXIT_CODE $EXIT_STATUS` to
+//! `<run-dir>/vms/NAME.exit` before the unit goes inactive (systemd forgets an inactive
+//! unit's ExecMain* properties as soon as it collects the unit, which for a clean exit
+//! is at once), or else from ExecMainCode/ExecMainStatus while systemd still has them. CPU placement is systemd's: the units live in
 //! `vireo.slice`, and once a VM runs vireod sets the unit's `CPUWeight=` to the VM's
 //! relative weight (`systemctl set-property --runtime`).
 //!
@@ -32,6 +35,58 @@ pub struct Systemd {
 pub struct StatusQuery {
     systemctl: PathBuf,
     unit: String,
+    /// Written by the unit's `ExecStopPost=` (see the module documentation).
+    exit_file: PathBuf,
+}
+
+/// Where the unit of the VM with environment file `env_file` records how its main
+/// process ended (`vireo@.service`'s `ExecStopPost=`).
+pub fn exit_file(env_file: &Path) -> PathBuf {
+    env_file.with_extension("exit")
+}
+
+/// Signal numbers of the names systemd puts in `$EXIT_STATUS` ("KILL", "ABRT", ...).
+fn signal_number(name: &str) -> Option<i32> {
+    let name = name.strip_prefix("SIG").unwrap_or(name);
+    Some(match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ILL" => libc::SIGILL,
+        "TRAP" => libc::SIGTRAP,
+        "ABRT" => libc::SIGABRT,
+        "BUS" => libc::SIGBUS,
+        "FPE" => libc::SIGFPE,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "SEGV" => libc::SIGSEGV,
+        "USR2" => libc::SIGUSR2,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "TERM" => libc::SIGTERM,
+        "XCPU" => libc::SIGXCPU,
+        "XFSZ" => libc::SIGXFSZ,
+        "SYS" => libc::SIGSYS,
+        n => return n.parse().ok(),
+    })
+}
+
+/// `$EXIT_CODE $EXIT_STATUS` as the unit's `ExecStopPost=` wrote them: "exited 0",
+/// "killed KILL", "dumped ABRT". None for anything else (a partial write).
+fn parse_exit_record(text: &str) -> Option<Exit> {
+    let mut it = text.split_whitespace();
+    let (code, status) = (it.next()?, it.next()?);
+    match code {
+        "exited" => Some(Exit {
+            status: Some(status.parse().ok()?),
+            signal: None,
+        }),
+        "killed" | "dumped" => Some(Exit {
+            status: None,
+            signal: Some(signal_number(status)?),
+        }),
+        _ => None,
+    }
 }
 
 /// The unit of VM `name`.
@@ -95,10 +150,11 @@ impl Systemd {
         Self { systemctl }
     }
 
-    pub fn status_query(&self, name: &str) -> StatusQuery {
+    pub fn status_query(&self, spec: &LaunchSpec) -> StatusQuery {
         StatusQuery {
             systemctl: self.systemctl.clone(),
-            unit: unit_name(name),
+            unit: unit_name(&spec.name),
+            exit_file: exit_file(&spec.env_file),
         }
     }
 
@@ -111,6 +167,7 @@ impl Systemd {
             message,
         };
         let _ = std::fs::remove_file(&spec.socket); // Stale: the VM is not running.
+        let _ = std::fs::remove_file(exit_file(&spec.env_file)); // A previous run's.
         let text = env_file_text(spec).map_err(failed)?;
         std::fs::write(&spec.env_file, text)
             .map_err(|e| AgentError::io("cannot write unit environment", &spec.env_file, e))?;
@@ -133,7 +190,7 @@ impl Systemd {
         debug!(unit = %unit, pid, "unit started");
         let (h, mut w) =
             watch(pid, None).map_err(|e| AgentError::io("cannot watch VMM process", &unit, e))?;
-        w.unit = Some(self.status_query(&spec.name));
+        w.unit = Some(self.status_query(spec));
         Ok((h, w))
     }
 
@@ -167,6 +224,13 @@ impl StatusQuery {
     pub fn exit_of(&self, pid: i32) -> Exit {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
+            if let Some(exit) = std::fs::read_to_string(&self.exit_file)
+                .ok()
+                .and_then(|t| parse_exit_record(&t))
+            {
+                let _ = std::fs::remove_file(&self.exit_file);
+                return exit;
+            }
             let out = systemctl(
                 &self.systemctl,
                 &[
@@ -243,6 +307,31 @@ mod tests {
         );
         spec.socket = "/run/my vms/web.sock".into();
         assert!(env_file_text(&spec).unwrap_err().contains("my vms"));
+    }
+
+    #[test]
+    fn exit_records_of_the_unit_become_exits() {
+        let exited = |status| Exit {
+            status: Some(status),
+            signal: None,
+        };
+        let killed = |signal| Exit {
+            status: None,
+            signal: Some(signal),
+        };
+        assert_eq!(parse_exit_record("exited 0\n"), Some(exited(0)));
+        assert_eq!(parse_exit_record("exited 3"), Some(exited(3)));
+        assert_eq!(parse_exit_record("killed KILL\n"), Some(killed(9)));
+        assert_eq!(parse_exit_record("dumped ABRT"), Some(killed(6)));
+        assert_eq!(parse_exit_record("killed SIGTERM"), Some(killed(15)));
+        assert_eq!(parse_exit_record("killed 31"), Some(killed(31)));
+        assert_eq!(parse_exit_record("exited"), None, "partial write");
+        assert_eq!(parse_exit_record(""), None);
+        assert_eq!(parse_exit_record("killed NOPE"), None);
+        assert_eq!(
+            exit_file(Path::new("/run/vireo/vms/web.env")),
+            Path::new("/run/vireo/vms/web.exit")
+        );
     }
 
     #[test]

@@ -349,7 +349,8 @@ impl LbaGen {
 }
 
 /// `test=blk-bench [ms=D] [span_mib=M] [seed=S] [qd=Q]`: I/O benchmarks at queue depth Q
-/// (1..=16, default 1; 16 is virtio-drivers' queue size) — destroys disk contents.
+/// (1..=32, default 1; 32 is the vendored virtio-drivers' block queue size) — destroys
+/// disk contents.
 pub fn blk_bench() -> ! {
     let mut blk = open_blk();
     if blk.readonly() {

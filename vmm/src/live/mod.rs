@@ -47,9 +47,10 @@ pub enum MigrationEvent {
     /// Source: Go was sent (Ok: the destination owns the VM now) or the migration failed
     /// before the commit (Err: resume here).
     SendFinished(Result<(), String>),
-    /// Destination: the VM is built (paused); install it, then say so.
-    Incoming(Box<Vm>, Sender<Result<(), String>>),
-    /// Destination: the source committed; run.
+    /// Destination: the VM is built (paused); install it, then say so. The flag: it
+    /// ran on the source (else it stays paused after the commit).
+    Incoming(Box<Vm>, bool, Sender<Result<(), String>>),
+    /// Destination: the source committed; run (if it ran on the source).
     IncomingGo,
     /// Destination: failed; discard any copy.
     IncomingFailed(String),

@@ -2,7 +2,7 @@
 //! compression and pacing. Used by the single-stream migration and by each of the
 //! parallel page streams.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use migration::protocol::{self, Message};
 use migration::transport::Stream;
@@ -29,6 +29,11 @@ pub struct Wire<'a> {
     limiter: Option<Arc<RateLimiter>>,
     /// Shared-nothing: disk operations (copy and mirrored guest writes) to forward.
     pub disk_ops: Option<std::sync::mpsc::Receiver<protocol::DiskOp>>,
+    /// The migration's progress, for `vm.migration-info` during a round: each frame
+    /// sent moves its pages from `remaining_pages` to `pages_sent` (the round's end
+    /// then sets both from the dirty log).
+    progress: Option<Arc<Mutex<api::MigrationInfo>>>,
+    unreported: u64,
 }
 
 impl<'a> Wire<'a> {
@@ -45,7 +50,25 @@ impl<'a> Wire<'a> {
             compress,
             limiter,
             disk_ops: None,
+            progress: None,
+            unreported: 0,
         }
+    }
+
+    /// Reports the pages of every frame sent to `info` (see [`Wire::progress`]).
+    pub fn report_to(mut self, info: Arc<Mutex<api::MigrationInfo>>) -> Self {
+        self.progress = Some(info);
+        self
+    }
+
+    fn report(&mut self) {
+        let Some(info) = &self.progress else {
+            return;
+        };
+        let n = std::mem::take(&mut self.unreported);
+        let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+        i.pages_sent += n;
+        i.remaining_pages = i.remaining_pages.saturating_sub(n);
     }
 
     fn pace(&self, len: u64) {
@@ -94,12 +117,15 @@ impl<'a> Wire<'a> {
             Message::Pages(p) | Message::PagesZstd(p) => p.len() as u64 + 12,
             _ => 0,
         };
-        self.send(&msg, len)
+        self.send(&msg, len)?;
+        self.report();
+        Ok(())
     }
 
     fn push(&mut self, gpa: u64, pages: u32, data: Option<&[u8]>) -> Result<(), String> {
         protocol::push_run(&mut self.payload, gpa, pages, data);
         self.pages += u64::from(pages);
+        self.unreported += u64::from(pages);
         if self.payload.len() >= BATCH_BYTES {
             self.flush()?;
         }

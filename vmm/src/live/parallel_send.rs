@@ -15,7 +15,7 @@ use std::thread::Scope;
 use std::time::Duration;
 
 use migration::protocol::{self, Message};
-use migration::transport::{Cutter, Stream};
+use migration::transport::Cutter;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::rate_limiter::RateLimiter;
@@ -91,10 +91,12 @@ impl PageStreams {
             let mem: &'env GuestMemoryMmap = &job.mem;
             let compress = job.compress;
             let limiter = limiter.clone();
+            let info = job.info.clone();
             std::thread::Builder::new()
                 .name(format!("vireo-mig-out{lane}"))
                 .spawn_scoped(scope, move || {
-                    stream_thread(lane as usize, s, rx, done, mem, compress, limiter)
+                    let wire = Wire::new(s.as_mut(), compress, limiter).report_to(info);
+                    stream_thread(lane as usize, wire, rx, done, mem)
                 })
                 .map_err(|e| format!("cannot start page stream thread {lane}: {e}"))?;
         }
@@ -172,14 +174,11 @@ impl Drop for PageStreams {
 
 fn stream_thread(
     lane: usize,
-    mut stream: Box<dyn Stream>,
+    mut wire: Wire<'_>,
     cmds: Receiver<Arc<RoundWork>>,
     done: Sender<Done>,
     mem: &GuestMemoryMmap,
-    compress: bool,
-    limiter: Option<Arc<RateLimiter>>,
 ) {
-    let mut wire = Wire::new(stream.as_mut(), compress, limiter);
     let mut buf = pages::chunk_buffer();
     for work in cmds {
         let (p0, b0) = (wire.pages, wire.bytes);

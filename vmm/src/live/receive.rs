@@ -287,6 +287,7 @@ fn receive(
     job.events
         .send(ControlEvent::Migration(MigrationEvent::Incoming(
             Box::new(vm),
+            saved.running,
             tx,
         )))
         .map_err(|_| "the control loop is gone".to_string())?;

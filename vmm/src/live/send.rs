@@ -173,7 +173,8 @@ fn run(job: &SendJob) -> Result<(), String> {
         })
         .map(Arc::new)
     });
-    let mut wire = Wire::new(stream.as_mut(), job.compress, limiter.clone());
+    let mut wire =
+        Wire::new(stream.as_mut(), job.compress, limiter.clone()).report_to(job.info.clone());
     let result = std::thread::scope(|scope| {
         // Dropped (its streams cut, its threads ended) before the scope joins them.
         let mut streams = if job.connections > 1 {
@@ -247,6 +248,8 @@ fn migrate(
     let mut skip_zero = true;
     let mut last_remaining = u64::MAX;
     loop {
+        // What this round sends counts as remaining until it is on the wire.
+        lock(&job.info).remaining_pages = dirty::count(&pending);
         let t = Instant::now();
         let bytes_before = wire.bytes;
         send_round(

@@ -59,6 +59,11 @@ pub struct BlockCounters {
     pub errors: AtomicU64,
     /// Times polling found new requests before the worker went to sleep.
     pub polled: AtomicU64,
+    /// Times a guest notification woke a sleeping worker (polling makes these rare).
+    pub wakeups: AtomicU64,
+    /// Guest notifications (queue kicks, each an exit to the host), as counted by the
+    /// ioeventfd; read when the worker wakes, so the last ones may not show yet.
+    pub notifications: AtomicU64,
     /// Times a request had to wait for the rate limiter.
     pub throttled: AtomicU64,
 }
@@ -393,6 +398,8 @@ impl VirtioDevice for Block {
             ("errors", c.errors.load(Ordering::Relaxed)),
             ("throttled", c.throttled.load(Ordering::Relaxed)),
             ("polled", c.polled.load(Ordering::Relaxed)),
+            ("wakeups", c.wakeups.load(Ordering::Relaxed)),
+            ("notifications", c.notifications.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -108,11 +108,8 @@ impl BlockWorker {
         crate::threads::started(crate::threads::WorkerKind::Block);
         let mut events = vec![EpollEvent::default(); 4];
         // Requests may already be waiting (activation after the driver queued some).
-        self.process_queue();
+        self.serve();
         loop {
-            while self.poll_for_more() {
-                self.process_queue();
-            }
             self.poll.sleeping();
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -133,15 +130,48 @@ impl BlockWorker {
                             let _ = t.timer.wait();
                             t.waiting = false;
                         }
-                        self.process_queue();
+                        self.serve();
                     }
                     _ => {
                         self.poll.woke_for_kick();
-                        let _ = self.q.kick.read();
+                        self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(n) = self.q.kick.read() {
+                            self.counters.notifications.fetch_add(n, Ordering::Relaxed);
+                        }
                         if !self.throttle.as_ref().is_some_and(|t| t.waiting) {
-                            self.process_queue();
+                            self.serve();
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Serves requests until the ring stays empty for the poll window, then asks the
+    /// guest for kicks again. While the worker serves or polls, the guest's notifications
+    /// stay off (QEMU's model): with VIRTIO_F_EVENT_IDX the avail_event it last wrote
+    /// stays behind, and a driver that checks it as the spec says (Linux's
+    /// vring_need_event) submits without a kick, which is an exit to the host.
+    /// (virtio-drivers 0.13 compares `avail_idx >= avail_event + 1` instead, so it
+    /// kicks on every request while avail_event is behind: it gains only the wake-ups.)
+    /// A throttled queue returns at once, with notifications off; the rate limiter's
+    /// timer wakes it.
+    fn serve(&mut self) {
+        let mem = self.mem.clone();
+        loop {
+            if self.process_queue() == Drained::Throttled {
+                return;
+            }
+            if self.poll_for_more() {
+                continue;
+            }
+            // A request that slipped in before notifications came back on is served now.
+            match self.q.queue.enable_notification(mem.as_ref()) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "cannot enable queue notifications");
+                    return;
                 }
             }
         }
@@ -173,74 +203,81 @@ impl BlockWorker {
         }
     }
 
-    fn process_queue(&mut self) {
+    /// Runs every available request (notifications off meanwhile) and interrupts the
+    /// guest if it asked for it; leaves notifications off.
+    fn process_queue(&mut self) -> Drained {
         let mem = self.mem.clone();
         let mem: &GuestMemoryMmap = &mem;
-        loop {
-            if let Err(e) = self.q.queue.disable_notification(mem) {
-                tracing::warn!(error = ?e, "cannot disable queue notifications");
-            }
-            let mut completed = 0;
-            let mut throttled = false;
-            while let Some(chain) = self.q.queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let parsed = Request::parse(mem, chain);
-                if let (Ok(req), Some(t)) = (&parsed, &mut self.throttle) {
-                    if let Err(wait) = t.limiter.admit(req.rate_limited_bytes()) {
-                        // Put the request back and sleep until the buckets allow it.
-                        self.q.queue.go_to_previous_position();
-                        if let Err(e) = t.timer.reset(wait, None) {
-                            tracing::warn!(error = %e, "cannot arm the rate-limit timer");
-                        }
-                        t.waiting = true;
-                        throttled = true;
-                        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
-                        break;
+        if let Err(e) = self.q.queue.disable_notification(mem) {
+            tracing::warn!(error = ?e, "cannot disable queue notifications");
+        }
+        let mut completed = 0;
+        let mut throttled = false;
+        while let Some(chain) = self.q.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let parsed = Request::parse(mem, chain);
+            if let (Ok(req), Some(t)) = (&parsed, &mut self.throttle) {
+                if let Err(wait) = t.limiter.admit(req.rate_limited_bytes()) {
+                    // Put the request back and sleep until the buckets allow it.
+                    self.q.queue.go_to_previous_position();
+                    if let Err(e) = t.timer.reset(wait, None) {
+                        tracing::warn!(error = %e, "cannot arm the rate-limit timer");
                     }
-                }
-                let (status_addr, status, len) = match parsed {
-                    Ok(req) => {
-                        let (status, written) =
-                            req.execute(mem, self.disk.as_ref(), &self.config, &self.counters);
-                        (Some(req.status), status, written + 1)
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "malformed virtio-blk request");
-                        (None, S_IOERR, 0)
-                    }
-                };
-                if let Some(addr) = status_addr {
-                    if mem.write_obj(status, addr).is_err() {
-                        tracing::warn!("cannot write virtio-blk status byte");
-                    }
-                }
-                if let Err(e) = self.q.queue.add_used(mem, head, len) {
-                    tracing::warn!(error = ?e, "cannot return a descriptor to the used ring");
-                }
-                completed += 1;
-            }
-            if completed > 0 {
-                match self.q.queue.needs_notification(mem) {
-                    Ok(true) => {
-                        if let Err(e) = self
-                            .interrupt
-                            .trigger(VirtioInterruptKind::Queue(self.q.index))
-                        {
-                            tracing::warn!(error = %e, "cannot interrupt the guest");
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = ?e, "needs_notification failed"),
+                    t.waiting = true;
+                    throttled = true;
+                    self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
             }
-            if throttled {
-                // Notifications stay off: the timer, not the guest, wakes us.
-                return;
+            let (status_addr, status, len) = match parsed {
+                Ok(req) => {
+                    let (status, written) =
+                        req.execute(mem, self.disk.as_ref(), &self.config, &self.counters);
+                    (Some(req.status), status, written + 1)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed virtio-blk request");
+                    (None, S_IOERR, 0)
+                }
+            };
+            if let Some(addr) = status_addr {
+                if mem.write_obj(status, addr).is_err() {
+                    tracing::warn!("cannot write virtio-blk status byte");
+                }
             }
-            match self.q.queue.enable_notification(mem) {
-                Ok(true) => continue, // More arrived while notifications were off.
-                _ => break,
+            if let Err(e) = self.q.queue.add_used(mem, head, len) {
+                tracing::warn!(error = ?e, "cannot return a descriptor to the used ring");
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            match self.q.queue.needs_notification(mem) {
+                Ok(true) => {
+                    if let Err(e) = self
+                        .interrupt
+                        .trigger(VirtioInterruptKind::Queue(self.q.index))
+                    {
+                        tracing::warn!(error = %e, "cannot interrupt the guest");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = ?e, "needs_notification failed"),
             }
         }
+        if throttled {
+            // Notifications stay off: the timer, not the guest, wakes us.
+            Drained::Throttled
+        } else {
+            Drained::Empty
+        }
     }
+}
+
+/// How [`BlockWorker::process_queue`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// The available ring is empty.
+    Empty,
+    /// A request waits for the rate limiter's tokens.
+    Throttled,
 }
