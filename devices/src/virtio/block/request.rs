@@ -161,7 +161,7 @@ impl Request {
             if !writable {
                 return Err(S_IOERR);
             }
-            guest_slices(mem, addr, len, true, &mut |ptr, n| {
+            guest_slices(mem, addr, len, &mut |ptr, n| {
                 // SAFETY: `ptr..ptr+n` lies in a guest memory mapping that lives as long
                 // as `mem`; the guest owns the buffer until we return it in the used ring.
                 slices.push(IoSliceMut::new(unsafe {
@@ -169,8 +169,15 @@ impl Request {
                 }));
             })?;
         }
-        disk.read_vectored_at(&mut slices, offset)
-            .map_err(|e| io_err("read", e))?;
+        let read = disk.read_vectored_at(&mut slices, offset);
+        // Dirty only once written (even partly, on an error): a migration round that
+        // took the bitmap between a mark and the write would have copied the page as it
+        // was and cleared its bit, losing the write.
+        drop(slices);
+        for &(addr, len, _) in &self.data {
+            mark_dirty(mem, addr, len);
+        }
+        read.map_err(|e| io_err("read", e))?;
         let len = self.data_len();
         c.read_ops.fetch_add(1, Ordering::Relaxed);
         c.read_bytes.fetch_add(len, Ordering::Relaxed);
@@ -189,7 +196,7 @@ impl Request {
             if writable {
                 return Err(S_IOERR);
             }
-            guest_slices(mem, addr, len, false, &mut |ptr, n| {
+            guest_slices(mem, addr, len, &mut |ptr, n| {
                 // SAFETY: as in `read`; the backend only reads from these buffers.
                 slices.push(IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, n) }));
             })?;
@@ -261,21 +268,103 @@ fn io_err(op: &str, e: std::io::Error) -> u8 {
     S_IOERR
 }
 
-/// Walks the host mappings of `[addr, addr+len)` (which may span memory regions),
-/// marking them dirty when the device writes them.
+/// Walks the host mappings of `[addr, addr+len)` (which may span memory regions).
 fn guest_slices(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
     len: u32,
-    device_writes: bool,
     f: &mut dyn FnMut(*mut u8, usize),
 ) -> Result<(), u8> {
     for slice in mem.get_slices(addr, len as usize) {
         let slice = slice.map_err(|_| S_IOERR)?;
-        if device_writes {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
         f(slice.ptr_guard_mut().as_ptr(), slice.len());
     }
     Ok(())
+}
+
+/// Marks `[addr, addr+len)` dirty for live migration, after the device wrote it.
+fn mark_dirty(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) {
+    for slice in mem.get_slices(addr, len as usize).flatten() {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vm_memory::GuestMemoryRegion;
+
+    use super::*;
+    use crate::rate_limiter::RateLimiterConfig;
+
+    /// A disk whose read first does what a live migration's round does to the device
+    /// bitmap (takes it: reads and clears), then fills the buffers.
+    struct RoundDuringRead {
+        mem: Arc<GuestMemoryMmap>,
+    }
+
+    impl BlockBackend for RoundDuringRead {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], _: u64) -> std::io::Result<()> {
+            for r in self.mem.iter() {
+                // As vmm::live::dirty does: the mapping's own bitmap.
+                let _ = std::ops::Deref::deref(r).bitmap().get_and_reset();
+            }
+            for b in bufs.iter_mut() {
+                b.fill(0xab);
+            }
+            Ok(())
+        }
+        fn write_vectored_at(&self, _: &[IoSlice<'_>], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pages_a_read_fills_are_dirty_after_it_even_if_a_round_ran_meanwhile() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let disk = RoundDuringRead { mem: mem.clone() };
+        // 8 KiB into pages 1 and 2 (0x1800..0x3800 spans three pages).
+        let req = Request {
+            kind: T_IN,
+            sector: 0,
+            data: vec![(GuestAddress(0x1800), 0x2000, true)],
+            status: GuestAddress(0x8000),
+        };
+        let cfg = BlockConfig {
+            read_only: false,
+            serial: "t".into(),
+            num_queues: 1,
+            rate_limiter: RateLimiterConfig::default(),
+            poll_us: 0,
+        };
+        let (status, written) = req.execute(&mem, &disk, &cfg, &BlockCounters::default());
+        assert_eq!((status, written), (S_OK, 0x2000));
+        let region = mem.iter().next().unwrap();
+        for page in [1usize, 2, 3] {
+            assert!(
+                region.bitmap().dirty_at(page * 0x1000),
+                "page {page} written by the device but not dirty"
+            );
+        }
+        assert!(
+            !region.bitmap().dirty_at(0x5000),
+            "an untouched page is dirty"
+        );
+        let mut got = [0u8; 0x2000];
+        mem.read_slice(&mut got, GuestAddress(0x1800)).unwrap();
+        assert!(got.iter().all(|&b| b == 0xab));
+    }
 }
