@@ -298,14 +298,28 @@ fn plain(bytes: &[u8]) -> String {
     out
 }
 
-/// A free TCP port on loopback, as a migration URL.
+/// A free TCP port on loopback, as a migration URL. The port is free when chosen and
+/// the destination binds it later, so two tests running at once could be handed the
+/// same one (and one test's source would migrate into the other's destination): each
+/// port chosen is leased with a lock file held until this test's process ends.
 fn tcp_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("tcp:127.0.0.1:{port}")
+    use std::os::fd::AsRawFd;
+    let leases = std::env::temp_dir().join("vireo-e2e-tcp-ports");
+    std::fs::create_dir_all(&leases).unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let lease = std::fs::File::create(leases.join(port.to_string())).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lease.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // Held (and released by the kernel) for the life of this test process.
+            std::mem::forget(lease);
+            return format!("tcp:127.0.0.1:{port}");
+        }
+    }
 }
 
 fn migrate_and_check(url_of: impl Fn(&Path) -> String, extra: &str) {
