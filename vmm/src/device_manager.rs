@@ -290,6 +290,15 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Coalesces each virtio function's `queue_select` register (crate::coalesced): the
+    /// VM's ring must be mapped and drained by its vCPUs first.
+    pub fn coalesce_queue_selects(&self, hv: &Hypervisor) -> Result<(), KvmError> {
+        for f in &self.functions {
+            hv.register_coalesced_mmio(f.bar + devices::virtio::QUEUE_SELECT_OFFSET, 2)?;
+        }
+        Ok(())
+    }
+
     /// Per-device counters for `vm.counters`.
     pub fn counters(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
         self.functions

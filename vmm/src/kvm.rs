@@ -123,6 +123,19 @@ impl Hypervisor {
             .map_err(ioctl("IOEVENTFD"))
     }
 
+    /// Whether KVM queues writes to registered zones in the coalesced MMIO ring.
+    pub fn has_coalesced_mmio(&self) -> bool {
+        self.kvm.check_extension_int(kvm_ioctls::Cap::CoalescedMmio) > 0
+    }
+
+    /// Queues guest writes to `addr..addr+len` in the coalesced MMIO ring instead of
+    /// exiting (see crate::coalesced).
+    pub fn register_coalesced_mmio(&self, addr: u64, len: u32) -> Result<(), KvmError> {
+        self.vm
+            .register_coalesced_mmio(IoEventAddress::Mmio(addr), len)
+            .map_err(ioctl("REGISTER_COALESCED_MMIO"))
+    }
+
     pub fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), KvmError> {
         self.vm
             .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)

@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod boot;
+pub mod coalesced;
 pub mod device_manager;
 pub mod fault;
 pub mod kvm;

@@ -71,6 +71,8 @@ pub struct VcpuContext {
     pub has_xcrs: bool,
     /// Share of time each vCPU sleeps (auto-converge of a live migration).
     pub throttle: Arc<Throttle>,
+    /// The VM's coalesced MMIO ring, drained after every KVM_RUN (crate::coalesced).
+    pub coalesced: Option<Arc<crate::coalesced::CoalescedRing>>,
 }
 
 /// Slows vCPUs down so a migration's copy can outrun the guest's dirtying (QEMU calls
@@ -328,6 +330,12 @@ fn run_loop(
         }
         let exit = fd.run();
         exits.fetch_add(1, Ordering::Relaxed);
+        // Queued writes come first: they happened before whatever made this exit.
+        if let Some(ring) = &ctx.coalesced {
+            ring.drain(|addr, data| {
+                ctx.mmio.write(addr, data);
+            });
+        }
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {

@@ -160,6 +160,7 @@ impl IncomingVm {
                     source,
                 })?;
             s.restore(&fd)?;
+            vm.coalesce_mmio(&fd);
             let ctx = vm.vcpu_context();
             vm.vcpus
                 .push(VcpuHandle::spawn(s.id, fd, ctx, true).map_err(VmError::VcpuThread)?);
@@ -190,6 +191,8 @@ pub struct Vm {
     // Field order matters for drop: vCPUs and devices go before memory.
     vcpus: Vec<VcpuHandle>,
     devices: DeviceManager,
+    /// KVM's coalesced MMIO ring, mapped with the first vCPU (crate::coalesced).
+    coalesced: Option<Arc<crate::coalesced::CoalescedRing>>,
     hv: Hypervisor,
     mem: Arc<GuestMemoryMmap>,
     state: VmState,
@@ -260,6 +263,7 @@ impl Vm {
             config,
             vcpus: Vec::new(),
             devices,
+            coalesced: None,
             msr_indices: Arc::new(cpu_state::msr_list(&hv.kvm)?),
             has_xcrs: hv.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
             throttle: Arc::default(),
@@ -337,6 +341,26 @@ impl Vm {
             msr_indices: self.msr_indices.clone(),
             has_xcrs: self.has_xcrs,
             throttle: self.throttle.clone(),
+            coalesced: self.coalesced.clone(),
+        }
+    }
+
+    /// Maps the coalesced MMIO ring through the first vCPU's descriptor and coalesces
+    /// the devices' `queue_select` writes. Without KVM support, or if the ring cannot
+    /// be mapped, every write exits as before.
+    fn coalesce_mmio(&mut self, vcpu: &kvm_ioctls::VcpuFd) {
+        if self.coalesced.is_some() || !self.hv.has_coalesced_mmio() {
+            return;
+        }
+        match crate::coalesced::CoalescedRing::map(vcpu) {
+            Ok(ring) => {
+                // The ring before any zone: a zone without a consumer loses writes.
+                self.coalesced = Some(Arc::new(ring));
+                if let Err(e) = self.devices.coalesce_queue_selects(&self.hv) {
+                    tracing::warn!(error = %e, "queue_select writes not coalesced");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot map the coalesced MMIO ring"),
         }
     }
 
@@ -348,6 +372,7 @@ impl Vm {
         for id in 0..cpus {
             let fd = self.hv.create_vcpu(id)?;
             cpu::setup_vcpu(&self.hv.kvm, &fd, id, cpus, entry)?;
+            self.coalesce_mmio(&fd);
             let ctx = self.vcpu_context();
             self.vcpus
                 .push(VcpuHandle::spawn(id, fd, ctx, false).map_err(VmError::VcpuThread)?);

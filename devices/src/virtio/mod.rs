@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use memory::{GuestMemoryMmap, GuestRegionMmap};
 pub use transport::{
     QueueSnapshot, VirtioPciDevice, VirtioPciError, VirtioPciState, VirtioStateError,
-    NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR_SIZE,
+    NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, QUEUE_SELECT_OFFSET, VIRTIO_PCI_BAR_SIZE,
 };
 
 /// Virtio device types (virtio 1.2, section 5).

@@ -20,6 +20,8 @@ use crate::pci::{
 /// BAR 0 layout.
 const COMMON_OFFSET: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
+/// `queue_select` in the common configuration (virtio 1.2, 4.1.4.3), from the BAR's start.
+pub const QUEUE_SELECT_OFFSET: u64 = COMMON_OFFSET + 0x16;
 const ISR_OFFSET: u64 = 0x1000;
 const DEVICE_CFG_OFFSET: u64 = 0x2000;
 const DEVICE_CFG_LEN: u64 = 0x1000;
