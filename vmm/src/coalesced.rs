@@ -71,20 +71,33 @@ impl CoalescedRing {
         })
     }
 
+    /// `first` and `last` as they are now.
+    fn ends(&self) -> (u32, u32) {
+        let ring = self.page.as_ptr();
+        // SAFETY: `ring` points to the mapped page (it lives as long as `self`); `first`
+        // and `last` are u32 fields at its start, read volatile because the kernel
+        // writes `last` (and other vCPU threads `first`) concurrently.
+        unsafe {
+            (
+                std::ptr::addr_of!((*ring).first).read_volatile(),
+                std::ptr::addr_of!((*ring).last).read_volatile(),
+            )
+        }
+    }
+
     /// Applies every queued write, oldest first, through `write(address, bytes)`.
     pub fn drain(&self, mut write: impl FnMut(u64, &[u8])) {
+        // Almost every exit finds the ring empty: no lock then. An entry another vCPU
+        // is applying still counts as queued (`first` moves only once it is applied),
+        // so an empty ring means every write before this exit is in effect.
+        let (first, last) = self.ends();
+        if first == last {
+            return;
+        }
         let _one_at_a_time = self.drain.lock().unwrap_or_else(|e| e.into_inner());
         let ring = self.page.as_ptr();
         loop {
-            // SAFETY: `ring` points to the mapped page (it lives as long as `self`);
-            // `first` and `last` are u32 fields at its start, read volatile because the
-            // kernel writes `last` concurrently.
-            let (first, last) = unsafe {
-                (
-                    std::ptr::addr_of!((*ring).first).read_volatile(),
-                    std::ptr::addr_of!((*ring).last).read_volatile(),
-                )
-            };
+            let (first, last) = self.ends();
             if first == last || first >= self.entries {
                 return;
             }

@@ -34,7 +34,8 @@ unsafe impl Hal for GuestHal {
 
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
         crate::paging::ensure_mapped(paddr, size as u64);
-        NonNull::new(crate::paging::virt(paddr) as *mut u8).unwrap()
+        NonNull::new(crate::paging::virt(paddr) as *mut u8)
+            .unwrap_or_else(|| crate::fail!("device MMIO at physical address 0"))
     }
 
     unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {

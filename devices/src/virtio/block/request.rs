@@ -156,26 +156,32 @@ impl Request {
         c: &BlockCounters,
     ) -> Result<u32, u8> {
         let offset = self.byte_range(disk)?;
-        let mut slices = Vec::with_capacity(self.data.len());
+        let mut regions = Vec::with_capacity(self.data.len());
         for &(addr, len, writable) in &self.data {
             if !writable {
                 return Err(S_IOERR);
             }
-            guest_slices(mem, addr, len, &mut |ptr, n| {
-                // SAFETY: `ptr..ptr+n` lies in a guest memory mapping that lives as long
-                // as `mem`; the guest owns the buffer until we return it in the used ring.
-                slices.push(IoSliceMut::new(unsafe {
-                    std::slice::from_raw_parts_mut(ptr, n)
-                }));
-            })?;
+            for slice in mem.get_slices(addr, len as usize) {
+                regions.push(slice.map_err(|_| S_IOERR)?);
+            }
         }
+        let mut slices: Vec<IoSliceMut<'_>> = regions
+            .iter()
+            .map(|r| {
+                // SAFETY: the slice lies in a guest memory mapping that lives as long as
+                // `mem`; the guest owns the buffer until we return it in the used ring.
+                IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(r.ptr_guard_mut().as_ptr(), r.len())
+                })
+            })
+            .collect();
         let read = disk.read_vectored_at(&mut slices, offset);
         // Dirty only once written (even partly, on an error): a migration round that
         // took the bitmap between a mark and the write would have copied the page as it
         // was and cleared its bit, losing the write.
         drop(slices);
-        for &(addr, len, _) in &self.data {
-            mark_dirty(mem, addr, len);
+        for r in &regions {
+            r.bitmap().mark_dirty(0, r.len());
         }
         read.map_err(|e| io_err("read", e))?;
         let len = self.data_len();
@@ -280,13 +286,6 @@ fn guest_slices(
         f(slice.ptr_guard_mut().as_ptr(), slice.len());
     }
     Ok(())
-}
-
-/// Marks `[addr, addr+len)` dirty for live migration, after the device wrote it.
-fn mark_dirty(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) {
-    for slice in mem.get_slices(addr, len as usize).flatten() {
-        slice.bitmap().mark_dirty(0, slice.len());
-    }
 }
 
 #[cfg(test)]
