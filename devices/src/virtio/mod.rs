@@ -10,6 +10,7 @@ mod memory;
 pub mod net;
 pub mod rng;
 mod transport;
+mod workers;
 
 use std::sync::Arc;
 

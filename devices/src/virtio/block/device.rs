@@ -3,13 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{BlockWorker, Throttle};
 use crate::block::BlockBackend;
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+use crate::virtio::workers::Workers;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
@@ -68,11 +66,6 @@ pub struct BlockCounters {
     pub throttled: AtomicU64,
 }
 
-struct Running {
-    stop: EventFd,
-    threads: Vec<JoinHandle<ActivatedQueue>>,
-}
-
 /// Opens a disk's image again (after a detach).
 pub type Reopen = Box<dyn Fn() -> std::io::Result<Arc<dyn BlockBackend>> + Send>;
 
@@ -123,7 +116,7 @@ pub struct Block {
     acked_features: u64,
     counters: Arc<BlockCounters>,
     limiter: Option<Arc<RateLimiter>>,
-    running: Option<Running>,
+    running: Option<Workers<ActivatedQueue>>,
     config_space: Vec<u8>,
 }
 
@@ -183,17 +176,7 @@ impl Block {
 
     /// Stops the workers; returns their queues.
     fn stop_workers(&mut self) -> Vec<ActivatedQueue> {
-        let mut queues = Vec::new();
-        if let Some(running) = self.running.take() {
-            let _ = running.stop.write(1);
-            for t in running.threads {
-                match t.join() {
-                    Ok(q) => queues.push(q),
-                    Err(_) => tracing::error!("a block worker panicked"),
-                }
-            }
-        }
-        queues
+        self.running.take().map(Workers::stop).unwrap_or_default()
     }
 }
 
@@ -283,17 +266,12 @@ impl VirtioDevice for Block {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
         self.stop_workers();
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ActivateError::Setup {
+        let mut workers = Workers::new("block")?;
+        let setup = |source| ActivateError::Setup {
             device: "block",
             source,
-        })?;
-        let mut threads = Vec::new();
+        };
         for q in queues {
-            let setup = |source| ActivateError::Setup {
-                device: "block",
-                source,
-            };
-            let stop_fd = stop.try_clone().map_err(setup)?;
             let throttle = match &self.limiter {
                 Some(l) => Some(Throttle::new(l.clone()).map_err(setup)?),
                 None => None,
@@ -306,23 +284,13 @@ impl VirtioDevice for Block {
                 self.config.clone(),
                 self.counters.clone(),
                 throttle,
-                stop_fd,
+                workers.stop_fd()?,
             )
-            .map_err(|source| ActivateError::Setup {
-                device: "block",
-                source,
-            })?;
+            .map_err(setup)?;
             let name = format!("vireo-blk-q{}", worker.queue_index());
-            let t = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker.run())
-                .map_err(|source| ActivateError::SpawnWorker {
-                    device: "block",
-                    source,
-                })?;
-            threads.push(t);
+            workers.spawn(name, move || worker.run())?;
         }
-        self.running = Some(Running { stop, threads });
+        self.running = Some(workers);
         Ok(())
     }
 

@@ -2,11 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{ConsoleWorker, WorkerParts};
+use crate::virtio::workers::Workers;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_VERSION_1, TYPE_CONSOLE,
@@ -27,7 +25,7 @@ pub struct Console {
     input: Option<std::fs::File>,
     bytes_out: Arc<AtomicU64>,
     bytes_in: Arc<AtomicU64>,
-    running: Option<(EventFd, JoinHandle<WorkerParts>)>,
+    running: Option<Workers<WorkerParts>>,
 }
 
 impl Console {
@@ -43,17 +41,16 @@ impl Console {
 
     /// Stops the worker; returns its queues.
     fn stop(&mut self) -> Vec<ActivatedQueue> {
-        let Some((stop, t)) = self.running.take() else {
+        let Some(workers) = self.running.take() else {
             return Vec::new();
         };
-        let _ = stop.write(1);
         // The worker hands the input back so a re-activated device keeps it.
-        match t.join() {
-            Ok(parts) => {
+        match workers.stop().pop() {
+            Some(parts) => {
                 self.input = parts.input;
                 parts.queues
             }
-            Err(_) => Vec::new(),
+            None => Vec::new(),
         }
     }
 }
@@ -120,7 +117,7 @@ impl VirtioDevice for Console {
                 reason: "both the receive and transmit queues must be enabled".into(),
             });
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
+        let mut workers = Workers::new("console")?;
         let worker = ConsoleWorker::new(
             rx,
             tx,
@@ -129,17 +126,11 @@ impl VirtioDevice for Console {
             self.output.clone(),
             self.input.take(),
             (self.bytes_out.clone(), self.bytes_in.clone()),
-            stop.try_clone().map_err(setup)?,
+            workers.stop_fd()?,
         )
         .map_err(setup)?;
-        let t = std::thread::Builder::new()
-            .name("vireo-console".into())
-            .spawn(move || worker.run())
-            .map_err(|source| ActivateError::SpawnWorker {
-                device: "console",
-                source,
-            })?;
-        self.running = Some((stop, t));
+        workers.spawn("vireo-console".into(), move || worker.run())?;
+        self.running = Some(workers);
         Ok(())
     }
 

@@ -5,12 +5,11 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use net::MacAddr;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::NetWorker;
+use crate::virtio::workers::Workers;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
@@ -66,11 +65,6 @@ pub struct NetCounters {
     pub tx_dropped: AtomicU64,
 }
 
-struct Running {
-    stop: EventFd,
-    thread: JoinHandle<Vec<ActivatedQueue>>,
-}
-
 pub struct Net {
     /// None while detached (a migration's hand-over).
     backend: Option<Arc<dyn NetBackend>>,
@@ -78,7 +72,7 @@ pub struct Net {
     config: NetConfig,
     acked_features: u64,
     counters: Arc<NetCounters>,
-    running: Option<Running>,
+    running: Option<Workers<Vec<ActivatedQueue>>>,
 }
 
 impl Net {
@@ -119,17 +113,10 @@ impl Net {
     }
 
     fn stop_worker(&mut self) -> Vec<ActivatedQueue> {
-        let Some(r) = self.running.take() else {
-            return Vec::new();
-        };
-        let _ = r.stop.write(1);
-        match r.thread.join() {
-            Ok(q) => q,
-            Err(_) => {
-                tracing::error!("the net worker panicked");
-                Vec::new()
-            }
-        }
+        self.running
+            .take()
+            .map(|w| w.stop().into_iter().flatten().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -196,7 +183,7 @@ impl VirtioDevice for Net {
                 reason: "both the receive and transmit queues must be enabled".into(),
             });
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
+        let mut workers = Workers::new("net")?;
         let worker = NetWorker::new(
             [rx, tx],
             mem,
@@ -204,17 +191,11 @@ impl VirtioDevice for Net {
             backend,
             self.acked_features & F_MRG_RXBUF != 0,
             self.counters.clone(),
-            stop.try_clone().map_err(setup)?,
+            workers.stop_fd()?,
         )
         .map_err(setup)?;
-        let thread = std::thread::Builder::new()
-            .name("vireo-net".into())
-            .spawn(move || worker.run())
-            .map_err(|source| ActivateError::SpawnWorker {
-                device: "net",
-                source,
-            })?;
-        self.running = Some(Running { stop, thread });
+        workers.spawn("vireo-net".into(), move || worker.run())?;
+        self.running = Some(workers);
         Ok(())
     }
 

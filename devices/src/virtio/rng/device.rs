@@ -2,11 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::RngWorker;
+use crate::virtio::workers::Workers;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_RNG,
@@ -16,7 +14,7 @@ const QUEUE_SIZES: [u16; 1] = [256];
 
 pub struct Rng {
     bytes: Arc<AtomicU64>,
-    running: Option<(EventFd, JoinHandle<ActivatedQueue>)>,
+    running: Option<Workers<ActivatedQueue>>,
 }
 
 impl Rng {
@@ -29,11 +27,7 @@ impl Rng {
 
     /// Stops the worker; returns its queue.
     fn stop(&mut self) -> Vec<ActivatedQueue> {
-        let Some((stop, t)) = self.running.take() else {
-            return Vec::new();
-        };
-        let _ = stop.write(1);
-        t.join().map(|q| vec![q]).unwrap_or_default()
+        self.running.take().map(Workers::stop).unwrap_or_default()
     }
 }
 
@@ -82,23 +76,11 @@ impl VirtioDevice for Rng {
             device: "rng",
             reason: "the request queue was not enabled".into(),
         })?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
-        let worker = RngWorker::new(
-            q,
-            mem,
-            interrupt,
-            self.bytes.clone(),
-            stop.try_clone().map_err(setup)?,
-        )
-        .map_err(setup)?;
-        let t = std::thread::Builder::new()
-            .name("vireo-rng".into())
-            .spawn(move || worker.run())
-            .map_err(|source| ActivateError::SpawnWorker {
-                device: "rng",
-                source,
-            })?;
-        self.running = Some((stop, t));
+        let mut workers = Workers::new("rng")?;
+        let worker = RngWorker::new(q, mem, interrupt, self.bytes.clone(), workers.stop_fd()?)
+            .map_err(setup)?;
+        workers.spawn("vireo-rng".into(), move || worker.run())?;
+        self.running = Some(workers);
         Ok(())
     }
 
