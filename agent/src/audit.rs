@@ -146,7 +146,10 @@ impl Filter {
 }
 
 /// `GET /api/v1/audit[?vm=NAME][&since=MS][&limit=N]`.
-pub async fn list(State(s): State<Arc<Supervisor>>, Query(q): Query<HashMap<String, String>>) -> Response {
+pub async fn list(
+    State(s): State<Arc<Supervisor>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let f = match Filter::from_query(&q) {
         Ok(f) => f,
         Err(m) => return crate::server::error(400, m),
@@ -195,7 +198,13 @@ mod tests {
             got.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
             [10, 20, 30, 40]
         );
-        assert_eq!(got[1], Entry { id: got[1].id, ..entry(20, Some("b"), 403) });
+        assert_eq!(
+            got[1],
+            Entry {
+                id: got[1].id,
+                ..entry(20, Some("b"), 403)
+            }
+        );
         let a = all(Filter {
             vm: Some("a".into()),
             limit: 10,

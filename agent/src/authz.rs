@@ -148,7 +148,8 @@ impl Group {
             });
         }
         let path = "/etc/group";
-        let text = std::fs::read_to_string(path).map_err(|source| GroupError::Read { path, source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| GroupError::Read { path, source })?;
         Self::find_in(&text, spec).ok_or_else(|| GroupError::Unknown(spec.to_string()))
     }
 
@@ -349,7 +350,10 @@ async fn enforce(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Res
         .await
         .ok();
     let vm = vm_of(params.as_ref());
-    let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0.clone());
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
     let req = Request::from_parts(parts, body);
     // Changes are audited; a path that matches no route changes nothing.
     let audited = route.is_some() && method != Method::GET && method != Method::HEAD;
@@ -388,9 +392,7 @@ async fn enforce(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Res
     };
 
     if role < Some(needed) {
-        let msg = gate
-            .policy
-            .refusal(&caller, role, needed, &method, &path);
+        let msg = gate.policy.refusal(&caller, role, needed, &method, &path);
         debug!(uid = caller.uid, pid = ?caller.pid, %method, %path, "refused");
         audit(403, msg.clone());
         return crate::server::error(403, msg);
@@ -448,9 +450,39 @@ mod tests {
             .collect();
         assert_eq!(ruled.len(), RULES.len(), "a route has two rules");
         let missing: Vec<_> = served.difference(&ruled).collect();
-        assert!(missing.is_empty(), "routes without a role in RULES: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "routes without a role in RULES: {missing:?}"
+        );
         let stale: Vec<_> = ruled.difference(&served).collect();
-        assert!(stale.is_empty(), "rules for routes that are not served: {stale:?}");
+        assert!(
+            stale.is_empty(),
+            "rules for routes that are not served: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn the_openapi_document_states_each_routes_role() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(crate::OPENAPI_YAML).unwrap();
+        let mut n = 0;
+        for (path, ops) in doc["paths"].as_mapping().unwrap() {
+            let path = path.as_str().unwrap();
+            for (m, op) in ops.as_mapping().unwrap() {
+                let m = m.as_str().unwrap().to_uppercase();
+                if m == "PARAMETERS" {
+                    continue;
+                }
+                let want = required_role(&Method::from_bytes(m.as_bytes()).unwrap(), Some(path));
+                assert_eq!(
+                    op["x-vireo-role"].as_str(),
+                    Some(want.name()),
+                    "{m} {path}: x-vireo-role"
+                );
+                assert!(op["responses"]["403"].is_mapping(), "{m} {path}: no 403");
+                n += 1;
+            }
+        }
+        assert_eq!(n, RULES.len());
     }
 
     #[test]
@@ -459,7 +491,11 @@ mod tests {
             assert_eq!(r.method, "GET", "{r:?}");
         }
         for route in ["/api/v1/vms/{name}/start", "/api/v1/vms/{name}/serial"] {
-            let m = if route.ends_with("serial") { Method::POST } else { Method::PUT };
+            let m = if route.ends_with("serial") {
+                Method::POST
+            } else {
+                Method::PUT
+            };
             assert_eq!(required_role(&m, Some(route)), Operator);
         }
         assert_eq!(required_role(&Method::GET, Some("/api/v1/audit")), Operator);
@@ -468,8 +504,14 @@ mod tests {
 
     #[test]
     fn a_route_without_a_rule_needs_an_operator_and_no_route_a_viewer() {
-        assert_eq!(required_role(&Method::PUT, Some("/api/v1/new-thing")), Operator);
-        assert_eq!(required_role(&Method::GET, Some("/api/v1/new-thing")), Operator);
+        assert_eq!(
+            required_role(&Method::PUT, Some("/api/v1/new-thing")),
+            Operator
+        );
+        assert_eq!(
+            required_role(&Method::GET, Some("/api/v1/new-thing")),
+            Operator
+        );
         assert_eq!(required_role(&Method::POST, None), Viewer);
     }
 
@@ -515,18 +557,36 @@ mod tests {
             }],
             viewers: vec![group(901)],
         };
-        let m = p.refusal(&caller(1234, 5, &[]), Some(Viewer), Operator, &Method::PUT, "/api/v1/vms/a/start");
+        let m = p.refusal(
+            &caller(1234, 5, &[]),
+            Some(Viewer),
+            Operator,
+            &Method::PUT,
+            "/api/v1/vms/a/start",
+        );
         assert_eq!(
             m,
             "uid 1234 is a viewer: PUT /api/v1/vms/a/start needs an operator (root or a member of vireo (gid 900))"
         );
-        let m = p.refusal(&caller(1234, 5, &[]), None, Viewer, &Method::GET, "/api/v1/vms");
+        let m = p.refusal(
+            &caller(1234, 5, &[]),
+            None,
+            Viewer,
+            &Method::GET,
+            "/api/v1/vms",
+        );
         assert_eq!(
             m,
             "uid 1234 may not use vireod: GET /api/v1/vms needs a viewer or an operator (root or a member of vireo (gid 900) or gid 901)"
         );
         assert!(!m.contains('\n'));
-        let m = p.refusal(&caller(1234, 5, &[]), None, Operator, &Method::DELETE, "/api/v1/vms/a");
+        let m = p.refusal(
+            &caller(1234, 5, &[]),
+            None,
+            Operator,
+            &Method::DELETE,
+            "/api/v1/vms/a",
+        );
         assert_eq!(
             m,
             "uid 1234 may not use vireod: DELETE /api/v1/vms/a needs an operator (root or a member of vireo (gid 900))"

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agent::supervisor::{Config, Supervisor};
 use agent::authz::{self, Group, Policy};
+use agent::supervisor::{Config, Supervisor};
 use agent::{error_chain, metering, server};
 use clap::Parser;
 use tracing::{info, warn};
@@ -187,10 +187,10 @@ async fn run(
             listener,
             app.into_make_service_with_connect_info::<authz::Peer>(),
         )
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await
     });
     info!(
         socket = %sock.display(),
