@@ -104,6 +104,12 @@ pub fn required_role(method: &Method, route: Option<&str>) -> Role {
     let Some(route) = route else {
         return Viewer;
     };
+    // HEAD is answered by a GET route.
+    let method = if method == Method::HEAD {
+        Method::GET
+    } else {
+        method.clone()
+    };
     RULES
         .iter()
         .find(|r| r.route == route && r.method == method.as_str())
@@ -330,93 +336,119 @@ pub fn protect(router: Router, sup: Arc<Supervisor>, policy: Policy) -> Router {
     router.layer(axum::middleware::from_fn_with_state(gate, enforce))
 }
 
-/// The VM a request is about: its `{name}` path parameter.
-fn vm_of(params: Option<&RawPathParams>) -> Option<String> {
-    params?
-        .iter()
-        .find(|(k, _)| *k == "name")
-        .map(|(_, v)| v.to_string())
+/// What a request asks for, as the layer sees it.
+struct Asked {
+    method: Method,
+    path: String,
+    /// The route it matched (`None`: no route, the answer is 404).
+    route: Option<String>,
+    /// The VM named by its `{name}` path parameter.
+    vm: Option<String>,
 }
 
-async fn enforce(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string());
-    let (mut parts, body) = req.into_parts();
-    let params = axum::RequestPartsExt::extract::<RawPathParams>(&mut parts)
-        .await
-        .ok();
-    let vm = vm_of(params.as_ref());
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<Peer>>()
-        .map(|c| c.0.clone());
-    let req = Request::from_parts(parts, body);
-    // Changes are audited; a path that matches no route changes nothing.
-    let audited = route.is_some() && method != Method::GET && method != Method::HEAD;
-    let needed = required_role(&method, route.as_deref());
-
-    let caller = match peer {
-        Some(Peer::Known(c)) => c,
-        other => {
-            let why = match other {
-                Some(Peer::Unknown(e)) => e,
-                _ => "no peer credentials on this connection".to_string(),
-            };
-            return crate::server::error(403, format!("caller unknown ({why}): refused"));
+impl Asked {
+    async fn of(parts: &mut axum::http::request::Parts) -> Self {
+        use axum::RequestPartsExt;
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(|m| m.as_str().to_string());
+        let vm = parts.extract::<RawPathParams>().await.ok().and_then(|p| {
+            p.iter()
+                .find(|(k, _)| *k == "name")
+                .map(|(_, v)| v.to_string())
+        });
+        Asked {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            route,
+            vm,
         }
-    };
-    let role = gate.policy.role_of(&caller);
-    let audit = |status: u16, detail: String| {
-        if !audited {
+    }
+
+    /// Whether it may change something (and so is audited): any method but GET on a
+    /// route (a path that matches none changes nothing).
+    fn is_change(&self) -> bool {
+        self.route.is_some() && self.method != Method::GET && self.method != Method::HEAD
+    }
+}
+
+impl Gate {
+    /// Writes the audit row of a change; a failure to write is logged, not answered
+    /// (an allowed change has already happened).
+    fn record(&self, c: &Caller, role: Option<Role>, asked: &Asked, status: u16, detail: String) {
+        if !asked.is_change() {
             return;
         }
         let e = Entry {
             id: 0,
             at_ms: crate::now_ms(),
-            uid: caller.uid,
-            pid: caller.pid,
+            uid: c.uid,
+            pid: c.pid,
             role: role.map_or("none", Role::name).to_string(),
-            method: method.to_string(),
-            route: route.clone().unwrap_or_default(),
-            vm: vm.clone(),
+            method: asked.method.to_string(),
+            route: asked.route.clone().unwrap_or_default(),
+            vm: asked.vm.clone(),
             status,
             detail,
         };
-        if let Err(err) = gate.sup.inventory().record_audit(&e) {
+        if let Err(err) = self.sup.inventory().record_audit(&e) {
             warn!(error = %crate::error_chain(&err), entry = ?e, "cannot write the audit record");
         }
-    };
+    }
+}
 
-    if role < Some(needed) {
-        let msg = gate.policy.refusal(&caller, role, needed, &method, &path);
-        debug!(uid = caller.uid, pid = ?caller.pid, %method, %path, "refused");
-        audit(403, msg.clone());
-        return crate::server::error(403, msg);
-    }
-    let resp = next.run(req).await;
-    if !audited {
-        return resp;
-    }
-    let status = resp.status().as_u16();
+/// A response and its error line (`{"error": ...}`; empty for a success).
+async fn with_error_line(resp: Response) -> (Response, String) {
     if resp.status().is_success() {
-        audit(status, String::new());
-        return resp;
+        return (resp, String::new());
     }
-    // A failed change: its error line is the record's detail.
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 10)
         .await
         .unwrap_or_default();
-    let detail = serde_json::from_slice::<serde_json::Value>(&bytes)
+    let line = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
         .unwrap_or_default();
-    audit(status, detail);
-    Response::from_parts(parts, axum::body::Body::from(bytes))
+    (
+        Response::from_parts(parts, axum::body::Body::from(bytes)),
+        line,
+    )
+}
+
+async fn enforce(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let asked = Asked::of(&mut parts).await;
+    let caller = match parts.extensions.get::<ConnectInfo<Peer>>() {
+        Some(ConnectInfo(Peer::Known(c))) => c.clone(),
+        Some(ConnectInfo(Peer::Unknown(e))) => {
+            return crate::server::error(403, format!("caller unknown ({e}): refused"));
+        }
+        None => {
+            return crate::server::error(
+                403,
+                "caller unknown (no peer credentials): refused".into(),
+            );
+        }
+    };
+    let role = gate.policy.role_of(&caller);
+    let needed = required_role(&asked.method, asked.route.as_deref());
+    if role < Some(needed) {
+        let msg = gate
+            .policy
+            .refusal(&caller, role, needed, &asked.method, &asked.path);
+        debug!(uid = caller.uid, pid = ?caller.pid, method = %asked.method, path = %asked.path, "refused");
+        gate.record(&caller, role, &asked, 403, msg.clone());
+        return crate::server::error(403, msg);
+    }
+    let resp = next.run(Request::from_parts(parts, body)).await;
+    if !asked.is_change() {
+        return resp;
+    }
+    let (resp, detail) = with_error_line(resp).await;
+    gate.record(&caller, role, &asked, resp.status().as_u16(), detail);
+    resp
 }
 
 #[cfg(test)]
@@ -500,6 +532,11 @@ mod tests {
         }
         assert_eq!(required_role(&Method::GET, Some("/api/v1/audit")), Operator);
         assert_eq!(required_role(&Method::GET, Some("/api/v1/vms")), Viewer);
+        assert_eq!(required_role(&Method::HEAD, Some("/api/v1/vms")), Viewer);
+        assert_eq!(
+            required_role(&Method::HEAD, Some("/api/v1/audit")),
+            Operator
+        );
     }
 
     #[test]
