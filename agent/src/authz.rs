@@ -398,22 +398,28 @@ impl Gate {
     }
 }
 
-/// A response and its error line (`{"error": ...}`; empty for a success).
-async fn with_error_line(resp: Response) -> (Response, String) {
-    if resp.status().is_success() {
-        return (resp, String::new());
-    }
+/// What the answer to a change says: its error line (`{"error": ...}`; empty for a
+/// success) and the VM it was about when the path did not name one (a migration
+/// record's `vm`). A change's answer is one small JSON document, never a stream.
+struct Outcome {
+    detail: String,
+    vm: Option<String>,
+}
+
+async fn read_outcome(resp: Response) -> (Response, Outcome) {
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 10)
         .await
         .unwrap_or_default();
-    let line = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_default();
+    let json = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
+    let field = |k: &str| json[k].as_str().map(str::to_string);
+    let outcome = Outcome {
+        detail: field("error").unwrap_or_default(),
+        vm: field("vm"),
+    };
     (
         Response::from_parts(parts, axum::body::Body::from(bytes)),
-        line,
+        outcome,
     )
 }
 
@@ -446,8 +452,16 @@ async fn enforce(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Res
     if !asked.is_change() {
         return resp;
     }
-    let (resp, detail) = with_error_line(resp).await;
-    gate.record(&caller, role, &asked, resp.status().as_u16(), detail);
+    let (resp, outcome) = read_outcome(resp).await;
+    let mut asked = asked;
+    asked.vm = asked.vm.or(outcome.vm);
+    gate.record(
+        &caller,
+        role,
+        &asked,
+        resp.status().as_u16(),
+        outcome.detail,
+    );
     resp
 }
 

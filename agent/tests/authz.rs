@@ -295,6 +295,27 @@ fn operators_change_everything_and_each_change_is_audited() {
     call(&op, "PUT", "/api/v1/vms/nope/start", None, 404);
     call(&op, "PUT", "/api/v1/vms/web/stop", None, 200);
     call(&op, "DELETE", "/api/v1/vms/web", None, 204);
+    // An incoming migration and its cancel: their VM is in the body and the record.
+    let incoming = json!({"name": "rx", "definition": {"config": common::counter_config()}});
+    let r = call(
+        &op,
+        "POST",
+        "/api/v1/migrations/incoming",
+        Some(&incoming.to_string()),
+        201,
+    );
+    let id = serde_json::from_str::<Value>(&r.body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    call(
+        &op,
+        "DELETE",
+        &format!("/api/v1/migrations/{id}"),
+        None,
+        200,
+    );
+    assert_eq!(d.wait_migration(&id, T)["state"], "cancelled");
     assert!(d.absent("web"));
     // Reading is not audited.
     assert_eq!(
@@ -338,11 +359,16 @@ fn operators_change_everything_and_each_change_is_audited() {
         .unwrap()
         .contains("no VM named"));
     assert_eq!(entries[1]["detail"], "");
+    assert_eq!(entries[9]["route"], "/api/v1/migrations/incoming");
+    assert_eq!(entries[9]["vm"], "rx");
+    assert_eq!(entries[10]["route"], "/api/v1/migrations/{id}");
+    assert_eq!(entries[10]["vm"], "rx");
 
     // Filters.
     assert_eq!(audit(&d, "?vm=nope").len(), 1);
     let last2 = audit(&d, "?limit=2");
     assert_eq!(last2.len(), 2);
+    assert_eq!(last2[0]["method"], "POST");
     assert_eq!(last2[1]["method"], "DELETE");
     let since = entries[7]["at_ms"].as_u64().unwrap();
     assert!(audit(&d, &format!("?since={since}")).len() >= 2);
