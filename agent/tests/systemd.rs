@@ -136,7 +136,7 @@ fn fake_systemctl(dir: &std::path::Path, run_dir: &std::path::Path) -> std::path
     std::fs::create_dir_all(&state).unwrap();
     let script = format!(
         r#"#!/bin/sh
-# Stand-in for systemctl: systemd cannot be PID 1 in this sandbox.
+# Stand-in for systemctl: checks the launcher call by call (systemd_pid1.rs runs a real systemd as PID 1 of its own namespaces).
 state={state}
 vireo={vireo}
 echo "$*" >> "$state/calls"

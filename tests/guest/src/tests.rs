@@ -494,8 +494,8 @@ pub fn fault() -> ! {
 }
 
 /// `test=irq`: does an interrupt reach the guest while it runs at CPL3? Arms the LAPIC timer
-/// (xAPIC MMIO at 0xfee00000, one-shot, vector 0x40), sets IF through `guest_sti` (a UD2 the CPL0 #UD handler turns into STI) and waits up
-/// to 1 s for the CPL0 handler to count it.
+/// (xAPIC MMIO at 0xfee00000, one-shot, vector 0x40), sets IF through `guest_sti` (a UD2 the CPL0 #UD handler turns into STI) and waits until
+/// the CPL0 handler counts it (the host bounds the run; no guest-side deadline).
 pub fn irq() -> ! {
     use core::sync::atomic::Ordering;
     const LAPIC: u64 = 0xfee0_0000;
@@ -512,11 +512,7 @@ pub fn irq() -> ! {
         reg(0x380).write_volatile(1_000_000); // initial count
         let t0 = rdtsc();
         crate::boot::guest_sti();
-        while crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst) == 0
-            && rdtsc() - t0 < f.khz * 1000
-        {
-            core::hint::spin_loop();
-        }
+        wait_for_irq_probe();
         crate::boot::guest_cli();
         let n = crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst);
         let waited_us = (rdtsc() - t0) * 1000 / f.khz;
@@ -524,9 +520,6 @@ pub fn irq() -> ! {
             "irq lapic-timer vector=0x40 delivered={} waited_us={}",
             n, waited_us
         );
-        if n == 0 {
-            fail!("LAPIC timer interrupt not delivered within 1 s");
-        }
     }
     io::result_ok()
 }
@@ -538,7 +531,6 @@ pub fn irq() -> ! {
 pub fn msi() -> ! {
     use core::sync::atomic::Ordering;
     let (mut blk, df) = open_blk_at();
-    let f = crate::timer::tsc_khz();
     let cfg = crate::paging::virt(pci::ecam_base())
         + (((df.bus as u64) << 20) | ((df.device as u64) << 15) | ((df.function as u64) << 12));
     let r32 = |off: u64| unsafe { ((cfg + off) as *const u32).read_volatile() };
@@ -596,17 +588,25 @@ pub fn msi() -> ! {
     let mut buf = vec![0u8; SECTOR_SIZE];
     unsafe { crate::boot::guest_sti() };
     let r = blk.read_blocks(0, &mut buf);
-    let t0 = rdtsc();
-    while crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst) == 0 && rdtsc() - t0 < f.khz * 100 {
-        core::hint::spin_loop();
+    if let Err(e) = r {
+        fail!("virtio-blk read failed: {:?}", e);
     }
+    println!("msi read done, waiting for vector 0x40");
+    wait_for_irq_probe();
     unsafe { crate::boot::guest_cli() };
     let n = crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst);
     println!("msi vector=0x40 delivered={} read={:?}", n, r);
-    if n == 0 {
-        fail!("MSI-X interrupt not delivered within 100 ms");
-    }
     io::result_ok()
+}
+
+/// Waits until the CPL0 vector 0x40 handler has counted an interrupt. No deadline here: a
+/// guest-side deadline measures the host's load, not the VMM. The host test bounds the
+/// whole run (seconds) as a hang guard, so an interrupt that never comes still fails it.
+fn wait_for_irq_probe() {
+    use core::sync::atomic::Ordering;
+    while crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst) == 0 {
+        core::hint::spin_loop();
+    }
 }
 
 /// `test=mem`: for every E820 RAM entry, write, verify and restore one u64 in the first,
