@@ -93,7 +93,7 @@ fn disk_bytes_cpu_and_memory_match_what_the_guest_did() {
 #[test]
 fn network_bytes_in_and_out_match_what_the_guest_sent_and_received() {
     if !is_root() {
-        eprintln!("skipped: needs root (network namespaces and taps)");
+        vireo_e2e::skip_or_fail_under_ci("needs root (network namespaces and taps)");
         return;
     }
     let ns = std::sync::Arc::new(NetNs::new("agent-net"));

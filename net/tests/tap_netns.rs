@@ -18,7 +18,7 @@ impl NetNs {
     fn new(tag: &str) -> Option<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root (network namespaces, /dev/net/tun)");
+            vireo_e2e::skip_or_fail_under_ci("needs root (network namespaces, /dev/net/tun)");
             return None;
         }
         let name = format!("vireo-nettest-{tag}-{}", std::process::id());

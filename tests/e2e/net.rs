@@ -17,9 +17,10 @@ const T: Duration = Duration::from_secs(60);
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HOST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0xfe];
 
+/// True (after `skip_or_fail_under_ci`) when this host cannot make namespaces and taps.
 fn skip_unless_root() -> bool {
     if !is_root() {
-        eprintln!("skipped: needs root (network namespaces and taps)");
+        skip_or_fail_under_ci("needs root (network namespaces and taps)");
         return true;
     }
     false

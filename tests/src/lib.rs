@@ -263,3 +263,57 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// True when the tests run under CI (`CI=true` in the environment, as `.ci/run` sets).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The one way a test steps aside where this host cannot run it: prints `SKIP: <why>` to
+/// stderr, and the caller returns. Under CI a skip is a test that cannot fail, so there it
+/// fails the test instead (with the same reason). Tests that cannot run on CI machines at
+/// all are excluded by name in scripts/test, with their reason printed.
+#[track_caller]
+pub fn skip_or_fail_under_ci(why: impl std::fmt::Display) {
+    if under_ci() {
+        panic!("CI=true and this test cannot run here: {why}");
+    }
+    eprintln!("SKIP: {why}");
+}
+
+#[cfg(test)]
+mod tests {
+    /// Calls the skip helper only when run by the test below (VIREO_SKIP_PROBE set).
+    #[test]
+    fn skip_probe() {
+        if std::env::var_os("VIREO_SKIP_PROBE").is_some() {
+            super::skip_or_fail_under_ci("probe reason");
+        }
+    }
+
+    /// Runs `skip_probe` in a child test process with and without CI=true: a skip fails
+    /// the test under CI and passes (with its reason on stderr) outside it.
+    #[test]
+    fn a_skip_fails_under_ci_and_is_reported_outside_it() {
+        let exe = std::env::current_exe().unwrap();
+        let run = |ci: &str| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "tests::skip_probe", "--nocapture"])
+                .env("VIREO_SKIP_PROBE", "1")
+                .env("CI", ci)
+                .output()
+                .unwrap()
+        };
+        let out = run("true");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a skip passed under CI: {stderr}");
+        assert!(
+            stderr.contains("CI=true and this test cannot run here: probe reason"),
+            "{stderr}"
+        );
+        let out = run("false");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("SKIP: probe reason"), "{stderr}");
+    }
+}
