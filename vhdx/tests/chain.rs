@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use rand::Rng;
+use std::process::Command;
 use vhdx::{CreateOptions, DiskKind, OpenOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
@@ -454,4 +455,93 @@ fn locks_keep_qemu_and_us_apart() {
     assert!(!out.status.success(), "qemu wrote while we were reading");
     assert!(Vhdx::open(&p, OpenOptions::default()).is_err());
     drop(r1);
+}
+
+/// `create -b base.vhdx sub/child.vhdx` run from elsewhere: the relative backing path names
+/// `sub/base.vhdx` (the child's directory), as qemu-img and Hyper-V read it; a base.vhdx in
+/// the current directory is not used. qemu-img 7.2 cannot open differencing VHDX, so its
+/// reading of a relative `-b` is checked with qcow2 under the same layout.
+#[test]
+fn a_relative_backing_path_is_read_against_the_childs_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let base = sub.join("base.vhdx");
+    ok(
+        vireo_img(),
+        &["create", "-f", "vhdx", base.to_str().unwrap(), "8M"],
+    );
+    // A decoy of another size in the current directory: the old reading picked it.
+    ok(
+        vireo_img(),
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            d.path().join("base.vhdx").to_str().unwrap(),
+            "4M",
+        ],
+    );
+    let create_child = |name: &str| {
+        Command::new(vireo_img())
+            .current_dir(d.path())
+            .args(["create", "-f", "vhdx", "-b", "base.vhdx", "-F", "vhdx"])
+            .arg(format!("sub/{name}"))
+            .output()
+            .unwrap()
+    };
+    let out = create_child("child.vhdx");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = ok(
+        vireo_img(),
+        &["info", "--output", "json", sub.join("child.vhdx").to_str().unwrap()],
+    );
+    let j: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(j["virtual-size"], 8 << 20, "{info}");
+    let backing = j["backing-filename"].as_str().unwrap();
+    assert_eq!(
+        std::fs::canonicalize(backing).unwrap(),
+        std::fs::canonicalize(&base).unwrap(),
+        "{info}"
+    );
+    // Reopened from yet another directory, the child still finds sub/base.vhdx.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(vireo_img())
+        .current_dir(other.path())
+        .args(["check", sub.join("child.vhdx").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // No base next to the child: one clear error naming the path looked for, no child made.
+    std::fs::remove_file(&base).unwrap();
+    let out = create_child("orphan.vhdx");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("sub/base.vhdx"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!sub.join("orphan.vhdx").exists());
+    // qemu-img's reading of a relative -b, same layout in qcow2: against the child's
+    // directory (the 4M decoy in the current directory is not what it finds).
+    let q = |args: &[&str]| {
+        Command::new("qemu-img")
+            .current_dir(d.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = q(&["create", "-f", "qcow2", "sub/qbase.qcow2", "8M"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = q(&["create", "-f", "qcow2", "qbase.qcow2", "4M"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = q(&[
+        "create", "-f", "qcow2", "-b", "qbase.qcow2", "-F", "qcow2", "sub/qchild.qcow2",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = q(&["info", "--output", "json", "sub/qchild.qcow2"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["virtual-size"], 8 << 20, "qemu-img: {j}");
 }

@@ -31,6 +31,7 @@ enum Cmd {
         format: String,
         #[arg(short = 'o')]
         options: Option<String>,
+        /// The parent; a relative path is read against CHILD's directory (as qemu-img does).
         #[arg(short = 'b')]
         backing: Option<PathBuf>,
         #[arg(short = 'F')]
@@ -211,6 +212,15 @@ pub fn parse_create_options(opts: Option<&str>, base: &mut CreateOptions) -> Cli
     Ok(())
 }
 
+/// The backing file `-b` names: a relative path is read against the new image's directory,
+/// as qemu-img and Hyper-V read it, not against the current directory.
+fn backing_beside(child: &Path, backing: &Path) -> PathBuf {
+    match child.parent() {
+        Some(dir) if backing.is_relative() && !dir.as_os_str().is_empty() => dir.join(backing),
+        _ => backing.to_path_buf(),
+    }
+}
+
 fn create(
     format: &str,
     options: Option<&str>,
@@ -238,7 +248,7 @@ fn create(
                     }
                 }
                 o.kind = DiskKind::Differencing {
-                    parent: b.to_path_buf(),
+                    parent: backing_beside(file, b),
                 };
             } else {
                 let s = size_arg.ok_or("Image creation needs a size parameter")?;
