@@ -250,9 +250,48 @@ fn trim(records: &mut BTreeMap<String, Entry>) {
     }
 }
 
+/// The sending VMM's final figures, from the result line it writes as it exits
+/// ([`api::MIGRATION_RESULT_PREFIX`]) in its log's last lines (the newest such line).
+pub fn final_result(log_tail: &[String]) -> Option<api::MigrationInfo> {
+    log_tail.iter().rev().find_map(|line| {
+        let json = line.split_once(api::MIGRATION_RESULT_PREFIX)?.1;
+        serde_json::from_str(json.trim()).ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_final_result_is_the_newest_result_line_of_the_log() {
+        let line = |downtime: f64| {
+            let i = api::MigrationInfo {
+                status: api::MigrationStatus::Completed,
+                pages_sent: 70_000,
+                downtime_ms: downtime,
+                ..Default::default()
+            };
+            format!(
+                "{}{}",
+                api::MIGRATION_RESULT_PREFIX,
+                serde_json::to_string(&i).unwrap()
+            )
+        };
+        let tail = vec![
+            "2026-12-05T00:00:00Z INFO migration committed".to_string(),
+            line(1.5),
+            "INFO the VM runs at its migration destination".to_string(),
+            line(2.5),
+        ];
+        let r = final_result(&tail).unwrap();
+        assert_eq!(r.status, api::MigrationStatus::Completed);
+        assert_eq!((r.pages_sent, r.downtime_ms), (70_000, 2.5));
+        // No result line, or a torn one (the VMM died while writing it): none.
+        assert_eq!(final_result(&tail[..1]), None);
+        let torn = format!("{}{{\"status\":", api::MIGRATION_RESULT_PREFIX);
+        assert_eq!(final_result(&[torn]), None);
+    }
 
     #[test]
     fn percent_follows_pages_sent_and_left() {

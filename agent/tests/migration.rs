@@ -102,6 +102,20 @@ fn three_migrations_with_a_limit_of_two_queue_the_third_and_all_arrive_counting(
     }
     assert!(saw_queued, "the third migration was never seen queued");
     let recs: Vec<Value> = ids.iter().map(|id| src.migration(id)).collect();
+    // A completed migration shows the source VMM's final figures (its result line as it
+    // exited), not the last 100 ms sample taken while it was still sending.
+    for r in &recs {
+        let p = &r["progress"];
+        assert_eq!(p["status"], "completed", "{r}");
+        assert_eq!(p["remaining_pages"], 0, "{r}");
+        assert!(p["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(p["total_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(p["pages_sent"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["percent"], 100.0, "{r}");
+    }
+    let out = src.ctl_ok(&["migration", "info", &ids[0]]);
+    let downtime = out.lines().find(|l| l.starts_with("downtime")).unwrap();
+    assert!(!downtime.ends_with(" 0.0 ms"), "{out}");
     // The timestamps agree: never more than 2 at once, and the third started only
     // once one of the first two had finished.
     assert_eq!(max_overlap(&recs), 2, "{recs:?}");

@@ -20,6 +20,10 @@ pub use types::{
 };
 
 /// The OpenAPI document of the per-VM API.
+/// The line a VMM that handed its VM over writes to stderr as it exits, followed by its
+/// final [`MigrationInfo`] as JSON: the figures it exits too soon for a poll to read.
+pub const MIGRATION_RESULT_PREFIX: &str = "vireo: migration result: ";
+
 pub const OPENAPI_YAML: &str = include_str!("../openapi/vireo.yaml");
 
 /// "outer: inner: innermost" on one line.

@@ -225,7 +225,15 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             eprintln!("vireo: guest reported failure (debug-exit code {code:#x})")
         }
         vmm::vmm::VmmExit::PowerOff => {}
-        vmm::vmm::VmmExit::Migrated => tracing::info!("the VM runs at its migration destination"),
+        vmm::vmm::VmmExit::Migrated => {
+            tracing::info!("the VM runs at its migration destination");
+            // The final figures, for whoever launched this VMM: it exits before a poll of
+            // vm.migration-info would see them (vireod reads this line from the log).
+            match serde_json::to_string(&vmm.migration_info()) {
+                Ok(json) => eprintln!("{}{json}", api::MIGRATION_RESULT_PREFIX),
+                Err(e) => tracing::warn!(error = %e, "cannot encode the migration result"),
+            }
+        }
     }
     Ok(ExitCode::from(exit.status() as u8))
 }

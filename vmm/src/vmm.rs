@@ -356,7 +356,8 @@ impl Vmm {
 }
 
 impl Vmm {
-    fn migration_info(&self) -> MigrationInfo {
+    /// The figures `vm.migration-info` reports (the last send's or receive's).
+    pub fn migration_info(&self) -> MigrationInfo {
         self.migration
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -323,6 +323,17 @@ impl Supervisor {
                 }
             };
             if let Some((exit, killed)) = ended {
+                // The VMM exits a few ms after Go, before the next poll: its final
+                // figures come from the result line it wrote as it exited.
+                if let Some(last) = exit
+                    .as_ref()
+                    .and_then(|e| crate::migrations::final_result(&e.vmm_log_tail))
+                {
+                    self.migrations.update(id, |r| {
+                        r.percent = crate::migrations::percent(&last);
+                        r.progress = Some(last);
+                    });
+                }
                 if committed_at.is_some() {
                     return Sent::Committed { confirmed: false };
                 }
