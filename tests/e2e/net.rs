@@ -184,7 +184,7 @@ fn a_snapshot_restores_onto_the_same_tap_and_traffic_continues() {
     expect_frames(&sock, &out_frames);
     wait_line(&a, "net sent=");
     // The guest now waits for frames: snapshot it there, on a paused VM.
-    std::thread::sleep(Duration::from_millis(200));
+    wait_line(&a, "net receiving");
     assert_eq!(api(&a_sock, "PUT", "vm.pause", None).0, 204);
     let body = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
     let (s, r) = api(&a_sock, "PUT", "vm.snapshot", Some(&body));

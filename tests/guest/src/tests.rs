@@ -961,6 +961,9 @@ pub fn net() -> ! {
     let t0 = rdtsc();
     let (mut got, mut bytes, mut bad, mut ignored) = (0u64, 0u64, 0u64, 0u64);
     let mut crc = Crc32::new();
+    // Hosts wait for this line (not for a while) before they snapshot or migrate the guest
+    // in its receive loop.
+    println!("net receiving recv={}", recv);
     while got < recv {
         if rdtsc() - t0 > f.khz * ms {
             println!("net received={} bytes={} bad={} ignored={}", got, bytes, bad, ignored);
