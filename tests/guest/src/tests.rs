@@ -588,7 +588,7 @@ pub fn msi() -> ! {
     let mut buf = vec![0u8; SECTOR_SIZE];
     unsafe { crate::boot::guest_sti() };
     let r = blk.read_blocks(0, &mut buf);
-    if let Err(e) = r {
+    if let Err(e) = &r {
         fail!("virtio-blk read failed: {:?}", e);
     }
     println!("msi read done, waiting for vector 0x40");
