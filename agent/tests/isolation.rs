@@ -46,9 +46,7 @@ fn thread_cgroups(pid: i32) -> Vec<(String, String)> {
 #[test]
 fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
     if !cgroups_writable() {
-        vireo_e2e::skip_or_fail_under_ci(format!(
-            "no writable cgroup v1 cpu hierarchy at {CPU}"
-        ));
+        vireo_e2e::skip_or_fail_under_ci(format!("no writable cgroup v1 cpu hierarchy at {CPU}"));
         return;
     }
     let d = Daemon::start(&["--no-autostart"]);

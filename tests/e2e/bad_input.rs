@@ -151,7 +151,10 @@ fn bench_help_prints_usage_and_runs_nothing() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("Usage: vireo-bench"), "{stdout}");
     assert!(stdout.contains("--only"), "{stdout}");
-    assert!(!stdout.contains("## vireo VMM"), "ran the benchmark: {stdout}");
+    assert!(
+        !stdout.contains("## vireo VMM"),
+        "ran the benchmark: {stdout}"
+    );
     let out = run(&["--only", "bogus"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

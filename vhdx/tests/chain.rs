@@ -498,7 +498,12 @@ fn a_relative_backing_path_is_read_against_the_childs_directory() {
     );
     let info = ok(
         vireo_img(),
-        &["info", "--output", "json", sub.join("child.vhdx").to_str().unwrap()],
+        &[
+            "info",
+            "--output",
+            "json",
+            sub.join("child.vhdx").to_str().unwrap(),
+        ],
     );
     let j: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(j["virtual-size"], 8 << 20, "{info}");
@@ -538,7 +543,14 @@ fn a_relative_backing_path_is_read_against_the_childs_directory() {
     let out = q(&["create", "-f", "qcow2", "qbase.qcow2", "4M"]);
     assert!(out.status.success(), "{out:?}");
     let out = q(&[
-        "create", "-f", "qcow2", "-b", "qbase.qcow2", "-F", "qcow2", "sub/qchild.qcow2",
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "qbase.qcow2",
+        "-F",
+        "qcow2",
+        "sub/qchild.qcow2",
     ]);
     assert!(out.status.success(), "{out:?}");
     let out = q(&["info", "--output", "json", "sub/qchild.qcow2"]);
