@@ -10,7 +10,8 @@ use vireo_e2e::netframe::{self, ETHERTYPE};
 use vireo_e2e::netns::{is_root, NetNs, PacketSocket};
 use vireo_e2e::pattern::Crc32;
 use vireo_e2e::{
-    api, bin, guest, have_qemu, serial_line, wait_for_socket, wait_with_timeout, Vireo,
+    api, bin, guest, have_qemu, serial_line, skip_or_fail_under_ci, wait_for_socket,
+    wait_with_timeout, Vireo,
 };
 
 const T: Duration = Duration::from_secs(60);
