@@ -13,7 +13,10 @@ pub mod layout;
 pub mod live;
 pub mod memory;
 pub mod notify;
+pub mod panic;
 pub mod seccomp;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

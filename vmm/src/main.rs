@@ -215,6 +215,11 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         notify::notify("READY=1");
     }
     filters.apply(ThreadKind::Control)?;
+    #[cfg(feature = "test-hooks")]
+    {
+        vmm::test_hooks::probe_syscall("control");
+        vmm::test_hooks::probe_open();
+    }
     let exit = vmm.run();
     if let Some(server) = server {
         server.shutdown();
@@ -238,6 +243,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    vmm::panic::install_abort_hook();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

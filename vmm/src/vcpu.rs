@@ -163,6 +163,10 @@ impl VcpuHandle {
             .name(format!("vireo-vcpu{id}"))
             .spawn(move || {
                 ctx.seccomp.apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                #[cfg(feature = "test-hooks")]
+                if id == 0 {
+                    crate::test_hooks::probe_syscall("vcpu");
+                }
                 run_loop(id, &mut fd, &ctx, &s, &e);
                 let (m, cv) = &*s;
                 m.lock().unwrap_or_else(|e| e.into_inner()).exited = true;
@@ -330,6 +334,10 @@ fn run_loop(
         }
         let exit = fd.run();
         exits.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "test-hooks")]
+        if crate::test_hooks::vcpu_should_panic(id) {
+            panic!("test hook: VIREO_TEST_PANIC_VCPU");
+        }
         // Queued writes come first: they happened before whatever made this exit.
         if let Some(ring) = &ctx.coalesced {
             ring.drain(|addr, data| {
