@@ -3,6 +3,7 @@
 //! [`vmm::Vmm`] is the control loop; [`vm::Vm`] one VM built from an
 //! [`api::VmConfig`]; [`kvm`] the only module that speaks ioctls for VM set-up.
 
+pub mod activator;
 pub mod arch;
 pub mod boot;
 pub mod coalesced;

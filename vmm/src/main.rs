@@ -175,6 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
         })
     }));
+    vmm::activator::start(filters.clone())?;
     let mut vmm = Vmm::new(filters.clone());
     // WATCHDOG=1 from the control loop when systemd asks for it (WatchdogSec=).
     vmm.set_watchdog(vmm::watchdog::Watchdog::from_env());
@@ -244,6 +245,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     vmm::panic::install_abort_hook();
+    vmm::seccomp::keep_malloc_off_the_filesystem();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
