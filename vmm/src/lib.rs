@@ -9,6 +9,7 @@ pub mod boot;
 pub mod coalesced;
 pub mod device_manager;
 pub mod fault;
+pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod live;
