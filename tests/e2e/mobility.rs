@@ -1367,3 +1367,81 @@ fn destination_disk_full_during_shared_nothing_leaves_the_source_on_its_disk() {
         "no VM at the destination"
     );
 }
+
+/// Both VMMs jailed (`vireo --jail`, the same uid as on shared storage): the source
+/// sees the migration socket's directory, the destination that directory and the disk
+/// the arriving VM names; the disk is handed to the uid, as whoever sets up jails does.
+#[test]
+fn live_migration_between_jailed_vmms_over_unix_and_tcp() {
+    for transport in ["unix", "tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = 100103;
+        let disk = raw_disk(dir.path());
+        std::os::unix::fs::chown(&disk, Some(uid), Some(uid)).unwrap();
+        let mig = dir.path().join("mig");
+        let (src_api, dst_api) = (dir.path().join("src"), dir.path().join("dst"));
+        for d in [&mig, &src_api, &dst_api] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let jail = |root: &str, extra: &str| {
+            format!(
+                "uid={uid},gid={uid},root={},bind={}{extra}",
+                dir.path().join(root).display(),
+                mig.display()
+            )
+        };
+        let ops = 2000;
+        let src_sock = src_api.join("src.sock");
+        let mut src = Vireo::guest(
+            &format!("test=workload pages=512 ops={ops} report=200"),
+            &[
+                "--api-socket",
+                src_sock.to_str().unwrap(),
+                "--disk",
+                &format!("path={}", disk.display()),
+                "--jail",
+                &jail("r1", ""),
+            ],
+        );
+        src.cmd.env("RUST_LOG", "vmm::live=info");
+        let src = src.spawn();
+        wait_for_socket(&src_sock, T);
+        src.wait_serial("work iter=200 ", T);
+
+        let dst_sock = dst_api.join("dst.sock");
+        let dst_serial = dir.path().join("dst.log");
+        let dst = Command::new(bin("vireo"))
+            .arg("--api-socket")
+            .arg(&dst_sock)
+            .arg("--serial")
+            .arg(format!("file={}", dst_serial.display()))
+            .arg("--jail")
+            .arg(jail("r2", &format!(",bind={}", disk.display())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&dst_sock, T);
+        let url = match transport {
+            "unix" => format!("unix:{}", mig.join("mig.sock").display()),
+            _ => tcp_url(),
+        };
+        let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+        let (s, b) = api(&dst_sock, "PUT", "vm.receive-migration", Some(&body));
+        assert_eq!(s, 204, "{b}");
+        send_with(&src_sock, &url, "");
+        let src_out = src.wait(T);
+        assert_eq!(
+            src_out.status.code(),
+            Some(0),
+            "{transport}: {}",
+            String::from_utf8_lossy(&src_out.stderr)
+        );
+        let dst_out = wait_with_timeout(dst, T);
+        let text = std::fs::read_to_string(&dst_serial).unwrap();
+        assert_guest_ok(&dst_out, &text);
+        assert!(text.contains(&format!("work done iter={ops}")), "{transport}: {text}");
+        assert_blocks(&disk, ops);
+    }
+}
