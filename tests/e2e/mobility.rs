@@ -1441,7 +1441,61 @@ fn live_migration_between_jailed_vmms_over_unix_and_tcp() {
         let dst_out = wait_with_timeout(dst, T);
         let text = std::fs::read_to_string(&dst_serial).unwrap();
         assert_guest_ok(&dst_out, &text);
-        assert!(text.contains(&format!("work done iter={ops}")), "{transport}: {text}");
+        assert!(
+            text.contains(&format!("work done iter={ops}")),
+            "{transport}: {text}"
+        );
         assert_blocks(&disk, ops);
     }
+}
+
+/// A jailed VMM moves its running disk to a VHDX in a directory handed to its jail
+/// (`bind=`), and deletes the old image there.
+#[test]
+fn storage_migration_works_in_a_jail() {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = 100104;
+    let store = dir.path().join("store");
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::create_dir(&api_dir).unwrap();
+    let disk = raw_disk(&store);
+    let ops = 2000;
+    let sock = api_dir.join("vm.sock");
+    let jail = format!(
+        "uid={uid},gid={uid},root={},bind={}",
+        dir.path().join("root").display(),
+        store.display()
+    );
+    let src = Vireo::guest(
+        &format!("test=workload pages=512 ops={ops} report=200"),
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--jail",
+            &jail,
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    src.wait_serial("work iter=200 ", T);
+    let new = store.join("moved.vhdx");
+    let body = format!(
+        r#"{{"id":"disk0","destination":"{}","format":"vhdx","delete_source":true}}"#,
+        new.display()
+    );
+    let (s, b) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    let info = wait_disk_migration(&sock);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(!disk.exists(), "the old image is deleted after the switch");
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    assert_eq!(src.wait(T).status.code(), Some(0));
+    assert_vhdx_blocks(&new, &dir.path().join("back.raw"), ops);
 }

@@ -329,15 +329,26 @@ fn build_root(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<
         Some("mode=0755,size=1m"),
     )?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    // A path inside a directory that is bound anyway is not bound again: a file mount
+    // on top of it could not be renamed or deleted (a storage migration's
+    // delete_source) inside the jail.
+    let dirs: Vec<&Path> = paths
+        .iter()
+        .map(|p| p.path.as_path())
+        .filter(|p| p.is_dir())
+        .collect();
     for p in paths {
-        let path = std::path::absolute(&p.path).map_err(sys(format!("{}", p.path.display())))?;
+        let path = p.path.as_path();
         if p.writable {
             if !path.exists() {
-                std::fs::File::create(&path).map_err(sys(format!("create {}", path.display())))?;
+                std::fs::File::create(path).map_err(sys(format!("create {}", path.display())))?;
             }
-            chown(&path, cfg)?;
+            chown(path, cfg)?;
         }
-        bind(&path, &inside(&path), !p.writable)?;
+        if dirs.iter().any(|d| path != *d && path.starts_with(d)) {
+            continue;
+        }
+        bind(path, &inside(path), !p.writable)?;
     }
     for dev in devices {
         device_node(Path::new(dev), &inside(Path::new(dev)), cfg)?;
