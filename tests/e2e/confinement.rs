@@ -19,7 +19,7 @@ fn stderr(out: &std::process::Output) -> String {
 #[test]
 fn a_panicking_vcpu_aborts_the_process_and_names_the_thread() {
     let mut vm = Vireo::guest("test=counter period_ms=20", &[]);
-    vm.cmd.env("VIREO_TEST_PANIC_VCPU", "1");
+    vm.cmd.env("VIREO_TEST_PANIC_VCPU", "now");
     let (out, _) = vm.run(T);
     let err = stderr(&out);
     assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{err}");

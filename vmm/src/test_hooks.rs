@@ -1,7 +1,8 @@
 //! Fault injection for the end-to-end tests, compiled only with the `test-hooks`
 //! feature (never in a shipped build; see vmm/Cargo.toml).
 //!
-//! - `VIREO_TEST_PANIC_VCPU=1`: vCPU 0 panics after its first exit (the VM is Running).
+//! - `VIREO_TEST_PANIC_VCPU=now|after-resume`: vCPU 0 panics at its first exit, or at
+//!   its first exit after a pause and resume.
 //! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`) makes a system
 //!   call its filter should refuse once it is confined (`openat`, `execve`, `socket`,
 //!   `fork`) and prints the outcome if it survives.
@@ -9,9 +10,18 @@
 //!   prints `vireo: test hook: open PATH: <outcome>` (a jailed VMM must not reach host
 //!   files).
 
-/// True on the vCPU that must panic.
-pub fn vcpu_should_panic(id: u8) -> bool {
-    id == 0 && std::env::var_os("VIREO_TEST_PANIC_VCPU").is_some()
+/// True on the vCPU that must panic now: `VIREO_TEST_PANIC_VCPU=now` at vCPU 0's first
+/// exit, `=after-resume` at its first exit after a pause and resume (a VM its
+/// supervisor already sees Running).
+pub fn vcpu_should_panic(id: u8, resumed: bool) -> bool {
+    if id != 0 {
+        return false;
+    }
+    match std::env::var("VIREO_TEST_PANIC_VCPU").as_deref() {
+        Ok("now") => true,
+        Ok("after-resume") => resumed,
+        _ => false,
+    }
 }
 
 /// Runs the system call `VIREO_TEST_SYSCALL` names for `thread`, if any.
