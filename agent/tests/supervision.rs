@@ -288,3 +288,32 @@ fn keep_vms_on_exit_leaves_them_running_for_the_next_vireod() {
         1
     );
 }
+
+#[test]
+fn a_vmm_whose_vcpu_panics_is_recorded_as_crashed_with_the_thread_named() {
+    // The VMMs vireod starts inherit the test hook (the `test-hooks` build of vireo):
+    // vCPU 0 panics at its first exit after a pause and resume, once the VM runs.
+    let mut d = Daemon::start(&["--no-autostart"]);
+    d.terminate(T);
+    d.env.push((
+        "VIREO_TEST_PANIC_VCPU".to_string(),
+        "after-resume".to_string(),
+    ));
+    d.spawn();
+    d.define_counter("brittle", "Off", "never");
+    d.ok("PUT", "/api/v1/vms/brittle/start", None);
+    d.wait_serial("brittle", "tick 2 ", T);
+    assert_eq!(d.state("brittle"), "Running");
+    d.ok("PUT", "/api/v1/vms/brittle/pause", None);
+    // The vCPU may panic before the VMM has answered the resume.
+    let _ = d.api("PUT", "/api/v1/vms/brittle/resume", None);
+    let v = d.wait_state("brittle", "Crashed", T);
+    let e = &v["last_exit"];
+    assert_eq!(e["reason"], "crashed", "{v}");
+    assert_eq!(e["signal"], libc::SIGABRT, "{v}");
+    let log = std::fs::read_to_string(d.state_dir.join("vms/brittle/vireo.log")).unwrap();
+    assert!(
+        log.contains("thread 'vireo-vcpu0' panicked at vmm/src/vcpu.rs:"),
+        "{log}"
+    );
+}

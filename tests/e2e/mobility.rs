@@ -1369,3 +1369,135 @@ fn destination_disk_full_during_shared_nothing_leaves_the_source_on_its_disk() {
         "no VM at the destination"
     );
 }
+
+/// Both VMMs jailed (`vireo --jail`, the same uid as on shared storage): the source
+/// sees the migration socket's directory, the destination that directory and the disk
+/// the arriving VM names; the disk is handed to the uid, as whoever sets up jails does.
+#[test]
+fn live_migration_between_jailed_vmms_over_unix_and_tcp() {
+    for transport in ["unix", "tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = 100103;
+        let disk = raw_disk(dir.path());
+        std::os::unix::fs::chown(&disk, Some(uid), Some(uid)).unwrap();
+        let mig = dir.path().join("mig");
+        let (src_api, dst_api) = (dir.path().join("src"), dir.path().join("dst"));
+        for d in [&mig, &src_api, &dst_api] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let jail = |root: &str, extra: &str| {
+            format!(
+                "uid={uid},gid={uid},root={},bind={}{extra}",
+                dir.path().join(root).display(),
+                mig.display()
+            )
+        };
+        let ops = 2000;
+        let src_sock = src_api.join("src.sock");
+        let mut src = Vireo::guest(
+            &format!("test=workload pages=512 ops={ops} report=200"),
+            &[
+                "--api-socket",
+                src_sock.to_str().unwrap(),
+                "--disk",
+                &format!("path={}", disk.display()),
+                "--jail",
+                &jail("r1", ""),
+            ],
+        );
+        src.cmd.env("RUST_LOG", "vmm::live=info");
+        let src = src.spawn();
+        wait_for_socket(&src_sock, T);
+        src.wait_serial("work iter=200 ", T);
+
+        let dst_sock = dst_api.join("dst.sock");
+        let dst_serial = dir.path().join("dst.log");
+        let dst = Command::new(bin("vireo"))
+            .arg("--api-socket")
+            .arg(&dst_sock)
+            .arg("--serial")
+            .arg(format!("file={}", dst_serial.display()))
+            .arg("--jail")
+            .arg(jail("r2", &format!(",bind={}", disk.display())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&dst_sock, T);
+        let url = match transport {
+            "unix" => format!("unix:{}", mig.join("mig.sock").display()),
+            _ => tcp_url(),
+        };
+        let body = format!(r#"{{"receiver_url":"{url}"}}"#);
+        let (s, b) = api(&dst_sock, "PUT", "vm.receive-migration", Some(&body));
+        assert_eq!(s, 204, "{b}");
+        send_with(&src_sock, &url, "");
+        let src_out = src.wait(T);
+        assert_eq!(
+            src_out.status.code(),
+            Some(0),
+            "{transport}: {}",
+            String::from_utf8_lossy(&src_out.stderr)
+        );
+        let dst_out = wait_with_timeout(dst, T);
+        let text = std::fs::read_to_string(&dst_serial).unwrap();
+        assert_guest_ok(&dst_out, &text);
+        assert!(
+            text.contains(&format!("work done iter={ops}")),
+            "{transport}: {text}"
+        );
+        assert_blocks(&disk, ops);
+    }
+}
+
+/// A jailed VMM moves its running disk to a VHDX in a directory handed to its jail
+/// (`bind=`), and deletes the old image there.
+#[test]
+fn storage_migration_works_in_a_jail() {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = 100104;
+    let store = dir.path().join("store");
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::create_dir(&api_dir).unwrap();
+    let disk = raw_disk(&store);
+    let ops = 2000;
+    let sock = api_dir.join("vm.sock");
+    let jail = format!(
+        "uid={uid},gid={uid},root={},bind={}",
+        dir.path().join("root").display(),
+        store.display()
+    );
+    let src = Vireo::guest(
+        &format!("test=workload pages=512 ops={ops} report=200"),
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--jail",
+            &jail,
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    src.wait_serial("work iter=200 ", T);
+    let new = store.join("moved.vhdx");
+    let body = format!(
+        r#"{{"id":"disk0","destination":"{}","format":"vhdx","delete_source":true}}"#,
+        new.display()
+    );
+    let (s, b) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    let info = wait_disk_migration(&sock);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(!disk.exists(), "the old image is deleted after the switch");
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    assert_eq!(src.wait(T).status.code(), Some(0));
+    assert_vhdx_blocks(&new, &dir.path().join("back.raw"), ops);
+}

@@ -3,17 +3,22 @@
 //! [`vmm::Vmm`] is the control loop; [`vm::Vm`] one VM built from an
 //! [`api::VmConfig`]; [`kvm`] the only module that speaks ioctls for VM set-up.
 
+pub mod activator;
 pub mod arch;
 pub mod boot;
 pub mod coalesced;
 pub mod device_manager;
 pub mod fault;
+pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod live;
 pub mod memory;
 pub mod notify;
+pub mod panic;
 pub mod seccomp;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

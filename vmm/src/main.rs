@@ -7,6 +7,7 @@ use clap::Parser;
 
 use api::config::{self, PayloadConfig};
 use api::VmConfig;
+use vmm::jail::JailPath;
 use vmm::notify;
 use vmm::seccomp::{Filters, SeccompMode, ThreadKind};
 use vmm::vmm::{error_chain, Vmm};
@@ -63,6 +64,15 @@ struct Cli {
     /// Serve the REST API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Confine this VMM before it opens anything (run as root):
+    /// uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,cgroup=NAME][,memory_max=BYTES]
+    /// [,pids_max=N][,nofile=N][,nproc=N]. Own uid/gid, new mount/IPC/UTS namespaces
+    /// rooted in DIR where only the paths this VM names (and bind= extras, e.g. a
+    /// snapshot directory) exist at their usual paths, no capabilities, no_new_privs,
+    /// rlimits, cgroup v1 memory/pids limits. Files it writes (writable disks, serial
+    /// and console files, the API socket's directory, bind= paths) are chowned to U:G.
+    #[arg(long)]
+    jail: Option<vmm::jail::JailConfig>,
     /// Seccomp filtering of every thread: true, false (debugging) or log.
     #[arg(long, default_value = "true")]
     seccomp: vmm::seccomp::SeccompMode,
@@ -156,11 +166,83 @@ fn parse_restore(s: &str) -> Result<(PathBuf, bool), CliError> {
         .ok_or_else(|| CliError::Restore("missing source_url=file:///DIR".into()))
 }
 
+/// What a jailed VMM needs to see: every path the VM names, at its usual path.
+fn jail_paths(
+    cli: &Cli,
+    cfg: Option<&VmConfig>,
+    restore: Option<&std::path::Path>,
+    jail: &vmm::jail::JailConfig,
+) -> Vec<JailPath> {
+    let mut paths = Vec::new();
+    let output = |o: &config::OutputConfig, paths: &mut Vec<JailPath>| {
+        if let config::OutputConfig::File(f) = o {
+            paths.push(JailPath::writable(f));
+        }
+    };
+    if let Some(cfg) = cfg {
+        paths.push(JailPath::read_only(&cfg.payload.kernel));
+        if let Some(rd) = &cfg.payload.initramfs {
+            paths.push(JailPath::read_only(rd));
+        }
+        for d in &cfg.disks {
+            paths.push(JailPath {
+                path: d.path.clone(),
+                writable: !d.readonly,
+            });
+        }
+        output(&cfg.serial, &mut paths);
+        output(&cfg.console, &mut paths);
+    } else if let Some(s) = cli.serial.as_deref() {
+        if let Ok(o) = config::parse_output("--serial", s) {
+            output(&o, &mut paths);
+        }
+    }
+    if let Some(dir) = restore {
+        paths.push(JailPath::read_only(dir));
+        // The snapshot's VM names its own disks (and outputs, unless --serial
+        // overrides); an unreadable configuration is left to the restore to report.
+        let saved = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<VmConfig>(&t).ok());
+        if let Some(saved) = saved {
+            for d in &saved.disks {
+                paths.push(JailPath {
+                    path: d.path.clone(),
+                    writable: !d.readonly,
+                });
+            }
+            if cli.serial.is_none() {
+                output(&saved.serial, &mut paths);
+            }
+            output(&saved.console, &mut paths);
+        }
+    }
+    if let Some(dir) = cli.api_socket.as_deref().and_then(|s| s.parent()) {
+        paths.push(JailPath::writable(dir));
+    }
+    paths.extend(jail.binds.iter().map(JailPath::writable));
+    paths
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = vm_config(&cli)?;
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
     if cfg.is_none() && restore.is_none() && cli.api_socket.is_none() {
         return Err(Box::new(CliError::NothingToRun));
+    }
+    if let Some(jail) = &cli.jail {
+        // First, while this process is single-threaded and has opened nothing.
+        let paths = jail_paths(
+            &cli,
+            cfg.as_ref(),
+            restore.as_ref().map(|r| r.0.as_path()),
+            jail,
+        );
+        let mut devices = vec!["/dev/kvm", "/dev/urandom"];
+        if cfg.as_ref().is_some_and(|c| !c.nets.is_empty()) {
+            devices.push("/dev/net/tun");
+        }
+        vmm::jail::enter(jail, &paths, &devices)?;
     }
     let filters = Filters::new(cli.seccomp)?;
     if cli.seccomp != SeccompMode::Off {
@@ -175,6 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
         })
     }));
+    vmm::activator::start(filters.clone())?;
     let mut vmm = Vmm::new(filters.clone());
     // WATCHDOG=1 from the control loop when systemd asks for it (WatchdogSec=).
     vmm.set_watchdog(vmm::watchdog::Watchdog::from_env());
@@ -215,6 +298,11 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         notify::notify("READY=1");
     }
     filters.apply(ThreadKind::Control)?;
+    #[cfg(feature = "test-hooks")]
+    {
+        vmm::test_hooks::probe_syscall("control");
+        vmm::test_hooks::probe_open();
+    }
     let exit = vmm.run();
     if let Some(server) = server {
         server.shutdown();
@@ -246,6 +334,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    vmm::panic::install_abort_hook();
+    vmm::seccomp::keep_malloc_off_the_filesystem();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -1,11 +1,17 @@
 //! Seccomp filters: every thread of `vireo` runs under an allowlist of the system
 //! calls its job needs (seccompiler), as in Firecracker and Cloud Hypervisor.
 //!
-//! A call outside the list raises SIGSYS; the handler prints the thread and the
-//! system call number on stderr and ends the process (status 159 = 128 + SIGSYS), so a
-//! missing entry is found at once, never hidden. `--seccomp false` turns filtering off
-//! for debugging; `--seccomp log` lets everything through but logs violations to the
-//! kernel audit log.
+//! A call outside the list raises SIGSYS; the handler prints the thread's name and the
+//! system call's name and number on stderr and ends the process (status 159 = 128 +
+//! SIGSYS), so a missing entry is found at once, never hidden. `--seccomp false` turns
+//! filtering off for debugging; `--seccomp log` lets everything through but logs
+//! violations to the kernel audit log.
+//!
+//! Filters stack: a thread keeps the filter of the thread that started it and adds its
+//! own, and the kernel applies the stricter answer. So only the threads that start
+//! others (control, activator) allow `clone`, and then only with `CLONE_THREAD` (a
+//! thread, never a process); `clone3`, whose flags a filter cannot read, fails with
+//! ENOSYS on every thread (glibc then falls back to `clone`). No thread may `execve`.
 
 use std::collections::BTreeMap;
 
@@ -18,13 +24,19 @@ use seccompiler::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ThreadKind {
-    /// The main thread: the control loop, which also creates and tears down VMs.
+    /// The main thread: the control loop, which also creates and tears down VMs. The
+    /// migration send/receive threads and the storage copy thread run under it too
+    /// (the receive thread assembles the arriving VM: KVM, its disks).
     Control,
-    /// A vCPU: KVM_RUN and device emulation on exits (which may activate devices and
-    /// so start worker threads).
+    /// A vCPU: KVM_RUN and device emulation on exits. Device activation and reset,
+    /// which start and stop worker threads, open timers and flush disks, run on the
+    /// activator instead, so a vCPU can neither start threads nor touch disks.
     Vcpu,
     /// The REST API server.
     Api,
+    /// Activates and resets devices for the vCPUs (`vireo-activate`): it starts the
+    /// device workers, which add their own filters on top of this one.
+    Activator,
     /// A virtio-blk queue worker: disk I/O and interrupts.
     BlockWorker,
     /// The virtio-rng worker.
@@ -35,18 +47,29 @@ pub enum ThreadKind {
     /// TUNSETIFF & co. before any filter, or by the control thread on reattach),
     /// epoll, interrupts.
     NetWorker,
+    /// A live migration page stream (`vireo-mig-in*`, `vireo-mig-out*`): it parses or
+    /// writes the network stream and copies pages through the guest memory mapping;
+    /// no files, no ioctls, no new sockets.
+    PageStream,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
+        ThreadKind::Activator,
         ThreadKind::BlockWorker,
         ThreadKind::RngWorker,
         ThreadKind::ConsoleWorker,
         ThreadKind::NetWorker,
+        ThreadKind::PageStream,
     ];
+
+    /// Whether threads of this kind start other threads.
+    fn spawns_threads(self) -> bool {
+        matches!(self, ThreadKind::Control | ThreadKind::Activator)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -121,6 +144,11 @@ const TCGETS: u64 = 0x5401;
 const TIOCGWINSZ: u64 = 0x5413;
 const FIONBIO: u64 = 0x5421;
 
+/// Starting threads: `clone` with `CLONE_THREAD` (rules in [`rules_for`]), `clone3`
+/// (answered ENOSYS by [`clone3_enosys`] before this filter allows it), and `seccomp`
+/// for the new thread to add its own filter (filters only stack: it cannot widen).
+const SPAWN: &[i64] = &[libc::SYS_clone3, libc::SYS_seccomp];
+
 /// System calls every thread makes: memory, futexes, threads, time, signals, logging.
 const COMMON: &[i64] = &[
     libc::SYS_read,
@@ -158,16 +186,12 @@ const COMMON: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_lseek,
     libc::SYS_fcntl,
-    // Starting threads (device activation, std's thread set-up).
-    libc::SYS_clone,
-    libc::SYS_clone3,
+    // A new thread's own set-up (std, glibc) and its name (also read by the
+    // violation handler).
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
-    // A thread started by a filtered thread adds its own (stricter) filter; filters
-    // only ever stack, so allowing this cannot widen anything.
-    libc::SYS_seccomp,
     // Event loops and their eventfds.
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
@@ -206,11 +230,12 @@ const SOCKETS: &[i64] = &[
 ];
 
 /// What the control thread needs beyond the rest: creating VMs (files, KVM, memory),
-/// tearing them down, removing the API socket, writing and reading snapshots.
+/// tearing them down, removing the API socket, writing and reading snapshots, opening
+/// migration sockets and the destination disks of a storage migration.
 ///
-/// Threads the control thread starts (migration threads, and vCPUs of a VM created
-/// through the API) inherit this filter — filters stack — so it also allows what they
-/// need: migration sockets, disk rate-limit timers.
+/// Threads the control thread starts (migration threads, vCPUs, device workers on
+/// resume and restore) inherit this filter — filters stack — so it also allows what
+/// they need: migration sockets, disk rate-limit timers.
 const CONTROL: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_mkdir,
@@ -248,6 +273,25 @@ fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
         .collect()
 }
 
+/// `clone` only when its flags (argument 0) include `CLONE_THREAD`: a thread of this
+/// process, never a new process (fork, posix_spawn and vfork lack it).
+fn clone_threads_only() -> Result<Vec<SeccompRule>, String> {
+    let flag = libc::CLONE_THREAD as u64;
+    SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(flag),
+        flag,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map(|r| vec![r])
+    .map_err(|e| e.to_string())
+}
+
+/// What the device workers need, which the thread that starts them (the activator)
+/// must allow too, since they run under its filter as well as their own.
+const WORKER_IOCTLS: [u64; 3] = [KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
+
 fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let allow = |rules: &mut BTreeMap<i64, Vec<SeccompRule>>, list: &[i64]| {
@@ -256,6 +300,10 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
     };
     allow(&mut rules, COMMON);
+    if kind.spawns_threads() {
+        allow(&mut rules, SPAWN);
+        rules.insert(libc::SYS_clone, clone_threads_only()?);
+    }
     match kind {
         ThreadKind::Control => {
             allow(&mut rules, DISK_IO);
@@ -263,15 +311,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             allow(&mut rules, CONTROL);
         }
         ThreadKind::Vcpu => {
-            // Serial output to a file; flushing disks when a device is reset; a disk's
-            // rate-limit timer when the driver activates it. Device workers are spawned
-            // by the vCPU that activates them and inherit this filter (filters stack),
-            // so what a worker needs must be allowed here too.
-            allow(&mut rules, DISK_IO);
-            allow(
-                &mut rules,
-                &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
-            );
+            // Emulation only: serial output (write), interrupts, its own state.
             let mut allowed = vec![KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
             allowed.extend(VCPU_SAVE_IOCTLS);
             rules.insert(libc::SYS_ioctl, ioctls(&allowed)?);
@@ -279,6 +319,16 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         ThreadKind::Api => {
             allow(&mut rules, SOCKETS);
             rules.insert(libc::SYS_ioctl, ioctls(&[FIONBIO])?);
+        }
+        ThreadKind::Activator => {
+            // Flushing a disk on reset, a disk's rate-limit timer on activation; and
+            // everything its workers need.
+            allow(&mut rules, DISK_IO);
+            allow(
+                &mut rules,
+                &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
+            );
+            rules.insert(libc::SYS_ioctl, ioctls(&WORKER_IOCTLS)?);
         }
         ThreadKind::BlockWorker => {
             allow(&mut rules, DISK_IO);
@@ -290,13 +340,29 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::ConsoleWorker => {
             allow(&mut rules, &[libc::SYS_pwrite64, libc::SYS_fsync]);
-            rules.insert(
-                libc::SYS_ioctl,
-                ioctls(&[KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ])?,
-            );
+            rules.insert(libc::SYS_ioctl, ioctls(&WORKER_IOCTLS)?);
+        }
+        ThreadKind::PageStream => {
+            allow(&mut rules, SOCKETS);
         }
     }
     Ok(rules)
+}
+
+/// The filter stacked under every thread-starting thread's own: `clone3` fails with
+/// ENOSYS (its flags live in memory a filter cannot read, so it cannot be limited to
+/// threads), and glibc falls back to `clone`, whose flags the main filter checks.
+fn clone3_enosys() -> Result<BpfProgram, String> {
+    let mut rules = BTreeMap::new();
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| e.to_string())?;
+    BpfProgram::try_from(f).map_err(|e| e.to_string())
 }
 
 /// Compiles the filter of `kind`.
@@ -315,27 +381,35 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
         .map_err(|e| build(e.to_string()))
 }
 
-/// Installs the filter of `kind` on the calling thread.
-pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
-    if let Some(prog) = filter(kind, mode)? {
-        seccompiler::apply_filter(&prog).map_err(|source| SeccompError::Apply { kind, source })?;
-    }
-    Ok(())
+/// A thread kind's programs, installed in order: the ENOSYS answer to `clone3` (for
+/// thread-starting kinds), then the allowlist.
+#[derive(Clone)]
+struct Programs {
+    clone3: Option<std::sync::Arc<BpfProgram>>,
+    main: std::sync::Arc<BpfProgram>,
 }
 
 /// Every thread kind's filter, compiled once at start-up (so a bad filter is an
 /// error at launch, not in a worker thread later).
 #[derive(Clone, Default)]
 pub struct Filters {
-    programs: std::collections::HashMap<u8, std::sync::Arc<BpfProgram>>,
+    programs: std::collections::HashMap<u8, Programs>,
 }
 
 impl Filters {
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
         let mut programs = std::collections::HashMap::new();
         for kind in ThreadKind::ALL {
-            if let Some(p) = filter(kind, mode)? {
-                programs.insert(kind as u8, std::sync::Arc::new(p));
+            if let Some(main) = filter(kind, mode)? {
+                let clone3 = if kind.spawns_threads() && mode == SeccompMode::Enforce {
+                    let p =
+                        clone3_enosys().map_err(|reason| SeccompError::Build { kind, reason })?;
+                    Some(std::sync::Arc::new(p))
+                } else {
+                    None
+                };
+                let main = std::sync::Arc::new(main);
+                programs.insert(kind as u8, Programs { clone3, main });
             }
         }
         Ok(Self { programs })
@@ -343,12 +417,16 @@ impl Filters {
 
     /// Installs `kind`'s filter on the calling thread (nothing when filtering is off).
     pub fn apply(&self, kind: ThreadKind) -> Result<(), SeccompError> {
-        match self.programs.get(&(kind as u8)) {
-            Some(p) => {
-                seccompiler::apply_filter(p).map_err(|source| SeccompError::Apply { kind, source })
-            }
-            None => Ok(()),
+        let Some(p) = self.programs.get(&(kind as u8)) else {
+            return Ok(());
+        };
+        let install = |prog: &BpfProgram| {
+            seccompiler::apply_filter(prog).map_err(|source| SeccompError::Apply { kind, source })
+        };
+        if let Some(c) = &p.clone3 {
+            install(c)?;
         }
+        install(&p.main)
     }
 
     /// Like [`Filters::apply`] for threads that cannot return an error: a thread that
@@ -361,21 +439,263 @@ impl Filters {
     }
 }
 
+/// Keeps glibc's allocator from opening files on filtered threads.
+///
+/// When a thread's malloc arena shrinks its heap, glibc reads
+/// /proc/sys/vm/overcommit_memory (an `openat` that page streams, workers and the API
+/// thread may not make: found by a TLS migration, whose page streams free large
+/// frames). With a trim threshold above the largest per-thread heap (64 MiB), heaps are
+/// never shrunk, only deleted whole (munmap, no file); the main arena no longer gives
+/// its top back with brk either. Call before any thread starts.
+pub fn keep_malloc_off_the_filesystem() {
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+}
+
+/// Names of the system calls a violation may name (`SYS_` stripped when printed);
+/// any other is printed by number only.
+macro_rules! syscall_names {
+    ($($n:ident),* $(,)?) => {
+        &[$((libc::$n, stringify!($n))),*]
+    };
+}
+const SYSCALL_NAMES: &[(i64, &str)] = syscall_names![
+    SYS_read,
+    SYS_write,
+    SYS_open,
+    SYS_close,
+    SYS_stat,
+    SYS_fstat,
+    SYS_lstat,
+    SYS_poll,
+    SYS_lseek,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_munmap,
+    SYS_brk,
+    SYS_rt_sigaction,
+    SYS_rt_sigprocmask,
+    SYS_ioctl,
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_readv,
+    SYS_writev,
+    SYS_access,
+    SYS_pipe,
+    SYS_select,
+    SYS_mremap,
+    SYS_madvise,
+    SYS_dup,
+    SYS_dup2,
+    SYS_nanosleep,
+    SYS_getpid,
+    SYS_sendfile,
+    SYS_socket,
+    SYS_connect,
+    SYS_accept,
+    SYS_sendto,
+    SYS_recvfrom,
+    SYS_sendmsg,
+    SYS_recvmsg,
+    SYS_shutdown,
+    SYS_bind,
+    SYS_listen,
+    SYS_getsockname,
+    SYS_getpeername,
+    SYS_socketpair,
+    SYS_setsockopt,
+    SYS_getsockopt,
+    SYS_clone,
+    SYS_fork,
+    SYS_vfork,
+    SYS_execve,
+    SYS_exit,
+    SYS_wait4,
+    SYS_kill,
+    SYS_uname,
+    SYS_fcntl,
+    SYS_flock,
+    SYS_fsync,
+    SYS_fdatasync,
+    SYS_truncate,
+    SYS_ftruncate,
+    SYS_getdents64,
+    SYS_getcwd,
+    SYS_chdir,
+    SYS_fchdir,
+    SYS_rename,
+    SYS_mkdir,
+    SYS_rmdir,
+    SYS_creat,
+    SYS_link,
+    SYS_unlink,
+    SYS_symlink,
+    SYS_readlink,
+    SYS_chmod,
+    SYS_fchmod,
+    SYS_chown,
+    SYS_fchown,
+    SYS_umask,
+    SYS_getrlimit,
+    SYS_setrlimit,
+    SYS_ptrace,
+    SYS_getuid,
+    SYS_setuid,
+    SYS_setgid,
+    SYS_setsid,
+    SYS_setgroups,
+    SYS_sigaltstack,
+    SYS_mknod,
+    SYS_statfs,
+    SYS_fstatfs,
+    SYS_prctl,
+    SYS_chroot,
+    SYS_mount,
+    SYS_umount2,
+    SYS_pivot_root,
+    SYS_reboot,
+    SYS_sethostname,
+    SYS_init_module,
+    SYS_gettid,
+    SYS_tkill,
+    SYS_futex,
+    SYS_sched_setaffinity,
+    SYS_sched_getaffinity,
+    SYS_epoll_create,
+    SYS_getdents,
+    SYS_set_tid_address,
+    SYS_timer_create,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_exit_group,
+    SYS_epoll_wait,
+    SYS_epoll_ctl,
+    SYS_tgkill,
+    SYS_mbind,
+    SYS_openat,
+    SYS_mkdirat,
+    SYS_mknodat,
+    SYS_fchownat,
+    SYS_newfstatat,
+    SYS_unlinkat,
+    SYS_renameat,
+    SYS_linkat,
+    SYS_symlinkat,
+    SYS_readlinkat,
+    SYS_fchmodat,
+    SYS_faccessat,
+    SYS_ppoll,
+    SYS_unshare,
+    SYS_set_robust_list,
+    SYS_splice,
+    SYS_tee,
+    SYS_epoll_pwait,
+    SYS_timerfd_create,
+    SYS_eventfd,
+    SYS_fallocate,
+    SYS_timerfd_settime,
+    SYS_accept4,
+    SYS_eventfd2,
+    SYS_epoll_create1,
+    SYS_dup3,
+    SYS_pipe2,
+    SYS_preadv,
+    SYS_pwritev,
+    SYS_prlimit64,
+    SYS_name_to_handle_at,
+    SYS_open_by_handle_at,
+    SYS_setns,
+    SYS_process_vm_readv,
+    SYS_process_vm_writev,
+    SYS_finit_module,
+    SYS_renameat2,
+    SYS_seccomp,
+    SYS_getrandom,
+    SYS_memfd_create,
+    SYS_bpf,
+    SYS_execveat,
+    SYS_userfaultfd,
+    SYS_statx,
+    SYS_rseq,
+    SYS_io_uring_setup,
+    SYS_io_uring_enter,
+    SYS_pidfd_open,
+    SYS_clone3,
+    SYS_openat2,
+    SYS_pidfd_getfd,
+    SYS_faccessat2,
+];
+
+/// The name of system call `nr` without its `SYS_` prefix, if known.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    SYSCALL_NAMES
+        .iter()
+        .find(|(n, _)| *n == nr)
+        .map(|(_, name)| name.trim_start_matches("SYS_"))
+}
+
+/// A line assembled in a fixed buffer, for the signal handler (no allocation).
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == 0 || self.len == self.buf.len() {
+                return;
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+    }
+
+    fn push_number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+/// `vireo: error: seccomp: thread T made the forbidden system call NAME (NR); ...`.
+fn violation_line(thread: &[u8], nr: i64) -> Line {
+    let mut line = Line {
+        buf: [0; 256],
+        len: 0,
+    };
+    line.push(b"vireo: error: seccomp: thread ");
+    line.push(thread);
+    line.push(b" made the forbidden system call ");
+    line.push(syscall_name(nr).unwrap_or("?").as_bytes());
+    line.push(b" (");
+    line.push_number(nr.max(0) as u64);
+    line.push(b"); ending the process (run with --seccomp log to list them)\n");
+    line
+}
+
 /// Installs the SIGSYS handler that reports a violation and ends the process.
 pub fn install_violation_handler() {
     extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // siginfo_t for SIGSYS: the system call number is the int at byte offset 24.
         // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.
         let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
-        let mut msg = *b"vireo: error: seccomp: blocked system call 0000 (run with --seccomp log to list them)\n";
-        let mut n = nr.max(0) as u32;
-        for i in (0..4).rev() {
-            msg[43 + i] = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
+        let mut name = [0u8; 17];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the buffer; prctl
+        // is allowed by every filter and async-signal-safe.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+        let line = violation_line(&name, i64::from(nr));
         // SAFETY: write(2) and _exit(2) are async-signal-safe.
         unsafe {
-            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::write(2, line.buf.as_ptr().cast(), line.len);
             libc::_exit(159);
         }
     }
@@ -400,29 +720,180 @@ mod tests {
         assert!(filter(ThreadKind::Vcpu, SeccompMode::Off)
             .unwrap()
             .is_none());
+        assert!(Filters::new(SeccompMode::Enforce).is_ok());
     }
 
-    #[test]
-    fn a_filtered_thread_cannot_open_files() {
-        // The API filter has no openat: the call gets SIGSYS... which we turn into
-        // EPERM here (Errno action) to observe it without ending the test process.
-        let rules = rules_for(ThreadKind::Api).unwrap();
-        let f = SeccompFilter::new(
-            rules,
+    /// Runs `f` on a new thread under `kind`'s rules, with EPERM in place of SIGSYS so
+    /// that a refused call is observed without ending the test process.
+    fn under<R: Send + 'static>(kind: ThreadKind, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let f_rules = SeccompFilter::new(
+            rules_for(kind).unwrap(),
             SeccompAction::Errno(libc::EPERM as u32),
             SeccompAction::Allow,
             TargetArch::x86_64,
         )
         .unwrap();
-        let prog = BpfProgram::try_from(f).unwrap();
-        let r = std::thread::spawn(move || {
+        let prog = BpfProgram::try_from(f_rules).unwrap();
+        let clone3 = kind.spawns_threads().then(|| clone3_enosys().unwrap());
+        std::thread::spawn(move || {
+            if let Some(c) = &clone3 {
+                seccompiler::apply_filter(c).unwrap();
+            }
             seccompiler::apply_filter(&prog).unwrap();
-            std::fs::File::open("/etc/hostname")
-                .map(|_| ())
-                .map_err(|e| e.raw_os_error())
+            f()
         })
         .join()
-        .unwrap();
-        assert_eq!(r, Err(Some(libc::EPERM)));
+        .unwrap()
+    }
+
+    /// errno of a failed call (0 if it succeeded).
+    fn errno_of(r: i64) -> i32 {
+        if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    fn open_root() -> i32 {
+        // SAFETY: openat of a valid C string; the fd is closed.
+        let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
+        let e = errno_of(fd.into());
+        if fd >= 0 {
+            // SAFETY: our own fd.
+            unsafe { libc::close(fd) };
+        }
+        e
+    }
+
+    fn new_socket() -> i32 {
+        // SAFETY: socket(2) with constant arguments; the fd is closed.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        let e = errno_of(fd.into());
+        if fd >= 0 {
+            // SAFETY: our own fd.
+            unsafe { libc::close(fd) };
+        }
+        e
+    }
+
+    /// A new process by fork (clone without CLONE_THREAD); the child exits at once.
+    fn fork_process() -> i32 {
+        // SAFETY: the child only calls _exit; the parent reaps it.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: async-signal-safe exit of the forked child.
+            unsafe { libc::_exit(0) };
+        }
+        if pid > 0 {
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        }
+        errno_of(pid.into())
+    }
+
+    fn exec_true() -> i32 {
+        let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
+        // SAFETY: valid NUL-terminated argv/envp; it only returns on failure (if it
+        // succeeded the test process would be replaced and the test fail).
+        let r = unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        errno_of(r.into())
+    }
+
+    fn spawn_thread() -> bool {
+        std::thread::Builder::new()
+            .spawn(|| 7)
+            .map(|t| t.join().unwrap() == 7)
+            .unwrap_or(false)
+    }
+
+    fn timer() -> i32 {
+        // SAFETY: timerfd_create with constant arguments; the fd is closed.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) };
+        let e = errno_of(fd.into());
+        if fd >= 0 {
+            // SAFETY: our own fd.
+            unsafe { libc::close(fd) };
+        }
+        e
+    }
+
+    fn ioctl_on_stdin(request: u64) -> i32 {
+        // SAFETY: an ioctl on fd 0 with a zeroed buffer big enough for any request
+        // tried here; the call's outcome is all that is checked.
+        let mut buf = [0u8; 4096];
+        let r = unsafe { libc::ioctl(0, request as _, buf.as_mut_ptr()) };
+        errno_of(r.into())
+    }
+
+    #[test]
+    fn no_thread_can_start_a_process_or_exec() {
+        for kind in ThreadKind::ALL {
+            assert_eq!(under(kind, fork_process), libc::EPERM, "{kind:?} fork");
+            assert_eq!(under(kind, exec_true), libc::EPERM, "{kind:?} execve");
+        }
+    }
+
+    #[test]
+    fn only_the_control_thread_opens_files_and_sockets() {
+        for kind in ThreadKind::ALL {
+            let (open, socket) = under(kind, || (open_root(), new_socket()));
+            let want = if kind == ThreadKind::Control {
+                0
+            } else {
+                libc::EPERM
+            };
+            assert_eq!(open, want, "{kind:?} openat");
+            assert_eq!(socket, want, "{kind:?} socket");
+        }
+    }
+
+    #[test]
+    fn only_control_and_activator_start_threads_through_the_clone_fallback() {
+        for kind in ThreadKind::ALL {
+            assert_eq!(under(kind, spawn_thread), kind.spawns_threads(), "{kind:?}");
+        }
+        // clone3 itself is answered ENOSYS (glibc then used clone, as above).
+        let e = under(ThreadKind::Control, || {
+            // SAFETY: clone3 with a null argument fails before doing anything.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
+            errno_of(r)
+        });
+        assert_eq!(e, libc::ENOSYS);
+    }
+
+    #[test]
+    fn the_vcpu_has_no_disk_timer_or_foreign_ioctl() {
+        let (timerfd, fsync, tun) = under(ThreadKind::Vcpu, || {
+            // SAFETY: fsync of stdin: only the filter's answer matters.
+            let fsync = errno_of(unsafe { libc::fsync(0) }.into());
+            (timer(), fsync, ioctl_on_stdin(0x4004_54ca)) // TUNSETIFF
+        });
+        assert_eq!(
+            (timerfd, fsync, tun),
+            (libc::EPERM, libc::EPERM, libc::EPERM)
+        );
+        // The activator, which starts block workers, may create their timers.
+        assert_eq!(under(ThreadKind::Activator, timer), 0);
+    }
+
+    #[test]
+    fn page_streams_make_no_ioctl() {
+        let e = under(ThreadKind::PageStream, || ioctl_on_stdin(KVM_SIGNAL_MSI));
+        assert_eq!(e, libc::EPERM);
+    }
+
+    #[test]
+    fn a_violation_names_the_thread_and_the_system_call() {
+        let line = violation_line(b"vireo-vcpu0\0\0\0", libc::SYS_openat);
+        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
+        assert_eq!(
+            text,
+            "vireo: error: seccomp: thread vireo-vcpu0 made the forbidden system call \
+             openat (257); ending the process (run with --seccomp log to list them)\n"
+        );
+        assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
+        assert_eq!(syscall_name(100_000), None);
     }
 }

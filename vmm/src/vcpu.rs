@@ -163,6 +163,10 @@ impl VcpuHandle {
             .name(format!("vireo-vcpu{id}"))
             .spawn(move || {
                 ctx.seccomp.apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                #[cfg(feature = "test-hooks")]
+                if id == 0 {
+                    crate::test_hooks::probe_syscall("vcpu");
+                }
                 run_loop(id, &mut fd, &ctx, &s, &e);
                 let (m, cv) = &*s;
                 m.lock().unwrap_or_else(|e| e.into_inner()).exited = true;
@@ -279,6 +283,12 @@ impl Drop for VcpuHandle {
     }
 }
 
+#[cfg(feature = "test-hooks")]
+thread_local! {
+    /// This vCPU has been resumed from a pause (crate::test_hooks).
+    static RESUMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Blocks while paused (saving state when asked); returns false when the thread must
 /// exit.
 fn obey(id: u8, fd: &VcpuFd, ctx: &VcpuContext, shared: &(Mutex<Shared>, Condvar)) -> bool {
@@ -296,6 +306,8 @@ fn obey(id: u8, fd: &VcpuFd, ctx: &VcpuContext, shared: &(Mutex<Shared>, Condvar
         match s.wanted {
             Wanted::Run => {
                 if s.parked {
+                    #[cfg(feature = "test-hooks")]
+                    RESUMED.with(|r| r.set(true));
                     s.parked = false;
                     cv.notify_all();
                 }
@@ -330,6 +342,10 @@ fn run_loop(
         }
         let exit = fd.run();
         exits.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "test-hooks")]
+        if crate::test_hooks::vcpu_should_panic(id, RESUMED.with(|r| r.get())) {
+            panic!("test hook: VIREO_TEST_PANIC_VCPU");
+        }
         // Queued writes come first: they happened before whatever made this exit.
         if let Some(ring) = &ctx.coalesced {
             ring.drain(|addr, data| {

@@ -27,6 +27,8 @@ pub struct Daemon {
     pub args: Vec<String>,
     /// The network namespace vireod (and so its VMMs) runs in, if not the host's.
     pub netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
+    /// Environment for vireod, which its VMMs inherit (e.g. `vireo`'s test hooks).
+    pub env: Vec<(String, String)>,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -69,6 +71,7 @@ impl Daemon {
             dir,
             args: extra.iter().map(|s| s.to_string()).collect(),
             netns,
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -103,6 +106,7 @@ impl Daemon {
             .args(&cgroup)
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

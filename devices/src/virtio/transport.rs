@@ -599,7 +599,10 @@ impl VirtioPciDevice {
 
     fn write_status(&mut self, status: u8) {
         if status == 0 {
-            self.reset();
+            // Stops the workers and flushes: on the activation thread, not the vCPU's.
+            if crate::threads::run_activation(|| self.reset()).is_none() {
+                self.status |= STATUS_NEEDS_RESET;
+            }
             return;
         }
         if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
@@ -616,7 +619,10 @@ impl VirtioPciDevice {
         }
         self.status = status;
         if status & STATUS_DRIVER_OK != 0 && !self.activated {
-            self.activate();
+            // Starts the workers: on the activation thread, not the vCPU's.
+            if crate::threads::run_activation(|| self.activate()).is_none() {
+                self.status |= STATUS_NEEDS_RESET;
+            }
         }
     }
 

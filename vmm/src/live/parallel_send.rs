@@ -92,9 +92,11 @@ impl PageStreams {
             let compress = job.compress;
             let limiter = limiter.clone();
             let info = job.info.clone();
+            let seccomp = job.seccomp.clone();
             std::thread::Builder::new()
                 .name(format!("vireo-mig-out{lane}"))
                 .spawn_scoped(scope, move || {
+                    seccomp.apply_or_exit(crate::seccomp::ThreadKind::PageStream);
                     let wire = Wire::new(s.as_mut(), compress, limiter).report_to(info);
                     stream_thread(lane as usize, wire, rx, done, mem)
                 })

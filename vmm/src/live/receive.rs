@@ -369,9 +369,11 @@ fn copy_in_parallel(
                 .cutter()
                 .map_err(|e| format!("control stream: {e}"))?;
             let (barrier, mem, info) = (&barrier, &*mem, &*job.info);
+            let seccomp = &job.seccomp;
             let t = std::thread::Builder::new()
                 .name(format!("vireo-mig-in{lane}"))
                 .spawn_scoped(scope, move || {
+                    seccomp.apply_or_exit(crate::seccomp::ThreadKind::PageStream);
                     let r = parallel_receive::receive_stream(lane, s.as_mut(), mem, barrier, info);
                     if let Err(e) = &r {
                         barrier.fail(e);

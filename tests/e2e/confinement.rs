@@ -1,0 +1,300 @@
+//! Confinement of `vireo` seen from outside: a panicking thread ends the process (never
+//! a dead vCPU in a VM that looks Running), and each thread's seccomp filter refuses
+//! what its job does not need, killing the process with the system call named.
+//!
+//! The faults are injected through `vireo`'s `test-hooks` build (vmm/src/test_hooks.rs),
+//! which this crate's dev-dependency turns on for test builds.
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use vireo_e2e::Vireo;
+
+const T: Duration = Duration::from_secs(30);
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_panicking_vcpu_aborts_the_process_and_names_the_thread() {
+    let mut vm = Vireo::guest("test=counter period_ms=20", &[]);
+    vm.cmd.env("VIREO_TEST_PANIC_VCPU", "now");
+    let (out, _) = vm.run(T);
+    let err = stderr(&out);
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{err}");
+    assert!(
+        err.contains("thread 'vireo-vcpu0' panicked at vmm/src/vcpu.rs:")
+            && err.contains("test hook: VIREO_TEST_PANIC_VCPU"),
+        "{err}"
+    );
+}
+
+/// Runs the counter guest with `VIREO_TEST_SYSCALL=probe` and returns its output.
+fn probe(probe: &str, args: &[&str]) -> std::process::Output {
+    let mut vm = Vireo::guest("test=boot", args);
+    vm.cmd.env("VIREO_TEST_SYSCALL", probe);
+    vm.run(T).0
+}
+
+fn assert_killed_for(out: &std::process::Output, thread: &str, syscall: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(159), "{err}");
+    assert!(
+        err.contains(&format!(
+            "seccomp: thread {thread} made the forbidden system call {syscall} ("
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_vcpu_thread_cannot_open_files() {
+    assert_killed_for(&probe("vcpu:openat", &[]), "vireo-vcpu0", "openat");
+}
+
+#[test]
+fn the_vcpu_thread_cannot_start_processes() {
+    assert_killed_for(&probe("vcpu:fork", &[]), "vireo-vcpu0", "clone");
+}
+
+#[test]
+fn the_control_thread_cannot_exec() {
+    assert_killed_for(&probe("control:execve", &[]), "vireo", "execve");
+}
+
+#[test]
+fn the_control_thread_cannot_start_processes() {
+    assert_killed_for(&probe("control:fork", &[]), "vireo", "clone");
+}
+
+#[test]
+fn without_seccomp_the_probes_run() {
+    // The same probe with filtering off proves the hook really makes the call.
+    let out = probe("vcpu:openat", &["--seccomp", "false"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("vireo: test hook: openat on the vcpu thread returned "),
+        "{err}"
+    );
+}
+
+/// `/proc/PID/status` field `key`.
+fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Every file (not directory) under `root`, procfs left out, as absolute jail paths.
+fn files_under(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = format!("/{}", p.strip_prefix(root).unwrap().display());
+            if rel == "/proc" {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn kill_and_collect(mut vm: vireo_e2e::Running) -> std::process::Output {
+    let mut child = vm.child.take().unwrap();
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_jailed_vmm_runs_as_its_own_user_without_capabilities_in_its_own_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir(&api_dir).unwrap();
+    let sock = api_dir.join("vm.sock");
+    let cgroup = format!("vireo-e2e-jail-{}", std::process::id());
+    let jail = format!(
+        "uid=100101,gid=100101,root={},cgroup={cgroup},memory_max=1073741824,pids_max=64",
+        dir.path().join("root").display()
+    );
+    let mut vm = Vireo::guest(
+        "test=counter period_ms=20",
+        &[
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--jail",
+            &jail,
+        ],
+    );
+    vm.cmd.env("VIREO_TEST_OPEN", "/etc/hostname");
+    let serial = vm.serial.clone();
+    let vm = vm.spawn();
+    vm.wait_serial("tick 2 ", T);
+    let pid = vm.child.as_ref().unwrap().id();
+
+    assert_eq!(status_field(pid, "Uid:"), "100101\t100101\t100101\t100101");
+    assert_eq!(status_field(pid, "Gid:"), "100101\t100101\t100101\t100101");
+    assert_eq!(status_field(pid, "Groups:"), "");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(pid, "Seccomp:"), "2");
+
+    // Its root holds what it was given and nothing else.
+    let mut want = vec![
+        vireo_e2e::guest().display().to_string(),
+        disk.display().to_string(),
+        serial.display().to_string(),
+        sock.display().to_string(),
+        "/dev/kvm".to_string(),
+        "/dev/urandom".to_string(),
+    ];
+    want.sort();
+    assert_eq!(
+        files_under(std::path::Path::new(&format!("/proc/{pid}/root"))),
+        want
+    );
+    // Other namespaces than the host's: mount, IPC, UTS.
+    for ns in ["mnt", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{ns} namespace");
+    }
+    // Its cgroups: the limits set and the process in them.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for (controller, file, value) in [
+        ("memory", "memory.limit_in_bytes", "1073741824"),
+        ("pids", "pids.max", "64"),
+    ] {
+        let line = cgroups
+            .lines()
+            .find(|l| l.split(':').nth(1) == Some(controller))
+            .unwrap();
+        let path = line.splitn(3, ':').nth(2).unwrap();
+        assert!(path.ends_with(&format!("/{cgroup}")), "{line}");
+        let dir = format!("/sys/fs/cgroup/{controller}{path}");
+        let got = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        assert_eq!(got.trim(), value, "{dir}/{file}");
+    }
+    // The API works through the jail.
+    let (status, body) = vireo_e2e::api(&sock, "GET", "vm.info", None);
+    assert_eq!(status, 200, "{body}");
+
+    let out = kill_and_collect(vm);
+    let err = stderr(&out);
+    // A host file: not in its root (and openat is not even allowed on that thread
+    // once filtered: the probe runs on the control thread, which may open files).
+    assert!(
+        err.contains("vireo: test hook: open /etc/hostname: error 2"),
+        "{err}"
+    );
+    for controller in ["memory", "pids"] {
+        let line = cgroups
+            .lines()
+            .find(|l| l.split(':').nth(1) == Some(controller))
+            .unwrap();
+        let _ = std::fs::remove_dir(format!(
+            "/sys/fs/cgroup/{controller}{}",
+            line.splitn(3, ':').nth(2).unwrap()
+        ));
+    }
+}
+
+#[test]
+fn a_jailed_vmm_snapshots_and_another_jailed_vmm_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir(&api_dir).unwrap();
+    let sock = api_dir.join("vm.sock");
+    let snaps = dir.path().join("snaps");
+    std::fs::create_dir(&snaps).unwrap();
+    let jail = |n: &str| {
+        format!(
+            "uid=100102,gid=100102,root={},bind={}",
+            dir.path().join(n).display(),
+            snaps.display()
+        )
+    };
+    let vm = Vireo::guest(
+        "test=counter period_ms=20",
+        &[
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--jail",
+            &jail("root1"),
+        ],
+    )
+    .spawn();
+    vm.wait_serial("tick 3 ", T);
+    assert_eq!(vireo_e2e::api(&sock, "PUT", "vm.pause", None).0, 204);
+    let snap = snaps.join("s1");
+    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    let (s, body) = vireo_e2e::api(&sock, "PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 204, "{body}");
+    let ticks = vm.serial_text().matches("tick ").count();
+    drop(vm);
+
+    // The restored VM (another jailed process) counts on from where it was paused.
+    let serial = dir.path().join("restored.log");
+    let mut child = std::process::Command::new(vireo_e2e::bin("vireo"))
+        .arg("--restore")
+        .arg(format!("source_url=file://{},resume=on", snap.display()))
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .arg("--jail")
+        .arg(jail("root2"))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if text.matches("tick ").count() >= 3 {
+            break text;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!("restore exited with {st}: {}", stderr(&out));
+        }
+        assert!(start.elapsed() < T, "the restored VM does not run: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tick "))
+        .and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap();
+    assert!(
+        first + 1 >= ticks,
+        "restored at tick {first}, paused after {ticks}"
+    );
+}

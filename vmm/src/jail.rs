@@ -1,0 +1,468 @@
+//! `vireo --jail`: the process confines itself before it opens anything, as
+//! Firecracker's jailer does for its VMM.
+//!
+//! Why in `vireo` and not a separate jailer binary that execs it: `vireo` is linked
+//! against glibc, so a binary exec'd inside the new root would need the loader and
+//! libraries bind-mounted there too; and at start-up `vireo` is still single-threaded,
+//! the one moment `unshare(CLONE_NEWNS)` and the uid change apply to the whole process.
+//!
+//! In order (as root, single-threaded):
+//! 1. network namespace (`netns=PATH`), cgroup v1 `memory` and `pids` children of the
+//!    current cgroups with `memory.limit_in_bytes` and `pids.max`;
+//! 2. new mount, IPC and UTS namespaces; every path the VM names (kernel, initramfs,
+//!    disks, serial/console files, the API socket's directory, `bind=` extras) is
+//!    bind-mounted at the same path under `root=DIR`, plus /dev/kvm, /dev/urandom
+//!    (and /dev/net/tun for taps), and a procfs with `hidepid=invisible`; then
+//!    `pivot_root` into DIR and the old root is detached: nothing else exists;
+//! 3. files the VMM writes (writable disks, serial/console files, the socket
+//!    directory) are chowned to the jail's uid/gid;
+//! 4. rlimits (open files, processes), supplementary groups dropped, gid and uid set,
+//!    every capability set cleared (bounding and ambient too), no_new_privs.
+//!
+//! Not done here: a PID namespace (it needs a fork with a waiting parent; the VMM
+//! would no longer be its supervisor's child).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// `--jail uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,cgroup=NAME]
+/// [,memory_max=BYTES][,pids_max=N][,nofile=N][,nproc=N]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailConfig {
+    pub uid: u32,
+    pub gid: u32,
+    pub root: PathBuf,
+    pub netns: Option<PathBuf>,
+    /// Extra paths (files or directories) visible read-write at the same path: where
+    /// snapshots go, restore comes from, storage migrations write.
+    pub binds: Vec<PathBuf>,
+    pub cgroup: Option<String>,
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u64>,
+    pub nofile: u64,
+    pub nproc: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("--jail: {0}")]
+    Parse(String),
+    #[error("jail: {what}: {source}")]
+    Sys {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::Sys { what, source }
+}
+
+/// -1 from libc as the error in errno.
+fn check(r: libc::c_int, what: impl Into<String>) -> Result<(), JailError> {
+    if r < 0 {
+        return Err(sys(what)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn cstr(p: &Path) -> Result<CString, JailError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| JailError::Parse(format!("{} contains a NUL byte", p.display())))
+}
+
+impl std::str::FromStr for JailConfig {
+    type Err = JailError;
+    fn from_str(s: &str) -> Result<Self, JailError> {
+        let err = |m: String| JailError::Parse(m);
+        let (mut uid, mut gid, mut root) = (None, None, None);
+        let mut cfg = JailConfig {
+            uid: 0,
+            gid: 0,
+            root: PathBuf::new(),
+            netns: None,
+            binds: Vec::new(),
+            cgroup: None,
+            memory_max: None,
+            pids_max: None,
+            nofile: 4096,
+            nproc: 1024,
+        };
+        let num = |k: &str, v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| err(format!("{k}={v}: expected a number")))
+        };
+        for item in s.split(',') {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| err(format!("'{item}': expected key=value")))?;
+            match k {
+                "uid" => uid = Some(num(k, v)?),
+                "gid" => gid = Some(num(k, v)?),
+                "root" => root = Some(PathBuf::from(v)),
+                "netns" => cfg.netns = Some(PathBuf::from(v)),
+                "bind" => cfg.binds.push(PathBuf::from(v)),
+                "cgroup" => {
+                    if v.is_empty() || v.contains('/') || v.starts_with('.') {
+                        return Err(err(format!("cgroup={v}: expected a plain name")));
+                    }
+                    cfg.cgroup = Some(v.to_string())
+                }
+                "memory_max" => cfg.memory_max = Some(num(k, v)?),
+                "pids_max" => cfg.pids_max = Some(num(k, v)?),
+                "nofile" => cfg.nofile = num(k, v)?,
+                "nproc" => cfg.nproc = num(k, v)?,
+                _ => return Err(err(format!("unknown option '{k}'"))),
+            }
+        }
+        let id = |k: &str, v: Option<u64>| match v {
+            Some(0) => Err(err(format!("{k}=0: the jail runs as a non-root user"))),
+            Some(v) => u32::try_from(v).map_err(|_| err(format!("{k}={v}: out of range"))),
+            None => Err(err(format!("missing {k}="))),
+        };
+        cfg.uid = id("uid", uid)?;
+        cfg.gid = id("gid", gid)?;
+        cfg.root = root.ok_or_else(|| err("missing root=DIR".into()))?;
+        if !cfg.root.is_absolute() {
+            return Err(err(format!(
+                "root={}: expected an absolute path",
+                cfg.root.display()
+            )));
+        }
+        if (cfg.memory_max.is_some() || cfg.pids_max.is_some()) && cfg.cgroup.is_none() {
+            return Err(err("memory_max and pids_max need cgroup=NAME".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+/// A host path the VMM needs, visible at the same path in the jail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailPath {
+    pub path: PathBuf,
+    /// The VMM writes it: chowned to the jail's uid (created empty if missing).
+    pub writable: bool,
+}
+
+impl JailPath {
+    pub fn read_only(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: false,
+        }
+    }
+    pub fn writable(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: true,
+        }
+    }
+}
+
+/// Confines the calling (single-threaded) process; see the module documentation.
+pub fn enter(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<(), JailError> {
+    // The VMM opens them later by the names it was given, from inside the jail, whose
+    // working directory is its root.
+    if let Some(p) = paths.iter().find(|p| !p.path.is_absolute()) {
+        return Err(JailError::Parse(format!(
+            "{}: give absolute paths to a jailed VMM",
+            p.path.display()
+        )));
+    }
+    if let Some(ns) = &cfg.netns {
+        let f = std::fs::File::open(ns).map_err(sys(format!("netns {}", ns.display())))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on an open namespace file descriptor.
+        check(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            format!("setns {}", ns.display()),
+        )?;
+    }
+    if let Some(name) = &cfg.cgroup {
+        enter_cgroups(name, cfg)?;
+    }
+    // SAFETY: unshare with namespace flags only.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
+        "unshare",
+    )?;
+    build_root(cfg, paths, devices)?;
+    drop_privileges(cfg)
+}
+
+/// The cgroup a v1 hierarchy lists this process in (`/proc/self/cgroup`).
+fn current_cgroup(controller: &str) -> Result<String, JailError> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").map_err(sys("/proc/self/cgroup"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_string())
+        })
+        .next()
+        .ok_or_else(|| JailError::Parse(format!("no cgroup v1 '{controller}' hierarchy")))
+}
+
+/// cgroup v1 (this project's hosts): NAME under the current `memory` and `pids` cgroups.
+fn enter_cgroups(name: &str, cfg: &JailConfig) -> Result<(), JailError> {
+    let limits = [
+        ("memory", "memory.limit_in_bytes", cfg.memory_max),
+        ("pids", "pids.max", cfg.pids_max),
+    ];
+    for (controller, file, limit) in limits {
+        let Some(limit) = limit else { continue };
+        let current = current_cgroup(controller)?;
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(current.trim_start_matches('/'))
+            .join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(sys(format!("create {}", dir.display()))(e)),
+        }
+        std::fs::write(dir.join(file), limit.to_string())
+            .map_err(sys(format!("{}/{file}", dir.display())))?;
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(sys(format!("{}/cgroup.procs", dir.display())))?;
+    }
+    Ok(())
+}
+
+fn mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), JailError> {
+    let src_c = src.map(cstr).transpose()?;
+    let target_c = cstr(target)?;
+    let fstype_c = fstype.map(|t| CString::new(t).unwrap_or_default());
+    let data_c = data.map(|d| CString::new(d).unwrap_or_default());
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is null or a valid NUL-terminated string kept alive here.
+    let r = unsafe {
+        libc::mount(
+            ptr(&src_c),
+            target_c.as_ptr(),
+            ptr(&fstype_c),
+            flags,
+            ptr(&data_c).cast(),
+        )
+    };
+    check(r, format!("mount {}", target.display()))
+}
+
+/// Creates `target` (an empty file, or a directory if `source` is one) and binds
+/// `source` onto it.
+fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(sys(format!("create {}", parent.display())))?;
+    }
+    if source.is_dir() {
+        std::fs::create_dir_all(target).map_err(sys(format!("create {}", target.display())))?;
+    } else if !target.exists() {
+        std::fs::File::create(target).map_err(sys(format!("create {}", target.display())))?;
+    }
+    mount(Some(source), target, None, libc::MS_BIND, None)?;
+    if read_only {
+        mount(
+            None,
+            target,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// A node for the host's device `source` at `target`, owned by the jail's uid and
+/// readable and writable by it alone (as Firecracker's jailer: the host node, e.g.
+/// /dev/kvm root:kvm 0660, stays as it is).
+fn device_node(source: &Path, target: &Path, cfg: &JailConfig) -> Result<(), JailError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(source).map_err(sys(format!("{}", source.display())))?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(sys(format!("create {}", parent.display())))?;
+    }
+    let c = cstr(target)?;
+    // SAFETY: mknod of a character device with the host node's number, a valid path.
+    check(
+        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, meta.rdev()) },
+        format!("mknod {}", target.display()),
+    )?;
+    chown(target, cfg)
+}
+
+fn chown(path: &Path, cfg: &JailConfig) -> Result<(), JailError> {
+    std::os::unix::fs::chown(path, Some(cfg.uid), Some(cfg.gid))
+        .map_err(sys(format!("chown {}", path.display())))
+}
+
+fn build_root(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<(), JailError> {
+    let root = &cfg.root;
+    // Nothing mounted from here on propagates back to the host.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    std::fs::create_dir_all(root).map_err(sys(format!("create {}", root.display())))?;
+    // pivot_root needs the new root to be a mount point: a tmpfs of its own, so the
+    // jail's directories are not left behind on the host.
+    mount(
+        Some(Path::new("none")),
+        root,
+        Some("tmpfs"),
+        // Device nodes (created below, by root, before the uid changes) must work.
+        libc::MS_NOSUID,
+        Some("mode=0755,size=1m"),
+    )?;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    // A path inside a directory that is bound anyway is not bound again: a file mount
+    // on top of it could not be renamed or deleted (a storage migration's
+    // delete_source) inside the jail.
+    let dirs: Vec<&Path> = paths
+        .iter()
+        .map(|p| p.path.as_path())
+        .filter(|p| p.is_dir())
+        .collect();
+    for p in paths {
+        let path = p.path.as_path();
+        if p.writable {
+            if !path.exists() {
+                std::fs::File::create(path).map_err(sys(format!("create {}", path.display())))?;
+            }
+            chown(path, cfg)?;
+        }
+        if dirs.iter().any(|d| path != *d && path.starts_with(d)) {
+            continue;
+        }
+        bind(path, &inside(path), !p.writable)?;
+    }
+    for dev in devices {
+        device_node(Path::new(dev), &inside(Path::new(dev)), cfg)?;
+    }
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir).map_err(sys("create /proc"))?;
+    mount(
+        Some(Path::new("proc")),
+        &proc_dir,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("hidepid=invisible"),
+    )?;
+    let old = root.join(".old-root");
+    std::fs::create_dir_all(&old).map_err(sys("create .old-root"))?;
+    let (new_c, old_c) = (cstr(root)?, cstr(&old)?);
+    // SAFETY: pivot_root with two valid paths (no libc wrapper).
+    check(
+        unsafe { libc::syscall(libc::SYS_pivot_root, new_c.as_ptr(), old_c.as_ptr()) } as i32,
+        "pivot_root",
+    )?;
+    std::env::set_current_dir("/").map_err(sys("chdir /"))?;
+    // SAFETY: detaching the old root, a valid path.
+    check(
+        unsafe { libc::umount2(c"/.old-root".as_ptr(), libc::MNT_DETACH) },
+        "umount the old root",
+    )?;
+    std::fs::remove_dir("/.old-root").map_err(sys("remove /.old-root"))?;
+    // The jail's own tmpfs: read-only from now on (the bind mounts stay as they are).
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+        None,
+    )
+}
+
+fn drop_privileges(cfg: &JailConfig) -> Result<(), JailError> {
+    let limit = |resource, value: u64, name: &str| {
+        let r = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        check(
+            unsafe { libc::setrlimit(resource, &r) },
+            format!("setrlimit {name}"),
+        )
+    };
+    limit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
+    limit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
+    // SAFETY: plain prctl/credential calls with constant or checked arguments.
+    unsafe {
+        // The bounding set, while CAP_SETPCAP is still held.
+        let mut cap = 0;
+        while libc::prctl(libc::PR_CAPBSET_READ, cap) >= 0 {
+            check(
+                libc::prctl(libc::PR_CAPBSET_DROP, cap),
+                format!("drop capability {cap}"),
+            )?;
+            cap += 1;
+        }
+        check(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ),
+            "clear ambient capabilities",
+        )?;
+        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+        check(libc::setresgid(cfg.gid, cfg.gid, cfg.gid), "setresgid")?;
+        // From root to a non-root uid without SECBIT_KEEP_CAPS: the permitted and
+        // effective sets are cleared by the kernel.
+        check(libc::setresuid(cfg.uid, cfg.uid, cfg.uid), "setresuid")?;
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            "no_new_privs",
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_jail_option() {
+        let c: JailConfig = "uid=100001,gid=100002,root=/srv/jail/vm1,netns=/run/netns/a,\
+                             bind=/snap,bind=/dst,cgroup=vm1,memory_max=1073741824,pids_max=64"
+            .parse()
+            .unwrap();
+        assert_eq!((c.uid, c.gid), (100001, 100002));
+        assert_eq!(c.root, PathBuf::from("/srv/jail/vm1"));
+        assert_eq!(c.binds, vec![PathBuf::from("/snap"), PathBuf::from("/dst")]);
+        assert_eq!((c.memory_max, c.pids_max), (Some(1 << 30), Some(64)));
+    }
+
+    #[test]
+    fn refuses_root_relative_roots_and_odd_cgroup_names() {
+        for bad in [
+            "uid=0,gid=5,root=/j",
+            "uid=5,gid=5,root=j",
+            "uid=5,gid=5",
+            "uid=5,gid=5,root=/j,cgroup=../x",
+            "uid=5,gid=5,root=/j,memory_max=5",
+            "uid=5,gid=5,root=/j,flag",
+            "uid=5,gid=5,root=/j,what=1",
+        ] {
+            assert!(bad.parse::<JailConfig>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Fault injection for the end-to-end tests, compiled only with the `test-hooks`
+//! feature (never in a shipped build; see vmm/Cargo.toml).
+//!
+//! - `VIREO_TEST_PANIC_VCPU=now|after-resume`: vCPU 0 panics at its first exit, or at
+//!   its first exit after a pause and resume.
+//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`) makes a system
+//!   call its filter should refuse once it is confined (`openat`, `execve`, `socket`,
+//!   `fork`) and prints the outcome if it survives.
+//! - `VIREO_TEST_OPEN=PATH`: once confined, the control thread tries to open PATH and
+//!   prints `vireo: test hook: open PATH: <outcome>` (a jailed VMM must not reach host
+//!   files).
+
+/// True on the vCPU that must panic now: `VIREO_TEST_PANIC_VCPU=now` at vCPU 0's first
+/// exit, `=after-resume` at its first exit after a pause and resume (a VM its
+/// supervisor already sees Running).
+pub fn vcpu_should_panic(id: u8, resumed: bool) -> bool {
+    if id != 0 {
+        return false;
+    }
+    match std::env::var("VIREO_TEST_PANIC_VCPU").as_deref() {
+        Ok("now") => true,
+        Ok("after-resume") => resumed,
+        _ => false,
+    }
+}
+
+/// Runs the system call `VIREO_TEST_SYSCALL` names for `thread`, if any.
+pub fn probe_syscall(thread: &str) {
+    let Ok(v) = std::env::var("VIREO_TEST_SYSCALL") else {
+        return;
+    };
+    let Some((t, call)) = v.split_once(':') else {
+        return;
+    };
+    if t != thread {
+        return;
+    }
+    let path = c"/";
+    // SAFETY: plain system calls with valid arguments; a forked child exits at once.
+    let r = unsafe {
+        match call {
+            "openat" => libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY),
+            "execve" => {
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let envp = [std::ptr::null()];
+                libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr())
+            }
+            "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
+            "fork" => {
+                let pid = libc::fork();
+                if pid == 0 {
+                    libc::_exit(0);
+                }
+                pid
+            }
+            _ => return,
+        }
+    };
+    eprintln!("vireo: test hook: {call} on the {thread} thread returned {r}");
+}
+
+/// Tries to open `VIREO_TEST_OPEN` and prints the outcome.
+pub fn probe_open() {
+    if let Some(path) = std::env::var_os("VIREO_TEST_OPEN") {
+        let outcome = match std::fs::File::open(&path) {
+            Ok(_) => "opened".to_string(),
+            Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
+        };
+        eprintln!(
+            "vireo: test hook: open {}: {outcome}",
+            std::path::Path::new(&path).display()
+        );
+    }
+}
