@@ -10,6 +10,12 @@
 //! source sends when its side fails), no source connects within
 //! `--incoming-timeout-s`, or the receiver dies, the receiver is stopped and the
 //! definition removed: the VM was never here.
+//!
+//! From a peer host (the request came over the peer listener, mutual TLS): the record's
+//! source is the host name the peer's certificate proved (not what the body says), only
+//! that peer may read or cancel it, and the receiving VMM listens with TLS (this host's
+//! identity; it requires a client certificate from the CA) on TCP — by default on a
+//! free port of the peer listener's address.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,27 +42,37 @@ enum Arrival {
 
 impl Supervisor {
     /// Defines the VM and starts its receiving VMM; returns the record with the
-    /// receiver's URL.
+    /// receiver's URL. `from_peer`: the peer host whose certificate the request came
+    /// with (None: a client of the unix socket).
     pub async fn incoming(
         self: &Arc<Self>,
         req: IncomingRequest,
+        from_peer: Option<String>,
     ) -> Result<MigrationRecord, AgentError> {
         validate_name(&req.name)?;
         req.definition.validate()?;
         let name = req.name.clone();
-        let url = req
-            .receiver_url
-            .clone()
-            .unwrap_or_else(|| format!("unix:{}", self.migrate_socket_path(&name).display()));
+        let url = match (&req.receiver_url, &from_peer) {
+            (Some(u), _) => u.clone(),
+            (None, Some(_)) => self.free_receiver_url()?,
+            (None, None) => format!("unix:{}", self.migrate_socket_path(&name).display()),
+        };
         if !(url.starts_with("unix:") || url.starts_with("tcp:")) {
             return Err(AgentError::BadMigration(format!(
                 "receiver_url {url:?}: expected unix:/path or tcp:host:port"
             )));
         }
-        let peer = req
-            .source
-            .clone()
-            .unwrap_or_else(|| "unknown source".into());
+        let tls = match &from_peer {
+            Some(_) => Some(self.receive_tls()?),
+            None => None,
+        };
+        let peer = match &from_peer {
+            Some(host) => host.clone(),
+            None => req
+                .source
+                .clone()
+                .unwrap_or_else(|| "unknown source".into()),
+        };
         let (rec, cancel, generation) = {
             let mut vms = lock(&self.vms);
             if vms.contains_key(&name) {
@@ -65,6 +81,13 @@ impl Supervisor {
             let (rec, cancel) =
                 self.migrations
                     .create(&name, MigrationDirection::Incoming, peer.clone())?;
+            let rec = match &from_peer {
+                Some(host) => self
+                    .migrations
+                    .update(&rec.id, |r| r.peer_host = Some(host.clone()))
+                    .unwrap_or(rec),
+                None => rec,
+            };
             if let Err(e) = lock(&self.inv).insert(&name, &req.definition, now_ms()) {
                 self.migrations.update(&rec.id, |r| {
                     r.state = MigrationState::Failed;
@@ -94,7 +117,7 @@ impl Supervisor {
         );
         self.save_record(&rec);
         if let Err(e) = self
-            .start_receiver(&name, generation, &url, req.storage_dir.clone())
+            .start_receiver(&name, generation, &url, req.storage_dir.clone(), tls)
             .await
         {
             let msg = error_chain(&e);
@@ -120,6 +143,7 @@ impl Supervisor {
         generation: u64,
         url: &str,
         storage_dir: Option<std::path::PathBuf>,
+        tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
         let spec = self.receive_spec(name);
         mkdir(&self.vm_dir(name), 0o750)?;
@@ -141,7 +165,10 @@ impl Supervisor {
             }
         }
         self.watch(name.to_string(), generation, handle.pid, watch);
-        let body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
+        let mut body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
+        if let Some(tls) = tls {
+            body["tls"] = tls;
+        }
         let deadline = Instant::now() + self.cfg.start_timeout;
         let failed = |reason: String| AgentError::StartFailed {
             name: name.to_string(),
@@ -187,6 +214,44 @@ impl Supervisor {
         }
         self.share_socket(name, &spec.socket);
         Ok(())
+    }
+
+    /// The receiving VMM's TLS for a migration from a peer host: this host's identity;
+    /// sources must present a certificate from the CA.
+    fn receive_tls(&self) -> Result<serde_json::Value, AgentError> {
+        let id = self.cfg.identity.as_ref().ok_or_else(|| {
+            AgentError::BadMigration("this vireod has no host identity to receive with".into())
+        })?;
+        Ok(serde_json::json!({
+            "cert": id.files.cert,
+            "key": id.files.key,
+            "ca": id.files.ca,
+        }))
+    }
+
+    /// `tcp:IP:PORT` with a port free right now on the peer listener's address (the
+    /// receiving VMM binds it a moment later).
+    fn free_receiver_url(&self) -> Result<String, AgentError> {
+        let ip = self
+            .cfg
+            .listen
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let probe = std::net::TcpListener::bind((ip, 0)).map_err(|e| {
+            AgentError::io(
+                "cannot find a free port for the receiver on",
+                ip.to_string(),
+                e,
+            )
+        })?;
+        let addr = probe.local_addr().map_err(|e| {
+            AgentError::io(
+                "cannot find a free port for the receiver on",
+                ip.to_string(),
+                e,
+            )
+        })?;
+        Ok(format!("tcp:{addr}"))
     }
 
     /// Whether `name`'s VMM of this generation is still there.
