@@ -167,6 +167,11 @@ impl Supervisor {
         self.watch(name.to_string(), generation, handle.pid, watch);
         let mut body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
         if let Some(tls) = tls {
+            info!(
+                vm = name,
+                url,
+                "receiving VMM listens with TLS (this host's identity; the source must present a certificate of the CA)"
+            );
             body["tls"] = tls;
         }
         let deadline = Instant::now() + self.cfg.start_timeout;
