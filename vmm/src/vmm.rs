@@ -389,6 +389,12 @@ impl Vmm {
                 migration::protocol::MAX_CONNECTIONS
             )));
         }
+        let tls = r
+            .tls
+            .as_ref()
+            .map(|t| crate::live::tls::client(t, &url))
+            .transpose()
+            .map_err(ApiError::bad_request)?;
         let secret = crate::live::tls::policy(
             &url,
             r.tls.is_some(),
@@ -396,12 +402,6 @@ impl Vmm {
             r.secret.as_deref(),
         )
         .map_err(ApiError::bad_request)?;
-        let tls = r
-            .tls
-            .as_ref()
-            .map(|t| crate::live::tls::client(t, &url))
-            .transpose()
-            .map_err(ApiError::bad_request)?;
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
@@ -656,6 +656,12 @@ impl Vmm {
         config
             .validate()
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let tls = r
+            .tls
+            .as_ref()
+            .map(crate::live::tls::server)
+            .transpose()
+            .map_err(ApiError::bad_request)?;
         let secret = crate::live::tls::policy(
             &url,
             r.tls.is_some(),
@@ -663,12 +669,6 @@ impl Vmm {
             r.secret.as_deref(),
         )
         .map_err(ApiError::bad_request)?;
-        let tls = r
-            .tls
-            .as_ref()
-            .map(crate::live::tls::server)
-            .transpose()
-            .map_err(ApiError::bad_request)?;
         // Shared storage: the images are here already; shared-nothing: the
         // configuration declares the sizes (the copies are made so).
         let disk_sizes = config

@@ -94,7 +94,7 @@ impl Supervisor {
         );
         self.save_record(&rec);
         if let Err(e) = self
-            .start_receiver(&name, generation, &url, req.storage_dir.clone())
+            .start_receiver(&name, generation, &url, &req)
             .await
         {
             let msg = error_chain(&e);
@@ -113,13 +113,26 @@ impl Supervisor {
         Ok(rec)
     }
 
+    /// The configuration the receiving VMM runs the VM with: the definition, with this
+    /// host's serial log and console file (as a start here would have them). The
+    /// source's VMM sends only the guest's state; its configuration is compared with
+    /// this one, never used.
+    fn receive_config(&self, name: &str, def: &crate::model::VmDefinition) -> api::VmConfig {
+        let mut cfg = def.config.clone();
+        cfg.serial = api::config::OutputConfig::File(self.serial_path(name));
+        if let api::config::OutputConfig::File(_) = cfg.console {
+            cfg.console = api::config::OutputConfig::File(self.vm_dir(name).join("console.log"));
+        }
+        cfg
+    }
+
     /// Spawns the receiving VMM and has it listen on `url`.
     async fn start_receiver(
         self: &Arc<Self>,
         name: &str,
         generation: u64,
         url: &str,
-        storage_dir: Option<std::path::PathBuf>,
+        req: &IncomingRequest,
     ) -> Result<(), AgentError> {
         let spec = self.receive_spec(name);
         mkdir(&self.vm_dir(name), 0o750)?;
@@ -141,7 +154,14 @@ impl Supervisor {
             }
         }
         self.watch(name.to_string(), generation, handle.pid, watch);
-        let body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
+        let body = serde_json::json!({
+            "receiver_url": url,
+            "storage_dir": req.storage_dir,
+            "config": self.receive_config(name, &req.definition),
+            "secret": req.secret,
+            "insecure": req.insecure,
+            "timeout_s": self.cfg.incoming_timeout.as_secs().max(1),
+        });
         let deadline = Instant::now() + self.cfg.start_timeout;
         let failed = |reason: String| AgentError::StartFailed {
             name: name.to_string(),

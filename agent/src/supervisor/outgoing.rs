@@ -180,8 +180,24 @@ impl Supervisor {
             );
             (was, vm.def.clone(), vm.generation)
         };
+        // A one-time secret for this migration, for both VMMs (a destination_url's is
+        // the caller's).
+        let secret = match (&req.destination_agent, &req.secret) {
+            (Some(_), _) => match new_secret() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.release(name, id, was).await;
+                    return Err(e);
+                }
+            },
+            (None, s) => s.clone(),
+        };
+        let insecure = req.insecure || tcp_without_tls(req);
         let peer = match &req.destination_agent {
-            Some(socket) => match self.ask_destination(id, name, &def, socket, req).await {
+            Some(socket) => match self
+                .ask_destination(id, name, &def, socket, req, secret.as_deref(), insecure)
+                .await
+            {
                 Ok(p) => Some(p),
                 Err(e) => {
                     self.release(name, id, was).await;
@@ -202,7 +218,15 @@ impl Supervisor {
             .and_then(|r| r.receiver_url)
             .unwrap_or_default();
         let sent = self
-            .send_and_follow(id, name, req, &url, generation, peer.as_ref())
+            .send_and_follow(
+                id,
+                name,
+                req,
+                &url,
+                (secret.as_deref(), insecure),
+                generation,
+                peer.as_ref(),
+            )
             .await;
         match sent {
             Sent::Committed { confirmed } => {
@@ -227,6 +251,7 @@ impl Supervisor {
     }
 
     /// `POST /api/v1/migrations/incoming` on the destination's vireod.
+    #[allow(clippy::too_many_arguments)]
     async fn ask_destination(
         &self,
         id: &str,
@@ -234,6 +259,8 @@ impl Supervisor {
         def: &VmDefinition,
         socket: &Path,
         req: &MigrateRequest,
+        secret: Option<&str>,
+        insecure: bool,
     ) -> Result<PeerAgent, String> {
         let body = serde_json::json!({
             "name": name,
@@ -241,6 +268,8 @@ impl Supervisor {
             "receiver_url": req.receiver_url,
             "storage_dir": req.storage_dir,
             "source": format!("{} (migration {id})", crate::procfs::hostname()),
+            "secret": secret,
+            "insecure": insecure,
         });
         let r = client::request(
             socket,
@@ -274,13 +303,16 @@ impl Supervisor {
         })
     }
 
-    /// Starts the VMM's send and follows it to its end.
+    /// Starts the VMM's send and follows it to its end. `trust`: the migration's
+    /// secret, and whether TCP without TLS is allowed.
+    #[allow(clippy::too_many_arguments)]
     async fn send_and_follow(
         &self,
         id: &str,
         name: &str,
         req: &MigrateRequest,
         url: &str,
+        trust: (Option<&str>, bool),
         generation: u64,
         peer: Option<&PeerAgent>,
     ) -> Sent {
@@ -291,6 +323,8 @@ impl Supervisor {
             "compress": req.compress,
             "bandwidth_mib_s": req.bandwidth_mib_s,
             "copy_storage": req.copy_storage,
+            "secret": trust.0,
+            "insecure": trust.1,
         });
         match client::request(
             &sock,
@@ -476,4 +510,28 @@ impl Supervisor {
             );
         }
     }
+}
+
+/// A migration's one-time secret: 32 random bytes as 64 hex digits.
+fn new_secret() -> Result<String, String> {
+    let mut b = [0u8; 32];
+    // SAFETY: getrandom(2) writes at most b.len() bytes into the live buffer `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(format!(
+            "no randomness for the migration secret: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// vireod has no migration TLS material yet, so a migration between vireods over TCP
+/// is plain (and said so); the host-certificate work switches it to mutual TLS.
+fn tcp_without_tls(req: &MigrateRequest) -> bool {
+    req.destination_agent.is_some()
+        && req
+            .receiver_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("tcp:"))
 }
