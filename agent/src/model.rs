@@ -329,6 +329,13 @@ pub struct MigrateRequest {
     /// With `destination_agent` and `copy_storage`: where the destination writes them.
     #[serde(default)]
     pub storage_dir: Option<PathBuf>,
+    /// With `destination_url`: the one-time secret that `vireo` was given (required
+    /// over TCP). With `destination_agent` vireod makes one and hands it to both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Allow TCP without mutual TLS (vireod has no migration TLS material yet).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl MigrateRequest {
@@ -364,6 +371,9 @@ impl MigrateRequest {
         }
         if self.storage_dir.is_some() && !self.copy_storage {
             return bad("storage_dir is for copy_storage");
+        }
+        if self.destination_agent.is_some() && self.secret.is_some() {
+            return bad("secret is for destination_url (vireod makes one for a destination_agent)");
         }
         Ok(())
     }
@@ -460,6 +470,13 @@ pub struct IncomingRequest {
     /// Who sends it (shown in the record).
     #[serde(default)]
     pub source: Option<String>,
+    /// The migration's one-time secret (64 hex digits) the source's VMM proves on
+    /// every connection; made by the source's vireod for this migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Allow a TCP `receiver_url` without mutual TLS.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Where a migration stands.

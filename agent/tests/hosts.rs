@@ -405,7 +405,9 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
             .unwrap(),
     );
     let def = json!({"config": common::counter_config(), "priority": "Medium"});
-    let body = json!({"name": "w", "definition": def, "source": "claims to be host-z"});
+    let secret = "ab".repeat(32);
+    let body =
+        json!({"name": "w", "definition": def, "source": "claims to be host-z", "secret": secret});
     let (s, rec) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
     assert_eq!(s, 201, "{rec}\n{}", dst.log());
     // The source is what the certificate proved, not what the body claimed.
@@ -445,7 +447,7 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
     // the CA (the handshake completes for the name host-b and the receiver sends its
     // go-ahead byte). That connection then carries no migration: the incoming one
     // fails and leaves nothing behind.
-    let body = json!({"name": "w2", "definition": def});
+    let body = json!({"name": "w2", "definition": def, "secret": secret});
     let (s, rec) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
     assert_eq!(s, 201, "{rec}\n{}", dst.log());
     let id = rec["id"].as_str().unwrap();

@@ -63,7 +63,7 @@ impl Supervisor {
             )));
         }
         let tls = match &from_peer {
-            Some(_) => Some(self.receive_tls()?),
+            Some(peer) => Some(self.receive_tls(peer)?),
             None => None,
         };
         let peer = match &from_peer {
@@ -117,7 +117,7 @@ impl Supervisor {
         );
         self.save_record(&rec);
         if let Err(e) = self
-            .start_receiver(&name, generation, &url, req.storage_dir.clone(), tls)
+            .start_receiver(&name, generation, &url, &req, tls)
             .await
         {
             let msg = error_chain(&e);
@@ -136,13 +136,26 @@ impl Supervisor {
         Ok(rec)
     }
 
+    /// The configuration the receiving VMM runs the VM with: the definition, with this
+    /// host's serial log and console file (as a start here would have them). The
+    /// source's VMM sends only the guest's state; its configuration is compared with
+    /// this one, never used.
+    fn receive_config(&self, name: &str, def: &crate::model::VmDefinition) -> api::VmConfig {
+        let mut cfg = def.config.clone();
+        cfg.serial = api::config::OutputConfig::File(self.serial_path(name));
+        if let api::config::OutputConfig::File(_) = cfg.console {
+            cfg.console = api::config::OutputConfig::File(self.vm_dir(name).join("console.log"));
+        }
+        cfg
+    }
+
     /// Spawns the receiving VMM and has it listen on `url`.
     async fn start_receiver(
         self: &Arc<Self>,
         name: &str,
         generation: u64,
         url: &str,
-        storage_dir: Option<std::path::PathBuf>,
+        req: &IncomingRequest,
         tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
         let spec = self.receive_spec(name);
@@ -165,12 +178,20 @@ impl Supervisor {
             }
         }
         self.watch(name.to_string(), generation, handle.pid, watch);
-        let mut body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
+        let mut body = serde_json::json!({
+            "receiver_url": url,
+            "storage_dir": req.storage_dir,
+            "config": self.receive_config(name, &req.definition),
+            "secret": req.secret,
+            // A peer host's migration is TLS, whatever the request says.
+            "insecure": req.insecure && tls.is_none(),
+            "timeout_s": self.cfg.incoming_timeout.as_secs().max(1),
+        });
         if let Some(tls) = tls {
             info!(
                 vm = name,
                 url,
-                "receiving VMM listens with TLS (this host's identity; the source must present a certificate of the CA)"
+                "receiving VMM listens with TLS (this host's identity; only the source host's certificate gets in)"
             );
             body["tls"] = tls;
         }
@@ -222,8 +243,9 @@ impl Supervisor {
     }
 
     /// The receiving VMM's TLS for a migration from a peer host: this host's identity;
-    /// sources must present a certificate from the CA.
-    fn receive_tls(&self) -> Result<serde_json::Value, AgentError> {
+    /// the source must present a certificate from the CA naming `peer` (the host whose
+    /// certificate asked for this migration).
+    fn receive_tls(&self, peer: &str) -> Result<serde_json::Value, AgentError> {
         let id = self.cfg.identity.as_ref().ok_or_else(|| {
             AgentError::BadMigration("this vireod has no host identity to receive with".into())
         })?;
@@ -231,6 +253,7 @@ impl Supervisor {
             "cert": id.files.cert,
             "key": id.files.key,
             "ca": id.files.ca,
+            "allowed_peers": [peer],
         }))
     }
 

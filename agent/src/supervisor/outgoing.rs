@@ -201,8 +201,27 @@ impl Supervisor {
                 return Err(error_chain(&e));
             }
         };
+        // A one-time secret for this migration, for both VMMs (a destination_url's is
+        // the caller's).
+        let secret = match (&agent, &req.secret) {
+            (Some(_), _) => match new_secret() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.release(name, id, was).await;
+                    return Err(e);
+                }
+            },
+            (None, s) => s.clone(),
+        };
+        // To a peer host the VMMs' stream is mutual TLS; only a same-host vireod asked
+        // for a TCP receiver gets plain TCP (and says so).
+        let to_peer_host = matches!(agent, Some(AgentAddress::Https { .. }));
+        let insecure = req.insecure || (!to_peer_host && tcp_without_tls(req));
         let peer = match agent {
-            Some(addr) => match self.ask_destination(id, name, &def, addr, req).await {
+            Some(addr) => match self
+                .ask_destination(id, name, &def, addr, req, secret.as_deref(), insecure)
+                .await
+            {
                 Ok(p) => Some(p),
                 Err(e) => {
                     self.release(name, id, was).await;
@@ -223,7 +242,15 @@ impl Supervisor {
             .and_then(|r| r.receiver_url)
             .unwrap_or_default();
         let sent = self
-            .send_and_follow(id, name, req, &url, generation, peer.as_ref())
+            .send_and_follow(
+                id,
+                name,
+                req,
+                &url,
+                (secret.as_deref(), insecure),
+                generation,
+                peer.as_ref(),
+            )
             .await;
         match sent {
             Sent::Committed { confirmed } => {
@@ -273,6 +300,7 @@ impl Supervisor {
     }
 
     /// `POST /api/v1/migrations/incoming` on the destination's vireod.
+    #[allow(clippy::too_many_arguments)]
     async fn ask_destination(
         &self,
         id: &str,
@@ -280,6 +308,8 @@ impl Supervisor {
         def: &VmDefinition,
         addr: AgentAddress,
         req: &MigrateRequest,
+        secret: Option<&str>,
+        insecure: bool,
     ) -> Result<PeerAgent, String> {
         let (endpoint, host) = self.peer_endpoint(addr)?;
         let body = serde_json::json!({
@@ -288,6 +318,8 @@ impl Supervisor {
             "receiver_url": req.receiver_url,
             "storage_dir": req.storage_dir,
             "source": format!("{} (migration {id})", crate::procfs::hostname()),
+            "secret": secret,
+            "insecure": insecure,
         });
         let r = client::request_to(
             &endpoint,
@@ -323,13 +355,16 @@ impl Supervisor {
         })
     }
 
-    /// Starts the VMM's send and follows it to its end.
+    /// Starts the VMM's send and follows it to its end. `trust`: the migration's
+    /// secret, and whether TCP without TLS is allowed.
+    #[allow(clippy::too_many_arguments)]
     async fn send_and_follow(
         &self,
         id: &str,
         name: &str,
         req: &MigrateRequest,
         url: &str,
+        trust: (Option<&str>, bool),
         generation: u64,
         peer: Option<&PeerAgent>,
     ) -> Sent {
@@ -340,6 +375,8 @@ impl Supervisor {
             "compress": req.compress,
             "bandwidth_mib_s": req.bandwidth_mib_s,
             "copy_storage": req.copy_storage,
+            "secret": trust.0,
+            "insecure": trust.1,
         });
         if let Some(tls) = self.send_tls(peer) {
             body["tls"] = tls;
@@ -541,6 +578,31 @@ impl Supervisor {
             );
         }
     }
+}
+
+/// A migration's one-time secret: 32 random bytes as 64 hex digits.
+fn new_secret() -> Result<String, String> {
+    let mut b = [0u8; 32];
+    // SAFETY: getrandom(2) writes at most b.len() bytes into the live buffer `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(format!(
+            "no randomness for the migration secret: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A migration to a vireod on this host (its socket) whose receiver was asked to listen
+/// on TCP: there is no peer name for TLS, so it is plain TCP (and says so). Migrations
+/// to another host's vireod (`https://`) are always mutual TLS.
+fn tcp_without_tls(req: &MigrateRequest) -> bool {
+    req.destination_agent.is_some()
+        && req
+            .receiver_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("tcp:"))
 }
 
 /// The receiver's URL as the source's VMM can reach it: a peer whose receiver listens
