@@ -12,6 +12,8 @@
 //! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
 //! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
 //! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
+//! - [`authz`]: who may call which route (roles from the caller's SO_PEERCRED);
+//! - [`audit`]: the audit trail of every change asked for, allowed or refused;
 //! - [`peer_server`]: the HTTPS peer listener for other hosts' vireods (mutual TLS,
 //!   host-to-host routes only);
 //! - [`hosttls`]: this host's identity and which peers it admits;
@@ -20,6 +22,8 @@
 //!   vireod) and over mutual TLS (vireod → a peer's vireod);
 //! - [`procfs`]: what the agent reads from /proc.
 
+pub mod audit;
+pub mod authz;
 pub mod cgroup;
 pub mod client;
 pub mod error;
