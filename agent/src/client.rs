@@ -1,12 +1,16 @@
-//! A small HTTP/1.1 client over unix sockets: vireod talks to each VMM's API with it,
-//! vireoctl talks to vireod (or straight to a VMM) with it.
+//! A small HTTP/1.1 client over unix sockets (vireod talks to each VMM's API with it,
+//! vireoctl talks to vireod or straight to a VMM with it) and over mutual TLS (one
+//! vireod talks to another's peer listener with it).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -16,16 +20,118 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("HTTP exchange with {path} failed: {source}")]
+    #[error("cannot connect to {to}: {source}")]
+    ConnectTcp {
+        to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {to} failed: {source}")]
+    Handshake {
+        to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP exchange with {to} failed: {source}")]
     Http {
-        path: PathBuf,
+        to: String,
         #[source]
         source: hyper::Error,
     },
     #[error("bad request {0}")]
     Request(String),
-    #[error("no answer from {path} within {timeout:?}")]
-    Timeout { path: PathBuf, timeout: Duration },
+    #[error("no answer from {to} within {timeout:?}")]
+    Timeout { to: String, timeout: Duration },
+}
+
+/// Where a request goes.
+#[derive(Clone)]
+pub enum Endpoint {
+    /// An API socket on this host.
+    Unix(PathBuf),
+    /// Another host's vireod: `host:port` over mutual TLS, its certificate checked for
+    /// `server_name`.
+    Https {
+        authority: String,
+        server_name: ServerName<'static>,
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Https {
+                authority,
+                server_name,
+                ..
+            } => write!(f, "https://{authority} ({})", server_name.to_str()),
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// An HTTP/1 connection's sender, over whichever stream.
+async fn handshake<S>(
+    stream: S,
+    to: &Endpoint,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ClientError::Http {
+            to: to.to_string(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Connects to `to` (with the TLS handshake for a peer).
+async fn connect(
+    to: &Endpoint,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+    match to {
+        Endpoint::Unix(socket) => {
+            let stream = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: socket.to_path_buf(),
+                    source,
+                })?;
+            handshake(stream, to).await
+        }
+        Endpoint::Https {
+            authority,
+            server_name,
+            tls,
+        } => {
+            let tcp = tokio::net::TcpStream::connect(authority.as_str())
+                .await
+                .map_err(|source| ClientError::ConnectTcp {
+                    to: to.to_string(),
+                    source,
+                })?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(server_name.clone(), tcp)
+                .await
+                .map_err(|source| ClientError::Handshake {
+                    to: to.to_string(),
+                    source,
+                })?;
+            handshake(stream, to).await
+        }
+    }
 }
 
 /// A whole response.
@@ -61,33 +167,38 @@ pub async fn send(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<hyper::Response<Incoming>, ClientError> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.to_path_buf(),
-            source,
-        })?;
-    let http = |source| ClientError::Http {
-        path: socket.to_path_buf(),
-        source,
+    send_to(&Endpoint::Unix(socket.to_path_buf()), method, path, body).await
+}
+
+/// [`send`] to any endpoint.
+pub async fn send_to(
+    to: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<hyper::Response<Incoming>, ClientError> {
+    let mut sender = connect(to).await?;
+    let host = match to {
+        Endpoint::Unix(_) => "localhost".to_string(),
+        Endpoint::Https { authority, .. } => authority.clone(),
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
     let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "localhost");
+        .header("host", host);
     if body.is_some() {
         req = req.header("content-type", "application/json");
     }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))?;
-    sender.send_request(req).await.map_err(http)
+    sender
+        .send_request(req)
+        .await
+        .map_err(|source| ClientError::Http {
+            to: to.to_string(),
+            source,
+        })
 }
 
 /// Sends one request and reads the whole response, all within `timeout`.
@@ -98,15 +209,33 @@ pub async fn request(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
+    request_to(
+        &Endpoint::Unix(socket.to_path_buf()),
+        method,
+        path,
+        body,
+        timeout,
+    )
+    .await
+}
+
+/// [`request`] to any endpoint.
+pub async fn request_to(
+    to: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let work = async {
-        let resp = send(socket, method, path, body).await?;
+        let resp = send_to(to, method, path, body).await?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|source| ClientError::Http {
-                path: socket.to_path_buf(),
+                to: to.to_string(),
                 source,
             })?
             .to_bytes();
@@ -115,7 +244,7 @@ pub async fn request(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| ClientError::Timeout {
-            path: socket.to_path_buf(),
+            to: to.to_string(),
             timeout,
         })?
 }

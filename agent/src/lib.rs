@@ -14,7 +14,12 @@
 //! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
 //! - [`authz`]: who may call which route (roles from the caller's SO_PEERCRED);
 //! - [`audit`]: the audit trail of every change asked for, allowed or refused;
-//! - [`client`]: an HTTP/1.1 client over unix sockets (vireod → VMMs, vireoctl → vireod);
+//! - [`peer_server`]: the HTTPS peer listener for other hosts' vireods (mutual TLS,
+//!   host-to-host routes only);
+//! - [`hosttls`]: this host's identity and which peers it admits;
+//! - [`pki`]: the host CA and host certificates (`vireoctl pki`);
+//! - [`client`]: an HTTP/1.1 client over unix sockets (vireod → VMMs, vireoctl →
+//!   vireod) and over mutual TLS (vireod → a peer's vireod);
 //! - [`procfs`]: what the agent reads from /proc.
 
 pub mod audit;
@@ -22,12 +27,15 @@ pub mod authz;
 pub mod cgroup;
 pub mod client;
 pub mod error;
+pub mod hosttls;
 pub mod inventory;
 pub mod launcher;
 pub mod metering;
 pub mod migrations;
 pub mod model;
 pub mod notify;
+pub mod peer_server;
+pub mod pki;
 pub mod procfs;
 pub mod server;
 pub mod supervisor;

@@ -98,6 +98,7 @@ impl Migrations {
             vm: vm.to_string(),
             direction,
             peer,
+            peer_host: None,
             state: match direction {
                 MigrationDirection::Outgoing => MigrationState::Queued,
                 MigrationDirection::Incoming => MigrationState::Running,

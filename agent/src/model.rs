@@ -298,10 +298,16 @@ pub struct Event {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The destination host's vireod (its API socket): it defines the VM and starts a
+    /// The destination host's vireod: its peer listener `https://HOST:PORT` (mutual
+    /// TLS with this host's identity; the VMMs' stream is TLS too) or, on the same
+    /// host, its API socket (an absolute path). It defines the VM and starts a
     /// receiving VMM; after the commit the VM belongs to it.
     #[serde(default)]
-    pub destination_agent: Option<PathBuf>,
+    pub destination_agent: Option<String>,
+    /// With an `https://` destination_agent: the host name its certificate must carry
+    /// (default: the URL's HOST).
+    #[serde(default)]
+    pub destination_name: Option<String>,
     /// Or a `vireo` already listening (`unix:/path` or `tcp:host:port`) that no vireod
     /// here knows: the VM is sent there and forgotten here.
     #[serde(default)]
@@ -323,6 +329,13 @@ pub struct MigrateRequest {
     /// With `destination_agent` and `copy_storage`: where the destination writes them.
     #[serde(default)]
     pub storage_dir: Option<PathBuf>,
+    /// With `destination_url`: the one-time secret that `vireo` was given (required
+    /// over TCP). With `destination_agent` vireod makes one and hands it to both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Allow TCP without mutual TLS (vireod has no migration TLS material yet).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl MigrateRequest {
@@ -335,10 +348,11 @@ impl MigrateRequest {
             (None, None) => {
                 return bad("give destination_agent (a vireod socket) or destination_url")
             }
-            (Some(p), None) if !p.is_absolute() => {
-                return bad("destination_agent must be an absolute path")
-            }
             _ => {}
+        }
+        let agent = self.agent_address()?;
+        if self.destination_name.is_some() && !matches!(agent, Some(AgentAddress::Https { .. })) {
+            return bad("destination_name is for an https:// destination_agent");
         }
         for url in [&self.destination_url, &self.receiver_url]
             .into_iter()
@@ -358,16 +372,85 @@ impl MigrateRequest {
         if self.storage_dir.is_some() && !self.copy_storage {
             return bad("storage_dir is for copy_storage");
         }
+        if self.destination_agent.is_some() && self.secret.is_some() {
+            return bad("secret is for destination_url (vireod makes one for a destination_agent)");
+        }
         Ok(())
+    }
+
+    /// The destination vireod, parsed (None with `destination_url`).
+    pub fn agent_address(&self) -> Result<Option<AgentAddress>, AgentError> {
+        self.destination_agent
+            .as_deref()
+            .map(|a| AgentAddress::parse(a, self.destination_name.as_deref()))
+            .transpose()
     }
 
     /// The peer, as the records show it.
     pub fn peer(&self) -> String {
         match (&self.destination_agent, &self.destination_url) {
-            (Some(p), _) => format!("agent:{}", p.display()),
+            (Some(a), _) if a.starts_with("https://") => a.clone(),
+            (Some(p), _) => format!("agent:{p}"),
             (None, Some(u)) => u.clone(),
             (None, None) => String::new(),
         }
+    }
+}
+
+/// Where the destination's vireod is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAddress {
+    /// Its API socket on this host.
+    Unix(PathBuf),
+    /// Its peer listener on another host; its certificate must name `name`.
+    Https { authority: String, name: String },
+}
+
+impl AgentAddress {
+    /// `https://HOST:PORT` (the expected peer name: `name`, else HOST) or an absolute
+    /// socket path.
+    pub fn parse(s: &str, name: Option<&str>) -> Result<Self, AgentError> {
+        let bad = |m: String| Err(AgentError::BadMigration(m));
+        let Some(rest) = s.strip_prefix("https://") else {
+            if s.contains("://") {
+                return bad(format!(
+                    "destination_agent {s:?}: expected https://HOST:PORT or an absolute socket path"
+                ));
+            }
+            let p = PathBuf::from(s);
+            if !p.is_absolute() {
+                return bad("destination_agent must be an absolute path".into());
+            }
+            return Ok(AgentAddress::Unix(p));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => h,
+            _ => {
+                return bad(format!(
+                    "destination_agent {s:?}: expected https://HOST:PORT (a port is required)"
+                ))
+            }
+        };
+        if authority.contains(['/', '@', '?', '#']) {
+            return bad(format!(
+                "destination_agent {s:?}: expected https://HOST:PORT, nothing else"
+            ));
+        }
+        let bare_host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let name = name.unwrap_or(bare_host).to_ascii_lowercase();
+        if rustls::pki_types::ServerName::try_from(name.clone()).is_err() {
+            return bad(format!(
+                "destination name {name:?} is not a host name or an address"
+            ));
+        }
+        Ok(AgentAddress::Https {
+            authority: authority.to_string(),
+            name,
+        })
     }
 }
 
@@ -387,6 +470,13 @@ pub struct IncomingRequest {
     /// Who sends it (shown in the record).
     #[serde(default)]
     pub source: Option<String>,
+    /// The migration's one-time secret (64 hex digits) the source's VMM proves on
+    /// every connection; made by the source's vireod for this migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Allow a TCP `receiver_url` without mutual TLS.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Where a migration stands.
@@ -425,8 +515,13 @@ pub struct MigrationRecord {
     pub id: String,
     pub vm: String,
     pub direction: MigrationDirection,
-    /// Outgoing: `agent:<socket>` or the destination URL; incoming: the source.
+    /// Outgoing: `agent:<socket>`, the `https://` agent or the destination URL;
+    /// incoming: the source (the host name its certificate proved, over TLS).
     pub peer: String,
+    /// The peer host's name as its certificate proved it (migrations between vireods
+    /// over mutual TLS); only that peer may read or cancel an incoming record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_host: Option<String>,
     pub state: MigrationState,
     pub queued_at_ms: u64,
     pub started_at_ms: Option<u64>,

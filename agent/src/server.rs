@@ -205,7 +205,7 @@ async fn incoming(State(s): S, b: Bytes) -> Response {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    match s.incoming(req).await {
+    match s.incoming(req, None).await {
         Ok(rec) => (StatusCode::CREATED, Json(rec)).into_response(),
         Err(e) => error(e.status(), error_chain(&e)),
     }

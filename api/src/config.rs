@@ -90,6 +90,11 @@ pub struct DiskConfig {
     /// (like QEMU's iothread `poll-max-ns`); 0 = sleep at once.
     #[serde(default = "default_poll_us")]
     pub poll_us: u32,
+    /// The disk's size in bytes, as the guest sees it. Optional; when given, the image
+    /// must have it. An incoming shared-nothing migration needs it: the copy is made
+    /// this size, and the source may not write beyond it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// One virtio-net device on a host tap interface.
@@ -373,6 +378,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         id: None,
         rate_limiter: RateLimitConfig::default(),
         poll_us: DEFAULT_POLL_US,
+        size: None,
     };
     let mut bw = (None, None);
     let mut ops = (None, None);
@@ -385,6 +391,14 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "id" => d.id = Some(v),
             "num_queues" => d.num_queues = number(F, &k, &v)?,
             "poll_us" => d.poll_us = number(F, &k, &v)?,
+            "size" => {
+                d.size = Some(parse_size(&v).ok_or_else(|| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: "expected a size such as 64M".into(),
+                })?)
+            }
             "bw_size" => bw.0 = Some(number(F, &k, &v)?),
             "bw_refill_time" => bw.1 = Some(number(F, &k, &v)?),
             "ops_size" => ops.0 = Some(number(F, &k, &v)?),

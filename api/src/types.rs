@@ -69,6 +69,13 @@ pub struct SendMigrationRequest {
     /// connections beside the one that carries the protocol (docs/migration.md).
     #[serde(default)]
     pub connections: Option<u32>,
+    /// The migration's one-time secret (64 hex digits, 32 random bytes), the same the
+    /// destination was given: every connection proves it knows it. Required for TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Allow TCP without mutual TLS (the memory then crosses the network in clear).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// The source's TLS settings (PEM files on the source host).
@@ -97,6 +104,10 @@ pub struct ReceiveMigrationTls {
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
     pub ca: std::path::PathBuf,
+    /// The sources let in: a client certificate must name one of these (its subject
+    /// CN or a DNS name), else the handshake fails. Required, not empty.
+    #[serde(default)]
+    pub allowed_peers: Vec<String>,
 }
 
 /// `vm.receive-migration`'s body: where to listen for the source.
@@ -104,12 +115,30 @@ pub struct ReceiveMigrationTls {
 #[serde(deny_unknown_fields)]
 pub struct ReceiveMigrationRequest {
     pub receiver_url: String,
+    /// The VM to run here, as `vm.create` takes it: its disks, kernel, console,
+    /// serial and taps are this host's. The source's configuration is only compared
+    /// with it (memory, vCPUs, devices, MACs: what the guest sees); it is never used.
+    /// Required.
+    #[serde(default)]
+    pub config: Option<VmConfig>,
     /// Where the disks of a shared-nothing migration are written (required for one).
     #[serde(default)]
     pub storage_dir: Option<std::path::PathBuf>,
-    /// Mutual TLS: only sources with a certificate from `ca` get in (default: none).
+    /// Mutual TLS: only sources with a certificate from `ca` that names one of
+    /// `allowed_peers` get in (default: none).
     #[serde(default)]
     pub tls: Option<ReceiveMigrationTls>,
+    /// The migration's one-time secret (64 hex digits), given to the source too: a
+    /// connection that cannot prove it is refused. Required for TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Allow TCP without mutual TLS.
+    #[serde(default)]
+    pub insecure: bool,
+    /// How long to wait for the source to join with every stream, in seconds
+    /// (default 300). Connections that fail to join meanwhile are refused and counted.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
 
 /// Where a migration stands (`vm.migration-info`).
@@ -142,6 +171,13 @@ pub struct MigrationInfo {
     pub downtime_ms: f64,
     pub total_ms: f64,
     pub error: Option<String>,
+    /// Destination: connections refused while waiting for the source (a failed TLS
+    /// handshake, a wrong proof of the secret, a stream of no migration here).
+    #[serde(default)]
+    pub refused_connections: u32,
+    /// Why the last of them was refused.
+    #[serde(default)]
+    pub last_refusal: Option<String>,
 }
 
 /// `vm.migrate-disk`'s body: move disk `id` to a new image while the VM runs.

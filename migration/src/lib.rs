@@ -5,10 +5,12 @@
 //! - [`memory`]: guest memory to and from files, skipping zero pages.
 //! - [`protocol`]: the live-migration wire protocol (framed messages, page runs).
 //! - [`transport`]: migration URLs (unix, TCP) with timeouts and keepalives.
-//! - [`tls`]: mutual TLS (rustls) on top of either.
+//! - [`tls`]: mutual TLS (rustls) on top of either, with an allow-list of sources.
+//! - [`auth`]: every stream proves it knows the migration's one-time secret.
 //!
 //! This crate knows the formats, not the VM: the VMM decides what the state contains.
 
+pub mod auth;
 pub mod memory;
 pub mod protocol;
 pub mod snapshot;

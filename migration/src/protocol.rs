@@ -1,8 +1,14 @@
 //! The live-migration wire protocol: framed messages over one stream (unix or TCP).
 //!
+//! Every connection opens with the join exchange of [`crate::auth`] (Challenge, Auth,
+//! Joined): the stream proves it knows the migration's secret, and says which stream
+//! of which migration it is (0: the control stream). Then, on the control stream:
+//!
 //! ```text
 //! source                                   destination
-//!   Hello {version, config}  ──────────▶   checks the version, maps guest memory
+//!   Hello {version, config, shape}  ───▶   checks the version; compares the guest's
+//!                                            shape with its own configuration (the
+//!                                            source's config is never used to build)
 //!   Pages {runs}*            ──────────▶   copies them in          (pre-copy rounds)
 //!   ... the source pauses the VM, flushes and releases its disks ...
 //!   Pages {last runs}        ──────────▶
@@ -14,7 +20,7 @@
 //! Any error before Go: the source resumes by itself, the destination discards its copy.
 //!
 //! **Parallel page streams** (`Hello.connections` = N > 1): after Hello the source opens
-//! N more connections to the same URL, each starting with `Join {session, lane}`. From
+//! N more connections to the same URL, each joining as stream `lane + 1` of `session`. From
 //! then on pages travel only on those N streams, split by the source; each stream ends
 //! every pre-copy round with `RoundEnd {round}` (the last one after the switch-over with
 //! `last` set). The destination lets no stream apply pages of round k+1 until every
@@ -33,7 +39,8 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// The protocol this Vireo speaks (both sides must agree).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: every stream joins with a proof of the secret; Hello carries the guest's shape.
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const PAGE_SIZE: u64 = 4096;
 /// Largest frame accepted: a batch of pages plus headers, or a big state document.
 pub const MAX_FRAME: u64 = 64 << 20;
@@ -74,12 +81,38 @@ pub struct Hello {
     /// Shared-nothing: the disks' contents follow (`DiskBegin`, `DiskWrite`, ...).
     #[serde(default)]
     pub copy_storage: bool,
-    /// Streams that carry pages (1: this one; N > 1: N more streams that `Join`).
+    /// Streams that carry pages (1: this one; N > 1: N more streams that join).
     #[serde(default = "one")]
     pub connections: u32,
-    /// Names this migration in the page streams' `Join` (random per migration).
+    /// Names this migration in every stream's `Auth` (random per migration).
     #[serde(default)]
     pub session: u64,
+    /// What the configuration does not say about the guest's hardware.
+    #[serde(default)]
+    pub shape: GuestShape,
+}
+
+/// What the guest sees that its configuration does not name: the destination must
+/// offer the same, or the guest would find its hardware changed under it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestShape {
+    /// Each disk's size in bytes, in configuration order.
+    #[serde(default)]
+    pub disk_sizes: Vec<u64>,
+    /// The feature leaves of the CPUID the vCPUs got.
+    #[serde(default)]
+    pub cpuid: Vec<CpuidLeaf>,
+}
+
+/// One CPUID leaf (function, index) and its four registers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CpuidLeaf {
+    pub function: u32,
+    pub index: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
 }
 
 fn one() -> u32 {
@@ -137,11 +170,19 @@ pub enum Message {
     Error(String),
     DiskBegin(DiskBegin),
     Disk(DiskOp),
-    /// The first frame of page stream `lane` (0-based) of migration `session`.
-    Join {
-        session: u64,
-        lane: u32,
+    /// Destination, first frame of every connection: prove the secret over `nonce`.
+    Challenge {
+        nonce: [u8; crate::auth::NONCE_LEN],
     },
+    /// Source: this is stream `stream` (0: control; k: page stream k - 1) of
+    /// migration `session`; `mac` proves the secret (see [`crate::auth`]).
+    Auth {
+        session: u64,
+        stream: u32,
+        mac: [u8; crate::auth::MAC_LEN],
+    },
+    /// Destination: the stream is admitted.
+    Joined,
     /// A page stream finished pre-copy round `round` (rounds count from 0); `last`: the
     /// final round, after the switch-over.
     RoundEnd {
@@ -160,7 +201,9 @@ const K_PAGES_ZSTD: u32 = 7;
 const K_DISK_BEGIN: u32 = 8;
 const K_DISK_WRITE: u32 = 9;
 const K_DISK_ZEROES: u32 = 10;
-const K_JOIN: u32 = 11;
+const K_CHALLENGE: u32 = 13;
+const K_AUTH: u32 = 14;
+const K_JOINED: u32 = 15;
 const K_ROUND_END: u32 = 12;
 
 /// zstd level for page batches: fast (guest memory compresses well or not at all).
@@ -182,7 +225,9 @@ impl Message {
             Message::Error(_) => "Error",
             Message::DiskBegin(_) => "DiskBegin",
             Message::Disk(_) => "Disk",
-            Message::Join { .. } => "Join",
+            Message::Challenge { .. } => "Challenge",
+            Message::Auth { .. } => "Auth",
+            Message::Joined => "Joined",
             Message::RoundEnd { .. } => "RoundEnd",
         }
     }
@@ -237,12 +282,19 @@ pub fn send<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<(), ProtocolErr
         Message::Ready => frame(w, K_READY, &[])?,
         Message::Go => frame(w, K_GO, &[])?,
         Message::Error(e) => frame(w, K_ERROR, e.as_bytes())?,
-        Message::Join { session, lane } => {
-            let mut b = [0u8; 12];
-            b[..8].copy_from_slice(&session.to_le_bytes());
-            b[8..].copy_from_slice(&lane.to_le_bytes());
-            frame(w, K_JOIN, &b)?
+        Message::Challenge { nonce } => frame(w, K_CHALLENGE, nonce)?,
+        Message::Auth {
+            session,
+            stream,
+            mac,
+        } => {
+            let mut b = Vec::with_capacity(12 + mac.len());
+            b.extend_from_slice(&session.to_le_bytes());
+            b.extend_from_slice(&stream.to_le_bytes());
+            b.extend_from_slice(mac);
+            frame(w, K_AUTH, &b)?
         }
+        Message::Joined => frame(w, K_JOINED, &[])?,
         Message::RoundEnd { round, last } => {
             let mut b = [0u8; 5];
             b[..4].copy_from_slice(&round.to_le_bytes());
@@ -327,20 +379,27 @@ pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
                 Message::Disk(DiskOp::Zeroes { index, offset, len })
             }
         }
-        K_JOIN => {
-            let b: [u8; 12] = payload
+        K_CHALLENGE => Message::Challenge {
+            nonce: payload
                 .as_slice()
                 .try_into()
-                .map_err(|_| ProtocolError::Malformed { what: "Join" })?;
-            let mut session = [0u8; 8];
-            session.copy_from_slice(&b[..8]);
-            let mut lane = [0u8; 4];
-            lane.copy_from_slice(&b[8..]);
-            Message::Join {
-                session: u64::from_le_bytes(session),
-                lane: u32::from_le_bytes(lane),
+                .map_err(|_| ProtocolError::Malformed { what: "Challenge" })?,
+        },
+        K_AUTH => {
+            let bad = || ProtocolError::Malformed { what: "Auth" };
+            if payload.len() != 12 + crate::auth::MAC_LEN {
+                return Err(bad());
+            }
+            let session = u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad())?);
+            let stream = u32::from_le_bytes(payload[8..12].try_into().map_err(|_| bad())?);
+            let mac = payload[12..].try_into().map_err(|_| bad())?;
+            Message::Auth {
+                session,
+                stream,
+                mac,
             }
         }
+        K_JOINED => Message::Joined,
         K_ROUND_END => {
             let b: [u8; 5] = payload
                 .as_slice()
@@ -421,6 +480,7 @@ mod tests {
             copy_storage: false,
             connections: 1,
             session: 0,
+            shape: GuestShape::default(),
         };
         send(&mut buf, &Message::Hello(hello)).unwrap();
         let mut pages = Vec::new();
@@ -499,12 +559,15 @@ mod tests {
         let mut buf = Vec::new();
         send(
             &mut buf,
-            &Message::Join {
+            &Message::Auth {
                 session: 0xdead_beef_0123,
-                lane: 3,
+                stream: 3,
+                mac: [9; 32],
             },
         )
         .unwrap();
+        send(&mut buf, &Message::Challenge { nonce: [4; 32] }).unwrap();
+        send(&mut buf, &Message::Joined).unwrap();
         send(
             &mut buf,
             &Message::RoundEnd {
@@ -516,10 +579,22 @@ mod tests {
         let mut r = &buf[..];
         assert!(matches!(
             recv(&mut r).unwrap(),
-            Message::Join {
+            Message::Auth {
                 session: 0xdead_beef_0123,
-                lane: 3
+                stream: 3,
+                mac: [9, ..]
             }
+        ));
+        assert!(matches!(
+            recv(&mut r).unwrap(),
+            Message::Challenge { nonce: [4, ..] }
+        ));
+        assert!(matches!(recv(&mut r).unwrap(), Message::Joined));
+        let mut short = Vec::new();
+        frame(&mut short, K_AUTH, &[0; 12]).unwrap();
+        assert!(matches!(
+            recv(&mut &short[..]),
+            Err(ProtocolError::Malformed { what: "Auth" })
         ));
         assert!(matches!(
             recv(&mut r).unwrap(),
@@ -534,10 +609,11 @@ mod tests {
             recv(&mut &short[..]),
             Err(ProtocolError::Malformed { what: "RoundEnd" })
         ));
-        // A Hello from a Vireo without parallel streams.
+        // A Hello without the optional fields: one stream, no shape.
         let h: Hello =
-            serde_json::from_str(r#"{"version":1,"vireo":"0.1","config":null}"#).unwrap();
+            serde_json::from_str(r#"{"version":2,"vireo":"0.1","config":null}"#).unwrap();
         assert_eq!((h.connections, h.session), (1, 0));
+        assert_eq!(h.shape, GuestShape::default());
     }
 
     #[test]
@@ -587,6 +663,7 @@ mod tests {
             copy_storage: false,
             connections: 1,
             session: 0,
+            shape: GuestShape::default(),
         })
         .unwrap();
         frame(&mut old, K_HELLO, &h).unwrap();

@@ -3,7 +3,9 @@
 //! Both sides load PEM files once, when the migration is requested (so a missing or
 //! bad file is an immediate, named error), and then wrap every stream they open:
 //! - the destination (TLS server) presents `cert`/`key` and *requires* a client
-//!   certificate that chains to `ca`;
+//!   certificate that chains to `ca` and names one of the allowed peers (its subject CN
+//!   or one of its DNS names): a certificate from the right CA for another host is
+//!   refused in the handshake ([`PeerAllowList`]);
 //! - the source (TLS client) verifies the destination's certificate against `ca` for the
 //!   server name (the URL's host, or an explicit one; a unix URL needs an explicit one),
 //!   and presents its own `cert`/`key` when given.
@@ -17,10 +19,14 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// The byte a TLS server writes once it has accepted the client's certificate.
 pub const ACCEPTED: u8 = 0x56;
@@ -67,6 +73,8 @@ pub enum TlsError {
     ServerName(String),
     #[error("TLS: {0}")]
     Config(String),
+    #[error("TLS: allowed_peers is empty (name the sources' certificate CNs or DNS names)")]
+    NoAllowedPeers,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -233,7 +241,12 @@ impl std::fmt::Debug for ServerTls {
 }
 
 impl ServerTls {
-    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+    /// Loads the files; only client certificates that name one of `allowed_peers`
+    /// (subject CN or DNS SAN) get in.
+    pub fn load(files: &TlsFiles, allowed_peers: &[String]) -> Result<Self, TlsError> {
+        if allowed_peers.is_empty() {
+            return Err(TlsError::NoAllowedPeers);
+        }
         let (chain, key) = identity(files)?.ok_or(TlsError::ServerNeedsCert)?;
         let provider = provider();
         // Client certificates are required (the builder's default) and must chain to `ca`.
@@ -246,6 +259,10 @@ impl ServerTls {
             path: files.ca.clone(),
             reason: e.to_string(),
         })?;
+        let verifier = Arc::new(PeerAllowList {
+            inner: verifier,
+            allowed: allowed_peers.to_vec(),
+        });
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -274,6 +291,96 @@ impl ServerTls {
     }
 }
 
+/// A client certificate verifier: the CA's verdict first (WebPKI), then the
+/// certificate's names (subject CN, DNS SANs) against the allow-list.
+#[derive(Debug)]
+pub struct PeerAllowList {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<String>,
+}
+
+/// The names a certificate identifies its holder by: subject CNs, then DNS SANs.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push((*d).to_string());
+            }
+        }
+    }
+    Ok(names)
+}
+
+impl ClientCertVerifier for PeerAllowList {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = certificate_names(end_entity).map_err(|e| {
+            tracing::warn!(error = %e, "cannot read the names of a client certificate");
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if names.iter().any(|n| self.allowed.iter().any(|a| a == n)) {
+            Ok(verified)
+        } else {
+            tracing::warn!(
+                peer = ?names,
+                allowed = ?self.allowed,
+                "refused a migration source: its certificate names no allowed peer"
+            );
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A handshake failure in words a user can act on (rustls's own, plus a hint).
 pub fn explain(e: &std::io::Error) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
@@ -283,6 +390,12 @@ pub fn explain(e: &std::io::Error) -> String {
     let hint = match tls {
         E::AlertReceived(A::CertificateRequired) => {
             " (the peer requires a client certificate: give cert and key)"
+        }
+        E::AlertReceived(A::AccessDenied) => {
+            " (the destination does not allow this side's certificate: see its allowed_peers)"
+        }
+        E::InvalidCertificate(C::ApplicationVerificationFailure) => {
+            " (the peer's certificate names no allowed peer)"
         }
         E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown) => {
             " (the peer does not trust this side's certificate: check its CA)"

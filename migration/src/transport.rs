@@ -272,32 +272,39 @@ impl Listener {
         &self,
         timeout: Option<Duration>,
     ) -> Result<Box<dyn Stream>, TransportError> {
+        self.accept_pending(timeout)?.establish(self.tls.as_ref())
+    }
+
+    /// The TLS every accepted stream must pass, if any.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref()
+    }
+
+    /// Accepts the next connection within `timeout` (None: no limit) with its timeouts
+    /// set, but does not handshake yet: [`Pending::establish`] does that, on whatever
+    /// thread the caller likes (so a peer that stalls its handshake blocks only its own).
+    pub fn accept_pending(&self, timeout: Option<Duration>) -> Result<Pending, TransportError> {
         if let Some(t) = timeout {
             self.wait_readable(t)?;
         }
-        let handshake = |e: std::io::Error| TransportError::Handshake {
-            url: self.url.clone(),
-            reason: crate::tls::explain(&e),
-        };
-        match &self.socket {
+        let (sock, peer) = match &self.socket {
             Socket::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(self.io())?;
                 s.set_read_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
                 s.set_write_timeout(Some(IO_TIMEOUT)).map_err(self.io())?;
-                match &self.tls {
-                    Some(t) => Ok(Box::new(t.handshake(s).map_err(handshake)?)),
-                    None => Ok(Box::new(s)),
-                }
+                (PendingSocket::Unix(s), "unix peer".to_string())
             }
             Socket::Tcp(l) => {
-                let (s, _) = l.accept().map_err(self.io())?;
+                let (s, addr) = l.accept().map_err(self.io())?;
                 tune_tcp(&s).map_err(self.io())?;
-                match &self.tls {
-                    Some(t) => Ok(Box::new(t.handshake(s).map_err(handshake)?)),
-                    None => Ok(Box::new(s)),
-                }
+                (PendingSocket::Tcp(s), addr.to_string())
             }
-        }
+        };
+        Ok(Pending {
+            sock,
+            peer,
+            url: self.url.clone(),
+        })
     }
 
     fn wait_readable(&self, timeout: Duration) -> Result<(), TransportError> {
@@ -320,6 +327,40 @@ impl Listener {
             }),
             n if n < 0 => Err(self.io()(std::io::Error::last_os_error())),
             _ => Ok(()),
+        }
+    }
+}
+
+enum PendingSocket {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+/// An accepted connection whose TLS handshake (if any) is still to come.
+pub struct Pending {
+    sock: PendingSocket,
+    peer: String,
+    url: String,
+}
+
+impl Pending {
+    /// Who connected (a TCP peer's address).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Handshakes (with `tls`) and hands out the stream.
+    pub fn establish(self, tls: Option<&ServerTls>) -> Result<Box<dyn Stream>, TransportError> {
+        let url = self.url;
+        let handshake = |e: std::io::Error| TransportError::Handshake {
+            url: url.clone(),
+            reason: crate::tls::explain(&e),
+        };
+        match (self.sock, tls) {
+            (PendingSocket::Unix(s), Some(t)) => Ok(Box::new(t.handshake(s).map_err(handshake)?)),
+            (PendingSocket::Unix(s), None) => Ok(Box::new(s)),
+            (PendingSocket::Tcp(s), Some(t)) => Ok(Box::new(t.handshake(s).map_err(handshake)?)),
+            (PendingSocket::Tcp(s), None) => Ok(Box::new(s)),
         }
     }
 }

@@ -70,6 +70,11 @@ fn files(cert: Option<&(PathBuf, PathBuf)>, ca: &Ca) -> TlsFiles {
     }
 }
 
+/// The allow-list of the tests' destinations: the client certificate's CN.
+fn peers() -> Vec<String> {
+    vec!["src".to_string()]
+}
+
 fn tcp_url() -> MigrationUrl {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -114,7 +119,7 @@ fn mutual_tls_over_tcp_and_unix_carries_frames_and_a_large_payload() {
     let ca = Ca::new(dir.path(), "ca");
     let server = ca.issue("dst", &["localhost", "127.0.0.1"], true);
     let client = ca.issue("src", &[], false);
-    let s = ServerTls::load(&files(Some(&server), &ca)).unwrap();
+    let s = ServerTls::load(&files(Some(&server), &ca), &peers()).unwrap();
     // TCP: the server name is the URL's host (an IP address here).
     let c = ClientTls::load(&files(Some(&client), &ca), None).unwrap();
     let url = tcp_url();
@@ -158,7 +163,7 @@ fn handshake_failures_name_their_cause_on_both_sides() {
     let server = ca.issue("dst", &["localhost", "127.0.0.1"], true);
     let client = ca.issue("src", &[], false);
     let stranger = other.issue("src", &[], false);
-    let s = ServerTls::load(&files(Some(&server), &ca)).unwrap();
+    let s = ServerTls::load(&files(Some(&server), &ca), &peers()).unwrap();
 
     // The source presents no certificate: the destination requires one.
     let c = ClientTls::load(&files(None, &ca), None).unwrap();
@@ -213,6 +218,37 @@ fn handshake_failures_name_their_cause_on_both_sides() {
 }
 
 #[test]
+fn a_client_certificate_from_the_right_ca_but_not_allowed_is_refused_in_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.issue("dst", &["localhost", "127.0.0.1"], true);
+    let allowed = ca.issue("src", &[], false);
+    let by_dns = ca.issue("host-b", &["src-b.vireo.test"], false);
+    let other_host = ca.issue("intruder", &["intruder.vireo.test"], false);
+    let s = ServerTls::load(
+        &files(Some(&server), &ca),
+        &["src".to_string(), "src-b.vireo.test".to_string()],
+    )
+    .unwrap();
+    // Allowed by its CN, and by a DNS name.
+    for leaf in [&allowed, &by_dns] {
+        let c = ClientTls::load(&files(Some(leaf), &ca), None).unwrap();
+        let (src, dst) = exchange(&tcp_url(), s.clone(), &c);
+        assert_eq!((src, dst), (Ok(()), Ok(())));
+    }
+    // Same CA, another host: refused in the handshake, and told so.
+    let c = ClientTls::load(&files(Some(&other_host), &ca), None).unwrap();
+    let (src, dst) = exchange(&tcp_url(), s.clone(), &c);
+    let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
+    assert!(src.contains("TLS handshake failed"), "{src}");
+    assert!(src.contains("see its allowed_peers"), "{src}");
+    assert!(dst.contains("names no allowed peer"), "{dst}");
+    // An empty allow-list is a configuration error, not "anyone from the CA".
+    let e = ServerTls::load(&files(Some(&server), &ca), &[]).unwrap_err();
+    assert!(matches!(e, TlsError::NoAllowedPeers), "{e}");
+}
+
+#[test]
 fn bad_certificate_files_are_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "ca");
@@ -222,10 +258,13 @@ fn bad_certificate_files_are_named_errors() {
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate\n").unwrap();
 
-    let e = ServerTls::load(&TlsFiles {
-        cert: Some(missing.clone()),
-        ..files(Some(&server), &ca)
-    })
+    let e = ServerTls::load(
+        &TlsFiles {
+            cert: Some(missing.clone()),
+            ..files(Some(&server), &ca)
+        },
+        &peers(),
+    )
     .unwrap_err();
     assert!(matches!(e, TlsError::Read { .. }), "{e}");
     assert!(e.to_string().contains("missing.pem"), "{e}");
@@ -242,18 +281,24 @@ fn bad_certificate_files_are_named_errors() {
     assert!(e.to_string().contains("garbage.pem"), "{e}");
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 
-    let e = ServerTls::load(&TlsFiles {
-        key: Some(garbage.clone()),
-        ..files(Some(&server), &ca)
-    })
+    let e = ServerTls::load(
+        &TlsFiles {
+            key: Some(garbage.clone()),
+            ..files(Some(&server), &ca)
+        },
+        &peers(),
+    )
     .unwrap_err();
     assert!(e.to_string().contains("no PEM private key"), "{e}");
 
     // A key of another certificate.
-    let e = ServerTls::load(&TlsFiles {
-        key: Some(other.1.clone()),
-        ..files(Some(&server), &ca)
-    })
+    let e = ServerTls::load(
+        &TlsFiles {
+            key: Some(other.1.clone()),
+            ..files(Some(&server), &ca)
+        },
+        &peers(),
+    )
     .unwrap_err();
     assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
 
@@ -266,7 +311,7 @@ fn bad_certificate_files_are_named_errors() {
     )
     .unwrap_err();
     assert!(matches!(e, TlsError::CertWithoutKey), "{e}");
-    let e = ServerTls::load(&files(None, &ca)).unwrap_err();
+    let e = ServerTls::load(&files(None, &ca), &peers()).unwrap_err();
     assert!(matches!(e, TlsError::ServerNeedsCert), "{e}");
     let e = ClientTls::load(&files(None, &ca), Some("not a name!")).unwrap_err();
     assert!(matches!(e, TlsError::ServerName(_)), "{e}");

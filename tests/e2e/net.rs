@@ -483,7 +483,10 @@ fn a_live_migration_hands_the_tap_to_the_destination_and_traffic_continues() {
         &dst_sock,
         "PUT",
         "vm.receive-migration",
-        Some(&format!(r#"{{"receiver_url":"{url}"}}"#)),
+        Some(&format!(
+            r#"{{"receiver_url":"{url}"{}}}"#,
+            vireo_e2e::config_field_of(&src_sock)
+        )),
     );
     assert_eq!(s, 204, "{b}");
     let (s, b) = api(

@@ -69,13 +69,20 @@ impl Ca {
     }
 }
 
-/// `,"tls":{...}` for vm.receive-migration.
+/// `,"tls":{...}` for vm.receive-migration, letting in the client certificate the
+/// tests call "src" (`ca.client("src")`).
 pub fn receive_tls(server: &Leaf, ca: &Ca) -> String {
+    receive_tls_allowing(server, ca, &["src"])
+}
+
+/// `,"tls":{...}` for vm.receive-migration with these `allowed_peers`.
+pub fn receive_tls_allowing(server: &Leaf, ca: &Ca, peers: &[&str]) -> String {
     format!(
-        r#","tls":{{"cert":"{}","key":"{}","ca":"{}"}}"#,
+        r#","tls":{{"cert":"{}","key":"{}","ca":"{}","allowed_peers":{}}}"#,
         server.cert.display(),
         server.key.display(),
-        ca.file().display()
+        ca.file().display(),
+        serde_json::to_string(peers).unwrap()
     )
 }
 

@@ -46,6 +46,12 @@ pub enum DeviceError {
     },
     #[error("the PCI MMIO window is full")]
     MmioExhausted,
+    #[error("disk {path}: the configuration declares {declared} bytes, the image has {actual}")]
+    DiskSize {
+        path: String,
+        declared: u64,
+        actual: u64,
+    },
 }
 
 /// A virtio-pci function with the bookkeeping the VMM needs.
@@ -139,10 +145,18 @@ fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
     let format = detect_format(&cfg.path)?;
     tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
-    Ok(match format {
+    let disk: Arc<dyn BlockBackend> = match format {
         ImageFormat::Raw => Arc::new(RawFile::open(&cfg.path, cfg.readonly, cfg.direct)?),
         ImageFormat::Vhdx => Arc::new(VhdxDisk::open(&cfg.path, cfg.readonly, cfg.direct)?),
-    })
+    };
+    match cfg.size {
+        Some(declared) if declared != disk.size() => Err(DeviceError::DiskSize {
+            path: cfg.path.display().to_string(),
+            declared,
+            actual: disk.size(),
+        }),
+        _ => Ok(disk),
+    }
 }
 
 impl DeviceManager {

@@ -104,6 +104,11 @@ impl IncomingVm {
         })
     }
 
+    /// The CPU features this host gives the incoming VM's vCPUs.
+    pub fn cpu_features(&self) -> Result<Vec<migration::protocol::CpuidLeaf>, VmError> {
+        Ok(crate::arch::cpu::feature_leaves(&self.hv.kvm)?)
+    }
+
     /// Opens the devices (and disks), puts back their state, the clock and every vCPU
     /// (parked). The VM is Paused.
     pub fn finish(
@@ -469,6 +474,11 @@ impl Vm {
     /// Guest RAM and the hypervisor VM (for the dirty log of a migration).
     pub fn memory_and_vm(&self) -> (Arc<GuestMemoryMmap>, Arc<kvm_ioctls::VmFd>) {
         (self.mem.clone(), self.hv.vm.clone())
+    }
+
+    /// The CPU features this host gives the VM's vCPUs (a migration's Hello says them).
+    pub fn cpu_features(&self) -> Result<Vec<migration::protocol::CpuidLeaf>, VmError> {
+        Ok(crate::arch::cpu::feature_leaves(&self.hv.kvm)?)
     }
 
     /// Whether KVM's dirty log is under manual protection (cleared by its reader).

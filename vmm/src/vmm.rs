@@ -396,6 +396,9 @@ impl Vmm {
             .map(|t| crate::live::tls::client(t, &url))
             .transpose()
             .map_err(ApiError::bad_request)?;
+        let secret =
+            crate::live::tls::policy(&url, r.tls.is_some(), r.insecure, r.secret.as_deref())
+                .map_err(ApiError::bad_request)?;
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
@@ -416,6 +419,16 @@ impl Vmm {
         }
         let config =
             serde_json::to_value(vm.config()).map_err(|e| ApiError::internal(e.to_string()))?;
+        let shape = migration::protocol::GuestShape {
+            disk_sizes: vm
+                .config()
+                .disks
+                .iter()
+                .map(crate::live::image_size::of)
+                .collect::<Result<_, _>>()
+                .map_err(ApiError::internal)?,
+            cpuid: vm.cpu_features().map_err(api_error)?,
+        };
         vm.set_dirty_logging(true).map_err(api_error)?;
         let (mem, vmfd) = vm.memory_and_vm();
         let manual_dirty_log = vm.manual_dirty_log();
@@ -428,6 +441,8 @@ impl Vmm {
         let job = send::SendJob {
             url,
             tls,
+            secret,
+            shape,
             connections,
             downtime: std::time::Duration::from_millis(r.downtime_ms.unwrap_or(50)),
             compress: r.compress,
@@ -627,12 +642,33 @@ impl Vmm {
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
+        let mut config = r.config.clone().ok_or_else(|| {
+            ApiError::bad_request(
+                "vm.receive-migration needs config: the VM to run here, as vm.create takes it",
+            )
+        })?;
+        if let Some(s) = &self.serial_override {
+            config.serial = s.clone();
+        }
+        config
+            .validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let tls = r
             .tls
             .as_ref()
             .map(crate::live::tls::server)
             .transpose()
             .map_err(ApiError::bad_request)?;
+        let secret =
+            crate::live::tls::policy(&url, r.tls.is_some(), r.insecure, r.secret.as_deref())
+                .map_err(ApiError::bad_request)?;
+        // Shared storage: the images are here already; shared-nothing: the
+        // configuration declares the sizes (the copies are made so).
+        let disk_sizes = config
+            .disks
+            .iter()
+            .map(|d| crate::live::image_size::of(d).ok())
+            .collect();
         let listener = url
             .listen_with(tls)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -642,8 +678,11 @@ impl Vmm {
         });
         receive::spawn(receive::ReceiveJob {
             listener,
+            config,
+            disk_sizes,
+            secret,
+            timeout: std::time::Duration::from_secs(r.timeout_s.unwrap_or(300)),
             storage_dir: r.storage_dir.clone(),
-            serial_override: self.serial_override.clone(),
             events: self.events_tx.clone(),
             info: self.migration.clone(),
             seccomp: self.seccomp.clone(),

@@ -54,6 +54,10 @@ enum Command {
     /// Live migrations (this host's queue and history).
     #[command(subcommand)]
     Migration(MigrationCommand),
+    /// Host identities for vireod <-> vireod mutual TLS: a host CA and host
+    /// certificates (no vireod needed).
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Who changed what: the audit trail, oldest first (operators only).
     Audit {
         /// Only requests about this VM.
@@ -67,6 +71,34 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Man,
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Make a host CA: DIR/ca.key (0600) and DIR/ca.crt (0644), DIR 0700. Keep ca.key
+    /// off the hosts; give each host ca.crt.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Vireo host CA")]
+        name: String,
+    },
+    /// Issue a host certificate signed by the CA: OUT/host.key (0600), OUT/host.crt
+    /// (CN and DNS SAN = NAME, serverAuth + clientAuth) and OUT/ca.crt, for vireod's
+    /// --tls-key, --tls-cert and --tls-ca.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The host's name (what its peers list with --peer and call it by).
+        #[arg(long)]
+        name: String,
+        /// Another name or IP address the certificate is valid for (repeatable).
+        #[arg(long = "san", value_name = "DNS|IP")]
+        san: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,9 +196,13 @@ enum VmCommand {
     /// --max-concurrent-migrations run at once on this host).
     Migrate {
         name: String,
-        /// The destination's vireod socket (the VM then belongs to that vireod).
+        /// The destination's vireod (the VM then belongs to it): https://HOST:PORT (its
+        /// peer listener, mutual TLS) or its socket on this host.
         #[arg(long, required_unless_present = "to_url", conflicts_with = "to_url")]
-        to: Option<PathBuf>,
+        to: Option<String>,
+        /// With an https:// --to: the host name its certificate must carry (default HOST).
+        #[arg(long, requires = "to")]
+        to_name: Option<String>,
         /// Or a `vireo` already listening (unix:/path, tcp:host:port); the VM is then
         /// forgotten here.
         #[arg(long)]
@@ -589,6 +625,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
         VmCommand::Migrate {
             name,
             to,
+            to_name,
             to_url,
             receiver_url,
             downtime_ms,
@@ -599,14 +636,21 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             wait,
         } => {
             let to = match to {
-                Some(p) => Some(std::path::absolute(&p).map_err(|source| CtlError::Read {
-                    path: p.clone(),
-                    source,
-                })?),
+                Some(p) if p.starts_with("https://") => Some(p),
+                Some(p) => Some(
+                    std::path::absolute(&p)
+                        .map_err(|source| CtlError::Read {
+                            path: p.clone().into(),
+                            source,
+                        })?
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
                 None => None,
             };
             let body = serde_json::json!({
                 "destination_agent": to,
+                "destination_name": to_name,
                 "destination_url": to_url,
                 "receiver_url": receiver_url,
                 "downtime_ms": downtime_ms,
@@ -1010,6 +1054,32 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 &mut Cli::command(),
                 "vireoctl",
                 &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Init { dir, name }) => {
+            let w = agent::pki::init_ca(&dir, &name)
+                .map_err(|e| CtlError::Api(agent::error_chain(&e)))?;
+            println!(
+                "CA certificate {}, key {}",
+                w.cert.display(),
+                w.key.display()
+            );
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Issue {
+            ca_dir,
+            name,
+            san,
+            out,
+        }) => {
+            let w = agent::pki::issue(&ca_dir, &name, &san, &out)
+                .map_err(|e| CtlError::Api(agent::error_chain(&e)))?;
+            println!(
+                "host {name}: certificate {}, key {}, CA {}",
+                w.cert.display(),
+                w.key.display(),
+                out.join(agent::pki::CA_CERT).display()
             );
             Ok(())
         }

@@ -95,6 +95,24 @@ struct Cli {
     /// cpu.shares of <root>/vms (the guest threads of all running VMs together).
     #[arg(long, default_value_t = 256)]
     vms_cpu_shares: u64,
+    /// This host's certificate (PEM; `vireoctl pki issue` writes host.crt): its
+    /// identity towards other hosts' vireods and in the VMMs' migration streams.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert.
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The host CA (PEM): peers' certificates must chain to it.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Serve the host-to-host API on this address (HTTPS, mutual TLS; only hosts on
+    /// the --peer list get in). The full API stays on the unix socket.
+    #[arg(long, requires_all = ["tls_cert", "peer"])]
+    listen: Option<std::net::SocketAddr>,
+    /// A host admitted as a peer on --listen (its certificate's CN or DNS SAN);
+    /// repeatable.
+    #[arg(long = "peer", value_name = "NAME")]
+    peer: Vec<String>,
 }
 
 /// The roles' groups from the command line (`--socket-group` counts as an operators
@@ -159,6 +177,18 @@ async fn run(
         })
     };
     let launcher = agent::launcher::Launcher::new(launcher_kind, cli.systemctl.clone(), cgroups);
+    let identity = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let id = agent::hosttls::HostIdentity::load(agent::hosttls::IdentityFiles {
+                cert: std::path::absolute(cert)?,
+                key: std::path::absolute(key)?,
+                ca: std::path::absolute(ca)?,
+            })?;
+            info!(host = %id.name, "host identity loaded");
+            Some(id)
+        }
+        _ => None,
+    };
     let cfg = Config {
         state_dir: cli.state_dir.clone(),
         run_dir: cli.run_dir.clone(),
@@ -170,6 +200,8 @@ async fn run(
         launcher,
         max_concurrent_migrations: cli.max_concurrent_migrations.max(1),
         incoming_timeout: Duration::from_secs(cli.incoming_timeout_s),
+        identity,
+        listen: cli.listen,
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
@@ -178,10 +210,18 @@ async fn run(
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
+    let peer_listener = match cli.listen {
+        Some(addr) => Some(
+            agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
+                .await?,
+        ),
+        None => None,
+    };
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = authz::protect(server::router(sup.clone()), sup.clone(), policy.clone());
+    let peers = peer_listener.map(|l| tokio::spawn(l.serve(sup.clone())));
     let serve = tokio::spawn(async move {
         axum::serve(
             listener,
@@ -218,6 +258,9 @@ async fn run(
     } else {
         info!("shutting the VMs down, lowest priority first");
         sup.shutdown_all().await;
+    }
+    if let Some(p) = peers {
+        p.abort();
     }
     let _ = stop_tx.send(());
     let _ = std::fs::remove_file(&sock);

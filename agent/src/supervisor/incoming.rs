@@ -10,6 +10,12 @@
 //! source sends when its side fails), no source connects within
 //! `--incoming-timeout-s`, or the receiver dies, the receiver is stopped and the
 //! definition removed: the VM was never here.
+//!
+//! From a peer host (the request came over the peer listener, mutual TLS): the record's
+//! source is the host name the peer's certificate proved (not what the body says), only
+//! that peer may read or cancel it, and the receiving VMM listens with TLS (this host's
+//! identity; it requires a client certificate from the CA) on TCP — by default on a
+//! free port of the peer listener's address.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,27 +42,37 @@ enum Arrival {
 
 impl Supervisor {
     /// Defines the VM and starts its receiving VMM; returns the record with the
-    /// receiver's URL.
+    /// receiver's URL. `from_peer`: the peer host whose certificate the request came
+    /// with (None: a client of the unix socket).
     pub async fn incoming(
         self: &Arc<Self>,
         req: IncomingRequest,
+        from_peer: Option<String>,
     ) -> Result<MigrationRecord, AgentError> {
         validate_name(&req.name)?;
         req.definition.validate()?;
         let name = req.name.clone();
-        let url = req
-            .receiver_url
-            .clone()
-            .unwrap_or_else(|| format!("unix:{}", self.migrate_socket_path(&name).display()));
+        let url = match (&req.receiver_url, &from_peer) {
+            (Some(u), _) => u.clone(),
+            (None, Some(_)) => self.free_receiver_url()?,
+            (None, None) => format!("unix:{}", self.migrate_socket_path(&name).display()),
+        };
         if !(url.starts_with("unix:") || url.starts_with("tcp:")) {
             return Err(AgentError::BadMigration(format!(
                 "receiver_url {url:?}: expected unix:/path or tcp:host:port"
             )));
         }
-        let peer = req
-            .source
-            .clone()
-            .unwrap_or_else(|| "unknown source".into());
+        let tls = match &from_peer {
+            Some(peer) => Some(self.receive_tls(peer)?),
+            None => None,
+        };
+        let peer = match &from_peer {
+            Some(host) => host.clone(),
+            None => req
+                .source
+                .clone()
+                .unwrap_or_else(|| "unknown source".into()),
+        };
         let (rec, cancel, generation) = {
             let mut vms = lock(&self.vms);
             if vms.contains_key(&name) {
@@ -65,6 +81,13 @@ impl Supervisor {
             let (rec, cancel) =
                 self.migrations
                     .create(&name, MigrationDirection::Incoming, peer.clone())?;
+            let rec = match &from_peer {
+                Some(host) => self
+                    .migrations
+                    .update(&rec.id, |r| r.peer_host = Some(host.clone()))
+                    .unwrap_or(rec),
+                None => rec,
+            };
             if let Err(e) = lock(&self.inv).insert(&name, &req.definition, now_ms()) {
                 self.migrations.update(&rec.id, |r| {
                     r.state = MigrationState::Failed;
@@ -94,7 +117,7 @@ impl Supervisor {
         );
         self.save_record(&rec);
         if let Err(e) = self
-            .start_receiver(&name, generation, &url, req.storage_dir.clone())
+            .start_receiver(&name, generation, &url, &req, tls)
             .await
         {
             let msg = error_chain(&e);
@@ -113,13 +136,27 @@ impl Supervisor {
         Ok(rec)
     }
 
+    /// The configuration the receiving VMM runs the VM with: the definition, with this
+    /// host's serial log and console file (as a start here would have them). The
+    /// source's VMM sends only the guest's state; its configuration is compared with
+    /// this one, never used.
+    fn receive_config(&self, name: &str, def: &crate::model::VmDefinition) -> api::VmConfig {
+        let mut cfg = def.config.clone();
+        cfg.serial = api::config::OutputConfig::File(self.serial_path(name));
+        if let api::config::OutputConfig::File(_) = cfg.console {
+            cfg.console = api::config::OutputConfig::File(self.vm_dir(name).join("console.log"));
+        }
+        cfg
+    }
+
     /// Spawns the receiving VMM and has it listen on `url`.
     async fn start_receiver(
         self: &Arc<Self>,
         name: &str,
         generation: u64,
         url: &str,
-        storage_dir: Option<std::path::PathBuf>,
+        req: &IncomingRequest,
+        tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
         let spec = self.receive_spec(name);
         mkdir(&self.vm_dir(name), 0o750)?;
@@ -141,7 +178,23 @@ impl Supervisor {
             }
         }
         self.watch(name.to_string(), generation, handle.pid, watch);
-        let body = serde_json::json!({"receiver_url": url, "storage_dir": storage_dir});
+        let mut body = serde_json::json!({
+            "receiver_url": url,
+            "storage_dir": req.storage_dir,
+            "config": self.receive_config(name, &req.definition),
+            "secret": req.secret,
+            // A peer host's migration is TLS, whatever the request says.
+            "insecure": req.insecure && tls.is_none(),
+            "timeout_s": self.cfg.incoming_timeout.as_secs().max(1),
+        });
+        if let Some(tls) = tls {
+            info!(
+                vm = name,
+                url,
+                "receiving VMM listens with TLS (this host's identity; only the source host's certificate gets in)"
+            );
+            body["tls"] = tls;
+        }
         let deadline = Instant::now() + self.cfg.start_timeout;
         let failed = |reason: String| AgentError::StartFailed {
             name: name.to_string(),
@@ -187,6 +240,46 @@ impl Supervisor {
         }
         self.private_socket(name, &spec.socket);
         Ok(())
+    }
+
+    /// The receiving VMM's TLS for a migration from a peer host: this host's identity;
+    /// the source must present a certificate from the CA naming `peer` (the host whose
+    /// certificate asked for this migration).
+    fn receive_tls(&self, peer: &str) -> Result<serde_json::Value, AgentError> {
+        let id = self.cfg.identity.as_ref().ok_or_else(|| {
+            AgentError::BadMigration("this vireod has no host identity to receive with".into())
+        })?;
+        Ok(serde_json::json!({
+            "cert": id.files.cert,
+            "key": id.files.key,
+            "ca": id.files.ca,
+            "allowed_peers": [peer],
+        }))
+    }
+
+    /// `tcp:IP:PORT` with a port free right now on the peer listener's address (the
+    /// receiving VMM binds it a moment later).
+    fn free_receiver_url(&self) -> Result<String, AgentError> {
+        let ip = self
+            .cfg
+            .listen
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let probe = std::net::TcpListener::bind((ip, 0)).map_err(|e| {
+            AgentError::io(
+                "cannot find a free port for the receiver on",
+                ip.to_string(),
+                e,
+            )
+        })?;
+        let addr = probe.local_addr().map_err(|e| {
+            AgentError::io(
+                "cannot find a free port for the receiver on",
+                ip.to_string(),
+                e,
+            )
+        })?;
+        Ok(format!("tcp:{addr}"))
     }
 
     /// Whether `name`'s VMM of this generation is still there.

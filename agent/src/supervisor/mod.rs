@@ -54,6 +54,12 @@ pub struct Config {
     pub max_concurrent_migrations: usize,
     /// How long a receiving VMM waits for its source to connect.
     pub incoming_timeout: Duration,
+    /// This host's identity (`--tls-cert/--tls-key/--tls-ca`): needed to call another
+    /// host's vireod and to receive from one; the VMMs' migration streams use it too.
+    pub identity: Option<crate::hosttls::HostIdentity>,
+    /// The address of the peer listener (`--listen`): its IP is where receiving VMMs
+    /// of migrations from peers listen.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -291,6 +297,30 @@ impl Supervisor {
     pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
         self.migrations.cancel(id)?;
         self.migrations.get(id)
+    }
+
+    /// Migration `id` as peer host `peer` may see it: only an incoming one it sent
+    /// (any other is unknown to it).
+    pub fn peer_migration(&self, id: &str, peer: &str) -> Result<MigrationRecord, AgentError> {
+        match self.migrations.get(id) {
+            Ok(r)
+                if r.direction == crate::model::MigrationDirection::Incoming
+                    && r.peer_host.as_deref() == Some(peer) =>
+            {
+                Ok(r)
+            }
+            _ => Err(AgentError::UnknownMigration(id.to_string())),
+        }
+    }
+
+    /// Cancels the incoming migration `id` that peer host `peer` sent.
+    pub fn peer_cancel_migration(
+        &self,
+        id: &str,
+        peer: &str,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.peer_migration(id, peer)?;
+        self.cancel_migration(id)
     }
 
     fn save_record(&self, rec: &MigrationRecord) {

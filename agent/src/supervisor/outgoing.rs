@@ -6,10 +6,13 @@
 //! 1. claims the VM (state Migrating: no stop, pause or second migration meanwhile;
 //!    kill stays possible);
 //! 2. with `destination_agent`: asks the destination's vireod to receive it
-//!    (`POST /api/v1/migrations/incoming` with the VM's definition), which answers
-//!    with the receiver's URL; with `destination_url`: that URL;
-//! 3. `vm.send-migration` on the VM's VMM, then follows its `vm.migration-info`
-//!    (progress into the record) until it completes, fails, or the VMM ends;
+//!    (`POST /api/v1/migrations/incoming` with the VM's definition; to another host
+//!    over mutual TLS with this host's identity), which answers with the receiver's
+//!    URL; with `destination_url`: that URL;
+//! 3. `vm.send-migration` on the VM's VMM (to a peer host: with TLS, this host's
+//!    certificate, the peer's name as the server name), then follows its
+//!    `vm.migration-info` (progress into the record) until it completes, fails, or
+//!    the VMM ends;
 //! 4. committed (the VMM reported completed, or ended with status 0 and — with an
 //!    agent — the destination confirms the VM arrived): the VM is forgotten here
 //!    (definition, history and files removed; the record stays) and event
@@ -17,7 +20,6 @@
 //!    Running (or Paused) here again, supervised as before, the destination is told
 //!    to discard its copy, and event `migration-failed`.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +27,10 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::{lock, Supervisor, VMM_TIMEOUT};
-use crate::client;
+use crate::client::{self, Endpoint};
 use crate::model::{
-    MigrateRequest, MigrationDirection, MigrationRecord, MigrationState, VmDefinition, VmState,
+    AgentAddress, MigrateRequest, MigrationDirection, MigrationRecord, MigrationState,
+    VmDefinition, VmState,
 };
 use crate::{error_chain, now_ms, AgentError};
 
@@ -40,8 +43,10 @@ const AFTER_COMMIT: Duration = Duration::from_secs(60);
 
 /// The destination's vireod and its id of this migration.
 struct PeerAgent {
-    socket: PathBuf,
+    endpoint: Endpoint,
     id: String,
+    /// A vireod on another host: its name (its certificate carries it).
+    host: Option<String>,
 }
 
 /// What the sending VMM did.
@@ -61,6 +66,15 @@ impl Supervisor {
         req: MigrateRequest,
     ) -> Result<MigrationRecord, AgentError> {
         req.validate()?;
+        if matches!(req.agent_address()?, Some(AgentAddress::Https { .. }))
+            && self.cfg.identity.is_none()
+        {
+            return Err(AgentError::BadMigration(
+                "an https:// destination_agent needs this vireod's host identity \
+                 (--tls-cert, --tls-key, --tls-ca)"
+                    .into(),
+            ));
+        }
         {
             let vms = lock(&self.vms);
             let vm = vms
@@ -180,8 +194,34 @@ impl Supervisor {
             );
             (was, vm.def.clone(), vm.generation)
         };
-        let peer = match &req.destination_agent {
-            Some(socket) => match self.ask_destination(id, name, &def, socket, req).await {
+        let agent = match req.agent_address() {
+            Ok(a) => a,
+            Err(e) => {
+                self.release(name, id, was).await;
+                return Err(error_chain(&e));
+            }
+        };
+        // A one-time secret for this migration, for both VMMs (a destination_url's is
+        // the caller's).
+        let secret = match (&agent, &req.secret) {
+            (Some(_), _) => match new_secret() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.release(name, id, was).await;
+                    return Err(e);
+                }
+            },
+            (None, s) => s.clone(),
+        };
+        // To a peer host the VMMs' stream is mutual TLS; only a same-host vireod asked
+        // for a TCP receiver gets plain TCP (and says so).
+        let to_peer_host = matches!(agent, Some(AgentAddress::Https { .. }));
+        let insecure = req.insecure || (!to_peer_host && tcp_without_tls(req));
+        let peer = match agent {
+            Some(addr) => match self
+                .ask_destination(id, name, &def, addr, req, secret.as_deref(), insecure)
+                .await
+            {
                 Ok(p) => Some(p),
                 Err(e) => {
                     self.release(name, id, was).await;
@@ -202,7 +242,15 @@ impl Supervisor {
             .and_then(|r| r.receiver_url)
             .unwrap_or_default();
         let sent = self
-            .send_and_follow(id, name, req, &url, generation, peer.as_ref())
+            .send_and_follow(
+                id,
+                name,
+                req,
+                &url,
+                (secret.as_deref(), insecure),
+                generation,
+                peer.as_ref(),
+            )
             .await;
         match sent {
             Sent::Committed { confirmed } => {
@@ -226,24 +274,55 @@ impl Supervisor {
         }
     }
 
+    /// How to reach the destination's vireod: its socket, or its peer listener over
+    /// mutual TLS with this host's identity.
+    fn peer_endpoint(&self, addr: AgentAddress) -> Result<(Endpoint, Option<String>), String> {
+        match addr {
+            AgentAddress::Unix(p) => Ok((Endpoint::Unix(p), None)),
+            AgentAddress::Https { authority, name } => {
+                let id =
+                    self.cfg.identity.as_ref().ok_or(
+                        "this vireod has no host identity (--tls-cert, --tls-key, --tls-ca)",
+                    )?;
+                let tls = id.client_config().map_err(|e| error_chain(&e))?;
+                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| format!("destination name {name:?}: {e}"))?;
+                Ok((
+                    Endpoint::Https {
+                        authority,
+                        server_name,
+                        tls,
+                    },
+                    Some(name),
+                ))
+            }
+        }
+    }
+
     /// `POST /api/v1/migrations/incoming` on the destination's vireod.
+    #[allow(clippy::too_many_arguments)]
     async fn ask_destination(
         &self,
         id: &str,
         name: &str,
         def: &VmDefinition,
-        socket: &Path,
+        addr: AgentAddress,
         req: &MigrateRequest,
+        secret: Option<&str>,
+        insecure: bool,
     ) -> Result<PeerAgent, String> {
+        let (endpoint, host) = self.peer_endpoint(addr)?;
         let body = serde_json::json!({
             "name": name,
             "definition": def,
             "receiver_url": req.receiver_url,
             "storage_dir": req.storage_dir,
             "source": format!("{} (migration {id})", crate::procfs::hostname()),
+            "secret": secret,
+            "insecure": insecure,
         });
-        let r = client::request(
-            socket,
+        let r = client::request_to(
+            &endpoint,
             "POST",
             "/api/v1/migrations/incoming",
             Some(body.to_string().into_bytes()),
@@ -264,34 +343,44 @@ impl Supervisor {
             .receiver_url
             .clone()
             .ok_or("destination vireod gave no receiver_url")?;
+        let url = reachable_receiver(&url, &endpoint);
         self.migrations.update(id, |r| {
             r.peer_id = Some(rec.id.clone());
             r.receiver_url = Some(url);
         });
         Ok(PeerAgent {
-            socket: socket.to_path_buf(),
+            endpoint,
             id: rec.id,
+            host,
         })
     }
 
-    /// Starts the VMM's send and follows it to its end.
+    /// Starts the VMM's send and follows it to its end. `trust`: the migration's
+    /// secret, and whether TCP without TLS is allowed.
+    #[allow(clippy::too_many_arguments)]
     async fn send_and_follow(
         &self,
         id: &str,
         name: &str,
         req: &MigrateRequest,
         url: &str,
+        trust: (Option<&str>, bool),
         generation: u64,
         peer: Option<&PeerAgent>,
     ) -> Sent {
         let sock = self.socket_path(name);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "destination_url": url,
             "downtime_ms": req.downtime_ms,
             "compress": req.compress,
             "bandwidth_mib_s": req.bandwidth_mib_s,
             "copy_storage": req.copy_storage,
+            "secret": trust.0,
+            "insecure": trust.1,
         });
+        if let Some(tls) = self.send_tls(peer) {
+            body["tls"] = tls;
+        }
         match client::request(
             &sock,
             "PUT",
@@ -404,13 +493,26 @@ impl Supervisor {
         }
     }
 
+    /// The VMM's TLS towards a peer host's receiving VMM: this host's identity, the
+    /// peer's name as the server name. None for a vireod on this host.
+    fn send_tls(&self, peer: Option<&PeerAgent>) -> Option<serde_json::Value> {
+        let host = peer?.host.as_ref()?;
+        let id = self.cfg.identity.as_ref()?;
+        Some(serde_json::json!({
+            "ca": id.files.ca,
+            "cert": id.files.cert,
+            "key": id.files.key,
+            "server_name": host,
+        }))
+    }
+
     /// Waits until the destination's vireod reports the VM arrived.
     async fn await_arrival(&self, p: &PeerAgent) -> Result<(), String> {
         let deadline = Instant::now() + AFTER_COMMIT;
         let path = format!("/api/v1/migrations/{}", p.id);
         let mut last = String::from("no answer");
         while Instant::now() < deadline {
-            match client::request(&p.socket, "GET", &path, None, VMM_TIMEOUT).await {
+            match client::request_to(&p.endpoint, "GET", &path, None, VMM_TIMEOUT).await {
                 Ok(r) if r.ok() => {
                     if let Ok(rec) = serde_json::from_slice::<MigrationRecord>(&r.body) {
                         match rec.state {
@@ -440,7 +542,7 @@ impl Supervisor {
     /// The send failed before the commit: the destination discards its copy.
     async fn tell_destination_to_discard(&self, p: &PeerAgent) {
         let path = format!("/api/v1/migrations/{}", p.id);
-        match client::request(&p.socket, "DELETE", &path, None, VMM_TIMEOUT).await {
+        match client::request_to(&p.endpoint, "DELETE", &path, None, VMM_TIMEOUT).await {
             Ok(r) if r.ok() || r.status == 409 => {} // 409: it ended on its own.
             Ok(r) => {
                 warn!(id = %p.id, status = r.status, error = %r.error_message(), "destination did not cancel")
@@ -486,5 +588,92 @@ impl Supervisor {
                 Some(format!("migration {id} failed; the VM stays here")),
             );
         }
+    }
+}
+
+/// A migration's one-time secret: 32 random bytes as 64 hex digits.
+fn new_secret() -> Result<String, String> {
+    let mut b = [0u8; 32];
+    // SAFETY: getrandom(2) writes at most b.len() bytes into the live buffer `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(format!(
+            "no randomness for the migration secret: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A migration to a vireod on this host (its socket) whose receiver was asked to listen
+/// on TCP: there is no peer name for TLS, so it is plain TCP (and says so). Migrations
+/// to another host's vireod (`https://`) are always mutual TLS.
+fn tcp_without_tls(req: &MigrateRequest) -> bool {
+    req.destination_agent.is_some()
+        && req
+            .receiver_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("tcp:"))
+}
+
+/// The receiver's URL as the source's VMM can reach it: a peer whose receiver listens
+/// on every address (`tcp:0.0.0.0:P`, `tcp:[::]:P`) is reached at the address its
+/// vireod was reached at.
+fn reachable_receiver(url: &str, endpoint: &Endpoint) -> String {
+    let Endpoint::Https { authority, .. } = endpoint else {
+        return url.to_string();
+    };
+    let Some(addr) = url.strip_prefix("tcp:") else {
+        return url.to_string();
+    };
+    let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+        return url.to_string();
+    };
+    if !sock.ip().is_unspecified() {
+        return url.to_string();
+    }
+    let host = authority
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(authority);
+    format!("tcp:{host}:{}", sock.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unspecified_receiver_is_reached_where_its_vireod_was() {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let id = Endpoint::Https {
+            authority: "10.1.2.3:7443".into(),
+            server_name: rustls::pki_types::ServerName::try_from("b").unwrap(),
+            tls: Arc::new(tls),
+        };
+        assert_eq!(
+            reachable_receiver("tcp:0.0.0.0:6000", &id),
+            "tcp:10.1.2.3:6000"
+        );
+        assert_eq!(
+            reachable_receiver("tcp:[::]:6000", &id),
+            "tcp:10.1.2.3:6000"
+        );
+        assert_eq!(
+            reachable_receiver("tcp:10.9.9.9:6000", &id),
+            "tcp:10.9.9.9:6000"
+        );
+        assert_eq!(reachable_receiver("unix:/x", &id), "unix:/x");
+        let unix = Endpoint::Unix("/s".into());
+        assert_eq!(
+            reachable_receiver("tcp:0.0.0.0:6000", &unix),
+            "tcp:0.0.0.0:6000"
+        );
     }
 }

@@ -482,18 +482,31 @@ fn vireo_migrate(
     vireo_e2e::wait_for_socket(&src_sock, Duration::from_secs(10));
     vireo_e2e::wait_for_socket(&dst_sock, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
+                                                     // Plain TCP is measured too, said out loud.
+    let insecure = if url.starts_with("tcp:") && !send_extra.contains("\"tls\"") {
+        r#","insecure":true"#
+    } else {
+        ""
+    };
     let (s, b) = vireo_e2e::api(
         &dst_sock,
         "PUT",
         "vm.receive-migration",
-        Some(&format!(r#"{{"receiver_url":"{url}"{receive_extra}}}"#)),
+        Some(&format!(
+            r#"{{"receiver_url":"{url}"{}{}{insecure}{receive_extra}}}"#,
+            vireo_e2e::config_field_of(&src_sock),
+            vireo_e2e::secret_field()
+        )),
     );
     assert_eq!(s, 204, "{b}");
     let (s, b) = vireo_e2e::api(
         &src_sock,
         "PUT",
         "vm.send-migration",
-        Some(&format!(r#"{{"destination_url":"{url}"{send_extra}}}"#)),
+        Some(&format!(
+            r#"{{"destination_url":"{url}"{}{insecure}{send_extra}}}"#,
+            vireo_e2e::secret_field()
+        )),
     );
     assert_eq!(s, 204, "{b}");
     let _ = src.wait();

@@ -13,14 +13,21 @@
 //! - [`parallel_send`] / [`parallel_receive`]: several page streams beside the control
 //!   stream (`connections` > 1), with a barrier per round at the destination.
 //!
+//! - [`gate`]: the destination's door: TLS allow-list and proof of the secret on every
+//!   stream, strangers refused and counted without breaking the migration.
+//! - [`compare`]: the source's guest (its Hello) against this host's configuration.
+//! - [`image_size`]: a disk's size from the configuration or its image.
 //! - [`tls`]: the API's TLS settings loaded into the transport's TLS configurations.
 //!
 //! - [`disk`]: live storage migration, a mirror of the old and new image.
 //!
 //! The protocol and its commit point are in `migration::protocol`.
 
+pub mod compare;
 pub mod dirty;
 pub mod disk;
+pub mod gate;
+pub mod image_size;
 pub mod pages;
 pub mod parallel_receive;
 pub mod parallel_send;

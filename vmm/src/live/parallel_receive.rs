@@ -1,5 +1,5 @@
-//! The destination's parallel page streams (`connections` > 1): accepting them, one
-//! thread per stream applying its pages, and the barrier that keeps rounds apart.
+//! The destination's parallel page streams (`connections` > 1; the gate admits them):
+//! one thread per stream applying its pages, and the barrier that keeps rounds apart.
 //!
 //! Within a round every page travels on exactly one stream, so streams never race for
 //! a page. Across rounds they could: a page sent in round k on stream A and again in
@@ -8,10 +8,9 @@
 //! its `RoundEnd {k}` (and so applied all its pages of round k) before it reads on.
 
 use std::sync::{Condvar, Mutex};
-use std::time::Instant;
 
 use migration::protocol::{self, Message};
-use migration::transport::{Listener, Stream, IO_TIMEOUT};
+use migration::transport::Stream;
 
 use api::MigrationInfo;
 use devices::virtio::GuestMemoryMmap;
@@ -80,34 +79,6 @@ impl RoundBarrier {
     pub fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
     }
-}
-
-/// Accepts the `n` page streams of migration `session` (each opens with `Join`), within
-/// the I/O timeout. A connection that names another migration is dropped.
-pub fn accept(listener: &Listener, n: u32, session: u64) -> Result<Vec<Box<dyn Stream>>, String> {
-    let mut streams: Vec<Option<Box<dyn Stream>>> = (0..n).map(|_| None).collect();
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while streams.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut s = listener
-            .accept_within(Some(left))
-            .map_err(|e| format!("waiting for the page streams: {e}"))?;
-        match protocol::recv(s.as_mut()) {
-            Ok(Message::Join { session: id, lane })
-                if id == session && streams.get(lane as usize).is_some_and(Option::is_none) =>
-            {
-                streams[lane as usize] = Some(s);
-            }
-            Ok(other) => {
-                tracing::warn!(
-                    message = other.name(),
-                    "dropped a connection that is not a page stream of this migration"
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, "dropped a connection that sent no Join"),
-        }
-    }
-    Ok(streams.into_iter().flatten().collect())
 }
 
 /// Applies stream `lane`'s pages until its last `RoundEnd`.

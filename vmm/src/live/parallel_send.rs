@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::Scope;
 use std::time::Duration;
 
-use migration::protocol::{self, Message};
+use migration::protocol::Message;
 use migration::transport::Cutter;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -80,8 +80,15 @@ impl PageStreams {
                 .url
                 .connect_with(job.tls.as_ref())
                 .map_err(|e| format!("page stream {lane}: {e}"))?;
-            protocol::send(s.as_mut(), &Message::Join { session, lane })
-                .map_err(|e| format!("page stream {lane}: {e}"))?;
+            migration::auth::join(
+                s.as_mut(),
+                job.secret.as_ref(),
+                migration::auth::Claim {
+                    session,
+                    stream: lane + 1,
+                },
+            )
+            .map_err(|e| format!("page stream {lane}: joining: {e}"))?;
             streams
                 .cutters
                 .push(s.cutter().map_err(|e| format!("page stream {lane}: {e}"))?);

@@ -1,4 +1,11 @@
 //! The destination side of a live migration (runs on its own thread).
+//!
+//! The VM is built from the configuration the caller of `vm.receive-migration` gave
+//! (this host's disks, kernel, console and serial files, taps): the source's
+//! configuration is only compared with it (`compare`), never opened. Streams get in
+//! through the [`Gate`] (TLS allow-list, proof of the secret). A shared-nothing
+//! migration's disks are created where this host says and written within the sizes its
+//! configuration declares.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -10,6 +17,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use api::{MigrationInfo, MigrationStatus, VmConfig};
 
+use super::compare::{self, Side};
+use super::gate::Gate;
 use super::parallel_receive::{self, RoundBarrier};
 use super::MigrationEvent;
 use crate::vm::{IncomingVm, SavedVm};
@@ -18,10 +27,16 @@ use crate::vmm::ControlEvent;
 pub struct ReceiveJob {
     /// Already bound: the API call returns only once a source can connect.
     pub listener: Listener,
+    /// The VM to run here (the caller's; the source's is only compared with it).
+    pub config: VmConfig,
+    /// Each of the disks' size as this host knows it (None: not known here).
+    pub disk_sizes: Vec<Option<u64>>,
+    /// The migration's one-time secret (None: unix socket without one).
+    pub secret: Option<migration::auth::Secret>,
+    /// How long the gate waits for the source's streams.
+    pub timeout: std::time::Duration,
     /// Where a shared-nothing migration's disks are written.
     pub storage_dir: Option<std::path::PathBuf>,
-    /// Replaces the incoming configuration's serial output (see `Vmm`).
-    pub serial_override: Option<api::config::OutputConfig>,
     pub events: Sender<ControlEvent>,
     pub info: Arc<Mutex<MigrationInfo>>,
     pub seccomp: crate::seccomp::Filters,
@@ -40,20 +55,24 @@ pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
                 .apply_or_exit(crate::seccomp::ThreadKind::Control);
             let ReceiveJob {
                 listener,
+                config,
+                disk_sizes,
+                secret,
+                timeout,
                 storage_dir,
-                serial_override,
                 events,
                 info,
                 seccomp,
             } = job;
             let job = Job {
+                config,
+                disk_sizes,
                 storage_dir,
-                serial_override,
                 events,
                 info,
                 seccomp,
             };
-            if let Err(e) = run(listener, &job) {
+            if let Err(e) = run(listener, secret, timeout, &job) {
                 tracing::warn!(error = %e, "incoming migration failed");
                 {
                     let mut i = lock(&job.info);
@@ -102,18 +121,26 @@ pub fn apply_pages(mem: &devices::virtio::GuestMemoryMmap, payload: &[u8]) -> Re
 
 /// What the receiver needs once connected.
 struct Job {
+    config: VmConfig,
+    disk_sizes: Vec<Option<u64>>,
     storage_dir: Option<std::path::PathBuf>,
-    serial_override: Option<api::config::OutputConfig>,
     events: Sender<ControlEvent>,
     info: Arc<Mutex<MigrationInfo>>,
     seccomp: crate::seccomp::Filters,
 }
 
-fn run(listener: Listener, job: &Job) -> Result<(), String> {
-    let mut stream: Box<dyn Stream> = listener.accept().map_err(|e| e.to_string())?;
+fn run(
+    listener: Listener,
+    secret: Option<migration::auth::Secret>,
+    timeout: std::time::Duration,
+    job: &Job,
+) -> Result<(), String> {
+    let mut gate = Gate::open(listener, secret, timeout, job.info.clone())
+        .map_err(|e| format!("cannot start accepting: {e}"))?;
+    let (session, mut stream) = gate.control()?;
     let started = Instant::now();
     let mut disks = IncomingDisks::default();
-    let result = receive(job, listener, stream.as_mut(), started, &mut disks);
+    let result = receive(job, gate, session, stream.as_mut(), started, &mut disks);
     if result.is_err() {
         disks.discard();
     }
@@ -128,6 +155,8 @@ fn run(listener: Listener, job: &Job) -> Result<(), String> {
 #[derive(Default)]
 struct IncomingDisks {
     open: Vec<Option<std::sync::Arc<dyn devices::block::BlockBackend>>>,
+    /// Each open disk's size (this host's configuration's): no write goes beyond it.
+    sizes: Vec<u64>,
     created: Vec<std::path::PathBuf>,
 }
 
@@ -139,7 +168,8 @@ impl IncomingDisks {
         }
     }
 
-    /// Creates and opens the image for `b` in `dir`; the VM's disk now points there.
+    /// Creates and opens the image for `b` in `dir`, named and sized as this host's
+    /// configuration says; the VM's disk now points there.
     fn begin(
         &mut self,
         dir: &std::path::Path,
@@ -148,13 +178,28 @@ impl IncomingDisks {
     ) -> Result<(), String> {
         let i = b.index as usize;
         let count = config.disks.len();
-        let disk = config
-            .disks
-            .get_mut(i)
-            .ok_or_else(|| format!("source announced disk {i}, the VM has {count}"))?;
-        let name = std::path::Path::new(&b.name)
+        let disk = config.disks.get_mut(i).ok_or_else(|| {
+            format!("the source announced disk {i}; this VM's configuration has {count} disks")
+        })?;
+        if self.open.get(i).is_some_and(Option::is_some) {
+            return Err(format!("the source announced disk {i} twice"));
+        }
+        let size = disk.size.ok_or_else(|| {
+            format!(
+                "disks[{i}]: a shared-nothing migration needs the disk's size in the \
+                 destination's configuration"
+            )
+        })?;
+        if b.size != size {
+            return Err(format!(
+                "disks[{i}].size: source {}, destination {size}",
+                b.size
+            ));
+        }
+        let name = disk
+            .path
             .file_name()
-            .ok_or_else(|| format!("bad disk name '{}'", b.name))?;
+            .ok_or_else(|| format!("disks[{i}]: {} names no file", disk.path.display()))?;
         let path = dir.join(name);
         if path.exists() {
             return Err(format!("{} exists; not overwriting it", path.display()));
@@ -184,9 +229,22 @@ impl IncomingDisks {
         let backend = crate::device_manager::open_disk(&writable).map_err(|e| e.to_string())?;
         if self.open.len() <= i {
             self.open.resize(i + 1, None);
+            self.sizes.resize(i + 1, 0);
         }
         self.open[i] = Some(backend);
+        self.sizes[i] = size;
         Ok(())
+    }
+
+    /// The disk `index`'s size, if `len` bytes at `offset` fit within it.
+    fn within(&self, index: u32, offset: u64, len: u64) -> Result<(), String> {
+        let size = self.sizes.get(index as usize).copied().unwrap_or(0);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(format!(
+                "the source wrote {len} bytes at {offset} of disk {index}, beyond its {size} bytes"
+            )),
+        }
     }
 
     fn apply(&self, op: protocol::DiskOp) -> Result<(), String> {
@@ -198,10 +256,12 @@ impl IncomingDisks {
                 data,
             } => {
                 let b = self.get(index)?;
+                self.within(index, offset, data.len() as u64)?;
                 (index, b.write_vectored_at(&[IoSlice::new(&data)], offset))
             }
             protocol::DiskOp::Zeroes { index, offset, len } => {
                 let b = self.get(index)?;
+                self.within(index, offset, len)?;
                 (index, b.write_zeroes(offset, len))
             }
         };
@@ -233,7 +293,8 @@ impl IncomingDisks {
 
 fn receive(
     job: &Job,
-    listener: Listener,
+    mut gate: Gate,
+    session: u64,
     stream: &mut dyn Stream,
     started: Instant,
     disks: &mut IncomingDisks,
@@ -249,22 +310,57 @@ fn receive(
             protocol::MAX_CONNECTIONS
         ));
     }
-    let page_streams = if hello.connections > 1 {
-        parallel_receive::accept(&listener, hello.connections, hello.session)?
-    } else {
-        Vec::new()
-    };
-    drop(listener); // Every connection of this migration is in.
-    let mut config: VmConfig = serde_json::from_value(hello.config)
-        .map_err(|e| format!("the source's VM configuration: {e}"))?;
-    if let Some(s) = &job.serial_override {
-        config.serial = s.clone();
+    if hello.session != session {
+        return Err(format!(
+            "the source's Hello names session {:#x}, its stream joined as {session:#x}",
+            hello.session
+        ));
     }
     if hello.copy_storage && job.storage_dir.is_none() {
         return Err("a shared-nothing migration needs storage_dir on vm.receive-migration".into());
     }
     let copy_storage = hello.copy_storage;
-    let mut incoming = IncomingVm::new(config).map_err(|e| crate::vmm::error_chain(&e))?;
+    // Only compared: nothing the source's configuration names is ever opened.
+    let source_config: VmConfig = serde_json::from_value(hello.config)
+        .map_err(|e| format!("the source's VM configuration: {e}"))?;
+    let mut incoming =
+        IncomingVm::new(job.config.clone()).map_err(|e| crate::vmm::error_chain(&e))?;
+    let disk_sizes = job
+        .disk_sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.ok_or_else(|| {
+                format!(
+                    "disks[{i}]: its size is not known here (declare size in the \
+                     configuration, or have the image at its path)"
+                )
+            })
+        })
+        .collect::<Result<Vec<u64>, String>>()?;
+    let here = protocol::GuestShape {
+        disk_sizes,
+        cpuid: incoming
+            .cpu_features()
+            .map_err(|e| crate::vmm::error_chain(&e))?,
+    };
+    compare::same_guest(
+        &Side {
+            config: &source_config,
+            shape: &hello.shape,
+        },
+        &Side {
+            config: &job.config,
+            shape: &here,
+        },
+    )
+    .map_err(|m| format!("the source's VM differs from this host's configuration: {m}"))?;
+    let page_streams = if hello.connections > 1 {
+        gate.page_streams(session, hello.connections)?
+    } else {
+        Vec::new()
+    };
+    drop(gate); // Every connection of this migration is in.
     tracing::info!(
         source_vireo = %hello.vireo,
         page_streams = page_streams.len(),

@@ -26,6 +26,10 @@ pub struct SendJob {
     pub url: MigrationUrl,
     /// Mutual TLS on every connection (loaded when the migration was requested).
     pub tls: Option<ClientTls>,
+    /// The one-time secret every connection proves it knows when it joins.
+    pub secret: Option<migration::auth::Secret>,
+    /// What the Hello tells the destination beside the configuration.
+    pub shape: protocol::GuestShape,
     /// Page streams: 1 = the one connection carries everything; N > 1 = N more
     /// connections carry the pages (`parallel_send`).
     pub connections: u32,
@@ -123,7 +127,8 @@ fn copy_disks(job: &SendJob, wire: &mut Wire<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// A random name for this migration, so the destination takes only its page streams.
+/// A random name for this migration: every stream's proof names it, so a stream of one
+/// migration cannot join another.
 fn session_token() -> Result<u64, String> {
     let mut b = [0u8; 8];
     // SAFETY: getrandom(2) writes at most b.len() bytes into the live buffer `b`.
@@ -140,11 +145,13 @@ fn run(job: &SendJob) -> Result<(), String> {
         .url
         .connect_with(job.tls.as_ref())
         .map_err(|e| e.to_string())?;
-    let session = if job.connections > 1 {
-        session_token()?
-    } else {
-        0
-    };
+    let session = session_token()?;
+    migration::auth::join(
+        stream.as_mut(),
+        job.secret.as_ref(),
+        migration::auth::Claim { session, stream: 0 },
+    )
+    .map_err(|e| format!("{}: joining: {e}", job.url))?;
     protocol::send(
         &mut stream,
         &Message::Hello(Hello {
@@ -154,6 +161,7 @@ fn run(job: &SendJob) -> Result<(), String> {
             copy_storage: job.copy_storage,
             connections: job.connections,
             session,
+            shape: job.shape.clone(),
         }),
     )
     .map_err(|e| e.to_string())?;

@@ -1,0 +1,274 @@
+//! vireod's host identity and who it admits as a peer (mutual TLS, rustls with ring).
+//!
+//! A host identity is three PEM files (`--tls-cert`, `--tls-key`, `--tls-ca`, as
+//! `vireoctl pki issue` writes them). As a server (the peer listener) vireod presents
+//! its certificate and requires a client certificate that chains to the CA *and*
+//! names a host on the `--peer` allow-list (its CN or a DNS SAN): anything else fails
+//! the handshake. As a client (the source of a migration) it verifies the destination's
+//! certificate against the CA for the expected host name and presents its own.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+use tracing::warn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read TLS {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS {what} {path}: {reason}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("TLS: the certificate {cert} and the key {key} do not go together: {reason}")]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("TLS: CA file {path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("TLS certificate {path} names no host (no CN, no DNS SAN)")]
+    Nameless { path: PathBuf },
+    #[error("TLS: {0}")]
+    Config(String),
+}
+
+/// The three files of a host identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// This host's identity, loaded and checked once at start.
+#[derive(Clone)]
+pub struct HostIdentity {
+    pub files: IdentityFiles,
+    /// The host name the certificate carries (its CN, else its first DNS SAN).
+    pub name: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    roots: Arc<RootCertStore>,
+}
+
+impl std::fmt::Debug for HostIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostIdentity")
+            .field("name", &self.name)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(what, path)?;
+    let bad = |reason: String| TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+impl HostIdentity {
+    /// Loads and checks the files: the key goes with the certificate, the certificate
+    /// names a host, the CA parses.
+    pub fn load(files: IdentityFiles) -> Result<Self, TlsError> {
+        let chain = certs("certificate", &files.cert)?;
+        let pem = read("key", &files.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+            what: "key",
+            path: files.key.clone(),
+            reason: match e {
+                rustls::pki_types::pem::Error::NoItemsFound => "no PEM private key in it".into(),
+                e => e.to_string(),
+            },
+        })?;
+        let mut roots = RootCertStore::empty();
+        for c in certs("CA", &files.ca)? {
+            roots.add(c).map_err(|e| TlsError::BadCa {
+                path: files.ca.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let names = cert_names(&chain[0]);
+        let name = names.first().cloned().ok_or_else(|| TlsError::Nameless {
+            path: files.cert.clone(),
+        })?;
+        let id = Self {
+            files,
+            name,
+            chain,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+        };
+        // Builds a server config once so that a key of another certificate is named now.
+        id.server_config(BTreeSet::new())?;
+        Ok(id)
+    }
+
+    /// The peer listener's config: this host's certificate; a client certificate from
+    /// the CA naming one of `peers` is required.
+    pub fn server_config(&self, peers: BTreeSet<String>) -> Result<Arc<ServerConfig>, TlsError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::BadCa {
+                path: self.files.ca.clone(),
+                reason: e.to_string(),
+            })?;
+        let verifier = Arc::new(PeerVerifier { inner, peers });
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| self.mismatch(e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// The config to call a peer with: verifies its certificate against the CA (for
+    /// the name the caller expects) and presents this host's.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| self.mismatch(e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    fn mismatch(&self, e: rustls::Error) -> TlsError {
+        TlsError::KeyMismatch {
+            cert: self.files.cert.clone(),
+            key: self.files.key.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// The host names a certificate carries: its DNS SANs, then its CN (lower case).
+/// An unparsable certificate names nobody.
+pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    for cn in x509.subject().iter_common_name() {
+        if let Ok(s) = cn.as_str() {
+            let s = s.to_ascii_lowercase();
+            if !names.contains(&s) {
+                names.push(s);
+            }
+        }
+    }
+    names
+}
+
+/// The first name of `cert` on the allow-list, if any.
+pub fn admitted_name(cert: &CertificateDer<'_>, peers: &BTreeSet<String>) -> Option<String> {
+    cert_names(cert).into_iter().find(|n| peers.contains(n))
+}
+
+/// WebPKI's client verification (chain to the CA, validity, EKU clientAuth), then the
+/// allow-list: a certificate of the right CA for a host that is no peer is refused in
+/// the handshake.
+#[derive(Debug)]
+struct PeerVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    peers: BTreeSet<String>,
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if admitted_name(end_entity, &self.peers).is_some() {
+            return Ok(ClientCertVerified::assertion());
+        }
+        warn!(
+            names = ?cert_names(end_entity),
+            "peer refused: its certificate names no host on the --peer list"
+        );
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,195 @@
+//! vireod's peer listener (`--listen ADDR:PORT`): HTTPS with mutual TLS for other
+//! hosts' vireods, and only for what one host asks of another.
+//!
+//! A connection gets in only with a client certificate from the host CA that names a
+//! host on the `--peer` list (checked in the handshake, see [`crate::hosttls`]); that
+//! name travels with each request. The routes are the destination's side of a
+//! migration: `POST /api/v1/migrations/incoming` (the peer becomes the migration's
+//! source) and `GET`/`DELETE /api/v1/migrations/{id}` of an incoming migration that
+//! peer sent. Everything else — the full API — is only on the unix socket: here it is
+//! 404.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::hosttls::{admitted_name, HostIdentity};
+use crate::model::IncomingRequest;
+use crate::supervisor::Supervisor;
+use crate::{error_chain, AgentError};
+
+/// How long a client may take for its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The peer host a request came from (its certificate's name on the allow-list).
+#[derive(Clone, Debug)]
+pub struct Peer(pub String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("--listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--listen needs this host's identity: --tls-cert, --tls-key and --tls-ca")]
+    NoIdentity,
+    #[error("--listen needs at least one --peer (the hosts it admits)")]
+    NoPeers,
+    #[error(transparent)]
+    Tls(#[from] crate::hosttls::TlsError),
+}
+
+/// The bound listener and its TLS; [`PeerListener::serve`] runs it.
+pub struct PeerListener {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    peers: Arc<BTreeSet<String>>,
+}
+
+impl PeerListener {
+    /// Binds `addr` and prepares the TLS that admits `peers` (host names, any case).
+    pub async fn bind(
+        addr: SocketAddr,
+        identity: Option<&HostIdentity>,
+        peers: &[String],
+    ) -> Result<Self, ListenError> {
+        let identity = identity.ok_or(ListenError::NoIdentity)?;
+        let peers: BTreeSet<String> = peers.iter().map(|p| p.to_ascii_lowercase()).collect();
+        if peers.is_empty() {
+            return Err(ListenError::NoPeers);
+        }
+        let config = identity.server_config(peers.clone())?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ListenError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            acceptor: TlsAcceptor::from(config),
+            peers: Arc::new(peers),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Accepts connections until the task is dropped; each one is served on its own.
+    pub async fn serve(self, sup: Arc<Supervisor>) {
+        let app = router(sup);
+        info!(addr = ?self.local_addr(), peers = ?self.peers, "peer listener ready");
+        loop {
+            let (tcp, from) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "peer listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (acceptor, peers, app) = (self.acceptor.clone(), self.peers.clone(), app.clone());
+            tokio::spawn(async move { serve_connection(tcp, from, acceptor, peers, app).await });
+        }
+    }
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    from: SocketAddr,
+    acceptor: TlsAcceptor,
+    peers: Arc<BTreeSet<String>>,
+    app: Router,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(%from, error = %e, "peer refused in the TLS handshake");
+            return;
+        }
+        Err(_) => {
+            warn!(%from, "peer refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    // The verifier admitted the certificate; this is the name it was admitted for.
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| admitted_name(c, &peers));
+    let Some(peer) = peer else {
+        warn!(%from, "peer refused: no admitted certificate after the handshake");
+        return;
+    };
+    debug!(%from, %peer, "peer connected");
+    let svc = TowerToHyperService::new(app.layer(Extension(Peer(peer))));
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tls), svc)
+        .await
+    {
+        debug!(%from, error = %e, "peer connection ended");
+    }
+}
+
+/// The host-to-host routes; nothing else.
+pub fn router(sup: Arc<Supervisor>) -> Router {
+    Router::new()
+        .route("/api/v1/migrations/incoming", post(incoming))
+        .route("/api/v1/migrations/{id}", get(migration).delete(cancel))
+        .fallback(|| async { error(404, "not a host-to-host API endpoint".into()) })
+        .with_state(sup)
+}
+
+type S = State<Arc<Supervisor>>;
+
+fn error(status: u16, message: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn reply<T: serde::Serialize>(status: StatusCode, r: Result<T, AgentError>) -> Response {
+    match r {
+        Ok(v) => (status, Json(v)).into_response(),
+        Err(e) => error(e.status(), error_chain(&e)),
+    }
+}
+
+async fn incoming(State(s): S, Extension(Peer(peer)): Extension<Peer>, b: Bytes) -> Response {
+    let req: IncomingRequest = match serde_json::from_slice(&b) {
+        Ok(r) => r,
+        Err(e) => return error(400, format!("invalid incoming migration request: {e}")),
+    };
+    info!(%peer, vm = %req.name, "incoming migration asked for by a peer");
+    reply(StatusCode::CREATED, s.incoming(req, Some(peer)).await)
+}
+
+async fn migration(
+    State(s): S,
+    Extension(Peer(peer)): Extension<Peer>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    reply(StatusCode::OK, s.peer_migration(&id, &peer))
+}
+
+async fn cancel(
+    State(s): S,
+    Extension(Peer(peer)): Extension<Peer>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    reply(StatusCode::OK, s.peer_cancel_migration(&id, &peer))
+}

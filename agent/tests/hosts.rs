@@ -1,0 +1,598 @@
+//! vireod between hosts: host identities made by `vireoctl pki`, the HTTPS peer
+//! listener (mutual TLS, an allow-list of peer host names, host-to-host routes only),
+//! and live migration between two real vireods over `https://` with the VMMs' stream
+//! in TLS. The two "hosts" are two vireods on 127.0.0.1 ports with their own
+//! directories and certificates.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::client::{self, Endpoint};
+use agent::hosttls::{HostIdentity, IdentityFiles};
+use common::{alive, bin, Daemon, T};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+
+/// A CA and host identities issued by `vireoctl pki`, in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let p = Pki {
+            dir: tempfile::Builder::new().prefix("pki").tempdir().unwrap(),
+        };
+        p.pki(&["init", "--dir", p.ca_dir().to_str().unwrap()]);
+        p
+    }
+
+    fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    fn pki(&self, args: &[&str]) -> String {
+        let o = Command::new(bin("vireoctl"))
+            .arg("pki")
+            .args(args)
+            .output()
+            .expect("run vireoctl pki");
+        assert!(
+            o.status.success(),
+            "vireoctl pki {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Issues host `name`'s identity into `<dir>/<name>/`.
+    fn host(&self, name: &str, sans: &[&str]) -> IdentityFiles {
+        let out = self.dir.path().join(name);
+        let ca = self.ca_dir();
+        let mut args = vec![
+            "issue",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        for s in sans {
+            args.extend(["--san", s]);
+        }
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.pki(&refs);
+        IdentityFiles {
+            cert: out.join("host.crt"),
+            key: out.join("host.key"),
+            ca: out.join("ca.crt"),
+        }
+    }
+}
+
+/// vireod's flags for a host identity.
+fn tls_args(id: &IdentityFiles) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        id.cert.display().to_string(),
+        "--tls-key".into(),
+        id.key.display().to_string(),
+        "--tls-ca".into(),
+        id.ca.display().to_string(),
+    ]
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A vireod with a host identity and a peer listener admitting `peers`; returns it
+/// and its listener's address.
+fn host_daemon(id: &IdentityFiles, peers: &[&str]) -> (Daemon, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--no-autostart".to_string(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    args.extend(tls_args(id));
+    for p in peers {
+        args.extend(["--peer".to_string(), p.to_string()]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start(&refs);
+    wait_listening(&addr, &d);
+    (d, addr)
+}
+
+fn wait_listening(addr: &str, d: &Daemon) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < T,
+            "peer listener {addr} never came up:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let o = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl (scripts/setup installs it)");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn pki_init_and_issue_make_certificates_openssl_verifies_with_private_files() {
+    let pki = Pki::new();
+    let ca = pki.ca_dir();
+    assert_eq!(mode(&ca), 0o700);
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+    assert_eq!(mode(&ca.join("ca.crt")), 0o644);
+    let a = pki.host("host-a", &["10.0.0.7", "a.example.org"]);
+    let out = a.cert.parent().unwrap();
+    assert_eq!(mode(out), 0o700);
+    assert_eq!(mode(&a.key), 0o600);
+    assert_eq!(mode(&a.cert), 0o644);
+    assert_eq!(mode(&a.ca), 0o644);
+
+    let ca_crt = ca.join("ca.crt");
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        ca_crt.to_str().unwrap(),
+        "-purpose",
+        "sslserver",
+        a.cert.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        a.ca.to_str().unwrap(),
+        "-purpose",
+        "sslclient",
+        a.cert.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = openssl(&["x509", "-in", a.cert.to_str().unwrap(), "-noout", "-text"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("Subject: CN = host-a"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(
+        text.contains("DNS:host-a, IP Address:10.0.0.7, DNS:a.example.org"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CA:FALSE") || !text.contains("CA:TRUE"),
+        "{text}"
+    );
+    // The key is the certificate's.
+    let (_, cert_pub) = openssl(&["x509", "-in", a.cert.to_str().unwrap(), "-noout", "-pubkey"]);
+    let (_, key_pub) = openssl(&["pkey", "-in", a.key.to_str().unwrap(), "-pubout"]);
+    assert_eq!(cert_pub, key_pub);
+
+    // A certificate of another CA does not verify against this one.
+    let other = Pki::new();
+    let b = other.host("host-b", &[]);
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        ca_crt.to_str().unwrap(),
+        b.cert.to_str().unwrap(),
+    ]);
+    assert!(!ok, "another CA's certificate verified: {text}");
+
+    // Nothing is overwritten; a bad host name is refused with one line.
+    let again = Command::new(bin("vireoctl"))
+        .args(["pki", "init", "--dir", ca.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    let bad = Command::new(bin("vireoctl"))
+        .args([
+            "pki",
+            "issue",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--name",
+            "a/../b",
+        ])
+        .args(["--out", pki.dir.path().join("x").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("invalid host name"), "{err}");
+    assert!(!pki.dir.path().join("x").exists());
+}
+
+fn roots(ca: &Path) -> rustls::RootCertStore {
+    let mut r = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        r.add(c.unwrap()).unwrap();
+    }
+    r
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// An endpoint of the peer listener at `addr` (certificate name `name`) with `tls`.
+fn endpoint(addr: &str, name: &str, tls: Arc<rustls::ClientConfig>) -> Endpoint {
+    Endpoint::Https {
+        authority: addr.to_string(),
+        server_name: ServerName::try_from(name.to_string()).unwrap(),
+        tls,
+    }
+}
+
+/// One request on the peer listener; Err(the error chain) when TLS refuses.
+fn call(
+    to: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(client::request_to(
+        to,
+        method,
+        path,
+        body.map(|b| b.to_string().into_bytes()),
+        T,
+    ))
+    .map(|r| (r.status, r.json().unwrap_or(Value::Null)))
+    .map_err(|e| agent::error_chain(&e))
+}
+
+#[test]
+fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_routes() {
+    let pki = Pki::new();
+    let b = pki.host("host-b", &[]);
+    let a = pki.host("host-a", &[]);
+    let c = pki.host("host-c", &[]); // right CA, not on the list
+    let other_pki = Pki::new();
+    let other = other_pki.host("host-a", &[]); // the listed name, another CA
+    let (dst, addr) = host_daemon(&b, &["host-a"]);
+    let tls_of = |id: &IdentityFiles| {
+        HostIdentity::load(id.clone())
+            .unwrap()
+            .client_config()
+            .unwrap()
+    };
+
+    // No client certificate.
+    let anonymous = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(&b.ca))
+        .with_no_client_auth();
+    let refused = [
+        ("no client certificate", Arc::new(anonymous)),
+        ("a certificate of another CA", {
+            // It trusts host-b's CA (so that only the server's judgement counts).
+            let id = HostIdentity::load(IdentityFiles {
+                ca: b.ca.clone(),
+                ..other.clone()
+            })
+            .unwrap();
+            id.client_config().unwrap()
+        }),
+        ("a CA certificate of a host not on --peer", tls_of(&c)),
+    ];
+    for (what, tls) in refused {
+        let to = endpoint(&addr, "host-b", tls);
+        let r = call(&to, "POST", "/api/v1/migrations/incoming", Some(json!({})));
+        let err = r.expect_err(&format!("{what}: admitted"));
+        assert!(
+            err.contains("alert") || err.contains("reset") || err.contains("closed"),
+            "{what}: {err}"
+        );
+    }
+    // Each refusal is logged with its reason (the unlisted host by name).
+    let log = dst.log();
+    for reason in [
+        "peer sent no certificates",
+        "invalid peer certificate: BadSignature",
+        "names no host on the --peer list",
+        r#"["host-c"]"#,
+        "invalid peer certificate: ApplicationVerificationFailure",
+    ] {
+        assert!(log.contains(reason), "no {reason:?} in the log:\n{log}");
+    }
+
+    // The listed host of the CA gets in, but only to the host-to-host routes.
+    let good = endpoint(&addr, "host-b", tls_of(&a));
+    let (s, v) = call(
+        &good,
+        "POST",
+        "/api/v1/migrations/incoming",
+        Some(json!({})),
+    )
+    .unwrap();
+    assert_eq!(s, 400, "the route is served: {v}");
+    for (method, path, body) in [
+        ("GET", "/api/v1/vms", None),
+        ("GET", "/api/v1/host.info", None),
+        ("GET", "/api/v1/export", None),
+        ("GET", "/api/v1/migrations", None),
+        ("GET", "/metrics", None),
+        (
+            "PUT",
+            "/api/v1/vms/evil",
+            Some(json!({"config": common::counter_config()})),
+        ),
+        ("PUT", "/api/v1/vms/evil/start", None),
+        ("GET", "/api/v1/vms/evil/serial", None),
+        ("GET", "/api/v1/openapi.yaml", None),
+    ] {
+        let (s, v) = call(&good, method, path, body).unwrap();
+        assert_eq!(s, 404, "{method} {path}: {v}");
+    }
+    // Nothing was defined through it.
+    assert!(dst.absent("evil"));
+    let list = dst.ok("GET", "/api/v1/vms", None);
+    assert_eq!(list, json!([]), "{list}");
+
+    // The server is checked too: a peer expecting another name refuses host-b.
+    let wrong_name = endpoint(&addr, "host-x", tls_of(&a));
+    let err = call(&wrong_name, "GET", "/api/v1/vms", None).unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+}
+
+/// The destination's side over the peer listener, driven by hand as host-a: the
+/// receiving VMM listens on TCP with TLS (a TLS client of the CA completes a
+/// handshake as host-b and gets the receiver's go-ahead byte); only host-a sees and
+/// cancels its incoming migration, which removes it.
+#[test]
+fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let c = pki.host("host-c", &[]);
+    let (dst, addr) = host_daemon(&b, &["host-a", "host-c"]);
+    let as_a = endpoint(
+        &addr,
+        "host-b",
+        HostIdentity::load(a.clone())
+            .unwrap()
+            .client_config()
+            .unwrap(),
+    );
+    let as_c = endpoint(
+        &addr,
+        "host-b",
+        HostIdentity::load(c.clone())
+            .unwrap()
+            .client_config()
+            .unwrap(),
+    );
+    let def = json!({"config": common::counter_config(), "priority": "Medium"});
+    let secret = "ab".repeat(32);
+    let body =
+        json!({"name": "w", "definition": def, "source": "claims to be host-z", "secret": secret});
+    let (s, rec) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
+    assert_eq!(s, 201, "{rec}\n{}", dst.log());
+    // The source is what the certificate proved, not what the body claimed.
+    assert_eq!(rec["peer"], "host-a", "{rec}");
+    assert_eq!(rec["peer_host"], "host-a", "{rec}");
+    let url = rec["receiver_url"].as_str().unwrap();
+    assert!(
+        url.starts_with("tcp:127.0.0.1:"),
+        "a TCP receiver for a peer: {rec}"
+    );
+    assert_eq!(dst.state("w"), "Incoming");
+    let id = rec["id"].as_str().unwrap();
+
+    // Another peer does not see it and cannot cancel it.
+    let (s, v) = call(&as_c, "GET", &format!("/api/v1/migrations/{id}"), None).unwrap();
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = call(&as_c, "DELETE", &format!("/api/v1/migrations/{id}"), None).unwrap();
+    assert_eq!(s, 404, "{v}");
+    // Its source does, and its cancel discards the VM here.
+    let (s, v) = call(&as_a, "GET", &format!("/api/v1/migrations/{id}"), None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = call(&as_a, "DELETE", &format!("/api/v1/migrations/{id}"), None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let start = std::time::Instant::now();
+    while !dst.absent("w") {
+        assert!(
+            start.elapsed() < T,
+            "the incoming VM stayed:\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = dst.wait_migration(id, T);
+    assert_eq!(m["state"], "cancelled", "{m}");
+
+    // A second one: its receiving VMM speaks TLS with host-b's identity to host-a
+    // (the handshake completes for the name host-b and the receiver sends its go-ahead
+    // byte); a connection that then proves no secret, and a plain TCP one, are refused
+    // and counted while the receiver keeps waiting for its source.
+    let body = json!({"name": "w2", "definition": def, "secret": secret});
+    let (s, rec) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
+    assert_eq!(s, 201, "{rec}\n{}", dst.log());
+    let id = rec["id"].as_str().unwrap();
+    let receiver = rec["receiver_url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("tcp:")
+        .unwrap();
+    let tls = HostIdentity::load(a.clone())
+        .unwrap()
+        .client_config()
+        .unwrap();
+    let mut conn =
+        rustls::ClientConnection::new(tls, ServerName::try_from("host-b").unwrap()).unwrap();
+    let mut sock = std::net::TcpStream::connect(receiver).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    let mut stream = rustls::Stream::new(&mut conn, &mut sock);
+    let mut byte = [0u8; 1];
+    std::io::Read::read_exact(&mut stream, &mut byte).unwrap();
+    assert_eq!(byte[0], 0x56, "the receiver's TLS go-ahead");
+    drop(sock);
+    let refused = |n: u64| {
+        let start = std::time::Instant::now();
+        loop {
+            let (_, m) = call(&as_a, "GET", &format!("/api/v1/migrations/{id}"), None).unwrap();
+            if m["progress"]["refused_connections"].as_u64().unwrap_or(0) >= n {
+                return m;
+            }
+            assert!(start.elapsed() < T, "not {n} refusals: {m}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let m = refused(1);
+    assert_eq!(m["state"], "running", "{m}");
+    let mut plain = std::net::TcpStream::connect(receiver).unwrap();
+    std::io::Write::write_all(&mut plain, b"VIREO plain text\n").unwrap();
+    drop(plain);
+    let m = refused(2);
+    assert_eq!(m["state"], "running", "{m}");
+    let (s, v) = call(&as_a, "DELETE", &format!("/api/v1/migrations/{id}"), None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let m = dst.wait_migration(id, T);
+    assert_eq!(m["state"], "cancelled", "{m}");
+}
+
+#[test]
+fn a_vm_migrates_between_two_vireods_over_https_with_tls_between_the_vmms() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let (dst, addr) = host_daemon(&b, &["host-a"]);
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    src.define_counter("m", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/m/start", None);
+    src.wait_serial("m", "tick 20 ", T);
+    let pid = src.pid("m").unwrap();
+
+    let to = format!("https://{addr}");
+    let rec = src.migrate(
+        "m",
+        &json!({"destination_agent": to, "destination_name": "host-b"}),
+    );
+    assert_eq!(rec["peer"], to, "{rec}");
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(
+        done["state"],
+        "completed",
+        "{done}\nsrc:\n{}\ndst:\n{}",
+        src.log(),
+        dst.log()
+    );
+    // The VMMs' stream went over TCP (the peer's receiver), and the receiver was TLS.
+    let url = done["receiver_url"].as_str().unwrap();
+    assert!(url.starts_with("tcp:127.0.0.1:"), "{done}");
+    assert!(
+        dst.log().contains("receiving VMM listens with TLS"),
+        "{}",
+        dst.log()
+    );
+    // The VM belongs to the destination and counts on from where it was.
+    assert!(src.absent("m"));
+    common::wait_dead(pid, T);
+    let v = dst.wait_state("m", "Running", T);
+    assert!(alive(v["pid"].as_i64().unwrap() as i32));
+    let ticks = dst.tick_numbers("m");
+    let first = *ticks.first().unwrap_or(&0);
+    assert!(
+        first > 20,
+        "the guest started over on the destination: {ticks:?}"
+    );
+    let last = *ticks.last().unwrap_or(&0);
+    dst.wait_serial("m", &format!("tick {} ", last + 10), T);
+    let incoming = dst
+        .migrations()
+        .into_iter()
+        .find(|r| r["vm"] == "m")
+        .unwrap();
+    assert_eq!(incoming["peer"], "host-a", "{incoming}");
+    assert_eq!(incoming["state"], "completed", "{incoming}");
+
+    // A source without a host identity cannot call https:// at all (400, nothing queued).
+    let plain = Daemon::start(&["--no-autostart"]);
+    plain.define_counter("n", "Medium", "on-failure");
+    plain.ok("PUT", "/api/v1/vms/n/start", None);
+    let (s, b) = plain.api(
+        "PUT",
+        "/api/v1/vms/n/migrate",
+        Some(&json!({"destination_agent": to}).to_string()),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("host identity"), "{b}");
+    assert!(plain.migrations().is_empty());
+}
+
+#[test]
+fn a_destination_with_another_name_is_refused_and_the_vm_stays() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let (dst, addr) = host_daemon(&b, &["host-a"]);
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    src.define_counter("s", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/s/start", None);
+    src.wait_serial("s", "tick 5 ", T);
+    let pid = src.pid("s").unwrap();
+    // The caller expects host-x at that address; host-b answers.
+    let rec = src.migrate(
+        "s",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-x"}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(done["state"], "failed", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(src.state("s"), "Running");
+    assert_eq!(src.pid("s"), Some(pid));
+    assert!(dst.absent("s"));
+    assert!(dst.migrations().is_empty());
+}

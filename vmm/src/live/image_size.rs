@@ -1,0 +1,70 @@
+//! A disk's size as the guest sees it, read from its image without opening it for the
+//! VM (no lock taken: the image may be in use by the VM, or by a migration's source).
+
+use std::path::Path;
+
+use api::config::DiskConfig;
+use devices::block::{detect_format, ImageFormat};
+
+/// The size `disk` has: the configuration's `size` if it declares one, else its image's.
+pub fn of(disk: &DiskConfig) -> Result<u64, String> {
+    match disk.size {
+        Some(s) => Ok(s),
+        None => image(&disk.path),
+    }
+}
+
+/// The virtual size of the image at `path` (raw: the file's length).
+pub fn image(path: &Path) -> Result<u64, String> {
+    let format = detect_format(path).map_err(|e| e.to_string())?;
+    match format {
+        ImageFormat::Raw => std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e}", path.display())),
+        ImageFormat::Vhdx => vhdx::Vhdx::open(
+            path,
+            vhdx::OpenOptions {
+                read_only: true,
+                no_lock: true,
+                skip_parent: true,
+                direct: false,
+            },
+        )
+        .map(|v| v.virtual_size())
+        .map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_come_from_the_configuration_or_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.raw");
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        let vhdx = dir.path().join("b.vhdx");
+        vhdx::Vhdx::create(
+            &vhdx,
+            &vhdx::CreateOptions {
+                size: 64 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let disk = |p: &Path, size| -> DiskConfig {
+            let mut d = api::config::parse_disk(&format!("path={}", p.display())).unwrap();
+            d.size = size;
+            d
+        };
+        assert_eq!(of(&disk(&raw, None)).unwrap(), 3 << 20);
+        assert_eq!(of(&disk(&vhdx, None)).unwrap(), 64 << 20);
+        assert_eq!(of(&disk(&raw, Some(7 << 20))).unwrap(), 7 << 20);
+        let e = of(&disk(&dir.path().join("none.raw"), None)).unwrap_err();
+        assert!(e.contains("none.raw"), "{e}");
+    }
+}
