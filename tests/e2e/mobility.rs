@@ -1094,6 +1094,29 @@ fn cancelled_storage_migration_leaves_the_disk_where_it_was() {
     assert_blocks(used, ops);
 }
 
+/// A real source's Hello (its configuration and this host's guest shape), caught by a
+/// fake destination; and that source's configuration as `,"config":{...}`.
+fn real_hello(dir: &Path) -> (serde_json::Value, String) {
+    let sock = dir.join("capture-src.sock");
+    let vm = Vireo::guest(
+        "test=counter period_ms=50",
+        &["--api-socket", sock.to_str().unwrap()],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("tick 1 ", T);
+    let config = config_field_of(&sock);
+    let path = dir.join("capture.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    send_with(&sock, &format!("unix:{}", path.display()), "");
+    let (mut s, _) = listener.accept().unwrap();
+    admit(&mut s);
+    let (kind, hello) = read_frame(&mut s).unwrap();
+    assert_eq!(kind, 1, "Hello");
+    drop(vm);
+    (serde_json::from_slice(&hello).unwrap(), config)
+}
+
 /// Plays a source by hand: connects to `path`, joins as the control stream of session
 /// 0 with the tests' secret, and writes `frames` (kind, payload).
 fn fake_source(path: &Path, frames: &[(u32, Vec<u8>)], cut_last: bool) {
@@ -1137,14 +1160,14 @@ fn wait_failed(sock: &Path) -> String {
 
 #[test]
 fn destination_refuses_a_wrong_version_a_wrong_peer_and_a_truncated_stream() {
-    let guest = vireo_e2e::guest();
+    let capture = tempfile::tempdir().unwrap();
+    let (real, config) = real_hello(capture.path());
+    // The real Hello (this host's guest shape), with the session of the fake source.
     let hello = |version: u32| {
-        serde_json::to_vec(&serde_json::json!({
-            "version": version,
-            "vireo": "test",
-            "config": {"payload": {"kernel": guest}},
-        }))
-        .unwrap()
+        let mut h = real.clone();
+        h["version"] = serde_json::json!(version);
+        h["session"] = serde_json::json!(0);
+        serde_json::to_vec(&h).unwrap()
     };
     type Case = (&'static str, Vec<(u32, Vec<u8>)>, bool, &'static str);
     let cases: Vec<Case> = vec![
@@ -1183,13 +1206,13 @@ fn destination_refuses_a_wrong_version_a_wrong_peer_and_a_truncated_stream() {
         let dir = tempfile::tempdir().unwrap();
         let dst = Destination::start(dir.path());
         let mig = dir.path().join("mig.sock");
-        dst.listen_config(&guest_config(), &format!("unix:{}", mig.display()), "");
+        dst.listen_config(&config, &format!("unix:{}", mig.display()), "");
         fake_source(&mig, &frames, cut);
         let info = wait_failed(&dst.sock);
         assert!(info.contains(expect), "{name}: {info}");
         // Nothing was installed: the VMM has no VM and can be asked again.
         assert_eq!(api(&dst.sock, "GET", "vm.info", None).0, 404, "{name}");
-        dst.listen_config(&guest_config(), &format!("unix:{}", mig.display()), "");
+        dst.listen_config(&config, &format!("unix:{}", mig.display()), "");
     }
 }
 
@@ -1596,6 +1619,8 @@ fn relay_one(
 ) -> Option<String> {
     use migration::protocol::{recv, send, Message};
     let mut to_dst = std::os::unix::net::UnixStream::connect(dst).unwrap();
+    assert!(matches!(recv(&mut from_src).unwrap(), Message::Knock));
+    send(&mut to_dst, &Message::Knock).unwrap();
     let challenge = recv(&mut to_dst).unwrap();
     send(&mut from_src, &challenge).unwrap();
     let Message::Auth {
@@ -1613,6 +1638,7 @@ fn relay_one(
     if tamper == Tamper::ForgedPageStream && stream == 1 {
         let replayed = control_mac.lock().unwrap().expect("the control stream joined first");
         let mut f = std::os::unix::net::UnixStream::connect(dst).unwrap();
+        send(&mut f, &Message::Knock).unwrap();
         assert!(matches!(recv(&mut f).unwrap(), Message::Challenge { .. }));
         send(
             &mut f,
