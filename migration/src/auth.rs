@@ -255,10 +255,7 @@ mod tests {
         assert_eq!(s.0[0], 0x00);
         assert_eq!(s.0[1], 0xff);
         assert_eq!(s.to_hex(), "00ff".repeat(16));
-        assert_eq!(
-            "abc".parse::<Secret>().unwrap_err(),
-            SecretError::Length(3)
-        );
+        assert_eq!("abc".parse::<Secret>().unwrap_err(), SecretError::Length(3));
         assert_eq!(
             "zz".repeat(32).parse::<Secret>().unwrap_err(),
             SecretError::NotHex('z')
@@ -276,7 +273,10 @@ mod tests {
         assert!(!verify(Some(&secret(2)), 42, 2, &n, &m), "another secret");
         assert!(!verify(Some(&secret(1)), 43, 2, &n, &m), "another session");
         assert!(!verify(Some(&secret(1)), 42, 1, &n, &m), "another stream");
-        assert!(!verify(Some(&secret(1)), 42, 2, &[4u8; NONCE_LEN], &m), "replayed");
+        assert!(
+            !verify(Some(&secret(1)), 42, 2, &[4u8; NONCE_LEN], &m),
+            "replayed"
+        );
         assert!(!verify(None, 42, 2, &n, &m), "no secret");
     }
 

@@ -260,8 +260,8 @@ fn bad_certificate_files_are_named_errors() {
 
     let e = ServerTls::load(
         &TlsFiles {
-        cert: Some(missing.clone()),
-        ..files(Some(&server), &ca)
+            cert: Some(missing.clone()),
+            ..files(Some(&server), &ca)
         },
         &peers(),
     )
@@ -283,8 +283,8 @@ fn bad_certificate_files_are_named_errors() {
 
     let e = ServerTls::load(
         &TlsFiles {
-        key: Some(garbage.clone()),
-        ..files(Some(&server), &ca)
+            key: Some(garbage.clone()),
+            ..files(Some(&server), &ca)
         },
         &peers(),
     )
@@ -294,8 +294,8 @@ fn bad_certificate_files_are_named_errors() {
     // A key of another certificate.
     let e = ServerTls::load(
         &TlsFiles {
-        key: Some(other.1.clone()),
-        ..files(Some(&server), &ca)
+            key: Some(other.1.clone()),
+            ..files(Some(&server), &ca)
         },
         &peers(),
     )

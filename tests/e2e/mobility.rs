@@ -716,7 +716,9 @@ fn migration_requests_with_bad_tls_or_connections_are_refused() {
     ));
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("no PEM private key"), "{b}");
-    let (s, b) = receive(&format!(r#"{{"receiver_url":"{url}"{config},"tls":{{"ca":"x"}}}}"#));
+    let (s, b) = receive(&format!(
+        r#"{{"receiver_url":"{url}"{config},"tls":{{"ca":"x"}}}}"#
+    ));
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("missing field"), "{b}");
     let (s, b) = receive(&format!(
@@ -1181,7 +1183,10 @@ fn destination_refuses_a_wrong_version_a_wrong_peer_and_a_truncated_stream() {
         ),
         (
             "truncated",
-            vec![(1, hello(migration::protocol::PROTOCOL_VERSION)), (2, vec![0u8; 13 + 4096])],
+            vec![
+                (1, hello(migration::protocol::PROTOCOL_VERSION)),
+                (2, vec![0u8; 13 + 4096]),
+            ],
             true,
             "migration connection",
         ),
@@ -1636,7 +1641,10 @@ fn relay_one(
     }
     let mut forged = None;
     if tamper == Tamper::ForgedPageStream && stream == 1 {
-        let replayed = control_mac.lock().unwrap().expect("the control stream joined first");
+        let replayed = control_mac
+            .lock()
+            .unwrap()
+            .expect("the control stream joined first");
         let mut f = std::os::unix::net::UnixStream::connect(dst).unwrap();
         send(&mut f, &Message::Knock).unwrap();
         assert!(matches!(recv(&mut f).unwrap(), Message::Challenge { .. }));
@@ -1764,7 +1772,11 @@ fn a_rogue_source_naming_host_files_gets_the_destinations_own_vm_and_the_files_s
     let assert_untouched_by_dst = || {
         let open = open_files(dst_pid);
         for v in victims.paths() {
-            assert!(!open.iter().any(|p| p == v), "{} is open: {open:?}", v.display());
+            assert!(
+                !open.iter().any(|p| p == v),
+                "{} is open: {open:?}",
+                v.display()
+            );
         }
         open
     };
@@ -1787,14 +1799,20 @@ fn a_rogue_source_naming_host_files_gets_the_destinations_own_vm_and_the_files_s
     let (_, info) = api(&dst.sock, "GET", "vm.info", None);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["config"]["disks"][0]["path"], disk.to_str().unwrap());
-    assert_eq!(info["config"]["console"]["file"], dst_console.to_str().unwrap());
+    assert_eq!(
+        info["config"]["console"]["file"],
+        dst_console.to_str().unwrap()
+    );
 
     let src_out = src.wait(T);
     assert_eq!(src_out.status.code(), Some(0), "{}", plain(&src_out.stderr));
     let dst_out = dst.wait();
     let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
     assert_guest_ok(&dst_out, &dst_serial);
-    assert!(dst_serial.contains(&format!("work done iter={ops}")), "{dst_serial}");
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
     assert_blocks(&disk, ops);
     man_in_the_middle.join().unwrap();
     assert!(
@@ -1823,7 +1841,11 @@ fn a_different_guest_fails_naming(tamper: Tamper, expect: impl Fn(&serde_json::V
     let e = wait_send_failed(&src_sock);
     assert!(e.contains(&expect), "the source is told why: {e}");
     man_in_the_middle.join().unwrap();
-    assert_eq!(api(&dst.sock, "GET", "vm.info", None).0, 404, "no VM installed");
+    assert_eq!(
+        api(&dst.sock, "GET", "vm.info", None).0,
+        404,
+        "no VM installed"
+    );
     assert_keeps_counting(&src, &src_sock);
     dst.listen(&src_sock, &mig);
 }
@@ -1909,7 +1931,13 @@ fn strangers_and_a_forged_page_stream_join_are_refused_while_the_real_migration_
     let dst_out = dst.wait();
     let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
     assert_guest_ok(&dst_out, &dst_serial);
-    assert!(dst_serial.contains(&format!("work done iter={ops}")), "{dst_serial}");
-    assert!(!dst_serial.contains("work pages="), "the guest must not start over");
+    assert!(
+        dst_serial.contains(&format!("work done iter={ops}")),
+        "{dst_serial}"
+    );
+    assert!(
+        !dst_serial.contains("work pages="),
+        "the guest must not start over"
+    );
     assert_blocks(&disk, ops);
 }

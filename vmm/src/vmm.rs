@@ -395,13 +395,9 @@ impl Vmm {
             .map(|t| crate::live::tls::client(t, &url))
             .transpose()
             .map_err(ApiError::bad_request)?;
-        let secret = crate::live::tls::policy(
-            &url,
-            r.tls.is_some(),
-            r.insecure,
-            r.secret.as_deref(),
-        )
-        .map_err(ApiError::bad_request)?;
+        let secret =
+            crate::live::tls::policy(&url, r.tls.is_some(), r.insecure, r.secret.as_deref())
+                .map_err(ApiError::bad_request)?;
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
@@ -645,7 +641,7 @@ impl Vmm {
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
-        let mut config = r.config.clone().ok_or_else(|| {
+        let mut config = r.config.as_deref().cloned().ok_or_else(|| {
             ApiError::bad_request(
                 "vm.receive-migration needs config: the VM to run here, as vm.create takes it",
             )
@@ -662,13 +658,9 @@ impl Vmm {
             .map(crate::live::tls::server)
             .transpose()
             .map_err(ApiError::bad_request)?;
-        let secret = crate::live::tls::policy(
-            &url,
-            r.tls.is_some(),
-            r.insecure,
-            r.secret.as_deref(),
-        )
-        .map_err(ApiError::bad_request)?;
+        let secret =
+            crate::live::tls::policy(&url, r.tls.is_some(), r.insecure, r.secret.as_deref())
+                .map_err(ApiError::bad_request)?;
         // Shared storage: the images are here already; shared-nothing: the
         // configuration declares the sizes (the copies are made so).
         let disk_sizes = config

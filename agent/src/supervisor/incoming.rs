@@ -93,10 +93,7 @@ impl Supervisor {
             Some(format!("migration {} from {peer}", rec.id)),
         );
         self.save_record(&rec);
-        if let Err(e) = self
-            .start_receiver(&name, generation, &url, &req)
-            .await
-        {
+        if let Err(e) = self.start_receiver(&name, generation, &url, &req).await {
             let msg = error_chain(&e);
             warn!(vm = %name, error = %msg, "incoming migration: receiver did not start");
             self.end_incoming(&rec.id, &name, Arrival::Failed(msg))

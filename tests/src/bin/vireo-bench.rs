@@ -481,7 +481,7 @@ fn vireo_migrate(
     vireo_e2e::wait_for_socket(&src_sock, Duration::from_secs(10));
     vireo_e2e::wait_for_socket(&dst_sock, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
-    // Plain TCP is measured too, said out loud.
+                                                     // Plain TCP is measured too, said out loud.
     let insecure = if url.starts_with("tcp:") && !send_extra.contains("\"tls\"") {
         r#","insecure":true"#
     } else {

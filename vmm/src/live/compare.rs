@@ -103,10 +103,15 @@ fn device_list(c: &VmConfig) -> Vec<(&'static str, String)> {
 
 fn devices(s: &VmConfig, d: &VmConfig) -> Result<(), Mismatch> {
     let (a, b) = (device_list(s), device_list(d));
-    let show = |x: Option<&(&str, String)>| x.map_or("none".to_string(), |(k, id)| format!("{k} '{id}'"));
+    let show =
+        |x: Option<&(&str, String)>| x.map_or("none".to_string(), |(k, id)| format!("{k} '{id}'"));
     for i in 0..a.len().max(b.len()) {
         if a.get(i) != b.get(i) {
-            return Err(differ(format!("devices[{i}]"), show(a.get(i)), show(b.get(i))));
+            return Err(differ(
+                format!("devices[{i}]"),
+                show(a.get(i)),
+                show(b.get(i)),
+            ));
         }
     }
     Ok(())
@@ -148,10 +153,10 @@ fn cpuid(s: &[CpuidLeaf], d: &[CpuidLeaf]) -> Result<(), Mismatch> {
             }
         }
     }
-    if let Some(b) = d
-        .iter()
-        .find(|b| !s.iter().any(|a| (a.function, a.index) == (b.function, b.index)))
-    {
+    if let Some(b) = d.iter().find(|b| {
+        !s.iter()
+            .any(|a| (a.function, a.index) == (b.function, b.index))
+    }) {
         return Err(differ(name(b), "absent", "present"));
     }
     Ok(())

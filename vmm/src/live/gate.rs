@@ -96,7 +96,11 @@ impl Gate {
         match auth::admit(p.stream.as_mut()) {
             Ok(()) => true,
             Err(e) => {
-                refused(&self.info, &p.peer, &format!("gone before it was admitted: {e}"));
+                refused(
+                    &self.info,
+                    &p.peer,
+                    &format!("gone before it was admitted: {e}"),
+                );
                 false
             }
         }
