@@ -120,7 +120,7 @@ pub struct ReceiveMigrationRequest {
     /// with it (memory, vCPUs, devices, MACs: what the guest sees); it is never used.
     /// Required.
     #[serde(default)]
-    pub config: Option<VmConfig>,
+    pub config: Option<Box<VmConfig>>,
     /// Where the disks of a shared-nothing migration are written (required for one).
     #[serde(default)]
     pub storage_dir: Option<std::path::PathBuf>,

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! source                                        destination
+//!   Knock                        ──────────▶
 //!                        ◀──────────   Challenge {nonce}      (32 fresh random bytes)
 //!   Auth {session, stream, mac}  ──────────▶   mac == HMAC-SHA256(secret,
 //!                                                 label | session | stream | nonce)?
@@ -153,6 +154,16 @@ pub fn challenge<S: Read + Write + ?Sized>(
     stream: &mut S,
     secret: Option<&Secret>,
 ) -> Result<Claim, JoinError> {
+    match protocol::recv(stream)? {
+        Message::Knock => {}
+        other => {
+            return Err(ProtocolError::Unexpected {
+                expected: "Knock",
+                got: other.name(),
+            }
+            .into())
+        }
+    }
     let nonce = nonce()?;
     protocol::send(stream, &Message::Challenge { nonce })?;
     match protocol::recv(stream)? {
@@ -197,6 +208,7 @@ pub fn join<S: Read + Write + ?Sized>(
     secret: Option<&Secret>,
     claim: Claim,
 ) -> Result<(), JoinError> {
+    protocol::send(stream, &Message::Knock)?;
     let nonce = match protocol::recv(stream)? {
         Message::Challenge { nonce } => nonce,
         Message::Error(why) => return Err(JoinError::Refused(why)),

@@ -1,7 +1,7 @@
 //! The live-migration wire protocol: framed messages over one stream (unix or TCP).
 //!
-//! Every connection opens with the join exchange of [`crate::auth`] (Challenge, Auth,
-//! Joined): the stream proves it knows the migration's secret, and says which stream
+//! Every connection opens with the join exchange of [`crate::auth`] (Knock, Challenge,
+//! Auth, Joined): the stream proves it knows the migration's secret, and says which stream
 //! of which migration it is (0: the control stream). Then, on the control stream:
 //!
 //! ```text
@@ -170,7 +170,10 @@ pub enum Message {
     Error(String),
     DiskBegin(DiskBegin),
     Disk(DiskOp),
-    /// Destination, first frame of every connection: prove the secret over `nonce`.
+    /// Source, first frame of every connection: asks for a challenge (the source
+    /// speaks first, so a peer that is not what it expects fails at once).
+    Knock,
+    /// Destination, the answer to `Knock`: prove the secret over `nonce`.
     Challenge {
         nonce: [u8; crate::auth::NONCE_LEN],
     },
@@ -202,6 +205,7 @@ const K_DISK_BEGIN: u32 = 8;
 const K_DISK_WRITE: u32 = 9;
 const K_DISK_ZEROES: u32 = 10;
 const K_CHALLENGE: u32 = 13;
+const K_KNOCK: u32 = 16;
 const K_AUTH: u32 = 14;
 const K_JOINED: u32 = 15;
 const K_ROUND_END: u32 = 12;
@@ -225,6 +229,7 @@ impl Message {
             Message::Error(_) => "Error",
             Message::DiskBegin(_) => "DiskBegin",
             Message::Disk(_) => "Disk",
+            Message::Knock => "Knock",
             Message::Challenge { .. } => "Challenge",
             Message::Auth { .. } => "Auth",
             Message::Joined => "Joined",
@@ -282,6 +287,7 @@ pub fn send<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<(), ProtocolErr
         Message::Ready => frame(w, K_READY, &[])?,
         Message::Go => frame(w, K_GO, &[])?,
         Message::Error(e) => frame(w, K_ERROR, e.as_bytes())?,
+        Message::Knock => frame(w, K_KNOCK, &[])?,
         Message::Challenge { nonce } => frame(w, K_CHALLENGE, nonce)?,
         Message::Auth {
             session,
@@ -400,6 +406,7 @@ pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
             }
         }
         K_JOINED => Message::Joined,
+        K_KNOCK => Message::Knock,
         K_ROUND_END => {
             let b: [u8; 5] = payload
                 .as_slice()

@@ -642,7 +642,7 @@ impl Vmm {
         if self.migration_busy() {
             return Err(ApiError::conflict("a migration is already in progress"));
         }
-        let mut config = r.config.clone().ok_or_else(|| {
+        let mut config = r.config.as_deref().cloned().ok_or_else(|| {
             ApiError::bad_request(
                 "vm.receive-migration needs config: the VM to run here, as vm.create takes it",
             )

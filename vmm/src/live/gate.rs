@@ -72,8 +72,8 @@ impl Gate {
         })
     }
 
-    /// The next proven stream before `until`.
-    fn next(&self, until: Instant, waiting_for: &str) -> Result<Proven, String> {
+    /// The next proven stream before `until` (`started` + the time allowed).
+    fn next(&self, started: Instant, until: Instant, waiting_for: &str) -> Result<Proven, String> {
         let left = until.saturating_duration_since(Instant::now());
         match self.proven.recv_timeout(left) {
             Ok(p) => Ok(p),
@@ -85,7 +85,7 @@ impl Gate {
                 };
                 Err(format!(
                     "{waiting_for} did not join within {} s{refusals}",
-                    self.timeout.as_secs()
+                    until.saturating_duration_since(started).as_secs()
                 ))
             }
         }
@@ -114,7 +114,8 @@ impl Gate {
     /// Waits for the control stream (stream 0); returns its session and the stream.
     pub fn control(&mut self) -> Result<(u64, Box<dyn Stream>), String> {
         loop {
-            let mut p = self.next(self.deadline, "no migration source")?;
+            let started = self.deadline - self.timeout;
+            let mut p = self.next(started, self.deadline, "no migration source")?;
             if p.claim.stream != 0 {
                 self.refuse(p, "a page stream before the control stream");
                 continue;
@@ -129,12 +130,13 @@ impl Gate {
     /// Waits for page streams 1..=n of `session` (within the I/O timeout, and the
     /// deadline); returns them in lane order.
     pub fn page_streams(&mut self, session: u64, n: u32) -> Result<Vec<Box<dyn Stream>>, String> {
+        let started = Instant::now();
         let until = self
             .deadline
-            .min(Instant::now() + migration::transport::IO_TIMEOUT);
+            .min(started + migration::transport::IO_TIMEOUT);
         let mut lanes: Vec<Option<Box<dyn Stream>>> = (0..n).map(|_| None).collect();
         while lanes.iter().any(Option::is_none) {
-            let mut p = self.next(until, "the source's page streams")?;
+            let mut p = self.next(started, until, "the source's page streams")?;
             let lane = p.claim.stream.checked_sub(1).map(|l| l as usize);
             let free = lane.is_some_and(|l| lanes.get(l).is_some_and(Option::is_none));
             if p.claim.session != session {
