@@ -270,7 +270,7 @@ impl Request {
 }
 
 fn io_err(op: &str, e: std::io::Error) -> u8 {
-    tracing::warn!(op, error = %e, "block backend error");
+    crate::guest_warn!(op, error = %e, "block backend error");
     S_IOERR
 }
 

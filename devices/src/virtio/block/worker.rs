@@ -170,7 +170,7 @@ impl BlockWorker {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    tracing::warn!(error = ?e, "cannot enable queue notifications");
+                    crate::guest_warn!(error = ?e, "cannot enable queue notifications");
                     return;
                 }
             }
@@ -209,7 +209,7 @@ impl BlockWorker {
         let mem = self.mem.clone();
         let mem: &GuestMemoryMmap = &mem;
         if let Err(e) = self.q.queue.disable_notification(mem) {
-            tracing::warn!(error = ?e, "cannot disable queue notifications");
+            crate::guest_warn!(error = ?e, "cannot disable queue notifications");
         }
         let mut completed = 0;
         let mut throttled = false;
@@ -221,7 +221,7 @@ impl BlockWorker {
                     // Put the request back and sleep until the buckets allow it.
                     self.q.queue.go_to_previous_position();
                     if let Err(e) = t.timer.reset(wait, None) {
-                        tracing::warn!(error = %e, "cannot arm the rate-limit timer");
+                        crate::guest_warn!(error = %e, "cannot arm the rate-limit timer");
                     }
                     t.waiting = true;
                     throttled = true;
@@ -236,17 +236,17 @@ impl BlockWorker {
                     (Some(req.status), status, written + 1)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "malformed virtio-blk request");
+                    crate::guest_warn!(error = %e, "malformed virtio-blk request");
                     (None, S_IOERR, 0)
                 }
             };
             if let Some(addr) = status_addr {
                 if mem.write_obj(status, addr).is_err() {
-                    tracing::warn!("cannot write virtio-blk status byte");
+                    crate::guest_warn!("cannot write virtio-blk status byte");
                 }
             }
             if let Err(e) = self.q.queue.add_used(mem, head, len) {
-                tracing::warn!(error = ?e, "cannot return a descriptor to the used ring");
+                crate::guest_warn!(error = ?e, "cannot return a descriptor to the used ring");
             }
             completed += 1;
         }
@@ -257,11 +257,11 @@ impl BlockWorker {
                         .interrupt
                         .trigger(VirtioInterruptKind::Queue(self.q.index))
                     {
-                        tracing::warn!(error = %e, "cannot interrupt the guest");
+                        crate::guest_warn!(error = %e, "cannot interrupt the guest");
                     }
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = ?e, "needs_notification failed"),
+                Err(e) => crate::guest_warn!(error = ?e, "needs_notification failed"),
             }
         }
         if throttled {

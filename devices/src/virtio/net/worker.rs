@@ -180,7 +180,7 @@ impl NetWorker {
             EpollEvent::new(want, TOKEN_BACKEND),
         ) {
             Ok(()) => self.interest = want,
-            Err(e) => tracing::warn!(error = %e, "net: cannot change what epoll watches"),
+            Err(e) => crate::guest_warn!(error = %e, "net: cannot change what epoll watches"),
         }
     }
 
@@ -194,7 +194,7 @@ impl NetWorker {
                     .interrupt
                     .trigger(VirtioInterruptKind::Queue(queue.index))
                 {
-                    tracing::warn!(error = %e, "net: cannot interrupt the guest");
+                    crate::guest_warn!(error = %e, "net: cannot interrupt the guest");
                 }
             }
         }
@@ -223,7 +223,7 @@ impl NetWorker {
                     self.held.push_back(c);
                 }
                 Err((head, e)) => {
-                    tracing::warn!(error = %e, "net: unusable receive buffer");
+                    crate::guest_warn!(error = %e, "net: unusable receive buffer");
                     let _ = self.rx.queue.add_used(mem, head, 0);
                     returned = true;
                 }
@@ -259,7 +259,7 @@ impl NetWorker {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "net: reading the tap failed; waiting for the guest");
+                    crate::guest_warn!(error = %e, "net: reading the tap failed; waiting for the guest");
                     self.rx_failed = true;
                     break;
                 }
@@ -280,7 +280,7 @@ impl NetWorker {
             let skip = if i == 0 { VNET_HDR_LEN as u64 } else { 0 };
             if let Err(e) = c.host_slices(mem, skip, false, &mut host) {
                 // Not in guest memory: give it back empty and try again.
-                tracing::warn!(error = %e, "net: receive buffer outside guest memory");
+                crate::guest_warn!(error = %e, "net: receive buffer outside guest memory");
                 if let Some(bad) = self.held.remove(i) {
                     self.held_bytes -= bad.len;
                     let _ = self.rx.queue.add_used(mem, bad.head, 0);
@@ -322,7 +322,7 @@ impl NetWorker {
         };
         let first = &self.held[0];
         if let Err(e) = first.write_at(mem, 0, &rx_header(lens.len() as u16)) {
-            tracing::warn!(error = %e, "net: cannot write the virtio-net header");
+            crate::guest_warn!(error = %e, "net: cannot write the virtio-net header");
         }
         let mut scratch = Vec::new();
         for len in lens {
@@ -334,7 +334,7 @@ impl NetWorker {
             scratch.clear();
             let _ = c.host_slices(mem, 0, true, &mut scratch);
             if let Err(e) = self.rx.queue.add_used(mem, c.head, len) {
-                tracing::warn!(error = ?e, "net: cannot return a receive buffer");
+                crate::guest_warn!(error = ?e, "net: cannot return a receive buffer");
             }
         }
         self.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
@@ -350,7 +350,7 @@ impl NetWorker {
         let mut done = 0u32;
         'ring: loop {
             if let Err(e) = self.tx.queue.disable_notification(mem) {
-                tracing::warn!(error = ?e, "net: cannot disable transmit notifications");
+                crate::guest_warn!(error = ?e, "net: cannot disable transmit notifications");
             }
             while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
@@ -364,12 +364,12 @@ impl NetWorker {
                         }
                     }
                     Err((_, e)) => {
-                        tracing::warn!(error = %e, "net: malformed transmit buffer");
+                        crate::guest_warn!(error = %e, "net: malformed transmit buffer");
                         self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 if let Err(e) = self.tx.queue.add_used(mem, head, 0) {
-                    tracing::warn!(error = ?e, "net: cannot return a transmit buffer");
+                    crate::guest_warn!(error = ?e, "net: cannot return a transmit buffer");
                 }
                 done += 1;
                 if done.is_multiple_of(BATCH) {
@@ -390,7 +390,7 @@ impl NetWorker {
     fn send_one(&mut self, mem: &GuestMemoryMmap, c: &Chain) -> bool {
         let mut host = Vec::with_capacity(c.segments.len());
         if let Err(e) = c.host_slices(mem, 0, false, &mut host) {
-            tracing::warn!(error = %e, "net: transmit buffer outside guest memory");
+            crate::guest_warn!(error = %e, "net: transmit buffer outside guest memory");
             self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -413,7 +413,7 @@ impl NetWorker {
                 Err(e) => {
                     // e.g. EIO while the tap's link is down: the frame is lost, as on a wire.
                     if !self.tx_error_logged {
-                        tracing::warn!(error = %e, "net: the tap refused a frame (further refusals are counted in tx_dropped)");
+                        crate::guest_warn!(error = %e, "net: the tap refused a frame (further refusals are counted in tx_dropped)");
                         self.tx_error_logged = true;
                     }
                     self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
