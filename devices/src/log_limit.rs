@@ -187,6 +187,8 @@ pub(crate) mod tests {
             "{warnings} lines logged"
         );
         assert!(lines.len() <= LINES_PER_WINDOW as usize + 2, "{lines:#?}");
-        assert!(lines.iter().any(|l| l.contains("further ones are suppressed")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("further ones are suppressed")));
     }
 }

@@ -190,7 +190,6 @@ impl IncomingDisks {
     }
 
     fn apply(&self, op: protocol::DiskOp) -> Result<(), String> {
-        use std::io::IoSlice;
         let (index, r) = match op {
             protocol::DiskOp::Write {
                 index,
@@ -198,7 +197,10 @@ impl IncomingDisks {
                 data,
             } => {
                 let b = self.get(index)?;
-                (index, b.write_vectored_at(&[IoSlice::new(&data)], offset))
+                (
+                    index,
+                    b.write_vectored_at(&devices::block::IoBufs::from_slice(&data), offset),
+                )
             }
             protocol::DiskOp::Zeroes { index, offset, len } => {
                 let b = self.get(index)?;

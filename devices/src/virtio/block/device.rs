@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::worker::{BlockWorker, Throttle};
-use crate::block::BlockBackend;
+use crate::block::{BlockBackend, IoBufs, IoBufsMut};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::workers::Workers;
 use crate::virtio::{
@@ -86,10 +86,10 @@ impl BlockBackend for Detached {
     fn physical_block_size(&self) -> u32 {
         self.physical
     }
-    fn read_vectored_at(&self, _: &mut [std::io::IoSliceMut<'_>], _: u64) -> std::io::Result<()> {
+    fn read_vectored_at(&self, _: &IoBufsMut<'_>, _: u64) -> std::io::Result<()> {
         Err(detached())
     }
-    fn write_vectored_at(&self, _: &[std::io::IoSlice<'_>], _: u64) -> std::io::Result<()> {
+    fn write_vectored_at(&self, _: &IoBufs<'_>, _: u64) -> std::io::Result<()> {
         Err(detached())
     }
     fn flush(&self) -> std::io::Result<()> {

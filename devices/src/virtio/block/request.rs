@@ -1,16 +1,16 @@
 //! One virtio-blk request: parsed from a descriptor chain, executed against the
 //! backend straight in guest memory, completed with a status byte.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::device::{BlockConfig, BlockCounters, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEG_MAX};
 use crate::block::BlockBackend;
+use crate::virtio::guest_io::{guest_bufs, guest_bufs_mut};
 use crate::virtio::GuestMemoryMmap;
 
 const T_IN: u32 = 0;
@@ -156,30 +156,16 @@ impl Request {
         c: &BlockCounters,
     ) -> Result<u32, u8> {
         let offset = self.byte_range(disk)?;
-        let mut regions = Vec::with_capacity(self.data.len());
-        for &(addr, len, writable) in &self.data {
-            if !writable {
-                return Err(S_IOERR);
-            }
-            for slice in mem.get_slices(addr, len as usize) {
-                regions.push(slice.map_err(|_| S_IOERR)?);
-            }
+        if self.data.iter().any(|&(_, _, writable)| !writable) {
+            return Err(S_IOERR);
         }
-        let mut slices: Vec<IoSliceMut<'_>> = regions
-            .iter()
-            .map(|r| {
-                // SAFETY: the slice lies in a guest memory mapping that lives as long as
-                // `mem`; the guest owns the buffer until we return it in the used ring.
-                IoSliceMut::new(unsafe {
-                    std::slice::from_raw_parts_mut(r.ptr_guard_mut().as_ptr(), r.len())
-                })
-            })
-            .collect();
-        let read = disk.read_vectored_at(&mut slices, offset);
+        let segments = self.data.iter().map(|&(addr, len, _)| (addr, len));
+        let (bufs, regions) = guest_bufs_mut(mem, segments).map_err(|_| S_IOERR)?;
+        let read = disk.read_vectored_at(&bufs, offset);
         // Dirty only once written (even partly, on an error): a migration round that
         // took the bitmap between a mark and the write would have copied the page as it
         // was and cleared its bit, losing the write.
-        drop(slices);
+        drop(bufs);
         for r in &regions {
             r.bitmap().mark_dirty(0, r.len());
         }
@@ -197,17 +183,12 @@ impl Request {
         c: &BlockCounters,
     ) -> Result<u32, u8> {
         let offset = self.byte_range(disk)?;
-        let mut slices = Vec::with_capacity(self.data.len());
-        for &(addr, len, writable) in &self.data {
-            if writable {
-                return Err(S_IOERR);
-            }
-            guest_slices(mem, addr, len, &mut |ptr, n| {
-                // SAFETY: as in `read`; the backend only reads from these buffers.
-                slices.push(IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, n) }));
-            })?;
+        if self.data.iter().any(|&(_, _, writable)| writable) {
+            return Err(S_IOERR);
         }
-        disk.write_vectored_at(&slices, offset)
+        let segments = self.data.iter().map(|&(addr, len, _)| (addr, len));
+        let bufs = guest_bufs(mem, segments).map_err(|_| S_IOERR)?;
+        disk.write_vectored_at(&bufs, offset)
             .map_err(|e| io_err("write", e))?;
         c.write_ops.fetch_add(1, Ordering::Relaxed);
         c.write_bytes.fetch_add(self.data_len(), Ordering::Relaxed);
@@ -274,27 +255,14 @@ fn io_err(op: &str, e: std::io::Error) -> u8 {
     S_IOERR
 }
 
-/// Walks the host mappings of `[addr, addr+len)` (which may span memory regions).
-fn guest_slices(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-    f: &mut dyn FnMut(*mut u8, usize),
-) -> Result<(), u8> {
-    for slice in mem.get_slices(addr, len as usize) {
-        let slice = slice.map_err(|_| S_IOERR)?;
-        f(slice.ptr_guard_mut().as_ptr(), slice.len());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use vm_memory::GuestMemoryRegion;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     use super::*;
+    use crate::block::{IoBufs, IoBufsMut};
     use crate::rate_limiter::RateLimiterConfig;
 
     /// A disk whose read first does what a live migration's round does to the device
@@ -307,17 +275,15 @@ mod tests {
         fn size(&self) -> u64 {
             1 << 20
         }
-        fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], _: u64) -> std::io::Result<()> {
+        fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, _: u64) -> std::io::Result<()> {
             for r in self.mem.iter() {
                 // As vmm::live::dirty does: the mapping's own bitmap.
                 let _ = std::ops::Deref::deref(r).bitmap().get_and_reset();
             }
-            for b in bufs.iter_mut() {
-                b.fill(0xab);
-            }
+            bufs.write_at(0, &vec![0xab; bufs.len() as usize]);
             Ok(())
         }
-        fn write_vectored_at(&self, _: &[IoSlice<'_>], _: u64) -> std::io::Result<()> {
+        fn write_vectored_at(&self, _: &IoBufs<'_>, _: u64) -> std::io::Result<()> {
             Ok(())
         }
         fn flush(&self) -> std::io::Result<()> {
