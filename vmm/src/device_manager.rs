@@ -78,15 +78,22 @@ impl Write for Sink {
     }
 }
 
-fn serial_output(cfg: &OutputConfig) -> Result<SerialOutput, DeviceError> {
+/// Where guest output goes; a file is capped at `max_size` bytes (default
+/// [`api::config::DEFAULT_OUTPUT_MAX_SIZE`]) and rotates to `PATH.1`.
+fn serial_output(cfg: &OutputConfig, max_size: Option<u64>) -> Result<SerialOutput, DeviceError> {
     Ok(match cfg {
         OutputConfig::Off | OutputConfig::Null => Box::new(Sink),
         OutputConfig::Tty => Box::new(std::io::stdout()),
         OutputConfig::File(p) => {
-            Box::new(File::create(p).map_err(|source| DeviceError::SerialFile {
-                path: p.display().to_string(),
-                source,
-            })?)
+            let cap = max_size.unwrap_or(api::config::DEFAULT_OUTPUT_MAX_SIZE);
+            Box::new(
+                devices::output::RotatingFile::create(p, cap).map_err(|source| {
+                    DeviceError::SerialFile {
+                        path: p.display().to_string(),
+                        source,
+                    }
+                })?,
+            )
         }
     })
 }
@@ -166,7 +173,7 @@ impl DeviceManager {
                 ioapic: ioapic.clone(),
                 pin: COM1_IRQ as usize,
             }),
-            serial_output(&config.serial)?,
+            serial_output(&config.serial, config.serial_max_size)?,
         )));
         if config.serial != OutputConfig::Off {
             pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
@@ -244,8 +251,10 @@ impl DeviceManager {
                 OutputConfig::Tty => stdin_for_guest(),
                 _ => None,
             };
-            let console =
-                devices::virtio::console::Console::new(serial_output(&config.console)?, input);
+            let console = devices::virtio::console::Console::new(
+                serial_output(&config.console, config.console_max_size)?,
+                input,
+            );
             dm.add_virtio(hv, mem, "console0".into(), Box::new(console))?;
         }
         if config.rng {

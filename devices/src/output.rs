@@ -1,0 +1,112 @@
+//! Guest output to a file that cannot grow without bound.
+//!
+//! Serial and console output is written by the guest at will; a guest printing in a
+//! loop must not fill the host disk. A [`RotatingFile`] holds at most `max_size` bytes:
+//! when a write would take it past that, the file is renamed to `PATH.1` (replacing the
+//! previous `PATH.1`) and a new, empty `PATH` continues. At most `2 * max_size` bytes of
+//! guest output exist on disk, the newest always in `PATH`.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The cap when none is configured.
+pub const DEFAULT_MAX_SIZE: u64 = 16 << 20;
+
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the current file.
+    size: u64,
+    max_size: u64,
+    /// Times the file was rotated.
+    rotations: u64,
+}
+
+/// `PATH.1`: where the previous file goes.
+pub fn rotated_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".1");
+    PathBuf::from(p)
+}
+
+impl RotatingFile {
+    /// Creates (truncates) `path`; `max_size` is at least 1.
+    pub fn create(path: &Path, max_size: u64) -> io::Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            file: File::create(path)?,
+            size: 0,
+            max_size: max_size.max(1),
+            rotations: 0,
+        })
+    }
+
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file.flush()?;
+        std::fs::rename(&self.path, rotated_path(&self.path))?;
+        self.file = File::create(&self.path)?;
+        self.size = 0;
+        self.rotations += 1;
+        tracing::debug!(path = %self.path.display(), "guest output file rotated");
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    /// Writes what fits in the current file; rotates first when it is full.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.size >= self.max_size {
+            self.rotate()?;
+        }
+        let room = usize::try_from(self.max_size - self.size).unwrap_or(usize::MAX);
+        let n = self.file.write(&buf[..buf.len().min(room)])?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_past_the_cap_rotates_to_one_old_file_and_never_exceeds_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        let mut f = RotatingFile::create(&p, 1000).unwrap();
+        let mut all = Vec::new();
+        for i in 0..100u32 {
+            let line = format!("line {i:05} {}\n", "x".repeat((i % 37) as usize));
+            f.write_all(line.as_bytes()).unwrap();
+            all.extend_from_slice(line.as_bytes());
+            let cur = std::fs::metadata(&p).unwrap().len();
+            assert!(cur <= 1000, "{cur} bytes in the current file");
+        }
+        f.flush().unwrap();
+        let cur = std::fs::read(&p).unwrap();
+        let old = std::fs::read(rotated_path(&p)).unwrap();
+        assert_eq!(old.len(), 1000, "a rotated file is full");
+        assert!(f.rotations() >= 2);
+        // The two files hold the newest output, in order, without a gap.
+        let mut tail = old.clone();
+        tail.extend_from_slice(&cur);
+        assert!(all.ends_with(&tail));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "only PATH and PATH.1"
+        );
+    }
+}
