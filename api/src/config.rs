@@ -90,6 +90,21 @@ pub struct DiskConfig {
     /// (like QEMU's iothread `poll-max-ns`); 0 = sleep at once.
     #[serde(default = "default_poll_us")]
     pub poll_us: u32,
+    /// What a host I/O error does (QEMU's werror/rerror). Unset: `stop` for ENOSPC and
+    /// EDQUOT (the host can free space), `report` for the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
+}
+
+/// A disk's policy for host I/O errors.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The guest sees VIRTIO_BLK_S_IOERR.
+    Report,
+    /// ENOSPC, EDQUOT and EIO pause the VM (the request is kept and runs again on
+    /// resume); other errors are reported.
+    Stop,
 }
 
 /// One virtio-net device on a host tap interface.
@@ -394,6 +409,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         id: None,
         rate_limiter: RateLimitConfig::default(),
         poll_us: DEFAULT_POLL_US,
+        on_error: None,
     };
     let mut bw = (None, None);
     let mut ops = (None, None);
@@ -406,6 +422,20 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "id" => d.id = Some(v),
             "num_queues" => d.num_queues = number(F, &k, &v)?,
             "poll_us" => d.poll_us = number(F, &k, &v)?,
+            "on_error" => {
+                d.on_error = Some(match v.as_str() {
+                    "report" => OnError::Report,
+                    "stop" => OnError::Stop,
+                    _ => {
+                        return Err(ConfigError::BadValue {
+                            flag: F,
+                            key: k.clone(),
+                            value: v.clone(),
+                            reason: "expected report or stop".into(),
+                        })
+                    }
+                })
+            }
             "bw_size" => bw.0 = Some(number(F, &k, &v)?),
             "bw_refill_time" => bw.1 = Some(number(F, &k, &v)?),
             "ops_size" => ops.0 = Some(number(F, &k, &v)?),
@@ -564,6 +594,10 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("/a.vhdx"));
         assert!(d.readonly && !d.direct);
         assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.on_error, None);
+        let d = parse_disk("path=/a,on_error=stop").unwrap();
+        assert_eq!(d.on_error, Some(OnError::Stop));
+        assert!(parse_disk("path=/a,on_error=ignore").is_err());
         assert_eq!(
             parse_output("--serial", "file=/tmp/x").unwrap(),
             OutputConfig::File("/tmp/x".into())

@@ -114,6 +114,28 @@ fn stdin_for_guest() -> Option<File> {
     Some(file)
 }
 
+/// The device model's view of a disk's `on_error`.
+fn error_policy(cfg: Option<api::config::OnError>) -> devices::virtio::block::ErrorPolicy {
+    use devices::virtio::block::ErrorPolicy;
+    match cfg {
+        None => ErrorPolicy::Auto,
+        Some(api::config::OnError::Report) => ErrorPolicy::Report,
+        Some(api::config::OnError::Stop) => ErrorPolicy::Stop,
+    }
+}
+
+/// Where disk `index` asks the control loop to pause the VM (on_error=stop).
+fn stop_sink(index: usize, power: Arc<dyn PowerControl>) -> devices::virtio::block::StopSink {
+    let disk = u32::try_from(index).unwrap_or(u32::MAX);
+    devices::virtio::block::StopSink(Arc::new(move |s| {
+        power.request(devices::legacy::PowerEvent::DiskStopped {
+            disk,
+            op: s.op,
+            errno: s.errno,
+        })
+    }))
+}
+
 /// The device model's view of a configured rate limit.
 fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::RateLimiterConfig {
     use devices::rate_limiter::TokenBucketConfig;
@@ -189,7 +211,7 @@ impl DeviceManager {
             I8042_PORT_LEN,
         )?;
         pio.insert(
-            Arc::new(Mutex::new(AcpiPmDevice::new(power))),
+            Arc::new(Mutex::new(AcpiPmDevice::new(power.clone()))),
             ACPI_PM_PORT,
             ACPI_PM_PORT_LEN,
         )?;
@@ -232,6 +254,8 @@ impl DeviceManager {
                     num_queues: disk.num_queues,
                     rate_limiter: rate_limiter(&disk.rate_limiter),
                     poll_us: disk.poll_us,
+                    on_error: error_policy(disk.on_error),
+                    stop_sink: Some(stop_sink(i, power.clone())),
                 },
             )
             .with_reopen(reopen_for(disk));

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::on_error::{ErrorPolicy, StopSink};
 use super::worker::{BlockWorker, Throttle};
 use crate::block::{BlockBackend, IoBufs, IoBufsMut};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
@@ -42,6 +43,10 @@ pub struct BlockConfig {
     /// How long a queue's worker keeps watching the ring for new requests after
     /// it ran dry, before it sleeps (0: sleep at once).
     pub poll_us: u32,
+    /// What a host I/O error does (see `on_error.rs`).
+    pub on_error: ErrorPolicy,
+    /// Where the disk asks for the VM to pause (no sink: errors are reported).
+    pub stop_sink: Option<StopSink>,
 }
 
 /// I/O counters served by `vm.counters`.

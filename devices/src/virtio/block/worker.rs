@@ -15,7 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{BlockConfig, BlockCounters};
 use super::poll::PollWindow;
-use super::request::{Request, S_IOERR};
+use super::request::{Outcome, Request, S_IOERR};
 use crate::block::BlockBackend;
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptKind};
@@ -51,6 +51,8 @@ pub(super) struct BlockWorker {
     counters: Arc<BlockCounters>,
     throttle: Option<Throttle>,
     poll: PollWindow,
+    /// A host I/O error stopped this queue (on_error): requests wait for a resume.
+    stopped: bool,
     stop: EventFd,
     epoll: Epoll,
 }
@@ -91,6 +93,7 @@ impl BlockWorker {
             interrupt,
             disk,
             poll: PollWindow::new(config.poll_us),
+            stopped: false,
             config,
             counters,
             throttle,
@@ -157,9 +160,14 @@ impl BlockWorker {
     /// A throttled queue returns at once, with notifications off; the rate limiter's
     /// timer wakes it.
     fn serve(&mut self) {
+        if self.stopped {
+            // A host error stopped the disk: nothing runs until the VM is paused and
+            // resumed (which starts a new worker at the kept request).
+            return;
+        }
         let mem = self.mem.clone();
         loop {
-            if self.process_queue() == Drained::Throttled {
+            if self.process_queue() != Drained::Empty {
                 return;
             }
             if self.poll_for_more() {
@@ -230,11 +238,22 @@ impl BlockWorker {
                 }
             }
             let (status_addr, status, len) = match parsed {
-                Ok(req) => {
-                    let (status, written) =
-                        req.execute(mem, self.disk.as_ref(), &self.config, &self.counters);
-                    (Some(req.status), status, written + 1)
-                }
+                Ok(req) => match req.execute(mem, self.disk.as_ref(), &self.config, &self.counters)
+                {
+                    Outcome::Done { status, written } => {
+                        (Some(req.status), status, written.saturating_add(1))
+                    }
+                    Outcome::Stop(stopped) => {
+                        // Keep the request: it stays first in the queue, not completed,
+                        // and runs again when the VM resumes (a new worker).
+                        self.q.queue.go_to_previous_position();
+                        self.stopped = true;
+                        if let Some(sink) = &self.config.stop_sink {
+                            (sink.0)(stopped);
+                        }
+                        break;
+                    }
+                },
                 Err(e) => {
                     crate::guest_warn!(error = %e, "malformed virtio-blk request");
                     (None, S_IOERR, 0)
@@ -264,7 +283,11 @@ impl BlockWorker {
                 Err(e) => crate::guest_warn!(error = ?e, "needs_notification failed"),
             }
         }
-        if throttled {
+        if self.stopped {
+            // Notifications stay off: after the VM resumes, a new worker runs the kept
+            // request.
+            Drained::Stopped
+        } else if throttled {
             // Notifications stay off: the timer, not the guest, wakes us.
             Drained::Throttled
         } else {
@@ -280,4 +303,6 @@ enum Drained {
     Empty,
     /// A request waits for the rate limiter's tokens.
     Throttled,
+    /// A host I/O error stopped the queue (on_error=stop).
+    Stopped,
 }
