@@ -4,6 +4,8 @@ mod device;
 mod on_error;
 mod poll;
 mod request;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 pub use device::{Block, BlockConfig, BlockCounters, Reopen};
