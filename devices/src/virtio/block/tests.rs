@@ -164,7 +164,10 @@ fn enospc_with_on_error_stop_keeps_the_request_until_resume_then_completes_it() 
     activate(&mut block, &mem, queue, &kick);
     wait_for("the completion", || vq.used().idx().load() == 1);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0, "S_OK");
-    assert_eq!(&disk.data.lock().unwrap()[8 * 512..9 * 512], &[0x5a; 512][..]);
+    assert_eq!(
+        &disk.data.lock().unwrap()[8 * 512..9 * 512],
+        &[0x5a; 512][..]
+    );
     block.reset();
 }
 
@@ -177,7 +180,11 @@ fn on_error_report_gives_the_guest_an_io_error_and_does_not_stop() {
     let kick = EventFd::new(0).unwrap();
     activate(&mut block, &mem, vq.create_queue().unwrap(), &kick);
     wait_for("the completion", || vq.used().idx().load() == 1);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 1, "S_IOERR");
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        1,
+        "S_IOERR"
+    );
     assert!(stops.lock().unwrap().is_empty());
     assert!(disk.data.lock().unwrap().iter().all(|&b| b == 0));
     block.reset();
