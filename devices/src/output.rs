@@ -2,20 +2,25 @@
 //!
 //! Serial and console output is written by the guest at will; a guest printing in a
 //! loop must not fill the host disk. A [`RotatingFile`] holds at most `max_size` bytes:
-//! when a write would take it past that, the file is renamed to `PATH.1` (replacing the
-//! previous `PATH.1`) and a new, empty `PATH` continues. At most `2 * max_size` bytes of
-//! guest output exist on disk, the newest always in `PATH`.
+//! when a write would take it past that, its content moves to `PATH.1` (replacing what
+//! was there) and `PATH` starts empty again. At most `2 * max_size` bytes of guest
+//! output exist on disk, the newest always in `PATH`.
+//!
+//! Both files are opened when the device is made; rotating only reads, writes and
+//! truncates them (pread64, pwrite64, ftruncate), so the threads that write guest
+//! output need no right to open or rename files.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The cap when none is configured.
 pub const DEFAULT_MAX_SIZE: u64 = 16 << 20;
 
 pub struct RotatingFile {
-    path: PathBuf,
     file: File,
+    old: File,
     /// Bytes in the current file.
     size: u64,
     max_size: u64,
@@ -23,19 +28,28 @@ pub struct RotatingFile {
     rotations: u64,
 }
 
-/// `PATH.1`: where the previous file goes.
+/// `PATH.1`: where the previous output goes.
 pub fn rotated_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".1");
     PathBuf::from(p)
 }
 
+fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
 impl RotatingFile {
-    /// Creates (truncates) `path`; `max_size` is at least 1.
+    /// Creates (truncates) `path` and `path.1`; `max_size` is at least 1.
     pub fn create(path: &Path, max_size: u64) -> io::Result<Self> {
         Ok(Self {
-            path: path.to_owned(),
-            file: File::create(path)?,
+            file: open_rw(path)?,
+            old: open_rw(&rotated_path(path))?,
             size: 0,
             max_size: max_size.max(1),
             rotations: 0,
@@ -46,13 +60,22 @@ impl RotatingFile {
         self.rotations
     }
 
+    /// Copies the current file over the old one and empties the current one.
     fn rotate(&mut self) -> io::Result<()> {
-        self.file.flush()?;
-        std::fs::rename(&self.path, rotated_path(&self.path))?;
-        self.file = File::create(&self.path)?;
+        self.old.set_len(0)?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut at = 0u64;
+        while at < self.size {
+            let n = self.file.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            self.old.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        self.file.set_len(0)?;
         self.size = 0;
         self.rotations += 1;
-        tracing::debug!(path = %self.path.display(), "guest output file rotated");
         Ok(())
     }
 }
@@ -67,13 +90,13 @@ impl Write for RotatingFile {
             self.rotate()?;
         }
         let room = usize::try_from(self.max_size - self.size).unwrap_or(usize::MAX);
-        let n = self.file.write(&buf[..buf.len().min(room)])?;
+        let n = self.file.write_at(&buf[..buf.len().min(room)], self.size)?;
         self.size += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        Ok(())
     }
 }
 
