@@ -95,6 +95,21 @@ pub struct DiskConfig {
     /// this size, and the source may not write beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// What a host I/O error does (QEMU's werror/rerror). Unset: `stop` for ENOSPC and
+    /// EDQUOT (the host can free space), `report` for the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
+}
+
+/// A disk's policy for host I/O errors.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The guest sees VIRTIO_BLK_S_IOERR.
+    Report,
+    /// ENOSPC, EDQUOT and EIO pause the VM (the request is kept and runs again on
+    /// resume); other errors are reported.
+    Stop,
 }
 
 /// One virtio-net device on a host tap interface.
@@ -188,6 +203,13 @@ pub struct VmConfig {
     /// virtio-console: off (no device), null, tty (stdout, input from stdin) or file.
     #[serde(default)]
     pub console: OutputConfig,
+    /// Most bytes a serial output file holds before it rotates to `PATH.1`
+    /// (default [`DEFAULT_OUTPUT_MAX_SIZE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_max_size: Option<u64>,
+    /// The same for the console's output file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_max_size: Option<u64>,
     #[serde(default)]
     pub rng: bool,
     /// virtio-net devices, each on a tap (omitted when empty, so configurations
@@ -195,6 +217,10 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
 }
+
+/// The cap of a serial or console output file when none is configured: a guest that
+/// prints in a loop cannot fill the host disk.
+pub const DEFAULT_OUTPUT_MAX_SIZE: u64 = 16 << 20;
 
 fn serial_default() -> OutputConfig {
     OutputConfig::Tty
@@ -228,6 +254,16 @@ impl VmConfig {
             return Err(ConfigError::Invalid(
                 "serial and console cannot both be tty (one of them owns the terminal)".into(),
             ));
+        }
+        for (what, cap) in [
+            ("serial_max_size", self.serial_max_size),
+            ("console_max_size", self.console_max_size),
+        ] {
+            if cap == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{what} must be at least 1 byte"
+                )));
+            }
         }
         let mut taps = std::collections::BTreeSet::new();
         for n in &self.nets {
@@ -379,6 +415,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         rate_limiter: RateLimitConfig::default(),
         poll_us: DEFAULT_POLL_US,
         size: None,
+        on_error: None,
     };
     let mut bw = (None, None);
     let mut ops = (None, None);
@@ -398,6 +435,20 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
                     value: v.clone(),
                     reason: "expected a size such as 64M".into(),
                 })?)
+            }
+            "on_error" => {
+                d.on_error = Some(match v.as_str() {
+                    "report" => OnError::Report,
+                    "stop" => OnError::Stop,
+                    _ => {
+                        return Err(ConfigError::BadValue {
+                            flag: F,
+                            key: k.clone(),
+                            value: v.clone(),
+                            reason: "expected report or stop".into(),
+                        })
+                    }
+                })
             }
             "bw_size" => bw.0 = Some(number(F, &k, &v)?),
             "bw_refill_time" => bw.1 = Some(number(F, &k, &v)?),
@@ -494,17 +545,51 @@ fn bucket(
 }
 
 pub fn parse_output(flag: &'static str, s: &str) -> Result<OutputConfig, ConfigError> {
+    parse_output_capped(flag, s).map(|(o, _)| o)
+}
+
+/// `off`, `null`, `tty` or `file=PATH[,max_size=BYTES]` (BYTES such as 16M): the
+/// output and its file's cap, if given.
+pub fn parse_output_capped(
+    flag: &'static str,
+    s: &str,
+) -> Result<(OutputConfig, Option<u64>), ConfigError> {
     match s {
-        "off" => Ok(OutputConfig::Off),
-        "null" => Ok(OutputConfig::Null),
-        "tty" => Ok(OutputConfig::Tty),
+        "off" => Ok((OutputConfig::Off, None)),
+        "null" => Ok((OutputConfig::Null, None)),
+        "tty" => Ok((OutputConfig::Tty, None)),
         _ => match s.split_once('=') {
-            Some(("file", p)) if !p.is_empty() => Ok(OutputConfig::File(PathBuf::from(p))),
+            Some(("file", rest)) => {
+                // A path may hold commas; only a trailing `,max_size=` is the cap.
+                let (p, cap) = match rest.rsplit_once(",max_size=") {
+                    Some((p, v)) => {
+                        let cap = parse_size(v).filter(|&c| c > 0).ok_or_else(|| {
+                            ConfigError::BadValue {
+                                flag,
+                                key: "max_size".into(),
+                                value: v.into(),
+                                reason: "expected a size of at least 1 byte such as 16M".into(),
+                            }
+                        })?;
+                        (p, Some(cap))
+                    }
+                    None => (rest, None),
+                };
+                if p.is_empty() {
+                    return Err(ConfigError::BadValue {
+                        flag,
+                        key: "file".into(),
+                        value: s.into(),
+                        reason: "expected file=PATH".into(),
+                    });
+                }
+                Ok((OutputConfig::File(PathBuf::from(p)), cap))
+            }
             _ => Err(ConfigError::BadValue {
                 flag,
                 key: "mode".into(),
                 value: s.into(),
-                reason: "expected off, null, tty or file=PATH".into(),
+                reason: "expected off, null, tty or file=PATH[,max_size=BYTES]".into(),
             }),
         },
     }
@@ -523,9 +608,17 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("/a.vhdx"));
         assert!(d.readonly && !d.direct);
         assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.on_error, None);
+        let d = parse_disk("path=/a,on_error=stop").unwrap();
+        assert_eq!(d.on_error, Some(OnError::Stop));
+        assert!(parse_disk("path=/a,on_error=ignore").is_err());
         assert_eq!(
             parse_output("--serial", "file=/tmp/x").unwrap(),
             OutputConfig::File("/tmp/x".into())
+        );
+        assert_eq!(
+            parse_output_capped("--serial", "file=/tmp/a,b,max_size=4M").unwrap(),
+            (OutputConfig::File("/tmp/a,b".into()), Some(4 << 20))
         );
     }
 
@@ -552,6 +645,9 @@ mod tests {
             Err(ConfigError::NotKeyValue { .. })
         ));
         assert!(parse_output("--serial", "file=").is_err());
+        assert!(parse_output_capped("--serial", "file=/x,max_size=0").is_err());
+        assert!(parse_output_capped("--serial", "file=/x,max_size=lots").is_err());
+        assert!(parse_output_capped("--serial", "file=,max_size=1M").is_err());
         assert_eq!(parse_size("1T"), Some(1 << 40));
         assert_eq!(parse_size("99999999999999T"), None);
     }
@@ -679,6 +775,8 @@ mod tests {
             disks: vec![parse_disk("path=/d").unwrap()],
             serial: OutputConfig::Null,
             console: OutputConfig::Off,
+            serial_max_size: Some(1 << 20),
+            console_max_size: Some(1 << 20),
             rng: true,
             nets: vec![parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()],
         };

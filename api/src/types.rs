@@ -17,6 +17,10 @@ pub struct VmInfo {
     pub config: VmConfig,
     pub memory_actual_size: u64,
     pub uptime_ms: u64,
+    /// Why the VMM paused the VM by itself (a disk stopped on a host I/O error);
+    /// cleared by resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
 }
 
 /// `vm.snapshot`'s body (Cloud Hypervisor's): where to write, as a `file://` URL.

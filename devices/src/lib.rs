@@ -5,6 +5,8 @@
 //! - [`pci`]: PCI configuration space, the root bus with ECAM, MSI-X.
 //! - [`virtio`]: the virtio-pci transport and virtio devices (block, console, rng).
 //! - [`rate_limiter`]: token buckets for per-device IOPS and bandwidth limits.
+//! - [`output`]: size-capped guest output files (serial, console) with rotation.
+//! - [`log_limit`]: rate-limited logging of guest-triggered warnings ([`guest_warn!`]).
 //! - [`block`]: disk backends (raw, VHDX) behind one [`block::BlockBackend`] trait.
 //!
 //! Devices know nothing of KVM: interrupts leave through the [`interrupt`] traits,
@@ -14,6 +16,8 @@ pub mod block;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod log_limit;
+pub mod output;
 pub mod pci;
 pub mod rate_limiter;
 pub mod threads;

@@ -151,6 +151,28 @@ pub(crate) fn apply_overlay(ops: &[LogOp], buf: &mut [u8], offset: u64) {
     }
 }
 
+/// [`apply_overlay`] onto raw buffers (guest memory).
+pub(crate) fn apply_overlay_iobufs(ops: &[LogOp], bufs: &crate::IoBufsMut<'_>, offset: u64) {
+    let end = offset + bufs.len();
+    for op in ops {
+        let (o, l) = match op {
+            LogOp::Data { offset, data } => (*offset, data.len() as u64),
+            LogOp::Zero { offset, len } => (*offset, *len),
+        };
+        let s = o.max(offset);
+        let e = (o.saturating_add(l)).min(end);
+        if s >= e {
+            continue;
+        }
+        match op {
+            LogOp::Data { data, .. } => {
+                bufs.write_at(s - offset, &data[(s - o) as usize..(e - o) as usize])
+            }
+            LogOp::Zero { .. } => bufs.sub(s - offset, e - s).fill_zero(),
+        }
+    }
+}
+
 impl Vhdx {
     /// Opens an image file (and, for a differencing disk, its parents read-only).
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Vhdx> {

@@ -6,7 +6,8 @@
 use crate::bat::{self, SECTORS_PER_CHUNK, SECTOR_BITMAP_SIZE};
 use crate::bytes::{is_zero, MIB};
 use crate::error::{Error, Result};
-use crate::image::{apply_overlay, rlock, wlock, State, Vhdx};
+use crate::image::{apply_overlay, apply_overlay_iobufs, rlock, wlock, State, Vhdx};
+use crate::iobuf::{IoBufs, IoBufsMut};
 use crate::storage;
 use std::io::{IoSlice, IoSliceMut};
 
@@ -44,45 +45,6 @@ fn push(out: &mut Vec<Piece>, p: Piece) {
         }
     }
     out.push(p);
-}
-
-/// Sub-slices `[start, start+len)` of a scatter list.
-fn sub_mut<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<IoSliceMut<'a>> {
-    let mut out = Vec::new();
-    let mut at = 0u64;
-    let end = start + len;
-    for b in bufs.iter_mut() {
-        let bl = b.len() as u64;
-        let (s, e) = (start.max(at), end.min(at + bl));
-        if s < e {
-            out.push(IoSliceMut::new(
-                &mut b[(s - at) as usize..(e - at) as usize],
-            ));
-        }
-        at += bl;
-        if at >= end {
-            break;
-        }
-    }
-    out
-}
-
-fn sub<'a>(bufs: &'a [IoSlice<'_>], start: u64, len: u64) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::new();
-    let mut at = 0u64;
-    let end = start + len;
-    for b in bufs.iter() {
-        let bl = b.len() as u64;
-        let (s, e) = (start.max(at), end.min(at + bl));
-        if s < e {
-            out.push(IoSlice::new(&b[(s - at) as usize..(e - at) as usize]));
-        }
-        at += bl;
-        if at >= end {
-            break;
-        }
-    }
-    out
 }
 
 fn bit(bm: &[u8], i: u64) -> bool {
@@ -266,51 +228,42 @@ impl Vhdx {
         Ok(())
     }
 
+    /// Scatter read into ordinary buffers.
     pub fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.read_iobufs_at(&IoBufsMut::from_slices(bufs), offset)
+    }
+
+    /// Scatter read into raw buffers (guest memory): the data goes there with
+    /// `preadv`; holes and replayed log entries are copied in with volatile writes.
+    pub fn read_iobufs_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> Result<()> {
+        let len = bufs.len();
         self.check_range(offset, len)?;
         for pc in self.plan(offset, len)? {
-            let mut parts = sub_mut(bufs, pc.pos, pc.len);
+            let parts = bufs.sub(pc.pos, pc.len);
             match pc.seg {
                 Seg::File(f) => {
-                    let mut slices: &mut [IoSliceMut<'_>] = &mut parts;
-                    let mut at = f;
-                    let mut left = pc.len;
-                    while left > 0 {
+                    let mut done = 0u64;
+                    while done < pc.len {
+                        let rest = parts.sub(done, pc.len - done);
+                        let at = f + done;
                         let n = self
                             .storage
-                            .read_vectored_at(slices, at)
+                            .read_vectored_at(&rest, at)
                             .map_err(self.io_err("reading data", at))?;
                         if n == 0 {
-                            for s in slices.iter_mut() {
-                                s.fill(0);
-                            }
+                            rest.fill_zero();
                             break;
                         }
-                        left -= n as u64;
-                        at += n as u64;
-                        IoSliceMut::advance_slices(&mut slices, n);
+                        done += n as u64;
                     }
                     if let Some(ops) = &self.overlay {
-                        let mut o = f;
-                        for s in sub_mut(bufs, pc.pos, pc.len).iter_mut() {
-                            apply_overlay(ops, s, o);
-                            o += s.len() as u64;
-                        }
+                        apply_overlay_iobufs(ops, &parts, f);
                     }
                 }
-                Seg::Zero => {
-                    for s in parts.iter_mut() {
-                        s.fill(0);
-                    }
-                }
+                Seg::Zero => parts.fill_zero(),
                 Seg::Parent => match &self.parent {
-                    Some(p) => p.read_vectored_at(&mut parts, offset + pc.pos)?,
-                    None => {
-                        for s in parts.iter_mut() {
-                            s.fill(0);
-                        }
-                    }
+                    Some(p) => p.read_iobufs_at(&parts, offset + pc.pos)?,
+                    None => parts.fill_zero(),
                 },
             }
         }
@@ -321,8 +274,14 @@ impl Vhdx {
         self.write_vectored_at(&[IoSlice::new(buf)], offset)
     }
 
+    /// Gather write from ordinary buffers.
     pub fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.write_iobufs_at(&IoBufs::from_slices(bufs), offset)
+    }
+
+    /// Gather write from raw buffers (guest memory) with `pwritev`.
+    pub fn write_iobufs_at(&self, bufs: &IoBufs<'_>, offset: u64) -> Result<()> {
+        let len = bufs.len();
         self.check_range(offset, len)?;
         self.begin_write()?;
         if len == 0 {
@@ -335,12 +294,9 @@ impl Vhdx {
             let end = (offset + len).div_ceil(lss) * lss;
             let mut tmp = vec![0u8; (end - start) as usize];
             self.read_at(&mut tmp, start)?;
-            let mut at = (offset - start) as usize;
-            for b in bufs {
-                tmp[at..at + b.len()].copy_from_slice(b);
-                at += b.len();
-            }
-            return self.write_vectored_at(&[IoSlice::new(&tmp)], start);
+            let at = (offset - start) as usize;
+            bufs.read_at(0, &mut tmp[at..at + len as usize]);
+            return self.write_iobufs_at(&IoBufs::from_slice(&tmp), start);
         }
         let bs = self.geo.block_size;
         let mut pos = 0u64;
@@ -350,15 +306,13 @@ impl Vhdx {
             let inb = v % bs;
             let n = (bs - inb).min(len - pos);
             let (block_off, set_bits) = self.block_for_write(block, inb == 0 && n == bs)?;
-            let parts = sub(bufs, pos, n);
-            let mut parts = parts;
-            let mut slices: &mut [IoSlice<'_>] = &mut parts;
-            let mut at = block_off + inb;
-            let mut left = n;
-            while left > 0 {
+            let parts = bufs.sub(pos, n);
+            let mut done = 0u64;
+            while done < n {
+                let at = block_off + inb + done;
                 let w = self
                     .storage
-                    .write_vectored_at(slices, at)
+                    .write_vectored_at(&parts.sub(done, n - done), at)
                     .map_err(self.io_err("writing data", at))?;
                 if w == 0 {
                     return Err(Error::io(
@@ -368,9 +322,7 @@ impl Vhdx {
                         std::io::ErrorKind::WriteZero.into(),
                     ));
                 }
-                left -= w as u64;
-                at += w as u64;
-                IoSlice::advance_slices(&mut slices, w);
+                done += w as u64;
             }
             if set_bits {
                 self.set_sector_bits(block, inb / lss, n / lss)?;

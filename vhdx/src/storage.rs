@@ -11,7 +11,9 @@
 //! cached pages of its range first).
 
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
+
+use crate::iobuf::{IoBufs, IoBufsMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
@@ -23,19 +25,23 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// Writes up to `buf.len()` bytes at `offset`; returns how many were written.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
-    /// Scatter read; the default reads into the first non-empty buffer only.
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-        match bufs.iter_mut().find(|b| !b.is_empty()) {
-            Some(b) => self.read_at(b, offset),
-            None => Ok(0),
-        }
+    /// Scatter read into raw buffers; returns how many bytes were read. The default
+    /// goes through a bounce buffer of up to [`BOUNCE_MAX`] bytes (for test storages;
+    /// [`FileStorage`] reads in place with `preadv`).
+    fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> io::Result<usize> {
+        let mut tmp = vec![0u8; bufs.len().min(BOUNCE_MAX) as usize];
+        let n = self.read_at(&mut tmp, offset)?;
+        bufs.write_at(0, &tmp[..n]);
+        Ok(n)
     }
-    /// Gather write; the default writes the first non-empty buffer only.
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
-        match bufs.iter().find(|b| !b.is_empty()) {
-            Some(b) => self.write_at(b, offset),
-            None => Ok(0),
+    /// Gather write from raw buffers; returns how many bytes were written. The
+    /// default goes through a bounce buffer like [`Self::read_vectored_at`].
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<usize> {
+        let tmp = bufs.sub(0, BOUNCE_MAX).to_vec();
+        if tmp.is_empty() {
+            return Ok(0);
         }
+        self.write_at(&tmp, offset)
     }
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
@@ -56,6 +62,9 @@ pub trait Storage: Send + Sync {
         false
     }
 }
+
+/// Most bytes the default vectored methods of [`Storage`] move at once.
+pub const BOUNCE_MAX: u64 = 1 << 20;
 
 /// Alignment (offset, length, buffer address) that I/O needs to go through
 /// the `O_DIRECT` descriptor. 4 KiB covers every logical block size in use.
@@ -121,18 +130,17 @@ fn iov_max(n: usize) -> libc::c_int {
     n.min(1024) as libc::c_int
 }
 
-fn preadv(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+/// One `preadv` (or `pwritev` when `write`) of `iov` at `offset`.
+fn vectored(file: &File, iov: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
     let off = libc::off_t::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-    // SAFETY: IoSliceMut is ABI-compatible with iovec; the pointers are valid
-    // for the lifetime of `bufs`, which outlives the call.
-    let n = unsafe {
-        libc::preadv(
-            file.as_raw_fd(),
-            bufs.as_mut_ptr() as *const libc::iovec,
-            iov_max(bufs.len()),
-            off,
-        )
+    let n = if write {
+        // SAFETY: the iovecs come from an IoBufs, whose constructors guarantee that
+        // they are valid for reads for as long as it is borrowed (the whole call).
+        unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov_max(iov.len()), off) }
+    } else {
+        // SAFETY: the iovecs come from an IoBufsMut, valid for writes for the call.
+        unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov_max(iov.len()), off) }
     };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -141,24 +149,8 @@ fn preadv(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<u
     }
 }
 
-fn pwritev(file: &File, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
-    let off = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-    // SAFETY: IoSlice is ABI-compatible with iovec; the buffers stay borrowed
-    // for the duration of the call and are only read.
-    let n = unsafe {
-        libc::pwritev(
-            file.as_raw_fd(),
-            bufs.as_ptr() as *const libc::iovec,
-            iov_max(bufs.len()),
-            off,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn segments(iov: &[libc::iovec]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    iov.iter().map(|v| (v.iov_base as usize, v.iov_len))
 }
 
 impl Storage for FileStorage {
@@ -184,27 +176,25 @@ impl Storage for FileStorage {
         }
         self.file.write_at(buf, offset)
     }
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-        if let Some(d) =
-            self.direct_for(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
-        {
-            match preadv(d, bufs, offset) {
+    fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> io::Result<usize> {
+        let iov = bufs.iovecs();
+        if let Some(d) = self.direct_for(offset, segments(iov)) {
+            match vectored(d, iov, offset, false) {
                 Err(e) if direct_refused(&e) => {}
                 r => return r,
             }
         }
-        preadv(&self.file, bufs, offset)
+        vectored(&self.file, iov, offset, false)
     }
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
-        if let Some(d) =
-            self.direct_for(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())))
-        {
-            match pwritev(d, bufs, offset) {
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<usize> {
+        let iov = bufs.iovecs();
+        if let Some(d) = self.direct_for(offset, segments(iov)) {
+            match vectored(d, iov, offset, true) {
                 Err(e) if direct_refused(&e) => {}
                 r => return r,
             }
         }
-        pwritev(&self.file, bufs, offset)
+        vectored(&self.file, iov, offset, true)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()

@@ -84,15 +84,22 @@ impl Write for Sink {
     }
 }
 
-fn serial_output(cfg: &OutputConfig) -> Result<SerialOutput, DeviceError> {
+/// Where guest output goes; a file is capped at `max_size` bytes (default
+/// [`api::config::DEFAULT_OUTPUT_MAX_SIZE`]) and rotates to `PATH.1`.
+fn serial_output(cfg: &OutputConfig, max_size: Option<u64>) -> Result<SerialOutput, DeviceError> {
     Ok(match cfg {
         OutputConfig::Off | OutputConfig::Null => Box::new(Sink),
         OutputConfig::Tty => Box::new(std::io::stdout()),
         OutputConfig::File(p) => {
-            Box::new(File::create(p).map_err(|source| DeviceError::SerialFile {
-                path: p.display().to_string(),
-                source,
-            })?)
+            let cap = max_size.unwrap_or(api::config::DEFAULT_OUTPUT_MAX_SIZE);
+            Box::new(
+                devices::output::RotatingFile::create(p, cap).map_err(|source| {
+                    DeviceError::SerialFile {
+                        path: p.display().to_string(),
+                        source,
+                    }
+                })?,
+            )
         }
     })
 }
@@ -111,6 +118,28 @@ fn stdin_for_guest() -> Option<File> {
         }
     }
     Some(file)
+}
+
+/// The device model's view of a disk's `on_error`.
+fn error_policy(cfg: Option<api::config::OnError>) -> devices::virtio::block::ErrorPolicy {
+    use devices::virtio::block::ErrorPolicy;
+    match cfg {
+        None => ErrorPolicy::Auto,
+        Some(api::config::OnError::Report) => ErrorPolicy::Report,
+        Some(api::config::OnError::Stop) => ErrorPolicy::Stop,
+    }
+}
+
+/// Where disk `index` asks the control loop to pause the VM (on_error=stop).
+fn stop_sink(index: usize, power: Arc<dyn PowerControl>) -> devices::virtio::block::StopSink {
+    let disk = u32::try_from(index).unwrap_or(u32::MAX);
+    devices::virtio::block::StopSink(Arc::new(move |s| {
+        power.request(devices::legacy::PowerEvent::DiskStopped {
+            disk,
+            op: s.op,
+            errno: s.errno,
+        })
+    }))
 }
 
 /// The device model's view of a configured rate limit.
@@ -180,7 +209,7 @@ impl DeviceManager {
                 ioapic: ioapic.clone(),
                 pin: COM1_IRQ as usize,
             }),
-            serial_output(&config.serial)?,
+            serial_output(&config.serial, config.serial_max_size)?,
         )));
         if config.serial != OutputConfig::Off {
             pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
@@ -196,7 +225,7 @@ impl DeviceManager {
             I8042_PORT_LEN,
         )?;
         pio.insert(
-            Arc::new(Mutex::new(AcpiPmDevice::new(power))),
+            Arc::new(Mutex::new(AcpiPmDevice::new(power.clone()))),
             ACPI_PM_PORT,
             ACPI_PM_PORT_LEN,
         )?;
@@ -239,6 +268,8 @@ impl DeviceManager {
                     num_queues: disk.num_queues,
                     rate_limiter: rate_limiter(&disk.rate_limiter),
                     poll_us: disk.poll_us,
+                    on_error: error_policy(disk.on_error),
+                    stop_sink: Some(stop_sink(i, power.clone())),
                 },
             )
             .with_reopen(reopen_for(disk));
@@ -258,8 +289,10 @@ impl DeviceManager {
                 OutputConfig::Tty => stdin_for_guest(),
                 _ => None,
             };
-            let console =
-                devices::virtio::console::Console::new(serial_output(&config.console)?, input);
+            let console = devices::virtio::console::Console::new(
+                serial_output(&config.console, config.console_max_size)?,
+                input,
+            );
             dm.add_virtio(hv, mem, "console0".into(), Box::new(console))?;
         }
         if config.rng {

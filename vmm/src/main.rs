@@ -37,12 +37,14 @@ struct Cli {
     /// worker polls for the next request before it sleeps, default 50, 0 = never).
     #[arg(long)]
     disk: Vec<String>,
-    /// Serial port (COM1): off, null, tty (the default) or file=PATH. Without --kernel or
+    /// Serial port (COM1): off, null, tty (the default) or file=PATH[,max_size=BYTES]
+    /// (the file rotates to PATH.1 at max_size, default 16M). Without --kernel or
     /// --config, applies to the VM that arrives (--restore, vm.restore, an incoming
     /// migration) in place of its own configuration's.
     #[arg(long)]
     serial: Option<String>,
-    /// virtio-console: off, null, tty (stdout; input from stdin) or file=PATH.
+    /// virtio-console: off, null, tty (stdout; input from stdin) or
+    /// file=PATH[,max_size=BYTES] (rotates to PATH.1 at max_size, default 16M).
     #[arg(long, default_value = "off")]
     console: String,
     /// Add a virtio-rng device.
@@ -115,6 +117,9 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
     let Some(kernel) = &cli.kernel else {
         return Ok(None);
     };
+    let (serial, serial_max_size) =
+        config::parse_output_capped("--serial", cli.serial.as_deref().unwrap_or("tty"))?;
+    let (console, console_max_size) = config::parse_output_capped("--console", &cli.console)?;
     let cfg = VmConfig {
         payload: PayloadConfig {
             kernel: kernel.clone(),
@@ -128,8 +133,10 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             .iter()
             .map(|d| config::parse_disk(d))
             .collect::<Result<_, _>>()?,
-        serial: config::parse_output("--serial", cli.serial.as_deref().unwrap_or("tty"))?,
-        console: config::parse_output("--console", &cli.console)?,
+        serial,
+        console,
+        serial_max_size,
+        console_max_size,
         rng: cli.rng,
         nets: cli
             .net

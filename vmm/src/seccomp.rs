@@ -339,7 +339,17 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
         ThreadKind::ConsoleWorker => {
-            allow(&mut rules, &[libc::SYS_pwrite64, libc::SYS_fsync]);
+            // pread64 and ftruncate: rotating a size-capped output file
+            // (devices::output::RotatingFile).
+            allow(
+                &mut rules,
+                &[
+                    libc::SYS_pwrite64,
+                    libc::SYS_fsync,
+                    libc::SYS_pread64,
+                    libc::SYS_ftruncate,
+                ],
+            );
             rules.insert(libc::SYS_ioctl, ioctls(&WORKER_IOCTLS)?);
         }
         ThreadKind::PageStream => {

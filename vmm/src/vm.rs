@@ -201,6 +201,8 @@ pub struct Vm {
     hv: Hypervisor,
     mem: Arc<GuestMemoryMmap>,
     state: VmState,
+    /// Why the VMM paused the VM by itself (see [`Vm::pause_for`]).
+    pause_reason: Option<String>,
     /// Where the boot vCPU starts (None for a restored VM, which never boots).
     entry: Option<BootEntry>,
     /// MSRs a vCPU state save reads; XCR support.
@@ -275,6 +277,7 @@ impl Vm {
             hv,
             mem,
             state: VmState::Created,
+            pause_reason: None,
             entry,
             events_tx,
             seccomp,
@@ -407,6 +410,7 @@ impl Vm {
 
     pub fn resume(&mut self) -> Result<(), VmError> {
         let next = self.state.next(Action::Resume)?;
+        self.pause_reason = None;
         self.devices.resume();
         for v in &self.vcpus {
             v.resume();
@@ -554,7 +558,20 @@ impl Vm {
                 .booted_at
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
+            pause_reason: self.pause_reason.clone(),
         }
+    }
+
+    /// Pauses a running VM because a disk stopped on a host I/O error; the first
+    /// reason stays until resume. A VM that is not running is left as it is.
+    pub fn pause_for(&mut self, reason: String) -> Result<(), VmError> {
+        if self.state == VmState::Running {
+            self.pause()?;
+        }
+        if self.state == VmState::Paused {
+            self.pause_reason.get_or_insert(reason);
+        }
+        Ok(())
     }
 
     pub fn counters(&self) -> Counters {

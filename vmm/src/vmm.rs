@@ -223,6 +223,10 @@ impl Vmm {
                         .err()
                         .map(|e| VmmExit::Crashed(format!("reboot failed: {e}")))
                 }
+                ControlEvent::Power(PowerEvent::DiskStopped { disk, op, errno }) => {
+                    self.disk_stopped(disk, op, errno);
+                    None
+                }
                 ControlEvent::Vcpu(VcpuEvent::Failed(id, why)) => {
                     Some(VmmExit::Crashed(format!("vCPU {id}: {why}")))
                 }
@@ -239,6 +243,26 @@ impl Vmm {
                 tracing::debug!("VM torn down");
                 return exit;
             }
+        }
+    }
+
+    /// A disk with on_error=stop failed a request on the host: pause the VM until the
+    /// user fixes the cause and resumes (the request runs again then).
+    fn disk_stopped(&mut self, disk: u32, op: &'static str, errno: i32) {
+        let Some(vm) = &mut self.vm else { return };
+        let id = vm
+            .config()
+            .device_ids()
+            .into_iter()
+            .nth(disk as usize)
+            .unwrap_or_else(|| format!("disk{disk}"));
+        let error = std::io::Error::from_raw_os_error(errno);
+        let reason = format!(
+            "disk {id}: {op} failed on the host: {error} (errno {errno}); the request is kept: fix the cause (e.g. free space) and resume"
+        );
+        tracing::error!(disk = %id, op, errno, error = %error, "disk stopped on a host I/O error (on_error=stop): pausing the VM");
+        if let Err(e) = vm.pause_for(reason) {
+            tracing::error!(disk = %id, error = %e, "cannot pause the VM for a stopped disk");
         }
     }
 

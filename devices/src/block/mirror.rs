@@ -8,11 +8,11 @@
 //! destination never fails the guest: the mirror records the error and the migration is
 //! abandoned, the guest going on with the untouched source.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::BlockBackend;
+use super::{BlockBackend, IoBufs, IoBufsMut};
 
 /// Copy granularity (and lock granularity).
 pub const MIRROR_CHUNK: u64 = 1 << 20;
@@ -114,10 +114,10 @@ impl Mirror {
         }
         buf.resize(len as usize, 0);
         self.src
-            .read_vectored_at(&mut [IoSliceMut::new(buf)], offset)?;
+            .read_vectored_at(&IoBufsMut::from_slice(buf), offset)?;
         if !is_zero(buf) {
             self.dst
-                .write_vectored_at(&[IoSlice::new(buf)], offset)
+                .write_vectored_at(&IoBufs::from_slice(buf), offset)
                 .inspect_err(|e| self.fail("write", e))?;
         }
         self.copied.fetch_add(len, Ordering::Relaxed);
@@ -142,7 +142,7 @@ impl BlockBackend for Mirror {
         self.src.physical_block_size()
     }
 
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> io::Result<()> {
         self.src.read_vectored_at(bufs, offset)
     }
 
@@ -150,8 +150,8 @@ impl BlockBackend for Mirror {
         self.src.may_have_data(offset, len)
     }
 
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<()> {
+        let len = bufs.len();
         let _held = self.lock_range(offset, len);
         self.src.write_vectored_at(bufs, offset)?;
         if let Err(e) = self.dst.write_vectored_at(bufs, offset) {
@@ -201,7 +201,7 @@ mod tests {
 
     fn read(b: &dyn BlockBackend, offset: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        b.read_vectored_at(&mut [IoSliceMut::new(&mut v)], offset)
+        b.read_vectored_at(&IoBufsMut::from_slice(&mut v), offset)
             .unwrap();
         v
     }
@@ -214,7 +214,7 @@ mod tests {
         let dst = raw(dir.path(), "dst", size);
         // Data the copy must move, in the first, a middle and the short last chunk.
         for (off, byte) in [(0u64, 1u8), (3 * MIRROR_CHUNK + 512, 2), (size - 4096, 3)] {
-            src.write_vectored_at(&[IoSlice::new(&[byte; 4096])], off)
+            src.write_vectored_at(&IoBufs::from_slice(&[byte; 4096]), off)
                 .unwrap();
         }
         let m = Arc::new(Mirror::new(src.clone(), dst.clone()).unwrap());
@@ -223,8 +223,11 @@ mod tests {
             std::thread::spawn(move || {
                 for i in 0..200u64 {
                     let off = (i * 7919 * 4096) % (size - 4096);
-                    m.write_vectored_at(&[IoSlice::new(&[(i % 251) as u8 + 4; 4096])], off & !4095)
-                        .unwrap();
+                    m.write_vectored_at(
+                        &IoBufs::from_slice(&[(i % 251) as u8 + 4; 4096]),
+                        off & !4095,
+                    )
+                    .unwrap();
                 }
                 m.discard(5 * MIRROR_CHUNK, MIRROR_CHUNK).unwrap();
             })
@@ -251,7 +254,7 @@ mod tests {
         std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
         let ro: Arc<dyn BlockBackend> = Arc::new(RawFile::open(&p, true, false).unwrap());
         let m = Mirror::new(src.clone(), ro).unwrap();
-        m.write_vectored_at(&[IoSlice::new(&[9u8; 512])], 0)
+        m.write_vectored_at(&IoBufs::from_slice(&[9u8; 512]), 0)
             .unwrap();
         assert_eq!(
             read(src.as_ref(), 0, 512),

@@ -5,17 +5,22 @@ mod mirror;
 mod raw;
 mod vhdx;
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::path::Path;
 
 pub use self::vhdx::VhdxDisk;
+/// Scatter-gather buffers over memory no Rust reference may point into (guest RAM):
+/// what every backend reads into and writes from.
+pub use ::vhdx::{IoBufs, IoBufsMut};
 pub use lock::{lock_image, LockMode};
 pub use mirror::{Mirror, MIRROR_CHUNK};
 pub use raw::RawFile;
 
 /// What a virtio-blk device needs from a disk image.
 ///
-/// I/O goes straight between the caller's buffers (guest memory) and the image.
+/// I/O goes straight between the caller's buffers (guest memory) and the image. The
+/// buffers are raw iovecs ([`IoBufsMut`], [`IoBufs`]), never Rust slices: the guest may
+/// change its memory while a request is in flight, which a `&[u8]` must not see.
 pub trait BlockBackend: Send + Sync {
     /// Virtual size in bytes.
     fn size(&self) -> u64;
@@ -25,8 +30,10 @@ pub trait BlockBackend: Send + Sync {
     fn physical_block_size(&self) -> u32 {
         512
     }
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()>;
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()>;
+    /// Fills all of `bufs` from `offset` (past the end of the image reads as zeros).
+    fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> io::Result<()>;
+    /// Writes all of `bufs` at `offset`.
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<()>;
     fn flush(&self) -> io::Result<()>;
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;

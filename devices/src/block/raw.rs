@@ -1,12 +1,12 @@
 //! Raw disk images: the file is the disk.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::{lock_image, BlockBackend, LockMode, OpenError};
+use super::{lock_image, BlockBackend, IoBufs, IoBufsMut, LockMode, OpenError};
 
 pub struct RawFile {
     file: File,
@@ -59,19 +59,22 @@ impl RawFile {
 }
 
 impl RawFile {
-    /// One preadv/pwritev; a short transfer is completed buffer by buffer.
-    fn vectored<F>(&self, iov: &[libc::iovec], offset: u64, sys: F) -> io::Result<usize>
-    where
-        F: Fn(libc::c_int, *const libc::iovec, libc::c_int, libc::off_t) -> isize,
-    {
+    /// One preadv (or pwritev when `write`); retried on EINTR.
+    fn vectored(&self, iov: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
         let cnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let fd = self.file.as_raw_fd();
         loop {
-            let n = sys(
-                self.file.as_raw_fd(),
-                iov.as_ptr(),
-                cnt,
-                offset as libc::off_t,
-            );
+            let n = if write {
+                // SAFETY: the iovecs come from an IoBufs, valid for reads while it is
+                // borrowed (this call).
+                unsafe { libc::pwritev(fd, iov.as_ptr(), cnt, off) }
+            } else {
+                // SAFETY: the iovecs come from an IoBufsMut, valid for writes while it
+                // is borrowed (this call).
+                unsafe { libc::preadv(fd, iov.as_ptr(), cnt, off) }
+            };
             if n >= 0 {
                 return Ok(n as usize);
             }
@@ -88,65 +91,34 @@ impl BlockBackend for RawFile {
         self.size
     }
 
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        let iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: each iovec points into a live, writable caller buffer of its length.
-        let mut done = self.vectored(&iov, offset, |fd, v, n, off| unsafe {
-            libc::preadv(fd, v, n, off)
-        })?;
-        let mut pos = offset;
-        for b in bufs.iter_mut() {
-            let len = b.len();
-            if done >= len {
-                done -= len;
-                pos += len as u64;
-                continue;
+    /// One preadv for the whole request; a short read (end of file, or more than
+    /// UIO_MAXIOV buffers) continues where it stopped.
+    fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> io::Result<()> {
+        let len = bufs.len();
+        let mut done = self.vectored(bufs.iovecs(), offset, false)? as u64;
+        while done < len {
+            let rest = bufs.sub(done, len - done);
+            let n = self.vectored(rest.iovecs(), offset + done, false)?;
+            if n == 0 {
+                // Past the end of the file: reads as zeros.
+                rest.fill_zero();
+                break;
             }
-            let mut filled = done;
-            done = 0;
-            while filled < len {
-                let n = self.file.read_at(&mut b[filled..], pos + filled as u64)?;
-                if n == 0 {
-                    // Past the end of the file: reads as zeros.
-                    b[filled..].fill(0);
-                    break;
-                }
-                filled += n;
-            }
-            pos += len as u64;
+            done += n as u64;
         }
         Ok(())
     }
 
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        let iov: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: each iovec points into a live caller buffer of its length; pwritev
-        // only reads from them.
-        let mut done = self.vectored(&iov, offset, |fd, v, n, off| unsafe {
-            libc::pwritev(fd, v, n, off)
-        })?;
-        let mut pos = offset;
-        for b in bufs {
-            let len = b.len();
-            if done >= len {
-                done -= len;
-            } else {
-                self.file.write_all_at(&b[done..], pos + done as u64)?;
-                done = 0;
+    /// One pwritev for the whole request; a short write continues where it stopped.
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<()> {
+        let len = bufs.len();
+        let mut done = self.vectored(bufs.iovecs(), offset, true)? as u64;
+        while done < len {
+            let n = self.vectored(bufs.sub(done, len - done).iovecs(), offset + done, true)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
             }
-            pos += len as u64;
+            done += n as u64;
         }
         Ok(())
     }

@@ -1,9 +1,9 @@
 //! VHDX images (the `vhdx` crate) as block backends.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::path::Path;
 
-use super::{BlockBackend, OpenError};
+use super::{BlockBackend, IoBufs, IoBufsMut, OpenError};
 
 pub struct VhdxDisk {
     image: vhdx::Vhdx,
@@ -49,12 +49,12 @@ impl BlockBackend for VhdxDisk {
         self.image.physical_sector_size()
     }
 
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        self.image.read_vectored_at(bufs, offset).map_err(to_io)
+    fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, offset: u64) -> io::Result<()> {
+        self.image.read_iobufs_at(bufs, offset).map_err(to_io)
     }
 
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        self.image.write_vectored_at(bufs, offset).map_err(to_io)
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<()> {
+        self.image.write_iobufs_at(bufs, offset).map_err(to_io)
     }
 
     fn flush(&self) -> io::Result<()> {

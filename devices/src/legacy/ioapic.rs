@@ -149,7 +149,7 @@ impl Ioapic {
         }
         for m in redeliver {
             if let Err(e) = self.msi.deliver(m) {
-                tracing::warn!(error = %e, "IOAPIC re-delivery failed");
+                crate::guest_warn!(error = %e, "IOAPIC re-delivery failed");
             }
         }
     }
@@ -207,7 +207,7 @@ impl Ioapic {
         };
         if let Some(m) = pending {
             if let Err(e) = self.msi.deliver(m) {
-                tracing::warn!(error = %e, "IOAPIC delivery failed");
+                crate::guest_warn!(error = %e, "IOAPIC delivery failed");
             }
         }
     }

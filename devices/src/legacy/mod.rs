@@ -27,6 +27,13 @@ pub enum PowerEvent {
     GuestFailure(u32),
     /// i8042 or ACPI reset.
     Reset,
+    /// Disk `disk` (its index in the configuration) stopped on a host I/O error
+    /// (on_error=stop): the VM should pause until the cause is fixed.
+    DiskStopped {
+        disk: u32,
+        op: &'static str,
+        errno: i32,
+    },
 }
 
 /// Receives the guest's power requests; the VMM implements it.

@@ -120,7 +120,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&b) = data.first() else { return };
         if let Err(e) = self.uart.write(offset as u8, b) {
-            tracing::warn!(error = %e, "serial write failed");
+            crate::guest_warn!(error = %e, "serial write failed");
         }
         if offset == 0 {
             // Line-buffered sinks (files, pipes) see every byte promptly.

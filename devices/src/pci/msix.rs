@@ -191,7 +191,7 @@ impl MsixTable {
             if self.pending[v / 64] & bit != 0 && !self.entries[v].masked() {
                 self.pending[v / 64] &= !bit;
                 if let Err(e) = sink.deliver(self.entries[v].message()) {
-                    tracing::warn!(vector = v, error = %e, "MSI-X delivery failed");
+                    crate::guest_warn!(vector = v, error = %e, "MSI-X delivery failed");
                 }
             }
         }

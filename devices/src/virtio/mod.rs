@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod console;
+pub mod guest_io;
 mod memory;
 pub mod net;
 pub mod rng;

@@ -608,7 +608,7 @@ impl VirtioPciDevice {
         if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             if self.driver_features & F_VERSION_1 == 0 {
                 // A legacy driver: refuse FEATURES_OK so it sees the failure.
-                tracing::warn!(
+                crate::guest_warn!(
                     device = self.device.name(),
                     "driver did not accept VERSION_1"
                 );
@@ -633,7 +633,7 @@ impl VirtioPciDevice {
                 continue;
             }
             if !slot.queue.is_valid(self.mem.as_ref()) {
-                tracing::warn!(
+                crate::guest_warn!(
                     device = self.device.name(),
                     queue = i,
                     "queue set up outside guest memory"
@@ -652,7 +652,7 @@ impl VirtioPciDevice {
             let mut queue = match Queue::try_from(slot.queue.state()) {
                 Ok(q) => q,
                 Err(e) => {
-                    tracing::warn!(device = self.device.name(), queue = i, error = ?e, "invalid queue");
+                    crate::guest_warn!(device = self.device.name(), queue = i, error = ?e, "invalid queue");
                     self.status |= STATUS_NEEDS_RESET;
                     return;
                 }

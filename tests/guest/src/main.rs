@@ -97,6 +97,8 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "msi" => tests::msi(),
         "mem" => tests::mem(&si),
         "console" => tests::console(),
+        "flood-console" => tests::flood_console(),
+        "flood-serial" => tests::flood_serial(),
         "net" => tests::net(),
         "net-bench" => tests::net_bench(),
         "echo" => tests::echo(),

@@ -696,6 +696,72 @@ pub fn console() -> ! {
     io::result_ok()
 }
 
+/// One numbered 64-byte line of flood output.
+fn flood_line(i: u64) -> [u8; 64] {
+    let mut l = [b'x'; 64];
+    let head = alloc::format!("flood {:010} ", i);
+    l[..head.len()].copy_from_slice(head.as_bytes());
+    l[63] = b'\n';
+    l
+}
+
+/// `test=flood-console bytes=N [hold=1]`: sends N bytes of numbered 64-byte lines
+/// through the first virtio-console (one 4 KiB chain per send), then `flood done
+/// lines=L` on serial; with hold=1 it then stays up (the host measures the VMM).
+pub fn flood_console() -> ! {
+    use virtio_drivers::device::console::VirtIOConsole;
+    let bytes = num("bytes", Some(32 << 20));
+    let mut root = pci::root();
+    pci::assign_bars(&mut root, CMDLINE.get("verbose").is_some());
+    let found = pci::functions(&root)
+        .find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Console));
+    let Some((df, _)) = found else {
+        fail!("no virtio-console device on bus 0");
+    };
+    let transport = match PciTransport::new::<GuestHal, _>(&mut root, df) {
+        Ok(t) => t,
+        Err(e) => fail!("virtio-console {}: transport: {:?}", pci::bdf(&df), e),
+    };
+    let mut con = match VirtIOConsole::<GuestHal, _>::new(transport) {
+        Ok(c) => c,
+        Err(e) => fail!("virtio-console: init: {:?}", e),
+    };
+    let lines = bytes / 64;
+    let mut buf = alloc::vec::Vec::with_capacity(4096);
+    for i in 0..lines {
+        buf.extend_from_slice(&flood_line(i));
+        if buf.len() == 4096 || i + 1 == lines {
+            if let Err(e) = con.send_bytes(&buf) {
+                fail!("virtio-console send: {:?}", e);
+            }
+            buf.clear();
+        }
+    }
+    flood_end(lines)
+}
+
+/// `test=flood-serial bytes=N [hold=1]`: the same through the serial port.
+pub fn flood_serial() -> ! {
+    let bytes = num("bytes", Some(1 << 20));
+    let lines = bytes / 64;
+    for i in 0..lines {
+        let l = flood_line(i);
+        crate::print!("{}", core::str::from_utf8(&l).unwrap_or(""));
+    }
+    flood_end(lines)
+}
+
+fn flood_end(lines: u64) -> ! {
+    println!("flood done lines={}", lines);
+    if num("hold", Some(0)) != 0 {
+        println!("flood holding");
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    io::result_ok()
+}
+
 /// `test=power-button [ged=ADDR] [pm=PORT] [ms=M]`: waits (up to M ms, default 30000)
 /// for the power-button flag (bit 3) in the ACPI Generic Event Device's register at ADDR
 /// (default 0xfeb00000, Vireo's GED; reading clears it, as the DSDT's `_EVT` does), then

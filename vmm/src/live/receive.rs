@@ -248,7 +248,6 @@ impl IncomingDisks {
     }
 
     fn apply(&self, op: protocol::DiskOp) -> Result<(), String> {
-        use std::io::IoSlice;
         let (index, r) = match op {
             protocol::DiskOp::Write {
                 index,
@@ -257,7 +256,10 @@ impl IncomingDisks {
             } => {
                 let b = self.get(index)?;
                 self.within(index, offset, data.len() as u64)?;
-                (index, b.write_vectored_at(&[IoSlice::new(&data)], offset))
+                (
+                    index,
+                    b.write_vectored_at(&devices::block::IoBufs::from_slice(&data), offset),
+                )
             }
             protocol::DiskOp::Zeroes { index, offset, len } => {
                 let b = self.get(index)?;

@@ -4,11 +4,11 @@
 //! the chunk locks order a guest write and the copy of its chunk, and the queue
 //! keeps that order.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 
-use devices::block::BlockBackend;
+use devices::block::{BlockBackend, IoBufs, IoBufsMut};
 use migration::protocol::DiskOp;
 
 pub struct RemoteDisk {
@@ -49,11 +49,12 @@ impl BlockBackend for RemoteDisk {
     fn physical_block_size(&self) -> u32 {
         self.physical
     }
-    fn read_vectored_at(&self, _: &mut [IoSliceMut<'_>], _: u64) -> io::Result<()> {
+    fn read_vectored_at(&self, _: &IoBufsMut<'_>, _: u64) -> io::Result<()> {
         Err(io::Error::other("a remote disk is written, never read"))
     }
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<()> {
+        // The op outlives the request: the data is copied (volatile reads).
+        let data = bufs.to_vec();
         self.push(DiskOp::Write {
             index: self.index,
             offset,

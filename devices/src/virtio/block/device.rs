@@ -4,8 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::on_error::{ErrorPolicy, StopSink};
 use super::worker::{BlockWorker, Throttle};
-use crate::block::BlockBackend;
+use crate::block::{BlockBackend, IoBufs, IoBufsMut};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::workers::Workers;
 use crate::virtio::{
@@ -42,6 +43,10 @@ pub struct BlockConfig {
     /// How long a queue's worker keeps watching the ring for new requests after
     /// it ran dry, before it sleeps (0: sleep at once).
     pub poll_us: u32,
+    /// What a host I/O error does (see `on_error.rs`).
+    pub on_error: ErrorPolicy,
+    /// Where the disk asks for the VM to pause (no sink: errors are reported).
+    pub stop_sink: Option<StopSink>,
 }
 
 /// I/O counters served by `vm.counters`.
@@ -86,10 +91,10 @@ impl BlockBackend for Detached {
     fn physical_block_size(&self) -> u32 {
         self.physical
     }
-    fn read_vectored_at(&self, _: &mut [std::io::IoSliceMut<'_>], _: u64) -> std::io::Result<()> {
+    fn read_vectored_at(&self, _: &IoBufsMut<'_>, _: u64) -> std::io::Result<()> {
         Err(detached())
     }
-    fn write_vectored_at(&self, _: &[std::io::IoSlice<'_>], _: u64) -> std::io::Result<()> {
+    fn write_vectored_at(&self, _: &IoBufs<'_>, _: u64) -> std::io::Result<()> {
         Err(detached())
     }
     fn flush(&self) -> std::io::Result<()> {

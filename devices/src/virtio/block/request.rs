@@ -1,16 +1,17 @@
 //! One virtio-blk request: parsed from a descriptor chain, executed against the
 //! backend straight in guest memory, completed with a status byte.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::device::{BlockConfig, BlockCounters, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEG_MAX};
+use super::on_error::{errno_of, DiskStopped};
 use crate::block::BlockBackend;
+use crate::virtio::guest_io::{guest_bufs, guest_bufs_mut};
 use crate::virtio::GuestMemoryMmap;
 
 const T_IN: u32 = 0;
@@ -109,42 +110,57 @@ impl Request {
         self.data.iter().map(|(_, l, _)| u64::from(*l)).sum()
     }
 
-    /// Executes the request; returns (status, bytes written into guest memory).
+    /// Executes the request: the status and bytes written into guest memory, or, when
+    /// the host failed the I/O and `policy` says so, that the disk stops.
     pub fn execute(
         &self,
         mem: &GuestMemoryMmap,
         disk: &dyn BlockBackend,
         cfg: &BlockConfig,
         counters: &BlockCounters,
-    ) -> (u8, u32) {
+    ) -> Outcome {
         let result = match self.kind {
             T_IN => self.read(mem, disk, counters),
-            T_OUT if cfg.read_only => Err(S_IOERR),
+            T_OUT if cfg.read_only => Err(S_IOERR.into()),
             T_OUT => self.write(mem, disk, counters),
             T_FLUSH => {
                 counters.flush_ops.fetch_add(1, Ordering::Relaxed);
                 disk.flush().map(|_| 0).map_err(|e| io_err("flush", e))
             }
             T_GET_ID => self.get_id(mem, cfg),
-            T_DISCARD | T_WRITE_ZEROES if cfg.read_only => Err(S_IOERR),
+            T_DISCARD | T_WRITE_ZEROES if cfg.read_only => Err(S_IOERR.into()),
             T_DISCARD => self.discard_or_zero(mem, disk, false, &counters.discard_ops),
             T_WRITE_ZEROES => self.discard_or_zero(mem, disk, true, &counters.write_zeroes_ops),
-            _ => Err(S_UNSUPP),
+            _ => Err(S_UNSUPP.into()),
         };
-        match result {
-            Ok(written) => (S_OK, written),
-            Err(status) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                (status, 0)
+        let status = match result {
+            Ok(written) => {
+                return Outcome::Done {
+                    status: S_OK,
+                    written,
+                }
             }
-        }
+            Err(Failed::Status(status)) => status,
+            Err(Failed::Io { op, error }) => {
+                let errno = errno_of(&error);
+                if let Some(errno) =
+                    errno.filter(|&n| cfg.stop_sink.is_some() && cfg.on_error.stops_on(n))
+                {
+                    return Outcome::Stop(DiskStopped { op, errno });
+                }
+                crate::guest_warn!(op, error = %error, "block backend error (reported to the guest)");
+                S_IOERR
+            }
+        };
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+        Outcome::Done { status, written: 0 }
     }
 
-    fn byte_range(&self, disk: &dyn BlockBackend) -> Result<u64, u8> {
+    fn byte_range(&self, disk: &dyn BlockBackend) -> Result<u64, Failed> {
         let offset = self.sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
         let end = offset.checked_add(self.data_len()).ok_or(S_IOERR)?;
         if end > disk.size() || !self.data_len().is_multiple_of(SECTOR_SIZE) {
-            return Err(S_IOERR);
+            return Err(S_IOERR.into());
         }
         Ok(offset)
     }
@@ -154,32 +170,18 @@ impl Request {
         mem: &GuestMemoryMmap,
         disk: &dyn BlockBackend,
         c: &BlockCounters,
-    ) -> Result<u32, u8> {
+    ) -> Result<u32, Failed> {
         let offset = self.byte_range(disk)?;
-        let mut regions = Vec::with_capacity(self.data.len());
-        for &(addr, len, writable) in &self.data {
-            if !writable {
-                return Err(S_IOERR);
-            }
-            for slice in mem.get_slices(addr, len as usize) {
-                regions.push(slice.map_err(|_| S_IOERR)?);
-            }
+        if self.data.iter().any(|&(_, _, writable)| !writable) {
+            return Err(S_IOERR.into());
         }
-        let mut slices: Vec<IoSliceMut<'_>> = regions
-            .iter()
-            .map(|r| {
-                // SAFETY: the slice lies in a guest memory mapping that lives as long as
-                // `mem`; the guest owns the buffer until we return it in the used ring.
-                IoSliceMut::new(unsafe {
-                    std::slice::from_raw_parts_mut(r.ptr_guard_mut().as_ptr(), r.len())
-                })
-            })
-            .collect();
-        let read = disk.read_vectored_at(&mut slices, offset);
+        let segments = self.data.iter().map(|&(addr, len, _)| (addr, len));
+        let (bufs, regions) = guest_bufs_mut(mem, segments).map_err(|_| S_IOERR)?;
+        let read = disk.read_vectored_at(&bufs, offset);
         // Dirty only once written (even partly, on an error): a migration round that
         // took the bitmap between a mark and the write would have copied the page as it
         // was and cleared its bit, losing the write.
-        drop(slices);
+        drop(bufs);
         for r in &regions {
             r.bitmap().mark_dirty(0, r.len());
         }
@@ -187,7 +189,7 @@ impl Request {
         let len = self.data_len();
         c.read_ops.fetch_add(1, Ordering::Relaxed);
         c.read_bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(len as u32)
+        Ok(u32::try_from(len).unwrap_or(u32::MAX))
     }
 
     fn write(
@@ -195,29 +197,24 @@ impl Request {
         mem: &GuestMemoryMmap,
         disk: &dyn BlockBackend,
         c: &BlockCounters,
-    ) -> Result<u32, u8> {
+    ) -> Result<u32, Failed> {
         let offset = self.byte_range(disk)?;
-        let mut slices = Vec::with_capacity(self.data.len());
-        for &(addr, len, writable) in &self.data {
-            if writable {
-                return Err(S_IOERR);
-            }
-            guest_slices(mem, addr, len, &mut |ptr, n| {
-                // SAFETY: as in `read`; the backend only reads from these buffers.
-                slices.push(IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, n) }));
-            })?;
+        if self.data.iter().any(|&(_, _, writable)| writable) {
+            return Err(S_IOERR.into());
         }
-        disk.write_vectored_at(&slices, offset)
+        let segments = self.data.iter().map(|&(addr, len, _)| (addr, len));
+        let bufs = guest_bufs(mem, segments).map_err(|_| S_IOERR)?;
+        disk.write_vectored_at(&bufs, offset)
             .map_err(|e| io_err("write", e))?;
         c.write_ops.fetch_add(1, Ordering::Relaxed);
         c.write_bytes.fetch_add(self.data_len(), Ordering::Relaxed);
         Ok(0)
     }
 
-    fn get_id(&self, mem: &GuestMemoryMmap, cfg: &BlockConfig) -> Result<u32, u8> {
+    fn get_id(&self, mem: &GuestMemoryMmap, cfg: &BlockConfig) -> Result<u32, Failed> {
         let &(addr, len, writable) = self.data.first().ok_or(S_IOERR)?;
         if !writable {
-            return Err(S_IOERR);
+            return Err(S_IOERR.into());
         }
         let mut id = [0u8; SERIAL_LEN];
         let serial = cfg.serial.as_bytes();
@@ -234,10 +231,10 @@ impl Request {
         disk: &dyn BlockBackend,
         zero: bool,
         ops: &AtomicU64,
-    ) -> Result<u32, u8> {
+    ) -> Result<u32, Failed> {
         for &(addr, len, writable) in &self.data {
             if writable || !(len as usize).is_multiple_of(DISCARD_SEGMENT_LEN) {
-                return Err(S_IOERR);
+                return Err(S_IOERR.into());
             }
             for i in 0..(len as usize / DISCARD_SEGMENT_LEN) {
                 let seg: [u8; 16] = mem
@@ -246,7 +243,7 @@ impl Request {
                 let sector = u64::from_le_bytes(seg[0..8].try_into().map_err(|_| S_IOERR)?);
                 let count = u32::from_le_bytes(seg[8..12].try_into().map_err(|_| S_IOERR)?);
                 if count > MAX_DISCARD_SECTORS {
-                    return Err(S_IOERR);
+                    return Err(S_IOERR.into());
                 }
                 let offset = sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
                 let bytes = u64::from(count) * SECTOR_SIZE;
@@ -254,7 +251,7 @@ impl Request {
                     .checked_add(bytes)
                     .is_none_or(|end| end > disk.size())
                 {
-                    return Err(S_IOERR);
+                    return Err(S_IOERR.into());
                 }
                 let r = if zero {
                     disk.write_zeroes(offset, bytes)
@@ -269,32 +266,43 @@ impl Request {
     }
 }
 
-fn io_err(op: &str, e: std::io::Error) -> u8 {
-    tracing::warn!(op, error = %e, "block backend error");
-    S_IOERR
+fn io_err(op: &'static str, e: std::io::Error) -> Failed {
+    Failed::Io { op, error: e }
 }
 
-/// Walks the host mappings of `[addr, addr+len)` (which may span memory regions).
-fn guest_slices(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-    f: &mut dyn FnMut(*mut u8, usize),
-) -> Result<(), u8> {
-    for slice in mem.get_slices(addr, len as usize) {
-        let slice = slice.map_err(|_| S_IOERR)?;
-        f(slice.ptr_guard_mut().as_ptr(), slice.len());
+/// Why a request failed: a bad request (its status) or the host's I/O.
+#[derive(Debug)]
+pub(super) enum Failed {
+    Status(u8),
+    Io {
+        op: &'static str,
+        error: std::io::Error,
+    },
+}
+
+impl From<u8> for Failed {
+    fn from(status: u8) -> Self {
+        Failed::Status(status)
     }
-    Ok(())
+}
+
+/// What [`Request::execute`] did.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Complete the request with this status and byte count.
+    Done { status: u8, written: u32 },
+    /// The host failed the I/O and the disk's policy stops: do not complete it.
+    Stop(DiskStopped),
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use vm_memory::GuestMemoryRegion;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     use super::*;
+    use crate::block::{IoBufs, IoBufsMut};
     use crate::rate_limiter::RateLimiterConfig;
 
     /// A disk whose read first does what a live migration's round does to the device
@@ -307,17 +315,15 @@ mod tests {
         fn size(&self) -> u64 {
             1 << 20
         }
-        fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], _: u64) -> std::io::Result<()> {
+        fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, _: u64) -> std::io::Result<()> {
             for r in self.mem.iter() {
                 // As vmm::live::dirty does: the mapping's own bitmap.
                 let _ = std::ops::Deref::deref(r).bitmap().get_and_reset();
             }
-            for b in bufs.iter_mut() {
-                b.fill(0xab);
-            }
+            bufs.write_at(0, &vec![0xab; bufs.len() as usize]);
             Ok(())
         }
-        fn write_vectored_at(&self, _: &[IoSlice<'_>], _: u64) -> std::io::Result<()> {
+        fn write_vectored_at(&self, _: &IoBufs<'_>, _: u64) -> std::io::Result<()> {
             Ok(())
         }
         fn flush(&self) -> std::io::Result<()> {
@@ -348,9 +354,20 @@ mod tests {
             num_queues: 1,
             rate_limiter: RateLimiterConfig::default(),
             poll_us: 0,
+            on_error: Default::default(),
+            stop_sink: None,
         };
-        let (status, written) = req.execute(&mem, &disk, &cfg, &BlockCounters::default());
-        assert_eq!((status, written), (S_OK, 0x2000));
+        let out = req.execute(&mem, &disk, &cfg, &BlockCounters::default());
+        assert!(
+            matches!(
+                out,
+                Outcome::Done {
+                    status: S_OK,
+                    written: 0x2000
+                }
+            ),
+            "{out:?}"
+        );
         let region = mem.iter().next().unwrap();
         for page in [1usize, 2, 3] {
             assert!(

@@ -15,7 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{BlockConfig, BlockCounters};
 use super::poll::PollWindow;
-use super::request::{Request, S_IOERR};
+use super::request::{Outcome, Request, S_IOERR};
 use crate::block::BlockBackend;
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptKind};
@@ -51,6 +51,8 @@ pub(super) struct BlockWorker {
     counters: Arc<BlockCounters>,
     throttle: Option<Throttle>,
     poll: PollWindow,
+    /// A host I/O error stopped this queue (on_error): requests wait for a resume.
+    stopped: bool,
     stop: EventFd,
     epoll: Epoll,
 }
@@ -91,6 +93,7 @@ impl BlockWorker {
             interrupt,
             disk,
             poll: PollWindow::new(config.poll_us),
+            stopped: false,
             config,
             counters,
             throttle,
@@ -157,9 +160,14 @@ impl BlockWorker {
     /// A throttled queue returns at once, with notifications off; the rate limiter's
     /// timer wakes it.
     fn serve(&mut self) {
+        if self.stopped {
+            // A host error stopped the disk: nothing runs until the VM is paused and
+            // resumed (which starts a new worker at the kept request).
+            return;
+        }
         let mem = self.mem.clone();
         loop {
-            if self.process_queue() == Drained::Throttled {
+            if self.process_queue() != Drained::Empty {
                 return;
             }
             if self.poll_for_more() {
@@ -170,7 +178,7 @@ impl BlockWorker {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    tracing::warn!(error = ?e, "cannot enable queue notifications");
+                    crate::guest_warn!(error = ?e, "cannot enable queue notifications");
                     return;
                 }
             }
@@ -209,7 +217,7 @@ impl BlockWorker {
         let mem = self.mem.clone();
         let mem: &GuestMemoryMmap = &mem;
         if let Err(e) = self.q.queue.disable_notification(mem) {
-            tracing::warn!(error = ?e, "cannot disable queue notifications");
+            crate::guest_warn!(error = ?e, "cannot disable queue notifications");
         }
         let mut completed = 0;
         let mut throttled = false;
@@ -221,7 +229,7 @@ impl BlockWorker {
                     // Put the request back and sleep until the buckets allow it.
                     self.q.queue.go_to_previous_position();
                     if let Err(e) = t.timer.reset(wait, None) {
-                        tracing::warn!(error = %e, "cannot arm the rate-limit timer");
+                        crate::guest_warn!(error = %e, "cannot arm the rate-limit timer");
                     }
                     t.waiting = true;
                     throttled = true;
@@ -230,23 +238,34 @@ impl BlockWorker {
                 }
             }
             let (status_addr, status, len) = match parsed {
-                Ok(req) => {
-                    let (status, written) =
-                        req.execute(mem, self.disk.as_ref(), &self.config, &self.counters);
-                    (Some(req.status), status, written + 1)
-                }
+                Ok(req) => match req.execute(mem, self.disk.as_ref(), &self.config, &self.counters)
+                {
+                    Outcome::Done { status, written } => {
+                        (Some(req.status), status, written.saturating_add(1))
+                    }
+                    Outcome::Stop(stopped) => {
+                        // Keep the request: it stays first in the queue, not completed,
+                        // and runs again when the VM resumes (a new worker).
+                        self.q.queue.go_to_previous_position();
+                        self.stopped = true;
+                        if let Some(sink) = &self.config.stop_sink {
+                            (sink.0)(stopped);
+                        }
+                        break;
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(error = %e, "malformed virtio-blk request");
+                    crate::guest_warn!(error = %e, "malformed virtio-blk request");
                     (None, S_IOERR, 0)
                 }
             };
             if let Some(addr) = status_addr {
                 if mem.write_obj(status, addr).is_err() {
-                    tracing::warn!("cannot write virtio-blk status byte");
+                    crate::guest_warn!("cannot write virtio-blk status byte");
                 }
             }
             if let Err(e) = self.q.queue.add_used(mem, head, len) {
-                tracing::warn!(error = ?e, "cannot return a descriptor to the used ring");
+                crate::guest_warn!(error = ?e, "cannot return a descriptor to the used ring");
             }
             completed += 1;
         }
@@ -257,14 +276,18 @@ impl BlockWorker {
                         .interrupt
                         .trigger(VirtioInterruptKind::Queue(self.q.index))
                     {
-                        tracing::warn!(error = %e, "cannot interrupt the guest");
+                        crate::guest_warn!(error = %e, "cannot interrupt the guest");
                     }
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = ?e, "needs_notification failed"),
+                Err(e) => crate::guest_warn!(error = ?e, "needs_notification failed"),
             }
         }
-        if throttled {
+        if self.stopped {
+            // Notifications stay off: after the VM resumes, a new worker runs the kept
+            // request.
+            Drained::Stopped
+        } else if throttled {
             // Notifications stay off: the timer, not the guest, wakes us.
             Drained::Throttled
         } else {
@@ -280,4 +303,6 @@ enum Drained {
     Empty,
     /// A request waits for the rate limiter's tokens.
     Throttled,
+    /// A host I/O error stopped the queue (on_error=stop).
+    Stopped,
 }

@@ -25,6 +25,7 @@ pub struct Console {
     input: Option<std::fs::File>,
     bytes_out: Arc<AtomicU64>,
     bytes_in: Arc<AtomicU64>,
+    tx_truncated: Arc<AtomicU64>,
     running: Option<Workers<WorkerParts>>,
 }
 
@@ -35,6 +36,7 @@ impl Console {
             input,
             bytes_out: Arc::new(AtomicU64::new(0)),
             bytes_in: Arc::new(AtomicU64::new(0)),
+            tx_truncated: Arc::new(AtomicU64::new(0)),
             running: None,
         }
     }
@@ -125,7 +127,11 @@ impl VirtioDevice for Console {
             interrupt,
             self.output.clone(),
             self.input.take(),
-            (self.bytes_out.clone(), self.bytes_in.clone()),
+            (
+                self.bytes_out.clone(),
+                self.bytes_in.clone(),
+                self.tx_truncated.clone(),
+            ),
             workers.stop_fd()?,
         )
         .map_err(setup)?;
@@ -150,6 +156,7 @@ impl VirtioDevice for Console {
         vec![
             ("tx_bytes", self.bytes_out.load(Ordering::Relaxed)),
             ("rx_bytes", self.bytes_in.load(Ordering::Relaxed)),
+            ("tx_truncated", self.tx_truncated.load(Ordering::Relaxed)),
         ]
     }
 }

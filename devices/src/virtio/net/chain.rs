@@ -85,6 +85,23 @@ impl Chain {
         Ok(c)
     }
 
+    /// The guest ranges from byte `skip` on (what `guest_io` turns into iovecs).
+    pub fn ranges(&self, skip: u64) -> Vec<(GuestAddress, u32)> {
+        let mut skip = skip;
+        let mut out = Vec::with_capacity(self.segments.len());
+        for &(addr, len) in &self.segments {
+            if skip >= u64::from(len) {
+                skip -= u64::from(len);
+                continue;
+            }
+            // Saturating: a range past the end of the address space is not guest
+            // memory, and resolving it fails.
+            out.push((GuestAddress(addr.0.saturating_add(skip)), len - skip as u32));
+            skip = 0;
+        }
+        out
+    }
+
     /// The segments from byte `skip` on, clipped to their guest-memory mappings
     /// (host pointer, length): what readv/writev use. A segment outside guest memory
     /// is an error. With `dirty`, the pages are marked in the dirty bitmap (call it
@@ -103,7 +120,7 @@ impl Chain {
                 skip -= len;
                 continue;
             }
-            let start = GuestAddress(addr.0 + skip);
+            let start = GuestAddress(addr.0.saturating_add(skip));
             let n = (len - skip) as usize;
             skip = 0;
             for slice in mem.get_slices(start, n) {

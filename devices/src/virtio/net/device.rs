@@ -1,8 +1,9 @@
 //! The virtio-net device as the transport sees it: features, configuration space
 //! (MAC, link status), activation of its worker, hand-over of the tap.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
+
+use crate::block::{IoBufs, IoBufsMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,19 +26,40 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 /// Where frames go and come from: one frame per call, each after a 12-byte
 /// virtio-net header, non-blocking (`WouldBlock` when nothing waits / no room), and
 /// an fd that polls readable and writable (a tap, or a SOCK_SEQPACKET socket in tests).
+///
+/// The buffers are raw iovecs (guest memory, see `guest_io`); the defaults are one
+/// `readv`/`writev` on the fd.
 pub trait NetBackend: AsRawFd + Send + Sync {
-    fn recv(&self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize>;
-    fn send(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize>;
+    /// Reads one frame into `bufs`; a longer frame is cut short.
+    fn recv(&self, bufs: &IoBufsMut<'_>) -> std::io::Result<usize> {
+        let iov = bufs.iovecs();
+        let n = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: the iovecs come from an IoBufsMut: valid for writes while borrowed.
+        let r = unsafe { libc::readv(self.as_raw_fd(), iov.as_ptr(), n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+    /// Writes one frame gathered from `bufs`.
+    fn send(&self, bufs: &IoBufs<'_>) -> std::io::Result<usize> {
+        let iov = bufs.iovecs();
+        if iov.len() > libc::UIO_MAXIOV as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "frame in more than UIO_MAXIOV pieces",
+            ));
+        }
+        // SAFETY: the iovecs come from an IoBufs: valid for reads while borrowed.
+        let r = unsafe { libc::writev(self.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
 }
 
-impl NetBackend for net::Tap {
-    fn recv(&self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
-        self.readv(bufs)
-    }
-    fn send(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        self.writev(bufs)
-    }
-}
+impl NetBackend for net::Tap {}
 
 /// Opens the backend again (after a migration hand-over that did not complete).
 pub type ReopenNet = Box<dyn Fn() -> std::io::Result<Arc<dyn NetBackend>> + Send>;

@@ -2,7 +2,6 @@
 //! a SOCK_SEQPACKET socket pair in place of the tap (it keeps frame boundaries and
 //! polls like one).
 
-use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -34,25 +33,7 @@ impl AsRawFd for Seqpacket {
     }
 }
 
-impl NetBackend for Seqpacket {
-    fn recv(&self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
-        // SAFETY: IoSliceMut is an iovec; the buffers are valid for writes.
-        let r = unsafe { libc::readv(self.0.as_raw_fd(), bufs.as_ptr().cast(), bufs.len() as i32) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(r as usize)
-    }
-    fn send(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        // SAFETY: IoSlice is an iovec; the buffers are valid for reads.
-        let r =
-            unsafe { libc::writev(self.0.as_raw_fd(), bufs.as_ptr().cast(), bufs.len() as i32) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(r as usize)
-    }
-}
+impl NetBackend for Seqpacket {}
 
 /// (the device's end, the test's end).
 fn socket_pair() -> (Arc<Seqpacket>, OwnedFd) {

@@ -8,7 +8,7 @@
 //! a full tap pauses transmission until the tap is writable again.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, IoSlice, IoSliceMut};
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{plain_frame, rx_header, spread, Chain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::device::{NetBackend, NetCounters};
+use crate::block::IoBufsMut;
+use crate::virtio::guest_io::{guest_bufs, guest_bufs_mut};
 use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptKind};
 
 const TOKEN_RX_KICK: u64 = 0;
@@ -180,7 +182,7 @@ impl NetWorker {
             EpollEvent::new(want, TOKEN_BACKEND),
         ) {
             Ok(()) => self.interest = want,
-            Err(e) => tracing::warn!(error = %e, "net: cannot change what epoll watches"),
+            Err(e) => crate::guest_warn!(error = %e, "net: cannot change what epoll watches"),
         }
     }
 
@@ -194,7 +196,7 @@ impl NetWorker {
                     .interrupt
                     .trigger(VirtioInterruptKind::Queue(queue.index))
                 {
-                    tracing::warn!(error = %e, "net: cannot interrupt the guest");
+                    crate::guest_warn!(error = %e, "net: cannot interrupt the guest");
                 }
             }
         }
@@ -223,7 +225,7 @@ impl NetWorker {
                     self.held.push_back(c);
                 }
                 Err((head, e)) => {
-                    tracing::warn!(error = %e, "net: unusable receive buffer");
+                    crate::guest_warn!(error = %e, "net: unusable receive buffer");
                     let _ = self.rx.queue.add_used(mem, head, 0);
                     returned = true;
                 }
@@ -259,7 +261,7 @@ impl NetWorker {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "net: reading the tap failed; waiting for the guest");
+                    crate::guest_warn!(error = %e, "net: reading the tap failed; waiting for the guest");
                     self.rx_failed = true;
                     break;
                 }
@@ -275,34 +277,26 @@ impl NetWorker {
     fn receive_one(&mut self) -> std::io::Result<bool> {
         let mem = self.mem.clone();
         let mem: &GuestMemoryMmap = &mem;
-        let mut host = Vec::with_capacity(self.held.len() + 2);
+        let mut header = [0u8; VNET_HDR_LEN];
+        let mut parts = Vec::with_capacity(self.held.len() + 2);
+        parts.push(IoBufsMut::from_slice(&mut header));
         for (i, c) in self.held.iter().enumerate() {
             let skip = if i == 0 { VNET_HDR_LEN as u64 } else { 0 };
-            if let Err(e) = c.host_slices(mem, skip, false, &mut host) {
-                // Not in guest memory: give it back empty and try again.
-                tracing::warn!(error = %e, "net: receive buffer outside guest memory");
-                if let Some(bad) = self.held.remove(i) {
-                    self.held_bytes -= bad.len;
-                    let _ = self.rx.queue.add_used(mem, bad.head, 0);
+            match guest_bufs_mut(mem, c.ranges(skip).into_iter()) {
+                Ok((bufs, _)) => parts.push(bufs),
+                Err(e) => {
+                    // Not in guest memory: give it back empty and try again.
+                    crate::guest_warn!(error = %e, "net: receive buffer outside guest memory");
+                    if let Some(bad) = self.held.remove(i) {
+                        self.held_bytes -= bad.len;
+                        let _ = self.rx.queue.add_used(mem, bad.head, 0);
+                    }
+                    return Ok(false);
                 }
-                return Ok(false);
             }
         }
-        let mut header = [0u8; VNET_HDR_LEN];
-        let n = {
-            let mut bufs = Vec::with_capacity(host.len() + 2);
-            bufs.push(IoSliceMut::new(&mut header));
-            for &(ptr, len) in &host {
-                // SAFETY: `ptr..ptr+len` lies in a guest memory mapping that lives as
-                // long as `mem`; the guest gave us this buffer and does not own it
-                // again until we put it in the used ring.
-                bufs.push(IoSliceMut::new(unsafe {
-                    std::slice::from_raw_parts_mut(ptr, len)
-                }));
-            }
-            bufs.push(IoSliceMut::new(&mut self.overflow));
-            self.backend.recv(&mut bufs)?
-        };
+        parts.push(IoBufsMut::from_slice(&mut self.overflow));
+        let n = self.backend.recv(&IoBufsMut::join(parts))?;
         if n < VNET_HDR_LEN {
             self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
@@ -322,7 +316,7 @@ impl NetWorker {
         };
         let first = &self.held[0];
         if let Err(e) = first.write_at(mem, 0, &rx_header(lens.len() as u16)) {
-            tracing::warn!(error = %e, "net: cannot write the virtio-net header");
+            crate::guest_warn!(error = %e, "net: cannot write the virtio-net header");
         }
         let mut scratch = Vec::new();
         for len in lens {
@@ -334,7 +328,7 @@ impl NetWorker {
             scratch.clear();
             let _ = c.host_slices(mem, 0, true, &mut scratch);
             if let Err(e) = self.rx.queue.add_used(mem, c.head, len) {
-                tracing::warn!(error = ?e, "net: cannot return a receive buffer");
+                crate::guest_warn!(error = ?e, "net: cannot return a receive buffer");
             }
         }
         self.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
@@ -350,7 +344,7 @@ impl NetWorker {
         let mut done = 0u32;
         'ring: loop {
             if let Err(e) = self.tx.queue.disable_notification(mem) {
-                tracing::warn!(error = ?e, "net: cannot disable transmit notifications");
+                crate::guest_warn!(error = ?e, "net: cannot disable transmit notifications");
             }
             while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
@@ -364,12 +358,12 @@ impl NetWorker {
                         }
                     }
                     Err((_, e)) => {
-                        tracing::warn!(error = %e, "net: malformed transmit buffer");
+                        crate::guest_warn!(error = %e, "net: malformed transmit buffer");
                         self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 if let Err(e) = self.tx.queue.add_used(mem, head, 0) {
-                    tracing::warn!(error = ?e, "net: cannot return a transmit buffer");
+                    crate::guest_warn!(error = ?e, "net: cannot return a transmit buffer");
                 }
                 done += 1;
                 if done.is_multiple_of(BATCH) {
@@ -388,17 +382,14 @@ impl NetWorker {
 
     /// Sends one frame; false when the backend is full (nothing was sent).
     fn send_one(&mut self, mem: &GuestMemoryMmap, c: &Chain) -> bool {
-        let mut host = Vec::with_capacity(c.segments.len());
-        if let Err(e) = c.host_slices(mem, 0, false, &mut host) {
-            tracing::warn!(error = %e, "net: transmit buffer outside guest memory");
-            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        let bufs: Vec<IoSlice<'_>> = host
-            .iter()
-            // SAFETY: as in `receive_one`; the backend only reads these buffers.
-            .map(|&(ptr, len)| IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, len) }))
-            .collect();
+        let bufs = match guest_bufs(mem, c.ranges(0).into_iter()) {
+            Ok(bufs) => bufs,
+            Err(e) => {
+                crate::guest_warn!(error = %e, "net: transmit buffer outside guest memory");
+                self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        };
         loop {
             match self.backend.send(&bufs) {
                 Ok(_) => {
@@ -413,7 +404,7 @@ impl NetWorker {
                 Err(e) => {
                     // e.g. EIO while the tap's link is down: the frame is lost, as on a wire.
                     if !self.tx_error_logged {
-                        tracing::warn!(error = %e, "net: the tap refused a frame (further refusals are counted in tx_dropped)");
+                        crate::guest_warn!(error = %e, "net: the tap refused a frame (further refusals are counted in tx_dropped)");
                         self.tx_error_logged = true;
                     }
                     self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);

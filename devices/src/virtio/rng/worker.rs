@@ -120,7 +120,7 @@ impl RngWorker {
             }
             self.bytes.fetch_add(u64::from(written), Ordering::Relaxed);
             if let Err(e) = self.q.queue.add_used(mem, head, written) {
-                tracing::warn!(error = ?e, "rng: cannot return a buffer");
+                crate::guest_warn!(error = ?e, "rng: cannot return a buffer");
             }
             completed = true;
         }
