@@ -312,6 +312,13 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::Vcpu => {
             // Emulation only: serial output (write), interrupts, its own state.
+            // The serial port's output file is size-capped (devices::output::RotatingFile):
+            // it writes at an offset and, when full, copies itself to PATH.1 and empties
+            // itself (pwrite64, pread64, ftruncate on the fds opened at start; no fsync).
+            allow(
+                &mut rules,
+                &[libc::SYS_pwrite64, libc::SYS_pread64, libc::SYS_ftruncate],
+            );
             let mut allowed = vec![KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
             allowed.extend(VCPU_SAVE_IOCTLS);
             rules.insert(libc::SYS_ioctl, ioctls(&allowed)?);
