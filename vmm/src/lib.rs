@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod boot;
 pub mod coalesced;
+pub mod confinement;
 pub mod device_manager;
 pub mod fault;
 pub mod kvm;
