@@ -145,10 +145,11 @@ impl DiskConfig {
     /// The format to open the image in: as declared, else (an old configuration) raw
     /// unless the file name ends in `.vhdx`.
     pub fn effective_format(&self) -> DiskFormat {
-        self.format.unwrap_or(match DiskFormat::from_extension(&self.path) {
-            Some(DiskFormat::Vhdx) => DiskFormat::Vhdx,
-            _ => DiskFormat::Raw,
-        })
+        self.format
+            .unwrap_or(match DiskFormat::from_extension(&self.path) {
+                Some(DiskFormat::Vhdx) => DiskFormat::Vhdx,
+                _ => DiskFormat::Raw,
+            })
     }
 }
 

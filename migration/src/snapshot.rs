@@ -242,8 +242,8 @@ impl<C: DeserializeOwned, S: DeserializeOwned> Snapshot<C, S> {
     /// Fills the (new, zeroed) guest memory `mem`; returns the bytes read.
     pub fn load_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<u64, SnapshotError> {
         let path = self.dir.join(MEMORY);
-        let file = confine::open_file_at(self.dir_fd.as_fd(), OsStr::new(MEMORY))
-            .map_err(io(&path))?;
+        let file =
+            confine::open_file_at(self.dir_fd.as_fd(), OsStr::new(MEMORY)).map_err(io(&path))?;
         memory::load(mem, &file, &self.memory)
             .map_err(|source| SnapshotError::Memory { path, source })
     }
@@ -335,6 +335,9 @@ mod tests {
         symlink(&victim, snap.join(MEMORY)).unwrap();
         let s: Snapshot<u32, u32> = Snapshot::open(&snap).unwrap();
         let e = s.load_memory(&mem).unwrap_err().to_string();
-        assert!(e.contains("symbolic link") || e.contains("os error 40"), "{e}");
+        assert!(
+            e.contains("symbolic link") || e.contains("os error 40"),
+            "{e}"
+        );
     }
 }

@@ -78,8 +78,8 @@ pub fn open_read(path: &Path) -> Result<File, ConfineError> {
 /// is the same thing (the child is beneath a root). None without roots.
 pub fn parent_opener() -> Option<vhdx::ParentOpener> {
     let roots = roots()?;
-    Some(vhdx::ParentOpener(Arc::new(move |_child, candidate| {
-        match roots.open_file(candidate, false) {
+    Some(vhdx::ParentOpener(Arc::new(
+        move |_child, candidate| match roots.open_file(candidate, false) {
             Ok(f) => Ok(Some(f)),
             Err(ConfineError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -87,8 +87,8 @@ pub fn parent_opener() -> Option<vhdx::ParentOpener> {
                 Ok(None)
             }
             Err(e) => Err(format!("parent refused: {e}")),
-        }
-    })))
+        },
+    )))
 }
 
 /// Creates (0700) or opens the directory `path` for a snapshot or a receiver's disks.
@@ -149,7 +149,6 @@ pub fn check_url(url: &str) -> Result<(), ConfineError> {
     }
     r.check(path)
 }
-
 
 /// Creates the new image `path` (0600, `O_EXCL|O_NOFOLLOW` in its directory, beneath a
 /// root when there are roots) in `format`; on failure nothing is left.

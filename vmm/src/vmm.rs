@@ -158,8 +158,8 @@ impl Vmm {
 
     /// Builds the VM from a snapshot directory; it stays paused until `vm.resume`.
     pub fn restore(&mut self, dir: &std::path::Path) -> Result<(), VmError> {
-        let dir_fd = crate::confinement::open_dir(dir)
-            .map_err(|e| VmError::Confined(e.to_string()))?;
+        let dir_fd =
+            crate::confinement::open_dir(dir).map_err(|e| VmError::Confined(e.to_string()))?;
         let mut snapshot: migration::Snapshot<VmConfig, crate::vm::SavedVm> =
             migration::Snapshot::open_at(dir_fd, dir)?;
         if let Some(s) = &self.serial_override {
@@ -828,6 +828,7 @@ fn api_error(e: VmError) -> ApiError {
     match e {
         VmError::Transition(t) => ApiError::conflict(t.to_string()),
         VmError::Snapshot(s) => ApiError::bad_request(error_chain(&s)),
+        VmError::Confined(why) => ApiError::bad_request(why),
         other => ApiError::internal(error_chain(&other)),
     }
 }

@@ -160,7 +160,13 @@ impl IncomingDisks {
             return Err(format!("{} exists; not overwriting it", path.display()));
         }
         let format: api::config::DiskFormat = b.format.parse()?;
-        crate::confinement::create_image(&path, format, b.size, b.logical_sector, b.physical_sector)?;
+        crate::confinement::create_image(
+            &path,
+            format,
+            b.size,
+            b.logical_sector,
+            b.physical_sector,
+        )?;
 
         self.created.push(path.clone());
         disk.path = path;
