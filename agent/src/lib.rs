@@ -17,6 +17,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod confinement;
 pub mod error;
 pub mod inventory;
 pub mod launcher;

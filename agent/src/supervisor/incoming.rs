@@ -41,8 +41,15 @@ impl Supervisor {
         self: &Arc<Self>,
         req: IncomingRequest,
     ) -> Result<MigrationRecord, AgentError> {
+        let mut req = req;
         validate_name(&req.name)?;
         req.definition.validate()?;
+        self.confine(&req.name, &mut req.definition)?;
+        if let Some(dir) = &req.storage_dir {
+            self.roots
+                .open_dir(dir)
+                .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+        }
         let name = req.name.clone();
         let url = req
             .receiver_url
@@ -53,6 +60,7 @@ impl Supervisor {
                 "receiver_url {url:?}: expected unix:/path or tcp:host:port"
             )));
         }
+        crate::confinement::check_receiver_url(&url, &self.cfg.run_dir.join("vms"))?;
         let peer = req
             .source
             .clone()
