@@ -44,7 +44,10 @@ pub type ParentOpen = std::result::Result<Option<std::fs::File>, String>;
 /// what a parent may be (e.g. beneath its storage roots, no symlinks) and the check is
 /// the open itself, so the file that was checked is the one read.
 #[derive(Clone)]
-pub struct ParentOpener(pub Arc<dyn Fn(&Path, &Path) -> ParentOpen + Send + Sync>);
+pub struct ParentOpener(pub Arc<ParentOpenFn>);
+
+/// `(child_path, candidate_path) -> ParentOpen`.
+pub type ParentOpenFn = dyn Fn(&Path, &Path) -> ParentOpen + Send + Sync;
 
 impl std::fmt::Debug for ParentOpener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
