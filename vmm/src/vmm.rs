@@ -378,8 +378,8 @@ impl Vmm {
 
     /// Starts sending the running (or paused) VM to a listening destination.
     fn send_migration(&mut self, r: &SendMigrationRequest) -> Result<(), ApiError> {
-        crate::confinement::check_url(&r.destination_url)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        // Not confined: the destination's socket is in the other vireod's run dir, which
+        // this VMM cannot know (vireod chooses it). See docs/security.md.
         let url: migration::transport::MigrationUrl =
             r.destination_url
                 .parse()
