@@ -7,6 +7,8 @@ use std::path::PathBuf;
 pub enum AgentError {
     #[error("invalid VM name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
+    #[error("{0}")]
+    BadConfig(String),
     #[error("invalid VM definition: {0}")]
     BadDefinition(String),
     #[error("no VM named {0:?}")]

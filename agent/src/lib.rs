@@ -26,6 +26,7 @@ pub mod audit;
 pub mod authz;
 pub mod cgroup;
 pub mod client;
+pub mod confinement;
 pub mod error;
 pub mod hosttls;
 pub mod inventory;

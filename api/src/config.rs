@@ -67,10 +67,59 @@ impl Default for MemoryConfig {
     }
 }
 
+/// A disk image's format. It is declared, never guessed from the content: a guest
+/// that writes a VHDX header into its raw disk must not turn it into a VHDX.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Vhdx,
+}
+
+impl DiskFormat {
+    /// The format a file name declares: `.vhdx`, or `.raw`/`.img` (None otherwise).
+    pub fn from_extension(path: &std::path::Path) -> Option<DiskFormat> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "vhdx" => Some(DiskFormat::Vhdx),
+            "raw" | "img" => Some(DiskFormat::Raw),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Vhdx => "vhdx",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "vhdx" => Ok(DiskFormat::Vhdx),
+            _ => Err(format!("format '{s}': expected raw or vhdx")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     pub path: PathBuf,
+    /// raw or vhdx. A configuration written before formats were declared has none:
+    /// it then opens as raw unless the file name ends in `.vhdx` (never by content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
     #[serde(default)]
     pub readonly: bool,
     #[serde(default)]
@@ -110,6 +159,18 @@ pub enum OnError {
     /// ENOSPC, EDQUOT and EIO pause the VM (the request is kept and runs again on
     /// resume); other errors are reported.
     Stop,
+}
+
+impl DiskConfig {
+    /// The format to open the image in: as declared, else (an old configuration) raw
+    /// unless the file name ends in `.vhdx`.
+    pub fn effective_format(&self) -> DiskFormat {
+        self.format
+            .unwrap_or(match DiskFormat::from_extension(&self.path) {
+                Some(DiskFormat::Vhdx) => DiskFormat::Vhdx,
+                _ => DiskFormat::Raw,
+            })
+    }
 }
 
 /// One virtio-net device on a host tap interface.
@@ -407,6 +468,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut path = None;
     let mut d = DiskConfig {
         path: PathBuf::new(),
+        format: None,
         readonly: false,
         direct: false,
         serial: None,
@@ -422,6 +484,14 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
             "path" => path = Some(PathBuf::from(v)),
+            "format" => {
+                d.format = Some(v.parse().map_err(|reason| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason,
+                })?)
+            }
             "readonly" => d.readonly = on_off(F, &k, &v)?,
             "direct" => d.direct = on_off(F, &k, &v)?,
             "serial" => d.serial = Some(v),
@@ -683,6 +753,32 @@ mod tests {
         // An unlimited disk serializes without the field (older readers accept it).
         let plain = serde_json::to_value(parse_disk("path=/a").unwrap()).unwrap();
         assert!(plain.get("rate_limiter").is_none());
+    }
+
+    #[test]
+    fn disk_formats_are_declared_and_old_configs_follow_the_extension_rule() {
+        let d = parse_disk("path=/a.img,format=vhdx").unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Vhdx));
+        assert_eq!(d.effective_format(), DiskFormat::Vhdx);
+        assert!(matches!(
+            parse_disk("path=/a,format=qcow2"),
+            Err(ConfigError::BadValue { reason, .. }) if reason.contains("expected raw or vhdx")
+        ));
+        // An old configuration (no format): raw unless the name ends in .vhdx.
+        for (path, want) in [
+            ("/d/x.vhdx", DiskFormat::Vhdx),
+            ("/d/x.VHDX", DiskFormat::Vhdx),
+            ("/d/x.img", DiskFormat::Raw),
+            ("/d/x", DiskFormat::Raw),
+        ] {
+            let d = parse_disk(&format!("path={path}")).unwrap();
+            assert_eq!((d.format, d.effective_format()), (None, want), "{path}");
+        }
+        let c: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/d","format":"raw"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.disks[0].format, Some(DiskFormat::Raw));
     }
 
     #[test]

@@ -35,8 +35,12 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Private (0600), and never written through a symlink planted at its name.
 fn open_rw(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .read(true)
         .write(true)
         .create(true)

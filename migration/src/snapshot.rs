@@ -10,8 +10,14 @@
 //!
 //! A newer Vireo reads every older version (upgrading the state as it loads); an older
 //! Vireo refuses a newer snapshot with a clear error.
+//!
+//! The directory is 0700 and every file 0600 (guest RAM is the guest's secret), each
+//! created new (`O_EXCL|O_NOFOLLOW`) relative to the directory's fd; reading opens the
+//! files relative to the directory fd without following symlinks.
 
-use std::fs::File;
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -71,6 +77,7 @@ pub struct Snapshot<C, S> {
     pub config: C,
     pub state: S,
     memory: Vec<RegionLayout>,
+    dir_fd: OwnedFd,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -80,64 +87,115 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
-fn write_json(path: &Path, v: &impl Serialize) -> Result<(), SnapshotError> {
+fn write_json(
+    dir: BorrowedFd<'_>,
+    dir_path: &Path,
+    name: &str,
+    v: &impl Serialize,
+) -> Result<(), SnapshotError> {
+    let path = dir_path.join(name);
     let bytes = serde_json::to_vec_pretty(v).map_err(|source| SnapshotError::Json {
-        path: path.to_path_buf(),
+        path: path.clone(),
         source,
     })?;
-    std::fs::write(path, bytes).map_err(io(path))
+    let mut f = confine::create_private(dir, OsStr::new(name)).map_err(io(&path))?;
+    f.write_all(&bytes).map_err(io(&path))
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    serde_json::from_slice(&bytes).map_err(|source| SnapshotError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+fn read_json<T: DeserializeOwned>(
+    dir: BorrowedFd<'_>,
+    dir_path: &Path,
+    name: &str,
+) -> Result<T, SnapshotError> {
+    let path = dir_path.join(name);
+    let mut bytes = Vec::new();
+    confine::open_file_at(dir, OsStr::new(name))
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io(&path))?;
+    serde_json::from_slice(&bytes).map_err(|source| SnapshotError::Json { path, source })
 }
 
-/// Writes a snapshot of a paused VM into `dir` (created if missing; must be empty).
-/// On failure nothing is left behind that could pass for a snapshot.
+/// Creates (0700) or opens the snapshot directory `dir` as named by a local user of
+/// the VMM: its parents are created as needed and followed as given; `dir` itself is
+/// never a symlink. A confined caller creates the directory beneath its storage root
+/// itself and calls [`write_at`].
+pub fn create_dir(dir: &Path) -> Result<OwnedFd, SnapshotError> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    std::fs::create_dir_all(parent).map_err(io(dir))?;
+    let pfd = confine::open_dir(parent).map_err(io(dir))?;
+    match confine::mkdir_private(pfd.as_fd(), name) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            confine::open_dir_at(pfd.as_fd(), name).map_err(io(dir))
+        }
+        other => other.map_err(io(dir)),
+    }
+}
+
+/// Writes a snapshot of a paused VM into `dir` (created 0700 if missing; must be
+/// empty). On failure nothing is left behind that could pass for a snapshot.
 pub fn write<M: GuestMemoryBackend>(
     dir: &Path,
     config: &impl Serialize,
     state: &impl Serialize,
     mem: &M,
 ) -> Result<SaveStats, SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    if std::fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
+    let fd = create_dir(dir)?;
+    write_at(fd.as_fd(), dir, config, state, mem)
+}
+
+/// Writes a snapshot into the open, empty directory `dir_fd` (`dir` names it in
+/// errors). Every file is new, 0600, created with `O_EXCL|O_NOFOLLOW` relative to the
+/// directory fd: nothing is written through a planted link.
+pub fn write_at<M: GuestMemoryBackend>(
+    dir_fd: BorrowedFd<'_>,
+    dir: &Path,
+    config: &impl Serialize,
+    state: &impl Serialize,
+    mem: &M,
+) -> Result<SaveStats, SnapshotError> {
+    let listing = std::fs::read_dir(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()));
+    if listing.map_err(io(dir))?.next().is_some() {
         return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
     }
-    let result = write_files(dir, config, state, mem);
+    let result = write_files(dir_fd, dir, config, state, mem);
     if result.is_err() {
         for f in [MANIFEST, CONFIG, STATE, MEMORY] {
-            let _ = std::fs::remove_file(dir.join(f));
+            let _ = confine::unlink_at(dir_fd, OsStr::new(f));
         }
     }
     result
 }
 
 fn write_files<M: GuestMemoryBackend>(
+    dir_fd: BorrowedFd<'_>,
     dir: &Path,
     config: &impl Serialize,
     state: &impl Serialize,
     mem: &M,
 ) -> Result<SaveStats, SnapshotError> {
-    write_json(&dir.join(CONFIG), config)?;
-    write_json(&dir.join(STATE), state)?;
+    write_json(dir_fd, dir, CONFIG, config)?;
+    write_json(dir_fd, dir, STATE, state)?;
     let mpath = dir.join(MEMORY);
-    let file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&mpath)
-        .map_err(io(&mpath))?;
+    let file = confine::create_private(dir_fd, OsStr::new(MEMORY)).map_err(io(&mpath))?;
     let stats = memory::save(mem, &file).map_err(|source| SnapshotError::Memory {
         path: mpath.clone(),
         source,
     })?;
     file.sync_all().map_err(io(&mpath))?;
     write_json(
-        &dir.join(MANIFEST),
+        dir_fd,
+        dir,
+        MANIFEST,
         &Manifest {
             version: SNAPSHOT_VERSION,
             vireo: env!("CARGO_PKG_VERSION").into(),
@@ -148,19 +206,23 @@ fn write_files<M: GuestMemoryBackend>(
 }
 
 impl<C: DeserializeOwned, S: DeserializeOwned> Snapshot<C, S> {
-    /// Opens `dir`: checks the manifest and version, parses config and state.
+    /// Opens `dir` (as a local user of the VMM names it): checks the manifest and
+    /// version, parses config and state.
     pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
-        let mpath = dir.join(MANIFEST);
-        if !mpath.exists() {
-            if !dir.is_dir() {
-                return Err(SnapshotError::Io {
-                    path: dir.to_path_buf(),
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                });
+        let fd = confine::open_dir(dir).map_err(io(dir))?;
+        Self::open_at(fd, dir)
+    }
+
+    /// Opens the snapshot in the open directory `dir_fd` (`dir` names it in errors);
+    /// its files are opened relative to it, never through a symlink.
+    pub fn open_at(dir_fd: OwnedFd, dir: &Path) -> Result<Self, SnapshotError> {
+        match confine::open_file_at(dir_fd.as_fd(), OsStr::new(MANIFEST)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SnapshotError::Incomplete(dir.to_path_buf()))
             }
-            return Err(SnapshotError::Incomplete(dir.to_path_buf()));
+            _ => {}
         }
-        let manifest: Manifest = read_json(&mpath)?;
+        let manifest: Manifest = read_json(dir_fd.as_fd(), dir, MANIFEST)?;
         if manifest.version > SNAPSHOT_VERSION {
             return Err(SnapshotError::TooNew {
                 path: dir.to_path_buf(),
@@ -170,16 +232,18 @@ impl<C: DeserializeOwned, S: DeserializeOwned> Snapshot<C, S> {
         Ok(Self {
             dir: dir.to_path_buf(),
             version: manifest.version,
-            config: read_json(&dir.join(CONFIG))?,
-            state: read_json(&dir.join(STATE))?,
+            config: read_json(dir_fd.as_fd(), dir, CONFIG)?,
+            state: read_json(dir_fd.as_fd(), dir, STATE)?,
             memory: manifest.memory,
+            dir_fd,
         })
     }
 
     /// Fills the (new, zeroed) guest memory `mem`; returns the bytes read.
     pub fn load_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<u64, SnapshotError> {
         let path = self.dir.join(MEMORY);
-        let file = File::open(&path).map_err(io(&path))?;
+        let file =
+            confine::open_file_at(self.dir_fd.as_fd(), OsStr::new(MEMORY)).map_err(io(&path))?;
         memory::load(mem, &file, &self.memory)
             .map_err(|source| SnapshotError::Memory { path, source })
     }
@@ -238,5 +302,42 @@ mod tests {
             Err(SnapshotError::Incomplete(_))
         ));
         assert!(Snapshot::<u32, u32>::open(&dir.path().join("nowhere")).is_err());
+    }
+
+    #[test]
+    fn snapshot_files_are_private_and_planted_links_are_refused() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("snap");
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        write(&snap, &0, &0, &mem).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&snap), 0o700);
+        for f in [MANIFEST, CONFIG, STATE, MEMORY] {
+            assert_eq!(mode(&snap.join(f)), 0o600, "{f}");
+        }
+        // An empty directory with a planted link: refused as not empty, nothing written.
+        let planted = dir.path().join("planted");
+        std::fs::create_dir(&planted).unwrap();
+        let victim = dir.path().join("victim");
+        symlink(&victim, planted.join(MEMORY)).unwrap();
+        assert!(write(&planted, &0, &0, &mem).is_err());
+        assert!(!victim.exists());
+        // The snapshot directory itself as a symlink is not followed.
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        symlink(&real, dir.path().join("link")).unwrap();
+        assert!(write(&dir.path().join("link"), &0, &0, &mem).is_err());
+        assert_eq!(std::fs::read_dir(&real).unwrap().count(), 0);
+        // A snapshot whose memory file was swapped for a link is not read through it.
+        std::fs::remove_file(snap.join(MEMORY)).unwrap();
+        std::fs::write(&victim, b"x").unwrap();
+        symlink(&victim, snap.join(MEMORY)).unwrap();
+        let s: Snapshot<u32, u32> = Snapshot::open(&snap).unwrap();
+        let e = s.load_memory(&mem).unwrap_err().to_string();
+        assert!(
+            e.contains("symbolic link") || e.contains("os error 40"),
+            "{e}"
+        );
     }
 }

@@ -42,9 +42,10 @@ pub(crate) fn open_parent(
     child: &Path,
     loc: &ParentLocator,
     params: &DiskParams,
-    direct: bool,
+    opts: &OpenOptions,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Vhdx> {
+    let direct = opts.direct;
     let cp = child.display().to_string();
     let perr = |reason: String| Error::Parent {
         path: cp.clone(),
@@ -56,7 +57,20 @@ pub(crate) fn open_parent(
         return Err(perr("parent locator has no valid parent_linkage".into()));
     }
     let cands = parent_candidates(child, loc);
-    let Some(found) = cands.iter().find(|p| p.is_file()) else {
+    let hit = match &opts.parent_opener {
+        Some(opener) => {
+            let mut hit = None;
+            for c in &cands {
+                if let Some(file) = (opener.0)(child, c).map_err(&perr)? {
+                    hit = Some((c, Some(file)));
+                    break;
+                }
+            }
+            hit
+        }
+        None => cands.iter().find(|p| p.is_file()).map(|p| (p, None)),
+    };
+    let Some((found, opened)) = hit else {
         return Err(perr(format!(
             "none of the locator paths exists: {}",
             cands
@@ -73,15 +87,26 @@ pub(crate) fn open_parent(
             canon.display()
         )));
     }
-    let parent = Vhdx::open_depth(
-        found,
-        &OpenOptions {
-            read_only: true,
-            direct,
-            ..Default::default()
-        },
-        chain,
-    )?;
+    let popts = OpenOptions {
+        read_only: true,
+        direct,
+        parent_opener: opts.parent_opener.clone(),
+        ..Default::default()
+    };
+    let parent = match opened {
+        Some(file) => {
+            use std::os::fd::AsRawFd;
+            // O_DIRECT reopens the very file that was opened, through its fd.
+            let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            let storage: std::sync::Arc<dyn crate::Storage> = std::sync::Arc::new(if direct {
+                crate::FileStorage::with_direct(file, &by_fd, false)
+            } else {
+                crate::FileStorage::new(file)
+            });
+            Vhdx::open_storage_depth(storage, found, &popts, chain)?
+        }
+        None => Vhdx::open_depth(found, &popts, chain)?,
+    };
     let dwg = parent.data_write_guid();
     if Some(dwg) != linkage && Some(dwg) != linkage2 {
         return Err(perr(format!(

@@ -31,6 +31,28 @@ pub struct OpenOptions {
     /// the page cache (`O_DIRECT`); metadata I/O stays buffered. Ignored where
     /// the file system has no `O_DIRECT`. Parents are opened the same way.
     pub direct: bool,
+    /// How a differencing disk's parents are opened (None: by path, as the locator
+    /// finds them). A VMM confines them with this: see [`ParentOpener`].
+    pub parent_opener: Option<ParentOpener>,
+}
+
+/// The result of a [`ParentOpener`]: the opened file, `None` when nothing is at that
+/// path (the next locator candidate is tried), or a reason to refuse it.
+pub type ParentOpen = std::result::Result<Option<std::fs::File>, String>;
+
+/// Opens a candidate parent `(child_path, candidate_path)` read-only: the caller decides
+/// what a parent may be (e.g. beneath its storage roots, no symlinks) and the check is
+/// the open itself, so the file that was checked is the one read.
+#[derive(Clone)]
+pub struct ParentOpener(pub Arc<ParentOpenFn>);
+
+/// `(child_path, candidate_path) -> ParentOpen`.
+pub type ParentOpenFn = dyn Fn(&Path, &Path) -> ParentOpen + Send + Sync;
+
+impl std::fmt::Debug for ParentOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ParentOpener")
+    }
 }
 
 pub(crate) struct State {
@@ -204,7 +226,7 @@ impl Vhdx {
         Self::open_storage_depth(storage, path, &opts, &mut Vec::new())
     }
 
-    fn open_storage_depth(
+    pub(crate) fn open_storage_depth(
         storage: Arc<dyn Storage>,
         path: &Path,
         opts: &OpenOptions,
@@ -426,7 +448,7 @@ impl Vhdx {
                     reason: format!("chain deeper than {MAX_CHAIN_DEPTH}"),
                 });
             }
-            let parent = crate::diff::open_parent(path, loc, &params, opts.direct, chain)?;
+            let parent = crate::diff::open_parent(path, loc, &params, opts, chain)?;
             Some(Box::new(parent))
         } else {
             None

@@ -26,7 +26,7 @@ pub use bat::{payload_state_name, Geometry};
 pub use create::{create_raw, CreateOptions, DiskKind};
 pub use error::{Error, Result};
 pub use header::Header;
-pub use image::{OpenOptions, Vhdx};
+pub use image::{OpenOptions, ParentOpen, ParentOpener, Vhdx};
 pub use iobuf::{IoBufs, IoBufsMut};
 pub use metadata::{MetadataItem, ParentLocator, MAX_VIRTUAL_SIZE};
 pub use ops::{commit, probe, CompactStats, Extent};

@@ -1,7 +1,6 @@
 //! Loading the payload: a PVH ELF (our test guest, a Linux vmlinux) or a Linux bzImage
 //! (64-bit boot protocol), and the initial ramdisk.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -71,7 +70,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(BootProtocol, u64), BootError> {
     let p = || path.display().to_string();
     let read = |source| BootError::Read { path: p(), source };
-    let mut f = File::open(path).map_err(read)?;
+    let mut f = crate::confinement::open_read(path)
+        .map_err(|e| read(std::io::Error::other(e.to_string())))?;
     let mut magic = [0u8; 4];
     let is_elf = match f.read_exact(&mut magic) {
         Ok(()) => &magic == ELF_MAGIC,
@@ -133,7 +133,8 @@ pub fn load_initramfs(
         path: p.clone(),
         source,
     };
-    let mut f = File::open(path).map_err(io)?;
+    let mut f = crate::confinement::open_read(path)
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
     let size = f.metadata().map_err(io)?.len();
     let top = mem_size.min(layout::LOW_RAM_END);
     let addr = top.checked_sub(size).map(|a| a & !0xfff);

@@ -4,7 +4,8 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use devices::block::{detect_format, BlockBackend, ImageFormat, OpenError, RawFile, VhdxDisk};
+use api::config::DiskFormat;
+use devices::block::{BlockBackend, OpenError, RawFile, VhdxDisk};
 use devices::legacy::{
     AcpiGed, AcpiGedMmio, AcpiPmDevice, DebugExit, Ioapic, IoapicLine, IoapicMmio, PowerControl,
     SerialDevice, SerialOutput, ACPI_PM_PORT, ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
@@ -44,6 +45,8 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("disk image {0}")]
+    Confined(String),
     #[error("the PCI MMIO window is full")]
     MmioExhausted,
     #[error("disk {path}: the configuration declares {declared} bytes, the image has {actual}")]
@@ -170,13 +173,26 @@ fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
     })
 }
 
-/// Opens a disk image in the format its content says.
+/// Opens a disk image in its declared format (never guessed from the content; an
+/// old configuration without one: raw unless the name ends in `.vhdx`), beneath the
+/// storage roots when the VMM has them (see `confinement`).
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
-    let format = detect_format(&cfg.path)?;
+    let format = cfg.effective_format();
     tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
+    // A raw image is the data path itself: O_DIRECT on it when asked. A VHDX's
+    // metadata stays buffered (its O_DIRECT descriptor is a reopen of this file).
+    let direct = cfg.direct && format == DiskFormat::Raw;
+    let file = crate::confinement::open_image(&cfg.path, !cfg.readonly, direct)
+        .map_err(|e| DeviceError::Confined(e.to_string()))?;
     let disk: Arc<dyn BlockBackend> = match format {
-        ImageFormat::Raw => Arc::new(RawFile::open(&cfg.path, cfg.readonly, cfg.direct)?),
-        ImageFormat::Vhdx => Arc::new(VhdxDisk::open(&cfg.path, cfg.readonly, cfg.direct)?),
+        DiskFormat::Raw => Arc::new(RawFile::from_file(file, &cfg.path, cfg.readonly)?),
+        DiskFormat::Vhdx => Arc::new(VhdxDisk::from_file(
+            file,
+            &cfg.path,
+            cfg.readonly,
+            cfg.direct,
+            crate::confinement::parent_opener(),
+        )?),
     };
     match cfg.size {
         Some(declared) if declared != disk.size() => Err(DeviceError::DiskSize {

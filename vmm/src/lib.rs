@@ -7,6 +7,7 @@ pub mod activator;
 pub mod arch;
 pub mod boot;
 pub mod coalesced;
+pub mod confinement;
 pub mod device_manager;
 pub mod fault;
 pub mod jail;

@@ -31,9 +31,10 @@ struct Cli {
     /// Memory: size=SIZE[,hugepages=on].
     #[arg(long, default_value = "size=512M")]
     memory: String,
-    /// A disk: path=FILE[,readonly=on][,direct=on][,serial=S][,num_queues=N][,id=ID]
+    /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,serial=S][,num_queues=N][,id=ID]
     /// [,poll_us=US][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]
-    /// (repeatable; VHDX or raw, detected from the content; poll_us: how long a queue
+    /// (repeatable; format is never guessed from the content: without format=, raw
+    /// unless FILE ends in .vhdx; poll_us: how long a queue
     /// worker polls for the next request before it sleeps, default 50, 0 = never).
     #[arg(long)]
     disk: Vec<String>,
@@ -75,6 +76,21 @@ struct Cli {
     /// and console files, the API socket's directory, bind= paths) are chowned to U:G.
     #[arg(long)]
     jail: Option<vmm::jail::JailConfig>,
+    /// A storage root (repeatable). With one, every path this VMM is given (disks,
+    /// kernel, initramfs, VHDX parents, snapshot destinations and sources,
+    /// vm.migrate-disk destinations, vm.receive-migration storage_dir, unix migration
+    /// sockets) must resolve beneath a root: no symlinks, no '..', checked on the opened
+    /// file. Without one, paths are taken as given (a user who runs vireo directly can
+    /// open those files anyway). vireod always passes its roots.
+    #[arg(long, value_name = "DIR")]
+    storage_root: Vec<PathBuf>,
+    /// A block device that may be a disk under --storage-root (repeatable).
+    #[arg(long, value_name = "PATH")]
+    allow_block_device: Vec<PathBuf>,
+    /// A directory where unix migration sockets may be, besides the storage roots
+    /// (repeatable; with --storage-root).
+    #[arg(long, value_name = "DIR")]
+    socket_dir: Vec<PathBuf>,
     /// Seccomp filtering of every thread: true, false (debugging) or log.
     #[arg(long, default_value = "true")]
     seccomp: vmm::seccomp::SeccompMode,
@@ -100,6 +116,8 @@ enum CliError {
     NothingToRun,
     #[error("--restore: {0}")]
     Restore(String),
+    #[error("--storage-root: {0}")]
+    Roots(#[from] confine::ConfineError),
 }
 
 fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
@@ -232,6 +250,12 @@ fn jail_paths(
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if !cli.storage_root.is_empty() {
+        let roots = confine::Roots::new(&cli.storage_root, &cli.allow_block_device)
+            .map_err(CliError::Roots)?;
+        vmm::confinement::set_roots(roots);
+        vmm::confinement::set_socket_dirs(cli.socket_dir.clone());
+    }
     let cfg = vm_config(&cli)?;
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
     if cfg.is_none() && restore.is_none() && cli.api_socket.is_none() {
@@ -334,6 +358,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
+    // Whatever this process creates (snapshots, images, sockets) is its own.
+    confine::set_private_umask();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -238,6 +238,7 @@ const SOCKETS: &[i64] = &[
 /// they need: migration sockets, disk rate-limit timers.
 const CONTROL: &[i64] = &[
     libc::SYS_openat,
+    libc::SYS_openat2,
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
     libc::SYS_lseek,

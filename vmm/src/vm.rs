@@ -49,6 +49,8 @@ pub enum VmError {
     NoPayload,
     #[error(transparent)]
     Snapshot(#[from] migration::SnapshotError),
+    #[error("{0}")]
+    Confined(String),
     #[error("the snapshot does not fit its own configuration: {0}")]
     SnapshotMismatch(String),
     #[error("cannot save vCPU state: {0}")]
@@ -429,8 +431,16 @@ impl Vm {
         }
         let state = self.saved_state()?;
         let started = Instant::now();
-        let stats = migration::snapshot::write(dir, &self.config, &state, self.mem.as_ref())
-            .map_err(VmError::Snapshot)?;
+        // Beneath a storage root when the VMM has them; 0700, files 0600 (guest RAM).
+        let dir_fd = crate::confinement::create_dir(dir).map_err(VmError::Confined)?;
+        let stats = migration::snapshot::write_at(
+            std::os::fd::AsFd::as_fd(&dir_fd),
+            dir,
+            &self.config,
+            &state,
+            self.mem.as_ref(),
+        )
+        .map_err(VmError::Snapshot)?;
         tracing::info!(
             dir = %dir.display(),
             pages_written = stats.pages_written,

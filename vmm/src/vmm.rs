@@ -158,8 +158,10 @@ impl Vmm {
 
     /// Builds the VM from a snapshot directory; it stays paused until `vm.resume`.
     pub fn restore(&mut self, dir: &std::path::Path) -> Result<(), VmError> {
+        let dir_fd =
+            crate::confinement::open_dir(dir).map_err(|e| VmError::Confined(e.to_string()))?;
         let mut snapshot: migration::Snapshot<VmConfig, crate::vm::SavedVm> =
-            migration::Snapshot::open(dir)?;
+            migration::Snapshot::open_at(dir_fd, dir)?;
         if let Some(s) = &self.serial_override {
             snapshot.config.serial = s.clone();
         }
@@ -401,6 +403,8 @@ impl Vmm {
 
     /// Starts sending the running (or paused) VM to a listening destination.
     fn send_migration(&mut self, r: &SendMigrationRequest) -> Result<(), ApiError> {
+        // Not confined: the destination's socket is in the other vireod's run dir, which
+        // this VMM cannot know (vireod chooses it). See docs/security.md.
         let url: migration::transport::MigrationUrl =
             r.destination_url
                 .parse()
@@ -490,7 +494,10 @@ impl Vmm {
 
     /// Starts moving disk `r.id` to a new image while the VM runs (see `live::disk`).
     fn migrate_disk(&mut self, r: &api::MigrateDiskRequest) -> Result<(), ApiError> {
-        use devices::block::{detect_format, ImageFormat, Mirror};
+        use api::config::DiskFormat;
+        use devices::block::Mirror;
+        crate::confinement::check(&r.destination)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         if self.disk_migration.is_some() {
             return Err(ApiError::conflict(
                 "a storage migration is already in progress",
@@ -528,36 +535,24 @@ impl Vmm {
             )));
         }
         let format = match r.format.as_deref() {
-            Some("raw") => ImageFormat::Raw,
-            Some("vhdx") => ImageFormat::Vhdx,
-            Some(f) => {
-                return Err(ApiError::bad_request(format!(
-                    "format '{f}': expected raw or vhdx"
-                )))
-            }
-            None => detect_format(&source.path).map_err(|e| ApiError::internal(e.to_string()))?,
+            Some(f) => f.parse::<DiskFormat>().map_err(ApiError::bad_request)?,
+            None => source.effective_format(),
         };
         let src = vm
             .devices()
             .with_block(&r.id, |b| Ok(b.backend()))
             .map_err(ApiError::internal)?;
-        let created = match format {
-            ImageFormat::Raw => vhdx::create_raw(&r.destination, src.size()).map(|_| ()),
-            ImageFormat::Vhdx => vhdx::Vhdx::create(
-                &r.destination,
-                &vhdx::CreateOptions {
-                    size: src.size(),
-                    kind: vhdx::DiskKind::Dynamic,
-                    logical_sector_size: src.logical_block_size(),
-                    physical_sector_size: src.physical_block_size(),
-                    ..Default::default()
-                },
-            )
-            .map(drop),
-        };
-        created.map_err(|e| ApiError::bad_request(format!("cannot create the new image: {e}")))?;
+        crate::confinement::create_image(
+            &r.destination,
+            format,
+            src.size(),
+            src.logical_block_size(),
+            src.physical_block_size(),
+        )
+        .map_err(|e| ApiError::bad_request(format!("cannot create the new image: {e}")))?;
         let destination = api::config::DiskConfig {
             path: r.destination.clone(),
+            format: Some(format),
             ..source.clone()
         };
         let started = (|| {
@@ -654,6 +649,11 @@ impl Vmm {
 
     /// Listens for a source; the VM arrives paused and runs when the source commits.
     fn receive_migration(&mut self, r: &ReceiveMigrationRequest) -> Result<(), ApiError> {
+        crate::confinement::check_url(&r.receiver_url)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if let Some(dir) = &r.storage_dir {
+            crate::confinement::open_dir(dir).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
         let url: migration::transport::MigrationUrl =
             r.receiver_url
                 .parse()
@@ -743,12 +743,12 @@ impl Vmm {
         &mut self,
         ops: std::sync::mpsc::Sender<migration::protocol::DiskOp>,
     ) -> Result<crate::live::MirroredDisks, String> {
-        use devices::block::{detect_format, BlockBackend, Mirror};
+        use devices::block::{BlockBackend, Mirror};
         let vm = self.vm.as_ref().ok_or("the VM is gone")?;
         let mut out = Vec::new();
         for (i, d) in vm.config().disks.iter().enumerate() {
             let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
-            let format = detect_format(&d.path).map_err(|e| e.to_string())?;
+            let format = d.effective_format();
             let name = d
                 .path
                 .file_name()
@@ -892,6 +892,7 @@ fn api_error(e: VmError) -> ApiError {
     match e {
         VmError::Transition(t) => ApiError::conflict(t.to_string()),
         VmError::Snapshot(s) => ApiError::bad_request(error_chain(&s)),
+        VmError::Confined(why) => ApiError::bad_request(why),
         other => ApiError::internal(error_chain(&other)),
     }
 }

@@ -58,6 +58,15 @@ struct Cli {
     /// before). The VMs' sockets are no longer shared with it.
     #[arg(long)]
     socket_group: Option<String>,
+    /// A directory whose files definitions may name as kernels, initramfs, disks and
+    /// VHDX parents, and where copied disks may be stored (repeatable; default
+    /// <state-dir>/images). Paths must resolve beneath a root without symlinks or '..';
+    /// the VMMs get the same roots.
+    #[arg(long, value_name = "DIR")]
+    storage_root: Vec<PathBuf>,
+    /// A block device definitions may name as a disk (repeatable; none by default).
+    #[arg(long, value_name = "PATH")]
+    allow_block_device: Vec<PathBuf>,
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -202,6 +211,8 @@ async fn run(
         incoming_timeout: Duration::from_secs(cli.incoming_timeout_s),
         identity,
         listen: cli.listen,
+        storage_roots: cli.storage_root.clone(),
+        block_devices: cli.allow_block_device.clone(),
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
@@ -298,6 +309,9 @@ fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
 }
 
 fn main() -> ExitCode {
+    // Whatever vireod creates is its own unless it says otherwise (sockets it shares
+    // with --socket-group get their mode explicitly).
+    confine::set_private_umask();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

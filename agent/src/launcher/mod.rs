@@ -13,6 +13,7 @@ pub mod systemd;
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -48,6 +49,12 @@ pub struct LaunchSpec {
     pub pid_file: PathBuf,
     /// The systemd launcher's environment file for the unit (`VIREO_ARGS=...`).
     pub env_file: PathBuf,
+    /// vireod's storage roots and allow-listed block devices, passed on to the VMM
+    /// (`--storage-root`, `--allow-block-device`), and where its migration sockets may
+    /// be (`--socket-dir`).
+    pub storage_roots: Vec<PathBuf>,
+    pub block_devices: Vec<PathBuf>,
+    pub socket_dir: PathBuf,
 }
 
 impl LaunchSpec {
@@ -68,6 +75,18 @@ impl LaunchSpec {
         }
         v.push("--api-socket".into());
         v.push(self.socket.clone().into());
+        for r in &self.storage_roots {
+            v.push("--storage-root".into());
+            v.push(r.into());
+        }
+        for d in &self.block_devices {
+            v.push("--allow-block-device".into());
+            v.push(d.into());
+        }
+        if !self.storage_roots.is_empty() {
+            v.push("--socket-dir".into());
+            v.push(self.socket_dir.clone().into());
+        }
         v
     }
 }
@@ -375,7 +394,13 @@ fn watch(pid: i32, child: Option<Child>) -> Result<(Handle, Watch), std::io::Err
 
 pub(crate) fn write_pid_file(path: &Path, h: &Handle) -> Result<(), AgentError> {
     let tmp = path.with_extension("pid.tmp");
-    let mut f = std::fs::File::create(&tmp)
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
         .map_err(|e| AgentError::io("cannot write pid file", &tmp, e))?;
     writeln!(f, "{} {}", h.pid, h.start_ticks)
         .and_then(|_| f.sync_all())
@@ -491,6 +516,9 @@ mod tests {
             log: "/l".into(),
             pid_file: "/p".into(),
             env_file: "/e".into(),
+            storage_roots: Vec::new(),
+            block_devices: Vec::new(),
+            socket_dir: "/run/vireo/vms".into(),
         };
         assert_eq!(
             spec.argv(),
@@ -541,6 +569,9 @@ mod tests {
             log: dir.path().join("log"),
             pid_file: dir.path().join("x.pid"),
             env_file: dir.path().join("x.env"),
+            storage_roots: Vec::new(),
+            block_devices: Vec::new(),
+            socket_dir: "/run/vireo/vms".into(),
         };
         // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.
         let launcher = Launcher::Direct(direct::Direct::new(CpuCgroups::off()));

@@ -300,6 +300,9 @@ mod tests {
             log: "/l".into(),
             pid_file: "/p".into(),
             env_file: "/e".into(),
+            storage_roots: Vec::new(),
+            block_devices: Vec::new(),
+            socket_dir: "/run/vireo/vms".into(),
         };
         assert_eq!(
             env_file_text(&spec).unwrap(),

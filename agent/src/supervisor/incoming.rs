@@ -49,8 +49,15 @@ impl Supervisor {
         req: IncomingRequest,
         from_peer: Option<String>,
     ) -> Result<MigrationRecord, AgentError> {
+        let mut req = req;
         validate_name(&req.name)?;
         req.definition.validate()?;
+        self.confine(&req.name, &mut req.definition)?;
+        if let Some(dir) = &req.storage_dir {
+            self.roots
+                .open_dir(dir)
+                .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+        }
         let name = req.name.clone();
         let url = match (&req.receiver_url, &from_peer) {
             (Some(u), _) => u.clone(),
@@ -62,6 +69,7 @@ impl Supervisor {
                 "receiver_url {url:?}: expected unix:/path or tcp:host:port"
             )));
         }
+        crate::confinement::check_receiver_url(&url, &self.cfg.run_dir.join("vms"))?;
         let tls = match &from_peer {
             Some(peer) => Some(self.receive_tls(peer)?),
             None => None,

@@ -60,6 +60,10 @@ pub struct Config {
     /// The address of the peer listener (`--listen`): its IP is where receiving VMMs
     /// of migrations from peers listen.
     pub listen: Option<std::net::SocketAddr>,
+    /// Where definitions may name files (empty: `<state-dir>/images`, created).
+    pub storage_roots: Vec<PathBuf>,
+    /// Block devices a definition may name as disks.
+    pub block_devices: Vec<PathBuf>,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -114,6 +118,8 @@ pub struct Supervisor {
     started: Instant,
     generation: AtomicU64,
     migrations: Migrations,
+    /// The storage roots, opened (see `confinement`).
+    roots: Arc<confine::Roots>,
 }
 
 /// How a start was asked for.
@@ -139,6 +145,16 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
         .map_err(|e| AgentError::io("cannot set permissions of", path, e))
 }
 
+/// Writes a file of vireod's own privately (0600) and atomically, never through a
+/// symlink at its name.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    let dir = confine::open_dir(dir)?;
+    confine::write_private_atomic(std::os::fd::AsFd::as_fd(&dir), name, bytes)
+}
+
 /// Makes `path` vireod's own: owned by its user and group, mode 0600.
 fn make_private(path: &Path) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
@@ -153,7 +169,22 @@ fn make_private(path: &Path) -> Result<(), AgentError> {
 impl Supervisor {
     /// Opens the inventory and prepares the directories. Call [`Supervisor::recover`]
     /// next (inside the tokio runtime) to re-adopt running VMMs.
-    pub fn open(cfg: Config) -> Result<Arc<Self>, AgentError> {
+    pub fn open(mut cfg: Config) -> Result<Arc<Self>, AgentError> {
+        for (flag, dir) in [("--state-dir", &cfg.state_dir), ("--run-dir", &cfg.run_dir)] {
+            if !dir.is_absolute() {
+                return Err(AgentError::BadConfig(format!(
+                    "{flag} {}: must be an absolute path",
+                    dir.display()
+                )));
+            }
+        }
+        if cfg.storage_roots.is_empty() {
+            let images = cfg.state_dir.join("images");
+            mkdir(&images, 0o700)?;
+            cfg.storage_roots.push(images);
+        }
+        let roots = confine::Roots::new(&cfg.storage_roots, &cfg.block_devices)
+            .map_err(|e| AgentError::BadConfig(format!("--storage-root: {e}")))?;
         mkdir(&cfg.state_dir, 0o750)?;
         mkdir(&cfg.state_dir.join("vms"), 0o750)?;
         mkdir(&cfg.run_dir, 0o755)?;
@@ -183,6 +214,7 @@ impl Supervisor {
             started: Instant::now(),
             generation: AtomicU64::new(1),
             migrations,
+            roots: Arc::new(roots),
         }))
     }
 
@@ -225,6 +257,9 @@ impl Supervisor {
             log: self.vm_dir(name).join("vireo.log"),
             pid_file: run.join(format!("{name}.pid")),
             env_file: run.join(format!("{name}.env")),
+            storage_roots: self.cfg.storage_roots.clone(),
+            block_devices: self.cfg.block_devices.clone(),
+            socket_dir: run.clone(),
         }
     }
 
@@ -534,9 +569,16 @@ impl Supervisor {
 
     // ---- definitions ----
 
-    pub fn define(&self, name: &str, def: VmDefinition) -> Result<VmStatus, AgentError> {
+    /// Checks every path `def` names against the storage roots and declares each
+    /// disk's format (see [`crate::confinement`]).
+    pub(crate) fn confine(&self, name: &str, def: &mut VmDefinition) -> Result<(), AgentError> {
+        crate::confinement::confine_definition(&self.roots, &self.vm_dir(name), def)
+    }
+
+    pub fn define(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {
         validate_name(name)?;
         def.validate()?;
+        self.confine(name, &mut def)?;
         let mut vms = lock(&self.vms);
         if vms.contains_key(name) {
             return Err(AgentError::Duplicate(name.to_string()));
@@ -653,7 +695,7 @@ impl Supervisor {
         let json = serde_json::to_vec_pretty(&cfg)
             .map_err(|e| (AgentError::BadDefinition(e.to_string()), None))?;
         let config = self.config_path(name);
-        std::fs::write(&config, json).map_err(|e| {
+        write_private(&config, &json).map_err(|e| {
             (
                 AgentError::io("cannot write runtime config", &config, e),
                 None,

@@ -90,6 +90,13 @@ impl Daemon {
             cgroup.push("--cpu-cgroup-root".into());
             cgroup.push(self.cgroup_root.clone().into_os_string());
         }
+        // Storage roots: this test's directory and the test guest's (its kernel).
+        if !self.args.iter().any(|a| a == "--storage-root") {
+            cgroup.push("--storage-root".into());
+            cgroup.push(self.dir.path().as_os_str().to_owned());
+            cgroup.push("--storage-root".into());
+            cgroup.push(guest_dir().into_os_string());
+        }
         let mut cmd = Command::new(bin("vireod"));
         if let Some(ns) = &self.netns {
             ns.enter_on_exec(&mut cmd);
@@ -409,6 +416,14 @@ pub fn wait_dead(pid: i32, timeout: Duration) {
         assert!(start.elapsed() < timeout, "pid {pid} still alive");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The directory of the test guest kernel (a storage root of every test's vireod).
+pub fn guest_dir() -> PathBuf {
+    vireo_e2e::guest()
+        .parent()
+        .expect("guest kernel directory")
+        .to_path_buf()
 }
 
 pub fn counter_config() -> Value {

@@ -6,7 +6,6 @@ mod raw;
 mod vhdx;
 
 use std::io;
-use std::path::Path;
 
 pub use self::vhdx::VhdxDisk;
 /// Scatter-gather buffers over memory no Rust reference may point into (guest RAM):
@@ -73,16 +72,4 @@ pub enum OpenError {
     Locked { path: String },
     #[error("disk image {path}: {reason}")]
     Format { path: String, reason: String },
-}
-
-/// Detects the image format by its content (a VHDX file starts with its identifier).
-pub fn detect_format(path: &Path) -> Result<ImageFormat, OpenError> {
-    match ::vhdx::probe(path) {
-        Ok(true) => Ok(ImageFormat::Vhdx),
-        Ok(false) => Ok(ImageFormat::Raw),
-        Err(e) => Err(OpenError::Format {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
-    }
 }

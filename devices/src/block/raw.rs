@@ -26,6 +26,16 @@ impl RawFile {
             opts.custom_flags(libc::O_DIRECT);
         }
         let file = opts.open(path).map_err(io_err)?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// Takes an image file opened by the caller (e.g. beneath a storage root) and locks
+    /// it (exclusive for writers, shared for readers). `path` names it in errors.
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, OpenError> {
+        let io_err = |source| OpenError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let mode = if read_only {
             LockMode::Shared
         } else {

@@ -30,6 +30,42 @@ impl VhdxDisk {
         })?;
         Ok(Self { image })
     }
+
+    /// Opens a VHDX image from a file the caller opened (e.g. beneath a storage root);
+    /// `path` names it in errors and locates its parents, which `parent_opener` opens
+    /// (None: by path). With `direct`, the `O_DIRECT` descriptor is a reopen of this
+    /// very file through `/proc/self/fd`.
+    pub fn from_file(
+        file: std::fs::File,
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        parent_opener: Option<vhdx::ParentOpener>,
+    ) -> Result<Self, OpenError> {
+        use std::os::fd::AsRawFd;
+        let by_fd = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let storage: std::sync::Arc<dyn vhdx::Storage> = std::sync::Arc::new(if direct {
+            vhdx::FileStorage::with_direct(file, &by_fd, !read_only)
+        } else {
+            vhdx::FileStorage::new(file)
+        });
+        let opts = vhdx::OpenOptions {
+            read_only,
+            direct,
+            parent_opener,
+            ..Default::default()
+        };
+        let image = vhdx::Vhdx::open_storage(storage, path, opts).map_err(|e| match e {
+            vhdx::Error::Locked { .. } => OpenError::Locked {
+                path: path.display().to_string(),
+            },
+            other => OpenError::Format {
+                path: path.display().to_string(),
+                reason: other.to_string(),
+            },
+        })?;
+        Ok(Self { image })
+    }
 }
 
 fn to_io(e: vhdx::Error) -> io::Error {

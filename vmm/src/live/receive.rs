@@ -204,24 +204,18 @@ impl IncomingDisks {
         if path.exists() {
             return Err(format!("{} exists; not overwriting it", path.display()));
         }
-        let created = match b.format.as_str() {
-            "raw" => vhdx::create_raw(&path, b.size),
-            "vhdx" => vhdx::Vhdx::create(
-                &path,
-                &vhdx::CreateOptions {
-                    size: b.size,
-                    kind: vhdx::DiskKind::Dynamic,
-                    logical_sector_size: b.logical_sector,
-                    physical_sector_size: b.physical_sector,
-                    ..Default::default()
-                },
-            )
-            .map(drop),
-            f => return Err(format!("unknown disk format '{f}'")),
-        };
-        created.map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let format: api::config::DiskFormat = b.format.parse()?;
+        crate::confinement::create_image(
+            &path,
+            format,
+            b.size,
+            b.logical_sector,
+            b.physical_sector,
+        )?;
+
         self.created.push(path.clone());
         disk.path = path;
+        disk.format = Some(format);
         let writable = api::config::DiskConfig {
             readonly: false,
             ..disk.clone()

@@ -1,0 +1,268 @@
+//! The allowed roots: which root a path falls under, and opening it beneath that root.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use crate::beneath::{fstat, open_beneath};
+use crate::error::ConfineError;
+use crate::private::mkdir_private;
+
+/// One allowed root: the path as given, its canonical form, and its directory fd.
+#[derive(Debug)]
+struct Root {
+    given: PathBuf,
+    canonical: PathBuf,
+    dir: OwnedFd,
+}
+
+/// What an opened path must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file, or a block device on the allow-list.
+    File,
+    Directory,
+}
+
+/// A list of allowed roots (and allow-listed block devices).
+#[derive(Debug, Default)]
+pub struct Roots {
+    roots: Vec<Root>,
+    block_devices: Vec<PathBuf>,
+}
+
+fn kind_name(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "regular file",
+        libc::S_IFDIR => "directory",
+        libc::S_IFBLK => "block device",
+        libc::S_IFCHR => "character device",
+        libc::S_IFIFO => "fifo",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFLNK => "symlink",
+        _ => "special file",
+    }
+}
+
+/// An absolute path without `..`.
+pub fn check_lexical(path: &Path) -> Result<(), ConfineError> {
+    if !path.is_absolute() {
+        return Err(ConfineError::NotAbsolute {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(ConfineError::DotDot {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+impl Roots {
+    /// Opens each root (absolute, an existing directory) and keeps its fd.
+    pub fn new(roots: &[PathBuf], block_devices: &[PathBuf]) -> Result<Self, ConfineError> {
+        let mut out = Roots::default();
+        for r in roots {
+            check_lexical(r)?;
+            let io = |what, source| ConfineError::Io {
+                path: r.clone(),
+                what,
+                source,
+            };
+            let dir = crate::private::open_dir(r).map_err(|e| io("opening the storage root", e))?;
+            let canonical =
+                std::fs::canonicalize(r).map_err(|e| io("resolving the storage root", e))?;
+            out.roots.push(Root {
+                given: r.clone(),
+                canonical,
+                dir,
+            });
+        }
+        for d in block_devices {
+            check_lexical(d)?;
+            out.block_devices.push(d.clone());
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    /// The roots as given.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.roots.iter().map(|r| r.given.clone()).collect()
+    }
+
+    pub fn block_devices(&self) -> &[PathBuf] {
+        &self.block_devices
+    }
+
+    fn list(&self) -> String {
+        let v: Vec<String> = self
+            .roots
+            .iter()
+            .map(|r| r.given.display().to_string())
+            .collect();
+        if v.is_empty() {
+            "none configured".into()
+        } else {
+            v.join(", ")
+        }
+    }
+
+    /// The root `path` falls under (the longest match) and the rest of the path.
+    fn locate<'a>(&'a self, path: &Path) -> Result<(&'a Root, PathBuf), ConfineError> {
+        check_lexical(path)?;
+        let mut best: Option<(&Root, PathBuf)> = None;
+        for r in &self.roots {
+            for base in [&r.given, &r.canonical] {
+                if let Ok(rest) = path.strip_prefix(base) {
+                    let better = best
+                        .as_ref()
+                        .is_none_or(|(_, b)| rest.components().count() < b.components().count());
+                    if better {
+                        best = Some((r, rest.to_path_buf()));
+                    }
+                }
+            }
+        }
+        best.ok_or_else(|| ConfineError::Outside {
+            path: path.to_path_buf(),
+            roots: self.list(),
+        })
+    }
+
+    /// Does `path` fall under a root (lexically; nothing is opened)?
+    pub fn contains(&self, path: &Path) -> bool {
+        self.locate(path).is_ok()
+    }
+
+    /// Checks `path` lexically: absolute, no `..`, under a root (or an allow-listed
+    /// block device).
+    pub fn check(&self, path: &Path) -> Result<(), ConfineError> {
+        if self.block_devices.iter().any(|d| d == path) {
+            return Ok(());
+        }
+        self.locate(path).map(|_| ())
+    }
+
+    /// Opens `path` beneath its root with `flags` (as for `open(2)`) and checks the fd:
+    /// a regular file (`Kind::File`; an allow-listed block device too) or a directory.
+    pub fn open(
+        &self,
+        path: &Path,
+        flags: libc::c_int,
+        kind: Kind,
+    ) -> Result<OwnedFd, ConfineError> {
+        let open_err = |e| ConfineError::from_open(path.to_path_buf(), "cannot open", e);
+        let fd = if kind == Kind::File && self.block_devices.iter().any(|d| d == path) {
+            // An operator named this device: open it as named, but not through a link.
+            crate::beneath::openat(at_fdcwd(), path.as_os_str(), flags | libc::O_NOFOLLOW, 0)
+                .map_err(open_err)?
+        } else {
+            let (root, rest) = self.locate(path)?;
+            open_beneath(root.dir.as_fd(), &root.canonical, &rest, flags, 0).map_err(open_err)?
+        };
+        let st = fstat(fd.as_fd()).map_err(|e| ConfineError::Io {
+            path: path.to_path_buf(),
+            what: "fstat",
+            source: e,
+        })?;
+        let fmt = st.st_mode & libc::S_IFMT;
+        let listed = self.block_devices.iter().any(|d| d == path);
+        match (kind, fmt) {
+            (Kind::File, libc::S_IFREG) | (Kind::Directory, libc::S_IFDIR) => Ok(fd),
+            (Kind::File, libc::S_IFBLK) if listed => Ok(fd),
+            (Kind::File, libc::S_IFBLK) => Err(ConfineError::BlockDevice {
+                path: path.to_path_buf(),
+            }),
+            (kind, _) => Err(ConfineError::WrongType {
+                path: path.to_path_buf(),
+                expected: match kind {
+                    Kind::File => "regular file",
+                    Kind::Directory => "directory",
+                },
+                found: kind_name(st.st_mode),
+            }),
+        }
+    }
+
+    /// Opens a regular file (or allow-listed block device) for reading, or reading and
+    /// writing.
+    pub fn open_file(&self, path: &Path, write: bool) -> Result<File, ConfineError> {
+        let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        self.open(path, flags, Kind::File).map(File::from)
+    }
+
+    /// Opens a directory beneath its root.
+    pub fn open_dir(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
+        self.open(path, libc::O_RDONLY | libc::O_DIRECTORY, Kind::Directory)
+    }
+
+    /// Splits `path` into its parent directory (opened beneath its root) and its last
+    /// component: where a new file or directory is to be created.
+    pub fn open_parent<'p>(&self, path: &'p Path) -> Result<(OwnedFd, &'p OsStr), ConfineError> {
+        check_lexical(path)?;
+        let Some(name) = path.file_name() else {
+            return Err(ConfineError::WrongType {
+                path: path.to_path_buf(),
+                expected: "file name",
+                found: "root directory",
+            });
+        };
+        // The parent must itself be under a root (or be a root).
+        let (root, rest) = self.locate(path)?;
+        if rest.as_os_str().is_empty() {
+            return Err(ConfineError::Outside {
+                path: path.to_path_buf(),
+                roots: self.list(),
+            });
+        }
+        let parent_rest = rest.parent().unwrap_or(Path::new(""));
+        let fd = open_beneath(
+            root.dir.as_fd(),
+            &root.canonical,
+            parent_rest,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open its directory", e))?;
+        Ok((fd, name))
+    }
+
+    /// Creates directory `path` (mode 0700) beneath its root, or opens it when it
+    /// already exists as a directory (not through a symlink). Returns its fd.
+    pub fn create_dir_private(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
+        let (parent, name) = self.open_parent(path)?;
+        match mkdir_private(parent.as_fd(), name) {
+            Ok(fd) => Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                crate::private::open_dir_at(parent.as_fd(), name)
+                    .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))
+            }
+            Err(e) => Err(ConfineError::Io {
+                path: path.to_path_buf(),
+                what: "cannot create the directory",
+                source: e,
+            }),
+        }
+    }
+
+    /// Creates the new file `path` (0600, `O_EXCL|O_NOFOLLOW`) beneath its root.
+    pub fn create_file_private(&self, path: &Path) -> Result<File, ConfineError> {
+        let (parent, name) = self.open_parent(path)?;
+        crate::private::create_private(parent.as_fd(), name).map_err(|e| ConfineError::Io {
+            path: path.to_path_buf(),
+            what: "cannot create",
+            source: e,
+        })
+    }
+}
+
+fn at_fdcwd() -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a valid "fd" for the *at calls for the life of the process.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
