@@ -42,7 +42,7 @@ pub(crate) fn open_parent(
     child: &Path,
     loc: &ParentLocator,
     params: &DiskParams,
-    direct: bool,
+    child_opts: &OpenOptions,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Vhdx> {
     let cp = child.display().to_string();
@@ -75,9 +75,12 @@ pub(crate) fn open_parent(
     }
     let parent = Vhdx::open_depth(
         found,
+        // Parents are read-only; they are locked (shared) unless the child
+        // was opened with locking off (same file system, same reason).
         &OpenOptions {
             read_only: true,
-            direct,
+            direct: child_opts.direct,
+            no_lock: child_opts.no_lock,
             ..Default::default()
         },
         chain,

@@ -26,6 +26,7 @@ pub use create::{create_raw, CreateOptions, DiskKind};
 pub use error::{Error, Result};
 pub use header::Header;
 pub use image::{OpenOptions, Vhdx};
+pub use log::LogScanStats;
 pub use metadata::{MetadataItem, ParentLocator, MAX_VIRTUAL_SIZE};
 pub use ops::{commit, probe, CompactStats, Extent};
 pub use storage::{FileStorage, Storage};

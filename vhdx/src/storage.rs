@@ -47,9 +47,20 @@ pub trait Storage: Send + Sync {
     fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
-    /// The file descriptor, when there is one (used for OFD locks).
+    /// The file descriptor, when there is one.
     fn raw_fd(&self) -> Option<i32> {
         None
+    }
+    /// Takes the image lock: OFD locks in QEMU's layout on the descriptor,
+    /// exclusive for a writer. Storage without a descriptor (in memory) has
+    /// no one to share with and succeeds. The error is the OS error (`EAGAIN`
+    /// when held elsewhere, `ENOLCK`/`EINVAL`/`EOPNOTSUPP` when the file
+    /// system has no such locks, which refuses the open).
+    fn lock(&self, exclusive: bool) -> io::Result<()> {
+        match self.raw_fd() {
+            Some(fd) => crate::lock::ofd_lock(fd, exclusive),
+            None => Ok(()),
+        }
     }
     /// Whether aligned I/O bypasses the page cache (`O_DIRECT`).
     fn is_direct(&self) -> bool {
