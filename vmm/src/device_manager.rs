@@ -139,9 +139,14 @@ fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
     let format = detect_format(&cfg.path)?;
     tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
+    let flags = devices::block::OpenFlags {
+        read_only: cfg.readonly,
+        direct: cfg.direct,
+        locking: cfg.locking,
+    };
     Ok(match format {
-        ImageFormat::Raw => Arc::new(RawFile::open(&cfg.path, cfg.readonly, cfg.direct)?),
-        ImageFormat::Vhdx => Arc::new(VhdxDisk::open(&cfg.path, cfg.readonly, cfg.direct)?),
+        ImageFormat::Raw => Arc::new(RawFile::open_with(&cfg.path, flags)?),
+        ImageFormat::Vhdx => Arc::new(VhdxDisk::open_with(&cfg.path, flags)?),
     })
 }
 

@@ -30,7 +30,7 @@ struct Cli {
     /// Memory: size=SIZE[,hugepages=on].
     #[arg(long, default_value = "size=512M")]
     memory: String,
-    /// A disk: path=FILE[,readonly=on][,direct=on][,serial=S][,num_queues=N][,id=ID]
+    /// A disk: path=FILE[,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]
     /// [,poll_us=US][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]
     /// (repeatable; VHDX or raw, detected from the content; poll_us: how long a queue
     /// worker polls for the next request before it sleeps, default 50, 0 = never).

@@ -3,7 +3,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::Path;
 
-use super::{BlockBackend, OpenError};
+use super::{BlockBackend, OpenError, OpenFlags};
 
 pub struct VhdxDisk {
     image: vhdx::Vhdx,
@@ -14,14 +14,32 @@ impl VhdxDisk {
     /// read-only). With `direct`, guest I/O that is 4 KiB-aligned bypasses the host
     /// page cache (`O_DIRECT`); the image's metadata stays buffered.
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, OpenError> {
+        Self::open_with(
+            path,
+            OpenFlags {
+                read_only,
+                direct,
+                ..OpenFlags::default()
+            },
+        )
+    }
+
+    /// Opens a VHDX image; locks it unless `flags.locking` is off. A file
+    /// system that cannot lock refuses the open ([`OpenError::LockUnsupported`]).
+    pub fn open_with(path: &Path, flags: OpenFlags) -> Result<Self, OpenError> {
         let opts = vhdx::OpenOptions {
-            read_only,
-            direct,
+            read_only: flags.read_only,
+            direct: flags.direct,
+            no_lock: !flags.locking,
             ..Default::default()
         };
         let image = vhdx::Vhdx::open(path, opts).map_err(|e| match e {
             vhdx::Error::Locked { .. } => OpenError::Locked {
                 path: path.display().to_string(),
+            },
+            vhdx::Error::LockUnsupported { source, .. } => OpenError::LockUnsupported {
+                path: path.display().to_string(),
+                source,
             },
             other => OpenError::Format {
                 path: path.display().to_string(),
