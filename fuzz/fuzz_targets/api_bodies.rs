@@ -7,7 +7,7 @@
 
 use agent::model::{IncomingRequest, MigrateRequest, VmDefinition};
 use api::config::{self, VmConfig};
-use api::types::{
+use api::{
     MigrateDiskRequest, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest,
     SnapshotRequest,
 };
@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         }
         4 => {
             if let Some(r) = body::<SnapshotRequest>(b) {
-                let _ = api::types::file_url_path(&r.destination_url);
+                let _ = api::file_url_path(&r.destination_url);
             }
         }
         5 => {

@@ -10,7 +10,7 @@ use devices::virtio::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vireo_fuzz::Input;
 use vm_memory::{Bytes, GuestAddress};
 

@@ -121,7 +121,8 @@ fn region(f: &[u8], first4: [u8; 4]) -> Option<(usize, usize)> {
 ///
 /// - byte 0: bit 0 picks the base (dynamic or differencing child), bit 1
 ///   leaves checksums as the patches made them (else headers and region
-///   tables get valid CRCs again);
+///   tables get valid CRCs again), bit 2 means the rest is a whole image in
+///   sparse form instead (see [`sparse_image`]);
 /// - then records: `sel: u8`; a record with bit 7 of `sel` set writes a log
 ///   entry (valid CRC) built from the next bytes, else `sel % 8` picks a
 ///   structure (file identifier, headers, region tables, log, metadata
@@ -130,6 +131,9 @@ fn region(f: &[u8], first4: [u8; 4]) -> Option<(usize, usize)> {
 pub fn vhdx_image(data: &[u8]) -> Vec<u8> {
     let mut inp = Input(data);
     let flags = inp.u8();
+    if flags & 4 != 0 {
+        return sparse_image(inp);
+    }
     let b = bases();
     let mut f = if flags & 1 == 0 {
         b.dynamic.clone()
@@ -188,6 +192,23 @@ pub fn vhdx_image(data: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A whole image in the seeds' sparse form (bit 2 of byte 0 set): the file
+/// size in MiB (`u8`, at most 64), then its non-zero 4 KiB pages as (page
+/// index `u16`, 4096 bytes). `fuzz/seeds/make-seeds` turns images made by
+/// qemu-img into this form.
+fn sparse_image(mut inp: Input<'_>) -> Vec<u8> {
+    let mib = usize::from(inp.u8()).clamp(1, 64);
+    let mut f = vec![0u8; mib << 20];
+    while !inp.is_empty() {
+        let at = usize::from(inp.u16()) * 4096;
+        let page = inp.bytes(4096);
+        if let Some(dst) = f.get_mut(at..at + page.len()) {
+            dst.copy_from_slice(page);
+        }
+    }
+    f
+}
+
 /// A log entry (MS-VHDX 2.3.1) from fuzz input: up to 4 descriptors, data
 /// or zero, at 4 KiB-aligned targets; tail at the first entry.
 fn log_entry(inp: &mut Input<'_>, seq: u64, _head: usize, file_len: u64) -> Option<Vec<u8>> {
@@ -202,7 +223,8 @@ fn log_entry(inp: &mut Input<'_>, seq: u64, _head: usize, file_len: u64) -> Opti
             let fill = inp.u8();
             page.fill(fill);
             let at = usize::from(inp.u16()) % 4096;
-            let patch = inp.bytes(usize::from(inp.u8()));
+            let n = usize::from(inp.u8());
+            let patch = inp.bytes(n);
             let end = (at + patch.len()).min(4096);
             page[at..end].copy_from_slice(&patch[..end - at]);
             pages.push((target, page));
