@@ -12,7 +12,12 @@ use vmm::vm::SavedVm;
 
 fn dir() -> &'static std::path::Path {
     static D: OnceLock<tempfile::TempDir> = OnceLock::new();
-    D.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+    D.get_or_init(|| {
+        tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("temp dir")
+    })
+    .path()
 }
 
 fuzz_target!(|data: &[u8]| {
