@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         skip_parent: true,
         ..Default::default()
     };
-    let mem = Arc::new(MemStorage::new(image.clone(), image.len() as u64 + MAX_GROWTH));
+    let mem = Arc::new(MemStorage::new(
+        image.clone(),
+        image.len() as u64 + MAX_GROWTH,
+    ));
     let Ok(v) = Vhdx::open_storage(mem.clone(), path, opts(!fix)) else {
         return;
     };

@@ -9,9 +9,9 @@ use devices::virtio::block::{process_chain, BlockConfig};
 use devices::virtio::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
+use vireo_fuzz::Input;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vireo_fuzz::Input;
 use vm_memory::{Bytes, GuestAddress};
 
 const MEM: usize = 1 << 20;
@@ -33,8 +33,7 @@ fn disk() -> &'static (tempfile::TempDir, RawFile) {
 fuzz_target!(|data: &[u8]| {
     let mut inp = Input(data);
     let read_only = inp.u8() & 1 == 1;
-    let mem =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
     // The descriptor table, raw.
     let table = inp.bytes(16 * 16);
@@ -42,7 +41,11 @@ fuzz_target!(|data: &[u8]| {
     // Avail ring: how many heads, and which.
     let heads = inp.u8() % 17;
     for i in 0..heads {
-        vq.avail().ring().ref_at(usize::from(i)).expect("avail slot").store(inp.u16() % 16);
+        vq.avail()
+            .ring()
+            .ref_at(usize::from(i))
+            .expect("avail slot")
+            .store(inp.u16() % 16);
     }
     vq.avail().idx().store(u16::from(heads));
     // Everything else is guest memory from 0x1000 on (headers, data, status).
