@@ -17,7 +17,7 @@ pub mod chains {
     use super::chain::{rx_header, spread, Chain, VNET_HDR_LEN};
     use crate::virtio::GuestMemoryMmap;
     use virtio_queue::DescriptorChain;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes};
 
     /// Parses a transmit chain and gathers the frame after the virtio-net
     /// header, as the worker hands it to the tap; `None` for a chain the
@@ -40,7 +40,7 @@ pub mod chains {
                 continue;
             }
             let mut b = vec![0u8; (len - skip) as usize];
-            mem.read_slice(&mut b, GuestAddress(addr.0 + skip)).ok()?;
+            mem.read_slice(&mut b, addr.checked_add(skip)?).ok()?;
             skip = 0;
             frame.extend_from_slice(&b);
         }
