@@ -157,6 +157,7 @@ impl Inventory {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::audit::SCHEMA).map_err(db)?;
         add_missing_columns(&conn).map_err(db)?;
         Ok(Self {
             conn,
@@ -230,6 +231,16 @@ impl Inventory {
         }
         tx.commit().map_err(|e| self.db(e))?;
         Ok(n > 0)
+    }
+
+    /// Appends an entry to the audit trail ([`crate::audit`]).
+    pub fn record_audit(&mut self, e: &crate::audit::Entry) -> Result<(), AgentError> {
+        crate::audit::insert(&self.conn, e).map_err(|e| self.db(e))
+    }
+
+    /// The audit entries `f` asks for, oldest first.
+    pub fn audit(&self, f: &crate::audit::Filter) -> Result<Vec<crate::audit::Entry>, AgentError> {
+        crate::audit::query(&self.conn, f).map_err(|e| self.db(e))
     }
 
     /// Replaces the definition of an existing VM (e.g. its disks after a shared-nothing

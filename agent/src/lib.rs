@@ -12,9 +12,13 @@
 //! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
 //! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
 //! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
+//! - [`authz`]: who may call which route (roles from the caller's SO_PEERCRED);
+//! - [`audit`]: the audit trail of every change asked for, allowed or refused;
 //! - [`client`]: an HTTP/1.1 client over unix sockets (vireod → VMMs, vireoctl → vireod);
 //! - [`procfs`]: what the agent reads from /proc.
 
+pub mod audit;
+pub mod authz;
 pub mod cgroup;
 pub mod client;
 pub mod error;

@@ -1,4 +1,5 @@
-//! vireod's REST API: axum on a unix socket (mode 0660). JSON in and out; every error
+//! vireod's REST API: axum on a unix socket (mode 0666; who may do what is
+//! [`crate::authz`]'s decision). JSON in and out; every error
 //! is `{"error": "..."}` with a 4xx status for what the caller can fix.
 
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ type S = State<Arc<Supervisor>>;
 type Q = Query<HashMap<String, String>>;
 
 /// Binds `path` (a stale socket nobody listens on is replaced; a live one is an error).
+/// Mode 0666: any local user may connect and is then told by [`crate::authz`] what
+/// their uid may do (a 403 naming it); the file mode could admit only one group.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -39,7 +42,7 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
     }
     let l = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| AgentError::io("cannot bind", path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .map_err(|e| AgentError::io("cannot set permissions of", path, e))?;
     l.set_nonblocking(true)
         .map_err(|e| AgentError::io("cannot bind", path, e))?;
@@ -68,12 +71,14 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/vms/{name}/metrics/reset", put(metrics_reset))
         .route("/api/v1/vms/{name}/exits", get(exits))
         .route("/api/v1/vms/{name}/serial", get(serial).post(serial_input))
+        .route("/api/v1/audit", get(crate::audit::list))
         .route("/metrics", get(prometheus))
         .fallback(|| async { error(404, "no such API endpoint".into()) })
         .with_state(sup)
 }
 
-fn error(status: u16, message: String) -> Response {
+/// An error answer: `status` with `{"error": message}`.
+pub(crate) fn error(status: u16, message: String) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }

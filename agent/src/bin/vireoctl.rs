@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agent::audit::Entry as AuditEntry;
 use agent::client;
 use agent::model::{
     MeteringReport, MigrationRecord, MigrationState, Priority, RestartPolicy, VmDefinition,
@@ -53,6 +54,15 @@ enum Command {
     /// Live migrations (this host's queue and history).
     #[command(subcommand)]
     Migration(MigrationCommand),
+    /// Who changed what: the audit trail, oldest first (operators only).
+    Audit {
+        /// Only requests about this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// The newest N entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -948,6 +958,46 @@ fn migration(ctx: &Ctx, cmd: MigrationCommand, out: Output) -> Result<(), CtlErr
     Ok(())
 }
 
+fn audit(ctx: &Ctx, vm: Option<&str>, limit: usize, out: Output) -> Result<(), CtlError> {
+    let mut path = format!("/api/v1/audit?limit={limit}");
+    if let Some(vm) = vm {
+        if agent::model::validate_name(vm).is_err() {
+            return Err(CtlError::Usage(format!("--vm {vm:?}: not a VM name")));
+        }
+        path.push_str(&format!("&vm={vm}"));
+    }
+    let v = ctx.json("GET", &path, None)?;
+    if out == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
+    let list: Vec<AuditEntry> =
+        serde_json::from_value(v).map_err(|e| CtlError::Api(e.to_string()))?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|e| {
+            vec![
+                fmt_time(Some(e.at_ms)),
+                e.uid.to_string(),
+                e.pid.map_or("-".into(), |p| p.to_string()),
+                e.role.clone(),
+                e.method.clone(),
+                e.route.clone(),
+                e.vm.clone().unwrap_or("-".into()),
+                e.status.to_string(),
+                e.detail.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TIME", "UID", "PID", "ROLE", "METHOD", "ROUTE", "VM", "STATUS", "DETAIL",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), CtlError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -996,6 +1046,16 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 rt,
             },
             cmd,
+            cli.output,
+        ),
+        Command::Audit { vm, limit } => audit(
+            &Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            },
+            vm.as_deref(),
+            limit,
             cli.output,
         ),
         Command::Vm(cmd) => match cli.vm_socket {

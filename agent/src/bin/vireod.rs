@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agent::authz::{self, Group, Policy};
 use agent::supervisor::{Config, Supervisor};
 use agent::{error_chain, metering, server};
 use clap::Parser;
@@ -45,7 +46,16 @@ struct Cli {
     /// without it they are shut down, lowest priority first.
     #[arg(long)]
     keep_vms_on_exit: bool,
-    /// Group (name or number) that may use vireod's and the VMs' sockets.
+    /// Group (name or number) whose members are operators: they may do everything
+    /// (root always may). Repeatable.
+    #[arg(long)]
+    operators_group: Vec<String>,
+    /// Group (name or number) whose members are viewers: they may list, read info,
+    /// metrics, events and console output, and change nothing. Repeatable.
+    #[arg(long)]
+    viewers_group: Vec<String>,
+    /// Deprecated: the same as --operators-group (its members may do everything, as
+    /// before). The VMs' sockets are no longer shared with it.
     #[arg(long)]
     socket_group: Option<String>,
     /// Worker threads of the runtime.
@@ -87,21 +97,24 @@ struct Cli {
     vms_cpu_shares: u64,
 }
 
-/// A group's id from its number or its name (/etc/group).
-fn group_id(g: &str) -> Result<u32, String> {
-    if let Ok(n) = g.parse() {
-        return Ok(n);
+/// The roles' groups from the command line (`--socket-group` counts as an operators
+/// group).
+fn policy(cli: &Cli) -> Result<Policy, String> {
+    let resolve = |flag: &str, specs: &[String]| {
+        specs
+            .iter()
+            .map(|g| Group::resolve(g).map_err(|e| format!("--{flag} {g}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if cli.socket_group.is_some() {
+        warn!("--socket-group is deprecated: its members are operators; use --operators-group");
     }
-    let text = std::fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 3 && f[0] == g)
-                .then(|| f[2].parse().ok())
-                .flatten()
-        })
-        .next()
-        .ok_or_else(|| format!("--socket-group: no group named {g:?}"))
+    let mut operators = resolve("operators-group", &cli.operators_group)?;
+    operators.extend(resolve("socket-group", cli.socket_group.as_slice())?);
+    Ok(Policy {
+        operators,
+        viewers: resolve("viewers-group", &cli.viewers_group)?,
+    })
 }
 
 fn find_vireo() -> PathBuf {
@@ -154,38 +167,37 @@ async fn run(
         start_timeout: Duration::from_secs(cli.start_timeout_s),
         stop_timeout: Duration::from_secs(cli.stop_timeout_s),
         meter_interval: Duration::from_millis(cli.meter_interval_ms.max(10)),
-        socket_group: match &cli.socket_group {
-            Some(g) => Some(group_id(g)?),
-            None => None,
-        },
         launcher,
         max_concurrent_migrations: cli.max_concurrent_migrations.max(1),
         incoming_timeout: Duration::from_secs(cli.incoming_timeout_s),
     };
+    let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
     let sock = cli
         .socket
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
-    if let Some(g) = sup.cfg.socket_group {
-        agent::supervisor::share_with_group(&sock, g, 0o660)?;
-    }
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = server::router(sup.clone());
+    let app = authz::protect(server::router(sup.clone()), sup.clone(), policy.clone());
     let serve = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<authz::Peer>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await
     });
     info!(
         socket = %sock.display(),
         vireo = %sup.cfg.vireo_bin.display(),
         launcher = sup.cfg.launcher.name(),
+        operators = ?policy.operators.iter().map(|g| g.gid).collect::<Vec<_>>(),
+        viewers = ?policy.viewers.iter().map(|g| g.gid).collect::<Vec<_>>(),
         "vireod ready"
     );
     agent::notify::notify("READY=1");

@@ -185,7 +185,7 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.share_socket(name, &spec.socket);
+        self.private_socket(name, &spec.socket);
         Ok(())
     }
 

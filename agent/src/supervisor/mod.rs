@@ -48,9 +48,6 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// Metering sample period.
     pub meter_interval: Duration,
-    /// Group that may use vireod's socket and the VMs' sockets (mode 0660, and the
-    /// run directory's `vms/` 0750 with this group). None: only vireod's user.
-    pub socket_group: Option<u32>,
     /// How VMMs are started (directly, or as systemd units) and placed (CPU cgroups).
     pub launcher: Launcher,
     /// At most this many outgoing live migrations run at once; the rest queue.
@@ -136,12 +133,14 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
         .map_err(|e| AgentError::io("cannot set permissions of", path, e))
 }
 
-/// Gives `path` to `group` (owner unchanged) with `mode`.
-pub fn share_with_group(path: &Path, group: u32, mode: u32) -> Result<(), AgentError> {
+/// Makes `path` vireod's own: owned by its user and group, mode 0600.
+fn make_private(path: &Path) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
-    std::os::unix::fs::chown(path, None, Some(group))
-        .map_err(|e| AgentError::io("cannot change the group of", path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    // SAFETY: geteuid/getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| AgentError::io("cannot change the owner of", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| AgentError::io("cannot set permissions of", path, e))
 }
 
@@ -152,10 +151,9 @@ impl Supervisor {
         mkdir(&cfg.state_dir, 0o750)?;
         mkdir(&cfg.state_dir.join("vms"), 0o750)?;
         mkdir(&cfg.run_dir, 0o755)?;
-        mkdir(&cfg.run_dir.join("vms"), 0o750)?;
-        if let Some(g) = cfg.socket_group {
-            share_with_group(&cfg.run_dir.join("vms"), g, 0o750)?;
-        }
+        // The VMs' sockets, configs and pid files: vireod's user only (callers reach
+        // the VMs through vireod's API, which checks who they are).
+        mkdir(&cfg.run_dir.join("vms"), 0o700)?;
         let mut inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
         let mut vms = BTreeMap::new();
         for (name, def) in inv.list()? {
@@ -713,7 +711,7 @@ impl Supervisor {
                 }
             }
         }
-        self.share_socket(name, &spec.socket);
+        self.private_socket(name, &spec.socket);
         self.cfg
             .launcher
             .running(
@@ -727,12 +725,11 @@ impl Supervisor {
         Ok(())
     }
 
-    /// The VMM creates its socket 0600; with --socket-group the group may use it too.
-    fn share_socket(&self, name: &str, socket: &Path) {
-        if let Some(g) = self.cfg.socket_group {
-            if let Err(e) = share_with_group(socket, g, 0o660) {
-                warn!(vm = name, error = %error_chain(&e), "cannot share the VM's socket");
-            }
+    /// The VMM creates its socket 0600; this makes sure of it (also for a socket an
+    /// older vireod had shared with a group), owner vireod's user.
+    fn private_socket(&self, name: &str, socket: &Path) {
+        if let Err(e) = make_private(socket) {
+            warn!(vm = name, error = %error_chain(&e), "cannot make the VM's socket private");
         }
     }
 
@@ -1077,6 +1074,7 @@ impl Supervisor {
         let spec = self.spec(name);
         match self.cfg.launcher.adopt(&spec) {
             Ok((handle, watch)) => {
+                self.private_socket(name, &spec.socket);
                 let state = match client::request(
                     &spec.socket,
                     "GET",

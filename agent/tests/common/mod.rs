@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod caller;
+
 pub const T: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
@@ -425,13 +427,17 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16
     s.write_all(req.as_bytes()).expect("send request");
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).expect("read response");
-    let resp = String::from_utf8_lossy(&resp).into_owned();
+    parse_response(&String::from_utf8_lossy(&resp))
+}
+
+/// The status and the (de-chunked) body of an HTTP/1.1 response.
+pub fn parse_response(resp: &str) -> (u16, String) {
     let status = resp
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
