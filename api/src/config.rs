@@ -524,10 +524,10 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("/a.vhdx"));
         assert!(d.readonly && !d.direct);
         assert!(d.locking, "locking is on unless turned off");
-        let d = parse_disk("path=/a.vhdx,locking=off").unwrap();
-        assert!(!d.locking);
+        let off = parse_disk("path=/a.vhdx,locking=off").unwrap();
+        assert!(!off.locking);
         // Round trip: the default is not written out, off is.
-        let j = serde_json::to_value(&d).unwrap();
+        let j = serde_json::to_value(&off).unwrap();
         assert_eq!(j["locking"], serde_json::json!(false));
         let back: DiskConfig = serde_json::from_value(j).unwrap();
         assert!(!back.locking);
