@@ -124,6 +124,11 @@ pub struct DiskConfig {
     pub readonly: bool,
     #[serde(default)]
     pub direct: bool,
+    /// Take the image's OFD lock (default). `false` (`locking=off`) is only for
+    /// file systems without OFD locks where nothing else can open the image:
+    /// with locking on, such a file system refuses the disk.
+    #[serde(default = "locking_on", skip_serializing_if = "is_on")]
+    pub locking: bool,
     /// Serial number the guest reads (default: the disk's id).
     #[serde(default)]
     pub serial: Option<String>,
@@ -187,6 +192,14 @@ pub struct NetConfig {
     /// Device id for the API (default: net0, net1, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+fn locking_on() -> bool {
+    true
+}
+
+fn is_on(b: &bool) -> bool {
+    *b
 }
 
 /// The default poll window of a disk queue's worker, in microseconds.
@@ -471,6 +484,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         format: None,
         readonly: false,
         direct: false,
+        locking: true,
         serial: None,
         num_queues: 1,
         id: None,
@@ -494,6 +508,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             }
             "readonly" => d.readonly = on_off(F, &k, &v)?,
             "direct" => d.direct = on_off(F, &k, &v)?,
+            "locking" => d.locking = on_off(F, &k, &v)?,
             "serial" => d.serial = Some(v),
             "id" => d.id = Some(v),
             "num_queues" => d.num_queues = number(F, &k, &v)?,
@@ -677,6 +692,17 @@ mod tests {
         let d = parse_disk("path=/a.vhdx,readonly=on,serial=abc").unwrap();
         assert_eq!(d.path, PathBuf::from("/a.vhdx"));
         assert!(d.readonly && !d.direct);
+        assert!(d.locking, "locking is on unless turned off");
+        let off = parse_disk("path=/a.vhdx,locking=off").unwrap();
+        assert!(!off.locking);
+        // Round trip: the default is not written out, off is.
+        let j = serde_json::to_value(&off).unwrap();
+        assert_eq!(j["locking"], serde_json::json!(false));
+        let back: DiskConfig = serde_json::from_value(j).unwrap();
+        assert!(!back.locking);
+        let on = parse_disk("path=/a.vhdx").unwrap();
+        assert!(serde_json::to_value(&on).unwrap().get("locking").is_none());
+        assert!(parse_disk("path=/a,locking=maybe").is_err());
         assert_eq!(d.serial.as_deref(), Some("abc"));
         assert_eq!(d.on_error, None);
         let d = parse_disk("path=/a,on_error=stop").unwrap();

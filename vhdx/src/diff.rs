@@ -90,6 +90,9 @@ pub(crate) fn open_parent(
     let popts = OpenOptions {
         read_only: true,
         direct,
+        // Parents are read-only; they are locked (shared) unless the child was
+        // opened with locking off (same file system, same reason).
+        no_lock: opts.no_lock,
         parent_opener: opts.parent_opener.clone(),
         ..Default::default()
     };

@@ -37,6 +37,17 @@ pub enum Error {
     /// Another process holds a conflicting lock on the file.
     #[error("{path}: failed to get {mode} lock: is another process using the image?")]
     Locked { path: String, mode: &'static str },
+    /// The file system cannot lock the file (no OFD locks). Refused rather
+    /// than opened unlocked: two writers would corrupt the image. Open with
+    /// `no_lock` (`locking=off`, `vireo-img -U`) only when nothing else can
+    /// write the file.
+    #[error("{path}: cannot take the {mode} lock ({source}): the file system has no OFD locks; use locking=off (vireo-img -U) only if nothing else can open the image")]
+    LockUnsupported {
+        path: String,
+        mode: &'static str,
+        #[source]
+        source: io::Error,
+    },
     /// A write was attempted on an image opened read-only.
     #[error("{path}: image is opened read-only")]
     ReadOnly { path: String },

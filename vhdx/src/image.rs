@@ -5,7 +5,7 @@ use crate::bat::{self, Geometry};
 use crate::bytes::*;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, HEADER_OFFSETS};
-use crate::log::{self, LogOp, Replay};
+use crate::log::{self, LogOp, LogScanStats, Replay};
 use crate::metadata::{DiskParams, Metadata, ParentLocator, PARENT_LOCATOR};
 use crate::region::{
     RegionTable, BAT_GUID, METADATA_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE,
@@ -22,7 +22,8 @@ use uuid::Uuid;
 pub struct OpenOptions {
     /// Open read-only: nothing is ever written, a pending log is replayed in memory.
     pub read_only: bool,
-    /// Do not take the OFD lock (for tools that inspect an image in use).
+    /// Do not take the OFD lock (for tools that inspect an image in use, and
+    /// for file systems without OFD locks, where an open without this fails).
     pub no_lock: bool,
     /// Open a differencing disk without opening its parent (reads of sectors
     /// the child does not hold return zeros). For tools such as commit.
@@ -111,6 +112,7 @@ pub struct Vhdx {
     pub(crate) flush_lock: Mutex<()>,
     pub(crate) overlay: Option<Vec<LogOp>>,
     pub(crate) replayed_entries: usize,
+    pub(crate) log_scan: LogScanStats,
     pub(crate) creator: String,
     pub(crate) closed: AtomicBool,
     /// `HeaderState::session_started`, readable without the header lock (which
@@ -234,10 +236,10 @@ impl Vhdx {
     ) -> Result<Vhdx> {
         let pstr = path.display().to_string();
         let p = pstr.as_str();
-        if !opts.no_lock {
-            if let Some(fd) = storage.raw_fd() {
-                crate::lock::lock(fd, !opts.read_only, p)?;
-            }
+        if opts.no_lock {
+            tracing::info!(path = p, "opening without the image lock (locking=off)");
+        } else {
+            crate::lock::lock(&*storage, !opts.read_only, p)?;
         }
         let file_len = storage
             .len()
@@ -311,6 +313,7 @@ impl Vhdx {
             ));
         }
         let mut replay: Option<Replay> = None;
+        let mut log_scan = LogScanStats::default();
         if !cur.log_guid.is_nil() {
             if cur.log_version != 0 {
                 return Err(Error::unsupported(
@@ -319,7 +322,9 @@ impl Vhdx {
                 ));
             }
             let buf = raw.read(log_offset, log_len as usize, "reading the log")?;
-            replay = log::find_replay(p, log_offset, &buf, &cur.log_guid, file_len)?;
+            let (found, stats) = log::find_replay(p, log_offset, &buf, &cur.log_guid, file_len)?;
+            replay = found;
+            log_scan = stats;
             if let Some(r) = &replay {
                 tracing::info!(
                     path = p,
@@ -388,6 +393,28 @@ impl Vhdx {
         ] {
             if o < log_offset + log_len && log_offset < o + l {
                 return Err(bad_log(format!("log overlaps the {name} region")));
+            }
+        }
+        // Allocation caps: the metadata region and the BAT are read into
+        // memory, so they must lie in bytes the file (or its log) holds; a
+        // region table or log claiming a larger file cannot make open allocate
+        // more than the file could hold.
+        let held_end = replay
+            .as_ref()
+            .map_or(file_len, |r| r.data_end().max(file_len));
+        for (name, o, l) in [
+            ("metadata", meta_offset, meta_len),
+            ("BAT", bat_offset, bat_region_len),
+        ] {
+            if o.saturating_add(l) > held_end {
+                return Err(Error::corrupt(
+                    p,
+                    "region table",
+                    REGION_TABLE_OFFSETS[0],
+                    format!(
+                        "{name} region [{o}, +{l}) lies past the {held_end} bytes the file holds"
+                    ),
+                ));
             }
         }
         if meta_len > MAX_METADATA_REGION {
@@ -496,6 +523,7 @@ impl Vhdx {
             flush_lock: Mutex::new(()),
             overlay: None,
             replayed_entries: replay.as_ref().map_or(0, |r| r.entries),
+            log_scan,
             creator,
             closed: AtomicBool::new(false),
             session_open: AtomicBool::new(false),
@@ -637,6 +665,11 @@ impl Vhdx {
     /// Number of log entries replayed when the image was opened.
     pub fn replayed_log_entries(&self) -> usize {
         self.replayed_entries
+    }
+    /// What scanning the log cost when the image was opened (bytes
+    /// checksummed and copied; zero when the log GUID was nil).
+    pub fn log_scan_stats(&self) -> LogScanStats {
+        self.log_scan
     }
     /// Raw BAT entry of payload block `block`.
     pub fn payload_entry(&self, block: u64) -> u64 {

@@ -28,9 +28,10 @@ pub use error::{Error, Result};
 pub use header::Header;
 pub use image::{OpenOptions, ParentOpen, ParentOpener, Vhdx};
 pub use iobuf::{IoBufs, IoBufsMut};
+pub use log::LogScanStats;
 pub use metadata::{MetadataItem, ParentLocator, MAX_VIRTUAL_SIZE};
 pub use ops::{commit, probe, CompactStats, Extent};
-pub use storage::{FileStorage, Storage};
+pub use storage::{FileStorage, MemStorage, Storage};
 
 /// Raw BAT entry helpers (for tools and tests that inspect images).
 pub mod bat_entry {

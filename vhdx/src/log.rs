@@ -29,6 +29,20 @@ pub(crate) struct Replay {
     pub entries: usize,
 }
 
+impl Replay {
+    /// End of the last byte a data write of the log puts into the file.
+    pub(crate) fn data_end(&self) -> u64 {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                LogOp::Data { offset, data } => Some(offset.saturating_add(data.len() as u64)),
+                LogOp::Zero { .. } => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct EntryInfo {
     seq: u64,
@@ -38,108 +52,203 @@ struct EntryInfo {
     last: u64,
 }
 
-struct CircularLog<'a> {
-    buf: &'a [u8],
+/// What a log scan cost, counted by the scanner so tests can bound it (a
+/// hostile log must not make open checksum or copy more than a few times the
+/// log region).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LogScanStats {
+    /// Bytes run through CRC-32C.
+    pub bytes_checksummed: u64,
+    /// Bytes copied out of the log into replay operations.
+    pub bytes_copied: u64,
 }
 
+/// The log region as a ring of 4 KiB sectors, with the work done on it
+/// counted against a byte budget.
+struct CircularLog<'a> {
+    buf: &'a [u8],
+    stats: LogScanStats,
+    budget: u64,
+}
+
+/// Bytes a scan may checksum and copy, as a multiple of the log size. Entries
+/// that pass the cheap checks never share a sector (each sector after an
+/// entry's first starts with a descriptor or data signature, never `loge`),
+/// so an honest scan checksums the log at most once and copies it at most
+/// once; the budget only stops a bug from turning into minutes of work.
+const BUDGET_LOG_MULTIPLE: u64 = 3;
+
 impl CircularLog<'_> {
+    fn new(buf: &[u8]) -> CircularLog<'_> {
+        CircularLog {
+            buf,
+            stats: LogScanStats::default(),
+            budget: BUDGET_LOG_MULTIPLE.saturating_mul(buf.len() as u64),
+        }
+    }
     fn sectors(&self) -> usize {
         self.buf.len() / SECTOR
     }
-    /// Copies `count` sectors starting at sector `start`, wrapping around.
-    fn read(&self, start: usize, count: usize) -> Vec<u8> {
-        let n = self.sectors();
-        let mut out = Vec::with_capacity(count * SECTOR);
-        for k in 0..count {
-            let s = (start + k) % n;
-            out.extend_from_slice(&self.buf[s * SECTOR..(s + 1) * SECTOR]);
+    /// Sector `k` of the entry starting at sector `start`, wrapping around.
+    fn sector(&self, start: usize, k: usize) -> &[u8] {
+        let s = (start + k) % self.sectors();
+        &self.buf[s * SECTOR..(s + 1) * SECTOR]
+    }
+    /// The 32-byte descriptor `i` of the entry starting at `start`
+    /// (descriptors never straddle a sector: 64 + 32 i is 32-byte aligned).
+    fn descriptor(&self, start: usize, i: usize) -> &[u8] {
+        let at = 64 + 32 * i;
+        let o = at % SECTOR;
+        &self.sector(start, at / SECTOR)[o..o + 32]
+    }
+    fn spend(&mut self, bytes: u64) -> bool {
+        match self.budget.checked_sub(bytes) {
+            Some(b) => {
+                self.budget = b;
+                true
+            }
+            None => false,
         }
-        out
+    }
+    /// CRC-32C of `sectors` sectors from `start`, the checksum field (bytes
+    /// 4..8 of the first sector) read as zero. `None` when over budget.
+    fn entry_crc(&mut self, start: usize, sectors: usize) -> Option<u32> {
+        let bytes = (sectors * SECTOR) as u64;
+        if !self.spend(bytes) {
+            return None;
+        }
+        self.stats.bytes_checksummed += bytes;
+        let first = self.sector(start, 0);
+        let mut c = crc32c::crc32c(&first[..4]);
+        c = crc32c::crc32c_append(c, &[0u8; 4]);
+        c = crc32c::crc32c_append(c, &first[8..]);
+        for k in 1..sectors {
+            c = crc32c::crc32c_append(c, self.sector(start, k));
+        }
+        Some(c)
     }
 }
 
-fn parse_entry(log: &CircularLog<'_>, at: usize, log_guid: &Uuid) -> Option<EntryInfo> {
+/// Why a scan stopped: the budget ran out.
+struct OverBudget;
+
+/// Checks the entry that would start at sector `at`: every cheap check
+/// (signature, GUID, sequence, length and tail against the log, descriptor
+/// count against the length, each descriptor's signature and sequence, each
+/// data sector's signature and sequence halves) before the CRC over its
+/// sectors, which is the only step whose cost grows with the entry.
+fn parse_entry(
+    log: &mut CircularLog<'_>,
+    at: usize,
+    log_guid: &Uuid,
+) -> std::result::Result<Option<EntryInfo>, OverBudget> {
     let n = log.sectors();
-    let first = &log.buf[at * SECTOR..(at + 1) * SECTOR];
+    let first = log.sector(at, 0);
     if &first[0..4] != b"loge" {
-        return None;
+        return Ok(None);
     }
     let entry_len = le32(first, 8) as usize;
     let tail = le32(first, 12) as usize;
     let seq = le64(first, 16);
     let dc = le32(first, 24) as usize;
-    if guid(first, 32) != *log_guid {
-        return None;
-    }
-    if entry_len == 0 || !entry_len.is_multiple_of(SECTOR) || entry_len / SECTOR > n {
-        return None;
-    }
-    if !tail.is_multiple_of(SECTOR) || tail / SECTOR >= n || seq == 0 {
-        return None;
-    }
-    let sectors = entry_len / SECTOR;
-    let hs = (64 + 32 * dc).div_ceil(SECTOR);
-    if hs > sectors {
-        return None;
-    }
-    let whole = log.read(at, sectors);
-    if crc_with_zero_field(&whole, 4) != le32(first, 4) {
-        return None;
-    }
+    let stored_crc = le32(first, 4);
     let flushed = le64(first, 48);
     let last = le64(first, 56);
-    // Descriptors: data descriptors must match the data sectors one to one.
+    if guid(first, 32) != *log_guid || seq == 0 {
+        return Ok(None);
+    }
+    if entry_len == 0 || !entry_len.is_multiple_of(SECTOR) || entry_len / SECTOR > n {
+        return Ok(None);
+    }
+    if !tail.is_multiple_of(SECTOR) || tail / SECTOR >= n {
+        return Ok(None);
+    }
+    let sectors = entry_len / SECTOR;
+    // Descriptors fill the header sectors; every other sector is a data sector.
+    let Some(hs) = dc
+        .checked_mul(32)
+        .and_then(|b| b.checked_add(64))
+        .map(|b| b.div_ceil(SECTOR))
+    else {
+        return Ok(None);
+    };
+    if hs > sectors {
+        return Ok(None);
+    }
     let mut data_sectors = 0usize;
     for i in 0..dc {
-        let d = &whole[64 + 32 * i..96 + 32 * i];
-        let dseq = le64(d, 24);
-        if dseq != seq {
-            return None;
+        let d = log.descriptor(at, i);
+        if le64(d, 24) != seq {
+            return Ok(None);
         }
         match &d[0..4] {
             b"desc" => {
                 if hs + data_sectors >= sectors {
-                    return None;
+                    return Ok(None);
                 }
-                let ds = &whole[(hs + data_sectors) * SECTOR..(hs + data_sectors + 1) * SECTOR];
+                let ds = log.sector(at, hs + data_sectors);
                 if &ds[0..4] != b"data"
                     || u64::from(le32(ds, 4)) != seq >> 32
                     || u64::from(le32(ds, 4092)) != seq & 0xffff_ffff
                 {
-                    return None;
+                    return Ok(None);
                 }
                 data_sectors += 1;
             }
             b"zero" => {}
-            _ => return None,
+            _ => return Ok(None),
         }
     }
     if hs + data_sectors != sectors {
-        return None;
+        return Ok(None);
     }
-    Some(EntryInfo {
-        seq,
-        sectors,
-        tail: tail / SECTOR,
-        flushed,
-        last,
-    })
+    match log.entry_crc(at, sectors) {
+        None => Err(OverBudget),
+        Some(c) if c != stored_crc => Ok(None),
+        Some(_) => Ok(Some(EntryInfo {
+            seq,
+            sectors,
+            tail: tail / SECTOR,
+            flushed,
+            last,
+        })),
+    }
 }
 
 /// Finds the active sequence of a log image (`buf` = the whole log region) and
-/// returns what to replay, or `None` if the log holds no valid sequence.
+/// returns what to replay (`None` if the log holds no valid sequence), with
+/// what the scan cost.
 pub(crate) fn find_replay(
     path: &str,
     log_offset: u64,
     buf: &[u8],
     log_guid: &Uuid,
     file_len: u64,
+) -> Result<(Option<Replay>, LogScanStats)> {
+    let mut log = CircularLog::new(buf);
+    let replay = scan(&mut log, path, log_offset, log_guid, file_len)?;
+    Ok((replay, log.stats))
+}
+
+fn scan(
+    log: &mut CircularLog<'_>,
+    path: &str,
+    log_offset: u64,
+    log_guid: &Uuid,
+    file_len: u64,
 ) -> Result<Option<Replay>> {
-    let log = CircularLog { buf };
+    let over_budget = || {
+        Error::corrupt(
+            path,
+            "log",
+            log_offset,
+            "log scan exceeded its work budget (overlapping or repeated entries)",
+        )
+    };
     let n = log.sectors();
     let mut infos: Vec<Option<EntryInfo>> = Vec::with_capacity(n);
     for i in 0..n {
-        infos.push(parse_entry(&log, i, log_guid));
+        infos.push(parse_entry(log, i, log_guid).map_err(|OverBudget| over_budget())?);
     }
     // Candidate heads: each valid entry whose tail walk reaches it through
     // consecutive sequence numbers. Bound the total walking work.
@@ -176,7 +285,7 @@ pub(crate) fn find_replay(
             if chain.len() > n {
                 break false;
             }
-            expect = Some(e.seq + 1);
+            expect = e.seq.checked_add(1);
             cur = (cur + e.sectors) % n;
         };
         if ok {
@@ -191,12 +300,11 @@ pub(crate) fn find_replay(
     let mut last = 0;
     for &at in &chain {
         let Some(info) = &infos[at] else { continue };
-        let whole = log.read(at, info.sectors);
-        let dc = le32(&whole, 24) as usize;
+        let dc = le32(log.sector(at, 0), 24) as usize;
         let hs = (64 + 32 * dc).div_ceil(SECTOR);
         let mut ds = hs;
         for i in 0..dc {
-            let d = &whole[64 + 32 * i..96 + 32 * i];
+            let d = log.descriptor(at, i);
             let file_offset = le64(d, 16);
             let bad = |r: String| {
                 Error::corrupt(path, "log descriptor", log_offset + (at * SECTOR) as u64, r)
@@ -207,11 +315,14 @@ pub(crate) fn find_replay(
                 )));
             }
             if &d[0..4] == b"desc" {
-                let sec = &whole[ds * SECTOR..(ds + 1) * SECTOR];
                 let mut data = vec![0u8; SECTOR];
                 data[0..8].copy_from_slice(&d[8..16]);
-                data[8..4092].copy_from_slice(&sec[8..4092]);
                 data[4092..4096].copy_from_slice(&d[4..8]);
+                data[8..4092].copy_from_slice(&log.sector(at, ds)[8..4092]);
+                if !log.spend(SECTOR as u64) {
+                    return Err(over_budget());
+                }
+                log.stats.bytes_copied += SECTOR as u64;
                 ops.push(LogOp::Data {
                     offset: file_offset,
                     data,
@@ -251,7 +362,7 @@ pub(crate) fn find_replay(
     let limit = last.max(file_len);
     for op in &ops {
         let end = match op {
-            LogOp::Data { offset, .. } => offset + SECTOR as u64,
+            LogOp::Data { offset, .. } => offset.saturating_add(SECTOR as u64),
             LogOp::Zero { offset, len } => offset.saturating_add(*len),
         };
         if end > limit {
@@ -357,6 +468,7 @@ mod tests {
         log[..e.len()].copy_from_slice(&e);
         let r = find_replay("x", 1 << 20, &log, &g, 8 << 20)
             .unwrap()
+            .0
             .unwrap();
         assert_eq!(r.ops.len(), 2);
         assert_eq!(
@@ -376,11 +488,13 @@ mod tests {
         // A different log GUID means no active log.
         assert!(find_replay("x", 1 << 20, &log, &Uuid::new_v4(), 8 << 20)
             .unwrap()
+            .0
             .is_none());
         // A flipped byte invalidates the entry.
         log[5000] ^= 1;
         assert!(find_replay("x", 1 << 20, &log, &g, 8 << 20)
             .unwrap()
+            .0
             .is_none());
     }
 
@@ -396,6 +510,7 @@ mod tests {
         log[e1.len()..e1.len() + e2.len()].copy_from_slice(&e2);
         let r = find_replay("x", 1 << 20, &log, &g, 8 << 20)
             .unwrap()
+            .0
             .unwrap();
         assert_eq!(r.entries, 2);
         assert_eq!(
@@ -421,6 +536,7 @@ mod tests {
         log[..4096].copy_from_slice(&e[..4096]);
         assert!(find_replay("x", 1 << 20, &log, &g, 8 << 20)
             .unwrap()
+            .0
             .is_none());
     }
 }

@@ -53,9 +53,20 @@ pub trait Storage: Send + Sync {
     fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
-    /// The file descriptor, when there is one (used for OFD locks).
+    /// The file descriptor, when there is one.
     fn raw_fd(&self) -> Option<i32> {
         None
+    }
+    /// Takes the image lock: OFD locks in QEMU's layout on the descriptor,
+    /// exclusive for a writer. Storage without a descriptor (in memory) has
+    /// no one to share with and succeeds. The error is the OS error (`EAGAIN`
+    /// when held elsewhere, `ENOLCK`/`EINVAL`/`EOPNOTSUPP` when the file
+    /// system has no such locks, which refuses the open).
+    fn lock(&self, exclusive: bool) -> io::Result<()> {
+        match self.raw_fd() {
+            Some(fd) => crate::lock::ofd_lock(fd, exclusive),
+            None => Ok(()),
+        }
     }
     /// Whether aligned I/O bypasses the page cache (`O_DIRECT`).
     fn is_direct(&self) -> bool {
@@ -308,4 +319,78 @@ pub(crate) fn zero_range(s: &dyn Storage, offset: u64, len: u64) -> io::Result<(
         done += n as u64;
     }
     Ok(())
+}
+
+/// An image held in memory (tests and fuzzing): no descriptor, so nothing to
+/// lock. Growing past `max_len` fails like a full disk, so a hostile image
+/// cannot make replay allocate more than the caller allows.
+#[derive(Debug)]
+pub struct MemStorage {
+    data: std::sync::Mutex<Vec<u8>>,
+    max_len: u64,
+}
+
+impl MemStorage {
+    /// Holds `data`; the file may grow to `max_len` bytes.
+    pub fn new(data: Vec<u8>, max_len: u64) -> MemStorage {
+        MemStorage {
+            data: std::sync::Mutex::new(data),
+            max_len,
+        }
+    }
+
+    /// The bytes as they are now.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock_data().clone()
+    }
+
+    fn lock_data(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn grow(&self, d: &mut Vec<u8>, end: u64) -> io::Result<()> {
+        if end > self.max_len {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        if end > d.len() as u64 {
+            d.resize(end as usize, 0);
+        }
+        Ok(())
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let d = self.lock_data();
+        let Ok(o) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        if o >= d.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(d.len() - o);
+        buf[..n].copy_from_slice(&d[o..o + n]);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let mut d = self.lock_data();
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        self.grow(&mut d, end)?;
+        d[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut d = self.lock_data();
+        self.grow(&mut d, len)?;
+        d.truncate(len as usize);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock_data().len() as u64)
+    }
 }

@@ -184,13 +184,17 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError>
     let direct = cfg.direct && format == DiskFormat::Raw;
     let file = crate::confinement::open_image(&cfg.path, !cfg.readonly, direct)
         .map_err(|e| DeviceError::Confined(e.to_string()))?;
+    let flags = devices::block::OpenFlags {
+        read_only: cfg.readonly,
+        direct: cfg.direct,
+        locking: cfg.locking,
+    };
     let disk: Arc<dyn BlockBackend> = match format {
-        DiskFormat::Raw => Arc::new(RawFile::from_file(file, &cfg.path, cfg.readonly)?),
+        DiskFormat::Raw => Arc::new(RawFile::from_file(file, &cfg.path, flags)?),
         DiskFormat::Vhdx => Arc::new(VhdxDisk::from_file(
             file,
             &cfg.path,
-            cfg.readonly,
-            cfg.direct,
+            flags,
             crate::confinement::parent_opener(),
         )?),
     };

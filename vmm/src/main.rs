@@ -31,7 +31,7 @@ struct Cli {
     /// Memory: size=SIZE[,hugepages=on].
     #[arg(long, default_value = "size=512M")]
     memory: String,
-    /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,serial=S][,num_queues=N][,id=ID]
+    /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]
     /// [,poll_us=US][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]
     /// (repeatable; format is never guessed from the content: without format=, raw
     /// unless FILE ends in .vhdx; poll_us: how long a queue

@@ -14,7 +14,8 @@ pub enum LockMode {
 }
 
 /// Takes a whole-file OFD lock without waiting. `Ok(false)` means someone holds a
-/// conflicting lock.
+/// conflicting lock; an error that [`lock_unsupported`] recognises means the file
+/// system has no OFD locks (callers refuse the image then: fail closed).
 pub fn lock_image(file: &File, mode: LockMode) -> io::Result<bool> {
     // SAFETY: flock is plain data; zeroed is a valid value for every field.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -35,4 +36,12 @@ pub fn lock_image(file: &File, mode: LockMode) -> io::Result<bool> {
         Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
         _ => Err(err),
     }
+}
+
+/// Whether a lock error means the file system cannot take OFD locks at all.
+pub fn lock_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP)
+    )
 }

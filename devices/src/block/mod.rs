@@ -11,7 +11,7 @@ pub use self::vhdx::VhdxDisk;
 /// Scatter-gather buffers over memory no Rust reference may point into (guest RAM):
 /// what every backend reads into and writes from.
 pub use ::vhdx::{IoBufs, IoBufsMut};
-pub use lock::{lock_image, LockMode};
+pub use lock::{lock_image, lock_unsupported, LockMode};
 pub use mirror::{Mirror, MIRROR_CHUNK};
 pub use raw::RawFile;
 
@@ -72,4 +72,34 @@ pub enum OpenError {
     Locked { path: String },
     #[error("disk image {path}: {reason}")]
     Format { path: String, reason: String },
+    /// The file system cannot take the image lock (no OFD locks): refused,
+    /// since two writers would corrupt the image, unless `locking=off`.
+    #[error("disk image {path}: cannot lock it ({source}): the file system has no OFD locks; use locking=off only if nothing else can open the image")]
+    LockUnsupported {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a disk image is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenFlags {
+    pub read_only: bool,
+    /// Aligned guest I/O bypasses the host page cache (`O_DIRECT`).
+    pub direct: bool,
+    /// Take the image lock (the default). Off (`locking=off`) only for file
+    /// systems without OFD locks where nothing else can open the image: an
+    /// open that cannot lock otherwise fails.
+    pub locking: bool,
+}
+
+impl Default for OpenFlags {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            direct: false,
+            locking: true,
+        }
+    }
 }

@@ -6,7 +6,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::{lock_image, BlockBackend, IoBufs, IoBufsMut, LockMode, OpenError};
+use super::{
+    lock_image, lock_unsupported, BlockBackend, IoBufs, IoBufsMut, LockMode, OpenError, OpenFlags,
+};
 
 pub struct RawFile {
     file: File,
@@ -16,35 +18,63 @@ pub struct RawFile {
 impl RawFile {
     /// Opens and locks a raw image (exclusive for writers, shared for readers).
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, OpenError> {
+        Self::open_with(
+            path,
+            OpenFlags {
+                read_only,
+                direct,
+                ..OpenFlags::default()
+            },
+        )
+    }
+
+    /// Opens a raw image; locks it unless `flags.locking` is off. A file system
+    /// that cannot lock refuses the open ([`OpenError::LockUnsupported`]).
+    pub fn open_with(path: &Path, flags: OpenFlags) -> Result<Self, OpenError> {
         let io_err = |source| OpenError::Io {
             path: path.display().to_string(),
             source,
         };
         let mut opts = OpenOptions::new();
-        opts.read(true).write(!read_only);
-        if direct {
+        opts.read(true).write(!flags.read_only);
+        if flags.direct {
             opts.custom_flags(libc::O_DIRECT);
         }
         let file = opts.open(path).map_err(io_err)?;
-        Self::from_file(file, path, read_only)
+        Self::from_file(file, path, flags)
     }
 
-    /// Takes an image file opened by the caller (e.g. beneath a storage root) and locks
-    /// it (exclusive for writers, shared for readers). `path` names it in errors.
-    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, OpenError> {
+    /// Takes an image file opened by the caller (e.g. beneath a storage root, with
+    /// `flags.direct` already applied) and locks it unless `flags.locking` is off
+    /// (exclusive for writers, shared for readers). `path` names it in errors.
+    pub fn from_file(file: File, path: &Path, flags: OpenFlags) -> Result<Self, OpenError> {
         let io_err = |source| OpenError::Io {
             path: path.display().to_string(),
             source,
         };
-        let mode = if read_only {
+        let mode = if flags.read_only {
             LockMode::Shared
         } else {
             LockMode::Exclusive
         };
-        if !lock_image(&file, mode).map_err(io_err)? {
-            return Err(OpenError::Locked {
-                path: path.display().to_string(),
-            });
+        if flags.locking {
+            match lock_image(&file, mode) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(OpenError::Locked {
+                        path: path.display().to_string(),
+                    })
+                }
+                Err(source) if lock_unsupported(&source) => {
+                    return Err(OpenError::LockUnsupported {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        } else {
+            tracing::info!(path = %path.display(), "opening without the image lock (locking=off)");
         }
         let size = file.metadata().map_err(io_err)?.len();
         Ok(Self { file, size })

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::Path;
 
-use super::{BlockBackend, IoBufs, IoBufsMut, OpenError};
+use super::{BlockBackend, IoBufs, IoBufsMut, OpenError, OpenFlags};
 
 pub struct VhdxDisk {
     image: vhdx::Vhdx,
@@ -14,20 +14,26 @@ impl VhdxDisk {
     /// read-only). With `direct`, guest I/O that is 4 KiB-aligned bypasses the host
     /// page cache (`O_DIRECT`); the image's metadata stays buffered.
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, OpenError> {
+        Self::open_with(
+            path,
+            OpenFlags {
+                read_only,
+                direct,
+                ..OpenFlags::default()
+            },
+        )
+    }
+
+    /// Opens a VHDX image; locks it unless `flags.locking` is off. A file
+    /// system that cannot lock refuses the open ([`OpenError::LockUnsupported`]).
+    pub fn open_with(path: &Path, flags: OpenFlags) -> Result<Self, OpenError> {
         let opts = vhdx::OpenOptions {
-            read_only,
-            direct,
+            read_only: flags.read_only,
+            direct: flags.direct,
+            no_lock: !flags.locking,
             ..Default::default()
         };
-        let image = vhdx::Vhdx::open(path, opts).map_err(|e| match e {
-            vhdx::Error::Locked { .. } => OpenError::Locked {
-                path: path.display().to_string(),
-            },
-            other => OpenError::Format {
-                path: path.display().to_string(),
-                reason: other.to_string(),
-            },
-        })?;
+        let image = vhdx::Vhdx::open(path, opts).map_err(|e| open_error(path, e))?;
         Ok(Self { image })
     }
 
@@ -38,33 +44,43 @@ impl VhdxDisk {
     pub fn from_file(
         file: std::fs::File,
         path: &Path,
-        read_only: bool,
-        direct: bool,
+        flags: OpenFlags,
         parent_opener: Option<vhdx::ParentOpener>,
     ) -> Result<Self, OpenError> {
         use std::os::fd::AsRawFd;
         let by_fd = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        let storage: std::sync::Arc<dyn vhdx::Storage> = std::sync::Arc::new(if direct {
-            vhdx::FileStorage::with_direct(file, &by_fd, !read_only)
+        let storage: std::sync::Arc<dyn vhdx::Storage> = std::sync::Arc::new(if flags.direct {
+            vhdx::FileStorage::with_direct(file, &by_fd, !flags.read_only)
         } else {
             vhdx::FileStorage::new(file)
         });
         let opts = vhdx::OpenOptions {
-            read_only,
-            direct,
+            read_only: flags.read_only,
+            direct: flags.direct,
+            no_lock: !flags.locking,
             parent_opener,
             ..Default::default()
         };
-        let image = vhdx::Vhdx::open_storage(storage, path, opts).map_err(|e| match e {
-            vhdx::Error::Locked { .. } => OpenError::Locked {
-                path: path.display().to_string(),
-            },
-            other => OpenError::Format {
-                path: path.display().to_string(),
-                reason: other.to_string(),
-            },
-        })?;
+        let image =
+            vhdx::Vhdx::open_storage(storage, path, opts).map_err(|e| open_error(path, e))?;
         Ok(Self { image })
+    }
+}
+
+/// The engine's refusal as the block layer names it.
+fn open_error(path: &Path, e: vhdx::Error) -> OpenError {
+    match e {
+        vhdx::Error::Locked { .. } => OpenError::Locked {
+            path: path.display().to_string(),
+        },
+        vhdx::Error::LockUnsupported { source, .. } => OpenError::LockUnsupported {
+            path: path.display().to_string(),
+            source,
+        },
+        other => OpenError::Format {
+            path: path.display().to_string(),
+            reason: other.to_string(),
+        },
     }
 }
 

@@ -10,3 +10,20 @@ mod worker;
 
 pub use device::{Block, BlockConfig, BlockCounters, Reopen};
 pub use on_error::{errno_of, DiskStopped, ErrorPolicy, StopSink};
+
+/// Parses and executes one request chain the way a queue worker does (without
+/// the rate limiter), writing the status byte; returns the status and the
+/// bytes the used ring reports, or `None` for a malformed chain. The entry
+/// point of the virtio-blk fuzz target (fuzz/), kept to what a worker does.
+pub fn process_chain(
+    mem: &crate::virtio::GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&crate::virtio::GuestMemoryMmap>,
+    disk: &dyn crate::block::BlockBackend,
+    config: &BlockConfig,
+) -> Option<(u8, u32)> {
+    use vm_memory::Bytes;
+    let req = request::Request::parse(mem, chain).ok()?;
+    let (status, written) = req.execute(mem, disk, config, &BlockCounters::default());
+    mem.write_obj(status, req.status).ok()?;
+    Some((status, written + 1))
+}

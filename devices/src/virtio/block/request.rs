@@ -237,9 +237,10 @@ impl Request {
                 return Err(S_IOERR.into());
             }
             for i in 0..(len as usize / DISCARD_SEGMENT_LEN) {
-                let seg: [u8; 16] = mem
-                    .read_obj(GuestAddress(addr.0 + (i * DISCARD_SEGMENT_LEN) as u64))
-                    .map_err(|_| S_IOERR)?;
+                let at = addr
+                    .checked_add((i * DISCARD_SEGMENT_LEN) as u64)
+                    .ok_or(S_IOERR)?;
+                let seg: [u8; 16] = mem.read_obj(at).map_err(|_| S_IOERR)?;
                 let sector = u64::from_le_bytes(seg[0..8].try_into().map_err(|_| S_IOERR)?);
                 let count = u32::from_le_bytes(seg[8..12].try_into().map_err(|_| S_IOERR)?);
                 if count > MAX_DISCARD_SECTORS {

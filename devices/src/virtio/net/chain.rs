@@ -3,7 +3,7 @@
 
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::virtio::GuestMemoryMmap;
 
@@ -120,7 +120,11 @@ impl Chain {
                 skip -= len;
                 continue;
             }
-            let start = GuestAddress(addr.0.saturating_add(skip));
+            // A segment near the top of the address space must not wrap
+            // around to low guest memory.
+            let start = addr
+                .checked_add(skip)
+                .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(addr))?;
             let n = (len - skip) as usize;
             skip = 0;
             for slice in mem.get_slices(start, n) {
@@ -152,7 +156,10 @@ impl Chain {
             if want < pos + len {
                 let in_seg = want - pos;
                 let n = ((len - in_seg) as usize).min(bytes.len() - done);
-                mem.write_slice(&bytes[done..done + n], GuestAddress(addr.0 + in_seg))?;
+                let at = addr
+                    .checked_add(in_seg)
+                    .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(addr))?;
+                mem.write_slice(&bytes[done..done + n], at)?;
                 done += n;
             }
             pos += len;
@@ -232,6 +239,29 @@ mod tests {
         let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
         let chain = q.pop_descriptor_chain(&m).unwrap();
         f(&m, chain)
+    }
+
+    /// Found by the virtio_net fuzz target (fuzz/artifacts, 2026-12-05): a
+    /// segment at the top of the address space made `addr + skip` overflow
+    /// (a panic with debug assertions, a wrap to low guest memory without).
+    #[test]
+    fn segments_at_the_top_of_the_address_space_are_refused_not_wrapped() {
+        let top = u64::MAX - 0xfff;
+        with_chain(&[(top, 0x2000, 0)], |m, ch| {
+            let c = Chain::tx(ch).unwrap();
+            let mut out = Vec::new();
+            assert!(c.host_slices(m, 0x1000, false, &mut out).is_err());
+            assert!(out.is_empty(), "nothing below the segment was mapped");
+        });
+        with_chain(&[(top, 0x2000, F_WRITE)], |m, ch| {
+            let c = Chain::rx(ch).unwrap();
+            let mut before = [0u8; 16];
+            m.read_slice(&mut before, GuestAddress(0)).unwrap();
+            assert!(c.write_at(m, 0x1000, &[1u8; 16]).is_err());
+            let mut after = [0u8; 16];
+            m.read_slice(&mut after, GuestAddress(0)).unwrap();
+            assert_eq!(before, after, "the write did not wrap to address 0");
+        });
     }
 
     #[test]

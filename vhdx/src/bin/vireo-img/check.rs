@@ -51,7 +51,7 @@ fn report(
     })
 }
 
-pub fn run(file: &Path, repair: Option<&str>, output: &str) -> CliResult<u8> {
+pub fn run(file: &Path, repair: Option<&str>, output: &str, force_share: bool) -> CliResult<u8> {
     if !vhdx::probe(file).map_err(|e| format!("Could not open '{}': {e}", file.display()))? {
         return Err("This image format does not support checks".into());
     }
@@ -60,11 +60,16 @@ pub fn run(file: &Path, repair: Option<&str>, output: &str) -> CliResult<u8> {
         Some("all") | Some("leaks") => true,
         Some(r) => return Err(format!("Unknown option for -r: '{r}' (leaks or all)")),
     };
+    if fix && force_share {
+        // Like qemu-img: sharing is for readers; a repair writes and needs the lock.
+        return Err("--force-share (-U) can only be used without -r (read-only check)".into());
+    }
     let mut msgs = Vec::new();
     let v = match Vhdx::open(
         file,
         OpenOptions {
             read_only: !fix,
+            no_lock: force_share,
             ..Default::default()
         },
     ) {

@@ -63,6 +63,8 @@ pub struct Job<'a> {
     pub options: Option<&'a str>,
     pub progress: bool,
     pub workers: usize,
+    /// Open a VHDX source without its lock (`-U`).
+    pub src_force_share: bool,
 }
 
 enum Src {
@@ -234,6 +236,7 @@ pub fn run(job: &Job) -> CliResult<()> {
                 OpenOptions {
                     read_only: true,
                     direct: job.src_cache == CacheMode::None,
+                    no_lock: job.src_force_share,
                     ..Default::default()
                 },
             )

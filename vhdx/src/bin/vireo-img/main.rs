@@ -43,6 +43,10 @@ enum Cmd {
     Info {
         #[arg(short = 'f')]
         format: Option<String>,
+        /// Open without taking the image lock (qemu-img's `-U`): for an image
+        /// another process holds, or a file system without OFD locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[arg(long = "output", default_value = "human")]
         output: String,
         file: PathBuf,
@@ -51,6 +55,10 @@ enum Cmd {
     Check {
         #[arg(short = 'f')]
         format: Option<String>,
+        /// Open without taking the image lock (qemu-img's `-U`): for an image
+        /// another process holds, or a file system without OFD locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[arg(short = 'r')]
         repair: Option<String>,
         #[arg(long = "output", default_value = "human")]
@@ -61,6 +69,10 @@ enum Cmd {
     Convert {
         #[arg(short = 'p')]
         progress: bool,
+        /// Open without taking the image lock (qemu-img's `-U`): for an image
+        /// another process holds, or a file system without OFD locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[arg(short = 'f')]
         src_format: Option<String>,
         #[arg(short = 'O', default_value = "raw")]
@@ -102,6 +114,10 @@ enum Cmd {
     Map {
         #[arg(short = 'f')]
         format: Option<String>,
+        /// Open without taking the image lock (qemu-img's `-U`): for an image
+        /// another process holds, or a file system without OFD locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[arg(long = "output", default_value = "human")]
         output: String,
         file: PathBuf,
@@ -134,15 +150,22 @@ fn main() -> ExitCode {
             size.as_deref(),
         )
         .map(|_| 0),
-        Cmd::Info { output, file, .. } => info(&file, &output).map(|_| 0),
+        Cmd::Info {
+            output,
+            file,
+            force_share,
+            ..
+        } => info(&file, &output, force_share).map(|_| 0),
         Cmd::Check {
             repair,
             output,
             file,
+            force_share,
             ..
-        } => check::run(&file, repair.as_deref(), &output),
+        } => check::run(&file, repair.as_deref(), &output, force_share),
         Cmd::Convert {
             progress,
+            force_share,
             src_format,
             dst_format,
             options,
@@ -161,6 +184,7 @@ fn main() -> ExitCode {
             options: options.as_deref(),
             progress,
             workers,
+            src_force_share: force_share,
         })
         .map(|_| 0),
         Cmd::Resize { file, size, .. } => resize(&file, &size).map(|_| 0),
@@ -171,7 +195,12 @@ fn main() -> ExitCode {
             })
             .map_err(|e| e.to_string()),
         Cmd::Compact { file } => compact(&file).map(|_| 0),
-        Cmd::Map { output, file, .. } => map(&file, &output).map(|_| 0),
+        Cmd::Map {
+            output,
+            file,
+            force_share,
+            ..
+        } => map(&file, &output, force_share).map(|_| 0),
     };
     match r {
         Ok(code) => ExitCode::from(code),
@@ -290,18 +319,20 @@ fn disk_usage(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
-pub fn open_ro(file: &Path) -> CliResult<Vhdx> {
+/// Opens an image read-only; `force_share` skips the lock (`-U`).
+pub fn open_ro(file: &Path, force_share: bool) -> CliResult<Vhdx> {
     Vhdx::open(
         file,
         OpenOptions {
             read_only: true,
+            no_lock: force_share,
             ..Default::default()
         },
     )
     .map_err(|e| format!("Could not open '{}': {e}", file.display()))
 }
 
-fn info(file: &Path, output: &str) -> CliResult<()> {
+fn info(file: &Path, output: &str, force_share: bool) -> CliResult<()> {
     if !vhdx::probe(file).map_err(|e| e.to_string())? {
         let size = std::fs::metadata(file)
             .map_err(|e| format!("Could not open '{}': {e}", file.display()))?
@@ -322,7 +353,7 @@ fn info(file: &Path, output: &str) -> CliResult<()> {
         }
         return Ok(());
     }
-    let v = open_ro(file)?;
+    let v = open_ro(file, force_share)?;
     let h = v.header();
     let parent = v.parent().map(|p| p.path().display().to_string());
     let user_items: Vec<String> = v
@@ -454,8 +485,8 @@ fn compact(file: &Path) -> CliResult<()> {
     Ok(())
 }
 
-fn map(file: &Path, output: &str) -> CliResult<()> {
-    let v = open_ro(file)?;
+fn map(file: &Path, output: &str, force_share: bool) -> CliResult<()> {
+    let v = open_ro(file, force_share)?;
     let ext = v
         .block_status(0, v.virtual_size())
         .map_err(|e| e.to_string())?;
