@@ -281,6 +281,30 @@ pub fn skip_or_fail_under_ci(why: impl std::fmt::Display) {
     eprintln!("SKIP: {why}");
 }
 
+/// The one-time secret the migration tests give both sides (any 64 hex digits do; a
+/// real orchestrator makes a random one per migration).
+pub const MIGRATION_SECRET: &str =
+    "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e70001";
+
+/// `,"secret":"..."` for vm.send-migration and vm.receive-migration.
+pub fn secret_field() -> String {
+    format!(r#","secret":"{MIGRATION_SECRET}""#)
+}
+
+/// The configuration of the VM in the VMM at `sock`, as `vm.info` shows it (what an
+/// orchestrator would hand the destination as its own definition of the VM).
+pub fn vm_config(sock: &Path) -> serde_json::Value {
+    let (s, b) = api(sock, "GET", "vm.info", None);
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    v["config"].clone()
+}
+
+/// `,"config":{...}` for vm.receive-migration: the VM of the VMM at `source_sock`.
+pub fn config_field_of(source_sock: &Path) -> String {
+    format!(r#","config":{}"#, vm_config(source_sock))
+}
+
 #[cfg(test)]
 mod tests {
     /// Calls the skip helper only when run by the test below (VIREO_SKIP_PROBE set).
@@ -316,28 +340,4 @@ mod tests {
         assert!(out.status.success(), "{stderr}");
         assert!(stderr.contains("SKIP: probe reason"), "{stderr}");
     }
-}
-
-/// The one-time secret the migration tests give both sides (any 64 hex digits do; a
-/// real orchestrator makes a random one per migration).
-pub const MIGRATION_SECRET: &str =
-    "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e70001";
-
-/// `,"secret":"..."` for vm.send-migration and vm.receive-migration.
-pub fn secret_field() -> String {
-    format!(r#","secret":"{MIGRATION_SECRET}""#)
-}
-
-/// The configuration of the VM in the VMM at `sock`, as `vm.info` shows it (what an
-/// orchestrator would hand the destination as its own definition of the VM).
-pub fn vm_config(sock: &Path) -> serde_json::Value {
-    let (s, b) = api(sock, "GET", "vm.info", None);
-    assert_eq!(s, 200, "{b}");
-    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
-    v["config"].clone()
-}
-
-/// `,"config":{...}` for vm.receive-migration: the VM of the VMM at `source_sock`.
-pub fn config_field_of(source_sock: &Path) -> String {
-    format!(r#","config":{}"#, vm_config(source_sock))
 }

@@ -3,31 +3,31 @@
 
 use std::path::Path;
 
-use api::config::DiskConfig;
-use devices::block::{detect_format, ImageFormat};
+use api::config::{DiskConfig, DiskFormat};
 
 /// The size `disk` has: the configuration's `size` if it declares one, else its image's.
 pub fn of(disk: &DiskConfig) -> Result<u64, String> {
     match disk.size {
         Some(s) => Ok(s),
-        None => image(&disk.path),
+        None => image(&disk.path, disk.effective_format()),
     }
 }
 
-/// The virtual size of the image at `path` (raw: the file's length).
-pub fn image(path: &Path) -> Result<u64, String> {
-    let format = detect_format(path).map_err(|e| e.to_string())?;
+/// The virtual size of the image at `path` in its declared `format` (raw: the file's
+/// length); never guessed from the content.
+pub fn image(path: &Path, format: DiskFormat) -> Result<u64, String> {
     match format {
-        ImageFormat::Raw => std::fs::metadata(path)
+        DiskFormat::Raw => std::fs::metadata(path)
             .map(|m| m.len())
             .map_err(|e| format!("{}: {e}", path.display())),
-        ImageFormat::Vhdx => vhdx::Vhdx::open(
+        DiskFormat::Vhdx => vhdx::Vhdx::open(
             path,
             vhdx::OpenOptions {
                 read_only: true,
                 no_lock: true,
                 skip_parent: true,
                 direct: false,
+                parent_opener: None,
             },
         )
         .map(|v| v.virtual_size())
