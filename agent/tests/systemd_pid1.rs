@@ -94,8 +94,9 @@ fn install_units(units: &Path, state: &Path, run: &Path) {
         "ExecStart=/usr/bin/vireod --state-dir /var/lib/vireo --run-dir /run/vireo",
         &format!(
             "ExecStart={} --state-dir {state} --run-dir {run} --vireo-bin {vireo} \
-             --meter-interval-ms 100",
-            common::bin("vireod").display()
+             --meter-interval-ms 100 --storage-root {guest}",
+            common::bin("vireod").display(),
+            guest = common::guest_dir().display()
         ),
     );
     // StateDirectory=/RuntimeDirectory= would make /var/lib/vireo and /run/vireo; this

@@ -164,6 +164,8 @@ fn a_jailed_vmm_runs_as_its_own_user_without_capabilities_in_its_own_root() {
         vireo_e2e::guest().display().to_string(),
         disk.display().to_string(),
         serial.display().to_string(),
+        // The size-capped serial file's rotation target (PATH.1).
+        format!("{}.1", serial.display()),
         sock.display().to_string(),
         "/dev/kvm".to_string(),
         "/dev/urandom".to_string(),

@@ -189,7 +189,15 @@ pub fn enter(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<(
         unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
         "unshare",
     )?;
-    build_root(cfg, paths, devices)?;
+    // The jail's own directories (mount points of its paths, /proc, /dev) must be
+    // traversable by the jail's uid: build them under umask 022, not the process's
+    // private 077 (files the VMM creates later are private again).
+    // SAFETY: umask only changes this process's file mode creation mask.
+    let private = unsafe { libc::umask(0o022) };
+    let built = build_root(cfg, paths, devices);
+    // SAFETY: as above; puts the caller's mask back.
+    unsafe { libc::umask(private) };
+    built?;
     drop_privileges(cfg)
 }
 
@@ -341,7 +349,15 @@ fn build_root(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<
         let path = p.path.as_path();
         if p.writable {
             if !path.exists() {
-                std::fs::File::create(path).map_err(sys(format!("create {}", path.display())))?;
+                // Private to the jail's uid (chowned below), never through a link.
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(sys(format!("create {}", path.display())))?;
             }
             chown(path, cfg)?;
         }

@@ -202,6 +202,8 @@ fn jail_paths(
     let output = |o: &config::OutputConfig, paths: &mut Vec<JailPath>| {
         if let config::OutputConfig::File(f) = o {
             paths.push(JailPath::writable(f));
+            // A size-capped output file rotates into PATH.1, opened at start too.
+            paths.push(JailPath::writable(devices::output::rotated_path(f)));
         }
     };
     if let Some(cfg) = cfg {
