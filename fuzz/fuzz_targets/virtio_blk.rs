@@ -58,6 +58,10 @@ fuzz_target!(|data: &[u8]| {
         num_queues: 1,
         rate_limiter: Default::default(),
         poll_us: 0,
+        // The default policy: stop for ENOSPC/EDQUOT, which the in-memory disk never
+        // returns; no control loop to ask for a pause.
+        on_error: Default::default(),
+        stop_sink: None,
     };
     let (_, disk) = disk();
     let mut done = 0;
