@@ -156,10 +156,18 @@ impl Running {
     /// Waits until the serial output contains `needle`.
     pub fn wait_serial(&self, needle: &str, timeout: Duration) -> String {
         let start = Instant::now();
+        let mut seen_at: Option<Instant> = None;
         loop {
             let s = self.serial_text();
-            if s.contains(needle) {
-                return s;
+            if let Some(at) = s.find(needle) {
+                // Serial output arrives in pieces: wait for the rest of the line the needle
+                // starts, so callers never read a half-written line (a bare prompt without
+                // a newline is returned after a grace period).
+                let line_done = s[at + needle.len()..].contains('\n');
+                let since = *seen_at.get_or_insert_with(Instant::now);
+                if line_done || since.elapsed() > Duration::from_secs(2) {
+                    return s;
+                }
             }
             assert!(
                 start.elapsed() < timeout,
