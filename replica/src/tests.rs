@@ -21,8 +21,10 @@ fn seg(p: &Path, seq: u64) -> std::path::PathBuf {
     p.join(segment_file_name(seq))
 }
 
+type Records = Vec<(Record, Vec<u8>)>;
+
 /// Every record of a segment, data included, once the reader verified it all.
-fn read_all(path: &Path) -> Result<(Vec<(Record, Vec<u8>)>, Trailer), SegmentError> {
+fn read_all(path: &Path) -> Result<(Records, Trailer), SegmentError> {
     let mut r = SegmentReader::new(std::io::BufReader::new(File::open(path).unwrap()))?;
     let mut out = Vec::new();
     let mut buf = Vec::new();
