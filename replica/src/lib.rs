@@ -6,11 +6,13 @@
 //!
 //! The on-disk format and the crash argument are in docs/replica.md.
 
+mod apply;
 mod error;
 mod format;
 mod log;
 mod segment;
 
+pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
 pub use error::{LogError, SegmentError};
 pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
 pub use log::{ChangeLog, Recovery, SealedSegment};
