@@ -303,6 +303,7 @@ mod tests {
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
             socket_dir: "/run/vireo/vms".into(),
+            memory: None,
         };
         assert_eq!(
             env_file_text(&spec).unwrap(),

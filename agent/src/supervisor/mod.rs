@@ -260,6 +260,7 @@ impl Supervisor {
             storage_roots: self.cfg.storage_roots.clone(),
             block_devices: self.cfg.block_devices.clone(),
             socket_dir: run.clone(),
+            memory: None,
         }
     }
 
@@ -687,7 +688,10 @@ impl Supervisor {
         def: &VmDefinition,
         generation: u64,
     ) -> Result<(), (AgentError, Option<ExitRecord>)> {
-        let spec = self.spec(name);
+        let spec = LaunchSpec {
+            memory: Some(def.config.memory.size),
+            ..self.spec(name)
+        };
         mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.
