@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! <root>              subtree_control: +cpu +memory +pids (those the parent gives)
-//! ├── vireod          vireod itself (and whatever else was in <root>): cgroup v2's
+//! ├── vireod          vireod itself (moved here also when --cgroup-root names a
+//! │                   subtree it was not in) and whatever else was in <root>: v2's
 //! │                   "no internal processes" rule lets only leaves hold processes
 //! │                   once controllers are enabled below <root>
 //! └── vms             cpu.weight from --vms-cpu-shares; subtree_control as <root>
@@ -139,7 +140,10 @@ impl V2 {
         // leaf, so that controllers can be enabled below <root>.
         let leaf = root.join("vireod");
         mkdir(&leaf)?;
-        for pid in words(&root.join("cgroup.procs"))? {
+        // vireod too, when --cgroup-root named a subtree it was not in.
+        let mut procs = words(&root.join("cgroup.procs"))?;
+        procs.push(std::process::id().to_string());
+        for pid in procs {
             if let Err(e) = write(&leaf.join("cgroup.procs"), &pid) {
                 // A process that just ended.
                 debug!(pid, error = %e, "process not moved to the vireod leaf");
