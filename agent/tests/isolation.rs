@@ -186,7 +186,8 @@ fn on_cgroup_v2_vireod_runs_in_a_leaf_and_each_vmm_in_its_own_cgroup_from_exec()
     let name = format!("vireo-test-v2-{}", std::process::id());
     let root = host.dir.path().join(&name);
     let root_in_ns = format!("/sys/fs/cgroup/{name}");
-    let script = "mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" \"$@\"";
+    let script =
+        "mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" \"$@\"";
     let mut d = Daemon::start_wrapped(
         &["--no-autostart", "--cgroup-root", &root_in_ns],
         &["unshare", "-m", "sh", "-c", script],

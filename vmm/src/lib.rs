@@ -6,6 +6,7 @@
 pub mod activator;
 pub mod arch;
 pub mod boot;
+pub mod cgroup2;
 pub mod coalesced;
 pub mod confinement;
 pub mod device_manager;

@@ -276,11 +276,7 @@ impl V2 {
     }
 
     pub fn unboost(&self, name: &str) {
-        let w = self
-            .weights
-            .lock()
-            .ok()
-            .and_then(|m| m.get(name).copied());
+        let w = self.weights.lock().ok().and_then(|m| m.get(name).copied());
         if let Some(w) = w {
             let _ = self.set_weight(name, w);
         }
@@ -409,7 +405,10 @@ mod tests {
     #[test]
     fn memory_max_is_ram_plus_the_documented_overhead() {
         assert_eq!(memory_max_for(0), VMM_MEMORY_OVERHEAD);
-        assert_eq!(memory_max_for(64 << 20), (64 << 20) + (1 << 20) + (128 << 20));
+        assert_eq!(
+            memory_max_for(64 << 20),
+            (64 << 20) + (1 << 20) + (128 << 20)
+        );
         assert_eq!(memory_max_for(u64::MAX), u64::MAX);
     }
 }

@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::{lock, mkdir, Supervisor, Vm, VMM_TIMEOUT};
-use crate::launcher::LaunchSpec;
 use crate::client;
+use crate::launcher::LaunchSpec;
 use crate::model::{
     validate_name, IncomingRequest, MigrationDirection, MigrationRecord, MigrationState, VmState,
 };
