@@ -10,6 +10,7 @@ pub mod cgroup2;
 pub mod coalesced;
 pub mod confinement;
 pub mod device_manager;
+pub mod events;
 pub mod fault;
 pub mod jail;
 pub mod kvm;
