@@ -41,6 +41,7 @@ pub mod pki;
 pub mod procfs;
 pub mod server;
 pub mod supervisor;
+pub mod vmm_events;
 
 pub use error::AgentError;
 
