@@ -84,6 +84,18 @@ struct Cli {
     /// The systemctl of the systemd launcher.
     #[arg(long, default_value = "systemctl")]
     systemctl: PathBuf,
+    /// Which cgroup hierarchy VMMs are placed in (direct launcher): auto (v2 when
+    /// /sys/fs/cgroup is cgroup2, else v1), v1 or v2.
+    #[arg(long, default_value = "auto")]
+    cgroup_version: agent::cgroup::Version,
+    /// cgroup v2: the delegated subtree VMMs are placed under (vireod moves itself to
+    /// <root>/vireod, each VMM gets <root>/vms/NAME). Default: vireod's own cgroup
+    /// (/sys/fs/cgroup/vireo when vireod runs in the root cgroup).
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<PathBuf>,
+    /// cgroup v2: pids.max of each VM's cgroup (every thread of its VMM counts).
+    #[arg(long, default_value_t = 1024)]
+    vm_pids_max: u64,
     /// The cgroup v1 cpu directory under which VMMs are placed (direct launcher):
     /// <root>/boot while they boot, <root>/vms/NAME once their VM runs.
     #[arg(long, default_value = "/sys/fs/cgroup/cpu/vireo")]
@@ -92,16 +104,18 @@ struct Cli {
     /// else in the parent (default: left as created, 1024 = one nice-0 process).
     #[arg(long)]
     cpu_cgroup_shares: Option<u64>,
-    /// Do not place VMMs in CPU cgroups.
+    /// Do not place VMMs in cgroups (v1 or v2).
     #[arg(long)]
     no_cpu_cgroups: bool,
-    /// cpu.shares of <root>/boot (VMMs whose VM does not run yet).
+    /// cpu.shares of <root>/boot (VMMs whose VM does not run yet; cgroup v2: the VM
+    /// cgroup's cpu.weight until its VM runs, mapped as systemd maps shares).
     #[arg(long, default_value_t = 4096)]
     boot_cpu_shares: u64,
     /// cpu.shares of <root>/vmm (the running VMMs' control, API and migration threads).
     #[arg(long, default_value_t = 2048)]
     vmm_cpu_shares: u64,
-    /// cpu.shares of <root>/vms (the guest threads of all running VMs together).
+    /// cpu.shares of <root>/vms (the guest threads of all running VMs together;
+    /// cgroup v2: cpu.weight of <root>/vms against vireod's leaf).
     #[arg(long, default_value_t = 256)]
     vms_cpu_shares: u64,
     /// This host's certificate (PEM; `vireoctl pki issue` writes host.crt): its
@@ -178,11 +192,15 @@ async fn run(
         agent::cgroup::CpuCgroups::off()
     } else {
         agent::cgroup::CpuCgroups::setup(&agent::cgroup::CgroupConfig {
-            root: (!cli.no_cpu_cgroups).then(|| cli.cpu_cgroup_root.clone()),
+            enabled: !cli.no_cpu_cgroups,
+            version: cli.cgroup_version,
+            v1_root: Some(cli.cpu_cgroup_root.clone()),
+            v2_root: cli.cgroup_root.clone(),
             root_shares: cli.cpu_cgroup_shares,
             boot_shares: cli.boot_cpu_shares,
             vmm_shares: cli.vmm_cpu_shares,
             vms_shares: cli.vms_cpu_shares,
+            vm_pids_max: cli.vm_pids_max,
         })
     };
     let launcher = agent::launcher::Launcher::new(launcher_kind, cli.systemctl.clone(), cgroups);

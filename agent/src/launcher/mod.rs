@@ -55,6 +55,8 @@ pub struct LaunchSpec {
     pub storage_roots: Vec<PathBuf>,
     pub block_devices: Vec<PathBuf>,
     pub socket_dir: PathBuf,
+    /// The guest's RAM in bytes, when known (cgroup v2 memory.max).
+    pub memory: Option<u64>,
 }
 
 impl LaunchSpec {
@@ -519,6 +521,7 @@ mod tests {
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
             socket_dir: "/run/vireo/vms".into(),
+            memory: None,
         };
         assert_eq!(
             spec.argv(),
@@ -572,6 +575,7 @@ mod tests {
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
             socket_dir: "/run/vireo/vms".into(),
+            memory: None,
         };
         // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.
         let launcher = Launcher::Direct(direct::Direct::new(CpuCgroups::off()));

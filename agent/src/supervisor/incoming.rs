@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::{lock, mkdir, Supervisor, Vm, VMM_TIMEOUT};
 use crate::client;
+use crate::launcher::LaunchSpec;
 use crate::model::{
     validate_name, IncomingRequest, MigrationDirection, MigrationRecord, MigrationState, VmState,
 };
@@ -166,7 +167,10 @@ impl Supervisor {
         req: &IncomingRequest,
         tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
-        let spec = self.receive_spec(name);
+        let spec = LaunchSpec {
+            memory: Some(req.definition.config.memory.size),
+            ..self.receive_spec(name)
+        };
         mkdir(&self.vm_dir(name), 0o750)?;
         if let Some(p) = url.strip_prefix("unix:") {
             let _ = std::fs::remove_file(p); // A stale socket of an earlier attempt.

@@ -120,6 +120,8 @@ pub struct Supervisor {
     migrations: Migrations,
     /// The storage roots, opened (see `confinement`).
     roots: Arc<confine::Roots>,
+    /// Per VM: the VMM process and the last of its `vm.events` seen.
+    vmm_events_seen: Mutex<std::collections::HashMap<String, (i32, u64)>>,
 }
 
 /// How a start was asked for.
@@ -215,6 +217,7 @@ impl Supervisor {
             generation: AtomicU64::new(1),
             migrations,
             roots: Arc::new(roots),
+            vmm_events_seen: Mutex::default(),
         }))
     }
 
@@ -260,6 +263,7 @@ impl Supervisor {
             storage_roots: self.cfg.storage_roots.clone(),
             block_devices: self.cfg.block_devices.clone(),
             socket_dir: run.clone(),
+            memory: None,
         }
     }
 
@@ -308,6 +312,40 @@ impl Supervisor {
         if vm.state != state {
             vm.state = state;
             self.emit(name, state.as_str(), detail);
+        }
+    }
+
+    /// The events of `list` (VM `name`'s VMM, process `pid`) not seen before.
+    pub fn new_vmm_events(
+        &self,
+        name: &str,
+        pid: i32,
+        list: Vec<crate::vmm_events::VmmEvent>,
+    ) -> Vec<crate::vmm_events::VmmEvent> {
+        let mut seen = lock(&self.vmm_events_seen);
+        let last = match seen.get(name) {
+            Some(&(p, s)) if p == pid => s,
+            _ => 0,
+        };
+        let new: Vec<_> = list.into_iter().filter(|e| e.seq > last).collect();
+        let top = new.iter().map(|e| e.seq).max().unwrap_or(last);
+        seen.insert(name.to_string(), (pid, top));
+        new
+    }
+
+    /// A disk stopped VM `name` (its VMM paused it): a `disk-stopped` event and, if
+    /// vireod had it running, the state `Paused` with the reason.
+    pub fn disk_stopped(&self, name: &str, e: &crate::vmm_events::VmmEvent) {
+        warn!(vm = %name, disk = %e.disk, op = %e.op, errno = e.errno, error = %e.error, "a disk stopped the VM (on_error=stop): paused until resumed");
+        self.emit(name, "disk-stopped", Some(e.detail()));
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            if vm.state == VmState::Running {
+                let reason = format!(
+                    "disk {}: {} failed on the host: {} (errno {})",
+                    e.disk, e.op, e.error, e.errno
+                );
+                self.set_state(name, vm, VmState::Paused, Some(reason));
+            }
         }
     }
 
@@ -687,7 +725,10 @@ impl Supervisor {
         def: &VmDefinition,
         generation: u64,
     ) -> Result<(), (AgentError, Option<ExitRecord>)> {
-        let spec = self.spec(name);
+        let spec = LaunchSpec {
+            memory: Some(def.config.memory.size),
+            ..self.spec(name)
+        };
         mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.

@@ -29,6 +29,8 @@ pub struct Daemon {
     pub netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
     /// Environment for vireod, which its VMMs inherit (e.g. `vireo`'s test hooks).
     pub env: Vec<(String, String)>,
+    /// A program (and its arguments) that runs vireod: `wrapper... vireod ARGS`.
+    pub wrapper: Vec<String>,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -41,6 +43,11 @@ impl Daemon {
         Self::start_with_netns(extra, None)
     }
 
+    /// [`Daemon::start`] with vireod run by `wrapper` (`wrapper... vireod ARGS`).
+    pub fn start_wrapped(extra: &[&str], wrapper: &[&str]) -> Self {
+        Self::make(extra, None, wrapper)
+    }
+
     /// [`Daemon::start`] inside a network namespace (its VMMs' taps live there).
     pub fn start_in_netns(extra: &[&str], ns: std::sync::Arc<vireo_e2e::netns::NetNs>) -> Self {
         Self::start_with_netns(extra, Some(ns))
@@ -49,6 +56,14 @@ impl Daemon {
     fn start_with_netns(
         extra: &[&str],
         netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
+    ) -> Self {
+        Self::make(extra, netns, &[])
+    }
+
+    fn make(
+        extra: &[&str],
+        netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
+        wrapper: &[&str],
     ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vd")
@@ -72,6 +87,7 @@ impl Daemon {
             args: extra.iter().map(|s| s.to_string()).collect(),
             netns,
             env: Vec::new(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         d
@@ -97,7 +113,14 @@ impl Daemon {
             cgroup.push("--storage-root".into());
             cgroup.push(guest_dir().into_os_string());
         }
-        let mut cmd = Command::new(bin("vireod"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("vireod"));
+                c
+            }
+            None => Command::new(bin("vireod")),
+        };
         if let Some(ns) = &self.netns {
             ns.enter_on_exec(&mut cmd);
         }
