@@ -69,12 +69,25 @@ fn the_control_thread_cannot_start_processes() {
 }
 
 #[test]
+fn the_control_thread_cannot_make_an_ioctl_outside_its_list() {
+    let out = probe("control:ioctl-tiocsti", &[]);
+    assert_killed_for(&out, "vireo", "ioctl");
+    assert!(stderr(&out).contains("ioctl (16) with request 0x5412;"));
+}
+
+#[test]
 fn without_seccomp_the_probes_run() {
     // The same probe with filtering off proves the hook really makes the call.
     let out = probe("vcpu:openat", &["--seccomp", "false"]);
     let err = stderr(&out);
     assert!(
         err.contains("vireo: test hook: openat on the vcpu thread returned "),
+        "{err}"
+    );
+    let out = probe("control:ioctl-tiocsti", &["--seccomp", "false"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("vireo: test hook: ioctl-tiocsti on the control thread returned -1"),
         "{err}"
     );
 }

@@ -104,45 +104,8 @@ pub enum SeccompError {
     },
 }
 
-// ioctl request numbers the restricted threads may use.
-#[cfg(test)]
-mod ioctl_numbers {
-    #[test]
-    fn computed_numbers_match_the_kernel_headers() {
-        // From <linux/kvm.h> on x86_64.
-        assert_eq!(
-            super::kvm_ior::<kvm_bindings::kvm_regs>(0x81),
-            super::KVM_GET_REGS
-        );
-        assert_eq!(super::VCPU_SAVE_IOCTLS[0], 0x8138_ae83); // KVM_GET_SREGS
-        assert_eq!(super::VCPU_SAVE_IOCTLS[1], 0xc008_ae88); // KVM_GET_MSRS
-        assert_eq!(super::VCPU_SAVE_IOCTLS[6], 0x9000_aea4); // KVM_GET_XSAVE
-    }
-}
-const KVM_RUN: u64 = 0xae80;
-const KVM_GET_REGS: u64 = 0x8090_ae81;
-const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
-/// `_IOR(KVMIO, nr, T)` and `_IOWR(KVMIO, nr, T)`.
-const fn kvm_ior<T>(nr: u64) -> u64 {
-    (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
-}
-const fn kvm_iowr<T>(nr: u64) -> u64 {
-    (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
-}
-/// What a paused vCPU thread reads to save its own state (snapshot, migration).
-const VCPU_SAVE_IOCTLS: [u64; 8] = [
-    kvm_ior::<kvm_bindings::kvm_sregs>(0x83),
-    kvm_iowr::<kvm_bindings::kvm_msrs>(0x88),
-    kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
-    kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
-    kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
-    kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
-    kvm_ior::<kvm_bindings::kvm_xsave>(0xa4),
-    kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6),
-];
-const TCGETS: u64 = 0x5401;
-const TIOCGWINSZ: u64 = 0x5413;
-const FIONBIO: u64 = 0x5421;
+mod ioctls;
+use ioctls::{FIONBIO, KVM_GET_REGS, KVM_RUN, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ};
 
 /// Starting threads: `clone` with `CLONE_THREAD` (rules in [`rules_for`]), `clone3`
 /// (answered ENOSYS by [`clone3_enosys`] before this filter allows it), and `seccomp`
@@ -248,7 +211,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_listen,
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
-    libc::SYS_ioctl,
     libc::SYS_flock,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
@@ -293,6 +255,22 @@ fn clone_threads_only() -> Result<Vec<SeccompRule>, String> {
 /// must allow too, since they run under its filter as well as their own.
 const WORKER_IOCTLS: [u64; 3] = [KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
 
+/// Every ioctl the control thread makes, and the threads it starts (vCPUs, device
+/// workers, migration threads: they run under its filter too): KVM's system, VM and
+/// vCPU requests, taps, terminals, non-blocking sockets. No block-device, terminal-
+/// input, or other driver's request.
+fn control_ioctls() -> Vec<u64> {
+    let mut all = vec![KVM_RUN, KVM_GET_REGS, TCGETS, TIOCGWINSZ, FIONBIO];
+    all.extend(ioctls::KVM_SYSTEM);
+    all.extend(ioctls::KVM_VM);
+    all.extend(ioctls::KVM_VCPU_SAVE);
+    all.extend(ioctls::KVM_VCPU_SETUP);
+    all.extend(ioctls::TAP);
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let allow = |rules: &mut BTreeMap<i64, Vec<SeccompRule>>, list: &[i64]| {
@@ -310,6 +288,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             allow(&mut rules, DISK_IO);
             allow(&mut rules, SOCKETS);
             allow(&mut rules, CONTROL);
+            rules.insert(libc::SYS_ioctl, ioctls(&control_ioctls())?);
         }
         ThreadKind::Vcpu => {
             // Emulation only: serial output (write), interrupts, its own state.
@@ -321,7 +300,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
                 &[libc::SYS_pwrite64, libc::SYS_pread64, libc::SYS_ftruncate],
             );
             let mut allowed = vec![KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
-            allowed.extend(VCPU_SAVE_IOCTLS);
+            allowed.extend(ioctls::KVM_VCPU_SAVE);
             rules.insert(libc::SYS_ioctl, ioctls(&allowed)?);
         }
         ThreadKind::Api => {
@@ -669,6 +648,21 @@ impl Line {
         }
     }
 
+    fn push_hex(&mut self, mut n: u64) {
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(b"0x");
+        self.push(&digits[i..]);
+    }
+
     fn push_number(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -684,8 +678,9 @@ impl Line {
     }
 }
 
-/// `vireo: error: seccomp: thread T made the forbidden system call NAME (NR); ...`.
-fn violation_line(thread: &[u8], nr: i64) -> Line {
+/// `vireo: error: seccomp: thread T made the forbidden system call NAME (NR); ...`,
+/// with the request number of a refused `ioctl` (`ioctl (16) with request 0x5412`).
+fn violation_line(thread: &[u8], nr: i64, arg1: u64) -> Line {
     let mut line = Line {
         buf: [0; 256],
         len: 0,
@@ -696,21 +691,36 @@ fn violation_line(thread: &[u8], nr: i64) -> Line {
     line.push(syscall_name(nr).unwrap_or("?").as_bytes());
     line.push(b" (");
     line.push_number(nr.max(0) as u64);
-    line.push(b"); ending the process (run with --seccomp log to list them)\n");
+    line.push(b")");
+    if nr == libc::SYS_ioctl {
+        line.push(b" with request ");
+        line.push_hex(arg1 & 0xffff_ffff);
+    }
+    line.push(b"; ending the process (run with --seccomp log to list them)\n");
     line
 }
 
 /// Installs the SIGSYS handler that reports a violation and ends the process.
 pub fn install_violation_handler() {
-    extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    extern "C" fn on_sigsys(
+        _: libc::c_int,
+        info: *mut libc::siginfo_t,
+        context: *mut libc::c_void,
+    ) {
         // siginfo_t for SIGSYS: the system call number is the int at byte offset 24.
         // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.
         let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
+        // The registers at the refused call: its second argument is in RSI.
+        // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted
+        // thread's ucontext_t, valid for the handler's duration.
+        let arg1 = unsafe {
+            (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize]
+        };
         let mut name = [0u8; 17];
         // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the buffer; prctl
         // is allowed by every filter and async-signal-safe.
         unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
-        let line = violation_line(&name, i64::from(nr));
+        let line = violation_line(&name, i64::from(nr), arg1 as u64);
         // SAFETY: write(2) and _exit(2) are async-signal-safe.
         unsafe {
             libc::write(2, line.buf.as_ptr().cast(), line.len);
@@ -896,6 +906,49 @@ mod tests {
         assert_eq!(under(ThreadKind::Activator, timer), 0);
     }
 
+    /// An ioctl with a request number only: the filter answers before any driver,
+    /// so EPERM is the filter's refusal and EBADF (fd -1) means it was let through.
+    fn ioctl_request(request: u64) -> i32 {
+        // SAFETY: fd -1 makes the kernel fail the call before touching the pointer.
+        let r = unsafe { libc::ioctl(-1, request as _, std::ptr::null_mut::<u8>()) };
+        errno_of(r.into())
+    }
+
+    #[test]
+    fn the_control_thread_makes_only_its_own_ioctls() {
+        let allowed = control_ioctls();
+        // What it may make: KVM's system, VM and vCPU requests, taps, terminals.
+        for request in [
+            ioctls::KVM_CREATE_VM, // vm.create, vm.restore, an incoming migration
+            KVM_RUN,
+            KVM_SIGNAL_MSI,
+            ioctls::KVM_VM[1], // KVM_GET_DIRTY_LOG
+            ioctls::TAP[0],    // TUNSETIFF
+            TCGETS,
+            FIONBIO,
+        ] {
+            assert!(allowed.contains(&request), "{request:#x}");
+        }
+        let got = under(ThreadKind::Control, move || {
+            let lets_through: Vec<i32> = allowed.iter().map(|&r| ioctl_request(r)).collect();
+            let refused = [
+                0x5412,        // TIOCSTI: type into a terminal
+                0x1277,        // BLKDISCARD
+                0xc00c_aee0,   // KVM_CREATE_DEVICE
+                0x4080_aebf,   // KVM_SET_NESTED_STATE
+                0x4004_54cb,   // TUNSETPERSIST
+                0x5451,        // FIOCLEX: not used (fds are opened O_CLOEXEC)
+                0x1_0000_ae80, // KVM_RUN in the low 32 bits only counts as KVM_RUN
+            ]
+            .map(ioctl_request);
+            (lets_through, refused)
+        });
+        assert!(got.0.iter().all(|&e| e == libc::EBADF), "{:?}", got.0);
+        assert_eq!(got.1[..6], [libc::EPERM; 6]);
+        // The kernel reads the request as a 32-bit int: so does the filter.
+        assert_eq!(got.1[6], libc::EBADF);
+    }
+
     #[test]
     fn page_streams_make_no_ioctl() {
         let e = under(ThreadKind::PageStream, || ioctl_on_stdin(KVM_SIGNAL_MSI));
@@ -904,12 +957,18 @@ mod tests {
 
     #[test]
     fn a_violation_names_the_thread_and_the_system_call() {
-        let line = violation_line(b"vireo-vcpu0\0\0\0", libc::SYS_openat);
+        let line = violation_line(b"vireo-vcpu0\0\0\0", libc::SYS_openat, 0x5412);
         let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
         assert_eq!(
             text,
             "vireo: error: seccomp: thread vireo-vcpu0 made the forbidden system call \
              openat (257); ending the process (run with --seccomp log to list them)\n"
+        );
+        let line = violation_line(b"vireo\0", libc::SYS_ioctl, 0xffff_ffff_0000_5412);
+        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
+        assert!(
+            text.contains("forbidden system call ioctl (16) with request 0x5412; ending"),
+            "{text}"
         );
         assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
         assert_eq!(syscall_name(100_000), None);
