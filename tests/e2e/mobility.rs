@@ -367,7 +367,13 @@ fn migrate_and_check_with(
     );
     let _ = src_serial_path;
     let dst_out = dst.wait();
-    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap_or_else(|e| {
+        panic!(
+            "no destination serial ({e}); destination: {:?} {}",
+            dst_out.status,
+            String::from_utf8_lossy(&dst_out.stderr)
+        )
+    });
     assert_guest_ok(&dst_out, &dst_serial);
     assert!(
         dst_serial.contains(&format!("work done iter={ops}")),
@@ -1320,7 +1326,13 @@ fn source_killed_right_after_the_commit_leaves_the_vm_running_at_the_destination
     );
     // Exactly one VM runs: the destination's, to the end, every page and block checked.
     let dst_out = dst.wait();
-    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap_or_else(|e| {
+        panic!(
+            "no destination serial ({e}); destination: {:?} {}",
+            dst_out.status,
+            String::from_utf8_lossy(&dst_out.stderr)
+        )
+    });
     assert_guest_ok(&dst_out, &dst_serial);
     assert!(
         dst_serial.contains(&format!("work done iter={ops}")),
@@ -1921,7 +1933,13 @@ fn strangers_and_a_forged_page_stream_join_are_refused_while_the_real_migration_
     assert_eq!(src_out.status.code(), Some(0), "{}", plain(&src_out.stderr));
     assert!(plain(&src_out.stderr).contains("connections=4"));
     let dst_out = dst.wait();
-    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap_or_else(|e| {
+        panic!(
+            "no destination serial ({e}); destination: {:?} {}",
+            dst_out.status,
+            String::from_utf8_lossy(&dst_out.stderr)
+        )
+    });
     assert_guest_ok(&dst_out, &dst_serial);
     assert!(
         dst_serial.contains(&format!("work done iter={ops}")),

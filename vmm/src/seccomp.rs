@@ -25,8 +25,9 @@ use seccompiler::{
 #[repr(u8)]
 pub enum ThreadKind {
     /// The main thread: the control loop, which also creates and tears down VMs. The
-    /// migration send/receive threads and the storage copy thread run under it too
-    /// (the receive thread assembles the arriving VM: KVM, its disks).
+    /// migration send thread, the storage copy thread and the thread accepting
+    /// migration connections run under it too. It also builds an arriving VM (KVM, its
+    /// disks, taps) for the receive thread.
     Control,
     /// A vCPU: KVM_RUN and device emulation on exits. Device activation and reset,
     /// which start and stop worker threads, open timers and flush disks, run on the
@@ -51,10 +52,16 @@ pub enum ThreadKind {
     /// writes the network stream and copies pages through the guest memory mapping;
     /// no files, no ioctls, no new sockets.
     PageStream,
+    /// The migration receive thread (`vireo-migrate-recv`): it parses the control
+    /// stream, writes pages into guest memory and blocks into the disks opened for it,
+    /// and starts the page streams. No files, sockets or ioctls: the control thread
+    /// opens /dev/kvm, disks and taps and restores the VM for it
+    /// (`live::receive::on_control`).
+    Receive,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -64,11 +71,15 @@ impl ThreadKind {
         ThreadKind::ConsoleWorker,
         ThreadKind::NetWorker,
         ThreadKind::PageStream,
+        ThreadKind::Receive,
     ];
 
     /// Whether threads of this kind start other threads.
     fn spawns_threads(self) -> bool {
-        matches!(self, ThreadKind::Control | ThreadKind::Activator)
+        matches!(
+            self,
+            ThreadKind::Control | ThreadKind::Activator | ThreadKind::Receive
+        )
     }
 }
 
@@ -342,6 +353,12 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         ThreadKind::PageStream => {
             allow(&mut rules, SOCKETS);
         }
+        ThreadKind::Receive => {
+            // The streams it was handed, and writes and flushes of the disks the
+            // control thread opened for a shared-nothing migration.
+            allow(&mut rules, SOCKETS);
+            allow(&mut rules, DISK_IO);
+        }
     }
     Ok(rules)
 }
@@ -443,10 +460,21 @@ impl Filters {
 /// thread may not make: found by a TLS migration, whose page streams free large
 /// frames). With a trim threshold above the largest per-thread heap (64 MiB), heaps are
 /// never shrunk, only deleted whole (munmap, no file); the main arena no longer gives
-/// its top back with brk either. Call before any thread starts.
+/// its top back with brk either.
+///
+/// When a thread needs a new arena and there are already more than 8, glibc counts the
+/// CPUs once for the process by reading /sys/devices/system/cpu/online: found when
+/// page streams, started by the receive thread (no openat), were the first to get
+/// there. With the arena limit set here (glibc's own default, 8 per CPU) it never
+/// counts. Call before any thread starts.
 pub fn keep_malloc_off_the_filesystem() {
-    // SAFETY: mallopt only sets an allocator parameter.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
 }
 
 /// Names of the system calls a violation may name (`SYS_` stripped when printed);
@@ -947,6 +975,90 @@ mod tests {
         assert_eq!(got.1[..6], [libc::EPERM; 6]);
         // The kernel reads the request as a 32-bit int: so does the filter.
         assert_eq!(got.1[6], libc::EBADF);
+    }
+
+    #[test]
+    fn the_receive_thread_only_reads_streams_and_writes_disks_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("disk")).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"x").unwrap();
+        let path = std::ffi::CString::new(victim.to_str().unwrap()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let got = under(ThreadKind::Receive, move || {
+            // SAFETY: pwrite64 from a live buffer to our own fd.
+            let write = unsafe { libc::pwrite64(fd, b"data".as_ptr().cast(), 4, 0) };
+            // SAFETY: unlink of a valid C string.
+            let unlink = errno_of(unsafe { libc::unlink(path.as_ptr()) }.into());
+            (
+                write,
+                open_root(),
+                new_socket(),
+                ioctl_request(ioctls::KVM_CREATE_VM),
+                ioctl_request(KVM_RUN),
+                ioctl_request(FIONBIO),
+                unlink,
+                timer(),
+                spawn_thread(),
+            )
+        });
+        assert_eq!(got.0, 4, "writes a disk it was handed");
+        let refused = [got.1, got.2, got.3, got.4, got.5, got.6, got.7];
+        assert_eq!(
+            refused,
+            [libc::EPERM; 7],
+            "openat socket ioctl*3 unlink timerfd"
+        );
+        assert!(got.8, "starts its page stream threads");
+        assert!(victim.exists());
+        drop(file);
+    }
+
+    /// Found by the four-connection migration: a thread started by a thread without
+    /// openat (the receive thread starting page streams) was killed for glibc reading
+    /// /sys/devices/system/cpu/online as it made its ninth malloc arena. Run in a child
+    /// process (this test binary again) with the real filter and violation handler:
+    /// 32 threads alive at once, each allocating, must not end it.
+    #[test]
+    fn threads_started_under_a_filter_without_openat_never_make_malloc_open_a_file() {
+        const CHILD: &str = "VIREO_TEST_ARENA_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            keep_malloc_off_the_filesystem();
+            install_violation_handler();
+            Filters::new(SeccompMode::Enforce)
+                .unwrap()
+                .apply(ThreadKind::Receive)
+                .unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(32));
+            let threads: Vec<_> = (0..32)
+                .map(|i| {
+                    let b = barrier.clone();
+                    std::thread::spawn(move || {
+                        let v = vec![i as u8; 4096 * (i + 1)];
+                        b.wait();
+                        v.iter().map(|&x| u64::from(x)).sum::<u64>()
+                    })
+                })
+                .collect();
+            let sum: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert!(sum > 0);
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "seccomp::tests::threads_started_under_a_filter_without_openat_never_make_malloc_open_a_file",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{:?}: {err}", out.status);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "the child ran the test"
+        );
     }
 
     #[test]

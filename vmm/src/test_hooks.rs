@@ -3,7 +3,8 @@
 //!
 //! - `VIREO_TEST_PANIC_VCPU=now|after-resume`: vCPU 0 panics at its first exit, or at
 //!   its first exit after a pause and resume.
-//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`) makes a system
+//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`, `receive`: the
+//!   migration receive thread as it starts) makes a system
 //!   call its filter should refuse once it is confined (`openat`, `execve`, `socket`,
 //!   `fork`, `ioctl-tiocsti`) and prints the outcome if it survives.
 //! - `VIREO_TEST_OPEN=PATH`: once confined, the control thread tries to open PATH and
