@@ -545,7 +545,7 @@ mod tests {
         impl Read for Trickle {
             fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
                 self.1 += 1;
-                if self.1 % 7 == 0 {
+                if self.1.is_multiple_of(7) {
                     return Err(std::io::ErrorKind::Interrupted.into());
                 }
                 let n = buf.len().min(1000);
