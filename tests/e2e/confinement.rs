@@ -104,7 +104,8 @@ fn receive_probe(probe: &str) -> std::process::Output {
         "vm.receive-migration",
         Some(&body.to_string()),
     );
-    assert_eq!(status, 204, "{text}");
+    // 0: the receive thread's probe ended the process before the API answered.
+    assert!(status == 204 || status == 0, "{status} {text}");
     vireo_e2e::wait_with_timeout(child, T)
 }
 

@@ -2047,6 +2047,11 @@ fn live_migration_between_jailed_vmms_over_unix_and_tcp() {
             "{transport}: {}",
             String::from_utf8_lossy(&src_out.stderr)
         );
+        // Shown if the destination fails: what the source saw.
+        eprintln!(
+            "{transport} source log:\n{}",
+            String::from_utf8_lossy(&src_out.stderr)
+        );
         let dst_out = wait_with_timeout(dst, T);
         let text = std::fs::read_to_string(&dst_serial).unwrap();
         assert_guest_ok(&dst_out, &text);
@@ -2097,7 +2102,17 @@ fn storage_migration_works_in_a_jail() {
     );
     let (s, b) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
     assert_eq!(s, 204, "{b}");
-    let info = wait_disk_migration(&sock);
+    let info = match std::panic::catch_unwind(|| wait_disk_migration(&sock)) {
+        Ok(info) => info,
+        Err(_) => {
+            let out = src.wait(T);
+            panic!(
+                "no answer about the storage migration; the VMM: {:?} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
     assert_eq!(info["status"], "completed", "{info}");
     assert!(!disk.exists(), "the old image is deleted after the switch");
     let serial = src.wait_serial("vireo-guest: result ok", T);
