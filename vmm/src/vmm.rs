@@ -896,6 +896,10 @@ impl Vmm {
                 let _ = reply.send(r);
                 None
             }
+            MigrationEvent::OnControl(job) => {
+                job();
+                None
+            }
             MigrationEvent::IncomingFailed(e) => {
                 tracing::warn!(error = %e, "incoming migration failed; discarding the copy");
                 if let Some(mut vm) = self.vm.take() {
