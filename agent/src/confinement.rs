@@ -6,7 +6,7 @@
 //! roots, so what they open at start is checked the same way again: a file swapped
 //! for a symlink after the definition was accepted is not followed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::config::{DiskFormat, OutputConfig};
@@ -131,4 +131,62 @@ pub fn check_receiver_url(url: &str, socket_dir: &Path) -> Result<(), AgentError
         )));
     }
     Ok(())
+}
+
+/// Where the VMs of another vireod of this host listen: `vms/` beside its API socket
+/// (vireod's layout: `<run-dir>/vireod.sock` and `<run-dir>/vms/`).
+pub fn peer_socket_dirs(peer_sockets: &[PathBuf]) -> Vec<PathBuf> {
+    peer_sockets
+        .iter()
+        .filter_map(|s| s.parent().map(|d| d.join("vms")))
+        .collect()
+}
+
+/// A `--peer-socket` must be an absolute path without `..`.
+pub fn check_peer_socket_flag(path: &Path) -> Result<(), AgentError> {
+    confine::check_lexical(path).map_err(|e| AgentError::BadConfig(format!("--peer-socket: {e}")))
+}
+
+/// A `destination_agent` socket path must be one of the configured `--peer-socket`s:
+/// vireod (root) connects to it and sends the VM's definition, so an operator may not
+/// point it at any other socket of the host.
+pub fn check_agent_socket(path: &Path, peer_sockets: &[PathBuf]) -> Result<(), AgentError> {
+    confine::check_lexical(path)
+        .map_err(|e| AgentError::BadMigration(format!("destination_agent: {e}")))?;
+    if peer_sockets.iter().any(|p| p == path) {
+        return Ok(());
+    }
+    Err(AgentError::BadMigration(format!(
+        "destination_agent {}: not a peer vireod of this host (allowed: {}; vireod --peer-socket PATH)",
+        path.display(),
+        list(peer_sockets)
+    )))
+}
+
+/// A `unix:` migration URL this vireod's VMM may send to: a socket in one of `dirs`
+/// (this vireod's `vms/` and its peers'); the VMM applies the same rule.
+pub fn check_send_url(url: &str, dirs: &[PathBuf]) -> Result<(), AgentError> {
+    let Some(p) = url.strip_prefix("unix:") else {
+        return Ok(());
+    };
+    let path = Path::new(p);
+    confine::check_lexical(path).map_err(|e| AgentError::BadMigration(format!("{url:?}: {e}")))?;
+    if path.file_name().is_some() && dirs.iter().any(|d| path.parent() == Some(d.as_path())) {
+        return Ok(());
+    }
+    Err(AgentError::BadMigration(format!(
+        "{url:?}: a unix migration socket must be in {}",
+        list(dirs)
+    )))
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return "none".into();
+    }
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -49,8 +49,10 @@ fn max_overlap(records: &[Value]) -> usize {
 
 #[test]
 fn three_migrations_with_a_limit_of_two_queue_the_third_and_all_arrive_counting() {
-    let src = Daemon::start(&["--no-autostart", "--max-concurrent-migrations", "2"]);
-    let dst = Daemon::start(&["--no-autostart"]);
+    let (src, dst) = Daemon::pair(
+        &["--no-autostart", "--max-concurrent-migrations", "2"],
+        &["--no-autostart"],
+    );
     let mut src_events = Events::subscribe(&src.socket, "?vm=c");
     let names = ["a", "b", "c"];
     let mut pids = Vec::new();
@@ -198,8 +200,19 @@ fn three_migrations_with_a_limit_of_two_queue_the_third_and_all_arrive_counting(
 
 #[test]
 fn failed_migrations_leave_the_vm_running_and_supervised_on_the_source() {
-    let src = Daemon::start(&["--no-autostart", "--max-concurrent-migrations", "1"]);
-    let dst = Daemon::start(&["--no-autostart"]);
+    // A configured peer where no vireod listens.
+    let nobody_dir = tempfile::tempdir().unwrap();
+    let nobody = nobody_dir.path().join("vireod.sock");
+    let (src, dst) = Daemon::pair(
+        &[
+            "--no-autostart",
+            "--max-concurrent-migrations",
+            "1",
+            "--peer-socket",
+            nobody.to_str().unwrap(),
+        ],
+        &["--no-autostart"],
+    );
     define_dirty(&src, "x");
     src.define_counter("y", "Medium", "on-failure");
     for n in ["x", "y"] {
@@ -227,11 +240,8 @@ fn failed_migrations_leave_the_vm_running_and_supervised_on_the_source() {
     assert_eq!(src.pid("y"), Some(pid_y));
     dst.ok("DELETE", "/api/v1/vms/y", None);
 
-    // 2. No vireod at the destination socket.
-    let r = src.migrate(
-        "y",
-        &json!({"destination_agent": dst.dir.path().join("nobody.sock")}),
-    );
+    // 2. No vireod at the (configured) destination socket.
+    let r = src.migrate("y", &json!({"destination_agent": nobody}));
     let r = src.wait_migration(r["id"].as_str().unwrap(), T);
     assert_eq!(r["state"], "failed", "{r}");
     assert!(
@@ -345,11 +355,8 @@ fn migrate_requests_are_checked() {
     // Unknown VM, stopped VM, both or neither destination, a bad URL.
     let (s, b) = d.api("PUT", "/api/v1/vms/nope/migrate", Some("{}"));
     assert_eq!(s, 404, "{b}");
-    let (s, b) = d.api(
-        "PUT",
-        "/api/v1/vms/s/migrate",
-        Some(r#"{"destination_url":"unix:/x"}"#),
-    );
+    let url = json!({"destination_url": format!("unix:{}/vms/x.sock", d.run_dir.display())});
+    let (s, b) = d.api("PUT", "/api/v1/vms/s/migrate", Some(&url.to_string()));
     assert_eq!(s, 409, "{b}");
     assert!(b.contains("Stopped"), "{b}");
     for body in [
@@ -380,8 +387,7 @@ fn migrate_requests_are_checked() {
 /// vireod reports it Paused, its guest makes no progress there until resumed.
 #[test]
 fn a_paused_vm_migrates_and_stays_paused_until_resumed() {
-    let src = Daemon::start(&["--no-autostart"]);
-    let dst = Daemon::start(&["--no-autostart"]);
+    let (src, dst) = Daemon::pair(&["--no-autostart"], &["--no-autostart"]);
     src.define_counter("p", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/p/start", None);
     src.wait_serial("p", "tick 20 ", T);

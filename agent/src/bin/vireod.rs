@@ -118,6 +118,11 @@ struct Cli {
     /// the --peer list get in). The full API stays on the unix socket.
     #[arg(long, requires_all = ["tls_cert", "peer"])]
     listen: Option<std::net::SocketAddr>,
+    /// The API socket of another vireod on this host that VMs may be migrated to
+    /// (`destination_agent` names it; its VMs' sockets are in `vms/` beside it).
+    /// Repeatable; no other socket path is accepted as a destination.
+    #[arg(long, value_name = "PATH")]
+    peer_socket: Vec<PathBuf>,
     /// A host admitted as a peer on --listen (its certificate's CN or DNS SAN);
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
@@ -213,6 +218,7 @@ async fn run(
         listen: cli.listen,
         storage_roots: cli.storage_root.clone(),
         block_devices: cli.allow_block_device.clone(),
+        peer_sockets: cli.peer_socket.clone(),
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;

@@ -302,7 +302,7 @@ mod tests {
             env_file: "/e".into(),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
         };
         assert_eq!(
             env_file_text(&spec).unwrap(),
