@@ -190,3 +190,69 @@ fn list(paths: &[PathBuf]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The size the guest sees of `disk`: its declared `size`, else its image's (opened
+/// beneath a root; raw: the file's or device's length; VHDX: its virtual size, read
+/// without a lock and without its parents).
+pub fn disk_size(roots: &Roots, disk: &api::config::DiskConfig) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    if let Some(s) = disk.size {
+        return Ok(s);
+    }
+    let mut file = roots
+        .open_file(&disk.path, false)
+        .map_err(|e| e.to_string())?;
+    match disk.effective_format() {
+        DiskFormat::Raw => file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| format!("{}: {e}", disk.path.display())),
+        DiskFormat::Vhdx => {
+            let storage: Arc<dyn vhdx::Storage> = Arc::new(vhdx::FileStorage::new(file));
+            let opts = vhdx::OpenOptions {
+                read_only: true,
+                no_lock: true,
+                skip_parent: true,
+                ..Default::default()
+            };
+            vhdx::Vhdx::open_storage(storage, &disk.path, opts)
+                .map(|v| v.virtual_size())
+                .map_err(|e| format!("{}: {e}", disk.path.display()))
+        }
+    }
+}
+
+/// An incoming shared-nothing migration: its disks do not exist here yet; each copy is
+/// made in `storage_dir` (under its file name) at the size the definition declares, and
+/// the sending VMM may announce and write no more. Every other path is checked as for
+/// a definition. The disks' paths become the copies'.
+pub fn confine_incoming_copy(
+    roots: &Arc<Roots>,
+    vm_dir: &Path,
+    def: &mut VmDefinition,
+    storage_dir: &Path,
+) -> Result<(), AgentError> {
+    let mut disks = std::mem::take(&mut def.config.disks);
+    confine_definition(roots, vm_dir, def)?;
+    for (i, d) in disks.iter_mut().enumerate() {
+        let bad = |m: String| AgentError::BadMigration(format!("disk {i}: {m}"));
+        if d.size.is_none() {
+            return Err(bad("a shared-nothing migration needs the disk's size in the definition (the copy is made that size and bounded by it)".into()));
+        }
+        let name = d
+            .path
+            .file_name()
+            .ok_or_else(|| bad(format!("{} names no file", d.path.display())))?;
+        let copy = storage_dir.join(name);
+        roots
+            .check(&copy)
+            .map_err(|e| bad(format!("the copy: {e}")))?;
+        d.format = Some(
+            d.format
+                .or_else(|| DiskFormat::from_extension(&d.path))
+                .ok_or_else(|| bad(format!("{}: say format=raw or format=vhdx", d.path.display())))?,
+        );
+        d.path = copy;
+    }
+    def.config.disks = disks;
+    Ok(())
+}

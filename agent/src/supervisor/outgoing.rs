@@ -317,6 +317,17 @@ impl Supervisor {
         insecure: bool,
     ) -> Result<PeerAgent, String> {
         let (endpoint, host) = self.peer_endpoint(addr)?;
+        // Shared-nothing: the destination makes each copy the size the definition
+        // declares and lets the sending VMM announce and write no more.
+        let mut def = def.clone();
+        if req.copy_storage {
+            for (i, d) in def.config.disks.iter_mut().enumerate() {
+                d.size = Some(
+                    crate::confinement::disk_size(&self.roots, d)
+                        .map_err(|e| format!("disk {i}: {e}"))?,
+                );
+            }
+        }
         let body = serde_json::json!({
             "name": name,
             "definition": def,
