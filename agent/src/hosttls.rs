@@ -8,11 +8,11 @@
 //! certificate against the CA for the expected host name and presents its own.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
+use migration::pem;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
@@ -24,19 +24,8 @@ use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read TLS {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS {what} {path}: {reason}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    #[error(transparent)]
+    Pem(#[from] migration::pem::PemError),
     #[error("TLS: the certificate {cert} and the key {key} do not go together: {reason}")]
     KeyMismatch {
         cert: PathBuf,
@@ -83,51 +72,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
-    let bad = |reason: String| TlsError::Pem {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no PEM certificate in it".into()));
-    }
-    Ok(certs)
-}
-
 impl HostIdentity {
     /// Loads and checks the files: the key goes with the certificate, the certificate
     /// names a host, the CA parses.
     pub fn load(files: IdentityFiles) -> Result<Self, TlsError> {
-        let chain = certs("certificate", &files.cert)?;
-        let pem = read("key", &files.key)?;
-        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
-            what: "key",
-            path: files.key.clone(),
-            reason: match e {
-                rustls::pki_types::pem::Error::NoItemsFound => "no PEM private key in it".into(),
-                e => e.to_string(),
-            },
-        })?;
-        let mut roots = RootCertStore::empty();
-        for c in certs("CA", &files.ca)? {
-            roots.add(c).map_err(|e| TlsError::BadCa {
-                path: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
-        }
+        let chain = pem::certs("certificate", &files.cert)?;
+        let key = pem::key(&files.key)?;
+        let roots = pem::roots(&files.ca)?;
         let names = cert_names(&chain[0]);
         let name = names.first().cloned().ok_or_else(|| TlsError::Nameless {
             path: files.cert.clone(),
@@ -189,26 +140,7 @@ impl HostIdentity {
 /// The host names a certificate carries: its DNS SANs, then its CN (lower case).
 /// An unparsable certificate names nobody.
 pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                names.push(d.to_ascii_lowercase());
-            }
-        }
-    }
-    for cn in x509.subject().iter_common_name() {
-        if let Ok(s) = cn.as_str() {
-            let s = s.to_ascii_lowercase();
-            if !names.contains(&s) {
-                names.push(s);
-            }
-        }
-    }
-    names
+    pem::certificate_names(cert.as_ref()).unwrap_or_default()
 }
 
 /// The first name of `cert` on the allow-list, if any.
