@@ -143,6 +143,15 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
     pem::certificate_names(cert.as_ref()).unwrap_or_default()
 }
 
+/// How the audit trail names a peer: the name it was admitted as, then its
+/// certificate's subject CN and DNS SANs (`host-a (CN host-a; DNS host-a, a.example)`).
+pub fn identity_line(cert: &CertificateDer<'_>, admitted: &str) -> String {
+    match pem::certificate_subject(cert.as_ref()) {
+        Ok((cns, dns)) => format!("{admitted} (CN {}; DNS {})", cns.join(", "), dns.join(", ")),
+        Err(_) => admitted.to_string(),
+    }
+}
+
 /// The first name of `cert` on the allow-list, if any.
 pub fn admitted_name(cert: &CertificateDer<'_>, peers: &BTreeSet<String>) -> Option<String> {
     cert_names(cert).into_iter().find(|n| peers.contains(n))

@@ -442,6 +442,46 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
     }
     let m = dst.wait_migration(id, T);
     assert_eq!(m["state"], "cancelled", "{m}");
+    // Each peer request is in the audit trail with the peer's certificate identity
+    // (issue 11, part 4; before, the peer listener recorded nothing): host-a's
+    // incoming migration and cancel, host-c's refused read and cancel; host-a's
+    // successful read (a progress poll) is not a row.
+    let audit = dst.ok("GET", "/api/v1/audit?limit=100", None);
+    let rows: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["role"] == "peer")
+        .collect();
+    let seen: Vec<(String, String, u64, String)> = rows
+        .iter()
+        .map(|e| {
+            (
+                e["method"].as_str().unwrap().to_string(),
+                e["route"].as_str().unwrap().to_string(),
+                e["status"].as_u64().unwrap(),
+                e["peer"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let (ia, ic) = ("host-a (CN host-a; DNS host-a)", "host-c (CN host-c; DNS host-c)");
+    let row = |m: &str, r: &str, s: u64, p: &str| (m.into(), r.into(), s, p.into());
+    assert_eq!(
+        seen,
+        vec![
+            row("POST", "/api/v1/migrations/incoming", 201, ia),
+            row("GET", "/api/v1/migrations/{id}", 404, ic),
+            row("DELETE", "/api/v1/migrations/{id}", 404, ic),
+            row("DELETE", "/api/v1/migrations/{id}", 200, ia),
+        ],
+        "{audit}"
+    );
+    assert_eq!(rows[0]["vm"], "w", "{audit}");
+    assert_eq!(rows[3]["vm"], "w", "{audit}");
+    assert!(rows.iter().all(|e| e["uid"].is_null()), "{audit}");
+    assert!(rows[1]["detail"].as_str().unwrap().contains("no migration"), "{audit}");
+    let table = dst.ctl_ok(&["audit"]);
+    assert!(table.contains("peer host-a (CN host-a; DNS host-a)"), "{table}");
 
     // A second one: its receiving VMM speaks TLS with host-b's identity to host-a
     // (the handshake completes for the name host-b and the receiver sends its go-ahead

@@ -95,25 +95,35 @@ pub fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, P
     Ok(crls)
 }
 
-/// The host names a certificate carries, lower case: its DNS SANs, then its subject
-/// CNs (each once). An unparsable certificate is an error.
-pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+/// A certificate's subject CNs and DNS SANs, as written in it.
+pub fn certificate_subject(der: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let mut names: Vec<String> = Vec::new();
+    let cns = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    let mut dns = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
             if let GeneralName::DNSName(d) = n {
-                names.push(d.to_ascii_lowercase());
+                dns.push((*d).to_string());
             }
         }
     }
-    for cn in cert.subject().iter_common_name() {
-        if let Ok(s) = cn.as_str() {
-            let s = s.to_ascii_lowercase();
-            if !names.contains(&s) {
-                names.push(s);
-            }
+    Ok((cns, dns))
+}
+
+/// The host names a certificate carries, lower case: its DNS SANs, then its subject
+/// CNs (each once). An unparsable certificate is an error.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    let (cns, dns) = certificate_subject(der)?;
+    let mut names: Vec<String> = Vec::new();
+    for n in dns.iter().chain(&cns) {
+        let n = n.to_ascii_lowercase();
+        if !names.contains(&n) {
+            names.push(n);
         }
     }
     Ok(names)

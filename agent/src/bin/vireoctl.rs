@@ -1022,9 +1022,12 @@ fn audit(ctx: &Ctx, vm: Option<&str>, limit: usize, out: Output) -> Result<(), C
         .map(|e| {
             vec![
                 fmt_time(Some(e.at_ms)),
-                e.uid.to_string(),
+                e.uid.map_or("-".into(), |u| u.to_string()),
                 e.pid.map_or("-".into(), |p| p.to_string()),
-                e.role.clone(),
+                match &e.peer {
+                    Some(p) => format!("peer {p}"),
+                    None => e.role.clone(),
+                },
                 e.method.clone(),
                 e.route.clone(),
                 e.vm.clone().unwrap_or("-".into()),
