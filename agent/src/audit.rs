@@ -43,10 +43,7 @@ CREATE INDEX IF NOT EXISTS audit_by_vm ON audit(vm, id);
 
 /// Columns added after the first audit table: the peer host's identity, and whether
 /// the row is an outsider's refusal (kept apart).
-const ADDED: &[(&str, &str)] = &[
-    ("peer", "TEXT"),
-    ("refused", "INTEGER NOT NULL DEFAULT 0"),
-];
+const ADDED: &[(&str, &str)] = &[("peer", "TEXT"), ("refused", "INTEGER NOT NULL DEFAULT 0")];
 
 /// Adds the columns an older table lacks, and the index of the refused rows.
 pub(crate) fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
@@ -363,7 +360,11 @@ mod tests {
                 ..Filter::default()
             })
             .unwrap();
-        assert_eq!(web.first().map(|e| e.at_ms), Some(1), "the first change stays");
+        assert_eq!(
+            web.first().map(|e| e.at_ms),
+            Some(1),
+            "the first change stays"
+        );
         assert_eq!(web.last().map(|e| e.at_ms), Some(4));
         let newest = inv
             .audit(&Filter {

@@ -249,7 +249,12 @@ pub fn confine_incoming_copy(
         d.format = Some(
             d.format
                 .or_else(|| DiskFormat::from_extension(&d.path))
-                .ok_or_else(|| bad(format!("{}: say format=raw or format=vhdx", d.path.display())))?,
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{}: say format=raw or format=vhdx",
+                        d.path.display()
+                    ))
+                })?,
         );
         d.path = copy;
     }

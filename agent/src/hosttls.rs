@@ -8,12 +8,13 @@
 //! certificate against the CA for the expected host name and presents its own.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use rustls::client::danger::HandshakeSignatureValid;
 use migration::pem;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
@@ -48,15 +49,26 @@ pub struct IdentityFiles {
     pub ca: PathBuf,
 }
 
-/// This host's identity, loaded and checked once at start.
+/// This host's identity, loaded and checked at start and again on each
+/// [`HostIdentity::reload`] (vireod: SIGHUP). Clones share the loaded files.
 #[derive(Clone)]
 pub struct HostIdentity {
     pub files: IdentityFiles,
-    /// The host name the certificate carries (its CN, else its first DNS SAN).
+    /// A PEM CRL of the CA (`--tls-crl`): peers whose certificates it revokes are
+    /// refused in the handshake.
+    pub crl: Option<PathBuf>,
+    /// The host name the certificate carries (its CN, else its first DNS SAN); a
+    /// replacement certificate must carry the same.
     pub name: String,
+    loaded: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// The files' contents.
+struct Loaded {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl std::fmt::Debug for HostIdentity {
@@ -64,6 +76,7 @@ impl std::fmt::Debug for HostIdentity {
         f.debug_struct("HostIdentity")
             .field("name", &self.name)
             .field("files", &self.files)
+            .field("crl", &self.crl)
             .finish_non_exhaustive()
     }
 }
@@ -76,65 +89,126 @@ impl HostIdentity {
     /// Loads and checks the files: the key goes with the certificate, the certificate
     /// names a host, the CA parses.
     pub fn load(files: IdentityFiles) -> Result<Self, TlsError> {
+        Self::load_with_crl(files, None)
+    }
+
+    /// [`HostIdentity::load`], and the CA's revocation list `crl` (PEM).
+    pub fn load_with_crl(files: IdentityFiles, crl: Option<PathBuf>) -> Result<Self, TlsError> {
+        let (loaded, name) = Self::read(&files, crl.as_deref())?;
+        Ok(Self {
+            files,
+            crl,
+            name,
+            loaded: Arc::new(RwLock::new(Arc::new(loaded))),
+        })
+    }
+
+    /// Reads the files again (a rotated certificate and key, a new CA bundle or CRL);
+    /// on any error the identity in use stays. The new certificate must name this host.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (loaded, name) = Self::read(&self.files, self.crl.as_deref())?;
+        if name != self.name {
+            return Err(TlsError::Config(format!(
+                "the new certificate {} names {name}, not {}: not taken",
+                self.files.cert.display(),
+                self.name
+            )));
+        }
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        Ok(())
+    }
+
+    fn read(files: &IdentityFiles, crl: Option<&Path>) -> Result<(Loaded, String), TlsError> {
         let chain = pem::certs("certificate", &files.cert)?;
         let key = pem::key(&files.key)?;
         let roots = pem::roots(&files.ca)?;
-        let names = cert_names(&chain[0]);
-        let name = names.first().cloned().ok_or_else(|| TlsError::Nameless {
-            path: files.cert.clone(),
-        })?;
-        let id = Self {
-            files,
-            name,
+        let crls = crl.map(pem::crls).transpose()?.unwrap_or_default();
+        let name = cert_names(&chain[0])
+            .first()
+            .cloned()
+            .ok_or_else(|| TlsError::Nameless {
+                path: files.cert.clone(),
+            })?;
+        let loaded = Loaded {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
+            crls,
         };
-        // Builds a server config once so that a key of another certificate is named now.
-        id.server_config(BTreeSet::new())?;
-        Ok(id)
+        // Builds both configs once so that a key of another certificate or a bad CRL
+        // is named now.
+        server_config_of(&loaded, files, BTreeSet::new())?;
+        client_config_of(&loaded, files)?;
+        Ok((loaded, name))
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The peer listener's config: this host's certificate; a client certificate from
-    /// the CA naming one of `peers` is required.
+    /// the CA, not revoked, naming one of `peers` is required.
     pub fn server_config(&self, peers: BTreeSet<String>) -> Result<Arc<ServerConfig>, TlsError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::BadCa {
-                path: self.files.ca.clone(),
-                reason: e.to_string(),
-            })?;
-        let verifier = Arc::new(PeerVerifier { inner, peers });
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| self.mismatch(e))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        server_config_of(&self.current(), &self.files, peers)
     }
 
     /// The config to call a peer with: verifies its certificate against the CA (for
-    /// the name the caller expects) and presents this host's.
+    /// the name the caller expects) and the CRL, and presents this host's.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| self.mismatch(e))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        client_config_of(&self.current(), &self.files)
     }
+}
 
-    fn mismatch(&self, e: rustls::Error) -> TlsError {
-        TlsError::KeyMismatch {
-            cert: self.files.cert.clone(),
-            key: self.files.key.clone(),
-            reason: e.to_string(),
-        }
+fn mismatch(files: &IdentityFiles, e: rustls::Error) -> TlsError {
+    TlsError::KeyMismatch {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason: e.to_string(),
     }
+}
+
+fn server_config_of(
+    l: &Loaded,
+    files: &IdentityFiles,
+    peers: BTreeSet<String>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(l.roots.clone(), provider())
+        .with_crls(l.crls.iter().cloned())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let verifier = Arc::new(PeerVerifier { inner, peers });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(l.chain.clone(), l.key.clone_key())
+        .map_err(|e| mismatch(files, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn client_config_of(l: &Loaded, files: &IdentityFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(l.roots.clone(), provider())
+        .with_crls(l.crls.iter().cloned())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(l.chain.clone(), l.key.clone_key())
+        .map_err(|e| mismatch(files, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The host names a certificate carries: its DNS SANs, then its CN (lower case).

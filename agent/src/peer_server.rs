@@ -57,8 +57,35 @@ pub enum ListenError {
 /// The bound listener and its TLS; [`PeerListener::serve`] runs it.
 pub struct PeerListener {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Reloader,
+}
+
+/// The listener's TLS, which [`Reloader::reload`] replaces from the identity's files
+/// (vireod: SIGHUP): connections accepted afterwards see the new certificate, CA and
+/// CRL; established ones keep theirs.
+#[derive(Clone)]
+pub struct Reloader {
+    identity: HostIdentity,
     peers: Arc<BTreeSet<String>>,
+    acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
+}
+
+impl Reloader {
+    /// Reads the identity's files again and rebuilds the listener's TLS; on an error
+    /// the TLS in use stays.
+    pub fn reload(&self) -> Result<(), crate::hosttls::TlsError> {
+        self.identity.reload()?;
+        let config = self.identity.server_config((*self.peers).clone())?;
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl PeerListener {
@@ -79,9 +106,17 @@ impl PeerListener {
             .map_err(|source| ListenError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            acceptor: TlsAcceptor::from(config),
-            peers: Arc::new(peers),
+            tls: Reloader {
+                identity: identity.clone(),
+                peers: Arc::new(peers),
+                acceptor: Arc::new(std::sync::RwLock::new(TlsAcceptor::from(config))),
+            },
         })
+    }
+
+    /// What reloads this listener's TLS.
+    pub fn reloader(&self) -> Reloader {
+        self.tls.clone()
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -91,7 +126,7 @@ impl PeerListener {
     /// Accepts connections until the task is dropped; each one is served on its own.
     pub async fn serve(self, sup: Arc<Supervisor>) {
         let app = router(sup);
-        info!(addr = ?self.local_addr(), peers = ?self.peers, "peer listener ready");
+        info!(addr = ?self.local_addr(), peers = ?self.tls.peers, "peer listener ready");
         loop {
             let (tcp, from) = match self.listener.accept().await {
                 Ok(c) => c,
@@ -101,7 +136,7 @@ impl PeerListener {
                     continue;
                 }
             };
-            let (acceptor, peers, app) = (self.acceptor.clone(), self.peers.clone(), app.clone());
+            let (acceptor, peers, app) = (self.tls.acceptor(), self.tls.peers.clone(), app.clone());
             tokio::spawn(async move { serve_connection(tcp, from, acceptor, peers, app).await });
         }
     }
@@ -164,11 +199,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
 /// Records a peer's request in the audit trail: every change (any method but GET),
 /// and every request answered with an error (a refusal, a probe of another route).
 /// The polls of a migration's progress (GET, 200) are not recorded.
-async fn audit(
-    State(s): S,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn audit(State(s): S, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = req.method().clone();
     let route = req
         .extensions()

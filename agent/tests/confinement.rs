@@ -283,20 +283,16 @@ fn agent_sockets_and_send_urls_outside_the_peers_are_refused_and_never_connected
     let thief_path = outside.path().join("thief.sock");
     let thief = UnixListener::bind(&thief_path).unwrap();
     thief.set_nonblocking(true).unwrap();
-    let dotdot = peer.run_dir.join("vms/../../../").join(
-        thief_path
-            .strip_prefix("/")
-            .unwrap_or(&thief_path),
-    );
+    let dotdot = peer
+        .run_dir
+        .join("vms/../../../")
+        .join(thief_path.strip_prefix("/").unwrap_or(&thief_path));
     for (body, why) in [
         (
             json!({"destination_agent": thief_path}),
             "not a peer vireod of this host",
         ),
-        (
-            json!({"destination_agent": dotdot}),
-            "'..' is not allowed",
-        ),
+        (json!({"destination_agent": dotdot}), "'..' is not allowed"),
         (
             json!({"destination_url": format!("unix:{}", thief_path.display())}),
             "a unix migration socket must be in",

@@ -462,7 +462,11 @@ fn a_shared_nothing_migration_between_vireods_copies_each_disk_at_its_size() {
     let v = dst.wait_state("s", "Running", T);
     let copy = copies.join("s.raw");
     assert_eq!(std::fs::metadata(&copy).unwrap().len(), 2 << 20);
-    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the copy holds the disk");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        bytes,
+        "the copy holds the disk"
+    );
     let def = &v["definition"];
     let d0 = &def["config"]["disks"][0];
     assert_eq!(d0["path"], json!(copy), "{v}");
@@ -499,7 +503,11 @@ fn a_sender_announcing_a_disk_bigger_than_the_definition_is_refused_and_nothing_
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("needs the disk's size"), "{b}");
     assert!(dst.absent("big"));
-    let rec = dst.ok("POST", "/api/v1/migrations/incoming", Some(&incoming(Some(1 << 20))));
+    let rec = dst.ok(
+        "POST",
+        "/api/v1/migrations/incoming",
+        Some(&incoming(Some(1 << 20))),
+    );
     let url = rec["receiver_url"].as_str().unwrap().to_string();
 
     // The sender: a plain VMM with a 4 MiB disk of that name.
