@@ -383,9 +383,10 @@ impl Gate {
         let e = Entry {
             id: 0,
             at_ms: crate::now_ms(),
-            uid: c.uid,
+            uid: Some(c.uid),
             pid: c.pid,
             role: role.map_or("none", Role::name).to_string(),
+            peer: None,
             method: asked.method.to_string(),
             route: asked.route.clone().unwrap_or_default(),
             vm: asked.vm.clone(),
@@ -401,12 +402,12 @@ impl Gate {
 /// What the answer to a change says: its error line (`{"error": ...}`; empty for a
 /// success) and the VM it was about when the path did not name one (a migration
 /// record's `vm`). A change's answer is one small JSON document, never a stream.
-struct Outcome {
-    detail: String,
-    vm: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) detail: String,
+    pub(crate) vm: Option<String>,
 }
 
-async fn read_outcome(resp: Response) -> (Response, Outcome) {
+pub(crate) async fn read_outcome(resp: Response) -> (Response, Outcome) {
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 10)
         .await

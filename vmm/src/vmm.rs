@@ -416,8 +416,10 @@ impl Vmm {
 
     /// Starts sending the running (or paused) VM to a listening destination.
     fn send_migration(&mut self, r: &SendMigrationRequest) -> Result<(), ApiError> {
-        // Not confined: the destination's socket is in the other vireod's run dir, which
-        // this VMM cannot know (vireod chooses it). See docs/security.md.
+        // The same rule as the receive side: a unix socket beneath a storage root or in
+        // a `--socket-dir` (vireod passes its own and its configured peers' `vms/`).
+        crate::confinement::check_url(&r.destination_url)
+            .map_err(|e| ApiError::bad_request(format!("destination_url: {e}")))?;
         let url: migration::transport::MigrationUrl =
             r.destination_url
                 .parse()

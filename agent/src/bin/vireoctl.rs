@@ -99,6 +99,17 @@ enum PkiCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke a host certificate: add its serial to CA_DIR/revoked and write
+    /// CA_DIR/ca.crl (signed by the CA) with every revoked one. Give ca.crl to each
+    /// vireod (--tls-crl) and send it SIGHUP: the revoked host is refused from its
+    /// next handshake on. A replacement for a host: `pki issue` into a new directory.
+    Revoke {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The certificate to revoke (PEM, e.g. the host's host.crt).
+        #[arg(long)]
+        cert: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1022,9 +1033,12 @@ fn audit(ctx: &Ctx, vm: Option<&str>, limit: usize, out: Output) -> Result<(), C
         .map(|e| {
             vec![
                 fmt_time(Some(e.at_ms)),
-                e.uid.to_string(),
+                e.uid.map_or("-".into(), |u| u.to_string()),
                 e.pid.map_or("-".into(), |p| p.to_string()),
-                e.role.clone(),
+                match &e.peer {
+                    Some(p) => format!("peer {p}"),
+                    None => e.role.clone(),
+                },
                 e.method.clone(),
                 e.route.clone(),
                 e.vm.clone().unwrap_or("-".into()),
@@ -1081,6 +1095,12 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 w.key.display(),
                 out.join(agent::pki::CA_CERT).display()
             );
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Revoke { ca_dir, cert }) => {
+            let crl = agent::pki::revoke(&ca_dir, &cert)
+                .map_err(|e| CtlError::Api(agent::error_chain(&e)))?;
+            println!("revoked {}: CRL {}", cert.display(), crl.display());
             Ok(())
         }
         Command::Man => {

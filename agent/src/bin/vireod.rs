@@ -128,10 +128,20 @@ struct Cli {
     /// The host CA (PEM): peers' certificates must chain to it.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// The CA's certificate revocation list (PEM; `vireoctl pki revoke` writes
+    /// ca.crl): peers whose certificates it revokes are refused in the handshake.
+    /// vireod reads it, the certificate, key and CA again on SIGHUP.
+    #[arg(long, requires = "tls_cert")]
+    tls_crl: Option<PathBuf>,
     /// Serve the host-to-host API on this address (HTTPS, mutual TLS; only hosts on
     /// the --peer list get in). The full API stays on the unix socket.
     #[arg(long, requires_all = ["tls_cert", "peer"])]
     listen: Option<std::net::SocketAddr>,
+    /// The API socket of another vireod on this host that VMs may be migrated to
+    /// (`destination_agent` names it; its VMs' sockets are in `vms/` beside it).
+    /// Repeatable; no other socket path is accepted as a destination.
+    #[arg(long, value_name = "PATH")]
+    peer_socket: Vec<PathBuf>,
     /// A host admitted as a peer on --listen (its certificate's CN or DNS SAN);
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
@@ -179,9 +189,32 @@ fn find_vireo() -> PathBuf {
     PathBuf::from("vireo")
 }
 
+/// SIGHUP: the host identity's files again (a rotated certificate and key, a new CA
+/// bundle or CRL), for the peer listener and for calls to peers.
+fn reload_identity(
+    identity: Option<&agent::hosttls::HostIdentity>,
+    listener: Option<&agent::peer_server::Reloader>,
+) {
+    let r = match (listener, identity) {
+        (Some(l), _) => l.reload(),
+        (None, Some(id)) => id.reload(),
+        (None, None) => {
+            info!("SIGHUP: no host identity to reload");
+            return;
+        }
+    };
+    match r {
+        Ok(()) => info!("SIGHUP: host identity reloaded (certificate, key, CA, CRL)"),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "SIGHUP: host identity not reloaded; the one in use stays")
+        }
+    }
+}
+
 async fn run(
     cli: Cli,
     signal_rx: tokio::sync::oneshot::Receiver<i32>,
+    mut hup_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let launcher_kind = cli.launcher;
     let cgroups = if launcher_kind == agent::launcher::LauncherKind::Systemd
@@ -206,11 +239,19 @@ async fn run(
     let launcher = agent::launcher::Launcher::new(launcher_kind, cli.systemctl.clone(), cgroups);
     let identity = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
         (Some(cert), Some(key), Some(ca)) => {
-            let id = agent::hosttls::HostIdentity::load(agent::hosttls::IdentityFiles {
-                cert: std::path::absolute(cert)?,
-                key: std::path::absolute(key)?,
-                ca: std::path::absolute(ca)?,
-            })?;
+            let crl = cli
+                .tls_crl
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()?;
+            let id = agent::hosttls::HostIdentity::load_with_crl(
+                agent::hosttls::IdentityFiles {
+                    cert: std::path::absolute(cert)?,
+                    key: std::path::absolute(key)?,
+                    ca: std::path::absolute(ca)?,
+                },
+                crl,
+            )?;
             info!(host = %id.name, "host identity loaded");
             Some(id)
         }
@@ -231,6 +272,7 @@ async fn run(
         listen: cli.listen,
         storage_roots: cli.storage_root.clone(),
         block_devices: cli.allow_block_device.clone(),
+        peer_sockets: cli.peer_socket.clone(),
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
@@ -250,7 +292,14 @@ async fn run(
     tokio::spawn(metering::run(sup.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = authz::protect(server::router(sup.clone()), sup.clone(), policy.clone());
+    let reloader = peer_listener.as_ref().map(|l| l.reloader());
     let peers = peer_listener.map(|l| tokio::spawn(l.serve(sup.clone())));
+    let identity = sup.cfg.identity.clone();
+    tokio::spawn(async move {
+        while hup_rx.recv().await.is_some() {
+            reload_identity(identity.as_ref(), reloader.as_ref());
+        }
+    });
     let serve = tokio::spawn(async move {
         axum::serve(
             listener,
@@ -296,11 +345,18 @@ async fn run(
     Ok(())
 }
 
-/// SIGTERM and SIGINT are blocked in every thread (call this before any thread
-/// starts) and received by one thread with sigwait, which reports the first one.
+/// The receivers of vireod's signals: the first SIGTERM or SIGINT, and each SIGHUP.
+type Signals = (
+    tokio::sync::oneshot::Receiver<i32>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+);
+
+/// SIGTERM, SIGINT and SIGHUP are blocked in every thread (call this before any thread
+/// starts) and received by one thread with sigwait: it reports the first SIGTERM or
+/// SIGINT, and each SIGHUP (reload the host identity).
 /// (Not tokio's signal driver: its feature would be unified into the VMM's tokio,
 /// whose seccomp-filtered API thread must not create the driver's socket pair.)
-fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
+fn signals() -> std::io::Result<Signals> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
     // pthread_sigmask only changes this thread's mask (inherited by later threads).
     let set = unsafe {
@@ -308,6 +364,7 @@ fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if r != 0 {
             return Err(std::io::Error::from_raw_os_error(r));
@@ -315,15 +372,21 @@ fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
         set
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("vireod-signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: sigwait with an initialised set and a valid out pointer.
             let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 && sig == libc::SIGHUP {
+                let _ = hup_tx.send(());
+                continue;
+            }
             let _ = tx.send(if r == 0 { sig } else { 0 });
+            return;
         })?;
-    Ok(rx)
+    Ok((rx, hup_rx))
 }
 
 fn main() -> ExitCode {
@@ -338,7 +401,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let signal_rx = match stop_signals() {
+    let (signal_rx, hup_rx) = match signals() {
         Ok(rx) => rx,
         Err(e) => {
             eprintln!("vireod: error: cannot handle signals: {e}");
@@ -356,7 +419,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli, signal_rx)) {
+    match rt.block_on(run(cli, signal_rx, hup_rx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vireod: error: {}", error_chain(e.as_ref()));

@@ -51,10 +51,10 @@ pub struct LaunchSpec {
     pub env_file: PathBuf,
     /// vireod's storage roots and allow-listed block devices, passed on to the VMM
     /// (`--storage-root`, `--allow-block-device`), and where its migration sockets may
-    /// be (`--socket-dir`).
+    /// be (`--socket-dir`: vireod's `vms/` and its same-host peers').
     pub storage_roots: Vec<PathBuf>,
     pub block_devices: Vec<PathBuf>,
-    pub socket_dir: PathBuf,
+    pub socket_dirs: Vec<PathBuf>,
     /// The guest's RAM in bytes, when known (cgroup v2 memory.max).
     pub memory: Option<u64>,
 }
@@ -86,8 +86,10 @@ impl LaunchSpec {
             v.push(d.into());
         }
         if !self.storage_roots.is_empty() {
-            v.push("--socket-dir".into());
-            v.push(self.socket_dir.clone().into());
+            for d in &self.socket_dirs {
+                v.push("--socket-dir".into());
+                v.push(d.into());
+            }
         }
         v
     }
@@ -520,7 +522,7 @@ mod tests {
             env_file: "/e".into(),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
             memory: None,
         };
         assert_eq!(
@@ -574,7 +576,7 @@ mod tests {
             env_file: dir.path().join("x.env"),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
             memory: None,
         };
         // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.

@@ -311,7 +311,7 @@ mod tests {
             env_file: "/e".into(),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
             memory: None,
         };
         assert_eq!(

@@ -53,11 +53,19 @@ impl Supervisor {
         let mut req = req;
         validate_name(&req.name)?;
         req.definition.validate()?;
-        self.confine(&req.name, &mut req.definition)?;
-        if let Some(dir) = &req.storage_dir {
-            self.roots
-                .open_dir(dir)
-                .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+        match &req.storage_dir {
+            Some(dir) => {
+                self.roots
+                    .open_dir(dir)
+                    .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+                crate::confinement::confine_incoming_copy(
+                    &self.roots,
+                    &self.vm_dir(&req.name),
+                    &mut req.definition,
+                    dir,
+                )?;
+            }
+            None => self.confine(&req.name, &mut req.definition)?,
         }
         let name = req.name.clone();
         let url = match (&req.receiver_url, &from_peer) {

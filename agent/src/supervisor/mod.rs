@@ -64,6 +64,10 @@ pub struct Config {
     pub storage_roots: Vec<PathBuf>,
     /// Block devices a definition may name as disks.
     pub block_devices: Vec<PathBuf>,
+    /// The API sockets of other vireods on this host (`--peer-socket`): the only
+    /// sockets a `destination_agent` path may name; their VMs' sockets are in the
+    /// `vms/` directory beside each.
+    pub peer_sockets: Vec<PathBuf>,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -180,6 +184,9 @@ impl Supervisor {
                 )));
             }
         }
+        for p in &cfg.peer_sockets {
+            crate::confinement::check_peer_socket_flag(p)?;
+        }
         if cfg.storage_roots.is_empty() {
             let images = cfg.state_dir.join("images");
             mkdir(&images, 0o700)?;
@@ -240,6 +247,14 @@ impl Supervisor {
     }
 
     /// Where an incoming migration's VMM listens by default.
+    /// Where this vireod's VMMs may have unix migration sockets: its own `vms/` and
+    /// its same-host peers' (`--peer-socket`).
+    fn send_socket_dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.cfg.run_dir.join("vms"))
+            .chain(crate::confinement::peer_socket_dirs(&self.cfg.peer_sockets))
+            .collect()
+    }
+
     fn migrate_socket_path(&self, name: &str) -> PathBuf {
         self.cfg
             .run_dir
@@ -262,7 +277,7 @@ impl Supervisor {
             env_file: run.join(format!("{name}.env")),
             storage_roots: self.cfg.storage_roots.clone(),
             block_devices: self.cfg.block_devices.clone(),
-            socket_dir: run.clone(),
+            socket_dirs: self.send_socket_dirs(),
             memory: None,
         }
     }

@@ -53,6 +53,20 @@ impl Daemon {
         Self::start_with_netns(extra, Some(ns))
     }
 
+    /// Two vireods of this host that may migrate VMs to each other (each names the
+    /// other's socket with `--peer-socket`).
+    pub fn pair(src_extra: &[&str], dst_extra: &[&str]) -> (Self, Self) {
+        let mut src = Self::prepare(src_extra, None);
+        let mut dst = Self::prepare(dst_extra, None);
+        src.args.push("--peer-socket".into());
+        src.args.push(dst.socket.display().to_string());
+        dst.args.push("--peer-socket".into());
+        dst.args.push(src.socket.display().to_string());
+        src.spawn();
+        dst.spawn();
+        (src, dst)
+    }
+
     fn start_with_netns(
         extra: &[&str],
         netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
@@ -65,6 +79,14 @@ impl Daemon {
         netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
         wrapper: &[&str],
     ) -> Self {
+        let mut d = Self::prepare(extra, netns);
+        d.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        d.spawn();
+        d
+    }
+
+    /// A vireod's directories and flags, not started yet.
+    fn prepare(extra: &[&str], netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vd")
             .tempdir()
@@ -77,7 +99,7 @@ impl Daemon {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        let mut d = Daemon {
+        Daemon {
             child: None,
             cgroup_root,
             socket: dir.path().join("run/vireod.sock"),
@@ -87,10 +109,8 @@ impl Daemon {
             args: extra.iter().map(|s| s.to_string()).collect(),
             netns,
             env: Vec::new(),
-            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-        };
-        d.spawn();
-        d
+            wrapper: Vec::new(),
+        }
     }
 
     /// (Re)starts the vireod process with the same directories and flags.
