@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 #[path = "../guest/netframe.rs"]
+pub mod etcd;
 pub mod netframe;
 pub mod netns;
 #[path = "../guest/pattern.rs"]
