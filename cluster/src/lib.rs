@@ -10,3 +10,4 @@ pub use store::{ClusterStore, StoreError};
 pub mod keys;
 pub mod membership;
 pub mod placement;
+pub mod failover;

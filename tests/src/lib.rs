@@ -9,8 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-#[path = "../guest/netframe.rs"]
 pub mod etcd;
+#[path = "../guest/netframe.rs"]
 pub mod netframe;
 pub mod netns;
 #[path = "../guest/pattern.rs"]
