@@ -10,6 +10,7 @@ pub mod coalesced;
 pub mod confinement;
 pub mod device_manager;
 pub mod fault;
+pub mod fencing;
 pub mod jail;
 pub mod kvm;
 pub mod layout;
