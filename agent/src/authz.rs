@@ -95,6 +95,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/vms/{name}/serial", Operator),
     rule("GET", "/api/v1/audit", Operator),
     rule("GET", "/metrics", Viewer),
+    rule("GET", "/api/v1/cluster", Viewer),
+    rule("PUT", "/api/v1/cluster/vms/{name}", Operator),
 ];
 
 /// The role `method route` needs. `None` is a path no route matched (the answer is

@@ -25,6 +25,7 @@
 pub mod audit;
 pub mod authz;
 pub mod cgroup;
+pub mod cluster_node;
 pub mod client;
 pub mod confinement;
 pub mod error;

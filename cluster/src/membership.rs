@@ -221,6 +221,9 @@ impl<S: ClusterStore> NodeAgent<S> {
                 r.start.push((vm.clone(), *token));
             }
         }
+        // Oldest ownership first: the controller places High before Medium before Low,
+        // so token order is priority order within one failover.
+        r.start.sort_by_key(|(_, token)| *token);
         for vm in &r.stop {
             self.running.remove(vm);
         }
