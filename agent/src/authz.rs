@@ -472,9 +472,9 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// (route, method) of every `.route(...)` call in server.rs.
+    /// (route, method) of every `.route(...)` call in server.rs and cluster_node.rs.
     fn served() -> BTreeSet<(String, String)> {
-        let src = include_str!("server.rs");
+        let src = [include_str!("server.rs"), include_str!("cluster_node.rs")].concat();
         let mut out = BTreeSet::new();
         for chunk in src.split(".route(\"").skip(1) {
             let (path, rest) = chunk.split_once('"').unwrap();
