@@ -104,7 +104,10 @@ impl ClusterNode {
                 continue;
             };
             if self.sup.get(name).is_ok_and(|s| s.pid.is_some()) {
-                warn!(vm = name, "killing a clustered VM left from before this node joined");
+                warn!(
+                    vm = name,
+                    "killing a clustered VM left from before this node joined"
+                );
                 let _ = self.sup.kill(name).await;
             }
         }
@@ -165,7 +168,7 @@ impl ClusterNode {
                     agent.exited(&vm);
                 }
             }
-            if turn % 2 == 0 && !agent.fenced(t0.elapsed()) {
+            if turn.is_multiple_of(2) && !agent.fenced(t0.elapsed()) {
                 if let Err(e) = controller.step(&self.store, t0.elapsed()).await {
                     warn!(error = %e, "failover controller pass failed");
                 }
@@ -228,7 +231,11 @@ async fn status(State(node): N) -> Response {
     Json(serde_json::json!({"node": node.node, "nodes": nodes, "vms": vms})).into_response()
 }
 
-async fn define(State(node): N, UrlPath(name): UrlPath<String>, body: axum::body::Bytes) -> Response {
+async fn define(
+    State(node): N,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
     let Some(node) = node else {
         return not_clustered();
     };
@@ -260,7 +267,10 @@ async fn define(State(node): N, UrlPath(name): UrlPath<String>, body: axum::body
         },
     };
     match define_vm(&node.store, &def, req.start).await {
-        Ok(()) => Json(serde_json::json!({"name": name, "priority": def.priority, "needs": def.needs})).into_response(),
+        Ok(()) => {
+            Json(serde_json::json!({"name": name, "priority": def.priority, "needs": def.needs}))
+                .into_response()
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -23,10 +23,19 @@ fn token(disk: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool, log: impl Fn() -> String) {
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < timeout, "{what} never happened:\n{}", log());
+        assert!(
+            start.elapsed() < timeout,
+            "{what} never happened:\n{}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -64,7 +73,10 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
     let mut disks = Vec::new();
     for (vm, prio) in [("hi", "high"), ("lo", "low")] {
         let disk = shared.path().join(format!("{vm}.raw"));
-        std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
         let mut cfg = common::counter_config();
         cfg["disks"] = json!([{"path": disk, "format": "raw"}]);
         let file = shared.path().join(format!("{vm}.json"));
@@ -84,7 +96,14 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
         assert!(out.contains(prio), "{out}");
         disks.push(disk);
     }
-    let logs = || format!("--- a ---\n{}\n--- b ---\n{}\n{}", a.log(), b.log(), etcd.logs());
+    let logs = || {
+        format!(
+            "--- a ---\n{}\n--- b ---\n{}\n{}",
+            a.log(),
+            b.log(),
+            etcd.logs()
+        )
+    };
     wait_until(
         "hi and lo running on a",
         T,
@@ -98,9 +117,17 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
     );
     a.wait_serial("hi", "tick 3 ", T);
     let (hi0, lo0) = (token(&disks[0]), token(&disks[1]));
-    assert!(hi0 > 0 && lo0 > 0, "no fencing tokens recorded: {hi0} {lo0}");
+    assert!(
+        hi0 > 0 && lo0 > 0,
+        "no fencing tokens recorded: {hi0} {lo0}"
+    );
     let status = a.ctl_ok(&["cluster", "status"]);
-    assert!(status.lines().any(|l| l.starts_with("hi") && l.contains("high") && l.contains(" a ")), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("hi") && l.contains("high") && l.contains(" a ")),
+        "{status}"
+    );
     assert!(b.absent("hi") && b.absent("lo"));
 
     // Node a dies: its vireod and its VMMs, kill -9.
@@ -115,15 +142,31 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
     wait_until(
         "hi and lo running on b",
         T,
-        || !b.absent("hi") && !b.absent("lo") && b.vm("hi")["state"] == "Running" && b.vm("lo")["state"] == "Running",
+        || {
+            !b.absent("hi")
+                && !b.absent("lo")
+                && b.vm("hi")["state"] == "Running"
+                && b.vm("lo")["state"] == "Running"
+        },
         || format!("--- b ---\n{}", b.log()),
     );
     b.wait_serial("hi", "tick 3 ", T);
     let (hi1, lo1) = (token(&disks[0]), token(&disks[1]));
-    assert!(hi1 > hi0 && lo1 > lo0, "tokens did not grow: hi {hi0}->{hi1}, lo {lo0}->{lo1}");
+    assert!(
+        hi1 > hi0 && lo1 > lo0,
+        "tokens did not grow: hi {hi0}->{hi1}, lo {lo0}->{lo1}"
+    );
     // High first: the controller placed hi before lo (tokens are store revisions).
     assert!(hi1 < lo1, "lo was placed before hi: {hi1} vs {lo1}");
     let status = b.ctl_ok(&["cluster", "status"]);
-    assert!(status.lines().any(|l| l.starts_with("hi") && l.contains(" b ")), "{status}");
-    assert!(!status.lines().any(|l| l.starts_with("a ")), "a still listed: {status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("hi") && l.contains(" b ")),
+        "{status}"
+    );
+    assert!(
+        !status.lines().any(|l| l.starts_with("a ")),
+        "a still listed: {status}"
+    );
 }

@@ -716,7 +716,10 @@ mod tests {
         assert_eq!(fenced.fencing_token, Some(42));
         assert_eq!(serde_json::to_value(&fenced).unwrap()["fencing_token"], 42);
         assert!(parse_disk("path=/a,fencing_token=-1").is_err());
-        assert!(serde_json::to_value(&on).unwrap().get("fencing_token").is_none());
+        assert!(serde_json::to_value(&on)
+            .unwrap()
+            .get("fencing_token")
+            .is_none());
         assert_eq!(d.serial.as_deref(), Some("abc"));
         assert_eq!(d.on_error, None);
         let d = parse_disk("path=/a,on_error=stop").unwrap();

@@ -123,7 +123,11 @@ impl ClusterStore for EtcdStore {
         )
         .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let kvs = resp.kvs().iter().map(key_value).collect::<StoreResult<_>>()?;
+        let kvs = resp
+            .kvs()
+            .iter()
+            .map(key_value)
+            .collect::<StoreResult<_>>()?;
         Ok((kvs, revision))
     }
 
@@ -181,13 +185,15 @@ impl ClusterStore for EtcdStore {
 
     async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<Duration> {
         let mut keepers = self.keepers.lock().await;
-        if !keepers.contains_key(&id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(id) {
             let mut lease = self.client.lease_client();
             let pair = timed("lease keepalive stream", lease.keep_alive(id)).await?;
-            keepers.insert(id, pair);
+            slot.insert(pair);
         }
         let Some((keeper, stream)) = keepers.get_mut(&id) else {
-            return Err(StoreError::Unavailable("lease keepalive stream lost".into()));
+            return Err(StoreError::Unavailable(
+                "lease keepalive stream lost".into(),
+            ));
         };
         let renewed = async {
             keeper.keep_alive().await?;
@@ -204,7 +210,9 @@ impl ClusterStore for EtcdStore {
             }
             Ok(None) => {
                 keepers.remove(&id);
-                Err(StoreError::Unavailable("lease keepalive stream ended".into()))
+                Err(StoreError::Unavailable(
+                    "lease keepalive stream ended".into(),
+                ))
             }
             Err(e) => {
                 // A stream that missed an answer may deliver it late: start afresh.

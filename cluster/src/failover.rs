@@ -16,7 +16,9 @@ use tracing::{info, warn};
 use crate::keys::{self, ClusterEvent, NodeRecord, OwnerRecord, Unowned, VmDefinition};
 use crate::membership::Timing;
 use crate::placement::{self, Decision, NodeView, Reason, VmView};
-use crate::store::{ClusterStore, CmpOp, Compare, KeyValue, LeaseId, Op, Revision, StoreResult, Txn};
+use crate::store::{
+    ClusterStore, CmpOp, Compare, KeyValue, LeaseId, Op, Revision, StoreResult, Txn,
+};
 
 /// One view of the cluster, read from the store.
 #[derive(Clone, Debug, Default)]
@@ -133,7 +135,11 @@ impl Controller {
         &mut self,
         snap: &Snapshot,
         now: Duration,
-    ) -> (Vec<NodeView>, Vec<(VmView, Reason)>, HashMap<String, (String, LeaseId)>) {
+    ) -> (
+        Vec<NodeView>,
+        Vec<(VmView, Reason)>,
+        HashMap<String, (String, LeaseId)>,
+    ) {
         let mut nodes: BTreeMap<&str, NodeView> = snap
             .nodes
             .iter()
@@ -153,7 +159,9 @@ impl Controller {
         let mut from = HashMap::new();
         let mut still_dead = HashMap::new();
         for (vm, (owner, _)) in &snap.owners {
-            let Some(def) = snap.vms.get(vm) else { continue };
+            let Some(def) = snap.vms.get(vm) else {
+                continue;
+            };
             match owner {
                 OwnerRecord::Node { node, lease } if snap.alive(node, *lease) => {
                     if let Some(n) = nodes.get_mut(node.as_str()) {
@@ -197,7 +205,9 @@ impl Controller {
                 };
                 (vm, record, "placed")
             }
-            Decision::Preempt { vm, .. } => (vm, OwnerRecord::Unowned(Unowned::Preempted), "preempted"),
+            Decision::Preempt { vm, .. } => {
+                (vm, OwnerRecord::Unowned(Unowned::Preempted), "preempted")
+            }
             Decision::StayOff { vm } => (vm, OwnerRecord::Unowned(Unowned::Off), "stays off"),
             Decision::Wait { .. } => return Ok(true),
         };
@@ -263,11 +273,19 @@ impl Controller {
 
 /// Defines a clustered VM (or redefines it; ownership is untouched) and, with `start`,
 /// asks the cluster to run it (a new VM is pending until the controller places it).
-pub async fn define_vm<S: ClusterStore>(store: &S, def: &VmDefinition, start: bool) -> StoreResult<()> {
+pub async fn define_vm<S: ClusterStore>(
+    store: &S,
+    def: &VmDefinition,
+    start: bool,
+) -> StoreResult<()> {
     store
         .put(&keys::vm_key(&def.name), keys::encode(def), 0)
         .await?;
-    let state = if start { Unowned::Pending } else { Unowned::Off };
+    let state = if start {
+        Unowned::Pending
+    } else {
+        Unowned::Off
+    };
     // Create the ownership key only if it does not exist.
     store
         .txn(Txn {

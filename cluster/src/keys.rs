@@ -155,7 +155,10 @@ pub enum Unowned {
 #[serde(rename_all = "snake_case")]
 pub enum OwnerRecord {
     /// Runs on `node`'s incarnation holding `lease`.
-    Node { node: String, lease: LeaseId },
+    Node {
+        node: String,
+        lease: LeaseId,
+    },
     Unowned(Unowned),
 }
 

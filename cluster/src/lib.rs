@@ -7,7 +7,7 @@ pub mod store;
 pub use etcd::EtcdStore;
 pub use sim::SimStore;
 pub use store::{ClusterStore, StoreError};
+pub mod failover;
 pub mod keys;
 pub mod membership;
 pub mod placement;
-pub mod failover;

@@ -140,7 +140,11 @@ impl<S: ClusterStore> NodeAgent<S> {
     async fn join(&mut self, now: Duration) -> StoreResult<()> {
         let lease = self.store.lease_grant(self.timing.ttl).await?;
         self.store
-            .put(&keys::node_key(&self.record.name), keys::encode(&self.record), lease)
+            .put(
+                &keys::node_key(&self.record.name),
+                keys::encode(&self.record),
+                lease,
+            )
             .await?;
         self.lease = Some(lease);
         self.clock.renewed(now);
@@ -177,7 +181,9 @@ impl<S: ClusterStore> NodeAgent<S> {
             .filter_map(|kv| {
                 let vm = keys::name_of(keys::OWNERS, &kv.key)?.to_string();
                 match keys::decode::<OwnerRecord>(&kv.value)? {
-                    OwnerRecord::Node { node, lease: l } if node == self.record.name && l == lease => {
+                    OwnerRecord::Node { node, lease: l }
+                        if node == self.record.name && l == lease =>
+                    {
                         Some((vm, kv.mod_revision))
                     }
                     _ => None,
@@ -235,7 +241,10 @@ impl<S: ClusterStore> NodeAgent<S> {
 
     fn stop_all(&mut self) -> Reconcile {
         let stop: Vec<String> = std::mem::take(&mut self.running).into_keys().collect();
-        Reconcile { start: vec![], stop }
+        Reconcile {
+            start: vec![],
+            stop,
+        }
     }
 
     /// A VM stopped by itself (crashed, or the guest powered off): forget it so the next

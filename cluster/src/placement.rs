@@ -88,7 +88,12 @@ fn score(vm: &VmView, node: &NodeView) -> (usize, usize, u64, String) {
             .count(),
         None => 0,
     };
-    (rank, conflicts, u64::MAX - node.free().memory_mib, node.name.clone())
+    (
+        rank,
+        conflicts,
+        u64::MAX - node.free().memory_mib,
+        node.name.clone(),
+    )
 }
 
 /// The victims on `node` that free room for `vm`: lowest priority first, then largest
@@ -151,8 +156,7 @@ pub fn plan(nodes: &[NodeView], to_place: &[(VmView, Reason)]) -> Vec<Decision> 
             .enumerate()
             .filter(|(_, n)| allowed(vm, n))
             .filter_map(|(i, n)| victims(vm, n).map(|v| (i, v)))
-            .min_by_key(|(i, v)| (v.len(), score(vm, &nodes[*i])))
-            .map(|(i, v)| (i, v));
+            .min_by_key(|(i, v)| (v.len(), score(vm, &nodes[*i])));
         match candidate {
             Some((i, victims)) => {
                 let node = &mut nodes[i];
@@ -259,7 +263,10 @@ mod tests {
         let mut wide = vm("wide", Priority::Medium, 512);
         wide.needs.vcpus = 2;
         // "small" has the memory but one vCPU; "big" has 1024 MiB free and the vCPUs.
-        assert_eq!(plan(&nodes, &failover(vec![wide])), vec![place("wide", "big")]);
+        assert_eq!(
+            plan(&nodes, &failover(vec![wide])),
+            vec![place("wide", "big")]
+        );
         let huge = vm("huge", Priority::Low, 4096);
         let nodes = [node("a", 2048, vec![])];
         assert_eq!(
@@ -270,10 +277,17 @@ mod tests {
 
     #[test]
     fn preferred_owners_win_in_order_and_possible_owners_restrict() {
-        let nodes = [node("a", 8192, vec![]), node("b", 4096, vec![]), node("c", 4096, vec![])];
+        let nodes = [
+            node("a", 8192, vec![]),
+            node("b", 4096, vec![]),
+            node("c", 4096, vec![]),
+        ];
         let mut v = vm("v", Priority::High, 512);
         v.preferred_owners = vec!["c".into(), "b".into()];
-        assert_eq!(plan(&nodes, &failover(vec![v.clone()])), vec![place("v", "c")]);
+        assert_eq!(
+            plan(&nodes, &failover(vec![v.clone()])),
+            vec![place("v", "c")]
+        );
         v.possible_owners = vec!["a".into(), "b".into()];
         assert_eq!(plan(&nodes, &failover(vec![v])), vec![place("v", "b")]);
         // Without preferences: the most free memory.
@@ -291,7 +305,10 @@ mod tests {
         db2.name = "db2".into();
         let nodes = [node("a", 8192, vec![db1.clone()]), node("b", 2048, vec![])];
         // "a" has more free memory but already runs a "db".
-        assert_eq!(plan(&nodes, &failover(vec![db2.clone()])), vec![place("db2", "b")]);
+        assert_eq!(
+            plan(&nodes, &failover(vec![db2.clone()])),
+            vec![place("db2", "b")]
+        );
         let nodes = [node("a", 8192, vec![db1]), node("b", 256, vec![])];
         assert_eq!(plan(&nodes, &failover(vec![db2])), vec![place("db2", "a")]);
     }
@@ -302,7 +319,10 @@ mod tests {
             node(
                 "a",
                 2048,
-                vec![vm("l1", Priority::Low, 512), vm("m1", Priority::Medium, 1536)],
+                vec![
+                    vm("l1", Priority::Low, 512),
+                    vm("m1", Priority::Medium, 1536),
+                ],
             ),
             node(
                 "b",

@@ -38,8 +38,9 @@ impl SimState {
             WatchEvent::Put(kv) => kv.key.clone(),
             WatchEvent::Delete { key, .. } => key.clone(),
         };
-        self.watchers
-            .retain(|(prefix, tx)| !key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok());
+        self.watchers.retain(|(prefix, tx)| {
+            !key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok()
+        });
     }
 
     fn put_at(&mut self, key: &str, value: Vec<u8>, lease: LeaseId, revision: Revision) {
@@ -73,7 +74,9 @@ impl SimState {
 
     fn holds(&self, cmp: &Compare) -> bool {
         let (key, op, want, field): (&str, CmpOp, i64, fn(&KeyValue) -> i64) = match cmp {
-            Compare::ModRevision { key, op, revision } => (key, *op, *revision, |kv| kv.mod_revision),
+            Compare::ModRevision { key, op, revision } => {
+                (key, *op, *revision, |kv| kv.mod_revision)
+            }
             Compare::Lease { key, op, lease } => (key, *op, *lease, |kv| kv.lease),
         };
         let have = self.keys.get(key).map(field).unwrap_or(0);

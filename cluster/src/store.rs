@@ -154,10 +154,8 @@ pub trait ClusterStore: Send + Sync {
 
     /// Renews a lease once; returns the TTL the store granted. A lease that is gone
     /// answers [`StoreError::LeaseGone`].
-    fn lease_keepalive(
-        &self,
-        lease: LeaseId,
-    ) -> impl Future<Output = StoreResult<Duration>> + Send;
+    fn lease_keepalive(&self, lease: LeaseId)
+        -> impl Future<Output = StoreResult<Duration>> + Send;
 
     /// Revokes a lease: every key attached to it is deleted.
     fn lease_revoke(&self, lease: LeaseId) -> impl Future<Output = StoreResult<()>> + Send;

@@ -17,29 +17,59 @@ async fn contract<S: ClusterStore>(s: &S, expire: impl Fn()) {
     let mut watch = s.watch_prefix("t/", 0).await.unwrap();
     let r1 = s.put("t/a", b"1".to_vec(), 0).await.unwrap();
     let a = s.get("t/a").await.unwrap().unwrap();
-    assert_eq!((a.value.as_slice(), a.mod_revision, a.lease), (&b"1"[..], r1, 0));
+    assert_eq!(
+        (a.value.as_slice(), a.mod_revision, a.lease),
+        (&b"1"[..], r1, 0)
+    );
     assert!(s.get("t/missing").await.unwrap().is_none());
 
     // CAS on mod_revision: a stale revision changes nothing.
     let stale = Txn {
-        when: vec![Compare::ModRevision { key: "t/a".into(), op: CmpOp::Equal, revision: r1 - 1 }],
-        then: vec![Op::Put { key: "t/a".into(), value: b"stale".to_vec(), lease: 0 }],
+        when: vec![Compare::ModRevision {
+            key: "t/a".into(),
+            op: CmpOp::Equal,
+            revision: r1 - 1,
+        }],
+        then: vec![Op::Put {
+            key: "t/a".into(),
+            value: b"stale".to_vec(),
+            lease: 0,
+        }],
         otherwise: vec![],
     };
     assert!(!s.txn(stale).await.unwrap().succeeded);
     let fresh = Txn {
-        when: vec![Compare::ModRevision { key: "t/a".into(), op: CmpOp::Equal, revision: r1 }],
-        then: vec![Op::Put { key: "t/a".into(), value: b"2".to_vec(), lease: 0 }],
+        when: vec![Compare::ModRevision {
+            key: "t/a".into(),
+            op: CmpOp::Equal,
+            revision: r1,
+        }],
+        then: vec![Op::Put {
+            key: "t/a".into(),
+            value: b"2".to_vec(),
+            lease: 0,
+        }],
         otherwise: vec![],
     };
     let out = s.txn(fresh).await.unwrap();
     assert!(out.succeeded);
     let a = s.get("t/a").await.unwrap().unwrap();
-    assert_eq!((a.value.as_slice(), a.mod_revision), (&b"2"[..], out.revision));
+    assert_eq!(
+        (a.value.as_slice(), a.mod_revision),
+        (&b"2"[..], out.revision)
+    );
     // Revision 0 means "absent": create-if-missing.
     let create = |v: &[u8]| Txn {
-        when: vec![Compare::ModRevision { key: "t/new".into(), op: CmpOp::Equal, revision: 0 }],
-        then: vec![Op::Put { key: "t/new".into(), value: v.to_vec(), lease: 0 }],
+        when: vec![Compare::ModRevision {
+            key: "t/new".into(),
+            op: CmpOp::Equal,
+            revision: 0,
+        }],
+        then: vec![Op::Put {
+            key: "t/new".into(),
+            value: v.to_vec(),
+            lease: 0,
+        }],
         otherwise: vec![],
     };
     assert!(s.txn(create(b"x")).await.unwrap().succeeded);
@@ -50,20 +80,45 @@ async fn contract<S: ClusterStore>(s: &S, expire: impl Fn()) {
     s.put("t/node", b"n".to_vec(), lease).await.unwrap();
     assert_eq!(s.get("t/node").await.unwrap().unwrap().lease, lease);
     let on_lease = |op, l| Txn {
-        when: vec![Compare::Lease { key: "t/node".into(), op, lease: l }],
+        when: vec![Compare::Lease {
+            key: "t/node".into(),
+            op,
+            lease: l,
+        }],
         then: vec![],
         otherwise: vec![],
     };
-    assert!(s.txn(on_lease(CmpOp::Equal, lease)).await.unwrap().succeeded);
-    assert!(!s.txn(on_lease(CmpOp::NotEqual, lease)).await.unwrap().succeeded);
+    assert!(
+        s.txn(on_lease(CmpOp::Equal, lease))
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        !s.txn(on_lease(CmpOp::NotEqual, lease))
+            .await
+            .unwrap()
+            .succeeded
+    );
     assert!(s.lease_keepalive(lease).await.is_ok());
 
     // Expiry deletes the key; the watch sees it; keepalive then says the lease is gone.
     expire();
     assert!(s.get("t/node").await.unwrap().is_none());
-    assert!(s.txn(on_lease(CmpOp::NotEqual, lease)).await.unwrap().succeeded);
-    assert!(matches!(s.lease_keepalive(lease).await, Err(StoreError::LeaseGone(_))));
-    assert!(matches!(s.put("t/late", b"z".to_vec(), lease).await, Err(StoreError::LeaseGone(_))));
+    assert!(
+        s.txn(on_lease(CmpOp::NotEqual, lease))
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(matches!(
+        s.lease_keepalive(lease).await,
+        Err(StoreError::LeaseGone(_))
+    ));
+    assert!(matches!(
+        s.put("t/late", b"z".to_vec(), lease).await,
+        Err(StoreError::LeaseGone(_))
+    ));
 
     let mut seen = Vec::new();
     while seen.len() < 5 {
@@ -72,7 +127,16 @@ async fn contract<S: ClusterStore>(s: &S, expire: impl Fn()) {
             WatchEvent::Delete { key, .. } => seen.push(format!("delete {key}")),
         }
     }
-    assert_eq!(seen, ["put t/a", "put t/a", "put t/new", "put t/node", "delete t/node"]);
+    assert_eq!(
+        seen,
+        [
+            "put t/a",
+            "put t/a",
+            "put t/new",
+            "put t/node",
+            "delete t/node"
+        ]
+    );
 
     let (all, _) = s.get_prefix("t/").await.unwrap();
     let names: Vec<&str> = all.iter().map(|kv| kv.key.as_str()).collect();
@@ -85,7 +149,10 @@ async fn contract<S: ClusterStore>(s: &S, expire: impl Fn()) {
 async fn the_simulated_store_keeps_the_store_contract() {
     let sim = SimStore::new();
     let clock = sim.clone();
-    contract(&sim, move || clock.advance_to(clock.now() + Duration::from_secs(3))).await;
+    contract(&sim, move || {
+        clock.advance_to(clock.now() + Duration::from_secs(3))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +182,10 @@ fn node(name: &str) -> NodeRecord {
     NodeRecord {
         name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        capacity: Resources { memory_mib: 4096, vcpus: 4 },
+        capacity: Resources {
+            memory_mib: 4096,
+            vcpus: 4,
+        },
         cpu_features: vec![],
         state: NodeState::Up,
         peer_url: None,
@@ -135,7 +205,10 @@ async fn a_node_cut_off_from_etcd_fences_itself_before_its_vm_moves() {
     let vm = VmDefinition {
         name: "web".into(),
         priority: Priority::High,
-        needs: Resources { memory_mib: 512, vcpus: 1 },
+        needs: Resources {
+            memory_mib: 512,
+            vcpus: 1,
+        },
         preferred_owners: vec!["a".into()],
         possible_owners: vec![],
         anti_affinity: None,
@@ -176,7 +249,11 @@ async fn a_node_cut_off_from_etcd_fences_itself_before_its_vm_moves() {
         }
         b.step(clock()).await;
         if let Ok(pass) = ctl_b.step(&store_b, clock()).await {
-            if pass.applied.iter().any(|d| matches!(d, Decision::Place { vm, node } if vm == "web" && node == "b")) {
+            if pass
+                .applied
+                .iter()
+                .any(|d| matches!(d, Decision::Place { vm, node } if vm == "web" && node == "b"))
+            {
                 moved = Some(clock());
             }
         }

@@ -15,8 +15,8 @@ use cluster::keys::{
     self, NodeRecord, NodeState, OwnerRecord, Priority, Resources, Unowned, VmDefinition,
 };
 use cluster::membership::{NodeAgent, Timing};
-use cluster::SimStore;
 use cluster::ClusterStore;
+use cluster::SimStore;
 use futures_util::FutureExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -126,8 +126,12 @@ fn run_schedule(seed: u64, timing: Timing, honour_fencing: bool) -> Outcome {
             break;
         }
         used += mem;
-        let priority = [Priority::High, Priority::Medium, Priority::Low, Priority::NoAutoStart]
-            [rng.gen_range(0..4)];
+        let priority = [
+            Priority::High,
+            Priority::Medium,
+            Priority::Low,
+            Priority::NoAutoStart,
+        ][rng.gen_range(0..4)];
         let name = format!("vm{i}");
         i += 1;
         let def = VmDefinition {
@@ -218,7 +222,9 @@ fn run_schedule(seed: u64, timing: Timing, honour_fencing: bool) -> Outcome {
                 continue;
             }
             let local = n.local(t);
-            let Some(agent) = n.agent.as_mut() else { continue };
+            let Some(agent) = n.agent.as_mut() else {
+                continue;
+            };
             let r = now(agent.step(local));
             for vm in &r.stop {
                 if honour_fencing || !agent.fenced(local) {
@@ -234,7 +240,10 @@ fn run_schedule(seed: u64, timing: Timing, honour_fencing: bool) -> Outcome {
                         n.name
                     );
                 }
-                if newest_token.get(vm).is_some_and(|(_, owner)| *owner != n.name) {
+                if newest_token
+                    .get(vm)
+                    .is_some_and(|(_, owner)| *owner != n.name)
+                {
                     moves += 1;
                 }
                 newest_token.insert(vm.clone(), (*token, n.name.clone()));
@@ -282,7 +291,11 @@ fn run_schedule(seed: u64, timing: Timing, honour_fencing: bool) -> Outcome {
             .collect();
         let off = owners.get(&vm.name) == Some(&OwnerRecord::Unowned(Unowned::Off));
         if vm.priority == Priority::NoAutoStart && off {
-            assert!(holders.is_empty(), "seed {seed}: {} is off but runs on {holders:?}", vm.name);
+            assert!(
+                holders.is_empty(),
+                "seed {seed}: {} is off but runs on {holders:?}",
+                vm.name
+            );
             continue;
         }
         assert_eq!(
@@ -323,5 +336,8 @@ fn no_vm_runs_twice_and_every_vm_runs_again_over_random_fault_schedules() {
 #[test]
 fn without_self_fencing_the_model_finds_a_double_run() {
     let found = (0..500).find_map(|seed| run_schedule(seed, Timing::default(), false).double_run);
-    assert!(found.is_some(), "no schedule exposed a double run without fencing");
+    assert!(
+        found.is_some(),
+        "no schedule exposed a double run without fencing"
+    );
 }

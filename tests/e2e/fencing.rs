@@ -53,7 +53,10 @@ fn assert_written(serial: &str, seed: u64) {
 fn a_vmm_with_an_older_fencing_token_refuses_the_disk_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("web.raw");
-    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
 
     // The first owner (token 5) runs the VM: the token is recorded.
     let (out, serial) = write_run(&disk, dir.path(), 1, 5);
@@ -77,7 +80,10 @@ fn a_vmm_with_an_older_fencing_token_refuses_the_disk_and_writes_nothing() {
         "stderr: {stderr}"
     );
     assert!(!serial.contains("blk capacity="), "the guest ran: {serial}");
-    assert!(std::fs::read(&disk).unwrap() == before, "the stale VMM changed the disk");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the stale VMM changed the disk"
+    );
     assert_eq!(record(&disk), format!("token={:020}\n", 9));
 }
 
@@ -85,13 +91,19 @@ fn a_vmm_with_an_older_fencing_token_refuses_the_disk_and_writes_nothing() {
 fn a_fencing_record_that_is_not_one_is_refused_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("db.raw");
-    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     let rec = dir.path().join("db.raw.fence");
     std::fs::write(&rec, b"token=7 please\n").unwrap();
     let (out, serial) = write_run(&disk, dir.path(), 4, 100);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("is not a fencing record"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("is not a fencing record"),
+        "stderr: {stderr}"
+    );
     assert!(!serial.contains("blk capacity="), "the guest ran: {serial}");
     assert_eq!(std::fs::read(&rec).unwrap(), b"token=7 please\n");
     assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0));

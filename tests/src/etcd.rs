@@ -159,7 +159,11 @@ impl EtcdCluster {
                     return i;
                 }
             }
-            assert!(Instant::now() < deadline, "no etcd leader:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "no etcd leader:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

@@ -78,7 +78,8 @@ fn decode(bytes: &[u8]) -> Result<Option<u64>, ()> {
 /// Opens (creating, 0600) `name` in `dir` for reading and writing, never through a
 /// symlink.
 fn open_record(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File> {
-    let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: a valid directory fd and a NUL-terminated name; the result is checked.
     let fd = unsafe {
         libc::openat(
@@ -123,7 +124,8 @@ pub fn admit(disk: &Path, token: u64) -> Result<Option<u64>, FenceError> {
         });
     }
     let mut buf = vec![0u8; meta.len() as usize];
-    file.read_exact_at(&mut buf, 0).map_err(io_err("cannot read"))?;
+    file.read_exact_at(&mut buf, 0)
+        .map_err(io_err("cannot read"))?;
     let recorded = decode(&buf).map_err(|()| FenceError::Malformed {
         disk: disk.to_path_buf(),
         record: record.clone(),
@@ -174,7 +176,10 @@ mod tests {
         assert_eq!(admit(&disk, 5).unwrap(), None);
         assert_eq!(admit(&disk, 5).unwrap(), Some(5));
         let err = admit(&disk, 4).unwrap_err().to_string();
-        assert!(err.contains("fencing token 4 is older than the 5 recorded"), "{err}");
+        assert!(
+            err.contains("fencing token 4 is older than the 5 recorded"),
+            "{err}"
+        );
         assert_eq!(admit(&disk, 9).unwrap(), Some(5));
         assert_eq!(std::fs::read(record_path(&disk)).unwrap(), encode(9));
     }

@@ -1234,8 +1234,15 @@ fn main() -> ExitCode {
 
 /// `vireoctl cluster status` as two tables: nodes, then VMs.
 fn cluster_table(v: &Value) {
-    let text = |x: &Value| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string());
-    println!("{:<16} {:<12} {:>10} {:>6}", "NODE", "STATE", "MEMORY", "VCPUS");
+    let text = |x: &Value| {
+        x.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| x.to_string())
+    };
+    println!(
+        "{:<16} {:<12} {:>10} {:>6}",
+        "NODE", "STATE", "MEMORY", "VCPUS"
+    );
     for n in v["nodes"].as_array().into_iter().flatten() {
         println!(
             "{:<16} {:<12} {:>10} {:>6}",
@@ -1246,7 +1253,10 @@ fn cluster_table(v: &Value) {
         );
     }
     println!();
-    println!("{:<16} {:<14} {:<20} {:>8}", "VM", "PRIORITY", "OWNER", "TOKEN");
+    println!(
+        "{:<16} {:<14} {:<20} {:>8}",
+        "VM", "PRIORITY", "OWNER", "TOKEN"
+    );
     for vm in v["vms"].as_array().into_iter().flatten() {
         let owner = match &vm["owner"] {
             Value::Object(o) if o.get("alive") == Some(&Value::Bool(false)) => {

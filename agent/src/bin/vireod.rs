@@ -239,8 +239,7 @@ async fn run(
     tokio::spawn(metering::run(sup.clone()));
     let cluster = match (&cli.cluster_etcd, &cli.node_name) {
         (Some(eps), Some(node)) => {
-            agent::model::validate_name(node)
-                .map_err(|e| format!("--node-name {node}: {e}"))?;
+            agent::model::validate_name(node).map_err(|e| format!("--node-name {node}: {e}"))?;
             let store = agent::cluster_node::connect(eps).await?;
             let n = std::sync::Arc::new(agent::cluster_node::ClusterNode {
                 store,
