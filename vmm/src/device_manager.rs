@@ -49,6 +49,8 @@ pub enum DeviceError {
     Confined(String),
     #[error(transparent)]
     Fence(#[from] crate::fencing::FenceError),
+    #[error("replica: {0}")]
+    Replica(String),
     #[error("the PCI MMIO window is full")]
     MmioExhausted,
     #[error("disk {path}: the configuration declares {declared} bytes, the image has {actual}")]
@@ -75,6 +77,8 @@ pub struct DeviceManager {
     /// The ACPI Generic Event Device (power button).
     pub ged: Arc<AcpiGed>,
     pub functions: Vec<PciFunction>,
+    /// The replicated disks (id, backend): what `vm.replica-cut` holds and seals.
+    pub replicated: Vec<(String, Arc<dyn BlockBackend>)>,
     next_bar: u64,
 }
 
@@ -211,7 +215,10 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError>
             declared,
             actual: disk.size(),
         }),
-        _ => Ok(disk),
+        _ => match &cfg.replica_log {
+            Some(dir) if !cfg.readonly => crate::replica::track(disk, dir),
+            _ => Ok(disk),
+        },
     }
 }
 
@@ -282,11 +289,15 @@ impl DeviceManager {
             ioapic,
             ged,
             functions: Vec::new(),
+            replicated: Vec::new(),
             next_bar: layout::PCI_MMIO_START,
         };
         for (i, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let backend = open_disk(disk)?;
+            if backend.tracked().is_some() {
+                dm.replicated.push((id.clone(), backend.clone()));
+            }
             let block = Block::new(
                 backend,
                 BlockConfig {
