@@ -95,6 +95,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/vms/{name}/serial", Operator),
     rule("GET", "/api/v1/audit", Operator),
     rule("GET", "/metrics", Viewer),
+    rule("GET", "/api/v1/cluster", Viewer),
+    rule("PUT", "/api/v1/cluster/vms/{name}", Operator),
 ];
 
 /// The role `method route` needs. `None` is a path no route matched (the answer is
@@ -471,9 +473,9 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// (route, method) of every `.route(...)` call in server.rs.
+    /// (route, method) of every `.route(...)` call in server.rs and cluster_node.rs.
     fn served() -> BTreeSet<(String, String)> {
-        let src = include_str!("server.rs");
+        let src = [include_str!("server.rs"), include_str!("cluster_node.rs")].concat();
         let mut out = BTreeSet::new();
         for chunk in src.split(".route(\"").skip(1) {
             let (path, rest) = chunk.split_once('"').unwrap();

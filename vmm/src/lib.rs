@@ -12,6 +12,7 @@ pub mod confinement;
 pub mod device_manager;
 pub mod events;
 pub mod fault;
+pub mod fencing;
 pub mod jail;
 pub mod kvm;
 pub mod layout;

@@ -54,6 +54,9 @@ enum Command {
     /// Live migrations (this host's queue and history).
     #[command(subcommand)]
     Migration(MigrationCommand),
+    /// The failover cluster this vireod is a node of (docs/cluster.md).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Host identities for vireod <-> vireod mutual TLS: a host CA and host
     /// certificates (no vireod needed).
     #[command(subcommand)]
@@ -119,6 +122,12 @@ enum HostCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Nodes, clustered VMs, their owners and fencing tokens.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
 enum MigrationCommand {
     /// Every migration vireod knows: queued, running and finished.
     List,
@@ -158,6 +167,22 @@ enum VmCommand {
         restart: Option<RestartArg>,
         #[arg(long)]
         max_restarts: Option<u32>,
+        /// Define it in the cluster (vireod must be a cluster node): it runs on the
+        /// node the cluster picks and fails over by --priority (off: No Auto Start).
+        #[arg(long)]
+        cluster: bool,
+        /// With --cluster: a node to prefer (repeatable, best first).
+        #[arg(long = "preferred-owner", requires = "cluster")]
+        preferred_owners: Vec<String>,
+        /// With --cluster: a node allowed to run it (repeatable; none: every node).
+        #[arg(long = "possible-owner", requires = "cluster")]
+        possible_owners: Vec<String>,
+        /// With --cluster: VMs of one class are spread over nodes when possible.
+        #[arg(long, requires = "cluster")]
+        anti_affinity: Option<String>,
+        /// With --cluster: define it without starting it.
+        #[arg(long, requires = "cluster")]
+        no_start: bool,
     },
     /// Start a VM; returns when it runs.
     Start {
@@ -564,6 +589,11 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             priority,
             restart,
             max_restarts,
+            cluster,
+            preferred_owners,
+            possible_owners,
+            anti_affinity,
+            no_start,
         } => {
             let def = read_definition(&file, priority, restart, max_restarts)?;
             // Checked here too, for an error that points at the file.
@@ -572,6 +602,29 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                     "{}: invalid VM definition: {e}",
                     file.display()
                 )));
+            }
+            if cluster {
+                let priority = match priority.unwrap_or(PriorityArg::Medium) {
+                    PriorityArg::High => "high",
+                    PriorityArg::Medium => "medium",
+                    PriorityArg::Low => "low",
+                    PriorityArg::Off => "no_auto_start",
+                };
+                let req = serde_json::json!({
+                    "definition": def,
+                    "priority": priority,
+                    "preferred_owners": preferred_owners,
+                    "possible_owners": possible_owners,
+                    "anti_affinity": anti_affinity,
+                    "start": !no_start,
+                });
+                let v = ctx.json(
+                    "PUT",
+                    &format!("/api/v1/cluster/vms/{name}"),
+                    Some(req.to_string().into_bytes()),
+                )?;
+                print_json(&v);
+                return Ok(());
             }
             let v = ctx.json("PUT", &path(&name, ""), Some(def.to_string().into_bytes()))?;
             show_status(v)
@@ -1129,6 +1182,19 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Command::Cluster(ClusterCommand::Status) => {
+            let ctx = Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            };
+            let v = ctx.json("GET", "/api/v1/cluster", None)?;
+            match cli.output {
+                Output::Json => print_json(&v),
+                Output::Table => cluster_table(&v),
+            }
+            Ok(())
+        }
         Command::Migration(cmd) => migration(
             &Ctx {
                 socket: cli.socket,
@@ -1183,5 +1249,48 @@ fn main() -> ExitCode {
             eprintln!("vireoctl: error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `vireoctl cluster status` as two tables: nodes, then VMs.
+fn cluster_table(v: &Value) {
+    let text = |x: &Value| {
+        x.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| x.to_string())
+    };
+    println!(
+        "{:<16} {:<12} {:>10} {:>6}",
+        "NODE", "STATE", "MEMORY", "VCPUS"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<12} {:>10} {:>6}",
+            text(&n["name"]),
+            text(&n["state"]),
+            format!("{}M", n["capacity"]["memory_mib"]),
+            n["capacity"]["vcpus"]
+        );
+    }
+    println!();
+    println!(
+        "{:<16} {:<14} {:<20} {:>8}",
+        "VM", "PRIORITY", "OWNER", "TOKEN"
+    );
+    for vm in v["vms"].as_array().into_iter().flatten() {
+        let owner = match &vm["owner"] {
+            Value::Object(o) if o.get("alive") == Some(&Value::Bool(false)) => {
+                format!("{} (dead)", text(&o["node"]))
+            }
+            Value::Object(o) => text(&o["node"]),
+            other => text(other),
+        };
+        println!(
+            "{:<16} {:<14} {:<20} {:>8}",
+            text(&vm["name"]),
+            text(&vm["priority"]),
+            owner,
+            text(&vm["fencing_token"])
+        );
     }
 }

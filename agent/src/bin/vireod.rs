@@ -146,6 +146,13 @@ struct Cli {
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
     peer: Vec<String>,
+    /// Join a failover cluster on etcd: its client URLs, comma-separated
+    /// (`http://10.0.0.1:2379,...`). See docs/cluster.md.
+    #[arg(long, value_name = "URL[,URL...]", requires = "node_name")]
+    cluster_etcd: Option<String>,
+    /// This node's name in the cluster (unique among its nodes).
+    #[arg(long, requires = "cluster_etcd")]
+    node_name: Option<String>,
 }
 
 /// The roles' groups from the command line (`--socket-group` counts as an operators
@@ -290,8 +297,27 @@ async fn run(
     };
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
+    let cluster = match (&cli.cluster_etcd, &cli.node_name) {
+        (Some(eps), Some(node)) => {
+            agent::model::validate_name(node).map_err(|e| format!("--node-name {node}: {e}"))?;
+            let store = agent::cluster_node::connect(eps).await?;
+            let n = std::sync::Arc::new(agent::cluster_node::ClusterNode {
+                store,
+                node: node.clone(),
+                sup: sup.clone(),
+            });
+            tokio::spawn(n.as_ref().clone().run());
+            info!(node = %node, etcd = %eps, "cluster node");
+            Some(n)
+        }
+        _ => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = authz::protect(server::router(sup.clone()), sup.clone(), policy.clone());
+    let app = authz::protect(
+        server::router(sup.clone()).merge(agent::cluster_node::router(cluster)),
+        sup.clone(),
+        policy.clone(),
+    );
     let reloader = peer_listener.as_ref().map(|l| l.reloader());
     let peers = peer_listener.map(|l| tokio::spawn(l.serve(sup.clone())));
     let identity = sup.cfg.identity.clone();
