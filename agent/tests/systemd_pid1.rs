@@ -119,6 +119,18 @@ fn install_units(units: &Path, state: &Path, run: &Path) {
     std::fs::create_dir_all(&dropin).unwrap();
     std::fs::write(dropin.join("test.conf"), "[Service]\nWatchdogSec=2s\n").unwrap();
 
+    // A checkout under /tmp or /var/tmp (a CI clone) would be hidden by the units'
+    // PrivateTmp=yes: the binaries, the guest kernel and this test's directories live
+    // there. Bind it back into both units; elsewhere the shipped units run unchanged.
+    let workspace = vireo_e2e::workspace();
+    if workspace.starts_with("/tmp") || workspace.starts_with("/var/tmp") {
+        let bind = format!("[Service]\nBindPaths={}\n", workspace.display());
+        std::fs::write(dropin.join("checkout.conf"), &bind).unwrap();
+        let agent_dropin = units.join("vireod.service.d");
+        std::fs::create_dir_all(&agent_dropin).unwrap();
+        std::fs::write(agent_dropin.join("checkout.conf"), &bind).unwrap();
+    }
+
     for t in STAND_IN_TARGETS {
         std::fs::write(
             units.join(format!("{t}.target")),
