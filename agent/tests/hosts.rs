@@ -327,7 +327,6 @@ fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_ro
         );
     }
     // Each refusal is logged with its reason (the unlisted host by name).
-    let log = dst.log();
     for reason in [
         "peer sent no certificates",
         "invalid peer certificate: BadSignature",
@@ -335,7 +334,7 @@ fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_ro
         r#"["host-c"]"#,
         "invalid peer certificate: ApplicationVerificationFailure",
     ] {
-        assert!(log.contains(reason), "no {reason:?} in the log:\n{log}");
+        dst.wait_log(reason);
     }
 
     // The listed host of the CA gets in, but only to the host-to-host routes.
@@ -727,7 +726,7 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
         err.to_lowercase().contains("revoked") || err.contains("certificate"),
         "{err}"
     );
-    assert!(dst.log().contains("Revoked"), "{}", dst.log());
+    dst.wait_log("Revoked");
     assert_eq!(probe(&c).unwrap().0, 404, "host-c still gets in");
 
     // Rotation: a new certificate and key for host-b over the files vireod reads.
@@ -766,15 +765,7 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
     let pid = dst.child.as_ref().unwrap().id() as i32;
     // SAFETY: kill(2) on the vireod this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let start = std::time::Instant::now();
-    while !dst.log().contains("not reloaded") {
-        assert!(start.elapsed() < T, "{}", dst.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        dst.log().contains("names host-c, not host-b"),
-        "{}",
-        dst.log()
-    );
+    let log = dst.wait_log("not reloaded");
+    assert!(log.contains("names host-c, not host-b"), "{log}");
     assert_eq!(served(), second);
 }

@@ -183,6 +183,20 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("vireod.log")).unwrap_or_default()
     }
 
+    /// The log once it holds `needle`: a server writes its line about a
+    /// refusal after the client has already seen the refusal.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(start.elapsed() < T, "no {needle:?} in the log:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL to vireod (its VMs keep running).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
