@@ -5,7 +5,7 @@
 //! the supervisor and the REST API.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
@@ -19,6 +19,7 @@ use cluster::{ClusterStore, EtcdStore};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::cluster_lease::{self, Leases, MonotonicBase};
 use crate::model::VmDefinition;
 use crate::supervisor::Supervisor;
 
@@ -113,8 +114,9 @@ impl ClusterNode {
         }
     }
 
-    /// Starts `vm` here with `token` on every disk.
-    async fn start_owned(&self, vm: &str, token: i64) -> Result<(), String> {
+    /// Starts `vm` here with `token` on every disk and a write lease ending at
+    /// `deadline_ns` (`CLOCK_MONOTONIC`).
+    async fn start_owned(&self, vm: &str, token: i64, deadline_ns: u64) -> Result<(), String> {
         let kv = self
             .store
             .get(&keys::vm_key(vm))
@@ -129,6 +131,9 @@ impl ClusterNode {
         for d in &mut local.config.disks {
             d.fencing_token = Some(token);
         }
+        local.config.write_lease = Some(api::WriteLease {
+            deadline_monotonic_ns: deadline_ns,
+        });
         if self.sup.get(vm).is_ok() {
             // A definition from an earlier ownership: replace it (its token is old).
             let _ = self.sup.kill(vm).await;
@@ -144,7 +149,9 @@ impl ClusterNode {
     pub async fn run(self) {
         let timing = Timing::default();
         self.kill_leftovers().await;
-        let t0 = Instant::now();
+        let clock = MonotonicBase::now();
+        let t0 = clock.t0;
+        let leases = cluster_lease::spawn_pusher(self.sup.clone());
         let mut agent = NodeAgent::new(self.store.clone(), self.record(), timing);
         let mut controller = Controller::new(timing);
         let mut turn: u64 = 0;
@@ -157,10 +164,27 @@ impl ClusterNode {
                 }
             }
             for (vm, token) in &r.start {
-                if let Err(e) = self.start_owned(vm, *token).await {
+                // The deadline as late as possible: now, just before the VMM starts.
+                let Some(deadline) = agent.fence_deadline().filter(|_| !agent.fenced(t0.elapsed()))
+                else {
+                    agent.exited(vm);
+                    continue;
+                };
+                if let Err(e) = self.start_owned(vm, *token, clock.at(deadline)).await {
                     warn!(vm, error = %e, "cannot start a clustered VM");
                     agent.exited(vm);
                 }
+            }
+            if let Some(deadline) = agent.fence_deadline() {
+                let next = Leases {
+                    deadline_ns: clock.at(deadline),
+                    vms: agent.running().keys().cloned().collect(),
+                };
+                leases.send_if_modified(|l| {
+                    let changed = *l != next;
+                    *l = next;
+                    changed
+                });
             }
             // A VM that ended by itself is started again while this node owns it.
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {

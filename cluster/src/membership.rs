@@ -131,6 +131,12 @@ impl<S: ClusterStore> NodeAgent<S> {
         self.clock.fenced(now)
     }
 
+    /// When the node must have stopped its clustered VMs (None: no lease), on the
+    /// clock `step` is driven with: what the VMMs' write leases are set to.
+    pub fn fence_deadline(&self) -> Option<Duration> {
+        self.clock.deadline()
+    }
+
     /// The VMs this agent believes run here, with their tokens.
     pub fn running(&self) -> &BTreeMap<String, Revision> {
         &self.running

@@ -13,6 +13,7 @@ pub mod etcd;
 #[path = "../guest/netframe.rs"]
 pub mod netframe;
 pub mod netns;
+pub mod seqdisk;
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
 pub mod tls_certs;
