@@ -1,9 +1,13 @@
-//! A real etcd cluster for tests: `n` members of Debian's `etcd` on loopback ports, each
-//! with its own data directory in a temporary directory, killed on drop.
+//! A real etcd cluster for tests: `n` members of Debian's `etcd` on loopback ports (or
+//! each in its own network namespace, as on separate hosts), each with its own data
+//! directory in a temporary directory, killed on drop.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use crate::netns::NetNs;
 use std::time::{Duration, Instant};
 
 /// One member of a test cluster.
@@ -14,6 +18,8 @@ struct Member {
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The network namespace it runs in (its "host"), if not the test's.
+    netns: Option<Arc<NetNs>>,
 }
 
 /// A running etcd cluster.
@@ -42,16 +48,41 @@ impl EtcdCluster {
 
     /// As [`EtcdCluster::start`], listening on `ip` (an address of this namespace).
     pub fn start_on(ip: &str, n: usize) -> Self {
+        Self::start_members((0..n).map(|_| (ip.to_string(), None)).collect())
+    }
+
+    /// One member per `(address, namespace)`: member i listens on ports 2379/2380 of
+    /// its address inside its namespace.
+    pub fn start_in_namespaces(hosts: &[(String, Arc<NetNs>)]) -> Self {
+        Self::start_members(
+            hosts
+                .iter()
+                .map(|(ip, ns)| (ip.clone(), Some(ns.clone())))
+                .collect(),
+        )
+    }
+
+    fn start_members(hosts: Vec<(String, Option<Arc<NetNs>>)>) -> Self {
         assert!(have_etcd(), "etcd is not installed: run scripts/setup");
+        let n = hosts.len();
         let dir = tempfile::tempdir().expect("tempdir");
-        let members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client_url: format!("http://{ip}:{}", free_port()),
-                peer_url: format!("http://{ip}:{}", free_port()),
-                data_dir: dir.path().join(format!("m{i}")),
-                log: dir.path().join(format!("m{i}.log")),
-                child: None,
+        let members: Vec<Member> = hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ip, netns))| {
+                let (client, peer) = match netns {
+                    Some(_) => (2379, 2380),
+                    None => (free_port(), free_port()),
+                };
+                Member {
+                    name: format!("m{i}"),
+                    client_url: format!("http://{ip}:{client}"),
+                    peer_url: format!("http://{ip}:{peer}"),
+                    data_dir: dir.path().join(format!("m{i}")),
+                    log: dir.path().join(format!("m{i}.log")),
+                    child: None,
+                    netns,
+                }
             })
             .collect();
         let initial_cluster = members
@@ -79,7 +110,11 @@ impl EtcdCluster {
             .open(&m.log)
             .expect("etcd log");
         let token = format!("vireo-test-{}", std::process::id());
-        let child = Command::new("/usr/bin/etcd")
+        let mut cmd = Command::new("/usr/bin/etcd");
+        if let Some(ns) = &m.netns {
+            ns.enter_on_exec(&mut cmd);
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -109,8 +144,13 @@ impl EtcdCluster {
     }
 
     fn etcdctl(&self, endpoints: &str, args: &[&str]) -> std::process::Output {
-        Command::new("/usr/bin/etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("/usr/bin/etcdctl");
+        // From a member's namespace (the others are reachable from there, as long as
+        // the namespaces are joined).
+        if let Some(ns) = self.members.iter().find(|m| m.client_url == endpoints.split(',').next().unwrap_or("")).and_then(|m| m.netns.as_ref()) {
+            ns.enter_on_exec(&mut cmd);
+        }
+        cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", endpoints, "--command-timeout=2s"])
             .args(args)
             .output()
