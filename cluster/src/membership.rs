@@ -175,7 +175,13 @@ impl<S: ClusterStore> NodeAgent<S> {
                 self.lease = None;
                 self.clock.lost();
             }
-            Err(e) => warn!(node = %self.record.name, error = %e, "lease renewal failed"),
+            Err(e) => {
+                // Try again on the next turn, not a whole period later: after an etcd
+                // leader election the first renewal that gets through is what keeps
+                // this node from fencing itself for nothing.
+                self.last_renew_try = None;
+                warn!(node = %self.record.name, error = %e, "lease renewal failed");
+            }
         }
     }
 

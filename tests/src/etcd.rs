@@ -114,6 +114,13 @@ impl EtcdCluster {
         if let Some(ns) = &m.netns {
             ns.enter_on_exec(&mut cmd);
         }
+        if m.netns.is_some() {
+            // Members on "separate hosts" elect a new leader within the nodes' fencing
+            // window (TTL 2 s − margin 0.5 s − one renewal period): heartbeat 50 ms,
+            // election timeout 500 ms (etcd's defaults, 100/1000 ms, leave too little;
+            // docs/cluster.md).
+            cmd.args(["--heartbeat-interval", "50", "--election-timeout", "500"]);
+        }
         let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
