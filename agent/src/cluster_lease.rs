@@ -107,7 +107,9 @@ async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64) {
             }
         }
         // Not created yet (404), or busy: the next renewal tries again.
-        Ok(r) => debug!(vm, status = r.status, error = %r.error_message(), "write lease not renewed"),
+        Ok(r) => {
+            debug!(vm, status = r.status, error = %r.error_message(), "write lease not renewed")
+        }
         Err(e) => debug!(vm, error = %e, "write lease not renewed"),
     }
 }

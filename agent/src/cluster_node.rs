@@ -165,7 +165,9 @@ impl ClusterNode {
             }
             for (vm, token) in &r.start {
                 // The deadline as late as possible: now, just before the VMM starts.
-                let Some(deadline) = agent.fence_deadline().filter(|_| !agent.fenced(t0.elapsed()))
+                let Some(deadline) = agent
+                    .fence_deadline()
+                    .filter(|_| !agent.fenced(t0.elapsed()))
                 else {
                     agent.exited(vm);
                     continue;

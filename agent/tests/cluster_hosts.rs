@@ -45,7 +45,9 @@ impl Hosts {
                 let ns = Arc::new(NetNs::new(&format!("c2{n}")));
                 let port = format!("p{i}");
                 ns.exec(&["ip", "link", "set", "lo", "up"]);
-                ns.exec(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port]);
+                ns.exec(&[
+                    "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port,
+                ]);
                 ns.exec(&["ip", "link", "set", &port, "netns", switch.name()]);
                 ns.exec(&["ip", "addr", "add", &format!("{}/24", ip(i)), "dev", "eth0"]);
                 ns.exec(&["ip", "link", "set", "eth0", "up"]);
@@ -146,7 +148,11 @@ impl Cluster {
     fn wait(&self, what: &str, mut ok: impl FnMut() -> bool) {
         let start = Instant::now();
         while !ok() {
-            assert!(start.elapsed() < T, "{what} never happened:\n{}", self.logs());
+            assert!(
+                start.elapsed() < T,
+                "{what} never happened:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -242,7 +248,11 @@ fn assert_carried_on(c: &Cluster, vm: &str, disk: &Path, last: u64, to: usize) {
     );
     c.wait_writes(to, vm, resumed, 20);
     let reported = c.reported(to, vm);
-    assert_eq!(reported[0], resumed + 1, "{vm}: did not continue the sequence");
+    assert_eq!(
+        reported[0],
+        resumed + 1,
+        "{vm}: did not continue the sequence"
+    );
     c.nodes[to].ok("PUT", &format!("/api/v1/vms/{vm}/pause"), None);
     let on_disk = seqdisk::single_writer(&seqdisk::seeds(disk, BLOCKS))
         .unwrap_or_else(|e| panic!("{vm}: {e}"));
@@ -266,7 +276,9 @@ fn skip() -> bool {
 fn cluster_with_two_vms_on_a() -> (Cluster, [PathBuf; 2]) {
     let c = Cluster::start();
     let disks = [c.define("hi", "high"), c.define("lo", "low")];
-    c.wait("hi and lo running on a", || c.runs(0, "hi") && c.runs(0, "lo"));
+    c.wait("hi and lo running on a", || {
+        c.runs(0, "hi") && c.runs(0, "lo")
+    });
     c.wait_writes(0, "hi", 0, 50);
     c.wait_writes(0, "lo", 0, 50);
     (c, disks)
@@ -280,7 +292,10 @@ fn a_host_killed_its_vms_run_on_another_high_first_and_every_completed_write_is_
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (mut c, disks) = cluster_with_two_vms_on_a();
     let before = [token(&disks[0]), token(&disks[1])];
-    assert!(before[0] > 0 && before[1] > 0, "no fencing tokens: {before:?}");
+    assert!(
+        before[0] > 0 && before[1] > 0,
+        "no fencing tokens: {before:?}"
+    );
 
     // Host a dies: its vireod and its VMMs, kill -9.
     let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
@@ -439,12 +454,21 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
     c.wait_writes(0, "hi", now, 50);
     // Nothing moved, nothing was fenced: same VMMs, same tokens, no events of a move.
     for (k, vm) in ["hi", "lo"].iter().enumerate() {
-        assert_eq!(c.nodes[0].pid(vm), Some(pids[k]), "{vm} restarted:\n{}", c.logs());
+        assert_eq!(
+            c.nodes[0].pid(vm),
+            Some(pids[k]),
+            "{vm} restarted:\n{}",
+            c.logs()
+        );
         assert!(c.runs(0, vm));
         for i in 1..3 {
             assert!(c.nodes[i].absent(vm), "{vm} defined on {}", NODES[i]);
         }
     }
-    assert_eq!([token(&disks[0]), token(&disks[1])], before, "tokens changed");
+    assert_eq!(
+        [token(&disks[0]), token(&disks[1])],
+        before,
+        "tokens changed"
+    );
     assert!(!c.nodes[0].log().contains("self-fencing"), "{}", c.logs());
 }

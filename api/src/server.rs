@@ -269,9 +269,7 @@ async fn receive_migration(State(state): State<AppState>, body: Bytes) -> Respon
 async fn lease(State(state): State<AppState>, body: Bytes) -> Response {
     match serde_json::from_slice::<WriteLease>(&body) {
         Ok(l) => action(State(state), VmAction::Lease(l)).await,
-        Err(e) => error_response(ApiError::bad_request(format!(
-            "invalid write lease: {e}"
-        ))),
+        Err(e) => error_response(ApiError::bad_request(format!("invalid write lease: {e}"))),
     }
 }
 

@@ -183,7 +183,10 @@ fn a_vmm_woken_after_its_write_lease_expired_writes_nothing_more() {
             assert_eq!(st, 409, "a VM past its lease resumed: {body}");
             break;
         }
-        assert!(start.elapsed() < T, "the VMM neither paused nor ended: {body}");
+        assert!(
+            start.elapsed() < T,
+            "the VMM neither paused nor ended: {body}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // At most the write in flight when it froze reached the disk; the guest completed

@@ -154,7 +154,12 @@ impl EtcdCluster {
         let mut cmd = Command::new("/usr/bin/etcdctl");
         // From a member's namespace (the others are reachable from there, as long as
         // the namespaces are joined).
-        if let Some(ns) = self.members.iter().find(|m| m.client_url == endpoints.split(',').next().unwrap_or("")).and_then(|m| m.netns.as_ref()) {
+        if let Some(ns) = self
+            .members
+            .iter()
+            .find(|m| m.client_url == endpoints.split(',').next().unwrap_or(""))
+            .and_then(|m| m.netns.as_ref())
+        {
             ns.enter_on_exec(&mut cmd);
         }
         cmd.env("ETCDCTL_API", "3")

@@ -148,9 +148,9 @@ impl Vmm {
         tracing::error!(
             "write lease expired: this VMM's host may no longer run the VM; disks refuse writes, pausing the VM"
         );
-        if let Err(e) = vm.pause_for(
-            "the write lease expired: another host may own this VM's disks now".into(),
-        ) {
+        if let Err(e) =
+            vm.pause_for("the write lease expired: another host may own this VM's disks now".into())
+        {
             tracing::error!(error = %e, "cannot pause the VM after its write lease expired");
         }
     }
