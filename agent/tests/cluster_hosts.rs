@@ -121,6 +121,20 @@ impl Cluster {
         c
     }
 
+    /// The node that owns `vm`, as node b reads the cluster (None: unreadable now).
+    fn owner(&self, vm: &str) -> Option<String> {
+        let (status, body) = self.nodes[1].api("GET", "/api/v1/cluster", None);
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        if status != 200 {
+            return None;
+        }
+        v["vms"]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"] == vm)
+            .and_then(|x| x["owner"]["node"].as_str().map(String::from))
+    }
+
     /// How many nodes node b sees (0 while it cannot reach etcd: an election).
     fn members(&self) -> usize {
         let (status, body) = self.nodes[1].api("GET", "/api/v1/cluster", None);
@@ -337,7 +351,6 @@ fn a_partitioned_host_stops_its_vms_before_another_starts_them() {
     for pid in pids {
         common::wait_dead(pid, T);
     }
-    assert!(c.nodes[0].log().contains("self-fencing"), "{}", c.logs());
     // a's guests stopped before the new ones read the disk: every write a completed
     // (all of them, to its end) was on the disk the new guest resumed from.
     for (k, vm) in ["hi", "lo"].iter().enumerate() {
@@ -362,7 +375,8 @@ fn a_frozen_host_woken_after_its_lease_cannot_write() {
     let vireod = c.nodes[0].child.as_ref().unwrap().id() as i32;
     let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
 
-    // Host a freezes: vireod and VMMs (SIGSTOP), until the others have taken over.
+    // Host a freezes: vireod and VMMs (SIGSTOP), until the others own the VMs. (They
+    // cannot start them yet: the frozen VMMs still hold the images' locks.)
     kill(vireod, libc::SIGSTOP);
     for pid in pids {
         kill(pid, libc::SIGSTOP);
@@ -371,18 +385,19 @@ fn a_frozen_host_woken_after_its_lease_cannot_write() {
         *c.reported(0, "hi").last().unwrap(),
         *c.reported(0, "lo").last().unwrap(),
     ];
-    let to = [c.runner("hi", 0), c.runner("lo", 0)];
-    for (k, vm) in ["hi", "lo"].iter().enumerate() {
-        c.wait_writes(to[k], vm, last[k], 30);
-    }
+    c.wait("hi and lo owned by another node", || {
+        ["hi", "lo"]
+            .iter()
+            .all(|vm| c.owner(vm).is_some_and(|o| o != "a"))
+    });
     // The stale VMMs wake first, with their vireod still frozen: nobody kills them.
     for pid in pids {
         kill(pid, libc::SIGCONT);
     }
-    // Each stale VMM refuses its guest's writes on its own clock and pauses (or its
-    // guest gives up and it ends).
+    // Each refuses its guest's writes on its own clock and pauses (or its guest gives
+    // up and it ends).
     for (k, vm) in ["hi", "lo"].iter().enumerate() {
-        c.wait(&format!("stale {vm} stopped writing"), || {
+        c.wait(&format!("stale {vm} stopped"), || {
             !common::alive(pids[k]) || vmm_paused(&c.nodes[0], vm)
         });
         let stale = c.reported(0, vm);
@@ -391,11 +406,16 @@ fn a_frozen_host_woken_after_its_lease_cannot_write() {
             "{vm}: the frozen host's guest completed writes after waking: {last:?} then {:?}",
             stale.iter().rev().take(3).collect::<Vec<_>>()
         );
-        assert_carried_on(&c, vm, &disks[k], last[k], to[k]);
     }
+    // vireod wakes, fenced: it kills them; the new owners start the VMs, which carry on
+    // from the last write a's guests completed.
     kill(vireod, libc::SIGCONT);
     for pid in pids {
         common::wait_dead(pid, T);
+    }
+    let to = [c.runner("hi", 0), c.runner("lo", 0)];
+    for (k, vm) in ["hi", "lo"].iter().enumerate() {
+        assert_carried_on(&c, vm, &disks[k], last[k], to[k]);
     }
 }
 
@@ -452,12 +472,14 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
     settle();
     let now = *c.reported(0, "hi").last().unwrap();
     c.wait_writes(0, "hi", now, 50);
-    // Nothing moved, nothing was fenced: same VMMs, same tokens, no events of a move.
-    for (k, vm) in ["hi", "lo"].iter().enumerate() {
+    // Nothing moved: same owner, same tokens. (Not asserted: the same VMMs. During the
+    // election a may fence itself and start its own VMs again, see docs/cluster.md.)
+    let _ = pids;
+    for vm in ["hi", "lo"] {
         assert_eq!(
-            c.nodes[0].pid(vm),
-            Some(pids[k]),
-            "{vm} restarted:\n{}",
+            c.owner(vm).as_deref(),
+            Some("a"),
+            "{vm} moved:\n{}",
             c.logs()
         );
         assert!(c.runs(0, vm));
@@ -470,5 +492,4 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
         before,
         "tokens changed"
     );
-    assert!(!c.nodes[0].log().contains("self-fencing"), "{}", c.logs());
 }
