@@ -483,8 +483,8 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
             c.logs()
         );
         assert!(c.runs(0, vm));
-        for i in 1..3 {
-            assert!(c.nodes[i].absent(vm), "{vm} defined on {}", NODES[i]);
+        for (node, name) in c.nodes.iter().zip(NODES).skip(1) {
+            assert!(node.absent(vm), "{vm} defined on {name}");
         }
     }
     assert_eq!(
