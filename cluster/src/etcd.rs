@@ -217,7 +217,17 @@ impl ClusterStore for EtcdStore {
             Err(e) => {
                 // A stream that missed an answer may deliver it late: start afresh.
                 keepers.remove(&id);
-                Err(e)
+                match e {
+                    // The client reports a lease etcd no longer has as its own error
+                    // ("lease keep alive error: lease not found"), not as etcd's status:
+                    // the lease expired (e.g. while this node was cut off).
+                    StoreError::Unavailable(m) | StoreError::Refused(m)
+                        if m.contains("lease not found") =>
+                    {
+                        Err(StoreError::LeaseGone(id))
+                    }
+                    e => Err(e),
+                }
             }
         }
     }
