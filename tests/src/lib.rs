@@ -13,9 +13,9 @@ pub mod etcd;
 #[path = "../guest/netframe.rs"]
 pub mod netframe;
 pub mod netns;
-pub mod seqdisk;
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
+pub mod seqdisk;
 pub mod tls_certs;
 
 /// The workspace root.
