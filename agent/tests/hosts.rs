@@ -769,3 +769,101 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
     assert!(log.contains("names host-c, not host-b"), "{log}");
     assert_eq!(served(), second);
 }
+
+/// The VMMs' own migration TLS reads the CRL (issue 11; before, only vireod's
+/// listener did, so a host revoked after vireod's last reload still got its
+/// migration stream in). The destination's vireod still admits host-a (its CRL was
+/// read before host-a was revoked; no SIGHUP), but the receiving VMM reads the
+/// `--tls-crl` file vireod passes it as it starts listening: host-a's stream is refused
+/// in the VMM's handshake, naming the revocation on both sides, and the VM stays on
+/// its source, counting.
+#[test]
+fn a_migration_from_a_host_revoked_since_the_reload_is_refused_by_the_receiving_vmm() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let z = pki.host("host-z", &[]);
+    let ca = pki.ca_dir();
+    let revoke = |id: &IdentityFiles| {
+        pki.pki(&[
+            "revoke",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--cert",
+            id.cert.to_str().unwrap(),
+        ])
+    };
+    revoke(&z); // a CRL to start with: host-a is not on it
+    let crl = pki.dir.path().join("b-crl.pem");
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--no-autostart".to_string(),
+        "--listen".into(),
+        addr.clone(),
+        "--peer".into(),
+        "host-a".into(),
+        "--tls-crl".into(),
+        crl.display().to_string(),
+    ];
+    args.extend(tls_args(&b));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dst = Daemon::start(&refs);
+    wait_listening(&addr, &dst);
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    src.define_counter("r", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/r/start", None);
+    src.wait_serial("r", "tick 5 ", T);
+    let pid = src.pid("r").unwrap();
+
+    revoke(&a);
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    let rec = src.migrate(
+        "r",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-b"}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(
+        done["state"],
+        "failed",
+        "{done}\nsrc:\n{}\ndst:\n{}",
+        src.log(),
+        dst.log()
+    );
+    // vireod let host-a in (its CRL predates the revocation): the refusal is the
+    // receiving VMM's, in the VMMs' TLS handshake.
+    assert!(
+        done["receiver_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("tcp:")),
+        "{done}"
+    );
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    assert!(err.contains("CertificateRevoked"), "{err}");
+    assert!(err.contains("revokes this side's certificate"), "{err}");
+    // The destination's record says the same from its side: the source's certificate
+    // was revoked; the VM never arrived.
+    let incoming = dst
+        .migrations()
+        .into_iter()
+        .find(|r| r["vm"] == "r")
+        .unwrap();
+    let incoming = dst.wait_migration(incoming["id"].as_str().unwrap(), T);
+    assert_ne!(incoming["state"], "completed", "{incoming}");
+    let refusal = incoming["progress"]["last_refusal"].as_str().unwrap_or("");
+    assert!(refusal.contains("Revoked"), "{incoming}");
+    let start = std::time::Instant::now();
+    while !dst.absent("r") {
+        assert!(start.elapsed() < T, "the VM stayed:\n{}", dst.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The VM stays on its source, the same process, counting on.
+    assert_eq!(src.state("r"), "Running");
+    assert_eq!(src.pid("r"), Some(pid));
+    let last = *src.tick_numbers("r").last().unwrap();
+    src.wait_serial("r", &format!("tick {} ", last + 3), T);
+}

@@ -264,17 +264,23 @@ impl Supervisor {
 
     /// The receiving VMM's TLS for a migration from a peer host: this host's identity;
     /// the source must present a certificate from the CA naming `peer` (the host whose
-    /// certificate asked for this migration).
+    /// certificate asked for this migration), not revoked by `--tls-crl` (which the VMM
+    /// reads as it starts listening: a source revoked since vireod's last reload is
+    /// refused in the VMM's handshake).
     fn receive_tls(&self, peer: &str) -> Result<serde_json::Value, AgentError> {
         let id = self.cfg.identity.as_ref().ok_or_else(|| {
             AgentError::BadMigration("this vireod has no host identity to receive with".into())
         })?;
-        Ok(serde_json::json!({
+        let mut tls = serde_json::json!({
             "cert": id.files.cert,
             "key": id.files.key,
             "ca": id.files.ca,
             "allowed_peers": [peer],
-        }))
+        });
+        if let Some(crl) = &id.crl {
+            tls["crl"] = serde_json::json!(crl);
+        }
+        Ok(tls)
     }
 
     /// `tcp:IP:PORT` with a port free right now on the peer listener's address (the
