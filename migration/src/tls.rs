@@ -82,7 +82,12 @@ fn identity(
 
 /// The CRLs of `files`, none without one.
 fn crls_of(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    Ok(files.crl.as_deref().map(crls).transpose()?.unwrap_or_default())
+    Ok(files
+        .crl
+        .as_deref()
+        .map(crls)
+        .transpose()?
+        .unwrap_or_default())
 }
 
 /// A verifier that cannot be built: a CRL rustls does not take, or a CA without roots.

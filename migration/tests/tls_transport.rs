@@ -10,8 +10,8 @@ use migration::tls::{ClientTls, ServerTls, TlsError, TlsFiles};
 use migration::transport::{MigrationUrl, TransportError};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SerialNumber,
 };
 
 /// A CA and the PEM files of certificates it signed, in a directory.
@@ -307,17 +307,28 @@ fn a_certificate_the_crl_revokes_is_refused_on_either_side() {
         assert_eq!((src, dst), (Ok(()), Ok(())));
     }
     // The destination's CRL revokes the source.
-    let (src, dst) = exchange(&tcp_url(), server_tls(Some(&src_revoked)), &client_tls(None));
+    let (src, dst) = exchange(
+        &tcp_url(),
+        server_tls(Some(&src_revoked)),
+        &client_tls(None),
+    );
     let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
     assert!(dst.contains("TLS handshake failed"), "{dst}");
     assert!(dst.contains("Revoked"), "{dst}");
     assert!(src.contains("CertificateRevoked"), "{src}");
     assert!(src.contains("revokes this side's certificate"), "{src}");
     // The source's CRL revokes the destination.
-    let (src, _) = exchange(&tcp_url(), server_tls(None), &client_tls(Some(&dst_revoked)));
+    let (src, _) = exchange(
+        &tcp_url(),
+        server_tls(None),
+        &client_tls(Some(&dst_revoked)),
+    );
     let src = src.unwrap_err();
     assert!(src.contains("Revoked"), "{src}");
-    assert!(src.contains("the CA's CRL revokes the peer's certificate"), "{src}");
+    assert!(
+        src.contains("the CA's CRL revokes the peer's certificate"),
+        "{src}"
+    );
     // A CRL file that is not one is a named error at load.
     let garbage = dir.path().join("garbage-crl.pem");
     std::fs::write(&garbage, "not a CRL\n").unwrap();
