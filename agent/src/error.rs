@@ -52,6 +52,8 @@ pub enum AgentError {
     MigrationConflict { id: String, reason: String },
     #[error("VMM of {name:?}: {message}")]
     Vmm { name: String, message: String },
+    #[error(transparent)]
+    NoMigrationPort(#[from] crate::migration_ports::PortsExhausted),
     #[error("stored definition of {name:?} is unreadable: {source}")]
     Corrupt {
         name: String,
@@ -81,6 +83,7 @@ impl AgentError {
             | AgentError::MigrationConflict { .. } => 409,
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,
+            AgentError::NoMigrationPort(_) => 503,
             _ => 500,
         }
     }

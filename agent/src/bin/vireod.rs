@@ -137,6 +137,12 @@ struct Cli {
     /// the --peer list get in). The full API stays on the unix socket.
     #[arg(long, requires_all = ["tls_cert", "peer"])]
     listen: Option<std::net::SocketAddr>,
+    /// The TCP ports receiving VMMs listen on for migrations from peers, FIRST-LAST
+    /// (on the --listen address; default: any free port). A port in use is skipped;
+    /// when every port is taken an incoming migration is refused (503). Open exactly
+    /// this range (and --listen) in the firewall.
+    #[arg(long, value_name = "FIRST-LAST", requires = "listen")]
+    migration_ports: Option<agent::migration_ports::PortRange>,
     /// The API socket of another vireod on this host that VMs may be migrated to
     /// (`destination_agent` names it; its VMs' sockets are in `vms/` beside it).
     /// Repeatable; no other socket path is accepted as a destination.
@@ -277,6 +283,9 @@ async fn run(
         incoming_timeout: Duration::from_secs(cli.incoming_timeout_s),
         identity,
         listen: cli.listen,
+        migration_ports: cli
+            .migration_ports
+            .map(agent::migration_ports::PortPool::new),
         storage_roots: cli.storage_root.clone(),
         block_devices: cli.allow_block_device.clone(),
         peer_sockets: cli.peer_socket.clone(),

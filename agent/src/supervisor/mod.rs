@@ -60,6 +60,9 @@ pub struct Config {
     /// The address of the peer listener (`--listen`): its IP is where receiving VMMs
     /// of migrations from peers listen.
     pub listen: Option<std::net::SocketAddr>,
+    /// The ports receiving VMMs of migrations from peers listen on
+    /// (`--migration-ports`; None: any free port).
+    pub migration_ports: Option<crate::migration_ports::PortPool>,
     /// Where definitions may name files (empty: `<state-dir>/images`, created).
     pub storage_roots: Vec<PathBuf>,
     /// Block devices a definition may name as disks.

@@ -512,16 +512,22 @@ impl Supervisor {
     }
 
     /// The VMM's TLS towards a peer host's receiving VMM: this host's identity, the
-    /// peer's name as the server name. None for a vireod on this host.
+    /// peer's name as the server name, and `--tls-crl` (the VMM reads it when the send
+    /// starts: a destination revoked meanwhile is refused even before vireod's
+    /// reload). None for a vireod on this host.
     fn send_tls(&self, peer: Option<&PeerAgent>) -> Option<serde_json::Value> {
         let host = peer?.host.as_ref()?;
         let id = self.cfg.identity.as_ref()?;
-        Some(serde_json::json!({
+        let mut tls = serde_json::json!({
             "ca": id.files.ca,
             "cert": id.files.cert,
             "key": id.files.key,
             "server_name": host,
-        }))
+        });
+        if let Some(crl) = &id.crl {
+            tls["crl"] = serde_json::json!(crl);
+        }
+        Some(tls)
     }
 
     /// Waits until the destination's vireod reports the VM arrived.
