@@ -116,8 +116,8 @@ fn parent_opener(roots: Arc<Roots>) -> vhdx::ParentOpener {
     }))
 }
 
-/// A `unix:` receiver socket must be in `<run-dir>/vms/` (vireod removes a stale one
-/// there before the VMM listens).
+/// A `unix:` receiver socket must be in the VM's own `<run-dir>/vms/NAME/` (where its
+/// jailed VMM can make it; vireod removes a stale one there before the VMM listens).
 pub fn check_receiver_url(url: &str, socket_dir: &Path) -> Result<(), AgentError> {
     let Some(p) = url.strip_prefix("unix:") else {
         return Ok(());

@@ -52,6 +52,10 @@ pub enum AgentError {
     MigrationConflict { id: String, reason: String },
     #[error("VMM of {name:?}: {message}")]
     Vmm { name: String, message: String },
+    #[error(
+        "every jail uid of --jail-uids {first}-{last} is taken: delete a VM or widen the range"
+    )]
+    JailIdsExhausted { first: u32, last: u32 },
     #[error("stored definition of {name:?} is unreadable: {source}")]
     Corrupt {
         name: String,

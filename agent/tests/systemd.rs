@@ -258,7 +258,7 @@ fn systemd_launcher_starts_units_watches_them_and_gets_their_exit_status() {
         assert_eq!(pid, unit_pid);
         let env = std::fs::read_to_string(d.run_dir.join("vms/web.env")).unwrap();
         assert!(
-            env.starts_with("VIREO_ARGS=--config ") && env.contains("/vms/web.sock"),
+            env.starts_with("VIREO_ARGS=--config ") && env.contains("/vms/web/api.sock"),
             "{env}"
         );
         let c = calls();

@@ -19,14 +19,58 @@
 //! 4. rlimits (open files, processes), supplementary groups dropped, gid and uid set,
 //!    every capability set cleared (bounding and ambient too), no_new_privs.
 //!
-//! Not done here: a PID namespace (it needs a fork with a waiting parent; the VMM
-//! would no longer be its supervisor's child).
+//! ## The PID namespace: made by the launcher, not here
+//! `unshare(CLONE_NEWPID)` moves only the caller's future children, so Firecracker's
+//! jailer forks after it and the VMM becomes the child of a jailer that has to stay to
+//! reap it (or exits, and the VMM is nobody's child). Vireo's supervisor (vireod's
+//! direct launcher) instead clones `vireo` straight into a new PID namespace
+//! (`clone3(CLONE_NEWPID | CLONE_PIDFD)`): the VMM is PID 1 there and still vireod's own
+//! child. There is no second process; the pid vireod reports, the pidfd it signals
+//! through and the status it reaps are the VMM's own. Its procfs (mounted here, after
+//! the clone) shows only the namespace's processes: itself.
+//!
+//! The price of being a namespace's init: the kernel delivers to it no signal it has
+//! no handler for, not even its own `abort()` (SIGKILL from vireod still works). So a
+//! `vireo` that is PID 1 ([`is_namespace_init`]) catches the signals that would have
+//! ended it ([`INIT_FATAL_SIGNALS`]: SIGHUP, SIGINT, SIGABRT of a panic, SIGTERM) and
+//! exits with status 128+N, which vireod records as that signal.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// `--jail uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,cgroup=NAME]
+/// The signals that end a `vireo` by default and that, as PID 1 of its namespace, it
+/// must catch to end at all (vireod's launcher maps status 128+N back to them).
+pub const INIT_FATAL_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGHUP, libc::SIGINT, libc::SIGABRT, libc::SIGTERM];
+
+/// Whether this process is the init (PID 1) of its PID namespace.
+pub fn is_namespace_init() -> bool {
+    std::process::id() == 1
+}
+
+/// As PID 1 of a PID namespace: each of [`INIT_FATAL_SIGNALS`] ends the process with
+/// status 128+N (a panic's abort included), as the signal would have without the
+/// namespace. Does nothing in any other process.
+pub fn end_on_fatal_signals_as_init() {
+    if !is_namespace_init() {
+        return;
+    }
+    extern "C" fn on_fatal(sig: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe and allowed by every seccomp filter.
+        unsafe { libc::_exit(128 + sig) };
+    }
+    for sig in INIT_FATAL_SIGNALS {
+        // SAFETY: a zeroed sigaction with a valid handler is well formed.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_fatal as *const () as usize;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// `--jail uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,bind_ro=PATH]...[,cgroup=NAME]
 /// [,memory_max=BYTES][,pids_max=N][,nofile=N][,nproc=N]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailConfig {
@@ -37,6 +81,9 @@ pub struct JailConfig {
     /// Extra paths (files or directories) visible read-write at the same path: where
     /// snapshots go, restore comes from, storage migrations write.
     pub binds: Vec<PathBuf>,
+    /// Extra paths visible read-only at the same path, not chowned: what a VMM that
+    /// waits for an incoming VM will read (its kernel, read-only disks).
+    pub read_only: Vec<PathBuf>,
     pub cgroup: Option<String>,
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
@@ -85,6 +132,7 @@ impl std::str::FromStr for JailConfig {
             root: PathBuf::new(),
             netns: None,
             binds: Vec::new(),
+            read_only: Vec::new(),
             cgroup: None,
             memory_max: None,
             pids_max: None,
@@ -105,6 +153,7 @@ impl std::str::FromStr for JailConfig {
                 "root" => root = Some(PathBuf::from(v)),
                 "netns" => cfg.netns = Some(PathBuf::from(v)),
                 "bind" => cfg.binds.push(PathBuf::from(v)),
+                "bind_ro" => cfg.read_only.push(PathBuf::from(v)),
                 "cgroup" => {
                     if v.is_empty() || v.contains('/') || v.starts_with('.') {
                         return Err(err(format!("cgroup={v}: expected a plain name")));
@@ -458,12 +507,13 @@ mod tests {
     #[test]
     fn parses_a_full_jail_option() {
         let c: JailConfig = "uid=100001,gid=100002,root=/srv/jail/vm1,netns=/run/netns/a,\
-                             bind=/snap,bind=/dst,cgroup=vm1,memory_max=1073741824,pids_max=64"
+                             bind=/snap,bind=/dst,bind_ro=/k,cgroup=vm1,memory_max=1073741824,pids_max=64"
             .parse()
             .unwrap();
         assert_eq!((c.uid, c.gid), (100001, 100002));
         assert_eq!(c.root, PathBuf::from("/srv/jail/vm1"));
         assert_eq!(c.binds, vec![PathBuf::from("/snap"), PathBuf::from("/dst")]);
+        assert_eq!(c.read_only, vec![PathBuf::from("/k")]);
         assert_eq!((c.memory_max, c.pids_max), (Some(1 << 30), Some(64)));
     }
 

@@ -68,10 +68,10 @@ struct Cli {
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Confine this VMM before it opens anything (run as root):
-    /// uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,cgroup=NAME][,memory_max=BYTES]
+    /// uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,bind_ro=PATH]...[,cgroup=NAME][,memory_max=BYTES]
     /// [,pids_max=N][,nofile=N][,nproc=N]. Own uid/gid, new mount/IPC/UTS namespaces
     /// rooted in DIR where only the paths this VM names (and bind= extras, e.g. a
-    /// snapshot directory) exist at their usual paths, no capabilities, no_new_privs,
+    /// snapshot directory; bind_ro= read-only ones) exist at their usual paths, no capabilities, no_new_privs,
     /// rlimits, cgroup v1 memory/pids limits. Files it writes (writable disks, serial
     /// and console files, the API socket's directory, bind= paths) are chowned to U:G.
     #[arg(long)]
@@ -248,6 +248,14 @@ fn jail_paths(
         paths.push(JailPath::writable(dir));
     }
     paths.extend(jail.binds.iter().map(JailPath::writable));
+    // Read-only extras that do not exist are left to the VMM to report when it opens
+    // them (a receiving VMM's disks come with the VM).
+    paths.extend(
+        jail.read_only
+            .iter()
+            .filter(|p| p.exists())
+            .map(JailPath::read_only),
+    );
     paths
 }
 
@@ -370,6 +378,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     vmm::panic::install_abort_hook();
+    // Cloned into its own PID namespace by vireod (a jailed VMM): signals that would end
+    // it must be caught to end it at all.
+    vmm::jail::end_on_fatal_signals_as_init();
     vmm::seccomp::keep_malloc_off_the_filesystem();
     let cli = Cli::parse();
     match run(cli) {

@@ -18,7 +18,8 @@ struct Cli {
     /// Inventory database and per-VM logs.
     #[arg(long, default_value = "/var/lib/vireo")]
     state_dir: PathBuf,
-    /// vireod's socket and the VMs' sockets (vms/NAME.sock), runtime configs and pid files.
+    /// vireod's socket, the VMs' run directories (vms/NAME/: API socket), runtime
+    /// configs and pid files (vms/NAME.json, vms/NAME.pid), jail roots (jail/NAME).
     #[arg(long, default_value = "/run/vireo")]
     run_dir: PathBuf,
     /// vireod's API socket (default: <run-dir>/vireod.sock).
@@ -122,6 +123,33 @@ struct Cli {
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
     peer: Vec<String>,
+    /// The uids (each also the gid) vireod gives its VMs, one per VM for its whole
+    /// life: running as root, vireod jails every VMM (`vireo --jail`: that uid, no
+    /// capabilities, its own mount and PID namespaces, a root holding only its files).
+    /// Keep the range free of other users.
+    #[arg(long, value_name = "FIRST-LAST", default_value = agent::jailing::DEFAULT_JAIL_UIDS)]
+    jail_uids: agent::jailing::JailIds,
+    /// Run the VMMs unjailed, as vireod's user (logged as a warning).
+    #[arg(long)]
+    no_jail: bool,
+}
+
+/// Whether (and with which uids) the VMMs are jailed.
+fn jail_uids(cli: &Cli) -> Option<agent::jailing::JailIds> {
+    if cli.no_jail {
+        warn!("--no-jail: every VMM runs unconfined as vireod's user (root)");
+        return None;
+    }
+    if !agent::jailing::running_as_root() {
+        info!("not running as root: VMMs run as vireod's user, unjailed");
+        return None;
+    }
+    info!(
+        first = cli.jail_uids.first,
+        last = cli.jail_uids.last,
+        "VMMs are jailed, each with its own uid"
+    );
+    Some(cli.jail_uids)
 }
 
 /// The roles' groups from the command line (`--socket-group` counts as an operators
@@ -213,6 +241,7 @@ async fn run(
         listen: cli.listen,
         storage_roots: cli.storage_root.clone(),
         block_devices: cli.allow_block_device.clone(),
+        jail_uids: jail_uids(&cli),
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
