@@ -184,12 +184,18 @@ fn a_jailed_vmm_cannot_open_another_vms_disk_or_a_storage_root_file() {
         );
         d.ok("PUT", &format!("/api/v1/vms/{name}/start"), None);
     }
+    // The probe runs once the control thread is confined, which may come a moment
+    // after the VM reports running.
     let line = |d: &Daemon, name: &str| {
-        let log = vmm_log(d, name);
-        log.lines()
-            .find(|l| l.contains("test hook: open"))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("{name}: no probe line in\n{log}"))
+        let start = std::time::Instant::now();
+        loop {
+            let log = vmm_log(d, name);
+            if let Some(l) = log.lines().find(|l| l.contains("test hook: open")) {
+                return l.to_string();
+            }
+            assert!(start.elapsed() < T, "{name}: no probe line in\n{log}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     };
     // a reaches its own disk (the probe works); b does not even see it (ENOENT).
     assert!(line(&d, "a").ends_with(": opened"), "{}", line(&d, "a"));

@@ -283,6 +283,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if cfg.as_ref().is_some_and(|c| !c.nets.is_empty()) {
             devices.push("/dev/net/tun");
         }
+        // systemd's notify socket is not in the jail: connect to it first.
+        notify::connect_early();
         vmm::jail::enter(jail, &paths, &devices)?;
     }
     let filters = Filters::new(cli.seccomp)?;
