@@ -273,3 +273,88 @@ fn no_jail_runs_the_vmm_as_root_in_the_hosts_pid_namespace_with_a_warning() {
     d.ok("PUT", "/api/v1/vms/free/stop", None);
     assert_eq!(d.vm("free")["last_exit"]["reason"], "requested");
 }
+
+#[test]
+fn a_jailed_vm_migrates_shared_nothing_between_two_vireods_into_a_storage_dir_of_its_own() {
+    if !as_root() {
+        return;
+    }
+    let src = Daemon::start(&["--no-autostart"]);
+    // The destination checks the definition it receives against its own roots: the
+    // source's directory is one of them (as shared storage would be), its own another.
+    let mut dst = Daemon::start(&["--no-autostart"]);
+    dst.terminate(T);
+    for root in [
+        src.dir.path().to_path_buf(),
+        dst.dir.path().to_path_buf(),
+        common::guest_dir(),
+    ] {
+        dst.args.push("--storage-root".into());
+        dst.args.push(root.display().to_string());
+    }
+    dst.spawn();
+    let disk = src.dir.path().join("m.raw");
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&disk, &pattern).unwrap();
+    let mut def = with_disk(&disk);
+    def["config"]["disks"][0]["size"] = json!(1u64 << 20);
+    src.ok("PUT", "/api/v1/vms/m", Some(&def.to_string()));
+    src.ok("PUT", "/api/v1/vms/m/start", None);
+    src.wait_serial("m", "tick 5 ", T);
+    let src_uid = uid_of(src.pid("m").unwrap());
+
+    // A storage_dir that holds files already would be handed to the VM's uid: refused.
+    let busy = dst.dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    raw(&busy.join("someone-elses.raw"));
+    let (code, body) = src.api(
+        "PUT",
+        "/api/v1/vms/m/migrate",
+        Some(
+            &json!({"destination_agent": dst.socket, "copy_storage": true, "storage_dir": busy})
+                .to_string(),
+        ),
+    );
+    let refused = if code == 202 {
+        let id: Value = serde_json::from_str(&body).unwrap();
+        src.wait_migration(id["id"].as_str().unwrap(), T)
+    } else {
+        json!({"state": "failed", "error": body})
+    };
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert!(
+        refused["error"]
+            .to_string()
+            .contains("must be an empty directory"),
+        "{refused}"
+    );
+    assert_eq!(src.state("m"), "Running");
+
+    // Into an empty one: the source VMM reaches the destination's unix receiver
+    // through vireod's relay in its own run directory.
+    let incoming = dst.dir.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let rec = src.migrate(
+        "m",
+        &json!({"destination_agent": dst.socket, "copy_storage": true, "storage_dir": incoming}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(done["state"], "completed", "{done}\n{}", dst.log());
+    let v = dst.wait_state("m", "Running", T);
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    let dst_uid = uid_of(pid);
+    assert!((FIRST..=LAST).contains(&dst_uid));
+    assert_eq!(status(pid, "NSpid")[1], "1");
+    let copied = incoming.join("m.raw");
+    assert_eq!(std::fs::read(&copied).unwrap(), pattern);
+    assert_eq!(std::fs::metadata(&copied).unwrap().uid(), dst_uid);
+    // The source's disk is untouched and still its (former) VM's.
+    assert_eq!(std::fs::read(&disk).unwrap(), pattern);
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), src_uid);
+    let ticks = dst.tick_numbers("m");
+    dst.wait_serial(
+        "m",
+        &format!("tick {} ", ticks.last().copied().unwrap_or(0) + 3),
+        T,
+    );
+}
