@@ -358,3 +358,41 @@ fn a_jailed_vm_migrates_shared_nothing_between_two_vireods_into_a_storage_dir_of
         T,
     );
 }
+
+#[test]
+fn a_jailed_vmms_storage_roots_end_at_its_jail() {
+    if !as_root() {
+        return;
+    }
+    // A storage root others may traverse, with a file anyone may read that is not
+    // this VM's: a root opened before the jail would still reach it.
+    let mut d = Daemon::start(&["--no-autostart"]);
+    use std::os::unix::fs::PermissionsExt;
+    let public = d.dir.path().join("public.raw");
+    std::fs::write(&public, b"not yours").unwrap();
+    for (p, mode) in [(d.dir.path(), 0o755), (public.as_path(), 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let own = raw(&d.dir.path().join("own.raw"));
+    d.terminate(T);
+    d.env.push((
+        "VIREO_TEST_OPEN_BENEATH".into(),
+        public.display().to_string(),
+    ));
+    d.spawn();
+    d.ok("PUT", "/api/v1/vms/v", Some(&with_disk(&own).to_string()));
+    d.ok("PUT", "/api/v1/vms/v/start", None);
+    let start = std::time::Instant::now();
+    let line = loop {
+        let log = vmm_log(&d, "v");
+        if let Some(l) = log.lines().find(|l| l.contains("test hook: open beneath")) {
+            break l.to_string();
+        }
+        assert!(start.elapsed() < T, "no probe line in\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(line.contains(": refused: "), "{line}");
+    assert!(line.contains("No such file"), "{line}");
+    // Its own disk, opened the same way, works: the VM runs.
+    d.wait_serial("v", "tick 2 ", T);
+}

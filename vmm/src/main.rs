@@ -259,12 +259,31 @@ fn jail_paths(
     paths
 }
 
+/// Opens the storage roots (`--storage-root`); a jailed VMM does it inside its jail.
+fn set_storage_roots(cli: &Cli, roots: &[PathBuf]) -> Result<(), CliError> {
+    let roots = confine::Roots::new(roots, &cli.allow_block_device).map_err(CliError::Roots)?;
+    vmm::confinement::set_roots(roots);
+    vmm::confinement::set_socket_dirs(cli.socket_dir.clone());
+    Ok(())
+}
+
+/// The storage roots as seen inside the jail: a root's directory descriptor opened
+/// before `pivot_root` would still reach the host's directory (every file of it the
+/// jail's uid may read), so the roots are opened after it, where only the VM's own
+/// files exist. A root nothing of the VM is under does not exist there and is left
+/// out; if none is left, the jail's root (which holds only the VM's files) is the one.
+fn roots_inside_the_jail(given: &[PathBuf]) -> Vec<PathBuf> {
+    let inside: Vec<PathBuf> = given.iter().filter(|r| r.is_dir()).cloned().collect();
+    if inside.is_empty() {
+        vec![PathBuf::from("/")]
+    } else {
+        inside
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    if !cli.storage_root.is_empty() {
-        let roots = confine::Roots::new(&cli.storage_root, &cli.allow_block_device)
-            .map_err(CliError::Roots)?;
-        vmm::confinement::set_roots(roots);
-        vmm::confinement::set_socket_dirs(cli.socket_dir.clone());
+    if !cli.storage_root.is_empty() && cli.jail.is_none() {
+        set_storage_roots(&cli, &cli.storage_root)?;
     }
     let cfg = vm_config(&cli)?;
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
@@ -286,6 +305,9 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         // systemd's notify socket is not in the jail: connect to it first.
         notify::connect_early();
         vmm::jail::enter(jail, &paths, &devices)?;
+        if !cli.storage_root.is_empty() {
+            set_storage_roots(&cli, &roots_inside_the_jail(&cli.storage_root))?;
+        }
     }
     let filters = Filters::new(cli.seccomp)?;
     if cli.seccomp != SeccompMode::Off {

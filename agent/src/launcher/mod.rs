@@ -660,6 +660,44 @@ mod tests {
     }
 
     #[test]
+    fn a_jail_comes_first_and_a_path_with_a_comma_is_refused() {
+        let mut spec = LaunchSpec {
+            name: "web".into(),
+            vireo_bin: "/usr/bin/vireo".into(),
+            args: VmmArgs::Boot {
+                config: "/run/vireo/vms/web.json".into(),
+            },
+            socket: "/run/vireo/vms/web/api.sock".into(),
+            log: "/l".into(),
+            pid_file: "/p".into(),
+            env_file: "/e".into(),
+            storage_roots: Vec::new(),
+            block_devices: Vec::new(),
+            socket_dir: "/run/vireo/vms".into(),
+            jail: Some(JailSpec {
+                uid: 980003,
+                root: "/run/vireo/jail/web".into(),
+                netns: None,
+                binds: vec!["/run/vireo/vms/web".into(), "/srv/in".into()],
+                read_only: vec!["/srv/k.elf".into()],
+            }),
+        };
+        assert_eq!(
+            spec.argv().unwrap()[..2],
+            [
+                "--jail",
+                "uid=980003,gid=980003,root=/run/vireo/jail/web,bind=/run/vireo/vms/web,\
+                 bind=/srv/in,bind_ro=/srv/k.elf"
+            ]
+        );
+        if let Some(j) = spec.jail.as_mut() {
+            j.binds.push("/srv/a,uid=0".into());
+        }
+        let e = spec.argv().unwrap_err().to_string();
+        assert!(e.contains("a path with ',' cannot be given"), "{e}");
+    }
+
+    #[test]
     fn tail_lines_takes_the_last_lines() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("log");
