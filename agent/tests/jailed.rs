@@ -396,3 +396,49 @@ fn a_jailed_vmms_storage_roots_end_at_its_jail() {
     // Its own disk, opened the same way, works: the VM runs.
     d.wait_serial("v", "tick 2 ", T);
 }
+
+#[test]
+fn a_jailed_vm_runs_on_a_differencing_vhdx_with_its_parent_bound_read_only() {
+    if !as_root() {
+        return;
+    }
+    let d = Daemon::start(&["--no-autostart"]);
+    let base = d.dir.path().join("base.vhdx");
+    let child = d.dir.path().join("child.vhdx");
+    let img = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("vireo-img"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    img(&["create", "-f", "vhdx", base.to_str().unwrap(), "8M"]);
+    img(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-b",
+        "base.vhdx",
+        "-F",
+        "vhdx",
+        child.to_str().unwrap(),
+    ]);
+    // A shared base: readable by every VM's uid, owned by none of them.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut c = common::counter_config();
+    c["disks"] = json!([{ "path": child, "format": "vhdx" }]);
+    let def = json!({ "config": c, "restart": "never" });
+    d.ok("PUT", "/api/v1/vms/diff", Some(&def.to_string()));
+    d.ok("PUT", "/api/v1/vms/diff/start", None);
+    d.wait_serial("diff", "tick 2 ", T);
+    let pid = d.pid("diff").unwrap();
+    let files = tree(Path::new(&format!("/proc/{pid}/root")));
+    assert!(files.contains(&base), "{files:?}");
+    assert_eq!(
+        std::fs::metadata(&base).unwrap().uid(),
+        0,
+        "the base is not chowned"
+    );
+    assert_eq!(std::fs::metadata(&child).unwrap().uid(), uid_of(pid));
+}

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
@@ -191,6 +192,45 @@ fn parse_restore(s: &str) -> Result<(PathBuf, bool), CliError> {
         .ok_or_else(|| CliError::Restore("missing source_url=file:///DIR".into()))
 }
 
+/// The parents of a differencing VHDX, found as the VMM will find them (beneath the
+/// storage roots when there are any), to be bound read-only into the jail. An image
+/// that does not open is left to the VMM to report.
+fn vhdx_parents(disk: &config::DiskConfig, roots: Option<&Arc<confine::Roots>>) -> Vec<PathBuf> {
+    let is_vhdx = match disk.format {
+        Some(f) => f == config::DiskFormat::Vhdx,
+        None => disk.path.extension().is_some_and(|e| e == "vhdx"),
+    };
+    if !is_vhdx {
+        return Vec::new();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (record, roots) = (seen.clone(), roots.cloned());
+    let opener = vhdx::ParentOpener(Arc::new(move |_child, candidate| {
+        let opened = match &roots {
+            Some(r) => r.open_file(candidate, false).map_err(|e| e.to_string()),
+            None => std::fs::File::open(candidate).map_err(|e| e.to_string()),
+        };
+        match opened {
+            Ok(f) => {
+                if let Ok(mut s) = record.lock() {
+                    s.push(candidate.to_path_buf());
+                }
+                Ok(Some(f))
+            }
+            Err(_) => Ok(None),
+        }
+    }));
+    let opts = vhdx::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        parent_opener: Some(opener),
+        ..Default::default()
+    };
+    let _ = vhdx::Vhdx::open(&disk.path, opts);
+    let found = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    found
+}
+
 /// What a jailed VMM needs to see: every path the VM names, at its usual path.
 fn jail_paths(
     cli: &Cli,
@@ -211,11 +251,22 @@ fn jail_paths(
         if let Some(rd) = &cfg.payload.initramfs {
             paths.push(JailPath::read_only(rd));
         }
+        // Checked against the roots as the VMM will (opened here, outside the jail,
+        // only to find the chain; dropped before the jail).
+        let roots = (!cli.storage_root.is_empty())
+            .then(|| confine::Roots::new(&cli.storage_root, &cli.allow_block_device).ok())
+            .flatten()
+            .map(Arc::new);
         for d in &cfg.disks {
             paths.push(JailPath {
                 path: d.path.clone(),
                 writable: !d.readonly,
             });
+            paths.extend(
+                vhdx_parents(d, roots.as_ref())
+                    .into_iter()
+                    .map(JailPath::read_only),
+            );
         }
         output(&cfg.serial, &mut paths);
         output(&cfg.console, &mut paths);
