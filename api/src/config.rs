@@ -153,6 +153,11 @@ pub struct DiskConfig {
     /// EDQUOT (the host can free space), `report` for the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_error: Option<OnError>,
+    /// Replication: the directory of this disk's change log (Vireo Replica). Every
+    /// completed write is recorded there; `vm.replica-cut` seals it into segments.
+    /// Created if missing (beneath a storage root when the VMM has them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_log: Option<PathBuf>,
 }
 
 /// A disk's policy for host I/O errors.
@@ -492,6 +497,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         poll_us: DEFAULT_POLL_US,
         size: None,
         on_error: None,
+        replica_log: None,
     };
     let mut bw = (None, None);
     let mut ops = (None, None);
@@ -535,6 +541,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
                     }
                 })
             }
+            "replica_log" => d.replica_log = Some(PathBuf::from(v)),
             "bw_size" => bw.0 = Some(number(F, &k, &v)?),
             "bw_refill_time" => bw.1 = Some(number(F, &k, &v)?),
             "ops_size" => ops.0 = Some(number(F, &k, &v)?),
@@ -550,6 +557,18 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         flag: F,
         key: "path",
     })?;
+    if d.readonly && d.replica_log.is_some() {
+        return Err(ConfigError::BadValue {
+            flag: F,
+            key: "replica_log".into(),
+            value: d
+                .replica_log
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            reason: "a read-only disk has no writes to replicate".into(),
+        });
+    }
     Ok(d)
 }
 
@@ -708,6 +727,16 @@ mod tests {
         let d = parse_disk("path=/a,on_error=stop").unwrap();
         assert_eq!(d.on_error, Some(OnError::Stop));
         assert!(parse_disk("path=/a,on_error=ignore").is_err());
+        let d = parse_disk("path=/a,replica_log=/a.rlog").unwrap();
+        assert_eq!(
+            d.replica_log.as_deref(),
+            Some(std::path::Path::new("/a.rlog"))
+        );
+        assert!(parse_disk("path=/a,readonly=on,replica_log=/a.rlog").is_err());
+        assert!(serde_json::to_value(parse_disk("path=/a").unwrap())
+            .unwrap()
+            .get("replica_log")
+            .is_none());
         assert_eq!(
             parse_output("--serial", "file=/tmp/x").unwrap(),
             OutputConfig::File("/tmp/x".into())

@@ -15,8 +15,8 @@ pub use server::{serve, Dispatch, ServerError, ServerHandle};
 pub use types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DiskMigrationInfo,
     MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
-    ReceiveMigrationTls, RestoreRequest, SendMigrationRequest, SendMigrationTls, SnapshotRequest,
-    VmAction, VmInfo,
+    ReceiveMigrationTls, ReplicaCutInfo, ReplicaSegmentInfo, RestoreRequest, SendMigrationRequest,
+    SendMigrationTls, SnapshotRequest, VmAction, VmInfo,
 };
 
 /// The OpenAPI document of the per-VM API.

@@ -191,6 +191,10 @@ fn router(state: AppState) -> Router {
             "/api/v1/vm.migration-info",
             get(|s| action(s, VmAction::MigrationInfo)),
         )
+        .route(
+            "/api/v1/vm.replica-cut",
+            put(|s| action(s, VmAction::ReplicaCut)),
+        )
         .route("/api/v1/vm.serial-input", put(serial_input))
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(

@@ -211,6 +211,29 @@ pub struct DiskMigrationInfo {
     pub error: Option<String>,
 }
 
+/// One disk's segment a cut sealed (`vm.replica-cut`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaSegmentInfo {
+    /// The disk's id.
+    pub disk: String,
+    /// The segment's sequence number in the disk's change log.
+    pub seq: u64,
+    pub records: u64,
+    /// Bytes of data the segment carries.
+    pub data_bytes: u64,
+    /// Bytes of the disk it changes (data and zeroed ranges).
+    pub covered_bytes: u64,
+    /// The segment's file (in the disk's `replica_log` directory).
+    pub file: std::path::PathBuf,
+}
+
+/// `vm.replica-cut`'s answer: one crash-consistent point across all replicated disks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaCutInfo {
+    pub cut_id: u64,
+    pub segments: Vec<ReplicaSegmentInfo>,
+}
+
 /// What the API asks of the control loop.
 #[derive(Debug)]
 pub enum VmAction {
@@ -235,6 +258,8 @@ pub enum VmAction {
     MigrateDiskInfo,
     ReceiveMigration(ReceiveMigrationRequest),
     MigrationInfo,
+    /// Seals every replicated disk's change log at one crash-consistent point.
+    ReplicaCut,
     /// Ends the VMM process (after shutting the VM down).
     VmmShutdown,
     /// Bytes for the guest to read from its serial port (COM1's receive FIFO, 64

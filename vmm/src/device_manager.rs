@@ -47,6 +47,8 @@ pub enum DeviceError {
     },
     #[error("disk image {0}")]
     Confined(String),
+    #[error("replica: {0}")]
+    Replica(String),
     #[error("the PCI MMIO window is full")]
     MmioExhausted,
     #[error("disk {path}: the configuration declares {declared} bytes, the image has {actual}")]
@@ -73,6 +75,8 @@ pub struct DeviceManager {
     /// The ACPI Generic Event Device (power button).
     pub ged: Arc<AcpiGed>,
     pub functions: Vec<PciFunction>,
+    /// The replicated disks (id, backend): what `vm.replica-cut` holds and seals.
+    pub replicated: Vec<(String, Arc<dyn BlockBackend>)>,
     next_bar: u64,
 }
 
@@ -204,7 +208,10 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError>
             declared,
             actual: disk.size(),
         }),
-        _ => Ok(disk),
+        _ => match &cfg.replica_log {
+            Some(dir) if !cfg.readonly => crate::replica::track(disk, dir),
+            _ => Ok(disk),
+        },
     }
 }
 
@@ -275,11 +282,15 @@ impl DeviceManager {
             ioapic,
             ged,
             functions: Vec::new(),
+            replicated: Vec::new(),
             next_bar: layout::PCI_MMIO_START,
         };
         for (i, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let backend = open_disk(disk)?;
+            if backend.tracked().is_some() {
+                dm.replicated.push((id.clone(), backend.clone()));
+            }
             let block = Block::new(
                 backend,
                 BlockConfig {

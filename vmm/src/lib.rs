@@ -17,6 +17,7 @@ pub mod live;
 pub mod memory;
 pub mod notify;
 pub mod panic;
+pub mod replica;
 pub mod seccomp;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;

@@ -352,6 +352,12 @@ impl Vmm {
             VmAction::MigrationInfo => serde_json::to_value(self.migration_info())
                 .map(Some)
                 .map_err(|e| ApiError::internal(e.to_string())),
+            VmAction::ReplicaCut => self.vm_mut().and_then(|vm| {
+                let cut = crate::replica::cut(vm.devices(), &vm.config().disks)?;
+                serde_json::to_value(cut)
+                    .map(Some)
+                    .map_err(|e| ApiError::internal(e.to_string()))
+            }),
             VmAction::Info => self.vm_mut().and_then(|vm| {
                 serde_json::to_value(vm.info())
                     .map(Some)
@@ -525,6 +531,12 @@ impl Vmm {
         if source.readonly {
             return Err(ApiError::bad_request(format!(
                 "disk '{}' is read-only",
+                r.id
+            )));
+        }
+        if source.replica_log.is_some() {
+            return Err(ApiError::conflict(format!(
+                "disk '{}' is replicated (replica_log): moving a replicated disk is not supported yet",
                 r.id
             )));
         }

@@ -150,6 +150,12 @@ impl BlockBackend for Mirror {
         self.src.may_have_data(offset, len)
     }
 
+    /// A replicated disk stays replicated while it moves: its writes go through the
+    /// source, which logs them.
+    fn tracked(&self) -> Option<&super::Tracked> {
+        self.src.tracked()
+    }
+
     fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64) -> io::Result<()> {
         let len = bufs.len();
         let _held = self.lock_range(offset, len);

@@ -3,6 +3,7 @@
 mod lock;
 mod mirror;
 mod raw;
+mod tracked;
 mod vhdx;
 
 use std::io;
@@ -14,6 +15,7 @@ pub use ::vhdx::{IoBufs, IoBufsMut};
 pub use lock::{lock_image, lock_unsupported, LockMode};
 pub use mirror::{Mirror, MIRROR_CHUNK};
 pub use raw::RawFile;
+pub use tracked::{Held, Tracked};
 
 /// What a virtio-blk device needs from a disk image.
 ///
@@ -40,6 +42,10 @@ pub trait BlockBackend: Send + Sync {
     /// (a hole): copies skip it without reading it.
     fn may_have_data(&self, _offset: u64, _len: u64) -> bool {
         true
+    }
+    /// The disk's change log, if it is replicated (see [`Tracked`]).
+    fn tracked(&self) -> Option<&Tracked> {
+        None
     }
 }
 

@@ -883,6 +883,71 @@ pub fn workload() -> ! {
     }
 }
 
+/// Every virtio-blk device on bus 0, in bus order, up to `max`.
+fn open_blks(max: usize) -> alloc::vec::Vec<Blk> {
+    let mut root = pci::root();
+    pci::assign_bars(&mut root, CMDLINE.get("verbose").is_some());
+    let found: alloc::vec::Vec<_> = pci::functions(&root)
+        .filter(|(_, info)| virtio_device_type(info) == Some(DeviceType::Block))
+        .map(|(df, _)| df)
+        .take(max)
+        .collect();
+    let mut blks = alloc::vec::Vec::new();
+    for df in found {
+        let transport = match PciTransport::new::<GuestHal, _>(&mut root, df) {
+            Ok(t) => t,
+            Err(e) => fail!("virtio-blk {}: transport: {:?}", pci::bdf(&df), e),
+        };
+        match Blk::new(transport) {
+            Ok(b) => blks.push(b),
+            Err(e) => fail!("virtio-blk {}: init: {:?}", pci::bdf(&df), e),
+        }
+    }
+    blks
+}
+
+/// `test=replica-writer disks=D blocks=B [count=N]`: iteration n = 1, 2, ... writes
+/// 4 KiB block n % B (pattern seed n) to each of the first D disks in order, then
+/// prints `rw n=<n>`: every write of iteration n has completed. Write n on disk d+1
+/// starts only after write n on disk d completed, so any crash-consistent cut that
+/// holds disk d+1's write n holds disk d's too.
+pub fn replica_writer() -> ! {
+    let disks = num("disks", Some(1)).max(1) as usize;
+    let blocks = num("blocks", Some(64)).max(1);
+    let count = num("count", Some(0));
+    let mut blks = open_blks(disks);
+    if blks.len() != disks {
+        fail!("disks={} but {} virtio-blk devices", disks, blks.len());
+    }
+    for b in &blks {
+        if b.capacity() < blocks * 8 {
+            fail!("disk too small for blocks={}", blocks);
+        }
+    }
+    println!("rw start disks={} blocks={}", disks, blocks);
+    let mut buf = vec![0u8; 4096];
+    let mut n = 1u64;
+    loop {
+        let lba = (n % blocks) * 8;
+        pattern::fill(n, lba, &mut buf);
+        for (d, b) in blks.iter_mut().enumerate() {
+            if let Err(e) = b.write_blocks(lba as usize, &buf) {
+                fail!("rw write n={} disk={} lba={}: {:?}", n, d, lba, e);
+            }
+        }
+        println!("rw n={}", n);
+        if count != 0 && n >= count {
+            for b in blks.iter_mut() {
+                if let Err(e) = b.flush() {
+                    fail!("flush: {:?}", e);
+                }
+            }
+            io::result_ok();
+        }
+        n += 1;
+    }
+}
+
 /// `test=echo`: reads COM1's receiver (polling the line status register's data-ready
 /// bit) and prints every line it got as `echo <line>`; the line `quit` ends the test.
 pub fn echo() -> ! {

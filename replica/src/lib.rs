@@ -1,0 +1,22 @@
+//! Vireo Replica's change tracking: every completed guest write of a disk is recorded,
+//! data included, in a change log beside the disk; a cut seals the log into a segment
+//! (per-record checksums, a trailer with sequence number, cut id, totals and a checksum
+//! of the whole file) and starts the next one. A replica applies a segment only after
+//! [`SegmentReader`] verified all of it.
+//!
+//! The on-disk format and the crash argument are in docs/replica.md.
+
+mod apply;
+mod error;
+mod format;
+mod log;
+mod segment;
+
+pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
+pub use error::{LogError, SegmentError};
+pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
+pub use log::{ChangeLog, Recovery, SealedSegment};
+pub use segment::{Record, SegmentReader, Trailer};
+
+#[cfg(test)]
+mod tests;
