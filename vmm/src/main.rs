@@ -267,6 +267,12 @@ fn jail_paths(
                     .into_iter()
                     .map(JailPath::read_only),
             );
+            // A replicated disk's change log directory is written too (made here if
+            // missing: the jail would otherwise make an empty file at its path).
+            if let Some(log) = &d.replica_log {
+                let _ = std::fs::create_dir_all(log);
+                paths.push(JailPath::writable(log));
+            }
         }
         output(&cfg.serial, &mut paths);
         output(&cfg.console, &mut paths);
