@@ -396,6 +396,14 @@ fn build_root(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<
         .collect();
     for p in paths {
         let path = p.path.as_path();
+        // A bind mount and a chown follow a link: a path swapped for one (e.g. a disk
+        // replaced by a link to another file after it was defined) is refused.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(JailError::Parse(format!(
+                "{}: is a symbolic link; a jailed VMM is given no links",
+                path.display()
+            )));
+        }
         if p.writable {
             if !path.exists() {
                 // Private to the jail's uid (chowned below), never through a link.
