@@ -95,6 +95,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/vms/{name}/serial", Operator),
     rule("GET", "/api/v1/audit", Operator),
     rule("GET", "/metrics", Viewer),
+    rule("GET", "/api/v1/cluster", Viewer),
+    rule("PUT", "/api/v1/cluster/vms/{name}", Operator),
 ];
 
 /// The role `method route` needs. `None` is a path no route matched (the answer is
@@ -383,9 +385,10 @@ impl Gate {
         let e = Entry {
             id: 0,
             at_ms: crate::now_ms(),
-            uid: c.uid,
+            uid: Some(c.uid),
             pid: c.pid,
             role: role.map_or("none", Role::name).to_string(),
+            peer: None,
             method: asked.method.to_string(),
             route: asked.route.clone().unwrap_or_default(),
             vm: asked.vm.clone(),
@@ -401,12 +404,12 @@ impl Gate {
 /// What the answer to a change says: its error line (`{"error": ...}`; empty for a
 /// success) and the VM it was about when the path did not name one (a migration
 /// record's `vm`). A change's answer is one small JSON document, never a stream.
-struct Outcome {
-    detail: String,
-    vm: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) detail: String,
+    pub(crate) vm: Option<String>,
 }
 
-async fn read_outcome(resp: Response) -> (Response, Outcome) {
+pub(crate) async fn read_outcome(resp: Response) -> (Response, Outcome) {
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 10)
         .await
@@ -470,9 +473,9 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// (route, method) of every `.route(...)` call in server.rs.
+    /// (route, method) of every `.route(...)` call in server.rs and cluster_node.rs.
     fn served() -> BTreeSet<(String, String)> {
-        let src = include_str!("server.rs");
+        let src = [include_str!("server.rs"), include_str!("cluster_node.rs")].concat();
         let mut out = BTreeSet::new();
         for chunk in src.split(".route(\"").skip(1) {
             let (path, rest) = chunk.split_once('"').unwrap();

@@ -6,7 +6,7 @@
 //! roots, so what they open at start is checked the same way again: a file swapped
 //! for a symlink after the definition was accepted is not followed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::config::{DiskFormat, OutputConfig};
@@ -130,5 +130,135 @@ pub fn check_receiver_url(url: &str, socket_dir: &Path) -> Result<(), AgentError
             socket_dir.display()
         )));
     }
+    Ok(())
+}
+
+/// Where the VMs of another vireod of this host listen: `vms/` beside its API socket
+/// (vireod's layout: `<run-dir>/vireod.sock` and `<run-dir>/vms/`).
+pub fn peer_socket_dirs(peer_sockets: &[PathBuf]) -> Vec<PathBuf> {
+    peer_sockets
+        .iter()
+        .filter_map(|s| s.parent().map(|d| d.join("vms")))
+        .collect()
+}
+
+/// A `--peer-socket` must be an absolute path without `..`.
+pub fn check_peer_socket_flag(path: &Path) -> Result<(), AgentError> {
+    confine::check_lexical(path).map_err(|e| AgentError::BadConfig(format!("--peer-socket: {e}")))
+}
+
+/// A `destination_agent` socket path must be one of the configured `--peer-socket`s:
+/// vireod (root) connects to it and sends the VM's definition, so an operator may not
+/// point it at any other socket of the host.
+pub fn check_agent_socket(path: &Path, peer_sockets: &[PathBuf]) -> Result<(), AgentError> {
+    confine::check_lexical(path)
+        .map_err(|e| AgentError::BadMigration(format!("destination_agent: {e}")))?;
+    if peer_sockets.iter().any(|p| p == path) {
+        return Ok(());
+    }
+    Err(AgentError::BadMigration(format!(
+        "destination_agent {}: not a peer vireod of this host (allowed: {}; vireod --peer-socket PATH)",
+        path.display(),
+        list(peer_sockets)
+    )))
+}
+
+/// A `unix:` migration URL this vireod's VMM may send to: a socket in one of `dirs`
+/// (this vireod's `vms/` and its peers') or in a VM's run directory there
+/// (`vms/NAME/`); the VMM applies the same rule.
+pub fn check_send_url(url: &str, dirs: &[PathBuf]) -> Result<(), AgentError> {
+    let Some(p) = url.strip_prefix("unix:") else {
+        return Ok(());
+    };
+    let path = Path::new(p);
+    confine::check_lexical(path).map_err(|e| AgentError::BadMigration(format!("{url:?}: {e}")))?;
+    if confine::in_socket_dir(path, dirs) {
+        return Ok(());
+    }
+    Err(AgentError::BadMigration(format!(
+        "{url:?}: a unix migration socket must be in (a VM's directory in) {}",
+        list(dirs)
+    )))
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return "none".into();
+    }
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The size the guest sees of `disk`: its declared `size`, else its image's (opened
+/// beneath a root; raw: the file's or device's length; VHDX: its virtual size, read
+/// without a lock and without its parents).
+pub fn disk_size(roots: &Roots, disk: &api::config::DiskConfig) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    if let Some(s) = disk.size {
+        return Ok(s);
+    }
+    let mut file = roots
+        .open_file(&disk.path, false)
+        .map_err(|e| e.to_string())?;
+    match disk.effective_format() {
+        DiskFormat::Raw => file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| format!("{}: {e}", disk.path.display())),
+        DiskFormat::Vhdx => {
+            let storage: Arc<dyn vhdx::Storage> = Arc::new(vhdx::FileStorage::new(file));
+            let opts = vhdx::OpenOptions {
+                read_only: true,
+                no_lock: true,
+                skip_parent: true,
+                ..Default::default()
+            };
+            vhdx::Vhdx::open_storage(storage, &disk.path, opts)
+                .map(|v| v.virtual_size())
+                .map_err(|e| format!("{}: {e}", disk.path.display()))
+        }
+    }
+}
+
+/// An incoming shared-nothing migration: its disks do not exist here yet; each copy is
+/// made in `storage_dir` (under its file name) at the size the definition declares, and
+/// the sending VMM may announce and write no more. Every other path is checked as for
+/// a definition. The disks' paths become the copies'.
+pub fn confine_incoming_copy(
+    roots: &Arc<Roots>,
+    vm_dir: &Path,
+    def: &mut VmDefinition,
+    storage_dir: &Path,
+) -> Result<(), AgentError> {
+    let mut disks = std::mem::take(&mut def.config.disks);
+    confine_definition(roots, vm_dir, def)?;
+    for (i, d) in disks.iter_mut().enumerate() {
+        let bad = |m: String| AgentError::BadMigration(format!("disk {i}: {m}"));
+        if d.size.is_none() {
+            return Err(bad("a shared-nothing migration needs the disk's size in the definition (the copy is made that size and bounded by it)".into()));
+        }
+        let name = d
+            .path
+            .file_name()
+            .ok_or_else(|| bad(format!("{} names no file", d.path.display())))?;
+        let copy = storage_dir.join(name);
+        roots
+            .check(&copy)
+            .map_err(|e| bad(format!("the copy: {e}")))?;
+        d.format = Some(
+            d.format
+                .or_else(|| DiskFormat::from_extension(&d.path))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{}: say format=raw or format=vhdx",
+                        d.path.display()
+                    ))
+                })?,
+        );
+        d.path = copy;
+    }
+    def.config.disks = disks;
     Ok(())
 }

@@ -9,11 +9,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use migration::pem;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
@@ -24,19 +25,8 @@ use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read TLS {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS {what} {path}: {reason}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    #[error(transparent)]
+    Pem(#[from] migration::pem::PemError),
     #[error("TLS: the certificate {cert} and the key {key} do not go together: {reason}")]
     KeyMismatch {
         cert: PathBuf,
@@ -59,15 +49,26 @@ pub struct IdentityFiles {
     pub ca: PathBuf,
 }
 
-/// This host's identity, loaded and checked once at start.
+/// This host's identity, loaded and checked at start and again on each
+/// [`HostIdentity::reload`] (vireod: SIGHUP). Clones share the loaded files.
 #[derive(Clone)]
 pub struct HostIdentity {
     pub files: IdentityFiles,
-    /// The host name the certificate carries (its CN, else its first DNS SAN).
+    /// A PEM CRL of the CA (`--tls-crl`): peers whose certificates it revokes are
+    /// refused in the handshake.
+    pub crl: Option<PathBuf>,
+    /// The host name the certificate carries (its CN, else its first DNS SAN); a
+    /// replacement certificate must carry the same.
     pub name: String,
+    loaded: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// The files' contents.
+struct Loaded {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl std::fmt::Debug for HostIdentity {
@@ -75,6 +76,7 @@ impl std::fmt::Debug for HostIdentity {
         f.debug_struct("HostIdentity")
             .field("name", &self.name)
             .field("files", &self.files)
+            .field("crl", &self.crl)
             .finish_non_exhaustive()
     }
 }
@@ -83,132 +85,145 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
-    let bad = |reason: String| TlsError::Pem {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no PEM certificate in it".into()));
-    }
-    Ok(certs)
-}
-
 impl HostIdentity {
     /// Loads and checks the files: the key goes with the certificate, the certificate
     /// names a host, the CA parses.
     pub fn load(files: IdentityFiles) -> Result<Self, TlsError> {
-        let chain = certs("certificate", &files.cert)?;
-        let pem = read("key", &files.key)?;
-        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
-            what: "key",
-            path: files.key.clone(),
-            reason: match e {
-                rustls::pki_types::pem::Error::NoItemsFound => "no PEM private key in it".into(),
-                e => e.to_string(),
-            },
-        })?;
-        let mut roots = RootCertStore::empty();
-        for c in certs("CA", &files.ca)? {
-            roots.add(c).map_err(|e| TlsError::BadCa {
-                path: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
-        }
-        let names = cert_names(&chain[0]);
-        let name = names.first().cloned().ok_or_else(|| TlsError::Nameless {
-            path: files.cert.clone(),
-        })?;
-        let id = Self {
+        Self::load_with_crl(files, None)
+    }
+
+    /// [`HostIdentity::load`], and the CA's revocation list `crl` (PEM).
+    pub fn load_with_crl(files: IdentityFiles, crl: Option<PathBuf>) -> Result<Self, TlsError> {
+        let (loaded, name) = Self::read(&files, crl.as_deref())?;
+        Ok(Self {
             files,
+            crl,
             name,
+            loaded: Arc::new(RwLock::new(Arc::new(loaded))),
+        })
+    }
+
+    /// Reads the files again (a rotated certificate and key, a new CA bundle or CRL);
+    /// on any error the identity in use stays. The new certificate must name this host.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (loaded, name) = Self::read(&self.files, self.crl.as_deref())?;
+        if name != self.name {
+            return Err(TlsError::Config(format!(
+                "the new certificate {} names {name}, not {}: not taken",
+                self.files.cert.display(),
+                self.name
+            )));
+        }
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        Ok(())
+    }
+
+    fn read(files: &IdentityFiles, crl: Option<&Path>) -> Result<(Loaded, String), TlsError> {
+        let chain = pem::certs("certificate", &files.cert)?;
+        let key = pem::key(&files.key)?;
+        let roots = pem::roots(&files.ca)?;
+        let crls = crl.map(pem::crls).transpose()?.unwrap_or_default();
+        let name = cert_names(&chain[0])
+            .first()
+            .cloned()
+            .ok_or_else(|| TlsError::Nameless {
+                path: files.cert.clone(),
+            })?;
+        let loaded = Loaded {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
+            crls,
         };
-        // Builds a server config once so that a key of another certificate is named now.
-        id.server_config(BTreeSet::new())?;
-        Ok(id)
+        // Builds both configs once so that a key of another certificate or a bad CRL
+        // is named now.
+        server_config_of(&loaded, files, BTreeSet::new())?;
+        client_config_of(&loaded, files)?;
+        Ok((loaded, name))
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The peer listener's config: this host's certificate; a client certificate from
-    /// the CA naming one of `peers` is required.
+    /// the CA, not revoked, naming one of `peers` is required.
     pub fn server_config(&self, peers: BTreeSet<String>) -> Result<Arc<ServerConfig>, TlsError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::BadCa {
-                path: self.files.ca.clone(),
-                reason: e.to_string(),
-            })?;
-        let verifier = Arc::new(PeerVerifier { inner, peers });
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| self.mismatch(e))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        server_config_of(&self.current(), &self.files, peers)
     }
 
     /// The config to call a peer with: verifies its certificate against the CA (for
-    /// the name the caller expects) and presents this host's.
+    /// the name the caller expects) and the CRL, and presents this host's.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| self.mismatch(e))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        client_config_of(&self.current(), &self.files)
     }
+}
 
-    fn mismatch(&self, e: rustls::Error) -> TlsError {
-        TlsError::KeyMismatch {
-            cert: self.files.cert.clone(),
-            key: self.files.key.clone(),
-            reason: e.to_string(),
-        }
+fn mismatch(files: &IdentityFiles, e: rustls::Error) -> TlsError {
+    TlsError::KeyMismatch {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason: e.to_string(),
     }
+}
+
+fn server_config_of(
+    l: &Loaded,
+    files: &IdentityFiles,
+    peers: BTreeSet<String>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(l.roots.clone(), provider())
+        .with_crls(l.crls.iter().cloned())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let verifier = Arc::new(PeerVerifier { inner, peers });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(l.chain.clone(), l.key.clone_key())
+        .map_err(|e| mismatch(files, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn client_config_of(l: &Loaded, files: &IdentityFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(l.roots.clone(), provider())
+        .with_crls(l.crls.iter().cloned())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(l.chain.clone(), l.key.clone_key())
+        .map_err(|e| mismatch(files, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The host names a certificate carries: its DNS SANs, then its CN (lower case).
 /// An unparsable certificate names nobody.
 pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                names.push(d.to_ascii_lowercase());
-            }
-        }
+    pem::certificate_names(cert.as_ref()).unwrap_or_default()
+}
+
+/// How the audit trail names a peer: the name it was admitted as, then its
+/// certificate's subject CN and DNS SANs (`host-a (CN host-a; DNS host-a, a.example)`).
+pub fn identity_line(cert: &CertificateDer<'_>, admitted: &str) -> String {
+    match pem::certificate_subject(cert.as_ref()) {
+        Ok((cns, dns)) => format!("{admitted} (CN {}; DNS {})", cns.join(", "), dns.join(", ")),
+        Err(_) => admitted.to_string(),
     }
-    for cn in x509.subject().iter_common_name() {
-        if let Ok(s) = cn.as_str() {
-            let s = s.to_ascii_lowercase();
-            if !names.contains(&s) {
-                names.push(s);
-            }
-        }
-    }
-    names
 }
 
 /// The first name of `cert` on the allow-list, if any.

@@ -162,6 +162,7 @@ impl Inventory {
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         conn.execute_batch(crate::audit::SCHEMA).map_err(db)?;
+        crate::audit::upgrade(&conn).map_err(db)?;
         add_missing_columns(&conn).map_err(db)?;
         Ok(Self {
             conn,

@@ -7,7 +7,8 @@
 //! - [`inventory`]: definitions, exit records and metering in SQLite;
 //! - [`launcher`]: starting (directly or as a systemd unit), adopting, signalling and
 //!   watching one `vireo` process;
-//! - [`cgroup`]: CPU isolation of the VMMs (cgroup v1 cpu.shares);
+//! - [`cgroup`]: placement of the VMMs in cgroups (v1 cpu.shares; v2 cpu.weight,
+//!   memory.max, pids.max);
 //! - [`migrations`]: the migration records and the host's migration queue;
 //! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
 //! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
@@ -26,6 +27,7 @@ pub mod audit;
 pub mod authz;
 pub mod cgroup;
 pub mod client;
+pub mod cluster_node;
 pub mod confinement;
 pub mod error;
 pub mod hosttls;
@@ -41,6 +43,7 @@ pub mod pki;
 pub mod procfs;
 pub mod server;
 pub mod supervisor;
+pub mod vmm_events;
 
 pub use error::AgentError;
 

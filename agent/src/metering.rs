@@ -87,7 +87,11 @@ async fn read_sample(name: String, pid: i32, start_ticks: u64, socket: &Path) ->
 pub async fn sample_all(sup: &Arc<Supervisor>) {
     let mut tasks = tokio::task::JoinSet::new();
     for (name, pid, start, sock) in sup.running_processes() {
-        tasks.spawn(async move { read_sample(name, pid, start, &sock).await });
+        let s = sup.clone();
+        tasks.spawn(async move {
+            crate::vmm_events::poll(&s, &name, pid, &sock).await;
+            read_sample(name, pid, start, &sock).await
+        });
     }
     let mut samples = Vec::new();
     while let Some(r) = tasks.join_next().await {

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::hosttls::{admitted_name, HostIdentity};
+use crate::hosttls::{admitted_name, identity_line, HostIdentity};
 use crate::model::IncomingRequest;
 use crate::supervisor::Supervisor;
 use crate::{error_chain, AgentError};
@@ -57,8 +57,35 @@ pub enum ListenError {
 /// The bound listener and its TLS; [`PeerListener::serve`] runs it.
 pub struct PeerListener {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Reloader,
+}
+
+/// The listener's TLS, which [`Reloader::reload`] replaces from the identity's files
+/// (vireod: SIGHUP): connections accepted afterwards see the new certificate, CA and
+/// CRL; established ones keep theirs.
+#[derive(Clone)]
+pub struct Reloader {
+    identity: HostIdentity,
     peers: Arc<BTreeSet<String>>,
+    acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
+}
+
+impl Reloader {
+    /// Reads the identity's files again and rebuilds the listener's TLS; on an error
+    /// the TLS in use stays.
+    pub fn reload(&self) -> Result<(), crate::hosttls::TlsError> {
+        self.identity.reload()?;
+        let config = self.identity.server_config((*self.peers).clone())?;
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl PeerListener {
@@ -79,9 +106,17 @@ impl PeerListener {
             .map_err(|source| ListenError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            acceptor: TlsAcceptor::from(config),
-            peers: Arc::new(peers),
+            tls: Reloader {
+                identity: identity.clone(),
+                peers: Arc::new(peers),
+                acceptor: Arc::new(std::sync::RwLock::new(TlsAcceptor::from(config))),
+            },
         })
+    }
+
+    /// What reloads this listener's TLS.
+    pub fn reloader(&self) -> Reloader {
+        self.tls.clone()
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -91,7 +126,7 @@ impl PeerListener {
     /// Accepts connections until the task is dropped; each one is served on its own.
     pub async fn serve(self, sup: Arc<Supervisor>) {
         let app = router(sup);
-        info!(addr = ?self.local_addr(), peers = ?self.peers, "peer listener ready");
+        info!(addr = ?self.local_addr(), peers = ?self.tls.peers, "peer listener ready");
         loop {
             let (tcp, from) = match self.listener.accept().await {
                 Ok(c) => c,
@@ -101,7 +136,7 @@ impl PeerListener {
                     continue;
                 }
             };
-            let (acceptor, peers, app) = (self.acceptor.clone(), self.peers.clone(), app.clone());
+            let (acceptor, peers, app) = (self.tls.acceptor(), self.tls.peers.clone(), app.clone());
             tokio::spawn(async move { serve_connection(tcp, from, acceptor, peers, app).await });
         }
     }
@@ -126,18 +161,18 @@ async fn serve_connection(
         }
     };
     // The verifier admitted the certificate; this is the name it was admitted for.
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| admitted_name(c, &peers));
-    let Some(peer) = peer else {
+    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let Some((peer, identity)) =
+        cert.and_then(|c| admitted_name(c, &peers).map(|n| (n.clone(), identity_line(c, &n))))
+    else {
         warn!(%from, "peer refused: no admitted certificate after the handshake");
         return;
     };
     debug!(%from, %peer, "peer connected");
-    let svc = TowerToHyperService::new(app.layer(Extension(Peer(peer))));
+    let svc = TowerToHyperService::new(
+        app.layer(Extension(PeerIdentity(identity)))
+            .layer(Extension(Peer(peer))),
+    );
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tls), svc)
         .await
@@ -146,13 +181,59 @@ async fn serve_connection(
     }
 }
 
-/// The host-to-host routes; nothing else.
+/// The peer's certificate identity as the audit trail records it.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity(pub String);
+
+/// The host-to-host routes; nothing else. Each change and each error answer is
+/// audited with the peer's certificate identity.
 pub fn router(sup: Arc<Supervisor>) -> Router {
     Router::new()
         .route("/api/v1/migrations/incoming", post(incoming))
         .route("/api/v1/migrations/{id}", get(migration).delete(cancel))
         .fallback(|| async { error(404, "not a host-to-host API endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(sup.clone(), audit))
         .with_state(sup)
+}
+
+/// Records a peer's request in the audit trail: every change (any method but GET),
+/// and every request answered with an error (a refusal, a probe of another route).
+/// The polls of a migration's progress (GET, 200) are not recorded.
+async fn audit(State(s): S, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| req.uri().path().chars().take(200).collect());
+    let identity = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .map(|p| p.0.clone())
+        .unwrap_or_else(|| "unknown".into());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    if method == axum::http::Method::GET && status < 400 {
+        return resp;
+    }
+    let (resp, outcome) = crate::authz::read_outcome(resp).await;
+    let e = crate::audit::Entry {
+        id: 0,
+        at_ms: crate::now_ms(),
+        uid: None,
+        pid: None,
+        role: "peer".into(),
+        peer: Some(identity),
+        method: method.to_string(),
+        route,
+        vm: outcome.vm,
+        status,
+        detail: outcome.detail,
+    };
+    if let Err(err) = s.inventory().record_audit(&e) {
+        warn!(error = %error_chain(&err), entry = ?e, "cannot write the audit record");
+    }
+    resp
 }
 
 type S = State<Arc<Supervisor>>;

@@ -98,29 +98,12 @@ pub fn init_ca(dir: &Path, common_name: &str) -> Result<Written, PkiError> {
 /// signed by the CA in `ca_dir`; writes `host.key`, `host.crt` and `ca.crt` to `out`.
 pub fn issue(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Result<Written, PkiError> {
     validate_host_name(name)?;
-    let (ca_key_path, ca_cert_path) = (ca_dir.join(CA_KEY), ca_dir.join(CA_CERT));
-    let ca_key_pem =
-        std::fs::read_to_string(&ca_key_path).map_err(io("cannot read", &ca_key_path))?;
-    let ca_cert_pem =
-        std::fs::read_to_string(&ca_cert_path).map_err(io("cannot read", &ca_cert_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadKey {
-        path: ca_key_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let ca_params =
-        CertificateParams::from_ca_cert_pem(&ca_cert_pem).map_err(|e| PkiError::BadCa {
-            path: ca_cert_path.clone(),
-            reason: e.to_string(),
-        })?;
-    if !matches!(ca_params.is_ca, IsCa::Ca(_)) {
-        return Err(PkiError::BadCa {
-            path: ca_cert_path,
-            reason: "its basic constraints do not make it a CA".into(),
-        });
-    }
-    // The issuer as rcgen needs it: the CA's name and key (the signature of this
-    // re-made CA certificate is never used).
-    let issuer = ca_params.self_signed(&ca_key)?;
+    let Ca {
+        key: ca_key,
+        issuer,
+        cert_path: ca_cert_path,
+        cert_pem: ca_cert_pem,
+    } = load_ca(ca_dir)?;
 
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -149,6 +132,121 @@ pub fn issue(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Result<W
         cert: cert_path,
         key: key_path,
     })
+}
+
+/// The CA of `ca_dir`: its key, and its certificate as rcgen's issuer.
+struct Ca {
+    key: KeyPair,
+    issuer: rcgen::Certificate,
+    cert_path: PathBuf,
+    cert_pem: String,
+}
+
+fn load_ca(ca_dir: &Path) -> Result<Ca, PkiError> {
+    let (ca_key_path, ca_cert_path) = (ca_dir.join(CA_KEY), ca_dir.join(CA_CERT));
+    let ca_key_pem =
+        std::fs::read_to_string(&ca_key_path).map_err(io("cannot read", &ca_key_path))?;
+    let ca_cert_pem =
+        std::fs::read_to_string(&ca_cert_path).map_err(io("cannot read", &ca_cert_path))?;
+    let key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadKey {
+        path: ca_key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let ca_params =
+        CertificateParams::from_ca_cert_pem(&ca_cert_pem).map_err(|e| PkiError::BadCa {
+            path: ca_cert_path.clone(),
+            reason: e.to_string(),
+        })?;
+    if !matches!(ca_params.is_ca, IsCa::Ca(_)) {
+        return Err(PkiError::BadCa {
+            path: ca_cert_path,
+            reason: "its basic constraints do not make it a CA".into(),
+        });
+    }
+    // The issuer as rcgen needs it: the CA's name and key (the signature of this
+    // re-made CA certificate is never used).
+    let issuer = ca_params.self_signed(&key)?;
+    Ok(Ca {
+        key,
+        issuer,
+        cert_path: ca_cert_path,
+        cert_pem: ca_cert_pem,
+    })
+}
+
+/// The CA's revocation list (PEM), which `vireod --tls-crl` takes.
+pub const CA_CRL: &str = "ca.crl";
+/// The serial numbers the CA has revoked (hex, one a line): the CRL is made from it.
+pub const REVOKED: &str = "revoked";
+
+/// Revokes the certificate `cert` (PEM, issued by the CA of `ca_dir`): adds its serial
+/// to `ca_dir/revoked` and writes `ca_dir/ca.crl` anew (signed by the CA, valid for a
+/// year) with every revoked serial. Returns the CRL's path.
+pub fn revoke(ca_dir: &Path, cert: &Path) -> Result<PathBuf, PkiError> {
+    let ca = load_ca(ca_dir)?;
+    let bad = |reason: String| PkiError::BadKey {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let der = migration::pem::certs("certificate", cert)
+        .map_err(|e| bad(e.to_string()))?
+        .remove(0);
+    let serial = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| bad(e.to_string()))?
+        .1
+        .raw_serial()
+        .to_vec();
+    let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+    let list_path = ca_dir.join(REVOKED);
+    let mut serials: Vec<String> = match std::fs::read_to_string(&list_path) {
+        Ok(t) => t
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io("cannot read", &list_path)(e)),
+    };
+    if !serials.contains(&hex) {
+        serials.push(hex);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (y, m, d) = civil_from_days((now / 86_400) as i64 - 1);
+    let revoked = serials
+        .iter()
+        .map(|h| {
+            let bytes = (0..h.len())
+                .step_by(2)
+                .filter_map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                .collect::<Vec<u8>>();
+            rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: rcgen::date_time_ymd(y, m, d),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }
+        })
+        .collect();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(y, m, d),
+        next_update: rcgen::date_time_ymd(y + 1, m, d.min(28)),
+        crl_number: SerialNumber::from_slice(&(serials.len() as u64).to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&ca.issuer, &ca.key)?;
+    write_replace(
+        &list_path,
+        format!("{}\n", serials.join("\n")).as_bytes(),
+        0o600,
+    )?;
+    let crl_path = ca_dir.join(CA_CRL);
+    write_replace(&crl_path, crl.pem()?.as_bytes(), 0o644)?;
+    Ok(crl_path)
 }
 
 /// A host name as a certificate carries it: a DNS name (letters, digits, `-`, `.`).

@@ -27,9 +27,10 @@ fn documented() -> BTreeSet<(String, String)> {
     out
 }
 
-/// (path, method) pairs of the router, read from server.rs's `.route(...)` calls.
+/// (path, method) pairs of the router, read from the `.route(...)` calls of server.rs
+/// and cluster_node.rs (the cluster routes, merged in by vireod).
 fn routed() -> BTreeSet<(String, String)> {
-    let src = workspace_file("agent/src/server.rs");
+    let src = workspace_file("agent/src/server.rs") + &workspace_file("agent/src/cluster_node.rs");
     let mut out = BTreeSet::new();
     for chunk in src.split(".route(\"").skip(1) {
         let (path, rest) = chunk.split_once('"').unwrap();
@@ -66,7 +67,11 @@ fn openapi_document_lists_exactly_the_served_routes() {
             !body.contains("no such API endpoint"),
             "{method} {p} is documented but not served: {body}"
         );
-        if path.contains("{name}") && !(method == "PUT" && path == "/api/v1/vms/{name}") {
+        if path.starts_with("/api/v1/cluster") {
+            // This vireod is no cluster node: the cluster routes say so.
+            assert_eq!(s, 409, "{method} {p}: {body}");
+            assert!(body.contains("not a cluster node"), "{method} {p}: {body}");
+        } else if path.contains("{name}") && !(method == "PUT" && path == "/api/v1/vms/{name}") {
             assert_eq!(s, 404, "{method} {p}: {body}");
             assert!(body.contains("no VM named"), "{method} {p}: {body}");
         } else if path.contains("{id}") {

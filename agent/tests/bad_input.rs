@@ -88,13 +88,11 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     error_of(&d, "GET", "/api/v1/nothing", None, 404);
     let m = error_of(&d, "PUT", "/api/v1/vms/one/migrate", None, 400);
     assert!(m.contains("invalid migration request"), "{m}");
-    let m = error_of(
-        &d,
-        "PUT",
-        "/api/v1/vms/one/migrate",
-        Some(r#"{"destination_url":"unix:/x"}"#),
-        409,
+    let url = format!(
+        r#"{{"destination_url":"unix:{}/vms/x.sock"}}"#,
+        d.run_dir.display()
     );
+    let m = error_of(&d, "PUT", "/api/v1/vms/one/migrate", Some(&url), 409);
     assert!(m.contains("Stopped"), "{m}");
 
     assert_eq!(

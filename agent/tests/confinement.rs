@@ -264,3 +264,71 @@ fn vireods_files_are_private_and_not_written_through_links() {
     );
     d.ok("PUT", "/api/v1/vms/p/kill", None);
 }
+
+/// Guards `destination_agent` socket paths and unix send URLs (issue 11, parts 1-2).
+/// vireod (root) connects to a `destination_agent` socket and sends the VM's definition,
+/// and its VMM streams the guest's memory to a `unix:` URL: without the checks an
+/// operator could point either at any socket of the host. Only `--peer-socket`s may be
+/// named as agents, only sockets in this vireod's or its peers' `vms/` as URLs, through
+/// vireod's API and the VMM's own; a listening socket outside sees no connection.
+#[test]
+fn agent_sockets_and_send_urls_outside_the_peers_are_refused_and_never_connected() {
+    use std::os::unix::net::UnixListener;
+    let (d, peer) = Daemon::pair(&["--no-autostart"], &["--no-autostart"]);
+    d.define_counter("m", "Medium", "never");
+    d.ok("PUT", "/api/v1/vms/m/start", None);
+    d.wait_serial("m", "tick 2 ", common::T);
+    let pid = d.pid("m");
+    let outside = tempfile::tempdir().unwrap();
+    let thief_path = outside.path().join("thief.sock");
+    let thief = UnixListener::bind(&thief_path).unwrap();
+    thief.set_nonblocking(true).unwrap();
+    let dotdot = peer
+        .run_dir
+        .join("vms/../../../")
+        .join(thief_path.strip_prefix("/").unwrap_or(&thief_path));
+    for (body, why) in [
+        (
+            json!({"destination_agent": thief_path}),
+            "not a peer vireod of this host",
+        ),
+        (json!({"destination_agent": dotdot}), "'..' is not allowed"),
+        (
+            json!({"destination_url": format!("unix:{}", thief_path.display())}),
+            "a unix migration socket must be in",
+        ),
+        (
+            json!({"destination_url": format!("unix:{}", dotdot.display())}),
+            "'..' is not allowed",
+        ),
+    ] {
+        let (s, b) = d.api("PUT", "/api/v1/vms/m/migrate", Some(&body.to_string()));
+        assert_eq!(s, 400, "{body}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(why), "{body}: want {why:?}: {msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+    assert!(d.migrations().is_empty(), "nothing queued");
+    // The VM's own VMM (started by vireod with its socket dirs) refuses the same URL.
+    let vmm = d.run_dir.join("vms/m.sock");
+    let (s, b) = common::http(
+        &vmm,
+        "PUT",
+        "/api/v1/vm.send-migration",
+        Some(&json!({"destination_url": format!("unix:{}", thief_path.display())}).to_string()),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("destination_url"), "{b}");
+    match thief.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("something connected to the socket outside: {other:?}"),
+    }
+    assert_eq!(d.state("m"), "Running");
+    assert_eq!(d.pid("m"), pid);
+    // The peer itself is accepted: the VM moves there.
+    let rec = d.migrate("m", &json!({"destination_agent": peer.socket}));
+    let done = d.wait_migration(rec["id"].as_str().unwrap(), common::T);
+    assert_eq!(done["state"], "completed", "{done}\n{}", peer.log());
+    peer.wait_state("m", "Running", common::T);
+}

@@ -327,7 +327,6 @@ fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_ro
         );
     }
     // Each refusal is logged with its reason (the unlisted host by name).
-    let log = dst.log();
     for reason in [
         "peer sent no certificates",
         "invalid peer certificate: BadSignature",
@@ -335,7 +334,7 @@ fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_ro
         r#"["host-c"]"#,
         "invalid peer certificate: ApplicationVerificationFailure",
     ] {
-        assert!(log.contains(reason), "no {reason:?} in the log:\n{log}");
+        dst.wait_log(reason);
     }
 
     // The listed host of the CA gets in, but only to the host-to-host routes.
@@ -442,6 +441,55 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
     }
     let m = dst.wait_migration(id, T);
     assert_eq!(m["state"], "cancelled", "{m}");
+    // Each peer request is in the audit trail with the peer's certificate identity
+    // (issue 11, part 4; before, the peer listener recorded nothing): host-a's
+    // incoming migration and cancel, host-c's refused read and cancel; host-a's
+    // successful read (a progress poll) is not a row.
+    let audit = dst.ok("GET", "/api/v1/audit?limit=100", None);
+    let rows: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["role"] == "peer")
+        .collect();
+    let seen: Vec<(String, String, u64, String)> = rows
+        .iter()
+        .map(|e| {
+            (
+                e["method"].as_str().unwrap().to_string(),
+                e["route"].as_str().unwrap().to_string(),
+                e["status"].as_u64().unwrap(),
+                e["peer"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let (ia, ic) = (
+        "host-a (CN host-a; DNS host-a)",
+        "host-c (CN host-c; DNS host-c)",
+    );
+    let row = |m: &str, r: &str, s: u64, p: &str| (m.into(), r.into(), s, p.into());
+    assert_eq!(
+        seen,
+        vec![
+            row("POST", "/api/v1/migrations/incoming", 201, ia),
+            row("GET", "/api/v1/migrations/{id}", 404, ic),
+            row("DELETE", "/api/v1/migrations/{id}", 404, ic),
+            row("DELETE", "/api/v1/migrations/{id}", 200, ia),
+        ],
+        "{audit}"
+    );
+    assert_eq!(rows[0]["vm"], "w", "{audit}");
+    assert_eq!(rows[3]["vm"], "w", "{audit}");
+    assert!(rows.iter().all(|e| e["uid"].is_null()), "{audit}");
+    assert!(
+        rows[1]["detail"].as_str().unwrap().contains("no migration"),
+        "{audit}"
+    );
+    let table = dst.ctl_ok(&["audit"]);
+    assert!(
+        table.contains("peer host-a (CN host-a; DNS host-a)"),
+        "{table}"
+    );
 
     // A second one: its receiving VMM speaks TLS with host-b's identity to host-a
     // (the handshake completes for the name host-b and the receiver sends its go-ahead
@@ -595,4 +643,129 @@ fn a_destination_with_another_name_is_refused_and_the_vm_stays() {
     assert_eq!(src.pid("s"), Some(pid));
     assert!(dst.absent("s"));
     assert!(dst.migrations().is_empty());
+}
+
+/// Sends vireod SIGHUP and waits until it logged its `n`th reload.
+fn sighup(d: &Daemon, n: usize) {
+    let pid = d.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on the vireod this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let start = std::time::Instant::now();
+    while d.log().matches("host identity reloaded").count() < n {
+        assert!(start.elapsed() < T, "no reload:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Revocation and rotation without a restart (issue 11, part 6; before, vireod read its
+/// identity once and knew no CRL): `vireoctl pki revoke` writes the CA's CRL; a vireod
+/// given it with `--tls-crl` refuses the revoked host from the first handshake after
+/// SIGHUP (not before: the reload is what takes it), while other peers still get in;
+/// a replacement certificate of the same host copied over `--tls-cert/--tls-key` is
+/// what the listener presents after the next SIGHUP.
+#[test]
+fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let c = pki.host("host-c", &[]);
+    let z = pki.host("host-z", &[]);
+    let ca = pki.ca_dir();
+    pki.pki(&[
+        "revoke",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--cert",
+        z.cert.to_str().unwrap(),
+    ]);
+    let crl = pki.dir.path().join("b-crl.pem");
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--no-autostart".to_string(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    args.extend(tls_args(&b));
+    args.extend(["--tls-crl".into(), crl.display().to_string()]);
+    for p in ["host-a", "host-c", "host-z"] {
+        args.extend(["--peer".to_string(), p.to_string()]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dst = Daemon::start(&refs);
+    wait_listening(&addr, &dst);
+    let tls_of = |id: &IdentityFiles| {
+        HostIdentity::load(id.clone())
+            .unwrap()
+            .client_config()
+            .unwrap()
+    };
+    let probe = |id: &IdentityFiles| {
+        call(
+            &endpoint(&addr, "host-b", tls_of(id)),
+            "GET",
+            "/api/v1/migrations/none",
+            None,
+        )
+    };
+    assert_eq!(probe(&a).unwrap().0, 404, "host-a gets in");
+    assert!(probe(&z).is_err(), "host-z is revoked from the start");
+
+    pki.pki(&[
+        "revoke",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--cert",
+        a.cert.to_str().unwrap(),
+    ]);
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    assert_eq!(probe(&a).unwrap().0, 404, "the CRL in use until the reload");
+    sighup(&dst, 1);
+    let err = probe(&a).unwrap_err();
+    assert!(
+        err.to_lowercase().contains("revoked") || err.contains("certificate"),
+        "{err}"
+    );
+    dst.wait_log("Revoked");
+    assert_eq!(probe(&c).unwrap().0, 404, "host-c still gets in");
+
+    // Rotation: a new certificate and key for host-b over the files vireod reads.
+    let out = pki.dir.path().join("host-b-2");
+    pki.pki(&[
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--name",
+        "host-b",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let served = || {
+        let mut conn =
+            rustls::ClientConnection::new(tls_of(&c), ServerName::try_from("host-b").unwrap())
+                .unwrap();
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).unwrap();
+        }
+        conn.peer_certificates().unwrap()[0].clone().into_owned()
+    };
+    let first = CertificateDer::from_pem_file(&b.cert).unwrap();
+    assert_eq!(served(), first);
+    std::fs::copy(out.join("host.crt"), &b.cert).unwrap();
+    std::fs::copy(out.join("host.key"), &b.key).unwrap();
+    sighup(&dst, 2);
+    let second = CertificateDer::from_pem_file(&b.cert).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(served(), second, "the rotated certificate is served");
+    assert_eq!(probe(&c).unwrap().0, 404);
+    // A replacement that names another host is not taken; the one in use stays.
+    std::fs::copy(&c.cert, &b.cert).unwrap();
+    std::fs::copy(&c.key, &b.key).unwrap();
+    let pid = dst.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on the vireod this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let log = dst.wait_log("not reloaded");
+    assert!(log.contains("names host-c, not host-b"), "{log}");
+    assert_eq!(served(), second);
 }

@@ -49,8 +49,10 @@ fn max_overlap(records: &[Value]) -> usize {
 
 #[test]
 fn three_migrations_with_a_limit_of_two_queue_the_third_and_all_arrive_counting() {
-    let src = Daemon::start(&["--no-autostart", "--max-concurrent-migrations", "2"]);
-    let dst = Daemon::start(&["--no-autostart"]);
+    let (src, dst) = Daemon::pair(
+        &["--no-autostart", "--max-concurrent-migrations", "2"],
+        &["--no-autostart"],
+    );
     let mut src_events = Events::subscribe(&src.socket, "?vm=c");
     let names = ["a", "b", "c"];
     let mut pids = Vec::new();
@@ -198,8 +200,19 @@ fn three_migrations_with_a_limit_of_two_queue_the_third_and_all_arrive_counting(
 
 #[test]
 fn failed_migrations_leave_the_vm_running_and_supervised_on_the_source() {
-    let src = Daemon::start(&["--no-autostart", "--max-concurrent-migrations", "1"]);
-    let dst = Daemon::start(&["--no-autostart"]);
+    // A configured peer where no vireod listens.
+    let nobody_dir = tempfile::tempdir().unwrap();
+    let nobody = nobody_dir.path().join("vireod.sock");
+    let (src, dst) = Daemon::pair(
+        &[
+            "--no-autostart",
+            "--max-concurrent-migrations",
+            "1",
+            "--peer-socket",
+            nobody.to_str().unwrap(),
+        ],
+        &["--no-autostart"],
+    );
     define_dirty(&src, "x");
     src.define_counter("y", "Medium", "on-failure");
     for n in ["x", "y"] {
@@ -227,11 +240,8 @@ fn failed_migrations_leave_the_vm_running_and_supervised_on_the_source() {
     assert_eq!(src.pid("y"), Some(pid_y));
     dst.ok("DELETE", "/api/v1/vms/y", None);
 
-    // 2. No vireod at the destination socket.
-    let r = src.migrate(
-        "y",
-        &json!({"destination_agent": dst.dir.path().join("nobody.sock")}),
-    );
+    // 2. No vireod at the (configured) destination socket.
+    let r = src.migrate("y", &json!({"destination_agent": nobody}));
     let r = src.wait_migration(r["id"].as_str().unwrap(), T);
     assert_eq!(r["state"], "failed", "{r}");
     assert!(
@@ -345,11 +355,8 @@ fn migrate_requests_are_checked() {
     // Unknown VM, stopped VM, both or neither destination, a bad URL.
     let (s, b) = d.api("PUT", "/api/v1/vms/nope/migrate", Some("{}"));
     assert_eq!(s, 404, "{b}");
-    let (s, b) = d.api(
-        "PUT",
-        "/api/v1/vms/s/migrate",
-        Some(r#"{"destination_url":"unix:/x"}"#),
-    );
+    let url = json!({"destination_url": format!("unix:{}/vms/x.sock", d.run_dir.display())});
+    let (s, b) = d.api("PUT", "/api/v1/vms/s/migrate", Some(&url.to_string()));
     assert_eq!(s, 409, "{b}");
     assert!(b.contains("Stopped"), "{b}");
     for body in [
@@ -380,8 +387,7 @@ fn migrate_requests_are_checked() {
 /// vireod reports it Paused, its guest makes no progress there until resumed.
 #[test]
 fn a_paused_vm_migrates_and_stays_paused_until_resumed() {
-    let src = Daemon::start(&["--no-autostart"]);
-    let dst = Daemon::start(&["--no-autostart"]);
+    let (src, dst) = Daemon::pair(&["--no-autostart"], &["--no-autostart"]);
     src.define_counter("p", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/p/start", None);
     src.wait_serial("p", "tick 20 ", T);
@@ -413,4 +419,140 @@ fn a_paused_vm_migrates_and_stays_paused_until_resumed() {
     };
     assert!(ticks[0] > 20, "the guest started over: {ticks:?}");
     dst.wait_serial("p", &format!("tick {} ", ticks[0] + 5), T);
+}
+
+/// A raw disk of `size` bytes with a pattern at its start and its end.
+fn patterned_disk(path: &std::path::Path, size: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let head: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    f.write_all_at(&head, 0).unwrap();
+    f.write_all_at(&head, size - 4096).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Shared-nothing between two vireods (issue 11, part 3): the source's vireod fills each
+/// disk's size from its image, the destination's makes the copy in its storage_dir at
+/// that size (before, the receiving VMM got no sizes and refused every shared-nothing
+/// migration from a vireod). The copy holds the source's bytes, is exactly that size,
+/// and the destination's definition names it.
+#[test]
+fn a_shared_nothing_migration_between_vireods_copies_each_disk_at_its_size() {
+    let (src, dst) = Daemon::pair(&["--no-autostart"], &["--no-autostart"]);
+    let disk = src.dir.path().join("s.raw");
+    let bytes = patterned_disk(&disk, 2 << 20);
+    let mut config = common::counter_config();
+    config["disks"] = json!([{"path": disk, "format": "raw"}]);
+    src.ok(
+        "PUT",
+        "/api/v1/vms/s",
+        Some(&json!({"config": config, "priority": "Medium"}).to_string()),
+    );
+    src.ok("PUT", "/api/v1/vms/s/start", None);
+    src.wait_serial("s", "tick 5 ", T);
+    let copies = dst.dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let rec = src.migrate(
+        "s",
+        &json!({"destination_agent": dst.socket, "copy_storage": true, "storage_dir": copies}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(done["state"], "completed", "{done}\n{}", dst.log());
+    let v = dst.wait_state("s", "Running", T);
+    let copy = copies.join("s.raw");
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), 2 << 20);
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        bytes,
+        "the copy holds the disk"
+    );
+    let def = &v["definition"];
+    let d0 = &def["config"]["disks"][0];
+    assert_eq!(d0["path"], json!(copy), "{v}");
+    assert_eq!(d0["size"], 2 << 20, "{def}");
+}
+
+/// The destination bounds a shared-nothing copy by its definition's size, not by what
+/// the sender announces (issue 11, part 3): an incoming request without sizes is refused
+/// up front (before, it was accepted and its receiver started); a sending VMM that
+/// announces a 4 MiB disk where the definition says 1 MiB fails the migration naming
+/// the size, and no copy is created or grown beyond 1 MiB.
+#[test]
+fn a_sender_announcing_a_disk_bigger_than_the_definition_is_refused_and_nothing_grows() {
+    let dst = Daemon::start(&["--no-autostart"]);
+    let copies = dst.dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let secret = "ab".repeat(32);
+    let incoming = |size: Option<u64>| {
+        let mut disk = json!({"path": "/elsewhere/big.raw", "format": "raw"});
+        if let Some(s) = size {
+            disk["size"] = json!(s);
+        }
+        let mut config = common::counter_config();
+        config["disks"] = json!([disk]);
+        json!({
+            "name": "big",
+            "definition": {"config": config},
+            "storage_dir": copies,
+            "secret": secret,
+        })
+        .to_string()
+    };
+    let (s, b) = dst.api("POST", "/api/v1/migrations/incoming", Some(&incoming(None)));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("needs the disk's size"), "{b}");
+    assert!(dst.absent("big"));
+    let rec = dst.ok(
+        "POST",
+        "/api/v1/migrations/incoming",
+        Some(&incoming(Some(1 << 20))),
+    );
+    let url = rec["receiver_url"].as_str().unwrap().to_string();
+
+    // The sender: a plain VMM with a 4 MiB disk of that name.
+    let src_dir = tempfile::tempdir().unwrap();
+    let big = src_dir.path().join("big.raw");
+    patterned_disk(&big, 4 << 20);
+    let api_sock = src_dir.path().join("src.sock");
+    let vm = vireo_e2e::Vireo::guest(
+        "test=counter period_ms=10",
+        &[
+            "--memory",
+            "size=32M",
+            "--disk",
+            &format!("path={},format=raw", big.display()),
+            "--api-socket",
+            api_sock.to_str().unwrap(),
+        ],
+    )
+    .spawn();
+    vm.wait_serial("tick 2 ", T);
+    let (s, b) = common::http(
+        &api_sock,
+        "PUT",
+        "/api/v1/vm.send-migration",
+        Some(&json!({"destination_url": url, "copy_storage": true, "secret": secret}).to_string()),
+    );
+    assert!(s == 204 || s == 200, "{s} {b}");
+    let r = dst.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(r["state"], "failed", "{r}");
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(err.contains("disks[0].size"), "{err}\n{}", dst.log());
+    for f in std::fs::read_dir(&copies).unwrap() {
+        let f = f.unwrap();
+        assert!(
+            f.metadata().unwrap().len() <= 1 << 20,
+            "{:?} grew beyond the definition's size",
+            f.path()
+        );
+    }
+    assert!(dst.absent("big"));
+    // The sender keeps its VM.
+    let ticks = std::fs::read_to_string(&vm.serial).unwrap().len();
+    let start = Instant::now();
+    while std::fs::read_to_string(&vm.serial).unwrap().len() == ticks {
+        assert!(start.elapsed() < T, "the sender's guest stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -99,6 +99,11 @@ fn install_units(units: &Path, state: &Path, run: &Path) {
             guest = common::guest_dir().display()
         ),
     );
+    let agent = replace(
+        &agent,
+        "ReadWritePaths=/var/lib/vireo /run/vireo",
+        &format!("ReadWritePaths={state} {run}"),
+    );
     // StateDirectory=/RuntimeDirectory= would make /var/lib/vireo and /run/vireo; this
     // test's directories are given on the command line instead.
     let agent: String = agent
@@ -113,6 +118,18 @@ fn install_units(units: &Path, state: &Path, run: &Path) {
     let dropin = units.join("vireo@.service.d");
     std::fs::create_dir_all(&dropin).unwrap();
     std::fs::write(dropin.join("test.conf"), "[Service]\nWatchdogSec=2s\n").unwrap();
+
+    // A checkout under /tmp or /var/tmp (a CI clone) would be hidden by the units'
+    // PrivateTmp=yes: the binaries, the guest kernel and this test's directories live
+    // there. Bind it back into both units; elsewhere the shipped units run unchanged.
+    let workspace = vireo_e2e::workspace();
+    if workspace.starts_with("/tmp") || workspace.starts_with("/var/tmp") {
+        let bind = format!("[Service]\nBindPaths={}\n", workspace.display());
+        std::fs::write(dropin.join("checkout.conf"), &bind).unwrap();
+        let agent_dropin = units.join("vireod.service.d");
+        std::fs::create_dir_all(&agent_dropin).unwrap();
+        std::fs::write(agent_dropin.join("checkout.conf"), &bind).unwrap();
+    }
 
     for t in STAND_IN_TARGETS {
         std::fs::write(
@@ -314,7 +331,11 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
         vireo_e2e::skip_or_fail_under_ci(why);
         return;
     }
-    let dir = tempfile::Builder::new().prefix("sd").tempdir().unwrap();
+    // Not under /tmp: the units have PrivateTmp=yes (their /tmp is their own).
+    let dir = tempfile::Builder::new()
+        .prefix("sd")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
     let (units, state, run) = (
         dir.path().join("units"),
         dir.path().join("state"),
@@ -400,7 +421,11 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
     assert_eq!(st["last_exit"]["status"], 0, "{st}\n{}", sd.journal(unit));
     assert_eq!(st["last_exit"]["reason"], "requested", "{st}");
     assert!(!alive(vmm));
-    assert_eq!(sd.property(unit, "ActiveState"), "inactive");
+    // The exit record is written by ExecStopPost=; systemd then tears down the
+    // unit's private /tmp and mount namespace: "deactivating" for a moment.
+    wait_until("the unit to become inactive", || {
+        (sd.property(unit, "ActiveState") == "inactive").then_some(Value::Null)
+    });
     assert!(
         !run.join("vms/web.exit").exists(),
         "exit record left behind"

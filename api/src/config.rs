@@ -153,6 +153,11 @@ pub struct DiskConfig {
     /// EDQUOT (the host can free space), `report` for the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_error: Option<OnError>,
+    /// A clustered VM's fencing token (its ownership revision in the cluster store):
+    /// the disk is refused if `DISK.fence` beside it records a newer one, else the
+    /// token is recorded there (vmm/src/fencing.rs, docs/cluster.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<u64>,
     /// Replication: the directory of this disk's change log (Vireo Replica). Every
     /// completed write is recorded there; `vm.replica-cut` seals it into segments.
     /// Created if missing (beneath a storage root when the VMM has them).
@@ -497,6 +502,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         poll_us: DEFAULT_POLL_US,
         size: None,
         on_error: None,
+        fencing_token: None,
         replica_log: None,
     };
     let mut bw = (None, None);
@@ -519,6 +525,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "id" => d.id = Some(v),
             "num_queues" => d.num_queues = number(F, &k, &v)?,
             "poll_us" => d.poll_us = number(F, &k, &v)?,
+            "fencing_token" => d.fencing_token = Some(number(F, &k, &v)?),
             "size" => {
                 d.size = Some(parse_size(&v).ok_or_else(|| ConfigError::BadValue {
                     flag: F,
@@ -722,6 +729,16 @@ mod tests {
         let on = parse_disk("path=/a.vhdx").unwrap();
         assert!(serde_json::to_value(&on).unwrap().get("locking").is_none());
         assert!(parse_disk("path=/a,locking=maybe").is_err());
+        // A clustered VM's fencing token: a number, absent unless given.
+        assert_eq!(d.fencing_token, None);
+        let fenced = parse_disk("path=/a,fencing_token=42").unwrap();
+        assert_eq!(fenced.fencing_token, Some(42));
+        assert_eq!(serde_json::to_value(&fenced).unwrap()["fencing_token"], 42);
+        assert!(parse_disk("path=/a,fencing_token=-1").is_err());
+        assert!(serde_json::to_value(&on)
+            .unwrap()
+            .get("fencing_token")
+            .is_none());
         assert_eq!(d.serial.as_deref(), Some("abc"));
         assert_eq!(d.on_error, None);
         let d = parse_disk("path=/a,on_error=stop").unwrap();

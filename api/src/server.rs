@@ -201,6 +201,7 @@ fn router(state: AppState) -> Router {
             "/api/v1/vm.counters",
             get(|s| action(s, VmAction::Counters)),
         )
+        .route("/api/v1/vm.events", get(|s| action(s, VmAction::Events)))
         .fallback(|| async { error_response(ApiError::not_found("no such API endpoint")) })
         .with_state(state)
 }

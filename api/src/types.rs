@@ -248,6 +248,8 @@ pub enum VmAction {
     PowerButton,
     Info,
     Counters,
+    /// What happened unasked (a disk that stopped the VM).
+    Events,
     /// Writes a snapshot of the paused VM into this directory.
     Snapshot(std::path::PathBuf),
     /// Builds the VM from the snapshot in this directory (no VM may exist yet).

@@ -60,6 +60,18 @@ pub fn check_lexical(path: &Path) -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// Whether the socket `path` (lexically checked by the caller) is in one of the socket
+/// directories `dirs` or in a directory directly beneath one (vireod's `vms/NAME/`:
+/// each VM's own run directory holds its sockets). Decided on the path alone: a socket
+/// is bound or connected by name.
+pub fn in_socket_dir(path: &Path, dirs: &[PathBuf]) -> bool {
+    let Some(parent) = path.parent().filter(|_| path.file_name().is_some()) else {
+        return false;
+    };
+    dirs.iter()
+        .any(|d| parent == d.as_path() || parent.parent() == Some(d.as_path()))
+}
+
 impl Roots {
     /// Opens each root (absolute, an existing directory) and keeps its fd.
     pub fn new(roots: &[PathBuf], block_devices: &[PathBuf]) -> Result<Self, ConfineError> {

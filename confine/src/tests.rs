@@ -243,3 +243,19 @@ fn the_longest_matching_root_is_used_and_a_root_itself_is_not_a_file() {
     assert!(roots.contains(&s.root.join("x")));
     assert!(!roots.contains(&s.outside));
 }
+
+#[test]
+fn a_socket_dir_admits_its_sockets_and_its_vm_directories_sockets_only() {
+    let dirs = [PathBuf::from("/run/vireo/vms")];
+    for ok in ["/run/vireo/vms/a.sock", "/run/vireo/vms/web/migrate.sock"] {
+        assert!(in_socket_dir(Path::new(ok), &dirs), "{ok}");
+    }
+    for bad in [
+        "/run/vireo/vms",
+        "/run/vireo/other.sock",
+        "/run/vireo/vms/web/deeper/x.sock",
+        "/run/systemd/notify",
+    ] {
+        assert!(!in_socket_dir(Path::new(bad), &dirs), "{bad}");
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`memory`]: guest memory to and from files, skipping zero pages.
 //! - [`protocol`]: the live-migration wire protocol (framed messages, page runs).
 //! - [`transport`]: migration URLs (unix, TCP) with timeouts and keepalives.
+//! - [`pem`]: PEM certificates, keys, CA roots and CRLs, certificate names.
 //! - [`tls`]: mutual TLS (rustls) on top of either, with an allow-list of sources.
 //! - [`auth`]: every stream proves it knows the migration's one-time secret.
 //!
@@ -12,6 +13,7 @@
 
 pub mod auth;
 pub mod memory;
+pub mod pem;
 pub mod protocol;
 pub mod snapshot;
 pub mod tls;

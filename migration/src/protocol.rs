@@ -312,6 +312,29 @@ pub fn send<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<(), ProtocolErr
     Ok(())
 }
 
+/// How much of a payload is read at a time: a frame's buffer grows with the bytes that
+/// actually arrive, by at most this much ahead of them.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Reads a `len`-byte payload into a buffer that grows with what the peer sends, so a
+/// header that claims [`MAX_FRAME`] bytes and then stops costs what was sent, not 64 MiB.
+fn read_payload<R: Read + ?Sized>(r: &mut R, len: u64) -> std::io::Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(|_| std::io::ErrorKind::InvalidData)?;
+    let mut payload = Vec::new();
+    while payload.len() < len {
+        let start = payload.len();
+        let want = (len - start).min(READ_CHUNK);
+        payload.resize(start + want, 0);
+        match r.read(&mut payload[start..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => payload.truncate(start + n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => payload.truncate(start),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(payload)
+}
+
 pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
     let mut hdr = [0u8; 12];
     r.read_exact(&mut hdr)?;
@@ -322,8 +345,7 @@ pub fn recv<R: Read + ?Sized>(r: &mut R) -> Result<Message, ProtocolError> {
     if len > MAX_FRAME {
         return Err(ProtocolError::FrameTooBig(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    let payload = read_payload(r, len)?;
     Ok(match kind {
         K_HELLO => {
             let h: Hello =
@@ -476,6 +498,65 @@ pub fn runs(payload: &[u8]) -> Result<Vec<PageRun<'_>>, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that sends `data` and then ends, noting the largest buffer it was asked
+    /// to fill (what the receiver had allocated for the bytes still to come).
+    struct Stingy {
+        data: std::io::Cursor<Vec<u8>>,
+        largest_ask: usize,
+    }
+
+    impl Read for Stingy {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.largest_ask = self.largest_ask.max(buf.len());
+            self.data.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_frame_claiming_64_mib_costs_only_what_arrives() {
+        let mut data = K_STATE.to_le_bytes().to_vec();
+        data.extend_from_slice(&MAX_FRAME.to_le_bytes());
+        data.extend_from_slice(&[9u8; 100]);
+        let mut peer = Stingy {
+            data: std::io::Cursor::new(data),
+            largest_ask: 0,
+        };
+        match recv(&mut peer) {
+            Err(ProtocolError::Io(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof)
+            }
+            other => panic!("expected the end of the stream, got {other:?}"),
+        }
+        assert!(
+            peer.largest_ask <= READ_CHUNK,
+            "asked to fill {} bytes at once",
+            peer.largest_ask
+        );
+    }
+
+    #[test]
+    fn a_frame_arriving_in_small_pieces_is_read_whole() {
+        let mut buf = Vec::new();
+        let state: Vec<u8> = (0..3 * READ_CHUNK + 5).map(|i| i as u8).collect();
+        send(&mut buf, &Message::State(state.clone())).unwrap();
+        // At most 1000 bytes per read, interrupted now and then, like a slow socket.
+        struct Trickle(std::io::Cursor<Vec<u8>>, u32);
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                self.1 += 1;
+                if self.1.is_multiple_of(7) {
+                    return Err(std::io::ErrorKind::Interrupted.into());
+                }
+                let n = buf.len().min(1000);
+                self.0.read(&mut buf[..n])
+            }
+        }
+        match recv(&mut Trickle(std::io::Cursor::new(buf), 0)).unwrap() {
+            Message::State(s) => assert_eq!(s, state),
+            other => panic!("expected State, got {}", other.name()),
+        }
+    }
 
     #[test]
     fn messages_round_trip_through_a_byte_stream() {

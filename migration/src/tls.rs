@@ -16,16 +16,15 @@
 //! client waits for: a refusal is reported by `connect`, with the peer's alert.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// The byte a TLS server writes once it has accepted the client's certificate.
@@ -44,19 +43,8 @@ pub struct TlsFiles {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read TLS {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS {what} {path}: {reason}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    #[error(transparent)]
+    Pem(#[from] crate::pem::PemError),
     #[error("TLS: give both cert and key, or neither")]
     CertWithoutKey,
     #[error("TLS: the destination needs its own cert and key (sources must present one)")]
@@ -67,8 +55,6 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
-    #[error("TLS: CA file {path}: {reason}")]
-    BadCa { path: PathBuf, reason: String },
     #[error("TLS: '{0}' is not a valid server name (a DNS name or an IP address)")]
     ServerName(String),
     #[error("TLS: {0}")]
@@ -77,52 +63,7 @@ pub enum TlsError {
     NoAllowedPeers,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
-    let bad = |reason: String| TlsError::Pem {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no PEM certificate in it".into()));
-    }
-    Ok(certs)
-}
-
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read("key", path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
-        what: "key",
-        path: path.to_path_buf(),
-        reason: match e {
-            rustls::pki_types::pem::Error::NoItemsFound => "no PEM private key in it".into(),
-            e => e.to_string(),
-        },
-    })
-}
-
-fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in certs("CA", path)? {
-        roots.add(c).map_err(|e| TlsError::BadCa {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    }
-    Ok(roots)
-}
+use crate::pem::{certs, key, roots};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -255,13 +196,17 @@ impl ServerTls {
             provider.clone(),
         )
         .build()
-        .map_err(|e| TlsError::BadCa {
+        .map_err(|e| crate::pem::PemError::BadCa {
             path: files.ca.clone(),
             reason: e.to_string(),
         })?;
         let verifier = Arc::new(PeerAllowList {
             inner: verifier,
-            allowed: allowed_peers.to_vec(),
+            // Host names compare without case (as certificate_names gives them).
+            allowed: allowed_peers
+                .iter()
+                .map(|a| a.to_ascii_lowercase())
+                .collect(),
         });
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -299,24 +244,7 @@ pub struct PeerAllowList {
     allowed: Vec<String>,
 }
 
-/// The names a certificate identifies its holder by: subject CNs, then DNS SANs.
-pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let mut names: Vec<String> = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
-        .collect();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let GeneralName::DNSName(d) = n {
-                names.push((*d).to_string());
-            }
-        }
-    }
-    Ok(names)
-}
+pub use crate::pem::certificate_names;
 
 impl ClientCertVerifier for PeerAllowList {
     fn offer_client_auth(&self) -> bool {

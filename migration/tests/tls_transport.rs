@@ -266,7 +266,10 @@ fn bad_certificate_files_are_named_errors() {
         &peers(),
     )
     .unwrap_err();
-    assert!(matches!(e, TlsError::Read { .. }), "{e}");
+    assert!(
+        matches!(e, TlsError::Pem(migration::pem::PemError::Read { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("missing.pem"), "{e}");
     assert!(e.to_string().contains("No such file"), "{e}");
 

@@ -69,12 +69,77 @@ fn the_control_thread_cannot_start_processes() {
 }
 
 #[test]
+fn the_control_thread_cannot_make_an_ioctl_outside_its_list() {
+    let out = probe("control:ioctl-tiocsti", &[]);
+    assert_killed_for(&out, "vireo", "ioctl");
+    assert!(stderr(&out).contains("ioctl (16) with request 0x5412;"));
+}
+
+/// A `vireo` without a VM that starts receiving a migration on a unix socket with
+/// `VIREO_TEST_SYSCALL=probe` set: the receive thread makes the call as it starts.
+fn receive_probe(probe: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let child = std::process::Command::new(vireo_e2e::bin("vireo"))
+        .arg("--api-socket")
+        .arg(&sock)
+        .env("VIREO_TEST_SYSCALL", probe)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    vireo_e2e::wait_for_socket(&sock, T);
+    let body = serde_json::json!({
+        "receiver_url": format!("unix:{}", dir.path().join("in.sock").display()),
+        "secret": vireo_e2e::MIGRATION_SECRET,
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=boot"},
+            "memory": {"size": 64u64 << 20},
+        },
+    });
+    let (status, text) = vireo_e2e::api(
+        &sock,
+        "PUT",
+        "vm.receive-migration",
+        Some(&body.to_string()),
+    );
+    // 0: the receive thread's probe ended the process before the API answered.
+    assert!(status == 204 || status == 0, "{status} {text}");
+    vireo_e2e::wait_with_timeout(child, T)
+}
+
+#[test]
+fn the_migration_receive_thread_cannot_open_files_or_make_ioctls() {
+    // The thread that parses what a migration source sends (comm names are cut at 15
+    // bytes: vireo-migrate-recv).
+    assert_killed_for(
+        &receive_probe("receive:openat"),
+        "vireo-migrate-r",
+        "openat",
+    );
+    assert_killed_for(
+        &receive_probe("receive:socket"),
+        "vireo-migrate-r",
+        "socket",
+    );
+    let out = receive_probe("receive:ioctl-tiocsti");
+    assert_killed_for(&out, "vireo-migrate-r", "ioctl");
+}
+
+#[test]
 fn without_seccomp_the_probes_run() {
     // The same probe with filtering off proves the hook really makes the call.
     let out = probe("vcpu:openat", &["--seccomp", "false"]);
     let err = stderr(&out);
     assert!(
         err.contains("vireo: test hook: openat on the vcpu thread returned "),
+        "{err}"
+    );
+    let out = probe("control:ioctl-tiocsti", &["--seccomp", "false"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("vireo: test hook: ioctl-tiocsti on the control thread returned -1"),
         "{err}"
     );
 }

@@ -367,7 +367,13 @@ fn migrate_and_check_with(
     );
     let _ = src_serial_path;
     let dst_out = dst.wait();
-    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap_or_else(|e| {
+        panic!(
+            "no destination serial ({e}); destination: {:?} {}",
+            dst_out.status,
+            String::from_utf8_lossy(&dst_out.stderr)
+        )
+    });
     assert_guest_ok(&dst_out, &dst_serial);
     assert!(
         dst_serial.contains(&format!("work done iter={ops}")),
@@ -1320,7 +1326,13 @@ fn source_killed_right_after_the_commit_leaves_the_vm_running_at_the_destination
     );
     // Exactly one VM runs: the destination's, to the end, every page and block checked.
     let dst_out = dst.wait();
-    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap_or_else(|e| {
+        panic!(
+            "no destination serial ({e}); destination: {:?} {}",
+            dst_out.status,
+            String::from_utf8_lossy(&dst_out.stderr)
+        )
+    });
     assert_guest_ok(&dst_out, &dst_serial);
     assert!(
         dst_serial.contains(&format!("work done iter={ops}")),
@@ -1921,7 +1933,13 @@ fn strangers_and_a_forged_page_stream_join_are_refused_while_the_real_migration_
     assert_eq!(src_out.status.code(), Some(0), "{}", plain(&src_out.stderr));
     assert!(plain(&src_out.stderr).contains("connections=4"));
     let dst_out = dst.wait();
-    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap_or_else(|e| {
+        panic!(
+            "no destination serial ({e}); destination: {:?} {}",
+            dst_out.status,
+            String::from_utf8_lossy(&dst_out.stderr)
+        )
+    });
     assert_guest_ok(&dst_out, &dst_serial);
     assert!(
         dst_serial.contains(&format!("work done iter={ops}")),
@@ -2029,6 +2047,11 @@ fn live_migration_between_jailed_vmms_over_unix_and_tcp() {
             "{transport}: {}",
             String::from_utf8_lossy(&src_out.stderr)
         );
+        // Shown if the destination fails: what the source saw.
+        eprintln!(
+            "{transport} source log:\n{}",
+            String::from_utf8_lossy(&src_out.stderr)
+        );
         let dst_out = wait_with_timeout(dst, T);
         let text = std::fs::read_to_string(&dst_serial).unwrap();
         assert_guest_ok(&dst_out, &text);
@@ -2079,7 +2102,17 @@ fn storage_migration_works_in_a_jail() {
     );
     let (s, b) = api(&sock, "PUT", "vm.migrate-disk", Some(&body));
     assert_eq!(s, 204, "{b}");
-    let info = wait_disk_migration(&sock);
+    let info = match std::panic::catch_unwind(|| wait_disk_migration(&sock)) {
+        Ok(info) => info,
+        Err(_) => {
+            let out = src.wait(T);
+            panic!(
+                "no answer about the storage migration; the VMM: {:?} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
     assert_eq!(info["status"], "completed", "{info}");
     assert!(!disk.exists(), "the old image is deleted after the switch");
     let serial = src.wait_serial("vireo-guest: result ok", T);

@@ -330,3 +330,63 @@ fn vmm_api_paths_outside_the_roots_are_refused_and_nothing_is_created() {
     assert_eq!(api(&sock2, "PUT", "vmm.shutdown", None).0, 204);
     let _ = child.wait();
 }
+
+/// Guards `vm.send-migration` with `--storage-root`: a `unix:` destination must be
+/// beneath a root or in a `--socket-dir` (the receive side's rule). Without the check
+/// the VMM connects to any socket a caller names (and streams the guest's memory to
+/// it): here a listening socket outside would see a connection.
+#[test]
+fn send_migration_to_a_socket_outside_the_roots_and_socket_dirs_is_refused_unconnected() {
+    use std::os::unix::net::UnixListener;
+    let d = dirs();
+    let sock_dir = d.tmp.path().join("socks");
+    std::fs::create_dir(&sock_dir).unwrap();
+    let sock = sock_dir.join("vm.sock");
+    let vm = confined(
+        &d,
+        "test=counter period_ms=10",
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--socket-dir",
+            sock_dir.to_str().unwrap(),
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("tick 2 ", T);
+    let thief = UnixListener::bind(d.outside.join("m.sock")).unwrap();
+    thief.set_nonblocking(true).unwrap();
+    let send = |url: String| {
+        api(
+            &sock,
+            "PUT",
+            "vm.send-migration",
+            Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
+        )
+    };
+    for (url, why) in [
+        (
+            format!("unix:{}/m.sock", d.outside.display()),
+            "outside every storage root",
+        ),
+        (
+            format!("unix:{}/../outside/m.sock", sock_dir.display()),
+            "'..' is not allowed",
+        ),
+    ] {
+        let (s, body) = send(url.clone());
+        assert_eq!(s, 400, "{url}: {body}");
+        assert!(body.contains(why), "{url}: want {why:?}: {body}");
+        assert!(body.contains("destination_url"), "{body}");
+    }
+    match thief.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the VMM connected to the socket outside: {other:?}"),
+    }
+    let (s, info) = api(&sock, "GET", "vm.info", None);
+    assert_eq!(s, 200, "{info}");
+    assert!(info.contains("\"Running\""), "{info}");
+    assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(vm.wait(T).status.code(), Some(0));
+}

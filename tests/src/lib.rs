@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod etcd;
 #[path = "../guest/netframe.rs"]
 pub mod netframe;
 pub mod netns;

@@ -47,6 +47,8 @@ pub enum DeviceError {
     },
     #[error("disk image {0}")]
     Confined(String),
+    #[error(transparent)]
+    Fence(#[from] crate::fencing::FenceError),
     #[error("replica: {0}")]
     Replica(String),
     #[error("the PCI MMIO window is full")]
@@ -202,6 +204,11 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError>
             crate::confinement::parent_opener(),
         )?),
     };
+    // With the image's lock held (taken by the backend), so no other VMM on this
+    // image runs the check at the same time.
+    if let Some(token) = cfg.fencing_token {
+        crate::fencing::admit(&cfg.path, token)?;
+    }
     match cfg.size {
         Some(declared) if declared != disk.size() => Err(DeviceError::DiskSize {
             path: cfg.path.display().to_string(),

@@ -8,7 +8,9 @@
 //!
 //! In order (as root, single-threaded):
 //! 1. network namespace (`netns=PATH`), cgroup v1 `memory` and `pids` children of the
-//!    current cgroups with `memory.limit_in_bytes` and `pids.max`;
+//!    current cgroups with `memory.limit_in_bytes` and `pids.max` (cgroup v2: the
+//!    child NAME of the current cgroup with `memory.max` and `pids.max`, see
+//!    [`crate::cgroup2`]);
 //! 2. new mount, IPC and UTS namespaces; every path the VM names (kernel, initramfs,
 //!    disks, serial/console files, the API socket's directory, `bind=` extras) is
 //!    bind-mounted at the same path under `root=DIR`, plus /dev/kvm, /dev/urandom
@@ -95,6 +97,8 @@ pub struct JailConfig {
 pub enum JailError {
     #[error("--jail: {0}")]
     Parse(String),
+    #[error("jail: cgroup v2: {0}")]
+    Cgroup2(#[from] crate::cgroup2::Cgroup2Error),
     #[error("jail: {what}: {source}")]
     Sys {
         what: String,
@@ -266,8 +270,13 @@ fn current_cgroup(controller: &str) -> Result<String, JailError> {
         .ok_or_else(|| JailError::Parse(format!("no cgroup v1 '{controller}' hierarchy")))
 }
 
-/// cgroup v1 (this project's hosts): NAME under the current `memory` and `pids` cgroups.
+/// cgroup v1 (this project's hosts): NAME under the current `memory` and `pids` cgroups;
+/// cgroup v2: see [`crate::cgroup2`].
 fn enter_cgroups(name: &str, cfg: &JailConfig) -> Result<(), JailError> {
+    if crate::cgroup2::mounted() {
+        crate::cgroup2::enter(name, cfg.memory_max, cfg.pids_max)?;
+        return Ok(());
+    }
     let limits = [
         ("memory", "memory.limit_in_bytes", cfg.memory_max),
         ("pids", "pids.max", cfg.pids_max),

@@ -6,10 +6,13 @@
 pub mod activator;
 pub mod arch;
 pub mod boot;
+pub mod cgroup2;
 pub mod coalesced;
 pub mod confinement;
 pub mod device_manager;
+pub mod events;
 pub mod fault;
+pub mod fencing;
 pub mod jail;
 pub mod kvm;
 pub mod layout;

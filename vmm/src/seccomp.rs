@@ -25,8 +25,9 @@ use seccompiler::{
 #[repr(u8)]
 pub enum ThreadKind {
     /// The main thread: the control loop, which also creates and tears down VMs. The
-    /// migration send/receive threads and the storage copy thread run under it too
-    /// (the receive thread assembles the arriving VM: KVM, its disks).
+    /// migration send thread, the storage copy thread and the thread accepting
+    /// migration connections run under it too. It also builds an arriving VM (KVM, its
+    /// disks, taps) for the receive thread.
     Control,
     /// A vCPU: KVM_RUN and device emulation on exits. Device activation and reset,
     /// which start and stop worker threads, open timers and flush disks, run on the
@@ -51,10 +52,16 @@ pub enum ThreadKind {
     /// writes the network stream and copies pages through the guest memory mapping;
     /// no files, no ioctls, no new sockets.
     PageStream,
+    /// The migration receive thread (`vireo-migrate-recv`): it parses the control
+    /// stream, writes pages into guest memory and blocks into the disks opened for it,
+    /// and starts the page streams. No files, sockets or ioctls: the control thread
+    /// opens /dev/kvm, disks and taps and restores the VM for it
+    /// (`live::receive::on_control`).
+    Receive,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -64,11 +71,15 @@ impl ThreadKind {
         ThreadKind::ConsoleWorker,
         ThreadKind::NetWorker,
         ThreadKind::PageStream,
+        ThreadKind::Receive,
     ];
 
     /// Whether threads of this kind start other threads.
     fn spawns_threads(self) -> bool {
-        matches!(self, ThreadKind::Control | ThreadKind::Activator)
+        matches!(
+            self,
+            ThreadKind::Control | ThreadKind::Activator | ThreadKind::Receive
+        )
     }
 }
 
@@ -104,45 +115,8 @@ pub enum SeccompError {
     },
 }
 
-// ioctl request numbers the restricted threads may use.
-#[cfg(test)]
-mod ioctl_numbers {
-    #[test]
-    fn computed_numbers_match_the_kernel_headers() {
-        // From <linux/kvm.h> on x86_64.
-        assert_eq!(
-            super::kvm_ior::<kvm_bindings::kvm_regs>(0x81),
-            super::KVM_GET_REGS
-        );
-        assert_eq!(super::VCPU_SAVE_IOCTLS[0], 0x8138_ae83); // KVM_GET_SREGS
-        assert_eq!(super::VCPU_SAVE_IOCTLS[1], 0xc008_ae88); // KVM_GET_MSRS
-        assert_eq!(super::VCPU_SAVE_IOCTLS[6], 0x9000_aea4); // KVM_GET_XSAVE
-    }
-}
-const KVM_RUN: u64 = 0xae80;
-const KVM_GET_REGS: u64 = 0x8090_ae81;
-const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
-/// `_IOR(KVMIO, nr, T)` and `_IOWR(KVMIO, nr, T)`.
-const fn kvm_ior<T>(nr: u64) -> u64 {
-    (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
-}
-const fn kvm_iowr<T>(nr: u64) -> u64 {
-    (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
-}
-/// What a paused vCPU thread reads to save its own state (snapshot, migration).
-const VCPU_SAVE_IOCTLS: [u64; 8] = [
-    kvm_ior::<kvm_bindings::kvm_sregs>(0x83),
-    kvm_iowr::<kvm_bindings::kvm_msrs>(0x88),
-    kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
-    kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
-    kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
-    kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
-    kvm_ior::<kvm_bindings::kvm_xsave>(0xa4),
-    kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6),
-];
-const TCGETS: u64 = 0x5401;
-const TIOCGWINSZ: u64 = 0x5413;
-const FIONBIO: u64 = 0x5421;
+mod ioctls;
+use ioctls::{FIONBIO, KVM_GET_REGS, KVM_RUN, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ};
 
 /// Starting threads: `clone` with `CLONE_THREAD` (rules in [`rules_for`]), `clone3`
 /// (answered ENOSYS by [`clone3_enosys`] before this filter allows it), and `seccomp`
@@ -248,7 +222,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_listen,
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
-    libc::SYS_ioctl,
     libc::SYS_flock,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
@@ -293,6 +266,22 @@ fn clone_threads_only() -> Result<Vec<SeccompRule>, String> {
 /// must allow too, since they run under its filter as well as their own.
 const WORKER_IOCTLS: [u64; 3] = [KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
 
+/// Every ioctl the control thread makes, and the threads it starts (vCPUs, device
+/// workers, migration threads: they run under its filter too): KVM's system, VM and
+/// vCPU requests, taps, terminals, non-blocking sockets. No block-device, terminal-
+/// input, or other driver's request.
+fn control_ioctls() -> Vec<u64> {
+    let mut all = vec![KVM_RUN, KVM_GET_REGS, TCGETS, TIOCGWINSZ, FIONBIO];
+    all.extend(ioctls::KVM_SYSTEM);
+    all.extend(ioctls::KVM_VM);
+    all.extend(ioctls::KVM_VCPU_SAVE);
+    all.extend(ioctls::KVM_VCPU_SETUP);
+    all.extend(ioctls::TAP);
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let allow = |rules: &mut BTreeMap<i64, Vec<SeccompRule>>, list: &[i64]| {
@@ -310,6 +299,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             allow(&mut rules, DISK_IO);
             allow(&mut rules, SOCKETS);
             allow(&mut rules, CONTROL);
+            rules.insert(libc::SYS_ioctl, ioctls(&control_ioctls())?);
         }
         ThreadKind::Vcpu => {
             // Emulation only: serial output (write), interrupts, its own state.
@@ -321,7 +311,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
                 &[libc::SYS_pwrite64, libc::SYS_pread64, libc::SYS_ftruncate],
             );
             let mut allowed = vec![KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
-            allowed.extend(VCPU_SAVE_IOCTLS);
+            allowed.extend(ioctls::KVM_VCPU_SAVE);
             rules.insert(libc::SYS_ioctl, ioctls(&allowed)?);
         }
         ThreadKind::Api => {
@@ -362,6 +352,12 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::PageStream => {
             allow(&mut rules, SOCKETS);
+        }
+        ThreadKind::Receive => {
+            // The streams it was handed, and writes and flushes of the disks the
+            // control thread opened for a shared-nothing migration.
+            allow(&mut rules, SOCKETS);
+            allow(&mut rules, DISK_IO);
         }
     }
     Ok(rules)
@@ -464,10 +460,21 @@ impl Filters {
 /// thread may not make: found by a TLS migration, whose page streams free large
 /// frames). With a trim threshold above the largest per-thread heap (64 MiB), heaps are
 /// never shrunk, only deleted whole (munmap, no file); the main arena no longer gives
-/// its top back with brk either. Call before any thread starts.
+/// its top back with brk either.
+///
+/// When a thread needs a new arena and there are already more than 8, glibc counts the
+/// CPUs once for the process by reading /sys/devices/system/cpu/online: found when
+/// page streams, started by the receive thread (no openat), were the first to get
+/// there. With the arena limit set here (glibc's own default, 8 per CPU) it never
+/// counts. Call before any thread starts.
 pub fn keep_malloc_off_the_filesystem() {
-    // SAFETY: mallopt only sets an allocator parameter.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
 }
 
 /// Names of the system calls a violation may name (`SYS_` stripped when printed);
@@ -669,6 +676,21 @@ impl Line {
         }
     }
 
+    fn push_hex(&mut self, mut n: u64) {
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(b"0x");
+        self.push(&digits[i..]);
+    }
+
     fn push_number(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -684,8 +706,9 @@ impl Line {
     }
 }
 
-/// `vireo: error: seccomp: thread T made the forbidden system call NAME (NR); ...`.
-fn violation_line(thread: &[u8], nr: i64) -> Line {
+/// `vireo: error: seccomp: thread T made the forbidden system call NAME (NR); ...`,
+/// with the request number of a refused `ioctl` (`ioctl (16) with request 0x5412`).
+fn violation_line(thread: &[u8], nr: i64, arg1: u64) -> Line {
     let mut line = Line {
         buf: [0; 256],
         len: 0,
@@ -696,21 +719,36 @@ fn violation_line(thread: &[u8], nr: i64) -> Line {
     line.push(syscall_name(nr).unwrap_or("?").as_bytes());
     line.push(b" (");
     line.push_number(nr.max(0) as u64);
-    line.push(b"); ending the process (run with --seccomp log to list them)\n");
+    line.push(b")");
+    if nr == libc::SYS_ioctl {
+        line.push(b" with request ");
+        line.push_hex(arg1 & 0xffff_ffff);
+    }
+    line.push(b"; ending the process (run with --seccomp log to list them)\n");
     line
 }
 
 /// Installs the SIGSYS handler that reports a violation and ends the process.
 pub fn install_violation_handler() {
-    extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    extern "C" fn on_sigsys(
+        _: libc::c_int,
+        info: *mut libc::siginfo_t,
+        context: *mut libc::c_void,
+    ) {
         // siginfo_t for SIGSYS: the system call number is the int at byte offset 24.
         // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.
         let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
+        // The registers at the refused call: its second argument is in RSI.
+        // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted
+        // thread's ucontext_t, valid for the handler's duration.
+        let arg1 = unsafe {
+            (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize]
+        };
         let mut name = [0u8; 17];
         // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the buffer; prctl
         // is allowed by every filter and async-signal-safe.
         unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
-        let line = violation_line(&name, i64::from(nr));
+        let line = violation_line(&name, i64::from(nr), arg1 as u64);
         // SAFETY: write(2) and _exit(2) are async-signal-safe.
         unsafe {
             libc::write(2, line.buf.as_ptr().cast(), line.len);
@@ -896,6 +934,133 @@ mod tests {
         assert_eq!(under(ThreadKind::Activator, timer), 0);
     }
 
+    /// An ioctl with a request number only: the filter answers before any driver,
+    /// so EPERM is the filter's refusal and EBADF (fd -1) means it was let through.
+    fn ioctl_request(request: u64) -> i32 {
+        // SAFETY: fd -1 makes the kernel fail the call before touching the pointer.
+        let r = unsafe { libc::ioctl(-1, request as _, std::ptr::null_mut::<u8>()) };
+        errno_of(r.into())
+    }
+
+    #[test]
+    fn the_control_thread_makes_only_its_own_ioctls() {
+        let allowed = control_ioctls();
+        // What it may make: KVM's system, VM and vCPU requests, taps, terminals.
+        for request in [
+            ioctls::KVM_CREATE_VM, // vm.create, vm.restore, an incoming migration
+            KVM_RUN,
+            KVM_SIGNAL_MSI,
+            ioctls::KVM_VM[1], // KVM_GET_DIRTY_LOG
+            ioctls::TAP[0],    // TUNSETIFF
+            TCGETS,
+            FIONBIO,
+        ] {
+            assert!(allowed.contains(&request), "{request:#x}");
+        }
+        let got = under(ThreadKind::Control, move || {
+            let lets_through: Vec<i32> = allowed.iter().map(|&r| ioctl_request(r)).collect();
+            let refused = [
+                0x5412,        // TIOCSTI: type into a terminal
+                0x1277,        // BLKDISCARD
+                0xc00c_aee0,   // KVM_CREATE_DEVICE
+                0x4080_aebf,   // KVM_SET_NESTED_STATE
+                0x4004_54cb,   // TUNSETPERSIST
+                0x5451,        // FIOCLEX: not used (fds are opened O_CLOEXEC)
+                0x1_0000_ae80, // KVM_RUN in the low 32 bits only counts as KVM_RUN
+            ]
+            .map(ioctl_request);
+            (lets_through, refused)
+        });
+        assert!(got.0.iter().all(|&e| e == libc::EBADF), "{:?}", got.0);
+        assert_eq!(got.1[..6], [libc::EPERM; 6]);
+        // The kernel reads the request as a 32-bit int: so does the filter.
+        assert_eq!(got.1[6], libc::EBADF);
+    }
+
+    #[test]
+    fn the_receive_thread_only_reads_streams_and_writes_disks_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("disk")).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"x").unwrap();
+        let path = std::ffi::CString::new(victim.to_str().unwrap()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let got = under(ThreadKind::Receive, move || {
+            // SAFETY: pwrite64 from a live buffer to our own fd.
+            let write = unsafe { libc::pwrite64(fd, b"data".as_ptr().cast(), 4, 0) };
+            // SAFETY: unlink of a valid C string.
+            let unlink = errno_of(unsafe { libc::unlink(path.as_ptr()) }.into());
+            (
+                write,
+                open_root(),
+                new_socket(),
+                ioctl_request(ioctls::KVM_CREATE_VM),
+                ioctl_request(KVM_RUN),
+                ioctl_request(FIONBIO),
+                unlink,
+                timer(),
+                spawn_thread(),
+            )
+        });
+        assert_eq!(got.0, 4, "writes a disk it was handed");
+        let refused = [got.1, got.2, got.3, got.4, got.5, got.6, got.7];
+        assert_eq!(
+            refused,
+            [libc::EPERM; 7],
+            "openat socket ioctl*3 unlink timerfd"
+        );
+        assert!(got.8, "starts its page stream threads");
+        assert!(victim.exists());
+        drop(file);
+    }
+
+    /// Found by the four-connection migration: a thread started by a thread without
+    /// openat (the receive thread starting page streams) was killed for glibc reading
+    /// /sys/devices/system/cpu/online as it made its ninth malloc arena. Run in a child
+    /// process (this test binary again) with the real filter and violation handler:
+    /// 32 threads alive at once, each allocating, must not end it.
+    #[test]
+    fn threads_started_under_a_filter_without_openat_never_make_malloc_open_a_file() {
+        const CHILD: &str = "VIREO_TEST_ARENA_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            keep_malloc_off_the_filesystem();
+            install_violation_handler();
+            Filters::new(SeccompMode::Enforce)
+                .unwrap()
+                .apply(ThreadKind::Receive)
+                .unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(32));
+            let threads: Vec<_> = (0..32)
+                .map(|i| {
+                    let b = barrier.clone();
+                    std::thread::spawn(move || {
+                        let v = vec![i as u8; 4096 * (i + 1)];
+                        b.wait();
+                        v.iter().map(|&x| u64::from(x)).sum::<u64>()
+                    })
+                })
+                .collect();
+            let sum: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert!(sum > 0);
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "seccomp::tests::threads_started_under_a_filter_without_openat_never_make_malloc_open_a_file",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{:?}: {err}", out.status);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "the child ran the test"
+        );
+    }
+
     #[test]
     fn page_streams_make_no_ioctl() {
         let e = under(ThreadKind::PageStream, || ioctl_on_stdin(KVM_SIGNAL_MSI));
@@ -904,12 +1069,18 @@ mod tests {
 
     #[test]
     fn a_violation_names_the_thread_and_the_system_call() {
-        let line = violation_line(b"vireo-vcpu0\0\0\0", libc::SYS_openat);
+        let line = violation_line(b"vireo-vcpu0\0\0\0", libc::SYS_openat, 0x5412);
         let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
         assert_eq!(
             text,
             "vireo: error: seccomp: thread vireo-vcpu0 made the forbidden system call \
              openat (257); ending the process (run with --seccomp log to list them)\n"
+        );
+        let line = violation_line(b"vireo\0", libc::SYS_ioctl, 0xffff_ffff_0000_5412);
+        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
+        assert!(
+            text.contains("forbidden system call ioctl (16) with request 0x5412; ending"),
+            "{text}"
         );
         assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
         assert_eq!(syscall_name(100_000), None);

@@ -3,9 +3,10 @@
 //!
 //! - `VIREO_TEST_PANIC_VCPU=now|after-resume`: vCPU 0 panics at its first exit, or at
 //!   its first exit after a pause and resume.
-//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`) makes a system
+//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`, `receive`: the
+//!   migration receive thread as it starts) makes a system
 //!   call its filter should refuse once it is confined (`openat`, `execve`, `socket`,
-//!   `fork`) and prints the outcome if it survives.
+//!   `fork`, `ioctl-tiocsti`) and prints the outcome if it survives.
 //! - `VIREO_TEST_OPEN=PATH`: once confined, the control thread tries to open PATH and
 //!   prints `vireo: test hook: open PATH: <outcome>` (a jailed VMM must not reach host
 //!   files).
@@ -50,6 +51,9 @@ pub fn probe_syscall(thread: &str) {
                 libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr())
             }
             "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
+            // TIOCSTI (typing into a terminal) on fd -1: refused by the filter before
+            // the kernel looks at the fd, else EBADF; nothing is typed either way.
+            "ioctl-tiocsti" => libc::ioctl(-1, libc::TIOCSTI, std::ptr::null_mut::<u8>()),
             "fork" => {
                 let pid = libc::fork();
                 if pid == 0 {

@@ -68,6 +68,8 @@ pub struct Vmm {
     disk_info: Arc<Mutex<api::DiskMigrationInfo>>,
     /// systemd's watchdog, pinged from this loop (None: not asked for).
     watchdog: Option<crate::watchdog::Watchdog>,
+    /// What happened unasked (`vm.events`).
+    events: crate::events::EventLog,
 }
 
 impl Vmm {
@@ -87,6 +89,7 @@ impl Vmm {
             copying_storage: false,
             disk_info: Arc::new(Mutex::new(api::DiskMigrationInfo::default())),
             watchdog: None,
+            events: Default::default(),
         }
     }
 
@@ -263,6 +266,7 @@ impl Vmm {
             "disk {id}: {op} failed on the host: {error} (errno {errno}); the request is kept: fix the cause (e.g. free space) and resume"
         );
         tracing::error!(disk = %id, op, errno, error = %error, "disk stopped on a host I/O error (on_error=stop): pausing the VM");
+        self.events.disk_stopped(&id, op, errno);
         if let Err(e) = vm.pause_for(reason) {
             tracing::error!(disk = %id, error = %e, "cannot pause the VM for a stopped disk");
         }
@@ -368,6 +372,9 @@ impl Vmm {
                     .map(Some)
                     .map_err(|e| ApiError::internal(e.to_string()))
             }),
+            VmAction::Events => serde_json::to_value(self.events.list())
+                .map(Some)
+                .map_err(|e| ApiError::internal(e.to_string())),
             VmAction::VmmShutdown => {
                 exit = Some(VmmExit::PowerOff);
                 Ok(None)
@@ -409,8 +416,10 @@ impl Vmm {
 
     /// Starts sending the running (or paused) VM to a listening destination.
     fn send_migration(&mut self, r: &SendMigrationRequest) -> Result<(), ApiError> {
-        // Not confined: the destination's socket is in the other vireod's run dir, which
-        // this VMM cannot know (vireod chooses it). See docs/security.md.
+        // The same rule as the receive side: a unix socket beneath a storage root or in
+        // a `--socket-dir` (vireod passes its own and its configured peers' `vms/`).
+        crate::confinement::check_url(&r.destination_url)
+            .map_err(|e| ApiError::bad_request(format!("destination_url: {e}")))?;
         let url: migration::transport::MigrationUrl =
             r.destination_url
                 .parse()
@@ -887,6 +896,10 @@ impl Vmm {
                     let _ = self.unmirror_disks();
                 }
                 let _ = reply.send(r);
+                None
+            }
+            MigrationEvent::OnControl(job) => {
+                job();
                 None
             }
             MigrationEvent::IncomingFailed(e) => {

@@ -54,6 +54,9 @@ enum Command {
     /// Live migrations (this host's queue and history).
     #[command(subcommand)]
     Migration(MigrationCommand),
+    /// The failover cluster this vireod is a node of (docs/cluster.md).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Host identities for vireod <-> vireod mutual TLS: a host CA and host
     /// certificates (no vireod needed).
     #[command(subcommand)]
@@ -99,12 +102,29 @@ enum PkiCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke a host certificate: add its serial to CA_DIR/revoked and write
+    /// CA_DIR/ca.crl (signed by the CA) with every revoked one. Give ca.crl to each
+    /// vireod (--tls-crl) and send it SIGHUP: the revoked host is refused from its
+    /// next handshake on. A replacement for a host: `pki issue` into a new directory.
+    Revoke {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The certificate to revoke (PEM, e.g. the host's host.crt).
+        #[arg(long)]
+        cert: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum HostCommand {
     /// vireod's version, directories and VM counts.
     Info,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Nodes, clustered VMs, their owners and fencing tokens.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +167,22 @@ enum VmCommand {
         restart: Option<RestartArg>,
         #[arg(long)]
         max_restarts: Option<u32>,
+        /// Define it in the cluster (vireod must be a cluster node): it runs on the
+        /// node the cluster picks and fails over by --priority (off: No Auto Start).
+        #[arg(long)]
+        cluster: bool,
+        /// With --cluster: a node to prefer (repeatable, best first).
+        #[arg(long = "preferred-owner", requires = "cluster")]
+        preferred_owners: Vec<String>,
+        /// With --cluster: a node allowed to run it (repeatable; none: every node).
+        #[arg(long = "possible-owner", requires = "cluster")]
+        possible_owners: Vec<String>,
+        /// With --cluster: VMs of one class are spread over nodes when possible.
+        #[arg(long, requires = "cluster")]
+        anti_affinity: Option<String>,
+        /// With --cluster: define it without starting it.
+        #[arg(long, requires = "cluster")]
+        no_start: bool,
     },
     /// Start a VM; returns when it runs.
     Start {
@@ -553,6 +589,11 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             priority,
             restart,
             max_restarts,
+            cluster,
+            preferred_owners,
+            possible_owners,
+            anti_affinity,
+            no_start,
         } => {
             let def = read_definition(&file, priority, restart, max_restarts)?;
             // Checked here too, for an error that points at the file.
@@ -561,6 +602,29 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                     "{}: invalid VM definition: {e}",
                     file.display()
                 )));
+            }
+            if cluster {
+                let priority = match priority.unwrap_or(PriorityArg::Medium) {
+                    PriorityArg::High => "high",
+                    PriorityArg::Medium => "medium",
+                    PriorityArg::Low => "low",
+                    PriorityArg::Off => "no_auto_start",
+                };
+                let req = serde_json::json!({
+                    "definition": def,
+                    "priority": priority,
+                    "preferred_owners": preferred_owners,
+                    "possible_owners": possible_owners,
+                    "anti_affinity": anti_affinity,
+                    "start": !no_start,
+                });
+                let v = ctx.json(
+                    "PUT",
+                    &format!("/api/v1/cluster/vms/{name}"),
+                    Some(req.to_string().into_bytes()),
+                )?;
+                print_json(&v);
+                return Ok(());
             }
             let v = ctx.json("PUT", &path(&name, ""), Some(def.to_string().into_bytes()))?;
             show_status(v)
@@ -1022,9 +1086,12 @@ fn audit(ctx: &Ctx, vm: Option<&str>, limit: usize, out: Output) -> Result<(), C
         .map(|e| {
             vec![
                 fmt_time(Some(e.at_ms)),
-                e.uid.to_string(),
+                e.uid.map_or("-".into(), |u| u.to_string()),
                 e.pid.map_or("-".into(), |p| p.to_string()),
-                e.role.clone(),
+                match &e.peer {
+                    Some(p) => format!("peer {p}"),
+                    None => e.role.clone(),
+                },
                 e.method.clone(),
                 e.route.clone(),
                 e.vm.clone().unwrap_or("-".into()),
@@ -1083,6 +1150,12 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             );
             Ok(())
         }
+        Command::Pki(PkiCommand::Revoke { ca_dir, cert }) => {
+            let crl = agent::pki::revoke(&ca_dir, &cert)
+                .map_err(|e| CtlError::Api(agent::error_chain(&e)))?;
+            println!("revoked {}: CRL {}", cert.display(), crl.display());
+            Ok(())
+        }
         Command::Man => {
             let man = clap_mangen::Man::new(Cli::command());
             man.render(&mut std::io::stdout())
@@ -1106,6 +1179,19 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                         print_pairs(&pairs);
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Status) => {
+            let ctx = Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            };
+            let v = ctx.json("GET", "/api/v1/cluster", None)?;
+            match cli.output {
+                Output::Json => print_json(&v),
+                Output::Table => cluster_table(&v),
             }
             Ok(())
         }
@@ -1163,5 +1249,48 @@ fn main() -> ExitCode {
             eprintln!("vireoctl: error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `vireoctl cluster status` as two tables: nodes, then VMs.
+fn cluster_table(v: &Value) {
+    let text = |x: &Value| {
+        x.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| x.to_string())
+    };
+    println!(
+        "{:<16} {:<12} {:>10} {:>6}",
+        "NODE", "STATE", "MEMORY", "VCPUS"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<12} {:>10} {:>6}",
+            text(&n["name"]),
+            text(&n["state"]),
+            format!("{}M", n["capacity"]["memory_mib"]),
+            n["capacity"]["vcpus"]
+        );
+    }
+    println!();
+    println!(
+        "{:<16} {:<14} {:<20} {:>8}",
+        "VM", "PRIORITY", "OWNER", "TOKEN"
+    );
+    for vm in v["vms"].as_array().into_iter().flatten() {
+        let owner = match &vm["owner"] {
+            Value::Object(o) if o.get("alive") == Some(&Value::Bool(false)) => {
+                format!("{} (dead)", text(&o["node"]))
+            }
+            Value::Object(o) => text(&o["node"]),
+            other => text(other),
+        };
+        println!(
+            "{:<16} {:<14} {:<20} {:>8}",
+            text(&vm["name"]),
+            text(&vm["priority"]),
+            owner,
+            text(&vm["fencing_token"])
+        );
     }
 }

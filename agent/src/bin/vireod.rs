@@ -85,6 +85,18 @@ struct Cli {
     /// The systemctl of the systemd launcher.
     #[arg(long, default_value = "systemctl")]
     systemctl: PathBuf,
+    /// Which cgroup hierarchy VMMs are placed in (direct launcher): auto (v2 when
+    /// /sys/fs/cgroup is cgroup2, else v1), v1 or v2.
+    #[arg(long, default_value = "auto")]
+    cgroup_version: agent::cgroup::Version,
+    /// cgroup v2: the delegated subtree VMMs are placed under (vireod moves itself to
+    /// <root>/vireod, each VMM gets <root>/vms/NAME). Default: vireod's own cgroup
+    /// (/sys/fs/cgroup/vireo when vireod runs in the root cgroup).
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<PathBuf>,
+    /// cgroup v2: pids.max of each VM's cgroup (every thread of its VMM counts).
+    #[arg(long, default_value_t = 1024)]
+    vm_pids_max: u64,
     /// The cgroup v1 cpu directory under which VMMs are placed (direct launcher):
     /// <root>/boot while they boot, <root>/vms/NAME once their VM runs.
     #[arg(long, default_value = "/sys/fs/cgroup/cpu/vireo")]
@@ -93,16 +105,18 @@ struct Cli {
     /// else in the parent (default: left as created, 1024 = one nice-0 process).
     #[arg(long)]
     cpu_cgroup_shares: Option<u64>,
-    /// Do not place VMMs in CPU cgroups.
+    /// Do not place VMMs in cgroups (v1 or v2).
     #[arg(long)]
     no_cpu_cgroups: bool,
-    /// cpu.shares of <root>/boot (VMMs whose VM does not run yet).
+    /// cpu.shares of <root>/boot (VMMs whose VM does not run yet; cgroup v2: the VM
+    /// cgroup's cpu.weight until its VM runs, mapped as systemd maps shares).
     #[arg(long, default_value_t = 4096)]
     boot_cpu_shares: u64,
     /// cpu.shares of <root>/vmm (the running VMMs' control, API and migration threads).
     #[arg(long, default_value_t = 2048)]
     vmm_cpu_shares: u64,
-    /// cpu.shares of <root>/vms (the guest threads of all running VMs together).
+    /// cpu.shares of <root>/vms (the guest threads of all running VMs together;
+    /// cgroup v2: cpu.weight of <root>/vms against vireod's leaf).
     #[arg(long, default_value_t = 256)]
     vms_cpu_shares: u64,
     /// This host's certificate (PEM; `vireoctl pki issue` writes host.crt): its
@@ -115,10 +129,20 @@ struct Cli {
     /// The host CA (PEM): peers' certificates must chain to it.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// The CA's certificate revocation list (PEM; `vireoctl pki revoke` writes
+    /// ca.crl): peers whose certificates it revokes are refused in the handshake.
+    /// vireod reads it, the certificate, key and CA again on SIGHUP.
+    #[arg(long, requires = "tls_cert")]
+    tls_crl: Option<PathBuf>,
     /// Serve the host-to-host API on this address (HTTPS, mutual TLS; only hosts on
     /// the --peer list get in). The full API stays on the unix socket.
     #[arg(long, requires_all = ["tls_cert", "peer"])]
     listen: Option<std::net::SocketAddr>,
+    /// The API socket of another vireod on this host that VMs may be migrated to
+    /// (`destination_agent` names it; its VMs' sockets are in `vms/` beside it).
+    /// Repeatable; no other socket path is accepted as a destination.
+    #[arg(long, value_name = "PATH")]
+    peer_socket: Vec<PathBuf>,
     /// A host admitted as a peer on --listen (its certificate's CN or DNS SAN);
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
@@ -132,6 +156,13 @@ struct Cli {
     /// Run the VMMs unjailed, as vireod's user (logged as a warning).
     #[arg(long)]
     no_jail: bool,
+    /// Join a failover cluster on etcd: its client URLs, comma-separated
+    /// (`http://10.0.0.1:2379,...`). See docs/cluster.md.
+    #[arg(long, value_name = "URL[,URL...]", requires = "node_name")]
+    cluster_etcd: Option<String>,
+    /// This node's name in the cluster (unique among its nodes).
+    #[arg(long, requires = "cluster_etcd")]
+    node_name: Option<String>,
 }
 
 /// Whether (and with which uids) the VMMs are jailed.
@@ -193,9 +224,32 @@ fn find_vireo() -> PathBuf {
     PathBuf::from("vireo")
 }
 
+/// SIGHUP: the host identity's files again (a rotated certificate and key, a new CA
+/// bundle or CRL), for the peer listener and for calls to peers.
+fn reload_identity(
+    identity: Option<&agent::hosttls::HostIdentity>,
+    listener: Option<&agent::peer_server::Reloader>,
+) {
+    let r = match (listener, identity) {
+        (Some(l), _) => l.reload(),
+        (None, Some(id)) => id.reload(),
+        (None, None) => {
+            info!("SIGHUP: no host identity to reload");
+            return;
+        }
+    };
+    match r {
+        Ok(()) => info!("SIGHUP: host identity reloaded (certificate, key, CA, CRL)"),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "SIGHUP: host identity not reloaded; the one in use stays")
+        }
+    }
+}
+
 async fn run(
     cli: Cli,
     signal_rx: tokio::sync::oneshot::Receiver<i32>,
+    mut hup_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let launcher_kind = cli.launcher;
     let cgroups = if launcher_kind == agent::launcher::LauncherKind::Systemd
@@ -206,21 +260,33 @@ async fn run(
         agent::cgroup::CpuCgroups::off()
     } else {
         agent::cgroup::CpuCgroups::setup(&agent::cgroup::CgroupConfig {
-            root: (!cli.no_cpu_cgroups).then(|| cli.cpu_cgroup_root.clone()),
+            enabled: !cli.no_cpu_cgroups,
+            version: cli.cgroup_version,
+            v1_root: Some(cli.cpu_cgroup_root.clone()),
+            v2_root: cli.cgroup_root.clone(),
             root_shares: cli.cpu_cgroup_shares,
             boot_shares: cli.boot_cpu_shares,
             vmm_shares: cli.vmm_cpu_shares,
             vms_shares: cli.vms_cpu_shares,
+            vm_pids_max: cli.vm_pids_max,
         })
     };
     let launcher = agent::launcher::Launcher::new(launcher_kind, cli.systemctl.clone(), cgroups);
     let identity = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
         (Some(cert), Some(key), Some(ca)) => {
-            let id = agent::hosttls::HostIdentity::load(agent::hosttls::IdentityFiles {
-                cert: std::path::absolute(cert)?,
-                key: std::path::absolute(key)?,
-                ca: std::path::absolute(ca)?,
-            })?;
+            let crl = cli
+                .tls_crl
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()?;
+            let id = agent::hosttls::HostIdentity::load_with_crl(
+                agent::hosttls::IdentityFiles {
+                    cert: std::path::absolute(cert)?,
+                    key: std::path::absolute(key)?,
+                    ca: std::path::absolute(ca)?,
+                },
+                crl,
+            )?;
             info!(host = %id.name, "host identity loaded");
             Some(id)
         }
@@ -242,6 +308,7 @@ async fn run(
         storage_roots: cli.storage_root.clone(),
         block_devices: cli.allow_block_device.clone(),
         jail_uids: jail_uids(&cli),
+        peer_sockets: cli.peer_socket.clone(),
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
@@ -259,9 +326,35 @@ async fn run(
     };
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
+    let cluster = match (&cli.cluster_etcd, &cli.node_name) {
+        (Some(eps), Some(node)) => {
+            agent::model::validate_name(node).map_err(|e| format!("--node-name {node}: {e}"))?;
+            let store = agent::cluster_node::connect(eps).await?;
+            let n = std::sync::Arc::new(agent::cluster_node::ClusterNode {
+                store,
+                node: node.clone(),
+                sup: sup.clone(),
+            });
+            tokio::spawn(n.as_ref().clone().run());
+            info!(node = %node, etcd = %eps, "cluster node");
+            Some(n)
+        }
+        _ => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = authz::protect(server::router(sup.clone()), sup.clone(), policy.clone());
+    let app = authz::protect(
+        server::router(sup.clone()).merge(agent::cluster_node::router(cluster)),
+        sup.clone(),
+        policy.clone(),
+    );
+    let reloader = peer_listener.as_ref().map(|l| l.reloader());
     let peers = peer_listener.map(|l| tokio::spawn(l.serve(sup.clone())));
+    let identity = sup.cfg.identity.clone();
+    tokio::spawn(async move {
+        while hup_rx.recv().await.is_some() {
+            reload_identity(identity.as_ref(), reloader.as_ref());
+        }
+    });
     let serve = tokio::spawn(async move {
         axum::serve(
             listener,
@@ -307,11 +400,18 @@ async fn run(
     Ok(())
 }
 
-/// SIGTERM and SIGINT are blocked in every thread (call this before any thread
-/// starts) and received by one thread with sigwait, which reports the first one.
+/// The receivers of vireod's signals: the first SIGTERM or SIGINT, and each SIGHUP.
+type Signals = (
+    tokio::sync::oneshot::Receiver<i32>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+);
+
+/// SIGTERM, SIGINT and SIGHUP are blocked in every thread (call this before any thread
+/// starts) and received by one thread with sigwait: it reports the first SIGTERM or
+/// SIGINT, and each SIGHUP (reload the host identity).
 /// (Not tokio's signal driver: its feature would be unified into the VMM's tokio,
 /// whose seccomp-filtered API thread must not create the driver's socket pair.)
-fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
+fn signals() -> std::io::Result<Signals> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
     // pthread_sigmask only changes this thread's mask (inherited by later threads).
     let set = unsafe {
@@ -319,6 +419,7 @@ fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if r != 0 {
             return Err(std::io::Error::from_raw_os_error(r));
@@ -326,15 +427,21 @@ fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
         set
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("vireod-signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: sigwait with an initialised set and a valid out pointer.
             let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 && sig == libc::SIGHUP {
+                let _ = hup_tx.send(());
+                continue;
+            }
             let _ = tx.send(if r == 0 { sig } else { 0 });
+            return;
         })?;
-    Ok(rx)
+    Ok((rx, hup_rx))
 }
 
 fn main() -> ExitCode {
@@ -349,7 +456,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let signal_rx = match stop_signals() {
+    let (signal_rx, hup_rx) = match signals() {
         Ok(rx) => rx,
         Err(e) => {
             eprintln!("vireod: error: cannot handle signals: {e}");
@@ -367,7 +474,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli, signal_rx)) {
+    match rt.block_on(run(cli, signal_rx, hup_rx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vireod: error: {}", error_chain(e.as_ref()));

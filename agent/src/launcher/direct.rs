@@ -49,7 +49,7 @@ impl Direct {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        let boot_procs = self.cgroups.boot_procs().cloned();
+        let boot_procs = self.cgroups.spawn_procs(&spec.name, spec.memory);
         // SAFETY: setsid, sigemptyset, sigprocmask, get/setpriority, open, write and close
         // are async-signal-safe; the closure touches nothing else (the cgroup path was
         // made into a C string before the fork). A new session and process group: the
@@ -71,7 +71,7 @@ impl Direct {
                 if libc::getpriority(libc::PRIO_PROCESS, 0) < 0 {
                     libc::setpriority(libc::PRIO_PROCESS, 0, 0);
                 }
-                // Join the boot cgroup ("0": the writing process). A failure only
+                // Join the boot cgroup (v1) or the VM's own (v2) ("0": the writing process). A failure only
                 // costs the placement, never the start.
                 if let Some(p) = &boot_procs {
                     let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -227,7 +227,7 @@ impl Direct {
             bin: spec.vireo_bin.clone(),
             source,
         };
-        let prepared = Prepared::new(spec, self.cgroups.boot_procs().cloned())?;
+        let prepared = Prepared::new(spec, self.cgroups.spawn_procs(&spec.name, spec.memory))?;
         let null = File::open("/dev/null").map_err(spawn_err)?;
         let (report_r, report_w) = cloexec_pipe().map_err(spawn_err)?;
         let mut pidfd: libc::c_int = -1;

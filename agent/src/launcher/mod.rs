@@ -51,10 +51,12 @@ pub struct LaunchSpec {
     pub env_file: PathBuf,
     /// vireod's storage roots and allow-listed block devices, passed on to the VMM
     /// (`--storage-root`, `--allow-block-device`), and where its migration sockets may
-    /// be (`--socket-dir`).
+    /// be (`--socket-dir`: vireod's `vms/` and its same-host peers').
     pub storage_roots: Vec<PathBuf>,
     pub block_devices: Vec<PathBuf>,
-    pub socket_dir: PathBuf,
+    pub socket_dirs: Vec<PathBuf>,
+    /// The guest's RAM in bytes, when known (cgroup v2 memory.max).
+    pub memory: Option<u64>,
     /// Confine the VMM (`vireo --jail`; the direct launcher also gives it its own PID
     /// namespace). None: it runs as vireod's user, unconfined (`vireod --no-jail`).
     pub jail: Option<JailSpec>,
@@ -140,8 +142,10 @@ impl LaunchSpec {
             v.push(d.into());
         }
         if !self.storage_roots.is_empty() {
-            v.push("--socket-dir".into());
-            v.push(self.socket_dir.clone().into());
+            for d in &self.socket_dirs {
+                v.push("--socket-dir".into());
+                v.push(d.into());
+            }
         }
         Ok(v)
     }
@@ -633,7 +637,8 @@ mod tests {
             env_file: "/e".into(),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
+            memory: None,
             jail: None,
         };
         assert_eq!(
@@ -673,7 +678,8 @@ mod tests {
             env_file: "/e".into(),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
+            memory: None,
             jail: Some(JailSpec {
                 uid: 980003,
                 root: "/run/vireo/jail/web".into(),
@@ -725,7 +731,8 @@ mod tests {
             env_file: dir.path().join("x.env"),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
+            memory: None,
             jail: None,
         };
         // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.

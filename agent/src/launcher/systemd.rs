@@ -223,6 +223,11 @@ impl StatusQuery {
     /// moment to record it). Unknown if systemd cannot tell.
     pub fn exit_of(&self, pid: i32) -> Exit {
         let deadline = Instant::now() + Duration::from_secs(2);
+        // The unit's ExecStopPost= writes the record once the main process is gone;
+        // until then systemd's own properties are only asked after a second (a unit
+        // without the record), so that the record is never written after vireod
+        // looked and left behind.
+        let record_until = Instant::now() + Duration::from_secs(1);
         loop {
             if let Some(exit) = std::fs::read_to_string(&self.exit_file)
                 .ok()
@@ -230,6 +235,10 @@ impl StatusQuery {
             {
                 let _ = std::fs::remove_file(&self.exit_file);
                 return exit;
+            }
+            if Instant::now() < record_until {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
             let out = systemctl(
                 &self.systemctl,
@@ -302,7 +311,8 @@ mod tests {
             env_file: "/e".into(),
             storage_roots: Vec::new(),
             block_devices: Vec::new(),
-            socket_dir: "/run/vireo/vms".into(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
+            memory: None,
             jail: None,
         };
         assert_eq!(

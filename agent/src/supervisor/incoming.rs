@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::{lock, mkdir, Supervisor, Vm, VMM_TIMEOUT};
 use crate::client;
+use crate::launcher::LaunchSpec;
 use crate::model::{
     validate_name, IncomingRequest, MigrationDirection, MigrationRecord, MigrationState, VmState,
 };
@@ -52,23 +53,31 @@ impl Supervisor {
         let mut req = req;
         validate_name(&req.name)?;
         req.definition.validate()?;
-        self.confine(&req.name, &mut req.definition)?;
-        if let Some(dir) = &req.storage_dir {
-            self.roots
-                .open_dir(dir)
-                .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
-            if self.cfg.jail_uids.is_some() {
-                // The jail gives it to the VM's uid: it must hold nothing of anyone else.
-                let empty = std::fs::read_dir(dir)
-                    .map(|mut d| d.next().is_none())
-                    .unwrap_or(false);
-                if !empty {
-                    return Err(AgentError::BadMigration(format!(
-                        "storage_dir {}: must be an empty directory (a jailed VMM gets it as its own)",
-                        dir.display()
-                    )));
+        match &req.storage_dir {
+            Some(dir) => {
+                self.roots
+                    .open_dir(dir)
+                    .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+                if self.cfg.jail_uids.is_some() {
+                    // The jail gives it to the VM's uid: it must hold nothing of anyone else.
+                    let empty = std::fs::read_dir(dir)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(false);
+                    if !empty {
+                        return Err(AgentError::BadMigration(format!(
+                            "storage_dir {}: must be an empty directory (a jailed VMM gets it as its own)",
+                            dir.display()
+                        )));
+                    }
                 }
+                crate::confinement::confine_incoming_copy(
+                    &self.roots,
+                    &self.vm_dir(&req.name),
+                    &mut req.definition,
+                    dir,
+                )?;
             }
+            None => self.confine(&req.name, &mut req.definition)?,
         }
         let name = req.name.clone();
         let url = match (&req.receiver_url, &from_peer) {
@@ -178,7 +187,10 @@ impl Supervisor {
         req: &IncomingRequest,
         tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
-        let mut spec = self.receive_spec(name);
+        let mut spec = LaunchSpec {
+            memory: Some(req.definition.config.memory.size),
+            ..self.receive_spec(name)
+        };
         mkdir(&self.vm_dir(name), 0o750)?;
         mkdir(&self.vm_run_dir(name), 0o700)?;
         let cfg = self.receive_config(name, &req.definition);

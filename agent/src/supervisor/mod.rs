@@ -67,6 +67,10 @@ pub struct Config {
     /// Jail every VMM with its own uid from this range (`vireod --jail-uids`); None:
     /// VMMs run as vireod's user, unconfined (`--no-jail`, or vireod is not root).
     pub jail_uids: Option<crate::jailing::JailIds>,
+    /// The API sockets of other vireods on this host (`--peer-socket`): the only
+    /// sockets a `destination_agent` path may name; their VMs' sockets are in the
+    /// `vms/` directory beside each.
+    pub peer_sockets: Vec<PathBuf>,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -123,6 +127,8 @@ pub struct Supervisor {
     migrations: Migrations,
     /// The storage roots, opened (see `confinement`).
     roots: Arc<confine::Roots>,
+    /// Per VM: the VMM process and the last of its `vm.events` seen.
+    vmm_events_seen: Mutex<std::collections::HashMap<String, (i32, u64)>>,
 }
 
 /// How a start was asked for.
@@ -181,6 +187,9 @@ impl Supervisor {
                 )));
             }
         }
+        for p in &cfg.peer_sockets {
+            crate::confinement::check_peer_socket_flag(p)?;
+        }
         if cfg.storage_roots.is_empty() {
             let images = cfg.state_dir.join("images");
             mkdir(&images, 0o700)?;
@@ -220,6 +229,7 @@ impl Supervisor {
             generation: AtomicU64::new(1),
             migrations,
             roots: Arc::new(roots),
+            vmm_events_seen: Mutex::default(),
         }))
     }
 
@@ -283,6 +293,14 @@ impl Supervisor {
     }
 
     /// Where an incoming migration's VMM listens by default.
+    /// Where this vireod's VMMs may have unix migration sockets: its own `vms/` and
+    /// its same-host peers' (`--peer-socket`).
+    fn send_socket_dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.cfg.run_dir.join("vms"))
+            .chain(crate::confinement::peer_socket_dirs(&self.cfg.peer_sockets))
+            .collect()
+    }
+
     fn migrate_socket_path(&self, name: &str) -> PathBuf {
         self.vm_run_dir(name).join("migrate.sock")
     }
@@ -302,7 +320,8 @@ impl Supervisor {
             env_file: run.join(format!("{name}.env")),
             storage_roots: self.cfg.storage_roots.clone(),
             block_devices: self.cfg.block_devices.clone(),
-            socket_dir: run.clone(),
+            socket_dirs: self.send_socket_dirs(),
+            memory: None,
             jail: None,
         }
     }
@@ -366,6 +385,40 @@ impl Supervisor {
         if vm.state != state {
             vm.state = state;
             self.emit(name, state.as_str(), detail);
+        }
+    }
+
+    /// The events of `list` (VM `name`'s VMM, process `pid`) not seen before.
+    pub fn new_vmm_events(
+        &self,
+        name: &str,
+        pid: i32,
+        list: Vec<crate::vmm_events::VmmEvent>,
+    ) -> Vec<crate::vmm_events::VmmEvent> {
+        let mut seen = lock(&self.vmm_events_seen);
+        let last = match seen.get(name) {
+            Some(&(p, s)) if p == pid => s,
+            _ => 0,
+        };
+        let new: Vec<_> = list.into_iter().filter(|e| e.seq > last).collect();
+        let top = new.iter().map(|e| e.seq).max().unwrap_or(last);
+        seen.insert(name.to_string(), (pid, top));
+        new
+    }
+
+    /// A disk stopped VM `name` (its VMM paused it): a `disk-stopped` event and, if
+    /// vireod had it running, the state `Paused` with the reason.
+    pub fn disk_stopped(&self, name: &str, e: &crate::vmm_events::VmmEvent) {
+        warn!(vm = %name, disk = %e.disk, op = %e.op, errno = e.errno, error = %e.error, "a disk stopped the VM (on_error=stop): paused until resumed");
+        self.emit(name, "disk-stopped", Some(e.detail()));
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            if vm.state == VmState::Running {
+                let reason = format!(
+                    "disk {}: {} failed on the host: {} (errno {})",
+                    e.disk, e.op, e.error, e.errno
+                );
+                self.set_state(name, vm, VmState::Paused, Some(reason));
+            }
         }
     }
 
@@ -747,7 +800,10 @@ impl Supervisor {
         def: &VmDefinition,
         generation: u64,
     ) -> Result<(), (AgentError, Option<ExitRecord>)> {
-        let mut spec = self.spec(name);
+        let mut spec = LaunchSpec {
+            memory: Some(def.config.memory.size),
+            ..self.spec(name)
+        };
         mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
         mkdir(&self.vm_run_dir(name), 0o700).map_err(|e| (e, None))?;
         spec.jail = self

@@ -66,9 +66,14 @@ impl Supervisor {
         req: MigrateRequest,
     ) -> Result<MigrationRecord, AgentError> {
         req.validate()?;
-        if matches!(req.agent_address()?, Some(AgentAddress::Https { .. }))
-            && self.cfg.identity.is_none()
-        {
+        let agent = req.agent_address()?;
+        if let Some(AgentAddress::Unix(p)) = &agent {
+            crate::confinement::check_agent_socket(p, &self.cfg.peer_sockets)?;
+        }
+        if let Some(url) = &req.destination_url {
+            crate::confinement::check_send_url(url, &self.send_socket_dirs())?;
+        }
+        if matches!(agent, Some(AgentAddress::Https { .. })) && self.cfg.identity.is_none() {
             return Err(AgentError::BadMigration(
                 "an https:// destination_agent needs this vireod's host identity \
                  (--tls-cert, --tls-key, --tls-ca)"
@@ -312,6 +317,17 @@ impl Supervisor {
         insecure: bool,
     ) -> Result<PeerAgent, String> {
         let (endpoint, host) = self.peer_endpoint(addr)?;
+        // Shared-nothing: the destination makes each copy the size the definition
+        // declares and lets the sending VMM announce and write no more.
+        let mut def = def.clone();
+        if req.copy_storage {
+            for (i, d) in def.config.disks.iter_mut().enumerate() {
+                d.size = Some(
+                    crate::confinement::disk_size(&self.roots, d)
+                        .map_err(|e| format!("disk {i}: {e}"))?,
+                );
+            }
+        }
         let body = serde_json::json!({
             "name": name,
             "definition": def,
@@ -344,6 +360,8 @@ impl Supervisor {
             .clone()
             .ok_or("destination vireod gave no receiver_url")?;
         let url = reachable_receiver(&url, &endpoint);
+        crate::confinement::check_send_url(&url, &self.send_socket_dirs())
+            .map_err(|e| format!("destination vireod's receiver: {}", error_chain(&e)))?;
         self.migrations.update(id, |r| {
             r.peer_id = Some(rec.id.clone());
             r.receiver_url = Some(url);

@@ -29,6 +29,8 @@ pub struct Daemon {
     pub netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
     /// Environment for vireod, which its VMMs inherit (e.g. `vireo`'s test hooks).
     pub env: Vec<(String, String)>,
+    /// A program (and its arguments) that runs vireod: `wrapper... vireod ARGS`.
+    pub wrapper: Vec<String>,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -41,15 +43,50 @@ impl Daemon {
         Self::start_with_netns(extra, None)
     }
 
+    /// [`Daemon::start`] with vireod run by `wrapper` (`wrapper... vireod ARGS`).
+    pub fn start_wrapped(extra: &[&str], wrapper: &[&str]) -> Self {
+        Self::make(extra, None, wrapper)
+    }
+
     /// [`Daemon::start`] inside a network namespace (its VMMs' taps live there).
     pub fn start_in_netns(extra: &[&str], ns: std::sync::Arc<vireo_e2e::netns::NetNs>) -> Self {
         Self::start_with_netns(extra, Some(ns))
+    }
+
+    /// Two vireods of this host that may migrate VMs to each other (each names the
+    /// other's socket with `--peer-socket`).
+    pub fn pair(src_extra: &[&str], dst_extra: &[&str]) -> (Self, Self) {
+        let mut src = Self::prepare(src_extra, None);
+        let mut dst = Self::prepare(dst_extra, None);
+        src.args.push("--peer-socket".into());
+        src.args.push(dst.socket.display().to_string());
+        dst.args.push("--peer-socket".into());
+        dst.args.push(src.socket.display().to_string());
+        src.spawn();
+        dst.spawn();
+        (src, dst)
     }
 
     fn start_with_netns(
         extra: &[&str],
         netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
     ) -> Self {
+        Self::make(extra, netns, &[])
+    }
+
+    fn make(
+        extra: &[&str],
+        netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
+        wrapper: &[&str],
+    ) -> Self {
+        let mut d = Self::prepare(extra, netns);
+        d.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        d.spawn();
+        d
+    }
+
+    /// A vireod's directories and flags, not started yet.
+    fn prepare(extra: &[&str], netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vd")
             .tempdir()
@@ -62,7 +99,7 @@ impl Daemon {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        let mut d = Daemon {
+        Daemon {
             child: None,
             cgroup_root,
             socket: dir.path().join("run/vireod.sock"),
@@ -72,9 +109,8 @@ impl Daemon {
             args: extra.iter().map(|s| s.to_string()).collect(),
             netns,
             env: Vec::new(),
-        };
-        d.spawn();
-        d
+            wrapper: Vec::new(),
+        }
     }
 
     /// (Re)starts the vireod process with the same directories and flags.
@@ -97,7 +133,14 @@ impl Daemon {
             cgroup.push("--storage-root".into());
             cgroup.push(guest_dir().into_os_string());
         }
-        let mut cmd = Command::new(bin("vireod"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("vireod"));
+                c
+            }
+            None => Command::new(bin("vireod")),
+        };
         if let Some(ns) = &self.netns {
             ns.enter_on_exec(&mut cmd);
         }
@@ -138,6 +181,20 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("vireod.log")).unwrap_or_default()
+    }
+
+    /// The log once it holds `needle`: a server writes its line about a
+    /// refusal after the client has already seen the refusal.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(start.elapsed() < T, "no {needle:?} in the log:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGKILL to vireod (its VMs keep running).

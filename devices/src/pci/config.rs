@@ -193,7 +193,9 @@ impl PciConfiguration {
     /// Writes `data` (1, 2 or 4 bytes) at byte `offset` of register `reg`, honouring the
     /// writable mask (so BAR sizing reads back the size mask).
     pub fn write_reg(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        if reg >= NUM_REGS || offset as usize + data.len() > 4 {
+        // checked: an offset near u64::MAX must not wrap round to a small one.
+        let fits = matches!(offset.checked_add(data.len() as u64), Some(end) if end <= 4);
+        if reg >= NUM_REGS || !fits {
             return;
         }
         let shift = offset as usize * 8;
@@ -240,6 +242,31 @@ mod tests {
             subsystem_vendor_id: 0x1af4,
             subsystem_id: 0x40,
         }
+    }
+
+    /// Found in the issue-12 audit: `offset + len` wrapped, so an offset near u64::MAX
+    /// passed the bound and wrote a byte (release) or panicked (debug).
+    #[test]
+    fn a_write_at_an_offset_that_would_wrap_changes_nothing() {
+        let mut c = PciConfiguration::new(&header());
+        c.add_bar(PciBar {
+            index: 0,
+            kind: BarKind::Memory32,
+            size: 0x1000,
+            prefetchable: false,
+        });
+        let before = c.read_reg(4);
+        for offset in [u64::MAX, u64::MAX - 1, u64::MAX - 3, 1 << 63] {
+            c.write_reg(4, offset, &[0xab]);
+            c.write_reg(4, offset, &[0xab, 0xcd]);
+        }
+        assert_eq!(c.read_reg(4), before);
+        c.write_reg(4, 3, &[0xab]);
+        assert_eq!(
+            c.read_reg(4),
+            before | 0xab00_0000,
+            "a fitting write still lands"
+        );
     }
 
     #[test]

@@ -162,7 +162,11 @@ impl MsixTable {
             bytes.extend_from_slice(&p.to_le_bytes());
         }
         for (i, d) in data.iter_mut().enumerate() {
-            *d = bytes.get(offset as usize + i).copied().unwrap_or(0);
+            // checked: an offset near u64::MAX must not wrap round to the first bytes.
+            let at = offset
+                .checked_add(i as u64)
+                .and_then(|a| usize::try_from(a).ok());
+            *d = at.and_then(|a| bytes.get(a)).copied().unwrap_or(0);
         }
     }
 
@@ -273,5 +277,20 @@ mod tests {
         );
         t.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
+    }
+
+    /// Found in the issue-12 audit: `offset + i` wrapped, so reading the PBA at an
+    /// offset near u64::MAX returned its first bytes (release) or panicked (debug).
+    #[test]
+    fn a_pba_read_at_an_offset_that_would_wrap_reads_zeroes() {
+        let sink = Sink::default();
+        let mut t = MsixTable::new(2);
+        t.set_control(true, false, &sink);
+        t.signal(0, &sink).unwrap(); // masked: pending bit 0
+        let mut pba = [0xffu8; 4];
+        t.read_pba(0, &mut pba);
+        assert_eq!(pba, [1, 0, 0, 0]);
+        t.read_pba(u64::MAX, &mut pba);
+        assert_eq!(pba, [0; 4]);
     }
 }

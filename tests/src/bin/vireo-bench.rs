@@ -648,12 +648,44 @@ fn migration_table() {
     println!("\nGoals: idle total ≤ 1500 ms and downtime ≤ 20 ms; dirtying guest always completes with downtime ≤ 50 ms.\n");
 }
 
+/// Rounds of each migration-transport case: the table shows their spread.
+const TRANSPORT_ROUNDS: usize = 5;
+
+/// A number `name=` of the source's "migration committed" log line in `dir`.
+fn committed_field(dir: &Path, name: &str) -> f64 {
+    let log = std::fs::read_to_string(dir.join("src.err")).unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("migration committed"))
+        .unwrap_or_default();
+    let clean: String = line
+        .split('\x1b')
+        .map(|p| p.split_once('m').map_or(p, |(_, r)| r))
+        .collect();
+    clean
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// "min / median / max" of `v` (sorted here).
+fn spread(v: &mut [f64]) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "{:.1} / {:.1} / {:.1}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
+}
+
 /// Live migration over TCP loopback: plain or mutual TLS, one or four page streams.
 fn migration_transport_table() {
     println!("### Live migration over TCP loopback: TLS and parallel page streams, 1 GiB guest, 1 vCPU\n");
-    println!("Vireo only, source and destination on this host; total and downtime as the source logs them (median of 3).\n");
-    println!("| guest | transport | connections | total (ms) | downtime (ms) | rounds |");
-    println!("|---|---|---|---|---|---|");
+    println!("Vireo only, source and destination on this host; total and downtime as the source logs them, min / median / max of {TRANSPORT_ROUNDS} rounds; the counters that explain them (copy rounds, pages and MiB sent, pages per round) as medians.\n");
+    println!("| guest | transport | connections | total ms (min / median / max) | downtime ms (min / median / max) | rounds | pages sent | MiB sent | pages per round |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let certs = tempfile::tempdir().expect("tempdir");
     let ca = vireo_e2e::tls_certs::Ca::new(certs.path(), "ca");
     let server = ca.server("dst", &["127.0.0.1"]);
@@ -668,8 +700,9 @@ fn migration_transport_table() {
     for (name, cmdline) in cases {
         for tls in [false, true] {
             for connections in [1, 4] {
-                let mut runs = Vec::new();
-                for _ in 0..3 {
+                let (mut totals, mut downs) = (Vec::new(), Vec::new());
+                let (mut rounds, mut pages, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..TRANSPORT_ROUNDS {
                     let dir = tempfile::tempdir().expect("tempdir");
                     let port = std::net::TcpListener::bind("127.0.0.1:0")
                         .and_then(|l| l.local_addr())
@@ -685,20 +718,26 @@ fn migration_transport_table() {
                         (String::new(), String::new())
                     };
                     let send = format!(r#"{send},"connections":{connections}"#);
-                    runs.push(vireo_migrate(
-                        dir.path(),
-                        cmdline,
-                        1024,
-                        &url,
-                        &send,
-                        &receive,
-                    ));
+                    let (total, down, _) =
+                        vireo_migrate(dir.path(), cmdline, 1024, &url, &send, &receive);
+                    totals.push(total);
+                    downs.push(down);
+                    rounds.push(committed_field(dir.path(), "rounds="));
+                    pages.push(committed_field(dir.path(), "pages="));
+                    bytes.push(committed_field(dir.path(), "bytes="));
                 }
-                runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-                let (total, down, rounds) = &runs[1];
+                let median = |v: &mut Vec<f64>| {
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    v[v.len() / 2]
+                };
+                let (r, p, b) = (median(&mut rounds), median(&mut pages), median(&mut bytes));
                 let transport = if tls { "mutual TLS" } else { "plain" };
                 println!(
-                    "| {name} | {transport} | {connections} | {total:.1} | {down:.1} | {rounds} |"
+                    "| {name} | {transport} | {connections} | {} | {} | {r:.0} | {p:.0} | {:.1} | {:.0} |",
+                    spread(&mut totals),
+                    spread(&mut downs),
+                    b / (1u64 << 20) as f64,
+                    p / r.max(1.0),
                 );
             }
         }

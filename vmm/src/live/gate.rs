@@ -55,6 +55,7 @@ impl Gate {
         secret: Option<Secret>,
         timeout: Duration,
         info: Arc<Mutex<MigrationInfo>>,
+        seccomp: crate::seccomp::Filters,
     ) -> std::io::Result<Self> {
         let (tx, proven) = channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -62,7 +63,7 @@ impl Gate {
         let (stop2, info2) = (stop.clone(), info.clone());
         std::thread::Builder::new()
             .name("vireo-mig-gate".into())
-            .spawn(move || accept_loop(listener, secret, deadline, &stop2, tx, info2))?;
+            .spawn(move || accept_loop(listener, secret, deadline, &stop2, tx, info2, seccomp))?;
         Ok(Self {
             proven,
             stop,
@@ -168,16 +169,27 @@ fn accept_loop(
     stop: &AtomicBool,
     proven: Sender<Proven>,
     info: Arc<Mutex<MigrationInfo>>,
+    seccomp: crate::seccomp::Filters,
 ) {
     let tls = listener.tls().cloned();
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         match listener.accept_pending(Some(ACCEPT_SLICE)) {
             Ok(pending) => {
-                let (secret, tls, proven, info) =
-                    (secret.clone(), tls.clone(), proven.clone(), info.clone());
+                let (secret, tls, proven, info, seccomp) = (
+                    secret.clone(),
+                    tls.clone(),
+                    proven.clone(),
+                    info.clone(),
+                    seccomp.clone(),
+                );
                 let spawned = std::thread::Builder::new()
                     .name("vireo-mig-join".into())
-                    .spawn(move || join(pending, tls.as_ref(), secret.as_ref(), &proven, &info));
+                    .spawn(move || {
+                        // The TLS handshake and the proof of the secret parse what an
+                        // unproven peer sends: no files, ioctls or new sockets here.
+                        seccomp.apply_or_exit(crate::seccomp::ThreadKind::PageStream);
+                        join(pending, tls.as_ref(), secret.as_ref(), &proven, &info)
+                    });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a thread for a migration connection");
                 }

@@ -61,6 +61,10 @@ pub enum MigrationEvent {
     IncomingGo,
     /// Destination: failed; discard any copy.
     IncomingFailed(String),
+    /// Destination: work the receive thread's filter does not allow (opening
+    /// /dev/kvm, disks, taps; KVM ioctls; removing files): it runs here, on the control
+    /// thread, and sends its result back itself (receive::on_control).
+    OnControl(Box<dyn FnOnce() + Send>),
     /// Shared-nothing source: put a mirror under every disk whose second half sends
     /// writes to this queue; reply with the mirrors (in disk order) and each disk's
     /// announcement for the destination.

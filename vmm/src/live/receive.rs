@@ -46,24 +46,29 @@ fn lock(info: &Mutex<MigrationInfo>) -> std::sync::MutexGuard<'_, MigrationInfo>
     info.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the receiver thread.
+/// Starts accepting (on this, the control thread: the accepting thread removes a
+/// unix socket's file when it stops) and the receiver thread, which runs under the
+/// `Receive` filter: it parses the stream and writes pages and disk blocks, and asks
+/// this thread for everything else ([`on_control`]).
 pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
+    let ReceiveJob {
+        listener,
+        config,
+        disk_sizes,
+        secret,
+        timeout,
+        storage_dir,
+        events,
+        info,
+        seccomp,
+    } = job;
+    let gate = Gate::open(listener, secret, timeout, info.clone(), seccomp.clone())?;
     std::thread::Builder::new()
         .name("vireo-migrate-recv".into())
         .spawn(move || {
-            job.seccomp
-                .apply_or_exit(crate::seccomp::ThreadKind::Control);
-            let ReceiveJob {
-                listener,
-                config,
-                disk_sizes,
-                secret,
-                timeout,
-                storage_dir,
-                events,
-                info,
-                seccomp,
-            } = job;
+            seccomp.apply_or_exit(crate::seccomp::ThreadKind::Receive);
+            #[cfg(feature = "test-hooks")]
+            crate::test_hooks::probe_syscall("receive");
             let job = Job {
                 config,
                 disk_sizes,
@@ -72,7 +77,7 @@ pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
                 info,
                 seccomp,
             };
-            if let Err(e) = run(listener, secret, timeout, &job) {
+            if let Err(e) = run(gate, &job) {
                 tracing::warn!(error = %e, "incoming migration failed");
                 {
                     let mut i = lock(&job.info);
@@ -129,20 +134,32 @@ struct Job {
     seccomp: crate::seccomp::Filters,
 }
 
-fn run(
-    listener: Listener,
-    secret: Option<migration::auth::Secret>,
-    timeout: std::time::Duration,
-    job: &Job,
-) -> Result<(), String> {
-    let mut gate = Gate::open(listener, secret, timeout, job.info.clone())
-        .map_err(|e| format!("cannot start accepting: {e}"))?;
+/// Runs `work` on the control thread and returns its result: what the receive
+/// thread's filter does not allow (opening /dev/kvm, disks and taps, KVM ioctls,
+/// removing files) is done there, on this thread's request. Nothing the source sent
+/// decides what is opened: paths come from this host's configuration and storage_dir.
+fn on_control<T: Send + 'static>(
+    events: &Sender<ControlEvent>,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = channel();
+    let job = Box::new(move || {
+        let _ = tx.send(work());
+    });
+    events
+        .send(ControlEvent::Migration(MigrationEvent::OnControl(job)))
+        .map_err(|_| "the control loop is gone".to_string())?;
+    rx.recv()
+        .map_err(|_| "the control loop dropped the request".to_string())?
+}
+
+fn run(mut gate: Gate, job: &Job) -> Result<(), String> {
     let (session, mut stream) = gate.control()?;
     let started = Instant::now();
     let mut disks = IncomingDisks::default();
     let result = receive(job, gate, session, stream.as_mut(), started, &mut disks);
     if result.is_err() {
-        disks.discard();
+        disks.discard(&job.events);
     }
     if let Err(e) = &result {
         // Best effort: tell the source why, so it resumes with a reason.
@@ -161,10 +178,20 @@ struct IncomingDisks {
 }
 
 impl IncomingDisks {
-    fn discard(&mut self) {
+    fn discard(&mut self, events: &Sender<ControlEvent>) {
         self.open.clear();
-        for p in self.created.drain(..) {
-            let _ = std::fs::remove_file(&p);
+        let created = std::mem::take(&mut self.created);
+        if created.is_empty() {
+            return;
+        }
+        let removed = on_control(events, move || {
+            for p in &created {
+                let _ = std::fs::remove_file(p);
+            }
+            Ok(())
+        });
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "cannot remove the incomplete disk copies");
         }
     }
 
@@ -172,6 +199,7 @@ impl IncomingDisks {
     /// configuration says; the VM's disk now points there.
     fn begin(
         &mut self,
+        events: &Sender<ControlEvent>,
         dir: &std::path::Path,
         b: &protocol::DiskBegin,
         config: &mut VmConfig,
@@ -205,22 +233,26 @@ impl IncomingDisks {
             return Err(format!("{} exists; not overwriting it", path.display()));
         }
         let format: api::config::DiskFormat = b.format.parse()?;
-        crate::confinement::create_image(
-            &path,
-            format,
-            b.size,
-            b.logical_sector,
-            b.physical_sector,
-        )?;
-
-        self.created.push(path.clone());
-        disk.path = path;
-        disk.format = Some(format);
         let writable = api::config::DiskConfig {
             readonly: false,
+            path: path.clone(),
+            format: Some(format),
             ..disk.clone()
         };
-        let backend = crate::device_manager::open_disk(&writable).map_err(|e| e.to_string())?;
+        let (size_b, logical, physical) = (b.size, b.logical_sector, b.physical_sector);
+        let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let created_there = created.clone();
+        let opened = on_control(events, move || {
+            crate::confinement::create_image(&writable.path, format, size_b, logical, physical)?;
+            created_there.store(true, std::sync::atomic::Ordering::SeqCst);
+            crate::device_manager::open_disk(&writable).map_err(|e| e.to_string())
+        });
+        if created.load(std::sync::atomic::Ordering::SeqCst) {
+            self.created.push(path.clone());
+        }
+        let backend = opened?;
+        disk.path = path;
+        disk.format = Some(format);
         if self.open.len() <= i {
             self.open.resize(i + 1, None);
             self.sizes.resize(i + 1, 0);
@@ -319,8 +351,14 @@ fn receive(
     // Only compared: nothing the source's configuration names is ever opened.
     let source_config: VmConfig = serde_json::from_value(hello.config)
         .map_err(|e| format!("the source's VM configuration: {e}"))?;
-    let mut incoming =
-        IncomingVm::new(job.config.clone()).map_err(|e| crate::vmm::error_chain(&e))?;
+    let config = job.config.clone();
+    let (mut incoming, cpuid) = on_control(&job.events, move || {
+        let incoming = IncomingVm::new(config).map_err(|e| crate::vmm::error_chain(&e))?;
+        let cpuid = incoming
+            .cpu_features()
+            .map_err(|e| crate::vmm::error_chain(&e))?;
+        Ok((incoming, cpuid))
+    })?;
     let disk_sizes = job
         .disk_sizes
         .iter()
@@ -334,12 +372,7 @@ fn receive(
             })
         })
         .collect::<Result<Vec<u64>, String>>()?;
-    let here = protocol::GuestShape {
-        disk_sizes,
-        cpuid: incoming
-            .cpu_features()
-            .map_err(|e| crate::vmm::error_chain(&e))?,
-    };
+    let here = protocol::GuestShape { disk_sizes, cpuid };
     compare::same_guest(
         &Side {
             config: &source_config,
@@ -372,14 +405,19 @@ fn receive(
     }
     let saved: SavedVm =
         serde_json::from_slice(&state).map_err(|e| format!("the source's VM state: {e}"))?;
-    let vm = incoming
-        .finish(&saved, job.events.clone(), job.seccomp.clone())
-        .map_err(|e| crate::vmm::error_chain(&e))?;
+    // Devices, taps, vCPU threads: made on the control thread, so they run under its
+    // filter and their own, never under this thread's.
+    let (events, seccomp, running) = (job.events.clone(), job.seccomp.clone(), saved.running);
+    let vm = on_control(&job.events, move || {
+        incoming
+            .finish(&saved, events, seccomp)
+            .map_err(|e| crate::vmm::error_chain(&e))
+    })?;
     let (tx, rx) = channel();
     job.events
         .send(ControlEvent::Migration(MigrationEvent::Incoming(
             Box::new(vm),
-            saved.running,
+            running,
             tx,
         )))
         .map_err(|_| "the control loop is gone".to_string())?;
@@ -426,7 +464,7 @@ fn copy_in(
             }
             Message::DiskBegin(b) => {
                 let dir = job.storage_dir.as_deref().ok_or("unexpected DiskBegin")?;
-                disks.begin(dir, &b, &mut incoming.config)?;
+                disks.begin(&job.events, dir, &b, &mut incoming.config)?;
             }
             Message::Disk(op) => disks.apply(op)?,
             Message::State(s) => return Ok(s),

@@ -342,6 +342,7 @@ fn migrate(
     tracing::info!(
         rounds = i.rounds,
         pages = i.pages_sent,
+        bytes = i.bytes_sent,
         connections = job.connections,
         tls = job.tls.is_some(),
         downtime_ms = i.downtime_ms,

@@ -22,9 +22,9 @@ const TOKEN_INPUT: u64 = 3;
 /// Input held for the guest before we stop reading the host side.
 const MAX_PENDING_INPUT: usize = 64 << 10;
 /// Most bytes of one transmit chain that reach the output (more is dropped).
-pub(super) const MAX_CHAIN_BYTES: usize = 64 << 10;
+pub const MAX_CHAIN_BYTES: usize = 64 << 10;
 /// Most transmit bytes the host holds before it writes them out.
-pub(super) const MAX_BUFFERED: usize = 256 << 10;
+pub const MAX_BUFFERED: usize = 256 << 10;
 
 /// What [`take_chain`] did with one transmit chain.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -69,6 +69,34 @@ where
         t.kept += take;
     }
     t
+}
+
+/// Moves bytes of `pending` into the device-writable descriptors of `chain`, in order,
+/// until either runs out; returns how many reached the guest. A descriptor outside
+/// guest memory ends the chain (its bytes are dropped, as a broken buffer's are).
+pub(super) fn fill_chain<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    pending: &mut VecDeque<u8>,
+) -> u32
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut written = 0u32;
+    for d in chain.filter(|d| d.is_write_only()) {
+        let n = (d.len() as usize).min(pending.len());
+        let bytes: Vec<u8> = pending.drain(..n).collect();
+        if mem.write_slice(&bytes, d.addr()).is_err() {
+            break;
+        }
+        // At most MAX_PENDING_INPUT bytes in all: no overflow.
+        written += n as u32;
+        if pending.is_empty() {
+            break;
+        }
+    }
+    written
 }
 
 /// What a stopped worker hands back to the device.
@@ -312,18 +340,7 @@ impl ConsoleWorker {
                 break;
             };
             let head = chain.head_index();
-            let mut written = 0u32;
-            for d in chain.filter(|d| d.is_write_only()) {
-                let n = (d.len() as usize).min(self.pending.len());
-                let bytes: Vec<u8> = self.pending.drain(..n).collect();
-                if mem.write_slice(&bytes, d.addr()).is_err() {
-                    break;
-                }
-                written += n as u32;
-                if self.pending.is_empty() {
-                    break;
-                }
-            }
+            let written = fill_chain(mem, chain, &mut self.pending);
             self.bytes_in
                 .fetch_add(u64::from(written), Ordering::Relaxed);
             let _ = self.rx.queue.add_used(mem, head, written);

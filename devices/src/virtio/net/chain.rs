@@ -26,9 +26,15 @@ pub(super) enum ChainError {
     WritableTx,
     #[error("buffer of {0} bytes is shorter than the 12-byte virtio-net header")]
     TooShort(u64),
-    #[error("transmit frame of {0} bytes exceeds {MAX_FRAME_LEN}")]
+    #[error("transmit frame of {0} bytes or more exceeds {MAX_FRAME_LEN}")]
     TooLong(u64),
+    #[error("buffer has more than {MAX_SEGMENTS} segments")]
+    TooManySegments,
 }
+
+/// The most segments a buffer may have: what one readv/writev takes (UIO_MAXIOV).
+/// Linux drivers use at most MAX_SKB_FRAGS + 2 (19) for a frame.
+pub(super) const MAX_SEGMENTS: usize = 1024;
 
 /// A buffer of the guest: its head (for the used ring) and its segments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +46,13 @@ pub(super) struct Chain {
 }
 
 impl Chain {
+    /// The chain's segments, checked as they are walked: the direction of each, their
+    /// count, and (`max_len`) their total length, so a hostile chain is refused at the
+    /// first descriptor that breaks a bound rather than after all of them.
     fn parse(
         chain: DescriptorChain<&GuestMemoryMmap>,
         want_writable: bool,
+        max_len: Option<u64>,
     ) -> Result<Self, (u16, ChainError)> {
         let head = chain.head_index();
         let mut segments = Vec::new();
@@ -56,9 +66,17 @@ impl Chain {
                 };
                 return Err((head, e));
             }
-            if d.len() > 0 {
-                segments.push((d.addr(), d.len()));
-                len += u64::from(d.len());
+            if d.len() == 0 {
+                continue;
+            }
+            if segments.len() == MAX_SEGMENTS {
+                return Err((head, ChainError::TooManySegments));
+            }
+            segments.push((d.addr(), d.len()));
+            // At most MAX_SEGMENTS u32 lengths: no overflow.
+            len += u64::from(d.len());
+            if max_len.is_some_and(|max| len > max) {
+                return Err((head, ChainError::TooLong(len - VNET_HDR_LEN as u64)));
             }
         }
         if len < VNET_HDR_LEN as u64 {
@@ -73,16 +91,12 @@ impl Chain {
 
     /// A receive buffer: device-writable segments, room for at least the header.
     pub fn rx(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Self, (u16, ChainError)> {
-        Self::parse(chain, true)
+        Self::parse(chain, true, None)
     }
 
     /// A frame to send: device-readable segments, the header then the frame.
     pub fn tx(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Self, (u16, ChainError)> {
-        let c = Self::parse(chain, false)?;
-        if c.len > (VNET_HDR_LEN + MAX_FRAME_LEN) as u64 {
-            return Err((c.head, ChainError::TooLong(c.len - VNET_HDR_LEN as u64)));
-        }
-        Ok(c)
+        Self::parse(chain, false, Some((VNET_HDR_LEN + MAX_FRAME_LEN) as u64))
     }
 
     /// The guest ranges from byte `skip` on (what `guest_io` turns into iovecs).
@@ -226,7 +240,8 @@ mod tests {
         f: impl FnOnce(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> T,
     ) -> T {
         let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
+        let size = descs.len().next_power_of_two().max(16) as u16;
+        let vq = MockSplitQueue::new(&m, size);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
@@ -294,6 +309,43 @@ mod tests {
             Chain::tx(ch).unwrap_err()
         });
         assert_eq!(e.1, ChainError::TooLong(70_000));
+    }
+
+    /// Found in the issue-12 audit: the whole chain was collected before its length
+    /// was checked. Now the first descriptor past the bound ends the walk (the
+    /// device-writable one after it is never looked at).
+    #[test]
+    fn an_oversized_transmit_chain_is_refused_where_it_crosses_the_bound() {
+        let e = with_chain(
+            &[
+                (0x1000, 12, 0),
+                (0x2_0000, 70_000, 0),
+                (0x3000, 10, F_WRITE),
+            ],
+            |_, ch| Chain::tx(ch).unwrap_err(),
+        );
+        assert_eq!(e.1, ChainError::TooLong(70_000));
+    }
+
+    /// Found in the issue-12 audit: a chain could hold as many segments as the queue
+    /// has descriptors (up to 65,535 kept in memory, more iovecs than one readv takes).
+    #[test]
+    fn chains_of_more_than_max_segments_are_refused() {
+        let many = |n: usize, flags: u16| -> Vec<(u64, u32, u16)> {
+            (0..n)
+                .map(|i| (0x8_0000 + 16 * i as u64, 16, flags))
+                .collect()
+        };
+        let c = with_chain(&many(MAX_SEGMENTS, F_WRITE), |_, ch| Chain::rx(ch).unwrap());
+        assert_eq!(c.segments.len(), MAX_SEGMENTS);
+        let e = with_chain(&many(MAX_SEGMENTS + 1, F_WRITE), |_, ch| {
+            Chain::rx(ch).unwrap_err()
+        });
+        assert_eq!(e.1, ChainError::TooManySegments);
+        let e = with_chain(&many(MAX_SEGMENTS + 1, 0), |_, ch| {
+            Chain::tx(ch).unwrap_err()
+        });
+        assert_eq!(e.1, ChainError::TooManySegments);
     }
 
     #[test]

@@ -31,31 +31,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
-/// The default relative weight of a VM (as Hyper-V's).
-pub const DEFAULT_WEIGHT: u32 = 100;
-/// The allowed range of a VM's relative weight.
-pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
-
-/// How to lay out the hierarchy.
-#[derive(Clone, Debug)]
-pub struct CgroupConfig {
-    /// The `vireo` directory in the cpu hierarchy; None: no placement at all.
-    pub root: Option<PathBuf>,
-    /// cpu.shares of the root itself (all VMs together against the rest of the host);
-    /// None: as created (1024, like one nice-0 process).
-    pub root_shares: Option<u64>,
-    pub boot_shares: u64,
-    pub vmm_shares: u64,
-    pub vms_shares: u64,
-}
-
-/// Threads that do the guest's work (named by the VMM).
-pub fn is_guest_thread(comm: &str) -> bool {
-    comm.starts_with("vireo-vcpu")
-        || comm.starts_with("vireo-blk")
-        || comm == "vireo-console"
-        || comm == "vireo-rng"
-}
+use super::{is_guest_thread, shares_for_weight, CgroupConfig};
 
 /// (tid, name) of every thread of `pid`.
 fn threads(pid: i32) -> Vec<(i32, String)> {
@@ -71,15 +47,9 @@ fn threads(pid: i32) -> Vec<(i32, String)> {
         .collect()
 }
 
-/// cpu.shares for a relative weight: 100 → 1024, linear, at least 2 (the kernel's
-/// minimum).
-pub fn shares_for_weight(weight: u32) -> u64 {
-    (u64::from(weight) * 1024 / u64::from(DEFAULT_WEIGHT)).max(2)
-}
-
 /// The live hierarchy (or nothing, when placement is off or impossible).
 #[derive(Clone, Debug)]
-pub struct CpuCgroups {
+pub struct V1 {
     root: Option<PathBuf>,
     /// `<root>/boot/cgroup.procs` as a C string, for the launcher's pre-exec hook.
     boot_procs: Option<CString>,
@@ -89,7 +59,7 @@ fn write(path: &Path, value: &str) -> std::io::Result<()> {
     std::fs::write(path, value)
 }
 
-impl CpuCgroups {
+impl V1 {
     /// No placement.
     pub fn off() -> Self {
         Self {
@@ -101,7 +71,7 @@ impl CpuCgroups {
     /// Creates `<root>`, `boot` and `vms` with their shares. Any failure: a warning and
     /// no placement.
     pub fn setup(cfg: &CgroupConfig) -> Self {
-        let Some(root) = &cfg.root else {
+        let Some(root) = &cfg.v1_root else {
             return Self::off();
         };
         let made = (|| -> Result<(), (PathBuf, std::io::Error)> {
@@ -325,12 +295,9 @@ mod tests {
     #[test]
     fn a_directory_that_is_no_cgroup_turns_placement_off() {
         let dir = tempfile::tempdir().unwrap();
-        let c = CpuCgroups::setup(&CgroupConfig {
-            root: Some(dir.path().join("vireo")),
-            root_shares: None,
-            boot_shares: 4096,
-            vmm_shares: 2048,
-            vms_shares: 256,
+        let c = V1::setup(&CgroupConfig {
+            v1_root: Some(dir.path().join("vireo")),
+            ..CgroupConfig::test_default()
         });
         assert!(!c.enabled());
         // Nothing panics or fails when placement is off.

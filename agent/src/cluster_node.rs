@@ -1,0 +1,276 @@
+//! vireod as a cluster node (`--cluster-etcd`, `--node-name`): joins the cluster on
+//! etcd, runs the VMs this node owns (each disk carrying the VM's fencing token), kills
+//! them when the node's own clock says it is fenced, and runs the failover controller.
+//! The cluster logic itself is the `cluster` crate's; this module only connects it to
+//! the supervisor and the REST API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use cluster::failover::{define_vm, Controller, Snapshot};
+use cluster::keys::{self, NodeRecord, NodeState, OwnerRecord, Priority, Resources};
+use cluster::membership::{NodeAgent, Timing};
+use cluster::{ClusterStore, EtcdStore};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::model::VmDefinition;
+use crate::supervisor::Supervisor;
+
+/// The agent loop's period; the controller runs every other turn.
+const TURN: Duration = Duration::from_millis(100);
+
+/// This node's view of the cluster, for the API.
+#[derive(Clone)]
+pub struct ClusterNode {
+    pub store: EtcdStore,
+    pub node: String,
+    pub sup: Arc<Supervisor>,
+}
+
+/// `PUT /api/v1/cluster/vms/{name}`: a clustered VM.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusteredVmRequest {
+    /// The VM as `PUT /api/v1/vms/{name}` takes it.
+    pub definition: VmDefinition,
+    pub priority: Priority,
+    #[serde(default)]
+    pub preferred_owners: Vec<String>,
+    #[serde(default)]
+    pub possible_owners: Vec<String>,
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+    /// Start it now (default true).
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Connects to etcd and registers nothing yet (the loop joins).
+pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
+    let eps: Vec<String> = endpoints
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.contains("://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect();
+    if eps.is_empty() {
+        return Err("--cluster-etcd: no endpoint given".into());
+    }
+    EtcdStore::connect(&eps)
+        .await
+        .map_err(|e| format!("--cluster-etcd {endpoints}: {e}"))
+}
+
+impl ClusterNode {
+    /// The node's record: its capacity is the host's (vireod's host info).
+    fn record(&self) -> NodeRecord {
+        let host = self.sup.host_info();
+        NodeRecord {
+            name: self.node.clone(),
+            version: host.version,
+            capacity: Resources {
+                memory_mib: host.memory_total_bytes >> 20,
+                vcpus: u32::try_from(host.cpus).unwrap_or(u32::MAX),
+            },
+            cpu_features: vec![],
+            state: NodeState::Up,
+            peer_url: None,
+        }
+    }
+
+    /// Kills every local VM that is a clustered VM: whatever ran before this vireod
+    /// joined belongs to an incarnation whose lease is gone.
+    async fn kill_leftovers(&self) {
+        let Ok((vms, _)) = self.store.get_prefix(keys::VMS).await else {
+            return;
+        };
+        for kv in vms {
+            let Some(name) = keys::name_of(keys::VMS, &kv.key) else {
+                continue;
+            };
+            if self.sup.get(name).is_ok_and(|s| s.pid.is_some()) {
+                warn!(
+                    vm = name,
+                    "killing a clustered VM left from before this node joined"
+                );
+                let _ = self.sup.kill(name).await;
+            }
+        }
+    }
+
+    /// Starts `vm` here with `token` on every disk.
+    async fn start_owned(&self, vm: &str, token: i64) -> Result<(), String> {
+        let kv = self
+            .store
+            .get(&keys::vm_key(vm))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{vm}: no definition in the cluster"))?;
+        let def: keys::VmDefinition =
+            keys::decode(&kv.value).ok_or_else(|| format!("{vm}: definition does not parse"))?;
+        let mut local: VmDefinition = serde_json::from_value(def.config)
+            .map_err(|e| format!("{vm}: the cluster's VM config does not parse: {e}"))?;
+        let token = u64::try_from(token).map_err(|_| format!("{vm}: bad token {token}"))?;
+        for d in &mut local.config.disks {
+            d.fencing_token = Some(token);
+        }
+        if self.sup.get(vm).is_ok() {
+            // A definition from an earlier ownership: replace it (its token is old).
+            let _ = self.sup.kill(vm).await;
+            self.sup.delete(vm).map_err(|e| e.to_string())?;
+        }
+        self.sup.define(vm, local).map_err(|e| e.to_string())?;
+        self.sup.start(vm).await.map_err(|e| e.to_string())?;
+        info!(vm, token, "clustered VM started");
+        Ok(())
+    }
+
+    /// The node's loop: membership, fencing, running what it owns, failover.
+    pub async fn run(self) {
+        let timing = Timing::default();
+        self.kill_leftovers().await;
+        let t0 = Instant::now();
+        let mut agent = NodeAgent::new(self.store.clone(), self.record(), timing);
+        let mut controller = Controller::new(timing);
+        let mut turn: u64 = 0;
+        loop {
+            let r = agent.step(t0.elapsed()).await;
+            for vm in &r.stop {
+                warn!(vm, "stopping a clustered VM this node no longer may run");
+                if let Err(e) = self.sup.kill(vm).await {
+                    warn!(vm, error = %e, "cannot kill");
+                }
+            }
+            for (vm, token) in &r.start {
+                if let Err(e) = self.start_owned(vm, *token).await {
+                    warn!(vm, error = %e, "cannot start a clustered VM");
+                    agent.exited(vm);
+                }
+            }
+            // A VM that ended by itself is started again while this node owns it.
+            for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
+                if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {
+                    agent.exited(&vm);
+                }
+            }
+            if turn.is_multiple_of(2) && !agent.fenced(t0.elapsed()) {
+                if let Err(e) = controller.step(&self.store, t0.elapsed()).await {
+                    warn!(error = %e, "failover controller pass failed");
+                }
+            }
+            turn += 1;
+            tokio::time::sleep(TURN).await;
+        }
+    }
+}
+
+/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`.
+pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
+    Router::new()
+        .route("/api/v1/cluster", get(status))
+        .route("/api/v1/cluster/vms/{name}", put(define))
+        .with_state(node)
+}
+
+type N = State<Option<Arc<ClusterNode>>>;
+
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+fn not_clustered() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "this vireod is not a cluster node (start it with --cluster-etcd and --node-name)".into(),
+    )
+}
+
+async fn status(State(node): N) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    let snap = match Snapshot::read(&node.store).await {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let nodes: Vec<_> = snap
+        .nodes
+        .iter()
+        .map(|(name, (r, _))| serde_json::json!({"name": name, "state": r.state, "capacity": r.capacity, "version": r.version}))
+        .collect();
+    let vms: Vec<_> = snap
+        .vms
+        .iter()
+        .map(|(name, d)| {
+            let (owner, token) = match snap.owners.get(name) {
+                Some((OwnerRecord::Node { node: n, lease }, rev)) => {
+                    let alive = snap.alive(n, *lease);
+                    (serde_json::json!({"node": n, "alive": alive}), Some(*rev))
+                }
+                Some((OwnerRecord::Unowned(u), rev)) => (serde_json::json!(u), Some(*rev)),
+                None => (serde_json::Value::Null, None),
+            };
+            serde_json::json!({"name": name, "priority": d.priority, "owner": owner, "fencing_token": token})
+        })
+        .collect();
+    Json(serde_json::json!({"node": node.node, "nodes": nodes, "vms": vms})).into_response()
+}
+
+async fn define(
+    State(node): N,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    if let Err(e) = crate::model::validate_name(&name) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let req: ClusteredVmRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("clustered VM: {e}")),
+    };
+    // Checked as a local definition would be (paths beneath the storage roots).
+    if let Err(e) = req.definition.validate() {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let c = &req.definition.config;
+    let def = keys::VmDefinition {
+        name: name.clone(),
+        priority: req.priority,
+        needs: Resources {
+            memory_mib: c.memory.size >> 20,
+            vcpus: u32::from(c.cpus.boot),
+        },
+        preferred_owners: req.preferred_owners,
+        possible_owners: req.possible_owners,
+        anti_affinity: req.anti_affinity,
+        config: match serde_json::to_value(&req.definition) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        },
+    };
+    match define_vm(&node.store, &def, req.start).await {
+        Ok(()) => {
+            Json(serde_json::json!({"name": name, "priority": def.priority, "needs": def.needs}))
+                .into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

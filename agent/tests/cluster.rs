@@ -1,0 +1,172 @@
+//! vireod as a cluster node, with a real 3-member etcd and two real vireods sharing a
+//! storage directory: clustered VMs defined with vireoctl run on their preferred node
+//! with a fencing token on their disks; when that node's vireod and VMMs are killed
+//! (kill -9), both VMs run again on the other node, the High one placed first, with
+//! newer tokens recorded beside their disks.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{guest_dir, Daemon, T};
+use serde_json::json;
+use vireo_e2e::etcd::EtcdCluster;
+
+fn token(disk: &Path) -> u64 {
+    let mut name = disk.file_name().unwrap().to_os_string();
+    name.push(".fence");
+    let text = std::fs::read_to_string(disk.with_file_name(name)).unwrap_or_default();
+    text.trim()
+        .strip_prefix("token=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what} never happened:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
+    let etcd = EtcdCluster::start(3);
+    let shared = tempfile::tempdir().unwrap();
+    let eps = etcd.endpoints_arg();
+    let node = |name: &str| {
+        Daemon::start(&[
+            "--no-autostart",
+            "--cluster-etcd",
+            &eps,
+            "--node-name",
+            name,
+            "--storage-root",
+            shared.path().to_str().unwrap(),
+            "--storage-root",
+            guest_dir().to_str().unwrap(),
+        ])
+    };
+    let mut a = node("a");
+    let b = node("b");
+    wait_until(
+        "both nodes in the cluster",
+        T,
+        || {
+            let v = b.ok("GET", "/api/v1/cluster", None);
+            v["nodes"].as_array().map_or(0, |n| n.len()) == 2
+        },
+        || format!("{}\n{}", a.log(), b.log()),
+    );
+
+    let mut disks = Vec::new();
+    for (vm, prio) in [("hi", "high"), ("lo", "low")] {
+        let disk = shared.path().join(format!("{vm}.raw"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut cfg = common::counter_config();
+        cfg["disks"] = json!([{"path": disk, "format": "raw"}]);
+        let file = shared.path().join(format!("{vm}.json"));
+        std::fs::write(&file, cfg.to_string()).unwrap();
+        let out = a.ctl_ok(&[
+            "vm",
+            "define",
+            vm,
+            "--file",
+            file.to_str().unwrap(),
+            "--cluster",
+            "--priority",
+            prio,
+            "--preferred-owner",
+            "a",
+        ]);
+        assert!(out.contains(prio), "{out}");
+        disks.push(disk);
+    }
+    let logs = || {
+        format!(
+            "--- a ---\n{}\n--- b ---\n{}\n{}",
+            a.log(),
+            b.log(),
+            etcd.logs()
+        )
+    };
+    wait_until(
+        "hi and lo running on a",
+        T,
+        || {
+            !a.absent("hi")
+                && !a.absent("lo")
+                && a.vm("hi")["state"] == "Running"
+                && a.vm("lo")["state"] == "Running"
+        },
+        logs,
+    );
+    a.wait_serial("hi", "tick 3 ", T);
+    let (hi0, lo0) = (token(&disks[0]), token(&disks[1]));
+    assert!(
+        hi0 > 0 && lo0 > 0,
+        "no fencing tokens recorded: {hi0} {lo0}"
+    );
+    let status = a.ctl_ok(&["cluster", "status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("hi") && l.contains("high") && l.contains(" a ")),
+        "{status}"
+    );
+    assert!(b.absent("hi") && b.absent("lo"));
+
+    // Node a dies: its vireod and its VMMs, kill -9.
+    let pids = [a.pid("hi").unwrap(), a.pid("lo").unwrap()];
+    a.kill9();
+    for pid in pids {
+        // SAFETY: kill on pids of VMMs this test's vireod started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        common::wait_dead(pid, T);
+    }
+
+    wait_until(
+        "hi and lo running on b",
+        T,
+        || {
+            !b.absent("hi")
+                && !b.absent("lo")
+                && b.vm("hi")["state"] == "Running"
+                && b.vm("lo")["state"] == "Running"
+        },
+        || format!("--- b ---\n{}", b.log()),
+    );
+    b.wait_serial("hi", "tick 3 ", T);
+    let (hi1, lo1) = (token(&disks[0]), token(&disks[1]));
+    assert!(
+        hi1 > hi0 && lo1 > lo0,
+        "tokens did not grow: hi {hi0}->{hi1}, lo {lo0}->{lo1}"
+    );
+    // High first: the controller placed hi before lo (tokens are store revisions).
+    assert!(hi1 < lo1, "lo was placed before hi: {hi1} vs {lo1}");
+    let status = b.ctl_ok(&["cluster", "status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("hi") && l.contains(" b ")),
+        "{status}"
+    );
+    assert!(
+        !status.lines().any(|l| l.starts_with("a ")),
+        "a still listed: {status}"
+    );
+}

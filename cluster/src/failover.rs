@@ -1,0 +1,306 @@
+//! The failover controller: finds VMs whose owner is dead, waits the dead margin on its
+//! own clock, plans with [`crate::placement`] and writes each decision as a
+//! compare-and-swap on the VM's ownership key.
+//!
+//! An owner (node, lease) is dead when `vireo/nodes/NODE` is no longer attached to that
+//! lease (the lease expired, or the node joined again with a new one). Every transaction
+//! that takes a VM from a dead owner checks exactly that *in the store*, together with
+//! the ownership key's revision, so a controller acting on a stale snapshot changes
+//! nothing. Every live node may run the controller; the transactions decide.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::keys::{self, ClusterEvent, NodeRecord, OwnerRecord, Unowned, VmDefinition};
+use crate::membership::Timing;
+use crate::placement::{self, Decision, NodeView, Reason, VmView};
+use crate::store::{
+    ClusterStore, CmpOp, Compare, KeyValue, LeaseId, Op, Revision, StoreResult, Txn,
+};
+
+/// One view of the cluster, read from the store.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Live nodes: name → (record, lease).
+    pub nodes: BTreeMap<String, (NodeRecord, LeaseId)>,
+    pub vms: BTreeMap<String, VmDefinition>,
+    /// VM → (ownership, the key's revision).
+    pub owners: BTreeMap<String, (OwnerRecord, Revision)>,
+}
+
+impl Snapshot {
+    /// Reads nodes, VMs and owners.
+    pub async fn read<S: ClusterStore>(store: &S) -> StoreResult<Snapshot> {
+        let (nodes, _) = store.get_prefix(keys::NODES).await?;
+        let (vms, _) = store.get_prefix(keys::VMS).await?;
+        let (owners, _) = store.get_prefix(keys::OWNERS).await?;
+        let named = |prefix: &'static str, kvs: Vec<KeyValue>| {
+            kvs.into_iter().filter_map(move |kv| {
+                let name = keys::name_of(prefix, &kv.key)?.to_string();
+                Some((name, kv))
+            })
+        };
+        let mut snap = Snapshot::default();
+        for (name, kv) in named(keys::NODES, nodes) {
+            match keys::decode::<NodeRecord>(&kv.value) {
+                Some(r) => {
+                    snap.nodes.insert(name, (r, kv.lease));
+                }
+                None => warn!(key = %kv.key, "ignoring a node record that does not parse"),
+            }
+        }
+        for (name, kv) in named(keys::VMS, vms) {
+            match keys::decode::<VmDefinition>(&kv.value) {
+                Some(d) => {
+                    snap.vms.insert(name, d);
+                }
+                None => warn!(key = %kv.key, "ignoring a VM definition that does not parse"),
+            }
+        }
+        for (name, kv) in named(keys::OWNERS, owners) {
+            match keys::decode::<OwnerRecord>(&kv.value) {
+                Some(o) => {
+                    snap.owners.insert(name, (o, kv.mod_revision));
+                }
+                None => warn!(key = %kv.key, "ignoring an ownership record that does not parse"),
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Whether the incarnation (node, lease) is alive.
+    pub fn alive(&self, node: &str, lease: LeaseId) -> bool {
+        self.nodes.get(node).is_some_and(|(_, l)| *l == lease)
+    }
+}
+
+fn view(d: &VmDefinition) -> VmView {
+    VmView {
+        name: d.name.clone(),
+        priority: d.priority,
+        needs: d.needs,
+        preferred_owners: d.preferred_owners.clone(),
+        possible_owners: d.possible_owners.clone(),
+        anti_affinity: d.anti_affinity.clone(),
+    }
+}
+
+/// What one controller pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Decisions whose transaction succeeded, in order.
+    pub applied: Vec<Decision>,
+    /// Decisions a concurrent change made void (the next pass plans again).
+    pub lost: usize,
+}
+
+/// The failover controller of one node.
+pub struct Controller {
+    timing: Timing,
+    /// Dead incarnations and when this controller first saw them dead (own clock).
+    dead_since: HashMap<(String, LeaseId), Duration>,
+}
+
+impl Controller {
+    pub fn new(timing: Timing) -> Self {
+        Controller {
+            timing,
+            dead_since: HashMap::new(),
+        }
+    }
+
+    /// One pass at local monotonic time `now`.
+    pub async fn step<S: ClusterStore>(&mut self, store: &S, now: Duration) -> StoreResult<Pass> {
+        let snap = Snapshot::read(store).await?;
+        let (nodes, to_place, from) = self.work(&snap, now);
+        let mut pass = Pass::default();
+        if to_place.is_empty() {
+            return Ok(pass);
+        }
+        for d in placement::plan(&nodes, &to_place) {
+            match self.apply(store, &snap, &from, &d).await? {
+                true => pass.applied.push(d),
+                false => pass.lost += 1,
+            }
+        }
+        Ok(pass)
+    }
+
+    /// The placement inputs: live nodes with what they run, the VMs to place (dead
+    /// owners past the margin, pending and preempted VMs), and where each came from.
+    #[allow(clippy::type_complexity)]
+    fn work(
+        &mut self,
+        snap: &Snapshot,
+        now: Duration,
+    ) -> (
+        Vec<NodeView>,
+        Vec<(VmView, Reason)>,
+        HashMap<String, (String, LeaseId)>,
+    ) {
+        let mut nodes: BTreeMap<&str, NodeView> = snap
+            .nodes
+            .iter()
+            .map(|(name, (r, _))| {
+                (
+                    name.as_str(),
+                    NodeView {
+                        name: name.clone(),
+                        state: r.state,
+                        capacity: r.capacity,
+                        running: vec![],
+                    },
+                )
+            })
+            .collect();
+        let mut to_place = Vec::new();
+        let mut from = HashMap::new();
+        let mut still_dead = HashMap::new();
+        for (vm, (owner, _)) in &snap.owners {
+            let Some(def) = snap.vms.get(vm) else {
+                continue;
+            };
+            match owner {
+                OwnerRecord::Node { node, lease } if snap.alive(node, *lease) => {
+                    if let Some(n) = nodes.get_mut(node.as_str()) {
+                        n.running.push(view(def));
+                    }
+                }
+                OwnerRecord::Node { node, lease } => {
+                    let id = (node.clone(), *lease);
+                    let since = *self.dead_since.get(&id).unwrap_or(&now);
+                    still_dead.insert(id.clone(), since);
+                    if now >= since + self.timing.dead_margin {
+                        to_place.push((view(def), Reason::Failover));
+                        from.insert(vm.clone(), id);
+                    }
+                }
+                OwnerRecord::Unowned(Unowned::Pending | Unowned::Preempted) => {
+                    to_place.push((view(def), Reason::Start));
+                }
+                OwnerRecord::Unowned(Unowned::Off) => {}
+            }
+        }
+        self.dead_since = still_dead;
+        (nodes.into_values().collect(), to_place, from)
+    }
+
+    async fn apply<S: ClusterStore>(
+        &self,
+        store: &S,
+        snap: &Snapshot,
+        from: &HashMap<String, (String, LeaseId)>,
+        d: &Decision,
+    ) -> StoreResult<bool> {
+        let (vm, record, event) = match d {
+            Decision::Place { vm, node } => {
+                let Some((_, lease)) = snap.nodes.get(node) else {
+                    return Ok(false);
+                };
+                let record = OwnerRecord::Node {
+                    node: node.clone(),
+                    lease: *lease,
+                };
+                (vm, record, "placed")
+            }
+            Decision::Preempt { vm, .. } => {
+                (vm, OwnerRecord::Unowned(Unowned::Preempted), "preempted")
+            }
+            Decision::StayOff { vm } => (vm, OwnerRecord::Unowned(Unowned::Off), "stays off"),
+            Decision::Wait { .. } => return Ok(true),
+        };
+        let Some((_, revision)) = snap.owners.get(vm) else {
+            return Ok(false);
+        };
+        let key = keys::owner_key(vm);
+        let mut when = vec![Compare::ModRevision {
+            key: key.clone(),
+            op: CmpOp::Equal,
+            revision: *revision,
+        }];
+        let prior = from.get(vm);
+        if let Some((node, lease)) = prior {
+            // The old owner's incarnation must be gone in the store, not just here.
+            when.push(Compare::Lease {
+                key: keys::node_key(node),
+                op: CmpOp::NotEqual,
+                lease: *lease,
+            });
+        }
+        if let OwnerRecord::Node { node, lease } = &record {
+            // The new owner must still be the incarnation we planned for.
+            when.push(Compare::Lease {
+                key: keys::node_key(node),
+                op: CmpOp::Equal,
+                lease: *lease,
+            });
+        }
+        let to = match &record {
+            OwnerRecord::Node { node, .. } => Some(node.clone()),
+            OwnerRecord::Unowned(_) => None,
+        };
+        let txn = Txn {
+            when,
+            then: vec![Op::Put {
+                key,
+                value: keys::encode(&record),
+                lease: 0,
+            }],
+            otherwise: vec![],
+        };
+        let outcome = store.txn(txn).await?;
+        if outcome.succeeded {
+            let ev = ClusterEvent {
+                vm: vm.clone(),
+                action: event.to_string(),
+                from: prior.map(|(n, _)| n.clone()),
+                to,
+            };
+            info!(vm = %ev.vm, action = %ev.action, from = ?ev.from, to = ?ev.to, token = outcome.revision, "failover");
+            // The event log is for people; losing an entry changes no decision.
+            if let Err(e) = store
+                .put(&keys::event_key(outcome.revision), keys::encode(&ev), 0)
+                .await
+            {
+                warn!(error = %e, "cannot record a cluster event");
+            }
+        }
+        Ok(outcome.succeeded)
+    }
+}
+
+/// Defines a clustered VM (or redefines it; ownership is untouched) and, with `start`,
+/// asks the cluster to run it (a new VM is pending until the controller places it).
+pub async fn define_vm<S: ClusterStore>(
+    store: &S,
+    def: &VmDefinition,
+    start: bool,
+) -> StoreResult<()> {
+    store
+        .put(&keys::vm_key(&def.name), keys::encode(def), 0)
+        .await?;
+    let state = if start {
+        Unowned::Pending
+    } else {
+        Unowned::Off
+    };
+    // Create the ownership key only if it does not exist.
+    store
+        .txn(Txn {
+            when: vec![Compare::ModRevision {
+                key: keys::owner_key(&def.name),
+                op: CmpOp::Equal,
+                revision: 0,
+            }],
+            then: vec![Op::Put {
+                key: keys::owner_key(&def.name),
+                value: keys::encode(&OwnerRecord::Unowned(state)),
+                lease: 0,
+            }],
+            otherwise: vec![],
+        })
+        .await?;
+    Ok(())
+}

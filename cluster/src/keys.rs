@@ -1,0 +1,185 @@
+//! The key layout in the store and the records stored under it (JSON). See README.md.
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `vireo/nodes/NODE` | [`NodeRecord`] | the node's lease: the key vanishes when it expires |
+//! | `vireo/vms/VM` | [`VmDefinition`] | none |
+//! | `vireo/owners/VM` | [`OwnerRecord`]; its `mod_revision` is the VM's fencing token | none: it outlives a dead owner, which is how the failover controller finds orphans |
+//! | `vireo/events/REVISION` | [`ClusterEvent`] | none |
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::LeaseId;
+
+pub const NODES: &str = "vireo/nodes/";
+pub const VMS: &str = "vireo/vms/";
+pub const OWNERS: &str = "vireo/owners/";
+pub const EVENTS: &str = "vireo/events/";
+
+pub fn node_key(node: &str) -> String {
+    format!("{NODES}{node}")
+}
+pub fn vm_key(vm: &str) -> String {
+    format!("{VMS}{vm}")
+}
+pub fn owner_key(vm: &str) -> String {
+    format!("{OWNERS}{vm}")
+}
+pub fn event_key(seq: i64) -> String {
+    format!("{EVENTS}{seq:020}")
+}
+
+/// The name a key holds under `prefix` (`vireo/nodes/a` → `a`).
+pub fn name_of<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+    key.strip_prefix(prefix).filter(|n| !n.is_empty())
+}
+
+/// What a node can hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}
+
+impl Resources {
+    pub fn fits_in(&self, free: &Resources) -> bool {
+        self.memory_mib <= free.memory_mib && self.vcpus <= free.vcpus
+    }
+    pub fn add(&self, o: &Resources) -> Resources {
+        Resources {
+            memory_mib: self.memory_mib + o.memory_mib,
+            vcpus: self.vcpus + o.vcpus,
+        }
+    }
+    pub fn sub(&self, o: &Resources) -> Resources {
+        Resources {
+            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
+            vcpus: self.vcpus.saturating_sub(o.vcpus),
+        }
+    }
+}
+
+/// A node's administrative state. A node whose key is gone is down; `Down` is what
+/// status reports then, never a stored state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Up,
+    Paused,
+    Draining,
+    Quarantined,
+    Down,
+}
+
+impl NodeState {
+    /// Whether the node takes VMs that fail over.
+    pub fn accepts_vms(self) -> bool {
+        self == NodeState::Up
+    }
+}
+
+/// `vireo/nodes/NODE`: a node's registration, attached to its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub version: String,
+    pub capacity: Resources,
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+    pub state: NodeState,
+    /// Where the node's peer API listens (`https://host:port`), if it has one.
+    #[serde(default)]
+    pub peer_url: Option<String>,
+}
+
+/// A clustered VM's failover priority (Hyper-V's High/Medium/Low/No Auto Start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Never started by failover: stays off when its node dies.
+    NoAutoStart,
+    Low,
+    Medium,
+    High,
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "high" => Ok(Priority::High),
+            "medium" => Ok(Priority::Medium),
+            "low" => Ok(Priority::Low),
+            "no-auto-start" | "no_auto_start" => Ok(Priority::NoAutoStart),
+            other => Err(format!(
+                "priority {other:?}: expected high, medium, low or no-auto-start"
+            )),
+        }
+    }
+}
+
+/// `vireo/vms/VM`: a clustered VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDefinition {
+    pub name: String,
+    pub priority: Priority,
+    pub needs: Resources,
+    /// Nodes to prefer, best first.
+    #[serde(default)]
+    pub preferred_owners: Vec<String>,
+    /// Nodes allowed to run it; empty: every node.
+    #[serde(default)]
+    pub possible_owners: Vec<String>,
+    /// VMs of one class are spread over nodes when possible (soft).
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+    /// The VM's configuration as the node agent runs it (opaque to the cluster).
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
+/// Why a VM has no owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unowned {
+    /// Wants to run: placed when a node has room.
+    Pending,
+    /// Stopped to make room for a higher priority; placed again when there is room.
+    Preempted,
+    /// Off (No Auto Start after its node died, or stopped by an operator).
+    Off,
+}
+
+/// `vireo/owners/VM`: who runs the VM. The key's `mod_revision` is the fencing token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerRecord {
+    /// Runs on `node`'s incarnation holding `lease`.
+    Node {
+        node: String,
+        lease: LeaseId,
+    },
+    Unowned(Unowned),
+}
+
+/// `vireo/events/SEQ`: what the failover controller decided, for status and audits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEvent {
+    pub vm: String,
+    pub action: String,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Encodes a record for the store.
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+/// Decodes a record; `None` (and the caller logs) for a value that is not one.
+pub fn decode<T: for<'de> Deserialize<'de>>(value: &[u8]) -> Option<T> {
+    serde_json::from_slice(value).ok()
+}
