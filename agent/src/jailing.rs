@@ -163,17 +163,25 @@ pub fn relay(listen: &Path, to: PathBuf, uid: u32) -> Result<Relay, AgentError> 
 }
 
 /// Gives a file a deleted jailed VM had owned back to root, 0600 (its uid goes to the
-/// next VM). A file that is gone is no error.
-pub fn give_back(path: &Path) {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => {
-            if let Err(e) = std::os::unix::fs::lchown(path, Some(0), Some(0)).and_then(|_| {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            }) {
-                warn!(path = %path.display(), error = %e, "cannot give a deleted VM's file back to root");
-            }
+/// next VM): opened beneath its storage root (no symlink on the way), then changed
+/// through that descriptor. A file that is gone is no error.
+pub fn give_back(roots: &confine::Roots, path: &Path) {
+    let file = match roots.open_file(path, false) {
+        Ok(f) => f,
+        Err(confine::ConfineError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return
         }
-        _ => {}
+        Err(e) => {
+            warn!(error = %e, "a deleted VM's file is not given back to root");
+            return;
+        }
+    };
+    if let Err(e) = std::os::unix::fs::fchown(&file, Some(0), Some(0))
+        .and_then(|_| file.set_permissions(std::fs::Permissions::from_mode(0o600)))
+    {
+        warn!(path = %path.display(), error = %e, "cannot give a deleted VM's file back to root");
     }
 }
 

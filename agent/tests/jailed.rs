@@ -279,20 +279,8 @@ fn a_jailed_vm_migrates_shared_nothing_between_two_vireods_into_a_storage_dir_of
     if !as_root() {
         return;
     }
-    let src = Daemon::start(&["--no-autostart"]);
-    // The destination checks the definition it receives against its own roots: the
-    // source's directory is one of them (as shared storage would be), its own another.
-    let mut dst = Daemon::start(&["--no-autostart"]);
-    dst.terminate(T);
-    for root in [
-        src.dir.path().to_path_buf(),
-        dst.dir.path().to_path_buf(),
-        common::guest_dir(),
-    ] {
-        dst.args.push("--storage-root".into());
-        dst.args.push(root.display().to_string());
-    }
-    dst.spawn();
+    // Same-host vireods that name each other (--peer-socket).
+    let (src, dst) = Daemon::pair(&["--no-autostart"], &["--no-autostart"]);
     let disk = src.dir.path().join("m.raw");
     let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&disk, &pattern).unwrap();
@@ -441,4 +429,36 @@ fn a_jailed_vm_runs_on_a_differencing_vhdx_with_its_parent_bound_read_only() {
         "the base is not chowned"
     );
     assert_eq!(std::fs::metadata(&child).unwrap().uid(), uid_of(pid));
+}
+
+/// A clustered disk's fencing record (`DISK.fence`, beside the image) is in the jail
+/// and the VM's own: the jailed VMM records its token there (before, the record was not
+/// bound, so a jailed VMM could not create it in its read-only jail root and the
+/// start failed). A record holding a newer token still refuses the disk.
+#[test]
+fn a_jailed_vmm_records_its_fencing_token_beside_its_disk() {
+    if !as_root() {
+        return;
+    }
+    let d = Daemon::start(&["--no-autostart"]);
+    let disk = raw(&d.dir.path().join("f.raw"));
+    let record = d.dir.path().join("f.raw.fence");
+    let mut def = with_disk(&disk);
+    def["config"]["disks"][0]["fencing_token"] = json!(7);
+    d.ok("PUT", "/api/v1/vms/f", Some(&def.to_string()));
+    d.ok("PUT", "/api/v1/vms/f/start", None);
+    d.wait_serial("f", "tick 2 ", T);
+    let uid = uid_of(d.pid("f").unwrap());
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        format!("token={:020}\n", 7)
+    );
+    let m = std::fs::metadata(&record).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (uid, 0o600));
+    d.ok("PUT", "/api/v1/vms/f/stop", None);
+    // Another node took the VM over meanwhile: its newer token refuses this one.
+    std::fs::write(&record, format!("token={:020}\n", 9)).unwrap();
+    let (s, b) = d.api("PUT", "/api/v1/vms/f/start", None);
+    assert_eq!(s, 500, "{b}");
+    assert!(b.contains("older than the 9 recorded"), "{b}");
 }

@@ -267,6 +267,11 @@ fn jail_paths(
                     .into_iter()
                     .map(JailPath::read_only),
             );
+            // A clustered disk's fencing record beside it is read and rewritten in
+            // place (made empty here if missing: an empty record holds no token).
+            if d.fencing_token.is_some() {
+                paths.push(JailPath::writable(vmm::fencing::record_path(&d.path)));
+            }
             // A replicated disk's change log directory is written too (made here if
             // missing: the jail would otherwise make an empty file at its path).
             if let Some(log) = &d.replica_log {
@@ -361,7 +366,16 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         // systemd's notify socket is not in the jail: connect to it first.
         notify::connect_early();
-        vmm::jail::enter(jail, &paths, &devices)?;
+        // The paths beneath the storage roots are bound and chowned through descriptors
+        // opened beneath them (no symlinks); the jail closes those roots before it
+        // pivots, and the VMM opens its own inside.
+        vmm::jail::enter(
+            jail,
+            &paths,
+            &devices,
+            &cli.storage_root,
+            &cli.allow_block_device,
+        )?;
         if !cli.storage_root.is_empty() {
             set_storage_roots(&cli, &roots_inside_the_jail(&cli.storage_root))?;
         }

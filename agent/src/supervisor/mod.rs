@@ -139,6 +139,14 @@ enum StartKind {
     Restart,
 }
 
+/// `DISK.fence`, the fencing record the VMM keeps beside a clustered disk
+/// (`vmm/src/fencing.rs`).
+fn vmm_fence_record(disk: &Path) -> PathBuf {
+    let mut name = disk.file_name().unwrap_or_default().to_os_string();
+    name.push(".fence");
+    disk.with_file_name(name)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -352,14 +360,19 @@ impl Supervisor {
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
     }
 
-    /// A deleted VM's writable disks go back to root 0600: its jail uid is free for
-    /// the next VM. Call before the definition is removed from the inventory.
+    /// A deleted VM's writable disks (and fencing records) go back to root 0600: its
+    /// jail uid is free for the next VM. Call before the definition is removed from the inventory.
     fn give_back_files(&self, name: &str, def: &VmDefinition) {
         if self.jail_uid(name).is_none() {
             return;
         }
-        for d in def.config.disks.iter().filter(|d| !d.readonly) {
-            crate::jailing::give_back(&d.path);
+        for d in &def.config.disks {
+            if !d.readonly {
+                crate::jailing::give_back(&self.roots, &d.path);
+            }
+            if d.fencing_token.is_some() {
+                crate::jailing::give_back(&self.roots, &vmm_fence_record(&d.path));
+            }
         }
     }
 
