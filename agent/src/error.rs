@@ -54,6 +54,10 @@ pub enum AgentError {
     Vmm { name: String, message: String },
     #[error(transparent)]
     NoMigrationPort(#[from] crate::migration_ports::PortsExhausted),
+    #[error(
+        "every jail uid of --jail-uids {first}-{last} is taken: delete a VM or widen the range"
+    )]
+    JailIdsExhausted { first: u32, last: u32 },
     #[error("stored definition of {name:?} is unreadable: {source}")]
     Corrupt {
         name: String,

@@ -33,6 +33,7 @@ pub mod confinement;
 pub mod error;
 pub mod hosttls;
 pub mod inventory;
+pub mod jailing;
 pub mod launcher;
 pub mod metering;
 pub mod migration_ports;

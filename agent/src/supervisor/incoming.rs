@@ -59,6 +59,18 @@ impl Supervisor {
                 self.roots
                     .open_dir(dir)
                     .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+                if self.cfg.jail_uids.is_some() {
+                    // The jail gives it to the VM's uid: it must hold nothing of anyone else.
+                    let empty = std::fs::read_dir(dir)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(false);
+                    if !empty {
+                        return Err(AgentError::BadMigration(format!(
+                            "storage_dir {}: must be an empty directory (a jailed VMM gets it as its own)",
+                            dir.display()
+                        )));
+                    }
+                }
                 crate::confinement::confine_incoming_copy(
                     &self.roots,
                     &self.vm_dir(&req.name),
@@ -100,7 +112,7 @@ impl Supervisor {
                 "receiver_url {url:?}: expected unix:/path or tcp:host:port"
             )));
         }
-        crate::confinement::check_receiver_url(&url, &self.cfg.run_dir.join("vms"))?;
+        crate::confinement::check_receiver_url(&url, &self.vm_run_dir(&name))?;
         let tls = match &from_peer {
             Some(peer) => Some(self.receive_tls(peer)?),
             None => None,
@@ -200,11 +212,48 @@ impl Supervisor {
         req: &IncomingRequest,
         tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
-        let spec = LaunchSpec {
+        let mut spec = LaunchSpec {
             memory: Some(req.definition.config.memory.size),
             ..self.receive_spec(name)
         };
         mkdir(&self.vm_dir(name), 0o750)?;
+        mkdir(&self.vm_run_dir(name), 0o700)?;
+        let cfg = self.receive_config(name, &req.definition);
+        let mut binds: Vec<std::path::PathBuf> = req.storage_dir.iter().cloned().collect();
+        let mut read_only = vec![cfg.payload.kernel.clone()];
+        read_only.extend(cfg.payload.initramfs.iter().cloned());
+        if let api::config::OutputConfig::File(f) = &cfg.console {
+            binds.push(f.clone());
+        }
+        for d in &cfg.disks {
+            // A shared-nothing migration's disks are made in storage_dir instead.
+            if req.storage_dir.is_none() && !d.readonly {
+                binds.push(d.path.clone());
+            } else if req.storage_dir.is_none() {
+                read_only.push(d.path.clone());
+            }
+        }
+        spec.jail = self.jail_spec(name, binds, read_only)?;
+        let tls = match (tls, spec.jail.as_ref()) {
+            (Some(mut tls), Some(jail)) => {
+                // The jail shows the VM's run directory only: the identity goes there.
+                let id = self.cfg.identity.as_ref().ok_or_else(|| {
+                    AgentError::BadMigration(
+                        "this vireod has no host identity to receive with".into(),
+                    )
+                })?;
+                let files = crate::jailing::hand_over_identity(
+                    &id.files,
+                    &self.vm_run_dir(name),
+                    jail.uid,
+                )?;
+                tls["cert"] = serde_json::json!(files.cert);
+                tls["key"] = serde_json::json!(files.key);
+                tls["ca"] = serde_json::json!(files.ca);
+                Some(tls)
+            }
+            (tls, _) => tls,
+        };
         if let Some(p) = url.strip_prefix("unix:") {
             let _ = std::fs::remove_file(p); // A stale socket of an earlier attempt.
         }
@@ -226,7 +275,7 @@ impl Supervisor {
         let mut body = serde_json::json!({
             "receiver_url": url,
             "storage_dir": req.storage_dir,
-            "config": self.receive_config(name, &req.definition),
+            "config": cfg,
             "secret": req.secret,
             // A peer host's migration is TLS, whatever the request says.
             "insecure": req.insecure && tls.is_none(),

@@ -387,6 +387,21 @@ impl Supervisor {
         peer: Option<&PeerAgent>,
     ) -> Sent {
         let sock = self.socket_path(name);
+        // A jailed VMM sees only its own run directory: a unix receiver elsewhere is
+        // reached through a relay there, host identity files are copied there.
+        let jail_uid = self.jail_uid(name);
+        let mut _relay = None;
+        let url = match (jail_uid, url.strip_prefix("unix:")) {
+            (Some(uid), Some(to)) => {
+                let listen = self.relay_socket_path(name);
+                match crate::jailing::relay(&listen, to.into(), uid) {
+                    Ok(r) => _relay = Some(r),
+                    Err(e) => return Sent::Failed(error_chain(&e)),
+                }
+                format!("unix:{}", listen.display())
+            }
+            _ => url.to_string(),
+        };
         let mut body = serde_json::json!({
             "destination_url": url,
             "downtime_ms": req.downtime_ms,
@@ -396,7 +411,17 @@ impl Supervisor {
             "secret": trust.0,
             "insecure": trust.1,
         });
-        if let Some(tls) = self.send_tls(peer) {
+        if let Some(mut tls) = self.send_tls(peer) {
+            if let (Some(uid), Some(id)) = (jail_uid, self.cfg.identity.as_ref()) {
+                match crate::jailing::hand_over_identity(&id.files, &self.vm_run_dir(name), uid) {
+                    Ok(files) => {
+                        tls["cert"] = serde_json::json!(files.cert);
+                        tls["key"] = serde_json::json!(files.key);
+                        tls["ca"] = serde_json::json!(files.ca);
+                    }
+                    Err(e) => return Sent::Failed(error_chain(&e)),
+                }
+            }
             body["tls"] = tls;
         }
         match client::request(
