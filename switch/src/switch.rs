@@ -104,6 +104,9 @@ fn private_vlan_allows(a: PrivateVlan, b: PrivateVlan) -> bool {
     }
 }
 
+/// The shortest Ethernet frame without its FCS.
+const ETH_ZLEN: usize = 60;
+
 /// The frame without its tag (if it had one), with `tci` inserted (if any).
 fn retag(bytes: &[u8], tagged: bool, tci: Option<u16>) -> Vec<u8> {
     let body = if tagged {
@@ -118,6 +121,11 @@ fn retag(bytes: &[u8], tagged: bool, tci: Option<u16>) -> Vec<u8> {
         out.extend_from_slice(&tci.to_be_bytes());
     }
     out.extend_from_slice(body);
+    // A frame that lost its tag may fall below the Ethernet minimum: pad it, as a
+    // hardware switch does.
+    if tagged && out.len() < ETH_ZLEN {
+        out.resize(ETH_ZLEN, 0);
+    }
     out
 }
 
@@ -246,6 +254,15 @@ impl Switch {
                 .entry(DropReason::TX_FAILED.0)
                 .or_default() += 1;
         }
+    }
+
+    /// Counts a frame from `port` dropped before it reached the switch (e.g. one
+    /// longer than the I/O layer's buffer).
+    pub fn record_rx_drop(&mut self, port: PortId, why: DropReason) {
+        if let Some(p) = self.ports.get_mut(&port) {
+            p.counters.rx_packets += 1;
+        }
+        self.drop_rx(port, why);
     }
 
     fn drop_rx(&mut self, port: PortId, why: DropReason) {

@@ -42,6 +42,14 @@ fn plain(dst: [u8; 6], src: [u8; 6], vid: Option<u16>) -> Vec<u8> {
     ethernet(dst, src, vid, 0x88b5, b"vireo-switch test payload")
 }
 
+/// `frame` with an 802.1Q tag inserted after the addresses.
+fn with_tag(frame: &[u8], tci: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0, (tci >> 8) as u8, tci as u8]);
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
 fn drops(sw: &Switch, port: &str, why: &str) -> u64 {
     sw.counters(port).unwrap().rx_dropped.get(why).copied().unwrap_or(0)
 }
@@ -80,7 +88,7 @@ fn trunks_tag_and_untag_and_enforce_their_allowed_list() {
     let (mut sw, p) = switch(&["name=a,vlan=10", "name=b,vlan=20", "name=up,trunk=10:20,native=30", "name=n,vlan=30"]);
     let out = send(&mut sw, p[0], &plain(BCAST, mac(1), None));
     assert_eq!(ports(&out), [p[2]]);
-    assert_eq!(out[0].frame, plain(BCAST, mac(1), Some(10)), "tagged 10 on the trunk");
+    assert_eq!(out[0].frame, with_tag(&plain(BCAST, mac(1), None), 10), "tagged 10 on the trunk");
     // Tagged 20 from the trunk reaches b untagged, byte for byte otherwise.
     let out = send(&mut sw, p[2], &plain(BCAST, mac(7), Some(20 | (3 << 13))));
     assert_eq!(ports(&out), [p[1]]);
@@ -269,8 +277,8 @@ fn the_chain_runs_capture_filter_forward_in_order_and_a_forwarder_can_add_ports(
     assert_eq!(ports(&out), [p[1], p[2]]);
     assert_eq!(
         *log.lock().unwrap(),
-        ["Capture in 1", "Filter in 1", "forward [2]"],
-        "a capture's Drop is ignored"
+        ["Capture in 1", "Filter in 1", "Forward in 1", "forward [2]"],
+        "a capture's Drop is ignored; ingress reaches every stage"
     );
     let names: Vec<&str> = sw.extensions().map(|e| e.name()).collect();
     assert_eq!(names, ["probe", "guards", "acl", "probe", "probe"]);
