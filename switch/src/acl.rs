@@ -163,9 +163,9 @@ impl FromStr for Protocol {
             "udp" => IPPROTO_UDP,
             "icmp" => IPPROTO_ICMP,
             "icmpv6" => IPPROTO_ICMPV6,
-            _ => s
-                .parse()
-                .map_err(|_| AclError::Field("protocol (tcp, udp, icmp, icmpv6, 0-255)", s.into()))?,
+            _ => s.parse().map_err(|_| {
+                AclError::Field("protocol (tcp, udp, icmp, icmpv6, 0-255)", s.into())
+            })?,
         }))
     }
 }
@@ -387,15 +387,26 @@ mod tests {
     #[test]
     fn malformed_rules_are_refused_with_their_field() {
         let cases = [
-            (r#"{"action":"deny","src_ip":"10.0.0.0/40"}"#, "bad IP prefix '10.0.0.0/40'"),
+            (
+                r#"{"action":"deny","src_ip":"10.0.0.0/40"}"#,
+                "bad IP prefix '10.0.0.0/40'",
+            ),
             (r#"{"action":"block"}"#, "unknown variant `block`"),
-            (r#"{"action":"deny","dst_port":"80-x","protocol":"tcp"}"#, "bad port range"),
+            (
+                r#"{"action":"deny","dst_port":"80-x","protocol":"tcp"}"#,
+                "bad port range",
+            ),
             (r#"{"action":"deny","protocol":"sctpx"}"#, "bad protocol"),
             (r#"{"action":"deny","colour":1}"#, "unknown field `colour`"),
-            (r#"{"action":"deny","src_mac":"ff:ff:ff:ff:ff:ff"}"#, "multicast"),
+            (
+                r#"{"action":"deny","src_mac":"ff:ff:ff:ff:ff:ff"}"#,
+                "multicast",
+            ),
         ];
         for (json, want) in cases {
-            let e = serde_json::from_str::<AclRule>(json).unwrap_err().to_string();
+            let e = serde_json::from_str::<AclRule>(json)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{json}: {e}");
         }
         let r: AclRule = serde_json::from_str(r#"{"action":"deny","dst_port":80}"#).unwrap();

@@ -24,7 +24,9 @@ pub enum Learned {
     New,
     Refreshed,
     /// The address moved here from another port.
-    Moved { from: PortId },
+    Moved {
+        from: PortId,
+    },
     /// The port is at its limit: not learned.
     Refused,
 }
@@ -177,7 +179,11 @@ mod tests {
         let m = [2, 0, 0, 0, 0, 1];
         assert_eq!(t.learn(v(10), m, 1, S), Learned::New);
         assert_eq!(t.lookup(v(10), &m, 2 * S), Some(1));
-        assert_eq!(t.lookup(v(20), &m, 2 * S), None, "VLANs are separate tables");
+        assert_eq!(
+            t.lookup(v(20), &m, 2 * S),
+            None,
+            "VLANs are separate tables"
+        );
         assert_eq!(t.learn(v(10), m, 1, 100 * S), Learned::Refreshed);
         assert_eq!(t.learn(v(10), m, 2, 101 * S), Learned::Moved { from: 1 });
         assert_eq!(t.lookup(v(10), &m, 101 * S), Some(2));
@@ -195,7 +201,11 @@ mod tests {
             assert_eq!(r == Learned::Refused, i >= 4, "{i}");
         }
         assert_eq!(t.len(), 4);
-        assert_eq!(t.learn(v(1), [2, 0, 0, 0, 1, 0], 8, S), Learned::New, "other ports still learn");
+        assert_eq!(
+            t.learn(v(1), [2, 0, 0, 0, 1, 0], 8, S),
+            Learned::New,
+            "other ports still learn"
+        );
         // Once its entries age out the port learns again.
         assert_eq!(t.learn(v(1), [2, 0, 0, 0, 2, 0], 7, 400 * S), Learned::New);
         t.flush_port(7);

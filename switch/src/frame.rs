@@ -455,13 +455,7 @@ mod tests {
         assert_eq!(p.ethertype, ETHERTYPE_IPV4);
         let ip = p.ip().unwrap();
         assert_eq!(ip.proto, IPPROTO_UDP);
-        assert_eq!(
-            ip.l4,
-            L4::Ports {
-                src: 1234,
-                dst: 53
-            }
-        );
+        assert_eq!(ip.l4, L4::Ports { src: 1234, dst: 53 });
         assert_eq!(p.udp_payload().unwrap().2[..2], *b"hi");
     }
 
@@ -469,9 +463,24 @@ mod tests {
     fn every_truncation_of_valid_frames_is_an_error_or_a_shorter_parse_never_a_panic() {
         let frames = [
             dhcp_offer(A, Ipv4Addr::new(10, 0, 0, 1)),
-            arp(A, 1, Ipv4Addr::new(10, 0, 0, 1), [0; 6], Ipv4Addr::new(10, 0, 0, 2)),
+            arp(
+                A,
+                1,
+                Ipv4Addr::new(10, 0, 0, 1),
+                [0; 6],
+                Ipv4Addr::new(10, 0, 0, 2),
+            ),
             icmpv6(A, 134),
-            udp4_frame(B, A, Some(7), Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 1, 2, b""),
+            udp4_frame(
+                B,
+                A,
+                Some(7),
+                Ipv4Addr::LOCALHOST,
+                Ipv4Addr::LOCALHOST,
+                1,
+                2,
+                b"",
+            ),
         ];
         for f in &frames {
             assert!(Frame::parse(f).is_ok());
@@ -484,7 +493,16 @@ mod tests {
 
     #[test]
     fn lying_lengths_are_malformed() {
-        let mut f = udp4_frame(B, A, None, Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 1, 2, b"");
+        let mut f = udp4_frame(
+            B,
+            A,
+            None,
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST,
+            1,
+            2,
+            b"",
+        );
         f[14 + 2..14 + 4].copy_from_slice(&2000u16.to_be_bytes()); // IPv4 total length
         assert_eq!(Frame::parse(&f).unwrap_err(), Malformed::Ipv4);
         f[14 + 2..14 + 4].copy_from_slice(&28u16.to_be_bytes());
@@ -495,7 +513,10 @@ mod tests {
         assert_eq!(Frame::parse(&v6).unwrap_err(), Malformed::Ipv6);
         let mut multi = icmpv6(A, 134);
         multi[6] = 1;
-        assert_eq!(Frame::parse(&multi).unwrap_err(), Malformed::MulticastSource);
+        assert_eq!(
+            Frame::parse(&multi).unwrap_err(),
+            Malformed::MulticastSource
+        );
         let qinq = ethernet(B, A, Some(5), ETHERTYPE_VLAN, &[0, 6, 0x08, 0]);
         assert_eq!(Frame::parse(&qinq).unwrap_err(), Malformed::StackedTags);
     }

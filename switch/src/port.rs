@@ -217,7 +217,12 @@ fn parse_guards(s: &str) -> Result<Guards, PortError> {
                     arp: true,
                 }
             }
-            _ => return Err(PortError::Value("guard (mac, dhcp, router, arp, all)", word.to_string())),
+            _ => {
+                return Err(PortError::Value(
+                    "guard (mac, dhcp, router, arp, all)",
+                    word.to_string(),
+                ))
+            }
         }
     }
     Ok(g)
@@ -232,10 +237,7 @@ fn parse_private(s: &str) -> Result<PrivateVlan, PortError> {
             .and_then(|n| n.parse().ok())
             .map(PrivateVlan::Community)
             .ok_or_else(|| {
-                PortError::Value(
-                    "pvlan (isolated, promiscuous, community:N)",
-                    s.to_string(),
-                )
+                PortError::Value("pvlan (isolated, promiscuous, community:N)", s.to_string())
             }),
     }
 }
@@ -248,9 +250,12 @@ impl FromStr for PortConfig {
     /// Trunk VLANs are separated by `:` (a `,` separates options).
     fn from_str(s: &str) -> Result<Self, PortError> {
         let (mut name, mut iface, mut vlan, mut trunk, mut native) = (None, None, None, None, None);
-        let (mut private, mut mac, mut ips, mut guards) = (None, None, Vec::new(), Guards::default());
+        let (mut private, mut mac, mut ips, mut guards) =
+            (None, None, Vec::new(), Guards::default());
         for kv in s.split(',') {
-            let (k, v) = kv.split_once('=').ok_or_else(|| PortError::Option(kv.to_string()))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| PortError::Option(kv.to_string()))?;
             match k {
                 "name" => name = Some(v.to_string()),
                 "iface" => iface = Some(v.to_string()),
@@ -271,7 +276,10 @@ impl FromStr for PortConfig {
                             .map_err(|e| PortError::Value("mac", e.to_string()))?,
                     )
                 }
-                "ip" => ips.push(v.parse().map_err(|_| PortError::Value("ip", v.to_string()))?),
+                "ip" => ips.push(
+                    v.parse()
+                        .map_err(|_| PortError::Value("ip", v.to_string()))?,
+                ),
                 "guard" => guards = parse_guards(v)?,
                 _ => return Err(PortError::Option(k.to_string())),
             }
@@ -341,7 +349,10 @@ mod tests {
             ("name=a,vlan=1,trunk=2", "either vlan= or trunk="),
             ("name=a,trunk=2,pvlan=isolated", "needs an access port"),
             ("name=a/b", "is not 1-64 characters"),
-            ("name=a,iface=waytoolonginterfacename", "longer than 15 bytes"),
+            (
+                "name=a,iface=waytoolonginterfacename",
+                "longer than 15 bytes",
+            ),
         ];
         for (spec, want) in cases {
             let e = spec.parse::<PortConfig>().unwrap_err().to_string();

@@ -278,9 +278,7 @@ impl Switch {
         match (mode, vid) {
             (VlanMode::Access { vlan, .. }, None) => Ok(*vlan),
             (VlanMode::Access { .. }, Some(_)) => Err(DropReason::TAGGED_ON_ACCESS),
-            (VlanMode::Trunk { native, .. }, None) => {
-                native.ok_or(DropReason::UNTAGGED_ON_TRUNK)
-            }
+            (VlanMode::Trunk { native, .. }, None) => native.ok_or(DropReason::UNTAGGED_ON_TRUNK),
             (mode, Some(v)) => VlanId::new(v)
                 .ok()
                 .filter(|v| mode.carries(*v))

@@ -92,7 +92,12 @@ impl PacketPort {
             return Err(last(iface, "PACKET_AUXDATA"));
         }
         // Best effort: older kernels lack it, and recv skips PACKET_OUTGOING anyway.
-        let _ = setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &on);
+        let _ = setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            &on,
+        );
         // SAFETY: zeroed sockaddr_ll, then filled.
         let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;

@@ -97,6 +97,22 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// Opens `cfg`'s interface and adds the port to the switch.
+fn open_port(
+    sw: &mut Switch,
+    ports: &mut HashMap<PortId, PacketPort>,
+    cfg: PortConfig,
+) -> Result<PortId, DaemonError> {
+    // Checked before the socket opens, so a duplicate never touches the interface.
+    cfg.validate().map_err(SwitchError::from)?;
+    let io = PacketPort::open(cfg.iface())?;
+    let (name, iface, mode) = (cfg.name.clone(), io.iface().to_string(), cfg.vlan.clone());
+    let id = sw.add_port(cfg)?;
+    ports.insert(id, io);
+    info!(port = %name, %iface, id, vlan = ?mode, "port up");
+    Ok(id)
+}
+
 fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
     libc::pollfd {
         fd,
@@ -106,11 +122,21 @@ fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
 }
 
 impl Daemon {
+    /// Opens every port, then the control socket: once the socket exists the
+    /// ports are open, so a client that sees it can send frames.
     pub fn new(cfg: Config) -> Result<Self, DaemonError> {
         let signals = signal_fd().map_err(DaemonError::Signals)?;
-        let mut d = Self {
-            sw: Switch::new(cfg.switch),
-            ports: HashMap::new(),
+        let mut sw = Switch::new(cfg.switch);
+        let mut ports = HashMap::new();
+        for p in cfg.ports {
+            open_port(&mut sw, &mut ports, p)?;
+        }
+        for acl in cfg.acls {
+            sw.acl_add(&acl.port, acl.rule)?;
+        }
+        Ok(Self {
+            sw,
+            ports,
             listener: bind_control(&cfg.control)?,
             control_path: cfg.control,
             clients: Vec::new(),
@@ -118,23 +144,7 @@ impl Daemon {
             epoch: Instant::now(),
             rx: vec![0u8; RX_BUF + 64],
             out: Vec::new(),
-        };
-        for p in cfg.ports {
-            d.add_port(p)?;
-        }
-        for acl in cfg.acls {
-            d.sw.acl_add(&acl.port, acl.rule)?;
-        }
-        Ok(d)
-    }
-
-    fn add_port(&mut self, cfg: PortConfig) -> Result<PortId, DaemonError> {
-        let io = PacketPort::open(cfg.iface())?;
-        let (name, iface, mode) = (cfg.name.clone(), io.iface().to_string(), cfg.vlan.clone());
-        let id = self.sw.add_port(cfg)?;
-        self.ports.insert(id, io);
-        info!(port = %name, %iface, id, vlan = ?mode, "port up");
-        Ok(id)
+        })
     }
 
     /// Runs until SIGTERM/SIGINT; removes the control socket on the way out.
@@ -198,8 +208,7 @@ impl Daemon {
                     self.serve_client(i);
                 }
             }
-            self.clients
-                .retain(|c| !(c.closing && c.outbuf.is_empty()));
+            self.clients.retain(|c| !(c.closing && c.outbuf.is_empty()));
             if fds[1].revents != 0 {
                 self.accept();
             }
@@ -218,7 +227,10 @@ impl Daemon {
             let len = match port.recv(&mut self.rx) {
                 Ok(Rx::Frame(n)) => n,
                 Ok(Rx::Truncated) => {
-                    debug!(iface = port.iface(), "frame longer than the receive buffer dropped");
+                    debug!(
+                        iface = port.iface(),
+                        "frame longer than the receive buffer dropped"
+                    );
                     self.sw.record_rx_drop(id, DropReason::OVERSIZE);
                     continue;
                 }
@@ -250,8 +262,7 @@ impl Daemon {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.clients.len() >= MAX_CLIENTS || stream.set_nonblocking(true).is_err()
-                    {
+                    if self.clients.len() >= MAX_CLIENTS || stream.set_nonblocking(true).is_err() {
                         warn!("control client refused: too many clients");
                         continue;
                     }
@@ -360,7 +371,9 @@ impl Daemon {
             }
             Request::PortAdd { spec } => parse_port(&spec)
                 .map_err(|e| e.to_string())
-                .and_then(|cfg| self.add_port(cfg).map_err(|e| e.to_string()))
+                .and_then(|cfg| {
+                    open_port(&mut self.sw, &mut self.ports, cfg).map_err(|e| e.to_string())
+                })
                 .map(|id| json!({ "id": id })),
             Request::PortRemove { port } => match self.sw.remove_port(&port) {
                 Ok(id) => {

@@ -58,7 +58,11 @@ fn run(
     aging_secs: Option<u64>,
     mtu: Option<usize>,
 ) -> Result<(), String> {
-    let file = config.as_deref().map(config::read_file).transpose().map_err(|e| e.to_string())?;
+    let file = config
+        .as_deref()
+        .map(config::read_file)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let cfg = config::build(file, control, &ports, aging_secs, mtu).map_err(|e| e.to_string())?;
     daemon::Daemon::new(cfg)
         .and_then(daemon::Daemon::run)
