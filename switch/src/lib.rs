@@ -16,6 +16,7 @@ pub mod extension;
 pub mod fdb;
 pub mod frame;
 pub mod guards;
+pub mod pcap;
 pub mod port;
 mod switch;
 #[cfg(test)]
@@ -24,4 +25,6 @@ mod tests;
 /// A port's number inside one switch (never reused while it runs).
 pub type PortId = u32;
 
-pub use switch::{Egress, PortCounters, PortStatus, Switch, SwitchConfig, SwitchError};
+pub use switch::{
+    Egress, PortCounters, PortStatus, Switch, SwitchConfig, SwitchError, TraceRecord,
+};

@@ -2,7 +2,7 @@
 //! private-VLAN rules and egress tagging. No I/O: a frame and the time go in, the
 //! frames to send (port and bytes) come out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -68,6 +68,17 @@ pub struct Egress {
     pub frame: Vec<u8>,
 }
 
+/// One frame seen at a traced port: entering it (`Outbound`, out of the VM) with
+/// the ingress verdict, or leaving by it (`Inbound`) as sent or with the egress
+/// verdict. `dropped: None` means it went on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceRecord {
+    pub port: PortId,
+    pub direction: Direction,
+    pub dropped: Option<DropReason>,
+    pub frame: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SwitchError {
     #[error("no port '{0}'")]
@@ -93,6 +104,8 @@ pub struct Switch {
     next_port: PortId,
     fdb: MacTable,
     chain: Chain,
+    traced: BTreeSet<PortId>,
+    trace: Vec<TraceRecord>,
 }
 
 /// Whether private-VLAN roles `a` and `b` may exchange frames.
@@ -141,6 +154,8 @@ impl Switch {
             next_port: 1,
             fdb: MacTable::new(cfg.aging, cfg.macs_per_port),
             chain,
+            traced: BTreeSet::new(),
+            trace: Vec::new(),
         }
     }
 
@@ -182,6 +197,7 @@ impl Switch {
         let id = self.port_id(name)?;
         self.ports.remove(&id);
         self.fdb.flush_port(id);
+        self.traced.remove(&id);
         self.chain.port_removed(id, name);
         Ok(id)
     }
@@ -246,6 +262,23 @@ impl Switch {
         Ok(self.acl().list(id).to_vec())
     }
 
+    /// Starts or stops recording the frames that enter and leave `port`
+    /// (collected with [`Switch::drain_trace`]).
+    pub fn set_trace(&mut self, port: &str, on: bool) -> Result<PortId, SwitchError> {
+        let id = self.port_id(port)?;
+        if on {
+            self.traced.insert(id);
+        } else {
+            self.traced.remove(&id);
+        }
+        Ok(id)
+    }
+
+    /// The trace records since the last call, in the order the switch saw them.
+    pub fn drain_trace(&mut self) -> Vec<TraceRecord> {
+        std::mem::take(&mut self.trace)
+    }
+
     /// The host interface refused a frame this switch handed to `port`.
     pub fn record_tx_failure(&mut self, port: PortId) {
         if let Some(p) = self.ports.get_mut(&port) {
@@ -265,11 +298,12 @@ impl Switch {
         self.drop_rx(port, why);
     }
 
-    fn drop_rx(&mut self, port: PortId, why: DropReason) {
+    fn drop_rx(&mut self, port: PortId, why: DropReason) -> DropReason {
         if let Some(p) = self.ports.get_mut(&port) {
             *p.counters.rx_dropped.entry(why.0).or_default() += 1;
             debug!(port = %p.config.name, reason = why.0, "frame dropped");
         }
+        why
     }
 
     /// The VLAN a frame from `mode` belongs to, or why it is dropped.
@@ -289,8 +323,30 @@ impl Switch {
     /// Switches one frame that arrived on `ingress` at time `now`; appends what to
     /// send to `out`.
     pub fn process(&mut self, ingress: PortId, bytes: &[u8], now: Duration, out: &mut Vec<Egress>) {
+        let mark = self.trace.len();
+        let verdict = self.switch_frame(ingress, bytes, now, out);
+        if self.traced.contains(&ingress) {
+            let record = TraceRecord {
+                port: ingress,
+                direction: Direction::Outbound,
+                dropped: verdict.err(),
+                frame: bytes.to_vec(),
+            };
+            self.trace.insert(mark, record);
+        }
+    }
+
+    /// `process` without the ingress trace record; `Err` when the frame was dropped on
+    /// its way in.
+    fn switch_frame(
+        &mut self,
+        ingress: PortId,
+        bytes: &[u8],
+        now: Duration,
+        out: &mut Vec<Egress>,
+    ) -> Result<(), DropReason> {
         let Some(port) = self.ports.get_mut(&ingress) else {
-            return;
+            return Ok(());
         };
         port.counters.rx_packets += 1;
         port.counters.rx_bytes += bytes.len() as u64;
@@ -298,16 +354,16 @@ impl Switch {
             Ok(f) => f,
             Err(e) => {
                 debug!(port = %port.config.name, error = %e, "malformed frame");
-                return self.drop_rx(ingress, DropReason::MALFORMED);
+                return Err(self.drop_rx(ingress, DropReason::MALFORMED));
             }
         };
         let tag_len = if frame.tag.is_some() { VLAN_HLEN } else { 0 };
         if bytes.len() - tag_len > self.cfg.mtu + ETH_HLEN {
-            return self.drop_rx(ingress, DropReason::OVERSIZE);
+            return Err(self.drop_rx(ingress, DropReason::OVERSIZE));
         }
         let vlan = match Self::classify(&port.config.vlan, &frame) {
             Ok(v) => v,
-            Err(why) => return self.drop_rx(ingress, why),
+            Err(why) => return Err(self.drop_rx(ingress, why)),
         };
         let in_role = port.config.vlan.private();
         let verdict = {
@@ -322,7 +378,7 @@ impl Switch {
             self.chain.ingress(&ctx)
         };
         if let Verdict::Drop(why) = verdict {
-            return self.drop_rx(ingress, why);
+            return Err(self.drop_rx(ingress, why));
         }
         if self.fdb.learn(vlan, frame.src, ingress, now) == Learned::Refused {
             port.counters.macs_refused += 1;
@@ -347,7 +403,7 @@ impl Switch {
         egress.retain(|id| reachable(&self.ports, id));
         {
             let Some(port) = self.ports.get(&ingress) else {
-                return;
+                return Ok(());
             };
             let ctx = FrameCtx {
                 frame: &frame,
@@ -363,7 +419,7 @@ impl Switch {
         egress.dedup();
         egress.retain(|id| reachable(&self.ports, id));
         if egress.is_empty() && known.is_some() {
-            return self.drop_rx(ingress, DropReason::NO_EGRESS);
+            return Err(self.drop_rx(ingress, DropReason::NO_EGRESS));
         }
 
         let pcp = frame.tag.map(|t| u16::from(t.pcp) << 13).unwrap_or(0);
@@ -379,8 +435,17 @@ impl Switch {
                 direction: Direction::Inbound,
                 ingress,
             };
+            let traced = self.traced.contains(&id);
             if let Verdict::Drop(why) = self.chain.egress(&ctx) {
                 *port.counters.tx_dropped.entry(why.0).or_default() += 1;
+                if traced {
+                    self.trace.push(TraceRecord {
+                        port: id,
+                        direction: Direction::Inbound,
+                        dropped: Some(why),
+                        frame: bytes.to_vec(),
+                    });
+                }
                 continue;
             }
             let tci = match &port.config.vlan {
@@ -390,10 +455,19 @@ impl Switch {
             let bytes = retag(bytes, frame.tag.is_some(), tci);
             port.counters.tx_packets += 1;
             port.counters.tx_bytes += bytes.len() as u64;
+            if traced {
+                self.trace.push(TraceRecord {
+                    port: id,
+                    direction: Direction::Inbound,
+                    dropped: None,
+                    frame: bytes.clone(),
+                });
+            }
             out.push(Egress {
                 port: id,
                 frame: bytes,
             });
         }
+        Ok(())
     }
 }

@@ -691,3 +691,124 @@ fn a_vm_on_a_tap_port_exchanges_frames_with_a_host_through_the_switch() {
     let (code, log) = lab.stop();
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// The enhanced packet blocks of a pcapng stream: (frame, comment).
+fn pcapng_packets(b: &[u8]) -> Vec<(Vec<u8>, String)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 12 <= b.len() {
+        let ty = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        if len < 12 || at + len > b.len() {
+            break; // a block still being written
+        }
+        if ty == 6 {
+            let body = &b[at + 8..at + len - 4];
+            let cap = u32::from_le_bytes(body[12..16].try_into().unwrap()) as usize;
+            let frame = body[20..20 + cap].to_vec();
+            let mut opt = 20 + cap.div_ceil(4) * 4;
+            let mut comment = String::new();
+            while opt + 4 <= body.len() {
+                let code = u16::from_le_bytes([body[opt], body[opt + 1]]);
+                let olen = usize::from(u16::from_le_bytes([body[opt + 2], body[opt + 3]]));
+                if code == 0 {
+                    break;
+                }
+                if code == 1 {
+                    comment = String::from_utf8_lossy(&body[opt + 4..opt + 4 + olen]).to_string();
+                }
+                opt += 4 + olen.div_ceil(4) * 4;
+            }
+            out.push((frame, comment));
+        }
+        at += len;
+    }
+    out
+}
+
+#[test]
+fn a_port_trace_is_pcapng_with_each_verdict_and_tshark_reads_it() {
+    if skip_unless_root() {
+        return;
+    }
+    if Command::new("tshark").arg("--version").output().is_err() {
+        skip_or_fail_under_ci("needs tshark (scripts/setup installs it)");
+        return;
+    }
+    let lab = Lab::start(
+        "trace",
+        &[
+            ("vm", ",vlan=1,mac=52:54:00:00:10:01,guard=mac"),
+            ("peer", ",vlan=1"),
+        ],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vm.pcapng");
+    let mut tracer = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["trace", "--control"])
+        .arg(&lab.control)
+        .arg("vm")
+        .stdout(std::fs::File::create(&file).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let header_len = switch::pcap::header("vm").len() as u64;
+    wait_until("the trace header", || {
+        std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) >= header_len
+    });
+    let own = frame(BCAST, mac(1), None, 120);
+    let spoofed = frame(BCAST, mac(77), None, 130);
+    let reply = frame(mac(1), mac(2), None, 140);
+    lab.wire("vm").send(&spoofed);
+    lab.expect("vm", &own, &["peer"], &own);
+    lab.expect("peer", &reply, &["vm"], &reply);
+    wait_until("three records", || {
+        pcapng_packets(&std::fs::read(&file).unwrap()).len() >= 3
+    });
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    tracer.wait().unwrap();
+    let got = pcapng_packets(&std::fs::read(&file).unwrap());
+    let want = [
+        (spoofed.clone(), "vm from-vm drop:mac-spoofing"),
+        (own.clone(), "vm from-vm pass"),
+        (reply.clone(), "vm to-vm pass"),
+    ];
+    assert_eq!(
+        got.len(),
+        3,
+        "{:?}",
+        got.iter().map(|g| &g.1).collect::<Vec<_>>()
+    );
+    for ((frame, comment), (wf, wc)) in got.iter().zip(&want) {
+        assert_eq!(comment, wc);
+        assert!(frame == wf, "{wc}: frame differs");
+    }
+    // tshark reads it: three frames of the right lengths, with the comments.
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(&file)
+        .args(["-T", "fields", "-e", "frame.len", "-e", "frame.comment"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{}\tvm from-vm drop:mac-spoofing", spoofed.len()),
+            format!("{}\tvm from-vm pass", own.len()),
+            format!("{}\tvm to-vm pass", reply.len()),
+        ],
+        "{text}"
+    );
+    // The switch goes on after its trace client left.
+    lab.expect("vm", &own, &["peer"], &own);
+    assert_eq!(lab.counters("vm")["rx_packets"], 3);
+}

@@ -5,7 +5,9 @@
 //! `{"op":"extensions"}`, `{"op":"acl-list","port":"vm1"}`,
 //! `{"op":"acl-add","port":"vm1","rule":{"action":"deny",...}}`,
 //! `{"op":"acl-remove","port":"vm1","id":3}`,
-//! `{"op":"port-add","spec":"name=vm2,iface=tap1,vlan=10"}`, `{"op":"port-remove","port":"vm2"}`.
+//! `{"op":"port-add","spec":"name=vm2,iface=tap1,vlan=10"}`, `{"op":"port-remove","port":"vm2"}`,
+//! `{"op":"trace","port":"vm1"}` (the reply line, then a pcapng stream of the port's
+//! frames on the same connection until the client closes it).
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":"one line"}`.
 
 use serde::Deserialize;
@@ -19,14 +21,32 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Ports,
-    Counters { port: String },
+    Counters {
+        port: String,
+    },
     Macs,
     Extensions,
-    AclList { port: String },
-    AclAdd { port: String, rule: AclRule },
-    AclRemove { port: String, id: u64 },
-    PortAdd { spec: String },
-    PortRemove { port: String },
+    AclList {
+        port: String,
+    },
+    AclAdd {
+        port: String,
+        rule: AclRule,
+    },
+    AclRemove {
+        port: String,
+        id: u64,
+    },
+    PortAdd {
+        spec: String,
+    },
+    PortRemove {
+        port: String,
+    },
+    /// Turns this connection into a pcapng stream of the port's frames.
+    Trace {
+        port: String,
+    },
 }
 
 pub fn parse(line: &[u8]) -> Result<Request, String> {

@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use switch::extension::DropReason;
 use switch::port::PortConfig;
-use switch::{Egress, PortId, Switch, SwitchError};
+use switch::{pcap, Egress, PortId, Switch, SwitchError};
 use tracing::{debug, info, warn};
 
 use crate::afpacket::{PacketPort, PortIoError, Rx, RX_BUF};
@@ -23,6 +23,8 @@ use crate::control::{self, Request, MAX_REQUEST};
 const BURST: usize = 64;
 /// Control clients served at once.
 const MAX_CLIENTS: usize = 16;
+/// Trace bytes held for a slow trace client before frames are left out.
+const TRACE_BACKLOG: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -45,6 +47,9 @@ struct Client {
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     closing: bool,
+    /// The port (id, name) this connection streams a trace of.
+    trace: Option<(PortId, String)>,
+    trace_lost: u64,
 }
 
 pub struct Daemon {
@@ -208,7 +213,7 @@ impl Daemon {
                     self.serve_client(i);
                 }
             }
-            self.clients.retain(|c| !(c.closing && c.outbuf.is_empty()));
+            self.drop_closed_clients();
             if fds[1].revents != 0 {
                 self.accept();
             }
@@ -243,6 +248,7 @@ impl Daemon {
             let now = self.epoch.elapsed();
             self.out.clear();
             self.sw.process(id, &self.rx[..len], now, &mut self.out);
+            self.dispatch_trace();
             for e in self.out.drain(..) {
                 let sent = self.ports.get(&e.port).map(|p| p.send(&e.frame));
                 match sent {
@@ -254,6 +260,63 @@ impl Daemon {
                     }
                     None => {}
                 }
+            }
+        }
+    }
+
+    fn drop_closed_clients(&mut self) {
+        let before = self.clients.len();
+        self.clients.retain(|c| {
+            let done = c.closing && (c.outbuf.is_empty() || c.trace.is_some());
+            if done {
+                if let Some((_, port)) = &c.trace {
+                    info!(%port, lost = c.trace_lost, "trace ended");
+                }
+            }
+            !done
+        });
+        if self.clients.len() == before {
+            return;
+        }
+        // Ports nobody traces any more stop recording.
+        let names: Vec<String> = self
+            .sw
+            .ports()
+            .iter()
+            .map(|p| p.config.name.clone())
+            .collect();
+        for name in names {
+            let traced = self
+                .clients
+                .iter()
+                .any(|c| c.trace.as_ref().is_some_and(|t| t.1 == name));
+            if !traced {
+                let _ = self.sw.set_trace(&name, false);
+            }
+        }
+    }
+
+    /// Hands the switch's trace records to the clients tracing their ports.
+    fn dispatch_trace(&mut self) {
+        let records = self.sw.drain_trace();
+        if records.is_empty() {
+            return;
+        }
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        for r in &records {
+            for c in &mut self.clients {
+                let Some((id, name)) = &c.trace else { continue };
+                if *id != r.port {
+                    continue;
+                }
+                if c.outbuf.len() > TRACE_BACKLOG {
+                    c.trace_lost += 1;
+                    continue;
+                }
+                c.outbuf.extend_from_slice(&pcap::packet(r, name, micros));
             }
         }
     }
@@ -271,6 +334,8 @@ impl Daemon {
                         inbuf: Vec::new(),
                         outbuf: Vec::new(),
                         closing: false,
+                        trace: None,
+                        trace_lost: 0,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -302,11 +367,19 @@ impl Daemon {
             }
         }
         while let Some(pos) = self.clients[i].inbuf.iter().position(|b| *b == b'\n') {
+            if self.clients[i].trace.is_some() {
+                // A trace stream takes no more requests.
+                self.clients[i].inbuf.clear();
+                break;
+            }
             let line: Vec<u8> = self.clients[i].inbuf.drain(..=pos).collect();
-            let reply = self.handle(&line[..pos]);
+            let reply = self.handle(i, &line[..pos]);
             let c = &mut self.clients[i];
             c.outbuf.extend_from_slice(reply.to_string().as_bytes());
             c.outbuf.push(b'\n');
+            if let Some((_, port)) = &c.trace {
+                c.outbuf.extend_from_slice(&pcap::header(port));
+            }
         }
         let c = &mut self.clients[i];
         if c.inbuf.len() > MAX_REQUEST {
@@ -330,7 +403,7 @@ impl Daemon {
         }
     }
 
-    fn handle(&mut self, line: &[u8]) -> Value {
+    fn handle(&mut self, client: usize, line: &[u8]) -> Value {
         let req = match control::parse(line) {
             Ok(r) => r,
             Err(e) => return control::err(e),
@@ -375,6 +448,14 @@ impl Daemon {
                     open_port(&mut self.sw, &mut self.ports, cfg).map_err(|e| e.to_string())
                 })
                 .map(|id| json!({ "id": id })),
+            Request::Trace { port } => match self.sw.set_trace(&port, true) {
+                Ok(id) => {
+                    info!(%port, "trace started");
+                    self.clients[client].trace = Some((id, port.clone()));
+                    Ok(json!({ "trace": port, "format": "pcapng" }))
+                }
+                Err(e) => Err(e.to_string()),
+            },
             Request::PortRemove { port } => match self.sw.remove_port(&port) {
                 Ok(id) => {
                     self.ports.remove(&id);

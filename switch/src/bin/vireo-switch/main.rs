@@ -43,6 +43,13 @@ enum Cmd {
         #[arg(long)]
         mtu: Option<usize>,
     },
+    /// Streams the frames entering and leaving PORT, with the switch's verdict on
+    /// each, as pcapng to stdout (e.g. `| tshark -r -`) until interrupted.
+    Trace {
+        #[arg(long)]
+        control: PathBuf,
+        port: String,
+    },
     /// Sends one JSON request (e.g. '{"op":"ports"}') and prints the reply.
     Ctl {
         #[arg(long)]
@@ -81,6 +88,30 @@ fn ctl(control: PathBuf, request: String) -> Result<bool, String> {
     Ok(line.contains("\"ok\":true"))
 }
 
+fn trace(control: PathBuf, port: String) -> Result<bool, String> {
+    use std::os::fd::AsFd;
+    let mut s = UnixStream::connect(&control)
+        .map_err(|e| format!("control socket {}: {e}", control.display()))?;
+    let req = serde_json::json!({ "op": "trace", "port": port });
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    if !line.contains("\"ok\":true") {
+        eprint!("{line}");
+        return Ok(false);
+    }
+    eprintln!("vireo-switch: tracing port {port} (pcapng on stdout)");
+    // Unbuffered: every block reaches the file as it comes, also when interrupted.
+    let mut out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .map_err(|e| e.to_string())?;
+    std::io::copy(&mut reader, &mut out).map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -98,6 +129,7 @@ fn main() -> ExitCode {
             mtu,
         } => run(ports, config, control, aging_secs, mtu).map(|()| true),
         Cmd::Ctl { control, request } => ctl(control, request),
+        Cmd::Trace { control, port } => trace(control, port),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
