@@ -125,11 +125,7 @@ impl Mirror {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: reading u64 words out of bytes; every bit pattern is a valid u64.
-    let (head, words, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&x| x == 0)
-}
+use vireo_util::is_zero;
 
 impl BlockBackend for Mirror {
     fn size(&self) -> u64 {

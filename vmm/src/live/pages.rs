@@ -133,11 +133,7 @@ impl<'a> Wire<'a> {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: reading u64 words out of bytes; every bit pattern is a valid u64.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
+use vireo_util::is_zero;
 
 /// A scratch buffer for [`send_span`].
 pub fn chunk_buffer() -> Vec<u8> {
