@@ -812,3 +812,103 @@ fn a_port_trace_is_pcapng_with_each_verdict_and_tshark_reads_it() {
     lab.expect("vm", &own, &["peer"], &own);
     assert_eq!(lab.counters("vm")["rx_packets"], 3);
 }
+
+/// Waits for a VM to power off by itself and returns its serial output.
+fn finished(mut vm: vireo_e2e::Running, what: &str) -> String {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = vm.child.as_mut().expect("running").try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{what} never finished: {}",
+            vm.serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = vm.serial_text();
+    assert!(status.success(), "{what} failed: {text}");
+    text
+}
+
+/// Three `vireo` VMs with the test guest on tap ports of VLAN 10 and a namespace host
+/// on VLAN 20: VM to VM both ways across the switch (A → B, B → C), byte-exact by the
+/// receiving guests' CRC-32 over every frame; VLAN 20 sees none of it.
+#[test]
+fn three_vms_on_one_switch_exchange_frames_and_another_vlan_sees_none() {
+    if skip_unless_root() {
+        return;
+    }
+    use vireo_e2e::netframe;
+    use vireo_e2e::pattern::Crc32;
+    let sw = NetNs::new("3vm-sw");
+    for t in ["t-a", "t-b", "t-c"] {
+        sw.add_tap(t);
+    }
+    let mut lab = Lab::start_in(sw, "3vm", &[("h20", ",vlan=20")], &[]);
+    let macs = [
+        "52:54:00:00:20:0a",
+        "52:54:00:00:20:0b",
+        "52:54:00:00:20:0c",
+    ];
+    for (i, t) in ["t-a", "t-b", "t-c"].iter().enumerate() {
+        let spec = format!("name=vm{i},iface={t},vlan=10,mac={},guard=all", macs[i]);
+        let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // The stream a guest with `seed` sends, as the receiving guest reports it.
+    let stream = |seed: u64, n: u32, src: &str| {
+        let mac: net::MacAddr = src.parse().unwrap();
+        let mut crc = Crc32::new();
+        let mut bytes = 0u64;
+        for i in 0..n {
+            let mut f = vec![0u8; netframe::frame_len(i, 1514)];
+            netframe::fill(&mut f, netframe::BROADCAST, mac.bytes(), seed, i);
+            crc.update(&f);
+            bytes += f.len() as u64;
+        }
+        format!(
+            "received={n} bytes={bytes} crc32={:08x} bad=0",
+            crc.finish()
+        )
+    };
+    let (n_ab, n_bc) = (24u32, 16u32);
+    let vm = |tap: &str, mac: &str, args: String| {
+        let mut v = vireo_e2e::Vireo::guest(&args, &["--net", &format!("tap={tap},mac={mac}")]);
+        lab.sw.enter_on_exec(&mut v.cmd);
+        v.spawn()
+    };
+    // C receives seed 100 (B's); B sends seed 100 then receives seed 101 (A's).
+    let c = vm(
+        "t-c",
+        macs[2],
+        format!("test=net send=0 recv={n_bc} seed=99 ms=60000"),
+    );
+    c.wait_serial("net receiving", T);
+    let b = vm(
+        "t-b",
+        macs[1],
+        format!("test=net send={n_bc} recv={n_ab} seed=100 ms=60000"),
+    );
+    b.wait_serial("net receiving", T);
+    let a = vm(
+        "t-a",
+        macs[0],
+        format!("test=net send={n_ab} recv=0 seed=101"),
+    );
+    let (a, b, c) = (finished(a, "A"), finished(b, "B"), finished(c, "C"));
+    assert!(a.contains("net sent="), "{a}");
+    let got_b = vireo_e2e::serial_line(&b, "net received=");
+    assert!(got_b.contains(&stream(101, n_ab, macs[0])), "B: {got_b}");
+    let got_c = vireo_e2e::serial_line(&c, "net received=");
+    assert!(got_c.contains(&stream(100, n_bc, macs[1])), "C: {got_c}");
+    // VLAN 20 got nothing; each VM port sent exactly what its guest sent.
+    assert_eq!(lab.counters("h20")["tx_packets"], 0);
+    lab.wire("h20").assert_empty("VLAN 20");
+    assert_eq!(lab.counters("vm0")["rx_packets"], n_ab);
+    assert_eq!(lab.counters("vm1")["rx_packets"], n_bc);
+    assert_eq!(lab.counters("vm2")["rx_packets"], 0);
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
