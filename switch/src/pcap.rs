@@ -12,9 +12,7 @@ const EPB: u32 = 6;
 const LINKTYPE_ETHERNET: u16 = 1;
 
 fn pad4(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
+    v.resize(v.len().next_multiple_of(4), 0);
 }
 
 fn option(v: &mut Vec<u8>, code: u16, value: &[u8]) {
@@ -101,7 +99,7 @@ mod tests {
         let shb_len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
         assert_eq!(h[shb_len - 4..shb_len], h[4..8], "trailing length");
         assert_eq!(h[shb_len..shb_len + 4], IDB.to_le_bytes());
-        assert_eq!(h.len() % 4, 0);
+        assert!(h.len().is_multiple_of(4));
         let r = TraceRecord {
             port: 1,
             direction: Direction::Outbound,
@@ -109,7 +107,7 @@ mod tests {
             frame: vec![7; 61],
         };
         let p = packet(&r, "vm1", 1_700_000_000_123_456);
-        assert_eq!(p.len() % 4, 0);
+        assert!(p.len().is_multiple_of(4));
         assert_eq!(p[..4], EPB.to_le_bytes());
         assert_eq!(
             u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize,
