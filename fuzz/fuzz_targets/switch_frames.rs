@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        if now.as_secs() % 7 == 0 {
+        if now.as_secs().is_multiple_of(7) {
             sw.expire(now);
         }
     }
