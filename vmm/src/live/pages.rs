@@ -3,6 +3,7 @@
 //! parallel page streams.
 
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use migration::protocol::{self, Message};
 use migration::transport::Stream;
@@ -66,7 +67,7 @@ impl<'a> Wire<'a> {
             return;
         };
         let n = std::mem::take(&mut self.unreported);
-        let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = sync::lock(info);
         i.pages_sent += n;
         i.remaining_pages = i.remaining_pages.saturating_sub(n);
     }
