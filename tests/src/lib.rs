@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pattern;
 pub mod seqdisk;
 pub mod tls_certs;
+pub mod vireod_host;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
