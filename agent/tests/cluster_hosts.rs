@@ -445,7 +445,7 @@ fn vmm_paused(d: &Daemon, vm: &str) -> bool {
 }
 
 fn vmm_socket(d: &Daemon, vm: &str) -> Option<PathBuf> {
-    let sock = d.run_dir.join("vms").join(format!("{vm}.sock"));
+    let sock = d.run_dir.join("vms").join(vm).join("api.sock");
     sock.exists().then_some(sock)
 }
 

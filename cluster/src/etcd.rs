@@ -25,7 +25,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(400);
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
-    keepers: Arc<Mutex<HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>>,
+    keepers: Arc<Mutex<Keepers>>,
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
@@ -108,6 +108,35 @@ impl EtcdStore {
     }
 }
 
+type Keepers = HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>;
+
+/// One renewal of lease `id` on its keepalive stream (opened on first use).
+async fn renew(client: &Client, keepers: &mut Keepers, id: LeaseId) -> StoreResult<Duration> {
+    if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(id) {
+        let mut lease = client.lease_client();
+        let pair = timed("lease keepalive stream", lease.keep_alive(id)).await?;
+        slot.insert(pair);
+    }
+    let Some((keeper, stream)) = keepers.get_mut(&id) else {
+        return Err(StoreError::Unavailable(
+            "lease keepalive stream lost".into(),
+        ));
+    };
+    let renewed = async {
+        keeper.keep_alive().await?;
+        stream.message().await
+    };
+    match timed("lease keepalive", renewed).await? {
+        Some(resp) if resp.ttl() > 0 => {
+            Ok(Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0)))
+        }
+        Some(_) => Err(StoreError::LeaseGone(id)),
+        None => Err(StoreError::Unavailable(
+            "lease keepalive stream ended".into(),
+        )),
+    }
+}
+
 impl ClusterStore for EtcdStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         let mut kv = self.client.kv_client();
@@ -185,51 +214,23 @@ impl ClusterStore for EtcdStore {
 
     async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<Duration> {
         let mut keepers = self.keepers.lock().await;
-        if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(id) {
-            let mut lease = self.client.lease_client();
-            let pair = timed("lease keepalive stream", lease.keep_alive(id)).await?;
-            slot.insert(pair);
+        let renewed = renew(&self.client, &mut keepers, id).await;
+        if renewed.is_err() {
+            // A stream that missed an answer may deliver it late: start afresh.
+            keepers.remove(&id);
         }
-        let Some((keeper, stream)) = keepers.get_mut(&id) else {
-            return Err(StoreError::Unavailable(
-                "lease keepalive stream lost".into(),
-            ));
-        };
-        let renewed = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        let answer = timed("lease keepalive", renewed).await;
-        match answer {
-            Ok(Some(resp)) if resp.ttl() > 0 => {
-                Ok(Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0)))
+        renewed.map_err(|e| match e {
+            // The client reports a lease etcd no longer has as its own error ("lease
+            // keep alive error: lease not found": when it opens the stream, whose first
+            // answer is a renewal, as on a later one), not as etcd's status: the lease
+            // expired (e.g. while this node was cut off).
+            StoreError::Unavailable(m) | StoreError::Refused(m)
+                if m.contains("lease not found") =>
+            {
+                StoreError::LeaseGone(id)
             }
-            Ok(Some(_)) => {
-                keepers.remove(&id);
-                Err(StoreError::LeaseGone(id))
-            }
-            Ok(None) => {
-                keepers.remove(&id);
-                Err(StoreError::Unavailable(
-                    "lease keepalive stream ended".into(),
-                ))
-            }
-            Err(e) => {
-                // A stream that missed an answer may deliver it late: start afresh.
-                keepers.remove(&id);
-                match e {
-                    // The client reports a lease etcd no longer has as its own error
-                    // ("lease keep alive error: lease not found"), not as etcd's status:
-                    // the lease expired (e.g. while this node was cut off).
-                    StoreError::Unavailable(m) | StoreError::Refused(m)
-                        if m.contains("lease not found") =>
-                    {
-                        Err(StoreError::LeaseGone(id))
-                    }
-                    e => Err(e),
-                }
-            }
-        }
+            e => e,
+        })
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> StoreResult<()> {
