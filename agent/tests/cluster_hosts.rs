@@ -477,9 +477,23 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
     settle();
     let now = *c.reported(0, "hi").last().unwrap();
     c.wait_writes(0, "hi", now, 50);
-    // Nothing moved: same owner, same tokens. (Not asserted: the same VMMs. During the
-    // election a may fence itself and start its own VMs again, see docs/cluster.md.)
-    let _ = pids;
+    // Nothing moved (same owner, same tokens) and nothing restarted: the same VMMs
+    // ran all along (no node fenced itself during the election).
+    for (vm, pid) in ["hi", "lo"].iter().zip(pids) {
+        assert!(
+            common::alive(pid) && c.nodes[0].pid(vm) == Some(pid),
+            "{vm} was restarted (pid {pid} -> {:?}):\n{}",
+            c.nodes[0].pid(vm),
+            c.logs()
+        );
+    }
+    for (d, name) in c.nodes.iter().zip(NODES) {
+        assert!(
+            !d.log().contains("self-fencing"),
+            "{name} fenced itself during the election:\n{}",
+            c.logs()
+        );
+    }
     for vm in ["hi", "lo"] {
         assert_eq!(
             c.owner(vm).as_deref(),
