@@ -152,11 +152,13 @@ impl ClusterNode {
         let clock = MonotonicBase::now();
         let t0 = clock.t0;
         let leases = cluster_lease::spawn_pusher(self.sup.clone());
-        let mut agent = NodeAgent::new(self.store.clone(), self.record(), timing);
+        let mut agent =
+            NodeAgent::new(self.store.clone(), self.record(), timing).renew_in_a_task(t0);
         let mut controller = Controller::new(timing);
         let mut turn: u64 = 0;
         loop {
-            let r = agent.step(t0.elapsed()).await;
+            let turn_start = t0.elapsed();
+            let r = agent.step(turn_start).await;
             for vm in &r.stop {
                 warn!(vm, "stopping a clustered VM this node no longer may run");
                 if let Err(e) = self.sup.kill(vm).await {
@@ -200,6 +202,13 @@ impl ClusterNode {
                 }
             }
             turn += 1;
+            let took = t0.elapsed().saturating_sub(turn_start);
+            if took > timing.renew_every {
+                warn!(
+                    took_ms = took.as_millis(),
+                    "a cluster turn took longer than a renewal period"
+                );
+            }
             tokio::time::sleep(TURN).await;
         }
     }

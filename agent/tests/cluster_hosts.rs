@@ -149,7 +149,7 @@ impl Cluster {
         let mut s = String::new();
         for (i, d) in self.nodes.iter().enumerate() {
             let log = d.log();
-            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
             s += &format!("--- {} ---\n", NODES[i]);
             for l in tail.into_iter().rev() {
                 s += l;
@@ -459,6 +459,10 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
     let before = [token(&disks[0]), token(&disks[1])];
     let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
     let leader = c.etcd.leader();
+    eprintln!(
+        "killing etcd member m{leader} at {:?} (since the epoch)",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+    );
     c.etcd.kill(leader);
     // A new leader is elected among the other two (the old one's leases carry over,
     // extended: etcd issue 9888).
@@ -475,8 +479,6 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
     settle();
     c.etcd.restart(leader);
     settle();
-    let now = *c.reported(0, "hi").last().unwrap();
-    c.wait_writes(0, "hi", now, 50);
     // Nothing moved (same owner, same tokens) and nothing restarted: the same VMMs
     // ran all along (no node fenced itself during the election).
     for (vm, pid) in ["hi", "lo"].iter().zip(pids) {
@@ -487,6 +489,8 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
             c.logs()
         );
     }
+    let now = *c.reported(0, "hi").last().unwrap();
+    c.wait_writes(0, "hi", now, 50);
     for (d, name) in c.nodes.iter().zip(NODES) {
         assert!(
             !d.log().contains("self-fencing"),

@@ -3,16 +3,15 @@
 //! requests go to one member at a time, and a member that is unreachable or has no
 //! leader is left for a healthy one.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TxnOp, WatchOptions,
+    GetOptions, PutOptions, TxnOp, WatchOptions,
 };
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::endpoints::Endpoints;
@@ -39,7 +38,6 @@ struct Inner {
     /// Each member's endpoint and its own client.
     members: Vec<(String, Client)>,
     endpoints: Endpoints,
-    keepers: Mutex<Keepers>,
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
@@ -129,7 +127,6 @@ impl EtcdStore {
         let inner = Arc::new(Inner {
             endpoints: Endpoints::new(members.len()),
             members,
-            keepers: Mutex::default(),
         });
         for i in 0..inner.members.len() {
             tokio::spawn(probe(Arc::downgrade(&inner), i));
@@ -187,45 +184,6 @@ async fn probe(inner: Weak<Inner>, i: usize) {
             debug!(member = %inner.members[i].0, healthy, "etcd member probed");
         }
         inner.endpoints.set_healthy(i, healthy);
-    }
-}
-
-/// Each lease's keepalive stream, with the member it was opened on.
-type Keepers = HashMap<LeaseId, (usize, LeaseKeeper, LeaseKeepAliveStream)>;
-
-/// One renewal of lease `id` on its keepalive stream to member `i` (opened on first
-/// use, or again when the node moved to another member).
-async fn renew(
-    i: usize,
-    client: Client,
-    keepers: &mut Keepers,
-    id: LeaseId,
-) -> StoreResult<Duration> {
-    if keepers.get(&id).is_some_and(|(on, _, _)| *on != i) {
-        keepers.remove(&id);
-    }
-    if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(id) {
-        let mut lease = client.lease_client();
-        let (keeper, stream) = timed("lease keepalive stream", lease.keep_alive(id)).await?;
-        slot.insert((i, keeper, stream));
-    }
-    let Some((_, keeper, stream)) = keepers.get_mut(&id) else {
-        return Err(StoreError::Unavailable(
-            "lease keepalive stream lost".into(),
-        ));
-    };
-    let renewed = async {
-        keeper.keep_alive().await?;
-        stream.message().await
-    };
-    match timed("lease keepalive", renewed).await? {
-        Some(resp) if resp.ttl() > 0 => {
-            Ok(Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0)))
-        }
-        Some(_) => Err(StoreError::LeaseGone(id)),
-        None => Err(StoreError::Unavailable(
-            "lease keepalive stream ended".into(),
-        )),
     }
 }
 
@@ -319,28 +277,40 @@ impl ClusterStore for EtcdStore {
         Ok(resp.id())
     }
 
-    async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<Duration> {
-        let mut keepers = self.inner.keepers.lock().await;
-        let (i, client) = self.client();
-        // The client reports a lease etcd no longer has as its own error ("lease keep
-        // alive error: lease not found": when it opens the stream, whose first answer
-        // is a renewal, as on a later one), not as etcd's status: the lease expired
-        // (e.g. while this node was cut off).
-        let renewed = renew(i, client, &mut keepers, id)
-            .await
-            .map_err(lease_gone(id));
-        if let Err(e) = &renewed {
-            // A stream that missed an answer may deliver it late: start afresh.
-            keepers.remove(&id);
-            if matches!(e, StoreError::Unavailable(_)) {
-                self.failed(i, e);
+    /// Sent to every member at once, the first answer wins: a renewal is idempotent,
+    /// and during or just after an election one member can hold a request for the whole
+    /// request timeout while another answers at once — the node's fencing window
+    /// (1.5 s) has no room to try them one after the other.
+    async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<()> {
+        let mut tries = tokio::task::JoinSet::new();
+        for (i, (_, client)) in self.inner.members.iter().enumerate() {
+            let client = client.clone();
+            tries.spawn(async move {
+                // Opening the stream sends one renewal and reads its answer (the client
+                // checks its TTL: "lease not found" when it is 0).
+                let renewed = timed("lease keepalive", async move {
+                    client.lease_client().keep_alive(id).await
+                })
+                .await;
+                (i, renewed.map(drop).map_err(lease_gone(id)))
+            });
+        }
+        let mut error = None;
+        while let Some(joined) = tries.join_next().await {
+            let Ok((i, renewed)) = joined else { continue };
+            match renewed {
+                Ok(()) => return Ok(()),
+                Err(e @ StoreError::LeaseGone(_)) => return Err(e),
+                Err(e) => {
+                    self.failed(i, &e);
+                    error.get_or_insert(e);
+                }
             }
         }
-        renewed
+        Err(error.unwrap_or_else(|| StoreError::Unavailable("lease keepalive: no member".into())))
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> StoreResult<()> {
-        self.inner.keepers.lock().await.remove(&id);
         match self
             .call("lease revoke", |c| async move {
                 c.lease_client().revoke(id).await

@@ -35,6 +35,16 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Where members keep their data: tmpfs when the machine has one.
+fn data_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// Whether etcd is installed (scripts/setup installs it).
 pub fn have_etcd() -> bool {
     Path::new("/usr/bin/etcd").exists() && Path::new("/usr/bin/etcdctl").exists()
@@ -102,7 +112,15 @@ impl EtcdCluster {
 
     fn launch(hosts: Vec<(String, Option<Arc<NetNs>>)>) -> Self {
         let n = hosts.len();
-        let dir = tempfile::tempdir().expect("tempdir");
+        // In memory: etcd fsyncs its log on every write, and on this shared machine's
+        // busy disk one fsync can stall the leader's raft loop for over a second (its
+        // log: "failed to send out heartbeat on time ... 1.3s"), which no lease
+        // renewal survives. Production etcd wants a fast dedicated disk for the same
+        // reason (docs/cluster.md).
+        let dir = tempfile::Builder::new()
+            .prefix("vireo-etcd")
+            .tempdir_in(data_root())
+            .expect("tempdir");
         let members: Vec<Member> = hosts
             .into_iter()
             .enumerate()
