@@ -59,26 +59,34 @@ impl MonotonicBase {
     }
 }
 
-/// What the pusher renews: the deadline and the VMs that run under it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Leases {
-    pub deadline_ns: u64,
-    pub vms: Vec<String>,
-}
-
-/// Starts the task that pushes each new deadline to the VMMs; send it [`Leases`].
-pub fn spawn_pusher(sup: Arc<Supervisor>) -> watch::Sender<Leases> {
-    let (tx, mut rx) = watch::channel(Leases::default());
+/// Starts the task that pushes each new deadline to the VMMs: as soon as a renewal
+/// moves it (`deadlines`, on the node loop's clock, converted with `clock`), not at the
+/// next turn of the node's loop, which store calls and VM starts can hold up. Send it
+/// the VMs that run under the node's lease.
+pub fn spawn_pusher(
+    sup: Arc<Supervisor>,
+    mut deadlines: watch::Receiver<Option<Duration>>,
+    clock: MonotonicBase,
+) -> watch::Sender<Vec<String>> {
+    let (tx, mut vms) = watch::channel(Vec::<String>::new());
     tokio::spawn(async move {
-        while rx.changed().await.is_ok() {
-            let leases = rx.borrow_and_update().clone();
-            for vm in &leases.vms {
+        loop {
+            tokio::select! {
+                changed = deadlines.changed() => if changed.is_err() { return },
+                changed = vms.changed() => if changed.is_err() { return },
+            }
+            let Some(deadline) = *deadlines.borrow_and_update() else {
+                continue;
+            };
+            let deadline_ns = clock.at(deadline);
+            let running = vms.borrow_and_update().clone();
+            for vm in &running {
                 // Only a deadline still ahead is worth sending (an older one changes
                 // nothing in the VMM; a passed one means this node is fenced).
-                if leases.deadline_ns <= monotonic_ns() {
+                if deadline_ns <= monotonic_ns() {
                     break;
                 }
-                push(&sup, vm, leases.deadline_ns).await;
+                push(&sup, vm, deadline_ns).await;
             }
         }
     });

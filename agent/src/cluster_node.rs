@@ -19,7 +19,7 @@ use cluster::{ClusterStore, EtcdStore};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::cluster_lease::{self, Leases, MonotonicBase};
+use crate::cluster_lease::{self, MonotonicBase};
 use crate::model::VmDefinition;
 use crate::supervisor::Supervisor;
 
@@ -151,9 +151,9 @@ impl ClusterNode {
         self.kill_leftovers().await;
         let clock = MonotonicBase::now();
         let t0 = clock.t0;
-        let leases = cluster_lease::spawn_pusher(self.sup.clone());
         let mut agent =
             NodeAgent::new(self.store.clone(), self.record(), timing).renew_in_a_task(t0);
+        let leased = cluster_lease::spawn_pusher(self.sup.clone(), agent.deadlines(), clock);
         let mut controller = Controller::new(timing);
         let mut turn: u64 = 0;
         loop {
@@ -179,17 +179,12 @@ impl ClusterNode {
                     agent.exited(vm);
                 }
             }
-            if let Some(deadline) = agent.fence_deadline() {
-                let next = Leases {
-                    deadline_ns: clock.at(deadline),
-                    vms: agent.running().keys().cloned().collect(),
-                };
-                leases.send_if_modified(|l| {
-                    let changed = *l != next;
-                    *l = next;
-                    changed
-                });
-            }
+            let running: Vec<String> = agent.running().keys().cloned().collect();
+            leased.send_if_modified(|l| {
+                let changed = *l != running;
+                *l = running;
+                changed
+            });
             // A VM that ended by itself is started again while this node owns it.
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
                 if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {

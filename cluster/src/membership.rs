@@ -102,6 +102,9 @@ pub struct NodeAgent<S> {
     lease: Option<LeaseId>,
     /// Shared with the renewal task, when renewals run in one.
     clock: Arc<Mutex<FenceClock>>,
+    /// The fencing deadline after every change (renewal, loss), for whoever must
+    /// follow it without waiting for a turn of the node's loop (the VMMs' write leases).
+    deadlines: Arc<DeadlineTx>,
     last_renew_try: Option<Duration>,
     running: BTreeMap<String, Revision>,
     renewals: Renewals,
@@ -140,6 +143,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
             store,
             record,
             clock: Arc::new(Mutex::new(FenceClock::new(&timing))),
+            deadlines: Arc::new(tokio::sync::watch::channel(None).0),
             timing,
             lease: None,
             last_renew_try: None,
@@ -178,6 +182,16 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
         lock(&self.clock).deadline()
     }
 
+    /// Follows [`NodeAgent::fence_deadline`] as renewals move it.
+    pub fn deadlines(&self) -> tokio::sync::watch::Receiver<Option<Duration>> {
+        self.deadlines.subscribe()
+    }
+
+    /// Moves the shared clock and tells the deadline's followers.
+    fn clock_changed(&self, change: impl FnOnce(&mut FenceClock)) {
+        clock_changed(&self.clock, &self.deadlines, change);
+    }
+
     /// The VMs this agent believes run here, with their tokens.
     pub fn running(&self) -> &BTreeMap<String, Revision> {
         &self.running
@@ -194,7 +208,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
             )
             .await?;
         self.lease = Some(lease);
-        lock(&self.clock).renewed(now);
+        self.clock_changed(|c| c.renewed(now));
         self.last_renew_try = Some(now);
         info!(node = %self.record.name, lease = format_args!("{lease:#x}"), "joined the cluster");
         Ok(())
@@ -216,7 +230,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
                         lease,
                         *t0,
                         &self.timing,
-                        &self.clock,
+                        (&self.clock, &self.deadlines),
                         &self.record.name,
                     ))
                 }
@@ -231,7 +245,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
         }
         self.last_renew_try = Some(now);
         match self.store.lease_keepalive(lease).await {
-            Ok(_) => lock(&self.clock).renewed(now),
+            Ok(_) => self.clock_changed(|c| c.renewed(now)),
             Err(StoreError::LeaseGone(_)) => self.lease_gone(),
             Err(e) => {
                 // Try again on the next turn, not a whole period later: after an etcd
@@ -246,7 +260,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
     fn lease_gone(&mut self) {
         warn!(node = %self.record.name, "lease gone: fenced; joining again");
         self.lease = None;
-        lock(&self.clock).lost();
+        self.clock_changed(FenceClock::lost);
     }
 
     /// The VMs the store says this incarnation owns, with their tokens.
@@ -337,7 +351,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
             if let Renewals::Task { current, .. } = &mut self.renewals {
                 *current = None;
             }
-            lock(&self.clock).lost();
+            self.clock_changed(FenceClock::lost);
             self.store.lease_revoke(lease).await?;
         }
         Ok(())
@@ -352,10 +366,11 @@ fn spawn_renewals<S: ClusterStore + Clone + Send + Sync + 'static>(
     lease: LeaseId,
     t0: Instant,
     timing: &Timing,
-    clock: &Arc<Mutex<FenceClock>>,
+    (clock, deadlines): (&Arc<Mutex<FenceClock>>, &Arc<DeadlineTx>),
     node: &str,
 ) -> RenewalTask {
     let gone = Arc::new(AtomicBool::new(false));
+    let deadlines = deadlines.clone();
     let (every, clock, node, flag) = (
         timing.renew_every,
         clock.clone(),
@@ -367,7 +382,7 @@ fn spawn_renewals<S: ClusterStore + Clone + Send + Sync + 'static>(
             let sent = t0.elapsed();
             let wait = match store.lease_keepalive(lease).await {
                 Ok(_) => {
-                    lock(&clock).renewed(sent);
+                    clock_changed(&clock, &deadlines, |c| c.renewed(sent));
                     debug!(
                         node,
                         took_ms = (t0.elapsed() - sent).as_millis(),
@@ -395,6 +410,25 @@ fn spawn_renewals<S: ClusterStore + Clone + Send + Sync + 'static>(
         gone,
         handle,
     }
+}
+
+type DeadlineTx = tokio::sync::watch::Sender<Option<Duration>>;
+
+fn clock_changed(
+    clock: &Mutex<FenceClock>,
+    deadlines: &DeadlineTx,
+    change: impl FnOnce(&mut FenceClock),
+) {
+    let deadline = {
+        let mut c = lock(clock);
+        change(&mut c);
+        c.deadline()
+    };
+    deadlines.send_if_modified(|d| {
+        let changed = *d != deadline;
+        *d = deadline;
+        changed
+    });
 }
 
 /// After a failed renewal, the next try comes this soon: after an etcd leader election
