@@ -67,9 +67,12 @@ pub fn spawn_pusher(
     sup: Arc<Supervisor>,
     mut deadlines: watch::Receiver<Option<Duration>>,
     clock: MonotonicBase,
+    on: &tokio::runtime::Handle,
 ) -> watch::Sender<Vec<String>> {
     let (tx, mut vms) = watch::channel(Vec::<String>::new());
-    tokio::spawn(async move {
+    // Kills go back to vireod's own runtime (the supervisor's).
+    let main = tokio::runtime::Handle::current();
+    on.spawn(async move {
         loop {
             tokio::select! {
                 changed = deadlines.changed() => if changed.is_err() { return },
@@ -86,7 +89,7 @@ pub fn spawn_pusher(
                 if deadline_ns <= monotonic_ns() {
                     break;
                 }
-                push(&sup, vm, deadline_ns).await;
+                push(&sup, vm, deadline_ns, &main).await;
             }
         }
     });
@@ -96,7 +99,7 @@ pub fn spawn_pusher(
 /// One renewal. A VMM whose lease already expired (it refused writes and paused)
 /// is killed: this node still owns the VM, so its loop starts it again, with a
 /// fresh token and lease.
-async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64) {
+async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64, main: &tokio::runtime::Handle) {
     let body = serde_json::json!({ "deadline_monotonic_ns": deadline_ns }).to_string();
     let r = crate::client::request(
         &sup.socket_path(vm),
@@ -110,9 +113,12 @@ async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64) {
         Ok(r) if r.ok() => debug!(vm, deadline_ns, "write lease renewed"),
         Ok(r) if r.status == 409 => {
             warn!(vm, error = %r.error_message(), "the VMM's write lease expired: killing it (it starts again while this node owns it)");
-            if let Err(e) = sup.kill(vm).await {
-                warn!(vm, error = %e, "cannot kill");
-            }
+            let (sup, vm) = (sup.clone(), vm.to_string());
+            main.spawn(async move {
+                if let Err(e) = sup.kill(&vm).await {
+                    warn!(vm, error = %e, "cannot kill");
+                }
+            });
         }
         // Not created yet (404), or busy: the next renewal tries again.
         Ok(r) => {

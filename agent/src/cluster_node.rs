@@ -30,6 +30,7 @@ const TURN: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct ClusterNode {
     pub store: EtcdStore,
+    pub lease: Arc<LeaseRuntime>,
     pub node: String,
     pub sup: Arc<Supervisor>,
 }
@@ -56,9 +57,9 @@ fn yes() -> bool {
     true
 }
 
-/// Connects to etcd and registers nothing yet (the loop joins).
-pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
-    let eps: Vec<String> = endpoints
+/// `--cluster-etcd`'s endpoints as URLs.
+pub fn endpoints(arg: &str) -> Result<Vec<String>, String> {
+    let eps: Vec<String> = arg
         .split(',')
         .filter(|e| !e.is_empty())
         .map(|e| {
@@ -72,9 +73,56 @@ pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
     if eps.is_empty() {
         return Err("--cluster-etcd: no endpoint given".into());
     }
-    EtcdStore::connect(&eps)
+    Ok(eps)
+}
+
+/// Connects to etcd and registers nothing yet (the loop joins).
+pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
+    EtcdStore::connect(&self::endpoints(endpoints)?)
         .await
         .map_err(|e| format!("--cluster-etcd {endpoints}: {e}"))
+}
+
+/// What keeps the node's lease runs on a thread and runtime of its own, with its own
+/// etcd connection: the renewals and the VMMs' write leases. vireod's runtime can stall
+/// for longer than the fencing window (its workers waiting on the inventory's SQLite
+/// commits on a busy disk, seen as 1.5 s gaps in every task's log), and a renewal
+/// held up that long fences the node for nothing.
+pub struct LeaseRuntime {
+    pub handle: tokio::runtime::Handle,
+    pub store: EtcdStore,
+}
+
+impl LeaseRuntime {
+    pub async fn start(endpoints: &str) -> Result<Self, String> {
+        let eps = self::endpoints(endpoints)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("cluster-lease".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("cluster lease runtime: {e}")));
+                        return;
+                    }
+                };
+                let store = rt
+                    .block_on(EtcdStore::connect(&eps))
+                    .map_err(|e| format!("--cluster-etcd (lease connection): {e}"));
+                let _ = tx.send(store.map(|store| LeaseRuntime {
+                    handle: rt.handle().clone(),
+                    store,
+                }));
+                rt.block_on(std::future::pending::<()>());
+            })
+            .map_err(|e| format!("cluster lease thread: {e}"))?;
+        rx.await
+            .map_err(|_| "cluster lease thread ended".to_string())?
+    }
 }
 
 impl ClusterNode {
@@ -151,9 +199,17 @@ impl ClusterNode {
         self.kill_leftovers().await;
         let clock = MonotonicBase::now();
         let t0 = clock.t0;
-        let mut agent =
-            NodeAgent::new(self.store.clone(), self.record(), timing).renew_in_a_task(t0);
-        let leased = cluster_lease::spawn_pusher(self.sup.clone(), agent.deadlines(), clock);
+        let mut agent = NodeAgent::new(self.store.clone(), self.record(), timing).renew_in_a_task(
+            t0,
+            self.lease.store.clone(),
+            self.lease.handle.clone(),
+        );
+        let leased = cluster_lease::spawn_pusher(
+            self.sup.clone(),
+            agent.deadlines(),
+            clock,
+            &self.lease.handle,
+        );
         let mut controller = Controller::new(timing);
         let mut turn: u64 = 0;
         loop {

@@ -107,11 +107,11 @@ pub struct NodeAgent<S> {
     deadlines: Arc<DeadlineTx>,
     last_renew_try: Option<Duration>,
     running: BTreeMap<String, Revision>,
-    renewals: Renewals,
+    renewals: Renewals<S>,
 }
 
 /// Where the lease is renewed.
-enum Renewals {
+enum Renewals<S> {
     /// In [`NodeAgent::step`] (simulated time: the model test drives every clock).
     InStep,
     /// In a task of their own on real time since `t0` (vireod): the loop's other
@@ -119,6 +119,9 @@ enum Renewals {
     /// store's request timeout) and its VM starts never delay a renewal.
     Task {
         t0: Instant,
+        /// The store connection and the runtime the renewals use.
+        store: S,
+        on: tokio::runtime::Handle,
         current: Option<RenewalTask>,
     },
 }
@@ -152,10 +155,16 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
         }
     }
 
-    /// Renews the lease in a task of its own (needs a tokio runtime), counting time
-    /// as `t0.elapsed()`: [`NodeAgent::step`] must then be driven with the same clock.
-    pub fn renew_in_a_task(mut self, t0: Instant) -> Self {
-        self.renewals = Renewals::Task { t0, current: None };
+    /// Renews the lease in a task of its own on `on` through `store` (a connection of
+    /// that runtime), counting time as `t0.elapsed()`: [`NodeAgent::step`] must then be
+    /// driven with the same clock.
+    pub fn renew_in_a_task(mut self, t0: Instant, store: S, on: tokio::runtime::Handle) -> Self {
+        self.renewals = Renewals::Task {
+            t0,
+            store,
+            on,
+            current: None,
+        };
         self
     }
 
@@ -216,7 +225,13 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
 
     async fn renew(&mut self, now: Duration) {
         let Some(lease) = self.lease else { return };
-        if let Renewals::Task { t0, current } = &mut self.renewals {
+        if let Renewals::Task {
+            t0,
+            store,
+            on,
+            current,
+        } = &mut self.renewals
+        {
             match current {
                 Some(task) if task.lease == lease => {
                     if task.gone.load(Ordering::Acquire) {
@@ -226,7 +241,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
                 }
                 _ => {
                     *current = Some(spawn_renewals(
-                        self.store.clone(),
+                        (store.clone(), on),
                         lease,
                         *t0,
                         &self.timing,
@@ -362,7 +377,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
 /// [`RETRY_AFTER`]), each success moving `clock` to when it was sent, until the lease
 /// is gone.
 fn spawn_renewals<S: ClusterStore + Clone + Send + Sync + 'static>(
-    store: S,
+    (store, on): (S, &tokio::runtime::Handle),
     lease: LeaseId,
     t0: Instant,
     timing: &Timing,
@@ -377,7 +392,7 @@ fn spawn_renewals<S: ClusterStore + Clone + Send + Sync + 'static>(
         node.to_string(),
         gone.clone(),
     );
-    let handle = tokio::spawn(async move {
+    let handle = on.spawn(async move {
         loop {
             let sent = t0.elapsed();
             let wait = match store.lease_keepalive(lease).await {
