@@ -181,10 +181,13 @@ impl EtcdCluster {
         }
         if m.netns.is_some() {
             // Members on "separate hosts" elect a new leader within the nodes' fencing
-            // window (TTL 2 s − margin 0.5 s − one renewal period): heartbeat 50 ms,
-            // election timeout 500 ms (etcd's defaults, 100/1000 ms, leave too little;
-            // docs/cluster.md).
-            cmd.args(["--heartbeat-interval", "50", "--election-timeout", "500"]);
+            // window (TTL 2 s − margin 0.5 s − one renewal period = 1 s at worst):
+            // heartbeat 50 ms, election timeout 300 ms (a follower campaigns after
+            // 300–600 ms). etcd's defaults (100/1000 ms) leave too little, and so did
+            // 500 ms: an election 1.25 s after the kill missed a renewal by 3 ms
+            // (docs/cluster.md). Safe from spurious elections only because the members
+            // run at real-time priority (above).
+            cmd.args(["--heartbeat-interval", "50", "--election-timeout", "300"]);
         }
         let child = cmd
             .args(["--name", &m.name])
