@@ -359,7 +359,8 @@ impl Supervisor {
         ] {
             let _ = std::fs::remove_file(p);
         }
-        crate::jailing::take_back_identity(&self.vm_run_dir(name));
+        // An older vireod copied the host identity here for a TLS migration.
+        let _ = std::fs::remove_dir_all(self.vm_run_dir(name).join("tls"));
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
     }
 
