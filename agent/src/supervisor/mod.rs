@@ -150,9 +150,7 @@ fn vmm_fence_record(disk: &Path) -> PathBuf {
     disk.with_file_name(name)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
