@@ -550,6 +550,73 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
     assert_eq!(m["state"], "cancelled", "{m}");
 }
 
+/// A peer may name files beneath this host's storage roots in the definition it
+/// sends, but not another VM's disk (issue 11: a peer host could name a stopped VM's
+/// disk as its arriving VM's disk, or as its initramfs, and read it through its own
+/// guest). The same path, a hard link to it (another name, the same file) and the
+/// initramfs are each refused with the owner named; nothing is defined or started,
+/// and the disk keeps its bytes.
+#[test]
+fn a_peer_cannot_name_another_vms_disk_in_an_arriving_vm() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let (dst, addr) = host_daemon(&b, &["host-a"]);
+    let disk = dst.dir.path().join("victim.raw");
+    let secret: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&disk, &secret).unwrap();
+    let link = dst.dir.path().join("alias.raw");
+    std::fs::hard_link(&disk, &link).unwrap();
+    let mut cfg = common::counter_config();
+    cfg["disks"] = json!([{"path": disk, "format": "raw"}]);
+    dst.ok(
+        "PUT",
+        "/api/v1/vms/victim",
+        Some(&json!({"config": cfg}).to_string()),
+    );
+    let as_a = endpoint(
+        &addr,
+        "host-b",
+        HostIdentity::load(a.clone())
+            .unwrap()
+            .client_config()
+            .unwrap(),
+    );
+    let secret_hex = "ab".repeat(32);
+    let attempts = [
+        (
+            "disk 0",
+            json!({"disks": [{"path": disk, "format": "raw"}]}),
+        ),
+        (
+            "disk 0",
+            json!({"disks": [{"path": link, "format": "raw"}]}),
+        ),
+        ("payload.initramfs", json!({"initramfs": disk})),
+    ];
+    for (what, change) in attempts {
+        let mut cfg = common::counter_config();
+        if let Some(disks) = change.get("disks") {
+            cfg["disks"] = disks.clone();
+        }
+        if let Some(i) = change.get("initramfs") {
+            cfg["payload"]["initramfs"] = i.clone();
+        }
+        let body = json!({"name": "thief", "definition": {"config": cfg}, "secret": secret_hex});
+        let (s, v) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
+        assert_eq!(s, 400, "{change}: {v}\n{}", dst.log());
+        let msg = v.to_string();
+        assert!(msg.contains(what), "{msg}");
+        assert!(msg.contains("a disk of VM victim on this host"), "{msg}");
+        assert!(dst.absent("thief"), "{change}");
+    }
+    assert!(dst.migrations().is_empty());
+    assert_eq!(std::fs::read(&disk).unwrap(), secret);
+    // The victim itself is untouched and still starts.
+    dst.ok("PUT", "/api/v1/vms/victim/start", None);
+    dst.wait_serial("victim", "tick 3 ", T);
+}
+
 #[test]
 fn a_vm_migrates_between_two_vireods_over_https_and_tls_and_no_vmm_sees_the_host_key() {
     let pki = Pki::new();

@@ -82,6 +82,12 @@ impl Supervisor {
             }
             None => self.confine(&req.name, &mut req.definition)?,
         }
+        let others: Vec<(String, crate::model::VmDefinition)> = lock(&self.vms)
+            .iter()
+            .filter(|(n, _)| **n != req.name)
+            .map(|(n, vm)| (n.clone(), vm.def.clone()))
+            .collect();
+        crate::confinement::refuse_other_vms_disks(&req.definition, &others)?;
         let name = req.name.clone();
         // A port of --migration-ports is held until this migration ends (the lease
         // goes with the task that follows it, or is dropped on an early return).
