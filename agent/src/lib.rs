@@ -46,6 +46,7 @@ pub mod pki;
 pub mod procfs;
 pub mod server;
 pub mod supervisor;
+pub mod tls_gateway;
 pub mod vmm_events;
 
 pub use error::AgentError;
