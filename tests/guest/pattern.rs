@@ -133,7 +133,7 @@ pub fn seed_of_sector(lba: u64, sector: &[u8]) -> Option<u64> {
 /// The seed of a whole run of sectors starting at `first_lba`, if every sector holds
 /// the pattern of one and the same seed.
 pub fn seed_of(first_lba: u64, buf: &[u8]) -> Option<u64> {
-    if buf.is_empty() || buf.len() % SECTOR_SIZE != 0 {
+    if buf.is_empty() || !buf.len().is_multiple_of(SECTOR_SIZE) {
         return None;
     }
     let seed = seed_of_sector(first_lba, &buf[..SECTOR_SIZE])?;
