@@ -132,6 +132,8 @@ pub struct Supervisor {
     roots: Arc<confine::Roots>,
     /// Per VM: the VMM process and the last of its `vm.events` seen.
     vmm_events_seen: Mutex<std::collections::HashMap<String, (i32, u64)>>,
+    /// The migration gateways running (`tls_gateway`), to cut a revoked peer's streams.
+    gateways: Mutex<Vec<std::sync::Weak<crate::tls_gateway::GatewayStats>>>,
 }
 
 /// How a start was asked for.
@@ -239,7 +241,33 @@ impl Supervisor {
             migrations,
             roots: Arc::new(roots),
             vmm_events_seen: Mutex::default(),
+            gateways: Mutex::default(),
         }))
+    }
+
+    /// Keeps track of a migration gateway for [`Supervisor::cut_untrusted_migrations`].
+    fn watch_gateway(&self, g: &crate::tls_gateway::Gateway) {
+        let mut gateways = lock(&self.gateways);
+        gateways.retain(|w| w.strong_count() > 0);
+        gateways.push(Arc::downgrade(&g.stats()));
+    }
+
+    /// After the host identity was reloaded (SIGHUP): cuts the streams of running
+    /// migrations whose peer certificate the CA and CRL now in use no longer trust (a
+    /// host revoked mid-migration). Those migrations fail; a source keeps its VM.
+    /// Returns how many streams were cut.
+    pub fn cut_untrusted_migrations(&self) -> usize {
+        let Some(id) = self.cfg.identity.as_ref() else {
+            return 0;
+        };
+        let gateways: Vec<_> = lock(&self.gateways)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        gateways
+            .iter()
+            .map(|g| g.cut_untrusted(|chain| id.still_trusts(chain)))
+            .sum()
     }
 
     // ---- paths ----
