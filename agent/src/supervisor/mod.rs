@@ -382,6 +382,8 @@ impl Supervisor {
             &s.env_file,
             &self.migrate_socket_path(name),
             &self.relay_socket_path(name),
+            // A VMM of the old layout's socket (see `legacy_spec`).
+            &self.cfg.run_dir.join("vms").join(format!("{name}.sock")),
         ] {
             let _ = std::fs::remove_file(p);
         }
@@ -1312,9 +1314,29 @@ impl Supervisor {
         }
     }
 
+    /// A VMM started by a vireod before VMs had run directories serves
+    /// `<run-dir>/vms/NAME.sock`: give it `vms/NAME/api.sock` as a link to that socket,
+    /// so that it is re-adopted and reached where every VMM is now (it keeps running as
+    /// it was started, unjailed, until its next start). Returns the launch to adopt it
+    /// with (the socket its command line names).
+    fn legacy_spec(&self, name: &str) -> Option<LaunchSpec> {
+        let legacy = self.cfg.run_dir.join("vms").join(format!("{name}.sock"));
+        let socket = self.socket_path(name);
+        if socket.exists() || !legacy.exists() {
+            return None;
+        }
+        mkdir(&self.vm_run_dir(name), 0o700).ok()?;
+        std::os::unix::fs::symlink(&legacy, &socket).ok()?;
+        info!(vm = %name, socket = %legacy.display(), "a VMM of the old layout: reached through {}", socket.display());
+        Some(LaunchSpec {
+            socket: legacy,
+            ..self.spec(name)
+        })
+    }
+
     /// Re-adopts one VM's VMM, or records that it ended while vireod was away.
     async fn recover_one(self: &Arc<Self>, name: &str) {
-        let spec = self.spec(name);
+        let spec = self.legacy_spec(name).unwrap_or_else(|| self.spec(name));
         match self.cfg.launcher.adopt(&spec) {
             Ok((handle, watch)) => {
                 self.private_socket(name, &spec.socket);
