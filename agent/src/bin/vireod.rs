@@ -146,6 +146,17 @@ struct Cli {
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
     peer: Vec<String>,
+    /// Be a replica server (docs/replica.md): primaries' replicated VMs are stored in
+    /// DIR/<primary host>/<vm>/. Served on --listen.
+    #[arg(long, value_name = "DIR", requires_all = ["listen", "replica_allow"])]
+    replica_dir: Option<PathBuf>,
+    /// A host allowed to replicate its VMs here (its certificate's name; it must be a
+    /// --peer too); repeatable.
+    #[arg(long = "replica-allow", value_name = "NAME", requires = "replica_dir")]
+    replica_allow: Vec<String>,
+    /// The largest segment a primary may send (bytes, compressed and decompressed).
+    #[arg(long, default_value_t = agent::replica_server::DEFAULT_MAX_SEGMENT)]
+    replica_max_segment: u64,
     /// Join a failover cluster on etcd: its client URLs, comma-separated
     /// (`http://10.0.0.1:2379,...`). See docs/cluster.md.
     #[arg(long, value_name = "URL[,URL...]", requires = "node_name")]
@@ -288,11 +299,32 @@ async fn run(
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
+    let replica = cli
+        .replica_dir
+        .as_deref()
+        .map(|dir| {
+            agent::replica_server::ReplicaServer::new(
+                dir,
+                &cli.replica_allow,
+                &cli.peer,
+                cli.replica_max_segment,
+            )
+            .map(std::sync::Arc::new)
+        })
+        .transpose()?;
     let peer_listener = match cli.listen {
-        Some(addr) => Some(
-            agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
-                .await?,
-        ),
+        Some(addr) => {
+            let l =
+                agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
+                    .await?;
+            Some(match replica {
+                Some(r) => {
+                    info!(primaries = ?cli.replica_allow, "replica server");
+                    l.with_replica(r)
+                }
+                None => l,
+            })
+        }
         None => None,
     };
     sup.recover().await;
