@@ -17,6 +17,7 @@
 //! - [`audit`]: the audit trail of every change asked for, allowed or refused;
 //! - [`peer_server`]: the HTTPS peer listener for other hosts' vireods (mutual TLS,
 //!   host-to-host routes only);
+//! - [`replica_primary`]: a primary's rounds: cut, ship sealed segments, commit points;
 //! - [`replica_server`]: vireod as a replica server (`/peer/v1/replica/...` on the
 //!   peer listener, `--replica-allow`, `--replica-dir`);
 //! - [`hosttls`]: this host's identity and which peers it admits;
@@ -42,6 +43,7 @@ pub mod notify;
 pub mod peer_server;
 pub mod pki;
 pub mod procfs;
+pub mod replica_primary;
 pub mod replica_server;
 pub mod server;
 pub mod supervisor;

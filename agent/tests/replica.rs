@@ -312,3 +312,169 @@ fn oversized_uploads_are_refused_before_they_are_stored() {
     assert!(entries.iter().all(|n| n == "applied"), "{entries:?}");
     assert!(image(&dir, "host-a", "vm1", 0).iter().all(|&b| b == 0));
 }
+
+/// A primary VM's disks as the VMM keeps them: each write logged, then written to
+/// the raw image; a cut seals every log at one cut id.
+struct PrimaryVm {
+    dir: tempfile::TempDir,
+    disks: Vec<(ChangeLog, std::fs::File)>,
+    model: Vec<Vec<u8>>,
+    cut: u64,
+}
+
+impl PrimaryVm {
+    fn new(n: usize, base: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disks = Vec::new();
+        for i in 0..n {
+            let log_dir = dir.path().join(format!("log{i}"));
+            std::fs::create_dir(&log_dir).unwrap();
+            let img = dir.path().join(format!("disk{i}.img"));
+            std::fs::write(&img, base).unwrap();
+            let log = ChangeLog::open(confine::open_dir(&log_dir).unwrap(), "t", DISK)
+                .unwrap()
+                .0;
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            disks.push((log, f));
+        }
+        PrimaryVm {
+            dir,
+            disks,
+            model: vec![base.to_vec(); n],
+            cut: 0,
+        }
+    }
+
+    fn write(&mut self, i: usize, offset: u64, seed: u8, len: usize) {
+        use std::os::unix::fs::FileExt;
+        let data: Vec<u8> = (0..len).map(|k| seed.wrapping_add((k / 7) as u8)).collect();
+        self.disks[i].0.append_data(offset, &data).unwrap();
+        self.disks[i].1.write_all_at(&data, offset).unwrap();
+        self.model[i][offset as usize..offset as usize + len].copy_from_slice(&data);
+    }
+
+    fn cut(&mut self) -> u64 {
+        self.cut += 1;
+        for (log, _) in self.disks.iter_mut() {
+            log.seal(self.cut).unwrap();
+        }
+        self.cut
+    }
+
+    fn sources(&self) -> Vec<agent::replica_primary::DiskSource> {
+        (0..self.disks.len())
+            .map(|i| agent::replica_primary::DiskSource {
+                log_dir: self.dir.path().join(format!("log{i}")),
+                image: self.dir.path().join(format!("disk{i}.img")),
+                size: DISK,
+            })
+            .collect()
+    }
+
+    fn log_files(&self, i: usize) -> usize {
+        std::fs::read_dir(self.dir.path().join(format!("log{i}")))
+            .unwrap()
+            .count()
+    }
+}
+
+fn round(
+    shipper: &agent::replica_primary::Shipper,
+    vm: &std::sync::Mutex<PrimaryVm>,
+) -> Result<agent::replica_primary::RoundStats, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(shipper.round(|| async { Ok(vm.lock().unwrap().cut()) }))
+        .map_err(|e| agent::error_chain(&e))
+}
+
+#[test]
+fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_copy() {
+    let pki = Pki::new();
+    let (_d, addr, dir, _store) = replica_server(&pki, &[]);
+    let a_id = pki.host("host-a");
+    let base: Vec<u8> = (0..DISK as usize)
+        .map(|i| {
+            if i < DISK as usize / 2 {
+                (i / 512) as u8
+            } else {
+                0
+            }
+        })
+        .collect();
+    let vm = std::sync::Mutex::new(PrimaryVm::new(2, &base));
+    let shipper = agent::replica_primary::Shipper {
+        to: endpoint(&addr, "host-b", &a_id),
+        vm: "vm1".into(),
+        disks: vm.lock().unwrap().sources(),
+    };
+    let same = |what: &str| {
+        let v = vm.lock().unwrap();
+        for i in 0..2 {
+            assert!(
+                image(&dir, "host-a", "vm1", i) == v.model[i],
+                "{what}: disk {i} differs"
+            );
+        }
+    };
+
+    // Round 1: the initial copy (the zero half skipped), then the first point.
+    vm.lock().unwrap().write(0, 4096, 1, 8192);
+    let s = round(&shipper, &vm).unwrap();
+    assert!(s.base_bytes > 0 && s.base_bytes < DISK, "{s:?}");
+    assert_eq!((s.point, s.segments_sent), (Some(1), 2), "{s:?}");
+    same("after round 1");
+
+    // Round 2: only the new segments.
+    vm.lock().unwrap().write(1, 600_000, 2, 4096);
+    let s = round(&shipper, &vm).unwrap();
+    assert_eq!(
+        (s.base_bytes, s.point, s.segments_sent),
+        (0, Some(2), 2),
+        "{s:?}"
+    );
+    same("after round 2");
+
+    // The link is cut for a round (nobody listens there): the cut is made, nothing
+    // is lost; the next round sends what piled up, no initial copy again.
+    let dead = agent::replica_primary::Shipper {
+        to: endpoint(
+            &format!("127.0.0.1:{}", common::pki::free_port()),
+            "host-b",
+            &a_id,
+        ),
+        vm: "vm1".into(),
+        disks: shipper.disks.clone(),
+    };
+    vm.lock().unwrap().write(0, 800_000, 3, 4096);
+    let err = round(&dead, &vm).unwrap_err();
+    assert!(err.contains("connect"), "{err}");
+    vm.lock().unwrap().cut();
+    vm.lock().unwrap().write(1, 0, 4, 512);
+    let s = round(&shipper, &vm).unwrap();
+    assert_eq!(s.base_bytes, 0, "{s:?}");
+    assert_eq!(s.segments_sent, 4, "the piled-up segments only: {s:?}");
+    assert!(s.segment_bytes < 64 << 10, "{s:?}");
+    same("after the outage");
+
+    // A cut the VMM's death tore (disk 0 sealed, disk 1 not): the next complete cut
+    // is the point.
+    {
+        let mut v = vm.lock().unwrap();
+        v.write(0, 12_288, 5, 4096);
+        v.write(1, 12_288, 6, 4096);
+        v.cut += 1;
+        let torn = v.cut;
+        v.disks[0].0.seal(torn).unwrap();
+        v.write(0, 20_480, 7, 4096);
+    }
+    let s = round(&shipper, &vm).unwrap();
+    assert_eq!(s.point, Some(vm.lock().unwrap().cut), "{s:?}");
+    same("after a torn cut");
+
+    // Applied segments are deleted but each disk's newest sealed one and the open one.
+    let v = vm.lock().unwrap();
+    assert_eq!((v.log_files(0), v.log_files(1)), (2, 2));
+}
