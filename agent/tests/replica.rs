@@ -478,3 +478,140 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
     let v = vm.lock().unwrap();
     assert_eq!((v.log_files(0), v.log_files(1)), (2, 2));
 }
+
+/// The replication status of `vm` on `d` (its unix socket API).
+fn replication(d: &common::Daemon, vm: &str) -> Value {
+    d.ok("GET", &format!("/api/v1/vms/{vm}/replication"), None)
+}
+
+/// Waits until `vm`'s replication satisfies `done`.
+fn wait_replication(
+    d: &common::Daemon,
+    vm: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let v = replication(d, vm);
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < common::T * 3,
+            "{what}: {v}\nvireod log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn point(v: &Value) -> u64 {
+    v["last_point"].as_u64().unwrap_or(0)
+}
+
+/// End to end: a real VMM with the test guest writing to two raw disks on the
+/// primary vireod (host-a); `PUT .../replication` every second to the replica vireod
+/// (host-b) over mutual TLS. The VMM is killed with SIGKILL mid-run and started again:
+/// replication resumes with no second initial copy. Once the guest is paused and a
+/// later cut is a recovery point, each replica image equals its disk byte for byte.
+#[test]
+fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_its_disks() {
+    let pki = Pki::new();
+    let (_b, addr, dir, _store) = replica_server(&pki, &[]);
+    let a_id = pki.host("host-a");
+    let mut args = common::pki::tls_args(&a_id);
+    args.push("--no-autostart".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = common::Daemon::start(&refs);
+    // Beneath the vireod's directory: one of its storage roots.
+    let disks_dir = a.dir.path().join("disks");
+    std::fs::create_dir(&disks_dir).unwrap();
+    let size = 4u64 << 20;
+    let mut disks = Vec::new();
+    let mut images = Vec::new();
+    for i in 0..2 {
+        let img = disks_dir.join(format!("d{i}.raw"));
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        disks.push(json!({
+            "path": img,
+            "format": "raw",
+            "replica_log": disks_dir.join(format!("d{i}.rlog")),
+        }));
+        images.push(img);
+    }
+    let def = json!({
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=replica-writer disks=2 blocks=64"},
+            "memory": {"size": 32u64 << 20},
+            "disks": disks,
+        },
+        "restart": "never",
+    });
+    a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
+    a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    a.wait_serial("vm1", "rw n=10\n", common::T);
+
+    // An interval under 1 s is refused.
+    let (s, body) = a.api(
+        "PUT",
+        "/api/v1/vms/vm1/replication",
+        Some(&json!({"to": addr, "server_name": "host-b", "interval_s": 0.5}).to_string()),
+    );
+    assert_eq!(s, 400, "{body}");
+    let enable = json!({"to": addr, "server_name": "host-b", "interval_s": 1}).to_string();
+    a.ok("PUT", "/api/v1/vms/vm1/replication", Some(&enable));
+    let v = wait_replication(&a, "vm1", "a second recovery point", |v| point(v) >= 2);
+    let base = v["base_bytes_sent"].as_u64().unwrap();
+    assert!(base > 0, "{v}");
+    a.wait_log("replication-enabled");
+
+    // kill -9 of the VMM mid-run: rounds fail (an event says so), nothing is lost.
+    let pid = a.pid("vm1").unwrap();
+    // SAFETY: a plain kill(2) of the VMM this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let failed = wait_replication(&a, "vm1", "a failed round", |v| {
+        v["failed_rounds"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(failed["state"], "retrying", "{failed}");
+    a.wait_log("replication-failing");
+    let before = point(&failed);
+    a.wait_state("vm1", "crashed", common::T);
+    a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    let v = wait_replication(&a, "vm1", "a point after the restart", |v| {
+        point(v) >= before + 2
+    });
+    assert_eq!(
+        v["base_bytes_sent"].as_u64(),
+        Some(base),
+        "a second initial copy: {v}"
+    );
+    a.wait_log("replication-recovered");
+
+    // The guest paused: a point cut after the pause holds every write; the replica
+    // images equal the disks byte for byte.
+    a.ok("PUT", "/api/v1/vms/vm1/pause", None);
+    let paused_at = point(&replication(&a, "vm1"));
+    wait_replication(&a, "vm1", "a point after the pause", |v| {
+        point(v) >= paused_at + 2
+    });
+    a.ok("POST", "/api/v1/vms/vm1/replication/pause", None);
+    let st = replication(&a, "vm1");
+    assert_eq!(
+        (st["paused"].as_bool(), st["state"].as_str()),
+        (Some(true), Some("paused"))
+    );
+    for (i, img) in images.iter().enumerate() {
+        let replica = image(&dir, "host-a", "vm1", i);
+        assert!(
+            replica == std::fs::read(img).unwrap(),
+            "disk {i}: the replica differs"
+        );
+        assert!(
+            replica.iter().any(|&b| b != 0),
+            "disk {i}: nothing was written"
+        );
+    }
+    let list = a.ok("GET", "/api/v1/replication", None);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+}

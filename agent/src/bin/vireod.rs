@@ -346,7 +346,11 @@ async fn run(
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = authz::protect(
-        server::router(sup.clone()).merge(agent::cluster_node::router(cluster)),
+        server::router(sup.clone())
+            .merge(agent::cluster_node::router(cluster))
+            .merge(agent::replication::router(
+                agent::replication::Replications::new(sup.clone()),
+            )),
         sup.clone(),
         policy.clone(),
     );

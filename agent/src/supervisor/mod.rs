@@ -311,6 +311,11 @@ impl Supervisor {
         self.events.subscribe()
     }
 
+    /// An event of a VM's replication (`replication-*`, see [`crate::replication`]).
+    pub fn replication_event(&self, vm: &str, event: &str, detail: Option<String>) {
+        self.emit(vm, event, detail);
+    }
+
     fn emit(&self, vm: &str, event: &str, detail: Option<String>) {
         let e = Event {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,

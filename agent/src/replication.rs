@@ -1,0 +1,386 @@
+//! The primary's replication loop in vireod: for each VM with replication enabled, a
+//! task that every `interval` cuts (the VMM's `vm.replica-cut`), ships what the
+//! replica lacks and commits the new point ([`crate::replica_primary::Shipper`]). A
+//! failed round (a cut link, a replica down, a VM not running) is retried with a
+//! backoff that doubles from 1 s up to 60 s; nothing is lost meanwhile: the segments
+//! stay in the VM's change log until the replica applied them.
+//!
+//! Routes (unix socket): `PUT/GET/DELETE /api/v1/vms/{name}/replication`,
+//! `POST /api/v1/vms/{name}/replication/pause|resume`, `GET /api/v1/replication`.
+//! Events: `replication-enabled`, `-paused`, `-resumed`, `-disabled`, `-failing`
+//! (the first failed round after a good one), `-recovered`.
+//!
+//! The settings live in memory: a vireod restart forgets them (enable again; the
+//! replica's status makes the next round resume, with no full copy).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::client::{self, Endpoint};
+use crate::replica_primary::{DiskSource, Shipper};
+use crate::supervisor::Supervisor;
+
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const CUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `PUT /api/v1/vms/{name}/replication`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnableRequest {
+    /// The replica server's peer listener, `HOST:PORT`.
+    pub to: String,
+    /// The host name its certificate must carry (default: HOST).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Seconds between cuts (default 30, at least 1).
+    #[serde(default)]
+    pub interval_s: Option<f64>,
+}
+
+/// What `GET .../replication` answers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicationStatus {
+    pub vm: String,
+    pub to: String,
+    pub server_name: String,
+    pub interval_ms: u64,
+    pub paused: bool,
+    /// "starting", "replicating", "paused", "retrying".
+    pub state: String,
+    pub last_point: Option<u64>,
+    pub last_point_at_ms: Option<u64>,
+    pub rounds: u64,
+    pub failed_rounds: u64,
+    pub base_bytes_sent: u64,
+    pub segment_bytes_sent: u64,
+    pub segments_sent: u64,
+    pub last_error: Option<String>,
+}
+
+struct Job {
+    status: Arc<Mutex<ReplicationStatus>>,
+    paused: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Every VM's replication on this host.
+pub struct Replications {
+    sup: Arc<Supervisor>,
+    jobs: Mutex<BTreeMap<String, Job>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+impl Replications {
+    pub fn new(sup: Arc<Supervisor>) -> Arc<Self> {
+        Arc::new(Self {
+            sup,
+            jobs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The replicated disks of VM `name` (raw images with `replica_log`).
+    fn sources(&self, name: &str) -> Result<Vec<DiskSource>, String> {
+        let defs = self.sup.export();
+        let def = defs.get(name).ok_or(format!("no VM named {name:?}"))?;
+        let mut out = Vec::new();
+        for d in &def.config.disks {
+            let Some(log) = &d.replica_log else { continue };
+            if d.effective_format() != api::config::DiskFormat::Raw {
+                return Err(format!(
+                    "disk {}: only raw images are replicated yet (the initial copy reads the image)",
+                    d.path.display()
+                ));
+            }
+            let size = std::fs::metadata(&d.path)
+                .map_err(|e| format!("disk {}: {e}", d.path.display()))?
+                .len();
+            out.push(DiskSource {
+                log_dir: log.clone(),
+                image: d.path.clone(),
+                size,
+            });
+        }
+        if out.is_empty() {
+            return Err(format!(
+                "no disk of {name:?} is replicated (give its disks replica_log=DIR)"
+            ));
+        }
+        Ok(out)
+    }
+
+    fn endpoint(&self, to: &str, server_name: &str) -> Result<Endpoint, String> {
+        let id = self.sup.cfg.identity.as_ref().ok_or(
+            "replication needs this vireod's host identity (--tls-cert, --tls-key, --tls-ca)",
+        )?;
+        let tls = id.client_config().map_err(|e| crate::error_chain(&e))?;
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| format!("replica name {server_name:?}: {e}"))?;
+        Ok(Endpoint::Https {
+            authority: to.to_string(),
+            server_name,
+            tls,
+        })
+    }
+
+    pub fn enable(
+        self: &Arc<Self>,
+        name: &str,
+        req: EnableRequest,
+    ) -> Result<ReplicationStatus, (StatusCode, String)> {
+        let bad = |m: String| (StatusCode::BAD_REQUEST, m);
+        crate::model::validate_name(name).map_err(|e| bad(e.to_string()))?;
+        let host = req
+            .to
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+            .ok_or_else(|| bad(format!("--to {:?}: expected HOST:PORT", req.to)))?;
+        let interval = Duration::from_secs_f64(req.interval_s.unwrap_or(30.0).max(0.0));
+        if interval < MIN_INTERVAL || interval > Duration::from_secs(24 * 3600) {
+            return Err(bad(format!("interval {interval:?}: from 1 s to 24 h")));
+        }
+        let server_name = req.server_name.clone().unwrap_or(host);
+        let disks = self.sources(name).map_err(|m| (StatusCode::CONFLICT, m))?;
+        let to = self.endpoint(&req.to, &server_name).map_err(bad)?;
+        let mut jobs = lock(&self.jobs);
+        if jobs.contains_key(name) {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("replication of {name:?} is enabled already (disable it first)"),
+            ));
+        }
+        let status = Arc::new(Mutex::new(ReplicationStatus {
+            vm: name.to_string(),
+            to: req.to.clone(),
+            server_name,
+            interval_ms: interval.as_millis() as u64,
+            state: "starting".into(),
+            ..Default::default()
+        }));
+        let (paused, paused_rx) = watch::channel(false);
+        let shipper = Shipper {
+            to,
+            vm: name.to_string(),
+            disks,
+        };
+        let task = tokio::spawn(run(
+            self.sup.clone(),
+            shipper,
+            interval,
+            status.clone(),
+            paused_rx,
+        ));
+        let st = lock(&status).clone();
+        jobs.insert(
+            name.to_string(),
+            Job {
+                status,
+                paused,
+                task,
+            },
+        );
+        self.sup
+            .replication_event(name, "replication-enabled", Some(format!("to {}", req.to)));
+        Ok(st)
+    }
+
+    pub fn status(&self, name: &str) -> Option<ReplicationStatus> {
+        lock(&self.jobs).get(name).map(|j| lock(&j.status).clone())
+    }
+
+    pub fn list(&self) -> Vec<ReplicationStatus> {
+        lock(&self.jobs)
+            .values()
+            .map(|j| lock(&j.status).clone())
+            .collect()
+    }
+
+    fn set_paused(&self, name: &str, paused: bool) -> Option<ReplicationStatus> {
+        let jobs = lock(&self.jobs);
+        let job = jobs.get(name)?;
+        job.paused.send_replace(paused);
+        let mut st = lock(&job.status);
+        st.paused = paused;
+        if paused {
+            st.state = "paused".into();
+        }
+        let event = if paused {
+            "replication-paused"
+        } else {
+            "replication-resumed"
+        };
+        self.sup.replication_event(name, event, None);
+        Some(st.clone())
+    }
+
+    fn disable(&self, name: &str) -> Option<ReplicationStatus> {
+        let job = lock(&self.jobs).remove(name)?;
+        job.task.abort();
+        self.sup
+            .replication_event(name, "replication-disabled", None);
+        let st = lock(&job.status).clone();
+        Some(st)
+    }
+}
+
+/// One VM's loop.
+async fn run(
+    sup: Arc<Supervisor>,
+    shipper: Shipper,
+    interval: Duration,
+    status: Arc<Mutex<ReplicationStatus>>,
+    mut paused: watch::Receiver<bool>,
+) {
+    let name = shipper.vm.clone();
+    let mut backoff = Duration::from_secs(1);
+    let mut failing = false;
+    loop {
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+        }
+        let socket = sup.socket_path(&name);
+        let cut = || async {
+            let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
+                .await
+                .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
+            if !r.ok() {
+                return Err(format!("vm.replica-cut: {}", r.error_message()));
+            }
+            Ok(r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0))
+        };
+        let result = shipper.round(cut).await;
+        let wait = {
+            let mut st = lock(&status);
+            st.rounds += 1;
+            match result {
+                Ok(s) => {
+                    st.base_bytes_sent += s.base_bytes;
+                    st.segment_bytes_sent += s.segment_bytes;
+                    st.segments_sent += s.segments_sent;
+                    if let Some(p) = s.point {
+                        st.last_point = Some(p);
+                        st.last_point_at_ms = Some(crate::now_ms());
+                    }
+                    st.last_error = None;
+                    if !st.paused {
+                        st.state = "replicating".into();
+                    }
+                    backoff = Duration::from_secs(1);
+                    if failing {
+                        failing = false;
+                        sup.replication_event(&name, "replication-recovered", None);
+                    }
+                    interval
+                }
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    warn!(vm = %name, error = %msg, retry_in = ?backoff, "replication round failed");
+                    st.failed_rounds += 1;
+                    st.last_error = Some(msg.clone());
+                    if !st.paused {
+                        st.state = "retrying".into();
+                    }
+                    if !failing {
+                        failing = true;
+                        sup.replication_event(&name, "replication-failing", Some(msg));
+                    }
+                    let w = backoff.min(interval.max(MIN_INTERVAL) * 4).min(MAX_BACKOFF);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    w
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = paused.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+type R = State<Arc<Replications>>;
+
+/// The replication routes (unix socket).
+pub fn router(r: Arc<Replications>) -> Router {
+    Router::new()
+        .route("/api/v1/replication", get(list))
+        .route(
+            "/api/v1/vms/{name}/replication",
+            get(status).put(enable).delete(disable),
+        )
+        .route("/api/v1/vms/{name}/replication/pause", post(pause))
+        .route("/api/v1/vms/{name}/replication/resume", post(resume))
+        .with_state(r)
+}
+
+fn not_enabled(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("replication of {name:?} is not enabled"),
+    )
+}
+
+async fn list(State(r): R) -> Response {
+    Json(r.list()).into_response()
+}
+
+async fn status(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.status(&name) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&name),
+    }
+}
+
+async fn enable(State(r): R, UrlPath(name): UrlPath<String>, body: axum::body::Bytes) -> Response {
+    let req: EnableRequest = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("replication: {e}")),
+    };
+    match r.enable(&name, req) {
+        Ok(s) => {
+            info!(vm = %name, to = %s.to, "replication enabled");
+            (StatusCode::OK, Json(s)).into_response()
+        }
+        Err((status, m)) => error(status, m),
+    }
+}
+
+async fn disable(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.disable(&name) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&name),
+    }
+}
+
+async fn pause(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.set_paused(&name, true) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&name),
+    }
+}
+
+async fn resume(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.set_paused(&name, false) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&name),
+    }
+}
