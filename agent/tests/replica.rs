@@ -576,7 +576,7 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     assert_eq!(failed["state"], "retrying", "{failed}");
     a.wait_log("replication-failing");
     let before = point(&failed);
-    a.wait_state("vm1", "crashed", common::T);
+    a.wait_state("vm1", "Crashed", common::T);
     a.ok("PUT", "/api/v1/vms/vm1/start", None);
     let v = wait_replication(&a, "vm1", "a point after the restart", |v| {
         point(v) >= before + 2
