@@ -187,7 +187,7 @@ impl SimStore {
 
     fn lock(&self) -> MutexGuard<'_, SimState> {
         // A panic while holding the lock is a test failure already; keep the state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        vireo_util::sync::lock(&self.state)
     }
 
     fn reach(&self) -> StoreResult<MutexGuard<'_, SimState>> {

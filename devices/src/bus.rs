@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
+use vireo_util::sync;
 
 /// A device reachable through a bus.
 pub trait BusDevice: Send {
@@ -51,7 +52,7 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength { base });
         }
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = sync::write(&self.ranges);
         let end = base.saturating_add(len);
         if let Some((&other, m)) = ranges.range(..end).next_back() {
             if other.saturating_add(m.len) > base {
@@ -64,7 +65,7 @@ impl Bus {
 
     /// Unmaps the range that starts at `base`, returning its device.
     pub fn remove(&self, base: u64) -> Result<SharedDevice, BusError> {
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = sync::write(&self.ranges);
         ranges
             .remove(&base)
             .map(|m| m.device)
@@ -74,7 +75,7 @@ impl Bus {
     /// Moves the range at `old_base` to `new_base` (a guest reprogrammed a BAR).
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
         let len = {
-            let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+            let ranges = sync::read(&self.ranges);
             ranges
                 .get(&old_base)
                 .map(|m| m.len)
@@ -90,7 +91,7 @@ impl Bus {
     }
 
     fn resolve(&self, addr: u64, size: usize) -> Option<(u64, SharedDevice)> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = sync::read(&self.ranges);
         let (&base, m) = ranges.range(..=addr).next_back()?;
         let end = addr.checked_add(size as u64)?;
         (end <= base.saturating_add(m.len)).then(|| (base, m.device.clone()))
@@ -101,9 +102,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(base, addr - base, data);
+                sync::lock(&dev).read(base, addr - base, data);
                 true
             }
             None => false,
@@ -114,9 +113,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(base, addr - base, data);
+                sync::lock(&dev).write(base, addr - base, data);
                 true
             }
             None => false,

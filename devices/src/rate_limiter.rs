@@ -9,6 +9,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use vireo_util::sync;
 
 /// One bucket's settings: `size` tokens (bytes or operations), refilled from empty to
 /// full in `refill_time_ms`.
@@ -116,7 +117,7 @@ impl RateLimiter {
     }
 
     fn admit_at(&self, bytes: u64, now: Instant) -> Result<(), Duration> {
-        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = sync::lock(&self.buckets);
         let Buckets { bandwidth, ops } = &mut *b;
         let mut wait = Duration::ZERO;
         for (bucket, tokens) in [(bandwidth.as_mut(), bytes), (ops.as_mut(), 1)] {

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
@@ -68,13 +67,7 @@ fn region_host_ptr<R: GuestMemoryRegion>(r: &R) -> Result<*mut u8, MemoryFileErr
         .map_err(|_| MemoryFileError::NoHostMapping(r.start_addr().0))
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reading u64 words out of a byte slice, any bit pattern is valid.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
+use vireo_util::is_zero;
 
 /// What [`save`] wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,24 +121,6 @@ pub fn save<M: GuestMemoryBackend>(mem: &M, file: &File) -> Result<SaveStats, Me
     Ok(stats)
 }
 
-/// `lseek(fd, offset, whence)` for SEEK_DATA / SEEK_HOLE; None at the end of the data.
-fn seek(file: &File, offset: u64, whence: i32) -> Result<Option<u64>, MemoryFileError> {
-    // SAFETY: lseek on a valid fd; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(MemoryFileError::Io {
-            op: "seek",
-            offset,
-            source: e,
-        });
-    }
-    Ok(Some(r as u64))
-}
-
 /// Fills freshly mapped (all-zero) guest memory from a file that [`save`] wrote with
 /// the same `saved` layout.
 pub fn load<M: GuestMemoryBackend>(
@@ -168,15 +143,16 @@ pub fn load<M: GuestMemoryBackend>(
         // reference into the region meanwhile.
         let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, region.len() as usize) };
         let end = l.file_offset + l.size;
-        let mut pos = l.file_offset;
-        while pos < end {
-            let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
-                break;
-            };
-            if data >= end {
-                break;
-            }
-            let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let extents =
+            vireo_util::extents::data_extents(file, l.file_offset, end).map_err(|source| {
+                MemoryFileError::Io {
+                    op: "seek",
+                    offset: l.file_offset,
+                    source,
+                }
+            })?;
+        for (data, len) in extents {
+            let hole = data + len;
             let (from, to) = (
                 (data - l.file_offset) as usize,
                 (hole - l.file_offset) as usize,
@@ -187,8 +163,7 @@ pub fn load<M: GuestMemoryBackend>(
                     offset: data,
                     source,
                 })?;
-            loaded += hole - data;
-            pos = hole;
+            loaded += len;
         }
     }
     Ok(loaded)

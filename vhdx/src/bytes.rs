@@ -43,14 +43,7 @@ pub(crate) fn crc_with_zero_field(buf: &[u8], field: usize) -> u32 {
     crc32c::crc32c_append(c, &buf[field + 4..])
 }
 
-/// True if every byte is zero (fast path over 16-byte words).
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u128 has no invalid bit patterns; align_to keeps the slices in bounds.
-        unsafe { buf.align_to::<u128>() }
-    };
-    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
-}
+pub(crate) use vireo_util::is_zero;
 
 pub(crate) fn utf16le(s: &str) -> Vec<u8> {
     s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()

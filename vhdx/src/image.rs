@@ -14,7 +14,7 @@ use crate::storage::{self, FileStorage, Storage};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 
 /// How to open an image.
@@ -120,15 +120,7 @@ pub struct Vhdx {
     pub(crate) session_open: AtomicBool,
 }
 
-pub(crate) fn rlock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-pub(crate) fn wlock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
-pub(crate) fn mlock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use vireo_util::sync::{lock as mlock, read as rlock, write as wlock};
 
 const MAX_CHAIN_DEPTH: usize = 32;
 const MAX_METADATA_REGION: u64 = 256 * MIB;

@@ -345,7 +345,7 @@ impl MemStorage {
     }
 
     fn lock_data(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
-        self.data.lock().unwrap_or_else(|e| e.into_inner())
+        vireo_util::sync::lock(&self.data)
     }
 
     fn grow(&self, d: &mut Vec<u8>, end: u64) -> io::Result<()> {

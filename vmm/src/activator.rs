@@ -9,6 +9,7 @@
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
+use vireo_util::sync;
 
 use devices::threads::ActivationJob;
 
@@ -27,10 +28,7 @@ pub fn start(filters: Filters) -> std::io::Result<()> {
         })?;
     let jobs: Mutex<Sender<ActivationJob>> = Mutex::new(jobs);
     devices::threads::set_activation_runner(Box::new(move |job| {
-        jobs.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .map_err(|e| e.0)
+        sync::lock(&jobs).send(job).map_err(|e| e.0)
     }));
     Ok(())
 }

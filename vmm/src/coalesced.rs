@@ -17,6 +17,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Mutex;
+use vireo_util::sync;
 
 use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring, KVM_COALESCED_MMIO_PAGE_OFFSET};
 
@@ -94,7 +95,7 @@ impl CoalescedRing {
         if first == last {
             return;
         }
-        let _one_at_a_time = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = sync::lock(&self.drain);
         let ring = self.page.as_ptr();
         loop {
             let (first, last) = self.ends();

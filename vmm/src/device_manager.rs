@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use api::config::DiskFormat;
 use devices::block::{BlockBackend, OpenError, RawFile, VhdxDisk};
@@ -389,7 +390,7 @@ impl DeviceManager {
         self.functions
             .iter()
             .map(|f| {
-                let d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+                let d = sync::lock(&f.device);
                 (f.id.clone(), d.device().counters())
             })
             .collect()
@@ -419,13 +420,13 @@ impl DeviceManager {
     /// memory until [`Self::resume`].
     pub fn pause(&self) {
         for f in &self.functions {
-            let _ = f.device.lock().unwrap_or_else(|e| e.into_inner()).pause();
+            let _ = sync::lock(&f.device).pause();
         }
     }
 
     pub fn resume(&self) {
         for f in &self.functions {
-            f.device.lock().unwrap_or_else(|e| e.into_inner()).resume();
+            sync::lock(&f.device).resume();
         }
     }
 
@@ -440,7 +441,7 @@ impl DeviceManager {
             .iter()
             .find(|f| f.id == id)
             .ok_or_else(|| format!("no device '{id}'"))?;
-        let mut d = func.device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = sync::lock(&func.device);
         // A paused VM's devices stay paused afterwards.
         let paused_here = d.pause();
         let result = match d.device_mut().as_any_mut().downcast_mut::<Block>() {
@@ -457,7 +458,7 @@ impl DeviceManager {
     /// destination can open them; stops at the first failure.
     pub fn detach_storage(&self) -> Result<(), String> {
         for f in &self.functions {
-            let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = sync::lock(&f.device);
             d.detach_storage().map_err(|e| format!("{}: {e}", f.id))?;
         }
         Ok(())
@@ -467,7 +468,7 @@ impl DeviceManager {
     /// that is letting go) still holds a lock.
     pub fn reattach_storage(&self) -> Result<(), String> {
         for f in &self.functions {
-            let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = sync::lock(&f.device);
             let mut tries = 0;
             loop {
                 match d.reattach_storage() {
@@ -488,16 +489,12 @@ impl DeviceManager {
     pub fn state(&self) -> Result<DevicesState, DeviceStateError> {
         let mut virtio = Vec::with_capacity(self.functions.len());
         for f in &self.functions {
-            let d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            let d = sync::lock(&f.device);
             virtio.push((f.id.clone(), d.state()?));
         }
         Ok(DevicesState {
             ioapic: self.ioapic.state(),
-            serial: self
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state(),
+            serial: sync::lock(&self.serial).state(),
             ged_pending: self.ged.pending(),
             virtio,
         })
@@ -512,9 +509,7 @@ impl DeviceManager {
         self.ioapic
             .restore(&s.ioapic)
             .map_err(|r| mismatch("ioapic", r))?;
-        self.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.serial)
             .restore(&s.serial)
             .map_err(|r| mismatch("serial", r))?;
         self.ged.restore(s.ged_pending);
@@ -527,7 +522,7 @@ impl DeviceManager {
             ));
         }
         for (f, (_, state)) in self.functions.iter().zip(&s.virtio) {
-            let mut d = f.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = sync::lock(&f.device);
             if d.config().bar_address(0) != state_bar0(state) {
                 return Err(mismatch(
                     &f.id,

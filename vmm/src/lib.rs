@@ -11,7 +11,6 @@ pub mod coalesced;
 pub mod confinement;
 pub mod device_manager;
 pub mod events;
-pub mod fault;
 pub mod fencing;
 pub mod jail;
 pub mod kvm;

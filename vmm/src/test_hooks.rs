@@ -10,6 +10,10 @@
 //! - `VIREO_TEST_OPEN=PATH`: once confined, the control thread tries to open PATH and
 //!   prints `vireo: test hook: open PATH: <outcome>` (a jailed VMM must not reach host
 //!   files).
+//! - `VIREO_FAULT=<point>[,<point>...]`: the VMM dies by SIGKILL when it reaches a named
+//!   point, exactly as a crash there would end it (no destructors, no flush, no goodbye
+//!   on any socket). Points: `kill-after-commit` (the migration source, right after it
+//!   sent Go).
 
 /// True on the vCPU that must panic now: `VIREO_TEST_PANIC_VCPU=now` at vCPU 0's first
 /// exit, `=after-resume` at its first exit after a pause and resume (a VM its
@@ -73,6 +77,25 @@ pub fn probe_open() {
         eprintln!(
             "vireo: test hook: open {}: {outcome}",
             std::path::Path::new(&path).display()
+        );
+    }
+}
+
+/// Dies by SIGKILL if `point` is named in `VIREO_FAULT`.
+pub fn fault_point(point: &str) {
+    let armed = std::env::var("VIREO_FAULT").is_ok_and(|v| v.split(',').any(|p| p == point));
+    if !armed {
+        return;
+    }
+    tracing::warn!(point, "VIREO_FAULT: killing the VMM here");
+    // SAFETY: tgkill on our own process and thread with plain integer arguments;
+    // SIGKILL ends the process, so nothing runs after it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::gettid(),
+            libc::SIGKILL,
         );
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vireo_util::sync;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -169,7 +170,7 @@ impl VcpuHandle {
                 }
                 run_loop(id, &mut fd, &ctx, &s, &e);
                 let (m, cv) = &*s;
-                m.lock().unwrap_or_else(|e| e.into_inner()).exited = true;
+                sync::lock(m).exited = true;
                 cv.notify_all();
             })?;
         Ok(Self {
@@ -194,7 +195,7 @@ impl VcpuHandle {
     /// guest (wanted running, not parked, not ended).
     pub fn liveness(&self) -> crate::watchdog::VcpuLiveness {
         let (m, _) = &*self.shared;
-        let s = m.lock().unwrap_or_else(|e| e.into_inner());
+        let s = sync::lock(m);
         crate::watchdog::VcpuLiveness {
             exits: self.exits(),
             running: s.wanted == Wanted::Run && !s.parked && !s.exited,
@@ -212,7 +213,7 @@ impl VcpuHandle {
 
     fn set_wanted(&self, w: Wanted) {
         let (m, cv) = &*self.shared;
-        m.lock().unwrap_or_else(|e| e.into_inner()).wanted = w;
+        sync::lock(m).wanted = w;
         cv.notify_all();
     }
 
@@ -227,7 +228,7 @@ impl VcpuHandle {
                 return;
             }
             let _ = t.kill(kick_signal());
-            let g = m.lock().unwrap_or_else(|e| e.into_inner());
+            let g = sync::lock(m);
             let (g, _) = cv
                 .wait_timeout_while(g, Duration::from_millis(2), |s| !done(s))
                 .unwrap_or_else(|e| e.into_inner());
@@ -250,7 +251,7 @@ impl VcpuHandle {
     /// The vCPU's architectural state; the vCPU must be paused.
     pub fn save_state(&self) -> Result<VcpuState, String> {
         let (m, cv) = &*self.shared;
-        let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = sync::lock(m);
         if !s.parked || s.wanted != Wanted::Pause {
             return Err(format!("vCPU {} is not paused", self.id));
         }
@@ -293,7 +294,7 @@ thread_local! {
 /// exit.
 fn obey(id: u8, fd: &VcpuFd, ctx: &VcpuContext, shared: &(Mutex<Shared>, Condvar)) -> bool {
     let (m, cv) = shared;
-    let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = sync::lock(m);
     loop {
         if s.save_requested && s.parked {
             s.save_requested = false;
@@ -429,7 +430,7 @@ fn run_loop(
 /// After a fatal exit the thread waits until asked to stop.
 fn park_forever(shared: &(Mutex<Shared>, Condvar)) {
     let (m, cv) = shared;
-    let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = sync::lock(m);
     s.parked = true;
     cv.notify_all();
     while s.wanted != Wanted::Stop {

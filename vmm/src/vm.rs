@@ -4,6 +4,7 @@
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
+use vireo_util::sync;
 
 use devices::legacy::{PowerControl, PowerEvent};
 use devices::virtio::GuestMemoryMmap;
@@ -188,7 +189,7 @@ struct PowerToControl(std::sync::Mutex<Sender<ControlEvent>>);
 
 impl PowerControl for PowerToControl {
     fn request(&self, event: PowerEvent) {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = sync::lock(&self.0);
         let _ = tx.send(ControlEvent::Power(event));
     }
 }

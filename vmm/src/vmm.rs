@@ -3,6 +3,7 @@
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use api::{
     ApiError, ApiRequest, ApiResponse, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
@@ -136,12 +137,7 @@ impl Vmm {
     /// How the API server reaches this loop.
     pub fn api_dispatch(&self) -> api::Dispatch {
         let tx = Mutex::new(self.events_tx.clone());
-        Arc::new(move |req| {
-            tx.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(ControlEvent::Api(req))
-                .is_ok()
-        })
+        Arc::new(move |req| sync::lock(&tx).send(ControlEvent::Api(req)).is_ok())
     }
 
     pub fn create(&mut self, config: VmConfig) -> Result<(), VmError> {
@@ -344,14 +340,9 @@ impl Vmm {
                 }
                 None => Err(ApiError::conflict("no storage migration is in progress")),
             },
-            VmAction::MigrateDiskInfo => serde_json::to_value(
-                self.disk_info
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-            )
-            .map(Some)
-            .map_err(|e| ApiError::internal(e.to_string())),
+            VmAction::MigrateDiskInfo => serde_json::to_value(sync::lock(&self.disk_info).clone())
+                .map(Some)
+                .map_err(|e| ApiError::internal(e.to_string())),
             VmAction::ReceiveMigration(r) => self.receive_migration(r).map(|_| None),
             VmAction::MigrationInfo => serde_json::to_value(self.migration_info())
                 .map(Some)
@@ -380,12 +371,7 @@ impl Vmm {
                 Ok(None)
             }
             VmAction::SerialInput(bytes) => self.vm_mut().map(|vm| {
-                let queued = vm
-                    .devices()
-                    .serial
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .enqueue_input(bytes);
+                let queued = sync::lock(&vm.devices().serial).enqueue_input(bytes);
                 Some(serde_json::json!({ "queued": queued }))
             }),
         };
@@ -397,10 +383,7 @@ impl Vmm {
 impl Vmm {
     /// The figures `vm.migration-info` reports (the last send's or receive's).
     pub fn migration_info(&self) -> MigrationInfo {
-        self.migration
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        sync::lock(&self.migration).clone()
     }
 
     fn migration_busy(&self) -> bool {
@@ -411,7 +394,7 @@ impl Vmm {
     }
 
     fn set_migration(&self, info: MigrationInfo) {
-        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = info;
+        *sync::lock(&self.migration) = info;
     }
 
     /// Starts sending the running (or paused) VM to a listening destination.
@@ -594,7 +577,7 @@ impl Vmm {
             }
         };
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        *self.disk_info.lock().unwrap_or_else(|e| e.into_inner()) = api::DiskMigrationInfo {
+        *sync::lock(&self.disk_info) = api::DiskMigrationInfo {
             status: MigrationStatus::Sending,
             id: Some(r.id.clone()),
             destination: Some(r.destination.clone()),

@@ -11,6 +11,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use super::{BlockBackend, IoBufs, IoBufsMut};
 
@@ -68,14 +69,11 @@ impl Mirror {
 
     /// Why the destination failed, if it did.
     pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        sync::lock(&self.failure).clone()
     }
 
     fn fail(&self, what: &str, e: &io::Error) {
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = sync::lock(&self.failure);
         if f.is_none() {
             *f = Some(format!("destination {what}: {e}"));
         }
@@ -94,7 +92,7 @@ impl Mirror {
         idx.sort_unstable();
         idx.dedup();
         idx.into_iter()
-            .map(|i| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|i| sync::lock(&self.stripes[i]))
             .collect()
     }
 
@@ -125,11 +123,7 @@ impl Mirror {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: reading u64 words out of bytes; every bit pattern is a valid u64.
-    let (head, words, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&x| x == 0)
-}
+use vireo_util::is_zero;
 
 impl BlockBackend for Mirror {
     fn size(&self) -> u64 {

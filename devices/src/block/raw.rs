@@ -176,20 +176,12 @@ impl BlockBackend for RawFile {
     }
 
     fn may_have_data(&self, offset: u64, len: u64) -> bool {
-        use std::os::fd::AsRawFd;
-        // SAFETY: lseek on our open fd; no memory is passed.
-        let data = unsafe {
-            libc::lseek(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                libc::SEEK_DATA,
-            )
-        };
-        if data < 0 {
-            // ENXIO: no data after offset. Anything else: we cannot tell, assume data.
-            return io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+        match vireo_util::extents::next_data(&self.file, offset) {
+            Ok(Some(data)) => data < offset.saturating_add(len),
+            Ok(None) => false,
+            // We cannot tell: assume data.
+            Err(_) => true,
         }
-        (data as u64) < offset.saturating_add(len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {

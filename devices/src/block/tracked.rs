@@ -9,6 +9,7 @@
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+use vireo_util::sync;
 
 use replica::{ChangeLog, LogError, SealedSegment};
 
@@ -48,7 +49,7 @@ impl Tracked {
     }
 
     fn lock(&self) -> MutexGuard<'_, ChangeLog> {
-        self.log.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.log)
     }
 
     /// Holds the disk for a cut: returns once in-flight writes finished; new writes

@@ -7,6 +7,7 @@
 //! reaches us (`KVM_EXIT_IOAPIC_EOI`).
 
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use crate::interrupt::{LineSink, MsiMessage, MsiSink};
 use crate::BusDevice;
@@ -83,7 +84,7 @@ impl Ioapic {
 
     /// Raises (edge) or sets the level of input `pin`.
     pub fn state(&self) -> IoapicState {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = sync::lock(&self.state);
         IoapicState {
             id: s.id,
             select: s.select,
@@ -102,7 +103,7 @@ impl Ioapic {
                 saved.table.len()
             ));
         };
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = sync::lock(&self.state);
         s.id = saved.id;
         s.select = saved.select;
         s.table = table;
@@ -112,7 +113,7 @@ impl Ioapic {
 
     pub fn set_line(&self, pin: usize, asserted: bool) -> std::io::Result<()> {
         let msg = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = sync::lock(&self.state);
             let Some(&entry) = s.table.get(pin) else {
                 return Ok(());
             };
@@ -135,7 +136,7 @@ impl Ioapic {
     pub fn end_of_interrupt(&self, vector: u8) {
         let mut redeliver = Vec::new();
         {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = sync::lock(&self.state);
             for pin in 0..IOAPIC_PINS {
                 let e = s.table[pin];
                 if e & TRIGGER_LEVEL != 0 && e & REMOTE_IRR != 0 && (e & 0xff) as u8 == vector {
@@ -155,7 +156,7 @@ impl Ioapic {
     }
 
     fn read_register(&self) -> u32 {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = sync::lock(&self.state);
         match s.select {
             REG_ID | REG_ARB => s.id << 24,
             REG_VERSION => VERSION,
@@ -174,7 +175,7 @@ impl Ioapic {
 
     fn write_register(&self, value: u32) {
         let pending = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = sync::lock(&self.state);
             match s.select {
                 REG_ID => {
                     s.id = (value >> 24) & 0xf;
@@ -219,13 +220,7 @@ pub struct IoapicMmio(pub Arc<Ioapic>);
 impl BusDevice for IoapicMmio {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let v = match offset {
-            IOREGSEL => {
-                self.0
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .select
-            }
+            IOREGSEL => sync::lock(&self.0.state).select,
             IOWIN => self.0.read_register(),
             _ => 0,
         };
@@ -241,13 +236,7 @@ impl BusDevice for IoapicMmio {
         b[..n].copy_from_slice(&data[..n]);
         let v = u32::from_le_bytes(b);
         match offset {
-            IOREGSEL => {
-                self.0
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .select = v & 0xff
-            }
+            IOREGSEL => sync::lock(&self.0.state).select = v & 0xff,
             IOWIN => self.0.write_register(v),
             EOI => self.0.end_of_interrupt(v as u8),
             _ => {}

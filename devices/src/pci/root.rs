@@ -1,6 +1,7 @@
 //! The PCI root complex: bus 0, its functions, and the MMIO mappings of their BARs.
 
 use std::sync::{Arc, Mutex, Weak};
+use vireo_util::sync;
 
 use super::{PciConfiguration, PciDevice, PciHeader};
 use crate::bus::{Bus, BusError};
@@ -68,16 +69,10 @@ struct BarWindow {
 
 impl BusDevice for BarWindow {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read_bar(self.bar, offset, data);
+        sync::lock(&self.device).read_bar(self.bar, offset, data);
     }
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write_bar(self.bar, offset, data);
+        sync::lock(&self.device).write_bar(self.bar, offset, data);
     }
 }
 
@@ -117,14 +112,14 @@ impl PciRoot {
     /// configuration already holds (the VMM assigns addresses before plugging).
     pub fn add_device(&self, device: SharedPci) -> Result<u8, PciRootError> {
         let mmio = self.mmio.upgrade().ok_or(PciRootError::BusGone)?;
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = sync::lock(&self.slots);
         let slot = slots
             .iter()
             .position(|s| s.is_none())
             .ok_or(PciRootError::NoFreeSlot)? as u8;
         let mut mapped = [0u64; 6];
         let bars: Vec<(usize, u64, u64)> = {
-            let d = device.lock().unwrap_or_else(|e| e.into_inner());
+            let d = sync::lock(&device);
             d.config()
                 .bars()
                 .map(|b| (b.index, d.config().bar_address(b.index), b.size))
@@ -152,13 +147,9 @@ impl PciRoot {
     }
 
     pub fn read_config(&self, slot: u8, reg: usize) -> u32 {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = sync::lock(&self.slots);
         match slots.get(slot as usize).and_then(|s| s.as_ref()) {
-            Some(s) => s
-                .device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_config_register(reg),
+            Some(s) => sync::lock(&s.device).read_config_register(reg),
             None => 0xffff_ffff,
         }
     }
@@ -172,9 +163,9 @@ impl PciRoot {
         offset: u64,
         data: &[u8],
     ) -> Option<BarRelocation> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = sync::lock(&self.slots);
         let s = slots.get_mut(slot as usize)?.as_mut()?;
-        let mut dev = s.device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dev = sync::lock(&s.device);
         dev.write_config_register(reg, offset, data);
         let bar = dev.config().bar_of_register(reg)?;
         let new = dev.config().bar_address(bar);

@@ -24,24 +24,31 @@ pub use transport::{
     NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, QUEUE_SELECT_OFFSET, VIRTIO_PCI_BAR_SIZE,
 };
 
-/// Virtio device types (virtio 1.2, section 5).
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_CONSOLE: u32 = 3;
-pub const TYPE_RNG: u32 = 4;
+use virtio_bindings::{virtio_config, virtio_ids, virtio_ring};
 
-/// Device status bits.
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-pub const STATUS_DRIVER: u8 = 2;
-pub const STATUS_DRIVER_OK: u8 = 4;
-pub const STATUS_FEATURES_OK: u8 = 8;
-pub const STATUS_NEEDS_RESET: u8 = 0x40;
-pub const STATUS_FAILED: u8 = 0x80;
+/// Virtio device types (virtio 1.2, section 5), from the Linux UAPI headers.
+pub const TYPE_NET: u32 = virtio_ids::VIRTIO_ID_NET;
+pub const TYPE_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
+pub const TYPE_CONSOLE: u32 = virtio_ids::VIRTIO_ID_CONSOLE;
+pub const TYPE_RNG: u32 = virtio_ids::VIRTIO_ID_RNG;
+
+/// Device status bits (the device status field is one byte).
+pub const STATUS_ACKNOWLEDGE: u8 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+pub const STATUS_DRIVER: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER as u8;
+pub const STATUS_DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+pub const STATUS_FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+pub const STATUS_NEEDS_RESET: u8 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+pub const STATUS_FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
+
+/// A feature bit number (as the UAPI headers give them) as a mask.
+pub(crate) const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// Feature bits common to every device.
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
-pub const F_RING_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = feature(virtio_config::VIRTIO_F_VERSION_1);
+pub const F_RING_INDIRECT_DESC: u64 = feature(virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
+pub const F_RING_EVENT_IDX: u64 = feature(virtio_ring::VIRTIO_RING_F_EVENT_IDX);
 
 /// Which interrupt a device raises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -70,28 +70,20 @@ struct Interrupts {
 impl VirtioInterrupt for Interrupts {
     fn trigger(&self, kind: VirtioInterruptKind) -> std::io::Result<()> {
         let (vector, isr_bit) = match kind {
-            VirtioInterruptKind::Config => (
-                *self.config_vector.lock().unwrap_or_else(|e| e.into_inner()),
-                ISR_CONFIG,
-            ),
+            VirtioInterruptKind::Config => (*lock(&self.config_vector), ISR_CONFIG),
             VirtioInterruptKind::Queue(q) => (
-                self.queue_vectors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                lock(&self.queue_vectors)
                     .get(usize::from(q))
                     .copied()
                     .unwrap_or(NO_VECTOR),
                 ISR_QUEUE,
             ),
         };
-        *self.isr.lock().unwrap_or_else(|e| e.into_inner()) |= isr_bit;
+        *lock(&self.isr) |= isr_bit;
         if vector == NO_VECTOR {
             return Ok(());
         }
-        self.msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .signal(vector, self.sink.as_ref())
+        lock(&self.msix).signal(vector, self.sink.as_ref())
     }
 }
 
@@ -472,13 +464,7 @@ impl VirtioPciDevice {
                 1 => self.driver_features >> 32,
                 _ => 0,
             },
-            0x10 => u64::from(
-                *self
-                    .interrupts
-                    .config_vector
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()),
-            ),
+            0x10 => u64::from(*lock(&self.interrupts.config_vector)),
             0x12 => self.queues.len() as u64,
             0x14 => u64::from(self.status),
             0x15 => u64::from(self.config_generation),
@@ -487,11 +473,7 @@ impl VirtioPciDevice {
                 .queues
                 .get(qsel)
                 .map_or(0, |q| u64::from(q.queue.size())),
-            0x1a => self
-                .interrupts
-                .queue_vectors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            0x1a => lock(&self.interrupts.queue_vectors)
                 .get(qsel)
                 .map_or(u64::from(NO_VECTOR), |v| u64::from(*v)),
             0x1c => self.queues.get(qsel).map_or(0, |q| u64::from(q.enabled)),
@@ -546,13 +528,7 @@ impl VirtioPciDevice {
                     _ => {}
                 }
             }
-            0x10 => {
-                *self
-                    .interrupts
-                    .config_vector
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = v16
-            }
+            0x10 => *lock(&self.interrupts.config_vector) = v16,
             0x14 => self.write_status(v as u8),
             0x16 => self.queue_select = v16,
             0x18 => {
@@ -562,13 +538,7 @@ impl VirtioPciDevice {
             }
             0x1a => {
                 let qsel = usize::from(self.queue_select);
-                if let Some(slot) = self
-                    .interrupts
-                    .queue_vectors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(qsel)
-                {
+                if let Some(slot) = lock(&self.interrupts.queue_vectors).get_mut(qsel) {
                     *slot = v16;
                 }
             }
@@ -692,18 +662,8 @@ impl VirtioPciDevice {
             q.queue.reset();
             q.enabled = false;
         }
-        *self
-            .interrupts
-            .config_vector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = NO_VECTOR;
-        for v in self
-            .interrupts
-            .queue_vectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter_mut()
-        {
+        *lock(&self.interrupts.config_vector) = NO_VECTOR;
+        for v in lock(&self.interrupts.queue_vectors).iter_mut() {
             *v = NO_VECTOR;
         }
     }
@@ -711,11 +671,7 @@ impl VirtioPciDevice {
     fn sync_msix_control(&mut self) {
         let reg = self.config.read_reg(self.msix_cap_offset / 4);
         let (enabled, masked) = MsixCap::control(reg);
-        self.interrupts
-            .msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_control(enabled, masked, self.interrupts.sink.as_ref());
+        lock(&self.interrupts.msix).set_control(enabled, masked, self.interrupts.sink.as_ref());
     }
 }
 
@@ -740,11 +696,7 @@ impl PciDevice for VirtioPciDevice {
             o if o < COMMON_OFFSET + COMMON_LEN => self.read_common(o - COMMON_OFFSET, data),
             ISR_OFFSET => {
                 // Reading the ISR acknowledges it.
-                let mut isr = self
-                    .interrupts
-                    .isr
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut isr = lock(&self.interrupts.isr);
                 data.fill(0);
                 if let Some(b) = data.first_mut() {
                     *b = *isr;
@@ -754,18 +706,12 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CFG_OFFSET, data)
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
-                .interrupts
-                .msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_table(o - MSIX_TABLE_OFFSET, data),
-            o if (MSIX_PBA_OFFSET..VIRTIO_PCI_BAR_SIZE).contains(&o) => self
-                .interrupts
-                .msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_pba(o - MSIX_PBA_OFFSET, data),
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.interrupts.msix).read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..VIRTIO_PCI_BAR_SIZE).contains(&o) => {
+                lock(&self.interrupts.msix).read_pba(o - MSIX_PBA_OFFSET, data)
+            }
             _ => data.fill(0),
         }
     }
@@ -785,20 +731,14 @@ impl PciDevice for VirtioPciDevice {
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
                 let sink = self.interrupts.sink.clone();
-                self.interrupts
-                    .msix
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write_table(o - MSIX_TABLE_OFFSET, data, sink.as_ref())
+                lock(&self.interrupts.msix).write_table(o - MSIX_TABLE_OFFSET, data, sink.as_ref())
             }
             _ => {}
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 /// PCI class of each virtio device type (what `lspci` shows).
 fn class_of(device_type: u32) -> u8 {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vireo_util::sync;
 
 use api::{DiskMigrationInfo, MigrationStatus};
 use devices::block::Mirror;
@@ -62,7 +63,7 @@ fn copy(job: &CopyJob) -> Result<(), String> {
         job.mirror
             .copy_chunk(chunk, &mut buf)
             .map_err(|e| format!("copying chunk {chunk}: {e}"))?;
-        let mut i = job.info.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = sync::lock(&job.info);
         i.copied_bytes = job.mirror.copied_bytes();
         i.total_ms = started.elapsed().as_secs_f64() * 1e3;
     }
@@ -78,7 +79,7 @@ fn copy(job: &CopyJob) -> Result<(), String> {
 
 /// The status to show once the control loop has switched (or given up).
 pub fn finish(info: &Mutex<DiskMigrationInfo>, result: &Result<(), String>) {
-    let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+    let mut i = sync::lock(info);
     match result {
         Ok(()) => i.status = MigrationStatus::Completed,
         Err(e) => {

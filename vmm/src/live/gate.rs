@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vireo_util::sync;
 
 use migration::auth::{self, Claim, Secret};
 use migration::tls::ServerTls;
@@ -43,7 +44,7 @@ pub struct Gate {
 /// Counts (and logs) a refused connection where `vm.migration-info` shows it.
 fn refused(info: &Mutex<MigrationInfo>, peer: &str, why: &str) {
     tracing::warn!(peer, reason = why, "refused a migration connection");
-    let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+    let mut i = sync::lock(info);
     i.refused_connections += 1;
     i.last_refusal = Some(format!("{peer}: {why}"));
 }
@@ -79,7 +80,7 @@ impl Gate {
         match self.proven.recv_timeout(left) {
             Ok(p) => Ok(p),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                let i = self.info.lock().unwrap_or_else(|e| e.into_inner());
+                let i = sync::lock(&self.info);
                 let refusals = match (&i.last_refusal, i.refused_connections) {
                     (Some(last), n) => format!(" ({n} connections refused, the last: {last})"),
                     (None, _) => String::new(),

@@ -3,6 +3,7 @@
 //! parallel page streams.
 
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use migration::protocol::{self, Message};
 use migration::transport::Stream;
@@ -66,7 +67,7 @@ impl<'a> Wire<'a> {
             return;
         };
         let n = std::mem::take(&mut self.unreported);
-        let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = sync::lock(info);
         i.pages_sent += n;
         i.remaining_pages = i.remaining_pages.saturating_sub(n);
     }
@@ -133,11 +134,7 @@ impl<'a> Wire<'a> {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: reading u64 words out of bytes; every bit pattern is a valid u64.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
+use vireo_util::is_zero;
 
 /// A scratch buffer for [`send_span`].
 pub fn chunk_buffer() -> Vec<u8> {

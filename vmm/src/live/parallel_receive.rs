@@ -8,6 +8,7 @@
 //! its `RoundEnd {k}` (and so applied all its pages of round k) before it reads on.
 
 use std::sync::{Condvar, Mutex};
+use vireo_util::sync;
 
 use migration::protocol::{self, Message};
 use migration::transport::Stream;
@@ -39,7 +40,7 @@ impl RoundBarrier {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BarrierState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        vireo_util::sync::lock(&self.state)
     }
 
     /// Stream `lane` has applied all its pages of `round`: waits until every stream has,
@@ -93,7 +94,7 @@ pub fn receive_stream(
         match protocol::recv(stream).map_err(|e| format!("page stream {lane}: {e}"))? {
             Message::Pages(p) => {
                 let n = super::receive::apply_pages(mem, &p)?;
-                let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+                let mut i = sync::lock(info);
                 i.pages_sent += n;
                 i.bytes_sent += p.len() as u64 + 12;
             }

@@ -42,9 +42,7 @@ pub struct ReceiveJob {
     pub seccomp: crate::seccomp::Filters,
 }
 
-fn lock(info: &Mutex<MigrationInfo>) -> std::sync::MutexGuard<'_, MigrationInfo> {
-    info.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 /// Starts accepting (on this, the control thread: the accepting thread removes a
 /// unix socket's file when it stops) and the receiver thread, which runs under the

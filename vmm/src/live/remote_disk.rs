@@ -7,6 +7,7 @@
 use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
+use vireo_util::sync;
 
 use devices::block::{BlockBackend, IoBufs, IoBufsMut};
 use migration::protocol::DiskOp;
@@ -31,9 +32,7 @@ impl RemoteDisk {
     }
 
     fn push(&self, op: DiskOp) -> io::Result<()> {
-        self.ops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.ops)
             .send(op)
             .map_err(|_| io::Error::other("the migration connection is gone"))
     }

@@ -65,9 +65,7 @@ impl Drop for ThrottleGuard<'_> {
     }
 }
 
-fn lock(info: &Mutex<MigrationInfo>) -> std::sync::MutexGuard<'_, MigrationInfo> {
-    info.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 /// Starts the sender thread; its end is reported as [`MigrationEvent::SendFinished`].
 pub fn spawn(job: SendJob) -> std::io::Result<()> {
@@ -331,7 +329,8 @@ fn migrate(
     }
     // The commit point: once Go is on its way, the destination owns the VM.
     protocol::send(wire.stream, &Message::Go).map_err(|e| e.to_string())?;
-    crate::fault::point("kill-after-commit");
+    #[cfg(feature = "test-hooks")]
+    crate::test_hooks::fault_point("kill-after-commit");
     let mut i = lock(&job.info);
     i.status = MigrationStatus::Completed;
     i.pages_sent = wire.pages;

@@ -9,19 +9,22 @@ use super::worker::{BlockWorker, Throttle};
 use crate::block::{BlockBackend, IoBufs, IoBufsMut};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::workers::Workers;
+use virtio_bindings::virtio_blk;
+
+use crate::virtio::feature;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
 };
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_TOPOLOGY: u64 = 1 << 10;
-const F_MQ: u64 = 1 << 12;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_SEG_MAX: u64 = feature(virtio_blk::VIRTIO_BLK_F_SEG_MAX);
+const F_RO: u64 = feature(virtio_blk::VIRTIO_BLK_F_RO);
+const F_BLK_SIZE: u64 = feature(virtio_blk::VIRTIO_BLK_F_BLK_SIZE);
+const F_FLUSH: u64 = feature(virtio_blk::VIRTIO_BLK_F_FLUSH);
+const F_TOPOLOGY: u64 = feature(virtio_blk::VIRTIO_BLK_F_TOPOLOGY);
+const F_MQ: u64 = feature(virtio_blk::VIRTIO_BLK_F_MQ);
+const F_DISCARD: u64 = feature(virtio_blk::VIRTIO_BLK_F_DISCARD);
+const F_WRITE_ZEROES: u64 = feature(virtio_blk::VIRTIO_BLK_F_WRITE_ZEROES);
 
 pub(super) const SECTOR_SHIFT: u32 = 9;
 pub(super) const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;

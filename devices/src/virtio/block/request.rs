@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
@@ -14,16 +15,16 @@ use crate::block::BlockBackend;
 use crate::virtio::guest_io::{guest_bufs, guest_bufs_mut};
 use crate::virtio::GuestMemoryMmap;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+const T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
+const T_DISCARD: u32 = virtio_blk::VIRTIO_BLK_T_DISCARD;
+const T_WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
 
-pub(super) const S_OK: u8 = 0;
-pub(super) const S_IOERR: u8 = 1;
-pub(super) const S_UNSUPP: u8 = 2;
+pub(super) const S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub(super) const S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub(super) const S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 const HEADER_LEN: u32 = 16;
 const SERIAL_LEN: usize = 20;

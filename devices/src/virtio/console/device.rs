@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use vireo_util::sync;
 
 use super::worker::{ConsoleWorker, WorkerParts};
 use crate::virtio::workers::Workers;
@@ -86,7 +87,7 @@ impl VirtioDevice for Console {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         if offset == EMERG_WR_OFFSET {
             if let Some(&c) = data.first() {
-                let mut out = self.output.lock().unwrap_or_else(|e| e.into_inner());
+                let mut out = sync::lock(&self.output);
                 let _ = out.write_all(&[c]).and_then(|_| out.flush());
                 self.bytes_out.fetch_add(1, Ordering::Relaxed);
             }

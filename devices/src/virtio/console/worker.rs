@@ -6,6 +6,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vireo_util::sync;
 
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
@@ -270,7 +271,7 @@ impl ConsoleWorker {
         if buf.is_empty() {
             return;
         }
-        let mut out = self.output.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = sync::lock(&self.output);
         if let Err(e) = out.write_all(buf).and_then(|_| out.flush()) {
             crate::guest_warn!(error = %e, "console output failed");
         }

@@ -1,6 +1,7 @@
 //! The pure parts of virtio-net: descriptor chains as lists of guest segments, the
 //! virtio-net header, how a received frame spreads over merged buffers.
 
+use virtio_bindings::virtio_net;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -14,8 +15,8 @@ pub(super) const VNET_HDR_LEN: usize = net::VNET_HDR_LEN;
 pub(super) const MAX_FRAME_LEN: usize = 65_550;
 /// `num_buffers` sits at the end of the header.
 const NUM_BUFFERS_OFFSET: usize = 10;
-const HDR_F_NEEDS_CSUM: u8 = 1;
-const GSO_NONE: u8 = 0;
+const HDR_F_NEEDS_CSUM: u8 = virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+const GSO_NONE: u8 = virtio_net::VIRTIO_NET_HDR_GSO_NONE as u8;
 
 /// Why a chain is not a usable buffer (the driver's bug: reported, returned empty).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

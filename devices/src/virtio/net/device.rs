@@ -8,18 +8,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use net::MacAddr;
+use virtio_bindings::virtio_net;
 
 use super::worker::NetWorker;
+use crate::virtio::feature;
 use crate::virtio::workers::Workers;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
 
-const F_MAC: u64 = 1 << 5;
-pub(super) const F_MRG_RXBUF: u64 = 1 << 15;
-const F_STATUS: u64 = 1 << 16;
-const S_LINK_UP: u16 = 1;
+const F_MAC: u64 = feature(virtio_net::VIRTIO_NET_F_MAC);
+pub(super) const F_MRG_RXBUF: u64 = feature(virtio_net::VIRTIO_NET_F_MRG_RXBUF);
+const F_STATUS: u64 = feature(virtio_net::VIRTIO_NET_F_STATUS);
+const S_LINK_UP: u16 = virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 /// Receive and transmit queue.
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 

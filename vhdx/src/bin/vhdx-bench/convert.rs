@@ -125,29 +125,9 @@ fn tag(t: Tool) -> &'static str {
     }
 }
 
-/// The allocated ranges of a file (SEEK_DATA/SEEK_HOLE).
+/// The allocated ranges of a file (SEEK_DATA/SEEK_HOLE; all of it without them).
 fn data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on an open descriptor with plain integer arguments.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            size as i64
-        } else {
-            hole.min(size as i64)
-        };
-        out.push((data as u64, (end - data) as u64));
-        pos = end;
-    }
-    out
+    vireo_util::extents::data_extents(f, 0, size).unwrap_or_else(|_| vec![(0, size)])
 }
 
 /// The read floor of a conversion: seconds to read every allocated byte of

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex};
 use vhdx::storage::DIRECT_ALIGN;
 use vhdx::{CreateOptions, FileStorage, OpenOptions, Storage, Vhdx};
 
@@ -115,33 +115,9 @@ impl Src {
     }
 }
 
+/// The data extents of a raw source; a file system without SEEK_DATA has only data.
 fn raw_data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    let size_i = size as i64;
-    while pos < size_i {
-        // SAFETY: lseek on our open descriptor.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            if out.is_empty()
-                && pos == 0
-                && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
-            {
-                // SEEK_DATA unsupported: treat everything as data.
-                return vec![(0, size)];
-            }
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size_i } else { hole.min(size_i) };
-        if end > data {
-            out.push((data as u64, (end - data) as u64));
-        }
-        pos = end;
-    }
-    out
+    vireo_util::extents::data_extents(f, 0, size).unwrap_or_else(|_| vec![(0, size)])
 }
 
 enum Dst {
@@ -197,9 +173,7 @@ struct Filled {
     n: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 /// A zeroed buffer of `len` bytes whose start is [`DIRECT_ALIGN`]-aligned
 /// (so aligned chunks can go through `O_DIRECT`).
@@ -312,7 +286,7 @@ pub fn run(job: &Job) -> CliResult<()> {
     let first_err: Mutex<Option<String>> = Mutex::new(None);
     let fail = |e: String| {
         failed.store(true, Ordering::Relaxed);
-        let mut g = first_err.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&first_err);
         g.get_or_insert(e);
     };
     // A pipeline: readers fill buffers from a pool, writers empty them, so
@@ -373,7 +347,7 @@ pub fn run(job: &Job) -> CliResult<()> {
             }
         });
     }
-    if let Some(e) = first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+    if let Some(e) = vireo_util::sync::into_inner(first_err) {
         return Err(e);
     }
     if let Some(b) = bar {
@@ -423,10 +397,4 @@ fn write_nonzero(
     Ok(())
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u128 has no invalid bit patterns; align_to keeps every slice in bounds.
-        unsafe { b.align_to::<u128>() }
-    };
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
-}
+use vireo_util::is_zero;
