@@ -55,13 +55,16 @@ pub enum ReplicaServerError {
     NoPrimaries,
 }
 
+/// One lock per (primary, VM): a VM's requests run one at a time.
+type VmLocks = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 /// The replica server's configuration and the per-VM locks.
 pub struct ReplicaServer {
     root: OwnedFd,
     root_path: PathBuf,
     allow: BTreeSet<String>,
     max_segment: u64,
-    locks: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<VmLocks>,
 }
 
 impl ReplicaServer {

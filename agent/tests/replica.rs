@@ -412,9 +412,9 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
     };
     let same = |what: &str| {
         let v = vm.lock().unwrap();
-        for i in 0..2 {
+        for (i, model) in v.model.iter().enumerate() {
             assert!(
-                image(&dir, "host-a", "vm1", i) == v.model[i],
+                image(&dir, "host-a", "vm1", i) == *model,
                 "{what}: disk {i} differs"
             );
         }

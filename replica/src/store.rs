@@ -231,7 +231,10 @@ impl ReplicaVm {
                 disk_sizes.len()
             )));
         }
-        if let Some(&bad) = disk_sizes.iter().find(|&&s| s == 0 || s % 512 != 0) {
+        if let Some(&bad) = disk_sizes
+            .iter()
+            .find(|&&s| s == 0 || !s.is_multiple_of(512))
+        {
             return Err(StoreError::Invalid(format!(
                 "a disk of {bad} bytes (must be a non-zero multiple of 512)"
             )));
@@ -394,7 +397,7 @@ impl ReplicaVm {
         }
         let size = self.state.disk_sizes[i];
         let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|end| end > size) || offset % 512 != 0 {
+        if end.is_none_or(|end| end > size) || !offset.is_multiple_of(512) {
             return Err(StoreError::Invalid(format!(
                 "{} bytes at {offset} do not fit disk {disk} ({size} bytes, 512-byte aligned)",
                 data.len()

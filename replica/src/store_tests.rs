@@ -109,15 +109,15 @@ fn committed_points_equal_the_primary_s_disks_at_each_cut_and_resends_are_harmle
                 seqs: seqs.clone()
             })
         );
-        for disk in 0..2 {
+        for (disk, &seq) in seqs.iter().enumerate() {
             assert!(
                 image(&vm, disk) == p.model[disk],
                 "round {round} disk {disk}"
             );
             // Applied: a re-send is recognised and nothing is kept.
-            let c = p.compressed(disk, seqs[disk]);
+            let c = p.compressed(disk, seq);
             assert_eq!(
-                vm.stage(disk, seqs[disk], &c[..], 1 << 30).unwrap(),
+                vm.stage(disk, seq, &c[..], 1 << 30).unwrap(),
                 Staged::AlreadyApplied
             );
         }
@@ -239,8 +239,8 @@ fn a_point_needs_every_disk_at_its_cut_and_a_crash_mid_commit_is_finished_on_ope
             seqs: seqs.clone()
         })
     );
-    for disk in 0..2 {
-        assert!(image(&vm, disk) == p.model[disk], "disk {disk}");
+    for (disk, model) in p.model.iter().enumerate() {
+        assert!(image(&vm, disk) == *model, "disk {disk}");
     }
     assert!(!root.path().join("vm1/committing").exists());
 }
