@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -323,10 +323,9 @@ type R = State<Arc<Replications>>;
 pub fn router(r: Arc<Replications>) -> Router {
     Router::new()
         .route("/api/v1/replication", get(list))
-        .route(
-            "/api/v1/vms/{name}/replication",
-            get(status).put(enable).delete(disable),
-        )
+        .route("/api/v1/vms/{name}/replication", get(status))
+        .route("/api/v1/vms/{name}/replication", put(enable))
+        .route("/api/v1/vms/{name}/replication", delete(disable))
         .route("/api/v1/vms/{name}/replication/pause", post(pause))
         .route("/api/v1/vms/{name}/replication/resume", post(resume))
         .with_state(r)
