@@ -331,11 +331,13 @@ pub fn router(r: Arc<Replications>) -> Router {
         .with_state(r)
 }
 
-fn not_enabled(name: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!("replication of {name:?} is not enabled"),
-    )
+/// 404: no such VM, or its replication is not enabled.
+fn not_enabled(r: &Replications, name: &str) -> Response {
+    let msg = match r.sup.get(name) {
+        Err(e) => e.to_string(),
+        Ok(_) => format!("replication of {name:?} is not enabled"),
+    };
+    error(StatusCode::NOT_FOUND, msg)
 }
 
 async fn list(State(r): R) -> Response {
@@ -345,11 +347,14 @@ async fn list(State(r): R) -> Response {
 async fn status(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
     match r.status(&name) {
         Some(s) => Json(s).into_response(),
-        None => not_enabled(&name),
+        None => not_enabled(&r, &name),
     }
 }
 
 async fn enable(State(r): R, UrlPath(name): UrlPath<String>, body: axum::body::Bytes) -> Response {
+    if r.sup.get(&name).is_err() {
+        return not_enabled(&r, &name);
+    }
     let req: EnableRequest = match serde_json::from_slice(&body) {
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("replication: {e}")),
@@ -366,20 +371,20 @@ async fn enable(State(r): R, UrlPath(name): UrlPath<String>, body: axum::body::B
 async fn disable(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
     match r.disable(&name) {
         Some(s) => Json(s).into_response(),
-        None => not_enabled(&name),
+        None => not_enabled(&r, &name),
     }
 }
 
 async fn pause(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
     match r.set_paused(&name, true) {
         Some(s) => Json(s).into_response(),
-        None => not_enabled(&name),
+        None => not_enabled(&r, &name),
     }
 }
 
 async fn resume(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
     match r.set_paused(&name, false) {
         Some(s) => Json(s).into_response(),
-        None => not_enabled(&name),
+        None => not_enabled(&r, &name),
     }
 }
