@@ -116,8 +116,8 @@ fn parent_opener(roots: Arc<Roots>) -> vhdx::ParentOpener {
     }))
 }
 
-/// A `unix:` receiver socket must be in `<run-dir>/vms/` (vireod removes a stale one
-/// there before the VMM listens).
+/// A `unix:` receiver socket must be in the VM's own `<run-dir>/vms/NAME/` (where its
+/// jailed VMM can make it; vireod removes a stale one there before the VMM listens).
 pub fn check_receiver_url(url: &str, socket_dir: &Path) -> Result<(), AgentError> {
     let Some(p) = url.strip_prefix("unix:") else {
         return Ok(());
@@ -164,18 +164,19 @@ pub fn check_agent_socket(path: &Path, peer_sockets: &[PathBuf]) -> Result<(), A
 }
 
 /// A `unix:` migration URL this vireod's VMM may send to: a socket in one of `dirs`
-/// (this vireod's `vms/` and its peers'); the VMM applies the same rule.
+/// (this vireod's `vms/` and its peers') or in a VM's run directory there
+/// (`vms/NAME/`); the VMM applies the same rule.
 pub fn check_send_url(url: &str, dirs: &[PathBuf]) -> Result<(), AgentError> {
     let Some(p) = url.strip_prefix("unix:") else {
         return Ok(());
     };
     let path = Path::new(p);
     confine::check_lexical(path).map_err(|e| AgentError::BadMigration(format!("{url:?}: {e}")))?;
-    if path.file_name().is_some() && dirs.iter().any(|d| path.parent() == Some(d.as_path())) {
+    if confine::in_socket_dir(path, dirs) {
         return Ok(());
     }
     Err(AgentError::BadMigration(format!(
-        "{url:?}: a unix migration socket must be in {}",
+        "{url:?}: a unix migration socket must be in (a VM's directory in) {}",
         list(dirs)
     )))
 }

@@ -52,6 +52,12 @@ pub enum AgentError {
     MigrationConflict { id: String, reason: String },
     #[error("VMM of {name:?}: {message}")]
     Vmm { name: String, message: String },
+    #[error(transparent)]
+    NoMigrationPort(#[from] crate::migration_ports::PortsExhausted),
+    #[error(
+        "every jail uid of --jail-uids {first}-{last} is taken: delete a VM or widen the range"
+    )]
+    JailIdsExhausted { first: u32, last: u32 },
     #[error("stored definition of {name:?} is unreadable: {source}")]
     Corrupt {
         name: String,
@@ -81,6 +87,7 @@ impl AgentError {
             | AgentError::MigrationConflict { .. } => 409,
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,
+            AgentError::NoMigrationPort(_) => 503,
             _ => 500,
         }
     }

@@ -11,17 +11,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use migration::allowlist::PeerAllowList;
 use migration::pem;
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
-    ServerConfig, SignatureScheme,
-};
-use tracing::warn;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -175,14 +169,18 @@ fn server_config_of(
     files: &IdentityFiles,
     peers: BTreeSet<String>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(l.roots.clone(), provider())
-        .with_crls(l.crls.iter().cloned())
-        .build()
-        .map_err(|e| TlsError::BadCa {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
-    let verifier = Arc::new(PeerVerifier { inner, peers });
+    // The shared allow-list verifier: WebPKI (CA, validity, clientAuth, CRL), then
+    // the certificate's names against `--peer`.
+    let verifier = PeerAllowList::new(
+        l.roots.clone(),
+        l.crls.iter().cloned(),
+        &peers,
+        "peer refused: its certificate names no host on the --peer list",
+    )
+    .map_err(|e| TlsError::BadCa {
+        path: files.ca.clone(),
+        reason: e.to_string(),
+    })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -227,63 +225,4 @@ pub fn identity_line(cert: &CertificateDer<'_>, admitted: &str) -> String {
 }
 
 /// The first name of `cert` on the allow-list, if any.
-pub fn admitted_name(cert: &CertificateDer<'_>, peers: &BTreeSet<String>) -> Option<String> {
-    cert_names(cert).into_iter().find(|n| peers.contains(n))
-}
-
-/// WebPKI's client verification (chain to the CA, validity, EKU clientAuth), then the
-/// allow-list: a certificate of the right CA for a host that is no peer is refused in
-/// the handshake.
-#[derive(Debug)]
-struct PeerVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    peers: BTreeSet<String>,
-}
-
-impl ClientCertVerifier for PeerVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if admitted_name(end_entity, &self.peers).is_some() {
-            return Ok(ClientCertVerified::assertion());
-        }
-        warn!(
-            names = ?cert_names(end_entity),
-            "peer refused: its certificate names no host on the --peer list"
-        );
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::ApplicationVerificationFailure,
-        ))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
+pub use migration::allowlist::admitted_name;

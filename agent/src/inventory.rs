@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS samples (
     net_tx INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples(at_ms);
+CREATE TABLE IF NOT EXISTS jail_ids (
+    name TEXT PRIMARY KEY NOT NULL,
+    uid INTEGER NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY NOT NULL,
     queued_ms INTEGER NOT NULL,
@@ -221,6 +225,7 @@ impl Inventory {
             "DELETE FROM exits WHERE name = ?1",
             "DELETE FROM meter WHERE name = ?1",
             "DELETE FROM samples WHERE name = ?1",
+            "DELETE FROM jail_ids WHERE name = ?1",
         ] {
             let c = tx.execute(sql, params![name]).map_err(|e| AgentError::Db {
                 path: self.path.clone(),
@@ -232,6 +237,80 @@ impl Inventory {
         }
         tx.commit().map_err(|e| self.db(e))?;
         Ok(n > 0)
+    }
+
+    /// The jail uid (and gid) of `name`: the one it was given before, else the lowest
+    /// free one of `range` (stored, so it stays the VM's across restarts of the VM and
+    /// of vireod until the VM is deleted). The column is UNIQUE: two VMs never share one.
+    pub fn jail_uid(
+        &mut self,
+        name: &str,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Result<u32, AgentError> {
+        let tx = self.conn.transaction().map_err(|e| AgentError::Db {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let had: Option<i64> = tx
+            .query_row(
+                "SELECT uid FROM jail_ids WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| AgentError::Db {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        if let Some(uid) = had.and_then(|u| u32::try_from(u).ok()) {
+            return Ok(uid);
+        }
+        let used: std::collections::BTreeSet<u32> = {
+            let mut st = tx
+                .prepare("SELECT uid FROM jail_ids")
+                .map_err(|e| AgentError::Db {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            let rows = st
+                .query_map([], |r| r.get::<_, i64>(0))
+                .map_err(|e| AgentError::Db {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            rows.filter_map(|r| r.ok())
+                .filter_map(|u| u32::try_from(u).ok())
+                .collect()
+        };
+        let (first, last) = (*range.start(), *range.end());
+        let uid = range
+            .into_iter()
+            .find(|u| !used.contains(u))
+            .ok_or(AgentError::JailIdsExhausted { first, last })?;
+        tx.execute(
+            "INSERT INTO jail_ids (name, uid) VALUES (?1, ?2)",
+            params![name, i64::from(uid)],
+        )
+        .map_err(|e| AgentError::Db {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        tx.commit().map_err(|e| self.db(e))?;
+        Ok(uid)
+    }
+
+    /// The jail uid `name` holds, if any.
+    pub fn jail_uid_of(&self, name: &str) -> Result<Option<u32>, AgentError> {
+        let had: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT uid FROM jail_ids WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.db(e))?;
+        Ok(had.and_then(|u| u32::try_from(u).ok()))
     }
 
     /// Appends an entry to the audit trail ([`crate::audit`]).

@@ -10,6 +10,7 @@
 //! - [`cgroup`]: placement of the VMMs in cgroups (v1 cpu.shares; v2 cpu.weight,
 //!   memory.max, pids.max);
 //! - [`migrations`]: the migration records and the host's migration queue;
+//! - [`migration_ports`]: the port range receiving VMMs listen on (`--migration-ports`);
 //! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
 //! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
 //! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
@@ -37,8 +38,10 @@ pub mod confinement;
 pub mod error;
 pub mod hosttls;
 pub mod inventory;
+pub mod jailing;
 pub mod launcher;
 pub mod metering;
+pub mod migration_ports;
 pub mod migrations;
 pub mod model;
 pub mod notify;

@@ -129,7 +129,7 @@ fn a_start_that_fails_reports_why_and_leaves_no_process() {
         "inventory unchanged"
     );
     assert_eq!(d.processes().len(), 1, "no orphan VMM: {:?}", d.processes());
-    assert!(!d.run_dir.join("vms/broken.sock").exists());
+    assert!(!d.run_dir.join("vms/broken/api.sock").exists());
     assert!(!d.run_dir.join("vms/broken.pid").exists());
 
     // vireoctl shows it as a readable one-line error and exits 1.

@@ -186,6 +186,46 @@ fn a_disk_swapped_for_a_symlink_after_define_is_not_followed_at_start() {
     assert!(std::fs::read(&secret).unwrap().iter().all(|&b| b == 0x5a));
 }
 
+/// The disk's directory swapped for a link to a directory outside the roots after
+/// define: the disk's last component is no link, so the jail's old check (a symlink
+/// test on the path, then a bind and a chown by path) let it through and handed the
+/// outside file to the VM's uid. The jail opens every path beneath its root first
+/// (no symlink on the way) and binds and chowns through that descriptor: refused,
+/// and the outside file keeps its owner, mode and bytes.
+#[test]
+fn a_disk_directory_swapped_for_a_symlink_after_define_is_not_followed_at_start() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start(&["--no-autostart"]);
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("disk.raw");
+    std::fs::write(&secret, vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let dir = d.dir.path().join("disks");
+    std::fs::create_dir(&dir).unwrap();
+    let disk = raw(&dir.join("disk.raw"));
+    let (s, b) = define(&d, "swapdir", with_disk(&disk, json!({})));
+    assert_eq!(s, 201, "{b}");
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+    symlink(outside.path(), &dir).unwrap();
+    let before = std::fs::metadata(&secret).unwrap();
+    let (s, b) = d.api("PUT", "/api/v1/vms/swapdir/start", None);
+    assert_eq!(s, 500, "{b}");
+    assert!(b.contains("symlink"), "{b}");
+    assert_eq!(d.state("swapdir"), "Stopped");
+    let after = std::fs::metadata(&secret).unwrap();
+    assert_eq!(
+        (after.uid(), after.gid(), after.mode() & 0o7777),
+        (before.uid(), before.gid(), 0o600),
+        "the outside file was not handed over"
+    );
+    assert_eq!(
+        (before.atime(), before.atime_nsec()),
+        (after.atime(), after.atime_nsec())
+    );
+    assert!(std::fs::read(&secret).unwrap().iter().all(|&b| b == 0x5a));
+}
+
 #[test]
 fn a_relative_run_or_state_dir_is_refused_at_start() {
     for flag in ["--run-dir", "--state-dir"] {
@@ -311,7 +351,7 @@ fn agent_sockets_and_send_urls_outside_the_peers_are_refused_and_never_connected
     }
     assert!(d.migrations().is_empty(), "nothing queued");
     // The VM's own VMM (started by vireod with its socket dirs) refuses the same URL.
-    let vmm = d.run_dir.join("vms/m.sock");
+    let vmm = d.run_dir.join("vms/m/api.sock");
     let (s, b) = common::http(
         &vmm,
         "PUT",

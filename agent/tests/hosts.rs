@@ -102,12 +102,18 @@ fn free_port() -> u16 {
 /// A vireod with a host identity and a peer listener admitting `peers`; returns it
 /// and its listener's address.
 fn host_daemon(id: &IdentityFiles, peers: &[&str]) -> (Daemon, String) {
+    host_daemon_with(id, peers, &[])
+}
+
+/// [`host_daemon`] with more flags.
+fn host_daemon_with(id: &IdentityFiles, peers: &[&str], extra: &[&str]) -> (Daemon, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--no-autostart".to_string(),
         "--listen".into(),
         addr.clone(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend(tls_args(id));
     for p in peers {
         args.extend(["--peer".to_string(), p.to_string()]);
@@ -768,4 +774,239 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
     let log = dst.wait_log("not reloaded");
     assert!(log.contains("names host-c, not host-b"), "{log}");
     assert_eq!(served(), second);
+}
+
+/// The VMMs' own migration TLS reads the CRL (issue 11; before, only vireod's
+/// listener did, so a host revoked after vireod's last reload still got its
+/// migration stream in). The destination's vireod still admits host-a (its CRL was
+/// read before host-a was revoked; no SIGHUP), but the receiving VMM reads the
+/// `--tls-crl` file vireod passes it as it starts listening: host-a's stream is refused
+/// in the VMM's handshake, naming the revocation on both sides, and the VM stays on
+/// its source, counting.
+#[test]
+fn a_migration_from_a_host_revoked_since_the_reload_is_refused_by_the_receiving_vmm() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let z = pki.host("host-z", &[]);
+    let ca = pki.ca_dir();
+    let revoke = |id: &IdentityFiles| {
+        pki.pki(&[
+            "revoke",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--cert",
+            id.cert.to_str().unwrap(),
+        ])
+    };
+    revoke(&z); // a CRL to start with: host-a is not on it
+    let crl = pki.dir.path().join("b-crl.pem");
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--no-autostart".to_string(),
+        "--listen".into(),
+        addr.clone(),
+        "--peer".into(),
+        "host-a".into(),
+        "--tls-crl".into(),
+        crl.display().to_string(),
+    ];
+    args.extend(tls_args(&b));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dst = Daemon::start(&refs);
+    wait_listening(&addr, &dst);
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    src.define_counter("r", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/r/start", None);
+    src.wait_serial("r", "tick 5 ", T);
+    let pid = src.pid("r").unwrap();
+
+    revoke(&a);
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    let rec = src.migrate(
+        "r",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-b"}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(
+        done["state"],
+        "failed",
+        "{done}\nsrc:\n{}\ndst:\n{}",
+        src.log(),
+        dst.log()
+    );
+    // vireod let host-a in (its CRL predates the revocation): the refusal is the
+    // receiving VMM's, in the VMMs' TLS handshake.
+    assert!(
+        done["receiver_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("tcp:")),
+        "{done}"
+    );
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    assert!(err.contains("CertificateRevoked"), "{err}");
+    assert!(err.contains("revokes this side's certificate"), "{err}");
+    // The destination's record says the same from its side: the source's certificate
+    // was revoked; the VM never arrived.
+    let incoming = dst
+        .migrations()
+        .into_iter()
+        .find(|r| r["vm"] == "r")
+        .unwrap();
+    let incoming = dst.wait_migration(incoming["id"].as_str().unwrap(), T);
+    assert_ne!(incoming["state"], "completed", "{incoming}");
+    let refusal = incoming["progress"]["last_refusal"].as_str().unwrap_or("");
+    assert!(refusal.contains("Revoked"), "{incoming}");
+    let start = std::time::Instant::now();
+    while !dst.absent("r") {
+        assert!(start.elapsed() < T, "the VM stayed:\n{}", dst.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The VM stays on its source, the same process, counting on.
+    assert_eq!(src.state("r"), "Running");
+    assert_eq!(src.pid("r"), Some(pid));
+    let last = *src.tick_numbers("r").last().unwrap();
+    src.wait_serial("r", &format!("tick {} ", last + 3), T);
+}
+
+/// Two consecutive ports that can be bound on 127.0.0.1 now, below the usual
+/// ephemeral range (so that other tests' port-0 binds do not take them meanwhile).
+fn two_free_ports() -> u16 {
+    let base = 22000 + (std::process::id() % 4000) as u16 * 2;
+    (0..2000u16)
+        .map(|i| 22000 + (base - 22000 + i * 2) % 8000)
+        .find(|&p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        })
+        .expect("two free ports")
+}
+
+/// `vireod --migration-ports FIRST-LAST` (issue 11; before, receivers took any free
+/// port, so a firewall could not admit them by port): a port of the range that another
+/// process holds is skipped; once every port is held the incoming migration is refused
+/// with 503 and one line, and nothing is defined or started; a migration's port is
+/// free again when it ends, cancelled or completed; a peer cannot pick a port outside.
+#[test]
+fn migration_ports_skip_busy_ports_refuse_when_exhausted_and_come_back_when_a_migration_ends() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let p = two_free_ports();
+    let busy = std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+    let range = format!("{p}-{}", p + 1);
+    let (dst, addr) = host_daemon_with(&b, &["host-a"], &["--migration-ports", &range]);
+    let as_a = endpoint(
+        &addr,
+        "host-b",
+        HostIdentity::load(a.clone())
+            .unwrap()
+            .client_config()
+            .unwrap(),
+    );
+    let def = json!({"config": common::counter_config(), "priority": "Medium"});
+    let secret = "ab".repeat(32);
+    let incoming = |name: &str| {
+        let body = json!({"name": name, "definition": def, "secret": secret});
+        call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap()
+    };
+    let cancel = |rec: &Value| {
+        let id = rec["id"].as_str().unwrap();
+        let (s, v) = call(&as_a, "DELETE", &format!("/api/v1/migrations/{id}"), None).unwrap();
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(dst.wait_migration(id, T)["state"], "cancelled");
+    };
+    let second = format!("tcp:127.0.0.1:{}", p + 1);
+
+    // The first port is another process's: the receiver gets the second.
+    let (s, w1) = incoming("w1");
+    assert_eq!(s, 201, "{w1}\n{}", dst.log());
+    assert_eq!(w1["receiver_url"], second.as_str(), "{w1}");
+    // Both held: refused with one line, nothing defined, no VMM started.
+    let processes = dst.processes().len();
+    let (s, v) = incoming("w2");
+    assert_eq!(s, 503, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains(&format!("no free migration port in {range} on 127.0.0.1")),
+        "{e}"
+    );
+    assert!(
+        e.contains("1 held by migrations of this vireod, 1 in use by other processes"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
+    assert!(dst.absent("w2"));
+    assert!(dst.migrations().iter().all(|r| r["vm"] != "w2"));
+    assert_eq!(dst.processes().len(), processes, "a VMM was started");
+    // A peer cannot ask for a port of its own.
+    let body = json!({"name": "w3", "definition": def, "secret": secret,
+        "receiver_url": format!("tcp:127.0.0.1:{}", free_port())});
+    let (s, v) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("--migration-ports"),
+        "{v}"
+    );
+    assert!(dst.absent("w3"));
+
+    // Cancelled: its port is free again.
+    cancel(&w1);
+    dst.wait_log("migration port freed");
+    let (s, w4) = incoming("w4");
+    assert_eq!(s, 201, "{w4}\n{}", dst.log());
+    assert_eq!(w4["receiver_url"], second.as_str(), "{w4}");
+    cancel(&w4);
+    // The other process lets its port go: the range starts there again.
+    drop(busy);
+
+    // A real migration from host-a takes the first port and, once completed, frees it.
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    src.define_counter("m", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/m/start", None);
+    src.wait_serial("m", "tick 5 ", T);
+    let rec = src.migrate(
+        "m",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-b"}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(
+        done["state"],
+        "completed",
+        "{done}\nsrc:\n{}\ndst:\n{}",
+        src.log(),
+        dst.log()
+    );
+    let first = format!("tcp:127.0.0.1:{p}");
+    assert_eq!(done["receiver_url"], first.as_str(), "{done}");
+    dst.wait_state("m", "Running", T);
+    let arrived = dst
+        .migrations()
+        .into_iter()
+        .find(|r| r["vm"] == "m")
+        .unwrap();
+    assert_eq!(arrived["state"], "completed", "{arrived}");
+    let start = std::time::Instant::now();
+    let (s, w5) = loop {
+        // The port is freed just after the record says completed.
+        let (s, w5) = incoming("w5");
+        if s == 201 && w5["receiver_url"] == first.as_str() {
+            break (s, w5);
+        }
+        if s == 201 {
+            cancel(&w5);
+        }
+        assert!(start.elapsed() < T, "{s} {w5}\n{}", dst.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(s, 201);
+    cancel(&w5);
 }

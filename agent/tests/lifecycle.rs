@@ -56,7 +56,10 @@ fn define_start_pause_resume_stop_with_list_telling_the_truth() {
     assert!(common::alive(pid));
     assert_eq!(list_state(&d, "web"), "Running");
     let sock = st["socket"].as_str().unwrap().to_string();
-    assert_eq!(sock, d.run_dir.join("vms/web.sock").display().to_string());
+    assert_eq!(
+        sock,
+        d.run_dir.join("vms/web/api.sock").display().to_string()
+    );
     d.wait_serial("web", "tick 5 ", T);
     // The guest's serial output through vireoctl console.
     let console = d.ctl_ok(&["vm", "console", "web", "--lines", "3"]);
@@ -114,7 +117,7 @@ fn define_start_pause_resume_stop_with_list_telling_the_truth() {
     assert_eq!(st["last_exit"]["status"], 0);
     wait_dead(pid, T);
     assert_eq!(list_state(&d, "web"), "Stopped");
-    assert!(!d.run_dir.join("vms/web.sock").exists());
+    assert!(!d.run_dir.join("vms/web/api.sock").exists());
     assert!(!d.run_dir.join("vms/web.pid").exists());
 
     // Every transition was on the event stream, in order.

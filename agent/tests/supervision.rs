@@ -284,7 +284,7 @@ fn keep_vms_on_exit_leaves_them_running_for_the_next_vireod() {
     assert_eq!(v["adopted"], true);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        common::processes_mentioning(&d.run_dir.join("vms/keep.sock").to_string_lossy()).len(),
+        common::processes_mentioning(&d.run_dir.join("vms/keep/api.sock").to_string_lossy()).len(),
         1
     );
 }

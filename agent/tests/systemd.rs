@@ -257,8 +257,12 @@ fn systemd_launcher_starts_units_watches_them_and_gets_their_exit_status() {
             .unwrap();
         assert_eq!(pid, unit_pid);
         let env = std::fs::read_to_string(d.run_dir.join("vms/web.env")).unwrap();
+        // Jailed (vireod runs as root): its own uid, root and run directory.
         assert!(
-            env.starts_with("VIREO_ARGS=--config ") && env.contains("/vms/web.sock"),
+            env.starts_with("VIREO_ARGS=--jail uid=980000,gid=980000,root=")
+                && env.contains("/run/jail/web,bind=")
+                && env.contains(" --config ")
+                && env.contains("/vms/web/api.sock"),
             "{env}"
         );
         let c = calls();

@@ -373,7 +373,7 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
     wait_until("CPUWeight=250", || {
         (sd.property(unit, "CPUWeight") == "250").then_some(Value::Null)
     });
-    let vm_sock = run.join("vms/web.sock");
+    let vm_sock = run.join("vms/web/api.sock");
     let counter = |s: &Path| ok(s, "GET", "/api/v1/vm.info", None);
     assert_eq!(counter(&vm_sock)["state"], "Running");
 

@@ -98,6 +98,10 @@ pub struct SendMigrationTls {
     /// `tcp:` URL; required for `unix:`).
     #[serde(default)]
     pub server_name: Option<String>,
+    /// The CA's revocation list (PEM, as `vireoctl pki revoke` writes it): a
+    /// destination certificate it revokes fails the handshake (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<std::path::PathBuf>,
 }
 
 /// The destination's TLS settings (PEM files on the destination host): it presents
@@ -112,6 +116,10 @@ pub struct ReceiveMigrationTls {
     /// CN or a DNS name), else the handshake fails. Required, not empty.
     #[serde(default)]
     pub allowed_peers: Vec<String>,
+    /// The CA's revocation list (PEM): a source certificate it revokes fails the
+    /// handshake (default: none). Read when the migration is requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<std::path::PathBuf>,
 }
 
 /// `vm.receive-migration`'s body: where to listen for the source.

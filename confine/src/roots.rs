@@ -60,6 +60,18 @@ pub fn check_lexical(path: &Path) -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// Whether the socket `path` (lexically checked by the caller) is in one of the socket
+/// directories `dirs` or in a directory directly beneath one (vireod's `vms/NAME/`:
+/// each VM's own run directory holds its sockets). Decided on the path alone: a socket
+/// is bound or connected by name.
+pub fn in_socket_dir(path: &Path, dirs: &[PathBuf]) -> bool {
+    let Some(parent) = path.parent().filter(|_| path.file_name().is_some()) else {
+        return false;
+    };
+    dirs.iter()
+        .any(|d| parent == d.as_path() || parent.parent() == Some(d.as_path()))
+}
+
 impl Roots {
     /// Opens each root (absolute, an existing directory) and keeps its fd.
     pub fn new(roots: &[PathBuf], block_devices: &[PathBuf]) -> Result<Self, ConfineError> {
@@ -190,6 +202,22 @@ impl Roots {
         }
     }
 
+    /// Opens `path` beneath its root as an `O_PATH` descriptor (nothing is read, no
+    /// access time changes) of a regular file, a directory or an allow-listed block
+    /// device; no symlink is followed anywhere on the way, the last component included.
+    /// What a jail binds and chowns through, so no later lookup can be redirected.
+    pub fn open_path(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
+        let listed = self.block_devices.iter().any(|d| d == path);
+        let fd = if listed {
+            open_path_nofollow(path)?
+        } else {
+            let (root, rest) = self.locate(path)?;
+            open_beneath(root.dir.as_fd(), &root.canonical, &rest, libc::O_PATH, 0)
+                .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?
+        };
+        check_node(path, fd, listed)
+    }
+
     /// Opens a regular file (or allow-listed block device) for reading, or reading and
     /// writing.
     pub fn open_file(&self, path: &Path, write: bool) -> Result<File, ConfineError> {
@@ -259,6 +287,43 @@ impl Roots {
             what: "cannot create",
             source: e,
         })
+    }
+}
+
+/// Opens `path` as an `O_PATH` descriptor without following a symlink as its last
+/// component (earlier components resolve as usual: for paths outside the storage roots,
+/// in directories only root may change); a regular file, directory or block device.
+pub fn open_path_nofollow(path: &Path) -> Result<OwnedFd, ConfineError> {
+    check_lexical(path)?;
+    let fd = crate::beneath::openat(
+        at_fdcwd(),
+        path.as_os_str(),
+        libc::O_PATH | libc::O_NOFOLLOW,
+        0,
+    )
+    .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
+    check_node(path, fd, true)
+}
+
+/// An `O_PATH` descriptor's file must be a regular file, a directory or (`block`) a
+/// block device: with `O_PATH | O_NOFOLLOW` a trailing symlink opens as itself.
+fn check_node(path: &Path, fd: OwnedFd, block: bool) -> Result<OwnedFd, ConfineError> {
+    let st = fstat(fd.as_fd()).map_err(|e| ConfineError::Io {
+        path: path.to_path_buf(),
+        what: "fstat",
+        source: e,
+    })?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFDIR => Ok(fd),
+        libc::S_IFBLK if block => Ok(fd),
+        libc::S_IFLNK => Err(ConfineError::Symlink {
+            path: path.to_path_buf(),
+        }),
+        _ => Err(ConfineError::WrongType {
+            path: path.to_path_buf(),
+            expected: "regular file or directory",
+            found: kind_name(st.st_mode),
+        }),
     }
 }
 

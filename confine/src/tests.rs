@@ -243,3 +243,42 @@ fn the_longest_matching_root_is_used_and_a_root_itself_is_not_a_file() {
     assert!(roots.contains(&s.root.join("x")));
     assert!(!roots.contains(&s.outside));
 }
+
+#[test]
+fn a_socket_dir_admits_its_sockets_and_its_vm_directories_sockets_only() {
+    let dirs = [PathBuf::from("/run/vireo/vms")];
+    for ok in ["/run/vireo/vms/a.sock", "/run/vireo/vms/web/migrate.sock"] {
+        assert!(in_socket_dir(Path::new(ok), &dirs), "{ok}");
+    }
+    for bad in [
+        "/run/vireo/vms",
+        "/run/vireo/other.sock",
+        "/run/vireo/vms/web/deeper/x.sock",
+        "/run/systemd/notify",
+    ] {
+        assert!(!in_socket_dir(Path::new(bad), &dirs), "{bad}");
+    }
+}
+
+#[test]
+fn open_path_gives_files_and_directories_and_refuses_every_symlink_on_the_way() {
+    let s = setup();
+    let roots = Roots::new(std::slice::from_ref(&s.root), &[]).unwrap();
+    let kind = |fd: &OwnedFd| fstat(fd.as_fd()).unwrap().st_mode & libc::S_IFMT;
+    let file = roots.open_path(&s.root.join("sub/inner.img")).unwrap();
+    assert_eq!(kind(&file), libc::S_IFREG);
+    let dir = roots.open_path(&s.root.join("sub")).unwrap();
+    assert_eq!(kind(&dir), libc::S_IFDIR);
+    // A disk swapped for a link to a file outside, and a directory link on the way.
+    symlink(s.outside.join("secret"), s.root.join("swapped.img")).unwrap();
+    symlink(&s.outside, s.root.join("linkdir")).unwrap();
+    for p in ["swapped.img", "linkdir", "linkdir/secret"] {
+        let e = roots.open_path(&s.root.join(p)).unwrap_err();
+        assert!(matches!(e, ConfineError::Symlink { .. }), "{p}: {e}");
+        assert!(e.to_string().contains("symlink"), "{e}");
+    }
+    let e = open_path_nofollow(&s.root.join("swapped.img")).unwrap_err();
+    assert!(matches!(e, ConfineError::Symlink { .. }), "{e}");
+    assert!(open_path_nofollow(&s.root.join("sub/inner.img")).is_ok());
+    assert!(roots.open_path(&s.outside.join("secret")).is_err());
+}

@@ -6,11 +6,15 @@
 //! - [`protocol`]: the live-migration wire protocol (framed messages, page runs).
 //! - [`transport`]: migration URLs (unix, TCP) with timeouts and keepalives.
 //! - [`pem`]: PEM certificates, keys, CA roots and CRLs, certificate names.
-//! - [`tls`]: mutual TLS (rustls) on top of either, with an allow-list of sources.
+//! - [`tls`]: mutual TLS (rustls) on top of either, with an allow-list of sources and
+//!   the CA's revocation list.
+//! - [`allowlist`]: the client certificate verifier with a host allow-list (used by
+//!   the migration listener and vireod's peer listener).
 //! - [`auth`]: every stream proves it knows the migration's one-time secret.
 //!
 //! This crate knows the formats, not the VM: the VMM decides what the state contains.
 
+pub mod allowlist;
 pub mod auth;
 pub mod memory;
 pub mod pem;

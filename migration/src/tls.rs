@@ -5,10 +5,11 @@
 //! - the destination (TLS server) presents `cert`/`key` and *requires* a client
 //!   certificate that chains to `ca` and names one of the allowed peers (its subject CN
 //!   or one of its DNS names): a certificate from the right CA for another host is
-//!   refused in the handshake ([`PeerAllowList`]);
+//!   refused in the handshake ([`PeerAllowList`]), and so is one the CA's CRL (`crl`)
+//!   revokes;
 //! - the source (TLS client) verifies the destination's certificate against `ca` for the
 //!   server name (the URL's host, or an explicit one; a unix URL needs an explicit one),
-//!   and presents its own `cert`/`key` when given.
+//!   and the CRL, and presents its own `cert`/`key` when given.
 //!
 //! In TLS 1.3 a client finishes its handshake before the server has judged the client's
 //! certificate, so a refused client would only notice at its next read. The server
@@ -19,13 +20,9 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::UnixTime;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// The byte a TLS server writes once it has accepted the client's certificate.
 pub const ACCEPTED: u8 = 0x56;
@@ -39,6 +36,9 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
     /// The CA certificate(s) the peer's certificate must chain to.
     pub ca: PathBuf,
+    /// The CA's revocation list (PEM): a peer certificate it revokes fails the
+    /// handshake. Read when the migration is requested.
+    pub crl: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ pub enum TlsError {
     NoAllowedPeers,
 }
 
-use crate::pem::{certs, key, roots};
+use crate::pem::{certs, crls, key, roots};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -78,6 +78,32 @@ fn identity(
         (None, None) => Ok(None),
         _ => Err(TlsError::CertWithoutKey),
     }
+}
+
+/// The CRLs of `files`, none without one.
+fn crls_of(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    Ok(files
+        .crl
+        .as_deref()
+        .map(crls)
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// A verifier that cannot be built: a CRL rustls does not take, or a CA without roots.
+fn bad_ca(files: &TlsFiles, e: rustls::server::VerifierBuilderError) -> TlsError {
+    use rustls::server::VerifierBuilderError as V;
+    TlsError::Pem(match (&e, &files.crl) {
+        (V::InvalidCrl(_), Some(crl)) => crate::pem::PemError::Pem {
+            what: "CRL",
+            path: crl.clone(),
+            reason: e.to_string(),
+        },
+        _ => crate::pem::PemError::BadCa {
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        },
+    })
 }
 
 fn mismatch(files: &TlsFiles, e: rustls::Error) -> TlsError {
@@ -107,11 +133,15 @@ impl ClientTls {
     /// Loads the files; `server_name` overrides the host of the URL (and is needed for
     /// a unix URL).
     pub fn load(files: &TlsFiles, server_name: Option<&str>) -> Result<Self, TlsError> {
-        let roots = roots(&files.ca)?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider())
+                .with_crls(crls_of(files)?)
+                .build()
+                .map_err(|e| bad_ca(files, e))?;
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots);
+            .with_webpki_verifier(verifier);
         let config = match identity(files)? {
             Some((chain, key)) => builder
                 .with_client_auth_cert(chain, key)
@@ -189,26 +219,16 @@ impl ServerTls {
             return Err(TlsError::NoAllowedPeers);
         }
         let (chain, key) = identity(files)?.ok_or(TlsError::ServerNeedsCert)?;
-        let provider = provider();
-        // Client certificates are required (the builder's default) and must chain to `ca`.
-        let verifier = WebPkiClientVerifier::builder_with_provider(
+        // Client certificates are required, must chain to `ca`, must not be on the CRL
+        // and must name an allowed peer.
+        let verifier = PeerAllowList::new(
             Arc::new(roots(&files.ca)?),
-            provider.clone(),
+            crls_of(files)?,
+            allowed_peers,
+            "refused a migration source: its certificate names no allowed peer",
         )
-        .build()
-        .map_err(|e| crate::pem::PemError::BadCa {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
-        let verifier = Arc::new(PeerAllowList {
-            inner: verifier,
-            // Host names compare without case (as certificate_names gives them).
-            allowed: allowed_peers
-                .iter()
-                .map(|a| a.to_ascii_lowercase())
-                .collect(),
-        });
-        let config = ServerConfig::builder_with_provider(provider)
+        .map_err(|e| bad_ca(files, e))?;
+        let config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
@@ -236,78 +256,8 @@ impl ServerTls {
     }
 }
 
-/// A client certificate verifier: the CA's verdict first (WebPKI), then the
-/// certificate's names (subject CN, DNS SANs) against the allow-list.
-#[derive(Debug)]
-pub struct PeerAllowList {
-    inner: Arc<dyn ClientCertVerifier>,
-    allowed: Vec<String>,
-}
-
+pub use crate::allowlist::PeerAllowList;
 pub use crate::pem::certificate_names;
-
-impl ClientCertVerifier for PeerAllowList {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let names = certificate_names(end_entity).map_err(|e| {
-            tracing::warn!(error = %e, "cannot read the names of a client certificate");
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
-        if names.iter().any(|n| self.allowed.iter().any(|a| a == n)) {
-            Ok(verified)
-        } else {
-            tracing::warn!(
-                peer = ?names,
-                allowed = ?self.allowed,
-                "refused a migration source: its certificate names no allowed peer"
-            );
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
 
 /// A handshake failure in words a user can act on (rustls's own, plus a hint).
 pub fn explain(e: &std::io::Error) -> String {
@@ -334,6 +284,10 @@ pub fn explain(e: &std::io::Error) -> String {
         E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
             " (the peer's certificate is not for this server name: see server_name)"
         }
+        E::AlertReceived(A::CertificateRevoked) => {
+            " (the peer's CRL revokes this side's certificate)"
+        }
+        E::InvalidCertificate(C::Revoked) => " (the CA's CRL revokes the peer's certificate)",
         E::NoCertificatesPresented => " (the peer presented no certificate)",
         E::InvalidMessage(_) => " (is the peer speaking TLS?)",
         _ => "",

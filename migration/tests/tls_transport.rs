@@ -9,8 +9,9 @@ use migration::protocol::{self, Message};
 use migration::tls::{ClientTls, ServerTls, TlsError, TlsFiles};
 use migration::transport::{MigrationUrl, TransportError};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SerialNumber,
 };
 
 /// A CA and the PEM files of certificates it signed, in a directory.
@@ -48,6 +49,8 @@ impl Ca {
         let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .unwrap();
         p.distinguished_name.push(DnType::CommonName, leaf);
+        // The leaf's name is its serial, so a CRL can name it (see `crl`).
+        p.serial_number = Some(SerialNumber::from_slice(leaf.as_bytes()));
         p.extended_key_usages = vec![if server {
             ExtendedKeyUsagePurpose::ServerAuth
         } else {
@@ -62,11 +65,40 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A CRL of this CA revoking the leaves `revoked` (by name); returns its file.
+    fn crl(&self, revoked: &[&str]) -> PathBuf {
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: SerialNumber::from(revoked.len() as u64 + 1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|leaf| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(leaf.as_bytes()),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.cert, &self.key).unwrap();
+        let path = self
+            .dir
+            .join(format!("{}-crl-{}.pem", self.name, revoked.join("-")));
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
+    }
+}
+
 fn files(cert: Option<&(PathBuf, PathBuf)>, ca: &Ca) -> TlsFiles {
     TlsFiles {
         cert: cert.map(|c| c.0.clone()),
         key: cert.map(|c| c.1.clone()),
         ca: ca.ca_file(),
+        crl: None,
     }
 }
 
@@ -246,6 +278,63 @@ fn a_client_certificate_from_the_right_ca_but_not_allowed_is_refused_in_the_hand
     // An empty allow-list is a configuration error, not "anyone from the CA".
     let e = ServerTls::load(&files(Some(&server), &ca), &[]).unwrap_err();
     assert!(matches!(e, TlsError::NoAllowedPeers), "{e}");
+}
+
+/// The CA's CRL on either side (issue 11: before, the migration TLS read no CRL and a
+/// revoked host's certificate got in as long as it chained to the CA): a destination
+/// given a CRL refuses a revoked source in the handshake, a source given one refuses a
+/// revoked destination; both say it was a revocation. The same certificates pass
+/// without the CRL, and a CRL revoking someone else changes nothing.
+#[test]
+fn a_certificate_the_crl_revokes_is_refused_on_either_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.issue("dst", &["localhost", "127.0.0.1"], true);
+    let client = ca.issue("src", &[], false);
+    let src_revoked = ca.crl(&["src"]);
+    let dst_revoked = ca.crl(&["dst"]);
+    let nobody_revoked = ca.crl(&["someone-else"]);
+    let with_crl = |cert: &(PathBuf, PathBuf), crl: Option<&PathBuf>| TlsFiles {
+        crl: crl.cloned(),
+        ..files(Some(cert), &ca)
+    };
+    let server_tls = |crl| ServerTls::load(&with_crl(&server, crl), &peers()).unwrap();
+    let client_tls = |crl| ClientTls::load(&with_crl(&client, crl), None).unwrap();
+
+    // Without a CRL, and with one revoking someone else, both get in.
+    for crl in [None, Some(&nobody_revoked)] {
+        let (src, dst) = exchange(&tcp_url(), server_tls(crl), &client_tls(crl));
+        assert_eq!((src, dst), (Ok(()), Ok(())));
+    }
+    // The destination's CRL revokes the source.
+    let (src, dst) = exchange(
+        &tcp_url(),
+        server_tls(Some(&src_revoked)),
+        &client_tls(None),
+    );
+    let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
+    assert!(dst.contains("TLS handshake failed"), "{dst}");
+    assert!(dst.contains("Revoked"), "{dst}");
+    assert!(src.contains("CertificateRevoked"), "{src}");
+    assert!(src.contains("revokes this side's certificate"), "{src}");
+    // The source's CRL revokes the destination.
+    let (src, _) = exchange(
+        &tcp_url(),
+        server_tls(None),
+        &client_tls(Some(&dst_revoked)),
+    );
+    let src = src.unwrap_err();
+    assert!(src.contains("Revoked"), "{src}");
+    assert!(
+        src.contains("the CA's CRL revokes the peer's certificate"),
+        "{src}"
+    );
+    // A CRL file that is not one is a named error at load.
+    let garbage = dir.path().join("garbage-crl.pem");
+    std::fs::write(&garbage, "not a CRL\n").unwrap();
+    let e = ServerTls::load(&with_crl(&server, Some(&garbage)), &peers()).unwrap_err();
+    assert!(e.to_string().contains("garbage-crl.pem"), "{e}");
+    assert!(e.to_string().contains("CRL"), "{e}");
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod netns;
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
 pub mod tls_certs;
+pub mod vireod_host;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

@@ -135,8 +135,9 @@ pub fn open_parent(path: &Path) -> Result<(OwnedFd, std::ffi::OsString), Confine
     }
 }
 
-/// With roots, a `unix:` migration URL's socket must be beneath a storage root or a
-/// `--socket-dir` (checked on the path: a socket is bound or connected by name).
+/// With roots, a `unix:` migration URL's socket must be beneath a storage root, in a
+/// `--socket-dir` or in a directory directly in one (vireod's `vms/NAME/`; checked on
+/// the path: a socket is bound or connected by name).
 pub fn check_url(url: &str) -> Result<(), ConfineError> {
     let (Some(path), Some(r)) = (url.strip_prefix("unix:"), roots()) else {
         return Ok(());
@@ -144,7 +145,7 @@ pub fn check_url(url: &str) -> Result<(), ConfineError> {
     let path = Path::new(path);
     confine::check_lexical(path)?;
     let dirs = SOCKET_DIRS.get().map(Vec::as_slice).unwrap_or(&[]);
-    if dirs.iter().any(|d| path.parent() == Some(d.as_path())) {
+    if confine::in_socket_dir(path, dirs) {
         return Ok(());
     }
     r.check(path)

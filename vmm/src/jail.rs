@@ -16,19 +16,71 @@
 //!    bind-mounted at the same path under `root=DIR`, plus /dev/kvm, /dev/urandom
 //!    (and /dev/net/tun for taps), and a procfs with `hidepid=invisible`; then
 //!    `pivot_root` into DIR and the old root is detached: nothing else exists;
+//!    Each path is opened once first, as an `O_PATH` descriptor: beneath its storage
+//!    root with no symlink anywhere (`openat2` `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS`,
+//!    the roots given by `--storage-root`), other paths (vireod's own run and state
+//!    directories) not through a final symlink. The bind mount's source is
+//!    `/proc/self/fd/N` and the chown is `fchownat(fd, "", AT_EMPTY_PATH)`: no lookup
+//!    after the check can be redirected by a link swapped in meanwhile. Every such
+//!    descriptor (and the roots) is closed before `pivot_root`;
 //! 3. files the VMM writes (writable disks, serial/console files, the socket
-//!    directory) are chowned to the jail's uid/gid;
+//!    directory) are chowned to the jail's uid/gid through those descriptors;
 //! 4. rlimits (open files, processes), supplementary groups dropped, gid and uid set,
 //!    every capability set cleared (bounding and ambient too), no_new_privs.
 //!
-//! Not done here: a PID namespace (it needs a fork with a waiting parent; the VMM
-//! would no longer be its supervisor's child).
+//! ## The PID namespace: made by the launcher, not here
+//! `unshare(CLONE_NEWPID)` moves only the caller's future children, so Firecracker's
+//! jailer forks after it and the VMM becomes the child of a jailer that has to stay to
+//! reap it (or exits, and the VMM is nobody's child). Vireo's supervisor (vireod's
+//! direct launcher) instead clones `vireo` straight into a new PID namespace
+//! (`clone3(CLONE_NEWPID | CLONE_PIDFD)`): the VMM is PID 1 there and still vireod's own
+//! child. There is no second process; the pid vireod reports, the pidfd it signals
+//! through and the status it reaps are the VMM's own. Its procfs (mounted here, after
+//! the clone) shows only the namespace's processes: itself.
+//!
+//! The price of being a namespace's init: the kernel delivers to it no signal it has
+//! no handler for, not even its own `abort()` (SIGKILL from vireod still works). So a
+//! `vireo` that is PID 1 ([`is_namespace_init`]) catches the signals that would have
+//! ended it ([`INIT_FATAL_SIGNALS`]: SIGHUP, SIGINT, SIGABRT of a panic, SIGTERM) and
+//! exits with status 128+N, which vireod records as that signal.
 
 use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// `--jail uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,cgroup=NAME]
+/// The signals that end a `vireo` by default and that, as PID 1 of its namespace, it
+/// must catch to end at all (vireod's launcher maps status 128+N back to them).
+pub const INIT_FATAL_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGHUP, libc::SIGINT, libc::SIGABRT, libc::SIGTERM];
+
+/// Whether this process is the init (PID 1) of its PID namespace.
+pub fn is_namespace_init() -> bool {
+    std::process::id() == 1
+}
+
+/// As PID 1 of a PID namespace: each of [`INIT_FATAL_SIGNALS`] ends the process with
+/// status 128+N (a panic's abort included), as the signal would have without the
+/// namespace. Does nothing in any other process.
+pub fn end_on_fatal_signals_as_init() {
+    if !is_namespace_init() {
+        return;
+    }
+    extern "C" fn on_fatal(sig: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe and allowed by every seccomp filter.
+        unsafe { libc::_exit(128 + sig) };
+    }
+    for sig in INIT_FATAL_SIGNALS {
+        // SAFETY: a zeroed sigaction with a valid handler is well formed.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_fatal as *const () as usize;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// `--jail uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,bind_ro=PATH]...[,cgroup=NAME]
 /// [,memory_max=BYTES][,pids_max=N][,nofile=N][,nproc=N]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailConfig {
@@ -39,6 +91,9 @@ pub struct JailConfig {
     /// Extra paths (files or directories) visible read-write at the same path: where
     /// snapshots go, restore comes from, storage migrations write.
     pub binds: Vec<PathBuf>,
+    /// Extra paths visible read-only at the same path, not chowned: what a VMM that
+    /// waits for an incoming VM will read (its kernel, read-only disks).
+    pub read_only: Vec<PathBuf>,
     pub cgroup: Option<String>,
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
@@ -50,6 +105,8 @@ pub struct JailConfig {
 pub enum JailError {
     #[error("--jail: {0}")]
     Parse(String),
+    #[error("jail: {0}")]
+    Confine(#[from] confine::ConfineError),
     #[error("jail: cgroup v2: {0}")]
     Cgroup2(#[from] crate::cgroup2::Cgroup2Error),
     #[error("jail: {what}: {source}")]
@@ -89,6 +146,7 @@ impl std::str::FromStr for JailConfig {
             root: PathBuf::new(),
             netns: None,
             binds: Vec::new(),
+            read_only: Vec::new(),
             cgroup: None,
             memory_max: None,
             pids_max: None,
@@ -109,6 +167,7 @@ impl std::str::FromStr for JailConfig {
                 "root" => root = Some(PathBuf::from(v)),
                 "netns" => cfg.netns = Some(PathBuf::from(v)),
                 "bind" => cfg.binds.push(PathBuf::from(v)),
+                "bind_ro" => cfg.read_only.push(PathBuf::from(v)),
                 "cgroup" => {
                     if v.is_empty() || v.contains('/') || v.starts_with('.') {
                         return Err(err(format!("cgroup={v}: expected a plain name")));
@@ -167,7 +226,16 @@ impl JailPath {
 }
 
 /// Confines the calling (single-threaded) process; see the module documentation.
-pub fn enter(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<(), JailError> {
+/// `storage_roots` and `block_devices` (`--storage-root`, `--allow-block-device`): the
+/// paths beneath a root are opened through it (opened in the jail's new mount namespace,
+/// so that its descriptors can be bind sources, and closed before `pivot_root`).
+pub fn enter(
+    cfg: &JailConfig,
+    paths: &[JailPath],
+    devices: &[&str],
+    storage_roots: &[PathBuf],
+    block_devices: &[PathBuf],
+) -> Result<(), JailError> {
     // The VMM opens them later by the names it was given, from inside the jail, whose
     // working directory is its root.
     if let Some(p) = paths.iter().find(|p| !p.path.is_absolute()) {
@@ -198,7 +266,11 @@ pub fn enter(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<(
     // private 077 (files the VMM creates later are private again).
     // SAFETY: umask only changes this process's file mode creation mask.
     let private = unsafe { libc::umask(0o022) };
-    let built = build_root(cfg, paths, devices);
+    let built = (!storage_roots.is_empty())
+        .then(|| confine::Roots::new(storage_roots, block_devices))
+        .transpose()
+        .map_err(JailError::from)
+        .and_then(|roots| build_root(cfg, paths, devices, roots));
     // SAFETY: as above; puts the caller's mask back.
     unsafe { libc::umask(private) };
     built?;
@@ -277,19 +349,80 @@ fn mount(
     check(r, format!("mount {}", target.display()))
 }
 
-/// Creates `target` (an empty file, or a directory if `source` is one) and binds
-/// `source` onto it.
-fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
+/// A path the jail shows, opened before anything else is done with it.
+struct Opened {
+    path: PathBuf,
+    fd: std::os::fd::OwnedFd,
+    dir: bool,
+    writable: bool,
+}
+
+/// Opens `p` as an `O_PATH` descriptor: beneath its storage root when `roots` has one
+/// for it (no symlink anywhere), else not through a final symlink. A writable file that
+/// does not exist is created first (0600, `O_EXCL|O_NOFOLLOW`, chowned later).
+fn open_for_jail(p: &JailPath, roots: Option<&confine::Roots>) -> Result<Opened, JailError> {
+    let path = p.path.as_path();
+    let beneath = roots.filter(|r| r.contains(path));
+    let open = || match beneath {
+        Some(r) => r.open_path(path),
+        None => confine::open_path_nofollow(path),
+    };
+    let fd = match open() {
+        Err(confine::ConfineError::Io { source, .. })
+            if p.writable && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            create_private(path, beneath)?;
+            open()?
+        }
+        other => other?,
+    };
+    let st = confine::fstat(fd.as_fd()).map_err(sys(format!("fstat {}", path.display())))?;
+    Ok(Opened {
+        path: path.to_path_buf(),
+        fd,
+        dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+        writable: p.writable,
+    })
+}
+
+/// Creates the empty private file `path` (beneath its root when there is one).
+fn create_private(path: &Path, roots: Option<&confine::Roots>) -> Result<(), JailError> {
+    match roots {
+        Some(r) => r.create_file_private(path).map(drop)?,
+        None => {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map(drop)
+                .map_err(sys(format!("create {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// `/proc/self/fd/N` of an opened path: a mount source the kernel takes from the
+/// descriptor itself, with no lookup that a link could redirect.
+fn fd_source(o: &Opened) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", o.fd.as_raw_fd()))
+}
+
+/// Creates `target` in the jail's own tmpfs (an empty file, or a directory if the
+/// opened path is one) and binds the opened path onto it (read-only unless writable).
+fn bind(o: &Opened, target: &Path) -> Result<(), JailError> {
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(sys(format!("create {}", parent.display())))?;
     }
-    if source.is_dir() {
+    if o.dir {
         std::fs::create_dir_all(target).map_err(sys(format!("create {}", target.display())))?;
     } else if !target.exists() {
         std::fs::File::create(target).map_err(sys(format!("create {}", target.display())))?;
     }
-    mount(Some(source), target, None, libc::MS_BIND, None)?;
-    if read_only {
+    mount(Some(&fd_source(o)), target, None, libc::MS_BIND, None)?;
+    if !o.writable {
         mount(
             None,
             target,
@@ -299,6 +432,24 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), JailError> 
         )?;
     }
     Ok(())
+}
+
+/// Gives an opened path to the jail's uid/gid through its descriptor.
+fn fchown(o: &Opened, cfg: &JailConfig) -> Result<(), JailError> {
+    // SAFETY: fchownat on a valid descriptor with an empty path and AT_EMPTY_PATH (which
+    // an O_PATH descriptor allows): it changes that file and follows no link.
+    check(
+        unsafe {
+            libc::fchownat(
+                o.fd.as_raw_fd(),
+                c"".as_ptr(),
+                cfg.uid,
+                cfg.gid,
+                libc::AT_EMPTY_PATH,
+            )
+        },
+        format!("chown {}", o.path.display()),
+    )
 }
 
 /// A node for the host's device `source` at `target`, owned by the jail's uid and
@@ -324,7 +475,12 @@ fn chown(path: &Path, cfg: &JailConfig) -> Result<(), JailError> {
         .map_err(sys(format!("chown {}", path.display())))
 }
 
-fn build_root(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<(), JailError> {
+fn build_root(
+    cfg: &JailConfig,
+    paths: &[JailPath],
+    devices: &[&str],
+    roots: Option<confine::Roots>,
+) -> Result<(), JailError> {
     let root = &cfg.root;
     // Nothing mounted from here on propagates back to the host.
     mount(
@@ -346,35 +502,36 @@ fn build_root(cfg: &JailConfig, paths: &[JailPath], devices: &[&str]) -> Result<
         Some("mode=0755,size=1m"),
     )?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    // Each path is opened once, with the confinement rules (beneath its storage root
+    // without any symlink; elsewhere not through a final symlink); its type, chown and
+    // bind all go through that descriptor, so a path swapped for a link (e.g. a disk
+    // replaced by a link to another file after it was defined) is refused, and one
+    // swapped after the check is never looked up again.
+    let opened = paths
+        .iter()
+        .map(|p| open_for_jail(p, roots.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
     // A path inside a directory that is bound anyway is not bound again: a file mount
     // on top of it could not be renamed or deleted (a storage migration's
     // delete_source) inside the jail.
-    let dirs: Vec<&Path> = paths
+    let dirs: Vec<&Path> = opened
         .iter()
-        .map(|p| p.path.as_path())
-        .filter(|p| p.is_dir())
+        .filter(|o| o.dir)
+        .map(|o| o.path.as_path())
         .collect();
-    for p in paths {
-        let path = p.path.as_path();
-        if p.writable {
-            if !path.exists() {
-                // Private to the jail's uid (chowned below), never through a link.
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(path)
-                    .map_err(sys(format!("create {}", path.display())))?;
-            }
-            chown(path, cfg)?;
+    for o in &opened {
+        if o.writable {
+            fchown(o, cfg)?;
         }
-        if dirs.iter().any(|d| path != *d && path.starts_with(d)) {
+        if dirs.iter().any(|d| o.path != *d && o.path.starts_with(d)) {
             continue;
         }
-        bind(path, &inside(path), !p.writable)?;
+        bind(o, &inside(&o.path))?;
     }
+    // No descriptor of a host file or directory may outlive pivot_root: it would reach
+    // the host's tree from inside the jail.
+    drop(opened);
+    drop(roots);
     for dev in devices {
         device_node(Path::new(dev), &inside(Path::new(dev)), cfg)?;
     }
@@ -467,12 +624,13 @@ mod tests {
     #[test]
     fn parses_a_full_jail_option() {
         let c: JailConfig = "uid=100001,gid=100002,root=/srv/jail/vm1,netns=/run/netns/a,\
-                             bind=/snap,bind=/dst,cgroup=vm1,memory_max=1073741824,pids_max=64"
+                             bind=/snap,bind=/dst,bind_ro=/k,cgroup=vm1,memory_max=1073741824,pids_max=64"
             .parse()
             .unwrap();
         assert_eq!((c.uid, c.gid), (100001, 100002));
         assert_eq!(c.root, PathBuf::from("/srv/jail/vm1"));
         assert_eq!(c.binds, vec![PathBuf::from("/snap"), PathBuf::from("/dst")]);
+        assert_eq!(c.read_only, vec![PathBuf::from("/k")]);
         assert_eq!((c.memory_max, c.pids_max), (Some(1 << 30), Some(64)));
     }
 

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
@@ -68,10 +69,10 @@ struct Cli {
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Confine this VMM before it opens anything (run as root):
-    /// uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,cgroup=NAME][,memory_max=BYTES]
+    /// uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,bind_ro=PATH]...[,cgroup=NAME][,memory_max=BYTES]
     /// [,pids_max=N][,nofile=N][,nproc=N]. Own uid/gid, new mount/IPC/UTS namespaces
     /// rooted in DIR where only the paths this VM names (and bind= extras, e.g. a
-    /// snapshot directory) exist at their usual paths, no capabilities, no_new_privs,
+    /// snapshot directory; bind_ro= read-only ones) exist at their usual paths, no capabilities, no_new_privs,
     /// rlimits, cgroup v1 memory/pids limits. Files it writes (writable disks, serial
     /// and console files, the API socket's directory, bind= paths) are chowned to U:G.
     #[arg(long)]
@@ -191,6 +192,45 @@ fn parse_restore(s: &str) -> Result<(PathBuf, bool), CliError> {
         .ok_or_else(|| CliError::Restore("missing source_url=file:///DIR".into()))
 }
 
+/// The parents of a differencing VHDX, found as the VMM will find them (beneath the
+/// storage roots when there are any), to be bound read-only into the jail. An image
+/// that does not open is left to the VMM to report.
+fn vhdx_parents(disk: &config::DiskConfig, roots: Option<&Arc<confine::Roots>>) -> Vec<PathBuf> {
+    let is_vhdx = match disk.format {
+        Some(f) => f == config::DiskFormat::Vhdx,
+        None => disk.path.extension().is_some_and(|e| e == "vhdx"),
+    };
+    if !is_vhdx {
+        return Vec::new();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (record, roots) = (seen.clone(), roots.cloned());
+    let opener = vhdx::ParentOpener(Arc::new(move |_child, candidate| {
+        let opened = match &roots {
+            Some(r) => r.open_file(candidate, false).map_err(|e| e.to_string()),
+            None => std::fs::File::open(candidate).map_err(|e| e.to_string()),
+        };
+        match opened {
+            Ok(f) => {
+                if let Ok(mut s) = record.lock() {
+                    s.push(candidate.to_path_buf());
+                }
+                Ok(Some(f))
+            }
+            Err(_) => Ok(None),
+        }
+    }));
+    let opts = vhdx::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        parent_opener: Some(opener),
+        ..Default::default()
+    };
+    let _ = vhdx::Vhdx::open(&disk.path, opts);
+    let found = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    found
+}
+
 /// What a jailed VMM needs to see: every path the VM names, at its usual path.
 fn jail_paths(
     cli: &Cli,
@@ -211,11 +251,33 @@ fn jail_paths(
         if let Some(rd) = &cfg.payload.initramfs {
             paths.push(JailPath::read_only(rd));
         }
+        // Checked against the roots as the VMM will (opened here, outside the jail,
+        // only to find the chain; dropped before the jail).
+        let roots = (!cli.storage_root.is_empty())
+            .then(|| confine::Roots::new(&cli.storage_root, &cli.allow_block_device).ok())
+            .flatten()
+            .map(Arc::new);
         for d in &cfg.disks {
             paths.push(JailPath {
                 path: d.path.clone(),
                 writable: !d.readonly,
             });
+            paths.extend(
+                vhdx_parents(d, roots.as_ref())
+                    .into_iter()
+                    .map(JailPath::read_only),
+            );
+            // A clustered disk's fencing record beside it is read and rewritten in
+            // place (made empty here if missing: an empty record holds no token).
+            if d.fencing_token.is_some() {
+                paths.push(JailPath::writable(vmm::fencing::record_path(&d.path)));
+            }
+            // A replicated disk's change log directory is written too (made here if
+            // missing: the jail would otherwise make an empty file at its path).
+            if let Some(log) = &d.replica_log {
+                let _ = std::fs::create_dir_all(log);
+                paths.push(JailPath::writable(log));
+            }
         }
         output(&cfg.serial, &mut paths);
         output(&cfg.console, &mut paths);
@@ -248,15 +310,42 @@ fn jail_paths(
         paths.push(JailPath::writable(dir));
     }
     paths.extend(jail.binds.iter().map(JailPath::writable));
+    // Read-only extras that do not exist are left to the VMM to report when it opens
+    // them (a receiving VMM's disks come with the VM).
+    paths.extend(
+        jail.read_only
+            .iter()
+            .filter(|p| p.exists())
+            .map(JailPath::read_only),
+    );
     paths
 }
 
+/// Opens the storage roots (`--storage-root`); a jailed VMM does it inside its jail.
+fn set_storage_roots(cli: &Cli, roots: &[PathBuf]) -> Result<(), CliError> {
+    let roots = confine::Roots::new(roots, &cli.allow_block_device).map_err(CliError::Roots)?;
+    vmm::confinement::set_roots(roots);
+    vmm::confinement::set_socket_dirs(cli.socket_dir.clone());
+    Ok(())
+}
+
+/// The storage roots as seen inside the jail: a root's directory descriptor opened
+/// before `pivot_root` would still reach the host's directory (every file of it the
+/// jail's uid may read), so the roots are opened after it, where only the VM's own
+/// files exist. A root nothing of the VM is under does not exist there and is left
+/// out; if none is left, the jail's root (which holds only the VM's files) is the one.
+fn roots_inside_the_jail(given: &[PathBuf]) -> Vec<PathBuf> {
+    let inside: Vec<PathBuf> = given.iter().filter(|r| r.is_dir()).cloned().collect();
+    if inside.is_empty() {
+        vec![PathBuf::from("/")]
+    } else {
+        inside
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    if !cli.storage_root.is_empty() {
-        let roots = confine::Roots::new(&cli.storage_root, &cli.allow_block_device)
-            .map_err(CliError::Roots)?;
-        vmm::confinement::set_roots(roots);
-        vmm::confinement::set_socket_dirs(cli.socket_dir.clone());
+    if !cli.storage_root.is_empty() && cli.jail.is_none() {
+        set_storage_roots(&cli, &cli.storage_root)?;
     }
     let cfg = vm_config(&cli)?;
     let restore = cli.restore.as_deref().map(parse_restore).transpose()?;
@@ -275,7 +364,21 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if cfg.as_ref().is_some_and(|c| !c.nets.is_empty()) {
             devices.push("/dev/net/tun");
         }
-        vmm::jail::enter(jail, &paths, &devices)?;
+        // systemd's notify socket is not in the jail: connect to it first.
+        notify::connect_early();
+        // The paths beneath the storage roots are bound and chowned through descriptors
+        // opened beneath them (no symlinks); the jail closes those roots before it
+        // pivots, and the VMM opens its own inside.
+        vmm::jail::enter(
+            jail,
+            &paths,
+            &devices,
+            &cli.storage_root,
+            &cli.allow_block_device,
+        )?;
+        if !cli.storage_root.is_empty() {
+            set_storage_roots(&cli, &roots_inside_the_jail(&cli.storage_root))?;
+        }
     }
     let filters = Filters::new(cli.seccomp)?;
     if cli.seccomp != SeccompMode::Off {
@@ -370,6 +473,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     vmm::panic::install_abort_hook();
+    // Cloned into its own PID namespace by vireod (a jailed VMM): signals that would end
+    // it must be caught to end it at all.
+    vmm::jail::end_on_fatal_signals_as_init();
     vmm::seccomp::keep_malloc_off_the_filesystem();
     let cli = Cli::parse();
     match run(cli) {

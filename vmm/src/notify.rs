@@ -6,12 +6,13 @@
 
 use std::ffi::OsString;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::OnceLock;
 
-/// An open way to `$NOTIFY_SOCKET`: the socket is made once (before the thread's
-/// seccomp filter, which allows sending but is best not asked to create sockets).
+/// An open way to `$NOTIFY_SOCKET`: the socket is made and connected once (before the
+/// thread's seccomp filter, which allows sending but is best not asked to create
+/// sockets, and before a jail hides the socket's path).
 pub struct Notifier {
     sock: UnixDatagram,
-    addr: SocketAddr,
 }
 
 fn address(path: &OsString) -> std::io::Result<SocketAddr> {
@@ -24,13 +25,25 @@ fn address(path: &OsString) -> std::io::Result<SocketAddr> {
     }
 }
 
+/// The connection [`connect_early`] made, shared by every later notifier.
+static EARLY: OnceLock<Option<Notifier>> = OnceLock::new();
+
+/// Connects to `$NOTIFY_SOCKET` now: a jailed VMM (`--jail`) no longer sees its path
+/// once confined, and a connected socket keeps reaching it.
+pub fn connect_early() {
+    EARLY.get_or_init(Notifier::connect);
+}
+
 impl Notifier {
-    /// From `$NOTIFY_SOCKET`; None without it (or if it is unusable: logged).
-    pub fn from_env() -> Option<Self> {
+    fn connect() -> Option<Self> {
         let path = std::env::var_os("NOTIFY_SOCKET")?;
-        let made = address(&path).and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
+        let made = address(&path).and_then(|addr| {
+            let sock = UnixDatagram::unbound()?;
+            sock.connect_addr(&addr)?;
+            Ok(sock)
+        });
         match made {
-            Ok((sock, addr)) => Some(Self { sock, addr }),
+            Ok(sock) => Some(Self { sock }),
             Err(e) => {
                 tracing::warn!(error = %e, socket = ?path, "unusable NOTIFY_SOCKET");
                 None
@@ -38,9 +51,21 @@ impl Notifier {
         }
     }
 
+    /// From `$NOTIFY_SOCKET` (the connection of [`connect_early`] if it was made);
+    /// None without it (or if it is unusable: logged).
+    pub fn from_env() -> Option<Self> {
+        match EARLY.get() {
+            Some(early) => early
+                .as_ref()
+                .and_then(|n| n.sock.try_clone().ok())
+                .map(|sock| Self { sock }),
+            None => Self::connect(),
+        }
+    }
+
     /// Sends `state` (e.g. "READY=1"); false if it failed (logged).
     pub fn send(&self, state: &str) -> bool {
-        match self.sock.send_to_addr(state.as_bytes(), &self.addr) {
+        match self.sock.send(state.as_bytes()) {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, state, "cannot notify systemd");

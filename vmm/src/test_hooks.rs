@@ -10,6 +10,10 @@
 //! - `VIREO_TEST_OPEN=PATH`: once confined, the control thread tries to open PATH and
 //!   prints `vireo: test hook: open PATH: <outcome>` (a jailed VMM must not reach host
 //!   files).
+//! - `VIREO_TEST_OPEN_BENEATH=PATH`: the same through the storage roots
+//!   (`vmm::confinement::open_read`, as disks and kernels are opened), printing
+//!   `vireo: test hook: open beneath PATH: <outcome>` (a root's descriptor must not
+//!   reach past the jail).
 //! - `VIREO_FAULT=<point>[,<point>...]`: the VMM dies by SIGKILL when it reaches a named
 //!   point, exactly as a crash there would end it (no destructors, no flush, no goodbye
 //!   on any socket). Points: `kill-after-commit` (the migration source, right after it
@@ -67,8 +71,19 @@ pub fn probe_syscall(thread: &str) {
     eprintln!("vireo: test hook: {call} on the {thread} thread returned {r}");
 }
 
-/// Tries to open `VIREO_TEST_OPEN` and prints the outcome.
+/// Tries to open `VIREO_TEST_OPEN` (and `VIREO_TEST_OPEN_BENEATH` through the storage
+/// roots) and prints the outcome.
 pub fn probe_open() {
+    if let Some(path) = std::env::var_os("VIREO_TEST_OPEN_BENEATH") {
+        let outcome = match crate::confinement::open_read(std::path::Path::new(&path)) {
+            Ok(_) => "opened".to_string(),
+            Err(e) => format!("refused: {e}"),
+        };
+        eprintln!(
+            "vireo: test hook: open beneath {}: {outcome}",
+            std::path::Path::new(&path).display()
+        );
+    }
     if let Some(path) = std::env::var_os("VIREO_TEST_OPEN") {
         let outcome = match std::fs::File::open(&path) {
             Ok(_) => "opened".to_string(),

@@ -108,7 +108,9 @@ enum PkiCommand {
     /// Revoke a host certificate: add its serial to CA_DIR/revoked and write
     /// CA_DIR/ca.crl (signed by the CA) with every revoked one. Give ca.crl to each
     /// vireod (--tls-crl) and send it SIGHUP: the revoked host is refused from its
-    /// next handshake on. A replacement for a host: `pki issue` into a new directory.
+    /// next handshake on (the VMMs vireod starts for migrations read the file at each
+    /// migration, before any SIGHUP). A replacement for a host: `pki issue` into a new
+    /// directory.
     Revoke {
         #[arg(long)]
         ca_dir: PathBuf,

@@ -18,7 +18,8 @@ struct Cli {
     /// Inventory database and per-VM logs.
     #[arg(long, default_value = "/var/lib/vireo")]
     state_dir: PathBuf,
-    /// vireod's socket and the VMs' sockets (vms/NAME.sock), runtime configs and pid files.
+    /// vireod's socket, the VMs' run directories (vms/NAME/: API socket), runtime
+    /// configs and pid files (vms/NAME.json, vms/NAME.pid), jail roots (jail/NAME).
     #[arg(long, default_value = "/run/vireo")]
     run_dir: PathBuf,
     /// vireod's API socket (default: <run-dir>/vireod.sock).
@@ -137,6 +138,12 @@ struct Cli {
     /// the --peer list get in). The full API stays on the unix socket.
     #[arg(long, requires_all = ["tls_cert", "peer"])]
     listen: Option<std::net::SocketAddr>,
+    /// The TCP ports receiving VMMs listen on for migrations from peers, FIRST-LAST
+    /// (on the --listen address; default: any free port). A port in use is skipped;
+    /// when every port is taken an incoming migration is refused (503). Open exactly
+    /// this range (and --listen) in the firewall.
+    #[arg(long, value_name = "FIRST-LAST", requires = "listen")]
+    migration_ports: Option<agent::migration_ports::PortRange>,
     /// The API socket of another vireod on this host that VMs may be migrated to
     /// (`destination_agent` names it; its VMs' sockets are in `vms/` beside it).
     /// Repeatable; no other socket path is accepted as a destination.
@@ -157,6 +164,15 @@ struct Cli {
     /// The largest segment a primary may send (bytes, compressed and decompressed).
     #[arg(long, default_value_t = agent::replica_server::DEFAULT_MAX_SEGMENT)]
     replica_max_segment: u64,
+    /// The uids (each also the gid) vireod gives its VMs, one per VM for its whole
+    /// life: running as root, vireod jails every VMM (`vireo --jail`: that uid, no
+    /// capabilities, its own mount and PID namespaces, a root holding only its files).
+    /// Keep the range free of other users.
+    #[arg(long, value_name = "FIRST-LAST", default_value = agent::jailing::DEFAULT_JAIL_UIDS)]
+    jail_uids: agent::jailing::JailIds,
+    /// Run the VMMs unjailed, as vireod's user (logged as a warning).
+    #[arg(long)]
+    no_jail: bool,
     /// Join a failover cluster on etcd: its client URLs, comma-separated
     /// (`http://10.0.0.1:2379,...`). See docs/cluster.md.
     #[arg(long, value_name = "URL[,URL...]", requires = "node_name")]
@@ -164,6 +180,30 @@ struct Cli {
     /// This node's name in the cluster (unique among its nodes).
     #[arg(long, requires = "cluster_etcd")]
     node_name: Option<String>,
+}
+
+/// Whether (and with which uids) the VMMs are jailed.
+fn jail_uids(cli: &Cli, systemd_units: bool) -> Option<agent::jailing::JailIds> {
+    if cli.no_jail {
+        warn!("--no-jail: every VMM runs unconfined as vireod's user (root)");
+        return None;
+    }
+    if systemd_units {
+        // vireo@.service takes away what `vireo --jail` needs (CAP_SYS_ADMIN, CAP_SETUID,
+        // namespaces); the unit's own sandbox confines the VMM instead (docs/security.md).
+        warn!("systemd launcher: VMMs run in the hardened vireo@ units, not in vireo's jail");
+        return None;
+    }
+    if !agent::jailing::running_as_root() {
+        info!("not running as root: VMMs run as vireod's user, unjailed");
+        return None;
+    }
+    info!(
+        first = cli.jail_uids.first,
+        last = cli.jail_uids.last,
+        "VMMs are jailed, each with its own uid"
+    );
+    Some(cli.jail_uids)
 }
 
 /// The roles' groups from the command line (`--socket-group` counts as an operators
@@ -235,10 +275,10 @@ async fn run(
     mut hup_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let launcher_kind = cli.launcher;
-    let cgroups = if launcher_kind == agent::launcher::LauncherKind::Systemd
+    let systemd_units = launcher_kind == agent::launcher::LauncherKind::Systemd
         || (launcher_kind == agent::launcher::LauncherKind::Auto
-            && agent::launcher::systemd_booted())
-    {
+            && agent::launcher::systemd_booted());
+    let cgroups = if systemd_units {
         // systemd places its units itself (vireo.slice).
         agent::cgroup::CpuCgroups::off()
     } else {
@@ -288,8 +328,12 @@ async fn run(
         incoming_timeout: Duration::from_secs(cli.incoming_timeout_s),
         identity,
         listen: cli.listen,
+        migration_ports: cli
+            .migration_ports
+            .map(agent::migration_ports::PortPool::new),
         storage_roots: cli.storage_root.clone(),
         block_devices: cli.allow_block_device.clone(),
+        jail_uids: jail_uids(&cli, systemd_units),
         peer_sockets: cli.peer_socket.clone(),
     };
     let policy = policy(&cli)?;

@@ -57,12 +57,68 @@ pub struct LaunchSpec {
     pub socket_dirs: Vec<PathBuf>,
     /// The guest's RAM in bytes, when known (cgroup v2 memory.max).
     pub memory: Option<u64>,
+    /// Confine the VMM (`vireo --jail`; the direct launcher also gives it its own PID
+    /// namespace). None: it runs as vireod's user, unconfined (`vireod --no-jail`).
+    pub jail: Option<JailSpec>,
+}
+
+/// What `vireo --jail` gets from vireod for one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailSpec {
+    /// The VM's own uid, also its gid (`vireod --jail-uids`).
+    pub uid: u32,
+    /// The jail's root (a tmpfs the VMM mounts in its own mount namespace).
+    pub root: PathBuf,
+    /// The network namespace the VMM joins, if any.
+    pub netns: Option<PathBuf>,
+    /// Directories and files it needs at run time beyond what its configuration names,
+    /// chowned to `uid` by the jail: the VM's own run directory (API and migration
+    /// sockets, files vireod hands it), a receiving VMM's console file, disks and
+    /// `storage_dir`.
+    pub binds: Vec<PathBuf>,
+    /// Files it only reads that its configuration does not name at launch (a
+    /// receiving VMM's kernel, initramfs and read-only disks): not chowned.
+    pub read_only: Vec<PathBuf>,
+}
+
+impl JailSpec {
+    /// `uid=U,gid=U,root=DIR[,netns=PATH][,bind=PATH]...`; a path with a `,` could not
+    /// be told apart from the next option and is refused.
+    pub fn option(&self) -> Result<OsString, AgentError> {
+        let mut o = OsString::from(format!("uid={0},gid={0},root=", self.uid));
+        let path = |key: &str, p: &Path, o: &mut OsString| {
+            if p.as_os_str().as_encoded_bytes().contains(&b',') {
+                return Err(AgentError::BadConfig(format!(
+                    "{}: a path with ',' cannot be given to a jailed VMM",
+                    p.display()
+                )));
+            }
+            o.push(key);
+            o.push(p);
+            Ok(())
+        };
+        path("", &self.root, &mut o)?;
+        if let Some(ns) = &self.netns {
+            path(",netns=", ns, &mut o)?;
+        }
+        for b in &self.binds {
+            path(",bind=", b, &mut o)?;
+        }
+        for b in &self.read_only {
+            path(",bind_ro=", b, &mut o)?;
+        }
+        Ok(o)
+    }
 }
 
 impl LaunchSpec {
     /// The VMM's arguments (after the program name).
-    pub fn argv(&self) -> Vec<OsString> {
+    pub fn argv(&self) -> Result<Vec<OsString>, AgentError> {
         let mut v: Vec<OsString> = Vec::new();
+        if let Some(jail) = &self.jail {
+            v.push("--jail".into());
+            v.push(jail.option()?);
+        }
         match &self.args {
             VmmArgs::Boot { config } => {
                 v.push("--config".into());
@@ -91,7 +147,7 @@ impl LaunchSpec {
                 v.push(d.into());
             }
         }
-        v
+        Ok(v)
     }
 }
 
@@ -258,10 +314,26 @@ pub struct Handle {
     pidfd: Arc<OwnedFd>,
 }
 
+/// vireod's own child, which it reaps.
+enum Reap {
+    /// Started through `std::process::Command`.
+    Command(Child),
+    /// Cloned into its own PID namespace ([`direct`]): reaped with waitpid. It is that
+    /// namespace's init, which no signal without a handler can end (only SIGKILL from
+    /// here): `vireo` then ends with status 128+N for the fatal signals it catches
+    /// ([`NAMESPACE_INIT_SIGNALS`]), reported as that signal.
+    NamespaceInit(i32),
+}
+
+/// The signals a jailed `vireo`, init of its PID namespace, turns into exit status
+/// 128+N (the same list as `vmm::jail::INIT_FATAL_SIGNALS`).
+pub const NAMESPACE_INIT_SIGNALS: [i32; 4] =
+    [libc::SIGHUP, libc::SIGINT, libc::SIGABRT, libc::SIGTERM];
+
 /// Waits for the end of the process (owned by the one task that watches it).
 pub struct Watch {
     pidfd: AsyncFd<Arc<OwnedFd>>,
-    child: Option<Child>,
+    child: Option<Reap>,
     pid: i32,
     /// A process systemd started: how to ask it for the exit status.
     unit: Option<systemd::StatusQuery>,
@@ -353,7 +425,8 @@ impl Watch {
     /// The exit, if the process has ended.
     pub fn try_exit(&mut self) -> Option<Exit> {
         match &mut self.child {
-            Some(c) => match c.try_wait() {
+            Some(Reap::NamespaceInit(pid)) => reap_namespace_init(*pid),
+            Some(Reap::Command(c)) => match c.try_wait() {
                 Ok(Some(st)) => Some(Exit {
                     status: st.code(),
                     signal: st.signal(),
@@ -372,9 +445,51 @@ impl Watch {
     }
 }
 
+/// waitpid(WNOHANG) of a child cloned into its own PID namespace; 128+N of a signal
+/// in [`NAMESPACE_INIT_SIGNALS`] is reported as that signal.
+fn reap_namespace_init(pid: i32) -> Option<Exit> {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child's pid with a valid status pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r == 0 {
+        return None;
+    }
+    if r < 0 {
+        return Some(Exit {
+            status: None,
+            signal: None,
+        });
+    }
+    if libc::WIFSIGNALED(status) {
+        return Some(Exit {
+            status: None,
+            signal: Some(libc::WTERMSIG(status)),
+        });
+    }
+    let code = libc::WEXITSTATUS(status);
+    match code.checked_sub(128) {
+        Some(sig) if NAMESPACE_INIT_SIGNALS.contains(&sig) => Some(Exit {
+            status: None,
+            signal: Some(sig),
+        }),
+        _ => Some(Exit {
+            status: Some(code),
+            signal: None,
+        }),
+    }
+}
+
 fn watch(pid: i32, child: Option<Child>) -> Result<(Handle, Watch), std::io::Error> {
-    let start_ticks = procfs::stat(pid).map(|s| s.start_ticks).unwrap_or(0);
     let pidfd = Arc::new(pidfd_open(pid)?);
+    watch_with(pid, pidfd, child.map(Reap::Command))
+}
+
+fn watch_with(
+    pid: i32,
+    pidfd: Arc<OwnedFd>,
+    child: Option<Reap>,
+) -> Result<(Handle, Watch), std::io::Error> {
+    let start_ticks = procfs::stat(pid).map(|s| s.start_ticks).unwrap_or(0);
     // SAFETY: the AsyncFd holds a clone of the Arc, so the pidfd stays open and is the
     // same descriptor for the AsyncFd's whole life.
     let registered =
@@ -524,9 +639,10 @@ mod tests {
             block_devices: Vec::new(),
             socket_dirs: vec!["/run/vireo/vms".into()],
             memory: None,
+            jail: None,
         };
         assert_eq!(
-            spec.argv(),
+            spec.argv().unwrap(),
             [
                 "--config",
                 "/run/vireo/vms/web.json",
@@ -538,7 +654,7 @@ mod tests {
             serial: "/var/lib/vireo/vms/web/serial.log".into(),
         };
         assert_eq!(
-            spec.argv(),
+            spec.argv().unwrap(),
             [
                 "--serial",
                 "file=/var/lib/vireo/vms/web/serial.log",
@@ -546,6 +662,45 @@ mod tests {
                 "/run/vireo/vms/web.sock"
             ]
         );
+    }
+
+    #[test]
+    fn a_jail_comes_first_and_a_path_with_a_comma_is_refused() {
+        let mut spec = LaunchSpec {
+            name: "web".into(),
+            vireo_bin: "/usr/bin/vireo".into(),
+            args: VmmArgs::Boot {
+                config: "/run/vireo/vms/web.json".into(),
+            },
+            socket: "/run/vireo/vms/web/api.sock".into(),
+            log: "/l".into(),
+            pid_file: "/p".into(),
+            env_file: "/e".into(),
+            storage_roots: Vec::new(),
+            block_devices: Vec::new(),
+            socket_dirs: vec!["/run/vireo/vms".into()],
+            memory: None,
+            jail: Some(JailSpec {
+                uid: 980003,
+                root: "/run/vireo/jail/web".into(),
+                netns: None,
+                binds: vec!["/run/vireo/vms/web".into(), "/srv/in".into()],
+                read_only: vec!["/srv/k.elf".into()],
+            }),
+        };
+        assert_eq!(
+            spec.argv().unwrap()[..2],
+            [
+                "--jail",
+                "uid=980003,gid=980003,root=/run/vireo/jail/web,bind=/run/vireo/vms/web,\
+                 bind=/srv/in,bind_ro=/srv/k.elf"
+            ]
+        );
+        if let Some(j) = spec.jail.as_mut() {
+            j.binds.push("/srv/a,uid=0".into());
+        }
+        let e = spec.argv().unwrap_err().to_string();
+        assert!(e.contains("a path with ',' cannot be given"), "{e}");
     }
 
     #[test]
@@ -578,6 +733,7 @@ mod tests {
             block_devices: Vec::new(),
             socket_dirs: vec!["/run/vireo/vms".into()],
             memory: None,
+            jail: None,
         };
         // `sleep --config 100 --api-socket ...` fails at once: exit status 1 is seen.
         let launcher = Launcher::Direct(direct::Direct::new(CpuCgroups::off()));

@@ -129,7 +129,7 @@ fn property<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// would interpret quotes and backslashes, so arguments with those are refused.
 pub fn env_file_text(spec: &LaunchSpec) -> Result<String, String> {
     let mut args = Vec::new();
-    for a in spec.argv() {
+    for a in spec.argv().map_err(|e| e.to_string())? {
         let a = a
             .into_string()
             .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
@@ -313,6 +313,7 @@ mod tests {
             block_devices: Vec::new(),
             socket_dirs: vec!["/run/vireo/vms".into()],
             memory: None,
+            jail: None,
         };
         assert_eq!(
             env_file_text(&spec).unwrap(),

@@ -14,8 +14,9 @@
 //! From a peer host (the request came over the peer listener, mutual TLS): the record's
 //! source is the host name the peer's certificate proved (not what the body says), only
 //! that peer may read or cancel it, and the receiving VMM listens with TLS (this host's
-//! identity; it requires a client certificate from the CA) on TCP — by default on a
-//! free port of the peer listener's address.
+//! identity; it requires a client certificate from the CA) on TCP — on a port of
+//! `--migration-ports` (held until the migration ends), or by default on a free port
+//! of the peer listener's address.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +59,18 @@ impl Supervisor {
                 self.roots
                     .open_dir(dir)
                     .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
+                if self.cfg.jail_uids.is_some() {
+                    // The jail gives it to the VM's uid: it must hold nothing of anyone else.
+                    let empty = std::fs::read_dir(dir)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(false);
+                    if !empty {
+                        return Err(AgentError::BadMigration(format!(
+                            "storage_dir {}: must be an empty directory (a jailed VMM gets it as its own)",
+                            dir.display()
+                        )));
+                    }
+                }
                 crate::confinement::confine_incoming_copy(
                     &self.roots,
                     &self.vm_dir(&req.name),
@@ -68,9 +81,30 @@ impl Supervisor {
             None => self.confine(&req.name, &mut req.definition)?,
         }
         let name = req.name.clone();
+        // A port of --migration-ports is held until this migration ends (the lease
+        // goes with the task that follows it, or is dropped on an early return).
+        let mut port = None;
         let url = match (&req.receiver_url, &from_peer) {
+            (Some(u), Some(_)) if u.starts_with("tcp:") => {
+                if let Some(pool) = &self.cfg.migration_ports {
+                    return Err(AgentError::BadMigration(format!(
+                        "receiver_url {u:?}: a peer does not choose the port; this host's \
+                         receivers listen on --migration-ports {}",
+                        pool.range()
+                    )));
+                }
+                u.clone()
+            }
             (Some(u), _) => u.clone(),
-            (None, Some(_)) => self.free_receiver_url()?,
+            (None, Some(_)) => match &self.cfg.migration_ports {
+                Some(pool) => {
+                    let lease = pool.lease(self.receiver_ip())?;
+                    let url = format!("tcp:{}", lease.addr());
+                    port = Some(lease);
+                    url
+                }
+                None => self.free_receiver_url()?,
+            },
             (None, None) => format!("unix:{}", self.migrate_socket_path(&name).display()),
         };
         if !(url.starts_with("unix:") || url.starts_with("tcp:")) {
@@ -78,7 +112,7 @@ impl Supervisor {
                 "receiver_url {url:?}: expected unix:/path or tcp:host:port"
             )));
         }
-        crate::confinement::check_receiver_url(&url, &self.cfg.run_dir.join("vms"))?;
+        crate::confinement::check_receiver_url(&url, &self.vm_run_dir(&name))?;
         let tls = match &from_peer {
             Some(peer) => Some(self.receive_tls(peer)?),
             None => None,
@@ -148,7 +182,10 @@ impl Supervisor {
             .unwrap_or(rec);
         let me = self.clone();
         let (id, n) = (rec.id.clone(), name.clone());
-        tokio::spawn(async move { me.follow_incoming(id, n, cancel).await });
+        tokio::spawn(async move {
+            me.follow_incoming(id, n, cancel).await;
+            drop(port); // The migration ended: its port is free again.
+        });
         info!(vm = %name, id = %rec.id, url = %url, "waiting for an incoming VM");
         Ok(rec)
     }
@@ -175,11 +212,48 @@ impl Supervisor {
         req: &IncomingRequest,
         tls: Option<serde_json::Value>,
     ) -> Result<(), AgentError> {
-        let spec = LaunchSpec {
+        let mut spec = LaunchSpec {
             memory: Some(req.definition.config.memory.size),
             ..self.receive_spec(name)
         };
         mkdir(&self.vm_dir(name), 0o750)?;
+        mkdir(&self.vm_run_dir(name), 0o700)?;
+        let cfg = self.receive_config(name, &req.definition);
+        let mut binds: Vec<std::path::PathBuf> = req.storage_dir.iter().cloned().collect();
+        let mut read_only = vec![cfg.payload.kernel.clone()];
+        read_only.extend(cfg.payload.initramfs.iter().cloned());
+        if let api::config::OutputConfig::File(f) = &cfg.console {
+            binds.push(f.clone());
+        }
+        for d in &cfg.disks {
+            // A shared-nothing migration's disks are made in storage_dir instead.
+            if req.storage_dir.is_none() && !d.readonly {
+                binds.push(d.path.clone());
+            } else if req.storage_dir.is_none() {
+                read_only.push(d.path.clone());
+            }
+        }
+        spec.jail = self.jail_spec(name, binds, read_only)?;
+        let tls = match (tls, spec.jail.as_ref()) {
+            (Some(mut tls), Some(jail)) => {
+                // The jail shows the VM's run directory only: the identity goes there.
+                let id = self.cfg.identity.as_ref().ok_or_else(|| {
+                    AgentError::BadMigration(
+                        "this vireod has no host identity to receive with".into(),
+                    )
+                })?;
+                let files = crate::jailing::hand_over_identity(
+                    &id.files,
+                    &self.vm_run_dir(name),
+                    jail.uid,
+                )?;
+                tls["cert"] = serde_json::json!(files.cert);
+                tls["key"] = serde_json::json!(files.key);
+                tls["ca"] = serde_json::json!(files.ca);
+                Some(tls)
+            }
+            (tls, _) => tls,
+        };
         if let Some(p) = url.strip_prefix("unix:") {
             let _ = std::fs::remove_file(p); // A stale socket of an earlier attempt.
         }
@@ -201,7 +275,7 @@ impl Supervisor {
         let mut body = serde_json::json!({
             "receiver_url": url,
             "storage_dir": req.storage_dir,
-            "config": self.receive_config(name, &req.definition),
+            "config": cfg,
             "secret": req.secret,
             // A peer host's migration is TLS, whatever the request says.
             "insecure": req.insecure && tls.is_none(),
@@ -264,27 +338,37 @@ impl Supervisor {
 
     /// The receiving VMM's TLS for a migration from a peer host: this host's identity;
     /// the source must present a certificate from the CA naming `peer` (the host whose
-    /// certificate asked for this migration).
+    /// certificate asked for this migration), not revoked by `--tls-crl` (which the VMM
+    /// reads as it starts listening: a source revoked since vireod's last reload is
+    /// refused in the VMM's handshake).
     fn receive_tls(&self, peer: &str) -> Result<serde_json::Value, AgentError> {
         let id = self.cfg.identity.as_ref().ok_or_else(|| {
             AgentError::BadMigration("this vireod has no host identity to receive with".into())
         })?;
-        Ok(serde_json::json!({
+        let mut tls = serde_json::json!({
             "cert": id.files.cert,
             "key": id.files.key,
             "ca": id.files.ca,
             "allowed_peers": [peer],
-        }))
+        });
+        if let Some(crl) = &id.crl {
+            tls["crl"] = serde_json::json!(crl);
+        }
+        Ok(tls)
+    }
+
+    /// Where receiving VMMs listen: the peer listener's address.
+    fn receiver_ip(&self) -> std::net::IpAddr {
+        self.cfg
+            .listen
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())
     }
 
     /// `tcp:IP:PORT` with a port free right now on the peer listener's address (the
     /// receiving VMM binds it a moment later).
     fn free_receiver_url(&self) -> Result<String, AgentError> {
-        let ip = self
-            .cfg
-            .listen
-            .map(|a| a.ip())
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let ip = self.receiver_ip();
         let probe = std::net::TcpListener::bind((ip, 0)).map_err(|e| {
             AgentError::io(
                 "cannot find a free port for the receiver on",

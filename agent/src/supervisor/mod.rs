@@ -60,10 +60,16 @@ pub struct Config {
     /// The address of the peer listener (`--listen`): its IP is where receiving VMMs
     /// of migrations from peers listen.
     pub listen: Option<std::net::SocketAddr>,
+    /// The ports receiving VMMs of migrations from peers listen on
+    /// (`--migration-ports`; None: any free port).
+    pub migration_ports: Option<crate::migration_ports::PortPool>,
     /// Where definitions may name files (empty: `<state-dir>/images`, created).
     pub storage_roots: Vec<PathBuf>,
     /// Block devices a definition may name as disks.
     pub block_devices: Vec<PathBuf>,
+    /// Jail every VMM with its own uid from this range (`vireod --jail-uids`); None:
+    /// VMMs run as vireod's user, unconfined (`--no-jail`, or vireod is not root).
+    pub jail_uids: Option<crate::jailing::JailIds>,
     /// The API sockets of other vireods on this host (`--peer-socket`): the only
     /// sockets a `destination_agent` path may name; their VMs' sockets are in the
     /// `vms/` directory beside each.
@@ -136,6 +142,14 @@ enum StartKind {
     Restart,
 }
 
+/// `DISK.fence`, the fencing record the VMM keeps beside a clustered disk
+/// (`vmm/src/fencing.rs`).
+fn vmm_fence_record(disk: &Path) -> PathBuf {
+    let mut name = disk.file_name().unwrap_or_default().to_os_string();
+    name.push(".fence");
+    disk.with_file_name(name)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -200,6 +214,8 @@ impl Supervisor {
         // The VMs' sockets, configs and pid files: vireod's user only (callers reach
         // the VMs through vireod's API, which checks who they are).
         mkdir(&cfg.run_dir.join("vms"), 0o700)?;
+        // The jails' roots (each a tmpfs in its VMM's own mount namespace).
+        mkdir(&cfg.run_dir.join("jail"), 0o700)?;
         let mut inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
         let mut vms = BTreeMap::new();
         for (name, def) in inv.list()? {
@@ -234,8 +250,49 @@ impl Supervisor {
         self.cfg.state_dir.join("vms").join(name)
     }
 
+    /// The VM's own run directory: its VMM's API and migration sockets, and what
+    /// vireod hands a jailed VMM at run time (the jail binds it; nothing else of the
+    /// run directory is visible there).
+    pub fn vm_run_dir(&self, name: &str) -> PathBuf {
+        self.cfg.run_dir.join("vms").join(name)
+    }
+
     pub fn socket_path(&self, name: &str) -> PathBuf {
-        self.cfg.run_dir.join("vms").join(format!("{name}.sock"))
+        self.vm_run_dir(name).join("api.sock")
+    }
+
+    /// Where vireod relays a jailed VMM's outgoing migration to a unix receiver.
+    fn relay_socket_path(&self, name: &str) -> PathBuf {
+        self.vm_run_dir(name).join("send.sock")
+    }
+
+    /// The jail of `name`'s next VMM (None with jailing off): its uid (given now if it
+    /// has none yet), its root, its run directory and `binds`/`read_only` extras.
+    fn jail_spec(
+        &self,
+        name: &str,
+        binds: Vec<PathBuf>,
+        read_only: Vec<PathBuf>,
+    ) -> Result<Option<launcher::JailSpec>, AgentError> {
+        let Some(ids) = self.cfg.jail_uids else {
+            return Ok(None);
+        };
+        let uid = lock(&self.inv).jail_uid(name, ids.range())?;
+        let mut all = vec![self.vm_run_dir(name)];
+        all.extend(binds);
+        Ok(Some(launcher::JailSpec {
+            uid,
+            root: self.cfg.run_dir.join("jail").join(name),
+            netns: None,
+            binds: all,
+            read_only,
+        }))
+    }
+
+    /// The uid of `name`'s jail, when jailing is on and it has one.
+    fn jail_uid(&self, name: &str) -> Option<u32> {
+        self.cfg.jail_uids?;
+        lock(&self.inv).jail_uid_of(name).ok().flatten()
     }
 
     pub fn serial_path(&self, name: &str) -> PathBuf {
@@ -256,10 +313,7 @@ impl Supervisor {
     }
 
     fn migrate_socket_path(&self, name: &str) -> PathBuf {
-        self.cfg
-            .run_dir
-            .join("vms")
-            .join(format!("{name}.migrate.sock"))
+        self.vm_run_dir(name).join("migrate.sock")
     }
 
     /// The launch of a VMM that boots the VM's runtime configuration.
@@ -271,7 +325,7 @@ impl Supervisor {
             args: VmmArgs::Boot {
                 config: self.config_path(name),
             },
-            socket: run.join(format!("{name}.sock")),
+            socket: self.socket_path(name),
             log: self.vm_dir(name).join("vireo.log"),
             pid_file: run.join(format!("{name}.pid")),
             env_file: run.join(format!("{name}.env")),
@@ -279,6 +333,7 @@ impl Supervisor {
             block_devices: self.cfg.block_devices.clone(),
             socket_dirs: self.send_socket_dirs(),
             memory: None,
+            jail: None,
         }
     }
 
@@ -300,8 +355,27 @@ impl Supervisor {
             &self.config_path(name),
             &s.env_file,
             &self.migrate_socket_path(name),
+            &self.relay_socket_path(name),
         ] {
             let _ = std::fs::remove_file(p);
+        }
+        crate::jailing::take_back_identity(&self.vm_run_dir(name));
+        let _ = std::fs::remove_dir(self.vm_run_dir(name));
+    }
+
+    /// A deleted VM's writable disks (and fencing records) go back to root 0600: its
+    /// jail uid is free for the next VM. Call before the definition is removed from the inventory.
+    fn give_back_files(&self, name: &str, def: &VmDefinition) {
+        if self.jail_uid(name).is_none() {
+            return;
+        }
+        for d in &def.config.disks {
+            if !d.readonly {
+                crate::jailing::give_back(&self.roots, &d.path);
+            }
+            if d.fencing_token.is_some() {
+                crate::jailing::give_back(&self.roots, &vmm_fence_record(&d.path));
+            }
         }
     }
 
@@ -433,6 +507,7 @@ impl Supervisor {
     /// that never arrived): definition, history, files. Its VMM must be gone.
     fn forget(&self, name: &str) {
         let mut vms = lock(&self.vms);
+        // Its disks stay as they are: after a migration they are the destination's.
         if vms.remove(name).is_none() {
             return;
         }
@@ -662,6 +737,7 @@ impl Supervisor {
                 action: "delete it (stop it first)",
             });
         }
+        self.give_back_files(name, &vm.def);
         lock(&self.inv).delete(name)?;
         vms.remove(name);
         drop(vms);
@@ -745,11 +821,15 @@ impl Supervisor {
         def: &VmDefinition,
         generation: u64,
     ) -> Result<(), (AgentError, Option<ExitRecord>)> {
-        let spec = LaunchSpec {
+        let mut spec = LaunchSpec {
             memory: Some(def.config.memory.size),
             ..self.spec(name)
         };
         mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
+        mkdir(&self.vm_run_dir(name), 0o700).map_err(|e| (e, None))?;
+        spec.jail = self
+            .jail_spec(name, Vec::new(), Vec::new())
+            .map_err(|e| (e, None))?;
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.
         cfg.serial = OutputConfig::File(self.serial_path(name));
@@ -1191,6 +1271,14 @@ impl Supervisor {
         if let Ok(dir) = std::fs::read_dir(self.cfg.run_dir.join("vms")) {
             for entry in dir.flatten() {
                 let p = entry.path();
+                if p.is_dir() {
+                    // A VM's own run directory.
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !names.contains(&name) {
+                        let _ = std::fs::remove_dir_all(&p);
+                    }
+                    continue;
+                }
                 let stem = p
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())

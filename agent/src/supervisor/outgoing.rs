@@ -387,6 +387,21 @@ impl Supervisor {
         peer: Option<&PeerAgent>,
     ) -> Sent {
         let sock = self.socket_path(name);
+        // A jailed VMM sees only its own run directory: a unix receiver elsewhere is
+        // reached through a relay there, host identity files are copied there.
+        let jail_uid = self.jail_uid(name);
+        let mut _relay = None;
+        let url = match (jail_uid, url.strip_prefix("unix:")) {
+            (Some(uid), Some(to)) => {
+                let listen = self.relay_socket_path(name);
+                match crate::jailing::relay(&listen, to.into(), uid) {
+                    Ok(r) => _relay = Some(r),
+                    Err(e) => return Sent::Failed(error_chain(&e)),
+                }
+                format!("unix:{}", listen.display())
+            }
+            _ => url.to_string(),
+        };
         let mut body = serde_json::json!({
             "destination_url": url,
             "downtime_ms": req.downtime_ms,
@@ -396,7 +411,17 @@ impl Supervisor {
             "secret": trust.0,
             "insecure": trust.1,
         });
-        if let Some(tls) = self.send_tls(peer) {
+        if let Some(mut tls) = self.send_tls(peer) {
+            if let (Some(uid), Some(id)) = (jail_uid, self.cfg.identity.as_ref()) {
+                match crate::jailing::hand_over_identity(&id.files, &self.vm_run_dir(name), uid) {
+                    Ok(files) => {
+                        tls["cert"] = serde_json::json!(files.cert);
+                        tls["key"] = serde_json::json!(files.key);
+                        tls["ca"] = serde_json::json!(files.ca);
+                    }
+                    Err(e) => return Sent::Failed(error_chain(&e)),
+                }
+            }
             body["tls"] = tls;
         }
         match client::request(
@@ -512,16 +537,22 @@ impl Supervisor {
     }
 
     /// The VMM's TLS towards a peer host's receiving VMM: this host's identity, the
-    /// peer's name as the server name. None for a vireod on this host.
+    /// peer's name as the server name, and `--tls-crl` (the VMM reads it when the send
+    /// starts: a destination revoked meanwhile is refused even before vireod's
+    /// reload). None for a vireod on this host.
     fn send_tls(&self, peer: Option<&PeerAgent>) -> Option<serde_json::Value> {
         let host = peer?.host.as_ref()?;
         let id = self.cfg.identity.as_ref()?;
-        Some(serde_json::json!({
+        let mut tls = serde_json::json!({
             "ca": id.files.ca,
             "cert": id.files.cert,
             "key": id.files.key,
             "server_name": host,
-        }))
+        });
+        if let Some(crl) = &id.crl {
+            tls["crl"] = serde_json::json!(crl);
+        }
+        Some(tls)
     }
 
     /// Waits until the destination's vireod reports the VM arrived.

@@ -13,8 +13,12 @@
 //!
 //! 7. In-guest virtio-net on a tap (`test=net-bench`, root): frames/s and MB/s out and in.
 //!
-//! Usage: `vireo-bench [--runs N] [--skip-blk]
-//! [--only boot|memory|blk|migration|storage|migration-transport|net]`
+//! 8. Live migration between two vireods: HTTPS with mutual TLS between the VMMs vs
+//!    a same-host pair whose VMMs speak `insecure` TCP (part of `migration-transport`;
+//!    alone: `--only vireod-transport`).
+//!
+//! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N]
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -24,6 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use vireo_e2e::vireod_host::VireodHost;
 use vireo_e2e::{bin, guest};
 
 #[derive(Clone, Copy)]
@@ -745,6 +750,143 @@ fn migration_transport_table() {
     println!();
 }
 
+/// One migration of a fresh VM `name` (1 GiB, `cmdline`) from `src` with the migrate
+/// request `body`; the VM is then killed on `dst`. (total ms, downtime ms, rounds,
+/// pages sent, bytes sent), as the source vireod's record gives them.
+fn vireod_migrate_once(
+    src: &VireodHost,
+    dst: &VireodHost,
+    name: &str,
+    cmdline: &str,
+    body: &serde_json::Value,
+) -> [f64; 5] {
+    let def = serde_json::json!({
+        "config": {
+            "payload": {"kernel": guest(), "cmdline": cmdline},
+            "memory": {"size": 1u64 << 30},
+        },
+        "priority": "Medium",
+    });
+    src.ok("PUT", &format!("vms/{name}"), Some(&def));
+    src.ok("PUT", &format!("vms/{name}/start"), None);
+    src.wait_state(name, "Running", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
+    let rec = src.ok("PUT", &format!("vms/{name}/migrate"), Some(body));
+    let id = rec["id"].as_str().expect("a migration id");
+    let done = src.wait_migration(id, Duration::from_secs(300));
+    assert_eq!(
+        done["state"],
+        "completed",
+        "{done}\nsource:\n{}\ndestination:\n{}",
+        src.log(),
+        dst.log()
+    );
+    let _ = dst.api("PUT", &format!("vms/{name}/kill"), None);
+    let p = &done["progress"];
+    let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+    [
+        f("total_ms"),
+        f("downtime_ms"),
+        f("rounds"),
+        f("pages_sent"),
+        f("bytes_sent"),
+    ]
+}
+
+/// Live migration between two vireods: over HTTPS (host certificates from `vireoctl
+/// pki`, mutual TLS between the vireods and between the VMMs, the default between
+/// hosts) vs two vireods of this host (unix socket) whose VMMs speak `insecure` TCP.
+fn vireod_transport_table(rounds: usize) {
+    use vireo_e2e::vireod_host::Pki;
+    println!("### Live migration between two vireods: HTTPS + TLS between the VMMs vs insecure TCP, 1 GiB guest, 1 vCPU\n");
+    println!("Two vireods on this host. `https`: host-a → host-b over the HTTPS peer listener (host certificates from `vireoctl pki`), the VMMs' stream mutual TLS on a port of the receiver. `insecure`: a same-host pair (`--peer-socket`), `receiver_url` tcp:127.0.0.1, `insecure: true` (a peer over HTTPS cannot ask for it). Total and downtime from the source vireod's migration record, min / median / max of {rounds} rounds; counters as medians.\n");
+    println!("| guest | between the vireods | VMM stream | total ms (min / median / max) | downtime ms (min / median / max) | rounds | pages sent | MiB sent |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let pki = Pki::new();
+    let (a, b) = (pki.host("host-a"), pki.host("host-b"));
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let mut dst_args = b.args();
+    dst_args.extend([
+        "--listen".into(),
+        addr.clone(),
+        "--peer".into(),
+        "host-a".into(),
+    ]);
+    let https_dst = VireodHost::start(&dst_args);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no peer listener:\n{}",
+            https_dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let https_src = VireodHost::start(&a.args());
+    let local_dst = VireodHost::start(&[]);
+    let local_src = VireodHost::start(&[
+        "--peer-socket".into(),
+        local_dst.socket.display().to_string(),
+    ]);
+    let cases = [
+        ("idle (test=counter)", "test=counter period_ms=1"),
+        (
+            "dirtying a 128 MiB hot set at full speed (test=dirty pages=32768)",
+            "test=dirty pages=32768 report_ms=5",
+        ),
+    ];
+    for (c, (guest_name, cmdline)) in cases.iter().enumerate() {
+        for https in [true, false] {
+            let mut runs: Vec<[f64; 5]> = Vec::new();
+            for r in 0..rounds {
+                let name = format!("b{c}{}{r}", if https { "t" } else { "p" });
+                let (src, dst, body) = if https {
+                    (
+                        &https_src,
+                        &https_dst,
+                        serde_json::json!({"destination_agent": format!("https://{addr}"),
+                            "destination_name": "host-b"}),
+                    )
+                } else {
+                    let port = std::net::TcpListener::bind("127.0.0.1:0")
+                        .and_then(|l| l.local_addr())
+                        .map(|a| a.port())
+                        .expect("a free port");
+                    (
+                        &local_src,
+                        &local_dst,
+                        serde_json::json!({"destination_agent": local_dst.socket,
+                            "receiver_url": format!("tcp:127.0.0.1:{port}"), "insecure": true}),
+                    )
+                };
+                runs.push(vireod_migrate_once(src, dst, &name, cmdline, &body));
+            }
+            let col = |i: usize| runs.iter().map(|r| r[i]).collect::<Vec<f64>>();
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            let (between, stream) = if https {
+                ("HTTPS (mutual TLS)", "mutual TLS")
+            } else {
+                ("unix socket", "insecure TCP")
+            };
+            println!(
+                "| {guest_name} | {between} | {stream} | {} | {} | {:.0} | {:.0} | {:.1} |",
+                spread(&mut col(0)),
+                spread(&mut col(1)),
+                median(col(2)),
+                median(col(3)),
+                median(col(4)) / (1u64 << 20) as f64,
+            );
+        }
+    }
+    println!();
+}
+
 /// (worst write latency in ms, writes/s) of `work iter=` lines between two marks.
 fn work_stats(serial: &str, from: u64, to: u64) -> (f64, f64) {
     let mut worst = 0f64;
@@ -1051,6 +1193,9 @@ struct Cli {
     /// Run one part only.
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// Rounds of each vireod↔vireod migration case (min / median / max over them).
+    #[arg(long, default_value_t = TRANSPORT_ROUNDS)]
+    transport_rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -1061,6 +1206,7 @@ enum Part {
     Migration,
     Storage,
     MigrationTransport,
+    VireodTransport,
     Net,
 }
 
@@ -1086,6 +1232,9 @@ fn main() {
     }
     if want(Part::MigrationTransport) {
         migration_transport_table();
+    }
+    if want(Part::MigrationTransport) || cli.only == Some(Part::VireodTransport) {
+        vireod_transport_table(cli.transport_rounds.max(1));
     }
     if want(Part::Net) {
         net_table();

@@ -11,6 +11,7 @@ pub fn client(t: &api::SendMigrationTls, url: &MigrationUrl) -> Result<ClientTls
             cert: t.cert.clone(),
             key: t.key.clone(),
             ca: t.ca.clone(),
+            crl: t.crl.clone(),
         },
         t.server_name.as_deref(),
     )
@@ -27,6 +28,7 @@ pub fn server(t: &api::ReceiveMigrationTls) -> Result<ServerTls, String> {
             cert: Some(t.cert.clone()),
             key: Some(t.key.clone()),
             ca: t.ca.clone(),
+            crl: t.crl.clone(),
         },
         &t.allowed_peers,
     )

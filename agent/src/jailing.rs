@@ -1,0 +1,205 @@
+//! vireod's side of jailing its VMMs (`vmm/src/jail.rs` is the VMM's side).
+//!
+//! When vireod runs as root it starts every `vireo` with `--jail`: the VM's own uid and
+//! gid from `--jail-uids FIRST-LAST` (stored in the inventory, the same for the VM's
+//! whole life, never shared), a root under `<run-dir>/jail/NAME`, and binds of what it
+//! needs at run time beyond what its configuration names (its own run directory
+//! `<run-dir>/vms/NAME/`). What vireod gives a VMM later goes through that directory,
+//! which the jail shows at the same path: host identity files for a TLS migration are
+//! copied into it (owned by the VM's uid, 0400), and a migration to a unix socket the
+//! jail cannot see goes through a relay socket vireod serves there.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::hosttls::IdentityFiles;
+use crate::AgentError;
+
+/// The default of `vireod --jail-uids`.
+pub const DEFAULT_JAIL_UIDS: &str = "980000-980999";
+
+/// `--jail-uids FIRST-LAST`: the uids (and gids) vireod gives its VMs, one each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JailIds {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl JailIds {
+    pub fn range(&self) -> std::ops::RangeInclusive<u32> {
+        self.first..=self.last
+    }
+}
+
+impl std::str::FromStr for JailIds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+        let num = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{v:?}: expected a uid"))
+        };
+        let (first, last) = (num(a)?, num(b)?);
+        if first == 0 || first > last {
+            return Err(format!(
+                "{s:?}: expected 0 < FIRST <= LAST (the VMMs never run as root)"
+            ));
+        }
+        // 65534 (nobody) and the unmapped -1 are no VM's.
+        if (first..=last).contains(&65534) || last == u32::MAX {
+            return Err(format!("{s:?}: must not include 65534 or 4294967295"));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+/// Whether this process runs as root (jailing needs it).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Copies the host identity into `dir/tls/` for a jailed VMM with uid `uid` (files
+/// 0400 owned by it, never written through a link); returns the paths there.
+pub fn hand_over_identity(
+    files: &IdentityFiles,
+    dir: &Path,
+    uid: u32,
+) -> Result<IdentityFiles, AgentError> {
+    let tls = dir.join("tls");
+    match std::fs::create_dir(&tls) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(AgentError::io("cannot create", &tls, e)),
+    }
+    std::os::unix::fs::chown(&tls, Some(uid), Some(uid))
+        .and_then(|_| std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o500)))
+        .map_err(|e| AgentError::io("cannot hand over", &tls, e))?;
+    let copy = |from: &Path, name: &str| -> Result<PathBuf, AgentError> {
+        let to = tls.join(name);
+        let bytes = std::fs::read(from)
+            .map_err(|e| AgentError::io("cannot read host identity", from, e))?;
+        let _ = std::fs::remove_file(&to);
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&to)?;
+            f.write_all(&bytes)?;
+            std::os::unix::fs::fchown(&f, Some(uid), Some(uid))
+        };
+        write().map_err(|e| AgentError::io("cannot hand over host identity", &to, e))?;
+        Ok(to)
+    };
+    Ok(IdentityFiles {
+        cert: copy(&files.cert, "host.crt")?,
+        key: copy(&files.key, "host.key")?,
+        ca: copy(&files.ca, "ca.crt")?,
+    })
+}
+
+/// Removes what [`hand_over_identity`] copied.
+pub fn take_back_identity(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir.join("tls"));
+}
+
+/// A running relay ([`relay`]); dropping it stops it and removes its socket.
+pub struct Relay {
+    task: tokio::task::JoinHandle<()>,
+    socket: PathBuf,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Serves `listen` (a socket in a jailed VMM's own directory) and joins every
+/// connection to the unix socket `to`, until the [`Relay`] is dropped. A jailed source
+/// VMM sends a migration to a receiver it cannot see (another vireod's run directory)
+/// through it.
+pub fn relay(listen: &Path, to: PathBuf, uid: u32) -> Result<Relay, AgentError> {
+    let _ = std::fs::remove_file(listen);
+    let l = UnixListener::bind(listen)
+        .map_err(|e| AgentError::io("cannot listen for the migration relay on", listen, e))?;
+    std::os::unix::fs::chown(listen, Some(uid), Some(uid))
+        .map_err(|e| AgentError::io("cannot hand over", listen, e))?;
+    let shown = listen.display().to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut inside, _)) = l.accept().await else {
+                return;
+            };
+            let to = to.clone();
+            let shown = shown.clone();
+            tokio::spawn(async move {
+                match UnixStream::connect(&to).await {
+                    Ok(mut out) => {
+                        let r = tokio::io::copy_bidirectional(&mut inside, &mut out).await;
+                        debug!(relay = %shown, to = %to.display(), result = ?r, "migration relay stream ended");
+                    }
+                    Err(e) => {
+                        warn!(relay = %shown, to = %to.display(), error = %e, "migration relay cannot reach the receiver")
+                    }
+                }
+            });
+        }
+    });
+    Ok(Relay {
+        task,
+        socket: listen.to_path_buf(),
+    })
+}
+
+/// Gives a file a deleted jailed VM had owned back to root, 0600 (its uid goes to the
+/// next VM): opened beneath its storage root (no symlink on the way), then changed
+/// through that descriptor. A file that is gone is no error.
+pub fn give_back(roots: &confine::Roots, path: &Path) {
+    let file = match roots.open_file(path, false) {
+        Ok(f) => f,
+        Err(confine::ConfineError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return
+        }
+        Err(e) => {
+            warn!(error = %e, "a deleted VM's file is not given back to root");
+            return;
+        }
+    };
+    if let Err(e) = std::os::unix::fs::fchown(&file, Some(0), Some(0))
+        .and_then(|_| file.set_permissions(std::fs::Permissions::from_mode(0o600)))
+    {
+        warn!(path = %path.display(), error = %e, "cannot give a deleted VM's file back to root");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_ranges_parse_and_refuse_root_nobody_and_reversed() {
+        assert_eq!(
+            "980000-980999".parse::<JailIds>().unwrap(),
+            JailIds {
+                first: 980000,
+                last: 980999
+            }
+        );
+        for bad in ["0-10", "10-5", "x-5", "100", "65000-66000", "5-4294967295"] {
+            assert!(bad.parse::<JailIds>().is_err(), "{bad}");
+        }
+    }
+}

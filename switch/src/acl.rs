@@ -1,0 +1,418 @@
+//! Port ACLs, an extension of the filter stage.
+//!
+//! Each port has a list of rules; a frame is checked against the rules of the port
+//! it passes (on ingress with direction `outbound`, on egress with `inbound`), highest
+//! `priority` first, ties in the order the rules were added; the first rule that
+//! matches decides and counts the frame. No rule matching: allowed (as Hyper-V's port
+//! ACLs). A rule names any of: direction, source/destination MAC, IP prefix, IP
+//! protocol, TCP/UDP port ranges; an absent field matches everything.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use net::MacAddr;
+use serde::{Deserialize, Serialize};
+
+use crate::extension::{Direction, DropReason, Extension, FrameCtx, Stage, Verdict};
+use crate::frame::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4};
+use crate::PortId;
+
+pub const ACL_DROP: DropReason = DropReason("acl");
+/// Rules one port may hold.
+pub const MAX_RULES_PER_PORT: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// An IPv4 or IPv6 prefix, `10.0.0.0/8` or `fe80::/10` (a bare address is a host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpPrefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl IpPrefix {
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => prefix_eq(&p.octets(), &a.octets(), self.len),
+            (IpAddr::V6(p), IpAddr::V6(a)) => prefix_eq(&p.octets(), &a.octets(), self.len),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(p: &[u8], a: &[u8], len: u8) -> bool {
+    let (full, rest) = (usize::from(len / 8), len % 8);
+    if p[..full] != a[..full] {
+        return false;
+    }
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    p[full] & mask == a[full] & mask
+}
+
+impl FromStr for IpPrefix {
+    type Err = AclError;
+    fn from_str(s: &str) -> Result<Self, AclError> {
+        let bad = || AclError::Field("IP prefix", s.to_string());
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if len > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A TCP/UDP port or range, `80` or `1000-2000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    lo: u16,
+    hi: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = AclError;
+    fn from_str(s: &str) -> Result<Self, AclError> {
+        let bad = || AclError::Field("port range", s.to_string());
+        let (lo, hi) = match s.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+            None => {
+                let p = s.parse().map_err(|_| bad())?;
+                (p, p)
+            }
+        };
+        if lo > hi {
+            return Err(bad());
+        }
+        Ok(Self { lo, hi })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// Strings in JSON, typed inside: the deserializer reports the bad field's value.
+macro_rules! serde_via_str {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(untagged)]
+                enum Raw {
+                    S(String),
+                    N(u64),
+                }
+                let s = match Raw::deserialize(d)? {
+                    Raw::S(s) => s,
+                    Raw::N(n) => n.to_string(),
+                };
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_via_str!(IpPrefix);
+serde_via_str!(PortRange);
+serde_via_str!(Protocol);
+
+/// An IP protocol: `tcp`, `udp`, `icmp`, `icmpv6` or a number 0-255.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocol(pub u8);
+
+impl FromStr for Protocol {
+    type Err = AclError;
+    fn from_str(s: &str) -> Result<Self, AclError> {
+        Ok(Protocol(match s {
+            "tcp" => IPPROTO_TCP,
+            "udp" => IPPROTO_UDP,
+            "icmp" => IPPROTO_ICMP,
+            "icmpv6" => IPPROTO_ICMPV6,
+            _ => s.parse().map_err(|_| {
+                AclError::Field("protocol (tcp, udp, icmp, icmpv6, 0-255)", s.into())
+            })?,
+        }))
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IPPROTO_TCP => f.write_str("tcp"),
+            IPPROTO_UDP => f.write_str("udp"),
+            IPPROTO_ICMP => f.write_str("icmp"),
+            IPPROTO_ICMPV6 => f.write_str("icmpv6"),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+/// One rule, as the API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub action: Action,
+    /// Absent: both directions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_ip: Option<IpPrefix>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_ip: Option<IpPrefix>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_port: Option<PortRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_port: Option<PortRange>,
+}
+
+impl AclRule {
+    fn matches(&self, ctx: &FrameCtx<'_>) -> bool {
+        let f = ctx.frame;
+        if self.direction.is_some_and(|d| d != ctx.direction)
+            || self.src_mac.is_some_and(|m| m.bytes() != f.src)
+            || self.dst_mac.is_some_and(|m| m.bytes() != f.dst)
+        {
+            return false;
+        }
+        let needs_ip = self.src_ip.is_some()
+            || self.dst_ip.is_some()
+            || self.protocol.is_some()
+            || self.src_port.is_some()
+            || self.dst_port.is_some();
+        if !needs_ip {
+            return true;
+        }
+        let Some(ip) = f.ip() else { return false };
+        if self.src_ip.is_some_and(|p| !p.contains(&ip.src))
+            || self.dst_ip.is_some_and(|p| !p.contains(&ip.dst))
+            || self.protocol.is_some_and(|p| p.0 != ip.proto)
+        {
+            return false;
+        }
+        if self.src_port.is_none() && self.dst_port.is_none() {
+            return true;
+        }
+        let L4::Ports { src, dst } = ip.l4 else {
+            return false;
+        };
+        let within = |r: Option<PortRange>, p: u16| r.is_none_or(|r| (r.lo..=r.hi).contains(&p));
+        within(self.src_port, src) && within(self.dst_port, dst)
+    }
+
+    fn validate(&self) -> Result<(), AclError> {
+        let ports = self.src_port.is_some() || self.dst_port.is_some();
+        if ports && !matches!(self.protocol, Some(Protocol(IPPROTO_TCP | IPPROTO_UDP))) {
+            return Err(AclError::PortsNeedProtocol);
+        }
+        if let (Some(s), Some(d)) = (self.src_ip, self.dst_ip) {
+            if s.addr.is_ipv4() != d.addr.is_ipv4() {
+                return Err(AclError::MixedFamilies);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A rule with its id and counters, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstalledRule {
+    pub id: u64,
+    #[serde(flatten)]
+    pub rule: AclRule,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AclError {
+    #[error("bad {0} '{1}'")]
+    Field(&'static str, String),
+    #[error("src_port/dst_port need protocol tcp or udp")]
+    PortsNeedProtocol,
+    #[error("src_ip and dst_ip are of different IP families")]
+    MixedFamilies,
+    #[error("port '{0}' already has {MAX_RULES_PER_PORT} rules")]
+    Full(String),
+    #[error("port '{port}' has no rule {id}")]
+    NoRule { port: String, id: u64 },
+}
+
+/// The ACL extension.
+#[derive(Debug, Default)]
+pub struct Acl {
+    rules: HashMap<PortId, Vec<InstalledRule>>,
+    next_id: u64,
+}
+
+impl Acl {
+    /// Adds `rule` to `port` (named `name` in errors); returns its id.
+    pub fn add(&mut self, port: PortId, name: &str, rule: AclRule) -> Result<u64, AclError> {
+        rule.validate()?;
+        let list = self.rules.entry(port).or_default();
+        if list.len() >= MAX_RULES_PER_PORT {
+            return Err(AclError::Full(name.to_string()));
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        list.push(InstalledRule {
+            id,
+            rule,
+            packets: 0,
+            bytes: 0,
+        });
+        // Stable: equal priorities keep the order they were added in.
+        list.sort_by_key(|r| std::cmp::Reverse(r.rule.priority));
+        Ok(id)
+    }
+
+    pub fn remove(&mut self, port: PortId, name: &str, id: u64) -> Result<(), AclError> {
+        let list = self.rules.entry(port).or_default();
+        let before = list.len();
+        list.retain(|r| r.id != id);
+        if list.len() == before {
+            return Err(AclError::NoRule {
+                port: name.to_string(),
+                id,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn list(&self, port: PortId) -> &[InstalledRule] {
+        self.rules.get(&port).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    fn check(&mut self, ctx: &FrameCtx<'_>) -> Verdict {
+        let Some(list) = self.rules.get_mut(&ctx.port) else {
+            return Verdict::Pass;
+        };
+        match list.iter_mut().find(|r| r.rule.matches(ctx)) {
+            Some(r) => {
+                r.packets += 1;
+                r.bytes += ctx.frame.bytes.len() as u64;
+                match r.rule.action {
+                    Action::Allow => Verdict::Pass,
+                    Action::Deny => Verdict::Drop(ACL_DROP),
+                }
+            }
+            None => Verdict::Pass,
+        }
+    }
+}
+
+impl Extension for Acl {
+    fn name(&self) -> &str {
+        "acl"
+    }
+    fn stage(&self) -> Stage {
+        Stage::Filter
+    }
+    fn ingress(&mut self, ctx: &FrameCtx<'_>) -> Verdict {
+        self.check(ctx)
+    }
+    fn egress(&mut self, ctx: &FrameCtx<'_>) -> Verdict {
+        self.check(ctx)
+    }
+    fn port_removed(&mut self, port: PortId, _name: &str) {
+        self.rules.remove(&port);
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_and_ranges_parse_and_match() {
+        let p: IpPrefix = "10.1.0.0/17".parse().unwrap();
+        assert!(p.contains(&"10.1.127.255".parse().unwrap()));
+        assert!(!p.contains(&"10.1.128.0".parse().unwrap()));
+        assert!(!p.contains(&"::1".parse().unwrap()));
+        let h: IpPrefix = "fe80::1".parse().unwrap();
+        assert_eq!(h.to_string(), "fe80::1/128");
+        for bad in ["10.0.0.0/33", "x/8", "10.0.0/8", "::/129"] {
+            assert!(bad.parse::<IpPrefix>().is_err(), "{bad}");
+        }
+        assert_eq!("80".parse::<PortRange>().unwrap().to_string(), "80");
+        assert!("90-80".parse::<PortRange>().is_err());
+        assert!("70000".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn malformed_rules_are_refused_with_their_field() {
+        let cases = [
+            (
+                r#"{"action":"deny","src_ip":"10.0.0.0/40"}"#,
+                "bad IP prefix '10.0.0.0/40'",
+            ),
+            (r#"{"action":"block"}"#, "unknown variant `block`"),
+            (
+                r#"{"action":"deny","dst_port":"80-x","protocol":"tcp"}"#,
+                "bad port range",
+            ),
+            (r#"{"action":"deny","protocol":"sctpx"}"#, "bad protocol"),
+            (r#"{"action":"deny","colour":1}"#, "unknown field `colour`"),
+            (
+                r#"{"action":"deny","src_mac":"ff:ff:ff:ff:ff:ff"}"#,
+                "multicast",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = serde_json::from_str::<AclRule>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+        let r: AclRule = serde_json::from_str(r#"{"action":"deny","dst_port":80}"#).unwrap();
+        assert_eq!(
+            Acl::default().add(1, "p", r).unwrap_err(),
+            AclError::PortsNeedProtocol
+        );
+    }
+}

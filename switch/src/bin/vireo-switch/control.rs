@@ -1,0 +1,67 @@
+//! The control socket's JSON API: one request per line, one reply per line.
+//!
+//! Requests (`op` names the request):
+//! `{"op":"ports"}`, `{"op":"counters","port":"vm1"}`, `{"op":"macs"}`,
+//! `{"op":"extensions"}`, `{"op":"acl-list","port":"vm1"}`,
+//! `{"op":"acl-add","port":"vm1","rule":{"action":"deny",...}}`,
+//! `{"op":"acl-remove","port":"vm1","id":3}`,
+//! `{"op":"port-add","spec":"name=vm2,iface=tap1,vlan=10"}`, `{"op":"port-remove","port":"vm2"}`,
+//! `{"op":"trace","port":"vm1"}` (the reply line, then a pcapng stream of the port's
+//! frames on the same connection until the client closes it).
+//! Replies: `{"ok":true,...}` or `{"ok":false,"error":"one line"}`.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switch::acl::AclRule;
+
+/// A request line may be at most this long.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Ports,
+    Counters {
+        port: String,
+    },
+    Macs,
+    Extensions,
+    AclList {
+        port: String,
+    },
+    AclAdd {
+        port: String,
+        rule: AclRule,
+    },
+    AclRemove {
+        port: String,
+        id: u64,
+    },
+    PortAdd {
+        spec: String,
+    },
+    PortRemove {
+        port: String,
+    },
+    /// Turns this connection into a pcapng stream of the port's frames.
+    Trace {
+        port: String,
+    },
+}
+
+pub fn parse(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+}
+
+pub fn ok(mut v: Value) -> Value {
+    if let Value::Object(m) = &mut v {
+        m.insert("ok".into(), Value::Bool(true));
+        v
+    } else {
+        json!({ "ok": true, "result": v })
+    }
+}
+
+pub fn err(msg: impl std::fmt::Display) -> Value {
+    json!({ "ok": false, "error": msg.to_string() })
+}

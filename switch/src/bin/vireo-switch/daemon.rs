@@ -1,0 +1,473 @@
+//! The switch's one thread: a poll(2) loop over the ports' packet sockets, the
+//! control socket and its clients, and a signalfd for SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use switch::extension::DropReason;
+use switch::port::PortConfig;
+use switch::{pcap, Egress, PortId, Switch, SwitchError};
+use tracing::{debug, info, warn};
+
+use crate::afpacket::{PacketPort, PortIoError, Rx, RX_BUF};
+use crate::config::{parse_port, Config};
+use crate::control::{self, Request, MAX_REQUEST};
+
+/// Frames read from one port before the loop turns to the next (fairness).
+const BURST: usize = 64;
+/// Control clients served at once.
+const MAX_CLIENTS: usize = 16;
+/// Trace bytes held for a slow trace client before frames are left out.
+const TRACE_BACKLOG: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("control socket {path}: {source}")]
+    Control { path: PathBuf, source: io::Error },
+    #[error("control socket {0} is in use by a running switch")]
+    ControlInUse(PathBuf),
+    #[error("{0}")]
+    PortIo(#[from] PortIoError),
+    #[error("{0}")]
+    Switch(#[from] SwitchError),
+    #[error("signals: {0}")]
+    Signals(io::Error),
+    #[error("poll: {0}")]
+    Poll(io::Error),
+}
+
+struct Client {
+    stream: UnixStream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    closing: bool,
+    /// The port (id, name) this connection streams a trace of.
+    trace: Option<(PortId, String)>,
+    trace_lost: u64,
+}
+
+pub struct Daemon {
+    sw: Switch,
+    ports: HashMap<PortId, PacketPort>,
+    listener: UnixListener,
+    control_path: PathBuf,
+    clients: Vec<Client>,
+    signals: OwnedFd,
+    epoch: Instant,
+    rx: Vec<u8>,
+    out: Vec<Egress>,
+}
+
+/// Blocks SIGTERM and SIGINT and returns a signalfd that reports them.
+fn signal_fd() -> io::Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set; sigprocmask on this (the only)
+    // thread; signalfd creates a new fd that is owned at once.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Binds the control socket, owner-only; a stale file (nobody listening) is replaced.
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    let ctl = |source| DaemonError::Control {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::ControlInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(ctl)?;
+    }
+    let listener = UnixListener::bind(path).map_err(ctl)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctl)?;
+    listener.set_nonblocking(true).map_err(ctl)?;
+    Ok(listener)
+}
+
+/// Opens `cfg`'s interface and adds the port to the switch.
+fn open_port(
+    sw: &mut Switch,
+    ports: &mut HashMap<PortId, PacketPort>,
+    cfg: PortConfig,
+) -> Result<PortId, DaemonError> {
+    // Checked before the socket opens, so a duplicate never touches the interface.
+    cfg.validate().map_err(SwitchError::from)?;
+    let io = PacketPort::open(cfg.iface())?;
+    let (name, iface, mode) = (cfg.name.clone(), io.iface().to_string(), cfg.vlan.clone());
+    let id = sw.add_port(cfg)?;
+    ports.insert(id, io);
+    info!(port = %name, %iface, id, vlan = ?mode, "port up");
+    Ok(id)
+}
+
+fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+impl Daemon {
+    /// Opens every port, then the control socket: once the socket exists the
+    /// ports are open, so a client that sees it can send frames.
+    pub fn new(cfg: Config) -> Result<Self, DaemonError> {
+        let signals = signal_fd().map_err(DaemonError::Signals)?;
+        let mut sw = Switch::new(cfg.switch);
+        let mut ports = HashMap::new();
+        for p in cfg.ports {
+            open_port(&mut sw, &mut ports, p)?;
+        }
+        for acl in cfg.acls {
+            sw.acl_add(&acl.port, acl.rule)?;
+        }
+        Ok(Self {
+            sw,
+            ports,
+            listener: bind_control(&cfg.control)?,
+            control_path: cfg.control,
+            clients: Vec::new(),
+            signals,
+            epoch: Instant::now(),
+            rx: vec![0u8; RX_BUF + 64],
+            out: Vec::new(),
+        })
+    }
+
+    /// Runs until SIGTERM/SIGINT; removes the control socket on the way out.
+    pub fn run(mut self) -> Result<(), DaemonError> {
+        info!(
+            ports = self.ports.len(),
+            control = %self.control_path.display(),
+            "vireo-switch ready"
+        );
+        let result = self.poll_loop();
+        let _ = std::fs::remove_file(&self.control_path);
+        info!("vireo-switch stopped");
+        result
+    }
+
+    fn poll_loop(&mut self) -> Result<(), DaemonError> {
+        let mut last_expiry = Instant::now();
+        loop {
+            let port_ids: Vec<PortId> = self.ports.keys().copied().collect();
+            let mut fds = vec![
+                pollfd(self.signals.as_raw_fd(), libc::POLLIN),
+                pollfd(self.listener.as_raw_fd(), libc::POLLIN),
+            ];
+            fds.extend(
+                port_ids
+                    .iter()
+                    .map(|id| pollfd(self.ports[id].as_raw_fd(), libc::POLLIN)),
+            );
+            fds.extend(self.clients.iter().map(|c| {
+                let ev = if c.outbuf.is_empty() {
+                    libc::POLLIN
+                } else {
+                    libc::POLLIN | libc::POLLOUT
+                };
+                pollfd(c.stream.as_raw_fd(), ev)
+            }));
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DaemonError::Poll(e));
+            }
+            if fds[0].revents != 0 {
+                info!("signal received, shutting down");
+                return Ok(());
+            }
+            for (i, id) in port_ids.iter().enumerate() {
+                if fds[2 + i].revents != 0 {
+                    self.serve_port(*id);
+                }
+            }
+            let client_events: Vec<i16> = fds[2 + port_ids.len()..]
+                .iter()
+                .map(|f| f.revents)
+                .collect();
+            for (i, ev) in client_events.iter().enumerate() {
+                if *ev != 0 {
+                    self.serve_client(i);
+                }
+            }
+            self.drop_closed_clients();
+            if fds[1].revents != 0 {
+                self.accept();
+            }
+            if last_expiry.elapsed().as_secs() >= 1 {
+                self.sw.expire(self.epoch.elapsed());
+                last_expiry = Instant::now();
+            }
+        }
+    }
+
+    fn serve_port(&mut self, id: PortId) {
+        for _ in 0..BURST {
+            let Some(port) = self.ports.get(&id) else {
+                return;
+            };
+            let len = match port.recv(&mut self.rx) {
+                Ok(Rx::Frame(n)) => n,
+                Ok(Rx::Truncated) => {
+                    debug!(
+                        iface = port.iface(),
+                        "frame longer than the receive buffer dropped"
+                    );
+                    self.sw.record_rx_drop(id, DropReason::OVERSIZE);
+                    continue;
+                }
+                Ok(Rx::WouldBlock) => return,
+                Err(e) => {
+                    warn!(iface = port.iface(), error = %e, "receive failed");
+                    return;
+                }
+            };
+            let now = self.epoch.elapsed();
+            self.out.clear();
+            self.sw.process(id, &self.rx[..len], now, &mut self.out);
+            self.dispatch_trace();
+            for e in self.out.drain(..) {
+                let sent = self.ports.get(&e.port).map(|p| p.send(&e.frame));
+                match sent {
+                    Some(Ok(true)) => {}
+                    Some(Ok(false)) => self.sw.record_tx_failure(e.port),
+                    Some(Err(err)) => {
+                        warn!(port = e.port, error = %err, "send failed");
+                        self.sw.record_tx_failure(e.port);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn drop_closed_clients(&mut self) {
+        let before = self.clients.len();
+        self.clients.retain(|c| {
+            let done = c.closing && (c.outbuf.is_empty() || c.trace.is_some());
+            if done {
+                if let Some((_, port)) = &c.trace {
+                    info!(%port, lost = c.trace_lost, "trace ended");
+                }
+            }
+            !done
+        });
+        if self.clients.len() == before {
+            return;
+        }
+        // Ports nobody traces any more stop recording.
+        let names: Vec<String> = self
+            .sw
+            .ports()
+            .iter()
+            .map(|p| p.config.name.clone())
+            .collect();
+        for name in names {
+            let traced = self
+                .clients
+                .iter()
+                .any(|c| c.trace.as_ref().is_some_and(|t| t.1 == name));
+            if !traced {
+                let _ = self.sw.set_trace(&name, false);
+            }
+        }
+    }
+
+    /// Hands the switch's trace records to the clients tracing their ports.
+    fn dispatch_trace(&mut self) {
+        let records = self.sw.drain_trace();
+        if records.is_empty() {
+            return;
+        }
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        for r in &records {
+            for c in &mut self.clients {
+                let Some((id, name)) = &c.trace else { continue };
+                if *id != r.port {
+                    continue;
+                }
+                if c.outbuf.len() > TRACE_BACKLOG {
+                    c.trace_lost += 1;
+                    continue;
+                }
+                c.outbuf.extend_from_slice(&pcap::packet(r, name, micros));
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.clients.len() >= MAX_CLIENTS || stream.set_nonblocking(true).is_err() {
+                        warn!("control client refused: too many clients");
+                        continue;
+                    }
+                    self.clients.push(Client {
+                        stream,
+                        inbuf: Vec::new(),
+                        outbuf: Vec::new(),
+                        closing: false,
+                        trace: None,
+                        trace_lost: 0,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!(error = %e, "control accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn serve_client(&mut self, i: usize) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let c = &mut self.clients[i];
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    c.closing = true;
+                    break;
+                }
+                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    c.closing = true;
+                    c.outbuf.clear();
+                    return;
+                }
+            }
+        }
+        while let Some(pos) = self.clients[i].inbuf.iter().position(|b| *b == b'\n') {
+            if self.clients[i].trace.is_some() {
+                // A trace stream takes no more requests.
+                self.clients[i].inbuf.clear();
+                break;
+            }
+            let line: Vec<u8> = self.clients[i].inbuf.drain(..=pos).collect();
+            let reply = self.handle(i, &line[..pos]);
+            let c = &mut self.clients[i];
+            c.outbuf.extend_from_slice(reply.to_string().as_bytes());
+            c.outbuf.push(b'\n');
+            if let Some((_, port)) = &c.trace {
+                c.outbuf.extend_from_slice(&pcap::header(port));
+            }
+        }
+        let c = &mut self.clients[i];
+        if c.inbuf.len() > MAX_REQUEST {
+            let reply = control::err(format!("request longer than {MAX_REQUEST} bytes"));
+            c.outbuf.extend_from_slice(reply.to_string().as_bytes());
+            c.outbuf.push(b'\n');
+            c.inbuf.clear();
+            c.closing = true;
+        }
+        while !c.outbuf.is_empty() {
+            match c.stream.write(&c.outbuf) {
+                Ok(n) => {
+                    c.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    c.outbuf.clear();
+                    c.closing = true;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, client: usize, line: &[u8]) -> Value {
+        let req = match control::parse(line) {
+            Ok(r) => r,
+            Err(e) => return control::err(e),
+        };
+        debug!(?req, "control request");
+        let now = self.epoch.elapsed();
+        let result: Result<Value, String> = match req {
+            Request::Ports => Ok(json!({ "ports": self.sw.ports() })),
+            Request::Counters { port } => self
+                .sw
+                .counters(&port)
+                .map(|c| json!({ "port": port, "counters": c }))
+                .map_err(|e| e.to_string()),
+            Request::Macs => Ok(json!({ "macs": self.sw.mac_table(now) })),
+            Request::Extensions => Ok(json!({
+                "extensions": self.sw.extensions()
+                    .map(|e| json!({"name": e.name(), "stage": e.stage()}))
+                    .collect::<Vec<_>>()
+            })),
+            Request::AclList { port } => self
+                .sw
+                .acl_list(&port)
+                .map(|r| json!({ "rules": r }))
+                .map_err(|e| e.to_string()),
+            Request::AclAdd { port, rule } => {
+                let r = self.sw.acl_add(&port, rule);
+                if let Ok(id) = &r {
+                    info!(%port, id, "ACL rule added");
+                }
+                r.map(|id| json!({ "id": id })).map_err(|e| e.to_string())
+            }
+            Request::AclRemove { port, id } => {
+                let r = self.sw.acl_remove(&port, id);
+                if r.is_ok() {
+                    info!(%port, id, "ACL rule removed");
+                }
+                r.map(|()| json!({})).map_err(|e| e.to_string())
+            }
+            Request::PortAdd { spec } => parse_port(&spec)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    open_port(&mut self.sw, &mut self.ports, cfg).map_err(|e| e.to_string())
+                })
+                .map(|id| json!({ "id": id })),
+            Request::Trace { port } => match self.sw.set_trace(&port, true) {
+                Ok(id) => {
+                    info!(%port, "trace started");
+                    self.clients[client].trace = Some((id, port.clone()));
+                    Ok(json!({ "trace": port, "format": "pcapng" }))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Request::PortRemove { port } => match self.sw.remove_port(&port) {
+                Ok(id) => {
+                    self.ports.remove(&id);
+                    info!(%port, "port removed");
+                    Ok(json!({}))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match result {
+            Ok(v) => control::ok(v),
+            Err(e) => control::err(e),
+        }
+    }
+}

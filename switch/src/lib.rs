@@ -1,0 +1,30 @@
+//! `vireo-switch`'s switching core: a library with no I/O. Frames go in with the port
+//! they came from and the time; the frames to send come out. See docs/switch.md.
+//!
+//! - [`frame`]: defensive parsing (Ethernet, 802.1Q, ARP, IPv4, IPv6 with its
+//!   extension chain, TCP/UDP/ICMP); anything inconsistent is dropped and counted.
+//! - [`port`]: a port's VLAN mode (access, trunk with allowed VLANs and a native one,
+//!   private VLAN roles), its addresses and guards, and the CLI form of a port.
+//! - [`fdb`]: the MAC table, per VLAN, with aging on a clock passed in and a
+//!   per-port limit.
+//! - [`extension`]: the ordered capture → filter → forward chain and its trait.
+//! - [`acl`], [`guards`]: the built-in filter extensions.
+//! - [`Switch`]: ports, classification, learning, flooding, egress tagging.
+
+pub mod acl;
+pub mod extension;
+pub mod fdb;
+pub mod frame;
+pub mod guards;
+pub mod pcap;
+pub mod port;
+mod switch;
+#[cfg(test)]
+mod tests;
+
+/// A port's number inside one switch (never reused while it runs).
+pub type PortId = u32;
+
+pub use switch::{
+    Egress, PortCounters, PortStatus, Switch, SwitchConfig, SwitchError, TraceRecord,
+};

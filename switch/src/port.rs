@@ -1,0 +1,363 @@
+//! A port's configuration: its VLAN mode (access, trunk, private VLAN), its pinned
+//! addresses and which guards watch it; parsing of the CLI form
+//! `name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=mac+dhcp`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use net::MacAddr;
+use serde::{Deserialize, Serialize};
+
+/// A VLAN id a port can carry: 1..=4094 (0 is "priority only", 4095 reserved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u16", into = "u16")]
+pub struct VlanId(u16);
+
+impl VlanId {
+    pub const DEFAULT: VlanId = VlanId(1);
+
+    pub fn new(id: u16) -> Result<Self, PortError> {
+        if (1..=4094).contains(&id) {
+            Ok(Self(id))
+        } else {
+            Err(PortError::VlanRange(u32::from(id)))
+        }
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl TryFrom<u16> for VlanId {
+    type Error = PortError;
+    fn try_from(v: u16) -> Result<Self, PortError> {
+        Self::new(v)
+    }
+}
+
+impl From<VlanId> for u16 {
+    fn from(v: VlanId) -> u16 {
+        v.0
+    }
+}
+
+impl fmt::Display for VlanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for VlanId {
+    type Err = PortError;
+    fn from_str(s: &str) -> Result<Self, PortError> {
+        let n: u32 = s
+            .trim()
+            .parse()
+            .map_err(|_| PortError::Value("vlan", s.to_string()))?;
+        u16::try_from(n)
+            .map_err(|_| PortError::VlanRange(n))
+            .and_then(Self::new)
+    }
+}
+
+/// A port's role in a private VLAN (within its access VLAN, the primary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivateVlan {
+    /// Reaches only promiscuous ports.
+    Isolated,
+    /// Reaches its own community and promiscuous ports.
+    Community(u16),
+    /// Reaches every port of the VLAN (the router, the uplink).
+    Promiscuous,
+}
+
+/// How a port maps frames to VLANs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VlanMode {
+    /// Untagged frames on one VLAN; tagged frames from the port are dropped.
+    Access {
+        vlan: VlanId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        private: Option<PrivateVlan>,
+    },
+    /// Tagged frames of the allowed VLANs; untagged ones belong to `native` if set
+    /// (and leave untagged on it), else they are dropped.
+    Trunk {
+        allowed: BTreeSet<VlanId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        native: Option<VlanId>,
+    },
+}
+
+impl VlanMode {
+    pub fn carries(&self, vlan: VlanId) -> bool {
+        match self {
+            VlanMode::Access { vlan: v, .. } => *v == vlan,
+            VlanMode::Trunk { allowed, native } => allowed.contains(&vlan) || *native == Some(vlan),
+        }
+    }
+
+    /// The private-VLAN role; trunks act as promiscuous ports.
+    pub fn private(&self) -> PrivateVlan {
+        match self {
+            VlanMode::Access {
+                private: Some(p), ..
+            } => *p,
+            _ => PrivateVlan::Promiscuous,
+        }
+    }
+}
+
+/// The guards a port is under (all off by default, as for an uplink).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Guards {
+    /// Frames must carry the port's `mac` as their source.
+    pub mac_spoofing: bool,
+    /// DHCP server messages (BOOTREPLY from UDP 67, DHCPv6 from 547) are dropped.
+    pub dhcp: bool,
+    /// Router advertisements and redirects (ICMPv6 134, 137; ICMP 5, 9) are dropped.
+    pub router: bool,
+    /// ARP must name the port's `mac` (and one of its `ips`, if any) as sender.
+    pub arp: bool,
+}
+
+/// One port of the switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortConfig {
+    /// The port's name in the API and logs.
+    pub name: String,
+    /// The host interface it sits on (a tap, a veth end); defaults to `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
+    pub vlan: VlanMode,
+    /// The address the VM behind the port owns (for the MAC and ARP guards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// The IPv4 addresses it owns (for the ARP guard); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub guards: Guards,
+}
+
+impl PortConfig {
+    pub fn iface(&self) -> &str {
+        self.iface.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Checks what the types cannot: a usable name, a non-empty trunk, guards that
+    /// need a MAC have one.
+    pub fn validate(&self) -> Result<(), PortError> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        {
+            return Err(PortError::Name(self.name.clone()));
+        }
+        net::validate_tap_name(self.iface()).map_err(|e| PortError::Iface(e.to_string()))?;
+        if let VlanMode::Trunk { allowed, native } = &self.vlan {
+            if allowed.is_empty() && native.is_none() {
+                return Err(PortError::EmptyTrunk(self.name.clone()));
+            }
+        }
+        if (self.guards.mac_spoofing || self.guards.arp) && self.mac.is_none() {
+            return Err(PortError::GuardNeedsMac(self.name.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Why a port configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    #[error("VLAN {0} is out of range (1-4094)")]
+    VlanRange(u32),
+    #[error("bad {0} value '{1}'")]
+    Value(&'static str, String),
+    #[error("unknown port option '{0}' (known: name, iface, vlan, pvlan, trunk, native, mac, ip, guard)")]
+    Option(String),
+    #[error("port name '{0}' is not 1-64 characters of [A-Za-z0-9-_.]")]
+    Name(String),
+    #[error("{0}")]
+    Iface(String),
+    #[error("port '{0}': a trunk needs allowed VLANs or a native VLAN")]
+    EmptyTrunk(String),
+    #[error("port '{0}': the mac and arp guards need mac=")]
+    GuardNeedsMac(String),
+    #[error("port spec needs name=")]
+    NoName,
+    #[error("port '{0}': give either vlan= or trunk=, not both")]
+    VlanAndTrunk(String),
+    #[error("port '{0}': pvlan= needs an access port (vlan=)")]
+    PrivateOnTrunk(String),
+}
+
+fn parse_guards(s: &str) -> Result<Guards, PortError> {
+    let mut g = Guards::default();
+    for word in s.split('+') {
+        match word {
+            "mac" => g.mac_spoofing = true,
+            "dhcp" => g.dhcp = true,
+            "router" => g.router = true,
+            "arp" => g.arp = true,
+            "all" => {
+                g = Guards {
+                    mac_spoofing: true,
+                    dhcp: true,
+                    router: true,
+                    arp: true,
+                }
+            }
+            _ => {
+                return Err(PortError::Value(
+                    "guard (mac, dhcp, router, arp, all)",
+                    word.to_string(),
+                ))
+            }
+        }
+    }
+    Ok(g)
+}
+
+fn parse_private(s: &str) -> Result<PrivateVlan, PortError> {
+    match s {
+        "isolated" => Ok(PrivateVlan::Isolated),
+        "promiscuous" => Ok(PrivateVlan::Promiscuous),
+        _ => s
+            .strip_prefix("community:")
+            .and_then(|n| n.parse().ok())
+            .map(PrivateVlan::Community)
+            .ok_or_else(|| {
+                PortError::Value("pvlan (isolated, promiscuous, community:N)", s.to_string())
+            }),
+    }
+}
+
+impl FromStr for PortConfig {
+    type Err = PortError;
+
+    /// `name=N[,iface=IF][,vlan=V[,pvlan=isolated|community:C|promiscuous]]`
+    /// `[,trunk=V:V:...[,native=V]][,mac=M][,ip=A][,guard=mac+dhcp+router+arp]`.
+    /// Trunk VLANs are separated by `:` (a `,` separates options).
+    fn from_str(s: &str) -> Result<Self, PortError> {
+        let (mut name, mut iface, mut vlan, mut trunk, mut native) = (None, None, None, None, None);
+        let (mut private, mut mac, mut ips, mut guards) =
+            (None, None, Vec::new(), Guards::default());
+        for kv in s.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| PortError::Option(kv.to_string()))?;
+            match k {
+                "name" => name = Some(v.to_string()),
+                "iface" => iface = Some(v.to_string()),
+                "vlan" => vlan = Some(v.parse::<VlanId>()?),
+                "native" => native = Some(v.parse::<VlanId>()?),
+                "trunk" => {
+                    trunk = Some(
+                        v.split([':', ' '])
+                            .filter(|p| !p.is_empty())
+                            .map(str::parse)
+                            .collect::<Result<BTreeSet<VlanId>, _>>()?,
+                    )
+                }
+                "pvlan" => private = Some(parse_private(v)?),
+                "mac" => {
+                    mac = Some(
+                        v.parse::<MacAddr>()
+                            .map_err(|e| PortError::Value("mac", e.to_string()))?,
+                    )
+                }
+                "ip" => ips.push(
+                    v.parse()
+                        .map_err(|_| PortError::Value("ip", v.to_string()))?,
+                ),
+                "guard" => guards = parse_guards(v)?,
+                _ => return Err(PortError::Option(k.to_string())),
+            }
+        }
+        let name = name.ok_or(PortError::NoName)?;
+        let vlan = match (vlan, trunk) {
+            (Some(_), Some(_)) => return Err(PortError::VlanAndTrunk(name)),
+            (v, None) => {
+                if native.is_some() {
+                    return Err(PortError::Option("native (only with trunk=)".into()));
+                }
+                VlanMode::Access {
+                    vlan: v.unwrap_or(VlanId::DEFAULT),
+                    private,
+                }
+            }
+            (None, Some(allowed)) => {
+                if private.is_some() {
+                    return Err(PortError::PrivateOnTrunk(name));
+                }
+                VlanMode::Trunk { allowed, native }
+            }
+        };
+        let cfg = PortConfig {
+            name,
+            iface,
+            vlan,
+            mac,
+            ips,
+            guards,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_access_trunk_and_private_ports() {
+        let p: PortConfig = "name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=mac+dhcp"
+            .parse()
+            .unwrap();
+        assert_eq!(p.iface(), "tap0");
+        assert!(p.vlan.carries(VlanId::new(10).unwrap()));
+        assert!(p.guards.mac_spoofing && p.guards.dhcp && !p.guards.router);
+        let t: PortConfig = "name=up,trunk=10:20,native=5".parse().unwrap();
+        assert!(t.vlan.carries(VlanId::new(20).unwrap()));
+        assert!(t.vlan.carries(VlanId::new(5).unwrap()));
+        assert!(!t.vlan.carries(VlanId::new(30).unwrap()));
+        let i: PortConfig = "name=a,vlan=7,pvlan=community:3".parse().unwrap();
+        assert_eq!(i.vlan.private(), PrivateVlan::Community(3));
+    }
+
+    #[test]
+    fn refuses_bad_ports_with_one_clear_line() {
+        let cases = [
+            ("name=a,vlan=4095", "VLAN 4095 is out of range"),
+            ("name=a,vlan=0", "VLAN 0 is out of range"),
+            ("name=a,trunk=10:70000", "VLAN 70000 is out of range"),
+            ("name=a,vlan=x", "bad vlan value 'x'"),
+            ("name=a,color=red", "unknown port option 'color'"),
+            ("vlan=3", "needs name="),
+            ("name=a,guard=mac", "need mac="),
+            ("name=a,vlan=1,trunk=2", "either vlan= or trunk="),
+            ("name=a,trunk=2,pvlan=isolated", "needs an access port"),
+            ("name=a/b", "is not 1-64 characters"),
+            (
+                "name=a,iface=waytoolonginterfacename",
+                "longer than 15 bytes",
+            ),
+        ];
+        for (spec, want) in cases {
+            let e = spec.parse::<PortConfig>().unwrap_err().to_string();
+            assert!(e.contains(want), "{spec}: {e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The switching core: ports, VLAN classification, the extension chain, the MAC table,
+//! private-VLAN rules and egress tagging. No I/O: a frame and the time go in, the
+//! frames to send (port and bytes) come out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::debug;
+
+use crate::acl::{Acl, AclError, AclRule, InstalledRule};
+use crate::extension::{Chain, Direction, DropReason, Extension, FrameCtx, Verdict};
+use crate::fdb::{FdbRow, Learned, MacTable};
+use crate::frame::{is_multicast, Frame, ETHERTYPE_VLAN, ETH_HLEN, VLAN_HLEN};
+use crate::guards::GuardSet;
+use crate::port::{PortConfig, PortError, PrivateVlan, VlanId, VlanMode};
+use crate::PortId;
+
+/// Switch-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchConfig {
+    /// How long a learned address stays without being seen again.
+    pub aging: Duration,
+    /// Addresses one port may have in the MAC table.
+    pub macs_per_port: usize,
+    /// Largest L3 payload (bytes after the Ethernet header and any tag).
+    pub mtu: usize,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        Self {
+            aging: Duration::from_secs(300),
+            macs_per_port: 1024,
+            mtu: 1500,
+        }
+    }
+}
+
+/// A port's counters. `tx` counts frames handed to the port; the I/O layer reports
+/// the ones the host interface refused ([`Switch::record_tx_failure`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames from this port dropped, by reason.
+    pub rx_dropped: BTreeMap<&'static str, u64>,
+    /// Frames to this port dropped, by reason.
+    pub tx_dropped: BTreeMap<&'static str, u64>,
+    pub macs_refused: u64,
+}
+
+/// A port as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortStatus<'a> {
+    pub id: PortId,
+    #[serde(flatten)]
+    pub config: &'a PortConfig,
+    pub counters: &'a PortCounters,
+}
+
+/// A frame to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub port: PortId,
+    pub frame: Vec<u8>,
+}
+
+/// One frame seen at a traced port: entering it (`Outbound`, out of the VM) with
+/// the ingress verdict, or leaving by it (`Inbound`) as sent or with the egress
+/// verdict. `dropped: None` means it went on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceRecord {
+    pub port: PortId,
+    pub direction: Direction,
+    pub dropped: Option<DropReason>,
+    pub frame: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    #[error("no port '{0}'")]
+    UnknownPort(String),
+    #[error("a port named '{0}' exists already")]
+    DuplicateName(String),
+    #[error("interface '{iface}' is port '{port}' already")]
+    DuplicateIface { iface: String, port: String },
+    #[error("port: {0}")]
+    Port(#[from] PortError),
+    #[error("ACL: {0}")]
+    Acl(#[from] AclError),
+}
+
+struct Port {
+    config: PortConfig,
+    counters: PortCounters,
+}
+
+pub struct Switch {
+    cfg: SwitchConfig,
+    ports: BTreeMap<PortId, Port>,
+    next_port: PortId,
+    fdb: MacTable,
+    chain: Chain,
+    traced: BTreeSet<PortId>,
+    trace: Vec<TraceRecord>,
+}
+
+/// Whether private-VLAN roles `a` and `b` may exchange frames.
+fn private_vlan_allows(a: PrivateVlan, b: PrivateVlan) -> bool {
+    match (a, b) {
+        (PrivateVlan::Promiscuous, _) | (_, PrivateVlan::Promiscuous) => true,
+        (PrivateVlan::Community(x), PrivateVlan::Community(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The shortest Ethernet frame without its FCS.
+const ETH_ZLEN: usize = 60;
+
+/// The frame without its tag (if it had one), with `tci` inserted (if any).
+fn retag(bytes: &[u8], tagged: bool, tci: Option<u16>) -> Vec<u8> {
+    let body = if tagged {
+        &bytes[ETH_HLEN - 2 + VLAN_HLEN..]
+    } else {
+        &bytes[ETH_HLEN - 2..]
+    };
+    let mut out = Vec::with_capacity(bytes.len() + VLAN_HLEN);
+    out.extend_from_slice(&bytes[..ETH_HLEN - 2]);
+    if let Some(tci) = tci {
+        out.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
+        out.extend_from_slice(&tci.to_be_bytes());
+    }
+    out.extend_from_slice(body);
+    // A frame that lost its tag may fall below the Ethernet minimum: pad it, as a
+    // hardware switch does.
+    if tagged && out.len() < ETH_ZLEN {
+        out.resize(ETH_ZLEN, 0);
+    }
+    out
+}
+
+impl Switch {
+    /// A switch whose chain holds the guards and the ACLs (filter stage, in that order).
+    pub fn new(cfg: SwitchConfig) -> Self {
+        let mut chain = Chain::default();
+        chain.push(Box::new(GuardSet));
+        chain.push(Box::new(Acl::default()));
+        Self {
+            cfg,
+            ports: BTreeMap::new(),
+            next_port: 1,
+            fdb: MacTable::new(cfg.aging, cfg.macs_per_port),
+            chain,
+            traced: BTreeSet::new(),
+            trace: Vec::new(),
+        }
+    }
+
+    /// Adds an extension after the others of its stage.
+    pub fn add_extension(&mut self, ext: Box<dyn Extension>) {
+        self.chain.push(ext);
+    }
+
+    pub fn extensions(&self) -> impl Iterator<Item = &dyn Extension> {
+        self.chain.iter()
+    }
+
+    pub fn add_port(&mut self, config: PortConfig) -> Result<PortId, SwitchError> {
+        config.validate()?;
+        for p in self.ports.values() {
+            if p.config.name == config.name {
+                return Err(SwitchError::DuplicateName(config.name));
+            }
+            if p.config.iface() == config.iface() {
+                return Err(SwitchError::DuplicateIface {
+                    iface: config.iface().to_string(),
+                    port: p.config.name.clone(),
+                });
+            }
+        }
+        let id = self.next_port;
+        self.next_port += 1;
+        self.ports.insert(
+            id,
+            Port {
+                config,
+                counters: PortCounters::default(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn remove_port(&mut self, name: &str) -> Result<PortId, SwitchError> {
+        let id = self.port_id(name)?;
+        self.ports.remove(&id);
+        self.fdb.flush_port(id);
+        self.traced.remove(&id);
+        self.chain.port_removed(id, name);
+        Ok(id)
+    }
+
+    pub fn port_id(&self, name: &str) -> Result<PortId, SwitchError> {
+        self.ports
+            .iter()
+            .find(|(_, p)| p.config.name == name)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| SwitchError::UnknownPort(name.to_string()))
+    }
+
+    pub fn port_config(&self, id: PortId) -> Option<&PortConfig> {
+        self.ports.get(&id).map(|p| &p.config)
+    }
+
+    pub fn ports(&self) -> Vec<PortStatus<'_>> {
+        self.ports
+            .iter()
+            .map(|(id, p)| PortStatus {
+                id: *id,
+                config: &p.config,
+                counters: &p.counters,
+            })
+            .collect()
+    }
+
+    pub fn counters(&self, name: &str) -> Result<&PortCounters, SwitchError> {
+        let id = self.port_id(name)?;
+        Ok(&self.ports[&id].counters)
+    }
+
+    pub fn mac_table(&self, now: Duration) -> Vec<FdbRow> {
+        self.fdb.rows(now)
+    }
+
+    /// Drops aged MAC entries (call now and then; lookups ignore them anyway).
+    pub fn expire(&mut self, now: Duration) -> usize {
+        self.fdb.expire(now)
+    }
+
+    fn acl(&mut self) -> &mut Acl {
+        // The constructor put it there and nothing removes it.
+        match self.chain.find_mut::<Acl>() {
+            Some(acl) => acl,
+            None => unreachable!("Switch::new installs the ACL extension"),
+        }
+    }
+
+    pub fn acl_add(&mut self, port: &str, rule: AclRule) -> Result<u64, SwitchError> {
+        let id = self.port_id(port)?;
+        Ok(self.acl().add(id, port, rule)?)
+    }
+
+    pub fn acl_remove(&mut self, port: &str, rule: u64) -> Result<(), SwitchError> {
+        let id = self.port_id(port)?;
+        Ok(self.acl().remove(id, port, rule)?)
+    }
+
+    pub fn acl_list(&mut self, port: &str) -> Result<Vec<InstalledRule>, SwitchError> {
+        let id = self.port_id(port)?;
+        Ok(self.acl().list(id).to_vec())
+    }
+
+    /// Starts or stops recording the frames that enter and leave `port`
+    /// (collected with [`Switch::drain_trace`]).
+    pub fn set_trace(&mut self, port: &str, on: bool) -> Result<PortId, SwitchError> {
+        let id = self.port_id(port)?;
+        if on {
+            self.traced.insert(id);
+        } else {
+            self.traced.remove(&id);
+        }
+        Ok(id)
+    }
+
+    /// The trace records since the last call, in the order the switch saw them.
+    pub fn drain_trace(&mut self) -> Vec<TraceRecord> {
+        std::mem::take(&mut self.trace)
+    }
+
+    /// The host interface refused a frame this switch handed to `port`.
+    pub fn record_tx_failure(&mut self, port: PortId) {
+        if let Some(p) = self.ports.get_mut(&port) {
+            *p.counters
+                .tx_dropped
+                .entry(DropReason::TX_FAILED.0)
+                .or_default() += 1;
+        }
+    }
+
+    /// Counts a frame from `port` dropped before it reached the switch (e.g. one
+    /// longer than the I/O layer's buffer).
+    pub fn record_rx_drop(&mut self, port: PortId, why: DropReason) {
+        if let Some(p) = self.ports.get_mut(&port) {
+            p.counters.rx_packets += 1;
+        }
+        self.drop_rx(port, why);
+    }
+
+    fn drop_rx(&mut self, port: PortId, why: DropReason) -> DropReason {
+        if let Some(p) = self.ports.get_mut(&port) {
+            *p.counters.rx_dropped.entry(why.0).or_default() += 1;
+            debug!(port = %p.config.name, reason = why.0, "frame dropped");
+        }
+        why
+    }
+
+    /// The VLAN a frame from `mode` belongs to, or why it is dropped.
+    fn classify(mode: &VlanMode, frame: &Frame<'_>) -> Result<VlanId, DropReason> {
+        let vid = frame.tag.map(|t| t.vid).filter(|v| *v != 0);
+        match (mode, vid) {
+            (VlanMode::Access { vlan, .. }, None) => Ok(*vlan),
+            (VlanMode::Access { .. }, Some(_)) => Err(DropReason::TAGGED_ON_ACCESS),
+            (VlanMode::Trunk { native, .. }, None) => native.ok_or(DropReason::UNTAGGED_ON_TRUNK),
+            (mode, Some(v)) => VlanId::new(v)
+                .ok()
+                .filter(|v| mode.carries(*v))
+                .ok_or(DropReason::VLAN_NOT_ALLOWED),
+        }
+    }
+
+    /// Switches one frame that arrived on `ingress` at time `now`; appends what to
+    /// send to `out`.
+    pub fn process(&mut self, ingress: PortId, bytes: &[u8], now: Duration, out: &mut Vec<Egress>) {
+        let mark = self.trace.len();
+        let verdict = self.switch_frame(ingress, bytes, now, out);
+        if self.traced.contains(&ingress) {
+            let record = TraceRecord {
+                port: ingress,
+                direction: Direction::Outbound,
+                dropped: verdict.err(),
+                frame: bytes.to_vec(),
+            };
+            self.trace.insert(mark, record);
+        }
+    }
+
+    /// `process` without the ingress trace record; `Err` when the frame was dropped on
+    /// its way in.
+    fn switch_frame(
+        &mut self,
+        ingress: PortId,
+        bytes: &[u8],
+        now: Duration,
+        out: &mut Vec<Egress>,
+    ) -> Result<(), DropReason> {
+        let Some(port) = self.ports.get_mut(&ingress) else {
+            return Ok(());
+        };
+        port.counters.rx_packets += 1;
+        port.counters.rx_bytes += bytes.len() as u64;
+        let frame = match Frame::parse(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(port = %port.config.name, error = %e, "malformed frame");
+                return Err(self.drop_rx(ingress, DropReason::MALFORMED));
+            }
+        };
+        let tag_len = if frame.tag.is_some() { VLAN_HLEN } else { 0 };
+        if bytes.len() - tag_len > self.cfg.mtu + ETH_HLEN {
+            return Err(self.drop_rx(ingress, DropReason::OVERSIZE));
+        }
+        let vlan = match Self::classify(&port.config.vlan, &frame) {
+            Ok(v) => v,
+            Err(why) => return Err(self.drop_rx(ingress, why)),
+        };
+        let in_role = port.config.vlan.private();
+        let verdict = {
+            let ctx = FrameCtx {
+                frame: &frame,
+                vlan,
+                port: ingress,
+                port_config: &port.config,
+                direction: Direction::Outbound,
+                ingress,
+            };
+            self.chain.ingress(&ctx)
+        };
+        if let Verdict::Drop(why) = verdict {
+            return Err(self.drop_rx(ingress, why));
+        }
+        if self.fdb.learn(vlan, frame.src, ingress, now) == Learned::Refused {
+            port.counters.macs_refused += 1;
+        }
+
+        let known = if is_multicast(&frame.dst) {
+            None
+        } else {
+            self.fdb.lookup(vlan, &frame.dst, now)
+        };
+        let mut egress: Vec<PortId> = match known {
+            Some(p) => vec![p],
+            None => self.ports.keys().copied().collect(),
+        };
+        let reachable = |ports: &BTreeMap<PortId, Port>, id: &PortId| {
+            *id != ingress
+                && ports.get(id).is_some_and(|p| {
+                    p.config.vlan.carries(vlan)
+                        && private_vlan_allows(in_role, p.config.vlan.private())
+                })
+        };
+        egress.retain(|id| reachable(&self.ports, id));
+        {
+            let Some(port) = self.ports.get(&ingress) else {
+                return Ok(());
+            };
+            let ctx = FrameCtx {
+                frame: &frame,
+                vlan,
+                port: ingress,
+                port_config: &port.config,
+                direction: Direction::Outbound,
+                ingress,
+            };
+            self.chain.forward(&ctx, &mut egress);
+        }
+        egress.sort_unstable();
+        egress.dedup();
+        egress.retain(|id| reachable(&self.ports, id));
+        if egress.is_empty() && known.is_some() {
+            return Err(self.drop_rx(ingress, DropReason::NO_EGRESS));
+        }
+
+        let pcp = frame.tag.map(|t| u16::from(t.pcp) << 13).unwrap_or(0);
+        for id in egress {
+            let Some(port) = self.ports.get_mut(&id) else {
+                continue;
+            };
+            let ctx = FrameCtx {
+                frame: &frame,
+                vlan,
+                port: id,
+                port_config: &port.config,
+                direction: Direction::Inbound,
+                ingress,
+            };
+            let traced = self.traced.contains(&id);
+            if let Verdict::Drop(why) = self.chain.egress(&ctx) {
+                *port.counters.tx_dropped.entry(why.0).or_default() += 1;
+                if traced {
+                    self.trace.push(TraceRecord {
+                        port: id,
+                        direction: Direction::Inbound,
+                        dropped: Some(why),
+                        frame: bytes.to_vec(),
+                    });
+                }
+                continue;
+            }
+            let tci = match &port.config.vlan {
+                VlanMode::Trunk { native, .. } if *native != Some(vlan) => Some(pcp | vlan.get()),
+                _ => None,
+            };
+            let bytes = retag(bytes, frame.tag.is_some(), tci);
+            port.counters.tx_packets += 1;
+            port.counters.tx_bytes += bytes.len() as u64;
+            if traced {
+                self.trace.push(TraceRecord {
+                    port: id,
+                    direction: Direction::Inbound,
+                    dropped: None,
+                    frame: bytes.clone(),
+                });
+            }
+            out.push(Egress {
+                port: id,
+                frame: bytes,
+            });
+        }
+        Ok(())
+    }
+}
