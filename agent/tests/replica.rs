@@ -522,6 +522,9 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     let a_id = pki.host("host-a");
     let mut args = common::pki::tls_args(&a_id);
     args.push("--no-autostart".into());
+    // A jailed VMM (vireod's default as root) cannot reach a replica_log directory
+    // yet: vireod does not hand it over like the disk (docs/replica.md, not done).
+    args.push("--no-jail".into());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = common::Daemon::start(&refs);
     // Beneath the vireod's directory: one of its storage roots.
