@@ -72,6 +72,21 @@ pub fn hand_over_identity(
     dir: &Path,
     uid: u32,
 ) -> Result<IdentityFiles, AgentError> {
+    Ok(IdentityFiles {
+        cert: hand_over(&files.cert, dir, "host.crt", uid)?,
+        key: hand_over(&files.key, dir, "host.key", uid)?,
+        ca: hand_over(&files.ca, dir, "ca.crt", uid)?,
+    })
+}
+
+/// A copy of the host's CRL (`--tls-crl`) beside the identity [`hand_over_identity`]
+/// gave `uid`: the jailed VMM checks its peer against it.
+pub fn hand_over_crl(crl: &Path, dir: &Path, uid: u32) -> Result<PathBuf, AgentError> {
+    hand_over(crl, dir, "ca.crl", uid)
+}
+
+/// Copies `from` to `dir/tls/name`, readable by `uid` only (0400, never through a link).
+fn hand_over(from: &Path, dir: &Path, name: &str, uid: u32) -> Result<PathBuf, AgentError> {
     let tls = dir.join("tls");
     match std::fs::create_dir(&tls) {
         Ok(()) => {}
@@ -81,30 +96,23 @@ pub fn hand_over_identity(
     std::os::unix::fs::chown(&tls, Some(uid), Some(uid))
         .and_then(|_| std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o500)))
         .map_err(|e| AgentError::io("cannot hand over", &tls, e))?;
-    let copy = |from: &Path, name: &str| -> Result<PathBuf, AgentError> {
-        let to = tls.join(name);
-        let bytes = std::fs::read(from)
-            .map_err(|e| AgentError::io("cannot read host identity", from, e))?;
-        let _ = std::fs::remove_file(&to);
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o400)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&to)?;
-            f.write_all(&bytes)?;
-            std::os::unix::fs::fchown(&f, Some(uid), Some(uid))
-        };
-        write().map_err(|e| AgentError::io("cannot hand over host identity", &to, e))?;
-        Ok(to)
+    let to = tls.join(name);
+    let bytes =
+        std::fs::read(from).map_err(|e| AgentError::io("cannot read host identity", from, e))?;
+    let _ = std::fs::remove_file(&to);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&to)?;
+        f.write_all(&bytes)?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(uid))
     };
-    Ok(IdentityFiles {
-        cert: copy(&files.cert, "host.crt")?,
-        key: copy(&files.key, "host.key")?,
-        ca: copy(&files.ca, "ca.crt")?,
-    })
+    write().map_err(|e| AgentError::io("cannot hand over host identity", &to, e))?;
+    Ok(to)
 }
 
 /// Removes what [`hand_over_identity`] copied.

@@ -257,13 +257,19 @@ fn systemd_launcher_starts_units_watches_them_and_gets_their_exit_status() {
             .unwrap();
         assert_eq!(pid, unit_pid);
         let env = std::fs::read_to_string(d.run_dir.join("vms/web.env")).unwrap();
-        // Jailed (vireod runs as root): its own uid, root and run directory.
+        // Not jailed: the hardened vireo@ unit confines it instead (it takes away the
+        // capabilities and namespaces `vireo --jail` needs); its own run directory.
         assert!(
-            env.starts_with("VIREO_ARGS=--jail uid=980000,gid=980000,root=")
-                && env.contains("/run/jail/web,bind=")
-                && env.contains(" --config ")
+            env.starts_with("VIREO_ARGS=--config ")
+                && !env.contains("--jail")
                 && env.contains("/vms/web/api.sock"),
             "{env}"
+        );
+        assert!(
+            d.log()
+                .contains("VMMs run in the hardened vireo@ units, not in vireo's jail"),
+            "{}",
+            d.log()
         );
         let c = calls();
         assert!(c.contains("start vireo@web.service"), "{c}");

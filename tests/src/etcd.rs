@@ -41,8 +41,45 @@ impl EtcdCluster {
     }
 
     /// As [`EtcdCluster::start`], listening on `ip` (an address of this namespace).
+    /// Ports are picked free and bound by etcd a moment later: when another process
+    /// took one meanwhile ("address already in use"), the cluster starts again on new
+    /// ports (at most three times).
     pub fn start_on(ip: &str, n: usize) -> Self {
         assert!(have_etcd(), "etcd is not installed: run scripts/setup");
+        for _ in 0..2 {
+            let cluster = Self::launch(ip, n);
+            if cluster.wait_healthy_unless_a_port_was_taken() {
+                return cluster;
+            }
+        }
+        let cluster = Self::launch(ip, n);
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Waits as [`EtcdCluster::wait_healthy`] does; false as soon as a member could not
+    /// bind its port.
+    fn wait_healthy_unless_a_port_was_taken(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.logs().contains("address already in use") {
+                return false;
+            }
+            let out = self.etcdctl(&self.endpoints_arg(), &["endpoint", "health"]);
+            if out.status.success() {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn launch(ip: &str, n: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -67,7 +104,6 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.spawn(i);
         }
-        cluster.wait_healthy();
         cluster
     }
 

@@ -250,6 +250,11 @@ impl Supervisor {
                 tls["cert"] = serde_json::json!(files.cert);
                 tls["key"] = serde_json::json!(files.key);
                 tls["ca"] = serde_json::json!(files.ca);
+                if let Some(crl) = tls["crl"].as_str().map(std::path::PathBuf::from) {
+                    let crl =
+                        crate::jailing::hand_over_crl(&crl, &self.vm_run_dir(name), jail.uid)?;
+                    tls["crl"] = serde_json::json!(crl);
+                }
                 Some(tls)
             }
             (tls, _) => tls,

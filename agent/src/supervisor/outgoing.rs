@@ -421,6 +421,12 @@ impl Supervisor {
                     }
                     Err(e) => return Sent::Failed(error_chain(&e)),
                 }
+                if let Some(crl) = tls["crl"].as_str().map(std::path::PathBuf::from) {
+                    match crate::jailing::hand_over_crl(&crl, &self.vm_run_dir(name), uid) {
+                        Ok(crl) => tls["crl"] = serde_json::json!(crl),
+                        Err(e) => return Sent::Failed(error_chain(&e)),
+                    }
+                }
             }
             body["tls"] = tls;
         }
