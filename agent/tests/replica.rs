@@ -8,6 +8,7 @@
 mod common;
 
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use agent::client::Endpoint;
@@ -522,9 +523,6 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     let a_id = pki.host("host-a");
     let mut args = common::pki::tls_args(&a_id);
     args.push("--no-autostart".into());
-    // A jailed VMM (vireod's default as root) cannot reach a replica_log directory
-    // yet: vireod does not hand it over like the disk (docs/replica.md, not done).
-    args.push("--no-jail".into());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = common::Daemon::start(&refs);
     // Beneath the vireod's directory: one of its storage roots.
@@ -554,6 +552,16 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
     a.ok("PUT", "/api/v1/vms/vm1/start", None);
     a.wait_serial("vm1", "rw n=10\n", common::T);
+    // The VMM is jailed (vireod's default as root): vireod made each change log
+    // directory and gave it to the VM's own uid, and the VMM writes its segments there.
+    for i in 0..2 {
+        let log = disks_dir.join(format!("d{i}.rlog"));
+        let owner = std::fs::metadata(&log).unwrap().uid();
+        assert_ne!(owner, 0, "{}: not handed to the jail", log.display());
+        for f in std::fs::read_dir(&log).unwrap() {
+            assert_eq!(f.unwrap().metadata().unwrap().uid(), owner);
+        }
+    }
 
     // An interval under 1 s is refused.
     let (s, body) = a.api(
@@ -617,4 +625,70 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     }
     let list = a.ok("GET", "/api/v1/replication", None);
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+}
+
+/// A change log directory is a path the VM names like its disks: beneath a storage
+/// root, no symlink on the way, checked when the VM is defined and again when vireod
+/// makes it for a start (the jail chowns it to the VM's uid: a host directory named
+/// there, or reached through a link swapped in later, would be given away).
+#[test]
+fn a_change_log_outside_the_storage_roots_or_through_a_link_is_refused_and_nothing_is_chowned() {
+    let d = common::Daemon::start(&["--no-autostart"]);
+    let disks = d.dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let img = disks.join("d0.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    // A host directory outside every root, and links to it beneath the root.
+    let outside = tempfile::Builder::new()
+        .prefix("outside")
+        .tempdir()
+        .unwrap();
+    let host_dir = outside.path().join("etc-like");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::os::unix::fs::symlink(&host_dir, disks.join("link")).unwrap();
+    let def = |log: &Path| {
+        json!({
+            "config": {
+                "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=replica-writer blocks=8"},
+                "memory": {"size": 32u64 << 20},
+                "disks": [{"path": img, "format": "raw", "replica_log": log}],
+            },
+            "restart": "never",
+        })
+        .to_string()
+    };
+    for (log, why) in [
+        (host_dir.join("new.rlog"), "outside every storage root"),
+        (host_dir.clone(), "outside every storage root"),
+        (disks.join("link"), "symlink"),
+        (disks.join("link/new.rlog"), "symlink"),
+        (disks.join("missing/new.rlog"), "replica_log"),
+    ] {
+        let (s, v) = d.api("PUT", "/api/v1/vms/vm1", Some(&def(&log)));
+        assert_eq!(s, 400, "{}: {v}", log.display());
+        assert!(
+            v.contains("replica_log") && v.contains(why),
+            "{}: {v}",
+            log.display()
+        );
+    }
+    assert!(!host_dir.join("new.rlog").exists());
+
+    // Accepted beneath the root; swapped for a link before the start: the start is
+    // refused, the VMM never runs, the host directory keeps its owner.
+    let log = disks.join("d0.rlog");
+    d.ok("PUT", "/api/v1/vms/vm1", Some(&def(&log)));
+    std::os::unix::fs::symlink(&host_dir, &log).unwrap();
+    let (s, v) = d.api("PUT", "/api/v1/vms/vm1/start", None);
+    assert_ne!(s, 200, "{v}");
+    // Opened with O_NOFOLLOW|O_DIRECTORY: the link is "not a directory".
+    assert!(
+        v.contains("replica_log") && (v.contains("symlink") || v.contains("Not a directory")),
+        "{v}"
+    );
+    assert_eq!(std::fs::metadata(&host_dir).unwrap().uid(), 0);
+    assert!(d.pid("vm1").is_none(), "a VMM was started");
 }

@@ -830,6 +830,13 @@ impl Supervisor {
         spec.jail = self
             .jail_spec(name, Vec::new(), Vec::new())
             .map_err(|e| (e, None))?;
+        // Each replicated disk's change log: made beneath its root, the jail's uid's.
+        let uid = spec.jail.as_ref().map(|j| j.uid);
+        for d in def.config.disks.iter().filter(|d| !d.readonly) {
+            if let Some(log) = &d.replica_log {
+                crate::jailing::hand_over_log_dir(&self.roots, log, uid).map_err(|e| (e, None))?;
+            }
+        }
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.
         cfg.serial = OutputConfig::File(self.serial_path(name));
