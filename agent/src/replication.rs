@@ -10,8 +10,11 @@
 //! Events: `replication-enabled`, `-paused`, `-resumed`, `-disabled`, `-failing`
 //! (the first failed round after a good one), `-recovered`.
 //!
-//! The settings live in memory: a vireod restart forgets them (enable again; the
-//! replica's status makes the next round resume, with no full copy).
+//! The settings ([`Settings`]: replica, name, interval, paused) are stored in vireod's
+//! inventory (table `replications`) when replication is enabled, paused or resumed,
+//! and removed when it is disabled or the VM deleted. A vireod that starts restores
+//! every stored VM's loop ([`Replications::restore`]); its first round asks the replica
+//! what it holds, so it goes on from there: no second initial copy.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -68,7 +71,19 @@ pub struct ReplicationStatus {
     pub last_error: Option<String>,
 }
 
+/// What is stored per VM (inventory table `replications`, JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub to: String,
+    pub server_name: String,
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub paused: bool,
+}
+
 struct Job {
+    settings: Settings,
     status: Arc<Mutex<ReplicationStatus>>,
     paused: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -157,9 +172,12 @@ impl Replications {
         if interval < MIN_INTERVAL || interval > Duration::from_secs(24 * 3600) {
             return Err(bad(format!("interval {interval:?}: from 1 s to 24 h")));
         }
-        let server_name = req.server_name.clone().unwrap_or(host);
-        let disks = self.sources(name).map_err(|m| (StatusCode::CONFLICT, m))?;
-        let to = self.endpoint(&req.to, &server_name).map_err(bad)?;
+        let settings = Settings {
+            to: req.to.clone(),
+            server_name: req.server_name.clone().unwrap_or(host),
+            interval_ms: interval.as_millis() as u64,
+            paused: false,
+        };
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(name) {
             return Err((
@@ -167,15 +185,40 @@ impl Replications {
                 format!("replication of {name:?} is enabled already (disable it first)"),
             ));
         }
+        let job = self.start_job(name, settings)?;
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            job.task.abort();
+            return Err((StatusCode::INTERNAL_SERVER_ERROR, e));
+        }
+        let st = lock(&job.status).clone();
+        jobs.insert(name.to_string(), job);
+        self.sup
+            .replication_event(name, "replication-enabled", Some(format!("to {}", req.to)));
+        Ok(st)
+    }
+
+    /// Starts VM `name`'s loop with `settings` (paused if they say so).
+    fn start_job(&self, name: &str, settings: Settings) -> Result<Job, (StatusCode, String)> {
+        let disks = self.sources(name).map_err(|m| (StatusCode::CONFLICT, m))?;
+        let to = self
+            .endpoint(&settings.to, &settings.server_name)
+            .map_err(|m| (StatusCode::BAD_REQUEST, m))?;
+        let interval = Duration::from_millis(settings.interval_ms).max(MIN_INTERVAL);
         let status = Arc::new(Mutex::new(ReplicationStatus {
             vm: name.to_string(),
-            to: req.to.clone(),
-            server_name,
+            to: settings.to.clone(),
+            server_name: settings.server_name.clone(),
             interval_ms: interval.as_millis() as u64,
-            state: "starting".into(),
+            paused: settings.paused,
+            state: if settings.paused {
+                "paused"
+            } else {
+                "starting"
+            }
+            .into(),
             ..Default::default()
         }));
-        let (paused, paused_rx) = watch::channel(false);
+        let (paused, paused_rx) = watch::channel(settings.paused);
         let shipper = Shipper {
             to,
             vm: name.to_string(),
@@ -188,18 +231,57 @@ impl Replications {
             status.clone(),
             paused_rx,
         ));
-        let st = lock(&status).clone();
-        jobs.insert(
-            name.to_string(),
-            Job {
-                status,
-                paused,
-                task,
-            },
-        );
+        Ok(Job {
+            settings,
+            status,
+            paused,
+            task,
+        })
+    }
+
+    /// Stores (or removes) VM `name`'s settings in the inventory.
+    fn store(&self, name: &str, settings: Option<&Settings>) -> Result<(), String> {
+        let json = settings
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| e.to_string())?;
         self.sup
-            .replication_event(name, "replication-enabled", Some(format!("to {}", req.to)));
-        Ok(st)
+            .save_replication(name, json.as_deref())
+            .map_err(|e| format!("cannot store the replication settings: {e}"))
+    }
+
+    /// Starts the loop of every VM whose replication settings are stored (at vireod's
+    /// start). A VM whose settings cannot be used any more (its disks changed, no host
+    /// identity) is logged and left stored: enable or disable it again.
+    pub fn restore(self: &Arc<Self>) {
+        let stored = match self.sup.stored_replications() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "replication settings cannot be read; no replication restored");
+                return;
+            }
+        };
+        let mut jobs = lock(&self.jobs);
+        for (name, json) in stored {
+            let settings = match serde_json::from_str::<Settings>(&json) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "unreadable replication settings; not restored");
+                    continue;
+                }
+            };
+            match self.start_job(&name, settings) {
+                Ok(job) => {
+                    info!(vm = %name, to = %job.settings.to, paused = job.settings.paused, "replication restored");
+                    jobs.insert(name, job);
+                }
+                Err((_, e)) => {
+                    warn!(vm = %name, error = %e, "replication not restored");
+                    self.sup
+                        .replication_event(&name, "replication-failing", Some(e));
+                }
+            }
+        }
     }
 
     pub fn status(&self, name: &str) -> Option<ReplicationStatus> {
@@ -214,8 +296,12 @@ impl Replications {
     }
 
     fn set_paused(&self, name: &str, paused: bool) -> Option<ReplicationStatus> {
-        let jobs = lock(&self.jobs);
-        let job = jobs.get(name)?;
+        let mut jobs = lock(&self.jobs);
+        let job = jobs.get_mut(name)?;
+        job.settings.paused = paused;
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            warn!(vm = %name, error = %e, "the paused state is not stored");
+        }
         job.paused.send_replace(paused);
         let mut st = lock(&job.status);
         st.paused = paused;
@@ -234,6 +320,9 @@ impl Replications {
     fn disable(&self, name: &str) -> Option<ReplicationStatus> {
         let job = lock(&self.jobs).remove(name)?;
         job.task.abort();
+        if let Err(e) = self.store(name, None) {
+            warn!(vm = %name, error = %e, "the disabled replication stays stored");
+        }
         self.sup
             .replication_event(name, "replication-disabled", None);
         let st = lock(&job.status).clone();

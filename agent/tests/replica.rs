@@ -524,7 +524,7 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     let mut args = common::pki::tls_args(&a_id);
     args.push("--no-autostart".into());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let a = common::Daemon::start(&refs);
+    let mut a = common::Daemon::start(&refs);
     // Beneath the vireod's directory: one of its storage roots.
     let disks_dir = a.dir.path().join("disks");
     std::fs::create_dir(&disks_dir).unwrap();
@@ -599,6 +599,22 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     );
     a.wait_log("replication-recovered");
 
+    // kill -9 of the primary vireod (its VMM keeps running): the settings are in its
+    // inventory, the loop comes back on its own and goes on from the replica's point
+    // (the new process's counters: no byte of an initial copy).
+    let before = point(&replication(&a, "vm1"));
+    a.kill9();
+    a.spawn();
+    a.wait_log("replication restored");
+    let v = wait_replication(&a, "vm1", "a point after the vireod restart", |v| {
+        v["last_point"].as_u64().is_some_and(|p| p > before)
+    });
+    assert_eq!(
+        v["base_bytes_sent"].as_u64(),
+        Some(0),
+        "an initial copy: {v}"
+    );
+
     // The guest paused: a point cut after the pause holds every write; the replica
     // images equal the disks byte for byte.
     a.ok("PUT", "/api/v1/vms/vm1/pause", None);
@@ -625,6 +641,19 @@ fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_i
     }
     let list = a.ok("GET", "/api/v1/replication", None);
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    // Paused stays paused across a restart of vireod; disabled stays disabled.
+    a.kill9();
+    a.spawn();
+    a.wait_log("replication restored");
+    let st = replication(&a, "vm1");
+    assert_eq!(st["paused"].as_bool(), Some(true), "{st}");
+    assert_eq!(st["rounds"].as_u64(), Some(0), "{st}");
+    a.ok("DELETE", "/api/v1/vms/vm1/replication", None);
+    a.kill9();
+    a.spawn();
+    let (s, body) = a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404, "{body}");
 }
 
 /// A change log directory is a path the VM names like its disks: beneath a storage

@@ -389,12 +389,12 @@ async fn run(
         _ => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let replications = agent::replication::Replications::new(sup.clone());
+    replications.restore();
     let app = authz::protect(
         server::router(sup.clone())
             .merge(agent::cluster_node::router(cluster))
-            .merge(agent::replication::router(
-                agent::replication::Replications::new(sup.clone()),
-            )),
+            .merge(agent::replication::router(replications)),
         sup.clone(),
         policy.clone(),
     );

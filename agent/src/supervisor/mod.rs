@@ -385,6 +385,16 @@ impl Supervisor {
         self.events.subscribe()
     }
 
+    /// Stores (or with `None` removes) VM `name`'s replication settings.
+    pub fn save_replication(&self, name: &str, settings: Option<&str>) -> Result<(), AgentError> {
+        lock(&self.inv).save_replication(name, settings)
+    }
+
+    /// Every stored replication setting: (VM name, JSON).
+    pub fn stored_replications(&self) -> Result<Vec<(String, String)>, AgentError> {
+        lock(&self.inv).replications()
+    }
+
     /// An event of a VM's replication (`replication-*`, see [`crate::replication`]).
     pub fn replication_event(&self, vm: &str, event: &str, detail: Option<String>) {
         self.emit(vm, event, detail);
