@@ -103,6 +103,8 @@ pub const RULES: &[Rule] = &[
     rule("DELETE", "/api/v1/vms/{name}/replication", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/pause", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/resume", Operator),
+    rule("POST", "/api/v1/vms/{name}/replication/failover", Operator),
+    rule("POST", "/api/v1/replicas/{vm}/failover", Operator),
 ];
 
 /// The role `method route` needs. `None` is a path no route matched (the answer is

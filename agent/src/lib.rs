@@ -48,6 +48,7 @@ pub mod notify;
 pub mod peer_server;
 pub mod pki;
 pub mod procfs;
+pub mod replica_failover;
 pub mod replica_primary;
 pub mod replica_server;
 pub mod replication;

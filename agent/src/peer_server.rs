@@ -201,7 +201,7 @@ pub fn router(
     replica: Option<Arc<crate::replica_server::ReplicaServer>>,
 ) -> Router {
     let replica = replica
-        .map(crate::replica_server::router)
+        .map(|r| crate::replica_server::router(r, sup.clone()))
         .unwrap_or_default();
     Router::new()
         .route("/api/v1/migrations/incoming", post(incoming))

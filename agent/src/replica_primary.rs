@@ -15,10 +15,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use replica::{segment_file_name, SegmentReader};
+use replica::{segment_file_name, ChangeLog, Extra, SegmentReader};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
@@ -66,6 +68,22 @@ pub enum ShipError {
     },
     #[error("the cut failed: {0}")]
     Cut(String),
+    #[error("the change log of {label}: {source}")]
+    Log {
+        label: String,
+        #[source]
+        source: replica::LogError,
+    },
+}
+
+/// What a failover on the replica boots, sent once per loop (before the first point
+/// of this process): the VM's definition and its kernel and initramfs files.
+#[derive(Debug, Default)]
+pub struct Extras {
+    pub definition: Option<Vec<u8>>,
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub(crate) sent: AtomicBool,
 }
 
 /// One replicated disk of the primary: its change log's directory and its raw image.
@@ -94,6 +112,7 @@ pub struct Shipper {
     pub to: Endpoint,
     pub vm: String,
     pub disks: Vec<DiskSource>,
+    pub extras: Extras,
 }
 
 /// A sealed segment of the primary's log: (sequence number, cut id).
@@ -195,6 +214,72 @@ impl Shipper {
         Ok(sent)
     }
 
+    /// Sends [`Extras`] unless this shipper sent them already.
+    async fn send_extras(&self) -> Result<(), ShipError> {
+        if self.extras.sent.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(def) = &self.extras.definition {
+            let path = format!("{}/extras/definition", self.base_path());
+            self.ok("PUT", &path, Some(def.clone())).await?;
+        }
+        for (which, file) in [
+            (Extra::Kernel, &self.extras.kernel),
+            (Extra::Initramfs, &self.extras.initramfs),
+        ] {
+            let Some(file) = file else { continue };
+            let bytes = std::fs::read(file).map_err(|source| ShipError::Io {
+                what: "reading the VM's boot file",
+                path: file.clone(),
+                source,
+            })?;
+            let name = match which {
+                Extra::Kernel => "kernel",
+                _ => "initramfs",
+            };
+            let path = format!("{}/extras/{name}", self.base_path());
+            self.ok("PUT", &path, Some(bytes)).await?;
+        }
+        self.extras.sent.store(true, Ordering::Relaxed);
+        debug!(vm = %self.vm, "replica: definition and boot files sent");
+        Ok(())
+    }
+
+    /// After the VMM is gone (a planned failover shut it down): opens each disk's
+    /// change log from its directory `dirs[i]` (a torn tail cut off as after a crash),
+    /// seals every open segment at one new cut id and returns it. The next round then
+    /// sends everything the VM wrote and commits that cut: no write is lost.
+    pub fn seal_after_stop(&self, dirs: Vec<OwnedFd>) -> Result<u64, ShipError> {
+        let mut logs = Vec::new();
+        for (dir, d) in dirs.into_iter().zip(&self.disks) {
+            let label = d.log_dir.display().to_string();
+            let (log, _) = ChangeLog::open(dir, &label, d.size)
+                .map_err(|source| ShipError::Log { label, source })?;
+            logs.push(log);
+        }
+        let cut = logs.iter().map(ChangeLog::last_cut_id).max().unwrap_or(0) + 1;
+        for (log, d) in logs.iter_mut().zip(&self.disks) {
+            log.seal(cut).map_err(|source| ShipError::Log {
+                label: d.log_dir.display().to_string(),
+                source,
+            })?;
+        }
+        info!(vm = %self.vm, cut, "replica: the stopped VM's logs sealed");
+        Ok(cut)
+    }
+
+    /// Asks the replica to define the VM from its latest point and, with `start`,
+    /// start it (planned failover).
+    pub async fn request_failover(&self, start: bool) -> Result<Value, ShipError> {
+        let body = json!({ "start": start }).to_string().into_bytes();
+        self.ok(
+            "POST",
+            &format!("{}/failover", self.base_path()),
+            Some(body),
+        )
+        .await
+    }
+
     /// The sealed segments of disk `i` (the newest file is the open one when it has no
     /// trailer).
     fn sealed(&self, i: usize) -> Result<Sealed, ShipError> {
@@ -292,6 +377,7 @@ impl Shipper {
         if !status.base_complete {
             stats.base_bytes = self.send_base().await?;
         }
+        self.send_extras().await?;
         // A point is only consistent for a cut made after the initial copy was read.
         cut().await.map_err(ShipError::Cut)?;
         let sealed: Vec<Sealed> = (0..self.disks.len())

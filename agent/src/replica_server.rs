@@ -13,7 +13,10 @@
 //! - `PUT  /peer/v1/replica/{vm}/disks/{disk}/segments/{seq}`: a zstd-compressed
 //!   sealed segment, staged after it verified (a re-send is harmless);
 //! - `POST /peer/v1/replica/{vm}/points` `{"cut_id": C, "seqs": [...]}`: every disk is
-//!   applied up to its segment of cut C, then C is the VM's recovery point.
+//!   applied up to its segment of cut C, then C is the VM's recovery point;
+//! - `PUT  /peer/v1/replica/{vm}/extras/{definition|kernel|initramfs}`: what a failover
+//!   here boots (the definition's paths are never used: [`crate::replica_failover`]);
+//! - `POST /peer/v1/replica/{vm}/failover`: a planned failover, the VM starts here.
 //!
 //! Each VM's requests run one at a time; the store (`replica::ReplicaVm`) does the
 //! verifying, applying and syncing.
@@ -109,7 +112,20 @@ impl ReplicaServer {
 
     /// Where `primary`'s VM `vm` is stored.
     pub fn vm_path(&self, primary: &str, vm: &str) -> PathBuf {
+        debug_assert!(valid_name(primary) && valid_name(vm));
         self.root_path.join(primary).join(vm)
+    }
+
+    /// The allowed primaries that hold a replica of VM `vm`.
+    pub fn primaries_holding(&self, vm: &str) -> Vec<String> {
+        if !valid_name(vm) {
+            return Vec::new();
+        }
+        self.allow
+            .iter()
+            .filter(|p| self.vm_path(p, vm).join("vm.state").is_file())
+            .cloned()
+            .collect()
     }
 
     fn lock_of(&self, primary: &str, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -140,8 +156,16 @@ impl ReplicaServer {
 type S = State<Arc<ReplicaServer>>;
 
 /// The replica routes, for the peer listener.
-pub fn router(server: Arc<ReplicaServer>) -> Router {
+pub fn router(server: Arc<ReplicaServer>, sup: Arc<crate::supervisor::Supervisor>) -> Router {
+    let failover = Router::new()
+        .route("/peer/v1/replica/{vm}/failover", post(peer_failover))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            only_allowed_primaries,
+        ))
+        .with_state((server.clone(), sup));
     Router::new()
+        .route("/peer/v1/replica/{vm}/extras/{which}", put(extra))
         .route("/peer/v1/replica/{vm}", put(declare).get(status))
         .route(
             "/peer/v1/replica/{vm}/disks/{disk}/base/{offset}",
@@ -158,6 +182,7 @@ pub fn router(server: Arc<ReplicaServer>) -> Router {
             only_allowed_primaries,
         ))
         .with_state(server)
+        .merge(failover)
 }
 
 /// Refuses (403) a peer whose host name is not on `--replica-allow`; nothing of its
@@ -208,7 +233,33 @@ fn store_error(vm: &str, e: StoreError) -> Response {
         .into_response()
 }
 
-/// Runs `f` on `primary`'s VM `vm` (its lock held, on a blocking thread).
+impl ReplicaServer {
+    /// Runs `f` on `primary`'s VM `vm` (its lock held, on a blocking thread); `f` gets
+    /// the primary's directory.
+    pub async fn on_vm<T: Send + 'static>(
+        self: &Arc<Self>,
+        primary: &str,
+        vm: &str,
+        f: impl FnOnce(OwnedFd) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        if !valid_name(vm) || !valid_name(primary) {
+            return Err(StoreError::Invalid(format!(
+                "invalid name {primary:?}/{vm:?}"
+            )));
+        }
+        let lock = self.lock_of(primary, vm);
+        let _held = lock.lock().await;
+        let dir = self.primary_dir(primary)?;
+        tokio::task::spawn_blocking(move || f(dir))
+            .await
+            .map_err(|e| StoreError::Io {
+                what: "the replica task".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+}
+
+/// [`ReplicaServer::on_vm`] with a refusal as the peer's answer.
 async fn with_vm<T: Send + 'static>(
     s: &Arc<ReplicaServer>,
     primary: &str,
@@ -221,19 +272,95 @@ async fn with_vm<T: Send + 'static>(
             format!("invalid VM name {vm:?}"),
         ));
     }
-    let lock = s.lock_of(primary, vm);
-    let _held = lock.lock().await;
-    let dir = s.primary_dir(primary).map_err(|e| store_error(vm, e))?;
-    let vm_name = vm.to_string();
-    tokio::task::spawn_blocking(move || f(dir))
+    s.on_vm(primary, vm, f)
         .await
-        .map_err(|e| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("replica task failed: {e}"),
+        .map_err(|e| store_error(vm, e))
+}
+
+/// `PUT /peer/v1/replica/{vm}/extras/{which}`: the VM's definition (JSON), kernel or
+/// initramfs, which a failover on this host boots (bounded, stored atomically).
+async fn extra(
+    State(s): S,
+    Extension(Peer(primary)): Extension<Peer>,
+    UrlPath((vm, which)): UrlPath<(String, String)>,
+    body: Body,
+) -> Response {
+    let which = match which.as_str() {
+        "definition" => replica::Extra::Definition,
+        "kernel" => replica::Extra::Kernel,
+        "initramfs" => replica::Extra::Initramfs,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("{which:?}: expected definition, kernel or initramfs"),
             )
-        })?
-        .map_err(|e| store_error(&vm_name, e))
+        }
+    };
+    let limit = which.limit() as usize;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{} over {limit} bytes, or cut short: {e}",
+                    which.file_name()
+                ),
+            )
+        }
+    };
+    if which == replica::Extra::Definition
+        && serde_json::from_slice::<crate::model::VmDefinition>(&bytes).is_err()
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the definition is not a VM definition".into(),
+        );
+    }
+    let name = vm.clone();
+    match with_vm(&s, &primary, &vm, move |dir| {
+        ReplicaVm::open(dir.as_fd(), &name)?.put_extra(which, &bytes)
+    })
+    .await
+    {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"vm": vm, "stored": which.file_name()})),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST /peer/v1/replica/{vm}/failover`: the primary's planned failover (it shut
+/// its VM down and sent the last changes): the VM starts here from the latest point.
+async fn peer_failover(
+    State((s, sup)): State<(Arc<ReplicaServer>, Arc<crate::supervisor::Supervisor>)>,
+    Extension(Peer(primary)): Extension<Peer>,
+    UrlPath(vm): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PeerFailover {
+        #[serde(default = "yes")]
+        start: bool,
+    }
+    fn yes() -> bool {
+        true
+    }
+    let req: PeerFailover = if body.is_empty() {
+        PeerFailover { start: true }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
+        }
+    };
+    match crate::replica_failover::fail_over(&sup, &s, &primary, &vm, req.start).await {
+        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn status_reply(vm: &str, st: replica::VmStatus) -> Response {

@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::client::{self, Endpoint};
-use crate::replica_primary::{DiskSource, Shipper};
+use crate::replica_primary::{DiskSource, Extras, Shipper};
+use crate::replica_server::ReplicaServer;
 use crate::supervisor::Supervisor;
 
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -92,6 +93,8 @@ struct Job {
 /// Every VM's replication on this host.
 pub struct Replications {
     sup: Arc<Supervisor>,
+    /// This host's replica server (`--replica-dir`), for failovers to this host.
+    replica: Option<Arc<ReplicaServer>>,
     jobs: Mutex<BTreeMap<String, Job>>,
 }
 
@@ -104,10 +107,24 @@ fn error(status: StatusCode, msg: String) -> Response {
 }
 
 impl Replications {
-    pub fn new(sup: Arc<Supervisor>) -> Arc<Self> {
+    pub fn new(sup: Arc<Supervisor>, replica: Option<Arc<ReplicaServer>>) -> Arc<Self> {
         Arc::new(Self {
             sup,
+            replica,
             jobs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// What a failover on the replica boots: VM `name`'s definition, kernel and
+    /// initramfs.
+    fn extras(&self, name: &str) -> Result<Extras, String> {
+        let defs = self.sup.export();
+        let def = defs.get(name).ok_or(format!("no VM named {name:?}"))?;
+        Ok(Extras {
+            definition: Some(serde_json::to_vec(def).map_err(|e| e.to_string())?),
+            kernel: Some(def.config.payload.kernel.clone()),
+            initramfs: def.config.payload.initramfs.clone(),
+            ..Default::default()
         })
     }
 
@@ -223,6 +240,7 @@ impl Replications {
             to,
             vm: name.to_string(),
             disks,
+            extras: self.extras(name).map_err(|m| (StatusCode::CONFLICT, m))?,
         };
         let task = tokio::spawn(run(
             self.sup.clone(),
@@ -330,6 +348,153 @@ impl Replications {
     }
 }
 
+impl Replications {
+    /// Planned failover of VM `name` (replicating from here): its loop stops, the VM
+    /// is shut down (killed if it does not stop in time), every disk's log sealed at
+    /// one last cut, everything the replica lacks sent and that cut committed; then
+    /// the replica starts the VM and replication of it ends here. A step that fails
+    /// leaves the settings stored and the loop paused (nothing is lost: the log keeps
+    /// what the replica did not apply).
+    pub async fn planned_failover(
+        self: &Arc<Self>,
+        name: &str,
+        start: bool,
+    ) -> Result<serde_json::Value, (StatusCode, String)> {
+        let job = lock(&self.jobs).remove(name).ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("replication of {name:?} is not enabled"),
+            )
+        })?;
+        job.task.abort();
+        let settings = Settings {
+            paused: true,
+            ..job.settings.clone()
+        };
+        match self.failover_steps(name, &settings, start).await {
+            Ok(v) => {
+                if let Err(e) = self.store(name, None) {
+                    warn!(vm = %name, error = %e, "the failed-over replication stays stored");
+                }
+                self.sup.replication_event(
+                    name,
+                    "replication-failed-over",
+                    Some(format!("to {}", settings.to)),
+                );
+                Ok(v)
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "planned failover failed; replication paused");
+                self.sup
+                    .replication_event(name, "replication-failing", Some(e.clone()));
+                if let Ok(job) = self.start_job(name, settings.clone()) {
+                    let _ = self.store(name, Some(&settings));
+                    lock(&self.jobs).insert(name.to_string(), job);
+                }
+                Err((
+                    StatusCode::CONFLICT,
+                    format!("planned failover of {name:?}: {e}"),
+                ))
+            }
+        }
+    }
+
+    async fn failover_steps(
+        &self,
+        name: &str,
+        settings: &Settings,
+        start: bool,
+    ) -> Result<serde_json::Value, String> {
+        let shipper = Shipper {
+            to: self.endpoint(&settings.to, &settings.server_name)?,
+            vm: name.to_string(),
+            disks: self.sources(name)?,
+            extras: self.extras(name)?,
+        };
+        let running = self.sup.get(name).map_err(|e| e.to_string())?;
+        if running.pid.is_some() {
+            self.sup
+                .stop(name, None)
+                .await
+                .map_err(|e| format!("shutting the VM down: {e}"))?;
+        }
+        let dirs = shipper
+            .disks
+            .iter()
+            .map(|d| {
+                self.sup
+                    .roots()
+                    .open_dir(&d.log_dir)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cut = shipper
+            .seal_after_stop(dirs)
+            .map_err(|e| crate::error_chain(&e))?;
+        shipper
+            .round(|| async { Ok(cut) })
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let point = shipper
+            .status()
+            .await
+            .map_err(|e| crate::error_chain(&e))?
+            .point
+            .map(|p| p.cut_id);
+        if point != Some(cut) {
+            return Err(format!(
+                "the replica's point is {point:?}, not the last cut {cut}"
+            ));
+        }
+        let replica = shipper
+            .request_failover(start)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        info!(vm = %name, cut, "planned failover: the VM runs on the replica");
+        Ok(serde_json::json!({"vm": name, "point": cut, "replica": replica}))
+    }
+
+    /// Unplanned failover to this host: `primary`'s VM `vm` starts here from its
+    /// replica's latest point (`primary` may be left out when one primary holds `vm`).
+    pub async fn failover_here(
+        &self,
+        vm: &str,
+        primary: Option<&str>,
+        start: bool,
+    ) -> Result<serde_json::Value, Response> {
+        let server = self.replica.as_ref().ok_or_else(|| {
+            error(
+                StatusCode::CONFLICT,
+                "this vireod is not a replica server (--replica-dir)".into(),
+            )
+        })?;
+        let primary = match primary {
+            Some(p) => p.to_string(),
+            None => {
+                let holding = server.primaries_holding(vm);
+                match holding.as_slice() {
+                    [one] => one.clone(),
+                    [] => {
+                        return Err(error(
+                            StatusCode::NOT_FOUND,
+                            format!("no replica of a VM named {vm:?} here"),
+                        ))
+                    }
+                    _ => {
+                        return Err(error(
+                            StatusCode::CONFLICT,
+                            format!("replicas of {vm:?} from {holding:?}: name the primary"),
+                        ))
+                    }
+                }
+            }
+        };
+        crate::replica_failover::fail_over(&self.sup, server, &primary, vm, start)
+            .await
+            .map_err(IntoResponse::into_response)
+    }
+}
+
 /// One VM's loop.
 async fn run(
     sup: Arc<Supervisor>,
@@ -417,6 +582,8 @@ pub fn router(r: Arc<Replications>) -> Router {
         .route("/api/v1/vms/{name}/replication", delete(disable))
         .route("/api/v1/vms/{name}/replication/pause", post(pause))
         .route("/api/v1/vms/{name}/replication/resume", post(resume))
+        .route("/api/v1/vms/{name}/replication/failover", post(failover))
+        .route("/api/v1/replicas/{vm}/failover", post(failover_here))
         .with_state(r)
 }
 
@@ -475,5 +642,85 @@ async fn resume(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
     match r.set_paused(&name, false) {
         Some(s) => Json(s).into_response(),
         None => not_enabled(&r, &name),
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /api/v1/vms/{name}/replication/failover` `{"planned": true, "start": bool}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverRequest {
+    planned: bool,
+    /// Start the VM on the replica host (default true).
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+async fn failover(
+    State(r): R,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if r.status(&name).is_none() {
+        return not_enabled(&r, &name);
+    }
+    let start = match serde_json::from_slice::<FailoverRequest>(&body) {
+        Ok(FailoverRequest {
+            planned: true,
+            start,
+        }) => start,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "here only a planned failover ({\"planned\": true}); an unplanned one is asked of the replica's vireod (POST /api/v1/replicas/{vm}/failover)".into(),
+            )
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
+    };
+    match r.planned_failover(&name, start).await {
+        Ok(v) => Json(v).into_response(),
+        Err((status, m)) => error(status, m),
+    }
+}
+
+/// `POST /api/v1/replicas/{vm}/failover` `{"point": "latest", "primary": NAME?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverHereRequest {
+    point: String,
+    #[serde(default)]
+    primary: Option<String>,
+    /// Start the VM (default true).
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+async fn failover_here(
+    State(r): R,
+    UrlPath(vm): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: FailoverHereRequest = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
+    };
+    if req.point != "latest" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "point {:?}: only \"latest\" (no recovery history is kept yet)",
+                req.point
+            ),
+        );
+    }
+    match r
+        .failover_here(&vm, req.primary.as_deref(), req.start)
+        .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(resp) => resp,
     }
 }

@@ -19,7 +19,7 @@ pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX}
 pub use log::{ChangeLog, Recovery, SealedSegment};
 pub use segment::{Record, SegmentReader, Trailer};
 pub use store::{
-    Committed, DiskStatus, Point, ReplicaVm, Staged, StoreError, VmStatus, MAX_BASE_CHUNK,
+    Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus, MAX_BASE_CHUNK,
     MAX_DISKS,
 };
 

@@ -92,6 +92,38 @@ struct VmState {
     disk_sizes: Vec<u64>,
     base_complete: bool,
     point: Option<Point>,
+    /// The replica was failed over: a VM runs on its images now, nothing of the
+    /// primary is taken any more.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    failed_over: bool,
+}
+
+/// What a primary stores beside its replica for a failover, besides the disks: the
+/// VM's definition and its boot payload (a failover on this host boots these, never
+/// files of this host the primary names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extra {
+    Definition,
+    Kernel,
+    Initramfs,
+}
+
+impl Extra {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Extra::Definition => "definition.json",
+            Extra::Kernel => "kernel",
+            Extra::Initramfs => "initramfs",
+        }
+    }
+
+    /// The most bytes each may have.
+    pub fn limit(self) -> u64 {
+        match self {
+            Extra::Definition => 1 << 20,
+            Extra::Kernel | Extra::Initramfs => 512 << 20,
+        }
+    }
 }
 
 /// One disk as the status shows it.
@@ -108,6 +140,9 @@ pub struct DiskStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
     pub base_complete: bool,
+    /// A VM was started from this replica (it takes nothing from the primary now).
+    #[serde(default)]
+    pub failed_over: bool,
     /// The newest recovery point (none before the first commit).
     pub point: Option<Point>,
     pub disks: Vec<DiskStatus>,
@@ -268,6 +303,7 @@ impl ReplicaVm {
             disk_sizes: disk_sizes.to_vec(),
             base_complete: false,
             point: None,
+            failed_over: false,
         };
         Self::save_state(dir.as_fd(), &state)?;
         tracing::info!(vm = name, disks = ?disk_sizes, "replica: new replicated VM");
@@ -326,6 +362,65 @@ impl ReplicaVm {
             .map_err(io_err("recording the VM's state"))
     }
 
+    /// Refused once the replica was failed over (409).
+    fn taking(&self) -> Result<(), StoreError> {
+        if self.state.failed_over {
+            return Err(StoreError::Conflict(
+                "the replica was failed over: a VM runs on its disks, nothing more is taken".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn failed_over(&self) -> bool {
+        self.state.failed_over
+    }
+
+    /// Marks the replica failed over (recorded before a VM may start on its images)
+    /// and returns its point: the latest complete one. Refused without a point.
+    /// Idempotent.
+    pub fn fail_over(&mut self) -> Result<Point, StoreError> {
+        let point = self.state.point.clone().ok_or_else(|| {
+            StoreError::Conflict("no recovery point yet: nothing to fail over to".into())
+        })?;
+        if !self.state.failed_over {
+            let mut state = self.state.clone();
+            state.failed_over = true;
+            Self::save_state(self.dir.as_fd(), &state)?;
+            self.state = state;
+        }
+        Ok(point)
+    }
+
+    /// Stores `bytes` as `which` (atomically replaced, synced).
+    pub fn put_extra(&mut self, which: Extra, bytes: &[u8]) -> Result<(), StoreError> {
+        self.taking()?;
+        if bytes.len() as u64 > which.limit() {
+            return Err(StoreError::TooLarge {
+                what: which.file_name(),
+                limit: which.limit(),
+            });
+        }
+        let name = which.file_name();
+        confine::write_private_atomic(self.dir.as_fd(), name.as_ref(), bytes)
+            .and_then(|()| {
+                // A jailed VMM reads its boot files as its own uid (bound read-only,
+                // not chowned); the replica's directories stay private.
+                if which != Extra::Definition {
+                    use std::os::unix::fs::PermissionsExt;
+                    confine::open_file_at(self.dir.as_fd(), name.as_ref())?
+                        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                }
+                sync_dir(self.dir.as_fd())
+            })
+            .map_err(io_err(format!("storing {name}")))
+    }
+
+    /// The stored `which`, if the primary sent it.
+    pub fn extra(&self, which: Extra) -> Result<Option<Vec<u8>>, StoreError> {
+        read_opt(self.dir.as_fd(), which.file_name())
+    }
+
     pub fn point(&self) -> Option<&Point> {
         self.state.point.as_ref()
     }
@@ -352,6 +447,7 @@ impl ReplicaVm {
         }
         Ok(VmStatus {
             base_complete: self.state.base_complete,
+            failed_over: self.state.failed_over,
             point: self.state.point.clone(),
             disks,
         })
@@ -389,6 +485,7 @@ impl ReplicaVm {
     /// Writes one chunk of the initial copy of disk `disk` at `offset`. Refused once
     /// the initial copy is complete (a later chunk would break the recovery points).
     pub fn write_base(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.taking()?;
         let i = self.disk_index(disk)?;
         if self.state.base_complete {
             return Err(StoreError::Conflict(
@@ -410,6 +507,7 @@ impl ReplicaVm {
 
     /// The initial copy is all there: the images are synced and the fact recorded.
     pub fn complete_base(&mut self) -> Result<(), StoreError> {
+        self.taking()?;
         if self.state.base_complete {
             return Ok(());
         }
@@ -435,6 +533,7 @@ impl ReplicaVm {
         compressed: impl Read,
         max_bytes: u64,
     ) -> Result<Staged, StoreError> {
+        self.taking()?;
         let i = self.disk_index(disk)?;
         if seq <= self.disks[i].applied().seq {
             return Ok(Staged::AlreadyApplied);
@@ -509,6 +608,7 @@ impl ReplicaVm {
     /// at the cut; every segment between the disk's applied one and it must be staged.
     /// All are verified before the first byte is applied.
     pub fn commit(&mut self, cut_id: u64, seqs: &[u64]) -> Result<Committed, StoreError> {
+        self.taking()?;
         if let Some(p) = &self.state.point {
             if p.cut_id >= cut_id {
                 return Ok(Committed::AlreadyThere(p.clone()));

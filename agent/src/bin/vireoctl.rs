@@ -155,6 +155,24 @@ enum ReplicaCommand {
     Resume { name: String },
     /// Stop replicating NAME (the replica keeps its last recovery point).
     Disable { name: String },
+    /// Fail NAME over to its replica. `--planned` on the primary: the VM is shut
+    /// down, its last changes sent, and it starts on the replica host. `--point latest`
+    /// on the replica host (the primary gone): it starts from the latest recovery point.
+    #[command(group(clap::ArgGroup::new("kind").required(true).args(["planned", "point"])))]
+    Failover {
+        name: String,
+        #[arg(long)]
+        planned: bool,
+        /// The recovery point: `latest` (no history is kept yet).
+        #[arg(long)]
+        point: Option<String>,
+        /// With --point: the primary whose replica to start (needed when several hold NAME).
+        #[arg(long, requires = "point")]
+        primary: Option<String>,
+        /// Define the VM on the replica host but do not start it.
+        #[arg(long)]
+        no_start: bool,
+    },
 }
 
 /// `30s`, `5m`, `1h` or plain seconds.
@@ -209,7 +227,48 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
             ctx.json("POST", &format!("{}/resume", path(name)), None)?
         }
         ReplicaCommand::Disable { name } => ctx.json("DELETE", &path(name), None)?,
+        ReplicaCommand::Failover {
+            name,
+            planned: true,
+            no_start,
+            ..
+        } => {
+            let body = serde_json::json!({"planned": true, "start": !no_start})
+                .to_string()
+                .into_bytes();
+            ctx.json("POST", &format!("{}/failover", path(name)), Some(body))?
+        }
+        ReplicaCommand::Failover {
+            name,
+            point,
+            primary,
+            no_start,
+            ..
+        } => {
+            let body = serde_json::json!({"point": point, "primary": primary, "start": !no_start});
+            let v = ctx.json(
+                "POST",
+                &format!("/api/v1/replicas/{name}/failover"),
+                Some(body.to_string().into_bytes()),
+            )?;
+            if out != Output::Json {
+                println!(
+                    "{name}: failed over here from {}'s recovery point {}",
+                    cell(&v["primary"]),
+                    cell(&v["point"])
+                );
+                return Ok(());
+            }
+            v
+        }
     };
+    if let (ReplicaCommand::Failover { name, .. }, Output::Table) = (&cmd, out) {
+        println!(
+            "{name}: failed over at recovery point {} to the replica",
+            cell(&v["point"])
+        );
+        return Ok(());
+    }
     if out == Output::Json {
         print_json(&v);
         return Ok(());

@@ -315,6 +315,34 @@ async fn run(
         }
         _ => None,
     };
+    let replica = cli
+        .replica_dir
+        .as_deref()
+        .map(|dir| {
+            agent::replica_server::ReplicaServer::new(
+                dir,
+                &cli.replica_allow,
+                &cli.peer,
+                cli.replica_max_segment,
+            )
+            .map(std::sync::Arc::new)
+        })
+        .transpose()?;
+    // A replica's failover VM runs on its images: the replica directory is a storage
+    // root too (beside the operator's, or the default `<state-dir>/images`).
+    let mut storage_roots = cli.storage_root.clone();
+    if let Some(dir) = &cli.replica_dir {
+        if storage_roots.is_empty() {
+            let images = cli.state_dir.join("images");
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(&images)?;
+            storage_roots.push(images);
+        }
+        storage_roots.push(std::path::absolute(dir)?);
+    }
     let cfg = Config {
         state_dir: cli.state_dir.clone(),
         run_dir: cli.run_dir.clone(),
@@ -331,7 +359,7 @@ async fn run(
         migration_ports: cli
             .migration_ports
             .map(agent::migration_ports::PortPool::new),
-        storage_roots: cli.storage_root.clone(),
+        storage_roots,
         block_devices: cli.allow_block_device.clone(),
         jail_uids: jail_uids(&cli, systemd_units),
         peer_sockets: cli.peer_socket.clone(),
@@ -343,25 +371,12 @@ async fn run(
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
-    let replica = cli
-        .replica_dir
-        .as_deref()
-        .map(|dir| {
-            agent::replica_server::ReplicaServer::new(
-                dir,
-                &cli.replica_allow,
-                &cli.peer,
-                cli.replica_max_segment,
-            )
-            .map(std::sync::Arc::new)
-        })
-        .transpose()?;
     let peer_listener = match cli.listen {
         Some(addr) => {
             let l =
                 agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
                     .await?;
-            Some(match replica {
+            Some(match replica.clone() {
                 Some(r) => {
                     info!(primaries = ?cli.replica_allow, "replica server");
                     l.with_replica(r)
@@ -389,7 +404,7 @@ async fn run(
         _ => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let replications = agent::replication::Replications::new(sup.clone());
+    let replications = agent::replication::Replications::new(sup.clone(), replica.clone());
     replications.restore();
     let app = authz::protect(
         server::router(sup.clone())

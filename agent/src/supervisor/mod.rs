@@ -385,6 +385,11 @@ impl Supervisor {
         self.events.subscribe()
     }
 
+    /// The storage roots, opened.
+    pub fn roots(&self) -> &Arc<confine::Roots> {
+        &self.roots
+    }
+
     /// Stores (or with `None` removes) VM `name`'s replication settings.
     pub fn save_replication(&self, name: &str, settings: Option<&str>) -> Result<(), AgentError> {
         lock(&self.inv).save_replication(name, settings)
