@@ -291,3 +291,54 @@ fn the_initial_copy_is_bounded_and_closed_before_points_and_disks_must_match() {
     f.read_to_string(&mut s).unwrap();
     assert!(s.contains("\"base_complete\":true"), "{s}");
 }
+
+#[test]
+fn a_failed_over_replica_keeps_its_point_and_takes_nothing_more_even_after_reopening() {
+    let root = tempfile::tempdir().unwrap();
+    let mut p = Primary::new(1);
+    let mut vm = new_vm(root.path(), 1);
+    // No point yet: nothing to fail over to.
+    assert!(matches!(vm.fail_over(), Err(StoreError::Conflict(_))));
+    p.write(0, 0, 1, 4096);
+    let (cut, seqs) = p.cut();
+    vm.stage(0, seqs[0], &p.compressed(0, seqs[0])[..], 1 << 30)
+        .unwrap();
+    vm.commit(cut, &seqs).unwrap();
+    vm.put_extra(Extra::Definition, b"{}").unwrap();
+    let too_big = vec![0u8; Extra::Definition.limit() as usize + 1];
+    assert!(matches!(
+        vm.put_extra(Extra::Definition, &too_big),
+        Err(StoreError::TooLarge { .. })
+    ));
+    assert_eq!(vm.fail_over().unwrap().cut_id, cut);
+    // Idempotent, and recorded: a reopened replica is still failed over.
+    assert_eq!(vm.fail_over().unwrap().cut_id, cut);
+    drop(vm);
+    let mut vm = ReplicaVm::open(dir_fd(root.path()).as_fd(), "vm1").unwrap();
+    assert!(vm.failed_over() && vm.status().unwrap().failed_over);
+    let at_failover = image(&vm, 0);
+    // A primary that comes back: its next segment, commit, base chunk and extras are
+    // refused, and the image stays at the failover point.
+    p.write(0, 8192, 2, 4096);
+    let (cut2, seqs2) = p.cut();
+    let refused = |r: Result<(), StoreError>| {
+        assert!(
+            matches!(&r, Err(StoreError::Conflict(m)) if m.contains("failed over")),
+            "{r:?}"
+        )
+    };
+    refused(
+        vm.stage(0, seqs2[0], &p.compressed(0, seqs2[0])[..], 1 << 30)
+            .map(drop),
+    );
+    refused(vm.commit(cut2, &seqs2).map(drop));
+    refused(vm.write_base(0, 0, &[1u8; 512]));
+    refused(vm.complete_base());
+    refused(vm.put_extra(Extra::Kernel, b"k"));
+    assert!(image(&vm, 0) == at_failover);
+    assert_eq!(vm.point().unwrap().cut_id, cut);
+    assert_eq!(
+        vm.extra(Extra::Definition).unwrap().as_deref(),
+        Some(&b"{}"[..])
+    );
+}
