@@ -19,6 +19,58 @@ fn refuse(what: &str, e: ConfineError) -> AgentError {
     AgentError::BadDefinition(format!("{what}: {e}"))
 }
 
+/// Refuses an arriving VM's definition (`def`) that names a disk of another VM of this
+/// host (`others`: name and definition) as a disk, kernel or initramfs: the source
+/// (a peer host, or another vireod) may name files beneath this host's storage roots,
+/// but not hand itself another VM's data — a receiving VMM would open that disk for
+/// the source's guest, or load it into guest memory as an initramfs. Files are
+/// compared by identity (device and inode: another path, a hard link or a bind mount
+/// of the same file is the same file), paths that do not exist yet by name.
+pub fn refuse_other_vms_disks(
+    def: &VmDefinition,
+    others: &[(String, VmDefinition)],
+) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut taken = std::collections::HashMap::new();
+    let mut taken_paths = std::collections::HashMap::new();
+    for (name, other) in others {
+        for d in &other.config.disks {
+            if let Some(id) = identity(&d.path) {
+                taken.insert(id, name.as_str());
+            }
+            taken_paths.insert(d.path.clone(), name.as_str());
+        }
+    }
+    let payload = &def.config.payload;
+    let named = std::iter::once(("payload.kernel".to_string(), &payload.kernel))
+        .chain(
+            payload
+                .initramfs
+                .iter()
+                .map(|i| ("payload.initramfs".to_string(), i)),
+        )
+        .chain(
+            def.config
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (format!("disk {i}"), &d.path)),
+        );
+    for (what, path) in named {
+        let owner = identity(path)
+            .and_then(|id| taken.get(&id))
+            .or_else(|| taken_paths.get(path));
+        if let Some(owner) = owner {
+            return Err(AgentError::BadMigration(format!(
+                "{what}: {} is a disk of VM {owner} on this host; an arriving VM may not name it",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The name of the console file in a VM's own directory.
 pub const CONSOLE_FILE: &str = "console.log";
 

@@ -108,7 +108,7 @@ impl HostIdentity {
                 self.name
             )));
         }
-        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        *vireo_util::sync::write(&self.loaded) = Arc::new(loaded);
         Ok(())
     }
 
@@ -137,10 +137,7 @@ impl HostIdentity {
     }
 
     fn current(&self) -> Arc<Loaded> {
-        self.loaded
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        vireo_util::sync::read(&self.loaded).clone()
     }
 
     /// The peer listener's config: this host's certificate; a client certificate from

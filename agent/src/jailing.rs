@@ -5,18 +5,17 @@
 //! whole life, never shared), a root under `<run-dir>/jail/NAME`, and binds of what it
 //! needs at run time beyond what its configuration names (its own run directory
 //! `<run-dir>/vms/NAME/`). What vireod gives a VMM later goes through that directory,
-//! which the jail shows at the same path: host identity files for a TLS migration are
-//! copied into it (owned by the VM's uid, 0400), and a migration to a unix socket the
-//! jail cannot see goes through a relay socket vireod serves there.
+//! which the jail shows at the same path: a migration to a unix socket the jail cannot
+//! see goes through a relay socket vireod serves there, and one to a peer host through
+//! vireod's TLS gateway (`crate::tls_gateway`; the host's identity stays in vireod).
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use crate::hosttls::IdentityFiles;
 use crate::AgentError;
 
 /// The default of `vireod --jail-uids`.
@@ -64,61 +63,6 @@ impl std::str::FromStr for JailIds {
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// Copies the host identity into `dir/tls/` for a jailed VMM with uid `uid` (files
-/// 0400 owned by it, never written through a link); returns the paths there.
-pub fn hand_over_identity(
-    files: &IdentityFiles,
-    dir: &Path,
-    uid: u32,
-) -> Result<IdentityFiles, AgentError> {
-    Ok(IdentityFiles {
-        cert: hand_over(&files.cert, dir, "host.crt", uid)?,
-        key: hand_over(&files.key, dir, "host.key", uid)?,
-        ca: hand_over(&files.ca, dir, "ca.crt", uid)?,
-    })
-}
-
-/// A copy of the host's CRL (`--tls-crl`) beside the identity [`hand_over_identity`]
-/// gave `uid`: the jailed VMM checks its peer against it.
-pub fn hand_over_crl(crl: &Path, dir: &Path, uid: u32) -> Result<PathBuf, AgentError> {
-    hand_over(crl, dir, "ca.crl", uid)
-}
-
-/// Copies `from` to `dir/tls/name`, readable by `uid` only (0400, never through a link).
-fn hand_over(from: &Path, dir: &Path, name: &str, uid: u32) -> Result<PathBuf, AgentError> {
-    let tls = dir.join("tls");
-    match std::fs::create_dir(&tls) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(AgentError::io("cannot create", &tls, e)),
-    }
-    std::os::unix::fs::chown(&tls, Some(uid), Some(uid))
-        .and_then(|_| std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o500)))
-        .map_err(|e| AgentError::io("cannot hand over", &tls, e))?;
-    let to = tls.join(name);
-    let bytes =
-        std::fs::read(from).map_err(|e| AgentError::io("cannot read host identity", from, e))?;
-    let _ = std::fs::remove_file(&to);
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&to)?;
-        f.write_all(&bytes)?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(uid))
-    };
-    write().map_err(|e| AgentError::io("cannot hand over host identity", &to, e))?;
-    Ok(to)
-}
-
-/// Removes what [`hand_over_identity`] copied.
-pub fn take_back_identity(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir.join("tls"));
 }
 
 /// A running relay ([`relay`]); dropping it stops it and removes its socket.

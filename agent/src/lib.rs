@@ -54,6 +54,7 @@ pub mod replica_server;
 pub mod replication;
 pub mod server;
 pub mod supervisor;
+pub mod tls_gateway;
 pub mod vmm_events;
 
 pub use error::AgentError;

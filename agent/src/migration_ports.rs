@@ -76,7 +76,7 @@ impl PortLease {
 
 impl Drop for PortLease {
     fn drop(&mut self) {
-        let mut leased = self.leased.lock().unwrap_or_else(|e| e.into_inner());
+        let mut leased = vireo_util::sync::lock(&self.leased);
         leased.remove(&self.addr.port());
         info!(port = self.addr.port(), "migration port freed");
     }
@@ -97,7 +97,7 @@ impl PortPool {
     /// The first port of the range on `ip` that no lease holds and that can be bound
     /// now (the receiving VMM binds it a moment later).
     pub fn lease(&self, ip: IpAddr) -> Result<PortLease, PortsExhausted> {
-        let mut leased = self.leased.lock().unwrap_or_else(|e| e.into_inner());
+        let mut leased = vireo_util::sync::lock(&self.leased);
         let mut busy = 0;
         for port in self.range.first..=self.range.last {
             if leased.contains(&port) {

@@ -5,7 +5,7 @@
 //! supervisor writes them), so they survive a restart of vireod.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -27,9 +27,7 @@ pub struct Migrations {
     limit: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 /// Progress of a migration from the VMM's counters: pages sent over pages sent plus
 /// the pages still to send (during round 0, the rest of memory; after it, the pages

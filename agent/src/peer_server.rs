@@ -78,15 +78,12 @@ impl Reloader {
     pub fn reload(&self) -> Result<(), crate::hosttls::TlsError> {
         self.identity.reload()?;
         let config = self.identity.server_config((*self.peers).clone())?;
-        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        *vireo_util::sync::write(&self.acceptor) = TlsAcceptor::from(config);
         Ok(())
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        self.acceptor
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        vireo_util::sync::read(&self.acceptor).clone()
     }
 }
 

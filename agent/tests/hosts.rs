@@ -383,7 +383,7 @@ fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_ro
 }
 
 /// The destination's side over the peer listener, driven by hand as host-a: the
-/// receiving VMM listens on TCP with TLS (a TLS client of the CA completes a
+/// receiver (vireod's TLS gateway) listens on TCP with TLS (a TLS client of the CA completes a
 /// handshake as host-b and gets the receiver's go-ahead byte); only host-a sees and
 /// cancels its incoming migration, which removes it.
 #[test]
@@ -497,7 +497,7 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
         "{table}"
     );
 
-    // A second one: its receiving VMM speaks TLS with host-b's identity to host-a
+    // A second one: its receiver (vireod's gateway) speaks TLS with host-b's identity to host-a
     // (the handshake completes for the name host-b and the receiver sends its go-ahead
     // byte); a connection that then proves no secret, and a plain TCP one, are refused
     // and counted while the receiver keeps waiting for its source.
@@ -550,8 +550,75 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
     assert_eq!(m["state"], "cancelled", "{m}");
 }
 
+/// A peer may name files beneath this host's storage roots in the definition it
+/// sends, but not another VM's disk (issue 11: a peer host could name a stopped VM's
+/// disk as its arriving VM's disk, or as its initramfs, and read it through its own
+/// guest). The same path, a hard link to it (another name, the same file) and the
+/// initramfs are each refused with the owner named; nothing is defined or started,
+/// and the disk keeps its bytes.
 #[test]
-fn a_vm_migrates_between_two_vireods_over_https_with_tls_between_the_vmms() {
+fn a_peer_cannot_name_another_vms_disk_in_an_arriving_vm() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let (dst, addr) = host_daemon(&b, &["host-a"]);
+    let disk = dst.dir.path().join("victim.raw");
+    let secret: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&disk, &secret).unwrap();
+    let link = dst.dir.path().join("alias.raw");
+    std::fs::hard_link(&disk, &link).unwrap();
+    let mut cfg = common::counter_config();
+    cfg["disks"] = json!([{"path": disk, "format": "raw"}]);
+    dst.ok(
+        "PUT",
+        "/api/v1/vms/victim",
+        Some(&json!({"config": cfg}).to_string()),
+    );
+    let as_a = endpoint(
+        &addr,
+        "host-b",
+        HostIdentity::load(a.clone())
+            .unwrap()
+            .client_config()
+            .unwrap(),
+    );
+    let secret_hex = "ab".repeat(32);
+    let attempts = [
+        (
+            "disk 0",
+            json!({"disks": [{"path": disk, "format": "raw"}]}),
+        ),
+        (
+            "disk 0",
+            json!({"disks": [{"path": link, "format": "raw"}]}),
+        ),
+        ("payload.initramfs", json!({"initramfs": disk})),
+    ];
+    for (what, change) in attempts {
+        let mut cfg = common::counter_config();
+        if let Some(disks) = change.get("disks") {
+            cfg["disks"] = disks.clone();
+        }
+        if let Some(i) = change.get("initramfs") {
+            cfg["payload"]["initramfs"] = i.clone();
+        }
+        let body = json!({"name": "thief", "definition": {"config": cfg}, "secret": secret_hex});
+        let (s, v) = call(&as_a, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap();
+        assert_eq!(s, 400, "{change}: {v}\n{}", dst.log());
+        let msg = v.to_string();
+        assert!(msg.contains(what), "{msg}");
+        assert!(msg.contains("a disk of VM victim on this host"), "{msg}");
+        assert!(dst.absent("thief"), "{change}");
+    }
+    assert!(dst.migrations().is_empty());
+    assert_eq!(std::fs::read(&disk).unwrap(), secret);
+    // The victim itself is untouched and still starts.
+    dst.ok("PUT", "/api/v1/vms/victim/start", None);
+    dst.wait_serial("victim", "tick 3 ", T);
+}
+
+#[test]
+fn a_vm_migrates_between_two_vireods_over_https_and_tls_and_no_vmm_sees_the_host_key() {
     let pki = Pki::new();
     let a = pki.host("host-a", &[]);
     let b = pki.host("host-b", &[]);
@@ -579,14 +646,10 @@ fn a_vm_migrates_between_two_vireods_over_https_with_tls_between_the_vmms() {
         src.log(),
         dst.log()
     );
-    // The VMMs' stream went over TCP (the peer's receiver), and the receiver was TLS.
+    // The stream went over TCP (the peer's receiver) in TLS, which vireod spoke (the
+    // receiving VMM listened on a socket in its own run directory; asserted below).
     let url = done["receiver_url"].as_str().unwrap();
     assert!(url.starts_with("tcp:127.0.0.1:"), "{done}");
-    assert!(
-        dst.log().contains("receiving VMM listens with TLS"),
-        "{}",
-        dst.log()
-    );
     // The VM belongs to the destination and counts on from where it was.
     assert!(src.absent("m"));
     common::wait_dead(pid, T);
@@ -600,6 +663,31 @@ fn a_vm_migrates_between_two_vireods_over_https_with_tls_between_the_vmms() {
     );
     let last = *ticks.last().unwrap_or(&0);
     dst.wait_serial("m", &format!("tick {} ", last + 10), T);
+    // The receiving VMM cannot reach host-b's private key (issue 12: vireod used to
+    // copy the identity into the VM's run directory, which its jail shows, and the VMM
+    // loaded it, so a guest that escaped into its VMM got the host's identity). Every
+    // file the VMM sees (its root, as /proc shows it) is searched for the key's DER and
+    // PEM text; the same search finds the guest's ticks in the serial log it writes.
+    let vmm = v["pid"].as_i64().unwrap() as i32;
+    assert!(
+        visible_files_hold(vmm, b"tick "),
+        "the scan does not see the VMM's files"
+    );
+    for (what, needle) in key_material(&b.key) {
+        assert!(
+            !visible_files_hold(vmm, &needle),
+            "a file the receiving VMM sees holds host-b's private key ({what})"
+        );
+    }
+    assert!(
+        !dst.run_dir.join("vms/m/tls").exists(),
+        "no identity copy in the VM's run directory"
+    );
+    assert!(
+        dst.log().contains("vireod receives with TLS"),
+        "{}",
+        dst.log()
+    );
     let incoming = dst
         .migrations()
         .into_iter()
@@ -620,6 +708,59 @@ fn a_vm_migrates_between_two_vireods_over_https_with_tls_between_the_vmms() {
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("host identity"), "{b}");
     assert!(plain.migrations().is_empty());
+}
+
+/// The private key in `key` (PEM) as a process that loaded it may hold it: its DER,
+/// and the first line of its PEM text.
+fn key_material(key: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    let pem = std::fs::read_to_string(key).unwrap();
+    let line = pem
+        .lines()
+        .find(|l| !l.starts_with("-----") && l.len() >= 40)
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    let der = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    vec![("DER", der.secret_der().to_vec()), ("PEM", line)]
+}
+
+/// Whether `needle` is in a regular file (of at most 64 MiB) that process `pid` can
+/// see in its root directory (its jail), /proc and /dev left out.
+fn visible_files_hold(pid: i32, needle: &[u8]) -> bool {
+    fn walk(dir: &Path, needle: &[u8]) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            let p = e.path();
+            if t.is_dir() && walk(&p, needle) {
+                return true;
+            }
+            let small = e.metadata().is_ok_and(|m| m.len() <= 64 << 20);
+            if t.is_file() && small {
+                if let Ok(bytes) = std::fs::read(&p) {
+                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    std::fs::read_dir(&root).unwrap().flatten().any(|e| {
+        let skip = ["proc", "dev", "sys"].iter().any(|n| e.file_name() == *n);
+        let t = e.file_type().unwrap();
+        !skip
+            && if t.is_dir() {
+                walk(&e.path(), needle)
+            } else {
+                t.is_file()
+                    && std::fs::read(e.path())
+                        .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            }
+    })
 }
 
 #[test]
@@ -776,15 +917,15 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
     assert_eq!(served(), second);
 }
 
-/// The VMMs' own migration TLS reads the CRL (issue 11; before, only vireod's
-/// listener did, so a host revoked after vireod's last reload still got its
-/// migration stream in). The destination's vireod still admits host-a (its CRL was
-/// read before host-a was revoked; no SIGHUP), but the receiving VMM reads the
-/// `--tls-crl` file vireod passes it as it starts listening: host-a's stream is refused
-/// in the VMM's handshake, naming the revocation on both sides, and the VM stays on
-/// its source, counting.
+/// The migration streams' TLS reads the CRL as each migration starts (issue 11;
+/// before, only vireod's listener did, so a host revoked after vireod's last reload
+/// still got its migration stream in). The destination's vireod still admits host-a
+/// on its peer listener (its CRL was read before host-a was revoked; no SIGHUP), but
+/// the migration's TLS (vireod's gateway, which reads `--tls-crl` when the migration
+/// starts) refuses host-a's stream in the handshake, naming the revocation on both
+/// sides, and the VM stays on its source, counting.
 #[test]
-fn a_migration_from_a_host_revoked_since_the_reload_is_refused_by_the_receiving_vmm() {
+fn a_migration_from_a_host_revoked_since_the_reload_is_refused_in_the_streams_handshake() {
     let pki = Pki::new();
     let a = pki.host("host-a", &[]);
     let b = pki.host("host-b", &[]);
@@ -839,8 +980,8 @@ fn a_migration_from_a_host_revoked_since_the_reload_is_refused_by_the_receiving_
         src.log(),
         dst.log()
     );
-    // vireod let host-a in (its CRL predates the revocation): the refusal is the
-    // receiving VMM's, in the VMMs' TLS handshake.
+    // vireod's peer listener let host-a in (its CRL predates the revocation): the
+    // refusal is the migration stream's, in its TLS handshake.
     assert!(
         done["receiver_url"]
             .as_str()

@@ -155,6 +155,12 @@ impl ClientTls {
         })
     }
 
+    /// The rustls configuration, for a caller that drives the handshake itself
+    /// (vireod's migration gateway, on tokio); it must then wait for [`ACCEPTED`].
+    pub fn rustls_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
     /// The name the destination's certificate must carry: the explicit one, else `host`.
     pub fn server_name_for(&self, host: Option<&str>) -> Result<ServerName<'static>, TlsError> {
         match (&self.server_name, host) {
@@ -237,6 +243,12 @@ impl ServerTls {
         Ok(Self {
             config: Arc::new(config),
         })
+    }
+
+    /// The rustls configuration, for a caller that drives the handshake itself
+    /// (vireod's migration gateway, on tokio); it must then write [`ACCEPTED`].
+    pub fn rustls_config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
     }
 
     /// Handshakes over an accepted `sock` and confirms it to the client.

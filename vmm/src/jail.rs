@@ -247,8 +247,8 @@ pub fn enter(
     if let Some(ns) = &cfg.netns {
         let f = std::fs::File::open(ns).map_err(sys(format!("netns {}", ns.display())))?;
         use std::os::fd::AsRawFd;
-        // SAFETY: setns on an open namespace file descriptor.
         check(
+            // SAFETY: setns on an open namespace file descriptor.
             unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
             format!("setns {}", ns.display()),
         )?;
@@ -256,8 +256,8 @@ pub fn enter(
     if let Some(name) = &cfg.cgroup {
         enter_cgroups(name, cfg)?;
     }
-    // SAFETY: unshare with namespace flags only.
     check(
+        // SAFETY: unshare with namespace flags only.
         unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
         "unshare",
     )?;
@@ -462,8 +462,8 @@ fn device_node(source: &Path, target: &Path, cfg: &JailConfig) -> Result<(), Jai
         std::fs::create_dir_all(parent).map_err(sys(format!("create {}", parent.display())))?;
     }
     let c = cstr(target)?;
-    // SAFETY: mknod of a character device with the host node's number, a valid path.
     check(
+        // SAFETY: mknod of a character device with the host node's number, a valid path.
         unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, meta.rdev()) },
         format!("mknod {}", target.display()),
     )?;
@@ -547,14 +547,14 @@ fn build_root(
     let old = root.join(".old-root");
     std::fs::create_dir_all(&old).map_err(sys("create .old-root"))?;
     let (new_c, old_c) = (cstr(root)?, cstr(&old)?);
-    // SAFETY: pivot_root with two valid paths (no libc wrapper).
     check(
+        // SAFETY: pivot_root with two valid paths (no libc wrapper).
         unsafe { libc::syscall(libc::SYS_pivot_root, new_c.as_ptr(), old_c.as_ptr()) } as i32,
         "pivot_root",
     )?;
     std::env::set_current_dir("/").map_err(sys("chdir /"))?;
-    // SAFETY: detaching the old root, a valid path.
     check(
+        // SAFETY: detaching the old root, a valid path.
         unsafe { libc::umount2(c"/.old-root".as_ptr(), libc::MNT_DETACH) },
         "umount the old root",
     )?;
@@ -575,8 +575,8 @@ fn drop_privileges(cfg: &JailConfig) -> Result<(), JailError> {
             rlim_cur: value,
             rlim_max: value,
         };
-        // SAFETY: setrlimit with a valid struct.
         check(
+            // SAFETY: setrlimit with a valid struct.
             unsafe { libc::setrlimit(resource, &r) },
             format!("setrlimit {name}"),
         )

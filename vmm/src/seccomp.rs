@@ -876,9 +876,9 @@ mod tests {
     }
 
     fn ioctl_on_stdin(request: u64) -> i32 {
+        let mut buf = [0u8; 4096];
         // SAFETY: an ioctl on fd 0 with a zeroed buffer big enough for any request
         // tried here; the call's outcome is all that is checked.
-        let mut buf = [0u8; 4096];
         let r = unsafe { libc::ioctl(0, request as _, buf.as_mut_ptr()) };
         errno_of(r.into())
     }

@@ -183,37 +183,41 @@ fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// Runs in the child of a clone of a multi-threaded process: only async-signal-safe
 /// calls, on data prepared before the clone.
 unsafe fn child_exec(p: &Prepared, null: i32, log: i32, report: i32) -> ! {
-    let fail = |report: i32| -> ! {
-        let errno = *libc::__errno_location();
-        let bytes = errno.to_ne_bytes();
-        libc::write(report, bytes.as_ptr().cast(), bytes.len());
-        libc::_exit(127)
-    };
-    if libc::setsid() < 0 {
-        fail(report);
-    }
-    let mut none: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut none);
-    libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-    if libc::getpriority(libc::PRIO_PROCESS, 0) < 0 {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-    }
-    if let Some(procs) = &p.boot_procs {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd >= 0 {
-            libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
+    // SAFETY: the caller's contract (see `# Safety`): each call below is async-signal-safe
+    // and reads only `p`, prepared before the clone, and the descriptors passed in.
+    unsafe {
+        let fail = |report: i32| -> ! {
+            let errno = *libc::__errno_location();
+            let bytes = errno.to_ne_bytes();
+            libc::write(report, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        };
+        if libc::setsid() < 0 {
+            fail(report);
         }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        if libc::getpriority(libc::PRIO_PROCESS, 0) < 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        }
+        if let Some(procs) = &p.boot_procs {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+        }
+        if libc::dup2(null, 0) < 0 || libc::dup2(log, 1) < 0 || libc::dup2(log, 2) < 0 {
+            fail(report);
+        }
+        libc::execve(
+            p.program.as_ptr(),
+            p.argv_ptrs.as_ptr(),
+            p.envp_ptrs.as_ptr(),
+        );
+        fail(report)
     }
-    if libc::dup2(null, 0) < 0 || libc::dup2(log, 1) < 0 || libc::dup2(log, 2) < 0 {
-        fail(report);
-    }
-    libc::execve(
-        p.program.as_ptr(),
-        p.argv_ptrs.as_ptr(),
-        p.envp_ptrs.as_ptr(),
-    );
-    fail(report)
 }
 
 impl Direct {

@@ -13,10 +13,12 @@
 //!
 //! From a peer host (the request came over the peer listener, mutual TLS): the record's
 //! source is the host name the peer's certificate proved (not what the body says), only
-//! that peer may read or cancel it, and the receiving VMM listens with TLS (this host's
-//! identity; it requires a client certificate from the CA) on TCP — on a port of
+//! that peer may read or cancel it, and vireod listens with TLS (this host's identity;
+//! it requires the source host's certificate from the CA) on TCP — on a port of
 //! `--migration-ports` (held until the migration ends), or by default on a free port
-//! of the peer listener's address.
+//! of the peer listener's address — and carries each admitted stream to the receiving
+//! VMM's unix socket in its run directory (`crate::tls_gateway`): the host's key never
+//! reaches a VMM.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,10 +82,18 @@ impl Supervisor {
             }
             None => self.confine(&req.name, &mut req.definition)?,
         }
+        let others: Vec<(String, crate::model::VmDefinition)> = lock(&self.vms)
+            .iter()
+            .filter(|(n, _)| **n != req.name)
+            .map(|(n, vm)| (n.clone(), vm.def.clone()))
+            .collect();
+        crate::confinement::refuse_other_vms_disks(&req.definition, &others)?;
         let name = req.name.clone();
         // A port of --migration-ports is held until this migration ends (the lease
         // goes with the task that follows it, or is dropped on an early return).
         let mut port = None;
+        // The receiver's TCP port when vireod bound it already (a free port found now).
+        let mut bound = None;
         let url = match (&req.receiver_url, &from_peer) {
             (Some(u), Some(_)) if u.starts_with("tcp:") => {
                 if let Some(pool) = &self.cfg.migration_ports {
@@ -103,7 +113,11 @@ impl Supervisor {
                     port = Some(lease);
                     url
                 }
-                None => self.free_receiver_url()?,
+                None => {
+                    let (url, listener) = self.free_receiver_port()?;
+                    bound = Some(listener);
+                    url
+                }
             },
             (None, None) => format!("unix:{}", self.migrate_socket_path(&name).display()),
         };
@@ -114,6 +128,11 @@ impl Supervisor {
         }
         crate::confinement::check_receiver_url(&url, &self.vm_run_dir(&name))?;
         let tls = match &from_peer {
+            Some(_) if !url.starts_with("tcp:") => {
+                return Err(AgentError::BadMigration(format!(
+                    "receiver_url {url:?}: a migration from a peer host arrives over TCP"
+                )))
+            }
             Some(peer) => Some(self.receive_tls(peer)?),
             None => None,
         };
@@ -167,24 +186,30 @@ impl Supervisor {
             Some(format!("migration {} from {peer}", rec.id)),
         );
         self.save_record(&rec);
-        if let Err(e) = self
-            .start_receiver(&name, generation, &url, &req, tls)
+        let gateway = match self
+            .start_receiver(&name, generation, &url, &req, tls, bound)
             .await
         {
-            let msg = error_chain(&e);
-            warn!(vm = %name, error = %msg, "incoming migration: receiver did not start");
-            self.end_incoming(&rec.id, &name, Arrival::Failed(msg))
-                .await;
-            return Err(e);
-        }
+            Ok(g) => g,
+            Err(e) => {
+                let msg = error_chain(&e);
+                warn!(vm = %name, error = %msg, "incoming migration: receiver did not start");
+                self.end_incoming(&rec.id, &name, Arrival::Failed(msg))
+                    .await;
+                return Err(e);
+            }
+        };
         let rec = self
             .record(&rec.id, |r| r.receiver_url = Some(url.clone()))
             .unwrap_or(rec);
         let me = self.clone();
         let (id, n) = (rec.id.clone(), name.clone());
         tokio::spawn(async move {
-            me.follow_incoming(id, n, cancel).await;
-            drop(port); // The migration ended: its port is free again.
+            let stats = gateway.as_ref().map(|g| g.stats());
+            me.follow_incoming(id, n, cancel, stats).await;
+            // The migration ended: the gateway stops, its port is free again.
+            drop(gateway);
+            drop(port);
         });
         info!(vm = %name, id = %rec.id, url = %url, "waiting for an incoming VM");
         Ok(rec)
@@ -203,15 +228,18 @@ impl Supervisor {
         cfg
     }
 
-    /// Spawns the receiving VMM and has it listen on `url`.
+    /// Spawns the receiving VMM and has it listen on `url`; with `tls` (a peer host's
+    /// migration), vireod listens on `url` itself (on `bound` if it bound it already)
+    /// and carries the admitted streams to the VMM's own socket (see tls_gateway).
     async fn start_receiver(
         self: &Arc<Self>,
         name: &str,
         generation: u64,
         url: &str,
         req: &IncomingRequest,
-        tls: Option<serde_json::Value>,
-    ) -> Result<(), AgentError> {
+        tls: Option<migration::tls::ServerTls>,
+        bound: Option<std::net::TcpListener>,
+    ) -> Result<Option<crate::tls_gateway::Gateway>, AgentError> {
         let mut spec = LaunchSpec {
             memory: Some(req.definition.config.memory.size),
             ..self.receive_spec(name)
@@ -234,31 +262,29 @@ impl Supervisor {
             }
         }
         spec.jail = self.jail_spec(name, binds, read_only)?;
-        let tls = match (tls, spec.jail.as_ref()) {
-            (Some(mut tls), Some(jail)) => {
-                // The jail shows the VM's run directory only: the identity goes there.
-                let id = self.cfg.identity.as_ref().ok_or_else(|| {
-                    AgentError::BadMigration(
-                        "this vireod has no host identity to receive with".into(),
-                    )
-                })?;
-                let files = crate::jailing::hand_over_identity(
-                    &id.files,
-                    &self.vm_run_dir(name),
-                    jail.uid,
-                )?;
-                tls["cert"] = serde_json::json!(files.cert);
-                tls["key"] = serde_json::json!(files.key);
-                tls["ca"] = serde_json::json!(files.ca);
-                if let Some(crl) = tls["crl"].as_str().map(std::path::PathBuf::from) {
-                    let crl =
-                        crate::jailing::hand_over_crl(&crl, &self.vm_run_dir(name), jail.uid)?;
-                    tls["crl"] = serde_json::json!(crl);
-                }
-                Some(tls)
+        let (vmm_url, gateway) = match tls {
+            Some(server) => {
+                let listener = match bound {
+                    Some(l) => l,
+                    None => {
+                        let addr = url.strip_prefix("tcp:").unwrap_or(url);
+                        std::net::TcpListener::bind(addr).map_err(|e| {
+                            AgentError::io("cannot listen for the migration on", addr, e)
+                        })?
+                    }
+                };
+                let inside = self.migrate_socket_path(name);
+                let gateway = crate::tls_gateway::inbound(listener, server, inside.clone())?;
+                info!(
+                    vm = name,
+                    url,
+                    "vireod receives with TLS (this host's identity; only the source host's certificate gets in) for the VMM"
+                );
+                (format!("unix:{}", inside.display()), Some(gateway))
             }
-            (tls, _) => tls,
+            None => (url.to_string(), None),
         };
+        let url = vmm_url.as_str();
         if let Some(p) = url.strip_prefix("unix:") {
             let _ = std::fs::remove_file(p); // A stale socket of an earlier attempt.
         }
@@ -277,23 +303,15 @@ impl Supervisor {
             }
         }
         self.watch(name.to_string(), generation, handle.pid, watch);
-        let mut body = serde_json::json!({
+        let body = serde_json::json!({
             "receiver_url": url,
             "storage_dir": req.storage_dir,
             "config": cfg,
             "secret": req.secret,
-            // A peer host's migration is TLS, whatever the request says.
-            "insecure": req.insecure && tls.is_none(),
+            // A peer host's migration is TLS (vireod's), whatever the request says.
+            "insecure": req.insecure && gateway.is_none(),
             "timeout_s": self.cfg.incoming_timeout.as_secs().max(1),
         });
-        if let Some(tls) = tls {
-            info!(
-                vm = name,
-                url,
-                "receiving VMM listens with TLS (this host's identity; only the source host's certificate gets in)"
-            );
-            body["tls"] = tls;
-        }
         let deadline = Instant::now() + self.cfg.start_timeout;
         let failed = |reason: String| AgentError::StartFailed {
             name: name.to_string(),
@@ -338,28 +356,25 @@ impl Supervisor {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.private_socket(name, &spec.socket);
-        Ok(())
+        Ok(gateway)
     }
 
-    /// The receiving VMM's TLS for a migration from a peer host: this host's identity;
-    /// the source must present a certificate from the CA naming `peer` (the host whose
-    /// certificate asked for this migration), not revoked by `--tls-crl` (which the VMM
-    /// reads as it starts listening: a source revoked since vireod's last reload is
-    /// refused in the VMM's handshake).
-    fn receive_tls(&self, peer: &str) -> Result<serde_json::Value, AgentError> {
+    /// vireod's TLS for a migration from a peer host: this host's identity; the source
+    /// must present a certificate from the CA naming `peer` (the host whose
+    /// certificate asked for this migration), not revoked by `--tls-crl` (read now: a
+    /// source revoked since vireod's last reload is refused in the handshake).
+    fn receive_tls(&self, peer: &str) -> Result<migration::tls::ServerTls, AgentError> {
         let id = self.cfg.identity.as_ref().ok_or_else(|| {
             AgentError::BadMigration("this vireod has no host identity to receive with".into())
         })?;
-        let mut tls = serde_json::json!({
-            "cert": id.files.cert,
-            "key": id.files.key,
-            "ca": id.files.ca,
-            "allowed_peers": [peer],
-        });
-        if let Some(crl) = &id.crl {
-            tls["crl"] = serde_json::json!(crl);
-        }
-        Ok(tls)
+        let files = migration::tls::TlsFiles {
+            cert: Some(id.files.cert.clone()),
+            key: Some(id.files.key.clone()),
+            ca: id.files.ca.clone(),
+            crl: id.crl.clone(),
+        };
+        migration::tls::ServerTls::load(&files, &[peer.to_string()])
+            .map_err(|e| AgentError::BadMigration(format!("this host's identity: {e}")))
     }
 
     /// Where receiving VMMs listen: the peer listener's address.
@@ -370,25 +385,14 @@ impl Supervisor {
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())
     }
 
-    /// `tcp:IP:PORT` with a port free right now on the peer listener's address (the
-    /// receiving VMM binds it a moment later).
-    fn free_receiver_url(&self) -> Result<String, AgentError> {
+    /// `tcp:IP:PORT` of a port bound now on the peer listener's address, and its
+    /// listener: vireod's migration gateway serves it.
+    fn free_receiver_port(&self) -> Result<(String, std::net::TcpListener), AgentError> {
         let ip = self.receiver_ip();
-        let probe = std::net::TcpListener::bind((ip, 0)).map_err(|e| {
-            AgentError::io(
-                "cannot find a free port for the receiver on",
-                ip.to_string(),
-                e,
-            )
-        })?;
-        let addr = probe.local_addr().map_err(|e| {
-            AgentError::io(
-                "cannot find a free port for the receiver on",
-                ip.to_string(),
-                e,
-            )
-        })?;
-        Ok(format!("tcp:{addr}"))
+        let cannot = |e| AgentError::io("cannot listen for a migration on", ip.to_string(), e);
+        let listener = std::net::TcpListener::bind((ip, 0)).map_err(cannot)?;
+        let addr = listener.local_addr().map_err(cannot)?;
+        Ok((format!("tcp:{addr}"), listener))
     }
 
     /// Whether `name`'s VMM of this generation is still there.
@@ -405,6 +409,7 @@ impl Supervisor {
         id: String,
         name: String,
         mut cancel: oneshot::Receiver<()>,
+        gateway: Option<Arc<crate::tls_gateway::GatewayStats>>,
     ) {
         let generation = lock(&self.vms).get(&name).map(|vm| vm.generation);
         let Some(generation) = generation else {
@@ -446,9 +451,12 @@ impl Supervisor {
                     Ok(r) if r.ok() => serde_json::from_slice::<api::MigrationInfo>(&r.body).ok(),
                     _ => None,
                 };
-            let Some(info) = info else {
+            let Some(mut info) = info else {
                 continue;
             };
+            if let Some(g) = &gateway {
+                g.merge_into(&mut info);
+            }
             self.migrations.update(&id, |r| {
                 r.percent = crate::migrations::percent(&info);
                 r.progress = Some(info.clone());
@@ -595,9 +603,9 @@ impl Supervisor {
                 Some(VmState::Incoming) => {
                     if let Some(cancel) = self.migrations.rearm(&rec.id) {
                         let me = self.clone();
-                        tokio::spawn(
-                            async move { me.follow_incoming(rec.id, rec.vm, cancel).await },
-                        );
+                        tokio::spawn(async move {
+                            me.follow_incoming(rec.id, rec.vm, cancel, None).await
+                        });
                     }
                 }
                 Some(VmState::Running | VmState::Paused) => {

@@ -150,9 +150,7 @@ fn vmm_fence_record(disk: &Path) -> PathBuf {
     disk.with_file_name(name)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vireo_util::sync::lock;
 
 fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -359,7 +357,8 @@ impl Supervisor {
         ] {
             let _ = std::fs::remove_file(p);
         }
-        crate::jailing::take_back_identity(&self.vm_run_dir(name));
+        // An older vireod copied the host identity here for a TLS migration.
+        let _ = std::fs::remove_dir_all(self.vm_run_dir(name).join("tls"));
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
     }
 

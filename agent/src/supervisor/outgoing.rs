@@ -9,8 +9,9 @@
 //!    (`POST /api/v1/migrations/incoming` with the VM's definition; to another host
 //!    over mutual TLS with this host's identity), which answers with the receiver's
 //!    URL; with `destination_url`: that URL;
-//! 3. `vm.send-migration` on the VM's VMM (to a peer host: with TLS, this host's
-//!    certificate, the peer's name as the server name), then follows its
+//! 3. `vm.send-migration` on the VM's VMM (to a peer host: to a socket in its run
+//!    directory, from which vireod carries each stream over TLS with this host's
+//!    certificate and the peer's name as the server name), then follows its
 //!    `vm.migration-info` (progress into the record) until it completes, fails, or
 //!    the VMM ends;
 //! 4. committed (the VMM reported completed, or ended with status 0 and — with an
@@ -387,12 +388,30 @@ impl Supervisor {
         peer: Option<&PeerAgent>,
     ) -> Sent {
         let sock = self.socket_path(name);
-        // A jailed VMM sees only its own run directory: a unix receiver elsewhere is
-        // reached through a relay there, host identity files are copied there.
+        // To a peer host the VMM sends plain streams to a socket in its own run
+        // directory, and vireod carries them over TLS (the host's key stays in vireod:
+        // see tls_gateway). A jailed VMM sees only that directory: a unix receiver
+        // elsewhere is reached through a relay there.
         let jail_uid = self.jail_uid(name);
         let mut _relay = None;
-        let url = match (jail_uid, url.strip_prefix("unix:")) {
-            (Some(uid), Some(to)) => {
+        let mut gateway = None;
+        let url = match (self.send_tls(peer), jail_uid, url.strip_prefix("unix:")) {
+            (Some(tls), _, _) => {
+                let listen = self.relay_socket_path(name);
+                match tls.and_then(|(client, server_name)| {
+                    let to = url
+                        .strip_prefix("tcp:")
+                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                        .ok_or_else(|| format!("the peer's receiver {url:?} is no tcp:IP:PORT"))?;
+                    crate::tls_gateway::outbound(&listen, jail_uid, to, client, server_name)
+                        .map_err(|e| error_chain(&e))
+                }) {
+                    Ok(g) => gateway = Some(g),
+                    Err(e) => return Sent::Failed(e),
+                }
+                format!("unix:{}", listen.display())
+            }
+            (None, Some(uid), Some(to)) => {
                 let listen = self.relay_socket_path(name);
                 match crate::jailing::relay(&listen, to.into(), uid) {
                     Ok(r) => _relay = Some(r),
@@ -402,7 +421,13 @@ impl Supervisor {
             }
             _ => url.to_string(),
         };
-        let mut body = serde_json::json!({
+        let gateway_error = || gateway.as_ref().and_then(|g| g.stats().last_error());
+        // A stream the gateway could not carry is why the VMM's send failed.
+        let failed = |vmm: String| match gateway_error() {
+            Some(g) => Sent::Failed(format!("{g} (the VMM: {vmm})")),
+            None => Sent::Failed(vmm),
+        };
+        let body = serde_json::json!({
             "destination_url": url,
             "downtime_ms": req.downtime_ms,
             "compress": req.compress,
@@ -411,25 +436,6 @@ impl Supervisor {
             "secret": trust.0,
             "insecure": trust.1,
         });
-        if let Some(mut tls) = self.send_tls(peer) {
-            if let (Some(uid), Some(id)) = (jail_uid, self.cfg.identity.as_ref()) {
-                match crate::jailing::hand_over_identity(&id.files, &self.vm_run_dir(name), uid) {
-                    Ok(files) => {
-                        tls["cert"] = serde_json::json!(files.cert);
-                        tls["key"] = serde_json::json!(files.key);
-                        tls["ca"] = serde_json::json!(files.ca);
-                    }
-                    Err(e) => return Sent::Failed(error_chain(&e)),
-                }
-                if let Some(crl) = tls["crl"].as_str().map(std::path::PathBuf::from) {
-                    match crate::jailing::hand_over_crl(&crl, &self.vm_run_dir(name), uid) {
-                        Ok(crl) => tls["crl"] = serde_json::json!(crl),
-                        Err(e) => return Sent::Failed(error_chain(&e)),
-                    }
-                }
-            }
-            body["tls"] = tls;
-        }
         match client::request(
             &sock,
             "PUT",
@@ -441,13 +447,13 @@ impl Supervisor {
         {
             Ok(r) if r.ok() => {}
             Ok(r) => {
-                return Sent::Failed(format!(
+                return failed(format!(
                     "the VMM refused to send: {} ({})",
                     r.error_message(),
                     r.status
                 ))
             }
-            Err(e) => return Sent::Failed(format!("the VMM: {}", error_chain(&e))),
+            Err(e) => return failed(format!("the VMM: {}", error_chain(&e))),
         }
         let mut committed_at: Option<Instant> = None;
         loop {
@@ -486,9 +492,7 @@ impl Supervisor {
                     })
                     .unwrap_or_else(|| "gone".into());
                 if !clean {
-                    return Sent::Failed(format!(
-                        "the source VMM ended during the migration: {how}"
-                    ));
+                    return failed(format!("the source VMM ended during the migration: {how}"));
                 }
                 // A clean exit before the VMM said "completed": the hand-over, unless
                 // the guest powered off meanwhile. Only a destination vireod can tell.
@@ -532,7 +536,7 @@ impl Supervisor {
             match info.status {
                 api::MigrationStatus::Completed => committed_at = Some(Instant::now()),
                 api::MigrationStatus::Failed => {
-                    return Sent::Failed(
+                    return failed(
                         info.error
                             .unwrap_or_else(|| "the VMM reports failure".into()),
                     )
@@ -542,23 +546,37 @@ impl Supervisor {
         }
     }
 
-    /// The VMM's TLS towards a peer host's receiving VMM: this host's identity, the
-    /// peer's name as the server name, and `--tls-crl` (the VMM reads it when the send
-    /// starts: a destination revoked meanwhile is refused even before vireod's
-    /// reload). None for a vireod on this host.
-    fn send_tls(&self, peer: Option<&PeerAgent>) -> Option<serde_json::Value> {
+    /// The TLS vireod's gateway speaks to a peer host's receiver: this host's
+    /// identity, the peer's name as the server name, and `--tls-crl` (read now: a
+    /// destination revoked since vireod's last reload is refused). None for a vireod
+    /// on this host; an identity file that cannot be read is an error.
+    #[allow(clippy::type_complexity)]
+    fn send_tls(
+        &self,
+        peer: Option<&PeerAgent>,
+    ) -> Option<
+        Result<
+            (
+                migration::tls::ClientTls,
+                rustls::pki_types::ServerName<'static>,
+            ),
+            String,
+        >,
+    > {
         let host = peer?.host.as_ref()?;
         let id = self.cfg.identity.as_ref()?;
-        let mut tls = serde_json::json!({
-            "ca": id.files.ca,
-            "cert": id.files.cert,
-            "key": id.files.key,
-            "server_name": host,
-        });
-        if let Some(crl) = &id.crl {
-            tls["crl"] = serde_json::json!(crl);
-        }
-        Some(tls)
+        let files = migration::tls::TlsFiles {
+            cert: Some(id.files.cert.clone()),
+            key: Some(id.files.key.clone()),
+            ca: id.files.ca.clone(),
+            crl: id.crl.clone(),
+        };
+        Some(
+            migration::tls::ClientTls::load(&files, Some(host))
+                .and_then(|c| Ok((c.server_name_for(None)?, c)))
+                .map(|(n, c)| (c, n))
+                .map_err(|e| format!("this host's identity: {e}")),
+        )
     }
 
     /// Waits until the destination's vireod reports the VM arrived.

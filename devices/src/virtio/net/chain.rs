@@ -361,8 +361,9 @@ mod tests {
                 assert_eq!(total, 0x2000 - 4, "the first 12 bytes are skipped");
                 let region = m.iter().next().unwrap();
                 let base = region.as_ptr();
-                // SAFETY (test): pointer arithmetic within the one region.
-                assert_eq!(out[0].0, unsafe { base.add(0x5004) });
+                // SAFETY: (test) pointer arithmetic within the one region.
+                let expected = unsafe { base.add(0x5004) };
+                assert_eq!(out[0].0, expected);
                 assert!(region.bitmap().dirty_at(0x5000) && region.bitmap().dirty_at(0x6000));
                 assert!(
                     !region.bitmap().dirty_at(0x1000),
