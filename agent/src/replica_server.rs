@@ -112,7 +112,6 @@ impl ReplicaServer {
 
     /// Where `primary`'s VM `vm` is stored.
     pub fn vm_path(&self, primary: &str, vm: &str) -> PathBuf {
-        debug_assert!(valid_name(primary) && valid_name(vm));
         self.root_path.join(primary).join(vm)
     }
 
@@ -123,7 +122,7 @@ impl ReplicaServer {
         }
         self.allow
             .iter()
-            .filter(|p| self.vm_path(p, vm).join("vm.state").is_file())
+            .filter(|p| valid_name(p) && self.vm_path(p, vm).join("vm.state").is_file())
             .cloned()
             .collect()
     }
