@@ -21,6 +21,10 @@
 //! one-time secret to the VMM. A refused handshake is counted and explained as the
 //! VMM's own refusals are ([`GatewayStats`]), and a failed one on the source side is
 //! the migration's error.
+//!
+//! A TCP migration without TLS (`insecure: true`, asked for by a local client) goes
+//! through the same gateway with no TLS: the VMMs vireod starts never open an IP
+//! socket (the vireo@ unit allows them none), only their run directory's sockets.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -123,13 +127,13 @@ impl std::fmt::Debug for Gateway {
 
 /// The source's side: serves `listen` (a unix socket in the sending VMM's run
 /// directory, given to `owner` when the VMM is jailed) and carries every stream to
-/// `peer` over TLS as `client`, verifying the receiver as `server_name`.
+/// `peer`: over TLS as `tls`'s client, verifying the receiver as its server name, or
+/// in clear without `tls`.
 pub fn outbound(
     listen: &Path,
     owner: Option<u32>,
     peer: SocketAddr,
-    client: ClientTls,
-    server_name: ServerName<'static>,
+    tls: Option<(ClientTls, ServerName<'static>)>,
 ) -> Result<Gateway, AgentError> {
     let _ = std::fs::remove_file(listen);
     let l = UnixListener::bind(listen)
@@ -140,14 +144,28 @@ pub fn outbound(
     }
     let stats = Arc::new(GatewayStats::default());
     let served = stats.clone();
-    let config = client.rustls_config();
+    let tls = tls.map(|(client, name)| (client.rustls_config(), name));
     let task = tokio::spawn(async move {
         loop {
             let Ok((vmm, _)) = l.accept().await else {
                 return;
             };
-            let (config, name, stats) = (config.clone(), server_name.clone(), served.clone());
+            let (tls, stats) = (tls.clone(), served.clone());
             tokio::spawn(async move {
+                let Some((config, name)) = tls else {
+                    match TcpStream::connect(peer).await {
+                        Ok(tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            join(vmm, tcp, &peer.to_string()).await
+                        }
+                        Err(e) => {
+                            let why = format!("tcp:{peer}: {e}");
+                            warn!(%peer, error = %why, "migration gateway: cannot reach the peer");
+                            stats.fail(why);
+                        }
+                    }
+                    return;
+                };
                 let connector = tokio_rustls::TlsConnector::from(config);
                 let tls = async {
                     let tcp = TcpStream::connect(peer).await?;
@@ -192,11 +210,12 @@ pub fn outbound(
 }
 
 /// The destination's side: accepts on `listener` (the receiver's TCP port, bound by
-/// vireod), admits what `server` admits (the source host only) and joins every
+/// vireod), admits what `server` admits (the source host only; without `server`
+/// every connection, which must then prove the secret to the VMM) and joins every
 /// admitted stream to the receiving VMM's unix socket `vmm`.
 pub fn inbound(
     listener: std::net::TcpListener,
-    server: ServerTls,
+    server: Option<ServerTls>,
     vmm: PathBuf,
 ) -> Result<Gateway, AgentError> {
     let addr = listener
@@ -209,7 +228,7 @@ pub fn inbound(
         .map_err(|e| AgentError::io("cannot serve the migration port", addr.to_string(), e))?;
     let stats = Arc::new(GatewayStats::default());
     let served = stats.clone();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server.rustls_config());
+    let acceptor = server.map(|s| tokio_rustls::TlsAcceptor::from(s.rustls_config()));
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, from)) = l.accept().await else {
@@ -218,6 +237,15 @@ pub fn inbound(
             let (acceptor, stats, vmm) = (acceptor.clone(), served.clone(), vmm.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
+                let Some(acceptor) = acceptor else {
+                    match UnixStream::connect(&vmm).await {
+                        Ok(inside) => join(inside, tcp, &from.to_string()).await,
+                        Err(e) => {
+                            warn!(vmm = %vmm.display(), error = %e, "migration gateway cannot reach the receiving VMM")
+                        }
+                    }
+                    return;
+                };
                 let admitted = async {
                     let mut tls = acceptor.accept(tcp).await?;
                     tls.write_all(&[ACCEPTED]).await?;

@@ -421,6 +421,49 @@ fn a_paused_vm_migrates_and_stays_paused_until_resumed() {
     dst.wait_serial("p", &format!("tick {} ", ticks[0] + 5), T);
 }
 
+/// A TCP migration between two vireods of one host (`receiver_url: tcp:...`, in clear
+/// with vireod's one-time secret) goes through the vireods' gateways: the destination
+/// vireod listens on the port and the VMMs use sockets in their run directories only
+/// (a vireo@ unit allows a VMM no IP socket); the VM arrives and counts on.
+#[test]
+fn a_same_host_tcp_migration_goes_through_the_vireods_and_arrives_counting() {
+    let (src, dst) = Daemon::pair(&["--no-autostart"], &["--no-autostart"]);
+    src.define_counter("t", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/t/start", None);
+    src.wait_serial("t", "tick 10 ", T);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("tcp:127.0.0.1:{port}");
+    let rec = src.migrate(
+        "t",
+        &json!({"destination_agent": dst.socket, "receiver_url": url}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(done["state"], "completed", "{done}\n{}", dst.log());
+    assert_eq!(done["receiver_url"], url.as_str(), "{done}");
+    assert!(
+        dst.log()
+            .contains("vireod receives in clear (insecure) for the VMM"),
+        "{}",
+        dst.log()
+    );
+    assert!(src.absent("t"));
+    dst.wait_state("t", "Running", T);
+    let start = Instant::now();
+    let ticks = loop {
+        let t = dst.tick_numbers("t");
+        if !t.is_empty() {
+            break t;
+        }
+        assert!(start.elapsed() < T, "no tick at the destination");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(ticks[0] > 10, "the guest started over: {ticks:?}");
+    dst.wait_serial("t", &format!("tick {} ", ticks[0] + 5), T);
+}
+
 /// A raw disk of `size` bytes with a pattern at its start and its end.
 fn patterned_disk(path: &std::path::Path, size: u64) -> Vec<u8> {
     use std::os::unix::fs::FileExt;

@@ -257,20 +257,18 @@ fn systemd_launcher_starts_units_watches_them_and_gets_their_exit_status() {
             .unwrap();
         assert_eq!(pid, unit_pid);
         let env = std::fs::read_to_string(d.run_dir.join("vms/web.env")).unwrap();
-        // Not jailed: the hardened vireo@ unit confines it instead (it takes away the
-        // capabilities and namespaces `vireo --jail` needs); its own run directory.
+        // Jailed as under the direct launcher (the unit grants the jail's set-up
+        // capabilities): its own uid, root and run directory.
         assert!(
-            env.starts_with("VIREO_ARGS=--config ")
-                && !env.contains("--jail")
+            env.starts_with("VIREO_ARGS=--jail uid=98")
+                && env.contains(" --config ")
                 && env.contains("/vms/web/api.sock"),
             "{env}"
         );
-        assert!(
-            d.log()
-                .contains("VMMs run in the hardened vireo@ units, not in vireo's jail"),
-            "{}",
-            d.log()
-        );
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(uid_line.contains("\t98"), "{status}");
+        assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
         let c = calls();
         assert!(c.contains("start vireo@web.service"), "{c}");
         assert!(

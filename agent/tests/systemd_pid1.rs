@@ -359,9 +359,17 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
 
     let def = serde_json::json!({"config": common::counter_config(), "cpu_weight": 250});
     ok(&sock, "PUT", "/api/v1/vms/web", Some(&def.to_string()));
-    let st = ok(&sock, "PUT", "/api/v1/vms/web/start", None);
-    assert_eq!(st["state"], "Running", "{st}");
     let unit = "vireo@web.service";
+    let (code, body) = http(&sock, "PUT", "/api/v1/vms/web/start", None);
+    assert_eq!(
+        code,
+        200,
+        "{body}\njournal:\n{}\nvireo.log:\n{}",
+        sd.journal(unit),
+        std::fs::read_to_string(state.join("vms/web/vireo.log")).unwrap_or_default()
+    );
+    let st: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(st["state"], "Running", "{st}");
     // The unit's main process is the VMM vireod reports, in vireo.slice, at the VM's
     // CPU weight (set once it ran).
     assert_eq!(sd.property(unit, "ActiveState"), "active");
@@ -376,6 +384,47 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
     let vm_sock = run.join("vms/web/api.sock");
     let counter = |s: &Path| ok(s, "GET", "/api/v1/vm.info", None);
     assert_eq!(counter(&vm_sock)["state"], "Running");
+    // The unit's VMM jailed itself (issue 12; before, under systemd it ran as root in
+    // the unit's sandbox, which left it every root-owned file it could see: vireod's
+    // inventory, the other VMs' disks, the host key): its own uid, no capability,
+    // no_new_privs, seccomp, and a root that holds only its own files.
+    let vmm = host_pid_of_vmm(&vm_sock);
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let uid: u32 = field("Uid:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((980000..=980999).contains(&uid), "{status}");
+    for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(cap), "0000000000000000", "{cap}\n{status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+    let root = PathBuf::from(format!("/proc/{vmm}/root"));
+    assert!(!root
+        .join(state.strip_prefix("/").unwrap())
+        .join("inventory.db")
+        .exists());
+    assert!(root
+        .join(run.strip_prefix("/").unwrap())
+        .join("vms/web/api.sock")
+        .exists());
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!top.iter().any(|n| n == "etc" || n == "usr"), "{top:?}");
 
     // Frozen, the VMM stops sending WATCHDOG=1: systemd kills it (SIGABRT) after
     // WatchdogSec; vireod records the crash and restarts it (policy OnFailure) as a

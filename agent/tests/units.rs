@@ -9,7 +9,11 @@ use std::path::Path;
 use std::process::Command;
 
 /// The recorded exposure levels (systemd 252's scale, 0.0 best .. 10.0 worst).
-const RECORDED: &[(&str, f64)] = &[("vireod.service", 2.7), ("vireo@.service", 2.0)];
+/// vireo@ went from 2.0 to 2.8 when the VMM started jailing itself inside the unit:
+/// the score counts the jail's set-up capabilities (CAP_SYS_ADMIN, CAP_SETUID, ...,
+/// which the VMM drops before it opens anything of the VM) but not the jail (own uid,
+/// own root); it gained no IP sockets (migrations go through vireod's gateway).
+const RECORDED: &[(&str, f64)] = &[("vireod.service", 2.7), ("vireo@.service", 2.8)];
 
 /// The shipped units with the binaries' paths pointing at this build (verify checks
 /// that ExecStart= names an executable), in `dir`.

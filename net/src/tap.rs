@@ -175,10 +175,12 @@ impl Tap {
     }
 
     /// SIOCGIFFLAGS / SIOCSIFFLAGS with IFF_UP on a socket of the current network
-    /// namespace (the tap's: it was created here).
+    /// namespace (the tap's: it was created here). A unix socket: the kernel hands
+    /// interface ioctls of any family to the device layer, and a VMM in a vireo@ unit
+    /// may not open IP sockets (RestrictAddressFamilies=AF_UNIX AF_NETLINK).
     fn set_link_up(&self) -> io::Result<()> {
         // SAFETY: a plain socket(2) call; the fd is owned right away.
-        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }

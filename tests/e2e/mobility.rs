@@ -1259,7 +1259,11 @@ fn shared_nothing_migration_copies_a_vhdx_disk_and_the_running_workload() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ops = 3000;
+    // Long enough that the guest cannot finish (and power off, ending the source with
+    // status 0 before the switch-over) while the disk is copied on a loaded machine:
+    // with 3000 it did once in CI's neighbourhood, the destination then saw the
+    // source's end mid-copy.
+    let ops = 8000;
     let (src, src_sock) = source(dir.path(), &disk, ops);
     src.wait_serial("work iter=400 ", T);
     let dst = Destination::start(dir.path());

@@ -189,10 +189,9 @@ fn jail_uids(cli: &Cli, systemd_units: bool) -> Option<agent::jailing::JailIds> 
         return None;
     }
     if systemd_units {
-        // vireo@.service takes away what `vireo --jail` needs (CAP_SYS_ADMIN, CAP_SETUID,
-        // namespaces); the unit's own sandbox confines the VMM instead (docs/security.md).
-        warn!("systemd launcher: VMMs run in the hardened vireo@ units, not in vireo's jail");
-        return None;
+        // vireo@.service grants `vireo --jail` its set-up capabilities (which the jail
+        // drops before the VMM opens anything); no PID namespace of its own there.
+        info!("systemd launcher: each vireo@ unit's VMM jails itself (its own uid and root)");
     }
     if !agent::jailing::running_as_root() {
         info!("not running as root: VMMs run as vireod's user, unjailed");

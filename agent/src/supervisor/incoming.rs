@@ -134,6 +134,11 @@ impl Supervisor {
                 )))
             }
             Some(peer) => Some(self.receive_tls(peer)?),
+            None if url.starts_with("tcp:") && !(req.insecure && req.secret.is_some()) => {
+                return Err(AgentError::BadMigration(format!(
+                    "receiver_url {url:?}: a TCP migration without mutual TLS needs insecure: true and a secret"
+                )))
+            }
             None => None,
         };
         let peer = match &from_peer {
@@ -262,24 +267,28 @@ impl Supervisor {
             }
         }
         spec.jail = self.jail_spec(name, binds, read_only)?;
-        let (vmm_url, gateway) = match tls {
-            Some(server) => {
+        let (vmm_url, gateway) = match url.strip_prefix("tcp:") {
+            Some(addr) => {
                 let listener = match bound {
                     Some(l) => l,
-                    None => {
-                        let addr = url.strip_prefix("tcp:").unwrap_or(url);
-                        std::net::TcpListener::bind(addr).map_err(|e| {
-                            AgentError::io("cannot listen for the migration on", addr, e)
-                        })?
-                    }
+                    None => std::net::TcpListener::bind(addr).map_err(|e| {
+                        AgentError::io("cannot listen for the migration on", addr, e)
+                    })?,
                 };
                 let inside = self.migrate_socket_path(name);
-                let gateway = crate::tls_gateway::inbound(listener, server, inside.clone())?;
-                info!(
-                    vm = name,
-                    url,
-                    "vireod receives with TLS (this host's identity; only the source host's certificate gets in) for the VMM"
-                );
+                if tls.is_some() {
+                    info!(
+                        vm = name,
+                        url,
+                        "vireod receives with TLS (this host's identity; only the source host's certificate gets in) for the VMM"
+                    );
+                } else {
+                    info!(
+                        vm = name,
+                        url, "vireod receives in clear (insecure) for the VMM"
+                    );
+                }
+                let gateway = crate::tls_gateway::inbound(listener, tls, inside.clone())?;
                 (format!("unix:{}", inside.display()), Some(gateway))
             }
             None => (url.to_string(), None),
@@ -308,8 +317,7 @@ impl Supervisor {
             "storage_dir": req.storage_dir,
             "config": cfg,
             "secret": req.secret,
-            // A peer host's migration is TLS (vireod's), whatever the request says.
-            "insecure": req.insecure && gateway.is_none(),
+            // The VMM listens on a unix socket only: TCP (and TLS) is vireod's gateway.
             "timeout_s": self.cfg.incoming_timeout.as_secs().max(1),
         });
         let deadline = Instant::now() + self.cfg.start_timeout;

@@ -395,23 +395,36 @@ impl Supervisor {
         let jail_uid = self.jail_uid(name);
         let mut _relay = None;
         let mut gateway = None;
-        let url = match (self.send_tls(peer), jail_uid, url.strip_prefix("unix:")) {
-            (Some(tls), _, _) => {
+        let tls = self.send_tls(peer).transpose();
+        let url = match (tls, jail_uid, url.strip_prefix("unix:")) {
+            (Err(e), _, _) => return Sent::Failed(e),
+            (Ok(tls), _, None) => {
+                // TCP: through vireod's gateway, with TLS to a peer host, in clear only
+                // when the request said insecure (and the streams prove the secret).
+                if tls.is_none() && !(trust.1 && trust.0.is_some()) {
+                    return Sent::Failed(format!(
+                        "{url}: a TCP migration without mutual TLS needs insecure: true and a secret"
+                    ));
+                }
                 let listen = self.relay_socket_path(name);
-                match tls.and_then(|(client, server_name)| {
-                    let to = url
-                        .strip_prefix("tcp:")
-                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                        .ok_or_else(|| format!("the peer's receiver {url:?} is no tcp:IP:PORT"))?;
-                    crate::tls_gateway::outbound(&listen, jail_uid, to, client, server_name)
-                        .map_err(|e| error_chain(&e))
-                }) {
+                let addr = url.strip_prefix("tcp:").unwrap_or(url);
+                let to = match tokio::net::lookup_host(addr).await.map(|mut a| a.next()) {
+                    Ok(Some(to)) => to,
+                    Ok(None) => return Sent::Failed(format!("{url}: no address")),
+                    Err(e) => return Sent::Failed(format!("{url}: {e}")),
+                };
+                match crate::tls_gateway::outbound(&listen, jail_uid, to, tls) {
                     Ok(g) => gateway = Some(g),
-                    Err(e) => return Sent::Failed(e),
+                    Err(e) => return Sent::Failed(error_chain(&e)),
                 }
                 format!("unix:{}", listen.display())
             }
-            (None, Some(uid), Some(to)) => {
+            (Ok(Some(_)), _, Some(_)) => {
+                return Sent::Failed(format!(
+                    "the peer host's receiver {url:?} is not a tcp:HOST:PORT"
+                ))
+            }
+            (Ok(None), Some(uid), Some(to)) => {
                 let listen = self.relay_socket_path(name);
                 match crate::jailing::relay(&listen, to.into(), uid) {
                     Ok(r) => _relay = Some(r),

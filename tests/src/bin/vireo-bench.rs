@@ -798,8 +798,8 @@ fn vireod_migrate_once(
 /// hosts) vs two vireods of this host (unix socket) whose VMMs speak `insecure` TCP.
 fn vireod_transport_table(rounds: usize) {
     use vireo_e2e::vireod_host::Pki;
-    println!("### Live migration between two vireods: HTTPS + TLS between the VMMs vs insecure TCP, 1 GiB guest, 1 vCPU\n");
-    println!("Two vireods on this host. `https`: host-a → host-b over the HTTPS peer listener (host certificates from `vireoctl pki`), the VMMs' stream mutual TLS on a port of the receiver. `insecure`: a same-host pair (`--peer-socket`), `receiver_url` tcp:127.0.0.1, `insecure: true` (a peer over HTTPS cannot ask for it). Total and downtime from the source vireod's migration record, min / median / max of {rounds} rounds; counters as medians.\n");
+    println!("### Live migration between two vireods: HTTPS + mutual TLS vs insecure TCP, 1 GiB guest, 1 vCPU\n");
+    println!("Two vireods on this host. `https`: host-a → host-b over the HTTPS peer listener (host certificates from `vireoctl pki`), the migration stream mutual TLS spoken by the vireods' gateways (the VMMs send and receive on unix sockets in their run directories). `insecure`: a same-host pair (`--peer-socket`), `receiver_url` tcp:127.0.0.1, in clear through the same gateways (a peer over HTTPS cannot ask for it). Total and downtime from the source vireod's migration record, min / median / max of {rounds} rounds; counters as medians.\n");
     println!("| guest | between the vireods | VMM stream | total ms (min / median / max) | downtime ms (min / median / max) | rounds | pages sent | MiB sent |");
     println!("|---|---|---|---|---|---|---|---|");
     let pki = Pki::new();
