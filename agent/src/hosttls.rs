@@ -151,6 +151,27 @@ impl HostIdentity {
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         client_config_of(&self.current(), &self.files)
     }
+
+    /// Whether a peer's certificate `chain` (leaf first), admitted earlier, is still
+    /// trusted by the CA and CRL loaded now (after a reload): chains to the CA, valid
+    /// now, not revoked. Err says why not.
+    pub fn still_trusts(&self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+        let l = self.current();
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "no certificate".to_string())?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            l.roots.clone(),
+            provider(),
+        )
+        .with_crls(l.crls.iter().cloned())
+        .build()
+        .map_err(|e| e.to_string())?;
+        verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn mismatch(files: &IdentityFiles, e: rustls::Error) -> TlsError {

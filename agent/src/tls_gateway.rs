@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use migration::tls::{ClientTls, ServerTls, ACCEPTED};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tracing::{debug, info, warn};
@@ -54,6 +54,15 @@ pub struct GatewayStats {
     refused: AtomicU32,
     last_refusal: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
+    /// The TLS streams being carried: the peer's certificate chain and the task.
+    carried: Mutex<Vec<Carried>>,
+}
+
+/// One TLS stream the gateway carries.
+#[derive(Debug)]
+struct Carried {
+    peer: Vec<CertificateDer<'static>>,
+    task: tokio::task::AbortHandle,
 }
 
 impl GatewayStats {
@@ -79,6 +88,37 @@ impl GatewayStats {
 
     fn fail(&self, why: String) {
         *vireo_util::sync::lock(&self.last_error) = Some(why);
+    }
+
+    fn carry(&self, peer: Vec<CertificateDer<'static>>, task: tokio::task::AbortHandle) {
+        let mut carried = vireo_util::sync::lock(&self.carried);
+        carried.retain(|c| !c.task.is_finished());
+        carried.push(Carried { peer, task });
+    }
+
+    /// Cuts every stream whose peer certificate `trusted` no longer accepts (vireod
+    /// calls this after a SIGHUP reloaded the CA and CRL): a peer revoked while its
+    /// migration runs loses it there and then, and the migration fails (the source
+    /// keeps its VM). Returns how many streams were cut.
+    pub fn cut_untrusted(
+        &self,
+        trusted: impl Fn(&[CertificateDer<'static>]) -> Result<(), String>,
+    ) -> usize {
+        let mut carried = vireo_util::sync::lock(&self.carried);
+        carried.retain(|c| !c.task.is_finished());
+        let mut cut = 0;
+        carried.retain(|c| match trusted(&c.peer) {
+            Ok(()) => true,
+            Err(why) => {
+                c.task.abort();
+                cut += 1;
+                let why = format!("the migration peer's certificate is no longer trusted: {why}");
+                warn!(reason = %why, "migration gateway cut a stream");
+                *vireo_util::sync::lock(&self.last_error) = Some(why);
+                false
+            }
+        });
+        cut
     }
 
     /// `info` (the VMM's migration progress) with the gateway's refusals added: the
@@ -156,7 +196,7 @@ pub fn outbound(
                     match TcpStream::connect(peer).await {
                         Ok(tcp) => {
                             let _ = tcp.set_nodelay(true);
-                            join(vmm, tcp, &peer.to_string()).await
+                            join(vmm, tcp, peer.to_string()).await
                         }
                         Err(e) => {
                             let why = format!("tcp:{peer}: {e}");
@@ -182,7 +222,11 @@ pub fn outbound(
                     Ok(tls)
                 };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls).await {
-                    Ok(Ok(tls)) => join(vmm, tls, &peer.to_string()).await,
+                    Ok(Ok(tls)) => {
+                        let chain = peer_chain(tls.get_ref().1.peer_certificates());
+                        let joined = tokio::spawn(join(vmm, tls, peer.to_string()));
+                        stats.carry(chain, joined.abort_handle());
+                    }
                     Ok(Err(e)) => {
                         let why = format!(
                             "tcp:{peer}: TLS handshake failed: {}",
@@ -239,7 +283,7 @@ pub fn inbound(
                 let _ = tcp.set_nodelay(true);
                 let Some(acceptor) = acceptor else {
                     match UnixStream::connect(&vmm).await {
-                        Ok(inside) => join(inside, tcp, &from.to_string()).await,
+                        Ok(inside) => join(inside, tcp, from.to_string()).await,
                         Err(e) => {
                             warn!(vmm = %vmm.display(), error = %e, "migration gateway cannot reach the receiving VMM")
                         }
@@ -271,7 +315,11 @@ pub fn inbound(
                     }
                 };
                 match UnixStream::connect(&vmm).await {
-                    Ok(inside) => join(inside, tls, &from.to_string()).await,
+                    Ok(inside) => {
+                        let chain = peer_chain(tls.get_ref().1.peer_certificates());
+                        let joined = tokio::spawn(join(inside, tls, from.to_string()));
+                        stats.carry(chain, joined.abort_handle());
+                    }
                     Err(e) => {
                         warn!(vmm = %vmm.display(), error = %e, "migration gateway cannot reach the receiving VMM")
                     }
@@ -287,11 +335,20 @@ pub fn inbound(
 }
 
 /// Copies both ways until both ends are done.
-async fn join<T>(mut vmm: UnixStream, mut tls: T, peer: &str)
+async fn join<T>(mut vmm: UnixStream, mut tls: T, peer: String)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let r = tokio::io::copy_bidirectional_with_sizes(&mut vmm, &mut tls, JOIN_BUFFER, JOIN_BUFFER)
         .await;
     debug!(peer, result = ?r, "migration gateway stream ended");
+}
+
+/// The peer's certificate chain as the handshake saw it.
+fn peer_chain(certs: Option<&[CertificateDer<'_>]>) -> Vec<CertificateDer<'static>> {
+    certs
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect()
 }

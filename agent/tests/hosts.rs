@@ -1015,6 +1015,98 @@ fn a_migration_from_a_host_revoked_since_the_reload_is_refused_in_the_streams_ha
     src.wait_serial("r", &format!("tick {} ", last + 3), T);
 }
 
+/// A host revoked while its migration runs loses it at the destination's next reload
+/// (issue 11: revocation mid-migration; before, a CRL reloaded by SIGHUP reached only
+/// new handshakes, so streams admitted earlier carried the VM on). The destination
+/// vireod's gateway checks every stream it carries against the CA and CRL it now
+/// holds and cuts host-a's: the migration fails, the VM keeps running on its source
+/// (same process, still dirtying its pages), and the destination holds nothing.
+#[test]
+fn a_host_revoked_mid_migration_loses_its_streams_at_the_reload_and_the_vm_stays() {
+    let pki = Pki::new();
+    let a = pki.host("host-a", &[]);
+    let b = pki.host("host-b", &[]);
+    let z = pki.host("host-z", &[]);
+    let ca = pki.ca_dir();
+    let revoke = |id: &IdentityFiles| {
+        pki.pki(&[
+            "revoke",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--cert",
+            id.cert.to_str().unwrap(),
+        ])
+    };
+    revoke(&z);
+    let crl = pki.dir.path().join("b-crl.pem");
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    let (dst, addr) = host_daemon_with(&b, &["host-a"], &["--tls-crl", crl.to_str().unwrap()]);
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    // 1024 pages rewritten 4000 times a second, sent at 1 MiB/s: the first copy round
+    // alone takes ~4 s, and the migration never converges.
+    let def = json!({
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=dirty pages=1024 rate=4000"},
+            "memory": {"size": 64u64 << 20},
+        },
+        "priority": "Medium",
+    });
+    src.ok("PUT", "/api/v1/vms/d", Some(&def.to_string()));
+    src.ok("PUT", "/api/v1/vms/d/start", None);
+    src.wait_serial("d", "dirty pass=", T);
+    let pid = src.pid("d").unwrap();
+    let rec = src.migrate(
+        "d",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-b",
+                "bandwidth_mib_s": 1}),
+    );
+    let id = rec["id"].as_str().unwrap();
+    // The stream is being carried: the destination's receiver has bytes.
+    let start = std::time::Instant::now();
+    loop {
+        let carried = dst
+            .migrations()
+            .into_iter()
+            .any(|r| r["vm"] == "d" && r["progress"]["bytes_sent"].as_u64().unwrap_or(0) > 0);
+        if carried {
+            break;
+        }
+        assert!(start.elapsed() < T, "no bytes arrived:\n{}", dst.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    revoke(&a);
+    std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
+    sighup(&dst, 1);
+    let done = src.wait_migration(id, T);
+    assert_eq!(
+        done["state"],
+        "failed",
+        "{done}\nsrc:\n{}\ndst:\n{}",
+        src.log(),
+        dst.log()
+    );
+    let log = dst.log();
+    assert!(
+        log.contains("cut the migration streams of peers no longer trusted"),
+        "{log}"
+    );
+    assert!(
+        log.contains("CertificateRevoked") || log.contains("Revoked"),
+        "{log}"
+    );
+    let start = std::time::Instant::now();
+    while !dst.absent("d") {
+        assert!(start.elapsed() < T, "the VM stayed:\n{}", dst.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The VM stays on its source, the same process, running.
+    assert_eq!(src.wait_state("d", "Running", T)["state"], "Running");
+    assert_eq!(src.pid("d"), Some(pid));
+}
+
 /// Two consecutive ports that can be bound on 127.0.0.1 now, below the usual
 /// ephemeral range (so that other tests' port-0 binds do not take them meanwhile).
 fn two_free_ports() -> u16 {

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{alive, wait_dead, Daemon, T};
+use common::{alive, bin, wait_dead, Daemon, T};
 use serde_json::Value;
 
 fn kill9(pid: i32) {
@@ -287,6 +287,65 @@ fn keep_vms_on_exit_leaves_them_running_for_the_next_vireod() {
         common::processes_mentioning(&d.run_dir.join("vms/keep/api.sock").to_string_lossy()).len(),
         1
     );
+}
+
+/// A VMM started by a vireod of the first release (its socket `<run>/vms/NAME.sock`,
+/// no run directory of its own) is re-adopted by this vireod after an upgrade, and
+/// reached through `vms/NAME/api.sock` (before, this vireod looked only for the new
+/// socket, declared the VM crashed and left its VMM running unsupervised).
+#[test]
+fn a_vmm_of_the_old_run_directory_layout_is_re_adopted_after_an_upgrade() {
+    let mut d = Daemon::start(&["--no-autostart"]);
+    d.define_counter("old", "High", "on-failure");
+    d.ok("PUT", "/api/v1/vms/old/start", None);
+    let config = std::fs::read(d.run_dir.join("vms/old.json")).unwrap();
+    d.ok("PUT", "/api/v1/vms/old/stop", None);
+    assert_eq!(d.terminate(T), Some(0));
+    // The VMM as the old vireod started it.
+    let cfg = d.dir.path().join("old-config.json");
+    std::fs::write(&cfg, config).unwrap();
+    let legacy = d.run_dir.join("vms/old.sock");
+    let mut vmm = std::process::Command::new(bin("vireo"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--api-socket")
+        .arg(&legacy)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = vmm.id() as i32;
+    let start = Instant::now();
+    while !legacy.exists() {
+        assert!(start.elapsed() < T, "the old-layout VMM did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ticks = agent::procfs::stat(pid).unwrap().start_ticks;
+    std::fs::write(d.run_dir.join("vms/old.pid"), format!("{pid} {ticks}\n")).unwrap();
+    d.spawn();
+    let v = d.wait_state("old", "Running", T);
+    assert_eq!(v["pid"], pid, "{v}\n{}", d.log());
+    assert_eq!(v["adopted"], true, "{v}");
+    // Reached through the new path: pause and resume go to that VMM.
+    assert!(d.run_dir.join("vms/old/api.sock").exists());
+    assert_eq!(
+        d.ok("PUT", "/api/v1/vms/old/pause", None)["state"],
+        "Paused"
+    );
+    assert_eq!(
+        d.ok("PUT", "/api/v1/vms/old/resume", None)["state"],
+        "Running"
+    );
+    d.wait_serial("old", "tick 3 ", T);
+    // A stop ends it, and its old socket goes with it.
+    assert_eq!(
+        d.ok("PUT", "/api/v1/vms/old/stop", None)["state"],
+        "Stopped"
+    );
+    let status = vmm.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!legacy.exists(), "the old socket stays");
 }
 
 #[test]

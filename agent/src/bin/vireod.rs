@@ -248,22 +248,27 @@ fn find_vireo() -> PathBuf {
 
 /// SIGHUP: the host identity's files again (a rotated certificate and key, a new CA
 /// bundle or CRL), for the peer listener and for calls to peers.
+/// Whether it was reloaded.
 fn reload_identity(
     identity: Option<&agent::hosttls::HostIdentity>,
     listener: Option<&agent::peer_server::Reloader>,
-) {
+) -> bool {
     let r = match (listener, identity) {
         (Some(l), _) => l.reload(),
         (None, Some(id)) => id.reload(),
         (None, None) => {
             info!("SIGHUP: no host identity to reload");
-            return;
+            return false;
         }
     };
     match r {
-        Ok(()) => info!("SIGHUP: host identity reloaded (certificate, key, CA, CRL)"),
+        Ok(()) => {
+            info!("SIGHUP: host identity reloaded (certificate, key, CA, CRL)");
+            true
+        }
         Err(e) => {
-            warn!(error = %error_chain(&e), "SIGHUP: host identity not reloaded; the one in use stays")
+            warn!(error = %error_chain(&e), "SIGHUP: host identity not reloaded; the one in use stays");
+            false
         }
     }
 }
@@ -415,9 +420,18 @@ async fn run(
     let reloader = peer_listener.as_ref().map(|l| l.reloader());
     let peers = peer_listener.map(|l| tokio::spawn(l.serve(sup.clone())));
     let identity = sup.cfg.identity.clone();
+    let hup_sup = sup.clone();
     tokio::spawn(async move {
         while hup_rx.recv().await.is_some() {
-            reload_identity(identity.as_ref(), reloader.as_ref());
+            if reload_identity(identity.as_ref(), reloader.as_ref()) {
+                let cut = hup_sup.cut_untrusted_migrations();
+                if cut > 0 {
+                    warn!(
+                        streams = cut,
+                        "SIGHUP: cut the migration streams of peers no longer trusted"
+                    );
+                }
+            }
         }
     });
     let serve = tokio::spawn(async move {

@@ -289,6 +289,7 @@ impl Supervisor {
                     );
                 }
                 let gateway = crate::tls_gateway::inbound(listener, tls, inside.clone())?;
+                self.watch_gateway(&gateway);
                 (format!("unix:{}", inside.display()), Some(gateway))
             }
             None => (url.to_string(), None),

@@ -132,6 +132,8 @@ pub struct Supervisor {
     roots: Arc<confine::Roots>,
     /// Per VM: the VMM process and the last of its `vm.events` seen.
     vmm_events_seen: Mutex<std::collections::HashMap<String, (i32, u64)>>,
+    /// The migration gateways running (`tls_gateway`), to cut a revoked peer's streams.
+    gateways: Mutex<Vec<std::sync::Weak<crate::tls_gateway::GatewayStats>>>,
 }
 
 /// How a start was asked for.
@@ -239,7 +241,33 @@ impl Supervisor {
             migrations,
             roots: Arc::new(roots),
             vmm_events_seen: Mutex::default(),
+            gateways: Mutex::default(),
         }))
+    }
+
+    /// Keeps track of a migration gateway for [`Supervisor::cut_untrusted_migrations`].
+    fn watch_gateway(&self, g: &crate::tls_gateway::Gateway) {
+        let mut gateways = lock(&self.gateways);
+        gateways.retain(|w| w.strong_count() > 0);
+        gateways.push(Arc::downgrade(&g.stats()));
+    }
+
+    /// After the host identity was reloaded (SIGHUP): cuts the streams of running
+    /// migrations whose peer certificate the CA and CRL now in use no longer trust (a
+    /// host revoked mid-migration). Those migrations fail; a source keeps its VM.
+    /// Returns how many streams were cut.
+    pub fn cut_untrusted_migrations(&self) -> usize {
+        let Some(id) = self.cfg.identity.as_ref() else {
+            return 0;
+        };
+        let gateways: Vec<_> = lock(&self.gateways)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        gateways
+            .iter()
+            .map(|g| g.cut_untrusted(|chain| id.still_trusts(chain)))
+            .sum()
     }
 
     // ---- paths ----
@@ -354,6 +382,8 @@ impl Supervisor {
             &s.env_file,
             &self.migrate_socket_path(name),
             &self.relay_socket_path(name),
+            // A VMM of the old layout's socket (see `legacy_spec`).
+            &self.cfg.run_dir.join("vms").join(format!("{name}.sock")),
         ] {
             let _ = std::fs::remove_file(p);
         }
@@ -1311,9 +1341,29 @@ impl Supervisor {
         }
     }
 
+    /// A VMM started by a vireod before VMs had run directories serves
+    /// `<run-dir>/vms/NAME.sock`: give it `vms/NAME/api.sock` as a link to that socket,
+    /// so that it is re-adopted and reached where every VMM is now (it keeps running as
+    /// it was started, unjailed, until its next start). Returns the launch to adopt it
+    /// with (the socket its command line names).
+    fn legacy_spec(&self, name: &str) -> Option<LaunchSpec> {
+        let legacy = self.cfg.run_dir.join("vms").join(format!("{name}.sock"));
+        let socket = self.socket_path(name);
+        if socket.exists() || !legacy.exists() {
+            return None;
+        }
+        mkdir(&self.vm_run_dir(name), 0o700).ok()?;
+        std::os::unix::fs::symlink(&legacy, &socket).ok()?;
+        info!(vm = %name, socket = %legacy.display(), "a VMM of the old layout: reached through {}", socket.display());
+        Some(LaunchSpec {
+            socket: legacy,
+            ..self.spec(name)
+        })
+    }
+
     /// Re-adopts one VM's VMM, or records that it ended while vireod was away.
     async fn recover_one(self: &Arc<Self>, name: &str) {
-        let spec = self.spec(name);
+        let spec = self.legacy_spec(name).unwrap_or_else(|| self.spec(name));
         match self.cfg.launcher.adopt(&spec) {
             Ok((handle, watch)) => {
                 self.private_socket(name, &spec.socket);

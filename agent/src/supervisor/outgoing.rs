@@ -414,7 +414,10 @@ impl Supervisor {
                     Err(e) => return Sent::Failed(format!("{url}: {e}")),
                 };
                 match crate::tls_gateway::outbound(&listen, jail_uid, to, tls) {
-                    Ok(g) => gateway = Some(g),
+                    Ok(g) => {
+                        self.watch_gateway(&g);
+                        gateway = Some(g)
+                    }
                     Err(e) => return Sent::Failed(error_chain(&e)),
                 }
                 format!("unix:{}", listen.display())
