@@ -5,7 +5,7 @@
 //! the supervisor and the REST API.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
@@ -19,6 +19,7 @@ use cluster::{ClusterStore, EtcdStore};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::cluster_lease::{self, MonotonicBase};
 use crate::model::VmDefinition;
 use crate::supervisor::Supervisor;
 
@@ -29,6 +30,7 @@ const TURN: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct ClusterNode {
     pub store: EtcdStore,
+    pub lease: Arc<LeaseRuntime>,
     pub node: String,
     pub sup: Arc<Supervisor>,
 }
@@ -55,9 +57,9 @@ fn yes() -> bool {
     true
 }
 
-/// Connects to etcd and registers nothing yet (the loop joins).
-pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
-    let eps: Vec<String> = endpoints
+/// `--cluster-etcd`'s endpoints as URLs.
+pub fn endpoints(arg: &str) -> Result<Vec<String>, String> {
+    let eps: Vec<String> = arg
         .split(',')
         .filter(|e| !e.is_empty())
         .map(|e| {
@@ -71,9 +73,78 @@ pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
     if eps.is_empty() {
         return Err("--cluster-etcd: no endpoint given".into());
     }
-    EtcdStore::connect(&eps)
+    Ok(eps)
+}
+
+/// Connects to etcd and registers nothing yet (the loop joins).
+pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
+    EtcdStore::connect(&self::endpoints(endpoints)?)
         .await
         .map_err(|e| format!("--cluster-etcd {endpoints}: {e}"))
+}
+
+/// What keeps the node's lease runs on a thread and runtime of its own, with its own
+/// etcd connection: the renewals and the VMMs' write leases. vireod's runtime can stall
+/// for longer than the fencing window (its workers waiting on the inventory's SQLite
+/// commits on a busy disk, seen as 1.5 s gaps in every task's log), and a renewal
+/// held up that long fences the node for nothing.
+pub struct LeaseRuntime {
+    pub handle: tokio::runtime::Handle,
+    pub store: EtcdStore,
+}
+
+/// The lease thread's real-time priority (SCHED_RR): above every normal process, as
+/// corosync runs its membership protocol. It needs a few milliseconds of CPU per
+/// renewal, and on a host whose CPUs are saturated a normal thread can wait longer
+/// than the whole fencing window for one (seen: 1.4 s with a 2-core machine's load at
+/// 7). Without the privilege (not root) it stays a normal thread, said in the log.
+const LEASE_THREAD_RR_PRIORITY: i32 = 10;
+
+fn realtime_priority() {
+    let param = libc::sched_param {
+        sched_priority: LEASE_THREAD_RR_PRIORITY,
+    };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param we own.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) };
+    if r != 0 {
+        warn!(
+            error = %std::io::Error::last_os_error(),
+            "the cluster lease thread runs without real-time priority: under CPU saturation its renewals can miss the fencing window"
+        );
+    }
+}
+
+impl LeaseRuntime {
+    pub async fn start(endpoints: &str) -> Result<Self, String> {
+        let eps = self::endpoints(endpoints)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("cluster-lease".into())
+            .spawn(move || {
+                realtime_priority();
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("cluster lease runtime: {e}")));
+                        return;
+                    }
+                };
+                let store = rt
+                    .block_on(EtcdStore::connect(&eps))
+                    .map_err(|e| format!("--cluster-etcd (lease connection): {e}"));
+                let _ = tx.send(store.map(|store| LeaseRuntime {
+                    handle: rt.handle().clone(),
+                    store,
+                }));
+                rt.block_on(std::future::pending::<()>());
+            })
+            .map_err(|e| format!("cluster lease thread: {e}"))?;
+        rx.await
+            .map_err(|_| "cluster lease thread ended".to_string())?
+    }
 }
 
 impl ClusterNode {
@@ -113,8 +184,9 @@ impl ClusterNode {
         }
     }
 
-    /// Starts `vm` here with `token` on every disk.
-    async fn start_owned(&self, vm: &str, token: i64) -> Result<(), String> {
+    /// Starts `vm` here with `token` on every disk and a write lease ending at
+    /// `deadline_ns` (`CLOCK_MONOTONIC`).
+    async fn start_owned(&self, vm: &str, token: i64, deadline_ns: u64) -> Result<(), String> {
         let kv = self
             .store
             .get(&keys::vm_key(vm))
@@ -129,6 +201,9 @@ impl ClusterNode {
         for d in &mut local.config.disks {
             d.fencing_token = Some(token);
         }
+        local.config.write_lease = Some(api::WriteLease {
+            deadline_monotonic_ns: deadline_ns,
+        });
         if self.sup.get(vm).is_ok() {
             // A definition from an earlier ownership: replace it (its token is old).
             let _ = self.sup.kill(vm).await;
@@ -144,12 +219,24 @@ impl ClusterNode {
     pub async fn run(self) {
         let timing = Timing::default();
         self.kill_leftovers().await;
-        let t0 = Instant::now();
-        let mut agent = NodeAgent::new(self.store.clone(), self.record(), timing);
+        let clock = MonotonicBase::now();
+        let t0 = clock.t0;
+        let mut agent = NodeAgent::new(self.store.clone(), self.record(), timing).renew_in_a_task(
+            t0,
+            self.lease.store.clone(),
+            self.lease.handle.clone(),
+        );
+        let leased = cluster_lease::spawn_pusher(
+            self.sup.clone(),
+            agent.deadlines(),
+            clock,
+            &self.lease.handle,
+        );
         let mut controller = Controller::new(timing);
         let mut turn: u64 = 0;
         loop {
-            let r = agent.step(t0.elapsed()).await;
+            let turn_start = t0.elapsed();
+            let r = agent.step(turn_start).await;
             for vm in &r.stop {
                 warn!(vm, "stopping a clustered VM this node no longer may run");
                 if let Err(e) = self.sup.kill(vm).await {
@@ -157,11 +244,25 @@ impl ClusterNode {
                 }
             }
             for (vm, token) in &r.start {
-                if let Err(e) = self.start_owned(vm, *token).await {
+                // The deadline as late as possible: now, just before the VMM starts.
+                let Some(deadline) = agent
+                    .fence_deadline()
+                    .filter(|_| !agent.fenced(t0.elapsed()))
+                else {
+                    agent.exited(vm);
+                    continue;
+                };
+                if let Err(e) = self.start_owned(vm, *token, clock.at(deadline)).await {
                     warn!(vm, error = %e, "cannot start a clustered VM");
                     agent.exited(vm);
                 }
             }
+            let running: Vec<String> = agent.running().keys().cloned().collect();
+            leased.send_if_modified(|l| {
+                let changed = *l != running;
+                *l = running;
+                changed
+            });
             // A VM that ended by itself is started again while this node owns it.
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
                 if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {
@@ -174,6 +275,13 @@ impl ClusterNode {
                 }
             }
             turn += 1;
+            let took = t0.elapsed().saturating_sub(turn_start);
+            if took > timing.renew_every {
+                warn!(
+                    took_ms = took.as_millis(),
+                    "a cluster turn took longer than a renewal period"
+                );
+            }
             tokio::time::sleep(TURN).await;
         }
     }

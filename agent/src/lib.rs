@@ -33,6 +33,7 @@ pub mod audit;
 pub mod authz;
 pub mod cgroup;
 pub mod client;
+pub mod cluster_lease;
 pub mod cluster_node;
 pub mod confinement;
 pub mod error;

@@ -300,6 +300,10 @@ pub struct VmConfig {
     /// without networking read as before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+    /// A clustered VM's write lease: its disks take writes only before this deadline
+    /// (see [`crate::WriteLease`]); none for a VM outside a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_lease: Option<crate::WriteLease>,
 }
 
 /// The cap of a serial or console output file when none is configured: a guest that
@@ -947,6 +951,9 @@ mod tests {
             console_max_size: Some(1 << 20),
             rng: true,
             nets: vec![parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()],
+            write_lease: Some(crate::WriteLease {
+                deadline_monotonic_ns: 1,
+            }),
         };
         let json = serde_json::to_value(&full).unwrap();
         let serde_keys = |v: &serde_json::Value| -> Vec<String> {

@@ -16,7 +16,7 @@ pub use types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DiskMigrationInfo,
     MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
     ReceiveMigrationTls, ReplicaCutInfo, ReplicaSegmentInfo, RestoreRequest, SendMigrationRequest,
-    SendMigrationTls, SnapshotRequest, VmAction, VmInfo,
+    SendMigrationTls, SnapshotRequest, VmAction, VmInfo, WriteLease,
 };
 
 /// The OpenAPI document of the per-VM API.

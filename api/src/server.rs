@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, MigrateDiskRequest, ReceiveMigrationRequest,
-    RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction,
+    RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction, WriteLease,
 };
 use crate::VmConfig;
 
@@ -196,6 +196,7 @@ fn router(state: AppState) -> Router {
             put(|s| action(s, VmAction::ReplicaCut)),
         )
         .route("/api/v1/vm.serial-input", put(serial_input))
+        .route("/api/v1/vm.lease", put(lease))
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(
             "/api/v1/vm.counters",
@@ -262,6 +263,13 @@ async fn receive_migration(State(state): State<AppState>, body: Bytes) -> Respon
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid receive-migration request: {e}"
         ))),
+    }
+}
+
+async fn lease(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<WriteLease>(&body) {
+        Ok(l) => action(State(state), VmAction::Lease(l)).await,
+        Err(e) => error_response(ApiError::bad_request(format!("invalid write lease: {e}"))),
     }
 }
 

@@ -122,6 +122,16 @@ pub struct ReceiveMigrationTls {
     pub crl: Option<std::path::PathBuf>,
 }
 
+/// A clustered VM's write lease (`vm.create`'s `write_lease`, `PUT vm.lease`): the
+/// VMM writes its disks only before this deadline, on the host's `CLOCK_MONOTONIC`
+/// (the clock its vireod counts its own self-fencing deadline on). It only moves
+/// forward, and once passed the VMM refuses every write and pauses the VM for good.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WriteLease {
+    pub deadline_monotonic_ns: u64,
+}
+
 /// `vm.receive-migration`'s body: where to listen for the source.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -270,6 +280,8 @@ pub enum VmAction {
     MigrationInfo,
     /// Seals every replicated disk's change log at one crash-consistent point.
     ReplicaCut,
+    /// Moves the write lease's deadline forward (refused once it passed).
+    Lease(WriteLease),
     /// Ends the VMM process (after shutting the VM down).
     VmmShutdown,
     /// Bytes for the guest to read from its serial port (COM1's receive FIFO, 64

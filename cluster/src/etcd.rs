@@ -1,16 +1,20 @@
 //! [`EtcdStore`]: the [`ClusterStore`] on a real etcd cluster (v3 API over gRPC,
-//! the `etcd-client` crate).
+//! the `etcd-client` crate), one connection per member (see [`crate::endpoints`]):
+//! requests go to one member at a time, and a member that is unreachable or has no
+//! leader is left for a healthy one.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TxnOp, WatchOptions,
+    GetOptions, PutOptions, TxnOp, WatchOptions,
 };
-use tokio::sync::{mpsc, Mutex};
-use tracing::{debug, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::endpoints::Endpoints;
 
 use crate::store::{
     ClusterStore, CmpOp, Compare, KeyValue, LeaseId, Op, Revision, StoreError, StoreResult, Txn,
@@ -21,11 +25,19 @@ use crate::store::{
 /// the lease renewal period, so a hung renewal is retried before the lease is at risk.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(400);
 
+/// How often each member's health is probed (its status: an answer, with a leader).
+const PROBE_PERIOD: Duration = Duration::from_millis(300);
+
 /// A connection to an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
-    keepers: Arc<Mutex<HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Each member's endpoint and its own client.
+    members: Vec<(String, Client)>,
+    endpoints: Endpoints,
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
@@ -93,35 +105,115 @@ fn txn_op(o: Op) -> TxnOp {
 }
 
 impl EtcdStore {
-    /// Connects to the cluster's endpoints (`http://host:port`, tried in turn).
+    /// Connects to the cluster's members (`http://host:port`): one client each,
+    /// connecting lazily, and a task probing their health while the store lives.
     pub async fn connect(endpoints: &[String]) -> StoreResult<Self> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Unavailable("no etcd endpoint given".into()));
+        }
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_millis(500));
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", endpoints.join(","))))?;
-        Ok(Self {
-            client,
-            keepers: Arc::default(),
-        })
+            .with_keep_alive(Duration::from_secs(1), Duration::from_millis(500))
+            // A member cut off from its quorum answers "no leader" at once instead of
+            // holding the request until it times out.
+            .with_require_leader(true);
+        let mut members = Vec::with_capacity(endpoints.len());
+        for ep in endpoints {
+            let client = Client::connect([ep], Some(opts.clone()))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("{ep}: {e}")))?;
+            members.push((ep.clone(), client));
+        }
+        let inner = Arc::new(Inner {
+            endpoints: Endpoints::new(members.len()),
+            members,
+        });
+        for i in 0..inner.members.len() {
+            tokio::spawn(probe(Arc::downgrade(&inner), i));
+        }
+        Ok(Self { inner })
+    }
+
+    /// The member in use and its client.
+    fn client(&self) -> (usize, Client) {
+        let i = self.inner.endpoints.current();
+        (i, self.inner.members[i].1.clone())
+    }
+
+    /// Member `i` did not answer (or has no leader): use another from now on.
+    fn failed(&self, i: usize, error: &StoreError) {
+        let before = self.inner.endpoints.current();
+        let now = self.inner.endpoints.failed(i);
+        if before == i && now != i {
+            info!(
+                from = %self.inner.members[i].0,
+                to = %self.inner.members[now].0,
+                %error,
+                "etcd member unreachable: switching to another"
+            );
+        }
+    }
+
+    /// One request to the member in use, bounded by [`REQUEST_TIMEOUT`].
+    async fn call<T, Fut>(&self, what: &str, request: impl FnOnce(Client) -> Fut) -> StoreResult<T>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let (i, client) = self.client();
+        let r = timed(what, request(client)).await;
+        if let Err(e @ StoreError::Unavailable(_)) = &r {
+            self.failed(i, e);
+        }
+        r
+    }
+}
+
+/// Probes member `i` every [`PROBE_PERIOD`] until the store is dropped.
+async fn probe(inner: Weak<Inner>, i: usize) {
+    loop {
+        tokio::time::sleep(PROBE_PERIOD).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut m = inner.members[i].1.maintenance_client();
+        let healthy = matches!(
+            tokio::time::timeout(REQUEST_TIMEOUT, m.status()).await,
+            Ok(Ok(status)) if status.leader() != 0
+        );
+        if inner.endpoints.is_healthy(i) != healthy {
+            debug!(member = %inner.members[i].0, healthy, "etcd member probed");
+        }
+        inner.endpoints.set_healthy(i, healthy);
+    }
+}
+
+/// etcd's "lease not found" (as its status, or as the client's own keepalive error)
+/// is [`StoreError::LeaseGone`].
+fn lease_gone(lease: LeaseId) -> impl Fn(StoreError) -> StoreError {
+    move |e| match e {
+        StoreError::Unavailable(m) | StoreError::Refused(m) if m.contains("lease not found") => {
+            StoreError::LeaseGone(lease)
+        }
+        e => e,
     }
 }
 
 impl ClusterStore for EtcdStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
-        let mut kv = self.client.kv_client();
-        let resp = timed("get", kv.get(key, None)).await?;
+        let resp = self
+            .call("get", |c| async move { c.kv_client().get(key, None).await })
+            .await?;
         resp.kvs().first().map(key_value).transpose()
     }
 
     async fn get_prefix(&self, prefix: &str) -> StoreResult<(Vec<KeyValue>, Revision)> {
-        let mut kv = self.client.kv_client();
-        let resp = timed(
-            "get prefix",
-            kv.get(prefix, Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let resp = self
+            .call("get prefix", |c| async move {
+                c.kv_client()
+                    .get(prefix, Some(GetOptions::new().with_prefix()))
+                    .await
+            })
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let kvs = resp
             .kvs()
@@ -132,22 +224,22 @@ impl ClusterStore for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> StoreResult<Revision> {
-        let mut kv = self.client.kv_client();
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        let resp = timed("put", kv.put(key, value, opts))
+        let resp = self
+            .call("put", |c| async move {
+                c.kv_client().put(key, value, opts).await
+            })
             .await
-            .map_err(|e| match e {
-                StoreError::Refused(m) if m.contains("lease not found") => {
-                    StoreError::LeaseGone(lease)
-                }
-                e => e,
-            })?;
+            .map_err(lease_gone(lease))?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
-        let mut kv = self.client.kv_client();
-        let resp = timed("delete", kv.delete(key, None)).await?;
+        let resp = self
+            .call("delete", |c| async move {
+                c.kv_client().delete(key, None).await
+            })
+            .await?;
         Ok(resp.deleted() > 0)
     }
 
@@ -165,11 +257,10 @@ impl ClusterStore for EtcdStore {
             .when(txn.when.into_iter().map(compare).collect::<Vec<_>>())
             .and_then(txn.then.into_iter().map(txn_op).collect::<Vec<_>>())
             .or_else(txn.otherwise.into_iter().map(txn_op).collect::<Vec<_>>());
-        let mut kv = self.client.kv_client();
-        let resp = timed("txn", kv.txn(t)).await.map_err(|e| match e {
-            StoreError::Refused(m) if m.contains("lease not found") => StoreError::LeaseGone(lease),
-            e => e,
-        })?;
+        let resp = self
+            .call("txn", |c| async move { c.kv_client().txn(t).await })
+            .await
+            .map_err(lease_gone(lease))?;
         Ok(TxnOutcome {
             succeeded: resp.succeeded(),
             revision: resp.header().map(|h| h.revision()).unwrap_or(0),
@@ -177,55 +268,55 @@ impl ClusterStore for EtcdStore {
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
-        let mut lease = self.client.lease_client();
         let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
-        let resp = timed("lease grant", lease.grant(secs, None)).await?;
+        let resp = self
+            .call("lease grant", |c| async move {
+                c.lease_client().grant(secs, None).await
+            })
+            .await?;
         Ok(resp.id())
     }
 
-    async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<Duration> {
-        let mut keepers = self.keepers.lock().await;
-        if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(id) {
-            let mut lease = self.client.lease_client();
-            let pair = timed("lease keepalive stream", lease.keep_alive(id)).await?;
-            slot.insert(pair);
+    /// Sent to every member at once, the first answer wins: a renewal is idempotent,
+    /// and during or just after an election one member can hold a request for the whole
+    /// request timeout while another answers at once — the node's fencing window
+    /// (1.5 s) has no room to try them one after the other.
+    async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<()> {
+        let mut tries = tokio::task::JoinSet::new();
+        for (i, (_, client)) in self.inner.members.iter().enumerate() {
+            let client = client.clone();
+            tries.spawn(async move {
+                // Opening the stream sends one renewal and reads its answer (the client
+                // checks its TTL: "lease not found" when it is 0).
+                let renewed = timed("lease keepalive", async move {
+                    client.lease_client().keep_alive(id).await
+                })
+                .await;
+                (i, renewed.map(drop).map_err(lease_gone(id)))
+            });
         }
-        let Some((keeper, stream)) = keepers.get_mut(&id) else {
-            return Err(StoreError::Unavailable(
-                "lease keepalive stream lost".into(),
-            ));
-        };
-        let renewed = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        let answer = timed("lease keepalive", renewed).await;
-        match answer {
-            Ok(Some(resp)) if resp.ttl() > 0 => {
-                Ok(Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0)))
-            }
-            Ok(Some(_)) => {
-                keepers.remove(&id);
-                Err(StoreError::LeaseGone(id))
-            }
-            Ok(None) => {
-                keepers.remove(&id);
-                Err(StoreError::Unavailable(
-                    "lease keepalive stream ended".into(),
-                ))
-            }
-            Err(e) => {
-                // A stream that missed an answer may deliver it late: start afresh.
-                keepers.remove(&id);
-                Err(e)
+        let mut error = None;
+        while let Some(joined) = tries.join_next().await {
+            let Ok((i, renewed)) = joined else { continue };
+            match renewed {
+                Ok(()) => return Ok(()),
+                Err(e @ StoreError::LeaseGone(_)) => return Err(e),
+                Err(e) => {
+                    self.failed(i, &e);
+                    error.get_or_insert(e);
+                }
             }
         }
+        Err(error.unwrap_or_else(|| StoreError::Unavailable("lease keepalive: no member".into())))
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> StoreResult<()> {
-        self.keepers.lock().await.remove(&id);
-        let mut lease = self.client.lease_client();
-        match timed("lease revoke", lease.revoke(id)).await {
+        match self
+            .call("lease revoke", |c| async move {
+                c.lease_client().revoke(id).await
+            })
+            .await
+        {
             Ok(_) => Ok(()),
             Err(StoreError::Refused(m)) if m.contains("lease not found") => Ok(()),
             Err(e) => Err(e),
@@ -237,8 +328,11 @@ impl ClusterStore for EtcdStore {
         if from != 0 {
             opts = opts.with_start_revision(from);
         }
-        let mut watch = self.client.watch_client();
-        let (watcher, mut stream) = timed("watch", watch.watch(prefix, Some(opts))).await?;
+        let (watcher, mut stream) = self
+            .call("watch", |c| async move {
+                c.watch_client().watch(prefix, Some(opts)).await
+            })
+            .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let prefix = prefix.to_string();
         tokio::spawn(async move {

@@ -1,5 +1,6 @@
 //! Vireo's failover cluster (see README.md and docs/cluster.md).
 
+pub mod endpoints;
 pub mod etcd;
 pub mod sim;
 pub mod store;

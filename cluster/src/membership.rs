@@ -8,9 +8,13 @@
 //! change that extends the lease (etcd issue 9888) cannot make it run longer.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use vireo_util::sync::lock;
+
+use tracing::{debug, info, warn};
 
 use crate::keys::{self, NodeRecord, OwnerRecord};
 use crate::store::{ClusterStore, LeaseId, Revision, StoreError, StoreResult};
@@ -96,22 +100,72 @@ pub struct NodeAgent<S> {
     record: NodeRecord,
     timing: Timing,
     lease: Option<LeaseId>,
-    clock: FenceClock,
+    /// Shared with the renewal task, when renewals run in one.
+    clock: Arc<Mutex<FenceClock>>,
+    /// The fencing deadline after every change (renewal, loss), for whoever must
+    /// follow it without waiting for a turn of the node's loop (the VMMs' write leases).
+    deadlines: Arc<DeadlineTx>,
     last_renew_try: Option<Duration>,
     running: BTreeMap<String, Revision>,
+    renewals: Renewals<S>,
 }
 
-impl<S: ClusterStore> NodeAgent<S> {
+/// Where the lease is renewed.
+enum Renewals<S> {
+    /// In [`NodeAgent::step`] (simulated time: the model test drives every clock).
+    InStep,
+    /// In a task of their own on real time since `t0` (vireod): the loop's other
+    /// store calls (the VMs this node owns, the failover controller, each up to the
+    /// store's request timeout) and its VM starts never delay a renewal.
+    Task {
+        t0: Instant,
+        /// The store connection and the runtime the renewals use.
+        store: S,
+        on: tokio::runtime::Handle,
+        current: Option<RenewalTask>,
+    },
+}
+
+/// A running renewal task of one lease; it ends when dropped or when the lease is
+/// gone.
+struct RenewalTask {
+    lease: LeaseId,
+    gone: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RenewalTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
     pub fn new(store: S, record: NodeRecord, timing: Timing) -> Self {
         NodeAgent {
             store,
             record,
-            clock: FenceClock::new(&timing),
+            clock: Arc::new(Mutex::new(FenceClock::new(&timing))),
+            deadlines: Arc::new(tokio::sync::watch::channel(None).0),
             timing,
             lease: None,
             last_renew_try: None,
             running: BTreeMap::new(),
+            renewals: Renewals::InStep,
         }
+    }
+
+    /// Renews the lease in a task of its own on `on` through `store` (a connection of
+    /// that runtime), counting time as `t0.elapsed()`: [`NodeAgent::step`] must then be
+    /// driven with the same clock.
+    pub fn renew_in_a_task(mut self, t0: Instant, store: S, on: tokio::runtime::Handle) -> Self {
+        self.renewals = Renewals::Task {
+            t0,
+            store,
+            on,
+            current: None,
+        };
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -128,7 +182,23 @@ impl<S: ClusterStore> NodeAgent<S> {
 
     /// Whether the node's own clock says it may no longer run clustered VMs.
     pub fn fenced(&self, now: Duration) -> bool {
-        self.clock.fenced(now)
+        lock(&self.clock).fenced(now)
+    }
+
+    /// When the node must have stopped its clustered VMs (None: no lease), on the
+    /// clock `step` is driven with: what the VMMs' write leases are set to.
+    pub fn fence_deadline(&self) -> Option<Duration> {
+        lock(&self.clock).deadline()
+    }
+
+    /// Follows [`NodeAgent::fence_deadline`] as renewals move it.
+    pub fn deadlines(&self) -> tokio::sync::watch::Receiver<Option<Duration>> {
+        self.deadlines.subscribe()
+    }
+
+    /// Moves the shared clock and tells the deadline's followers.
+    fn clock_changed(&self, change: impl FnOnce(&mut FenceClock)) {
+        clock_changed(&self.clock, &self.deadlines, change);
     }
 
     /// The VMs this agent believes run here, with their tokens.
@@ -147,7 +217,7 @@ impl<S: ClusterStore> NodeAgent<S> {
             )
             .await?;
         self.lease = Some(lease);
-        self.clock.renewed(now);
+        self.clock_changed(|c| c.renewed(now));
         self.last_renew_try = Some(now);
         info!(node = %self.record.name, lease = format_args!("{lease:#x}"), "joined the cluster");
         Ok(())
@@ -155,6 +225,33 @@ impl<S: ClusterStore> NodeAgent<S> {
 
     async fn renew(&mut self, now: Duration) {
         let Some(lease) = self.lease else { return };
+        if let Renewals::Task {
+            t0,
+            store,
+            on,
+            current,
+        } = &mut self.renewals
+        {
+            match current {
+                Some(task) if task.lease == lease => {
+                    if task.gone.load(Ordering::Acquire) {
+                        *current = None;
+                        self.lease_gone();
+                    }
+                }
+                _ => {
+                    *current = Some(spawn_renewals(
+                        (store.clone(), on),
+                        lease,
+                        *t0,
+                        &self.timing,
+                        (&self.clock, &self.deadlines),
+                        &self.record.name,
+                    ))
+                }
+            }
+            return;
+        }
         if self
             .last_renew_try
             .is_some_and(|t| now < t + self.timing.renew_every)
@@ -163,14 +260,22 @@ impl<S: ClusterStore> NodeAgent<S> {
         }
         self.last_renew_try = Some(now);
         match self.store.lease_keepalive(lease).await {
-            Ok(_) => self.clock.renewed(now),
-            Err(StoreError::LeaseGone(_)) => {
-                warn!(node = %self.record.name, "lease gone: fenced; joining again");
-                self.lease = None;
-                self.clock.lost();
+            Ok(_) => self.clock_changed(|c| c.renewed(now)),
+            Err(StoreError::LeaseGone(_)) => self.lease_gone(),
+            Err(e) => {
+                // Try again on the next turn, not a whole period later: after an etcd
+                // leader election the first renewal that gets through is what keeps
+                // this node from fencing itself for nothing.
+                self.last_renew_try = None;
+                warn!(node = %self.record.name, error = %e, "lease renewal failed");
             }
-            Err(e) => warn!(node = %self.record.name, error = %e, "lease renewal failed"),
         }
+    }
+
+    fn lease_gone(&mut self) {
+        warn!(node = %self.record.name, "lease gone: fenced; joining again");
+        self.lease = None;
+        self.clock_changed(FenceClock::lost);
     }
 
     /// The VMs the store says this incarnation owns, with their tokens.
@@ -196,7 +301,7 @@ impl<S: ClusterStore> NodeAgent<S> {
     /// join again), and reconcile the running VMs with the ownership keys.
     pub async fn step(&mut self, now: Duration) -> Reconcile {
         // Fencing first, before any store round trip can delay it.
-        if self.clock.fenced(now) && !self.running.is_empty() {
+        if self.fenced(now) && !self.running.is_empty() {
             warn!(node = %self.record.name, "self-fencing: stopping every clustered VM");
             return self.stop_all();
         }
@@ -208,7 +313,7 @@ impl<S: ClusterStore> NodeAgent<S> {
             self.renew(now).await;
         }
         let lease = match self.lease {
-            Some(l) if !self.clock.fenced(now) => l,
+            Some(l) if !self.fenced(now) => l,
             _ => return self.stop_all(),
         };
         let owned = match self.owned(lease).await {
@@ -258,9 +363,90 @@ impl<S: ClusterStore> NodeAgent<S> {
     pub async fn leave(&mut self) -> StoreResult<()> {
         self.running.clear();
         if let Some(lease) = self.lease.take() {
-            self.clock.lost();
+            if let Renewals::Task { current, .. } = &mut self.renewals {
+                *current = None;
+            }
+            self.clock_changed(FenceClock::lost);
             self.store.lease_revoke(lease).await?;
         }
         Ok(())
     }
 }
+
+/// Renews `lease` every [`Timing::renew_every`] (a failed renewal again after
+/// [`RETRY_AFTER`]), each success moving `clock` to when it was sent, until the lease
+/// is gone.
+fn spawn_renewals<S: ClusterStore + Clone + Send + Sync + 'static>(
+    (store, on): (S, &tokio::runtime::Handle),
+    lease: LeaseId,
+    t0: Instant,
+    timing: &Timing,
+    (clock, deadlines): (&Arc<Mutex<FenceClock>>, &Arc<DeadlineTx>),
+    node: &str,
+) -> RenewalTask {
+    let gone = Arc::new(AtomicBool::new(false));
+    let deadlines = deadlines.clone();
+    let (every, clock, node, flag) = (
+        timing.renew_every,
+        clock.clone(),
+        node.to_string(),
+        gone.clone(),
+    );
+    let handle = on.spawn(async move {
+        loop {
+            let sent = t0.elapsed();
+            let wait = match store.lease_keepalive(lease).await {
+                Ok(_) => {
+                    clock_changed(&clock, &deadlines, |c| c.renewed(sent));
+                    debug!(
+                        node,
+                        took_ms = (t0.elapsed() - sent).as_millis(),
+                        "lease renewed"
+                    );
+                    every
+                }
+                Err(StoreError::LeaseGone(_)) => {
+                    flag.store(true, Ordering::Release);
+                    return;
+                }
+                Err(e) => {
+                    warn!(node, error = %e, "lease renewal failed");
+                    RETRY_AFTER
+                }
+            };
+            // The next renewal `wait` after this one was *sent* (a slow answer does not
+            // push the next one later).
+            let next = sent + wait;
+            tokio::time::sleep(next.saturating_sub(t0.elapsed())).await;
+        }
+    });
+    RenewalTask {
+        lease,
+        gone,
+        handle,
+    }
+}
+
+type DeadlineTx = tokio::sync::watch::Sender<Option<Duration>>;
+
+fn clock_changed(
+    clock: &Mutex<FenceClock>,
+    deadlines: &DeadlineTx,
+    change: impl FnOnce(&mut FenceClock),
+) {
+    let deadline = {
+        let mut c = lock(clock);
+        change(&mut c);
+        c.deadline()
+    };
+    deadlines.send_if_modified(|d| {
+        let changed = *d != deadline;
+        *d = deadline;
+        changed
+    });
+}
+
+/// After a failed renewal, the next try comes this soon: after an etcd leader election
+/// the first renewal that gets through is what keeps the node from fencing itself for
+/// nothing.
+const RETRY_AFTER: Duration = Duration::from_millis(100);

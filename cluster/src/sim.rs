@@ -278,13 +278,13 @@ impl ClusterStore for SimStore {
         Ok(id)
     }
 
-    async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
+    async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<()> {
         let mut s = self.reach()?;
         let now = s.now;
         match s.leases.get_mut(&lease) {
             Some(l) if l.expires > now => {
                 l.expires = now + l.ttl;
-                Ok(l.ttl)
+                Ok(())
             }
             _ => Err(StoreError::LeaseGone(lease)),
         }

@@ -152,10 +152,9 @@ pub trait ClusterStore: Send + Sync {
     /// Grants a lease of `ttl` (etcd counts whole seconds; its minimum is 2 s).
     fn lease_grant(&self, ttl: Duration) -> impl Future<Output = StoreResult<LeaseId>> + Send;
 
-    /// Renews a lease once; returns the TTL the store granted. A lease that is gone
-    /// answers [`StoreError::LeaseGone`].
-    fn lease_keepalive(&self, lease: LeaseId)
-        -> impl Future<Output = StoreResult<Duration>> + Send;
+    /// Renews a lease once (for its full TTL). A lease that is gone answers
+    /// [`StoreError::LeaseGone`].
+    fn lease_keepalive(&self, lease: LeaseId) -> impl Future<Output = StoreResult<()>> + Send;
 
     /// Revokes a lease: every key attached to it is deleted.
     fn lease_revoke(&self, lease: LeaseId) -> impl Future<Output = StoreResult<()>> + Send;

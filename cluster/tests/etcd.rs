@@ -115,6 +115,23 @@ async fn contract<S: ClusterStore>(s: &S, expire: impl Fn()) {
         s.lease_keepalive(lease).await,
         Err(StoreError::LeaseGone(_))
     ));
+    // And on every later try: etcd's client opens a new keepalive stream for it, whose
+    // first answer already says so (a healed node must rejoin, not retry forever).
+    for _ in 0..2 {
+        let again = s.lease_keepalive(lease).await;
+        assert!(
+            matches!(again, Err(StoreError::LeaseGone(_))),
+            "an expired lease renewed again: {again:?}"
+        );
+    }
+    // A lease revoked before it was ever renewed here is gone too.
+    let revoked = s.lease_grant(Duration::from_secs(2)).await.unwrap();
+    s.lease_revoke(revoked).await.unwrap();
+    let after_revoke = s.lease_keepalive(revoked).await;
+    assert!(
+        matches!(after_revoke, Err(StoreError::LeaseGone(_))),
+        "a revoked lease renewed: {after_revoke:?}"
+    );
     assert!(matches!(
         s.put("t/late", b"z".to_vec(), lease).await,
         Err(StoreError::LeaseGone(_))

@@ -71,6 +71,78 @@ pub fn check_sector(seed: u64, lba: u64, sector: &[u8]) -> bool {
     expect[..] == sector[..]
 }
 
+/// The inverse of `z * m` for odd `m` (mod 2^64), by Newton's iteration.
+const fn mul_inverse(m: u64) -> u64 {
+    let mut inv = m;
+    let mut i = 0;
+    while i < 6 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(m.wrapping_mul(inv)));
+        i += 1;
+    }
+    inv
+}
+
+/// Undoes `y = x ^ (x >> k)`.
+fn unxorshift_right(y: u64, k: u32) -> u64 {
+    let mut x = y;
+    let mut i = 0;
+    while i < 64 / k + 1 {
+        x = y ^ (x >> k);
+        i += 1;
+    }
+    x
+}
+
+/// Undoes `y = x ^ (x << k)`.
+fn unxorshift_left(y: u64, k: u32) -> u64 {
+    let mut x = y;
+    let mut i = 0;
+    while i < 64 / k + 1 {
+        x = y ^ (x << k);
+        i += 1;
+    }
+    x
+}
+
+/// The seed whose pattern sector `lba` holds, if it holds one: the first word is
+/// inverted back to the seed (every step of [`sector_state`] and of xorshift64* is a
+/// bijection), and the whole sector is then checked against that seed's pattern. A
+/// zeroed, torn or foreign sector gives `None`.
+pub fn seed_of_sector(lba: u64, sector: &[u8]) -> Option<u64> {
+    if sector.len() != SECTOR_SIZE {
+        return None;
+    }
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&sector[..8]);
+    let out = u64::from_le_bytes(w);
+    // out = xorshift(s) * M  =>  s = unxorshift(out * M^-1).
+    let mut s = out.wrapping_mul(mul_inverse(0x2545_F491_4F6C_DD1D));
+    s = unxorshift_right(s, 27);
+    s = unxorshift_left(s, 25);
+    s = unxorshift_right(s, 12);
+    // s = mix(seed ^ lba * GOLDEN), mix = three xorshift-multiply steps.
+    let mut z = unxorshift_right(s, 31);
+    z = z.wrapping_mul(mul_inverse(0x94D0_49BB_1331_11EB));
+    z = unxorshift_right(z, 27);
+    z = z.wrapping_mul(mul_inverse(0xBF58_476D_1CE4_E5B9));
+    z = unxorshift_right(z, 30);
+    let seed = z ^ lba.wrapping_mul(GOLDEN);
+    check_sector(seed, lba, sector).then_some(seed)
+}
+
+/// The seed of a whole run of sectors starting at `first_lba`, if every sector holds
+/// the pattern of one and the same seed.
+pub fn seed_of(first_lba: u64, buf: &[u8]) -> Option<u64> {
+    if buf.is_empty() || !buf.len().is_multiple_of(SECTOR_SIZE) {
+        return None;
+    }
+    let seed = seed_of_sector(first_lba, &buf[..SECTOR_SIZE])?;
+    buf.chunks_exact(SECTOR_SIZE)
+        .enumerate()
+        .all(|(i, s)| check_sector(seed, first_lba + i as u64, s))
+        .then_some(seed)
+}
+
 const fn crc32_table() -> [u32; 256] {
     let mut table = [0u32; 256];
     let mut i = 0;
@@ -170,6 +242,20 @@ mod tests {
         }
         assert!(!check_sector(9, 99, &a[..SECTOR_SIZE]));
         assert!(!check_sector(8, 100, &a[..SECTOR_SIZE]));
+    }
+
+    #[test]
+    fn seeds_invert() {
+        let mut block = [0u8; 8 * SECTOR_SIZE];
+        for (seed, lba) in [(1u64, 8u64), (12_345, 0), (u64::MAX, 504), (7, 1 << 40)] {
+            fill(seed, lba, &mut block);
+            assert_eq!(seed_of(lba, &block), Some(seed), "seed {seed} lba {lba}");
+        }
+        fill(5, 16, &mut block);
+        assert_eq!(seed_of(24, &block), None, "wrong lba");
+        block[4000] ^= 1;
+        assert_eq!(seed_of(16, &block), None, "torn block");
+        assert_eq!(seed_of(0, &[0u8; 4096]), None, "zeroed block");
     }
 
     const FIRST_WORD_SEED0_LBA0: u64 = 0x0d83_b3e2_9a21_487a;

@@ -1,9 +1,13 @@
-//! A real etcd cluster for tests: `n` members of Debian's `etcd` on loopback ports, each
-//! with its own data directory in a temporary directory, killed on drop.
+//! A real etcd cluster for tests: `n` members of Debian's `etcd` on loopback ports (or
+//! each in its own network namespace, as on separate hosts), each with its own data
+//! directory in a temporary directory, killed on drop.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use crate::netns::NetNs;
 use std::time::{Duration, Instant};
 
 /// One member of a test cluster.
@@ -14,6 +18,8 @@ struct Member {
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The network namespace it runs in (its "host"), if not the test's.
+    netns: Option<Arc<NetNs>>,
 }
 
 /// A running etcd cluster.
@@ -27,6 +33,16 @@ pub struct EtcdCluster {
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("local addr").port()
+}
+
+/// Where members keep their data: tmpfs when the machine has one.
+fn data_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// Whether etcd is installed (scripts/setup installs it).
@@ -45,14 +61,29 @@ impl EtcdCluster {
     /// took one meanwhile ("address already in use"), the cluster starts again on new
     /// ports (at most three times).
     pub fn start_on(ip: &str, n: usize) -> Self {
+        Self::start_members((0..n).map(|_| (ip.to_string(), None)).collect())
+    }
+
+    /// One member per `(address, namespace)`: member i listens on ports 2379/2380 of
+    /// its address inside its namespace.
+    pub fn start_in_namespaces(hosts: &[(String, Arc<NetNs>)]) -> Self {
+        Self::start_members(
+            hosts
+                .iter()
+                .map(|(ip, ns)| (ip.clone(), Some(ns.clone())))
+                .collect(),
+        )
+    }
+
+    fn start_members(hosts: Vec<(String, Option<Arc<NetNs>>)>) -> Self {
         assert!(have_etcd(), "etcd is not installed: run scripts/setup");
         for _ in 0..2 {
-            let cluster = Self::launch(ip, n);
+            let cluster = Self::launch(hosts.clone());
             if cluster.wait_healthy_unless_a_port_was_taken() {
                 return cluster;
             }
         }
-        let cluster = Self::launch(ip, n);
+        let cluster = Self::launch(hosts);
         cluster.wait_healthy();
         cluster
     }
@@ -79,16 +110,34 @@ impl EtcdCluster {
         }
     }
 
-    fn launch(ip: &str, n: usize) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client_url: format!("http://{ip}:{}", free_port()),
-                peer_url: format!("http://{ip}:{}", free_port()),
-                data_dir: dir.path().join(format!("m{i}")),
-                log: dir.path().join(format!("m{i}.log")),
-                child: None,
+    fn launch(hosts: Vec<(String, Option<Arc<NetNs>>)>) -> Self {
+        let n = hosts.len();
+        // In memory: etcd fsyncs its log on every write, and on this shared machine's
+        // busy disk one fsync can stall the leader's raft loop for over a second (its
+        // log: "failed to send out heartbeat on time ... 1.3s"), which no lease
+        // renewal survives. Production etcd wants a fast dedicated disk for the same
+        // reason (docs/cluster.md).
+        let dir = tempfile::Builder::new()
+            .prefix("vireo-etcd")
+            .tempdir_in(data_root())
+            .expect("tempdir");
+        let members: Vec<Member> = hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ip, netns))| {
+                let (client, peer) = match netns {
+                    Some(_) => (2379, 2380),
+                    None => (free_port(), free_port()),
+                };
+                Member {
+                    name: format!("m{i}"),
+                    client_url: format!("http://{ip}:{client}"),
+                    peer_url: format!("http://{ip}:{peer}"),
+                    data_dir: dir.path().join(format!("m{i}")),
+                    log: dir.path().join(format!("m{i}.log")),
+                    child: None,
+                    netns,
+                }
             })
             .collect();
         let initial_cluster = members
@@ -115,7 +164,32 @@ impl EtcdCluster {
             .open(&m.log)
             .expect("etcd log");
         let token = format!("vireo-test-{}", std::process::id());
-        let child = Command::new("/usr/bin/etcd")
+        // At a real-time priority, as a host would reserve CPU for its etcd (etcd's
+        // tuning guide: raise its CPU priority under contention): on this shared
+        // 2-core machine a normal-priority leader can go 1.3 s without running, which
+        // no 2 s lease survives.
+        // (Root only: a normal user may not.)
+        let mut cmd = if crate::netns::is_root() {
+            let mut c = Command::new("/usr/bin/chrt");
+            c.args(["--rr", "5", "/usr/bin/etcd"]);
+            c
+        } else {
+            Command::new("/usr/bin/etcd")
+        };
+        if let Some(ns) = &m.netns {
+            ns.enter_on_exec(&mut cmd);
+        }
+        if m.netns.is_some() {
+            // Members on "separate hosts" elect a new leader within the nodes' fencing
+            // window (TTL 2 s − margin 0.5 s − one renewal period = 1 s at worst):
+            // heartbeat 50 ms, election timeout 300 ms (a follower campaigns after
+            // 300–600 ms). etcd's defaults (100/1000 ms) leave too little, and so did
+            // 500 ms: an election 1.25 s after the kill missed a renewal by 3 ms
+            // (docs/cluster.md). Safe from spurious elections only because the members
+            // run at real-time priority (above).
+            cmd.args(["--heartbeat-interval", "50", "--election-timeout", "300"]);
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -145,8 +219,18 @@ impl EtcdCluster {
     }
 
     fn etcdctl(&self, endpoints: &str, args: &[&str]) -> std::process::Output {
-        Command::new("/usr/bin/etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("/usr/bin/etcdctl");
+        // From a member's namespace (the others are reachable from there, as long as
+        // the namespaces are joined).
+        if let Some(ns) = self
+            .members
+            .iter()
+            .find(|m| m.client_url == endpoints.split(',').next().unwrap_or(""))
+            .and_then(|m| m.netns.as_ref())
+        {
+            ns.enter_on_exec(&mut cmd);
+        }
+        cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", endpoints, "--command-timeout=2s"])
             .args(args)
             .output()

@@ -15,6 +15,7 @@ pub mod netframe;
 pub mod netns;
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
+pub mod seqdisk;
 pub mod tls_certs;
 pub mod vireod_host;
 

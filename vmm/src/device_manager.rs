@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use vireo_util::sync;
 
 use api::config::DiskFormat;
-use devices::block::{BlockBackend, OpenError, RawFile, VhdxDisk};
+use devices::block::{BlockBackend, Leased, OpenError, RawFile, VhdxDisk, WriteLease};
 use devices::legacy::{
     AcpiGed, AcpiGedMmio, AcpiPmDevice, DebugExit, Ioapic, IoapicLine, IoapicMmio, PowerControl,
     SerialDevice, SerialOutput, ACPI_PM_PORT, ACPI_PM_PORT_LEN, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
@@ -80,6 +80,9 @@ pub struct DeviceManager {
     pub functions: Vec<PciFunction>,
     /// The replicated disks (id, backend): what `vm.replica-cut` holds and seals.
     pub replicated: Vec<(String, Arc<dyn BlockBackend>)>,
+    /// A clustered VM's write lease: every disk's writes pass it (see
+    /// `devices::block::Leased`).
+    pub write_lease: Option<Arc<WriteLease>>,
     next_bar: u64,
 }
 
@@ -165,10 +168,29 @@ fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::Ra
     }
 }
 
-/// How a block device opens its image again (migration hand-over).
-pub fn reopen_for(disk: &DiskConfig) -> devices::virtio::block::Reopen {
+/// How a block device opens its image again (migration hand-over), under the VM's
+/// write lease if it has one.
+pub fn reopen_for(
+    disk: &DiskConfig,
+    lease: Option<Arc<WriteLease>>,
+) -> devices::virtio::block::Reopen {
     let disk = disk.clone();
-    Box::new(move || open_disk(&disk).map_err(std::io::Error::other))
+    Box::new(move || {
+        open_disk(&disk)
+            .map(|b| under_lease(b, lease.as_ref()))
+            .map_err(std::io::Error::other)
+    })
+}
+
+/// `disk` with its writes gated by the VM's write lease (a clustered VM), or as it is.
+pub fn under_lease(
+    disk: Arc<dyn BlockBackend>,
+    lease: Option<&Arc<WriteLease>>,
+) -> Arc<dyn BlockBackend> {
+    match lease {
+        Some(l) => Arc::new(Leased::new(disk, l.clone())),
+        None => disk,
+    }
 }
 
 /// How a network device opens its tap again (a migration that did not complete).
@@ -291,11 +313,14 @@ impl DeviceManager {
             ged,
             functions: Vec::new(),
             replicated: Vec::new(),
+            write_lease: config
+                .write_lease
+                .map(|l| Arc::new(WriteLease::new(l.deadline_monotonic_ns))),
             next_bar: layout::PCI_MMIO_START,
         };
         for (i, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-            let backend = open_disk(disk)?;
+            let backend = under_lease(open_disk(disk)?, dm.write_lease.as_ref());
             if backend.tracked().is_some() {
                 dm.replicated.push((id.clone(), backend.clone()));
             }
@@ -311,7 +336,7 @@ impl DeviceManager {
                     stop_sink: Some(stop_sink(i, power.clone())),
                 },
             )
-            .with_reopen(reopen_for(disk));
+            .with_reopen(reopen_for(disk, dm.write_lease.clone()));
             dm.add_virtio(hv, mem, id, Box::new(block))?;
         }
         for (i, n) in config.nets.iter().enumerate() {

@@ -163,6 +163,7 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             .iter()
             .map(|n| config::parse_net(n))
             .collect::<Result<_, _>>()?,
+        write_lease: None,
     };
     cfg.validate()?;
     Ok(Some(cfg))

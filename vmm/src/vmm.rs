@@ -101,16 +101,57 @@ impl Vmm {
 
     /// The next event; with a watchdog, None when a ping is due first.
     fn next_event(&mut self) -> Result<Option<ControlEvent>, ()> {
-        match &self.watchdog {
+        let watchdog = self
+            .watchdog
+            .as_ref()
+            .map(|w| w.wait(std::time::Instant::now()));
+        let wait = match (watchdog, self.lease_wait()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match wait {
             None => self.events_rx.recv().map(Some).map_err(|_| ()),
-            Some(w) => match self
-                .events_rx
-                .recv_timeout(w.wait(std::time::Instant::now()))
-            {
+            Some(wait) => match self.events_rx.recv_timeout(wait) {
                 Ok(e) => Ok(Some(e)),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
             },
+        }
+    }
+
+    /// A running clustered VM's write lease: how long until its deadline (the loop
+    /// wakes then to pause the VM). None: no lease, or it has expired already.
+    fn lease_wait(&self) -> Option<std::time::Duration> {
+        let vm = self.vm.as_ref()?;
+        let lease = vm.devices().write_lease.as_ref()?;
+        if vm.state() != VmState::Running || lease.expired() {
+            return None;
+        }
+        let left = lease
+            .deadline_ns()
+            .saturating_sub(devices::block::monotonic_ns());
+        Some(std::time::Duration::from_nanos(left))
+    }
+
+    /// Past the write lease's deadline: pause the VM for good (its disks refuse
+    /// writes already; another host may own them now).
+    fn lease_tick(&mut self) {
+        let Some(vm) = &mut self.vm else { return };
+        let expired = vm
+            .devices()
+            .write_lease
+            .as_ref()
+            .is_some_and(|l| l.expired());
+        if !expired || vm.state() != VmState::Running {
+            return;
+        }
+        tracing::error!(
+            "write lease expired: this VMM's host may no longer run the VM; disks refuse writes, pausing the VM"
+        );
+        if let Err(e) =
+            vm.pause_for("the write lease expired: another host may own this VM's disks now".into())
+        {
+            tracing::error!(error = %e, "cannot pause the VM after its write lease expired");
         }
     }
 
@@ -206,9 +247,10 @@ impl Vmm {
     pub fn run(&mut self) -> VmmExit {
         loop {
             self.watchdog_tick();
+            self.lease_tick();
             let event = match self.next_event() {
                 Ok(Some(e)) => e,
-                Ok(None) => continue, // A watchdog ping is due.
+                Ok(None) => continue, // A watchdog ping or the lease's deadline is due.
                 Err(()) => return VmmExit::Crashed("control channel closed".into()),
             };
             let exit = match event {
@@ -295,9 +337,26 @@ impl Vmm {
             VmAction::Pause => self
                 .vm_mut()
                 .and_then(|vm| vm.pause().map(|_| None).map_err(api_error)),
-            VmAction::Resume => self
-                .vm_mut()
-                .and_then(|vm| vm.resume().map(|_| None).map_err(api_error)),
+            VmAction::Resume => self.vm_mut().and_then(|vm| {
+                if let Some(l) = vm.devices().write_lease.as_ref().filter(|l| l.expired()) {
+                    return Err(ApiError::conflict(
+                        devices::block::LeaseError::Expired {
+                            deadline_ns: l.deadline_ns(),
+                        }
+                        .to_string(),
+                    ));
+                }
+                vm.resume().map(|_| None).map_err(api_error)
+            }),
+            VmAction::Lease(l) => self.vm_mut().and_then(|vm| {
+                let lease = vm.devices().write_lease.as_ref().ok_or_else(|| {
+                    ApiError::conflict("this VM has no write lease (not a clustered VM)")
+                })?;
+                lease
+                    .renew(l.deadline_monotonic_ns)
+                    .map(|()| None)
+                    .map_err(|e| ApiError::conflict(e.to_string()))
+            }),
             VmAction::Shutdown => self.vm_mut().and_then(|vm| {
                 vm.shutdown().map_err(api_error)?;
                 exit = Some(VmmExit::PowerOff);
@@ -561,6 +620,7 @@ impl Vmm {
         };
         let started = (|| {
             let dst = crate::device_manager::open_disk(&destination).map_err(|e| e.to_string())?;
+            let dst = crate::device_manager::under_lease(dst, vm.devices().write_lease.as_ref());
             let mirror = Arc::new(Mirror::new(src, dst).map_err(|e| e.to_string())?);
             vm.devices().with_block(&r.id, |b| {
                 b.replace_backend(mirror.clone(), None)
@@ -613,7 +673,10 @@ impl Vmm {
             vm.devices().with_block(&m.id, |b| {
                 b.replace_backend(
                     m.mirror.destination(),
-                    Some(crate::device_manager::reopen_for(&m.destination)),
+                    Some(crate::device_manager::reopen_for(
+                        &m.destination,
+                        vm.devices().write_lease.clone(),
+                    )),
                 )
                 .map(drop)
                 .map_err(|e| format!("switching to the new image: {e}"))

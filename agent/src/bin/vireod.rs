@@ -396,8 +396,10 @@ async fn run(
         (Some(eps), Some(node)) => {
             agent::model::validate_name(node).map_err(|e| format!("--node-name {node}: {e}"))?;
             let store = agent::cluster_node::connect(eps).await?;
+            let lease = agent::cluster_node::LeaseRuntime::start(eps).await?;
             let n = std::sync::Arc::new(agent::cluster_node::ClusterNode {
                 store,
+                lease: std::sync::Arc::new(lease),
                 node: node.clone(),
                 sup: sup.clone(),
             });

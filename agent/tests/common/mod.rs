@@ -156,7 +156,7 @@ impl Daemon {
             .arg("100")
             .args(&cgroup)
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,cluster=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

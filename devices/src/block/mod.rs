@@ -1,5 +1,6 @@
 //! Disk backends behind one trait: the virtio-blk worker never knows which it has.
 
+mod leased;
 mod lock;
 mod mirror;
 mod raw;
@@ -12,6 +13,7 @@ pub use self::vhdx::VhdxDisk;
 /// Scatter-gather buffers over memory no Rust reference may point into (guest RAM):
 /// what every backend reads into and writes from.
 pub use ::vhdx::{IoBufs, IoBufsMut};
+pub use leased::{monotonic_ns, LeaseError, Leased, WriteLease};
 pub use lock::{lock_image, lock_unsupported, LockMode};
 pub use mirror::{Mirror, MIRROR_CHUNK};
 pub use raw::RawFile;

@@ -906,11 +906,14 @@ fn open_blks(max: usize) -> alloc::vec::Vec<Blk> {
     blks
 }
 
-/// `test=replica-writer disks=D blocks=B [count=N]`: iteration n = 1, 2, ... writes
+/// `test=replica-writer disks=D blocks=B [count=N] [resume]`: iteration n = 1, 2, ... writes
 /// 4 KiB block n % B (pattern seed n) to each of the first D disks in order, then
 /// prints `rw n=<n>`: every write of iteration n has completed. Write n on disk d+1
 /// starts only after write n on disk d completed, so any crash-consistent cut that
-/// holds disk d+1's write n holds disk d's too.
+/// holds disk d+1's write n holds disk d's too. With `resume`, it first reads the first
+/// disk's blocks back, prints `rw resume n=<M>` (M: the highest sequence found there,
+/// 0 on a fresh disk) and continues at M + 1: the guest of a failed-over VM carries on
+/// where the last writer's completed writes end.
 pub fn replica_writer() -> ! {
     let disks = num("disks", Some(1)).max(1) as usize;
     let blocks = num("blocks", Some(64)).max(1);
@@ -927,6 +930,11 @@ pub fn replica_writer() -> ! {
     println!("rw start disks={} blocks={}", disks, blocks);
     let mut buf = vec![0u8; 4096];
     let mut n = 1u64;
+    if CMDLINE.get("resume").is_some() {
+        let last = last_sequence(&mut blks[0], blocks, &mut buf);
+        println!("rw resume n={}", last);
+        n = last + 1;
+    }
     loop {
         let lba = (n % blocks) * 8;
         pattern::fill(n, lba, &mut buf);
@@ -946,6 +954,24 @@ pub fn replica_writer() -> ! {
         }
         n += 1;
     }
+}
+
+/// The highest sequence number on `blk`'s first `blocks` 4 KiB blocks (0: none),
+/// read back through the pattern's seed (block n % B holds seed n).
+fn last_sequence(blk: &mut Blk, blocks: u64, buf: &mut [u8]) -> u64 {
+    let mut last = 0;
+    for b in 0..blocks {
+        let lba = b * 8;
+        if let Err(e) = blk.read_blocks(lba as usize, buf) {
+            fail!("rw resume: read lba={}: {:?}", lba, e);
+        }
+        if let Some(seed) = pattern::seed_of(lba, buf) {
+            if seed % blocks == b && seed > last {
+                last = seed;
+            }
+        }
+    }
+    last
 }
 
 /// `test=echo`: reads COM1's receiver (polling the line status register's data-ready

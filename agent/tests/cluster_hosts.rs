@@ -1,0 +1,518 @@
+//! Three cluster nodes as three hosts: each vireod (and its VMMs) and one member of a
+//! 3-member etcd run in their own network namespace, joined by veth pairs on a bridge
+//! in a fourth ("the switch"); the shared storage is a directory all of them see.
+//! Clustered VMs run the test guest's `replica-writer` with `resume`: it writes
+//! seeded, numbered blocks, prints each completed one, and on a new host continues
+//! after the highest number on the disk. The disk's bytes are checked against that
+//! model (`vireo_e2e::seqdisk`): every completed write is there, and no write of a
+//! stale owner came after a newer one.
+//!
+//! Root only (namespaces). The tests of this file run one at a time: each keeps two
+//! guests busy writing, and etcd must keep its leases on a 2-core machine.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{guest_dir, Daemon, T};
+use serde_json::json;
+use vireo_e2e::etcd::EtcdCluster;
+use vireo_e2e::netns::{is_root, NetNs};
+use vireo_e2e::seqdisk;
+
+const BLOCKS: u64 = 64;
+const NODES: [&str; 3] = ["a", "b", "c"];
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The hosts: a namespace each, on one bridge.
+struct Hosts {
+    switch: NetNs,
+    nodes: Vec<Arc<NetNs>>,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        let switch = NetNs::new("c2sw");
+        switch.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        switch.exec(&["ip", "link", "set", "br0", "up"]);
+        let nodes: Vec<Arc<NetNs>> = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let ns = Arc::new(NetNs::new(&format!("c2{n}")));
+                let port = format!("p{i}");
+                ns.exec(&["ip", "link", "set", "lo", "up"]);
+                ns.exec(&[
+                    "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port,
+                ]);
+                ns.exec(&["ip", "link", "set", &port, "netns", switch.name()]);
+                ns.exec(&["ip", "addr", "add", &format!("{}/24", ip(i)), "dev", "eth0"]);
+                ns.exec(&["ip", "link", "set", "eth0", "up"]);
+                switch.exec(&["ip", "link", "set", &port, "master", "br0"]);
+                switch.exec(&["ip", "link", "set", &port, "up"]);
+                ns
+            })
+            .collect();
+        Hosts { switch, nodes }
+    }
+
+    /// Takes host `i`'s link down (a partition) or up again.
+    fn link(&self, i: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.switch
+            .exec(&["ip", "link", "set", &format!("p{i}"), state]);
+    }
+}
+
+fn ip(i: usize) -> String {
+    format!("10.213.7.{}", i + 1)
+}
+
+/// A running cluster: etcd, the three vireods, the shared directory.
+struct Cluster {
+    nodes: Vec<Daemon>,
+    etcd: EtcdCluster,
+    shared: tempfile::TempDir,
+    hosts: Hosts,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let hosts = Hosts::new();
+        let members: Vec<(String, Arc<NetNs>)> = hosts
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| (ip(i), ns.clone()))
+            .collect();
+        let etcd = EtcdCluster::start_in_namespaces(&members);
+        let shared = tempfile::tempdir().unwrap();
+        let eps = etcd.endpoints_arg();
+        let nodes: Vec<Daemon> = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                Daemon::start_in_netns(
+                    &[
+                        "--no-autostart",
+                        "--cluster-etcd",
+                        &eps,
+                        "--node-name",
+                        name,
+                        "--storage-root",
+                        shared.path().to_str().unwrap(),
+                        "--storage-root",
+                        guest_dir().to_str().unwrap(),
+                    ],
+                    hosts.nodes[i].clone(),
+                )
+            })
+            .collect();
+        let c = Cluster {
+            nodes,
+            etcd,
+            shared,
+            hosts,
+        };
+        c.wait("three nodes in the cluster", || c.members() == 3);
+        c
+    }
+
+    /// The node that owns `vm`, as node b reads the cluster (None: unreadable now).
+    fn owner(&self, vm: &str) -> Option<String> {
+        let (status, body) = self.nodes[1].api("GET", "/api/v1/cluster", None);
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        if status != 200 {
+            return None;
+        }
+        v["vms"]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"] == vm)
+            .and_then(|x| x["owner"]["node"].as_str().map(String::from))
+    }
+
+    /// How many nodes node b sees (0 while it cannot reach etcd: an election).
+    fn members(&self) -> usize {
+        let (status, body) = self.nodes[1].api("GET", "/api/v1/cluster", None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status != 200 {
+            return 0;
+        }
+        v["nodes"].as_array().map_or(0, |n| n.len())
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, d) in self.nodes.iter().enumerate() {
+            let log = d.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            s += &format!("--- {} ---\n", NODES[i]);
+            for l in tail.into_iter().rev() {
+                s += l;
+                s.push('\n');
+            }
+        }
+        s + &self.etcd.logs()
+    }
+
+    fn wait(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < T,
+                "{what} never happened:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Defines a clustered replica-writer VM preferring node a; returns its disk.
+    fn define(&self, vm: &str, priority: &str) -> PathBuf {
+        let disk = self.shared.path().join(format!("{vm}.raw"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(BLOCKS * seqdisk::BLOCK as u64)
+            .unwrap();
+        let cfg = json!({
+            "payload": {"kernel": vireo_e2e::guest(),
+                        "cmdline": format!("test=replica-writer blocks={BLOCKS} resume")},
+            "memory": {"size": 32u64 << 20},
+            "disks": [{"path": disk, "format": "raw"}],
+        });
+        let file = self.shared.path().join(format!("{vm}.json"));
+        std::fs::write(&file, cfg.to_string()).unwrap();
+        let out = self.nodes[0].ctl_ok(&[
+            "vm",
+            "define",
+            vm,
+            "--file",
+            file.to_str().unwrap(),
+            "--cluster",
+            "--priority",
+            priority,
+            "--preferred-owner",
+            "a",
+        ]);
+        assert!(out.contains(priority), "{out}");
+        disk
+    }
+
+    /// Whether node `i` runs `vm`.
+    fn runs(&self, i: usize, vm: &str) -> bool {
+        let d = &self.nodes[i];
+        d.child.is_some() && !d.absent(vm) && d.vm(vm)["state"] == "Running"
+    }
+
+    /// The node other than `not` that runs `vm`, once one does.
+    fn runner(&self, vm: &str, not: usize) -> usize {
+        let mut found = None;
+        self.wait(&format!("{vm} running on another node"), || {
+            found = (0..NODES.len()).find(|&i| i != not && self.runs(i, vm));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// The guest's completed writes on node `i` (its serial file: readable also after
+    /// the node died).
+    fn reported(&self, i: usize, vm: &str) -> Vec<u64> {
+        seqdisk::reported(&self.nodes[i].serial(vm))
+    }
+
+    /// Waits until `vm`'s guest on node `i` has completed `n` more writes than `from`.
+    fn wait_writes(&self, i: usize, vm: &str, from: u64, n: u64) {
+        self.wait(&format!("{vm} writing on {}", NODES[i]), || {
+            self.reported(i, vm).last().is_some_and(|l| *l >= from + n)
+        });
+    }
+}
+
+fn token(disk: &Path) -> u64 {
+    let mut name = disk.file_name().unwrap().to_os_string();
+    name.push(".fence");
+    let text = std::fs::read_to_string(disk.with_file_name(name)).unwrap_or_default();
+    text.trim()
+        .strip_prefix("token=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: signals to processes this test's vireods started.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// After a failover of `vm` from node `from` (whose guest completed `last` writes) to
+/// node `to`: the new guest resumed at `last` (or the one write in flight), so every
+/// completed write was on the disk, and it goes on writing; paused, its disk holds one
+/// writer's sequence.
+fn assert_carried_on(c: &Cluster, vm: &str, disk: &Path, last: u64, to: usize) {
+    c.wait(&format!("{vm} resumed on {}", NODES[to]), || {
+        !seqdisk::resumed(&c.nodes[to].serial(vm)).is_empty()
+    });
+    let resumed = seqdisk::resumed(&c.nodes[to].serial(vm))[0];
+    assert!(
+        (last..=last + 1).contains(&resumed),
+        "{vm}: the guest had completed {last} writes, the disk held {resumed}"
+    );
+    c.wait_writes(to, vm, resumed, 20);
+    let reported = c.reported(to, vm);
+    assert_eq!(
+        reported[0],
+        resumed + 1,
+        "{vm}: did not continue the sequence"
+    );
+    c.nodes[to].ok("PUT", &format!("/api/v1/vms/{vm}/pause"), None);
+    let on_disk = seqdisk::single_writer(&seqdisk::seeds(disk, BLOCKS))
+        .unwrap_or_else(|e| panic!("{vm}: {e}"));
+    let last_new = *c.reported(to, vm).last().unwrap();
+    assert!(
+        (last_new..=last_new + 1).contains(&on_disk),
+        "{vm}: disk holds {on_disk}, the guest completed {last_new}"
+    );
+    c.nodes[to].ok("PUT", &format!("/api/v1/vms/{vm}/resume"), None);
+}
+
+fn skip() -> bool {
+    if !is_root() {
+        vireo_e2e::skip_or_fail_under_ci("needs root (network namespaces)");
+        return true;
+    }
+    false
+}
+
+/// Starts the cluster with `hi` (High) and `lo` (Low) running and writing on node a.
+fn cluster_with_two_vms_on_a() -> (Cluster, [PathBuf; 2]) {
+    let c = Cluster::start();
+    let disks = [c.define("hi", "high"), c.define("lo", "low")];
+    c.wait("hi and lo running on a", || {
+        c.runs(0, "hi") && c.runs(0, "lo")
+    });
+    c.wait_writes(0, "hi", 0, 50);
+    c.wait_writes(0, "lo", 0, 50);
+    (c, disks)
+}
+
+#[test]
+fn a_host_killed_its_vms_run_on_another_high_first_and_every_completed_write_is_kept() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, disks) = cluster_with_two_vms_on_a();
+    let before = [token(&disks[0]), token(&disks[1])];
+    assert!(
+        before[0] > 0 && before[1] > 0,
+        "no fencing tokens: {before:?}"
+    );
+
+    // Host a dies: its vireod and its VMMs, kill -9.
+    let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
+    c.nodes[0].kill9();
+    for pid in pids {
+        kill(pid, libc::SIGKILL);
+        common::wait_dead(pid, T);
+    }
+    let last = [
+        *c.reported(0, "hi").last().unwrap(),
+        *c.reported(0, "lo").last().unwrap(),
+    ];
+
+    let to = [c.runner("hi", 0), c.runner("lo", 0)];
+    let after = [token(&disks[0]), token(&disks[1])];
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "tokens did not grow: {before:?} -> {after:?}"
+    );
+    // High first: the controller placed hi before lo (tokens are store revisions).
+    assert!(after[0] < after[1], "lo was placed before hi: {after:?}");
+    assert_carried_on(&c, "hi", &disks[0], last[0], to[0]);
+    assert_carried_on(&c, "lo", &disks[1], last[1], to[1]);
+}
+
+#[test]
+fn a_partitioned_host_stops_its_vms_before_another_starts_them() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (c, disks) = cluster_with_two_vms_on_a();
+    let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
+
+    // Host a's link goes down; its vireod and VMMs live on.
+    c.hosts.link(0, false);
+    let to = [c.runner("hi", 0), c.runner("lo", 0)];
+    // a fenced itself: its VMMs are gone (it killed them; nobody else could).
+    for pid in pids {
+        common::wait_dead(pid, T);
+    }
+    // a's guests stopped before the new ones read the disk: every write a completed
+    // (all of them, to its end) was on the disk the new guest resumed from.
+    for (k, vm) in ["hi", "lo"].iter().enumerate() {
+        let last = *c.reported(0, vm).last().unwrap();
+        assert_carried_on(&c, vm, &disks[k], last, to[k]);
+    }
+    // Healed: a joins again and runs nothing of the moved VMs.
+    c.hosts.link(0, true);
+    c.wait("a back in the cluster", || c.members() == 3);
+    for vm in ["hi", "lo"] {
+        assert!(!c.runs(0, vm), "{vm} runs on a again");
+    }
+}
+
+#[test]
+fn a_frozen_host_woken_after_its_lease_cannot_write() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (c, disks) = cluster_with_two_vms_on_a();
+    let vireod = c.nodes[0].child.as_ref().unwrap().id() as i32;
+    let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
+
+    // Host a freezes: vireod and VMMs (SIGSTOP), until the others own the VMs. (They
+    // cannot start them yet: the frozen VMMs still hold the images' locks.)
+    kill(vireod, libc::SIGSTOP);
+    for pid in pids {
+        kill(pid, libc::SIGSTOP);
+    }
+    // What the frozen guests completed is on the disks now (the serial output may
+    // still sit in the VMM's buffer; the disk is what counts).
+    let at_stop = |k: usize| {
+        seqdisk::single_writer(&seqdisk::seeds(&disks[k], BLOCKS)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let last = [at_stop(0), at_stop(1)];
+    c.wait("hi and lo owned by another node", || {
+        ["hi", "lo"]
+            .iter()
+            .all(|vm| c.owner(vm).is_some_and(|o| o != "a"))
+    });
+    // The stale VMMs wake first, with their vireod still frozen: nobody kills them.
+    for pid in pids {
+        kill(pid, libc::SIGCONT);
+    }
+    // Each refuses its guest's writes on its own clock and pauses (or its guest gives
+    // up and it ends).
+    for (k, vm) in ["hi", "lo"].iter().enumerate() {
+        c.wait(&format!("stale {vm} stopped"), || {
+            !common::alive(pids[k]) || vmm_paused(&c.nodes[0], vm)
+        });
+        // At most the one write in flight at the stop (its check had passed) landed.
+        let stale = c.reported(0, vm);
+        let now = at_stop(k);
+        assert!(
+            now <= last[k] + 1 && stale.iter().all(|n| *n <= last[k] + 1),
+            "{vm}: the frozen host's guest wrote after waking: disk {} then {now}, reported {:?}",
+            last[k],
+            stale.iter().rev().take(3).collect::<Vec<_>>()
+        );
+    }
+    // vireod wakes, fenced: it kills them; the new owners start the VMs, which carry on
+    // from the last write a's guests completed.
+    kill(vireod, libc::SIGCONT);
+    for pid in pids {
+        common::wait_dead(pid, T);
+    }
+    let to = [c.runner("hi", 0), c.runner("lo", 0)];
+    for (k, vm) in ["hi", "lo"].iter().enumerate() {
+        assert_carried_on(&c, vm, &disks[k], last[k], to[k]);
+    }
+}
+
+/// Whether `vm`'s VMM on `d` says it paused (its own API, not vireod's: vireod may be
+/// frozen).
+fn vmm_paused(d: &Daemon, vm: &str) -> bool {
+    let Some(sock) = vmm_socket(d, vm) else {
+        return false;
+    };
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) else {
+        return false;
+    };
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = "GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.contains("\"Paused\"") && resp.contains("write lease expired")
+}
+
+fn vmm_socket(d: &Daemon, vm: &str) -> Option<PathBuf> {
+    let sock = d.run_dir.join("vms").join(vm).join("api.sock");
+    sock.exists().then_some(sock)
+}
+
+#[test]
+fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut c, disks) = cluster_with_two_vms_on_a();
+    let before = [token(&disks[0]), token(&disks[1])];
+    let pids = [c.nodes[0].pid("hi").unwrap(), c.nodes[0].pid("lo").unwrap()];
+    let leader = c.etcd.leader();
+    eprintln!(
+        "killing etcd member m{leader} at {:?} (since the epoch)",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+    );
+    c.etcd.kill(leader);
+    // A new leader is elected among the other two (the old one's leases carry over,
+    // extended: etcd issue 9888).
+    let new_leader = c.etcd.leader();
+    assert_ne!(new_leader, leader);
+    // Well past a lease's life (TTL 2 s, dead margin 1 s) with the new leader, then
+    // with the old member back: a false failover would have happened by then.
+    let settle = || {
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    settle();
+    c.etcd.restart(leader);
+    settle();
+    // Nothing moved (same owner, same tokens) and nothing restarted: the same VMMs
+    // ran all along (no node fenced itself during the election).
+    for (vm, pid) in ["hi", "lo"].iter().zip(pids) {
+        assert!(
+            common::alive(pid) && c.nodes[0].pid(vm) == Some(pid),
+            "{vm} was restarted (pid {pid} -> {:?}):\n{}",
+            c.nodes[0].pid(vm),
+            c.logs()
+        );
+    }
+    let now = *c.reported(0, "hi").last().unwrap();
+    c.wait_writes(0, "hi", now, 50);
+    for (d, name) in c.nodes.iter().zip(NODES) {
+        assert!(
+            !d.log().contains("self-fencing"),
+            "{name} fenced itself during the election:\n{}",
+            c.logs()
+        );
+    }
+    for vm in ["hi", "lo"] {
+        assert_eq!(
+            c.owner(vm).as_deref(),
+            Some("a"),
+            "{vm} moved:\n{}",
+            c.logs()
+        );
+        assert!(c.runs(0, vm));
+        for (node, name) in c.nodes.iter().zip(NODES).skip(1) {
+            assert!(node.absent(vm), "{vm} defined on {name}");
+        }
+    }
+    assert_eq!(
+        [token(&disks[0]), token(&disks[1])],
+        before,
+        "tokens changed"
+    );
+}
