@@ -97,6 +97,14 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/metrics", Viewer),
     rule("GET", "/api/v1/cluster", Viewer),
     rule("PUT", "/api/v1/cluster/vms/{name}", Operator),
+    rule("GET", "/api/v1/replication", Viewer),
+    rule("GET", "/api/v1/vms/{name}/replication", Viewer),
+    rule("PUT", "/api/v1/vms/{name}/replication", Operator),
+    rule("DELETE", "/api/v1/vms/{name}/replication", Operator),
+    rule("POST", "/api/v1/vms/{name}/replication/pause", Operator),
+    rule("POST", "/api/v1/vms/{name}/replication/resume", Operator),
+    rule("POST", "/api/v1/vms/{name}/replication/failover", Operator),
+    rule("POST", "/api/v1/replicas/{vm}/failover", Operator),
 ];
 
 /// The role `method route` needs. `None` is a path no route matched (the answer is
@@ -473,9 +481,15 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// (route, method) of every `.route(...)` call in server.rs and cluster_node.rs.
+    /// (route, method) of every `.route(...)` call in server.rs, cluster_node.rs and
+    /// replication.rs.
     fn served() -> BTreeSet<(String, String)> {
-        let src = [include_str!("server.rs"), include_str!("cluster_node.rs")].concat();
+        let src = [
+            include_str!("server.rs"),
+            include_str!("cluster_node.rs"),
+            include_str!("replication.rs"),
+        ]
+        .concat();
         let mut out = BTreeSet::new();
         for chunk in src.split(".route(\"").skip(1) {
             let (path, rest) = chunk.split_once('"').unwrap();

@@ -110,6 +110,10 @@ pub fn confine_definition(
             check_vhdx(roots, file, &d.path)
                 .map_err(|e| AgentError::BadDefinition(format!("{what}: {e}")))?;
         }
+        if let Some(log) = &d.replica_log {
+            check_replica_log(roots, log)
+                .map_err(|e| refuse(&format!("{what}: replica_log"), e))?;
+        }
     }
     if let OutputConfig::File(p) = &def.config.console {
         if p != &vm_dir.join(CONSOLE_FILE) {
@@ -121,6 +125,22 @@ pub fn confine_definition(
         }
     }
     Ok(())
+}
+
+/// A disk's change log directory: beneath a storage root with no symlink on the way
+/// (its parent opened beneath the root; the directory itself, if it exists, opened
+/// beneath it as a directory). vireod creates it at each start
+/// ([`crate::jailing::hand_over_log_dir`]) and a jailed VMM gets it chowned: a path
+/// outside the roots would give the VM's uid a directory of the host.
+pub fn check_replica_log(roots: &Roots, log: &Path) -> Result<(), ConfineError> {
+    roots.open_parent(log)?;
+    match roots.open_dir(log) {
+        Ok(_) => Ok(()),
+        Err(ConfineError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Opens the VHDX (read-only, no lock, the log replayed in memory only) and its whole

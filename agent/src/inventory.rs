@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS jail_ids (
     name TEXT PRIMARY KEY NOT NULL,
     uid INTEGER NOT NULL UNIQUE
 );
+CREATE TABLE IF NOT EXISTS replications (
+    name TEXT PRIMARY KEY NOT NULL,
+    settings TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY NOT NULL,
     queued_ms INTEGER NOT NULL,
@@ -226,6 +230,7 @@ impl Inventory {
             "DELETE FROM meter WHERE name = ?1",
             "DELETE FROM samples WHERE name = ?1",
             "DELETE FROM jail_ids WHERE name = ?1",
+            "DELETE FROM replications WHERE name = ?1",
         ] {
             let c = tx.execute(sql, params![name]).map_err(|e| AgentError::Db {
                 path: self.path.clone(),
@@ -376,6 +381,38 @@ impl Inventory {
             }
         }
         Ok(out)
+    }
+
+    /// Stores VM `name`'s replication settings (a JSON document,
+    /// [`crate::replication::Settings`]), or removes them with `None`.
+    pub fn save_replication(
+        &mut self,
+        name: &str,
+        settings: Option<&str>,
+    ) -> Result<(), AgentError> {
+        match settings {
+            Some(json) => self.conn.execute(
+                "INSERT OR REPLACE INTO replications (name, settings) VALUES (?1, ?2)",
+                params![name, json],
+            ),
+            None => self
+                .conn
+                .execute("DELETE FROM replications WHERE name = ?1", params![name]),
+        }
+        .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// Every stored replication setting: (VM name, JSON), by name.
+    pub fn replications(&self) -> Result<Vec<(String, String)>, AgentError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, settings FROM replications ORDER BY name")
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.db(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.db(e))
     }
 
     /// Every definition, by name.

@@ -9,6 +9,7 @@
 //! see goes through a relay socket vireod serves there, and one to a peer host through
 //! vireod's TLS gateway (`crate::tls_gateway`; the host's identity stays in vireod).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -112,6 +113,53 @@ pub fn relay(listen: &Path, to: PathBuf, uid: u32) -> Result<Relay, AgentError> 
         task,
         socket: listen.to_path_buf(),
     })
+}
+
+/// Creates a disk's change log directory (`replica_log`) beneath its storage root (no
+/// symlink on the way, 0700) if it is missing and, for a jailed VMM (`uid`), gives it
+/// and every entry in it to that uid through the directory's descriptor (no link is
+/// followed: a symlink planted there changes owner itself, not its target).
+/// The jail then binds it at the same path.
+pub fn hand_over_log_dir(
+    roots: &confine::Roots,
+    log: &Path,
+    uid: Option<u32>,
+) -> Result<(), AgentError> {
+    let refuse = |e: confine::ConfineError| {
+        AgentError::BadDefinition(format!("replica_log {}: {e}", log.display()))
+    };
+    let dir = roots.create_dir_private(log).map_err(refuse)?;
+    let Some(uid) = uid else { return Ok(()) };
+    let io = |e| AgentError::io("cannot hand over the change log", log, e);
+    let file = std::fs::File::from(dir);
+    std::os::unix::fs::fchown(&file, Some(uid), Some(uid)).map_err(io)?;
+    let listing = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    for entry in std::fs::read_dir(&listing).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        let c = std::ffi::CString::new(name.as_encoded_bytes()).map_err(|_| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a file name with a NUL byte",
+            ))
+        })?;
+        // SAFETY: fchownat on the directory's open descriptor and a NUL-terminated
+        // single name; AT_SYMLINK_NOFOLLOW changes that entry itself (a link is not
+        // followed, a FIFO is not opened). The result is checked.
+        let r = unsafe {
+            libc::fchownat(
+                file.as_raw_fd(),
+                c.as_ptr(),
+                uid,
+                uid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+    }
+    debug!(log = %log.display(), uid, "change log handed over to the jail");
+    Ok(())
 }
 
 /// Gives a file a deleted jailed VM had owned back to root, 0600 (its uid goes to the

@@ -18,6 +18,11 @@
 //! - [`audit`]: the audit trail of every change asked for, allowed or refused;
 //! - [`peer_server`]: the HTTPS peer listener for other hosts' vireods (mutual TLS,
 //!   host-to-host routes only);
+//! - [`replica_primary`]: a primary's rounds: cut, ship sealed segments, commit points;
+//! - [`replication`]: the replication loop of each VM (cut, ship, retry with backoff)
+//!   and its routes and events;
+//! - [`replica_server`]: vireod as a replica server (`/peer/v1/replica/...` on the
+//!   peer listener, `--replica-allow`, `--replica-dir`);
 //! - [`hosttls`]: this host's identity and which peers it admits;
 //! - [`pki`]: the host CA and host certificates (`vireoctl pki`);
 //! - [`client`]: an HTTP/1.1 client over unix sockets (vireod → VMMs, vireoctl →
@@ -44,6 +49,10 @@ pub mod notify;
 pub mod peer_server;
 pub mod pki;
 pub mod procfs;
+pub mod replica_failover;
+pub mod replica_primary;
+pub mod replica_server;
+pub mod replication;
 pub mod server;
 pub mod supervisor;
 pub mod tls_gateway;

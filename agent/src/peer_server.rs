@@ -6,7 +6,8 @@
 //! name travels with each request. The routes are the destination's side of a
 //! migration: `POST /api/v1/migrations/incoming` (the peer becomes the migration's
 //! source) and `GET`/`DELETE /api/v1/migrations/{id}` of an incoming migration that
-//! peer sent. Everything else — the full API — is only on the unix socket: here it is
+//! peer sent; with `--replica-dir`, the replica server's `/peer/v1/replica/...`
+//! ([`crate::replica_server`]). Everything else — the full API — is only on the unix socket: here it is
 //! 404.
 
 use std::collections::BTreeSet;
@@ -58,6 +59,7 @@ pub enum ListenError {
 pub struct PeerListener {
     listener: TcpListener,
     tls: Reloader,
+    replica: Option<Arc<crate::replica_server::ReplicaServer>>,
 }
 
 /// The listener's TLS, which [`Reloader::reload`] replaces from the identity's files
@@ -108,7 +110,14 @@ impl PeerListener {
                 peers: Arc::new(peers),
                 acceptor: Arc::new(std::sync::RwLock::new(TlsAcceptor::from(config))),
             },
+            replica: None,
         })
+    }
+
+    /// Serves the replica routes (`/peer/v1/replica/...`) too.
+    pub fn with_replica(mut self, replica: Arc<crate::replica_server::ReplicaServer>) -> Self {
+        self.replica = Some(replica);
+        self
     }
 
     /// What reloads this listener's TLS.
@@ -122,7 +131,7 @@ impl PeerListener {
 
     /// Accepts connections until the task is dropped; each one is served on its own.
     pub async fn serve(self, sup: Arc<Supervisor>) {
-        let app = router(sup);
+        let app = router(sup, self.replica.clone());
         info!(addr = ?self.local_addr(), peers = ?self.tls.peers, "peer listener ready");
         loop {
             let (tcp, from) = match self.listener.accept().await {
@@ -184,13 +193,20 @@ pub struct PeerIdentity(pub String);
 
 /// The host-to-host routes; nothing else. Each change and each error answer is
 /// audited with the peer's certificate identity.
-pub fn router(sup: Arc<Supervisor>) -> Router {
+pub fn router(
+    sup: Arc<Supervisor>,
+    replica: Option<Arc<crate::replica_server::ReplicaServer>>,
+) -> Router {
+    let replica = replica
+        .map(|r| crate::replica_server::router(r, sup.clone()))
+        .unwrap_or_default();
     Router::new()
         .route("/api/v1/migrations/incoming", post(incoming))
         .route("/api/v1/migrations/{id}", get(migration).delete(cancel))
+        .with_state(sup.clone())
+        .merge(replica)
         .fallback(|| async { error(404, "not a host-to-host API endpoint".into()) })
-        .layer(axum::middleware::from_fn_with_state(sup.clone(), audit))
-        .with_state(sup)
+        .layer(axum::middleware::from_fn_with_state(sup, audit))
 }
 
 /// Records a peer's request in the audit trail: every change (any method but GET),

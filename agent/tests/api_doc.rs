@@ -28,9 +28,12 @@ fn documented() -> BTreeSet<(String, String)> {
 }
 
 /// (path, method) pairs of the router, read from the `.route(...)` calls of server.rs
-/// and cluster_node.rs (the cluster routes, merged in by vireod).
+/// cluster_node.rs and replication.rs (the cluster and replication routes, merged in
+/// by vireod).
 fn routed() -> BTreeSet<(String, String)> {
-    let src = workspace_file("agent/src/server.rs") + &workspace_file("agent/src/cluster_node.rs");
+    let src = workspace_file("agent/src/server.rs")
+        + &workspace_file("agent/src/cluster_node.rs")
+        + &workspace_file("agent/src/replication.rs");
     let mut out = BTreeSet::new();
     for chunk in src.split(".route(\"").skip(1) {
         let (path, rest) = chunk.split_once('"').unwrap();

@@ -11,12 +11,19 @@ mod error;
 mod format;
 mod log;
 mod segment;
+mod store;
 
 pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
 pub use error::{LogError, SegmentError};
 pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
 pub use log::{ChangeLog, Recovery, SealedSegment};
 pub use segment::{Record, SegmentReader, Trailer};
+pub use store::{
+    Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus, MAX_BASE_CHUNK,
+    MAX_DISKS,
+};
 
+#[cfg(test)]
+mod store_tests;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 //! `vireo`: one VMM process per VM.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -232,6 +233,30 @@ fn vhdx_parents(disk: &config::DiskConfig, roots: Option<&Arc<confine::Roots>>) 
     found
 }
 
+/// Makes a disk's missing change log directory (0700) for the jail to bind: beneath its
+/// storage root when there is one (no symlink on the way), else only the last component
+/// (`mkdir` never follows a link there; the jail then refuses a final symlink). A
+/// directory that cannot be made is left to the jail to report when it opens it.
+fn create_log_dir(log: &std::path::Path, roots: Option<&confine::Roots>) {
+    let made = match roots.filter(|r| r.contains(log)) {
+        Some(r) => r
+            .create_dir_private(log)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        None => std::fs::DirBuilder::new()
+            .mode(confine::PRIVATE_DIR_MODE)
+            .create(log)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = made {
+        tracing::warn!(log = %log.display(), error = %e, "cannot make the change log directory");
+    }
+}
+
 /// What a jailed VMM needs to see: every path the VM names, at its usual path.
 fn jail_paths(
     cli: &Cli,
@@ -275,8 +300,8 @@ fn jail_paths(
             }
             // A replicated disk's change log directory is written too (made here if
             // missing: the jail would otherwise make an empty file at its path).
-            if let Some(log) = &d.replica_log {
-                let _ = std::fs::create_dir_all(log);
+            if let Some(log) = d.replica_log.as_ref().filter(|_| !d.readonly) {
+                create_log_dir(log, roots.as_deref());
                 paths.push(JailPath::writable(log));
             }
         }

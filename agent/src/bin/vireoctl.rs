@@ -57,6 +57,9 @@ enum Command {
     /// The failover cluster this vireod is a node of (docs/cluster.md).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Replication of VMs to a replica server's vireod (docs/replica.md).
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Host identities for vireod <-> vireod mutual TLS: a host CA and host
     /// certificates (no vireod needed).
     #[command(subcommand)]
@@ -127,6 +130,179 @@ enum HostCommand {
 enum ClusterCommand {
     /// Nodes, clustered VMs, their owners and fencing tokens.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaCommand {
+    /// Start replicating VM NAME (its disks with replica_log) to a replica server.
+    Enable {
+        name: String,
+        /// The replica server's vireod peer listener, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// The host name its certificate must carry (default HOST).
+        #[arg(long)]
+        to_name: Option<String>,
+        /// Time between cuts: 30s, 5m, 1s ... (at least 1 s).
+        #[arg(long, default_value = "30s", value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// Every replicated VM, or one.
+    Status { name: Option<String> },
+    /// Stop cutting and shipping for now (the change log keeps everything).
+    Pause { name: String },
+    /// Go on after a pause.
+    Resume { name: String },
+    /// Stop replicating NAME (the replica keeps its last recovery point).
+    Disable { name: String },
+    /// Fail NAME over to its replica. `--planned` on the primary: the VM is shut
+    /// down, its last changes sent, and it starts on the replica host. `--point latest`
+    /// on the replica host (the primary gone): it starts from the latest recovery point.
+    #[command(group(clap::ArgGroup::new("kind").required(true).args(["planned", "point"])))]
+    Failover {
+        name: String,
+        #[arg(long)]
+        planned: bool,
+        /// The recovery point: `latest` (no history is kept yet).
+        #[arg(long)]
+        point: Option<String>,
+        /// With --point: the primary whose replica to start (needed when several hold NAME).
+        #[arg(long, requires = "point")]
+        primary: Option<String>,
+        /// Define the VM on the replica host but do not start it.
+        #[arg(long)]
+        no_start: bool,
+    },
+}
+
+/// `30s`, `5m`, `1h` or plain seconds.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with s, m or h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: the unit is s, m or h")),
+    };
+    if !(1.0..=86400.0).contains(&secs) {
+        return Err(format!("{s:?}: from 1s to 24h"));
+    }
+    Ok(secs)
+}
+
+/// A JSON value as a table cell (null: `-`).
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> {
+    let path = |n: &str| format!("/api/v1/vms/{n}/replication");
+    let v = match &cmd {
+        ReplicaCommand::Enable {
+            name,
+            to,
+            to_name,
+            interval,
+        } => {
+            let body =
+                serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval});
+            ctx.json("PUT", &path(name), Some(body.to_string().into_bytes()))?
+        }
+        ReplicaCommand::Status { name: Some(n) } => ctx.json("GET", &path(n), None)?,
+        ReplicaCommand::Status { name: None } => ctx.json("GET", "/api/v1/replication", None)?,
+        ReplicaCommand::Pause { name } => {
+            ctx.json("POST", &format!("{}/pause", path(name)), None)?
+        }
+        ReplicaCommand::Resume { name } => {
+            ctx.json("POST", &format!("{}/resume", path(name)), None)?
+        }
+        ReplicaCommand::Disable { name } => ctx.json("DELETE", &path(name), None)?,
+        ReplicaCommand::Failover {
+            name,
+            planned: true,
+            no_start,
+            ..
+        } => {
+            let body = serde_json::json!({"planned": true, "start": !no_start})
+                .to_string()
+                .into_bytes();
+            ctx.json("POST", &format!("{}/failover", path(name)), Some(body))?
+        }
+        ReplicaCommand::Failover {
+            name,
+            point,
+            primary,
+            no_start,
+            ..
+        } => {
+            let body = serde_json::json!({"point": point, "primary": primary, "start": !no_start});
+            let v = ctx.json(
+                "POST",
+                &format!("/api/v1/replicas/{name}/failover"),
+                Some(body.to_string().into_bytes()),
+            )?;
+            if out != Output::Json {
+                println!(
+                    "{name}: failed over here from {}'s recovery point {}",
+                    cell(&v["primary"]),
+                    cell(&v["point"])
+                );
+                return Ok(());
+            }
+            v
+        }
+    };
+    if let (ReplicaCommand::Failover { name, .. }, Output::Table) = (&cmd, out) {
+        println!(
+            "{name}: failed over at recovery point {} to the replica",
+            cell(&v["point"])
+        );
+        return Ok(());
+    }
+    if out == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
+    let list = match v {
+        Value::Array(a) => a,
+        one => vec![one],
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                cell(&r["vm"]),
+                cell(&r["to"]),
+                cell(&r["state"]),
+                r["last_point"]
+                    .as_u64()
+                    .map(|p| p.to_string())
+                    .unwrap_or("-".into()),
+                fmt_ms_ago(r["last_point_at_ms"].as_u64()),
+                format!(
+                    "{}",
+                    r["segment_bytes_sent"].as_u64().unwrap_or(0)
+                        + r["base_bytes_sent"].as_u64().unwrap_or(0)
+                ),
+                cell(&r["last_error"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &["VM", "TO", "STATE", "POINT", "AT", "BYTES SENT", "ERROR"],
+        &rows,
+    );
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -1197,6 +1373,15 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Command::Replica(cmd) => replica(
+            &Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            },
+            cmd,
+            cli.output,
+        ),
         Command::Migration(cmd) => migration(
             &Ctx {
                 socket: cli.socket,

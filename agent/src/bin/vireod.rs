@@ -153,6 +153,17 @@ struct Cli {
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
     peer: Vec<String>,
+    /// Be a replica server (docs/replica.md): primaries' replicated VMs are stored in
+    /// DIR/<primary host>/<vm>/. Served on --listen.
+    #[arg(long, value_name = "DIR", requires_all = ["listen", "replica_allow"])]
+    replica_dir: Option<PathBuf>,
+    /// A host allowed to replicate its VMs here (its certificate's name; it must be a
+    /// --peer too); repeatable.
+    #[arg(long = "replica-allow", value_name = "NAME", requires = "replica_dir")]
+    replica_allow: Vec<String>,
+    /// The largest segment a primary may send (bytes, compressed and decompressed).
+    #[arg(long, default_value_t = agent::replica_server::DEFAULT_MAX_SEGMENT)]
+    replica_max_segment: u64,
     /// The uids (each also the gid) vireod gives its VMs, one per VM for its whole
     /// life: running as root, vireod jails every VMM (`vireo --jail`: that uid, no
     /// capabilities, its own mount and PID namespaces, a root holding only its files).
@@ -308,6 +319,34 @@ async fn run(
         }
         _ => None,
     };
+    let replica = cli
+        .replica_dir
+        .as_deref()
+        .map(|dir| {
+            agent::replica_server::ReplicaServer::new(
+                dir,
+                &cli.replica_allow,
+                &cli.peer,
+                cli.replica_max_segment,
+            )
+            .map(std::sync::Arc::new)
+        })
+        .transpose()?;
+    // A replica's failover VM runs on its images: the replica directory is a storage
+    // root too (beside the operator's, or the default `<state-dir>/images`).
+    let mut storage_roots = cli.storage_root.clone();
+    if let Some(dir) = &cli.replica_dir {
+        if storage_roots.is_empty() {
+            let images = cli.state_dir.join("images");
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(&images)?;
+            storage_roots.push(images);
+        }
+        storage_roots.push(std::path::absolute(dir)?);
+    }
     let cfg = Config {
         state_dir: cli.state_dir.clone(),
         run_dir: cli.run_dir.clone(),
@@ -324,7 +363,7 @@ async fn run(
         migration_ports: cli
             .migration_ports
             .map(agent::migration_ports::PortPool::new),
-        storage_roots: cli.storage_root.clone(),
+        storage_roots,
         block_devices: cli.allow_block_device.clone(),
         jail_uids: jail_uids(&cli, systemd_units),
         peer_sockets: cli.peer_socket.clone(),
@@ -337,10 +376,18 @@ async fn run(
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
     let peer_listener = match cli.listen {
-        Some(addr) => Some(
-            agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
-                .await?,
-        ),
+        Some(addr) => {
+            let l =
+                agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
+                    .await?;
+            Some(match replica.clone() {
+                Some(r) => {
+                    info!(primaries = ?cli.replica_allow, "replica server");
+                    l.with_replica(r)
+                }
+                None => l,
+            })
+        }
         None => None,
     };
     sup.recover().await;
@@ -363,8 +410,12 @@ async fn run(
         _ => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let replications = agent::replication::Replications::new(sup.clone(), replica.clone());
+    replications.restore();
     let app = authz::protect(
-        server::router(sup.clone()).merge(agent::cluster_node::router(cluster)),
+        server::router(sup.clone())
+            .merge(agent::cluster_node::router(cluster))
+            .merge(agent::replication::router(replications)),
         sup.clone(),
         policy.clone(),
     );

@@ -414,6 +414,26 @@ impl Supervisor {
         self.events.subscribe()
     }
 
+    /// The storage roots, opened.
+    pub fn roots(&self) -> &Arc<confine::Roots> {
+        &self.roots
+    }
+
+    /// Stores (or with `None` removes) VM `name`'s replication settings.
+    pub fn save_replication(&self, name: &str, settings: Option<&str>) -> Result<(), AgentError> {
+        lock(&self.inv).save_replication(name, settings)
+    }
+
+    /// Every stored replication setting: (VM name, JSON).
+    pub fn stored_replications(&self) -> Result<Vec<(String, String)>, AgentError> {
+        lock(&self.inv).replications()
+    }
+
+    /// An event of a VM's replication (`replication-*`, see [`crate::replication`]).
+    pub fn replication_event(&self, vm: &str, event: &str, detail: Option<String>) {
+        self.emit(vm, event, detail);
+    }
+
     fn emit(&self, vm: &str, event: &str, detail: Option<String>) {
         let e = Event {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
@@ -854,6 +874,13 @@ impl Supervisor {
         spec.jail = self
             .jail_spec(name, Vec::new(), Vec::new())
             .map_err(|e| (e, None))?;
+        // Each replicated disk's change log: made beneath its root, the jail's uid's.
+        let uid = spec.jail.as_ref().map(|j| j.uid);
+        for d in def.config.disks.iter().filter(|d| !d.readonly) {
+            if let Some(log) = &d.replica_log {
+                crate::jailing::hand_over_log_dir(&self.roots, log, uid).map_err(|e| (e, None))?;
+            }
+        }
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.
         cfg.serial = OutputConfig::File(self.serial_path(name));

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod caller;
+pub mod pki;
 
 pub const T: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,421 @@
+//! The primary's side of Vireo Replica: ships a VM's sealed segments to its replica
+//! server (`/peer/v1/replica/...`, see [`crate::replica_server`]) and commits recovery
+//! points there.
+//!
+//! A round ([`Shipper::round`]): ask the replica what it holds (declaring the VM if it
+//! is new); send the initial copy if it is not complete (raw images, all-zero chunks
+//! skipped); cut (the caller's cut: `vm.replica-cut` in the VMM); send every sealed
+//! segment the replica has not applied, zstd-compressed; commit the newest cut every
+//! disk has a segment for; delete the segments the replica applied, except each disk's
+//! newest (the VMM's log continues its cut ids from it after a restart).
+//!
+//! Everything is resumable: the replica's status says what it applied, a re-sent
+//! segment is harmless, a commit is idempotent. A cut connection costs at most the
+//! segments not yet applied — never a full copy.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Read};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use replica::{segment_file_name, ChangeLog, Extra, SegmentReader};
+use serde_json::{json, Value};
+use tracing::{debug, info};
+
+use crate::client::{self, Endpoint};
+
+/// How long one request to the replica may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// The initial copy goes in chunks of this size.
+const BASE_CHUNK: usize = 4 << 20;
+const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("replica {to}: {source}")]
+    Transport {
+        to: String,
+        #[source]
+        source: client::ClientError,
+    },
+    #[error("replica {to} answered {status} to {what}: {message}")]
+    Refused {
+        to: String,
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error("replica {to}: unexpected answer to {what}: {body}")]
+    Answer {
+        to: String,
+        what: String,
+        body: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sealed segment {path} is damaged: {source}")]
+    Segment {
+        path: PathBuf,
+        #[source]
+        source: replica::SegmentError,
+    },
+    #[error("the cut failed: {0}")]
+    Cut(String),
+    #[error("the change log of {label}: {source}")]
+    Log {
+        label: String,
+        #[source]
+        source: replica::LogError,
+    },
+}
+
+/// What a failover on the replica boots, sent once per loop (before the first point
+/// of this process): the VM's definition and its kernel and initramfs files.
+#[derive(Debug, Default)]
+pub struct Extras {
+    pub definition: Option<Vec<u8>>,
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub(crate) sent: AtomicBool,
+}
+
+/// One replicated disk of the primary: its change log's directory and its raw image.
+#[derive(Clone, Debug)]
+pub struct DiskSource {
+    pub log_dir: PathBuf,
+    pub image: PathBuf,
+    pub size: u64,
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundStats {
+    /// Bytes of the initial copy on the wire (compressed).
+    pub base_bytes: u64,
+    pub segments_sent: u64,
+    /// Bytes of segments on the wire (compressed).
+    pub segment_bytes: u64,
+    /// The recovery point committed in this round, if a new one.
+    pub point: Option<u64>,
+    pub segments_deleted: u64,
+}
+
+/// Ships one VM to one replica.
+pub struct Shipper {
+    pub to: Endpoint,
+    pub vm: String,
+    pub disks: Vec<DiskSource>,
+    pub extras: Extras,
+}
+
+/// A sealed segment of the primary's log: (sequence number, cut id).
+type Sealed = BTreeMap<u64, u64>;
+
+impl Shipper {
+    fn base_path(&self) -> String {
+        format!("/peer/v1/replica/{}", self.vm)
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Value), ShipError> {
+        let r = client::request_to(&self.to, method, path, body, REQUEST_TIMEOUT)
+            .await
+            .map_err(|source| ShipError::Transport {
+                to: self.to.to_string(),
+                source,
+            })?;
+        Ok((r.status, r.json().unwrap_or(Value::Null)))
+    }
+
+    async fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, ShipError> {
+        let (status, v) = self.call(method, path, body).await?;
+        if status != 200 {
+            return Err(ShipError::Refused {
+                to: self.to.to_string(),
+                what: format!("{method} {path}"),
+                status,
+                message: v["error"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// The replica's status, declaring the VM first if the replica does not know it.
+    pub async fn status(&self) -> Result<replica::VmStatus, ShipError> {
+        let path = self.base_path();
+        let (status, v) = self.call("GET", &path, None).await?;
+        let v = match status {
+            200 => v,
+            404 => {
+                let sizes: Vec<u64> = self.disks.iter().map(|d| d.size).collect();
+                let body = json!({ "disks": sizes }).to_string().into_bytes();
+                self.ok("PUT", &path, Some(body)).await?
+            }
+            _ => {
+                return Err(ShipError::Refused {
+                    to: self.to.to_string(),
+                    what: format!("GET {path}"),
+                    status,
+                    message: v["error"].as_str().unwrap_or_default().to_string(),
+                })
+            }
+        };
+        serde_json::from_value(v.clone()).map_err(|_| ShipError::Answer {
+            to: self.to.to_string(),
+            what: format!("GET {path}"),
+            body: v.to_string(),
+        })
+    }
+
+    /// Sends the initial copy of every disk (chunks that are all zero are skipped:
+    /// the replica's images start sparse and zero) and closes it. Bytes on the wire.
+    async fn send_base(&self) -> Result<u64, ShipError> {
+        let mut sent = 0;
+        for (i, d) in self.disks.iter().enumerate() {
+            let io = |source| ShipError::Io {
+                what: "reading the image",
+                path: d.image.clone(),
+                source,
+            };
+            let mut f = std::fs::File::open(&d.image).map_err(io)?;
+            let mut buf = vec![0u8; BASE_CHUNK];
+            let mut offset = 0u64;
+            while offset < d.size {
+                let n = (d.size - offset).min(BASE_CHUNK as u64) as usize;
+                f.read_exact(&mut buf[..n]).map_err(io)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    let body = zstd::encode_all(&buf[..n], ZSTD_LEVEL).map_err(io)?;
+                    sent += body.len() as u64;
+                    let path = format!("{}/disks/{i}/base/{offset}", self.base_path());
+                    self.ok("PUT", &path, Some(body)).await?;
+                }
+                offset += n as u64;
+            }
+        }
+        self.ok("POST", &format!("{}/base-complete", self.base_path()), None)
+            .await?;
+        info!(vm = %self.vm, bytes = sent, "replica: initial copy sent");
+        Ok(sent)
+    }
+
+    /// Sends [`Extras`] unless this shipper sent them already.
+    async fn send_extras(&self) -> Result<(), ShipError> {
+        if self.extras.sent.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(def) = &self.extras.definition {
+            let path = format!("{}/extras/definition", self.base_path());
+            self.ok("PUT", &path, Some(def.clone())).await?;
+        }
+        for (which, file) in [
+            (Extra::Kernel, &self.extras.kernel),
+            (Extra::Initramfs, &self.extras.initramfs),
+        ] {
+            let Some(file) = file else { continue };
+            let bytes = std::fs::read(file).map_err(|source| ShipError::Io {
+                what: "reading the VM's boot file",
+                path: file.clone(),
+                source,
+            })?;
+            let name = match which {
+                Extra::Kernel => "kernel",
+                _ => "initramfs",
+            };
+            let path = format!("{}/extras/{name}", self.base_path());
+            self.ok("PUT", &path, Some(bytes)).await?;
+        }
+        self.extras.sent.store(true, Ordering::Relaxed);
+        debug!(vm = %self.vm, "replica: definition and boot files sent");
+        Ok(())
+    }
+
+    /// After the VMM is gone (a planned failover shut it down): opens each disk's
+    /// change log from its directory `dirs[i]` (a torn tail cut off as after a crash),
+    /// seals every open segment at one new cut id and returns it. The next round then
+    /// sends everything the VM wrote and commits that cut: no write is lost.
+    pub fn seal_after_stop(&self, dirs: Vec<OwnedFd>) -> Result<u64, ShipError> {
+        let mut logs = Vec::new();
+        for (dir, d) in dirs.into_iter().zip(&self.disks) {
+            let label = d.log_dir.display().to_string();
+            let (log, _) = ChangeLog::open(dir, &label, d.size)
+                .map_err(|source| ShipError::Log { label, source })?;
+            logs.push(log);
+        }
+        let cut = logs.iter().map(ChangeLog::last_cut_id).max().unwrap_or(0) + 1;
+        for (log, d) in logs.iter_mut().zip(&self.disks) {
+            log.seal(cut).map_err(|source| ShipError::Log {
+                label: d.log_dir.display().to_string(),
+                source,
+            })?;
+        }
+        info!(vm = %self.vm, cut, "replica: the stopped VM's logs sealed");
+        Ok(cut)
+    }
+
+    /// Asks the replica to define the VM from its latest point and, with `start`,
+    /// start it (planned failover).
+    pub async fn request_failover(&self, start: bool) -> Result<Value, ShipError> {
+        let body = json!({ "start": start }).to_string().into_bytes();
+        self.ok(
+            "POST",
+            &format!("{}/failover", self.base_path()),
+            Some(body),
+        )
+        .await
+    }
+
+    /// The sealed segments of disk `i` (the newest file is the open one when it has no
+    /// trailer).
+    fn sealed(&self, i: usize) -> Result<Sealed, ShipError> {
+        let dir = &self.disks[i].log_dir;
+        let io = |source| ShipError::Io {
+            what: "listing the change log",
+            path: dir.clone(),
+            source,
+        };
+        let mut seqs: Vec<u64> = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(io)? {
+            let e = e.map_err(io)?;
+            if let Some(seq) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(replica::SEGMENT_SUFFIX))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        let newest = seqs.last().copied();
+        let mut sealed = Sealed::new();
+        for seq in seqs {
+            let path = dir.join(segment_file_name(seq));
+            let f = std::fs::File::open(&path).map_err(|source| ShipError::Io {
+                what: "opening a segment",
+                path: path.clone(),
+                source,
+            })?;
+            match SegmentReader::new(BufReader::new(f)).and_then(SegmentReader::verify_all) {
+                Ok(t) => {
+                    sealed.insert(seq, t.cut_id);
+                }
+                // The open segment: not sealed yet.
+                Err(_) if Some(seq) == newest => {}
+                Err(source) => return Err(ShipError::Segment { path, source }),
+            }
+        }
+        Ok(sealed)
+    }
+
+    /// Sends disk `i`'s sealed segments after `applied` (and up to `upto`).
+    async fn send_segments(
+        &self,
+        i: usize,
+        sealed: &Sealed,
+        applied: u64,
+        upto: u64,
+        stats: &mut RoundStats,
+    ) -> Result<(), ShipError> {
+        for (&seq, _) in sealed.range(applied + 1..=upto) {
+            let path = self.disks[i].log_dir.join(segment_file_name(seq));
+            let raw = std::fs::read(&path).map_err(|source| ShipError::Io {
+                what: "reading a segment",
+                path: path.clone(),
+                source,
+            })?;
+            let body = zstd::encode_all(&raw[..], ZSTD_LEVEL).map_err(|source| ShipError::Io {
+                what: "compressing a segment",
+                path: path.clone(),
+                source,
+            })?;
+            stats.segments_sent += 1;
+            stats.segment_bytes += body.len() as u64;
+            let url = format!("{}/disks/{i}/segments/{seq}", self.base_path());
+            self.ok("PUT", &url, Some(body)).await?;
+            debug!(vm = %self.vm, disk = i, seq, "replica: segment sent");
+        }
+        Ok(())
+    }
+
+    /// Deletes disk `i`'s segments the replica applied, but its newest one.
+    fn delete_applied(&self, i: usize, sealed: &Sealed, applied: u64) -> u64 {
+        let mut deleted = 0;
+        for (&seq, _) in sealed.range(..applied) {
+            let path = self.disks[i].log_dir.join(segment_file_name(seq));
+            if std::fs::remove_file(&path).is_ok() {
+                deleted += 1;
+            }
+        }
+        deleted
+    }
+
+    /// One round: the initial copy if needed, `cut`, every sealed segment not applied
+    /// yet, the newest common cut committed, applied segments deleted.
+    pub async fn round<F, Fut>(&self, cut: F) -> Result<RoundStats, ShipError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<u64, String>>,
+    {
+        let mut stats = RoundStats::default();
+        let status = self.status().await?;
+        if !status.base_complete {
+            stats.base_bytes = self.send_base().await?;
+        }
+        self.send_extras().await?;
+        // A point is only consistent for a cut made after the initial copy was read.
+        cut().await.map_err(ShipError::Cut)?;
+        let sealed: Vec<Sealed> = (0..self.disks.len())
+            .map(|i| self.sealed(i))
+            .collect::<Result<_, _>>()?;
+        // The newest cut id every disk has a segment for.
+        let newest = sealed[0]
+            .values()
+            .rev()
+            .copied()
+            .find(|c| sealed.iter().all(|s| s.values().any(|x| x == c)));
+        let current = status.point.as_ref().map(|p| p.cut_id).unwrap_or(0);
+        let mut applied: Vec<u64> = status.disks.iter().map(|d| d.applied_seq).collect();
+        if let Some(cut_id) = newest.filter(|&c| c > current) {
+            let seqs: Vec<u64> = sealed
+                .iter()
+                .map(|s| {
+                    s.iter()
+                        .find(|(_, &c)| c == cut_id)
+                        .map(|(&seq, _)| seq)
+                        .unwrap_or(0)
+                })
+                .collect();
+            for (i, s) in sealed.iter().enumerate() {
+                self.send_segments(i, s, applied[i], seqs[i], &mut stats)
+                    .await?;
+            }
+            let body = json!({ "cut_id": cut_id, "seqs": seqs })
+                .to_string()
+                .into_bytes();
+            self.ok("POST", &format!("{}/points", self.base_path()), Some(body))
+                .await?;
+            stats.point = Some(cut_id);
+            applied = seqs;
+        }
+        for (i, s) in sealed.iter().enumerate() {
+            stats.segments_deleted += self.delete_applied(i, s, applied[i]);
+        }
+        Ok(stats)
+    }
+}

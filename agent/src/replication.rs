@@ -1,0 +1,726 @@
+//! The primary's replication loop in vireod: for each VM with replication enabled, a
+//! task that every `interval` cuts (the VMM's `vm.replica-cut`), ships what the
+//! replica lacks and commits the new point ([`crate::replica_primary::Shipper`]). A
+//! failed round (a cut link, a replica down, a VM not running) is retried with a
+//! backoff that doubles from 1 s up to 60 s; nothing is lost meanwhile: the segments
+//! stay in the VM's change log until the replica applied them.
+//!
+//! Routes (unix socket): `PUT/GET/DELETE /api/v1/vms/{name}/replication`,
+//! `POST /api/v1/vms/{name}/replication/pause|resume`, `GET /api/v1/replication`.
+//! Events: `replication-enabled`, `-paused`, `-resumed`, `-disabled`, `-failing`
+//! (the first failed round after a good one), `-recovered`.
+//!
+//! The settings ([`Settings`]: replica, name, interval, paused) are stored in vireod's
+//! inventory (table `replications`) when replication is enabled, paused or resumed,
+//! and removed when it is disabled or the VM deleted. A vireod that starts restores
+//! every stored VM's loop ([`Replications::restore`]); its first round asks the replica
+//! what it holds, so it goes on from there: no second initial copy.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::client::{self, Endpoint};
+use crate::replica_primary::{DiskSource, Extras, Shipper};
+use crate::replica_server::ReplicaServer;
+use crate::supervisor::Supervisor;
+
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const CUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `PUT /api/v1/vms/{name}/replication`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnableRequest {
+    /// The replica server's peer listener, `HOST:PORT`.
+    pub to: String,
+    /// The host name its certificate must carry (default: HOST).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Seconds between cuts (default 30, at least 1).
+    #[serde(default)]
+    pub interval_s: Option<f64>,
+}
+
+/// What `GET .../replication` answers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicationStatus {
+    pub vm: String,
+    pub to: String,
+    pub server_name: String,
+    pub interval_ms: u64,
+    pub paused: bool,
+    /// "starting", "replicating", "paused", "retrying".
+    pub state: String,
+    pub last_point: Option<u64>,
+    pub last_point_at_ms: Option<u64>,
+    pub rounds: u64,
+    pub failed_rounds: u64,
+    pub base_bytes_sent: u64,
+    pub segment_bytes_sent: u64,
+    pub segments_sent: u64,
+    pub last_error: Option<String>,
+}
+
+/// What is stored per VM (inventory table `replications`, JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub to: String,
+    pub server_name: String,
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub paused: bool,
+}
+
+struct Job {
+    settings: Settings,
+    status: Arc<Mutex<ReplicationStatus>>,
+    paused: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Every VM's replication on this host.
+pub struct Replications {
+    sup: Arc<Supervisor>,
+    /// This host's replica server (`--replica-dir`), for failovers to this host.
+    replica: Option<Arc<ReplicaServer>>,
+    jobs: Mutex<BTreeMap<String, Job>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+impl Replications {
+    pub fn new(sup: Arc<Supervisor>, replica: Option<Arc<ReplicaServer>>) -> Arc<Self> {
+        Arc::new(Self {
+            sup,
+            replica,
+            jobs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// What a failover on the replica boots: VM `name`'s definition, kernel and
+    /// initramfs.
+    fn extras(&self, name: &str) -> Result<Extras, String> {
+        let defs = self.sup.export();
+        let def = defs.get(name).ok_or(format!("no VM named {name:?}"))?;
+        Ok(Extras {
+            definition: Some(serde_json::to_vec(def).map_err(|e| e.to_string())?),
+            kernel: Some(def.config.payload.kernel.clone()),
+            initramfs: def.config.payload.initramfs.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// The replicated disks of VM `name` (raw images with `replica_log`).
+    fn sources(&self, name: &str) -> Result<Vec<DiskSource>, String> {
+        let defs = self.sup.export();
+        let def = defs.get(name).ok_or(format!("no VM named {name:?}"))?;
+        let mut out = Vec::new();
+        for d in &def.config.disks {
+            let Some(log) = &d.replica_log else { continue };
+            if d.effective_format() != api::config::DiskFormat::Raw {
+                return Err(format!(
+                    "disk {}: only raw images are replicated yet (the initial copy reads the image)",
+                    d.path.display()
+                ));
+            }
+            let size = std::fs::metadata(&d.path)
+                .map_err(|e| format!("disk {}: {e}", d.path.display()))?
+                .len();
+            out.push(DiskSource {
+                log_dir: log.clone(),
+                image: d.path.clone(),
+                size,
+            });
+        }
+        if out.is_empty() {
+            return Err(format!(
+                "no disk of {name:?} is replicated (give its disks replica_log=DIR)"
+            ));
+        }
+        Ok(out)
+    }
+
+    fn endpoint(&self, to: &str, server_name: &str) -> Result<Endpoint, String> {
+        let id = self.sup.cfg.identity.as_ref().ok_or(
+            "replication needs this vireod's host identity (--tls-cert, --tls-key, --tls-ca)",
+        )?;
+        let tls = id.client_config().map_err(|e| crate::error_chain(&e))?;
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| format!("replica name {server_name:?}: {e}"))?;
+        Ok(Endpoint::Https {
+            authority: to.to_string(),
+            server_name,
+            tls,
+        })
+    }
+
+    pub fn enable(
+        self: &Arc<Self>,
+        name: &str,
+        req: EnableRequest,
+    ) -> Result<ReplicationStatus, (StatusCode, String)> {
+        let bad = |m: String| (StatusCode::BAD_REQUEST, m);
+        crate::model::validate_name(name).map_err(|e| bad(e.to_string()))?;
+        let host = req
+            .to
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+            .ok_or_else(|| bad(format!("--to {:?}: expected HOST:PORT", req.to)))?;
+        let interval = Duration::from_secs_f64(req.interval_s.unwrap_or(30.0).max(0.0));
+        if interval < MIN_INTERVAL || interval > Duration::from_secs(24 * 3600) {
+            return Err(bad(format!("interval {interval:?}: from 1 s to 24 h")));
+        }
+        let settings = Settings {
+            to: req.to.clone(),
+            server_name: req.server_name.clone().unwrap_or(host),
+            interval_ms: interval.as_millis() as u64,
+            paused: false,
+        };
+        let mut jobs = lock(&self.jobs);
+        if jobs.contains_key(name) {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("replication of {name:?} is enabled already (disable it first)"),
+            ));
+        }
+        let job = self.start_job(name, settings)?;
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            job.task.abort();
+            return Err((StatusCode::INTERNAL_SERVER_ERROR, e));
+        }
+        let st = lock(&job.status).clone();
+        jobs.insert(name.to_string(), job);
+        self.sup
+            .replication_event(name, "replication-enabled", Some(format!("to {}", req.to)));
+        Ok(st)
+    }
+
+    /// Starts VM `name`'s loop with `settings` (paused if they say so).
+    fn start_job(&self, name: &str, settings: Settings) -> Result<Job, (StatusCode, String)> {
+        let disks = self.sources(name).map_err(|m| (StatusCode::CONFLICT, m))?;
+        let to = self
+            .endpoint(&settings.to, &settings.server_name)
+            .map_err(|m| (StatusCode::BAD_REQUEST, m))?;
+        let interval = Duration::from_millis(settings.interval_ms).max(MIN_INTERVAL);
+        let status = Arc::new(Mutex::new(ReplicationStatus {
+            vm: name.to_string(),
+            to: settings.to.clone(),
+            server_name: settings.server_name.clone(),
+            interval_ms: interval.as_millis() as u64,
+            paused: settings.paused,
+            state: if settings.paused {
+                "paused"
+            } else {
+                "starting"
+            }
+            .into(),
+            ..Default::default()
+        }));
+        let (paused, paused_rx) = watch::channel(settings.paused);
+        let shipper = Shipper {
+            to,
+            vm: name.to_string(),
+            disks,
+            extras: self.extras(name).map_err(|m| (StatusCode::CONFLICT, m))?,
+        };
+        let task = tokio::spawn(run(
+            self.sup.clone(),
+            shipper,
+            interval,
+            status.clone(),
+            paused_rx,
+        ));
+        Ok(Job {
+            settings,
+            status,
+            paused,
+            task,
+        })
+    }
+
+    /// Stores (or removes) VM `name`'s settings in the inventory.
+    fn store(&self, name: &str, settings: Option<&Settings>) -> Result<(), String> {
+        let json = settings
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        self.sup
+            .save_replication(name, json.as_deref())
+            .map_err(|e| format!("cannot store the replication settings: {e}"))
+    }
+
+    /// Starts the loop of every VM whose replication settings are stored (at vireod's
+    /// start). A VM whose settings cannot be used any more (its disks changed, no host
+    /// identity) is logged and left stored: enable or disable it again.
+    pub fn restore(self: &Arc<Self>) {
+        let stored = match self.sup.stored_replications() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "replication settings cannot be read; no replication restored");
+                return;
+            }
+        };
+        let mut jobs = lock(&self.jobs);
+        for (name, json) in stored {
+            let settings = match serde_json::from_str::<Settings>(&json) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "unreadable replication settings; not restored");
+                    continue;
+                }
+            };
+            match self.start_job(&name, settings) {
+                Ok(job) => {
+                    info!(vm = %name, to = %job.settings.to, paused = job.settings.paused, "replication restored");
+                    jobs.insert(name, job);
+                }
+                Err((_, e)) => {
+                    warn!(vm = %name, error = %e, "replication not restored");
+                    self.sup
+                        .replication_event(&name, "replication-failing", Some(e));
+                }
+            }
+        }
+    }
+
+    pub fn status(&self, name: &str) -> Option<ReplicationStatus> {
+        lock(&self.jobs).get(name).map(|j| lock(&j.status).clone())
+    }
+
+    pub fn list(&self) -> Vec<ReplicationStatus> {
+        lock(&self.jobs)
+            .values()
+            .map(|j| lock(&j.status).clone())
+            .collect()
+    }
+
+    fn set_paused(&self, name: &str, paused: bool) -> Option<ReplicationStatus> {
+        let mut jobs = lock(&self.jobs);
+        let job = jobs.get_mut(name)?;
+        job.settings.paused = paused;
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            warn!(vm = %name, error = %e, "the paused state is not stored");
+        }
+        job.paused.send_replace(paused);
+        let mut st = lock(&job.status);
+        st.paused = paused;
+        if paused {
+            st.state = "paused".into();
+        }
+        let event = if paused {
+            "replication-paused"
+        } else {
+            "replication-resumed"
+        };
+        self.sup.replication_event(name, event, None);
+        Some(st.clone())
+    }
+
+    fn disable(&self, name: &str) -> Option<ReplicationStatus> {
+        let job = lock(&self.jobs).remove(name)?;
+        job.task.abort();
+        if let Err(e) = self.store(name, None) {
+            warn!(vm = %name, error = %e, "the disabled replication stays stored");
+        }
+        self.sup
+            .replication_event(name, "replication-disabled", None);
+        let st = lock(&job.status).clone();
+        Some(st)
+    }
+}
+
+impl Replications {
+    /// Planned failover of VM `name` (replicating from here): its loop stops, the VM
+    /// is shut down (killed if it does not stop in time), every disk's log sealed at
+    /// one last cut, everything the replica lacks sent and that cut committed; then
+    /// the replica starts the VM and replication of it ends here. A step that fails
+    /// leaves the settings stored and the loop paused (nothing is lost: the log keeps
+    /// what the replica did not apply).
+    pub async fn planned_failover(
+        self: &Arc<Self>,
+        name: &str,
+        start: bool,
+    ) -> Result<serde_json::Value, (StatusCode, String)> {
+        let job = lock(&self.jobs).remove(name).ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("replication of {name:?} is not enabled"),
+            )
+        })?;
+        job.task.abort();
+        let settings = Settings {
+            paused: true,
+            ..job.settings.clone()
+        };
+        match self.failover_steps(name, &settings, start).await {
+            Ok(v) => {
+                if let Err(e) = self.store(name, None) {
+                    warn!(vm = %name, error = %e, "the failed-over replication stays stored");
+                }
+                self.sup.replication_event(
+                    name,
+                    "replication-failed-over",
+                    Some(format!("to {}", settings.to)),
+                );
+                Ok(v)
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "planned failover failed; replication paused");
+                self.sup
+                    .replication_event(name, "replication-failing", Some(e.clone()));
+                if let Ok(job) = self.start_job(name, settings.clone()) {
+                    let _ = self.store(name, Some(&settings));
+                    lock(&self.jobs).insert(name.to_string(), job);
+                }
+                Err((
+                    StatusCode::CONFLICT,
+                    format!("planned failover of {name:?}: {e}"),
+                ))
+            }
+        }
+    }
+
+    async fn failover_steps(
+        &self,
+        name: &str,
+        settings: &Settings,
+        start: bool,
+    ) -> Result<serde_json::Value, String> {
+        let shipper = Shipper {
+            to: self.endpoint(&settings.to, &settings.server_name)?,
+            vm: name.to_string(),
+            disks: self.sources(name)?,
+            extras: self.extras(name)?,
+        };
+        let running = self.sup.get(name).map_err(|e| e.to_string())?;
+        if running.pid.is_some() {
+            self.sup
+                .stop(name, None)
+                .await
+                .map_err(|e| format!("shutting the VM down: {e}"))?;
+        }
+        let dirs = shipper
+            .disks
+            .iter()
+            .map(|d| {
+                self.sup
+                    .roots()
+                    .open_dir(&d.log_dir)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cut = shipper
+            .seal_after_stop(dirs)
+            .map_err(|e| crate::error_chain(&e))?;
+        shipper
+            .round(|| async { Ok(cut) })
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let point = shipper
+            .status()
+            .await
+            .map_err(|e| crate::error_chain(&e))?
+            .point
+            .map(|p| p.cut_id);
+        if point != Some(cut) {
+            return Err(format!(
+                "the replica's point is {point:?}, not the last cut {cut}"
+            ));
+        }
+        let replica = shipper
+            .request_failover(start)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        info!(vm = %name, cut, "planned failover: the VM runs on the replica");
+        Ok(serde_json::json!({"vm": name, "point": cut, "replica": replica}))
+    }
+
+    /// Unplanned failover to this host: `primary`'s VM `vm` starts here from its
+    /// replica's latest point (`primary` may be left out when one primary holds `vm`).
+    pub async fn failover_here(
+        &self,
+        vm: &str,
+        primary: Option<&str>,
+        start: bool,
+    ) -> Result<serde_json::Value, Response> {
+        let server = self.replica.as_ref().ok_or_else(|| {
+            error(
+                StatusCode::CONFLICT,
+                "this vireod is not a replica server (--replica-dir)".into(),
+            )
+        })?;
+        let primary = match primary {
+            Some(p) => p.to_string(),
+            None => {
+                let holding = server.primaries_holding(vm);
+                match holding.as_slice() {
+                    [one] => one.clone(),
+                    [] => {
+                        return Err(error(
+                            StatusCode::NOT_FOUND,
+                            format!("no replica of a VM named {vm:?} here"),
+                        ))
+                    }
+                    _ => {
+                        return Err(error(
+                            StatusCode::CONFLICT,
+                            format!("replicas of {vm:?} from {holding:?}: name the primary"),
+                        ))
+                    }
+                }
+            }
+        };
+        crate::replica_failover::fail_over(&self.sup, server, &primary, vm, start)
+            .await
+            .map_err(IntoResponse::into_response)
+    }
+}
+
+/// One VM's loop.
+async fn run(
+    sup: Arc<Supervisor>,
+    shipper: Shipper,
+    interval: Duration,
+    status: Arc<Mutex<ReplicationStatus>>,
+    mut paused: watch::Receiver<bool>,
+) {
+    let name = shipper.vm.clone();
+    let mut backoff = Duration::from_secs(1);
+    let mut failing = false;
+    loop {
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+        }
+        let socket = sup.socket_path(&name);
+        let cut = || async {
+            let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
+                .await
+                .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
+            if !r.ok() {
+                return Err(format!("vm.replica-cut: {}", r.error_message()));
+            }
+            Ok(r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0))
+        };
+        let result = shipper.round(cut).await;
+        let wait = {
+            let mut st = lock(&status);
+            st.rounds += 1;
+            match result {
+                Ok(s) => {
+                    st.base_bytes_sent += s.base_bytes;
+                    st.segment_bytes_sent += s.segment_bytes;
+                    st.segments_sent += s.segments_sent;
+                    if let Some(p) = s.point {
+                        st.last_point = Some(p);
+                        st.last_point_at_ms = Some(crate::now_ms());
+                    }
+                    st.last_error = None;
+                    if !st.paused {
+                        st.state = "replicating".into();
+                    }
+                    backoff = Duration::from_secs(1);
+                    if failing {
+                        failing = false;
+                        sup.replication_event(&name, "replication-recovered", None);
+                    }
+                    interval
+                }
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    warn!(vm = %name, error = %msg, retry_in = ?backoff, "replication round failed");
+                    st.failed_rounds += 1;
+                    st.last_error = Some(msg.clone());
+                    if !st.paused {
+                        st.state = "retrying".into();
+                    }
+                    if !failing {
+                        failing = true;
+                        sup.replication_event(&name, "replication-failing", Some(msg));
+                    }
+                    let w = backoff.min(interval.max(MIN_INTERVAL) * 4).min(MAX_BACKOFF);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    w
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = paused.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+type R = State<Arc<Replications>>;
+
+/// The replication routes (unix socket).
+pub fn router(r: Arc<Replications>) -> Router {
+    Router::new()
+        .route("/api/v1/replication", get(list))
+        .route("/api/v1/vms/{name}/replication", get(status))
+        .route("/api/v1/vms/{name}/replication", put(enable))
+        .route("/api/v1/vms/{name}/replication", delete(disable))
+        .route("/api/v1/vms/{name}/replication/pause", post(pause))
+        .route("/api/v1/vms/{name}/replication/resume", post(resume))
+        .route("/api/v1/vms/{name}/replication/failover", post(failover))
+        .route("/api/v1/replicas/{vm}/failover", post(failover_here))
+        .with_state(r)
+}
+
+/// 404: no such VM, or its replication is not enabled.
+fn not_enabled(r: &Replications, name: &str) -> Response {
+    let msg = match r.sup.get(name) {
+        Err(e) => e.to_string(),
+        Ok(_) => format!("replication of {name:?} is not enabled"),
+    };
+    error(StatusCode::NOT_FOUND, msg)
+}
+
+async fn list(State(r): R) -> Response {
+    Json(r.list()).into_response()
+}
+
+async fn status(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.status(&name) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&r, &name),
+    }
+}
+
+async fn enable(State(r): R, UrlPath(name): UrlPath<String>, body: axum::body::Bytes) -> Response {
+    if r.sup.get(&name).is_err() {
+        return not_enabled(&r, &name);
+    }
+    let req: EnableRequest = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("replication: {e}")),
+    };
+    match r.enable(&name, req) {
+        Ok(s) => {
+            info!(vm = %name, to = %s.to, "replication enabled");
+            (StatusCode::OK, Json(s)).into_response()
+        }
+        Err((status, m)) => error(status, m),
+    }
+}
+
+async fn disable(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.disable(&name) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&r, &name),
+    }
+}
+
+async fn pause(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.set_paused(&name, true) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&r, &name),
+    }
+}
+
+async fn resume(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
+    match r.set_paused(&name, false) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&r, &name),
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /api/v1/vms/{name}/replication/failover` `{"planned": true, "start": bool}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverRequest {
+    planned: bool,
+    /// Start the VM on the replica host (default true).
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+async fn failover(
+    State(r): R,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if r.status(&name).is_none() {
+        return not_enabled(&r, &name);
+    }
+    let start = match serde_json::from_slice::<FailoverRequest>(&body) {
+        Ok(FailoverRequest {
+            planned: true,
+            start,
+        }) => start,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "here only a planned failover ({\"planned\": true}); an unplanned one is asked of the replica's vireod (POST /api/v1/replicas/{vm}/failover)".into(),
+            )
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
+    };
+    match r.planned_failover(&name, start).await {
+        Ok(v) => Json(v).into_response(),
+        Err((status, m)) => error(status, m),
+    }
+}
+
+/// `POST /api/v1/replicas/{vm}/failover` `{"point": "latest", "primary": NAME?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverHereRequest {
+    point: String,
+    #[serde(default)]
+    primary: Option<String>,
+    /// Start the VM (default true).
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+async fn failover_here(
+    State(r): R,
+    UrlPath(vm): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: FailoverHereRequest = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
+    };
+    if req.point != "latest" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "point {:?}: only \"latest\" (no recovery history is kept yet)",
+                req.point
+            ),
+        );
+    }
+    match r
+        .failover_here(&vm, req.primary.as_deref(), req.start)
+        .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(resp) => resp,
+    }
+}

@@ -1,0 +1,370 @@
+//! Vireo Replica between two hosts in their own network namespaces (a veth pair,
+//! 10.77.0.1 ↔ 10.77.0.2): the primary vireod (host-a) replicates a real VMM whose
+//! test guest writes seeded blocks to two disks to the replica vireod (host-b) over
+//! mutual TLS, then fails over — planned (no write lost) or unplanned (the primary's
+//! link cut: the latest recovery point, a crash-consistent prefix of the guest's
+//! writes, and a primary that comes back changes nothing).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::pki::{call_raw, endpoint, tls_args, Pki};
+use common::{Daemon, T};
+use serde_json::{json, Value};
+use vireo_e2e::netns::NetNs;
+
+const BLOCKS: u64 = 64;
+const DISK_SIZE: u64 = 4 << 20;
+const A_IP: &str = "10.77.0.1";
+const B_IP: &str = "10.77.0.2";
+const PEER_PORT: u16 = 7443;
+
+/// Two hosts: namespaces joined by a veth pair, a replica vireod in B, a primary
+/// vireod in A with VM vm1 (two raw disks with change logs) running the writer guest.
+struct Hosts {
+    a: Daemon,
+    b: Daemon,
+    ns_a: Arc<NetNs>,
+    _ns_b: Arc<NetNs>,
+    _pki: Pki,
+    /// host-a's identity (the primary's).
+    a_id: agent::hosttls::IdentityFiles,
+    /// B's replica directory.
+    replicas: PathBuf,
+    _store: tempfile::TempDir,
+    /// vm1's disk images on A.
+    images: Vec<PathBuf>,
+}
+
+impl Hosts {
+    fn new(tag: &str) -> Self {
+        let ns_a = Arc::new(NetNs::new(&format!("{tag}a")));
+        let ns_b = Arc::new(NetNs::new(&format!("{tag}b")));
+        // The veth ends are made in the namespaces: no name is shared with another test.
+        let out = std::process::Command::new("ip")
+            .args(["link", "add", "va", "netns", ns_a.name(), "type", "veth"])
+            .args(["peer", "name", "vb", "netns", ns_b.name()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (ns, dev, ip) in [(&ns_a, "va", A_IP), (&ns_b, "vb", B_IP)] {
+            ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            ns.exec(&["ip", "link", "set", dev, "up"]);
+            ns.exec(&["ip", "link", "set", "lo", "up"]);
+        }
+        let pki = Pki::new();
+        let store = tempfile::Builder::new()
+            .prefix("replicas")
+            .tempdir()
+            .unwrap();
+        let replicas = store.path().join("replicas");
+        let addr = format!("{B_IP}:{PEER_PORT}");
+        let mut args = vec![
+            "--no-autostart".to_string(),
+            "--listen".into(),
+            addr.clone(),
+        ];
+        args.extend(tls_args(&pki.host("host-b")));
+        args.extend(["--peer".into(), "host-a".into()]);
+        args.extend(["--replica-dir".into(), replicas.display().to_string()]);
+        args.extend(["--replica-allow".into(), "host-a".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let b = Daemon::start_in_netns(&refs, ns_b.clone());
+        ns_b.run(|| {
+            let start = std::time::Instant::now();
+            while std::net::TcpStream::connect(&addr).is_err() {
+                assert!(start.elapsed() < T, "B's peer listener never came up");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+
+        let a_id = pki.host("host-a");
+        let mut args = tls_args(&a_id);
+        args.push("--no-autostart".into());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let a = Daemon::start_in_netns(&refs, ns_a.clone());
+        let disks_dir = a.dir.path().join("disks");
+        std::fs::create_dir(&disks_dir).unwrap();
+        let mut disks = Vec::new();
+        let mut images = Vec::new();
+        for i in 0..2 {
+            let img = disks_dir.join(format!("d{i}.raw"));
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(DISK_SIZE)
+                .unwrap();
+            disks.push(json!({
+                "path": img,
+                "format": "raw",
+                "replica_log": disks_dir.join(format!("d{i}.rlog")),
+            }));
+            images.push(img);
+        }
+        let def = json!({
+            "config": {
+                "payload": {
+                    "kernel": vireo_e2e::guest(),
+                    "cmdline": format!("test=replica-writer disks=2 blocks={BLOCKS}"),
+                },
+                "memory": {"size": 32u64 << 20},
+                "disks": disks,
+            },
+            "restart": "never",
+        });
+        a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
+        a.ok("PUT", "/api/v1/vms/vm1/start", None);
+        a.wait_serial("vm1", "rw n=10\n", T);
+        a.ctl_ok(&[
+            "replica",
+            "enable",
+            "vm1",
+            "--to",
+            &addr,
+            "--to-name",
+            "host-b",
+            "--interval",
+            "1s",
+        ]);
+        Hosts {
+            a,
+            b,
+            ns_a,
+            _ns_b: ns_b,
+            _pki: pki,
+            a_id,
+            replicas,
+            _store: store,
+            images,
+        }
+    }
+
+    fn replication(&self) -> Value {
+        self.a.ok("GET", "/api/v1/vms/vm1/replication", None)
+    }
+
+    /// Waits until A's replication of vm1 satisfies `done`.
+    fn wait(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = std::time::Instant::now();
+        loop {
+            let v = self.replication();
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < T * 3,
+                "{what}: {v}\nA's log:\n{}",
+                self.a.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn replica_image(&self, disk: usize) -> Vec<u8> {
+        std::fs::read(
+            self.replicas
+                .join("host-a/vm1")
+                .join(format!("disk-{disk}.img")),
+        )
+        .unwrap()
+    }
+
+    /// The last `rw n=N` A's guest printed.
+    fn last_write(&self) -> u64 {
+        last_rw(&self.a.serial("vm1"))
+    }
+}
+
+fn last_rw(serial: &str) -> u64 {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("rw n="))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn point(v: &Value) -> u64 {
+    v["last_point"].as_u64().unwrap_or(0)
+}
+
+/// The seed of the writer guest's iteration whose data block `b` of `image` holds
+/// (0: never written), trying every iteration up to `max`.
+fn seed_of(image: &[u8], b: u64, max: u64) -> u64 {
+    let at = (b * 4096) as usize;
+    let block = &image[at..at + 4096];
+    if block.iter().all(|&x| x == 0) {
+        return 0;
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut n = if b == 0 { BLOCKS } else { b };
+    while n <= max {
+        vireo_e2e::pattern::fill(n, b * 8, &mut buf);
+        if buf == block {
+            return n;
+        }
+        n += BLOCKS;
+    }
+    panic!("block {b} holds no iteration up to {max} of the writer guest");
+}
+
+/// Checks that `image` holds exactly the guest's iterations 1..=N for one N (each
+/// block the newest of them that wrote it) and returns N.
+fn prefix_of(image: &[u8], max: u64, what: &str) -> u64 {
+    let seeds: Vec<u64> = (0..BLOCKS).map(|b| seed_of(image, b, max)).collect();
+    let n = seeds.iter().copied().max().unwrap_or(0);
+    for (b, &s) in seeds.iter().enumerate() {
+        let b = b as u64;
+        // The newest iteration up to n that wrote block b.
+        let expected = (1..=n).rev().find(|i| i % BLOCKS == b).unwrap_or(0);
+        assert_eq!(s, expected, "{what}: block {b} after iteration {n}: a hole");
+    }
+    n
+}
+
+fn absent(path: &Path) -> bool {
+    !path.exists()
+}
+
+/// Planned failover: the primary's VM is shut down, its last changes sent and
+/// committed, and the replica host gets the VM defined on its images; the replica
+/// equals the primary's disks byte for byte (no write lost, the guest's last reported
+/// write included), and the VM then runs there from them.
+#[test]
+fn a_planned_failover_between_hosts_in_network_namespaces_loses_no_write() {
+    if !vireo_e2e::netns::is_root() {
+        vireo_e2e::skip_or_fail_under_ci("network namespaces need root");
+        return;
+    }
+    let h = Hosts::new("rpf");
+    let v = h.wait("a second recovery point", |v| point(v) >= 2);
+    assert!(v["base_bytes_sent"].as_u64().unwrap() > 0, "{v}");
+
+    let out =
+        h.a.ctl_ok(&["replica", "failover", "vm1", "--planned", "--no-start"]);
+    assert!(out.contains("failed over at recovery point"), "{out}");
+    assert_eq!(h.a.state("vm1"), "Stopped");
+    let last = h.last_write();
+    assert!(last > 10, "{last}");
+    for (i, img) in h.images.iter().enumerate() {
+        let primary = std::fs::read(img).unwrap();
+        assert!(
+            h.replica_image(i) == primary,
+            "disk {i}: the replica differs from the stopped primary's disk"
+        );
+        // The guest's last reported write is there.
+        let n = prefix_of(&primary, last + 1, "primary");
+        assert!(n >= last, "disk {i}: iteration {n} < the reported {last}");
+    }
+    h.a.wait_log("replication-failed-over");
+    let (s, body) = h.a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404, "replication goes on after the failover: {body}");
+    h.b.wait_log("replica-failed-over");
+
+    // The replica takes nothing more from host-a.
+    let seg = zstd::encode_all(&b"x"[..], 3).unwrap();
+    let (s, v) = h.ns_a.run(|| {
+        let to = endpoint(&format!("{B_IP}:{PEER_PORT}"), "host-b", &h.a_id);
+        call_raw(
+            &to,
+            "PUT",
+            "/peer/v1/replica/vm1/disks/0/segments/999",
+            Some(seg),
+        )
+        .unwrap()
+    });
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("failed over"), "{v}");
+
+    // The VM starts on host-b from the replica: its own kernel copy, the replica disks.
+    let def = h.b.ok("GET", "/api/v1/vms/vm1", None);
+    let disk0 = def["definition"]["config"]["disks"][0]["path"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(disk0.ends_with("host-a/vm1/disk-0.img"), "{def}");
+    h.b.ok("PUT", "/api/v1/vms/vm1/start", None);
+    h.b.wait_serial("vm1", "rw n=5\n", T);
+    assert!(absent(&h.replicas.join("host-a/vm1/committing")));
+}
+
+/// Unplanned failover: the primary's link goes down mid-run; on the replica host
+/// `vireoctl replica failover vm1 --point latest` defines the VM on the latest
+/// recovery point: every disk holds exactly the guest's iterations up to one N (disk 1
+/// written after disk 0: N or one less). When the link comes back the primary's rounds
+/// are refused and the replica's images do not change.
+#[test]
+fn an_unplanned_failover_starts_the_latest_point_and_a_returning_primary_changes_nothing() {
+    if !vireo_e2e::netns::is_root() {
+        vireo_e2e::skip_or_fail_under_ci("network namespaces need root");
+        return;
+    }
+    let h = Hosts::new("rpu");
+    let v = h.wait("a second recovery point", |v| point(v) >= 2);
+    let before = point(&v);
+
+    // The primary is cut off (its vireod and VM go on, as on a partitioned host).
+    h.ns_a.exec(&["ip", "link", "set", "va", "down"]);
+    h.wait("a failed round", |v| {
+        v["failed_rounds"].as_u64().unwrap_or(0) > 0
+    });
+
+    let out = h.b.ctl_ok(&[
+        "replica",
+        "failover",
+        "vm1",
+        "--point",
+        "latest",
+        "--no-start",
+    ]);
+    assert!(out.contains("failed over here from host-a"), "{out}");
+    let max = h.last_write() + 2;
+    let images: Vec<Vec<u8>> = (0..2).map(|i| h.replica_image(i)).collect();
+    let n0 = prefix_of(&images[0], max, "disk 0");
+    let n1 = prefix_of(&images[1], max, "disk 1");
+    assert!(
+        n1 > 0 && (n0 == n1 || n0 == n1 + 1),
+        "disk 0 at {n0}, disk 1 at {n1}"
+    );
+    let (s, st) = h.b.api("GET", "/api/v1/vms/vm1", None);
+    assert_eq!(s, 200, "{st}");
+
+    // The link is back: host-a's rounds are refused, the replica does not change.
+    h.ns_a.exec(&["ip", "link", "set", "va", "up"]);
+    let v = h.wait("a round refused by the failed-over replica", |v| {
+        v["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("failed over"))
+    });
+    assert!(point(&v) >= before, "{v}");
+    for (i, img) in images.iter().enumerate() {
+        assert!(
+            h.replica_image(i) == *img,
+            "disk {i}: the returning primary changed the replica"
+        );
+    }
+
+    // The VM runs on host-b from that point.
+    h.b.ok("PUT", "/api/v1/vms/vm1/start", None);
+    h.b.wait_serial("vm1", "rw n=5\n", T);
+
+    // A second failover of the same VM is refused (it exists here now).
+    let (s, body) = h.b.api(
+        "POST",
+        "/api/v1/replicas/vm1/failover",
+        Some(&json!({"point": "latest"}).to_string()),
+    );
+    assert_eq!(s, 409, "{body}");
+    // Only the latest point exists (no recovery history yet).
+    let (s, body) = h.b.api(
+        "POST",
+        "/api/v1/replicas/vm1/failover",
+        Some(&json!({"point": "2026-01-01T00:00:00Z"}).to_string()),
+    );
+    assert_eq!(s, 400, "{body}");
+}

@@ -1,0 +1,720 @@
+//! The replica server's store of one replicated VM: its raw disk images, each disk's
+//! applied state ([`ReplicaDisk`]), segments staged before they are applied, and the
+//! VM-wide recovery point.
+//!
+//! A recovery point is a cut id at which *every* disk of the VM is applied. Because
+//! the images are updated in place, applying a point is a redo transaction:
+//!
+//! 1. each disk's segments are staged first (decompressed into `disk-N/SEQ.part`,
+//!    verified to the trailer, fsynced, renamed to `SEQ.vlog`, the directory fsynced);
+//! 2. `commit` checks that every disk has its segments up to one whose trailer names
+//!    the cut, and verifies them all again;
+//! 3. it writes the intent (`committing`: the cut id and each disk's sequence number)
+//!    atomically, applies each disk's segments in order (image synced, disk state
+//!    recorded), writes the VM's state with the new point, and removes the intent and
+//!    the applied segments.
+//!
+//! A crash anywhere in step 3 leaves the intent; the next open finishes it (applying a
+//! segment again writes the same absolute bytes), so the point read after a crash is
+//! always one whose bytes are all on the images. While an intent is pending the images
+//! are between two points; nothing reads them before it is finished.
+//!
+//! Layout of the VM's directory: `vm.state` (checksummed JSON), `committing`,
+//! `disk-N.img` (raw), `disk-N/` (the disk's `applied` state and staged segments).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{ApplyError, ApplyOutcome, ReplicaDisk};
+use crate::error::SegmentError;
+use crate::format::segment_file_name;
+use crate::segment::{SegmentReader, Trailer};
+
+const STATE_FILE: &str = "vm.state";
+const INTENT_FILE: &str = "committing";
+/// At most this many disks per replicated VM.
+pub const MAX_DISKS: usize = 16;
+/// At most this many bytes in one chunk of the initial copy.
+pub const MAX_BASE_CHUNK: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("replica store: {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("segment {seq} of disk {disk} refused: {source}")]
+    Segment {
+        disk: usize,
+        seq: u64,
+        #[source]
+        source: SegmentError,
+    },
+    /// The request contradicts what the replica holds (409).
+    #[error("replica store: {0}")]
+    Conflict(String),
+    /// The request itself is wrong (400).
+    #[error("replica store: {0}")]
+    Invalid(String),
+    /// A body beyond its bound (413).
+    #[error("replica store: {what} exceeds {limit} bytes")]
+    TooLarge { what: &'static str, limit: u64 },
+    #[error("replica store: no replica of this VM")]
+    NotFound,
+    #[error("replica store: the state file {0} is damaged")]
+    Damaged(&'static str),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
+
+/// A VM-wide recovery point: the cut id and, per disk, the segment that ends at it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    pub cut_id: u64,
+    pub seqs: Vec<u64>,
+}
+
+/// What the VM's state file records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct VmState {
+    disk_sizes: Vec<u64>,
+    base_complete: bool,
+    point: Option<Point>,
+    /// The replica was failed over: a VM runs on its images now, nothing of the
+    /// primary is taken any more.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    failed_over: bool,
+}
+
+/// What a primary stores beside its replica for a failover, besides the disks: the
+/// VM's definition and its boot payload (a failover on this host boots these, never
+/// files of this host the primary names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extra {
+    Definition,
+    Kernel,
+    Initramfs,
+}
+
+impl Extra {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Extra::Definition => "definition.json",
+            Extra::Kernel => "kernel",
+            Extra::Initramfs => "initramfs",
+        }
+    }
+
+    /// The most bytes each may have.
+    pub fn limit(self) -> u64 {
+        match self {
+            Extra::Definition => 1 << 20,
+            Extra::Kernel | Extra::Initramfs => 512 << 20,
+        }
+    }
+}
+
+/// One disk as the status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub size: u64,
+    pub applied_seq: u64,
+    pub applied_cut_id: u64,
+    /// Segments staged and not yet applied.
+    pub staged: Vec<u64>,
+}
+
+/// What the replica holds of a VM: a primary resumes from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub base_complete: bool,
+    /// A VM was started from this replica (it takes nothing from the primary now).
+    #[serde(default)]
+    pub failed_over: bool,
+    /// The newest recovery point (none before the first commit).
+    pub point: Option<Point>,
+    pub disks: Vec<DiskStatus>,
+}
+
+/// The answer to staging a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Staged {
+    /// Verified and kept for the commit of its cut.
+    Staged(Trailer),
+    /// Applied already (a re-send): nothing was kept.
+    AlreadyApplied,
+}
+
+/// The answer to a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Committed {
+    Committed(Point),
+    /// This point or a newer one exists already (a re-send).
+    AlreadyThere(Point),
+}
+
+/// One replicated VM's directory, opened.
+pub struct ReplicaVm {
+    dir: OwnedFd,
+    state: VmState,
+    images: Vec<File>,
+    disks: Vec<ReplicaDisk<File>>,
+    disk_dirs: Vec<OwnedFd>,
+}
+
+fn disk_image_name(i: usize) -> String {
+    format!("disk-{i}.img")
+}
+
+fn disk_dir_name(i: usize) -> String {
+    format!("disk-{i}")
+}
+
+fn part_name(seq: u64) -> String {
+    format!("{seq:020}.part")
+}
+
+fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    File::open(confine::fd_path(dir, ".".as_ref()))?.sync_all()
+}
+
+fn encode_state(s: &VmState) -> Vec<u8> {
+    let json = serde_json::to_vec(s).unwrap_or_default();
+    let mut b = format!("{:08x}\n", crc32c::crc32c(&json)).into_bytes();
+    b.extend_from_slice(&json);
+    b
+}
+
+fn decode_checked<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Option<T> {
+    let (crc, json) = (b.get(..8)?, b.get(9..)?);
+    let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
+    if crc32c::crc32c(json) != crc || b.get(8) != Some(&b'\n') {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
+}
+
+fn encode_point(p: &Point) -> Vec<u8> {
+    let json = serde_json::to_vec(p).unwrap_or_default();
+    let mut b = format!("{:08x}\n", crc32c::crc32c(&json)).into_bytes();
+    b.extend_from_slice(&json);
+    b
+}
+
+fn read_opt(dir: BorrowedFd<'_>, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    match std::fs::read(confine::fd_path(dir, name.as_ref())) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(format!("reading {name}"))(e)),
+    }
+}
+
+fn open_or_create_dir(parent: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
+    match confine::mkdir_private(parent, name.as_ref()) {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            confine::open_dir_at(parent, name.as_ref())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens `name` in `dir` for reading and writing without following a symlink.
+fn open_rw_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_nofollow()
+        .open(confine::fd_path(dir, name.as_ref()))
+}
+
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+
+impl NoFollow for std::fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOFOLLOW)
+    }
+}
+
+impl ReplicaVm {
+    /// Opens the replica of a VM in `parent/name`, creating it with disks of
+    /// `disk_sizes` bytes (sparse raw images) if it does not exist. An existing
+    /// replica with other disks is a conflict.
+    pub fn create_or_open(
+        parent: BorrowedFd<'_>,
+        name: &str,
+        disk_sizes: &[u64],
+    ) -> Result<Self, StoreError> {
+        if disk_sizes.is_empty() || disk_sizes.len() > MAX_DISKS {
+            return Err(StoreError::Invalid(format!(
+                "a replicated VM has 1 to {MAX_DISKS} disks, not {}",
+                disk_sizes.len()
+            )));
+        }
+        if let Some(&bad) = disk_sizes
+            .iter()
+            .find(|&&s| s == 0 || !s.is_multiple_of(512))
+        {
+            return Err(StoreError::Invalid(format!(
+                "a disk of {bad} bytes (must be a non-zero multiple of 512)"
+            )));
+        }
+        let dir = open_or_create_dir(parent, name).map_err(io_err(format!("directory {name}")))?;
+        if let Some(b) = read_opt(dir.as_fd(), STATE_FILE)? {
+            let state: VmState = decode_checked(&b).ok_or(StoreError::Damaged(STATE_FILE))?;
+            if state.disk_sizes != disk_sizes {
+                return Err(StoreError::Conflict(format!(
+                    "the replica holds disks of {:?} bytes, not {disk_sizes:?}",
+                    state.disk_sizes
+                )));
+            }
+            return Self::open_dir(dir);
+        }
+        // New (or a creation a crash cut short: vm.state is written last).
+        for (i, &size) in disk_sizes.iter().enumerate() {
+            let image = match confine::create_private(dir.as_fd(), disk_image_name(i).as_ref()) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    open_rw_at(dir.as_fd(), &disk_image_name(i))
+                        .map_err(io_err(disk_image_name(i)))?
+                }
+                Err(e) => return Err(io_err(disk_image_name(i))(e)),
+            };
+            image.set_len(size).map_err(io_err(disk_image_name(i)))?;
+            image.sync_all().map_err(io_err(disk_image_name(i)))?;
+            open_or_create_dir(dir.as_fd(), &disk_dir_name(i)).map_err(io_err(disk_dir_name(i)))?;
+        }
+        let state = VmState {
+            disk_sizes: disk_sizes.to_vec(),
+            base_complete: false,
+            point: None,
+            failed_over: false,
+        };
+        Self::save_state(dir.as_fd(), &state)?;
+        tracing::info!(vm = name, disks = ?disk_sizes, "replica: new replicated VM");
+        Self::open_dir(dir)
+    }
+
+    /// Opens the existing replica in `parent/name` (and finishes a commit a crash
+    /// interrupted).
+    pub fn open(parent: BorrowedFd<'_>, name: &str) -> Result<Self, StoreError> {
+        let dir = match confine::open_dir_at(parent, name.as_ref()) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
+            Err(e) => return Err(io_err(format!("directory {name}"))(e)),
+        };
+        Self::open_dir(dir)
+    }
+
+    fn open_dir(dir: OwnedFd) -> Result<Self, StoreError> {
+        let b = read_opt(dir.as_fd(), STATE_FILE)?.ok_or(StoreError::NotFound)?;
+        let state: VmState = decode_checked(&b).ok_or(StoreError::Damaged(STATE_FILE))?;
+        let mut images = Vec::new();
+        let mut disks = Vec::new();
+        let mut disk_dirs = Vec::new();
+        for i in 0..state.disk_sizes.len() {
+            let image =
+                open_rw_at(dir.as_fd(), &disk_image_name(i)).map_err(io_err(disk_image_name(i)))?;
+            let ddir = confine::open_dir_at(dir.as_fd(), disk_dir_name(i).as_ref())
+                .map_err(io_err(disk_dir_name(i)))?;
+            let ddir2 = ddir.try_clone().map_err(io_err(disk_dir_name(i)))?;
+            let image2 = image.try_clone().map_err(io_err(disk_image_name(i)))?;
+            disks.push(ReplicaDisk::open(image2, ddir2)?);
+            images.push(image);
+            disk_dirs.push(ddir);
+        }
+        let mut vm = Self {
+            dir,
+            state,
+            images,
+            disks,
+            disk_dirs,
+        };
+        if let Some(b) = read_opt(vm.dir.as_fd(), INTENT_FILE)? {
+            let intent: Point = decode_checked(&b).ok_or(StoreError::Damaged(INTENT_FILE))?;
+            tracing::warn!(
+                cut_id = intent.cut_id,
+                "replica: finishing a commit a crash interrupted"
+            );
+            vm.finish_commit(&intent)?;
+        }
+        Ok(vm)
+    }
+
+    fn save_state(dir: BorrowedFd<'_>, state: &VmState) -> Result<(), StoreError> {
+        confine::write_private_atomic(dir, STATE_FILE.as_ref(), &encode_state(state))
+            .and_then(|()| sync_dir(dir))
+            .map_err(io_err("recording the VM's state"))
+    }
+
+    /// Refused once the replica was failed over (409).
+    fn taking(&self) -> Result<(), StoreError> {
+        if self.state.failed_over {
+            return Err(StoreError::Conflict(
+                "the replica was failed over: a VM runs on its disks, nothing more is taken".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn failed_over(&self) -> bool {
+        self.state.failed_over
+    }
+
+    /// Marks the replica failed over (recorded before a VM may start on its images)
+    /// and returns its point: the latest complete one. Refused without a point.
+    /// Idempotent.
+    pub fn fail_over(&mut self) -> Result<Point, StoreError> {
+        let point = self.state.point.clone().ok_or_else(|| {
+            StoreError::Conflict("no recovery point yet: nothing to fail over to".into())
+        })?;
+        if !self.state.failed_over {
+            let mut state = self.state.clone();
+            state.failed_over = true;
+            Self::save_state(self.dir.as_fd(), &state)?;
+            self.state = state;
+        }
+        Ok(point)
+    }
+
+    /// Stores `bytes` as `which` (atomically replaced, synced).
+    pub fn put_extra(&mut self, which: Extra, bytes: &[u8]) -> Result<(), StoreError> {
+        self.taking()?;
+        if bytes.len() as u64 > which.limit() {
+            return Err(StoreError::TooLarge {
+                what: which.file_name(),
+                limit: which.limit(),
+            });
+        }
+        let name = which.file_name();
+        confine::write_private_atomic(self.dir.as_fd(), name.as_ref(), bytes)
+            .and_then(|()| {
+                // A jailed VMM reads its boot files as its own uid (bound read-only,
+                // not chowned); the replica's directories stay private.
+                if which != Extra::Definition {
+                    use std::os::unix::fs::PermissionsExt;
+                    confine::open_file_at(self.dir.as_fd(), name.as_ref())?
+                        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                }
+                sync_dir(self.dir.as_fd())
+            })
+            .map_err(io_err(format!("storing {name}")))
+    }
+
+    /// The stored `which`, if the primary sent it.
+    pub fn extra(&self, which: Extra) -> Result<Option<Vec<u8>>, StoreError> {
+        read_opt(self.dir.as_fd(), which.file_name())
+    }
+
+    pub fn point(&self) -> Option<&Point> {
+        self.state.point.as_ref()
+    }
+
+    pub fn disk_sizes(&self) -> &[u64] {
+        &self.state.disk_sizes
+    }
+
+    /// The image of disk `i` (for reading a point back, or a failover).
+    pub fn image(&self, i: usize) -> Option<&File> {
+        self.images.get(i)
+    }
+
+    pub fn status(&self) -> Result<VmStatus, StoreError> {
+        let mut disks = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let applied = d.applied();
+            disks.push(DiskStatus {
+                size: self.state.disk_sizes[i],
+                applied_seq: applied.seq,
+                applied_cut_id: applied.cut_id,
+                staged: self.staged(i)?,
+            });
+        }
+        Ok(VmStatus {
+            base_complete: self.state.base_complete,
+            failed_over: self.state.failed_over,
+            point: self.state.point.clone(),
+            disks,
+        })
+    }
+
+    /// The staged segments of disk `i`, in order.
+    fn staged(&self, i: usize) -> Result<Vec<u64>, StoreError> {
+        let path = confine::fd_path(self.disk_dirs[i].as_fd(), ".".as_ref());
+        let mut seqs = Vec::new();
+        for e in std::fs::read_dir(&path).map_err(io_err(disk_dir_name(i)))? {
+            let e = e.map_err(io_err(disk_dir_name(i)))?;
+            if let Some(seq) = e
+                .file_name()
+                .to_str()
+                .and_then(crate::format::parse_file_name)
+            {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
+
+    fn disk_index(&self, disk: usize) -> Result<usize, StoreError> {
+        if disk < self.disks.len() {
+            Ok(disk)
+        } else {
+            Err(StoreError::Invalid(format!(
+                "no disk {disk} (the VM has {})",
+                self.disks.len()
+            )))
+        }
+    }
+
+    /// Writes one chunk of the initial copy of disk `disk` at `offset`. Refused once
+    /// the initial copy is complete (a later chunk would break the recovery points).
+    pub fn write_base(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.taking()?;
+        let i = self.disk_index(disk)?;
+        if self.state.base_complete {
+            return Err(StoreError::Conflict(
+                "the initial copy is complete: no more of it is taken".into(),
+            ));
+        }
+        let size = self.state.disk_sizes[i];
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > size) || !offset.is_multiple_of(512) {
+            return Err(StoreError::Invalid(format!(
+                "{} bytes at {offset} do not fit disk {disk} ({size} bytes, 512-byte aligned)",
+                data.len()
+            )));
+        }
+        self.images[i]
+            .write_all_at(data, offset)
+            .map_err(io_err(disk_image_name(i)))
+    }
+
+    /// The initial copy is all there: the images are synced and the fact recorded.
+    pub fn complete_base(&mut self) -> Result<(), StoreError> {
+        self.taking()?;
+        if self.state.base_complete {
+            return Ok(());
+        }
+        for (i, img) in self.images.iter().enumerate() {
+            img.sync_all().map_err(io_err(disk_image_name(i)))?;
+        }
+        let mut state = self.state.clone();
+        state.base_complete = true;
+        Self::save_state(self.dir.as_fd(), &state)?;
+        self.state = state;
+        tracing::info!("replica: initial copy complete");
+        Ok(())
+    }
+
+    /// Stages segment `seq` of disk `disk` from its zstd-compressed bytes: decompressed
+    /// (at most `max_bytes`), verified to its trailer, synced, kept for the commit of
+    /// its cut. A segment already applied is taken as a re-send and not kept; a bad
+    /// one is removed and nothing else changes.
+    pub fn stage(
+        &mut self,
+        disk: usize,
+        seq: u64,
+        compressed: impl Read,
+        max_bytes: u64,
+    ) -> Result<Staged, StoreError> {
+        self.taking()?;
+        let i = self.disk_index(disk)?;
+        if seq <= self.disks[i].applied().seq {
+            return Ok(Staged::AlreadyApplied);
+        }
+        let ddir = self.disk_dirs[i].as_fd();
+        let part = part_name(seq);
+        confine::unlink_at(ddir, part.as_ref()).ok();
+        let result = self.stage_into(i, seq, &part, compressed, max_bytes);
+        if result.is_err() {
+            confine::unlink_at(ddir, part.as_ref()).ok();
+        }
+        result
+    }
+
+    fn stage_into(
+        &self,
+        i: usize,
+        seq: u64,
+        part: &str,
+        compressed: impl Read,
+        max_bytes: u64,
+    ) -> Result<Staged, StoreError> {
+        let ddir = self.disk_dirs[i].as_fd();
+        let mut f =
+            confine::create_private(ddir, part.as_ref()).map_err(io_err("staging a segment"))?;
+        let decoder = zstd::stream::read::Decoder::new(compressed)
+            .map_err(io_err("starting to decompress"))?;
+        let n = io::copy(&mut decoder.take(max_bytes + 1), &mut f).map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::Other {
+                StoreError::Invalid(format!("segment {seq} of disk {i}: not zstd data: {e}"))
+            } else {
+                io_err("staging a segment")(e)
+            }
+        })?;
+        if n > max_bytes {
+            return Err(StoreError::TooLarge {
+                what: "a decompressed segment",
+                limit: max_bytes,
+            });
+        }
+        f.flush().map_err(io_err("staging a segment"))?;
+        f.seek(SeekFrom::Start(0))
+            .map_err(io_err("staging a segment"))?;
+        let trailer = verify(&mut f, i, seq)?;
+        if trailer.seq != seq {
+            return Err(StoreError::Invalid(format!(
+                "the segment sent as {seq} of disk {i} is segment {}",
+                trailer.seq
+            )));
+        }
+        if trailer.disk_size != self.state.disk_sizes[i] {
+            return Err(StoreError::Invalid(format!(
+                "segment {seq} is for a disk of {} bytes, disk {i} has {}",
+                trailer.disk_size, self.state.disk_sizes[i]
+            )));
+        }
+        f.sync_all().map_err(io_err("syncing a staged segment"))?;
+        let final_name = segment_file_name(seq);
+        rename_at(ddir, part.as_ref(), final_name.as_ref())
+            .and_then(|()| sync_dir(ddir))
+            .map_err(io_err("keeping a staged segment"))?;
+        tracing::debug!(
+            disk = i,
+            seq,
+            cut_id = trailer.cut_id,
+            "replica: segment staged"
+        );
+        Ok(Staged::Staged(trailer))
+    }
+
+    /// Makes `cut_id` the VM's recovery point: `seqs[i]` is disk i's segment that ends
+    /// at the cut; every segment between the disk's applied one and it must be staged.
+    /// All are verified before the first byte is applied.
+    pub fn commit(&mut self, cut_id: u64, seqs: &[u64]) -> Result<Committed, StoreError> {
+        self.taking()?;
+        if let Some(p) = &self.state.point {
+            if p.cut_id >= cut_id {
+                return Ok(Committed::AlreadyThere(p.clone()));
+            }
+        }
+        if !self.state.base_complete {
+            return Err(StoreError::Conflict(
+                "the initial copy is not complete: no recovery point yet".into(),
+            ));
+        }
+        if seqs.len() != self.disks.len() {
+            return Err(StoreError::Invalid(format!(
+                "a point names {} disks, the VM has {}",
+                seqs.len(),
+                self.disks.len()
+            )));
+        }
+        for (i, &last) in seqs.iter().enumerate() {
+            let applied = self.disks[i].applied();
+            if last < applied.seq {
+                return Err(StoreError::Conflict(format!(
+                    "disk {i} is at segment {} already, past {last}",
+                    applied.seq
+                )));
+            }
+            if last == applied.seq && applied.cut_id != cut_id {
+                return Err(StoreError::Conflict(format!(
+                    "disk {i}'s segment {last} ends at cut {}, not {cut_id}",
+                    applied.cut_id
+                )));
+            }
+            for seq in applied.seq + 1..=last {
+                let mut f = confine::open_file_at(
+                    self.disk_dirs[i].as_fd(),
+                    segment_file_name(seq).as_ref(),
+                )
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => {
+                        StoreError::Conflict(format!("disk {i}: segment {seq} is not staged"))
+                    }
+                    _ => io_err("opening a staged segment")(e),
+                })?;
+                let t = verify(&mut f, i, seq)?;
+                if seq == last && t.cut_id != cut_id {
+                    return Err(StoreError::Conflict(format!(
+                        "disk {i}'s segment {last} ends at cut {}, not {cut_id}",
+                        t.cut_id
+                    )));
+                }
+            }
+        }
+        let point = Point {
+            cut_id,
+            seqs: seqs.to_vec(),
+        };
+        confine::write_private_atomic(
+            self.dir.as_fd(),
+            INTENT_FILE.as_ref(),
+            &encode_point(&point),
+        )
+        .and_then(|()| sync_dir(self.dir.as_fd()))
+        .map_err(io_err("recording the commit's intent"))?;
+        self.finish_commit(&point)?;
+        Ok(Committed::Committed(point))
+    }
+
+    /// Applies every disk up to the intent's segments, records the point, removes the
+    /// intent and the applied segments. Idempotent.
+    fn finish_commit(&mut self, point: &Point) -> Result<(), StoreError> {
+        for (i, &last) in point.seqs.iter().enumerate() {
+            let ddir = self.disk_dirs[i].as_fd();
+            for seq in self.disks[i].applied().seq + 1..=last {
+                let f = confine::open_file_at(ddir, segment_file_name(seq).as_ref())
+                    .map_err(io_err(format!("disk {i}: staged segment {seq}")))?;
+                match self.disks[i].apply(f)? {
+                    ApplyOutcome::Applied(_) | ApplyOutcome::AlreadyApplied { .. } => {}
+                }
+            }
+        }
+        let mut state = self.state.clone();
+        state.point = Some(point.clone());
+        Self::save_state(self.dir.as_fd(), &state)?;
+        self.state = state;
+        confine::unlink_at(self.dir.as_fd(), INTENT_FILE.as_ref()).ok();
+        for (i, &last) in point.seqs.iter().enumerate() {
+            for seq in self.staged(i)? {
+                if seq <= last {
+                    confine::unlink_at(self.disk_dirs[i].as_fd(), segment_file_name(seq).as_ref())
+                        .ok();
+                }
+            }
+        }
+        tracing::info!(cut_id = point.cut_id, seqs = ?point.seqs, "replica: recovery point");
+        Ok(())
+    }
+}
+
+/// Reads a segment through and returns its trailer.
+fn verify(f: &mut File, disk: usize, seq: u64) -> Result<Trailer, StoreError> {
+    f.seek(SeekFrom::Start(0))
+        .map_err(io_err("reading a staged segment"))?;
+    SegmentReader::new(BufReader::new(&mut *f))
+        .and_then(SegmentReader::verify_all)
+        .map_err(|source| StoreError::Segment { disk, seq, source })
+}
+
+fn rename_at(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> io::Result<()> {
+    std::fs::rename(confine::fd_path(dir, from), confine::fd_path(dir, to))
+}
