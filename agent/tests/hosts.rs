@@ -14,90 +14,11 @@ use std::time::Duration;
 
 use agent::client::{self, Endpoint};
 use agent::hosttls::{HostIdentity, IdentityFiles};
+use common::pki::{free_port, tls_args, Pki};
 use common::{alive, bin, Daemon, T};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
-
-/// A CA and host identities issued by `vireoctl pki`, in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let p = Pki {
-            dir: tempfile::Builder::new().prefix("pki").tempdir().unwrap(),
-        };
-        p.pki(&["init", "--dir", p.ca_dir().to_str().unwrap()]);
-        p
-    }
-
-    fn ca_dir(&self) -> PathBuf {
-        self.dir.path().join("ca")
-    }
-
-    fn pki(&self, args: &[&str]) -> String {
-        let o = Command::new(bin("vireoctl"))
-            .arg("pki")
-            .args(args)
-            .output()
-            .expect("run vireoctl pki");
-        assert!(
-            o.status.success(),
-            "vireoctl pki {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Issues host `name`'s identity into `<dir>/<name>/`.
-    fn host(&self, name: &str, sans: &[&str]) -> IdentityFiles {
-        let out = self.dir.path().join(name);
-        let ca = self.ca_dir();
-        let mut args = vec![
-            "issue",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--name",
-            name,
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        for s in sans {
-            args.extend(["--san", s]);
-        }
-        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.pki(&refs);
-        IdentityFiles {
-            cert: out.join("host.crt"),
-            key: out.join("host.key"),
-            ca: out.join("ca.crt"),
-        }
-    }
-}
-
-/// vireod's flags for a host identity.
-fn tls_args(id: &IdentityFiles) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        id.cert.display().to_string(),
-        "--tls-key".into(),
-        id.key.display().to_string(),
-        "--tls-ca".into(),
-        id.ca.display().to_string(),
-    ]
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A vireod with a host identity and a peer listener admitting `peers`; returns it
 /// and its listener's address.
@@ -162,7 +83,7 @@ fn pki_init_and_issue_make_certificates_openssl_verifies_with_private_files() {
     assert_eq!(mode(&ca), 0o700);
     assert_eq!(mode(&ca.join("ca.key")), 0o600);
     assert_eq!(mode(&ca.join("ca.crt")), 0o644);
-    let a = pki.host("host-a", &["10.0.0.7", "a.example.org"]);
+    let a = pki.host_with_sans("host-a", &["10.0.0.7", "a.example.org"]);
     let out = a.cert.parent().unwrap();
     assert_eq!(mode(out), 0o700);
     assert_eq!(mode(&a.key), 0o600);
@@ -210,7 +131,7 @@ fn pki_init_and_issue_make_certificates_openssl_verifies_with_private_files() {
 
     // A certificate of another CA does not verify against this one.
     let other = Pki::new();
-    let b = other.host("host-b", &[]);
+    let b = other.host("host-b");
     let (ok, text) = openssl(&[
         "verify",
         "-CAfile",
@@ -291,11 +212,11 @@ fn call(
 #[test]
 fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_routes() {
     let pki = Pki::new();
-    let b = pki.host("host-b", &[]);
-    let a = pki.host("host-a", &[]);
-    let c = pki.host("host-c", &[]); // right CA, not on the list
+    let b = pki.host("host-b");
+    let a = pki.host("host-a");
+    let c = pki.host("host-c"); // right CA, not on the list
     let other_pki = Pki::new();
-    let other = other_pki.host("host-a", &[]); // the listed name, another CA
+    let other = other_pki.host("host-a"); // the listed name, another CA
     let (dst, addr) = host_daemon(&b, &["host-a"]);
     let tls_of = |id: &IdentityFiles| {
         HostIdentity::load(id.clone())
@@ -389,9 +310,9 @@ fn the_peer_listener_admits_only_listed_hosts_of_the_ca_and_only_host_to_host_ro
 #[test]
 fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
-    let c = pki.host("host-c", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
+    let c = pki.host("host-c");
     let (dst, addr) = host_daemon(&b, &["host-a", "host-c"]);
     let as_a = endpoint(
         &addr,
@@ -559,8 +480,8 @@ fn an_incoming_migration_from_a_peer_gets_a_tls_receiver_only_that_peer_sees() {
 #[test]
 fn a_peer_cannot_name_another_vms_disk_in_an_arriving_vm() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
     let (dst, addr) = host_daemon(&b, &["host-a"]);
     let disk = dst.dir.path().join("victim.raw");
     let secret: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
@@ -620,8 +541,8 @@ fn a_peer_cannot_name_another_vms_disk_in_an_arriving_vm() {
 #[test]
 fn a_vm_migrates_between_two_vireods_over_https_and_tls_and_no_vmm_sees_the_host_key() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
     let (dst, addr) = host_daemon(&b, &["host-a"]);
     let src_args = tls_args(&a);
     let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
@@ -766,8 +687,8 @@ fn visible_files_hold(pid: i32, needle: &[u8]) -> bool {
 #[test]
 fn a_destination_with_another_name_is_refused_and_the_vm_stays() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
     let (dst, addr) = host_daemon(&b, &["host-a"]);
     let src_args = tls_args(&a);
     let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
@@ -813,18 +734,12 @@ fn sighup(d: &Daemon, n: usize) {
 #[test]
 fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
-    let c = pki.host("host-c", &[]);
-    let z = pki.host("host-z", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
+    let c = pki.host("host-c");
+    let z = pki.host("host-z");
     let ca = pki.ca_dir();
-    pki.pki(&[
-        "revoke",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--cert",
-        z.cert.to_str().unwrap(),
-    ]);
+    pki.revoke(&z);
     let crl = pki.dir.path().join("b-crl.pem");
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
@@ -858,13 +773,7 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
     assert_eq!(probe(&a).unwrap().0, 404, "host-a gets in");
     assert!(probe(&z).is_err(), "host-z is revoked from the start");
 
-    pki.pki(&[
-        "revoke",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--cert",
-        a.cert.to_str().unwrap(),
-    ]);
+    pki.revoke(&a);
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     assert_eq!(probe(&a).unwrap().0, 404, "the CRL in use until the reload");
     sighup(&dst, 1);
@@ -927,20 +836,11 @@ fn a_revoked_peer_is_refused_after_sighup_and_a_rotated_certificate_is_served() 
 #[test]
 fn a_migration_from_a_host_revoked_since_the_reload_is_refused_in_the_streams_handshake() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
-    let z = pki.host("host-z", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
+    let z = pki.host("host-z");
     let ca = pki.ca_dir();
-    let revoke = |id: &IdentityFiles| {
-        pki.pki(&[
-            "revoke",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--cert",
-            id.cert.to_str().unwrap(),
-        ])
-    };
-    revoke(&z); // a CRL to start with: host-a is not on it
+    pki.revoke(&z); // a CRL to start with: host-a is not on it
     let crl = pki.dir.path().join("b-crl.pem");
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
@@ -966,7 +866,7 @@ fn a_migration_from_a_host_revoked_since_the_reload_is_refused_in_the_streams_ha
     src.wait_serial("r", "tick 5 ", T);
     let pid = src.pid("r").unwrap();
 
-    revoke(&a);
+    pki.revoke(&a);
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     let rec = src.migrate(
         "r",
@@ -1024,20 +924,11 @@ fn a_migration_from_a_host_revoked_since_the_reload_is_refused_in_the_streams_ha
 #[test]
 fn a_host_revoked_mid_migration_loses_its_streams_at_the_reload_and_the_vm_stays() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
-    let z = pki.host("host-z", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
+    let z = pki.host("host-z");
     let ca = pki.ca_dir();
-    let revoke = |id: &IdentityFiles| {
-        pki.pki(&[
-            "revoke",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--cert",
-            id.cert.to_str().unwrap(),
-        ])
-    };
-    revoke(&z);
+    pki.revoke(&z);
     let crl = pki.dir.path().join("b-crl.pem");
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     let (dst, addr) = host_daemon_with(&b, &["host-a"], &["--tls-crl", crl.to_str().unwrap()]);
@@ -1077,7 +968,7 @@ fn a_host_revoked_mid_migration_loses_its_streams_at_the_reload_and_the_vm_stays
         assert!(start.elapsed() < T, "no bytes arrived:\n{}", dst.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    revoke(&a);
+    pki.revoke(&a);
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     sighup(&dst, 1);
     let done = src.wait_migration(id, T);
@@ -1128,8 +1019,8 @@ fn two_free_ports() -> u16 {
 #[test]
 fn migration_ports_skip_busy_ports_refuse_when_exhausted_and_come_back_when_a_migration_ends() {
     let pki = Pki::new();
-    let a = pki.host("host-a", &[]);
-    let b = pki.host("host-b", &[]);
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
     let p = two_free_ports();
     let busy = std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
     let range = format!("{p}-{}", p + 1);

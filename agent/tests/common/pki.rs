@@ -47,22 +47,38 @@ impl Pki {
 
     /// Issues host `name`'s identity into `<dir>/<name>/`.
     pub fn host(&self, name: &str) -> IdentityFiles {
+        self.host_with_sans(name, &[])
+    }
+
+    /// [`Pki::host`] with extra subject alternative names (DNS names or IPs).
+    pub fn host_with_sans(&self, name: &str, sans: &[&str]) -> IdentityFiles {
         let out = self.dir.path().join(name);
         let ca = self.ca_dir();
-        self.pki(&[
-            "issue",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--name",
-            name,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let (ca, out_s) = (ca.to_str().unwrap(), out.to_str().unwrap());
+        let mut args = vec!["issue", "--ca-dir", ca, "--name", name, "--out", out_s];
+        for s in sans {
+            args.extend(["--san", s]);
+        }
+        self.pki(&args);
         IdentityFiles {
             cert: out.join("host.crt"),
             key: out.join("host.key"),
             ca: out.join("ca.crt"),
         }
+    }
+}
+
+impl Pki {
+    /// Revokes `id`'s certificate: the CA's CRL (`<ca>/ca.crl`) lists it from now on.
+    pub fn revoke(&self, id: &IdentityFiles) {
+        let ca = self.ca_dir();
+        self.pki(&[
+            "revoke",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--cert",
+            id.cert.to_str().unwrap(),
+        ]);
     }
 }
 
