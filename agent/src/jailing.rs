@@ -6,14 +6,13 @@
 //! needs at run time beyond what its configuration names (its own run directory
 //! `<run-dir>/vms/NAME/`). What vireod gives a VMM later goes through that directory,
 //! which the jail shows at the same path: a migration to a unix socket the jail cannot
-//! see goes through a relay socket vireod serves there, and one to a peer host through
-//! vireod's TLS gateway (`crate::tls_gateway`; the host's identity stays in vireod).
+//! see, or over TCP, goes through vireod's gateway socket there (`crate::tls_gateway`;
+//! the host's identity stays in vireod).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
 use crate::AgentError;
@@ -63,56 +62,6 @@ impl std::str::FromStr for JailIds {
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// A running relay ([`relay`]); dropping it stops it and removes its socket.
-pub struct Relay {
-    task: tokio::task::JoinHandle<()>,
-    socket: PathBuf,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-/// Serves `listen` (a socket in a jailed VMM's own directory) and joins every
-/// connection to the unix socket `to`, until the [`Relay`] is dropped. A jailed source
-/// VMM sends a migration to a receiver it cannot see (another vireod's run directory)
-/// through it.
-pub fn relay(listen: &Path, to: PathBuf, uid: u32) -> Result<Relay, AgentError> {
-    let _ = std::fs::remove_file(listen);
-    let l = UnixListener::bind(listen)
-        .map_err(|e| AgentError::io("cannot listen for the migration relay on", listen, e))?;
-    std::os::unix::fs::chown(listen, Some(uid), Some(uid))
-        .map_err(|e| AgentError::io("cannot hand over", listen, e))?;
-    let shown = listen.display().to_string();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut inside, _)) = l.accept().await else {
-                return;
-            };
-            let to = to.clone();
-            let shown = shown.clone();
-            tokio::spawn(async move {
-                match UnixStream::connect(&to).await {
-                    Ok(mut out) => {
-                        let r = tokio::io::copy_bidirectional(&mut inside, &mut out).await;
-                        debug!(relay = %shown, to = %to.display(), result = ?r, "migration relay stream ended");
-                    }
-                    Err(e) => {
-                        warn!(relay = %shown, to = %to.display(), error = %e, "migration relay cannot reach the receiver")
-                    }
-                }
-            });
-        }
-    });
-    Ok(Relay {
-        task,
-        socket: listen.to_path_buf(),
-    })
 }
 
 /// Creates a disk's change log directory (`replica_log`) beneath its storage root (no

@@ -165,16 +165,20 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// Where an outbound gateway carries the sending VMM's streams.
+pub enum Receiver {
+    /// A peer host's receiver, over mutual TLS as this client, verified as this name.
+    Tls(SocketAddr, ClientTls, ServerName<'static>),
+    /// TCP in clear (`insecure`; the streams prove the migration's secret).
+    Tcp(SocketAddr),
+    /// A unix socket the VMM's jail does not show (another vireod's run directory).
+    Unix(PathBuf),
+}
+
 /// The source's side: serves `listen` (a unix socket in the sending VMM's run
 /// directory, given to `owner` when the VMM is jailed) and carries every stream to
-/// `peer`: over TLS as `tls`'s client, verifying the receiver as its server name, or
-/// in clear without `tls`.
-pub fn outbound(
-    listen: &Path,
-    owner: Option<u32>,
-    peer: SocketAddr,
-    tls: Option<(ClientTls, ServerName<'static>)>,
-) -> Result<Gateway, AgentError> {
+/// `to`.
+pub fn outbound(listen: &Path, owner: Option<u32>, to: Receiver) -> Result<Gateway, AgentError> {
     let _ = std::fs::remove_file(listen);
     let l = UnixListener::bind(listen)
         .map_err(|e| AgentError::io("cannot listen for the migration gateway on", listen, e))?;
@@ -184,14 +188,32 @@ pub fn outbound(
     }
     let stats = Arc::new(GatewayStats::default());
     let served = stats.clone();
-    let tls = tls.map(|(client, name)| (client.rustls_config(), name));
+    let (peer, tls, unix) = match to {
+        Receiver::Tls(addr, client, name) => {
+            (Some(addr), Some((client.rustls_config(), name)), None)
+        }
+        Receiver::Tcp(addr) => (Some(addr), None, None),
+        Receiver::Unix(path) => (None, None, Some(path)),
+    };
     let task = tokio::spawn(async move {
         loop {
             let Ok((vmm, _)) = l.accept().await else {
                 return;
             };
-            let (tls, stats) = (tls.clone(), served.clone());
+            let (tls, unix, stats) = (tls.clone(), unix.clone(), served.clone());
             tokio::spawn(async move {
+                if let Some(path) = unix {
+                    match UnixStream::connect(&path).await {
+                        Ok(out) => join(vmm, out, path.display().to_string()).await,
+                        Err(e) => {
+                            let why = format!("unix:{}: {e}", path.display());
+                            warn!(error = %why, "migration gateway: cannot reach the receiver");
+                            stats.fail(why);
+                        }
+                    }
+                    return;
+                }
+                let Some(peer) = peer else { return };
                 let Some((config, name)) = tls else {
                     match TcpStream::connect(peer).await {
                         Ok(tcp) => {

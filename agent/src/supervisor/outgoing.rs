@@ -393,10 +393,8 @@ impl Supervisor {
         // see tls_gateway). A jailed VMM sees only that directory: a unix receiver
         // elsewhere is reached through a relay there.
         let jail_uid = self.jail_uid(name);
-        let mut _relay = None;
-        let mut gateway = None;
         let tls = self.send_tls(peer).transpose();
-        let url = match (tls, jail_uid, url.strip_prefix("unix:")) {
+        let receiver = match (tls, jail_uid, url.strip_prefix("unix:")) {
             (Err(e), _, _) => return Sent::Failed(e),
             (Ok(tls), _, None) => {
                 // TCP: through vireod's gateway, with TLS to a peer host, in clear only
@@ -406,14 +404,33 @@ impl Supervisor {
                         "{url}: a TCP migration without mutual TLS needs insecure: true and a secret"
                     ));
                 }
-                let listen = self.relay_socket_path(name);
                 let addr = url.strip_prefix("tcp:").unwrap_or(url);
                 let to = match tokio::net::lookup_host(addr).await.map(|mut a| a.next()) {
                     Ok(Some(to)) => to,
                     Ok(None) => return Sent::Failed(format!("{url}: no address")),
                     Err(e) => return Sent::Failed(format!("{url}: {e}")),
                 };
-                match crate::tls_gateway::outbound(&listen, jail_uid, to, tls) {
+                Some(match tls {
+                    Some((client, server_name)) => {
+                        crate::tls_gateway::Receiver::Tls(to, client, server_name)
+                    }
+                    None => crate::tls_gateway::Receiver::Tcp(to),
+                })
+            }
+            (Ok(Some(_)), _, Some(_)) => {
+                return Sent::Failed(format!(
+                    "the peer host's receiver {url:?} is not a tcp:HOST:PORT"
+                ))
+            }
+            // A jailed VMM does not see a unix receiver elsewhere: through its run directory.
+            (Ok(None), Some(_), Some(to)) => Some(crate::tls_gateway::Receiver::Unix(to.into())),
+            (Ok(None), None, Some(_)) => None,
+        };
+        let mut gateway = None;
+        let url = match receiver {
+            Some(receiver) => {
+                let listen = self.relay_socket_path(name);
+                match crate::tls_gateway::outbound(&listen, jail_uid, receiver) {
                     Ok(g) => {
                         self.watch_gateway(&g);
                         gateway = Some(g)
@@ -422,20 +439,7 @@ impl Supervisor {
                 }
                 format!("unix:{}", listen.display())
             }
-            (Ok(Some(_)), _, Some(_)) => {
-                return Sent::Failed(format!(
-                    "the peer host's receiver {url:?} is not a tcp:HOST:PORT"
-                ))
-            }
-            (Ok(None), Some(uid), Some(to)) => {
-                let listen = self.relay_socket_path(name);
-                match crate::jailing::relay(&listen, to.into(), uid) {
-                    Ok(r) => _relay = Some(r),
-                    Err(e) => return Sent::Failed(error_chain(&e)),
-                }
-                format!("unix:{}", listen.display())
-            }
-            _ => url.to_string(),
+            None => url.to_string(),
         };
         let gateway_error = || gateway.as_ref().and_then(|g| g.stats().last_error());
         // A stream the gateway could not carry is why the VMM's send failed.
