@@ -59,10 +59,18 @@ impl MonotonicBase {
     }
 }
 
+/// How soon a VMM that has not taken the current deadline yet (its socket not up
+/// while it starts, or busy) is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(50);
+
 /// Starts the task that pushes each new deadline to the VMMs: as soon as a renewal
 /// moves it (`deadlines`, on the node loop's clock, converted with `clock`), not at the
 /// next turn of the node's loop, which store calls and VM starts can hold up. Send it
-/// the VMs that run under the node's lease.
+/// the VMs that run under the node's lease, a VM being started included: the
+/// deadline its VMM was created with was taken before the start, which can take
+/// longer than that deadline is ahead (a loaded host, the inventory's commits), so a
+/// VMM that has not taken the current deadline is tried again every [`RETRY_AFTER`]
+/// until its API answers, not only at the next renewal.
 pub fn spawn_pusher(
     sup: Arc<Supervisor>,
     mut deadlines: watch::Receiver<Option<Duration>>,
@@ -73,33 +81,84 @@ pub fn spawn_pusher(
     // Kills go back to vireod's own runtime (the supervisor's).
     let main = tokio::runtime::Handle::current();
     on.spawn(async move {
+        let mut taken = Taken::default();
         loop {
+            let deadline = *deadlines.borrow_and_update();
+            let running = vms.borrow_and_update().clone();
+            taken.keep_only(&running);
+            let mut pending = false;
+            if let Some(deadline) = deadline {
+                let deadline_ns = clock.at(deadline);
+                for vm in &running {
+                    // Only a deadline still ahead is worth sending (an older one changes
+                    // nothing in the VMM; a passed one means this node is fenced).
+                    if deadline_ns <= monotonic_ns() {
+                        break;
+                    }
+                    // The VMM now running `vm` (a restarted VM is a new VMM).
+                    let Some(pid) = sup.get(vm).ok().and_then(|s| s.pid) else {
+                        pending = true;
+                        continue;
+                    };
+                    if taken.has(vm, pid, deadline_ns) {
+                        continue;
+                    }
+                    match push(&sup, vm, deadline_ns, &main).await {
+                        Pushed::Taken => taken.set(vm, pid, deadline_ns),
+                        // Killed: nothing more to send to this VMM.
+                        Pushed::Expired => taken.set(vm, pid, u64::MAX),
+                        Pushed::NotYet => pending = true,
+                    }
+                }
+            }
             tokio::select! {
                 changed = deadlines.changed() => if changed.is_err() { return },
                 changed = vms.changed() => if changed.is_err() { return },
-            }
-            let Some(deadline) = *deadlines.borrow_and_update() else {
-                continue;
-            };
-            let deadline_ns = clock.at(deadline);
-            let running = vms.borrow_and_update().clone();
-            for vm in &running {
-                // Only a deadline still ahead is worth sending (an older one changes
-                // nothing in the VMM; a passed one means this node is fenced).
-                if deadline_ns <= monotonic_ns() {
-                    break;
-                }
-                push(&sup, vm, deadline_ns, &main).await;
+                () = tokio::time::sleep(RETRY_AFTER), if pending => {}
             }
         }
     });
     tx
 }
 
+/// The deadline each VMM (VM name and pid) has taken.
+#[derive(Default)]
+struct Taken(std::collections::HashMap<String, (i32, u64)>);
+
+impl Taken {
+    fn keep_only(&mut self, running: &[String]) {
+        self.0.retain(|vm, _| running.contains(vm));
+    }
+
+    fn has(&self, vm: &str, pid: i32, deadline_ns: u64) -> bool {
+        self.0
+            .get(vm)
+            .is_some_and(|&(p, d)| p == pid && d >= deadline_ns)
+    }
+
+    fn set(&mut self, vm: &str, pid: i32, deadline_ns: u64) {
+        self.0.insert(vm.to_string(), (pid, deadline_ns));
+    }
+}
+
+/// What became of one renewal.
+enum Pushed {
+    Taken,
+    /// The VMM's lease had expired: it is being killed.
+    Expired,
+    /// Not reached (starting, busy): try again.
+    NotYet,
+}
+
 /// One renewal. A VMM whose lease already expired (it refused writes and paused)
 /// is killed: this node still owns the VM, so its loop starts it again, with a
 /// fresh token and lease.
-async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64, main: &tokio::runtime::Handle) {
+async fn push(
+    sup: &Arc<Supervisor>,
+    vm: &str,
+    deadline_ns: u64,
+    main: &tokio::runtime::Handle,
+) -> Pushed {
     let body = serde_json::json!({ "deadline_monotonic_ns": deadline_ns }).to_string();
     let r = crate::client::request(
         &sup.socket_path(vm),
@@ -110,7 +169,10 @@ async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64, main: &tokio::r
     )
     .await;
     match r {
-        Ok(r) if r.ok() => debug!(vm, deadline_ns, "write lease renewed"),
+        Ok(r) if r.ok() => {
+            debug!(vm, deadline_ns, "write lease renewed");
+            Pushed::Taken
+        }
         Ok(r) if r.status == 409 => {
             warn!(vm, error = %r.error_message(), "the VMM's write lease expired: killing it (it starts again while this node owns it)");
             let (sup, vm) = (sup.clone(), vm.to_string());
@@ -119,11 +181,16 @@ async fn push(sup: &Arc<Supervisor>, vm: &str, deadline_ns: u64, main: &tokio::r
                     warn!(vm, error = %e, "cannot kill");
                 }
             });
+            Pushed::Expired
         }
-        // Not created yet (404), or busy: the next renewal tries again.
+        // Not created yet (404), or busy.
         Ok(r) => {
-            debug!(vm, status = r.status, error = %r.error_message(), "write lease not renewed")
+            debug!(vm, status = r.status, error = %r.error_message(), "write lease not renewed");
+            Pushed::NotYet
         }
-        Err(e) => debug!(vm, error = %e, "write lease not renewed"),
+        Err(e) => {
+            debug!(vm, error = %e, "write lease not renewed");
+            Pushed::NotYet
+        }
     }
 }

@@ -243,6 +243,9 @@ impl ClusterNode {
                     warn!(vm, error = %e, "cannot kill");
                 }
             }
+            // The VMs about to start are under the lease from now: their VMMs take each
+            // renewal as soon as they answer, also while the other starts go on.
+            publish(&leased, &agent);
             for (vm, token) in &r.start {
                 // The deadline as late as possible: now, just before the VMM starts.
                 let Some(deadline) = agent
@@ -257,12 +260,7 @@ impl ClusterNode {
                     agent.exited(vm);
                 }
             }
-            let running: Vec<String> = agent.running().keys().cloned().collect();
-            leased.send_if_modified(|l| {
-                let changed = *l != running;
-                *l = running;
-                changed
-            });
+            publish(&leased, &agent);
             // A VM that ended by itself is started again while this node owns it.
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
                 if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {
@@ -285,6 +283,19 @@ impl ClusterNode {
             tokio::time::sleep(TURN).await;
         }
     }
+}
+
+/// Tells the write-lease pusher which VMs run (or start) under the node's lease.
+fn publish<S>(leased: &tokio::sync::watch::Sender<Vec<String>>, agent: &NodeAgent<S>)
+where
+    S: ClusterStore + Clone + Send + Sync + 'static,
+{
+    let running: Vec<String> = agent.running().keys().cloned().collect();
+    leased.send_if_modified(|l| {
+        let changed = *l != running;
+        *l = running;
+        changed
+    });
 }
 
 /// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`.

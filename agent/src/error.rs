@@ -21,6 +21,8 @@ pub enum AgentError {
         state: String,
         action: &'static str,
     },
+    #[error("VM {name:?}: a VMM still answers on {socket} (not this vireod's): not starting a second one over its files")]
+    VmmStillRuns { name: String, socket: PathBuf },
     #[error("VM {name:?} failed to start: {reason}")]
     StartFailed { name: String, reason: String },
     #[error("inventory database {path}: {source}")]
@@ -84,6 +86,7 @@ impl AgentError {
             AgentError::UnknownVm(_) | AgentError::UnknownMigration(_) => 404,
             AgentError::Duplicate(_)
             | AgentError::WrongState { .. }
+            | AgentError::VmmStillRuns { .. }
             | AgentError::MigrationConflict { .. } => 409,
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,

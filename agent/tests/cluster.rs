@@ -170,3 +170,149 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
         "a still listed: {status}"
     );
 }
+
+/// How often a vireod's `log` says it started clustered VM `vm`.
+fn starts(log: &str, vm: &str) -> usize {
+    let quoted = format!("\"{vm}\"");
+    log.lines()
+        .filter(|l| l.contains("clustered VM started") && l.contains(&quoted))
+        .count()
+}
+
+/// A node that takes over two VMs starts them one after the other. The first one's
+/// VMM is created with the node's fencing deadline of that moment (at most TTL −
+/// margin ahead); it must get the renewals that follow while the second VM still
+/// starts, however long that takes, or it refuses its guest's writes, pauses and is
+/// restarted (its guest's state lost). Here lo's VMM on b waits at a gate until hi's
+/// first deadline has passed.
+#[test]
+fn a_vm_started_beside_a_slow_start_keeps_its_write_lease() {
+    let etcd = EtcdCluster::start(3);
+    let shared = tempfile::tempdir().unwrap();
+    let eps = etcd.endpoints_arg();
+    // b's VMMs: lo's waits for the gate file before it runs.
+    let gate = shared.path().join("gate");
+    let wrapper = shared.path().join("vireo-gated");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in */vms/lo.json*) while [ ! -e '{}' ]; do sleep 0.05; done;; esac\nexec '{}' \"$@\"\n",
+            gate.display(),
+            common::bin("vireo").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let guests = guest_dir();
+    let node = |name: &str, vmm: Option<&Path>| {
+        let mut args = vec![
+            "--no-autostart",
+            "--cluster-etcd",
+            &eps,
+            "--node-name",
+            name,
+            "--storage-root",
+            shared.path().to_str().unwrap(),
+            "--storage-root",
+            guests.to_str().unwrap(),
+        ];
+        if let Some(v) = vmm {
+            args.extend(["--vireo-bin", v.to_str().unwrap()]);
+        }
+        Daemon::start(&args)
+    };
+    let mut a = node("a", None);
+    let b = node("b", Some(&wrapper));
+    wait_until(
+        "both nodes in the cluster",
+        T,
+        || {
+            let v = b.ok("GET", "/api/v1/cluster", None);
+            v["nodes"].as_array().map_or(0, |n| n.len()) == 2
+        },
+        || format!("{}\n{}", a.log(), b.log()),
+    );
+    for (vm, prio) in [("hi", "high"), ("lo", "low")] {
+        let file = shared.path().join(format!("{vm}.json"));
+        std::fs::write(&file, common::counter_config().to_string()).unwrap();
+        a.ctl_ok(&[
+            "vm",
+            "define",
+            vm,
+            "--file",
+            file.to_str().unwrap(),
+            "--cluster",
+            "--priority",
+            prio,
+            "--preferred-owner",
+            "a",
+        ]);
+    }
+    let logs = || format!("--- a ---\n{}\n--- b ---\n{}", a.log(), b.log());
+    wait_until(
+        "hi and lo running on a",
+        T,
+        || {
+            !a.absent("hi")
+                && !a.absent("lo")
+                && a.vm("hi")["state"] == "Running"
+                && a.vm("lo")["state"] == "Running"
+        },
+        logs,
+    );
+    let pids = [a.pid("hi").unwrap(), a.pid("lo").unwrap()];
+    a.kill9();
+    for pid in pids {
+        // SAFETY: kill on pids of VMMs this test's vireod started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        common::wait_dead(pid, T);
+    }
+
+    // b starts hi, then lo, whose VMM waits at the gate.
+    let b_log = || format!("--- b ---\n{}", b.log());
+    wait_until(
+        "hi running on b",
+        T,
+        || !b.absent("hi") && b.vm("hi")["state"] == "Running",
+        b_log,
+    );
+    let hi_pid = b.pid("hi").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.run_dir.join("vms/hi.json")).unwrap()).unwrap();
+    let first_deadline = config["write_lease"]["deadline_monotonic_ns"]
+        .as_u64()
+        .expect("hi's VMM was created with a write lease");
+    // Past the deadline hi's VMM was created with, lo still at the gate.
+    while vireo_e2e::seqdisk::monotonic_ns() < first_deadline + 500_000_000 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!b.absent("lo") && b.vm("lo")["state"] == "Starting");
+    let (_, info) = common::http(
+        &b.run_dir.join("vms/hi/api.sock"),
+        "GET",
+        "/api/v1/vm.info",
+        None,
+    );
+    assert!(
+        info.contains("\"Running\""),
+        "hi's VMM got no renewal while lo started, its first write lease expired: {info}\n{}",
+        b_log()
+    );
+    let last_tick = b.tick_numbers("hi").last().copied().unwrap_or(0);
+    b.wait_serial("hi", &format!("tick {} ", last_tick + 3), T);
+
+    // lo starts; hi ran on all along, started once.
+    std::fs::write(&gate, "").unwrap();
+    wait_until(
+        "lo running on b",
+        T,
+        || b.vm("lo")["state"] == "Running",
+        b_log,
+    );
+    assert_eq!(b.pid("hi"), Some(hi_pid), "hi was restarted:\n{}", b_log());
+    assert_eq!(starts(&b.log(), "hi"), 1, "{}", b_log());
+}

@@ -376,3 +376,30 @@ fn a_vmm_whose_vcpu_panics_is_recorded_as_crashed_with_the_thread_named() {
         "{log}"
     );
 }
+
+/// A VMM vireod does not know of still serves a VM's socket (left by another
+/// incarnation): starting the VM is refused before anything is spawned or written,
+/// and that VMM's serial output and socket are left as they were.
+#[test]
+fn a_start_is_refused_while_an_unknown_vmm_answers_on_the_vms_socket() {
+    let d = Daemon::start(&["--no-autostart"]);
+    d.define_counter("web", "Off", "never");
+    let run = d.run_dir.join("vms/web");
+    std::fs::create_dir_all(&run).unwrap();
+    let socket = run.join("api.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let serial = d.state_dir.join("vms/web/serial.log");
+    std::fs::create_dir_all(serial.parent().unwrap()).unwrap();
+    std::fs::write(&serial, "the other VMM's output\n").unwrap();
+
+    let (status, body) = d.api("PUT", "/api/v1/vms/web/start", None);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("a VMM still answers"), "{body}");
+    assert_eq!(
+        std::fs::read_to_string(&serial).unwrap(),
+        "the other VMM's output\n"
+    );
+    assert!(socket.exists(), "the other VMM's socket was removed");
+    assert_eq!(d.vm("web")["state"], "Stopped");
+    assert!(d.pid("web").is_none());
+}

@@ -808,6 +808,7 @@ impl Supervisor {
         name: &str,
         kind: StartKind,
     ) -> Result<VmStatus, AgentError> {
+        self.no_vmm_answers(name)?;
         let (def, generation) = {
             let mut vms = lock(&self.vms);
             let vm = vms
@@ -855,6 +856,22 @@ impl Supervisor {
                 Err(err)
             }
         }
+    }
+
+    /// Refuses a start while some VMM still answers on the VM's socket (one this
+    /// vireod does not know of, e.g. left by another incarnation): a second VMM would
+    /// truncate the running one's serial file and replace its socket and config, and
+    /// the failed start would remove them.
+    fn no_vmm_answers(&self, name: &str) -> Result<(), AgentError> {
+        let socket = self.socket_path(name);
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            warn!(vm = name, socket = %socket.display(), "a VMM still answers on the VM's socket: start refused");
+            return Err(AgentError::VmmStillRuns {
+                name: name.to_string(),
+                socket,
+            });
+        }
+        Ok(())
     }
 
     /// Writes the runtime config, spawns the VMM and waits until it reports the VM

@@ -145,13 +145,15 @@ impl Daemon {
         if let Some(ns) = &self.netns {
             ns.enter_on_exec(&mut cmd);
         }
+        // The VMM binary, unless the test gives its own (a wrapper).
+        if !self.args.iter().any(|a| a == "--vireo-bin") {
+            cmd.arg("--vireo-bin").arg(bin("vireo"));
+        }
         let child = cmd
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--run-dir")
             .arg(&self.run_dir)
-            .arg("--vireo-bin")
-            .arg(bin("vireo"))
             .arg("--meter-interval-ms")
             .arg("100")
             .args(&cgroup)
@@ -466,6 +468,31 @@ pub fn alive(pid: i32) -> bool {
         .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().chars().next()))
         .flatten()
         .is_some_and(|c| c != 'Z' && c != 'X')
+}
+
+/// Waits until every thread of `pid` is stopped (SIGSTOP takes effect on each thread
+/// only when it next runs: on a loaded host, a while after `kill` returned).
+pub fn wait_stopped(pid: i32, timeout: Duration) {
+    let state = |stat: &str| {
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+    };
+    let all_stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| state(&s))
+                .is_some_and(|c| c == 'T' || c == 't')
+        })
+    };
+    let start = Instant::now();
+    while !all_stopped() {
+        assert!(start.elapsed() < timeout, "pid {pid} never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 pub fn wait_dead(pid: i32, timeout: Duration) {
