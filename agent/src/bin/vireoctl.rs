@@ -1187,6 +1187,7 @@ fn migration_table(r: &MigrationRecord) {
             format!("{} pages, {} bytes", p.pages_sent, p.bytes_sent),
         ),
         ("downtime", format!("{:.1} ms", p.downtime_ms)),
+        ("streams", r.streams.to_string()),
         ("queued at", fmt_time(Some(r.queued_at_ms))),
         ("started at", fmt_time(r.started_at_ms)),
         ("finished at", fmt_time(r.finished_at_ms)),
