@@ -213,7 +213,13 @@ mod tests {
     #[test]
     fn ranges_merge_overlapping_and_touching_ones_only() {
         assert_eq!(
-            merge_ranges(vec![(4096, 512), (0, 512), (512, 512), (300, 10), (8192, 0)]),
+            merge_ranges(vec![
+                (4096, 512),
+                (0, 512),
+                (512, 512),
+                (300, 10),
+                (8192, 0)
+            ]),
             vec![(0, 1024), (4096, 512)]
         );
         assert_eq!(

@@ -1,6 +1,7 @@
 //! Recovery history: kept points give their bytes exactly, pruning drops only the
 //! oldest, a failover to a kept point rolls the images back, and a crash in the middle
 //! of a commit or a rollback loses no kept point.
+#![allow(clippy::needless_range_loop)] // disks and points are indexed side by side
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -77,7 +78,10 @@ fn a_kept_point_gives_its_bytes_byte_for_byte_and_pruning_drops_the_oldest_only(
         let at1 = exported(&vm, p1, disk);
         assert!(at1 == model1[disk], "point 1, disk {disk}: A's bytes");
         assert!(at1 != model2[disk], "point 1, disk {disk}: not B's");
-        assert!(exported(&vm, p2, disk) == model2[disk], "point 2, disk {disk}");
+        assert!(
+            exported(&vm, p2, disk) == model2[disk],
+            "point 2, disk {disk}"
+        );
         // Exporting changed nothing of the replica.
         assert!(image(&vm, disk) == model2[disk]);
     }
@@ -94,8 +98,14 @@ fn a_kept_point_gives_its_bytes_byte_for_byte_and_pruning_drops_the_oldest_only(
     let p4 = point(&mut p, &mut vm);
     assert_eq!(kept(&vm), [p2, p3, p4]);
     for disk in 0..2 {
-        assert!(exported(&vm, p2, disk) == model2[disk], "point 2, disk {disk}");
-        assert!(exported(&vm, p3, disk) == model3[disk], "point 3, disk {disk}");
+        assert!(
+            exported(&vm, p2, disk) == model2[disk],
+            "point 2, disk {disk}"
+        );
+        assert!(
+            exported(&vm, p3, disk) == model3[disk],
+            "point 3, disk {disk}"
+        );
     }
     assert!(matches!(
         vm.export_point(p1, dir_fd(root.path()).as_fd(), |i| format!("x{i}")),
@@ -121,7 +131,10 @@ fn a_kept_point_gives_its_bytes_byte_for_byte_and_pruning_drops_the_oldest_only(
     for disk in 0..2 {
         assert!(image(&vm, disk) == model3[disk], "failed over, disk {disk}");
     }
-    assert!(matches!(vm.fail_over(Some(p4)), Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        vm.fail_over(Some(p4)),
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 #[test]
@@ -156,7 +169,10 @@ fn a_kill_while_a_point_is_applied_or_rolled_back_loses_no_kept_point() {
     assert_eq!(kept(&vm), cuts);
     for (k, &cut) in cuts.iter().enumerate() {
         for disk in 0..2 {
-            assert!(exported(&vm, cut, disk) == models[k][disk], "point {cut} disk {disk}");
+            assert!(
+                exported(&vm, cut, disk) == models[k][disk],
+                "point {cut} disk {disk}"
+            );
         }
     }
 
@@ -185,7 +201,10 @@ fn a_kill_while_a_point_is_applied_or_rolled_back_loses_no_kept_point() {
     assert!(vm.failed_over());
     assert_eq!(vm.point().unwrap().cut_id, cuts[0]);
     for disk in 0..2 {
-        assert!(image(&vm, disk) == models[0][disk], "rolled back, disk {disk}");
+        assert!(
+            image(&vm, disk) == models[0][disk],
+            "rolled back, disk {disk}"
+        );
     }
     assert!(!root.path().join("vm1/rolling-back").exists());
     assert!(undo_files(root.path()).is_empty());

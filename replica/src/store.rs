@@ -575,12 +575,10 @@ impl ReplicaVm {
                 let name = history::undo_file_name(newer.cut_id, i);
                 let mut undo = confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
                     .map_err(io_err(format!("the undo file {name}")))?;
-                history::apply_undo(image, &mut undo).map_err(|source| {
-                    StoreError::Segment {
-                        disk: i,
-                        seq: newer.cut_id,
-                        source,
-                    }
+                history::apply_undo(image, &mut undo).map_err(|source| StoreError::Segment {
+                    disk: i,
+                    seq: newer.cut_id,
+                    source,
                 })?;
             }
         }
@@ -629,7 +627,10 @@ impl ReplicaVm {
         self.state = state;
         confine::unlink_at(self.dir.as_fd(), ROLLBACK_FILE.as_ref()).ok();
         self.drop_unkept_undo()?;
-        tracing::info!(cut_id, "replica: images rolled back to a kept recovery point");
+        tracing::info!(
+            cut_id,
+            "replica: images rolled back to a kept recovery point"
+        );
         Ok(())
     }
 
@@ -683,10 +684,13 @@ impl ReplicaVm {
                     segment_file_name(seq).as_ref(),
                 )
                 .map_err(io_err(format!("disk {i}: staged segment {seq}")))?;
-                ranges.extend(
-                    history::ranges_of(&mut f)
-                        .map_err(|source| StoreError::Segment { disk: i, seq, source })?,
-                );
+                ranges.extend(history::ranges_of(&mut f).map_err(|source| {
+                    StoreError::Segment {
+                        disk: i,
+                        seq,
+                        source,
+                    }
+                })?);
             }
             let ranges = history::merge_ranges(ranges);
             let name = history::undo_file_name(cut_id, i);
