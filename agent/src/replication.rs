@@ -691,10 +691,8 @@ pub fn router(r: Arc<Replications>) -> Router {
         .route("/api/v1/vms/{name}/replication/failover", post(failover))
         .route("/api/v1/replicas/{vm}/failover", post(failover_here))
         .route("/api/v1/replicas/{vm}/points", get(points))
-        .route(
-            "/api/v1/replicas/{vm}/test-failover",
-            post(test_failover).delete(stop_test_failover),
-        )
+        .route("/api/v1/replicas/{vm}/test-failover", post(test_failover))
+        .route("/api/v1/replicas/{vm}/test-failover", delete(end_test))
         .with_state(r)
 }
 
@@ -920,7 +918,7 @@ async fn test_failover(
 
 /// `DELETE /api/v1/replicas/{vm}/test-failover[?primary=NAME]`: the test VM and its
 /// disks are removed.
-async fn stop_test_failover(
+async fn end_test(
     State(r): R,
     UrlPath(vm): UrlPath<String>,
     axum::extract::Query(q): axum::extract::Query<PrimaryQuery>,
