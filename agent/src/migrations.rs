@@ -109,6 +109,7 @@ impl Migrations {
             progress: None,
             percent: 0.0,
             error: None,
+            streams: 0,
         };
         let (tx, rx) = oneshot::channel();
         let mut records = lock(&self.records);

@@ -336,6 +336,12 @@ pub struct MigrateRequest {
     /// Allow TCP without mutual TLS (vireod has no migration TLS material yet).
     #[serde(default)]
     pub insecure: bool,
+    /// Streams that carry memory pages, 1..=16 (default 1: one stream carries
+    /// everything). With N > 1 the VMM sends each round's pages over N more streams
+    /// beside the protocol's; between vireods each is its own mutual TLS connection
+    /// of the gateways, so encryption spreads over vireod's threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
 }
 
 impl MigrateRequest {
@@ -374,6 +380,14 @@ impl MigrateRequest {
         }
         if self.destination_agent.is_some() && self.secret.is_some() {
             return bad("secret is for destination_url (vireod makes one for a destination_agent)");
+        }
+        if let Some(n) = self.connections {
+            if !(1..=migration::protocol::MAX_CONNECTIONS).contains(&n) {
+                return Err(AgentError::BadMigration(format!(
+                    "connections {n}: expected 1..={}",
+                    migration::protocol::MAX_CONNECTIONS
+                )));
+            }
         }
         Ok(())
     }
@@ -535,6 +549,11 @@ pub struct MigrationRecord {
     /// Pages sent over pages sent plus pages left, 0..=100 (100 once completed).
     pub percent: f64,
     pub error: Option<String>,
+    /// Streams vireod's migration gateway carried for this migration (between
+    /// vireods: the protocol's stream plus one per page stream, each its own TLS
+    /// connection; 0 when the VMMs spoke directly).
+    #[serde(default)]
+    pub streams: u32,
 }
 
 /// `GET /api/v1/host.info`.

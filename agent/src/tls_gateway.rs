@@ -52,6 +52,8 @@ const JOIN_BUFFER: usize = 256 * 1024;
 #[derive(Debug, Default)]
 pub struct GatewayStats {
     refused: AtomicU32,
+    /// Streams carried (joined to their other end), ever.
+    carried_total: AtomicU32,
     last_refusal: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
     /// The TLS streams being carried: the peer's certificate chain and the task.
@@ -69,6 +71,11 @@ impl GatewayStats {
     /// Connections refused in the TLS handshake (inbound).
     pub fn refused(&self) -> u32 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Streams the gateway joined to their other end (TLS, TCP or unix), ever.
+    pub fn streams(&self) -> u32 {
+        self.carried_total.load(Ordering::Relaxed)
     }
 
     /// Why the last refused connection was refused (inbound).
@@ -204,7 +211,7 @@ pub fn outbound(listen: &Path, owner: Option<u32>, to: Receiver) -> Result<Gatew
             tokio::spawn(async move {
                 if let Some(path) = unix {
                     match UnixStream::connect(&path).await {
-                        Ok(out) => join(vmm, out, path.display().to_string()).await,
+                        Ok(out) => join(vmm, out, path.display().to_string(), stats).await,
                         Err(e) => {
                             let why = format!("unix:{}: {e}", path.display());
                             warn!(error = %why, "migration gateway: cannot reach the receiver");
@@ -218,7 +225,7 @@ pub fn outbound(listen: &Path, owner: Option<u32>, to: Receiver) -> Result<Gatew
                     match TcpStream::connect(peer).await {
                         Ok(tcp) => {
                             let _ = tcp.set_nodelay(true);
-                            join(vmm, tcp, peer.to_string()).await
+                            join(vmm, tcp, peer.to_string(), stats).await
                         }
                         Err(e) => {
                             let why = format!("tcp:{peer}: {e}");
@@ -246,7 +253,7 @@ pub fn outbound(listen: &Path, owner: Option<u32>, to: Receiver) -> Result<Gatew
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls).await {
                     Ok(Ok(tls)) => {
                         let chain = peer_chain(tls.get_ref().1.peer_certificates());
-                        let joined = tokio::spawn(join(vmm, tls, peer.to_string()));
+                        let joined = tokio::spawn(join(vmm, tls, peer.to_string(), stats.clone()));
                         stats.carry(chain, joined.abort_handle());
                     }
                     Ok(Err(e)) => {
@@ -305,7 +312,7 @@ pub fn inbound(
                 let _ = tcp.set_nodelay(true);
                 let Some(acceptor) = acceptor else {
                     match UnixStream::connect(&vmm).await {
-                        Ok(inside) => join(inside, tcp, from.to_string()).await,
+                        Ok(inside) => join(inside, tcp, from.to_string(), stats).await,
                         Err(e) => {
                             warn!(vmm = %vmm.display(), error = %e, "migration gateway cannot reach the receiving VMM")
                         }
@@ -339,7 +346,8 @@ pub fn inbound(
                 match UnixStream::connect(&vmm).await {
                     Ok(inside) => {
                         let chain = peer_chain(tls.get_ref().1.peer_certificates());
-                        let joined = tokio::spawn(join(inside, tls, from.to_string()));
+                        let joined =
+                            tokio::spawn(join(inside, tls, from.to_string(), stats.clone()));
                         stats.carry(chain, joined.abort_handle());
                     }
                     Err(e) => {
@@ -356,11 +364,12 @@ pub fn inbound(
     })
 }
 
-/// Copies both ways until both ends are done.
-async fn join<T>(mut vmm: UnixStream, mut tls: T, peer: String)
+/// Copies both ways until both ends are done; counts the stream in `stats`.
+async fn join<T>(mut vmm: UnixStream, mut tls: T, peer: String, stats: Arc<GatewayStats>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    stats.carried_total.fetch_add(1, Ordering::Relaxed);
     let r = tokio::io::copy_bidirectional_with_sizes(&mut vmm, &mut tls, JOIN_BUFFER, JOIN_BUFFER)
         .await;
     debug!(peer, result = ?r, "migration gateway stream ended");

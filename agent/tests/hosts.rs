@@ -631,6 +631,50 @@ fn a_vm_migrates_between_two_vireods_over_https_and_tls_and_no_vmm_sees_the_host
     assert!(plain.migrations().is_empty());
 }
 
+/// `connections: 4` between two vireods: each of the VMM's page streams crosses as a
+/// mutual TLS connection of its own (the gateways carry the protocol's stream and four
+/// more on both hosts, so encryption spreads over vireod's threads), and the VM arrives
+/// and counts on.
+#[test]
+fn page_streams_between_vireods_each_cross_in_a_tls_connection_of_their_own() {
+    let pki = Pki::new();
+    let a = pki.host("host-a");
+    let b = pki.host("host-b");
+    let (dst, addr) = host_daemon(&b, &["host-a"]);
+    let src_args = tls_args(&a);
+    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    let src = Daemon::start(&refs);
+    src.define_counter("m", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/m/start", None);
+    src.wait_serial("m", "tick 5 ", T);
+    let rec = src.migrate(
+        "m",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-b",
+                "connections": 4}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(
+        done["state"],
+        "completed",
+        "{done}\nsrc:\n{}\ndst:\n{}",
+        src.log(),
+        dst.log()
+    );
+    assert_eq!(done["streams"], 5, "source gateway: {done}");
+    let incoming = dst
+        .migrations()
+        .into_iter()
+        .find(|r| r["vm"] == "m")
+        .unwrap();
+    assert_eq!(incoming["streams"], 5, "destination gateway: {incoming}");
+    assert_eq!(incoming["peer"], "host-a", "{incoming}");
+    dst.wait_state("m", "Running", T);
+    let first = *dst.tick_numbers("m").first().unwrap_or(&0);
+    assert!(first > 5, "the guest started over on the destination");
+    dst.wait_serial("m", &format!("tick {} ", first + 10), T);
+}
+
 /// The private key in `key` (PEM) as a process that loaded it may hold it: its DER,
 /// and the first line of its PEM text.
 fn key_material(key: &Path) -> Vec<(&'static str, Vec<u8>)> {
@@ -967,6 +1011,18 @@ fn a_host_revoked_mid_migration_loses_its_streams_at_the_reload_and_the_vm_stays
         }
         assert!(start.elapsed() < T, "no bytes arrived:\n{}", dst.log());
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // The sending VMM, mid-migration, cannot reach host-a's private key either: the
+    // source's gateway speaks the TLS (the scan finds the guest's output it writes).
+    assert!(
+        visible_files_hold(pid, b"dirty pass="),
+        "the scan does not see the sending VMM's files"
+    );
+    for (what, needle) in key_material(&a.key) {
+        assert!(
+            !visible_files_hold(pid, &needle),
+            "a file the sending VMM sees holds host-a's private key ({what})"
+        );
     }
     pki.revoke(&a);
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();

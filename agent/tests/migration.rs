@@ -365,6 +365,8 @@ fn migrate_requests_are_checked() {
         r#"{"destination_url":"http://x"}"#,
         r#"{"destination_agent":"relative.sock"}"#,
         r#"{"destination_url":"unix:/x","bogus":1}"#,
+        r#"{"destination_url":"unix:/x","connections":0}"#,
+        r#"{"destination_url":"unix:/x","connections":17}"#,
     ] {
         let (s, b) = d.api("PUT", "/api/v1/vms/s/migrate", Some(body));
         assert_eq!(s, 400, "{body}: {b}");

@@ -529,6 +529,10 @@ enum VmCommand {
         copy_storage: bool,
         #[arg(long)]
         storage_dir: Option<PathBuf>,
+        /// Streams that carry memory pages (1..=16; default 1). Between hosts each is
+        /// its own mutual TLS connection.
+        #[arg(long)]
+        connections: Option<u32>,
         /// Wait for the end, with a progress bar; fails if the migration does.
         #[arg(long, short)]
         wait: bool,
@@ -966,6 +970,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             bandwidth_mib_s,
             copy_storage,
             storage_dir,
+            connections,
             wait,
         } => {
             let to = match to {
@@ -991,6 +996,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                 "bandwidth_mib_s": bandwidth_mib_s,
                 "copy_storage": copy_storage,
                 "storage_dir": storage_dir,
+                "connections": connections,
             });
             let v = ctx.json(
                 "PUT",

@@ -466,9 +466,11 @@ impl Supervisor {
             if let Some(g) = &gateway {
                 g.merge_into(&mut info);
             }
+            let streams = gateway.as_ref().map_or(0, |g| g.streams());
             self.migrations.update(&id, |r| {
                 r.percent = crate::migrations::percent(&info);
                 r.progress = Some(info.clone());
+                r.streams = streams;
             });
             match info.status {
                 api::MigrationStatus::Completed => match self.vm_state_of_vmm(&name).await {

@@ -442,6 +442,7 @@ impl Supervisor {
             None => url.to_string(),
         };
         let gateway_error = || gateway.as_ref().and_then(|g| g.stats().last_error());
+        let streams = || gateway.as_ref().map_or(0, |g| g.stats().streams());
         // A stream the gateway could not carry is why the VMM's send failed.
         let failed = |vmm: String| match gateway_error() {
             Some(g) => Sent::Failed(format!("{g} (the VMM: {vmm})")),
@@ -453,6 +454,7 @@ impl Supervisor {
             "compress": req.compress,
             "bandwidth_mib_s": req.bandwidth_mib_s,
             "copy_storage": req.copy_storage,
+            "connections": req.connections,
             "secret": trust.0,
             "insecure": trust.1,
         });
@@ -496,6 +498,7 @@ impl Supervisor {
                     self.migrations.update(id, |r| {
                         r.percent = crate::migrations::percent(&last);
                         r.progress = Some(last);
+                        r.streams = streams();
                     });
                 }
                 if committed_at.is_some() {
@@ -552,6 +555,7 @@ impl Supervisor {
             self.migrations.update(id, |r| {
                 r.percent = crate::migrations::percent(&info);
                 r.progress = Some(info.clone());
+                r.streams = streams();
             });
             match info.status {
                 api::MigrationStatus::Completed => committed_at = Some(Instant::now()),

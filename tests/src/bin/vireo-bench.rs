@@ -781,6 +781,12 @@ fn vireod_migrate_once(
         src.log(),
         dst.log()
     );
+    // Every stream crossed the source's gateway: the protocol's and one per page stream.
+    let streams = match body["connections"].as_u64().unwrap_or(1) {
+        1 => 1,
+        n => n + 1,
+    };
+    assert_eq!(done["streams"].as_u64(), Some(streams), "{done}");
     let _ = dst.api("PUT", &format!("vms/{name}/kill"), None);
     let p = &done["progress"];
     let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
@@ -800,8 +806,8 @@ fn vireod_transport_table(rounds: usize) {
     use vireo_e2e::vireod_host::Pki;
     println!("### Live migration between two vireods: HTTPS + mutual TLS vs insecure TCP, 1 GiB guest, 1 vCPU\n");
     println!("Two vireods on this host. `https`: host-a → host-b over the HTTPS peer listener (host certificates from `vireoctl pki`), the migration stream mutual TLS spoken by the vireods' gateways (the VMMs send and receive on unix sockets in their run directories). `insecure`: a same-host pair (`--peer-socket`), `receiver_url` tcp:127.0.0.1, in clear through the same gateways (a peer over HTTPS cannot ask for it). Total and downtime from the source vireod's migration record, min / median / max of {rounds} rounds; counters as medians.\n");
-    println!("| guest | between the vireods | VMM stream | total ms (min / median / max) | downtime ms (min / median / max) | rounds | pages sent | MiB sent |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| guest | between the vireods | VMM stream | page streams | total ms (min / median / max) | downtime ms (min / median / max) | rounds | pages sent | MiB sent |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let pki = Pki::new();
     let (a, b) = (pki.host("host-a"), pki.host("host-b"));
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -839,11 +845,11 @@ fn vireod_transport_table(rounds: usize) {
         ),
     ];
     for (c, (guest_name, cmdline)) in cases.iter().enumerate() {
-        for https in [true, false] {
+        for (connections, https) in [(1, true), (1, false), (4, true), (4, false)] {
             let mut runs: Vec<[f64; 5]> = Vec::new();
             for r in 0..rounds {
-                let name = format!("b{c}{}{r}", if https { "t" } else { "p" });
-                let (src, dst, body) = if https {
+                let name = format!("b{c}{}{connections}{r}", if https { "t" } else { "p" });
+                let (src, dst, mut body) = if https {
                     (
                         &https_src,
                         &https_dst,
@@ -862,6 +868,7 @@ fn vireod_transport_table(rounds: usize) {
                             "receiver_url": format!("tcp:127.0.0.1:{port}"), "insecure": true}),
                     )
                 };
+                body["connections"] = connections.into();
                 runs.push(vireod_migrate_once(src, dst, &name, cmdline, &body));
             }
             let col = |i: usize| runs.iter().map(|r| r[i]).collect::<Vec<f64>>();
@@ -875,7 +882,7 @@ fn vireod_transport_table(rounds: usize) {
                 ("unix socket", "insecure TCP")
             };
             println!(
-                "| {guest_name} | {between} | {stream} | {} | {} | {:.0} | {:.0} | {:.1} |",
+                "| {guest_name} | {between} | {stream} | {connections} | {} | {} | {:.0} | {:.0} | {:.1} |",
                 spread(&mut col(0)),
                 spread(&mut col(1)),
                 median(col(2)),
