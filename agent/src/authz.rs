@@ -105,6 +105,9 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/vms/{name}/replication/resume", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/failover", Operator),
     rule("POST", "/api/v1/replicas/{vm}/failover", Operator),
+    rule("GET", "/api/v1/replicas/{vm}/points", Viewer),
+    rule("POST", "/api/v1/replicas/{vm}/test-failover", Operator),
+    rule("DELETE", "/api/v1/replicas/{vm}/test-failover", Operator),
 ];
 
 /// The role `method route` needs. `None` is a path no route matched (the answer is

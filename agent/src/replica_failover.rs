@@ -1,5 +1,7 @@
 //! Failover on the replica server: a VM is defined and started here from a replica's
-//! images at its latest recovery point.
+//! images at its latest recovery point or a kept older one (the images are rolled
+//! back to it in place), and the test failover: a copy of a point on throw-away disks
+//! started as `<vm>-test` while replication goes on.
 //!
 //! Two ways in: the primary's planned failover (`POST /peer/v1/replica/{vm}/failover`,
 //! after it shut its VM down and sent the last changes) and an operator's unplanned
@@ -16,6 +18,7 @@
 //! (refused: a failover cannot reach a file of this host the primary names).
 
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use api::config::{DiskFormat, OutputConfig, PayloadConfig};
@@ -70,6 +73,14 @@ impl IntoResponse for FailoverError {
     }
 }
 
+/// Where a test failover's disks are made, beside the replica's images.
+pub const TEST_DIR: &str = "test-failover";
+
+/// The name of VM `vm`'s test failover copy.
+pub fn test_vm_name(vm: &str) -> String {
+    format!("{vm}-test")
+}
+
 /// What the replica holds for a failover.
 struct Held {
     definition: Vec<u8>,
@@ -78,7 +89,22 @@ struct Held {
     disks: usize,
 }
 
-/// Fails `primary`'s VM `vm` over to this host: marks the replica failed over,
+/// The definition and boot payload the primary stored, checked for a failover.
+fn held_extras(r: &ReplicaVm) -> Result<(Vec<u8>, bool), StoreError> {
+    let missing = |what: &str| {
+        StoreError::Conflict(format!(
+            "the primary has not sent the VM's {what} (it does at each start of replication)"
+        ))
+    };
+    let definition = r
+        .extra(Extra::Definition)?
+        .ok_or_else(|| missing("definition"))?;
+    r.extra(Extra::Kernel)?.ok_or_else(|| missing("kernel"))?;
+    Ok((definition, r.extra(Extra::Initramfs)?.is_some()))
+}
+
+/// Fails `primary`'s VM `vm` over to this host: marks the replica failed over (at
+/// its latest point, or at the kept `point`: the images are rolled back to it),
 /// defines the VM `vm` on its images and (with `start`, as Hyper-V's "start the
 /// Replica virtual machine after failover") starts it. Retrying after a failed define
 /// or start is harmless (the replica stays failed over at the same point).
@@ -87,6 +113,7 @@ pub async fn fail_over(
     server: &Arc<ReplicaServer>,
     primary: &str,
     vm: &str,
+    point: Option<u64>,
     start: bool,
 ) -> Result<Value, FailoverError> {
     let refused = |why: String| FailoverError::Refused {
@@ -102,17 +129,8 @@ pub async fn fail_over(
     let held = server
         .on_vm(primary, vm, move |dir| {
             let mut r = ReplicaVm::open(dir.as_fd(), &name)?;
-            let missing = |what: &str| {
-                StoreError::Conflict(format!(
-                    "the primary has not sent the VM's {what} (it does at each start of replication)"
-                ))
-            };
-            let definition = r
-                .extra(Extra::Definition)?
-                .ok_or_else(|| missing("definition"))?;
-            r.extra(Extra::Kernel)?.ok_or_else(|| missing("kernel"))?;
-            let initramfs = r.extra(Extra::Initramfs)?.is_some();
-            let point = r.fail_over()?;
+            let (definition, initramfs) = held_extras(&r)?;
+            let point = r.fail_over(point)?;
             Ok(Held {
                 definition,
                 initramfs,
@@ -125,7 +143,8 @@ pub async fn fail_over(
             vm: vm.to_string(),
             source,
         })?;
-    let def = failover_definition(server, primary, vm, &held).map_err(refused)?;
+    let vm_dir = server.vm_path(primary, vm);
+    let def = failover_definition(&vm_dir, &vm_dir, &held).map_err(refused)?;
     sup.replication_event(
         vm,
         "replica-failed-over",
@@ -151,15 +170,10 @@ pub async fn fail_over(
 /// The VM this host runs: the primary's command line, vCPUs, memory and RNG, its
 /// stored kernel and initramfs, and the replica's images in place of its replicated
 /// disks (their order is the replica's disk order).
-fn failover_definition(
-    server: &ReplicaServer,
-    primary: &str,
-    vm: &str,
-    held: &Held,
-) -> Result<VmDefinition, String> {
+/// `dir` holds the boot payload, `disk_dir` the images (`disk-N.img`).
+fn failover_definition(dir: &Path, disk_dir: &Path, held: &Held) -> Result<VmDefinition, String> {
     let theirs: VmDefinition = serde_json::from_slice(&held.definition)
         .map_err(|e| format!("the stored definition does not read: {e}"))?;
-    let dir = server.vm_path(primary, vm);
     let mut disks = Vec::new();
     for d in &theirs.config.disks {
         if d.replica_log.is_none() {
@@ -169,7 +183,7 @@ fn failover_definition(
             ));
         }
         let mut mine = d.clone();
-        mine.path = dir.join(format!("disk-{}.img", disks.len()));
+        mine.path = disk_dir.join(format!("disk-{}.img", disks.len()));
         mine.format = Some(DiskFormat::Raw);
         mine.replica_log = None;
         mine.fencing_token = None;
@@ -200,4 +214,186 @@ fn failover_definition(
         max_restarts: theirs.max_restarts,
         cpu_weight: None,
     })
+}
+
+/// Test failover ("Test Failover"): kept point `point` (default the latest) of
+/// `primary`'s VM `vm` is copied to throw-away disks in the replica's `test-failover`
+/// directory and a VM `<vm>-test` is defined on them (and started with `start`).
+/// The replica is not marked failed over and keeps taking segments and points: the
+/// copy was made under the VM's lock and shares nothing with the images.
+pub async fn test_fail_over(
+    sup: &Arc<Supervisor>,
+    server: &Arc<ReplicaServer>,
+    primary: &str,
+    vm: &str,
+    point: Option<u64>,
+    start: bool,
+) -> Result<Value, FailoverError> {
+    let refused = |why: String| FailoverError::Refused {
+        vm: vm.to_string(),
+        why,
+    };
+    let test_vm = test_vm_name(vm);
+    if sup.get(&test_vm).is_ok() {
+        return Err(refused(format!(
+            "a VM named {test_vm:?} exists on this host already (a test failover runs: stop it first)"
+        )));
+    }
+    let name = vm.to_string();
+    let held = server
+        .on_vm(primary, vm, move |dir| {
+            let r = ReplicaVm::open(dir.as_fd(), &name)?;
+            if r.failed_over() {
+                return Err(StoreError::Conflict(
+                    "the replica was failed over: a test failover needs a replica that replicates"
+                        .into(),
+                ));
+            }
+            let (definition, initramfs) = held_extras(&r)?;
+            let cut_id = match point {
+                Some(c) => c,
+                None => {
+                    r.point()
+                        .ok_or_else(|| {
+                            StoreError::Conflict("no recovery point yet: nothing to test".into())
+                        })?
+                        .cut_id
+                }
+            };
+            let vm_dir = confine::open_dir_at(dir.as_fd(), name.as_ref()).map_err(|source| {
+                StoreError::Io {
+                    what: format!("directory {name}"),
+                    source,
+                }
+            })?;
+            remove_test_dir(&vm_dir)?;
+            let test_dir =
+                confine::mkdir_private(vm_dir.as_fd(), TEST_DIR.as_ref()).map_err(|source| {
+                    StoreError::Io {
+                        what: format!("creating {TEST_DIR}"),
+                        source,
+                    }
+                })?;
+            if let Err(e) = r.export_point(cut_id, test_dir.as_fd(), |i| format!("disk-{i}.img")) {
+                remove_test_dir(&vm_dir).ok();
+                return Err(e);
+            }
+            Ok(Held {
+                definition,
+                initramfs,
+                cut_id,
+                disks: r.disk_sizes().len(),
+            })
+        })
+        .await
+        .map_err(|source| FailoverError::Store {
+            vm: vm.to_string(),
+            source,
+        })?;
+    let vm_dir = server.vm_path(primary, vm);
+    let def = failover_definition(&vm_dir, &vm_dir.join(TEST_DIR), &held).map_err(refused)?;
+    let start_err = |source| FailoverError::Start {
+        vm: vm.to_string(),
+        source,
+    };
+    let mut status = sup.define(&test_vm, def).map_err(start_err)?;
+    sup.replication_event(
+        vm,
+        "replica-test-failover",
+        Some(format!(
+            "{test_vm} from {primary}'s recovery point {}",
+            held.cut_id
+        )),
+    );
+    if start {
+        status = sup.start(&test_vm).await.map_err(start_err)?;
+    }
+    info!(%primary, vm, test_vm, cut_id = held.cut_id, "replica: test failover");
+    Ok(json!({
+        "vm": test_vm,
+        "of": vm,
+        "primary": primary,
+        "point": held.cut_id,
+        "status": status,
+    }))
+}
+
+/// Ends VM `vm`'s test failover: `<vm>-test` is killed and deleted (only if its
+/// disks are the test failover's), and its disks removed. Idempotent.
+pub async fn stop_test_failover(
+    sup: &Arc<Supervisor>,
+    server: &Arc<ReplicaServer>,
+    primary: &str,
+    vm: &str,
+) -> Result<Value, FailoverError> {
+    let refused = |why: String| FailoverError::Refused {
+        vm: vm.to_string(),
+        why,
+    };
+    let test_vm = test_vm_name(vm);
+    let test_dir = server.vm_path(primary, vm).join(TEST_DIR);
+    if let Some(def) = sup.export().get(&test_vm) {
+        if !def
+            .config
+            .disks
+            .iter()
+            .all(|d| d.path.starts_with(&test_dir))
+        {
+            return Err(refused(format!(
+                "{test_vm:?} is not a test failover of {vm} (its disks are elsewhere): left alone"
+            )));
+        }
+        if sup.get(&test_vm).is_ok_and(|s| s.pid.is_some()) {
+            let start_err = |source| FailoverError::Start {
+                vm: vm.to_string(),
+                source,
+            };
+            sup.kill(&test_vm).await.map_err(start_err)?;
+        }
+        sup.delete(&test_vm)
+            .map_err(|source| FailoverError::Start {
+                vm: vm.to_string(),
+                source,
+            })?;
+    }
+    let name = vm.to_string();
+    server
+        .on_vm(primary, vm, move |dir| {
+            let vm_dir = confine::open_dir_at(dir.as_fd(), name.as_ref()).map_err(|source| {
+                StoreError::Io {
+                    what: format!("directory {name}"),
+                    source,
+                }
+            })?;
+            remove_test_dir(&vm_dir)
+        })
+        .await
+        .map_err(|source| FailoverError::Store {
+            vm: vm.to_string(),
+            source,
+        })?;
+    sup.replication_event(vm, "replica-test-failover-stopped", Some(test_vm.clone()));
+    info!(%primary, vm, test_vm, "replica: test failover stopped, its disks removed");
+    Ok(json!({"vm": test_vm, "of": vm, "primary": primary, "stopped": true}))
+}
+
+/// Removes the `test-failover` directory beneath a replica's directory (its disk
+/// files only: nothing else is made there).
+fn remove_test_dir(vm_dir: &std::os::fd::OwnedFd) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        what: format!("removing {TEST_DIR}"),
+        source,
+    };
+    let dir = match confine::open_dir_at(vm_dir.as_fd(), TEST_DIR.as_ref()) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    let path = confine::fd_path(dir.as_fd(), ".".as_ref());
+    for e in std::fs::read_dir(&path).map_err(io)? {
+        let name = e.map_err(io)?.file_name();
+        confine::unlink_at(dir.as_fd(), &name).map_err(io)?;
+    }
+    drop(dir);
+    std::fs::remove_dir(confine::fd_path(vm_dir.as_fd(), TEST_DIR.as_ref())).map_err(io)
 }

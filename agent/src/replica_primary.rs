@@ -113,6 +113,8 @@ pub struct Shipper {
     pub vm: String,
     pub disks: Vec<DiskSource>,
     pub extras: Extras,
+    /// How many recovery points the replica keeps (`--history`).
+    pub history: u32,
 }
 
 /// A sealed segment of the primary's log: (sequence number, cut id).
@@ -156,17 +158,24 @@ impl Shipper {
         Ok(v)
     }
 
-    /// The replica's status, declaring the VM first if the replica does not know it.
+    /// The replica's status, declaring the VM first if the replica does not know it
+    /// (or keeps another number of recovery points than asked).
     pub async fn status(&self) -> Result<replica::VmStatus, ShipError> {
         let path = self.base_path();
         let (status, v) = self.call("GET", &path, None).await?;
+        let declare = || {
+            let sizes: Vec<u64> = self.disks.iter().map(|d| d.size).collect();
+            json!({ "disks": sizes, "history": self.history.max(1) })
+                .to_string()
+                .into_bytes()
+        };
         let v = match status {
-            200 => v,
-            404 => {
-                let sizes: Vec<u64> = self.disks.iter().map(|d| d.size).collect();
-                let body = json!({ "disks": sizes }).to_string().into_bytes();
-                self.ok("PUT", &path, Some(body)).await?
+            200 if v["keep"].as_u64() == Some(u64::from(self.history.max(1)))
+                || v["failed_over"] == true =>
+            {
+                v
             }
+            200 | 404 => self.ok("PUT", &path, Some(declare())).await?,
             _ => {
                 return Err(ShipError::Refused {
                     to: self.to.to_string(),

@@ -356,7 +356,7 @@ async fn peer_failover(
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
         }
     };
-    match crate::replica_failover::fail_over(&sup, &s, &primary, &vm, req.start).await {
+    match crate::replica_failover::fail_over(&sup, &s, &primary, &vm, None, req.start).await {
         Ok(v) => (StatusCode::OK, Json(v)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -372,6 +372,9 @@ fn status_reply(vm: &str, st: replica::VmStatus) -> Response {
 #[serde(deny_unknown_fields)]
 struct Declare {
     disks: Vec<u64>,
+    /// Recovery points to keep (default: unchanged; 1 for a new replica).
+    #[serde(default)]
+    history: Option<u32>,
 }
 
 async fn declare(
@@ -386,7 +389,11 @@ async fn declare(
     };
     let name = vm.clone();
     match with_vm(&s, &primary, &vm, move |dir| {
-        ReplicaVm::create_or_open(dir.as_fd(), &name, &d.disks)?.status()
+        let mut r = ReplicaVm::create_or_open(dir.as_fd(), &name, &d.disks)?;
+        if let Some(keep) = d.history.filter(|_| !r.failed_over()) {
+            r.set_keep(keep)?;
+        }
+        r.status()
     })
     .await
     {

@@ -50,6 +50,9 @@ pub struct EnableRequest {
     /// Seconds between cuts (default 30, at least 1).
     #[serde(default)]
     pub interval_s: Option<f64>,
+    /// How many recovery points the replica keeps (default 1: the latest only).
+    #[serde(default)]
+    pub history: Option<u32>,
 }
 
 /// What `GET .../replication` answers.
@@ -60,6 +63,8 @@ pub struct ReplicationStatus {
     pub server_name: String,
     pub interval_ms: u64,
     pub paused: bool,
+    /// Recovery points the replica keeps.
+    pub history: u32,
     /// "starting", "replicating", "paused", "retrying".
     pub state: String,
     pub last_point: Option<u64>,
@@ -81,6 +86,12 @@ pub struct Settings {
     pub interval_ms: u64,
     #[serde(default)]
     pub paused: bool,
+    #[serde(default = "one")]
+    pub history: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 struct Job {
@@ -189,11 +200,19 @@ impl Replications {
         if interval < MIN_INTERVAL || interval > Duration::from_secs(24 * 3600) {
             return Err(bad(format!("interval {interval:?}: from 1 s to 24 h")));
         }
+        let history = req.history.unwrap_or(1);
+        if history == 0 || history > replica::MAX_HISTORY {
+            return Err(bad(format!(
+                "history {history}: from 1 to {} recovery points",
+                replica::MAX_HISTORY
+            )));
+        }
         let settings = Settings {
             to: req.to.clone(),
             server_name: req.server_name.clone().unwrap_or(host),
             interval_ms: interval.as_millis() as u64,
             paused: false,
+            history,
         };
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(name) {
@@ -227,6 +246,7 @@ impl Replications {
             server_name: settings.server_name.clone(),
             interval_ms: interval.as_millis() as u64,
             paused: settings.paused,
+            history: settings.history,
             state: if settings.paused {
                 "paused"
             } else {
@@ -241,6 +261,7 @@ impl Replications {
             vm: name.to_string(),
             disks,
             extras: self.extras(name).map_err(|m| (StatusCode::CONFLICT, m))?,
+            history: settings.history,
         };
         let task = tokio::spawn(run(
             self.sup.clone(),
@@ -410,6 +431,7 @@ impl Replications {
             vm: name.to_string(),
             disks: self.sources(name)?,
             extras: self.extras(name)?,
+            history: settings.history,
         };
         let running = self.sup.get(name).map_err(|e| e.to_string())?;
         if running.pid.is_some() {
@@ -455,18 +477,32 @@ impl Replications {
     }
 
     /// Unplanned failover to this host: `primary`'s VM `vm` starts here from its
-    /// replica's latest point (`primary` may be left out when one primary holds `vm`).
+    /// replica's latest point or the kept `point` (`primary` may be left out when one
+    /// primary holds `vm`).
     pub async fn failover_here(
         &self,
         vm: &str,
         primary: Option<&str>,
+        point: Option<u64>,
         start: bool,
     ) -> Result<serde_json::Value, Response> {
+        let (server, primary) = self.replica_of(vm, primary).map_err(|r| *r)?;
+        crate::replica_failover::fail_over(&self.sup, &server, &primary, vm, point, start)
+            .await
+            .map_err(IntoResponse::into_response)
+    }
+
+    /// This host's replica server and the primary whose replica of `vm` is meant.
+    fn replica_of(
+        &self,
+        vm: &str,
+        primary: Option<&str>,
+    ) -> Result<(Arc<ReplicaServer>, String), Box<Response>> {
         let server = self.replica.as_ref().ok_or_else(|| {
-            error(
+            Box::new(error(
                 StatusCode::CONFLICT,
                 "this vireod is not a replica server (--replica-dir)".into(),
-            )
+            ))
         })?;
         let primary = match primary {
             Some(p) => p.to_string(),
@@ -475,23 +511,93 @@ impl Replications {
                 match holding.as_slice() {
                     [one] => one.clone(),
                     [] => {
-                        return Err(error(
+                        return Err(Box::new(error(
                             StatusCode::NOT_FOUND,
                             format!("no replica of a VM named {vm:?} here"),
-                        ))
+                        )))
                     }
                     _ => {
-                        return Err(error(
+                        return Err(Box::new(error(
                             StatusCode::CONFLICT,
                             format!("replicas of {vm:?} from {holding:?}: name the primary"),
-                        ))
+                        )))
                     }
                 }
             }
         };
-        crate::replica_failover::fail_over(&self.sup, server, &primary, vm, start)
+        Ok((server.clone(), primary))
+    }
+
+    /// The recovery points kept of `vm`'s replica here.
+    async fn points(&self, vm: &str, primary: Option<&str>) -> Result<serde_json::Value, Response> {
+        let (server, primary) = self.replica_of(vm, primary).map_err(|r| *r)?;
+        let name = vm.to_string();
+        let st = server
+            .on_vm(&primary, vm, move |dir| {
+                replica::ReplicaVm::open(std::os::fd::AsFd::as_fd(&dir), &name)?.status()
+            })
             .await
-            .map_err(IntoResponse::into_response)
+            .map_err(|e| {
+                let status = match e {
+                    replica::StoreError::NotFound => StatusCode::NOT_FOUND,
+                    replica::StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                error(
+                    status,
+                    format!("replica of {vm}: {}", crate::error_chain(&e)),
+                )
+            })?;
+        Ok(serde_json::json!({
+            "vm": vm,
+            "primary": primary,
+            "keep": st.keep,
+            "failed_over": st.failed_over,
+            "points": st.points,
+        }))
+    }
+
+    /// Deletes VM `name`'s replication when the VM is deleted (its stored settings
+    /// went with the VM's inventory rows): the loop stops, nothing of it stays.
+    pub fn forget_deleted(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let mut events = self.sup.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let gone: Vec<String> = match events.recv().await {
+                    Ok(e) if e.event == "deleted" => vec![e.vm],
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Events were missed: look at every job.
+                        let Some(r) = me.upgrade() else { return };
+                        let names: Vec<String> = lock(&r.jobs).keys().cloned().collect();
+                        names
+                            .into_iter()
+                            .filter(|n| r.sup.get(n).is_err())
+                            .collect()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(r) = me.upgrade() else { return };
+                for name in gone {
+                    if r.sup.get(&name).is_ok() {
+                        continue; // deleted and defined again meanwhile
+                    }
+                    if let Some(job) = lock(&r.jobs).remove(&name) {
+                        job.task.abort();
+                        if let Err(e) = r.store(&name, None) {
+                            warn!(vm = %name, error = %e, "the deleted VM's replication stays stored");
+                        }
+                        info!(vm = %name, "replication of a deleted VM stopped");
+                        r.sup.replication_event(
+                            &name,
+                            "replication-disabled",
+                            Some("the VM was deleted".into()),
+                        );
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -584,6 +690,9 @@ pub fn router(r: Arc<Replications>) -> Router {
         .route("/api/v1/vms/{name}/replication/resume", post(resume))
         .route("/api/v1/vms/{name}/replication/failover", post(failover))
         .route("/api/v1/replicas/{vm}/failover", post(failover_here))
+        .route("/api/v1/replicas/{vm}/points", get(points))
+        .route("/api/v1/replicas/{vm}/test-failover", post(test_failover))
+        .route("/api/v1/replicas/{vm}/test-failover", delete(end_test))
         .with_state(r)
 }
 
@@ -686,11 +795,30 @@ async fn failover(
     }
 }
 
-/// `POST /api/v1/replicas/{vm}/failover` `{"point": "latest", "primary": NAME?}`.
+/// `latest` (None) or a kept point's id (a number, or a string of digits).
+fn point_id(v: &serde_json::Value) -> Result<Option<u64>, String> {
+    match v {
+        serde_json::Value::String(s) if s == "latest" => Ok(None),
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("point {s:?}: \"latest\" or a recovery point's id")),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("point {n}: not a recovery point's id")),
+        other => Err(format!(
+            "point {other}: \"latest\" or a recovery point's id"
+        )),
+    }
+}
+
+/// `POST /api/v1/replicas/{vm}/failover` `{"point": "latest"|ID, "primary": NAME?}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FailoverHereRequest {
-    point: String,
+    point: serde_json::Value,
     #[serde(default)]
     primary: Option<String>,
     /// Start the VM (default true).
@@ -707,20 +835,100 @@ async fn failover_here(
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("failover: {e}")),
     };
-    if req.point != "latest" {
+    if req.point.is_null() {
         return error(
             StatusCode::BAD_REQUEST,
-            format!(
-                "point {:?}: only \"latest\" (no recovery history is kept yet)",
-                req.point
-            ),
+            "failover: name the point (\"latest\" or an id)".into(),
         );
     }
+    let point = match point_id(&req.point) {
+        Ok(p) => p,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
     match r
-        .failover_here(&vm, req.primary.as_deref(), req.start)
+        .failover_here(&vm, req.primary.as_deref(), point, req.start)
         .await
     {
         Ok(v) => Json(v).into_response(),
         Err(resp) => resp,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PrimaryQuery {
+    primary: Option<String>,
+}
+
+/// `GET /api/v1/replicas/{vm}/points[?primary=NAME]`: the kept recovery points.
+async fn points(
+    State(r): R,
+    UrlPath(vm): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<PrimaryQuery>,
+) -> Response {
+    match r.points(&vm, q.primary.as_deref()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// `POST /api/v1/replicas/{vm}/test-failover` `{"point": "latest"|ID?, "primary"?, "start"?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFailoverRequest {
+    #[serde(default)]
+    point: serde_json::Value,
+    #[serde(default)]
+    primary: Option<String>,
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+async fn test_failover(
+    State(r): R,
+    UrlPath(vm): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: TestFailoverRequest = if body.is_empty() {
+        TestFailoverRequest {
+            point: serde_json::Value::Null,
+            primary: None,
+            start: true,
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(q) => q,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("test failover: {e}")),
+        }
+    };
+    let point = match point_id(&req.point) {
+        Ok(p) => p,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let (server, primary) = match r.replica_of(&vm, req.primary.as_deref()) {
+        Ok(x) => x,
+        Err(resp) => return *resp,
+    };
+    match crate::replica_failover::test_fail_over(&r.sup, &server, &primary, &vm, point, req.start)
+        .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /api/v1/replicas/{vm}/test-failover[?primary=NAME]`: the test VM and its
+/// disks are removed.
+async fn end_test(
+    State(r): R,
+    UrlPath(vm): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<PrimaryQuery>,
+) -> Response {
+    let (server, primary) = match r.replica_of(&vm, q.primary.as_deref()) {
+        Ok(x) => x,
+        Err(resp) => return *resp,
+    };
+    match crate::replica_failover::stop_test_failover(&r.sup, &server, &primary, &vm).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
     }
 }

@@ -411,6 +411,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         vm: "vm1".into(),
         disks: vm.lock().unwrap().sources(),
         extras: Default::default(),
+        history: 1,
     };
     let same = |what: &str| {
         let v = vm.lock().unwrap();
@@ -450,6 +451,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         vm: "vm1".into(),
         disks: shipper.disks.clone(),
         extras: Default::default(),
+        history: 1,
     };
     vm.lock().unwrap().write(0, 800_000, 3, 4096);
     let err = round(&dead, &vm).unwrap_err();

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::pki::{call_raw, endpoint, tls_args, Pki};
+use common::writer::{prefix_of, BLOCKS};
 use common::{Daemon, T};
 use serde_json::{json, Value};
 use vireo_e2e::netns::NetNs;
 
-const BLOCKS: u64 = 64;
 const DISK_SIZE: u64 = 4 << 20;
 const A_IP: &str = "10.77.0.1";
 const B_IP: &str = "10.77.0.2";
@@ -191,40 +191,6 @@ fn last_rw(serial: &str) -> u64 {
 
 fn point(v: &Value) -> u64 {
     v["last_point"].as_u64().unwrap_or(0)
-}
-
-/// The seed of the writer guest's iteration whose data block `b` of `image` holds
-/// (0: never written), trying every iteration up to `max`.
-fn seed_of(image: &[u8], b: u64, max: u64) -> u64 {
-    let at = (b * 4096) as usize;
-    let block = &image[at..at + 4096];
-    if block.iter().all(|&x| x == 0) {
-        return 0;
-    }
-    let mut buf = vec![0u8; 4096];
-    let mut n = if b == 0 { BLOCKS } else { b };
-    while n <= max {
-        vireo_e2e::pattern::fill(n, b * 8, &mut buf);
-        if buf == block {
-            return n;
-        }
-        n += BLOCKS;
-    }
-    panic!("block {b} holds no iteration up to {max} of the writer guest");
-}
-
-/// Checks that `image` holds exactly the guest's iterations 1..=N for one N (each
-/// block the newest of them that wrote it) and returns N.
-fn prefix_of(image: &[u8], max: u64, what: &str) -> u64 {
-    let seeds: Vec<u64> = (0..BLOCKS).map(|b| seed_of(image, b, max)).collect();
-    let n = seeds.iter().copied().max().unwrap_or(0);
-    for (b, &s) in seeds.iter().enumerate() {
-        let b = b as u64;
-        // The newest iteration up to n that wrote block b.
-        let expected = (1..=n).rev().find(|i| i % BLOCKS == b).unwrap_or(0);
-        assert_eq!(s, expected, "{what}: block {b} after iteration {n}: a hole");
-    }
-    n
 }
 
 fn absent(path: &Path) -> bool {

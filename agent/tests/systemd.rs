@@ -149,26 +149,45 @@ start)
     [ -f "$env_file" ] || {{ echo "Condition failed: $env_file" >&2; exit 1; }}
     # EnvironmentFile= semantics: the rest of the line is the value.
     VIREO_ARGS=$(sed -n 's/^VIREO_ARGS=//p' "$env_file")
-    rm -f "$state/$name.status" "$state/$name.ready"
+    rm -f "$state/$name.status" "$state/$name.ready" "$state/$name.mainpid"
     notify="$state/$name.notify"
     rm -f "$notify" "$notify.bound"
-    # The unit's READY=1: a datagram socket read by a helper.
+    # The unit's READY=1 and MAINPID=: a datagram socket read by a helper (which drops
+    # a BARRIER=1's descriptor as it reads the message, releasing the sender).
     python3 -c '
-import socket,sys
+import os,socket,sys
 s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM); s.bind(sys.argv[1])
 open(sys.argv[2],"w").close()
 while True:
     m=s.recv(256)
     if m==b"READY=1": open(sys.argv[3],"w").write("1")
-'  "$notify" "$notify.bound" "$state/$name.ready" </dev/null >/dev/null 2>&1 &
+    if m.startswith(b"MAINPID="):
+        open(sys.argv[4]+".tmp","w").write(m[8:].decode()); os.rename(sys.argv[4]+".tmp",sys.argv[4])
+'  "$notify" "$notify.bound" "$state/$name.ready" "$state/$name.mainpid" </dev/null >/dev/null 2>&1 &
     echo $! > "$state/$name.helper.$$"
     while [ ! -f "$notify.bound" ]; do sleep 0.01; done
-    (
-        NOTIFY_SOCKET="$notify" setsid "$vireo" $VIREO_ARGS >>"$state/$name.log" 2>&1 &
-        echo $! > "$state/$name.pid"
-        wait $!
-        echo $? > "$state/$name.status"
-    ) </dev/null >/dev/null 2>&1 &
+    # Runs vireo as systemd does: a subreaper (systemd is PID 1), so that a main process
+    # handed over with MAINPID= is reaped here too; records the main process's end
+    # (128+N: killed by signal N).
+    NOTIFY_SOCKET="$notify" python3 -c '
+import ctypes,os,sys
+ctypes.CDLL(None).prctl(36,1,0,0,0)
+state,name=sys.argv[1],sys.argv[2]
+def put(f,v):
+    open(f+".tmp","w").write(v); os.rename(f+".tmp",f)
+pid=os.fork()
+if pid==0:
+    os.setsid(); os.execv(sys.argv[3],sys.argv[3:])
+put(state+"/"+name+".pid",str(pid))
+while True:
+    p,st=os.wait()
+    try: main=int(open(state+"/"+name+".mainpid").read())
+    except OSError: main=pid
+    if p==main:
+        code=os.waitstatus_to_exitcode(st)
+        put(state+"/"+name+".status",str(code if code>=0 else 128-code))
+        break
+' "$state" "$name" "$vireo" $VIREO_ARGS >>"$state/$name.log" 2>&1 </dev/null &
     i=0
     while [ ! -f "$state/$name.ready" ]; do
         if [ -f "$state/$name.status" ]; then echo "vireo exited" >&2; exit 1; fi
@@ -177,7 +196,7 @@ while True:
     done
     ;;
 show)
-    pid=$(cat "$state/$name.pid" 2>/dev/null || echo 0)
+    pid=$(cat "$state/$name.mainpid" 2>/dev/null || cat "$state/$name.pid" 2>/dev/null || echo 0)
     echo "MainPID=$pid"
     echo "ExecMainPID=$pid"
     if [ -f "$state/$name.status" ]; then
@@ -249,8 +268,16 @@ fn systemd_launcher_starts_units_watches_them_and_gets_their_exit_status() {
         let st = d.ok("PUT", "/api/v1/vms/web/start", None);
         assert_eq!(st["state"], "Running", "{st}");
         let pid = st["pid"].as_i64().unwrap() as i32;
-        // The unit's main process is the VMM, started from the environment file.
-        let unit_pid: i32 = std::fs::read_to_string(state.join("web.pid"))
+        // The unit's main process is the VMM, started from the environment file: it
+        // cloned itself into its own PID namespace and handed the child over with
+        // MAINPID= (the process systemd started is gone).
+        let started: i32 = std::fs::read_to_string(state.join("web.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!alive(started), "the process the unit started stayed");
+        let unit_pid: i32 = std::fs::read_to_string(state.join("web.mainpid"))
             .unwrap()
             .trim()
             .parse()

@@ -187,6 +187,8 @@ impl Pid1 {
                 ),
             ])
             .env("container", "vireo-test")
+            // Its own log to the log file (no journald here).
+            .env("SYSTEMD_LOG_TARGET", "console")
             .env("SYSTEMD_UNIT_PATH", units)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -410,6 +412,16 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
     }
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
     assert_eq!(field("Seccomp:"), "2", "{status}");
+    // In a PID namespace of its own, where it is PID 1 (`pidns=new`: it cloned itself
+    // as it started and handed the child to systemd), and it is the unit's main
+    // process itself: NSpid lists its pid here, in systemd's namespace, and 1.
+    let nspid: Vec<String> = field("NSpid:")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(nspid.len(), 3, "{status}");
+    assert_eq!(nspid[2], "1", "{status}");
+    assert_eq!(sd.property(unit, "MainPID"), nspid[1], "{status}");
     let root = PathBuf::from(format!("/proc/{vmm}/root"));
     assert!(!root
         .join(state.strip_prefix("/").unwrap())
@@ -426,8 +438,8 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
         .collect();
     assert!(!top.iter().any(|n| n == "etc" || n == "usr"), "{top:?}");
 
-    // Frozen, the VMM stops sending WATCHDOG=1: systemd kills it (SIGABRT) after
-    // WatchdogSec; vireod records the crash and restarts it (policy OnFailure) as a
+    // Frozen, the VMM stops sending WATCHDOG=1: systemd kills it (WatchdogSignal=
+    // SIGKILL) after WatchdogSec; vireod records the crash and restarts it (policy OnFailure) as a
     // new start of the unit.
     let first = st["pid"].clone();
     let frozen = host_pid_of_vmm(&vm_sock);
@@ -440,9 +452,10 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
     let exits = ok(&sock, "GET", "/api/v1/vms/web/exits", None);
     assert_eq!(
         exits[0]["signal"],
-        libc::SIGABRT,
-        "{exits}\n{}",
-        sd.journal(unit)
+        libc::SIGKILL,
+        "{exits}\n{}\nvireo.log:\n{}",
+        sd.journal(unit),
+        std::fs::read_to_string(state.join("vms/web/vireo.log")).unwrap_or_default()
     );
     assert_eq!(exits[0]["reason"], "crashed", "{exits}");
     assert_eq!(sd.property(unit, "MainPID"), restarted["pid"].to_string());

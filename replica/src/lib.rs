@@ -9,6 +9,7 @@
 mod apply;
 mod error;
 mod format;
+mod history;
 mod log;
 mod segment;
 mod store;
@@ -16,6 +17,7 @@ mod store;
 pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
 pub use error::{LogError, SegmentError};
 pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
+pub use history::{PointInfo, MAX_HISTORY};
 pub use log::{ChangeLog, Recovery, SealedSegment};
 pub use segment::{Record, SegmentReader, Trailer};
 pub use store::{
@@ -23,6 +25,8 @@ pub use store::{
     MAX_DISKS,
 };
 
+#[cfg(test)]
+mod history_tests;
 #[cfg(test)]
 mod store_tests;
 #[cfg(test)]

@@ -33,10 +33,15 @@ use serde::{Deserialize, Serialize};
 use crate::apply::{ApplyError, ApplyOutcome, ReplicaDisk};
 use crate::error::SegmentError;
 use crate::format::segment_file_name;
+use crate::history::{self, PointInfo, MAX_HISTORY};
 use crate::segment::{SegmentReader, Trailer};
 
 const STATE_FILE: &str = "vm.state";
 const INTENT_FILE: &str = "committing";
+/// A failover to an older kept point in progress (its cut id).
+const ROLLBACK_FILE: &str = "rolling-back";
+/// The undo files of the kept points (`history.rs`).
+const HISTORY_DIR: &str = "history";
 /// At most this many disks per replicated VM.
 pub const MAX_DISKS: usize = 16;
 /// At most this many bytes in one chunk of the initial copy.
@@ -96,6 +101,34 @@ struct VmState {
     /// primary is taken any more.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     failed_over: bool,
+    /// The kept recovery points, oldest first; the last is `point`. Every one after
+    /// the first has its undo files (they lead back to the one before it).
+    #[serde(default)]
+    history: Vec<PointInfo>,
+    /// How many points to keep (1: only the latest).
+    #[serde(default = "one")]
+    keep: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What the commit intent records: the point and what its listing shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Intent {
+    cut_id: u64,
+    seqs: Vec<u64>,
+    #[serde(default)]
+    time_s: u64,
+    #[serde(default)]
+    changed_bytes: u64,
+}
+
+/// What the rollback intent records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Rollback {
+    cut_id: u64,
 }
 
 /// What a primary stores beside its replica for a failover, besides the disks: the
@@ -146,6 +179,12 @@ pub struct VmStatus {
     /// The newest recovery point (none before the first commit).
     pub point: Option<Point>,
     pub disks: Vec<DiskStatus>,
+    /// How many recovery points the replica keeps.
+    #[serde(default = "one")]
+    pub keep: u32,
+    /// The kept points, oldest first (the last is `point`).
+    #[serde(default)]
+    pub points: Vec<PointInfo>,
 }
 
 /// The answer to staging a segment.
@@ -168,10 +207,15 @@ pub enum Committed {
 /// One replicated VM's directory, opened.
 pub struct ReplicaVm {
     dir: OwnedFd,
+    history_dir: OwnedFd,
     state: VmState,
     images: Vec<File>,
     disks: Vec<ReplicaDisk<File>>,
     disk_dirs: Vec<OwnedFd>,
+    /// Tests: the commit stops (as a killed process would) once disk `.0` applied
+    /// segment `.1`.
+    #[cfg(test)]
+    pub(crate) crash_after_applying: Option<(usize, u64)>,
 }
 
 fn disk_image_name(i: usize) -> String {
@@ -206,7 +250,7 @@ fn decode_checked<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Option<T> {
     serde_json::from_slice(json).ok()
 }
 
-fn encode_point(p: &Point) -> Vec<u8> {
+fn encode_json<T: Serialize>(p: &T) -> Vec<u8> {
     let json = serde_json::to_vec(p).unwrap_or_default();
     let mut b = format!("{:08x}\n", crc32c::crc32c(&json)).into_bytes();
     b.extend_from_slice(&json);
@@ -304,6 +348,8 @@ impl ReplicaVm {
             base_complete: false,
             point: None,
             failed_over: false,
+            history: Vec::new(),
+            keep: 1,
         };
         Self::save_state(dir.as_fd(), &state)?;
         tracing::info!(vm = name, disks = ?disk_sizes, "replica: new replicated VM");
@@ -323,7 +369,19 @@ impl ReplicaVm {
 
     fn open_dir(dir: OwnedFd) -> Result<Self, StoreError> {
         let b = read_opt(dir.as_fd(), STATE_FILE)?.ok_or(StoreError::NotFound)?;
-        let state: VmState = decode_checked(&b).ok_or(StoreError::Damaged(STATE_FILE))?;
+        let mut state: VmState = decode_checked(&b).ok_or(StoreError::Damaged(STATE_FILE))?;
+        if let (true, Some(p)) = (state.history.is_empty(), &state.point) {
+            // A replica from before the history: its one point, time unknown.
+            state.history.push(PointInfo {
+                cut_id: p.cut_id,
+                seqs: p.seqs.clone(),
+                time_s: 0,
+                changed_bytes: 0,
+                undo_bytes: 0,
+            });
+        }
+        let history_dir =
+            open_or_create_dir(dir.as_fd(), HISTORY_DIR).map_err(io_err(HISTORY_DIR))?;
         let mut images = Vec::new();
         let mut disks = Vec::new();
         let mut disk_dirs = Vec::new();
@@ -340,19 +398,31 @@ impl ReplicaVm {
         }
         let mut vm = Self {
             dir,
+            history_dir,
             state,
             images,
             disks,
             disk_dirs,
+            #[cfg(test)]
+            crash_after_applying: None,
         };
         if let Some(b) = read_opt(vm.dir.as_fd(), INTENT_FILE)? {
-            let intent: Point = decode_checked(&b).ok_or(StoreError::Damaged(INTENT_FILE))?;
+            let intent: Intent = decode_checked(&b).ok_or(StoreError::Damaged(INTENT_FILE))?;
             tracing::warn!(
                 cut_id = intent.cut_id,
                 "replica: finishing a commit a crash interrupted"
             );
             vm.finish_commit(&intent)?;
         }
+        if let Some(b) = read_opt(vm.dir.as_fd(), ROLLBACK_FILE)? {
+            let r: Rollback = decode_checked(&b).ok_or(StoreError::Damaged(ROLLBACK_FILE))?;
+            tracing::warn!(
+                cut_id = r.cut_id,
+                "replica: finishing a failover to an older point a crash interrupted"
+            );
+            vm.finish_rollback(r.cut_id)?;
+        }
+        vm.drop_unkept_undo()?;
         Ok(vm)
     }
 
@@ -377,12 +447,35 @@ impl ReplicaVm {
     }
 
     /// Marks the replica failed over (recorded before a VM may start on its images)
-    /// and returns its point: the latest complete one. Refused without a point.
-    /// Idempotent.
-    pub fn fail_over(&mut self) -> Result<Point, StoreError> {
+    /// and returns its point: the latest complete one, or the kept point `cut_id`
+    /// (the images are rolled back to it in place; the newer points are dropped).
+    /// Refused without a point. Idempotent.
+    pub fn fail_over(&mut self, cut_id: Option<u64>) -> Result<Point, StoreError> {
         let point = self.state.point.clone().ok_or_else(|| {
             StoreError::Conflict("no recovery point yet: nothing to fail over to".into())
         })?;
+        if let Some(want) = cut_id.filter(|&c| c != point.cut_id) {
+            if self.state.failed_over {
+                return Err(StoreError::Conflict(format!(
+                    "failed over at point {} already, not {want}",
+                    point.cut_id
+                )));
+            }
+            self.kept(want)?;
+            confine::write_private_atomic(
+                self.dir.as_fd(),
+                ROLLBACK_FILE.as_ref(),
+                &encode_json(&Rollback { cut_id: want }),
+            )
+            .and_then(|()| sync_dir(self.dir.as_fd()))
+            .map_err(io_err("recording the failover's point"))?;
+            self.finish_rollback(want)?;
+            return self
+                .state
+                .point
+                .clone()
+                .ok_or(StoreError::Damaged(STATE_FILE));
+        }
         if !self.state.failed_over {
             let mut state = self.state.clone();
             state.failed_over = true;
@@ -425,6 +518,203 @@ impl ReplicaVm {
         self.state.point.as_ref()
     }
 
+    /// The kept recovery points, oldest first (the last is the latest).
+    pub fn points(&self) -> &[PointInfo] {
+        &self.state.history
+    }
+
+    /// How many points are kept.
+    pub fn keep(&self) -> u32 {
+        self.state.keep
+    }
+
+    /// Keeps up to `keep` points (1 to [`MAX_HISTORY`]); fewer than held drops the
+    /// oldest at once.
+    pub fn set_keep(&mut self, keep: u32) -> Result<(), StoreError> {
+        if keep == 0 || keep > MAX_HISTORY {
+            return Err(StoreError::Invalid(format!(
+                "a replica keeps 1 to {MAX_HISTORY} recovery points, not {keep}"
+            )));
+        }
+        if keep == self.state.keep {
+            return Ok(());
+        }
+        let mut state = self.state.clone();
+        state.keep = keep;
+        prune(&mut state);
+        Self::save_state(self.dir.as_fd(), &state)?;
+        self.state = state;
+        self.drop_unkept_undo()
+    }
+
+    /// The index of kept point `cut_id` in the history.
+    fn kept(&self, cut_id: u64) -> Result<usize, StoreError> {
+        self.state
+            .history
+            .iter()
+            .position(|p| p.cut_id == cut_id)
+            .ok_or_else(|| {
+                StoreError::Conflict(format!(
+                    "no recovery point {cut_id} is kept (kept: {:?})",
+                    self.state
+                        .history
+                        .iter()
+                        .map(|p| p.cut_id)
+                        .collect::<Vec<_>>()
+                ))
+            })
+    }
+
+    /// Applies to `images` (each at the latest point) the undo files of every point
+    /// newer than kept point `cut_id`, newest first, and syncs them: they hold
+    /// `cut_id`'s bytes.
+    fn roll_back(&self, cut_id: u64, images: &[File]) -> Result<(), StoreError> {
+        let at = self.kept(cut_id)?;
+        for newer in self.state.history[at + 1..].iter().rev() {
+            for (i, image) in images.iter().enumerate() {
+                let name = history::undo_file_name(newer.cut_id, i);
+                let mut undo = confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
+                    .map_err(io_err(format!("the undo file {name}")))?;
+                history::apply_undo(image, &mut undo).map_err(|source| StoreError::Segment {
+                    disk: i,
+                    seq: newer.cut_id,
+                    source,
+                })?;
+            }
+        }
+        for (i, image) in images.iter().enumerate() {
+            image.sync_all().map_err(io_err(disk_image_name(i)))?;
+        }
+        Ok(())
+    }
+
+    /// Writes kept point `cut_id`'s images into `dest` as `name(i)` (new files, 0600;
+    /// copies of the images rolled back there). The replica is not changed: a test
+    /// failover runs on these while replication goes on.
+    pub fn export_point(
+        &self,
+        cut_id: u64,
+        dest: BorrowedFd<'_>,
+        name: impl Fn(usize) -> String,
+    ) -> Result<(), StoreError> {
+        self.kept(cut_id)?;
+        let mut copies = Vec::new();
+        for (i, image) in self.images.iter().enumerate() {
+            let n = name(i);
+            let mut f = confine::create_private(dest, n.as_ref())
+                .map_err(io_err(format!("creating {n}")))?;
+            history::copy_image(image, &mut f).map_err(io_err(format!("copying to {n}")))?;
+            copies.push(f);
+        }
+        self.roll_back(cut_id, &copies)
+    }
+
+    /// Rolls the images back to kept point `cut_id` in place, records it as the
+    /// failed-over point (newer ones dropped) and removes the rollback intent.
+    /// Idempotent: the undo chain writes absolute bytes.
+    fn finish_rollback(&mut self, cut_id: u64) -> Result<(), StoreError> {
+        let at = self.kept(cut_id)?;
+        self.roll_back(cut_id, &self.images)?;
+        let mut state = self.state.clone();
+        state.history.truncate(at + 1);
+        let p = &state.history[at];
+        state.point = Some(Point {
+            cut_id: p.cut_id,
+            seqs: p.seqs.clone(),
+        });
+        state.failed_over = true;
+        Self::save_state(self.dir.as_fd(), &state)?;
+        self.state = state;
+        confine::unlink_at(self.dir.as_fd(), ROLLBACK_FILE.as_ref()).ok();
+        self.drop_unkept_undo()?;
+        tracing::info!(
+            cut_id,
+            "replica: images rolled back to a kept recovery point"
+        );
+        Ok(())
+    }
+
+    /// The total length of point `cut_id`'s undo files; `None` if one is missing.
+    fn undo_bytes(&self, cut_id: u64) -> Option<u64> {
+        (0..self.images.len())
+            .map(|i| {
+                let name = history::undo_file_name(cut_id, i);
+                confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
+                    .and_then(|f| f.metadata())
+                    .map(|m| m.len())
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// Removes every undo file no kept point needs (a pruned point's, a `.part` or a
+    /// capture a crash cut short before its commit's intent).
+    fn drop_unkept_undo(&self) -> Result<(), StoreError> {
+        let needed: Vec<u64> = self
+            .state
+            .history
+            .iter()
+            .skip(1)
+            .map(|p| p.cut_id)
+            .collect();
+        let path = confine::fd_path(self.history_dir.as_fd(), ".".as_ref());
+        for e in std::fs::read_dir(&path).map_err(io_err(HISTORY_DIR))? {
+            let e = e.map_err(io_err(HISTORY_DIR))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let keep = name.ends_with(".undo")
+                && history::parse_undo_file_name(name).is_some_and(|c| needed.contains(&c));
+            if !keep {
+                confine::unlink_at(self.history_dir.as_fd(), name.as_ref()).ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a commit of `cut_id` changes the images: the bytes they hold now on
+    /// every range its segments write, per disk, as `cut_id`'s undo files (synced).
+    /// Returns their total length.
+    fn capture_undo(&self, cut_id: u64, seqs: &[u64]) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for (i, &last) in seqs.iter().enumerate() {
+            let mut ranges = Vec::new();
+            for seq in self.disks[i].applied().seq + 1..=last {
+                let mut f = confine::open_file_at(
+                    self.disk_dirs[i].as_fd(),
+                    segment_file_name(seq).as_ref(),
+                )
+                .map_err(io_err(format!("disk {i}: staged segment {seq}")))?;
+                ranges.extend(history::ranges_of(&mut f).map_err(|source| {
+                    StoreError::Segment {
+                        disk: i,
+                        seq,
+                        source,
+                    }
+                })?);
+            }
+            let ranges = history::merge_ranges(ranges);
+            let name = history::undo_file_name(cut_id, i);
+            let part = format!("{name}.part");
+            let hdir = self.history_dir.as_fd();
+            confine::unlink_at(hdir, part.as_ref()).ok();
+            let f = confine::create_private(hdir, part.as_ref())
+                .map_err(io_err(format!("creating {part}")))?;
+            total += history::capture_undo(
+                &self.images[i],
+                self.state.disk_sizes[i],
+                &ranges,
+                &f,
+                cut_id,
+            )
+            .and_then(|n| f.sync_all().map(|()| n))
+            .map_err(io_err(format!("writing {part}")))?;
+            rename_at(hdir, part.as_ref(), name.as_ref())
+                .and_then(|()| sync_dir(hdir))
+                .map_err(io_err(format!("keeping {name}")))?;
+        }
+        Ok(total)
+    }
+
     pub fn disk_sizes(&self) -> &[u64] {
         &self.state.disk_sizes
     }
@@ -450,6 +740,8 @@ impl ReplicaVm {
             failed_over: self.state.failed_over,
             point: self.state.point.clone(),
             disks,
+            keep: self.state.keep,
+            points: self.state.history.clone(),
         })
     }
 
@@ -626,6 +918,7 @@ impl ReplicaVm {
                 self.disks.len()
             )));
         }
+        let mut changed_bytes = 0;
         for (i, &last) in seqs.iter().enumerate() {
             let applied = self.disks[i].applied();
             if last < applied.seq {
@@ -652,6 +945,7 @@ impl ReplicaVm {
                     _ => io_err("opening a staged segment")(e),
                 })?;
                 let t = verify(&mut f, i, seq)?;
+                changed_bytes += t.covered_bytes;
                 if seq == last && t.cut_id != cut_id {
                     return Err(StoreError::Conflict(format!(
                         "disk {i}'s segment {last} ends at cut {}, not {cut_id}",
@@ -660,24 +954,43 @@ impl ReplicaVm {
                 }
             }
         }
-        let point = Point {
+        // The previous point stays reachable: its bytes on every range this commit
+        // writes are kept first (before the intent, so a crash before it leaves
+        // only an unneeded file, dropped at the next open).
+        if self.state.keep > 1 && self.state.point.is_some() {
+            self.capture_undo(cut_id, seqs)?;
+        }
+        let intent = Intent {
             cut_id,
             seqs: seqs.to_vec(),
+            time_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            changed_bytes,
         };
         confine::write_private_atomic(
             self.dir.as_fd(),
             INTENT_FILE.as_ref(),
-            &encode_point(&point),
+            &encode_json(&intent),
         )
         .and_then(|()| sync_dir(self.dir.as_fd()))
         .map_err(io_err("recording the commit's intent"))?;
-        self.finish_commit(&point)?;
-        Ok(Committed::Committed(point))
+        self.finish_commit(&intent)?;
+        Ok(Committed::Committed(Point {
+            cut_id,
+            seqs: seqs.to_vec(),
+        }))
     }
 
-    /// Applies every disk up to the intent's segments, records the point, removes the
-    /// intent and the applied segments. Idempotent.
-    fn finish_commit(&mut self, point: &Point) -> Result<(), StoreError> {
+    /// Applies every disk up to the intent's segments, records the point (kept in
+    /// the history, the oldest beyond `keep` dropped), removes the intent, the
+    /// applied segments and the undo files no kept point needs. Idempotent.
+    fn finish_commit(&mut self, intent: &Intent) -> Result<(), StoreError> {
+        let point = Point {
+            cut_id: intent.cut_id,
+            seqs: intent.seqs.clone(),
+        };
         for (i, &last) in point.seqs.iter().enumerate() {
             let ddir = self.disk_dirs[i].as_fd();
             for seq in self.disks[i].applied().seq + 1..=last {
@@ -686,13 +999,33 @@ impl ReplicaVm {
                 match self.disks[i].apply(f)? {
                     ApplyOutcome::Applied(_) | ApplyOutcome::AlreadyApplied { .. } => {}
                 }
+                #[cfg(test)]
+                if self.crash_after_applying == Some((i, seq)) {
+                    return Err(StoreError::Conflict("simulated crash".into()));
+                }
             }
         }
         let mut state = self.state.clone();
         state.point = Some(point.clone());
+        if state.history.last().map(|p| p.cut_id) != Some(point.cut_id) {
+            let undo_bytes = self.undo_bytes(point.cut_id);
+            if undo_bytes.is_none() {
+                // No way back from this point to the older ones: they are not kept.
+                state.history.clear();
+            }
+            state.history.push(PointInfo {
+                cut_id: point.cut_id,
+                seqs: point.seqs.clone(),
+                time_s: intent.time_s,
+                changed_bytes: intent.changed_bytes,
+                undo_bytes: undo_bytes.unwrap_or(0),
+            });
+        }
+        prune(&mut state);
         Self::save_state(self.dir.as_fd(), &state)?;
         self.state = state;
         confine::unlink_at(self.dir.as_fd(), INTENT_FILE.as_ref()).ok();
+        self.drop_unkept_undo()?;
         for (i, &last) in point.seqs.iter().enumerate() {
             for seq in self.staged(i)? {
                 if seq <= last {
@@ -703,6 +1036,18 @@ impl ReplicaVm {
         }
         tracing::info!(cut_id = point.cut_id, seqs = ?point.seqs, "replica: recovery point");
         Ok(())
+    }
+}
+
+/// Drops the oldest points beyond `keep`; the new oldest needs no undo file.
+fn prune(state: &mut VmState) {
+    let keep = state.keep.max(1) as usize;
+    if state.history.len() > keep {
+        let drop = state.history.len() - keep;
+        state.history.drain(..drop);
+    }
+    if let Some(oldest) = state.history.first_mut() {
+        oldest.undo_bytes = 0;
     }
 }
 

@@ -9,23 +9,23 @@ use std::path::Path;
 
 use crate::*;
 
-const DISK: u64 = 1 << 20;
+pub(crate) const DISK: u64 = 1 << 20;
 
-fn dir_fd(p: &Path) -> OwnedFd {
+pub(crate) fn dir_fd(p: &Path) -> OwnedFd {
     confine::open_dir(p).unwrap()
 }
 
 /// A primary's two disks: their logs and a model of each disk's bytes.
-struct Primary {
+pub(crate) struct Primary {
     _dir: tempfile::TempDir,
     logs: Vec<ChangeLog>,
-    model: Vec<Vec<u8>>,
+    pub(crate) model: Vec<Vec<u8>>,
     dirs: Vec<std::path::PathBuf>,
     cut: u64,
 }
 
 impl Primary {
-    fn new(disks: usize) -> Self {
+    pub(crate) fn new(disks: usize) -> Self {
         let d = tempfile::tempdir().unwrap();
         let mut logs = Vec::new();
         let mut dirs = Vec::new();
@@ -44,14 +44,19 @@ impl Primary {
         }
     }
 
-    fn write(&mut self, disk: usize, offset: u64, seed: u8, len: usize) {
+    pub(crate) fn write(&mut self, disk: usize, offset: u64, seed: u8, len: usize) {
         let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
         self.logs[disk].append_data(offset, &data).unwrap();
         self.model[disk][offset as usize..offset as usize + len].copy_from_slice(&data);
     }
 
+    pub(crate) fn zero(&mut self, disk: usize, offset: u64, len: usize) {
+        self.logs[disk].append_zeroes(offset, len as u64).unwrap();
+        self.model[disk][offset as usize..offset as usize + len].fill(0);
+    }
+
     /// Seals every disk at one new cut: (cut id, each disk's sequence number).
-    fn cut(&mut self) -> (u64, Vec<u64>) {
+    pub(crate) fn cut(&mut self) -> (u64, Vec<u64>) {
         self.cut += 1;
         let seqs = self
             .logs
@@ -61,19 +66,19 @@ impl Primary {
         (self.cut, seqs)
     }
 
-    fn compressed(&self, disk: usize, seq: u64) -> Vec<u8> {
+    pub(crate) fn compressed(&self, disk: usize, seq: u64) -> Vec<u8> {
         let raw = std::fs::read(self.dirs[disk].join(segment_file_name(seq))).unwrap();
         zstd::encode_all(&raw[..], 3).unwrap()
     }
 }
 
-fn image(vm: &ReplicaVm, i: usize) -> Vec<u8> {
+pub(crate) fn image(vm: &ReplicaVm, i: usize) -> Vec<u8> {
     let mut b = vec![0u8; DISK as usize];
     vm.image(i).unwrap().read_exact_at(&mut b, 0).unwrap();
     b
 }
 
-fn new_vm(root: &Path, disks: usize) -> ReplicaVm {
+pub(crate) fn new_vm(root: &Path, disks: usize) -> ReplicaVm {
     let mut vm =
         ReplicaVm::create_or_open(dir_fd(root).as_fd(), "vm1", &vec![DISK; disks]).unwrap();
     vm.complete_base().unwrap();
@@ -298,7 +303,7 @@ fn a_failed_over_replica_keeps_its_point_and_takes_nothing_more_even_after_reope
     let mut p = Primary::new(1);
     let mut vm = new_vm(root.path(), 1);
     // No point yet: nothing to fail over to.
-    assert!(matches!(vm.fail_over(), Err(StoreError::Conflict(_))));
+    assert!(matches!(vm.fail_over(None), Err(StoreError::Conflict(_))));
     p.write(0, 0, 1, 4096);
     let (cut, seqs) = p.cut();
     vm.stage(0, seqs[0], &p.compressed(0, seqs[0])[..], 1 << 30)
@@ -310,9 +315,9 @@ fn a_failed_over_replica_keeps_its_point_and_takes_nothing_more_even_after_reope
         vm.put_extra(Extra::Definition, &too_big),
         Err(StoreError::TooLarge { .. })
     ));
-    assert_eq!(vm.fail_over().unwrap().cut_id, cut);
+    assert_eq!(vm.fail_over(None).unwrap().cut_id, cut);
     // Idempotent, and recorded: a reopened replica is still failed over.
-    assert_eq!(vm.fail_over().unwrap().cut_id, cut);
+    assert_eq!(vm.fail_over(None).unwrap().cut_id, cut);
     drop(vm);
     let mut vm = ReplicaVm::open(dir_fd(root.path()).as_fd(), "vm1").unwrap();
     assert!(vm.failed_over() && vm.status().unwrap().failed_over);

@@ -286,6 +286,66 @@ fn a_jailed_vmm_runs_as_its_own_user_without_capabilities_in_its_own_root() {
     }
 }
 
+/// `--jail ...,pidns=new` (what vireod asks of a VMM that systemd starts): `vireo`
+/// clones itself into a PID namespace of its own; the VMM is PID 1 there, sees only
+/// itself, and the parent left outside (no systemd to hand it to here) forwards
+/// SIGTERM and ends as the VMM did: by SIGTERM.
+#[test]
+fn a_vmm_that_asks_for_its_own_pid_namespace_is_its_init_and_its_reaper_ends_as_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir(&api_dir).unwrap();
+    let sock = api_dir.join("vm.sock");
+    let jail = format!(
+        "uid=100103,gid=100103,root={},pidns=new",
+        dir.path().join("root").display()
+    );
+    let mut vm = Vireo::guest(
+        "test=counter period_ms=20",
+        &["--api-socket", sock.to_str().unwrap(), "--jail", &jail],
+    );
+    vm.cmd.env_remove("NOTIFY_SOCKET");
+    let mut vm = vm.spawn();
+    vm.wait_serial("tick 2 ", T);
+    let reaper = vm.child.as_ref().unwrap().id();
+    // The VMM: the reaper's only child, PID 1 of its namespace, jailed.
+    let children =
+        std::fs::read_to_string(format!("/proc/{reaper}/task/{reaper}/children")).unwrap();
+    let vmm: u32 = children
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{children:?}"));
+    assert_eq!(status_field(vmm, "NSpid:"), format!("{vmm}\t1"));
+    assert_eq!(status_field(vmm, "Uid:"), "100103\t100103\t100103\t100103");
+    assert_eq!(status_field(vmm, "Seccomp:"), "2");
+    let mine = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let its = std::fs::read_link(format!("/proc/{vmm}/ns/pid")).unwrap();
+    assert_ne!(mine, its, "pid namespace");
+    // Its procfs shows one process: itself.
+    let procs: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root/proc"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(procs, ["1"]);
+    let (status, body) = vireo_e2e::api(&sock, "GET", "vm.info", None);
+    assert_eq!(status, 200, "{body}");
+
+    // SIGTERM to the process that was started: the VMM gets it and ends, and so does
+    // the reaper, by the same signal.
+    let mut child = vm.child.take().unwrap();
+    // SAFETY: kill with the pid of the child this test started.
+    unsafe { libc::kill(reaper as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "{st:?}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+        "the VMM outlived its reaper"
+    );
+}
+
 #[test]
 fn a_jailed_vmm_snapshots_and_another_jailed_vmm_restores() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,7 @@
 //! 4. rlimits (open files, processes), supplementary groups dropped, gid and uid set,
 //!    every capability set cleared (bounding and ambient too), no_new_privs.
 //!
-//! ## The PID namespace: made by the launcher, not here
+//! ## The PID namespace: made by the launcher, or by `pidns=new`
 //! `unshare(CLONE_NEWPID)` moves only the caller's future children, so Firecracker's
 //! jailer forks after it and the VMM becomes the child of a jailer that has to stay to
 //! reap it (or exits, and the VMM is nobody's child). Vireo's supervisor (vireod's
@@ -36,7 +36,10 @@
 //! (`clone3(CLONE_NEWPID | CLONE_PIDFD)`): the VMM is PID 1 there and still vireod's own
 //! child. There is no second process; the pid vireod reports, the pidfd it signals
 //! through and the status it reaps are the VMM's own. Its procfs (mounted here, after
-//! the clone) shows only the namespace's processes: itself.
+//! the clone) shows only the namespace's processes: itself. A launcher that cannot
+//! clone (a systemd unit starts `vireo` itself) asks for `pidns=new`: `vireo` then
+//! clones itself before anything else and hands the child to systemd as the unit's
+//! main process ([`crate::pidns`]).
 //!
 //! The price of being a namespace's init: the kernel delivers to it no signal it has
 //! no handler for, not even its own `abort()` (SIGKILL from vireod still works). So a
@@ -81,7 +84,7 @@ pub fn end_on_fatal_signals_as_init() {
 }
 
 /// `--jail uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,bind_ro=PATH]...[,cgroup=NAME]
-/// [,memory_max=BYTES][,pids_max=N][,nofile=N][,nproc=N]`.
+/// [,memory_max=BYTES][,pids_max=N][,nofile=N][,nproc=N][,pidns=new]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailConfig {
     pub uid: u32,
@@ -99,6 +102,9 @@ pub struct JailConfig {
     pub pids_max: Option<u64>,
     pub nofile: u64,
     pub nproc: u64,
+    /// `pidns=new`: the VMM clones itself into a PID namespace of its own first
+    /// ([`crate::pidns`]; for launchers that cannot, such as a systemd unit).
+    pub new_pid_namespace: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +158,7 @@ impl std::str::FromStr for JailConfig {
             pids_max: None,
             nofile: 4096,
             nproc: 1024,
+            new_pid_namespace: false,
         };
         let num = |k: &str, v: &str| {
             v.parse::<u64>()
@@ -178,6 +185,8 @@ impl std::str::FromStr for JailConfig {
                 "pids_max" => cfg.pids_max = Some(num(k, v)?),
                 "nofile" => cfg.nofile = num(k, v)?,
                 "nproc" => cfg.nproc = num(k, v)?,
+                "pidns" if v == "new" => cfg.new_pid_namespace = true,
+                "pidns" => return Err(err(format!("pidns={v}: expected pidns=new"))),
                 _ => return Err(err(format!("unknown option '{k}'"))),
             }
         }
@@ -632,6 +641,9 @@ mod tests {
         assert_eq!(c.binds, vec![PathBuf::from("/snap"), PathBuf::from("/dst")]);
         assert_eq!(c.read_only, vec![PathBuf::from("/k")]);
         assert_eq!((c.memory_max, c.pids_max), (Some(1 << 30), Some(64)));
+        assert!(!c.new_pid_namespace);
+        let c: JailConfig = "uid=5,gid=5,root=/j,pidns=new".parse().unwrap();
+        assert!(c.new_pid_namespace);
     }
 
     #[test]
@@ -644,6 +656,7 @@ mod tests {
             "uid=5,gid=5,root=/j,memory_max=5",
             "uid=5,gid=5,root=/j,flag",
             "uid=5,gid=5,root=/j,what=1",
+            "uid=5,gid=5,root=/j,pidns=host",
         ] {
             assert!(bad.parse::<JailConfig>().is_err(), "{bad}");
         }

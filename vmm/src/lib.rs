@@ -19,6 +19,7 @@ pub mod live;
 pub mod memory;
 pub mod notify;
 pub mod panic;
+pub mod pidns;
 pub mod replica;
 pub mod seccomp;
 #[cfg(feature = "test-hooks")]

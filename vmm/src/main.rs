@@ -71,7 +71,8 @@ struct Cli {
     api_socket: Option<PathBuf>,
     /// Confine this VMM before it opens anything (run as root):
     /// uid=U,gid=G,root=DIR[,netns=PATH][,bind=PATH]...[,bind_ro=PATH]...[,cgroup=NAME][,memory_max=BYTES]
-    /// [,pids_max=N][,nofile=N][,nproc=N]. Own uid/gid, new mount/IPC/UTS namespaces
+    /// [,pids_max=N][,nofile=N][,nproc=N][,pidns=new]. Own uid/gid, new mount/IPC/UTS
+    /// (and with pidns=new PID) namespaces
     /// rooted in DIR where only the paths this VM names (and bind= extras, e.g. a
     /// snapshot directory; bind_ro= read-only ones) exist at their usual paths, no capabilities, no_new_privs,
     /// rlimits, cgroup v1 memory/pids limits. Files it writes (writable disks, serial
@@ -379,7 +380,11 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Err(Box::new(CliError::NothingToRun));
     }
     if let Some(jail) = &cli.jail {
-        // First, while this process is single-threaded and has opened nothing.
+        // First, while this process is single-threaded and has opened nothing: its own
+        // PID namespace if it asks for one (the parent stays outside; see pidns).
+        if jail.new_pid_namespace {
+            vmm::pidns::enter()?;
+        }
         let paths = jail_paths(
             &cli,
             cfg.as_ref(),

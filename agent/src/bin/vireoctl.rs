@@ -146,6 +146,33 @@ enum ReplicaCommand {
         /// Time between cuts: 30s, 5m, 1s ... (at least 1 s).
         #[arg(long, default_value = "30s", value_parser = parse_interval)]
         interval: f64,
+        /// Recovery points the replica keeps (1: only the latest; Hyper-V keeps up to
+        /// 24 hourly ones and the latest).
+        #[arg(long, default_value_t = 1)]
+        history: u32,
+    },
+    /// On the replica host: the recovery points kept of NAME (id, time, bytes).
+    Points {
+        name: String,
+        /// The primary whose replica (needed when several hold NAME).
+        #[arg(long)]
+        primary: Option<String>,
+    },
+    /// On the replica host: start a copy of NAME (`NAME-test`) from a recovery point
+    /// on throw-away disks while replication goes on; `--stop` discards it.
+    TestFailover {
+        name: String,
+        /// `latest` (default) or a point's id (`replica points`).
+        #[arg(long, conflicts_with = "stop")]
+        point: Option<String>,
+        #[arg(long)]
+        primary: Option<String>,
+        /// Define the copy but do not start it.
+        #[arg(long, conflicts_with = "stop")]
+        no_start: bool,
+        /// Stop and delete the copy and its disks.
+        #[arg(long)]
+        stop: bool,
     },
     /// Every replicated VM, or one.
     Status { name: Option<String> },
@@ -163,7 +190,7 @@ enum ReplicaCommand {
         name: String,
         #[arg(long)]
         planned: bool,
-        /// The recovery point: `latest` (no history is kept yet).
+        /// The recovery point: `latest` or a kept point's id (`replica points`).
         #[arg(long)]
         point: Option<String>,
         /// With --point: the primary whose replica to start (needed when several hold NAME).
@@ -213,10 +240,74 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
             to,
             to_name,
             interval,
+            history,
         } => {
-            let body =
-                serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval});
+            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history});
             ctx.json("PUT", &path(name), Some(body.to_string().into_bytes()))?
+        }
+        ReplicaCommand::Points { name, primary } => {
+            let q = primary
+                .as_ref()
+                .map(|p| format!("?primary={p}"))
+                .unwrap_or_default();
+            let v = ctx.json("GET", &format!("/api/v1/replicas/{name}/points{q}"), None)?;
+            if out == Output::Json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["points"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|p| {
+                    let t = p["time_s"].as_u64().unwrap_or(0);
+                    vec![
+                        cell(&p["cut_id"]),
+                        if t == 0 {
+                            "-".into()
+                        } else {
+                            fmt_ms_ago(Some(t * 1000))
+                        },
+                        cell(&p["changed_bytes"]),
+                        cell(&p["undo_bytes"]),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "AGO", "CHANGED BYTES", "KEPT BYTES"], &rows);
+            return Ok(());
+        }
+        ReplicaCommand::TestFailover {
+            name,
+            point,
+            primary,
+            no_start,
+            stop,
+        } => {
+            let path = format!("/api/v1/replicas/{name}/test-failover");
+            let v = if *stop {
+                let q = primary
+                    .as_ref()
+                    .map(|p| format!("?primary={p}"))
+                    .unwrap_or_default();
+                ctx.json("DELETE", &format!("{path}{q}"), None)?
+            } else {
+                let body = serde_json::json!({"point": point.as_deref().unwrap_or("latest"), "primary": primary, "start": !no_start});
+                ctx.json("POST", &path, Some(body.to_string().into_bytes()))?
+            };
+            if out == Output::Json {
+                print_json(&v);
+            } else if *stop {
+                println!("{}: stopped and deleted, its disks removed", cell(&v["vm"]));
+            } else {
+                println!(
+                    "{}: a test copy of {name} from recovery point {} ({})",
+                    cell(&v["vm"]),
+                    cell(&v["point"]),
+                    cell(&v["status"]["state"])
+                );
+            }
+            return Ok(());
         }
         ReplicaCommand::Status { name: Some(n) } => ctx.json("GET", &path(n), None)?,
         ReplicaCommand::Status { name: None } => ctx.json("GET", "/api/v1/replication", None)?,
@@ -1187,6 +1278,7 @@ fn migration_table(r: &MigrationRecord) {
             format!("{} pages, {} bytes", p.pages_sent, p.bytes_sent),
         ),
         ("downtime", format!("{:.1} ms", p.downtime_ms)),
+        ("streams", r.streams.to_string()),
         ("queued at", fmt_time(Some(r.queued_at_ms))),
         ("started at", fmt_time(r.started_at_ms)),
         ("finished at", fmt_time(r.finished_at_ms)),

@@ -412,6 +412,7 @@ async fn run(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let replications = agent::replication::Replications::new(sup.clone(), replica.clone());
     replications.restore();
+    replications.forget_deleted();
     let app = authz::protect(
         server::router(sup.clone())
             .merge(agent::cluster_node::router(cluster))

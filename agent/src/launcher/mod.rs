@@ -79,6 +79,9 @@ pub struct JailSpec {
     /// Files it only reads that its configuration does not name at launch (a
     /// receiving VMM's kernel, initramfs and read-only disks): not chowned.
     pub read_only: Vec<PathBuf>,
+    /// `pidns=new`: the VMM clones itself into its own PID namespace (the systemd
+    /// launcher; the direct launcher clones it into one itself).
+    pub new_pid_namespace: bool,
 }
 
 impl JailSpec {
@@ -106,6 +109,9 @@ impl JailSpec {
         }
         for b in &self.read_only {
             path(",bind_ro=", b, &mut o)?;
+        }
+        if self.new_pid_namespace {
+            o.push(",pidns=new");
         }
         Ok(o)
     }
@@ -347,6 +353,20 @@ pub struct Exit {
     pub signal: Option<i32>,
 }
 
+impl Exit {
+    /// How the end of a `vireo` that was the init of its PID namespace reads: its
+    /// status 128+N for a signal N in [`NAMESPACE_INIT_SIGNALS`] is that signal.
+    pub fn of_namespace_init(self) -> Exit {
+        match self.status.and_then(|code| code.checked_sub(128)) {
+            Some(sig) if NAMESPACE_INIT_SIGNALS.contains(&sig) => Exit {
+                status: None,
+                signal: Some(sig),
+            },
+            _ => self,
+        }
+    }
+}
+
 fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -466,17 +486,13 @@ fn reap_namespace_init(pid: i32) -> Option<Exit> {
             signal: Some(libc::WTERMSIG(status)),
         });
     }
-    let code = libc::WEXITSTATUS(status);
-    match code.checked_sub(128) {
-        Some(sig) if NAMESPACE_INIT_SIGNALS.contains(&sig) => Some(Exit {
-            status: None,
-            signal: Some(sig),
-        }),
-        _ => Some(Exit {
-            status: Some(code),
+    Some(
+        Exit {
+            status: Some(libc::WEXITSTATUS(status)),
             signal: None,
-        }),
-    }
+        }
+        .of_namespace_init(),
+    )
 }
 
 fn watch(pid: i32, child: Option<Child>) -> Result<(Handle, Watch), std::io::Error> {
@@ -686,6 +702,7 @@ mod tests {
                 netns: None,
                 binds: vec!["/run/vireo/vms/web".into(), "/srv/in".into()],
                 read_only: vec!["/srv/k.elf".into()],
+                new_pid_namespace: false,
             }),
         };
         assert_eq!(

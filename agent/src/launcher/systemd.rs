@@ -37,6 +37,9 @@ pub struct StatusQuery {
     unit: String,
     /// Written by the unit's `ExecStopPost=` (see the module documentation).
     exit_file: PathBuf,
+    /// A jailed VMM is the init of its own PID namespace (`pidns=new`): its status
+    /// 128+N of a signal it caught reads as that signal.
+    namespace_init: bool,
 }
 
 /// Where the unit of the VM with environment file `env_file` records how its main
@@ -128,6 +131,12 @@ fn property<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// The environment file's one line. systemd splits `$VIREO_ARGS` on whitespace and
 /// would interpret quotes and backslashes, so arguments with those are refused.
 pub fn env_file_text(spec: &LaunchSpec) -> Result<String, String> {
+    // systemd starts `vireo` itself: a jailed one makes its own PID namespace and
+    // hands itself to systemd as the unit's main process (vmm/src/pidns.rs).
+    let mut spec = spec.clone();
+    if let Some(jail) = spec.jail.as_mut() {
+        jail.new_pid_namespace = true;
+    }
     let mut args = Vec::new();
     for a in spec.argv().map_err(|e| e.to_string())? {
         let a = a
@@ -155,6 +164,7 @@ impl Systemd {
             systemctl: self.systemctl.clone(),
             unit: unit_name(&spec.name),
             exit_file: exit_file(&spec.env_file),
+            namespace_init: spec.jail.is_some(),
         }
     }
 
@@ -222,6 +232,15 @@ impl StatusQuery {
     /// How process `pid`, the unit's main process, ended (blocking; systemd may take a
     /// moment to record it). Unknown if systemd cannot tell.
     pub fn exit_of(&self, pid: i32) -> Exit {
+        let exit = self.unit_exit_of(pid);
+        if self.namespace_init {
+            exit.of_namespace_init()
+        } else {
+            exit
+        }
+    }
+
+    fn unit_exit_of(&self, pid: i32) -> Exit {
         let deadline = Instant::now() + Duration::from_secs(2);
         // The unit's ExecStopPost= writes the record once the main process is gone;
         // until then systemd's own properties are only asked after a second (a unit

@@ -312,6 +312,7 @@ impl Supervisor {
             netns: None,
             binds: all,
             read_only,
+            new_pid_namespace: false,
         }))
     }
 

@@ -1,0 +1,253 @@
+//! Recovery history, test failover and a deleted VM's replication, end to end: a
+//! primary vireod (host-a) runs a real jailed VMM whose test guest writes seeded
+//! blocks to two raw disks and replicates it every second, keeping 5 points, to a
+//! replica vireod (host-b) over mutual TLS on the loopback.
+//!
+//! - the replica lists its kept points (never more than 5, the oldest dropped);
+//! - a test failover starts `vm1-test` from the oldest kept point on throw-away
+//!   copies: its guest reads that point's data (`rw resume n=M`, M read from the
+//!   copy before the start) while new points keep arriving; `--stop` removes it all;
+//! - a failover to an older kept point (not the latest) gives that point's bytes:
+//!   equal byte for byte to the primary's disks frozen at it, not the later ones;
+//! - deleting the primary's VM stops its replication loop.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::pki::{host_daemon, tls_args, Pki};
+use common::writer::{prefix_of, BLOCKS};
+use common::{Daemon, T};
+use serde_json::{json, Value};
+
+const DISK_SIZE: u64 = 4 << 20;
+/// More iterations than the guest writes in this test.
+const MAX_ITERATION: u64 = 1 << 24;
+
+/// The replica's kept points (none before the primary declared the VM).
+fn points(b: &Daemon) -> Vec<u64> {
+    let (s, body) = b.api("GET", "/api/v1/replicas/vm1/points", None);
+    if s == 404 {
+        return Vec::new();
+    }
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["cut_id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Waits until the replica's kept points satisfy `done`.
+fn wait_points(b: &Daemon, what: &str, done: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+    let start = std::time::Instant::now();
+    loop {
+        let p = points(b);
+        assert!(p.len() <= 5, "more points than kept: {p:?}");
+        assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");
+        if done(&p) {
+            return p;
+        }
+        assert!(start.elapsed() < T * 3, "{what}: {p:?}\n{}", b.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn replication(a: &Daemon) -> Value {
+    a.ok("GET", "/api/v1/vms/vm1/replication", None)
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_point() {
+    let pki = Pki::new();
+    let store = tempfile::Builder::new()
+        .prefix("replicas")
+        .tempdir()
+        .unwrap();
+    let replicas = store.path().join("replicas");
+    let (b, addr) = host_daemon(
+        &pki.host("host-b"),
+        &["host-a"],
+        &[
+            "--replica-dir",
+            replicas.to_str().unwrap(),
+            "--replica-allow",
+            "host-a",
+        ],
+    );
+    let a_id = pki.host("host-a");
+    let mut args = tls_args(&a_id);
+    args.push("--no-autostart".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start(&refs);
+    let disks_dir = a.dir.path().join("disks");
+    std::fs::create_dir(&disks_dir).unwrap();
+    let mut disks = Vec::new();
+    let mut images: Vec<PathBuf> = Vec::new();
+    for i in 0..2 {
+        let img = disks_dir.join(format!("d{i}.raw"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(DISK_SIZE)
+            .unwrap();
+        disks.push(json!({
+            "path": img,
+            "format": "raw",
+            "replica_log": disks_dir.join(format!("d{i}.rlog")),
+        }));
+        images.push(img);
+    }
+    let def = json!({
+        "config": {
+            "payload": {
+                "kernel": vireo_e2e::guest(),
+                "cmdline": format!("test=replica-writer disks=2 blocks={BLOCKS} resume"),
+            },
+            "memory": {"size": 32u64 << 20},
+            "disks": disks,
+        },
+        "restart": "never",
+    });
+    a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
+    a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    a.wait_serial("vm1", "rw n=10\n", T);
+    let (s, body) = a.api(
+        "PUT",
+        "/api/v1/vms/vm1/replication",
+        Some(
+            &json!({"to": addr, "server_name": "host-b", "interval_s": 1, "history": 0})
+                .to_string(),
+        ),
+    );
+    assert_eq!(s, 400, "history 0: {body}");
+    a.ctl_ok(&[
+        "replica",
+        "enable",
+        "vm1",
+        "--to",
+        &addr,
+        "--to-name",
+        "host-b",
+        "--interval",
+        "1s",
+        "--history",
+        "5",
+    ]);
+    assert_eq!(replication(&a)["history"], 5);
+
+    // Points arrive; beyond 5 only the oldest are dropped.
+    let kept = wait_points(&b, "six points committed", |p| p.len() == 5 && p[0] >= 2);
+    let table = b.ctl_ok(&["replica", "points", "vm1"]);
+    assert!(
+        table.contains("KEPT BYTES") && table.contains(&kept[0].to_string()),
+        "{table}"
+    );
+
+    // Test failover of the oldest kept point, defined first: its copy is read.
+    let oldest = kept[0];
+    let out = b.ctl_ok(&[
+        "replica",
+        "test-failover",
+        "vm1",
+        "--point",
+        &oldest.to_string(),
+        "--no-start",
+    ]);
+    assert!(out.contains("vm1-test"), "{out}");
+    b.wait_log("replica-test-failover");
+    let test_dir = replicas.join("host-a/vm1/test-failover");
+    let copy0 = read(&test_dir.join("disk-0.img"));
+    let copy1 = read(&test_dir.join("disk-1.img"));
+    let n0 = prefix_of(&copy0, MAX_ITERATION, "test copy disk 0");
+    let n1 = prefix_of(&copy1, MAX_ITERATION, "test copy disk 1");
+    assert!(n0 >= 1 && (n1 == n0 || n1 + 1 == n0), "{n0} {n1}");
+    let newest_then = *points(&b).last().unwrap();
+    assert!(
+        copy0 != read(&replicas.join("host-a/vm1/disk-0.img")),
+        "the oldest point equals the latest: the guest did not write between them"
+    );
+    b.ok("PUT", "/api/v1/vms/vm1-test/start", None);
+    b.wait_serial("vm1-test", &format!("rw resume n={n0}\n"), T);
+    b.wait_serial("vm1-test", &format!("rw n={}\n", n0 + 3), T);
+    // Replication goes on while the copy runs; its writes stay on its copies.
+    wait_points(&b, "new points beside the test failover", |p| {
+        p.last().is_some_and(|&l| l >= newest_then + 2)
+    });
+    let (s, _) = b.api("GET", "/api/v1/vms/vm1", None);
+    assert_eq!(s, 404, "a test failover defined the VM itself");
+    b.ctl_ok(&["replica", "test-failover", "vm1", "--stop"]);
+    let (s, body) = b.api("GET", "/api/v1/vms/vm1-test", None);
+    assert_eq!(s, 404, "{body}");
+    assert!(!test_dir.exists(), "the test failover's disks stayed");
+    b.wait_log("replica-test-failover-stopped");
+
+    // A point with the guest paused (the disks frozen at D_a), then a later one.
+    a.ok("PUT", "/api/v1/vms/vm1/pause", None);
+    let paused_at = replication(&a)["last_point"].as_u64().unwrap();
+    let start = std::time::Instant::now();
+    while replication(&a)["last_point"].as_u64().unwrap() < paused_at + 2 {
+        assert!(start.elapsed() < T, "no point after the pause");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    a.ok("POST", "/api/v1/vms/vm1/replication/pause", None);
+    let frozen: Vec<Vec<u8>> = images.iter().map(|p| read(p)).collect();
+    // Every point cut while the guest was paused holds D_a: the newest so far.
+    let p_a = *points(&b).last().unwrap();
+    a.ok("PUT", "/api/v1/vms/vm1/resume", None);
+    let n_a = prefix_of(&frozen[0], MAX_ITERATION, "frozen disk 0");
+    a.wait_serial("vm1", &format!("rw n={}\n", n_a + 20), T);
+    a.ok("PUT", "/api/v1/vms/vm1/pause", None);
+    a.ok("POST", "/api/v1/vms/vm1/replication/resume", None);
+    wait_points(&b, "a point after the second pause", |p| {
+        p.last().is_some_and(|&l| l > p_a)
+    });
+    a.ok("POST", "/api/v1/vms/vm1/replication/pause", None);
+    let later: Vec<Vec<u8>> = images.iter().map(|p| read(p)).collect();
+    assert!(later[0] != frozen[0]);
+    let kept = points(&b);
+    assert!(kept.contains(&p_a), "{p_a} not kept: {kept:?}");
+    assert!(*kept.last().unwrap() > p_a);
+
+    // Failover to p_a (not the latest): the replica's images are D_a byte for byte.
+    let out = b.ctl_ok(&[
+        "replica",
+        "failover",
+        "vm1",
+        "--point",
+        &p_a.to_string(),
+        "--no-start",
+    ]);
+    assert!(out.contains(&format!("recovery point {p_a}")), "{out}");
+    for (i, want) in frozen.iter().enumerate() {
+        let got = read(&replicas.join(format!("host-a/vm1/disk-{i}.img")));
+        assert!(
+            got == *want,
+            "disk {i}: not the primary's bytes at point {p_a}"
+        );
+        assert!(got != later[i], "disk {i}: the later point's bytes");
+    }
+    assert_eq!(
+        points(&b),
+        kept.iter()
+            .copied()
+            .filter(|&p| p <= p_a)
+            .collect::<Vec<_>>()
+    );
+    b.ok("PUT", "/api/v1/vms/vm1/start", None);
+    b.wait_serial("vm1", &format!("rw resume n={n_a}\n"), T);
+
+    // Deleting the primary's VM stops its replication loop and forgets its settings.
+    a.ok("PUT", "/api/v1/vms/vm1/kill", None);
+    a.ok("DELETE", "/api/v1/vms/vm1", None);
+    a.wait_log("replication of a deleted VM stopped");
+    let list = a.ok("GET", "/api/v1/replication", None);
+    assert_eq!(list, json!([]), "{list}");
+    let (s, body) = a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404, "{body}");
+}
