@@ -26,6 +26,14 @@ fn host_daemon(id: &IdentityFiles, peers: &[&str]) -> (Daemon, String) {
     host_daemon_with(id, peers, &[])
 }
 
+/// A source host's vireod: its identity for TLS, no autostart, no listener.
+fn source_daemon(id: &IdentityFiles) -> Daemon {
+    let args = tls_args(id);
+    let mut refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    refs.push("--no-autostart");
+    Daemon::start(&refs)
+}
+
 /// [`host_daemon`] with more flags.
 fn host_daemon_with(id: &IdentityFiles, peers: &[&str], extra: &[&str]) -> (Daemon, String) {
     let addr = format!("127.0.0.1:{}", free_port());
@@ -544,10 +552,7 @@ fn a_vm_migrates_between_two_vireods_over_https_and_tls_and_no_vmm_sees_the_host
     let a = pki.host("host-a");
     let b = pki.host("host-b");
     let (dst, addr) = host_daemon(&b, &["host-a"]);
-    let src_args = tls_args(&a);
-    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    refs.push("--no-autostart");
-    let src = Daemon::start(&refs);
+    let src = source_daemon(&a);
     src.define_counter("m", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/m/start", None);
     src.wait_serial("m", "tick 20 ", T);
@@ -641,10 +646,7 @@ fn page_streams_between_vireods_each_cross_in_a_tls_connection_of_their_own() {
     let a = pki.host("host-a");
     let b = pki.host("host-b");
     let (dst, addr) = host_daemon(&b, &["host-a"]);
-    let src_args = tls_args(&a);
-    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    refs.push("--no-autostart");
-    let src = Daemon::start(&refs);
+    let src = source_daemon(&a);
     src.define_counter("m", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/m/start", None);
     src.wait_serial("m", "tick 5 ", T);
@@ -734,10 +736,7 @@ fn a_destination_with_another_name_is_refused_and_the_vm_stays() {
     let a = pki.host("host-a");
     let b = pki.host("host-b");
     let (dst, addr) = host_daemon(&b, &["host-a"]);
-    let src_args = tls_args(&a);
-    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    refs.push("--no-autostart");
-    let src = Daemon::start(&refs);
+    let src = source_daemon(&a);
     src.define_counter("s", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/s/start", None);
     src.wait_serial("s", "tick 5 ", T);
@@ -901,10 +900,7 @@ fn a_migration_from_a_host_revoked_since_the_reload_is_refused_in_the_streams_ha
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let dst = Daemon::start(&refs);
     wait_listening(&addr, &dst);
-    let src_args = tls_args(&a);
-    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    refs.push("--no-autostart");
-    let src = Daemon::start(&refs);
+    let src = source_daemon(&a);
     src.define_counter("r", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/r/start", None);
     src.wait_serial("r", "tick 5 ", T);
@@ -976,10 +972,7 @@ fn a_host_revoked_mid_migration_loses_its_streams_at_the_reload_and_the_vm_stays
     let crl = pki.dir.path().join("b-crl.pem");
     std::fs::copy(ca.join("ca.crl"), &crl).unwrap();
     let (dst, addr) = host_daemon_with(&b, &["host-a"], &["--tls-crl", crl.to_str().unwrap()]);
-    let src_args = tls_args(&a);
-    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    refs.push("--no-autostart");
-    let src = Daemon::start(&refs);
+    let src = source_daemon(&a);
     // 1024 pages rewritten 4000 times a second, sent at 1 MiB/s: the first copy round
     // alone takes ~4 s, and the migration never converges.
     let def = json!({
@@ -1146,10 +1139,7 @@ fn migration_ports_skip_busy_ports_refuse_when_exhausted_and_come_back_when_a_mi
     drop(busy);
 
     // A real migration from host-a takes the first port and, once completed, frees it.
-    let src_args = tls_args(&a);
-    let mut refs: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    refs.push("--no-autostart");
-    let src = Daemon::start(&refs);
+    let src = source_daemon(&a);
     src.define_counter("m", "Medium", "on-failure");
     src.ok("PUT", "/api/v1/vms/m/start", None);
     src.wait_serial("m", "tick 5 ", T);

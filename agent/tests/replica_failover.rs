@@ -11,12 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::pki::{call_raw, endpoint, tls_args, Pki};
-use common::writer::{prefix_of, BLOCKS};
+use common::writer::{prefix_of, start_writer_vm};
 use common::{Daemon, T};
 use serde_json::{json, Value};
 use vireo_e2e::netns::NetNs;
 
-const DISK_SIZE: u64 = 4 << 20;
 const A_IP: &str = "10.77.0.1";
 const B_IP: &str = "10.77.0.2";
 const PEER_PORT: u16 = 7443;
@@ -90,36 +89,7 @@ impl Hosts {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let a = Daemon::start_in_netns(&refs, ns_a.clone());
         let disks_dir = a.dir.path().join("disks");
-        std::fs::create_dir(&disks_dir).unwrap();
-        let mut disks = Vec::new();
-        let mut images = Vec::new();
-        for i in 0..2 {
-            let img = disks_dir.join(format!("d{i}.raw"));
-            std::fs::File::create(&img)
-                .unwrap()
-                .set_len(DISK_SIZE)
-                .unwrap();
-            disks.push(json!({
-                "path": img,
-                "format": "raw",
-                "replica_log": disks_dir.join(format!("d{i}.rlog")),
-            }));
-            images.push(img);
-        }
-        let def = json!({
-            "config": {
-                "payload": {
-                    "kernel": vireo_e2e::guest(),
-                    "cmdline": format!("test=replica-writer disks=2 blocks={BLOCKS}"),
-                },
-                "memory": {"size": 32u64 << 20},
-                "disks": disks,
-            },
-            "restart": "never",
-        });
-        a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
-        a.ok("PUT", "/api/v1/vms/vm1/start", None);
-        a.wait_serial("vm1", "rw n=10\n", T);
+        let images = start_writer_vm(&a, &disks_dir, false);
         a.ctl_ok(&[
             "replica",
             "enable",

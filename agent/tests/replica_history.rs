@@ -13,14 +13,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::pki::{host_daemon, tls_args, Pki};
-use common::writer::{prefix_of, BLOCKS};
+use common::writer::{prefix_of, start_writer_vm};
 use common::{Daemon, T};
 use serde_json::{json, Value};
 
-const DISK_SIZE: u64 = 4 << 20;
 /// More iterations than the guest writes in this test.
 const MAX_ITERATION: u64 = 1 << 24;
 
@@ -87,36 +86,7 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Daemon::start(&refs);
     let disks_dir = a.dir.path().join("disks");
-    std::fs::create_dir(&disks_dir).unwrap();
-    let mut disks = Vec::new();
-    let mut images: Vec<PathBuf> = Vec::new();
-    for i in 0..2 {
-        let img = disks_dir.join(format!("d{i}.raw"));
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(DISK_SIZE)
-            .unwrap();
-        disks.push(json!({
-            "path": img,
-            "format": "raw",
-            "replica_log": disks_dir.join(format!("d{i}.rlog")),
-        }));
-        images.push(img);
-    }
-    let def = json!({
-        "config": {
-            "payload": {
-                "kernel": vireo_e2e::guest(),
-                "cmdline": format!("test=replica-writer disks=2 blocks={BLOCKS} resume"),
-            },
-            "memory": {"size": 32u64 << 20},
-            "disks": disks,
-        },
-        "restart": "never",
-    });
-    a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
-    a.ok("PUT", "/api/v1/vms/vm1/start", None);
-    a.wait_serial("vm1", "rw n=10\n", T);
+    let images = start_writer_vm(&a, &disks_dir, true);
     let (s, body) = a.api(
         "PUT",
         "/api/v1/vms/vm1/replication",

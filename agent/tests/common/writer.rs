@@ -4,6 +4,51 @@
 /// The writer's blocks (`blocks=64` on its command line).
 pub const BLOCKS: u64 = 64;
 
+/// The writer guest's disk images' size.
+pub const DISK_SIZE: u64 = 4 << 20;
+
+/// Defines VM `vm1` on `daemon`: the writer guest over two raw images in `disks_dir`,
+/// each with a change log beside it (`resume`: the guest first reads where the disk's
+/// writes end); starts it and waits for its tenth iteration. Returns the images.
+pub fn start_writer_vm(
+    daemon: &super::Daemon,
+    disks_dir: &std::path::Path,
+    resume: bool,
+) -> Vec<std::path::PathBuf> {
+    std::fs::create_dir(disks_dir).unwrap();
+    let mut disks = Vec::new();
+    let mut images = Vec::new();
+    for i in 0..2 {
+        let img = disks_dir.join(format!("d{i}.raw"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(DISK_SIZE)
+            .unwrap();
+        disks.push(serde_json::json!({
+            "path": img,
+            "format": "raw",
+            "replica_log": disks_dir.join(format!("d{i}.rlog")),
+        }));
+        images.push(img);
+    }
+    let resume = if resume { " resume" } else { "" };
+    let def = serde_json::json!({
+        "config": {
+            "payload": {
+                "kernel": vireo_e2e::guest(),
+                "cmdline": format!("test=replica-writer disks=2 blocks={BLOCKS}{resume}"),
+            },
+            "memory": {"size": 32u64 << 20},
+            "disks": disks,
+        },
+        "restart": "never",
+    });
+    daemon.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
+    daemon.ok("PUT", "/api/v1/vms/vm1/start", None);
+    daemon.wait_serial("vm1", "rw n=10\n", super::T);
+    images
+}
+
 /// The seed of the writer guest's iteration whose data block `b` of `image` holds
 /// (0: never written), trying every iteration up to `max`.
 pub fn seed_of(image: &[u8], b: u64, max: u64) -> u64 {
