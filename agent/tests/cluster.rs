@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{guest_dir, Daemon, T};
+use common::T;
 use serde_json::json;
 use vireo_e2e::etcd::EtcdCluster;
 
@@ -45,19 +45,8 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
     let etcd = EtcdCluster::start(3);
     let shared = tempfile::tempdir().unwrap();
     let eps = etcd.endpoints_arg();
-    let node = |name: &str| {
-        Daemon::start(&[
-            "--no-autostart",
-            "--cluster-etcd",
-            &eps,
-            "--node-name",
-            name,
-            "--storage-root",
-            shared.path().to_str().unwrap(),
-            "--storage-root",
-            guest_dir().to_str().unwrap(),
-        ])
-    };
+    let node =
+        |name: &str| common::start_with(&common::cluster_node_args(&eps, name, shared.path()));
     let mut a = node("a");
     let b = node("b");
     wait_until(
@@ -207,23 +196,12 @@ fn a_vm_started_beside_a_slow_start_keeps_its_write_lease() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let guests = guest_dir();
     let node = |name: &str, vmm: Option<&Path>| {
-        let mut args = vec![
-            "--no-autostart",
-            "--cluster-etcd",
-            &eps,
-            "--node-name",
-            name,
-            "--storage-root",
-            shared.path().to_str().unwrap(),
-            "--storage-root",
-            guests.to_str().unwrap(),
-        ];
+        let mut args = common::cluster_node_args(&eps, name, shared.path());
         if let Some(v) = vmm {
-            args.extend(["--vireo-bin", v.to_str().unwrap()]);
+            args.extend(["--vireo-bin".to_string(), v.display().to_string()]);
         }
-        Daemon::start(&args)
+        common::start_with(&args)
     };
     let mut a = node("a", None);
     let b = node("b", Some(&wrapper));

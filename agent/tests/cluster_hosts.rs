@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{guest_dir, Daemon, T};
+use common::{Daemon, T};
 use serde_json::json;
 use vireo_e2e::etcd::EtcdCluster;
 use vireo_e2e::netns::{is_root, NetNs};
@@ -95,20 +95,9 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                Daemon::start_in_netns(
-                    &[
-                        "--no-autostart",
-                        "--cluster-etcd",
-                        &eps,
-                        "--node-name",
-                        name,
-                        "--storage-root",
-                        shared.path().to_str().unwrap(),
-                        "--storage-root",
-                        guest_dir().to_str().unwrap(),
-                    ],
-                    hosts.nodes[i].clone(),
-                )
+                let args = common::cluster_node_args(&eps, name, shared.path());
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                Daemon::start_in_netns(&refs, hosts.nodes[i].clone())
             })
             .collect();
         let c = Cluster {

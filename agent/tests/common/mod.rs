@@ -617,3 +617,27 @@ impl Events {
         }
     }
 }
+
+/// A cluster node's vireod flags: no autostart, the etcd endpoints, its name, and the
+/// shared directory and the test guests as storage roots.
+pub fn cluster_node_args(eps: &str, name: &str, shared: &Path) -> Vec<String> {
+    [
+        "--no-autostart",
+        "--cluster-etcd",
+        eps,
+        "--node-name",
+        name,
+        "--storage-root",
+        &shared.display().to_string(),
+        "--storage-root",
+        &guest_dir().display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// [`Daemon::start`] with owned arguments.
+pub fn start_with(args: &[String]) -> Daemon {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start(&refs)
+}
