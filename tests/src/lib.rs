@@ -124,9 +124,15 @@ impl Vireo {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vireo");
-        let out = wait_with_timeout(child, timeout);
+        let finished = wait_or_kill(child, timeout);
         let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        (out, serial)
+        match finished {
+            Ok(out) => (out, serial),
+            Err(out) => panic!(
+                "process did not finish within {timeout:?}; stderr:\n{}\nserial:\n{serial}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     }
 
     pub fn spawn(mut self) -> Running {
@@ -196,18 +202,24 @@ impl Drop for Running {
 }
 
 /// Waits for `child`, killing it (and failing the test) after `timeout`.
-pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+pub fn wait_with_timeout(child: Child, timeout: Duration) -> Output {
+    wait_or_kill(child, timeout).unwrap_or_else(|out| {
+        panic!(
+            "process did not finish within {timeout:?}; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Waits for `child`; after `timeout` kills it and gives what it printed as the error.
+fn wait_or_kill(mut child: Child, timeout: Duration) -> Result<Output, Output> {
     let start = Instant::now();
     loop {
         match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
+            Ok(Some(_)) => return Ok(child.wait_with_output().expect("collect output")),
             Ok(None) if start.elapsed() > timeout => {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("collect output");
-                panic!(
-                    "process did not finish within {timeout:?}; stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                return Err(child.wait_with_output().expect("collect output"));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => panic!("wait failed: {e}"),

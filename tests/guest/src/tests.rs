@@ -527,7 +527,8 @@ pub fn irq() -> ! {
 /// `test=msi`: does a device MSI reach the guest while it runs at CPL3? Programs MSI-X entry
 /// 0 of the first virtio-blk (address 0xfee00000, data 0x40 = vector 0x40, fixed, edge),
 /// enables MSI-X, routes virtqueue 0 to entry 0 through the virtio common config, enables
-/// IF and does one read; the CPL0 vector 0x40 handler counts the interrupt.
+/// IF and submits one read; the CPL0 vector 0x40 handler counts the interrupt, and only then
+/// is the read completed.
 pub fn msi() -> ! {
     use core::sync::atomic::Ordering;
     let (mut blk, df) = open_blk_at();
@@ -586,14 +587,25 @@ pub fn msi() -> ! {
     }
     blk.enable_interrupts();
     let mut buf = vec![0u8; SECTOR_SIZE];
+    let mut req = virtio_drivers::device::blk::BlkReq::default();
+    let mut resp = virtio_drivers::device::blk::BlkResp::default();
     unsafe { crate::boot::guest_sti() };
-    let r = blk.read_blocks(0, &mut buf);
+    // Submit, wait for the interrupt, then take the completion, as an interrupt-driven
+    // driver does. A driver that polled the used ring first would move `used_event` past
+    // the request (EVENT_IDX) and rightly get no interrupt for it.
+    // SAFETY: req, buf and resp are not touched until complete_read_blocks below.
+    let token = match unsafe { blk.read_blocks_nb(0, &mut req, &mut buf, &mut resp) } {
+        Ok(t) => t,
+        Err(e) => fail!("virtio-blk read submit failed: {:?}", e),
+    };
+    println!("msi read submitted, waiting for vector 0x40");
+    wait_for_irq_probe();
+    unsafe { crate::boot::guest_cli() };
+    // SAFETY: the same req, buf and resp as submitted with `token`.
+    let r = unsafe { blk.complete_read_blocks(token, &req, &mut buf, &mut resp) };
     if let Err(e) = &r {
         fail!("virtio-blk read failed: {:?}", e);
     }
-    println!("msi read done, waiting for vector 0x40");
-    wait_for_irq_probe();
-    unsafe { crate::boot::guest_cli() };
     let n = crate::boot::IRQ_PROBE_COUNT.load(Ordering::SeqCst);
     println!("msi vector=0x40 delivered={} read={:?}", n, r);
     io::result_ok()
