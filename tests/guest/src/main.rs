@@ -18,10 +18,10 @@ mod rt;
 mod tests;
 mod timer;
 
-#[path = "../pattern.rs"]
-mod pattern;
 #[path = "../netframe.rs"]
 mod netframe;
+#[path = "../pattern.rs"]
+mod pattern;
 
 use hvm::CMDLINE;
 

@@ -1052,7 +1052,10 @@ pub fn net_bench() -> ! {
     let mut nic = open_net();
     let mac = nic.mac_address();
     let f = crate::timer::tsc_khz();
-    println!("bench net len={} ms={} tsc_khz={} source={}", len, ms, f.khz, f.source);
+    println!(
+        "bench net len={} ms={} tsc_khz={} source={}",
+        len, ms, f.khz, f.source
+    );
     let report = |phase: &str, frames: u64, bytes: u64, cycles: u64| {
         let us = (cycles * 1000 / f.khz).max(1);
         println!(
@@ -1125,7 +1128,12 @@ pub fn net() -> ! {
             fail!("net send {}: {:?}", i, e);
         }
     }
-    println!("net sent={} bytes={} crc32={:08x}", send, bytes, crc.finish());
+    println!(
+        "net sent={} bytes={} crc32={:08x}",
+        send,
+        bytes,
+        crc.finish()
+    );
     let f = crate::timer::tsc_khz();
     let t0 = rdtsc();
     let (mut got, mut bytes, mut bad, mut ignored) = (0u64, 0u64, 0u64, 0u64);
@@ -1135,7 +1143,10 @@ pub fn net() -> ! {
     println!("net receiving recv={}", recv);
     while got < recv {
         if rdtsc() - t0 > f.khz * ms {
-            println!("net received={} bytes={} bad={} ignored={}", got, bytes, bad, ignored);
+            println!(
+                "net received={} bytes={} bad={} ignored={}",
+                got, bytes, bad, ignored
+            );
             fail!("only {} of {} frames within {} ms", got, recv, ms);
         }
         let rx = match nic.receive() {
