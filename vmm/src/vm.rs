@@ -97,6 +97,7 @@ impl IncomingVm {
         let mem = Arc::new(memory::create_guest_memory(
             config.memory.size,
             config.memory.hugepages,
+            config.memory.overcommit,
         )?);
         hv.map_memory(&mem, false)?;
         Ok(Self {

@@ -103,7 +103,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "net-bench" => tests::net_bench(),
         "echo" => tests::echo(),
         "power-button" => tests::power_button(),
-        "workload" => tests::workload(),
+        "workload" => tests::workload(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");
