@@ -239,6 +239,26 @@ pub fn counter() -> ! {
     }
 }
 
+/// `test=touch mib=N`: backs N MiB of guest RAM (non-zero pages) spread evenly over its largest region
+/// (a 1 TiB guest with mib=1024 touches one page in every 1,024), then counts like
+/// `test=counter`: what the VMM overhead and migration benches of large guests run.
+pub fn touch(si: &crate::hvm::StartInfo) -> ! {
+    let pages = num("mib", None) * 256;
+    let (first, stride) = spread_pages(si, pages);
+    // Data, not zeros: each page's first word is its address (a zero page is cheap to
+    // migrate, a touched one is not).
+    for i in 0..pages {
+        let at = first + i * stride;
+        // SAFETY: page i of the pages just mapped and zeroed.
+        unsafe { (crate::paging::virt(at) as *mut u64).write_volatile(at) };
+    }
+    println!(
+        "touch pages={} first={:#x} stride={:#x}",
+        pages, first, stride
+    );
+    counter()
+}
+
 /// Value of word `k` of page `i` after pass `p` in `test=dirty`.
 fn dirty_word(p: u64, i: u64, k: u64) -> u64 {
     if p == 0 {
@@ -623,12 +643,19 @@ fn heap_pages(pages: u64) -> (u64, u64) {
     (base as u64, 4096)
 }
 
-/// `spread=on`: the workload's pages spread evenly over the largest RAM region (a
-/// 1 TiB guest touches a page every GiB, nothing in between), mapped and zeroed:
-/// (first page, stride).
+/// `spread=on`: the workload's pages spread evenly over the largest RAM region that
+/// does not hold this image and its heap (a 1 TiB guest touches a page every GiB,
+/// nothing in between), mapped and zeroed: (first page, stride). A guest with no such
+/// region large enough (all its RAM below 3 GiB) takes them from the heap instead.
 fn spread_pages(si: &crate::hvm::StartInfo, pages: u64) -> (u64, u64) {
-    let Some(region) = si.memmap().filter(|e| e.kind == 1).max_by_key(|e| e.size) else {
-        fail!("no RAM region in the memory map");
+    let heap = crate::rt::HEAP.alloc_raw(0, 4096) as u64;
+    let Some(region) = si
+        .memmap()
+        .filter(|e| e.kind == 1 && !(e.addr <= heap && heap < e.addr + e.size))
+        .filter(|e| e.size / 4096 >= pages)
+        .max_by_key(|e| e.size)
+    else {
+        return heap_pages(pages);
     };
     let first = (region.addr + 0xfff) & !0xfff;
     let stride = if pages == 0 {
