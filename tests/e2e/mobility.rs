@@ -400,6 +400,68 @@ fn live_migration_over_a_unix_socket_moves_the_running_workload() {
     migrate_and_check(|d| format!("unix:{}", d.join("mig.sock").display()), "");
 }
 
+/// A 1 TiB guest whose workload rewrites and checks a page every GiB snapshots into a
+/// memory file that holds about what it touched (the rest are holes, never read), and,
+/// restored in a fresh VMM, finishes its workload with every page and block intact.
+#[test]
+fn a_1_tib_guest_snapshot_holds_what_it_touched_and_restores() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let disk = raw_disk(dir.path());
+    let snap = dir.path().join("snap");
+    let ops = 3000;
+    let vm = Vireo::guest(
+        &format!("test=workload pages=1024 ops={ops} spread=on report=200"),
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--memory",
+            "size=1T,overcommit=on",
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("work iter=400 ", T);
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 204, "{body}");
+    let memory = std::fs::metadata(snap.join("memory")).unwrap();
+    assert!(
+        memory.len() == 1 << 40,
+        "the file spans the guest: {}",
+        memory.len()
+    );
+    let allocated = memory.blocks() * 512;
+    assert!(
+        allocated < 256 << 20,
+        "{allocated} bytes allocated for ~1,100 touched pages"
+    );
+    assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(vm.wait(T).status.code(), Some(0));
+
+    let serial = dir.path().join("restored.log");
+    let child = Command::new(bin("vireo"))
+        .arg("--restore")
+        .arg(format!("source_url=file://{},resume=on", snap.display()))
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, T);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert_guest_ok(&out, &text);
+    assert!(!text.contains("work pages="), "started over:\n{text}");
+    assert!(text.contains(&format!("work done iter={ops}")), "{text}");
+    assert_blocks(&disk, ops);
+}
+
 /// A 1 TiB guest on this 24 GiB host (overcommit) whose workload rewrites and checks
 /// a page every GiB: it migrates with its pages intact, and what crosses is what it
 /// touched (round 0 asks the kernel which pages are populated), not its size.

@@ -441,6 +441,8 @@ impl Vm {
             &self.config,
             &state,
             self.mem.as_ref(),
+            // Pages never written are not read: a large guest costs what it touched.
+            Some(&crate::live::dirty::populated_pages(self.mem.as_ref())),
         )
         .map_err(VmError::Snapshot)?;
         tracing::info!(
