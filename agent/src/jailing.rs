@@ -79,21 +79,51 @@ pub fn hand_over_log_dir(
     };
     let dir = roots.create_dir_private(log).map_err(refuse)?;
     let Some(uid) = uid else { return Ok(()) };
-    let io = |e| AgentError::io("cannot hand over the change log", log, e);
+    chown_dir_and_entries(dir, uid)
+        .map_err(|e| AgentError::io("cannot hand over the change log", log, e))?;
+    debug!(log = %log.display(), uid, "change log handed over to the jail");
+    Ok(())
+}
+
+/// Gives a deleted jailed VM's change log directory and its entries back to root
+/// (opened beneath its storage root, changed through that descriptor, no link
+/// followed). A directory that is gone is no error.
+pub fn give_back_log_dir(roots: &confine::Roots, log: &Path) {
+    let dir = match roots.open_dir(log) {
+        Ok(d) => d,
+        Err(confine::ConfineError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return
+        }
+        Err(e) => {
+            warn!(error = %e, "a deleted VM's change log is not given back to root");
+            return;
+        }
+    };
+    if let Err(e) = chown_dir_and_entries(dir, 0) {
+        warn!(log = %log.display(), error = %e, "cannot give a deleted VM's change log back to root");
+    }
+}
+
+/// Changes the owner (uid = gid) of the open directory `dir` and of every entry in it,
+/// through its descriptor: `fchownat(AT_SYMLINK_NOFOLLOW)` per name, so a planted link
+/// changes owner itself, never its target, and a FIFO is not opened.
+fn chown_dir_and_entries(dir: std::os::fd::OwnedFd, uid: u32) -> std::io::Result<()> {
     let file = std::fs::File::from(dir);
-    std::os::unix::fs::fchown(&file, Some(uid), Some(uid)).map_err(io)?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(uid))?;
     let listing = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    for entry in std::fs::read_dir(&listing).map_err(io)? {
-        let name = entry.map_err(io)?.file_name();
+    for entry in std::fs::read_dir(&listing)? {
+        let name = entry?.file_name();
         let c = std::ffi::CString::new(name.as_encoded_bytes()).map_err(|_| {
-            io(std::io::Error::new(
+            std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "a file name with a NUL byte",
-            ))
+            )
         })?;
         // SAFETY: fchownat on the directory's open descriptor and a NUL-terminated
-        // single name; AT_SYMLINK_NOFOLLOW changes that entry itself (a link is not
-        // followed, a FIFO is not opened). The result is checked.
+        // single name; AT_SYMLINK_NOFOLLOW changes that entry itself. The result is
+        // checked.
         let r = unsafe {
             libc::fchownat(
                 file.as_raw_fd(),
@@ -104,10 +134,9 @@ pub fn hand_over_log_dir(
             )
         };
         if r < 0 {
-            return Err(io(std::io::Error::last_os_error()));
+            return Err(std::io::Error::last_os_error());
         }
     }
-    debug!(log = %log.display(), uid, "change log handed over to the jail");
     Ok(())
 }
 

@@ -725,3 +725,57 @@ fn a_change_log_outside_the_storage_roots_or_through_a_link_is_refused_and_nothi
     assert_eq!(std::fs::metadata(&host_dir).unwrap().uid(), 0);
     assert!(d.pid("vm1").is_none(), "a VMM was started");
 }
+
+/// A jailed VM's change log is its uid's while it runs; when the VM is deleted the
+/// directory and every entry in it go back to root (its uid is handed to the next VM),
+/// through the directory's descriptor: a link planted in it changes owner itself, its
+/// target keeps its owner.
+#[test]
+fn a_deleted_jailed_vms_change_log_goes_back_to_root() {
+    let d = common::Daemon::start(&["--no-autostart"]);
+    let disks = d.dir.path().join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let img = disks.join("d0.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let log = disks.join("d0.rlog");
+    let def = json!({
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=replica-writer blocks=8 count=20"},
+            "memory": {"size": 32u64 << 20},
+            "disks": [{"path": img, "format": "raw", "replica_log": log}],
+        },
+        "restart": "never",
+    })
+    .to_string();
+    d.ok("PUT", "/api/v1/vms/vm1", Some(&def));
+    d.ok("PUT", "/api/v1/vms/vm1/start", None);
+    d.wait_state("vm1", "Stopped", std::time::Duration::from_secs(60));
+    let uid = std::fs::metadata(&log).unwrap().uid();
+    assert_ne!(uid, 0, "the jailed VMM owned its change log");
+    let segments: Vec<PathBuf> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!segments.is_empty(), "the guest's writes were logged");
+    assert!(segments
+        .iter()
+        .all(|p| std::fs::symlink_metadata(p).unwrap().uid() == uid));
+    // A link planted by the VM's uid, pointing at a host file of another owner.
+    let host_file = d.dir.path().join("host-file");
+    std::fs::write(&host_file, b"host").unwrap();
+    std::os::unix::fs::chown(&host_file, Some(4242), Some(4242)).unwrap();
+    let planted = log.join("planted");
+    std::os::unix::fs::symlink(&host_file, &planted).unwrap();
+    std::os::unix::fs::lchown(&planted, Some(uid), Some(uid)).unwrap();
+
+    d.ok("DELETE", "/api/v1/vms/vm1", None);
+    assert_eq!(std::fs::metadata(&log).unwrap().uid(), 0);
+    for p in segments.iter().chain([&planted]) {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{}", p.display());
+    }
+    assert_eq!(std::fs::metadata(&host_file).unwrap().uid(), 4242);
+}

@@ -393,8 +393,9 @@ impl Supervisor {
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
     }
 
-    /// A deleted VM's writable disks (and fencing records) go back to root 0600: its
-    /// jail uid is free for the next VM. Call before the definition is removed from the inventory.
+    /// A deleted VM's writable disks (and fencing records, and change-log directories
+    /// with their files) go back to root (files 0600): its jail uid is free for the
+    /// next VM. Call before the definition is removed from the inventory.
     fn give_back_files(&self, name: &str, def: &VmDefinition) {
         if self.jail_uid(name).is_none() {
             return;
@@ -405,6 +406,9 @@ impl Supervisor {
             }
             if d.fencing_token.is_some() {
                 crate::jailing::give_back(&self.roots, &vmm_fence_record(&d.path));
+            }
+            if let Some(log) = &d.replica_log {
+                crate::jailing::give_back_log_dir(&self.roots, log);
             }
         }
     }
