@@ -114,7 +114,7 @@ fn memory_larger_than_the_host() {
         "--kernel",
         guest().to_str().unwrap(),
         "--memory",
-        "size=64T",
+        "size=256G",
     ]);
     assert_one_line_error(code, &err, "exceeds this host");
 }
