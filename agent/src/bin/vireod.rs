@@ -182,6 +182,21 @@ struct Cli {
     node_name: Option<String>,
 }
 
+/// Where other cluster nodes reach this one's peer listener for a drain's live
+/// migrations: `https://` and the `--listen` address (its certificate must carry the
+/// node's name). None without --listen, or on an unspecified address (other nodes
+/// could not dial it): this node then receives no moved VMs.
+fn cluster_peer_url(listen: Option<std::net::SocketAddr>) -> Option<String> {
+    match listen {
+        Some(a) if !a.ip().is_unspecified() => Some(format!("https://{a}")),
+        Some(a) => {
+            warn!(listen = %a, "--listen on an unspecified address: other cluster nodes cannot migrate VMs here (drain)");
+            None
+        }
+        None => None,
+    }
+}
+
 /// Whether (and with which uids) the VMMs are jailed.
 fn jail_uids(cli: &Cli, systemd_units: bool) -> Option<agent::jailing::JailIds> {
     if cli.no_jail {
@@ -402,7 +417,10 @@ async fn run(
                 lease: std::sync::Arc::new(lease),
                 node: node.clone(),
                 sup: sup.clone(),
+                peer_url: cluster_peer_url(cli.listen),
+                moves: Default::default(),
             });
+            n.start_moves();
             tokio::spawn(n.as_ref().clone().run());
             info!(node = %node, etcd = %eps, "cluster node");
             Some(n)
