@@ -38,6 +38,8 @@ pub struct ClusterNode {
     pub peer_url: Option<String>,
     /// What the node loop shares with the moves (`cluster_moves`).
     pub moves: crate::cluster_moves::Shared,
+    /// vCPUs offered to clustered VMs (`--cluster-vcpus`; None: the host's CPUs).
+    pub vcpus: Option<u32>,
 }
 
 /// `PUT /api/v1/cluster/vms/{name}`: a clustered VM.
@@ -161,7 +163,9 @@ impl ClusterNode {
             version: host.version,
             capacity: Resources {
                 memory_mib: host.memory_total_bytes >> 20,
-                vcpus: u32::try_from(host.cpus).unwrap_or(u32::MAX),
+                vcpus: self
+                    .vcpus
+                    .unwrap_or_else(|| u32::try_from(host.cpus).unwrap_or(u32::MAX)),
             },
             cpu_features: vec![],
             state: NodeState::Up,

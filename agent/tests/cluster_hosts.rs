@@ -107,6 +107,8 @@ impl Cluster {
                 let mut args = common::cluster_node_args(&eps, name, shared.path());
                 args.extend(tls_args(&pki.host(name)));
                 args.extend(["--listen".to_string(), peer_addr(i)]);
+                // Room for four 1-vCPU VMs on one node of this 2-CPU machine.
+                args.extend(["--cluster-vcpus".to_string(), "8".to_string()]);
                 for peer in NODES.iter().filter(|p| *p != name) {
                     args.extend(["--peer".to_string(), peer.to_string()]);
                 }
@@ -150,10 +152,16 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
+        let (_, status) = self.nodes[1].api("GET", "/api/v1/cluster", None);
+        let mut s = format!("cluster status (from b): {status}\n");
         for (i, d) in self.nodes.iter().enumerate() {
             let log = d.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("lease renewed"))
+                .take(60)
+                .collect();
             s += &format!("--- {} ---\n", NODES[i]);
             for l in tail.into_iter().rev() {
                 s += l;
@@ -694,7 +702,9 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     ];
     // A VM only node a may run: it has no place elsewhere.
     let pin = c.shared.path().join("pin.json");
-    std::fs::write(&pin, common::counter_config().to_string()).unwrap();
+    let mut cfg = common::counter_config();
+    cfg["payload"]["cmdline"] = json!("test=counter period_ms=200");
+    std::fs::write(&pin, cfg.to_string()).unwrap();
     c.nodes[0].ctl_ok(&[
         "vm", "define", "pin", "--file", pin.to_str().unwrap(), "--cluster", "--priority",
         "medium", "--possible-owner", "a",

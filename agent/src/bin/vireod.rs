@@ -180,6 +180,10 @@ struct Cli {
     /// This node's name in the cluster (unique among its nodes).
     #[arg(long, requires = "cluster_etcd")]
     node_name: Option<String>,
+    /// The vCPUs this node offers clustered VMs (placement admits VMs up to it;
+    /// default: the host's CPUs, no overcommit).
+    #[arg(long, value_name = "N", requires = "cluster_etcd")]
+    cluster_vcpus: Option<u32>,
 }
 
 /// Where other cluster nodes reach this one's peer listener for a drain's live
@@ -418,6 +422,7 @@ async fn run(
                 node: node.clone(),
                 sup: sup.clone(),
                 peer_url: cluster_peer_url(cli.listen),
+                vcpus: cli.cluster_vcpus,
                 moves: Default::default(),
             });
             n.start_moves();

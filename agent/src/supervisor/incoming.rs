@@ -282,6 +282,10 @@ impl Supervisor {
             // A shared-nothing migration's disks are made in storage_dir instead.
             if req.storage_dir.is_none() && !d.readonly {
                 binds.push(d.path.clone());
+                // A clustered disk's fencing record: the VMM admits the disk by it.
+                if d.fencing_token.is_some() {
+                    binds.push(super::vmm_fence_record(&d.path));
+                }
             } else if req.storage_dir.is_none() {
                 read_only.push(d.path.clone());
             }
