@@ -102,6 +102,12 @@ impl MoveShared {
         lock(&self.incoming).remove(vm)
     }
 
+    /// Whether this node is moving `vm` away: its VMM ending is the move's, not a
+    /// crash to restart from.
+    pub fn moving_out(&self, vm: &str) -> bool {
+        lock(&self.outgoing).contains(vm)
+    }
+
     /// The VMs that left without their ownership (see `lost`), forgotten by the call.
     pub fn take_lost(&self) -> Vec<String> {
         std::mem::take(&mut *lock(&self.lost)).into_iter().collect()
@@ -249,7 +255,7 @@ impl Executor {
             });
         }
         self.end_drain(&moves).await?;
-        self.forget_failed_arrivals(&moves).await;
+        self.forget_failed_arrivals().await?;
         Ok(())
     }
 
@@ -277,13 +283,16 @@ impl Executor {
 
     /// A VM admitted for a move that did not end here (failed, or its ownership did
     /// not move): killed and removed, it must not run twice.
-    async fn forget_failed_arrivals(
-        &self,
-        moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
-    ) {
+    async fn forget_failed_arrivals(&self) -> Result<(), cluster::StoreError> {
         let arriving: Vec<String> = lock(&self.shared.incoming).iter().cloned().collect();
         for vm in arriving {
-            let still = moves.get(&vm).is_some_and(|(m, _)| {
+            // Read now, after the VM was admitted (an older read may predate its move).
+            let m = self
+                .store
+                .get(&keys::move_key(&vm))
+                .await?
+                .and_then(|kv| keys::decode::<MoveRecord>(&kv.value));
+            let still = m.is_some_and(|m| {
                 m.to == self.node && matches!(m.state, MoveState::Migrating | MoveState::Moved)
             });
             if still && self.sup.get(&vm).is_ok() {
@@ -297,6 +306,7 @@ impl Executor {
                 let _ = self.sup.delete(&vm);
             }
         }
+        Ok(())
     }
 
     async fn fail(&self, mut m: MoveRecord, why: String) {

@@ -303,6 +303,11 @@ impl ClusterNode {
             }
             // A VM that ended by itself is started again while this node owns it.
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
+                // A VMM that ended handing its VM over (a move) is no crash: until the
+                // ownership follows, nothing of it may start here again.
+                if self.moves.moving_out(&vm) {
+                    continue;
+                }
                 if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {
                     agent.exited(&vm);
                 }
