@@ -215,6 +215,8 @@ pub struct Executor {
     pub node: String,
     pub sup: Arc<Supervisor>,
     pub shared: Shared,
+    /// When this vireod started carrying out moves (ms since the epoch).
+    pub since_ms: u64,
 }
 
 impl Executor {
@@ -232,19 +234,33 @@ impl Executor {
 
     async fn tick(self: &Arc<Self>) -> Result<(), cluster::StoreError> {
         let moves = read_moves(&self.store).await?;
-        let running = lock(&self.shared.outgoing).clone();
-        for (vm, (m, _)) in &moves {
-            // Migrating from here, but not by this vireod: it restarted meanwhile.
-            if m.from == self.node && m.state == MoveState::Migrating && !running.contains(vm) {
+        for (vm, (m, rev)) in &moves {
+            // Migrating from here since before this vireod started: it restarted
+            // during the move, which nobody follows any more.
+            let before_me = m.started_ms.is_none_or(|t| t < self.since_ms);
+            if m.from == self.node && m.state == MoveState::Migrating && before_me {
                 let mut m = m.clone();
                 m.state = MoveState::Failed;
                 m.error = Some("interrupted: the source's vireod restarted during the move".into());
                 m.finished_ms = Some(keys::now_ms());
                 self.store
-                    .put(&keys::move_key(vm), keys::encode(&m), 0)
+                    .txn(Txn {
+                        when: vec![Compare::ModRevision {
+                            key: keys::move_key(vm),
+                            op: CmpOp::Equal,
+                            revision: *rev,
+                        }],
+                        then: vec![Op::Put {
+                            key: keys::move_key(vm),
+                            value: keys::encode(&m),
+                            lease: 0,
+                        }],
+                        otherwise: vec![],
+                    })
                     .await?;
             }
         }
+        let running = lock(&self.shared.outgoing).clone();
         for (m, rev) in drain::next_moves(&moves, &self.node, running.len()) {
             lock(&self.shared.outgoing).insert(m.vm.clone());
             let me = self.clone();

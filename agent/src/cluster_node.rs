@@ -238,6 +238,7 @@ impl ClusterNode {
             node: self.node.clone(),
             sup: self.sup.clone(),
             shared: self.moves.clone(),
+            since_ms: cluster::keys::now_ms(),
         });
         tokio::spawn(executor.run());
     }

@@ -625,6 +625,13 @@ fn move_of(c: &Cluster, node: &str, vm: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no move of {vm} in {v}"))
 }
 
+/// For each of `vms`: how often each node's log says it started it.
+fn starts_everywhere(c: &Cluster, vms: &[&str]) -> Vec<Vec<usize>> {
+    vms.iter()
+        .map(|vm| c.nodes.iter().map(|d| starts(&d.log(), vm)).collect())
+        .collect()
+}
+
 fn node_state(c: &Cluster, node: &str) -> String {
     let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -637,14 +644,15 @@ fn node_state(c: &Cluster, node: &str) -> String {
 /// After a live move of `vm` to node `to` (its old VMM `old_pid`; `before`: the guest's
 /// serial output on the old node up to the move, `token_before` its disk's token): the
 /// old VMM is gone and exactly one node runs the VM; the guest did not start again
-/// (no `rw resume`, no "clustered VM started" on `to`: it was adopted) and its writes
+/// (no `rw resume`, no new "clustered VM started" on `to`, whose log said it
+/// `starts_before[to]` times before: it was adopted) and its writes
 /// go on with no number missing across the move; the disk holds one writer's
 /// sequence up to the last write reported; the disk's fencing token grew.
 fn assert_moved_live(
     c: &Cluster,
     vm: &str,
     disk: &Path,
-    (before, old_pid, token_before): (&str, i32, u64),
+    (before, old_pid, token_before, starts_before): (&str, i32, u64, &[usize]),
     to: usize,
 ) {
     common::wait_dead(old_pid, T);
@@ -659,7 +667,7 @@ fn assert_moved_live(
             .is_some_and(|f| r.last().is_some_and(|l| *l >= f + 20))
     });
     assert!(
-        seqdisk::resumed(&after).is_empty() && starts(&node.log(), vm) == 0,
+        seqdisk::resumed(&after).is_empty() && starts(&node.log(), vm) == starts_before[to],
         "{vm} was started again on {} instead of moved:\n{after}\n{}",
         NODES[to],
         c.logs()
@@ -711,6 +719,7 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     let pids: Vec<i32> = vms.iter().map(|vm| c.nodes[0].pid(vm).unwrap()).collect();
     let followers: Vec<SerialFollower> =
         vms.iter().map(|vm| SerialFollower::start(&c.nodes[0], vm)).collect();
+    let starts_before = starts_everywhere(&c, &vms);
     let out = c.nodes[1].ctl_ok(&["node", "drain", "a"]);
     for vm in vms {
         assert!(out.contains(&format!("{vm} -> ")), "{out}");
@@ -733,7 +742,8 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
         let to = NODES.iter().position(|n| moves[k]["to"] == *n).unwrap();
         assert_ne!(to, 0);
         assert_eq!(c.owner(vm).as_deref(), Some(NODES[to]));
-        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k]), to);
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), to);
         at.push(to);
     }
     // A paused node takes no VM.
@@ -752,6 +762,7 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
         .zip(&at)
         .map(|(vm, &i)| SerialFollower::start(&c.nodes[i], vm))
         .collect();
+    let starts_before = starts_everywhere(&c, &vms);
     let out = c.nodes[2].ctl_ok(&["node", "resume", "a", "--failback"]);
     for vm in vms {
         assert!(out.contains(&format!("{vm} -> a")), "{out}");
@@ -764,6 +775,7 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     assert_eq!(node_state(&c, "a"), "up");
     for (k, vm) in vms.iter().enumerate() {
         assert_eq!(move_of(&c, "a", vm)["reason"], "failback");
-        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k]), 0);
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), 0);
     }
 }
