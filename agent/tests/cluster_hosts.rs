@@ -203,21 +203,23 @@ impl Cluster {
         });
         let file = self.shared.path().join(format!("{vm}.json"));
         std::fs::write(&file, cfg.to_string()).unwrap();
-        let out = self.nodes[0].ctl_ok(&[
-            "vm",
-            "define",
-            vm,
-            "--file",
-            file.to_str().unwrap(),
-            "--cluster",
-            "--priority",
-            priority,
-            "--preferred-owner",
-            "a",
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect::<Vec<_>>());
+        let out = self.nodes[0].ctl_ok(
+            &[
+                "vm",
+                "define",
+                vm,
+                "--file",
+                file.to_str().unwrap(),
+                "--cluster",
+                "--priority",
+                priority,
+                "--preferred-owner",
+                "a",
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        );
         assert!(out.contains(priority), "{out}");
         disk
     }
@@ -657,7 +659,13 @@ fn assert_moved_live(
 ) {
     common::wait_dead(old_pid, T);
     let runners: Vec<usize> = (0..NODES.len()).filter(|&i| c.runs(i, vm)).collect();
-    assert_eq!(runners, [to], "{vm} must run exactly on {}:\n{}", NODES[to], c.logs());
+    assert_eq!(
+        runners,
+        [to],
+        "{vm} must run exactly on {}:\n{}",
+        NODES[to],
+        c.logs()
+    );
     let node = &c.nodes[to];
     let mut after = String::new();
     c.wait(&format!("{vm} writing on {}", NODES[to]), || {
@@ -675,13 +683,18 @@ fn assert_moved_live(
     // The old host's last line may be cut by the switch-over: it ends on the new one.
     let all = seqdisk::reported(&format!("{before}{after}"));
     let first_after = seqdisk::reported(&after)[0];
-    let last_before = *seqdisk::reported(before).last().expect("writes before the move");
+    let last_before = *seqdisk::reported(before)
+        .last()
+        .expect("writes before the move");
     assert!(
         all.windows(2).all(|w| w[1] == w[0] + 1),
         "{vm}: the sequence has a gap or a restart across the move ({last_before} on the old node, {first_after} first on {})",
         NODES[to]
     );
-    assert!(first_after <= last_before + 2, "{vm}: {last_before} then {first_after}");
+    assert!(
+        first_after <= last_before + 2,
+        "{vm}: {last_before} then {first_after}"
+    );
     node.ok("PUT", &format!("/api/v1/vms/{vm}/pause"), None);
     let on_disk = seqdisk::single_writer(&seqdisk::seeds(disk, BLOCKS))
         .unwrap_or_else(|e| panic!("{vm}: {e}"));
@@ -708,7 +721,9 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
         c.define("lo1", "low"),
         c.define("lo2", "low"),
     ];
-    c.wait("every VM running on a", || vms.iter().all(|vm| c.runs(0, vm)));
+    c.wait("every VM running on a", || {
+        vms.iter().all(|vm| c.runs(0, vm))
+    });
     for vm in vms {
         c.wait_writes(0, vm, 0, 30);
     }
@@ -717,8 +732,10 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     // place is `cluster/tests/drain.rs`'s).
     let tokens: Vec<u64> = disks.iter().map(|d| token(d)).collect();
     let pids: Vec<i32> = vms.iter().map(|vm| c.nodes[0].pid(vm).unwrap()).collect();
-    let followers: Vec<SerialFollower> =
-        vms.iter().map(|vm| SerialFollower::start(&c.nodes[0], vm)).collect();
+    let followers: Vec<SerialFollower> = vms
+        .iter()
+        .map(|vm| SerialFollower::start(&c.nodes[0], vm))
+        .collect();
     let starts_before = starts_everywhere(&c, &vms);
     let out = c.nodes[1].ctl_ok(&["node", "drain", "a"]);
     for vm in vms {
@@ -768,8 +785,9 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
         assert!(out.contains(&format!("{vm} -> a")), "{out}");
     }
     c.wait("every VM back on a", || {
-        vms.iter()
-            .all(|vm| move_of(&c, "a", vm)["state"] == "moved" && c.owner(vm).as_deref() == Some("a"))
+        vms.iter().all(|vm| {
+            move_of(&c, "a", vm)["state"] == "moved" && c.owner(vm).as_deref() == Some("a")
+        })
     });
     let befores: Vec<String> = followers.into_iter().map(SerialFollower::finish).collect();
     assert_eq!(node_state(&c, "a"), "up");

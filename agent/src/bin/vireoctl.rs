@@ -1623,7 +1623,11 @@ fn node_table(cmd: &NodeCommand, v: &Value) {
             println!("draining {node}; moves:");
             moves("moves");
             for l in v["left"].as_array().into_iter().flatten() {
-                println!("  {} stays on {node}: {}", text(&l["vm"]), text(&l["reason"]));
+                println!(
+                    "  {} stays on {node}: {}",
+                    text(&l["vm"]),
+                    text(&l["reason"])
+                );
             }
         }
         NodeCommand::Resume { node, .. } => {
