@@ -680,6 +680,18 @@ fn assert_moved_live(
         NODES[to],
         c.logs()
     );
+    // No node tried to start it meanwhile (the old one must not take its VMM's end
+    // for a crash: only the image lock kept that start from running it twice).
+    let quoted = format!("\"{vm}\"");
+    for (d, name) in c.nodes.iter().zip(NODES) {
+        assert!(
+            !d.log()
+                .lines()
+                .any(|l| l.contains("cannot start a clustered VM") && l.contains(&quoted)),
+            "{name} tried to start {vm} during its move:\n{}",
+            c.logs()
+        );
+    }
     // The old host's last line may be cut by the switch-over: it ends on the new one.
     let all = seqdisk::reported(&format!("{before}{after}"));
     let first_after = seqdisk::reported(&after)[0];
