@@ -280,6 +280,10 @@ impl Executor {
         &self,
         moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
     ) -> Result<(), cluster::StoreError> {
+        // A drain with moves has its records; one without any was paused at once.
+        if !moves.values().any(|(m, _)| m.drain_of == self.node) {
+            return Ok(());
+        }
         let (mut admin, rev) = cluster::admin::read(&self.store, &self.node).await?;
         if admin.state != NodeState::Draining {
             return Ok(());

@@ -2281,7 +2281,7 @@ fn a_receiving_vmm_takes_write_lease_renewals_while_the_vm_arrives() {
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     dst.listen_config(&format!(r#","config":{config}"#), &url, "");
     // Paced so that the copy outlasts the deadline the receiver was created with.
-    send_with(&src_sock, &url, r#","bandwidth_mib_s":16"#);
+    send_with(&src_sock, &url, r#","bandwidth_mib_s":1"#);
     let start = std::time::Instant::now();
     let mut renewals = 0;
     loop {
