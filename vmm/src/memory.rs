@@ -1,10 +1,10 @@
 //! Guest RAM: anonymous mappings (optionally huge pages) with a dirty bitmap that
 //! devices fill when they write guest memory.
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
 use vm_memory::{GuestAddress, GuestRegionCollection};
 
+use devices::virtio::dirty_bitmap::DirtyBitmap;
 use devices::virtio::{GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout;
@@ -68,7 +68,7 @@ pub fn create_guest_memory(
             reason,
         };
         let mapping =
-            MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+            MmapRegionBuilder::new_with_bitmap(len as usize, DirtyBitmap::with_len(len as usize))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags)
                 .build()

@@ -39,11 +39,9 @@ impl DirtyLog {
                 clear_dirty_log(&self.vm, slot as u32, pages, &mut kvm)
                     .map_err(|e| format!("KVM_CLEAR_DIRTY_LOG (slot {slot}): {e}"))?;
             }
-            // The mapping's own bitmap (the region-level `bitmap()` is a slice view).
-            let devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            for (k, d) in kvm.iter_mut().zip(devices) {
-                *k |= d;
-            }
+            // The mapping's own bitmap (the region-level `bitmap()` is a slice view):
+            // what devices wrote, at the cost of what they wrote.
+            std::ops::Deref::deref(region).bitmap().take_into(&mut kvm);
             out.push(kvm);
         }
         Ok(out)

@@ -466,6 +466,26 @@ fn guest_gap(d: &Path) -> String {
 
 /// One Vireo migration of `cmdline`'s guest in `d` to `url`, with more JSON fields for
 /// the send and receive requests: (total ms, downtime ms, rounds), as the source logs them.
+/// Lets the source's workload warm up (1 s); a `test=touch` guest is waited for until
+/// it has touched its memory and ticks (a large guest takes seconds to touch it).
+fn warm_up(serial: &Path, cmdline: &str) {
+    std::thread::sleep(Duration::from_millis(1000));
+    if !cmdline.contains("test=touch") {
+        return;
+    }
+    let start = Instant::now();
+    while !std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .contains("tick 2 ")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the guest did not touch its memory in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn vireo_migrate(
     d: &Path,
     cmdline: &str,
@@ -497,8 +517,8 @@ fn vireo_migrate(
         .expect("destination");
     vireo_e2e::wait_for_socket(&src_sock, Duration::from_secs(10));
     vireo_e2e::wait_for_socket(&dst_sock, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(1000)); // let the workload warm up
-                                                     // Plain TCP is measured too, said out loud.
+    warm_up(&d.join("src.serial"), cmdline);
+    // Plain TCP is measured too, said out loud.
     let insecure = if url.starts_with("tcp:") && !send_extra.contains("\"tls\"") {
         r#","insecure":true"#
     } else {
@@ -592,7 +612,7 @@ fn migrate_once(vmm: Vmm, cmdline: &str, mem_mib: u32, auto_converge: bool) -> (
                 .expect("qemu src");
             let mut qs = Qmp::connect(&d.join("src.qmp"));
             let _qd = Qmp::connect(&d.join("dst.qmp"));
-            std::thread::sleep(Duration::from_millis(1000));
+            warm_up(&d.join("src.serial"), cmdline);
             if auto_converge {
                 qs.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#);
             }
