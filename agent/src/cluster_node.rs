@@ -379,11 +379,11 @@ struct ResumeRequest {
 fn optional_body<T: for<'de> Deserialize<'de> + Default>(
     what: &str,
     body: &[u8],
-) -> Result<T, Response> {
+) -> Result<T, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
+    serde_json::from_slice(body).map_err(|e| format!("{what}: {e}"))
 }
 
 fn admin_error(e: cluster::drain::AdminError) -> Response {
@@ -410,8 +410,8 @@ fn moves_json(moves: &[cluster::drain::PlannedMove]) -> serde_json::Value {
         .collect::<Vec<_>>())
 }
 
-fn node_name(node: &str) -> Result<(), Response> {
-    crate::model::validate_name(node).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+fn node_name(node: &str) -> Result<(), String> {
+    crate::model::validate_name(node).map_err(|e| e.to_string())
 }
 
 async fn drain(
@@ -422,12 +422,12 @@ async fn drain(
     let Some(node) = node else {
         return not_clustered();
     };
-    if let Err(r) = node_name(&target) {
-        return r;
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
     }
     let req: DrainRequest = match optional_body("drain", &body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let concurrency = req
         .concurrency
@@ -460,12 +460,12 @@ async fn resume(
     let Some(node) = node else {
         return not_clustered();
     };
-    if let Err(r) = node_name(&target) {
-        return r;
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
     }
     let req: ResumeRequest = match optional_body("resume", &body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let concurrency = req
         .concurrency
@@ -485,8 +485,8 @@ async fn release(State(node): N, UrlPath(target): UrlPath<String>) -> Response {
     let Some(node) = node else {
         return not_clustered();
     };
-    if let Err(r) = node_name(&target) {
-        return r;
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
     }
     match cluster::drain::release(&node.store, &target).await {
         Ok(()) => {
@@ -503,8 +503,8 @@ async fn node_status(State(node): N, UrlPath(target): UrlPath<String>) -> Respon
     let Some(node) = node else {
         return not_clustered();
     };
-    if let Err(r) = node_name(&target) {
-        return r;
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
     }
     let read = async {
         let snap = Snapshot::read(&node.store).await?;
