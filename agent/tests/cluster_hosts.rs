@@ -617,7 +617,13 @@ impl SerialFollower {
 
 /// `vm`'s drain or fail-back move as node `i` reports it in `node`'s status.
 fn move_of(c: &Cluster, node: &str, vm: &str) -> serde_json::Value {
-    let v = c.nodes[1].ok("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
+    // A 503 is "b cannot reach etcd now" (a loaded host): read again.
+    let mut v = serde_json::Value::Null;
+    c.wait(&format!("{node}'s status readable"), || {
+        let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
+        v = serde_json::from_str(&body).unwrap_or_default();
+        status == 200
+    });
     v["moves"]
         .as_array()
         .unwrap()
