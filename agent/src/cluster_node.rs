@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use cluster::failover::{define_vm, Controller, Snapshot};
 use cluster::keys::{self, NodeRecord, NodeState, OwnerRecord, Priority, Resources};
@@ -33,6 +33,13 @@ pub struct ClusterNode {
     pub lease: Arc<LeaseRuntime>,
     pub node: String,
     pub sup: Arc<Supervisor>,
+    /// Where this node's peer listener is (`https://ADDR`, from `--listen`): other
+    /// nodes migrate VMs here through it (a drain's moves). None: it receives none.
+    pub peer_url: Option<String>,
+    /// What the node loop shares with the moves (`cluster_moves`).
+    pub moves: crate::cluster_moves::Shared,
+    /// vCPUs offered to clustered VMs (`--cluster-vcpus`; None: the host's CPUs).
+    pub vcpus: Option<u32>,
 }
 
 /// `PUT /api/v1/cluster/vms/{name}`: a clustered VM.
@@ -156,11 +163,13 @@ impl ClusterNode {
             version: host.version,
             capacity: Resources {
                 memory_mib: host.memory_total_bytes >> 20,
-                vcpus: u32::try_from(host.cpus).unwrap_or(u32::MAX),
+                vcpus: self
+                    .vcpus
+                    .unwrap_or_else(|| u32::try_from(host.cpus).unwrap_or(u32::MAX)),
             },
             cpu_features: vec![],
             state: NodeState::Up,
-            peer_url: None,
+            peer_url: self.peer_url.clone(),
         }
     }
 
@@ -215,6 +224,25 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Has clustered VMs arrive here only by a move (see `cluster_moves`) and starts
+    /// the executor of this node's outgoing moves.
+    pub fn start_moves(&self) {
+        self.sup
+            .set_incoming_guard(Arc::new(crate::cluster_moves::Guard {
+                store: self.store.clone(),
+                node: self.node.clone(),
+                shared: self.moves.clone(),
+            }));
+        let executor = Arc::new(crate::cluster_moves::Executor {
+            store: self.store.clone(),
+            node: self.node.clone(),
+            sup: self.sup.clone(),
+            shared: self.moves.clone(),
+            since_ms: cluster::keys::now_ms(),
+        });
+        tokio::spawn(executor.run());
+    }
+
     /// The node's loop: membership, fencing, running what it owns, failover.
     pub async fn run(self) {
         let timing = Timing::default();
@@ -232,12 +260,17 @@ impl ClusterNode {
             clock,
             &self.lease.handle,
         );
-        let mut controller = Controller::new(timing);
+        self.moves.attach(clock, agent.deadlines(), leased);
+        let mut controller = Controller::new(timing).with_quarantine();
         let mut turn: u64 = 0;
         loop {
             let turn_start = t0.elapsed();
             let r = agent.step(turn_start).await;
             for vm in &r.stop {
+                if self.sup.get(vm).is_err() {
+                    // Moved away (a drain's migration): nothing runs here.
+                    continue;
+                }
                 warn!(vm, "stopping a clustered VM this node no longer may run");
                 if let Err(e) = self.sup.kill(vm).await {
                     warn!(vm, error = %e, "cannot kill");
@@ -245,8 +278,13 @@ impl ClusterNode {
             }
             // The VMs about to start are under the lease from now: their VMMs take each
             // renewal as soon as they answer, also while the other starts go on.
-            publish(&leased, &agent);
+            publish(&self.moves, &agent);
             for (vm, token) in &r.start {
+                // Arrived by a move and running: this node's now, under its lease.
+                if self.moves.take_incoming(vm) && self.sup.get(vm).is_ok_and(|s| s.pid.is_some()) {
+                    info!(vm, token, "clustered VM adopted after its move");
+                    continue;
+                }
                 // The deadline as late as possible: now, just before the VMM starts.
                 let Some(deadline) = agent
                     .fence_deadline()
@@ -260,9 +298,17 @@ impl ClusterNode {
                     agent.exited(vm);
                 }
             }
-            publish(&leased, &agent);
+            publish(&self.moves, &agent);
+            for vm in self.moves.take_lost() {
+                agent.exited(&vm);
+            }
             // A VM that ended by itself is started again while this node owns it.
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
+                // A VMM that ended handing its VM over (a move) is no crash: until the
+                // ownership follows, nothing of it may start here again.
+                if self.moves.moving_out(&vm) {
+                    continue;
+                }
                 if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {
                     agent.exited(&vm);
                 }
@@ -286,24 +332,221 @@ impl ClusterNode {
 }
 
 /// Tells the write-lease pusher which VMs run (or start) under the node's lease.
-fn publish<S>(leased: &tokio::sync::watch::Sender<Vec<String>>, agent: &NodeAgent<S>)
+fn publish<S>(moves: &crate::cluster_moves::Shared, agent: &NodeAgent<S>)
 where
     S: ClusterStore + Clone + Send + Sync + 'static,
 {
-    let running: Vec<String> = agent.running().keys().cloned().collect();
-    leased.send_if_modified(|l| {
-        let changed = *l != running;
-        *l = running;
-        changed
-    });
+    moves.publish(Some(agent.running().keys().cloned().collect()));
 }
 
-/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`.
+/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`, and a node's
+/// status, drain, resume and release.
 pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
     Router::new()
         .route("/api/v1/cluster", get(status))
         .route("/api/v1/cluster/vms/{name}", put(define))
+        .route("/api/v1/cluster/nodes/{node}", get(node_status))
+        .route("/api/v1/cluster/nodes/{node}/drain", post(drain))
+        .route("/api/v1/cluster/nodes/{node}/resume", post(resume))
+        .route("/api/v1/cluster/nodes/{node}/release", post(release))
         .with_state(node)
+}
+
+/// `POST /api/v1/cluster/nodes/{node}/drain`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    /// Drain even if some VMs have no place (they stay on the node).
+    #[serde(default)]
+    force: bool,
+    /// Moves at once (default 2).
+    #[serde(default)]
+    concurrency: Option<u32>,
+}
+
+/// `POST /api/v1/cluster/nodes/{node}/resume`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    /// Move the VMs the drain moved back here.
+    #[serde(default)]
+    failback: bool,
+    #[serde(default)]
+    concurrency: Option<u32>,
+}
+
+/// An optional JSON body (empty: the defaults).
+fn optional_body<T: for<'de> Deserialize<'de> + Default>(
+    what: &str,
+    body: &[u8],
+) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("{what}: {e}"))
+}
+
+fn admin_error(e: cluster::drain::AdminError) -> Response {
+    use cluster::drain::AdminError as E;
+    let status = match &e {
+        E::UnknownNode(_) => StatusCode::NOT_FOUND,
+        E::WrongState { .. } | E::NoPlace { .. } | E::Raced => StatusCode::CONFLICT,
+        E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut body = serde_json::json!({ "error": e.to_string() });
+    if let E::NoPlace { no_place, .. } = &e {
+        body["no_place"] = serde_json::json!(no_place
+            .iter()
+            .map(|(vm, why)| serde_json::json!({"vm": vm, "reason": why}))
+            .collect::<Vec<_>>());
+    }
+    (status, Json(body)).into_response()
+}
+
+fn moves_json(moves: &[cluster::drain::PlannedMove]) -> serde_json::Value {
+    serde_json::json!(moves
+        .iter()
+        .map(|m| serde_json::json!({"vm": m.vm, "to": m.to, "priority": m.priority}))
+        .collect::<Vec<_>>())
+}
+
+fn node_name(node: &str) -> Result<(), String> {
+    crate::model::validate_name(node).map_err(|e| e.to_string())
+}
+
+async fn drain(
+    State(node): N,
+    UrlPath(target): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    let req: DrainRequest = match optional_body("drain", &body) {
+        Ok(r) => r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let concurrency = req
+        .concurrency
+        .unwrap_or(cluster::drain::DEFAULT_CONCURRENCY);
+    if !(1..=64).contains(&concurrency) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("concurrency {concurrency}: expected 1..=64"),
+        );
+    }
+    match cluster::drain::drain(&node.store, &target, req.force, concurrency).await {
+        Ok(plan) => {
+            info!(node = %target, moves = plan.moves.len(), left = plan.no_place.len(), "drain started");
+            Json(serde_json::json!({
+                "node": target,
+                "moves": moves_json(&plan.moves),
+                "left": plan.no_place.iter().map(|(vm, why)| serde_json::json!({"vm": vm, "reason": why})).collect::<Vec<_>>(),
+            }))
+            .into_response()
+        }
+        Err(e) => admin_error(e),
+    }
+}
+
+async fn resume(
+    State(node): N,
+    UrlPath(target): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    let req: ResumeRequest = match optional_body("resume", &body) {
+        Ok(r) => r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let concurrency = req
+        .concurrency
+        .unwrap_or(cluster::drain::DEFAULT_CONCURRENCY)
+        .clamp(1, 64);
+    match cluster::drain::resume(&node.store, &target, req.failback, concurrency).await {
+        Ok(back) => {
+            info!(node = %target, failback = back.len(), "node resumed");
+            Json(serde_json::json!({"node": target, "state": NodeState::Up, "failback": moves_json(&back)}))
+                .into_response()
+        }
+        Err(e) => admin_error(e),
+    }
+}
+
+async fn release(State(node): N, UrlPath(target): UrlPath<String>) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    match cluster::drain::release(&node.store, &target).await {
+        Ok(()) => {
+            info!(node = %target, "node released from quarantine");
+            Json(serde_json::json!({"node": target, "state": NodeState::Up})).into_response()
+        }
+        Err(e) => admin_error(e),
+    }
+}
+
+/// A node's state (`down` when it has no live registration), departures, last drain
+/// and its moves (those of its drain and fail-back).
+async fn node_status(State(node): N, UrlPath(target): UrlPath<String>) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    let read = async {
+        let snap = Snapshot::read(&node.store).await?;
+        let moves = cluster::drain::read_moves(&node.store).await?;
+        Ok::<_, cluster::StoreError>((snap, moves))
+    };
+    let (snap, moves) = match read.await {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let (admin, _) = snap.admin.get(&target).cloned().unwrap_or_default();
+    let state = match snap.nodes.get(&target) {
+        Some((r, _)) => r.state,
+        None if snap.admin.contains_key(&target) => NodeState::Down,
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("node {target} is not in the cluster"),
+            )
+        }
+    };
+    let mine: Vec<_> = moves
+        .values()
+        .filter(|(m, _)| m.drain_of == target)
+        .map(|(m, _)| m)
+        .collect();
+    let count = |st: keys::MoveState| mine.iter().filter(|m| m.state == st).count();
+    Json(serde_json::json!({
+        "name": target,
+        "state": state,
+        "owned": cluster::drain::owned_by(&snap, &target),
+        "departures": admin.departures,
+        "drain": admin.drain,
+        "progress": {
+            "queued": count(keys::MoveState::Queued),
+            "migrating": count(keys::MoveState::Migrating),
+            "moved": count(keys::MoveState::Moved),
+            "failed": count(keys::MoveState::Failed),
+        },
+        "moves": mine,
+    }))
+    .into_response()
 }
 
 type N = State<Option<Arc<ClusterNode>>>;

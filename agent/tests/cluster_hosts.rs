@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::pki::{tls_args, Pki};
 use common::{Daemon, T};
 use serde_json::json;
 use vireo_e2e::etcd::EtcdCluster;
@@ -77,6 +78,13 @@ struct Cluster {
     etcd: EtcdCluster,
     shared: tempfile::TempDir,
     hosts: Hosts,
+    /// The host identities (each node's certificate names it).
+    _pki: Pki,
+}
+
+/// Where node `i`'s peer listener is: drains migrate VMs between nodes through it.
+fn peer_addr(i: usize) -> String {
+    format!("{}:7443", ip(i))
 }
 
 impl Cluster {
@@ -91,11 +99,19 @@ impl Cluster {
         let etcd = EtcdCluster::start_in_namespaces(&members);
         let shared = tempfile::tempdir().unwrap();
         let eps = etcd.endpoints_arg();
+        let pki = Pki::new();
         let nodes: Vec<Daemon> = NODES
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let args = common::cluster_node_args(&eps, name, shared.path());
+                let mut args = common::cluster_node_args(&eps, name, shared.path());
+                args.extend(tls_args(&pki.host(name)));
+                args.extend(["--listen".to_string(), peer_addr(i)]);
+                // Room for four 1-vCPU VMs on one node of this 2-CPU machine.
+                args.extend(["--cluster-vcpus".to_string(), "8".to_string()]);
+                for peer in NODES.iter().filter(|p| *p != name) {
+                    args.extend(["--peer".to_string(), peer.to_string()]);
+                }
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 Daemon::start_in_netns(&refs, hosts.nodes[i].clone())
             })
@@ -105,6 +121,7 @@ impl Cluster {
             etcd,
             shared,
             hosts,
+            _pki: pki,
         };
         c.wait("three nodes in the cluster", || c.members() == 3);
         c
@@ -135,10 +152,16 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
+        let (_, status) = self.nodes[1].api("GET", "/api/v1/cluster", None);
+        let mut s = format!("cluster status (from b): {status}\n");
         for (i, d) in self.nodes.iter().enumerate() {
             let log = d.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("lease renewed"))
+                .take(60)
+                .collect();
             s += &format!("--- {} ---\n", NODES[i]);
             for l in tail.into_iter().rev() {
                 s += l;
@@ -162,6 +185,11 @@ impl Cluster {
 
     /// Defines a clustered replica-writer VM preferring node a; returns its disk.
     fn define(&self, vm: &str, priority: &str) -> PathBuf {
+        self.define_with(vm, priority, &[])
+    }
+
+    /// [`Cluster::define`] with more `vm define` flags.
+    fn define_with(&self, vm: &str, priority: &str, extra: &[&str]) -> PathBuf {
         let disk = self.shared.path().join(format!("{vm}.raw"));
         std::fs::File::create(&disk)
             .unwrap()
@@ -175,18 +203,23 @@ impl Cluster {
         });
         let file = self.shared.path().join(format!("{vm}.json"));
         std::fs::write(&file, cfg.to_string()).unwrap();
-        let out = self.nodes[0].ctl_ok(&[
-            "vm",
-            "define",
-            vm,
-            "--file",
-            file.to_str().unwrap(),
-            "--cluster",
-            "--priority",
-            priority,
-            "--preferred-owner",
-            "a",
-        ]);
+        let out = self.nodes[0].ctl_ok(
+            &[
+                "vm",
+                "define",
+                vm,
+                "--file",
+                file.to_str().unwrap(),
+                "--cluster",
+                "--priority",
+                priority,
+                "--preferred-owner",
+                "a",
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        );
         assert!(out.contains(priority), "{out}");
         disk
     }
@@ -546,4 +579,239 @@ fn killing_the_etcd_leader_mid_lease_moves_no_vm() {
         before,
         "tokens changed"
     );
+}
+
+/// Follows `vm`'s serial file on node `i` until stopped, keeping the longest content
+/// read: the file goes with the VM when it migrates away (its source forgets it), and
+/// its last lines are what the guest printed before it moved.
+struct SerialFollower {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<String>,
+}
+
+impl SerialFollower {
+    fn start(d: &Daemon, vm: &str) -> Self {
+        let path = d.state_dir.join("vms").join(vm).join("serial.log");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut longest = String::new();
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                if let Ok(s) = std::fs::read_to_string(&path) {
+                    if s.len() >= longest.len() {
+                        longest = s;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            longest
+        });
+        SerialFollower { stop, thread }
+    }
+
+    fn finish(self) -> String {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap()
+    }
+}
+
+/// `vm`'s drain or fail-back move as node `i` reports it in `node`'s status.
+fn move_of(c: &Cluster, node: &str, vm: &str) -> serde_json::Value {
+    // A 503 is "b cannot reach etcd now" (a loaded host): read again.
+    let mut v = serde_json::Value::Null;
+    c.wait(&format!("{node}'s status readable"), || {
+        let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
+        v = serde_json::from_str(&body).unwrap_or_default();
+        status == 200
+    });
+    v["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["vm"] == vm)
+        .cloned()
+        .unwrap_or_else(|| panic!("no move of {vm} in {v}"))
+}
+
+/// For each of `vms`: how often each node's log says it started it.
+fn starts_everywhere(c: &Cluster, vms: &[&str]) -> Vec<Vec<usize>> {
+    vms.iter()
+        .map(|vm| c.nodes.iter().map(|d| starts(&d.log(), vm)).collect())
+        .collect()
+}
+
+fn node_state(c: &Cluster, node: &str) -> String {
+    let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if status != 200 {
+        return String::new();
+    }
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// After a live move of `vm` to node `to` (its old VMM `old_pid`; `before`: the guest's
+/// serial output on the old node up to the move, `token_before` its disk's token): the
+/// old VMM is gone and exactly one node runs the VM; the guest did not start again
+/// (no `rw resume`, no new "clustered VM started" on `to`, whose log said it
+/// `starts_before[to]` times before: it was adopted) and its writes
+/// go on with no number missing across the move; the disk holds one writer's
+/// sequence up to the last write reported; the disk's fencing token grew.
+fn assert_moved_live(
+    c: &Cluster,
+    vm: &str,
+    disk: &Path,
+    (before, old_pid, token_before, starts_before): (&str, i32, u64, &[usize]),
+    to: usize,
+) {
+    common::wait_dead(old_pid, T);
+    let runners: Vec<usize> = (0..NODES.len()).filter(|&i| c.runs(i, vm)).collect();
+    assert_eq!(
+        runners,
+        [to],
+        "{vm} must run exactly on {}:\n{}",
+        NODES[to],
+        c.logs()
+    );
+    let node = &c.nodes[to];
+    let mut after = String::new();
+    c.wait(&format!("{vm} writing on {}", NODES[to]), || {
+        after = node.serial(vm);
+        let r = seqdisk::reported(&after);
+        r.first()
+            .is_some_and(|f| r.last().is_some_and(|l| *l >= f + 20))
+    });
+    assert!(
+        seqdisk::resumed(&after).is_empty() && starts(&node.log(), vm) == starts_before[to],
+        "{vm} was started again on {} instead of moved:\n{after}\n{}",
+        NODES[to],
+        c.logs()
+    );
+    // No node tried to start it meanwhile (the old one must not take its VMM's end
+    // for a crash: only the image lock kept that start from running it twice).
+    let quoted = format!("\"{vm}\"");
+    for (d, name) in c.nodes.iter().zip(NODES) {
+        assert!(
+            !d.log()
+                .lines()
+                .any(|l| l.contains("cannot start a clustered VM") && l.contains(&quoted)),
+            "{name} tried to start {vm} during its move:\n{}",
+            c.logs()
+        );
+    }
+    // The old host's last line may be cut by the switch-over: it ends on the new one.
+    let all = seqdisk::reported(&format!("{before}{after}"));
+    let first_after = seqdisk::reported(&after)[0];
+    let last_before = *seqdisk::reported(before)
+        .last()
+        .expect("writes before the move");
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "{vm}: the sequence has a gap or a restart across the move ({last_before} on the old node, {first_after} first on {})",
+        NODES[to]
+    );
+    assert!(
+        first_after <= last_before + 2,
+        "{vm}: {last_before} then {first_after}"
+    );
+    node.ok("PUT", &format!("/api/v1/vms/{vm}/pause"), None);
+    let on_disk = seqdisk::single_writer(&seqdisk::seeds(disk, BLOCKS))
+        .unwrap_or_else(|e| panic!("{vm}: {e}"));
+    let last = *c.reported(to, vm).last().unwrap();
+    assert!(
+        (last..=last + 1).contains(&on_disk),
+        "{vm}: disk holds {on_disk}, the guest completed {last}"
+    );
+    node.ok("PUT", &format!("/api/v1/vms/{vm}/resume"), None);
+    let now = token(disk);
+    assert!(now > token_before, "{vm}: token {token_before} -> {now}");
+}
+
+#[test]
+fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them_back() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    let vms = ["hi", "lo1", "lo2"];
+    let disks = [
+        c.define("hi", "high"),
+        c.define("lo1", "low"),
+        c.define("lo2", "low"),
+    ];
+    c.wait("every VM running on a", || {
+        vms.iter().all(|vm| c.runs(0, vm))
+    });
+    for vm in vms {
+        c.wait_writes(0, vm, 0, 30);
+    }
+
+    // Every VM moves, High first (the refusal of a drain that leaves VMs without a
+    // place is `cluster/tests/drain.rs`'s).
+    let tokens: Vec<u64> = disks.iter().map(|d| token(d)).collect();
+    let pids: Vec<i32> = vms.iter().map(|vm| c.nodes[0].pid(vm).unwrap()).collect();
+    let followers: Vec<SerialFollower> = vms
+        .iter()
+        .map(|vm| SerialFollower::start(&c.nodes[0], vm))
+        .collect();
+    let starts_before = starts_everywhere(&c, &vms);
+    let out = c.nodes[1].ctl_ok(&["node", "drain", "a"]);
+    for vm in vms {
+        assert!(out.contains(&format!("{vm} -> ")), "{out}");
+    }
+    c.wait("a drained and paused", || node_state(&c, "a") == "paused");
+    let befores: Vec<String> = followers.into_iter().map(SerialFollower::finish).collect();
+    let moves: Vec<serde_json::Value> = vms.iter().map(|vm| move_of(&c, "a", vm)).collect();
+    for m in &moves {
+        assert_eq!(m["state"], "moved", "{m}\n{}", c.logs());
+    }
+    let hi_done = moves[0]["finished_ms"].as_u64().unwrap();
+    for m in &moves[1..] {
+        assert!(
+            m["started_ms"].as_u64().unwrap() >= hi_done,
+            "a Low VM started moving before hi had moved: {moves:?}"
+        );
+    }
+    let mut at = Vec::new();
+    for (k, vm) in vms.iter().enumerate() {
+        let to = NODES.iter().position(|n| moves[k]["to"] == *n).unwrap();
+        assert_ne!(to, 0);
+        assert_eq!(c.owner(vm).as_deref(), Some(NODES[to]));
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), to);
+        at.push(to);
+    }
+    // A paused node takes no VM.
+    let (_, body) = c.nodes[1].api("GET", "/api/v1/cluster", None);
+    assert!(body.contains("\"paused\""), "{body}");
+
+    // Resume with fail-back: every moved VM comes back to a, live.
+    let tokens: Vec<u64> = disks.iter().map(|d| token(d)).collect();
+    let pids: Vec<i32> = vms
+        .iter()
+        .zip(&at)
+        .map(|(vm, &i)| c.nodes[i].pid(vm).unwrap())
+        .collect();
+    let followers: Vec<SerialFollower> = vms
+        .iter()
+        .zip(&at)
+        .map(|(vm, &i)| SerialFollower::start(&c.nodes[i], vm))
+        .collect();
+    let starts_before = starts_everywhere(&c, &vms);
+    let out = c.nodes[2].ctl_ok(&["node", "resume", "a", "--failback"]);
+    for vm in vms {
+        assert!(out.contains(&format!("{vm} -> a")), "{out}");
+    }
+    c.wait("every VM back on a", || {
+        vms.iter().all(|vm| {
+            move_of(&c, "a", vm)["state"] == "moved" && c.owner(vm).as_deref() == Some("a")
+        })
+    });
+    let befores: Vec<String> = followers.into_iter().map(SerialFollower::finish).collect();
+    assert_eq!(node_state(&c, "a"), "up");
+    for (k, vm) in vms.iter().enumerate() {
+        assert_eq!(move_of(&c, "a", vm)["reason"], "failback");
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), 0);
+    }
 }

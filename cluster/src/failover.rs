@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::keys::{self, ClusterEvent, NodeRecord, OwnerRecord, Unowned, VmDefinition};
+use crate::admin::{self, DepartureWatch};
+use crate::keys::{
+    self, ClusterEvent, NodeAdmin, NodeRecord, NodeState, OwnerRecord, Unowned, VmDefinition,
+};
 use crate::membership::Timing;
 use crate::placement::{self, Decision, NodeView, Reason, VmView};
 use crate::store::{
@@ -28,6 +31,9 @@ pub struct Snapshot {
     pub vms: BTreeMap<String, VmDefinition>,
     /// VM → (ownership, the key's revision).
     pub owners: BTreeMap<String, (OwnerRecord, Revision)>,
+    /// Node → (its admin record, the key's revision). A live node's record state is
+    /// the admin state when that is not `up` (draining, paused, quarantined).
+    pub admin: BTreeMap<String, (NodeAdmin, Revision)>,
 }
 
 impl Snapshot {
@@ -36,6 +42,7 @@ impl Snapshot {
         let (nodes, _) = store.get_prefix(keys::NODES).await?;
         let (vms, _) = store.get_prefix(keys::VMS).await?;
         let (owners, _) = store.get_prefix(keys::OWNERS).await?;
+        let (admin, _) = store.get_prefix(keys::ADMIN).await?;
         let named = |prefix: &'static str, kvs: Vec<KeyValue>| {
             kvs.into_iter().filter_map(move |kv| {
                 let name = keys::name_of(prefix, &kv.key)?.to_string();
@@ -49,6 +56,19 @@ impl Snapshot {
                     snap.nodes.insert(name, (r, kv.lease));
                 }
                 None => warn!(key = %kv.key, "ignoring a node record that does not parse"),
+            }
+        }
+        for (name, kv) in named(keys::ADMIN, admin) {
+            match keys::decode::<NodeAdmin>(&kv.value) {
+                Some(a) => {
+                    if let Some((r, _)) = snap.nodes.get_mut(&name) {
+                        if a.state != NodeState::Up {
+                            r.state = a.state;
+                        }
+                    }
+                    snap.admin.insert(name, (a, kv.mod_revision));
+                }
+                None => warn!(key = %kv.key, "ignoring a node admin record that does not parse"),
             }
         }
         for (name, kv) in named(keys::VMS, vms) {
@@ -76,7 +96,7 @@ impl Snapshot {
     }
 }
 
-fn view(d: &VmDefinition) -> VmView {
+pub(crate) fn view(d: &VmDefinition) -> VmView {
     VmView {
         name: d.name.clone(),
         priority: d.priority,
@@ -101,6 +121,8 @@ pub struct Controller {
     timing: Timing,
     /// Dead incarnations and when this controller first saw them dead (own clock).
     dead_since: HashMap<(String, LeaseId), Duration>,
+    /// With quarantine: the incarnations seen alive, to record ungraceful departures.
+    departures: Option<DepartureWatch>,
 }
 
 impl Controller {
@@ -108,12 +130,33 @@ impl Controller {
         Controller {
             timing,
             dead_since: HashMap::new(),
+            departures: None,
         }
+    }
+
+    /// Also records nodes' ungraceful departures and quarantines flapping nodes
+    /// ([`crate::admin`]).
+    pub fn with_quarantine(mut self) -> Self {
+        self.departures = Some(DepartureWatch::default());
+        self
     }
 
     /// One pass at local monotonic time `now`.
     pub async fn step<S: ClusterStore>(&mut self, store: &S, now: Duration) -> StoreResult<Pass> {
         let snap = Snapshot::read(store).await?;
+        if let Some(watch) = &mut self.departures {
+            let alive = snap
+                .nodes
+                .iter()
+                .map(|(n, (_, l))| (n.clone(), *l))
+                .collect();
+            let gone = watch.observe(&alive);
+            if !gone.is_empty() {
+                if let Err(e) = admin::record_departures(store, &gone, keys::now_ms()).await {
+                    warn!(error = %e, "cannot record a node's departure");
+                }
+            }
+        }
         let (nodes, to_place, from) = self.work(&snap, now);
         let mut pass = Pass::default();
         if to_place.is_empty() {

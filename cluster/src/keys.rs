@@ -6,6 +6,8 @@
 //! | `vireo/vms/VM` | [`VmDefinition`] | none |
 //! | `vireo/owners/VM` | [`OwnerRecord`]; its `mod_revision` is the VM's fencing token | none: it outlives a dead owner, which is how the failover controller finds orphans |
 //! | `vireo/events/REVISION` | [`ClusterEvent`] | none |
+//! | `vireo/admin/NODE` | [`NodeAdmin`]: administrative state (draining, paused, quarantined) and ungraceful departures | none: it outlives the node's lease |
+//! | `vireo/moves/VM` | [`MoveRecord`]: a drain's or fail-back's live migration of the VM | none |
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,8 @@ pub const NODES: &str = "vireo/nodes/";
 pub const VMS: &str = "vireo/vms/";
 pub const OWNERS: &str = "vireo/owners/";
 pub const EVENTS: &str = "vireo/events/";
+pub const ADMIN: &str = "vireo/admin/";
+pub const MOVES: &str = "vireo/moves/";
 
 pub fn node_key(node: &str) -> String {
     format!("{NODES}{node}")
@@ -27,6 +31,12 @@ pub fn owner_key(vm: &str) -> String {
 }
 pub fn event_key(seq: i64) -> String {
     format!("{EVENTS}{seq:020}")
+}
+pub fn admin_key(node: &str) -> String {
+    format!("{ADMIN}{node}")
+}
+pub fn move_key(vm: &str) -> String {
+    format!("{MOVES}{vm}")
 }
 
 /// The name a key holds under `prefix` (`vireo/nodes/a` → `a`).
@@ -171,6 +181,112 @@ pub struct ClusterEvent {
     pub from: Option<String>,
     #[serde(default)]
     pub to: Option<String>,
+}
+
+/// One ungraceful departure of a node: the incarnation (lease) that vanished without
+/// the node leaving, and when a controller saw it gone (wall clock, ms since the epoch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    pub lease: LeaseId,
+    pub at_ms: u64,
+}
+
+/// A drain in progress or done: what `node drain` decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainInfo {
+    pub started_ms: u64,
+    /// VMs with no place that `--force` left running on the node.
+    #[serde(default)]
+    pub left: Vec<String>,
+}
+
+/// `vireo/admin/NODE`: what an operator (drain, resume, release) or the quarantine
+/// decided about a node. No record: `up`, no departures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAdmin {
+    /// `up`, `draining`, `paused` or `quarantined`.
+    pub state: NodeState,
+    /// Ungraceful departures within the quarantine window, oldest first.
+    #[serde(default)]
+    pub departures: Vec<Departure>,
+    /// The last drain (kept after it ends, for status and fail-back).
+    #[serde(default)]
+    pub drain: Option<DrainInfo>,
+}
+
+impl Default for NodeAdmin {
+    fn default() -> Self {
+        NodeAdmin {
+            state: NodeState::Up,
+            departures: Vec::new(),
+            drain: None,
+        }
+    }
+}
+
+/// Why a VM is moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveReason {
+    /// Away from a draining node.
+    Drain,
+    /// Back to the node a drain moved it from (`node resume --failback`).
+    Failback,
+}
+
+/// Where a move is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveState {
+    /// Waits for its source node to start it (higher priorities first, a bounded
+    /// number at once).
+    Queued,
+    /// The live migration runs; the VM is still owned by `from`.
+    Migrating,
+    /// Committed: the VM runs on `to`, which owns it.
+    Moved,
+    /// Not moved: the VM stays on `from` (see `error`).
+    Failed,
+}
+
+impl MoveState {
+    pub fn finished(self) -> bool {
+        matches!(self, MoveState::Moved | MoveState::Failed)
+    }
+}
+
+/// `vireo/moves/VM`: one live migration of a clustered VM between nodes, carried out
+/// by its source node's vireod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub priority: Priority,
+    pub reason: MoveReason,
+    /// The node whose drain (or fail-back) this move belongs to.
+    pub drain_of: String,
+    pub state: MoveState,
+    /// How many moves its source node runs at once.
+    pub concurrency: u32,
+    /// The VM's fencing token before the move and on the destination.
+    #[serde(default)]
+    pub token_before: Option<i64>,
+    #[serde(default)]
+    pub token_after: Option<i64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch (records' wall-clock times).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Encodes a record for the store.

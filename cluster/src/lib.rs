@@ -8,6 +8,8 @@ pub mod store;
 pub use etcd::EtcdStore;
 pub use sim::SimStore;
 pub use store::{ClusterStore, StoreError};
+pub mod admin;
+pub mod drain;
 pub mod failover;
 pub mod keys;
 pub mod membership;

@@ -125,6 +125,15 @@ fn victims(vm: &VmView, node: &NodeView) -> Option<Vec<VmView>> {
 /// Plans where `to_place` go on `nodes`. Deterministic: the same snapshot gives the
 /// same plan on every node.
 pub fn plan(nodes: &[NodeView], to_place: &[(VmView, Reason)]) -> Vec<Decision> {
+    plan_with(nodes, to_place, true)
+}
+
+/// [`plan`] without preemption (a drain moves VMs only where they fit as things are).
+pub fn plan_without_preemption(nodes: &[NodeView], to_place: &[(VmView, Reason)]) -> Vec<Decision> {
+    plan_with(nodes, to_place, false)
+}
+
+fn plan_with(nodes: &[NodeView], to_place: &[(VmView, Reason)], preempt: bool) -> Vec<Decision> {
     let mut nodes: Vec<NodeView> = nodes.to_vec();
     let mut order: Vec<&(VmView, Reason)> = to_place.iter().collect();
     order.sort_by(|(a, _), (b, _)| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
@@ -154,7 +163,7 @@ pub fn plan(nodes: &[NodeView], to_place: &[(VmView, Reason)]) -> Vec<Decision> 
         let candidate = nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| allowed(vm, n))
+            .filter(|(_, n)| preempt && allowed(vm, n))
             .filter_map(|(i, n)| victims(vm, n).map(|v| (i, v)))
             .min_by_key(|(i, v)| (v.len(), score(vm, &nodes[*i])));
         match candidate {

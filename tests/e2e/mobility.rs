@@ -2272,3 +2272,71 @@ fn storage_migration_works_in_a_jail() {
     assert_eq!(src.wait(T).status.code(), Some(0));
     assert_vhdx_blocks(&new, &dir.path().join("back.raw"), ops);
 }
+
+/// A clustered VM's receiving VMM takes `vm.lease` renewals while the VM arrives (a
+/// cluster node's vireod sends them), and the VM is built under the deadline as
+/// renewed: a migration that takes longer than the deadline it was created with (at
+/// most 1.5 s ahead on a cluster node) still ends with the VM running and writing.
+/// (Before, `vm.lease` answered 404 until the VM existed, and the VM was built with
+/// the passed deadline: paused for good, its writes refused.)
+#[test]
+fn a_receiving_vmm_takes_write_lease_renewals_while_the_vm_arrives() {
+    use vireo_e2e::seqdisk::monotonic_ns;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 8000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let dst = Destination::start(dir.path());
+    // Renewals 3 s ahead (a loaded machine may hold this loop up a while); the receiver
+    // is created with a deadline 1 s ahead, as a node's could be.
+    let ahead = || monotonic_ns() + 3_000_000_000;
+    let lease = |ns: u64| format!(r#"{{"deadline_monotonic_ns":{ns}}}"#);
+    let mut config = vireo_e2e::vm_config(&src_sock);
+    let first = monotonic_ns() + 1_000_000_000;
+    config["write_lease"] = serde_json::json!({ "deadline_monotonic_ns": first });
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen_config(&format!(r#","config":{config}"#), &url, "");
+    // Paced so that the copy outlasts the deadline the receiver was created with.
+    send_with(&src_sock, &url, r#","bandwidth_mib_s":1"#);
+    let start = std::time::Instant::now();
+    let mut renewals = 0;
+    loop {
+        let (st, body) = api(&dst.sock, "PUT", "vm.lease", Some(&lease(ahead())));
+        assert_eq!(st, 204, "renewal {renewals} refused: {body}");
+        renewals += 1;
+        let (_, info) = api(&dst.sock, "GET", "vm.info", None);
+        if info.contains("\"Running\"") {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "the VM never ran at the destination: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        monotonic_ns() > first,
+        "the migration ended within the first deadline: it proves nothing"
+    );
+    // Renewed on: the guest finishes its work at the destination, every write taken.
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&dst.serial)
+        .unwrap_or_default()
+        .contains(&format!("work done iter={ops}"))
+    {
+        let _ = api(&dst.sock, "PUT", "vm.lease", Some(&lease(ahead())));
+        let (_, info) = api(&dst.sock, "GET", "vm.info", None);
+        assert!(!info.contains("write lease expired"), "{info}");
+        assert!(
+            start.elapsed() < T,
+            "the guest did not finish at the destination"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = src.wait(T);
+    let dst_out = dst.wait();
+    let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert_guest_ok(&dst_out, &dst_serial);
+    assert_blocks(&disk, ops);
+}

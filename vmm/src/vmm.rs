@@ -71,6 +71,9 @@ pub struct Vmm {
     watchdog: Option<crate::watchdog::Watchdog>,
     /// What happened unasked (`vm.events`).
     events: crate::events::EventLog,
+    /// An arriving clustered VM's write lease, renewed by `vm.lease` until the VM is
+    /// built (then the VM's own lease takes the renewals).
+    incoming_lease: Option<Arc<devices::block::WriteLease>>,
 }
 
 impl Vmm {
@@ -91,6 +94,7 @@ impl Vmm {
             disk_info: Arc::new(Mutex::new(api::DiskMigrationInfo::default())),
             watchdog: None,
             events: Default::default(),
+            incoming_lease: None,
         }
     }
 
@@ -348,6 +352,14 @@ impl Vmm {
                 }
                 vm.resume().map(|_| None).map_err(api_error)
             }),
+            VmAction::Lease(l) if self.vm.is_none() && self.incoming_lease.is_some() => {
+                self.incoming_lease.as_ref().map_or(Ok(None), |lease| {
+                    lease
+                        .renew(l.deadline_monotonic_ns)
+                        .map(|()| None)
+                        .map_err(|e| ApiError::conflict(e.to_string()))
+                })
+            }
             VmAction::Lease(l) => self.vm_mut().and_then(|vm| {
                 let lease = vm.devices().write_lease.as_ref().ok_or_else(|| {
                     ApiError::conflict("this VM has no write lease (not a clustered VM)")
@@ -767,7 +779,12 @@ impl Vmm {
             status: MigrationStatus::Receiving,
             ..Default::default()
         });
+        self.incoming_lease = config
+            .write_lease
+            .as_ref()
+            .map(|l| Arc::new(devices::block::WriteLease::new(l.deadline_monotonic_ns)));
         receive::spawn(receive::ReceiveJob {
+            write_lease: self.incoming_lease.clone(),
             listener,
             config,
             disk_sizes,
@@ -911,6 +928,7 @@ impl Vmm {
                     Err("a VM already exists in this VMM".to_string())
                 } else {
                     self.vm = Some(*vm);
+                    self.incoming_lease = None;
                     self.run_incoming_on_go = running;
                     Ok(())
                 };
@@ -950,6 +968,7 @@ impl Vmm {
             }
             MigrationEvent::IncomingFailed(e) => {
                 tracing::warn!(error = %e, "incoming migration failed; discarding the copy");
+                self.incoming_lease = None;
                 if let Some(mut vm) = self.vm.take() {
                     let _ = vm.shutdown();
                 }

@@ -57,6 +57,9 @@ enum Command {
     /// The failover cluster this vireod is a node of (docs/cluster.md).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// A cluster node: drain, resume (and fail back), release from quarantine.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Replication of VMs to a replica server's vireod (docs/replica.md).
     #[command(subcommand)]
     Replica(ReplicaCommand),
@@ -130,6 +133,30 @@ enum HostCommand {
 enum ClusterCommand {
     /// Nodes, clustered VMs, their owners and fencing tokens.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Live-migrate every VM of NODE to other nodes (High first) and pause it. Refused
+    /// when a VM has no place, unless --force (those stay on NODE).
+    Drain {
+        node: String,
+        #[arg(long)]
+        force: bool,
+        /// Moves at once (default 2).
+        #[arg(long)]
+        concurrency: Option<u32>,
+    },
+    /// Make a paused NODE up again; --failback moves the VMs its drain moved back.
+    Resume {
+        node: String,
+        #[arg(long)]
+        failback: bool,
+    },
+    /// Release a quarantined NODE (it gets VMs again).
+    Release { node: String },
+    /// NODE's state, departures, drain progress and moves.
+    Status { node: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1471,6 +1498,43 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Command::Node(cmd) => {
+            let ctx = Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            };
+            let (method, path, body) = match &cmd {
+                NodeCommand::Drain {
+                    node,
+                    force,
+                    concurrency,
+                } => (
+                    "POST",
+                    format!("/api/v1/cluster/nodes/{node}/drain"),
+                    Some(serde_json::json!({"force": force, "concurrency": concurrency})),
+                ),
+                NodeCommand::Resume { node, failback } => (
+                    "POST",
+                    format!("/api/v1/cluster/nodes/{node}/resume"),
+                    Some(serde_json::json!({"failback": failback})),
+                ),
+                NodeCommand::Release { node } => (
+                    "POST",
+                    format!("/api/v1/cluster/nodes/{node}/release"),
+                    None,
+                ),
+                NodeCommand::Status { node } => {
+                    ("GET", format!("/api/v1/cluster/nodes/{node}"), None)
+                }
+            };
+            let v = ctx.json(method, &path, body.map(|b| b.to_string().into_bytes()))?;
+            match cli.output {
+                Output::Json => print_json(&v),
+                Output::Table => node_table(&cmd, &v),
+            }
+            Ok(())
+        }
         Command::Replica(cmd) => replica(
             &Ctx {
                 socket: cli.socket,
@@ -1533,6 +1597,71 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vireoctl: error: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `vireoctl node ...` for people.
+fn node_table(cmd: &NodeCommand, v: &Value) {
+    let text = |x: &Value| {
+        x.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| x.to_string())
+    };
+    let moves = |key: &str| {
+        for m in v[key].as_array().into_iter().flatten() {
+            println!(
+                "  {} -> {} ({})",
+                text(&m["vm"]),
+                text(&m["to"]),
+                text(&m["priority"])
+            );
+        }
+    };
+    match cmd {
+        NodeCommand::Drain { node, .. } => {
+            println!("draining {node}; moves:");
+            moves("moves");
+            for l in v["left"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} stays on {node}: {}",
+                    text(&l["vm"]),
+                    text(&l["reason"])
+                );
+            }
+        }
+        NodeCommand::Resume { node, .. } => {
+            println!("{node} is up; moving back:");
+            moves("failback");
+        }
+        NodeCommand::Release { node } => println!("{node} released: up"),
+        NodeCommand::Status { .. } => {
+            let p = &v["progress"];
+            println!(
+                "{} {}: {} queued, {} migrating, {} moved, {} failed; {} departures in the last hour",
+                text(&v["name"]),
+                text(&v["state"]),
+                p["queued"],
+                p["migrating"],
+                p["moved"],
+                p["failed"],
+                v["departures"].as_array().map_or(0, Vec::len)
+            );
+            println!(
+                "{:<16} {:<10} {:<10} {:<10} {:<10} ERROR",
+                "VM", "FROM", "TO", "REASON", "STATE"
+            );
+            for m in v["moves"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<10} {:<10} {:<10} {:<10} {}",
+                    text(&m["vm"]),
+                    text(&m["from"]),
+                    text(&m["to"]),
+                    text(&m["reason"]),
+                    text(&m["state"]),
+                    m["error"].as_str().unwrap_or("")
+                );
+            }
         }
     }
 }

@@ -180,6 +180,25 @@ struct Cli {
     /// This node's name in the cluster (unique among its nodes).
     #[arg(long, requires = "cluster_etcd")]
     node_name: Option<String>,
+    /// The vCPUs this node offers clustered VMs (placement admits VMs up to it;
+    /// default: the host's CPUs, no overcommit).
+    #[arg(long, value_name = "N", requires = "cluster_etcd")]
+    cluster_vcpus: Option<u32>,
+}
+
+/// Where other cluster nodes reach this one's peer listener for a drain's live
+/// migrations: `https://` and the `--listen` address (its certificate must carry the
+/// node's name). None without --listen, or on an unspecified address (other nodes
+/// could not dial it): this node then receives no moved VMs.
+fn cluster_peer_url(listen: Option<std::net::SocketAddr>) -> Option<String> {
+    match listen {
+        Some(a) if !a.ip().is_unspecified() => Some(format!("https://{a}")),
+        Some(a) => {
+            warn!(listen = %a, "--listen on an unspecified address: other cluster nodes cannot migrate VMs here (drain)");
+            None
+        }
+        None => None,
+    }
 }
 
 /// Whether (and with which uids) the VMMs are jailed.
@@ -402,7 +421,11 @@ async fn run(
                 lease: std::sync::Arc::new(lease),
                 node: node.clone(),
                 sup: sup.clone(),
+                peer_url: cluster_peer_url(cli.listen),
+                vcpus: cli.cluster_vcpus,
+                moves: Default::default(),
             });
+            n.start_moves();
             tokio::spawn(n.as_ref().clone().run());
             info!(node = %node, etcd = %eps, "cluster node");
             Some(n)

@@ -36,6 +36,21 @@ use crate::{error_chain, now_ms, AgentError};
 
 const POLL: Duration = Duration::from_millis(100);
 
+/// What a cluster node checks of every incoming VM before anything is made for it: a
+/// clustered VM arrives only by a move the cluster recorded, from that move's source
+/// host, and runs here under this node's fencing token and write lease (the
+/// definition the source sent carries the source's).
+pub trait IncomingGuard: Send + Sync {
+    /// Refuses the VM, or adjusts `def` for this host. `from_peer`: the host name the
+    /// source's certificate proved (None: a client of the unix socket).
+    fn admit<'a>(
+        &'a self,
+        name: &'a str,
+        def: &'a mut crate::model::VmDefinition,
+        from_peer: Option<&'a str>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), AgentError>> + Send + 'a>>;
+}
+
 /// How an incoming migration ended.
 enum Arrival {
     /// The VM runs here, in this state.
@@ -55,6 +70,11 @@ impl Supervisor {
     ) -> Result<MigrationRecord, AgentError> {
         let mut req = req;
         validate_name(&req.name)?;
+        if let Some(guard) = self.incoming_guard.get() {
+            guard
+                .admit(&req.name, &mut req.definition, from_peer.as_deref())
+                .await?;
+        }
         req.definition.validate()?;
         match &req.storage_dir {
             Some(dir) => {
@@ -262,6 +282,10 @@ impl Supervisor {
             // A shared-nothing migration's disks are made in storage_dir instead.
             if req.storage_dir.is_none() && !d.readonly {
                 binds.push(d.path.clone());
+                // A clustered disk's fencing record: the VMM admits the disk by it.
+                if d.fencing_token.is_some() {
+                    binds.push(super::vmm_fence_record(&d.path));
+                }
             } else if req.storage_dir.is_none() {
                 read_only.push(d.path.clone());
             }

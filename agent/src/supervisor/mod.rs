@@ -10,6 +10,7 @@
 //! hand-over) and [`incoming`] (the destination's receiving VMM).
 
 mod incoming;
+pub use incoming::IncomingGuard;
 mod outgoing;
 
 use std::collections::BTreeMap;
@@ -134,6 +135,8 @@ pub struct Supervisor {
     vmm_events_seen: Mutex<std::collections::HashMap<String, (i32, u64)>>,
     /// The migration gateways running (`tls_gateway`), to cut a revoked peer's streams.
     gateways: Mutex<Vec<std::sync::Weak<crate::tls_gateway::GatewayStats>>>,
+    /// A cluster node's check of incoming VMs (see [`incoming::IncomingGuard`]).
+    incoming_guard: std::sync::OnceLock<Arc<dyn incoming::IncomingGuard>>,
 }
 
 /// How a start was asked for.
@@ -242,7 +245,16 @@ impl Supervisor {
             roots: Arc::new(roots),
             vmm_events_seen: Mutex::default(),
             gateways: Mutex::default(),
+            incoming_guard: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Has `guard` check (and adjust) every incoming VM from now on (set once: a
+    /// cluster node's).
+    pub fn set_incoming_guard(&self, guard: Arc<dyn incoming::IncomingGuard>) {
+        if self.incoming_guard.set(guard).is_err() {
+            warn!("an incoming guard is set already; keeping the first");
+        }
     }
 
     /// Keeps track of a migration gateway for [`Supervisor::cut_untrusted_migrations`].

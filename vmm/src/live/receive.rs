@@ -40,6 +40,9 @@ pub struct ReceiveJob {
     pub events: Sender<ControlEvent>,
     pub info: Arc<Mutex<MigrationInfo>>,
     pub seccomp: crate::seccomp::Filters,
+    /// A clustered VM's write lease while it arrives (`vm.lease` renews it): the VM
+    /// is built with its deadline as it is then, and refused if it expired.
+    pub write_lease: Option<Arc<devices::block::WriteLease>>,
 }
 
 use vireo_util::sync::lock;
@@ -59,6 +62,7 @@ pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
         events,
         info,
         seccomp,
+        write_lease,
     } = job;
     let gate = Gate::open(listener, secret, timeout, info.clone(), seccomp.clone())?;
     std::thread::Builder::new()
@@ -74,6 +78,7 @@ pub fn spawn(job: ReceiveJob) -> std::io::Result<()> {
                 events,
                 info,
                 seccomp,
+                write_lease,
             };
             if let Err(e) = run(gate, &job) {
                 tracing::warn!(error = %e, "incoming migration failed");
@@ -130,6 +135,7 @@ struct Job {
     events: Sender<ControlEvent>,
     info: Arc<Mutex<MigrationInfo>>,
     seccomp: crate::seccomp::Filters,
+    write_lease: Option<Arc<devices::block::WriteLease>>,
 }
 
 /// Runs `work` on the control thread and returns its result: what the receive
@@ -403,6 +409,18 @@ fn receive(
     }
     let saved: SavedVm =
         serde_json::from_slice(&state).map_err(|e| format!("the source's VM state: {e}"))?;
+    // A clustered VM runs here under this host's write lease as renewed while it
+    // arrived (the deadline it was received with is long past after a slow copy).
+    if let Some(lease) = &job.write_lease {
+        if lease.expired() {
+            return Err(
+                "the write lease expired while the VM arrived: this host may not run it".into(),
+            );
+        }
+        incoming.config.write_lease = Some(api::WriteLease {
+            deadline_monotonic_ns: lease.deadline_ns(),
+        });
+    }
     // Devices, taps, vCPU threads: made on the control thread, so they run under its
     // filter and their own, never under this thread's.
     let (events, seccomp, running) = (job.events.clone(), job.seccomp.clone(), saved.running);

@@ -1,0 +1,505 @@
+//! A cluster node's part of drains and fail-backs (`cluster::drain`): it carries out
+//! the moves whose source it is, as live migrations over the vireod-to-vireod path
+//! (mutual TLS to the destination's peer listener), and receives the moves whose
+//! destination it is.
+//!
+//! Source, per move (High first, a bounded number at once, see
+//! `cluster::drain::next_moves`):
+//! 1. checks it still owns the VM, then in one transaction rewrites its ownership
+//!    record unchanged — the VM's fencing token grows — and marks the move migrating;
+//! 2. live-migrates the VM to the destination's vireod;
+//! 3. committed: moves the ownership to the destination (compare-and-swap on the
+//!    record's revision and the destination's lease); not committed: the VM runs here
+//!    again, still owned here, and the move is failed with the migration's error.
+//!
+//! Destination ([`IncomingGuard`]): a clustered VM is admitted only for a migrating
+//! move to this node from the peer host that sends it; its disks get the grown token
+//! and its VMM this node's write lease, renewed while it arrives. Once the ownership
+//! names this node the node loop adopts the running VM instead of starting it; a VM
+//! that arrived for a move that then failed is killed and removed.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cluster::drain::{self, read_moves};
+use cluster::failover::Snapshot;
+use cluster::keys::{self, MoveRecord, MoveState, NodeState, OwnerRecord};
+use cluster::store::{CmpOp, Compare, Op, Revision, Txn};
+use cluster::{ClusterStore, EtcdStore};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use vireo_util::sync::lock;
+
+use crate::cluster_lease::{monotonic_ns, MonotonicBase};
+use crate::model::{MigrateRequest, MigrationState, VmDefinition};
+use crate::supervisor::{IncomingGuard, Supervisor};
+use crate::AgentError;
+
+/// How often the source looks for moves to start and follows its migrations.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What the node loop, the move executor and the incoming guard share.
+#[derive(Default)]
+pub struct MoveShared {
+    /// VMs arriving by a move (admitted, not adopted yet): under this node's lease.
+    incoming: Mutex<BTreeSet<String>>,
+    /// The moves this node runs as their source.
+    outgoing: Mutex<BTreeSet<String>>,
+    /// The node's fencing deadline, once its loop runs.
+    deadline: Mutex<Option<(MonotonicBase, watch::Receiver<Option<Duration>>)>>,
+    /// The VMs under the node's lease, as the node loop last published them.
+    owned: Mutex<Vec<String>>,
+    /// The write-lease pusher's list.
+    leased: Mutex<Option<watch::Sender<Vec<String>>>>,
+    /// VMs that left by a migration whose ownership did not follow: the node loop
+    /// forgets them as running (it starts them again while it owns them).
+    lost: Mutex<BTreeSet<String>>,
+}
+
+pub type Shared = Arc<MoveShared>;
+
+impl MoveShared {
+    /// The node loop's clock and deadlines, and the pusher's list.
+    pub fn attach(
+        &self,
+        clock: MonotonicBase,
+        deadlines: watch::Receiver<Option<Duration>>,
+        leased: watch::Sender<Vec<String>>,
+    ) {
+        *lock(&self.deadline) = Some((clock, deadlines));
+        *lock(&self.leased) = Some(leased);
+    }
+
+    /// The node's fencing deadline on `CLOCK_MONOTONIC`, if still ahead.
+    fn deadline_ns(&self) -> Option<u64> {
+        let d = lock(&self.deadline);
+        let (clock, rx) = d.as_ref()?;
+        let at = (*rx.borrow())?;
+        Some(clock.at(at)).filter(|ns| *ns > monotonic_ns())
+    }
+
+    /// Tells the pusher the VMs under the lease: `owned` (the node loop's) and those
+    /// arriving.
+    pub fn publish(&self, owned: Option<Vec<String>>) {
+        if let Some(o) = owned {
+            *lock(&self.owned) = o;
+        }
+        let mut all: BTreeSet<String> = lock(&self.owned).iter().cloned().collect();
+        all.extend(lock(&self.incoming).iter().cloned());
+        let all: Vec<String> = all.into_iter().collect();
+        if let Some(tx) = lock(&self.leased).as_ref() {
+            tx.send_if_modified(|l| {
+                let changed = *l != all;
+                *l = all;
+                changed
+            });
+        }
+    }
+
+    /// Whether `vm` arrived by a move and waits for adoption (forgotten by the call).
+    pub fn take_incoming(&self, vm: &str) -> bool {
+        lock(&self.incoming).remove(vm)
+    }
+
+    /// Whether this node is moving `vm` away: its VMM ending is the move's, not a
+    /// crash to restart from.
+    pub fn moving_out(&self, vm: &str) -> bool {
+        lock(&self.outgoing).contains(vm)
+    }
+
+    /// The VMs that left without their ownership (see `lost`), forgotten by the call.
+    pub fn take_lost(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.lost)).into_iter().collect()
+    }
+}
+
+/// The destination's check (see the module doc).
+pub struct Guard {
+    pub store: EtcdStore,
+    pub node: String,
+    pub shared: Shared,
+}
+
+impl Guard {
+    async fn check(
+        &self,
+        name: &str,
+        def: &mut VmDefinition,
+        from_peer: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let refuse = |m: String| Err(AgentError::BadMigration(m));
+        let unavailable =
+            |e: cluster::StoreError| AgentError::BadMigration(format!("cluster store: {e}"));
+        let defined = self
+            .store
+            .get(&keys::vm_key(name))
+            .await
+            .map_err(unavailable)?
+            .is_some();
+        let tokened = def.config.disks.iter().any(|d| d.fencing_token.is_some())
+            || def.config.write_lease.is_some();
+        if !defined && !tokened {
+            return Ok(());
+        }
+        let Some(peer) = from_peer else {
+            return refuse(format!(
+                "{name} is a clustered VM: it arrives only from a peer node, by a move"
+            ));
+        };
+        let mv = self
+            .store
+            .get(&keys::move_key(name))
+            .await
+            .map_err(unavailable)?
+            .and_then(|kv| keys::decode::<MoveRecord>(&kv.value));
+        match &mv {
+            Some(m) if m.state == MoveState::Migrating && m.to == self.node && m.from == peer => {}
+            _ => {
+                return refuse(format!(
+                    "{name} is a clustered VM and no move of it from {peer} to {} is in progress",
+                    self.node
+                ))
+            }
+        }
+        let owner = self
+            .store
+            .get(&keys::owner_key(name))
+            .await
+            .map_err(unavailable)?;
+        let token = match owner
+            .as_ref()
+            .and_then(|kv| Some((keys::decode::<OwnerRecord>(&kv.value)?, kv.mod_revision)))
+        {
+            Some((OwnerRecord::Node { node, .. }, rev)) if node == peer => rev,
+            _ => return refuse(format!("{name}: {peer} does not own it")),
+        };
+        let Some(deadline) = self.shared.deadline_ns() else {
+            return refuse(format!("{}: fenced (no cluster lease now)", self.node));
+        };
+        let token =
+            u64::try_from(token).map_err(|_| AgentError::BadMigration("bad token".into()))?;
+        for d in &mut def.config.disks {
+            d.fencing_token = Some(token);
+        }
+        def.config.write_lease = Some(api::WriteLease {
+            deadline_monotonic_ns: deadline,
+        });
+        lock(&self.shared.incoming).insert(name.to_string());
+        self.shared.publish(None);
+        info!(
+            vm = name,
+            from = peer,
+            token,
+            "admitting a clustered VM moved here"
+        );
+        Ok(())
+    }
+}
+
+impl IncomingGuard for Guard {
+    fn admit<'a>(
+        &'a self,
+        name: &'a str,
+        def: &'a mut VmDefinition,
+        from_peer: Option<&'a str>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), AgentError>> + Send + 'a>>
+    {
+        Box::pin(self.check(name, def, from_peer))
+    }
+}
+
+/// The source side: starts this node's queued moves and ends its drain.
+pub struct Executor {
+    pub store: EtcdStore,
+    pub node: String,
+    pub sup: Arc<Supervisor>,
+    pub shared: Shared,
+    /// When this vireod started carrying out moves (ms since the epoch).
+    pub since_ms: u64,
+}
+
+impl Executor {
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(TICK).await;
+            if self.shared.deadline_ns().is_none() {
+                continue;
+            }
+            if let Err(e) = self.tick().await {
+                warn!(error = %e, "cluster moves: pass failed");
+            }
+        }
+    }
+
+    async fn tick(self: &Arc<Self>) -> Result<(), cluster::StoreError> {
+        let moves = read_moves(&self.store).await?;
+        for (vm, (m, rev)) in &moves {
+            // Migrating from here since before this vireod started: it restarted
+            // during the move, which nobody follows any more.
+            let before_me = m.started_ms.is_none_or(|t| t < self.since_ms);
+            if m.from == self.node && m.state == MoveState::Migrating && before_me {
+                let mut m = m.clone();
+                m.state = MoveState::Failed;
+                m.error = Some("interrupted: the source's vireod restarted during the move".into());
+                m.finished_ms = Some(keys::now_ms());
+                self.store
+                    .txn(Txn {
+                        when: vec![Compare::ModRevision {
+                            key: keys::move_key(vm),
+                            op: CmpOp::Equal,
+                            revision: *rev,
+                        }],
+                        then: vec![Op::Put {
+                            key: keys::move_key(vm),
+                            value: keys::encode(&m),
+                            lease: 0,
+                        }],
+                        otherwise: vec![],
+                    })
+                    .await?;
+            }
+        }
+        let running = lock(&self.shared.outgoing).clone();
+        for (m, rev) in drain::next_moves(&moves, &self.node, running.len()) {
+            lock(&self.shared.outgoing).insert(m.vm.clone());
+            let me = self.clone();
+            tokio::spawn(async move {
+                let vm = m.vm.clone();
+                me.execute(m, rev).await;
+                lock(&me.shared.outgoing).remove(&vm);
+            });
+        }
+        self.end_drain(&moves).await?;
+        self.forget_failed_arrivals().await?;
+        Ok(())
+    }
+
+    /// A draining node none of whose drain's moves is unfinished is paused.
+    async fn end_drain(
+        &self,
+        moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
+    ) -> Result<(), cluster::StoreError> {
+        // A drain with moves has its records; one without any was paused at once.
+        if !moves.values().any(|(m, _)| m.drain_of == self.node) {
+            return Ok(());
+        }
+        let (mut admin, rev) = cluster::admin::read(&self.store, &self.node).await?;
+        if admin.state != NodeState::Draining {
+            return Ok(());
+        }
+        let unfinished = moves
+            .values()
+            .any(|(m, _)| m.drain_of == self.node && !m.state.finished());
+        if unfinished {
+            return Ok(());
+        }
+        admin.state = NodeState::Paused;
+        if cluster::admin::write_if(&self.store, &self.node, &admin, rev, vec![]).await? {
+            info!(node = %self.node, "drained: node paused");
+        }
+        Ok(())
+    }
+
+    /// A VM admitted for a move that did not end here (failed, or its ownership did
+    /// not move): killed and removed, it must not run twice.
+    async fn forget_failed_arrivals(&self) -> Result<(), cluster::StoreError> {
+        let arriving: Vec<String> = lock(&self.shared.incoming).iter().cloned().collect();
+        for vm in arriving {
+            // Read now, after the VM was admitted (an older read may predate its move).
+            let m = self
+                .store
+                .get(&keys::move_key(&vm))
+                .await?
+                .and_then(|kv| keys::decode::<MoveRecord>(&kv.value));
+            let still = m.is_some_and(|m| {
+                m.to == self.node && matches!(m.state, MoveState::Migrating | MoveState::Moved)
+            });
+            if still && self.sup.get(&vm).is_ok() {
+                continue;
+            }
+            lock(&self.shared.incoming).remove(&vm);
+            self.shared.publish(None);
+            if self.sup.get(&vm).is_ok() {
+                warn!(vm, "a VM that arrived for a failed move: removing it");
+                let _ = self.sup.kill(&vm).await;
+                let _ = self.sup.delete(&vm);
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, mut m: MoveRecord, why: String) {
+        warn!(vm = %m.vm, to = %m.to, error = %why, "move failed; the VM stays here");
+        m.state = MoveState::Failed;
+        m.error = Some(why);
+        m.finished_ms = Some(keys::now_ms());
+        if let Err(e) = self
+            .store
+            .put(&keys::move_key(&m.vm), keys::encode(&m), 0)
+            .await
+        {
+            warn!(vm = %m.vm, error = %e, "cannot record the failed move");
+        }
+    }
+
+    async fn execute(&self, mut m: MoveRecord, move_rev: Revision) {
+        let snap = match Snapshot::read(&self.store).await {
+            Ok(s) => s,
+            Err(e) => return self.fail(m, format!("cluster store: {e}")).await,
+        };
+        let Some((_, my_lease)) = snap.nodes.get(&self.node) else {
+            return self.fail(m, "this node is not in the cluster".into()).await;
+        };
+        let (owner, token_before) = match snap.owners.get(&m.vm) {
+            Some((o @ OwnerRecord::Node { node, lease }, rev))
+                if *node == self.node && lease == my_lease =>
+            {
+                (o.clone(), *rev)
+            }
+            _ => return self.fail(m, "not owned by this node".into()).await,
+        };
+        let to = m.to.clone();
+        let dest = match snap.nodes.get(&to) {
+            Some((r, lease)) if r.state == NodeState::Up => match &r.peer_url {
+                Some(url) => (url.clone(), *lease),
+                None => return self.fail(m, format!("{to} has no peer URL")).await,
+            },
+            Some((r, _)) => return self.fail(m, format!("{to} is {:?}, not up", r.state)).await,
+            None => return self.fail(m, format!("{to} is not in the cluster")).await,
+        };
+        // The token grows before the VM moves: the destination's disks get the new one.
+        m.state = MoveState::Migrating;
+        m.token_before = Some(token_before);
+        m.started_ms = Some(keys::now_ms());
+        let okey = keys::owner_key(&m.vm);
+        let bumped = self
+            .store
+            .txn(Txn {
+                when: vec![
+                    Compare::ModRevision {
+                        key: okey.clone(),
+                        op: CmpOp::Equal,
+                        revision: token_before,
+                    },
+                    Compare::ModRevision {
+                        key: keys::move_key(&m.vm),
+                        op: CmpOp::Equal,
+                        revision: move_rev,
+                    },
+                    Compare::Lease {
+                        key: keys::node_key(&self.node),
+                        op: CmpOp::Equal,
+                        lease: *my_lease,
+                    },
+                ],
+                then: vec![
+                    Op::Put {
+                        key: okey.clone(),
+                        value: keys::encode(&owner),
+                        lease: 0,
+                    },
+                    Op::Put {
+                        key: keys::move_key(&m.vm),
+                        value: keys::encode(&m),
+                        lease: 0,
+                    },
+                ],
+                otherwise: vec![],
+            })
+            .await;
+        let token = match bumped {
+            Ok(o) if o.succeeded => o.revision,
+            Ok(_) => return self.fail(m, "the VM's ownership changed".into()).await,
+            Err(e) => return self.fail(m, format!("cluster store: {e}")).await,
+        };
+        info!(vm = %m.vm, to = %m.to, token, "moving a clustered VM");
+        let req = MigrateRequest {
+            destination_agent: Some(dest.0.clone()),
+            destination_name: Some(m.to.clone()),
+            ..Default::default()
+        };
+        let rec = match self.sup.migrate(&m.vm, req) {
+            Ok(r) => r,
+            Err(e) => return self.fail(m, crate::error_chain(&e)).await,
+        };
+        let end = loop {
+            tokio::time::sleep(TICK).await;
+            match self.sup.migration(&rec.id) {
+                Ok(r) if r.state.finished() => break Ok(r),
+                Ok(_) => {}
+                Err(e) => break Err(crate::error_chain(&e)),
+            }
+        };
+        let end = match end {
+            Ok(r) => r,
+            Err(e) => return self.fail(m, e).await,
+        };
+        if end.state != MigrationState::Completed {
+            let why = end
+                .error
+                .unwrap_or_else(|| format!("migration {:?}", end.state));
+            return self.fail(m, format!("migration {}: {why}", rec.id)).await;
+        }
+        // Committed: the destination runs it; ownership follows.
+        let to = OwnerRecord::Node {
+            node: m.to.clone(),
+            lease: dest.1,
+        };
+        let moved = self
+            .store
+            .txn(Txn {
+                when: vec![
+                    Compare::ModRevision {
+                        key: okey.clone(),
+                        op: CmpOp::Equal,
+                        revision: token,
+                    },
+                    Compare::Lease {
+                        key: keys::node_key(&m.to),
+                        op: CmpOp::Equal,
+                        lease: dest.1,
+                    },
+                ],
+                then: vec![Op::Put {
+                    key: okey,
+                    value: keys::encode(&to),
+                    lease: 0,
+                }],
+                otherwise: vec![],
+            })
+            .await;
+        match moved {
+            Ok(o) if o.succeeded => {
+                m.state = MoveState::Moved;
+                m.token_after = Some(token);
+                m.finished_ms = Some(keys::now_ms());
+                info!(vm = %m.vm, to = %m.to, token = o.revision, "clustered VM moved");
+                if let Err(e) = self
+                    .store
+                    .put(&keys::move_key(&m.vm), keys::encode(&m), 0)
+                    .await
+                {
+                    warn!(vm = %m.vm, error = %e, "cannot record the move");
+                }
+            }
+            // The VM left this host, but the cluster still names this node (or no one
+            // it chose): the destination drops its copy, and whoever owns the VM
+            // starts it (this node's loop, when it is this node).
+            Ok(_) => {
+                lock(&self.shared.lost).insert(m.vm.clone());
+                self.fail(
+                    m,
+                    "migrated, but the ownership changed meanwhile: the destination drops its copy"
+                        .into(),
+                )
+                .await
+            }
+            Err(e) => {
+                lock(&self.shared.lost).insert(m.vm.clone());
+                self.fail(m, format!("migrated, but cluster store: {e}"))
+                    .await
+            }
+        }
+    }
+}

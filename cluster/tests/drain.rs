@@ -1,0 +1,294 @@
+//! Drain, resume, fail-back and quarantine decisions on `SimStore` (etcd's semantics,
+//! simulated clock): what is written, what is refused, in which order moves start,
+//! and that a flapping node is quarantined and gets no VMs until released.
+
+use std::time::Duration;
+
+use cluster::drain::{self, AdminError};
+use cluster::failover::{define_vm, Controller};
+use cluster::keys::{
+    self, MoveReason, MoveRecord, MoveState, NodeRecord, NodeState, OwnerRecord, Priority,
+    Resources, VmDefinition,
+};
+use cluster::membership::Timing;
+use cluster::placement::Decision;
+use cluster::store::LeaseId;
+use cluster::{ClusterStore, SimStore};
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Registers `node` (with a peer URL unless `peerless`) on a new lease.
+async fn join(s: &SimStore, node: &str, peerless: bool) -> LeaseId {
+    let lease = s.lease_grant(Duration::from_secs(2)).await.unwrap();
+    let rec = NodeRecord {
+        name: node.into(),
+        version: "t".into(),
+        capacity: Resources {
+            memory_mib: 1024,
+            vcpus: 8,
+        },
+        cpu_features: vec![],
+        state: NodeState::Up,
+        peer_url: (!peerless).then(|| format!("https://{node}:7443")),
+    };
+    s.put(&keys::node_key(node), keys::encode(&rec), lease)
+        .await
+        .unwrap();
+    lease
+}
+
+/// Defines `vm` and makes `node` (holding `lease`) its owner.
+async fn owned(s: &SimStore, vm: &str, p: Priority, node: &str, lease: LeaseId, only: &[&str]) {
+    let def = VmDefinition {
+        name: vm.into(),
+        priority: p,
+        needs: Resources {
+            memory_mib: 256,
+            vcpus: 1,
+        },
+        preferred_owners: vec![],
+        possible_owners: only.iter().map(|n| n.to_string()).collect(),
+        anti_affinity: None,
+        config: serde_json::Value::Null,
+    };
+    define_vm(s, &def, false).await.unwrap();
+    let o = OwnerRecord::Node {
+        node: node.into(),
+        lease,
+    };
+    s.put(&keys::owner_key(vm), keys::encode(&o), 0)
+        .await
+        .unwrap();
+}
+
+async fn moves(s: &SimStore) -> Vec<MoveRecord> {
+    drain::read_moves(s)
+        .await
+        .unwrap()
+        .into_values()
+        .map(|(m, _)| m)
+        .collect()
+}
+
+async fn state(s: &SimStore, node: &str) -> NodeState {
+    cluster::admin::read(s, node).await.unwrap().0.state
+}
+
+#[test]
+fn a_drain_with_a_vm_that_has_no_place_is_refused_with_its_name_and_writes_nothing() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        join(&s, "b", false).await;
+        // c cannot receive live migrations: no peer URL.
+        join(&s, "c", true).await;
+        owned(&s, "web", Priority::High, "a", a, &[]).await;
+        owned(&s, "pinned", Priority::Low, "a", a, &["a"]).await;
+        owned(&s, "only-c", Priority::Low, "a", a, &["a", "c"]).await;
+        let before = s.revision();
+        let e = drain::drain(&s, "a", false, 2).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AdminError::NoPlace { .. }), "{e}");
+        assert!(msg.contains("pinned") && msg.contains("only-c"), "{msg}");
+        assert!(!msg.contains("web ("), "{msg}");
+        assert_eq!(s.revision(), before, "a refused drain wrote something");
+        assert_eq!(state(&s, "a").await, NodeState::Up);
+
+        // Forced: web moves to b, the others stay and are reported.
+        let plan = drain::drain(&s, "a", true, 2).await.unwrap();
+        assert_eq!(plan.moves.len(), 1);
+        assert_eq!(
+            (plan.moves[0].vm.as_str(), plan.moves[0].to.as_str()),
+            ("web", "b")
+        );
+        let (admin, _) = cluster::admin::read(&s, "a").await.unwrap();
+        assert_eq!(admin.state, NodeState::Draining);
+        assert_eq!(admin.drain.unwrap().left, ["only-c", "pinned"]);
+        let m = moves(&s).await;
+        assert_eq!(m.len(), 1);
+        assert_eq!(
+            (m[0].state, m[0].reason),
+            (MoveState::Queued, MoveReason::Drain)
+        );
+        // A draining node is not drained again, and no one else drains an unknown node.
+        assert!(matches!(
+            drain::drain(&s, "a", true, 2).await,
+            Err(AdminError::WrongState { .. })
+        ));
+        assert!(matches!(
+            drain::drain(&s, "zz", false, 2).await,
+            Err(AdminError::UnknownNode(_))
+        ));
+    });
+}
+
+#[test]
+fn moves_start_high_first_within_the_concurrency_and_lower_ones_wait() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        join(&s, "b", false).await;
+        join(&s, "c", false).await;
+        owned(&s, "h1", Priority::High, "a", a, &[]).await;
+        owned(&s, "h2", Priority::High, "a", a, &[]).await;
+        owned(&s, "h3", Priority::High, "a", a, &[]).await;
+        owned(&s, "l1", Priority::Low, "a", a, &[]).await;
+        drain::drain(&s, "a", false, 2).await.unwrap();
+        let mut all = drain::read_moves(&s).await.unwrap();
+        let names =
+            |v: Vec<(MoveRecord, i64)>| v.into_iter().map(|(m, _)| m.vm).collect::<Vec<_>>();
+        // Two at once, High only.
+        assert_eq!(names(drain::next_moves(&all, "a", 0)), ["h1", "h2"]);
+        assert_eq!(names(drain::next_moves(&all, "a", 1)), ["h1"]);
+        assert!(drain::next_moves(&all, "a", 2).is_empty());
+        assert!(drain::next_moves(&all, "b", 0).is_empty(), "b is no source");
+        // h1, h2 done: h3 alone, l1 still waits for it (High first).
+        for vm in ["h1", "h2"] {
+            all.get_mut(vm).unwrap().0.state = MoveState::Moved;
+        }
+        assert_eq!(names(drain::next_moves(&all, "a", 0)), ["h3"]);
+        all.get_mut("h3").unwrap().0.state = MoveState::Migrating;
+        assert!(drain::next_moves(&all, "a", 1).is_empty());
+        all.get_mut("h3").unwrap().0.state = MoveState::Failed;
+        assert_eq!(names(drain::next_moves(&all, "a", 0)), ["l1"]);
+    });
+}
+
+#[test]
+fn resume_with_failback_moves_back_only_what_the_drain_moved_and_still_runs_there() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        let b = join(&s, "b", false).await;
+        owned(&s, "x", Priority::High, "a", a, &[]).await;
+        owned(&s, "y", Priority::Low, "a", a, &[]).await;
+        drain::drain(&s, "a", false, 2).await.unwrap();
+        // Resume before the drain ended is refused.
+        assert!(matches!(
+            drain::resume(&s, "a", true, 2).await,
+            Err(AdminError::WrongState { .. })
+        ));
+        // x moved to b; y's move failed (it stayed on a).
+        for (vm, st) in [("x", MoveState::Moved), ("y", MoveState::Failed)] {
+            let (mut m, _) = drain::read_moves(&s).await.unwrap().remove(vm).unwrap();
+            m.state = st;
+            s.put(&keys::move_key(vm), keys::encode(&m), 0)
+                .await
+                .unwrap();
+        }
+        let o = OwnerRecord::Node {
+            node: "b".into(),
+            lease: b,
+        };
+        s.put(&keys::owner_key("x"), keys::encode(&o), 0)
+            .await
+            .unwrap();
+        let (mut admin, rev) = cluster::admin::read(&s, "a").await.unwrap();
+        admin.state = NodeState::Paused;
+        assert!(cluster::admin::write_if(&s, "a", &admin, rev, vec![])
+            .await
+            .unwrap());
+
+        let back = drain::resume(&s, "a", true, 2).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!((back[0].vm.as_str(), back[0].to.as_str()), ("x", "a"));
+        assert_eq!(state(&s, "a").await, NodeState::Up);
+        let m = drain::read_moves(&s).await.unwrap();
+        let x = &m["x"].0;
+        assert_eq!(
+            (x.from.as_str(), x.to.as_str(), x.reason, x.state),
+            ("b", "a", MoveReason::Failback, MoveState::Queued)
+        );
+        assert_eq!(m["y"].0.state, MoveState::Failed, "y was not touched");
+    });
+}
+
+/// One controller pass 200 ms after the last; `keep`'s lease (node b's) is renewed.
+async fn step(
+    c: &mut Controller,
+    s: &SimStore,
+    (t, keep): (&mut Duration, LeaseId),
+) -> cluster::failover::Pass {
+    *t += Duration::from_millis(200);
+    s.advance_to(*t);
+    s.lease_keepalive(keep).await.unwrap();
+    c.step(s, *t).await.unwrap()
+}
+
+#[test]
+fn a_node_that_departs_three_times_is_quarantined_gets_no_vms_until_released() {
+    block(async {
+        let s = SimStore::new();
+        let timing = Timing::default();
+        let mut controller = Controller::new(timing).with_quarantine();
+        let b = join(&s, "b", false).await;
+        let mut t = Duration::ZERO;
+        // a joins and leaves ungracefully (its lease expires) three times.
+        for round in 1..=3 {
+            join(&s, "a", false).await;
+            step(&mut controller, &s, (&mut t, b)).await;
+            // No renewal: the lease expires after its TTL.
+            for _ in 0..15 {
+                step(&mut controller, &s, (&mut t, b)).await;
+            }
+            let (admin, _) = cluster::admin::read(&s, "a").await.unwrap();
+            assert_eq!(admin.departures.len(), round, "round {round}");
+            let want = if round < 3 {
+                NodeState::Up
+            } else {
+                NodeState::Quarantined
+            };
+            assert_eq!(admin.state, want, "round {round}");
+        }
+        // Back, but quarantined: a new VM that prefers a goes to b.
+        join(&s, "a", false).await;
+        let def = VmDefinition {
+            name: "v".into(),
+            priority: Priority::High,
+            needs: Resources {
+                memory_mib: 256,
+                vcpus: 1,
+            },
+            preferred_owners: vec!["a".into()],
+            possible_owners: vec![],
+            anti_affinity: None,
+            config: serde_json::Value::Null,
+        };
+        define_vm(&s, &def, true).await.unwrap();
+        let pass = step(&mut controller, &s, (&mut t, b)).await;
+        assert_eq!(
+            pass.applied,
+            [Decision::Place {
+                vm: "v".into(),
+                node: "b".into()
+            }]
+        );
+        // Released: a is up again with a clean slate, and takes VMs.
+        assert!(matches!(
+            drain::release(&s, "b").await,
+            Err(AdminError::WrongState { .. })
+        ));
+        drain::release(&s, "a").await.unwrap();
+        let (admin, _) = cluster::admin::read(&s, "a").await.unwrap();
+        assert_eq!((admin.state, admin.departures.len()), (NodeState::Up, 0));
+        let w = VmDefinition {
+            name: "w".into(),
+            ..def
+        };
+        define_vm(&s, &w, true).await.unwrap();
+        let pass = step(&mut controller, &s, (&mut t, b)).await;
+        assert_eq!(
+            pass.applied,
+            [Decision::Place {
+                vm: "w".into(),
+                node: "a".into()
+            }]
+        );
+    });
+}
