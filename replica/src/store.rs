@@ -34,6 +34,7 @@ use crate::apply::{ApplyError, ApplyOutcome, ReplicaDisk};
 use crate::error::SegmentError;
 use crate::format::segment_file_name;
 use crate::history::{self, PointInfo, MAX_HISTORY};
+use crate::resync::{self, BlockHash};
 use crate::segment::{SegmentReader, Trailer};
 
 const STATE_FILE: &str = "vm.state";
@@ -812,6 +813,66 @@ impl ReplicaVm {
         self.state = state;
         tracing::info!("replica: initial copy complete");
         Ok(())
+    }
+
+    /// The replica's hashes of blocks `start..start+count` of disk `disk` (clipped to
+    /// the disk), for a resync: only while the initial copy is not complete.
+    pub fn block_hashes(
+        &self,
+        disk: usize,
+        start: u64,
+        count: u64,
+    ) -> Result<Vec<BlockHash>, StoreError> {
+        self.taking()?;
+        let i = self.disk_index(disk)?;
+        if self.state.base_complete {
+            return Err(StoreError::Conflict(
+                "the initial copy is complete: no block hashes are served".into(),
+            ));
+        }
+        let blocks = resync::block_count(self.state.disk_sizes[i]);
+        if count == 0 || count > resync::MAX_HASHES_PER_REQUEST || start >= blocks {
+            return Err(StoreError::Invalid(format!(
+                "hashes of blocks {start}..+{count}: disk {disk} has {blocks} blocks, at most {} per request",
+                resync::MAX_HASHES_PER_REQUEST
+            )));
+        }
+        resync::block_hashes(&self.images[i], self.state.disk_sizes[i], start, count)
+            .map_err(io_err(format!("hashing {}", disk_image_name(i))))
+    }
+
+    /// The initial copy is all there if every image's SHA-256 equals the primary's
+    /// (`hashes[i]`, the hash of the bytes it read): then as [`Self::complete_base`].
+    /// A differing image leaves the copy incomplete (the primary resyncs again).
+    pub fn complete_base_checked(&mut self, hashes: &[BlockHash]) -> Result<(), StoreError> {
+        self.taking()?;
+        if self.state.base_complete {
+            return Ok(());
+        }
+        if hashes.len() != self.images.len() {
+            return Err(StoreError::Invalid(format!(
+                "{} image hashes for {} disks",
+                hashes.len(),
+                self.images.len()
+            )));
+        }
+        for (i, img) in self.images.iter().enumerate() {
+            img.sync_all().map_err(io_err(disk_image_name(i)))?;
+            let mine = resync::image_hash(img, self.state.disk_sizes[i])
+                .map_err(io_err(format!("hashing {}", disk_image_name(i))))?;
+            if mine != hashes[i] {
+                tracing::warn!(
+                    disk = i,
+                    "replica: the image differs from the primary's after the initial copy"
+                );
+                return Err(StoreError::Conflict(format!(
+                    "disk {i}: the image's SHA-256 {} is not the primary's {}: the initial copy is not complete",
+                    hex::encode(mine),
+                    hex::encode(hashes[i])
+                )));
+            }
+        }
+        self.complete_base()
     }
 
     /// Stages segment `seq` of disk `disk` from its zstd-compressed bytes: decompressed
