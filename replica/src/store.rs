@@ -305,6 +305,28 @@ impl ReplicaVm {
         name: &str,
         disk_sizes: &[u64],
     ) -> Result<Self, StoreError> {
+        Self::create_or_open_seeded(parent, name, disk_sizes, None)
+    }
+
+    /// As [`Self::create_or_open`]; a new replica's images start as copies of
+    /// `seed` (one file per disk, of the disk's size: an older copy of the disks, as
+    /// the old primary's own disks for a reverse replication) instead of zero. The
+    /// initial copy then is a resync that sends only the blocks that differ.
+    pub fn create_or_open_seeded(
+        parent: BorrowedFd<'_>,
+        name: &str,
+        disk_sizes: &[u64],
+        seed: Option<&[File]>,
+    ) -> Result<Self, StoreError> {
+        if let Some(seed) = seed {
+            if seed.len() != disk_sizes.len() {
+                return Err(StoreError::Invalid(format!(
+                    "{} seed images for {} disks",
+                    seed.len(),
+                    disk_sizes.len()
+                )));
+            }
+        }
         if disk_sizes.is_empty() || disk_sizes.len() > MAX_DISKS {
             return Err(StoreError::Invalid(format!(
                 "a replicated VM has 1 to {MAX_DISKS} disks, not {}",
@@ -340,7 +362,14 @@ impl ReplicaVm {
                 }
                 Err(e) => return Err(io_err(disk_image_name(i))(e)),
             };
+            image.set_len(0).map_err(io_err(disk_image_name(i)))?;
             image.set_len(size).map_err(io_err(disk_image_name(i)))?;
+            if let Some(from) = seed.and_then(|s| s.get(i)) {
+                copy_sparse(from, &image, size).map_err(io_err(format!(
+                    "seeding {} from an existing copy",
+                    disk_image_name(i)
+                )))?;
+            }
             image.sync_all().map_err(io_err(disk_image_name(i)))?;
             open_or_create_dir(dir.as_fd(), &disk_dir_name(i)).map_err(io_err(disk_dir_name(i)))?;
         }
@@ -1110,6 +1139,29 @@ fn prune(state: &mut VmState) {
     if let Some(oldest) = state.history.first_mut() {
         oldest.undo_bytes = 0;
     }
+}
+
+/// Copies the first `size` bytes of `from` into `to` (new and zero: all-zero
+/// chunks are left as holes). `from` must hold `size` bytes.
+fn copy_sparse(from: &File, to: &File, size: u64) -> io::Result<()> {
+    let len = from.metadata()?.len();
+    if len != size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the seed has {len} bytes, the disk {size}"),
+        ));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        from.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            to.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Reads a segment through and returns its trailer.
