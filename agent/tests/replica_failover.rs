@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::pki::{call_raw, endpoint, tls_args, Pki};
-use common::writer::{prefix_of, start_writer_vm};
+use common::writer::{prefix_of, start_writer_vm_filled};
 use common::{Daemon, T};
 use serde_json::{json, Value};
 use vireo_e2e::netns::NetNs;
@@ -30,6 +30,7 @@ struct Hosts {
     _pki: Pki,
     /// host-a's identity (the primary's).
     a_id: agent::hosttls::IdentityFiles,
+    b_id: agent::hosttls::IdentityFiles,
     /// B's replica directory.
     replicas: PathBuf,
     _store: tempfile::TempDir,
@@ -93,7 +94,8 @@ impl Hosts {
             "--listen".into(),
             addr.clone(),
         ];
-        args.extend(tls_args(&pki.host("host-b")));
+        let b_id = pki.host("host-b");
+        args.extend(tls_args(&b_id));
         args.extend(["--peer".into(), "host-a".into()]);
         args.extend(["--replica-dir".into(), replicas.display().to_string()]);
         args.extend(["--replica-allow".into(), "host-a".into()]);
@@ -125,7 +127,7 @@ impl Hosts {
             }
         };
         let disks_dir = a.dir.path().join("disks");
-        let images = start_writer_vm(&a, &disks_dir, false);
+        let images = start_writer_vm_filled(&a, &disks_dir, false, a_replicas.is_some());
         a.ctl_ok(&[
             "replica",
             "enable",
@@ -144,6 +146,7 @@ impl Hosts {
             _ns_b: ns_b,
             _pki: pki,
             a_id,
+            b_id,
             replicas,
             _store: store,
             images,
@@ -384,7 +387,10 @@ fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_
         .unwrap();
     let a_replicas = a_store.path().join("replicas");
     let h = Hosts::with("rpr", Some(&a_replicas));
-    h.wait("a second recovery point", |v| point(v) >= 2);
+    let v = h.wait("a second recovery point", |v| point(v) >= 2);
+    // The first initial copy sent the filler (it does not compress).
+    let filler = 2 * (common::writer::DISK_SIZE - common::writer::FILL_FROM);
+    assert!(v["base_differing_bytes"].as_u64().unwrap() >= filler, "{v}");
     h.a.ctl_ok(&["replica", "failover", "vm1", "--planned"]);
     h.b.wait_serial("vm1", "rw n=5\n", T);
     let b_disks = disk_paths(&h.b);
@@ -475,6 +481,7 @@ fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_
         "{def}"
     );
     let v = wait_on(&h.b, "a second point at host-a", |v| point(v) >= 2);
+    eprintln!("reverse: {v}");
     let total = 2 * common::writer::DISK_SIZE;
     let differing = v["base_differing_bytes"].as_u64().unwrap();
     // The writer guest touches only the first 256 KiB of each disk: at most four
@@ -502,7 +509,28 @@ fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_
     assert!(a_disks[0].ends_with("host-b/vm1/disk-0.img"), "{a_disks:?}");
     h.a.ok("PUT", "/api/v1/vms/vm1/start", None);
     h.a.wait_serial("vm1", "rw n=5\n", T);
-    // host-b may reverse it again (its failover is recorded), host-a replicates no more.
     let (s, _) = h.a.api("GET", "/api/v1/vms/vm1/replication", None);
     assert_eq!(s, 404);
+    // host-b asks host-a for a reverse replica of a VM host-a did not fail over to
+    // it (vm1 runs there now): refused, nothing stored.
+    let (s, v) = h.ns_a.run(|| {
+        let to = endpoint(&a_addr, "host-a", &h.b_id);
+        let body = json!({"disks": [common::writer::DISK_SIZE; 2]}).to_string();
+        call_raw(
+            &to,
+            "PUT",
+            "/peer/v1/replica/vm2/reverse",
+            Some(body.into_bytes()),
+        )
+        .unwrap()
+    });
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("was not failed over from here"),
+        "{v}"
+    );
+    assert!(absent(&a_replicas.join("host-b/vm2")));
 }
