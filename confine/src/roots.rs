@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use crate::beneath::{fstat, open_beneath};
@@ -110,6 +110,12 @@ impl Roots {
 
     pub fn block_devices(&self) -> &[PathBuf] {
         &self.block_devices
+    }
+
+    /// Each root's directory descriptor, opened when the roots were made (what a
+    /// Landlock rule is anchored to, so a root renamed or replaced later is not followed).
+    pub fn dirs(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.roots.iter().map(|r| r.dir.as_fd())
     }
 
     fn list(&self) -> String {

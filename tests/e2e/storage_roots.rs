@@ -390,3 +390,74 @@ fn send_migration_to_a_socket_outside_the_roots_and_socket_dirs_is_refused_uncon
     assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
     assert_eq!(vm.wait(T).status.code(), Some(0));
 }
+
+/// With storage roots, the kernel (Landlock) holds the control thread to them: a raw
+/// `open` that skips the VMM's own checks (the test hook, standing in for a bug in
+/// them or an attacker's code on that thread) gets EACCES outside the roots, while the
+/// same open beneath a root, and a snapshot into one, still work. Without roots the
+/// same open succeeds, so the refusal is the domain's.
+#[test]
+fn past_its_own_checks_a_vmm_with_roots_still_opens_nothing_outside_them() {
+    let d = dirs();
+    let secret = d.outside.join("secret");
+    std::fs::write(&secret, b"host file").unwrap();
+    let inside = d.root.join("inside");
+    std::fs::write(&inside, b"a file of this VM").unwrap();
+    let sock = d.tmp.path().join("vm.sock");
+    let disk = raw(&d.root.join("d.raw"), 1 << 20);
+    let mut vm = confined(
+        &d,
+        "test=counter period_ms=10",
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={},format=raw", disk.display()),
+        ],
+    );
+    vm.cmd
+        .env("VIREO_TEST_OPEN", &secret)
+        .env("VIREO_TEST_OPEN_BENEATH", &inside);
+    let vm = vm.spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("tick 2 ", T);
+    // The snapshot is written beneath the root by the confined control thread.
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let snap = d.root.join("snap");
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "vm.snapshot",
+        Some(&format!(
+            r#"{{"destination_url":"file://{}"}}"#,
+            snap.display()
+        )),
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(snap.join("config.json").is_file());
+    assert_eq!(api(&sock, "PUT", "vm.resume", None).0, 204);
+    let ticks = vm.serial_text().matches("tick ").count();
+    vm.wait_serial(&format!("tick {} ", ticks + 2), T);
+    assert_eq!(api(&sock, "PUT", "vmm.shutdown", None).0, 204);
+    let out = vm.wait(T);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("test hook: open {}: error 13", secret.display())),
+        "the raw open outside the roots must get EACCES: {err}"
+    );
+    assert!(
+        err.contains(&format!("test hook: open beneath {}: opened", inside.display())),
+        "{err}"
+    );
+
+    // The same raw open in a VMM without roots succeeds: the domain refused it above.
+    let mut bare = Vireo::guest("test=boot", &[]);
+    bare.cmd.env("VIREO_TEST_OPEN", &secret);
+    let (out, serial) = bare.run(T);
+    assert_guest_ok(&out, &serial);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("test hook: open {}: opened", secret.display())),
+        "{err}"
+    );
+}

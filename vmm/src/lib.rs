@@ -14,6 +14,7 @@ pub mod events;
 pub mod fencing;
 pub mod jail;
 pub mod kvm;
+pub mod landlock;
 pub mod layout;
 pub mod live;
 pub mod memory;

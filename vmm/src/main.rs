@@ -10,6 +10,7 @@ use clap::Parser;
 use api::config::{self, PayloadConfig};
 use api::VmConfig;
 use vmm::jail::JailPath;
+use vmm::landlock::{ControlDomain, Use};
 use vmm::notify;
 use vmm::seccomp::{Filters, SeccompMode, ThreadKind};
 use vmm::vmm::{error_chain, Vmm};
@@ -30,7 +31,7 @@ struct Cli {
     /// vCPUs: boot=N.
     #[arg(long, default_value = "boot=1")]
     cpus: String,
-    /// Memory: size=SIZE[,hugepages=on].
+    #[arg(long, default_value = "size=512M")]
     #[arg(long, default_value = "size=512M")]
     memory: String,
     /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]
@@ -348,6 +349,37 @@ fn jail_paths(
     paths
 }
 
+/// What the control thread may reach after start besides its storage roots (see
+/// vmm::landlock): its output files' directories, the change-log directories of its
+/// replicated disks, the socket directories and the jail's extra binds.
+fn control_domain(cli: &Cli, cfg: Option<&VmConfig>) -> ControlDomain {
+    let mut domain = ControlDomain::new();
+    let mut output = |o: &config::OutputConfig| {
+        if let config::OutputConfig::File(f) = o {
+            domain.allow_output_file(f);
+        }
+    };
+    if let Some(Ok(o)) = cli.serial.as_deref().map(|s| config::parse_output("--serial", s)) {
+        output(&o);
+    }
+    if let Some(cfg) = cfg {
+        output(&cfg.serial);
+        output(&cfg.console);
+        for log in cfg.disks.iter().filter_map(|d| d.replica_log.as_ref()) {
+            domain.allow(log, Use::Storage);
+        }
+    }
+    for dir in &cli.socket_dir {
+        domain.allow(dir, Use::Sockets);
+    }
+    if let Some(jail) = &cli.jail {
+        for bind in &jail.binds {
+            domain.allow(bind, Use::Storage);
+        }
+    }
+    domain
+}
+
 /// Opens the storage roots (`--storage-root`); a jailed VMM does it inside its jail.
 fn set_storage_roots(cli: &Cli, roots: &[PathBuf]) -> Result<(), CliError> {
     let roots = confine::Roots::new(roots, &cli.allow_block_device).map_err(CliError::Roots)?;
@@ -437,6 +469,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         None => None,
     };
     let cfg_is_none = cfg.is_none();
+    let domain = control_domain(&cli, cfg.as_ref());
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
@@ -464,6 +497,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         // receives a migration is "started" once it can listen).
         notify::notify("READY=1");
     }
+    vmm::landlock::confine_control_thread(domain)?;
     filters.apply(ThreadKind::Control)?;
     #[cfg(feature = "test-hooks")]
     {
