@@ -446,7 +446,10 @@ fn past_its_own_checks_a_vmm_with_roots_still_opens_nothing_outside_them() {
         "the raw open outside the roots must get EACCES: {err}"
     );
     assert!(
-        err.contains(&format!("test hook: open beneath {}: opened", inside.display())),
+        err.contains(&format!(
+            "test hook: open beneath {}: opened",
+            inside.display()
+        )),
         "{err}"
     );
 

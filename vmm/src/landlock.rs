@@ -123,7 +123,10 @@ impl ControlDomain {
         for dir in roots.dirs() {
             ruleset = ruleset.add_rule(PathBeneath::new(dir, Use::Storage.rights()))?;
         }
-        let devices = roots.block_devices().iter().map(|d| (d.as_path(), Use::Device));
+        let devices = roots
+            .block_devices()
+            .iter()
+            .map(|d| (d.as_path(), Use::Device));
         let paths = self.paths.iter().map(|(p, what)| (p.as_path(), *what));
         for (path, what) in devices.chain(paths) {
             if let Some(rule) = rule(path, what) {

@@ -359,7 +359,11 @@ fn control_domain(cli: &Cli, cfg: Option<&VmConfig>) -> ControlDomain {
             domain.allow_output_file(f);
         }
     };
-    if let Some(Ok(o)) = cli.serial.as_deref().map(|s| config::parse_output("--serial", s)) {
+    if let Some(Ok(o)) = cli
+        .serial
+        .as_deref()
+        .map(|s| config::parse_output("--serial", s))
+    {
         output(&o);
     }
     if let Some(cfg) = cfg {
