@@ -515,7 +515,8 @@ fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_
     // it (vm1 runs there now): refused, nothing stored.
     let (s, v) = h.ns_a.run(|| {
         let to = endpoint(&a_addr, "host-a", &h.b_id);
-        let body = json!({"disks": [common::writer::DISK_SIZE; 2]}).to_string();
+        let sizes = [common::writer::DISK_SIZE; 2];
+        let body = json!({ "disks": sizes }).to_string();
         call_raw(
             &to,
             "PUT",
