@@ -155,3 +155,44 @@ fn a_hash_list_of_the_wrong_length_or_block_size_and_a_differing_image_are_refus
         StoreError::Conflict(_)
     ));
 }
+
+#[test]
+fn a_failed_over_replica_is_reset_in_place_for_a_reverse_and_keeps_its_bytes() {
+    let mut p = crate::store_tests::Primary::new(1);
+    let d = tempfile::tempdir().unwrap();
+    let dir = dir_fd(d.path());
+    let mut vm =
+        ReplicaVm::create_or_open(dir.as_fd(), "vm1", &[crate::store_tests::DISK]).unwrap();
+    vm.complete_base().unwrap();
+    p.write(0, 4096, 9, 8192);
+    let (cut, seqs) = p.cut();
+    for (i, &seq) in seqs.iter().enumerate() {
+        vm.stage(i, seq, &p.compressed(i, seq)[..], 1 << 30)
+            .unwrap();
+    }
+    vm.commit(cut, &seqs).unwrap();
+    // Not failed over: no reset.
+    let vm = match vm.reset_for_resync() {
+        Err(StoreError::Conflict(_)) => ReplicaVm::open(dir.as_fd(), "vm1").unwrap(),
+        other => panic!("{:?}", other.map(|_| ())),
+    };
+    let mut vm = vm;
+    vm.fail_over(None).unwrap();
+    let vm = vm.reset_for_resync().unwrap();
+    let st = vm.status().unwrap();
+    assert!(
+        !st.failed_over && !st.base_complete && st.point.is_none(),
+        "{st:?}"
+    );
+    assert_eq!(st.disks[0].applied_seq, 0);
+    assert!(st.points.is_empty());
+    // The images keep their bytes (the base of the resync), and reopening agrees.
+    let mut got = vec![0u8; crate::store_tests::DISK as usize];
+    vm.image(0).unwrap().read_exact_at(&mut got, 0).unwrap();
+    assert!(got == p.model[0]);
+    let again = ReplicaVm::open(dir.as_fd(), "vm1")
+        .unwrap()
+        .status()
+        .unwrap();
+    assert_eq!(again, st);
+}

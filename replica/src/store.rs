@@ -515,6 +515,45 @@ impl ReplicaVm {
         Ok(point)
     }
 
+    /// Makes a failed-over replica a new one on the same images, for a reverse
+    /// replication onto them (the VM that ran on them replicates back here): no
+    /// point, no kept history, nothing applied or staged, the initial copy incomplete
+    /// (a resync sends what differs). The state file is written last: a crash before
+    /// it leaves the replica failed over, and the reset is done again.
+    pub fn reset_for_resync(self) -> Result<Self, StoreError> {
+        if !self.state.failed_over {
+            return Err(StoreError::Conflict(
+                "only a failed-over replica is reset for a reverse replication".into(),
+            ));
+        }
+        for (i, ddir) in self.disk_dirs.iter().enumerate() {
+            for seq in self.staged(i)? {
+                confine::unlink_at(ddir.as_fd(), segment_file_name(seq).as_ref())
+                    .map_err(io_err(format!("disk {i}: removing segment {seq}")))?;
+            }
+            match confine::unlink_at(ddir.as_fd(), crate::apply::STATE_FILE.as_ref()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err(format!("disk {i}: removing its applied state"))(e))
+                }
+                _ => {}
+            }
+            sync_dir(ddir.as_fd()).map_err(io_err(disk_dir_name(i)))?;
+        }
+        let state = VmState {
+            disk_sizes: self.state.disk_sizes.clone(),
+            base_complete: false,
+            point: None,
+            failed_over: false,
+            history: Vec::new(),
+            keep: self.state.keep,
+        };
+        Self::save_state(self.dir.as_fd(), &state)?;
+        tracing::info!("replica: a failed-over replica reset for a reverse replication");
+        let reopened = Self::open_dir(self.dir)?;
+        reopened.drop_unkept_undo()?;
+        Ok(reopened)
+    }
+
     /// Stores `bytes` as `which` (atomically replaced, synced).
     pub fn put_extra(&mut self, which: Extra, bytes: &[u8]) -> Result<(), StoreError> {
         self.taking()?;
