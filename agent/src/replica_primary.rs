@@ -184,16 +184,16 @@ impl Shipper {
                 .to_string()
                 .into_bytes()
         };
+        let failed_over = v["failed_over"] == true;
+        let reverse_path = format!("{path}/reverse");
         let v = match status {
-            200 if v["keep"].as_u64() == Some(u64::from(self.history.max(1)))
-                || v["failed_over"] == true =>
-            {
-                v
+            // A reverse replica is made (or a failed-over one reset) by the old
+            // primary, which checks that this host may.
+            404 if self.reverse => self.ok("PUT", &reverse_path, Some(declare())).await?,
+            200 if self.reverse && failed_over => {
+                self.ok("PUT", &reverse_path, Some(declare())).await?
             }
-            404 if self.reverse => {
-                self.ok("PUT", &format!("{path}/reverse"), Some(declare()))
-                    .await?
-            }
+            200 if v["keep"].as_u64() == Some(u64::from(self.history.max(1))) || failed_over => v,
             200 | 404 => self.ok("PUT", &path, Some(declare())).await?,
             _ => {
                 return Err(ShipError::Refused {

@@ -14,8 +14,10 @@
 //! Old primary ([`seed_here`]): only the host its VM was failed over to (planned,
 //! recorded in the stored replication settings) may reverse it, and only while that
 //! VM is stopped here; the replica of it is made in `<replica-dir>/<that host>/<vm>/`
-//! from the VM's disks. A later planned failover back replaces the stopped VM by the
-//! one on the replica ([`crate::replica_failover::fail_over`]).
+//! from the VM's disks — or, when that VM runs on this host's failed-over replica
+//! of it from `peer` (a second round trip), that replica is reset in place and the
+//! stopped VM's definition deleted. A later planned failover back replaces the
+//! stopped VM by the one on the replica ([`crate::replica_failover::fail_over`]).
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -208,6 +210,17 @@ pub async fn seed_here(
         .export()
         .remove(vm)
         .ok_or_else(|| conflict(format!("no VM named {vm:?}")))?;
+    let vm_dir = server.vm_path(peer, vm);
+    let on_replica = !def.config.disks.is_empty()
+        && def
+            .config
+            .disks
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d.path == vm_dir.join(format!("disk-{i}.img")));
+    if on_replica {
+        return reset_here(sup, server, peer, vm, disk_sizes, history).await;
+    }
     let mut seed = Vec::new();
     let mut sizes = Vec::new();
     for d in def.config.disks.iter().filter(|d| d.replica_log.is_some()) {
@@ -243,5 +256,46 @@ pub async fn seed_here(
         .await
         .map_err(|e| conflict(crate::error_chain(&e)))?;
     info!(%peer, vm, "reverse replication: the replica starts from this host's disks");
+    Ok(st)
+}
+
+/// [`seed_here`] when the stopped VM here runs on `peer`'s failed-over replica of it
+/// (it was failed over here from `peer` before): that replica is reset in place and
+/// its images are the base; the stopped VM's definition is deleted (its disks are the
+/// replica's again; a failback defines it anew).
+async fn reset_here(
+    sup: &Arc<Supervisor>,
+    server: &Arc<ReplicaServer>,
+    peer: &str,
+    vm: &str,
+    disk_sizes: Vec<u64>,
+    history: Option<u32>,
+) -> Result<replica::VmStatus, Refusal> {
+    let name = vm.to_string();
+    let st = server
+        .on_vm(peer, vm, move |dir| {
+            let mut r = ReplicaVm::open(dir.as_fd(), &name)?;
+            if r.disk_sizes() != disk_sizes {
+                return Err(StoreError::Conflict(format!(
+                    "the replica here has disks of {:?} bytes, not {disk_sizes:?}",
+                    r.disk_sizes()
+                )));
+            }
+            if r.failed_over() {
+                r = r.reset_for_resync()?;
+            }
+            if let Some(keep) = history {
+                r.set_keep(keep)?;
+            }
+            r.status()
+        })
+        .await
+        .map_err(|e| conflict(crate::error_chain(&e)))?;
+    sup.delete(vm).map_err(|e| {
+        conflict(format!(
+            "deleting the stopped {vm:?} on the replica's images: {e}"
+        ))
+    })?;
+    info!(%peer, vm, "reverse replication: the failed-over replica here is its base again");
     Ok(st)
 }

@@ -375,6 +375,7 @@ fn disk_paths(d: &Daemon) -> Vec<PathBuf> {
 /// failover back leaves host-a's replica equal to host-b's disks byte for byte and
 /// the VM running on host-a again. Refused and changing nothing: `reverse` of a VM
 /// that is not a failed-over replica, and towards a host that does not allow it.
+/// Then the same back to host-b (its failed-over replica reset in place as the base).
 #[test]
 fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_fails_back() {
     if !vireo_e2e::netns::is_root() {
@@ -534,4 +535,35 @@ fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_
         "{v}"
     );
     assert!(absent(&a_replicas.join("host-b/vm2")));
+
+    // Once more the other way: host-a reverses to host-b, whose failed-over replica
+    // (the disks vm1 ran on there) is reset in place as the base: again only the
+    // changed blocks are sent, and host-b's stopped vm1 is gone (its disks are the
+    // replica's again).
+    h.a.ctl_ok(&[
+        "replica",
+        "reverse",
+        "vm1",
+        "--to",
+        &format!("{B_IP}:{PEER_PORT}"),
+        "--interval",
+        "1s",
+    ]);
+    let v = wait_on(&h.a, "a second point at host-b", |v| point(v) >= 2);
+    eprintln!("second reverse: {v}");
+    assert!(
+        v["base_differing_bytes"].as_u64().unwrap() <= 2 * 4 * (64 << 10),
+        "{v}"
+    );
+    let (s, body) = h.b.api("GET", "/api/v1/vms/vm1", None);
+    assert_eq!(s, 404, "{body}");
+    h.a.ctl_ok(&["replica", "failover", "vm1", "--planned", "--no-start"]);
+    for (i, disk) in b_disks.iter().enumerate() {
+        let a_disk = a_replicas.join("host-b/vm1").join(format!("disk-{i}.img"));
+        assert!(
+            std::fs::read(disk).unwrap() == std::fs::read(&a_disk).unwrap(),
+            "disk {i}: host-b's replica differs from host-a's disk after the second failover"
+        );
+    }
+    assert_eq!(disk_paths(&h.b), b_disks);
 }
