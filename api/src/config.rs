@@ -56,6 +56,12 @@ pub struct MemoryConfig {
     pub size: u64,
     #[serde(default)]
     pub hugepages: bool,
+    /// May `size` exceed the host's RAM? Guest memory is only backed where the guest
+    /// touches it, so a large guest that touches little fits on a small host; without
+    /// this a VM larger than the host is refused at start (as Hyper-V refuses a VM whose
+    /// memory the host cannot give).
+    #[serde(default, skip_serializing_if = "is_off")]
+    pub overcommit: bool,
 }
 
 impl Default for MemoryConfig {
@@ -63,6 +69,7 @@ impl Default for MemoryConfig {
         Self {
             size: 512 << 20,
             hugepages: false,
+            overcommit: false,
         }
     }
 }
@@ -212,6 +219,10 @@ fn is_on(b: &bool) -> bool {
     *b
 }
 
+fn is_off(b: &bool) -> bool {
+    !*b
+}
+
 /// The default poll window of a disk queue's worker, in microseconds.
 pub const DEFAULT_POLL_US: u32 = 50;
 
@@ -317,6 +328,9 @@ fn serial_default() -> OutputConfig {
 /// Largest vCPU count we configure (MADT uses 8-bit APIC IDs).
 pub const MAX_VCPUS: u8 = 254;
 pub const MIN_MEMORY: u64 = 16 << 20;
+/// The largest guest: 4 TiB (RAM above 4 GiB is one KVM memory slot, at most 8 TiB;
+/// half of that keeps the guest's physical addresses well inside 40 bits).
+pub const MAX_MEMORY: u64 = 4 << 40;
 
 impl VmConfig {
     /// Checks what serde cannot: ranges and combinations.
@@ -336,6 +350,20 @@ impl VmConfig {
         if !self.memory.size.is_multiple_of(4096) {
             return Err(ConfigError::Invalid(
                 "memory.size must be a multiple of 4 KiB".into(),
+            ));
+        }
+        if self.memory.size > MAX_MEMORY {
+            return Err(ConfigError::Invalid(format!(
+                "memory.size must be at most {} GiB, got {} GiB",
+                MAX_MEMORY >> 30,
+                self.memory.size >> 30
+            )));
+        }
+        if self.memory.overcommit && self.memory.hugepages {
+            return Err(ConfigError::Invalid(
+                "memory.overcommit cannot be used with hugepages (a huge page the pool \
+                 cannot give is a SIGBUS in the VMM, not a slower guest)"
+                    .into(),
             ));
         }
         if self.serial == OutputConfig::Tty && self.console == OutputConfig::Tty {
@@ -484,6 +512,7 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
                 })?
             }
             "hugepages" => m.hugepages = on_off(F, &k, &v)?,
+            "overcommit" => m.overcommit = on_off(F, &k, &v)?,
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }

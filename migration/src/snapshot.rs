@@ -150,24 +150,26 @@ pub fn write<M: GuestMemoryBackend>(
     mem: &M,
 ) -> Result<SaveStats, SnapshotError> {
     let fd = create_dir(dir)?;
-    write_at(fd.as_fd(), dir, config, state, mem)
+    write_at(fd.as_fd(), dir, config, state, mem, None)
 }
 
 /// Writes a snapshot into the open, empty directory `dir_fd` (`dir` names it in
 /// errors). Every file is new, 0600, created with `O_EXCL|O_NOFOLLOW` relative to the
-/// directory fd: nothing is written through a planted link.
+/// directory fd: nothing is written through a planted link. `populated`: see
+/// [`memory::save`].
 pub fn write_at<M: GuestMemoryBackend>(
     dir_fd: BorrowedFd<'_>,
     dir: &Path,
     config: &impl Serialize,
     state: &impl Serialize,
     mem: &M,
+    populated: Option<&[Vec<u64>]>,
 ) -> Result<SaveStats, SnapshotError> {
     let listing = std::fs::read_dir(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()));
     if listing.map_err(io(dir))?.next().is_some() {
         return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
     }
-    let result = write_files(dir_fd, dir, config, state, mem);
+    let result = write_files(dir_fd, dir, config, state, mem, populated);
     if result.is_err() {
         for f in [MANIFEST, CONFIG, STATE, MEMORY] {
             let _ = confine::unlink_at(dir_fd, OsStr::new(f));
@@ -182,12 +184,13 @@ fn write_files<M: GuestMemoryBackend>(
     config: &impl Serialize,
     state: &impl Serialize,
     mem: &M,
+    populated: Option<&[Vec<u64>]>,
 ) -> Result<SaveStats, SnapshotError> {
     write_json(dir_fd, dir, CONFIG, config)?;
     write_json(dir_fd, dir, STATE, state)?;
     let mpath = dir.join(MEMORY);
     let file = confine::create_private(dir_fd, OsStr::new(MEMORY)).map_err(io(&mpath))?;
-    let stats = memory::save(mem, &file).map_err(|source| SnapshotError::Memory {
+    let stats = memory::save(mem, &file, populated).map_err(|source| SnapshotError::Memory {
         path: mpath.clone(),
         source,
     })?;

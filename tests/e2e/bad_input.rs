@@ -42,6 +42,31 @@ fn missing_kernel() {
     assert_one_line_error(code, &err, "/no/such/kernel");
 }
 
+/// A guest larger than the host is refused unless overcommit is asked for; overcommit
+/// does not combine with huge pages; 4 TiB is the most a guest can have.
+#[test]
+fn guest_memory_beyond_the_host_or_the_limit_is_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    let (code, err) = vireo(&["--kernel", kernel, "--memory", "size=1T"]);
+    assert_one_line_error(code, &err, "exceeds this host's");
+    assert!(
+        err.contains("overcommit=on"),
+        "the error names the way out: {err}"
+    );
+    let (code, err) = vireo(&["--kernel", kernel, "--memory", "size=5T,overcommit=on"]);
+    assert_one_line_error(code, &err, "at most 4096 GiB");
+    let (code, err) = vireo(&[
+        "--kernel",
+        kernel,
+        "--memory",
+        "size=1G,overcommit=on,hugepages=on",
+    ]);
+    assert_one_line_error(code, &err, "cannot be used with hugepages");
+    let (code, err) = vireo(&["--kernel", kernel, "--memory", "size=1G,overcommit=maybe"]);
+    assert_one_line_error(code, &err, "overcommit");
+}
+
 #[test]
 fn kernel_that_is_not_elf() {
     let dir = tempfile::tempdir().unwrap();

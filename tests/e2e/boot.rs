@@ -35,6 +35,26 @@ fn memory_above_4g_is_usable() {
     assert!(serial.contains("mem ram 0x100000000.."), "{serial}");
 }
 
+/// 1 TiB on this 24 GiB host (overcommit: only what the guest touches is backed): the
+/// guest maps its whole range and a word every GiB, first and last included, reads
+/// back what it wrote.
+#[test]
+fn a_1_tib_guest_reads_back_memory_across_its_whole_range() {
+    let (out, serial) = Vireo::guest("test=mem", &["--memory", "size=1T,overcommit=on"]).run(T);
+    assert_guest_ok(&out, &serial);
+    // RAM above the PCI hole: 4 GiB up to 1 TiB + the 1 GiB that the hole displaced.
+    assert!(
+        serial.contains("mem ram 0x100000000..0x10040000000 ok"),
+        "{serial}"
+    );
+    let probes: u64 = serial_line(&serial, "mem regions=")
+        .rsplit("probes=")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(probes > 1024, "a probe per GiB of 1 TiB: {serial}");
+}
+
 #[test]
 fn guest_failure_is_exit_status_2() {
     let (out, serial) = Vireo::guest("test=no-such-test", &[]).run(T);

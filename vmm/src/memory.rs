@@ -1,17 +1,20 @@
 //! Guest RAM: anonymous mappings (optionally huge pages) with a dirty bitmap that
 //! devices fill when they write guest memory.
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
 use vm_memory::{GuestAddress, GuestRegionCollection};
 
+use devices::virtio::dirty_bitmap::DirtyBitmap;
 use devices::virtio::{GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest memory of {requested} MiB exceeds this host's {host} MiB of RAM")]
+    #[error(
+        "guest memory of {requested} MiB exceeds this host's {host} MiB of RAM \
+         (--memory ...,overcommit=on backs only what the guest touches)"
+    )]
     MoreThanHost { requested: u64, host: u64 },
     #[error("cannot map {size} MiB of guest memory at {addr:#x}{hint}: {reason}")]
     Map {
@@ -32,9 +35,15 @@ fn host_ram() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`].
-pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, MemoryError> {
-    if let Some(host) = host_ram() {
+/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. The mappings
+/// reserve nothing (`MAP_NORESERVE`): a page is backed when the guest first touches it.
+/// A guest larger than the host is refused unless `overcommit`.
+pub fn create_guest_memory(
+    size: u64,
+    hugepages: bool,
+    overcommit: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    if let Some(host) = host_ram().filter(|_| !overcommit) {
         if size > host {
             return Err(MemoryError::MoreThanHost {
                 requested: size >> 20,
@@ -59,7 +68,7 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
             reason,
         };
         let mapping =
-            MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+            MmapRegionBuilder::new_with_bitmap(len as usize, DirtyBitmap::with_len(len as usize))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags)
                 .build()

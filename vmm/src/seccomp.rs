@@ -268,7 +268,8 @@ const WORKER_IOCTLS: [u64; 3] = [KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
 
 /// Every ioctl the control thread makes, and the threads it starts (vCPUs, device
 /// workers, migration threads: they run under its filter too): KVM's system, VM and
-/// vCPU requests, taps, terminals, non-blocking sockets. No block-device, terminal-
+/// vCPU requests, taps, terminals, non-blocking sockets, PAGEMAP_SCAN on its own
+/// pagemap. No block-device, terminal-
 /// input, or other driver's request.
 fn control_ioctls() -> Vec<u64> {
     let mut all = vec![KVM_RUN, KVM_GET_REGS, TCGETS, TIOCGWINSZ, FIONBIO];
@@ -277,6 +278,7 @@ fn control_ioctls() -> Vec<u64> {
     all.extend(ioctls::KVM_VCPU_SAVE);
     all.extend(ioctls::KVM_VCPU_SETUP);
     all.extend(ioctls::TAP);
+    all.push(ioctls::PAGEMAP_SCAN);
     all.sort_unstable();
     all.dedup();
     all

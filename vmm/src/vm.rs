@@ -97,6 +97,7 @@ impl IncomingVm {
         let mem = Arc::new(memory::create_guest_memory(
             config.memory.size,
             config.memory.hugepages,
+            config.memory.overcommit,
         )?);
         hv.map_memory(&mem, false)?;
         Ok(Self {
@@ -440,6 +441,8 @@ impl Vm {
             &self.config,
             &state,
             self.mem.as_ref(),
+            // Pages never written are not read: a large guest costs what it touched.
+            Some(&crate::live::dirty::populated_pages(self.mem.as_ref())),
         )
         .map_err(VmError::Snapshot)?;
         tracing::info!(

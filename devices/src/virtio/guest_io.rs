@@ -21,7 +21,7 @@ pub struct BadGuestRange {
 }
 
 /// The host slices behind guest ranges, in order.
-type Slices<'m> = Vec<VolatileSlice<'m, BS<'m, vm_memory::bitmap::AtomicBitmap>>>;
+type Slices<'m> = Vec<VolatileSlice<'m, BS<'m, super::dirty_bitmap::DirtyBitmap>>>;
 
 fn resolve<'m>(
     mem: &'m GuestMemoryMmap,

@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod console;
+pub mod dirty_bitmap;
 pub mod guest_io;
 mod memory;
 pub mod net;

@@ -103,7 +103,8 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "net-bench" => tests::net_bench(),
         "echo" => tests::echo(),
         "power-button" => tests::power_button(),
-        "workload" => tests::workload(),
+        "workload" => tests::workload(&si),
+        "touch" => tests::touch(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");

@@ -239,6 +239,26 @@ pub fn counter() -> ! {
     }
 }
 
+/// `test=touch mib=N`: backs N MiB of guest RAM (non-zero pages) spread evenly over its largest region
+/// (a 1 TiB guest with mib=1024 touches one page in every 1,024), then counts like
+/// `test=counter`: what the VMM overhead and migration benches of large guests run.
+pub fn touch(si: &crate::hvm::StartInfo) -> ! {
+    let pages = num("mib", None) * 256;
+    let (first, stride) = spread_pages(si, pages);
+    // Data, not zeros: each page's first word is its address (a zero page is cheap to
+    // migrate, a touched one is not).
+    for i in 0..pages {
+        let at = first + i * stride;
+        // SAFETY: page i of the pages just mapped and zeroed.
+        unsafe { (crate::paging::virt(at) as *mut u64).write_volatile(at) };
+    }
+    println!(
+        "touch pages={} first={:#x} stride={:#x}",
+        pages, first, stride
+    );
+    counter()
+}
+
 /// Value of word `k` of page `i` after pass `p` in `test=dirty`.
 fn dirty_word(p: u64, i: u64, k: u64) -> u64 {
     if p == 0 {
@@ -611,6 +631,54 @@ pub fn msi() -> ! {
     io::result_ok()
 }
 
+/// The workload's pages in one heap allocation, zeroed: (first page, stride).
+fn heap_pages(pages: u64) -> (u64, u64) {
+    let bytes = pages as usize * 4096;
+    if pages == 0 || crate::rt::HEAP.remaining() < bytes + (1 << 20) {
+        fail!("pages={} must be > 0 and fit in the heap", pages);
+    }
+    let base = crate::rt::HEAP.alloc_raw(bytes, 4096) as *mut u64;
+    // SAFETY: `base` is a fresh heap allocation of `bytes` bytes.
+    unsafe { core::ptr::write_bytes(base as *mut u8, 0, bytes) };
+    (base as u64, 4096)
+}
+
+/// `spread=on`: the workload's pages spread evenly over the largest RAM region that
+/// does not hold this image and its heap (a 1 TiB guest touches a page every GiB,
+/// nothing in between), mapped and zeroed: (first page, stride). A guest with no such
+/// region large enough (all its RAM below 3 GiB) takes them from the heap instead.
+fn spread_pages(si: &crate::hvm::StartInfo, pages: u64) -> (u64, u64) {
+    let heap = crate::rt::HEAP.alloc_raw(0, 4096) as u64;
+    let Some(region) = si
+        .memmap()
+        .filter(|e| e.kind == 1 && !(e.addr <= heap && heap < e.addr + e.size))
+        .filter(|e| e.size / 4096 >= pages)
+        .max_by_key(|e| e.size)
+    else {
+        return heap_pages(pages);
+    };
+    let first = (region.addr + 0xfff) & !0xfff;
+    let stride = if pages == 0 {
+        0
+    } else {
+        (region.size / pages) & !0xfff
+    };
+    if pages == 0 || stride < 4096 {
+        fail!(
+            "pages={} must be > 0 and fit in {:#x} bytes",
+            pages,
+            region.size
+        );
+    }
+    for i in 0..pages {
+        let at = first + i * stride;
+        crate::paging::ensure_mapped(at, 4096);
+        // SAFETY: a RAM page of the memory map, identity-mapped just above.
+        unsafe { core::ptr::write_bytes(crate::paging::virt(at) as *mut u8, 0, 4096) };
+    }
+    (first, stride)
+}
+
 /// Waits until the CPL0 vector 0x40 handler has counted an interrupt. No deadline here: a
 /// guest-side deadline measures the host's load, not the VMM. The host test bounds the
 /// whole run (seconds) as a hang guard, so an interrupt that never comes still fails it.
@@ -814,26 +882,31 @@ pub fn power_button() -> ! {
 /// with `ops=K`, stops after iteration K with `work done iter=K` and `result ok`.
 /// A snapshot, restore or migration in between must be invisible: any lost page or
 /// block fails with the first mismatch.
-pub fn workload() -> ! {
+pub fn workload(si: &crate::hvm::StartInfo) -> ! {
     let pages = num("pages", None);
     let blocks = num("blocks", Some(64)).max(2);
     let ops = num("ops", Some(0));
     let report = num("report", Some(1000)).max(1);
-    let bytes = pages as usize * 4096;
-    if pages == 0 || crate::rt::HEAP.remaining() < bytes + (1 << 20) {
-        fail!("pages={} must be > 0 and fit in the heap", pages);
-    }
+    let spread = CMDLINE.get("spread") == Some("on");
     let mut blk = open_blk();
     if blk.capacity() < blocks * 8 {
         fail!("disk too small for blocks={}", blocks);
     }
-    let base = crate::rt::HEAP.alloc_raw(bytes, 4096) as *mut u64;
-    // SAFETY: `base` is a fresh heap allocation of `bytes` bytes.
-    unsafe { core::ptr::write_bytes(base as *mut u8, 0, bytes) };
+    let (first, stride) = if spread {
+        spread_pages(si, pages)
+    } else {
+        heap_pages(pages)
+    };
+    let page_at = |i: u64| crate::paging::virt(first + i * stride) as *mut u64;
     let tsc = crate::timer::tsc_khz();
     println!(
-        "work pages={} blocks={} ops={} tsc_khz={}",
-        pages, blocks, ops, tsc.khz
+        "work pages={} blocks={} ops={} tsc_khz={} first={:#x} last={:#x}",
+        pages,
+        blocks,
+        ops,
+        tsc.khz,
+        page_at(0) as u64,
+        page_at(pages - 1) as u64
     );
     // The slowest block write since the last report (storage-migration latency).
     let mut max_write_cycles = 0u64;
@@ -843,8 +916,7 @@ pub fn workload() -> ! {
     let mut n = 1u64;
     loop {
         for i in 0..pages {
-            // SAFETY: page i of the allocation above.
-            let page = unsafe { base.add(i as usize * 512) };
+            let page = page_at(i);
             for k in 0..512u64 {
                 let got = unsafe { page.add(k as usize).read_volatile() };
                 if got != dirty_word(n - 1, i, k) {

@@ -12,7 +12,7 @@ use migration::transport::MigrationUrl;
 use api::{MigrationInfo, MigrationStatus};
 use devices::virtio::GuestMemoryMmap;
 
-use super::dirty::{self, Bitmaps, DirtyLog, PAGE_SIZE};
+use super::dirty::{self, Bitmaps, DirtyLog};
 use super::pages::{self, Wire};
 use super::parallel_send::PageStreams;
 use super::MigrationEvent;
@@ -56,6 +56,10 @@ pub struct SendJob {
 /// then more each round that still does not converge (QEMU's 20% + 10%).
 const THROTTLE_INITIAL: u64 = 20;
 const THROTTLE_STEP: u64 = 10;
+
+/// The slowest copy rate a prediction assumes (1 MiB/s of whole pages), so a round that
+/// sent nothing does not predict forever.
+const MIN_PAGES_PER_S: f64 = 256.0;
 
 /// Clears the throttle however the migration ends.
 struct ThrottleGuard<'a>(&'a Throttle);
@@ -258,6 +262,7 @@ fn migrate(
         lock(&job.info).remaining_pages = dirty::count(&pending);
         let t = Instant::now();
         let bytes_before = wire.bytes;
+        let pages_before = wire.pages;
         send_round(
             wire,
             streams.as_deref_mut(),
@@ -269,9 +274,15 @@ fn migrate(
         skip_zero = false;
         let elapsed = t.elapsed().as_secs_f64().max(1e-6);
         let bandwidth = ((wire.bytes - bytes_before) as f64 / elapsed).max(1e6);
+        // The rest is predicted in pages, not bytes: zero pages and compressed ones are
+        // cheap on the wire, and the last round's pages are like this round's. (Bytes
+        // made a guest of zeroed pages look like 1 MB/s and never converge.)
+        let pages_per_s = ((wire.pages - pages_before) as f64 / elapsed).max(MIN_PAGES_PER_S);
+        let taking = Instant::now();
         pending = log.take()?;
+        let take_ms = taking.elapsed().as_secs_f64() * 1e3;
         let remaining = dirty::count(&pending);
-        let predicted = Duration::from_secs_f64(remaining as f64 * PAGE_SIZE as f64 / bandwidth);
+        let predicted = Duration::from_secs_f64(remaining as f64 / pages_per_s);
         round += 1;
         {
             let mut i = lock(&job.info);
@@ -287,6 +298,8 @@ fn migrate(
             round,
             remaining,
             predicted_ms = predicted.as_secs_f64() * 1e3,
+            send_ms = elapsed * 1e3,
+            take_ms,
             throttle = job.throttle.percent(),
             "pre-copy round"
         );

@@ -29,6 +29,10 @@ const fn kvm_iow(nr: u32, size: u32) -> u64 {
 const fn kvm_iowr(nr: u32, size: u32) -> u64 {
     ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, size) as u64
 }
+/// On /proc/self/pagemap: which pages of guest RAM hold anything (migration's round 0,
+/// `live::dirty::populated_pages`).
+pub const PAGEMAP_SCAN: u64 = crate::live::dirty::scan::PAGEMAP_SCAN;
+
 /// `'T'`: the TUN/TAP driver's ioctl type.
 const TUNTAP: u32 = 0x54;
 const fn tun_iow_int(nr: u32) -> u64 {
@@ -135,5 +139,6 @@ mod tests {
         assert_eq!(KVM_VCPU_SETUP[3], 0x41a0_ae8d); // KVM_SET_FPU
         assert_eq!(KVM_VCPU_SETUP[10], 0x5000_aea5); // KVM_SET_XSAVE
         assert_eq!(TAP, [0x4004_54ca, 0x4004_54d0, 0x4004_54d8, 0x8913, 0x8914]);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610); // <linux/fs.h>, struct pm_scan_arg: 96 bytes
     }
 }

@@ -320,7 +320,11 @@ mod tests {
         fn read_vectored_at(&self, bufs: &IoBufsMut<'_>, _: u64) -> std::io::Result<()> {
             for r in self.mem.iter() {
                 // As vmm::live::dirty does: the mapping's own bitmap.
-                let _ = std::ops::Deref::deref(r).bitmap().get_and_reset();
+                std::ops::Deref::deref(r).bitmap().take_into(&mut vec![
+                    0;
+                    r.len() as usize / 4096 / 64
+                        + 1
+                ]);
             }
             bufs.write_at(0, &vec![0xab; bufs.len() as usize]);
             Ok(())
