@@ -108,6 +108,7 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/vms/{name}/replication/pause", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/resume", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/failover", Operator),
+    rule("POST", "/api/v1/vms/{name}/replication/reverse", Operator),
     rule("POST", "/api/v1/replicas/{vm}/failover", Operator),
     rule("GET", "/api/v1/replicas/{vm}/points", Viewer),
     rule("POST", "/api/v1/replicas/{vm}/test-failover", Operator),

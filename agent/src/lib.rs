@@ -52,6 +52,7 @@ pub mod pki;
 pub mod procfs;
 pub mod replica_failover;
 pub mod replica_primary;
+pub mod replica_reverse;
 pub mod replica_server;
 pub mod replication;
 pub mod server;

@@ -120,11 +120,23 @@ pub async fn fail_over(
         vm: vm.to_string(),
         why,
     };
-    if sup.get(vm).is_ok() {
-        return Err(refused(format!(
-            "a VM named {vm:?} exists on this host already"
-        )));
-    }
+    // A VM of that name here is replaced only when it is the stopped one this host
+    // failed over to `primary` (the replica is then its reverse replication).
+    let replaces_old = match sup.get(vm) {
+        Err(_) => false,
+        Ok(st)
+            if st.pid.is_none()
+                && crate::replication::Replications::failed_over_to(sup, vm).as_deref()
+                    == Some(primary) =>
+        {
+            true
+        }
+        Ok(_) => {
+            return Err(refused(format!(
+                "a VM named {vm:?} exists on this host already"
+            )))
+        }
+    };
     let name = vm.to_string();
     let held = server
         .on_vm(primary, vm, move |dir| {
@@ -154,6 +166,11 @@ pub async fn fail_over(
         vm: vm.to_string(),
         source,
     };
+    if replaces_old {
+        // Its disks stay where they are; the VM runs on the replica's images now.
+        sup.delete(vm).map_err(start_err)?;
+        info!(%primary, vm, "replica: failed back; the VM's old definition replaced");
+    }
     let mut status = sup.define(vm, def).map_err(start_err)?;
     if start {
         status = sup.start(vm).await.map_err(start_err)?;

@@ -14,13 +14,13 @@
 //! segments not yet applied — never a full copy.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use replica::{segment_file_name, ChangeLog, Extra, SegmentReader};
+use replica::{segment_file_name, BlockHash, ChangeLog, Extra, Resync, SegmentReader};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
@@ -31,6 +31,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// The initial copy goes in chunks of this size.
 const BASE_CHUNK: usize = 4 << 20;
 const ZSTD_LEVEL: i32 = 3;
+/// The replica's block hashes are fetched this many at a time (1 GiB of disk).
+const HASH_WINDOW: u64 = 1 << 14;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
@@ -66,6 +68,13 @@ pub enum ShipError {
         #[source]
         source: replica::SegmentError,
     },
+    #[error("replica {to}, disk {disk}: {source}")]
+    Resync {
+        to: String,
+        disk: usize,
+        #[source]
+        source: replica::ResyncError,
+    },
     #[error("the cut failed: {0}")]
     Cut(String),
     #[error("the change log of {label}: {source}")]
@@ -99,6 +108,9 @@ pub struct DiskSource {
 pub struct RoundStats {
     /// Bytes of the initial copy on the wire (compressed).
     pub base_bytes: u64,
+    /// Bytes of the images the initial copy sent (the blocks that differed at the
+    /// replica), before compression.
+    pub base_differing_bytes: u64,
     pub segments_sent: u64,
     /// Bytes of segments on the wire (compressed).
     pub segment_bytes: u64,
@@ -115,6 +127,9 @@ pub struct Shipper {
     pub extras: Extras,
     /// How many recovery points the replica keeps (`--history`).
     pub history: u32,
+    /// A reverse replication: a replica the server does not hold yet is made from its
+    /// own disks of the VM (`PUT .../reverse`), not new and empty.
+    pub reverse: bool,
 }
 
 /// A sealed segment of the primary's log: (sequence number, cut id).
@@ -169,12 +184,16 @@ impl Shipper {
                 .to_string()
                 .into_bytes()
         };
+        let failed_over = v["failed_over"] == true;
+        let reverse_path = format!("{path}/reverse");
         let v = match status {
-            200 if v["keep"].as_u64() == Some(u64::from(self.history.max(1)))
-                || v["failed_over"] == true =>
-            {
-                v
+            // A reverse replica is made (or a failed-over one reset) by the old
+            // primary, which checks that this host may.
+            404 if self.reverse => self.ok("PUT", &reverse_path, Some(declare())).await?,
+            200 if self.reverse && failed_over => {
+                self.ok("PUT", &reverse_path, Some(declare())).await?
             }
+            200 if v["keep"].as_u64() == Some(u64::from(self.history.max(1))) || failed_over => v,
             200 | 404 => self.ok("PUT", &path, Some(declare())).await?,
             _ => {
                 return Err(ShipError::Refused {
@@ -192,35 +211,65 @@ impl Shipper {
         })
     }
 
-    /// Sends the initial copy of every disk (chunks that are all zero are skipped:
-    /// the replica's images start sparse and zero) and closes it. Bytes on the wire.
-    async fn send_base(&self) -> Result<u64, ShipError> {
+    /// Sends the initial copy of every disk as a resync by block hashes (the replica's
+    /// images may hold an older copy, or be new and zero): per disk the replica's
+    /// hashes are fetched a window at a time, the image is read once and only the
+    /// differing blocks are sent; then the copy is closed with each image's SHA-256
+    /// (the replica refuses it if its image differs). Returns (bytes on the wire,
+    /// bytes of the images sent before compression).
+    async fn send_base(&self) -> Result<(u64, u64), ShipError> {
         let mut sent = 0;
+        let mut differing = 0;
+        let mut whole = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
             let io = |source| ShipError::Io {
                 what: "reading the image",
                 path: d.image.clone(),
                 source,
             };
-            let mut f = std::fs::File::open(&d.image).map_err(io)?;
-            let mut buf = vec![0u8; BASE_CHUNK];
-            let mut offset = 0u64;
-            while offset < d.size {
-                let n = (d.size - offset).min(BASE_CHUNK as u64) as usize;
-                f.read_exact(&mut buf[..n]).map_err(io)?;
-                if buf[..n].iter().any(|&b| b != 0) {
-                    let body = zstd::encode_all(&buf[..n], ZSTD_LEVEL).map_err(io)?;
+            let f = std::fs::File::open(&d.image).map_err(io)?;
+            let mut pass = Resync::new(&f, d.size, BASE_CHUNK);
+            while !pass.done() {
+                let start = pass.next_block();
+                let theirs = self.hashes(i, d.size, start).await?;
+                while let Some(run) = pass.next_run(&theirs, start).map_err(io)? {
+                    let body = zstd::encode_all(&run.data[..], ZSTD_LEVEL).map_err(io)?;
                     sent += body.len() as u64;
-                    let path = format!("{}/disks/{i}/base/{offset}", self.base_path());
+                    let path = format!("{}/disks/{i}/base/{}", self.base_path(), run.offset);
                     self.ok("PUT", &path, Some(body)).await?;
                 }
-                offset += n as u64;
             }
+            differing += pass.differing_bytes;
+            whole.push(hex::encode(pass.finish()));
         }
-        self.ok("POST", &format!("{}/base-complete", self.base_path()), None)
-            .await?;
-        info!(vm = %self.vm, bytes = sent, "replica: initial copy sent");
-        Ok(sent)
+        let body = json!({ "image_sha256": whole }).to_string().into_bytes();
+        self.ok(
+            "POST",
+            &format!("{}/base-complete", self.base_path()),
+            Some(body),
+        )
+        .await?;
+        info!(vm = %self.vm, bytes = sent, differing, "replica: initial copy sent (resync by block hashes)");
+        Ok((sent, differing))
+    }
+
+    /// The replica's hashes of disk `i`'s blocks from `start` (a window of at most
+    /// [`HASH_WINDOW`]), checked: a list of the wrong length or block size is refused.
+    async fn hashes(&self, i: usize, size: u64, start: u64) -> Result<Vec<BlockHash>, ShipError> {
+        let path = format!(
+            "{}/disks/{i}/hashes?start={start}&count={HASH_WINDOW}",
+            self.base_path()
+        );
+        let v = self.ok("GET", &path, None).await?;
+        let block_size = v["block_size"].as_u64().unwrap_or(0);
+        let list = v["hashes"].as_str().unwrap_or_default();
+        replica::check_hash_list(size, block_size, start, HASH_WINDOW, list).map_err(|source| {
+            ShipError::Resync {
+                to: self.to.to_string(),
+                disk: i,
+                source,
+            }
+        })
     }
 
     /// Sends [`Extras`] unless this shipper sent them already.
@@ -384,7 +433,7 @@ impl Shipper {
         let mut stats = RoundStats::default();
         let status = self.status().await?;
         if !status.base_complete {
-            stats.base_bytes = self.send_base().await?;
+            (stats.base_bytes, stats.base_differing_bytes) = self.send_base().await?;
         }
         self.send_extras().await?;
         // A point is only consistent for a cut made after the initial copy was read.

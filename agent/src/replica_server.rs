@@ -9,14 +9,20 @@
 //! - `GET  /peer/v1/replica/{vm}`: what the replica holds (a primary resumes from it);
 //! - `PUT  /peer/v1/replica/{vm}/disks/{disk}/base/{offset}`: a zstd chunk of the
 //!   initial copy (at most [`replica::MAX_BASE_CHUNK`] bytes decompressed);
-//! - `POST /peer/v1/replica/{vm}/base-complete`: the initial copy is all there;
+//! - `GET  /peer/v1/replica/{vm}/disks/{disk}/hashes?start=B&count=N`: the SHA-256 of
+//!   the image's 64 KiB blocks B..B+N (hex), for a resync by block hashes;
+//! - `POST /peer/v1/replica/{vm}/base-complete` `{"image_sha256": [...]}`: the initial
+//!   copy is all there (refused if an image's hash is not the primary's);
 //! - `PUT  /peer/v1/replica/{vm}/disks/{disk}/segments/{seq}`: a zstd-compressed
 //!   sealed segment, staged after it verified (a re-send is harmless);
 //! - `POST /peer/v1/replica/{vm}/points` `{"cut_id": C, "seqs": [...]}`: every disk is
 //!   applied up to its segment of cut C, then C is the VM's recovery point;
 //! - `PUT  /peer/v1/replica/{vm}/extras/{definition|kernel|initramfs}`: what a failover
 //!   here boots (the definition's paths are never used: [`crate::replica_failover`]);
-//! - `POST /peer/v1/replica/{vm}/failover`: a planned failover, the VM starts here.
+//! - `POST /peer/v1/replica/{vm}/failover`: a planned failover, the VM starts here;
+//! - `PUT  /peer/v1/replica/{vm}/reverse` `{"disks": [...]}`: the host this VM was
+//!   failed over to replicates it back; the replica starts from this host's own disks
+//!   ([`crate::replica_reverse`]).
 //!
 //! Each VM's requests run one at a time; the store (`replica::ReplicaVm`) does the
 //! verifying, applying and syncing.
@@ -158,6 +164,7 @@ type S = State<Arc<ReplicaServer>>;
 pub fn router(server: Arc<ReplicaServer>, sup: Arc<crate::supervisor::Supervisor>) -> Router {
     let failover = Router::new()
         .route("/peer/v1/replica/{vm}/failover", post(peer_failover))
+        .route("/peer/v1/replica/{vm}/reverse", put(peer_reverse))
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),
             only_allowed_primaries,
@@ -169,6 +176,10 @@ pub fn router(server: Arc<ReplicaServer>, sup: Arc<crate::supervisor::Supervisor
         .route(
             "/peer/v1/replica/{vm}/disks/{disk}/base/{offset}",
             put(base_chunk),
+        )
+        .route(
+            "/peer/v1/replica/{vm}/disks/{disk}/hashes",
+            axum::routing::get(hashes),
         )
         .route("/peer/v1/replica/{vm}/base-complete", post(base_complete))
         .route(
@@ -362,6 +373,31 @@ async fn peer_failover(
     }
 }
 
+/// `PUT /peer/v1/replica/{vm}/reverse` `{"disks": [...], "history"?}`: the host VM
+/// `vm` was failed over to replicates it back here; the replica starts from this
+/// host's own disks of the VM ([`crate::replica_reverse::seed_here`]).
+async fn peer_reverse(
+    State((s, sup)): State<(Arc<ReplicaServer>, Arc<crate::supervisor::Supervisor>)>,
+    Extension(Peer(primary)): Extension<Peer>,
+    UrlPath(vm): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let d: Declare = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid declaration: {e}")),
+    };
+    if !valid_name(&vm) {
+        return error(StatusCode::BAD_REQUEST, format!("invalid VM name {vm:?}"));
+    }
+    match crate::replica_reverse::seed_here(&sup, &s, &primary, &vm, d.disks, d.history).await {
+        Ok(st) => status_reply(&vm, st),
+        Err((status, m)) => {
+            warn!(%primary, vm, error = %m, "replica: reverse replication refused");
+            error(status, m)
+        }
+    }
+}
+
 fn status_reply(vm: &str, st: replica::VmStatus) -> Response {
     let mut v = serde_json::to_value(st).unwrap_or_default();
     v["vm"] = serde_json::Value::String(vm.to_string());
@@ -469,15 +505,88 @@ fn decompress_bounded(compressed: &[u8], limit: u64) -> Result<Vec<u8>, StoreErr
     Ok(out)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HashesQuery {
+    start: u64,
+    count: u64,
+}
+
+/// `GET /peer/v1/replica/{vm}/disks/{disk}/hashes?start=B&count=N`: the SHA-256 of
+/// blocks B..B+N of the replica's image (hex, 32 bytes each), for a resync.
+async fn hashes(
+    State(s): S,
+    Extension(Peer(primary)): Extension<Peer>,
+    UrlPath((vm, disk)): UrlPath<(String, usize)>,
+    axum::extract::Query(q): axum::extract::Query<HashesQuery>,
+) -> Response {
+    let name = vm.clone();
+    match with_vm(&s, &primary, &vm, move |dir| {
+        ReplicaVm::open(dir.as_fd(), &name)?.block_hashes(disk, q.start, q.count)
+    })
+    .await
+    {
+        Ok(list) => (
+            StatusCode::OK,
+            Json(serde_json::json!({
+                "vm": vm, "disk": disk, "start": q.start,
+                "block_size": replica::HASH_BLOCK,
+                "hashes": hex::encode(list.concat()),
+            })),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST .../base-complete` `{"image_sha256": ["hex", ...]}` (one per disk): the
+/// initial copy is complete if every image has the primary's hash. Without a body
+/// the images are taken as they are.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BaseComplete {
+    image_sha256: Vec<String>,
+}
+
 async fn base_complete(
     State(s): S,
     Extension(Peer(primary)): Extension<Peer>,
     UrlPath(vm): UrlPath<String>,
+    body: axum::body::Bytes,
 ) -> Response {
+    let hashes = if body.is_empty() {
+        None
+    } else {
+        let parsed = serde_json::from_slice::<BaseComplete>(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                b.image_sha256
+                    .iter()
+                    .map(|h| {
+                        let mut out = [0u8; 32];
+                        hex::decode_to_slice(h, &mut out)
+                            .map(|()| out)
+                            .map_err(|e| format!("{h:?}: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            });
+        match parsed {
+            Ok(h) => Some(h),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid image hashes: {e}"),
+                )
+            }
+        }
+    };
     let name = vm.clone();
     match with_vm(&s, &primary, &vm, move |dir| {
         let mut r = ReplicaVm::open(dir.as_fd(), &name)?;
-        r.complete_base()?;
+        match hashes {
+            Some(h) => r.complete_base_checked(&h)?,
+            None => r.complete_base()?,
+        }
         r.status()
     })
     .await

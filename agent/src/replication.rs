@@ -6,7 +6,7 @@
 //! stay in the VM's change log until the replica applied them.
 //!
 //! Routes (unix socket): `PUT/GET/DELETE /api/v1/vms/{name}/replication`,
-//! `POST /api/v1/vms/{name}/replication/pause|resume`, `GET /api/v1/replication`.
+//! `POST /api/v1/vms/{name}/replication/pause|resume|reverse`, `GET /api/v1/replication`.
 //! Events: `replication-enabled`, `-paused`, `-resumed`, `-disabled`, `-failing`
 //! (the first failed round after a good one), `-recovered`.
 //!
@@ -53,6 +53,9 @@ pub struct EnableRequest {
     /// How many recovery points the replica keeps (default 1: the latest only).
     #[serde(default)]
     pub history: Option<u32>,
+    /// Set by a reverse replication (not part of the REST body).
+    #[serde(skip)]
+    pub reverse: bool,
 }
 
 /// What `GET .../replication` answers.
@@ -72,6 +75,9 @@ pub struct ReplicationStatus {
     pub rounds: u64,
     pub failed_rounds: u64,
     pub base_bytes_sent: u64,
+    /// Bytes of the disks the initial copy sent before compression: the blocks that
+    /// differed at the replica (a resync by block hashes).
+    pub base_differing_bytes: u64,
     pub segment_bytes_sent: u64,
     pub segments_sent: u64,
     pub last_error: Option<String>,
@@ -88,6 +94,15 @@ pub struct Settings {
     pub paused: bool,
     #[serde(default = "one")]
     pub history: u32,
+    /// A reverse replication (after a planned failover to this host): the replica is
+    /// seeded from the old primary's own disks (`PUT /peer/v1/replica/{vm}/reverse`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reverse: bool,
+    /// Not replicating any more: the VM was failed over (planned) to this host, by
+    /// its certificate name. Kept so that host may reverse the replication back here
+    /// and fail the VM back; no loop runs for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_over_to: Option<String>,
 }
 
 fn one() -> u32 {
@@ -169,7 +184,16 @@ impl Replications {
         Ok(out)
     }
 
-    fn endpoint(&self, to: &str, server_name: &str) -> Result<Endpoint, String> {
+    pub(crate) fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.sup
+    }
+
+    /// This host's replica server, if it is one (`--replica-dir`).
+    pub(crate) fn replica_server(&self) -> Option<&Arc<ReplicaServer>> {
+        self.replica.as_ref()
+    }
+
+    pub(crate) fn endpoint(&self, to: &str, server_name: &str) -> Result<Endpoint, String> {
         let id = self.sup.cfg.identity.as_ref().ok_or(
             "replication needs this vireod's host identity (--tls-cert, --tls-key, --tls-ca)",
         )?;
@@ -213,6 +237,8 @@ impl Replications {
             interval_ms: interval.as_millis() as u64,
             paused: false,
             history,
+            reverse: req.reverse,
+            failed_over_to: None,
         };
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(name) {
@@ -262,6 +288,7 @@ impl Replications {
             disks,
             extras: self.extras(name).map_err(|m| (StatusCode::CONFLICT, m))?,
             history: settings.history,
+            reverse: settings.reverse,
         };
         let task = tokio::spawn(run(
             self.sup.clone(),
@@ -309,6 +336,10 @@ impl Replications {
                     continue;
                 }
             };
+            if let Some(to) = &settings.failed_over_to {
+                info!(vm = %name, to = %to, "failed over (planned); no replication to restore");
+                continue;
+            }
             match self.start_job(&name, settings) {
                 Ok(job) => {
                     info!(vm = %name, to = %job.settings.to, paused = job.settings.paused, "replication restored");
@@ -321,6 +352,16 @@ impl Replications {
                 }
             }
         }
+    }
+
+    /// The host VM `name` was failed over to (planned) from here, if it was.
+    pub fn failed_over_to(sup: &Supervisor, name: &str) -> Option<String> {
+        sup.stored_replications()
+            .ok()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, json)| serde_json::from_str::<Settings>(&json).ok())
+            .and_then(|s| s.failed_over_to)
     }
 
     pub fn status(&self, name: &str) -> Option<ReplicationStatus> {
@@ -394,8 +435,13 @@ impl Replications {
         };
         match self.failover_steps(name, &settings, start).await {
             Ok(v) => {
-                if let Err(e) = self.store(name, None) {
-                    warn!(vm = %name, error = %e, "the failed-over replication stays stored");
+                // Kept (no loop runs) so the new primary may reverse to this host.
+                let marker = Settings {
+                    failed_over_to: Some(settings.server_name.to_ascii_lowercase()),
+                    ..settings.clone()
+                };
+                if let Err(e) = self.store(name, Some(&marker)) {
+                    warn!(vm = %name, error = %e, "the failover is not recorded: no reverse replication to this host");
                 }
                 self.sup.replication_event(
                     name,
@@ -432,6 +478,7 @@ impl Replications {
             disks: self.sources(name)?,
             extras: self.extras(name)?,
             history: settings.history,
+            reverse: settings.reverse,
         };
         let running = self.sup.get(name).map_err(|e| e.to_string())?;
         if running.pid.is_some() {
@@ -635,6 +682,7 @@ async fn run(
             match result {
                 Ok(s) => {
                     st.base_bytes_sent += s.base_bytes;
+                    st.base_differing_bytes += s.base_differing_bytes;
                     st.segment_bytes_sent += s.segment_bytes;
                     st.segments_sent += s.segments_sent;
                     if let Some(p) = s.point {
@@ -689,6 +737,7 @@ pub fn router(r: Arc<Replications>) -> Router {
         .route("/api/v1/vms/{name}/replication/pause", post(pause))
         .route("/api/v1/vms/{name}/replication/resume", post(resume))
         .route("/api/v1/vms/{name}/replication/failover", post(failover))
+        .route("/api/v1/vms/{name}/replication/reverse", post(reverse))
         .route("/api/v1/replicas/{vm}/failover", post(failover_here))
         .route("/api/v1/replicas/{vm}/points", get(points))
         .route("/api/v1/replicas/{vm}/test-failover", post(test_failover))
@@ -792,6 +841,26 @@ async fn failover(
     match r.planned_failover(&name, start).await {
         Ok(v) => Json(v).into_response(),
         Err((status, m)) => error(status, m),
+    }
+}
+
+/// `POST /api/v1/vms/{name}/replication/reverse` `{"to": "HOST:PORT", ...}`: a VM
+/// failed over to this host is replicated back to its old primary
+/// ([`crate::replica_reverse`]).
+async fn reverse(State(r): R, UrlPath(name): UrlPath<String>, body: axum::body::Bytes) -> Response {
+    if r.sup.get(&name).is_err() {
+        return not_enabled(&r, &name);
+    }
+    let req: crate::replica_reverse::ReverseRequest = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reverse: {e}")),
+    };
+    match crate::replica_reverse::reverse(&r, &name, req).await {
+        Ok(s) => (StatusCode::OK, Json(s)).into_response(),
+        Err((status, m)) => {
+            warn!(vm = %name, error = %m, "reverse replication refused");
+            error(status, m)
+        }
     }
 }
 

@@ -412,6 +412,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         disks: vm.lock().unwrap().sources(),
         extras: Default::default(),
         history: 1,
+        reverse: false,
     };
     let same = |what: &str| {
         let v = vm.lock().unwrap();
@@ -452,6 +453,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         disks: shipper.disks.clone(),
         extras: Default::default(),
         history: 1,
+        reverse: false,
     };
     vm.lock().unwrap().write(0, 800_000, 3, 4096);
     let err = round(&dead, &vm).unwrap_err();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::pki::{call_raw, endpoint, tls_args, Pki};
-use common::writer::{prefix_of, start_writer_vm};
+use common::writer::{prefix_of, start_writer_vm_filled};
 use common::{Daemon, T};
 use serde_json::{json, Value};
 use vireo_e2e::netns::NetNs;
@@ -30,6 +30,7 @@ struct Hosts {
     _pki: Pki,
     /// host-a's identity (the primary's).
     a_id: agent::hosttls::IdentityFiles,
+    b_id: agent::hosttls::IdentityFiles,
     /// B's replica directory.
     replicas: PathBuf,
     _store: tempfile::TempDir,
@@ -37,8 +38,32 @@ struct Hosts {
     images: Vec<PathBuf>,
 }
 
+/// Starts `args` as a vireod in `ns` and waits until its peer listener at `addr`
+/// takes connections.
+fn listening_daemon(args: &[String], ns: &Arc<NetNs>, addr: &str) -> Daemon {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start_in_netns(&refs, ns.clone());
+    ns.run(|| {
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                start.elapsed() < T,
+                "the peer listener at {addr} never came up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
+    d
+}
+
 impl Hosts {
     fn new(tag: &str) -> Self {
+        Self::with(tag, None)
+    }
+
+    /// With `a_replicas`, host-a is a replica server too (for host-b, into that
+    /// directory): the reverse direction.
+    fn with(tag: &str, a_replicas: Option<&Path>) -> Self {
         let ns_a = Arc::new(NetNs::new(&format!("{tag}a")));
         let ns_b = Arc::new(NetNs::new(&format!("{tag}b")));
         // The veth ends are made in the namespaces: no name is shared with another test.
@@ -69,7 +94,8 @@ impl Hosts {
             "--listen".into(),
             addr.clone(),
         ];
-        args.extend(tls_args(&pki.host("host-b")));
+        let b_id = pki.host("host-b");
+        args.extend(tls_args(&b_id));
         args.extend(["--peer".into(), "host-a".into()]);
         args.extend(["--replica-dir".into(), replicas.display().to_string()]);
         args.extend(["--replica-allow".into(), "host-a".into()]);
@@ -86,10 +112,22 @@ impl Hosts {
         let a_id = pki.host("host-a");
         let mut args = tls_args(&a_id);
         args.push("--no-autostart".into());
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let a = Daemon::start_in_netns(&refs, ns_a.clone());
+        let a = match a_replicas {
+            None => {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                Daemon::start_in_netns(&refs, ns_a.clone())
+            }
+            Some(dir) => {
+                let a_addr = format!("{A_IP}:{PEER_PORT}");
+                args.extend(["--listen".into(), a_addr.clone()]);
+                args.extend(["--peer".into(), "host-b".into()]);
+                args.extend(["--replica-dir".into(), dir.display().to_string()]);
+                args.extend(["--replica-allow".into(), "host-b".into()]);
+                listening_daemon(&args, &ns_a, &a_addr)
+            }
+        };
         let disks_dir = a.dir.path().join("disks");
-        let images = start_writer_vm(&a, &disks_dir, false);
+        let images = start_writer_vm_filled(&a, &disks_dir, false, a_replicas.is_some());
         a.ctl_ok(&[
             "replica",
             "enable",
@@ -108,6 +146,7 @@ impl Hosts {
             _ns_b: ns_b,
             _pki: pki,
             a_id,
+            b_id,
             replicas,
             _store: store,
             images,
@@ -303,4 +342,228 @@ fn an_unplanned_failover_starts_the_latest_point_and_a_returning_primary_changes
         Some(&json!({"point": "2026-01-01T00:00:00Z"}).to_string()),
     );
     assert_eq!(s, 400, "{body}");
+}
+
+/// The replication status of vm1 on `d` once it satisfies `done`.
+fn wait_on(d: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let (s, body) = d.api("GET", "/api/v1/vms/vm1/replication", None);
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if s == 200 && done(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < T * 3, "{what}: {body}\nlog:\n{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// vm1's disk paths in `d`'s definition.
+fn disk_paths(d: &Daemon) -> Vec<PathBuf> {
+    let def = d.ok("GET", "/api/v1/vms/vm1", None);
+    def["definition"]["config"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .collect()
+}
+
+/// The round trip: a planned failover to host-b, `replica reverse` there replicates
+/// vm1 back to host-a starting from host-a's own (stopped) disks — only the blocks the
+/// guest changed since are sent —, recovery points arrive at host-a, and a planned
+/// failover back leaves host-a's replica equal to host-b's disks byte for byte and
+/// the VM running on host-a again. Refused and changing nothing: `reverse` of a VM
+/// that is not a failed-over replica, and towards a host that does not allow it.
+/// Then the same back to host-b (its failed-over replica reset in place as the base).
+#[test]
+fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_fails_back() {
+    if !vireo_e2e::netns::is_root() {
+        vireo_e2e::skip_or_fail_under_ci("network namespaces need root");
+        return;
+    }
+    let a_store = tempfile::Builder::new()
+        .prefix("replicas")
+        .tempdir()
+        .unwrap();
+    let a_replicas = a_store.path().join("replicas");
+    let h = Hosts::with("rpr", Some(&a_replicas));
+    let v = h.wait("a second recovery point", |v| point(v) >= 2);
+    // The first initial copy sent the filler (it does not compress).
+    let filler = 2 * (common::writer::DISK_SIZE - common::writer::FILL_FROM);
+    assert!(v["base_differing_bytes"].as_u64().unwrap() >= filler, "{v}");
+    h.a.ctl_ok(&["replica", "failover", "vm1", "--planned"]);
+    h.b.wait_serial("vm1", "rw n=5\n", T);
+    let b_disks = disk_paths(&h.b);
+    let a_addr = format!("{A_IP}:{PEER_PORT}");
+
+    // Not a failed-over replica: host-a's own (stopped) vm1. Nothing changes.
+    let def_before = h.a.ok("GET", "/api/v1/vms/vm1", None)["definition"].clone();
+    let o = h.a.ctl(&[
+        "replica",
+        "reverse",
+        "vm1",
+        "--to",
+        &format!("{B_IP}:{PEER_PORT}"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a failed-over replica"),
+        "{err}"
+    );
+    assert_eq!(
+        h.a.ok("GET", "/api/v1/vms/vm1", None)["definition"],
+        def_before
+    );
+    let (s, _) = h.a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404);
+
+    // Towards a host that does not allow host-b (host-a's identity, another vireod
+    // that replicates only for host-c): refused, vm1 on host-b untouched.
+    let decoy_store = tempfile::tempdir().unwrap();
+    let decoy_addr = format!("{A_IP}:{}", PEER_PORT + 1);
+    let mut args = tls_args(&h.a_id);
+    args.push("--no-autostart".into());
+    args.extend(["--listen".into(), decoy_addr.clone()]);
+    args.extend([
+        "--peer".into(),
+        "host-b".into(),
+        "--peer".into(),
+        "host-c".into(),
+    ]);
+    let decoy_dir = decoy_store.path().join("replicas");
+    args.extend(["--replica-dir".into(), decoy_dir.display().to_string()]);
+    args.extend(["--replica-allow".into(), "host-c".into()]);
+    let decoy = listening_daemon(&args, &h.ns_a, &decoy_addr);
+    let b_def = h.b.ok("GET", "/api/v1/vms/vm1", None);
+    let o = h.b.ctl(&[
+        "replica",
+        "reverse",
+        "vm1",
+        "--to",
+        &decoy_addr,
+        "--interval",
+        "1s",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not an allowed replication primary"),
+        "{err}"
+    );
+    let b_after = h.b.ok("GET", "/api/v1/vms/vm1", None);
+    assert_eq!(
+        b_after["definition"], b_def["definition"],
+        "the definition changed"
+    );
+    assert_eq!(b_after["pid"], b_def["pid"], "the VM was restarted");
+    let (s, _) = h.b.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404);
+    assert!(
+        absent(&decoy_dir.join("host-b")),
+        "the refusing host stored something"
+    );
+    drop(decoy);
+
+    // The reverse: host-b's VMM restarted with change logs, host-a's replica made from
+    // its own disks; only the blocks the guest wrote on host-b are sent.
+    h.b.ctl_ok(&[
+        "replica",
+        "reverse",
+        "vm1",
+        "--to",
+        &a_addr,
+        "--interval",
+        "1s",
+    ]);
+    h.b.wait_log("replication-reversed");
+    let def = h.b.ok("GET", "/api/v1/vms/vm1", None);
+    assert!(
+        def["definition"]["config"]["disks"][0]["replica_log"].is_string(),
+        "{def}"
+    );
+    let v = wait_on(&h.b, "a second point at host-a", |v| point(v) >= 2);
+    eprintln!("reverse: {v}");
+    let total = 2 * common::writer::DISK_SIZE;
+    let differing = v["base_differing_bytes"].as_u64().unwrap();
+    // The writer guest touches only the first 256 KiB of each disk: at most four
+    // 64 KiB blocks per disk differ.
+    assert!(differing <= 2 * 4 * (64 << 10), "{v}");
+    assert!(v["base_bytes_sent"].as_u64().unwrap() < total / 8, "{v}");
+    let (s, pts) =
+        h.a.api("GET", "/api/v1/replicas/vm1/points?primary=host-b", None);
+    assert_eq!(s, 200, "{pts}");
+
+    // Fail back (planned): host-a's replica equals host-b's stopped disks, byte for
+    // byte, and vm1 runs on host-a again, on those images.
+    h.b.ctl_ok(&["replica", "failover", "vm1", "--planned", "--no-start"]);
+    assert_eq!(h.b.state("vm1"), "Stopped");
+    for (i, disk) in b_disks.iter().enumerate() {
+        let theirs = std::fs::read(disk).unwrap();
+        let mine =
+            std::fs::read(a_replicas.join("host-b/vm1").join(format!("disk-{i}.img"))).unwrap();
+        assert!(
+            mine == theirs,
+            "disk {i}: host-a's replica differs from host-b's disk"
+        );
+    }
+    let a_disks = disk_paths(&h.a);
+    assert!(a_disks[0].ends_with("host-b/vm1/disk-0.img"), "{a_disks:?}");
+    h.a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    h.a.wait_serial("vm1", "rw n=5\n", T);
+    let (s, _) = h.a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404);
+    // host-b asks host-a for a reverse replica of a VM host-a did not fail over to
+    // it (vm1 runs there now): refused, nothing stored.
+    let (s, v) = h.ns_a.run(|| {
+        let to = endpoint(&a_addr, "host-a", &h.b_id);
+        let sizes = [common::writer::DISK_SIZE; 2];
+        let body = json!({ "disks": sizes }).to_string();
+        call_raw(
+            &to,
+            "PUT",
+            "/peer/v1/replica/vm2/reverse",
+            Some(body.into_bytes()),
+        )
+        .unwrap()
+    });
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("was not failed over from here"),
+        "{v}"
+    );
+    assert!(absent(&a_replicas.join("host-b/vm2")));
+
+    // Once more the other way: host-a reverses to host-b, whose failed-over replica
+    // (the disks vm1 ran on there) is reset in place as the base: again only the
+    // changed blocks are sent, and host-b's stopped vm1 is gone (its disks are the
+    // replica's again).
+    h.a.ctl_ok(&[
+        "replica",
+        "reverse",
+        "vm1",
+        "--to",
+        &format!("{B_IP}:{PEER_PORT}"),
+        "--interval",
+        "1s",
+    ]);
+    let v = wait_on(&h.a, "a second point at host-b", |v| point(v) >= 2);
+    eprintln!("second reverse: {v}");
+    assert!(
+        v["base_differing_bytes"].as_u64().unwrap() <= 2 * 4 * (64 << 10),
+        "{v}"
+    );
+    let (s, body) = h.b.api("GET", "/api/v1/vms/vm1", None);
+    assert_eq!(s, 404, "{body}");
+    h.a.ctl_ok(&["replica", "failover", "vm1", "--planned", "--no-start"]);
+    for (i, disk) in b_disks.iter().enumerate() {
+        let a_disk = a_replicas.join("host-b/vm1").join(format!("disk-{i}.img"));
+        assert!(
+            std::fs::read(disk).unwrap() == std::fs::read(&a_disk).unwrap(),
+            "disk {i}: host-b's replica differs from host-a's disk after the second failover"
+        );
+    }
+    assert_eq!(disk_paths(&h.b), b_disks);
 }

@@ -15,7 +15,8 @@ use crate::error::SegmentError;
 use crate::format::RecordKind;
 use crate::segment::{SegmentReader, Trailer};
 
-const STATE_FILE: &str = "applied";
+/// The disk's applied state, in its directory.
+pub(crate) const STATE_FILE: &str = "applied";
 const STATE_MAGIC: &[u8; 8] = b"VIREOAPL";
 
 /// What a replica image needs: the raw image is a `File`.

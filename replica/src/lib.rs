@@ -11,6 +11,7 @@ mod error;
 mod format;
 mod history;
 mod log;
+mod resync;
 mod segment;
 mod store;
 
@@ -19,6 +20,10 @@ pub use error::{LogError, SegmentError};
 pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
 pub use history::{PointInfo, MAX_HISTORY};
 pub use log::{ChangeLog, Recovery, SealedSegment};
+pub use resync::{
+    block_count, check_hash_list, image_hash, BlockHash, Resync, ResyncError, Run, HASH_BLOCK,
+    MAX_HASHES_PER_REQUEST,
+};
 pub use segment::{Record, SegmentReader, Trailer};
 pub use store::{
     Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus, MAX_BASE_CHUNK,
@@ -27,6 +32,8 @@ pub use store::{
 
 #[cfg(test)]
 mod history_tests;
+#[cfg(test)]
+mod resync_tests;
 #[cfg(test)]
 mod store_tests;
 #[cfg(test)]

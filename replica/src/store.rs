@@ -34,6 +34,7 @@ use crate::apply::{ApplyError, ApplyOutcome, ReplicaDisk};
 use crate::error::SegmentError;
 use crate::format::segment_file_name;
 use crate::history::{self, PointInfo, MAX_HISTORY};
+use crate::resync::{self, BlockHash};
 use crate::segment::{SegmentReader, Trailer};
 
 const STATE_FILE: &str = "vm.state";
@@ -304,6 +305,28 @@ impl ReplicaVm {
         name: &str,
         disk_sizes: &[u64],
     ) -> Result<Self, StoreError> {
+        Self::create_or_open_seeded(parent, name, disk_sizes, None)
+    }
+
+    /// As [`Self::create_or_open`]; a new replica's images start as copies of
+    /// `seed` (one file per disk, of the disk's size: an older copy of the disks, as
+    /// the old primary's own disks for a reverse replication) instead of zero. The
+    /// initial copy then is a resync that sends only the blocks that differ.
+    pub fn create_or_open_seeded(
+        parent: BorrowedFd<'_>,
+        name: &str,
+        disk_sizes: &[u64],
+        seed: Option<&[File]>,
+    ) -> Result<Self, StoreError> {
+        if let Some(seed) = seed {
+            if seed.len() != disk_sizes.len() {
+                return Err(StoreError::Invalid(format!(
+                    "{} seed images for {} disks",
+                    seed.len(),
+                    disk_sizes.len()
+                )));
+            }
+        }
         if disk_sizes.is_empty() || disk_sizes.len() > MAX_DISKS {
             return Err(StoreError::Invalid(format!(
                 "a replicated VM has 1 to {MAX_DISKS} disks, not {}",
@@ -339,7 +362,14 @@ impl ReplicaVm {
                 }
                 Err(e) => return Err(io_err(disk_image_name(i))(e)),
             };
+            image.set_len(0).map_err(io_err(disk_image_name(i)))?;
             image.set_len(size).map_err(io_err(disk_image_name(i)))?;
+            if let Some(from) = seed.and_then(|s| s.get(i)) {
+                copy_sparse(from, &image, size).map_err(io_err(format!(
+                    "seeding {} from an existing copy",
+                    disk_image_name(i)
+                )))?;
+            }
             image.sync_all().map_err(io_err(disk_image_name(i)))?;
             open_or_create_dir(dir.as_fd(), &disk_dir_name(i)).map_err(io_err(disk_dir_name(i)))?;
         }
@@ -483,6 +513,45 @@ impl ReplicaVm {
             self.state = state;
         }
         Ok(point)
+    }
+
+    /// Makes a failed-over replica a new one on the same images, for a reverse
+    /// replication onto them (the VM that ran on them replicates back here): no
+    /// point, no kept history, nothing applied or staged, the initial copy incomplete
+    /// (a resync sends what differs). The state file is written last: a crash before
+    /// it leaves the replica failed over, and the reset is done again.
+    pub fn reset_for_resync(self) -> Result<Self, StoreError> {
+        if !self.state.failed_over {
+            return Err(StoreError::Conflict(
+                "only a failed-over replica is reset for a reverse replication".into(),
+            ));
+        }
+        for (i, ddir) in self.disk_dirs.iter().enumerate() {
+            for seq in self.staged(i)? {
+                confine::unlink_at(ddir.as_fd(), segment_file_name(seq).as_ref())
+                    .map_err(io_err(format!("disk {i}: removing segment {seq}")))?;
+            }
+            match confine::unlink_at(ddir.as_fd(), crate::apply::STATE_FILE.as_ref()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err(format!("disk {i}: removing its applied state"))(e))
+                }
+                _ => {}
+            }
+            sync_dir(ddir.as_fd()).map_err(io_err(disk_dir_name(i)))?;
+        }
+        let state = VmState {
+            disk_sizes: self.state.disk_sizes.clone(),
+            base_complete: false,
+            point: None,
+            failed_over: false,
+            history: Vec::new(),
+            keep: self.state.keep,
+        };
+        Self::save_state(self.dir.as_fd(), &state)?;
+        tracing::info!("replica: a failed-over replica reset for a reverse replication");
+        let reopened = Self::open_dir(self.dir)?;
+        reopened.drop_unkept_undo()?;
+        Ok(reopened)
     }
 
     /// Stores `bytes` as `which` (atomically replaced, synced).
@@ -814,6 +883,66 @@ impl ReplicaVm {
         Ok(())
     }
 
+    /// The replica's hashes of blocks `start..start+count` of disk `disk` (clipped to
+    /// the disk), for a resync: only while the initial copy is not complete.
+    pub fn block_hashes(
+        &self,
+        disk: usize,
+        start: u64,
+        count: u64,
+    ) -> Result<Vec<BlockHash>, StoreError> {
+        self.taking()?;
+        let i = self.disk_index(disk)?;
+        if self.state.base_complete {
+            return Err(StoreError::Conflict(
+                "the initial copy is complete: no block hashes are served".into(),
+            ));
+        }
+        let blocks = resync::block_count(self.state.disk_sizes[i]);
+        if count == 0 || count > resync::MAX_HASHES_PER_REQUEST || start >= blocks {
+            return Err(StoreError::Invalid(format!(
+                "hashes of blocks {start}..+{count}: disk {disk} has {blocks} blocks, at most {} per request",
+                resync::MAX_HASHES_PER_REQUEST
+            )));
+        }
+        resync::block_hashes(&self.images[i], self.state.disk_sizes[i], start, count)
+            .map_err(io_err(format!("hashing {}", disk_image_name(i))))
+    }
+
+    /// The initial copy is all there if every image's SHA-256 equals the primary's
+    /// (`hashes[i]`, the hash of the bytes it read): then as [`Self::complete_base`].
+    /// A differing image leaves the copy incomplete (the primary resyncs again).
+    pub fn complete_base_checked(&mut self, hashes: &[BlockHash]) -> Result<(), StoreError> {
+        self.taking()?;
+        if self.state.base_complete {
+            return Ok(());
+        }
+        if hashes.len() != self.images.len() {
+            return Err(StoreError::Invalid(format!(
+                "{} image hashes for {} disks",
+                hashes.len(),
+                self.images.len()
+            )));
+        }
+        for (i, img) in self.images.iter().enumerate() {
+            img.sync_all().map_err(io_err(disk_image_name(i)))?;
+            let mine = resync::image_hash(img, self.state.disk_sizes[i])
+                .map_err(io_err(format!("hashing {}", disk_image_name(i))))?;
+            if mine != hashes[i] {
+                tracing::warn!(
+                    disk = i,
+                    "replica: the image differs from the primary's after the initial copy"
+                );
+                return Err(StoreError::Conflict(format!(
+                    "disk {i}: the image's SHA-256 {} is not the primary's {}: the initial copy is not complete",
+                    hex::encode(mine),
+                    hex::encode(hashes[i])
+                )));
+            }
+        }
+        self.complete_base()
+    }
+
     /// Stages segment `seq` of disk `disk` from its zstd-compressed bytes: decompressed
     /// (at most `max_bytes`), verified to its trailer, synced, kept for the commit of
     /// its cut. A segment already applied is taken as a re-send and not kept; a bad
@@ -1049,6 +1178,29 @@ fn prune(state: &mut VmState) {
     if let Some(oldest) = state.history.first_mut() {
         oldest.undo_bytes = 0;
     }
+}
+
+/// Copies the first `size` bytes of `from` into `to` (new and zero: all-zero
+/// chunks are left as holes). `from` must hold `size` bytes.
+fn copy_sparse(from: &File, to: &File, size: u64) -> io::Result<()> {
+    let len = from.metadata()?.len();
+    if len != size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the seed has {len} bytes, the disk {size}"),
+        ));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        from.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            to.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Reads a segment through and returns its trailer.

@@ -201,6 +201,21 @@ enum ReplicaCommand {
         #[arg(long)]
         stop: bool,
     },
+    /// On the host a VM was failed over to (planned): replicate it back to its old
+    /// primary, whose replica starts from its own disks (only the blocks that changed
+    /// are sent). A running VM is restarted once if its disks have no change log.
+    Reverse {
+        name: String,
+        /// The old primary's vireod peer listener, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Time between cuts (at least 1 s).
+        #[arg(long, default_value = "30s", value_parser = parse_interval)]
+        interval: f64,
+        /// Recovery points the old primary keeps.
+        #[arg(long, default_value_t = 1)]
+        history: u32,
+    },
     /// Every replicated VM, or one.
     Status { name: Option<String> },
     /// Stop cutting and shipping for now (the change log keeps everything).
@@ -335,6 +350,19 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
                 );
             }
             return Ok(());
+        }
+        ReplicaCommand::Reverse {
+            name,
+            to,
+            interval,
+            history,
+        } => {
+            let body = serde_json::json!({"to": to, "interval_s": interval, "history": history});
+            ctx.json(
+                "POST",
+                &format!("{}/reverse", path(name)),
+                Some(body.to_string().into_bytes()),
+            )?
         }
         ReplicaCommand::Status { name: Some(n) } => ctx.json("GET", &path(n), None)?,
         ReplicaCommand::Status { name: None } => ctx.json("GET", "/api/v1/replication", None)?,

@@ -786,6 +786,30 @@ impl Supervisor {
         Ok(st)
     }
 
+    /// Replaces the definition of VM `name`, which must not be running (checked
+    /// against the storage roots like a new one).
+    pub fn redefine(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {
+        def.validate()?;
+        self.confine(name, &mut def)?;
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get_mut(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if vm.state.has_process() {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: vm.state.to_string(),
+                action: "change its definition (stop it first)",
+            });
+        }
+        lock(&self.inv).update(name, &def)?;
+        vm.def = def;
+        let st = self.status_of(name, vm, true);
+        drop(vms);
+        self.emit(name, "redefined", None);
+        Ok(st)
+    }
+
     pub fn delete(&self, name: &str) -> Result<(), AgentError> {
         let mut vms = lock(&self.vms);
         let vm = vms

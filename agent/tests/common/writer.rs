@@ -15,15 +15,46 @@ pub fn start_writer_vm(
     disks_dir: &std::path::Path,
     resume: bool,
 ) -> Vec<std::path::PathBuf> {
+    start_writer_vm_filled(daemon, disks_dir, resume, false)
+}
+
+/// Where [`start_writer_vm_filled`]'s filler starts (past the writer's blocks).
+pub const FILL_FROM: u64 = 1 << 20;
+
+/// [`start_writer_vm`]; with `fill`, each image holds bytes that do not compress
+/// from [`FILL_FROM`] to its end (data the guest never touches).
+pub fn start_writer_vm_filled(
+    daemon: &super::Daemon,
+    disks_dir: &std::path::Path,
+    resume: bool,
+    fill: bool,
+) -> Vec<std::path::PathBuf> {
     std::fs::create_dir(disks_dir).unwrap();
     let mut disks = Vec::new();
     let mut images = Vec::new();
-    for i in 0..2 {
+    for i in 0..2u64 {
         let img = disks_dir.join(format!("d{i}.raw"));
         std::fs::File::create(&img)
             .unwrap()
             .set_len(DISK_SIZE)
             .unwrap();
+        if fill {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 + i;
+            let noise: Vec<u8> = (FILL_FROM..DISK_SIZE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::os::unix::fs::FileExt::write_all_at(
+                &std::fs::OpenOptions::new().write(true).open(&img).unwrap(),
+                &noise,
+                FILL_FROM,
+            )
+            .unwrap();
+        }
         disks.push(serde_json::json!({
             "path": img,
             "format": "raw",
