@@ -83,6 +83,7 @@ pub fn table(runs: usize) {
     println!("VMM overhead = process RSS minus the RSS of guest RAM (mappings of ≥ 512 MiB), at the guest's third tick after touching. min / median / max of {runs} boots. Vireo's 1 TiB guest carries a 32 MiB dirty bitmap (1 bit per 4 KiB page, for device writes during migration).\n");
     println!("| VMM | guest | total RSS (MiB) | guest RAM RSS (MiB) | overhead (MiB) |");
     println!("|---|---|---|---|---|");
+    let mut cannot_run = Vec::new();
     for vmm in [Vmm::Vireo, Vmm::Qemu] {
         for mem in SIZES_MIB {
             let mut total = Vec::new();
@@ -103,11 +104,14 @@ pub fn table(runs: usize) {
                 }
             }
             match failed {
-                Some(e) => println!(
-                    "| {} | {} | did not run: {e} | | |",
-                    vmm.name(),
-                    size_name(mem)
-                ),
+                Some(e) => {
+                    println!(
+                        "| {} | {} | did not run: {e} | | |",
+                        vmm.name(),
+                        size_name(mem)
+                    );
+                    cannot_run.push((vmm.name(), mem));
+                }
                 None => println!(
                     "| {} | {} | {} | {} | {} |",
                     vmm.name(),
@@ -128,6 +132,14 @@ pub fn table(runs: usize) {
     for vmm in [Vmm::Vireo, Vmm::Qemu] {
         let mut medians = Vec::new();
         for mem in SIZES_MIB {
+            if cannot_run.contains(&(vmm.name(), mem)) {
+                println!(
+                    "| {} | {} | did not run (above) | | |",
+                    vmm.name(),
+                    size_name(mem)
+                );
+                continue;
+            }
             let mut total = Vec::new();
             let mut down = Vec::new();
             let mut last = String::new();
