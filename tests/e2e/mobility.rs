@@ -36,6 +36,24 @@ fn last_iter(serial: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Restores the snapshot in `snap` in a fresh `vireo` and runs it to its end (bounded
+/// by `T`), serial output into `serial`: its exit and its serial text.
+fn restore_and_run(snap: &Path, serial: &Path) -> (std::process::Output, String) {
+    let child = Command::new(bin("vireo"))
+        .arg("--restore")
+        .arg(format!("source_url=file://{},resume=on", snap.display()))
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, T);
+    let text = std::fs::read_to_string(serial).unwrap();
+    (out, text)
+}
+
 /// After `ops` iterations, block b holds the pattern of the last n <= ops with n % B = b.
 fn assert_blocks(disk: &Path, ops: u64) {
     let f = std::fs::File::open(disk).unwrap();
@@ -93,18 +111,7 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
 
     // A fresh process: the guest goes on from where it was paused, to the end.
     let serial = dir.path().join("restored.log");
-    let child = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, T);
-    let text = std::fs::read_to_string(&serial).unwrap();
+    let (out, text) = restore_and_run(&snap, &serial);
     assert_guest_ok(&out, &text);
     assert!(
         !text.contains("work pages="),
@@ -444,18 +451,7 @@ fn a_1_tib_guest_snapshot_holds_what_it_touched_and_restores() {
     assert_eq!(vm.wait(T).status.code(), Some(0));
 
     let serial = dir.path().join("restored.log");
-    let child = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, T);
-    let text = std::fs::read_to_string(&serial).unwrap();
+    let (out, text) = restore_and_run(&snap, &serial);
     assert_guest_ok(&out, &text);
     assert!(!text.contains("work pages="), "started over:\n{text}");
     assert!(text.contains(&format!("work done iter={ops}")), "{text}");

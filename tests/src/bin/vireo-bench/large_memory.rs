@@ -17,24 +17,7 @@ const SIZES_MIB: [u32; 2] = [1024, 1 << 20];
 /// (total RSS, RSS of guest RAM) of `pid` in KiB: guest RAM is every mapping of at
 /// least 512 MiB (both VMMs map it in one or two such regions; nothing else is that big).
 fn rss_of(pid: u32) -> (u64, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut total, mut guest, mut size) = (0u64, 0u64, 0u64);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            let mut it = first.split('-');
-            let a = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
-            let b = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
-            size = b.saturating_sub(a);
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            total += kib;
-            if size >= 512 << 20 {
-                guest += kib;
-            }
-        }
-    }
-    (total, guest)
+    crate::smaps_rss(pid, |size| size >= 512 << 20)
 }
 
 /// One boot to the third tick: (total, guest RAM) RSS in MiB, or why it did not run.

@@ -165,6 +165,15 @@ fn boot_table(runs: usize) {
 
 /// (total RSS, RSS of the guest RAM mapping) in KiB, from /proc/PID/smaps.
 fn rss_split(pid: u32, guest_bytes: u64) -> (u64, u64) {
+    // Guest RAM: the mapping(s) of at least the guest's size (QEMU may align up).
+    smaps_rss(pid, |size| {
+        size >= guest_bytes && size < guest_bytes + (64 << 20)
+    })
+}
+
+/// (total RSS, RSS of the mappings whose size `is_guest` accepts) of `pid`, in KiB,
+/// from /proc/PID/smaps.
+fn smaps_rss(pid: u32, is_guest: impl Fn(u64) -> bool) -> (u64, u64) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let (mut total, mut guest) = (0u64, 0u64);
     let mut cur_size = 0u64;
@@ -174,12 +183,11 @@ fn rss_split(pid: u32, guest_bytes: u64) -> (u64, u64) {
             let mut it = first.split('-');
             let a = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
             let b = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
-            cur_size = b - a;
+            cur_size = b.saturating_sub(a);
         } else if let Some(v) = line.strip_prefix("Rss:") {
             let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
             total += kib;
-            // Guest RAM: the mapping(s) of at least the guest's size (QEMU may align up).
-            if cur_size >= guest_bytes && cur_size < guest_bytes + (64 << 20) {
+            if is_guest(cur_size) {
                 guest += kib;
             }
         }
