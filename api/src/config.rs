@@ -62,6 +62,10 @@ pub struct MemoryConfig {
     /// memory the host cannot give).
     #[serde(default, skip_serializing_if = "is_off")]
     pub overcommit: bool,
+    /// Back RAM by memfds mapped shared, so a vhost-user backend (`vireo-switch`) can
+    /// map the guest's memory (Cloud Hypervisor's `shared=on`). Not with hugepages.
+    #[serde(default, skip_serializing_if = "is_off")]
+    pub shared: bool,
 }
 
 impl Default for MemoryConfig {
@@ -70,6 +74,7 @@ impl Default for MemoryConfig {
             size: 512 << 20,
             hugepages: false,
             overcommit: false,
+            shared: false,
         }
     }
 }
@@ -195,12 +200,17 @@ impl DiskConfig {
     }
 }
 
-/// One virtio-net device on a host tap interface.
+/// One virtio-net device on a host tap interface, or served by a vhost-user backend
+/// (`vireo-switch`) listening on a unix socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// The tap interface (created if it does not exist, which needs CAP_NET_ADMIN).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tap: String,
+    /// The vhost-user backend's socket (instead of a tap; needs `memory.shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<PathBuf>,
     /// The guest's MAC address. Without one, the VMM picks a random locally
     /// administered address when it creates the VM and writes it here, so snapshots
     /// and migrations keep it (a new VM from the same flags gets another one).
@@ -366,6 +376,13 @@ impl VmConfig {
                     .into(),
             ));
         }
+        if self.memory.shared && self.memory.hugepages {
+            return Err(ConfigError::Invalid(
+                "memory.shared cannot be used with hugepages yet (shared memory is a \
+                 memfd of normal pages)"
+                    .into(),
+            ));
+        }
         if self.serial == OutputConfig::Tty && self.console == OutputConfig::Tty {
             return Err(ConfigError::Invalid(
                 "serial and console cannot both be tty (one of them owns the terminal)".into(),
@@ -383,7 +400,28 @@ impl VmConfig {
         }
         let mut taps = std::collections::BTreeSet::new();
         for n in &self.nets {
-            net::validate_tap_name(&n.tap).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if let Some(path) = &n.vhost_user {
+                if !n.tap.is_empty() {
+                    return Err(ConfigError::Invalid(
+                        "a network device has either a tap or a vhost_user socket, not both"
+                            .into(),
+                    ));
+                }
+                if !self.memory.shared {
+                    return Err(ConfigError::Invalid(format!(
+                        "vhost-user network device {} needs shared guest memory \
+                         (--memory ...,shared=on) so its backend can map it",
+                        path.display()
+                    )));
+                }
+                if !path.is_absolute() {
+                    return Err(ConfigError::Invalid(format!(
+                        "vhost-user socket {} must be an absolute path",
+                        path.display()
+                    )));
+                }
+                continue;
+            }
             if !taps.insert(n.tap.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "two network devices use tap {} (a tap serves one device)",
@@ -513,6 +551,7 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
             }
             "hugepages" => m.hugepages = on_off(F, &k, &v)?,
             "overcommit" => m.overcommit = on_off(F, &k, &v)?,
+            "shared" => m.shared = on_off(F, &k, &v)?,
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
@@ -612,17 +651,42 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     Ok(d)
 }
 
-/// `--net tap=NAME[,mac=52:54:00:12:34:56][,id=ID]`.
+/// `--net tap=NAME[,mac=52:54:00:12:34:56][,id=ID]` or
+/// `--net vhost-user=SOCKET[,mac=..][,queues=N][,id=ID]`.
 pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
     const F: &str = "--net";
     let mut tap = None;
     let mut n = NetConfig {
         tap: String::new(),
+        vhost_user: None,
         mac: None,
         id: None,
     };
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
+            "vhost-user" | "vhost_user" => {
+                if v.is_empty() {
+                    return Err(ConfigError::BadValue {
+                        flag: F,
+                        key: k.clone(),
+                        value: v.clone(),
+                        reason: "expected the backend's unix socket path".into(),
+                    });
+                }
+                n.vhost_user = Some(PathBuf::from(v))
+            }
+            "queues" => {
+                let q: u32 = number(F, &k, &v)?;
+                if q != 1 {
+                    return Err(ConfigError::BadValue {
+                        flag: F,
+                        key: k.clone(),
+                        value: v.clone(),
+                        reason: "only one queue pair is supported (multiqueue is not done)"
+                            .into(),
+                    });
+                }
+            }
             "tap" => {
                 net::validate_tap_name(&v).map_err(|e| ConfigError::BadValue {
                     flag: F,
@@ -657,10 +721,24 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
-    n.tap = tap.ok_or(ConfigError::Missing {
-        flag: F,
-        key: "tap",
-    })?;
+    match (tap, &n.vhost_user) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::BadValue {
+                flag: F,
+                key: "vhost-user".into(),
+                value: s.into(),
+                reason: "give either tap= or vhost-user=, not both".into(),
+            })
+        }
+        (Some(t), None) => n.tap = t,
+        (None, Some(_)) => {}
+        (None, None) => {
+            return Err(ConfigError::Missing {
+                flag: F,
+                key: "tap (or vhost-user)",
+            })
+        }
+    }
     Ok(n)
 }
 
@@ -893,12 +971,12 @@ mod tests {
         assert_eq!(n.mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
         assert_eq!(n.id.as_deref(), Some("lan"));
         for (bad, needle) in [
-            ("mac=52:54:00:aa:bb:cc", "missing required option 'tap'"),
+            ("mac=52:54:00:aa:bb:cc", "missing required option 'tap (or vhost-user)'"),
             ("tap=", "tap=: empty"),
             ("tap=a234567890123456", "longer than 15 bytes"),
             ("tap=t0,mac=52:54:00:aa:bb", "six hex bytes"),
             ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
-            ("tap=t0,queues=4", "unknown option 'queues'"),
+            ("tap=t0,queues=4", "only one queue pair"),
         ] {
             let e = parse_net(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");

@@ -278,9 +278,9 @@ fn bad_network_input_is_one_clear_error() {
         ("tap=v0,mac=01:00:5e:00:00:01", vec!["multicast"]),
         (
             "mac=52:54:00:00:00:01",
-            vec!["missing required option 'tap'"],
+            vec!["missing required option 'tap (or vhost-user)'"],
         ),
-        ("tap=v0,queues=2", vec!["unknown option 'queues'"]),
+        ("tap=v0,queues=2", vec!["only one queue pair"]),
     ] {
         let (code, err) = vireo_error(None, &["--net", arg]);
         assert_one_line_error(code, &err, &needles);

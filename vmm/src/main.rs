@@ -31,7 +31,7 @@ struct Cli {
     /// vCPUs: boot=N.
     #[arg(long, default_value = "boot=1")]
     cpus: String,
-    /// Memory: size=SIZE[,hugepages=on][,overcommit=on] (overcommit: SIZE may exceed the host's RAM; only what the guest touches is backed).
+    /// Memory: size=SIZE[,hugepages=on][,overcommit=on][,shared=on] (overcommit: SIZE may exceed the host's RAM; only what the guest touches is backed; shared: memfd-backed, needed by --net vhost-user).
     #[arg(long, default_value = "size=512M")]
     memory: String,
     /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]

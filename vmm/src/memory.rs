@@ -1,8 +1,12 @@
-//! Guest RAM: anonymous mappings (optionally huge pages) with a dirty bitmap that
-//! devices fill when they write guest memory.
+//! Guest RAM: anonymous mappings (optionally huge pages), or with `shared` one sealed
+//! memfd per region mapped shared (so a vhost-user backend can map it too), with a
+//! dirty bitmap that devices fill when they write guest memory.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
 
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
-use vm_memory::{GuestAddress, GuestRegionCollection};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionCollection};
 
 use devices::virtio::dirty_bitmap::DirtyBitmap;
 use devices::virtio::{GuestMemoryMmap, GuestRegionMmap};
@@ -35,14 +39,62 @@ fn host_ram() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// How guest RAM is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backing {
+    pub hugepages: bool,
+    /// A guest larger than the host is allowed.
+    pub overcommit: bool,
+    /// memfds mapped `MAP_SHARED` (for vhost-user backends).
+    pub shared: bool,
+}
+
+impl Backing {
+    pub fn of(m: &api::config::MemoryConfig) -> Self {
+        Self {
+            hugepages: m.hugepages,
+            overcommit: m.overcommit,
+            shared: m.shared,
+        }
+    }
+}
+
+/// A memfd of `len` bytes for the region at `start`, sealed against shrinking (a
+/// backend that maps it must never see it cut under its mapping) and against new seals.
+fn region_memfd(start: u64, len: u64) -> std::io::Result<File> {
+    let name = std::ffi::CString::new(format!("vireo-ram-{start:x}"))
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: memfd_create with a valid C string; the fd is owned at once.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    // SAFETY: fcntl on our own fd with integer arguments.
+    let r = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 /// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. The mappings
 /// reserve nothing (`MAP_NORESERVE`): a page is backed when the guest first touches it.
-/// A guest larger than the host is refused unless `overcommit`.
-pub fn create_guest_memory(
-    size: u64,
-    hugepages: bool,
-    overcommit: bool,
-) -> Result<GuestMemoryMmap, MemoryError> {
+/// A guest larger than the host is refused unless `backing.overcommit`.
+pub fn create_guest_memory(size: u64, backing: Backing) -> Result<GuestMemoryMmap, MemoryError> {
+    let Backing {
+        hugepages,
+        overcommit,
+        shared,
+    } = backing;
     if let Some(host) = host_ram().filter(|_| !overcommit) {
         if size > host {
             return Err(MemoryError::MoreThanHost {
@@ -51,7 +103,11 @@ pub fn create_guest_memory(
             });
         }
     }
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let mut flags = if shared {
+        libc::MAP_SHARED | libc::MAP_NORESERVE
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+    };
     if hugepages {
         flags |= libc::MAP_HUGETLB;
     }
@@ -67,12 +123,15 @@ pub fn create_guest_memory(
             },
             reason,
         };
-        let mapping =
+        let mut builder =
             MmapRegionBuilder::new_with_bitmap(len as usize, DirtyBitmap::with_len(len as usize))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .build()
-                .map_err(|e| map_err(e.to_string()))?;
+                .with_mmap_flags(flags);
+        if shared {
+            let file = region_memfd(start, len).map_err(|e| map_err(format!("memfd: {e}")))?;
+            builder = builder.with_file_offset(FileOffset::new(file, 0));
+        }
+        let mapping = builder.build().map_err(|e| map_err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| map_err("region wraps the address space".into()))?;
         regions.push(region);

@@ -234,6 +234,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_getcwd,
     libc::SYS_sysinfo,
     libc::SYS_rt_sigaction,
+    // `--memory shared=on`: one memfd per RAM region (sealed with fcntl).
+    libc::SYS_memfd_create,
 ];
 
 fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
@@ -328,6 +330,9 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
                 &mut rules,
                 &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
             );
+            // vhost-user network devices: the rings are sent to the backend (memfds
+            // and eventfds as SCM_RIGHTS) on the socket the control thread connected.
+            allow(&mut rules, &[libc::SYS_sendmsg, libc::SYS_recvmsg]);
             rules.insert(libc::SYS_ioctl, ioctls(&WORKER_IOCTLS)?);
         }
         ThreadKind::BlockWorker => {

@@ -96,8 +96,7 @@ impl IncomingVm {
         let hv = Hypervisor::new()?;
         let mem = Arc::new(memory::create_guest_memory(
             config.memory.size,
-            config.memory.hugepages,
-            config.memory.overcommit,
+            memory::Backing::of(&config.memory),
         )?);
         hv.map_memory(&mem, false)?;
         Ok(Self {
