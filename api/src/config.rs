@@ -407,16 +407,16 @@ impl VmConfig {
                             .into(),
                     ));
                 }
+                if !path.is_absolute() {
+                    return Err(ConfigError::Invalid(format!(
+                        "vhost-user socket {} must be an absolute path",
+                        path.display()
+                    )));
+                }
                 if !self.memory.shared {
                     return Err(ConfigError::Invalid(format!(
                         "vhost-user network device {} needs shared guest memory \
                          (--memory ...,shared=on) so its backend can map it",
-                        path.display()
-                    )));
-                }
-                if !path.is_absolute() {
-                    return Err(ConfigError::Invalid(format!(
-                        "vhost-user socket {} must be an absolute path",
                         path.display()
                     )));
                 }

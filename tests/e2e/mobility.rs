@@ -130,6 +130,52 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     assert_blocks(&disk, ops);
 }
 
+/// `--memory shared=on` (memfd-backed RAM, for vhost-user): the workload's own checks
+/// pass across a snapshot and a restore in a fresh VMM, which maps shared memory again
+/// (the restored configuration keeps `shared`).
+#[test]
+fn a_shared_memory_guest_snapshots_restores_and_its_workload_checks_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let disk = raw_disk(dir.path());
+    let snap = dir.path().join("snap");
+    let ops = 4_000;
+    let vm = Vireo::guest(
+        &format!("test=workload pages=256 ops={ops} report=500"),
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--memory",
+            "size=256M,shared=on",
+            "--disk",
+            &format!("path={}", disk.display()),
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("work iter=1000 ", T);
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 204, "{body}");
+    let before = last_iter(&vm.serial_text());
+    assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(vm.wait(T).status.code(), Some(0));
+    let cfg = std::fs::read_to_string(snap.join("config.json"))
+        .or_else(|_| std::fs::read_to_string(snap.join("snapshot.json")))
+        .unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["memory"]["shared"], true, "{cfg}");
+
+    let serial = dir.path().join("restored.log");
+    let (out, text) = restore_and_run(&snap, &serial);
+    assert_guest_ok(&out, &text);
+    assert!(!text.contains("work pages="), "started over:\n{text}");
+    assert!(last_iter(&text) > before, "{text}");
+    assert!(text.contains(&format!("work done iter={ops}")), "{text}");
+    assert_blocks(&disk, ops);
+}
+
 #[test]
 fn restore_refuses_what_is_not_a_whole_snapshot() {
     let dir = tempfile::tempdir().unwrap();
