@@ -45,6 +45,8 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 const VMM_FEATURES: u64 = F_MAC | F_STATUS;
 /// Ring and net features a backend may offer that this frontend passes to the guest.
 const PASSED_FEATURES: u64 = F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_MRG_RXBUF;
+/// How long the VMM waits for a backend's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The protocol features used: replies to every request (errors are seen at once).
 const PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::REPLY_ACK;
 
@@ -83,7 +85,18 @@ fn connect(path: &Path, deadline: Duration) -> Result<UnixStream, VhostUserError
                 })
             }
             Ok(_) => match UnixStream::connect(path) {
-                Ok(s) => return Ok(s),
+                Ok(s) => {
+                    // A backend that stops answering fails the request, never hangs
+                    // the VMM.
+                    let timeout = Some(REPLY_TIMEOUT);
+                    s.set_read_timeout(timeout)
+                        .and_then(|()| s.set_write_timeout(timeout))
+                        .map_err(|e| VhostUserError::Socket {
+                            path: path.to_path_buf(),
+                            reason: e.to_string(),
+                        })?;
+                    return Ok(s);
+                }
                 Err(e) => e.to_string(),
             },
             Err(e) => e.to_string(),

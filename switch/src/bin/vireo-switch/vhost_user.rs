@@ -33,6 +33,7 @@ use vm_memory::{
     Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The virtio-net header with VIRTIO_F_VERSION_1 (`struct virtio_net_hdr_mrg_rxbuf`).
@@ -45,7 +46,7 @@ const TX_QUEUE: u16 = 1;
 /// The worker's own event (after the queues and the library's exit event).
 const BACKLOG_EVENT: u16 = 3;
 /// Frames waiting for a port's worker before more are dropped.
-const BACKLOG_MAX: usize = 1024;
+const BACKLOG_MAX: usize = 256;
 /// Transmitted frames handled before the worker looks at its backlog again.
 const TX_BURST: usize = 64;
 
@@ -255,44 +256,42 @@ impl NetBackend {
         }
     }
 
-    /// Copies the backlog into the guest's receive buffers; frames without a buffer
-    /// are dropped and counted.
+    /// Copies the backlog into the guest's receive buffers, in order, while it has
+    /// some; the rest waits for the guest's next receive kick (the backlog is bounded:
+    /// past [`BACKLOG_MAX`] frames the switch drops and counts them).
     fn receive(&self, vring: &VringRwLock) {
         let port = self.shared.id;
-        let frames: Vec<Vec<u8>> = self
-            .shared
-            .backlog
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        if frames.is_empty() {
+        let Some(mem) = self.memory() else { return };
+        if !vring.get_ref().get_queue().ready() {
             return;
         }
-        let Some(mem) = self.memory() else {
-            for _ in &frames {
-                self.to_switch
-                    .send(Inbound::TxDrop(port, DropReason::PORT_DOWN));
-            }
-            return;
-        };
-        let ready = vring.get_ref().get_queue().ready();
         let mut used = false;
-        for frame in frames {
-            let chain = if ready {
+        loop {
+            let Some(frame) = self
+                .shared
+                .backlog
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            else {
+                break;
+            };
+            let chain = {
                 let mut state = vring.get_mut();
                 state
                     .get_queue_mut()
                     .iter(mem.clone())
                     .ok()
                     .and_then(|mut it| it.next())
-            } else {
-                None
             };
             let Some(chain) = chain else {
-                self.to_switch
-                    .send(Inbound::TxDrop(port, DropReason::NO_RX_BUFFER));
-                continue;
+                // No buffer now: the frame waits at the front for the next kick.
+                self.shared
+                    .backlog
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_front(frame);
+                break;
             };
             let head = chain.head_index();
             let len = match write_rx(chain, &mem, &frame) {
@@ -338,6 +337,18 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
+
+    /// Without an exit event the library cannot stop the worker when the VMM leaves
+    /// (dropping the daemon would wait for it forever).
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!(port = self.shared.id, error = %e, "no exit event for the port's worker");
+                None
+            }
+        }
+    }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
