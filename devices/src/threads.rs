@@ -10,6 +10,8 @@ pub enum WorkerKind {
     Console,
     Net,
     Rng,
+    /// Watches a vhost-user backend's socket and connects again when it goes away.
+    VhostUserLink,
 }
 
 type Hook = Box<dyn Fn(WorkerKind) + Send + Sync>;

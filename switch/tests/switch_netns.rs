@@ -1122,3 +1122,73 @@ fn bad_vhost_user_ports_are_refused_with_one_line() {
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("is port 'ok' already"), "{r}");
 }
+
+/// Starts `vireo-switch` on `control` (no ports; the test adds them).
+fn start_switch(control: &Path) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["run", "--control"])
+        .arg(control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vireo-switch");
+    wait_for_socket(control, T);
+    child
+}
+
+/// Whether port `name`'s VMM is connected (`ports` reply).
+fn connected(control: &Path, name: &str) -> bool {
+    let v = ctl(control, r#"{"op":"ports"}"#);
+    v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == name && p["connected"] == true)
+}
+
+/// The switch is SIGKILLed while a VM waits for frames, and started again with the same
+/// ports: the VM's VMM (never restarted) connects again by itself and replays its
+/// rings, and frames sent after the restart reach the guest whole, CRC-checked.
+#[test]
+fn a_restarted_switch_gets_its_vms_back_without_restarting_them() {
+    if skip_unless_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("switch.sock");
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let macs = ["52:54:00:00:40:0a", "52:54:00:00:40:0b"];
+    let add_ports = || {
+        for (name, sock, mac) in [("vma", &sa, macs[0]), ("vmb", &sb, macs[1])] {
+            let spec = format!("name={name},vhost-user={},vlan=10,mac={mac}", sock.display());
+            let r = ctl(&control, &format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    };
+    let mut sw = start_switch(&control);
+    add_ports();
+    let n = 20u32;
+    let a = vhost_vm(
+        &sa,
+        macs[0],
+        &format!("test=net send=0 recv={n} seed=99 ms=120000"),
+    );
+    a.wait_serial("net receiving", T);
+    wait_until("A connected", || connected(&control, "vma"));
+    sw.kill().unwrap();
+    sw.wait().unwrap();
+    // A new switch on the same sockets: A's VMM finds it by itself.
+    let mut sw = start_switch(&control);
+    add_ports();
+    wait_until("A reconnected", || connected(&control, "vma"));
+    let b = vhost_vm(&sb, macs[1], &format!("test=net send={n} recv=0 seed=100"));
+    let (a, _b) = (finished(a, "A"), finished(b, "B"));
+    let got = vireo_e2e::serial_line(&a, "net received=");
+    assert!(got.contains(&guest_stream(100, n, macs[1])), "A: {got}");
+    let ca = ctl(&control, r#"{"op":"counters","port":"vma"}"#);
+    assert_eq!(ca["counters"]["tx_packets"], n, "{ca}");
+    assert_eq!(ca["counters"]["tx_dropped"], serde_json::json!({}), "{ca}");
+    sw.kill().unwrap();
+    sw.wait().unwrap();
+}

@@ -458,6 +458,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Rng => ThreadKind::RngWorker,
             devices::threads::WorkerKind::Console => ThreadKind::ConsoleWorker,
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
+            devices::threads::WorkerKind::VhostUserLink => ThreadKind::VhostUserLink,
         })
     }));
     vmm::activator::start(filters.clone())?;

@@ -48,6 +48,11 @@ pub enum ThreadKind {
     /// TUNSETIFF & co. before any filter, or by the control thread on reattach),
     /// epoll, interrupts.
     NetWorker,
+    /// A vhost-user network device's link watcher (`vireo-vu-link`): it waits for the
+    /// backend's socket to hang up, then connects to the same path again and replays
+    /// the rings (unix sockets: socket, connect, sendmsg/recvmsg with fds; no files, no
+    /// ioctls). Started by the control thread when the device is created.
+    VhostUserLink,
     /// A live migration page stream (`vireo-mig-in*`, `vireo-mig-out*`): it parses or
     /// writes the network stream and copies pages through the guest memory mapping;
     /// no files, no ioctls, no new sockets.
@@ -61,7 +66,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -70,6 +75,7 @@ impl ThreadKind {
         ThreadKind::RngWorker,
         ThreadKind::ConsoleWorker,
         ThreadKind::NetWorker,
+        ThreadKind::VhostUserLink,
         ThreadKind::PageStream,
         ThreadKind::Receive,
     ];
@@ -359,6 +365,10 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::PageStream => {
             allow(&mut rules, SOCKETS);
+        }
+        ThreadKind::VhostUserLink => {
+            allow(&mut rules, SOCKETS);
+            allow(&mut rules, &[libc::SYS_socket, libc::SYS_connect]);
         }
         ThreadKind::Receive => {
             // The streams it was handed, and writes and flushes of the disks the

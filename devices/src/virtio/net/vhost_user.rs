@@ -14,7 +14,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use net::MacAddr;
@@ -116,6 +116,8 @@ fn connect(path: &Path, deadline: Duration) -> Result<UnixStream, VhostUserError
 /// features are known.
 struct Session {
     frontend: Frontend,
+    /// The same socket, watched for the backend going away.
+    watch: UnixStream,
     /// What the backend offers (virtio and the protocol-features bit).
     backend_features: u64,
     /// Protocol features both sides use (None: the backend has none).
@@ -125,6 +127,10 @@ struct Session {
 impl Session {
     fn open(path: &Path, deadline: Duration) -> Result<Self, VhostUserError> {
         let stream = connect(path, deadline)?;
+        let watch = stream.try_clone().map_err(|e| VhostUserError::Socket {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let proto = |what| {
             let path = path.to_path_buf();
             move |source| VhostUserError::Protocol { path, what, source }
@@ -152,9 +158,230 @@ impl Session {
         };
         Ok(Self {
             frontend,
+            watch,
             backend_features,
             protocol,
         })
+    }
+}
+
+/// One ring as the VMM started it: what a new backend is given after a reconnect.
+struct Ring {
+    index: u16,
+    size: u16,
+    max_size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    call: EventFd,
+}
+
+/// The rings the backend serves now (None while the device is not active).
+struct Started {
+    mem: Arc<GuestMemoryMmap>,
+    features: u64,
+    rings: Vec<Ring>,
+}
+
+/// The connection and what was sent over it: shared by the device (activation, pause,
+/// reset on the activator) and the link watcher (reconnect).
+struct Link {
+    path: PathBuf,
+    session: Session,
+    started: Option<Started>,
+}
+
+fn bad_msg(path: &Path, what: &'static str, e: vhost::Error) -> ActivateError {
+    ActivateError::BadConfig {
+        device: "net",
+        reason: format!("vhost-user backend at {}: {what}: {e}", path.display()),
+    }
+}
+
+/// The VMM's address of guest address `gpa` (vhost-user rings are given in the
+/// frontend's addresses; the backend translates them by the memory table).
+fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, ActivateError> {
+    mem.get_host_address(GuestAddress(gpa))
+        .map(|p| p as u64)
+        .map_err(|_| ActivateError::BadConfig {
+            device: "net",
+            reason: format!("a ring at {gpa:#x} is outside guest memory"),
+        })
+}
+
+/// The used index the backend last published for the ring whose used ring is at `used`.
+fn used_idx(mem: &GuestMemoryMmap, used: u64) -> Option<u16> {
+    use vm_memory::Bytes;
+    let addr = GuestAddress(used).checked_add(2)?;
+    mem.read_obj::<u16>(addr).ok().map(u16::from_le)
+}
+
+impl Link {
+    /// Sends the features, the memory table and each ring (`base`: its next available
+    /// index); on success the rings are what a reconnect replays.
+    fn start(&mut self, started: Started, bases: &[u16]) -> Result<(), ActivateError> {
+        let path = self.path.clone();
+        let f = &mut self.session.frontend;
+        f.set_features(started.features)
+            .map_err(|e| bad_msg(&path, "SET_FEATURES", e))?;
+        let regions = started
+            .mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ActivateError::BadConfig {
+                device: "net",
+                reason: "vhost-user needs guest memory backed by files (--memory ...,shared=on)"
+                    .into(),
+            })?;
+        f.set_mem_table(&regions)
+            .map_err(|e| bad_msg(&path, "SET_MEM_TABLE", e))?;
+        for (r, &base) in started.rings.iter().zip(bases) {
+            let i = usize::from(r.index);
+            let config = VringConfigData {
+                queue_max_size: r.max_size,
+                queue_size: r.size,
+                flags: 0,
+                desc_table_addr: host_addr(&started.mem, r.desc)?,
+                used_ring_addr: host_addr(&started.mem, r.used)?,
+                avail_ring_addr: host_addr(&started.mem, r.avail)?,
+                log_addr: None,
+            };
+            f.set_vring_num(i, r.size)
+                .map_err(|e| bad_msg(&path, "SET_VRING_NUM", e))?;
+            f.set_vring_addr(i, &config)
+                .map_err(|e| bad_msg(&path, "SET_VRING_ADDR", e))?;
+            f.set_vring_base(i, base)
+                .map_err(|e| bad_msg(&path, "SET_VRING_BASE", e))?;
+            f.set_vring_call(i, &r.call)
+                .map_err(|e| bad_msg(&path, "SET_VRING_CALL", e))?;
+            f.set_vring_kick(i, &r.kick)
+                .map_err(|e| bad_msg(&path, "SET_VRING_KICK", e))?;
+            if self.session.protocol.is_some() {
+                f.set_vring_enable(i, true)
+                    .map_err(|e| bad_msg(&path, "SET_VRING_ENABLE", e))?;
+            }
+        }
+        self.started = Some(started);
+        Ok(())
+    }
+
+    /// Stops the rings; each one's next available index (None where the backend did
+    /// not answer).
+    fn stop(&mut self) -> Vec<Option<u16>> {
+        let Some(started) = self.started.take() else {
+            return Vec::new();
+        };
+        let f = &mut self.session.frontend;
+        started
+            .rings
+            .iter()
+            .map(|r| {
+                let i = usize::from(r.index);
+                if self.session.protocol.is_some() {
+                    let _ = f.set_vring_enable(i, false);
+                }
+                match f.get_vring_base(i) {
+                    Ok(base) => Some(base as u16),
+                    Err(e) => {
+                        tracing::warn!(path = %self.path.display(), queue = i, error = %e,
+                            "GET_VRING_BASE failed; the ring continues from its used index");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// A new session after the backend went away: the rings that were running start
+    /// again where the backend left them (their used index in guest memory: this
+    /// backend completes chains in order, so nothing it took is lost or repeated).
+    fn reconnect(&mut self, session: Session) -> Result<(), ActivateError> {
+        self.session = session;
+        let Some(started) = self.started.take() else {
+            return Ok(());
+        };
+        let bases: Vec<u16> = started
+            .rings
+            .iter()
+            .map(|r| used_idx(&started.mem, r.used).unwrap_or(0))
+            .collect();
+        self.start(started, &bases)
+    }
+}
+
+fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
+    link.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Watches the backend's socket; when the backend goes away (a switch restarted or
+/// killed), connects again until it is back and replays the rings. Ends on `stop`.
+fn watch_link(link: Arc<Mutex<Link>>, stop: EventFd) {
+    crate::threads::started(crate::threads::WorkerKind::VhostUserLink);
+    let path = lock(&link).path.clone();
+    let stop_fd = std::os::fd::AsRawFd::as_raw_fd(&stop);
+    // Waits for the stop event up to `ms` (-1: forever) or, with `sock`, for the
+    // socket's hang-up; true when stopped.
+    let wait = |sock: Option<i32>, ms: i32| -> (bool, bool) {
+        let mut fds = vec![libc::pollfd {
+            fd: stop_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(fd) = sock {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            });
+        }
+        // SAFETY: poll on a live array of pollfds for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            return (false, false);
+        }
+        (fds[0].revents != 0, fds.get(1).is_some_and(|f| f.revents != 0))
+    };
+    loop {
+        let sock = match lock(&link).session.watch.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "vhost-user link watcher cannot watch the socket");
+                return;
+            }
+        };
+        let (stopped, gone) = wait(Some(std::os::fd::AsRawFd::as_raw_fd(&sock)), -1);
+        if stopped {
+            return;
+        }
+        if !gone {
+            continue;
+        }
+        tracing::warn!(path = %path.display(), "vhost-user backend went away; reconnecting");
+        let mut tries = 0u64;
+        loop {
+            if wait(None, 100).0 {
+                return;
+            }
+            tries += 1;
+            let session = match Session::open(&path, Duration::ZERO) {
+                Ok(s) => s,
+                Err(e) => {
+                    if tries % 50 == 0 {
+                        tracing::info!(path = %path.display(), error = %e, "vhost-user backend still away");
+                    }
+                    continue;
+                }
+            };
+            match lock(&link).reconnect(session) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "vhost-user backend back; rings restarted");
+                    break;
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "vhost-user reconnect failed; retrying"),
+            }
+        }
     }
 }
 
@@ -167,16 +394,19 @@ struct Running {
 }
 
 pub struct VhostUserNet {
-    path: PathBuf,
     mac: MacAddr,
-    session: Session,
+    link: Arc<Mutex<Link>>,
+    /// What the backend offered when first connected (a restarted backend is expected
+    /// to offer the same).
+    backend_features: u64,
     acked_features: u64,
     running: Option<Running>,
+    watcher: Option<Workers<()>>,
 }
 
 impl VhostUserNet {
-    /// Connects to the backend at `path` (retrying until `deadline`) and negotiates
-    /// the protocol.
+    /// Connects to the backend at `path` (retrying until `deadline`), negotiates the
+    /// protocol and starts the thread that reconnects when the backend goes away.
     pub fn connect(path: &Path, mac: MacAddr, deadline: Duration) -> Result<Self, VhostUserError> {
         let session = Session::open(path, deadline)?;
         tracing::info!(
@@ -185,88 +415,34 @@ impl VhostUserNet {
             protocol = ?session.protocol,
             "vhost-user backend connected"
         );
-        Ok(Self {
+        let backend_features = session.backend_features;
+        let link = Arc::new(Mutex::new(Link {
             path: path.to_path_buf(),
-            mac,
             session,
+            started: None,
+        }));
+        let socket_err = |e: ActivateError| VhostUserError::Socket {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut watcher = Workers::new("net").map_err(socket_err)?;
+        let stop = watcher.stop_fd().map_err(socket_err)?;
+        let l = link.clone();
+        watcher
+            .spawn("vireo-vu-link".into(), move || watch_link(l, stop))
+            .map_err(socket_err)?;
+        Ok(Self {
+            mac,
+            link,
+            backend_features,
             acked_features: 0,
             running: None,
+            watcher: Some(watcher),
         })
     }
 
     pub fn mac(&self) -> MacAddr {
         self.mac
-    }
-
-    fn bad(&self, what: &'static str) -> impl Fn(vhost::Error) -> ActivateError + '_ {
-        move |e| ActivateError::BadConfig {
-            device: "net",
-            reason: format!("vhost-user backend at {}: {what}: {e}", self.path.display()),
-        }
-    }
-
-    /// Sends the memory table: each RAM region's memfd and where it is mapped here.
-    fn send_mem_table(&self, mem: &GuestMemoryMmap) -> Result<(), ActivateError> {
-        let regions = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ActivateError::BadConfig {
-                device: "net",
-                reason: "vhost-user needs guest memory backed by files (--memory ...,shared=on)"
-                    .into(),
-            })?;
-        self.session
-            .frontend
-            .set_mem_table(&regions)
-            .map_err(self.bad("SET_MEM_TABLE"))?;
-        Ok(())
-    }
-
-    /// The VMM's address of guest address `gpa` (vhost-user rings are given in the
-    /// frontend's addresses; the backend translates them by the memory table).
-    fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, ActivateError> {
-        mem.get_host_address(GuestAddress(gpa))
-            .map(|p| p as u64)
-            .map_err(|_| ActivateError::BadConfig {
-                device: "net",
-                reason: format!("a ring at {gpa:#x} is outside guest memory"),
-            })
-    }
-
-    fn send_vring(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        q: &ActivatedQueue,
-        call: &EventFd,
-    ) -> Result<(), ActivateError> {
-        let i = usize::from(q.index);
-        let queue = &q.queue;
-        let config = VringConfigData {
-            queue_max_size: queue.max_size(),
-            queue_size: queue.size(),
-            flags: 0,
-            desc_table_addr: Self::host_addr(mem, queue.desc_table())?,
-            used_ring_addr: Self::host_addr(mem, queue.used_ring())?,
-            avail_ring_addr: Self::host_addr(mem, queue.avail_ring())?,
-            log_addr: None,
-        };
-        let f = &mut self.session.frontend;
-        f.set_vring_num(i, queue.size())
-            .map_err(|e| bad_msg(&self.path, "SET_VRING_NUM", e))?;
-        f.set_vring_addr(i, &config)
-            .map_err(|e| bad_msg(&self.path, "SET_VRING_ADDR", e))?;
-        f.set_vring_base(i, queue.next_avail())
-            .map_err(|e| bad_msg(&self.path, "SET_VRING_BASE", e))?;
-        f.set_vring_call(i, call)
-            .map_err(|e| bad_msg(&self.path, "SET_VRING_CALL", e))?;
-        f.set_vring_kick(i, &q.kick)
-            .map_err(|e| bad_msg(&self.path, "SET_VRING_KICK", e))?;
-        if self.session.protocol.is_some() {
-            f.set_vring_enable(i, true)
-                .map_err(|e| bad_msg(&self.path, "SET_VRING_ENABLE", e))?;
-        }
-        Ok(())
     }
 
     /// Stops the backend's rings and takes back their positions: the next available
@@ -277,41 +453,19 @@ impl VhostUserNet {
             return Vec::new();
         };
         running.forwarder.stop();
+        let bases = lock(&self.link).stop();
         let mut queues = running.queues;
-        for q in &mut queues {
-            let i = usize::from(q.index);
-            if self.session.protocol.is_some() {
-                let _ = self.session.frontend.set_vring_enable(i, false);
+        for (q, base) in queues.iter_mut().zip(bases) {
+            let used = used_idx(&running.mem, q.queue.used_ring());
+            if let Some(u) = used {
+                q.queue.set_next_used(u);
             }
-            match self.session.frontend.get_vring_base(i) {
-                Ok(base) => {
-                    q.queue.set_next_avail(base as u16);
-                    sync_used(&running.mem, q);
-                }
-                Err(e) => tracing::warn!(
-                    path = %self.path.display(),
-                    queue = i,
-                    error = %e,
-                    "GET_VRING_BASE failed; keeping the VMM's ring position"
-                ),
+            if let Some(b) = base.or(used) {
+                q.queue.set_next_avail(b);
             }
         }
         queues
     }
-}
-
-fn bad_msg(path: &Path, what: &'static str, e: vhost::Error) -> ActivateError {
-    ActivateError::BadConfig {
-        device: "net",
-        reason: format!("vhost-user backend at {}: {what}: {e}", path.display()),
-    }
-}
-
-/// The used index the backend last published for `q` (in guest memory).
-fn used_idx(mem: &GuestMemoryMmap, q: &ActivatedQueue) -> Option<u16> {
-    use vm_memory::Bytes;
-    let addr = GuestAddress(q.queue.used_ring()).checked_add(2)?;
-    mem.read_obj::<u16>(addr).ok().map(u16::from_le)
 }
 
 /// Forwards the backend's calls (`calls[i]` is queue `i`'s) to the guest until `stop`.
@@ -367,6 +521,9 @@ fn forward_calls(
 impl Drop for VhostUserNet {
     fn drop(&mut self) {
         self.stop_rings();
+        if let Some(w) = self.watcher.take() {
+            w.stop();
+        }
     }
 }
 
@@ -384,7 +541,7 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn features(&self) -> u64 {
-        (self.session.backend_features & PASSED_FEATURES) | VMM_FEATURES
+        (self.backend_features & PASSED_FEATURES) | VMM_FEATURES
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -416,29 +573,46 @@ impl VirtioDevice for VhostUserNet {
             });
         }
         queues.sort_by_key(|q| q.index);
-        let mut features = self.acked_features & self.session.backend_features & PASSED_FEATURES;
-        if self.session.protocol.is_some() {
-            features |= F_PROTOCOL_FEATURES;
-        }
-        self.session
-            .frontend
-            .set_features(features)
-            .map_err(self.bad("SET_FEATURES"))?;
-        self.send_mem_table(&mem)?;
         let setup = |source| ActivateError::Setup {
             device: "net",
             source,
         };
+        let mut link = lock(&self.link);
+        let mut features = self.acked_features & link.session.backend_features & PASSED_FEATURES;
+        if link.session.protocol.is_some() {
+            features |= F_PROTOCOL_FEATURES;
+        }
+        let mut rings = Vec::new();
         let mut calls = Vec::new();
         for q in &queues {
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
-            self.send_vring(&mem, q, &call)?;
+            rings.push(Ring {
+                index: q.index,
+                size: q.queue.size(),
+                max_size: q.queue.max_size(),
+                desc: q.queue.desc_table(),
+                avail: q.queue.avail_ring(),
+                used: q.queue.used_ring(),
+                kick: q.kick.try_clone().map_err(setup)?,
+                call: call.try_clone().map_err(setup)?,
+            });
             calls.push((q.index, call));
         }
+        let bases: Vec<u16> = queues.iter().map(|q| q.queue.next_avail()).collect();
+        link.start(
+            Started {
+                mem: mem.clone(),
+                features,
+                rings,
+            },
+            &bases,
+        )?;
+        let path = link.path.clone();
+        drop(link);
         let mut workers = Workers::new("net")?;
         let forward = forward_calls(calls, interrupt, workers.stop_fd()?).map_err(setup)?;
         workers.spawn("vireo-vu-call".into(), forward)?;
-        tracing::info!(path = %self.path.display(), features = format_args!("{features:#x}"), "vhost-user rings started");
+        tracing::info!(path = %path.display(), features = format_args!("{features:#x}"), "vhost-user rings started");
         self.running = Some(Running {
             queues,
             mem,
@@ -465,13 +639,5 @@ impl VirtioDevice for VhostUserNet {
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
-    }
-}
-
-/// Sets a queue's next used index from the used ring in guest memory (after the
-/// backend stopped, its last published position).
-fn sync_used(mem: &GuestMemoryMmap, q: &mut ActivatedQueue) {
-    if let Some(idx) = used_idx(mem, q) {
-        q.queue.set_next_used(idx);
     }
 }

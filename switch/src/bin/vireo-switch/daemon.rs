@@ -502,7 +502,19 @@ impl Daemon {
         debug!(?req, "control request");
         let now = self.epoch.elapsed();
         let result: Result<Value, String> = match req {
-            Request::Ports => Ok(json!({ "ports": self.sw.ports() })),
+            Request::Ports => {
+                let mut ports = json!(self.sw.ports());
+                // vhost-user ports also say whether a VMM is connected.
+                if let Some(list) = ports.as_array_mut() {
+                    for p in list {
+                        let id = p["id"].as_u64().unwrap_or(0);
+                        if let Some(v) = self.vhost.ports.get(&(id as PortId)) {
+                            p["connected"] = json!(v.shared.is_connected());
+                        }
+                    }
+                }
+                Ok(json!({ "ports": ports }))
+            }
             Request::Counters { port } => self
                 .sw
                 .counters(&port)

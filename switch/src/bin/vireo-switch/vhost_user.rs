@@ -92,6 +92,11 @@ pub struct PortShared {
 }
 
 impl PortShared {
+    /// A VMM is connected and has sent its memory.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
     /// Queues `frame` for the guest; `Err` (with the reason to count) when it cannot.
     pub fn deliver(&self, frame: Vec<u8>) -> Result<(), DropReason> {
         if !self.connected.load(Ordering::Acquire) {
