@@ -1192,3 +1192,151 @@ fn a_restarted_switch_gets_its_vms_back_without_restarting_them() {
     sw.kill().unwrap();
     sw.wait().unwrap();
 }
+
+/// A hostile vhost-user frontend (this test, not a VMM): its guest memory is a memfd
+/// it maps itself, its transmit ring holds chains that point outside memory, are
+/// device-writable or shorter than the virtio-net header, then one good frame. The
+/// switch counts the three as `bad-descriptor`, returns every chain, forwards the good
+/// frame byte-exact, and its other ports go on (two VMs exchange frames afterwards).
+#[test]
+fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
+    if skip_unless_root() {
+        return;
+    }
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MEM: usize = 1 << 20;
+    const SRC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x50, 0x0a];
+    let lab = Lab::start("vug", &[("h1", ",vlan=10")], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = |n: &str| dir.path().join(format!("{n}.sock"));
+    for (name, mac) in [
+        ("bad", "52:54:00:00:50:0a"),
+        ("vma", "52:54:00:00:50:0b"),
+        ("vmb", "52:54:00:00:50:0c"),
+    ] {
+        let spec = format!(
+            "name={name},vhost-user={},vlan=10,mac={mac}",
+            sock(name).display()
+        );
+        let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+
+    // Guest memory: one memfd region at guest address 0.
+    // SAFETY: memfd_create with a static C string; the fd is owned at once.
+    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd nobody else owns.
+    let mem_file = unsafe { std::fs::File::from_raw_fd(fd) };
+    mem_file.set_len(MEM as u64).unwrap();
+    // SAFETY: a new shared mapping of the memfd, unmapped at the end of the test.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MEM,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    // SAFETY: the mapping is MEM bytes long and lives until munmap below.
+    let mem = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, MEM) };
+    let (desc, avail, used) = (0x1000usize, 0x2000usize, 0x3000usize);
+    let put = |mem: &mut [u8], at: usize, bytes: &[u8]| mem[at..at + bytes.len()].copy_from_slice(bytes);
+    let descriptor = |mem: &mut [u8], i: usize, addr: u64, len: u32, flags: u16| {
+        let at = desc + 16 * i;
+        put(mem, at, &addr.to_le_bytes());
+        put(mem, at + 8, &len.to_le_bytes());
+        put(mem, at + 12, &flags.to_le_bytes());
+        put(mem, at + 14, &0u16.to_le_bytes());
+    };
+    const WRITE: u16 = 2;
+    let good = frame(netframe_broadcast(), SRC, None, 60);
+    let mut tx = vec![0u8; 12];
+    tx.extend_from_slice(&good);
+    put(mem, 0xA000, &tx);
+    descriptor(mem, 0, 0x10_0000_0000, 100, 0); // outside guest memory
+    descriptor(mem, 1, 0x8000, 72, WRITE); // device-writable in a transmit chain
+    descriptor(mem, 2, 0x9000, 4, 0); // shorter than the header
+    descriptor(mem, 3, 0xA000, tx.len() as u32, 0); // a good frame
+    put(mem, avail, &0u16.to_le_bytes());
+    put(mem, avail + 2, &4u16.to_le_bytes());
+    for i in 0..4u16 {
+        put(mem, avail + 4 + 2 * usize::from(i), &i.to_le_bytes());
+    }
+
+    let mut f = Frontend::connect(sock("bad"), 2).unwrap();
+    f.set_owner().unwrap();
+    let offered = f.get_features().unwrap();
+    f.set_features(offered).unwrap();
+    assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+    let proto = f.get_protocol_features().unwrap();
+    f.set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: base as u64,
+        mmap_offset: 0,
+        mmap_handle: fd,
+    };
+    f.set_mem_table(&[region]).unwrap();
+    let (kick, call) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let q = 1usize;
+    f.set_vring_num(q, 16).unwrap();
+    f.set_vring_addr(
+        q,
+        &VringConfigData {
+            queue_max_size: 16,
+            queue_size: 16,
+            flags: 0,
+            desc_table_addr: base as u64 + desc as u64,
+            used_ring_addr: base as u64 + used as u64,
+            avail_ring_addr: base as u64 + avail as u64,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    f.set_vring_base(q, 0).unwrap();
+    f.set_vring_call(q, &call).unwrap();
+    f.set_vring_kick(q, &kick).unwrap();
+    f.set_vring_enable(q, true).unwrap();
+    kick.write(1).unwrap();
+
+    let got = lab.wire("h1").recv(T).expect("the good frame");
+    assert!(got == good, "the good frame arrives byte-exact");
+    wait_until("every chain returned", || {
+        u16::from_le_bytes([mem[used + 2], mem[used + 3]]) == 4
+    });
+    let c = lab.counters("bad");
+    assert_eq!(c["rx_dropped"]["bad-descriptor"], 3, "{c}");
+    assert_eq!(c["rx_packets"], 4, "{c}");
+
+    // The other ports never noticed.
+    let b = vhost_vm(
+        &sock("vmb"),
+        "52:54:00:00:50:0c",
+        "test=net send=0 recv=8 seed=100 ms=60000",
+    );
+    b.wait_serial("net receiving", T);
+    let a = vhost_vm(&sock("vma"), "52:54:00:00:50:0b", "test=net send=8 recv=0 seed=101");
+    let (_a, b) = (finished(a, "A"), finished(b, "B"));
+    let got = vireo_e2e::serial_line(&b, "net received=");
+    assert!(got.contains(&guest_stream(101, 8, "52:54:00:00:50:0b")), "B: {got}");
+    drop(f);
+    // SAFETY: the mapping made above; `mem` is not used after this.
+    unsafe { libc::munmap(base, MEM) };
+}
+
+fn netframe_broadcast() -> [u8; 6] {
+    [0xff; 6]
+}
