@@ -403,8 +403,7 @@ impl VmConfig {
             if let Some(path) = &n.vhost_user {
                 if !n.tap.is_empty() {
                     return Err(ConfigError::Invalid(
-                        "a network device has either a tap or a vhost_user socket, not both"
-                            .into(),
+                        "a network device has either a tap or a vhost_user socket, not both".into(),
                     ));
                 }
                 if !path.is_absolute() {
@@ -682,8 +681,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
                         flag: F,
                         key: k.clone(),
                         value: v.clone(),
-                        reason: "only one queue pair is supported (multiqueue is not done)"
-                            .into(),
+                        reason: "only one queue pair is supported (multiqueue is not done)".into(),
                     });
                 }
             }
@@ -971,7 +969,10 @@ mod tests {
         assert_eq!(n.mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
         assert_eq!(n.id.as_deref(), Some("lan"));
         for (bad, needle) in [
-            ("mac=52:54:00:aa:bb:cc", "missing required option 'tap (or vhost-user)'"),
+            (
+                "mac=52:54:00:aa:bb:cc",
+                "missing required option 'tap (or vhost-user)'",
+            ),
             ("tap=", "tap=: empty"),
             ("tap=a234567890123456", "longer than 15 bytes"),
             ("tap=t0,mac=52:54:00:aa:bb", "six hex bytes"),

@@ -177,8 +177,9 @@ impl PortConfig {
                     return Err(PortError::Socket(path.display().to_string()));
                 }
             }
-            None => net::validate_tap_name(self.iface())
-                .map_err(|e| PortError::Iface(e.to_string()))?,
+            None => {
+                net::validate_tap_name(self.iface()).map_err(|e| PortError::Iface(e.to_string()))?
+            }
         }
         if let VlanMode::Trunk { allowed, native } = &self.vlan {
             if allowed.is_empty() && native.is_none() {

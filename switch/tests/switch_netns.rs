@@ -1004,7 +1004,11 @@ fn vms_on_vhost_user_ports_exchange_frames_byte_exact_and_a_killed_vm_disturbs_n
     let got = vireo_e2e::serial_line(&a, "net received=");
     assert!(got.contains(&guest_stream(102, n_ba, macs[1])), "A: {got}");
     // The switch counted each frame once, dropped none, and sent VLAN 20 nothing.
-    let (ca, cb, cc) = (lab.counters("vma"), lab.counters("vmb"), lab.counters("vmc"));
+    let (ca, cb, cc) = (
+        lab.counters("vma"),
+        lab.counters("vmb"),
+        lab.counters("vmc"),
+    );
     assert_eq!(ca["rx_packets"], n_ab, "{ca}");
     assert_eq!(ca["tx_packets"], n_ba, "{ca}");
     assert_eq!(cb["rx_packets"], n_ba, "{cb}");
@@ -1120,7 +1124,13 @@ fn bad_vhost_user_ports_are_refused_with_one_line() {
     let spec = format!("name=dup,vhost-user={}", good.display());
     let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
     assert_eq!(r["ok"], false, "{r}");
-    assert!(r["error"].as_str().unwrap().contains("is port 'ok' already"), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("is port 'ok' already"),
+        "{r}"
+    );
 }
 
 /// Starts `vireo-switch` on `control` (no ports; the test adds them).
@@ -1161,7 +1171,10 @@ fn a_restarted_switch_gets_its_vms_back_without_restarting_them() {
     let macs = ["52:54:00:00:40:0a", "52:54:00:00:40:0b"];
     let add_ports = || {
         for (name, sock, mac) in [("vma", &sa, macs[0]), ("vmb", &sb, macs[1])] {
-            let spec = format!("name={name},vhost-user={},vlan=10,mac={mac}", sock.display());
+            let spec = format!(
+                "name={name},vhost-user={},vlan=10,mac={mac}",
+                sock.display()
+            );
             let r = ctl(&control, &format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
             assert_eq!(r["ok"], true, "{r}");
         }
@@ -1248,7 +1261,8 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
     // SAFETY: the mapping is MEM bytes long and lives until munmap below.
     let mem = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, MEM) };
     let (desc, avail, used) = (0x1000usize, 0x2000usize, 0x3000usize);
-    let put = |mem: &mut [u8], at: usize, bytes: &[u8]| mem[at..at + bytes.len()].copy_from_slice(bytes);
+    let put =
+        |mem: &mut [u8], at: usize, bytes: &[u8]| mem[at..at + bytes.len()].copy_from_slice(bytes);
     let descriptor = |mem: &mut [u8], i: usize, addr: u64, len: u32, flags: u16| {
         let at = desc + 16 * i;
         put(mem, at, &addr.to_le_bytes());
@@ -1275,7 +1289,10 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
     f.set_owner().unwrap();
     let offered = f.get_features().unwrap();
     f.set_features(offered).unwrap();
-    assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+    assert_ne!(
+        offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
     let proto = f.get_protocol_features().unwrap();
     f.set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)
         .unwrap();
@@ -1328,10 +1345,17 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
         "test=net send=0 recv=8 seed=100 ms=60000",
     );
     b.wait_serial("net receiving", T);
-    let a = vhost_vm(&sock("vma"), "52:54:00:00:50:0b", "test=net send=8 recv=0 seed=101");
+    let a = vhost_vm(
+        &sock("vma"),
+        "52:54:00:00:50:0b",
+        "test=net send=8 recv=0 seed=101",
+    );
     let (_a, b) = (finished(a, "A"), finished(b, "B"));
     let got = vireo_e2e::serial_line(&b, "net received=");
-    assert!(got.contains(&guest_stream(101, 8, "52:54:00:00:50:0b")), "B: {got}");
+    assert!(
+        got.contains(&guest_stream(101, 8, "52:54:00:00:50:0b")),
+        "B: {got}"
+    );
     drop(f);
     // SAFETY: the mapping made above; `mem` is not used after this.
     unsafe { libc::munmap(base, MEM) };

@@ -321,11 +321,21 @@ fn bad_vhost_user_input_is_one_clear_error() {
             vec!["needs shared guest memory", "shared=on"],
         ),
         (
-            vec![shared[0].into(), shared[1].into(), "--net".into(), net(&missing)],
+            vec![
+                shared[0].into(),
+                shared[1].into(),
+                "--net".into(),
+                net(&missing),
+            ],
             vec!["nobody.sock", "no backend accepted a connection within 5 s"],
         ),
         (
-            vec![shared[0].into(), shared[1].into(), "--net".into(), net(&file)],
+            vec![
+                shared[0].into(),
+                shared[1].into(),
+                "--net".into(),
+                net(&file),
+            ],
             vec!["plain-file", "not a unix socket"],
         ),
         (

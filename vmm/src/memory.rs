@@ -65,7 +65,8 @@ fn region_memfd(start: u64, len: u64) -> std::io::Result<File> {
     let name = std::ffi::CString::new(format!("vireo-ram-{start:x}"))
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: memfd_create with a valid C string; the fd is owned at once.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -228,7 +228,7 @@ impl Link {
         let regions = started
             .mem
             .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r))
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| ActivateError::BadConfig {
                 device: "net",
@@ -341,7 +341,10 @@ fn watch_link(link: Arc<Mutex<Link>>, stop: EventFd) {
         if n < 0 {
             return (false, false);
         }
-        (fds[0].revents != 0, fds.get(1).is_some_and(|f| f.revents != 0))
+        (
+            fds[0].revents != 0,
+            fds.get(1).is_some_and(|f| f.revents != 0),
+        )
     };
     loop {
         let sock = match lock(&link).session.watch.try_clone() {
@@ -368,7 +371,7 @@ fn watch_link(link: Arc<Mutex<Link>>, stop: EventFd) {
             let session = match Session::open(&path, Duration::ZERO) {
                 Ok(s) => s,
                 Err(e) => {
-                    if tries % 50 == 0 {
+                    if tries.is_multiple_of(50) {
                         tracing::info!(path = %path.display(), error = %e, "vhost-user backend still away");
                     }
                     continue;
@@ -379,7 +382,9 @@ fn watch_link(link: Arc<Mutex<Link>>, stop: EventFd) {
                     tracing::info!(path = %path.display(), "vhost-user backend back; rings restarted");
                     break;
                 }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "vhost-user reconnect failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "vhost-user reconnect failed; retrying")
+                }
             }
         }
     }
