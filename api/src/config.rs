@@ -41,11 +41,75 @@ pub struct PayloadConfig {
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     pub boot: u8,
+    /// How the vCPUs are arranged (CPUID leaves 0xB/0x1F, APIC IDs, MADT). Without it: one
+    /// socket of `boot` single-threaded cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
 }
 
 impl Default for CpusConfig {
     fn default() -> Self {
-        Self { boot: 1 }
+        Self {
+            boot: 1,
+            topology: None,
+        }
+    }
+}
+
+/// Sockets, cores per socket and threads per core; their product is the vCPU count.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTopology {
+    pub sockets: u8,
+    pub cores: u8,
+    pub threads: u8,
+}
+
+/// Bits an x2APIC-style ID gives a level with `n` members: ceil(log2(n)).
+fn id_bits(n: u8) -> u32 {
+    u32::from(n.max(1)).next_power_of_two().trailing_zeros()
+}
+
+impl CpuTopology {
+    /// Bits of the APIC ID that number the thread within its core.
+    pub fn thread_bits(&self) -> u32 {
+        id_bits(self.threads)
+    }
+
+    /// Bits of the APIC ID below the socket number (thread and core).
+    pub fn package_bits(&self) -> u32 {
+        self.thread_bits() + id_bits(self.cores)
+    }
+
+    /// The APIC ID of vCPU `index` (vCPUs are numbered thread first, then core, then
+    /// socket): socket, core and thread each in their own bit field, as hardware does,
+    /// so counts that are not powers of two leave gaps.
+    pub fn apic_id(&self, index: u32) -> u32 {
+        let threads = u32::from(self.threads.max(1));
+        let cores = u32::from(self.cores.max(1));
+        let thread = index % threads;
+        let core = index / threads % cores;
+        let socket = index / threads / cores;
+        socket << self.package_bits() | core << self.thread_bits() | thread
+    }
+}
+
+impl CpusConfig {
+    /// The topology in effect: the configured one, or one socket of `boot` cores.
+    pub fn topology(&self) -> CpuTopology {
+        self.topology.unwrap_or(CpuTopology {
+            sockets: 1,
+            cores: self.boot,
+            threads: 1,
+        })
+    }
+
+    /// The APIC ID (= KVM vCPU ID) of each vCPU, in vCPU order.
+    pub fn apic_ids(&self) -> Vec<u8> {
+        let t = self.topology();
+        (0..u32::from(self.boot))
+            .map(|i| u8::try_from(t.apic_id(i)).unwrap_or(u8::MAX))
+            .collect()
     }
 }
 
@@ -341,6 +405,27 @@ impl VmConfig {
                 self.cpus.boot
             )));
         }
+        if let Some(t) = self.cpus.topology {
+            let product = u32::from(t.sockets) * u32::from(t.cores) * u32::from(t.threads);
+            if t.sockets == 0
+                || t.cores == 0
+                || t.threads == 0
+                || product != u32::from(self.cpus.boot)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "cpus.topology {}:{}:{} (sockets:cores:threads) must multiply to cpus.boot {}",
+                    t.sockets, t.cores, t.threads, self.cpus.boot
+                )));
+            }
+            let highest = t.apic_id(u32::from(self.cpus.boot) - 1);
+            if highest > u32::from(MAX_VCPUS) {
+                return Err(ConfigError::Invalid(format!(
+                    "cpus.topology {}:{}:{} needs APIC IDs up to {highest}; at most {MAX_VCPUS} \
+                     (round cores and threads to powers of two, or use fewer sockets)",
+                    t.sockets, t.cores, t.threads
+                )));
+            }
+        }
         if self.memory.size < MIN_MEMORY {
             return Err(ConfigError::Invalid(format!(
                 "memory.size must be at least 16M, got {} bytes",
@@ -491,6 +576,27 @@ pub fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
                     value: v.clone(),
                     reason: "expected a number of vCPUs".into(),
                 })?
+            }
+            "topology" => {
+                let bad = |reason: &str| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: reason.into(),
+                };
+                let parts: Vec<&str> = v.split(':').collect();
+                let [s, co, th] = parts.as_slice() else {
+                    return Err(bad("expected SOCKETS:CORES:THREADS"));
+                };
+                let n = |x: &str| x.parse::<u8>().ok().filter(|&n| n > 0);
+                let (Some(sockets), Some(cores), Some(threads)) = (n(s), n(co), n(th)) else {
+                    return Err(bad("each of SOCKETS:CORES:THREADS must be 1..=255"));
+                };
+                c.topology = Some(CpuTopology {
+                    sockets,
+                    cores,
+                    threads,
+                });
             }
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }

@@ -170,6 +170,14 @@ pub fn find_rsdp(hint: u64) -> Option<u64> {
 
 pub struct Madt {
     pub cpus: u32,
+    /// APIC IDs of the enabled CPUs, in table order (the first 256).
+    pub apic_ids: [u32; 256],
+}
+
+impl Madt {
+    pub fn ids(&self) -> &[u32] {
+        &self.apic_ids[..(self.cpus as usize).min(256)]
+    }
 }
 
 /// Counts enabled Local APIC (type 0) and Local x2APIC (type 9) entries of the MADT.
@@ -197,7 +205,14 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Madt> {
             if t != 0 && sig_at(t, b"APIC") {
                 let mlen = rd((t + 4) as *const u32) as u64;
                 let mut p = t + 44;
-                let mut cpus = 0;
+                let mut cpus = 0u32;
+                let mut apic_ids = [0u32; 256];
+                let mut add = |id: u32| {
+                    if (cpus as usize) < apic_ids.len() {
+                        apic_ids[cpus as usize] = id;
+                    }
+                    cpus += 1;
+                };
                 while p + 2 <= t + mlen {
                     let ty = *(p as *const u8);
                     let l = *((p + 1) as *const u8) as u64;
@@ -206,13 +221,18 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Madt> {
                     }
                     match ty {
                         // Local APIC: flags at 4; Local x2APIC: flags at 8; bit 0 = enabled.
-                        0 if l >= 8 && rd((p + 4) as *const u32) & 1 != 0 => cpus += 1,
-                        9 if l >= 16 && rd((p + 8) as *const u32) & 1 != 0 => cpus += 1,
+                        // Local APIC: APIC ID at 3; Local x2APIC: x2APIC ID at 4.
+                        0 if l >= 8 && rd((p + 4) as *const u32) & 1 != 0 => {
+                            add(u32::from(*((p + 3) as *const u8)))
+                        }
+                        9 if l >= 16 && rd((p + 8) as *const u32) & 1 != 0 => {
+                            add(rd((p + 4) as *const u32))
+                        }
                         _ => {}
                     }
                     p += l;
                 }
-                return Some(Madt { cpus });
+                return Some(Madt { cpus, apic_ids });
             }
         }
     }

@@ -15,6 +15,7 @@ mod io;
 mod paging;
 mod pci;
 mod rt;
+mod smp;
 mod tests;
 mod timer;
 
@@ -105,6 +106,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "power-button" => tests::power_button(),
         "workload" => tests::workload(&si),
         "touch" => tests::touch(&si),
+        "smp" => tests::smp(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");

@@ -1264,3 +1264,121 @@ pub fn net() -> ! {
     }
     io::result_ok()
 }
+
+/// `test=smp [work=checksum|spin] [rounds=N] [init_us=N] [report_ms=N]`: starts every
+/// application processor the MADT lists with INIT-SIPI-SIPI (smp.rs) and checks each one:
+/// its LAPIC ID, the initial APIC ID and x2APIC ID CPUID gave it at CPL0, all distinct and
+/// all in the MADT. `work=checksum` (default): each AP computes a checksum seeded by its
+/// APIC ID at CPL3, which the boot CPU recomputes. `work=spin`: the APs count forever and
+/// the boot CPU reports every `report_ms` how many of them advanced (for pause, snapshot
+/// and migration with every vCPU busy).
+pub fn smp(si: &crate::hvm::StartInfo) -> ! {
+    use crate::smp::{self, Work};
+    use core::sync::atomic::Ordering;
+    let Some(madt) = crate::hvm::madt_cpus(si.rsdp) else {
+        fail!("smp: no MADT");
+    };
+    let me = smp::apic_id();
+    let ids = madt.ids();
+    if !ids.contains(&me) {
+        fail!("smp: boot CPU's APIC ID {} is not in the MADT", me);
+    }
+    let aps = ids.len() - 1;
+    let work = match CMDLINE.get("work").unwrap_or("checksum") {
+        "checksum" => Work::Checksum,
+        "spin" => Work::Spin,
+        other => fail!("smp: unknown work={}", other),
+    };
+    let rounds = num("rounds", Some(1 << 20));
+    let init_us = num("init_us", Some(10_000));
+    let khz = crate::timer::tsc_khz().khz;
+    let started = smp::start_aps(aps, work, rounds, init_us, num("timeout_ms", Some(60_000)));
+    println!(
+        "smp online cpus={} aps={} us={}",
+        aps + 1,
+        aps,
+        started.cycles * 1000 / khz
+    );
+    let mut seen = alloc::vec![me];
+    for slot in started.slots {
+        let lapic = slot.online.load(Ordering::Acquire) - 1;
+        let initial = slot.cpuid1_ebx >> 24;
+        let x2apic = slot.cpuid_b_edx;
+        if !ids.contains(&lapic) || seen.contains(&lapic) {
+            fail!(
+                "smp: AP with APIC ID {} is not in the MADT or came up twice",
+                lapic
+            );
+        }
+        if initial != lapic & 0xff || x2apic != lapic {
+            fail!(
+                "smp: AP {}: CPUID says initial APIC ID {} and x2APIC ID {}",
+                lapic,
+                initial,
+                x2apic
+            );
+        }
+        seen.push(lapic);
+    }
+    let b0 = crate::cpuid::cpuid_sub(0xb, 0);
+    let b1 = crate::cpuid::cpuid_sub(0xb, 1);
+    let mut places = alloc::vec![smp::CpuPlace {
+        id: b0.edx,
+        topology: [b0.eax, b0.ebx, b1.eax, b1.ebx],
+    }];
+    for slot in started.slots {
+        places.push(smp::CpuPlace {
+            id: slot.cpuid_b_edx,
+            topology: slot.topology,
+        });
+    }
+    match smp::topology_of(&places) {
+        Ok(t) => println!(
+            "smp topology sockets={} cores={} threads={}",
+            t.sockets, t.cores, t.threads
+        ),
+        Err(e) => fail!("smp: topology: {}", e),
+    }
+    if work == Work::Spin {
+        let report_ms = num("report_ms", Some(500)).max(1);
+        let mut last: alloc::vec::Vec<u64> = alloc::vec![0; aps];
+        let mut round = 0u64;
+        loop {
+            let t0 = rdtsc();
+            while rdtsc() - t0 < report_ms * khz {
+                core::hint::spin_loop();
+            }
+            round += 1;
+            let mut advanced = 0;
+            for (slot, prev) in started.slots.iter().zip(last.iter_mut()) {
+                let now = slot.iterations.load(Ordering::Relaxed);
+                if now > *prev {
+                    advanced += 1;
+                }
+                *prev = now;
+            }
+            println!(
+                "smp progress round={} advanced={} of {}",
+                round, advanced, aps
+            );
+        }
+    }
+    for slot in started.slots {
+        while slot.iterations.load(Ordering::Acquire) == 0 {
+            core::hint::spin_loop();
+        }
+        let lapic = slot.online.load(Ordering::Acquire) - 1;
+        let got = slot.result.load(Ordering::Acquire);
+        let want = smp::work_result(lapic, rounds);
+        if got != want {
+            fail!(
+                "smp: AP {} computed {:#x}, expected {:#x}",
+                lapic,
+                got,
+                want
+            );
+        }
+        println!("smp cpu apic={} result={:#x} ok", lapic, got);
+    }
+    io::result_ok()
+}

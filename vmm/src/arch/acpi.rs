@@ -113,17 +113,19 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     to_bytes(&f.finalize())
 }
 
-fn madt(cpus: u8) -> Vec<u8> {
+/// The MADT: one enabled Local APIC per vCPU (processor UID = vCPU index, APIC ID from
+/// the topology), and the IOAPIC.
+fn madt(apic_ids: &[u8]) -> Vec<u8> {
     let mut m = MADT::new(
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
         LocalInterruptController::Address(layout::LAPIC_START as u32),
     );
-    for cpu in 0..cpus {
+    for (uid, &apic) in apic_ids.iter().enumerate() {
         m.add_structure(ProcessorLocalApic::new(
-            cpu,
-            cpu,
+            uid as u8,
+            apic,
             acpi_tables::madt::EnabledStatus::Enabled,
         ));
     }
@@ -138,7 +140,7 @@ fn mcfg() -> Vec<u8> {
 }
 
 /// Writes every table into the ACPI area; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
+pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<u64, AcpiError> {
     let rsdp_addr = layout::ACPI_START;
     let mut cursor = rsdp_addr + 0x40;
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
@@ -155,7 +157,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
     };
     let dsdt_addr = place(&dsdt())?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
-    let madt_addr = place(&madt(cpus))?;
+    let madt_addr = place(&madt(apic_ids))?;
     let mcfg_addr = place(&mcfg())?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for t in [fadt_addr, madt_addr, mcfg_addr] {
@@ -178,7 +180,7 @@ mod tests {
 
     #[test]
     fn tables_have_valid_checksums_and_lengths() {
-        for t in [dsdt(), fadt(0x1000), madt(4), mcfg()] {
+        for t in [dsdt(), fadt(0x1000), madt(&[0, 1, 2, 3]), mcfg()] {
             let len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize;
             assert_eq!(len, t.len(), "{}", String::from_utf8_lossy(&t[..4]));
             assert!(checksum_ok(&t), "{}", String::from_utf8_lossy(&t[..4]));
@@ -192,6 +194,6 @@ mod tests {
             "GED register address"
         );
         // 4 local APICs of 8 bytes + one IOAPIC of 12 after the 44-byte header.
-        assert_eq!(madt(4).len(), 44 + 4 * 8 + 12);
+        assert_eq!(madt(&[0, 1, 2, 3]).len(), 44 + 4 * 8 + 12);
     }
 }

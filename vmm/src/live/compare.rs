@@ -46,6 +46,14 @@ pub fn same_guest(source: &Side<'_>, destination: &Side<'_>) -> Result<(), Misma
     if s.cpus.boot != d.cpus.boot {
         return Err(differ("cpus.boot", s.cpus.boot, d.cpus.boot));
     }
+    if s.cpus.topology() != d.cpus.topology() {
+        let show = |t: api::config::CpuTopology| format!("{}:{}:{}", t.sockets, t.cores, t.threads);
+        return Err(differ(
+            "cpus.topology",
+            show(s.cpus.topology()),
+            show(d.cpus.topology()),
+        ));
+    }
     if s.memory.size != d.memory.size {
         return Err(differ("memory.size", s.memory.size, d.memory.size));
     }
