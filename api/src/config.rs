@@ -847,6 +847,36 @@ pub fn parse_output_capped(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn apic_ids_put_thread_core_and_socket_in_their_own_bit_fields() {
+        let c = parse_cpus("boot=8,topology=2:2:2").unwrap();
+        assert_eq!(c.apic_ids(), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        // 3 cores need 2 bits, 4 threads 2 bits: socket 1 starts at 16, core 2 at 8.
+        let c = parse_cpus("boot=24,topology=2:3:4").unwrap();
+        let ids = c.apic_ids();
+        assert_eq!(&ids[..4], &[0, 1, 2, 3]);
+        assert_eq!(ids[8], 8);
+        assert_eq!(ids[12], 16);
+        assert_eq!(ids[23], 16 + 8 + 3);
+        // Without a topology: one socket of single-threaded cores, IDs 0..n.
+        let c = parse_cpus("boot=5").unwrap();
+        assert_eq!(c.apic_ids(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(c.topology().package_bits(), 3);
+    }
+
+    #[test]
+    fn a_topology_survives_json_and_is_absent_when_not_set() {
+        let c = parse_cpus("boot=4,topology=1:2:2").unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains(r#""topology":{"sockets":1,"cores":2,"threads":2}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<CpusConfig>(&json).unwrap(), c);
+        let plain = serde_json::to_string(&parse_cpus("boot=4").unwrap()).unwrap();
+        assert_eq!(plain, r#"{"boot":4}"#);
+    }
     use super::*;
 
     #[test]

@@ -67,6 +67,25 @@ fn guest_memory_beyond_the_host_or_the_limit_is_one_clear_error() {
     assert_one_line_error(code, &err, "overcommit");
 }
 
+/// vCPU counts and topologies the VMM cannot give a guest: one clear line each.
+#[test]
+fn vcpu_counts_and_topologies_that_cannot_be_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    for (cpus, says) in [
+        ("boot=255", "cpus.boot must be 1..=254"),
+        ("boot=0", "cpus.boot must be 1..=254"),
+        ("boot=8,topology=1:3:3", "must multiply to cpus.boot 8"),
+        ("boot=200,topology=5:40:1", "needs APIC IDs up to 295"),
+        ("boot=8,topology=2:x:2", "SOCKETS:CORES:THREADS"),
+        ("boot=8,topology=2:4", "SOCKETS:CORES:THREADS"),
+        ("boot=8,topology=0:4:2", "SOCKETS:CORES:THREADS"),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--cpus", cpus]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
 #[test]
 fn kernel_that_is_not_elf() {
     let dir = tempfile::tempdir().unwrap();

@@ -388,6 +388,7 @@ impl Vm {
         // KVM's vCPU ID is the APIC ID, which the topology may space out.
         let topology = self.config.cpus.topology();
         let apic_ids = self.config.cpus.apic_ids();
+        self.hv.check_vcpus(&apic_ids)?;
         let mut fds = Vec::with_capacity(apic_ids.len());
         for &id in &apic_ids {
             let fd = self.hv.create_vcpu(id)?;

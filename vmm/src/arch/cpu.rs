@@ -386,6 +386,57 @@ fn set_lapic_lvt(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u
 
 #[cfg(test)]
 mod tests {
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topology_leaves_describe_sockets_cores_and_threads() {
+        let t = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 4,
+        };
+        let mut e = vec![
+            entry(1, 0),
+            entry(4, 0),
+            entry(0xb, 0),
+            entry(0x1f, 0),
+            entry(0x8000_0008, 0),
+        ];
+        e[1].eax = 3 << 5; // an L3 cache
+        apply_topology(&mut e, 27, &t);
+        let find = |f: u32, i: u32| *e.iter().find(|x| x.function == f && x.index == i).unwrap();
+        assert_eq!(find(1, 0).ebx >> 24, 27);
+        assert_eq!((find(1, 0).ebx >> 16) & 0xff, 16);
+        for f in [0xb, 0x1f] {
+            let smt = find(f, 0);
+            assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (2, 4, 1 << 8, 27));
+            let core = find(f, 1);
+            assert_eq!(
+                (core.eax, core.ebx, core.ecx, core.edx),
+                (4, 12, 2 << 8 | 1, 27)
+            );
+            let end = find(f, 2);
+            assert_eq!((end.eax, end.ebx, end.ecx >> 8), (0, 0, 0));
+            assert_eq!(smt.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+        }
+        // L3 shared by the package's 16 IDs; 4 core IDs per package.
+        assert_eq!(find(4, 0).eax >> 26, 3);
+        assert_eq!((find(4, 0).eax >> 14) & 0xfff, 15);
+        assert_eq!(find(0x8000_0008, 0).ecx & 0xff, 11);
+        assert_eq!((find(0x8000_0008, 0).ecx >> 12) & 0xf, 4);
+        // No 0x1F from the host: none added.
+        let mut e = vec![entry(1, 0), entry(0xb, 0)];
+        apply_topology(&mut e, 0, &t);
+        assert!(e.iter().all(|x| x.function != 0x1f));
+        assert_eq!(e.iter().filter(|x| x.function == 0xb).count(), 3);
+    }
     use super::*;
 
     #[test]

@@ -261,6 +261,21 @@ mod tests {
     }
 
     #[test]
+    fn vcpu_topology_differs() {
+        assert_eq!(
+            check(|c, _| {
+                c.cpus.topology = Some(api::config::CpuTopology {
+                    sockets: 1,
+                    cores: 1,
+                    threads: 2,
+                })
+            })
+            .unwrap_err(),
+            "cpus.topology: source 1:1:2, destination 1:2:1"
+        );
+    }
+
+    #[test]
     fn a_cpu_feature_differs_or_a_leaf_is_missing() {
         assert_eq!(
             check(|_, s| s.cpuid[1].ebx |= 1 << 5).unwrap_err(),
