@@ -28,7 +28,7 @@ struct Cli {
     /// Initial ramdisk.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// vCPUs: boot=N.
+    /// vCPUs: boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs).
     #[arg(long, default_value = "boot=1")]
     cpus: String,
     /// Memory: size=SIZE[,hugepages=on][,overcommit=on] (overcommit: SIZE may exceed the host's RAM; only what the guest touches is backed).
