@@ -379,6 +379,9 @@ pub struct VmConfig {
     /// (see [`crate::WriteLease`]); none for a VM outside a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_lease: Option<crate::WriteLease>,
+    /// Virtual NUMA nodes (SRAT/SLIT); none: one node, no SRAT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<crate::numa::NumaNode>,
 }
 
 /// The cap of a serial or console output file when none is configured: a guest that
@@ -426,6 +429,7 @@ impl VmConfig {
                 )));
             }
         }
+        crate::numa::validate(&self.numa, self.cpus.boot, self.memory.size)?;
         if self.memory.size < MIN_MEMORY {
             return Err(ConfigError::Invalid(format!(
                 "memory.size must be at least 16M, got {} bytes",
@@ -1102,6 +1106,7 @@ mod tests {
             k
         };
         let full = VmConfig {
+            numa: Vec::new(),
             payload: PayloadConfig {
                 kernel: "/k".into(),
                 cmdline: None,

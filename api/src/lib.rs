@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod lifecycle;
+pub mod numa;
 mod server;
 mod types;
 

@@ -86,6 +86,62 @@ fn vcpu_counts_and_topologies_that_cannot_be_are_one_clear_error() {
     }
 }
 
+/// NUMA nodes that do not describe the VM, or a host node this host lacks.
+#[test]
+fn numa_nodes_that_do_not_fit_the_vm_or_the_host_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    let two = |a: &str, b: &str| {
+        vireo(&[
+            "--kernel", kernel, "--cpus", "boot=4", "--memory", "size=1G", "--numa", a, "--numa", b,
+        ])
+    };
+    for ((a, b), says) in [
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2,memory=512M"),
+            "vCPU 3 is on no node",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=1-3,memory=512M"),
+            "vCPU 1 is on node 0 and node 1",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2-3,memory=256M"),
+            "adds up to 768 MiB",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=2,cpus=2-3,memory=512M"),
+            "numbered 0..2",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2-7,memory=512M"),
+            "names vCPU 4",
+        ),
+        (
+            (
+                "node=0,cpus=0-1,memory=512M,distances=1@5",
+                "node=1,cpus=2-3,memory=512M",
+            ),
+            "11..=254",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2-3,size=512M"),
+            "unknown option 'size'",
+        ),
+        // This host has one node (node 0).
+        (
+            (
+                "node=0,cpus=0-1,memory=512M,host_node=64",
+                "node=1,cpus=2-3,memory=512M",
+            ),
+            "host node 64 does not exist here",
+        ),
+    ] {
+        let (code, err) = two(a, b);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
 #[test]
 fn kernel_that_is_not_elf() {
     let dir = tempfile::tempdir().unwrap();

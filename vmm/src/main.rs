@@ -31,6 +31,9 @@ struct Cli {
     /// vCPUs: boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs).
     #[arg(long, default_value = "boot=1")]
     cpus: String,
+    /// A virtual NUMA node: node=N,cpus=0-3[:8-11],memory=SIZE[,host_node=H][,distances=M@D[:M@D...]] (repeatable; vCPU indices, not APIC IDs; nodes take consecutive RAM in node order and their memory adds up to --memory's size; host_node binds the node's memory to that host node with mbind; distances go to the SLIT, 10 local, 20 by default).
+    #[arg(long)]
+    numa: Vec<String>,
     /// Memory: size=SIZE[,hugepages=on][,overcommit=on] (overcommit: SIZE may exceed the host's RAM; only what the guest touches is backed).
     #[arg(long, default_value = "size=512M")]
     memory: String,
@@ -166,6 +169,11 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             .map(|n| config::parse_net(n))
             .collect::<Result<_, _>>()?,
         write_lease: None,
+        numa: cli
+            .numa
+            .iter()
+            .map(|n| api::numa::parse_numa(n))
+            .collect::<Result<_, _>>()?,
     };
     cfg.validate()?;
     Ok(Some(cfg))

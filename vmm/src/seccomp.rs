@@ -234,6 +234,9 @@ const CONTROL: &[i64] = &[
     libc::SYS_getcwd,
     libc::SYS_sysinfo,
     libc::SYS_rt_sigaction,
+    // Virtual NUMA: binding a node's guest memory to its host node (at VM creation,
+    // which a restore or an incoming migration does after the filters are in).
+    libc::SYS_mbind,
 ];
 
 fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {

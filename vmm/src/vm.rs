@@ -37,6 +37,8 @@ pub enum VmError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
+    Numa(#[from] crate::arch::numa::NumaError),
+    #[error(transparent)]
     LinuxBoot(#[from] linux::LinuxBootError),
     #[error("cannot write the boot GDT: {0}")]
     Gdt(#[source] vm_memory::GuestMemoryError),
@@ -99,6 +101,13 @@ impl IncomingVm {
             config.memory.hugepages,
             config.memory.overcommit,
         )?);
+        if !config.numa.is_empty() {
+            let ranges = api::numa::node_ranges(
+                &config.numa,
+                &crate::layout::ram_ranges(config.memory.size),
+            );
+            crate::arch::numa::bind_host_nodes(&mem, &config.numa, &ranges)?;
+        }
         hv.map_memory(&mem, false)?;
         Ok(Self {
             config,
@@ -301,7 +310,17 @@ impl Vm {
             None => None,
         };
         cpu::write_boot_gdt(mem).map_err(VmError::Gdt)?;
-        let rsdp = acpi::write_tables(mem, &config.cpus.apic_ids())?;
+        let rsdp = acpi::write_tables(
+            mem,
+            &acpi::Machine {
+                apic_ids: &config.cpus.apic_ids(),
+                numa: &config.numa,
+                numa_ranges: &api::numa::node_ranges(
+                    &config.numa,
+                    &crate::layout::ram_ranges(config.memory.size),
+                ),
+            },
+        )?;
         let cmdline = config.payload.cmdline.clone().unwrap_or_default();
         Ok(match protocol {
             BootProtocol::Pvh { entry } => {

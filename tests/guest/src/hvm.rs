@@ -168,6 +168,36 @@ pub fn find_rsdp(hint: u64) -> Option<u64> {
         .find(|&p| sig_at(p, b"RSD PTR ") && checksum_ok(p, 20))
 }
 
+/// The address of the ACPI table with signature `sig` (through the RSDP's XSDT or RSDT).
+pub fn find_table(rsdp_hint: u64, sig: &[u8; 4]) -> Option<u64> {
+    let rsdp = find_rsdp(rsdp_hint)?;
+    unsafe {
+        let revision = *((rsdp + 15) as *const u8);
+        let (table, entry_size) = if revision >= 2 && rd((rsdp + 24) as *const u64) != 0 {
+            (rd((rsdp + 24) as *const u64), 8u64)
+        } else {
+            (rd((rsdp + 16) as *const u32) as u64, 4u64)
+        };
+        if table == 0 {
+            return None;
+        }
+        let len = rd((table + 4) as *const u32) as u64;
+        let count = len.saturating_sub(36) / entry_size;
+        (0..count)
+            .map(|i| {
+                let e = table + 36 + i * entry_size;
+                if entry_size == 8 {
+                    rd(e as *const u64)
+                } else {
+                    rd(e as *const u32) as u64
+                }
+            })
+            .find(|&t| {
+                t != 0 && sig_at(t, sig) && checksum_ok(t, rd((t + 4) as *const u32) as usize)
+            })
+    }
+}
+
 pub struct Madt {
     pub cpus: u32,
     /// APIC IDs of the enabled CPUs, in table order (the first 256).

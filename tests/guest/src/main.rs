@@ -107,6 +107,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "workload" => tests::workload(&si),
         "touch" => tests::touch(&si),
         "smp" => tests::smp(&si),
+        "numa" => tests::numa(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");

@@ -1,5 +1,6 @@
-//! ACPI tables (hardware-reduced): RSDP → XSDT → FADT (→ DSDT), MADT, MCFG, so the guest
-//! finds its CPUs, the PCIe ECAM and how to power off.
+//! ACPI tables (hardware-reduced): RSDP → XSDT → FADT (→ DSDT), MADT, MCFG (and with
+//! virtual NUMA the SRAT and SLIT), so the guest finds its CPUs, the PCIe ECAM, its nodes
+//! and how to power off.
 
 use acpi_tables::fadt::FADTBuilder;
 use acpi_tables::madt::{IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -139,8 +140,19 @@ fn mcfg() -> Vec<u8> {
     to_bytes(&m)
 }
 
+/// What the tables describe beyond the fixed platform.
+pub struct Machine<'a> {
+    /// APIC IDs of the vCPUs, in vCPU order.
+    pub apic_ids: &'a [u8],
+    /// Virtual NUMA nodes (none: no SRAT/SLIT).
+    pub numa: &'a [api::numa::NumaNode],
+    /// Each node's guest-physical ranges (node, base, length).
+    pub numa_ranges: &'a [(u32, u64, u64)],
+}
+
 /// Writes every table into the ACPI area; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<u64, AcpiError> {
+pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine<'_>) -> Result<u64, AcpiError> {
+    let apic_ids = machine.apic_ids;
     let rsdp_addr = layout::ACPI_START;
     let mut cursor = rsdp_addr + 0x40;
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
@@ -159,8 +171,14 @@ pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<u64, AcpiE
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(apic_ids))?;
     let mcfg_addr = place(&mcfg())?;
+    let mut tables = vec![fadt_addr, madt_addr, mcfg_addr];
+    if !machine.numa.is_empty() {
+        let srat = super::numa::srat(machine.numa, apic_ids, machine.numa_ranges);
+        tables.push(place(&srat)?);
+        tables.push(place(&super::numa::slit(machine.numa))?);
+    }
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for t in [fadt_addr, madt_addr, mcfg_addr] {
+    for t in tables {
         xsdt.add_entry(t);
     }
     let xsdt_addr = place(&to_bytes(&xsdt))?;
