@@ -120,6 +120,9 @@ pub struct MemoryConfig {
     pub size: u64,
     #[serde(default)]
     pub hugepages: bool,
+    /// The huge page size in bytes (2 MiB or 1 GiB) when `hugepages`; none: 2 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
     /// May `size` exceed the host's RAM? Guest memory is only backed where the guest
     /// touches it, so a large guest that touches little fits on a small host; without
     /// this a VM larger than the host is refused at start (as Hyper-V refuses a VM whose
@@ -128,11 +131,20 @@ pub struct MemoryConfig {
     pub overcommit: bool,
 }
 
+impl MemoryConfig {
+    /// The huge page size in bytes when huge pages are on.
+    pub fn huge_page(&self) -> Option<u64> {
+        self.hugepages
+            .then(|| self.hugepage_size.unwrap_or(2 << 20))
+    }
+}
+
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             size: 512 << 20,
             hugepages: false,
+            hugepage_size: None,
             overcommit: false,
         }
     }
@@ -448,6 +460,25 @@ impl VmConfig {
                 self.memory.size >> 30
             )));
         }
+        if let Some(page) = self.memory.hugepage_size {
+            if !self.memory.hugepages {
+                return Err(ConfigError::Invalid(
+                    "memory.hugepage_size needs hugepages=on".into(),
+                ));
+            }
+            if page != 2 << 20 && page != 1 << 30 {
+                return Err(ConfigError::Invalid(format!(
+                    "memory.hugepage_size must be 2M or 1G, got {page} bytes"
+                )));
+            }
+            if !self.memory.size.is_multiple_of(page) {
+                return Err(ConfigError::Invalid(format!(
+                    "memory.size ({} MiB) must be a multiple of the huge page size ({} MiB)",
+                    self.memory.size >> 20,
+                    page >> 20
+                )));
+            }
+        }
         if self.memory.overcommit && self.memory.hugepages {
             return Err(ConfigError::Invalid(
                 "memory.overcommit cannot be used with hugepages (a huge page the pool \
@@ -622,6 +653,14 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
                 })?
             }
             "hugepages" => m.hugepages = on_off(F, &k, &v)?,
+            "hugepage_size" => {
+                m.hugepage_size = Some(parse_size(&v).ok_or_else(|| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: "expected 2M or 1G".into(),
+                })?)
+            }
             "overcommit" => m.overcommit = on_off(F, &k, &v)?,
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
@@ -1106,14 +1145,17 @@ mod tests {
             k
         };
         let full = VmConfig {
-            numa: Vec::new(),
+            numa: vec![crate::numa::parse_numa(
+                "node=0,cpus=0,memory=512M,host_node=0,distances=1@20",
+            )
+            .unwrap()],
             payload: PayloadConfig {
                 kernel: "/k".into(),
                 cmdline: None,
                 initramfs: None,
             },
-            cpus: CpusConfig::default(),
-            memory: MemoryConfig::default(),
+            cpus: parse_cpus("boot=2,topology=1:2:1").unwrap(),
+            memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on").unwrap(),
             disks: vec![parse_disk("path=/d").unwrap()],
             serial: OutputConfig::Null,
             console: OutputConfig::Off,
@@ -1136,6 +1178,23 @@ mod tests {
             keys(&vm["nets"]["items"]["properties"]),
             serde_keys(&json["nets"][0]),
             "NetConfig properties"
+        );
+        for (field, what) in [("cpus", "CpusConfig"), ("memory", "MemoryConfig")] {
+            assert_eq!(
+                keys(&vm[field]["properties"]),
+                serde_keys(&json[field]),
+                "{what} properties"
+            );
+        }
+        assert_eq!(
+            keys(&vm["cpus"]["properties"]["topology"]["properties"]),
+            serde_keys(&json["cpus"]["topology"]),
+            "CpuTopology properties"
+        );
+        assert_eq!(
+            keys(&vm["numa"]["items"]["properties"]),
+            serde_keys(&json["numa"][0]),
+            "NumaNode properties"
         );
     }
 

@@ -142,6 +142,42 @@ fn numa_nodes_that_do_not_fit_the_vm_or_the_host_are_one_clear_error() {
     }
 }
 
+/// Huge pages the host's pool cannot give are refused at start, naming the pool (they
+/// used to be mapped without a reservation: the kernel load then failed obscurely, and a
+/// guest touching past the pool would have been a SIGBUS in the VMM).
+#[test]
+fn huge_pages_the_pool_cannot_give_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let size = format!("size={}M,hugepages=on", (free + 64) * 2);
+    let (code, err) = vireo(&["--kernel", kernel, "--memory", &size]);
+    assert_one_line_error(
+        code,
+        &err,
+        &format!("needs {} huge pages of 2048 KiB", free + 64),
+    );
+    for (memory, says) in [
+        (
+            "size=1G,hugepage_size=2M",
+            "hugepage_size needs hugepages=on",
+        ),
+        ("size=1G,hugepages=on,hugepage_size=4M", "must be 2M or 1G"),
+        (
+            "size=1536M,hugepages=on,hugepage_size=1G",
+            "multiple of the huge page size",
+        ),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--memory", memory]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
 #[test]
 fn kernel_that_is_not_elf() {
     let dir = tempfile::tempdir().unwrap();

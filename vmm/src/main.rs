@@ -34,7 +34,7 @@ struct Cli {
     /// A virtual NUMA node: node=N,cpus=0-3[:8-11],memory=SIZE[,host_node=H][,distances=M@D[:M@D...]] (repeatable; vCPU indices, not APIC IDs; nodes take consecutive RAM in node order and their memory adds up to --memory's size; host_node binds the node's memory to that host node with mbind; distances go to the SLIT, 10 local, 20 by default).
     #[arg(long)]
     numa: Vec<String>,
-    /// Memory: size=SIZE[,hugepages=on][,overcommit=on] (overcommit: SIZE may exceed the host's RAM; only what the guest touches is backed).
+    /// Memory: size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed).
     #[arg(long, default_value = "size=512M")]
     memory: String,
     /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]

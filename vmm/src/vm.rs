@@ -98,7 +98,7 @@ impl IncomingVm {
         let hv = Hypervisor::new()?;
         let mem = Arc::new(memory::create_guest_memory(
             config.memory.size,
-            config.memory.hugepages,
+            config.memory.huge_page(),
             config.memory.overcommit,
         )?);
         if !config.numa.is_empty() {
