@@ -394,6 +394,59 @@ pub struct VmConfig {
     /// Virtual NUMA nodes (SRAT/SLIT); none: one node, no SRAT.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub numa: Vec<crate::numa::NumaNode>,
+    /// A virtio-balloon device; none: no balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// The balloon: how much memory the host asks back at start, and what the guest may do.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Bytes the guest is asked to give back at start (`vm.resize` changes it).
+    #[serde(default)]
+    pub size: u64,
+    /// The guest may take pages back from the balloon when it runs out of memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// The guest reports free pages, which go back to the host.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+    /// Seconds between statistics requests (0: no statistics).
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_s: u32,
+}
+
+fn default_stats_interval() -> u32 {
+    1
+}
+
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, ConfigError> {
+    const F: &str = "--balloon";
+    let mut b = BalloonConfig {
+        size: 0,
+        deflate_on_oom: false,
+        free_page_reporting: false,
+        stats_interval_s: default_stats_interval(),
+    };
+    for (k, v) in pairs(F, s)? {
+        let bad = |reason: &str| ConfigError::BadValue {
+            flag: F,
+            key: k.clone(),
+            value: v.clone(),
+            reason: reason.into(),
+        };
+        match k.as_str() {
+            "size" => b.size = parse_size(&v).ok_or_else(|| bad("expected a size such as 256M"))?,
+            "deflate_on_oom" => b.deflate_on_oom = on_off(F, &k, &v)?,
+            "free_page_reporting" => b.free_page_reporting = on_off(F, &k, &v)?,
+            "stats_interval" => {
+                b.stats_interval_s = v.parse().map_err(|_| bad("expected seconds (0: off)"))?
+            }
+            _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
+        }
+    }
+    Ok(b)
 }
 
 /// The cap of a serial or console output file when none is configured: a guest that
@@ -442,6 +495,20 @@ impl VmConfig {
             }
         }
         crate::numa::validate(&self.numa, self.cpus.boot, self.memory.size)?;
+        if let Some(b) = &self.balloon {
+            if b.size > self.memory.size {
+                return Err(ConfigError::Invalid(format!(
+                    "balloon.size ({} MiB) exceeds the VM's memory ({} MiB)",
+                    b.size >> 20,
+                    self.memory.size >> 20
+                )));
+            }
+            if self.memory.hugepages {
+                return Err(ConfigError::Invalid(
+                    "a balloon cannot give back huge pages 4 KiB at a time; use it without hugepages".into(),
+                ));
+            }
+        }
         if self.memory.size < MIN_MEMORY {
             return Err(ConfigError::Invalid(format!(
                 "memory.size must be at least 16M, got {} bytes",
@@ -1149,6 +1216,7 @@ mod tests {
                 "node=0,cpus=0,memory=512M,host_node=0,distances=1@20",
             )
             .unwrap()],
+            balloon: Some(parse_balloon("size=1M,deflate_on_oom=on").unwrap()),
             payload: PayloadConfig {
                 kernel: "/k".into(),
                 cmdline: None,
@@ -1190,6 +1258,11 @@ mod tests {
             keys(&vm["cpus"]["properties"]["topology"]["properties"]),
             serde_keys(&json["cpus"]["topology"]),
             "CpuTopology properties"
+        );
+        assert_eq!(
+            keys(&vm["balloon"]["properties"]),
+            serde_keys(&json["balloon"]),
+            "BalloonConfig properties"
         );
         assert_eq!(
             keys(&vm["numa"]["items"]["properties"]),

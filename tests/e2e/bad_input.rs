@@ -179,6 +179,33 @@ fn huge_pages_the_pool_cannot_give_are_one_clear_error() {
 }
 
 #[test]
+fn balloons_that_cannot_be_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    for (memory, balloon, says) in [
+        (
+            "size=256M",
+            "size=512M",
+            "balloon.size (512 MiB) exceeds the VM's memory (256 MiB)",
+        ),
+        (
+            "size=256M,hugepages=on",
+            "size=0",
+            "cannot give back huge pages",
+        ),
+        (
+            "size=256M",
+            "size=0,stats_interval=soon",
+            "expected seconds",
+        ),
+        ("size=256M", "size=0,inflate=on", "unknown option 'inflate'"),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--memory", memory, "--balloon", balloon]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
+#[test]
 fn kernel_that_is_not_elf() {
     let dir = tempfile::tempdir().unwrap();
     let k = dir.path().join("k");

@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+mod balloon;
 mod boot;
 mod cpuid;
 mod hvm;
@@ -108,6 +109,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "touch" => tests::touch(&si),
         "smp" => tests::smp(&si),
         "numa" => tests::numa(&si),
+        "balloon" => balloon::run(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");

@@ -136,6 +136,19 @@ fn device_list(c: &VmConfig) -> Vec<(&'static str, String)> {
     if c.rng {
         out.push(("rng", "rng".into()));
     }
+    // What the guest negotiated with depends on the features offered (and the stats
+    // queue's presence moves the reporting queue); the target size is device state.
+    if let Some(b) = &c.balloon {
+        out.push((
+            "balloon",
+            format!(
+                "balloon (deflate_on_oom={}, free_page_reporting={}, stats={})",
+                b.deflate_on_oom,
+                b.free_page_reporting,
+                b.stats_interval_s > 0
+            ),
+        ));
+    }
     out
 }
 
