@@ -154,6 +154,8 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
     let khz = crate::timer::tsc_khz().khz;
     let mut actual = 0usize;
     let mut announced = usize::MAX;
+    // Pages taken back since the last report, and how many of them read zero.
+    let (mut deflated, mut deflated_zeroed) = (0usize, 0usize);
     loop {
         let target = t.read_config_space::<u32>(0).unwrap_or(0) as usize;
         let want = target.min(pool.len());
@@ -166,22 +168,28 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
             let back = &pool[actual - n..actual];
             send_pfns(&mut deflate, &mut t, back);
             actual -= n;
-            let mut zeroed = 0;
             for &p in back {
                 // SAFETY: our page, back from the balloon.
                 unsafe {
                     if core::ptr::read_volatile(p as *const u64) == 0 {
-                        zeroed += 1;
+                        deflated_zeroed += 1;
                     }
                     core::ptr::write_volatile(p as *mut u64, MARK | p);
                 }
             }
-            println!("balloon deflated pages={} zeroed={}", n, zeroed);
+            deflated += n;
         }
         if let Err(e) = t.write_config_space::<u32>(4, actual as u32) {
             fail!("balloon: cannot write actual: {:?}", e);
         }
         if actual == want && announced != actual {
+            if deflated > 0 {
+                println!(
+                    "balloon deflated pages={} zeroed={}",
+                    deflated, deflated_zeroed
+                );
+                (deflated, deflated_zeroed) = (0, 0);
+            }
             println!("balloon actual={} target={}", actual, target);
             announced = actual;
         }
@@ -203,9 +211,12 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
                 }
             }
         }
-        let t0 = rdtsc();
-        while rdtsc() - t0 < khz * 2 {
-            core::hint::spin_loop();
+        // Idle: look again in 2 ms; while following a target, go on at once.
+        if actual == want {
+            let t0 = rdtsc();
+            while rdtsc() - t0 < khz * 2 {
+                core::hint::spin_loop();
+            }
         }
     }
 }

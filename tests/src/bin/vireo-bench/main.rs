@@ -23,8 +23,11 @@
 //! 10. Many vCPUs: exec → all 31 APs of a 32-vCPU guest online, Vireo vs QEMU
 //!     (`smp_boot.rs`; alone: `--only smp-boot`).
 //!
+//! 11. Balloon: MiB/s a 1 GiB inflation returns to the host, Vireo vs QEMU
+//!     (`balloon.rs`; alone: `--only balloon`).
+//!
 //! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N]
-//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot]`
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -35,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
+mod balloon;
 mod large_memory;
 mod smp_boot;
 use vireo_e2e::vireod_host::VireodHost;
@@ -1260,6 +1264,7 @@ enum Part {
     Net,
     LargeMemory,
     SmpBoot,
+    Balloon,
 }
 
 fn main() {
@@ -1296,5 +1301,8 @@ fn main() {
     }
     if want(Part::SmpBoot) {
         smp_boot::table(runs.min(10));
+    }
+    if want(Part::Balloon) {
+        balloon::table(runs.min(5));
     }
 }
