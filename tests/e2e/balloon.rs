@@ -224,3 +224,95 @@ fn resize_requests_a_vm_cannot_take_are_refused() {
     assert_eq!(s, 409, "{body}");
     assert!(body.contains("no balloon"), "{body}");
 }
+
+/// A VM with every memory feature at once (4 vCPUs as 2 sockets, two NUMA nodes with
+/// node 0 bound to host node 0, a balloon holding 32 MiB) live-migrates: at the
+/// destination the balloon's target and size are what they were, the guest follows a
+/// new target without starting over, and node 0's memory is bound again.
+#[test]
+fn numa_balloon_and_topology_survive_a_live_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_sock = dir.path().join("src.sock");
+    let src = Vireo::guest(
+        "test=balloon touch_mib=64",
+        &[
+            "--cpus",
+            "boot=4,topology=2:2:1",
+            "--memory",
+            "size=512M",
+            "--numa",
+            "node=0,cpus=0-1,memory=256M,host_node=0",
+            "--numa",
+            "node=1,cpus=2-3,memory=256M,distances=0@25",
+            "--balloon",
+            "size=32M",
+            "--api-socket",
+            src_sock.to_str().unwrap(),
+        ],
+    )
+    .spawn();
+    wait_for_socket(&src_sock, T);
+    wait_line(|| src.serial_text(), "balloon actual=8192 target=8192", 0);
+
+    let dst_sock = dir.path().join("dst.sock");
+    let dst_serial = dir.path().join("dst.log");
+    let dst = Command::new(bin("vireo"))
+        .arg("--api-socket")
+        .arg(&dst_sock)
+        .arg("--serial")
+        .arg(format!("file={}", dst_serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&dst_sock, T);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let body = format!(
+        r#"{{"receiver_url":"{url}"{}{}}}"#,
+        vireo_e2e::config_field_of(&src_sock),
+        vireo_e2e::secret_field()
+    );
+    let (s, b) = api(&dst_sock, "PUT", "vm.receive-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    let body = format!(
+        r#"{{"destination_url":"{url}"{}}}"#,
+        vireo_e2e::secret_field()
+    );
+    let (s, b) = api(&src_sock, "PUT", "vm.send-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    let out = src.wait(T);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let c = counters(&dst_sock);
+    assert_eq!(
+        (c["target_bytes"].clone(), c["actual_bytes"].clone()),
+        (32 * MIB).into_pair()
+    );
+    assert_eq!(resize(&dst_sock, 0).0, 204);
+    let text = || std::fs::read_to_string(&dst_serial).unwrap_or_default();
+    wait_line(text, "balloon actual=0 target=0", 0);
+    assert!(!text().contains("balloon ready"), "the guest started over");
+    let numa_maps = std::fs::read_to_string(format!("/proc/{}/numa_maps", dst.id())).unwrap();
+    assert_eq!(
+        numa_maps
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("bind:0"))
+            .count(),
+        1,
+        "{numa_maps}"
+    );
+    assert_eq!(api(&dst_sock, "PUT", "vm.shutdown", None).0, 204);
+    let out = vireo_e2e::wait_with_timeout(dst, T);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
