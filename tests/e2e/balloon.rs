@@ -290,10 +290,8 @@ fn numa_balloon_and_topology_survive_a_live_migration() {
     );
 
     let c = counters(&dst_sock);
-    assert_eq!(
-        (c["target_bytes"].clone(), c["actual_bytes"].clone()),
-        (32 * MIB).into_pair()
-    );
+    assert_eq!(c["target_bytes"], 32 * MIB, "{c}");
+    assert_eq!(c["actual_bytes"], 32 * MIB, "{c}");
     assert_eq!(resize(&dst_sock, 0).0, 204);
     let text = || std::fs::read_to_string(&dst_serial).unwrap_or_default();
     wait_line(text, "balloon actual=0 target=0", 0);
