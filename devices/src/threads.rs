@@ -10,6 +10,7 @@ pub enum WorkerKind {
     Console,
     Net,
     Rng,
+    Balloon,
     /// Watches a vhost-user backend's socket and connects again when it goes away.
     VhostUserLink,
 }

@@ -378,6 +378,16 @@ impl DeviceManager {
             let rng = devices::virtio::rng::Rng::new();
             dm.add_virtio(hv, mem, "rng0".into(), Box::new(rng))?;
         }
+        if let Some(b) = &config.balloon {
+            let balloon =
+                devices::virtio::balloon::Balloon::new(devices::virtio::balloon::BalloonConfig {
+                    size: b.size,
+                    deflate_on_oom: b.deflate_on_oom,
+                    free_page_reporting: b.free_page_reporting,
+                    stats_interval_s: b.stats_interval_s,
+                });
+            dm.add_virtio(hv, mem, BALLOON_ID.into(), Box::new(balloon))?;
+        }
         Ok(dm)
     }
 
@@ -494,6 +504,28 @@ impl DeviceManager {
         result
     }
 
+    /// Asks the balloon for `bytes` (the guest inflates or deflates to it); the
+    /// workers keep running.
+    pub fn resize_balloon(&self, bytes: u64) -> Result<(), String> {
+        let func = self
+            .functions
+            .iter()
+            .find(|f| f.id == BALLOON_ID)
+            .ok_or("this VM has no balloon (--balloon)")?;
+        let mut d = sync::lock(&func.device);
+        match d
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<devices::virtio::balloon::Balloon>()
+        {
+            Some(b) => {
+                b.resize(bytes);
+                Ok(())
+            }
+            None => Err(format!("device '{BALLOON_ID}' is not a balloon")),
+        }
+    }
+
     /// Flushes and closes every disk and tap (they must be paused), so a migration
     /// destination can open them; stops at the first failure.
     pub fn detach_storage(&self) -> Result<(), String> {
@@ -575,6 +607,9 @@ impl DeviceManager {
         Ok(())
     }
 }
+
+/// The balloon's device id (at most one balloon per VM).
+const BALLOON_ID: &str = "balloon0";
 
 /// BAR 0's address in saved configuration registers (64-bit BAR at registers 4 and 5).
 fn state_bar0(s: &devices::virtio::VirtioPciState) -> u64 {

@@ -29,6 +29,36 @@ pub enum MemoryError {
     },
     #[error("guest memory regions overlap or are invalid: {0}")]
     Regions(String),
+    #[error(
+        "guest memory needs {needed} huge pages of {page_kib} KiB; this host's pool has \
+         {available} free (raise /sys/kernel/mm/hugepages/hugepages-{page_kib}kB/nr_hugepages)"
+    )]
+    HugePagesShort {
+        needed: u64,
+        available: u64,
+        page_kib: u64,
+    },
+    #[error("this host has no huge pages of {page_kib} KiB (no /sys/kernel/mm/hugepages/hugepages-{page_kib}kB)")]
+    NoSuchHugePageSize { page_kib: u64 },
+}
+
+/// Huge pages of `page` bytes this host's pool can still give: free minus reserved
+/// (`None`: the host has no pool of that size).
+fn hugepages_available(page: u64) -> Option<u64> {
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page >> 10);
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages").unwrap_or(0)))
+}
+
+/// mmap's MAP_HUGE_* encoding of a huge page size (log2 in bits 26..31).
+fn map_huge_flag(page: u64) -> i32 {
+    (page.trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT
 }
 
 /// Total RAM of the host in bytes (MemTotal of /proc/meminfo).
@@ -37,26 +67,6 @@ fn host_ram() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// How guest RAM is backed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backing {
-    pub hugepages: bool,
-    /// A guest larger than the host is allowed.
-    pub overcommit: bool,
-    /// memfds mapped `MAP_SHARED` (for vhost-user backends).
-    pub shared: bool,
-}
-
-impl Backing {
-    pub fn of(m: &api::config::MemoryConfig) -> Self {
-        Self {
-            hugepages: m.hugepages,
-            overcommit: m.overcommit,
-            shared: m.shared,
-        }
-    }
 }
 
 /// A memfd of `len` bytes for the region at `start`, sealed against shrinking (a
@@ -87,15 +97,19 @@ fn region_memfd(start: u64, len: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. The mappings
+/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. Normal pages
 /// reserve nothing (`MAP_NORESERVE`): a page is backed when the guest first touches it.
-/// A guest larger than the host is refused unless `backing.overcommit`.
-pub fn create_guest_memory(size: u64, backing: Backing) -> Result<GuestMemoryMmap, MemoryError> {
-    let Backing {
-        hugepages,
-        overcommit,
-        shared,
-    } = backing;
+/// Huge pages (`hugepages`: their size in bytes) are reserved from the host's pool up
+/// front, so a pool too small is a clear error now rather than a SIGBUS when the guest
+/// reaches the page the pool could not give. A guest larger than the host is refused
+/// unless `overcommit`. With `shared` (not with huge pages: the configuration refuses
+/// it) each region is a memfd mapped `MAP_SHARED`, for a vhost-user backend.
+pub fn create_guest_memory(
+    size: u64,
+    hugepages: Option<u64>,
+    overcommit: bool,
+    shared: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     if let Some(host) = host_ram().filter(|_| !overcommit) {
         if size > host {
             return Err(MemoryError::MoreThanHost {
@@ -105,19 +119,33 @@ pub fn create_guest_memory(size: u64, backing: Backing) -> Result<GuestMemoryMma
         }
     }
     let mut flags = if shared {
-        libc::MAP_SHARED | libc::MAP_NORESERVE
+        libc::MAP_SHARED
     } else {
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
     };
-    if hugepages {
-        flags |= libc::MAP_HUGETLB;
+    match hugepages {
+        Some(page) => {
+            let page_kib = page >> 10;
+            let available =
+                hugepages_available(page).ok_or(MemoryError::NoSuchHugePageSize { page_kib })?;
+            let needed = size.div_ceil(page);
+            if needed > available {
+                return Err(MemoryError::HugePagesShort {
+                    needed,
+                    available,
+                    page_kib,
+                });
+            }
+            flags |= libc::MAP_HUGETLB | map_huge_flag(page);
+        }
+        None => flags |= libc::MAP_NORESERVE,
     }
     let mut regions = Vec::new();
     for (start, len) in layout::ram_ranges(size) {
         let map_err = |reason: String| MemoryError::Map {
             size: len >> 20,
             addr: start,
-            hint: if hugepages {
+            hint: if hugepages.is_some() {
                 " (are enough huge pages reserved in /proc/sys/vm/nr_hugepages?)"
             } else {
                 ""

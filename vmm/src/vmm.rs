@@ -384,6 +384,20 @@ impl Vmm {
                     }),
                 },
             },
+            VmAction::ResizeBalloon(bytes) => self.vm_mut().and_then(|vm| {
+                let memory = vm.config().memory.size;
+                if *bytes > memory {
+                    return Err(ApiError::bad_request(format!(
+                        "desired_balloon ({} MiB) exceeds the VM's memory ({} MiB)",
+                        bytes >> 20,
+                        memory >> 20
+                    )));
+                }
+                vm.devices()
+                    .resize_balloon(*bytes)
+                    .map(|_| None)
+                    .map_err(ApiError::conflict)
+            }),
             VmAction::PowerButton => self
                 .vm_mut()
                 .and_then(|vm| vm.power_button().map(|_| None).map_err(api_error)),
