@@ -615,6 +615,7 @@ impl VmConfig {
                 }
                 continue;
             }
+            net::validate_tap_name(&n.tap).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             if !taps.insert(n.tap.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "two network devices use tap {} (a tap serves one device)",
@@ -1309,14 +1310,19 @@ mod tests {
                 initramfs: None,
             },
             cpus: parse_cpus("boot=2,topology=1:2:1").unwrap(),
-            memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on").unwrap(),
+            memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on,shared=on")
+                .unwrap(),
             disks: vec![parse_disk("path=/d").unwrap()],
             serial: OutputConfig::Null,
             console: OutputConfig::Off,
             serial_max_size: Some(1 << 20),
             console_max_size: Some(1 << 20),
             rng: true,
-            nets: vec![parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()],
+            // Every field at once, for the keys (a valid device has a tap or a socket).
+            nets: vec![NetConfig {
+                vhost_user: Some("/run/vs/n.sock".into()),
+                ..parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()
+            }],
             write_lease: Some(crate::WriteLease {
                 deadline_monotonic_ns: 1,
             }),
