@@ -12,6 +12,7 @@ use vireo_e2e::{
     wait_with_timeout, Vireo,
 };
 
+use vireo_e2e::mobility::{restore, send_with, Destination};
 use vireo_e2e::tls_certs::{receive_tls, receive_tls_allowing, send_tls, Ca};
 
 const T: Duration = Duration::from_secs(60);
@@ -39,17 +40,7 @@ fn last_iter(serial: &str) -> u64 {
 /// Restores the snapshot in `snap` in a fresh `vireo` and runs it to its end (bounded
 /// by `T`), serial output into `serial`: its exit and its serial text.
 fn restore_and_run(snap: &Path, serial: &Path) -> (std::process::Output, String) {
-    let child = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, T);
+    let out = wait_with_timeout(restore(snap, serial, None), T);
     let text = std::fs::read_to_string(serial).unwrap();
     (out, text)
 }
@@ -175,77 +166,6 @@ fn restore_refuses_what_is_not_a_whole_snapshot() {
     let (code, err) = run(snap.to_str().unwrap());
     assert_eq!(code, Some(1));
     assert!(err.contains("newer Vireo"), "{err}");
-}
-
-/// A `vireo` with no VM, waiting for one on its API socket; killed on drop.
-struct Destination {
-    child: Option<std::process::Child>,
-    sock: std::path::PathBuf,
-    serial: std::path::PathBuf,
-}
-
-impl Destination {
-    fn start(dir: &Path) -> Self {
-        let sock = dir.join("dst.sock");
-        let serial = dir.join("dst.log");
-        let child = Command::new(bin("vireo"))
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_socket(&sock, T);
-        Self {
-            child: Some(child),
-            sock,
-            serial,
-        }
-    }
-
-    /// Listens for the VM of the VMM at `source` (its configuration is this
-    /// destination's, as an orchestrator would hand it over).
-    fn listen(&self, source: &Path, url: &str) {
-        self.listen_with(source, url, "");
-    }
-
-    /// `extra`: more JSON fields, e.g. `,"tls":{...}`.
-    fn listen_with(&self, source: &Path, url: &str, extra: &str) {
-        self.listen_config(&config_field_of(source), url, extra);
-    }
-
-    /// Listens with `config` (`,"config":{...}`) and the tests' secret.
-    fn listen_config(&self, config: &str, url: &str, extra: &str) {
-        let body = format!(
-            r#"{{"receiver_url":"{url}"{config}{}{extra}}}"#,
-            secret_field()
-        );
-        let (s, b) = api(&self.sock, "PUT", "vm.receive-migration", Some(&body));
-        assert_eq!(s, 204, "{b}");
-    }
-
-    fn wait(mut self) -> std::process::Output {
-        wait_with_timeout(self.child.take().unwrap(), T)
-    }
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `extra`: more JSON fields for the request, e.g. `,"compress":true`.
-fn send_with(sock: &Path, url: &str, extra: &str) {
-    let body = format!(r#"{{"destination_url":"{url}"{}{extra}}}"#, secret_field());
-    let (s, b) = api(sock, "PUT", "vm.send-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
 }
 
 /// A source VMM running the workload on `disk`.
