@@ -12,6 +12,7 @@ use vireo_e2e::{
     wait_with_timeout, Vireo,
 };
 
+use vireo_e2e::mobility::{restore, send_with, Destination};
 use vireo_e2e::tls_certs::{receive_tls, receive_tls_allowing, send_tls, Ca};
 
 const T: Duration = Duration::from_secs(60);
@@ -39,17 +40,7 @@ fn last_iter(serial: &str) -> u64 {
 /// Restores the snapshot in `snap` in a fresh `vireo` and runs it to its end (bounded
 /// by `T`), serial output into `serial`: its exit and its serial text.
 fn restore_and_run(snap: &Path, serial: &Path) -> (std::process::Output, String) {
-    let child = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, T);
+    let out = wait_with_timeout(restore(snap, serial, None), T);
     let text = std::fs::read_to_string(serial).unwrap();
     (out, text)
 }
@@ -221,77 +212,6 @@ fn restore_refuses_what_is_not_a_whole_snapshot() {
     let (code, err) = run(snap.to_str().unwrap());
     assert_eq!(code, Some(1));
     assert!(err.contains("newer Vireo"), "{err}");
-}
-
-/// A `vireo` with no VM, waiting for one on its API socket; killed on drop.
-struct Destination {
-    child: Option<std::process::Child>,
-    sock: std::path::PathBuf,
-    serial: std::path::PathBuf,
-}
-
-impl Destination {
-    fn start(dir: &Path) -> Self {
-        let sock = dir.join("dst.sock");
-        let serial = dir.join("dst.log");
-        let child = Command::new(bin("vireo"))
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_socket(&sock, T);
-        Self {
-            child: Some(child),
-            sock,
-            serial,
-        }
-    }
-
-    /// Listens for the VM of the VMM at `source` (its configuration is this
-    /// destination's, as an orchestrator would hand it over).
-    fn listen(&self, source: &Path, url: &str) {
-        self.listen_with(source, url, "");
-    }
-
-    /// `extra`: more JSON fields, e.g. `,"tls":{...}`.
-    fn listen_with(&self, source: &Path, url: &str, extra: &str) {
-        self.listen_config(&config_field_of(source), url, extra);
-    }
-
-    /// Listens with `config` (`,"config":{...}`) and the tests' secret.
-    fn listen_config(&self, config: &str, url: &str, extra: &str) {
-        let body = format!(
-            r#"{{"receiver_url":"{url}"{config}{}{extra}}}"#,
-            secret_field()
-        );
-        let (s, b) = api(&self.sock, "PUT", "vm.receive-migration", Some(&body));
-        assert_eq!(s, 204, "{b}");
-    }
-
-    fn wait(mut self) -> std::process::Output {
-        wait_with_timeout(self.child.take().unwrap(), T)
-    }
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `extra`: more JSON fields for the request, e.g. `,"compress":true`.
-fn send_with(sock: &Path, url: &str, extra: &str) {
-    let body = format!(r#"{{"destination_url":"{url}"{}{extra}}}"#, secret_field());
-    let (s, b) = api(sock, "PUT", "vm.send-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
 }
 
 /// A source VMM running the workload on `disk`.
@@ -1032,7 +952,18 @@ fn a_page_stream_cut_mid_copy_leaves_the_source_running() {
 /// A destination that misbehaves at a chosen moment, speaking the wire format
 /// (12-byte header: kind u32, length u64) by hand.
 fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHandle<()> {
+    fake_destination_with(path, fail_at, Box::new(|| {}))
+}
+
+/// [`fake_destination`] that runs `on_state` when the VM's state arrives (the disks
+/// were handed over) before it refuses the VM.
+fn fake_destination_with(
+    path: &Path,
+    fail_at: &'static str,
+    on_state: Box<dyn FnOnce() + Send>,
+) -> std::thread::JoinHandle<()> {
     use std::io::{Read, Write};
+    let mut on_state = Some(on_state);
     let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -1055,6 +986,9 @@ fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHand
                 ("pages", 2) if frames >= 3 => return,
                 // Refuse the VM when its state arrives (after the disks were handed over).
                 ("state", 3) => {
+                    if let Some(f) = on_state.take() {
+                        f();
+                    }
                     let why = b"destination disk full";
                     let mut f = Vec::new();
                     f.extend_from_slice(&6u32.to_le_bytes());
@@ -1108,6 +1042,50 @@ fn failed_migration_leaves_the_source_running_with(fail_at: &'static str, extra:
     let out = src.wait(T);
     assert_eq!(out.status.code(), Some(0));
     assert_blocks(&disk, ops);
+}
+
+/// The source takes back the disk it had, not whatever its path names when the
+/// migration fails: here the path was moved away and a blank image put in its place
+/// while the destination held the disk (as a jailed destination on the same host
+/// chowns a shared disk to its own uid, so the source's uid could no longer open it by
+/// path). Before, the source reopened the path: the guest found its last block missing.
+#[test]
+fn a_failed_migration_gives_the_source_back_its_own_disk_whatever_the_path_now_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let moved = dir.path().join("moved.raw");
+    let ops = 8000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let mig = dir.path().join("fake.sock");
+    let (d, m) = (disk.clone(), moved.clone());
+    let peer = fake_destination_with(
+        &mig,
+        "state",
+        Box::new(move || {
+            std::fs::rename(&d, &m).unwrap();
+            std::fs::File::create(&d)
+                .unwrap()
+                .set_len(64 << 20)
+                .unwrap();
+        }),
+    );
+    send_with(&src_sock, &format!("unix:{}", mig.display()), "");
+    peer.join().unwrap();
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    let out = src.wait(T);
+    assert_eq!(out.status.code(), Some(0));
+    // Every block is in the image the source had; the blank one was never written.
+    assert_blocks(&moved, ops);
+    let blank = std::fs::read(&disk).unwrap();
+    assert!(
+        blank.iter().all(|&b| b == 0),
+        "the source wrote the file now at its path"
+    );
 }
 
 #[test]

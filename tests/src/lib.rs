@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod mobility;
 #[path = "../guest/netframe.rs"]
 pub mod netframe;
 pub mod netns;

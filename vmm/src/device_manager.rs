@@ -175,18 +175,23 @@ fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::Ra
     }
 }
 
-/// How a block device opens its image again (migration hand-over), under the VM's
-/// write lease if it has one.
+/// How a block device takes its image back after a migration that did not complete,
+/// under the VM's write lease if it has one. It opens the image now and keeps that
+/// descriptor (no lock held through it): the image it takes back is the one it had,
+/// even if the path no longer leads there or is no longer this VMM's to open (a
+/// jailed receiver on the same host chowned a shared disk to its own uid).
 pub fn reopen_for(
     disk: &DiskConfig,
     lease: Option<Arc<WriteLease>>,
-) -> devices::virtio::block::Reopen {
+) -> Result<devices::virtio::block::Reopen, DeviceError> {
     let disk = disk.clone();
-    Box::new(move || {
-        open_disk(&disk)
+    let kept = open_image_file(&disk)?;
+    Ok(Box::new(move || {
+        let file = kept.try_clone()?;
+        open_disk_from(&disk, file)
             .map(|b| under_lease(b, lease.as_ref()))
             .map_err(std::io::Error::other)
-    })
+    }))
 }
 
 /// `disk` with its writes gated by the VM's write lease (a clustered VM), or as it is.
@@ -213,13 +218,25 @@ fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
 /// old configuration without one: raw unless the name ends in `.vhdx`), beneath the
 /// storage roots when the VMM has them (see `confinement`).
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
-    let format = cfg.effective_format();
-    tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
+    open_disk_from(cfg, open_image_file(cfg)?)
+}
+
+/// The image file of `cfg`, opened beneath the storage roots (when the VMM has them).
+fn open_image_file(cfg: &DiskConfig) -> Result<std::fs::File, DeviceError> {
     // A raw image is the data path itself: O_DIRECT on it when asked. A VHDX's
     // metadata stays buffered (its O_DIRECT descriptor is a reopen of this file).
-    let direct = cfg.direct && format == DiskFormat::Raw;
-    let file = crate::confinement::open_image(&cfg.path, !cfg.readonly, direct)
-        .map_err(|e| DeviceError::Confined(e.to_string()))?;
+    let direct = cfg.direct && cfg.effective_format() == DiskFormat::Raw;
+    crate::confinement::open_image(&cfg.path, !cfg.readonly, direct)
+        .map_err(|e| DeviceError::Confined(e.to_string()))
+}
+
+/// [`open_disk`] on an image file already open.
+fn open_disk_from(
+    cfg: &DiskConfig,
+    file: std::fs::File,
+) -> Result<Arc<dyn BlockBackend>, DeviceError> {
+    let format = cfg.effective_format();
+    tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
     let flags = devices::block::OpenFlags {
         read_only: cfg.readonly,
         direct: cfg.direct,
@@ -343,7 +360,7 @@ impl DeviceManager {
                     stop_sink: Some(stop_sink(i, power.clone())),
                 },
             )
-            .with_reopen(reopen_for(disk, dm.write_lease.clone()));
+            .with_reopen(reopen_for(disk, dm.write_lease.clone())?);
             dm.add_virtio(hv, mem, id, Box::new(block))?;
         }
         for (i, n) in config.nets.iter().enumerate() {
