@@ -97,15 +97,15 @@ pub fn spawn_pusher(
                 keep
             });
             for vm in running {
-                if !tasks.contains_key(&vm) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = tasks.entry(vm) {
                     let task = tokio::spawn(push_loop(
                         sup.clone(),
-                        vm.clone(),
+                        slot.key().clone(),
                         deadlines.clone(),
                         clock,
                         main.clone(),
                     ));
-                    tasks.insert(vm, task);
+                    slot.insert(task);
                 }
             }
             if vms.changed().await.is_err() {
