@@ -61,25 +61,29 @@ fn assert_blocks(disk: &Path, ops: u64) {
     }
 }
 
-#[test]
-fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let disk = raw_disk(dir.path());
-    let snap = dir.path().join("snap");
-    let ops = 12_000;
+/// Runs the workload (`ops` iterations) with `extra` `vireo` arguments, snapshots it
+/// once it passed iteration `pause_at` (refused while it runs and into a directory
+/// that is not empty), restores it in a fresh VMM and checks that the guest goes on
+/// from where it was paused to the end, every block on disk. Returns the snapshot.
+fn snapshot_and_restore_continue(
+    dir: &Path,
+    extra: &[&str],
+    ops: u64,
+    pause_at: u64,
+) -> std::path::PathBuf {
+    let sock = dir.join("vm.sock");
+    let disk = raw_disk(dir);
+    let snap = dir.join("snap");
+    let disk_arg = format!("path={}", disk.display());
+    let mut args = vec!["--api-socket", sock.to_str().unwrap(), "--disk", &disk_arg];
+    args.extend_from_slice(extra);
     let vm = Vireo::guest(
         &format!("test=workload pages=256 ops={ops} report=500"),
-        &[
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            &format!("path={}", disk.display()),
-        ],
+        &args,
     )
     .spawn();
     wait_for_socket(&sock, T);
-    vm.wait_serial("work iter=1500 ", T);
+    vm.wait_serial(&format!("work iter={pause_at} "), T);
     let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
     // Only a paused VM can be snapshotted.
     let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
@@ -90,7 +94,7 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     assert_eq!(s, 204, "{body}");
     let before = last_iter(&vm.serial_text());
     assert!(
-        before >= 1500 && before < ops,
+        before >= pause_at && before < ops,
         "paused at iteration {before}"
     );
     // A second snapshot into the same directory is refused; the first stays whole.
@@ -101,7 +105,7 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     assert_eq!(vm.wait(T).status.code(), Some(0));
 
     // A fresh process: the guest goes on from where it was paused, to the end.
-    let serial = dir.path().join("restored.log");
+    let serial = dir.join("restored.log");
     let (out, text) = restore_and_run(&snap, &serial);
     assert_guest_ok(&out, &text);
     assert!(
@@ -119,6 +123,13 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     );
     assert!(text.contains(&format!("work done iter={ops}")), "{text}");
     assert_blocks(&disk, ops);
+    snap
+}
+
+#[test]
+fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_and_restore_continue(dir.path(), &[], 12_000, 1500);
 }
 
 /// `--memory shared=on` (memfd-backed RAM, for vhost-user): the workload's own checks
@@ -127,44 +138,17 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
 #[test]
 fn a_shared_memory_guest_snapshots_restores_and_its_workload_checks_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let disk = raw_disk(dir.path());
-    let snap = dir.path().join("snap");
-    let ops = 4_000;
-    let vm = Vireo::guest(
-        &format!("test=workload pages=256 ops={ops} report=500"),
-        &[
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--memory",
-            "size=256M,shared=on",
-            "--disk",
-            &format!("path={}", disk.display()),
-        ],
-    )
-    .spawn();
-    wait_for_socket(&sock, T);
-    vm.wait_serial("work iter=1000 ", T);
-    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
-    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
-    let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
-    assert_eq!(s, 204, "{body}");
-    let before = last_iter(&vm.serial_text());
-    assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
-    assert_eq!(vm.wait(T).status.code(), Some(0));
+    let snap = snapshot_and_restore_continue(
+        dir.path(),
+        &["--memory", "size=256M,shared=on"],
+        4_000,
+        1000,
+    );
     let cfg = std::fs::read_to_string(snap.join("config.json"))
         .or_else(|_| std::fs::read_to_string(snap.join("snapshot.json")))
         .unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     assert_eq!(cfg["memory"]["shared"], true, "{cfg}");
-
-    let serial = dir.path().join("restored.log");
-    let (out, text) = restore_and_run(&snap, &serial);
-    assert_guest_ok(&out, &text);
-    assert!(!text.contains("work pages="), "started over:\n{text}");
-    assert!(last_iter(&text) > before, "{text}");
-    assert!(text.contains(&format!("work done iter={ops}")), "{text}");
-    assert_blocks(&disk, ops);
 }
 
 #[test]
