@@ -2286,18 +2286,36 @@ fn storage_migration_works_in_a_jail() {
 #[test]
 fn a_receiving_vmm_takes_write_lease_renewals_while_the_vm_arrives() {
     use vireo_e2e::seqdisk::monotonic_ns;
+    migrate_renewing_the_lease(monotonic_ns() + 1_000_000_000);
+}
+
+/// A receiving VMM whose process took longer to start than the deadline it was given
+/// (a loaded host: the deadline is taken before the spawn) is not lost: nothing ran
+/// under that lease yet, so the first renewal vireod sends while its node holds the
+/// cluster lease puts it in force again. (Before, the renewal was refused as expired
+/// and vireod killed the VMM: the migration failed.)
+#[test]
+fn a_receiving_vmm_born_after_its_deadline_takes_the_first_renewal() {
+    use vireo_e2e::seqdisk::monotonic_ns;
+    migrate_renewing_the_lease(monotonic_ns().saturating_sub(1));
+}
+
+/// Migrates a writing VM into a receiver created with the write lease deadline
+/// `first` (ns on `CLOCK_MONOTONIC`), renewing it every 200 ms as a node's vireod
+/// would, paced to outlast `first`: the VM runs at the destination and every write of
+/// its guest is on the disk.
+fn migrate_renewing_the_lease(first: u64) {
+    use vireo_e2e::seqdisk::monotonic_ns;
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
     let ops = 8000;
     let (src, src_sock) = source(dir.path(), &disk, ops);
     src.wait_serial("work iter=400 ", T);
     let dst = Destination::start(dir.path());
-    // Renewals 3 s ahead (a loaded machine may hold this loop up a while); the receiver
-    // is created with a deadline 1 s ahead, as a node's could be.
+    // Renewals 3 s ahead (a loaded machine may hold this loop up a while).
     let ahead = || monotonic_ns() + 3_000_000_000;
     let lease = |ns: u64| format!(r#"{{"deadline_monotonic_ns":{ns}}}"#);
     let mut config = vireo_e2e::vm_config(&src_sock);
-    let first = monotonic_ns() + 1_000_000_000;
     config["write_lease"] = serde_json::json!({ "deadline_monotonic_ns": first });
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     dst.listen_config(&format!(r#","config":{config}"#), &url, "");
@@ -2342,5 +2360,44 @@ fn a_receiving_vmm_takes_write_lease_renewals_while_the_vm_arrives() {
     let dst_out = dst.wait();
     let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
     assert_guest_ok(&dst_out, &dst_serial);
+    assert_blocks(&disk, ops);
+}
+
+/// A receiver whose write lease nobody renews (its host lost its cluster lease, or
+/// its vireod is gone) refuses the VM at the end of the copy: the VM never runs there,
+/// and the source takes it back and finishes its work, every write on the disk.
+#[test]
+fn a_receiver_whose_write_lease_lapsed_refuses_the_vm_and_the_source_keeps_it() {
+    use vireo_e2e::seqdisk::monotonic_ns;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 3000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let dst = Destination::start(dir.path());
+    let mut config = vireo_e2e::vm_config(&src_sock);
+    let first = monotonic_ns() + 500_000_000;
+    config["write_lease"] = serde_json::json!({ "deadline_monotonic_ns": first });
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen_config(&format!(r#","config":{config}"#), &url, "");
+    send_with(&src_sock, &url, r#","bandwidth_mib_s":1"#);
+    let start = std::time::Instant::now();
+    let info = loop {
+        let info = api(&src_sock, "GET", "vm.migration-info", None).1;
+        if info.contains("\"failed\"") {
+            break info;
+        }
+        assert!(start.elapsed() < T, "the migration did not fail: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(info.contains("write lease expired"), "{info}");
+    let (_, dst_info) = api(&dst.sock, "GET", "vm.info", None);
+    assert!(!dst_info.contains("\"Running\""), "{dst_info}");
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    assert_eq!(src.wait(T).status.code(), Some(0));
     assert_blocks(&disk, ops);
 }

@@ -206,7 +206,8 @@ impl Drop for Running {
 pub fn wait_with_timeout(child: Child, timeout: Duration) -> Output {
     wait_or_kill(child, timeout).unwrap_or_else(|out| {
         panic!(
-            "process did not finish within {timeout:?}; stderr:\n{}",
+            "process did not finish within {timeout:?}; stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )
     })

@@ -492,6 +492,16 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let cfg_is_none = cfg.is_none();
     let domain = control_domain(&cli, cfg.as_ref());
+    // The control thread is confined before any guest code runs: a guest that starts
+    // its devices at once meets a control thread under its filter and domain (this
+    // thread builds and boots VMs under them anyway: vm.create, a reboot).
+    vmm::landlock::confine_control_thread(domain)?;
+    filters.apply(ThreadKind::Control)?;
+    #[cfg(feature = "test-hooks")]
+    {
+        vmm::test_hooks::probe_syscall("control");
+        vmm::test_hooks::probe_open();
+    }
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
@@ -518,13 +528,6 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         // for vm.create / vm.restore / vm.receive-migration (a systemd unit that
         // receives a migration is "started" once it can listen).
         notify::notify("READY=1");
-    }
-    vmm::landlock::confine_control_thread(domain)?;
-    filters.apply(ThreadKind::Control)?;
-    #[cfg(feature = "test-hooks")]
-    {
-        vmm::test_hooks::probe_syscall("control");
-        vmm::test_hooks::probe_open();
     }
     let exit = vmm.run();
     if let Some(server) = server {
