@@ -4,7 +4,9 @@
 //!
 //! An incoming migration leases the first port of the range that no migration of this
 //! vireod holds and that can be bound right now (a port another process uses is
-//! skipped); the lease ends — the port is free again — when it is dropped, which the
+//! skipped). The lease keeps the bound socket, which becomes the migration gateway's
+//! listener: no other process can take the port between the choice and the listen.
+//! The lease ends — the port is free again — when it is dropped, which the
 //! incoming migration does when it ends, however it ends. An exhausted range is an
 //! error that refuses the migration before anything is started.
 
@@ -64,13 +66,20 @@ pub struct PortPool {
 #[derive(Debug)]
 pub struct PortLease {
     addr: SocketAddr,
+    /// The port, bound when it was chosen (until taken for the gateway).
+    listener: Option<TcpListener>,
     leased: Arc<Mutex<BTreeSet<u16>>>,
 }
 
 impl PortLease {
-    /// The address the receiving VMM listens on.
+    /// The address the migration is received on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The socket bound to [`Self::addr`] when the port was chosen (once; None after).
+    pub fn take_listener(&mut self) -> Option<TcpListener> {
+        self.listener.take()
     }
 }
 
@@ -95,7 +104,7 @@ impl PortPool {
     }
 
     /// The first port of the range on `ip` that no lease holds and that can be bound
-    /// now (the receiving VMM binds it a moment later).
+    /// now, bound (see [`PortLease::take_listener`]).
     pub fn lease(&self, ip: IpAddr) -> Result<PortLease, PortsExhausted> {
         let mut leased = vireo_util::sync::lock(&self.leased);
         let mut busy = 0;
@@ -105,12 +114,12 @@ impl PortPool {
             }
             let addr = SocketAddr::new(ip, port);
             match TcpListener::bind(addr) {
-                Ok(probe) => {
-                    drop(probe);
+                Ok(listener) => {
                     leased.insert(port);
                     info!(port, "migration port leased");
                     return Ok(PortLease {
                         addr,
+                        listener: Some(listener),
                         leased: self.leased.clone(),
                     });
                 }
@@ -186,5 +195,27 @@ mod tests {
         let a = pool.lease(ip).unwrap();
         let b = pool.lease(ip).unwrap();
         assert_eq!((a.addr().port(), b.addr().port()), (p, p + 1));
+    }
+
+    /// Between the choice of a port and the gateway's listen, no other process can
+    /// take it: the lease holds it bound, and hands that socket over.
+    #[test]
+    fn a_leased_port_stays_bound_until_its_listener_is_taken_and_dropped() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let p = two_free_ports();
+        let pool = PortPool::new(PortRange { first: p, last: p });
+        let mut lease = pool.lease(ip).unwrap();
+        assert!(
+            TcpListener::bind((ip, p)).is_err(),
+            "a leased port is bound"
+        );
+        let listener = lease.take_listener().expect("the bound socket");
+        assert_eq!(listener.local_addr().unwrap().port(), p);
+        assert!(lease.take_listener().is_none(), "handed over once");
+        // A peer can connect to it at once (the gateway accepts later).
+        std::net::TcpStream::connect((ip, p)).unwrap();
+        drop(listener);
+        drop(lease);
+        assert!(TcpListener::bind((ip, p)).is_ok(), "free again");
     }
 }

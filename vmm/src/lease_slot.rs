@@ -55,19 +55,19 @@ impl LeaseSlot {
         }
     }
 
-    /// Answers `req` here if it renews a lease the slot holds; gives it back otherwise
-    /// (no lease yet: the control loop answers, with the reason).
-    pub fn try_renew(&self, req: ApiRequest) -> Result<(), ApiRequest> {
+    /// Answers `req` here if it renews a lease the slot holds (None); gives it back
+    /// otherwise (no lease yet: the control loop answers, with the reason).
+    pub fn try_renew(&self, req: ApiRequest) -> Option<ApiRequest> {
         let VmAction::Lease(l) = &req.action else {
-            return Err(req);
+            return Some(req);
         };
         let Some(in_force) = lock(&self.0).clone() else {
-            return Err(req);
+            return Some(req);
         };
         let result = in_force.renew(l.deadline_monotonic_ns);
         // The client may have gone; the renewal stands either way.
         req.respond(result);
-        Ok(())
+        None
     }
 }
 
@@ -89,7 +89,7 @@ mod tests {
     fn an_empty_slot_leaves_the_renewal_to_the_control_loop() {
         let slot = LeaseSlot::default();
         let (req, _rx) = ApiRequest::new(renew_to(now_ns() + 1_000_000_000));
-        assert!(slot.try_renew(req).is_err());
+        assert!(slot.try_renew(req).is_some());
     }
 
     #[test]
@@ -102,7 +102,7 @@ mod tests {
         }));
         let later = now_ns() + 5_000_000_000;
         let (req, mut rx) = ApiRequest::new(renew_to(later));
-        assert!(slot.try_renew(req).is_ok());
+        assert!(slot.try_renew(req).is_none());
         assert!(matches!(rx.try_recv(), Ok(Ok(None))));
         assert_eq!(lease.deadline_ns(), later);
     }
@@ -116,7 +116,7 @@ mod tests {
             unused: false,
         }));
         let (req, mut rx) = ApiRequest::new(renew_to(now_ns() + 5_000_000_000));
-        assert!(slot.try_renew(req).is_ok());
+        assert!(slot.try_renew(req).is_none());
         assert!(matches!(rx.try_recv(), Ok(Err(_))));
         assert!(lease.expired());
     }
@@ -132,12 +132,12 @@ mod tests {
         }));
         // A deadline already past revives nothing.
         let (req, mut rx) = ApiRequest::new(renew_to(now_ns().saturating_sub(1)));
-        assert!(slot.try_renew(req).is_ok());
+        assert!(slot.try_renew(req).is_none());
         assert!(matches!(rx.try_recv(), Ok(Err(_))));
         assert!(lease.expired());
         let later = now_ns() + 5_000_000_000;
         let (req, mut rx) = ApiRequest::new(renew_to(later));
-        assert!(slot.try_renew(req).is_ok());
+        assert!(slot.try_renew(req).is_none());
         assert!(matches!(rx.try_recv(), Ok(Ok(None))));
         assert!(!lease.expired());
         assert_eq!(lease.deadline_ns(), later);
@@ -152,6 +152,6 @@ mod tests {
             unused: false,
         }));
         let (req, _rx) = ApiRequest::new(VmAction::Pause);
-        assert!(slot.try_renew(req).is_err());
+        assert!(slot.try_renew(req).is_some());
     }
 }

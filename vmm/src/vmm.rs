@@ -188,8 +188,8 @@ impl Vmm {
         let tx = Mutex::new(self.events_tx.clone());
         let leases = self.lease_slot.clone();
         Arc::new(move |req| match leases.try_renew(req) {
-            Ok(()) => true,
-            Err(req) => sync::lock(&tx).send(ControlEvent::Api(req)).is_ok(),
+            None => true,
+            Some(req) => sync::lock(&tx).send(ControlEvent::Api(req)).is_ok(),
         })
     }
 

@@ -112,7 +112,8 @@ impl Supervisor {
         // A port of --migration-ports is held until this migration ends (the lease
         // goes with the task that follows it, or is dropped on an early return).
         let mut port = None;
-        // The receiver's TCP port when vireod bound it already (a free port found now).
+        // The receiver's TCP port as vireod bound it when choosing it (a port of the
+        // range, or a free one): the gateway listens on that very socket.
         let mut bound = None;
         let url = match (&req.receiver_url, &from_peer) {
             (Some(u), Some(_)) if u.starts_with("tcp:") => {
@@ -128,8 +129,9 @@ impl Supervisor {
             (Some(u), _) => u.clone(),
             (None, Some(_)) => match &self.cfg.migration_ports {
                 Some(pool) => {
-                    let lease = pool.lease(self.receiver_ip())?;
+                    let mut lease = pool.lease(self.receiver_ip())?;
                     let url = format!("tcp:{}", lease.addr());
+                    bound = lease.take_listener();
                     port = Some(lease);
                     url
                 }
