@@ -101,6 +101,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/cluster/nodes/{node}/drain", Operator),
     rule("POST", "/api/v1/cluster/nodes/{node}/resume", Operator),
     rule("POST", "/api/v1/cluster/nodes/{node}/release", Operator),
+    rule("GET", "/api/v1/cluster/update", Viewer),
+    rule("POST", "/api/v1/cluster/update", Operator),
     rule("GET", "/api/v1/replication", Viewer),
     rule("GET", "/api/v1/vms/{name}/replication", Viewer),
     rule("PUT", "/api/v1/vms/{name}/replication", Operator),

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::cluster_lease::{self, MonotonicBase};
+use crate::cluster_update as update;
 use crate::model::VmDefinition;
 use crate::supervisor::Supervisor;
 
@@ -349,6 +350,10 @@ pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
         .route("/api/v1/cluster/nodes/{node}/drain", post(drain))
         .route("/api/v1/cluster/nodes/{node}/resume", post(resume))
         .route("/api/v1/cluster/nodes/{node}/release", post(release))
+        .route(
+            "/api/v1/cluster/update",
+            get(update::status).post(update::start),
+        )
         .with_state(node)
 }
 
