@@ -103,6 +103,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/cluster/nodes/{node}/release", Operator),
     rule("GET", "/api/v1/cluster/update", Viewer),
     rule("POST", "/api/v1/cluster/update", Operator),
+    // Validation writes (and removes) a probe file in each storage root.
+    rule("GET", "/api/v1/cluster/validate", Operator),
     rule("GET", "/api/v1/replication", Viewer),
     rule("GET", "/api/v1/vms/{name}/replication", Viewer),
     rule("PUT", "/api/v1/vms/{name}/replication", Operator),

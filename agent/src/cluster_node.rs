@@ -168,7 +168,7 @@ impl ClusterNode {
                     .vcpus
                     .unwrap_or_else(|| u32::try_from(host.cpus).unwrap_or(u32::MAX)),
             },
-            cpu_features: vec![],
+            cpu_features: crate::procfs::cpu_flags(),
             state: NodeState::Up,
             peer_url: self.peer_url.clone(),
         }

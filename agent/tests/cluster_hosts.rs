@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +95,16 @@ impl Cluster {
 
     /// [`Cluster::start`] with more vireod flags for node `i`.
     fn start_with(extra: impl Fn(usize) -> Vec<String>) -> Self {
+        Self::start_custom(extra, |_, shared| shared.to_path_buf(), |_| vec![])
+    }
+
+    /// [`Cluster::start_with`], node `i`'s storage root `root(i, shared)` instead of
+    /// the shared directory, and vireod run by `wrapper(i)`.
+    fn start_custom(
+        extra: impl Fn(usize) -> Vec<String>,
+        root: impl Fn(usize, &Path) -> PathBuf,
+        wrapper: impl Fn(usize) -> Vec<String>,
+    ) -> Self {
         let hosts = Hosts::new();
         let members: Vec<(String, Arc<NetNs>)> = hosts
             .nodes
@@ -109,7 +120,7 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let mut args = common::cluster_node_args(&eps, name, shared.path());
+                let mut args = common::cluster_node_args(&eps, name, &root(i, shared.path()));
                 args.extend(tls_args(&pki.host(name)));
                 args.extend(["--listen".to_string(), peer_addr(i)]);
                 // Room for four 1-vCPU VMs on one node of this 2-CPU machine.
@@ -119,7 +130,9 @@ impl Cluster {
                 }
                 args.extend(extra(i));
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                Daemon::start_in_netns(&refs, hosts.nodes[i].clone())
+                let wrap = wrapper(i);
+                let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+                Daemon::start_in_netns_wrapped(&refs, hosts.nodes[i].clone(), &wrap)
             })
             .collect();
         let c = Cluster {
@@ -1058,4 +1071,173 @@ fn a_failing_hook_stops_the_update_at_its_node() {
         assert_ne!(NODES[at], "b", "{vm} runs on the paused node");
     }
     assert!(c.runs(0, "va") && c.runs(2, "vc"), "va and vc back home");
+}
+
+/// `vireoctl cluster validate` from node `i`: its exit status, output and report.
+fn validate(c: &Cluster, i: usize) -> (bool, String, serde_json::Value, String) {
+    let out = tempfile::tempdir().unwrap();
+    let o = c.nodes[i].ctl(&["cluster", "validate", "--out", out.path().to_str().unwrap()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let json = std::fs::read_to_string(out.path().join("report.json"))
+        .unwrap_or_else(|e| panic!("no report.json: {e}\n{text}"));
+    let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
+    (
+        o.status.success(),
+        text,
+        serde_json::from_str(&json).unwrap(),
+        html,
+    )
+}
+
+fn checks_of<'a>(report: &'a serde_json::Value, name: &str) -> Vec<&'a serde_json::Value> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == name)
+        .collect()
+}
+
+#[test]
+fn a_healthy_cluster_passes_validation() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    c.define("web", "high");
+    c.wait("web running on a", || c.runs(0, "web"));
+    let (ok, text, report, html) = validate(&c, 1);
+    let not_pass: Vec<&serde_json::Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] != "pass")
+        .collect();
+    assert!(ok && not_pass.is_empty(), "{text}\n{not_pass:?}");
+    assert_eq!(report["status"], "pass");
+    // Every check ran, per node where it is a node's.
+    for name in [
+        "kvm",
+        "version",
+        "cpu-features",
+        "storage-roots",
+        "shared-storage",
+        "reachability",
+        "clock-skew",
+        "certificate",
+    ] {
+        let nodes: BTreeSet<&str> = checks_of(&report, name)
+            .iter()
+            .filter_map(|c| c["node"].as_str())
+            .collect();
+        if name == "version" {
+            assert_eq!(checks_of(&report, name).len(), 1, "{report}");
+        } else {
+            assert_eq!(nodes, BTreeSet::from(NODES), "{name}: {report}");
+        }
+    }
+    for name in ["etcd", "n+1"] {
+        assert_eq!(checks_of(&report, name).len(), 1, "{name}: {report}");
+    }
+    // Each node pinged the two others.
+    for n in NODES {
+        assert_eq!(
+            report["nodes"][n]["Ok"]["peers"].as_array().unwrap().len(),
+            2,
+            "{report}"
+        );
+    }
+    assert!(
+        html.contains("<td>shared-storage</td>") && html.contains("class=\"pass\""),
+        "{html}"
+    );
+    // The probe files were removed.
+    let left: Vec<_> = std::fs::read_dir(c.shared.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".vireo-validate-")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn validation_names_a_node_without_the_shared_directory_and_one_with_another_version() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // c's storage root is a directory of its own, at another path; b reports another
+    // version (vireod's test hook).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let c = Cluster::start_custom(
+        |_| vec![],
+        |i, shared| {
+            if i == 2 {
+                elsewhere.path().to_path_buf()
+            } else {
+                shared.to_path_buf()
+            }
+        },
+        |i| {
+            if i == 1 {
+                vec![
+                    "env".into(),
+                    "VIREO_TEST_REPORTED_VERSION=9.9.9-test".into(),
+                ]
+            } else {
+                vec![]
+            }
+        },
+    );
+    let shared = c.shared.path().display().to_string();
+    let (ok, text, report, html) = validate(&c, 0);
+    assert!(!ok, "validation passed:\n{text}");
+    assert_eq!(report["status"], "fail");
+    let fail = |name: &str, node: &str| -> String {
+        checks_of(&report, name)
+            .iter()
+            .find(|c| c["node"] == node)
+            .filter(|c| c["status"] == "fail")
+            .and_then(|c| c["detail"].as_str())
+            .unwrap_or_else(|| panic!("no failed {name} check of {node}: {report}"))
+            .to_string()
+    };
+    let roots = fail("storage-roots", "c");
+    assert!(
+        roots.contains(&shared) && roots.starts_with("c has no storage root"),
+        "{roots}"
+    );
+    let probe = fail("shared-storage", "c");
+    assert!(probe.contains(&shared) && probe.contains("c"), "{probe}");
+    let version = fail("version", "b");
+    let ours = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        version,
+        format!("b runs vireo 9.9.9-test, the others {ours}")
+    );
+    // a and b see the shared directory; a and c report the same version.
+    for n in ["a", "b"] {
+        for name in ["storage-roots", "shared-storage"] {
+            assert!(
+                checks_of(&report, name)
+                    .iter()
+                    .any(|c| c["node"] == n && c["status"] == "pass"),
+                "{name} of {n}: {report}"
+            );
+        }
+    }
+    assert!(
+        text.contains("FAIL version") && text.contains("9.9.9-test"),
+        "{text}"
+    );
+    assert!(html.contains("b runs vireo 9.9.9-test"), "{html}");
 }

@@ -139,6 +139,15 @@ enum ClusterCommand {
     /// or that does not come back (it stays paused, its VMs elsewhere). Waits for the
     /// run to end unless --detach. `cluster update status`: the run's progress.
     Update(UpdateArgs),
+    /// Validate the cluster: KVM and capabilities, CPU features, versions, shared
+    /// storage (a probe file read back by every node), reachability and latency, clock
+    /// skew, etcd health and quorum, certificates, capacity to lose the largest node.
+    /// Writes DIR/report.json and DIR/report.html; fails when a check fails.
+    Validate {
+        /// Where the report goes (default: the current directory).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -1556,6 +1565,14 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             u,
             cli.output,
         ),
+        Command::Cluster(ClusterCommand::Validate { out }) => cluster_validate(
+            &Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            },
+            &out,
+        ),
         Command::Cluster(ClusterCommand::Status) => {
             let ctx = Ctx {
                 socket: cli.socket,
@@ -1735,6 +1752,53 @@ fn node_table(cmd: &NodeCommand, v: &Value) {
             }
         }
     }
+}
+
+/// `vireoctl cluster validate`: the report, written as JSON and HTML; a table of the
+/// checks that did not pass.
+fn cluster_validate(ctx: &Ctx, out: &std::path::Path) -> Result<(), CtlError> {
+    let v = ctx.json("GET", "/api/v1/cluster/validate", None)?;
+    let report: agent::cluster_validate::Report =
+        serde_json::from_value(v.clone()).map_err(|e| CtlError::Api(format!("the report: {e}")))?;
+    let write = |name: &str, text: String| {
+        let p = out.join(name);
+        std::fs::write(&p, text).map_err(|e| CtlError::Api(format!("{}: {e}", p.display())))
+    };
+    write(
+        "report.json",
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+    )?;
+    write("report.html", agent::cluster_validate::html(&report))?;
+    use agent::cluster_validate::Status;
+    let word = |s: Status| match s {
+        Status::Pass => "pass",
+        Status::Warn => "WARN",
+        Status::Fail => "FAIL",
+    };
+    let pass = report
+        .checks
+        .iter()
+        .filter(|c| c.status == Status::Pass)
+        .count();
+    println!(
+        "cluster validation: {} ({pass} of {} checks pass); {}",
+        word(report.status),
+        report.checks.len(),
+        out.join("report.html").display()
+    );
+    for c in report.checks.iter().filter(|c| c.status != Status::Pass) {
+        println!(
+            "  {} {:<14} {:<10} {}",
+            word(c.status),
+            c.check,
+            c.node.as_deref().unwrap_or("cluster"),
+            c.detail
+        );
+    }
+    if report.status == Status::Fail {
+        return Err(CtlError::Api("the cluster failed validation".into()));
+    }
+    Ok(())
 }
 
 /// `vireoctl cluster update`: starts a run and follows it, or shows the last one.

@@ -399,11 +399,13 @@ async fn run(
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
+    let validation = std::sync::Arc::new(agent::cluster_validate::Local::default());
     let peer_listener = match cli.listen {
         Some(addr) => {
             let l =
                 agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
-                    .await?;
+                    .await?
+                    .with_validation(validation.clone());
             Some(match replica.clone() {
                 Some(r) => {
                     info!(primaries = ?cli.replica_allow, "replica server");
@@ -431,6 +433,7 @@ async fn run(
                 moves: Default::default(),
             });
             n.start_moves();
+            validation.set(node, n.store.clone());
             let hooks = match &cli.update_hooks {
                 Some(d) => Some(
                     agent::cluster_update::HookDir::open(d)
