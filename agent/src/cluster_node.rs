@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::cluster_lease::{self, MonotonicBase};
 use crate::cluster_update as update;
+use crate::cluster_validate::route as validate;
 use crate::model::VmDefinition;
 use crate::supervisor::Supervisor;
 
@@ -354,6 +355,7 @@ pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
             "/api/v1/cluster/update",
             get(update::status).post(update::start),
         )
+        .route("/api/v1/cluster/validate", get(validate))
         .with_state(node)
 }
 
