@@ -8,6 +8,7 @@
 //! fencing loop. Only a deadline still in the future is pushed: a vireod that wakes up
 //! after its deadline has nothing to push and kills its VMs instead.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +74,7 @@ const RETRY_AFTER: Duration = Duration::from_millis(50);
 /// until its API answers, not only at the next renewal.
 pub fn spawn_pusher(
     sup: Arc<Supervisor>,
-    mut deadlines: watch::Receiver<Option<Duration>>,
+    deadlines: watch::Receiver<Option<Duration>>,
     clock: MonotonicBase,
     on: &tokio::runtime::Handle,
 ) -> watch::Sender<Vec<String>> {
@@ -81,63 +82,92 @@ pub fn spawn_pusher(
     // Kills go back to vireod's own runtime (the supervisor's).
     let main = tokio::runtime::Handle::current();
     on.spawn(async move {
-        let mut taken = Taken::default();
+        // One task per VMM: a VMM that does not answer (starting, receiving a
+        // migration, stopped) holds up only its own renewals. (One loop over all of
+        // them waited up to PUSH_TIMEOUT on such a VMM at each renewal, and a VMM
+        // behind it in the list went past its deadline: killed, started again.)
+        let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
-            let deadline = *deadlines.borrow_and_update();
             let running = vms.borrow_and_update().clone();
-            taken.keep_only(&running);
-            let mut pending = false;
-            if let Some(deadline) = deadline {
-                let deadline_ns = clock.at(deadline);
-                for vm in &running {
-                    // Only a deadline still ahead is worth sending (an older one changes
-                    // nothing in the VMM; a passed one means this node is fenced).
-                    if deadline_ns <= monotonic_ns() {
-                        break;
-                    }
-                    // The VMM now running `vm` (a restarted VM is a new VMM).
-                    let Some(pid) = sup.get(vm).ok().and_then(|s| s.pid) else {
-                        pending = true;
-                        continue;
-                    };
-                    if taken.has(vm, pid, deadline_ns) {
-                        continue;
-                    }
-                    match push(&sup, vm, deadline_ns, &main).await {
-                        Pushed::Taken => taken.set(vm, pid, deadline_ns),
-                        // Killed: nothing more to send to this VMM.
-                        Pushed::Expired => taken.set(vm, pid, u64::MAX),
-                        Pushed::NotYet => pending = true,
-                    }
+            tasks.retain(|vm, task| {
+                let keep = running.contains(vm);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for vm in running {
+                if !tasks.contains_key(&vm) {
+                    let task = tokio::spawn(push_loop(
+                        sup.clone(),
+                        vm.clone(),
+                        deadlines.clone(),
+                        clock,
+                        main.clone(),
+                    ));
+                    tasks.insert(vm, task);
                 }
             }
-            tokio::select! {
-                changed = deadlines.changed() => if changed.is_err() { return },
-                changed = vms.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(RETRY_AFTER), if pending => {}
+            if vms.changed().await.is_err() {
+                for task in tasks.values() {
+                    task.abort();
+                }
+                return;
             }
         }
     });
     tx
 }
 
-/// The deadline each VMM (VM name and pid) has taken.
+/// Sends each new deadline to the VMM running `vm`, and one it has not taken yet
+/// again every [`RETRY_AFTER`], until aborted (the VM left the node's lease).
+async fn push_loop(
+    sup: Arc<Supervisor>,
+    vm: String,
+    mut deadlines: watch::Receiver<Option<Duration>>,
+    clock: MonotonicBase,
+    main: tokio::runtime::Handle,
+) {
+    let mut taken = Taken::default();
+    loop {
+        let deadline = *deadlines.borrow_and_update();
+        let mut pending = false;
+        // Only a deadline still ahead is worth sending (an older one changes nothing
+        // in the VMM; a passed one means this node is fenced).
+        if let Some(deadline_ns) = deadline
+            .map(|d| clock.at(d))
+            .filter(|ns| *ns > monotonic_ns())
+        {
+            // The VMM now running `vm` (a restarted VM is a new VMM).
+            match sup.get(&vm).ok().and_then(|s| s.pid) {
+                None => pending = true,
+                Some(pid) if taken.has(pid, deadline_ns) => {}
+                Some(pid) => match push(&sup, &vm, deadline_ns, &main).await {
+                    Pushed::Taken => taken.set(pid, deadline_ns),
+                    // Killed: nothing more to send to this VMM.
+                    Pushed::Expired => taken.set(pid, u64::MAX),
+                    Pushed::NotYet => pending = true,
+                },
+            }
+        }
+        tokio::select! {
+            changed = deadlines.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RETRY_AFTER), if pending => {}
+        }
+    }
+}
+
+/// The deadline a VM's VMM (by pid) has taken.
 #[derive(Default)]
-struct Taken(std::collections::HashMap<String, (i32, u64)>);
+struct Taken(Option<(i32, u64)>);
 
 impl Taken {
-    fn keep_only(&mut self, running: &[String]) {
-        self.0.retain(|vm, _| running.contains(vm));
+    fn has(&self, pid: i32, deadline_ns: u64) -> bool {
+        self.0.is_some_and(|(p, d)| p == pid && d >= deadline_ns)
     }
 
-    fn has(&self, vm: &str, pid: i32, deadline_ns: u64) -> bool {
-        self.0
-            .get(vm)
-            .is_some_and(|&(p, d)| p == pid && d >= deadline_ns)
-    }
-
-    fn set(&mut self, vm: &str, pid: i32, deadline_ns: u64) {
-        self.0.insert(vm.to_string(), (pid, deadline_ns));
+    fn set(&mut self, pid: i32, deadline_ns: u64) {
+        self.0 = Some((pid, deadline_ns));
     }
 }
 

@@ -294,3 +294,78 @@ fn a_vm_started_beside_a_slow_start_keeps_its_write_lease() {
     assert_eq!(b.pid("hi"), Some(hi_pid), "hi was restarted:\n{}", b_log());
     assert_eq!(starts(&b.log(), "hi"), 1, "{}", b_log());
 }
+
+/// A VMM that takes no renewal (stopped: its socket accepts, nothing answers) holds
+/// up only its own: the other VMs of the node keep their write leases. (The renewals
+/// went to the VMMs one after another, each waiting up to a second for an answer, so
+/// a VMM behind a silent one got each renewal a second late and its lease ran out:
+/// killed and started again, its guest's state lost. A VMM receiving a migration on
+/// a loaded host is such a silent one: the drains of `cluster_hosts` lost VMs so.)
+#[test]
+fn a_vmm_that_does_not_answer_holds_up_no_other_vms_renewals() {
+    let etcd = EtcdCluster::start(3);
+    let shared = tempfile::tempdir().unwrap();
+    let args = common::cluster_node_args(&etcd.endpoints_arg(), "a", shared.path());
+    let a = common::start_with(&args);
+    // "aa" is renewed before "zz" in name order.
+    for (vm, prio) in [("aa", "high"), ("zz", "low")] {
+        let file = shared.path().join(format!("{vm}.json"));
+        std::fs::write(&file, common::counter_config().to_string()).unwrap();
+        a.ctl_ok(&[
+            "vm",
+            "define",
+            vm,
+            "--file",
+            file.to_str().unwrap(),
+            "--cluster",
+            "--priority",
+            prio,
+        ]);
+    }
+    let logs = || format!("--- a ---\n{}", a.log());
+    wait_until(
+        "aa and zz running",
+        T,
+        || {
+            ["aa", "zz"]
+                .iter()
+                .all(|vm| !a.absent(vm) && a.vm(vm)["state"] == "Running")
+        },
+        logs,
+    );
+    let silent = a.pid("aa").unwrap();
+    let zz = a.pid("zz").unwrap();
+    // SAFETY: signals to a VMM this test's vireod started.
+    unsafe { libc::kill(silent, libc::SIGSTOP) };
+    common::wait_stopped(silent, T);
+    // Six renewals later (three fencing windows), zz has taken every one.
+    let renewals = |log: &str| log.matches("lease renewed").count();
+    let from = renewals(&a.log());
+    wait_until(
+        "six more renewals",
+        T,
+        || renewals(&a.log()) >= from + 6,
+        logs,
+    );
+    let (_, info) = common::http(
+        &a.run_dir.join("vms/zz/api.sock"),
+        "GET",
+        "/api/v1/vm.info",
+        None,
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(silent, libc::SIGCONT) };
+    assert!(
+        info.contains("\"Running\"") && a.pid("zz") == Some(zz),
+        "zz's write lease ran out behind the silent VMM: {info}\n{}",
+        logs()
+    );
+    assert!(
+        !a.log()
+            .lines()
+            .any(|l| l.contains("write lease expired") && l.contains("\"zz\"")),
+        "{}",
+        logs()
+    );
+    assert_eq!(starts(&a.log(), "zz"), 1, "{}", logs());
+}
