@@ -97,15 +97,15 @@ pub fn spawn_pusher(
                 keep
             });
             for vm in running {
-                if !tasks.contains_key(&vm) {
-                    let task = tokio::spawn(push_loop(
+                if let std::collections::hash_map::Entry::Vacant(slot) = tasks.entry(vm) {
+                    let vm = slot.key().clone();
+                    slot.insert(tokio::spawn(push_loop(
                         sup.clone(),
-                        vm.clone(),
+                        vm,
                         deadlines.clone(),
                         clock,
                         main.clone(),
-                    ));
-                    tasks.insert(vm, task);
+                    )));
                 }
             }
             if vms.changed().await.is_err() {

@@ -414,11 +414,10 @@ pub async fn advance<S: ClusterStore>(
                 Err(AdminError::Store(e)) => return Err(e),
                 Err(AdminError::Raced) => return Ok(NodeAction::Wait),
                 // Drained already (this pass's write of the step was lost).
-                Err(AdminError::WrongState { state, .. })
-                    if matches!(state, NodeState::Draining | NodeState::Paused) =>
-                {
-                    run.enter(i, Phase::Draining, now_ms)
-                }
+                Err(AdminError::WrongState {
+                    state: NodeState::Draining | NodeState::Paused,
+                    ..
+                }) => run.enter(i, Phase::Draining, now_ms),
                 Err(e) => run.fail(i, format!("drain refused: {e}"), now_ms),
             }
         }
