@@ -41,11 +41,75 @@ pub struct PayloadConfig {
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     pub boot: u8,
+    /// How the vCPUs are arranged (CPUID leaves 0xB/0x1F, APIC IDs, MADT). Without it: one
+    /// socket of `boot` single-threaded cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
 }
 
 impl Default for CpusConfig {
     fn default() -> Self {
-        Self { boot: 1 }
+        Self {
+            boot: 1,
+            topology: None,
+        }
+    }
+}
+
+/// Sockets, cores per socket and threads per core; their product is the vCPU count.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTopology {
+    pub sockets: u8,
+    pub cores: u8,
+    pub threads: u8,
+}
+
+/// Bits an x2APIC-style ID gives a level with `n` members: ceil(log2(n)).
+fn id_bits(n: u8) -> u32 {
+    u32::from(n.max(1)).next_power_of_two().trailing_zeros()
+}
+
+impl CpuTopology {
+    /// Bits of the APIC ID that number the thread within its core.
+    pub fn thread_bits(&self) -> u32 {
+        id_bits(self.threads)
+    }
+
+    /// Bits of the APIC ID below the socket number (thread and core).
+    pub fn package_bits(&self) -> u32 {
+        self.thread_bits() + id_bits(self.cores)
+    }
+
+    /// The APIC ID of vCPU `index` (vCPUs are numbered thread first, then core, then
+    /// socket): socket, core and thread each in their own bit field, as hardware does,
+    /// so counts that are not powers of two leave gaps.
+    pub fn apic_id(&self, index: u32) -> u32 {
+        let threads = u32::from(self.threads.max(1));
+        let cores = u32::from(self.cores.max(1));
+        let thread = index % threads;
+        let core = index / threads % cores;
+        let socket = index / threads / cores;
+        socket << self.package_bits() | core << self.thread_bits() | thread
+    }
+}
+
+impl CpusConfig {
+    /// The topology in effect: the configured one, or one socket of `boot` cores.
+    pub fn topology(&self) -> CpuTopology {
+        self.topology.unwrap_or(CpuTopology {
+            sockets: 1,
+            cores: self.boot,
+            threads: 1,
+        })
+    }
+
+    /// The APIC ID (= KVM vCPU ID) of each vCPU, in vCPU order.
+    pub fn apic_ids(&self) -> Vec<u8> {
+        let t = self.topology();
+        (0..u32::from(self.boot))
+            .map(|i| u8::try_from(t.apic_id(i)).unwrap_or(u8::MAX))
+            .collect()
     }
 }
 
@@ -56,6 +120,9 @@ pub struct MemoryConfig {
     pub size: u64,
     #[serde(default)]
     pub hugepages: bool,
+    /// The huge page size in bytes (2 MiB or 1 GiB) when `hugepages`; none: 2 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
     /// May `size` exceed the host's RAM? Guest memory is only backed where the guest
     /// touches it, so a large guest that touches little fits on a small host; without
     /// this a VM larger than the host is refused at start (as Hyper-V refuses a VM whose
@@ -64,11 +131,20 @@ pub struct MemoryConfig {
     pub overcommit: bool,
 }
 
+impl MemoryConfig {
+    /// The huge page size in bytes when huge pages are on.
+    pub fn huge_page(&self) -> Option<u64> {
+        self.hugepages
+            .then(|| self.hugepage_size.unwrap_or(2 << 20))
+    }
+}
+
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             size: 512 << 20,
             hugepages: false,
+            hugepage_size: None,
             overcommit: false,
         }
     }
@@ -315,6 +391,62 @@ pub struct VmConfig {
     /// (see [`crate::WriteLease`]); none for a VM outside a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_lease: Option<crate::WriteLease>,
+    /// Virtual NUMA nodes (SRAT/SLIT); none: one node, no SRAT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<crate::numa::NumaNode>,
+    /// A virtio-balloon device; none: no balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// The balloon: how much memory the host asks back at start, and what the guest may do.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Bytes the guest is asked to give back at start (`vm.resize` changes it).
+    #[serde(default)]
+    pub size: u64,
+    /// The guest may take pages back from the balloon when it runs out of memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// The guest reports free pages, which go back to the host.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+    /// Seconds between statistics requests (0: no statistics).
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_s: u32,
+}
+
+fn default_stats_interval() -> u32 {
+    1
+}
+
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, ConfigError> {
+    const F: &str = "--balloon";
+    let mut b = BalloonConfig {
+        size: 0,
+        deflate_on_oom: false,
+        free_page_reporting: false,
+        stats_interval_s: default_stats_interval(),
+    };
+    for (k, v) in pairs(F, s)? {
+        let bad = |reason: &str| ConfigError::BadValue {
+            flag: F,
+            key: k.clone(),
+            value: v.clone(),
+            reason: reason.into(),
+        };
+        match k.as_str() {
+            "size" => b.size = parse_size(&v).ok_or_else(|| bad("expected a size such as 256M"))?,
+            "deflate_on_oom" => b.deflate_on_oom = on_off(F, &k, &v)?,
+            "free_page_reporting" => b.free_page_reporting = on_off(F, &k, &v)?,
+            "stats_interval" => {
+                b.stats_interval_s = v.parse().map_err(|_| bad("expected seconds (0: off)"))?
+            }
+            _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
+        }
+    }
+    Ok(b)
 }
 
 /// The cap of a serial or console output file when none is configured: a guest that
@@ -341,6 +473,42 @@ impl VmConfig {
                 self.cpus.boot
             )));
         }
+        if let Some(t) = self.cpus.topology {
+            let product = u32::from(t.sockets) * u32::from(t.cores) * u32::from(t.threads);
+            if t.sockets == 0
+                || t.cores == 0
+                || t.threads == 0
+                || product != u32::from(self.cpus.boot)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "cpus.topology {}:{}:{} (sockets:cores:threads) must multiply to cpus.boot {}",
+                    t.sockets, t.cores, t.threads, self.cpus.boot
+                )));
+            }
+            let highest = t.apic_id(u32::from(self.cpus.boot) - 1);
+            if highest > u32::from(MAX_VCPUS) {
+                return Err(ConfigError::Invalid(format!(
+                    "cpus.topology {}:{}:{} needs APIC IDs up to {highest}; at most {MAX_VCPUS} \
+                     (round cores and threads to powers of two, or use fewer sockets)",
+                    t.sockets, t.cores, t.threads
+                )));
+            }
+        }
+        crate::numa::validate(&self.numa, self.cpus.boot, self.memory.size)?;
+        if let Some(b) = &self.balloon {
+            if b.size > self.memory.size {
+                return Err(ConfigError::Invalid(format!(
+                    "balloon.size ({} MiB) exceeds the VM's memory ({} MiB)",
+                    b.size >> 20,
+                    self.memory.size >> 20
+                )));
+            }
+            if self.memory.hugepages {
+                return Err(ConfigError::Invalid(
+                    "a balloon cannot give back huge pages 4 KiB at a time; use it without hugepages".into(),
+                ));
+            }
+        }
         if self.memory.size < MIN_MEMORY {
             return Err(ConfigError::Invalid(format!(
                 "memory.size must be at least 16M, got {} bytes",
@@ -358,6 +526,25 @@ impl VmConfig {
                 MAX_MEMORY >> 30,
                 self.memory.size >> 30
             )));
+        }
+        if let Some(page) = self.memory.hugepage_size {
+            if !self.memory.hugepages {
+                return Err(ConfigError::Invalid(
+                    "memory.hugepage_size needs hugepages=on".into(),
+                ));
+            }
+            if page != 2 << 20 && page != 1 << 30 {
+                return Err(ConfigError::Invalid(format!(
+                    "memory.hugepage_size must be 2M or 1G, got {page} bytes"
+                )));
+            }
+            if !self.memory.size.is_multiple_of(page) {
+                return Err(ConfigError::Invalid(format!(
+                    "memory.size ({} MiB) must be a multiple of the huge page size ({} MiB)",
+                    self.memory.size >> 20,
+                    page >> 20
+                )));
+            }
         }
         if self.memory.overcommit && self.memory.hugepages {
             return Err(ConfigError::Invalid(
@@ -492,6 +679,27 @@ pub fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
                     reason: "expected a number of vCPUs".into(),
                 })?
             }
+            "topology" => {
+                let bad = |reason: &str| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: reason.into(),
+                };
+                let parts: Vec<&str> = v.split(':').collect();
+                let [s, co, th] = parts.as_slice() else {
+                    return Err(bad("expected SOCKETS:CORES:THREADS"));
+                };
+                let n = |x: &str| x.parse::<u8>().ok().filter(|&n| n > 0);
+                let (Some(sockets), Some(cores), Some(threads)) = (n(s), n(co), n(th)) else {
+                    return Err(bad("each of SOCKETS:CORES:THREADS must be 1..=255"));
+                };
+                c.topology = Some(CpuTopology {
+                    sockets,
+                    cores,
+                    threads,
+                });
+            }
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
@@ -512,6 +720,14 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
                 })?
             }
             "hugepages" => m.hugepages = on_off(F, &k, &v)?,
+            "hugepage_size" => {
+                m.hugepage_size = Some(parse_size(&v).ok_or_else(|| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: "expected 2M or 1G".into(),
+                })?)
+            }
             "overcommit" => m.overcommit = on_off(F, &k, &v)?,
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
@@ -741,6 +957,36 @@ pub fn parse_output_capped(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn apic_ids_put_thread_core_and_socket_in_their_own_bit_fields() {
+        let c = parse_cpus("boot=8,topology=2:2:2").unwrap();
+        assert_eq!(c.apic_ids(), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        // 3 cores need 2 bits, 4 threads 2 bits: socket 1 starts at 16, core 2 at 8.
+        let c = parse_cpus("boot=24,topology=2:3:4").unwrap();
+        let ids = c.apic_ids();
+        assert_eq!(&ids[..4], &[0, 1, 2, 3]);
+        assert_eq!(ids[8], 8);
+        assert_eq!(ids[12], 16);
+        assert_eq!(ids[23], 16 + 8 + 3);
+        // Without a topology: one socket of single-threaded cores, IDs 0..n.
+        let c = parse_cpus("boot=5").unwrap();
+        assert_eq!(c.apic_ids(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(c.topology().package_bits(), 3);
+    }
+
+    #[test]
+    fn a_topology_survives_json_and_is_absent_when_not_set() {
+        let c = parse_cpus("boot=4,topology=1:2:2").unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains(r#""topology":{"sockets":1,"cores":2,"threads":2}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<CpusConfig>(&json).unwrap(), c);
+        let plain = serde_json::to_string(&parse_cpus("boot=4").unwrap()).unwrap();
+        assert_eq!(plain, r#"{"boot":4}"#);
+    }
     use super::*;
 
     #[test]
@@ -966,13 +1212,18 @@ mod tests {
             k
         };
         let full = VmConfig {
+            numa: vec![crate::numa::parse_numa(
+                "node=0,cpus=0,memory=512M,host_node=0,distances=1@20",
+            )
+            .unwrap()],
+            balloon: Some(parse_balloon("size=1M,deflate_on_oom=on").unwrap()),
             payload: PayloadConfig {
                 kernel: "/k".into(),
                 cmdline: None,
                 initramfs: None,
             },
-            cpus: CpusConfig::default(),
-            memory: MemoryConfig::default(),
+            cpus: parse_cpus("boot=2,topology=1:2:1").unwrap(),
+            memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on").unwrap(),
             disks: vec![parse_disk("path=/d").unwrap()],
             serial: OutputConfig::Null,
             console: OutputConfig::Off,
@@ -995,6 +1246,28 @@ mod tests {
             keys(&vm["nets"]["items"]["properties"]),
             serde_keys(&json["nets"][0]),
             "NetConfig properties"
+        );
+        for (field, what) in [("cpus", "CpusConfig"), ("memory", "MemoryConfig")] {
+            assert_eq!(
+                keys(&vm[field]["properties"]),
+                serde_keys(&json[field]),
+                "{what} properties"
+            );
+        }
+        assert_eq!(
+            keys(&vm["cpus"]["properties"]["topology"]["properties"]),
+            serde_keys(&json["cpus"]["topology"]),
+            "CpuTopology properties"
+        );
+        assert_eq!(
+            keys(&vm["balloon"]["properties"]),
+            serde_keys(&json["balloon"]),
+            "BalloonConfig properties"
+        );
+        assert_eq!(
+            keys(&vm["numa"]["items"]["properties"]),
+            serde_keys(&json["numa"][0]),
+            "NumaNode properties"
         );
     }
 

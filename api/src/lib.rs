@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod lifecycle;
+pub mod numa;
 mod server;
 mod types;
 
@@ -15,8 +16,8 @@ pub use server::{serve, Dispatch, ServerError, ServerHandle};
 pub use types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DiskMigrationInfo,
     MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
-    ReceiveMigrationTls, ReplicaCutInfo, ReplicaSegmentInfo, RestoreRequest, SendMigrationRequest,
-    SendMigrationTls, SnapshotRequest, VmAction, VmInfo, WriteLease,
+    ReceiveMigrationTls, ReplicaCutInfo, ReplicaSegmentInfo, ResizeRequest, RestoreRequest,
+    SendMigrationRequest, SendMigrationTls, SnapshotRequest, VmAction, VmInfo, WriteLease,
 };
 
 /// The OpenAPI document of the per-VM API.

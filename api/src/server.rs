@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, MigrateDiskRequest, ReceiveMigrationRequest,
-    RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction, WriteLease,
+    ResizeRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction, WriteLease,
 };
 use crate::VmConfig;
 
@@ -178,6 +178,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/vm.restore", put(restore))
         .route("/api/v1/vm.send-migration", put(send_migration))
         .route("/api/v1/vm.migrate-disk", put(migrate_disk))
+        .route("/api/v1/vm.resize", put(resize))
         .route(
             "/api/v1/vm.migrate-disk-cancel",
             put(|s| action(s, VmAction::MigrateDiskCancel)),
@@ -244,6 +245,15 @@ async fn send_migration(State(state): State<AppState>, body: Bytes) -> Response 
         Ok(r) => action(State(state), VmAction::SendMigration(r)).await,
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid send-migration request: {e}"
+        ))),
+    }
+}
+
+async fn resize(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<ResizeRequest>(&body) {
+        Ok(r) => action(State(state), VmAction::ResizeBalloon(r.desired_balloon)).await,
+        Err(e) => error_response(ApiError::bad_request(format!(
+            "invalid resize request: {e}"
         ))),
     }
 }

@@ -202,6 +202,13 @@ pub struct MigrationInfo {
     pub last_refusal: Option<String>,
 }
 
+/// `vm.resize`'s body (Cloud Hypervisor's field name): the balloon's new size in bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    pub desired_balloon: u64,
+}
+
 /// `vm.migrate-disk`'s body: move disk `id` to a new image while the VM runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -284,6 +291,8 @@ pub enum VmAction {
     Lease(WriteLease),
     /// Ends the VMM process (after shutting the VM down).
     VmmShutdown,
+    /// Asks the guest's balloon for this many bytes (`vm.resize`'s `desired_balloon`).
+    ResizeBalloon(u64),
     /// Bytes for the guest to read from its serial port (COM1's receive FIFO, 64
     /// bytes: the answer says how many were taken; the caller sends the rest later).
     SerialInput(Vec<u8>),

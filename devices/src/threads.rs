@@ -10,6 +10,7 @@ pub enum WorkerKind {
     Console,
     Net,
     Rng,
+    Balloon,
 }
 
 type Hook = Box<dyn Fn(WorkerKind) + Send + Sync>;

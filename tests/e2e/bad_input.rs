@@ -67,6 +67,144 @@ fn guest_memory_beyond_the_host_or_the_limit_is_one_clear_error() {
     assert_one_line_error(code, &err, "overcommit");
 }
 
+/// vCPU counts and topologies the VMM cannot give a guest: one clear line each.
+#[test]
+fn vcpu_counts_and_topologies_that_cannot_be_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    for (cpus, says) in [
+        ("boot=255", "cpus.boot must be 1..=254"),
+        ("boot=0", "cpus.boot must be 1..=254"),
+        ("boot=8,topology=1:3:3", "must multiply to cpus.boot 8"),
+        ("boot=200,topology=5:40:1", "needs APIC IDs up to 295"),
+        ("boot=8,topology=2:x:2", "SOCKETS:CORES:THREADS"),
+        ("boot=8,topology=2:4", "SOCKETS:CORES:THREADS"),
+        ("boot=8,topology=0:4:2", "SOCKETS:CORES:THREADS"),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--cpus", cpus]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
+/// NUMA nodes that do not describe the VM, or a host node this host lacks.
+#[test]
+fn numa_nodes_that_do_not_fit_the_vm_or_the_host_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    let two = |a: &str, b: &str| {
+        vireo(&[
+            "--kernel", kernel, "--cpus", "boot=4", "--memory", "size=1G", "--numa", a, "--numa", b,
+        ])
+    };
+    for ((a, b), says) in [
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2,memory=512M"),
+            "vCPU 3 is on no node",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=1-3,memory=512M"),
+            "vCPU 1 is on node 0 and node 1",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2-3,memory=256M"),
+            "adds up to 768 MiB",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=2,cpus=2-3,memory=512M"),
+            "numbered 0..2",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2-7,memory=512M"),
+            "names vCPU 4",
+        ),
+        (
+            (
+                "node=0,cpus=0-1,memory=512M,distances=1@5",
+                "node=1,cpus=2-3,memory=512M",
+            ),
+            "11..=254",
+        ),
+        (
+            ("node=0,cpus=0-1,memory=512M", "node=1,cpus=2-3,size=512M"),
+            "unknown option 'size'",
+        ),
+        // This host has one node (node 0).
+        (
+            (
+                "node=0,cpus=0-1,memory=512M,host_node=64",
+                "node=1,cpus=2-3,memory=512M",
+            ),
+            "host node 64 does not exist here",
+        ),
+    ] {
+        let (code, err) = two(a, b);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
+/// Huge pages the host's pool cannot give are refused at start, naming the pool (they
+/// used to be mapped without a reservation: the kernel load then failed obscurely, and a
+/// guest touching past the pool would have been a SIGBUS in the VMM).
+#[test]
+fn huge_pages_the_pool_cannot_give_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let size = format!("size={}M,hugepages=on", (free + 64) * 2);
+    let (code, err) = vireo(&["--kernel", kernel, "--memory", &size]);
+    assert_one_line_error(
+        code,
+        &err,
+        &format!("needs {} huge pages of 2048 KiB", free + 64),
+    );
+    for (memory, says) in [
+        (
+            "size=1G,hugepage_size=2M",
+            "hugepage_size needs hugepages=on",
+        ),
+        ("size=1G,hugepages=on,hugepage_size=4M", "must be 2M or 1G"),
+        (
+            "size=1536M,hugepages=on,hugepage_size=1G",
+            "multiple of the huge page size",
+        ),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--memory", memory]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
+#[test]
+fn balloons_that_cannot_be_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    for (memory, balloon, says) in [
+        (
+            "size=256M",
+            "size=512M",
+            "balloon.size (512 MiB) exceeds the VM's memory (256 MiB)",
+        ),
+        (
+            "size=256M,hugepages=on",
+            "size=0",
+            "cannot give back huge pages",
+        ),
+        (
+            "size=256M",
+            "size=0,stats_interval=soon",
+            "expected seconds",
+        ),
+        ("size=256M", "size=0,inflate=on", "unknown option 'inflate'"),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--memory", memory, "--balloon", balloon]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
 #[test]
 fn kernel_that_is_not_elf() {
     let dir = tempfile::tempdir().unwrap();

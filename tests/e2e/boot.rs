@@ -55,6 +55,66 @@ fn a_1_tib_guest_reads_back_memory_across_its_whole_range() {
     assert!(probes > 1024, "a probe per GiB of 1 TiB: {serial}");
 }
 
+/// Puts `nr_hugepages` of 2 MiB back as it was when dropped.
+struct HugePagePool(String);
+
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, &self.0);
+    }
+}
+
+/// With huge pages, guest RAM is hugetlb memory taken from the pool (checked in the
+/// VMM's smaps) and the guest reads back memory across its range.
+#[test]
+fn hugepages_back_guest_ram_from_the_pool() {
+    let old = std::fs::read_to_string(NR_HUGEPAGES).unwrap();
+    let _restore = HugePagePool(old.clone());
+    let want = old.trim().parse::<u64>().unwrap() + 136;
+    std::fs::write(NR_HUGEPAGES, want.to_string()).unwrap();
+    let got: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(got, want, "the kernel could not give {want} huge pages");
+    let vm = Vireo::guest(
+        "test=counter period_ms=20",
+        &["--memory", "size=256M,hugepages=on"],
+    )
+    .spawn();
+    vm.wait_serial("tick 2 ", T);
+    let pid = vm.child.as_ref().unwrap().id();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    // Every mapping's header line is followed by its fields; find the 2 MiB-page ones.
+    let mut huge = 0u64;
+    let mut size = 0u64;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Size:") {
+            size = kib
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        }
+        if line.starts_with("KernelPageSize:") && line.contains(" 2048 kB") {
+            huge += size;
+        }
+    }
+    assert_eq!(
+        huge,
+        256 << 10,
+        "guest RAM is 256 MiB of 2 MiB pages:\n{smaps}"
+    );
+    drop(vm);
+
+    let (out, serial) = Vireo::guest("test=mem", &["--memory", "size=256M,hugepages=on"]).run(T);
+    assert_guest_ok(&out, &serial);
+}
+
 #[test]
 fn guest_failure_is_exit_status_2() {
     let (out, serial) = Vireo::guest("test=no-such-test", &[]).run(T);

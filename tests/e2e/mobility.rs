@@ -986,7 +986,18 @@ fn a_page_stream_cut_mid_copy_leaves_the_source_running() {
 /// A destination that misbehaves at a chosen moment, speaking the wire format
 /// (12-byte header: kind u32, length u64) by hand.
 fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHandle<()> {
+    fake_destination_with(path, fail_at, Box::new(|| {}))
+}
+
+/// [`fake_destination`] that runs `on_state` when the VM's state arrives (the disks
+/// were handed over) before it refuses the VM.
+fn fake_destination_with(
+    path: &Path,
+    fail_at: &'static str,
+    on_state: Box<dyn FnOnce() + Send>,
+) -> std::thread::JoinHandle<()> {
     use std::io::{Read, Write};
+    let mut on_state = Some(on_state);
     let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -1009,6 +1020,9 @@ fn fake_destination(path: &Path, fail_at: &'static str) -> std::thread::JoinHand
                 ("pages", 2) if frames >= 3 => return,
                 // Refuse the VM when its state arrives (after the disks were handed over).
                 ("state", 3) => {
+                    if let Some(f) = on_state.take() {
+                        f();
+                    }
                     let why = b"destination disk full";
                     let mut f = Vec::new();
                     f.extend_from_slice(&6u32.to_le_bytes());
@@ -1062,6 +1076,50 @@ fn failed_migration_leaves_the_source_running_with(fail_at: &'static str, extra:
     let out = src.wait(T);
     assert_eq!(out.status.code(), Some(0));
     assert_blocks(&disk, ops);
+}
+
+/// The source takes back the disk it had, not whatever its path names when the
+/// migration fails: here the path was moved away and a blank image put in its place
+/// while the destination held the disk (as a jailed destination on the same host
+/// chowns a shared disk to its own uid, so the source's uid could no longer open it by
+/// path). Before, the source reopened the path: the guest found its last block missing.
+#[test]
+fn a_failed_migration_gives_the_source_back_its_own_disk_whatever_the_path_now_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let moved = dir.path().join("moved.raw");
+    let ops = 8000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let mig = dir.path().join("fake.sock");
+    let (d, m) = (disk.clone(), moved.clone());
+    let peer = fake_destination_with(
+        &mig,
+        "state",
+        Box::new(move || {
+            std::fs::rename(&d, &m).unwrap();
+            std::fs::File::create(&d)
+                .unwrap()
+                .set_len(64 << 20)
+                .unwrap();
+        }),
+    );
+    send_with(&src_sock, &format!("unix:{}", mig.display()), "");
+    peer.join().unwrap();
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    let out = src.wait(T);
+    assert_eq!(out.status.code(), Some(0));
+    // Every block is in the image the source had; the blank one was never written.
+    assert_blocks(&moved, ops);
+    let blank = std::fs::read(&disk).unwrap();
+    assert!(
+        blank.iter().all(|&b| b == 0),
+        "the source wrote the file now at its path"
+    );
 }
 
 #[test]

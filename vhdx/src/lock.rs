@@ -58,6 +58,20 @@ pub(crate) fn lock(
         .map_err(|e| lock_error(path, exclusive, e))
 }
 
+/// Releases every OFD lock held through `fd`'s open file description (closing a
+/// descriptor releases them only when it is the description's last one).
+pub(crate) fn unlock_all(fd: i32) {
+    // SAFETY: flock is a plain C struct; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fd is an open descriptor owned by the caller; fl lives across the call.
+    let r = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl as *mut libc::flock) };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "releasing the image locks");
+    }
+}
+
 fn lock_range(fd: i32, exclusive: bool, start: i64, len: i64) -> io::Result<()> {
     // SAFETY: flock is a plain C struct; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };

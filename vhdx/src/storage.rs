@@ -88,6 +88,14 @@ pub struct FileStorage {
     direct: Option<File>,
 }
 
+/// The image's locks go with this storage, also when another descriptor of the same
+/// open file description stays open (a VMM that keeps one to take its disk back).
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        crate::lock::unlock_all(self.file.as_raw_fd());
+    }
+}
+
 impl FileStorage {
     /// Wraps an open file (buffered I/O only).
     pub fn new(file: File) -> FileStorage {

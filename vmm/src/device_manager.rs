@@ -168,18 +168,23 @@ fn rate_limiter(cfg: &api::config::RateLimitConfig) -> devices::rate_limiter::Ra
     }
 }
 
-/// How a block device opens its image again (migration hand-over), under the VM's
-/// write lease if it has one.
+/// How a block device takes its image back after a migration that did not complete,
+/// under the VM's write lease if it has one. It opens the image now and keeps that
+/// descriptor (no lock held through it): the image it takes back is the one it had,
+/// even if the path no longer leads there or is no longer this VMM's to open (a
+/// jailed receiver on the same host chowned a shared disk to its own uid).
 pub fn reopen_for(
     disk: &DiskConfig,
     lease: Option<Arc<WriteLease>>,
-) -> devices::virtio::block::Reopen {
+) -> Result<devices::virtio::block::Reopen, DeviceError> {
     let disk = disk.clone();
-    Box::new(move || {
-        open_disk(&disk)
+    let kept = open_image_file(&disk)?;
+    Ok(Box::new(move || {
+        let file = kept.try_clone()?;
+        open_disk_from(&disk, file)
             .map(|b| under_lease(b, lease.as_ref()))
             .map_err(std::io::Error::other)
-    })
+    }))
 }
 
 /// `disk` with its writes gated by the VM's write lease (a clustered VM), or as it is.
@@ -206,13 +211,25 @@ fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
 /// old configuration without one: raw unless the name ends in `.vhdx`), beneath the
 /// storage roots when the VMM has them (see `confinement`).
 pub fn open_disk(cfg: &DiskConfig) -> Result<Arc<dyn BlockBackend>, DeviceError> {
-    let format = cfg.effective_format();
-    tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
+    open_disk_from(cfg, open_image_file(cfg)?)
+}
+
+/// The image file of `cfg`, opened beneath the storage roots (when the VMM has them).
+fn open_image_file(cfg: &DiskConfig) -> Result<std::fs::File, DeviceError> {
     // A raw image is the data path itself: O_DIRECT on it when asked. A VHDX's
     // metadata stays buffered (its O_DIRECT descriptor is a reopen of this file).
-    let direct = cfg.direct && format == DiskFormat::Raw;
-    let file = crate::confinement::open_image(&cfg.path, !cfg.readonly, direct)
-        .map_err(|e| DeviceError::Confined(e.to_string()))?;
+    let direct = cfg.direct && cfg.effective_format() == DiskFormat::Raw;
+    crate::confinement::open_image(&cfg.path, !cfg.readonly, direct)
+        .map_err(|e| DeviceError::Confined(e.to_string()))
+}
+
+/// [`open_disk`] on an image file already open.
+fn open_disk_from(
+    cfg: &DiskConfig,
+    file: std::fs::File,
+) -> Result<Arc<dyn BlockBackend>, DeviceError> {
+    let format = cfg.effective_format();
+    tracing::info!(path = %cfg.path.display(), %format, readonly = cfg.readonly, "opening disk");
     let flags = devices::block::OpenFlags {
         read_only: cfg.readonly,
         direct: cfg.direct,
@@ -336,7 +353,7 @@ impl DeviceManager {
                     stop_sink: Some(stop_sink(i, power.clone())),
                 },
             )
-            .with_reopen(reopen_for(disk, dm.write_lease.clone()));
+            .with_reopen(reopen_for(disk, dm.write_lease.clone())?);
             dm.add_virtio(hv, mem, id, Box::new(block))?;
         }
         for (i, n) in config.nets.iter().enumerate() {
@@ -362,6 +379,16 @@ impl DeviceManager {
         if config.rng {
             let rng = devices::virtio::rng::Rng::new();
             dm.add_virtio(hv, mem, "rng0".into(), Box::new(rng))?;
+        }
+        if let Some(b) = &config.balloon {
+            let balloon =
+                devices::virtio::balloon::Balloon::new(devices::virtio::balloon::BalloonConfig {
+                    size: b.size,
+                    deflate_on_oom: b.deflate_on_oom,
+                    free_page_reporting: b.free_page_reporting,
+                    stats_interval_s: b.stats_interval_s,
+                });
+            dm.add_virtio(hv, mem, BALLOON_ID.into(), Box::new(balloon))?;
         }
         Ok(dm)
     }
@@ -479,6 +506,28 @@ impl DeviceManager {
         result
     }
 
+    /// Asks the balloon for `bytes` (the guest inflates or deflates to it); the
+    /// workers keep running.
+    pub fn resize_balloon(&self, bytes: u64) -> Result<(), String> {
+        let func = self
+            .functions
+            .iter()
+            .find(|f| f.id == BALLOON_ID)
+            .ok_or("this VM has no balloon (--balloon)")?;
+        let mut d = sync::lock(&func.device);
+        match d
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<devices::virtio::balloon::Balloon>()
+        {
+            Some(b) => {
+                b.resize(bytes);
+                Ok(())
+            }
+            None => Err(format!("device '{BALLOON_ID}' is not a balloon")),
+        }
+    }
+
     /// Flushes and closes every disk and tap (they must be paused), so a migration
     /// destination can open them; stops at the first failure.
     pub fn detach_storage(&self) -> Result<(), String> {
@@ -560,6 +609,9 @@ impl DeviceManager {
         Ok(())
     }
 }
+
+/// The balloon's device id (at most one balloon per VM).
+const BALLOON_ID: &str = "balloon0";
 
 /// BAR 0's address in saved configuration registers (64-bit BAR at registers 4 and 5).
 fn state_bar0(s: &devices::virtio::VirtioPciState) -> u64 {

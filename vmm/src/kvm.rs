@@ -21,6 +21,13 @@ pub enum KvmError {
     ApiVersion(i32),
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
+    #[error("this host's KVM runs at most {max} vCPUs (KVM_CAP_MAX_VCPUS) and vCPU IDs below {max_id}; the VM asks for {count} with IDs up to {highest}")]
+    TooManyVcpus {
+        count: usize,
+        highest: u8,
+        max: usize,
+        max_id: usize,
+    },
     #[error("KVM refused to restore MSR {index:#x}")]
     MsrRestore { index: u32 },
     #[error("KVM {op} failed: {source}")]
@@ -106,6 +113,22 @@ impl Hypervisor {
             // (the Vm struct holds both and drops the VM first).
             unsafe { self.vm.set_user_memory_region(r) }
                 .map_err(ioctl("SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses, before anything is created, a vCPU set this host's KVM cannot run.
+    pub fn check_vcpus(&self, apic_ids: &[u8]) -> Result<(), KvmError> {
+        let max = self.kvm.get_max_vcpus();
+        let max_id = self.kvm.get_max_vcpu_id();
+        let highest = apic_ids.iter().copied().max().unwrap_or(0);
+        if apic_ids.len() > max || usize::from(highest) >= max_id {
+            return Err(KvmError::TooManyVcpus {
+                count: apic_ids.len(),
+                highest,
+                max,
+                max_id,
+            });
         }
         Ok(())
     }

@@ -28,10 +28,16 @@ struct Cli {
     /// Initial ramdisk.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// vCPUs: boot=N.
+    /// vCPUs: boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs).
     #[arg(long, default_value = "boot=1")]
     cpus: String,
-    /// Memory: size=SIZE[,hugepages=on][,overcommit=on] (overcommit: SIZE may exceed the host's RAM; only what the guest touches is backed).
+    /// A virtual NUMA node: node=N,cpus=0-3[:8-11],memory=SIZE[,host_node=H][,distances=M@D[:M@D...]] (repeatable; vCPU indices, not APIC IDs; nodes take consecutive RAM in node order and their memory adds up to --memory's size; host_node binds the node's memory to that host node with mbind; distances go to the SLIT, 10 local, 20 by default).
+    #[arg(long)]
+    numa: Vec<String>,
+    /// A virtio-balloon: size=SIZE (asked back at start; vm.resize changes it)[,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=SECONDS] (default 1; 0: no statistics). Pages the guest gives go back to the host (madvise); not with hugepages.
+    #[arg(long)]
+    balloon: Option<String>,
+    /// Memory: size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed).
     #[arg(long, default_value = "size=512M")]
     memory: String,
     /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]
@@ -166,6 +172,16 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             .map(|n| config::parse_net(n))
             .collect::<Result<_, _>>()?,
         write_lease: None,
+        balloon: cli
+            .balloon
+            .as_deref()
+            .map(config::parse_balloon)
+            .transpose()?,
+        numa: cli
+            .numa
+            .iter()
+            .map(|n| api::numa::parse_numa(n))
+            .collect::<Result<_, _>>()?,
     };
     cfg.validate()?;
     Ok(Some(cfg))
@@ -458,6 +474,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Rng => ThreadKind::RngWorker,
             devices::threads::WorkerKind::Console => ThreadKind::ConsoleWorker,
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
+            devices::threads::WorkerKind::Balloon => ThreadKind::BalloonWorker,
         })
     }));
     vmm::activator::start(filters.clone())?;

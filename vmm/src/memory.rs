@@ -25,6 +25,36 @@ pub enum MemoryError {
     },
     #[error("guest memory regions overlap or are invalid: {0}")]
     Regions(String),
+    #[error(
+        "guest memory needs {needed} huge pages of {page_kib} KiB; this host's pool has \
+         {available} free (raise /sys/kernel/mm/hugepages/hugepages-{page_kib}kB/nr_hugepages)"
+    )]
+    HugePagesShort {
+        needed: u64,
+        available: u64,
+        page_kib: u64,
+    },
+    #[error("this host has no huge pages of {page_kib} KiB (no /sys/kernel/mm/hugepages/hugepages-{page_kib}kB)")]
+    NoSuchHugePageSize { page_kib: u64 },
+}
+
+/// Huge pages of `page` bytes this host's pool can still give: free minus reserved
+/// (`None`: the host has no pool of that size).
+fn hugepages_available(page: u64) -> Option<u64> {
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page >> 10);
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages").unwrap_or(0)))
+}
+
+/// mmap's MAP_HUGE_* encoding of a huge page size (log2 in bits 26..31).
+fn map_huge_flag(page: u64) -> i32 {
+    (page.trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT
 }
 
 /// Total RAM of the host in bytes (MemTotal of /proc/meminfo).
@@ -35,12 +65,15 @@ fn host_ram() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. The mappings
+/// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. Normal pages
 /// reserve nothing (`MAP_NORESERVE`): a page is backed when the guest first touches it.
-/// A guest larger than the host is refused unless `overcommit`.
+/// Huge pages (`hugepages`: their size in bytes) are reserved from the host's pool up
+/// front, so a pool too small is a clear error now rather than a SIGBUS when the guest
+/// reaches the page the pool could not give. A guest larger than the host is refused
+/// unless `overcommit`.
 pub fn create_guest_memory(
     size: u64,
-    hugepages: bool,
+    hugepages: Option<u64>,
     overcommit: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     if let Some(host) = host_ram().filter(|_| !overcommit) {
@@ -51,16 +84,30 @@ pub fn create_guest_memory(
             });
         }
     }
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    if hugepages {
-        flags |= libc::MAP_HUGETLB;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    match hugepages {
+        Some(page) => {
+            let page_kib = page >> 10;
+            let available =
+                hugepages_available(page).ok_or(MemoryError::NoSuchHugePageSize { page_kib })?;
+            let needed = size.div_ceil(page);
+            if needed > available {
+                return Err(MemoryError::HugePagesShort {
+                    needed,
+                    available,
+                    page_kib,
+                });
+            }
+            flags |= libc::MAP_HUGETLB | map_huge_flag(page);
+        }
+        None => flags |= libc::MAP_NORESERVE,
     }
     let mut regions = Vec::new();
     for (start, len) in layout::ram_ranges(size) {
         let map_err = |reason: String| MemoryError::Map {
             size: len >> 20,
             addr: start,
-            hint: if hugepages {
+            hint: if hugepages.is_some() {
                 " (are enough huge pages reserved in /proc/sys/vm/nr_hugepages?)"
             } else {
                 ""

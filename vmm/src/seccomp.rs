@@ -44,6 +44,9 @@ pub enum ThreadKind {
     RngWorker,
     /// The virtio-console worker: terminal or file I/O.
     ConsoleWorker,
+    /// The virtio-balloon worker: madvise(MADV_DONTNEED) on guest memory the guest
+    /// gives back (in COMMON), epoll, interrupts.
+    BalloonWorker,
     /// The virtio-net worker: readv/writev on its tap (opened and configured with
     /// TUNSETIFF & co. before any filter, or by the control thread on reattach),
     /// epoll, interrupts.
@@ -61,7 +64,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -69,6 +72,7 @@ impl ThreadKind {
         ThreadKind::BlockWorker,
         ThreadKind::RngWorker,
         ThreadKind::ConsoleWorker,
+        ThreadKind::BalloonWorker,
         ThreadKind::NetWorker,
         ThreadKind::PageStream,
         ThreadKind::Receive,
@@ -234,6 +238,9 @@ const CONTROL: &[i64] = &[
     libc::SYS_getcwd,
     libc::SYS_sysinfo,
     libc::SYS_rt_sigaction,
+    // Virtual NUMA: binding a node's guest memory to its host node (at VM creation,
+    // which a restore or an incoming migration does after the filters are in).
+    libc::SYS_mbind,
 ];
 
 fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
@@ -335,7 +342,7 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
             allow(&mut rules, &[libc::SYS_timerfd_settime]);
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
-        ThreadKind::RngWorker | ThreadKind::NetWorker => {
+        ThreadKind::RngWorker | ThreadKind::NetWorker | ThreadKind::BalloonWorker => {
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
         ThreadKind::ConsoleWorker => {

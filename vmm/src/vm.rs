@@ -37,6 +37,8 @@ pub enum VmError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
+    Numa(#[from] crate::arch::numa::NumaError),
+    #[error(transparent)]
     LinuxBoot(#[from] linux::LinuxBootError),
     #[error("cannot write the boot GDT: {0}")]
     Gdt(#[source] vm_memory::GuestMemoryError),
@@ -96,9 +98,16 @@ impl IncomingVm {
         let hv = Hypervisor::new()?;
         let mem = Arc::new(memory::create_guest_memory(
             config.memory.size,
-            config.memory.hugepages,
+            config.memory.huge_page(),
             config.memory.overcommit,
         )?);
+        if !config.numa.is_empty() {
+            let ranges = api::numa::node_ranges(
+                &config.numa,
+                &crate::layout::ram_ranges(config.memory.size),
+            );
+            crate::arch::numa::bind_host_nodes(&mem, &config.numa, &ranges)?;
+        }
         hv.map_memory(&mem, false)?;
         Ok(Self {
             config,
@@ -160,10 +169,11 @@ impl IncomingVm {
         vm.booted_at = Some(Instant::now());
         vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
         let cpus = vm.config.cpus.boot;
+        let topology = vm.config.cpus.topology();
         for s in &saved.vcpus {
             let fd = vm.hv.create_vcpu(s.id)?;
             let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
-            fd.set_cpuid2(&cpu::cpuid_for(&vm.hv.kvm, s.id, cpus, tsc_khz)?)
+            fd.set_cpuid2(&cpu::cpuid_for(&vm.hv.kvm, s.id, &topology, tsc_khz)?)
                 .map_err(|source| KvmError::Ioctl {
                     op: "SET_CPUID2",
                     source,
@@ -300,7 +310,17 @@ impl Vm {
             None => None,
         };
         cpu::write_boot_gdt(mem).map_err(VmError::Gdt)?;
-        let rsdp = acpi::write_tables(mem, config.cpus.boot)?;
+        let rsdp = acpi::write_tables(
+            mem,
+            &acpi::Machine {
+                apic_ids: &config.cpus.apic_ids(),
+                numa: &config.numa,
+                numa_ranges: &api::numa::node_ranges(
+                    &config.numa,
+                    &crate::layout::ram_ranges(config.memory.size),
+                ),
+            },
+        )?;
         let cmdline = config.payload.cmdline.clone().unwrap_or_default();
         Ok(match protocol {
             BootProtocol::Pvh { entry } => {
@@ -381,10 +401,21 @@ impl Vm {
         let entry = self.entry.ok_or(VmError::NoPayload)?;
         vcpu::install_kick_handler().map_err(VmError::VcpuThread)?;
         let cpus = self.config.cpus.boot;
-        for id in 0..cpus {
+        // Every vCPU exists, in its power-on state, before the boot CPU runs: a guest
+        // that sends INIT-SIPI-SIPI at once must not find an AP missing or half set up
+        // (its INIT would be lost, or undone by the AP's later SET_LAPIC).
+        // KVM's vCPU ID is the APIC ID, which the topology may space out.
+        let topology = self.config.cpus.topology();
+        let apic_ids = self.config.cpus.apic_ids();
+        self.hv.check_vcpus(&apic_ids)?;
+        let mut fds = Vec::with_capacity(apic_ids.len());
+        for &id in &apic_ids {
             let fd = self.hv.create_vcpu(id)?;
-            cpu::setup_vcpu(&self.hv.kvm, &fd, id, cpus, entry)?;
+            cpu::setup_vcpu(&self.hv.kvm, &fd, id, &topology, entry)?;
             self.coalesce_mmio(&fd);
+            fds.push(fd);
+        }
+        for (id, fd) in apic_ids.into_iter().zip(fds) {
             let ctx = self.vcpu_context();
             self.vcpus
                 .push(VcpuHandle::spawn(id, fd, ctx, false).map_err(VmError::VcpuThread)?);

@@ -384,6 +384,20 @@ impl Vmm {
                     }),
                 },
             },
+            VmAction::ResizeBalloon(bytes) => self.vm_mut().and_then(|vm| {
+                let memory = vm.config().memory.size;
+                if *bytes > memory {
+                    return Err(ApiError::bad_request(format!(
+                        "desired_balloon ({} MiB) exceeds the VM's memory ({} MiB)",
+                        bytes >> 20,
+                        memory >> 20
+                    )));
+                }
+                vm.devices()
+                    .resize_balloon(*bytes)
+                    .map(|_| None)
+                    .map_err(ApiError::conflict)
+            }),
             VmAction::PowerButton => self
                 .vm_mut()
                 .and_then(|vm| vm.power_button().map(|_| None).map_err(api_error)),
@@ -682,16 +696,13 @@ impl Vmm {
         let m = self.disk_migration.take()?;
         let vm = self.vm.as_mut()?;
         let result = result.and_then(|()| {
+            let reopen =
+                crate::device_manager::reopen_for(&m.destination, vm.devices().write_lease.clone())
+                    .map_err(|e| format!("keeping the new image open: {e}"))?;
             vm.devices().with_block(&m.id, |b| {
-                b.replace_backend(
-                    m.mirror.destination(),
-                    Some(crate::device_manager::reopen_for(
-                        &m.destination,
-                        vm.devices().write_lease.clone(),
-                    )),
-                )
-                .map(drop)
-                .map_err(|e| format!("switching to the new image: {e}"))
+                b.replace_backend(m.mirror.destination(), Some(reopen))
+                    .map(drop)
+                    .map_err(|e| format!("switching to the new image: {e}"))
             })
         });
         match &result {

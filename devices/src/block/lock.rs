@@ -38,6 +38,22 @@ pub fn lock_image(file: &File, mode: LockMode) -> io::Result<bool> {
     }
 }
 
+/// Releases every OFD lock held through `file`'s open file description. Closing a
+/// descriptor releases them only when it is the description's last one; a backend
+/// that let go of its image releases them itself, so an image reopened from a kept
+/// descriptor (a migration's source taking its disk back) can be handed over again.
+pub fn unlock_image(file: &File) {
+    // SAFETY: flock is plain data; zeroed is a valid value for every field.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the fd is valid for the lifetime of `file`; fl is a valid flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "releasing the image lock");
+    }
+}
+
 /// Whether a lock error means the file system cannot take OFD locks at all.
 pub fn lock_unsupported(e: &io::Error) -> bool {
     matches!(

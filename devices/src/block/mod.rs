@@ -14,7 +14,7 @@ pub use self::vhdx::VhdxDisk;
 /// what every backend reads into and writes from.
 pub use ::vhdx::{IoBufs, IoBufsMut};
 pub use leased::{monotonic_ns, LeaseError, Leased, WriteLease};
-pub use lock::{lock_image, lock_unsupported, LockMode};
+pub use lock::{lock_image, lock_unsupported, unlock_image, LockMode};
 pub use mirror::{Mirror, MIRROR_CHUNK};
 pub use raw::RawFile;
 pub use tracked::{Held, Tracked};

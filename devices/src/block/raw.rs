@@ -7,12 +7,23 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{
-    lock_image, lock_unsupported, BlockBackend, IoBufs, IoBufsMut, LockMode, OpenError, OpenFlags,
+    lock_image, lock_unsupported, unlock_image, BlockBackend, IoBufs, IoBufsMut, LockMode,
+    OpenError, OpenFlags,
 };
 
 pub struct RawFile {
     file: File,
     size: u64,
+    /// Whether it took the image lock (released on drop, see `unlock_image`).
+    locked: bool,
+}
+
+impl Drop for RawFile {
+    fn drop(&mut self) {
+        if self.locked {
+            unlock_image(&self.file);
+        }
+    }
 }
 
 impl RawFile {
@@ -77,7 +88,11 @@ impl RawFile {
             tracing::info!(path = %path.display(), "opening without the image lock (locking=off)");
         }
         let size = file.metadata().map_err(io_err)?.len();
-        Ok(Self { file, size })
+        Ok(Self {
+            file,
+            size,
+            locked: flags.locking,
+        })
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {

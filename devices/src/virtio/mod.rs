@@ -4,6 +4,7 @@
 //! transport sees: features, config space, activation) and `worker.rs` (the thread that
 //! serves its queues).
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod dirty_bitmap;
@@ -135,5 +136,14 @@ pub trait VirtioDevice: Send {
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+    /// Device state beyond the transport's that a snapshot keeps (e.g. the balloon's
+    /// target); none for most devices.
+    fn device_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes back what [`Self::device_state`] gave.
+    fn restore_device_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
     }
 }

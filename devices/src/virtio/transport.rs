@@ -151,6 +151,9 @@ pub struct VirtioPciState {
     pub msix: MsixState,
     pub queues: Vec<QueueSnapshot>,
     pub activated: bool,
+    /// The device's own state (e.g. the balloon's target), where it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<serde_json::Value>,
 }
 
 /// Why a saved function does not fit this one.
@@ -375,6 +378,7 @@ impl VirtioPciDevice {
             msix: lock(&self.interrupts.msix).state(),
             queues,
             activated: self.activated,
+            device: self.device.device_state(),
         })
     }
 
@@ -435,6 +439,9 @@ impl VirtioPciDevice {
         *lock(&self.interrupts.isr) = s.isr;
         if s.status & STATUS_FEATURES_OK != 0 {
             self.device.ack_features(s.driver_features);
+        }
+        if let Some(state) = &s.device {
+            self.device.restore_device_state(state).map_err(mismatch)?;
         }
         if s.activated {
             self.activate();
@@ -746,6 +753,8 @@ fn class_of(device_type: u32) -> u8 {
         super::TYPE_NET => 0x02,
         super::TYPE_BLOCK => 0x01,
         super::TYPE_CONSOLE => 0x07,
+        // Memory controller, "other".
+        super::balloon::TYPE_BALLOON => 0x05,
         _ => 0xff,
     }
 }

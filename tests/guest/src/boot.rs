@@ -193,6 +193,8 @@ isr_common:
     je 2f
     cmp rax, offset ud_cli
     je 3f
+    cmp rax, offset ud_park
+    je park_forever
     pop rax
     jmp 1f
 2:
@@ -314,6 +316,12 @@ irq_probe_isr:
     pop rax
     iretq
 
+    /* guest_park: a CPU that has nothing more to do stops at CPL0 with interrupts off. */
+park_forever:
+    cli
+    hlt
+    jmp park_forever
+
     /* CPL3 "STI"/"CLI": a UD2 at these two addresses is handled by isr_common, which
        sets/clears IF in the return frame and skips the UD2. */
     .section .text, "ax"
@@ -327,6 +335,10 @@ guest_cli:
 ud_cli:
     ud2
     ret
+    .global guest_park
+guest_park:
+ud_park:
+    ud2
 
     .section .rodata
 msg_exc:  .asciz "\nvireo-guest: exception vector=0x"
@@ -360,6 +372,7 @@ pd0:                            /* four consecutive page directories */
 
     .section .data, "aw"
     .p2align 4
+    .global gdt
 gdt:
     .quad 0
     .quad 0x00af9a000000ffff    /* 0x08 kernel code, 64-bit */
@@ -374,6 +387,7 @@ gdt_end:
     .word 0
     .word 0
     .word 0
+    .global gdt_desc
 gdt_desc:
     .word gdt_end - gdt - 1
     .quad gdt
@@ -382,11 +396,13 @@ gdt_desc:
     .word 0
     .word 0
     .word 0
+    .global idt_desc
 idt_desc:
     .word 256 * 16 - 1
     .quad idt
 
     .p2align 4
+    .global tss
 tss:
     .long 0
     .quad kstack_top            /* rsp0 */

@@ -28,12 +28,25 @@ const fn leaf(leaf: u32) -> CpuidEntry {
     }
 }
 
+const fn sub(leaf: u32, subleaf: u32) -> CpuidEntry {
+    CpuidEntry {
+        leaf,
+        subleaf,
+        eax: 0,
+        ebx: 0,
+        ecx: 0,
+        edx: 0,
+    }
+}
+
 /// Filled at CPL0 by boot.rs; the 0xffff_ffff entry ends the list.
 #[no_mangle]
-static mut CPUID_TABLE: [CpuidEntry; 12] = [
+static mut CPUID_TABLE: [CpuidEntry; 14] = [
     leaf(0),
     leaf(1),
     leaf(7),
+    sub(0xb, 0),
+    sub(0xb, 1),
     leaf(0x15),
     leaf(0x16),
     leaf(0x4000_0000),
@@ -48,6 +61,11 @@ static mut CPUID_TABLE: [CpuidEntry; 12] = [
 /// CPUID `leaf` (subleaf 0) as seen at CPL0; all zeros for a leaf beyond the range
 /// its base leaf (0, 0x4000_0000, 0x8000_0000) reports, or one not in the table.
 pub fn cpuid(leaf: u32) -> CpuidEntry {
+    cpuid_sub(leaf, 0)
+}
+
+/// CPUID `leaf`, `subleaf` as seen at CPL0 (zeros as for [`cpuid`]).
+pub fn cpuid_sub(leaf: u32, subleaf: u32) -> CpuidEntry {
     // SAFETY: written once at CPL0 before any Rust code runs; only read afterwards.
     let table = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(CPUID_TABLE)) };
     let base = leaf & 0xffff_0000;
@@ -61,7 +79,7 @@ pub fn cpuid(leaf: u32) -> CpuidEntry {
     }
     table
         .iter()
-        .find(|e| e.leaf == leaf)
+        .find(|e| e.leaf == leaf && e.subleaf == subleaf)
         .copied()
         .unwrap_or(zero)
 }

@@ -168,8 +168,46 @@ pub fn find_rsdp(hint: u64) -> Option<u64> {
         .find(|&p| sig_at(p, b"RSD PTR ") && checksum_ok(p, 20))
 }
 
+/// The address of the ACPI table with signature `sig` (through the RSDP's XSDT or RSDT).
+pub fn find_table(rsdp_hint: u64, sig: &[u8; 4]) -> Option<u64> {
+    let rsdp = find_rsdp(rsdp_hint)?;
+    unsafe {
+        let revision = *((rsdp + 15) as *const u8);
+        let (table, entry_size) = if revision >= 2 && rd((rsdp + 24) as *const u64) != 0 {
+            (rd((rsdp + 24) as *const u64), 8u64)
+        } else {
+            (rd((rsdp + 16) as *const u32) as u64, 4u64)
+        };
+        if table == 0 {
+            return None;
+        }
+        let len = rd((table + 4) as *const u32) as u64;
+        let count = len.saturating_sub(36) / entry_size;
+        (0..count)
+            .map(|i| {
+                let e = table + 36 + i * entry_size;
+                if entry_size == 8 {
+                    rd(e as *const u64)
+                } else {
+                    rd(e as *const u32) as u64
+                }
+            })
+            .find(|&t| {
+                t != 0 && sig_at(t, sig) && checksum_ok(t, rd((t + 4) as *const u32) as usize)
+            })
+    }
+}
+
 pub struct Madt {
     pub cpus: u32,
+    /// APIC IDs of the enabled CPUs, in table order (the first 256).
+    pub apic_ids: [u32; 256],
+}
+
+impl Madt {
+    pub fn ids(&self) -> &[u32] {
+        &self.apic_ids[..(self.cpus as usize).min(256)]
+    }
 }
 
 /// Counts enabled Local APIC (type 0) and Local x2APIC (type 9) entries of the MADT.
@@ -197,7 +235,14 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Madt> {
             if t != 0 && sig_at(t, b"APIC") {
                 let mlen = rd((t + 4) as *const u32) as u64;
                 let mut p = t + 44;
-                let mut cpus = 0;
+                let mut cpus = 0u32;
+                let mut apic_ids = [0u32; 256];
+                let mut add = |id: u32| {
+                    if (cpus as usize) < apic_ids.len() {
+                        apic_ids[cpus as usize] = id;
+                    }
+                    cpus += 1;
+                };
                 while p + 2 <= t + mlen {
                     let ty = *(p as *const u8);
                     let l = *((p + 1) as *const u8) as u64;
@@ -206,13 +251,18 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Madt> {
                     }
                     match ty {
                         // Local APIC: flags at 4; Local x2APIC: flags at 8; bit 0 = enabled.
-                        0 if l >= 8 && rd((p + 4) as *const u32) & 1 != 0 => cpus += 1,
-                        9 if l >= 16 && rd((p + 8) as *const u32) & 1 != 0 => cpus += 1,
+                        // Local APIC: APIC ID at 3; Local x2APIC: x2APIC ID at 4.
+                        0 if l >= 8 && rd((p + 4) as *const u32) & 1 != 0 => {
+                            add(u32::from(*((p + 3) as *const u8)))
+                        }
+                        9 if l >= 16 && rd((p + 8) as *const u32) & 1 != 0 => {
+                            add(rd((p + 4) as *const u32))
+                        }
                         _ => {}
                     }
                     p += l;
                 }
-                return Some(Madt { cpus });
+                return Some(Madt { cpus, apic_ids });
             }
         }
     }

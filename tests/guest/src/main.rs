@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+mod balloon;
 mod boot;
 mod cpuid;
 mod hvm;
@@ -15,6 +16,7 @@ mod io;
 mod paging;
 mod pci;
 mod rt;
+mod smp;
 mod tests;
 mod timer;
 
@@ -105,6 +107,9 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "power-button" => tests::power_button(),
         "workload" => tests::workload(&si),
         "touch" => tests::touch(&si),
+        "smp" => tests::smp(&si),
+        "numa" => tests::numa(&si),
+        "balloon" => balloon::run(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");

@@ -1264,3 +1264,250 @@ pub fn net() -> ! {
     }
     io::result_ok()
 }
+
+/// `test=smp [work=checksum|spin] [rounds=N] [init_us=N] [report_ms=N]`: starts every
+/// application processor the MADT lists with INIT-SIPI-SIPI (smp.rs) and checks each one:
+/// its LAPIC ID, the initial APIC ID and x2APIC ID CPUID gave it at CPL0, all distinct and
+/// all in the MADT. `work=checksum` (default): each AP computes a checksum seeded by its
+/// APIC ID at CPL3, which the boot CPU recomputes. `work=spin`: the APs count forever and
+/// the boot CPU reports every `report_ms` how many of them advanced (for pause, snapshot
+/// and migration with every vCPU busy).
+pub fn smp(si: &crate::hvm::StartInfo) -> ! {
+    use crate::smp::{self, Work};
+    use core::sync::atomic::Ordering;
+    let Some(madt) = crate::hvm::madt_cpus(si.rsdp) else {
+        fail!("smp: no MADT");
+    };
+    let me = smp::apic_id();
+    let ids = madt.ids();
+    if !ids.contains(&me) {
+        fail!("smp: boot CPU's APIC ID {} is not in the MADT", me);
+    }
+    let aps = ids.len() - 1;
+    let work = match CMDLINE.get("work").unwrap_or("checksum") {
+        "checksum" => Work::Checksum,
+        "spin" => Work::Spin,
+        other => fail!("smp: unknown work={}", other),
+    };
+    let rounds = num("rounds", Some(1 << 20));
+    let init_us = num("init_us", Some(10_000));
+    let khz = crate::timer::tsc_khz().khz;
+    let started = smp::start_aps(aps, work, rounds, init_us, num("timeout_ms", Some(60_000)));
+    println!(
+        "smp online cpus={} aps={} us={}",
+        aps + 1,
+        aps,
+        started.cycles * 1000 / khz
+    );
+    let mut seen = alloc::vec![me];
+    for slot in started.slots {
+        let lapic = slot.online.load(Ordering::Acquire) - 1;
+        let initial = slot.cpuid1_ebx >> 24;
+        let x2apic = slot.cpuid_b_edx;
+        if !ids.contains(&lapic) || seen.contains(&lapic) {
+            fail!(
+                "smp: AP with APIC ID {} is not in the MADT or came up twice",
+                lapic
+            );
+        }
+        if initial != lapic & 0xff || x2apic != lapic {
+            fail!(
+                "smp: AP {}: CPUID says initial APIC ID {} and x2APIC ID {}",
+                lapic,
+                initial,
+                x2apic
+            );
+        }
+        seen.push(lapic);
+    }
+    let b0 = crate::cpuid::cpuid_sub(0xb, 0);
+    let b1 = crate::cpuid::cpuid_sub(0xb, 1);
+    let mut places = alloc::vec![smp::CpuPlace {
+        id: b0.edx,
+        topology: [b0.eax, b0.ebx, b1.eax, b1.ebx],
+    }];
+    for slot in started.slots {
+        places.push(smp::CpuPlace {
+            id: slot.cpuid_b_edx,
+            topology: slot.topology,
+        });
+    }
+    match smp::topology_of(&places) {
+        Ok(t) => println!(
+            "smp topology sockets={} cores={} threads={}",
+            t.sockets, t.cores, t.threads
+        ),
+        Err(e) => fail!("smp: topology: {}", e),
+    }
+    if work == Work::Spin {
+        let report_ms = num("report_ms", Some(500)).max(1);
+        let mut last: alloc::vec::Vec<u64> = alloc::vec![0; aps];
+        let mut round = 0u64;
+        loop {
+            let t0 = rdtsc();
+            while rdtsc() - t0 < report_ms * khz {
+                core::hint::spin_loop();
+            }
+            round += 1;
+            let mut advanced = 0;
+            for (slot, prev) in started.slots.iter().zip(last.iter_mut()) {
+                let now = slot.iterations.load(Ordering::Relaxed);
+                if now > *prev {
+                    advanced += 1;
+                }
+                *prev = now;
+            }
+            println!(
+                "smp progress round={} advanced={} of {}",
+                round, advanced, aps
+            );
+        }
+    }
+    for slot in started.slots {
+        while slot.iterations.load(Ordering::Acquire) == 0 {
+            core::hint::spin_loop();
+        }
+        let lapic = slot.online.load(Ordering::Acquire) - 1;
+        let got = slot.result.load(Ordering::Acquire);
+        let want = smp::work_result(lapic, rounds);
+        if got != want {
+            fail!(
+                "smp: AP {} computed {:#x}, expected {:#x}",
+                lapic,
+                got,
+                want
+            );
+        }
+        println!("smp cpu apic={} result={:#x} ok", lapic, got);
+    }
+    io::result_ok()
+}
+
+/// `test=numa`: reads the SRAT and SLIT: prints each node's APIC IDs and memory
+/// (`numa node=<n> apics=<a,b,..> mib=<m> ranges=<k>`) and its SLIT row (`numa slit
+/// node=<n> distances=<d,d,..>`), after `numa nodes=<n>`. ok iff every MADT CPU is on
+/// exactly one node, every node range holds E820 RAM that reads back a word written at its
+/// first and last page, and the SLIT is 10 on its diagonal. Without an SRAT: `numa srat
+/// none`, ok.
+pub fn numa(si: &crate::hvm::StartInfo) -> ! {
+    use crate::hvm::find_table;
+    use alloc::vec::Vec;
+    let rd32 = |a: u64| unsafe { core::ptr::read_unaligned(a as *const u32) };
+    let rd64 = |a: u64| unsafe { core::ptr::read_unaligned(a as *const u64) };
+    let Some(srat) = find_table(si.rsdp, b"SRAT") else {
+        println!("numa srat none");
+        io::result_ok()
+    };
+    let Some(madt) = crate::hvm::madt_cpus(si.rsdp) else {
+        fail!("numa: no MADT");
+    };
+    // (node, apic) and (node, base, len).
+    let mut cpus: Vec<(u32, u32)> = Vec::new();
+    let mut mems: Vec<(u32, u64, u64)> = Vec::new();
+    let end = srat + rd32(srat + 4) as u64;
+    let mut p = srat + 48;
+    while p + 2 <= end {
+        let (ty, len) = unsafe { (*(p as *const u8), *((p + 1) as *const u8) as u64) };
+        if len < 2 || p + len > end {
+            fail!("numa: SRAT structure at {:#x} runs past the table", p);
+        }
+        match ty {
+            0 if len >= 16 && rd32(p + 4) & 1 != 0 => {
+                let lo = unsafe { *((p + 2) as *const u8) } as u32;
+                let hi = rd32(p + 8) >> 8; // bytes 9..11
+                cpus.push((lo | hi << 8, unsafe { *((p + 3) as *const u8) } as u32));
+            }
+            1 if len >= 40 && rd32(p + 28) & 1 != 0 => {
+                mems.push((rd32(p + 2), rd64(p + 8), rd64(p + 16)));
+            }
+            _ => {}
+        }
+        p += len;
+    }
+    let nodes = cpus
+        .iter()
+        .map(|c| c.0)
+        .chain(mems.iter().map(|m| m.0))
+        .max()
+        .map_or(0, |m| m + 1);
+    println!("numa nodes={}", nodes);
+    for &id in madt.ids() {
+        let on = cpus.iter().filter(|c| c.1 == id).count();
+        if on != 1 {
+            fail!("numa: CPU with APIC ID {} is on {} nodes", id, on);
+        }
+    }
+    let ram: Vec<(u64, u64)> = si
+        .memmap()
+        .filter(|e| e.kind == 1)
+        .map(|e| (e.addr, e.addr + e.size))
+        .collect();
+    for n in 0..nodes {
+        let apics: Vec<alloc::string::String> = cpus
+            .iter()
+            .filter(|c| c.0 == n)
+            .map(|c| alloc::format!("{}", c.1))
+            .collect();
+        let mut bytes = 0u64;
+        let mut ranges = 0;
+        for &(_, base, len) in mems.iter().filter(|m| m.0 == n) {
+            // The RAM in the range (a range may also cover holes such as the legacy
+            // video and BIOS area): its first and last page are probed.
+            let parts: Vec<(u64, u64)> = ram
+                .iter()
+                .map(|&(s, e)| (s.max(base), e.min(base + len)))
+                .filter(|&(s, e)| s < e)
+                .collect();
+            let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+                fail!("numa: node {} range {:#x}+{:#x} holds no RAM", n, base, len);
+            };
+            crate::paging::ensure_mapped(base, len);
+            for addr in [first.0, last.1 - 4096] {
+                let w = addr as *mut u64;
+                let want = 0x6e75_6d61_0000_0000 | addr;
+                unsafe {
+                    let old = core::ptr::read_volatile(w);
+                    core::ptr::write_volatile(w, want);
+                    if core::ptr::read_volatile(w) != want {
+                        fail!("numa: node {} memory at {:#x} does not read back", n, addr);
+                    }
+                    core::ptr::write_volatile(w, old);
+                }
+            }
+            bytes += len;
+            ranges += 1;
+        }
+        println!(
+            "numa node={} apics={} mib={} ranges={}",
+            n,
+            apics.join(","),
+            bytes >> 20,
+            ranges
+        );
+    }
+    match find_table(si.rsdp, b"SLIT") {
+        Some(slit) => {
+            let k = rd64(slit + 36);
+            if k != nodes as u64 {
+                fail!("numa: SLIT has {} localities for {} nodes", k, nodes);
+            }
+            for a in 0..k {
+                let row: Vec<alloc::string::String> = (0..k)
+                    .map(|b| {
+                        alloc::format!("{}", unsafe { *((slit + 44 + a * k + b) as *const u8) })
+                    })
+                    .collect();
+                if row[a as usize] != "10" {
+                    fail!(
+                        "numa: SLIT distance of node {} to itself is {}",
+                        a,
+                        row[a as usize]
+                    );
+                }
+                println!("numa slit node={} distances={}", a, row.join(","));
+            }
+        }
+        None => println!("numa slit none"),
+    }
+    io::result_ok()
+}

@@ -1,5 +1,6 @@
-//! ACPI tables (hardware-reduced): RSDP → XSDT → FADT (→ DSDT), MADT, MCFG, so the guest
-//! finds its CPUs, the PCIe ECAM and how to power off.
+//! ACPI tables (hardware-reduced): RSDP → XSDT → FADT (→ DSDT), MADT, MCFG (and with
+//! virtual NUMA the SRAT and SLIT), so the guest finds its CPUs, the PCIe ECAM, its nodes
+//! and how to power off.
 
 use acpi_tables::fadt::FADTBuilder;
 use acpi_tables::madt::{IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -113,17 +114,19 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     to_bytes(&f.finalize())
 }
 
-fn madt(cpus: u8) -> Vec<u8> {
+/// The MADT: one enabled Local APIC per vCPU (processor UID = vCPU index, APIC ID from
+/// the topology), and the IOAPIC.
+fn madt(apic_ids: &[u8]) -> Vec<u8> {
     let mut m = MADT::new(
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
         LocalInterruptController::Address(layout::LAPIC_START as u32),
     );
-    for cpu in 0..cpus {
+    for (uid, &apic) in apic_ids.iter().enumerate() {
         m.add_structure(ProcessorLocalApic::new(
-            cpu,
-            cpu,
+            uid as u8,
+            apic,
             acpi_tables::madt::EnabledStatus::Enabled,
         ));
     }
@@ -137,8 +140,19 @@ fn mcfg() -> Vec<u8> {
     to_bytes(&m)
 }
 
+/// What the tables describe beyond the fixed platform.
+pub struct Machine<'a> {
+    /// APIC IDs of the vCPUs, in vCPU order.
+    pub apic_ids: &'a [u8],
+    /// Virtual NUMA nodes (none: no SRAT/SLIT).
+    pub numa: &'a [api::numa::NumaNode],
+    /// Each node's guest-physical ranges (node, base, length).
+    pub numa_ranges: &'a [(u32, u64, u64)],
+}
+
 /// Writes every table into the ACPI area; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
+pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine<'_>) -> Result<u64, AcpiError> {
+    let apic_ids = machine.apic_ids;
     let rsdp_addr = layout::ACPI_START;
     let mut cursor = rsdp_addr + 0x40;
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
@@ -155,10 +169,16 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
     };
     let dsdt_addr = place(&dsdt())?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
-    let madt_addr = place(&madt(cpus))?;
+    let madt_addr = place(&madt(apic_ids))?;
     let mcfg_addr = place(&mcfg())?;
+    let mut tables = vec![fadt_addr, madt_addr, mcfg_addr];
+    if !machine.numa.is_empty() {
+        let srat = super::numa::srat(machine.numa, apic_ids, machine.numa_ranges);
+        tables.push(place(&srat)?);
+        tables.push(place(&super::numa::slit(machine.numa))?);
+    }
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for t in [fadt_addr, madt_addr, mcfg_addr] {
+    for t in tables {
         xsdt.add_entry(t);
     }
     let xsdt_addr = place(&to_bytes(&xsdt))?;
@@ -178,7 +198,7 @@ mod tests {
 
     #[test]
     fn tables_have_valid_checksums_and_lengths() {
-        for t in [dsdt(), fadt(0x1000), madt(4), mcfg()] {
+        for t in [dsdt(), fadt(0x1000), madt(&[0, 1, 2, 3]), mcfg()] {
             let len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize;
             assert_eq!(len, t.len(), "{}", String::from_utf8_lossy(&t[..4]));
             assert!(checksum_ok(&t), "{}", String::from_utf8_lossy(&t[..4]));
@@ -192,6 +212,6 @@ mod tests {
             "GED register address"
         );
         // 4 local APICs of 8 bytes + one IOAPIC of 12 after the 44-byte header.
-        assert_eq!(madt(4).len(), 44 + 4 * 8 + 12);
+        assert_eq!(madt(&[0, 1, 2, 3]).len(), 44 + 4 * 8 + 12);
     }
 }

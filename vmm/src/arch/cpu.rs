@@ -1,7 +1,10 @@
 //! vCPU state at power-on for a PVH entry: 32-bit protected mode, flat segments,
 //! paging off, EBX pointing at the start info (PVH boot protocol, Xen's pvh.html).
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
+use api::config::CpuTopology;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -142,45 +145,108 @@ pub fn feature_leaves(kvm: &Kvm) -> Result<Vec<migration::protocol::CpuidLeaf>, 
     Ok(out)
 }
 
-/// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID, the
-/// hypervisor bit and (when known) the TSC frequency leaf.
-pub fn cpuid_for(kvm: &Kvm, cpu: u8, cpus: u8, tsc_khz: Option<u32>) -> Result<CpuId, KvmError> {
-    let mut cpuid = kvm
+/// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID, its place in
+/// the topology (leaves 1, 4, 0xB, 0x1F, 0x8000_0008), the hypervisor bit and (when
+/// known) the TSC frequency leaf.
+pub fn cpuid_for(
+    kvm: &Kvm,
+    apic: u8,
+    topology: &CpuTopology,
+    tsc_khz: Option<u32>,
+) -> Result<CpuId, KvmError> {
+    let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("GET_SUPPORTED_CPUID"))?;
+    let mut entries: Vec<kvm_cpuid_entry2> = supported.as_slice().to_vec();
     if let Some(khz) = tsc_khz {
         let mut has_leaf = false;
-        for e in cpuid.as_mut_slice() {
+        for e in entries.iter_mut() {
             if e.function == 0x4000_0000 {
                 e.eax = e.eax.max(CPUID_TSC_LEAF);
             }
             has_leaf |= e.function == CPUID_TSC_LEAF;
         }
         if !has_leaf {
-            let entry = kvm_bindings::kvm_cpuid_entry2 {
+            entries.push(kvm_cpuid_entry2 {
                 function: CPUID_TSC_LEAF,
                 eax: khz,
                 ebx: LAPIC_TIMER_KHZ,
                 ..Default::default()
-            };
-            if cpuid.push(entry).is_err() {
-                tracing::debug!("CPUID table full; no TSC frequency leaf");
-            }
+            });
         }
     }
-    for e in cpuid.as_mut_slice() {
+    apply_topology(&mut entries, apic, topology);
+    CpuId::from_entries(&entries).map_err(|_| KvmError::MissingCap("CPUID table size"))
+}
+
+/// Leaf types of CPUID 0xB/0x1F's ECX[15:8].
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
+
+/// Writes the topology into the CPUID entries: what Linux and the test guest read to
+/// learn which logical CPUs share a core and a package.
+fn apply_topology(entries: &mut Vec<kvm_cpuid_entry2>, apic: u8, t: &CpuTopology) {
+    let apic = u32::from(apic);
+    let (thread_bits, package_bits) = (t.thread_bits(), t.package_bits());
+    let per_package = u32::from(t.cores) * u32::from(t.threads);
+    let has_1f = entries.iter().any(|e| e.function == 0x1f);
+    for e in entries.iter_mut() {
         match e.function {
             1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(cpu) << 24) | (u32::from(cpus) << 16);
-                e.ecx |= 1 << 31; // hypervisor present
+                // EBX[31:24] initial APIC ID, [23:16] addressable IDs per package; EDX.HTT
+                // says that field is valid; ECX[31] hypervisor present.
+                let ids = (1u32 << package_bits).min(255);
+                e.ebx = (e.ebx & 0x0000_ffff) | apic << 24 | ids << 16;
+                e.edx |= 1 << 28;
+                e.ecx |= 1 << 31;
             }
-            0xb | 0x1f => {
-                e.edx = u32::from(cpu);
+            4 => {
+                // EAX[31:26]: addressable core IDs per package - 1; [25:14]: IDs sharing
+                // this cache - 1 (L1/L2 per core, L3 and up per package).
+                let cores = (1u32 << (package_bits - thread_bits)) - 1;
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 {
+                    (1u32 << package_bits) - 1
+                } else {
+                    (1u32 << thread_bits) - 1
+                };
+                e.eax = (e.eax & 0x3fff) | (cores & 0x3f) << 26 | (sharing & 0xfff) << 14;
+            }
+            0x8000_0008 => {
+                // ECX[7:0] logical CPUs per package - 1, [15:12] APIC ID bits for them.
+                e.ecx = (e.ecx & !0xf0ff) | (per_package - 1).min(255) | (package_bits & 0xf) << 12;
             }
             _ => {}
         }
     }
-    Ok(cpuid)
+    entries.retain(|e| e.function != 0xb && e.function != 0x1f);
+    let levels = [
+        (thread_bits, u32::from(t.threads), LEVEL_SMT),
+        (package_bits, per_package, LEVEL_CORE),
+    ];
+    for function in [0xb, 0x1f] {
+        if function == 0x1f && !has_1f {
+            continue;
+        }
+        for index in 0..=levels.len() as u32 {
+            let (eax, ebx, ecx) = match levels.get(index as usize) {
+                Some(&(shift, count, kind)) => (shift, count, kind << 8 | index),
+                // The terminating subleaf: level type 0 ("invalid").
+                None => (0, 0, index),
+            };
+            entries.push(kvm_cpuid_entry2 {
+                function,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax,
+                ebx,
+                ecx,
+                edx: apic,
+                ..Default::default()
+            });
+        }
+    }
 }
 
 /// Where and how the boot vCPU starts.
@@ -192,16 +258,17 @@ pub enum BootEntry {
     Long64 { entry: u64, cr3: u64 },
 }
 
-/// Puts vCPU `cpu` in its power-on state; the boot vCPU (0) starts at `boot`.
+/// Puts the vCPU with APIC ID `cpu` in its power-on state; the boot vCPU (APIC ID 0)
+/// starts at `boot`.
 pub fn setup_vcpu(
     kvm: &Kvm,
     vcpu: &VcpuFd,
     cpu: u8,
-    cpus: u8,
+    topology: &CpuTopology,
     boot: BootEntry,
 ) -> Result<(), KvmError> {
     let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
-    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, cpus, tsc_khz)?)
+    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, topology, tsc_khz)?)
         .map_err(ioctl("SET_CPUID2"))?;
 
     let msrs = Msrs::from_entries(&[
@@ -319,6 +386,57 @@ fn set_lapic_lvt(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u
 
 #[cfg(test)]
 mod tests {
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topology_leaves_describe_sockets_cores_and_threads() {
+        let t = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 4,
+        };
+        let mut e = vec![
+            entry(1, 0),
+            entry(4, 0),
+            entry(0xb, 0),
+            entry(0x1f, 0),
+            entry(0x8000_0008, 0),
+        ];
+        e[1].eax = 3 << 5; // an L3 cache
+        apply_topology(&mut e, 27, &t);
+        let find = |f: u32, i: u32| *e.iter().find(|x| x.function == f && x.index == i).unwrap();
+        assert_eq!(find(1, 0).ebx >> 24, 27);
+        assert_eq!((find(1, 0).ebx >> 16) & 0xff, 16);
+        for f in [0xb, 0x1f] {
+            let smt = find(f, 0);
+            assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (2, 4, 1 << 8, 27));
+            let core = find(f, 1);
+            assert_eq!(
+                (core.eax, core.ebx, core.ecx, core.edx),
+                (4, 12, 2 << 8 | 1, 27)
+            );
+            let end = find(f, 2);
+            assert_eq!((end.eax, end.ebx, end.ecx >> 8), (0, 0, 0));
+            assert_eq!(smt.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+        }
+        // L3 shared by the package's 16 IDs; 4 core IDs per package.
+        assert_eq!(find(4, 0).eax >> 26, 3);
+        assert_eq!((find(4, 0).eax >> 14) & 0xfff, 15);
+        assert_eq!(find(0x8000_0008, 0).ecx & 0xff, 11);
+        assert_eq!((find(0x8000_0008, 0).ecx >> 12) & 0xf, 4);
+        // No 0x1F from the host: none added.
+        let mut e = vec![entry(1, 0), entry(0xb, 0)];
+        apply_topology(&mut e, 0, &t);
+        assert!(e.iter().all(|x| x.function != 0x1f));
+        assert_eq!(e.iter().filter(|x| x.function == 0xb).count(), 3);
+    }
     use super::*;
 
     #[test]

@@ -1,7 +1,8 @@
-//! x86_64 specifics: vCPU register set-up, PVH boot information, ACPI tables.
+//! x86_64 specifics: vCPU register set-up, PVH boot information, ACPI tables, NUMA.
 
 pub mod acpi;
 pub mod cpu;
 pub mod cpu_state;
 pub mod linux;
+pub mod numa;
 pub mod pvh;

@@ -46,6 +46,44 @@ pub fn same_guest(source: &Side<'_>, destination: &Side<'_>) -> Result<(), Misma
     if s.cpus.boot != d.cpus.boot {
         return Err(differ("cpus.boot", s.cpus.boot, d.cpus.boot));
     }
+    if s.cpus.topology() != d.cpus.topology() {
+        let show = |t: api::config::CpuTopology| format!("{}:{}:{}", t.sockets, t.cores, t.threads);
+        return Err(differ(
+            "cpus.topology",
+            show(s.cpus.topology()),
+            show(d.cpus.topology()),
+        ));
+    }
+    // The guest's NUMA nodes (not where the host puts them: host_node is the
+    // destination's own business).
+    let guest_nodes = |c: &VmConfig| -> Vec<String> {
+        c.numa
+            .iter()
+            .map(|n| {
+                let distances: Vec<String> = (0..c.numa.len() as u32)
+                    .map(|to| api::numa::distance(&c.numa, n.id, to).to_string())
+                    .collect();
+                format!(
+                    "node {} cpus {:?} memory {} distances {}",
+                    n.id,
+                    n.cpus,
+                    n.memory,
+                    distances.join(",")
+                )
+            })
+            .collect()
+    };
+    let (sn, dn) = (guest_nodes(s), guest_nodes(d));
+    if sn != dn {
+        let show = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join("; ")
+            }
+        };
+        return Err(differ("numa", show(&sn), show(&dn)));
+    }
     if s.memory.size != d.memory.size {
         return Err(differ("memory.size", s.memory.size, d.memory.size));
     }
@@ -97,6 +135,19 @@ fn device_list(c: &VmConfig) -> Vec<(&'static str, String)> {
     }
     if c.rng {
         out.push(("rng", "rng".into()));
+    }
+    // What the guest negotiated with depends on the features offered (and the stats
+    // queue's presence moves the reporting queue); the target size is device state.
+    if let Some(b) = &c.balloon {
+        out.push((
+            "balloon",
+            format!(
+                "balloon (deflate_on_oom={}, free_page_reporting={}, stats={})",
+                b.deflate_on_oom,
+                b.free_page_reporting,
+                b.stats_interval_s > 0
+            ),
+        ));
     }
     out
 }
@@ -249,6 +300,58 @@ mod tests {
         assert_eq!(
             check(|c, _| c.cpus.boot = 4).unwrap_err(),
             "cpus.boot: source 4, destination 2"
+        );
+    }
+
+    #[test]
+    fn numa_nodes_differ_but_host_placement_may() {
+        let nodes = |distance: u8, host: Option<u32>| {
+            let mut a = api::numa::parse_numa("node=0,cpus=0,memory=256M").unwrap();
+            a.host_node = host;
+            let mut b = api::numa::parse_numa("node=1,cpus=1,memory=256M").unwrap();
+            b.distances = vec![api::numa::NumaDistance { node: 0, distance }];
+            vec![a, b]
+        };
+        let both = |source: Vec<api::numa::NumaNode>, destination: Vec<api::numa::NumaNode>| {
+            let (mut sc, mut dc) = (config(), config());
+            sc.numa = source;
+            dc.numa = destination;
+            let (ss, ds) = (shape(), shape());
+            same_guest(
+                &Side {
+                    config: &sc,
+                    shape: &ss,
+                },
+                &Side {
+                    config: &dc,
+                    shape: &ds,
+                },
+            )
+            .map_err(|e| e.to_string())
+        };
+        let e = both(nodes(30, None), nodes(20, None)).unwrap_err();
+        assert!(
+            e.starts_with("numa: source node 0 cpus [0] memory 268435456 distances 10,30"),
+            "{e}"
+        );
+        both(nodes(20, Some(0)), nodes(20, Some(1))).unwrap();
+        assert!(both(nodes(20, None), vec![])
+            .unwrap_err()
+            .ends_with("destination none"));
+    }
+
+    #[test]
+    fn vcpu_topology_differs() {
+        assert_eq!(
+            check(|c, _| {
+                c.cpus.topology = Some(api::config::CpuTopology {
+                    sockets: 1,
+                    cores: 1,
+                    threads: 2,
+                })
+            })
+            .unwrap_err(),
+            "cpus.topology: source 1:1:2, destination 1:2:1"
         );
     }
 

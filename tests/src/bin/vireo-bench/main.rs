@@ -20,8 +20,14 @@
 //! 9. Large guests: VMM overhead and live migration of a 1 TiB guest that touched
 //!    768 MiB vs a 1 GiB guest (`large_memory.rs`; alone: `--only large-memory`).
 //!
+//! 10. Many vCPUs: exec → all 31 APs of a 32-vCPU guest online, Vireo vs QEMU
+//!     (`smp_boot.rs`; alone: `--only smp-boot`).
+//!
+//! 11. Balloon: MiB/s a 1 GiB inflation returns to the host, Vireo vs QEMU
+//!     (`balloon.rs`; alone: `--only balloon`).
+//!
 //! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N]
-//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory]`
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -32,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
+mod balloon;
 mod large_memory;
+mod smp_boot;
 use vireo_e2e::vireod_host::VireodHost;
 use vireo_e2e::{bin, guest};
 
@@ -1255,6 +1263,8 @@ enum Part {
     VireodTransport,
     Net,
     LargeMemory,
+    SmpBoot,
+    Balloon,
 }
 
 fn main() {
@@ -1288,5 +1298,11 @@ fn main() {
     }
     if want(Part::LargeMemory) {
         large_memory::table(runs.min(5));
+    }
+    if want(Part::SmpBoot) {
+        smp_boot::table(runs.min(10));
+    }
+    if want(Part::Balloon) {
+        balloon::table(runs.min(5));
     }
 }

@@ -1,0 +1,266 @@
+//! Many vCPUs: the test guest starts every application processor the standard way
+//! (INIT-SIPI-SIPI through a real-mode trampoline), checks each one's APIC ID and CPUID
+//! topology, and runs work on each at CPL3. Then the same with every vCPU busy across
+//! pause/resume, a snapshot restored in a fresh VMM, and a live migration.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vireo_e2e::{
+    api, assert_guest_ok, bin, config_field_of, guest, have_qemu, secret_field, serial_line,
+    wait_for_socket, wait_with_timeout, Running, Vireo,
+};
+
+const T: Duration = Duration::from_secs(90);
+
+/// The per-CPU result lines (`smp cpu apic=N result=X ok`), sorted.
+fn cpu_lines(serial: &str) -> Vec<String> {
+    let mut v: Vec<String> = serial
+        .lines()
+        .filter(|l| l.starts_with("smp cpu apic="))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn guests_of_24_to_64_vcpus_bring_up_every_ap_and_see_their_topology() {
+    for (cpus, topology, want) in [
+        ("boot=32", None, "sockets=1 cores=32 threads=1"),
+        // Above ~32 vCPUs, APs were lost when the boot CPU ran before the others existed.
+        ("boot=64", None, "sockets=1 cores=64 threads=1"),
+        ("boot=32", Some("2:8:2"), "sockets=2 cores=8 threads=2"),
+        // Counts that are not powers of two leave gaps between APIC IDs.
+        ("boot=24", Some("2:3:4"), "sockets=2 cores=3 threads=4"),
+    ] {
+        let arg = match topology {
+            Some(t) => format!("{cpus},topology={t}"),
+            None => cpus.to_string(),
+        };
+        let (out, serial) = Vireo::guest(
+            "test=smp rounds=200000",
+            &["--cpus", &arg, "--memory", "size=512M"],
+        )
+        .run(T);
+        assert_guest_ok(&out, &serial);
+        let n: usize = cpus.trim_start_matches("boot=").parse().unwrap();
+        assert!(
+            serial_line(&serial, "smp online")
+                .starts_with(&format!("smp online cpus={n} aps={}", n - 1)),
+            "{serial}"
+        );
+        assert_eq!(
+            serial_line(&serial, "smp topology"),
+            format!("smp topology {want}")
+        );
+        assert_eq!(cpu_lines(&serial).len(), n - 1, "{serial}");
+    }
+}
+
+/// QEMU, the reference, runs the same guest with the same topology: the same APs come up
+/// with the same APIC IDs and compute the same results.
+#[test]
+fn qemu_and_vireo_start_the_same_aps_with_the_same_results() {
+    if !have_qemu() {
+        panic!("qemu-system-x86_64 is required (scripts/setup installs it)");
+    }
+    let cmdline = "test=smp rounds=200000";
+    let q = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,pcie=on",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
+        .args(["-m", "512", "-smp", "32,sockets=2,cores=8,threads=2"])
+        .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .arg("-kernel")
+        .arg(guest())
+        .args(["-append", cmdline])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qemu-system-x86_64");
+    let q = wait_with_timeout(q, T);
+    let theirs = String::from_utf8_lossy(&q.stdout).to_string();
+    assert_eq!(q.status.code(), Some(1), "QEMU: {theirs}");
+    let (out, ours) = Vireo::guest(
+        cmdline,
+        &["--cpus", "boot=32,topology=2:8:2", "--memory", "size=512M"],
+    )
+    .run(T);
+    assert_guest_ok(&out, &ours);
+    assert_eq!(
+        serial_line(&ours, "smp topology"),
+        serial_line(&theirs, "smp topology")
+    );
+    assert_eq!(cpu_lines(&ours).len(), 31);
+    assert_eq!(cpu_lines(&ours), cpu_lines(&theirs));
+}
+
+const BUSY: &str = "test=smp work=spin report_ms=100";
+const CPUS: &str = "boot=32,topology=2:8:2";
+const EVERY_AP: &str = "advanced=31 of 31";
+
+/// The highest `smp progress round=N` in `serial`.
+fn last_round(serial: &str) -> u64 {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("smp progress round="))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits for a progress report after round `after` in which every AP advanced.
+fn wait_every_ap_advancing(serial_of: impl Fn() -> String, after: u64) -> u64 {
+    let start = std::time::Instant::now();
+    loop {
+        let s = serial_of();
+        let hit = s.lines().find_map(|l| {
+            let r = l.strip_prefix("smp progress round=")?;
+            let round: u64 = r.split_whitespace().next()?.parse().ok()?;
+            (round > after && l.ends_with(EVERY_AP)).then_some(round)
+        });
+        if let Some(r) = hit {
+            return r;
+        }
+        assert!(
+            start.elapsed() < T,
+            "no report after round {after} with every AP advancing:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn busy_vm(sock: &Path) -> Running {
+    let vm = Vireo::guest(
+        BUSY,
+        &[
+            "--cpus",
+            CPUS,
+            "--memory",
+            "size=512M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    )
+    .spawn();
+    wait_for_socket(sock, T);
+    vm
+}
+
+#[test]
+fn thirty_two_busy_vcpus_survive_pause_resume_and_a_snapshot_restored_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let vm = busy_vm(&sock);
+    let r = wait_every_ap_advancing(|| vm.serial_text(), 2);
+
+    // Paused: no vCPU runs, so the boot CPU reports nothing.
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let paused_at = last_round(&vm.serial_text());
+    assert!(paused_at >= r);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        last_round(&vm.serial_text()),
+        paused_at,
+        "a paused guest ran"
+    );
+    assert_eq!(api(&sock, "PUT", "vm.resume", None).0, 204);
+    let r = wait_every_ap_advancing(|| vm.serial_text(), paused_at);
+
+    // A snapshot of the running APs, restored in a fresh VMM: all 31 go on.
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let snap = dir.path().join("snap");
+    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 204, "{body}");
+    let before = last_round(&vm.serial_text());
+    assert!(before >= r);
+    assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(vm.wait(T).status.code(), Some(0));
+
+    let serial = dir.path().join("restored.log");
+    let mut restored = Command::new(bin("vireo"))
+        .arg("--restore")
+        .arg(format!("source_url=file://{},resume=on", snap.display()))
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let after = wait_every_ap_advancing(text, before);
+    assert!(after > before);
+    assert!(
+        !text().contains("smp online"),
+        "the restored guest must not start over:\n{}",
+        text()
+    );
+    restored.kill().unwrap();
+    restored.wait().unwrap();
+}
+
+#[test]
+fn thirty_two_busy_vcpus_live_migrate_and_every_ap_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_sock = dir.path().join("src.sock");
+    let src = busy_vm(&src_sock);
+    wait_every_ap_advancing(|| src.serial_text(), 2);
+
+    let dst_sock = dir.path().join("dst.sock");
+    let dst_serial = dir.path().join("dst.log");
+    let dst = Command::new(bin("vireo"))
+        .arg("--api-socket")
+        .arg(&dst_sock)
+        .arg("--serial")
+        .arg(format!("file={}", dst_serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&dst_sock, T);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let body = format!(
+        r#"{{"receiver_url":"{url}"{}{}}}"#,
+        config_field_of(&src_sock),
+        secret_field()
+    );
+    let (s, b) = api(&dst_sock, "PUT", "vm.receive-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    let body = format!(r#"{{"destination_url":"{url}"{}}}"#, secret_field());
+    let (s, b) = api(&src_sock, "PUT", "vm.send-migration", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    // The source hands over and exits; the APs go on at the destination.
+    let src_out = src.wait(T);
+    assert_eq!(
+        src_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    let text = || std::fs::read_to_string(&dst_serial).unwrap_or_default();
+    wait_every_ap_advancing(text, 0);
+    assert!(
+        !text().contains("smp online"),
+        "the guest must not start over at the destination:\n{}",
+        text()
+    );
+    assert_eq!(api(&dst_sock, "PUT", "vm.shutdown", None).0, 204);
+    let out = wait_with_timeout(dst, T);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
