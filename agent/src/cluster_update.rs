@@ -24,7 +24,6 @@ use axum::Json;
 use cluster::update::{self, HookOutcome, NodeAction, Phase, UpdateError, UpdateRequest};
 use cluster::{ClusterStore, EtcdStore};
 use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 use vireo_util::sync::lock;
 
@@ -201,9 +200,38 @@ pub struct HookEnv<'a> {
 }
 
 /// Runs hook `path` with `args`; its output (stdout and stderr, interleaved as read)
-/// is kept bounded and written to `env.log`.
+/// is kept bounded and written to `env.log`. On a thread of its own (std's process
+/// API: tokio's would enable tokio's signal driver, whose socketpair the VMM's seccomp
+/// filter refuses, and tokio's features are one set for the whole workspace).
 pub async fn run_hook(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOutcome {
-    let mut cmd = tokio::process::Command::new(path);
+    let (path, args) = (path.to_path_buf(), args.to_vec());
+    let (node, run, socket, log, timeout) = (
+        env.node.to_string(),
+        env.run,
+        env.socket.to_path_buf(),
+        env.log.clone(),
+        env.timeout,
+    );
+    tokio::task::spawn_blocking(move || {
+        let env = HookEnv {
+            node: &node,
+            run,
+            socket: &socket,
+            log,
+            timeout,
+        };
+        run_hook_blocking(&path, &args, &env)
+    })
+    .await
+    .unwrap_or_else(|e| HookOutcome {
+        error: Some(format!("hook: its thread ended: {e}")),
+        ..Default::default()
+    })
+}
+
+fn run_hook_blocking(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOutcome {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(path);
     cmd.args(args)
         .env_clear()
         .env(
@@ -217,8 +245,7 @@ pub async fn run_hook(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOu
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -228,38 +255,63 @@ pub async fn run_hook(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOu
             }
         }
     };
-    let pgid = child.id().map(|p| p as i32);
+    let pgid = child.id() as i32;
     let out = Arc::new(Mutex::new(Tail {
         buf: Vec::new(),
         cap: LOG_KEEP,
     }));
-    let mut readers = Vec::new();
-    if let Some(s) = child.stdout.take() {
-        readers.push(tokio::spawn(pump(s, out.clone())));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let mut readers = 0;
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+    for stream in [stdout, stderr].into_iter().flatten() {
+        let (out, done) = (out.clone(), done_tx.clone());
+        readers += 1;
+        std::thread::spawn(move || {
+            pump(stream, &out);
+            let _ = done.send(());
+        });
     }
-    if let Some(s) = child.stderr.take() {
-        readers.push(tokio::spawn(pump(s, out.clone())));
-    }
-    let status = tokio::time::timeout(env.timeout, child.wait()).await;
+    let deadline = Instant::now() + env.timeout;
     let mut outcome = HookOutcome::default();
-    match status {
-        Ok(Ok(st)) => outcome.exit_code = st.code(),
-        Ok(Err(e)) => outcome.error = Some(format!("hook: waiting for it: {e}")),
-        Err(_) => {
-            if let Some(pg) = pgid {
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                outcome.exit_code = st.code();
+                break;
+            }
+            Ok(None) if Instant::now() >= deadline => {
                 // SAFETY: kill(2) of the process group the hook leads (its own, from
                 // process_group(0)); nothing else is in it.
-                unsafe { libc::kill(-pg, libc::SIGKILL) };
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                let _ = child.wait();
+                outcome.error = Some(format!(
+                    "hook did not end within {} s: killed",
+                    env.timeout.as_secs()
+                ));
+                break;
             }
-            let _ = child.wait().await;
-            outcome.error = Some(format!(
-                "hook did not end within {} s: killed",
-                env.timeout.as_secs()
-            ));
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                outcome.error = Some(format!("hook: waiting for it: {e}"));
+                break;
+            }
         }
     }
-    for r in readers {
-        let _ = tokio::time::timeout(DRAIN_OUTPUT, r).await;
+    let until = Instant::now() + DRAIN_OUTPUT;
+    for _ in 0..readers {
+        if done_rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .is_err()
+        {
+            break;
+        }
     }
     let bytes = lock(&out).buf.clone();
     if let Some(dir) = env.log.parent() {
@@ -272,13 +324,13 @@ pub async fn run_hook(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOu
     outcome
 }
 
-async fn pump(mut r: impl tokio::io::AsyncRead + Unpin, out: Arc<Mutex<Tail>>) {
+fn pump(mut r: impl std::io::Read, out: &Mutex<Tail>) {
     let mut buf = [0u8; 4096];
-    while let Ok(n) = r.read(&mut buf).await {
+    while let Ok(n) = r.read(&mut buf) {
         if n == 0 {
             break;
         }
-        lock(&out).push(&buf[..n]);
+        lock(out).push(&buf[..n]);
     }
 }
 
