@@ -98,14 +98,14 @@ pub fn spawn_pusher(
             });
             for vm in running {
                 if let std::collections::hash_map::Entry::Vacant(slot) = tasks.entry(vm) {
-                    let vm = slot.key().clone();
-                    slot.insert(tokio::spawn(push_loop(
+                    let task = tokio::spawn(push_loop(
                         sup.clone(),
-                        vm,
+                        slot.key().clone(),
                         deadlines.clone(),
                         clock,
                         main.clone(),
-                    )));
+                    ));
+                    slot.insert(task);
                 }
             }
             if vms.changed().await.is_err() {

@@ -129,6 +129,10 @@ pub struct MemoryConfig {
     /// memory the host cannot give).
     #[serde(default, skip_serializing_if = "is_off")]
     pub overcommit: bool,
+    /// Back RAM by memfds mapped shared, so a vhost-user backend (`vireo-switch`) can
+    /// map the guest's memory (Cloud Hypervisor's `shared=on`). Not with hugepages.
+    #[serde(default, skip_serializing_if = "is_off")]
+    pub shared: bool,
 }
 
 impl MemoryConfig {
@@ -146,6 +150,7 @@ impl Default for MemoryConfig {
             hugepages: false,
             hugepage_size: None,
             overcommit: false,
+            shared: false,
         }
     }
 }
@@ -271,12 +276,17 @@ impl DiskConfig {
     }
 }
 
-/// One virtio-net device on a host tap interface.
+/// One virtio-net device on a host tap interface, or served by a vhost-user backend
+/// (`vireo-switch`) listening on a unix socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// The tap interface (created if it does not exist, which needs CAP_NET_ADMIN).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tap: String,
+    /// The vhost-user backend's socket (instead of a tap; needs `memory.shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<PathBuf>,
     /// The guest's MAC address. Without one, the VMM picks a random locally
     /// administered address when it creates the VM and writes it here, so snapshots
     /// and migrations keep it (a new VM from the same flags gets another one).
@@ -508,6 +518,13 @@ impl VmConfig {
                     "a balloon cannot give back huge pages 4 KiB at a time; use it without hugepages".into(),
                 ));
             }
+            if self.memory.shared {
+                return Err(ConfigError::Invalid(
+                    "a balloon cannot give back shared memory (madvise does not free memfd \
+                     pages); use it without memory.shared"
+                        .into(),
+                ));
+            }
         }
         if self.memory.size < MIN_MEMORY {
             return Err(ConfigError::Invalid(format!(
@@ -553,6 +570,13 @@ impl VmConfig {
                     .into(),
             ));
         }
+        if self.memory.shared && self.memory.hugepages {
+            return Err(ConfigError::Invalid(
+                "memory.shared cannot be used with hugepages yet (shared memory is a \
+                 memfd of normal pages)"
+                    .into(),
+            ));
+        }
         if self.serial == OutputConfig::Tty && self.console == OutputConfig::Tty {
             return Err(ConfigError::Invalid(
                 "serial and console cannot both be tty (one of them owns the terminal)".into(),
@@ -570,6 +594,27 @@ impl VmConfig {
         }
         let mut taps = std::collections::BTreeSet::new();
         for n in &self.nets {
+            if let Some(path) = &n.vhost_user {
+                if !n.tap.is_empty() {
+                    return Err(ConfigError::Invalid(
+                        "a network device has either a tap or a vhost_user socket, not both".into(),
+                    ));
+                }
+                if !path.is_absolute() {
+                    return Err(ConfigError::Invalid(format!(
+                        "vhost-user socket {} must be an absolute path",
+                        path.display()
+                    )));
+                }
+                if !self.memory.shared {
+                    return Err(ConfigError::Invalid(format!(
+                        "vhost-user network device {} needs shared guest memory \
+                         (--memory ...,shared=on) so its backend can map it",
+                        path.display()
+                    )));
+                }
+                continue;
+            }
             net::validate_tap_name(&n.tap).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             if !taps.insert(n.tap.as_str()) {
                 return Err(ConfigError::Invalid(format!(
@@ -729,6 +774,7 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
                 })?)
             }
             "overcommit" => m.overcommit = on_off(F, &k, &v)?,
+            "shared" => m.shared = on_off(F, &k, &v)?,
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
@@ -828,17 +874,41 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     Ok(d)
 }
 
-/// `--net tap=NAME[,mac=52:54:00:12:34:56][,id=ID]`.
+/// `--net tap=NAME[,mac=52:54:00:12:34:56][,id=ID]` or
+/// `--net vhost-user=SOCKET[,mac=..][,queues=N][,id=ID]`.
 pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
     const F: &str = "--net";
     let mut tap = None;
     let mut n = NetConfig {
         tap: String::new(),
+        vhost_user: None,
         mac: None,
         id: None,
     };
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
+            "vhost-user" | "vhost_user" => {
+                if v.is_empty() {
+                    return Err(ConfigError::BadValue {
+                        flag: F,
+                        key: k.clone(),
+                        value: v.clone(),
+                        reason: "expected the backend's unix socket path".into(),
+                    });
+                }
+                n.vhost_user = Some(PathBuf::from(v))
+            }
+            "queues" => {
+                let q: u32 = number(F, &k, &v)?;
+                if q != 1 {
+                    return Err(ConfigError::BadValue {
+                        flag: F,
+                        key: k.clone(),
+                        value: v.clone(),
+                        reason: "only one queue pair is supported (multiqueue is not done)".into(),
+                    });
+                }
+            }
             "tap" => {
                 net::validate_tap_name(&v).map_err(|e| ConfigError::BadValue {
                     flag: F,
@@ -873,10 +943,24 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
-    n.tap = tap.ok_or(ConfigError::Missing {
-        flag: F,
-        key: "tap",
-    })?;
+    match (tap, &n.vhost_user) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::BadValue {
+                flag: F,
+                key: "vhost-user".into(),
+                value: s.into(),
+                reason: "give either tap= or vhost-user=, not both".into(),
+            })
+        }
+        (Some(t), None) => n.tap = t,
+        (None, Some(_)) => {}
+        (None, None) => {
+            return Err(ConfigError::Missing {
+                flag: F,
+                key: "tap (or vhost-user)",
+            })
+        }
+    }
     Ok(n)
 }
 
@@ -1139,12 +1223,15 @@ mod tests {
         assert_eq!(n.mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
         assert_eq!(n.id.as_deref(), Some("lan"));
         for (bad, needle) in [
-            ("mac=52:54:00:aa:bb:cc", "missing required option 'tap'"),
+            (
+                "mac=52:54:00:aa:bb:cc",
+                "missing required option 'tap (or vhost-user)'",
+            ),
             ("tap=", "tap=: empty"),
             ("tap=a234567890123456", "longer than 15 bytes"),
             ("tap=t0,mac=52:54:00:aa:bb", "six hex bytes"),
             ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
-            ("tap=t0,queues=4", "unknown option 'queues'"),
+            ("tap=t0,queues=4", "only one queue pair"),
         ] {
             let e = parse_net(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
@@ -1223,14 +1310,19 @@ mod tests {
                 initramfs: None,
             },
             cpus: parse_cpus("boot=2,topology=1:2:1").unwrap(),
-            memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on").unwrap(),
+            memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on,shared=on")
+                .unwrap(),
             disks: vec![parse_disk("path=/d").unwrap()],
             serial: OutputConfig::Null,
             console: OutputConfig::Off,
             serial_max_size: Some(1 << 20),
             console_max_size: Some(1 << 20),
             rng: true,
-            nets: vec![parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()],
+            // Every field at once, for the keys (a valid device has a tap or a socket).
+            nets: vec![NetConfig {
+                vhost_user: Some("/run/vs/n.sock".into()),
+                ..parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()
+            }],
             write_lease: Some(crate::WriteLease {
                 deadline_monotonic_ns: 1,
             }),

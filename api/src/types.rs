@@ -343,6 +343,12 @@ pub struct ApiRequest {
 }
 
 impl ApiRequest {
+    /// A request for `action` and where its answer arrives.
+    pub fn new(action: VmAction) -> (Self, oneshot::Receiver<ApiResponse>) {
+        let (reply, rx) = oneshot::channel();
+        (ApiRequest { action, reply }, rx)
+    }
+
     /// Answers the request (a client that went away is not an error).
     pub fn respond(self, r: ApiResponse) {
         let _ = self.reply.send(r);

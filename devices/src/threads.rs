@@ -11,6 +11,8 @@ pub enum WorkerKind {
     Net,
     Rng,
     Balloon,
+    /// Watches a vhost-user backend's socket and connects again when it goes away.
+    VhostUserLink,
 }
 
 type Hook = Box<dyn Fn(WorkerKind) + Send + Sync>;

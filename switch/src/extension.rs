@@ -54,6 +54,13 @@ impl DropReason {
     pub const UNTAGGED_ON_TRUNK: DropReason = DropReason("untagged-on-trunk");
     pub const NO_EGRESS: DropReason = DropReason("no-egress");
     pub const TX_FAILED: DropReason = DropReason("tx-failed");
+    /// A vhost-user port's guest posted a transmit chain that is not a frame
+    /// (device-writable, out of guest memory, a loop, too short or too long).
+    pub const BAD_DESCRIPTOR: DropReason = DropReason("bad-descriptor");
+    /// A vhost-user port's guest had no receive buffer (or none big enough).
+    pub const NO_RX_BUFFER: DropReason = DropReason("no-rx-buffer");
+    /// A vhost-user port with no VM connected, or with its receive backlog full.
+    pub const PORT_DOWN: DropReason = DropReason("port-down");
 }
 
 /// A filter's answer.

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use net::MacAddr;
@@ -135,6 +136,10 @@ pub struct PortConfig {
     /// The host interface it sits on (a tap, a veth end); defaults to `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iface: Option<String>,
+    /// Instead of an interface: the unix socket where the switch serves a VM's
+    /// virtio-net queues as a vhost-user backend (the VMM connects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<PathBuf>,
     pub vlan: VlanMode,
     /// The address the VM behind the port owns (for the MAC and ARP guards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,7 +168,19 @@ impl PortConfig {
         {
             return Err(PortError::Name(self.name.clone()));
         }
-        net::validate_tap_name(self.iface()).map_err(|e| PortError::Iface(e.to_string()))?;
+        match &self.vhost_user {
+            Some(path) => {
+                if self.iface.is_some() {
+                    return Err(PortError::IfaceAndSocket(self.name.clone()));
+                }
+                if !path.is_absolute() {
+                    return Err(PortError::Socket(path.display().to_string()));
+                }
+            }
+            None => {
+                net::validate_tap_name(self.iface()).map_err(|e| PortError::Iface(e.to_string()))?
+            }
+        }
         if let VlanMode::Trunk { allowed, native } = &self.vlan {
             if allowed.is_empty() && native.is_none() {
                 return Err(PortError::EmptyTrunk(self.name.clone()));
@@ -183,7 +200,7 @@ pub enum PortError {
     VlanRange(u32),
     #[error("bad {0} value '{1}'")]
     Value(&'static str, String),
-    #[error("unknown port option '{0}' (known: name, iface, vlan, pvlan, trunk, native, mac, ip, guard)")]
+    #[error("unknown port option '{0}' (known: name, iface, vhost-user, vlan, pvlan, trunk, native, mac, ip, guard)")]
     Option(String),
     #[error("port name '{0}' is not 1-64 characters of [A-Za-z0-9-_.]")]
     Name(String),
@@ -193,6 +210,10 @@ pub enum PortError {
     EmptyTrunk(String),
     #[error("port '{0}': the mac and arp guards need mac=")]
     GuardNeedsMac(String),
+    #[error("port '{0}': give either iface= or vhost-user=, not both")]
+    IfaceAndSocket(String),
+    #[error("vhost-user socket '{0}' must be an absolute path")]
+    Socket(String),
     #[error("port spec needs name=")]
     NoName,
     #[error("port '{0}': give either vlan= or trunk=, not both")]
@@ -245,11 +266,12 @@ fn parse_private(s: &str) -> Result<PrivateVlan, PortError> {
 impl FromStr for PortConfig {
     type Err = PortError;
 
-    /// `name=N[,iface=IF][,vlan=V[,pvlan=isolated|community:C|promiscuous]]`
+    /// `name=N[,iface=IF|,vhost-user=SOCKET][,vlan=V[,pvlan=isolated|community:C|promiscuous]]`
     /// `[,trunk=V:V:...[,native=V]][,mac=M][,ip=A][,guard=mac+dhcp+router+arp]`.
     /// Trunk VLANs are separated by `:` (a `,` separates options).
     fn from_str(s: &str) -> Result<Self, PortError> {
         let (mut name, mut iface, mut vlan, mut trunk, mut native) = (None, None, None, None, None);
+        let mut vhost_user = None;
         let (mut private, mut mac, mut ips, mut guards) =
             (None, None, Vec::new(), Guards::default());
         for kv in s.split(',') {
@@ -259,6 +281,7 @@ impl FromStr for PortConfig {
             match k {
                 "name" => name = Some(v.to_string()),
                 "iface" => iface = Some(v.to_string()),
+                "vhost-user" => vhost_user = Some(PathBuf::from(v)),
                 "vlan" => vlan = Some(v.parse::<VlanId>()?),
                 "native" => native = Some(v.parse::<VlanId>()?),
                 "trunk" => {
@@ -306,6 +329,7 @@ impl FromStr for PortConfig {
         let cfg = PortConfig {
             name,
             iface,
+            vhost_user,
             vlan,
             mac,
             ips,

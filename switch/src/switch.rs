@@ -87,6 +87,8 @@ pub enum SwitchError {
     DuplicateName(String),
     #[error("interface '{iface}' is port '{port}' already")]
     DuplicateIface { iface: String, port: String },
+    #[error("vhost-user socket {path} is port '{port}' already")]
+    DuplicateSocket { path: String, port: String },
     #[error("port: {0}")]
     Port(#[from] PortError),
     #[error("ACL: {0}")]
@@ -174,7 +176,18 @@ impl Switch {
             if p.config.name == config.name {
                 return Err(SwitchError::DuplicateName(config.name));
             }
-            if p.config.iface() == config.iface() {
+            if let (Some(a), Some(b)) = (&p.config.vhost_user, &config.vhost_user) {
+                if a == b {
+                    return Err(SwitchError::DuplicateSocket {
+                        path: b.display().to_string(),
+                        port: p.config.name.clone(),
+                    });
+                }
+            }
+            if p.config.vhost_user.is_none()
+                && config.vhost_user.is_none()
+                && p.config.iface() == config.iface()
+            {
                 return Err(SwitchError::DuplicateIface {
                     iface: config.iface().to_string(),
                     port: p.config.name.clone(),
@@ -281,11 +294,13 @@ impl Switch {
 
     /// The host interface refused a frame this switch handed to `port`.
     pub fn record_tx_failure(&mut self, port: PortId) {
+        self.record_tx_drop(port, DropReason::TX_FAILED);
+    }
+
+    /// The I/O layer dropped a frame this switch handed to `port`, for `why`.
+    pub fn record_tx_drop(&mut self, port: PortId, why: DropReason) {
         if let Some(p) = self.ports.get_mut(&port) {
-            *p.counters
-                .tx_dropped
-                .entry(DropReason::TX_FAILED.0)
-                .or_default() += 1;
+            *p.counters.tx_dropped.entry(why.0).or_default() += 1;
         }
     }
 

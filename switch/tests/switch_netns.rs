@@ -912,3 +912,455 @@ fn three_vms_on_one_switch_exchange_frames_and_another_vlan_sees_none() {
     let (code, log) = lab.stop();
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// A VM on a vhost-user port of the switch (`--net vhost-user=`, shared memory).
+fn vhost_vm(sock: &Path, mac: &str, args: &str) -> vireo_e2e::Running {
+    vireo_e2e::Vireo::guest(
+        args,
+        &[
+            "--memory",
+            "size=128M,shared=on",
+            "--net",
+            &format!("vhost-user={},mac={mac}", sock.display()),
+        ],
+    )
+    .spawn()
+}
+
+/// What a receiving guest reports for the stream a guest with `seed` and `src` sends.
+fn guest_stream(seed: u64, n: u32, src: &str) -> String {
+    use vireo_e2e::netframe;
+    use vireo_e2e::pattern::Crc32;
+    let mac: net::MacAddr = src.parse().unwrap();
+    let mut crc = Crc32::new();
+    let mut bytes = 0u64;
+    for i in 0..n {
+        let mut f = vec![0u8; netframe::frame_len(i, 1514)];
+        netframe::fill(&mut f, netframe::BROADCAST, mac.bytes(), seed, i);
+        crc.update(&f);
+        bytes += f.len() as u64;
+    }
+    format!(
+        "received={n} bytes={bytes} crc32={:08x} bad=0",
+        crc.finish()
+    )
+}
+
+/// Three VMs on vhost-user ports: A → B and then B (a new VMM on the same port, after
+/// the first left) → A, every frame CRC-checked by the receiving guest; C, on VLAN 20,
+/// gets none of it, and once SIGKILLed (its socket never closed properly) it disturbs
+/// nobody: the second transfer still arrives whole.
+#[test]
+fn vms_on_vhost_user_ports_exchange_frames_byte_exact_and_a_killed_vm_disturbs_nobody() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut lab = Lab::start("vu3", &[("h20", ",vlan=20")], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = |n: &str| dir.path().join(format!("{n}.sock"));
+    let macs = [
+        "52:54:00:00:30:0a",
+        "52:54:00:00:30:0b",
+        "52:54:00:00:30:0c",
+    ];
+    for (i, (name, vlan)) in [("vma", 10), ("vmb", 10), ("vmc", 20)].iter().enumerate() {
+        let spec = format!(
+            "name={name},vhost-user={},vlan={vlan},mac={},guard=all",
+            sock(name).display(),
+            macs[i]
+        );
+        let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let (n_ab, n_ba) = (40u32, 24u32);
+    let c = vhost_vm(&sock("vmc"), macs[2], "test=net send=0 recv=0 hold=1");
+    c.wait_serial("net holding", T);
+    let b1 = vhost_vm(
+        &sock("vmb"),
+        macs[1],
+        &format!("test=net send=0 recv={n_ab} seed=100 ms=60000"),
+    );
+    b1.wait_serial("net receiving", T);
+    let a = vhost_vm(
+        &sock("vma"),
+        macs[0],
+        &format!("test=net send={n_ab} recv={n_ba} seed=101 ms=60000"),
+    );
+    let b1 = finished(b1, "B1");
+    let got = vireo_e2e::serial_line(&b1, "net received=");
+    assert!(got.contains(&guest_stream(101, n_ab, macs[0])), "B1: {got}");
+    // C dies without closing anything; the others go on.
+    let mut c = c;
+    let mut child = c.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let b2 = vhost_vm(
+        &sock("vmb"),
+        macs[1],
+        &format!("test=net send={n_ba} recv=0 seed=102"),
+    );
+    let (a, b2) = (finished(a, "A"), finished(b2, "B2"));
+    assert!(b2.contains(&format!("net sent={n_ba}")), "{b2}");
+    let got = vireo_e2e::serial_line(&a, "net received=");
+    assert!(got.contains(&guest_stream(102, n_ba, macs[1])), "A: {got}");
+    // The switch counted each frame once, dropped none, and sent VLAN 20 nothing.
+    let (ca, cb, cc) = (
+        lab.counters("vma"),
+        lab.counters("vmb"),
+        lab.counters("vmc"),
+    );
+    assert_eq!(ca["rx_packets"], n_ab, "{ca}");
+    assert_eq!(ca["tx_packets"], n_ba, "{ca}");
+    assert_eq!(cb["rx_packets"], n_ba, "{cb}");
+    assert_eq!(cb["tx_packets"], n_ab, "{cb}");
+    for c in [&ca, &cb] {
+        assert_eq!(c["rx_dropped"], serde_json::json!({}), "{c}");
+        assert_eq!(c["tx_dropped"], serde_json::json!({}), "{c}");
+    }
+    assert_eq!(cc["tx_packets"], 0, "{cc}");
+    assert_eq!(cc["tx_dropped"], serde_json::json!({}), "{cc}");
+    assert_eq!(lab.counters("h20")["tx_packets"], 0);
+    lab.wire("h20").assert_empty("VLAN 20");
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!sock("vma").exists(), "the switch removes its sockets");
+}
+
+/// A VM on a vhost-user port and a host on a veth (AF_PACKET) port: the guest's
+/// broadcasts reach the host byte for byte; the host's unicasts to the guest's learned
+/// address reach it, CRC-checked by the guest.
+#[test]
+fn a_vm_on_a_vhost_user_port_exchanges_frames_with_a_veth_host() {
+    if skip_unless_root() {
+        return;
+    }
+    use vireo_e2e::netframe;
+    use vireo_e2e::pattern::Crc32;
+    const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
+    let mut lab = Lab::start("vuh", &[("h1", ",vlan=10")], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let spec = format!(
+        "name=vm,vhost-user={},vlan=10,mac=52:54:00:12:34:57,guard=all",
+        sock.display()
+    );
+    let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+    assert_eq!(r["ok"], true, "{r}");
+    let (seed, out_n, in_n) = (51u64, 20u32, 30u32);
+    let vm = vhost_vm(
+        &sock,
+        "52:54:00:12:34:57",
+        &format!("test=net send={out_n} recv={in_n} seed={seed} hold=1"),
+    );
+    for i in 0..out_n {
+        let mut want = vec![0u8; netframe::frame_len(i, 1514)];
+        netframe::fill(&mut want, netframe::BROADCAST, GUEST_MAC, seed, i);
+        let got = lab
+            .wire("h1")
+            .recv(T)
+            .unwrap_or_else(|| panic!("h1: guest frame {i}"));
+        assert!(got == want, "h1: guest frame {i} differs");
+    }
+    let mut crc = Crc32::new();
+    let mut bytes = 0u64;
+    for i in 0..in_n {
+        let mut f = vec![0u8; netframe::frame_len(i, 1514)];
+        netframe::fill(&mut f, GUEST_MAC, mac(1), seed + 1, i);
+        crc.update(&f);
+        bytes += f.len() as u64;
+        lab.wire("h1").send(&f);
+    }
+    let serial = vm.wait_serial("net holding", Duration::from_secs(60));
+    let got = vireo_e2e::serial_line(&serial, "net received=");
+    assert!(
+        got.contains(&format!(
+            "received={in_n} bytes={bytes} crc32={:08x} bad=0",
+            crc.finish()
+        )),
+        "{got}"
+    );
+    let v = lab.counters("vm");
+    assert_eq!(v["rx_packets"], out_n, "{v}");
+    assert_eq!(v["tx_packets"], in_n, "{v}");
+    drop(vm);
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// vhost-user port specs the switch refuses with one line, leaving what they name alone.
+#[test]
+fn bad_vhost_user_ports_are_refused_with_one_line() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::start("vub", &[("h1", "")], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"keep me").unwrap();
+    let good = dir.path().join("ok.sock");
+    for (spec, want) in [
+        (
+            "name=r,vhost-user=relative.sock".to_string(),
+            "must be an absolute path",
+        ),
+        (
+            format!("name=f,vhost-user={}", file.display()),
+            "exists and is not a socket",
+        ),
+        (
+            format!("name=i,iface=eth9,vhost-user={}", good.display()),
+            "either iface= or vhost-user=",
+        ),
+    ] {
+        let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+        assert_eq!(r["ok"], false, "{spec}: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains(want) && !e.contains('\n'), "{spec}: {e}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    let spec = format!("name=ok,vhost-user={}", good.display());
+    let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+    assert_eq!(r["ok"], true, "{r}");
+    let spec = format!("name=dup,vhost-user={}", good.display());
+    let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("is port 'ok' already"),
+        "{r}"
+    );
+}
+
+/// Starts `vireo-switch` on `control` (no ports; the test adds them).
+fn start_switch(control: &Path) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["run", "--control"])
+        .arg(control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vireo-switch");
+    wait_for_socket(control, T);
+    child
+}
+
+/// Whether port `name`'s VMM is connected (`ports` reply).
+fn connected(control: &Path, name: &str) -> bool {
+    let v = ctl(control, r#"{"op":"ports"}"#);
+    v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == name && p["connected"] == true)
+}
+
+/// The switch is SIGKILLed while a VM waits for frames, and started again with the same
+/// ports: the VM's VMM (never restarted) connects again by itself and replays its
+/// rings, and frames sent after the restart reach the guest whole, CRC-checked.
+#[test]
+fn a_restarted_switch_gets_its_vms_back_without_restarting_them() {
+    if skip_unless_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("switch.sock");
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let macs = ["52:54:00:00:40:0a", "52:54:00:00:40:0b"];
+    let add_ports = || {
+        for (name, sock, mac) in [("vma", &sa, macs[0]), ("vmb", &sb, macs[1])] {
+            let spec = format!(
+                "name={name},vhost-user={},vlan=10,mac={mac}",
+                sock.display()
+            );
+            let r = ctl(&control, &format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    };
+    let mut sw = start_switch(&control);
+    add_ports();
+    let n = 20u32;
+    let a = vhost_vm(
+        &sa,
+        macs[0],
+        &format!("test=net send=0 recv={n} seed=99 ms=120000"),
+    );
+    a.wait_serial("net receiving", T);
+    wait_until("A connected", || connected(&control, "vma"));
+    sw.kill().unwrap();
+    sw.wait().unwrap();
+    // A new switch on the same sockets: A's VMM finds it by itself.
+    let mut sw = start_switch(&control);
+    add_ports();
+    wait_until("A reconnected", || connected(&control, "vma"));
+    let b = vhost_vm(&sb, macs[1], &format!("test=net send={n} recv=0 seed=100"));
+    let (a, _b) = (finished(a, "A"), finished(b, "B"));
+    let got = vireo_e2e::serial_line(&a, "net received=");
+    assert!(got.contains(&guest_stream(100, n, macs[1])), "A: {got}");
+    let ca = ctl(&control, r#"{"op":"counters","port":"vma"}"#);
+    assert_eq!(ca["counters"]["tx_packets"], n, "{ca}");
+    assert_eq!(ca["counters"]["tx_dropped"], serde_json::json!({}), "{ca}");
+    sw.kill().unwrap();
+    sw.wait().unwrap();
+}
+
+/// A hostile vhost-user frontend (this test, not a VMM): its guest memory is a memfd
+/// it maps itself, its transmit ring holds chains that point outside memory, are
+/// device-writable or shorter than the virtio-net header, then one good frame. The
+/// switch counts the three as `bad-descriptor`, returns every chain, forwards the good
+/// frame byte-exact, and its other ports go on (two VMs exchange frames afterwards).
+#[test]
+fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
+    if skip_unless_root() {
+        return;
+    }
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MEM: usize = 1 << 20;
+    const SRC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x50, 0x0a];
+    let lab = Lab::start("vug", &[("h1", ",vlan=10")], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = |n: &str| dir.path().join(format!("{n}.sock"));
+    for (name, mac) in [
+        ("bad", "52:54:00:00:50:0a"),
+        ("vma", "52:54:00:00:50:0b"),
+        ("vmb", "52:54:00:00:50:0c"),
+    ] {
+        let spec = format!(
+            "name={name},vhost-user={},vlan=10,mac={mac}",
+            sock(name).display()
+        );
+        let r = lab.ctl(&format!(r#"{{"op":"port-add","spec":"{spec}"}}"#));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+
+    // Guest memory: one memfd region at guest address 0.
+    // SAFETY: memfd_create with a static C string; the fd is owned at once.
+    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd nobody else owns.
+    let mem_file = unsafe { std::fs::File::from_raw_fd(fd) };
+    mem_file.set_len(MEM as u64).unwrap();
+    // SAFETY: a new shared mapping of the memfd, unmapped at the end of the test.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MEM,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    // SAFETY: the mapping is MEM bytes long and lives until munmap below.
+    let mem = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, MEM) };
+    let (desc, avail, used) = (0x1000usize, 0x2000usize, 0x3000usize);
+    let put =
+        |mem: &mut [u8], at: usize, bytes: &[u8]| mem[at..at + bytes.len()].copy_from_slice(bytes);
+    let descriptor = |mem: &mut [u8], i: usize, addr: u64, len: u32, flags: u16| {
+        let at = desc + 16 * i;
+        put(mem, at, &addr.to_le_bytes());
+        put(mem, at + 8, &len.to_le_bytes());
+        put(mem, at + 12, &flags.to_le_bytes());
+        put(mem, at + 14, &0u16.to_le_bytes());
+    };
+    const WRITE: u16 = 2;
+    let good = frame(netframe_broadcast(), SRC, None, 60);
+    let mut tx = vec![0u8; 12];
+    tx.extend_from_slice(&good);
+    put(mem, 0xA000, &tx);
+    descriptor(mem, 0, 0x10_0000_0000, 100, 0); // outside guest memory
+    descriptor(mem, 1, 0x8000, 72, WRITE); // device-writable in a transmit chain
+    descriptor(mem, 2, 0x9000, 4, 0); // shorter than the header
+    descriptor(mem, 3, 0xA000, tx.len() as u32, 0); // a good frame
+    put(mem, avail, &0u16.to_le_bytes());
+    put(mem, avail + 2, &4u16.to_le_bytes());
+    for i in 0..4u16 {
+        put(mem, avail + 4 + 2 * usize::from(i), &i.to_le_bytes());
+    }
+
+    let mut f = Frontend::connect(sock("bad"), 2).unwrap();
+    f.set_owner().unwrap();
+    let offered = f.get_features().unwrap();
+    f.set_features(offered).unwrap();
+    assert_ne!(
+        offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
+    let proto = f.get_protocol_features().unwrap();
+    f.set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: base as u64,
+        mmap_offset: 0,
+        mmap_handle: fd,
+    };
+    f.set_mem_table(&[region]).unwrap();
+    let (kick, call) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let q = 1usize;
+    f.set_vring_num(q, 16).unwrap();
+    f.set_vring_addr(
+        q,
+        &VringConfigData {
+            queue_max_size: 16,
+            queue_size: 16,
+            flags: 0,
+            desc_table_addr: base as u64 + desc as u64,
+            used_ring_addr: base as u64 + used as u64,
+            avail_ring_addr: base as u64 + avail as u64,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    f.set_vring_base(q, 0).unwrap();
+    f.set_vring_call(q, &call).unwrap();
+    f.set_vring_kick(q, &kick).unwrap();
+    f.set_vring_enable(q, true).unwrap();
+    kick.write(1).unwrap();
+
+    let got = lab.wire("h1").recv(T).expect("the good frame");
+    assert!(got == good, "the good frame arrives byte-exact");
+    wait_until("every chain returned", || {
+        u16::from_le_bytes([mem[used + 2], mem[used + 3]]) == 4
+    });
+    let c = lab.counters("bad");
+    assert_eq!(c["rx_dropped"]["bad-descriptor"], 3, "{c}");
+    assert_eq!(c["rx_packets"], 4, "{c}");
+
+    // The other ports never noticed.
+    let b = vhost_vm(
+        &sock("vmb"),
+        "52:54:00:00:50:0c",
+        "test=net send=0 recv=8 seed=100 ms=60000",
+    );
+    b.wait_serial("net receiving", T);
+    let a = vhost_vm(
+        &sock("vma"),
+        "52:54:00:00:50:0b",
+        "test=net send=8 recv=0 seed=101",
+    );
+    let (_a, b) = (finished(a, "A"), finished(b, "B"));
+    let got = vireo_e2e::serial_line(&b, "net received=");
+    assert!(
+        got.contains(&guest_stream(101, 8, "52:54:00:00:50:0b")),
+        "B: {got}"
+    );
+    drop(f);
+    // SAFETY: the mapping made above; `mem` is not used after this.
+    unsafe { libc::munmap(base, MEM) };
+}
+
+fn netframe_broadcast() -> [u8; 6] {
+    [0xff; 6]
+}

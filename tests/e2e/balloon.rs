@@ -4,10 +4,10 @@
 //! driver (`test=balloon`).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vireo_e2e::{api, bin, wait_for_socket, Vireo};
+use vireo_e2e::mobility::{migrate_to_new_vmm, restore};
+use vireo_e2e::{api, wait_for_socket, Vireo};
 
 const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -163,18 +163,7 @@ fn a_snapshot_keeps_the_balloon_target_and_the_restored_guest_follows_it() {
 
     let rsock = dir.path().join("restored.sock");
     let rserial = dir.path().join("restored.log");
-    let mut restored = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", rserial.display()))
-        .arg("--api-socket")
-        .arg(&rsock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut restored = restore(&snap, &rserial, Some(&rsock));
     wait_for_socket(&rsock, T);
     let c = counters(&rsock);
     assert_eq!(c["target_bytes"], 64 * MIB, "{c}");
@@ -254,49 +243,17 @@ fn numa_balloon_and_topology_survive_a_live_migration() {
     wait_for_socket(&src_sock, T);
     wait_line(|| src.serial_text(), "balloon actual=8192 target=8192", 0);
 
-    let dst_sock = dir.path().join("dst.sock");
-    let dst_serial = dir.path().join("dst.log");
-    let dst = Command::new(bin("vireo"))
-        .arg("--api-socket")
-        .arg(&dst_sock)
-        .arg("--serial")
-        .arg(format!("file={}", dst_serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&dst_sock, T);
-    let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    let body = format!(
-        r#"{{"receiver_url":"{url}"{}{}}}"#,
-        vireo_e2e::config_field_of(&src_sock),
-        vireo_e2e::secret_field()
-    );
-    let (s, b) = api(&dst_sock, "PUT", "vm.receive-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
-    let body = format!(
-        r#"{{"destination_url":"{url}"{}}}"#,
-        vireo_e2e::secret_field()
-    );
-    let (s, b) = api(&src_sock, "PUT", "vm.send-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
-    let out = src.wait(T);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
+    let dst = migrate_to_new_vmm(&src_sock, src, dir.path());
+    let dst_sock = dst.sock.clone();
     let c = counters(&dst_sock);
     assert_eq!(c["target_bytes"], 32 * MIB, "{c}");
     assert_eq!(c["actual_bytes"], 32 * MIB, "{c}");
     assert_eq!(resize(&dst_sock, 0).0, 204);
-    let text = || std::fs::read_to_string(&dst_serial).unwrap_or_default();
+    let text = || dst.serial_text();
     wait_line(text, "balloon actual=0 target=0", 0);
     assert!(!text().contains("balloon ready"), "the guest started over");
-    let numa_maps = std::fs::read_to_string(format!("/proc/{}/numa_maps", dst.id())).unwrap();
+    let pid = dst.child.as_ref().unwrap().id();
+    let numa_maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap();
     assert_eq!(
         numa_maps
             .lines()
@@ -306,7 +263,7 @@ fn numa_balloon_and_topology_survive_a_live_migration() {
         "{numa_maps}"
     );
     assert_eq!(api(&dst_sock, "PUT", "vm.shutdown", None).0, 204);
-    let out = vireo_e2e::wait_with_timeout(dst, T);
+    let out = dst.wait();
     assert_eq!(
         out.status.code(),
         Some(0),

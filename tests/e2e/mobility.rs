@@ -12,6 +12,7 @@ use vireo_e2e::{
     wait_with_timeout, Vireo,
 };
 
+use vireo_e2e::mobility::{restore, send_with, Destination};
 use vireo_e2e::tls_certs::{receive_tls, receive_tls_allowing, send_tls, Ca};
 
 const T: Duration = Duration::from_secs(60);
@@ -39,17 +40,7 @@ fn last_iter(serial: &str) -> u64 {
 /// Restores the snapshot in `snap` in a fresh `vireo` and runs it to its end (bounded
 /// by `T`), serial output into `serial`: its exit and its serial text.
 fn restore_and_run(snap: &Path, serial: &Path) -> (std::process::Output, String) {
-    let child = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, T);
+    let out = wait_with_timeout(restore(snap, serial, None), T);
     let text = std::fs::read_to_string(serial).unwrap();
     (out, text)
 }
@@ -70,25 +61,29 @@ fn assert_blocks(disk: &Path, ops: u64) {
     }
 }
 
-#[test]
-fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let disk = raw_disk(dir.path());
-    let snap = dir.path().join("snap");
-    let ops = 12_000;
+/// Runs the workload (`ops` iterations) with `extra` `vireo` arguments, snapshots it
+/// once it passed iteration `pause_at` (refused while it runs and into a directory
+/// that is not empty), restores it in a fresh VMM and checks that the guest goes on
+/// from where it was paused to the end, every block on disk. Returns the snapshot.
+fn snapshot_and_restore_continue(
+    dir: &Path,
+    extra: &[&str],
+    ops: u64,
+    pause_at: u64,
+) -> std::path::PathBuf {
+    let sock = dir.join("vm.sock");
+    let disk = raw_disk(dir);
+    let snap = dir.join("snap");
+    let disk_arg = format!("path={}", disk.display());
+    let mut args = vec!["--api-socket", sock.to_str().unwrap(), "--disk", &disk_arg];
+    args.extend_from_slice(extra);
     let vm = Vireo::guest(
         &format!("test=workload pages=256 ops={ops} report=500"),
-        &[
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            &format!("path={}", disk.display()),
-        ],
+        &args,
     )
     .spawn();
     wait_for_socket(&sock, T);
-    vm.wait_serial("work iter=1500 ", T);
+    vm.wait_serial(&format!("work iter={pause_at} "), T);
     let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
     // Only a paused VM can be snapshotted.
     let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
@@ -99,7 +94,7 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     assert_eq!(s, 204, "{body}");
     let before = last_iter(&vm.serial_text());
     assert!(
-        before >= 1500 && before < ops,
+        before >= pause_at && before < ops,
         "paused at iteration {before}"
     );
     // A second snapshot into the same directory is refused; the first stays whole.
@@ -110,7 +105,7 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     assert_eq!(vm.wait(T).status.code(), Some(0));
 
     // A fresh process: the guest goes on from where it was paused, to the end.
-    let serial = dir.path().join("restored.log");
+    let serial = dir.join("restored.log");
     let (out, text) = restore_and_run(&snap, &serial);
     assert_guest_ok(&out, &text);
     assert!(
@@ -128,6 +123,32 @@ fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
     );
     assert!(text.contains(&format!("work done iter={ops}")), "{text}");
     assert_blocks(&disk, ops);
+    snap
+}
+
+#[test]
+fn snapshot_restored_in_a_fresh_vmm_continues_the_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_and_restore_continue(dir.path(), &[], 12_000, 1500);
+}
+
+/// `--memory shared=on` (memfd-backed RAM, for vhost-user): the workload's own checks
+/// pass across a snapshot and a restore in a fresh VMM, which maps shared memory again
+/// (the restored configuration keeps `shared`).
+#[test]
+fn a_shared_memory_guest_snapshots_restores_and_its_workload_checks_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_and_restore_continue(
+        dir.path(),
+        &["--memory", "size=256M,shared=on"],
+        4_000,
+        1000,
+    );
+    let cfg = std::fs::read_to_string(snap.join("config.json"))
+        .or_else(|_| std::fs::read_to_string(snap.join("snapshot.json")))
+        .unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["memory"]["shared"], true, "{cfg}");
 }
 
 #[test]
@@ -175,77 +196,6 @@ fn restore_refuses_what_is_not_a_whole_snapshot() {
     let (code, err) = run(snap.to_str().unwrap());
     assert_eq!(code, Some(1));
     assert!(err.contains("newer Vireo"), "{err}");
-}
-
-/// A `vireo` with no VM, waiting for one on its API socket; killed on drop.
-struct Destination {
-    child: Option<std::process::Child>,
-    sock: std::path::PathBuf,
-    serial: std::path::PathBuf,
-}
-
-impl Destination {
-    fn start(dir: &Path) -> Self {
-        let sock = dir.join("dst.sock");
-        let serial = dir.join("dst.log");
-        let child = Command::new(bin("vireo"))
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_socket(&sock, T);
-        Self {
-            child: Some(child),
-            sock,
-            serial,
-        }
-    }
-
-    /// Listens for the VM of the VMM at `source` (its configuration is this
-    /// destination's, as an orchestrator would hand it over).
-    fn listen(&self, source: &Path, url: &str) {
-        self.listen_with(source, url, "");
-    }
-
-    /// `extra`: more JSON fields, e.g. `,"tls":{...}`.
-    fn listen_with(&self, source: &Path, url: &str, extra: &str) {
-        self.listen_config(&config_field_of(source), url, extra);
-    }
-
-    /// Listens with `config` (`,"config":{...}`) and the tests' secret.
-    fn listen_config(&self, config: &str, url: &str, extra: &str) {
-        let body = format!(
-            r#"{{"receiver_url":"{url}"{config}{}{extra}}}"#,
-            secret_field()
-        );
-        let (s, b) = api(&self.sock, "PUT", "vm.receive-migration", Some(&body));
-        assert_eq!(s, 204, "{b}");
-    }
-
-    fn wait(mut self) -> std::process::Output {
-        wait_with_timeout(self.child.take().unwrap(), T)
-    }
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `extra`: more JSON fields for the request, e.g. `,"compress":true`.
-fn send_with(sock: &Path, url: &str, extra: &str) {
-    let body = format!(r#"{{"destination_url":"{url}"{}{extra}}}"#, secret_field());
-    let (s, b) = api(sock, "PUT", "vm.send-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
 }
 
 /// A source VMM running the workload on `disk`.
@@ -2336,18 +2286,36 @@ fn storage_migration_works_in_a_jail() {
 #[test]
 fn a_receiving_vmm_takes_write_lease_renewals_while_the_vm_arrives() {
     use vireo_e2e::seqdisk::monotonic_ns;
+    migrate_renewing_the_lease(monotonic_ns() + 1_000_000_000);
+}
+
+/// A receiving VMM whose process took longer to start than the deadline it was given
+/// (a loaded host: the deadline is taken before the spawn) is not lost: nothing ran
+/// under that lease yet, so the first renewal vireod sends while its node holds the
+/// cluster lease puts it in force again. (Before, the renewal was refused as expired
+/// and vireod killed the VMM: the migration failed.)
+#[test]
+fn a_receiving_vmm_born_after_its_deadline_takes_the_first_renewal() {
+    use vireo_e2e::seqdisk::monotonic_ns;
+    migrate_renewing_the_lease(monotonic_ns().saturating_sub(1));
+}
+
+/// Migrates a writing VM into a receiver created with the write lease deadline
+/// `first` (ns on `CLOCK_MONOTONIC`), renewing it every 200 ms as a node's vireod
+/// would, paced to outlast `first`: the VM runs at the destination and every write of
+/// its guest is on the disk.
+fn migrate_renewing_the_lease(first: u64) {
+    use vireo_e2e::seqdisk::monotonic_ns;
     let dir = tempfile::tempdir().unwrap();
     let disk = raw_disk(dir.path());
     let ops = 8000;
     let (src, src_sock) = source(dir.path(), &disk, ops);
     src.wait_serial("work iter=400 ", T);
     let dst = Destination::start(dir.path());
-    // Renewals 3 s ahead (a loaded machine may hold this loop up a while); the receiver
-    // is created with a deadline 1 s ahead, as a node's could be.
+    // Renewals 3 s ahead (a loaded machine may hold this loop up a while).
     let ahead = || monotonic_ns() + 3_000_000_000;
     let lease = |ns: u64| format!(r#"{{"deadline_monotonic_ns":{ns}}}"#);
     let mut config = vireo_e2e::vm_config(&src_sock);
-    let first = monotonic_ns() + 1_000_000_000;
     config["write_lease"] = serde_json::json!({ "deadline_monotonic_ns": first });
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     dst.listen_config(&format!(r#","config":{config}"#), &url, "");
@@ -2392,5 +2360,44 @@ fn a_receiving_vmm_takes_write_lease_renewals_while_the_vm_arrives() {
     let dst_out = dst.wait();
     let dst_serial = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
     assert_guest_ok(&dst_out, &dst_serial);
+    assert_blocks(&disk, ops);
+}
+
+/// A receiver whose write lease nobody renews (its host lost its cluster lease, or
+/// its vireod is gone) refuses the VM at the end of the copy: the VM never runs there,
+/// and the source takes it back and finishes its work, every write on the disk.
+#[test]
+fn a_receiver_whose_write_lease_lapsed_refuses_the_vm_and_the_source_keeps_it() {
+    use vireo_e2e::seqdisk::monotonic_ns;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let ops = 3000;
+    let (src, src_sock) = source(dir.path(), &disk, ops);
+    src.wait_serial("work iter=400 ", T);
+    let dst = Destination::start(dir.path());
+    let mut config = vireo_e2e::vm_config(&src_sock);
+    let first = monotonic_ns() + 500_000_000;
+    config["write_lease"] = serde_json::json!({ "deadline_monotonic_ns": first });
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen_config(&format!(r#","config":{config}"#), &url, "");
+    send_with(&src_sock, &url, r#","bandwidth_mib_s":1"#);
+    let start = std::time::Instant::now();
+    let info = loop {
+        let info = api(&src_sock, "GET", "vm.migration-info", None).1;
+        if info.contains("\"failed\"") {
+            break info;
+        }
+        assert!(start.elapsed() < T, "the migration did not fail: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(info.contains("write lease expired"), "{info}");
+    let (_, dst_info) = api(&dst.sock, "GET", "vm.info", None);
+    assert!(!dst_info.contains("\"Running\""), "{dst_info}");
+    let serial = src.wait_serial("vireo-guest: result ok", T);
+    assert!(
+        serial.contains(&format!("work done iter={ops}")),
+        "{serial}"
+    );
+    assert_eq!(src.wait(T).status.code(), Some(0));
     assert_blocks(&disk, ops);
 }

@@ -278,9 +278,9 @@ fn bad_network_input_is_one_clear_error() {
         ("tap=v0,mac=01:00:5e:00:00:01", vec!["multicast"]),
         (
             "mac=52:54:00:00:00:01",
-            vec!["missing required option 'tap'"],
+            vec!["missing required option 'tap (or vhost-user)'"],
         ),
-        ("tap=v0,queues=2", vec!["unknown option 'queues'"]),
+        ("tap=v0,queues=2", vec!["only one queue pair"]),
     ] {
         let (code, err) = vireo_error(None, &["--net", arg]);
         assert_one_line_error(code, &err, &needles);
@@ -302,6 +302,73 @@ fn bad_network_input_is_one_clear_error() {
         out.status.code().unwrap_or(-1),
         &String::from_utf8_lossy(&out.stderr),
         &["vm.json", "not a MAC address"],
+    );
+}
+
+/// `--net vhost-user=`: a socket that is missing (after the connect deadline), a path
+/// that is not a socket, guest memory that is not shared, several queues: one line each.
+#[test]
+fn bad_vhost_user_input_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nobody.sock");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"not a socket").unwrap();
+    let shared = ["--memory", "size=64M,shared=on"];
+    let net = |p: &std::path::Path| format!("vhost-user={}", p.display());
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec!["--net".into(), net(&missing)],
+            vec!["needs shared guest memory", "shared=on"],
+        ),
+        (
+            vec![
+                shared[0].into(),
+                shared[1].into(),
+                "--net".into(),
+                net(&missing),
+            ],
+            vec!["nobody.sock", "no backend accepted a connection within 5 s"],
+        ),
+        (
+            vec![
+                shared[0].into(),
+                shared[1].into(),
+                "--net".into(),
+                net(&file),
+            ],
+            vec!["plain-file", "not a unix socket"],
+        ),
+        (
+            vec![
+                shared[0].into(),
+                shared[1].into(),
+                "--net".into(),
+                format!("{},queues=2", net(&missing)),
+            ],
+            vec!["only one queue pair"],
+        ),
+        (
+            vec!["--net".into(), "vhost-user=relative.sock".into()],
+            vec!["absolute"],
+        ),
+        (
+            vec!["--net".into(), format!("tap=v0,{}", net(&missing))],
+            vec!["either tap= or vhost-user="],
+        ),
+        (
+            vec!["--memory".into(), "size=64M,shared=on,hugepages=on".into()],
+            vec!["shared", "hugepages"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = vireo_error(None, &args);
+        assert_one_line_error(code, &err, &needles);
+    }
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"not a socket",
+        "the file is untouched"
     );
 }
 

@@ -3,10 +3,10 @@
 //! kernel (mbind, seen in /proc/PID/numa_maps), also after a snapshot is restored in a
 //! fresh VMM. This host has one NUMA node: binding to node 0 is what can be checked here.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vireo_e2e::{api, assert_guest_ok, bin, serial_line, wait_for_socket, Vireo};
+use vireo_e2e::mobility::restore;
+use vireo_e2e::{api, assert_guest_ok, serial_line, wait_for_socket, Vireo};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -137,16 +137,7 @@ fn a_node_bound_to_a_host_node_lives_there_also_after_a_restore() {
     assert_eq!(vm.wait(T).status.code(), Some(0));
 
     let serial = dir.path().join("restored.log");
-    let mut restored = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut restored = restore(&snap, &serial, None);
     let start = std::time::Instant::now();
     let text = loop {
         let t = std::fs::read_to_string(&serial).unwrap_or_default();

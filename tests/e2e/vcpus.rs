@@ -7,9 +7,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use vireo_e2e::mobility::{migrate_to_new_vmm, restore};
 use vireo_e2e::{
-    api, assert_guest_ok, bin, config_field_of, guest, have_qemu, secret_field, serial_line,
-    wait_for_socket, wait_with_timeout, Running, Vireo,
+    api, assert_guest_ok, guest, have_qemu, serial_line, wait_for_socket, wait_with_timeout,
+    Running, Vireo,
 };
 
 const T: Duration = Duration::from_secs(90);
@@ -187,16 +188,7 @@ fn thirty_two_busy_vcpus_survive_pause_resume_and_a_snapshot_restored_elsewhere(
     assert_eq!(vm.wait(T).status.code(), Some(0));
 
     let serial = dir.path().join("restored.log");
-    let mut restored = Command::new(bin("vireo"))
-        .arg("--restore")
-        .arg(format!("source_url=file://{},resume=on", snap.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut restored = restore(&snap, &serial, None);
     let text = || std::fs::read_to_string(&serial).unwrap_or_default();
     let after = wait_every_ap_advancing(text, before);
     assert!(after > before);
@@ -216,47 +208,16 @@ fn thirty_two_busy_vcpus_live_migrate_and_every_ap_goes_on() {
     let src = busy_vm(&src_sock);
     wait_every_ap_advancing(|| src.serial_text(), 2);
 
-    let dst_sock = dir.path().join("dst.sock");
-    let dst_serial = dir.path().join("dst.log");
-    let dst = Command::new(bin("vireo"))
-        .arg("--api-socket")
-        .arg(&dst_sock)
-        .arg("--serial")
-        .arg(format!("file={}", dst_serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&dst_sock, T);
-    let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    let body = format!(
-        r#"{{"receiver_url":"{url}"{}{}}}"#,
-        config_field_of(&src_sock),
-        secret_field()
-    );
-    let (s, b) = api(&dst_sock, "PUT", "vm.receive-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
-    let body = format!(r#"{{"destination_url":"{url}"{}}}"#, secret_field());
-    let (s, b) = api(&src_sock, "PUT", "vm.send-migration", Some(&body));
-    assert_eq!(s, 204, "{b}");
-    // The source hands over and exits; the APs go on at the destination.
-    let src_out = src.wait(T);
-    assert_eq!(
-        src_out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&src_out.stderr)
-    );
-    let text = || std::fs::read_to_string(&dst_serial).unwrap_or_default();
+    let dst = migrate_to_new_vmm(&src_sock, src, dir.path());
+    let text = || dst.serial_text();
     wait_every_ap_advancing(text, 0);
     assert!(
         !text().contains("smp online"),
         "the guest must not start over at the destination:\n{}",
         text()
     );
-    assert_eq!(api(&dst_sock, "PUT", "vm.shutdown", None).0, 204);
-    let out = wait_with_timeout(dst, T);
+    assert_eq!(api(&dst.sock, "PUT", "vm.shutdown", None).0, 204);
+    let out = dst.wait();
     assert_eq!(
         out.status.code(),
         Some(0),

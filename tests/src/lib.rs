@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod mobility;
 #[path = "../guest/netframe.rs"]
 pub mod netframe;
 pub mod netns;
@@ -205,7 +206,8 @@ impl Drop for Running {
 pub fn wait_with_timeout(child: Child, timeout: Duration) -> Output {
     wait_or_kill(child, timeout).unwrap_or_else(|out| {
         panic!(
-            "process did not finish within {timeout:?}; stderr:\n{}",
+            "process did not finish within {timeout:?}; stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )
     })

@@ -151,6 +151,21 @@ pub fn check_url(url: &str) -> Result<(), ConfineError> {
     r.check(path)
 }
 
+/// With roots, a vhost-user backend's socket (`--net vhost-user=PATH`) must be beneath
+/// a storage root or in a `--socket-dir` (checked on the path: a socket is connected by
+/// name), as migration sockets.
+pub fn check_socket(path: &Path) -> Result<(), ConfineError> {
+    let Some(r) = roots() else {
+        return Ok(());
+    };
+    confine::check_lexical(path)?;
+    let dirs = SOCKET_DIRS.get().map(Vec::as_slice).unwrap_or(&[]);
+    if confine::in_socket_dir(path, dirs) {
+        return Ok(());
+    }
+    r.check(path)
+}
+
 /// Creates the new image `path` (0600, `O_EXCL|O_NOFOLLOW` in its directory, beneath a
 /// root when there are roots) in `format`; on failure nothing is left.
 pub fn create_image(

@@ -15,7 +15,10 @@ use devices::legacy::{
 };
 use devices::pci::{PciDevice, PciEcam, PciRoot, PciRootError, ECAM_BUS_SIZE};
 use devices::virtio::block::{Block, BlockConfig};
-use devices::virtio::net::{Net, NetConfig};
+use devices::virtio::net::{Net, NetConfig, VhostUserNet};
+
+/// How long a VMM waits for a vhost-user backend (a switch starting, restarting).
+const VHOST_USER_CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 use devices::virtio::{
     GuestMemoryMmap, VirtioDevice, VirtioPciDevice, VirtioPciError, VIRTIO_PCI_BAR_SIZE,
 };
@@ -40,6 +43,10 @@ pub enum DeviceError {
     Disk(#[from] OpenError),
     #[error(transparent)]
     Tap(#[from] net::TapError),
+    #[error(transparent)]
+    VhostUser(#[from] devices::virtio::net::VhostUserError),
+    #[error("vhost-user socket {0}")]
+    SocketConfined(String),
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
         path: String,
@@ -358,9 +365,17 @@ impl DeviceManager {
         }
         for (i, n) in config.nets.iter().enumerate() {
             let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
-            let tap = Arc::new(net::Tap::open(&n.tap)?);
             // `Vm::new` assigned one; a configuration restored from elsewhere may lack it.
             let mac = n.mac.unwrap_or_else(net::MacAddr::random_local);
+            if let Some(path) = &n.vhost_user {
+                crate::confinement::check_socket(path)
+                    .map_err(|e| DeviceError::SocketConfined(e.to_string()))?;
+                tracing::info!(%id, socket = %path.display(), %mac, "vhost-user network device");
+                let dev = VhostUserNet::connect(path, mac, VHOST_USER_CONNECT_DEADLINE)?;
+                dm.add_virtio(hv, mem, id, Box::new(dev))?;
+                continue;
+            }
+            let tap = Arc::new(net::Tap::open(&n.tap)?);
             tracing::info!(%id, tap = %n.tap, %mac, "network device");
             let dev = Net::new(tap, NetConfig { mac }).with_reopen(reopen_tap(&n.tap));
             dm.add_virtio(hv, mem, id, Box::new(dev))?;

@@ -16,6 +16,7 @@ pub mod jail;
 pub mod kvm;
 pub mod landlock;
 pub mod layout;
+pub mod lease_slot;
 pub mod live;
 pub mod memory;
 pub mod notify;

@@ -37,7 +37,7 @@ struct Cli {
     /// A virtio-balloon: size=SIZE (asked back at start; vm.resize changes it)[,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=SECONDS] (default 1; 0: no statistics). Pages the guest gives go back to the host (madvise); not with hugepages.
     #[arg(long)]
     balloon: Option<String>,
-    /// Memory: size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed).
+    /// Memory: size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed)[,shared=on] (memfd-backed RAM a vhost-user backend can map; needed by --net vhost-user).
     #[arg(long, default_value = "size=512M")]
     memory: String,
     /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]
@@ -474,6 +474,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Rng => ThreadKind::RngWorker,
             devices::threads::WorkerKind::Console => ThreadKind::ConsoleWorker,
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
+            devices::threads::WorkerKind::VhostUserLink => ThreadKind::VhostUserLink,
             devices::threads::WorkerKind::Balloon => ThreadKind::BalloonWorker,
         })
     }));
@@ -491,6 +492,16 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let cfg_is_none = cfg.is_none();
     let domain = control_domain(&cli, cfg.as_ref());
+    // The control thread is confined before any guest code runs: a guest that starts
+    // its devices at once meets a control thread under its filter and domain (this
+    // thread builds and boots VMs under them anyway: vm.create, a reboot).
+    vmm::landlock::confine_control_thread(domain)?;
+    filters.apply(ThreadKind::Control)?;
+    #[cfg(feature = "test-hooks")]
+    {
+        vmm::test_hooks::probe_syscall("control");
+        vmm::test_hooks::probe_open();
+    }
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
         vmm.boot()?;
@@ -517,13 +528,6 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         // for vm.create / vm.restore / vm.receive-migration (a systemd unit that
         // receives a migration is "started" once it can listen).
         notify::notify("READY=1");
-    }
-    vmm::landlock::confine_control_thread(domain)?;
-    filters.apply(ThreadKind::Control)?;
-    #[cfg(feature = "test-hooks")]
-    {
-        vmm::test_hooks::probe_syscall("control");
-        vmm::test_hooks::probe_open();
     }
     let exit = vmm.run();
     if let Some(server) = server {

@@ -1,8 +1,12 @@
-//! Guest RAM: anonymous mappings (optionally huge pages) with a dirty bitmap that
-//! devices fill when they write guest memory.
+//! Guest RAM: anonymous mappings (optionally huge pages), or with `shared` one sealed
+//! memfd per region mapped shared (so a vhost-user backend can map it too), with a
+//! dirty bitmap that devices fill when they write guest memory.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
 
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
-use vm_memory::{GuestAddress, GuestRegionCollection};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionCollection};
 
 use devices::virtio::dirty_bitmap::DirtyBitmap;
 use devices::virtio::{GuestMemoryMmap, GuestRegionMmap};
@@ -65,16 +69,46 @@ fn host_ram() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// A memfd of `len` bytes for the region at `start`, sealed against shrinking (a
+/// backend that maps it must never see it cut under its mapping) and against new seals.
+fn region_memfd(start: u64, len: u64) -> std::io::Result<File> {
+    let name = std::ffi::CString::new(format!("vireo-ram-{start:x}"))
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: memfd_create with a valid C string; the fd is owned at once.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    // SAFETY: fcntl on our own fd with integer arguments.
+    let r = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 /// Maps `size` bytes of guest RAM laid out by [`layout::ram_ranges`]. Normal pages
 /// reserve nothing (`MAP_NORESERVE`): a page is backed when the guest first touches it.
 /// Huge pages (`hugepages`: their size in bytes) are reserved from the host's pool up
 /// front, so a pool too small is a clear error now rather than a SIGBUS when the guest
 /// reaches the page the pool could not give. A guest larger than the host is refused
-/// unless `overcommit`.
+/// unless `overcommit`. With `shared` (not with huge pages: the configuration refuses
+/// it) each region is a memfd mapped `MAP_SHARED`, for a vhost-user backend.
 pub fn create_guest_memory(
     size: u64,
     hugepages: Option<u64>,
     overcommit: bool,
+    shared: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     if let Some(host) = host_ram().filter(|_| !overcommit) {
         if size > host {
@@ -84,7 +118,11 @@ pub fn create_guest_memory(
             });
         }
     }
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let mut flags = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+    };
     match hugepages {
         Some(page) => {
             let page_kib = page >> 10;
@@ -114,12 +152,15 @@ pub fn create_guest_memory(
             },
             reason,
         };
-        let mapping =
+        let mut builder =
             MmapRegionBuilder::new_with_bitmap(len as usize, DirtyBitmap::with_len(len as usize))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .build()
-                .map_err(|e| map_err(e.to_string()))?;
+                .with_mmap_flags(flags);
+        if shared {
+            let file = region_memfd(start, len).map_err(|e| map_err(format!("memfd: {e}")))?;
+            builder = builder.with_file_offset(FileOffset::new(file, 0));
+        }
+        let mapping = builder.build().map_err(|e| map_err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| map_err("region wraps the address space".into()))?;
         regions.push(region);

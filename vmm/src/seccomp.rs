@@ -51,6 +51,11 @@ pub enum ThreadKind {
     /// TUNSETIFF & co. before any filter, or by the control thread on reattach),
     /// epoll, interrupts.
     NetWorker,
+    /// A vhost-user network device's link watcher (`vireo-vu-link`): it waits for the
+    /// backend's socket to hang up, then connects to the same path again and replays
+    /// the rings (unix sockets: socket, connect, sendmsg/recvmsg with fds; no files, no
+    /// ioctls). Started by the control thread when the device is created.
+    VhostUserLink,
     /// A live migration page stream (`vireo-mig-in*`, `vireo-mig-out*`): it parses or
     /// writes the network stream and copies pages through the guest memory mapping;
     /// no files, no ioctls, no new sockets.
@@ -64,7 +69,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 12] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -74,6 +79,7 @@ impl ThreadKind {
         ThreadKind::ConsoleWorker,
         ThreadKind::BalloonWorker,
         ThreadKind::NetWorker,
+        ThreadKind::VhostUserLink,
         ThreadKind::PageStream,
         ThreadKind::Receive,
     ];
@@ -241,6 +247,8 @@ const CONTROL: &[i64] = &[
     // Virtual NUMA: binding a node's guest memory to its host node (at VM creation,
     // which a restore or an incoming migration does after the filters are in).
     libc::SYS_mbind,
+    // `--memory shared=on`: one memfd per RAM region (sealed with fcntl).
+    libc::SYS_memfd_create,
 ];
 
 fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
@@ -335,6 +343,9 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
                 &mut rules,
                 &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
             );
+            // vhost-user network devices: the rings are sent to the backend (memfds
+            // and eventfds as SCM_RIGHTS) on the socket the control thread connected.
+            allow(&mut rules, &[libc::SYS_sendmsg, libc::SYS_recvmsg]);
             rules.insert(libc::SYS_ioctl, ioctls(&WORKER_IOCTLS)?);
         }
         ThreadKind::BlockWorker => {
@@ -361,6 +372,10 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         }
         ThreadKind::PageStream => {
             allow(&mut rules, SOCKETS);
+        }
+        ThreadKind::VhostUserLink => {
+            allow(&mut rules, SOCKETS);
+            allow(&mut rules, &[libc::SYS_socket, libc::SYS_connect]);
         }
         ThreadKind::Receive => {
             // The streams it was handed, and writes and flushes of the disks the
@@ -910,7 +925,14 @@ mod tests {
                 libc::EPERM
             };
             assert_eq!(open, want, "{kind:?} openat");
-            assert_eq!(socket, want, "{kind:?} socket");
+            // The vhost-user link watcher connects again to a restarted backend (a unix
+            // socket); it still opens no file.
+            let want_socket = if kind == ThreadKind::VhostUserLink {
+                0
+            } else {
+                want
+            };
+            assert_eq!(socket, want_socket, "{kind:?} socket");
         }
     }
 

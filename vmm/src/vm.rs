@@ -100,6 +100,7 @@ impl IncomingVm {
             config.memory.size,
             config.memory.huge_page(),
             config.memory.overcommit,
+            config.memory.shared,
         )?);
         if !config.numa.is_empty() {
             let ranges = api::numa::node_ranges(

@@ -74,6 +74,8 @@ pub struct Vmm {
     /// An arriving clustered VM's write lease, renewed by `vm.lease` until the VM is
     /// built (then the VM's own lease takes the renewals).
     incoming_lease: Option<Arc<devices::block::WriteLease>>,
+    /// The lease in force, renewed by the API thread itself (see `lease_slot`).
+    lease_slot: crate::lease_slot::LeaseSlot,
 }
 
 impl Vmm {
@@ -95,6 +97,7 @@ impl Vmm {
             watchdog: None,
             events: Default::default(),
             incoming_lease: None,
+            lease_slot: Default::default(),
         }
     }
 
@@ -179,10 +182,37 @@ impl Vmm {
         }
     }
 
-    /// How the API server reaches this loop.
+    /// How the API server reaches this loop. A write lease's renewal is taken on the
+    /// API thread (`lease_slot`): it never waits behind the loop's other work.
     pub fn api_dispatch(&self) -> api::Dispatch {
         let tx = Mutex::new(self.events_tx.clone());
-        Arc::new(move |req| sync::lock(&tx).send(ControlEvent::Api(req)).is_ok())
+        let leases = self.lease_slot.clone();
+        Arc::new(move |req| match leases.try_renew(req) {
+            Ok(()) => true,
+            Err(req) => sync::lock(&tx).send(ControlEvent::Api(req)).is_ok(),
+        })
+    }
+
+    /// Points the API thread's renewals at the lease in force: the VM's own, or an
+    /// arriving clustered VM's.
+    fn publish_lease(&self) {
+        self.lease_slot.set(self.lease_in_force());
+    }
+
+    /// The VM's own lease, or while a clustered VM arrives (not built yet), the
+    /// incoming one, which nothing ran under yet.
+    fn lease_in_force(&self) -> Option<crate::lease_slot::InForce> {
+        use crate::lease_slot::InForce;
+        match &self.vm {
+            Some(vm) => vm.devices().write_lease.clone().map(|lease| InForce {
+                lease,
+                unused: false,
+            }),
+            None => self.incoming_lease.clone().map(|lease| InForce {
+                lease,
+                unused: true,
+            }),
+        }
     }
 
     pub fn create(&mut self, config: VmConfig) -> Result<(), VmError> {
@@ -250,6 +280,7 @@ impl Vmm {
     /// Runs until the VM stops (or `vmm.shutdown`); returns why.
     pub fn run(&mut self) -> VmmExit {
         loop {
+            self.publish_lease();
             self.watchdog_tick();
             self.lease_tick();
             let event = match self.next_event() {
@@ -352,23 +383,16 @@ impl Vmm {
                 }
                 vm.resume().map(|_| None).map_err(api_error)
             }),
-            VmAction::Lease(l) if self.vm.is_none() && self.incoming_lease.is_some() => {
-                self.incoming_lease.as_ref().map_or(Ok(None), |lease| {
-                    lease
-                        .renew(l.deadline_monotonic_ns)
-                        .map(|()| None)
-                        .map_err(|e| ApiError::conflict(e.to_string()))
-                })
-            }
-            VmAction::Lease(l) => self.vm_mut().and_then(|vm| {
-                let lease = vm.devices().write_lease.as_ref().ok_or_else(|| {
-                    ApiError::conflict("this VM has no write lease (not a clustered VM)")
-                })?;
-                lease
-                    .renew(l.deadline_monotonic_ns)
-                    .map(|()| None)
-                    .map_err(|e| ApiError::conflict(e.to_string()))
-            }),
+            // Normally taken on the API thread (`lease_slot`); here when the slot was
+            // not published yet, or there is no lease.
+            VmAction::Lease(l) => match self.lease_in_force() {
+                Some(in_force) => in_force.renew(l.deadline_monotonic_ns),
+                None => self.vm_mut().and_then(|_| {
+                    Err(ApiError::conflict(
+                        "this VM has no write lease (not a clustered VM)",
+                    ))
+                }),
+            },
             VmAction::Shutdown => self.vm_mut().and_then(|vm| {
                 vm.shutdown().map_err(api_error)?;
                 exit = Some(VmmExit::PowerOff);
@@ -938,6 +962,13 @@ impl Vmm {
                 let r = if self.vm.is_some() {
                     Err("a VM already exists in this VMM".to_string())
                 } else {
+                    // Renewals taken while the VM was built went to the incoming lease;
+                    // the VM has not run yet, so its own lease is still unused.
+                    if let (Some(arrived), Some(own)) =
+                        (&self.incoming_lease, vm.devices().write_lease.as_ref())
+                    {
+                        let _ = own.renew_unused(arrived.deadline_ns());
+                    }
                     self.vm = Some(*vm);
                     self.incoming_lease = None;
                     self.run_incoming_on_go = running;

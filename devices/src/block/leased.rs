@@ -80,6 +80,19 @@ impl WriteLease {
         Ok(())
     }
 
+    /// Renews a lease nothing has run or written under yet (an arriving VM's, before
+    /// the VM is built): a deadline still ahead is taken even if the old one passed.
+    /// Its expiry fenced nothing, and the new deadline is the host's word, now, that it
+    /// holds its cluster lease. A deadline already past is refused like [`Self::renew`].
+    pub fn renew_unused(&self, deadline_ns: u64) -> Result<(), LeaseError> {
+        if deadline_ns <= monotonic_ns() {
+            return self.renew(deadline_ns);
+        }
+        self.deadline_ns.fetch_max(deadline_ns, Ordering::AcqRel);
+        self.expired.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// `Ok` while writes may go on; the error every refused write returns.
     pub fn check(&self) -> io::Result<()> {
         if self.expired() {

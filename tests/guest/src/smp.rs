@@ -339,6 +339,7 @@ pub fn start_aps(aps: usize, work: Work, rounds: u64, init_us: u64, timeout_ms: 
         send_ipi(ICR_ALL_BUT_SELF | ICR_STARTUP | vector);
     }
     let deadline = timeout_ms * khz;
+    let mut next_report = 5_000 * khz;
     loop {
         let online = slots
             .iter()
@@ -347,7 +348,19 @@ pub fn start_aps(aps: usize, work: Work, rounds: u64, init_us: u64, timeout_ms: 
         if online == aps {
             break;
         }
-        if rdtsc() - t0 > deadline {
+        let waited = rdtsc() - t0;
+        if waited > next_report {
+            // A slow start (a loaded host) shows how far it got.
+            crate::println!(
+                "smp waiting ms={} online={} of {} tickets={}",
+                waited / khz,
+                online,
+                aps,
+                AP_TICKET.load(Ordering::SeqCst)
+            );
+            next_report += 5_000 * khz;
+        }
+        if waited > deadline {
             crate::fail!(
                 "smp: {} of {} APs online after {} ms (tickets taken {})",
                 online,

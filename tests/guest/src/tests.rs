@@ -1291,7 +1291,9 @@ pub fn smp(si: &crate::hvm::StartInfo) -> ! {
     };
     let rounds = num("rounds", Some(1 << 20));
     let init_us = num("init_us", Some(10_000));
-    let khz = crate::timer::tsc_khz().khz;
+    let tsc = crate::timer::tsc_khz();
+    let khz = tsc.khz;
+    println!("smp tsc khz={} source={}", khz, tsc.source);
     let started = smp::start_aps(aps, work, rounds, init_us, num("timeout_ms", Some(60_000)));
     println!(
         "smp online cpus={} aps={} us={}",

@@ -399,6 +399,7 @@ mod tests {
         assert_eq!(
             check(|c, _| c.nets.push(NetConfig {
                 tap: "t1".into(),
+                vhost_user: None,
                 mac: None,
                 id: None
             }))

@@ -87,7 +87,14 @@ fn clear_dirty_log(vm: &VmFd, slot: u32, pages: u64, bitmap: &mut [u64]) -> std:
 /// guest that touched a few GiB, is almost everything. Asked of the kernel by
 /// PAGEMAP_SCAN (Linux 6.7: ranges, so the cost follows the populated memory, not the
 /// configured size), else by reading /proc/self/pagemap entry by entry, else every page.
+///
+/// Shared memory (`--memory shared=on`) counts as populated everywhere: a vhost-user
+/// backend writes pages through its own mapping, which this process's page tables never
+/// show.
 pub fn populated_pages(mem: &GuestMemoryMmap) -> Bitmaps {
+    if mem.iter().any(|r| r.file_offset().is_some()) {
+        return all_pages(mem);
+    }
     let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
         return all_pages(mem);
     };
@@ -285,7 +292,7 @@ mod tests {
     #[test]
     fn populated_pages_are_the_written_ones() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem = crate::memory::create_guest_memory(64 << 20, None, false).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, None, false, false).unwrap();
         let written = [0u64, 1, 513, 4096, 16383];
         for p in written {
             mem.write_obj(0xa5u8, GuestAddress(p * PAGE_SIZE + 7))

@@ -9,7 +9,7 @@
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migration::protocol::{self, Message};
 use migration::transport::{Listener, Stream};
@@ -142,6 +142,26 @@ struct Job {
 /// thread's filter does not allow (opening /dev/kvm, disks and taps, KVM ioctls,
 /// removing files) is done there, on this thread's request. Nothing the source sent
 /// decides what is opened: paths come from this host's configuration and storage_dir.
+/// How long an arrived clustered VM waits for a renewal of a write lease that lapsed
+/// while it arrived (vireod renews it only while the host holds its cluster lease; a
+/// loaded host can be late) before the migration is refused.
+const LEASE_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether `lease` is in force, or renewed within `grace` (it is still unused: the
+/// arrived VM has not run here, so a renewal after its deadline is taken).
+fn renewed_within(lease: &devices::block::WriteLease, grace: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if !lease.expired() {
+            return true;
+        }
+        if start.elapsed() >= grace {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn on_control<T: Send + 'static>(
     events: &Sender<ControlEvent>,
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
@@ -412,7 +432,7 @@ fn receive(
     // A clustered VM runs here under this host's write lease as renewed while it
     // arrived (the deadline it was received with is long past after a slow copy).
     if let Some(lease) = &job.write_lease {
-        if lease.expired() {
+        if !renewed_within(lease, LEASE_GRACE) {
             return Err(
                 "the write lease expired while the VM arrived: this host may not run it".into(),
             );

@@ -1,15 +1,18 @@
 //! virtio-net (virtio 1.2, section 5.1): one receive and one transmit queue over a
-//! host [`NetBackend`] (a tap). Features: VERSION_1, MAC, STATUS, MRG_RXBUF; no
-//! offloads, no control queue, no multiqueue.
+//! host [`NetBackend`] (a tap), or served by a vhost-user backend in another process
+//! ([`VhostUserNet`]). Features: VERSION_1, MAC, STATUS, MRG_RXBUF; no offloads, no
+//! control queue, no multiqueue.
 
 mod chain;
 mod device;
+mod vhost_user;
 mod worker;
 
 #[cfg(test)]
 mod tests;
 
 pub use device::{Net, NetBackend, NetConfig, NetCounters, ReopenNet};
+pub use vhost_user::{VhostUserError, VhostUserNet};
 
 /// Entry points of the virtio-net fuzz target (fuzz/): the chain handling of
 /// the worker without the tap, on chains a (hostile) driver wrote.

@@ -7,7 +7,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use serde_json::{json, Value};
 use switch::extension::DropReason;
@@ -18,7 +22,10 @@ use tracing::{debug, info, warn};
 use crate::afpacket::{PacketPort, PortIoError, Rx, RX_BUF};
 use crate::config::{parse_port, Config};
 use crate::control::{self, Request, MAX_REQUEST};
+use crate::vhost_user::{Inbound, ToSwitch, VhostPortError, VhostUserPort};
 
+/// The signalfd, the control socket and the vhost-user wake eventfd come first.
+const FIXED_FDS: usize = 3;
 /// Frames read from one port before the loop turns to the next (fairness).
 const BURST: usize = 64;
 /// Control clients served at once.
@@ -34,6 +41,10 @@ pub enum DaemonError {
     ControlInUse(PathBuf),
     #[error("{0}")]
     PortIo(#[from] PortIoError),
+    #[error("{0}")]
+    VhostPort(#[from] VhostPortError),
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
     #[error("{0}")]
     Switch(#[from] SwitchError),
     #[error("signals: {0}")]
@@ -52,9 +63,22 @@ struct Client {
     trace_lost: u64,
 }
 
+/// The vhost-user ports and the channel their workers hand frames over.
+struct VhostPorts {
+    ports: HashMap<PortId, VhostUserPort>,
+    inbound: Receiver<Inbound>,
+    to_switch: ToSwitch,
+    /// Readable when `inbound` has messages.
+    wake: Arc<EventFd>,
+}
+
+/// Messages taken from the vhost-user workers before the loop turns to the others.
+const INBOUND_BURST: usize = 256;
+
 pub struct Daemon {
     sw: Switch,
     ports: HashMap<PortId, PacketPort>,
+    vhost: VhostPorts,
     listener: UnixListener,
     control_path: PathBuf,
     clients: Vec<Client>,
@@ -102,14 +126,30 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Opens `cfg`'s interface and adds the port to the switch.
+/// Opens `cfg`'s interface (or vhost-user socket) and adds the port to the switch.
 fn open_port(
     sw: &mut Switch,
     ports: &mut HashMap<PortId, PacketPort>,
+    vhost: &mut VhostPorts,
     cfg: PortConfig,
 ) -> Result<PortId, DaemonError> {
     // Checked before the socket opens, so a duplicate never touches the interface.
     cfg.validate().map_err(SwitchError::from)?;
+    if let Some(path) = cfg.vhost_user.clone() {
+        let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
+        let id = sw.add_port(cfg)?;
+        match VhostUserPort::open(id, &name, &path, vhost.to_switch.clone()) {
+            Ok(p) => {
+                vhost.ports.insert(id, p);
+                info!(port = %name, socket = %path.display(), id, vlan = ?mode, "vhost-user port up");
+                return Ok(id);
+            }
+            Err(e) => {
+                let _ = sw.remove_port(&name);
+                return Err(e.into());
+            }
+        }
+    }
     let io = PacketPort::open(cfg.iface())?;
     let (name, iface, mode) = (cfg.name.clone(), io.iface().to_string(), cfg.vlan.clone());
     let id = sw.add_port(cfg)?;
@@ -133,8 +173,16 @@ impl Daemon {
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let mut sw = Switch::new(cfg.switch);
         let mut ports = HashMap::new();
+        let (tx, inbound) = std::sync::mpsc::channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DaemonError::EventFd)?);
+        let mut vhost = VhostPorts {
+            ports: HashMap::new(),
+            inbound,
+            to_switch: ToSwitch::new(tx, wake.clone()),
+            wake,
+        };
         for p in cfg.ports {
-            open_port(&mut sw, &mut ports, p)?;
+            open_port(&mut sw, &mut ports, &mut vhost, p)?;
         }
         for acl in cfg.acls {
             sw.acl_add(&acl.port, acl.rule)?;
@@ -142,6 +190,7 @@ impl Daemon {
         Ok(Self {
             sw,
             ports,
+            vhost,
             listener: bind_control(&cfg.control)?,
             control_path: cfg.control,
             clients: Vec::new(),
@@ -155,12 +204,15 @@ impl Daemon {
     /// Runs until SIGTERM/SIGINT; removes the control socket on the way out.
     pub fn run(mut self) -> Result<(), DaemonError> {
         info!(
-            ports = self.ports.len(),
+            ports = self.ports.len() + self.vhost.ports.len(),
             control = %self.control_path.display(),
             "vireo-switch ready"
         );
         let result = self.poll_loop();
         let _ = std::fs::remove_file(&self.control_path);
+        for p in self.vhost.ports.values() {
+            let _ = std::fs::remove_file(p.path());
+        }
         info!("vireo-switch stopped");
         result
     }
@@ -172,6 +224,7 @@ impl Daemon {
             let mut fds = vec![
                 pollfd(self.signals.as_raw_fd(), libc::POLLIN),
                 pollfd(self.listener.as_raw_fd(), libc::POLLIN),
+                pollfd(self.vhost.wake.as_raw_fd(), libc::POLLIN),
             ];
             fds.extend(
                 port_ids
@@ -199,12 +252,15 @@ impl Daemon {
                 info!("signal received, shutting down");
                 return Ok(());
             }
+            if fds[2].revents != 0 {
+                self.serve_inbound();
+            }
             for (i, id) in port_ids.iter().enumerate() {
-                if fds[2 + i].revents != 0 {
+                if fds[FIXED_FDS + i].revents != 0 {
                     self.serve_port(*id);
                 }
             }
-            let client_events: Vec<i16> = fds[2 + port_ids.len()..]
+            let client_events: Vec<i16> = fds[FIXED_FDS + port_ids.len()..]
                 .iter()
                 .map(|f| f.revents)
                 .collect();
@@ -249,17 +305,52 @@ impl Daemon {
             self.out.clear();
             self.sw.process(id, &self.rx[..len], now, &mut self.out);
             self.dispatch_trace();
-            for e in self.out.drain(..) {
-                let sent = self.ports.get(&e.port).map(|p| p.send(&e.frame));
-                match sent {
-                    Some(Ok(true)) => {}
-                    Some(Ok(false)) => self.sw.record_tx_failure(e.port),
-                    Some(Err(err)) => {
-                        warn!(port = e.port, error = %err, "send failed");
-                        self.sw.record_tx_failure(e.port);
-                    }
-                    None => {}
+            self.send_out();
+        }
+    }
+
+    /// Switches what the vhost-user ports' workers handed over, and counts their drops.
+    fn serve_inbound(&mut self) {
+        let _ = self.vhost.wake.read();
+        for _ in 0..INBOUND_BURST {
+            let msg = match self.vhost.inbound.try_recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            match msg {
+                Inbound::Frame(id, frame) => {
+                    let now = self.epoch.elapsed();
+                    self.out.clear();
+                    self.sw.process(id, &frame, now, &mut self.out);
+                    self.dispatch_trace();
+                    self.send_out();
                 }
+                Inbound::RxDrop(id, why) => self.sw.record_rx_drop(id, why),
+                Inbound::TxDrop(id, why) => self.sw.record_tx_drop(id, why),
+            }
+        }
+        // More wait: come back after the other fds had their turn.
+        let _ = self.vhost.wake.write(1);
+    }
+
+    /// Sends the frames the switch produced to their ports.
+    fn send_out(&mut self) {
+        for e in self.out.drain(..) {
+            if let Some(v) = self.vhost.ports.get(&e.port) {
+                if let Err(why) = v.shared.deliver(e.frame) {
+                    self.sw.record_tx_drop(e.port, why);
+                }
+                continue;
+            }
+            let sent = self.ports.get(&e.port).map(|p| p.send(&e.frame));
+            match sent {
+                Some(Ok(true)) => {}
+                Some(Ok(false)) => self.sw.record_tx_failure(e.port),
+                Some(Err(err)) => {
+                    warn!(port = e.port, error = %err, "send failed");
+                    self.sw.record_tx_failure(e.port);
+                }
+                None => {}
             }
         }
     }
@@ -411,7 +502,19 @@ impl Daemon {
         debug!(?req, "control request");
         let now = self.epoch.elapsed();
         let result: Result<Value, String> = match req {
-            Request::Ports => Ok(json!({ "ports": self.sw.ports() })),
+            Request::Ports => {
+                let mut ports = json!(self.sw.ports());
+                // vhost-user ports also say whether a VMM is connected.
+                if let Some(list) = ports.as_array_mut() {
+                    for p in list {
+                        let id = p["id"].as_u64().unwrap_or(0);
+                        if let Some(v) = self.vhost.ports.get(&(id as PortId)) {
+                            p["connected"] = json!(v.shared.is_connected());
+                        }
+                    }
+                }
+                Ok(json!({ "ports": ports }))
+            }
             Request::Counters { port } => self
                 .sw
                 .counters(&port)
@@ -445,7 +548,8 @@ impl Daemon {
             Request::PortAdd { spec } => parse_port(&spec)
                 .map_err(|e| e.to_string())
                 .and_then(|cfg| {
-                    open_port(&mut self.sw, &mut self.ports, cfg).map_err(|e| e.to_string())
+                    open_port(&mut self.sw, &mut self.ports, &mut self.vhost, cfg)
+                        .map_err(|e| e.to_string())
                 })
                 .map(|id| json!({ "id": id })),
             Request::Trace { port } => match self.sw.set_trace(&port, true) {
@@ -459,6 +563,11 @@ impl Daemon {
             Request::PortRemove { port } => match self.sw.remove_port(&port) {
                 Ok(id) => {
                     self.ports.remove(&id);
+                    if let Some(v) = self.vhost.ports.remove(&id) {
+                        // No new VMM can connect; a connected one's frames are ignored
+                        // (the switch no longer knows the port).
+                        let _ = std::fs::remove_file(v.path());
+                    }
                     info!(%port, "port removed");
                     Ok(json!({}))
                 }

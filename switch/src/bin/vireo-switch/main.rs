@@ -7,6 +7,7 @@ mod afpacket;
 mod config;
 mod control;
 mod daemon;
+mod vhost_user;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -26,7 +27,7 @@ struct Cli {
 enum Cmd {
     /// Runs the switch until SIGTERM or SIGINT.
     Run {
-        /// A port: name=N[,iface=IF][,vlan=V[,pvlan=isolated|community:C|promiscuous]]
+        /// A port: name=N[,iface=IF|,vhost-user=SOCKET][,vlan=V[,pvlan=isolated|community:C|promiscuous]]
         /// [,trunk=V:V..[,native=V]][,mac=M][,ip=A][,guard=mac+dhcp+router+arp|all]
         #[arg(long = "port", value_name = "SPEC")]
         ports: Vec<String>,
