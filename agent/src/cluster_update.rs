@@ -243,17 +243,28 @@ fn run_hook_blocking(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOut
         .env("VIREO_SOCKET", env.socket)
         .current_dir(path.parent().unwrap_or(Path::new("/")))
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .process_group(0);
-    let mut child = match cmd.spawn() {
+    let cannot_run = |e: std::io::Error| HookOutcome {
+        error: Some(format!("hook {}: cannot run it: {e}", path.display())),
+        ..Default::default()
+    };
+    // One pipe for stdout and stderr (as `2>&1`): the log keeps the order the hook
+    // wrote in (two pipes read by two threads interleave at random).
+    let (output, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return cannot_run(e),
+    };
+    match writer.try_clone() {
+        Ok(w) => cmd.stdout(w).stderr(writer),
+        Err(e) => return cannot_run(e),
+    };
+    let spawned = cmd.spawn();
+    // The command holds the pipe's write ends: dropped, the hook's end is the last
+    // one, and the reader sees end-of-file when the hook (and what it started) ends.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
-        Err(e) => {
-            return HookOutcome {
-                error: Some(format!("hook {}: cannot run it: {e}", path.display())),
-                ..Default::default()
-            }
-        }
+        Err(e) => return cannot_run(e),
     };
     let pgid = child.id() as i32;
     let out = Arc::new(Mutex::new(Tail {
@@ -261,21 +272,12 @@ fn run_hook_blocking(path: &Path, args: &[String], env: &HookEnv<'_>) -> HookOut
         cap: LOG_KEEP,
     }));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let mut readers = 0;
-    let stdout = child
-        .stdout
-        .take()
-        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-    let stderr = child
-        .stderr
-        .take()
-        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-    for stream in [stdout, stderr].into_iter().flatten() {
-        let (out, done) = (out.clone(), done_tx.clone());
-        readers += 1;
+    let readers = 1;
+    {
+        let out = out.clone();
         std::thread::spawn(move || {
-            pump(stream, &out);
-            let _ = done.send(());
+            pump(output, &out);
+            let _ = done_tx.send(());
         });
     }
     let deadline = Instant::now() + env.timeout;
