@@ -66,8 +66,13 @@ fn yes() -> bool {
     true
 }
 
-/// `--cluster-etcd`'s endpoints as URLs.
-pub fn endpoints(arg: &str) -> Result<Vec<String>, String> {
+/// `--cluster-etcd`'s endpoints as URLs (`HOST:PORT` gets `https://`, or `http://`
+/// when etcd is reached in clear).
+pub fn endpoints(arg: &str, security: &cluster::EtcdSecurity) -> Result<Vec<String>, String> {
+    let scheme = match security {
+        cluster::EtcdSecurity::Tls(_) => "https",
+        cluster::EtcdSecurity::Insecure => "http",
+    };
     let eps: Vec<String> = arg
         .split(',')
         .filter(|e| !e.is_empty())
@@ -75,7 +80,7 @@ pub fn endpoints(arg: &str) -> Result<Vec<String>, String> {
             if e.contains("://") {
                 e.to_string()
             } else {
-                format!("http://{e}")
+                format!("{scheme}://{e}")
             }
         })
         .collect();
@@ -86,8 +91,11 @@ pub fn endpoints(arg: &str) -> Result<Vec<String>, String> {
 }
 
 /// Connects to etcd and registers nothing yet (the loop joins).
-pub async fn connect(endpoints: &str) -> Result<EtcdStore, String> {
-    EtcdStore::connect(&self::endpoints(endpoints)?)
+pub async fn connect(
+    endpoints: &str,
+    security: &cluster::EtcdSecurity,
+) -> Result<EtcdStore, String> {
+    EtcdStore::connect(&self::endpoints(endpoints, security)?, security)
         .await
         .map_err(|e| format!("--cluster-etcd {endpoints}: {e}"))
 }
@@ -124,8 +132,9 @@ fn realtime_priority() {
 }
 
 impl LeaseRuntime {
-    pub async fn start(endpoints: &str) -> Result<Self, String> {
-        let eps = self::endpoints(endpoints)?;
+    pub async fn start(endpoints: &str, security: &cluster::EtcdSecurity) -> Result<Self, String> {
+        let eps = self::endpoints(endpoints, security)?;
+        let security = security.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("cluster-lease".into())
@@ -142,7 +151,7 @@ impl LeaseRuntime {
                     }
                 };
                 let store = rt
-                    .block_on(EtcdStore::connect(&eps))
+                    .block_on(EtcdStore::connect(&eps, &security))
                     .map_err(|e| format!("--cluster-etcd (lease connection): {e}"));
                 let _ = tx.send(store.map(|store| LeaseRuntime {
                     handle: rt.handle().clone(),

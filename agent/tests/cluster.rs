@@ -45,8 +45,13 @@ fn clustered_vms_fail_over_high_first_with_newer_fencing_tokens() {
     let etcd = EtcdCluster::start(3);
     let shared = tempfile::tempdir().unwrap();
     let eps = etcd.endpoints_arg();
-    let node =
-        |name: &str| common::start_with(&common::cluster_node_args(&eps, name, shared.path()));
+    let node = |name: &str| {
+        common::start_with(&common::loopback_cluster_node_args(
+            &eps,
+            name,
+            shared.path(),
+        ))
+    };
     let mut a = node("a");
     let b = node("b");
     wait_until(
@@ -197,7 +202,7 @@ fn a_vm_started_beside_a_slow_start_keeps_its_write_lease() {
     )
     .unwrap();
     let node = |name: &str, vmm: Option<&Path>| {
-        let mut args = common::cluster_node_args(&eps, name, shared.path());
+        let mut args = common::loopback_cluster_node_args(&eps, name, shared.path());
         if let Some(v) = vmm {
             args.extend(["--vireo-bin".to_string(), v.display().to_string()]);
         }
@@ -305,7 +310,7 @@ fn a_vm_started_beside_a_slow_start_keeps_its_write_lease() {
 fn a_vmm_that_does_not_answer_holds_up_no_other_vms_renewals() {
     let etcd = EtcdCluster::start(3);
     let shared = tempfile::tempdir().unwrap();
-    let args = common::cluster_node_args(&etcd.endpoints_arg(), "a", shared.path());
+    let args = common::loopback_cluster_node_args(&etcd.endpoints_arg(), "a", shared.path());
     let a = common::start_with(&args);
     // "aa" is renewed before "zz" in name order.
     for (vm, prio) in [("aa", "high"), ("zz", "low")] {

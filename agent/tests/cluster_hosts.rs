@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::pki::{tls_args, Pki};
 use common::{Daemon, T};
 use serde_json::json;
-use vireo_e2e::etcd::EtcdCluster;
+use vireo_e2e::etcd::{EtcdCluster, EtcdTlsFiles};
 use vireo_e2e::netns::{is_root, NetNs};
 use vireo_e2e::seqdisk;
 
@@ -112,16 +112,32 @@ impl Cluster {
             .enumerate()
             .map(|(i, ns)| (ip(i), ns.clone()))
             .collect();
-        let etcd = EtcdCluster::start_in_namespaces(&members);
+        // Each host's identity names its address too: etcd's members present it as
+        // servers and peers, and the nodes dial them by address.
+        let pki = Pki::new();
+        let ids: Vec<_> = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| pki.host_with_sans(name, &[&ip(i)]))
+            .collect();
+        let etcd = EtcdCluster::start_in_namespaces_tls(
+            &members,
+            EtcdTlsFiles {
+                ca: ids[0].ca.clone(),
+                members: ids
+                    .iter()
+                    .map(|id| (id.cert.clone(), id.key.clone()))
+                    .collect(),
+            },
+        );
         let shared = tempfile::tempdir().unwrap();
         let eps = etcd.endpoints_arg();
-        let pki = Pki::new();
         let nodes: Vec<Daemon> = NODES
             .iter()
             .enumerate()
             .map(|(i, name)| {
                 let mut args = common::cluster_node_args(&eps, name, &root(i, shared.path()));
-                args.extend(tls_args(&pki.host(name)));
+                args.extend(tls_args(&ids[i]));
                 args.extend(["--listen".to_string(), peer_addr(i)]);
                 // Room for four 1-vCPU VMs on one node of this 2-CPU machine.
                 args.extend(["--cluster-vcpus".to_string(), "8".to_string()]);
@@ -1240,4 +1256,97 @@ fn validation_names_a_node_without_the_shared_directory_and_one_with_another_ver
         "{text}"
     );
     assert!(html.contains("b runs vireo 9.9.9-test"), "{html}");
+}
+
+/// etcd holds every node's VM definitions (disks, kernels, networks): it admits only
+/// the hosts of the cluster's CA, and a node reaches it over mutual TLS only.
+/// - A host with a certificate of another CA (etcdctl, the etcd project's own client)
+///   is refused; so is anyone in clear; the cluster's own identity gets in.
+/// - A vireod with a foreign identity never joins: its log says it cannot, and the
+///   cluster still has three nodes.
+/// - A vireod without an identity, or given `http://` endpoints, refuses to start with
+///   one line (`--cluster-etcd-insecure` is the only way to etcd in clear).
+#[test]
+fn etcd_admits_only_the_cluster_cas_hosts_and_a_node_needs_its_identity() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    let other_ca = Pki::new();
+    let stranger = other_ca.host_with_sans("d", &[&ip(0)]);
+    let own = c._pki.dir.path().join("a");
+    let etcdctl = |ca: &Path, cert: &Path, key: &Path, endpoint: &str| {
+        let mut cmd = std::process::Command::new("/usr/bin/etcdctl");
+        c.hosts.nodes[0].enter_on_exec(&mut cmd);
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", endpoint, "--command-timeout=3s"])
+            .arg("--cacert")
+            .arg(ca)
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(["get", "--prefix", "vireo/nodes/", "--keys-only"]);
+        cmd.output().expect("run etcdctl")
+    };
+    let https = format!("https://{}:2379", ip(0));
+    let mine = etcdctl(
+        &own.join("ca.crt"),
+        &own.join("host.crt"),
+        &own.join("host.key"),
+        &https,
+    );
+    assert!(mine.status.success(), "{mine:?}");
+    assert!(String::from_utf8_lossy(&mine.stdout).contains("vireo/nodes/a"));
+    // Their own CA trusted on their side; ours refuses their certificate.
+    let theirs = etcdctl(&stranger.ca, &stranger.cert, &stranger.key, &https);
+    assert!(!theirs.status.success(), "a stranger read etcd: {theirs:?}");
+    let clear = etcdctl(
+        &own.join("ca.crt"),
+        &own.join("host.crt"),
+        &own.join("host.key"),
+        &format!("http://{}:2379", ip(0)),
+    );
+    assert!(!clear.status.success(), "etcd answered in clear: {clear:?}");
+
+    // A vireod with the stranger's identity, on host a's network.
+    let eps = c.etcd.endpoints_arg();
+    let mut args = common::cluster_node_args(&eps, "d", c.shared.path());
+    args.extend(tls_args(&stranger));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start_in_netns(&refs, c.hosts.nodes[0].clone());
+    c.wait("d's failed join", || {
+        d.log().contains("cannot join the cluster")
+    });
+    assert_eq!(c.members(), 3, "{}", c.logs());
+    drop(d);
+
+    // A vireod without an identity, and one given etcd in clear: refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let http_eps = eps.replace("https://", "http://");
+    let id = tls_args(&stranger);
+    let cases: [(&str, Vec<String>, &str); 2] = [
+        (
+            &eps,
+            vec![],
+            "etcd is reached over mutual TLS with this host's identity",
+        ),
+        (&http_eps, id, "etcd in clear"),
+    ];
+    for (endpoints, identity, why) in cases {
+        let out = std::process::Command::new(common::bin("vireod"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--run-dir")
+            .arg(dir.path().join("run"))
+            .args(["--no-cpu-cgroups", "--no-autostart", "--no-jail"])
+            .args(["--cluster-etcd", endpoints, "--node-name", "e"])
+            .args(&identity)
+            .output()
+            .expect("run vireod");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
 }

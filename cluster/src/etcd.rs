@@ -2,14 +2,19 @@
 //! the `etcd-client` crate), one connection per member (see [`crate::endpoints`]):
 //! requests go to one member at a time, and a member that is unreachable or has no
 //! leader is left for a healthy one.
+//!
+//! Whoever can write to etcd defines the VMs every node runs (their disks, kernels,
+//! networks), so a node reaches it over mutual TLS ([`EtcdTls`]: `https://` endpoints,
+//! the host's certificate presented to an etcd started with `--client-cert-auth`).
+//! Clear `http://` is for a test bench only, and must be asked for by the caller.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, PutOptions, TxnOp, WatchOptions,
+    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, Identity, PutOptions, TlsOptions, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -104,19 +109,93 @@ fn txn_op(o: Op) -> TxnOp {
     }
 }
 
-impl EtcdStore {
-    /// Connects to the cluster's members (`http://host:port`): one client each,
-    /// connecting lazily, and a task probing their health while the store lives.
-    pub async fn connect(endpoints: &[String]) -> StoreResult<Self> {
-        if endpoints.is_empty() {
-            return Err(StoreError::Unavailable("no etcd endpoint given".into()));
+/// How a node proves itself to etcd and recognises its members: the cluster's CA and
+/// this host's certificate and key (PEM). Every member's certificate must name the
+/// address the node dials (an IP or DNS SAN).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls { .. }") // Never the key.
+    }
+}
+
+impl EtcdTls {
+    /// Reads the three PEM files.
+    pub fn from_files(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        Ok(Self {
+            ca_pem: read(ca)?,
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+        })
+    }
+}
+
+/// How a node reaches etcd: over mutual TLS, or in clear when its caller asked for it.
+#[derive(Clone, Debug)]
+pub enum EtcdSecurity {
+    Tls(EtcdTls),
+    /// `http://` endpoints (a test bench on loopback): anyone who reaches etcd then
+    /// controls every node's VMs.
+    Insecure,
+}
+
+/// Checks that every endpoint's scheme matches `security`: `https://` with TLS,
+/// `http://` only when asked for in clear.
+pub fn check_endpoints(endpoints: &[String], security: &EtcdSecurity) -> Result<(), String> {
+    if endpoints.is_empty() {
+        return Err("no etcd endpoint given".into());
+    }
+    for ep in endpoints {
+        match (ep.split_once("://").map(|(s, _)| s), security) {
+            (Some("https"), EtcdSecurity::Tls(_)) | (Some("http"), EtcdSecurity::Insecure) => {}
+            (Some("http"), EtcdSecurity::Tls(_)) => {
+                return Err(format!(
+                    "{ep}: etcd in clear; the node's identity is given, so the endpoints must be https://"
+                ))
+            }
+            (Some("https"), EtcdSecurity::Insecure) => {
+                return Err(format!(
+                    "{ep}: https:// needs the host's identity (--tls-cert, --tls-key, --tls-ca)"
+                ))
+            }
+            _ => return Err(format!("{ep}: expected https://HOST:PORT")),
         }
-        let opts = ConnectOptions::new()
+    }
+    Ok(())
+}
+
+impl EtcdStore {
+    /// Connects to the cluster's members (`https://host:port` with [`EtcdTls`], or
+    /// `http://` when [`EtcdSecurity::Insecure`]): one client each, connecting lazily,
+    /// and a task probing their health while the store lives.
+    pub async fn connect(endpoints: &[String], security: &EtcdSecurity) -> StoreResult<Self> {
+        check_endpoints(endpoints, security).map_err(StoreError::Unavailable)?;
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_keep_alive(Duration::from_secs(1), Duration::from_millis(500))
             // A member cut off from its quorum answers "no leader" at once instead of
             // holding the request until it times out.
             .with_require_leader(true);
+        if let EtcdSecurity::Tls(tls) = security {
+            opts = opts.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                    .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+            );
+        }
         let mut members = Vec::with_capacity(endpoints.len());
         for ep in endpoints {
             let client = Client::connect([ep], Some(opts.clone()))

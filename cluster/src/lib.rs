@@ -5,7 +5,7 @@ pub mod etcd;
 pub mod sim;
 pub mod store;
 
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdSecurity, EtcdStore, EtcdTls};
 pub use sim::SimStore;
 pub use store::{ClusterStore, StoreError};
 pub mod admin;

@@ -9,7 +9,7 @@ use cluster::keys::{self, NodeRecord, NodeState, OwnerRecord, Priority, Resource
 use cluster::membership::{NodeAgent, Timing};
 use cluster::placement::Decision;
 use cluster::store::{CmpOp, Compare, Op, Txn, WatchEvent};
-use cluster::{ClusterStore, EtcdStore, SimStore, StoreError};
+use cluster::{ClusterStore, EtcdSecurity, EtcdStore, SimStore, StoreError};
 use vireo_e2e::etcd::EtcdCluster;
 
 /// What both stores must do alike.
@@ -175,7 +175,9 @@ async fn the_simulated_store_keeps_the_store_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_keeps_the_store_contract() {
     let etcd = EtcdCluster::start(3);
-    let store = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+    let store = EtcdStore::connect(&etcd.endpoints(), &EtcdSecurity::Insecure)
+        .await
+        .unwrap();
     let probe = store.clone();
     contract(&store, move || {
         // Real time: wait until etcd expired the lease (a 2 s TTL; generous bound).
@@ -217,8 +219,12 @@ async fn a_node_cut_off_from_etcd_fences_itself_before_its_vm_moves() {
     let mut etcd = EtcdCluster::start(3);
     let eps = etcd.endpoints();
     let timing = Timing::default();
-    let store_a = EtcdStore::connect(&eps[..1]).await.unwrap();
-    let store_b = EtcdStore::connect(&eps[1..]).await.unwrap();
+    let store_a = EtcdStore::connect(&eps[..1], &EtcdSecurity::Insecure)
+        .await
+        .unwrap();
+    let store_b = EtcdStore::connect(&eps[1..], &EtcdSecurity::Insecure)
+        .await
+        .unwrap();
     let vm = VmDefinition {
         name: "web".into(),
         priority: Priority::High,

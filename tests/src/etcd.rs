@@ -26,7 +26,17 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<EtcdTlsFiles>,
     _dir: tempfile::TempDir,
+}
+
+/// Mutual TLS for a cluster's members (clients and peers): the CA every certificate
+/// comes from, and member i's certificate and key (naming its address), which etcdctl
+/// presents as a client too.
+#[derive(Clone, Debug)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub members: Vec<(PathBuf, PathBuf)>,
 }
 
 /// A loopback port nobody listens on right now.
@@ -61,7 +71,7 @@ impl EtcdCluster {
     /// took one meanwhile ("address already in use"), the cluster starts again on new
     /// ports (at most three times).
     pub fn start_on(ip: &str, n: usize) -> Self {
-        Self::start_members((0..n).map(|_| (ip.to_string(), None)).collect())
+        Self::start_members((0..n).map(|_| (ip.to_string(), None)).collect(), None)
     }
 
     /// One member per `(address, namespace)`: member i listens on ports 2379/2380 of
@@ -72,18 +82,32 @@ impl EtcdCluster {
                 .iter()
                 .map(|(ip, ns)| (ip.clone(), Some(ns.clone())))
                 .collect(),
+            None,
         )
     }
 
-    fn start_members(hosts: Vec<(String, Option<Arc<NetNs>>)>) -> Self {
+    /// [`EtcdCluster::start_in_namespaces`] over mutual TLS (`https://`, clients and
+    /// peers must present a certificate of `tls.ca`): as a cluster's etcd runs.
+    pub fn start_in_namespaces_tls(hosts: &[(String, Arc<NetNs>)], tls: EtcdTlsFiles) -> Self {
+        assert_eq!(tls.members.len(), hosts.len(), "one certificate per member");
+        Self::start_members(
+            hosts
+                .iter()
+                .map(|(ip, ns)| (ip.clone(), Some(ns.clone())))
+                .collect(),
+            Some(tls),
+        )
+    }
+
+    fn start_members(hosts: Vec<(String, Option<Arc<NetNs>>)>, tls: Option<EtcdTlsFiles>) -> Self {
         assert!(have_etcd(), "etcd is not installed: run scripts/setup");
         for _ in 0..2 {
-            let cluster = Self::launch(hosts.clone());
+            let cluster = Self::launch(hosts.clone(), tls.clone());
             if cluster.wait_healthy_unless_a_port_was_taken() {
                 return cluster;
             }
         }
-        let cluster = Self::launch(hosts);
+        let cluster = Self::launch(hosts, tls);
         cluster.wait_healthy();
         cluster
     }
@@ -110,7 +134,8 @@ impl EtcdCluster {
         }
     }
 
-    fn launch(hosts: Vec<(String, Option<Arc<NetNs>>)>) -> Self {
+    fn launch(hosts: Vec<(String, Option<Arc<NetNs>>)>, tls: Option<EtcdTlsFiles>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let n = hosts.len();
         // In memory: etcd fsyncs its log on every write, and on this shared machine's
         // busy disk one fsync can stall the leader's raft loop for over a second (its
@@ -131,8 +156,8 @@ impl EtcdCluster {
                 };
                 Member {
                     name: format!("m{i}"),
-                    client_url: format!("http://{ip}:{client}"),
-                    peer_url: format!("http://{ip}:{peer}"),
+                    client_url: format!("{scheme}://{ip}:{client}"),
+                    peer_url: format!("{scheme}://{ip}:{peer}"),
                     data_dir: dir.path().join(format!("m{i}")),
                     log: dir.path().join(format!("m{i}.log")),
                     child: None,
@@ -148,6 +173,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
+            tls,
             _dir: dir,
         };
         for i in 0..n {
@@ -189,6 +215,23 @@ impl EtcdCluster {
             // run at real-time priority (above).
             cmd.args(["--heartbeat-interval", "50", "--election-timeout", "300"]);
         }
+        if let Some(tls) = &self.tls {
+            let (cert, key) = &tls.members[i];
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--peer-client-cert-auth")
+                .arg("--peer-trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--peer-cert-file")
+                .arg(cert)
+                .arg("--peer-key-file")
+                .arg(key);
+        }
         let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
@@ -229,6 +272,15 @@ impl EtcdCluster {
             .and_then(|m| m.netns.as_ref())
         {
             ns.enter_on_exec(&mut cmd);
+        }
+        if let Some(tls) = &self.tls {
+            let (cert, key) = &tls.members[0];
+            cmd.arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
         }
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", endpoints, "--command-timeout=2s"])

@@ -180,6 +180,11 @@ struct Cli {
     /// This node's name in the cluster (unique among its nodes).
     #[arg(long, requires = "cluster_etcd")]
     node_name: Option<String>,
+    /// Reach etcd in clear (`http://` endpoints) instead of over mutual TLS with the
+    /// host's identity: for a test bench only (whoever reaches etcd then defines the
+    /// VMs of every node). Logged as a warning.
+    #[arg(long, requires = "cluster_etcd")]
+    cluster_etcd_insecure: bool,
     /// The vCPUs this node offers clustered VMs (placement admits VMs up to it;
     /// default: the host's CPUs, no overcommit).
     #[arg(long, value_name = "N", requires = "cluster_etcd")]
@@ -189,6 +194,26 @@ struct Cli {
     /// and writable by no group or other user. Without it no hook runs here.
     #[arg(long, value_name = "DIR", requires = "cluster_etcd")]
     update_hooks: Option<PathBuf>,
+}
+
+/// How this node reaches etcd: over mutual TLS with the host's identity, or in clear
+/// when `--cluster-etcd-insecure` asks for it.
+fn etcd_security(cli: &Cli) -> Result<cluster::EtcdSecurity, String> {
+    if cli.cluster_etcd_insecure {
+        warn!("--cluster-etcd-insecure: etcd is reached in clear; whoever reaches it defines the VMs of every node");
+        return Ok(cluster::EtcdSecurity::Insecure);
+    }
+    match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => cluster::EtcdTls::from_files(ca, cert, key)
+            .map(cluster::EtcdSecurity::Tls)
+            .map_err(|e| format!("--cluster-etcd: {e}")),
+        _ => Err(
+            "--cluster-etcd: etcd is reached over mutual TLS with this host's identity \
+             (--tls-cert, --tls-key, --tls-ca; https:// endpoints); \
+             --cluster-etcd-insecure for a test bench in clear"
+                .into(),
+        ),
+    }
 }
 
 /// Where other cluster nodes reach this one's peer listener for a drain's live
@@ -302,6 +327,17 @@ async fn run(
     signal_rx: tokio::sync::oneshot::Receiver<i32>,
     mut hup_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    // Checked before anything is set up: a node without its identity stops here.
+    let etcd_security = match &cli.cluster_etcd {
+        Some(eps) => {
+            let security = etcd_security(&cli)?;
+            let urls = agent::cluster_node::endpoints(eps, &security)?;
+            cluster::etcd::check_endpoints(&urls, &security)
+                .map_err(|e| format!("--cluster-etcd: {e}"))?;
+            Some(security)
+        }
+        None => None,
+    };
     let launcher_kind = cli.launcher;
     let systemd_units = launcher_kind == agent::launcher::LauncherKind::Systemd
         || (launcher_kind == agent::launcher::LauncherKind::Auto
@@ -421,8 +457,11 @@ async fn run(
     let cluster = match (&cli.cluster_etcd, &cli.node_name) {
         (Some(eps), Some(node)) => {
             agent::model::validate_name(node).map_err(|e| format!("--node-name {node}: {e}"))?;
-            let store = agent::cluster_node::connect(eps).await?;
-            let lease = agent::cluster_node::LeaseRuntime::start(eps).await?;
+            let security = etcd_security
+                .clone()
+                .ok_or("--cluster-etcd: no way to reach etcd")?;
+            let store = agent::cluster_node::connect(eps, &security).await?;
+            let lease = agent::cluster_node::LeaseRuntime::start(eps, &security).await?;
             let n = std::sync::Arc::new(agent::cluster_node::ClusterNode {
                 store,
                 lease: std::sync::Arc::new(lease),

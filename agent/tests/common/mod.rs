@@ -645,6 +645,14 @@ pub fn cluster_node_args(eps: &str, name: &str, shared: &Path) -> Vec<String> {
     .to_vec()
 }
 
+/// [`cluster_node_args`] for a node of a loopback test cluster, whose etcd runs in clear
+/// (`--cluster-etcd-insecure`; the three-host tests run theirs over mutual TLS).
+pub fn loopback_cluster_node_args(eps: &str, name: &str, shared: &Path) -> Vec<String> {
+    let mut args = cluster_node_args(eps, name, shared);
+    args.push("--cluster-etcd-insecure".into());
+    args
+}
+
 /// [`Daemon::start`] with owned arguments.
 pub fn start_with(args: &[String]) -> Daemon {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
