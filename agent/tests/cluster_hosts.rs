@@ -958,12 +958,15 @@ fn assert_hook_saw_no_vm(out: &Path, node: &str) {
     );
 }
 
-#[test]
-fn a_rolling_update_drains_updates_and_brings_back_each_node_in_turn() {
-    if skip() {
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+/// The hooks (and where they write), the cluster running [`UPDATE_VMS`], their disks,
+/// and the last block each VM reported before any update.
+fn cluster_ready_for_updates() -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    Cluster,
+    Vec<PathBuf>,
+    Vec<u64>,
+) {
     let (hooks, out) = update_hooks();
     let (c, disks) = cluster_for_updates(hooks.path());
     let before: Vec<u64> = UPDATE_VMS
@@ -971,6 +974,16 @@ fn a_rolling_update_drains_updates_and_brings_back_each_node_in_turn() {
         .enumerate()
         .map(|(i, (vm, _, _))| *c.reported(i, vm).last().unwrap())
         .collect();
+    (hooks, out, c, disks, before)
+}
+
+#[test]
+fn a_rolling_update_drains_updates_and_brings_back_each_node_in_turn() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (_hooks, out, c, disks, before) = cluster_ready_for_updates();
 
     // Asked of b, which is itself updated in the run: the run is etcd's, not b's.
     let o = c.nodes[1].ctl(&[
@@ -1028,13 +1041,7 @@ fn a_failing_hook_stops_the_update_at_its_node() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (hooks, out) = update_hooks();
-    let (c, disks) = cluster_for_updates(hooks.path());
-    let before: Vec<u64> = UPDATE_VMS
-        .iter()
-        .enumerate()
-        .map(|(i, (vm, _, _))| *c.reported(i, vm).last().unwrap())
-        .collect();
+    let (_hooks, out, c, disks, before) = cluster_ready_for_updates();
 
     let o = c.nodes[0].ctl(&[
         "cluster",
