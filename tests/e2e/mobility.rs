@@ -2378,7 +2378,8 @@ fn a_receiver_whose_write_lease_lapsed_refuses_the_vm_and_the_source_keeps_it() 
     src.wait_serial("work iter=400 ", T);
     let dst = Destination::start(dir.path());
     let mut config = vireo_e2e::vm_config(&src_sock);
-    let first = monotonic_ns() + 500_000_000;
+    // Lapsed before the copy starts (however fast the copy is), and never renewed.
+    let first = monotonic_ns().saturating_sub(1);
     config["write_lease"] = serde_json::json!({ "deadline_monotonic_ns": first });
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     dst.listen_config(&format!(r#","config":{config}"#), &url, "");
