@@ -83,7 +83,12 @@ pub struct ReplicationStatus {
     /// the limit counts.
     pub wire_bytes_sent: u64,
     pub last_point: Option<u64>,
+    /// When the replica acknowledged the point (committed, verified, synced).
     pub last_point_at_ms: Option<u64>,
+    /// When the cut of that point was asked of the VMM: every guest write completed
+    /// before it is in the point (None when the point is an older cut than the
+    /// round's own, after a torn cut).
+    pub last_point_cut_at_ms: Option<u64>,
     pub rounds: u64,
     pub failed_rounds: u64,
     pub base_bytes_sent: u64,
@@ -761,14 +766,19 @@ async fn run(
             }
         }
         let socket = sup.socket_path(&name);
+        let cut_at = std::sync::atomic::AtomicU64::new(0);
+        let cut_id = std::sync::atomic::AtomicU64::new(0);
         let cut = || async {
+            cut_at.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
             let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
                 .await
                 .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
             if !r.ok() {
                 return Err(format!("vm.replica-cut: {}", r.error_message()));
             }
-            Ok(r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0))
+            let id = r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0);
+            cut_id.store(id, std::sync::atomic::Ordering::Relaxed);
+            Ok(id)
         };
         let result = shipper.round(cut).await;
         let full = match &result {
@@ -787,6 +797,9 @@ async fn run(
                     if let Some(p) = s.point {
                         st.last_point = Some(p);
                         st.last_point_at_ms = Some(crate::now_ms());
+                        st.last_point_cut_at_ms = (p
+                            == cut_id.load(std::sync::atomic::Ordering::Relaxed))
+                        .then(|| cut_at.load(std::sync::atomic::Ordering::Relaxed));
                     }
                     st.last_error = None;
                     if !st.paused {
