@@ -126,7 +126,10 @@ async fn connect(
                     to: to.to_string(),
                     source,
                 })?;
-            let tcp = Throttled::new(tcp, throttle.cloned().unwrap_or_else(|| Throttle::new(None)));
+            let tcp = Throttled::new(
+                tcp,
+                throttle.cloned().unwrap_or_else(|| Throttle::new(None)),
+            );
             let stream = tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(server_name.clone(), tcp)
                 .await

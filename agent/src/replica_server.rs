@@ -634,12 +634,7 @@ async fn base_complete(
 
 /// Spools a request body into an unnamed file beside the primary's VMs, at most
 /// `limit` bytes.
-async fn spool(
-    vm: &str,
-    body: Body,
-    dir: &OwnedFd,
-    limit: u64,
-) -> Result<std::fs::File, Response> {
+async fn spool(vm: &str, body: Body, dir: &OwnedFd, limit: u64) -> Result<std::fs::File, Response> {
     let name = format!(".upload-{}", uuid::Uuid::new_v4());
     let file = confine::create_private(dir.as_fd(), name.as_ref());
     let internal = |e: std::io::Error| {

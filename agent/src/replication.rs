@@ -450,7 +450,9 @@ impl Replications {
     /// log keeps everything until `replica resume`.
     fn pause_for(&self, name: &str, reason: String) {
         let mut jobs = lock(&self.jobs);
-        let Some(job) = jobs.get_mut(name) else { return };
+        let Some(job) = jobs.get_mut(name) else {
+            return;
+        };
         job.settings.paused = true;
         job.settings.paused_reason = Some(reason.clone());
         if let Err(e) = self.store(name, Some(&job.settings)) {

@@ -43,9 +43,10 @@ pub fn parse_limit(v: &serde_json::Value) -> Result<Option<f64>, String> {
     let mbit = match v {
         serde_json::Value::Null => return Ok(None),
         serde_json::Value::String(s) if s.trim().eq_ignore_ascii_case("off") => return Ok(None),
-        serde_json::Value::String(s) => s.trim().parse::<f64>().map_err(|_| {
-            format!("bandwidth {s:?}: a number of Mbit/s or \"off\"")
-        })?,
+        serde_json::Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("bandwidth {s:?}: a number of Mbit/s or \"off\""))?,
         serde_json::Value::Number(n) => n
             .as_f64()
             .ok_or_else(|| format!("bandwidth {n}: a number of Mbit/s or \"off\""))?,
@@ -282,7 +283,10 @@ mod tests {
         t.set(None);
         let start = tokio::time::Instant::now();
         w.write_all(&data).await.unwrap();
-        assert!(start.elapsed() < Duration::from_millis(1), "off still limits");
+        assert!(
+            start.elapsed() < Duration::from_millis(1),
+            "off still limits"
+        );
         w.shutdown().await.unwrap();
         drop(w);
         let got = reader.await.unwrap();

@@ -15,7 +15,6 @@ use common::writer::prefix_of;
 use common::{Daemon, T};
 use serde_json::{json, Value};
 
-
 fn point(v: &Value) -> u64 {
     v["last_point"].as_u64().unwrap_or(0)
 }

@@ -123,14 +123,18 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
         } else {
             json!({ "mbit": bad }).to_string()
         };
-        let (s, resp) = h.a.api("PUT", "/api/v1/vms/vm1/replication/bandwidth", Some(&body));
+        let (s, resp) =
+            h.a.api("PUT", "/api/v1/vms/vm1/replication/bandwidth", Some(&body));
         assert_eq!(s, 400, "{bad}: {resp}");
         let msg: Value = serde_json::from_str(&resp).unwrap();
         assert!(!msg["error"].as_str().unwrap().contains('\n'), "{resp}");
     }
     let o = h.a.ctl(&["replica", "bandwidth", "vm1", "lots"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        !o.status.success() && err.trim().lines().count() == 1,
+        "{err}"
+    );
     assert_eq!(h.replication()["bandwidth_mbit"].as_f64(), Some(4.0));
 
     // off lifts it: the guest writing at full speed again, points keep coming.
@@ -153,7 +157,10 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
         .iter()
         .filter(|r| r["route"] == "/api/v1/vms/{name}/replication/bandwidth")
         .collect();
-    assert!(rows.iter().filter(|r| r["status"] == 200).count() >= 2, "{audit}");
+    assert!(
+        rows.iter().filter(|r| r["status"] == 200).count() >= 2,
+        "{audit}"
+    );
     assert!(rows.iter().any(|r| r["status"] == 400), "{audit}");
 }
 

@@ -483,7 +483,16 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
         })
         .collect();
     print_table(
-        &["VM", "TO", "STATE", "POINT", "AT", "BYTES SENT", "LIMIT", "ERROR"],
+        &[
+            "VM",
+            "TO",
+            "STATE",
+            "POINT",
+            "AT",
+            "BYTES SENT",
+            "LIMIT",
+            "ERROR",
+        ],
         &rows,
     );
     Ok(())

@@ -75,7 +75,10 @@ fn delayed_pump(mut from: TcpStream, mut to: TcpStream) {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx.send((Instant::now() + DELAY, buf[..n].to_vec())).is_err() {
+                if tx
+                    .send((Instant::now() + DELAY, buf[..n].to_vec()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -211,8 +214,19 @@ pub fn table(rounds: usize) {
     let ns_a = Arc::new(NetNs::new("rpoa"));
     let ns_b = Arc::new(NetNs::new("rpob"));
     run(&[
-        "ip", "link", "add", "va", "netns", ns_a.name(), "type", "veth", "peer", "name",
-        "vb", "netns", ns_b.name(),
+        "ip",
+        "link",
+        "add",
+        "va",
+        "netns",
+        ns_a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vb",
+        "netns",
+        ns_b.name(),
     ]);
     for (ns, dev, ip) in [(&ns_a, "va", A_IP), (&ns_b, "vb", B_IP)] {
         ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
