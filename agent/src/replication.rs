@@ -782,6 +782,7 @@ async fn run(
             cut_id.store(id, std::sync::atomic::Ordering::Relaxed);
             Ok(id)
         };
+        let began = std::time::Instant::now();
         let result = shipper.round(cut).await;
         let full = match &result {
             Err(e @ ShipError::ReplicaFull { .. }) => Some(format!("replica full: {e}")),
@@ -812,7 +813,9 @@ async fn run(
                         failing = false;
                         sup.replication_event(&name, "replication-recovered", None);
                     }
-                    interval
+                    // The interval is from cut to cut: a round that took longer is
+                    // followed by the next at once.
+                    interval.saturating_sub(began.elapsed())
                 }
                 Err(e) => {
                     let msg = crate::error_chain(&e);
