@@ -101,6 +101,10 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/cluster/nodes/{node}/drain", Operator),
     rule("POST", "/api/v1/cluster/nodes/{node}/resume", Operator),
     rule("POST", "/api/v1/cluster/nodes/{node}/release", Operator),
+    rule("GET", "/api/v1/cluster/update", Viewer),
+    rule("POST", "/api/v1/cluster/update", Operator),
+    // Validation writes (and removes) a probe file in each storage root.
+    rule("GET", "/api/v1/cluster/validate", Operator),
     rule("GET", "/api/v1/replication", Viewer),
     rule("GET", "/api/v1/vms/{name}/replication", Viewer),
     rule("PUT", "/api/v1/vms/{name}/replication", Operator),
@@ -500,9 +504,22 @@ mod tests {
         ]
         .concat();
         let mut out = BTreeSet::new();
-        for chunk in src.split(".route(\"").skip(1) {
-            let (path, rest) = chunk.split_once('"').unwrap();
-            let call = &rest[..rest.find("))\n").unwrap_or(rest.len())];
+        // A call on one line (`.route("/p", get(x))`) or as rustfmt breaks a long one
+        // (`.route(\n "/p",\n get(x).post(y),\n )`): each ends before the next call.
+        for chunk in src.split(".route(").skip(1) {
+            let Some((path, rest)) = chunk
+                .trim_start()
+                .strip_prefix('"')
+                .and_then(|c| c.split_once('"'))
+            else {
+                continue;
+            };
+            let end = ["))\n", "),\n        )\n"]
+                .iter()
+                .filter_map(|e| rest.find(e))
+                .min()
+                .unwrap_or(rest.len());
+            let call = &rest[..end];
             for m in ["get", "put", "post", "delete", "patch"] {
                 if call.contains(&format!(" {m}(")) || call.contains(&format!(".{m}(")) {
                     out.insert((path.to_string(), m.to_uppercase()));

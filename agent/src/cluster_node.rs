@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::cluster_lease::{self, MonotonicBase};
+use crate::cluster_update as update;
+use crate::cluster_validate::route as validate;
 use crate::model::VmDefinition;
 use crate::supervisor::Supervisor;
 
@@ -167,7 +169,7 @@ impl ClusterNode {
                     .vcpus
                     .unwrap_or_else(|| u32::try_from(host.cpus).unwrap_or(u32::MAX)),
             },
-            cpu_features: vec![],
+            cpu_features: crate::procfs::cpu_flags(),
             state: NodeState::Up,
             peer_url: self.peer_url.clone(),
         }
@@ -349,6 +351,11 @@ pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
         .route("/api/v1/cluster/nodes/{node}/drain", post(drain))
         .route("/api/v1/cluster/nodes/{node}/resume", post(resume))
         .route("/api/v1/cluster/nodes/{node}/release", post(release))
+        .route(
+            "/api/v1/cluster/update",
+            get(update::status).post(update::start),
+        )
+        .route("/api/v1/cluster/validate", get(validate))
         .with_state(node)
 }
 

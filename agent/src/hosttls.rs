@@ -140,6 +140,16 @@ impl HostIdentity {
         vireo_util::sync::read(&self.loaded).clone()
     }
 
+    /// When this host's certificate expires (ms since the epoch); None if it does not
+    /// parse.
+    pub fn not_after_ms(&self) -> Option<u64> {
+        let l = self.current();
+        let (_, cert) = x509_parser::parse_x509_certificate(l.chain.first()?.as_ref()).ok()?;
+        u64::try_from(cert.validity().not_after.timestamp())
+            .ok()
+            .map(|s| s * 1000)
+    }
+
     /// The peer listener's config: this host's certificate; a client certificate from
     /// the CA, not revoked, naming one of `peers` is required.
     pub fn server_config(&self, peers: BTreeSet<String>) -> Result<Arc<ServerConfig>, TlsError> {

@@ -36,6 +36,8 @@ pub mod client;
 pub mod cluster_lease;
 pub mod cluster_moves;
 pub mod cluster_node;
+pub mod cluster_update;
+pub mod cluster_validate;
 pub mod confinement;
 pub mod error;
 pub mod hosttls;

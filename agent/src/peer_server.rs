@@ -60,6 +60,7 @@ pub struct PeerListener {
     listener: TcpListener,
     tls: Reloader,
     replica: Option<Arc<crate::replica_server::ReplicaServer>>,
+    validate: Arc<crate::cluster_validate::Local>,
 }
 
 /// The listener's TLS, which [`Reloader::reload`] replaces from the identity's files
@@ -111,7 +112,15 @@ impl PeerListener {
                 acceptor: Arc::new(std::sync::RwLock::new(TlsAcceptor::from(config))),
             },
             replica: None,
+            validate: Default::default(),
         })
+    }
+
+    /// Answers cluster validation probes (`/peer/v1/cluster/...`) once `local` names
+    /// the node.
+    pub fn with_validation(mut self, local: Arc<crate::cluster_validate::Local>) -> Self {
+        self.validate = local;
+        self
     }
 
     /// Serves the replica routes (`/peer/v1/replica/...`) too.
@@ -131,7 +140,7 @@ impl PeerListener {
 
     /// Accepts connections until the task is dropped; each one is served on its own.
     pub async fn serve(self, sup: Arc<Supervisor>) {
-        let app = router(sup, self.replica.clone());
+        let app = router(sup, self.replica.clone(), self.validate.clone());
         info!(addr = ?self.local_addr(), peers = ?self.tls.peers, "peer listener ready");
         loop {
             let (tcp, from) = match self.listener.accept().await {
@@ -196,6 +205,7 @@ pub struct PeerIdentity(pub String);
 pub fn router(
     sup: Arc<Supervisor>,
     replica: Option<Arc<crate::replica_server::ReplicaServer>>,
+    validate: Arc<crate::cluster_validate::Local>,
 ) -> Router {
     let replica = replica
         .map(|r| crate::replica_server::router(r, sup.clone()))
@@ -205,6 +215,7 @@ pub fn router(
         .route("/api/v1/migrations/{id}", get(migration).delete(cancel))
         .with_state(sup.clone())
         .merge(replica)
+        .merge(crate::cluster_validate::peer_router(sup.clone(), validate))
         .fallback(|| async { error(404, "not a host-to-host API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(sup, audit))
 }

@@ -107,6 +107,19 @@ pub fn age_ms(start_ticks: u64) -> u64 {
     uptime_ms().saturating_sub(start_ticks * 1000 / clock_ticks())
 }
 
+/// The CPU's feature flags as the kernel reports them (`flags` of /proc/cpuinfo's
+/// first processor: what CPUID says, less what the kernel disabled), sorted.
+pub fn cpu_flags() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mut flags: Vec<String> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flags").and_then(|r| r.split_once(':')))
+        .map(|(_, f)| f.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    flags.sort();
+    flags
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())

@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,6 +90,21 @@ fn peer_addr(i: usize) -> String {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(|_| vec![])
+    }
+
+    /// [`Cluster::start`] with more vireod flags for node `i`.
+    fn start_with(extra: impl Fn(usize) -> Vec<String>) -> Self {
+        Self::start_custom(extra, |_, shared| shared.to_path_buf(), |_| vec![])
+    }
+
+    /// [`Cluster::start_with`], node `i`'s storage root `root(i, shared)` instead of
+    /// the shared directory, and vireod run by `wrapper(i)`.
+    fn start_custom(
+        extra: impl Fn(usize) -> Vec<String>,
+        root: impl Fn(usize, &Path) -> PathBuf,
+        wrapper: impl Fn(usize) -> Vec<String>,
+    ) -> Self {
         let hosts = Hosts::new();
         let members: Vec<(String, Arc<NetNs>)> = hosts
             .nodes
@@ -104,7 +120,7 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let mut args = common::cluster_node_args(&eps, name, shared.path());
+                let mut args = common::cluster_node_args(&eps, name, &root(i, shared.path()));
                 args.extend(tls_args(&pki.host(name)));
                 args.extend(["--listen".to_string(), peer_addr(i)]);
                 // Room for four 1-vCPU VMs on one node of this 2-CPU machine.
@@ -112,8 +128,11 @@ impl Cluster {
                 for peer in NODES.iter().filter(|p| *p != name) {
                     args.extend(["--peer".to_string(), peer.to_string()]);
                 }
+                args.extend(extra(i));
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                Daemon::start_in_netns(&refs, hosts.nodes[i].clone())
+                let wrap = wrapper(i);
+                let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+                Daemon::start_in_netns_wrapped(&refs, hosts.nodes[i].clone(), &wrap)
             })
             .collect();
         let c = Cluster {
@@ -190,6 +209,11 @@ impl Cluster {
 
     /// [`Cluster::define`] with more `vm define` flags.
     fn define_with(&self, vm: &str, priority: &str, extra: &[&str]) -> PathBuf {
+        self.define_on(vm, priority, "a", extra)
+    }
+
+    /// A clustered replica-writer VM preferring node `owner`; returns its disk.
+    fn define_on(&self, vm: &str, priority: &str, owner: &str, extra: &[&str]) -> PathBuf {
         let disk = self.shared.path().join(format!("{vm}.raw"));
         std::fs::File::create(&disk)
             .unwrap()
@@ -214,7 +238,7 @@ impl Cluster {
                 "--priority",
                 priority,
                 "--preferred-owner",
-                "a",
+                owner,
             ]
             .into_iter()
             .chain(extra.iter().copied())
@@ -814,4 +838,406 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
         let st = &starts_before[k];
         assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), 0);
     }
+}
+
+/// An update hooks directory (root's, as vireod requires) with hook `update`: it asks
+/// its vireod which VMs it has (written to OUT/NODE.vms: the test checks that none
+/// runs), appends its node to OUT/order, and with `fail-on NODE` fails on that node.
+fn update_hooks() -> (tempfile::TempDir, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let hooks = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let script = format!(
+        "#!/bin/sh\n\
+         out={out}\n\
+         {ctl} --socket \"$VIREO_SOCKET\" -o json vm list > \"$out/$VIREO_NODE.vms\" || exit 90\n\
+         echo \"$VIREO_NODE\" >> \"$out/order\"\n\
+         echo \"updating $VIREO_NODE ($*)\"\n\
+         if [ \"$1\" = fail-on ] && [ \"$2\" = \"$VIREO_NODE\" ]; then\n\
+           echo \"update of $VIREO_NODE failed: no space left on device\" >&2\n\
+           exit 3\n\
+         fi\n",
+        out = out.path().display(),
+        ctl = common::bin("vireoctl").display(),
+    );
+    let hook = hooks.path().join("update");
+    std::fs::write(&hook, script).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (hooks, out)
+}
+
+/// Three VMs, one preferring each node, running and writing there.
+fn cluster_for_updates(hooks: &Path) -> (Cluster, Vec<PathBuf>) {
+    let h = hooks.display().to_string();
+    let c = Cluster::start_with(|_| vec!["--update-hooks".to_string(), h.clone()]);
+    let disks: Vec<PathBuf> = UPDATE_VMS
+        .iter()
+        .map(|(vm, prio, owner)| c.define_on(vm, prio, owner, &[]))
+        .collect();
+    c.wait("each VM running on its node", || {
+        UPDATE_VMS
+            .iter()
+            .enumerate()
+            .all(|(i, (vm, _, _))| c.runs(i, vm))
+    });
+    for (i, (vm, _, _)) in UPDATE_VMS.iter().enumerate() {
+        c.wait_writes(i, vm, 0, 30);
+    }
+    (c, disks)
+}
+
+const UPDATE_VMS: [(&str, &str, &str); 3] = [
+    ("va", "high", "a"),
+    ("vb", "medium", "b"),
+    ("vc", "low", "c"),
+];
+
+/// `vm` runs on exactly one node (returned), which started it only once in the whole
+/// test (`starts`: it moved, never started again), its guest wrote on past `from`, and
+/// its disk holds one writer's sequence up to the last write reported.
+fn assert_runs_once(c: &Cluster, vm: &str, disk: &Path, from: u64) -> usize {
+    let runners: Vec<usize> = (0..NODES.len()).filter(|&i| c.runs(i, vm)).collect();
+    assert_eq!(runners.len(), 1, "{vm} runs on {runners:?}:\n{}", c.logs());
+    let at = runners[0];
+    let started: usize = c.nodes.iter().map(|d| starts(&d.log(), vm)).sum();
+    assert_eq!(
+        started,
+        1,
+        "{vm} was started again, not moved:\n{}",
+        c.logs()
+    );
+    c.wait_writes(at, vm, from, 20);
+    let node = &c.nodes[at];
+    node.ok("PUT", &format!("/api/v1/vms/{vm}/pause"), None);
+    let on_disk = seqdisk::single_writer(&seqdisk::seeds(disk, BLOCKS))
+        .unwrap_or_else(|e| panic!("{vm}: {e}"));
+    let last = *c.reported(at, vm).last().unwrap();
+    assert!(
+        (last..=last + 1).contains(&on_disk),
+        "{vm}: disk holds {on_disk}, the guest completed {last}"
+    );
+    node.ok("PUT", &format!("/api/v1/vms/{vm}/resume"), None);
+    at
+}
+
+fn update_status(c: &Cluster) -> serde_json::Value {
+    let out = c.nodes[2].ctl_ok(&["-o", "json", "cluster", "update", "status"]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// What each node's hook saw: its vireod's VMs, none of them running.
+fn assert_hook_saw_no_vm(out: &Path, node: &str) {
+    let text = std::fs::read_to_string(out.join(format!("{node}.vms")))
+        .unwrap_or_else(|e| panic!("{node}'s hook did not run: {e}"));
+    let vms: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let running: Vec<&serde_json::Value> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["pid"].is_null())
+        .collect();
+    assert!(
+        running.is_empty(),
+        "{node}'s hook ran beside VMs: {running:?}"
+    );
+}
+
+#[test]
+fn a_rolling_update_drains_updates_and_brings_back_each_node_in_turn() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (hooks, out) = update_hooks();
+    let (c, disks) = cluster_for_updates(hooks.path());
+    let before: Vec<u64> = UPDATE_VMS
+        .iter()
+        .enumerate()
+        .map(|(i, (vm, _, _))| *c.reported(i, vm).last().unwrap())
+        .collect();
+
+    // Asked of b, which is itself updated in the run: the run is etcd's, not b's.
+    let o = c.nodes[1].ctl(&[
+        "cluster",
+        "update",
+        "--run",
+        "update",
+        "--arg",
+        "x y",
+        "--nodes",
+        "c,a,b",
+        "--timeout",
+        "300",
+    ]);
+    assert!(
+        o.status.success(),
+        "update failed: {}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout),
+        c.logs()
+    );
+
+    // Each node's hook ran once, in the order asked, while its node ran no VM.
+    let order = std::fs::read_to_string(out.path().join("order")).unwrap();
+    assert_eq!(order, "c\na\nb\n");
+    for n in NODES {
+        assert_hook_saw_no_vm(out.path(), n);
+        assert_eq!(node_state(&c, n), "up", "{n} not resumed");
+    }
+    let run = update_status(&c);
+    assert_eq!(run["state"], "succeeded", "{run}");
+    for s in run["steps"].as_array().unwrap() {
+        assert_eq!(s["phase"], "done", "{run}");
+        assert_eq!(s["exit_code"], 0, "{run}");
+        assert!(
+            s["output_tail"].as_str().unwrap().contains("(x y)"),
+            "{run}"
+        );
+    }
+    // Every VM ran throughout, once, and failed back to its node.
+    for (k, (vm, _, home)) in UPDATE_VMS.iter().enumerate() {
+        let at = assert_runs_once(&c, vm, &disks[k], before[k]);
+        assert_eq!(
+            NODES[at],
+            *home,
+            "{vm} did not fail back: {run}\n{}",
+            c.logs()
+        );
+    }
+}
+
+#[test]
+fn a_failing_hook_stops_the_update_at_its_node() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (hooks, out) = update_hooks();
+    let (c, disks) = cluster_for_updates(hooks.path());
+    let before: Vec<u64> = UPDATE_VMS
+        .iter()
+        .enumerate()
+        .map(|(i, (vm, _, _))| *c.reported(i, vm).last().unwrap())
+        .collect();
+
+    let o = c.nodes[0].ctl(&[
+        "cluster",
+        "update",
+        "--run",
+        "update",
+        "--arg",
+        "fail-on",
+        "--arg",
+        "b",
+        "--nodes",
+        "a,b,c",
+        "--timeout",
+        "300",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "the update succeeded:\n{stdout}");
+    assert!(
+        stderr.contains("stopped at b: hook update exited with status 3"),
+        "{stderr}\n{stdout}\n{}",
+        c.logs()
+    );
+    assert!(
+        stdout.contains("update of b failed: no space left on device"),
+        "{stdout}"
+    );
+
+    // The run stopped at b: c's hook never ran; b stays paused, its VM elsewhere.
+    let order = std::fs::read_to_string(out.path().join("order")).unwrap();
+    assert_eq!(order, "a\nb\n");
+    assert!(!out.path().join("c.vms").exists(), "c's hook ran");
+    let run = update_status(&c);
+    assert_eq!(run["state"], "failed", "{run}");
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["phase"], "done");
+    assert_eq!(steps[1]["phase"], "failed");
+    assert_eq!(steps[1]["exit_code"], 3);
+    assert!(steps[1]["output_tail"]
+        .as_str()
+        .unwrap()
+        .contains("update of b failed: no space left on device"));
+    assert_eq!(steps[2]["phase"], "pending");
+    assert_eq!(node_state(&c, "a"), "up");
+    assert_eq!(node_state(&c, "b"), "paused");
+    assert_eq!(node_state(&c, "c"), "up");
+    // Every VM runs, once; none on b.
+    for (k, (vm, _, _)) in UPDATE_VMS.iter().enumerate() {
+        let at = assert_runs_once(&c, vm, &disks[k], before[k]);
+        assert_ne!(NODES[at], "b", "{vm} runs on the paused node");
+    }
+    assert!(c.runs(0, "va") && c.runs(2, "vc"), "va and vc back home");
+}
+
+/// `vireoctl cluster validate` from node `i`: its exit status, output and report.
+fn validate(c: &Cluster, i: usize) -> (bool, String, serde_json::Value, String) {
+    let out = tempfile::tempdir().unwrap();
+    let o = c.nodes[i].ctl(&["cluster", "validate", "--out", out.path().to_str().unwrap()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let json = std::fs::read_to_string(out.path().join("report.json"))
+        .unwrap_or_else(|e| panic!("no report.json: {e}\n{text}"));
+    let html = std::fs::read_to_string(out.path().join("report.html")).unwrap();
+    (
+        o.status.success(),
+        text,
+        serde_json::from_str(&json).unwrap(),
+        html,
+    )
+}
+
+fn checks_of<'a>(report: &'a serde_json::Value, name: &str) -> Vec<&'a serde_json::Value> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == name)
+        .collect()
+}
+
+#[test]
+fn a_healthy_cluster_passes_validation() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    c.define("web", "high");
+    c.wait("web running on a", || c.runs(0, "web"));
+    let (ok, text, report, html) = validate(&c, 1);
+    let not_pass: Vec<&serde_json::Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] != "pass")
+        .collect();
+    assert!(ok && not_pass.is_empty(), "{text}\n{not_pass:?}");
+    assert_eq!(report["status"], "pass");
+    // Every check ran, per node where it is a node's.
+    for name in [
+        "kvm",
+        "version",
+        "cpu-features",
+        "storage-roots",
+        "shared-storage",
+        "reachability",
+        "clock-skew",
+        "certificate",
+    ] {
+        let nodes: BTreeSet<&str> = checks_of(&report, name)
+            .iter()
+            .filter_map(|c| c["node"].as_str())
+            .collect();
+        if name == "version" {
+            assert_eq!(checks_of(&report, name).len(), 1, "{report}");
+        } else {
+            assert_eq!(nodes, BTreeSet::from(NODES), "{name}: {report}");
+        }
+    }
+    for name in ["etcd", "n+1"] {
+        assert_eq!(checks_of(&report, name).len(), 1, "{name}: {report}");
+    }
+    // Each node pinged the two others.
+    for n in NODES {
+        assert_eq!(
+            report["nodes"][n]["Ok"]["peers"].as_array().unwrap().len(),
+            2,
+            "{report}"
+        );
+    }
+    assert!(
+        html.contains("<td>shared-storage</td>") && html.contains("class=\"pass\""),
+        "{html}"
+    );
+    // The probe files were removed.
+    let left: Vec<_> = std::fs::read_dir(c.shared.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".vireo-validate-")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn validation_names_a_node_without_the_shared_directory_and_one_with_another_version() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // c's storage root is a directory of its own, at another path; b reports another
+    // version (vireod's test hook).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let c = Cluster::start_custom(
+        |_| vec![],
+        |i, shared| {
+            if i == 2 {
+                elsewhere.path().to_path_buf()
+            } else {
+                shared.to_path_buf()
+            }
+        },
+        |i| {
+            if i == 1 {
+                vec![
+                    "env".into(),
+                    "VIREO_TEST_REPORTED_VERSION=9.9.9-test".into(),
+                ]
+            } else {
+                vec![]
+            }
+        },
+    );
+    let shared = c.shared.path().display().to_string();
+    let (ok, text, report, html) = validate(&c, 0);
+    assert!(!ok, "validation passed:\n{text}");
+    assert_eq!(report["status"], "fail");
+    let fail = |name: &str, node: &str| -> String {
+        checks_of(&report, name)
+            .iter()
+            .find(|c| c["node"] == node)
+            .filter(|c| c["status"] == "fail")
+            .and_then(|c| c["detail"].as_str())
+            .unwrap_or_else(|| panic!("no failed {name} check of {node}: {report}"))
+            .to_string()
+    };
+    let roots = fail("storage-roots", "c");
+    assert!(
+        roots.contains(&shared) && roots.starts_with("c has no storage root"),
+        "{roots}"
+    );
+    let probe = fail("shared-storage", "c");
+    assert!(probe.contains(&shared) && probe.contains("c"), "{probe}");
+    let version = fail("version", "b");
+    let ours = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        version,
+        format!("b runs vireo 9.9.9-test, the others {ours}")
+    );
+    // a and b see the shared directory; a and c report the same version.
+    for n in ["a", "b"] {
+        for name in ["storage-roots", "shared-storage"] {
+            assert!(
+                checks_of(&report, name)
+                    .iter()
+                    .any(|c| c["node"] == n && c["status"] == "pass"),
+                "{name} of {n}: {report}"
+            );
+        }
+    }
+    assert!(
+        text.contains("FAIL version") && text.contains("9.9.9-test"),
+        "{text}"
+    );
+    assert!(html.contains("b runs vireo 9.9.9-test"), "{html}");
 }

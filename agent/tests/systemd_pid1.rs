@@ -474,7 +474,13 @@ fn vireod_runs_vms_as_units_of_a_real_systemd() {
     assert_eq!(v["state"], "Running", "{v}");
     assert_eq!(v["adopted"], true, "{v}");
     assert_eq!(v["pid"], restarted["pid"], "{v}");
-    assert!(alive(vmm), "the VMM outlived vireod");
+    assert!(
+        alive(vmm),
+        "the VMM (pid {vmm}) did not outlive vireod: {}\n{}\nvireo.log:\n{}",
+        ok(&sock, "GET", "/api/v1/vms/web/exits", None),
+        sd.journal(unit),
+        std::fs::read_to_string(state.join("vms/web/vireo.log")).unwrap_or_default()
+    );
 
     // A clean stop: the exit status comes from the unit (ExecStopPost=), which
     // systemd itself forgets as soon as it collects the inactive unit.

@@ -369,3 +369,54 @@ impl ClusterStore for EtcdStore {
         Ok(Watch { events: rx })
     }
 }
+
+/// One etcd member's answer to a status request (the validation report's etcd check).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberHealth {
+    pub endpoint: String,
+    /// Its member id, its leader's id (0: it knows none), its raft term.
+    pub member_id: Option<u64>,
+    pub leader: Option<u64>,
+    pub raft_term: Option<u64>,
+    pub version: Option<String>,
+    /// Why it did not answer, or its own errors (alarms).
+    pub error: Option<String>,
+}
+
+impl EtcdStore {
+    /// Every member's status, asked of each one directly.
+    pub async fn health(&self) -> Vec<MemberHealth> {
+        let mut out = Vec::new();
+        for (endpoint, client) in &self.inner.members {
+            let mut m = client.maintenance_client();
+            let h = match tokio::time::timeout(REQUEST_TIMEOUT, m.status()).await {
+                Ok(Ok(s)) => MemberHealth {
+                    endpoint: endpoint.clone(),
+                    member_id: s.header().map(|h| h.member_id()),
+                    leader: Some(s.leader()),
+                    raft_term: Some(s.raft_term()),
+                    version: Some(s.version().to_string()),
+                    error: (!s.errors().is_empty()).then(|| s.errors().join("; ")),
+                },
+                Ok(Err(e)) => MemberHealth {
+                    endpoint: endpoint.clone(),
+                    member_id: None,
+                    leader: None,
+                    raft_term: None,
+                    version: None,
+                    error: Some(e.to_string()),
+                },
+                Err(_) => MemberHealth {
+                    endpoint: endpoint.clone(),
+                    member_id: None,
+                    leader: None,
+                    raft_term: None,
+                    version: None,
+                    error: Some(format!("no answer within {REQUEST_TIMEOUT:?}")),
+                },
+            };
+            out.push(h);
+        }
+        out
+    }
+}

@@ -14,3 +14,4 @@ pub mod failover;
 pub mod keys;
 pub mod membership;
 pub mod placement;
+pub mod update;

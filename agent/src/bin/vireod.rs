@@ -184,6 +184,11 @@ struct Cli {
     /// default: the host's CPUs, no overcommit).
     #[arg(long, value_name = "N", requires = "cluster_etcd")]
     cluster_vcpus: Option<u32>,
+    /// Cluster-Aware Updating: the directory of the update hooks this node may run
+    /// (`vireoctl cluster update --run HOOK`). It and its hooks must be owned by root
+    /// and writable by no group or other user. Without it no hook runs here.
+    #[arg(long, value_name = "DIR", requires = "cluster_etcd")]
+    update_hooks: Option<PathBuf>,
 }
 
 /// Where other cluster nodes reach this one's peer listener for a drain's live
@@ -394,11 +399,13 @@ async fn run(
         .clone()
         .unwrap_or_else(|| cli.run_dir.join("vireod.sock"));
     let listener = server::bind(&sock)?;
+    let validation = std::sync::Arc::new(agent::cluster_validate::Local::default());
     let peer_listener = match cli.listen {
         Some(addr) => {
             let l =
                 agent::peer_server::PeerListener::bind(addr, sup.cfg.identity.as_ref(), &cli.peer)
-                    .await?;
+                    .await?
+                    .with_validation(validation.clone());
             Some(match replica.clone() {
                 Some(r) => {
                     info!(primaries = ?cli.replica_allow, "replica server");
@@ -426,6 +433,15 @@ async fn run(
                 moves: Default::default(),
             });
             n.start_moves();
+            validation.set(node, n.store.clone());
+            let hooks = match &cli.update_hooks {
+                Some(d) => Some(
+                    agent::cluster_update::HookDir::open(d)
+                        .map_err(|e| format!("--update-hooks: {e}"))?,
+                ),
+                None => None,
+            };
+            tokio::spawn(agent::cluster_update::Updater::new(&n, hooks, sock.clone()).run());
             tokio::spawn(n.as_ref().clone().run());
             info!(node = %node, etcd = %eps, "cluster node");
             Some(n)

@@ -70,6 +70,15 @@ impl Daemon {
         (src, dst)
     }
 
+    /// [`Daemon::start_in_netns`] with vireod run by `wrapper` (`env VAR=...`).
+    pub fn start_in_netns_wrapped(
+        extra: &[&str],
+        ns: std::sync::Arc<vireo_e2e::netns::NetNs>,
+        wrapper: &[&str],
+    ) -> Self {
+        Self::make(extra, Some(ns), wrapper)
+    }
+
     fn start_with_netns(
         extra: &[&str],
         netns: Option<std::sync::Arc<vireo_e2e::netns::NetNs>>,
