@@ -204,7 +204,7 @@ impl Hosts {
     }
 
     /// `vireoctl replica enable vm1 --to host-b ... --interval 1s` and `extra`.
-    pub fn enable_args<'s>(&self, extra: &[&'s str]) -> Vec<String> {
+    pub fn enable_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = [
             "replica",
             "enable",
