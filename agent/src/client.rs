@@ -99,6 +99,27 @@ where
     Ok(sender)
 }
 
+/// A peer that stops answering (its link cut, its host gone) is detected within
+/// about half a minute instead of the request's whole timeout: data it does not
+/// acknowledge for [`PEER_USER_TIMEOUT`] aborts the connection (`TCP_USER_TIMEOUT`),
+/// and an idle connection (waiting for an answer) is probed by TCP keepalives. A
+/// slow but live peer keeps acknowledging and is not affected.
+pub const PEER_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn dead_peer_detection(tcp: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(4);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(PEER_USER_TIMEOUT)))
+    {
+        tracing::debug!(error = %e, "no dead-peer detection on this connection");
+    }
+}
+
 /// Connects to `to` (with the TLS handshake for a peer); with `throttle`, the bytes
 /// written to a peer's TCP connection draw from it (TLS included).
 async fn connect(
@@ -126,6 +147,7 @@ async fn connect(
                     to: to.to_string(),
                     source,
                 })?;
+            dead_peer_detection(&tcp);
             let tcp = Throttled::new(
                 tcp,
                 throttle.cloned().unwrap_or_else(|| Throttle::new(None)),
