@@ -111,6 +111,7 @@ pub const RULES: &[Rule] = &[
     rule("DELETE", "/api/v1/vms/{name}/replication", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/pause", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/resume", Operator),
+    rule("PUT", "/api/v1/vms/{name}/replication/bandwidth", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/failover", Operator),
     rule("POST", "/api/v1/vms/{name}/replication/reverse", Operator),
     rule("POST", "/api/v1/replicas/{vm}/failover", Operator),

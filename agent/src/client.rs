@@ -12,6 +12,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
+use crate::throttle::{Throttle, Throttled};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {path}: {source}")]
@@ -97,9 +99,32 @@ where
     Ok(sender)
 }
 
-/// Connects to `to` (with the TLS handshake for a peer).
+/// A peer that stops answering (its link cut, its host gone) is detected within
+/// about half a minute instead of the request's whole timeout: data it does not
+/// acknowledge for [`PEER_USER_TIMEOUT`] aborts the connection (`TCP_USER_TIMEOUT`),
+/// and an idle connection (waiting for an answer) is probed by TCP keepalives. A
+/// slow but live peer keeps acknowledging and is not affected.
+pub const PEER_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn dead_peer_detection(tcp: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(4);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(PEER_USER_TIMEOUT)))
+    {
+        tracing::debug!(error = %e, "no dead-peer detection on this connection");
+    }
+}
+
+/// Connects to `to` (with the TLS handshake for a peer); with `throttle`, the bytes
+/// written to a peer's TCP connection draw from it (TLS included).
 async fn connect(
     to: &Endpoint,
+    throttle: Option<&Arc<Throttle>>,
 ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
     match to {
         Endpoint::Unix(socket) => {
@@ -122,6 +147,11 @@ async fn connect(
                     to: to.to_string(),
                     source,
                 })?;
+            dead_peer_detection(&tcp);
+            let tcp = Throttled::new(
+                tcp,
+                throttle.cloned().unwrap_or_else(|| Throttle::new(None)),
+            );
             let stream = tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(server_name.clone(), tcp)
                 .await
@@ -177,7 +207,18 @@ pub async fn send_to(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<hyper::Response<Incoming>, ClientError> {
-    let mut sender = connect(to).await?;
+    send_via(to, None, method, path, body).await
+}
+
+/// [`send_to`], the request's bytes drawn from `throttle` (a peer only).
+async fn send_via(
+    to: &Endpoint,
+    throttle: Option<&Arc<Throttle>>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<hyper::Response<Incoming>, ClientError> {
+    let mut sender = connect(to, throttle).await?;
     let host = match to {
         Endpoint::Unix(_) => "localhost".to_string(),
         Endpoint::Https { authority, .. } => authority.clone(),
@@ -227,8 +268,21 @@ pub async fn request_to(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
+    request_via(to, None, method, path, body, timeout).await
+}
+
+/// [`request_to`] with the bytes sent to a peer drawn from `throttle` (a bandwidth
+/// limit, and the count of bytes on the wire).
+pub async fn request_via(
+    to: &Endpoint,
+    throttle: Option<&Arc<Throttle>>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let work = async {
-        let resp = send_to(to, method, path, body).await?;
+        let resp = send_via(to, throttle, method, path, body).await?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()

@@ -59,6 +59,7 @@ pub mod replica_server;
 pub mod replication;
 pub mod server;
 pub mod supervisor;
+pub mod throttle;
 pub mod tls_gateway;
 pub mod vmm_events;
 

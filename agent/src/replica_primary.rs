@@ -18,6 +18,7 @@ use std::io::BufReader;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use replica::{segment_file_name, BlockHash, ChangeLog, Extra, Resync, SegmentReader};
@@ -25,6 +26,7 @@ use serde_json::{json, Value};
 use tracing::{debug, info};
 
 use crate::client::{self, Endpoint};
+use crate::throttle::Throttle;
 
 /// How long one request to the replica may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -34,8 +36,18 @@ const ZSTD_LEVEL: i32 = 3;
 /// The replica's block hashes are fetched this many at a time (1 GiB of disk).
 const HASH_WINDOW: u64 = 1 << 14;
 
+/// What a replica answers to a round it cannot store (507 Insufficient Storage).
+pub const FULL: u16 = 507;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
+    /// The replica's storage is full: replication pauses until resumed.
+    #[error("replica {to} is full ({what}): {message}")]
+    ReplicaFull {
+        to: String,
+        what: String,
+        message: String,
+    },
     #[error("replica {to}: {source}")]
     Transport {
         to: String,
@@ -130,6 +142,8 @@ pub struct Shipper {
     /// A reverse replication: a replica the server does not hold yet is made from its
     /// own disks of the VM (`PUT .../reverse`), not new and empty.
     pub reverse: bool,
+    /// The bandwidth limit every byte to the replica draws from (and their count).
+    pub throttle: Arc<Throttle>,
 }
 
 /// A sealed segment of the primary's log: (sequence number, cut id).
@@ -146,7 +160,11 @@ impl Shipper {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Value), ShipError> {
-        let r = client::request_to(&self.to, method, path, body, REQUEST_TIMEOUT)
+        // A limited link takes longer for a large body: the time it needs at the
+        // limit (a quarter more for TLS and HTTP) on top of the usual bound.
+        let len = body.as_ref().map_or(0, Vec::len) as u64;
+        let timeout = REQUEST_TIMEOUT + self.throttle.time_for(len + len / 4);
+        let r = client::request_via(&self.to, Some(&self.throttle), method, path, body, timeout)
             .await
             .map_err(|source| ShipError::Transport {
                 to: self.to.to_string(),
@@ -162,6 +180,13 @@ impl Shipper {
         body: Option<Vec<u8>>,
     ) -> Result<Value, ShipError> {
         let (status, v) = self.call(method, path, body).await?;
+        if status == FULL {
+            return Err(ShipError::ReplicaFull {
+                to: self.to.to_string(),
+                what: format!("{method} {path}"),
+                message: v["error"].as_str().unwrap_or_default().to_string(),
+            });
+        }
         if status != 200 {
             return Err(ShipError::Refused {
                 to: self.to.to_string(),

@@ -136,6 +136,7 @@ pub async fn reverse(
         extras: Default::default(),
         history,
         reverse: true,
+        throttle: crate::throttle::Throttle::new(None),
     };
     let held = probe.status().await.map_err(|e| {
         conflict(format!(
@@ -169,6 +170,7 @@ pub async fn reverse(
             server_name: Some(primary.clone()),
             interval_s: req.interval_s,
             history: req.history,
+            bandwidth_mbit: serde_json::Value::Null,
             reverse: true,
         },
     )?;

@@ -222,8 +222,41 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
+/// Whether `e` or an error beneath it is the filesystem's "no space" (ENOSPC, or
+/// EDQUOT: a quota).
+fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The answer to a round the replica cannot store: 507 and `"replica_full": true`
+/// (the primary pauses replication of the VM until resumed; it keeps its log).
+fn full(vm: &str, message: String) -> Response {
+    warn!(vm, %message, "replica: full, the round is refused");
+    (
+        StatusCode::INSUFFICIENT_STORAGE,
+        Json(serde_json::json!({
+            "error": format!("replica full: {message}"),
+            "vm": vm,
+            "replica_full": true,
+        })),
+    )
+        .into_response()
+}
+
 fn store_error(vm: &str, e: StoreError) -> Response {
     use replica::ApplyError;
+    if storage_full(&e) {
+        return full(vm, crate::error_chain(&e));
+    }
     let status = match &e {
         StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
         StoreError::Segment { .. } | StoreError::Apply(ApplyError::Segment(_)) => {
@@ -601,10 +634,13 @@ async fn base_complete(
 
 /// Spools a request body into an unnamed file beside the primary's VMs, at most
 /// `limit` bytes.
-async fn spool(body: Body, dir: &OwnedFd, limit: u64) -> Result<std::fs::File, Response> {
+async fn spool(vm: &str, body: Body, dir: &OwnedFd, limit: u64) -> Result<std::fs::File, Response> {
     let name = format!(".upload-{}", uuid::Uuid::new_v4());
     let file = confine::create_private(dir.as_fd(), name.as_ref());
     let internal = |e: std::io::Error| {
+        if storage_full(&e) {
+            return full(vm, format!("spooling the upload: {e}"));
+        }
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("spooling the upload: {e}"),
@@ -648,7 +684,7 @@ async fn segment(
         Err(e) => return store_error(&vm, e),
     };
     let max = s.max_segment;
-    let file = match spool(body, &dir, max).await {
+    let file = match spool(&vm, body, &dir, max).await {
         Ok(f) => f,
         Err(r) => return r,
     };

@@ -30,9 +30,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::client::{self, Endpoint};
-use crate::replica_primary::{DiskSource, Extras, Shipper};
+use crate::replica_primary::{DiskSource, Extras, ShipError, Shipper};
 use crate::replica_server::ReplicaServer;
 use crate::supervisor::Supervisor;
+use crate::throttle::Throttle;
 
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -53,6 +54,9 @@ pub struct EnableRequest {
     /// How many recovery points the replica keeps (default 1: the latest only).
     #[serde(default)]
     pub history: Option<u32>,
+    /// A bandwidth limit in Mbit/s (a number, a string of one, or "off"/null: none).
+    #[serde(default)]
+    pub bandwidth_mbit: serde_json::Value,
     /// Set by a reverse replication (not part of the REST body).
     #[serde(skip)]
     pub reverse: bool,
@@ -70,8 +74,21 @@ pub struct ReplicationStatus {
     pub history: u32,
     /// "starting", "replicating", "paused", "retrying".
     pub state: String,
+    /// Why replication paused by itself (e.g. "replica full: ..."); None after a
+    /// pause asked for, or once resumed.
+    pub paused_reason: Option<String>,
+    /// The bandwidth limit (Mbit/s), if any.
+    pub bandwidth_mbit: Option<f64>,
+    /// Every byte this loop wrote to the replica's connections (TLS included): what
+    /// the limit counts.
+    pub wire_bytes_sent: u64,
     pub last_point: Option<u64>,
+    /// When the replica acknowledged the point (committed, verified, synced).
     pub last_point_at_ms: Option<u64>,
+    /// When the cut of that point was asked of the VMM: every guest write completed
+    /// before it is in the point (None when the point is an older cut than the
+    /// round's own, after a torn cut).
+    pub last_point_cut_at_ms: Option<u64>,
     pub rounds: u64,
     pub failed_rounds: u64,
     pub base_bytes_sent: u64,
@@ -84,7 +101,7 @@ pub struct ReplicationStatus {
 }
 
 /// What is stored per VM (inventory table `replications`, JSON).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub to: String,
@@ -103,15 +120,38 @@ pub struct Settings {
     /// and fail the VM back; no loop runs for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_over_to: Option<String>,
+    /// The bandwidth limit in Mbit/s (None: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbit: Option<f64>,
+    /// Why replication paused by itself (a full replica), kept across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
 }
 
 fn one() -> u32 {
     1
 }
 
+/// The settings' limit in bytes per second (a stored limit out of range: none).
+fn limit_of(settings: &Settings) -> Option<u64> {
+    settings
+        .bandwidth_mbit
+        .and_then(|m| crate::throttle::mbit_to_bytes_per_s(m).ok())
+}
+
+impl Job {
+    /// The status with the live byte count.
+    fn snapshot(&self) -> ReplicationStatus {
+        let mut st = lock(&self.status).clone();
+        st.wire_bytes_sent = self.throttle.written();
+        st
+    }
+}
+
 struct Job {
     settings: Settings,
     status: Arc<Mutex<ReplicationStatus>>,
+    throttle: Arc<Throttle>,
     paused: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -231,6 +271,7 @@ impl Replications {
                 replica::MAX_HISTORY
             )));
         }
+        let bandwidth_mbit = crate::throttle::parse_limit(&req.bandwidth_mbit).map_err(bad)?;
         let settings = Settings {
             to: req.to.clone(),
             server_name: req.server_name.clone().unwrap_or(host),
@@ -239,6 +280,8 @@ impl Replications {
             history,
             reverse: req.reverse,
             failed_over_to: None,
+            bandwidth_mbit,
+            paused_reason: None,
         };
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(name) {
@@ -260,7 +303,11 @@ impl Replications {
     }
 
     /// Starts VM `name`'s loop with `settings` (paused if they say so).
-    fn start_job(&self, name: &str, settings: Settings) -> Result<Job, (StatusCode, String)> {
+    fn start_job(
+        self: &Arc<Self>,
+        name: &str,
+        settings: Settings,
+    ) -> Result<Job, (StatusCode, String)> {
         let disks = self.sources(name).map_err(|m| (StatusCode::CONFLICT, m))?;
         let to = self
             .endpoint(&settings.to, &settings.server_name)
@@ -272,6 +319,8 @@ impl Replications {
             server_name: settings.server_name.clone(),
             interval_ms: interval.as_millis() as u64,
             paused: settings.paused,
+            paused_reason: settings.paused_reason.clone(),
+            bandwidth_mbit: settings.bandwidth_mbit,
             history: settings.history,
             state: if settings.paused {
                 "paused"
@@ -282,6 +331,7 @@ impl Replications {
             ..Default::default()
         }));
         let (paused, paused_rx) = watch::channel(settings.paused);
+        let throttle = Throttle::new(limit_of(&settings));
         let shipper = Shipper {
             to,
             vm: name.to_string(),
@@ -289,9 +339,10 @@ impl Replications {
             extras: self.extras(name).map_err(|m| (StatusCode::CONFLICT, m))?,
             history: settings.history,
             reverse: settings.reverse,
+            throttle: throttle.clone(),
         };
         let task = tokio::spawn(run(
-            self.sup.clone(),
+            Arc::downgrade(self),
             shipper,
             interval,
             status.clone(),
@@ -300,6 +351,7 @@ impl Replications {
         Ok(Job {
             settings,
             status,
+            throttle,
             paused,
             task,
         })
@@ -365,26 +417,72 @@ impl Replications {
     }
 
     pub fn status(&self, name: &str) -> Option<ReplicationStatus> {
-        lock(&self.jobs).get(name).map(|j| lock(&j.status).clone())
+        lock(&self.jobs).get(name).map(Job::snapshot)
     }
 
     pub fn list(&self) -> Vec<ReplicationStatus> {
-        lock(&self.jobs)
-            .values()
-            .map(|j| lock(&j.status).clone())
-            .collect()
+        lock(&self.jobs).values().map(Job::snapshot).collect()
+    }
+
+    /// Sets VM `name`'s bandwidth limit (None: none); its sender obeys it from its
+    /// next write, a request in flight included. Stored with the settings.
+    fn set_bandwidth(&self, name: &str, mbit: Option<f64>) -> Option<ReplicationStatus> {
+        let mut jobs = lock(&self.jobs);
+        let job = jobs.get_mut(name)?;
+        job.settings.bandwidth_mbit = mbit;
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            warn!(vm = %name, error = %e, "the bandwidth limit is not stored");
+        }
+        job.throttle.set(limit_of(&job.settings));
+        lock(&job.status).bandwidth_mbit = mbit;
+        let detail = match mbit {
+            Some(m) => format!("{m} Mbit/s"),
+            None => "off".to_string(),
+        };
+        info!(vm = %name, bandwidth = %detail, "replication bandwidth limit set");
+        self.sup
+            .replication_event(name, "replication-bandwidth", Some(detail));
+        Some(job.snapshot())
+    }
+
+    /// The loop of VM `name` met a full replica: replication pauses (stored, so a
+    /// restart keeps it paused) with the reason and event `replica-paused`; the change
+    /// log keeps everything until `replica resume`.
+    fn pause_for(&self, name: &str, reason: String) {
+        let mut jobs = lock(&self.jobs);
+        let Some(job) = jobs.get_mut(name) else {
+            return;
+        };
+        job.settings.paused = true;
+        job.settings.paused_reason = Some(reason.clone());
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            warn!(vm = %name, error = %e, "the paused state is not stored");
+        }
+        job.paused.send_replace(true);
+        {
+            let mut st = lock(&job.status);
+            st.paused = true;
+            st.paused_reason = Some(reason.clone());
+            st.state = "paused".into();
+        }
+        warn!(vm = %name, %reason, "replication paused");
+        self.sup
+            .replication_event(name, "replica-paused", Some(reason));
     }
 
     fn set_paused(&self, name: &str, paused: bool) -> Option<ReplicationStatus> {
         let mut jobs = lock(&self.jobs);
         let job = jobs.get_mut(name)?;
         job.settings.paused = paused;
+        job.settings.paused_reason = None;
         if let Err(e) = self.store(name, Some(&job.settings)) {
             warn!(vm = %name, error = %e, "the paused state is not stored");
         }
         job.paused.send_replace(paused);
         let mut st = lock(&job.status);
         st.paused = paused;
+        st.paused_reason = None;
+        st.wire_bytes_sent = job.throttle.written();
         if paused {
             st.state = "paused".into();
         }
@@ -479,6 +577,7 @@ impl Replications {
             extras: self.extras(name)?,
             history: settings.history,
             reverse: settings.reverse,
+            throttle: Throttle::new(limit_of(settings)),
         };
         let running = self.sup.get(name).map_err(|e| e.to_string())?;
         if running.pid.is_some() {
@@ -650,12 +749,15 @@ impl Replications {
 
 /// One VM's loop.
 async fn run(
-    sup: Arc<Supervisor>,
+    owner: std::sync::Weak<Replications>,
     shipper: Shipper,
     interval: Duration,
     status: Arc<Mutex<ReplicationStatus>>,
     mut paused: watch::Receiver<bool>,
 ) {
+    let Some(sup) = owner.upgrade().map(|r| r.sup.clone()) else {
+        return;
+    };
     let name = shipper.vm.clone();
     let mut backoff = Duration::from_secs(1);
     let mut failing = false;
@@ -666,16 +768,26 @@ async fn run(
             }
         }
         let socket = sup.socket_path(&name);
+        let cut_at = std::sync::atomic::AtomicU64::new(0);
+        let cut_id = std::sync::atomic::AtomicU64::new(0);
         let cut = || async {
+            cut_at.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
             let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
                 .await
                 .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
             if !r.ok() {
                 return Err(format!("vm.replica-cut: {}", r.error_message()));
             }
-            Ok(r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0))
+            let id = r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0);
+            cut_id.store(id, std::sync::atomic::Ordering::Relaxed);
+            Ok(id)
         };
+        let began = std::time::Instant::now();
         let result = shipper.round(cut).await;
+        let full = match &result {
+            Err(e @ ShipError::ReplicaFull { .. }) => Some(format!("replica full: {e}")),
+            _ => None,
+        };
         let wait = {
             let mut st = lock(&status);
             st.rounds += 1;
@@ -688,6 +800,9 @@ async fn run(
                     if let Some(p) = s.point {
                         st.last_point = Some(p);
                         st.last_point_at_ms = Some(crate::now_ms());
+                        st.last_point_cut_at_ms = (p
+                            == cut_id.load(std::sync::atomic::Ordering::Relaxed))
+                        .then(|| cut_at.load(std::sync::atomic::Ordering::Relaxed));
                     }
                     st.last_error = None;
                     if !st.paused {
@@ -698,7 +813,9 @@ async fn run(
                         failing = false;
                         sup.replication_event(&name, "replication-recovered", None);
                     }
-                    interval
+                    // The interval is from cut to cut: a round that took longer is
+                    // followed by the next at once.
+                    interval.saturating_sub(began.elapsed())
                 }
                 Err(e) => {
                     let msg = crate::error_chain(&e);
@@ -708,7 +825,8 @@ async fn run(
                     if !st.paused {
                         st.state = "retrying".into();
                     }
-                    if !failing {
+                    // A full replica pauses (below) with its own event.
+                    if !failing && full.is_none() {
                         failing = true;
                         sup.replication_event(&name, "replication-failing", Some(msg));
                     }
@@ -718,6 +836,14 @@ async fn run(
                 }
             }
         };
+        if let Some(reason) = full {
+            // Retrying would fail the same way: wait for `replica resume`.
+            let Some(r) = owner.upgrade() else { return };
+            r.pause_for(&name, reason);
+            failing = false;
+            backoff = Duration::from_secs(1);
+            continue;
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             r = paused.changed() => if r.is_err() { return },
@@ -736,6 +862,7 @@ pub fn router(r: Arc<Replications>) -> Router {
         .route("/api/v1/vms/{name}/replication", delete(disable))
         .route("/api/v1/vms/{name}/replication/pause", post(pause))
         .route("/api/v1/vms/{name}/replication/resume", post(resume))
+        .route("/api/v1/vms/{name}/replication/bandwidth", put(bandwidth))
         .route("/api/v1/vms/{name}/replication/failover", post(failover))
         .route("/api/v1/vms/{name}/replication/reverse", post(reverse))
         .route("/api/v1/replicas/{vm}/failover", post(failover_here))
@@ -791,6 +918,35 @@ async fn disable(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
 
 async fn pause(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
     match r.set_paused(&name, true) {
+        Some(s) => Json(s).into_response(),
+        None => not_enabled(&r, &name),
+    }
+}
+
+/// `PUT /api/v1/vms/{name}/replication/bandwidth` `{"mbit": N | "off" | null}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BandwidthRequest {
+    mbit: serde_json::Value,
+}
+
+async fn bandwidth(
+    State(r): R,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if r.status(&name).is_none() {
+        return not_enabled(&r, &name);
+    }
+    let req: BandwidthRequest = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bandwidth: {e}")),
+    };
+    let mbit = match crate::throttle::parse_limit(&req.mbit) {
+        Ok(m) => m,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    match r.set_bandwidth(&name, mbit) {
         Some(s) => Json(s).into_response(),
         None => not_enabled(&r, &name),
     }

@@ -413,6 +413,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         extras: Default::default(),
         history: 1,
         reverse: false,
+        throttle: agent::throttle::Throttle::new(None),
     };
     let same = |what: &str| {
         let v = vm.lock().unwrap();
@@ -454,6 +455,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         extras: Default::default(),
         history: 1,
         reverse: false,
+        throttle: agent::throttle::Throttle::new(None),
     };
     vm.lock().unwrap().write(0, 800_000, 3, 4096);
     let err = round(&dead, &vm).unwrap_err();

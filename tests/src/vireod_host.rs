@@ -97,6 +97,11 @@ impl VireodHost {
     /// Starts vireod with `extra` flags (no autostart, no CPU cgroups, the test guest's
     /// directory as a storage root) and waits for its socket.
     pub fn start(extra: &[String]) -> Self {
+        Self::start_in(None, extra)
+    }
+
+    /// [`VireodHost::start`] inside network namespace `netns` (its VMMs too).
+    pub fn start_in(netns: Option<&crate::netns::NetNs>, extra: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vdh")
             .tempdir()
@@ -104,7 +109,11 @@ impl VireodHost {
         let socket = dir.path().join("run/vireod.sock");
         let log = std::fs::File::create(dir.path().join("vireod.log")).expect("log");
         let guest_dir = guest().parent().map(Path::to_path_buf).unwrap_or_default();
-        let child = Command::new(bin("vireod"))
+        let mut cmd = Command::new(bin("vireod"));
+        if let Some(ns) = netns {
+            ns.enter_on_exec(&mut cmd);
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .arg("--run-dir")
@@ -161,6 +170,15 @@ impl VireodHost {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("vireod.log")).unwrap_or_default()
+    }
+
+    /// VM `name`'s serial output file.
+    pub fn serial_path(&self, name: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/vms")
+            .join(name)
+            .join("serial.log")
     }
 
     /// Waits until VM `name` is in `state`.

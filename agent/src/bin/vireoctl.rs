@@ -220,6 +220,16 @@ enum ReplicaCommand {
         /// 24 hourly ones and the latest).
         #[arg(long, default_value_t = 1)]
         history: u32,
+        /// Limit the bytes sent to the replica to MBIT Mbit/s (0.1 to 100000).
+        #[arg(long, value_name = "MBIT")]
+        bandwidth: Option<String>,
+    },
+    /// Change NAME's bandwidth limit to MBIT Mbit/s, or lift it (`off`); the sender
+    /// obeys it from its next write.
+    Bandwidth {
+        name: String,
+        /// Mbit/s, or `off`.
+        mbit: String,
     },
     /// On the replica host: the recovery points kept of NAME (id, time, bytes).
     Points {
@@ -308,6 +318,16 @@ fn parse_interval(s: &str) -> Result<f64, String> {
     Ok(secs)
 }
 
+/// A bandwidth argument as JSON: a number when it is one, else the word as given
+/// (vireod takes `off` and refuses anything else with one line).
+fn limit_value(arg: &str) -> Value {
+    arg.parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map(Value::Number)
+        .unwrap_or_else(|| Value::String(arg.to_string()))
+}
+
 /// A JSON value as a table cell (null: `-`).
 fn cell(v: &Value) -> String {
     match v {
@@ -326,9 +346,18 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
             to_name,
             interval,
             history,
+            bandwidth,
         } => {
-            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history});
+            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history, "bandwidth_mbit": bandwidth.as_deref().map(limit_value)});
             ctx.json("PUT", &path(name), Some(body.to_string().into_bytes()))?
+        }
+        ReplicaCommand::Bandwidth { name, mbit } => {
+            let body = serde_json::json!({ "mbit": limit_value(mbit) });
+            ctx.json(
+                "PUT",
+                &format!("{}/bandwidth", path(name)),
+                Some(body.to_string().into_bytes()),
+            )?
         }
         ReplicaCommand::Points { name, primary } => {
             let q = primary
@@ -483,12 +512,30 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
                     r["segment_bytes_sent"].as_u64().unwrap_or(0)
                         + r["base_bytes_sent"].as_u64().unwrap_or(0)
                 ),
-                cell(&r["last_error"]),
+                r["bandwidth_mbit"]
+                    .as_f64()
+                    .map(|m| format!("{m} Mbit/s"))
+                    .unwrap_or("-".into()),
+                // A pause the loop made itself (a full replica) says why.
+                cell(if r["paused_reason"].is_null() {
+                    &r["last_error"]
+                } else {
+                    &r["paused_reason"]
+                }),
             ]
         })
         .collect();
     print_table(
-        &["VM", "TO", "STATE", "POINT", "AT", "BYTES SENT", "ERROR"],
+        &[
+            "VM",
+            "TO",
+            "STATE",
+            "POINT",
+            "AT",
+            "BYTES SENT",
+            "LIMIT",
+            "ERROR",
+        ],
         &rows,
     );
     Ok(())

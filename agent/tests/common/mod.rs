@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 pub mod caller;
 pub mod pki;
+pub mod replica_hosts;
 pub mod writer;
 
 pub const T: Duration = Duration::from_secs(60);

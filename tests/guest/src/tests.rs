@@ -998,10 +998,23 @@ fn open_blks(max: usize) -> alloc::vec::Vec<Blk> {
 /// disk's blocks back, prints `rw resume n=<M>` (M: the highest sequence found there,
 /// 0 on a fresh disk) and continues at M + 1: the guest of a failed-over VM carries on
 /// where the last writer's completed writes end.
+///
+/// `rate=W random` (the RPO bench): W iterations per second, paced by the TSC (an
+/// iteration late for its slot starts at once; the pace does not drift), each to a
+/// pseudo-random block (seed n, block = a hash of n % B), and the line is
+/// `rw n=<n> us=<µs>`: the iteration's write latency, all disks.
 pub fn replica_writer() -> ! {
     let disks = num("disks", Some(1)).max(1) as usize;
     let blocks = num("blocks", Some(64)).max(1);
     let count = num("count", Some(0));
+    let rate = num("rate", Some(0));
+    let random = CMDLINE.get("random").is_some();
+    let khz = if rate != 0 {
+        crate::timer::tsc_khz().khz.max(1)
+    } else {
+        1
+    };
+    let period = if rate != 0 { khz * 1000 / rate } else { 0 };
     let mut blks = open_blks(disks);
     if blks.len() != disks {
         fail!("disks={} but {} virtio-blk devices", disks, blks.len());
@@ -1019,15 +1032,36 @@ pub fn replica_writer() -> ! {
         println!("rw resume n={}", last);
         n = last + 1;
     }
+    let (first, start) = (n, rdtsc());
     loop {
-        let lba = (n % blocks) * 8;
+        let block = if random {
+            // splitmix64 of n: spread over the disk, the same on every run.
+            let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) % blocks
+        } else {
+            n % blocks
+        };
+        let lba = block * 8;
+        if rate != 0 {
+            let due = start + (n - first) * period;
+            while rdtsc() < due {
+                core::hint::spin_loop();
+            }
+        }
         pattern::fill(n, lba, &mut buf);
+        let t0 = rdtsc();
         for (d, b) in blks.iter_mut().enumerate() {
             if let Err(e) = b.write_blocks(lba as usize, &buf) {
                 fail!("rw write n={} disk={} lba={}: {:?}", n, d, lba, e);
             }
         }
-        println!("rw n={}", n);
+        if rate != 0 {
+            println!("rw n={} us={}", n, (rdtsc() - t0) * 1000 / khz);
+        } else {
+            println!("rw n={}", n);
+        }
         if count != 0 && n >= count {
             for b in blks.iter_mut() {
                 if let Err(e) = b.flush() {

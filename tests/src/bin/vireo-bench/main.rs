@@ -26,8 +26,12 @@
 //! 11. Balloon: MiB/s a 1 GiB inflation returns to the host, Vireo vs QEMU
 //!     (`balloon.rs`; alone: `--only balloon`).
 //!
-//! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N]
-//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon]`
+//! 12. Vireo Replica's RPO over a 100 Mbit/s link with 50 ms each way, the bytes on the
+//!     wire per byte written and the cost to the guest's write latency
+//!     (`replica_rpo.rs`; only with `--only replica-rpo`: it takes minutes).
+//!
+//! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N] [--rpo-rounds N]
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -40,6 +44,7 @@ use clap::{Parser, ValueEnum};
 
 mod balloon;
 mod large_memory;
+mod replica_rpo;
 mod smp_boot;
 use vireo_e2e::vireod_host::VireodHost;
 use vireo_e2e::{bin, guest};
@@ -1250,6 +1255,9 @@ struct Cli {
     /// Rounds of each vireod↔vireod migration case (min / median / max over them).
     #[arg(long, default_value_t = TRANSPORT_ROUNDS)]
     transport_rounds: usize,
+    /// Rounds (30 s windows) of `--only replica-rpo`.
+    #[arg(long, default_value_t = 3)]
+    rpo_rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -1265,6 +1273,7 @@ enum Part {
     LargeMemory,
     SmpBoot,
     Balloon,
+    ReplicaRpo,
 }
 
 fn main() {
@@ -1304,5 +1313,8 @@ fn main() {
     }
     if want(Part::Balloon) {
         balloon::table(runs.min(5));
+    }
+    if cli.only == Some(Part::ReplicaRpo) {
+        replica_rpo::table(cli.rpo_rounds.max(1));
     }
 }
