@@ -489,6 +489,36 @@ async fn enforce(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Res
     resp
 }
 
+/// (path, METHOD) of every axum `.route(...)` call in Rust source `src`: a call on one
+/// line (`.route("/p", get(x))`) or as rustfmt breaks a long one (`.route(\n "/p",\n
+/// get(x).post(y),\n )`). For the tests that hold the authorisation table and the
+/// OpenAPI document to the router.
+#[doc(hidden)]
+pub fn routes_in(src: &str) -> std::collections::BTreeSet<(String, String)> {
+    let mut out = std::collections::BTreeSet::new();
+    for chunk in src.split(".route(").skip(1) {
+        let Some((path, rest)) = chunk
+            .trim_start()
+            .strip_prefix('"')
+            .and_then(|c| c.split_once('"'))
+        else {
+            continue;
+        };
+        let end = ["))\n", "),\n        )\n"]
+            .iter()
+            .filter_map(|e| rest.find(e))
+            .min()
+            .unwrap_or(rest.len());
+        let call = &rest[..end];
+        for m in ["get", "put", "post", "delete", "patch"] {
+            if call.contains(&format!(" {m}(")) || call.contains(&format!(".{m}(")) {
+                out.insert((path.to_string(), m.to_uppercase()));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,30 +533,7 @@ mod tests {
             include_str!("replication.rs"),
         ]
         .concat();
-        let mut out = BTreeSet::new();
-        // A call on one line (`.route("/p", get(x))`) or as rustfmt breaks a long one
-        // (`.route(\n "/p",\n get(x).post(y),\n )`): each ends before the next call.
-        for chunk in src.split(".route(").skip(1) {
-            let Some((path, rest)) = chunk
-                .trim_start()
-                .strip_prefix('"')
-                .and_then(|c| c.split_once('"'))
-            else {
-                continue;
-            };
-            let end = ["))\n", "),\n        )\n"]
-                .iter()
-                .filter_map(|e| rest.find(e))
-                .min()
-                .unwrap_or(rest.len());
-            let call = &rest[..end];
-            for m in ["get", "put", "post", "delete", "patch"] {
-                if call.contains(&format!(" {m}(")) || call.contains(&format!(".{m}(")) {
-                    out.insert((path.to_string(), m.to_uppercase()));
-                }
-            }
-        }
-        out
+        routes_in(&src)
     }
 
     #[test]

@@ -34,29 +34,7 @@ fn routed() -> BTreeSet<(String, String)> {
     let src = workspace_file("agent/src/server.rs")
         + &workspace_file("agent/src/cluster_node.rs")
         + &workspace_file("agent/src/replication.rs");
-    let mut out = BTreeSet::new();
-    // One line, or as rustfmt breaks a long call (`.route(\n "/p",\n get(x).post(y),\n )`).
-    for chunk in src.split(".route(").skip(1) {
-        let Some((path, rest)) = chunk
-            .trim_start()
-            .strip_prefix('"')
-            .and_then(|c| c.split_once('"'))
-        else {
-            continue;
-        };
-        let end = ["))\n", "),\n        )\n"]
-            .iter()
-            .filter_map(|e| rest.find(e))
-            .min()
-            .unwrap_or(rest.len());
-        let call = &rest[..end];
-        for m in ["get", "put", "post", "delete", "patch"] {
-            if call.contains(&format!(" {m}(")) || call.contains(&format!(".{m}(")) {
-                out.insert((path.to_string(), m.to_uppercase()));
-            }
-        }
-    }
-    out
+    agent::authz::routes_in(&src)
 }
 
 #[test]
