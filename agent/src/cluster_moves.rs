@@ -261,7 +261,7 @@ impl Executor {
             }
         }
         let running = lock(&self.shared.outgoing).clone();
-        for (m, rev) in drain::next_moves(&moves, &self.node, running.len()) {
+        for (m, rev) in moves_to_start(&moves, &self.node, &running) {
             lock(&self.shared.outgoing).insert(m.vm.clone());
             let me = self.clone();
             tokio::spawn(async move {
@@ -329,27 +329,20 @@ impl Executor {
         Ok(())
     }
 
-    async fn fail(&self, mut m: MoveRecord, why: String) {
+    async fn fail(&self, m: MoveRecord, known: Revision, why: String) {
         warn!(vm = %m.vm, to = %m.to, error = %why, "move failed; the VM stays here");
-        m.state = MoveState::Failed;
-        m.error = Some(why);
-        m.finished_ms = Some(keys::now_ms());
-        if let Err(e) = self
-            .store
-            .put(&keys::move_key(&m.vm), keys::encode(&m), 0)
-            .await
-        {
-            warn!(vm = %m.vm, error = %e, "cannot record the failed move");
-        }
+        record_failed(&self.store, m, known, why).await;
     }
 
     async fn execute(&self, mut m: MoveRecord, move_rev: Revision) {
         let snap = match Snapshot::read(&self.store).await {
             Ok(s) => s,
-            Err(e) => return self.fail(m, format!("cluster store: {e}")).await,
+            Err(e) => return self.fail(m, move_rev, format!("cluster store: {e}")).await,
         };
         let Some((_, my_lease)) = snap.nodes.get(&self.node) else {
-            return self.fail(m, "this node is not in the cluster".into()).await;
+            return self
+                .fail(m, move_rev, "this node is not in the cluster".into())
+                .await;
         };
         let (owner, token_before) = match snap.owners.get(&m.vm) {
             Some((o @ OwnerRecord::Node { node, lease }, rev))
@@ -357,16 +350,32 @@ impl Executor {
             {
                 (o.clone(), *rev)
             }
-            _ => return self.fail(m, "not owned by this node".into()).await,
+            _ => {
+                return self
+                    .fail(m, move_rev, "not owned by this node".into())
+                    .await
+            }
         };
         let to = m.to.clone();
         let dest = match snap.nodes.get(&to) {
             Some((r, lease)) if r.state == NodeState::Up => match &r.peer_url {
                 Some(url) => (url.clone(), *lease),
-                None => return self.fail(m, format!("{to} has no peer URL")).await,
+                None => {
+                    return self
+                        .fail(m, move_rev, format!("{to} has no peer URL"))
+                        .await
+                }
             },
-            Some((r, _)) => return self.fail(m, format!("{to} is {:?}, not up", r.state)).await,
-            None => return self.fail(m, format!("{to} is not in the cluster")).await,
+            Some((r, _)) => {
+                return self
+                    .fail(m, move_rev, format!("{to} is {:?}, not up", r.state))
+                    .await
+            }
+            None => {
+                return self
+                    .fail(m, move_rev, format!("{to} is not in the cluster"))
+                    .await
+            }
         };
         // The token grows before the VM moves: the destination's disks get the new one.
         m.state = MoveState::Migrating;
@@ -410,8 +419,12 @@ impl Executor {
             .await;
         let token = match bumped {
             Ok(o) if o.succeeded => o.revision,
-            Ok(_) => return self.fail(m, "the VM's ownership changed".into()).await,
-            Err(e) => return self.fail(m, format!("cluster store: {e}")).await,
+            Ok(_) => {
+                return self
+                    .fail(m, move_rev, "the VM's ownership changed".into())
+                    .await
+            }
+            Err(e) => return self.fail(m, move_rev, format!("cluster store: {e}")).await,
         };
         info!(vm = %m.vm, to = %m.to, token, "moving a clustered VM");
         let req = MigrateRequest {
@@ -421,7 +434,7 @@ impl Executor {
         };
         let rec = match self.sup.migrate(&m.vm, req) {
             Ok(r) => r,
-            Err(e) => return self.fail(m, crate::error_chain(&e)).await,
+            Err(e) => return self.fail(m, token, crate::error_chain(&e)).await,
         };
         let end = loop {
             tokio::time::sleep(TICK).await;
@@ -433,13 +446,15 @@ impl Executor {
         };
         let end = match end {
             Ok(r) => r,
-            Err(e) => return self.fail(m, e).await,
+            Err(e) => return self.fail(m, token, e).await,
         };
         if end.state != MigrationState::Completed {
             let why = end
                 .error
                 .unwrap_or_else(|| format!("migration {:?}", end.state));
-            return self.fail(m, format!("migration {}: {why}", rec.id)).await;
+            return self
+                .fail(m, token, format!("migration {}: {why}", rec.id))
+                .await;
         }
         // Committed: the destination runs it; ownership follows.
         let to = OwnerRecord::Node {
@@ -490,6 +505,7 @@ impl Executor {
                 lock(&self.shared.lost).insert(m.vm.clone());
                 self.fail(
                     m,
+                    token,
                     "migrated, but the ownership changed meanwhile: the destination drops its copy"
                         .into(),
                 )
@@ -497,9 +513,185 @@ impl Executor {
             }
             Err(e) => {
                 lock(&self.shared.lost).insert(m.vm.clone());
-                self.fail(m, format!("migrated, but cluster store: {e}"))
+                self.fail(m, token, format!("migrated, but cluster store: {e}"))
                     .await
             }
         }
+    }
+}
+
+/// The moves `node` starts now, `running` being those its executions carry out. One
+/// of them is not started again, even while the record read still shows it queued
+/// (its execution has not written yet: a slow store); two executions of one move had
+/// the loser record it failed over the winner's migration, and the destination
+/// dropped the arriving VM. It still counts for the priority order and the
+/// concurrency: Low waits while High moves.
+fn moves_to_start(
+    moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
+    node: &str,
+    running: &BTreeSet<String>,
+) -> Vec<(MoveRecord, Revision)> {
+    drain::next_moves(moves, node, running.len())
+        .into_iter()
+        .filter(|(m, _)| !running.contains(&m.vm))
+        .collect()
+}
+
+/// Records `m` as failed, if the record is still this execution's: the one it read
+/// (`known`, its revision), or its own Migrating write (same source and start) that
+/// landed although the store's answer was lost. A record another execution or node
+/// changed since is left as it is: a failure written over a move that goes on has the
+/// destination drop the VM it is receiving.
+async fn record_failed<S: ClusterStore>(
+    store: &S,
+    mut m: MoveRecord,
+    known: Revision,
+    why: String,
+) {
+    let key = keys::move_key(&m.vm);
+    let (from, started) = (m.from.clone(), m.started_ms);
+    m.state = MoveState::Failed;
+    m.error = Some(why);
+    m.finished_ms = Some(keys::now_ms());
+    let mut rev = known;
+    // Twice at most: the record as known, then as found if it is this execution's.
+    for _ in 0..2 {
+        let written = store
+            .txn(Txn {
+                when: vec![Compare::ModRevision {
+                    key: key.clone(),
+                    op: CmpOp::Equal,
+                    revision: rev,
+                }],
+                then: vec![Op::Put {
+                    key: key.clone(),
+                    value: keys::encode(&m),
+                    lease: 0,
+                }],
+                otherwise: vec![],
+            })
+            .await;
+        match written {
+            Ok(o) if o.succeeded => return,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(vm = %m.vm, error = %e, "cannot record the failed move");
+                return;
+            }
+        }
+        let found = match store.get(&key).await {
+            Ok(Some(kv)) => kv,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(vm = %m.vm, error = %e, "cannot record the failed move");
+                return;
+            }
+        };
+        let ours = keys::decode::<MoveRecord>(&found.value).is_some_and(|r| {
+            r.state == MoveState::Migrating && r.from == from && r.started_ms == started
+        });
+        if !ours {
+            warn!(vm = %m.vm, "the move's record changed meanwhile: its failure is not recorded over it");
+            return;
+        }
+        rev = found.mod_revision;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster::keys::{MoveReason, Priority};
+    use cluster::SimStore;
+
+    fn queued(vm: &str) -> MoveRecord {
+        MoveRecord {
+            vm: vm.into(),
+            from: "a".into(),
+            to: "b".into(),
+            priority: Priority::High,
+            reason: MoveReason::Drain,
+            drain_of: "a".into(),
+            state: MoveState::Queued,
+            concurrency: 2,
+            token_before: None,
+            token_after: None,
+            error: None,
+            started_ms: None,
+            finished_ms: None,
+        }
+    }
+
+    fn migrating(vm: &str, started_ms: u64) -> MoveRecord {
+        MoveRecord {
+            state: MoveState::Migrating,
+            started_ms: Some(started_ms),
+            ..queued(vm)
+        }
+    }
+
+    async fn put(store: &SimStore, m: &MoveRecord) -> Revision {
+        store
+            .put(&keys::move_key(&m.vm), keys::encode(m), 0)
+            .await
+            .unwrap()
+    }
+
+    async fn read(store: &SimStore, vm: &str) -> MoveRecord {
+        let kv = store.get(&keys::move_key(vm)).await.unwrap().unwrap();
+        keys::decode(&kv.value).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_recorded_over_the_record_this_execution_read() {
+        let store = SimStore::new();
+        let rev = put(&store, &queued("vm")).await;
+        record_failed(&store, queued("vm"), rev, "no".into()).await;
+        let m = read(&store, "vm").await;
+        assert_eq!(m.state, MoveState::Failed);
+        assert_eq!(m.error.as_deref(), Some("no"));
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_not_recorded_over_another_executions_migration() {
+        let store = SimStore::new();
+        let rev = put(&store, &queued("vm")).await;
+        // Another execution of the same move won and migrates.
+        put(&store, &migrating("vm", 1_000)).await;
+        let mut mine = queued("vm");
+        mine.started_ms = Some(2_000);
+        record_failed(&store, mine, rev, "lost the race".into()).await;
+        let m = read(&store, "vm").await;
+        assert_eq!(m, migrating("vm", 1_000));
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_recorded_over_this_executions_own_write_whose_answer_was_lost() {
+        let store = SimStore::new();
+        let rev = put(&store, &queued("vm")).await;
+        // The execution's Migrating write landed; it saw only an error.
+        put(&store, &migrating("vm", 3_000)).await;
+        record_failed(&store, migrating("vm", 3_000), rev, "store timeout".into()).await;
+        let m = read(&store, "vm").await;
+        assert_eq!(m.state, MoveState::Failed);
+        assert_eq!(m.error.as_deref(), Some("store timeout"));
+    }
+    #[test]
+    fn a_move_carried_out_already_is_not_started_again_and_low_waits_behind_it() {
+        // Two at once: only the filter keeps hi from starting twice.
+        let hi = queued("hi");
+        let mut lo = queued("lo");
+        lo.priority = Priority::Low;
+        let moves: std::collections::BTreeMap<String, (MoveRecord, Revision)> =
+            [("hi".to_string(), (hi, 5)), ("lo".to_string(), (lo, 6))].into();
+        let none = BTreeSet::new();
+        let first: Vec<String> = moves_to_start(&moves, "a", &none)
+            .into_iter()
+            .map(|(m, _)| m.vm)
+            .collect();
+        assert_eq!(first, ["hi"]);
+        // hi's execution runs; the store still shows it queued.
+        let running: BTreeSet<String> = ["hi".to_string()].into();
+        assert!(moves_to_start(&moves, "a", &running).is_empty());
     }
 }

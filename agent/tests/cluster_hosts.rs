@@ -1093,7 +1093,11 @@ fn a_failing_hook_stops_the_update_at_its_node() {
         let at = assert_runs_once(&c, vm, &disks[k], before[k]);
         assert_ne!(NODES[at], "b", "{vm} runs on the paused node");
     }
-    assert!(c.runs(0, "va") && c.runs(2, "vc"), "va and vc back home");
+    assert!(
+        c.runs(0, "va") && c.runs(2, "vc"),
+        "va and vc back home\n{}",
+        c.logs()
+    );
 }
 
 /// `vireoctl cluster validate` from node `i`: its exit status, output and report.
