@@ -129,6 +129,8 @@ async fn push_loop(
     main: tokio::runtime::Handle,
 ) {
     let mut taken = Taken::default();
+    // The VMM (by pid) whose API thread was raised (see `vmm_priority`).
+    let mut raised: Option<i32> = None;
     loop {
         let deadline = *deadlines.borrow_and_update();
         let mut pending = false;
@@ -139,7 +141,24 @@ async fn push_loop(
             .filter(|ns| *ns > monotonic_ns())
         {
             // The VMM now running `vm` (a restarted VM is a new VMM).
-            match sup.get(&vm).ok().and_then(|s| s.pid) {
+            let pid = sup.get(&vm).ok().and_then(|s| s.pid);
+            if let Some(pid) = pid.filter(|p| raised != Some(*p)) {
+                match crate::vmm_priority::raise_api_thread(pid) {
+                    Ok(true) => {
+                        debug!(
+                            vm,
+                            pid, "the VMM's API thread answers renewals at real-time priority"
+                        );
+                        raised = Some(pid);
+                    }
+                    Ok(false) => pending = true, // Starting: no API thread yet.
+                    Err(e) => {
+                        warn!(vm, pid, error = %e, "cannot raise the VMM's API thread: under CPU saturation its renewals can come late");
+                        raised = Some(pid);
+                    }
+                }
+            }
+            match pid {
                 None => pending = true,
                 Some(pid) if taken.has(pid, deadline_ns) => {}
                 Some(pid) => match push(&sup, &vm, deadline_ns, &main).await {

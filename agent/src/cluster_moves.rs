@@ -121,7 +121,29 @@ pub struct Guard {
     pub shared: Shared,
 }
 
+/// How often the destination reads the store before it refuses a move for want of an
+/// answer: a read is safe to repeat, and a move refused for one slow answer (a loaded
+/// host, an etcd election) fails the whole drain's step.
+const GUARD_READS: usize = 3;
+
 impl Guard {
+    /// `key`, read up to [`GUARD_READS`] times while the store does not answer.
+    async fn read(
+        &self,
+        key: &str,
+    ) -> Result<Option<cluster::store::KeyValue>, cluster::StoreError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.store.get(key).await {
+                Err(cluster::StoreError::Unavailable(why)) if tries < GUARD_READS => {
+                    warn!(key, error = %why, "cluster store slow to answer an arriving VM's check; asking again");
+                }
+                r => return r,
+            }
+        }
+    }
+
     async fn check(
         &self,
         name: &str,
@@ -132,8 +154,7 @@ impl Guard {
         let unavailable =
             |e: cluster::StoreError| AgentError::BadMigration(format!("cluster store: {e}"));
         let defined = self
-            .store
-            .get(&keys::vm_key(name))
+            .read(&keys::vm_key(name))
             .await
             .map_err(unavailable)?
             .is_some();
@@ -148,8 +169,7 @@ impl Guard {
             ));
         };
         let mv = self
-            .store
-            .get(&keys::move_key(name))
+            .read(&keys::move_key(name))
             .await
             .map_err(unavailable)?
             .and_then(|kv| keys::decode::<MoveRecord>(&kv.value));
@@ -163,8 +183,7 @@ impl Guard {
             }
         }
         let owner = self
-            .store
-            .get(&keys::owner_key(name))
+            .read(&keys::owner_key(name))
             .await
             .map_err(unavailable)?;
         let token = match owner
@@ -337,7 +356,11 @@ impl Executor {
     async fn execute(&self, mut m: MoveRecord, move_rev: Revision) {
         let snap = match Snapshot::read(&self.store).await {
             Ok(s) => s,
-            Err(e) => return self.fail(m, move_rev, format!("cluster store: {e}")).await,
+            // Nothing done yet: the move stays queued, the next pass tries it again.
+            Err(e) => {
+                warn!(vm = %m.vm, error = %e, "cluster store: the move waits for the next pass");
+                return;
+            }
         };
         let Some((_, my_lease)) = snap.nodes.get(&self.node) else {
             return self

@@ -62,6 +62,7 @@ pub mod supervisor;
 pub mod throttle;
 pub mod tls_gateway;
 pub mod vmm_events;
+pub mod vmm_priority;
 
 pub use error::AgentError;
 

@@ -152,7 +152,14 @@ impl Vmm {
         if !expired || vm.state() != VmState::Running {
             return;
         }
+        let (ahead_ms, renewed_ms_ago) = vm
+            .devices()
+            .write_lease
+            .as_ref()
+            .map_or((0.0, 0.0), |l| l.timing_ms(devices::block::monotonic_ns()));
         tracing::error!(
+            passed_ms_ago = -ahead_ms,
+            renewed_ms_ago,
             "write lease expired: this VMM's host may no longer run the VM; disks refuse writes, pausing the VM"
         );
         if let Err(e) =
@@ -967,7 +974,17 @@ impl Vmm {
                     if let (Some(arrived), Some(own)) =
                         (&self.incoming_lease, vm.devices().write_lease.as_ref())
                     {
-                        let _ = own.renew_unused(arrived.deadline_ns());
+                        let now = devices::block::monotonic_ns();
+                        let (arrived_ahead_ms, arrived_renewed_ms_ago) = arrived.timing_ms(now);
+                        let taken = own.renew_unused(arrived.deadline_ns());
+                        let (ahead_ms, _) = own.timing_ms(now);
+                        tracing::info!(
+                            arrived_ahead_ms,
+                            arrived_renewed_ms_ago,
+                            ahead_ms,
+                            taken = taken.is_ok(),
+                            "the arrived VM takes the write lease renewed while it arrived"
+                        );
                     }
                     self.vm = Some(*vm);
                     self.incoming_lease = None;

@@ -36,6 +36,9 @@ use crate::{error_chain, now_ms, AgentError};
 
 const POLL: Duration = Duration::from_millis(100);
 
+/// Every how many unanswered polls of a receiving VMM a warning says so (about 5 s).
+const UNANSWERED_REPORT: u32 = 50;
+
 /// What a cluster node checks of every incoming VM before anything is made for it: a
 /// clustered VM arrives only by a move the cluster recorded, from that move's source
 /// host, and runs here under this node's fencing token and write lease (the
@@ -453,6 +456,7 @@ impl Supervisor {
         let sock = self.socket_path(&name);
         let connect_deadline = Instant::now() + self.cfg.incoming_timeout;
         let (mut cancelled, mut armed) = (false, true);
+        let mut unanswered = 0u32;
         let outcome = loop {
             tokio::select! {
                 r = &mut cancel, if armed => {
@@ -483,11 +487,27 @@ impl Supervisor {
                 match client::request(&sock, "GET", "/api/v1/vm.migration-info", None, VMM_TIMEOUT)
                     .await
                 {
-                    Ok(r) if r.ok() => serde_json::from_slice::<api::MigrationInfo>(&r.body).ok(),
-                    _ => None,
+                    Ok(r) if r.ok() => serde_json::from_slice::<api::MigrationInfo>(&r.body)
+                        .map_err(|e| format!("vm.migration-info: {e}")),
+                    Ok(r) => Err(format!(
+                        "vm.migration-info: {} {}",
+                        r.status,
+                        r.error_message()
+                    )),
+                    Err(e) => Err(format!("vm.migration-info: {e}")),
                 };
-            let Some(mut info) = info else {
-                continue;
+            let mut info = match info {
+                Ok(i) => {
+                    unanswered = 0;
+                    i
+                }
+                Err(e) => {
+                    unanswered += 1;
+                    if unanswered.is_multiple_of(UNANSWERED_REPORT) {
+                        warn!(vm = %name, error = %e, polls = unanswered, "the receiving VMM does not report its migration");
+                    }
+                    continue;
+                }
             };
             if let Some(g) = &gateway {
                 g.merge_into(&mut info);
@@ -501,7 +521,14 @@ impl Supervisor {
             match info.status {
                 api::MigrationStatus::Completed => match self.vm_state_of_vmm(&name).await {
                     Some(state) => break Arrival::Arrived(state),
-                    None => continue, // Resuming: the next poll sees it.
+                    // Resuming: the next poll sees it.
+                    None => {
+                        unanswered += 1;
+                        if unanswered.is_multiple_of(UNANSWERED_REPORT) {
+                            warn!(vm = %name, polls = unanswered, "the arrived VM's VMM does not report it running or paused");
+                        }
+                        continue;
+                    }
                 },
                 api::MigrationStatus::Failed => {
                     break Arrival::Failed(

@@ -39,6 +39,9 @@ pub enum LeaseError {
 pub struct WriteLease {
     deadline_ns: AtomicU64,
     expired: AtomicBool,
+    /// When the deadline was last set or moved (`CLOCK_MONOTONIC`): an expiry's
+    /// report says how long renewals had stopped.
+    renewed_at_ns: AtomicU64,
 }
 
 impl WriteLease {
@@ -46,7 +49,18 @@ impl WriteLease {
         Self {
             deadline_ns: AtomicU64::new(deadline_ns),
             expired: AtomicBool::new(false),
+            renewed_at_ns: AtomicU64::new(monotonic_ns()),
         }
+    }
+
+    /// How far the deadline is ahead of `now_ns` (negative: passed), and how long ago
+    /// it was last set, both in milliseconds: what a log line about the lease needs.
+    pub fn timing_ms(&self, now_ns: u64) -> (f64, f64) {
+        let ms = |a: u64, b: u64| (a as f64 - b as f64) / 1e6;
+        (
+            ms(self.deadline_ns(), now_ns),
+            ms(now_ns, self.renewed_at_ns.load(Ordering::Acquire)),
+        )
     }
 
     pub fn deadline_ns(&self) -> u64 {
@@ -77,6 +91,7 @@ impl WriteLease {
             });
         }
         self.deadline_ns.fetch_max(deadline_ns, Ordering::AcqRel);
+        self.renewed_at_ns.store(monotonic_ns(), Ordering::Release);
         Ok(())
     }
 
@@ -89,6 +104,7 @@ impl WriteLease {
             return self.renew(deadline_ns);
         }
         self.deadline_ns.fetch_max(deadline_ns, Ordering::AcqRel);
+        self.renewed_at_ns.store(monotonic_ns(), Ordering::Release);
         self.expired.store(false, Ordering::Release);
         Ok(())
     }

@@ -432,6 +432,12 @@ fn receive(
     // A clustered VM runs here under this host's write lease as renewed while it
     // arrived (the deadline it was received with is long past after a slow copy).
     if let Some(lease) = &job.write_lease {
+        let (ahead_ms, renewed_ms_ago) = lease.timing_ms(devices::block::monotonic_ns());
+        tracing::info!(
+            ahead_ms,
+            renewed_ms_ago,
+            "the VM's state is in; its write lease"
+        );
         if !renewed_within(lease, LEASE_GRACE) {
             return Err(
                 "the write lease expired while the VM arrived: this host may not run it".into(),
