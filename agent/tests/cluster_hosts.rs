@@ -680,6 +680,19 @@ fn starts_everywhere(c: &Cluster, vms: &[&str]) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// The scheduling policy and priority of the VMM `pid`'s API thread.
+fn api_thread_policy(pid: i32) -> Option<(i32, i32)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let tid: i32 = t.file_name().to_str()?.parse().ok()?;
+            (comm.trim_end() == "vireo-api").then_some(tid)
+        })
+        .and_then(|tid| agent::vmm_priority::policy_of(tid).ok())
+}
+
 fn node_state(c: &Cluster, node: &str) -> String {
     let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -784,6 +797,15 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     });
     for vm in vms {
         c.wait_writes(0, vm, 0, 30);
+    }
+    // Each clustered VMM answers its lease renewals at real-time priority.
+    for vm in vms {
+        c.wait(&format!("{vm}'s API thread at SCHED_RR"), || {
+            c.nodes[0].pid(vm).is_some_and(|pid| {
+                api_thread_policy(pid)
+                    == Some((libc::SCHED_RR, agent::vmm_priority::API_THREAD_RR_PRIORITY))
+            })
+        });
     }
 
     // Every VM moves, High first (the refusal of a drain that leaves VMs without a

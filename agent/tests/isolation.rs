@@ -57,6 +57,15 @@ fn vmms_boot_in_the_boot_cgroup_and_run_in_their_own_with_the_vms_weight() {
     assert_eq!(host["cpu_cgroup"], root.display().to_string(), "{host}");
     assert_eq!(read(&root.join("boot/cpu.shares")), "4096");
     assert_eq!(read(&root.join("vms/cpu.shares")), "256");
+    // Where the kernel schedules real-time threads by group, `boot` and `vmm` have a
+    // budget for the clustered VMs' API threads (SCHED_RR, see vmm_priority).
+    if root.join("cpu.rt_runtime_us").exists() {
+        let us = agent::cgroup::RT_RUNTIME_US;
+        assert_eq!(read(&root.join("cpu.rt_runtime_us")), (2 * us).to_string());
+        assert_eq!(read(&root.join("boot/cpu.rt_runtime_us")), us.to_string());
+        assert_eq!(read(&root.join("vmm/cpu.rt_runtime_us")), us.to_string());
+        assert_eq!(read(&root.join("vms/cpu.rt_runtime_us")), "0");
+    }
 
     let def = json!({"config": common::counter_config(), "cpu_weight": 300});
     d.ok("PUT", "/api/v1/vms/web", Some(&def.to_string()));

@@ -18,7 +18,7 @@ mod v2;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-pub use v1::cpu_cgroup_of;
+pub use v1::{cpu_cgroup_of, RT_RUNTIME_US};
 pub use v2::{memory_max_for, VMM_MEMORY_OVERHEAD};
 
 /// The default relative weight of a VM (as Hyper-V's).

@@ -100,6 +100,7 @@ impl V1 {
         })();
         match made {
             Ok(()) => {
+                grant_realtime(root);
                 let procs = root.join("boot/cgroup.procs");
                 let c = Self {
                     boot_procs: CString::new(procs.as_os_str().as_bytes()).ok(),
@@ -240,6 +241,37 @@ impl V1 {
                     let _ = std::fs::remove_dir(e.path());
                 }
             }
+        }
+    }
+}
+
+/// The real-time budget (`cpu.rt_runtime_us` of each 1 s period) of `boot` and `vmm`,
+/// and twice it for `<root>`: a kernel with RT group scheduling refuses a real-time
+/// thread in a group without one, and a clustered VM's API thread runs at `SCHED_RR`
+/// (`crate::vmm_priority`) in `boot` while its VM arrives, then in `vmm`. API threads
+/// need microseconds per request; the budget only caps them.
+pub const RT_RUNTIME_US: u64 = 50_000;
+
+/// Grants `boot` and `vmm` their real-time budget (see [`RT_RUNTIME_US`]). Without RT
+/// group scheduling (no `cpu.rt_runtime_us`) there is nothing to grant; a refusal is a
+/// warning (renewals then run at normal priority).
+fn grant_realtime(root: &Path) {
+    for (dir, us) in [
+        (root.to_path_buf(), 2 * RT_RUNTIME_US),
+        (root.join("boot"), RT_RUNTIME_US),
+        (root.join("vmm"), RT_RUNTIME_US),
+    ] {
+        let file = dir.join("cpu.rt_runtime_us");
+        if !file.exists() {
+            return;
+        }
+        if let Err(e) = write(&file, &us.to_string()) {
+            warn!(
+                path = %file.display(),
+                error = %e,
+                "no real-time budget for the VMMs' API threads: under CPU saturation a clustered VM's lease renewals can come late"
+            );
+            return;
         }
     }
 }

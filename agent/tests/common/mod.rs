@@ -135,6 +135,7 @@ impl Daemon {
             .expect("vireod log");
         let mut cgroup = Vec::new();
         if !self.args.iter().any(|a| a == "--cpu-cgroup-root") {
+            realtime_budget_for_test_roots();
             cgroup.push("--cpu-cgroup-root".into());
             cgroup.push(self.cgroup_root.clone().into_os_string());
         }
@@ -438,6 +439,27 @@ impl Drop for Daemon {
 
 /// Where the tests' vireods put their CPU cgroups.
 pub const CGROUP_TEST_ROOT: &str = "/sys/fs/cgroup/cpu/vireo-test";
+
+/// Gives [`CGROUP_TEST_ROOT`] a real-time budget to hand to each test vireod's root
+/// (where the kernel schedules real-time threads by group, a group has none unless
+/// its parent gives it some; a host's `--cpu-cgroup-root` sits directly under the
+/// hierarchy's root, which has it). As much as the hierarchy lets it have, from 80 %
+/// of each period down.
+fn realtime_budget_for_test_roots() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let root = Path::new(CGROUP_TEST_ROOT);
+        let file = root.join("cpu.rt_runtime_us");
+        if std::fs::create_dir_all(root).is_err() || !file.exists() {
+            return;
+        }
+        for us in [800_000, 600_000, 400_000, 200_000] {
+            if std::fs::write(&file, us.to_string()).is_ok() {
+                return;
+            }
+        }
+    });
+}
 
 /// Removes a cgroup directory and its children (cgroup directories are removed with
 /// rmdir, deepest first; their files are not real files).
