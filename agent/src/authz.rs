@@ -99,6 +99,7 @@ pub const RULES: &[Rule] = &[
     rule("PUT", "/api/v1/cluster/vms/{name}", Operator),
     rule("GET", "/api/v1/cluster/nodes/{node}", Viewer),
     rule("POST", "/api/v1/cluster/nodes/{node}/drain", Operator),
+    rule("DELETE", "/api/v1/cluster/nodes/{node}/drain", Operator),
     rule("POST", "/api/v1/cluster/nodes/{node}/resume", Operator),
     rule("POST", "/api/v1/cluster/nodes/{node}/release", Operator),
     rule("GET", "/api/v1/cluster/update", Viewer),

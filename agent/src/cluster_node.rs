@@ -357,7 +357,10 @@ pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
         .route("/api/v1/cluster", get(status))
         .route("/api/v1/cluster/vms/{name}", put(define))
         .route("/api/v1/cluster/nodes/{node}", get(node_status))
-        .route("/api/v1/cluster/nodes/{node}/drain", post(drain))
+        .route(
+            "/api/v1/cluster/nodes/{node}/drain",
+            post(drain).delete(cancel_drain),
+        )
         .route("/api/v1/cluster/nodes/{node}/resume", post(resume))
         .route("/api/v1/cluster/nodes/{node}/release", post(release))
         .route(
@@ -462,6 +465,26 @@ async fn drain(
                 "moves": moves_json(&plan.moves),
                 "left": plan.no_place.iter().map(|(vm, why)| serde_json::json!({"vm": vm, "reason": why})).collect::<Vec<_>>(),
             }))
+            .into_response()
+        }
+        Err(e) => admin_error(e),
+    }
+}
+
+/// `DELETE /api/v1/cluster/nodes/{node}/drain`: cancels a running drain.
+async fn cancel_drain(State(node): N, UrlPath(target): UrlPath<String>) -> Response {
+    let Some(node) = node else {
+        return not_clustered();
+    };
+    if let Err(m) = node_name(&target) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    match cluster::drain::cancel(&node.store, &target).await {
+        Ok(cancelled) => {
+            info!(node = %target, cancelled = cancelled.len(), "drain cancelled");
+            Json(
+                serde_json::json!({"node": target, "state": NodeState::Up, "cancelled": cancelled}),
+            )
             .into_response()
         }
         Err(e) => admin_error(e),

@@ -680,6 +680,54 @@ fn starts_everywhere(c: &Cluster, vms: &[&str]) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// `vireoctl node cancel-drain`: a drain of three VMs one at a time, cancelled at
+/// once: the node is up again, the moves not started are cancelled and their VMs run
+/// on where they were (same VMM), a move that was migrating finishes, and no VM runs
+/// twice or is started again.
+#[test]
+fn a_cancelled_drain_leaves_its_unstarted_vms_running_where_they_are() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    let vms = ["hi", "lo1", "lo2"];
+    for (vm, prio) in [("hi", "high"), ("lo1", "low"), ("lo2", "low")] {
+        c.define(vm, prio);
+    }
+    c.wait("every VM running on a", || {
+        vms.iter().all(|vm| c.runs(0, vm))
+    });
+    let pids: Vec<i32> = vms.iter().map(|vm| c.nodes[0].pid(vm).unwrap()).collect();
+    let starts_before = starts_everywhere(&c, &vms);
+    c.nodes[1].ctl_ok(&["node", "drain", "a", "--concurrency", "1"]);
+    let out = c.nodes[1].ctl_ok(&["node", "cancel-drain", "a"]);
+    assert!(out.contains("a's drain cancelled; a is up"), "{out}");
+    assert_eq!(node_state(&c, "a"), "up");
+    // One move at a time, High first: lo2 cannot have started before the cancel.
+    assert!(out.contains("lo2"), "{out}\n{}", c.logs());
+    c.wait("every move of the drain finished", || {
+        vms.iter().all(|vm| {
+            ["moved", "failed"].contains(&move_of(&c, "a", vm)["state"].as_str().unwrap_or(""))
+        })
+    });
+    for (k, vm) in vms.iter().enumerate() {
+        let m = move_of(&c, "a", vm);
+        let cancelled = m["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("cancelled"));
+        if cancelled {
+            // Never left: the same VMM runs it on a.
+            assert_eq!(c.nodes[0].pid(vm), Some(pids[k]), "{vm}: {m}");
+        }
+        let at: Vec<usize> = (0..NODES.len()).filter(|&i| c.runs(i, vm)).collect();
+        assert_eq!(at.len(), 1, "{vm} runs on {at:?}: {m}\n{}", c.logs());
+        // Moved or not, nothing of it was started again anywhere.
+        let starts: Vec<usize> = c.nodes.iter().map(|d| starts(&d.log(), vm)).collect();
+        assert_eq!(starts, starts_before[k], "{vm} was started again: {m}");
+    }
+}
+
 /// The scheduling policy and priority of the VMM `pid`'s API thread.
 fn api_thread_policy(pid: i32) -> Option<(i32, i32)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))

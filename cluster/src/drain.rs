@@ -327,6 +327,40 @@ pub async fn resume<S: ClusterStore>(
     Ok(back)
 }
 
+/// Cancels `node`'s drain: its moves not started yet are failed ("cancelled"), those
+/// migrating finish (a live migration is not cut halfway: the VM ends up on one side,
+/// whole), and the node is `up` again — it takes VMs and keeps the ones that stay.
+/// Returns the cancelled moves' VMs. Refused unless the node is draining; a move that
+/// starts meanwhile makes it [`AdminError::Raced`] (try again).
+pub async fn cancel<S: ClusterStore>(store: &S, node: &str) -> Result<Vec<String>, AdminError> {
+    let snap = Snapshot::read(store).await?;
+    let (mut admin, rev) = admin_of(&snap, node);
+    if admin.state != NodeState::Draining {
+        return Err(AdminError::WrongState {
+            node: node.to_string(),
+            state: admin.state,
+            what: "only a draining node's drain is cancelled",
+        });
+    }
+    admin.state = NodeState::Up;
+    let moves = read_moves(store).await?;
+    let now = keys::now_ms();
+    let cancelled: Vec<MoveRecord> = moves
+        .values()
+        .filter(|(m, _)| {
+            m.reason == MoveReason::Drain && m.drain_of == node && m.state == MoveState::Queued
+        })
+        .map(|(m, _)| MoveRecord {
+            state: MoveState::Failed,
+            error: Some(format!("cancelled: the drain of {node} was cancelled")),
+            finished_ms: Some(now),
+            ..m.clone()
+        })
+        .collect();
+    commit(store, node, &admin, rev, &cancelled, &moves).await?;
+    Ok(cancelled.into_iter().map(|m| m.vm).collect())
+}
+
 /// `node release`: a quarantined node is `up` again, its departures forgotten.
 pub async fn release<S: ClusterStore>(store: &S, node: &str) -> Result<(), AdminError> {
     let (mut admin, rev) = crate::admin::read(store, node).await?;

@@ -161,6 +161,55 @@ fn moves_start_high_first_within_the_concurrency_and_lower_ones_wait() {
 }
 
 #[test]
+fn a_cancelled_drain_fails_its_queued_moves_lets_the_migrating_one_finish_and_the_node_is_up() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        join(&s, "b", false).await;
+        owned(&s, "h1", Priority::High, "a", a, &[]).await;
+        owned(&s, "l1", Priority::Low, "a", a, &[]).await;
+        owned(&s, "l2", Priority::Low, "a", a, &[]).await;
+        // Only a draining node's drain is cancelled.
+        assert!(matches!(
+            drain::cancel(&s, "a").await,
+            Err(AdminError::WrongState { .. })
+        ));
+        drain::drain(&s, "a", false, 1).await.unwrap();
+        // h1 migrates (its source wrote so); l1, l2 wait behind it.
+        let all = drain::read_moves(&s).await.unwrap();
+        let mut h1 = all["h1"].0.clone();
+        h1.state = MoveState::Migrating;
+        s.put(&keys::move_key("h1"), keys::encode(&h1), 0)
+            .await
+            .unwrap();
+
+        let mut cancelled = drain::cancel(&s, "a").await.unwrap();
+        cancelled.sort();
+        assert_eq!(cancelled, ["l1", "l2"]);
+        assert_eq!(state(&s, "a").await, NodeState::Up);
+        for m in moves(&s).await {
+            match m.vm.as_str() {
+                "h1" => assert_eq!(m.state, MoveState::Migrating),
+                _ => {
+                    assert_eq!(m.state, MoveState::Failed, "{m:?}");
+                    assert!(m.error.as_deref().unwrap().starts_with("cancelled"));
+                    assert!(m.finished_ms.is_some());
+                }
+            }
+        }
+        // Nothing more starts from a: no queued move is left.
+        let all = drain::read_moves(&s).await.unwrap();
+        assert!(drain::next_moves(&all, "a", 0).is_empty());
+        // An up node's drain cannot be cancelled again; it can be drained again
+        // once h1's move has finished.
+        assert!(matches!(
+            drain::cancel(&s, "a").await,
+            Err(AdminError::WrongState { .. })
+        ));
+    });
+}
+
+#[test]
 fn resume_with_failback_moves_back_only_what_the_drain_moved_and_still_runs_there() {
     block(async {
         let s = SimStore::new();

@@ -190,6 +190,9 @@ enum NodeCommand {
         #[arg(long)]
         concurrency: Option<u32>,
     },
+    /// Cancel NODE's drain: moves not started yet are dropped, those migrating
+    /// finish, and NODE is up again.
+    CancelDrain { node: String },
     /// Make a paused NODE up again; --failback moves the VMs its drain moved back.
     Resume {
         node: String,
@@ -1649,6 +1652,11 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                     format!("/api/v1/cluster/nodes/{node}/drain"),
                     Some(serde_json::json!({"force": force, "concurrency": concurrency})),
                 ),
+                NodeCommand::CancelDrain { node } => (
+                    "DELETE",
+                    format!("/api/v1/cluster/nodes/{node}/drain"),
+                    None,
+                ),
                 NodeCommand::Resume { node, failback } => (
                     "POST",
                     format!("/api/v1/cluster/nodes/{node}/resume"),
@@ -1764,6 +1772,22 @@ fn node_table(cmd: &NodeCommand, v: &Value) {
                     text(&l["reason"])
                 );
             }
+        }
+        NodeCommand::CancelDrain { node } => {
+            let cancelled: Vec<String> = v["cancelled"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            println!(
+                "{node}'s drain cancelled; {node} is up; moves dropped: {}",
+                if cancelled.is_empty() {
+                    "none".to_string()
+                } else {
+                    cancelled.join(", ")
+                }
+            );
         }
         NodeCommand::Resume { node, .. } => {
             println!("{node} is up; moving back:");
