@@ -680,6 +680,51 @@ fn starts_everywhere(c: &Cluster, vms: &[&str]) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// A drain that would leave a VM without a place is refused with its name and changes
+/// nothing (the node stays up, no move is queued, the VM keeps its VMM); with --force
+/// the others move, that VM stays on the node and is reported, and the node is paused
+/// once the moves are done. (Issue 13: the refusal and --force had only SimStore
+/// tests.)
+#[test]
+fn a_drain_refused_for_a_vm_without_a_place_changes_nothing_and_force_leaves_it() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    c.define("free", "high");
+    c.define_with("pinned", "low", &["--possible-owner", "a"]);
+    let vms = ["free", "pinned"];
+    c.wait("both VMs running on a", || {
+        vms.iter().all(|vm| c.runs(0, vm))
+    });
+    let pids: Vec<i32> = vms.iter().map(|vm| c.nodes[0].pid(vm).unwrap()).collect();
+
+    let o = c.nodes[1].ctl(&["node", "drain", "a"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the drain was not refused");
+    assert!(stderr.contains("pinned"), "{stderr}");
+    assert_eq!(node_state(&c, "a"), "up");
+    let (_, body) = c.nodes[1].api("GET", "/api/v1/cluster/nodes/a", None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["moves"].as_array().is_none_or(|m| m.is_empty()),
+        "a refused drain queued moves: {v}"
+    );
+    for (k, vm) in vms.iter().enumerate() {
+        assert_eq!(c.nodes[0].pid(vm), Some(pids[k]), "{vm} was touched");
+    }
+
+    let out = c.nodes[1].ctl_ok(&["node", "drain", "a", "--force"]);
+    assert!(out.contains("free -> "), "{out}");
+    assert!(out.contains("pinned stays on a"), "{out}");
+    c.wait("a drained and paused", || node_state(&c, "a") == "paused");
+    assert_eq!(move_of(&c, "a", "free")["state"], "moved");
+    assert!(!c.runs(0, "free") && (c.runs(1, "free") ^ c.runs(2, "free")));
+    assert_eq!(c.nodes[0].pid("pinned"), Some(pids[1]), "pinned left a");
+    assert_eq!(c.owner("pinned").as_deref(), Some("a"));
+}
+
 /// `vireoctl node cancel-drain`: a drain of three VMs one at a time, cancelled at
 /// once: the node is up again, the moves not started are cancelled and their VMs run
 /// on where they were (same VMM), a move that was migrating finishes, and no VM runs
