@@ -23,7 +23,7 @@ const API_THREAD: &str = "vireo-api";
 /// Raises the API thread of the VMM `pid` to [`API_THREAD_RR_PRIORITY`]. `Ok(false)`:
 /// it has no API thread yet (starting).
 pub fn raise_api_thread(pid: i32) -> io::Result<bool> {
-    let Some(tid) = thread_named(pid, API_THREAD)? else {
+    let Some(tid) = api_thread(pid)? else {
         return Ok(false);
     };
     let param = libc::sched_param {
@@ -36,6 +36,11 @@ pub fn raise_api_thread(pid: i32) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(true)
+}
+
+/// The id of the VMM `pid`'s API thread, if it has one yet.
+pub fn api_thread(pid: i32) -> io::Result<Option<i32>> {
+    thread_named(pid, API_THREAD)
 }
 
 /// The id of `pid`'s thread called `name`, if it has one.

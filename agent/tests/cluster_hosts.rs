@@ -775,15 +775,8 @@ fn a_cancelled_drain_leaves_its_unstarted_vms_running_where_they_are() {
 
 /// The scheduling policy and priority of the VMM `pid`'s API thread.
 fn api_thread_policy(pid: i32) -> Option<(i32, i32)> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-        .find_map(|t| {
-            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            let tid: i32 = t.file_name().to_str()?.parse().ok()?;
-            (comm.trim_end() == "vireo-api").then_some(tid)
-        })
-        .and_then(|tid| agent::vmm_priority::policy_of(tid).ok())
+    let tid = agent::vmm_priority::api_thread(pid).ok()??;
+    agent::vmm_priority::policy_of(tid).ok()
 }
 
 fn node_state(c: &Cluster, node: &str) -> String {
