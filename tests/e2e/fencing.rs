@@ -159,6 +159,9 @@ fn a_vmm_woken_after_its_write_lease_expired_writes_nothing_more() {
     // Frozen, and no renewal comes: the deadline passes while it is stopped.
     // SAFETY: signals to the VMM this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // kill() returns before every thread has stopped (a vCPU leaves the guest first):
+    // until then the guest may still complete writes.
+    wait_all_threads_stopped(pid);
     // What the guest completed is on the disk now (its serial output may still sit in
     // the VMM's buffer).
     let last = seqdisk::single_writer(&seqdisk::seeds(&disk, BLOCKS)).unwrap();
@@ -206,4 +209,26 @@ fn a_vmm_woken_after_its_write_lease_expired_writes_nothing_more() {
     );
     let _ = vmm.kill();
     let _ = vmm.wait();
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in /proc).
+fn wait_all_threads_stopped(pid: i32) {
+    let start = std::time::Instant::now();
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                    st.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next())
+                        == Some("T")
+                })
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(start.elapsed() < T, "the VMM's threads never all stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
