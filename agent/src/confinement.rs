@@ -42,21 +42,7 @@ pub fn refuse_other_vms_disks(
             taken_paths.insert(d.path.clone(), name.as_str());
         }
     }
-    let payload = &def.config.payload;
-    let named = std::iter::once(("payload.kernel".to_string(), &payload.kernel))
-        .chain(
-            payload
-                .initramfs
-                .iter()
-                .map(|i| ("payload.initramfs".to_string(), i)),
-        )
-        .chain(
-            def.config
-                .disks
-                .iter()
-                .enumerate()
-                .map(|(i, d)| (format!("disk {i}"), &d.path)),
-        );
+    let named = crate::peer_scope::named_files(def);
     for (what, path) in named {
         let owner = identity(path)
             .and_then(|id| taken.get(&id))

@@ -49,6 +49,7 @@ pub mod migration_ports;
 pub mod migrations;
 pub mod model;
 pub mod notify;
+pub mod peer_scope;
 pub mod peer_server;
 pub mod pki;
 pub mod procfs;

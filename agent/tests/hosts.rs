@@ -1180,3 +1180,203 @@ fn migration_ports_skip_busy_ports_refuse_when_exhausted_and_come_back_when_a_mi
     assert_eq!(s, 201);
     cancel(&w5);
 }
+
+/// Posts an incoming migration of `cfg` (and `extra` fields) as the peer `as_peer`.
+fn post_incoming(as_peer: &Endpoint, cfg: Value, extra: Value) -> (u16, Value) {
+    let mut body =
+        json!({"name": "arrival", "definition": {"config": cfg}, "secret": "ab".repeat(32)});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    call(as_peer, "POST", "/api/v1/migrations/incoming", Some(body)).unwrap()
+}
+
+fn with_disk(path: &Path) -> Value {
+    let mut cfg = common::counter_config();
+    cfg["disks"] = json!([{"path": path, "format": "raw", "size": 1u64 << 20}]);
+    cfg
+}
+
+/// `--peer-storage`: a peer with a storage scope migrates a VM whose files lie beneath
+/// it, and an arriving VM of its naming a kernel, disk or storage_dir elsewhere beneath
+/// the storage roots is refused naming the scope (another peer, without one, may name
+/// the same file). On a replica server no peer may name another primary's replica.
+/// Whatever was refused is untouched (bytes, owner) and left no VM or record.
+#[test]
+fn a_peer_with_a_storage_scope_names_only_files_beneath_it_and_no_peer_names_another_primarys_replica(
+) {
+    use std::os::unix::fs::MetadataExt;
+    let pki = Pki::new();
+    let (a, b, d) = (pki.host("host-a"), pki.host("host-b"), pki.host("host-d"));
+    let shared = tempfile::tempdir().unwrap();
+    let root = shared.path();
+    for dir in ["scope-a/empty", "outside/empty", "replicas/host-c/vm1"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let secret: Vec<u8> = (0..1u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    let outside_disk = root.join("outside/data.raw");
+    let replica_disk = root.join("replicas/host-c/vm1/disk.raw");
+    let kernel_copy = root.join("outside/kernel");
+    for f in [&outside_disk, &replica_disk] {
+        std::fs::write(f, &secret).unwrap();
+    }
+    std::fs::copy(vireo_e2e::guest(), &kernel_copy).unwrap();
+    let guest = common::guest_dir();
+    let (root_s, guest_s) = (root.display().to_string(), guest.display().to_string());
+    let scope_a = format!("host-a={}", root.join("scope-a").display());
+    let scope_a_guest = format!("host-a={guest_s}");
+    let replicas = root.join("replicas").display().to_string();
+    let (dst, addr) = host_daemon_with(
+        &b,
+        &["host-a", "host-c", "host-d"],
+        &[
+            "--storage-root",
+            &root_s,
+            "--storage-root",
+            &guest_s,
+            "--peer-storage",
+            &scope_a,
+            "--peer-storage",
+            &scope_a_guest,
+            "--replica-dir",
+            &replicas,
+            "--replica-allow",
+            "host-c",
+        ],
+    );
+    let as_peer = |id: &IdentityFiles| {
+        endpoint(
+            &addr,
+            "host-b",
+            HostIdentity::load(id.clone())
+                .unwrap()
+                .client_config()
+                .unwrap(),
+        )
+    };
+    let (as_a, as_d) = (as_peer(&a), as_peer(&d));
+    let owner = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    let replica_owner = owner(&replica_disk);
+
+    // host-a, scoped: every path elsewhere is refused, naming what and the scope.
+    let mut kernel_elsewhere = common::counter_config();
+    kernel_elsewhere["payload"]["kernel"] = json!(kernel_copy);
+    let attempts = [
+        ("disk 0", with_disk(&outside_disk), json!({})),
+        ("disk 0", with_disk(&replica_disk), json!({})),
+        ("payload.kernel", kernel_elsewhere, json!({})),
+        (
+            "storage_dir",
+            with_disk(&root.join("scope-a/copy.raw")),
+            json!({"storage_dir": root.join("outside/empty")}),
+        ),
+    ];
+    for (what, cfg, extra) in attempts {
+        let (s, v) = post_incoming(&as_a, cfg, extra.clone());
+        let msg = v.to_string();
+        assert_eq!(s, 400, "{what} {extra}: {msg}\n{}", dst.log());
+        assert!(msg.contains(what), "{msg}");
+        assert!(
+            msg.contains("peer host-a may name files only beneath its --peer-storage"),
+            "{msg}"
+        );
+        assert!(dst.absent("arrival"));
+    }
+    // host-d has no scope: the file host-a may not name, it may (the receiver is made;
+    // host-d cancels it) — but not another primary's replica, nor put a copy there.
+    let (s, v) = post_incoming(&as_d, with_disk(&outside_disk), json!({}));
+    assert_eq!(s, 201, "{v}\n{}", dst.log());
+    let id = v["id"].as_str().unwrap().to_string();
+    let (s, v) = call(&as_d, "DELETE", &format!("/api/v1/migrations/{id}"), None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let start = std::time::Instant::now();
+    while !dst.absent("arrival") {
+        assert!(
+            start.elapsed() < T,
+            "the cancelled arrival stays\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = [
+        ("disk 0", with_disk(&replica_disk), json!({})),
+        (
+            "storage_dir",
+            with_disk(&root.join("outside/copy.raw")),
+            json!({"storage_dir": root.join("replicas/host-c/vm1")}),
+        ),
+    ];
+    for (what, cfg, extra) in refused {
+        let (s, v) = post_incoming(&as_d, cfg, extra.clone());
+        let msg = v.to_string();
+        assert_eq!(s, 400, "{what} {extra}: {msg}");
+        assert!(msg.contains(what), "{msg}");
+        assert!(msg.contains("another primary's replica"), "{msg}");
+        assert!(dst.absent("arrival"));
+    }
+    assert_eq!(std::fs::read(&replica_disk).unwrap(), secret);
+    assert_eq!(std::fs::read(&outside_disk).unwrap(), secret);
+    assert_eq!(
+        owner(&replica_disk),
+        replica_owner,
+        "the replica changed owner"
+    );
+    assert!(std::fs::read_dir(root.join("outside/empty"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert_eq!(dst.migrations().len(), 1, "only host-d's cancelled arrival");
+
+    // Within its scope host-a migrates a VM here for real.
+    let src = source_daemon(&a);
+    src.define_counter("m", "Medium", "on-failure");
+    src.ok("PUT", "/api/v1/vms/m/start", None);
+    src.wait_serial("m", "tick 10 ", T);
+    let rec = src.migrate(
+        "m",
+        &json!({"destination_agent": format!("https://{addr}"), "destination_name": "host-b"}),
+    );
+    let done = src.wait_migration(rec["id"].as_str().unwrap(), T);
+    assert_eq!(done["state"], "completed", "{done}\ndst:\n{}", dst.log());
+    let last = *dst.tick_numbers("m").last().unwrap_or(&0);
+    assert!(last > 10, "the guest started over");
+    dst.wait_serial("m", &format!("tick {} ", last + 5), T);
+}
+
+/// `--peer-storage` names a --peer and a directory beneath a storage root, or vireod
+/// does not start (exit 1, one line naming the flag).
+#[test]
+fn a_peer_storage_flag_for_no_peer_or_outside_the_roots_stops_vireod() {
+    let pki = Pki::new();
+    let b = pki.host("host-b");
+    let outside = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            format!("host-z={}", common::guest_dir().display()),
+            "host-z is not a --peer",
+        ),
+        (
+            format!("host-a={}", outside.path().display()),
+            "outside every storage root",
+        ),
+    ];
+    for (flag, why) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(bin("vireod"));
+        cmd.args(["--state-dir", &dir.path().join("s").display().to_string()])
+            .args(["--run-dir", &dir.path().join("r").display().to_string()])
+            .args(["--no-cpu-cgroups", "--no-autostart"])
+            .args(["--storage-root", &common::guest_dir().display().to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--peer", "host-a", "--peer-storage", &flag])
+            .args(tls_args(&b));
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--peer-storage"), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+}

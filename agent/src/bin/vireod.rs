@@ -153,6 +153,11 @@ struct Cli {
     /// repeatable.
     #[arg(long = "peer", value_name = "NAME")]
     peer: Vec<String>,
+    /// A directory the VMs a --peer host migrates here may name files beneath
+    /// (kernel, disks, storage_dir; beneath a --storage-root), NAME=DIR; repeatable.
+    /// A peer without one may name files beneath every storage root.
+    #[arg(long = "peer-storage", value_name = "NAME=DIR", value_parser = agent::peer_scope::parse_flag, requires = "peer")]
+    peer_storage: Vec<(String, PathBuf)>,
     /// Be a replica server (docs/replica.md): primaries' replicated VMs are stored in
     /// DIR/<primary host>/<vm>/. Served on --listen.
     #[arg(long, value_name = "DIR", requires_all = ["listen", "replica_allow"])]
@@ -322,6 +327,26 @@ fn reload_identity(
     }
 }
 
+/// `--peer-storage`, each naming a `--peer`; a peer without one is logged.
+fn peer_storage(cli: &Cli) -> Result<Vec<(String, PathBuf)>, String> {
+    let listed = |name: &str| cli.peer.iter().any(|p| p.eq_ignore_ascii_case(name));
+    if let Some((name, _)) = cli.peer_storage.iter().find(|(n, _)| !listed(n)) {
+        return Err(format!(
+            "--peer-storage {name}=...: {name} is not a --peer (only peers migrate VMs here)"
+        ));
+    }
+    for p in &cli.peer {
+        if !cli
+            .peer_storage
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(p))
+        {
+            info!(peer = %p, "a peer's arriving VMs may name files beneath every storage root (no --peer-storage)");
+        }
+    }
+    Ok(cli.peer_storage.clone())
+}
+
 async fn run(
     cli: Cli,
     signal_rx: tokio::sync::oneshot::Receiver<i32>,
@@ -427,6 +452,12 @@ async fn run(
         block_devices: cli.allow_block_device.clone(),
         jail_uids: jail_uids(&cli, systemd_units),
         peer_sockets: cli.peer_socket.clone(),
+        peer_storage: peer_storage(&cli)?,
+        replica_dir: cli
+            .replica_dir
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()?,
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;

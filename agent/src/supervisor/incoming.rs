@@ -63,6 +63,58 @@ enum Arrival {
 }
 
 impl Supervisor {
+    /// Checks every path an arriving VM's definition names (and the `storage_dir` of a
+    /// shared-nothing migration) against the storage roots — against the peer's own
+    /// storage when it has one (`--peer-storage`) — and, on a replica server, against
+    /// the other primaries' replicas (see [`crate::peer_scope`]).
+    fn confine_arrival(
+        &self,
+        req: &mut IncomingRequest,
+        from_peer: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let scope = from_peer.and_then(|p| self.peer_scopes.of(p));
+        let roots = scope.unwrap_or(&self.roots);
+        let vm_dir = self.vm_dir(&req.name);
+        let confined = match &req.storage_dir {
+            Some(dir) => roots
+                .open_dir(dir)
+                .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))
+                .and_then(|_| {
+                    crate::confinement::confine_incoming_copy(
+                        roots,
+                        &vm_dir,
+                        &mut req.definition,
+                        dir,
+                    )
+                }),
+            None => crate::confinement::confine_definition(roots, &vm_dir, &mut req.definition),
+        };
+        if let (Err(e), Some(peer)) = (&confined, from_peer.filter(|_| scope.is_some())) {
+            return Err(AgentError::BadMigration(format!(
+                "{e} (peer {peer} may name files only beneath its --peer-storage)"
+            )));
+        }
+        confined?;
+        if let (Some(area), Some(peer)) = (&self.replica_area, from_peer) {
+            area.refuse_others(&req.definition, req.storage_dir.as_deref(), peer)?;
+        }
+        if let Some(dir) = &req.storage_dir {
+            if self.cfg.jail_uids.is_some() {
+                // The jail gives it to the VM's uid: it must hold nothing of anyone else.
+                let empty = std::fs::read_dir(dir)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+                if !empty {
+                    return Err(AgentError::BadMigration(format!(
+                        "storage_dir {}: must be an empty directory (a jailed VMM gets it as its own)",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Defines the VM and starts its receiving VMM; returns the record with the
     /// receiver's URL. `from_peer`: the peer host whose certificate the request came
     /// with (None: a client of the unix socket).
@@ -79,32 +131,7 @@ impl Supervisor {
                 .await?;
         }
         req.definition.validate()?;
-        match &req.storage_dir {
-            Some(dir) => {
-                self.roots
-                    .open_dir(dir)
-                    .map_err(|e| AgentError::BadMigration(format!("storage_dir: {e}")))?;
-                if self.cfg.jail_uids.is_some() {
-                    // The jail gives it to the VM's uid: it must hold nothing of anyone else.
-                    let empty = std::fs::read_dir(dir)
-                        .map(|mut d| d.next().is_none())
-                        .unwrap_or(false);
-                    if !empty {
-                        return Err(AgentError::BadMigration(format!(
-                            "storage_dir {}: must be an empty directory (a jailed VMM gets it as its own)",
-                            dir.display()
-                        )));
-                    }
-                }
-                crate::confinement::confine_incoming_copy(
-                    &self.roots,
-                    &self.vm_dir(&req.name),
-                    &mut req.definition,
-                    dir,
-                )?;
-            }
-            None => self.confine(&req.name, &mut req.definition)?,
-        }
+        self.confine_arrival(&mut req, from_peer.as_deref())?;
         let others: Vec<(String, crate::model::VmDefinition)> = lock(&self.vms)
             .iter()
             .filter(|(n, _)| **n != req.name)

@@ -75,6 +75,12 @@ pub struct Config {
     /// sockets a `destination_agent` path may name; their VMs' sockets are in the
     /// `vms/` directory beside each.
     pub peer_sockets: Vec<PathBuf>,
+    /// Peer hosts' storage scopes (`--peer-storage NAME=DIR`, see
+    /// [`crate::peer_scope`]): (peer, directory) pairs.
+    pub peer_storage: Vec<(String, PathBuf)>,
+    /// The replica directory (`--replica-dir`) when this host is a replica server:
+    /// an arriving VM may name only its own primary's part of it.
+    pub replica_dir: Option<PathBuf>,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -131,6 +137,10 @@ pub struct Supervisor {
     migrations: Migrations,
     /// The storage roots, opened (see `confinement`).
     roots: Arc<confine::Roots>,
+    /// What each peer host may name in a VM it migrates here (`--peer-storage`).
+    peer_scopes: crate::peer_scope::PeerScopes,
+    /// The replica directory, when this host is a replica server.
+    replica_area: Option<crate::peer_scope::ReplicaArea>,
     /// Per VM: the VMM process and the last of its `vm.events` seen.
     vmm_events_seen: Mutex<std::collections::HashMap<String, (i32, u64)>>,
     /// The migration gateways running (`tls_gateway`), to cut a revoked peer's streams.
@@ -211,6 +221,12 @@ impl Supervisor {
         }
         let roots = confine::Roots::new(&cfg.storage_roots, &cfg.block_devices)
             .map_err(|e| AgentError::BadConfig(format!("--storage-root: {e}")))?;
+        let peer_scopes = crate::peer_scope::PeerScopes::open(&roots, &cfg.peer_storage)?;
+        let replica_area = cfg
+            .replica_dir
+            .as_deref()
+            .map(crate::peer_scope::ReplicaArea::new)
+            .transpose()?;
         mkdir(&cfg.state_dir, 0o750)?;
         mkdir(&cfg.state_dir.join("vms"), 0o750)?;
         mkdir(&cfg.run_dir, 0o755)?;
@@ -243,6 +259,8 @@ impl Supervisor {
             generation: AtomicU64::new(1),
             migrations,
             roots: Arc::new(roots),
+            peer_scopes,
+            replica_area,
             vmm_events_seen: Mutex::default(),
             gateways: Mutex::default(),
             incoming_guard: std::sync::OnceLock::new(),
