@@ -254,8 +254,42 @@ impl ClusterNode {
         tokio::spawn(executor.run());
     }
 
-    /// The node's loop: membership, fencing, running what it owns, failover.
-    pub async fn run(self) {
+    /// Leaves the cluster when vireod is asked to stop: the clustered VMs running here
+    /// are stopped (all at once, each as `vm stop` does: asked, killed after the stop
+    /// timeout), then the node leaves gracefully — its lease revoked, so that the
+    /// other nodes start the VMs at once, and marked, so that its departure does not
+    /// count towards quarantine.
+    async fn leave(&self, agent: &mut NodeAgent<EtcdStore>) {
+        let running: Vec<String> = agent.running().keys().cloned().collect();
+        info!(
+            vms = running.len(),
+            "leaving the cluster: stopping this node's clustered VMs"
+        );
+        let mut stops = tokio::task::JoinSet::new();
+        for vm in running {
+            let sup = self.sup.clone();
+            stops.spawn(async move {
+                if !sup.get(&vm).is_ok_and(|s| s.pid.is_some()) {
+                    return;
+                }
+                if let Err(e) = sup.stop(&vm, None).await {
+                    warn!(vm, error = %e, "cannot stop a clustered VM: killing it");
+                    let _ = sup.kill(&vm).await;
+                }
+            });
+        }
+        while stops.join_next().await.is_some() {}
+        match agent.leave_gracefully().await {
+            Ok(()) => info!(node = %self.node, "left the cluster"),
+            Err(e) => {
+                warn!(node = %self.node, error = %e, "leaving the cluster failed: its lease expires instead")
+            }
+        }
+    }
+
+    /// The node's loop: membership, fencing, running what it owns, failover. Ends
+    /// when `stop` turns true, after leaving the cluster ([`ClusterNode::leave`]).
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let timing = Timing::default();
         self.kill_leftovers().await;
         let clock = MonotonicBase::now();
@@ -337,8 +371,12 @@ impl ClusterNode {
                     "a cluster turn took longer than a renewal period"
                 );
             }
-            tokio::time::sleep(TURN).await;
+            tokio::select! {
+                _ = tokio::time::sleep(TURN) => {}
+                _ = stop.wait_for(|stop| *stop) => break,
+            }
         }
+        self.leave(&mut agent).await;
     }
 }
 

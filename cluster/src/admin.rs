@@ -1,5 +1,5 @@
 //! Node quarantine (Hyper-V's): a node that leaves the cluster ungracefully — its
-//! lease expired or it joined again with a new one, without a drain — three times
+//! lease expired or it joined again with a new one, without leaving first — three times
 //! within an hour is `quarantined`: it gets no VMs (placement takes only `up` nodes)
 //! until `vireoctl node release`. The departures are recorded in the node's
 //! `vireo/admin/NODE` record, once per incarnation (lease), whichever controller saw
@@ -22,7 +22,7 @@ pub const QUARANTINE_WINDOW: Duration = Duration::from_secs(3600);
 /// older than the window and quarantines the node at the third within it. Returns
 /// whether the record changed (the same lease counts once).
 pub fn record_departure(admin: &mut NodeAdmin, lease: LeaseId, at_ms: u64) -> bool {
-    if admin.departures.iter().any(|d| d.lease == lease) {
+    if admin.left == Some(lease) || admin.departures.iter().any(|d| d.lease == lease) {
         return false;
     }
     let window = u64::try_from(QUARANTINE_WINDOW.as_millis()).unwrap_or(u64::MAX);
@@ -90,6 +90,24 @@ pub async fn write_if<S: ClusterStore>(
     Ok(outcome.succeeded)
 }
 
+/// Marks incarnation `lease` of `node` as leaving gracefully (before the node revokes
+/// it): controllers that see it gone do not count a departure. Retries a lost race
+/// with another writer of the record a few times; false if it never won.
+pub async fn record_graceful_leave<S: ClusterStore>(
+    store: &S,
+    node: &str,
+    lease: LeaseId,
+) -> StoreResult<bool> {
+    for _ in 0..3 {
+        let (mut admin, rev) = read(store, node).await?;
+        admin.left = Some(lease);
+        if write_if(store, node, &admin, rev, vec![]).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Which incarnations of which nodes a controller has seen alive, to notice the ones
 /// that vanish.
 #[derive(Debug, Default)]
@@ -150,6 +168,18 @@ mod tests {
     use super::*;
 
     const MIN: u64 = 60_000;
+
+    #[test]
+    fn a_graceful_leave_is_no_departure() {
+        let mut a = NodeAdmin {
+            left: Some(7),
+            ..NodeAdmin::default()
+        };
+        assert!(!record_departure(&mut a, 7, 0));
+        assert!(a.departures.is_empty());
+        assert!(record_departure(&mut a, 8, MIN));
+        assert_eq!(a.departures.len(), 1);
+    }
 
     #[test]
     fn three_departures_within_an_hour_quarantine_the_node() {

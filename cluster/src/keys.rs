@@ -212,6 +212,10 @@ pub struct NodeAdmin {
     /// The last drain (kept after it ends, for status and fail-back).
     #[serde(default)]
     pub drain: Option<DrainInfo>,
+    /// The incarnation (lease) that last left the cluster gracefully (vireod stopped
+    /// by its operator, its clustered VMs stopped first): its end is no departure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<LeaseId>,
 }
 
 impl Default for NodeAdmin {
@@ -220,6 +224,7 @@ impl Default for NodeAdmin {
             state: NodeState::Up,
             departures: Vec::new(),
             drain: None,
+            left: None,
         }
     }
 }

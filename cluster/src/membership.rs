@@ -358,6 +358,25 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
         self.running.remove(vm);
     }
 
+    /// Leaves the cluster on purpose (the caller has stopped the VMs): the incarnation
+    /// is marked as leaving ([`crate::admin::record_graceful_leave`]: no departure
+    /// towards quarantine), then [`NodeAgent::leave`]. A mark that cannot be written
+    /// does not keep the node from leaving (its departure then counts).
+    pub async fn leave_gracefully(&mut self) -> StoreResult<()> {
+        if let Some(lease) = self.lease {
+            match crate::admin::record_graceful_leave(&self.store, &self.record.name, lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(node = %self.record.name, "the graceful leave was not recorded (the admin record kept changing)")
+                }
+                Err(e) => {
+                    warn!(node = %self.record.name, error = %e, "the graceful leave was not recorded")
+                }
+            }
+        }
+        self.leave().await
+    }
+
     /// Leaves the cluster: stops owning (the caller has stopped the VMs) and revokes the
     /// lease so that failover starts at once.
     pub async fn leave(&mut self) -> StoreResult<()> {

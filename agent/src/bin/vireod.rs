@@ -485,6 +485,8 @@ async fn run(
     };
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
+    // The cluster node's loop and what tells it to leave when vireod stops.
+    let mut node_loop = None;
     let cluster = match (&cli.cluster_etcd, &cli.node_name) {
         (Some(eps), Some(node)) => {
             agent::model::validate_name(node).map_err(|e| format!("--node-name {node}: {e}"))?;
@@ -512,8 +514,10 @@ async fn run(
                 None => None,
             };
             tokio::spawn(agent::cluster_update::Updater::new(&n, hooks, sock.clone()).run());
-            tokio::spawn(n.as_ref().clone().run());
+            let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
+            let running = tokio::spawn(n.as_ref().clone().run(leave_rx));
             info!(node = %node, etcd = %eps, "cluster node");
+            node_loop = Some((leave_tx, running));
             Some(n)
         }
         _ => None,
@@ -577,6 +581,15 @@ async fn run(
         }
     }
     agent::notify::notify("STOPPING=1");
+    if let Some((leave, running)) = node_loop {
+        // Clustered VMs never stay (--keep-vms-on-exit or not): without this node's
+        // lease they may not run here; stopped first, they start elsewhere at once.
+        let _ = leave.send(true);
+        let limit = sup.cfg.stop_timeout + Duration::from_secs(10);
+        if tokio::time::timeout(limit, running).await.is_err() {
+            warn!("the cluster node did not leave in time: its lease expires instead");
+        }
+    }
     if cli.keep_vms_on_exit {
         info!("leaving the VMs running");
     } else {
