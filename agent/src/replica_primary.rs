@@ -448,6 +448,37 @@ impl Shipper {
         deleted
     }
 
+    /// If the change logs were restarted after a host crash
+    /// ([`crate::replica_crash`]), has the replica reset for a resync (its points
+    /// dropped, its images kept); the round's initial copy then sends what differs.
+    /// The marks go only once the replica answered: a round that fails before asks
+    /// again. A replica that does not know the VM yet needs no reset.
+    async fn resync_after_a_host_crash(&self) -> Result<(), ShipError> {
+        let marked: Vec<&DiskSource> = self
+            .disks
+            .iter()
+            .filter(|d| crate::replica_crash::resync_required(&d.log_dir))
+            .collect();
+        if marked.is_empty() {
+            return Ok(());
+        }
+        let path = format!("{}/resync", self.base_path());
+        let (status, v) = self.call("POST", &path, None).await?;
+        if status != 200 && status != 404 {
+            return Err(ShipError::Refused {
+                to: self.to.to_string(),
+                what: format!("POST {path}"),
+                status,
+                message: v["error"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        tracing::warn!(vm = %self.vm, "replica reset for a resync after a host crash");
+        for d in marked {
+            crate::replica_crash::resync_requested(&d.log_dir);
+        }
+        Ok(())
+    }
+
     /// One round: the initial copy if needed, `cut`, every sealed segment not applied
     /// yet, the newest common cut committed, applied segments deleted.
     pub async fn round<F, Fut>(&self, cut: F) -> Result<RoundStats, ShipError>
@@ -456,6 +487,7 @@ impl Shipper {
         Fut: std::future::Future<Output = Result<u64, String>>,
     {
         let mut stats = RoundStats::default();
+        self.resync_after_a_host_crash().await?;
         let status = self.status().await?;
         if !status.base_complete {
             (stats.base_bytes, stats.base_differing_bytes) = self.send_base().await?;
@@ -463,6 +495,19 @@ impl Shipper {
         self.send_extras().await?;
         // A point is only consistent for a cut made after the initial copy was read.
         cut().await.map_err(ShipError::Cut)?;
+        // The logs restarted after a host crash while this round was under way (the VM
+        // started after the status above): the replica's applied segments are of the
+        // old logs, so nothing of the new ones may be sent, committed or deleted by
+        // them. The next round resets the replica first.
+        if self
+            .disks
+            .iter()
+            .any(|d| crate::replica_crash::resync_required(&d.log_dir))
+        {
+            return Err(ShipError::Cut(
+                "the change logs restarted after a host crash: the replica is reset first".into(),
+            ));
+        }
         let sealed: Vec<Sealed> = (0..self.disks.len())
             .map(|i| self.sealed(i))
             .collect::<Result<_, _>>()?;

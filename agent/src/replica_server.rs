@@ -182,6 +182,7 @@ pub fn router(server: Arc<ReplicaServer>, sup: Arc<crate::supervisor::Supervisor
             axum::routing::get(hashes),
         )
         .route("/peer/v1/replica/{vm}/base-complete", post(base_complete))
+        .route("/peer/v1/replica/{vm}/resync", post(resync))
         .route(
             "/peer/v1/replica/{vm}/disks/{disk}/segments/{seq}",
             put(segment),
@@ -626,6 +627,31 @@ async fn base_complete(
     {
         Ok(st) => {
             info!(%primary, vm, "replica: initial copy complete");
+            status_reply(&vm, st)
+        }
+        Err(r) => r,
+    }
+}
+
+/// `POST /peer/v1/replica/{vm}/resync`: the primary's host went down while the VM
+/// wrote, so its images and change logs may disagree: the replica is reset for a
+/// resync by block hashes (every point dropped; refused once failed over). See
+/// `crate::replica_crash`.
+async fn resync(
+    State(s): S,
+    Extension(Peer(primary)): Extension<Peer>,
+    UrlPath(vm): UrlPath<String>,
+) -> Response {
+    let name = vm.clone();
+    match with_vm(&s, &primary, &vm, move |dir| {
+        ReplicaVm::open(dir.as_fd(), &name)?
+            .reset_after_primary_crash()?
+            .status()
+    })
+    .await
+    {
+        Ok(st) => {
+            warn!(%primary, vm, "replica: reset for a resync (the primary's host went down)");
             status_reply(&vm, st)
         }
         Err(r) => r,

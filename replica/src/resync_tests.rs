@@ -196,3 +196,59 @@ fn a_failed_over_replica_is_reset_in_place_for_a_reverse_and_keeps_its_bytes() {
         .unwrap();
     assert_eq!(again, st);
 }
+
+#[test]
+fn after_the_primarys_host_went_down_a_replica_is_reset_for_a_resync_unless_failed_over() {
+    let mut p = crate::store_tests::Primary::new(1);
+    let d = tempfile::tempdir().unwrap();
+    let dir = dir_fd(d.path());
+    let mut vm =
+        ReplicaVm::create_or_open(dir.as_fd(), "vm1", &[crate::store_tests::DISK]).unwrap();
+    vm.set_keep(3).unwrap();
+    vm.complete_base().unwrap();
+    for round in 0..2u64 {
+        p.write(0, 4096 * (round + 1), 9 + round as u8, 8192);
+        let (cut, seqs) = p.cut();
+        for (i, &seq) in seqs.iter().enumerate() {
+            vm.stage(i, seq, &p.compressed(i, seq)[..], 1 << 30)
+                .unwrap();
+        }
+        vm.commit(cut, &seqs).unwrap();
+    }
+    assert_eq!(vm.status().unwrap().points.len(), 2);
+    let vm = vm.reset_after_primary_crash().unwrap();
+    let st = vm.status().unwrap();
+    assert!(
+        !st.failed_over && !st.base_complete && st.point.is_none(),
+        "{st:?}"
+    );
+    assert_eq!(st.disks[0].applied_seq, 0);
+    assert!(st.points.is_empty());
+    assert_eq!(vm.keep(), 3, "the history setting stays");
+    // The images keep their bytes (the base of the resync), and reopening agrees.
+    let mut got = vec![0u8; crate::store_tests::DISK as usize];
+    vm.image(0).unwrap().read_exact_at(&mut got, 0).unwrap();
+    assert!(got == p.model[0]);
+    let again = ReplicaVm::open(dir.as_fd(), "vm1")
+        .unwrap()
+        .status()
+        .unwrap();
+    assert_eq!(again, st);
+
+    // A failed-over replica runs the VM: never reset from the old primary.
+    let mut p = crate::store_tests::Primary::new(1);
+    let mut vm =
+        ReplicaVm::create_or_open(dir.as_fd(), "vm2", &[crate::store_tests::DISK]).unwrap();
+    vm.complete_base().unwrap();
+    p.write(0, 4096, 3, 8192);
+    let (cut, seqs) = p.cut();
+    vm.stage(0, seqs[0], &p.compressed(0, seqs[0])[..], 1 << 30)
+        .unwrap();
+    vm.commit(cut, &seqs).unwrap();
+    vm.fail_over(None).unwrap();
+    match vm.reset_after_primary_crash() {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("failed over"), "{m}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(ReplicaVm::open(dir.as_fd(), "vm2").unwrap().failed_over());
+}

@@ -526,6 +526,24 @@ impl ReplicaVm {
                 "only a failed-over replica is reset for a reverse replication".into(),
             ));
         }
+        self.reset("a failed-over replica reset for a reverse replication")
+    }
+
+    /// Resets a replica whose primary's host went down while the VM wrote (its images
+    /// and change logs may disagree there): like [`ReplicaVm::reset_for_resync`], the
+    /// images kept for a resync by block hashes, every point, staged segment and
+    /// applied state dropped — the primary's change logs start again. Refused for a
+    /// failed-over replica (it runs the VM now: its images are no longer the copy).
+    pub fn reset_after_primary_crash(self) -> Result<Self, StoreError> {
+        if self.state.failed_over {
+            return Err(StoreError::Conflict(
+                "the replica was failed over: it is not resynchronised from the old primary (reverse the replication instead)".into(),
+            ));
+        }
+        self.reset("reset for a resync after the primary's host went down")
+    }
+
+    fn reset(self, why: &'static str) -> Result<Self, StoreError> {
         for (i, ddir) in self.disk_dirs.iter().enumerate() {
             for seq in self.staged(i)? {
                 confine::unlink_at(ddir.as_fd(), segment_file_name(seq).as_ref())
@@ -548,7 +566,7 @@ impl ReplicaVm {
             keep: self.state.keep,
         };
         Self::save_state(self.dir.as_fd(), &state)?;
-        tracing::info!("replica: a failed-over replica reset for a reverse replication");
+        tracing::info!("replica: {why}");
         let reopened = Self::open_dir(self.dir)?;
         reopened.drop_unkept_undo()?;
         Ok(reopened)

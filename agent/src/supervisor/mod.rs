@@ -957,6 +957,28 @@ impl Supervisor {
                 crate::jailing::hand_over_log_dir(&self.roots, log, uid).map_err(|e| (e, None))?;
             }
         }
+        // Written across a host crash, the logs start again and the replica is
+        // resynchronised (see `replica_crash`); each gets this boot's writer mark.
+        let logs = replica_logs(def);
+        if !logs.is_empty() {
+            let logs: Vec<&Path> = logs.iter().map(|(l, _)| *l).collect();
+            let restarted =
+                crate::replica_crash::prepare_logs(&self.roots, name, &logs).map_err(|e| {
+                    (
+                        AgentError::io("cannot mark the change logs", logs[0], e),
+                        None,
+                    )
+                })?;
+            if restarted {
+                self.replication_event(
+                    name,
+                    "replication-resync-required",
+                    Some(
+                        "the host went down while the VM wrote: the change logs start again".into(),
+                    ),
+                );
+            }
+        }
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.
         cfg.serial = OutputConfig::File(self.serial_path(name));
@@ -1095,6 +1117,34 @@ impl Supervisor {
     }
 
     /// A VMM ended: record it, then stop, mark crashed, or restart per the policy.
+    /// After VM `name`'s VMM of `generation` ended: its replicated disks' writes made
+    /// durable and their change logs' writer marks removed, unless a new VMM of the VM
+    /// began meanwhile (see `replica_crash`). On a blocking thread.
+    fn settle_replica_logs(self: &Arc<Self>, name: &str, def: &VmDefinition, generation: u64) {
+        let logs: Vec<(PathBuf, PathBuf)> = replica_logs(def)
+            .into_iter()
+            .map(|(l, i)| (l.to_path_buf(), i.to_path_buf()))
+            .collect();
+        if logs.is_empty() {
+            return;
+        }
+        let (me, name) = (self.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            let settled = crate::replica_crash::sync_logs(&me.roots, &logs).and_then(|dirs| {
+                let vms = lock(&me.vms);
+                if vms.get(&name).is_some_and(|vm| vm.generation == generation) {
+                    for d in &dirs {
+                        crate::replica_crash::unmark_writer(std::os::fd::AsFd::as_fd(d))?;
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = settled {
+                warn!(vm = %name, error = %e, "change logs not settled: a host crash before the next start resyncs the replica");
+            }
+        });
+    }
+
     fn on_exit(self: &Arc<Self>, name: &str, generation: u64, pid: i32, exit: Exit) {
         let mut vms = lock(&self.vms);
         let Some(vm) = vms.get_mut(name) else {
@@ -1103,6 +1153,7 @@ impl Supervisor {
         if vm.generation != generation {
             return;
         }
+        self.settle_replica_logs(name, &vm.def, generation);
         if vm.migration.is_some() {
             // The migration's task decides what this exit means (handed over, or lost).
             let reason = if vm.stop_requested {
@@ -1603,6 +1654,16 @@ impl Supervisor {
             while tasks.join_next().await.is_some() {}
         }
     }
+}
+
+/// A VM's writable replicated disks: (change-log directory, image).
+fn replica_logs(def: &VmDefinition) -> Vec<(&Path, &Path)> {
+    def.config
+        .disks
+        .iter()
+        .filter(|d| !d.readonly)
+        .filter_map(|d| d.replica_log.as_deref().map(|l| (l, d.path.as_path())))
+        .collect()
 }
 
 fn describe_exit(e: Exit) -> String {
