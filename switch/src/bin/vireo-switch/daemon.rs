@@ -1,5 +1,8 @@
-//! The switch's one thread: a poll(2) loop over the ports' packet sockets, the
-//! control socket and its clients, and a signalfd for SIGTERM/SIGINT.
+//! The switch thread: a poll(2) loop over the ports' packet sockets, the control
+//! socket and its clients, the vhost-user workers' channel, and a signalfd for
+//! SIGTERM/SIGINT. Every socket of the configuration is opened by [`Daemon::new`];
+//! the caller then drops privileges and confines this thread, and [`Daemon::run`]
+//! starts the vhost-user listener threads (under this thread's filter and their own).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -22,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::afpacket::{PacketPort, PortIoError, Rx, RX_BUF};
 use crate::config::{parse_port, Config};
 use crate::control::{self, Request, MAX_REQUEST};
+use crate::seccomp::{Filters, Role};
 use crate::vhost_user::{Inbound, ToSwitch, VhostPortError, VhostUserPort};
 
 /// The signalfd, the control socket and the vhost-user wake eventfd come first.
@@ -70,6 +74,8 @@ struct VhostPorts {
     to_switch: ToSwitch,
     /// Readable when `inbound` has messages.
     wake: Arc<EventFd>,
+    /// The filters the ports' threads install.
+    filters: Filters<Role>,
 }
 
 /// Messages taken from the vhost-user workers before the loop turns to the others.
@@ -138,7 +144,13 @@ fn open_port(
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
-        match VhostUserPort::open(id, &name, &path, vhost.to_switch.clone()) {
+        match VhostUserPort::open(
+            id,
+            &name,
+            &path,
+            vhost.to_switch.clone(),
+            vhost.filters.clone(),
+        ) {
             Ok(p) => {
                 vhost.ports.insert(id, p);
                 info!(port = %name, socket = %path.display(), id, vlan = ?mode, "vhost-user port up");
@@ -169,7 +181,7 @@ fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
 impl Daemon {
     /// Opens every port, then the control socket: once the socket exists the
     /// ports are open, so a client that sees it can send frames.
-    pub fn new(cfg: Config) -> Result<Self, DaemonError> {
+    pub fn new(cfg: Config, filters: Filters<Role>) -> Result<Self, DaemonError> {
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let mut sw = Switch::new(cfg.switch);
         let mut ports = HashMap::new();
@@ -180,6 +192,7 @@ impl Daemon {
             inbound,
             to_switch: ToSwitch::new(tx, wake.clone()),
             wake,
+            filters,
         };
         for p in cfg.ports {
             open_port(&mut sw, &mut ports, &mut vhost, p)?;
@@ -201,8 +214,19 @@ impl Daemon {
         })
     }
 
+    /// Starts the listener threads of vhost-user ports opened but not started yet.
+    fn start_vhost_ports(&mut self) -> Result<(), DaemonError> {
+        for p in self.vhost.ports.values_mut() {
+            p.start()?;
+        }
+        Ok(())
+    }
+
     /// Runs until SIGTERM/SIGINT; removes the control socket on the way out.
     pub fn run(mut self) -> Result<(), DaemonError> {
+        self.start_vhost_ports()?;
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::probe_syscall("switch");
         info!(
             ports = self.ports.len() + self.vhost.ports.len(),
             control = %self.control_path.display(),
@@ -387,6 +411,30 @@ impl Daemon {
         }
     }
 
+    /// Starts the listener of vhost-user port `id` just added (nothing for others);
+    /// a port whose thread cannot start is removed again.
+    fn start_added(&mut self, id: PortId) -> Result<PortId, String> {
+        let Some(p) = self.vhost.ports.get_mut(&id) else {
+            return Ok(id);
+        };
+        if let Err(e) = p.start() {
+            if let Some(p) = self.vhost.ports.remove(&id) {
+                let _ = std::fs::remove_file(p.path());
+            }
+            let name = self
+                .sw
+                .ports()
+                .iter()
+                .find(|p| p.id == id)
+                .map(|p| p.config.name.clone());
+            if let Some(name) = name {
+                let _ = self.sw.remove_port(&name);
+            }
+            return Err(e.to_string());
+        }
+        Ok(id)
+    }
+
     /// Hands the switch's trace records to the clients tracing their ports.
     fn dispatch_trace(&mut self) {
         let records = self.sw.drain_trace();
@@ -551,6 +599,7 @@ impl Daemon {
                     open_port(&mut self.sw, &mut self.ports, &mut self.vhost, cfg)
                         .map_err(|e| e.to_string())
                 })
+                .and_then(|id| self.start_added(id))
                 .map(|id| json!({ "id": id })),
             Request::Trace { port } => match self.sw.set_trace(&port, true) {
                 Ok(id) => {

@@ -2,11 +2,20 @@
 //! interfaces (a VM's tap, a veth end, an uplink) through AF_PACKET sockets, under the
 //! policy of the `switch` library; `ctl` sends one request to a running switch's
 //! control socket. See docs/switch.md.
+//!
+//! `run` confines itself (docs/switch.md, "Confinement"): every socket of its
+//! configuration is opened first, then it drops every capability but CAP_NET_RAW (and
+//! its uid with `--user`), sets no_new_privs and its rlimits, and each thread installs
+//! its seccomp filter ([`seccomp`]). Any panic ends the whole process.
 
 mod afpacket;
 mod config;
 mod control;
 mod daemon;
+mod privileges;
+mod seccomp;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 mod vhost_user;
 
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +52,8 @@ enum Cmd {
         /// Largest payload after the Ethernet header (default 1500).
         #[arg(long)]
         mtu: Option<usize>,
+        #[command(flatten)]
+        confinement: Confinement,
     },
     /// Streams the frames entering and leaving PORT, with the switch's verdict on
     /// each, as pcapng to stdout (e.g. `| tshark -r -`) until interrupted.
@@ -59,22 +70,73 @@ enum Cmd {
     },
 }
 
+/// How `run` confines itself.
+#[derive(clap::Args)]
+struct Confinement {
+    /// Per-thread seccomp filters: true, false (off, for debugging) or log (allow
+    /// everything, log violations to the audit log).
+    #[arg(long, default_value = "true", value_parser = parse_seccomp)]
+    seccomp: seccomp::SeccompMode,
+    /// Drop every capability but CAP_NET_RAW, set no_new_privs and the rlimits
+    /// (false: keep everything).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    confine: bool,
+    /// Run as this uid and gid (numeric) once the configured sockets are open.
+    #[arg(long, value_name = "UID:GID", value_parser = privileges::parse_user)]
+    user: Option<(u32, u32)>,
+    /// RLIMIT_NOFILE once confined.
+    #[arg(long, default_value_t = 4096)]
+    nofile: u64,
+    /// RLIMIT_NPROC once confined (threads count; not enforced for uid 0).
+    #[arg(long, default_value_t = 4096)]
+    nproc: u64,
+}
+
+fn parse_seccomp(s: &str) -> Result<seccomp::SeccompMode, String> {
+    s.parse()
+}
+
 fn run(
     ports: Vec<String>,
     config: Option<PathBuf>,
     control: Option<PathBuf>,
     aging_secs: Option<u64>,
     mtu: Option<usize>,
+    confinement: Confinement,
 ) -> Result<(), String> {
+    if confinement.user.is_some() && !confinement.confine {
+        return Err("--user needs --confine true".into());
+    }
     let file = config
         .as_deref()
         .map(config::read_file)
         .transpose()
         .map_err(|e| e.to_string())?;
     let cfg = config::build(file, control, &ports, aging_secs, mtu).map_err(|e| e.to_string())?;
-    daemon::Daemon::new(cfg)
-        .and_then(daemon::Daemon::run)
-        .map_err(|e| e.to_string())
+    sandbox::keep_malloc_off_the_filesystem();
+    let filters = seccomp::Filters::new(confinement.seccomp).map_err(|e| e.to_string())?;
+    match confinement.seccomp {
+        seccomp::SeccompMode::Off => {
+            tracing::warn!("--seccomp false: the switch's threads run without seccomp filters")
+        }
+        seccomp::SeccompMode::Log => {
+            tracing::warn!("--seccomp log: violations are logged to the audit log, not refused")
+        }
+        seccomp::SeccompMode::Enforce => sandbox::install_violation_handler("vireo-switch"),
+    }
+    let daemon = daemon::Daemon::new(cfg, filters.clone()).map_err(|e| e.to_string())?;
+    // Still single-threaded: the uid and capability sets change for the whole process.
+    privileges::drop_privileges(&privileges::PrivilegeOptions {
+        confine: confinement.confine,
+        user: confinement.user,
+        nofile: confinement.nofile,
+        nproc: confinement.nproc,
+    })
+    .map_err(|e| format!("dropping privileges: {e}"))?;
+    filters
+        .apply(seccomp::Role::Switch)
+        .map_err(|e| e.to_string())?;
+    daemon.run().map_err(|e| e.to_string())
 }
 
 fn ctl(control: PathBuf, request: String) -> Result<bool, String> {
@@ -121,6 +183,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    sandbox::panic::install_abort_hook("vireo-switch");
     let result = match Cli::parse().cmd {
         Cmd::Run {
             ports,
@@ -128,7 +191,8 @@ fn main() -> ExitCode {
             control,
             aging_secs,
             mtu,
-        } => run(ports, config, control, aging_secs, mtu).map(|()| true),
+            confinement,
+        } => run(ports, config, control, aging_secs, mtu, confinement).map(|()| true),
         Cmd::Ctl { control, request } => ctl(control, request),
         Cmd::Trace { control, port } => trace(control, port),
     };
