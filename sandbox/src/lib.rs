@@ -1,10 +1,11 @@
 //! What Vireo's processes (`vireo`, `vireo-switch`) share to confine themselves:
 //! per-thread seccomp filters ([`filters`]), the report of a refused system call
-//! ([`violation`]), the abort-on-panic hook ([`panic`]), and giving up uid,
-//! capabilities and resources ([`privileges`]). Each program keeps its own thread
+//! ([`violation`]), the abort-on-panic hook ([`panic`]), giving up uid,
+//! capabilities and resources ([`privileges`]), and file-system domains ([`landlock`]). Each program keeps its own thread
 //! roles and allowlists.
 
 pub mod filters;
+pub mod landlock;
 pub mod panic;
 pub mod privileges;
 pub mod probe;

@@ -1691,3 +1691,52 @@ fn a_panicking_vring_worker_aborts_the_switch_and_names_the_thread() {
         "{log}"
     );
 }
+
+/// `--socket-dir`: the kernel (Landlock) lets the switch make vhost-user sockets only
+/// there: a port added in another directory is refused by `bind` itself (the switch's
+/// own code does not check ports added at run time), one inside works; a configured
+/// port outside is refused at start with one line.
+#[test]
+fn with_a_socket_dir_the_kernel_refuses_sockets_anywhere_else() {
+    if skip_unless_root() {
+        return;
+    }
+    let allowed = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let dir_arg = allowed.path().to_str().unwrap().to_string();
+    let mut lab = Lab::start("cfl", &[("h1", ",vlan=10")], &["--socket-dir", &dir_arg]);
+    let add = |dir: &Path| {
+        lab.ctl(&format!(
+            r#"{{"op":"port-add","spec":"name=vm{},vhost-user={},vlan=10"}}"#,
+            dir.as_os_str().len(),
+            dir.join("vm.sock").display()
+        ))
+    };
+    let r = add(other.path());
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("Permission denied"),
+        "{r}"
+    );
+    assert!(!other.path().join("vm.sock").exists());
+    let r = add(allowed.path());
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(allowed.path().join("vm.sock").exists());
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("held to the socket directories"), "{log}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["run", "--socket-dir", &dir_arg, "--control"])
+        .arg(allowed.path().join("c.sock"))
+        .arg("--port")
+        .arg(format!(
+            "name=vm,vhost-user={}",
+            other.path().join("vm.sock").display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is outside every --socket-dir"), "{err}");
+}

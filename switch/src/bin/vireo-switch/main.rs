@@ -12,6 +12,7 @@ mod afpacket;
 mod config;
 mod control;
 mod daemon;
+mod domain;
 mod privileges;
 mod seccomp;
 #[cfg(feature = "test-hooks")]
@@ -90,6 +91,11 @@ struct Confinement {
     /// RLIMIT_NPROC once confined (threads count; not enforced for uid 0).
     #[arg(long, default_value_t = 4096)]
     nproc: u64,
+    /// Where vhost-user sockets may be made (repeatable): with any, the kernel
+    /// (Landlock) lets the switch make and remove sockets only beneath these and the
+    /// control socket's directory.
+    #[arg(long = "socket-dir", value_name = "DIR")]
+    socket_dirs: Vec<PathBuf>,
 }
 
 fn parse_seccomp(s: &str) -> Result<seccomp::SeccompMode, String> {
@@ -113,6 +119,13 @@ fn run(
         .transpose()
         .map_err(|e| e.to_string())?;
     let cfg = config::build(file, control, &ports, aging_secs, mtu).map_err(|e| e.to_string())?;
+    let sockets: Vec<&std::path::Path> = cfg
+        .ports
+        .iter()
+        .filter_map(|p| p.vhost_user.as_deref())
+        .collect();
+    domain::check(&confinement.socket_dirs, &sockets).map_err(|e| e.to_string())?;
+    let control_path = cfg.control.clone();
     sandbox::keep_malloc_off_the_filesystem();
     let filters = seccomp::Filters::new(confinement.seccomp).map_err(|e| e.to_string())?;
     match confinement.seccomp {
@@ -133,6 +146,7 @@ fn run(
         nproc: confinement.nproc,
     })
     .map_err(|e| format!("dropping privileges: {e}"))?;
+    domain::enter(&confinement.socket_dirs, &control_path).map_err(|e| e.to_string())?;
     filters
         .apply(seccomp::Role::Switch)
         .map_err(|e| e.to_string())?;
