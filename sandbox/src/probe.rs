@@ -31,3 +31,77 @@ pub fn forbidden_call(name: &str) -> Option<i64> {
     };
     Some(i64::from(r))
 }
+
+/// For filter tests run with [`crate::run_under_errno`]: each helper makes one call
+/// and returns its errno (0 when it succeeded), EPERM being the filter's refusal.
+///
+/// errno of a failed call (0 if it succeeded).
+pub fn errno_of(r: i64) -> i32 {
+    if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Closes `fd` if the call made one; its errno otherwise.
+fn closed(fd: libc::c_int) -> i32 {
+    let e = errno_of(fd.into());
+    if fd >= 0 {
+        // SAFETY: our own fd, made by the caller's call.
+        unsafe { libc::close(fd) };
+    }
+    e
+}
+
+/// `openat` of `/`.
+pub fn open_root() -> i32 {
+    // SAFETY: openat of a valid C string; the fd is closed.
+    closed(unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) })
+}
+
+/// `socket(family, kind)`.
+pub fn new_socket(family: libc::c_int, kind: libc::c_int) -> i32 {
+    // SAFETY: socket(2) with plain integer arguments; the fd is closed.
+    closed(unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) })
+}
+
+/// A new process by fork (clone without CLONE_THREAD); the child exits at once.
+pub fn fork_process() -> i32 {
+    // SAFETY: the child only calls _exit; the parent reaps it.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: async-signal-safe exit of the forked child.
+        unsafe { libc::_exit(0) };
+    }
+    if pid > 0 {
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    errno_of(pid.into())
+}
+
+/// `execve` of /bin/true (only returns on failure: a success replaces the process).
+pub fn exec_true() -> i32 {
+    let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: valid NUL-terminated argv/envp.
+    let r = unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    errno_of(r.into())
+}
+
+/// Whether a thread can be started (and joined).
+pub fn spawn_thread() -> bool {
+    std::thread::Builder::new()
+        .spawn(|| 7)
+        .map(|t| t.join().is_ok_and(|v| v == 7))
+        .unwrap_or(false)
+}
+
+/// An ioctl with a request number only: the filter answers before any driver, so
+/// EPERM is the filter's refusal and EBADF (fd -1) means it was let through.
+pub fn ioctl_request(request: u64) -> i32 {
+    // SAFETY: fd -1 makes the kernel fail the call before touching the pointer.
+    let r = unsafe { libc::ioctl(-1, request as _, std::ptr::null_mut::<u8>()) };
+    errno_of(r.into())
+}

@@ -297,6 +297,13 @@ fn rules_for(kind: ThreadKind) -> Result<Rules, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sandbox::probe::{
+        errno_of, exec_true, fork_process, ioctl_request, open_root, spawn_thread,
+    };
+
+    fn new_socket() -> i32 {
+        sandbox::probe::new_socket(libc::AF_UNIX, libc::SOCK_STREAM)
+    }
 
     #[test]
     fn every_filter_compiles() {
@@ -313,68 +320,6 @@ mod tests {
     /// that a refused call is observed without ending the test process.
     fn under<R: Send + 'static>(kind: ThreadKind, f: impl FnOnce() -> R + Send + 'static) -> R {
         sandbox::run_under_errno(kind, f).unwrap()
-    }
-
-    /// errno of a failed call (0 if it succeeded).
-    fn errno_of(r: i64) -> i32 {
-        if r < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        } else {
-            0
-        }
-    }
-
-    fn open_root() -> i32 {
-        // SAFETY: openat of a valid C string; the fd is closed.
-        let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
-        let e = errno_of(fd.into());
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-        e
-    }
-
-    fn new_socket() -> i32 {
-        // SAFETY: socket(2) with constant arguments; the fd is closed.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        let e = errno_of(fd.into());
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-        e
-    }
-
-    /// A new process by fork (clone without CLONE_THREAD); the child exits at once.
-    fn fork_process() -> i32 {
-        // SAFETY: the child only calls _exit; the parent reaps it.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: async-signal-safe exit of the forked child.
-            unsafe { libc::_exit(0) };
-        }
-        if pid > 0 {
-            // SAFETY: reaping our own child.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        }
-        errno_of(pid.into())
-    }
-
-    fn exec_true() -> i32 {
-        let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-        let envp = [std::ptr::null()];
-        // SAFETY: valid NUL-terminated argv/envp; it only returns on failure (if it
-        // succeeded the test process would be replaced and the test fail).
-        let r = unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        errno_of(r.into())
-    }
-
-    fn spawn_thread() -> bool {
-        std::thread::Builder::new()
-            .spawn(|| 7)
-            .map(|t| t.join().unwrap() == 7)
-            .unwrap_or(false)
     }
 
     fn timer() -> i32 {
@@ -452,14 +397,6 @@ mod tests {
         );
         // The activator, which starts block workers, may create their timers.
         assert_eq!(under(ThreadKind::Activator, timer), 0);
-    }
-
-    /// An ioctl with a request number only: the filter answers before any driver,
-    /// so EPERM is the filter's refusal and EBADF (fd -1) means it was let through.
-    fn ioctl_request(request: u64) -> i32 {
-        // SAFETY: fd -1 makes the kernel fail the call before touching the pointer.
-        let r = unsafe { libc::ioctl(-1, request as _, std::ptr::null_mut::<u8>()) };
-        errno_of(r.into())
     }
 
     #[test]

@@ -106,62 +106,12 @@ const SWITCH: &[i64] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// errno of a failed call (0 if it succeeded).
-    fn errno_of(r: i64) -> i32 {
-        if r < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        } else {
-            0
-        }
-    }
+    use sandbox::probe::{
+        errno_of, fork_process, ioctl_request, new_socket, open_root, spawn_thread,
+    };
 
     fn under<R: Send + 'static>(role: Role, f: impl FnOnce() -> R + Send + 'static) -> R {
         sandbox::run_under_errno(role, f).unwrap()
-    }
-
-    fn open_root() -> i32 {
-        // SAFETY: openat of a valid C string; the fd is closed.
-        let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
-        let e = errno_of(fd.into());
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-        e
-    }
-
-    fn socket(family: i32, kind: i32) -> i32 {
-        // SAFETY: socket(2) with constant arguments; the fd is closed.
-        let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
-        let e = errno_of(fd.into());
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-        e
-    }
-
-    fn fork_process() -> i32 {
-        // SAFETY: the child only calls _exit; the parent reaps it.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: async-signal-safe exit of the forked child.
-            unsafe { libc::_exit(0) };
-        }
-        if pid > 0 {
-            // SAFETY: reaping our own child.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        }
-        errno_of(pid.into())
-    }
-
-    /// An ioctl with a request number only: EPERM is the filter's refusal, EBADF
-    /// (fd -1) means it was let through.
-    fn ioctl_request(request: u64) -> i32 {
-        // SAFETY: fd -1 makes the kernel fail the call before touching the pointer.
-        let r = unsafe { libc::ioctl(-1, request as _, std::ptr::null_mut::<u8>()) };
-        errno_of(r.into())
     }
 
     /// Reads (changes nothing) the action of `sig`, by the system call itself (glibc's
@@ -180,13 +130,6 @@ mod tests {
             )
         };
         errno_of(r)
-    }
-
-    fn spawn_thread() -> bool {
-        std::thread::Builder::new()
-            .spawn(|| 7)
-            .map(|t| t.join().unwrap() == 7)
-            .unwrap_or(false)
     }
 
     #[test]
@@ -209,9 +152,9 @@ mod tests {
     fn only_the_switch_thread_makes_sockets_and_only_packet_and_unix_ones() {
         let got = under(Role::Switch, || {
             (
-                socket(libc::AF_UNIX, libc::SOCK_STREAM),
-                socket(libc::AF_INET, libc::SOCK_STREAM),
-                socket(libc::AF_NETLINK, libc::SOCK_RAW),
+                new_socket(libc::AF_UNIX, libc::SOCK_STREAM),
+                new_socket(libc::AF_INET, libc::SOCK_STREAM),
+                new_socket(libc::AF_NETLINK, libc::SOCK_RAW),
                 ioctl_request(SIOCGIFINDEX),
                 ioctl_request(0x8914), // SIOCSIFFLAGS: no interface is reconfigured
                 sigaction_of(libc::SIGSYS),
@@ -233,7 +176,7 @@ mod tests {
         for role in [Role::VhostListener, Role::VhostWorker] {
             let got = under(role, || {
                 (
-                    socket(libc::AF_UNIX, libc::SOCK_STREAM),
+                    new_socket(libc::AF_UNIX, libc::SOCK_STREAM),
                     ioctl_request(FIONBIO),
                 )
             });
