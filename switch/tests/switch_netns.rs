@@ -1512,10 +1512,14 @@ fn a_switch_run_as_a_user_keeps_only_cap_net_raw_and_filters_every_thread() {
     lab.expect("h1", &f, &["h2"], &f);
 
     let pid = lab.child.as_ref().unwrap().id();
-    let threads = assert_confined(pid, 65534, &["vireo-switch", "vu-", "vring_worker"]);
-    // The listener stacks its own filter on the switch thread's.
+    let threads = assert_confined(
+        pid,
+        65534,
+        &["vireo-switch", "vireo-sw-open", "vu-", "vring_worker"],
+    );
+    // A listener started at run time stacks its own filter on the opener's.
     assert!(
-        seccomp_filters(&threads, "vu-") > seccomp_filters(&threads, "vireo-switch"),
+        seccomp_filters(&threads, "vu-") > seccomp_filters(&threads, "vireo-sw-open"),
         "{threads:?}"
     );
     let (code, log) = lab.stop();
@@ -1537,7 +1541,11 @@ fn as_root_the_switch_is_confined_by_default_and_the_options_turn_it_off() {
     let mut lab = Lab::start("cfr", &[("h1", ",vlan=10"), ("h2", ",vlan=10")], &[]);
     let f = frame(BCAST, mac(2), None, 80);
     lab.expect("h1", &f, &["h2"], &f);
-    assert_confined(lab.child.as_ref().unwrap().id(), 0, &["vireo-switch"]);
+    assert_confined(
+        lab.child.as_ref().unwrap().id(),
+        0,
+        &["vireo-switch", "vireo-sw-open"],
+    );
     assert_eq!(lab.stop().0, Some(0));
 
     let mut lab = Lab::start(
@@ -1596,8 +1604,9 @@ fn assert_killed_for(status: std::process::ExitStatus, log: &str, thread: &str, 
     assert!(!log.contains("test hook"), "the call returned: {log}");
 }
 
-/// The switch thread (which parses every frame) may not open a file, and a listener
-/// may not make a socket: either ends the process, the thread and call named.
+/// The switch thread (which parses every frame) may not open a file, start a process
+/// or make a socket, the opener may not open a file, and a listener may not make a
+/// socket: each ends the process, the thread and call named.
 #[test]
 fn a_forbidden_call_on_the_switch_or_a_listener_thread_ends_the_switch_naming_it() {
     if skip_unless_root() {
@@ -1607,6 +1616,10 @@ fn a_forbidden_call_on_the_switch_or_a_listener_thread_ends_the_switch_naming_it
     assert_killed_for(st, &log, "vireo-switch", "openat");
     let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "switch:fork"));
     assert_killed_for(st, &log, "vireo-switch", "clone");
+    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "switch:socket"));
+    assert_killed_for(st, &log, "vireo-switch", "socket");
+    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "opener:openat"));
+    assert_killed_for(st, &log, "vireo-sw-open", "openat");
     let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "listener:socket"));
     assert_killed_for(st, &log, "vu-1", "socket");
     // With filtering off the same call is made, and returns.

@@ -1,8 +1,9 @@
 //! The switch thread: a poll(2) loop over the ports' packet sockets, the control
 //! socket and its clients, the vhost-user workers' channel, and a signalfd for
 //! SIGTERM/SIGINT. Every socket of the configuration is opened by [`Daemon::new`];
-//! the caller then drops privileges and confines this thread, and [`Daemon::run`]
-//! starts the vhost-user listener threads (under this thread's filter and their own).
+//! the caller then drops privileges, [`Daemon::start_threads`] starts the vhost-user
+//! listener threads and the opener thread ([`crate::opener`]), which makes every
+//! socket from then on, and the caller confines this thread before [`Daemon::run`].
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -25,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::afpacket::{PacketPort, PortIoError, Rx, RX_BUF};
 use crate::config::{parse_port, Config};
 use crate::control::{self, Request, MAX_REQUEST};
+use crate::opener::{privileged, Opener};
 use crate::seccomp::{Filters, Role};
 use crate::vhost_user::{Inbound, ToSwitch, VhostPortError, VhostUserPort};
 
@@ -55,6 +57,10 @@ pub enum DaemonError {
     Signals(io::Error),
     #[error("poll: {0}")]
     Poll(io::Error),
+    #[error("the opener thread: {0}")]
+    OpenerStart(io::Error),
+    #[error("the opener thread is gone")]
+    OpenerGone,
 }
 
 struct Client {
@@ -83,6 +89,8 @@ const INBOUND_BURST: usize = 256;
 
 pub struct Daemon {
     sw: Switch,
+    /// Makes and removes sockets once the switch is confined.
+    opener: Option<Opener>,
     ports: HashMap<PortId, PacketPort>,
     vhost: VhostPorts,
     listener: UnixListener,
@@ -132,11 +140,14 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Opens `cfg`'s interface (or vhost-user socket) and adds the port to the switch.
+/// Opens `cfg`'s interface (or vhost-user socket), on the opener thread once there is
+/// one (a vhost-user port's listener then starts at once), and adds the port to the
+/// switch.
 fn open_port(
     sw: &mut Switch,
     ports: &mut HashMap<PortId, PacketPort>,
     vhost: &mut VhostPorts,
+    opener: Option<&Opener>,
     cfg: PortConfig,
 ) -> Result<PortId, DaemonError> {
     // Checked before the socket opens, so a duplicate never touches the interface.
@@ -144,30 +155,45 @@ fn open_port(
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
-        match VhostUserPort::open(
-            id,
-            &name,
-            &path,
-            vhost.to_switch.clone(),
-            vhost.filters.clone(),
-        ) {
-            Ok(p) => {
+        let (port_name, to_switch) = (name.clone(), vhost.to_switch.clone());
+        let (filters, socket, start) = (vhost.filters.clone(), path.clone(), opener.is_some());
+        let opened = privileged(opener, move || {
+            let mut p = VhostUserPort::open(id, &port_name, &socket, to_switch, filters)?;
+            if start {
+                p.start()?;
+            }
+            Ok::<_, VhostPortError>(p)
+        });
+        match opened {
+            Some(Ok(p)) => {
                 vhost.ports.insert(id, p);
                 info!(port = %name, socket = %path.display(), id, vlan = ?mode, "vhost-user port up");
                 return Ok(id);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 let _ = sw.remove_port(&name);
                 return Err(e.into());
             }
+            None => {
+                let _ = sw.remove_port(&name);
+                return Err(DaemonError::OpenerGone);
+            }
         }
     }
-    let io = PacketPort::open(cfg.iface())?;
+    let iface = cfg.iface().to_string();
+    let io =
+        privileged(opener, move || PacketPort::open(&iface)).ok_or(DaemonError::OpenerGone)??;
     let (name, iface, mode) = (cfg.name.clone(), io.iface().to_string(), cfg.vlan.clone());
     let id = sw.add_port(cfg)?;
     ports.insert(id, io);
     info!(port = %name, %iface, id, vlan = ?mode, "port up");
     Ok(id)
+}
+
+/// Removes a socket file (on the opener thread once there is one).
+fn remove_socket(opener: Option<&Opener>, path: &Path) {
+    let path = path.to_path_buf();
+    let _ = privileged(opener, move || std::fs::remove_file(path));
 }
 
 fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
@@ -195,13 +221,14 @@ impl Daemon {
             filters,
         };
         for p in cfg.ports {
-            open_port(&mut sw, &mut ports, &mut vhost, p)?;
+            open_port(&mut sw, &mut ports, &mut vhost, None, p)?;
         }
         for acl in cfg.acls {
             sw.acl_add(&acl.port, acl.rule)?;
         }
         Ok(Self {
             sw,
+            opener: None,
             ports,
             vhost,
             listener: bind_control(&cfg.control)?,
@@ -214,17 +241,20 @@ impl Daemon {
         })
     }
 
-    /// Starts the listener threads of vhost-user ports opened but not started yet.
-    fn start_vhost_ports(&mut self) -> Result<(), DaemonError> {
+    /// Starts the listener threads of the vhost-user ports and the opener thread: the
+    /// switch's first threads, after the privilege drop and before this thread's filter
+    /// (each installs its own).
+    pub fn start_threads(&mut self) -> Result<(), DaemonError> {
         for p in self.vhost.ports.values_mut() {
             p.start()?;
         }
+        let opener = Opener::spawn(self.vhost.filters.clone()).map_err(DaemonError::OpenerStart)?;
+        self.opener = Some(opener);
         Ok(())
     }
 
     /// Runs until SIGTERM/SIGINT; removes the control socket on the way out.
     pub fn run(mut self) -> Result<(), DaemonError> {
-        self.start_vhost_ports()?;
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::probe_syscall("switch");
         info!(
@@ -233,9 +263,9 @@ impl Daemon {
             "vireo-switch ready"
         );
         let result = self.poll_loop();
-        let _ = std::fs::remove_file(&self.control_path);
+        remove_socket(self.opener.as_ref(), &self.control_path);
         for p in self.vhost.ports.values() {
-            let _ = std::fs::remove_file(p.path());
+            remove_socket(self.opener.as_ref(), p.path());
         }
         info!("vireo-switch stopped");
         result
@@ -411,30 +441,6 @@ impl Daemon {
         }
     }
 
-    /// Starts the listener of vhost-user port `id` just added (nothing for others);
-    /// a port whose thread cannot start is removed again.
-    fn start_added(&mut self, id: PortId) -> Result<PortId, String> {
-        let Some(p) = self.vhost.ports.get_mut(&id) else {
-            return Ok(id);
-        };
-        if let Err(e) = p.start() {
-            if let Some(p) = self.vhost.ports.remove(&id) {
-                let _ = std::fs::remove_file(p.path());
-            }
-            let name = self
-                .sw
-                .ports()
-                .iter()
-                .find(|p| p.id == id)
-                .map(|p| p.config.name.clone());
-            if let Some(name) = name {
-                let _ = self.sw.remove_port(&name);
-            }
-            return Err(e.to_string());
-        }
-        Ok(id)
-    }
-
     /// Hands the switch's trace records to the clients tracing their ports.
     fn dispatch_trace(&mut self) {
         let records = self.sw.drain_trace();
@@ -596,10 +602,15 @@ impl Daemon {
             Request::PortAdd { spec } => parse_port(&spec)
                 .map_err(|e| e.to_string())
                 .and_then(|cfg| {
-                    open_port(&mut self.sw, &mut self.ports, &mut self.vhost, cfg)
-                        .map_err(|e| e.to_string())
+                    open_port(
+                        &mut self.sw,
+                        &mut self.ports,
+                        &mut self.vhost,
+                        self.opener.as_ref(),
+                        cfg,
+                    )
+                    .map_err(|e| e.to_string())
                 })
-                .and_then(|id| self.start_added(id))
                 .map(|id| json!({ "id": id })),
             Request::Trace { port } => match self.sw.set_trace(&port, true) {
                 Ok(id) => {
@@ -615,7 +626,7 @@ impl Daemon {
                     if let Some(v) = self.vhost.ports.remove(&id) {
                         // No new VMM can connect; a connected one's frames are ignored
                         // (the switch no longer knows the port).
-                        let _ = std::fs::remove_file(v.path());
+                        remove_socket(self.opener.as_ref(), v.path());
                     }
                     info!(%port, "port removed");
                     Ok(json!({}))

@@ -13,6 +13,7 @@ mod config;
 mod control;
 mod daemon;
 mod domain;
+mod opener;
 mod privileges;
 mod seccomp;
 #[cfg(feature = "test-hooks")]
@@ -137,7 +138,7 @@ fn run(
         }
         seccomp::SeccompMode::Enforce => sandbox::install_violation_handler("vireo-switch"),
     }
-    let daemon = daemon::Daemon::new(cfg, filters.clone()).map_err(|e| e.to_string())?;
+    let mut daemon = daemon::Daemon::new(cfg, filters.clone()).map_err(|e| e.to_string())?;
     // Still single-threaded: the uid and capability sets change for the whole process.
     privileges::drop_privileges(&privileges::PrivilegeOptions {
         confine: confinement.confine,
@@ -147,6 +148,7 @@ fn run(
     })
     .map_err(|e| format!("dropping privileges: {e}"))?;
     domain::enter(&confinement.socket_dirs, &control_path).map_err(|e| e.to_string())?;
+    daemon.start_threads().map_err(|e| e.to_string())?;
     filters
         .apply(seccomp::Role::Switch)
         .map_err(|e| e.to_string())?;

@@ -3,10 +3,11 @@
 //! thread and the call named (status 159); `--seccomp false` turns filtering off,
 //! `--seccomp log` lets everything through and logs to the kernel audit log.
 //!
-//! Filters stack (a thread keeps its starter's filter and adds its own): the switch
-//! thread starts the listeners, a listener starts the vhost-user library's
-//! connection and vring worker threads. So each list below is within the one above
-//! it, and the narrowest thread is the one that reads guest memory.
+//! Filters stack (a thread keeps its starter's filter and adds its own): the opener
+//! starts the listeners of ports added at run time, a listener starts the vhost-user
+//! library's connection and vring worker threads. So a listener's list is within the
+//! opener's, the worker's within the listener's. The switch thread, which parses every
+//! frame, starts no thread and makes no socket: the opener does that for it.
 //!
 //! No thread opens a file (`openat` is on no list), starts a process or `execve`s.
 
@@ -18,20 +19,21 @@ pub use sandbox::{Filters, SeccompMode};
 const SIOCGIFINDEX: u64 = 0x8933;
 /// `FIONBIO`: std's `set_nonblocking` on control clients and sockets.
 const FIONBIO: u64 = 0x5421;
-/// glibc's SIGSETXID (SIGRTMIN + 1), whose handler `pthread_create` installs when the
-/// process starts its first thread: the switch thread's first vhost-user listener.
-const SIGSETXID: u64 = 33;
 
 /// What a thread of `vireo-switch` does, and so which filter it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The main thread (`vireo-switch`): the poll loop that receives and switches every
-    /// frame (from AF_PACKET ports and from the vhost-user workers), sends them out,
-    /// serves the control socket, and adds and removes ports on request: AF_PACKET and
-    /// unix sockets only (`socket`'s family is checked), `bind`, `listen`, `connect`,
-    /// `unlink`, `chmod` of its sockets, `SIOCGIFINDEX`/`FIONBIO` ioctls; and starting
-    /// a vhost-user port's listener thread.
+    /// frame (from AF_PACKET ports and from the vhost-user workers), sends them out and
+    /// serves the control socket: receiving and sending on sockets it has, accepting
+    /// control clients (`FIONBIO` on them), nothing else. No socket, bind, unlink, ioctl
+    /// of any other kind, or thread: it asks the opener.
     Switch,
+    /// The opener (`vireo-sw-open`): opens and removes ports for the switch thread:
+    /// AF_PACKET and unix sockets only (`socket`'s family is checked), `bind`,
+    /// `listen`, `connect`, `setsockopt`, `unlink`, `SIOCGIFINDEX`/`FIONBIO` ioctls;
+    /// starts a vhost-user port's listener thread.
+    Opener,
     /// A vhost-user port's listener (`vu-N`) and the library's connection thread it
     /// starts (`vu-NAME`): accepts a VMM on the port's bound socket, receives its
     /// memory and eventfds (`recvmsg` with SCM_RIGHTS, `mmap`), starts the vring
@@ -47,25 +49,33 @@ pub enum Role {
 
 impl ThreadRole for Role {
     fn all() -> &'static [Self] {
-        &[Role::Switch, Role::VhostListener, Role::VhostWorker]
+        &[
+            Role::Switch,
+            Role::Opener,
+            Role::VhostListener,
+            Role::VhostWorker,
+        ]
     }
 
     fn spawns_threads(self) -> bool {
-        matches!(self, Role::Switch | Role::VhostListener)
+        matches!(self, Role::Opener | Role::VhostListener)
     }
 
     fn rules(self) -> Result<Rules, String> {
         let mut rules = base_rules(self.spawns_threads())?;
         match self {
             Role::Switch => {
-                allow(&mut rules, LISTENER);
                 allow(&mut rules, SWITCH);
+                rules.insert(libc::SYS_ioctl, ioctl_rules(&[FIONBIO])?);
+            }
+            Role::Opener => {
+                allow(&mut rules, LISTENER);
+                allow(&mut rules, OPENER);
                 rules.insert(
                     libc::SYS_socket,
                     arg_in(0, &[libc::AF_UNIX as u64, libc::AF_PACKET as u64])?,
                 );
                 rules.insert(libc::SYS_ioctl, ioctl_rules(&[SIOCGIFINDEX, FIONBIO])?);
-                rules.insert(libc::SYS_rt_sigaction, arg_in(0, &[SIGSETXID])?);
             }
             Role::VhostListener => allow(&mut rules, LISTENER),
             Role::VhostWorker => {}
@@ -74,8 +84,20 @@ impl ThreadRole for Role {
     }
 }
 
-/// A vhost-user listener's and its connection thread's calls (which the switch thread,
-/// that starts them, allows too).
+/// The switch thread's socket calls: frames on the ports, the control socket's
+/// clients.
+const SWITCH: &[i64] = &[
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_accept4,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// A vhost-user listener's and its connection thread's calls (which the opener, that
+/// starts listeners at run time, allows too).
 const LISTENER: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_recvmsg,
@@ -85,22 +107,15 @@ const LISTENER: &[i64] = &[
     libc::SYS_unlink,
 ];
 
-/// The switch thread's own calls beyond the listener's: packets, the control socket,
-/// ports added and removed.
-const SWITCH: &[i64] = &[
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
+/// The opener's own calls beyond the listener's: ports opened and removed.
+const OPENER: &[i64] = &[
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
     libc::SYS_getsockname,
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_connect,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_unlinkat,
-    libc::SYS_chmod,
-    libc::SYS_fchmodat,
 ];
 
 #[cfg(test)]
@@ -112,24 +127,6 @@ mod tests {
 
     fn under<R: Send + 'static>(role: Role, f: impl FnOnce() -> R + Send + 'static) -> R {
         sandbox::run_under_errno(role, f).unwrap()
-    }
-
-    /// Reads (changes nothing) the action of `sig`, by the system call itself (glibc's
-    /// wrapper refuses its own signals before asking the kernel).
-    fn sigaction_of(sig: i32) -> i32 {
-        let mut old = [0u64; 4];
-        // SAFETY: a query only: no new action, the old one (a kernel sigaction of 32
-        // bytes with an 8-byte mask) written to a local buffer of that size.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                std::ptr::null::<u8>(),
-                old.as_mut_ptr(),
-                8,
-            )
-        };
-        errno_of(r)
     }
 
     #[test]
@@ -149,39 +146,64 @@ mod tests {
     }
 
     #[test]
-    fn only_the_switch_thread_makes_sockets_and_only_packet_and_unix_ones() {
-        let got = under(Role::Switch, || {
+    fn only_the_opener_makes_sockets_and_only_packet_and_unix_ones() {
+        let got = under(Role::Opener, || {
             (
                 new_socket(libc::AF_UNIX, libc::SOCK_STREAM),
+                new_socket(libc::AF_PACKET, libc::SOCK_RAW),
                 new_socket(libc::AF_INET, libc::SOCK_STREAM),
                 new_socket(libc::AF_NETLINK, libc::SOCK_RAW),
                 ioctl_request(SIOCGIFINDEX),
                 ioctl_request(0x8914), // SIOCSIFFLAGS: no interface is reconfigured
-                sigaction_of(libc::SIGSYS),
-                sigaction_of(SIGSETXID as i32),
             )
         });
         assert_eq!(
             got,
+            (0, 0, libc::EPERM, libc::EPERM, libc::EBADF, libc::EPERM)
+        );
+        for role in [Role::Switch, Role::VhostListener, Role::VhostWorker] {
+            let got = under(role, || new_socket(libc::AF_UNIX, libc::SOCK_STREAM));
+            assert_eq!(got, libc::EPERM, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn the_switch_thread_only_moves_frames_and_serves_clients() {
+        let victim = tempfile::NamedTempFile::new().unwrap();
+        let path = std::ffi::CString::new(victim.path().to_str().unwrap()).unwrap();
+        let got = under(Role::Switch, move || {
+            // SAFETY: recvfrom/bind on fd -1 and unlink of a valid C string: only the
+            // filter's answer matters (EBADF: let through).
+            unsafe {
+                (
+                    errno_of(libc::recvfrom(
+                        -1,
+                        std::ptr::null_mut(),
+                        0,
+                        0,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    ) as i64),
+                    errno_of(libc::bind(-1, std::ptr::null(), 0).into()),
+                    errno_of(libc::unlink(path.as_ptr()).into()),
+                    ioctl_request(FIONBIO),
+                    ioctl_request(SIOCGIFINDEX),
+                    spawn_thread(),
+                )
+            }
+        });
+        assert_eq!(
+            got,
             (
-                0,
+                libc::EBADF,
                 libc::EPERM,
                 libc::EPERM,
                 libc::EBADF,
                 libc::EPERM,
-                libc::EPERM,
-                0
+                false
             )
         );
-        for role in [Role::VhostListener, Role::VhostWorker] {
-            let got = under(role, || {
-                (
-                    new_socket(libc::AF_UNIX, libc::SOCK_STREAM),
-                    ioctl_request(FIONBIO),
-                )
-            });
-            assert_eq!(got, (libc::EPERM, libc::EPERM), "{role:?}");
-        }
+        assert!(victim.path().exists());
     }
 
     #[test]
@@ -197,6 +219,6 @@ mod tests {
         });
         assert_eq!(got, (libc::EPERM, libc::EPERM, false));
         assert!(under(Role::VhostListener, spawn_thread));
-        assert!(under(Role::Switch, spawn_thread));
+        assert!(under(Role::Opener, spawn_thread));
     }
 }

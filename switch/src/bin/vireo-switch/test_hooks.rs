@@ -2,7 +2,8 @@
 //! a shipped build; see switch/Cargo.toml).
 //!
 //! - `VIREO_SWITCH_TEST_SYSCALL=THREAD:CALL`: once confined, the thread (`switch`: the
-//!   main loop as it starts; `listener`: a vhost-user port's listener as it starts;
+//!   main loop as it starts; `opener`: the opener thread as it starts; `listener`: a
+//!   vhost-user port's listener as it starts;
 //!   `worker`: a vring worker at its first event) makes a system call its filter
 //!   should refuse (`openat`, `execve`, `socket`, `ioctl-tiocsti`, `fork`) and prints
 //!   the outcome if it survives.
