@@ -1512,6 +1512,11 @@ fn a_switch_run_as_a_user_keeps_only_cap_net_raw_and_filters_every_thread() {
     lab.expect("h1", &f, &["h2"], &f);
 
     let pid = lab.child.as_ref().unwrap().id();
+    // The port's threads start (and take their names) on their own time.
+    wait_until("the vhost-user port's threads", || {
+        let names: Vec<String> = thread_statuses(pid).into_iter().map(|t| t.0).collect();
+        names.iter().any(|n| n.starts_with("vu-")) && names.iter().any(|n| n == "vring_worker")
+    });
     let threads = assert_confined(
         pid,
         65534,
@@ -1568,8 +1573,8 @@ fn as_root_the_switch_is_confined_by_default_and_the_options_turn_it_off() {
 }
 
 /// Runs the switch with the test hook `env` and a vhost-user port `vm`, until it ends
-/// (within T); its exit status and log.
-fn run_until_it_dies(args: &[&str], env: (&str, &str)) -> (std::process::ExitStatus, String) {
+/// (within T).
+fn run_until_it_dies(env: (&str, &str)) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
         .args(["run", "--control"])
@@ -1579,28 +1584,19 @@ fn run_until_it_dies(args: &[&str], env: (&str, &str)) -> (std::process::ExitSta
             "name=vm,vhost-user={}",
             dir.path().join("vm.sock").display()
         ))
-        .args(args)
         .env(env.0, env.1)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = vireo_e2e::wait_with_timeout(child, T);
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    vireo_e2e::wait_with_timeout(child, T)
 }
 
-fn assert_killed_for(status: std::process::ExitStatus, log: &str, thread: &str, call: &str) {
-    assert_eq!(status.code(), Some(159), "{log}");
-    assert!(
-        log.contains(&format!(
-            "vireo-switch: error: seccomp: thread {thread} made the forbidden system call {call} ("
-        )),
-        "{log}"
-    );
+fn assert_killed_for(out: &std::process::Output, thread: &str, call: &str) {
+    vireo_e2e::assert_killed_by_seccomp(out, thread, call);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("vireo-switch: error: seccomp:"), "{log}");
     assert!(!log.contains("test hook"), "the call returned: {log}");
 }
 
@@ -1612,16 +1608,16 @@ fn a_forbidden_call_on_the_switch_or_a_listener_thread_ends_the_switch_naming_it
     if skip_unless_root() {
         return;
     }
-    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "switch:openat"));
-    assert_killed_for(st, &log, "vireo-switch", "openat");
-    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "switch:fork"));
-    assert_killed_for(st, &log, "vireo-switch", "clone");
-    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "switch:socket"));
-    assert_killed_for(st, &log, "vireo-switch", "socket");
-    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "opener:openat"));
-    assert_killed_for(st, &log, "vireo-sw-open", "openat");
-    let (st, log) = run_until_it_dies(&[], ("VIREO_SWITCH_TEST_SYSCALL", "listener:socket"));
-    assert_killed_for(st, &log, "vu-1", "socket");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "switch:openat"));
+    assert_killed_for(&out, "vireo-switch", "openat");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "switch:fork"));
+    assert_killed_for(&out, "vireo-switch", "clone");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "switch:socket"));
+    assert_killed_for(&out, "vireo-switch", "socket");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "opener:openat"));
+    assert_killed_for(&out, "vireo-sw-open", "openat");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "listener:socket"));
+    assert_killed_for(&out, "vu-1", "socket");
     // With filtering off the same call is made, and returns.
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
@@ -1648,8 +1644,8 @@ fn a_forbidden_call_on_the_switch_or_a_listener_thread_ends_the_switch_naming_it
 
 /// A VMM connects to port `vm` (VLAN 10) and a broadcast from host h1 is switched to
 /// it, so the port's vring worker runs its first event with `env` set; the switch's
-/// exit status and log.
-fn worker_event(tag: &str, env: (&str, &str)) -> (std::process::ExitStatus, String) {
+/// output once it ended.
+fn worker_event(tag: &str, env: (&str, &str)) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let mut lab = Lab::start_in(
@@ -1667,12 +1663,7 @@ fn worker_event(tag: &str, env: (&str, &str)) -> (std::process::ExitStatus, Stri
     let _vmm = HandFrontend::connect(&sock, 1 << 20);
     wait_until("the VMM is connected", || connected(&lab.control, "vm"));
     lab.wire("h1").send(&frame(BCAST, mac(3), None, 60));
-    let child = lab.child.take().unwrap();
-    let out = vireo_e2e::wait_with_timeout(child, T);
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    vireo_e2e::wait_with_timeout(lab.child.take().unwrap(), T)
 }
 
 /// The thread that reads guest memory may not open a file: the switch ends, the
@@ -1682,8 +1673,8 @@ fn a_vring_worker_that_opens_a_file_ends_the_switch_naming_it() {
     if skip_unless_root() {
         return;
     }
-    let (st, log) = worker_event("cfw", ("VIREO_SWITCH_TEST_SYSCALL", "worker:openat"));
-    assert_killed_for(st, &log, "vring_worker", "openat");
+    let out = worker_event("cfw", ("VIREO_SWITCH_TEST_SYSCALL", "worker:openat"));
+    assert_killed_for(&out, "vring_worker", "openat");
 }
 
 /// A panicking port worker never leaves a switch that looks alive and forwards
@@ -1694,8 +1685,9 @@ fn a_panicking_vring_worker_aborts_the_switch_and_names_the_thread() {
         return;
     }
     use std::os::unix::process::ExitStatusExt;
-    let (st, log) = worker_event("cfp", ("VIREO_SWITCH_TEST_PANIC", "worker"));
-    assert_eq!(st.signal(), Some(libc::SIGABRT), "{log}");
+    let out = worker_event("cfp", ("VIREO_SWITCH_TEST_PANIC", "worker"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{log}");
     assert!(
         log.contains(
             "thread 'vring_worker' panicked at switch/src/bin/vireo-switch/vhost_user.rs:"

@@ -16,19 +16,23 @@ pub struct Opener {
 }
 
 impl Opener {
-    /// Starts the thread; it installs [`Role::Opener`]'s filter first.
+    /// Starts the thread, and returns once it has installed [`Role::Opener`]'s filter.
     pub fn spawn(filters: Filters<Role>) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
+        let (confined, ready) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("vireo-sw-open".into())
             .spawn(move || {
                 filters.apply_or_exit(Role::Opener);
+                let _ = confined.send(());
                 #[cfg(feature = "test-hooks")]
                 crate::test_hooks::probe_syscall("opener");
                 for job in queue {
                     job();
                 }
             })?;
+        // Err only if the thread ended, which apply_or_exit does not allow.
+        let _ = ready.recv();
         Ok(Self { jobs })
     }
 

@@ -476,17 +476,20 @@ impl VhostUserPort {
         })
     }
 
-    /// Starts the port's listener thread (once; later calls do nothing).
+    /// Starts the port's listener thread (once; later calls do nothing), and returns
+    /// once it has installed its filter.
     pub fn start(&mut self) -> Result<(), VhostPortError> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
         let shared = self.shared.clone();
         let path = self.path.clone();
+        let (confined, ready) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(format!("vu-{}", shared.id))
             .spawn(move || {
                 p.filters.apply_or_exit(Role::VhostListener);
+                let _ = confined.send(());
                 #[cfg(feature = "test-hooks")]
                 crate::test_hooks::probe_syscall("listener");
                 serve(p.listener, p.name, path, shared, p.to_switch, p.filters)
@@ -495,6 +498,8 @@ impl VhostUserPort {
                 path: self.path.clone(),
                 reason: e.to_string(),
             })?;
+        // Err only if the thread ended, which apply_or_exit does not allow.
+        let _ = ready.recv();
         Ok(())
     }
 
