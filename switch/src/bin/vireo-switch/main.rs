@@ -6,10 +6,11 @@
 //! `run` confines itself (docs/switch.md, "Confinement"): every socket of its
 //! configuration is opened first, then it drops every capability but CAP_NET_RAW (and
 //! its uid with `--user`), sets no_new_privs and its rlimits, and each thread installs
-//! its seccomp filter ([`seccomp`]). Any panic ends the whole process.
+//! its seccomp filter ([`confinement`]). Any panic ends the whole process.
 
 mod afpacket;
 mod config;
+mod confinement;
 mod control;
 mod daemon;
 mod domain;
@@ -55,7 +56,7 @@ enum Cmd {
         #[arg(long)]
         mtu: Option<usize>,
         #[command(flatten)]
-        confinement: Confinement,
+        confinement: confinement::Confinement,
     },
     /// Streams the frames entering and leaving PORT, with the switch's verdict on
     /// each, as pcapng to stdout (e.g. `| tshark -r -`) until interrupted.
@@ -72,87 +73,21 @@ enum Cmd {
     },
 }
 
-/// How `run` confines itself.
-#[derive(clap::Args)]
-struct Confinement {
-    /// Per-thread seccomp filters: true, false (off, for debugging) or log (allow
-    /// everything, log violations to the audit log).
-    #[arg(long, default_value = "true", value_parser = parse_seccomp)]
-    seccomp: seccomp::SeccompMode,
-    /// Drop every capability but CAP_NET_RAW, set no_new_privs and the rlimits
-    /// (false: keep everything).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    confine: bool,
-    /// Run as this uid and gid (numeric) once the configured sockets are open.
-    #[arg(long, value_name = "UID:GID", value_parser = privileges::parse_user)]
-    user: Option<(u32, u32)>,
-    /// RLIMIT_NOFILE once confined.
-    #[arg(long, default_value_t = 4096)]
-    nofile: u64,
-    /// RLIMIT_NPROC once confined (threads count; not enforced for uid 0).
-    #[arg(long, default_value_t = 4096)]
-    nproc: u64,
-    /// Where vhost-user sockets may be made (repeatable): with any, the kernel
-    /// (Landlock) lets the switch make and remove sockets only beneath these and the
-    /// control socket's directory.
-    #[arg(long = "socket-dir", value_name = "DIR")]
-    socket_dirs: Vec<PathBuf>,
-}
-
-fn parse_seccomp(s: &str) -> Result<seccomp::SeccompMode, String> {
-    s.parse()
-}
-
 fn run(
     ports: Vec<String>,
     config: Option<PathBuf>,
     control: Option<PathBuf>,
     aging_secs: Option<u64>,
     mtu: Option<usize>,
-    confinement: Confinement,
+    confinement: confinement::Confinement,
 ) -> Result<(), String> {
-    if confinement.user.is_some() && !confinement.confine {
-        return Err("--user needs --confine true".into());
-    }
     let file = config
         .as_deref()
         .map(config::read_file)
         .transpose()
         .map_err(|e| e.to_string())?;
     let cfg = config::build(file, control, &ports, aging_secs, mtu).map_err(|e| e.to_string())?;
-    let sockets: Vec<&std::path::Path> = cfg
-        .ports
-        .iter()
-        .filter_map(|p| p.vhost_user.as_deref())
-        .collect();
-    domain::check(&confinement.socket_dirs, &sockets).map_err(|e| e.to_string())?;
-    let control_path = cfg.control.clone();
-    sandbox::keep_malloc_off_the_filesystem();
-    let filters = seccomp::Filters::new(confinement.seccomp).map_err(|e| e.to_string())?;
-    match confinement.seccomp {
-        seccomp::SeccompMode::Off => {
-            tracing::warn!("--seccomp false: the switch's threads run without seccomp filters")
-        }
-        seccomp::SeccompMode::Log => {
-            tracing::warn!("--seccomp log: violations are logged to the audit log, not refused")
-        }
-        seccomp::SeccompMode::Enforce => sandbox::install_violation_handler("vireo-switch"),
-    }
-    let mut daemon = daemon::Daemon::new(cfg, filters.clone()).map_err(|e| e.to_string())?;
-    // Still single-threaded: the uid and capability sets change for the whole process.
-    privileges::drop_privileges(&privileges::PrivilegeOptions {
-        confine: confinement.confine,
-        user: confinement.user,
-        nofile: confinement.nofile,
-        nproc: confinement.nproc,
-    })
-    .map_err(|e| format!("dropping privileges: {e}"))?;
-    domain::enter(&confinement.socket_dirs, &control_path).map_err(|e| e.to_string())?;
-    daemon.start_threads().map_err(|e| e.to_string())?;
-    filters
-        .apply(seccomp::Role::Switch)
-        .map_err(|e| e.to_string())?;
-    daemon.run().map_err(|e| e.to_string())
+    confinement.start(cfg)?.run().map_err(|e| e.to_string())
 }
 
 fn ctl(control: PathBuf, request: String) -> Result<bool, String> {
