@@ -94,21 +94,48 @@ fn mask_of(caps: &[u32]) -> u64 {
         .fold(0, |m, &c| m | (1u64 << c))
 }
 
+fn set_limit(
+    resource: libc::__rlimit_resource_t,
+    value: u64,
+    name: &str,
+) -> Result<(), PrivilegeError> {
+    let r = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    check(
+        // SAFETY: setrlimit with a valid struct.
+        unsafe { libc::setrlimit(resource, &r) },
+        format!("setrlimit {name}"),
+    )
+}
+
 /// Sets the open-file and process (thread) limits, soft and hard.
 pub fn set_limits(nofile: u64, nproc: u64) -> Result<(), PrivilegeError> {
-    let limit = |resource, value: u64, name: &str| {
-        let r = libc::rlimit {
-            rlim_cur: value,
-            rlim_max: value,
+    set_limit(libc::RLIMIT_NOFILE, nofile, "RLIMIT_NOFILE")?;
+    set_limit(libc::RLIMIT_NPROC, nproc, "RLIMIT_NPROC")
+}
+
+/// Sets each limit, soft and hard, to the value asked or the current hard limit if
+/// that is lower (a process without CAP_SYS_RESOURCE cannot raise it): "at most".
+/// Returns the (open files, processes) limits set.
+pub fn lower_limits(nofile: u64, nproc: u64) -> Result<(u64, u64), PrivilegeError> {
+    let hard = |resource, name: &str| {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
+        // SAFETY: getrlimit into a local struct.
         check(
-            // SAFETY: setrlimit with a valid struct.
-            unsafe { libc::setrlimit(resource, &r) },
-            format!("setrlimit {name}"),
+            unsafe { libc::getrlimit(resource, &mut r) },
+            format!("getrlimit {name}"),
         )
+        .map(|()| r.rlim_max)
     };
-    limit(libc::RLIMIT_NOFILE, nofile, "RLIMIT_NOFILE")?;
-    limit(libc::RLIMIT_NPROC, nproc, "RLIMIT_NPROC")
+    let nofile = nofile.min(hard(libc::RLIMIT_NOFILE, "RLIMIT_NOFILE")?);
+    let nproc = nproc.min(hard(libc::RLIMIT_NPROC, "RLIMIT_NPROC")?);
+    set_limits(nofile, nproc)?;
+    Ok((nofile, nproc))
 }
 
 /// Drops to `user` (uid, gid; no supplementary groups) if given, keeps only the
@@ -184,6 +211,25 @@ mod tests {
         assert_eq!(mask_of(&[CAP_NET_RAW, CAP_NET_ADMIN]), 0x3000);
         assert_eq!(mask_of(&[]), 0);
         assert_eq!(mask_of(&[99]), 0);
+    }
+
+    #[test]
+    fn limits_are_only_ever_lowered() {
+        // In a child process: the limits are the process's own.
+        // SAFETY: the child only makes plain system calls and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let ok = lower_limits(u64::MAX, u64::MAX)
+                .is_ok_and(|(f, p)| f < u64::MAX || p < u64::MAX)
+                && lower_limits(64, 1 << 20).is_ok_and(|(f, _)| f == 64)
+                && lower_limits(128, 1 << 20).is_ok_and(|(f, _)| f == 64);
+            // SAFETY: async-signal-safe exit of the forked child.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
     }
 
     #[test]

@@ -24,10 +24,10 @@ pub struct Confinement {
     /// Run as this uid and gid (numeric) once the configured sockets are open.
     #[arg(long, value_name = "UID:GID", value_parser = privileges::parse_user)]
     pub user: Option<(u32, u32)>,
-    /// RLIMIT_NOFILE once confined.
+    /// RLIMIT_NOFILE once confined (at most: a lower hard limit stays).
     #[arg(long, default_value_t = 4096)]
     pub nofile: u64,
-    /// RLIMIT_NPROC once confined (threads count; not enforced for uid 0).
+    /// RLIMIT_NPROC once confined (at most; threads count; not enforced for uid 0).
     #[arg(long, default_value_t = 4096)]
     pub nproc: u64,
     /// Where vhost-user sockets may be made (repeatable): with any, the kernel

@@ -3,7 +3,8 @@
 //! socket needs for its AF_PACKET socket; binding it to an interface and making it
 //! promiscuous need nothing more), optionally its uid and gid (`--user UID:GID`), the
 //! right to regain privileges (`no_new_privs`), and open files and threads beyond
-//! `--nofile` and `--nproc`. `--confine false` keeps everything (logged).
+//! `--nofile` and `--nproc` (or the hard limits it was started with, if lower).
+//! `--confine false` keeps everything (logged).
 
 use sandbox::privileges::{self, PrivilegeError, CAP_NET_RAW};
 use tracing::{info, warn};
@@ -37,7 +38,7 @@ pub fn drop_privileges(opts: &PrivilegeOptions) -> Result<(), PrivilegeError> {
         warn!("--confine false: the switch keeps its uid and every capability");
         return Ok(());
     }
-    privileges::set_limits(opts.nofile, opts.nproc)?;
+    let (nofile, nproc) = privileges::lower_limits(opts.nofile, opts.nproc)?;
     let (_, permitted) = privileges::held()?;
     let keep: &[u32] = if permitted & (1 << CAP_NET_RAW) != 0 {
         &[CAP_NET_RAW]
@@ -56,8 +57,8 @@ pub fn drop_privileges(opts: &PrivilegeOptions) -> Result<(), PrivilegeError> {
         } else {
             "CAP_NET_RAW"
         },
-        nofile = opts.nofile,
-        nproc = opts.nproc,
+        nofile,
+        nproc,
         "privileges dropped (no_new_privs)"
     );
     Ok(())
