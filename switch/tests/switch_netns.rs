@@ -167,10 +167,16 @@ impl Lab {
     /// `ports`: (host name, the rest of the port spec); host `x` gets veth `sw-x`.
     fn start(tag: &str, ports: &[(&str, &str)], extra: &[&str]) -> Self {
         let sw = NetNs::new(&format!("{tag}-sw"));
-        Self::start_in(sw, tag, ports, extra)
+        Self::start_in(sw, tag, ports, extra, &[])
     }
 
-    fn start_in(sw: NetNs, tag: &str, ports: &[(&str, &str)], extra: &[&str]) -> Self {
+    fn start_in(
+        sw: NetNs,
+        tag: &str,
+        ports: &[(&str, &str)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut hosts = Vec::new();
         let mut args: Vec<String> = vec!["run".into()];
         for (host, spec) in ports {
@@ -201,6 +207,7 @@ impl Lab {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vireo-switch"));
         cmd.args(&args)
             .args(extra)
+            .envs(env.iter().copied())
             .arg("--control")
             .arg(&control)
             .stdin(Stdio::null())
@@ -637,7 +644,7 @@ fn a_vm_on_a_tap_port_exchanges_frames_with_a_host_through_the_switch() {
     let sw = NetNs::new("vm-sw");
     sw.add_tap("vmtap0");
     let ports = [("h1", ",vlan=10"), ("h2", ",vlan=10"), ("h3", ",vlan=20")];
-    let mut lab = Lab::start_in(sw, "vm", &ports, &[]);
+    let mut lab = Lab::start_in(sw, "vm", &ports, &[], &[]);
     let r = lab.ctl(r#"{"op":"port-add","spec":"name=vm,iface=vmtap0,vlan=10,mac=52:54:00:12:34:56,guard=all"}"#);
     assert_eq!(r["ok"], true, "{r}");
     let (seed, out_n, in_n, max_len) = (41u64, 20u32, 30u32, 1514usize);
@@ -846,7 +853,7 @@ fn three_vms_on_one_switch_exchange_frames_and_another_vlan_sees_none() {
     for t in ["t-a", "t-b", "t-c"] {
         sw.add_tap(t);
     }
-    let mut lab = Lab::start_in(sw, "3vm", &[("h20", ",vlan=20")], &[]);
+    let mut lab = Lab::start_in(sw, "3vm", &[("h20", ",vlan=20")], &[], &[]);
     let macs = [
         "52:54:00:00:20:0a",
         "52:54:00:00:20:0b",
@@ -1216,9 +1223,8 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
     if skip_unless_root() {
         return;
     }
-    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::{VhostBackend, VringConfigData};
     use vmm_sys_util::eventfd::EventFd;
 
     const MEM: usize = 1 << 20;
@@ -1239,26 +1245,9 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
         assert_eq!(r["ok"], true, "{r}");
     }
 
-    // Guest memory: one memfd region at guest address 0.
-    // SAFETY: memfd_create with a static C string; the fd is owned at once.
-    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh fd nobody else owns.
-    let mem_file = unsafe { std::fs::File::from_raw_fd(fd) };
-    mem_file.set_len(MEM as u64).unwrap();
-    // SAFETY: a new shared mapping of the memfd, unmapped at the end of the test.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            MEM,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED);
-    // SAFETY: the mapping is MEM bytes long and lives until munmap below.
+    let mut g = HandFrontend::connect(&sock("bad"), MEM);
+    let base = g.base;
+    // SAFETY: the mapping is MEM bytes long and lives as long as `g`, dropped last.
     let mem = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, MEM) };
     let (desc, avail, used) = (0x1000usize, 0x2000usize, 0x3000usize);
     let put =
@@ -1285,25 +1274,7 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
         put(mem, avail + 4 + 2 * usize::from(i), &i.to_le_bytes());
     }
 
-    let mut f = Frontend::connect(sock("bad"), 2).unwrap();
-    f.set_owner().unwrap();
-    let offered = f.get_features().unwrap();
-    f.set_features(offered).unwrap();
-    assert_ne!(
-        offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-        0
-    );
-    let proto = f.get_protocol_features().unwrap();
-    f.set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)
-        .unwrap();
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: base as u64,
-        mmap_offset: 0,
-        mmap_handle: fd,
-    };
-    f.set_mem_table(&[region]).unwrap();
+    let f = &mut g.frontend;
     let (kick, call) = (
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -1356,11 +1327,421 @@ fn garbage_descriptors_are_counted_and_the_switch_serves_the_rest() {
         got.contains(&guest_stream(101, 8, "52:54:00:00:50:0b")),
         "B: {got}"
     );
-    drop(f);
-    // SAFETY: the mapping made above; `mem` is not used after this.
-    unsafe { libc::munmap(base, MEM) };
+    drop(g);
+}
+
+/// A VMM's side of a vhost-user connection, driven by hand: features negotiated
+/// (REPLY_ACK) and guest memory (one memfd region at guest address 0) sent; the rings
+/// are the test's to set up.
+struct HandFrontend {
+    frontend: vhost::vhost_user::Frontend,
+    base: *mut libc::c_void,
+    len: usize,
+    _file: std::fs::File,
+}
+
+impl HandFrontend {
+    fn connect(sock: &Path, len: usize) -> Self {
+        use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+        use vhost::vhost_user::{Frontend, VhostUserFrontend};
+        use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+        // SAFETY: memfd_create with a static C string; the fd is owned at once.
+        let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len as u64).unwrap();
+        // SAFETY: a new shared mapping of the memfd, unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let mut f = Frontend::connect(sock, 2).unwrap();
+        f.set_owner().unwrap();
+        let offered = f.get_features().unwrap();
+        f.set_features(offered).unwrap();
+        assert_ne!(
+            offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        let proto = f.get_protocol_features().unwrap();
+        f.set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)
+            .unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: len as u64,
+            userspace_addr: base as u64,
+            mmap_offset: 0,
+            mmap_handle: fd,
+        };
+        f.set_mem_table(&[region]).unwrap();
+        Self {
+            frontend: f,
+            base,
+            len,
+            _file: file,
+        }
+    }
+}
+
+impl Drop for HandFrontend {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `connect`, used by nothing after this.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
 }
 
 fn netframe_broadcast() -> [u8; 6] {
     [0xff; 6]
+}
+
+/// Every thread of process `pid`: its name and its /proc status.
+fn thread_statuses(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(name), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // a thread that ended meanwhile
+        };
+        out.push((name.trim().to_string(), status));
+    }
+    out
+}
+
+/// The value of `key` in a /proc status text.
+fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in status"))
+        .trim()
+}
+
+/// CAP_NET_RAW alone, as /proc shows a capability set.
+const ONLY_NET_RAW: &str = "0000000000002000";
+
+/// Checks every thread of the switch: the uid and gid, CAP_NET_RAW as the only
+/// capability in every set that grants any, no_new_privs, seccomp filtering.
+fn assert_confined(pid: u32, id: u32, want_threads: &[&str]) -> Vec<(String, String)> {
+    let threads = thread_statuses(pid);
+    for want in want_threads {
+        assert!(
+            threads.iter().any(|(n, _)| n.starts_with(want)),
+            "no thread {want}: {:?}",
+            threads.iter().map(|t| &t.0).collect::<Vec<_>>()
+        );
+    }
+    let ids = format!("{id}\t{id}\t{id}\t{id}");
+    for (name, st) in &threads {
+        assert_eq!(status_field(st, "Uid"), ids, "{name}");
+        assert_eq!(status_field(st, "Gid"), ids, "{name}");
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            assert_eq!(status_field(st, set), ONLY_NET_RAW, "{name} {set}");
+        }
+        for set in ["CapInh", "CapAmb"] {
+            assert_eq!(status_field(st, set), "0000000000000000", "{name} {set}");
+        }
+        assert_eq!(status_field(st, "NoNewPrivs"), "1", "{name}");
+        assert_eq!(status_field(st, "Seccomp"), "2", "{name}");
+    }
+    threads
+}
+
+fn seccomp_filters(threads: &[(String, String)], name: &str) -> u32 {
+    let (_, st) = threads
+        .iter()
+        .find(|(n, _)| n.starts_with(name))
+        .unwrap_or_else(|| panic!("no thread {name}"));
+    status_field(st, "Seccomp_filters").parse().unwrap()
+}
+
+/// `--user`: every thread runs as that user with CAP_NET_RAW only, under seccomp;
+/// ports on interfaces and vhost-user ports added after the drop still work (the
+/// AF_PACKET socket bound and promiscuous with CAP_NET_RAW alone), and frames flow.
+#[test]
+fn a_switch_run_as_a_user_keeps_only_cap_net_raw_and_filters_every_thread() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut lab = Lab::start(
+        "cfu",
+        &[("h1", ",vlan=10"), ("h2", ",vlan=10")],
+        &["--user", "65534:65534"],
+    );
+    // Where the switch's user may make sockets.
+    let sockets = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(sockets.path(), Some(65534), Some(65534)).unwrap();
+    lab.sw.exec(&[
+        "ip",
+        "link",
+        "add",
+        "sw-late",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sw-late-p",
+    ]);
+    lab.sw.exec(&["ip", "link", "set", "sw-late", "up"]);
+    let r = lab.ctl(r#"{"op":"port-add","spec":"name=late,iface=sw-late,vlan=10"}"#);
+    assert_eq!(r["ok"], true, "a port on an interface after the drop: {r}");
+    let vm_sock = sockets.path().join("vm.sock");
+    let r = lab.ctl(&format!(
+        r#"{{"op":"port-add","spec":"name=vm,vhost-user={},vlan=10"}}"#,
+        vm_sock.display()
+    ));
+    assert_eq!(r["ok"], true, "a vhost-user port after the drop: {r}");
+    let st = std::fs::metadata(&vm_sock).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&st),
+        65534,
+        "the socket is the switch user's"
+    );
+
+    let f = frame(BCAST, mac(1), None, 80);
+    lab.expect("h1", &f, &["h2"], &f);
+
+    let pid = lab.child.as_ref().unwrap().id();
+    // The port's threads start (and take their names) on their own time.
+    wait_until("the vhost-user port's threads", || {
+        let names: Vec<String> = thread_statuses(pid).into_iter().map(|t| t.0).collect();
+        names.iter().any(|n| n.starts_with("vu-")) && names.iter().any(|n| n == "vring_worker")
+    });
+    let threads = assert_confined(
+        pid,
+        65534,
+        &["vireo-switch", "vireo-sw-open", "vu-", "vring_worker"],
+    );
+    // A listener started at run time stacks its own filter on the opener's.
+    assert!(
+        seccomp_filters(&threads, "vu-") > seccomp_filters(&threads, "vireo-sw-open"),
+        "{threads:?}"
+    );
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("privileges dropped") && log.contains("65534"),
+        "{log}"
+    );
+}
+
+/// Run as root with no options (as the other tests run it), the switch keeps uid 0
+/// but drops every capability but CAP_NET_RAW and filters every thread;
+/// `--seccomp false --confine false` keeps everything, and says so.
+#[test]
+fn as_root_the_switch_is_confined_by_default_and_the_options_turn_it_off() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut lab = Lab::start("cfr", &[("h1", ",vlan=10"), ("h2", ",vlan=10")], &[]);
+    let f = frame(BCAST, mac(2), None, 80);
+    lab.expect("h1", &f, &["h2"], &f);
+    assert_confined(
+        lab.child.as_ref().unwrap().id(),
+        0,
+        &["vireo-switch", "vireo-sw-open"],
+    );
+    assert_eq!(lab.stop().0, Some(0));
+
+    let mut lab = Lab::start(
+        "cfo",
+        &[("h1", ",vlan=10"), ("h2", ",vlan=10")],
+        &["--seccomp", "false", "--confine", "false"],
+    );
+    lab.expect("h1", &f, &["h2"], &f);
+    for (name, st) in thread_statuses(lab.child.as_ref().unwrap().id()) {
+        assert_eq!(status_field(&st, "Seccomp"), "0", "{name}");
+        assert_eq!(status_field(&st, "NoNewPrivs"), "0", "{name}");
+        assert_ne!(status_field(&st, "CapEff"), ONLY_NET_RAW, "{name}");
+    }
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("--seccomp false") && log.contains("--confine false"),
+        "{log}"
+    );
+}
+
+/// Runs the switch with the test hook `env` and a vhost-user port `vm`, until it ends
+/// (within T).
+fn run_until_it_dies(env: (&str, &str)) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["run", "--control"])
+        .arg(dir.path().join("c.sock"))
+        .arg("--port")
+        .arg(format!(
+            "name=vm,vhost-user={}",
+            dir.path().join("vm.sock").display()
+        ))
+        .env(env.0, env.1)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    vireo_e2e::wait_with_timeout(child, T)
+}
+
+fn assert_killed_for(out: &std::process::Output, thread: &str, call: &str) {
+    vireo_e2e::assert_killed_by_seccomp(out, thread, call);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("vireo-switch: error: seccomp:"), "{log}");
+    assert!(!log.contains("test hook"), "the call returned: {log}");
+}
+
+/// The switch thread (which parses every frame) may not open a file, start a process
+/// or make a socket, the opener may not open a file, and a listener may not make a
+/// socket: each ends the process, the thread and call named.
+#[test]
+fn a_forbidden_call_on_the_switch_or_a_listener_thread_ends_the_switch_naming_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "switch:openat"));
+    assert_killed_for(&out, "vireo-switch", "openat");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "switch:fork"));
+    assert_killed_for(&out, "vireo-switch", "clone");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "switch:socket"));
+    assert_killed_for(&out, "vireo-switch", "socket");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "opener:openat"));
+    assert_killed_for(&out, "vireo-sw-open", "openat");
+    let out = run_until_it_dies(("VIREO_SWITCH_TEST_SYSCALL", "listener:socket"));
+    assert_killed_for(&out, "vu-1", "socket");
+    // With filtering off the same call is made, and returns.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["run", "--seccomp", "false", "--control"])
+        .arg(dir.path().join("c.sock"))
+        .env("VIREO_SWITCH_TEST_SYSCALL", "switch:openat")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&dir.path().join("c.sock"), T);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = vireo_e2e::wait_with_timeout(child, T);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("test hook: openat on the switch thread returned"),
+        "{log}"
+    );
+}
+
+/// A VMM connects to port `vm` (VLAN 10) and a broadcast from host h1 is switched to
+/// it, so the port's vring worker runs its first event with `env` set; the switch's
+/// output once it ended.
+fn worker_event(tag: &str, env: (&str, &str)) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut lab = Lab::start_in(
+        NetNs::new(&format!("{tag}-sw")),
+        tag,
+        &[("h1", ",vlan=10")],
+        &[],
+        &[env],
+    );
+    let r = lab.ctl(&format!(
+        r#"{{"op":"port-add","spec":"name=vm,vhost-user={},vlan=10"}}"#,
+        sock.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    let _vmm = HandFrontend::connect(&sock, 1 << 20);
+    wait_until("the VMM is connected", || connected(&lab.control, "vm"));
+    lab.wire("h1").send(&frame(BCAST, mac(3), None, 60));
+    vireo_e2e::wait_with_timeout(lab.child.take().unwrap(), T)
+}
+
+/// The thread that reads guest memory may not open a file: the switch ends, the
+/// vring worker and openat named.
+#[test]
+fn a_vring_worker_that_opens_a_file_ends_the_switch_naming_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let out = worker_event("cfw", ("VIREO_SWITCH_TEST_SYSCALL", "worker:openat"));
+    assert_killed_for(&out, "vring_worker", "openat");
+}
+
+/// A panicking port worker never leaves a switch that looks alive and forwards
+/// nothing: the process aborts, the thread and the panic logged.
+#[test]
+fn a_panicking_vring_worker_aborts_the_switch_and_names_the_thread() {
+    if skip_unless_root() {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = worker_event("cfp", ("VIREO_SWITCH_TEST_PANIC", "worker"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{log}");
+    assert!(
+        log.contains(
+            "thread 'vring_worker' panicked at switch/src/bin/vireo-switch/vhost_user.rs:"
+        ) && log.contains("test hook: VIREO_SWITCH_TEST_PANIC=worker")
+            && log.contains("aborting the process"),
+        "{log}"
+    );
+}
+
+/// `--socket-dir`: the kernel (Landlock) lets the switch make vhost-user sockets only
+/// there: a port added in another directory is refused by `bind` itself (the switch's
+/// own code does not check ports added at run time), one inside works; a configured
+/// port outside is refused at start with one line.
+#[test]
+fn with_a_socket_dir_the_kernel_refuses_sockets_anywhere_else() {
+    if skip_unless_root() {
+        return;
+    }
+    let allowed = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let dir_arg = allowed.path().to_str().unwrap().to_string();
+    let mut lab = Lab::start("cfl", &[("h1", ",vlan=10")], &["--socket-dir", &dir_arg]);
+    let add = |dir: &Path| {
+        lab.ctl(&format!(
+            r#"{{"op":"port-add","spec":"name=vm{},vhost-user={},vlan=10"}}"#,
+            dir.as_os_str().len(),
+            dir.join("vm.sock").display()
+        ))
+    };
+    let r = add(other.path());
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("Permission denied"),
+        "{r}"
+    );
+    assert!(!other.path().join("vm.sock").exists());
+    let r = add(allowed.path());
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(allowed.path().join("vm.sock").exists());
+    let (code, log) = lab.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("held to the socket directories"), "{log}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_vireo-switch"))
+        .args(["run", "--socket-dir", &dir_arg, "--control"])
+        .arg(allowed.path().join("c.sock"))
+        .arg("--port")
+        .arg(format!(
+            "name=vm,vhost-user={}",
+            other.path().join("vm.sock").display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is outside every --socket-dir"), "{err}");
 }

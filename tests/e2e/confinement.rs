@@ -8,7 +8,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use vireo_e2e::Vireo;
+use vireo_e2e::{assert_killed_by_seccomp as assert_killed_for, Vireo};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -35,17 +35,6 @@ fn probe(probe: &str, args: &[&str]) -> std::process::Output {
     let mut vm = Vireo::guest("test=boot", args);
     vm.cmd.env("VIREO_TEST_SYSCALL", probe);
     vm.run(T).0
-}
-
-fn assert_killed_for(out: &std::process::Output, thread: &str, syscall: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(159), "{err}");
-    assert!(
-        err.contains(&format!(
-            "seccomp: thread {thread} made the forbidden system call {syscall} ("
-        )),
-        "{err}"
-    );
 }
 
 #[test]

@@ -213,6 +213,20 @@ pub fn wait_with_timeout(child: Child, timeout: Duration) -> Output {
     })
 }
 
+/// Asserts that `out` is a process its seccomp violation handler (the `sandbox`
+/// crate's, shared by `vireo` and `vireo-switch`) ended, status 159, for `thread`
+/// making `syscall`.
+pub fn assert_killed_by_seccomp(out: &Output, thread: &str, syscall: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(159), "{err}");
+    assert!(
+        err.contains(&format!(
+            "seccomp: thread {thread} made the forbidden system call {syscall} ("
+        )),
+        "{err}"
+    );
+}
+
 /// Waits for `child`; after `timeout` kills it and gives what it printed as the error.
 fn wait_or_kill(mut child: Child, timeout: Duration) -> Result<Output, Output> {
     let start = Instant::now();

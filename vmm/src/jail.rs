@@ -113,6 +113,8 @@ pub enum JailError {
     Parse(String),
     #[error("jail: {0}")]
     Confine(#[from] confine::ConfineError),
+    #[error("jail: {0}")]
+    Privileges(#[from] sandbox::privileges::PrivilegeError),
     #[error("jail: cgroup v2: {0}")]
     Cgroup2(#[from] crate::cgroup2::Cgroup2Error),
     #[error("jail: {what}: {source}")]
@@ -579,50 +581,9 @@ fn build_root(
 }
 
 fn drop_privileges(cfg: &JailConfig) -> Result<(), JailError> {
-    let limit = |resource, value: u64, name: &str| {
-        let r = libc::rlimit {
-            rlim_cur: value,
-            rlim_max: value,
-        };
-        check(
-            // SAFETY: setrlimit with a valid struct.
-            unsafe { libc::setrlimit(resource, &r) },
-            format!("setrlimit {name}"),
-        )
-    };
-    limit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
-    limit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
-    // SAFETY: plain prctl/credential calls with constant or checked arguments.
-    unsafe {
-        // The bounding set, while CAP_SETPCAP is still held.
-        let mut cap = 0;
-        while libc::prctl(libc::PR_CAPBSET_READ, cap) >= 0 {
-            check(
-                libc::prctl(libc::PR_CAPBSET_DROP, cap),
-                format!("drop capability {cap}"),
-            )?;
-            cap += 1;
-        }
-        check(
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ),
-            "clear ambient capabilities",
-        )?;
-        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
-        check(libc::setresgid(cfg.gid, cfg.gid, cfg.gid), "setresgid")?;
-        // From root to a non-root uid without SECBIT_KEEP_CAPS: the permitted and
-        // effective sets are cleared by the kernel.
-        check(libc::setresuid(cfg.uid, cfg.uid, cfg.uid), "setresuid")?;
-        check(
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
-            "no_new_privs",
-        )?;
-    }
+    sandbox::privileges::set_limits(cfg.nofile, cfg.nproc)?;
+    // From root to a non-root uid keeping no capability: every set is cleared.
+    sandbox::privileges::drop_privileges(Some((cfg.uid, cfg.gid)), &[])?;
     Ok(())
 }
 

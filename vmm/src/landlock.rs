@@ -29,66 +29,12 @@
 use std::path::{Path, PathBuf};
 
 use confine::Roots;
-use landlock::{
-    Access, AccessFs, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, ABI,
-};
-
-/// The newest file-system rights this code knows (Linux 6.10: `ioctl` on devices).
-/// An older kernel enforces what it has (Landlock's best effort).
-const ABI_USED: ABI = ABI::V5;
-
-#[derive(Debug, thiserror::Error)]
-pub enum LandlockError {
-    #[error("cannot build the control thread's Landlock ruleset: {0}")]
-    Ruleset(#[from] landlock::RulesetError),
-}
-
-/// What a path given to [`ControlDomain::allow`] may be used for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Use {
-    /// Files and directories beneath it: everything but executing.
-    Storage,
-    /// A directory where output files are made and written.
-    Outputs,
-    /// A directory where unix sockets are bound and removed.
-    Sockets,
-    /// A device node opened, written and `ioctl`ed.
-    Device,
-    /// Read only (files and listings beneath it).
-    Read,
-}
-
-impl Use {
-    fn rights(self) -> BitFlags<AccessFs> {
-        let all = AccessFs::from_all(ABI_USED);
-        match self {
-            Use::Storage => all & !AccessFs::Execute,
-            Use::Outputs => {
-                AccessFs::MakeReg | AccessFs::WriteFile | AccessFs::ReadFile | AccessFs::Truncate
-            }
-            Use::Sockets => AccessFs::MakeSock | AccessFs::RemoveFile,
-            Use::Device => AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
-            Use::Read => AccessFs::from_read(ABI_USED),
-        }
-    }
-}
-
-/// How much of the domain the kernel enforces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Enforcement {
-    /// Every right this code asks to restrict.
-    Full,
-    /// The kernel knows an older Landlock: some rights are not restricted.
-    Partial,
-    /// The kernel has no Landlock (or it is disabled): nothing is restricted.
-    None,
-}
+pub use sandbox::landlock::{Enforcement, LandlockError, Use};
 
 /// The paths the control thread may reach besides its storage roots.
 #[derive(Debug, Default)]
 pub struct ControlDomain {
-    paths: Vec<(PathBuf, Use)>,
+    domain: sandbox::landlock::Domain,
 }
 
 impl ControlDomain {
@@ -103,7 +49,7 @@ impl ControlDomain {
     }
 
     pub fn allow(&mut self, path: impl Into<PathBuf>, what: Use) {
-        self.paths.push((path.into(), what));
+        self.domain.allow(path, what);
     }
 
     /// The directory an output file is in (its rotated copy is beside it).
@@ -114,50 +60,15 @@ impl ControlDomain {
     }
 
     /// Enters the domain on the calling thread (the threads it starts later inherit
-    /// it). Paths that do not exist are left out: nothing can be opened there anyway
-    /// except by creating them, which the domain then refuses.
-    pub fn enter(self, roots: &Roots) -> Result<Enforcement, LandlockError> {
-        let mut ruleset = Ruleset::default()
-            .handle_access(AccessFs::from_all(ABI_USED))?
-            .create()?;
-        for dir in roots.dirs() {
-            ruleset = ruleset.add_rule(PathBeneath::new(dir, Use::Storage.rights()))?;
+    /// it): the storage roots (by their descriptors), their block devices and the
+    /// paths allowed.
+    pub fn enter(mut self, roots: &Roots) -> Result<Enforcement, LandlockError> {
+        for d in roots.block_devices() {
+            self.allow(d.clone(), Use::Device);
         }
-        let devices = roots
-            .block_devices()
-            .iter()
-            .map(|d| (d.as_path(), Use::Device));
-        let paths = self.paths.iter().map(|(p, what)| (p.as_path(), *what));
-        for (path, what) in devices.chain(paths) {
-            if let Some(rule) = rule(path, what) {
-                ruleset = ruleset.add_rule(rule)?;
-            }
-        }
-        let status = ruleset.restrict_self()?;
-        Ok(match status.ruleset {
-            RulesetStatus::FullyEnforced => Enforcement::Full,
-            RulesetStatus::PartiallyEnforced => Enforcement::Partial,
-            RulesetStatus::NotEnforced => Enforcement::None,
-        })
+        self.domain
+            .enter(roots.dirs().map(|dir| (dir, Use::Storage)))
     }
-}
-
-/// The rule for `path`, or None when it cannot be opened (it does not exist).
-fn rule(path: &Path, what: Use) -> Option<PathBeneath<PathFd>> {
-    let fd = match PathFd::new(path) {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "left out of the control thread's domain");
-            return None;
-        }
-    };
-    // A rule on a file (not a directory) may only hold rights that apply to files.
-    let rights = if path.is_dir() {
-        what.rights()
-    } else {
-        what.rights() & AccessFs::from_file(ABI_USED)
-    };
-    Some(PathBeneath::new(fd, rights))
 }
 
 /// Enters the control thread's domain when there are storage roots, logging how much

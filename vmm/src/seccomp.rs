@@ -12,16 +12,16 @@
 //! others (control, activator) allow `clone`, and then only with `CLONE_THREAD` (a
 //! thread, never a process); `clone3`, whose flags a filter cannot read, fails with
 //! ENOSYS on every thread (glibc then falls back to `clone`). No thread may `execve`.
+//!
+//! The machinery (compiling, installing, the violation report, the rules every thread
+//! shares) is the `sandbox` crate's, shared with `vireo-switch`; the roles and their
+//! allowlists are here.
 
-use std::collections::BTreeMap;
-
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use sandbox::{allow, base_rules, ioctl_rules as ioctls, Rules};
+pub use sandbox::{keep_malloc_off_the_filesystem, syscall_name, SeccompError, SeccompMode};
 
 /// What a thread does, and so which filter it gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ThreadKind {
     /// The main thread: the control loop, which also creates and tears down VMs. The
@@ -93,96 +93,39 @@ impl ThreadKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum SeccompMode {
-    #[default]
-    Enforce,
-    Log,
-    Off,
-}
+impl sandbox::ThreadRole for ThreadKind {
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
 
-impl std::str::FromStr for SeccompMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "true" | "on" | "enforce" => Ok(Self::Enforce),
-            "log" => Ok(Self::Log),
-            "false" | "off" => Ok(Self::Off),
-            _ => Err(format!("--seccomp: expected true, false or log, got '{s}'")),
-        }
+    fn spawns_threads(self) -> bool {
+        ThreadKind::spawns_threads(self)
+    }
+
+    fn rules(self) -> Result<Rules, String> {
+        rules_for(self)
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SeccompError {
-    #[error("cannot build the {kind:?} seccomp filter: {reason}")]
-    Build { kind: ThreadKind, reason: String },
-    #[error("cannot install the {kind:?} seccomp filter: {source}")]
-    Apply {
-        kind: ThreadKind,
-        #[source]
-        source: seccompiler::Error,
-    },
+/// Every thread kind's filter, compiled once at start-up.
+pub type Filters = sandbox::Filters<ThreadKind>;
+
+/// Compiles the filter of `kind`.
+pub fn filter(
+    kind: ThreadKind,
+    mode: SeccompMode,
+) -> Result<Option<seccompiler::BpfProgram>, SeccompError> {
+    sandbox::filter(kind, mode)
+}
+
+/// Installs the SIGSYS handler that reports a violation (as `vireo`) and ends the
+/// process.
+pub fn install_violation_handler() {
+    sandbox::install_violation_handler("vireo");
 }
 
 mod ioctls;
 use ioctls::{FIONBIO, KVM_GET_REGS, KVM_RUN, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ};
-
-/// Starting threads: `clone` with `CLONE_THREAD` (rules in [`rules_for`]), `clone3`
-/// (answered ENOSYS by [`clone3_enosys`] before this filter allows it), and `seccomp`
-/// for the new thread to add its own filter (filters only stack: it cannot widen).
-const SPAWN: &[i64] = &[libc::SYS_clone3, libc::SYS_seccomp];
-
-/// System calls every thread makes: memory, futexes, threads, time, signals, logging.
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_mremap,
-    libc::SYS_brk,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_restart_syscall,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_sched_yield,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    // std's hash seeds; and on migration threads (which run under the Control filter)
-    // rustls/ring's randomness for TLS handshakes and the page streams' session number.
-    // TLS needs nothing else: it only reads and writes the sockets, and its PEM files
-    // are read on the control thread when the migration is requested.
-    libc::SYS_getrandom,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_tgkill,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_lseek,
-    libc::SYS_fcntl,
-    // A new thread's own set-up (std, glibc) and its name (also read by the
-    // violation handler).
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_prctl,
-    libc::SYS_sched_getaffinity,
-    // Event loops and their eventfds.
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
-];
 
 const DISK_IO: &[i64] = &[
     libc::SYS_pread64,
@@ -251,32 +194,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_memfd_create,
 ];
 
-fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
-    requests
-        .iter()
-        .map(|&r| {
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, r)
-                .and_then(|c| SeccompRule::new(vec![c]))
-                .map_err(|e| e.to_string())
-        })
-        .collect()
-}
-
-/// `clone` only when its flags (argument 0) include `CLONE_THREAD`: a thread of this
-/// process, never a new process (fork, posix_spawn and vfork lack it).
-fn clone_threads_only() -> Result<Vec<SeccompRule>, String> {
-    let flag = libc::CLONE_THREAD as u64;
-    SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(flag),
-        flag,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map(|r| vec![r])
-    .map_err(|e| e.to_string())
-}
-
 /// What the device workers need, which the thread that starts them (the activator)
 /// must allow too, since they run under its filter as well as their own.
 const WORKER_IOCTLS: [u64; 3] = [KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
@@ -299,18 +216,8 @@ fn control_ioctls() -> Vec<u64> {
     all
 }
 
-fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let allow = |rules: &mut BTreeMap<i64, Vec<SeccompRule>>, list: &[i64]| {
-        for &s in list {
-            rules.insert(s, Vec::new());
-        }
-    };
-    allow(&mut rules, COMMON);
-    if kind.spawns_threads() {
-        allow(&mut rules, SPAWN);
-        rules.insert(libc::SYS_clone, clone_threads_only()?);
-    }
+fn rules_for(kind: ThreadKind) -> Result<Rules, String> {
+    let mut rules = base_rules(kind.spawns_threads())?;
     match kind {
         ThreadKind::Control => {
             allow(&mut rules, DISK_IO);
@@ -387,410 +294,16 @@ fn rules_for(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
     Ok(rules)
 }
 
-/// The filter stacked under every thread-starting thread's own: `clone3` fails with
-/// ENOSYS (its flags live in memory a filter cannot read, so it cannot be limited to
-/// threads), and glibc falls back to `clone`, whose flags the main filter checks.
-fn clone3_enosys() -> Result<BpfProgram, String> {
-    let mut rules = BTreeMap::new();
-    rules.insert(libc::SYS_clone3, Vec::new());
-    let f = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    BpfProgram::try_from(f).map_err(|e| e.to_string())
-}
-
-/// Compiles the filter of `kind`.
-pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
-    let mismatch = match mode {
-        SeccompMode::Off => return Ok(None),
-        SeccompMode::Enforce => SeccompAction::Trap,
-        SeccompMode::Log => SeccompAction::Log,
-    };
-    let build = |reason: String| SeccompError::Build { kind, reason };
-    let rules = rules_for(kind).map_err(build)?;
-    let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| build(e.to_string()))?;
-    BpfProgram::try_from(f)
-        .map(Some)
-        .map_err(|e| build(e.to_string()))
-}
-
-/// A thread kind's programs, installed in order: the ENOSYS answer to `clone3` (for
-/// thread-starting kinds), then the allowlist.
-#[derive(Clone)]
-struct Programs {
-    clone3: Option<std::sync::Arc<BpfProgram>>,
-    main: std::sync::Arc<BpfProgram>,
-}
-
-/// Every thread kind's filter, compiled once at start-up (so a bad filter is an
-/// error at launch, not in a worker thread later).
-#[derive(Clone, Default)]
-pub struct Filters {
-    programs: std::collections::HashMap<u8, Programs>,
-}
-
-impl Filters {
-    pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
-        let mut programs = std::collections::HashMap::new();
-        for kind in ThreadKind::ALL {
-            if let Some(main) = filter(kind, mode)? {
-                let clone3 = if kind.spawns_threads() && mode == SeccompMode::Enforce {
-                    let p =
-                        clone3_enosys().map_err(|reason| SeccompError::Build { kind, reason })?;
-                    Some(std::sync::Arc::new(p))
-                } else {
-                    None
-                };
-                let main = std::sync::Arc::new(main);
-                programs.insert(kind as u8, Programs { clone3, main });
-            }
-        }
-        Ok(Self { programs })
-    }
-
-    /// Installs `kind`'s filter on the calling thread (nothing when filtering is off).
-    pub fn apply(&self, kind: ThreadKind) -> Result<(), SeccompError> {
-        let Some(p) = self.programs.get(&(kind as u8)) else {
-            return Ok(());
-        };
-        let install = |prog: &BpfProgram| {
-            seccompiler::apply_filter(prog).map_err(|source| SeccompError::Apply { kind, source })
-        };
-        if let Some(c) = &p.clone3 {
-            install(c)?;
-        }
-        install(&p.main)
-    }
-
-    /// Like [`Filters::apply`] for threads that cannot return an error: a thread that
-    /// cannot be confined does not run unconfined; the process ends.
-    pub fn apply_or_exit(&self, kind: ThreadKind) {
-        if let Err(e) = self.apply(kind) {
-            eprintln!("vireo: error: {e}");
-            std::process::exit(1);
-        }
-    }
-}
-
-/// Keeps glibc's allocator from opening files on filtered threads.
-///
-/// When a thread's malloc arena shrinks its heap, glibc reads
-/// /proc/sys/vm/overcommit_memory (an `openat` that page streams, workers and the API
-/// thread may not make: found by a TLS migration, whose page streams free large
-/// frames). With a trim threshold above the largest per-thread heap (64 MiB), heaps are
-/// never shrunk, only deleted whole (munmap, no file); the main arena no longer gives
-/// its top back with brk either.
-///
-/// When a thread needs a new arena and there are already more than 8, glibc counts the
-/// CPUs once for the process by reading /sys/devices/system/cpu/online: found when
-/// page streams, started by the receive thread (no openat), were the first to get
-/// there. With the arena limit set here (glibc's own default, 8 per CPU) it never
-/// counts. Call before any thread starts.
-pub fn keep_malloc_off_the_filesystem() {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
-    // SAFETY: mallopt only sets allocator parameters.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_ARENA_MAX, arenas);
-    }
-}
-
-/// Names of the system calls a violation may name (`SYS_` stripped when printed);
-/// any other is printed by number only.
-macro_rules! syscall_names {
-    ($($n:ident),* $(,)?) => {
-        &[$((libc::$n, stringify!($n))),*]
-    };
-}
-const SYSCALL_NAMES: &[(i64, &str)] = syscall_names![
-    SYS_read,
-    SYS_write,
-    SYS_open,
-    SYS_close,
-    SYS_stat,
-    SYS_fstat,
-    SYS_lstat,
-    SYS_poll,
-    SYS_lseek,
-    SYS_mmap,
-    SYS_mprotect,
-    SYS_munmap,
-    SYS_brk,
-    SYS_rt_sigaction,
-    SYS_rt_sigprocmask,
-    SYS_ioctl,
-    SYS_pread64,
-    SYS_pwrite64,
-    SYS_readv,
-    SYS_writev,
-    SYS_access,
-    SYS_pipe,
-    SYS_select,
-    SYS_mremap,
-    SYS_madvise,
-    SYS_dup,
-    SYS_dup2,
-    SYS_nanosleep,
-    SYS_getpid,
-    SYS_sendfile,
-    SYS_socket,
-    SYS_connect,
-    SYS_accept,
-    SYS_sendto,
-    SYS_recvfrom,
-    SYS_sendmsg,
-    SYS_recvmsg,
-    SYS_shutdown,
-    SYS_bind,
-    SYS_listen,
-    SYS_getsockname,
-    SYS_getpeername,
-    SYS_socketpair,
-    SYS_setsockopt,
-    SYS_getsockopt,
-    SYS_clone,
-    SYS_fork,
-    SYS_vfork,
-    SYS_execve,
-    SYS_exit,
-    SYS_wait4,
-    SYS_kill,
-    SYS_uname,
-    SYS_fcntl,
-    SYS_flock,
-    SYS_fsync,
-    SYS_fdatasync,
-    SYS_truncate,
-    SYS_ftruncate,
-    SYS_getdents64,
-    SYS_getcwd,
-    SYS_chdir,
-    SYS_fchdir,
-    SYS_rename,
-    SYS_mkdir,
-    SYS_rmdir,
-    SYS_creat,
-    SYS_link,
-    SYS_unlink,
-    SYS_symlink,
-    SYS_readlink,
-    SYS_chmod,
-    SYS_fchmod,
-    SYS_chown,
-    SYS_fchown,
-    SYS_umask,
-    SYS_getrlimit,
-    SYS_setrlimit,
-    SYS_ptrace,
-    SYS_getuid,
-    SYS_setuid,
-    SYS_setgid,
-    SYS_setsid,
-    SYS_setgroups,
-    SYS_sigaltstack,
-    SYS_mknod,
-    SYS_statfs,
-    SYS_fstatfs,
-    SYS_prctl,
-    SYS_chroot,
-    SYS_mount,
-    SYS_umount2,
-    SYS_pivot_root,
-    SYS_reboot,
-    SYS_sethostname,
-    SYS_init_module,
-    SYS_gettid,
-    SYS_tkill,
-    SYS_futex,
-    SYS_sched_setaffinity,
-    SYS_sched_getaffinity,
-    SYS_epoll_create,
-    SYS_getdents,
-    SYS_set_tid_address,
-    SYS_timer_create,
-    SYS_clock_gettime,
-    SYS_clock_nanosleep,
-    SYS_exit_group,
-    SYS_epoll_wait,
-    SYS_epoll_ctl,
-    SYS_tgkill,
-    SYS_mbind,
-    SYS_openat,
-    SYS_mkdirat,
-    SYS_mknodat,
-    SYS_fchownat,
-    SYS_newfstatat,
-    SYS_unlinkat,
-    SYS_renameat,
-    SYS_linkat,
-    SYS_symlinkat,
-    SYS_readlinkat,
-    SYS_fchmodat,
-    SYS_faccessat,
-    SYS_ppoll,
-    SYS_unshare,
-    SYS_set_robust_list,
-    SYS_splice,
-    SYS_tee,
-    SYS_epoll_pwait,
-    SYS_timerfd_create,
-    SYS_eventfd,
-    SYS_fallocate,
-    SYS_timerfd_settime,
-    SYS_accept4,
-    SYS_eventfd2,
-    SYS_epoll_create1,
-    SYS_dup3,
-    SYS_pipe2,
-    SYS_preadv,
-    SYS_pwritev,
-    SYS_prlimit64,
-    SYS_name_to_handle_at,
-    SYS_open_by_handle_at,
-    SYS_setns,
-    SYS_process_vm_readv,
-    SYS_process_vm_writev,
-    SYS_finit_module,
-    SYS_renameat2,
-    SYS_seccomp,
-    SYS_getrandom,
-    SYS_memfd_create,
-    SYS_bpf,
-    SYS_execveat,
-    SYS_userfaultfd,
-    SYS_statx,
-    SYS_rseq,
-    SYS_io_uring_setup,
-    SYS_io_uring_enter,
-    SYS_pidfd_open,
-    SYS_clone3,
-    SYS_openat2,
-    SYS_pidfd_getfd,
-    SYS_faccessat2,
-];
-
-/// The name of system call `nr` without its `SYS_` prefix, if known.
-pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    SYSCALL_NAMES
-        .iter()
-        .find(|(n, _)| *n == nr)
-        .map(|(_, name)| name.trim_start_matches("SYS_"))
-}
-
-/// A line assembled in a fixed buffer, for the signal handler (no allocation).
-struct Line {
-    buf: [u8; 256],
-    len: usize,
-}
-
-impl Line {
-    fn push(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == 0 || self.len == self.buf.len() {
-                return;
-            }
-            self.buf[self.len] = b;
-            self.len += 1;
-        }
-    }
-
-    fn push_hex(&mut self, mut n: u64) {
-        let mut digits = [0u8; 16];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
-            n >>= 4;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(b"0x");
-        self.push(&digits[i..]);
-    }
-
-    fn push_number(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
-    }
-}
-
-/// `vireo: error: seccomp: thread T made the forbidden system call NAME (NR); ...`,
-/// with the request number of a refused `ioctl` (`ioctl (16) with request 0x5412`).
-fn violation_line(thread: &[u8], nr: i64, arg1: u64) -> Line {
-    let mut line = Line {
-        buf: [0; 256],
-        len: 0,
-    };
-    line.push(b"vireo: error: seccomp: thread ");
-    line.push(thread);
-    line.push(b" made the forbidden system call ");
-    line.push(syscall_name(nr).unwrap_or("?").as_bytes());
-    line.push(b" (");
-    line.push_number(nr.max(0) as u64);
-    line.push(b")");
-    if nr == libc::SYS_ioctl {
-        line.push(b" with request ");
-        line.push_hex(arg1 & 0xffff_ffff);
-    }
-    line.push(b"; ending the process (run with --seccomp log to list them)\n");
-    line
-}
-
-/// Installs the SIGSYS handler that reports a violation and ends the process.
-pub fn install_violation_handler() {
-    extern "C" fn on_sigsys(
-        _: libc::c_int,
-        info: *mut libc::siginfo_t,
-        context: *mut libc::c_void,
-    ) {
-        // siginfo_t for SIGSYS: the system call number is the int at byte offset 24.
-        // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.
-        let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
-        // The registers at the refused call: its second argument is in RSI.
-        // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted
-        // thread's ucontext_t, valid for the handler's duration.
-        let arg1 = unsafe {
-            (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize]
-        };
-        let mut name = [0u8; 17];
-        // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the buffer; prctl
-        // is allowed by every filter and async-signal-safe.
-        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
-        let line = violation_line(&name, i64::from(nr), arg1 as u64);
-        // SAFETY: write(2) and _exit(2) are async-signal-safe.
-        unsafe {
-            libc::write(2, line.buf.as_ptr().cast(), line.len);
-            libc::_exit(159);
-        }
-    }
-    // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO is well formed.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sandbox::probe::{
+        errno_of, exec_true, fork_process, ioctl_request, open_root, spawn_thread,
+    };
+
+    fn new_socket() -> i32 {
+        sandbox::probe::new_socket(libc::AF_UNIX, libc::SOCK_STREAM)
+    }
 
     #[test]
     fn every_filter_compiles() {
@@ -806,86 +319,7 @@ mod tests {
     /// Runs `f` on a new thread under `kind`'s rules, with EPERM in place of SIGSYS so
     /// that a refused call is observed without ending the test process.
     fn under<R: Send + 'static>(kind: ThreadKind, f: impl FnOnce() -> R + Send + 'static) -> R {
-        let f_rules = SeccompFilter::new(
-            rules_for(kind).unwrap(),
-            SeccompAction::Errno(libc::EPERM as u32),
-            SeccompAction::Allow,
-            TargetArch::x86_64,
-        )
-        .unwrap();
-        let prog = BpfProgram::try_from(f_rules).unwrap();
-        let clone3 = kind.spawns_threads().then(|| clone3_enosys().unwrap());
-        std::thread::spawn(move || {
-            if let Some(c) = &clone3 {
-                seccompiler::apply_filter(c).unwrap();
-            }
-            seccompiler::apply_filter(&prog).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// errno of a failed call (0 if it succeeded).
-    fn errno_of(r: i64) -> i32 {
-        if r < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        } else {
-            0
-        }
-    }
-
-    fn open_root() -> i32 {
-        // SAFETY: openat of a valid C string; the fd is closed.
-        let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
-        let e = errno_of(fd.into());
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-        e
-    }
-
-    fn new_socket() -> i32 {
-        // SAFETY: socket(2) with constant arguments; the fd is closed.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        let e = errno_of(fd.into());
-        if fd >= 0 {
-            // SAFETY: our own fd.
-            unsafe { libc::close(fd) };
-        }
-        e
-    }
-
-    /// A new process by fork (clone without CLONE_THREAD); the child exits at once.
-    fn fork_process() -> i32 {
-        // SAFETY: the child only calls _exit; the parent reaps it.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: async-signal-safe exit of the forked child.
-            unsafe { libc::_exit(0) };
-        }
-        if pid > 0 {
-            // SAFETY: reaping our own child.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        }
-        errno_of(pid.into())
-    }
-
-    fn exec_true() -> i32 {
-        let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-        let envp = [std::ptr::null()];
-        // SAFETY: valid NUL-terminated argv/envp; it only returns on failure (if it
-        // succeeded the test process would be replaced and the test fail).
-        let r = unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        errno_of(r.into())
-    }
-
-    fn spawn_thread() -> bool {
-        std::thread::Builder::new()
-            .spawn(|| 7)
-            .map(|t| t.join().unwrap() == 7)
-            .unwrap_or(false)
+        sandbox::run_under_errno(kind, f).unwrap()
     }
 
     fn timer() -> i32 {
@@ -963,14 +397,6 @@ mod tests {
         );
         // The activator, which starts block workers, may create their timers.
         assert_eq!(under(ThreadKind::Activator, timer), 0);
-    }
-
-    /// An ioctl with a request number only: the filter answers before any driver,
-    /// so EPERM is the filter's refusal and EBADF (fd -1) means it was let through.
-    fn ioctl_request(request: u64) -> i32 {
-        // SAFETY: fd -1 makes the kernel fail the call before touching the pointer.
-        let r = unsafe { libc::ioctl(-1, request as _, std::ptr::null_mut::<u8>()) };
-        errno_of(r.into())
     }
 
     #[test]
@@ -1096,24 +522,5 @@ mod tests {
     fn page_streams_make_no_ioctl() {
         let e = under(ThreadKind::PageStream, || ioctl_on_stdin(KVM_SIGNAL_MSI));
         assert_eq!(e, libc::EPERM);
-    }
-
-    #[test]
-    fn a_violation_names_the_thread_and_the_system_call() {
-        let line = violation_line(b"vireo-vcpu0\0\0\0", libc::SYS_openat, 0x5412);
-        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
-        assert_eq!(
-            text,
-            "vireo: error: seccomp: thread vireo-vcpu0 made the forbidden system call \
-             openat (257); ending the process (run with --seccomp log to list them)\n"
-        );
-        let line = violation_line(b"vireo\0", libc::SYS_ioctl, 0xffff_ffff_0000_5412);
-        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
-        assert!(
-            text.contains("forbidden system call ioctl (16) with request 0x5412; ending"),
-            "{text}"
-        );
-        assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
-        assert_eq!(syscall_name(100_000), None);
     }
 }

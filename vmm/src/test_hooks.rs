@@ -44,29 +44,8 @@ pub fn probe_syscall(thread: &str) {
     if t != thread {
         return;
     }
-    let path = c"/";
-    // SAFETY: plain system calls with valid arguments; a forked child exits at once.
-    let r = unsafe {
-        match call {
-            "openat" => libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY),
-            "execve" => {
-                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-                let envp = [std::ptr::null()];
-                libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr())
-            }
-            "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
-            // TIOCSTI (typing into a terminal) on fd -1: refused by the filter before
-            // the kernel looks at the fd, else EBADF; nothing is typed either way.
-            "ioctl-tiocsti" => libc::ioctl(-1, libc::TIOCSTI, std::ptr::null_mut::<u8>()),
-            "fork" => {
-                let pid = libc::fork();
-                if pid == 0 {
-                    libc::_exit(0);
-                }
-                pid
-            }
-            _ => return,
-        }
+    let Some(r) = sandbox::probe::forbidden_call(call) else {
+        return;
     };
     eprintln!("vireo: test hook: {call} on the {thread} thread returned {r}");
 }

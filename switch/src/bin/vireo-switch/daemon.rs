@@ -1,5 +1,9 @@
-//! The switch's one thread: a poll(2) loop over the ports' packet sockets, the
-//! control socket and its clients, and a signalfd for SIGTERM/SIGINT.
+//! The switch thread: a poll(2) loop over the ports' packet sockets, the control
+//! socket and its clients, the vhost-user workers' channel, and a signalfd for
+//! SIGTERM/SIGINT. Every socket of the configuration is opened by [`Daemon::new`];
+//! the caller then drops privileges, [`Daemon::start_threads`] starts the vhost-user
+//! listener threads and the opener thread ([`crate::opener`]), which makes every
+//! socket from then on, and the caller confines this thread before [`Daemon::run`].
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -22,6 +26,8 @@ use tracing::{debug, info, warn};
 use crate::afpacket::{PacketPort, PortIoError, Rx, RX_BUF};
 use crate::config::{parse_port, Config};
 use crate::control::{self, Request, MAX_REQUEST};
+use crate::opener::{privileged, Opener};
+use crate::seccomp::{Filters, Role};
 use crate::vhost_user::{Inbound, ToSwitch, VhostPortError, VhostUserPort};
 
 /// The signalfd, the control socket and the vhost-user wake eventfd come first.
@@ -51,6 +57,10 @@ pub enum DaemonError {
     Signals(io::Error),
     #[error("poll: {0}")]
     Poll(io::Error),
+    #[error("the opener thread: {0}")]
+    OpenerStart(io::Error),
+    #[error("the opener thread is gone")]
+    OpenerGone,
 }
 
 struct Client {
@@ -70,6 +80,8 @@ struct VhostPorts {
     to_switch: ToSwitch,
     /// Readable when `inbound` has messages.
     wake: Arc<EventFd>,
+    /// The filters the ports' threads install.
+    filters: Filters<Role>,
 }
 
 /// Messages taken from the vhost-user workers before the loop turns to the others.
@@ -77,6 +89,8 @@ const INBOUND_BURST: usize = 256;
 
 pub struct Daemon {
     sw: Switch,
+    /// Makes and removes sockets once the switch is confined.
+    opener: Option<Opener>,
     ports: HashMap<PortId, PacketPort>,
     vhost: VhostPorts,
     listener: UnixListener,
@@ -126,11 +140,14 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Opens `cfg`'s interface (or vhost-user socket) and adds the port to the switch.
+/// Opens `cfg`'s interface (or vhost-user socket), on the opener thread once there is
+/// one (a vhost-user port's listener then starts at once), and adds the port to the
+/// switch.
 fn open_port(
     sw: &mut Switch,
     ports: &mut HashMap<PortId, PacketPort>,
     vhost: &mut VhostPorts,
+    opener: Option<&Opener>,
     cfg: PortConfig,
 ) -> Result<PortId, DaemonError> {
     // Checked before the socket opens, so a duplicate never touches the interface.
@@ -138,24 +155,45 @@ fn open_port(
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
-        match VhostUserPort::open(id, &name, &path, vhost.to_switch.clone()) {
-            Ok(p) => {
+        let (port_name, to_switch) = (name.clone(), vhost.to_switch.clone());
+        let (filters, socket, start) = (vhost.filters.clone(), path.clone(), opener.is_some());
+        let opened = privileged(opener, move || {
+            let mut p = VhostUserPort::open(id, &port_name, &socket, to_switch, filters)?;
+            if start {
+                p.start()?;
+            }
+            Ok::<_, VhostPortError>(p)
+        });
+        match opened {
+            Some(Ok(p)) => {
                 vhost.ports.insert(id, p);
                 info!(port = %name, socket = %path.display(), id, vlan = ?mode, "vhost-user port up");
                 return Ok(id);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 let _ = sw.remove_port(&name);
                 return Err(e.into());
             }
+            None => {
+                let _ = sw.remove_port(&name);
+                return Err(DaemonError::OpenerGone);
+            }
         }
     }
-    let io = PacketPort::open(cfg.iface())?;
+    let iface = cfg.iface().to_string();
+    let io =
+        privileged(opener, move || PacketPort::open(&iface)).ok_or(DaemonError::OpenerGone)??;
     let (name, iface, mode) = (cfg.name.clone(), io.iface().to_string(), cfg.vlan.clone());
     let id = sw.add_port(cfg)?;
     ports.insert(id, io);
     info!(port = %name, %iface, id, vlan = ?mode, "port up");
     Ok(id)
+}
+
+/// Removes a socket file (on the opener thread once there is one).
+fn remove_socket(opener: Option<&Opener>, path: &Path) {
+    let path = path.to_path_buf();
+    let _ = privileged(opener, move || std::fs::remove_file(path));
 }
 
 fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
@@ -169,7 +207,7 @@ fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
 impl Daemon {
     /// Opens every port, then the control socket: once the socket exists the
     /// ports are open, so a client that sees it can send frames.
-    pub fn new(cfg: Config) -> Result<Self, DaemonError> {
+    pub fn new(cfg: Config, filters: Filters<Role>) -> Result<Self, DaemonError> {
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let mut sw = Switch::new(cfg.switch);
         let mut ports = HashMap::new();
@@ -180,15 +218,17 @@ impl Daemon {
             inbound,
             to_switch: ToSwitch::new(tx, wake.clone()),
             wake,
+            filters,
         };
         for p in cfg.ports {
-            open_port(&mut sw, &mut ports, &mut vhost, p)?;
+            open_port(&mut sw, &mut ports, &mut vhost, None, p)?;
         }
         for acl in cfg.acls {
             sw.acl_add(&acl.port, acl.rule)?;
         }
         Ok(Self {
             sw,
+            opener: None,
             ports,
             vhost,
             listener: bind_control(&cfg.control)?,
@@ -201,17 +241,31 @@ impl Daemon {
         })
     }
 
+    /// Starts the listener threads of the vhost-user ports and the opener thread: the
+    /// switch's first threads, after the privilege drop and before this thread's filter
+    /// (each installs its own).
+    pub fn start_threads(&mut self) -> Result<(), DaemonError> {
+        for p in self.vhost.ports.values_mut() {
+            p.start()?;
+        }
+        let opener = Opener::spawn(self.vhost.filters.clone()).map_err(DaemonError::OpenerStart)?;
+        self.opener = Some(opener);
+        Ok(())
+    }
+
     /// Runs until SIGTERM/SIGINT; removes the control socket on the way out.
     pub fn run(mut self) -> Result<(), DaemonError> {
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::probe_syscall("switch");
         info!(
             ports = self.ports.len() + self.vhost.ports.len(),
             control = %self.control_path.display(),
             "vireo-switch ready"
         );
         let result = self.poll_loop();
-        let _ = std::fs::remove_file(&self.control_path);
+        remove_socket(self.opener.as_ref(), &self.control_path);
         for p in self.vhost.ports.values() {
-            let _ = std::fs::remove_file(p.path());
+            remove_socket(self.opener.as_ref(), p.path());
         }
         info!("vireo-switch stopped");
         result
@@ -548,8 +602,14 @@ impl Daemon {
             Request::PortAdd { spec } => parse_port(&spec)
                 .map_err(|e| e.to_string())
                 .and_then(|cfg| {
-                    open_port(&mut self.sw, &mut self.ports, &mut self.vhost, cfg)
-                        .map_err(|e| e.to_string())
+                    open_port(
+                        &mut self.sw,
+                        &mut self.ports,
+                        &mut self.vhost,
+                        self.opener.as_ref(),
+                        cfg,
+                    )
+                    .map_err(|e| e.to_string())
                 })
                 .map(|id| json!({ "id": id })),
             Request::Trace { port } => match self.sw.set_trace(&port, true) {
@@ -566,7 +626,7 @@ impl Daemon {
                     if let Some(v) = self.vhost.ports.remove(&id) {
                         // No new VMM can connect; a connected one's frames are ignored
                         // (the switch no longer knows the port).
-                        let _ = std::fs::remove_file(v.path());
+                        remove_socket(self.opener.as_ref(), v.path());
                     }
                     info!(%port, "port removed");
                     Ok(json!({}))

@@ -2,11 +2,23 @@
 //! interfaces (a VM's tap, a veth end, an uplink) through AF_PACKET sockets, under the
 //! policy of the `switch` library; `ctl` sends one request to a running switch's
 //! control socket. See docs/switch.md.
+//!
+//! `run` confines itself (docs/switch.md, "Confinement"): every socket of its
+//! configuration is opened first, then it drops every capability but CAP_NET_RAW (and
+//! its uid with `--user`), sets no_new_privs and its rlimits, and each thread installs
+//! its seccomp filter ([`confinement`]). Any panic ends the whole process.
 
 mod afpacket;
 mod config;
+mod confinement;
 mod control;
 mod daemon;
+mod domain;
+mod opener;
+mod privileges;
+mod seccomp;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 mod vhost_user;
 
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +55,8 @@ enum Cmd {
         /// Largest payload after the Ethernet header (default 1500).
         #[arg(long)]
         mtu: Option<usize>,
+        #[command(flatten)]
+        confinement: confinement::Confinement,
     },
     /// Streams the frames entering and leaving PORT, with the switch's verdict on
     /// each, as pcapng to stdout (e.g. `| tshark -r -`) until interrupted.
@@ -65,6 +79,7 @@ fn run(
     control: Option<PathBuf>,
     aging_secs: Option<u64>,
     mtu: Option<usize>,
+    confinement: confinement::Confinement,
 ) -> Result<(), String> {
     let file = config
         .as_deref()
@@ -72,9 +87,7 @@ fn run(
         .transpose()
         .map_err(|e| e.to_string())?;
     let cfg = config::build(file, control, &ports, aging_secs, mtu).map_err(|e| e.to_string())?;
-    daemon::Daemon::new(cfg)
-        .and_then(daemon::Daemon::run)
-        .map_err(|e| e.to_string())
+    confinement.start(cfg)?.run().map_err(|e| e.to_string())
 }
 
 fn ctl(control: PathBuf, request: String) -> Result<bool, String> {
@@ -121,6 +134,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    sandbox::panic::install_abort_hook("vireo-switch");
     let result = match Cli::parse().cmd {
         Cmd::Run {
             ports,
@@ -128,7 +142,8 @@ fn main() -> ExitCode {
             control,
             aging_secs,
             mtu,
-        } => run(ports, config, control, aging_secs, mtu).map(|()| true),
+            confinement,
+        } => run(ports, config, control, aging_secs, mtu, confinement).map(|()| true),
         Cmd::Ctl { control, request } => ctl(control, request),
         Cmd::Trace { control, port } => trace(control, port),
     };

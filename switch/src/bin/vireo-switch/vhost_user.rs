@@ -9,6 +9,10 @@
 //! wakes the worker, which copies them into receive buffers. Drops on either side are
 //! reported to the switch thread, which counts them on the port.
 //!
+//! Confinement: the port's listener thread runs under [`Role::VhostListener`]'s filter
+//! (so do the library's connection threads it starts), and each vring worker adds
+//! [`Role::VhostWorker`]'s at its first event, before it touches guest memory.
+//!
 //! A port outlives its VMs: when the VMM goes away (exit, SIGKILL) the worker stops,
 //! the port drops what is sent to it as `port-down` and waits for the next connection
 //! on the same socket.
@@ -37,6 +41,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::seccomp::{Filters, Role};
 
 /// The virtio-net header with VIRTIO_F_VERSION_1 (`struct virtio_net_hdr_mrg_rxbuf`).
 const VNET_HDR_LEN: usize = 12;
@@ -123,6 +129,12 @@ struct NetBackend {
     mem: RwLock<Option<Memory>>,
     /// Rate limit for the log line about bad chains (one per connection).
     bad_logged: AtomicBool,
+    filters: Filters<Role>,
+}
+
+thread_local! {
+    /// Whether this vring worker has its own filter already.
+    static WORKER_CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Why a transmit chain is refused.
@@ -370,6 +382,16 @@ impl VhostUserBackend for NetBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> std::io::Result<()> {
+        if !WORKER_CONFINED.get() {
+            // The library started this thread; its first event is the first moment
+            // our code runs on it, before any guest memory is read.
+            self.filters.apply_or_exit(Role::VhostWorker);
+            WORKER_CONFINED.set(true);
+            #[cfg(feature = "test-hooks")]
+            crate::test_hooks::probe_syscall("worker");
+        }
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::maybe_panic("worker");
         let (Some(rx), Some(tx)) = (
             vrings.get(usize::from(RX_QUEUE)),
             vrings.get(usize::from(TX_QUEUE)),
@@ -393,6 +415,16 @@ impl VhostUserBackend for NetBackend {
 pub struct VhostUserPort {
     pub shared: Arc<PortShared>,
     path: PathBuf,
+    /// What the listener thread needs, until [`VhostUserPort::start`] starts it.
+    pending: Option<Pending>,
+}
+
+/// A bound port whose listener thread has not started yet.
+struct Pending {
+    listener: Listener,
+    name: String,
+    to_switch: ToSwitch,
+    filters: Filters<Role>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -402,13 +434,15 @@ pub enum VhostPortError {
 }
 
 impl VhostUserPort {
-    /// Binds `path` (a stale socket file is replaced; another kind of file is refused)
-    /// and starts the thread that serves one VMM after another on it.
+    /// Binds `path` (a stale socket file is replaced; another kind of file is refused);
+    /// [`VhostUserPort::start`] then starts the thread that serves one VMM after
+    /// another on it.
     pub fn open(
         id: PortId,
         name: &str,
         path: &Path,
         to_switch: ToSwitch,
+        filters: Filters<Role>,
     ) -> Result<Self, VhostPortError> {
         let err = |reason: String| VhostPortError::Socket {
             path: path.to_path_buf(),
@@ -430,17 +464,43 @@ impl VhostUserPort {
             wake: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err(e.to_string()))?,
             connected: AtomicBool::new(false),
         });
-        let thread_shared = shared.clone();
-        let name = name.to_string();
-        let thread_path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name(format!("vu-{id}"))
-            .spawn(move || serve(listener, name, thread_path, thread_shared, to_switch))
-            .map_err(|e| err(e.to_string()))?;
         Ok(Self {
             shared,
             path: path.to_path_buf(),
+            pending: Some(Pending {
+                listener,
+                name: name.to_string(),
+                to_switch,
+                filters,
+            }),
         })
+    }
+
+    /// Starts the port's listener thread (once; later calls do nothing), and returns
+    /// once it has installed its filter.
+    pub fn start(&mut self) -> Result<(), VhostPortError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let shared = self.shared.clone();
+        let path = self.path.clone();
+        let (confined, ready) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(format!("vu-{}", shared.id))
+            .spawn(move || {
+                p.filters.apply_or_exit(Role::VhostListener);
+                let _ = confined.send(());
+                #[cfg(feature = "test-hooks")]
+                crate::test_hooks::probe_syscall("listener");
+                serve(p.listener, p.name, path, shared, p.to_switch, p.filters)
+            })
+            .map_err(|e| VhostPortError::Socket {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        // Err only if the thread ended, which apply_or_exit does not allow.
+        let _ = ready.recv();
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -455,6 +515,7 @@ fn serve(
     path: PathBuf,
     shared: Arc<PortShared>,
     to_switch: ToSwitch,
+    filters: Filters<Role>,
 ) {
     loop {
         let backend = Arc::new(NetBackend {
@@ -462,6 +523,7 @@ fn serve(
             to_switch: to_switch.clone(),
             mem: RwLock::new(None),
             bad_logged: AtomicBool::new(false),
+            filters: filters.clone(),
         });
         let mut daemon = match VhostUserDaemon::new(
             format!("vu-{name}"),
