@@ -39,7 +39,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads nodes, VMs and owners.
     pub async fn read<S: ClusterStore>(store: &S) -> StoreResult<Snapshot> {
-        let (nodes, _) = store.get_prefix(keys::NODES).await?;
+        Ok(Self::read_at(store).await?.0)
+    }
+
+    /// [`Snapshot::read`], and the revision of its first read: while the store's
+    /// revision is still that one, nothing in it changed.
+    pub async fn read_at<S: ClusterStore>(store: &S) -> StoreResult<(Snapshot, Revision)> {
+        let (nodes, read_at) = store.get_prefix(keys::NODES).await?;
         let (vms, _) = store.get_prefix(keys::VMS).await?;
         let (owners, _) = store.get_prefix(keys::OWNERS).await?;
         let (admin, _) = store.get_prefix(keys::ADMIN).await?;
@@ -87,7 +93,7 @@ impl Snapshot {
                 None => warn!(key = %kv.key, "ignoring an ownership record that does not parse"),
             }
         }
-        Ok(snap)
+        Ok((snap, read_at))
     }
 
     /// Whether the incarnation (node, lease) is alive.
@@ -123,6 +129,10 @@ pub struct Controller {
     dead_since: HashMap<(String, LeaseId), Duration>,
     /// With quarantine: the incarnations seen alive, to record ungraceful departures.
     departures: Option<DepartureWatch>,
+    /// The last snapshot and the store revision it was read at: a pass reads again only
+    /// once the store changed (every node runs a pass every 200 ms; reading every VM
+    /// each time was O(nodes × VMs) per pass).
+    last: Option<(Revision, Snapshot)>,
 }
 
 impl Controller {
@@ -131,6 +141,7 @@ impl Controller {
             timing,
             dead_since: HashMap::new(),
             departures: None,
+            last: None,
         }
     }
 
@@ -143,7 +154,22 @@ impl Controller {
 
     /// One pass at local monotonic time `now`.
     pub async fn step<S: ClusterStore>(&mut self, store: &S, now: Duration) -> StoreResult<Pass> {
-        let snap = Snapshot::read(store).await?;
+        let current = store.current_revision().await?;
+        let (snap, read_at) = match self.last.take() {
+            Some((read_at, snap)) if read_at == current => (snap, read_at),
+            _ => Snapshot::read_at(store).await?,
+        };
+        let pass = self.pass(store, &snap, now).await;
+        self.last = Some((read_at, snap));
+        pass
+    }
+
+    async fn pass<S: ClusterStore>(
+        &mut self,
+        store: &S,
+        snap: &Snapshot,
+        now: Duration,
+    ) -> StoreResult<Pass> {
         if let Some(watch) = &mut self.departures {
             let alive = snap
                 .nodes
@@ -157,13 +183,13 @@ impl Controller {
                 }
             }
         }
-        let (nodes, to_place, from) = self.work(&snap, now);
+        let (nodes, to_place, from) = self.work(snap, now);
         let mut pass = Pass::default();
         if to_place.is_empty() {
             return Ok(pass);
         }
         for d in placement::plan(&nodes, &to_place) {
-            match self.apply(store, &snap, &from, &d).await? {
+            match self.apply(store, snap, &from, &d).await? {
                 true => pass.applied.push(d),
                 false => pass.lost += 1,
             }

@@ -107,6 +107,11 @@ pub struct NodeAgent<S> {
     deadlines: Arc<DeadlineTx>,
     last_renew_try: Option<Duration>,
     running: BTreeMap<String, Revision>,
+    /// This node's ownership records (VM → the lease named, the key's revision) as last
+    /// read, and the store revision they were read at: read again only once the store
+    /// changed. Every node reading every record every turn was O(nodes × VMs) range
+    /// reads per turn (64 nodes × 4,000 VMs: 2.5 M keys/s at 100 ms turns).
+    owners: Option<(Revision, BTreeMap<String, (LeaseId, Revision)>)>,
     renewals: Renewals<S>,
 }
 
@@ -151,6 +156,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
             lease: None,
             last_renew_try: None,
             running: BTreeMap::new(),
+            owners: None,
             renewals: Renewals::InStep,
         }
     }
@@ -278,22 +284,32 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
         self.clock_changed(FenceClock::lost);
     }
 
-    /// The VMs the store says this incarnation owns, with their tokens.
-    async fn owned(&self, lease: LeaseId) -> StoreResult<BTreeMap<String, Revision>> {
-        let (owners, _) = self.store.get_prefix(keys::OWNERS).await?;
-        Ok(owners
-            .into_iter()
-            .filter_map(|kv| {
-                let vm = keys::name_of(keys::OWNERS, &kv.key)?.to_string();
-                match keys::decode::<OwnerRecord>(&kv.value)? {
-                    OwnerRecord::Node { node, lease: l }
-                        if node == self.record.name && l == lease =>
-                    {
-                        Some((vm, kv.mod_revision))
+    /// The VMs the store says this incarnation owns, with their tokens. Unless the
+    /// store's revision moved since the last read, the records are those of that read.
+    async fn owned(&mut self, lease: LeaseId) -> StoreResult<BTreeMap<String, Revision>> {
+        let now = self.store.current_revision().await?;
+        if !matches!(&self.owners, Some((read_at, _)) if *read_at == now) {
+            let (records, read_at) = self.store.get_prefix(keys::OWNERS).await?;
+            let mine = records
+                .into_iter()
+                .filter_map(|kv| {
+                    let vm = keys::name_of(keys::OWNERS, &kv.key)?.to_string();
+                    match keys::decode::<OwnerRecord>(&kv.value)? {
+                        OwnerRecord::Node { node, lease } if node == self.record.name => {
+                            Some((vm, (lease, kv.mod_revision)))
+                        }
+                        _ => None,
                     }
-                    _ => None,
-                }
-            })
+                })
+                .collect();
+            self.owners = Some((read_at, mine));
+        }
+        Ok(self
+            .owners
+            .iter()
+            .flat_map(|(_, mine)| mine)
+            .filter(|(_, (l, _))| *l == lease)
+            .map(|(vm, (_, token))| (vm.clone(), *token))
             .collect())
     }
 

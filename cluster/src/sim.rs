@@ -204,6 +204,10 @@ impl ClusterStore for SimStore {
         Ok(s.keys.get(key).cloned())
     }
 
+    async fn current_revision(&self) -> StoreResult<Revision> {
+        Ok(self.reach()?.revision)
+    }
+
     async fn get_prefix(&self, prefix: &str) -> StoreResult<(Vec<KeyValue>, Revision)> {
         let s = self.reach()?;
         let kvs = s

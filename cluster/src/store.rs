@@ -129,6 +129,11 @@ pub trait ClusterStore: Send + Sync {
     /// One key, or `None`.
     fn get(&self, key: &str) -> impl Future<Output = StoreResult<Option<KeyValue>>> + Send;
 
+    /// The store's current revision, read without any key: a cheap way to learn that
+    /// nothing changed since a read at this revision (every write, a lease expiry's
+    /// deletions included, makes it grow; renewals do not).
+    fn current_revision(&self) -> impl Future<Output = StoreResult<Revision>> + Send;
+
     /// Every key under `prefix`, sorted by key, and the store revision they were read at.
     fn get_prefix(
         &self,

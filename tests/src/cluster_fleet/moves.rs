@@ -1,0 +1,156 @@
+//! The stand-in of vireod's move executor (agent/src/cluster_moves.rs) for drains:
+//! every 200 ms the node reads the moves, starts those `cluster::drain::next_moves`
+//! allows (High first, the drain's concurrency at once) and carries each out as
+//! vireod does — the ownership rewritten with the move marked migrating (the token
+//! grows), then, the "migration" done at once, the ownership moved to the destination
+//! and the move recorded moved — and pauses the node once its drain has no unfinished
+//! move. The stand-in VM leaves this node when its migration completes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster::admin;
+use cluster::drain::{next_moves, read_moves};
+use cluster::failover::Snapshot;
+use cluster::keys::{self, MoveRecord, MoveState, NodeState, OwnerRecord};
+use cluster::store::{CmpOp, Compare, Op, Revision, StoreResult, Txn};
+use cluster::ClusterStore;
+use tracing::warn;
+
+use super::node::{bump, lock, Running, Stats, Store};
+
+/// vireod's executor period.
+const TICK: Duration = Duration::from_millis(200);
+
+pub(crate) async fn run(store: Store, node: String, running: Running, stats: Arc<Stats>) {
+    loop {
+        tokio::time::sleep(TICK).await;
+        if let Err(e) = tick(&store, &node, &running, &stats).await {
+            warn!(node, error = %e, "stand-in moves: pass failed");
+        }
+    }
+}
+
+async fn tick(store: &Store, node: &str, running: &Running, stats: &Stats) -> StoreResult<()> {
+    let moves = read_moves(store).await?;
+    for (m, rev) in next_moves(&moves, node, 0) {
+        if execute(store, node, m, rev, running).await? {
+            bump(&stats.moves, 1);
+        }
+    }
+    if !moves.values().any(|(m, _)| m.drain_of == node) {
+        return Ok(());
+    }
+    let (mut a, rev) = admin::read(store, node).await?;
+    let unfinished = read_moves(store)
+        .await?
+        .values()
+        .any(|(m, _)| m.drain_of == node && !m.state.finished());
+    if a.state == NodeState::Draining && !unfinished {
+        a.state = NodeState::Paused;
+        admin::write_if(store, node, &a, rev, vec![]).await?;
+    }
+    Ok(())
+}
+
+fn cas(key: String, revision: Revision) -> Compare {
+    Compare::ModRevision {
+        key,
+        op: CmpOp::Equal,
+        revision,
+    }
+}
+
+fn lease_is(node: &str, lease: i64) -> Compare {
+    Compare::Lease {
+        key: keys::node_key(node),
+        op: CmpOp::Equal,
+        lease,
+    }
+}
+
+fn put(key: String, value: Vec<u8>) -> Op {
+    Op::Put {
+        key,
+        value,
+        lease: 0,
+    }
+}
+
+/// One move, as vireod carries it out with a migration that completes at once.
+/// Returns whether the VM moved; a move that cannot be made is recorded failed.
+async fn execute(
+    store: &Store,
+    node: &str,
+    mut m: MoveRecord,
+    move_rev: Revision,
+    running: &Running,
+) -> StoreResult<bool> {
+    let snap = Snapshot::read(store).await?;
+    let mine = snap.nodes.get(node).map(|(_, l)| *l);
+    let dest = snap
+        .nodes
+        .get(&m.to)
+        .filter(|(r, _)| r.state == NodeState::Up)
+        .map(|(_, l)| *l);
+    let owned = match (snap.owners.get(&m.vm), mine) {
+        (Some((o @ OwnerRecord::Node { node: n, lease }, rev)), Some(l)) if n == node && *lease == l => {
+            Some((o.clone(), *rev))
+        }
+        _ => None,
+    };
+    let (Some(lease), Some(dest), Some((owner, token_before))) = (mine, dest, owned) else {
+        m.state = MoveState::Failed;
+        m.error = Some("stand-in: not owned here, or the destination is not up".into());
+        let txn = Txn {
+            when: vec![cas(keys::move_key(&m.vm), move_rev)],
+            then: vec![put(keys::move_key(&m.vm), keys::encode(&m))],
+            otherwise: vec![],
+        };
+        store.txn(txn).await?;
+        return Ok(false);
+    };
+    m.state = MoveState::Migrating;
+    m.token_before = Some(token_before);
+    m.started_ms = Some(keys::now_ms());
+    let okey = keys::owner_key(&m.vm);
+    let bumped = store
+        .txn(Txn {
+            when: vec![
+                cas(okey.clone(), token_before),
+                cas(keys::move_key(&m.vm), move_rev),
+                lease_is(node, lease),
+            ],
+            then: vec![
+                put(okey.clone(), keys::encode(&owner)),
+                put(keys::move_key(&m.vm), keys::encode(&m)),
+            ],
+            otherwise: vec![],
+        })
+        .await?;
+    if !bumped.succeeded {
+        return Ok(false);
+    }
+    // The migration completed: the VM runs on the destination, no longer here.
+    lock(running).remove(&m.vm);
+    let to = OwnerRecord::Node {
+        node: m.to.clone(),
+        lease: dest,
+    };
+    let moved = store
+        .txn(Txn {
+            when: vec![cas(okey.clone(), bumped.revision), lease_is(&m.to, dest)],
+            then: vec![put(okey, keys::encode(&to))],
+            otherwise: vec![],
+        })
+        .await?;
+    m.state = if moved.succeeded {
+        MoveState::Moved
+    } else {
+        MoveState::Failed
+    };
+    m.token_after = moved.succeeded.then_some(bumped.revision);
+    m.finished_ms = Some(keys::now_ms());
+    store.put(&keys::move_key(&m.vm), keys::encode(&m), 0).await?;
+    Ok(moved.succeeded)
+}
