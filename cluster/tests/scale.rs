@@ -5,11 +5,13 @@
 //! read no record again (the scale bench's figures: docs/benchmarks-cluster.md).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster::failover::{define_vm, Controller};
 use cluster::keys::{self, NodeRecord, NodeState, OwnerRecord, Priority, Unowned};
 use cluster::membership::{NodeAgent, Timing};
+use cluster::placement::Decision;
 use cluster::{ClusterStore, EtcdSecurity, EtcdStore, SimStore};
 use futures_util::FutureExt;
 use vireo_e2e::cluster_fleet::counted::Counters;
@@ -182,10 +184,11 @@ type SimNode = (
 );
 
 /// One 100 ms turn of every node: its agent's step (stand-in VMs) and a controller
-/// pass.
-fn turn(sim: &SimStore, t: &mut Duration, nodes: &mut [SimNode]) {
+/// pass. Returns the placements each node's pass applied.
+fn turn(sim: &SimStore, t: &mut Duration, nodes: &mut [SimNode]) -> Vec<usize> {
     *t += Duration::from_millis(100);
     sim.advance_to(*t);
+    let mut applied = Vec::new();
     for (agent, controller, running) in nodes.iter_mut() {
         let r = now(agent.step(*t));
         for vm in r.stop {
@@ -193,8 +196,33 @@ fn turn(sim: &SimStore, t: &mut Duration, nodes: &mut [SimNode]) {
         }
         running.extend(r.start);
         let store = agent.store().clone();
-        now(controller.step(&store, *t)).unwrap();
+        let pass = now(controller.step(&store, *t)).unwrap();
+        let placed = pass.applied.iter().filter(|d| matches!(d, Decision::Place { .. }));
+        applied.push(placed.count());
     }
+    applied
+}
+
+fn sim_nodes(sim: &SimStore, counters: &Arc<Counters>, n: usize, first: Option<usize>) -> Vec<SimNode> {
+    let timing = Timing::default();
+    (0..n)
+        .map(|i| {
+            let client = Counted {
+                inner: sim.client(),
+                counters: counters.clone(),
+            };
+            let name = format!("n{i}");
+            let controller = match first {
+                Some(k) => Controller::new(timing).among_first(&name, k),
+                None => Controller::new(timing),
+            };
+            (
+                NodeAgent::new(client, record(&name), timing),
+                controller,
+                BTreeMap::new(),
+            )
+        })
+        .collect()
 }
 
 fn running(nodes: &[SimNode]) -> usize {
@@ -206,21 +234,8 @@ fn running(nodes: &[SimNode]) -> usize {
 #[test]
 fn an_idle_cluster_reads_no_record_again_until_something_changes() {
     let sim = SimStore::new();
-    let counters = std::sync::Arc::<Counters>::default();
-    let timing = Timing::default();
-    let mut nodes: Vec<SimNode> = (0..3)
-        .map(|i| {
-            let client = Counted {
-                inner: sim.client(),
-                counters: counters.clone(),
-            };
-            (
-                NodeAgent::new(client, record(&format!("n{i}")), timing),
-                Controller::new(timing),
-                BTreeMap::new(),
-            )
-        })
-        .collect();
+    let counters = Arc::<Counters>::default();
+    let mut nodes = sim_nodes(&sim, &counters, 3, None);
     for i in 0..30 {
         now(define_vm(&sim, &mix::vm(i), true)).unwrap();
     }
@@ -249,4 +264,42 @@ fn an_idle_cluster_reads_no_record_again_until_something_changes() {
     }
     assert!(counters.now().ranges > before.ranges);
     assert_eq!(running(&nodes), 31, "the VM defined later runs");
+}
+
+/// With `among_first(node, 2)`, only the first two live nodes place VMs; when
+/// one of them dies the third takes its place and its VMs run again.
+#[test]
+fn only_the_first_live_nodes_run_passes_and_the_next_takes_over_when_one_dies() {
+    let sim = SimStore::new();
+    let counters = Arc::<Counters>::default();
+    let mut nodes = sim_nodes(&sim, &counters, 4, Some(2));
+    for i in 0..40 {
+        now(define_vm(&sim, &mix::vm(i), true)).unwrap();
+    }
+    let mut t = Duration::ZERO;
+    let mut applied = vec![0; 4];
+    for _ in 0..20 {
+        for (sum, a) in applied.iter_mut().zip(turn(&sim, &mut t, &mut nodes)) {
+            *sum += a;
+        }
+    }
+    assert_eq!(running(&nodes), 40);
+    assert_eq!(applied[0] + applied[1], 40, "{applied:?}");
+    assert_eq!(applied[2] + applied[3], 0, "{applied:?}");
+
+    // n0 crashes: its lease expires, n2 is among the first two now.
+    let (_, _, lost) = nodes.remove(0);
+    let off = lost
+        .keys()
+        .filter(|vm| mix::vm(vm[3..].parse().unwrap()).priority == Priority::NoAutoStart)
+        .count();
+    let mut applied = vec![0; 3];
+    for _ in 0..60 {
+        for (sum, a) in applied.iter_mut().zip(turn(&sim, &mut t, &mut nodes)) {
+            *sum += a;
+        }
+    }
+    assert_eq!(running(&nodes), 40 - off, "n0's auto-start VMs run again");
+    assert!(applied[0] + applied[1] > 0, "{applied:?}");
+    assert_eq!(applied[2], 0, "n3 is not among the first two: {applied:?}");
 }

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use counted::{Counted, Counters};
 pub use node::Stats;
-use node::{lock, Running, Store};
+use node::{lock, Hosts, Running, Store};
 
 /// Why a fleet could not start a node.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,7 @@ pub struct Fleet {
     endpoints: Vec<String>,
     capacity: Resources,
     nodes: Vec<Option<NodeHandle>>,
+    hosts: Hosts,
     pub counters: Arc<Counters>,
     pub stats: Arc<Stats>,
     lease_rt: Option<tokio::runtime::Runtime>,
@@ -91,6 +92,7 @@ impl Fleet {
             endpoints,
             capacity,
             nodes: Vec::new(),
+            hosts: Hosts::default(),
             counters: Arc::default(),
             stats: Arc::default(),
             lease_rt: Some(lease_rt),
@@ -135,6 +137,7 @@ impl Fleet {
             peer_url: Some(format!("https://{name}.invalid:7443")),
         };
         let running = Running::default();
+        lock(&self.hosts).insert(name.clone(), running.clone());
         let tasks = vec![
             tokio::spawn(node::run(
                 record,
@@ -147,7 +150,7 @@ impl Fleet {
             tokio::spawn(moves::run(
                 store,
                 name,
-                running.clone(),
+                self.hosts.clone(),
                 self.stats.clone(),
             )),
         ];
@@ -166,11 +169,12 @@ impl Fleet {
     /// expires in etcd.
     pub fn kill(&mut self, i: usize) {
         self.nodes[i] = None;
+        lock(&self.hosts).remove(&Self::name(i));
     }
 
     /// Starts node `i` again (a new process: a new lease, nothing running).
     pub async fn restart(&mut self, i: usize) -> Result<(), FleetError> {
-        self.nodes[i] = None;
+        self.kill(i);
         let node = self.start_node(i).await?;
         self.nodes[i] = Some(node);
         Ok(())

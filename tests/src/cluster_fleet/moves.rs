@@ -4,7 +4,9 @@
 //! vireod does — the ownership rewritten with the move marked migrating (the token
 //! grows), then, the "migration" done at once, the ownership moved to the destination
 //! and the move recorded moved — and pauses the node once its drain has no unfinished
-//! move. The stand-in VM leaves this node when its migration completes.
+//! move. When the migration completes the stand-in VM runs on the destination (which
+//! adopts it once it owns it, as vireod does) and no longer here; when ownership does
+//! not follow, it runs here again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,24 +19,24 @@ use cluster::store::{CmpOp, Compare, Op, Revision, StoreResult, Txn};
 use cluster::ClusterStore;
 use tracing::warn;
 
-use super::node::{bump, lock, Running, Stats, Store};
+use super::node::{bump, lock, Hosts, Running, Stats, Store};
 
 /// vireod's executor period.
 const TICK: Duration = Duration::from_millis(200);
 
-pub(crate) async fn run(store: Store, node: String, running: Running, stats: Arc<Stats>) {
+pub(crate) async fn run(store: Store, node: String, hosts: Hosts, stats: Arc<Stats>) {
     loop {
         tokio::time::sleep(TICK).await;
-        if let Err(e) = tick(&store, &node, &running, &stats).await {
+        if let Err(e) = tick(&store, &node, &hosts, &stats).await {
             warn!(node, error = %e, "stand-in moves: pass failed");
         }
     }
 }
 
-async fn tick(store: &Store, node: &str, running: &Running, stats: &Stats) -> StoreResult<()> {
+async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreResult<()> {
     let moves = read_moves(store).await?;
     for (m, rev) in next_moves(&moves, node, 0) {
-        if execute(store, node, m, rev, running).await? {
+        if execute(store, node, m, rev, hosts).await? {
             bump(&stats.moves, 1);
         }
     }
@@ -84,7 +86,7 @@ async fn execute(
     node: &str,
     mut m: MoveRecord,
     move_rev: Revision,
-    running: &Running,
+    hosts: &Hosts,
 ) -> StoreResult<bool> {
     let snap = Snapshot::read(store).await?;
     let mine = snap.nodes.get(node).map(|(_, l)| *l);
@@ -132,7 +134,14 @@ async fn execute(
         return Ok(false);
     }
     // The migration completed: the VM runs on the destination, no longer here.
-    lock(running).remove(&m.vm);
+    let host = |n: &str| -> Option<Running> { lock(hosts).get(n).cloned() };
+    let token = bumped.revision;
+    if let Some(here) = host(node) {
+        lock(&here).remove(&m.vm);
+    }
+    if let Some(there) = host(&m.to) {
+        lock(&there).insert(m.vm.clone(), token);
+    }
     let to = OwnerRecord::Node {
         node: m.to.clone(),
         lease: dest,
@@ -147,6 +156,13 @@ async fn execute(
     m.state = if moved.succeeded {
         MoveState::Moved
     } else {
+        // The destination drops its copy; it runs here again, still owned here.
+        if let Some(there) = host(&m.to) {
+            lock(&there).remove(&m.vm);
+        }
+        if let Some(here) = host(node) {
+            lock(&here).insert(m.vm.clone(), token);
+        }
         MoveState::Failed
     };
     m.token_after = moved.succeeded.then_some(bumped.revision);

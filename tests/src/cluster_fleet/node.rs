@@ -1,7 +1,8 @@
 //! One node agent as vireod runs it (agent/src/cluster_node.rs), with stand-in VMs: a
 //! turn every 100 ms (membership step: fence, renew or join, reconcile), the failover
 //! controller every other turn while not fenced, the lease renewed in a task on the
-//! fleet's lease runtime through a connection of its own. A VM the reconcile starts is
+//! fleet's lease runtime through a connection of its own; its controller passes run
+//! while it is among the first `CONTROLLERS` live nodes. A VM the reconcile starts is
 //! marked running at once (no VMM), one it stops is forgotten.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster::failover::Controller;
+use cluster::failover::{Controller, CONTROLLERS};
 use cluster::keys::NodeRecord;
 use cluster::membership::{NodeAgent, Timing};
 use cluster::EtcdStore;
@@ -22,6 +23,9 @@ pub const TURN: Duration = Duration::from_millis(100);
 
 /// What the stand-in VMs of one node are: VM → fencing token.
 pub type Running = Arc<Mutex<BTreeMap<String, i64>>>;
+
+/// Every live node's stand-in VMs, by node name (where a migration delivers a VM).
+pub type Hosts = Arc<Mutex<BTreeMap<String, Running>>>;
 
 /// What every node's loop did, summed over the fleet.
 #[derive(Debug, Default)]
@@ -67,9 +71,11 @@ pub(crate) async fn run(
 ) {
     let timing = Timing::default();
     let t0 = Instant::now();
+    let mut controller = Controller::new(timing)
+        .with_quarantine()
+        .among_first(&record.name, CONTROLLERS);
     let mut agent =
         NodeAgent::new(store.clone(), record, timing).renew_in_a_task(t0, lease_store, lease_rt);
-    let mut controller = Controller::new(timing).with_quarantine();
     let mut turn: u64 = 0;
     loop {
         let turn_start = t0.elapsed();

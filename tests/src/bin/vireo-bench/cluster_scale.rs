@@ -284,7 +284,20 @@ async fn run(o: &Options, etcd: &EtcdCluster) {
     }
     while definers.join_next().await.is_some() {}
     let defined = t.elapsed();
-    let placed = until(Duration::from_millis(20), || all_placed(&fleet, o.vms)).await;
+    let mut said = Instant::now();
+    let placed = until(Duration::from_millis(20), || {
+        if said.elapsed() > Duration::from_secs(10) {
+            said = Instant::now();
+            eprintln!(
+                "placement: {} of {} VMs run after {:.0} s",
+                fleet.placement().len(),
+                o.vms,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        all_placed(&fleet, o.vms)
+    })
+    .await;
     let def_bytes: usize = (0..o.vms.min(100))
         .map(|i| keys::encode(&mix::vm(i)).len())
         .sum::<usize>()
