@@ -472,7 +472,12 @@ impl ClusterStore for EtcdStore {
         tokio::spawn(async move {
             let _watcher = watcher; // dropping it would cancel the watch
             loop {
-                let resp = match stream.message().await {
+                // A watch whose receiver is gone ends now, not at its next event.
+                let message = tokio::select! {
+                    () = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let resp = match message {
                     Ok(Some(resp)) => resp,
                     Ok(None) => break,
                     Err(e) => {

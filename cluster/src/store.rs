@@ -106,6 +106,19 @@ impl Watch {
     pub fn try_next(&mut self) -> Option<WatchEvent> {
         self.events.try_recv().ok()
     }
+
+    /// Every change delivered so far, without waiting; `None` once the watch ended
+    /// (whatever it delivered before is dropped: the watcher reads again).
+    pub fn delivered(&mut self) -> Option<Vec<WatchEvent>> {
+        let mut out = Vec::new();
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => out.push(event),
+                Err(mpsc::error::TryRecvError::Empty) => return Some(out),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            }
+        }
+    }
 }
 
 /// Errors of a store.

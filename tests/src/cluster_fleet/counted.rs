@@ -20,6 +20,7 @@ pub struct Counters {
     puts: AtomicU64,
     keepalives: AtomicU64,
     revisions: AtomicU64,
+    watches: AtomicU64,
 }
 
 /// The counters' values at one moment; subtract two for what happened between.
@@ -37,6 +38,8 @@ pub struct Counts {
     pub keepalives: u64,
     /// Revision checks (a read of no key).
     pub revisions: u64,
+    /// Watches opened.
+    pub watches: u64,
 }
 
 impl std::ops::Sub for Counts {
@@ -52,6 +55,7 @@ impl std::ops::Sub for Counts {
             puts: self.puts - o.puts,
             keepalives: self.keepalives - o.keepalives,
             revisions: self.revisions - o.revisions,
+            watches: self.watches - o.watches,
         }
     }
 }
@@ -69,6 +73,7 @@ impl Counters {
             puts: r(&self.puts),
             keepalives: r(&self.keepalives),
             revisions: r(&self.revisions),
+            watches: r(&self.watches),
         }
     }
 }
@@ -136,6 +141,7 @@ impl<S: ClusterStore> ClusterStore for Counted<S> {
     }
 
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> StoreResult<Watch> {
+        bump(&self.counters.watches, 1);
         self.inner.watch_prefix(prefix, from).await
     }
 }

@@ -140,10 +140,11 @@ fn since(f: &Fleet, m: &Mark) -> Delta {
 impl Delta {
     fn line(&self) -> String {
         format!(
-            "txns {} (failed {}), revision checks {}, prefix reads {} ({} keys, {:.0} MiB), controller passes {} (applied {}, lost {}, errors {}), fence stops {}, slow turns {}",
+            "txns {} (failed {}), revision checks {}, watches opened {}, prefix reads {} ({} keys, {:.0} MiB), controller passes {} (applied {}, lost {}, errors {}), fence stops {}, slow turns {}",
             self.store.txns,
             self.store.txns_failed,
             self.store.revisions,
+            self.store.watches,
             self.store.ranges,
             self.store.range_keys,
             mib(self.store.range_bytes),
@@ -236,7 +237,7 @@ async fn run(o: &Options, etcd: &EtcdCluster) {
         "### Cluster control plane at scale: {} nodes, {} VMs, real etcd (3 members)\n",
         o.nodes, o.vms
     );
-    println!("etcd 3.4 (Debian), 3 members on loopback in clear, data in tmpfs; node agents in this process, each with its own etcd connections, running vireod's loop (turn 100 ms, controller every 200 ms on every node, lease TTL 2 s renewed every 500 ms on a lease runtime); stand-in VMs (no VMM): this measures the control plane only. Node capacity {} GiB / {} vCPUs; VMs 10% High, 40% Medium, 40% Low, 10% No Auto Start, 1–8 GiB.\n", capacity.memory_mib >> 10, capacity.vcpus);
+    println!("etcd 3.4 (Debian), 3 members on loopback in clear, data in tmpfs; node agents in this process, each with its own etcd connections, running vireod's loop (turn 100 ms; failover controller passes every 200 ms on the first {} live nodes by name; lease TTL 2 s renewed every 500 ms on a lease runtime); stand-in VMs (no VMM): this measures the control plane only. Node capacity {} GiB / {} vCPUs; VMs 10% High, 40% Medium, 40% Low, 10% No Auto Start, 1–8 GiB.\n", cluster::failover::CONTROLLERS, capacity.memory_mib >> 10, capacity.vcpus);
     let t = Instant::now();
     let mut fleet = Fleet::start(eps.clone(), o.nodes, capacity)
         .await
