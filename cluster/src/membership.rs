@@ -393,7 +393,7 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
 
 /// How often a node reads every ownership record again although its watch of them
 /// runs (a watch that stalls without ending would otherwise hide new ownerships).
-pub const OWNERS_READ_EVERY: Duration = Duration::from_secs(10);
+pub const OWNERS_READ_EVERY: Duration = Duration::from_secs(60);
 
 /// A node's ownership records: VM → the lease named and the key's revision (its
 /// fencing token), for this node's name. Every node reading every record every turn
