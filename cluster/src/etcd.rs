@@ -311,7 +311,10 @@ impl ClusterStore for EtcdStore {
         let resp = self
             .call("revision", |c| async move {
                 c.kv_client()
-                    .get(crate::keys::NODES, Some(GetOptions::new().with_count_only()))
+                    .get(
+                        crate::keys::NODES,
+                        Some(GetOptions::new().with_count_only()),
+                    )
                     .await
             })
             .await?;

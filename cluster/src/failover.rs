@@ -223,7 +223,9 @@ impl Controller {
             _ => {
                 if self.among_first.is_some() {
                     let (nodes, _) = store.get_prefix(keys::NODES).await?;
-                    let live = nodes.iter().filter_map(|kv| keys::name_of(keys::NODES, &kv.key));
+                    let live = nodes
+                        .iter()
+                        .filter_map(|kv| keys::name_of(keys::NODES, &kv.key));
                     if !self.designated(live) {
                         return Ok(self.stand_by(current));
                     }

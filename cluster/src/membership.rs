@@ -289,9 +289,10 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
         lease: LeaseId,
         now: Duration,
     ) -> StoreResult<BTreeMap<String, Revision>> {
-        let fresh = self.owners.as_mut().is_some_and(|v| {
-            now < v.read_when + OWNERS_READ_EVERY && v.follow(&self.record.name)
-        });
+        let fresh = self
+            .owners
+            .as_mut()
+            .is_some_and(|v| now < v.read_when + OWNERS_READ_EVERY && v.follow(&self.record.name));
         if !fresh {
             self.owners = None;
             let (records, read_at) = self.store.get_prefix(keys::OWNERS).await?;
@@ -302,7 +303,11 @@ impl<S: ClusterStore + Clone + Send + Sync + 'static> NodeAgent<S> {
                 watch,
             };
             for kv in records {
-                view.record(&self.record.name, &kv.key, Some((&kv.value, kv.mod_revision)));
+                view.record(
+                    &self.record.name,
+                    &kv.key,
+                    Some((&kv.value, kv.mod_revision)),
+                );
             }
             self.owners = Some(view);
         }

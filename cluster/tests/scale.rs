@@ -14,8 +14,8 @@ use cluster::membership::{NodeAgent, Timing};
 use cluster::placement::Decision;
 use cluster::{ClusterStore, EtcdSecurity, EtcdStore, SimStore};
 use futures_util::FutureExt;
-use vireo_e2e::cluster_fleet::counted::Counters;
 use vireo_e2e::cluster_fleet::counted::Counted;
+use vireo_e2e::cluster_fleet::counted::Counters;
 use vireo_e2e::cluster_fleet::{mix, Fleet};
 use vireo_e2e::etcd::{have_etcd, EtcdCluster};
 use vireo_e2e::skip_or_fail_under_ci;
@@ -72,7 +72,8 @@ async fn after_a_crash_every_auto_start_vm_runs_once_and_a_drain_empties_its_nod
     fleet.kill(victim);
     let moved = |f: &Fleet| {
         let p = f.placement();
-        auto.iter().all(|vm| p.get(vm).is_some_and(|n| n.len() == 1))
+        auto.iter()
+            .all(|vm| p.get(vm).is_some_and(|n| n.len() == 1))
     };
     assert!(
         eventually(Duration::from_secs(30), || moved(&fleet)).await,
@@ -80,7 +81,8 @@ async fn after_a_crash_every_auto_start_vm_runs_once_and_a_drain_empties_its_nod
     );
     let p = fleet.placement();
     assert!(
-        p.values().all(|n| n.len() == 1 && n[0] != Fleet::name(victim)),
+        p.values()
+            .all(|n| n.len() == 1 && n[0] != Fleet::name(victim)),
         "a VM runs twice, or on the dead node: {p:?}"
     );
     for vm in &off {
@@ -127,9 +129,9 @@ async fn after_a_crash_every_auto_start_vm_runs_once_and_a_drain_empties_its_nod
         );
     }
     let moves = cluster::drain::read_moves(&store).await.unwrap();
-    assert!(on
-        .iter()
-        .all(|vm| moves.get(vm).is_some_and(|(m, _)| m.state == keys::MoveState::Moved)));
+    assert!(on.iter().all(|vm| moves
+        .get(vm)
+        .is_some_and(|(m, _)| m.state == keys::MoveState::Moved)));
 }
 
 /// More than gRPC's 4 MiB in one prefix: the read is paged, whole and in key order.
@@ -197,13 +199,21 @@ fn turn(sim: &SimStore, t: &mut Duration, nodes: &mut [SimNode]) -> Vec<usize> {
         running.extend(r.start);
         let store = agent.store().clone();
         let pass = now(controller.step(&store, *t)).unwrap();
-        let placed = pass.applied.iter().filter(|d| matches!(d, Decision::Place { .. }));
+        let placed = pass
+            .applied
+            .iter()
+            .filter(|d| matches!(d, Decision::Place { .. }));
         applied.push(placed.count());
     }
     applied
 }
 
-fn sim_nodes(sim: &SimStore, counters: &Arc<Counters>, n: usize, first: Option<usize>) -> Vec<SimNode> {
+fn sim_nodes(
+    sim: &SimStore,
+    counters: &Arc<Counters>,
+    n: usize,
+    first: Option<usize>,
+) -> Vec<SimNode> {
     let timing = Timing::default();
     (0..n)
         .map(|i| {
@@ -250,7 +260,10 @@ fn an_idle_cluster_reads_no_record_again_until_something_changes() {
         turn(&sim, &mut t, &mut nodes);
     }
     let idle = counters.now() - before;
-    assert_eq!(idle.ranges, 0, "an idle cluster read records again: {idle:?}");
+    assert_eq!(
+        idle.ranges, 0,
+        "an idle cluster read records again: {idle:?}"
+    );
     assert_eq!(
         idle.revisions,
         20 * 3,

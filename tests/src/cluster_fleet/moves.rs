@@ -1,6 +1,7 @@
 //! The stand-in of vireod's move executor (agent/src/cluster_moves.rs) for drains:
 //! every 200 ms the node reads the moves, starts those `cluster::drain::next_moves`
-//! allows (High first, the drain's concurrency at once) and carries each out as
+//! allows (High first, the drain's concurrency at once, each in a task) and carries
+//! each out as
 //! vireod does — the ownership rewritten with the move marked migrating (the token
 //! grows), then, the "migration" done at once, the ownership moved to the destination
 //! and the move recorded moved — and pauses the node once its drain has no unfinished
@@ -35,9 +36,17 @@ pub(crate) async fn run(store: Store, node: String, hosts: Hosts, stats: Arc<Sta
 
 async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreResult<()> {
     let moves = read_moves(store).await?;
+    // At once, as vireod runs each move in a task of its own.
+    let mut running = tokio::task::JoinSet::new();
     for (m, rev) in next_moves(&moves, node, 0) {
-        if execute(store, node, m, rev, hosts).await? {
-            bump(&stats.moves, 1);
+        let (store, node, hosts) = (store.clone(), node.to_string(), hosts.clone());
+        running.spawn(async move { execute(&store, &node, m, rev, &hosts).await });
+    }
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(Ok(true)) => bump(&stats.moves, 1),
+            Ok(Err(e)) => warn!(node, error = %e, "stand-in move: cluster store"),
+            _ => {}
         }
     }
     if !moves.values().any(|(m, _)| m.drain_of == node) {
@@ -96,7 +105,9 @@ async fn execute(
         .filter(|(r, _)| r.state == NodeState::Up)
         .map(|(_, l)| *l);
     let owned = match (snap.owners.get(&m.vm), mine) {
-        (Some((o @ OwnerRecord::Node { node: n, lease }, rev)), Some(l)) if n == node && *lease == l => {
+        (Some((o @ OwnerRecord::Node { node: n, lease }, rev)), Some(l))
+            if n == node && *lease == l =>
+        {
             Some((o.clone(), *rev))
         }
         _ => None,
@@ -167,6 +178,8 @@ async fn execute(
     };
     m.token_after = moved.succeeded.then_some(bumped.revision);
     m.finished_ms = Some(keys::now_ms());
-    store.put(&keys::move_key(&m.vm), keys::encode(&m), 0).await?;
+    store
+        .put(&keys::move_key(&m.vm), keys::encode(&m), 0)
+        .await?;
     Ok(moved.succeeded)
 }

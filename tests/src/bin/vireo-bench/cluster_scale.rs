@@ -180,12 +180,7 @@ fn etcd_size(etcd: &EtcdCluster) -> String {
     let st = etcd.status();
     let sizes: Vec<String> = st
         .iter()
-        .map(|s| {
-            format!(
-                "{:.1}",
-                mib(s["dbSize"].as_u64().unwrap_or(0))
-            )
-        })
+        .map(|s| format!("{:.1}", mib(s["dbSize"].as_u64().unwrap_or(0))))
         .collect();
     let in_use: Vec<String> = st
         .iter()
@@ -314,7 +309,10 @@ async fn run(o: &Options, etcd: &EtcdCluster) {
         Some(p) => println!("| … then until every VM runs on one node | {:.0} |", ms(p)),
         None => println!("| … then until every VM runs on one node | not within {PHASE_LIMIT:?} |"),
     }
-    println!("\nCounters (definition and placement): {}\n", since(&fleet, &m).line());
+    println!(
+        "\nCounters (definition and placement): {}\n",
+        since(&fleet, &m).line()
+    );
     println!("etcd after definition: {}\n", etcd_size(etcd));
 
     // 2. Listing.
@@ -367,28 +365,40 @@ async fn run(o: &Options, etcd: &EtcdCluster) {
 async fn list(o: &Options, observer: &EtcdStore, fleet: &Fleet) {
     let m = mark(fleet);
     let mut lat = Vec::with_capacity(o.lists);
+    let mut raw = Vec::with_capacity(o.lists);
     let mut vms = 0;
     for _ in 0..o.lists {
         let t = Instant::now();
         let snap = Snapshot::read(observer).await.expect("read every VM");
         lat.push(ms(t.elapsed()));
         vms = snap.vms.len();
+        // The same records without decoding them: etcd's part.
+        let t = Instant::now();
+        for prefix in [keys::NODES, keys::VMS, keys::OWNERS, keys::ADMIN] {
+            observer.get_prefix(prefix).await.expect("read a prefix");
+        }
+        raw.push(ms(t.elapsed()));
     }
     let (kvs, _) = observer.get_prefix(keys::VMS).await.expect("vms");
     let bytes: usize = kvs.iter().map(|kv| kv.value.len() + kv.key.len()).sum();
     println!(
-        "List of every VM (`Snapshot::read`: nodes, VMs, owners, admin; {} reads while the fleet runs; {vms} VMs, {:.2} MiB of VM records):\n",
+        "List of every VM (`Snapshot::read`: nodes, VMs, owners, admin; {} reads while the fleet runs; {vms} VMs, {:.2} MiB of VM records), and the same four prefix reads without decoding the records:\n",
         o.lists,
         mib(bytes as u64)
     );
-    println!("| p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|");
+    println!("| read | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|");
+    for (what, v) in [("`Snapshot::read`", &lat), ("prefix reads only", &raw)] {
+        println!(
+            "| {what} | {:.1} | {:.1} | {:.1} |",
+            pct(v, 0.5),
+            pct(v, 0.99),
+            pct(v, 1.0)
+        );
+    }
     println!(
-        "| {:.1} | {:.1} | {:.1} |\n",
-        pct(&lat, 0.5),
-        pct(&lat, 0.99),
-        pct(&lat, 1.0)
+        "\nCounters meanwhile (the fleet's own load): {}\n",
+        since(fleet, &m).line()
     );
-    println!("Counters meanwhile (the fleet's own load): {}\n", since(fleet, &m).line());
 }
 
 async fn failover_round(
@@ -467,7 +477,9 @@ async fn failover_round(
 }
 
 fn print_failover(rounds: &[Round]) {
-    println!("Failover of one node (a crash: its loop, renewals and VMs stop at once), per round:\n");
+    println!(
+        "Failover of one node (a crash: its loop, renewals and VMs stop at once), per round:\n"
+    );
     println!("| victim | auto-start VMs | of them High | No Auto Start left off | kill → lease gone (ms) | kill → High running (ms) | kill → all running (ms) | lease gone → all running (ms) |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in rounds {
@@ -477,7 +489,8 @@ fn print_failover(rounds: &[Round]) {
         );
     }
     let col = |f: fn(&Round) -> f64| mmm(&rounds.iter().map(f).collect::<Vec<_>>());
-    let row = |what: &str, (a, b, c): (f64, f64, f64)| println!("| {what} | {a:.0} | {b:.0} | {c:.0} |");
+    let row =
+        |what: &str, (a, b, c): (f64, f64, f64)| println!("| {what} | {a:.0} | {b:.0} | {c:.0} |");
     println!("\n| failover (ms) | min | median | max |\n|---|---|---|---|");
     row("kill → lease gone", col(|r| r.expiry_ms));
     row("kill → High running elsewhere", col(|r| r.high_ms));
@@ -511,9 +524,13 @@ async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
         let called = t0.elapsed();
         let mut done = None;
         while t0.elapsed() < PHASE_LIMIT {
-            let (a, _) = cluster::admin::read(observer, &name).await.unwrap_or_default();
+            let (a, _) = cluster::admin::read(observer, &name)
+                .await
+                .unwrap_or_default();
             let p = fleet.placement();
-            let moved = on.iter().all(|v| p.get(v).is_some_and(|n| n.len() == 1 && n[0] != name));
+            let moved = on
+                .iter()
+                .all(|v| p.get(v).is_some_and(|n| n.len() == 1 && n[0] != name));
             if a.state == NodeState::Paused && fleet.running_on(i).is_empty() && moved {
                 done = Some(t0.elapsed());
                 break;
@@ -536,7 +553,11 @@ async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
                     d.store.range_keys
                 );
             }
-            None => println!("| {name} | {} | {:.0} | not within {PHASE_LIMIT:?} | | | |", plan.moves.len(), ms(called)),
+            None => println!(
+                "| {name} | {} | {:.0} | not within {PHASE_LIMIT:?} | | | |",
+                plan.moves.len(),
+                ms(called)
+            ),
         }
         cluster::drain::resume(observer, &name, false, DRAIN_CONCURRENCY)
             .await
