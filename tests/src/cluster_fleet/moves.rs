@@ -36,6 +36,13 @@ pub(crate) async fn run(store: Store, node: String, hosts: Hosts, stats: Arc<Sta
 
 async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreResult<()> {
     let moves = read_moves(store).await?;
+    // Migrating from here with no execution left (its answer was lost: a timeout):
+    // vireod records these; the stand-in completes them.
+    for (m, rev) in moves.values() {
+        if m.from == node && m.state == MoveState::Migrating {
+            resume(store, node, m.clone(), *rev, hosts).await?;
+        }
+    }
     // At once, as vireod runs each move in a task of its own.
     let mut running = tokio::task::JoinSet::new();
     for (m, rev) in next_moves(&moves, node, 0) {
@@ -62,6 +69,44 @@ async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreR
         admin::write_if(store, node, &a, rev, vec![]).await?;
     }
     Ok(())
+}
+
+/// Completes a move left migrating, or records it failed when the VM is no longer
+/// this node's or the destination is gone.
+async fn resume(
+    store: &Store,
+    node: &str,
+    mut m: MoveRecord,
+    move_rev: Revision,
+    hosts: &Hosts,
+) -> StoreResult<bool> {
+    let owner = store.get(&keys::owner_key(&m.vm)).await?;
+    let owner =
+        owner.and_then(|kv| Some((keys::decode::<OwnerRecord>(&kv.value)?, kv.mod_revision)));
+    let dest = store.get(&keys::node_key(&m.to)).await?.map(|kv| kv.lease);
+    match (owner, dest) {
+        (Some((OwnerRecord::Node { node: n, .. }, token)), Some(dest)) if n == node => {
+            return finish(store, node, m, token, dest, hosts).await;
+        }
+        // Its ownership moved (only the record of it was lost).
+        (Some((OwnerRecord::Node { node: n, .. }, token)), _) if n == m.to => {
+            m.state = MoveState::Moved;
+            m.token_after = Some(token);
+            m.error = None;
+        }
+        _ => {
+            m.state = MoveState::Failed;
+            m.error = Some("stand-in: left migrating, and no longer owned here".into());
+        }
+    }
+    m.finished_ms = Some(keys::now_ms());
+    let txn = Txn {
+        when: vec![cas(keys::move_key(&m.vm), move_rev)],
+        then: vec![put(keys::move_key(&m.vm), keys::encode(&m))],
+        otherwise: vec![],
+    };
+    store.txn(txn).await?;
+    Ok(m.state == MoveState::Moved)
 }
 
 fn cas(key: String, revision: Revision) -> Compare {
@@ -144,9 +189,23 @@ async fn execute(
     if !bumped.succeeded {
         return Ok(false);
     }
+    finish(store, node, m, bumped.revision, dest, hosts).await
+}
+
+/// The end of a move whose ownership was rewritten with token `token`: the
+/// "migration" completed at once, the ownership moves to the destination (incarnation
+/// `dest`) and the move is recorded.
+async fn finish(
+    store: &Store,
+    node: &str,
+    mut m: MoveRecord,
+    token: Revision,
+    dest: i64,
+    hosts: &Hosts,
+) -> StoreResult<bool> {
+    let okey = keys::owner_key(&m.vm);
     // The migration completed: the VM runs on the destination, no longer here.
     let host = |n: &str| -> Option<Running> { lock(hosts).get(n).cloned() };
-    let token = bumped.revision;
     if let Some(here) = host(node) {
         lock(&here).remove(&m.vm);
     }
@@ -159,7 +218,7 @@ async fn execute(
     };
     let moved = store
         .txn(Txn {
-            when: vec![cas(okey.clone(), bumped.revision), lease_is(&m.to, dest)],
+            when: vec![cas(okey.clone(), token), lease_is(&m.to, dest)],
             then: vec![put(okey, keys::encode(&to))],
             otherwise: vec![],
         })
@@ -176,7 +235,7 @@ async fn execute(
         }
         MoveState::Failed
     };
-    m.token_after = moved.succeeded.then_some(bumped.revision);
+    m.token_after = moved.succeeded.then_some(token);
     m.finished_ms = Some(keys::now_ms());
     store
         .put(&keys::move_key(&m.vm), keys::encode(&m), 0)

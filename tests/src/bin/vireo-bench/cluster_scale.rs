@@ -47,6 +47,7 @@ pub struct Options {
 const DEFINE_AT_ONCE: usize = 16;
 const DRAIN_CONCURRENCY: u32 = cluster::drain::DEFAULT_CONCURRENCY;
 const PHASE_LIMIT: Duration = Duration::from_secs(600);
+const DRAIN_LIMIT: Duration = Duration::from_secs(180);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -214,7 +215,8 @@ struct Round {
     victim: String,
     vms: usize,
     high: usize,
-    off: usize,
+    /// No Auto Start VMs marked off, of those the victim ran.
+    off: (usize, usize),
     high_ms: f64,
     all_ms: f64,
     expiry_ms: f64,
@@ -453,21 +455,29 @@ async fn failover_round(
         .unwrap_or_else(|e| e.into_inner())
         .get(&name)
         .map(|at| at.saturating_duration_since(t0));
-    // No Auto Start VMs of the victim stay off.
+    // No Auto Start VMs of the victim stay off (the controller writes them last).
     let mut stayed_off = 0;
-    for vm in &off {
-        let kv = observer.get(&keys::owner_key(vm)).await.ok().flatten();
-        let o = kv.and_then(|kv| keys::decode::<OwnerRecord>(&kv.value));
-        if o == Some(OwnerRecord::Unowned(Unowned::Off)) {
-            stayed_off += 1;
+    let t_off = Instant::now();
+    while t_off.elapsed() < Duration::from_secs(10) {
+        stayed_off = 0;
+        for vm in &off {
+            let kv = observer.get(&keys::owner_key(vm)).await.ok().flatten();
+            let o = kv.and_then(|kv| keys::decode::<OwnerRecord>(&kv.value));
+            if o == Some(OwnerRecord::Unowned(Unowned::Off)) {
+                stayed_off += 1;
+            }
         }
+        if stayed_off == off.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let expiry_ms = expiry.map_or(f64::NAN, ms);
     Some(Round {
         victim: name,
         vms: auto.len(),
         high: high.len(),
-        off: stayed_off,
+        off: (stayed_off, off.len()),
         high_ms: ms(high_at.unwrap_or(all_at)),
         all_ms: ms(all_at),
         expiry_ms,
@@ -484,8 +494,16 @@ fn print_failover(rounds: &[Round]) {
     println!("|---|---|---|---|---|---|---|---|");
     for r in rounds {
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            r.victim, r.vms, r.high, r.off, r.expiry_ms, r.high_ms, r.all_ms, r.from_expiry_ms
+            "| {} | {} | {} | {} of {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.victim,
+            r.vms,
+            r.high,
+            r.off.0,
+            r.off.1,
+            r.expiry_ms,
+            r.high_ms,
+            r.all_ms,
+            r.from_expiry_ms
         );
     }
     let col = |f: fn(&Round) -> f64| mmm(&rounds.iter().map(f).collect::<Vec<_>>());
@@ -523,7 +541,7 @@ async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
         };
         let called = t0.elapsed();
         let mut done = None;
-        while t0.elapsed() < PHASE_LIMIT {
+        while t0.elapsed() < DRAIN_LIMIT {
             let (a, _) = cluster::admin::read(observer, &name)
                 .await
                 .unwrap_or_default();
@@ -554,7 +572,7 @@ async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
                 );
             }
             None => println!(
-                "| {name} | {} | {:.0} | not within {PHASE_LIMIT:?} | | | |",
+                "| {name} | {} | {:.0} | not within {DRAIN_LIMIT:?} | | | |",
                 plan.moves.len(),
                 ms(called)
             ),
