@@ -39,8 +39,11 @@ async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreR
     // Migrating from here with no execution left (its answer was lost: a timeout):
     // vireod records these; the stand-in completes them.
     for (m, rev) in moves.values() {
-        if m.from == node && m.state == MoveState::Migrating {
-            resume(store, node, m.clone(), *rev, hosts).await?;
+        if m.from == node
+            && m.state == MoveState::Migrating
+            && resume(store, node, m.clone(), *rev, hosts).await?
+        {
+            bump(&stats.moves, 1);
         }
     }
     // At once, as vireod runs each move in a task of its own.
