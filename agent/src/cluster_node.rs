@@ -306,7 +306,9 @@ impl ClusterNode {
             &self.lease.handle,
         );
         self.moves.attach(clock, agent.deadlines(), leased);
-        let mut controller = Controller::new(timing).with_quarantine();
+        let mut controller = Controller::new(timing)
+            .with_quarantine()
+            .among_first(&self.node, cluster::failover::CONTROLLERS);
         let mut turn: u64 = 0;
         loop {
             let turn_start = t0.elapsed();

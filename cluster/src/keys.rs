@@ -5,7 +5,7 @@
 //! | `vireo/nodes/NODE` | [`NodeRecord`] | the node's lease: the key vanishes when it expires |
 //! | `vireo/vms/VM` | [`VmDefinition`] | none |
 //! | `vireo/owners/VM` | [`OwnerRecord`]; its `mod_revision` is the VM's fencing token | none: it outlives a dead owner, which is how the failover controller finds orphans |
-//! | `vireo/events/REVISION` | [`ClusterEvent`] | none |
+//! | `vireo/events/REVISION-N` | [`ClusterEvent`]: the Nth decision of the transaction that committed at REVISION | none |
 //! | `vireo/admin/NODE` | [`NodeAdmin`]: administrative state (draining, paused, quarantined) and ungraceful departures | none: it outlives the node's lease |
 //! | `vireo/moves/VM` | [`MoveRecord`]: a drain's or fail-back's live migration of the VM | none |
 
@@ -29,8 +29,9 @@ pub fn vm_key(vm: &str) -> String {
 pub fn owner_key(vm: &str) -> String {
     format!("{OWNERS}{vm}")
 }
-pub fn event_key(seq: i64) -> String {
-    format!("{EVENTS}{seq:020}")
+/// Event `i` of the transaction that committed at `revision`.
+pub fn event_key(revision: i64, i: usize) -> String {
+    format!("{EVENTS}{revision:020}-{i:03}")
 }
 pub fn admin_key(node: &str) -> String {
     format!("{ADMIN}{node}")

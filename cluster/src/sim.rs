@@ -29,7 +29,9 @@ struct SimState {
     next_lease: LeaseId,
     keys: BTreeMap<String, KeyValue>,
     leases: HashMap<LeaseId, SimLease>,
-    watchers: Vec<(String, mpsc::UnboundedSender<WatchEvent>)>,
+    /// Each watch: its prefix, its channel and its client's reachability (a watch of
+    /// a client cut off ends, as a real watch stream does).
+    watchers: Vec<(String, mpsc::UnboundedSender<WatchEvent>, Arc<AtomicBool>)>,
 }
 
 impl SimState {
@@ -38,8 +40,9 @@ impl SimState {
             WatchEvent::Put(kv) => kv.key.clone(),
             WatchEvent::Delete { key, .. } => key.clone(),
         };
-        self.watchers.retain(|(prefix, tx)| {
-            !key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok()
+        self.watchers.retain(|(prefix, tx, reachable)| {
+            reachable.load(Ordering::SeqCst)
+                && (!key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok())
         });
     }
 
@@ -152,6 +155,12 @@ impl SimStore {
     /// Cuts this handle off (`false`: every request fails as unreachable) or heals it.
     pub fn set_reachable(&self, reachable: bool) {
         self.reachable.store(reachable, Ordering::SeqCst);
+        if !reachable {
+            let mine = &self.reachable;
+            self.lock()
+                .watchers
+                .retain(|(_, _, r)| !Arc::ptr_eq(r, mine));
+        }
     }
 
     /// The store's own clock.
@@ -202,6 +211,10 @@ impl ClusterStore for SimStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         let s = self.reach()?;
         Ok(s.keys.get(key).cloned())
+    }
+
+    async fn current_revision(&self) -> StoreResult<Revision> {
+        Ok(self.reach()?.revision)
     }
 
     async fn get_prefix(&self, prefix: &str) -> StoreResult<(Vec<KeyValue>, Revision)> {
@@ -305,7 +318,8 @@ impl ClusterStore for SimStore {
             )));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        s.watchers.push((prefix.to_string(), tx));
+        s.watchers
+            .push((prefix.to_string(), tx, Arc::clone(&self.reachable)));
         Ok(Watch { events: rx })
     }
 }

@@ -106,6 +106,19 @@ impl Watch {
     pub fn try_next(&mut self) -> Option<WatchEvent> {
         self.events.try_recv().ok()
     }
+
+    /// Every change delivered so far, without waiting; `None` once the watch ended
+    /// (whatever it delivered before is dropped: the watcher reads again).
+    pub fn delivered(&mut self) -> Option<Vec<WatchEvent>> {
+        let mut out = Vec::new();
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => out.push(event),
+                Err(mpsc::error::TryRecvError::Empty) => return Some(out),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            }
+        }
+    }
 }
 
 /// Errors of a store.
@@ -128,6 +141,11 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait ClusterStore: Send + Sync {
     /// One key, or `None`.
     fn get(&self, key: &str) -> impl Future<Output = StoreResult<Option<KeyValue>>> + Send;
+
+    /// The store's current revision, read without any key: a cheap way to learn that
+    /// nothing changed since a read at this revision (every write, a lease expiry's
+    /// deletions included, makes it grow; renewals do not).
+    fn current_revision(&self) -> impl Future<Output = StoreResult<Revision>> + Send;
 
     /// Every key under `prefix`, sorted by key, and the store revision they were read at.
     fn get_prefix(

@@ -340,6 +340,42 @@ impl EtcdCluster {
         }
     }
 
+    /// Every running member's `endpoint status` (etcdctl's JSON: `Status.dbSize`,
+    /// `Status.dbSizeInUse`, `Status.header.revision`, ...).
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .filter_map(|m| {
+                let out = self.etcdctl(&m.client_url, &["endpoint", "status", "-w", "json"]);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                Some(v[0]["Status"].clone())
+            })
+            .collect()
+    }
+
+    /// How many keys start with `prefix`.
+    pub fn key_count(&self, prefix: &str) -> u64 {
+        let out = self.etcdctl(
+            &self.endpoints_arg(),
+            // etcd 3.4's etcdctl has no --count-only; a range's count is its total
+            // whatever the limit.
+            &[
+                "get",
+                prefix,
+                "--prefix",
+                "--keys-only",
+                "--limit=1",
+                "-w",
+                "json",
+            ],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["count"].as_u64())
+            .unwrap_or(0)
+    }
+
     /// Kills member `i` (SIGKILL).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod cluster_fleet;
 pub mod etcd;
 pub mod mobility;
 #[path = "../guest/netframe.rs"]

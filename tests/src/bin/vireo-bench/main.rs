@@ -30,8 +30,14 @@
 //!     wire per byte written and the cost to the guest's write latency
 //!     (`replica_rpo.rs`; only with `--only replica-rpo`: it takes minutes).
 //!
+//! 13. The failover cluster's control plane at scale: 64 node agents and 4,000
+//!     clustered VMs (stand-ins, no VMM) on a real 3-member etcd — failover of one
+//!     node, drain of one node, listing every VM, etcd's size (`cluster_scale.rs`;
+//!     only with `--only cluster-scale`: it takes minutes).
+//!
 //! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N] [--rpo-rounds N]
-//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo]`
+//! [--cluster-nodes N] [--cluster-vms N] [--cluster-rounds N] [--cluster-lists N]
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo|cluster-scale]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -43,6 +49,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 
 mod balloon;
+mod cluster_scale;
 mod large_memory;
 mod replica_rpo;
 mod smp_boot;
@@ -1258,6 +1265,18 @@ struct Cli {
     /// Rounds (30 s windows) of `--only replica-rpo`.
     #[arg(long, default_value_t = 3)]
     rpo_rounds: usize,
+    /// Node agents of `--only cluster-scale`.
+    #[arg(long, default_value_t = 64)]
+    cluster_nodes: usize,
+    /// Clustered VMs of `--only cluster-scale`.
+    #[arg(long, default_value_t = 4000)]
+    cluster_vms: usize,
+    /// Failover rounds and drain rounds of `--only cluster-scale` (each).
+    #[arg(long, default_value_t = 3)]
+    cluster_rounds: usize,
+    /// Reads of every VM record in `--only cluster-scale`'s list figure.
+    #[arg(long, default_value_t = 200)]
+    cluster_lists: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -1274,6 +1293,7 @@ enum Part {
     SmpBoot,
     Balloon,
     ReplicaRpo,
+    ClusterScale,
 }
 
 fn main() {
@@ -1316,5 +1336,13 @@ fn main() {
     }
     if cli.only == Some(Part::ReplicaRpo) {
         replica_rpo::table(cli.rpo_rounds.max(1));
+    }
+    if cli.only == Some(Part::ClusterScale) {
+        cluster_scale::table(&cluster_scale::Options {
+            nodes: cli.cluster_nodes.max(2),
+            vms: cli.cluster_vms.max(1),
+            rounds: cli.cluster_rounds.max(1),
+            lists: cli.cluster_lists.max(1),
+        });
     }
 }

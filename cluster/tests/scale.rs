@@ -1,0 +1,318 @@
+//! The cluster at (small) scale: node agents of `vireo_e2e::cluster_fleet` (the real
+//! `NodeAgent` and `Controller` on vireod's cadence, stand-in VMs) on a real 3-member
+//! etcd — a crash and a drain at 8 nodes and 200 VMs; a prefix read larger than one
+//! gRPC message; and, on `SimStore`, that an idle cluster's agents and controllers
+//! read no record again (the scale bench's figures: docs/benchmarks-cluster.md).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cluster::failover::{define_vm, Controller};
+use cluster::keys::{self, NodeRecord, NodeState, OwnerRecord, Priority, Unowned};
+use cluster::membership::{NodeAgent, Timing};
+use cluster::placement::Decision;
+use cluster::{ClusterStore, EtcdSecurity, EtcdStore, SimStore};
+use futures_util::FutureExt;
+use vireo_e2e::cluster_fleet::counted::Counted;
+use vireo_e2e::cluster_fleet::counted::Counters;
+use vireo_e2e::cluster_fleet::{mix, Fleet};
+use vireo_e2e::etcd::{have_etcd, EtcdCluster};
+use vireo_e2e::skip_or_fail_under_ci;
+
+/// Polls `done` every 20 ms for up to `limit`; whether it came true.
+async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_every_auto_start_vm_runs_once_and_a_drain_empties_its_node() {
+    if !have_etcd() {
+        skip_or_fail_under_ci("etcd is not installed (scripts/setup installs it)");
+        return;
+    }
+    const NODES: usize = 8;
+    const VMS: usize = 200;
+    let etcd = EtcdCluster::start(3);
+    let mut fleet = Fleet::start(etcd.endpoints(), NODES, mix::node_capacity(NODES, VMS))
+        .await
+        .unwrap();
+    let store = EtcdStore::connect(&etcd.endpoints(), &EtcdSecurity::Insecure)
+        .await
+        .unwrap();
+    for i in 0..VMS {
+        define_vm(&store, &mix::vm(i), true).await.unwrap();
+    }
+    let placed = |f: &Fleet| {
+        let p = f.placement();
+        p.len() == VMS && p.values().all(|n| n.len() == 1)
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || placed(&fleet)).await,
+        "not every VM runs once: {:?}",
+        fleet.placement().len()
+    );
+
+    // A crash: node 3's loop, renewals and VMs stop at once.
+    let victim = 3;
+    let on = fleet.running_on(victim);
+    assert!(!on.is_empty());
+    let priority = |vm: &str| mix::vm(vm[3..].parse().unwrap()).priority;
+    let (off, auto): (Vec<String>, Vec<String>) = on
+        .into_iter()
+        .partition(|vm| priority(vm) == Priority::NoAutoStart);
+    assert!(!auto.is_empty(), "the mix gives every node auto-start VMs");
+    fleet.kill(victim);
+    let moved = |f: &Fleet| {
+        let p = f.placement();
+        auto.iter()
+            .all(|vm| p.get(vm).is_some_and(|n| n.len() == 1))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || moved(&fleet)).await,
+        "the crashed node's VMs did not all run again elsewhere"
+    );
+    let p = fleet.placement();
+    assert!(
+        p.values()
+            .all(|n| n.len() == 1 && n[0] != Fleet::name(victim)),
+        "a VM runs twice, or on the dead node: {p:?}"
+    );
+    for vm in &off {
+        assert!(!p.contains_key(vm), "{vm} (No Auto Start) runs again");
+        let kv = store.get(&keys::owner_key(vm)).await.unwrap();
+        assert_eq!(
+            kv.and_then(|kv| keys::decode::<OwnerRecord>(&kv.value)),
+            Some(OwnerRecord::Unowned(Unowned::Off)),
+            "{vm}"
+        );
+    }
+    assert_eq!(p.len(), VMS - off.len());
+
+    // A drain of node 5: moved one by one by its (stand-in) executor, then paused.
+    let drained = 5;
+    let on = fleet.running_on(drained);
+    assert!(!on.is_empty());
+    let plan = cluster::drain::drain(&store, &Fleet::name(drained), false, 4)
+        .await
+        .unwrap();
+    assert_eq!(plan.moves.len(), on.len());
+    let mut paused = false;
+    let t0 = Instant::now();
+    while !paused && t0.elapsed() < Duration::from_secs(60) {
+        let (a, _) = cluster::admin::read(&store, &Fleet::name(drained))
+            .await
+            .unwrap();
+        paused = a.state == NodeState::Paused;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(paused, "the drained node was not paused");
+    assert!(
+        eventually(Duration::from_secs(10), || fleet
+            .running_on(drained)
+            .is_empty())
+        .await
+    );
+    let p = fleet.placement();
+    for vm in &on {
+        let nodes = p.get(vm).cloned().unwrap_or_default();
+        assert!(
+            nodes.len() == 1 && nodes[0] != Fleet::name(drained),
+            "{vm} runs on {nodes:?} after the drain"
+        );
+    }
+    let moves = cluster::drain::read_moves(&store).await.unwrap();
+    assert!(on.iter().all(|vm| moves
+        .get(vm)
+        .is_some_and(|(m, _)| m.state == keys::MoveState::Moved)));
+}
+
+/// More than gRPC's 4 MiB in one prefix: the read is paged, whole and in key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_read_larger_than_a_grpc_message_comes_whole() {
+    if !have_etcd() {
+        skip_or_fail_under_ci("etcd is not installed (scripts/setup installs it)");
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let store = EtcdStore::connect(&etcd.endpoints(), &EtcdSecurity::Insecure)
+        .await
+        .unwrap();
+    const N: usize = 2300; // × 2 KiB: 4.5 MiB, three pages
+    let mut last = 0;
+    for i in 0..N {
+        let value = vec![b'a' + (i % 26) as u8; 2048];
+        last = store.put(&format!("big/{i:05}"), value, 0).await.unwrap();
+    }
+    // Keys just past the prefix's range are not part of it.
+    store.put("big0", b"x".to_vec(), 0).await.unwrap();
+    store.put("bif/z", b"x".to_vec(), 0).await.unwrap();
+    let (kvs, revision) = store.get_prefix("big/").await.unwrap();
+    assert_eq!(kvs.len(), N);
+    assert!(revision >= last + 2);
+    for (i, kv) in kvs.iter().enumerate() {
+        assert_eq!(kv.key, format!("big/{i:05}"));
+        assert_eq!(kv.value, vec![b'a' + (i % 26) as u8; 2048]);
+    }
+}
+
+fn record(name: &str) -> NodeRecord {
+    NodeRecord {
+        name: name.into(),
+        version: "test".into(),
+        capacity: mix::node_capacity(3, 30),
+        cpu_features: vec![],
+        state: NodeState::Up,
+        peer_url: None,
+    }
+}
+
+/// Runs a future that never waits (everything on `SimStore` completes at once).
+fn now<F: std::future::Future>(f: F) -> F::Output {
+    f.now_or_never().expect("the simulated store never waits")
+}
+
+type SimNode = (
+    NodeAgent<Counted<SimStore>>,
+    Controller,
+    BTreeMap<String, i64>,
+);
+
+/// One 100 ms turn of every node: its agent's step (stand-in VMs) and a controller
+/// pass. Returns the placements each node's pass applied.
+fn turn(sim: &SimStore, t: &mut Duration, nodes: &mut [SimNode]) -> Vec<usize> {
+    *t += Duration::from_millis(100);
+    sim.advance_to(*t);
+    let mut applied = Vec::new();
+    for (agent, controller, running) in nodes.iter_mut() {
+        let r = now(agent.step(*t));
+        for vm in r.stop {
+            running.remove(&vm);
+        }
+        running.extend(r.start);
+        let store = agent.store().clone();
+        let pass = now(controller.step(&store, *t)).unwrap();
+        let placed = pass
+            .applied
+            .iter()
+            .filter(|d| matches!(d, Decision::Place { .. }));
+        applied.push(placed.count());
+    }
+    applied
+}
+
+fn sim_nodes(
+    sim: &SimStore,
+    counters: &Arc<Counters>,
+    n: usize,
+    first: Option<usize>,
+) -> Vec<SimNode> {
+    let timing = Timing::default();
+    (0..n)
+        .map(|i| {
+            let client = Counted {
+                inner: sim.client(),
+                counters: counters.clone(),
+            };
+            let name = format!("n{i}");
+            let controller = match first {
+                Some(k) => Controller::new(timing).among_first(&name, k),
+                None => Controller::new(timing),
+            };
+            (
+                NodeAgent::new(client, record(&name), timing),
+                controller,
+                BTreeMap::new(),
+            )
+        })
+        .collect()
+}
+
+fn running(nodes: &[SimNode]) -> usize {
+    nodes.iter().map(|(_, _, r)| r.len()).sum()
+}
+
+/// In an idle cluster, node agents follow their watch and controllers check the
+/// store's revision: no record is read again until something changes.
+#[test]
+fn an_idle_cluster_reads_no_record_again_until_something_changes() {
+    let sim = SimStore::new();
+    let counters = Arc::<Counters>::default();
+    let mut nodes = sim_nodes(&sim, &counters, 3, None);
+    for i in 0..30 {
+        now(define_vm(&sim, &mix::vm(i), true)).unwrap();
+    }
+    let mut t = Duration::ZERO;
+    for _ in 0..20 {
+        turn(&sim, &mut t, &mut nodes);
+    }
+    assert_eq!(running(&nodes), 30, "every VM runs");
+
+    let before = counters.now();
+    for _ in 0..20 {
+        turn(&sim, &mut t, &mut nodes);
+    }
+    let idle = counters.now() - before;
+    assert_eq!(
+        idle.ranges, 0,
+        "an idle cluster read records again: {idle:?}"
+    );
+    assert_eq!(
+        idle.revisions,
+        20 * 3,
+        "one revision check per controller pass (the agents follow a watch)"
+    );
+
+    // A change: the next turns read again, and the new VM runs.
+    now(define_vm(&sim, &mix::vm(30), true)).unwrap();
+    for _ in 0..3 {
+        turn(&sim, &mut t, &mut nodes);
+    }
+    assert!(counters.now().ranges > before.ranges);
+    assert_eq!(running(&nodes), 31, "the VM defined later runs");
+}
+
+/// With `among_first(node, 2)`, only the first two live nodes place VMs; when
+/// one of them dies the third takes its place and its VMs run again.
+#[test]
+fn only_the_first_live_nodes_run_passes_and_the_next_takes_over_when_one_dies() {
+    let sim = SimStore::new();
+    let counters = Arc::<Counters>::default();
+    let mut nodes = sim_nodes(&sim, &counters, 4, Some(2));
+    for i in 0..40 {
+        now(define_vm(&sim, &mix::vm(i), true)).unwrap();
+    }
+    let mut t = Duration::ZERO;
+    let mut applied = vec![0; 4];
+    for _ in 0..20 {
+        for (sum, a) in applied.iter_mut().zip(turn(&sim, &mut t, &mut nodes)) {
+            *sum += a;
+        }
+    }
+    assert_eq!(running(&nodes), 40);
+    assert_eq!(applied[0] + applied[1], 40, "{applied:?}");
+    assert_eq!(applied[2] + applied[3], 0, "{applied:?}");
+
+    // n0 crashes: its lease expires, n2 is among the first two now.
+    let (_, _, lost) = nodes.remove(0);
+    let off = lost
+        .keys()
+        .filter(|vm| mix::vm(vm[3..].parse().unwrap()).priority == Priority::NoAutoStart)
+        .count();
+    let mut applied = vec![0; 3];
+    for _ in 0..60 {
+        for (sum, a) in applied.iter_mut().zip(turn(&sim, &mut t, &mut nodes)) {
+            *sum += a;
+        }
+    }
+    assert_eq!(running(&nodes), 40 - off, "n0's auto-start VMs run again");
+    assert!(applied[0] + applied[1] > 0, "{applied:?}");
+    assert_eq!(applied[2], 0, "n3 is not among the first two: {applied:?}");
+}
