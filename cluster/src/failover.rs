@@ -19,7 +19,8 @@ use tracing::{info, warn};
 
 use crate::admin::{self, DepartureWatch};
 use crate::keys::{
-    self, ClusterEvent, NodeAdmin, NodeRecord, NodeState, OwnerRecord, Unowned, VmDefinition,
+    self, ClusterEvent, NodeAdmin, NodeRecord, NodeState, OwnerRecord, Priority, Unowned,
+    VmDefinition,
 };
 use crate::membership::Timing;
 use crate::placement::{self, Decision, NodeView, Reason, VmView};
@@ -139,6 +140,37 @@ pub const CONTROLLERS: usize = 3;
 /// refuses a transaction with more than 128 of a kind (`--max-txn-ops`); one
 /// transaction per decision made placing 4,000 VMs take 8,000 round trips.
 pub const BATCH: usize = 32;
+
+/// The priority a decision serves: its VM's, or for a preemption the VM it makes
+/// room for.
+fn priority_of(snap: &Snapshot, d: &Decision) -> Option<Priority> {
+    let vm = match d {
+        Decision::Place { vm, .. } | Decision::StayOff { vm } | Decision::Wait { vm } => vm,
+        Decision::Preempt { for_vm, .. } => for_vm,
+    };
+    snap.vms.get(vm).map(|def| def.priority)
+}
+
+/// The plan in transactions: runs of consecutive decisions of one `class` (the plan
+/// is in priority order), each at most `max` long. A higher priority's VMs are owned
+/// (and their fencing tokens taken) in a transaction before any lower one's: High
+/// first holds across batching.
+fn batches<K: PartialEq>(
+    plan: &[Decision],
+    class: impl Fn(&Decision) -> K,
+    max: usize,
+) -> Vec<&[Decision]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=plan.len() {
+        let split = i == plan.len() || i - start == max || class(&plan[i]) != class(&plan[start]);
+        if split {
+            out.push(&plan[start..i]);
+            start = i;
+        }
+    }
+    out
+}
 
 /// One decision's part of a transaction.
 struct Write {
@@ -265,7 +297,8 @@ impl Controller {
         if to_place.is_empty() {
             return Ok(pass);
         }
-        for batch in placement::plan(&nodes, &to_place).chunks(BATCH) {
+        let plan = placement::plan(&nodes, &to_place);
+        for batch in batches(&plan, |d| priority_of(snap, d), BATCH) {
             let writes: Option<Vec<Write>> = batch
                 .iter()
                 .filter_map(|d| Self::write(snap, &from, d))
@@ -482,4 +515,35 @@ pub async fn define_vm<S: ClusterStore>(
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_never_mix_priorities_and_keep_the_plan_order() {
+        let d = |vm: &str| Decision::Wait { vm: vm.into() };
+        let plan = [d("h1"), d("h2"), d("h3"), d("m1"), d("l1"), d("l2")];
+        let class = |d: &Decision| match d {
+            Decision::Wait { vm } => vm.chars().next(),
+            _ => None,
+        };
+        let got: Vec<Vec<String>> = batches(&plan, class, 2)
+            .iter()
+            .map(|b| {
+                b.iter()
+                    .map(|d| match d {
+                        Decision::Wait { vm } => vm.clone(),
+                        _ => String::new(),
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [vec!["h1", "h2"], vec!["h3"], vec!["m1"], vec!["l1", "l2"]]
+        );
+        assert!(batches(&[], class, 2).is_empty());
+    }
 }
