@@ -76,11 +76,6 @@ impl PeerScopes {
     pub fn of(&self, peer: &str) -> Option<&Arc<Roots>> {
         self.scopes.get(&peer.to_ascii_lowercase())
     }
-
-    /// The peers that have a scope.
-    pub fn peers(&self) -> impl Iterator<Item = &str> {
-        self.scopes.keys().map(String::as_str)
-    }
 }
 
 /// Every file `def` names, with what names it: the kernel, the initramfs, each disk

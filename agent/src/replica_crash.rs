@@ -120,12 +120,6 @@ pub fn unmark_writer(dir: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// [`sync_writes`] then [`unmark_writer`].
-pub fn after_writer(dir: BorrowedFd<'_>, image: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    sync_writes(dir, image)?;
-    unmark_writer(dir)
-}
-
 /// Whether the log in `dir` (a path beneath a storage root, as the replication loop
 /// knows it) waits for its replica to be reset.
 pub fn resync_required(dir: &Path) -> bool {
@@ -223,7 +217,8 @@ mod tests {
         resync_requested(d.path());
         assert!(!resync_required(d.path()));
         // A VMM that ended is settled: no mark, and no resync on another boot.
-        after_writer(dir.as_fd(), None).unwrap();
+        sync_writes(dir.as_fd(), None).unwrap();
+        unmark_writer(dir.as_fd()).unwrap();
         assert!(!d.path().join(WRITER_MARK).exists());
         assert!(!before_writer(&[dir.as_fd()], "boot-3").unwrap());
     }

@@ -488,6 +488,19 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
     assert_eq!((v.log_files(0), v.log_files(1)), (2, 2));
 }
 
+/// The primary host-a's vireod (no autostart) and a directory for its disks beneath
+/// one of its storage roots.
+fn primary_host(pki: &Pki) -> (common::Daemon, PathBuf) {
+    let a_id = pki.host("host-a");
+    let mut args = common::pki::tls_args(&a_id);
+    args.push("--no-autostart".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = common::Daemon::start(&refs);
+    let disks_dir = a.dir.path().join("disks");
+    std::fs::create_dir(&disks_dir).unwrap();
+    (a, disks_dir)
+}
+
 /// The replication status of `vm` on `d` (its unix socket API).
 fn replication(d: &common::Daemon, vm: &str) -> Value {
     d.ok("GET", &format!("/api/v1/vms/{vm}/replication"), None)
@@ -528,14 +541,7 @@ fn point(v: &Value) -> u64 {
 fn a_running_vm_replicates_survives_a_kill_9_of_its_vmm_and_its_replica_equals_its_disks() {
     let pki = Pki::new();
     let (_b, addr, dir, _store) = replica_server(&pki, &[]);
-    let a_id = pki.host("host-a");
-    let mut args = common::pki::tls_args(&a_id);
-    args.push("--no-autostart".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut a = common::Daemon::start(&refs);
-    // Beneath the vireod's directory: one of its storage roots.
-    let disks_dir = a.dir.path().join("disks");
-    std::fs::create_dir(&disks_dir).unwrap();
+    let (mut a, disks_dir) = primary_host(&pki);
     let size = 4u64 << 20;
     let mut disks = Vec::new();
     let mut images = Vec::new();
@@ -801,13 +807,7 @@ fn after_a_host_crash_the_replica_is_resynchronised_and_equals_the_disk_again() 
     use std::os::unix::fs::FileExt;
     let pki = Pki::new();
     let (_b, addr, dir, _store) = replica_server(&pki, &[]);
-    let a_id = pki.host("host-a");
-    let mut args = common::pki::tls_args(&a_id);
-    args.push("--no-autostart".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut a = common::Daemon::start(&refs);
-    let disks_dir = a.dir.path().join("disks");
-    std::fs::create_dir(&disks_dir).unwrap();
+    let (mut a, disks_dir) = primary_host(&pki);
     let size = 4u64 << 20;
     let img = disks_dir.join("d0.raw");
     let log = disks_dir.join("d0.rlog");
