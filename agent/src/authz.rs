@@ -106,6 +106,9 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/cluster/update", Operator),
     // Validation writes (and removes) a probe file in each storage root.
     rule("GET", "/api/v1/cluster/validate", Operator),
+    rule("POST", "/api/v1/cluster/bulk", Operator),
+    rule("DELETE", "/api/v1/cluster/bulk/{id}", Operator),
+    rule("GET", "/api/v1/cluster/migrations", Viewer),
     rule("GET", "/api/v1/replication", Viewer),
     rule("GET", "/api/v1/vms/{name}/replication", Viewer),
     rule("PUT", "/api/v1/vms/{name}/replication", Operator),

@@ -3,10 +3,12 @@
 //! (mutual TLS to the destination's peer listener), and receives the moves whose
 //! destination it is.
 //!
-//! Source, per move (High first, a bounded number at once, see
-//! `cluster::drain::next_moves`):
+//! Source, per move (High first, a bounded number at once per source and per
+//! destination, see `cluster::drain::next_moves`):
 //! 1. checks it still owns the VM, then in one transaction rewrites its ownership
-//!    record unchanged — the VM's fencing token grows — and marks the move migrating;
+//!    record unchanged — the VM's fencing token grows —, marks the move migrating and
+//!    takes a slot of the destination (`cluster::intake`: none free, or another source
+//!    took it meanwhile, and the move stays queued);
 //! 2. live-migrates the VM to the destination's vireod;
 //! 3. committed: moves the ownership to the destination (compare-and-swap on the
 //!    record's revision and the destination's lease); not committed: the VM runs here
@@ -28,7 +30,7 @@ use cluster::keys::{self, MoveRecord, MoveState, NodeState, OwnerRecord};
 use cluster::store::{CmpOp, Compare, Op, Revision, Txn};
 use cluster::{ClusterStore, EtcdStore};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vireo_util::sync::lock;
 
 use crate::cluster_lease::{monotonic_ns, MonotonicBase};
@@ -279,6 +281,7 @@ impl Executor {
                     .await?;
             }
         }
+        self.fail_abandoned(&moves).await?;
         let running = lock(&self.shared.outgoing).clone();
         for (m, rev) in moves_to_start(&moves, &self.node, &running) {
             lock(&self.shared.outgoing).insert(m.vm.clone());
@@ -294,6 +297,35 @@ impl Executor {
         Ok(())
     }
 
+    /// Fails the unfinished moves of sources that left the cluster (`drain::abandoned`):
+    /// they would hold their destinations' slots for ever. Read only while another
+    /// node's move is unfinished.
+    async fn fail_abandoned(
+        &self,
+        moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
+    ) -> Result<(), cluster::StoreError> {
+        let others = moves
+            .values()
+            .any(|(m, _)| m.from != self.node && !m.state.finished());
+        if !others {
+            return Ok(());
+        }
+        let (nodes, _) = self.store.get_prefix(keys::NODES).await?;
+        let live: BTreeSet<String> = nodes
+            .iter()
+            .filter_map(|kv| keys::name_of(keys::NODES, &kv.key).map(String::from))
+            .collect();
+        for (m, rev) in drain::abandoned(moves, &live) {
+            warn!(vm = %m.vm, from = %m.from, "the source of an unfinished move left the cluster: failing the move");
+            let why = format!(
+                "its source {} left the cluster (its lease ended) before the move ended",
+                m.from
+            );
+            record_failed(&self.store, m, rev, why).await;
+        }
+        Ok(())
+    }
+
     /// A draining node none of whose drain's moves is unfinished is paused.
     async fn end_drain(
         &self,
@@ -304,7 +336,8 @@ impl Executor {
             return Ok(());
         }
         let (mut admin, rev) = cluster::admin::read(&self.store, &self.node).await?;
-        if admin.state != NodeState::Draining {
+        // Not draining, or its moves are still being written.
+        if admin.state != NodeState::Draining || admin.drain.as_ref().is_some_and(|d| d.queueing) {
             return Ok(());
         }
         let unfinished = moves
@@ -354,7 +387,9 @@ impl Executor {
     }
 
     async fn execute(&self, mut m: MoveRecord, move_rev: Revision) {
-        let snap = match Snapshot::read(&self.store).await {
+        // The few records this move checks, not the whole cluster (a drain of 64
+        // VMs read every VM's records 64 times).
+        let snap = match Snapshot::read_some(&self.store, &[&self.node, &m.to], &[&m.vm]).await {
             Ok(s) => s,
             // Nothing done yet: the move stays queued, the next pass tries it again.
             Err(e) => {
@@ -400,6 +435,20 @@ impl Executor {
                     .await
             }
         };
+        // A slot at the destination (its limit on moves arriving at once), taken in
+        // the same transaction: none free, the move stays queued for a later pass.
+        let slot = match cluster::intake::reserve(&self.store, &m).await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => {
+                debug!(vm = %m.vm, to = %m.to, "destination takes no more moves now: the move waits");
+                return;
+            }
+            Err(e) => {
+                warn!(vm = %m.vm, error = %e, "cluster store: the move waits for the next pass");
+                return;
+            }
+        };
+        let slot_rev = slot.revision;
         // The token grows before the VM moves: the destination's disks get the new one.
         m.state = MoveState::Migrating;
         m.token_before = Some(token_before);
@@ -424,6 +473,7 @@ impl Executor {
                         op: CmpOp::Equal,
                         lease: *my_lease,
                     },
+                    slot.compare,
                 ],
                 then: vec![
                     Op::Put {
@@ -436,6 +486,7 @@ impl Executor {
                         value: keys::encode(&m),
                         lease: 0,
                     },
+                    slot.put,
                 ],
                 otherwise: vec![],
             })
@@ -443,9 +494,18 @@ impl Executor {
         let token = match bumped {
             Ok(o) if o.succeeded => o.revision,
             Ok(_) => {
+                // Another source took the destination's slot meanwhile: not started,
+                // still queued.
+                if cluster::intake::moved(&self.store, &m.to, slot_rev)
+                    .await
+                    .unwrap_or(true)
+                {
+                    debug!(vm = %m.vm, to = %m.to, "another move took the destination's slot: the move waits");
+                    return;
+                }
                 return self
                     .fail(m, move_rev, "the VM's ownership changed".into())
-                    .await
+                    .await;
             }
             Err(e) => return self.fail(m, move_rev, format!("cluster store: {e}")).await,
         };
@@ -635,6 +695,7 @@ mod tests {
             priority: Priority::High,
             reason: MoveReason::Drain,
             drain_of: "a".into(),
+            request: None,
             state: MoveState::Queued,
             concurrency: 2,
             token_before: None,

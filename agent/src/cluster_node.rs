@@ -10,15 +10,17 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use cluster::failover::{define_vm, Controller, Snapshot};
-use cluster::keys::{self, NodeRecord, NodeState, OwnerRecord, Priority, Resources};
+use cluster::inventory::{self, View, ViewError};
+use cluster::keys::{self, NodeRecord, NodeState, Priority, Resources};
 use cluster::membership::{NodeAgent, Timing};
 use cluster::{ClusterStore, EtcdStore};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::cluster_bulk as bulk;
 use crate::cluster_lease::{self, MonotonicBase};
 use crate::cluster_update as update;
 use crate::cluster_validate::route as validate;
@@ -32,6 +34,9 @@ const TURN: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct ClusterNode {
     pub store: EtcdStore,
+    /// The cluster's inventory, kept by a watch (`cluster::inventory`): what lists
+    /// answer from.
+    pub view: View,
     pub lease: Arc<LeaseRuntime>,
     pub node: String,
     pub sup: Arc<Supervisor>,
@@ -310,9 +315,13 @@ impl ClusterNode {
             .with_quarantine()
             .among_first(&self.node, cluster::failover::CONTROLLERS);
         let mut turn: u64 = 0;
+        let mut resumed = false;
         loop {
             let turn_start = t0.elapsed();
             let r = agent.step(turn_start).await;
+            if !resumed && agent.lease().is_some() {
+                resumed = crate::cluster_shutdown::resume_after_shutdown(&self).await;
+            }
             for vm in &r.stop {
                 if self.sup.get(vm).is_err() {
                     // Moved away (a drain's migration): nothing runs here.
@@ -390,8 +399,9 @@ where
     moves.publish(Some(agent.running().keys().cloned().collect()));
 }
 
-/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`, and a node's
-/// status, drain, resume and release.
+/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`, a node's
+/// status, drain, resume and release, updates, validation, bulk requests and the
+/// migration queue.
 pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
     Router::new()
         .route("/api/v1/cluster", get(status))
@@ -408,6 +418,9 @@ pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
             get(update::status).post(update::start),
         )
         .route("/api/v1/cluster/validate", get(validate))
+        .route("/api/v1/cluster/bulk", post(bulk::request))
+        .route("/api/v1/cluster/bulk/{id}", delete(bulk::cancel))
+        .route("/api/v1/cluster/migrations", get(bulk::queue))
         .with_state(node)
 }
 
@@ -630,46 +643,103 @@ async fn node_status(State(node): N, UrlPath(target): UrlPath<String>) -> Respon
 
 type N = State<Option<Arc<ClusterNode>>>;
 
-fn error(status: StatusCode, msg: String) -> Response {
+pub(crate) fn error(status: StatusCode, msg: String) -> Response {
     (status, Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
-fn not_clustered() -> Response {
+pub(crate) fn not_clustered() -> Response {
     error(
         StatusCode::CONFLICT,
         "this vireod is not a cluster node (start it with --cluster-etcd and --node-name)".into(),
     )
 }
 
-async fn status(State(node): N) -> Response {
+/// `GET /api/v1/cluster`'s query: how current the list must be.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The view as it is, without asking etcd (it lags etcd by the watch's delay).
+    #[serde(default)]
+    pub stale: bool,
+    /// At least this revision (a write's, e.g. `PUT /api/v1/cluster/vms/{name}`'s
+    /// `revision`: read-your-writes), without asking etcd.
+    #[serde(default)]
+    pub min_revision: Option<i64>,
+}
+
+/// How long a list waits for the view to reach the revision it needs before it reads
+/// etcd itself.
+const LIST_WAIT: Duration = Duration::from_secs(1);
+
+/// Nodes and clustered VMs, from this node's inventory view. By default the list is
+/// linearizable: the view first reaches etcd's current revision (one count-only
+/// read); `?min_revision=N` waits for N only, `?stale=true` for nothing. The answer
+/// says the revision it is (`revision`) and where it came from (`source`: `view`, or
+/// `etcd` when the view could not reach the revision in time and the four prefixes
+/// were read directly, at one revision).
+async fn status(
+    State(node): N,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Some(node) = node else {
         return not_clustered();
     };
-    let snap = match Snapshot::read(&node.store).await {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    let q = match query {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let nodes: Vec<_> = snap
-        .nodes
-        .iter()
-        .map(|(name, (r, _))| serde_json::json!({"name": name, "state": r.state, "capacity": r.capacity, "version": r.version}))
-        .collect();
-    let vms: Vec<_> = snap
-        .vms
-        .iter()
-        .map(|(name, d)| {
-            let (owner, token) = match snap.owners.get(name) {
-                Some((OwnerRecord::Node { node: n, lease }, rev)) => {
-                    let alive = snap.alive(n, *lease);
-                    (serde_json::json!({"node": n, "alive": alive}), Some(*rev))
-                }
-                Some((OwnerRecord::Unowned(u), rev)) => (serde_json::json!(u), Some(*rev)),
-                None => (serde_json::Value::Null, None),
-            };
-            serde_json::json!({"name": name, "priority": d.priority, "owner": owner, "fencing_token": token})
-        })
-        .collect();
-    Json(serde_json::json!({"node": node.node, "nodes": nodes, "vms": vms})).into_response()
+    let ready = match (q.stale, q.min_revision) {
+        (true, _) => match node.view.revision() {
+            Some(_) => Ok(()),
+            None => Err(ViewError::NotReady),
+        },
+        (false, Some(at)) => node.view.wait_for(at, LIST_WAIT).await,
+        (false, None) => node.view.catch_up(&node.store, LIST_WAIT).await.map(drop),
+    };
+    let listed = match ready {
+        Ok(()) => node.view.with(|inv| {
+            list_json(
+                &node.node,
+                "view",
+                &inventory::list(&inv.snapshot, inv.revision),
+            )
+        }),
+        Err(e) => {
+            warn!(error = %e, "cluster list: reading etcd instead of the inventory view");
+            None
+        }
+    };
+    let body = match listed {
+        Some(b) => b,
+        None => match Snapshot::read_consistent(&node.store).await {
+            Ok((snap, at)) => list_json(&node.node, "etcd", &inventory::list(&snap, at)),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        },
+    };
+    match body {
+        Ok(b) => ([(axum::http::header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The list's JSON: `{"node", "source", "revision", "nodes", "vms"}`.
+fn list_json(
+    me: &str,
+    source: &str,
+    list: &inventory::ClusterList<'_>,
+) -> Result<Vec<u8>, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Listed<'a> {
+        node: &'a str,
+        source: &'a str,
+        #[serde(flatten)]
+        list: &'a inventory::ClusterList<'a>,
+    }
+    serde_json::to_vec(&Listed {
+        node: me,
+        source,
+        list,
+    })
 }
 
 async fn define(
@@ -683,7 +753,7 @@ async fn define(
     if let Err(e) = crate::model::validate_name(&name) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
-    let req: ClusteredVmRequest = match serde_json::from_slice(&body) {
+    let req: ClusteredVmRequest = match api::json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("clustered VM: {e}")),
     };
@@ -708,10 +778,14 @@ async fn define(
         },
     };
     match define_vm(&node.store, &def, req.start).await {
-        Ok(()) => {
-            Json(serde_json::json!({"name": name, "priority": def.priority, "needs": def.needs}))
-                .into_response()
-        }
+        // `revision`: a `GET /api/v1/cluster?min_revision=` at it shows the VM.
+        Ok(revision) => Json(serde_json::json!({
+            "name": name,
+            "priority": def.priority,
+            "needs": def.needs,
+            "revision": revision,
+        }))
+        .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

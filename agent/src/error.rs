@@ -23,6 +23,14 @@ pub enum AgentError {
     },
     #[error("VM {name:?}: a VMM still answers on {socket} (not this vireod's): not starting a second one over its files")]
     VmmStillRuns { name: String, socket: PathBuf },
+    /// The VM was failed over to its replica host and runs there: starting it here
+    /// too would be a split brain.
+    #[error("VM {name:?} does not start here: {why}")]
+    FailedOverElsewhere {
+        name: String,
+        to: String,
+        why: String,
+    },
     #[error("VM {name:?} failed to start: {reason}")]
     StartFailed { name: String, reason: String },
     #[error("inventory database {path}: {source}")]
@@ -87,6 +95,7 @@ impl AgentError {
             AgentError::Duplicate(_)
             | AgentError::WrongState { .. }
             | AgentError::VmmStillRuns { .. }
+            | AgentError::FailedOverElsewhere { .. }
             | AgentError::MigrationConflict { .. } => 409,
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,

@@ -13,15 +13,16 @@
 //! segment is harmless, a commit is idempotent. A cut connection costs at most the
 //! segments not yet applied — never a full copy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::BufReader;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use replica::{segment_file_name, BlockHash, ChangeLog, Extra, Resync, SegmentReader};
+use replica::{segment_file_name, BlockHash, ChangeLog, Extra, PendingSeal, Resync, SegmentReader};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
@@ -89,6 +90,10 @@ pub enum ShipError {
     },
     #[error("the cut failed: {0}")]
     Cut(String),
+    /// The replica was failed over (an operator started the VM there from a recovery
+    /// point): this host must not replicate, nor run the VM beside it.
+    #[error("replica {to}: its replica of the VM was failed over (the VM runs there on its images): it takes nothing more from here")]
+    FailedOverElsewhere { to: String },
     #[error("the change log of {label}: {source}")]
     Log {
         label: String,
@@ -144,10 +149,26 @@ pub struct Shipper {
     pub reverse: bool,
     /// The bandwidth limit every byte to the replica draws from (and their count).
     pub throttle: Arc<Throttle>,
+    /// Segments already read whole and found sealed (a sealed file never changes).
+    pub verified: VerifiedSegments,
 }
 
 /// A sealed segment of the primary's log: (sequence number, cut id).
 type Sealed = BTreeMap<u64, u64>;
+
+/// The segments a round verified, so the next reads each sealed file once, not every
+/// round: (disk, sequence number) → the file's identity and length, and its cut id.
+/// A file of the same name but another inode or length (the logs restarted after a
+/// host crash) is read again.
+#[derive(Default)]
+pub struct VerifiedSegments(Mutex<HashMap<(usize, u64), VerifiedSegment>>);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct VerifiedSegment {
+    ino: u64,
+    len: u64,
+    cut_id: u64,
+}
 
 impl Shipper {
     fn base_path(&self) -> String {
@@ -342,10 +363,12 @@ impl Shipper {
         }
         let cut = logs.iter().map(ChangeLog::last_cut_id).max().unwrap_or(0) + 1;
         for (log, d) in logs.iter_mut().zip(&self.disks) {
-            log.seal(cut).map_err(|source| ShipError::Log {
-                label: d.log_dir.display().to_string(),
-                source,
-            })?;
+            log.seal(cut)
+                .and_then(PendingSeal::sync)
+                .map_err(|source| ShipError::Log {
+                    label: d.log_dir.display().to_string(),
+                    source,
+                })?;
         }
         info!(vm = %self.vm, cut, "replica: the stopped VM's logs sealed");
         Ok(cut)
@@ -387,22 +410,49 @@ impl Shipper {
         seqs.sort_unstable();
         let newest = seqs.last().copied();
         let mut sealed = Sealed::new();
+        let mut known = vireo_util::sync::lock(&self.verified.0);
         for seq in seqs {
             let path = dir.join(segment_file_name(seq));
-            let f = std::fs::File::open(&path).map_err(|source| ShipError::Io {
+            let opening = |source| ShipError::Io {
                 what: "opening a segment",
                 path: path.clone(),
                 source,
-            })?;
+            };
+            let f = std::fs::File::open(&path).map_err(opening)?;
+            let meta = f.metadata().map_err(opening)?;
+            let seen = VerifiedSegment {
+                ino: meta.ino(),
+                len: meta.len(),
+                cut_id: 0,
+            };
+            if let Some(v) = known
+                .get(&(i, seq))
+                .filter(|v| v.ino == seen.ino && v.len == seen.len)
+            {
+                sealed.insert(seq, v.cut_id);
+                continue;
+            }
+            // The segment being written has no trailer yet: not read whole every round.
+            if Some(seq) == newest && !replica::ends_with_trailer(&f, seq).map_err(opening)? {
+                continue;
+            }
             match SegmentReader::new(BufReader::new(f)).and_then(SegmentReader::verify_all) {
                 Ok(t) => {
                     sealed.insert(seq, t.cut_id);
+                    known.insert(
+                        (i, seq),
+                        VerifiedSegment {
+                            cut_id: t.cut_id,
+                            ..seen
+                        },
+                    );
                 }
                 // The open segment: not sealed yet.
                 Err(_) if Some(seq) == newest => {}
                 Err(source) => return Err(ShipError::Segment { path, source }),
             }
         }
+        known.retain(|&(disk, seq), _| disk != i || sealed.contains_key(&seq));
         Ok(sealed)
     }
 
@@ -489,6 +539,11 @@ impl Shipper {
         let mut stats = RoundStats::default();
         self.resync_after_a_host_crash().await?;
         let status = self.status().await?;
+        if status.failed_over && !self.reverse {
+            return Err(ShipError::FailedOverElsewhere {
+                to: self.to.to_string(),
+            });
+        }
         if !status.base_complete {
             (stats.base_bytes, stats.base_differing_bytes) = self.send_base().await?;
         }

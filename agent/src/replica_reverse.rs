@@ -11,13 +11,16 @@
 //! log beside the images (a running VM's VMM is restarted for it: a stop and a start)
 //! and replication is enabled like `replica enable`, to the old primary.
 //!
-//! Old primary ([`seed_here`]): only the host its VM was failed over to (planned,
-//! recorded in the stored replication settings) may reverse it, and only while that
-//! VM is stopped here; the replica of it is made in `<replica-dir>/<that host>/<vm>/`
-//! from the VM's disks — or, when that VM runs on this host's failed-over replica
-//! of it from `peer` (a second round trip), that replica is reset in place and the
-//! stopped VM's definition deleted. A later planned failover back replaces the
-//! stopped VM by the one on the replica ([`crate::replica_failover::fail_over`]).
+//! Old primary ([`seed_here`]): only the host its VM was failed over to may reverse
+//! it — planned, or unplanned and learnt from that host (its replica answered failed
+//! over: [`crate::replication::failed_over`]; asked again at this request if not
+//! learnt yet, only of the VM's configured replica host), recorded in the stored
+//! replication settings — and only while that VM is stopped here; the replica of it
+//! is made in `<replica-dir>/<that host>/<vm>/` from the VM's disks — or, when that
+//! VM runs on this host's failed-over replica of it from `peer` (a second round
+//! trip), that replica is reset in place and the stopped VM's definition deleted. A
+//! later planned failover back replaces the stopped VM by the one on the replica
+//! ([`crate::replica_failover::fail_over`]).
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -137,6 +140,7 @@ pub async fn reverse(
         history,
         reverse: true,
         throttle: crate::throttle::Throttle::new(None),
+        verified: Default::default(),
     };
     let held = probe.status().await.map_err(|e| {
         conflict(format!(
@@ -194,8 +198,17 @@ pub async fn seed_here(
     disk_sizes: Vec<u64>,
     history: Option<u32>,
 ) -> Result<replica::VmStatus, Refusal> {
-    let to = Replications::failed_over_to(sup, vm);
-    if to.as_deref() != Some(&peer.to_ascii_lowercase()) {
+    let peer_lc = peer.to_ascii_lowercase();
+    let mut to = Replications::failed_over_to(sup, vm);
+    if to.as_deref() != Some(&peer_lc) && sup.get(vm).is_ok_and(|s| s.pid.is_none()) {
+        // Asked before this host learnt an unplanned failover: learnt now if `peer`
+        // is the VM's replica host and says so.
+        if let Some(r) = server.replications() {
+            r.confirm_failover(peer, vm).await;
+            to = Replications::failed_over_to(sup, vm);
+        }
+    }
+    if to.as_deref() != Some(&peer_lc) {
         return Err(conflict(format!(
             "VM {vm:?} was not failed over from here to {peer}: no reverse replication of it"
         )));

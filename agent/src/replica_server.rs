@@ -74,6 +74,9 @@ pub struct ReplicaServer {
     allow: BTreeSet<String>,
     max_segment: u64,
     locks: Mutex<VmLocks>,
+    /// This host's replications (set once they exist): a reverse request may teach
+    /// this host that its VM was failed over ([`crate::replication::failed_over`]).
+    replications: std::sync::OnceLock<std::sync::Weak<crate::replication::Replications>>,
 }
 
 impl ReplicaServer {
@@ -113,7 +116,18 @@ impl ReplicaServer {
             allow,
             max_segment: max_segment.max(1),
             locks: Mutex::new(HashMap::new()),
+            replications: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Hands this host's replications to the server (once, at vireod's start).
+    pub fn attach(&self, r: &Arc<crate::replication::Replications>) {
+        let _ = self.replications.set(Arc::downgrade(r));
+    }
+
+    /// This host's replications, if attached and alive.
+    pub(crate) fn replications(&self) -> Option<Arc<crate::replication::Replications>> {
+        self.replications.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Where `primary`'s VM `vm` is stored.

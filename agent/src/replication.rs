@@ -35,6 +35,10 @@ use crate::replica_server::ReplicaServer;
 use crate::supervisor::Supervisor;
 use crate::throttle::Throttle;
 
+/// The old primary's safe return after an unplanned failover elsewhere.
+#[path = "replica_return.rs"]
+pub mod failed_over;
+
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,8 +76,12 @@ pub struct ReplicationStatus {
     pub paused: bool,
     /// Recovery points the replica keeps.
     pub history: u32,
-    /// "starting", "replicating", "paused", "retrying".
+    /// "starting", "replicating", "paused", "retrying", or "failed-over-elsewhere"
+    /// (the replica host started the VM from a recovery point: no loop runs, the VM
+    /// does not start here).
     pub state: String,
+    /// The replica host the VM was failed over to (unplanned), by its certificate name.
+    pub failed_over_to: Option<String>,
     /// Why replication paused by itself (e.g. "replica full: ..."); None after a
     /// pause asked for, or once resumed.
     pub paused_reason: Option<String>,
@@ -97,6 +105,10 @@ pub struct ReplicationStatus {
     pub base_differing_bytes: u64,
     pub segment_bytes_sent: u64,
     pub segments_sent: u64,
+    /// How long the last cut held the guest's writes (µs), and the longest since
+    /// replication started here.
+    pub last_cut_held_us: Option<u64>,
+    pub max_cut_held_us: u64,
     pub last_error: Option<String>,
 }
 
@@ -120,6 +132,17 @@ pub struct Settings {
     /// and fail the VM back; no loop runs for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_over_to: Option<String>,
+    /// With `failed_over_to`: the failover was unplanned, made on the replica host
+    /// while this host was down or cut off, and learnt from it afterwards
+    /// ([`failed_over`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unplanned: bool,
+    /// A round succeeded against this replica since replication was enabled: a
+    /// failed-over replica seen afterwards was failed over while this host
+    /// replicated to it (settings stored before the field existed: yes). A replica
+    /// found failed over before that is an older one (refused, not learnt from).
+    #[serde(default = "yes")]
+    pub established: bool,
     /// The bandwidth limit in Mbit/s (None: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mbit: Option<f64>,
@@ -280,6 +303,8 @@ impl Replications {
             history,
             reverse: req.reverse,
             failed_over_to: None,
+            unplanned: false,
+            established: false,
             bandwidth_mbit,
             paused_reason: None,
         };
@@ -340,6 +365,7 @@ impl Replications {
             history: settings.history,
             reverse: settings.reverse,
             throttle: throttle.clone(),
+            verified: Default::default(),
         };
         let task = tokio::spawn(run(
             Arc::downgrade(self),
@@ -389,7 +415,7 @@ impl Replications {
                 }
             };
             if let Some(to) = &settings.failed_over_to {
-                info!(vm = %name, to = %to, "failed over (planned); no replication to restore");
+                info!(vm = %name, to = %to, unplanned = settings.unplanned, "failed over; no replication to restore");
                 continue;
             }
             match self.start_job(&name, settings) {
@@ -416,12 +442,44 @@ impl Replications {
             .and_then(|s| s.failed_over_to)
     }
 
+    /// VM `name`'s replication: its loop's status, or that it was failed over
+    /// elsewhere (unplanned).
     pub fn status(&self, name: &str) -> Option<ReplicationStatus> {
-        lock(&self.jobs).get(name).map(Job::snapshot)
+        let job = lock(&self.jobs).get(name).map(Job::snapshot);
+        job.or_else(|| self.failed_over_status(name))
+    }
+
+    /// Whether VM `name`'s replication had a good round with its replica
+    /// ([`Settings::established`]).
+    fn established(&self, name: &str) -> bool {
+        lock(&self.jobs)
+            .get(name)
+            .is_some_and(|j| j.settings.established)
+    }
+
+    /// Records that VM `name`'s replication had a good round (once).
+    fn set_established(&self, name: &str) {
+        let mut jobs = lock(&self.jobs);
+        let Some(job) = jobs.get_mut(name).filter(|j| !j.settings.established) else {
+            return;
+        };
+        job.settings.established = true;
+        if let Err(e) = self.store(name, Some(&job.settings)) {
+            warn!(vm = %name, error = %e, "the replication's first good round is not recorded");
+        }
+    }
+
+    /// Whether a loop runs for VM `name`.
+    fn running(&self, name: &str) -> bool {
+        lock(&self.jobs).contains_key(name)
     }
 
     pub fn list(&self) -> Vec<ReplicationStatus> {
-        lock(&self.jobs).values().map(Job::snapshot).collect()
+        let mut all: Vec<ReplicationStatus> =
+            lock(&self.jobs).values().map(Job::snapshot).collect();
+        all.extend(self.failed_over_list());
+        all.sort_by(|a, b| a.vm.cmp(&b.vm));
+        all
     }
 
     /// Sets VM `name`'s bandwidth limit (None: none); its sender obeys it from its
@@ -496,7 +554,21 @@ impl Replications {
     }
 
     fn disable(&self, name: &str) -> Option<ReplicationStatus> {
-        let job = lock(&self.jobs).remove(name)?;
+        let Some(job) = lock(&self.jobs).remove(name) else {
+            // Failed over elsewhere: the record goes, the VM may start here again.
+            let st = self.failed_over_status(name)?;
+            if let Err(e) = self.store(name, None) {
+                warn!(vm = %name, error = %e, "the failover record stays stored");
+                return None;
+            }
+            info!(vm = %name, "the record of the failover elsewhere forgotten: the VM may start here");
+            self.sup.replication_event(
+                name,
+                "replication-disabled",
+                Some("the failover elsewhere forgotten".into()),
+            );
+            return Some(st);
+        };
         job.task.abort();
         if let Err(e) = self.store(name, None) {
             warn!(vm = %name, error = %e, "the disabled replication stays stored");
@@ -578,6 +650,7 @@ impl Replications {
             history: settings.history,
             reverse: settings.reverse,
             throttle: Throttle::new(limit_of(settings)),
+            verified: Default::default(),
         };
         let running = self.sup.get(name).map_err(|e| e.to_string())?;
         if running.pid.is_some() {
@@ -770,6 +843,7 @@ async fn run(
         let socket = sup.socket_path(&name);
         let cut_at = std::sync::atomic::AtomicU64::new(0);
         let cut_id = std::sync::atomic::AtomicU64::new(0);
+        let cut_held_us = std::sync::atomic::AtomicU64::new(u64::MAX);
         let cut = || async {
             cut_at.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
             let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
@@ -778,12 +852,34 @@ async fn run(
             if !r.ok() {
                 return Err(format!("vm.replica-cut: {}", r.error_message()));
             }
-            let id = r.json().and_then(|v| v["cut_id"].as_u64()).unwrap_or(0);
+            let answer = r.json();
+            let id = answer
+                .as_ref()
+                .and_then(|v| v["cut_id"].as_u64())
+                .unwrap_or(0);
             cut_id.store(id, std::sync::atomic::Ordering::Relaxed);
+            if let Some(held) = answer.as_ref().and_then(|v| v["held_us"].as_u64()) {
+                cut_held_us.store(held, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(id)
         };
         let began = std::time::Instant::now();
         let result = shipper.round(cut).await;
+        if let Err(ShipError::FailedOverElsewhere { .. }) = &result {
+            // Retrying would be refused for good, and the VM must not run here —
+            // unless the replica was failed over before this replication reached it
+            // (a stale replica: an error like any other, for the operator).
+            let Some(r) = owner.upgrade() else { return };
+            if r.established(&name) {
+                r.failed_over_elsewhere(&name, false).await;
+                return;
+            }
+        }
+        if result.is_ok() {
+            if let Some(r) = owner.upgrade() {
+                r.set_established(&name);
+            }
+        }
         let full = match &result {
             Err(e @ ShipError::ReplicaFull { .. }) => Some(format!("replica full: {e}")),
             _ => None,
@@ -791,6 +887,11 @@ async fn run(
         let wait = {
             let mut st = lock(&status);
             st.rounds += 1;
+            let held = cut_held_us.load(std::sync::atomic::Ordering::Relaxed);
+            if held != u64::MAX {
+                st.last_cut_held_us = Some(held);
+                st.max_cut_held_us = st.max_cut_held_us.max(held);
+            }
             match result {
                 Ok(s) => {
                     st.base_bytes_sent += s.base_bytes;
@@ -874,6 +975,10 @@ pub fn router(r: Arc<Replications>) -> Router {
 
 /// 404: no such VM, or its replication is not enabled.
 fn not_enabled(r: &Replications, name: &str) -> Response {
+    if let Some(st) = r.failed_over_status(name) {
+        // 409: no loop runs, the VM was failed over elsewhere.
+        return error(StatusCode::CONFLICT, st.last_error.unwrap_or_default());
+    }
     let msg = match r.sup.get(name) {
         Err(e) => e.to_string(),
         Ok(_) => format!("replication of {name:?} is not enabled"),
@@ -935,7 +1040,7 @@ async fn bandwidth(
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if r.status(&name).is_none() {
+    if !r.running(&name) {
         return not_enabled(&r, &name);
     }
     let req: BandwidthRequest = match serde_json::from_slice(&body) {
@@ -978,7 +1083,7 @@ async fn failover(
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if r.status(&name).is_none() {
+    if !r.running(&name) {
         return not_enabled(&r, &name);
     }
     let start = match serde_json::from_slice::<FailoverRequest>(&body) {

@@ -123,7 +123,7 @@ async fn export(State(s): S) -> Response {
 }
 
 async fn define(State(s): S, UrlPath(name): UrlPath<String>, body: Bytes) -> Response {
-    let def: VmDefinition = match serde_json::from_slice(&body) {
+    let def: VmDefinition = match api::json::from_slice(&body) {
         Ok(d) => d,
         Err(e) => return error(400, format!("invalid VM definition: {e}")),
     };
@@ -170,7 +170,7 @@ async fn resume(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
 
 /// Parses a JSON body, or answers 400 with what is wrong.
 fn body<T: serde::de::DeserializeOwned>(what: &str, body: &Bytes) -> Result<T, Box<Response>> {
-    serde_json::from_slice(body).map_err(|e| Box::new(error(400, format!("invalid {what}: {e}"))))
+    api::json::from_slice(body).map_err(|e| Box::new(error(400, format!("invalid {what}: {e}"))))
 }
 
 async fn migrate(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Response {

@@ -66,6 +66,18 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
         400,
     );
     assert!(m.contains("memory.size"), "{m}");
+    // A field's error names where it is, in the definition's own words.
+    let m = error_of(
+        &d,
+        "PUT",
+        "/api/v1/vms/two",
+        Some(r#"{"config":{"payload":{"kernel":"/k"},"disks":[{"path":"/d","format":"qcow"}]}}"#),
+        400,
+    );
+    assert!(
+        m.contains("config.disks[0].format: unknown variant `qcow`, expected `raw` or `vhdx`"),
+        "{m}"
+    );
     let m = error_of(
         &d,
         "PUT",

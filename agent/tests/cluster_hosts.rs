@@ -21,53 +21,13 @@ use common::pki::{tls_args, Pki};
 use common::{Daemon, T};
 use serde_json::json;
 use vireo_e2e::etcd::{EtcdCluster, EtcdTlsFiles};
-use vireo_e2e::netns::{is_root, NetNs};
+use vireo_e2e::netns::{is_root, BridgedHosts, NetNs};
 use vireo_e2e::seqdisk;
 
 const BLOCKS: u64 = 64;
 const NODES: [&str; 3] = ["a", "b", "c"];
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// The hosts: a namespace each, on one bridge.
-struct Hosts {
-    switch: NetNs,
-    nodes: Vec<Arc<NetNs>>,
-}
-
-impl Hosts {
-    fn new() -> Self {
-        let switch = NetNs::new("c2sw");
-        switch.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
-        switch.exec(&["ip", "link", "set", "br0", "up"]);
-        let nodes: Vec<Arc<NetNs>> = NODES
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let ns = Arc::new(NetNs::new(&format!("c2{n}")));
-                let port = format!("p{i}");
-                ns.exec(&["ip", "link", "set", "lo", "up"]);
-                ns.exec(&[
-                    "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port,
-                ]);
-                ns.exec(&["ip", "link", "set", &port, "netns", switch.name()]);
-                ns.exec(&["ip", "addr", "add", &format!("{}/24", ip(i)), "dev", "eth0"]);
-                ns.exec(&["ip", "link", "set", "eth0", "up"]);
-                switch.exec(&["ip", "link", "set", &port, "master", "br0"]);
-                switch.exec(&["ip", "link", "set", &port, "up"]);
-                ns
-            })
-            .collect();
-        Hosts { switch, nodes }
-    }
-
-    /// Takes host `i`'s link down (a partition) or up again.
-    fn link(&self, i: usize, up: bool) {
-        let state = if up { "up" } else { "down" };
-        self.switch
-            .exec(&["ip", "link", "set", &format!("p{i}"), state]);
-    }
-}
 
 fn ip(i: usize) -> String {
     format!("10.213.7.{}", i + 1)
@@ -78,7 +38,7 @@ struct Cluster {
     nodes: Vec<Daemon>,
     etcd: EtcdCluster,
     shared: tempfile::TempDir,
-    hosts: Hosts,
+    hosts: BridgedHosts,
     /// The host identities (each node's certificate names it).
     _pki: Pki,
 }
@@ -105,9 +65,10 @@ impl Cluster {
         root: impl Fn(usize, &Path) -> PathBuf,
         wrapper: impl Fn(usize) -> Vec<String>,
     ) -> Self {
-        let hosts = Hosts::new();
+        let addresses: Vec<String> = (0..NODES.len()).map(ip).collect();
+        let hosts = BridgedHosts::new("c2", &addresses);
         let members: Vec<(String, Arc<NetNs>)> = hosts
-            .nodes
+            .hosts
             .iter()
             .enumerate()
             .map(|(i, ns)| (ip(i), ns.clone()))
@@ -139,16 +100,20 @@ impl Cluster {
                 let mut args = common::cluster_node_args(&eps, name, &root(i, shared.path()));
                 args.extend(tls_args(&ids[i]));
                 args.extend(["--listen".to_string(), peer_addr(i)]);
-                // Room for four 1-vCPU VMs on one node of this 2-CPU machine.
-                args.extend(["--cluster-vcpus".to_string(), "8".to_string()]);
+                let extra = extra(i);
+                // Room for four 1-vCPU VMs on one node of this 2-CPU machine, unless
+                // the test says otherwise.
+                if !extra.iter().any(|a| a == "--cluster-vcpus") {
+                    args.extend(["--cluster-vcpus".to_string(), "8".to_string()]);
+                }
                 for peer in NODES.iter().filter(|p| *p != name) {
                     args.extend(["--peer".to_string(), peer.to_string()]);
                 }
-                args.extend(extra(i));
+                args.extend(extra);
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 let wrap = wrapper(i);
                 let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
-                Daemon::start_in_netns_wrapped(&refs, hosts.nodes[i].clone(), &wrap)
+                Daemon::start_in_netns_wrapped(&refs, hosts.hosts[i].clone(), &wrap)
             })
             .collect();
         let c = Cluster {
@@ -260,7 +225,12 @@ impl Cluster {
             .chain(extra.iter().copied())
             .collect::<Vec<_>>(),
         );
-        assert!(out.contains(priority), "{out}");
+        let shown = if priority == "off" {
+            "no_auto_start"
+        } else {
+            priority
+        };
+        assert!(out.contains(shown), "{out}");
         disk
     }
 
@@ -964,6 +934,141 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     }
 }
 
+/// The cluster-wide migration queue's moves as node b reports them.
+fn queue_moves(c: &Cluster) -> Vec<serde_json::Value> {
+    let mut v = serde_json::Value::Null;
+    c.wait("the cluster's migration queue readable", || {
+        let (status, body) = c.nodes[1].api("GET", "/api/v1/cluster/migrations", None);
+        v = serde_json::from_str(&body).unwrap_or_default();
+        status == 200
+    });
+    v["moves"].as_array().cloned().unwrap_or_default()
+}
+
+/// `vm`'s move in the cluster-wide queue (None: it has none yet).
+fn queued_move(c: &Cluster, vm: &str) -> Option<serde_json::Value> {
+    queue_moves(c).into_iter().find(|m| m["vm"] == vm)
+}
+
+/// `vireoctl vm migrate hi lo1 lo2 --to b --concurrency 1 --wait` (two VMs on a, one
+/// on c): the request is checked (an unknown selector key is refused naming it), its
+/// moves run one at a time into b — High first, and never two arriving at b at once,
+/// although they come from two sources — each VM ends running on b only, moved live
+/// (same guest, numbered writes continuing, its disk one writer's sequence, a grown
+/// fencing token), and `migration list --cluster` shows every move with its request.
+#[test]
+fn a_bulk_migration_moves_a_selection_to_one_node_one_at_a_time_high_first() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start();
+    let vms = ["hi", "lo1", "lo2"];
+    let from = [0, 0, 2];
+    let disks = [
+        c.define_on("hi", "high", "a", &[]),
+        c.define_on("lo1", "low", "a", &[]),
+        c.define_on("lo2", "low", "c", &[]),
+    ];
+    c.wait("hi and lo1 on a, lo2 on c", || {
+        vms.iter().zip(from).all(|(vm, i)| c.runs(i, vm))
+    });
+    for (vm, i) in vms.iter().zip(from) {
+        c.wait_writes(i, vm, 0, 20);
+    }
+    // Refused before anything is written: an unknown selector key, named.
+    let o = c.nodes[1].ctl(&["vm", "migrate", "--selector", "prio=low", "--to", "b"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("\"prio\""),
+        "{stderr}"
+    );
+
+    let tokens: Vec<u64> = disks.iter().map(|d| token(d)).collect();
+    let pids: Vec<i32> = vms
+        .iter()
+        .zip(from)
+        .map(|(vm, i)| c.nodes[i].pid(vm).unwrap())
+        .collect();
+    let followers: Vec<SerialFollower> = vms
+        .iter()
+        .zip(from)
+        .map(|(vm, i)| SerialFollower::start(&c.nodes[i], vm))
+        .collect();
+    let starts_before = starts_everywhere(&c, &vms);
+    let mut ctl = std::process::Command::new(common::bin("vireoctl"))
+        .arg("--socket")
+        .arg(&c.nodes[1].socket)
+        .args(["vm", "migrate", "hi", "lo1", "lo2", "--to", "b"])
+        .args(["--concurrency", "1", "--wait"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.wait("every move of the request finished", || {
+        vms.iter().all(|vm| {
+            queued_move(&c, vm)
+                .is_some_and(|m| ["moved", "failed"].contains(&m["state"].as_str().unwrap_or("")))
+        })
+    });
+    // `--wait` returns once they have.
+    c.wait("vireoctl --wait returned", || {
+        ctl.try_wait().unwrap().is_some()
+    });
+    let out = ctl.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    assert!(stdout.contains("hi a -> b (high)"), "{stdout}");
+    assert!(stdout.contains("lo2 c -> b (low)"), "{stdout}");
+    let befores: Vec<String> = followers.into_iter().map(SerialFollower::finish).collect();
+    let moves: Vec<serde_json::Value> = vms.iter().map(|vm| queued_move(&c, vm).unwrap()).collect();
+    let request = moves[0]["request"].as_str().unwrap().to_string();
+    for m in &moves {
+        assert_eq!(m["state"], "moved", "{m}\n{}", c.logs());
+        assert_eq!(m["to"], "b");
+        assert_eq!(m["reason"], "bulk");
+        assert_eq!(m["request"], request.as_str());
+    }
+    // One at a time into b, High first: each move started after the one before
+    // had finished (all nodes share this machine's clock).
+    let mut spans: Vec<(u64, u64, &str)> = moves
+        .iter()
+        .zip(vms)
+        .map(|(m, vm)| {
+            (
+                m["started_ms"].as_u64().unwrap(),
+                m["finished_ms"].as_u64().unwrap(),
+                vm,
+            )
+        })
+        .collect();
+    spans.sort();
+    assert_eq!(spans[0].2, "hi", "a Low VM moved before hi: {moves:?}");
+    for w in spans.windows(2) {
+        assert!(w[1].0 >= w[0].1, "two moves into b at once: {moves:?}");
+    }
+    for (k, vm) in vms.iter().enumerate() {
+        assert_eq!(c.owner(vm).as_deref(), Some("b"));
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), 1);
+    }
+    // The queue, as a person reads it.
+    let table = c.nodes[0].ctl_ok(&["migration", "list", "--cluster"]);
+    for vm in vms {
+        let line = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(vm))
+            .unwrap_or_else(|| panic!("{vm} not in:\n{table}"));
+        assert!(line.contains("moved") && line.contains(&request), "{line}");
+    }
+}
+
 /// An update hooks directory (root's, as vireod requires) with hook `update`: it asks
 /// its vireod which VMs it has (written to OUT/NODE.vms: the test checks that none
 /// runs), appends its node to OUT/order, and with `fail-on NODE` fails on that node.
@@ -1397,7 +1502,7 @@ fn etcd_admits_only_the_cluster_cas_hosts_and_a_node_needs_its_identity() {
     let own = c._pki.dir.path().join("a");
     let etcdctl = |ca: &Path, cert: &Path, key: &Path, endpoint: &str| {
         let mut cmd = std::process::Command::new("/usr/bin/etcdctl");
-        c.hosts.nodes[0].enter_on_exec(&mut cmd);
+        c.hosts.hosts[0].enter_on_exec(&mut cmd);
         cmd.env("ETCDCTL_API", "3")
             .args(["--endpoints", endpoint, "--command-timeout=3s"])
             .arg("--cacert")
@@ -1434,7 +1539,7 @@ fn etcd_admits_only_the_cluster_cas_hosts_and_a_node_needs_its_identity() {
     let mut args = common::cluster_node_args(&eps, "d", c.shared.path());
     args.extend(tls_args(&stranger));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = Daemon::start_in_netns(&refs, c.hosts.nodes[0].clone());
+    let d = Daemon::start_in_netns(&refs, c.hosts.hosts[0].clone());
     c.wait("d's failed join", || {
         d.log().contains("cannot join the cluster")
     });
@@ -1477,10 +1582,11 @@ fn departures(c: &Cluster, node: &str) -> Option<usize> {
     (status == 200).then(|| v["departures"].as_array().map_or(0, |d| d.len()))
 }
 
-/// A node whose vireod is stopped by its operator (SIGTERM) leaves the cluster: its
-/// clustered VM is stopped there and started on another node, with every completed
-/// write kept, and the departure does not count towards quarantine (none recorded
-/// after the node is back). A node that crashes (kill -9 of its vireod) three times
+/// A node whose vireod is stopped by its operator (SIGTERM) with drain on shutdown
+/// off (`--shutdown-drain-timeout-s 0`) leaves the cluster: its clustered VM is
+/// stopped there and started on another node, with every completed write kept, and
+/// the departure does not count towards quarantine (none recorded after the node is
+/// back). A node that crashes (kill -9 of its vireod) three times
 /// within the hour is quarantined: a VM preferring it is placed elsewhere until
 /// `node release`, after which the node is `up` with no departures.
 #[test]
@@ -1491,7 +1597,11 @@ fn a_node_stopped_by_its_operator_leaves_gracefully_and_one_that_crashes_three_t
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // The test guest does not power off when asked: stopped after 2 s.
-    let mut c = Cluster::start_with(|_| vec!["--stop-timeout-s".into(), "2".into()]);
+    let mut c = Cluster::start_with(|_| {
+        ["--stop-timeout-s", "2", "--shutdown-drain-timeout-s", "0"]
+            .map(String::from)
+            .to_vec()
+    });
     let disk = c.define("hi", "high");
     c.wait("hi running on a", || c.runs(0, "hi"));
     c.wait_writes(0, "hi", 0, 30);
@@ -1538,4 +1648,206 @@ fn a_node_stopped_by_its_operator_leaves_gracefully_and_one_that_crashes_three_t
     assert!(out.contains('a'), "{out}");
     c.wait("a up after release", || node_state(&c, "a") == "up");
     assert_eq!(departures(&c, "a"), Some(0));
+}
+
+/// Drain on shutdown: SIGTERM to a node's vireod first live-migrates its clustered
+/// VMs to the other nodes (no guest restarts, no write lost, High first), then the
+/// vireod exits 0. Started again, the node resumes by itself and the VMs fail back
+/// to it, live.
+#[test]
+fn a_node_stopped_by_its_operator_drains_first_and_its_vms_fail_back_when_it_returns() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start();
+    let vms = ["hi", "lo"];
+    let disks = [c.define("hi", "high"), c.define("lo", "low")];
+    c.wait("hi and lo running on a", || {
+        vms.iter().all(|vm| c.runs(0, vm))
+    });
+    for vm in vms {
+        c.wait_writes(0, vm, 0, 30);
+    }
+    let tokens: Vec<u64> = disks.iter().map(|d| token(d)).collect();
+    let pids: Vec<i32> = vms.iter().map(|vm| c.nodes[0].pid(vm).unwrap()).collect();
+    let followers: Vec<SerialFollower> = vms
+        .iter()
+        .map(|vm| SerialFollower::start(&c.nodes[0], vm))
+        .collect();
+    let starts_before = starts_everywhere(&c, &vms);
+
+    assert_eq!(c.nodes[0].terminate(T), Some(0), "{}", c.logs());
+    let log = c.nodes[0].log();
+    assert!(
+        log.contains("drain on shutdown: moving this node's clustered VMs away")
+            && log.contains("drain on shutdown ended"),
+        "{log}"
+    );
+    let befores: Vec<String> = followers.into_iter().map(SerialFollower::finish).collect();
+    let moves: Vec<serde_json::Value> = vms.iter().map(|vm| move_of(&c, "a", vm)).collect();
+    for m in &moves {
+        assert_eq!(m["state"], "moved", "{m}\n{}", c.logs());
+        assert_eq!(m["reason"], "drain", "{m}");
+    }
+    assert!(
+        moves[1]["started_ms"].as_u64().unwrap() >= moves[0]["finished_ms"].as_u64().unwrap(),
+        "lo started moving before hi had moved: {moves:?}"
+    );
+    let mut at = Vec::new();
+    for (k, vm) in vms.iter().enumerate() {
+        let to = NODES.iter().position(|n| moves[k]["to"] == *n).unwrap();
+        assert_ne!(to, 0);
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), to);
+        at.push(to);
+    }
+
+    // Back: a resumes by itself and the VMs fail back, live.
+    let tokens: Vec<u64> = disks.iter().map(|d| token(d)).collect();
+    let pids: Vec<i32> = vms
+        .iter()
+        .zip(&at)
+        .map(|(vm, &i)| c.nodes[i].pid(vm).unwrap())
+        .collect();
+    let followers: Vec<SerialFollower> = vms
+        .iter()
+        .zip(&at)
+        .map(|(vm, &i)| SerialFollower::start(&c.nodes[i], vm))
+        .collect();
+    let starts_before = starts_everywhere(&c, &vms);
+    c.nodes[0].spawn();
+    c.wait("every VM back on a", || {
+        vms.iter().all(|vm| {
+            let m = move_of(&c, "a", vm);
+            m["reason"] == "failback"
+                && m["state"] == "moved"
+                && c.owner(vm).as_deref() == Some("a")
+        })
+    });
+    let befores: Vec<String> = followers.into_iter().map(SerialFollower::finish).collect();
+    assert_eq!(node_state(&c, "a"), "up");
+    assert!(
+        c.nodes[0]
+            .log()
+            .contains("back after a drain on shutdown: node up, its VMs failing back"),
+        "{}",
+        c.logs()
+    );
+    for (k, vm) in vms.iter().enumerate() {
+        let st = &starts_before[k];
+        assert_moved_live(&c, vm, &disks[k], (&befores[k], pids[k], tokens[k], st), 0);
+    }
+    assert_eq!(departures(&c, "a"), Some(0), "{}", c.logs());
+}
+
+/// How node b lists `vm`'s owner: a node's name, or why it has none (`pending`,
+/// `preempted`, `off`).
+fn owner_or_state(c: &Cluster, vm: &str) -> String {
+    let (_, body) = c.nodes[1].api("GET", "/api/v1/cluster", None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let Some(row) = v["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|x| x["name"] == vm).cloned())
+    else {
+        return String::new();
+    };
+    match &row["owner"] {
+        serde_json::Value::String(s) => s.clone(),
+        o => o["node"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+/// Capacity short: node a (room for 2 vCPUs) runs a High VM and a No Auto Start VM,
+/// b and c (room for 1 each) a Low VM each. When a dies, the High VM preempts one Low
+/// VM (stopped, `preempted`) and runs in its place with every completed write kept;
+/// the No Auto Start VM stays off. When a is back, the preempted Low VM runs again
+/// (there is room) from its disk, and the No Auto Start VM is still off.
+#[test]
+fn a_high_vm_preempts_a_low_one_when_room_is_short_and_it_runs_again_when_room_returns() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let vcpus = |i: usize| if i == 0 { "2" } else { "1" };
+    let mut c = Cluster::start_with(|i| vec!["--cluster-vcpus".to_string(), vcpus(i).to_string()]);
+    let hi = c.define_on("hi", "high", "a", &[]);
+    // Defined to start: it runs now, but is not restarted when its node dies.
+    c.define_on("nas", "off", "a", &[]);
+    let lo = [
+        c.define_on("lo1", "low", "b", &[]),
+        c.define_on("lo2", "low", "c", &[]),
+    ];
+    c.wait("hi and nas on a, lo1 on b, lo2 on c", || {
+        c.runs(0, "hi") && c.runs(0, "nas") && c.runs(1, "lo1") && c.runs(2, "lo2")
+    });
+    c.wait_writes(0, "hi", 0, 30);
+    for (i, vm) in [(1, "lo1"), (2, "lo2")] {
+        c.wait_writes(i, vm, 0, 30);
+    }
+
+    // a dies.
+    let pids = [
+        c.nodes[0].pid("hi").unwrap(),
+        c.nodes[0].pid("nas").unwrap(),
+    ];
+    c.nodes[0].kill9();
+    for pid in pids {
+        kill(pid, libc::SIGKILL);
+        common::wait_dead(pid, T);
+    }
+    let last = *c.reported(0, "hi").last().unwrap();
+    let to = c.runner("hi", 0);
+    // hi took the place of the Low VM that ran there.
+    let (victim, kept) = if to == 1 { (0, 1) } else { (1, 0) };
+    let victim_vm = ["lo1", "lo2"][victim];
+    let kept_vm = ["lo1", "lo2"][kept];
+    assert_eq!(owner_or_state(&c, victim_vm), "preempted", "{}", c.logs());
+    assert!(!c.runs(to, victim_vm), "{victim_vm} still runs beside hi");
+    assert!(
+        c.runs(kept + 1, kept_vm),
+        "{kept_vm} was stopped too:\n{}",
+        c.logs()
+    );
+    assert_carried_on(&c, "hi", &hi, last, to);
+    let victim_last = *c.reported(victim + 1, victim_vm).last().unwrap();
+    // No Auto Start: not restarted.
+    assert_eq!(owner_or_state(&c, "nas"), "off", "{}", c.logs());
+    assert!((1..3).all(|i| !c.runs(i, "nas")));
+
+    // a is back: the preempted VM has room again and runs, from its disk.
+    c.nodes[0].spawn();
+    let back = c.runner(victim_vm, to);
+    assert_eq!(
+        back, 0,
+        "{victim_vm} should run on a, the only node with room"
+    );
+    let serial = {
+        let mut serial = String::new();
+        c.wait(&format!("{victim_vm} resumed and writing on a"), || {
+            serial = c.nodes[0].serial(victim_vm);
+            let r = seqdisk::resumed(&serial);
+            r.first().is_some_and(|f| {
+                seqdisk::reported(&serial)
+                    .last()
+                    .is_some_and(|l| *l >= f + 10)
+            })
+        });
+        serial
+    };
+    let resumed = seqdisk::resumed(&serial)[0];
+    assert!(
+        resumed >= victim_last,
+        "{victim_vm} completed {victim_last} writes before it was preempted; its disk held {resumed}"
+    );
+    c.nodes[0].ok("PUT", &format!("/api/v1/vms/{victim_vm}/pause"), None);
+    let disk = &lo[victim];
+    let on_disk = seqdisk::single_writer(&seqdisk::seeds(disk, BLOCKS))
+        .unwrap_or_else(|e| panic!("{victim_vm}: {e}"));
+    let last_now = *c.reported(0, victim_vm).last().unwrap();
+    assert!((last_now..=last_now + 1).contains(&on_disk));
+    c.nodes[0].ok("PUT", &format!("/api/v1/vms/{victim_vm}/resume"), None);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(owner_or_state(&c, "nas"), "off");
+    assert!((0..3).all(|i| !c.runs(i, "nas")));
 }

@@ -131,6 +131,19 @@ fn define_start_pause_resume_stop_with_list_telling_the_truth() {
         ["defined", "Starting", "Running", "Paused", "Running", "Stopping", "Stopped"]
     );
 
+    // Logs written to files carry no terminal colour codes (neither vireod's nor the
+    // VMM's, whose stderr vireod keeps as vireo.log).
+    let vmm_log =
+        std::fs::read_to_string(d.state_dir.join("vms/web/vireo.log")).unwrap_or_default();
+    let vireod_log = d.log();
+    assert!(vireod_log.contains("INFO"), "{vireod_log}");
+    for (name, text) in [("vireod", &vireod_log), ("vireo", &vmm_log)] {
+        assert!(
+            !text.contains('\x1b'),
+            "{name}'s log has escape codes:\n{text}"
+        );
+    }
+
     // Export, then delete: the VM and its files are gone.
     let export = d.ctl_ok(&["vm", "export", "web"]);
     let def: Value = serde_json::from_str(&export).unwrap();

@@ -180,7 +180,7 @@ fn segments_over_mutual_tls_give_points_equal_to_the_primary_and_a_corrupt_one_i
         cut += 1;
         let seqs: Vec<u64> = disks
             .iter_mut()
-            .map(|d| d.log.seal(cut).unwrap().seq)
+            .map(|d| d.log.seal(cut).unwrap().sync().unwrap().seq)
             .collect();
         for (i, d) in disks.iter().enumerate() {
             let raw = d.segment(seqs[i]);
@@ -283,7 +283,7 @@ fn oversized_uploads_are_refused_before_they_are_stored() {
     let mut d = Disk::new();
     // Compressible data: small on the wire, over the bound once decompressed.
     d.log.append_data(0, &vec![7u8; 512 << 10]).unwrap();
-    let seq = d.log.seal(1).unwrap().seq;
+    let seq = d.log.seal(1).unwrap().sync().unwrap().seq;
     let body = zstd(&d.segment(seq));
     assert!(body.len() < 65536);
     let (s, v) = call_raw(
@@ -357,7 +357,7 @@ impl PrimaryVm {
     fn cut(&mut self) -> u64 {
         self.cut += 1;
         for (log, _) in self.disks.iter_mut() {
-            log.seal(self.cut).unwrap();
+            log.seal(self.cut).unwrap().sync().unwrap();
         }
         self.cut
     }
@@ -414,6 +414,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         history: 1,
         reverse: false,
         throttle: agent::throttle::Throttle::new(None),
+        verified: Default::default(),
     };
     let same = |what: &str| {
         let v = vm.lock().unwrap();
@@ -456,6 +457,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         history: 1,
         reverse: false,
         throttle: agent::throttle::Throttle::new(None),
+        verified: Default::default(),
     };
     vm.lock().unwrap().write(0, 800_000, 3, 4096);
     let err = round(&dead, &vm).unwrap_err();
@@ -476,7 +478,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         v.write(1, 12_288, 6, 4096);
         v.cut += 1;
         let torn = v.cut;
-        v.disks[0].0.seal(torn).unwrap();
+        v.disks[0].0.seal(torn).unwrap().sync().unwrap();
         v.write(0, 20_480, 7, 4096);
     }
     let s = round(&shipper, &vm).unwrap();
@@ -768,6 +770,17 @@ fn a_deleted_jailed_vms_change_log_goes_back_to_root() {
     d.ok("PUT", "/api/v1/vms/vm1", Some(&def));
     d.ok("PUT", "/api/v1/vms/vm1/start", None);
     d.wait_state("vm1", "Stopped", std::time::Duration::from_secs(60));
+    // vireod's own writer mark (root's) goes once it synced the logs after the VMM
+    // ended, which is after the VM shows Stopped.
+    let mark = log.join(agent::replica_crash::WRITER_MARK);
+    let since = std::time::Instant::now();
+    while mark.exists() {
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(30),
+            "vireod never removed its writer mark"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let uid = std::fs::metadata(&log).unwrap().uid();
     assert_ne!(uid, 0, "the jailed VMM owned its change log");
     let segments: Vec<PathBuf> = std::fs::read_dir(&log)

@@ -128,12 +128,21 @@ fn an_unplanned_failover_starts_the_latest_point_and_a_returning_primary_changes
 
     // The link is back: host-a's rounds are refused, the replica does not change.
     h.ns_a.exec(&["ip", "link", "set", "va", "up"]);
-    let v = h.wait("a round refused by the failed-over replica", |v| {
+    // It learns the failover from host-b: its loop stops for good and its VM, which
+    // ran through the partition, is killed (it must not run beside the replica's).
+    assert!(before >= 2);
+    let v = h.wait("the failover learnt from the replica host", |v| {
+        v["state"] == "failed-over-elsewhere"
+    });
+    assert_eq!(v["failed_over_to"], "host-b", "{v}");
+    assert!(
         v["last_error"]
             .as_str()
-            .is_some_and(|e| e.contains("failed over"))
-    });
-    assert!(point(&v) >= before, "{v}");
+            .is_some_and(|e| e.contains("failed over")),
+        "{v}"
+    );
+    h.a.wait_log("replication-failed-over-elsewhere");
+    h.a.wait_state("vm1", "Stopped", T);
     for (i, img) in images.iter().enumerate() {
         assert!(
             h.replica_image(i) == *img,
@@ -383,4 +392,292 @@ fn a_reverse_replication_after_a_planned_failover_sends_only_changed_blocks_and_
         );
     }
     assert_eq!(disk_paths(&h.b), b_disks);
+}
+
+/// More iterations than the writer guest makes in these tests.
+const MAX_ITERATION: u64 = 1 << 24;
+
+/// At most this many bytes of the disks differ between the two hosts after an
+/// unplanned failover: the writer guest writes only its 64 4-KiB blocks (256 KiB,
+/// four 64 KiB hash blocks) of each of the two disks, on either host.
+const WRITTEN_AREA: u64 = 2 * 4 * (64 << 10);
+
+/// host-a goes down the hard way: its vireod and vm1's VMM are killed (SIGKILL)
+/// while the guest writes. Returns its disks as the kill left them.
+fn crash_host_a(h: &mut Hosts) -> Vec<Vec<u8>> {
+    let pid = h.a.pid("vm1").unwrap();
+    h.a.kill9();
+    // SAFETY: a plain kill(2) of the VMM this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    common::wait_dead(pid, T);
+    h.images.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// Writes that reach no recovery point: replication paused at host-a, the guest
+/// goes on for `more` iterations.
+fn write_past_every_point(h: &Hosts, more: u64) {
+    h.a.ctl_ok(&["replica", "pause", "vm1"]);
+    let w = h.last_write();
+    h.a.wait_serial("vm1", &format!("rw n={}\n", w + more), T);
+}
+
+/// The return of host-a after an unplanned failover of vm1 to host-b (which runs it
+/// and writes): host-a's vireod restarts, learns the failover from host-b, does not
+/// start vm1 and shows it; `replica reverse` on host-b sends only the blocks that
+/// differ since the common point; a planned failback leaves host-a's replica equal
+/// to host-b's disks byte for byte. Returns host-b's reverse replication status.
+///
+/// With `cut_off`, host-a comes back with its link down: it cannot learn the
+/// failover at its start (its replication, paused, stays as it was); the link back,
+/// host-b's reverse request is what teaches it (host-a asks host-b, its VM's replica
+/// host, before it accepts).
+///
+/// Without `cut_off`, host-a's vireod comes back with automatic starts on (vm1's
+/// priority is High): it asks host-b first, so the automatic start is refused.
+fn return_reverse_and_fail_back(h: &mut Hosts, a_replicas: &Path, cut_off: bool) -> Value {
+    let b_disks = disk_paths(&h.b);
+    let a_addr = format!("{A_IP}:{PEER_PORT}");
+    if cut_off {
+        h.ns_a.exec(&["ip", "link", "set", "va", "down"]);
+    } else {
+        h.a.args.retain(|a| a != "--no-autostart");
+    }
+    h.a.spawn();
+    h.ns_a.run(|| {
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(&a_addr).is_err() {
+            assert!(start.elapsed() < T, "host-a's peer listener never came up");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
+    if cut_off {
+        h.a.wait_log("replica not reached at start");
+        let v = h.replication();
+        assert_eq!(v["state"], "paused", "{v}");
+        h.ns_a.exec(&["ip", "link", "set", "va", "up"]);
+        h.b.ctl_ok(&[
+            "replica",
+            "reverse",
+            "vm1",
+            "--to",
+            &a_addr,
+            "--interval",
+            "1s",
+        ]);
+    }
+    // host-b tells: replication stops with that state, vm1 does not start here.
+    let v = h.wait("the failover learnt from host-b", |v| {
+        v["state"] == "failed-over-elsewhere"
+    });
+    assert_eq!(v["failed_over_to"], "host-b", "{v}");
+    h.a.wait_log("replication-failed-over-elsewhere");
+    if !cut_off {
+        // The automatic start came after the answer: refused, never started.
+        let log = h.a.wait_log("automatic start failed");
+        assert!(log.contains("does not start here"), "{log}");
+        assert!(
+            !log.contains("killed: it runs on its replica host"),
+            "{log}"
+        );
+    }
+    assert_eq!(h.a.pid("vm1"), None);
+    let (s, body) = h.a.api("PUT", "/api/v1/vms/vm1/start", None);
+    assert_eq!(s, 409, "{body}");
+    assert!(body.contains("failed over to host-b"), "{body}");
+    assert_eq!(h.a.pid("vm1"), None);
+    let (s, body) = h.a.api("POST", "/api/v1/vms/vm1/replication/resume", None);
+    assert_eq!(s, 409, "{body}");
+    let table = h.a.ctl_ok(&["replica", "status", "vm1"]);
+    assert!(
+        table.contains("failed-over-elsewhere") && table.contains("host-b"),
+        "{table}"
+    );
+    let list = h.a.ok("GET", "/api/v1/replication", None);
+    assert_eq!(list[0]["state"], "failed-over-elsewhere", "{list}");
+    if !cut_off {
+        // The record outlives a restart of host-a's vireod that cannot reach host-b.
+        h.ns_a.exec(&["ip", "link", "set", "va", "down"]);
+        h.a.kill9();
+        h.a.spawn();
+        let v = h.replication();
+        assert_eq!(v["state"], "failed-over-elsewhere", "{v}");
+        let (s, body) = h.a.api("PUT", "/api/v1/vms/vm1/start", None);
+        assert_eq!(s, 409, "{body}");
+        h.ns_a.exec(&["ip", "link", "set", "va", "up"]);
+        h.ns_a.run(|| {
+            let start = std::time::Instant::now();
+            while std::net::TcpStream::connect(&a_addr).is_err() {
+                assert!(start.elapsed() < T, "host-a's peer listener never came up");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+    }
+
+    // The reverse: host-a's replica of vm1 starts from its own (diverged) disks;
+    // only the blocks either host wrote since the common point go over the wire.
+    if !cut_off {
+        h.b.ctl_ok(&[
+            "replica",
+            "reverse",
+            "vm1",
+            "--to",
+            &a_addr,
+            "--interval",
+            "1s",
+        ]);
+    }
+    h.b.wait_log("replication-reversed");
+    let v = wait_on(&h.b, "a second point at host-a", |v| point(v) >= 2);
+    let differing = v["base_differing_bytes"].as_u64().unwrap();
+    let base = v["base_bytes_sent"].as_u64().unwrap();
+    let total = 2 * common::writer::DISK_SIZE;
+    eprintln!(
+        "reverse after an unplanned failover: {differing} bytes differed, {base} bytes of the \
+         catch-up on the wire (zstd), {} bytes written to the link in all so far (with the \
+         segments since), disks {total} bytes: {v}",
+        v["wire_bytes_sent"]
+    );
+    assert!(
+        differing > 0,
+        "host-a's own writes after the point differ: {v}"
+    );
+    assert!(differing <= WRITTEN_AREA, "{v}");
+    // zstd frames of at most the differing bytes (the writer's data does not
+    // compress much; the filler is never sent).
+    assert!(base <= WRITTEN_AREA + 4096, "{v}");
+    assert!(base < total / 8, "{v}");
+
+    // Fail back (planned): host-a's replica equals host-b's stopped disks byte for
+    // byte; vm1 runs on host-a again, its failover record gone with its old
+    // definition.
+    h.b.ctl_ok(&["replica", "failover", "vm1", "--planned", "--no-start"]);
+    assert_eq!(h.b.state("vm1"), "Stopped");
+    for (i, disk) in b_disks.iter().enumerate() {
+        let theirs = std::fs::read(disk).unwrap();
+        let mine =
+            std::fs::read(a_replicas.join("host-b/vm1").join(format!("disk-{i}.img"))).unwrap();
+        assert!(
+            mine == theirs,
+            "disk {i}: host-a's replica differs from host-b's disk"
+        );
+    }
+    let a_disks = disk_paths(&h.a);
+    assert!(a_disks[0].ends_with("host-b/vm1/disk-0.img"), "{a_disks:?}");
+    h.a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    assert!(h.a.pid("vm1").is_some());
+    let (s, _) = h.a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404);
+    v
+}
+
+/// Unplanned failover to the latest point after host-a crashed (its vireod and VMM
+/// killed) with writes that reached no point; host-b runs vm1 and writes; host-a
+/// comes back, learns the failover and keeps vm1 stopped; the reverse sends only what
+/// changed since the common point, and the failback gives host-b's bytes exactly.
+#[test]
+fn after_an_unplanned_failover_the_returning_primary_stays_down_and_reverse_sends_only_changes() {
+    if !vireo_e2e::netns::is_root() {
+        vireo_e2e::skip_or_fail_under_ci("network namespaces need root");
+        return;
+    }
+    let a_store = tempfile::Builder::new()
+        .prefix("replicas")
+        .tempdir()
+        .unwrap();
+    let a_replicas = a_store.path().join("replicas");
+    let mut h = Hosts::build(
+        "rpk",
+        common::replica_hosts::Options {
+            a_replicas: Some(&a_replicas),
+            fill: true,
+            priority: Some("High"),
+            ..Default::default()
+        },
+    );
+    h.wait("a second recovery point", |v| point(v) >= 2);
+    write_past_every_point(&h, 200);
+    let a_disks = crash_host_a(&mut h);
+    let n_a = prefix_of(&a_disks[0], MAX_ITERATION, "host-a disk 0");
+
+    // Unplanned failover on host-b to the latest point: a prefix of host-a's writes,
+    // not what host-a wrote after it.
+    let out = h.b.ctl_ok(&[
+        "replica",
+        "failover",
+        "vm1",
+        "--point",
+        "latest",
+        "--no-start",
+    ]);
+    assert!(out.contains("failed over here from host-a"), "{out}");
+    let at_point: Vec<Vec<u8>> = (0..2).map(|i| h.replica_image(i)).collect();
+    let n_b = prefix_of(&at_point[0], MAX_ITERATION, "the point's disk 0");
+    assert!(n_b < n_a, "host-a wrote past the point: {n_b} vs {n_a}");
+    // The new primary writes.
+    h.b.ok("PUT", "/api/v1/vms/vm1/start", None);
+    h.b.wait_serial("vm1", "rw n=100\n", T);
+
+    return_reverse_and_fail_back(&mut h, &a_replicas, false);
+}
+
+/// Unplanned failover to an older kept point (not the latest): host-b's disks are
+/// exactly that point's data — host-a's disks frozen at it — and not the later
+/// point's; then host-a's return and the reverse as above.
+#[test]
+fn an_unplanned_failover_to_an_older_point_gives_exactly_its_data_and_reverses_only_changes() {
+    if !vireo_e2e::netns::is_root() {
+        vireo_e2e::skip_or_fail_under_ci("network namespaces need root");
+        return;
+    }
+    let a_store = tempfile::Builder::new()
+        .prefix("replicas")
+        .tempdir()
+        .unwrap();
+    let a_replicas = a_store.path().join("replicas");
+    let mut h = Hosts::build(
+        "rpo",
+        common::replica_hosts::Options {
+            a_replicas: Some(&a_replicas),
+            fill: true,
+            enable: &["--history", "8"],
+            ..Default::default()
+        },
+    );
+    h.wait("a second recovery point", |v| point(v) >= 2);
+
+    // Point p_a: cut while the guest was paused, so it holds the disks as frozen.
+    h.a.ok("PUT", "/api/v1/vms/vm1/pause", None);
+    let paused_at = point(&h.replication());
+    h.wait("two points after the pause", |v| point(v) >= paused_at + 2);
+    h.a.ok("POST", "/api/v1/vms/vm1/replication/pause", None);
+    let frozen: Vec<Vec<u8>> = h.images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let p_a = point(&h.replication());
+    h.a.ok("PUT", "/api/v1/vms/vm1/resume", None);
+    let n_frozen = prefix_of(&frozen[0], MAX_ITERATION, "frozen disk 0");
+    h.a.wait_serial("vm1", &format!("rw n={}\n", n_frozen + 20), T);
+    // A later point, then writes that reach none.
+    h.a.ok("POST", "/api/v1/vms/vm1/replication/resume", None);
+    h.wait("a point after p_a", |v| point(v) > p_a);
+    write_past_every_point(&h, 200);
+    let a_disks = crash_host_a(&mut h);
+
+    let out = h.b.ctl_ok(&[
+        "replica",
+        "failover",
+        "vm1",
+        "--point",
+        &p_a.to_string(),
+        "--no-start",
+    ]);
+    assert!(out.contains(&format!("recovery point {p_a}")), "{out}");
+    for (i, want) in frozen.iter().enumerate() {
+        let got = h.replica_image(i);
+        assert!(got == *want, "disk {i}: not exactly point {p_a}'s data");
+        assert!(got != a_disks[i], "disk {i}: host-a's later writes");
+    }
+    h.b.ok("PUT", "/api/v1/vms/vm1/start", None);
+    h.b.wait_serial("vm1", "rw n=100\n", T);
+
+    // host-a returns cut off: the reverse request teaches it.
+    return_reverse_and_fail_back(&mut h, &a_replicas, true);
 }

@@ -29,6 +29,9 @@ pub enum ConfigError {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(
+    expecting = "payload: an object with kernel (a path), and optionally cmdline and initramfs"
+)]
 pub struct PayloadConfig {
     pub kernel: PathBuf,
     #[serde(default)]
@@ -39,6 +42,7 @@ pub struct PayloadConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "cpus: an object such as {\"boot\": 2}")]
 pub struct CpusConfig {
     pub boot: u8,
     /// How the vCPUs are arranged (CPUID leaves 0xB/0x1F, APIC IDs, MADT). Without it: one
@@ -59,6 +63,7 @@ impl Default for CpusConfig {
 /// Sockets, cores per socket and threads per core; their product is the vCPU count.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a CPU topology: an object with sockets, cores and threads")]
 pub struct CpuTopology {
     pub sockets: u8,
     pub cores: u8,
@@ -115,13 +120,19 @@ impl CpusConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "memory: an object such as {\"size\": \"512M\"}")]
 pub struct MemoryConfig {
-    /// Bytes.
+    /// Bytes (JSON may say `"512M"`).
+    #[serde(deserialize_with = "crate::json::size::de")]
     pub size: u64,
     #[serde(default)]
     pub hugepages: bool,
     /// The huge page size in bytes (2 MiB or 1 GiB) when `hugepages`; none: 2 MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::json::size::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hugepage_size: Option<u64>,
     /// May `size` exceed the host's RAM? Guest memory is only backed where the guest
     /// touches it, so a large guest that touches little fits on a small host; without
@@ -159,6 +170,7 @@ impl Default for MemoryConfig {
 /// that writes a VHDX header into its raw disk must not turn it into a VHDX.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+#[serde(expecting = "a disk format: \"raw\" or \"vhdx\"")]
 pub enum DiskFormat {
     Raw,
     Vhdx,
@@ -202,6 +214,7 @@ impl std::str::FromStr for DiskFormat {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a disk: an object with path, and optionally format, readonly, id, ...")]
 pub struct DiskConfig {
     pub path: PathBuf,
     /// raw or vhdx. A configuration written before formats were declared has none:
@@ -235,7 +248,11 @@ pub struct DiskConfig {
     /// The disk's size in bytes, as the guest sees it. Optional; when given, the image
     /// must have it. An incoming shared-nothing migration needs it: the copy is made
     /// this size, and the source may not write beyond it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::json::size::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub size: Option<u64>,
     /// What a host I/O error does (QEMU's werror/rerror). Unset: `stop` for ENOSPC and
     /// EDQUOT (the host can free space), `report` for the rest.
@@ -256,6 +273,7 @@ pub struct DiskConfig {
 /// A disk's policy for host I/O errors.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+#[serde(expecting = "on_error: \"report\" or \"stop\"")]
 pub enum OnError {
     /// The guest sees VIRTIO_BLK_S_IOERR.
     Report,
@@ -280,6 +298,7 @@ impl DiskConfig {
 /// (`vireo-switch`) listening on a unix socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a network device: an object with tap (and optionally mac, id, ...)")]
 pub struct NetConfig {
     /// The tap interface (created if it does not exist, which needs CAP_NET_ADMIN).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -320,6 +339,7 @@ fn default_poll_us() -> u32 {
 /// in `refill_time` milliseconds (Cloud Hypervisor's and Firecracker's model).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a token bucket: an object with size and refill_time_ms")]
 pub struct TokenBucket {
     pub size: u64,
     pub refill_time: u64,
@@ -328,6 +348,7 @@ pub struct TokenBucket {
 /// A device's I/O limits: bandwidth in bytes, ops in operations.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a rate limiter: an object with bandwidth and/or ops token buckets")]
 pub struct RateLimitConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<TokenBucket>,
@@ -361,6 +382,9 @@ fn one() -> u16 {
 /// Where a character device goes.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase", tag = "mode", content = "file")]
+#[serde(
+    expecting = "an output: {\"mode\": \"off\"}, {\"mode\": \"null\"}, {\"mode\": \"tty\"} or {\"mode\": \"file\", \"file\": PATH}"
+)]
 pub enum OutputConfig {
     #[default]
     Off,
@@ -371,6 +395,9 @@ pub enum OutputConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(
+    expecting = "a VM configuration: an object with payload, and optionally cpus, memory, disks, nets, serial, console, ..."
+)]
 pub struct VmConfig {
     pub payload: PayloadConfig,
     #[serde(default)]
@@ -386,10 +413,18 @@ pub struct VmConfig {
     pub console: OutputConfig,
     /// Most bytes a serial output file holds before it rotates to `PATH.1`
     /// (default [`DEFAULT_OUTPUT_MAX_SIZE`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::json::size::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub serial_max_size: Option<u64>,
     /// The same for the console's output file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::json::size::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub console_max_size: Option<u64>,
     #[serde(default)]
     pub rng: bool,
@@ -412,9 +447,10 @@ pub struct VmConfig {
 /// The balloon: how much memory the host asks back at start, and what the guest may do.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "balloon: an object such as {\"size\": \"256M\"}")]
 pub struct BalloonConfig {
     /// Bytes the guest is asked to give back at start (`vm.resize` changes it).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::size::de")]
     pub size: u64,
     /// The guest may take pages back from the balloon when it runs out of memory.
     #[serde(default)]
@@ -475,8 +511,39 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_MEMORY: u64 = 4 << 40;
 
 impl VmConfig {
+    /// An empty path is named as such (not as a file that cannot be opened).
+    fn no_empty_paths(&self) -> Result<(), ConfigError> {
+        let empty = |p: &std::path::Path| p.as_os_str().is_empty();
+        let mut named: Vec<(String, bool)> = vec![
+            ("payload.kernel".into(), empty(&self.payload.kernel)),
+            (
+                "payload.initramfs".into(),
+                self.payload.initramfs.as_deref().is_some_and(empty),
+            ),
+        ];
+        for (what, out) in [("serial", &self.serial), ("console", &self.console)] {
+            if let OutputConfig::File(p) = out {
+                named.push((format!("{what}.file"), empty(p)));
+            }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            named.push((format!("disks[{i}].path"), empty(&d.path)));
+            named.push((
+                format!("disks[{i}].replica_log"),
+                d.replica_log.as_deref().is_some_and(empty),
+            ));
+        }
+        match named.into_iter().find(|(_, is_empty)| *is_empty) {
+            Some((field, _)) => Err(ConfigError::Invalid(format!(
+                "{field} is empty: give a path"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Checks what serde cannot: ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.no_empty_paths()?;
         if self.cpus.boot == 0 || self.cpus.boot > MAX_VCPUS {
             return Err(ConfigError::Invalid(format!(
                 "cpus.boot must be 1..={MAX_VCPUS}, got {}",

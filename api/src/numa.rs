@@ -18,7 +18,8 @@ pub struct NumaNode {
     pub id: u32,
     /// vCPU indices (0-based, in `cpus.boot` order; not APIC IDs).
     pub cpus: Vec<u8>,
-    /// Bytes of guest RAM on this node (a multiple of 2 MiB).
+    /// Bytes of guest RAM on this node (a multiple of 2 MiB; JSON may say `"512M"`).
+    #[serde(deserialize_with = "crate::json::size::de")]
     pub memory: u64,
     /// The host node whose memory backs it (bound with mbind); none: the host decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -64,7 +64,11 @@ impl ServerHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // On the VMM's file thread once it has one.
+        let path = self.path.clone();
+        let _ = confine::broker::run(confine::broker::FileOp::RemoveFile, move || {
+            std::fs::remove_file(path)
+        });
     }
 }
 
@@ -214,14 +218,14 @@ fn error_response(e: ApiError) -> Response {
 }
 
 async fn create(State(state): State<AppState>, body: Bytes) -> Response {
-    match serde_json::from_slice::<VmConfig>(&body) {
+    match crate::json::from_slice::<VmConfig>(&body) {
         Ok(cfg) => action(State(state), VmAction::Create(Box::new(cfg))).await,
         Err(e) => error_response(ApiError::bad_request(format!("invalid VM config: {e}"))),
     }
 }
 
 async fn snapshot(State(state): State<AppState>, body: Bytes) -> Response {
-    let path = serde_json::from_slice::<SnapshotRequest>(&body)
+    let path = crate::json::from_slice::<SnapshotRequest>(&body)
         .map_err(|e| format!("invalid snapshot request: {e}"))
         .and_then(|r| file_url_path(&r.destination_url));
     match path {
@@ -231,7 +235,7 @@ async fn snapshot(State(state): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn restore(State(state): State<AppState>, body: Bytes) -> Response {
-    let path = serde_json::from_slice::<RestoreRequest>(&body)
+    let path = crate::json::from_slice::<RestoreRequest>(&body)
         .map_err(|e| format!("invalid restore request: {e}"))
         .and_then(|r| file_url_path(&r.source_url));
     match path {
@@ -241,7 +245,7 @@ async fn restore(State(state): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn send_migration(State(state): State<AppState>, body: Bytes) -> Response {
-    match serde_json::from_slice::<SendMigrationRequest>(&body) {
+    match crate::json::from_slice::<SendMigrationRequest>(&body) {
         Ok(r) => action(State(state), VmAction::SendMigration(r)).await,
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid send-migration request: {e}"
@@ -250,7 +254,7 @@ async fn send_migration(State(state): State<AppState>, body: Bytes) -> Response 
 }
 
 async fn resize(State(state): State<AppState>, body: Bytes) -> Response {
-    match serde_json::from_slice::<ResizeRequest>(&body) {
+    match crate::json::from_slice::<ResizeRequest>(&body) {
         Ok(r) => action(State(state), VmAction::ResizeBalloon(r.desired_balloon)).await,
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid resize request: {e}"
@@ -259,7 +263,7 @@ async fn resize(State(state): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn migrate_disk(State(state): State<AppState>, body: Bytes) -> Response {
-    match serde_json::from_slice::<MigrateDiskRequest>(&body) {
+    match crate::json::from_slice::<MigrateDiskRequest>(&body) {
         Ok(r) => action(State(state), VmAction::MigrateDisk(r)).await,
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid migrate-disk request: {e}"
@@ -268,7 +272,7 @@ async fn migrate_disk(State(state): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn receive_migration(State(state): State<AppState>, body: Bytes) -> Response {
-    match serde_json::from_slice::<ReceiveMigrationRequest>(&body) {
+    match crate::json::from_slice::<ReceiveMigrationRequest>(&body) {
         Ok(r) => action(State(state), VmAction::ReceiveMigration(r)).await,
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid receive-migration request: {e}"
@@ -277,7 +281,7 @@ async fn receive_migration(State(state): State<AppState>, body: Bytes) -> Respon
 }
 
 async fn lease(State(state): State<AppState>, body: Bytes) -> Response {
-    match serde_json::from_slice::<WriteLease>(&body) {
+    match crate::json::from_slice::<WriteLease>(&body) {
         Ok(l) => action(State(state), VmAction::Lease(l)).await,
         Err(e) => error_response(ApiError::bad_request(format!("invalid write lease: {e}"))),
     }

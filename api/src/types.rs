@@ -257,6 +257,10 @@ pub struct ReplicaSegmentInfo {
 pub struct ReplicaCutInfo {
     pub cut_id: u64,
     pub segments: Vec<ReplicaSegmentInfo>,
+    /// How long the cut held the guest's writes to the replicated disks (µs): from
+    /// holding the last of them to releasing them all; the sealed files are synced after.
+    #[serde(default)]
+    pub held_us: u64,
 }
 
 /// What the API asks of the control loop.

@@ -9,6 +9,15 @@
 //!   N). In one transaction: N's admin record becomes `draining` (placement skips it)
 //!   and a queued move is written per VM. N's vireod moves them High first, a bounded
 //!   number at once, and marks N `paused` when none is left unfinished.
+//! - **More moves than one transaction holds** (etcd refuses more than
+//!   `--max-txn-ops`, 128 by default, operations of a kind in one): the first
+//!   transaction writes the admin record, marked `queueing`, with the first
+//!   [`MOVES_PER_TXN`] moves; each next one writes [`MOVES_PER_TXN`] more and holds
+//!   only while the admin record is still the one the first wrote (no cancel or
+//!   resume came between) and each move's key is unchanged; a last one clears
+//!   `queueing`, after which the node may be paused. A part that loses leaves its VMs
+//!   and the later ones on the node, reported as left. Fail-back moves and a cancel's
+//!   failed moves are written the same way.
 //! - **Resume**: N is `up` again; with fail-back, each VM the drain moved that still
 //!   runs where it went gets a move back to N.
 
@@ -71,12 +80,18 @@ fn list(v: &[(String, String)]) -> String {
 
 /// The nodes placement may use for a VM leaving `node`: live, `up`, reachable for
 /// live migration, with what they run.
-fn targets(snap: &Snapshot, node: &str) -> Vec<NodeView> {
+pub(crate) fn targets(snap: &Snapshot, node: &str) -> Vec<NodeView> {
+    node_views(snap, node, true)
+}
+
+/// Every live node as placement sees it, with what it runs; `exclude` and (when
+/// `need_peer`: a live migration's destination) nodes without a peer URL take nothing.
+pub(crate) fn node_views(snap: &Snapshot, exclude: &str, need_peer: bool) -> Vec<NodeView> {
     let mut views: BTreeMap<&str, NodeView> = snap
         .nodes
         .iter()
         .map(|(name, (r, _))| {
-            let usable = name != node && r.peer_url.is_some();
+            let usable = name != exclude && (!need_peer || r.peer_url.is_some());
             (
                 name.as_str(),
                 NodeView {
@@ -160,7 +175,13 @@ pub async fn read_moves<S: ClusterStore>(
         .collect())
 }
 
-fn queued(pm: &PlannedMove, from: &str, reason: MoveReason, drain_of: &str, c: u32) -> MoveRecord {
+pub(crate) fn queued(
+    pm: &PlannedMove,
+    from: &str,
+    reason: MoveReason,
+    drain_of: &str,
+    c: u32,
+) -> MoveRecord {
     MoveRecord {
         vm: pm.vm.clone(),
         from: from.to_string(),
@@ -168,6 +189,7 @@ fn queued(pm: &PlannedMove, from: &str, reason: MoveReason, drain_of: &str, c: u
         priority: pm.priority,
         reason,
         drain_of: drain_of.to_string(),
+        request: None,
         state: MoveState::Queued,
         concurrency: c.max(1),
         token_before: None,
@@ -178,8 +200,17 @@ fn queued(pm: &PlannedMove, from: &str, reason: MoveReason, drain_of: &str, c: u
     }
 }
 
-/// Writes the admin record and the moves in one transaction that holds only if
-/// neither the admin record nor any of the moves' keys changed since `snap`/`moves`.
+/// Moves written per transaction. etcd refuses a transaction with more than
+/// `--max-txn-ops` (128 by default) comparisons, or writes: each move takes one of
+/// each, and the admin record one more.
+pub const MOVES_PER_TXN: usize = 100;
+
+/// Writes the admin record with the first [`MOVES_PER_TXN`] moves, in one transaction
+/// that holds only if neither the admin record nor any of the moves' keys changed since
+/// `admin_rev`/`moves`, then the other moves [`MOVES_PER_TXN`] at a time while the
+/// admin record is still the one written (see the module's doc). Returns how many of
+/// `new_moves` were written (all, or the first ones: a later part lost) and the admin
+/// record's revision. The first transaction losing is [`AdminError::Raced`].
 async fn commit<S: ClusterStore>(
     store: &S,
     node: &str,
@@ -187,17 +218,84 @@ async fn commit<S: ClusterStore>(
     admin_rev: Revision,
     new_moves: &[MoveRecord],
     moves: &BTreeMap<String, (MoveRecord, Revision)>,
-) -> Result<(), AdminError> {
-    let mut when = vec![Compare::ModRevision {
-        key: keys::admin_key(node),
-        op: CmpOp::Equal,
-        revision: admin_rev,
-    }];
-    let mut then = vec![Op::Put {
-        key: keys::admin_key(node),
-        value: keys::encode(admin),
+) -> Result<(usize, Revision), AdminError> {
+    let anchor = keys::admin_key(node);
+    match commit_anchored(
+        store,
+        &anchor,
+        keys::encode(admin),
+        admin_rev,
+        new_moves,
+        moves,
+    )
+    .await?
+    {
+        Some(done) => Ok(done),
+        None => Err(AdminError::Raced),
+    }
+}
+
+/// [`commit`] with any record as the anchor (`anchor`, written as `value` if it is
+/// still at `anchor_rev`; 0: it must not exist): a node's admin record for a drain, a
+/// bulk request's record for its moves. `None` when the first transaction lost.
+pub(crate) async fn commit_anchored<S: ClusterStore>(
+    store: &S,
+    anchor: &str,
+    value: Vec<u8>,
+    anchor_rev: Revision,
+    new_moves: &[MoveRecord],
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+) -> StoreResult<Option<(usize, Revision)>> {
+    let mut parts = new_moves.chunks(MOVES_PER_TXN);
+    let first = parts.next().unwrap_or_default();
+    let put_anchor = Op::Put {
+        key: anchor.to_string(),
+        value,
         lease: 0,
+    };
+    let Some(anchor_now) =
+        write_moves(store, anchor, anchor_rev, Some(put_anchor), first, moves).await?
+    else {
+        return Ok(None);
+    };
+    let mut written = first.len();
+    for part in parts {
+        if write_moves(store, anchor, anchor_now, None, part, moves)
+            .await?
+            .is_none()
+        {
+            tracing::warn!(
+                anchor,
+                written,
+                of = new_moves.len(),
+                "the cluster changed while the moves were written: the others are not"
+            );
+            break;
+        }
+        written += part.len();
+    }
+    Ok(Some((written, anchor_now)))
+}
+
+/// One transaction: `new_moves` (and `put_anchor`, if given) written if the anchor
+/// record (`anchor`: a node's admin record, a bulk request's record) is at
+/// `anchor_rev` and each move's key as in `moves`. Returns the anchor's revision after
+/// it, `None` when a comparison failed.
+pub(crate) async fn write_moves<S: ClusterStore>(
+    store: &S,
+    anchor: &str,
+    anchor_rev: Revision,
+    put_anchor: Option<Op>,
+    new_moves: &[MoveRecord],
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+) -> StoreResult<Option<Revision>> {
+    let mut when = vec![Compare::ModRevision {
+        key: anchor.to_string(),
+        op: CmpOp::Equal,
+        revision: anchor_rev,
     }];
+    let writes_anchor = put_anchor.is_some();
+    let mut then: Vec<Op> = put_anchor.into_iter().collect();
     for m in new_moves {
         let key = keys::move_key(&m.vm);
         when.push(Compare::ModRevision {
@@ -211,6 +309,12 @@ async fn commit<S: ClusterStore>(
             lease: 0,
         });
     }
+    if then.is_empty() {
+        // Nothing to write: whether the anchor is still as read.
+        let now = store.get(anchor).await?;
+        let rev = now.map_or(0, |kv| kv.mod_revision);
+        return Ok((rev == anchor_rev).then_some(rev));
+    }
     let outcome = store
         .txn(Txn {
             when,
@@ -218,11 +322,11 @@ async fn commit<S: ClusterStore>(
             otherwise: vec![],
         })
         .await?;
-    if outcome.succeeded {
-        Ok(())
+    Ok(outcome.succeeded.then_some(if writes_anchor {
+        outcome.revision
     } else {
-        Err(AdminError::Raced)
-    }
+        anchor_rev
+    }))
 }
 
 /// Starts draining `node`: checks, marks it `draining` and queues its moves. Returns
@@ -232,6 +336,43 @@ pub async fn drain<S: ClusterStore>(
     node: &str,
     force: bool,
     concurrency: u32,
+) -> Result<DrainPlan, AdminError> {
+    start_drain(store, node, force, concurrency, false).await
+}
+
+/// Drain on shutdown: `node`'s vireod is stopping. As [`drain`] with `force` (a VM
+/// without a place stays, and is stopped as the node leaves), marked so that the
+/// node resumes by itself when it comes back ([`resume_after_shutdown`]).
+pub async fn drain_for_shutdown<S: ClusterStore>(
+    store: &S,
+    node: &str,
+    concurrency: u32,
+) -> Result<DrainPlan, AdminError> {
+    start_drain(store, node, true, concurrency, true).await
+}
+
+/// A node coming back after its drain on shutdown ended is `up` again, and the VMs
+/// that drain moved fail back to it (returned). `None`: its last drain was no
+/// shutdown's, or has not ended (an operator's pause stays until `node resume`).
+pub async fn resume_after_shutdown<S: ClusterStore>(
+    store: &S,
+    node: &str,
+    concurrency: u32,
+) -> Result<Option<Vec<PlannedMove>>, AdminError> {
+    let (admin, _) = crate::admin::read(store, node).await?;
+    let by_shutdown = admin.drain.as_ref().is_some_and(|d| d.on_shutdown);
+    if admin.state != NodeState::Paused || !by_shutdown {
+        return Ok(None);
+    }
+    resume(store, node, true, concurrency).await.map(Some)
+}
+
+async fn start_drain<S: ClusterStore>(
+    store: &S,
+    node: &str,
+    force: bool,
+    concurrency: u32,
+    on_shutdown: bool,
 ) -> Result<DrainPlan, AdminError> {
     let snap = Snapshot::read(store).await?;
     let Some((record, _)) = snap.nodes.get(node) else {
@@ -268,16 +409,39 @@ pub async fn drain<S: ClusterStore>(
     } else {
         NodeState::Draining
     };
+    let queueing = plan.moves.len() > MOVES_PER_TXN;
     admin.drain = Some(DrainInfo {
         started_ms: keys::now_ms(),
         left: plan.no_place.iter().map(|(vm, _)| vm.clone()).collect(),
+        queueing,
+        on_shutdown,
     });
     let records: Vec<MoveRecord> = plan
         .moves
         .iter()
         .map(|m| queued(m, node, MoveReason::Drain, node, concurrency))
         .collect();
-    commit(store, node, &admin, rev, &records, &moves).await?;
+    let (written, admin_rev) = commit(store, node, &admin, rev, &records, &moves).await?;
+    if !queueing {
+        return Ok(plan);
+    }
+    // Every part written (or the rest given up): the node may be paused once its
+    // moves end. VMs whose moves were not written stay, reported as left.
+    let unwritten = plan.moves.split_off(written);
+    if let Some(d) = admin.drain.as_mut() {
+        d.queueing = false;
+        d.left.extend(unwritten.iter().map(|m| m.vm.clone()));
+    }
+    plan.no_place.extend(unwritten.into_iter().map(|m| {
+        (
+            m.vm,
+            "the cluster changed while its move was queued".to_string(),
+        )
+    }));
+    if !crate::admin::write_if(store, node, &admin, admin_rev, vec![]).await? {
+        // Cancelled or resumed meanwhile: that decision stands.
+        return Err(AdminError::Raced);
+    }
     Ok(plan)
 }
 
@@ -323,7 +487,9 @@ pub async fn resume<S: ClusterStore>(
             Some(queued(pm, &m.to, MoveReason::Failback, node, concurrency))
         })
         .collect();
-    commit(store, node, &admin, rev, &records, &moves).await?;
+    let (written, _) = commit(store, node, &admin, rev, &records, &moves).await?;
+    // Records and `back` are in the same order (a VM in `back` has a move record).
+    back.truncate(written);
     Ok(back)
 }
 
@@ -357,9 +523,42 @@ pub async fn cancel<S: ClusterStore>(store: &S, node: &str) -> Result<Vec<String
             ..m.clone()
         })
         .collect();
-    commit(store, node, &admin, rev, &cancelled, &moves).await?;
-    Ok(cancelled.into_iter().map(|m| m.vm).collect())
+    let (written, admin_rev) = commit(store, node, &admin, rev, &cancelled, &moves).await?;
+    let mut done: Vec<String> = cancelled[..written].iter().map(|m| m.vm.clone()).collect();
+    // A part lost (a move started meanwhile): the node is up already; cancel what is
+    // still queued, read again, while the admin record stays as written.
+    for _ in 0..CANCEL_TRIES {
+        if done.len() == cancelled.len() {
+            break;
+        }
+        let moves = read_moves(store).await?;
+        let rest: Vec<MoveRecord> = cancelled
+            .iter()
+            .filter(|c| !done.contains(&c.vm))
+            .filter(|c| {
+                moves
+                    .get(&c.vm)
+                    .is_some_and(|(m, _)| m.state == MoveState::Queued && m.drain_of == node)
+            })
+            .cloned()
+            .collect();
+        if rest.is_empty() {
+            break;
+        }
+        for part in rest.chunks(MOVES_PER_TXN) {
+            if write_moves(store, &keys::admin_key(node), admin_rev, None, part, &moves)
+                .await?
+                .is_some()
+            {
+                done.extend(part.iter().map(|m| m.vm.clone()));
+            }
+        }
+    }
+    Ok(done)
 }
+
+/// How many times a cancel reads the moves again to cancel those a lost part left.
+const CANCEL_TRIES: usize = 5;
 
 /// `node release`: a quarantined node is `up` again, its departures forgotten.
 pub async fn release<S: ClusterStore>(store: &S, node: &str) -> Result<(), AdminError> {
@@ -378,9 +577,13 @@ pub async fn release<S: ClusterStore>(store: &S, node: &str) -> Result<(), Admin
     }
 }
 
-/// Which queued moves of `from` may start now: none of a lower priority while one of
-/// a higher priority is unfinished (High first), and no more than the moves'
-/// concurrency running at once (`running`: this node's moves in progress).
+/// Which queued moves of `from` may start now. Per source: none of a lower priority
+/// while one of a higher priority is unfinished (High first), and no more than the
+/// moves' concurrency running at once (`running`: this node's moves in progress). Per
+/// destination, whatever the source: none while a move of a higher priority into it
+/// is unfinished, and no more migrating into it at once than the move's concurrency.
+/// (The destination's count is as read; the move's start checks it again against
+/// `vireo/intake/NODE`, which two sources cannot both take: see `cluster_moves`.)
 pub fn next_moves(
     moves: &BTreeMap<String, (MoveRecord, Revision)>,
     from: &str,
@@ -404,6 +607,45 @@ pub fn next_moves(
         .cloned()
         .collect();
     queued.sort_by(|(a, _), (b, _)| a.vm.cmp(&b.vm));
-    queued.truncate(limit.saturating_sub(running));
-    queued
+    // Each destination: how many arrive now, and the highest priority still to.
+    let mut arriving: BTreeMap<String, usize> = BTreeMap::new();
+    let mut top_into: BTreeMap<&str, Priority> = BTreeMap::new();
+    for (m, _) in moves.values().filter(|(m, _)| !m.state.finished()) {
+        if m.state == MoveState::Migrating {
+            *arriving.entry(m.to.clone()).or_default() += 1;
+        }
+        let t = top_into.entry(m.to.as_str()).or_insert(m.priority);
+        *t = (*t).max(m.priority);
+    }
+    let mut out = Vec::new();
+    let room = limit.saturating_sub(running);
+    for (m, rev) in queued {
+        if out.len() >= room {
+            break;
+        }
+        let higher_waits = top_into.get(m.to.as_str()).is_some_and(|t| *t > m.priority);
+        let here = arriving.get(&m.to).copied().unwrap_or(0);
+        if higher_waits || here >= m.concurrency.max(1) as usize {
+            continue;
+        }
+        arriving.insert(m.to.clone(), here + 1);
+        out.push((m, rev));
+    }
+    out
+}
+
+/// Unfinished moves whose source node is not in the cluster (`live`: the nodes
+/// registered now): its lease is gone, so it fenced itself and carries out none of them
+/// (and its VMs fail over); a restarted vireod fails its own earlier ones anyway.
+/// Left as they are they would hold their destination's slots and hold back its
+/// lower-priority moves for ever: any node fails them.
+pub fn abandoned(
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    live: &std::collections::BTreeSet<String>,
+) -> Vec<(MoveRecord, Revision)> {
+    moves
+        .values()
+        .filter(|(m, _)| !m.state.finished() && !live.contains(&m.from))
+        .cloned()
+        .collect()
 }

@@ -64,6 +64,8 @@ struct Inner {
     /// Each member's endpoint and its own client.
     members: Vec<(String, Client)>,
     endpoints: Endpoints,
+    /// How long one request may take ([`REQUEST_TIMEOUT`] for a node).
+    request_timeout: Duration,
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
@@ -82,12 +84,13 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
 
 async fn timed<T>(
     what: &str,
+    limit: Duration,
     fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> StoreResult<T> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+    match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.map_err(unavailable),
         Err(_) => Err(StoreError::Unavailable(format!(
-            "{what}: no answer within {REQUEST_TIMEOUT:?}"
+            "{what}: no answer within {limit:?}"
         ))),
     }
 }
@@ -203,6 +206,17 @@ impl EtcdStore {
     /// `http://` when [`EtcdSecurity::Insecure`]): one client each, connecting lazily,
     /// and a task probing their health while the store lives.
     pub async fn connect(endpoints: &[String], security: &EtcdSecurity) -> StoreResult<Self> {
+        Self::connect_with_timeout(endpoints, security, REQUEST_TIMEOUT).await
+    }
+
+    /// [`EtcdStore::connect`] with requests allowed `request_timeout` (a node's store
+    /// keeps [`REQUEST_TIMEOUT`], shorter than a lease renewal period; an operator's
+    /// tool or a test's own client may wait longer for a busy etcd).
+    pub async fn connect_with_timeout(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+        request_timeout: Duration,
+    ) -> StoreResult<Self> {
         check_endpoints(endpoints, security).map_err(StoreError::Unavailable)?;
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
@@ -227,6 +241,7 @@ impl EtcdStore {
         let inner = Arc::new(Inner {
             endpoints: Endpoints::new(members.len()),
             members,
+            request_timeout,
         });
         for i in 0..inner.members.len() {
             tokio::spawn(probe(Arc::downgrade(&inner), i));
@@ -260,7 +275,7 @@ impl EtcdStore {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let (i, client) = self.client();
-        let r = timed(what, request(client)).await;
+        let r = timed(what, self.inner.request_timeout, request(client)).await;
         if let Err(e @ StoreError::Unavailable(_)) = &r {
             self.failed(i, e);
         }
@@ -326,9 +341,18 @@ impl ClusterStore for EtcdStore {
     /// Paged: [`PAGE_KEYS`] keys per request, every page at the first one's revision
     /// (one consistent read).
     async fn get_prefix(&self, prefix: &str) -> StoreResult<(Vec<KeyValue>, Revision)> {
+        self.get_prefix_at(prefix, 0).await
+    }
+
+    /// Paged as [`EtcdStore::get_prefix`], at `revision` (0: the first page's).
+    async fn get_prefix_at(
+        &self,
+        prefix: &str,
+        revision: Revision,
+    ) -> StoreResult<(Vec<KeyValue>, Revision)> {
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.as_bytes().to_vec();
-        let mut revision = 0;
+        let mut revision = revision;
         let mut kvs = Vec::new();
         loop {
             let mut opts = GetOptions::new()
@@ -420,12 +444,13 @@ impl ClusterStore for EtcdStore {
     /// (1.5 s) has no room to try them one after the other.
     async fn lease_keepalive(&self, id: LeaseId) -> StoreResult<()> {
         let mut tries = tokio::task::JoinSet::new();
+        let limit = self.inner.request_timeout;
         for (i, (_, client)) in self.inner.members.iter().enumerate() {
             let client = client.clone();
             tries.spawn(async move {
                 // Opening the stream sends one renewal and reads its answer (the client
                 // checks its TTL: "lease not found" when it is 0).
-                let renewed = timed("lease keepalive", async move {
+                let renewed = timed("lease keepalive", limit, async move {
                     client.lease_client().keep_alive(id).await
                 })
                 .await;
@@ -489,9 +514,16 @@ impl ClusterStore for EtcdStore {
                     }
                 };
                 if resp.canceled() {
-                    debug!(%prefix, reason = resp.cancel_reason(), "cluster watch canceled");
+                    debug!(
+                        %prefix,
+                        reason = resp.cancel_reason(),
+                        compact_revision = resp.compact_revision(),
+                        "cluster watch canceled"
+                    );
                     break;
                 }
+                // One response holds whole revisions: sent as one batch.
+                let mut batch = Vec::with_capacity(resp.events().len());
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let Ok(kv) = key_value(kv) else { continue };
@@ -502,13 +534,14 @@ impl ClusterStore for EtcdStore {
                             revision: kv.mod_revision,
                         },
                     };
-                    if tx.send(event).is_err() {
-                        return;
-                    }
+                    batch.push(event);
+                }
+                if !batch.is_empty() && tx.send(batch).is_err() {
+                    return;
                 }
             }
         });
-        Ok(Watch { events: rx })
+        Ok(Watch::new(rx))
     }
 }
 

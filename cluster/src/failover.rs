@@ -29,7 +29,7 @@ use crate::store::{
 };
 
 /// One view of the cluster, read from the store.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Live nodes: name → (record, lease).
     pub nodes: BTreeMap<String, (NodeRecord, LeaseId)>,
@@ -39,6 +39,9 @@ pub struct Snapshot {
     /// Node → (its admin record, the key's revision). A live node's record state is
     /// the admin state when that is not `up` (draining, paused, quarantined).
     pub admin: BTreeMap<String, (NodeAdmin, Revision)>,
+    /// Each live node's state as it registered it (before an admin state overrides
+    /// it): what it is again when its admin record says `up` or goes.
+    registered: BTreeMap<String, NodeState>,
 }
 
 impl Snapshot {
@@ -54,51 +57,148 @@ impl Snapshot {
         let (vms, _) = store.get_prefix(keys::VMS).await?;
         let (owners, _) = store.get_prefix(keys::OWNERS).await?;
         let (admin, _) = store.get_prefix(keys::ADMIN).await?;
-        let named = |prefix: &'static str, kvs: Vec<KeyValue>| {
-            kvs.into_iter().filter_map(move |kv| {
-                let name = keys::name_of(prefix, &kv.key)?.to_string();
-                Some((name, kv))
-            })
-        };
+        Ok((Self::decode(nodes, vms, owners, admin), read_at))
+    }
+
+    /// The four prefixes read at one revision (the first read's), and that revision:
+    /// the cluster exactly as it was then. A revision compacted meanwhile is
+    /// [`crate::StoreError::Refused`]: read again.
+    pub async fn read_consistent<S: ClusterStore>(store: &S) -> StoreResult<(Snapshot, Revision)> {
+        let (nodes, at) = store.get_prefix_at(keys::NODES, 0).await?;
+        let (vms, _) = store.get_prefix_at(keys::VMS, at).await?;
+        let (owners, _) = store.get_prefix_at(keys::OWNERS, at).await?;
+        let (admin, _) = store.get_prefix_at(keys::ADMIN, at).await?;
+        Ok((Self::decode(nodes, vms, owners, admin), at))
+    }
+
+    /// A part of the cluster, read key by key: the records (and admin records) of
+    /// `nodes` and the ownership records of `vms` — what one drain move checks, at the
+    /// cost of a few single-key reads instead of every VM's records. Each key is read
+    /// as it is now (not all at one revision): a decision made from it is guarded by
+    /// its transaction's comparisons.
+    pub async fn read_some<S: ClusterStore>(
+        store: &S,
+        nodes: &[&str],
+        vms: &[&str],
+    ) -> StoreResult<Snapshot> {
         let mut snap = Snapshot::default();
-        for (name, kv) in named(keys::NODES, nodes) {
-            match keys::decode::<NodeRecord>(&kv.value) {
-                Some(r) => {
-                    snap.nodes.insert(name, (r, kv.lease));
+        for node in nodes {
+            for key in [keys::admin_key(node), keys::node_key(node)] {
+                if let Some(kv) = store.get(&key).await? {
+                    snap.apply_put(&kv);
                 }
-                None => warn!(key = %kv.key, "ignoring a node record that does not parse"),
             }
         }
-        for (name, kv) in named(keys::ADMIN, admin) {
-            match keys::decode::<NodeAdmin>(&kv.value) {
-                Some(a) => {
-                    if let Some((r, _)) = snap.nodes.get_mut(&name) {
+        for vm in vms {
+            if let Some(kv) = store.get(&keys::owner_key(vm)).await? {
+                snap.apply_put(&kv);
+            }
+        }
+        Ok(snap)
+    }
+
+    /// The snapshot of these records (each prefix's keys); a record that does not
+    /// parse is left out, logged.
+    pub fn decode(
+        nodes: Vec<KeyValue>,
+        vms: Vec<KeyValue>,
+        owners: Vec<KeyValue>,
+        admin: Vec<KeyValue>,
+    ) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for kv in nodes.into_iter().chain(vms).chain(owners).chain(admin) {
+            snap.apply_put(&kv);
+        }
+        snap
+    }
+
+    /// One record as written (`kv`): its entry replaced, or removed when the value
+    /// does not parse (logged). Keys outside the four prefixes are ignored. A node's
+    /// state is its admin record's when that is not `up`, whichever came first.
+    pub fn apply_put(&mut self, kv: &KeyValue) {
+        let key = kv.key.as_str();
+        if let Some(name) = keys::name_of(keys::NODES, key) {
+            match keys::decode::<NodeRecord>(&kv.value) {
+                Some(mut r) => {
+                    self.registered.insert(name.to_string(), r.state);
+                    if let Some((a, _)) = self.admin.get(name) {
                         if a.state != NodeState::Up {
                             r.state = a.state;
                         }
                     }
-                    snap.admin.insert(name, (a, kv.mod_revision));
+                    self.nodes.insert(name.to_string(), (r, kv.lease));
                 }
-                None => warn!(key = %kv.key, "ignoring a node admin record that does not parse"),
+                None => {
+                    warn!(key, "ignoring a node record that does not parse");
+                    self.remove_node(name);
+                }
             }
-        }
-        for (name, kv) in named(keys::VMS, vms) {
+        } else if let Some(name) = keys::name_of(keys::ADMIN, key) {
+            match keys::decode::<NodeAdmin>(&kv.value) {
+                Some(a) => {
+                    let own = self.registered.get(name).copied();
+                    if let (Some((r, _)), Some(own)) = (self.nodes.get_mut(name), own) {
+                        r.state = if a.state == NodeState::Up {
+                            own
+                        } else {
+                            a.state
+                        };
+                    }
+                    self.admin.insert(name.to_string(), (a, kv.mod_revision));
+                }
+                None => {
+                    warn!(key, "ignoring a node admin record that does not parse");
+                    self.remove_admin(name);
+                }
+            }
+        } else if let Some(name) = keys::name_of(keys::VMS, key) {
             match keys::decode::<VmDefinition>(&kv.value) {
                 Some(d) => {
-                    snap.vms.insert(name, d);
+                    self.vms.insert(name.to_string(), d);
                 }
-                None => warn!(key = %kv.key, "ignoring a VM definition that does not parse"),
+                None => {
+                    warn!(key, "ignoring a VM definition that does not parse");
+                    self.vms.remove(name);
+                }
             }
-        }
-        for (name, kv) in named(keys::OWNERS, owners) {
+        } else if let Some(name) = keys::name_of(keys::OWNERS, key) {
             match keys::decode::<OwnerRecord>(&kv.value) {
                 Some(o) => {
-                    snap.owners.insert(name, (o, kv.mod_revision));
+                    self.owners.insert(name.to_string(), (o, kv.mod_revision));
                 }
-                None => warn!(key = %kv.key, "ignoring an ownership record that does not parse"),
+                None => {
+                    warn!(key, "ignoring an ownership record that does not parse");
+                    self.owners.remove(name);
+                }
             }
         }
-        Ok((snap, read_at))
+    }
+
+    /// One key deleted. Keys outside the four prefixes are ignored.
+    pub fn apply_delete(&mut self, key: &str) {
+        if let Some(name) = keys::name_of(keys::NODES, key) {
+            self.remove_node(name);
+        } else if let Some(name) = keys::name_of(keys::ADMIN, key) {
+            self.remove_admin(name);
+        } else if let Some(name) = keys::name_of(keys::VMS, key) {
+            self.vms.remove(name);
+        } else if let Some(name) = keys::name_of(keys::OWNERS, key) {
+            self.owners.remove(name);
+        }
+    }
+
+    fn remove_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+        self.registered.remove(name);
+    }
+
+    /// A node's admin record gone: its state is the one it registered again.
+    fn remove_admin(&mut self, name: &str) {
+        self.admin.remove(name);
+        let own = self.registered.get(name).copied();
+        if let (Some((r, _)), Some(own)) = (self.nodes.get_mut(name), own) {
+            r.state = own;
+        }
     }
 
     /// Whether the incarnation (node, lease) is alive.
@@ -485,12 +585,13 @@ impl Controller {
 
 /// Defines a clustered VM (or redefines it; ownership is untouched) and, with `start`,
 /// asks the cluster to run it (a new VM is pending until the controller places it).
+/// Returns the store revision after its writes: a read at (or after) it shows the VM.
 pub async fn define_vm<S: ClusterStore>(
     store: &S,
     def: &VmDefinition,
     start: bool,
-) -> StoreResult<()> {
-    store
+) -> StoreResult<Revision> {
+    let written = store
         .put(&keys::vm_key(&def.name), keys::encode(def), 0)
         .await?;
     let state = if start {
@@ -499,7 +600,7 @@ pub async fn define_vm<S: ClusterStore>(
         Unowned::Off
     };
     // Create the ownership key only if it does not exist.
-    store
+    let created = store
         .txn(Txn {
             when: vec![Compare::ModRevision {
                 key: keys::owner_key(&def.name),
@@ -514,7 +615,8 @@ pub async fn define_vm<S: ClusterStore>(
             otherwise: vec![],
         })
         .await?;
-    Ok(())
+    // The store's revision once both are written: a read at it shows the VM.
+    Ok(written.max(created.revision))
 }
 
 #[cfg(test)]

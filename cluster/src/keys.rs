@@ -7,7 +7,9 @@
 //! | `vireo/owners/VM` | [`OwnerRecord`]; its `mod_revision` is the VM's fencing token | none: it outlives a dead owner, which is how the failover controller finds orphans |
 //! | `vireo/events/REVISION-N` | [`ClusterEvent`]: the Nth decision of the transaction that committed at REVISION | none |
 //! | `vireo/admin/NODE` | [`NodeAdmin`]: administrative state (draining, paused, quarantined) and ungraceful departures | none: it outlives the node's lease |
-//! | `vireo/moves/VM` | [`MoveRecord`]: a drain's or fail-back's live migration of the VM | none |
+//! | `vireo/moves/VM` | [`MoveRecord`]: a drain's, fail-back's or bulk request's live migration of the VM | none |
+//! | `vireo/requests/ID` | [`BulkRecord`]: a bulk request (migrate, start, stop a selection) | none |
+//! | `vireo/intake/NODE` | [`Intake`]: the moves arriving at NODE as last admitted; every move's start into NODE rewrites it (compare-and-swap), so two sources cannot both take its last slot | none |
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +21,10 @@ pub const OWNERS: &str = "vireo/owners/";
 pub const EVENTS: &str = "vireo/events/";
 pub const ADMIN: &str = "vireo/admin/";
 pub const MOVES: &str = "vireo/moves/";
+pub const REQUESTS: &str = "vireo/requests/";
+pub const INTAKE: &str = "vireo/intake/";
+/// Every key of the cluster is under it.
+pub const ROOT: &str = "vireo/";
 
 pub fn node_key(node: &str) -> String {
     format!("{NODES}{node}")
@@ -38,6 +44,12 @@ pub fn admin_key(node: &str) -> String {
 }
 pub fn move_key(vm: &str) -> String {
     format!("{MOVES}{vm}")
+}
+pub fn request_key(id: &str) -> String {
+    format!("{REQUESTS}{id}")
+}
+pub fn intake_key(node: &str) -> String {
+    format!("{INTAKE}{node}")
 }
 
 /// The name a key holds under `prefix` (`vireo/nodes/a` → `a`).
@@ -196,9 +208,19 @@ pub struct Departure {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainInfo {
     pub started_ms: u64,
-    /// VMs with no place that `--force` left running on the node.
+    /// VMs with no place that `--force` left running on the node (and those whose
+    /// move could not be queued: see `queueing`).
     #[serde(default)]
     pub left: Vec<String>,
+    /// The drain's moves are still being written: more than fit one transaction
+    /// ([`crate::drain::MOVES_PER_TXN`]). The node is not paused before they all are,
+    /// however many of them already finished.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queueing: bool,
+    /// The node's vireod asked for it as it stopped (drain on shutdown): when it
+    /// comes back, the node resumes by itself and its VMs fail back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_shutdown: bool,
 }
 
 /// `vireo/admin/NODE`: what an operator (drain, resume, release) or the quarantine
@@ -238,6 +260,8 @@ pub enum MoveReason {
     Drain,
     /// Back to the node a drain moved it from (`node resume --failback`).
     Failback,
+    /// A bulk request's (`vireoctl vm migrate --selector ...`): see `request`.
+    Bulk,
 }
 
 /// Where a move is.
@@ -270,8 +294,12 @@ pub struct MoveRecord {
     pub to: String,
     pub priority: Priority,
     pub reason: MoveReason,
-    /// The node whose drain (or fail-back) this move belongs to.
+    /// The node whose drain (or fail-back) this move belongs to ("" for a bulk
+    /// request's).
     pub drain_of: String,
+    /// The bulk request this move belongs to (`vireo/requests/ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
     pub state: MoveState,
     /// How many moves its source node runs at once.
     pub concurrency: u32,
@@ -286,6 +314,56 @@ pub struct MoveRecord {
     pub started_ms: Option<u64>,
     #[serde(default)]
     pub finished_ms: Option<u64>,
+}
+
+/// What a bulk request does to its selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BulkOp {
+    /// Live-migrate each VM (a queued move each).
+    Migrate,
+    /// Run each VM that is off (placement picks its node, as for a new VM).
+    Start,
+    /// Turn each VM off (its node kills its VMM; it stays off).
+    Stop,
+    /// Save each VM's state: not available for clustered VMs (refused).
+    Save,
+}
+
+/// `vireo/requests/ID`: a bulk request as decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRecord {
+    pub id: String,
+    pub op: BulkOp,
+    /// The selection as asked: names or a selector.
+    pub selection: String,
+    /// Migrate: the node asked for, or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    pub created_ms: u64,
+    /// Migrate: moves at once per source and per destination node.
+    #[serde(default)]
+    pub concurrency: u32,
+    /// The VMs acted on (migrate: those given a move).
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Selected VMs left alone, and why (already there, not running, ...).
+    #[serde(default)]
+    pub skipped: Vec<(String, String)>,
+    /// Selected VMs without a place that `force` left where they are, and why.
+    #[serde(default)]
+    pub left: Vec<(String, String)>,
+    /// Cancelled: its moves not started then were failed (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_ms: Option<u64>,
+}
+
+/// `vireo/intake/NODE`: the VMs whose moves into NODE were started, as the last start
+/// wrote them. Only entries whose move is still migrating into NODE count; the others
+/// are dropped by the next start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intake {
+    pub vms: Vec<String>,
 }
 
 /// Milliseconds since the Unix epoch (records' wall-clock times).

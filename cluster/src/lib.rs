@@ -2,6 +2,7 @@
 
 pub mod endpoints;
 pub mod etcd;
+pub mod hooked;
 pub mod sim;
 pub mod store;
 
@@ -9,8 +10,11 @@ pub use etcd::{EtcdSecurity, EtcdStore, EtcdTls};
 pub use sim::SimStore;
 pub use store::{ClusterStore, StoreError};
 pub mod admin;
+pub mod bulk;
 pub mod drain;
 pub mod failover;
+pub mod intake;
+pub mod inventory;
 pub mod keys;
 pub mod membership;
 pub mod placement;

@@ -31,18 +31,41 @@ struct SimState {
     leases: HashMap<LeaseId, SimLease>,
     /// Each watch: its prefix, its channel and its client's reachability (a watch of
     /// a client cut off ends, as a real watch stream does).
-    watchers: Vec<(String, mpsc::UnboundedSender<WatchEvent>, Arc<AtomicBool>)>,
+    watchers: Vec<(
+        String,
+        mpsc::UnboundedSender<Vec<WatchEvent>>,
+        Arc<AtomicBool>,
+    )>,
+    /// The events of the write in progress, sent to the watchers as one batch by
+    /// [`SimState::flush`] (a transaction's events arrive together, as etcd's do).
+    outbox: Vec<WatchEvent>,
 }
 
 impl SimState {
     fn notify(&mut self, event: WatchEvent) {
-        let key = match &event {
+        self.outbox.push(event);
+    }
+
+    /// Sends the write's events to each watcher whose prefix they are under.
+    fn flush(&mut self) {
+        let events = std::mem::take(&mut self.outbox);
+        if events.is_empty() {
+            return;
+        }
+        let key = |e: &WatchEvent| match e {
             WatchEvent::Put(kv) => kv.key.clone(),
             WatchEvent::Delete { key, .. } => key.clone(),
         };
         self.watchers.retain(|(prefix, tx, reachable)| {
-            reachable.load(Ordering::SeqCst)
-                && (!key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok())
+            if !reachable.load(Ordering::SeqCst) {
+                return false;
+            }
+            let batch: Vec<WatchEvent> = events
+                .iter()
+                .filter(|e| key(e).starts_with(prefix.as_str()))
+                .cloned()
+                .collect();
+            batch.is_empty() || tx.send(batch).is_ok()
         });
     }
 
@@ -112,6 +135,7 @@ impl SimState {
         for key in doomed {
             self.delete_at(&key, revision);
         }
+        self.flush();
     }
 
     fn expire(&mut self) {
@@ -228,6 +252,21 @@ impl ClusterStore for SimStore {
         Ok((kvs, s.revision))
     }
 
+    /// The simulated store keeps no history: only the current revision can be read.
+    async fn get_prefix_at(
+        &self,
+        prefix: &str,
+        revision: Revision,
+    ) -> StoreResult<(Vec<KeyValue>, Revision)> {
+        let now = self.reach()?.revision;
+        if revision != 0 && revision != now {
+            return Err(StoreError::Refused(format!(
+                "the simulated store keeps no history: revision {revision} is not now ({now})"
+            )));
+        }
+        self.get_prefix(prefix).await
+    }
+
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> StoreResult<Revision> {
         let mut s = self.reach()?;
         if !s.lease_alive(lease) {
@@ -236,6 +275,7 @@ impl ClusterStore for SimStore {
         s.revision += 1;
         let revision = s.revision;
         s.put_at(key, value, lease, revision);
+        s.flush();
         Ok(revision)
     }
 
@@ -246,7 +286,9 @@ impl ClusterStore for SimStore {
         }
         s.revision += 1;
         let revision = s.revision;
-        Ok(s.delete_at(key, revision))
+        let deleted = s.delete_at(key, revision);
+        s.flush();
+        Ok(deleted)
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnOutcome> {
@@ -276,6 +318,7 @@ impl ClusterStore for SimStore {
                 }
             }
         }
+        s.flush();
         Ok(TxnOutcome {
             succeeded,
             revision,
@@ -320,6 +363,6 @@ impl ClusterStore for SimStore {
         let (tx, rx) = mpsc::unbounded_channel();
         s.watchers
             .push((prefix.to_string(), tx, Arc::clone(&self.reachable)));
-        Ok(Watch { events: rx })
+        Ok(Watch::new(rx))
     }
 }

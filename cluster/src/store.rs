@@ -3,6 +3,7 @@
 //! relies on. [`crate::EtcdStore`] is the real one, [`crate::SimStore`] the simulated one
 //! that fault-schedule tests drive with a simulated clock.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
@@ -91,29 +92,61 @@ pub enum WatchEvent {
 }
 
 /// The events of one prefix watch, in revision order. Ends (`None`) when the store
-/// cancels the watch (connection lost): the watcher re-reads and watches again.
+/// cancels the watch (connection lost, or its start revision compacted): the watcher
+/// re-reads and watches again.
+///
+/// Events arrive in batches that each hold every event of the revisions they cover
+/// (one etcd watch response; one write of the simulated store): a watcher that applies
+/// whole batches never shows half of a transaction.
 pub struct Watch {
-    pub(crate) events: mpsc::UnboundedReceiver<WatchEvent>,
+    pub(crate) events: mpsc::UnboundedReceiver<Vec<WatchEvent>>,
+    /// Events of a batch taken by [`Watch::next`] and not returned yet.
+    pub(crate) pending: VecDeque<WatchEvent>,
 }
 
 impl Watch {
+    pub(crate) fn new(events: mpsc::UnboundedReceiver<Vec<WatchEvent>>) -> Self {
+        Watch {
+            events,
+            pending: VecDeque::new(),
+        }
+    }
+
     /// The next change, or `None` when the watch ended.
     pub async fn next(&mut self) -> Option<WatchEvent> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            self.pending.extend(self.events.recv().await?);
+        }
+    }
+
+    /// The next whole batch (see the type's doc), or `None` when the watch ended.
+    pub async fn next_batch(&mut self) -> Option<Vec<WatchEvent>> {
+        if !self.pending.is_empty() {
+            return Some(self.pending.drain(..).collect());
+        }
         self.events.recv().await
     }
 
     /// A change already delivered, without waiting.
     pub fn try_next(&mut self) -> Option<WatchEvent> {
-        self.events.try_recv().ok()
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            self.pending.extend(self.events.try_recv().ok()?);
+        }
     }
 
     /// Every change delivered so far, without waiting; `None` once the watch ended
     /// (whatever it delivered before is dropped: the watcher reads again).
     pub fn delivered(&mut self) -> Option<Vec<WatchEvent>> {
-        let mut out = Vec::new();
+        let mut out: Vec<WatchEvent> = self.pending.drain(..).collect();
         loop {
             match self.events.try_recv() {
-                Ok(event) => out.push(event),
+                Ok(batch) => out.extend(batch),
                 Err(mpsc::error::TryRecvError::Empty) => return Some(out),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
             }
@@ -151,6 +184,15 @@ pub trait ClusterStore: Send + Sync {
     fn get_prefix(
         &self,
         prefix: &str,
+    ) -> impl Future<Output = StoreResult<(Vec<KeyValue>, Revision)>> + Send;
+
+    /// Every key under `prefix` as it was at `revision` (0: now), and that revision: a
+    /// read of several prefixes at the first one's revision is one consistent read. A
+    /// compacted revision is [`StoreError::Refused`].
+    fn get_prefix_at(
+        &self,
+        prefix: &str,
+        revision: Revision,
     ) -> impl Future<Output = StoreResult<(Vec<KeyValue>, Revision)>> + Send;
 
     /// Writes one key (attached to `lease` unless it is 0); returns its new revision.

@@ -258,6 +258,89 @@ fn resume_with_failback_moves_back_only_what_the_drain_moved_and_still_runs_ther
     });
 }
 
+/// Drain on shutdown: VMs without a place stay (no refusal), the drain is marked as
+/// the shutdown's, and only such a drain, once ended, is resumed by the node coming
+/// back (with fail-back); an operator's drain is not.
+#[test]
+fn a_shutdown_drain_forces_is_marked_and_only_it_is_resumed_when_the_node_returns() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        let b = join(&s, "b", false).await;
+        owned(&s, "x", Priority::High, "a", a, &[]).await;
+        // Only a may run y: it has no place, and stays.
+        owned(&s, "y", Priority::Low, "a", a, &["a"]).await;
+        let plan = drain::drain_for_shutdown(&s, "a", 2).await.unwrap();
+        assert_eq!(plan.moves.len(), 1);
+        assert_eq!(plan.no_place.len(), 1);
+        assert_eq!(plan.no_place[0].0, "y");
+        let (admin, _) = cluster::admin::read(&s, "a").await.unwrap();
+        assert_eq!(admin.state, NodeState::Draining);
+        let info = admin.drain.unwrap();
+        assert!(info.on_shutdown);
+        assert_eq!(info.left, vec!["y".to_string()]);
+        // Not ended yet: nothing to resume.
+        assert!(drain::resume_after_shutdown(&s, "a", 2)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(state(&s, "a").await, NodeState::Draining);
+
+        // x moved to b, the drain ended (a paused), a left and comes back.
+        let (mut m, _) = drain::read_moves(&s).await.unwrap().remove("x").unwrap();
+        m.state = MoveState::Moved;
+        s.put(&keys::move_key("x"), keys::encode(&m), 0)
+            .await
+            .unwrap();
+        let o = OwnerRecord::Node {
+            node: "b".into(),
+            lease: b,
+        };
+        s.put(&keys::owner_key("x"), keys::encode(&o), 0)
+            .await
+            .unwrap();
+        let (mut admin, rev) = cluster::admin::read(&s, "a").await.unwrap();
+        admin.state = NodeState::Paused;
+        assert!(cluster::admin::write_if(&s, "a", &admin, rev, vec![])
+            .await
+            .unwrap());
+        let back = drain::resume_after_shutdown(&s, "a", 2)
+            .await
+            .unwrap()
+            .expect("a shutdown drain that ended is resumed");
+        assert_eq!(back.len(), 1);
+        assert_eq!((back[0].vm.as_str(), back[0].to.as_str()), ("x", "a"));
+        assert_eq!(state(&s, "a").await, NodeState::Up);
+        assert_eq!(
+            drain::read_moves(&s).await.unwrap()["x"].0.reason,
+            MoveReason::Failback
+        );
+        // Again (a second restart): nothing more.
+        assert!(drain::resume_after_shutdown(&s, "a", 2)
+            .await
+            .unwrap()
+            .is_none());
+
+        // An operator's drain, ended: the node stays paused when it comes back.
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        join(&s, "b", false).await;
+        owned(&s, "x", Priority::High, "a", a, &[]).await;
+        drain::drain(&s, "a", false, 2).await.unwrap();
+        let (mut admin, rev) = cluster::admin::read(&s, "a").await.unwrap();
+        assert!(!admin.drain.as_ref().unwrap().on_shutdown);
+        admin.state = NodeState::Paused;
+        assert!(cluster::admin::write_if(&s, "a", &admin, rev, vec![])
+            .await
+            .unwrap());
+        assert!(drain::resume_after_shutdown(&s, "a", 2)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(state(&s, "a").await, NodeState::Paused);
+    });
+}
+
 /// One controller pass 200 ms after the last; `keep`'s lease (node b's) is renewed.
 async fn step(
     c: &mut Controller,

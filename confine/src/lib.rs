@@ -12,6 +12,7 @@
 //!   0700 directories created with `O_EXCL|O_NOFOLLOW` / `mkdirat` relative to a dir fd.
 
 mod beneath;
+pub mod broker;
 mod error;
 mod private;
 mod roots;

@@ -27,9 +27,14 @@ pub enum PemError {
     BadCa { path: PathBuf, reason: String },
 }
 
-/// The bytes of `path` (`what` names it in the error).
+/// The bytes of `path` (`what` names it in the error), read on the VMM's file thread
+/// once it has one ([`confine::broker`]).
 pub fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, PemError> {
-    std::fs::read(path).map_err(|source| PemError::Read {
+    let owned = path.to_path_buf();
+    confine::broker::run(confine::broker::FileOp::ReadTlsFiles, move || {
+        std::fs::read(&owned)
+    })
+    .map_err(|source| PemError::Read {
         what,
         path: path.to_path_buf(),
         source,

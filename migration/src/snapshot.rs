@@ -242,11 +242,16 @@ impl<C: DeserializeOwned, S: DeserializeOwned> Snapshot<C, S> {
         })
     }
 
-    /// Fills the (new, zeroed) guest memory `mem`; returns the bytes read.
+    /// Fills the (new, zeroed) guest memory `mem`; returns the bytes read. The memory
+    /// file is opened on the program's file thread if it has one
+    /// ([`confine::broker`]); it is read here.
     pub fn load_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<u64, SnapshotError> {
         let path = self.dir.join(MEMORY);
-        let file =
-            confine::open_file_at(self.dir_fd.as_fd(), OsStr::new(MEMORY)).map_err(io(&path))?;
+        let dir = self.dir_fd.try_clone().map_err(io(&path))?;
+        let file = confine::broker::run(confine::broker::FileOp::ReadSnapshot, move || {
+            confine::open_file_at(dir.as_fd(), OsStr::new(MEMORY))
+        })
+        .map_err(io(&path))?;
         memory::load(mem, &file, &self.memory)
             .map_err(|source| SnapshotError::Memory { path, source })
     }

@@ -217,7 +217,10 @@ impl MigrationUrl {
         let url = self.to_string();
         let socket = match self {
             MigrationUrl::Unix(p) => {
-                let _ = std::fs::remove_file(p);
+                let stale = p.clone();
+                let _ = confine::broker::run(confine::broker::FileOp::RemoveFile, move || {
+                    std::fs::remove_file(stale)
+                });
                 let l = UnixListener::bind(p).map_err(self.io())?;
                 Socket::Unix(l, p.clone())
             }
@@ -243,7 +246,11 @@ pub struct Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Socket::Unix(_, path) = &self.socket {
-            let _ = std::fs::remove_file(path);
+            // On the VMM's file thread once it has one (the accepting thread drops it).
+            let path = path.clone();
+            let _ = confine::broker::run(confine::broker::FileOp::RemoveFile, move || {
+                std::fs::remove_file(path)
+            });
         }
     }
 }

@@ -109,8 +109,15 @@ impl Tap {
     /// CAP_NET_ADMIN; attaching to a persistent tap owned by the caller does not), with
     /// virtio-net headers, no offloads, non-blocking, and brings its link up.
     pub fn open(name: &str) -> Result<Self, TapError> {
+        Self::attach(name, Self::open_tun(name)?)
+    }
+
+    /// Opens `/dev/net/tun` for the tap `name` (non-blocking, close-on-exec): the
+    /// file half of [`Tap::open`], for a program whose opening thread is not the one
+    /// that configures the tap.
+    pub fn open_tun(name: &str) -> Result<File, TapError> {
         validate_tap_name(name)?;
-        let file = OpenOptions::new()
+        OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -118,7 +125,13 @@ impl Tap {
             .map_err(|source| TapError::OpenTun {
                 name: name.to_string(),
                 source,
-            })?;
+            })
+    }
+
+    /// Attaches `file` (a `/dev/net/tun` from [`Tap::open_tun`]) to the tap `name`,
+    /// creating it if it does not exist, and configures it as [`Tap::open`] does.
+    pub fn attach(name: &str, file: File) -> Result<Self, TapError> {
+        validate_tap_name(name)?;
         let ioctl_err = |op, source: io::Error| {
             let hint = match source.raw_os_error() {
                 Some(libc::EBUSY) => " (the tap is in use by another process)",

@@ -19,12 +19,12 @@ pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
 pub use error::{LogError, SegmentError};
 pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
 pub use history::{PointInfo, MAX_HISTORY};
-pub use log::{ChangeLog, Recovery, SealedSegment};
+pub use log::{ChangeLog, PendingSeal, Recovery, SealedSegment};
 pub use resync::{
     block_count, check_hash_list, image_hash, BlockHash, Resync, ResyncError, Run, HASH_BLOCK,
     MAX_HASHES_PER_REQUEST,
 };
-pub use segment::{Record, SegmentReader, Trailer};
+pub use segment::{ends_with_trailer, Record, SegmentReader, Trailer};
 pub use store::{
     Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus, MAX_BASE_CHUNK,
     MAX_DISKS,

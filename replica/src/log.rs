@@ -1,16 +1,21 @@
 //! The writer: one change log per disk, in a directory of its own. The file with the
 //! highest sequence number is the one being written; every lower one is sealed.
 //!
-//! Crash safety (argued in docs/replica.md): a record is appended (one `pwrite` of its
-//! header, one of its data) before the disk write it describes starts, so every write
-//! that reached the disk — and so every write the guest saw completed — is in the log
-//! once the VMM dies (kill -9 leaves completed `pwrite`s in the page cache). A guest
-//! flush syncs the log before the disk. Opening after a crash keeps every whole record
-//! and drops a torn last one, which belongs to a write that never reached the disk.
+//! Crash safety (argued in docs/replica.md): a record is appended (one `pwritev` of its
+//! header and data) before the disk write it describes starts, so every write that
+//! reached the disk — and so every write the guest saw completed — is in the log once
+//! the VMM dies (kill -9 leaves completed writes in the page cache). A guest flush syncs
+//! the log (and, once after a cut, its directory) before the disk. Opening after a
+//! crash keeps every whole record and drops a torn last one, which belongs to a write
+//! that never reached the disk.
+//!
+//! A cut holds the disk's writes only while it writes the trailer and starts the next
+//! file ([`ChangeLog::seal`]); the sealed file is made durable after the disk is
+//! released ([`PendingSeal::sync`]), before the cut reports the segment.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{self, BufReader, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use crate::error::{LogError, SegmentError};
@@ -58,9 +63,38 @@ pub struct ChangeLog {
     data_bytes: u64,
     covered_bytes: u64,
     last_cut_id: u64,
+    /// Whether the directory entry of the file being written is known durable (a cut
+    /// starts the next file without syncing the directory; the next guest flush does).
+    entry_durable: bool,
     /// A seal that wrote its trailer but could not start the next file: every append
     /// fails until the log is opened again (which starts it).
     broken: Option<String>,
+}
+
+/// A segment a cut sealed while it held the disk: its trailer is written, its bytes
+/// are not yet known durable. The cut releases the disk, then calls [`Self::sync`]:
+/// no guest write waits for the segment's `fdatasync`.
+#[must_use = "a sealed segment is reported only once it is durable"]
+pub struct PendingSeal {
+    segment: SealedSegment,
+    file: File,
+    name: String,
+}
+
+impl PendingSeal {
+    /// Makes the sealed segment durable and returns it.
+    pub fn sync(self) -> Result<SealedSegment, LogError> {
+        self.file.sync_data().map_err(|source| LogError::Io {
+            file: self.name,
+            source,
+        })?;
+        Ok(self.segment)
+    }
+
+    /// The segment (not yet durable).
+    pub fn segment(&self) -> &SealedSegment {
+        &self.segment
+    }
 }
 
 /// A torn tail is at most one record and a trailer; more invalid bytes than that
@@ -129,14 +163,15 @@ impl ChangeLog {
             data_bytes: 0,
             covered_bytes: 0,
             last_cut_id: 0,
+            entry_durable: true,
             broken: None,
         }
     }
 
-    fn sync_dir(&self) -> Result<(), LogError> {
-        File::open(confine::fd_path(self.dir.as_fd(), ".".as_ref()))
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.io(e))
+    fn sync_dir(&mut self) -> Result<(), LogError> {
+        sync_dir(self.dir.as_fd()).map_err(|e| self.io(e))?;
+        self.entry_durable = true;
+        Ok(())
     }
 
     fn recovery(&self, dropped_bytes: u64) -> Recovery {
@@ -236,13 +271,19 @@ impl ChangeLog {
     }
 
     fn write_header(&mut self) -> Result<(), LogError> {
+        self.write_header_unsynced()?;
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// Writes the header of the file being written (not synced: a cut's next file is
+    /// synced by the first guest flush, or the next cut, after it).
+    fn write_header_unsynced(&mut self) -> Result<(), LogError> {
         let h = Header {
             seq: self.seq,
             disk_size: self.disk_size,
         }
         .encode();
         self.file.write_all_at(&h, 0).map_err(|e| self.io(e))?;
-        self.file.sync_data().map_err(|e| self.io(e))?;
         self.end = HEADER_LEN as u64;
         self.crc = crc32c::crc32c(&h);
         self.records = 0;
@@ -263,6 +304,17 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// A cut's start of segment `seq`: created and its header written, nothing synced
+    /// (the disk is held meanwhile). Returns the file it replaced.
+    fn start_after_cut(&mut self, seq: u64) -> Result<File, LogError> {
+        let file = create_segment(&self.dir, &self.label, seq)?;
+        let previous = std::mem::replace(&mut self.file, file);
+        self.seq = seq;
+        self.entry_durable = false;
+        self.write_header_unsynced()?;
+        Ok(previous)
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), LogError> {
         if let Some(why) = &self.broken {
             return Err(self.corrupt(self.seq, why.clone()));
@@ -279,12 +331,7 @@ impl ChangeLog {
 
     fn append(&mut self, h: RecordHeader, data: &[u8]) -> Result<(), LogError> {
         let hb = h.encode();
-        self.file
-            .write_all_at(&hb, self.end)
-            .map_err(|e| self.io(e))?;
-        self.file
-            .write_all_at(data, self.end + RECORD_HEADER_LEN as u64)
-            .map_err(|e| self.io(e))?;
+        write_all_vectored_at(&self.file, &hb, data, self.end).map_err(|e| self.io(e))?;
         self.end += (RECORD_HEADER_LEN + data.len()) as u64;
         self.crc = crc32c::crc32c_append(crc32c::crc32c_append(self.crc, &hb), data);
         self.records += 1;
@@ -324,14 +371,20 @@ impl ChangeLog {
         self.append(h, &[])
     }
 
-    /// Makes every appended record durable (a guest flush; before the disk's).
-    pub fn sync(&self) -> Result<(), LogError> {
-        self.file.sync_data().map_err(|e| self.io(e))
+    /// Makes every appended record durable (a guest flush; before the disk's), with
+    /// the file's directory entry if a cut started it.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        if !self.entry_durable {
+            self.sync_dir()?;
+        }
+        Ok(())
     }
 
-    /// Closes the current segment with a trailer naming `cut_id` (durably), and starts
-    /// the next. The caller holds new writes and has drained in-flight ones.
-    pub fn seal(&mut self, cut_id: u64) -> Result<SealedSegment, LogError> {
+    /// Closes the current segment with a trailer naming `cut_id` and starts the next;
+    /// the caller holds new writes and has drained in-flight ones. The sealed file is
+    /// made durable by [`PendingSeal::sync`], once the caller released the disk.
+    pub fn seal(&mut self, cut_id: u64) -> Result<PendingSeal, LogError> {
         if let Some(why) = &self.broken {
             return Err(self.corrupt(self.seq, why.clone()));
         }
@@ -346,8 +399,7 @@ impl ChangeLog {
         self.file
             .write_all_at(&t.encode(), self.end)
             .map_err(|e| self.io(e))?;
-        self.sync()?;
-        let sealed = SealedSegment {
+        let segment = SealedSegment {
             seq: self.seq,
             cut_id,
             records: self.records,
@@ -355,16 +407,24 @@ impl ChangeLog {
             covered_bytes: self.covered_bytes,
             file_name: segment_file_name(self.seq),
         };
+        let name = self.name(self.seq);
         self.last_cut_id = cut_id;
-        if let Err(e) = self.start(self.seq + 1) {
-            self.broken = Some(format!(
-                "segment {} is sealed but the next could not start: {e}",
-                sealed.seq
-            ));
-            return Err(e);
-        }
-        tracing::debug!(log = %self.label, seq = sealed.seq, cut_id, records = sealed.records, "change log: segment sealed");
-        Ok(sealed)
+        let file = match self.start_after_cut(self.seq + 1) {
+            Ok(previous) => previous,
+            Err(e) => {
+                self.broken = Some(format!(
+                    "segment {} is sealed but the next could not start: {e}",
+                    segment.seq
+                ));
+                return Err(e);
+            }
+        };
+        tracing::debug!(log = %self.label, seq = segment.seq, cut_id, records = segment.records, "change log: segment sealed");
+        Ok(PendingSeal {
+            segment,
+            file,
+            name,
+        })
     }
 
     /// The sequence number being written.
@@ -386,6 +446,55 @@ impl ChangeLog {
     pub fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
         self.dir.as_fd()
     }
+}
+
+/// Makes a directory's entries durable: `fsync` of its descriptor, or, for an `O_PATH`
+/// descriptor (which cannot be synced), of the directory opened again through it.
+pub(crate) fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fsync on a descriptor the caller borrows; no memory is passed.
+    if unsafe { libc::fsync(dir.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EBADF) {
+        return Err(e);
+    }
+    File::open(confine::fd_path(dir, ".".as_ref()))?.sync_all()
+}
+
+/// Writes `head` then `body` at `offset` with as few `pwritev`s as the kernel allows
+/// (one, in practice): a record is one system call on the guest's write path.
+fn write_all_vectored_at(file: &File, head: &[u8], body: &[u8], offset: u64) -> io::Result<()> {
+    let total = head.len() + body.len();
+    let mut done = 0usize;
+    while done < total {
+        let (h, b) = if done < head.len() {
+            (&head[done..], body)
+        } else {
+            (&[][..], &body[done - head.len()..])
+        };
+        let iov = [IoSlice::new(h), IoSlice::new(b)];
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|o| libc::off_t::try_from(o).ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec`; both slices outlive the
+        // call, and the kernel only reads them.
+        let n =
+            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr().cast::<libc::iovec>(), 2, at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 fn segment_io(label: &str, seq: u64) -> impl FnOnce(io::Error) -> LogError {

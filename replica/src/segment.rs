@@ -209,3 +209,18 @@ impl<R: Read> SegmentReader<R> {
         (self.crc, self.records, self.data_bytes, self.covered_bytes)
     }
 }
+
+/// Whether `file` ends with what decodes as the trailer of segment `seq`: a cheap test
+/// (its last 64 bytes) that tells the segment being written from a sealed one before
+/// anyone reads it whole. Only [`SegmentReader::verify_all`] proves a segment sealed:
+/// a guest's data can end in bytes that look like a trailer.
+pub fn ends_with_trailer(file: &std::fs::File, seq: u64) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    if len < (HEADER_LEN + TRAILER_LEN) as u64 {
+        return Ok(false);
+    }
+    let mut t = [0u8; TRAILER_LEN];
+    file.read_exact_at(&mut t, len - TRAILER_LEN as u64)?;
+    Ok(TrailerFields::decode(&t).is_ok_and(|t| t.seq == seq))
+}

@@ -26,6 +26,8 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::log::sync_dir;
 use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
@@ -229,10 +231,6 @@ fn disk_dir_name(i: usize) -> String {
 
 fn part_name(seq: u64) -> String {
     format!("{seq:020}.part")
-}
-
-fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
-    File::open(confine::fd_path(dir, ".".as_ref()))?.sync_all()
 }
 
 fn encode_state(s: &VmState) -> Vec<u8> {

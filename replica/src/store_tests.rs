@@ -61,7 +61,7 @@ impl Primary {
         let seqs = self
             .logs
             .iter_mut()
-            .map(|l| l.seal(self.cut).unwrap().seq)
+            .map(|l| l.seal(self.cut).unwrap().sync().unwrap().seq)
             .collect();
         (self.cut, seqs)
     }

@@ -48,7 +48,7 @@ fn a_sealed_segment_reads_back_every_record_and_the_next_one_starts() {
     log.append_data(4096, &data(1, 512)).unwrap();
     log.append_zeroes(8192, 65536).unwrap();
     log.append_data(DISK - 512, &data(2, 512)).unwrap();
-    let s = log.seal(7).unwrap();
+    let s = log.seal(7).unwrap().sync().unwrap();
     assert_eq!(
         (s.seq, s.cut_id, s.records, s.data_bytes, s.covered_bytes),
         (1, 7, 3, 1024, 1024 + 65536)
@@ -76,7 +76,7 @@ fn a_sealed_segment_reads_back_every_record_and_the_next_one_starts() {
     assert!(recs[1].1.is_empty());
     assert_eq!(recs[2].1, data(2, 512));
     // An empty cut still seals a (verifiable) segment.
-    let s = log.seal(8).unwrap();
+    let s = log.seal(8).unwrap().sync().unwrap();
     assert_eq!((s.seq, s.records), (2, 0));
     assert_eq!(read_all(&seg(d.path(), 2)).unwrap().1.cut_id, 8);
 }
@@ -98,7 +98,7 @@ fn reopening_after_a_kill_keeps_whole_records_and_cuts_a_torn_last_one() {
     let d = tempfile::tempdir().unwrap();
     let (mut log, _) = open(d.path());
     log.append_data(0, &data(1, 4096)).unwrap();
-    log.seal(1).unwrap();
+    log.seal(1).unwrap().sync().unwrap();
     log.append_data(4096, &data(2, 4096)).unwrap();
     log.append_zeroes(0, 512).unwrap();
     log.append_data(8192, &data(3, 4096)).unwrap();
@@ -118,7 +118,7 @@ fn reopening_after_a_kill_keeps_whole_records_and_cuts_a_torn_last_one() {
     assert_eq!(r.last_cut_id, 1, "the cut before the crash is remembered");
     // The log goes on in the same segment, and seals into a valid one.
     log.append_data(12288, &data(4, 512)).unwrap();
-    log.seal(2).unwrap();
+    log.seal(2).unwrap().sync().unwrap();
     let (recs, t) = read_all(&seg(d.path(), 2)).unwrap();
     assert_eq!(t.records, 3);
     let offsets: Vec<u64> = recs.iter().map(|(r, _)| r.offset).collect();
@@ -130,7 +130,7 @@ fn a_kill_while_sealing_leaves_the_segment_open_and_a_sealed_one_starts_the_next
     let d = tempfile::tempdir().unwrap();
     let (mut log, _) = open(d.path());
     log.append_data(0, &data(1, 512)).unwrap();
-    log.seal(5).unwrap();
+    log.seal(5).unwrap().sync().unwrap();
     drop(log);
     // Sealed, but the next file never got its header (killed right after creating it).
     OpenOptions::new()
@@ -154,7 +154,7 @@ fn a_kill_while_sealing_leaves_the_segment_open_and_a_sealed_one_starts_the_next
     drop(f);
     let (mut log, r) = open(d.path());
     assert_eq!((r.seq, r.kept_records, r.dropped_bytes), (2, 1, 8));
-    log.seal(6).unwrap();
+    log.seal(6).unwrap().sync().unwrap();
     assert_eq!(read_all(&seg(d.path(), 2)).unwrap().1.records, 1);
     // A sealed newest file: the next open starts segment 3.
     drop(log);
@@ -168,7 +168,7 @@ fn the_reader_refuses_torn_corrupt_and_padded_segments() {
     let (mut log, _) = open(d.path());
     log.append_data(0, &data(1, 4096)).unwrap();
     log.append_zeroes(4096, 4096).unwrap();
-    log.seal(1).unwrap();
+    log.seal(1).unwrap().sync().unwrap();
     let good = std::fs::read(seg(d.path(), 1)).unwrap();
     let check = |bytes: &[u8]| {
         let p = d.path().join("probe");
@@ -231,7 +231,7 @@ fn primary(d: &Path) -> Vec<u8> {
         }
         log.append_zeroes(cut * 8192, 4096).unwrap();
         image[(cut * 8192) as usize..(cut * 8192 + 4096) as usize].fill(0);
-        log.seal(cut).unwrap();
+        log.seal(cut).unwrap().sync().unwrap();
     }
     image
 }

@@ -65,7 +65,7 @@ pub enum Enforcement {
 }
 
 /// The paths a domain allows, each for its use.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Domain {
     paths: Vec<(PathBuf, Use)>,
 }

@@ -270,6 +270,8 @@ fn disk_locked_by_another_vmm_is_refused_and_untouched() {
     )
     .spawn();
     vireo_e2e::wait_for_socket(&sock, T);
+    // The API socket is up before the VM (and its disk lock) is: wait for the guest.
+    first.wait_serial("tick 1 ", T);
     let (code, err) = vireo(&[
         "--kernel",
         guest().to_str().unwrap(),

@@ -57,6 +57,23 @@ fn the_control_thread_cannot_start_processes() {
     assert_killed_for(&probe("control:fork", &[]), "vireo", "clone");
 }
 
+/// Once confined (before the VM is created), the control thread opens nothing: files
+/// are the file thread's (`vireo-files`).
+#[test]
+fn the_control_thread_cannot_open_files_after_start() {
+    assert_killed_for(&probe("control:openat", &[]), "vireo", "openat");
+}
+
+/// The file thread opens files and nothing else: no socket, no ioctl, no process.
+#[test]
+fn the_file_thread_cannot_make_sockets_ioctls_or_processes() {
+    assert_killed_for(&probe("files:socket", &[]), "vireo-files", "socket");
+    let out = probe("files:ioctl-tiocsti", &[]);
+    assert_killed_for(&out, "vireo-files", "ioctl");
+    assert!(stderr(&out).contains("ioctl (16) with request 0x5412;"));
+    assert_killed_for(&probe("files:fork", &[]), "vireo-files", "clone");
+}
+
 #[test]
 fn the_control_thread_cannot_make_an_ioctl_outside_its_list() {
     let out = probe("control:ioctl-tiocsti", &[]);
@@ -123,6 +140,12 @@ fn without_seccomp_the_probes_run() {
     let err = stderr(&out);
     assert!(
         err.contains("vireo: test hook: openat on the vcpu thread returned "),
+        "{err}"
+    );
+    let out = probe("files:socket", &["--seccomp", "false"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("vireo: test hook: socket on the files thread returned "),
         "{err}"
     );
     let out = probe("control:ioctl-tiocsti", &["--seccomp", "false"]);

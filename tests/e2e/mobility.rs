@@ -1104,6 +1104,46 @@ fn destination_refuses_a_bad_url_and_a_second_vm() {
     let _ = &dst.serial;
 }
 
+/// A VMM waiting for a migration refuses `vm.create` and `vm.restore` (409: the VM
+/// that arrives is this VMM's); once the wait ended (here: no source came within
+/// `timeout_s`), a VM created then is kept — the failed receive tears nothing down.
+#[test]
+fn a_vmm_waiting_for_a_migration_refuses_a_second_vm_and_keeps_one_made_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = Destination::start(dir.path());
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    dst.listen_config(&guest_config(), &url, r#","timeout_s":2"#);
+    let create_body = serde_json::json!({"payload": {"kernel": vireo_e2e::guest()}}).to_string();
+    let (s, b) = api(&dst.sock, "PUT", "vm.create", Some(&create_body));
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("receiving a migration"), "{b}");
+    let restore = format!(r#"{{"source_url":"file://{}"}}"#, dir.path().display());
+    let (s, b) = api(&dst.sock, "PUT", "vm.restore", Some(&restore));
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("receiving a migration"), "{b}");
+    assert_eq!(api(&dst.sock, "GET", "vm.info", None).0, 404);
+
+    // The wait ends: no source within 2 s.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, info) = api(&dst.sock, "GET", "vm.migration-info", None);
+        if !info.contains("\"receiving\"") {
+            assert!(info.contains("\"failed\""), "{info}");
+            break;
+        }
+        assert!(t0.elapsed() < T, "still receiving: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (s, b) = api(&dst.sock, "PUT", "vm.create", Some(&create_body));
+    assert_eq!(s, 204, "{b}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (s, b) = api(&dst.sock, "GET", "vm.info", None);
+    assert_eq!(
+        s, 200,
+        "the VM created after the failed receive is gone: {b}"
+    );
+}
+
 fn disk_info(sock: &Path) -> serde_json::Value {
     serde_json::from_str(&api(sock, "GET", "vm.migrate-disk-info", None).1).unwrap()
 }

@@ -260,6 +260,15 @@ fn vmm_api_paths_outside_the_roots_are_refused_and_nothing_is_created() {
         "nothing created outside"
     );
     assert!(!Path::new("/new.raw").exists());
+    // The symlinks were refused by the file thread (openat2 beneath the root) with a
+    // 400, not by killing anything: the VM is still there, paused, and runs on.
+    let (s, body) = api(&sock, "GET", "vm.info", None);
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("\"Paused\""), "{body}");
+    assert_eq!(api(&sock, "PUT", "vm.resume", None).0, 204);
+    let ticks = vm.serial_text().matches("tick ").count();
+    vm.wait_serial(&format!("tick {} ", ticks + 2), T);
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
     // Inside the root: the snapshot is private.
     let good = d.root.join("snap");
     let (s, body) = snap(&good);

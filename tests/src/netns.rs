@@ -108,6 +108,49 @@ impl Drop for NetNs {
     }
 }
 
+/// Hosts on one machine: a namespace each, joined by veth pairs to a bridge in a
+/// namespace of its own ("the switch"). Host `i` is `addresses[i]/24` on its `eth0`;
+/// its switch port is `p{i}`.
+pub struct BridgedHosts {
+    pub switch: NetNs,
+    pub hosts: Vec<std::sync::Arc<NetNs>>,
+}
+
+impl BridgedHosts {
+    /// Namespaces named after `tag` (the switch `{tag}sw`, host `i` `{tag}{i}`).
+    pub fn new(tag: &str, addresses: &[String]) -> Self {
+        let switch = NetNs::new(&format!("{tag}sw"));
+        switch.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        switch.exec(&["ip", "link", "set", "br0", "up"]);
+        let hosts = addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| {
+                let ns = std::sync::Arc::new(NetNs::new(&format!("{tag}{i}")));
+                let port = format!("p{i}");
+                ns.exec(&["ip", "link", "set", "lo", "up"]);
+                ns.exec(&[
+                    "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port,
+                ]);
+                ns.exec(&["ip", "link", "set", &port, "netns", switch.name()]);
+                ns.exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+                ns.exec(&["ip", "link", "set", "eth0", "up"]);
+                switch.exec(&["ip", "link", "set", &port, "master", "br0"]);
+                switch.exec(&["ip", "link", "set", &port, "up"]);
+                ns
+            })
+            .collect();
+        Self { switch, hosts }
+    }
+
+    /// Takes host `i`'s link down (a partition) or up again.
+    pub fn link(&self, i: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.switch
+            .exec(&["ip", "link", "set", &format!("p{i}"), state]);
+    }
+}
+
 /// An AF_PACKET socket on one interface that sees only one ethertype.
 pub struct PacketSocket {
     fd: OwnedFd,

@@ -61,17 +61,21 @@ impl Pki {
 
     /// Issues host `name`'s identity.
     pub fn host(&self, name: &str) -> Identity {
+        self.host_with_sans(name, &[])
+    }
+
+    /// [`Pki::host`] naming more subject alternative names (DNS names or IPs).
+    pub fn host_with_sans(&self, name: &str, sans: &[&str]) -> Identity {
         let out = self.dir.path().join(name);
-        vireoctl(&[
-            "pki",
-            "issue",
-            "--ca-dir",
-            &self.dir.path().join("ca").display().to_string(),
-            "--name",
-            name,
-            "--out",
-            &out.display().to_string(),
-        ]);
+        let ca = self.dir.path().join("ca").display().to_string();
+        let out_s = out.display().to_string();
+        let mut args = vec![
+            "pki", "issue", "--ca-dir", &ca, "--name", name, "--out", &out_s,
+        ];
+        for san in sans {
+            args.extend(["--san", san]);
+        }
+        vireoctl(&args);
         Identity {
             cert: out.join("host.crt"),
             key: out.join("host.key"),

@@ -349,15 +349,109 @@ fn bad_arguments_are_errors() {
             "vhdx",
             "-o",
             "block_size=3M",
-            p.to_str().unwrap(),
+            p.with_file_name("new.vhdx").to_str().unwrap(),
             "1G",
         ],
     );
     assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).starts_with("vireo-img: "),
+        err.starts_with("vireo-img: ") && err.contains("power of two"),
         "{out:?}"
     );
+}
+
+/// What `vireo-img` would once have ignored or silently done is refused with one line
+/// and changes nothing: create over an existing file (unless `--force`), a smaller
+/// size without `--shrink`, `-f` naming another format than the file's, an unknown
+/// `--output`; `-o help` lists the VHDX options; every option of every verb has help.
+#[test]
+fn vireo_img_refuses_what_it_would_have_ignored_and_documents_every_option() {
+    let d = tmp();
+    let p = d.path().join("a.vhdx");
+    let ps = p.to_str().unwrap();
+    ok(vireo_img(), &["create", "-f", "vhdx", ps, "16M"]);
+    ok("qemu-io", &["-f", "vhdx", "-c", "write -P 0x5a 0 1M", ps]);
+    let before = file_hash(&p);
+    let refused = |args: &[&str], expect: &str| {
+        let out = run(vireo_img(), args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_ne!(out.status.code(), Some(0), "{args:?} succeeded");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert_eq!(file_hash(&p), before, "{args:?} changed the image");
+    };
+    refused(
+        &["create", "-f", "vhdx", ps, "8M"],
+        "exists: refusing to overwrite",
+    );
+    refused(
+        &["create", "-f", "raw", ps, "8M"],
+        "exists: refusing to overwrite",
+    );
+    refused(&["resize", ps, "8M"], "--shrink");
+    refused(&["resize", ps, "-1M"], "--shrink");
+    refused(&["info", "-f", "raw", ps], "is a vhdx image, not raw");
+    refused(&["map", "-f", "raw", ps], "is a vhdx image, not raw");
+    refused(&["check", "-f", "raw", ps], "is a vhdx image, not raw");
+    refused(&["info", "--output", "jsn", ps], "invalid value 'jsn'");
+    refused(&["info", "-f", "qcow2", ps], "invalid value 'qcow2'");
+
+    // A raw file shrinks only when asked to.
+    let r = d.path().join("r.raw");
+    let rs = r.to_str().unwrap();
+    ok(vireo_img(), &["create", "-f", "raw", rs, "8M"]);
+    let out = run(vireo_img(), &["resize", rs, "4M"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(std::fs::metadata(&r).unwrap().len(), 8 * MIB);
+    ok(vireo_img(), &["resize", "--shrink", rs, "4M"]);
+    assert_eq!(std::fs::metadata(&r).unwrap().len(), 4 * MIB);
+    ok(vireo_img(), &["resize", "-f", "raw", rs, "+4M"]);
+    assert_eq!(std::fs::metadata(&r).unwrap().len(), 8 * MIB);
+
+    // --force replaces; the new image is empty and qemu-img agrees.
+    ok(vireo_img(), &["create", "--force", "-f", "vhdx", ps, "8M"]);
+    let info = ok("qemu-img", &["info", "--output", "json", ps]);
+    assert!(info.contains("\"virtual-size\": 8388608"), "{info}");
+    assert_eq!(qemu_to_raw(&p, d.path()), vec![0u8; 8 * MIB as usize]);
+
+    let help = ok(vireo_img(), &["create", "-o", "help", "x.vhdx"]);
+    for key in [
+        "size=",
+        "subformat=",
+        "block_size=",
+        "log_size=",
+        "logical_sector_size=",
+        "physical_sector_size=",
+    ] {
+        assert!(help.contains(key), "{help}");
+    }
+    assert!(!d.path().join("x.vhdx").exists() && !Path::new("x.vhdx").exists());
+
+    // Every option line of every verb's help has a description after the flag.
+    for verb in [
+        "create", "info", "check", "convert", "resize", "commit", "compact", "map",
+    ] {
+        let help = ok(vireo_img(), &[verb, "--help"]);
+        let mut section = "";
+        for line in help.lines() {
+            if line.ends_with(':') && !line.starts_with(' ') {
+                section = line;
+                continue;
+            }
+            if (section == "Options:" || section == "Arguments:") && line.starts_with("  ") {
+                let l = line.trim_start();
+                // "-f <FORMAT>  The image's format..." : text after two spaces past the flag.
+                let described = l
+                    .split_once("  ")
+                    .is_some_and(|(_, rest)| !rest.trim().is_empty());
+                let continuation = line.starts_with("          ");
+                assert!(
+                    described || continuation,
+                    "`vireo-img {verb} --help`: no help for `{l}`:\n{help}"
+                );
+            }
+        }
+    }
 }
 
 /// Random mutations of real images (ours, qemu's, a differencing child, one

@@ -251,8 +251,15 @@ fn resize_grow_shrink_and_refusal() {
         v.close().unwrap();
     }
     qemu_check(&p);
-    // Shrink refuses while data would be lost.
+    // A smaller size needs --shrink (as with qemu-img)...
     let out = run(vireo_img(), &["resize", ps, "16M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--shrink"),
+        "{out:?}"
+    );
+    // ... and, with it, is refused while data would be lost.
+    let out = run(vireo_img(), &["resize", "--shrink", ps, "16M"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("discard data"),
@@ -264,9 +271,11 @@ fn resize_grow_shrink_and_refusal() {
         v.write_zeroes(150 << 30, 4096).unwrap();
         v.close().unwrap();
     }
-    ok(vireo_img(), &["resize", ps, "16M"]);
+    ok(vireo_img(), &["resize", "--shrink", ps, "16M"]);
     assert_eq!(
-        run(vireo_img(), &["resize", ps, "6M"]).status.code(),
+        run(vireo_img(), &["resize", "--shrink", ps, "6M"])
+            .status
+            .code(),
         Some(1)
     );
     qemu_check(&p);

@@ -8,6 +8,10 @@
 //! directly keeps the old behaviour: paths are taken as given (the user can open those
 //! files anyway); files the VMM creates are still private and never written through a
 //! link.
+//!
+//! Every function here that opens, creates or removes runs on the file thread
+//! (`vireo-files`, [`crate::file_broker`]) once there is one: the control thread's
+//! filter has no `openat`.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -15,6 +19,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use confine::{ConfineError, Roots};
+
+use crate::file_broker::{run, FileOp};
 
 static ROOTS: OnceLock<Roots> = OnceLock::new();
 static SOCKET_DIRS: OnceLock<Vec<std::path::PathBuf>> = OnceLock::new();
@@ -46,6 +52,13 @@ pub fn check(path: &Path) -> Result<(), ConfineError> {
 
 /// Opens a disk image (regular file or allow-listed block device).
 pub fn open_image(path: &Path, write: bool, direct: bool) -> Result<File, ConfineError> {
+    let path = path.to_path_buf();
+    run(FileOp::OpenDisk, move || {
+        open_image_here(&path, write, direct)
+    })
+}
+
+fn open_image_here(path: &Path, write: bool, direct: bool) -> Result<File, ConfineError> {
     let mut flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
     if direct {
         flags |= libc::O_DIRECT;
@@ -70,7 +83,10 @@ pub fn open_image(path: &Path, write: bool, direct: bool) -> Result<File, Confin
 
 /// Opens a kernel or initramfs for reading.
 pub fn open_read(path: &Path) -> Result<File, ConfineError> {
-    open_image(path, false, false)
+    let path = path.to_path_buf();
+    run(FileOp::OpenPayload, move || {
+        open_image_here(&path, false, false)
+    })
 }
 
 /// How a VHDX's parents are opened: with roots, beneath a root (no symlinks); the
@@ -78,41 +94,51 @@ pub fn open_read(path: &Path) -> Result<File, ConfineError> {
 /// is the same thing (the child is beneath a root). None without roots.
 pub fn parent_opener() -> Option<vhdx::ParentOpener> {
     let roots = roots()?;
-    Some(vhdx::ParentOpener(Arc::new(
-        move |_child, candidate| match roots.open_file(candidate, false) {
-            Ok(f) => Ok(Some(f)),
-            Err(ConfineError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(None)
+    Some(vhdx::ParentOpener(Arc::new(move |_child, candidate| {
+        let candidate = candidate.to_path_buf();
+        run(FileOp::OpenDisk, move || {
+            match roots.open_file(&candidate, false) {
+                Ok(f) => Ok(Some(f)),
+                Err(ConfineError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(format!("parent refused: {e}")),
             }
-            Err(e) => Err(format!("parent refused: {e}")),
-        },
-    )))
+        })
+    })))
 }
 
 /// Creates (0700) or opens the directory `path` for a snapshot or a receiver's disks.
 pub fn create_dir(path: &Path) -> Result<OwnedFd, String> {
-    match roots() {
-        Some(r) => r.create_dir_private(path).map_err(|e| e.to_string()),
-        None => migration::snapshot::create_dir(path).map_err(|e| e.to_string()),
-    }
+    let path = path.to_path_buf();
+    run(FileOp::CreateDir, move || match roots() {
+        Some(r) => r.create_dir_private(&path).map_err(|e| e.to_string()),
+        None => migration::snapshot::create_dir(&path).map_err(|e| e.to_string()),
+    })
 }
 
 /// Opens an existing directory (a snapshot to restore).
 pub fn open_dir(path: &Path) -> Result<OwnedFd, ConfineError> {
-    match roots() {
-        Some(r) => r.open_dir(path),
-        None => confine::open_dir(path).map_err(|source| ConfineError::Io {
-            path: path.to_path_buf(),
+    let path = path.to_path_buf();
+    run(FileOp::OpenDir, move || match roots() {
+        Some(r) => r.open_dir(&path),
+        None => confine::open_dir(&path).map_err(|source| ConfineError::Io {
+            path: path.clone(),
             what: "cannot open",
             source,
         }),
-    }
+    })
 }
 
 /// The parent directory of a file to be created, and its name.
 pub fn open_parent(path: &Path) -> Result<(OwnedFd, std::ffi::OsString), ConfineError> {
+    let path = path.to_path_buf();
+    run(FileOp::OpenParent, move || open_parent_here(&path))
+}
+
+fn open_parent_here(path: &Path) -> Result<(OwnedFd, std::ffi::OsString), ConfineError> {
     match roots() {
         Some(r) => r
             .open_parent(path)
@@ -175,8 +201,27 @@ pub fn create_image(
     logical_sector: u32,
     physical_sector: u32,
 ) -> Result<(), String> {
+    let path = path.to_path_buf();
+    run(FileOp::CreateImage, move || {
+        create_image_here(&path, format, size, logical_sector, physical_sector)
+    })
+}
+
+/// Removes `path` (an image this VMM made or was told to delete): `Err` names why not.
+pub fn remove_file(path: &Path) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    run(FileOp::RemoveFile, move || std::fs::remove_file(path))
+}
+
+fn create_image_here(
+    path: &Path,
+    format: api::config::DiskFormat,
+    size: u64,
+    logical_sector: u32,
+    physical_sector: u32,
+) -> Result<(), String> {
     use std::os::fd::AsRawFd;
-    let (dir, name) = open_parent(path).map_err(|e| e.to_string())?;
+    let (dir, name) = open_parent_here(path).map_err(|e| e.to_string())?;
     let file = confine::create_private(dir.as_fd(), &name)
         .map_err(|e| format!("{}: cannot create: {e}", path.display()))?;
     let made = match format {

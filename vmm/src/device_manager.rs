@@ -112,14 +112,14 @@ fn serial_output(cfg: &OutputConfig, max_size: Option<u64>) -> Result<SerialOutp
         OutputConfig::Tty => Box::new(std::io::stdout()),
         OutputConfig::File(p) => {
             let cap = max_size.unwrap_or(api::config::DEFAULT_OUTPUT_MAX_SIZE);
-            Box::new(
-                devices::output::RotatingFile::create(p, cap).map_err(|source| {
-                    DeviceError::SerialFile {
-                        path: p.display().to_string(),
-                        source,
-                    }
-                })?,
-            )
+            let path = p.clone();
+            let file = crate::file_broker::run(crate::file_broker::FileOp::OpenOutput, move || {
+                devices::output::RotatingFile::create(&path, cap)
+            });
+            Box::new(file.map_err(|source| DeviceError::SerialFile {
+                path: p.display().to_string(),
+                source,
+            })?)
         }
     })
 }
@@ -209,9 +209,19 @@ pub fn under_lease(
 fn reopen_tap(name: &str) -> devices::virtio::net::ReopenNet {
     let name = name.to_string();
     Box::new(move || {
-        let tap = net::Tap::open(&name).map_err(std::io::Error::other)?;
+        let tap = open_tap(&name).map_err(std::io::Error::other)?;
         Ok(Arc::new(tap) as Arc<dyn devices::virtio::net::NetBackend>)
     })
+}
+
+/// Opens the tap `name`: `/dev/net/tun` on the file thread, configured here (TUNSETIFF
+/// and the rest are the control thread's ioctls).
+pub fn open_tap(name: &str) -> Result<net::Tap, net::TapError> {
+    let owned = name.to_string();
+    let tun = crate::file_broker::run(crate::file_broker::FileOp::OpenTun, move || {
+        net::Tap::open_tun(&owned)
+    })?;
+    net::Tap::attach(name, tun)
 }
 
 /// Opens a disk image in its declared format (never guessed from the content; an
@@ -230,8 +240,20 @@ fn open_image_file(cfg: &DiskConfig) -> Result<std::fs::File, DeviceError> {
         .map_err(|e| DeviceError::Confined(e.to_string()))
 }
 
-/// [`open_disk`] on an image file already open.
+/// [`open_disk`] on an image file already open, on the file thread: a VHDX opens its
+/// parents and its O_DIRECT descriptor, a clustered disk reads and rewrites its
+/// fencing record, a replicated disk opens its change log.
 fn open_disk_from(
+    cfg: &DiskConfig,
+    file: std::fs::File,
+) -> Result<Arc<dyn BlockBackend>, DeviceError> {
+    let cfg = cfg.clone();
+    crate::file_broker::run(crate::file_broker::FileOp::OpenDisk, move || {
+        open_disk_here(&cfg, file)
+    })
+}
+
+fn open_disk_here(
     cfg: &DiskConfig,
     file: std::fs::File,
 ) -> Result<Arc<dyn BlockBackend>, DeviceError> {
@@ -375,7 +397,7 @@ impl DeviceManager {
                 dm.add_virtio(hv, mem, id, Box::new(dev))?;
                 continue;
             }
-            let tap = Arc::new(net::Tap::open(&n.tap)?);
+            let tap = Arc::new(open_tap(&n.tap)?);
             tracing::info!(%id, tap = %n.tap, %mac, "network device");
             let dev = Net::new(tap, NetConfig { mac }).with_reopen(reopen_tap(&n.tap));
             dm.add_virtio(hv, mem, id, Box::new(dev))?;

@@ -51,13 +51,34 @@ pub struct Hypervisor {
     pub manual_dirty_log: bool,
 }
 
+/// `/dev/kvm`, opened on the file thread (read-write, close-on-exec, as `Kvm::new`).
+fn open_kvm() -> Result<Kvm, KvmError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    let dev = crate::file_broker::run(crate::file_broker::FileOp::OpenKvm, || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/kvm")
+    })
+    .map_err(|e| {
+        KvmError::Open(kvm_ioctls::Error::new(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))
+    })?;
+    // SAFETY: `dev` is an open /dev/kvm this function owns; its descriptor passes to the
+    // `Kvm`, which closes it.
+    Ok(unsafe { Kvm::from_raw_fd(dev.into_raw_fd()) })
+}
+
 impl Hypervisor {
     /// Creates the VM with a split irqchip: LAPICs in the kernel, the IOAPIC in user
     /// space (devices::legacy::Ioapic), no PIC and no PIT, as Cloud Hypervisor does.
     /// (A full in-kernel irqchip also costs ~7 ms to map memory and ~16 ms to destroy
     /// the VM here, in RCU grace periods; see docs/benchmarks.md.)
     pub fn new() -> Result<Self, KvmError> {
-        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let kvm = open_kvm()?;
         let v = kvm.get_api_version();
         if v != 12 {
             return Err(KvmError::ApiVersion(v));

@@ -32,7 +32,7 @@ use confine::Roots;
 pub use sandbox::landlock::{Enforcement, LandlockError, Use};
 
 /// The paths the control thread may reach besides its storage roots.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ControlDomain {
     domain: sandbox::landlock::Domain,
 }
@@ -74,21 +74,33 @@ impl ControlDomain {
 /// Enters the control thread's domain when there are storage roots, logging how much
 /// of it the kernel enforces.
 pub fn confine_control_thread(domain: ControlDomain) -> Result<Enforcement, LandlockError> {
+    confine_thread(domain, "control")
+}
+
+/// Enters `domain` on the calling thread (`thread` names it in the log): the control
+/// thread (which binds unix sockets) and the file thread (`vireo-files`, which opens,
+/// creates and removes files for it) enter the same one.
+pub fn confine_thread(domain: ControlDomain, thread: &str) -> Result<Enforcement, LandlockError> {
     let Some(roots) = crate::confinement::roots() else {
-        tracing::info!("no storage roots: the control thread's file access is not narrowed");
+        tracing::info!(
+            thread,
+            "no storage roots: the thread's file access is not narrowed"
+        );
         return Ok(Enforcement::None);
     };
     let enforced = domain.enter(roots)?;
     match enforced {
         Enforcement::Full => {
-            tracing::info!("control thread confined to its storage roots (Landlock)")
+            tracing::info!(thread, "thread confined to its storage roots (Landlock)")
         }
         Enforcement::Partial => tracing::warn!(
-            "control thread confined to its storage roots, but this kernel's Landlock \
+            thread,
+            "thread confined to its storage roots, but this kernel's Landlock \
              restricts only some file-system rights"
         ),
         Enforcement::None => tracing::warn!(
-            "this kernel has no Landlock: the control thread's file access is held by \
+            thread,
+            "this kernel has no Landlock: the thread's file access is held by \
              the VMM's own checks and the jail only"
         ),
     }

@@ -12,6 +12,7 @@ pub mod confinement;
 pub mod device_manager;
 pub mod events;
 pub mod fencing;
+pub mod file_broker;
 pub mod jail;
 pub mod kvm;
 pub mod landlock;

@@ -116,12 +116,8 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
-    ParseConfig {
-        path: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("config file {path}: {reason}")]
+    ParseConfig { path: String, reason: String },
     #[error("nothing to run: give --kernel (or --config, --restore), or --api-socket to wait for vm.create")]
     NothingToRun,
     #[error("--restore: {0}")]
@@ -137,8 +133,8 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             path: p.clone(),
             source,
         })?;
-        let cfg: VmConfig = serde_json::from_str(&text)
-            .map_err(|source| CliError::ParseConfig { path: p, source })?;
+        let cfg: VmConfig = api::json::from_slice(text.as_bytes())
+            .map_err(|reason| CliError::ParseConfig { path: p, reason })?;
         cfg.validate()?;
         return Ok(Some(cfg));
     }
@@ -492,15 +488,20 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let cfg_is_none = cfg.is_none();
     let domain = control_domain(&cli, cfg.as_ref());
+    // The file thread, in the same domain under its own filter: from here on the only
+    // thread that opens, creates or removes files (the control thread's filter has no
+    // openat, mkdir or unlink).
+    vmm::file_broker::start(filters.clone(), domain.clone())?;
     // The control thread is confined before any guest code runs: a guest that starts
     // its devices at once meets a control thread under its filter and domain (this
-    // thread builds and boots VMs under them anyway: vm.create, a reboot).
+    // thread builds and boots VMs under them anyway: vm.create, a reboot). It keeps
+    // the domain for the unix sockets it binds.
     vmm::landlock::confine_control_thread(domain)?;
     filters.apply(ThreadKind::Control)?;
     #[cfg(feature = "test-hooks")]
     {
-        vmm::test_hooks::probe_syscall("control");
         vmm::test_hooks::probe_open();
+        vmm::test_hooks::probe_syscall("control");
     }
     if let Some(cfg) = cfg {
         vmm.create(cfg)?;
@@ -531,6 +532,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     let exit = vmm.run();
     if let Some(server) = server {
+        // Removes the API socket (on the file thread).
         server.shutdown();
     }
     match &exit {
@@ -561,6 +563,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     vmm::panic::install_abort_hook();
     // Cloned into its own PID namespace by vireod (a jailed VMM): signals that would end

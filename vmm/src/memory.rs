@@ -45,6 +45,12 @@ pub enum MemoryError {
 /// Huge pages of `page` bytes this host's pool can still give: free minus reserved
 /// (`None`: the host has no pool of that size).
 fn hugepages_available(page: u64) -> Option<u64> {
+    crate::file_broker::run(crate::file_broker::FileOp::ReadHostInfo, move || {
+        read_hugepages_available(page)
+    })
+}
+
+fn read_hugepages_available(page: u64) -> Option<u64> {
     let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page >> 10);
     let read = |f: &str| -> Option<u64> {
         std::fs::read_to_string(format!("{dir}/{f}"))
@@ -63,7 +69,10 @@ fn map_huge_flag(page: u64) -> i32 {
 
 /// Total RAM of the host in bytes (MemTotal of /proc/meminfo).
 fn host_ram() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let s = crate::file_broker::run(crate::file_broker::FileOp::ReadHostInfo, || {
+        std::fs::read_to_string("/proc/meminfo")
+    })
+    .ok()?;
     let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)

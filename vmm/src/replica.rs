@@ -22,6 +22,16 @@ pub fn track(
     disk: Arc<dyn BlockBackend>,
     dir: &Path,
 ) -> Result<Arc<dyn BlockBackend>, DeviceError> {
+    let dir = dir.to_path_buf();
+    crate::file_broker::run(crate::file_broker::FileOp::OpenChangeLog, move || {
+        track_here(disk, &dir)
+    })
+}
+
+fn track_here(
+    disk: Arc<dyn BlockBackend>,
+    dir: &Path,
+) -> Result<Arc<dyn BlockBackend>, DeviceError> {
     let fd = crate::confinement::create_dir(dir).map_err(|e| {
         DeviceError::Replica(format!("change log directory {}: {e}", dir.display()))
     })?;
@@ -39,10 +49,20 @@ pub fn track(
     Ok(Arc::new(Tracked::new(disk, log)))
 }
 
-/// Seals every replicated disk's log at one crash-consistent point.
+/// Seals every replicated disk's log at one crash-consistent point (on the file
+/// thread: each seal makes the log's next segment file).
 pub fn cut(devices: &DeviceManager, disks: &[DiskConfig]) -> Result<ReplicaCutInfo, ApiError> {
-    let tracked: Vec<(&str, &Tracked)> = devices
-        .replicated
+    let (replicated, disks) = (devices.replicated.clone(), disks.to_vec());
+    crate::file_broker::run(crate::file_broker::FileOp::SealChangeLogs, move || {
+        cut_here(&replicated, &disks)
+    })
+}
+
+fn cut_here(
+    replicated: &[(String, Arc<dyn BlockBackend>)],
+    disks: &[DiskConfig],
+) -> Result<ReplicaCutInfo, ApiError> {
+    let tracked: Vec<(&str, &Tracked)> = replicated
         .iter()
         .filter_map(|(id, b)| b.tracked().map(|t| (id.as_str(), t)))
         .collect();
@@ -53,13 +73,19 @@ pub fn cut(devices: &DeviceManager, disks: &[DiskConfig]) -> Result<ReplicaCutIn
     }
     // Hold all of them before sealing any (always in the same order).
     let mut held: Vec<_> = tracked.iter().map(|(id, t)| (*id, t.hold())).collect();
+    let held_at = std::time::Instant::now();
     let cut_id = held.iter().map(|(_, h)| h.last_cut_id()).max().unwrap_or(0) + 1;
-    let mut segments = Vec::with_capacity(held.len());
+    let mut pending = Vec::with_capacity(held.len());
     for (id, h) in held.iter_mut() {
-        let s = h.seal(cut_id).map_err(|e| {
-            tracing::error!(disk = %id, cut_id, error = %e, "replica: cut failed");
-            ApiError::internal(format!("cut {cut_id}: disk '{id}': {e}"))
-        })?;
+        let p = h.seal(cut_id).map_err(|e| cut_failed(id, cut_id, &e))?;
+        pending.push((*id, p));
+    }
+    // The guest writes again while the sealed segments are made durable.
+    drop(held);
+    let held_us = u64::try_from(held_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let mut segments = Vec::with_capacity(pending.len());
+    for (id, p) in pending {
+        let s = p.sync().map_err(|e| cut_failed(id, cut_id, &e))?;
         let dir = log_dir(disks, id).unwrap_or_default();
         segments.push(ReplicaSegmentInfo {
             disk: id.to_string(),
@@ -70,9 +96,17 @@ pub fn cut(devices: &DeviceManager, disks: &[DiskConfig]) -> Result<ReplicaCutIn
             file: dir.join(&s.file_name),
         });
     }
-    drop(held);
-    tracing::info!(cut_id, disks = segments.len(), "replica: cut");
-    Ok(ReplicaCutInfo { cut_id, segments })
+    tracing::info!(cut_id, disks = segments.len(), held_us, "replica: cut");
+    Ok(ReplicaCutInfo {
+        cut_id,
+        segments,
+        held_us,
+    })
+}
+
+fn cut_failed(disk: &str, cut_id: u64, e: &replica::LogError) -> ApiError {
+    tracing::error!(disk = %disk, cut_id, error = %e, "replica: cut failed");
+    ApiError::internal(format!("cut {cut_id}: disk '{disk}': {e}"))
 }
 
 fn log_dir(disks: &[DiskConfig], id: &str) -> Option<std::path::PathBuf> {

@@ -66,10 +66,14 @@ pub enum ThreadKind {
     /// opens /dev/kvm, disks and taps and restores the VM for it
     /// (`live::receive::on_control`).
     Receive,
+    /// The file thread (`vireo-files`, [`crate::file_broker`]): the only thread that
+    /// opens, creates, renames or removes files once the VMM runs. It serves named jobs
+    /// of the control thread and its helpers; no `ioctl`, no sockets, no threads.
+    Files,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 12] = [
+    pub const ALL: [ThreadKind; 13] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -82,6 +86,7 @@ impl ThreadKind {
         ThreadKind::VhostUserLink,
         ThreadKind::PageStream,
         ThreadKind::Receive,
+        ThreadKind::Files,
     ];
 
     /// Whether threads of this kind start other threads.
@@ -156,18 +161,15 @@ const SOCKETS: &[i64] = &[
     libc::SYS_ppoll,
 ];
 
-/// What the control thread needs beyond the rest: creating VMs (files, KVM, memory),
-/// tearing them down, removing the API socket, writing and reading snapshots, opening
-/// migration sockets and the destination disks of a storage migration.
+/// What the control thread needs beyond the rest: creating VMs (KVM, memory, the
+/// descriptors the file thread opened for it), tearing them down, opening migration
+/// sockets. No `openat`, `mkdir`, `unlink` or `rename`: files are opened, created and
+/// removed by the file thread (`vireo-files`, [`FILES`]).
 ///
 /// Threads the control thread starts (migration threads, vCPUs, device workers on
 /// resume and restore) inherit this filter — filters stack — so it also allows what
 /// they need: migration sockets, disk rate-limit timers.
 const CONTROL: &[i64] = &[
-    libc::SYS_openat,
-    libc::SYS_openat2,
-    libc::SYS_mkdir,
-    libc::SYS_mkdirat,
     libc::SYS_lseek,
     libc::SYS_socket,
     libc::SYS_connect,
@@ -175,9 +177,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_listen,
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
+    // Disk locks are dropped and taken again on a migration's hand-over.
     libc::SYS_flock,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
     libc::SYS_getdents64,
     libc::SYS_readlink,
     libc::SYS_readlinkat,
@@ -192,6 +193,29 @@ const CONTROL: &[i64] = &[
     libc::SYS_mbind,
     // `--memory shared=on`: one memfd per RAM region (sealed with fcntl).
     libc::SYS_memfd_create,
+];
+
+/// The file thread's calls beyond COMMON: open (beneath a root with `openat2`), make
+/// directories, remove and rename (snapshot files, change-log segments, images), list
+/// and lock, and the reads and writes of what it opens (snapshot memory, image
+/// headers). No `ioctl`, no socket, no `clone`.
+const FILES: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_getdents64,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_flock,
+    libc::SYS_statfs,
+    libc::SYS_fstatfs,
+    libc::SYS_getcwd,
 ];
 
 /// What the device workers need, which the thread that starts them (the activator)
@@ -290,6 +314,10 @@ fn rules_for(kind: ThreadKind) -> Result<Rules, String> {
             allow(&mut rules, SOCKETS);
             allow(&mut rules, DISK_IO);
         }
+        ThreadKind::Files => {
+            allow(&mut rules, FILES);
+            allow(&mut rules, DISK_IO);
+        }
     }
     Ok(rules)
 }
@@ -349,22 +377,66 @@ mod tests {
         }
     }
 
+    /// mkdir, rename, unlink in a fresh directory under `kind`: their errnos.
+    fn mkdir_rename_unlink(kind: ThreadKind) -> [i32; 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let c = |p: std::path::PathBuf| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let (made, from, to) = (
+            c(dir.path().join("d")),
+            c(dir.path().join("f")),
+            c(dir.path().join("g")),
+        );
+        under(kind, move || {
+            // SAFETY: mkdir, rename and unlink of valid C strings in a temporary directory.
+            unsafe {
+                [
+                    errno_of(libc::mkdir(made.as_ptr(), 0o700).into()),
+                    errno_of(libc::rename(from.as_ptr(), to.as_ptr()).into()),
+                    errno_of(libc::unlink(to.as_ptr()).into()),
+                ]
+            }
+        })
+    }
+
     #[test]
-    fn only_the_control_thread_opens_files_and_sockets() {
+    fn the_file_thread_makes_and_removes_files_but_no_socket_ioctl_or_thread() {
+        assert_eq!(mkdir_rename_unlink(ThreadKind::Files), [0; 3]);
+        assert_eq!(mkdir_rename_unlink(ThreadKind::Control), [libc::EPERM; 3]);
+        let got = under(ThreadKind::Files, || {
+            (
+                new_socket(),
+                ioctl_request(ioctls::KVM_CREATE_VM),
+                ioctl_request(FIONBIO),
+                ioctl_request(0x5412), // TIOCSTI
+                spawn_thread(),
+            )
+        });
+        assert_eq!(
+            (got.0, got.1, got.2, got.3),
+            (libc::EPERM, libc::EPERM, libc::EPERM, libc::EPERM),
+            "socket, KVM_CREATE_VM, FIONBIO, TIOCSTI"
+        );
+        assert!(!got.4, "the file thread starts no thread");
+    }
+
+    #[test]
+    fn only_the_file_thread_opens_files_and_the_control_thread_makes_sockets() {
         for kind in ThreadKind::ALL {
             let (open, socket) = under(kind, || (open_root(), new_socket()));
-            let want = if kind == ThreadKind::Control {
+            let want_open = if kind == ThreadKind::Files {
                 0
             } else {
                 libc::EPERM
             };
-            assert_eq!(open, want, "{kind:?} openat");
-            // The vhost-user link watcher connects again to a restarted backend (a unix
-            // socket); it still opens no file.
-            let want_socket = if kind == ThreadKind::VhostUserLink {
+            assert_eq!(open, want_open, "{kind:?} openat");
+            // Migration sockets are the control thread's; the vhost-user link watcher
+            // connects again to a restarted backend (a unix socket). The file thread
+            // makes none.
+            let want_socket = if matches!(kind, ThreadKind::Control | ThreadKind::VhostUserLink) {
                 0
             } else {
-                want
+                libc::EPERM
             };
             assert_eq!(socket, want_socket, "{kind:?} socket");
         }

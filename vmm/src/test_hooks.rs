@@ -3,11 +3,13 @@
 //!
 //! - `VIREO_TEST_PANIC_VCPU=now|after-resume`: vCPU 0 panics at its first exit, or at
 //!   its first exit after a pause and resume.
-//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`, `receive`: the
+//! - `VIREO_TEST_SYSCALL=THREAD:CALL`: the thread (`vcpu`, `control`, `files`: the
+//!   file thread once confined, `receive`: the
 //!   migration receive thread as it starts) makes a system
 //!   call its filter should refuse once it is confined (`openat`, `execve`, `socket`,
 //!   `fork`, `ioctl-tiocsti`) and prints the outcome if it survives.
-//! - `VIREO_TEST_OPEN=PATH`: once confined, the control thread tries to open PATH and
+//! - `VIREO_TEST_OPEN=PATH`: once confined, the file thread (`vireo-files`, the only
+//!   one that may open) tries to open PATH with a plain open, skipping our checks, and
 //!   prints `vireo: test hook: open PATH: <outcome>` (a jailed VMM must not reach host
 //!   files).
 //! - `VIREO_TEST_OPEN_BENEATH=PATH`: the same through the storage roots
@@ -64,7 +66,13 @@ pub fn probe_open() {
         );
     }
     if let Some(path) = std::env::var_os("VIREO_TEST_OPEN") {
-        let outcome = match std::fs::File::open(&path) {
+        // Raw, skipping our checks, on the file thread (the only one that may open:
+        // its Landlock domain has the last word).
+        let target = path.clone();
+        let opened = crate::file_broker::run(crate::file_broker::FileOp::TestProbe, move || {
+            std::fs::File::open(target)
+        });
+        let outcome = match opened {
             Ok(_) => "opened".to_string(),
             Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
         };

@@ -465,18 +465,25 @@ impl Vm {
         }
         let state = self.saved_state()?;
         let started = Instant::now();
-        // Beneath a storage root when the VMM has them; 0700, files 0600 (guest RAM).
-        let dir_fd = crate::confinement::create_dir(dir).map_err(VmError::Confined)?;
-        let stats = migration::snapshot::write_at(
-            std::os::fd::AsFd::as_fd(&dir_fd),
-            dir,
-            &self.config,
-            &state,
-            self.mem.as_ref(),
-            // Pages never written are not read: a large guest costs what it touched.
-            Some(&crate::live::dirty::populated_pages(self.mem.as_ref())),
-        )
-        .map_err(VmError::Snapshot)?;
+        // Pages never written are not read: a large guest costs what it touched
+        // (PAGEMAP_SCAN is this thread's ioctl).
+        let populated = crate::live::dirty::populated_pages(self.mem.as_ref());
+        let (path, config, mem) = (dir.to_path_buf(), self.config.clone(), self.mem.clone());
+        // The directory and its files are made and written on the file thread: beneath
+        // a storage root when the VMM has them; 0700, files 0600 (guest RAM).
+        let stats =
+            crate::file_broker::run(crate::file_broker::FileOp::WriteSnapshot, move || {
+                let dir_fd = crate::confinement::create_dir(&path).map_err(VmError::Confined)?;
+                migration::snapshot::write_at(
+                    std::os::fd::AsFd::as_fd(&dir_fd),
+                    &path,
+                    &config,
+                    &state,
+                    mem.as_ref(),
+                    Some(&populated),
+                )
+                .map_err(VmError::Snapshot)
+            })?;
         tracing::info!(
             dir = %dir.display(),
             pages_written = stats.pages_written,

@@ -239,10 +239,16 @@ impl Vmm {
 
     /// Builds the VM from a snapshot directory; it stays paused until `vm.resume`.
     pub fn restore(&mut self, dir: &std::path::Path) -> Result<(), VmError> {
-        let dir_fd =
-            crate::confinement::open_dir(dir).map_err(|e| VmError::Confined(e.to_string()))?;
-        let mut snapshot: migration::Snapshot<VmConfig, crate::vm::SavedVm> =
-            migration::Snapshot::open_at(dir_fd, dir)?;
+        let path = dir.to_path_buf();
+        // Opened (beneath a storage root when the VMM has them) and read on the file
+        // thread.
+        let mut snapshot =
+            crate::file_broker::run(crate::file_broker::FileOp::ReadSnapshot, move || {
+                let dir_fd = crate::confinement::open_dir(&path)
+                    .map_err(|e| VmError::Confined(e.to_string()))?;
+                migration::Snapshot::<VmConfig, crate::vm::SavedVm>::open_at(dir_fd, &path)
+                    .map_err(VmError::from)
+            })?;
         if let Some(s) = &self.serial_override {
             snapshot.config.serial = s.clone();
         }
@@ -367,6 +373,8 @@ impl Vmm {
             VmAction::Create(cfg) => {
                 if self.vm.is_some() {
                     Err(ApiError::conflict("a VM already exists in this VMM"))
+                } else if self.receiving() {
+                    Err(ApiError::conflict(RECEIVING))
                 } else {
                     self.create((**cfg).clone())
                         .map(|_| None)
@@ -441,6 +449,8 @@ impl Vmm {
             VmAction::Restore(dir) => {
                 if self.vm.is_some() {
                     Err(ApiError::conflict("a VM already exists in this VMM"))
+                } else if self.receiving() {
+                    Err(ApiError::conflict(RECEIVING))
                 } else {
                     self.restore(dir)
                         .map(|_| None)
@@ -496,10 +506,20 @@ impl Vmm {
     }
 }
 
+/// The refusal of `vm.create` and `vm.restore` while a migration is received.
+const RECEIVING: &str =
+    "this VMM is receiving a migration (vm.receive-migration): its VM is the one that arrives; create or restore after the migration ended";
+
 impl Vmm {
     /// The figures `vm.migration-info` reports (the last send's or receive's).
     pub fn migration_info(&self) -> MigrationInfo {
         sync::lock(&self.migration).clone()
+    }
+
+    /// Whether this VMM waits for (or takes in) a migration: its VM is the one that
+    /// arrives, so nothing may create another meanwhile.
+    fn receiving(&self) -> bool {
+        self.migration_info().status == MigrationStatus::Receiving
     }
 
     fn migration_busy(&self) -> bool {
@@ -525,6 +545,7 @@ impl Vmm {
                 .map_err(|e: migration::transport::TransportError| {
                     ApiError::bad_request(e.to_string())
                 })?;
+        tcp_by_address(&url, "destination_url")?;
         let connections = r.connections.unwrap_or(1);
         if !(1..=migration::protocol::MAX_CONNECTIONS).contains(&connections) {
             return Err(ApiError::bad_request(format!(
@@ -689,7 +710,7 @@ impl Vmm {
         let mirror = match started {
             Ok(m) => m,
             Err(e) => {
-                let _ = std::fs::remove_file(&r.destination);
+                let _ = crate::confinement::remove_file(&r.destination);
                 return Err(ApiError::internal(format!("cannot start the mirror: {e}")));
             }
         };
@@ -742,7 +763,7 @@ impl Vmm {
                 drop(m.mirror);
                 tracing::info!(disk = %m.id, path = %m.destination.path.display(), "storage migration done");
                 if m.delete_source {
-                    if let Err(e) = std::fs::remove_file(&m.source.path) {
+                    if let Err(e) = crate::confinement::remove_file(&m.source.path) {
                         tracing::warn!(error = %e, path = %m.source.path.display(), "cannot delete the old image");
                     }
                 }
@@ -761,7 +782,7 @@ impl Vmm {
                     )));
                 }
                 drop(m.mirror);
-                let _ = std::fs::remove_file(&m.destination.path);
+                let _ = crate::confinement::remove_file(&m.destination.path);
             }
         }
         crate::live::disk::finish(&self.disk_info, &result);
@@ -781,6 +802,7 @@ impl Vmm {
                 .map_err(|e: migration::transport::TransportError| {
                     ApiError::bad_request(e.to_string())
                 })?;
+        tcp_by_address(&url, "receiver_url")?;
         if self.vm.is_some() {
             return Err(ApiError::conflict("a VM already exists in this VMM"));
         }
@@ -1047,3 +1069,17 @@ fn api_error(e: VmError) -> ApiError {
 }
 
 pub use api::error_chain;
+/// A TCP migration URL must name an address (`tcp:IP:PORT`): resolving a host name
+/// reads `/etc/hosts` and `/etc/nsswitch.conf` and may query DNS, which no thread of a
+/// confined VMM may do (the control thread opens no file, the file thread makes no
+/// socket). vireod resolves its peers' names before it asks.
+fn tcp_by_address(url: &migration::transport::MigrationUrl, field: &str) -> Result<(), ApiError> {
+    match url {
+        migration::transport::MigrationUrl::Tcp(a) if a.parse::<std::net::SocketAddr>().is_err() => {
+            Err(ApiError::bad_request(format!(
+                "{field} tcp:{a}: name an address (tcp:IP:PORT); this VMM does not resolve host names"
+            )))
+        }
+        _ => Ok(()),
+    }
+}

@@ -12,6 +12,9 @@ use agent::model::{
     VmStatus,
 };
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+#[path = "vireoctl/bulk.rs"]
+mod bulk;
 use serde_json::Value;
 
 /// Manage the VMs of a host through vireod.
@@ -257,9 +260,9 @@ enum ReplicaCommand {
         #[arg(long)]
         stop: bool,
     },
-    /// On the host a VM was failed over to (planned): replicate it back to its old
-    /// primary, whose replica starts from its own disks (only the blocks that changed
-    /// are sent). A running VM is restarted once if its disks have no change log.
+    /// On the host a VM was failed over to (planned or unplanned): replicate it back
+    /// to its old primary, whose replica starts from its own disks (only the blocks
+    /// that differ — changed here or written there after the point — are sent). A running VM is restarted once if its disks have no change log.
     Reverse {
         name: String,
         /// The old primary's vireod peer listener, HOST:PORT.
@@ -272,13 +275,15 @@ enum ReplicaCommand {
         #[arg(long, default_value_t = 1)]
         history: u32,
     },
-    /// Every replicated VM, or one.
+    /// Every replicated VM, or one (state failed-over-elsewhere: its replica host
+    /// failed it over and said so; it does not start here).
     Status { name: Option<String> },
     /// Stop cutting and shipping for now (the change log keeps everything).
     Pause { name: String },
     /// Go on after a pause.
     Resume { name: String },
-    /// Stop replicating NAME (the replica keeps its last recovery point).
+    /// Stop replicating NAME (the replica keeps its last recovery point); of a VM
+    /// failed over elsewhere, forget the failover (it may start here again).
     Disable { name: String },
     /// Fail NAME over to its replica. `--planned` on the primary: the VM is shut
     /// down, its last changes sent, and it starts on the replica host. `--point latest`
@@ -547,11 +552,21 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
 #[derive(Subcommand, Debug)]
 enum MigrationCommand {
     /// Every migration vireod knows: queued, running and finished.
-    List,
+    List {
+        /// The cluster-wide queue instead: every move between nodes (drains',
+        /// fail-backs', bulk requests') with its state and request.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// One migration with its progress.
     Info { id: String },
     /// Take a queued migration out of the queue (or give up an incoming one).
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        /// ID is a cluster bulk request: its moves not started yet are cancelled.
+        #[arg(long)]
+        cluster: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -601,16 +616,35 @@ enum VmCommand {
         #[arg(long, requires = "cluster")]
         no_start: bool,
     },
-    /// Start a VM; returns when it runs.
+    /// Start a VM; returns when it runs. With --selector: the clustered VMs it
+    /// selects that are off are asked to run (the cluster places them).
     Start {
-        name: String,
+        #[arg(required_unless_present = "selector")]
+        name: Option<String>,
+        /// Clustered VMs by KEY=VALUE[,KEY=VALUE] over priority, node and class.
+        #[arg(long, conflicts_with = "name")]
+        selector: Option<String>,
+        /// With --selector: start those that have a place, leave the others.
+        #[arg(long, requires = "selector")]
+        force: bool,
     },
-    /// Shut a VM down (killed after the timeout).
+    /// Shut a VM down (killed after the timeout). With --selector: the clustered VMs
+    /// it selects are turned off (their nodes kill their VMMs) and stay off.
     Stop {
         name: Option<String>,
         /// Seconds before the VM is killed (vireod's default if not given).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "selector")]
         timeout: Option<u64>,
+        /// Clustered VMs by KEY=VALUE[,KEY=VALUE] over priority, node and class.
+        #[arg(long, conflicts_with = "name")]
+        selector: Option<String>,
+    },
+    /// Save clustered VMs (--selector or names): refused for now, vireod has no save
+    /// of a VM; the answer says why.
+    Save {
+        names: Vec<String>,
+        #[arg(long, required_unless_present = "names", conflicts_with = "names")]
+        selector: Option<String>,
     },
     /// Kill a VM's VMM at once.
     Kill {
@@ -646,13 +680,27 @@ enum VmCommand {
         input: bool,
     },
     /// Live-migrate a running VM to another host's vireod (queued: at most
-    /// --max-concurrent-migrations run at once on this host).
+    /// --max-concurrent-migrations run at once on this host). Clustered VMs — several
+    /// names, --selector, or a --to that is a cluster node's name or `auto` — are
+    /// moved by the cluster: one queued move each, --concurrency at once per source
+    /// and per destination node, High first (`vireoctl migration list --cluster`).
     Migrate {
-        name: String,
+        #[arg(required_unless_present = "selector")]
+        names: Vec<String>,
+        /// Clustered VMs by KEY=VALUE[,KEY=VALUE] over priority, node and class.
+        #[arg(long, conflicts_with = "names")]
+        selector: Option<String>,
         /// The destination's vireod (the VM then belongs to it): https://HOST:PORT (its
-        /// peer listener, mutual TLS) or its socket on this host.
+        /// peer listener, mutual TLS) or its socket on this host; or, for clustered
+        /// VMs, a node's name or `auto` (placement picks).
         #[arg(long, required_unless_present = "to_url", conflicts_with = "to_url")]
         to: Option<String>,
+        /// Clustered VMs: moves at once per source and per destination node (default 2).
+        #[arg(long)]
+        concurrency: Option<u32>,
+        /// Clustered VMs: move those that have a place, leave the others (reported).
+        #[arg(long)]
+        force: bool,
         /// With an https:// --to: the host name its certificate must carry (default HOST).
         #[arg(long, requires = "to")]
         to_name: Option<String>,
@@ -1050,8 +1098,43 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             let v = ctx.json("PUT", &path(&name, ""), Some(def.to_string().into_bytes()))?;
             show_status(v)
         }
-        VmCommand::Start { name } => show_status(ctx.json("PUT", &path(&name, "start"), None)?),
-        VmCommand::Stop { name, timeout } => {
+        VmCommand::Start {
+            selector: Some(sel),
+            force,
+            ..
+        } => {
+            let ask = bulk::Ask {
+                op: "start",
+                selector: Some(&sel),
+                force,
+                ..Default::default()
+            };
+            bulk::request(ctx, ask, out)
+        }
+        VmCommand::Start { name, .. } => {
+            show_status(ctx.json("PUT", &path(name_of(&name)?, "start"), None)?)
+        }
+        VmCommand::Stop {
+            selector: Some(sel),
+            ..
+        } => {
+            let ask = bulk::Ask {
+                op: "stop",
+                selector: Some(&sel),
+                ..Default::default()
+            };
+            bulk::request(ctx, ask, out)
+        }
+        VmCommand::Save { names, selector } => {
+            let ask = bulk::Ask {
+                op: "save",
+                names: &names,
+                selector: selector.as_deref(),
+                ..Default::default()
+            };
+            bulk::request(ctx, ask, out)
+        }
+        VmCommand::Stop { name, timeout, .. } => {
             let n = name_of(&name)?;
             let q = timeout
                 .map(|t| format!("?timeout_s={t}"))
@@ -1108,7 +1191,30 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             input,
         } => console(ctx, &name, lines, follow || input, send, input),
         VmCommand::Migrate {
-            name,
+            names,
+            selector,
+            to,
+            concurrency,
+            force,
+            wait,
+            ..
+        } if selector.is_some()
+            || names.len() > 1
+            || to.as_deref().is_some_and(bulk::is_cluster_target) =>
+        {
+            let ask = bulk::Ask {
+                op: "migrate",
+                names: &names,
+                selector: selector.as_deref(),
+                to: to.as_deref(),
+                force,
+                concurrency,
+                wait,
+            };
+            bulk::request(ctx, ask, out)
+        }
+        VmCommand::Migrate {
+            names,
             to,
             to_name,
             to_url,
@@ -1120,7 +1226,13 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             storage_dir,
             connections,
             wait,
+            ..
         } => {
+            let [name] = names.as_slice() else {
+                return Err(CtlError::Usage(
+                    "a migration to another host's vireod takes one VM".into(),
+                ));
+            };
             let to = match to {
                 Some(p) if p.starts_with("https://") => Some(p),
                 Some(p) => Some(
@@ -1148,7 +1260,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             });
             let v = ctx.json(
                 "PUT",
-                &path(&name, "migrate"),
+                &path(name, "migrate"),
                 Some(body.to_string().into_bytes()),
             )?;
             let rec: MigrationRecord =
@@ -1437,12 +1549,14 @@ fn migration_table(r: &MigrationRecord) {
 
 fn migration(ctx: &Ctx, cmd: MigrationCommand, out: Output) -> Result<(), CtlError> {
     let (v, one) = match &cmd {
-        MigrationCommand::List => (ctx.json("GET", "/api/v1/migrations", None)?, false),
+        MigrationCommand::List { cluster: true } => return bulk::list(ctx, out),
+        MigrationCommand::Cancel { id, cluster: true } => return bulk::cancel(ctx, id, out),
+        MigrationCommand::List { .. } => (ctx.json("GET", "/api/v1/migrations", None)?, false),
         MigrationCommand::Info { id } => (
             ctx.json("GET", &format!("/api/v1/migrations/{id}"), None)?,
             true,
         ),
-        MigrationCommand::Cancel { id } => (
+        MigrationCommand::Cancel { id, .. } => (
             ctx.json("DELETE", &format!("/api/v1/migrations/{id}"), None)?,
             true,
         ),
@@ -1774,19 +1888,9 @@ fn node_table(cmd: &NodeCommand, v: &Value) {
             }
         }
         NodeCommand::CancelDrain { node } => {
-            let cancelled: Vec<String> = v["cancelled"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect();
             println!(
                 "{node}'s drain cancelled; {node} is up; moves dropped: {}",
-                if cancelled.is_empty() {
-                    "none".to_string()
-                } else {
-                    cancelled.join(", ")
-                }
+                names_or_none(&v["cancelled"])
             );
         }
         NodeCommand::Resume { node, .. } => {
@@ -1950,6 +2054,16 @@ fn cluster_update(ctx: &Ctx, u: UpdateArgs, output: Output) -> Result<(), CtlErr
                 )));
             }
         }
+    }
+}
+
+/// A JSON list of names as "a, b", or "none".
+fn names_or_none(list: &Value) -> String {
+    let names: Vec<String> = list.as_array().into_iter().flatten().map(text).collect();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
     }
 }
 

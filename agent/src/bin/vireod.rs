@@ -43,6 +43,12 @@ struct Cli {
     /// Do not start VMs automatically (their priority is ignored).
     #[arg(long)]
     no_autostart: bool,
+    /// A clustered node asked to stop first live-migrates its clustered VMs to other
+    /// nodes for at most this many seconds (drain on shutdown), then stops what
+    /// stayed; 0: stop them at once (they restart elsewhere). Back, the node resumes
+    /// by itself and the VMs fail back.
+    #[arg(long, default_value_t = 120)]
+    shutdown_drain_timeout_s: u64,
     /// On SIGTERM leave the VMs running (for a restart or an upgrade of vireod);
     /// without it they are shut down, lowest priority first.
     #[arg(long)]
@@ -496,6 +502,7 @@ async fn run(
             let store = agent::cluster_node::connect(eps, &security).await?;
             let lease = agent::cluster_node::LeaseRuntime::start(eps, &security).await?;
             let n = std::sync::Arc::new(agent::cluster_node::ClusterNode {
+                view: cluster::inventory::View::start(store.clone()),
                 store,
                 lease: std::sync::Arc::new(lease),
                 node: node.clone(),
@@ -517,15 +524,19 @@ async fn run(
             let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
             let running = tokio::spawn(n.as_ref().clone().run(leave_rx));
             info!(node = %node, etcd = %eps, "cluster node");
-            node_loop = Some((leave_tx, running));
+            node_loop = Some((leave_tx, running, n.clone()));
             Some(n)
         }
         _ => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let replications = agent::replication::Replications::new(sup.clone(), replica.clone());
+    if let Some(s) = &replica {
+        s.attach(&replications);
+    }
     replications.restore();
     replications.forget_deleted();
+    let learner = replications.clone();
     let app = authz::protect(
         server::router(sup.clone())
             .merge(agent::cluster_node::router(cluster))
@@ -571,7 +582,14 @@ async fn run(
     agent::notify::notify("READY=1");
     if !cli.no_autostart {
         let s = sup.clone();
-        tokio::spawn(async move { s.autostart().await });
+        // A VM its replica host failed over while this host was down must not start
+        // here: the replica hosts are asked first (each at most 10 s).
+        tokio::spawn(async move {
+            learner.learn_failovers(Duration::from_secs(10)).await;
+            s.autostart().await
+        });
+    } else {
+        tokio::spawn(async move { learner.learn_failovers(Duration::from_secs(10)).await });
     }
     tokio::select! {
         sig = signal_rx => info!(signal = sig.unwrap_or(0), "asked to stop"),
@@ -581,7 +599,14 @@ async fn run(
         }
     }
     agent::notify::notify("STOPPING=1");
-    if let Some((leave, running)) = node_loop {
+    if let Some((leave, running, node)) = node_loop {
+        if cli.shutdown_drain_timeout_s > 0 {
+            let drain = Duration::from_secs(cli.shutdown_drain_timeout_s);
+            // systemd's TimeoutStopSec= covers the VMs' stop; the drain comes first.
+            let more = drain + 2 * sup.cfg.stop_timeout + Duration::from_secs(10);
+            agent::notify::notify(&format!("EXTEND_TIMEOUT_USEC={}", more.as_micros()));
+            agent::cluster_shutdown::drain_before_leaving(&node, drain, sup.cfg.stop_timeout).await;
+        }
         // Clustered VMs never stay (--keep-vms-on-exit or not): without this node's
         // lease they may not run here; stopped first, they start elsewhere at once.
         let _ = leave.send(true);
@@ -658,6 +683,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let (signal_rx, hup_rx) = match signals() {

@@ -868,6 +868,7 @@ impl Supervisor {
         kind: StartKind,
     ) -> Result<VmStatus, AgentError> {
         self.no_vmm_answers(name)?;
+        self.not_failed_over_elsewhere(name)?;
         let (def, generation) = {
             let mut vms = lock(&self.vms);
             let vm = vms
@@ -921,6 +922,23 @@ impl Supervisor {
     /// vireod does not know of, e.g. left by another incarnation): a second VMM would
     /// truncate the running one's serial file and replace its socket and config, and
     /// the failed start would remove them.
+    /// A VM failed over to its replica host (planned, or unplanned and learnt from
+    /// that host) runs there: it does not start here too
+    /// ([`crate::replication::failed_over`]).
+    fn not_failed_over_elsewhere(&self, name: &str) -> Result<(), AgentError> {
+        let stored = self.stored_replications()?;
+        match stored.iter().find(|(n, _)| n == name) {
+            Some((_, json)) => match crate::replication::failed_over::start_refusal(name, json) {
+                Some(e) => {
+                    warn!(vm = name, error = %e, "start refused: the VM was failed over elsewhere");
+                    Err(e)
+                }
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
     fn no_vmm_answers(&self, name: &str) -> Result<(), AgentError> {
         let socket = self.socket_path(name);
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {

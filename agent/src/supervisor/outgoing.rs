@@ -733,7 +733,15 @@ fn reachable_receiver(url: &str, endpoint: &Endpoint) -> String {
         .rsplit_once(':')
         .map(|(h, _)| h)
         .unwrap_or(authority);
-    format!("tcp:{host}:{}", sock.port())
+    // The VMM takes an address only (its threads cannot resolve names): resolve here.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match std::net::ToSocketAddrs::to_socket_addrs(&(host, sock.port()))
+        .ok()
+        .and_then(|mut a| a.next())
+    {
+        Some(resolved) => format!("tcp:{resolved}"),
+        None => format!("tcp:{host}:{}", sock.port()),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use vireo_e2e::netns::NetNs;
 
 use super::pki::{tls_args, Pki};
-use super::writer::start_writer_vm_filled;
+use super::writer::start_writer_vm_with;
 use super::{Daemon, T};
 
 pub const A_IP: &str = "10.77.0.1";
@@ -32,6 +32,8 @@ pub struct Options<'a> {
     pub enable: &'a [&'a str],
     /// Do not enable replication (the test does, with [`Hosts::enable`]).
     pub skip_enable: bool,
+    /// vm1's start priority on host-a (default Off: not started automatically).
+    pub priority: Option<&'a str>,
 }
 
 /// A tmpfs mounted for a test, unmounted when dropped.
@@ -183,7 +185,7 @@ impl Hosts {
             }
         };
         let disks_dir = a.dir.path().join("disks");
-        let images = start_writer_vm_filled(&a, &disks_dir, false, opts.fill);
+        let images = start_writer_vm_with(&a, &disks_dir, false, opts.fill, opts.priority);
         let h = Hosts {
             a,
             b,

@@ -29,6 +29,18 @@ pub fn start_writer_vm_filled(
     resume: bool,
     fill: bool,
 ) -> Vec<std::path::PathBuf> {
+    start_writer_vm_with(daemon, disks_dir, resume, fill, None)
+}
+
+/// [`start_writer_vm_filled`] with the VM's start `priority` (default Off: never
+/// started automatically).
+pub fn start_writer_vm_with(
+    daemon: &super::Daemon,
+    disks_dir: &std::path::Path,
+    resume: bool,
+    fill: bool,
+    priority: Option<&str>,
+) -> Vec<std::path::PathBuf> {
     std::fs::create_dir(disks_dir).unwrap();
     let mut disks = Vec::new();
     let mut images = Vec::new();
@@ -63,7 +75,7 @@ pub fn start_writer_vm_filled(
         images.push(img);
     }
     let resume = if resume { " resume" } else { "" };
-    let def = serde_json::json!({
+    let mut def = serde_json::json!({
         "config": {
             "payload": {
                 "kernel": vireo_e2e::guest(),
@@ -74,6 +86,9 @@ pub fn start_writer_vm_filled(
         },
         "restart": "never",
     });
+    if let Some(p) = priority {
+        def["priority"] = p.into();
+    }
     daemon.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
     daemon.ok("PUT", "/api/v1/vms/vm1/start", None);
     daemon.wait_serial("vm1", "rw n=10\n", super::T);

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vireo_util::sync;
 
-use replica::{ChangeLog, LogError, SealedSegment};
+use replica::{ChangeLog, LogError, PendingSeal};
 
 use super::{BlockBackend, IoBufs, IoBufsMut};
 
@@ -26,8 +26,9 @@ pub struct Held<'a> {
 }
 
 impl Held<'_> {
-    /// Seals the segment with `cut_id` and starts the next.
-    pub fn seal(&mut self, cut_id: u64) -> Result<SealedSegment, LogError> {
+    /// Seals the segment with `cut_id` and starts the next; the sealed file is made
+    /// durable by [`PendingSeal::sync`] once the disk is released.
+    pub fn seal(&mut self, cut_id: u64) -> Result<PendingSeal, LogError> {
         self.log.seal(cut_id)
     }
 
@@ -164,12 +165,12 @@ mod tests {
         }
         t.write_zeroes(65536, 8192).unwrap();
         t.flush().unwrap();
-        let s = t.hold().seal(1).unwrap();
+        let s = t.hold().seal(1).unwrap().sync().unwrap();
         assert_eq!(s.records, 65);
         t.write_vectored_at(&IoBufs::from_slice(&[9u8; 512]), 0)
             .unwrap();
         t.discard(SIZE - 4096, 4096).unwrap();
-        t.hold().seal(2).unwrap();
+        t.hold().seal(2).unwrap().sync().unwrap();
         assert_eq!(replay(logdir, 1, &mut replica), 1);
         assert_eq!(replay(logdir, 2, &mut replica), 2);
         assert!(

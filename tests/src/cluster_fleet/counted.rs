@@ -109,6 +109,19 @@ impl<S: ClusterStore> ClusterStore for Counted<S> {
         Ok(r)
     }
 
+    async fn get_prefix_at(
+        &self,
+        prefix: &str,
+        revision: Revision,
+    ) -> StoreResult<(Vec<KeyValue>, Revision)> {
+        bump(&self.counters.ranges, 1);
+        let r = self.inner.get_prefix_at(prefix, revision).await?;
+        bump(&self.counters.range_keys, r.0.len() as u64);
+        let bytes: usize = r.0.iter().map(|kv| kv.value.len()).sum();
+        bump(&self.counters.range_bytes, bytes as u64);
+        Ok(r)
+    }
+
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> StoreResult<Revision> {
         bump(&self.counters.puts, 1);
         self.inner.put(key, value, lease).await

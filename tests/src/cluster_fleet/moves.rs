@@ -67,7 +67,8 @@ async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreR
         .await?
         .values()
         .any(|(m, _)| m.drain_of == node && !m.state.finished());
-    if a.state == NodeState::Draining && !unfinished {
+    let queueing = a.drain.as_ref().is_some_and(|d| d.queueing);
+    if a.state == NodeState::Draining && !unfinished && !queueing {
         a.state = NodeState::Paused;
         admin::write_if(store, node, &a, rev, vec![]).await?;
     }
@@ -145,7 +146,8 @@ async fn execute(
     move_rev: Revision,
     hosts: &Hosts,
 ) -> StoreResult<bool> {
-    let snap = Snapshot::read(store).await?;
+    // As vireod's executor: the few records this move checks.
+    let snap = Snapshot::read_some(store, &[node, &m.to], &[&m.vm]).await?;
     let mine = snap.nodes.get(node).map(|(_, l)| *l);
     let dest = snap
         .nodes

@@ -98,6 +98,10 @@ pub enum NumaError {
 
 /// How many NUMA nodes this host has (`/sys/devices/system/node/node*`; 1 without).
 pub fn host_nodes() -> usize {
+    crate::file_broker::run(crate::file_broker::FileOp::ReadHostInfo, count_host_nodes)
+}
+
+fn count_host_nodes() -> usize {
     std::fs::read_dir("/sys/devices/system/node")
         .map(|d| {
             d.filter_map(Result::ok)

@@ -95,7 +95,10 @@ pub fn populated_pages(mem: &GuestMemoryMmap) -> Bitmaps {
     if mem.iter().any(|r| r.file_offset().is_some()) {
         return all_pages(mem);
     }
-    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+    let opened = crate::file_broker::run(crate::file_broker::FileOp::OpenPagemap, || {
+        std::fs::File::open("/proc/self/pagemap")
+    });
+    let Ok(pagemap) = opened else {
         return all_pages(mem);
     };
     match scan::populated(&pagemap, mem) {

@@ -16,6 +16,13 @@ pub fn of(disk: &DiskConfig) -> Result<u64, String> {
 /// The virtual size of the image at `path` in its declared `format` (raw: the file's
 /// length); never guessed from the content.
 pub fn image(path: &Path, format: DiskFormat) -> Result<u64, String> {
+    let path = path.to_path_buf();
+    crate::file_broker::run(crate::file_broker::FileOp::OpenDisk, move || {
+        image_here(&path, format)
+    })
+}
+
+fn image_here(path: &Path, format: DiskFormat) -> Result<u64, String> {
     match format {
         DiskFormat::Raw => std::fs::metadata(path)
             .map(|m| m.len())

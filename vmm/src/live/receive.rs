@@ -210,7 +210,7 @@ impl IncomingDisks {
         }
         let removed = on_control(events, move || {
             for p in &created {
-                let _ = std::fs::remove_file(p);
+                let _ = crate::confinement::remove_file(p);
             }
             Ok(())
         });

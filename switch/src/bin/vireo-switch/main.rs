@@ -133,6 +133,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     sandbox::panic::install_abort_hook("vireo-switch");
     let result = match Cli::parse().cmd {

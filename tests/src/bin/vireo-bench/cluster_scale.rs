@@ -9,8 +9,16 @@
 //! 1. Definition: `--cluster-vms` VMs of a mixed priority and size
 //!    (`cluster_fleet::mix`) defined through `define_vm` (16 at once), then the time
 //!    until the controllers placed every one and its node runs it.
-//! 2. Listing: every VM record read as `vireoctl vm list --cluster` reads them
-//!    (`Snapshot::read`), `--cluster-lists` times while the fleet runs: p50/p99.
+//! 2. Listing, `--cluster-lists` times while the fleet runs: the list of every node
+//!    and VM as `vireoctl cluster status` gets it from a vireod (`GET
+//!    /api/v1/cluster`): from the vireod's inventory view (`cluster::inventory`, kept
+//!    by a watch since the bench started) serialized to JSON, linearizable (the view
+//!    first reaches etcd's current revision: one count-only read) and as the view
+//!    stands; beside it the old way, `Snapshot::read` (four full prefix reads), and
+//!    those reads without decoding: min/p50/p99/max. The measured vireod (its view,
+//!    its list) runs on a runtime of its own, as a vireod process would. The
+//!    linearizable list is timed again during the drains (every 100 ms), when the
+//!    cluster changes.
 //! 3. Failover, `--cluster-rounds` rounds, a different victim each: the victim's loop,
 //!    renewals and VMs stop at once (a crash); from then until every one of its
 //!    High VMs, then every auto-start VM, runs on another node; and from its lease's
@@ -30,10 +38,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cluster::failover::{define_vm, Snapshot};
+use cluster::inventory::{self, View};
 use cluster::keys::{self, NodeState, OwnerRecord, Priority, Unowned};
 use cluster::store::WatchEvent;
 use cluster::{ClusterStore, EtcdSecurity, EtcdStore};
-use vireo_e2e::cluster_fleet::counted::Counts;
+use vireo_e2e::cluster_fleet::counted::{Counted, Counters, Counts};
 use vireo_e2e::cluster_fleet::{mix, Fleet, Stats};
 use vireo_e2e::etcd::EtcdCluster;
 
@@ -207,8 +216,18 @@ pub fn table(o: &Options) {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(o, &etcd));
+    // The vireod whose lists are timed runs on a runtime of its own (one worker), as
+    // a vireod process would: its view and its list handler do not wait for a worker
+    // behind the 64 node agents' loops (they still share the machine's 2 cores).
+    let vireod = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vireod")
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(o, &etcd, vireod.handle().clone()));
     rt.shutdown_background();
+    vireod.shutdown_background();
 }
 
 struct Round {
@@ -224,11 +243,30 @@ struct Round {
     delta: Delta,
 }
 
-async fn run(o: &Options, etcd: &EtcdCluster) {
+async fn run(o: &Options, etcd: &EtcdCluster, vireod: tokio::runtime::Handle) {
     let eps = etcd.endpoints();
     let observer = EtcdStore::connect(&eps, &EtcdSecurity::Insecure)
         .await
         .expect("connect to etcd");
+    // One vireod's inventory view, from the start (as a vireod has it), on a
+    // connection of its own whose calls are counted apart from the fleet's.
+    let view_counters = Arc::new(Counters::default());
+    let (view, view_store) = {
+        let (eps, counters) = (eps.clone(), view_counters.clone());
+        // Connected and started on the vireod's runtime: its tasks run there.
+        vireod
+            .spawn(async move {
+                let store = Counted {
+                    inner: EtcdStore::connect(&eps, &EtcdSecurity::Insecure)
+                        .await
+                        .expect("connect to etcd"),
+                    counters,
+                };
+                (View::start(store.clone()), store)
+            })
+            .await
+            .expect("the vireod runtime")
+    };
     let capacity = mix::node_capacity(o.nodes, o.vms);
     println!(
         "### Cluster control plane at scale: {} nodes, {} VMs, real etcd (3 members)\n",
@@ -318,7 +356,13 @@ async fn run(o: &Options, etcd: &EtcdCluster) {
     println!("etcd after definition: {}\n", etcd_size(etcd));
 
     // 2. Listing.
-    list(o, &observer, &fleet).await;
+    let lv = ListView {
+        view,
+        store: view_store,
+        counters: view_counters,
+        rt: vireod,
+    };
+    list(o, &observer, &fleet, &lv).await;
 
     // 3. Failover.
     let gone = Arc::new(Mutex::new(HashMap::<String, Instant>::new()));
@@ -357,19 +401,114 @@ async fn run(o: &Options, etcd: &EtcdCluster) {
     print_failover(&rounds);
 
     // 4. Drain.
-    drains(o, &mut fleet, &observer).await;
+    drains(o, &mut fleet, &observer, &lv).await;
 
     println!("etcd after the rounds: {}\n", etcd_size(etcd));
     let twice = fleet.placement().values().filter(|n| n.len() > 1).count();
     println!("VMs running on more than one node at the end: {twice}\n");
 }
 
-async fn list(o: &Options, observer: &EtcdStore, fleet: &Fleet) {
+/// The vireod whose lists the bench times: its inventory view, its connection and
+/// its runtime.
+struct ListView {
+    view: View,
+    store: Counted<EtcdStore>,
+    counters: Arc<Counters>,
+    rt: tokio::runtime::Handle,
+}
+
+/// How long a linearizable list waits for the view (vireod's `LIST_WAIT`).
+const LIST_WAIT: Duration = Duration::from_secs(1);
+
+/// The list's JSON from `view` as it stands (what `GET /api/v1/cluster?stale=true`
+/// sends): its length.
+fn json_of(view: &View) -> usize {
+    view.with(|inv| {
+        serde_json::to_vec(&inventory::list(&inv.snapshot, inv.revision))
+            .map(|b| b.len())
+            .unwrap_or(0)
+    })
+    .expect("the view has read the cluster")
+}
+
+impl ListView {
+    /// The list as it stands, timed on the vireod's runtime: (ms, JSON length).
+    async fn as_is(&self) -> (f64, usize) {
+        let view = self.view.clone();
+        self.rt
+            .spawn(async move {
+                let t = Instant::now();
+                let len = json_of(&view);
+                (ms(t.elapsed()), len)
+            })
+            .await
+            .expect("the vireod runtime")
+    }
+
+    /// The linearizable list (`GET /api/v1/cluster`), timed on the vireod's runtime:
+    /// the view at etcd's current revision, then the JSON. Returns the time and the
+    /// JSON's length and whether the view had to wait; `None` when it did not reach
+    /// the revision within vireod's wait (vireod would then read etcd itself:
+    /// counted, the time kept).
+    async fn linearizable(&self) -> (f64, Option<(usize, bool)>) {
+        let (view, store) = (self.view.clone(), self.store.clone());
+        self.rt
+            .spawn(async move {
+                let t = Instant::now();
+                let before = view.revision();
+                let r = match view.catch_up(&store, LIST_WAIT).await {
+                    Ok(at) => Some((json_of(&view), before.is_some_and(|b| b < at))),
+                    Err(e) => {
+                        eprintln!("linearizable list: {e}");
+                        None
+                    }
+                };
+                (ms(t.elapsed()), r)
+            })
+            .await
+            .expect("the vireod runtime")
+    }
+}
+
+/// min, p50, p99, max of `v` as a table row.
+fn row(what: &str, v: &[f64]) -> String {
+    format!(
+        "| {what} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        v.len(),
+        pct(v, 0.0),
+        pct(v, 0.5),
+        pct(v, 0.99),
+        pct(v, 1.0)
+    )
+}
+
+async fn list(o: &Options, observer: &EtcdStore, fleet: &Fleet, lv: &ListView) {
+    lv.view
+        .catch_up(&lv.store, Duration::from_secs(30))
+        .await
+        .expect("the view reaches etcd's revision");
     let m = mark(fleet);
+    let view_before = lv.counters.now();
+    let stats_before = lv.view.stats();
+    let mut lin = Vec::with_capacity(o.lists);
+    let mut stale = Vec::with_capacity(o.lists);
     let mut lat = Vec::with_capacity(o.lists);
     let mut raw = Vec::with_capacity(o.lists);
     let mut vms = 0;
+    let mut json = 0;
+    let mut waited = 0;
+    let mut behind = 0;
     for _ in 0..o.lists {
+        let (took, r) = lv.linearizable().await;
+        match r {
+            Some((len, w)) => {
+                json = len;
+                waited += usize::from(w);
+            }
+            None => behind += 1,
+        }
+        lin.push(took);
+        stale.push(lv.as_is().await.0);
         let t = Instant::now();
         let snap = Snapshot::read(observer).await.expect("read every VM");
         lat.push(ms(t.elapsed()));
@@ -381,24 +520,33 @@ async fn list(o: &Options, observer: &EtcdStore, fleet: &Fleet) {
         }
         raw.push(ms(t.elapsed()));
     }
+    let view_calls = lv.counters.now() - view_before;
+    let stats = lv.view.stats();
     let (kvs, _) = observer.get_prefix(keys::VMS).await.expect("vms");
     let bytes: usize = kvs.iter().map(|kv| kv.value.len() + kv.key.len()).sum();
     println!(
-        "List of every VM (`Snapshot::read`: nodes, VMs, owners, admin; {} reads while the fleet runs; {vms} VMs, {:.2} MiB of VM records), and the same four prefix reads without decoding the records:\n",
+        "List of every node and VM, {} times each while the fleet runs ({vms} VMs; {:.2} MiB of VM records in etcd; the list's JSON {:.2} MiB). From a vireod's inventory view: linearizable (`GET /api/v1/cluster`: one count-only read of etcd's revision; the view waited for it {waited} times, and {behind} times did not reach it within 1 s) and as the view stands (`?stale=true`), both serialized to JSON; the old way, `Snapshot::read` (four full prefix reads, records decoded), and those reads without decoding:\n",
         o.lists,
-        mib(bytes as u64)
+        mib(bytes as u64),
+        mib(json as u64)
     );
-    println!("| read | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|");
-    for (what, v) in [("`Snapshot::read`", &lat), ("prefix reads only", &raw)] {
-        println!(
-            "| {what} | {:.1} | {:.1} | {:.1} |",
-            pct(v, 0.5),
-            pct(v, 0.99),
-            pct(v, 1.0)
-        );
-    }
+    println!("| list | n | min (ms) | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|---|---|");
+    println!("{}", row("view, linearizable", &lin));
+    println!("{}", row("view, as it stands", &stale));
+    println!("{}", row("`Snapshot::read` (old)", &lat));
+    println!("{}", row("four prefix reads only", &raw));
     println!(
-        "\nCounters meanwhile (the fleet's own load): {}\n",
+        "\nThe view's own etcd calls meanwhile: revision checks {}, prefix reads {} ({} keys), watches opened {}; reads of the whole inventory {} (since the bench started: {}), watch batches applied {}.\n",
+        view_calls.revisions,
+        view_calls.ranges,
+        view_calls.range_keys,
+        view_calls.watches,
+        stats.lists - stats_before.lists,
+        stats.lists,
+        stats.batches - stats_before.batches,
+    );
+    println!(
+        "Counters meanwhile (the fleet's own load): {}\n",
         since(fleet, &m).line()
     );
 }
@@ -521,11 +669,13 @@ fn print_failover(rounds: &[Round]) {
     println!();
 }
 
-async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
+async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore, lv: &ListView) {
     println!("Drain of one node (`cluster::drain`, concurrency {DRAIN_CONCURRENCY}; the stand-in migrates at once; vireod's executor period 200 ms), per round:\n");
     println!("| node | VMs moved | drain call (ms) | drain → paused and empty (ms) | moves | txns (failed) | prefix reads (keys) |");
     println!("|---|---|---|---|---|---|---|");
     let mut times = Vec::new();
+    let mut lists = Vec::new();
+    let mut behind = 0;
     for r in 0..o.rounds {
         let i = (r * 11 + 5) % o.nodes;
         let name = Fleet::name(i);
@@ -541,7 +691,16 @@ async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
         };
         let called = t0.elapsed();
         let mut done = None;
+        let mut next_list = Instant::now();
         while t0.elapsed() < DRAIN_LIMIT {
+            if next_list.elapsed() >= Duration::from_millis(100) {
+                next_list = Instant::now();
+                let (took, r) = lv.linearizable().await;
+                if r.is_none() {
+                    behind += 1;
+                }
+                lists.push(took);
+            }
             let (a, _) = cluster::admin::read(observer, &name)
                 .await
                 .unwrap_or_default();
@@ -584,4 +743,7 @@ async fn drains(o: &Options, fleet: &mut Fleet, observer: &EtcdStore) {
     }
     let (a, b, c) = mmm(&times);
     println!("\nDrain → paused and empty: min {a:.0} ms, median {b:.0} ms, max {c:.0} ms.\n");
+    println!("Linearizable lists from the view during the drains (every 100 ms; {behind} did not reach etcd's revision within 1 s):\n");
+    println!("| list | n | min (ms) | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|---|---|");
+    println!("{}\n", row("view, linearizable, during drains", &lists));
 }

@@ -35,9 +35,14 @@
 //!     node, drain of one node, listing every VM, etcd's size (`cluster_scale.rs`;
 //!     only with `--only cluster-scale`: it takes minutes).
 //!
+//! 14. Host loss on a real three-host cluster (vireods, VMMs, etcd over mutual TLS in
+//!     network namespaces): kill → each of its VMs running elsewhere, per priority, over
+//!     many rounds (`cluster_failover.rs`; only with `--only cluster-failover`).
+//!
 //! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N] [--rpo-rounds N]
 //! [--cluster-nodes N] [--cluster-vms N] [--cluster-rounds N] [--cluster-lists N]
-//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo|cluster-scale]`
+//! [--failover-rounds N]
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo|cluster-scale|cluster-failover]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -49,6 +54,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 
 mod balloon;
+mod cluster_failover;
 mod cluster_scale;
 mod large_memory;
 mod replica_rpo;
@@ -1277,6 +1283,9 @@ struct Cli {
     /// Reads of every VM record in `--only cluster-scale`'s list figure.
     #[arg(long, default_value_t = 200)]
     cluster_lists: usize,
+    /// Host losses of `--only cluster-failover`.
+    #[arg(long, default_value_t = 25)]
+    failover_rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -1294,6 +1303,7 @@ enum Part {
     Balloon,
     ReplicaRpo,
     ClusterScale,
+    ClusterFailover,
 }
 
 fn main() {
@@ -1344,5 +1354,8 @@ fn main() {
             rounds: cli.cluster_rounds.max(1),
             lists: cli.cluster_lists.max(1),
         });
+    }
+    if cli.only == Some(Part::ClusterFailover) {
+        cluster_failover::table(cli.failover_rounds.max(1));
     }
 }

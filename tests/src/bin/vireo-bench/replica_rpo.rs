@@ -294,8 +294,8 @@ pub fn table(rounds: usize) {
         WINDOW.as_secs(),
         WARM_UP.as_secs()
     );
-    println!("| round | writes | write rate /s | RPO p50 | RPO p99 | RPO max | points | wire ÷ written | wire MiB | segments | segment MiB | rounds (failed) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | writes | write rate /s | RPO p50 | RPO p99 | RPO max | points | wire ÷ written | wire MiB | segments | segment MiB | rounds (failed) | cut held p50 / max µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut on_lat = Vec::new();
     let mut all_rpo = Vec::new();
     for round in 1..=rounds {
@@ -303,6 +303,7 @@ pub fn table(rounds: usize) {
         let from = now_ms();
         let mut points: Vec<(u64, u64, u64)> = Vec::new(); // (id, cut_at, at)
         let mut last = s0["last_point"].as_u64();
+        let mut held: Vec<u64> = Vec::new(); // the cuts' hold times seen (µs)
         let poll = |points: &mut Vec<(u64, u64, u64)>, last: &mut Option<u64>| {
             let v = status();
             let p = v["last_point"].as_u64();
@@ -318,16 +319,22 @@ pub fn table(rounds: usize) {
             }
             v
         };
+        // Every 200 ms: each point (one a second) is seen, and the polling itself (a
+        // request to vireod) stays a small load beside the guest being measured.
         while now_ms() < from + WINDOW.as_millis() as u64 {
-            poll(&mut points, &mut last);
-            std::thread::sleep(Duration::from_millis(20));
+            let before = last;
+            let v = poll(&mut points, &mut last);
+            if last != before {
+                held.extend(v["last_cut_held_us"].as_u64());
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
         let to = now_ms();
         // Until a point cut after the window's last write.
         let wait = Instant::now();
         while !points.iter().any(|p| p.1 >= to) && wait.elapsed() < Duration::from_secs(120) {
             poll(&mut points, &mut last);
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(200));
         }
         let s1 = status();
         let window: Vec<Line> = lines
@@ -357,7 +364,7 @@ pub fn table(rounds: usize) {
             * 4096;
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
-            "| {round} | {}{} | {:.0} | {:.2} s | {:.2} s | {:.2} s | {} | {:.3} | {:.1} | {} | {:.1} | {} ({}) |",
+            "| {round} | {}{} | {:.0} | {:.2} s | {:.2} s | {:.2} s | {} | {:.3} | {:.1} | {} | {:.1} | {} ({}) | {} / {} |",
             window.len(),
             if uncovered > 0 { format!(" ({uncovered} in no point)") } else { String::new() },
             window.len() as f64 / ((to - from) as f64 / 1000.0),
@@ -371,6 +378,8 @@ pub fn table(rounds: usize) {
             mib(d("segment_bytes_sent")),
             d("rounds"),
             d("failed_rounds"),
+            pct(&mut held, 0.5),
+            held.iter().max().copied().unwrap_or(0),
         );
     }
     println!(

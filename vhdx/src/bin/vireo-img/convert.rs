@@ -197,6 +197,10 @@ impl AlignedBuf {
 
 pub fn run(job: &Job) -> CliResult<()> {
     let (src, dst, dst_format, options) = (job.src, job.dst, job.dst_format, job.options);
+    if crate::wants_options_help(options) {
+        crate::print_options_help();
+        return Ok(());
+    }
     let is_vhdx =
         vhdx::probe(src).map_err(|e| format!("Could not open '{}': {e}", src.display()))?;
     let fmt = job

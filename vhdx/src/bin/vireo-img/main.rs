@@ -4,6 +4,7 @@ mod check;
 mod convert;
 mod size;
 
+use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,60 +24,86 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `--output`'s values.
+const OUTPUTS: [&str; 2] = ["human", "json"];
+/// `-f`'s and `-O`'s values.
+const FORMATS: [&str; 2] = ["vhdx", "raw"];
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create an image: `create -f vhdx [-o opts] FILE SIZE`, `create -f vhdx -b PARENT -F vhdx CHILD`, `create -f raw FILE SIZE`.
     Create {
-        #[arg(short = 'f', default_value = "vhdx")]
+        /// The image's format.
+        #[arg(short = 'f', default_value = "vhdx", value_parser = PossibleValuesParser::new(FORMATS))]
         format: String,
+        /// VHDX options, `key=value[,...]`; `-o help` lists them.
         #[arg(short = 'o')]
         options: Option<String>,
         /// The parent; a relative path is read against CHILD's directory (as qemu-img does).
         #[arg(short = 'b')]
         backing: Option<PathBuf>,
+        /// The parent's format (only vhdx).
         #[arg(short = 'F')]
         backing_format: Option<String>,
+        /// Replace FILE if it exists (without it, an existing file is refused and kept).
+        #[arg(long)]
+        force: bool,
+        /// The image to create.
         file: PathBuf,
+        /// Virtual size: bytes, or with a suffix K, M, G, T, P (powers of 1024); a
+        /// differencing disk takes its parent's.
         size: Option<String>,
     },
     /// Show what an image is.
     Info {
-        #[arg(short = 'f')]
+        /// The image's format (checked against what the file is).
+        #[arg(short = 'f', value_parser = PossibleValuesParser::new(FORMATS))]
         format: Option<String>,
         /// Open without taking the image lock (qemu-img's `-U`): for an image
         /// another process holds, or a file system without OFD locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
-        #[arg(long = "output", default_value = "human")]
+        /// Print for people (`human`) or programs (`json`, qemu-img's fields).
+        #[arg(long = "output", default_value = "human", value_parser = PossibleValuesParser::new(OUTPUTS))]
         output: String,
+        /// The image.
         file: PathBuf,
     },
     /// Check an image (exit 0 clean, 2 corruption, 3 leaks).
     Check {
-        #[arg(short = 'f')]
+        /// The image's format (checked against what the file is).
+        #[arg(short = 'f', value_parser = PossibleValuesParser::new(FORMATS))]
         format: Option<String>,
         /// Open without taking the image lock (qemu-img's `-U`): for an image
         /// another process holds, or a file system without OFD locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Repair what the check finds: `leaks` or `all` (both release leaked blocks).
         #[arg(short = 'r')]
         repair: Option<String>,
-        #[arg(long = "output", default_value = "human")]
+        /// Print for people (`human`) or programs (`json`, qemu-img's fields).
+        #[arg(long = "output", default_value = "human", value_parser = PossibleValuesParser::new(OUTPUTS))]
         output: String,
+        /// The image.
         file: PathBuf,
     },
     /// Copy an image to another format, skipping zeros.
     Convert {
+        /// Show the progress.
         #[arg(short = 'p')]
         progress: bool,
         /// Open without taking the image lock (qemu-img's `-U`): for an image
         /// another process holds, or a file system without OFD locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
-        #[arg(short = 'f')]
+        /// The source's format (detected when left out; `raw` reads any file's bytes
+        /// as they are).
+        #[arg(short = 'f', value_parser = PossibleValuesParser::new(FORMATS))]
         src_format: Option<String>,
-        #[arg(short = 'O', default_value = "raw")]
+        /// The destination's format.
+        #[arg(short = 'O', default_value = "raw", value_parser = PossibleValuesParser::new(FORMATS))]
         dst_format: String,
+        /// The destination's VHDX options, `key=value[,...]`; `-o help` lists them.
         #[arg(short = 'o')]
         options: Option<String>,
         /// Chunks converted in parallel (like qemu-img's -m).
@@ -89,39 +116,88 @@ enum Cmd {
         /// Source cache mode: none (O_DIRECT) or writeback (page cache).
         #[arg(short = 'T', default_value = "none")]
         src_cache: convert::CacheMode,
+        /// The image to read.
         src: PathBuf,
+        /// The image to write (replaced if it exists, as qemu-img does).
         dst: PathBuf,
     },
     /// Change the virtual size: `resize FILE [+|-]SIZE`.
     Resize {
-        #[arg(short = 'f')]
+        /// The image's format (checked against what the file is).
+        #[arg(short = 'f', value_parser = PossibleValuesParser::new(FORMATS))]
         format: Option<String>,
+        /// Allow a smaller size: what lies beyond it is lost.
         #[arg(long)]
         shrink: bool,
+        /// The image.
         file: PathBuf,
+        /// The new size, or `+SIZE`/`-SIZE` relative to the current one (suffixes as
+        /// for create).
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
     /// Merge a differencing disk into its parent.
     Commit {
-        #[arg(short = 'f')]
+        /// The image's format (checked against what the file is).
+        #[arg(short = 'f', value_parser = PossibleValuesParser::new(FORMATS))]
         format: Option<String>,
+        /// The differencing disk.
         file: PathBuf,
     },
     /// Release all-zero blocks and shrink the file.
-    Compact { file: PathBuf },
+    Compact {
+        /// The VHDX image.
+        file: PathBuf,
+    },
     /// Show where the data of an image lives.
     Map {
-        #[arg(short = 'f')]
+        /// The image's format (checked against what the file is).
+        #[arg(short = 'f', value_parser = PossibleValuesParser::new(FORMATS))]
         format: Option<String>,
         /// Open without taking the image lock (qemu-img's `-U`): for an image
         /// another process holds, or a file system without OFD locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
-        #[arg(long = "output", default_value = "human")]
+        /// Print for people (`human`) or programs (`json`, qemu-img's fields).
+        #[arg(long = "output", default_value = "human", value_parser = PossibleValuesParser::new(OUTPUTS))]
         output: String,
+        /// The image.
         file: PathBuf,
     },
+}
+
+/// `-f FORMAT` given for an existing image must say what the file is: a vhdx file
+/// is not read as raw (nor the other way round) behind the user's back.
+fn check_format(file: &Path, format: Option<&str>) -> CliResult<()> {
+    let Some(format) = format else { return Ok(()) };
+    let is_vhdx =
+        vhdx::probe(file).map_err(|e| format!("Could not open '{}': {e}", file.display()))?;
+    let actual = if is_vhdx { "vhdx" } else { "raw" };
+    if format != actual {
+        return Err(format!(
+            "'{}' is a {actual} image, not {format} (leave -f out, or give -f {actual})",
+            file.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `-o help`: the VHDX creation options.
+const CREATE_OPTIONS_HELP: &str = "Supported VHDX options:
+  size=SIZE                  virtual size (also the SIZE argument)
+  subformat=dynamic|fixed    dynamic (blocks allocated on write, default) or fixed (all allocated)
+  block_size=SIZE            payload block size, a power of two from 1M to 256M (default 32M; 2M for a differencing disk)
+  log_size=SIZE              the metadata log's size, a multiple of 1M (default 1M)
+  logical_sector_size=512|4096
+  physical_sector_size=512|4096";
+
+/// Whether `-o` asks for the list of options (`help` or `?`, as qemu-img takes).
+pub fn wants_options_help(options: Option<&str>) -> bool {
+    matches!(options, Some("help" | "?"))
+}
+
+pub fn print_options_help() {
+    println!("{CREATE_OPTIONS_HELP}");
 }
 
 fn main() -> ExitCode {
@@ -131,6 +207,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -139,6 +216,7 @@ fn main() -> ExitCode {
             options,
             backing,
             backing_format,
+            force,
             file,
             size,
         } => create(
@@ -148,21 +226,25 @@ fn main() -> ExitCode {
             backing_format.as_deref(),
             &file,
             size.as_deref(),
+            force,
         )
         .map(|_| 0),
         Cmd::Info {
+            format,
             output,
             file,
             force_share,
-            ..
-        } => info(&file, &output, force_share).map(|_| 0),
+        } => check_format(&file, format.as_deref())
+            .and_then(|_| info(&file, &output, force_share))
+            .map(|_| 0),
         Cmd::Check {
+            format,
             repair,
             output,
             file,
             force_share,
-            ..
-        } => check::run(&file, repair.as_deref(), &output, force_share),
+        } => check_format(&file, format.as_deref())
+            .and_then(|_| check::run(&file, repair.as_deref(), &output, force_share)),
         Cmd::Convert {
             progress,
             force_share,
@@ -187,20 +269,29 @@ fn main() -> ExitCode {
             src_force_share: force_share,
         })
         .map(|_| 0),
-        Cmd::Resize { file, size, .. } => resize(&file, &size).map(|_| 0),
-        Cmd::Commit { file, .. } => vhdx::commit(&file)
+        Cmd::Resize {
+            format,
+            shrink,
+            file,
+            size,
+        } => check_format(&file, format.as_deref())
+            .and_then(|_| resize(&file, &size, shrink))
+            .map(|_| 0),
+        Cmd::Commit { format, file } => check_format(&file, format.as_deref())
+            .and_then(|_| vhdx::commit(&file).map_err(|e| e.to_string()))
             .map(|_| {
                 println!("Image committed.");
                 0
-            })
-            .map_err(|e| e.to_string()),
+            }),
         Cmd::Compact { file } => compact(&file).map(|_| 0),
         Cmd::Map {
+            format,
             output,
             file,
             force_share,
-            ..
-        } => map(&file, &output, force_share).map(|_| 0),
+        } => check_format(&file, format.as_deref())
+            .and_then(|_| map(&file, &output, force_share))
+            .map(|_| 0),
     };
     match r {
         Ok(code) => ExitCode::from(code),
@@ -257,7 +348,18 @@ fn create(
     backing_format: Option<&str>,
     file: &Path,
     size_arg: Option<&str>,
+    force: bool,
 ) -> CliResult<()> {
+    if wants_options_help(options) {
+        print_options_help();
+        return Ok(());
+    }
+    if !force && std::fs::symlink_metadata(file).is_ok() {
+        return Err(format!(
+            "'{}' exists: refusing to overwrite it (--force replaces it)",
+            file.display()
+        ));
+    }
     match format {
         "raw" => {
             let size = size::parse(size_arg.ok_or("Image creation needs a size parameter")?)?;
@@ -434,7 +536,11 @@ fn info(file: &Path, output: &str, force_share: bool) -> CliResult<()> {
     Ok(())
 }
 
-fn resize(file: &Path, arg: &str) -> CliResult<()> {
+/// qemu-img's refusal of a smaller size without `--shrink`.
+const SHRINK_REFUSED: &str =
+    "Use the --shrink option to perform a shrink operation (what lies beyond the new size is lost)";
+
+fn resize(file: &Path, arg: &str, shrink: bool) -> CliResult<()> {
     let is_vhdx = vhdx::probe(file).map_err(|e| e.to_string())?;
     let (rel, s) = match arg.as_bytes().first() {
         Some(b'+') => (1i8, &arg[1..]),
@@ -453,6 +559,9 @@ fn resize(file: &Path, arg: &str) -> CliResult<()> {
             -1 => cur.checked_sub(n).ok_or("Image size cannot be negative")?,
             _ => n,
         };
+        if new < cur && !shrink {
+            return Err(SHRINK_REFUSED.into());
+        }
         f.set_len(new).map_err(|e| e.to_string())?;
         println!("Image resized.");
         return Ok(());
@@ -467,6 +576,9 @@ fn resize(file: &Path, arg: &str) -> CliResult<()> {
     };
     let lss = u64::from(v.logical_sector_size());
     let new = new.div_ceil(lss) * lss;
+    if new < cur && !shrink {
+        return Err(SHRINK_REFUSED.into());
+    }
     v.resize(new).map_err(|e| e.to_string())?;
     v.close().map_err(|e| e.to_string())?;
     println!("Image resized.");

@@ -1,0 +1,784 @@
+//! Bulk requests: migrate, start or stop a selection of clustered VMs in one call
+//! (`vireoctl vm migrate --selector priority=low --to b`, or a list of names), and the
+//! cluster-wide migration queue.
+//!
+//! - **Selection**: names, or a selector of `KEY=VALUE` terms joined by commas, all of
+//!   which must match: `priority` (high, medium, low, no-auto-start), `node` (the node
+//!   that runs it now) and `class` (its anti-affinity class). Any other key is refused
+//!   ([`BulkError::UnknownKey`], naming it).
+//! - **Migrate** writes one queued move per VM (`vireo/moves/VM`, reason `bulk`, the
+//!   request's id) — the drain's moves, carried out by each source's vireod the same
+//!   way (`drain::next_moves`: High first and `concurrency` at once per source and per
+//!   destination). The destination is a named node, or `auto`: placement picks, as
+//!   for a failover (possible and preferred owners, soft anti-affinity, capacity; no
+//!   preemption), among the up nodes with a peer URL other than the VM's own. Checked
+//!   first, as a drain is: a VM without a place refuses the whole request with the
+//!   list ([`BulkError::NoPlace`]) unless `force` (then they stay, reported as left);
+//!   a VM already on the named node, or not running, is skipped (reported).
+//! - **Start** marks off VMs pending (the failover controller places them, preempting
+//!   lower priorities as it does); refused when one could not be placed even so,
+//!   unless `force`. **Stop** turns VMs off: the ownership record becomes `off`, and
+//!   the node running one kills its VMM (a power-off, not a guest shutdown).
+//! - **Save** is refused ([`BulkError::Unsupported`]): vireod has no save of a VM.
+//! - **Recorded** as `vireo/requests/ID` ([`BulkRecord`]), written with the first
+//!   [`MOVES_PER_TXN`] moves (or ownership changes) in one transaction; later parts
+//!   hold only while the record is unchanged (no cancel between).
+//! - **Cancel** of a migrate request fails its moves not started yet (`cancelled: ...`)
+//!   and marks the record cancelled; migrating moves finish (a live migration is not
+//!   cut halfway).
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+
+use tracing::{info, warn};
+
+use crate::drain::{self, commit_anchored, read_moves, write_moves, MOVES_PER_TXN};
+use crate::failover::{view, Snapshot};
+use crate::keys::{
+    self, BulkOp, BulkRecord, MoveReason, MoveRecord, MoveState, OwnerRecord, Priority, Unowned,
+    VmDefinition,
+};
+use crate::placement::{self, Decision, Reason, VmView};
+use crate::store::{ClusterStore, CmpOp, Compare, Op, Revision, StoreError, StoreResult, Txn};
+
+/// The keys a selector may use.
+pub const SELECTOR_KEYS: [&str; 3] = ["priority", "node", "class"];
+
+/// What a bulk request refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum BulkError {
+    #[error("selector key {0:?} is not supported (the keys are priority, node and class; terms joined by commas must all match)")]
+    UnknownKey(String),
+    #[error("selector {selector:?}: {why}")]
+    BadSelector { selector: String, why: String },
+    #[error("no clustered VM named {}", .0.join(", "))]
+    UnknownVms(Vec<String>),
+    #[error("no clustered VM matches {0}")]
+    NoneSelected(String),
+    #[error("node {0} is not in the cluster (down, or never joined)")]
+    UnknownNode(String),
+    #[error("migrate needs a destination: a node's name, or auto")]
+    NoDestination,
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot {op}: {}", list(.no_place))]
+    NoPlace {
+        op: &'static str,
+        no_place: Vec<(String, String)>,
+    },
+    #[error("no bulk request {0}")]
+    UnknownRequest(String),
+    #[error("bulk request {0} is no migration: it has no queued moves to cancel")]
+    NotCancellable(String),
+    #[error("the cluster changed while deciding; try again")]
+    Raced,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn list(v: &[(String, String)]) -> String {
+    v.iter()
+        .map(|(vm, why)| format!("{vm} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One term of a selector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Term {
+    Priority(Priority),
+    /// The node that runs the VM now.
+    Node(String),
+    /// The VM's anti-affinity class.
+    Class(String),
+}
+
+/// `KEY=VALUE[,KEY=VALUE]...`: every term must match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    pub text: String,
+    pub terms: Vec<Term>,
+}
+
+impl Selector {
+    pub fn parse(text: &str) -> Result<Selector, BulkError> {
+        let bad = |why: String| BulkError::BadSelector {
+            selector: text.to_string(),
+            why,
+        };
+        let mut terms = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(bad(format!("{part:?} is not KEY=VALUE")));
+            };
+            let (k, v) = (k.trim(), v.trim());
+            if v.is_empty() {
+                return Err(bad(format!("{k} has no value")));
+            }
+            terms.push(match k {
+                "priority" => Term::Priority(v.parse().map_err(bad)?),
+                "node" => Term::Node(v.to_string()),
+                "class" => Term::Class(v.to_string()),
+                other => return Err(BulkError::UnknownKey(other.to_string())),
+            });
+        }
+        Ok(Selector {
+            text: text.to_string(),
+            terms,
+        })
+    }
+
+    fn matches(&self, snap: &Snapshot, def: &VmDefinition) -> bool {
+        self.terms.iter().all(|t| match t {
+            Term::Priority(p) => def.priority == *p,
+            Term::Node(n) => running_on(snap, &def.name).is_some_and(|on| on == n),
+            Term::Class(c) => def.anti_affinity.as_deref() == Some(c.as_str()),
+        })
+    }
+}
+
+/// Which VMs a request is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    Names(Vec<String>),
+    Selector(Selector),
+}
+
+impl Selection {
+    fn text(&self) -> String {
+        match self {
+            Selection::Names(n) => n.join(","),
+            Selection::Selector(s) => s.text.clone(),
+        }
+    }
+
+    /// The selected VMs, by name. Unknown names refuse the request; so does a selector
+    /// that matches nothing.
+    pub fn select(&self, snap: &Snapshot) -> Result<Vec<String>, BulkError> {
+        match self {
+            Selection::Names(names) => {
+                let unknown: Vec<String> = names
+                    .iter()
+                    .filter(|n| !snap.vms.contains_key(*n))
+                    .cloned()
+                    .collect();
+                if !unknown.is_empty() {
+                    return Err(BulkError::UnknownVms(unknown));
+                }
+                let mut v = names.clone();
+                v.sort();
+                v.dedup();
+                Ok(v)
+            }
+            Selection::Selector(s) => {
+                let v: Vec<String> = snap
+                    .vms
+                    .values()
+                    .filter(|d| s.matches(snap, d))
+                    .map(|d| d.name.clone())
+                    .collect();
+                if v.is_empty() {
+                    return Err(BulkError::NoneSelected(s.text.clone()));
+                }
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// A bulk request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BulkRequest {
+    pub op: BulkOp,
+    pub selection: Selection,
+    /// Migrate: a node's name, or `auto`.
+    pub to: Option<String>,
+    /// Act on the VMs that have a place; leave the others (reported).
+    pub force: bool,
+    /// Migrate: moves at once per source and per destination node.
+    pub concurrency: u32,
+}
+
+/// What a request decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BulkPlan {
+    /// Migrate: one move per VM.
+    pub moves: Vec<MoveRecord>,
+    /// Start/stop: each VM's new ownership record, over the revision read.
+    pub owners: Vec<(String, OwnerRecord, Revision)>,
+    pub skipped: Vec<(String, String)>,
+    pub no_place: Vec<(String, String)>,
+}
+
+/// The node that runs `vm` now (its owner, alive).
+fn running_on<'a>(snap: &'a Snapshot, vm: &str) -> Option<&'a str> {
+    match snap.owners.get(vm) {
+        Some((OwnerRecord::Node { node, lease }, _)) if snap.alive(node, *lease) => {
+            Some(node.as_str())
+        }
+        _ => None,
+    }
+}
+
+fn needs(def: &VmDefinition) -> String {
+    format!(
+        "needs {} MiB and {} vCPUs",
+        def.needs.memory_mib, def.needs.vcpus
+    )
+}
+
+/// Decides `req` on `snap` (`moves`: the records under `vireo/moves/`), writing nothing.
+pub fn plan(
+    snap: &Snapshot,
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    req: &BulkRequest,
+    id: &str,
+) -> Result<BulkPlan, BulkError> {
+    let selected = req.selection.select(snap)?;
+    let plan = match req.op {
+        BulkOp::Migrate => plan_migrate(snap, moves, req, id, &selected)?,
+        BulkOp::Start => plan_start(snap, &selected),
+        BulkOp::Stop => plan_stop(snap, moves, &selected),
+        BulkOp::Save => return Err(BulkError::Unsupported(SAVE_UNSUPPORTED.to_string())),
+    };
+    if !plan.no_place.is_empty() && !req.force {
+        return Err(BulkError::NoPlace {
+            op: op_name(req.op),
+            no_place: plan.no_place,
+        });
+    }
+    Ok(plan)
+}
+
+/// Why a bulk save is refused.
+pub const SAVE_UNSUPPORTED: &str = "save is not available for clustered VMs: vireod has no save of a VM (its API has no save or snapshot to disk), and a node starts a clustered VM whose VMM ended again while it owns it; stop (turn off) or migrate them instead";
+
+fn op_name(op: BulkOp) -> &'static str {
+    match op {
+        BulkOp::Migrate => "migrate",
+        BulkOp::Start => "start",
+        BulkOp::Stop => "stop",
+        BulkOp::Save => "save",
+    }
+}
+
+fn plan_migrate(
+    snap: &Snapshot,
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    req: &BulkRequest,
+    id: &str,
+    selected: &[String],
+) -> Result<BulkPlan, BulkError> {
+    let to = req.to.as_deref().ok_or(BulkError::NoDestination)?;
+    let named = (to != "auto").then_some(to);
+    if let Some(n) = named {
+        if !snap.nodes.contains_key(n) {
+            return Err(BulkError::UnknownNode(n.to_string()));
+        }
+    }
+    let mut plan = BulkPlan::default();
+    let mut to_place: Vec<(VmView, Reason)> = Vec::new();
+    let mut from: BTreeMap<String, String> = BTreeMap::new();
+    for vm in selected {
+        let Some(def) = snap.vms.get(vm) else {
+            continue;
+        };
+        let Some(source) = running_on(snap, vm) else {
+            plan.skipped.push((
+                vm.clone(),
+                "not running: only a running VM migrates live".into(),
+            ));
+            continue;
+        };
+        if named == Some(source) {
+            plan.skipped
+                .push((vm.clone(), format!("already on {source}")));
+            continue;
+        }
+        if moves.get(vm).is_some_and(|(m, _)| !m.state.finished()) {
+            plan.no_place
+                .push((vm.clone(), "another move of it is unfinished".into()));
+            continue;
+        }
+        let mut v = view(def);
+        if named.is_none() {
+            // Anywhere but where it runs (an empty list would mean every node).
+            if v.possible_owners.is_empty() {
+                v.possible_owners = snap.nodes.keys().cloned().collect();
+            }
+            v.possible_owners.retain(|n| n != source);
+            if v.possible_owners.is_empty() {
+                plan.no_place.push((
+                    vm.clone(),
+                    format!("no node other than {source} is among its possible owners"),
+                ));
+                continue;
+            }
+        }
+        from.insert(vm.clone(), source.to_string());
+        to_place.push((v, Reason::Start));
+    }
+    let mut nodes = drain::targets(snap, "");
+    if let Some(n) = named {
+        nodes.retain(|v| v.name == n);
+    }
+    let target_state = named.and_then(|n| snap.nodes.get(n)).map(|(r, _)| r);
+    for d in placement::plan_without_preemption(&nodes, &to_place) {
+        match d {
+            Decision::Place { vm, node } => {
+                let Some(source) = from.get(&vm) else {
+                    continue;
+                };
+                let priority = snap.vms.get(&vm).map_or(Priority::Low, |d| d.priority);
+                let pm = drain::PlannedMove {
+                    vm,
+                    to: node,
+                    priority,
+                };
+                let mut m = drain::queued(&pm, source, MoveReason::Bulk, "", req.concurrency);
+                m.request = Some(id.to_string());
+                plan.moves.push(m);
+            }
+            Decision::Wait { vm } | Decision::StayOff { vm } | Decision::Preempt { vm, .. } => {
+                let Some(def) = snap.vms.get(&vm) else {
+                    continue;
+                };
+                let why = match (named, target_state) {
+                    (Some(n), Some(r)) if !r.state.accepts_vms() => {
+                        format!("{n} is {:?}, not up", r.state).to_lowercase()
+                    }
+                    (Some(n), Some(r)) if r.peer_url.is_none() => {
+                        format!("{n} has no peer URL (--listen): it receives no live migration")
+                    }
+                    (Some(n), _)
+                        if !def.possible_owners.is_empty()
+                            && !def.possible_owners.iter().any(|p| p == n) =>
+                    {
+                        format!("{n} is not among its possible owners")
+                    }
+                    (Some(n), _) => format!("{}: {n} has not that much free", needs(def)),
+                    (None, _) => format!(
+                        "{} on another up node with a peer URL among its possible owners",
+                        needs(def)
+                    ),
+                };
+                plan.no_place.push((vm, why));
+            }
+        }
+    }
+    plan.no_place.sort();
+    Ok(plan)
+}
+
+fn plan_start(snap: &Snapshot, selected: &[String]) -> BulkPlan {
+    let mut plan = BulkPlan::default();
+    let mut to_place = Vec::new();
+    let mut revs = BTreeMap::new();
+    for vm in selected {
+        let Some(def) = snap.vms.get(vm) else {
+            continue;
+        };
+        match snap.owners.get(vm) {
+            Some((OwnerRecord::Unowned(Unowned::Off), rev)) => {
+                revs.insert(vm.clone(), *rev);
+                to_place.push((view(def), Reason::Start));
+            }
+            Some((OwnerRecord::Unowned(u), _)) => plan.skipped.push((
+                vm.clone(),
+                format!("already asked to run ({u:?})").to_lowercase(),
+            )),
+            Some((OwnerRecord::Node { node, lease }, _)) if snap.alive(node, *lease) => {
+                plan.skipped.push((vm.clone(), format!("runs on {node}")));
+            }
+            Some((OwnerRecord::Node { node, .. }, _)) => plan.skipped.push((
+                vm.clone(),
+                format!("its node {node} is gone: failover places it"),
+            )),
+            None => plan
+                .skipped
+                .push((vm.clone(), "no ownership record".into())),
+        }
+    }
+    // As the failover controller will: preempting lower priorities where needed.
+    for d in placement::plan(&drain::node_views(snap, "", false), &to_place) {
+        match d {
+            Decision::Place { vm, .. } => {
+                if let Some(rev) = revs.get(&vm) {
+                    plan.owners
+                        .push((vm, OwnerRecord::Unowned(Unowned::Pending), *rev));
+                }
+            }
+            Decision::Preempt { .. } => {}
+            Decision::Wait { vm } | Decision::StayOff { vm } => {
+                let why = snap.vms.get(&vm).map_or(String::new(), |d| {
+                    format!(
+                        "{} on an up node among its possible owners, even preempting lower priorities",
+                        needs(d)
+                    )
+                });
+                plan.no_place.push((vm, why));
+            }
+        }
+    }
+    plan.owners.sort_by(|a, b| a.0.cmp(&b.0));
+    plan
+}
+
+fn plan_stop(
+    snap: &Snapshot,
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    selected: &[String],
+) -> BulkPlan {
+    let mut plan = BulkPlan::default();
+    for vm in selected {
+        match snap.owners.get(vm) {
+            Some((OwnerRecord::Unowned(Unowned::Off), _)) => {
+                plan.skipped.push((vm.clone(), "already off".into()));
+            }
+            Some((_, rev)) if moves.get(vm).is_none_or(|(m, _)| m.state.finished()) => {
+                plan.owners
+                    .push((vm.clone(), OwnerRecord::Unowned(Unowned::Off), *rev));
+            }
+            Some(_) => plan.no_place.push((
+                vm.clone(),
+                "a move of it is unfinished: stop it once the move ended".into(),
+            )),
+            None => plan
+                .skipped
+                .push((vm.clone(), "no ownership record".into())),
+        }
+    }
+    plan
+}
+
+/// A new request's id: its time and a random part (`b-MS-XXXX`).
+fn new_id() -> String {
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("b-{}-{:04x}", keys::now_ms(), r & 0xffff)
+}
+
+/// Decides and records `req`. Returns the request's record and its plan.
+pub async fn request<S: ClusterStore>(
+    store: &S,
+    req: &BulkRequest,
+) -> Result<(BulkRecord, BulkPlan), BulkError> {
+    let snap = Snapshot::read(store).await?;
+    let moves = read_moves(store).await?;
+    let id = new_id();
+    let mut plan = plan(&snap, &moves, req, &id)?;
+    let mut record = BulkRecord {
+        id: id.clone(),
+        op: req.op,
+        selection: req.selection.text(),
+        to: req.to.clone(),
+        created_ms: keys::now_ms(),
+        concurrency: req.concurrency,
+        vms: plan
+            .moves
+            .iter()
+            .map(|m| m.vm.clone())
+            .chain(plan.owners.iter().map(|(vm, _, _)| vm.clone()))
+            .collect(),
+        skipped: plan.skipped.clone(),
+        left: plan.no_place.clone(),
+        cancelled_ms: None,
+    };
+    let key = keys::request_key(&id);
+    let (written, total, rev) = if req.op == BulkOp::Migrate {
+        let Some((written, rev)) =
+            commit_anchored(store, &key, keys::encode(&record), 0, &plan.moves, &moves).await?
+        else {
+            return Err(BulkError::Raced);
+        };
+        (written, plan.moves.len(), rev)
+    } else {
+        let Some((written, rev)) =
+            write_owners(store, &key, keys::encode(&record), &plan.owners).await?
+        else {
+            return Err(BulkError::Raced);
+        };
+        (written, plan.owners.len(), rev)
+    };
+    if written < total {
+        // A later part lost: those VMs stay as they were, reported as left.
+        let lost: Vec<String> = if req.op == BulkOp::Migrate {
+            plan.moves
+                .split_off(written)
+                .into_iter()
+                .map(|m| m.vm)
+                .collect()
+        } else {
+            plan.owners
+                .split_off(written)
+                .into_iter()
+                .map(|(vm, _, _)| vm)
+                .collect()
+        };
+        let why = "the cluster changed while the request was written";
+        record.vms.retain(|vm| !lost.contains(vm));
+        record
+            .left
+            .extend(lost.iter().map(|vm| (vm.clone(), why.to_string())));
+        plan.no_place
+            .extend(lost.into_iter().map(|vm| (vm, why.to_string())));
+        let updated = store
+            .txn(Txn {
+                when: vec![Compare::ModRevision {
+                    key: key.clone(),
+                    op: CmpOp::Equal,
+                    revision: rev,
+                }],
+                then: vec![Op::Put {
+                    key,
+                    value: keys::encode(&record),
+                    lease: 0,
+                }],
+                otherwise: vec![],
+            })
+            .await?;
+        if !updated.succeeded {
+            warn!(
+                id,
+                "the bulk request changed (cancelled?) before its record was completed"
+            );
+        }
+    }
+    info!(id, op = ?req.op, acted = record.vms.len(), skipped = record.skipped.len(), left = record.left.len(), "bulk request recorded");
+    Ok((record, plan))
+}
+
+/// Writes the request record (`key`, new) with the first [`MOVES_PER_TXN`] ownership
+/// changes, then the others as long as the record is unchanged. Each change holds only
+/// over the revision read. Returns how many were written and the record's revision;
+/// `None` when the first transaction lost.
+async fn write_owners<S: ClusterStore>(
+    store: &S,
+    key: &str,
+    value: Vec<u8>,
+    owners: &[(String, OwnerRecord, Revision)],
+) -> StoreResult<Option<(usize, Revision)>> {
+    let mut parts: Vec<&[(String, OwnerRecord, Revision)]> = owners.chunks(MOVES_PER_TXN).collect();
+    if parts.is_empty() {
+        // Nothing to change: the record alone.
+        parts.push(&[]);
+    }
+    let (mut rev, mut written) = (0, 0);
+    for (i, part) in parts.into_iter().enumerate() {
+        let first = i == 0;
+        let mut when = vec![Compare::ModRevision {
+            key: key.to_string(),
+            op: CmpOp::Equal,
+            revision: rev,
+        }];
+        let mut then = Vec::new();
+        if first {
+            then.push(Op::Put {
+                key: key.to_string(),
+                value: value.clone(),
+                lease: 0,
+            });
+        }
+        for (vm, o, r) in part {
+            when.push(Compare::ModRevision {
+                key: keys::owner_key(vm),
+                op: CmpOp::Equal,
+                revision: *r,
+            });
+            then.push(Op::Put {
+                key: keys::owner_key(vm),
+                value: keys::encode(o),
+                lease: 0,
+            });
+        }
+        let outcome = store
+            .txn(Txn {
+                when,
+                then,
+                otherwise: vec![],
+            })
+            .await?;
+        if !outcome.succeeded {
+            return Ok((!first).then_some((written, rev)));
+        }
+        if first {
+            rev = outcome.revision;
+        }
+        written += part.len();
+    }
+    Ok(Some((written, rev)))
+}
+
+/// Cancels bulk request `id`: its moves not started yet fail (`cancelled: ...`), those
+/// migrating finish; the record is marked cancelled. Returns the cancelled moves' VMs.
+pub async fn cancel<S: ClusterStore>(store: &S, id: &str) -> Result<Vec<String>, BulkError> {
+    let key = keys::request_key(id);
+    let Some(kv) = store.get(&key).await? else {
+        return Err(BulkError::UnknownRequest(id.to_string()));
+    };
+    let Some(mut record) = keys::decode::<BulkRecord>(&kv.value) else {
+        return Err(BulkError::UnknownRequest(id.to_string()));
+    };
+    if record.op != BulkOp::Migrate {
+        return Err(BulkError::NotCancellable(id.to_string()));
+    }
+    let now = keys::now_ms();
+    record.cancelled_ms = Some(record.cancelled_ms.unwrap_or(now));
+    let moves = read_moves(store).await?;
+    let cancel_of = |m: &MoveRecord| MoveRecord {
+        state: MoveState::Failed,
+        error: Some(format!("cancelled: bulk request {id} was cancelled")),
+        finished_ms: Some(now),
+        ..m.clone()
+    };
+    let mine = |m: &MoveRecord| m.request.as_deref() == Some(id) && m.state == MoveState::Queued;
+    let cancelled: Vec<MoveRecord> = moves
+        .values()
+        .filter(|(m, _)| mine(m))
+        .map(|(m, _)| cancel_of(m))
+        .collect();
+    let Some((written, rev)) = commit_anchored(
+        store,
+        &key,
+        keys::encode(&record),
+        kv.mod_revision,
+        &cancelled,
+        &moves,
+    )
+    .await?
+    else {
+        return Err(BulkError::Raced);
+    };
+    let mut done: Vec<String> = cancelled[..written].iter().map(|m| m.vm.clone()).collect();
+    // A part lost (a move started meanwhile): cancel what is still queued.
+    for _ in 0..CANCEL_TRIES {
+        if done.len() == cancelled.len() {
+            break;
+        }
+        let moves = read_moves(store).await?;
+        let rest: Vec<MoveRecord> = moves
+            .values()
+            .filter(|(m, _)| mine(m) && !done.contains(&m.vm))
+            .map(|(m, _)| cancel_of(m))
+            .collect();
+        if rest.is_empty() {
+            break;
+        }
+        for part in rest.chunks(MOVES_PER_TXN) {
+            if write_moves(store, &key, rev, None, part, &moves)
+                .await?
+                .is_some()
+            {
+                done.extend(part.iter().map(|m| m.vm.clone()));
+            }
+        }
+    }
+    info!(id, cancelled = done.len(), "bulk request cancelled");
+    Ok(done)
+}
+
+/// How many times a cancel reads the moves again to cancel those a lost part left.
+const CANCEL_TRIES: usize = 5;
+
+/// The cluster-wide migration queue: every move (drains', fail-backs', bulk
+/// requests'), running ones first, then queued in the order they start (High first,
+/// then by name), then finished ones, latest first; and the bulk requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Queue {
+    pub moves: Vec<MoveRecord>,
+    pub requests: Vec<BulkRecord>,
+}
+
+pub async fn queue<S: ClusterStore>(store: &S) -> StoreResult<Queue> {
+    let moves = read_moves(store).await?;
+    let (kvs, _) = store.get_prefix(keys::REQUESTS).await?;
+    let mut q = Queue {
+        moves: moves.into_values().map(|(m, _)| m).collect(),
+        requests: kvs
+            .iter()
+            .filter_map(|kv| keys::decode::<BulkRecord>(&kv.value))
+            .collect(),
+    };
+    sort_queue(&mut q.moves);
+    q.requests.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
+    Ok(q)
+}
+
+/// Running, then queued (High first, then by name), then finished (latest first).
+pub fn sort_queue(moves: &mut [MoveRecord]) {
+    let rank = |s: MoveState| match s {
+        MoveState::Migrating => 0,
+        MoveState::Queued => 1,
+        MoveState::Moved | MoveState::Failed => 2,
+    };
+    moves.sort_by(|a, b| {
+        rank(a.state).cmp(&rank(b.state)).then_with(|| {
+            if a.state.finished() {
+                b.finished_ms.cmp(&a.finished_ms).then(a.vm.cmp(&b.vm))
+            } else {
+                b.priority.cmp(&a.priority).then(a.vm.cmp(&b.vm))
+            }
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_parse_combine_and_refuse_unknown_keys_naming_them() {
+        let s = Selector::parse("priority=low, class=web").unwrap();
+        assert_eq!(
+            s.terms,
+            [Term::Priority(Priority::Low), Term::Class("web".into())]
+        );
+        assert_eq!(
+            Selector::parse("node=b").unwrap().terms,
+            [Term::Node("b".into())]
+        );
+        let e = Selector::parse("priority=low,colour=red").unwrap_err();
+        assert!(
+            matches!(&e, BulkError::UnknownKey(k) if k == "colour"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"colour\""), "{e}");
+        for bad in ["priority", "priority=", "priority=urgent", "", "node=b,,"] {
+            assert!(
+                matches!(Selector::parse(bad), Err(BulkError::BadSelector { .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn the_queue_lists_running_then_queued_high_first_then_finished_latest_first() {
+        let m = |vm: &str, state, priority, finished| MoveRecord {
+            vm: vm.into(),
+            from: "a".into(),
+            to: "b".into(),
+            priority,
+            reason: MoveReason::Bulk,
+            drain_of: String::new(),
+            request: Some("r".into()),
+            state,
+            concurrency: 1,
+            token_before: None,
+            token_after: None,
+            error: None,
+            started_ms: None,
+            finished_ms: finished,
+        };
+        let mut q = vec![
+            m("old", MoveState::Moved, Priority::High, Some(1)),
+            m("lo", MoveState::Queued, Priority::Low, None),
+            m("new", MoveState::Failed, Priority::Low, Some(5)),
+            m("hi", MoveState::Queued, Priority::High, None),
+            m("run", MoveState::Migrating, Priority::Low, None),
+        ];
+        sort_queue(&mut q);
+        let order: Vec<&str> = q.iter().map(|m| m.vm.as_str()).collect();
+        assert_eq!(order, ["run", "hi", "lo", "new", "old"]);
+    }
+}
