@@ -496,9 +496,26 @@ pub async fn resume<S: ClusterStore>(
 /// Cancels `node`'s drain: its moves not started yet are failed ("cancelled"), those
 /// migrating finish (a live migration is not cut halfway: the VM ends up on one side,
 /// whole), and the node is `up` again — it takes VMs and keeps the ones that stay.
-/// Returns the cancelled moves' VMs. Refused unless the node is draining; a move that
-/// starts meanwhile makes it [`AdminError::Raced`] (try again).
+/// Returns the cancelled moves' VMs. Refused unless the node is draining. A move that
+/// starts between the read and the write (the source's executor runs every 200 ms)
+/// makes the transaction lose: the cancel reads again and tries again, up to
+/// [`CANCEL_TRIES`] times, before it is [`AdminError::Raced`].
 pub async fn cancel<S: ClusterStore>(store: &S, node: &str) -> Result<Vec<String>, AdminError> {
+    let mut tries = 0;
+    loop {
+        match cancel_once(store, node).await {
+            Err(AdminError::Raced) if tries + 1 < CANCEL_TRIES => {
+                tries += 1;
+                tracing::debug!(node, tries, "drain cancel raced a move starting; again");
+                tokio::time::sleep(std::time::Duration::from_millis(20 * tries as u64)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One try of [`cancel`]: [`AdminError::Raced`] when its first transaction lost.
+async fn cancel_once<S: ClusterStore>(store: &S, node: &str) -> Result<Vec<String>, AdminError> {
     let snap = Snapshot::read(store).await?;
     let (mut admin, rev) = admin_of(&snap, node);
     if admin.state != NodeState::Draining {
@@ -557,7 +574,8 @@ pub async fn cancel<S: ClusterStore>(store: &S, node: &str) -> Result<Vec<String
     Ok(done)
 }
 
-/// How many times a cancel reads the moves again to cancel those a lost part left.
+/// How many times a cancel tries again after losing its transaction to a move that
+/// started, and reads the moves again to cancel those a lost part left.
 const CANCEL_TRIES: usize = 5;
 
 /// `node release`: a quarantined node is `up` again, its departures forgotten.

@@ -1,7 +1,8 @@
-//! [`BeforeWatchStore`]: a store that forwards every call to another and first runs a
-//! hook whenever a watch is opened. Tests race a write or a compaction against a
-//! watch's start with it (the watch then finds its start revision gone), on the
-//! simulated store and on etcd alike.
+//! [`HookedStore`]: a store that forwards every call to another and first runs a hook
+//! whenever a watch is opened or a transaction sent. Tests race a write or a
+//! compaction against a watch's start (the watch then finds its start revision gone),
+//! or a concurrent writer against a read-then-write decision (its transaction then
+//! loses), on the simulated store and on etcd alike.
 
 use std::future::Future;
 use std::time::Duration;
@@ -10,20 +11,28 @@ use crate::store::{
     ClusterStore, KeyValue, LeaseId, Revision, StoreResult, Txn, TxnOutcome, Watch,
 };
 
-/// What runs before each [`ClusterStore::watch_prefix`] of a [`BeforeWatchStore`].
-pub trait BeforeWatch: Send + Sync {
-    fn before_watch(&self) -> impl Future<Output = StoreResult<()>> + Send;
+/// What runs before calls of a [`HookedStore`]; each hook does nothing unless
+/// implemented, and an error of a hook is the call's.
+pub trait Hooks: Send + Sync {
+    /// Before each [`ClusterStore::watch_prefix`].
+    fn before_watch(&self) -> impl Future<Output = StoreResult<()>> + Send {
+        async { Ok(()) }
+    }
+    /// Before each [`ClusterStore::txn`], with the transaction about to be sent.
+    fn before_txn(&self, txn: &Txn) -> impl Future<Output = StoreResult<()>> + Send {
+        let _ = txn;
+        async { Ok(()) }
+    }
 }
 
-/// `inner`, with `hook` run before each watch is opened (an error of the hook is the
-/// watch's).
+/// `inner`, with `hook`'s [`Hooks`] run before watches and transactions.
 #[derive(Clone)]
-pub struct BeforeWatchStore<S, H> {
+pub struct HookedStore<S, H> {
     pub inner: S,
     pub hook: H,
 }
 
-impl<S: ClusterStore, H: BeforeWatch> ClusterStore for BeforeWatchStore<S, H> {
+impl<S: ClusterStore, H: Hooks> ClusterStore for HookedStore<S, H> {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         self.inner.get(key).await
     }
@@ -53,6 +62,7 @@ impl<S: ClusterStore, H: BeforeWatch> ClusterStore for BeforeWatchStore<S, H> {
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnOutcome> {
+        self.hook.before_txn(&txn).await?;
         self.inner.txn(txn).await
     }
 

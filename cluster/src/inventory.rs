@@ -347,7 +347,7 @@ mod tests {
 
     use super::*;
     use crate::failover::define_vm;
-    use crate::hooked::{BeforeWatch, BeforeWatchStore};
+    use crate::hooked::{HookedStore, Hooks};
     use crate::keys::{NodeAdmin, NodeRecord, VmDefinition};
     use crate::store::{KeyValue, LeaseId, StoreResult, Txn, Watch};
     use crate::SimStore;
@@ -532,7 +532,7 @@ mod tests {
         left: Arc<AtomicUsize>,
     }
 
-    impl BeforeWatch for Races {
+    impl Hooks for Races {
         async fn before_watch(&self) -> StoreResult<()> {
             let left = self.left.load(Ordering::SeqCst);
             if left > 0 {
@@ -548,7 +548,7 @@ mod tests {
         let store = SimStore::new();
         define_vm(&store, &vm("v1"), true).await.unwrap();
         let races = Arc::new(AtomicUsize::new(2));
-        let racing = BeforeWatchStore {
+        let racing = HookedStore {
             inner: store.clone(),
             hook: Races {
                 store: store.clone(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cluster::drain::{self, AdminError};
 use cluster::failover::{define_vm, Controller};
+use cluster::hooked::{HookedStore, Hooks};
 use cluster::keys::{
     self, MoveReason, MoveRecord, MoveState, NodeRecord, NodeState, OwnerRecord, Priority,
     Resources, VmDefinition,
@@ -206,6 +207,58 @@ fn a_cancelled_drain_fails_its_queued_moves_lets_the_migrating_one_finish_and_th
             drain::cancel(&s, "a").await,
             Err(AdminError::WrongState { .. })
         ));
+    });
+}
+
+/// Before its first transaction, starts `vm`'s queued move (as its source's executor
+/// would between the cancel's read and its write).
+struct StartsAMove {
+    store: SimStore,
+    vm: &'static str,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Hooks for StartsAMove {
+    async fn before_txn(&self, _: &cluster::store::Txn) -> cluster::store::StoreResult<()> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let all = drain::read_moves(&self.store).await?;
+            let mut m = all[self.vm].0.clone();
+            m.state = MoveState::Migrating;
+            self.store
+                .put(&keys::move_key(self.vm), keys::encode(&m), 0)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_cancel_racing_a_move_that_starts_reads_again_and_cancels_the_rest() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a", false).await;
+        join(&s, "b", false).await;
+        owned(&s, "h1", Priority::High, "a", a, &[]).await;
+        owned(&s, "l1", Priority::Low, "a", a, &[]).await;
+        owned(&s, "l2", Priority::Low, "a", a, &[]).await;
+        drain::drain(&s, "a", false, 1).await.unwrap();
+        // h1's move starts after the cancel read the moves, before it writes: its
+        // first transaction loses; it reads again and cancels what is still queued.
+        let racing = HookedStore {
+            inner: s.clone(),
+            hook: StartsAMove {
+                store: s.clone(),
+                vm: "h1",
+                armed: true.into(),
+            },
+        };
+        let mut cancelled = drain::cancel(&racing, "a").await.unwrap();
+        cancelled.sort();
+        assert_eq!(cancelled, ["l1", "l2"]);
+        assert_eq!(state(&s, "a").await, NodeState::Up);
+        let all = drain::read_moves(&s).await.unwrap();
+        assert_eq!(all["h1"].0.state, MoveState::Migrating);
+        assert!(drain::next_moves(&all, "a", 0).is_empty());
     });
 }
 

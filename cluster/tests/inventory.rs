@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster::failover::{define_vm, Snapshot};
-use cluster::hooked::{BeforeWatch, BeforeWatchStore};
+use cluster::hooked::{HookedStore, Hooks};
 use cluster::inventory::View;
 use cluster::keys::{self, NodeState, Priority, Unowned};
 use cluster::store::StoreResult;
@@ -173,7 +173,7 @@ struct CompactsFirst {
     armed: Arc<AtomicBool>,
 }
 
-impl BeforeWatch for CompactsFirst {
+impl Hooks for CompactsFirst {
     async fn before_watch(&self) -> StoreResult<()> {
         if self.armed.swap(false, Ordering::SeqCst) {
             let at = define_vm(&self.store, &mix::vm(7), true).await?;
@@ -201,7 +201,7 @@ async fn a_compacted_watch_and_a_dead_member_make_the_view_read_again() {
         define_vm(&store, &mix::vm(i), true).await.unwrap();
     }
     let armed = Arc::new(AtomicBool::new(true));
-    let view = View::start(BeforeWatchStore {
+    let view = View::start(HookedStore {
         inner: store.clone(),
         hook: CompactsFirst {
             store: store.clone(),
