@@ -109,6 +109,7 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/api/v1/cluster/bulk", Operator),
     rule("DELETE", "/api/v1/cluster/bulk/{id}", Operator),
     rule("GET", "/api/v1/cluster/migrations", Viewer),
+    rule("GET", "/api/v1/cluster/events", Viewer),
     rule("GET", "/api/v1/replication", Viewer),
     rule("GET", "/api/v1/vms/{name}/replication", Viewer),
     rule("PUT", "/api/v1/vms/{name}/replication", Operator),

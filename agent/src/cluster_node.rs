@@ -47,6 +47,9 @@ pub struct ClusterNode {
     pub moves: crate::cluster_moves::Shared,
     /// vCPUs offered to clustered VMs (`--cluster-vcpus`; None: the host's CPUs).
     pub vcpus: Option<u32>,
+    /// How much of the cluster's history the store keeps (`--cluster-keep-events`,
+    /// `--cluster-keep-finished-days`); the first live node by name prunes the rest.
+    pub retention: cluster::history::Retention,
 }
 
 /// `PUT /api/v1/cluster/vms/{name}`: a clustered VM.
@@ -314,6 +317,7 @@ impl ClusterNode {
         let mut controller = Controller::new(timing)
             .with_quarantine()
             .among_first(&self.node, cluster::failover::CONTROLLERS);
+        let mut pruner = cluster::history::Pruner::new(&self.node, self.retention);
         let mut turn: u64 = 0;
         let mut resumed = false;
         loop {
@@ -373,6 +377,9 @@ impl ClusterNode {
                 if let Err(e) = controller.step(&self.store, t0.elapsed()).await {
                     warn!(error = %e, "failover controller pass failed");
                 }
+                if let Err(e) = pruner.step(&self.store, t0.elapsed()).await {
+                    warn!(error = %e, "pruning the cluster's history failed");
+                }
             }
             turn += 1;
             let took = t0.elapsed().saturating_sub(turn_start);
@@ -400,8 +407,8 @@ where
 }
 
 /// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`, a node's
-/// status, drain, resume and release, updates, validation, bulk requests and the
-/// migration queue.
+/// status, drain, resume and release, updates, validation, bulk requests, the
+/// migration queue and the failover events.
 pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
     Router::new()
         .route("/api/v1/cluster", get(status))
@@ -421,6 +428,7 @@ pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
         .route("/api/v1/cluster/bulk", post(bulk::request))
         .route("/api/v1/cluster/bulk/{id}", delete(bulk::cancel))
         .route("/api/v1/cluster/migrations", get(bulk::queue))
+        .route("/api/v1/cluster/events", get(crate::cluster_events::list))
         .with_state(node)
 }
 

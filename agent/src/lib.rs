@@ -34,6 +34,7 @@ pub mod authz;
 pub mod cgroup;
 pub mod client;
 pub mod cluster_bulk;
+pub mod cluster_events;
 pub mod cluster_lease;
 pub mod cluster_moves;
 pub mod cluster_node;

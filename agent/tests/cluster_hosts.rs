@@ -402,6 +402,35 @@ fn a_host_killed_its_vms_run_on_another_high_first_and_every_completed_write_is_
     assert!(after[0] < after[1], "lo was placed before hi: {after:?}");
     assert_carried_on(&c, "hi", &disks[0], last[0], to[0]);
     assert_carried_on(&c, "lo", &disks[1], last[1], to[1]);
+    // The cluster's event log tells it: each VM placed from a on its new node, with
+    // the fencing token its disk carries, hi's before lo's (newest first).
+    let out = c.nodes[to[0]].ctl_ok(&["-o", "json", "cluster", "events", "--limit", "20"]);
+    let events: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let failover_of = |vm: &str| {
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|e| e["vm"] == vm && e["from"] == "a")
+            .map(|i| events["events"][i].clone())
+            .unwrap_or_else(|| panic!("no failover event of {vm}: {out}"))
+    };
+    for (k, vm) in ["hi", "lo"].iter().enumerate() {
+        let e = failover_of(vm);
+        assert_eq!(e["action"], "placed", "{e}");
+        assert_eq!(e["to"], NODES[to[k]], "{e}");
+        assert_eq!(e["revision"].as_u64(), Some(after[k]), "{e}");
+        assert!(e["at_ms"].as_u64().is_some(), "{e}");
+    }
+    let table = c.nodes[to[0]].ctl_ok(&["cluster", "events"]);
+    let (hi_line, lo_line) = (
+        table.lines().position(|l| l.contains(" hi ")),
+        table.lines().position(|l| l.contains(" lo ")),
+    );
+    assert!(
+        lo_line.is_some() && hi_line > lo_line,
+        "hi's event is older than lo's, listed after it:\n{table}"
+    );
 }
 
 #[test]

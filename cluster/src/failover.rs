@@ -537,6 +537,8 @@ impl Controller {
                 OwnerRecord::Node { node, .. } => Some(node.clone()),
                 OwnerRecord::Unowned(_) => None,
             },
+            // For people reading the log only: no decision depends on it.
+            at_ms: Some(keys::now_ms()),
         };
         Some(Some(Write {
             when,

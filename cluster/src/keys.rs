@@ -194,6 +194,10 @@ pub struct ClusterEvent {
     pub from: Option<String>,
     #[serde(default)]
     pub to: Option<String>,
+    /// When the controller decided it (wall clock, ms since the epoch; absent in
+    /// events of older vireods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 /// One ungraceful departure of a node: the incarnation (lease) that vanished without

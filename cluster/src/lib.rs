@@ -13,6 +13,7 @@ pub mod admin;
 pub mod bulk;
 pub mod drain;
 pub mod failover;
+pub mod history;
 pub mod intake;
 pub mod inventory;
 pub mod keys;

@@ -439,4 +439,36 @@ async fn a_drain_of_more_than_128_vms_moves_them_all_and_a_cancel_of_one_cancels
         .all(|(m, _)| m.drain_of != b || m.state != keys::MoveState::Queued));
     let (admin, _) = cluster::admin::read(&store, &b).await.unwrap();
     assert_eq!(admin.state, NodeState::Up);
+
+    // Both drains' history, pruned on etcd with nothing kept once every move ended
+    // (both nodes are up: no fail-back needs a drain's record): no move is left, and
+    // the deletions went in parts under etcd's transaction limit.
+    let t_end = Instant::now();
+    let ended = loop {
+        let moves = cluster::drain::read_moves(&store).await.unwrap();
+        if moves.values().all(|(m, _)| m.state.finished()) {
+            break moves;
+        }
+        assert!(
+            t_end.elapsed() < Duration::from_secs(30),
+            "moves still running"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        ended.len() > cluster::drain::MOVES_PER_TXN,
+        "{}",
+        ended.len()
+    );
+    let nothing_kept = cluster::history::Retention {
+        events: 0,
+        finished: Duration::ZERO,
+    };
+    let pruned = cluster::history::prune(&store, &nothing_kept, keys::now_ms() + 1)
+        .await
+        .unwrap();
+    assert_eq!(pruned.moves, ended.len(), "{pruned:?}");
+    assert!(cluster::drain::read_moves(&store).await.unwrap().is_empty());
+    let (events, _) = store.get_prefix(keys::EVENTS).await.unwrap();
+    assert!(events.is_empty(), "{} events left", events.len());
 }

@@ -15,6 +15,8 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[path = "vireoctl/bulk.rs"]
 mod bulk;
+#[path = "vireoctl/cluster_events.rs"]
+mod cluster_events;
 use serde_json::Value;
 
 /// Manage the VMs of a host through vireod.
@@ -150,6 +152,14 @@ enum ClusterCommand {
         /// Where the report goes (default: the current directory).
         #[arg(long, default_value = ".")]
         out: PathBuf,
+    },
+    /// The failover controller's decisions (a VM placed, failed over, preempted,
+    /// restarted), newest first, with the fencing token each gave.
+    Events {
+        /// At most this many (1..=10000).
+        #[arg(long, default_value_t = agent::cluster_events::DEFAULT_LIMIT,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+        limit: usize,
     },
 }
 
@@ -1736,6 +1746,15 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 rt,
             },
             &out,
+        ),
+        Command::Cluster(ClusterCommand::Events { limit }) => cluster_events::list(
+            &Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            },
+            limit,
+            cli.output,
         ),
         Command::Cluster(ClusterCommand::Status) => {
             let ctx = Ctx {

@@ -205,6 +205,24 @@ struct Cli {
     /// and writable by no group or other user. Without it no hook runs here.
     #[arg(long, value_name = "DIR", requires = "cluster_etcd")]
     update_hooks: Option<PathBuf>,
+    /// How many of the cluster's failover events the store keeps (the newest); the
+    /// first live node by name deletes older ones once a minute.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        requires = "cluster_etcd"
+    )]
+    cluster_keep_events: usize,
+    /// How long finished moves and done bulk requests stay in the store (a drain's
+    /// moves stay while its node is draining or paused, for fail-back).
+    #[arg(
+        long,
+        value_name = "DAYS",
+        default_value_t = 7,
+        requires = "cluster_etcd"
+    )]
+    cluster_keep_finished_days: u32,
 }
 
 /// How this node reaches etcd: over mutual TLS with the host's identity, or in clear
@@ -510,6 +528,12 @@ async fn run(
                 peer_url: cluster_peer_url(cli.listen),
                 vcpus: cli.cluster_vcpus,
                 moves: Default::default(),
+                retention: cluster::history::Retention {
+                    events: cli.cluster_keep_events,
+                    finished: std::time::Duration::from_secs(
+                        u64::from(cli.cluster_keep_finished_days) * 24 * 3600,
+                    ),
+                },
             });
             n.start_moves();
             validation.set(node, n.store.clone());
