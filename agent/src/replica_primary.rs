@@ -144,6 +144,8 @@ pub struct Shipper {
     pub extras: Extras,
     /// How many recovery points the replica keeps (`--history`).
     pub history: u32,
+    /// Seconds at least between the replica's kept points other than the latest.
+    pub history_spacing_s: u64,
     /// A reverse replication: a replica the server does not hold yet is made from its
     /// own disks of the VM (`PUT .../reverse`), not new and empty.
     pub reverse: bool,
@@ -226,9 +228,11 @@ impl Shipper {
         let (status, v) = self.call("GET", &path, None).await?;
         let declare = || {
             let sizes: Vec<u64> = self.disks.iter().map(|d| d.size).collect();
-            json!({ "disks": sizes, "history": self.history.max(1) })
-                .to_string()
-                .into_bytes()
+            let mut body = json!({ "disks": sizes, "history": self.history.max(1) });
+            if self.history_spacing_s > 0 {
+                body["history_spacing_s"] = json!(self.history_spacing_s);
+            }
+            body.to_string().into_bytes()
         };
         let failed_over = v["failed_over"] == true;
         let reverse_path = format!("{path}/reverse");
@@ -239,7 +243,12 @@ impl Shipper {
             200 if self.reverse && failed_over => {
                 self.ok("PUT", &reverse_path, Some(declare())).await?
             }
-            200 if v["keep"].as_u64() == Some(u64::from(self.history.max(1))) || failed_over => v,
+            200 if failed_over
+                || v["keep"].as_u64() == Some(u64::from(self.history.max(1)))
+                    && v["spacing_s"].as_u64().unwrap_or(0) == self.history_spacing_s =>
+            {
+                v
+            }
             200 | 404 => self.ok("PUT", &path, Some(declare())).await?,
             _ => {
                 return Err(ShipError::Refused {

@@ -459,6 +459,9 @@ struct Declare {
     /// Recovery points to keep (default: unchanged; 1 for a new replica).
     #[serde(default)]
     history: Option<u32>,
+    /// Seconds at least between kept points other than the latest (default 0).
+    #[serde(default)]
+    history_spacing_s: Option<u64>,
 }
 
 async fn declare(
@@ -476,6 +479,7 @@ async fn declare(
         let mut r = ReplicaVm::create_or_open(dir.as_fd(), &name, &d.disks)?;
         if let Some(keep) = d.history.filter(|_| !r.failed_over()) {
             r.set_keep(keep)?;
+            r.set_spacing(d.history_spacing_s.unwrap_or(0))?;
         }
         r.status()
     })

@@ -58,6 +58,10 @@ pub struct EnableRequest {
     /// How many recovery points the replica keeps (default 1: the latest only).
     #[serde(default)]
     pub history: Option<u32>,
+    /// Thinning of the history: seconds at least between two kept points other than
+    /// the latest (3600: Hyper-V's hourly points; default 0: every point is kept).
+    #[serde(default)]
+    pub history_spacing_s: Option<u64>,
     /// A bandwidth limit in Mbit/s (a number, a string of one, or "off"/null: none).
     #[serde(default)]
     pub bandwidth_mbit: serde_json::Value,
@@ -76,6 +80,8 @@ pub struct ReplicationStatus {
     pub paused: bool,
     /// Recovery points the replica keeps.
     pub history: u32,
+    /// Seconds at least between kept points other than the latest (0: every point).
+    pub history_spacing_s: u64,
     /// "starting", "replicating", "paused", "retrying", or "failed-over-elsewhere"
     /// (the replica host started the VM from a recovery point: no loop runs, the VM
     /// does not start here).
@@ -123,6 +129,9 @@ pub struct Settings {
     pub paused: bool,
     #[serde(default = "one")]
     pub history: u32,
+    /// Seconds at least between kept points other than the latest (0: every point).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub history_spacing_s: u64,
     /// A reverse replication (after a planned failover to this host): the replica is
     /// seeded from the old primary's own disks (`PUT /peer/v1/replica/{vm}/reverse`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -149,6 +158,10 @@ pub struct Settings {
     /// Why replication paused by itself (a full replica), kept across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_reason: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn one() -> u32 {
@@ -294,6 +307,18 @@ impl Replications {
                 replica::MAX_HISTORY
             )));
         }
+        let history_spacing_s = req.history_spacing_s.unwrap_or(0);
+        if history_spacing_s > replica::MAX_SPACING_S {
+            return Err(bad(format!(
+                "history_spacing_s {history_spacing_s}: at most {} (a week)",
+                replica::MAX_SPACING_S
+            )));
+        }
+        if history_spacing_s > 0 && history == 1 {
+            return Err(bad(
+                "history_spacing_s thins a history: it needs history above 1".to_string(),
+            ));
+        }
         let bandwidth_mbit = crate::throttle::parse_limit(&req.bandwidth_mbit).map_err(bad)?;
         let settings = Settings {
             to: req.to.clone(),
@@ -301,6 +326,7 @@ impl Replications {
             interval_ms: interval.as_millis() as u64,
             paused: false,
             history,
+            history_spacing_s,
             reverse: req.reverse,
             failed_over_to: None,
             unplanned: false,
@@ -347,6 +373,7 @@ impl Replications {
             paused_reason: settings.paused_reason.clone(),
             bandwidth_mbit: settings.bandwidth_mbit,
             history: settings.history,
+            history_spacing_s: settings.history_spacing_s,
             state: if settings.paused {
                 "paused"
             } else {
@@ -363,6 +390,7 @@ impl Replications {
             disks,
             extras: self.extras(name).map_err(|m| (StatusCode::CONFLICT, m))?,
             history: settings.history,
+            history_spacing_s: settings.history_spacing_s,
             reverse: settings.reverse,
             throttle: throttle.clone(),
             verified: Default::default(),
@@ -648,6 +676,7 @@ impl Replications {
             disks: self.sources(name)?,
             extras: self.extras(name)?,
             history: settings.history,
+            history_spacing_s: settings.history_spacing_s,
             reverse: settings.reverse,
             throttle: Throttle::new(limit_of(settings)),
             verified: Default::default(),
@@ -771,6 +800,7 @@ impl Replications {
             "vm": vm,
             "primary": primary,
             "keep": st.keep,
+            "spacing_s": st.spacing_s,
             "failed_over": st.failed_over,
             "points": st.points,
         }))

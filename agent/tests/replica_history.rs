@@ -9,6 +9,8 @@
 //!   copy before the start) while new points keep arriving; `--stop` removes it all;
 //! - a failover to an older kept point (not the latest) gives that point's bytes:
 //!   equal byte for byte to the primary's disks frozen at it, not the later ones;
+//! - with `--history-spacing`, kept points other than the latest are that far apart
+//!   and the oldest, rebuilt through merged undo data, is the guest's disks at a cut;
 //! - deleting the primary's VM stops its replication loop.
 
 mod common;
@@ -220,4 +222,106 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
     assert_eq!(list, json!([]), "{list}");
     let (s, body) = a.api("GET", "/api/v1/vms/vm1/replication", None);
     assert_eq!(s, 404, "{body}");
+}
+
+/// The kept points' times (seconds since the epoch), oldest first.
+fn point_times(b: &Daemon) -> Vec<u64> {
+    let v = b.ok("GET", "/api/v1/replicas/vm1/points", None);
+    v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["time_s"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_thinned_history_keeps_points_spaced_and_its_oldest_point_is_the_guests_disk_at_a_cut() {
+    let pki = Pki::new();
+    let store = tempfile::Builder::new()
+        .prefix("replicas")
+        .tempdir()
+        .unwrap();
+    let replicas = store.path().join("replicas");
+    let (b, addr) = host_daemon(
+        &pki.host("host-b"),
+        &["host-a"],
+        &[
+            "--replica-dir",
+            replicas.to_str().unwrap(),
+            "--replica-allow",
+            "host-a",
+        ],
+    );
+    let mut args = tls_args(&pki.host("host-a"));
+    args.push("--no-autostart".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start(&refs);
+    start_writer_vm(&a, &a.dir.path().join("disks"), true);
+    // Thinning needs a history to thin.
+    let (s, body) = a.api(
+        "PUT",
+        "/api/v1/vms/vm1/replication",
+        Some(
+            &json!({"to": addr, "server_name": "host-b", "interval_s": 1, "history_spacing_s": 3})
+                .to_string(),
+        ),
+    );
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("history above 1"), "{body}");
+    a.ctl_ok(&[
+        "replica",
+        "enable",
+        "vm1",
+        "--to",
+        &addr,
+        "--to-name",
+        "host-b",
+        "--interval",
+        "1s",
+        "--history",
+        "4",
+        "--history-spacing",
+        "3s",
+    ]);
+    assert_eq!(replication(&a)["history_spacing_s"], 3);
+
+    // A point a second; the kept ones other than the latest at least 3 s apart.
+    let kept = wait_points(&b, "three kept points after ten cuts", |p| {
+        p.len() >= 3 && p.last().is_some_and(|&l| l >= 10)
+    });
+    assert!(
+        kept.windows(2).any(|w| w[1] > w[0] + 1),
+        "no point was thinned out: {kept:?}"
+    );
+    let listed = b.ok("GET", "/api/v1/replicas/vm1/points", None);
+    assert_eq!(listed["spacing_s"], 3, "{listed}");
+    let times = point_times(&b);
+    for w in times[..times.len() - 1].windows(2) {
+        assert!(w[1] >= w[0] + 3, "kept points closer than 3 s: {times:?}");
+    }
+
+    // The oldest kept point, rebuilt through the merged undo data of the thinned
+    // ones, is the guest's disks at one cut: iterations 1..N exactly, on both disks.
+    let oldest = *points(&b).first().unwrap();
+    b.ctl_ok(&[
+        "replica",
+        "test-failover",
+        "vm1",
+        "--point",
+        &oldest.to_string(),
+        "--no-start",
+    ]);
+    b.wait_log("replica-test-failover");
+    let test_dir = replicas.join("host-a/vm1/test-failover");
+    let n0 = prefix_of(&read(&test_dir.join("disk-0.img")), MAX_ITERATION, "disk 0");
+    let n1 = prefix_of(&read(&test_dir.join("disk-1.img")), MAX_ITERATION, "disk 1");
+    assert!(n0 >= 1 && (n1 == n0 || n1 + 1 == n0), "{n0} {n1}");
+    let latest = prefix_of(
+        &read(&replicas.join("host-a/vm1/disk-0.img")),
+        MAX_ITERATION,
+        "latest disk 0",
+    );
+    assert!(latest > n0, "the oldest point is not older: {n0} {latest}");
+    b.ctl_ok(&["replica", "test-failover", "vm1", "--stop"]);
 }

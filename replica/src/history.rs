@@ -153,16 +153,40 @@ impl<'a> SegmentWriter<'a> {
 
 /// Writes to `out` the bytes `image` holds now over `ranges` (merged), as the undo
 /// file of point `cut_id`; an all-zero chunk is a zeroes record. Returns its length.
+///
+/// With `older` (the undo file of the latest point `L`, which leads back to the point
+/// `P` before it), the file written leads from `cut_id` straight back to `P`, so `L`
+/// can be dropped (thinning): `older`'s records are copied (verified first: they hold
+/// `P`'s bytes where `L` wrote), and the image is read only on the parts of `ranges`
+/// they do not cover (there `P`'s bytes are `L`'s, the image's now).
 pub fn capture_undo(
     image: &File,
     disk_size: u64,
     ranges: &[(u64, u64)],
+    older: Option<&mut File>,
     out: &File,
     cut_id: u64,
-) -> io::Result<u64> {
+) -> Result<u64, SegmentError> {
     let mut w = SegmentWriter::new(out, disk_size)?;
     let mut buf = Vec::new();
-    for &(offset, len) in ranges {
+    let mut ranges = ranges.to_vec();
+    if let Some(older) = older {
+        older.seek(SeekFrom::Start(0))?;
+        SegmentReader::new(BufReader::new(&mut *older))?.verify_all()?;
+        older.seek(SeekFrom::Start(0))?;
+        let mut reader = SegmentReader::new(BufReader::new(&mut *older))?;
+        let mut covered = Vec::new();
+        while let Some(rec) = reader.next_record(&mut buf)? {
+            let data: &[u8] = match rec.kind {
+                RecordKind::Data => &buf,
+                RecordKind::Zeroes => &[],
+            };
+            w.record(rec.kind, rec.offset, rec.len, data)?;
+            covered.push((rec.offset, rec.len));
+        }
+        ranges = subtract_ranges(&ranges, &merge_ranges(covered));
+    }
+    for &(offset, len) in &ranges {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(UNDO_CHUNK);
@@ -176,7 +200,35 @@ pub fn capture_undo(
             done += n;
         }
     }
-    w.finish(cut_id)
+    Ok(w.finish(cut_id)?)
+}
+
+/// The parts of `ranges` that `minus` does not cover (both sorted and merged).
+pub fn subtract_ranges(ranges: &[(u64, u64)], minus: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(off, len) in ranges {
+        let (mut at, end) = (off, off + len);
+        for &(m_off, m_len) in minus {
+            let m_end = m_off + m_len;
+            if m_end <= at {
+                continue;
+            }
+            if m_off >= end {
+                break;
+            }
+            if m_off > at {
+                out.push((at, m_off - at));
+            }
+            at = at.max(m_end);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    out
 }
 
 /// Verifies the undo file `undo` to its trailer, then writes its bytes to `image`
@@ -209,6 +261,18 @@ pub fn copy_image(from: &File, to: &mut File) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subtracting_leaves_exactly_the_uncovered_parts() {
+        let r = [(0, 100), (200, 50), (300, 10)];
+        let m = [(10, 20), (90, 120), (305, 100)];
+        assert_eq!(
+            subtract_ranges(&r, &m),
+            [(0, 10), (30, 60), (210, 40), (300, 5)]
+        );
+        assert_eq!(subtract_ranges(&r, &[]), r);
+        assert_eq!(subtract_ranges(&r, &[(0, 1000)]), []);
+    }
 
     #[test]
     fn ranges_merge_overlapping_and_touching_ones_only() {

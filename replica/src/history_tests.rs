@@ -209,3 +209,106 @@ fn a_kill_while_a_point_is_applied_or_rolled_back_loses_no_kept_point() {
     assert!(!root.path().join("vm1/rolling-back").exists());
     assert!(undo_files(root.path()).is_empty());
 }
+
+/// Stages and commits the primary's next cut with the replica's clock at `t`.
+fn point_at(p: &mut Primary, vm: &mut ReplicaVm, t: u64) -> u64 {
+    vm.clock_s = Some(t);
+    point(p, vm)
+}
+
+#[test]
+fn thinning_keeps_one_point_per_spacing_and_the_latest_each_exact() {
+    let root = tempfile::tempdir().unwrap();
+    let mut p = Primary::new(2);
+    let mut vm = new_vm(root.path(), 2);
+    vm.set_keep(10).unwrap();
+    vm.set_spacing(3600).unwrap();
+    assert!(matches!(
+        vm.set_spacing(crate::store::MAX_SPACING_S + 1),
+        Err(StoreError::Invalid(_))
+    ));
+    p.write(0, 0, 0x11, 16384);
+    p.write(1, 0, 0x12, 8192);
+    let p1 = point_at(&mut p, &mut vm, 1000);
+    let model1 = p.model.clone();
+    // p2 and p3 overwrite overlapping ranges (and p3 new ones) within the hour: p2 is
+    // folded into p3, whose undo data leads straight back to p1.
+    p.write(0, 4096, 0x21, 8192);
+    p.zero(1, 0, 4096);
+    let p2 = point_at(&mut p, &mut vm, 1030);
+    assert_eq!(kept(&vm), [p1, p2]);
+    p.write(0, 8192, 0x31, 16384);
+    p.write(1, 2048, 0x32, 4096);
+    p.write(1, 65536, 0x33, 512);
+    let p3 = point_at(&mut p, &mut vm, 1060);
+    assert_eq!(kept(&vm), [p1, p3], "p2 thinned out");
+    let model3 = p.model.clone();
+    for disk in 0..2 {
+        assert!(exported(&vm, p1, disk) == model1[disk], "p1, disk {disk}");
+        assert!(exported(&vm, p3, disk) == model3[disk], "p3, disk {disk}");
+    }
+    let want: Vec<String> = (0..2).map(|d| format!("{p3:020}.disk-{d}.undo")).collect();
+    assert_eq!(undo_files(root.path()), want, "p2's undo data is gone");
+
+    // An hour after p1: p4 folds p3 (still within p1's hour) and stays itself, so p5
+    // is kept beside it: p1, p4 (the next "hourly" point), p5.
+    p.write(0, 0, 0x41, 512);
+    let p4 = point_at(&mut p, &mut vm, 4700);
+    let model4 = p.model.clone();
+    assert_eq!(kept(&vm), [p1, p4]);
+    p.write(0, 512, 0x51, 512);
+    let p5 = point_at(&mut p, &mut vm, 4730);
+    assert_eq!(kept(&vm), [p1, p4, p5]);
+    for disk in 0..2 {
+        assert!(exported(&vm, p1, disk) == model1[disk], "p1, disk {disk}");
+        assert!(exported(&vm, p4, disk) == model4[disk], "p4, disk {disk}");
+        assert!(image(&vm, disk) == p.model[disk], "p5 in the images");
+    }
+    // Undo data is what changed, once: p4's holds p1's bytes of every range written
+    // since p1 (merged), no more than p2's, p3's and p4's own together.
+    let listed = vm.status().unwrap().points;
+    assert!(listed[1].undo_bytes > 0 && listed[2].undo_bytes > 0);
+    assert_eq!(vm.spacing_s(), 3600);
+}
+
+#[test]
+fn a_kill_while_a_folding_point_is_applied_loses_no_kept_point() {
+    let root = tempfile::tempdir().unwrap();
+    let mut p = Primary::new(2);
+    let mut vm = new_vm(root.path(), 2);
+    vm.set_keep(5).unwrap();
+    vm.set_spacing(600).unwrap();
+    p.write(0, 0, 0x01, 8192);
+    p.write(1, 0, 0x02, 8192);
+    let p1 = point_at(&mut p, &mut vm, 100);
+    let model1 = p.model.clone();
+    p.write(0, 4096, 0x03, 8192);
+    p.write(1, 1024, 0x04, 2048);
+    point_at(&mut p, &mut vm, 130);
+    // The third point folds the second; it dies after disk 0 applied its segment.
+    p.write(0, 0, 0x05, 16384);
+    p.write(1, 4096, 0x06, 16384);
+    let (cut3, seqs3) = p.cut();
+    for (disk, &seq) in seqs3.iter().enumerate() {
+        vm.stage(disk, seq, &p.compressed(disk, seq)[..], 1 << 30)
+            .unwrap();
+    }
+    vm.clock_s = Some(160);
+    vm.crash_after_applying = Some((0, seqs3[0]));
+    assert!(vm.commit(cut3, &seqs3).is_err());
+    drop(vm);
+    // The next open finishes the commit and its fold: p1 and p3, both exact.
+    let vm = ReplicaVm::open(dir_fd(root.path()).as_fd(), "vm1").unwrap();
+    assert_eq!(kept(&vm), [p1, cut3]);
+    for disk in 0..2 {
+        assert!(exported(&vm, p1, disk) == model1[disk], "p1, disk {disk}");
+        assert!(
+            exported(&vm, cut3, disk) == p.model[disk],
+            "p3, disk {disk}"
+        );
+    }
+    let want: Vec<String> = (0..2)
+        .map(|d| format!("{cut3:020}.disk-{d}.undo"))
+        .collect();
+    assert_eq!(undo_files(root.path()), want);
+}

@@ -36,6 +36,9 @@ use crate::apply::{ApplyError, ApplyOutcome, ReplicaDisk};
 use crate::error::SegmentError;
 use crate::format::segment_file_name;
 use crate::history::{self, PointInfo, MAX_HISTORY};
+
+/// The longest spacing of kept points: a week.
+pub const MAX_SPACING_S: u64 = 7 * 24 * 3600;
 use crate::resync::{self, BlockHash};
 use crate::segment::{SegmentReader, Trailer};
 
@@ -64,6 +67,13 @@ pub enum StoreError {
     Segment {
         disk: usize,
         seq: u64,
+        #[source]
+        source: SegmentError,
+    },
+    #[error("the undo data of point {cut_id}, disk {disk}: {source}")]
+    Undo {
+        cut_id: u64,
+        disk: usize,
         #[source]
         source: SegmentError,
     },
@@ -111,6 +121,14 @@ struct VmState {
     /// How many points to keep (1: only the latest).
     #[serde(default = "one")]
     keep: u32,
+    /// Thinning: seconds at least between two kept points other than the latest (0:
+    /// every point is kept until `keep` drops it). Hyper-V's "hourly" is 3600.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    spacing_s: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn one() -> u32 {
@@ -126,6 +144,10 @@ struct Intent {
     time_s: u64,
     #[serde(default)]
     changed_bytes: u64,
+    /// The latest point this commit folds into the new one (thinning): its undo data
+    /// was merged into the new point's, and it leaves the history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    folds: Option<u64>,
 }
 
 /// What the rollback intent records.
@@ -185,6 +207,9 @@ pub struct VmStatus {
     /// How many recovery points the replica keeps.
     #[serde(default = "one")]
     pub keep: u32,
+    /// Seconds at least between kept points other than the latest (0: every point).
+    #[serde(default)]
+    pub spacing_s: u64,
     /// The kept points, oldest first (the last is `point`).
     #[serde(default)]
     pub points: Vec<PointInfo>,
@@ -219,6 +244,9 @@ pub struct ReplicaVm {
     /// segment `.1`.
     #[cfg(test)]
     pub(crate) crash_after_applying: Option<(usize, u64)>,
+    /// A test's clock (seconds since the epoch) for the points' times.
+    #[cfg(test)]
+    pub(crate) clock_s: Option<u64>,
 }
 
 fn disk_image_name(i: usize) -> String {
@@ -378,6 +406,7 @@ impl ReplicaVm {
             failed_over: false,
             history: Vec::new(),
             keep: 1,
+            spacing_s: 0,
         };
         Self::save_state(dir.as_fd(), &state)?;
         tracing::info!(vm = name, disks = ?disk_sizes, "replica: new replicated VM");
@@ -433,6 +462,8 @@ impl ReplicaVm {
             disk_dirs,
             #[cfg(test)]
             crash_after_applying: None,
+            #[cfg(test)]
+            clock_s: None,
         };
         if let Some(b) = read_opt(vm.dir.as_fd(), INTENT_FILE)? {
             let intent: Intent = decode_checked(&b).ok_or(StoreError::Damaged(INTENT_FILE))?;
@@ -562,6 +593,7 @@ impl ReplicaVm {
             failed_over: false,
             history: Vec::new(),
             keep: self.state.keep,
+            spacing_s: self.state.spacing_s,
         };
         Self::save_state(self.dir.as_fd(), &state)?;
         tracing::info!("replica: {why}");
@@ -756,10 +788,65 @@ impl ReplicaVm {
         Ok(())
     }
 
+    /// Seconds since the Unix epoch (a test sets the clock).
+    fn now_s(&self) -> u64 {
+        #[cfg(test)]
+        if let Some(t) = self.clock_s {
+            return t;
+        }
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// Thinning: the latest point, when a commit at `now_s` supersedes it and it is
+    /// closer than the spacing to the kept point before it (so it is no "hourly"
+    /// point of its own) and its undo data exists to merge.
+    fn fold_candidate(&self, now_s: u64) -> Option<u64> {
+        let spacing = self.state.spacing_s;
+        let [.., before, latest] = self.state.history.as_slice() else {
+            return None;
+        };
+        let close = latest.time_s.saturating_sub(before.time_s) < spacing;
+        // A clock that went back leaves the point where it is.
+        (spacing > 0 && close && now_s >= latest.time_s && self.undo_bytes(latest.cut_id).is_some())
+            .then_some(latest.cut_id)
+    }
+
+    /// Seconds at least between two kept points other than the latest (0: none);
+    /// applies from the next commit. At most a week.
+    pub fn set_spacing(&mut self, spacing_s: u64) -> Result<(), StoreError> {
+        if spacing_s > MAX_SPACING_S {
+            return Err(StoreError::Invalid(format!(
+                "points are spaced by at most {MAX_SPACING_S} s (a week), not {spacing_s}"
+            )));
+        }
+        if spacing_s == self.state.spacing_s {
+            return Ok(());
+        }
+        let mut state = self.state.clone();
+        state.spacing_s = spacing_s;
+        Self::save_state(self.dir.as_fd(), &state)?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// The spacing of kept points (0: every point).
+    pub fn spacing_s(&self) -> u64 {
+        self.state.spacing_s
+    }
+
     /// Before a commit of `cut_id` changes the images: the bytes they hold now on
-    /// every range its segments write, per disk, as `cut_id`'s undo files (synced).
-    /// Returns their total length.
-    fn capture_undo(&self, cut_id: u64, seqs: &[u64]) -> Result<u64, StoreError> {
+    /// every range its segments write, per disk, as `cut_id`'s undo files (synced);
+    /// with `folds`, merged with that point's undo files (see
+    /// [`history::capture_undo`]). Returns their total length.
+    fn capture_undo(
+        &self,
+        cut_id: u64,
+        seqs: &[u64],
+        folds: Option<u64>,
+    ) -> Result<u64, StoreError> {
         let mut total = 0;
         for (i, &last) in seqs.iter().enumerate() {
             let mut ranges = Vec::new();
@@ -784,15 +871,31 @@ impl ReplicaVm {
             confine::unlink_at(hdir, part.as_ref()).ok();
             let f = confine::create_private(hdir, part.as_ref())
                 .map_err(io_err(format!("creating {part}")))?;
-            total += history::capture_undo(
+            let mut older = match folds {
+                Some(l) => {
+                    let name = history::undo_file_name(l, i);
+                    Some(
+                        confine::open_file_at(hdir, name.as_ref())
+                            .map_err(io_err(format!("the undo file {name}")))?,
+                    )
+                }
+                None => None,
+            };
+            let n = history::capture_undo(
                 &self.images[i],
                 self.state.disk_sizes[i],
                 &ranges,
+                older.as_mut(),
                 &f,
                 cut_id,
             )
-            .and_then(|n| f.sync_all().map(|()| n))
-            .map_err(io_err(format!("writing {part}")))?;
+            .map_err(|source| StoreError::Undo {
+                cut_id: folds.unwrap_or(cut_id),
+                disk: i,
+                source,
+            })?;
+            f.sync_all().map_err(io_err(format!("writing {part}")))?;
+            total += n;
             rename_at(hdir, part.as_ref(), name.as_ref())
                 .and_then(|()| sync_dir(hdir))
                 .map_err(io_err(format!("keeping {name}")))?;
@@ -826,6 +929,7 @@ impl ReplicaVm {
             point: self.state.point.clone(),
             disks,
             keep: self.state.keep,
+            spacing_s: self.state.spacing_s,
             points: self.state.history.clone(),
         })
     }
@@ -1102,17 +1206,18 @@ impl ReplicaVm {
         // The previous point stays reachable: its bytes on every range this commit
         // writes are kept first (before the intent, so a crash before it leaves
         // only an unneeded file, dropped at the next open).
+        let time_s = self.now_s();
+        let mut folds = None;
         if self.state.keep > 1 && self.state.point.is_some() {
-            self.capture_undo(cut_id, seqs)?;
+            folds = self.fold_candidate(time_s);
+            self.capture_undo(cut_id, seqs, folds)?;
         }
         let intent = Intent {
             cut_id,
             seqs: seqs.to_vec(),
-            time_s: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            time_s,
             changed_bytes,
+            folds,
         };
         confine::write_private_atomic(
             self.dir.as_fd(),
@@ -1152,6 +1257,17 @@ impl ReplicaVm {
         }
         let mut state = self.state.clone();
         state.point = Some(point.clone());
+        // The changes since the previous kept point: a folded point's count too.
+        let mut changed_bytes = intent.changed_bytes;
+        if let Some(folded) = intent.folds {
+            // The new point's undo data leads past the folded one: it goes.
+            if state.history.last().is_some_and(|p| p.cut_id == folded) {
+                if let Some(gone) = state.history.pop() {
+                    changed_bytes += gone.changed_bytes;
+                    tracing::debug!(cut_id = gone.cut_id, "replica: point thinned out");
+                }
+            }
+        }
         if state.history.last().map(|p| p.cut_id) != Some(point.cut_id) {
             let undo_bytes = self.undo_bytes(point.cut_id);
             if undo_bytes.is_none() {
@@ -1162,7 +1278,7 @@ impl ReplicaVm {
                 cut_id: point.cut_id,
                 seqs: point.seqs.clone(),
                 time_s: intent.time_s,
-                changed_bytes: intent.changed_bytes,
+                changed_bytes,
                 undo_bytes: undo_bytes.unwrap_or(0),
             });
         }

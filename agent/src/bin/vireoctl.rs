@@ -236,6 +236,11 @@ enum ReplicaCommand {
         /// 24 hourly ones and the latest).
         #[arg(long, default_value_t = 1)]
         history: u32,
+        /// Thin the history: at least this long between two kept points other than
+        /// the latest (1h: Hyper-V's hourly points, with --history 25). Default: every
+        /// point is kept until --history drops it.
+        #[arg(long, value_name = "DURATION", value_parser = parse_spacing)]
+        history_spacing: Option<u64>,
         /// Limit the bytes sent to the replica to MBIT Mbit/s (0.1 to 100000).
         #[arg(long, value_name = "MBIT")]
         bandwidth: Option<String>,
@@ -316,6 +321,28 @@ enum ReplicaCommand {
 }
 
 /// `30s`, `5m`, `1h` or plain seconds.
+/// `--history-spacing`: 30m, 1h, 2h ... (1 s to a week), in whole seconds.
+fn parse_spacing(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a whole number with s, m, h or d"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    match secs {
+        Some(secs) if (1..=7 * 86_400).contains(&secs) => Ok(secs),
+        _ => Err(format!("{s:?}: from 1s to 7d")),
+    }
+}
+
 fn parse_interval(s: &str) -> Result<f64, String> {
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => s.split_at(i),
@@ -364,9 +391,10 @@ fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(), CtlError> 
             to_name,
             interval,
             history,
+            history_spacing,
             bandwidth,
         } => {
-            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history, "bandwidth_mbit": bandwidth.as_deref().map(limit_value)});
+            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history, "history_spacing_s": history_spacing, "bandwidth_mbit": bandwidth.as_deref().map(limit_value)});
             ctx.json("PUT", &path(name), Some(body.to_string().into_bytes()))?
         }
         ReplicaCommand::Bandwidth { name, mbit } => {
