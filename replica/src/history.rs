@@ -46,6 +46,20 @@ pub struct PointInfo {
     /// Bytes of undo data kept to go back from it to the previous kept point (0 for the
     /// oldest kept one).
     pub undo_bytes: u64,
+    /// Points thinned out into this one, oldest first: their undo files are part of
+    /// its undo data (each holds ranges none of the others does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folded: Vec<u64>,
+}
+
+impl PointInfo {
+    /// The cut ids whose undo files lead from this point back to the one before it.
+    pub fn undo_set(&self) -> impl Iterator<Item = u64> + '_ {
+        self.folded
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.cut_id))
+    }
 }
 
 /// The name of point `cut_id`'s undo file of disk `disk`.
@@ -153,40 +167,16 @@ impl<'a> SegmentWriter<'a> {
 
 /// Writes to `out` the bytes `image` holds now over `ranges` (merged), as the undo
 /// file of point `cut_id`; an all-zero chunk is a zeroes record. Returns its length.
-///
-/// With `older` (the undo file of the latest point `L`, which leads back to the point
-/// `P` before it), the file written leads from `cut_id` straight back to `P`, so `L`
-/// can be dropped (thinning): `older`'s records are copied (verified first: they hold
-/// `P`'s bytes where `L` wrote), and the image is read only on the parts of `ranges`
-/// they do not cover (there `P`'s bytes are `L`'s, the image's now).
 pub fn capture_undo(
     image: &File,
     disk_size: u64,
     ranges: &[(u64, u64)],
-    older: Option<&mut File>,
     out: &File,
     cut_id: u64,
-) -> Result<u64, SegmentError> {
+) -> io::Result<u64> {
     let mut w = SegmentWriter::new(out, disk_size)?;
     let mut buf = Vec::new();
-    let mut ranges = ranges.to_vec();
-    if let Some(older) = older {
-        older.seek(SeekFrom::Start(0))?;
-        SegmentReader::new(BufReader::new(&mut *older))?.verify_all()?;
-        older.seek(SeekFrom::Start(0))?;
-        let mut reader = SegmentReader::new(BufReader::new(&mut *older))?;
-        let mut covered = Vec::new();
-        while let Some(rec) = reader.next_record(&mut buf)? {
-            let data: &[u8] = match rec.kind {
-                RecordKind::Data => &buf,
-                RecordKind::Zeroes => &[],
-            };
-            w.record(rec.kind, rec.offset, rec.len, data)?;
-            covered.push((rec.offset, rec.len));
-        }
-        ranges = subtract_ranges(&ranges, &merge_ranges(covered));
-    }
-    for &(offset, len) in &ranges {
+    for &(offset, len) in ranges {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(UNDO_CHUNK);
@@ -200,7 +190,54 @@ pub fn capture_undo(
             done += n;
         }
     }
-    Ok(w.finish(cut_id)?)
+    w.finish(cut_id)
+}
+
+/// The name of the file listing the ranges point `cut_id`'s undo data covers on disk
+/// `disk` (with the points folded into it): what the next fold subtracts.
+pub fn covered_file_name(cut_id: u64, disk: usize) -> String {
+    format!("{cut_id:020}.disk-{disk}.covered")
+}
+
+const COVERED_MAGIC: &[u8; 8] = b"VRCOVER1";
+
+/// Encodes sorted, merged ranges: magic, count, `(offset, len)` pairs (little
+/// endian), CRC-32C of all that.
+pub fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + ranges.len() * 16);
+    b.extend_from_slice(COVERED_MAGIC);
+    b.extend_from_slice(&(ranges.len() as u64).to_le_bytes());
+    for &(off, len) in ranges {
+        b.extend_from_slice(&off.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes [`encode_ranges`]'s bytes; `None` for anything else (torn, damaged).
+pub fn decode_ranges(b: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let (body, crc) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return None;
+    }
+    let rest = body.strip_prefix(COVERED_MAGIC)?;
+    let (count, pairs) = rest.split_at_checked(8)?;
+    let count = u64::from_le_bytes(count.try_into().ok()?);
+    if pairs.len() as u64 != count.checked_mul(16)? {
+        return None;
+    }
+    Some(
+        pairs
+            .chunks_exact(16)
+            .filter_map(|p| {
+                let off = u64::from_le_bytes(p[..8].try_into().ok()?);
+                let len = u64::from_le_bytes(p[8..].try_into().ok()?);
+                Some((off, len))
+            })
+            .collect(),
+    )
 }
 
 /// The parts of `ranges` that `minus` does not cover (both sorted and merged).
@@ -261,6 +298,20 @@ pub fn copy_image(from: &File, to: &mut File) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn covered_ranges_round_trip_and_damage_is_refused() {
+        let r = vec![(0, 4096), (1 << 40, 512)];
+        let b = encode_ranges(&r);
+        assert_eq!(decode_ranges(&b), Some(r));
+        assert_eq!(decode_ranges(&encode_ranges(&[])), Some(vec![]));
+        for cut in 0..b.len() {
+            assert_eq!(decode_ranges(&b[..cut]), None, "torn at {cut}");
+        }
+        let mut bad = b.clone();
+        bad[12] ^= 1;
+        assert_eq!(decode_ranges(&bad), None);
+    }
 
     #[test]
     fn subtracting_leaves_exactly_the_uncovered_parts() {

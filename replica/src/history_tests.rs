@@ -247,8 +247,31 @@ fn thinning_keeps_one_point_per_spacing_and_the_latest_each_exact() {
         assert!(exported(&vm, p1, disk) == model1[disk], "p1, disk {disk}");
         assert!(exported(&vm, p3, disk) == model3[disk], "p3, disk {disk}");
     }
-    let want: Vec<String> = (0..2).map(|d| format!("{p3:020}.disk-{d}.undo")).collect();
-    assert_eq!(undo_files(root.path()), want, "p2's undo data is gone");
+    // p2's undo files stay, as part of p3's; p3's own holds only what p2's do not
+    // cover: every range since p1 is kept once.
+    assert_eq!(vm.points()[1].folded, [p2]);
+    let mut want: Vec<String> = Vec::new();
+    for cut in [p2, p3] {
+        for d in 0..2 {
+            want.push(format!("{cut:020}.disk-{d}.covered"));
+            want.push(format!("{cut:020}.disk-{d}.undo"));
+        }
+    }
+    want.sort();
+    assert_eq!(undo_files(root.path()), want);
+    let ranges = |cut: u64, d: usize| {
+        let path = root
+            .path()
+            .join(format!("vm1/history/{cut:020}.disk-{d}.undo"));
+        crate::history::ranges_of(&mut File::open(path).unwrap()).unwrap()
+    };
+    assert_eq!(ranges(p2, 0), [(4096, 8192)]);
+    assert_eq!(
+        ranges(p3, 0),
+        [(12288, 12288)],
+        "p2's part is not kept twice"
+    );
+    assert_eq!(ranges(p3, 1), [(4096, 2048), (65536, 512)]);
 
     // An hour after p1: p4 folds p3 (still within p1's hour) and stays itself, so p5
     // is kept beside it: p1, p4 (the next "hourly" point), p5.
@@ -307,8 +330,15 @@ fn a_kill_while_a_folding_point_is_applied_loses_no_kept_point() {
             "p3, disk {disk}"
         );
     }
-    let want: Vec<String> = (0..2)
-        .map(|d| format!("{cut3:020}.disk-{d}.undo"))
-        .collect();
+    // The folded point's undo files stay as part of p3's.
+    let p2 = vm.points()[1].folded[0];
+    let mut want: Vec<String> = Vec::new();
+    for cut in [p2, cut3] {
+        for d in 0..2 {
+            want.push(format!("{cut:020}.disk-{d}.covered"));
+            want.push(format!("{cut:020}.disk-{d}.undo"));
+        }
+    }
+    want.sort();
     assert_eq!(undo_files(root.path()), want);
 }

@@ -435,6 +435,7 @@ impl ReplicaVm {
                 time_s: 0,
                 changed_bytes: 0,
                 undo_bytes: 0,
+                folded: Vec::new(),
             });
         }
         let history_dir =
@@ -688,15 +689,19 @@ impl ReplicaVm {
     fn roll_back(&self, cut_id: u64, images: &[File]) -> Result<(), StoreError> {
         let at = self.kept(cut_id)?;
         for newer in self.state.history[at + 1..].iter().rev() {
-            for (i, image) in images.iter().enumerate() {
-                let name = history::undo_file_name(newer.cut_id, i);
-                let mut undo = confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
-                    .map_err(io_err(format!("the undo file {name}")))?;
-                history::apply_undo(image, &mut undo).map_err(|source| StoreError::Segment {
-                    disk: i,
-                    seq: newer.cut_id,
-                    source,
-                })?;
+            // A point's files (its own and those of points folded into it) hold
+            // disjoint ranges: their order does not matter.
+            for part in newer.undo_set() {
+                for (i, image) in images.iter().enumerate() {
+                    let name = history::undo_file_name(part, i);
+                    let mut undo = confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
+                        .map_err(io_err(format!("the undo file {name}")))?;
+                    history::apply_undo(image, &mut undo).map_err(|source| StoreError::Undo {
+                        cut_id: part,
+                        disk: i,
+                        source,
+                    })?;
+                }
             }
         }
         for (i, image) in images.iter().enumerate() {
@@ -751,17 +756,43 @@ impl ReplicaVm {
         Ok(())
     }
 
-    /// The total length of point `cut_id`'s undo files; `None` if one is missing.
-    fn undo_bytes(&self, cut_id: u64) -> Option<u64> {
-        (0..self.images.len())
-            .map(|i| {
+    /// The total length of the undo files of `cut_ids`; `None` if one is missing.
+    fn undo_bytes(&self, cut_ids: impl Iterator<Item = u64>) -> Option<u64> {
+        let mut total = 0;
+        for cut_id in cut_ids {
+            for i in 0..self.images.len() {
                 let name = history::undo_file_name(cut_id, i);
-                confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
+                total += confine::open_file_at(self.history_dir.as_fd(), name.as_ref())
                     .and_then(|f| f.metadata())
                     .map(|m| m.len())
-                    .ok()
-            })
-            .sum()
+                    .ok()?;
+            }
+        }
+        Some(total)
+    }
+
+    /// The ranges kept point `p`'s undo data covers on disk `disk`: its covered file,
+    /// or (none, or damaged) the ranges of its undo files, read.
+    fn covered(&self, p: &PointInfo, disk: usize) -> Result<Vec<(u64, u64)>, StoreError> {
+        let hdir = self.history_dir.as_fd();
+        let name = history::covered_file_name(p.cut_id, disk);
+        if let Some(r) = read_opt(hdir, &name)?.and_then(|b| history::decode_ranges(&b)) {
+            return Ok(r);
+        }
+        let mut ranges = Vec::new();
+        for part in p.undo_set() {
+            let name = history::undo_file_name(part, disk);
+            let mut f = confine::open_file_at(hdir, name.as_ref())
+                .map_err(io_err(format!("the undo file {name}")))?;
+            ranges.extend(
+                history::ranges_of(&mut f).map_err(|source| StoreError::Undo {
+                    cut_id: part,
+                    disk,
+                    source,
+                })?,
+            );
+        }
+        Ok(history::merge_ranges(ranges))
     }
 
     /// Removes every undo file no kept point needs (a pruned point's, a `.part` or a
@@ -772,14 +803,14 @@ impl ReplicaVm {
             .history
             .iter()
             .skip(1)
-            .map(|p| p.cut_id)
+            .flat_map(|p| p.undo_set())
             .collect();
         let path = confine::fd_path(self.history_dir.as_fd(), ".".as_ref());
         for e in std::fs::read_dir(&path).map_err(io_err(HISTORY_DIR))? {
             let e = e.map_err(io_err(HISTORY_DIR))?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            let keep = name.ends_with(".undo")
+            let keep = (name.ends_with(".undo") || name.ends_with(".covered"))
                 && history::parse_undo_file_name(name).is_some_and(|c| needed.contains(&c));
             if !keep {
                 confine::unlink_at(self.history_dir.as_fd(), name.as_ref()).ok();
@@ -810,8 +841,11 @@ impl ReplicaVm {
         };
         let close = latest.time_s.saturating_sub(before.time_s) < spacing;
         // A clock that went back leaves the point where it is.
-        (spacing > 0 && close && now_s >= latest.time_s && self.undo_bytes(latest.cut_id).is_some())
-            .then_some(latest.cut_id)
+        (spacing > 0
+            && close
+            && now_s >= latest.time_s
+            && self.undo_bytes(latest.undo_set()).is_some())
+        .then_some(latest.cut_id)
     }
 
     /// Seconds at least between two kept points other than the latest (0: none);
@@ -839,13 +873,13 @@ impl ReplicaVm {
 
     /// Before a commit of `cut_id` changes the images: the bytes they hold now on
     /// every range its segments write, per disk, as `cut_id`'s undo files (synced);
-    /// with `folds`, merged with that point's undo files (see
-    /// [`history::capture_undo`]). Returns their total length.
+    /// with `folds` (the latest point, to be thinned out), only the ranges its undo
+    /// data does not cover. Returns their total length.
     fn capture_undo(
         &self,
         cut_id: u64,
         seqs: &[u64],
-        folds: Option<u64>,
+        folds: Option<&PointInfo>,
     ) -> Result<u64, StoreError> {
         let mut total = 0;
         for (i, &last) in seqs.iter().enumerate() {
@@ -865,40 +899,48 @@ impl ReplicaVm {
                 })?);
             }
             let ranges = history::merge_ranges(ranges);
+            // Folding the latest point: its undo files stay (they become part of the
+            // new point's); the new file holds only the ranges they do not cover,
+            // whose bytes at the point before are the image's now. What is kept is
+            // what changed since that point, each range once, whatever the cuts.
+            let (capture, covered) = match folds {
+                Some(latest) => {
+                    let covered = self.covered(latest, i)?;
+                    let capture = history::subtract_ranges(&ranges, &covered);
+                    let mut all = covered;
+                    all.extend_from_slice(&ranges);
+                    (capture, history::merge_ranges(all))
+                }
+                None => (ranges.clone(), ranges),
+            };
+            let hdir = self.history_dir.as_fd();
             let name = history::undo_file_name(cut_id, i);
             let part = format!("{name}.part");
-            let hdir = self.history_dir.as_fd();
             confine::unlink_at(hdir, part.as_ref()).ok();
             let f = confine::create_private(hdir, part.as_ref())
                 .map_err(io_err(format!("creating {part}")))?;
-            let mut older = match folds {
-                Some(l) => {
-                    let name = history::undo_file_name(l, i);
-                    Some(
-                        confine::open_file_at(hdir, name.as_ref())
-                            .map_err(io_err(format!("the undo file {name}")))?,
-                    )
-                }
-                None => None,
-            };
-            let n = history::capture_undo(
+            total += history::capture_undo(
                 &self.images[i],
                 self.state.disk_sizes[i],
-                &ranges,
-                older.as_mut(),
+                &capture,
                 &f,
                 cut_id,
             )
-            .map_err(|source| StoreError::Undo {
-                cut_id: folds.unwrap_or(cut_id),
-                disk: i,
-                source,
-            })?;
-            f.sync_all().map_err(io_err(format!("writing {part}")))?;
-            total += n;
+            .and_then(|n| f.sync_all().map(|()| n))
+            .map_err(io_err(format!("writing {part}")))?;
             rename_at(hdir, part.as_ref(), name.as_ref())
-                .and_then(|()| sync_dir(hdir))
                 .map_err(io_err(format!("keeping {name}")))?;
+            if self.state.spacing_s > 0 {
+                // What the next fold subtracts without reading the undo files.
+                let name = history::covered_file_name(cut_id, i);
+                confine::write_private_atomic(
+                    hdir,
+                    name.as_ref(),
+                    &history::encode_ranges(&covered),
+                )
+                .map_err(io_err(format!("keeping {name}")))?;
+            }
+            sync_dir(hdir).map_err(io_err(format!("keeping {name}")))?;
         }
         Ok(total)
     }
@@ -1210,7 +1252,8 @@ impl ReplicaVm {
         let mut folds = None;
         if self.state.keep > 1 && self.state.point.is_some() {
             folds = self.fold_candidate(time_s);
-            self.capture_undo(cut_id, seqs, folds)?;
+            let latest = folds.and_then(|_| self.state.history.last());
+            self.capture_undo(cut_id, seqs, latest)?;
         }
         let intent = Intent {
             cut_id,
@@ -1259,17 +1302,21 @@ impl ReplicaVm {
         state.point = Some(point.clone());
         // The changes since the previous kept point: a folded point's count too.
         let mut changed_bytes = intent.changed_bytes;
-        if let Some(folded) = intent.folds {
-            // The new point's undo data leads past the folded one: it goes.
-            if state.history.last().is_some_and(|p| p.cut_id == folded) {
+        let mut folded = Vec::new();
+        if let Some(latest) = intent.folds {
+            // The folded point leaves the history; its undo files (and those folded
+            // into it) become part of the new point's.
+            if state.history.last().is_some_and(|p| p.cut_id == latest) {
                 if let Some(gone) = state.history.pop() {
                     changed_bytes += gone.changed_bytes;
+                    folded = gone.undo_set().collect();
                     tracing::debug!(cut_id = gone.cut_id, "replica: point thinned out");
                 }
             }
         }
         if state.history.last().map(|p| p.cut_id) != Some(point.cut_id) {
-            let undo_bytes = self.undo_bytes(point.cut_id);
+            let set = folded.iter().copied().chain(std::iter::once(point.cut_id));
+            let undo_bytes = self.undo_bytes(set);
             if undo_bytes.is_none() {
                 // No way back from this point to the older ones: they are not kept.
                 state.history.clear();
@@ -1280,6 +1327,7 @@ impl ReplicaVm {
                 time_s: intent.time_s,
                 changed_bytes,
                 undo_bytes: undo_bytes.unwrap_or(0),
+                folded,
             });
         }
         prune(&mut state);
@@ -1309,6 +1357,7 @@ fn prune(state: &mut VmState) {
     }
     if let Some(oldest) = state.history.first_mut() {
         oldest.undo_bytes = 0;
+        oldest.folded.clear();
     }
 }
 

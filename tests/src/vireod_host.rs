@@ -141,6 +141,11 @@ impl VireodHost {
         Self { dir, socket, child }
     }
 
+    /// vireod's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// One API call (`path` after `/api/v1/`): status and JSON body.
     pub fn api(
         &self,

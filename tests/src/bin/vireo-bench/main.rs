@@ -39,10 +39,13 @@
 //!     network namespaces): kill → each of its VMs running elsewhere, per priority, over
 //!     many rounds (`cluster_failover.rs`; only with `--only cluster-failover`).
 //!
+//! 15. What a Replica server writes to keep 1, 24 or thinned recovery points, against
+//!     what the guest wrote (`replica_history.rs`; only with `--only replica-history`).
+//!
 //! Usage: `vireo-bench [--runs N] [--skip-blk] [--transport-rounds N] [--rpo-rounds N]
 //! [--cluster-nodes N] [--cluster-vms N] [--cluster-rounds N] [--cluster-lists N]
 //! [--failover-rounds N]
-//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo|cluster-scale|cluster-failover]`
+//! [--only boot|memory|blk|migration|storage|migration-transport|vireod-transport|net|large-memory|smp-boot|balloon|replica-rpo|replica-history|cluster-scale|cluster-failover]`
 //! (build the workspace binaries first; `--help` prints this and runs nothing).
 //! Prints markdown tables for docs/benchmarks.md.
 
@@ -57,6 +60,7 @@ mod balloon;
 mod cluster_failover;
 mod cluster_scale;
 mod large_memory;
+mod replica_history;
 mod replica_rpo;
 mod smp_boot;
 use vireo_e2e::vireod_host::VireodHost;
@@ -1268,7 +1272,7 @@ struct Cli {
     /// Rounds of each vireod↔vireod migration case (min / median / max over them).
     #[arg(long, default_value_t = TRANSPORT_ROUNDS)]
     transport_rounds: usize,
-    /// Rounds (30 s windows) of `--only replica-rpo`.
+    /// Rounds (30 s windows) of `--only replica-rpo` and of each setting of `--only replica-history`.
     #[arg(long, default_value_t = 3)]
     rpo_rounds: usize,
     /// Node agents of `--only cluster-scale`.
@@ -1302,6 +1306,7 @@ enum Part {
     SmpBoot,
     Balloon,
     ReplicaRpo,
+    ReplicaHistory,
     ClusterScale,
     ClusterFailover,
 }
@@ -1346,6 +1351,9 @@ fn main() {
     }
     if cli.only == Some(Part::ReplicaRpo) {
         replica_rpo::table(cli.rpo_rounds.max(1));
+    }
+    if cli.only == Some(Part::ReplicaHistory) {
+        replica_history::table(cli.rpo_rounds.max(1));
     }
     if cli.only == Some(Part::ClusterScale) {
         cluster_scale::table(&cluster_scale::Options {

@@ -110,10 +110,10 @@ fn start_proxy(ns: Arc<NetNs>) {
 }
 
 /// A writer line seen on the serial console: (n, ms when read, write latency µs).
-type Line = (u64, u64, u64);
+pub(crate) type Line = (u64, u64, u64);
 
 /// Tails VM `name`'s serial file every 5 ms, stamping each complete `rw n=` line.
-fn tail(path: std::path::PathBuf) -> Arc<Mutex<Vec<Line>>> {
+pub(crate) fn tail(path: std::path::PathBuf) -> Arc<Mutex<Vec<Line>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let out = lines.clone();
     std::thread::spawn(move || {
@@ -164,7 +164,7 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-fn define(host: &VireodHost, name: &str, replicated: bool) -> std::path::PathBuf {
+pub(crate) fn define(host: &VireodHost, name: &str, replicated: bool) -> std::path::PathBuf {
     let dir = host.dir.path().join(format!("disks-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("d0.raw");
