@@ -133,7 +133,15 @@ fn vireo_pings_the_watchdog_at_half_the_interval_while_healthy_and_not_when_froz
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let msgs = collect(&server, Duration::from_millis(800));
+    // READY=1 once the VMM runs (late on a loaded machine: waited for up to 30 s),
+    // then 800 ms, four ping intervals, in which a ping would have come.
+    let mut msgs: Vec<(Instant, String)> = Vec::new();
+    let mut waited = 0;
+    while !msgs.iter().any(|(_, m)| m == "READY=1") && waited < 30 {
+        msgs.extend(collect(&server, Duration::from_secs(1)));
+        waited += 1;
+    }
+    msgs.extend(collect(&server, Duration::from_millis(800)));
     let _ = child.kill();
     let _ = child.wait();
     assert!(msgs.iter().any(|(_, m)| m == "READY=1"), "{msgs:?}");
