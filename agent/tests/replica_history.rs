@@ -64,31 +64,57 @@ fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
+/// A replica server (host-b, replicas in a directory of their own, host-a allowed)
+/// and a primary (host-a, no autostart), both on mutual TLS.
+struct Hosts {
+    // Dropped last: the daemons first.
+    a: Daemon,
+    b: Daemon,
+    addr: String,
+    replicas: std::path::PathBuf,
+    _store: tempfile::TempDir,
+    _pki: Pki,
+}
+
+impl Hosts {
+    fn start() -> Self {
+        let pki = Pki::new();
+        let store = tempfile::Builder::new()
+            .prefix("replicas")
+            .tempdir()
+            .unwrap();
+        let replicas = store.path().join("replicas");
+        let (b, addr) = host_daemon(
+            &pki.host("host-b"),
+            &["host-a"],
+            &[
+                "--replica-dir",
+                replicas.to_str().unwrap(),
+                "--replica-allow",
+                "host-a",
+            ],
+        );
+        let mut args = tls_args(&pki.host("host-a"));
+        args.push("--no-autostart".into());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let a = Daemon::start(&refs);
+        Hosts {
+            a,
+            b,
+            addr,
+            replicas,
+            _store: store,
+            _pki: pki,
+        }
+    }
+}
+
 #[test]
 fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_point() {
-    let pki = Pki::new();
-    let store = tempfile::Builder::new()
-        .prefix("replicas")
-        .tempdir()
-        .unwrap();
-    let replicas = store.path().join("replicas");
-    let (b, addr) = host_daemon(
-        &pki.host("host-b"),
-        &["host-a"],
-        &[
-            "--replica-dir",
-            replicas.to_str().unwrap(),
-            "--replica-allow",
-            "host-a",
-        ],
-    );
-    let a_id = pki.host("host-a");
-    let mut args = tls_args(&a_id);
-    args.push("--no-autostart".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let a = Daemon::start(&refs);
+    let h = Hosts::start();
+    let (a, b, addr, replicas) = (&h.a, &h.b, h.addr.as_str(), h.replicas.clone());
     let disks_dir = a.dir.path().join("disks");
-    let images = start_writer_vm(&a, &disks_dir, true);
+    let images = start_writer_vm(a, &disks_dir, true);
     let (s, body) = a.api(
         "PUT",
         "/api/v1/vms/vm1/replication",
@@ -103,7 +129,7 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
         "enable",
         "vm1",
         "--to",
-        &addr,
+        addr,
         "--to-name",
         "host-b",
         "--interval",
@@ -111,10 +137,10 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
         "--history",
         "5",
     ]);
-    assert_eq!(replication(&a)["history"], 5);
+    assert_eq!(replication(a)["history"], 5);
 
     // Points arrive; beyond 5 only the oldest are dropped.
-    let kept = wait_points(&b, "six points committed", |p| p.len() == 5 && p[0] >= 2);
+    let kept = wait_points(b, "six points committed", |p| p.len() == 5 && p[0] >= 2);
     let table = b.ctl_ok(&["replica", "points", "vm1"]);
     assert!(
         table.contains("KEPT BYTES") && table.contains(&kept[0].to_string()),
@@ -139,7 +165,7 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
     let n0 = prefix_of(&copy0, MAX_ITERATION, "test copy disk 0");
     let n1 = prefix_of(&copy1, MAX_ITERATION, "test copy disk 1");
     assert!(n0 >= 1 && (n1 == n0 || n1 + 1 == n0), "{n0} {n1}");
-    let newest_then = *points(&b).last().unwrap();
+    let newest_then = *points(b).last().unwrap();
     assert!(
         copy0 != read(&replicas.join("host-a/vm1/disk-0.img")),
         "the oldest point equals the latest: the guest did not write between them"
@@ -148,7 +174,7 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
     b.wait_serial("vm1-test", &format!("rw resume n={n0}\n"), T);
     b.wait_serial("vm1-test", &format!("rw n={}\n", n0 + 3), T);
     // Replication goes on while the copy runs; its writes stay on its copies.
-    wait_points(&b, "new points beside the test failover", |p| {
+    wait_points(b, "new points beside the test failover", |p| {
         p.last().is_some_and(|&l| l >= newest_then + 2)
     });
     let (s, _) = b.api("GET", "/api/v1/vms/vm1", None);
@@ -161,28 +187,28 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
 
     // A point with the guest paused (the disks frozen at D_a), then a later one.
     a.ok("PUT", "/api/v1/vms/vm1/pause", None);
-    let paused_at = replication(&a)["last_point"].as_u64().unwrap();
+    let paused_at = replication(a)["last_point"].as_u64().unwrap();
     let start = std::time::Instant::now();
-    while replication(&a)["last_point"].as_u64().unwrap() < paused_at + 2 {
+    while replication(a)["last_point"].as_u64().unwrap() < paused_at + 2 {
         assert!(start.elapsed() < T, "no point after the pause");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     a.ok("POST", "/api/v1/vms/vm1/replication/pause", None);
     let frozen: Vec<Vec<u8>> = images.iter().map(|p| read(p)).collect();
     // Every point cut while the guest was paused holds D_a: the newest so far.
-    let p_a = *points(&b).last().unwrap();
+    let p_a = *points(b).last().unwrap();
     a.ok("PUT", "/api/v1/vms/vm1/resume", None);
     let n_a = prefix_of(&frozen[0], MAX_ITERATION, "frozen disk 0");
     a.wait_serial("vm1", &format!("rw n={}\n", n_a + 20), T);
     a.ok("PUT", "/api/v1/vms/vm1/pause", None);
     a.ok("POST", "/api/v1/vms/vm1/replication/resume", None);
-    wait_points(&b, "a point after the second pause", |p| {
+    wait_points(b, "a point after the second pause", |p| {
         p.last().is_some_and(|&l| l > p_a)
     });
     a.ok("POST", "/api/v1/vms/vm1/replication/pause", None);
     let later: Vec<Vec<u8>> = images.iter().map(|p| read(p)).collect();
     assert!(later[0] != frozen[0]);
-    let kept = points(&b);
+    let kept = points(b);
     assert!(kept.contains(&p_a), "{p_a} not kept: {kept:?}");
     assert!(*kept.last().unwrap() > p_a);
 
@@ -205,7 +231,7 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
         assert!(got != later[i], "disk {i}: the later point's bytes");
     }
     assert_eq!(
-        points(&b),
+        points(b),
         kept.iter()
             .copied()
             .filter(|&p| p <= p_a)
@@ -237,27 +263,9 @@ fn point_times(b: &Daemon) -> Vec<u64> {
 
 #[test]
 fn a_thinned_history_keeps_points_spaced_and_its_oldest_point_is_the_guests_disk_at_a_cut() {
-    let pki = Pki::new();
-    let store = tempfile::Builder::new()
-        .prefix("replicas")
-        .tempdir()
-        .unwrap();
-    let replicas = store.path().join("replicas");
-    let (b, addr) = host_daemon(
-        &pki.host("host-b"),
-        &["host-a"],
-        &[
-            "--replica-dir",
-            replicas.to_str().unwrap(),
-            "--replica-allow",
-            "host-a",
-        ],
-    );
-    let mut args = tls_args(&pki.host("host-a"));
-    args.push("--no-autostart".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let a = Daemon::start(&refs);
-    start_writer_vm(&a, &a.dir.path().join("disks"), true);
+    let h = Hosts::start();
+    let (a, b, addr, replicas) = (&h.a, &h.b, h.addr.as_str(), h.replicas.clone());
+    start_writer_vm(a, &a.dir.path().join("disks"), true);
     // Thinning needs a history to thin.
     let (s, body) = a.api(
         "PUT",
@@ -274,7 +282,7 @@ fn a_thinned_history_keeps_points_spaced_and_its_oldest_point_is_the_guests_disk
         "enable",
         "vm1",
         "--to",
-        &addr,
+        addr,
         "--to-name",
         "host-b",
         "--interval",
@@ -284,10 +292,10 @@ fn a_thinned_history_keeps_points_spaced_and_its_oldest_point_is_the_guests_disk
         "--history-spacing",
         "3s",
     ]);
-    assert_eq!(replication(&a)["history_spacing_s"], 3);
+    assert_eq!(replication(a)["history_spacing_s"], 3);
 
     // A point a second; the kept ones other than the latest at least 3 s apart.
-    let kept = wait_points(&b, "three kept points after ten cuts", |p| {
+    let kept = wait_points(b, "three kept points after ten cuts", |p| {
         p.len() >= 3 && p.last().is_some_and(|&l| l >= 10)
     });
     assert!(
@@ -296,14 +304,14 @@ fn a_thinned_history_keeps_points_spaced_and_its_oldest_point_is_the_guests_disk
     );
     let listed = b.ok("GET", "/api/v1/replicas/vm1/points", None);
     assert_eq!(listed["spacing_s"], 3, "{listed}");
-    let times = point_times(&b);
+    let times = point_times(b);
     for w in times[..times.len() - 1].windows(2) {
         assert!(w[1] >= w[0] + 3, "kept points closer than 3 s: {times:?}");
     }
 
     // The oldest kept point, rebuilt through the merged undo data of the thinned
     // ones, is the guest's disks at one cut: iterations 1..N exactly, on both disks.
-    let oldest = *points(&b).first().unwrap();
+    let oldest = *points(b).first().unwrap();
     b.ctl_ok(&[
         "replica",
         "test-failover",

@@ -20,7 +20,7 @@
 //! transaction leaves its part for the next pass. One node prunes: the first live node
 //! by name ([`Pruner`]), once a minute.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tracing::{debug, info};
@@ -183,9 +183,9 @@ async fn delete_unchanged<S: ClusterStore>(
 async fn prune_events<S: ClusterStore>(store: &S, keep: usize) -> StoreResult<usize> {
     let (events, _) = store.get_prefix(keys::EVENTS).await?;
     // Keys are `REVISION(20 digits)-N`: their order is the order of the decisions.
-    let sorted: BTreeMap<&str, ()> = events.iter().map(|kv| (kv.key.as_str(), ())).collect();
-    let excess = sorted.len().saturating_sub(keep);
-    let old: Vec<&str> = sorted.keys().take(excess).copied().collect();
+    let mut keys: Vec<&str> = events.iter().map(|kv| kv.key.as_str()).collect();
+    keys.sort_unstable();
+    let old = &keys[..keys.len().saturating_sub(keep)];
     for part in old.chunks(MOVES_PER_TXN) {
         let txn = Txn {
             when: vec![],

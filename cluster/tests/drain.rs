@@ -161,15 +161,36 @@ fn moves_start_high_first_within_the_concurrency_and_lower_ones_wait() {
     });
 }
 
+/// x runs on b (holding `lease`) and node a is paused: its drain ended.
+async fn x_on_b_and_a_paused(s: &SimStore, lease: LeaseId) {
+    let o = OwnerRecord::Node {
+        node: "b".into(),
+        lease,
+    };
+    s.put(&keys::owner_key("x"), keys::encode(&o), 0)
+        .await
+        .unwrap();
+    let (mut admin, rev) = cluster::admin::read(s, "a").await.unwrap();
+    admin.state = NodeState::Paused;
+    assert!(cluster::admin::write_if(s, "a", &admin, rev, vec![])
+        .await
+        .unwrap());
+}
+
+/// h1 (High), l1 and l2 (Low), owned by node a (holding `lease`).
+async fn own_h1_l1_l2(s: &SimStore, lease: LeaseId) {
+    owned(s, "h1", Priority::High, "a", lease, &[]).await;
+    owned(s, "l1", Priority::Low, "a", lease, &[]).await;
+    owned(s, "l2", Priority::Low, "a", lease, &[]).await;
+}
+
 #[test]
 fn a_cancelled_drain_fails_its_queued_moves_lets_the_migrating_one_finish_and_the_node_is_up() {
     block(async {
         let s = SimStore::new();
         let a = join(&s, "a", false).await;
         join(&s, "b", false).await;
-        owned(&s, "h1", Priority::High, "a", a, &[]).await;
-        owned(&s, "l1", Priority::Low, "a", a, &[]).await;
-        owned(&s, "l2", Priority::Low, "a", a, &[]).await;
+        own_h1_l1_l2(&s, a).await;
         // Only a draining node's drain is cancelled.
         assert!(matches!(
             drain::cancel(&s, "a").await,
@@ -238,9 +259,7 @@ fn a_cancel_racing_a_move_that_starts_reads_again_and_cancels_the_rest() {
         let s = SimStore::new();
         let a = join(&s, "a", false).await;
         join(&s, "b", false).await;
-        owned(&s, "h1", Priority::High, "a", a, &[]).await;
-        owned(&s, "l1", Priority::Low, "a", a, &[]).await;
-        owned(&s, "l2", Priority::Low, "a", a, &[]).await;
+        own_h1_l1_l2(&s, a).await;
         drain::drain(&s, "a", false, 1).await.unwrap();
         // h1's move starts after the cancel read the moves, before it writes: its
         // first transaction loses; it reads again and cancels what is still queued.
@@ -284,18 +303,7 @@ fn resume_with_failback_moves_back_only_what_the_drain_moved_and_still_runs_ther
                 .await
                 .unwrap();
         }
-        let o = OwnerRecord::Node {
-            node: "b".into(),
-            lease: b,
-        };
-        s.put(&keys::owner_key("x"), keys::encode(&o), 0)
-            .await
-            .unwrap();
-        let (mut admin, rev) = cluster::admin::read(&s, "a").await.unwrap();
-        admin.state = NodeState::Paused;
-        assert!(cluster::admin::write_if(&s, "a", &admin, rev, vec![])
-            .await
-            .unwrap());
+        x_on_b_and_a_paused(&s, b).await;
 
         let back = drain::resume(&s, "a", true, 2).await.unwrap();
         assert_eq!(back.len(), 1);
@@ -345,18 +353,7 @@ fn a_shutdown_drain_forces_is_marked_and_only_it_is_resumed_when_the_node_return
         s.put(&keys::move_key("x"), keys::encode(&m), 0)
             .await
             .unwrap();
-        let o = OwnerRecord::Node {
-            node: "b".into(),
-            lease: b,
-        };
-        s.put(&keys::owner_key("x"), keys::encode(&o), 0)
-            .await
-            .unwrap();
-        let (mut admin, rev) = cluster::admin::read(&s, "a").await.unwrap();
-        admin.state = NodeState::Paused;
-        assert!(cluster::admin::write_if(&s, "a", &admin, rev, vec![])
-            .await
-            .unwrap());
+        x_on_b_and_a_paused(&s, b).await;
         let back = drain::resume_after_shutdown(&s, "a", 2)
             .await
             .unwrap()
