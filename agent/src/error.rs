@@ -104,3 +104,14 @@ impl AgentError {
         }
     }
 }
+
+impl From<api::host::ModelError> for AgentError {
+    fn from(e: api::host::ModelError) -> Self {
+        use api::host::ModelError;
+        match e {
+            ModelError::BadName { name, reason } => AgentError::BadName { name, reason },
+            ModelError::BadDefinition(m) => AgentError::BadDefinition(m),
+            ModelError::BadMigration(m) => AgentError::BadMigration(m),
+        }
+    }
+}

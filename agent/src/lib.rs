@@ -50,7 +50,6 @@ pub mod launcher;
 pub mod metering;
 pub mod migration_ports;
 pub mod migrations;
-pub mod model;
 pub mod notify;
 pub mod peer_scope;
 pub mod peer_server;
@@ -69,6 +68,8 @@ pub mod tls_gateway;
 pub mod vmm_events;
 pub mod vmm_priority;
 
+/// vireod's REST types, which live in `api` (`api::host`) so that they parse without the agent.
+pub use api::host as model;
 pub use error::AgentError;
 
 /// The OpenAPI document of vireod's REST API.

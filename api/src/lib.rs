@@ -5,6 +5,7 @@
 //! sent to the VMM's control loop, which answers on a one-shot channel.
 
 pub mod config;
+pub mod host;
 pub mod json;
 pub mod lifecycle;
 pub mod numa;

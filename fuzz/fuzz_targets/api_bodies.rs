@@ -5,7 +5,7 @@
 //! and validates must survive a serialise/parse round trip unchanged.
 #![no_main]
 
-use agent::model::{IncomingRequest, MigrateRequest, VmDefinition};
+use api::host::{IncomingRequest, MigrateRequest, VmDefinition};
 use api::config::{self, VmConfig};
 use api::{
     MigrateDiskRequest, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest,
@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let _ = agent::model::validate_name(&String::from_utf8_lossy(b));
+            let _ = api::host::validate_name(&String::from_utf8_lossy(b));
         }
     }
 });

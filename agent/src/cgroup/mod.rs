@@ -22,9 +22,9 @@ pub use v1::{cpu_cgroup_of, RT_RUNTIME_US};
 pub use v2::{memory_max_for, VMM_MEMORY_OVERHEAD};
 
 /// The default relative weight of a VM (as Hyper-V's).
-pub const DEFAULT_WEIGHT: u32 = 100;
+pub const DEFAULT_WEIGHT: u32 = api::host::DEFAULT_CPU_WEIGHT;
 /// The allowed range of a VM's relative weight.
-pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = api::host::CPU_WEIGHTS;
 /// Where the host mounts its cgroup hierarchy (or hierarchies).
 pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 

@@ -1,12 +1,29 @@
-//! What vireod stores and answers: VM definitions, VM status, exit records, metering.
+//! vireod's REST types (the host API, `agent::model` re-exports them): VM definitions,
+//! VM status, exit records, metering, migration requests. Here rather than in `agent`
+//! so that what parses a client's body can be checked (and fuzzed) without the host
+//! agent's runtime.
 
 use std::path::{Path, PathBuf};
 
-use api::config::OutputConfig;
-use api::VmConfig;
+use crate::config::OutputConfig;
+use crate::VmConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::AgentError;
+/// A body that does not make a valid definition, name or migration request.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid VM name {name:?}: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error("invalid VM definition: {0}")]
+    BadDefinition(String),
+    #[error("invalid migration request: {0}")]
+    BadMigration(String),
+}
+
+/// The default relative CPU weight of a VM (as Hyper-V's).
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+/// The allowed range of a VM's relative CPU weight.
+pub const CPU_WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
 
 /// Automatic start order at agent start (Hyper-V's automatic start action plus an
 /// order): High first, then Medium, then Low; Off VMs are not started automatically.
@@ -62,16 +79,16 @@ pub struct VmDefinition {
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
     /// Relative CPU weight against the host's other VMs (Hyper-V's "relative weight"),
-    /// 1..=10000; default 100. See `cgroup.rs`.
+    /// 1..=10000; default 100. See the agent's `cgroup` module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_weight: Option<u32>,
 }
 
 /// VM names become file names (socket, pid file, state directory): letters, digits,
 /// `-`, `_` and `.`, starting with a letter or digit, at most 64 bytes.
-pub fn validate_name(name: &str) -> Result<(), AgentError> {
+pub fn validate_name(name: &str) -> Result<(), ModelError> {
     let bad = |reason| {
-        Err(AgentError::BadName {
+        Err(ModelError::BadName {
             name: name.to_string(),
             reason,
         })
@@ -94,15 +111,15 @@ pub fn validate_name(name: &str) -> Result<(), AgentError> {
 impl VmDefinition {
     /// Checks what vireod needs beyond `VmConfig::validate`: absolute paths (vireod's
     /// working directory means nothing to a user) and no terminal (a daemon has none).
-    pub fn validate(&self) -> Result<(), AgentError> {
+    pub fn validate(&self) -> Result<(), ModelError> {
         self.config
             .validate()
-            .map_err(|e| AgentError::BadDefinition(e.to_string()))?;
+            .map_err(|e| ModelError::BadDefinition(e.to_string()))?;
         let abs = |what: &str, p: &Path| {
             if p.is_absolute() {
                 Ok(())
             } else {
-                Err(AgentError::BadDefinition(format!(
+                Err(ModelError::BadDefinition(format!(
                     "{what} path {} must be absolute",
                     p.display()
                 )))
@@ -116,7 +133,7 @@ impl VmDefinition {
             abs("disk", &d.path)?;
         }
         if self.config.console == OutputConfig::Tty {
-            return Err(AgentError::BadDefinition(
+            return Err(ModelError::BadDefinition(
                 "console cannot be tty under vireod (it has no terminal): use off, null or file"
                     .into(),
             ));
@@ -125,8 +142,8 @@ impl VmDefinition {
             abs("console", p)?;
         }
         if let Some(w) = self.cpu_weight {
-            if !crate::cgroup::WEIGHTS.contains(&w) {
-                return Err(AgentError::BadDefinition(format!(
+            if !CPU_WEIGHTS.contains(&w) {
+                return Err(ModelError::BadDefinition(format!(
                     "cpu_weight {w} is outside 1..=10000"
                 )));
             }
@@ -136,7 +153,7 @@ impl VmDefinition {
 
     /// The relative CPU weight (default 100).
     pub fn weight(&self) -> u32 {
-        self.cpu_weight.unwrap_or(crate::cgroup::DEFAULT_WEIGHT)
+        self.cpu_weight.unwrap_or(DEFAULT_CPU_WEIGHT)
     }
 }
 
@@ -345,8 +362,8 @@ pub struct MigrateRequest {
 }
 
 impl MigrateRequest {
-    pub fn validate(&self) -> Result<(), AgentError> {
-        let bad = |m: &str| Err(AgentError::BadMigration(m.to_string()));
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: &str| Err(ModelError::BadMigration(m.to_string()));
         match (&self.destination_agent, &self.destination_url) {
             (Some(_), Some(_)) => {
                 return bad("give destination_agent or destination_url, not both")
@@ -365,7 +382,7 @@ impl MigrateRequest {
             .flatten()
         {
             if !(url.starts_with("unix:") || url.starts_with("tcp:")) {
-                return Err(AgentError::BadMigration(format!(
+                return Err(ModelError::BadMigration(format!(
                     "{url:?}: expected unix:/path or tcp:host:port"
                 )));
             }
@@ -383,7 +400,7 @@ impl MigrateRequest {
         }
         if let Some(n) = self.connections {
             if !(1..=migration::protocol::MAX_CONNECTIONS).contains(&n) {
-                return Err(AgentError::BadMigration(format!(
+                return Err(ModelError::BadMigration(format!(
                     "connections {n}: expected 1..={}",
                     migration::protocol::MAX_CONNECTIONS
                 )));
@@ -393,7 +410,7 @@ impl MigrateRequest {
     }
 
     /// The destination vireod, parsed (None with `destination_url`).
-    pub fn agent_address(&self) -> Result<Option<AgentAddress>, AgentError> {
+    pub fn agent_address(&self) -> Result<Option<AgentAddress>, ModelError> {
         self.destination_agent
             .as_deref()
             .map(|a| AgentAddress::parse(a, self.destination_name.as_deref()))
@@ -423,8 +440,8 @@ pub enum AgentAddress {
 impl AgentAddress {
     /// `https://HOST:PORT` (the expected peer name: `name`, else HOST) or an absolute
     /// socket path.
-    pub fn parse(s: &str, name: Option<&str>) -> Result<Self, AgentError> {
-        let bad = |m: String| Err(AgentError::BadMigration(m));
+    pub fn parse(s: &str, name: Option<&str>) -> Result<Self, ModelError> {
+        let bad = |m: String| Err(ModelError::BadMigration(m));
         let Some(rest) = s.strip_prefix("https://") else {
             if s.contains("://") {
                 return bad(format!(
@@ -456,7 +473,7 @@ impl AgentAddress {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         let name = name.unwrap_or(bare_host).to_ascii_lowercase();
-        if rustls::pki_types::ServerName::try_from(name.clone()).is_err() {
+        if rustls_pki_types::ServerName::try_from(name.clone()).is_err() {
             return bad(format!(
                 "destination name {name:?} is not a host name or an address"
             ));
@@ -545,7 +562,7 @@ pub struct MigrationRecord {
     /// The other vireod's id of the same migration.
     pub peer_id: Option<String>,
     /// The sending (or receiving) VMM's `vm.migration-info`, last read.
-    pub progress: Option<api::MigrationInfo>,
+    pub progress: Option<crate::MigrationInfo>,
     /// Pages sent over pages sent plus pages left, 0..=100 (100 once completed).
     pub percent: f64,
     pub error: Option<String>,
@@ -618,7 +635,7 @@ mod tests {
         let mut d: VmDefinition =
             serde_json::from_str(r#"{"config":{"payload":{"kernel":"k.elf"}}}"#).unwrap();
         assert!(
-            matches!(d.validate(), Err(AgentError::BadDefinition(m)) if m.contains("absolute"))
+            matches!(d.validate(), Err(ModelError::BadDefinition(m)) if m.contains("absolute"))
         );
         d.config.payload.kernel = "/k".into();
         d.config.console = OutputConfig::Tty;
