@@ -20,16 +20,16 @@
 //! names this node the node loop adopts the running VM instead of starting it; a VM
 //! that arrived for a move that then failed is killed and removed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cluster::drain::{self, read_moves};
+use cluster::drain::{self, MovesView};
 use cluster::failover::Snapshot;
 use cluster::keys::{self, MoveRecord, MoveState, NodeState, OwnerRecord};
 use cluster::store::{CmpOp, Compare, Op, Revision, Txn};
 use cluster::{ClusterStore, EtcdStore};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 use vireo_util::sync::lock;
 
@@ -38,8 +38,13 @@ use crate::model::{MigrateRequest, MigrationState, VmDefinition};
 use crate::supervisor::{IncomingGuard, Supervisor};
 use crate::AgentError;
 
-/// How often the source looks for moves to start and follows its migrations.
+/// How often the source follows its migrations' progress.
 const TICK: Duration = Duration::from_millis(200);
+
+/// How long the executor waits for a change of the moves (or an execution ending)
+/// before it looks again anyway: what changes no move record (the node loop starting,
+/// a VM arriving) is seen within this.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// What the node loop, the move executor and the incoming guard share.
 #[derive(Default)]
@@ -233,6 +238,11 @@ impl IncomingGuard for Guard {
 /// The source side: starts this node's queued moves and ends its drain.
 pub struct Executor {
     pub store: EtcdStore,
+    /// Every move, kept by a watch: a pass runs when one changes (or an execution
+    /// ends), not on a timer that reads them all.
+    pub moves: MovesView,
+    /// Wakes the executor when one of its executions ended (its slot is free).
+    pub wake: Notify,
     pub node: String,
     pub sup: Arc<Supervisor>,
     pub shared: Shared,
@@ -242,20 +252,35 @@ pub struct Executor {
 
 impl Executor {
     pub async fn run(self: Arc<Self>) {
+        let mut changes = self.moves.changes();
         loop {
-            tokio::time::sleep(TICK).await;
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The view's task ended (vireod stops): no busy loop meanwhile.
+                        tokio::time::sleep(IDLE).await;
+                    }
+                }
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(IDLE) => {}
+            }
             if self.shared.deadline_ns().is_none() {
                 continue;
             }
-            if let Err(e) = self.tick().await {
+            let Some(moves) = self.moves.with(|t| t.moves.clone()) else {
+                continue;
+            };
+            if let Err(e) = self.tick(&moves).await {
                 warn!(error = %e, "cluster moves: pass failed");
             }
         }
     }
 
-    async fn tick(self: &Arc<Self>) -> Result<(), cluster::StoreError> {
-        let moves = read_moves(&self.store).await?;
-        for (vm, (m, rev)) in &moves {
+    async fn tick(
+        self: &Arc<Self>,
+        moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    ) -> Result<(), cluster::StoreError> {
+        for (vm, (m, rev)) in moves {
             // Migrating from here since before this vireod started: it restarted
             // during the move, which nobody follows any more.
             let before_me = m.started_ms.is_none_or(|t| t < self.since_ms);
@@ -281,18 +306,19 @@ impl Executor {
                     .await?;
             }
         }
-        self.fail_abandoned(&moves).await?;
+        self.fail_abandoned(moves).await?;
         let running = lock(&self.shared.outgoing).clone();
-        for (m, rev) in moves_to_start(&moves, &self.node, &running) {
+        for (m, rev) in moves_to_start(moves, &self.node, &running) {
             lock(&self.shared.outgoing).insert(m.vm.clone());
             let me = self.clone();
             tokio::spawn(async move {
                 let vm = m.vm.clone();
                 me.execute(m, rev).await;
                 lock(&me.shared.outgoing).remove(&vm);
+                me.wake.notify_one();
             });
         }
-        self.end_drain(&moves).await?;
+        self.end_drain(moves).await?;
         self.forget_failed_arrivals().await?;
         Ok(())
     }
@@ -302,7 +328,7 @@ impl Executor {
     /// node's move is unfinished.
     async fn fail_abandoned(
         &self,
-        moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
+        moves: &BTreeMap<String, (MoveRecord, Revision)>,
     ) -> Result<(), cluster::StoreError> {
         let others = moves
             .values()
@@ -329,7 +355,7 @@ impl Executor {
     /// A draining node none of whose drain's moves is unfinished is paused.
     async fn end_drain(
         &self,
-        moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
+        moves: &BTreeMap<String, (MoveRecord, Revision)>,
     ) -> Result<(), cluster::StoreError> {
         // A drain with moves has its records; one without any was paused at once.
         if !moves.values().any(|(m, _)| m.drain_of == self.node) {
@@ -610,7 +636,7 @@ impl Executor {
 /// dropped the arriving VM. It still counts for the priority order and the
 /// concurrency: Low waits while High moves.
 fn moves_to_start(
-    moves: &std::collections::BTreeMap<String, (MoveRecord, Revision)>,
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
     node: &str,
     running: &BTreeSet<String>,
 ) -> Vec<(MoveRecord, Revision)> {
@@ -766,7 +792,7 @@ mod tests {
         let hi = queued("hi");
         let mut lo = queued("lo");
         lo.priority = Priority::Low;
-        let moves: std::collections::BTreeMap<String, (MoveRecord, Revision)> =
+        let moves: BTreeMap<String, (MoveRecord, Revision)> =
             [("hi".to_string(), (hi, 5)), ("lo".to_string(), (lo, 6))].into();
         let none = BTreeSet::new();
         let first: Vec<String> = moves_to_start(&moves, "a", &none)

@@ -254,6 +254,8 @@ impl ClusterNode {
             }));
         let executor = Arc::new(crate::cluster_moves::Executor {
             store: self.store.clone(),
+            moves: cluster::drain::MovesView::start(self.store.clone()),
+            wake: Default::default(),
             node: self.node.clone(),
             sup: self.sup.clone(),
             shared: self.moves.clone(),

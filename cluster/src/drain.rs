@@ -23,12 +23,17 @@
 
 use std::collections::BTreeMap;
 
+use tracing::warn;
+
 use crate::failover::{view, Snapshot};
 use crate::keys::{
     self, DrainInfo, MoveReason, MoveRecord, MoveState, NodeState, OwnerRecord, Priority,
 };
 use crate::placement::{self, Decision, NodeView, Reason};
-use crate::store::{ClusterStore, CmpOp, Compare, Op, Revision, StoreResult, Txn};
+use crate::store::{
+    ClusterStore, CmpOp, Compare, KeyValue, Op, Revision, StoreResult, Txn, WatchEvent,
+};
+use crate::view::{apply_batch, Followed, View};
 
 /// The default number of moves a node runs at once.
 pub const DEFAULT_CONCURRENCY: u32 = 2;
@@ -163,17 +168,68 @@ pub async fn read_moves<S: ClusterStore>(
     store: &S,
 ) -> StoreResult<BTreeMap<String, (MoveRecord, Revision)>> {
     let (kvs, _) = store.get_prefix(keys::MOVES).await?;
-    Ok(kvs
-        .into_iter()
-        .filter_map(|kv| {
-            let vm = keys::name_of(keys::MOVES, &kv.key)?.to_string();
-            Some((
-                vm,
-                (keys::decode::<MoveRecord>(&kv.value)?, kv.mod_revision),
-            ))
-        })
-        .collect())
+    Ok(kvs.iter().filter_map(decode_move).collect())
 }
+
+/// A move key's VM and record (with the key's revision); `None` for a key that is not
+/// a move's or does not parse.
+pub fn decode_move(kv: &KeyValue) -> Option<(String, (MoveRecord, Revision))> {
+    let vm = keys::name_of(keys::MOVES, &kv.key)?.to_string();
+    Some((
+        vm,
+        (keys::decode::<MoveRecord>(&kv.value)?, kv.mod_revision),
+    ))
+}
+
+/// Every move record at one revision, kept up by a watch (`MovesView`): each node's
+/// move executor wakes on its changes instead of reading every move every turn.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MoveTable {
+    pub moves: BTreeMap<String, (MoveRecord, Revision)>,
+    /// The store revision the table is exactly.
+    pub revision: Revision,
+}
+
+impl Followed for MoveTable {
+    const PREFIX: &'static str = keys::MOVES;
+
+    async fn read<S: ClusterStore>(store: &S) -> StoreResult<Self> {
+        let (kvs, revision) = store.get_prefix_at(keys::MOVES, 0).await?;
+        Ok(MoveTable {
+            moves: kvs.iter().filter_map(decode_move).collect(),
+            revision,
+        })
+    }
+
+    fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    fn apply(&mut self, batch: &[WatchEvent]) -> bool {
+        let moves = &mut self.moves;
+        apply_batch(&mut self.revision, batch, |event| match event {
+            WatchEvent::Put(kv) => match decode_move(kv) {
+                Some((vm, m)) => {
+                    moves.insert(vm, m);
+                }
+                None => {
+                    if let Some(vm) = keys::name_of(keys::MOVES, &kv.key) {
+                        warn!(key = %kv.key, "ignoring a move record that does not parse");
+                        moves.remove(vm);
+                    }
+                }
+            },
+            WatchEvent::Delete { key, .. } => {
+                if let Some(vm) = keys::name_of(keys::MOVES, key) {
+                    moves.remove(vm);
+                }
+            }
+        })
+    }
+}
+
+/// A node's view of every move (see [`MoveTable`]).
+pub type MovesView = View<MoveTable>;
 
 pub(crate) fn queued(
     pm: &PlannedMove,

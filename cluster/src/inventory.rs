@@ -1,10 +1,7 @@
-//! A watch-maintained view of the cluster's inventory (nodes, VM definitions, owners,
-//! admin records), as Kubernetes' informers keep one: a consistent read of the four
-//! prefixes at one revision, then one watch of every cluster key (`vireo/`) from the
-//! next revision, applied whole batch by whole batch (a transaction is never shown
-//! half applied); when the watch ends (connection lost, its start revision
-//! compacted), read again. At every moment the view is the cluster exactly as it was
-//! at [`View::revision`], which only grows.
+//! The cluster's inventory (nodes, VM definitions, owners, admin records) as a
+//! watch-maintained view (`view::View<Inventory>`: a consistent read of the four
+//! prefixes at one revision, then one watch of every cluster key, `vireo/`), and the
+//! list `GET /api/v1/cluster` answers from it.
 //!
 //! Who may use it for what (docs/cluster.md, "The inventory view"): a list answers
 //! from it and says its revision; a caller that must see what is committed now (or its
@@ -13,32 +10,16 @@
 //! ([`View::wait_for`]). Decisions are still made by transactions whose comparisons
 //! check the store itself.
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
 use serde::Serialize;
-use tokio::sync::watch;
-use tracing::{debug, warn};
 
 use crate::failover::Snapshot;
 use crate::keys::{self, NodeState, OwnerRecord, Priority, Resources, Unowned};
-use crate::store::{ClusterStore, Revision, StoreError, WatchEvent};
+use crate::store::{ClusterStore, Revision, StoreResult, WatchEvent};
+use crate::view::{apply_batch, Followed};
+pub use crate::view::{ViewError, ViewStats};
 
-/// How long the view waits before reading again after a failed read or watch.
-const RETRY: Duration = Duration::from_millis(200);
-
-/// Why a view could not answer as asked.
-#[derive(Debug, thiserror::Error)]
-pub enum ViewError {
-    #[error("the inventory view is at revision {at}, not yet at {wanted}")]
-    Behind { at: Revision, wanted: Revision },
-    #[error("the inventory view has not read the cluster yet")]
-    NotReady,
-    #[error("the inventory view stopped")]
-    Stopped,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+/// The inventory view of a node (and of the scale bench's measured vireod).
+pub type View = crate::view::View<Inventory>;
 
 /// The inventory at one revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,219 +29,24 @@ pub struct Inventory {
     pub revision: Revision,
 }
 
-/// The revision of the last write a batch holds (0: none).
-fn batch_revision(batch: &[WatchEvent]) -> Revision {
-    batch
-        .iter()
-        .map(|e| match e {
-            WatchEvent::Put(kv) => kv.mod_revision,
-            WatchEvent::Delete { revision, .. } => *revision,
+impl Followed for Inventory {
+    const PREFIX: &'static str = keys::ROOT;
+
+    async fn read<S: ClusterStore>(store: &S) -> StoreResult<Self> {
+        let (snapshot, revision) = Snapshot::read_consistent(store).await?;
+        Ok(Inventory { snapshot, revision })
+    }
+
+    fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    fn apply(&mut self, batch: &[WatchEvent]) -> bool {
+        let snapshot = &mut self.snapshot;
+        apply_batch(&mut self.revision, batch, |event| match event {
+            WatchEvent::Put(kv) => snapshot.apply_put(kv),
+            WatchEvent::Delete { key, .. } => snapshot.apply_delete(key),
         })
-        .max()
-        .unwrap_or(0)
-}
-
-impl Inventory {
-    /// Applies one watch batch. Events at or below the view's revision are already in
-    /// it and are skipped, so the revision never goes back. Returns whether anything
-    /// was applied.
-    pub fn apply(&mut self, batch: &[WatchEvent]) -> bool {
-        let mut applied = false;
-        for event in batch {
-            match event {
-                WatchEvent::Put(kv) if kv.mod_revision > self.revision => {
-                    self.snapshot.apply_put(kv);
-                    applied = true;
-                }
-                WatchEvent::Delete { key, revision } if *revision > self.revision => {
-                    self.snapshot.apply_delete(key);
-                    applied = true;
-                }
-                _ => {}
-            }
-        }
-        self.revision = self.revision.max(batch_revision(batch));
-        applied
-    }
-}
-
-/// What a view did since it started.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ViewStats {
-    /// Consistent reads of the four prefixes (the first, and one per ended watch).
-    pub lists: u64,
-    /// Watch batches applied.
-    pub batches: u64,
-}
-
-struct Shared {
-    inventory: RwLock<Option<Inventory>>,
-    stats: RwLock<ViewStats>,
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A handle on a view kept by a task of its own; the task ends when the last handle is
-/// dropped.
-#[derive(Clone)]
-pub struct View {
-    shared: Arc<Shared>,
-    /// `None` until the first read.
-    revision: watch::Receiver<Option<Revision>>,
-}
-
-impl View {
-    /// Starts the view's task on the current tokio runtime.
-    pub fn start<S: ClusterStore + Clone + 'static>(store: S) -> View {
-        let shared = Arc::new(Shared {
-            inventory: RwLock::new(None),
-            stats: RwLock::new(ViewStats::default()),
-        });
-        let (tx, rx) = watch::channel(None);
-        tokio::spawn(follow(store, shared.clone(), tx));
-        View {
-            shared,
-            revision: rx,
-        }
-    }
-
-    /// The revision the view is at (`None`: not read yet).
-    pub fn revision(&self) -> Option<Revision> {
-        *self.revision.borrow()
-    }
-
-    /// `f` of the inventory as it is now, under a read lock (keep it short: the view
-    /// waits for it to apply the next batch); `None` before the first read.
-    pub fn with<T>(&self, f: impl FnOnce(&Inventory) -> T) -> Option<T> {
-        read(&self.shared.inventory).as_ref().map(f)
-    }
-
-    /// A copy of the inventory as it is now.
-    pub fn inventory(&self) -> Option<Inventory> {
-        self.with(Inventory::clone)
-    }
-
-    pub fn stats(&self) -> ViewStats {
-        *read(&self.shared.stats)
-    }
-
-    /// Waits until the view reflects `revision` (a write's: read-your-writes), at most
-    /// `timeout`.
-    pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> Result<(), ViewError> {
-        let mut rx = self.revision.clone();
-        let reached = tokio::time::timeout(timeout, async {
-            rx.wait_for(|r| r.is_some_and(|r| r >= revision))
-                .await
-                .is_ok()
-        })
-        .await;
-        match reached {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ViewError::Stopped),
-            Err(_) => match self.revision() {
-                None => Err(ViewError::NotReady),
-                Some(at) => Err(ViewError::Behind {
-                    at,
-                    wanted: revision,
-                }),
-            },
-        }
-    }
-
-    /// Waits until the view reflects everything committed before this call: the
-    /// store's current revision read once (a count-only read), then
-    /// [`View::wait_for`]. Returns that revision. Every write of the cluster is under
-    /// `vireo/`, which the view watches, so it reaches any revision of an etcd the
-    /// cluster has to itself; writes of others to the same etcd move the revision
-    /// without an event, and the wait then ends [`ViewError::Behind`] (the caller reads
-    /// the store instead).
-    pub async fn catch_up<S: ClusterStore>(
-        &self,
-        store: &S,
-        timeout: Duration,
-    ) -> Result<Revision, ViewError> {
-        let now = store.current_revision().await?;
-        self.wait_for(now, timeout).await?;
-        Ok(now)
-    }
-}
-
-/// The view's task: read, follow, read again when the watch ends; until every
-/// [`View`] is dropped.
-async fn follow<S: ClusterStore>(
-    store: S,
-    shared: Arc<Shared>,
-    tx: watch::Sender<Option<Revision>>,
-) {
-    loop {
-        let (snapshot, at) = tokio::select! {
-            () = tx.closed() => return,
-            r = Snapshot::read_consistent(&store) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(error = %e, "inventory view: cannot read the cluster; trying again");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
-                }
-            },
-        };
-        write(&shared.stats).lists += 1;
-        let shown = read(&shared.inventory).as_ref().map(|i| i.revision);
-        if shown.is_some_and(|shown| at < shown) {
-            // The revision only grows: a read older than what the view shows (etcd's
-            // reads are linearizable, so not expected) is not shown; read again.
-            warn!(
-                at,
-                ?shown,
-                "inventory view: a read older than the view; reading again"
-            );
-            tokio::time::sleep(RETRY).await;
-            continue;
-        }
-        let watch = tokio::select! {
-            () = tx.closed() => return,
-            w = store.watch_prefix(keys::ROOT, at + 1) => w,
-        };
-        let mut watch = match watch {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "inventory view: cannot watch the cluster; reading again");
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        {
-            *write(&shared.inventory) = Some(Inventory {
-                snapshot,
-                revision: at,
-            });
-            tx.send_replace(Some(at));
-        }
-        debug!(
-            revision = at,
-            "inventory view: read the cluster, following it"
-        );
-        loop {
-            let batch = tokio::select! {
-                () = tx.closed() => return,
-                b = watch.next_batch() => b,
-            };
-            let Some(batch) = batch else {
-                debug!("inventory view: the watch ended; reading again");
-                break;
-            };
-            let mut inv = write(&shared.inventory);
-            let Some(inv) = inv.as_mut() else { break };
-            inv.apply(&batch);
-            write(&shared.stats).batches += 1;
-            tx.send_replace(Some(inv.revision));
-        }
     }
 }
 
@@ -344,6 +130,8 @@ pub fn list(snap: &Snapshot, revision: Revision) -> ClusterList<'_> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
 
     use super::*;
     use crate::failover::define_vm;
@@ -564,7 +352,7 @@ mod tests {
         view.catch_up(&store, WAIT).await.unwrap();
         let stats = view.stats();
         assert_eq!(stats.lists, 3, "two watches refused, three reads");
-        let inv = view.inventory().unwrap();
+        let inv = view.get().unwrap();
         assert_eq!(inv, direct(&store).await);
         assert!(inv.snapshot.vms.contains_key("raced1"));
         assert!(inv.snapshot.vms.contains_key("raced2"));
@@ -602,7 +390,7 @@ mod tests {
         client.set_reachable(true);
         view.catch_up(&store, WAIT).await.unwrap();
         assert_eq!(view.stats().lists, 2);
-        assert_eq!(view.inventory().unwrap(), direct(&store).await);
+        assert_eq!(view.get().unwrap(), direct(&store).await);
         assert!(view.revision().unwrap() >= *seen.last().unwrap());
     }
 

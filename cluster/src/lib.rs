@@ -20,3 +20,4 @@ pub mod keys;
 pub mod membership;
 pub mod placement;
 pub mod update;
+pub mod view;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster::drain::{read_moves, MovesView};
 use cluster::failover::{define_vm, Snapshot};
 use cluster::hooked::{HookedStore, Hooks};
 use cluster::inventory::View;
@@ -35,7 +36,7 @@ async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 async fn assert_equal_to_a_read(view: &View, store: &EtcdStore) {
     let at = view.catch_up(store, WAIT).await.unwrap();
     let (snap, read_at) = Snapshot::read_consistent(store).await.unwrap();
-    let inv = view.inventory().unwrap();
+    let inv = view.get().unwrap();
     assert_eq!(
         inv.revision, read_at,
         "nothing was written meanwhile: the same revision"
@@ -67,6 +68,8 @@ async fn the_view_equals_a_read_after_a_burst_of_changes_and_shows_a_clients_wri
             .await
             .unwrap();
     let view = View::start(store.clone());
+    // The moves' view (what each node's move executor wakes on) follows the drain.
+    let moves = MovesView::start(store.clone());
     let mut fleet = Fleet::start(etcd.endpoints(), NODES, mix::node_capacity(NODES, VMS))
         .await
         .unwrap();
@@ -123,7 +126,7 @@ async fn the_view_equals_a_read_after_a_burst_of_changes_and_shows_a_clients_wri
         last = now;
     }
     assert_equal_to_a_read(&view, &store).await;
-    let inv = view.inventory().unwrap();
+    let inv = view.get().unwrap();
     assert_eq!(inv.snapshot.vms.len(), VMS);
     assert!(!inv.snapshot.nodes.contains_key(&Fleet::name(1)));
     let (drained, _) = &inv.snapshot.nodes[&Fleet::name(4)];
@@ -133,6 +136,19 @@ async fn the_view_equals_a_read_after_a_burst_of_changes_and_shows_a_clients_wri
         1,
         "followed throughout, never read again"
     );
+    // Every move of the drain, as the store has them, in the moves' view.
+    let direct = read_moves(&store).await.unwrap();
+    assert!(direct.values().any(|(m, _)| m.drain_of == Fleet::name(4)));
+    assert!(
+        direct.values().all(|(m, _)| m.state.finished()),
+        "the drain ended"
+    );
+    assert!(
+        eventually(WAIT, || moves.with(|t| t.moves == direct) == Some(true)).await,
+        "the moves' view differs from a read"
+    );
+    assert_eq!(moves.stats().lists, 1, "the moves' view never read again");
+    assert!(moves.stats().batches > 0);
 
     // Read-your-writes: a client's write, waited for by its revision.
     let mut def = mix::vm(VMS);
@@ -249,7 +265,7 @@ async fn a_compacted_watch_and_a_dead_member_make_the_view_read_again() {
         );
     }
     assert!(view.stats().lists >= 3, "{:?}", view.stats());
-    let inv = view.inventory().unwrap();
+    let inv = view.get().unwrap();
     let (snap, at) = Snapshot::read_consistent(&other).await.unwrap();
     assert_eq!(inv.revision, at);
     assert_eq!(inv.snapshot, snap);

@@ -428,8 +428,23 @@ async fn a_drain_of_more_than_128_vms_moves_them_all_and_a_cancel_of_one_cancels
     assert_eq!(plan.moves.len(), on_b.len());
     let cancelled = cluster::drain::cancel(&store, &b).await.unwrap();
     let moves = cluster::drain::read_moves(&store).await.unwrap();
+    // The executor starts a move as soon as its part of the drain is written (it wakes
+    // on the moves' changes), so a few run before the cancel: those, and only those,
+    // are not cancelled.
+    let started: Vec<&keys::MoveRecord> = moves
+        .values()
+        .map(|(m, _)| m)
+        .filter(|m| m.drain_of == b && !cancelled.contains(&m.vm))
+        .collect();
+    assert_eq!(cancelled.len() + started.len(), on_b.len());
     assert!(
-        cancelled.len() + 2 >= on_b.len(),
+        started
+            .iter()
+            .all(|m| matches!(m.state, keys::MoveState::Migrating | keys::MoveState::Moved)),
+        "{started:?}"
+    );
+    assert!(
+        cancelled.len() * 2 >= on_b.len(),
         "{} of {} cancelled",
         cancelled.len(),
         on_b.len()

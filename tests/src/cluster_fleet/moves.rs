@@ -1,5 +1,6 @@
 //! The stand-in of vireod's move executor (agent/src/cluster_moves.rs) for drains:
-//! every 200 ms the node reads the moves, starts those `cluster::drain::next_moves`
+//! on every change of the moves (its own watch-kept `MovesView`, as vireod's), or a
+//! second after the last pass, the node starts those `cluster::drain::next_moves`
 //! allows (High first, the drain's concurrency at once, each in a task) and carries
 //! each out as
 //! vireod does — the ownership rewritten with the move marked migrating (the token
@@ -9,11 +10,12 @@
 //! adopts it once it owns it, as vireod does) and no longer here; when ownership does
 //! not follow, it runs here again.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::admin;
-use cluster::drain::{next_moves, read_moves};
+use cluster::drain::{next_moves, read_moves, MovesView};
 use cluster::failover::Snapshot;
 use cluster::keys::{self, MoveRecord, MoveState, NodeState, OwnerRecord};
 use cluster::store::{CmpOp, Compare, Op, Revision, StoreResult, Txn};
@@ -22,20 +24,35 @@ use tracing::warn;
 
 use super::node::{bump, lock, Hosts, Running, Stats, Store};
 
-/// vireod's executor period.
-const TICK: Duration = Duration::from_millis(200);
+/// How long vireod's executor waits for a change before it looks again anyway.
+const IDLE: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run(store: Store, node: String, hosts: Hosts, stats: Arc<Stats>) {
+    let view = MovesView::start(store.clone());
+    let mut changes = view.changes();
     loop {
-        tokio::time::sleep(TICK).await;
-        if let Err(e) = tick(&store, &node, &hosts, &stats).await {
+        if tokio::time::timeout(IDLE, changes.changed())
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            return;
+        }
+        let Some(moves) = view.with(|t| t.moves.clone()) else {
+            continue;
+        };
+        if let Err(e) = tick(&store, &node, &moves, &hosts, &stats).await {
             warn!(node, error = %e, "stand-in moves: pass failed");
         }
     }
 }
 
-async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreResult<()> {
-    let moves = read_moves(store).await?;
+async fn tick(
+    store: &Store,
+    node: &str,
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    hosts: &Hosts,
+    stats: &Stats,
+) -> StoreResult<()> {
     // Migrating from here with no execution left (its answer was lost: a timeout):
     // vireod records these; the stand-in completes them.
     for (m, rev) in moves.values() {
@@ -48,7 +65,7 @@ async fn tick(store: &Store, node: &str, hosts: &Hosts, stats: &Stats) -> StoreR
     }
     // At once, as vireod runs each move in a task of its own.
     let mut running = tokio::task::JoinSet::new();
-    for (m, rev) in next_moves(&moves, node, 0) {
+    for (m, rev) in next_moves(moves, node, 0) {
         let (store, node, hosts) = (store.clone(), node.to_string(), hosts.clone());
         running.spawn(async move { execute(&store, &node, m, rev, &hosts).await });
     }
