@@ -184,22 +184,16 @@ impl Switch {
         self.chain.iter()
     }
 
-    /// Adds a port; its `mirror` must name a port that exists already.
-    pub fn add_port(&mut self, config: PortConfig) -> Result<PortId, SwitchError> {
+    /// Whether `config` could be added: valid, a new name, interface and socket, a
+    /// mirror to a port that exists. Returns the mirror's monitor, if any.
+    pub fn check_port(
+        &self,
+        config: &PortConfig,
+    ) -> Result<Option<(PortId, MirrorDirection)>, SwitchError> {
         config.validate()?;
-        let monitor = match &config.mirror {
-            Some(m) => Some((
-                self.port_id(&m.to).map_err(|_| SwitchError::MirrorTarget {
-                    port: config.name.clone(),
-                    to: m.to.clone(),
-                })?,
-                m.direction,
-            )),
-            None => None,
-        };
         for p in self.ports.values() {
             if p.config.name == config.name {
-                return Err(SwitchError::DuplicateName(config.name));
+                return Err(SwitchError::DuplicateName(config.name.clone()));
             }
             if let (Some(a), Some(b)) = (&p.config.vhost_user, &config.vhost_user) {
                 if a == b {
@@ -219,6 +213,21 @@ impl Switch {
                 });
             }
         }
+        match &config.mirror {
+            Some(m) => Ok(Some((
+                self.port_id(&m.to).map_err(|_| SwitchError::MirrorTarget {
+                    port: config.name.clone(),
+                    to: m.to.clone(),
+                })?,
+                m.direction,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds a port ([`Switch::check_port`] first).
+    pub fn add_port(&mut self, config: PortConfig) -> Result<PortId, SwitchError> {
+        let monitor = self.check_port(&config)?;
         let id = self.next_port;
         self.next_port += 1;
         self.ports.insert(

@@ -150,8 +150,9 @@ fn open_port(
     opener: Option<&Opener>,
     cfg: PortConfig,
 ) -> Result<PortId, DaemonError> {
-    // Checked before the socket opens, so a duplicate never touches the interface.
-    cfg.validate().map_err(SwitchError::from)?;
+    // Checked before the socket opens, so a duplicate (or a mirror to nowhere) never
+    // touches the interface.
+    sw.check_port(&cfg)?;
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
