@@ -111,6 +111,9 @@ impl Extension for Mirror {
         Stage::Capture
     }
     fn mirror(&mut self, ctx: &FrameCtx<'_>, to: &mut Vec<PortId>) {
+        if self.sessions.is_empty() {
+            return;
+        }
         if let Some((monitor, dir)) = self.sessions.get(&ctx.port) {
             if dir.covers(ctx.direction) {
                 to.push(*monitor);
