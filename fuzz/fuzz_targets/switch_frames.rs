@@ -13,18 +13,20 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use switch::frame::ETHERTYPE_VLAN;
+use switch::mirror::MirrorDirection;
 use switch::port::{PortConfig, VlanMode};
 use switch::{Switch, SwitchConfig};
 use vireo_fuzz::Input;
 
+/// Indices matter: the seeds (fuzz/seeds/switch_frames) name ports by them.
 const PORTS: [&str; 7] = [
-    "name=mon,vlan=99",
     "name=vm1,vlan=10,mac=52:54:00:00:00:01,ip=10.0.0.1,ip=fe80::1,guard=all,storm=20",
-    "name=vm2,vlan=10,pvlan=isolated,mirror=mon",
+    "name=vm2,vlan=10,pvlan=isolated",
     "name=vm3,vlan=10,pvlan=community:7,storm=3",
     "name=vm4,vlan=20",
-    "name=up,trunk=10:20:30,native=1,mirror=mon:in",
+    "name=up,trunk=10:20:30,native=1",
     "name=gw,vlan=10,pvlan=promiscuous",
+    "name=mon,vlan=99",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -57,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
         let rule = serde_json::from_str(r).expect("rule");
         sw.acl_add("vm3", rule).expect("acl");
     }
-    let mon = ids[0];
+    sw.mirror_set("vm2", "mon", MirrorDirection::Both)
+        .expect("mirror");
+    sw.mirror_set("up", "mon", MirrorDirection::In)
+        .expect("mirror");
+    let mon = ids[6];
     let mut now = Duration::ZERO;
     let mut out = Vec::new();
     while !inp.is_empty() {

@@ -1810,7 +1810,12 @@ rule = { action = "allow", direction = "outbound", protocol = "tcp", dst_port = 
     };
     // Unsolicited: the server connects to the VM's port 22, and sends as if replying.
     lab.wire("srv").send(&to_vm(5555, 22, 0x02, b""));
-    lab.wire("srv").send(&to_vm(80, 40000, 0x12, b""));
+    lab.wire("srv").send(&to_vm(80, 40000, 0x12, b"early"));
+    // They enter by another port than the VM's SYN below: wait until both are handled
+    // (else the SYN may be switched first, and the "early" reply would be one).
+    wait_until("the unsolicited segments dropped", || {
+        lab.counters("vm")["tx_dropped"]["acl"] == 2
+    });
     // The VM opens 40000 → 80; the server's reply comes in byte for byte.
     let syn = build::tcp4_frame(mac(2), mac(1), vm_ip, srv_ip, 40000, 80, 0x02, b"");
     lab.expect("vm", &syn, &["srv"], &syn);
