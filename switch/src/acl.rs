@@ -6,6 +6,14 @@
 //! matches decides and counts the frame. No rule matching: allowed (as Hyper-V's port
 //! ACLs). A rule names any of: direction, source/destination MAC, IP prefix, IP
 //! protocol, TCP/UDP port ranges; an absent field matches everything.
+//!
+//! A **stateful** rule (an allow with a direction) records each flow it lets through
+//! in the port's connection table ([`crate::conntrack`]); a frame in the other
+//! direction that answers such a flow is treated as matching that rule, at the
+//! rule's place in the list: rules above it still decide first, rules below it (a
+//! catch-all deny) never see the reply. Nothing else is let in by it. The rule
+//! counts what it matched (`packets`, `bytes`) and the replies it let pass
+//! (`return_packets`, `return_bytes`).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -15,7 +23,9 @@ use std::str::FromStr;
 
 use net::MacAddr;
 use serde::{Deserialize, Serialize};
+use tracing::debug;
 
+use crate::conntrack::{ConnTable, FlowKey, FlowStats, MAX_FLOWS_PER_PORT};
 use crate::extension::{Direction, DropReason, Extension, FrameCtx, Stage, Verdict};
 use crate::frame::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4};
 use crate::PortId;
@@ -206,6 +216,10 @@ pub struct AclRule {
     pub src_port: Option<PortRange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst_port: Option<PortRange>,
+    /// Let replies to the flows this rule allows back in (allow rules with a
+    /// direction only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stateful: bool,
 }
 
 impl AclRule {
@@ -243,6 +257,12 @@ impl AclRule {
     }
 
     fn validate(&self) -> Result<(), AclError> {
+        if self.stateful && self.action != Action::Allow {
+            return Err(AclError::StatefulDeny);
+        }
+        if self.stateful && self.direction.is_none() {
+            return Err(AclError::StatefulNeedsDirection);
+        }
         let ports = self.src_port.is_some() || self.dst_port.is_some();
         if ports && !matches!(self.protocol, Some(Protocol(IPPROTO_TCP | IPPROTO_UDP))) {
             return Err(AclError::PortsNeedProtocol);
@@ -264,6 +284,15 @@ pub struct InstalledRule {
     pub rule: AclRule,
     pub packets: u64,
     pub bytes: u64,
+    /// Replies to this (stateful) rule's flows let through.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub return_packets: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub return_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -274,6 +303,10 @@ pub enum AclError {
     PortsNeedProtocol,
     #[error("src_ip and dst_ip are of different IP families")]
     MixedFamilies,
+    #[error("a stateful rule must be an allow (a deny keeps no state)")]
+    StatefulDeny,
+    #[error("a stateful rule needs a direction (outbound: flows the VM opens)")]
+    StatefulNeedsDirection,
     #[error("port '{0}' already has {MAX_RULES_PER_PORT} rules")]
     Full(String),
     #[error("port '{port}' has no rule {id}")]
@@ -281,13 +314,32 @@ pub enum AclError {
 }
 
 /// The ACL extension.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Acl {
     rules: HashMap<PortId, Vec<InstalledRule>>,
+    /// Connection tables of the ports with stateful rules.
+    flows: HashMap<PortId, ConnTable>,
+    flow_limit: usize,
     next_id: u64,
 }
 
+impl Default for Acl {
+    fn default() -> Self {
+        Self::new(MAX_FLOWS_PER_PORT)
+    }
+}
+
 impl Acl {
+    /// An ACL extension whose ports track at most `flow_limit` flows each.
+    pub fn new(flow_limit: usize) -> Self {
+        Self {
+            rules: HashMap::new(),
+            flows: HashMap::new(),
+            flow_limit,
+            next_id: 0,
+        }
+    }
+
     /// Adds `rule` to `port` (named `name` in errors); returns its id.
     pub fn add(&mut self, port: PortId, name: &str, rule: AclRule) -> Result<u64, AclError> {
         rule.validate()?;
@@ -297,11 +349,19 @@ impl Acl {
         }
         self.next_id += 1;
         let id = self.next_id;
+        if rule.stateful {
+            let limit = self.flow_limit;
+            self.flows
+                .entry(port)
+                .or_insert_with(|| ConnTable::new(limit));
+        }
         list.push(InstalledRule {
             id,
             rule,
             packets: 0,
             bytes: 0,
+            return_packets: 0,
+            return_bytes: 0,
         });
         // Stable: equal priorities keep the order they were added in.
         list.sort_by_key(|r| std::cmp::Reverse(r.rule.priority));
@@ -318,7 +378,17 @@ impl Acl {
                 id,
             });
         }
+        if !list.iter().any(|r| r.rule.stateful) {
+            self.flows.remove(&port);
+        } else if let Some(t) = self.flows.get_mut(&port) {
+            t.remove_rule(id);
+        }
         Ok(())
+    }
+
+    /// The port's connection table counters (`None`: it has no stateful rule).
+    pub fn flow_stats(&self, port: PortId) -> Option<FlowStats> {
+        self.flows.get(&port).map(ConnTable::stats)
     }
 
     pub fn list(&self, port: PortId) -> &[InstalledRule] {
@@ -329,17 +399,45 @@ impl Acl {
         let Some(list) = self.rules.get_mut(&ctx.port) else {
             return Verdict::Pass;
         };
-        match list.iter_mut().find(|r| r.rule.matches(ctx)) {
-            Some(r) => {
-                r.packets += 1;
-                r.bytes += ctx.frame.bytes.len() as u64;
-                match r.rule.action {
-                    Action::Allow => Verdict::Pass,
-                    Action::Deny => Verdict::Drop(ACL_DROP),
+        let mut table = self.flows.get_mut(&ctx.port);
+        // A reply to a tracked flow stands in the list where its stateful rule does.
+        let answers = match table.as_deref_mut() {
+            Some(t) if !t.is_empty() => FlowKey::answered_by(ctx.frame, ctx.direction)
+                .and_then(|k| t.answer(&k, ctx.frame, ctx.now)),
+            _ => None,
+        };
+        let len = ctx.frame.bytes.len() as u64;
+        for r in list.iter_mut() {
+            if answers == Some(r.id) {
+                r.return_packets += 1;
+                r.return_bytes += len;
+                return Verdict::Pass;
+            }
+            if !r.rule.matches(ctx) {
+                continue;
+            }
+            r.packets += 1;
+            r.bytes += len;
+            if r.rule.action == Action::Deny {
+                return Verdict::Drop(ACL_DROP);
+            }
+            if r.rule.stateful {
+                if let (Some(t), Some(k)) = (
+                    table.as_deref_mut(),
+                    FlowKey::opening(ctx.frame, ctx.direction),
+                ) {
+                    if !t.open(k, r.id, ctx.frame, ctx.now) {
+                        debug!(
+                            port = ctx.port,
+                            rule = r.id,
+                            "flow table full: flow not tracked"
+                        );
+                    }
                 }
             }
-            None => Verdict::Pass,
+            return Verdict::Pass;
         }
+        Verdict::Pass
     }
 }
 
@@ -358,6 +456,12 @@ impl Extension for Acl {
     }
     fn port_removed(&mut self, port: PortId, _name: &str) {
         self.rules.remove(&port);
+        self.flows.remove(&port);
+    }
+    fn expire(&mut self, now: std::time::Duration) {
+        for t in self.flows.values_mut() {
+            t.expire(now);
+        }
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

@@ -12,11 +12,19 @@
 //!    carry the frame's VLAN (others are removed again by the switch).
 //! 3. [`Extension::egress`] per remaining port, `ctx.port` now the port it leaves by
 //!    (direction [`Direction::Inbound`]: into the VM); `Drop` removes that port only.
+//! 4. [`Extension::mirror`] for a frame the switch accepted from a port (after every
+//!    ingress drop could happen; direction outbound) and for each copy it sends to a
+//!    port (direction inbound): the ports named get the bytes untouched (as received,
+//!    or as sent), whatever their VLAN ([`crate::mirror`]).
+//!
+//! [`Extension::expire`] is called now and then with the switch's clock, for state
+//! that ages (connection tracking).
 //!
 //! Extensions get the parsed frame, never a way to write it: frames are not rewritten
 //! in the chain (the switch itself adds or strips 802.1Q tags at egress).
 
 use std::any::Any;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -82,6 +90,8 @@ pub struct FrameCtx<'a> {
     pub direction: Direction,
     /// The port the frame came in on.
     pub ingress: PortId,
+    /// The switch's clock, as passed to [`crate::Switch::process`].
+    pub now: Duration,
 }
 
 /// A stage of the switch's pipeline. Implementations must not panic on any frame.
@@ -99,6 +109,11 @@ pub trait Extension: Send {
     fn egress(&mut self, _ctx: &FrameCtx<'_>) -> Verdict {
         Verdict::Pass
     }
+    /// A frame accepted from `ctx.port` (outbound) or sent to it (inbound): the ports
+    /// to add to `to` get an untouched copy of it.
+    fn mirror(&mut self, _ctx: &FrameCtx<'_>, _to: &mut Vec<PortId>) {}
+    /// Drops state older than the extension keeps it, at `now`.
+    fn expire(&mut self, _now: Duration) {}
     /// A port was removed: forget its state.
     fn port_removed(&mut self, _port: PortId, _name: &str) {}
     /// Its state for the API (`extensions` request).
@@ -151,6 +166,19 @@ impl Chain {
     pub fn forward(&mut self, ctx: &FrameCtx<'_>, egress: &mut Vec<PortId>) {
         for e in self.exts.iter_mut().filter(|e| e.stage() == Stage::Forward) {
             e.forward(ctx, egress);
+        }
+    }
+
+    /// The ports that get a copy of this frame (see [`Extension::mirror`]).
+    pub fn mirror(&mut self, ctx: &FrameCtx<'_>, to: &mut Vec<PortId>) {
+        for e in &mut self.exts {
+            e.mirror(ctx, to);
+        }
+    }
+
+    pub fn expire(&mut self, now: Duration) {
+        for e in &mut self.exts {
+            e.expire(now);
         }
     }
 

@@ -72,6 +72,8 @@ pub struct Ip {
     pub l4: L4,
     /// Offset of the transport header in the frame (meaningful when `l4` is not `None`).
     pub l4_offset: usize,
+    /// Where the IP packet ends in the frame (Ethernet padding excluded).
+    pub end: usize,
 }
 
 /// An ARP packet (Ethernet/IPv4 only).
@@ -171,6 +173,42 @@ impl<'a> Frame<'a> {
         }
     }
 
+    /// The transport header and what follows it, up to the end of the IP packet
+    /// (`None` for non-IP frames and non-first fragments).
+    pub fn l4_bytes(&self) -> Option<&'a [u8]> {
+        let ip = self.ip()?;
+        if ip.l4 == L4::None {
+            return None;
+        }
+        self.bytes.get(ip.l4_offset..ip.end)
+    }
+
+    /// A TCP segment's flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10).
+    pub fn tcp_flags(&self) -> Option<u8> {
+        match self.ip()? {
+            Ip {
+                proto: IPPROTO_TCP,
+                l4: L4::Ports { .. },
+                ..
+            } => self.l4_bytes()?.get(13).copied(),
+            _ => None,
+        }
+    }
+
+    /// An ICMP or ICMPv6 echo request or reply: (is a request, identifier).
+    pub fn icmp_echo(&self) -> Option<(bool, u16)> {
+        let ip = self.ip()?;
+        let L4::Icmp { ty, .. } = ip.l4 else {
+            return None;
+        };
+        let request = match (ip.proto, ty) {
+            (IPPROTO_ICMP, 8) | (IPPROTO_ICMPV6, 128) => true,
+            (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129) => false,
+            _ => return None,
+        };
+        Some((request, be16(self.l4_bytes()?, 4)?))
+    }
+
     /// A UDP datagram's ports and payload (for the DHCP guard).
     pub fn udp_payload(&self) -> Option<(u16, u16, &'a [u8])> {
         let ip = self.ip()?;
@@ -250,6 +288,7 @@ fn parse_ipv4(frame: &[u8], at: usize) -> Result<Ip, Malformed> {
         proto,
         l4,
         l4_offset,
+        end: at + total,
     })
 }
 
@@ -302,6 +341,7 @@ fn parse_ipv6(frame: &[u8], at: usize) -> Result<Ip, Malformed> {
                     proto: next,
                     l4,
                     l4_offset: off,
+                    end,
                 });
             }
         };
@@ -415,6 +455,87 @@ pub mod build {
         a.extend_from_slice(&target_ip.octets());
         let dst = if op == 1 { [0xff; 6] } else { target_mac };
         ethernet(dst, src, None, ETHERTYPE_ARP, &a)
+    }
+
+    /// A TCP header (20 bytes, no options, checksum zero) with `flags` and `payload`.
+    pub fn tcp(src: u16, dst: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut t = Vec::with_capacity(20 + payload.len());
+        t.extend_from_slice(&src.to_be_bytes());
+        t.extend_from_slice(&dst.to_be_bytes());
+        t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        t.extend_from_slice(payload);
+        t
+    }
+
+    /// A whole IPv4/TCP frame (untagged).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tcp4_frame(
+        dst: [u8; 6],
+        src: [u8; 6],
+        ip_src: Ipv4Addr,
+        ip_dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let ip = ipv4(
+            ip_src,
+            ip_dst,
+            IPPROTO_TCP,
+            &tcp(sport, dport, flags, payload),
+        );
+        ethernet(dst, src, None, ETHERTYPE_IPV4, &ip)
+    }
+
+    /// An ICMPv4 echo request (or reply) with identifier `id` (checksum zero).
+    pub fn icmp4_echo(
+        dst: [u8; 6],
+        src: [u8; 6],
+        ip_src: Ipv4Addr,
+        ip_dst: Ipv4Addr,
+        request: bool,
+        id: u16,
+    ) -> Vec<u8> {
+        let mut icmp = vec![if request { 8 } else { 0 }, 0, 0, 0];
+        icmp.extend_from_slice(&id.to_be_bytes());
+        icmp.extend_from_slice(&[0, 1]);
+        icmp.extend_from_slice(b"vireo echo");
+        let ip = ipv4(ip_src, ip_dst, IPPROTO_ICMP, &icmp);
+        ethernet(dst, src, None, ETHERTYPE_IPV4, &ip)
+    }
+
+    /// An IPv6 packet (hop limit 255) carrying `l4` as protocol `next`.
+    pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[next, 255]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(l4);
+        p
+    }
+
+    /// A neighbour advertisement (ICMPv6 136, solicited and override set, checksum
+    /// zero) for `target`, from `ip_src` to all nodes, with a target link-layer
+    /// address option when `tlla` is given, then `options` (raw bytes) as they are.
+    pub fn neighbour_advert(
+        src: [u8; 6],
+        ip_src: Ipv6Addr,
+        target: Ipv6Addr,
+        tlla: Option<[u8; 6]>,
+        options: &[u8],
+    ) -> Vec<u8> {
+        let mut na = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+        na.extend_from_slice(&target.octets());
+        if let Some(mac) = tlla {
+            na.extend_from_slice(&[2, 1]);
+            na.extend_from_slice(&mac);
+        }
+        na.extend_from_slice(options);
+        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        let ip = ipv6(ip_src, all_nodes, IPPROTO_ICMPV6, &na);
+        ethernet([0x33, 0x33, 0, 0, 0, 1], src, None, ETHERTYPE_IPV6, &ip)
     }
 
     /// An ICMPv6 message of type `ty` (e.g. 134, a router advertisement) to all nodes.

@@ -8,16 +8,22 @@
 //! - [`fdb`]: the MAC table, per VLAN, with aging on a clock passed in and a
 //!   per-port limit.
 //! - [`extension`]: the ordered capture → filter → forward chain and its trait.
-//! - [`acl`], [`guards`]: the built-in filter extensions.
+//! - [`acl`] (with [`conntrack`] for stateful rules), [`guards`], [`storm`]: the
+//!   built-in filter extensions; [`mirror`]: port mirroring (capture stage).
 //! - [`Switch`]: ports, classification, learning, flooding, egress tagging.
 
 pub mod acl;
+pub mod conntrack;
 pub mod extension;
 pub mod fdb;
 pub mod frame;
 pub mod guards;
+pub mod mirror;
 pub mod pcap;
+#[cfg(test)]
+mod policy_tests;
 pub mod port;
+pub mod storm;
 mod switch;
 #[cfg(test)]
 mod tests;

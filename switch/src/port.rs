@@ -1,15 +1,18 @@
 //! A port's configuration: its VLAN mode (access, trunk, private VLAN), its pinned
-//! addresses and which guards watch it; parsing of the CLI form
-//! `name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=mac+dhcp`.
+//! addresses, which guards watch it, its storm limit and mirror; parsing of the CLI
+//! form `name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=mac+dhcp`.
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use net::MacAddr;
 use serde::{Deserialize, Serialize};
+
+use crate::mirror::{MirrorDirection, MirrorSpec};
+use crate::storm::MAX_STORM_PPS;
 
 /// A VLAN id a port can carry: 1..=4094 (0 is "priority only", 4095 reserved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -124,8 +127,11 @@ pub struct Guards {
     pub dhcp: bool,
     /// Router advertisements and redirects (ICMPv6 134, 137; ICMP 5, 9) are dropped.
     pub router: bool,
-    /// ARP must name the port's `mac` (and one of its `ips`, if any) as sender.
+    /// ARP must name the port's `mac` (and one of its IPv4 `ips`, if any) as sender.
     pub arp: bool,
+    /// Neighbour advertisements must name one of the port's IPv6 `ips` (if any) as
+    /// target and carry the port's `mac` as target link-layer address (if any).
+    pub nd: bool,
 }
 
 /// One port of the switch.
@@ -144,11 +150,34 @@ pub struct PortConfig {
     /// The address the VM behind the port owns (for the MAC and ARP guards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
-    /// The IPv4 addresses it owns (for the ARP guard); empty: any.
+    /// The addresses it owns (IPv4 for the ARP guard, IPv6 for the ND guard); none
+    /// of a family: any of that family.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ips: Vec<Ipv4Addr>,
+    pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub guards: Guards,
+    /// Broadcast and multicast frames the port may send per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<u32>,
+    /// The monitor port its frames are copied to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorSpec>,
+}
+
+/// Checks a storm limit: 1 to [`MAX_STORM_PPS`] packets per second.
+pub fn check_storm(pps: u64) -> Result<u32, PortError> {
+    u32::try_from(pps)
+        .ok()
+        .filter(|p| (1..=MAX_STORM_PPS).contains(p))
+        .ok_or(PortError::Storm(pps))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
 }
 
 impl PortConfig {
@@ -159,13 +188,7 @@ impl PortConfig {
     /// Checks what the types cannot: a usable name, a non-empty trunk, guards that
     /// need a MAC have one.
     pub fn validate(&self) -> Result<(), PortError> {
-        if self.name.is_empty()
-            || self.name.len() > 64
-            || !self
-                .name
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-        {
+        if !valid_name(&self.name) {
             return Err(PortError::Name(self.name.clone()));
         }
         match &self.vhost_user {
@@ -186,8 +209,19 @@ impl PortConfig {
                 return Err(PortError::EmptyTrunk(self.name.clone()));
             }
         }
-        if (self.guards.mac_spoofing || self.guards.arp) && self.mac.is_none() {
+        if (self.guards.mac_spoofing || self.guards.arp || self.guards.nd) && self.mac.is_none() {
             return Err(PortError::GuardNeedsMac(self.name.clone()));
+        }
+        if let Some(pps) = self.storm {
+            check_storm(u64::from(pps))?;
+        }
+        if let Some(m) = &self.mirror {
+            if !valid_name(&m.to) {
+                return Err(PortError::Name(m.to.clone()));
+            }
+            if m.to == self.name {
+                return Err(PortError::MirrorSelf(self.name.clone()));
+            }
         }
         Ok(())
     }
@@ -200,7 +234,7 @@ pub enum PortError {
     VlanRange(u32),
     #[error("bad {0} value '{1}'")]
     Value(&'static str, String),
-    #[error("unknown port option '{0}' (known: name, iface, vhost-user, vlan, pvlan, trunk, native, mac, ip, guard)")]
+    #[error("unknown port option '{0}' (known: name, iface, vhost-user, vlan, pvlan, trunk, native, mac, ip, guard, storm, mirror)")]
     Option(String),
     #[error("port name '{0}' is not 1-64 characters of [A-Za-z0-9-_.]")]
     Name(String),
@@ -208,7 +242,7 @@ pub enum PortError {
     Iface(String),
     #[error("port '{0}': a trunk needs allowed VLANs or a native VLAN")]
     EmptyTrunk(String),
-    #[error("port '{0}': the mac and arp guards need mac=")]
+    #[error("port '{0}': the mac, arp and nd guards need mac=")]
     GuardNeedsMac(String),
     #[error("port '{0}': give either iface= or vhost-user=, not both")]
     IfaceAndSocket(String),
@@ -220,6 +254,10 @@ pub enum PortError {
     VlanAndTrunk(String),
     #[error("port '{0}': pvlan= needs an access port (vlan=)")]
     PrivateOnTrunk(String),
+    #[error("storm limit {0} is out of range (1-{MAX_STORM_PPS} packets/s)")]
+    Storm(u64),
+    #[error("port '{0}' cannot mirror to itself")]
+    MirrorSelf(String),
 }
 
 fn parse_guards(s: &str) -> Result<Guards, PortError> {
@@ -230,23 +268,41 @@ fn parse_guards(s: &str) -> Result<Guards, PortError> {
             "dhcp" => g.dhcp = true,
             "router" => g.router = true,
             "arp" => g.arp = true,
+            "nd" => g.nd = true,
             "all" => {
                 g = Guards {
                     mac_spoofing: true,
                     dhcp: true,
                     router: true,
                     arp: true,
+                    nd: true,
                 }
             }
             _ => {
                 return Err(PortError::Value(
-                    "guard (mac, dhcp, router, arp, all)",
+                    "guard (mac, dhcp, router, arp, nd, all)",
                     word.to_string(),
                 ))
             }
         }
     }
     Ok(g)
+}
+
+/// `MONITOR[:in|out|both]`.
+fn parse_mirror(s: &str) -> Result<MirrorSpec, PortError> {
+    let (to, dir) = match s.split_once(':') {
+        Some((to, d)) => (
+            to,
+            d.parse()
+                .map_err(|d| PortError::Value("mirror direction (in, out, both)", d))?,
+        ),
+        None => (s, MirrorDirection::Both),
+    };
+    Ok(MirrorSpec {
+        to: to.to_string(),
+        direction: dir,
+    })
 }
 
 fn parse_private(s: &str) -> Result<PrivateVlan, PortError> {
@@ -267,13 +323,15 @@ impl FromStr for PortConfig {
     type Err = PortError;
 
     /// `name=N[,iface=IF|,vhost-user=SOCKET][,vlan=V[,pvlan=isolated|community:C|promiscuous]]`
-    /// `[,trunk=V:V:...[,native=V]][,mac=M][,ip=A][,guard=mac+dhcp+router+arp]`.
+    /// `[,trunk=V:V:...[,native=V]][,mac=M][,ip=A]...[,guard=mac+dhcp+router+arp+nd]`
+    /// `[,storm=PPS][,mirror=MONITOR[:in|out|both]]`.
     /// Trunk VLANs are separated by `:` (a `,` separates options).
     fn from_str(s: &str) -> Result<Self, PortError> {
         let (mut name, mut iface, mut vlan, mut trunk, mut native) = (None, None, None, None, None);
         let mut vhost_user = None;
         let (mut private, mut mac, mut ips, mut guards) =
             (None, None, Vec::new(), Guards::default());
+        let (mut storm, mut mirror) = (None, None);
         for kv in s.split(',') {
             let (k, v) = kv
                 .split_once('=')
@@ -304,6 +362,13 @@ impl FromStr for PortConfig {
                         .map_err(|_| PortError::Value("ip", v.to_string()))?,
                 ),
                 "guard" => guards = parse_guards(v)?,
+                "storm" => {
+                    let n = v
+                        .parse::<u64>()
+                        .map_err(|_| PortError::Value("storm", v.to_string()))?;
+                    storm = Some(check_storm(n)?);
+                }
+                "mirror" => mirror = Some(parse_mirror(v)?),
                 _ => return Err(PortError::Option(k.to_string())),
             }
         }
@@ -334,6 +399,8 @@ impl FromStr for PortConfig {
             mac,
             ips,
             guards,
+            storm,
+            mirror,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -358,6 +425,28 @@ mod tests {
         assert!(!t.vlan.carries(VlanId::new(30).unwrap()));
         let i: PortConfig = "name=a,vlan=7,pvlan=community:3".parse().unwrap();
         assert_eq!(i.vlan.private(), PrivateVlan::Community(3));
+        let s: PortConfig = "name=a,mac=52:54:00:00:00:01,ip=10.0.0.1,ip=2001:db8::1,guard=nd,storm=500,mirror=mon:in"
+            .parse()
+            .unwrap();
+        assert!(s.guards.nd && !s.guards.arp);
+        assert_eq!(s.ips.len(), 2);
+        assert_eq!(s.storm, Some(500));
+        assert_eq!(
+            s.mirror,
+            Some(MirrorSpec {
+                to: "mon".into(),
+                direction: MirrorDirection::In
+            })
+        );
+        let both: PortConfig = "name=a,mirror=mon".parse().unwrap();
+        assert_eq!(both.mirror.unwrap().direction, MirrorDirection::Both);
+        assert!(
+            "name=a,guard=all,mac=52:54:00:00:00:01"
+                .parse::<PortConfig>()
+                .unwrap()
+                .guards
+                .nd
+        );
     }
 
     #[test]
@@ -373,6 +462,19 @@ mod tests {
             ("name=a,vlan=1,trunk=2", "either vlan= or trunk="),
             ("name=a,trunk=2,pvlan=isolated", "needs an access port"),
             ("name=a/b", "is not 1-64 characters"),
+            ("name=a,storm=0", "storm limit 0 is out of range"),
+            (
+                "name=a,storm=20000000",
+                "storm limit 20000000 is out of range",
+            ),
+            ("name=a,storm=x", "bad storm value 'x'"),
+            ("name=a,mirror=a", "port 'a' cannot mirror to itself"),
+            (
+                "name=a,mirror=m:sideways",
+                "bad mirror direction (in, out, both) value 'sideways'",
+            ),
+            ("name=a,ip=fe80::1,guard=nd", "need mac="),
+            ("name=a,ip=10.0.0.300", "bad ip value"),
             (
                 "name=a,iface=waytoolonginterfacename",
                 "longer than 15 bytes",

@@ -6,14 +6,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::acl::{Acl, AclError, AclRule, InstalledRule};
+use crate::conntrack::{FlowStats, MAX_FLOWS_PER_PORT};
 use crate::extension::{Chain, Direction, DropReason, Extension, FrameCtx, Verdict};
 use crate::fdb::{FdbRow, Learned, MacTable};
 use crate::frame::{is_multicast, Frame, ETHERTYPE_VLAN, ETH_HLEN, VLAN_HLEN};
 use crate::guards::GuardSet;
-use crate::port::{PortConfig, PortError, PrivateVlan, VlanId, VlanMode};
+use crate::mirror::{Mirror, MirrorDirection, MirrorSpec};
+use crate::port::{check_storm, PortConfig, PortError, PrivateVlan, VlanId, VlanMode};
+use crate::storm::StormControl;
 use crate::PortId;
 
 /// Switch-wide settings.
@@ -25,6 +28,8 @@ pub struct SwitchConfig {
     pub macs_per_port: usize,
     /// Largest L3 payload (bytes after the Ethernet header and any tag).
     pub mtu: usize,
+    /// Flows one port's stateful ACL rules may track.
+    pub flows_per_port: usize,
 }
 
 impl Default for SwitchConfig {
@@ -33,6 +38,7 @@ impl Default for SwitchConfig {
             aging: Duration::from_secs(300),
             macs_per_port: 1024,
             mtu: 1500,
+            flows_per_port: MAX_FLOWS_PER_PORT,
         }
     }
 }
@@ -50,6 +56,9 @@ pub struct PortCounters {
     /// Frames to this port dropped, by reason.
     pub tx_dropped: BTreeMap<&'static str, u64>,
     pub macs_refused: u64,
+    /// Mirrored copies handed to this port as a monitor (not in `tx_packets`).
+    pub mirror_packets: u64,
+    pub mirror_bytes: u64,
 }
 
 /// A port as the API shows it.
@@ -93,6 +102,8 @@ pub enum SwitchError {
     Port(#[from] PortError),
     #[error("ACL: {0}")]
     Acl(#[from] AclError),
+    #[error("port '{port}': mirror target '{to}' is no port")]
+    MirrorTarget { port: String, to: String },
 }
 
 struct Port {
@@ -145,11 +156,14 @@ fn retag(bytes: &[u8], tagged: bool, tci: Option<u16>) -> Vec<u8> {
 }
 
 impl Switch {
-    /// A switch whose chain holds the guards and the ACLs (filter stage, in that order).
+    /// A switch whose chain holds mirroring (capture stage), then the guards, the
+    /// ACLs and the storm limits (filter stage, in that order).
     pub fn new(cfg: SwitchConfig) -> Self {
         let mut chain = Chain::default();
+        chain.push(Box::new(Mirror::default()));
         chain.push(Box::new(GuardSet));
-        chain.push(Box::new(Acl::default()));
+        chain.push(Box::new(Acl::new(cfg.flows_per_port)));
+        chain.push(Box::new(StormControl::default()));
         Self {
             cfg,
             ports: BTreeMap::new(),
@@ -170,11 +184,16 @@ impl Switch {
         self.chain.iter()
     }
 
-    pub fn add_port(&mut self, config: PortConfig) -> Result<PortId, SwitchError> {
+    /// Whether `config` could be added: valid, a new name, interface and socket, a
+    /// mirror to a port that exists. Returns the mirror's monitor, if any.
+    pub fn check_port(
+        &self,
+        config: &PortConfig,
+    ) -> Result<Option<(PortId, MirrorDirection)>, SwitchError> {
         config.validate()?;
         for p in self.ports.values() {
             if p.config.name == config.name {
-                return Err(SwitchError::DuplicateName(config.name));
+                return Err(SwitchError::DuplicateName(config.name.clone()));
             }
             if let (Some(a), Some(b)) = (&p.config.vhost_user, &config.vhost_user) {
                 if a == b {
@@ -194,6 +213,21 @@ impl Switch {
                 });
             }
         }
+        match &config.mirror {
+            Some(m) => Ok(Some((
+                self.port_id(&m.to).map_err(|_| SwitchError::MirrorTarget {
+                    port: config.name.clone(),
+                    to: m.to.clone(),
+                })?,
+                m.direction,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds a port ([`Switch::check_port`] first).
+    pub fn add_port(&mut self, config: PortConfig) -> Result<PortId, SwitchError> {
+        let monitor = self.check_port(&config)?;
         let id = self.next_port;
         self.next_port += 1;
         self.ports.insert(
@@ -203,12 +237,22 @@ impl Switch {
                 counters: PortCounters::default(),
             },
         );
+        if let Some((monitor, direction)) = monitor {
+            self.mirror_ext().set(id, monitor, direction);
+        }
         Ok(id)
     }
 
+    /// Removes a port; mirrors to it end.
     pub fn remove_port(&mut self, name: &str) -> Result<PortId, SwitchError> {
         let id = self.port_id(name)?;
         self.ports.remove(&id);
+        for p in self.ports.values_mut() {
+            if p.config.mirror.as_ref().is_some_and(|m| m.to == name) {
+                info!(port = %p.config.name, monitor = name, "monitor port removed: mirror cleared");
+                p.config.mirror = None;
+            }
+        }
         self.fdb.flush_port(id);
         self.traced.remove(&id);
         self.chain.port_removed(id, name);
@@ -247,8 +291,10 @@ impl Switch {
         self.fdb.rows(now)
     }
 
-    /// Drops aged MAC entries (call now and then; lookups ignore them anyway).
+    /// Drops aged MAC entries and extension state (flows): call now and then
+    /// (lookups ignore aged entries anyway). Returns the MAC entries dropped.
     pub fn expire(&mut self, now: Duration) -> usize {
+        self.chain.expire(now);
         self.fdb.expire(now)
     }
 
@@ -258,6 +304,67 @@ impl Switch {
             Some(acl) => acl,
             None => unreachable!("Switch::new installs the ACL extension"),
         }
+    }
+
+    fn mirror_ext(&mut self) -> &mut Mirror {
+        match self.chain.find_mut::<Mirror>() {
+            Some(m) => m,
+            None => unreachable!("Switch::new installs the mirror extension"),
+        }
+    }
+
+    fn port_mut(&mut self, name: &str) -> Result<(PortId, &mut Port), SwitchError> {
+        let id = self.port_id(name)?;
+        match self.ports.get_mut(&id) {
+            Some(p) => Ok((id, p)),
+            None => Err(SwitchError::UnknownPort(name.to_string())),
+        }
+    }
+
+    /// The connection-table counters of `port` (`None`: no stateful rule on it).
+    pub fn acl_flows(&mut self, port: &str) -> Result<Option<FlowStats>, SwitchError> {
+        let id = self.port_id(port)?;
+        Ok(self.acl().flow_stats(id))
+    }
+
+    /// Copies `port`'s frames (`direction`) to the port `to`, replacing any mirror
+    /// `port` had.
+    pub fn mirror_set(
+        &mut self,
+        port: &str,
+        to: &str,
+        direction: MirrorDirection,
+    ) -> Result<(), SwitchError> {
+        if port == to {
+            return Err(PortError::MirrorSelf(port.to_string()).into());
+        }
+        let monitor = self.port_id(to).map_err(|_| SwitchError::MirrorTarget {
+            port: port.to_string(),
+            to: to.to_string(),
+        })?;
+        let (id, p) = self.port_mut(port)?;
+        p.config.mirror = Some(MirrorSpec {
+            to: to.to_string(),
+            direction,
+        });
+        self.mirror_ext().set(id, monitor, direction);
+        Ok(())
+    }
+
+    /// Stops mirroring `port`; whether it was mirrored.
+    pub fn mirror_clear(&mut self, port: &str) -> Result<bool, SwitchError> {
+        let (id, p) = self.port_mut(port)?;
+        p.config.mirror = None;
+        Ok(self.mirror_ext().clear(id))
+    }
+
+    /// Sets (`Some`) or lifts (`None`) `port`'s broadcast/multicast limit, in
+    /// packets per second; a new limit starts with a full bucket.
+    pub fn storm_set(&mut self, port: &str, pps: Option<u64>) -> Result<(), SwitchError> {
+        let pps = pps.map(check_storm).transpose()?;
+        let (_, p) = self.port_mut(port)?;
+        p.config.storm = pps;
+        Ok(())
     }
 
     pub fn acl_add(&mut self, port: &str, rule: AclRule) -> Result<u64, SwitchError> {
@@ -389,6 +496,7 @@ impl Switch {
                 port_config: &port.config,
                 direction: Direction::Outbound,
                 ingress,
+                now,
             };
             self.chain.ingress(&ctx)
         };
@@ -427,6 +535,7 @@ impl Switch {
                 port_config: &port.config,
                 direction: Direction::Outbound,
                 ingress,
+                now,
             };
             self.chain.forward(&ctx, &mut egress);
         }
@@ -436,6 +545,21 @@ impl Switch {
         if egress.is_empty() && known.is_some() {
             return Err(self.drop_rx(ingress, DropReason::NO_EGRESS));
         }
+        // Accepted: a copy as received for the ingress port's monitor, if any.
+        let mut monitors = Vec::new();
+        if let Some(port) = self.ports.get(&ingress) {
+            let ctx = FrameCtx {
+                frame: &frame,
+                vlan,
+                port: ingress,
+                port_config: &port.config,
+                direction: Direction::Outbound,
+                ingress,
+                now,
+            };
+            self.chain.mirror(&ctx, &mut monitors);
+        }
+        self.send_copies(ingress, &monitors, bytes, out);
 
         let pcp = frame.tag.map(|t| u16::from(t.pcp) << 13).unwrap_or(0);
         for id in egress {
@@ -449,9 +573,15 @@ impl Switch {
                 port_config: &port.config,
                 direction: Direction::Inbound,
                 ingress,
+                now,
             };
             let traced = self.traced.contains(&id);
-            if let Verdict::Drop(why) = self.chain.egress(&ctx) {
+            let verdict = self.chain.egress(&ctx);
+            monitors.clear();
+            if verdict == Verdict::Pass {
+                self.chain.mirror(&ctx, &mut monitors);
+            }
+            if let Verdict::Drop(why) = verdict {
                 *port.counters.tx_dropped.entry(why.0).or_default() += 1;
                 if traced {
                     self.trace.push(TraceRecord {
@@ -478,11 +608,51 @@ impl Switch {
                     frame: bytes.clone(),
                 });
             }
-            out.push(Egress {
-                port: id,
-                frame: bytes,
-            });
+            if monitors.is_empty() {
+                out.push(Egress {
+                    port: id,
+                    frame: bytes,
+                });
+            } else {
+                out.push(Egress {
+                    port: id,
+                    frame: bytes.clone(),
+                });
+                self.send_copies(id, &monitors, &bytes, out);
+            }
         }
         Ok(())
+    }
+
+    /// Hands `monitors` an untouched copy of `bytes`, a frame of port `of`.
+    fn send_copies(
+        &mut self,
+        of: PortId,
+        monitors: &[PortId],
+        bytes: &[u8],
+        out: &mut Vec<Egress>,
+    ) {
+        for &m in monitors {
+            let Some(port) = self.ports.get_mut(&m) else {
+                continue;
+            };
+            if m == of {
+                continue;
+            }
+            port.counters.mirror_packets += 1;
+            port.counters.mirror_bytes += bytes.len() as u64;
+            if self.traced.contains(&m) {
+                self.trace.push(TraceRecord {
+                    port: m,
+                    direction: Direction::Inbound,
+                    dropped: None,
+                    frame: bytes.to_vec(),
+                });
+            }
+            out.push(Egress {
+                port: m,
+                frame: bytes.to_vec(),
+            });
+        }
     }
 }

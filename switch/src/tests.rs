@@ -12,14 +12,14 @@ use crate::frame::{ETHERTYPE_IPV4, IPPROTO_ICMPV6};
 use crate::port::PortConfig;
 use crate::{Egress, PortId, Switch, SwitchConfig};
 
-const T0: Duration = Duration::from_secs(10);
-const BCAST: [u8; 6] = [0xff; 6];
+pub(crate) const T0: Duration = Duration::from_secs(10);
+pub(crate) const BCAST: [u8; 6] = [0xff; 6];
 
-fn mac(n: u8) -> [u8; 6] {
+pub(crate) fn mac(n: u8) -> [u8; 6] {
     [0x52, 0x54, 0, 0, 0, n]
 }
 
-fn switch(specs: &[&str]) -> (Switch, Vec<PortId>) {
+pub(crate) fn switch(specs: &[&str]) -> (Switch, Vec<PortId>) {
     let mut sw = Switch::new(SwitchConfig::default());
     let ids = specs
         .iter()
@@ -28,17 +28,17 @@ fn switch(specs: &[&str]) -> (Switch, Vec<PortId>) {
     (sw, ids)
 }
 
-fn send(sw: &mut Switch, from: PortId, frame: &[u8]) -> Vec<Egress> {
+pub(crate) fn send(sw: &mut Switch, from: PortId, frame: &[u8]) -> Vec<Egress> {
     let mut out = Vec::new();
     sw.process(from, frame, T0, &mut out);
     out
 }
 
-fn ports(out: &[Egress]) -> Vec<PortId> {
+pub(crate) fn ports(out: &[Egress]) -> Vec<PortId> {
     out.iter().map(|e| e.port).collect()
 }
 
-fn plain(dst: [u8; 6], src: [u8; 6], vid: Option<u16>) -> Vec<u8> {
+pub(crate) fn plain(dst: [u8; 6], src: [u8; 6], vid: Option<u16>) -> Vec<u8> {
     ethernet(dst, src, vid, 0x88b5, b"vireo-switch test payload")
 }
 
@@ -50,7 +50,7 @@ fn with_tag(frame: &[u8], tci: u16) -> Vec<u8> {
     f
 }
 
-fn drops(sw: &Switch, port: &str, why: &str) -> u64 {
+pub(crate) fn drops(sw: &Switch, port: &str, why: &str) -> u64 {
     sw.counters(port)
         .unwrap()
         .rx_dropped
@@ -408,7 +408,10 @@ fn the_chain_runs_capture_filter_forward_in_order_and_a_forwarder_can_add_ports(
         "a capture's Drop is ignored; ingress reaches every stage"
     );
     let names: Vec<&str> = sw.extensions().map(|e| e.name()).collect();
-    assert_eq!(names, ["probe", "guards", "acl", "probe", "probe"]);
+    assert_eq!(
+        names,
+        ["mirror", "probe", "guards", "acl", "storm", "probe", "probe"]
+    );
 }
 
 #[test]

@@ -5,11 +5,15 @@
 //! control = "/run/vireo-switch.sock"
 //! aging_secs = 300
 //! mtu = 1500
-//! ports = ["name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=all",
-//!          "name=uplink,iface=eth1,trunk=10:20"]
+//! ports = ["name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=all,storm=1000,mirror=mon",
+//!          "name=uplink,iface=eth1,trunk=10:20",
+//!          "name=mon,iface=tap9,vlan=99"]
 //! [[acls]]
 //! port = "vm1"
 //! rule = { action = "deny", direction = "outbound", protocol = "tcp", dst_port = 25 }
+//! [[acls]]
+//! port = "vm1"
+//! rule = { action = "allow", direction = "outbound", protocol = "tcp", dst_port = 80, stateful = true, priority = 10 }
 //! ```
 
 use std::path::{Path, PathBuf};

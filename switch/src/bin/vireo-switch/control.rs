@@ -6,6 +6,9 @@
 //! `{"op":"acl-add","port":"vm1","rule":{"action":"deny",...}}`,
 //! `{"op":"acl-remove","port":"vm1","id":3}`,
 //! `{"op":"port-add","spec":"name=vm2,iface=tap1,vlan=10"}`, `{"op":"port-remove","port":"vm2"}`,
+//! `{"op":"mirror-set","port":"vm1","to":"mon","direction":"both"}` (direction `in`,
+//! `out` or `both`, the default), `{"op":"mirror-clear","port":"vm1"}`,
+//! `{"op":"storm-set","port":"vm1","pps":1000}`, `{"op":"storm-clear","port":"vm1"}`,
 //! `{"op":"trace","port":"vm1"}` (the reply line, then a pcapng stream of the port's
 //! frames on the same connection until the client closes it).
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":"one line"}`.
@@ -13,6 +16,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switch::acl::AclRule;
+use switch::mirror::MirrorDirection;
 
 /// A request line may be at most this long.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -41,6 +45,22 @@ pub enum Request {
         spec: String,
     },
     PortRemove {
+        port: String,
+    },
+    MirrorSet {
+        port: String,
+        to: String,
+        #[serde(default)]
+        direction: MirrorDirection,
+    },
+    MirrorClear {
+        port: String,
+    },
+    StormSet {
+        port: String,
+        pps: u64,
+    },
+    StormClear {
         port: String,
     },
     /// Turns this connection into a pcapng stream of the port's frames.

@@ -150,8 +150,9 @@ fn open_port(
     opener: Option<&Opener>,
     cfg: PortConfig,
 ) -> Result<PortId, DaemonError> {
-    // Checked before the socket opens, so a duplicate never touches the interface.
-    cfg.validate().map_err(SwitchError::from)?;
+    // Checked before the socket opens, so a duplicate (or a mirror to nowhere) never
+    // touches the interface.
+    sw.check_port(&cfg)?;
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
@@ -220,8 +221,16 @@ impl Daemon {
             wake,
             filters,
         };
-        for p in cfg.ports {
+        // Mirrors are set once every port exists: a monitor may come later in the list.
+        let mut mirrors = Vec::new();
+        for mut p in cfg.ports {
+            if let Some(m) = p.mirror.take() {
+                mirrors.push((p.name.clone(), m));
+            }
             open_port(&mut sw, &mut ports, &mut vhost, None, p)?;
+        }
+        for (port, m) in mirrors {
+            sw.mirror_set(&port, &m.to, m.direction)?;
         }
         for acl in cfg.acls {
             sw.acl_add(&acl.port, acl.rule)?;
@@ -583,7 +592,7 @@ impl Daemon {
             Request::AclList { port } => self
                 .sw
                 .acl_list(&port)
-                .map(|r| json!({ "rules": r }))
+                .and_then(|r| Ok(json!({ "rules": r, "flows": self.sw.acl_flows(&port)? })))
                 .map_err(|e| e.to_string()),
             Request::AclAdd { port, rule } => {
                 let r = self.sw.acl_add(&port, rule);
@@ -612,6 +621,39 @@ impl Daemon {
                     .map_err(|e| e.to_string())
                 })
                 .map(|id| json!({ "id": id })),
+            Request::MirrorSet {
+                port,
+                to,
+                direction,
+            } => {
+                let r = self.sw.mirror_set(&port, &to, direction);
+                if r.is_ok() {
+                    info!(%port, monitor = %to, %direction, "mirror set");
+                }
+                r.map(|()| json!({})).map_err(|e| e.to_string())
+            }
+            Request::MirrorClear { port } => {
+                let r = self.sw.mirror_clear(&port);
+                if r.is_ok() {
+                    info!(%port, "mirror cleared");
+                }
+                r.map(|was| json!({ "was_mirrored": was }))
+                    .map_err(|e| e.to_string())
+            }
+            Request::StormSet { port, pps } => {
+                let r = self.sw.storm_set(&port, Some(pps));
+                if r.is_ok() {
+                    info!(%port, pps, "storm limit set");
+                }
+                r.map(|()| json!({})).map_err(|e| e.to_string())
+            }
+            Request::StormClear { port } => {
+                let r = self.sw.storm_set(&port, None);
+                if r.is_ok() {
+                    info!(%port, "storm limit lifted");
+                }
+                r.map(|()| json!({})).map_err(|e| e.to_string())
+            }
             Request::Trace { port } => match self.sw.set_trace(&port, true) {
                 Ok(id) => {
                     info!(%port, "trace started");

@@ -40,7 +40,8 @@ enum Cmd {
     /// Runs the switch until SIGTERM or SIGINT.
     Run {
         /// A port: name=N[,iface=IF|,vhost-user=SOCKET][,vlan=V[,pvlan=isolated|community:C|promiscuous]]
-        /// [,trunk=V:V..[,native=V]][,mac=M][,ip=A][,guard=mac+dhcp+router+arp|all]
+        /// [,trunk=V:V..[,native=V]][,mac=M][,ip=A]..[,guard=mac+dhcp+router+arp+nd|all]
+        /// [,storm=PPS][,mirror=MONITOR[:in|out|both]]
         #[arg(long = "port", value_name = "SPEC")]
         ports: Vec<String>,
         /// A TOML (or .json) file with control, aging_secs, mtu, ports and acls.
