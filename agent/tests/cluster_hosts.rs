@@ -1096,6 +1096,76 @@ fn a_bulk_migration_moves_a_selection_to_one_node_one_at_a_time_high_first() {
             .unwrap_or_else(|| panic!("{vm} not in:\n{table}"));
         assert!(line.contains("moved") && line.contains(&request), "{line}");
     }
+
+    // Followed with a timeout shorter than three moves one after the other: vireoctl
+    // stops waiting (exit 124, saying what is unfinished and how to cancel it) and the
+    // moves go on without it.
+    let o = c.nodes[1].ctl(&[
+        "vm",
+        "migrate",
+        "hi",
+        "lo1",
+        "lo2",
+        "--to",
+        "c",
+        "--concurrency",
+        "1",
+        "--wait",
+        "--timeout",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(124), "{stderr}");
+    assert!(
+        stderr.contains("not finished after 1 s")
+            && stderr.contains("vireoctl migration cancel --cluster"),
+        "{stderr}"
+    );
+    c.wait("the moves went on after vireoctl stopped waiting", || {
+        vms.iter()
+            .all(|vm| c.owner(vm).as_deref() == Some("c") && c.runs(2, vm))
+    });
+
+    // Bulk stop of the Low VMs: they are off (no VMM anywhere, ownership `off`) and
+    // stay off; hi runs on. Bulk start: they run again, with a grown fencing token.
+    let low = ["lo1", "lo2"];
+    let low_disks = [&disks[1], &disks[2]];
+    let before: Vec<u64> = low_disks.iter().map(|d| token(d)).collect();
+    c.nodes[0].ctl_ok(&["vm", "stop", "--selector", "priority=low"]);
+    let off = |vm: &str| {
+        let (_, body) = c.nodes[1].api("GET", "/api/v1/cluster", None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["name"] == vm && x["owner"] == "off")
+    };
+    c.wait("lo1 and lo2 off, no VMM anywhere", || {
+        low.iter()
+            .all(|vm| off(vm) && (0..NODES.len()).all(|i| !c.runs(i, vm)))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        low.iter()
+            .all(|vm| off(vm) && (0..NODES.len()).all(|i| !c.runs(i, vm))),
+        "a stopped VM started again:\n{}",
+        c.logs()
+    );
+    assert!(c.runs(2, "hi"), "hi was stopped too");
+    c.nodes[0].ctl_ok(&["vm", "start", "--selector", "priority=low"]);
+    for (vm, (disk, before)) in low.iter().zip(low_disks.iter().zip(&before)) {
+        let i = c.runner(vm, NODES.len());
+        c.wait(&format!("{vm}'s fencing token grown"), || {
+            token(disk) > *before
+        });
+        assert_eq!(
+            (0..NODES.len()).filter(|&j| c.runs(j, vm)).count(),
+            1,
+            "{vm} runs on {} and elsewhere",
+            NODES[i]
+        );
+    }
 }
 
 /// An update hooks directory (root's, as vireod requires) with hook `update`: it asks

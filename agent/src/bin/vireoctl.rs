@@ -770,6 +770,10 @@ enum VmCommand {
         /// Wait for the end, with a progress bar; fails if the migration does.
         #[arg(long, short)]
         wait: bool,
+        /// With --wait: give up waiting after SECS and exit 124. The migration goes
+        /// on (`vireoctl migration cancel` stops it).
+        #[arg(long, value_name = "SECS", requires = "wait", value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: Option<u64>,
     },
     /// Resource metering since the last reset.
     Metrics {
@@ -810,7 +814,18 @@ enum CtlError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// `--wait --timeout` ran out: what is still unfinished goes on.
+    #[error("{what}: not finished after {secs} s ({state}); it goes on: {hint}")]
+    WaitTimedOut {
+        what: String,
+        secs: u64,
+        state: String,
+        hint: String,
+    },
 }
+
+/// The exit status of a `--wait` whose `--timeout` ran out (as timeout(1)'s).
+const EXIT_WAIT_TIMED_OUT: u8 = 124;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -1235,6 +1250,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             concurrency,
             force,
             wait,
+            timeout,
             ..
         } if selector.is_some()
             || names.len() > 1
@@ -1248,6 +1264,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                 force,
                 concurrency,
                 wait,
+                timeout: timeout.map(Duration::from_secs),
             };
             bulk::request(ctx, ask, out)
         }
@@ -1264,6 +1281,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
             storage_dir,
             connections,
             wait,
+            timeout,
             ..
         } => {
             let [name] = names.as_slice() else {
@@ -1310,7 +1328,7 @@ fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
                 }
                 return Ok(());
             }
-            let done = follow_migration(ctx, &rec.id, out)?;
+            let done = follow_migration(ctx, &rec.id, out, timeout.map(Duration::from_secs))?;
             match done.state {
                 MigrationState::Completed => Ok(()),
                 s => Err(CtlError::Api(format!(
@@ -1517,8 +1535,14 @@ fn progress_line(r: &MigrationRecord) -> String {
 
 /// Polls a migration until it ends, drawing a progress bar on a terminal (plain
 /// lines at each state change otherwise); returns the final record.
-fn follow_migration(ctx: &Ctx, id: &str, out: Output) -> Result<MigrationRecord, CtlError> {
+fn follow_migration(
+    ctx: &Ctx,
+    id: &str,
+    out: Output,
+    timeout: Option<Duration>,
+) -> Result<MigrationRecord, CtlError> {
     use std::io::IsTerminal;
+    let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::new(100);
     if !std::io::stderr().is_terminal() || out == Output::Json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -1551,6 +1575,15 @@ fn follow_migration(ctx: &Ctx, id: &str, out: Output) -> Result<MigrationRecord,
                 Output::Table => migration_table(&r),
             }
             return Ok(r);
+        }
+        if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
+            bar.finish_and_clear();
+            return Err(CtlError::WaitTimedOut {
+                what: format!("migration {id} of {}", r.vm),
+                secs: t.as_secs(),
+                state: progress_line(&r),
+                hint: format!("vireoctl migration cancel {id}"),
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -1900,7 +1933,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vireoctl: error: {e}");
-            ExitCode::from(1)
+            match e {
+                CtlError::WaitTimedOut { .. } => ExitCode::from(EXIT_WAIT_TIMED_OUT),
+                _ => ExitCode::from(1),
+            }
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Ask<'a> {
     pub concurrency: Option<u32>,
     /// Migrate: follow the moves until each ended.
     pub wait: bool,
+    /// How long `wait` follows them at most.
+    pub timeout: Option<Duration>,
 }
 
 /// Sends a bulk request and prints its answer; with `wait`, follows its moves until
@@ -54,7 +56,7 @@ pub fn request(ctx: &Ctx, ask: Ask<'_>, out: Output) -> Result<(), CtlError> {
     }
     let id = v["id"].as_str().unwrap_or_default().to_string();
     if ask.wait && op == "migrate" {
-        follow(ctx, &id, out)?;
+        follow(ctx, &id, out, ask.timeout)?;
     }
     Ok(())
 }
@@ -86,8 +88,10 @@ fn print_request(v: &Value) {
 /// How often `--wait` reads the queue.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Follows request `id`'s moves until none is unfinished, printing each change.
-fn follow(ctx: &Ctx, id: &str, out: Output) -> Result<(), CtlError> {
+/// Follows request `id`'s moves until none is unfinished (or `timeout` passed),
+/// printing each change.
+fn follow(ctx: &Ctx, id: &str, out: Output, timeout: Option<Duration>) -> Result<(), CtlError> {
+    let started = std::time::Instant::now();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let q = ctx.json("GET", "/api/v1/cluster/migrations", None)?;
@@ -121,6 +125,19 @@ fn follow(ctx: &Ctx, id: &str, out: Output) -> Result<(), CtlError> {
                 "request {id}: moves failed: {}",
                 failed.join(", ")
             )));
+        }
+        if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
+            let unfinished: Vec<String> = seen
+                .iter()
+                .filter(|(_, state)| !["moved", "failed"].contains(&state.as_str()))
+                .map(|(vm, state)| format!("{vm} {state}"))
+                .collect();
+            return Err(CtlError::WaitTimedOut {
+                what: format!("request {id}"),
+                secs: t.as_secs(),
+                state: unfinished.join(", "),
+                hint: format!("vireoctl migration cancel --cluster {id}"),
+            });
         }
         std::thread::sleep(POLL);
     }
