@@ -60,6 +60,7 @@ pub mod replica_failover;
 pub mod replica_primary;
 pub mod replica_reverse;
 pub mod replica_server;
+pub mod replica_upload;
 pub mod replication;
 pub mod server;
 pub mod supervisor;

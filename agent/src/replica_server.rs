@@ -14,7 +14,8 @@
 //! - `POST /peer/v1/replica/{vm}/base-complete` `{"image_sha256": [...]}`: the initial
 //!   copy is all there (refused if an image's hash is not the primary's);
 //! - `PUT  /peer/v1/replica/{vm}/disks/{disk}/segments/{seq}`: a zstd-compressed
-//!   sealed segment, staged after it verified (a re-send is harmless);
+//!   sealed segment, decompressed into its staged file as it arrives and kept once it
+//!   verified (a re-send is harmless);
 //! - `POST /peer/v1/replica/{vm}/points` `{"cut_id": C, "seqs": [...]}`: every disk is
 //!   applied up to its segment of cut C, then C is the VM's recovery point;
 //! - `PUT  /peer/v1/replica/{vm}/extras/{definition|kernel|initramfs}`: what a failover
@@ -28,7 +29,6 @@
 //! verifying, applying and syncing.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,12 +40,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Extension, Json, Router};
-use futures_util::StreamExt;
 use replica::{Committed, ReplicaVm, Staged, StoreError};
 use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::peer_server::Peer;
+use crate::replica_upload::{Upload, UploadEnd};
 
 /// The default bound of one decompressed segment (and of its compressed upload).
 pub const DEFAULT_MAX_SEGMENT: u64 = 1 << 30;
@@ -676,68 +676,45 @@ async fn resync(
     }
 }
 
-/// Spools a request body into an unnamed file beside the primary's VMs, at most
-/// `limit` bytes.
-async fn spool(vm: &str, body: Body, dir: &OwnedFd, limit: u64) -> Result<std::fs::File, Response> {
-    let name = format!(".upload-{}", uuid::Uuid::new_v4());
-    let file = confine::create_private(dir.as_fd(), name.as_ref());
-    let internal = |e: std::io::Error| {
-        if storage_full(&e) {
-            return full(vm, format!("spooling the upload: {e}"));
-        }
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("spooling the upload: {e}"),
-        )
-    };
-    let mut file = file.map_err(internal)?;
-    confine::unlink_at(dir.as_fd(), name.as_ref()).map_err(internal)?;
-    let mut stream = body.into_data_stream();
-    let mut total = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("the upload was cut short: {e}"),
-            )
-        })?;
-        total += chunk.len() as u64;
-        if total > limit {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("a segment upload over {limit} bytes"),
-            ));
-        }
-        file.write_all(&chunk).map_err(internal)?;
-    }
-    file.seek(SeekFrom::Start(0)).map_err(internal)?;
-    Ok(file)
-}
-
 async fn segment(
     State(s): S,
     Extension(Peer(primary)): Extension<Peer>,
     UrlPath((vm, disk, seq)): UrlPath<(String, usize, u64)>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
     if !valid_name(&vm) {
         return error(StatusCode::BAD_REQUEST, format!("invalid VM name {vm:?}"));
     }
-    let dir = match s.primary_dir(&primary) {
-        Ok(d) => d,
-        Err(e) => return store_error(&vm, e),
-    };
     let max = s.max_segment;
-    let file = match spool(&vm, body, &dir, max).await {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+    // A body announced over the bound is refused before a byte of it is read (one
+    // without a length is cut off at the bound as it arrives).
+    let announced = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            UploadEnd::TooLarge { limit: max }.to_string(),
+        );
+    }
+    // Staged as it arrives (decompressed straight into the staged file), the VM's lock
+    // held meanwhile: see `replica_upload`.
+    let (pump, reader, upload) = Upload::start(body, max);
     let name = vm.clone();
-    match with_vm(&s, &primary, &vm, move |dir| {
-        ReplicaVm::open(dir.as_fd(), &name)?.stage(disk, seq, std::io::BufReader::new(file), max)
-    })
-    .await
-    {
+    let staging = with_vm(&s, &primary, &vm, move |dir| {
+        ReplicaVm::open(dir.as_fd(), &name)?.stage(disk, seq, std::io::BufReader::new(reader), max)
+    });
+    let ((), staged) = tokio::join!(pump, staging);
+    if let Some(end) = upload.ended() {
+        let status = match end {
+            UploadEnd::CutShort(_) => StatusCode::BAD_REQUEST,
+            UploadEnd::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+        return error(status, end.to_string());
+    }
+    match staged {
         Ok(Staged::Staged(t)) => (
             StatusCode::OK,
             Json(serde_json::json!({
