@@ -303,6 +303,21 @@ fn open_or_create_dir(parent: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd>
 }
 
 /// Opens `name` in `dir` for reading and writing without following a symlink.
+/// Tells the kernel how an image is used: `POSIX_FADV_RANDOM` (no readahead: the
+/// undo capture reads the old bytes of the ranges a segment overwrites; readahead
+/// would cache them as large folios, and the segment's small writes would then dirty
+/// whole folios: the replica wrote back ~64x the guest's bytes on ext4 with large
+/// folios) or `POSIX_FADV_DONTNEED`. Advice only: a file system that ignores it loses
+/// nothing but the saving.
+fn advise(image: &File, advice: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise on an fd this File owns; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(image.as_raw_fd(), 0, 0, advice) };
+    if r != 0 {
+        tracing::debug!(advice, error = %io::Error::from_raw_os_error(r), "posix_fadvise on a replica image");
+    }
+}
+
 fn open_rw_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -446,6 +461,7 @@ impl ReplicaVm {
         for i in 0..state.disk_sizes.len() {
             let image =
                 open_rw_at(dir.as_fd(), &disk_image_name(i)).map_err(io_err(disk_image_name(i)))?;
+            advise(&image, libc::POSIX_FADV_RANDOM);
             let ddir = confine::open_dir_at(dir.as_fd(), disk_dir_name(i).as_ref())
                 .map_err(io_err(disk_dir_name(i)))?;
             let ddir2 = ddir.try_clone().map_err(io_err(disk_dir_name(i)))?;
@@ -1036,6 +1052,10 @@ impl ReplicaVm {
         }
         for (i, img) in self.images.iter().enumerate() {
             img.sync_all().map_err(io_err(disk_image_name(i)))?;
+            // The copy's pages (clean once synced) leave the cache: kept, they are the
+            // large folios its big writes made, and each 4 KiB write a segment applies
+            // later would dirty (and write back) a whole folio.
+            advise(img, libc::POSIX_FADV_DONTNEED);
         }
         let mut state = self.state.clone();
         state.base_complete = true;
