@@ -2230,7 +2230,7 @@ fn a_capped_port_is_held_to_its_cap_both_ways_and_the_accuracy_is_reported() {
 }
 
 #[test]
-fn weights_share_a_rated_port_under_contention() {
+fn weights_share_a_rated_port_under_contention_and_minimums_come_first() {
     if skip_unless_root() {
         return;
     }
@@ -2294,6 +2294,35 @@ fn weights_share_a_rated_port_under_contention() {
     );
     let v = lab.ctl(r#"{"op":"qos-set","port":"a","min":"5M"}"#);
     assert_eq!(v["qos"]["min"], 5_000_000, "{v}");
+    // With 5 of the 8 Mbit/s reserved, the weight-1 source now gets the larger share
+    // (about 5 : 3; the minimum is a floor, the rest goes by weight).
+    let start = Instant::now();
+    let (_, got) = offer_and_capture(
+        lab.wire("up"),
+        &[
+            (lab.wire("a"), &fa, 12_000_000),
+            (lab.wire("c"), &fc, 12_000_000),
+        ],
+        dur,
+    );
+    let in_window = |src: u8| -> f64 {
+        got.iter()
+            .filter(|g| g.0 >= start + Duration::from_millis(500) && g.0 <= start + dur)
+            .filter(|g| g.2 == src)
+            .map(|g| g.1 as f64)
+            .sum()
+    };
+    let (ba, bc) = (in_window(1), in_window(2));
+    let share = ba / (ba + bc);
+    eprintln!(
+        "QoS e2e: min 5M (weight 1) against weight 3 at 8 Mbit/s: shares {:.1} % / {:.1} % (want 62.5 % / 37.5 %)",
+        share * 100.0,
+        100.0 - share * 100.0
+    );
+    assert!(
+        (0.5..=0.75).contains(&share),
+        "the minimum's share {share} (want 0.625)"
+    );
     let v = lab.ctl(r#"{"op":"qos-set","port":"c","min":"4M"}"#);
     assert!(
         v["error"]
