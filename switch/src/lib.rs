@@ -10,9 +10,14 @@
 //! - [`extension`]: the ordered capture → filter → forward chain and its trait.
 //! - [`acl`] (with [`conntrack`] for stateful rules), [`guards`], [`storm`]: the
 //!   built-in filter extensions; [`mirror`]: port mirroring (capture stage).
+//! - [`qos`] (with [`bucket`]): maximum bandwidth (a policer extension), weights and
+//!   minimums; [`scheduler`]: the egress scheduler of ports with a known rate
+//!   (deficit round robin, minimums first, shaped), polled by the I/O layer through
+//!   [`Switch::poll_egress`] and [`Switch::next_deadline`].
 //! - [`Switch`]: ports, classification, learning, flooding, egress tagging.
 
 pub mod acl;
+pub mod bucket;
 pub mod conntrack;
 pub mod extension;
 pub mod fdb;
@@ -23,6 +28,10 @@ pub mod pcap;
 #[cfg(test)]
 mod policy_tests;
 pub mod port;
+pub mod qos;
+#[cfg(test)]
+mod qos_tests;
+pub mod scheduler;
 pub mod storm;
 mod switch;
 #[cfg(test)]
@@ -32,5 +41,5 @@ mod tests;
 pub type PortId = u32;
 
 pub use switch::{
-    Egress, PortCounters, PortStatus, Switch, SwitchConfig, SwitchError, TraceRecord,
+    Egress, PortCounters, PortStatus, QosStatus, Switch, SwitchConfig, SwitchError, TraceRecord,
 };

@@ -12,6 +12,7 @@ use net::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::mirror::{MirrorDirection, MirrorSpec};
+use crate::qos::{check_weight, QosError, QosSpec};
 use crate::storm::MAX_STORM_PPS;
 
 /// A VLAN id a port can carry: 1..=4094 (0 is "priority only", 4095 reserved).
@@ -162,6 +163,9 @@ pub struct PortConfig {
     /// The monitor port its frames are copied to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorSpec>,
+    /// Maximum bandwidth, link rate, weight and minimum ([`crate::qos`]).
+    #[serde(default, skip_serializing_if = "QosSpec::is_empty")]
+    pub qos: QosSpec,
 }
 
 /// Checks a storm limit: 1 to [`MAX_STORM_PPS`] packets per second.
@@ -215,6 +219,7 @@ impl PortConfig {
         if let Some(pps) = self.storm {
             check_storm(u64::from(pps))?;
         }
+        self.qos.validate(&self.name)?;
         if let Some(m) = &self.mirror {
             if !valid_name(&m.to) {
                 return Err(PortError::Name(m.to.clone()));
@@ -234,7 +239,7 @@ pub enum PortError {
     VlanRange(u32),
     #[error("bad {0} value '{1}'")]
     Value(&'static str, String),
-    #[error("unknown port option '{0}' (known: name, iface, vhost-user, vlan, pvlan, trunk, native, mac, ip, guard, storm, mirror)")]
+    #[error("unknown port option '{0}' (known: name, iface, vhost-user, vlan, pvlan, trunk, native, mac, ip, guard, storm, mirror, max, rate, weight, min)")]
     Option(String),
     #[error("port name '{0}' is not 1-64 characters of [A-Za-z0-9-_.]")]
     Name(String),
@@ -258,6 +263,8 @@ pub enum PortError {
     Storm(u64),
     #[error("port '{0}' cannot mirror to itself")]
     MirrorSelf(String),
+    #[error("{0}")]
+    Qos(#[from] QosError),
 }
 
 fn parse_guards(s: &str) -> Result<Guards, PortError> {
@@ -324,14 +331,15 @@ impl FromStr for PortConfig {
 
     /// `name=N[,iface=IF|,vhost-user=SOCKET][,vlan=V[,pvlan=isolated|community:C|promiscuous]]`
     /// `[,trunk=V:V:...[,native=V]][,mac=M][,ip=A]...[,guard=mac+dhcp+router+arp+nd]`
-    /// `[,storm=PPS][,mirror=MONITOR[:in|out|both]]`.
+    /// `[,storm=PPS][,mirror=MONITOR[:in|out|both]][,max=RATE[:in|out|both]][,rate=RATE]`
+    /// `[,weight=1-100][,min=RATE]` (rates in bits/s with k, M, G, T suffixes).
     /// Trunk VLANs are separated by `:` (a `,` separates options).
     fn from_str(s: &str) -> Result<Self, PortError> {
         let (mut name, mut iface, mut vlan, mut trunk, mut native) = (None, None, None, None, None);
         let mut vhost_user = None;
         let (mut private, mut mac, mut ips, mut guards) =
             (None, None, Vec::new(), Guards::default());
-        let (mut storm, mut mirror) = (None, None);
+        let (mut storm, mut mirror, mut qos) = (None, None, QosSpec::default());
         for kv in s.split(',') {
             let (k, v) = kv
                 .split_once('=')
@@ -369,6 +377,16 @@ impl FromStr for PortConfig {
                     storm = Some(check_storm(n)?);
                 }
                 "mirror" => mirror = Some(parse_mirror(v)?),
+                "max" => qos.max = Some(v.parse()?),
+                "rate" => qos.rate = Some(v.parse()?),
+                "min" => qos.min = Some(v.parse()?),
+                "weight" => {
+                    let w = v
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| PortError::Value("weight", v.to_string()))?;
+                    qos.weight = Some(check_weight(w)?);
+                }
                 _ => return Err(PortError::Option(k.to_string())),
             }
         }
@@ -401,6 +419,7 @@ impl FromStr for PortConfig {
             guards,
             storm,
             mirror,
+            qos,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -474,6 +493,17 @@ mod tests {
                 "bad mirror direction (in, out, both) value 'sideways'",
             ),
             ("name=a,ip=fe80::1,guard=nd", "need mac="),
+            ("name=a,max=0", "rate 0 bit/s is out of range"),
+            ("name=a,max=8X", "bad rate '8X'"),
+            ("name=a,max=8M:up", "bad max direction 'up'"),
+            ("name=a,rate=2T", "out of range"),
+            ("name=a,weight=0", "weight 0 is out of range (1-100)"),
+            ("name=a,weight=101", "weight 101 is out of range"),
+            ("name=a,weight=x", "bad weight value 'x'"),
+            (
+                "name=a,max=1M,min=2M",
+                "port 'a': min 2M is above its own max 1M out",
+            ),
             ("name=a,ip=10.0.0.300", "bad ip value"),
             (
                 "name=a,iface=waytoolonginterfacename",

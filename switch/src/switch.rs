@@ -16,6 +16,8 @@ use crate::frame::{is_multicast, Frame, ETHERTYPE_VLAN, ETH_HLEN, VLAN_HLEN};
 use crate::guards::GuardSet;
 use crate::mirror::{Mirror, MirrorDirection, MirrorSpec};
 use crate::port::{check_storm, PortConfig, PortError, PrivateVlan, VlanId, VlanMode};
+use crate::qos::{check_minimums, Policer, QosError, QosSpec, QOS_QUEUE, QOS_SOURCE_REMOVED};
+use crate::scheduler::{EgressScheduler, Queued, SourceStats, QUEUE_FRAMES};
 use crate::storm::StormControl;
 use crate::PortId;
 
@@ -30,6 +32,8 @@ pub struct SwitchConfig {
     pub mtu: usize,
     /// Flows one port's stateful ACL rules may track.
     pub flows_per_port: usize,
+    /// Frames one source port may have queued at a scheduled port (QoS).
+    pub qos_queue_frames: usize,
 }
 
 impl Default for SwitchConfig {
@@ -39,6 +43,7 @@ impl Default for SwitchConfig {
             macs_per_port: 1024,
             mtu: 1500,
             flows_per_port: MAX_FLOWS_PER_PORT,
+            qos_queue_frames: QUEUE_FRAMES,
         }
     }
 }
@@ -104,6 +109,25 @@ pub enum SwitchError {
     Acl(#[from] AclError),
     #[error("port '{port}': mirror target '{to}' is no port")]
     MirrorTarget { port: String, to: String },
+    #[error("QoS: {0}")]
+    Qos(#[from] QosError),
+}
+
+/// A port's QoS as the API shows it: its settings, and as a scheduled port its rate
+/// and what each source queued, sent and lost there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QosStatus {
+    #[serde(flatten)]
+    pub spec: QosSpec,
+    /// The rate frames to the port are scheduled at, bits/s (absent: not scheduled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_rate: Option<u64>,
+    /// Bytes left in the policer's bucket (absent: no cap out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policer_credit: Option<u64>,
+    pub queued_packets: u64,
+    /// Per source port (by name) at this port's scheduler.
+    pub sources: BTreeMap<String, SourceStats>,
 }
 
 struct Port {
@@ -119,6 +143,8 @@ pub struct Switch {
     chain: Chain,
     traced: BTreeSet<PortId>,
     trace: Vec<TraceRecord>,
+    /// The egress schedulers of ports with a known rate.
+    schedulers: BTreeMap<PortId, EgressScheduler>,
 }
 
 /// Whether private-VLAN roles `a` and `b` may exchange frames.
@@ -157,13 +183,14 @@ fn retag(bytes: &[u8], tagged: bool, tci: Option<u16>) -> Vec<u8> {
 
 impl Switch {
     /// A switch whose chain holds mirroring (capture stage), then the guards, the
-    /// ACLs and the storm limits (filter stage, in that order).
+    /// ACLs, the storm limits and the QoS policer (filter stage, in that order).
     pub fn new(cfg: SwitchConfig) -> Self {
         let mut chain = Chain::default();
         chain.push(Box::new(Mirror::default()));
         chain.push(Box::new(GuardSet));
         chain.push(Box::new(Acl::new(cfg.flows_per_port)));
         chain.push(Box::new(StormControl::default()));
+        chain.push(Box::new(Policer::new(Self::max_frame_of(&cfg))));
         Self {
             cfg,
             ports: BTreeMap::new(),
@@ -172,7 +199,13 @@ impl Switch {
             chain,
             traced: BTreeSet::new(),
             trace: Vec::new(),
+            schedulers: BTreeMap::new(),
         }
+    }
+
+    /// The largest frame the switch passes: the MTU, the Ethernet header and a tag.
+    fn max_frame_of(cfg: &SwitchConfig) -> usize {
+        cfg.mtu + ETH_HLEN + VLAN_HLEN
     }
 
     /// Adds an extension after the others of its stage.
@@ -213,6 +246,7 @@ impl Switch {
                 });
             }
         }
+        self.check_qos(&config.name, &config.qos)?;
         match &config.mirror {
             Some(m) => Ok(Some((
                 self.port_id(&m.to).map_err(|_| SwitchError::MirrorTarget {
@@ -256,7 +290,207 @@ impl Switch {
         self.fdb.flush_port(id);
         self.traced.remove(&id);
         self.chain.port_removed(id, name);
+        self.schedulers.remove(&id);
+        let mut lost = Vec::new();
+        for (egress, s) in &mut self.schedulers {
+            let n = s.remove_source(id);
+            if n > 0 {
+                lost.push((*egress, n));
+            }
+        }
+        for (egress, n) in lost {
+            if let Some(p) = self.ports.get_mut(&egress) {
+                *p.counters
+                    .tx_dropped
+                    .entry(QOS_SOURCE_REMOVED.0)
+                    .or_default() += n as u64;
+            }
+        }
         Ok(id)
+    }
+
+    /// Whether port `name` may have QoS `qos`, the other ports keeping theirs: the
+    /// minimums of the other ports must fit the rate of every port with `rate=`.
+    fn check_qos(&self, name: &str, qos: &QosSpec) -> Result<(), QosError> {
+        qos.validate(name)?;
+        let mut all: Vec<(&str, &QosSpec)> = self
+            .ports
+            .values()
+            .map(|p| {
+                let n = p.config.name.as_str();
+                (n, if n == name { qos } else { &p.config.qos })
+            })
+            .collect();
+        if !all.iter().any(|(n, _)| *n == name) {
+            all.push((name, qos));
+        }
+        for (port, spec) in &all {
+            if let (Some(_), Some(rate)) = (spec.rate, spec.egress_rate()) {
+                check_minimums(port, rate, all.iter().map(|(n, s)| (*n, s.min)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes `port`'s QoS: the fields `update` gives replace the port's (the others
+    /// stay). Refused as a whole if the result is invalid or the minimums would no
+    /// longer fit a rate. Returns the port's QoS now.
+    pub fn qos_set(
+        &mut self,
+        port: &str,
+        update: &QosSpec,
+        now: Duration,
+    ) -> Result<QosSpec, SwitchError> {
+        let id = self.port_id(port)?;
+        let mut spec = self.ports[&id].config.qos;
+        spec.merge(update);
+        self.check_qos(port, &spec)?;
+        self.apply_qos(id, spec, now);
+        Ok(spec)
+    }
+
+    /// Removes `port`'s QoS: no cap, no rate (frames queued for it leave at the next
+    /// [`Switch::poll_egress`]), weight 1, no minimum.
+    pub fn qos_clear(&mut self, port: &str, now: Duration) -> Result<(), SwitchError> {
+        let id = self.port_id(port)?;
+        self.apply_qos(id, QosSpec::default(), now);
+        Ok(())
+    }
+
+    fn apply_qos(&mut self, id: PortId, spec: QosSpec, now: Duration) {
+        if let Some(p) = self.ports.get_mut(&id) {
+            p.config.qos = spec;
+            info!(port = %p.config.name, qos = %spec.spec_options(), "QoS set");
+        }
+        if let Some(s) = self.schedulers.get_mut(&id) {
+            s.set_rate(spec.egress_rate().map(|r| r.bits_per_s()), now);
+        }
+    }
+
+    /// `port`'s QoS settings and state.
+    pub fn qos_status(&mut self, port: &str) -> Result<QosStatus, SwitchError> {
+        let id = self.port_id(port)?;
+        let spec = self.ports[&id].config.qos;
+        let policer_credit = self.chain.find_mut::<Policer>().and_then(|p| p.credit(id));
+        let mut status = QosStatus {
+            spec,
+            scheduled_rate: None,
+            policer_credit: policer_credit.filter(|_| spec.out_cap().is_some()),
+            queued_packets: 0,
+            sources: BTreeMap::new(),
+        };
+        if let Some(s) = self.schedulers.get(&id) {
+            status.scheduled_rate = s.rate();
+            status.queued_packets = s.queued() as u64;
+            for (src, st) in s.stats() {
+                let name = self
+                    .ports
+                    .get(&src)
+                    .map_or_else(|| format!("#{src}"), |p| p.config.name.clone());
+                status.sources.insert(name, st);
+            }
+        }
+        Ok(status)
+    }
+
+    /// Appends the queued frames that may leave at `now` (ports with a known rate) to
+    /// `out`. Call it when [`Switch::next_deadline`] comes (and whenever convenient:
+    /// it is cheap with nothing queued).
+    pub fn poll_egress(&mut self, now: Duration, out: &mut Vec<Egress>) {
+        if self.schedulers.is_empty() {
+            return;
+        }
+        let ids: Vec<PortId> = self.schedulers.keys().copied().collect();
+        for id in ids {
+            self.drain(id, now, out);
+        }
+        // A port that lost its rate keeps no scheduler once its queues are empty.
+        self.schedulers
+            .retain(|_, s| s.rate().is_some() || s.queued() > 0);
+    }
+
+    /// The earliest time a queued frame may leave (`None`: nothing queued): when to
+    /// call [`Switch::poll_egress`] next.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.schedulers.values().filter_map(|s| s.deadline()).min()
+    }
+
+    /// Frames queued for `port`'s scheduler, all sources.
+    pub fn queued(&self, port: PortId) -> usize {
+        self.schedulers.get(&port).map_or(0, |s| s.queued())
+    }
+
+    /// Queues a frame for the scheduled port `id` and sends what may leave now.
+    #[allow(clippy::too_many_arguments)]
+    fn schedule(
+        &mut self,
+        id: PortId,
+        src: PortId,
+        weight: u8,
+        min: Option<u64>,
+        rate: u64,
+        item: Queued,
+        now: Duration,
+        out: &mut Vec<Egress>,
+    ) {
+        let (max_frame, bound) = (Self::max_frame_of(&self.cfg), self.cfg.qos_queue_frames);
+        let s = self
+            .schedulers
+            .entry(id)
+            .or_insert_with(|| EgressScheduler::new(rate, max_frame, bound, now));
+        if s.rate() != Some(rate) {
+            s.set_rate(Some(rate), now);
+        }
+        if let Err(item) = s.enqueue(src, weight, min, item, now) {
+            if let Some(p) = self.ports.get_mut(&id) {
+                *p.counters.tx_dropped.entry(QOS_QUEUE.0).or_default() += 1;
+            }
+            if self.traced.contains(&id) {
+                self.trace.push(TraceRecord {
+                    port: id,
+                    direction: Direction::Inbound,
+                    dropped: Some(QOS_QUEUE),
+                    frame: item.frame,
+                });
+            }
+        }
+        self.drain(id, now, out);
+    }
+
+    /// Sends what `id`'s scheduler lets leave at `now`.
+    fn drain(&mut self, id: PortId, now: Duration, out: &mut Vec<Egress>) {
+        while let Some((_, item)) = self.schedulers.get_mut(&id).and_then(|s| s.dequeue(now)) {
+            self.emit(id, item.frame, &item.monitors, out);
+        }
+    }
+
+    /// Hands `bytes` to port `id` (counted, traced) and its copies to `monitors`.
+    fn emit(&mut self, id: PortId, bytes: Vec<u8>, monitors: &[PortId], out: &mut Vec<Egress>) {
+        let Some(port) = self.ports.get_mut(&id) else {
+            return;
+        };
+        port.counters.tx_packets += 1;
+        port.counters.tx_bytes += bytes.len() as u64;
+        if self.traced.contains(&id) {
+            self.trace.push(TraceRecord {
+                port: id,
+                direction: Direction::Inbound,
+                dropped: None,
+                frame: bytes.clone(),
+            });
+        }
+        if monitors.is_empty() {
+            out.push(Egress {
+                port: id,
+                frame: bytes,
+            });
+        } else {
+            out.push(Egress {
+                port: id,
+                frame: bytes.clone(),
+            });
+            self.send_copies(id, monitors, &bytes, out);
+        }
     }
 
     pub fn port_id(&self, name: &str) -> Result<PortId, SwitchError> {
@@ -562,6 +796,11 @@ impl Switch {
         self.send_copies(ingress, &monitors, bytes, out);
 
         let pcp = frame.tag.map(|t| u16::from(t.pcp) << 13).unwrap_or(0);
+        let src_qos = self
+            .ports
+            .get(&ingress)
+            .map(|p| p.config.qos)
+            .unwrap_or_default();
         for id in egress {
             let Some(port) = self.ports.get_mut(&id) else {
                 continue;
@@ -598,27 +837,22 @@ impl Switch {
                 _ => None,
             };
             let bytes = retag(bytes, frame.tag.is_some(), tci);
-            port.counters.tx_packets += 1;
-            port.counters.tx_bytes += bytes.len() as u64;
-            if traced {
-                self.trace.push(TraceRecord {
-                    port: id,
-                    direction: Direction::Inbound,
-                    dropped: None,
-                    frame: bytes.clone(),
-                });
-            }
-            if monitors.is_empty() {
-                out.push(Egress {
-                    port: id,
-                    frame: bytes,
-                });
-            } else {
-                out.push(Egress {
-                    port: id,
-                    frame: bytes.clone(),
-                });
-                self.send_copies(id, &monitors, &bytes, out);
+            let qos = port.config.qos;
+            match qos.egress_rate() {
+                Some(rate) => {
+                    // Minimums are reserved where the link rate is known.
+                    let min = src_qos
+                        .min
+                        .filter(|_| qos.rate.is_some())
+                        .map(|m| m.bits_per_s());
+                    let item = Queued {
+                        frame: bytes,
+                        monitors: monitors.clone(),
+                    };
+                    let weight = src_qos.weight();
+                    self.schedule(id, ingress, weight, min, rate.bits_per_s(), item, now, out);
+                }
+                None => self.emit(id, bytes, &monitors, out),
             }
         }
         Ok(())

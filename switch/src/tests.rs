@@ -410,7 +410,7 @@ fn the_chain_runs_capture_filter_forward_in_order_and_a_forwarder_can_add_ports(
     let names: Vec<&str> = sw.extensions().map(|e| e.name()).collect();
     assert_eq!(
         names,
-        ["mirror", "probe", "guards", "acl", "storm", "probe", "probe"]
+        ["mirror", "probe", "guards", "acl", "storm", "qos", "probe", "probe"]
     );
 }
 

@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -2037,4 +2038,302 @@ fn the_nd_guard_drops_a_spoofed_neighbour_advertisement() {
     // The network side may advertise anything.
     let theirs = build::neighbour_advert(mac(2), ll, other, Some(mac(2)), &[]);
     lab.expect("net", &theirs, &["vm"], &theirs);
+}
+
+/// Frames `w` receives until `stop` is set and it has been quiet for 300 ms:
+/// (arrival, length, last byte of the source address).
+fn capture(w: &Wire, stop: &AtomicBool) -> Vec<(Instant, usize, u8)> {
+    let mut got = Vec::new();
+    loop {
+        match w.recv(Duration::from_millis(300)) {
+            Some(f) => got.push((Instant::now(), f.len(), f[11])),
+            None if stop.load(Ordering::SeqCst) => return got,
+            None => {}
+        }
+    }
+}
+
+/// Each (wire, frame, bits/s) sends its frame, paced at its rate, for `dur`; the
+/// frames each sent.
+fn offer(senders: &[(&Wire, &[u8], u64)], dur: Duration) -> Vec<u64> {
+    let start = Instant::now();
+    let mut sent = vec![0u64; senders.len()];
+    loop {
+        let t = start.elapsed();
+        if t >= dur {
+            return sent;
+        }
+        for (i, (w, f, bps)) in senders.iter().enumerate() {
+            let due = (t.as_secs_f64() * *bps as f64 / 8.0 / f.len() as f64) as u64 + 1;
+            while sent[i] < due {
+                w.send(f);
+                sent[i] += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Sends as `offer` does while `rx` captures; what `rx` got.
+fn offer_and_capture(
+    rx: &Wire,
+    senders: &[(&Wire, &[u8], u64)],
+    dur: Duration,
+) -> (Vec<u64>, Vec<(Instant, usize, u8)>) {
+    // 8 MiB of receive buffer: a capture thread the scheduler delays loses nothing.
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: valid option pointer and length on a socket we own.
+    let r = unsafe {
+        libc::setsockopt(
+            rx.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let got = s.spawn(|| capture(rx, &stop));
+        let sent = offer(senders, dur);
+        stop.store(true, Ordering::SeqCst);
+        (sent, got.join().unwrap())
+    })
+}
+
+/// Bits/s a capture arrived at, from its first frame to its last (the first not
+/// counted: it opens the interval).
+fn delivery_rate(got: &[(Instant, usize, u8)]) -> f64 {
+    assert!(got.len() > 10, "only {} frames arrived", got.len());
+    let secs = (got[got.len() - 1].0 - got[0].0).as_secs_f64();
+    let bytes: usize = got[1..].iter().map(|g| g.1).sum();
+    bytes as f64 * 8.0 / secs
+}
+
+fn drop_count(counters: &Value, dir: &str, why: &str) -> u64 {
+    counters[dir][why].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_capped_port_is_held_to_its_cap_both_ways_and_the_accuracy_is_reported() {
+    if skip_unless_root() {
+        return;
+    }
+    const CAP: f64 = 8_000_000.0;
+    let lab = Lab::start("qcap", &[("a", ",max=8M:out"), ("b", "")], &[]);
+    let f = frame(mac(2), mac(1), None, 974);
+    assert_eq!(f.len(), 1000);
+    // a sends 3× its cap for 2 s: policed, the excess dropped as qos-max.
+    let (sent, got) = offer_and_capture(
+        lab.wire("b"),
+        &[(lab.wire("a"), &f, 24_000_000)],
+        Duration::from_secs(2),
+    );
+    let rate = delivery_rate(&got);
+    eprintln!(
+        "QoS e2e: cap out 8 Mbit/s: {} of {} frames delivered at {:.3} Mbit/s ({:+.1} %)",
+        got.len(),
+        sent[0],
+        rate / 1e6,
+        (rate / CAP - 1.0) * 100.0
+    );
+    // The cap must hold (the upper bound); the lower one only shows it is not
+    // throttled to nothing on a busy machine.
+    assert!(
+        (0.4..=1.15).contains(&(rate / CAP)),
+        "cap out: {rate} bit/s against {CAP}"
+    );
+    assert!(
+        got.len() as u64 * 2 < sent[0],
+        "most of 3× the cap is dropped"
+    );
+    // Lifted, a marker passes: the counters are then complete.
+    assert_eq!(lab.ctl(r#"{"op":"qos-clear","port":"a"}"#)["ok"], true);
+    let marker = frame(mac(2), mac(1), None, 64);
+    lab.wire("a").send(&marker);
+    let rest = frames_until(lab.wire("b"), &marker);
+    let (a, b) = (lab.counters("a"), lab.counters("b"));
+    let policed = drop_count(&a, "rx_dropped", "qos-max");
+    let passed = got.len() as u64 + rest.len() as u64;
+    assert_eq!(
+        a["rx_packets"].as_u64().unwrap(),
+        passed + policed + 1,
+        "every frame the switch read passed or was policed: {a}"
+    );
+    assert_eq!(b["tx_packets"].as_u64(), Some(passed + 1), "{b}");
+
+    // b capped `in`, live: frames to b are shaped, the excess dropped at its queue.
+    let v = lab.ctl(r#"{"op":"qos-set","port":"b","max":"8M:in"}"#);
+    assert_eq!(v["qos"]["max"]["direction"], "in", "{v}");
+    let before = (lab.counters("a"), lab.counters("b"));
+    let (sent, got) = offer_and_capture(
+        lab.wire("b"),
+        &[(lab.wire("a"), &f, 24_000_000)],
+        Duration::from_secs(2),
+    );
+    let rate = delivery_rate(&got);
+    eprintln!(
+        "QoS e2e: cap in 8 Mbit/s: {} of {} frames delivered at {:.3} Mbit/s ({:+.1} %)",
+        got.len(),
+        sent[0],
+        rate / 1e6,
+        (rate / CAP - 1.0) * 100.0
+    );
+    assert!(
+        (0.4..=1.15).contains(&(rate / CAP)),
+        "cap in: {rate} bit/s against {CAP}: {}, {}",
+        lab.ctl(r#"{"op":"counters","port":"b"}"#),
+        lab.counters("a")
+    );
+    let q = lab.ctl(r#"{"op":"counters","port":"b"}"#);
+    assert_eq!(q["qos"]["scheduled_rate"], 8_000_000, "{q}");
+    let queue_drops = drop_count(&q["counters"], "tx_dropped", "qos-queue");
+    assert!(queue_drops > 0, "{q}");
+    assert_eq!(
+        q["qos"]["sources"]["a"]["dropped"].as_u64(),
+        Some(queue_drops)
+    );
+    let ports = lab.ctl(r#"{"op":"ports"}"#);
+    assert_eq!(
+        ports["ports"][1]["qos"]["max"]["rate"], 8_000_000,
+        "{ports}"
+    );
+    // Cleared: what is queued leaves, then the marker; every frame is accounted.
+    assert_eq!(lab.ctl(r#"{"op":"qos-clear","port":"b"}"#)["ok"], true);
+    lab.wire("a").send(&marker);
+    let rest = frames_until(lab.wire("b"), &marker);
+    let (a, b) = (lab.counters("a"), lab.counters("b"));
+    let delta = |v: &Value, w: &Value, k: &str| v[k].as_u64().unwrap() - w[k].as_u64().unwrap();
+    let read = delta(&a, &before.0, "rx_packets") - 1;
+    let delivered = got.len() as u64 + rest.len() as u64;
+    assert_eq!(delta(&b, &before.1, "tx_packets") - 1, delivered, "{b}");
+    assert_eq!(
+        delivered + drop_count(&b, "tx_dropped", "qos-queue"),
+        read,
+        "read = delivered + dropped at the queue: {b}"
+    );
+    // Refusals, one line each.
+    for (req, want) in [
+        (r#"{"op":"qos-set","port":"b","max":"8X"}"#, "bad rate '8X'"),
+        (
+            r#"{"op":"qos-set","port":"b","weight":0}"#,
+            "QoS: weight 0 is out of range (1-100)",
+        ),
+        (r#"{"op":"qos-set","port":"zz","weight":2}"#, "no port 'zz'"),
+        (r#"{"op":"qos-clear","port":"zz"}"#, "no port 'zz'"),
+    ] {
+        let v = lab.ctl(req);
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("{req}: {v}"));
+        assert!(e.contains(want) && !e.contains('\n'), "{req}: {e}");
+    }
+}
+
+#[test]
+fn weights_share_a_rated_port_under_contention_and_minimums_come_first() {
+    if skip_unless_root() {
+        return;
+    }
+    const RATE: f64 = 8_000_000.0;
+    let lab = Lab::start(
+        "qwt",
+        &[("a", ",weight=1"), ("c", ",weight=3"), ("up", ",rate=8M")],
+        &[],
+    );
+    // up announces itself: frames to it are then switched to it alone.
+    let hello = frame(BCAST, mac(3), None, 64);
+    lab.expect("up", &hello, &["a", "c"], &hello);
+    let fa = frame(mac(3), mac(1), None, 974);
+    let fc = frame(mac(3), mac(2), None, 974);
+    // Both offer 1.5× the rate: each alone would fill it.
+    let dur = Duration::from_secs(3);
+    let start = Instant::now();
+    let (sent, got) = offer_and_capture(
+        lab.wire("up"),
+        &[
+            (lab.wire("a"), &fa, 12_000_000),
+            (lab.wire("c"), &fc, 12_000_000),
+        ],
+        dur,
+    );
+    // While both were sending (after the first half second): both queues backlogged.
+    let window =
+        |g: &&(Instant, usize, u8)| g.0 >= start + Duration::from_millis(500) && g.0 <= start + dur;
+    let bytes_from = |src: u8| -> f64 {
+        got.iter()
+            .filter(window)
+            .filter(|g| g.2 == src)
+            .map(|g| g.1 as f64)
+            .sum()
+    };
+    let (ba, bc) = (bytes_from(1), bytes_from(2));
+    let ratio = bc / ba;
+    let rate = delivery_rate(&got);
+    eprintln!(
+        "QoS e2e: weights 1:3 at 8 Mbit/s: shares {:.1} % / {:.1} % (ratio {ratio:.2}, want 3), \
+         {:.3} Mbit/s delivered; sent {sent:?}",
+        ba * 100.0 / (ba + bc),
+        bc * 100.0 / (ba + bc),
+        rate / 1e6
+    );
+    assert!(bc > ba, "the weight-3 source gets more");
+    assert!((2.0..=4.5).contains(&ratio), "ratio {ratio} (want 3)");
+    assert!((0.4..=1.15).contains(&(rate / RATE)), "rate {rate}");
+    let q = lab.ctl(r#"{"op":"counters","port":"up"}"#);
+    assert_eq!(q["qos"]["sources"]["a"]["weight"], 1, "{q}");
+    assert_eq!(q["qos"]["sources"]["c"]["weight"], 3, "{q}");
+    assert!(
+        drop_count(&q["counters"], "tx_dropped", "qos-queue") > 0,
+        "{q}"
+    );
+    // Minimums must fit the rate: refused with one line, nothing changed.
+    let v = lab.ctl(r#"{"op":"qos-set","port":"a","min":"9M"}"#);
+    assert_eq!(
+        v["error"], "QoS: minimums on port 'up' would total 9M, over its rate 8M (from a 9M)",
+        "{v}"
+    );
+    let v = lab.ctl(r#"{"op":"qos-set","port":"a","min":"5M"}"#);
+    assert_eq!(v["qos"]["min"], 5_000_000, "{v}");
+    // With 5 of the 8 Mbit/s reserved, the weight-1 source now gets the larger share
+    // (about 5 : 3; the minimum is a floor, the rest goes by weight).
+    let start = Instant::now();
+    let (_, got) = offer_and_capture(
+        lab.wire("up"),
+        &[
+            (lab.wire("a"), &fa, 12_000_000),
+            (lab.wire("c"), &fc, 12_000_000),
+        ],
+        dur,
+    );
+    let in_window = |src: u8| -> f64 {
+        got.iter()
+            .filter(|g| g.0 >= start + Duration::from_millis(500) && g.0 <= start + dur)
+            .filter(|g| g.2 == src)
+            .map(|g| g.1 as f64)
+            .sum()
+    };
+    let (ba, bc) = (in_window(1), in_window(2));
+    let share = ba / (ba + bc);
+    eprintln!(
+        "QoS e2e: min 5M (weight 1) against weight 3 at 8 Mbit/s: shares {:.1} % / {:.1} % (want 62.5 % / 37.5 %)",
+        share * 100.0,
+        100.0 - share * 100.0
+    );
+    assert!(
+        (0.5..=0.75).contains(&share),
+        "the minimum's share {share} (want 0.625)"
+    );
+    let v = lab.ctl(r#"{"op":"qos-set","port":"c","min":"4M"}"#);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("would total 9M, over its rate 8M (from a 5M, c 4M)"),
+        "{v}"
+    );
+    let v = lab.ctl(r#"{"op":"port-add","spec":"name=x,iface=lo,min=4M"}"#);
+    assert!(
+        v["error"].as_str().unwrap().contains("over its rate 8M"),
+        "{v}"
+    );
 }

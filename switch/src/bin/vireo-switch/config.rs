@@ -5,8 +5,8 @@
 //! control = "/run/vireo-switch.sock"
 //! aging_secs = 300
 //! mtu = 1500
-//! ports = ["name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=all,storm=1000,mirror=mon",
-//!          "name=uplink,iface=eth1,trunk=10:20",
+//! ports = ["name=vm1,iface=tap0,vlan=10,mac=52:54:00:00:00:01,guard=all,storm=1000,mirror=mon,max=100M,weight=3",
+//!          "name=uplink,iface=eth1,trunk=10:20,rate=1G",
 //!          "name=mon,iface=tap9,vlan=99"]
 //! [[acls]]
 //! port = "vm1"

@@ -13,7 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +36,8 @@ const FIXED_FDS: usize = 3;
 const BURST: usize = 64;
 /// Control clients served at once.
 const MAX_CLIENTS: usize = 16;
+/// The poll's timeout with no queued frame to send.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// Trace bytes held for a slow trace client before frames are left out.
 const TRACE_BACKLOG: usize = 4 << 20;
 
@@ -302,8 +304,25 @@ impl Daemon {
                 };
                 pollfd(c.stream.as_raw_fd(), ev)
             }));
-            // SAFETY: `fds` is a live array of `fds.len()` pollfds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            // Queued frames (QoS) leave on time: the poll ends at the next deadline.
+            let wait = match self.sw.next_deadline() {
+                Some(d) => d.saturating_sub(self.epoch.elapsed()).min(IDLE_WAIT),
+                None => IDLE_WAIT,
+            };
+            let timeout = libc::timespec {
+                tv_sec: wait.as_secs() as libc::time_t,
+                tv_nsec: wait.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds; `timeout` is a
+            // live timespec; no signal mask (null) is passed.
+            let n = unsafe {
+                libc::ppoll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    &timeout,
+                    std::ptr::null(),
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -336,6 +355,7 @@ impl Daemon {
             if fds[1].revents != 0 {
                 self.accept();
             }
+            self.serve_egress();
             if last_expiry.elapsed().as_secs() >= 1 {
                 self.sw.expire(self.epoch.elapsed());
                 last_expiry = Instant::now();
@@ -370,6 +390,17 @@ impl Daemon {
             self.dispatch_trace();
             self.send_out();
         }
+    }
+
+    /// Sends the queued frames (QoS) whose time has come.
+    fn serve_egress(&mut self) {
+        if self.sw.next_deadline().is_none() {
+            return;
+        }
+        self.out.clear();
+        self.sw.poll_egress(self.epoch.elapsed(), &mut self.out);
+        self.dispatch_trace();
+        self.send_out();
     }
 
     /// Switches what the vhost-user ports' workers handed over, and counts their drops.
@@ -574,6 +605,10 @@ impl Daemon {
                         if let Some(v) = self.vhost.ports.get(&(id as PortId)) {
                             p["connected"] = json!(v.shared.is_connected());
                         }
+                        let queued = self.sw.queued(id as PortId);
+                        if queued > 0 {
+                            p["qos_queued"] = json!(queued);
+                        }
                     }
                 }
                 Ok(json!({ "ports": ports }))
@@ -582,6 +617,10 @@ impl Daemon {
                 .sw
                 .counters(&port)
                 .map(|c| json!({ "port": port, "counters": c }))
+                .and_then(|mut v| {
+                    v["qos"] = json!(self.sw.qos_status(&port)?);
+                    Ok(v)
+                })
                 .map_err(|e| e.to_string()),
             Request::Macs => Ok(json!({ "macs": self.sw.mac_table(now) })),
             Request::Extensions => Ok(json!({
@@ -654,6 +693,25 @@ impl Daemon {
                 }
                 r.map(|()| json!({})).map_err(|e| e.to_string())
             }
+            Request::QosSet {
+                port,
+                max,
+                rate,
+                weight,
+                min,
+            } => control::qos_update(max, rate, weight, min)
+                .map_err(|e| format!("QoS: {e}"))
+                .and_then(|u| {
+                    self.sw
+                        .qos_set(&port, &u, now)
+                        .map(|q| json!({ "qos": q }))
+                        .map_err(|e| e.to_string())
+                }),
+            Request::QosClear { port } => self
+                .sw
+                .qos_clear(&port, now)
+                .map(|()| json!({}))
+                .map_err(|e| e.to_string()),
             Request::Trace { port } => match self.sw.set_trace(&port, true) {
                 Ok(id) => {
                     info!(%port, "trace started");
