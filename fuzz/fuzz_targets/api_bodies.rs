@@ -5,8 +5,8 @@
 //! and validates must survive a serialise/parse round trip unchanged.
 #![no_main]
 
-use api::host::{IncomingRequest, MigrateRequest, VmDefinition};
 use api::config::{self, VmConfig};
+use api::host::{IncomingRequest, MigrateRequest, VmDefinition};
 use api::{
     MigrateDiskRequest, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest,
     SnapshotRequest,
