@@ -187,6 +187,7 @@ impl ClusterNode {
                     .unwrap_or_else(|| u32::try_from(host.cpus).unwrap_or(u32::MAX)),
             },
             cpu_features: crate::procfs::cpu_flags(),
+            cpuid: crate::host_cpu::fingerprint(),
             state: NodeState::Up,
             peer_url: self.peer_url.clone(),
         }

@@ -448,6 +448,7 @@ pub async fn validate(node: &ClusterNode) -> Result<Report, String> {
     checks.extend(kvm_checks(&nodes));
     checks.extend(version_checks(&nodes));
     checks.extend(cpu_checks(&snap));
+    checks.extend(cpuid_checks(&snap));
     checks.extend(storage_checks(&node.node, &nodes, &written, &content));
     checks.extend(skew_checks(&skew));
     checks.extend(cert_checks(&nodes, crate::now_ms()));
@@ -606,6 +607,45 @@ fn version_checks(nodes: &BTreeMap<String, Result<NodeFacts, String>>) -> Vec<Ch
         }
     }
     out
+}
+
+/// Nodes grouped by CPU fingerprint (the CPUID their VMMs give guests): live moves go
+/// only within a group, so each node is told how many others it can live-migrate to.
+fn cpuid_checks(snap: &Snapshot) -> Vec<Check> {
+    let mut groups: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+    for (n, (r, _)) in &snap.nodes {
+        if let Some(f) = r.cpuid.as_deref() {
+            groups.entry(f).or_default().push(n);
+        }
+    }
+    snap.nodes
+        .iter()
+        .map(|(n, (r, _))| match r.cpuid.as_deref() {
+            None => check(
+                "cpu-fingerprint",
+                Some(n),
+                Status::Warn,
+                "published no CPU fingerprint (no /dev/kvm, or an older vireod): its live moves are not matched".into(),
+            ),
+            Some(f) => {
+                let peers = groups.get(f).map_or(0, |g| g.len() - 1);
+                let others = snap.nodes.len() - 1;
+                if peers == others {
+                    check("cpu-fingerprint", Some(n), Status::Pass, "the same CPUID as every other node".into())
+                } else {
+                    check(
+                        "cpu-fingerprint",
+                        Some(n),
+                        Status::Warn,
+                        format!(
+                            "the same CPUID as {peers} of the {others} other nodes: its VMs live-migrate (drain, bulk moves) only to those; {} CPU groups in the cluster",
+                            groups.len()
+                        ),
+                    )
+                }
+            }
+        })
+        .collect()
 }
 
 fn cpu_checks(snap: &Snapshot) -> Vec<Check> {

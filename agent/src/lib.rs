@@ -43,6 +43,7 @@ pub mod cluster_update;
 pub mod cluster_validate;
 pub mod confinement;
 pub mod error;
+pub mod host_cpu;
 pub mod hosttls;
 pub mod inventory;
 pub mod jailing;

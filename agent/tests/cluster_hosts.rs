@@ -1464,6 +1464,7 @@ fn a_healthy_cluster_passes_validation() {
         "kvm",
         "version",
         "cpu-features",
+        "cpu-fingerprint",
         "storage-roots",
         "shared-storage",
         "reachability",

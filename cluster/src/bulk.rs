@@ -315,6 +315,12 @@ fn plan_migrate(
                 continue;
             }
         }
+        // Only nodes whose VMMs give guests the same CPU features as its node's.
+        if v.possible_owners.is_empty() {
+            v.possible_owners = snap.nodes.keys().cloned().collect();
+        }
+        v.possible_owners
+            .retain(|n| drain::cpu_compatible(snap, source, n));
         from.insert(vm.clone(), source.to_string());
         to_place.push((v, Reason::Start));
     }
@@ -356,9 +362,19 @@ fn plan_migrate(
                     {
                         format!("{n} is not among its possible owners")
                     }
+                    (Some(n), _)
+                        if from
+                            .get(&vm)
+                            .is_some_and(|src| !drain::cpu_compatible(snap, src, n)) =>
+                    {
+                        format!(
+                            "{n}'s CPU features differ from those of {}: a live migration needs the same",
+                            from.get(&vm).map_or("its node", String::as_str)
+                        )
+                    }
                     (Some(n), _) => format!("{}: {n} has not that much free", needs(def)),
                     (None, _) => format!(
-                        "{} on another up node with a peer URL among its possible owners",
+                        "{} on another up node with a peer URL and the same CPU features among its possible owners",
                         needs(def)
                     ),
                 };

@@ -84,9 +84,26 @@ fn list(v: &[(String, String)]) -> String {
 }
 
 /// The nodes placement may use for a VM leaving `node`: live, `up`, reachable for
-/// live migration, with what they run.
+/// live migration, with its CPU features ([`cpu_compatible`]), with what they run.
 pub(crate) fn targets(snap: &Snapshot, node: &str) -> Vec<NodeView> {
-    node_views(snap, node, true)
+    let mut views = node_views(snap, node, true);
+    for v in &mut views {
+        if !cpu_compatible(snap, node, &v.name) {
+            v.state = NodeState::Paused;
+        }
+    }
+    views
+}
+
+/// Whether a VM running on `from` can live-migrate to `to`: their VMMs give guests
+/// the same CPU features (`NodeRecord::cpuid`), which the destination VMM checks
+/// (a guest keeps what it probed). A node that published none restricts nothing.
+pub fn cpu_compatible(snap: &Snapshot, from: &str, to: &str) -> bool {
+    let cpuid = |n: &str| snap.nodes.get(n).and_then(|(r, _)| r.cpuid.as_deref());
+    match (cpuid(from), cpuid(to)) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
 }
 
 /// Every live node as placement sees it, with what it runs; `exclude` and (when
@@ -148,7 +165,7 @@ pub fn plan_drain(snap: &Snapshot, node: &str) -> DrainPlan {
             Decision::Wait { vm } | Decision::StayOff { vm } | Decision::Preempt { vm, .. } => {
                 let why = snap.vms.get(&vm).map_or(String::new(), |d| {
                     format!(
-                        "needs {} MiB and {} vCPUs on an up node with a peer URL",
+                        "needs {} MiB and {} vCPUs on an up node with a peer URL and the same CPU features",
                         d.needs.memory_mib, d.needs.vcpus
                     )
                 });

@@ -166,6 +166,7 @@ mod tests {
                 vcpus: 4,
             },
             cpu_features: vec![],
+            cpuid: None,
             state: NodeState::Up,
             peer_url: None,
         }

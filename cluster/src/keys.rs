@@ -109,6 +109,11 @@ pub struct NodeRecord {
     pub capacity: Resources,
     #[serde(default)]
     pub cpu_features: Vec<String>,
+    /// The CPU features the node's VMMs give guests, as a live migration compares
+    /// them (`migration::protocol::cpuid_fingerprint`); live moves go only between
+    /// nodes with the same. None: not known (an older node), not restricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuid: Option<String>,
     pub state: NodeState,
     /// Where the node's peer API listens (`https://host:port`), if it has one.
     #[serde(default)]

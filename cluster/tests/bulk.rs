@@ -26,6 +26,11 @@ fn block<F: std::future::Future>(f: F) -> F::Output {
 
 /// Registers `node` (with a peer URL) with room for `vcpus` 1-vCPU VMs.
 async fn join(s: &SimStore, node: &str, vcpus: u32) -> LeaseId {
+    join_with_cpu(s, node, vcpus, None).await
+}
+
+/// [`join`], the node publishing CPU fingerprint `cpuid`.
+async fn join_with_cpu(s: &SimStore, node: &str, vcpus: u32, cpuid: Option<&str>) -> LeaseId {
     let lease = s.lease_grant(Duration::from_secs(2)).await.unwrap();
     let rec = NodeRecord {
         name: node.into(),
@@ -35,6 +40,7 @@ async fn join(s: &SimStore, node: &str, vcpus: u32) -> LeaseId {
             vcpus,
         },
         cpu_features: vec![],
+        cpuid: cpuid.map(String::from),
         state: NodeState::Up,
         peer_url: Some(format!("https://{node}:7443")),
     };
@@ -217,6 +223,36 @@ fn a_migration_with_a_vm_without_a_place_is_refused_with_its_name_and_writes_not
             matches!(&again, Err(BulkError::NoPlace { no_place, .. }) if no_place[0].1.contains("unfinished")),
             "{again:?}"
         );
+    });
+}
+
+/// A bulk migration to a node whose CPU features differ from the VM's node is refused
+/// naming both; `auto` picks only among nodes with the same features.
+#[test]
+fn a_migration_goes_only_to_nodes_with_the_cpu_features_of_the_vms_node() {
+    block(async {
+        let s = SimStore::new();
+        let a = join_with_cpu(&s, "a", 8, Some("1.0:x")).await;
+        join_with_cpu(&s, "b", 8, Some("1.0:x")).await;
+        join_with_cpu(&s, "c", 64, Some("1.0:y")).await;
+        put_vm(&s, vm("v1", Priority::Low), Some(("a", a))).await;
+        put_vm(&s, vm("v2", Priority::Low), Some(("a", a))).await;
+        let before = s.revision();
+        let e = bulk::request(&s, &migrate(names(&["v1"]), "c", false, 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, BulkError::NoPlace { no_place, .. }
+            if no_place[0].0 == "v1" && no_place[0].1.contains("CPU features differ from those of a")),
+            "{e}"
+        );
+        assert_eq!(s.revision(), before, "a refused request wrote something");
+        // c is emptier, but only b has a's features.
+        let (_, plan) = bulk::request(&s, &migrate(names(&["v1", "v2"]), "auto", false, 1))
+            .await
+            .unwrap();
+        assert_eq!(plan.moves.len(), 2);
+        assert!(plan.moves.iter().all(|m| m.to == "b"), "{:?}", plan.moves);
     });
 }
 

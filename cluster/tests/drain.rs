@@ -26,6 +26,11 @@ fn block<F: std::future::Future>(f: F) -> F::Output {
 
 /// Registers `node` (with a peer URL unless `peerless`) on a new lease.
 async fn join(s: &SimStore, node: &str, peerless: bool) -> LeaseId {
+    join_with_cpu(s, node, peerless, None).await
+}
+
+/// [`join`], the node publishing CPU fingerprint `cpuid`.
+async fn join_with_cpu(s: &SimStore, node: &str, peerless: bool, cpuid: Option<&str>) -> LeaseId {
     let lease = s.lease_grant(Duration::from_secs(2)).await.unwrap();
     let rec = NodeRecord {
         name: node.into(),
@@ -35,6 +40,7 @@ async fn join(s: &SimStore, node: &str, peerless: bool) -> LeaseId {
             vcpus: 8,
         },
         cpu_features: vec![],
+        cpuid: cpuid.map(String::from),
         state: NodeState::Up,
         peer_url: (!peerless).then(|| format!("https://{node}:7443")),
     };
@@ -126,6 +132,49 @@ fn a_drain_with_a_vm_that_has_no_place_is_refused_with_its_name_and_writes_nothi
             drain::drain(&s, "zz", false, 2).await,
             Err(AdminError::UnknownNode(_))
         ));
+    });
+}
+
+/// Live moves go only between nodes whose VMMs give guests the same CPU features: a
+/// drain places every VM on the node with a's fingerprint, not on the emptier one
+/// with another, and is refused (naming the reason) once that node is full; a node
+/// that published no fingerprint restricts nothing.
+#[test]
+fn a_drain_moves_vms_only_to_nodes_with_the_same_cpu_features() {
+    block(async {
+        let s = SimStore::new();
+        let a = join_with_cpu(&s, "a", false, Some("1.0:x")).await;
+        join_with_cpu(&s, "b", false, Some("1.0:x")).await;
+        // c has more room (it runs nothing) but other CPU features.
+        join_with_cpu(&s, "c", false, Some("1.0:y")).await;
+        for vm in ["v1", "v2", "v3"] {
+            owned(&s, vm, Priority::Medium, "a", a, &[]).await;
+        }
+        let plan = drain::drain(&s, "a", false, 2).await.unwrap();
+        assert!(plan.moves.iter().all(|m| m.to == "b"), "{:?}", plan.moves);
+        assert_eq!(plan.moves.len(), 3);
+
+        // b (1024 MiB) cannot take five 256 MiB VMs: the last has no place with a's
+        // CPU features although c has room.
+        let s = SimStore::new();
+        let a = join_with_cpu(&s, "a", false, Some("1.0:x")).await;
+        join_with_cpu(&s, "b", false, Some("1.0:x")).await;
+        join_with_cpu(&s, "c", false, Some("1.0:y")).await;
+        for vm in ["v1", "v2", "v3", "v4", "v5"] {
+            owned(&s, vm, Priority::Medium, "a", a, &[]).await;
+        }
+        let e = drain::drain(&s, "a", false, 2).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AdminError::NoPlace { .. }), "{msg}");
+        assert!(msg.contains("same CPU features"), "{msg}");
+
+        // A node without a fingerprint (an older vireod) takes them.
+        let s = SimStore::new();
+        let a = join_with_cpu(&s, "a", false, Some("1.0:x")).await;
+        join_with_cpu(&s, "d", false, None).await;
+        owned(&s, "v1", Priority::Medium, "a", a, &[]).await;
+        let plan = drain::drain(&s, "a", false, 2).await.unwrap();
+        assert_eq!(plan.moves[0].to, "d");
     });
 }
 

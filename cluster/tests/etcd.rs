@@ -213,6 +213,7 @@ fn node(name: &str) -> NodeRecord {
             vcpus: 4,
         },
         cpu_features: vec![],
+        cpuid: None,
         state: NodeState::Up,
         peer_url: None,
     }

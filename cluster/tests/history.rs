@@ -226,6 +226,7 @@ fn only_the_first_live_node_by_name_prunes_and_at_most_once_a_minute() {
                     vcpus: 8,
                 },
                 cpu_features: vec![],
+                cpuid: None,
                 state: NodeState::Up,
                 peer_url: None,
             };

@@ -80,6 +80,7 @@ fn record(name: &str) -> NodeRecord {
             vcpus: 8,
         },
         cpu_features: vec![],
+        cpuid: None,
         state: NodeState::Up,
         peer_url: None,
     }

@@ -198,6 +198,7 @@ fn record(name: &str) -> NodeRecord {
         version: "test".into(),
         capacity: mix::node_capacity(3, 30),
         cpu_features: vec![],
+        cpuid: None,
         state: NodeState::Up,
         peer_url: None,
     }

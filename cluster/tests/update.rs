@@ -26,6 +26,7 @@ async fn join(s: &SimStore, node: &str) {
             vcpus: 8,
         },
         cpu_features: vec![],
+        cpuid: None,
         state: NodeState::Up,
         peer_url: Some(format!("https://{node}:7443")),
     };

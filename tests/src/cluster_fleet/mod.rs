@@ -132,6 +132,7 @@ impl Fleet {
             version: "bench".into(),
             capacity: self.capacity,
             cpu_features: vec![],
+            cpuid: None,
             state: NodeState::Up,
             // Drains move VMs only to nodes that receive migrations.
             peer_url: Some(format!("https://{name}.invalid:7443")),

@@ -100,49 +100,27 @@ const CPUID_TSC_LEAF: u32 = 0x4000_0010;
 /// KVM's LAPIC timer counts at 1 GHz.
 const LAPIC_TIMER_KHZ: u32 = 1_000_000;
 
-/// The CPUID leaves that list CPU features (with the registers that hold them), as a
-/// migration compares them: what a guest probed once must be there after the move.
-const FEATURE_LEAVES: [(u32, u32); 6] = [
-    (1, 0),
-    (7, 0),
-    (7, 1),
-    (0xd, 1),
-    (0x8000_0001, 0),
-    (0x8000_0007, 0),
-];
-
 /// The feature leaves of the CPUID this host gives vCPUs (registers that hold no
-/// feature bits zeroed: family, APIC IDs, counts).
+/// feature bits zeroed: `CpuidLeaf::feature_part`).
 pub fn feature_leaves(kvm: &Kvm) -> Result<Vec<migration::protocol::CpuidLeaf>, KvmError> {
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("GET_SUPPORTED_CPUID"))?;
-    let mut out = Vec::new();
-    for e in cpuid.as_slice() {
-        if !FEATURE_LEAVES.contains(&(e.function, e.index)) {
-            continue;
-        }
-        let mut l = migration::protocol::CpuidLeaf {
-            function: e.function,
-            index: e.index,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        };
-        match (e.function, e.index) {
-            // eax: family/model/stepping; ebx: APIC ID, CLFLUSH size, counts.
-            (1, 0) => (l.eax, l.ebx) = (0, 0),
-            // eax: the highest subleaf.
-            (7, 0) => l.eax = 0,
-            // Only eax lists features (XSAVEOPT, XSAVEC, ...); ebx is a size.
-            (0xd, 1) => (l.ebx, l.ecx, l.edx) = (0, 0, 0),
-            (0x8000_0001, 0) => (l.eax, l.ebx) = (0, 0),
-            _ => {}
-        }
-        out.push(l);
-    }
-    Ok(out)
+    Ok(cpuid
+        .as_slice()
+        .iter()
+        .filter_map(|e| {
+            migration::protocol::CpuidLeaf {
+                function: e.function,
+                index: e.index,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            }
+            .feature_part()
+        })
+        .collect())
 }
 
 /// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID, its place in
