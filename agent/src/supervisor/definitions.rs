@@ -1,0 +1,83 @@
+//! Definitions: define, redefine and delete a VM (checked against the storage roots).
+
+use tracing::warn;
+
+use super::{lock, Supervisor, Vm};
+use crate::model::{validate_name, VmDefinition, VmStatus};
+use crate::{now_ms, AgentError};
+
+impl Supervisor {
+    /// Checks every path `def` names against the storage roots and declares each
+    /// disk's format (see [`crate::confinement`]).
+    pub(crate) fn confine(&self, name: &str, def: &mut VmDefinition) -> Result<(), AgentError> {
+        crate::confinement::confine_definition(&self.roots, &self.vm_dir(name), def)
+    }
+
+    pub fn define(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {
+        validate_name(name)?;
+        def.validate()?;
+        self.confine(name, &mut def)?;
+        let mut vms = lock(&self.vms);
+        if vms.contains_key(name) {
+            return Err(AgentError::Duplicate(name.to_string()));
+        }
+        lock(&self.inv).insert(name, &def, now_ms())?;
+        let vm = Vm::new(def);
+        let st = self.status_of(name, &vm, true);
+        vms.insert(name.to_string(), vm);
+        drop(vms);
+        self.emit(name, "defined", None);
+        Ok(st)
+    }
+
+    /// Replaces the definition of VM `name`, which must not be running (checked
+    /// against the storage roots like a new one).
+    pub fn redefine(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {
+        def.validate()?;
+        self.confine(name, &mut def)?;
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get_mut(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if vm.state.has_process() {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: vm.state.to_string(),
+                action: "change its definition (stop it first)",
+            });
+        }
+        lock(&self.inv).update(name, &def)?;
+        vm.def = def;
+        let st = self.status_of(name, vm, true);
+        drop(vms);
+        self.emit(name, "redefined", None);
+        Ok(st)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), AgentError> {
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if vm.state.has_process() {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: vm.state.to_string(),
+                action: "delete it (stop it first)",
+            });
+        }
+        self.give_back_files(name, &vm.def);
+        lock(&self.inv).delete(name)?;
+        vms.remove(name);
+        drop(vms);
+        self.remove_run_files(name);
+        let dir = self.vm_dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm = name, dir = %dir.display(), error = %e, "cannot remove VM directory");
+            }
+        }
+        self.emit(name, "deleted", None);
+        Ok(())
+    }
+}

@@ -1,0 +1,62 @@
+//! Host start and shutdown: automatic start in priority order, and stopping every
+//! VM lowest priority first.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tracing::warn;
+
+use super::{lock, StartKind, Supervisor};
+use crate::error_chain;
+use crate::model::Priority;
+
+impl Supervisor {
+    /// Starts every VM whose priority is not Off and that is not running: all High
+    /// ones first, then Medium, then Low; at most `max_concurrent_starts` at a time.
+    pub async fn autostart(self: &Arc<Self>) {
+        let sem = Arc::new(Semaphore::new(self.cfg.max_concurrent_starts.max(1)));
+        for prio in [Priority::High, Priority::Medium, Priority::Low] {
+            let names: Vec<String> = lock(&self.vms)
+                .iter()
+                .filter(|(_, vm)| vm.def.priority == prio && !vm.state.has_process())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut tasks = tokio::task::JoinSet::new();
+            for name in names {
+                let me = self.clone();
+                let sem = sem.clone();
+                tasks.spawn(async move {
+                    let Ok(_permit) = sem.acquire().await else {
+                        return;
+                    };
+                    if let Err(e) = me.start_as(&name, StartKind::Auto).await {
+                        warn!(vm = %name, error = %error_chain(&e), "automatic start failed");
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Host shutdown: stops every running VM, lowest priority first (Off, Low,
+    /// Medium, High), each group within the stop timeout.
+    pub async fn shutdown_all(self: &Arc<Self>) {
+        for prio in Priority::ALL.iter().rev() {
+            let names: Vec<String> = lock(&self.vms)
+                .iter()
+                .filter(|(_, vm)| vm.def.priority == *prio && vm.handle.is_some())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut tasks = tokio::task::JoinSet::new();
+            for name in names {
+                let me = self.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = me.stop(&name, None).await {
+                        warn!(vm = %name, error = %error_chain(&e), "stop at shutdown failed");
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}
