@@ -41,7 +41,6 @@ impl Supervisor {
         }
     }
 
-    /// A VMM ended: record it, then stop, mark crashed, or restart per the policy.
     /// After VM `name`'s VMM of `generation` ended: its replicated disks' writes made
     /// durable and their change logs' writer marks removed, unless a new VMM of the VM
     /// began meanwhile (see `replica_crash`). On a blocking thread.
@@ -70,6 +69,7 @@ impl Supervisor {
         });
     }
 
+    /// A VMM ended: record it, then stop, mark crashed, or restart per the policy.
     fn on_exit(self: &Arc<Self>, name: &str, generation: u64, pid: i32, exit: Exit) {
         let mut vms = lock(&self.vms);
         let Some(vm) = vms.get_mut(name) else {

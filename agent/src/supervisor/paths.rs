@@ -67,7 +67,6 @@ impl Supervisor {
         self.cfg.run_dir.join("vms").join(format!("{name}.json"))
     }
 
-    /// Where an incoming migration's VMM listens by default.
     /// Where this vireod's VMMs may have unix migration sockets: its own `vms/` and
     /// its same-host peers' (`--peer-socket`).
     pub(super) fn send_socket_dirs(&self) -> Vec<PathBuf> {

@@ -78,10 +78,6 @@ impl Supervisor {
         }
     }
 
-    /// Refuses a start while some VMM still answers on the VM's socket (one this
-    /// vireod does not know of, e.g. left by another incarnation): a second VMM would
-    /// truncate the running one's serial file and replace its socket and config, and
-    /// the failed start would remove them.
     /// A VM failed over to its replica host (planned, or unplanned and learnt from
     /// that host) runs there: it does not start here too
     /// ([`crate::replication::failed_over`]).
@@ -99,6 +95,10 @@ impl Supervisor {
         }
     }
 
+    /// Refuses a start while some VMM still answers on the VM's socket (one this
+    /// vireod does not know of, e.g. left by another incarnation): a second VMM would
+    /// truncate the running one's serial file and replace its socket and config, and
+    /// the failed start would remove them.
     fn no_vmm_answers(&self, name: &str) -> Result<(), AgentError> {
         let socket = self.socket_path(name);
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
