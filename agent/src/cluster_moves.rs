@@ -248,6 +248,10 @@ pub struct Executor {
     pub shared: Shared,
     /// When this vireod started carrying out moves (ms since the epoch).
     pub since_ms: u64,
+    /// When the pass last did its housekeeping (abandoned sources, failed arrivals):
+    /// it reads the store, and passes run on every change of any move, so it runs at
+    /// most once per [`IDLE`].
+    pub housekept: Mutex<Option<std::time::Instant>>,
 }
 
 impl Executor {
@@ -306,7 +310,17 @@ impl Executor {
                     .await?;
             }
         }
-        self.fail_abandoned(moves).await?;
+        let housekeeping = {
+            let mut last = lock(&self.housekept);
+            let due = last.is_none_or(|t| t.elapsed() >= IDLE);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if housekeeping {
+            self.fail_abandoned(moves).await?;
+        }
         let running = lock(&self.shared.outgoing).clone();
         for (m, rev) in moves_to_start(moves, &self.node, &running) {
             lock(&self.shared.outgoing).insert(m.vm.clone());
@@ -319,7 +333,9 @@ impl Executor {
             });
         }
         self.end_drain(moves).await?;
-        self.forget_failed_arrivals().await?;
+        if housekeeping {
+            self.forget_failed_arrivals().await?;
+        }
         Ok(())
     }
 

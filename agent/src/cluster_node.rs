@@ -261,6 +261,7 @@ impl ClusterNode {
             sup: self.sup.clone(),
             shared: self.moves.clone(),
             since_ms: cluster::keys::now_ms(),
+            housekept: Default::default(),
         });
         tokio::spawn(executor.run());
     }
