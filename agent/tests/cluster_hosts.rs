@@ -656,13 +656,7 @@ impl SerialFollower {
 
 /// `vm`'s drain or fail-back move as node `i` reports it in `node`'s status.
 fn move_of(c: &Cluster, node: &str, vm: &str) -> serde_json::Value {
-    // A 503 is "b cannot reach etcd now" (a loaded host): read again.
-    let mut v = serde_json::Value::Null;
-    c.wait(&format!("{node}'s status readable"), || {
-        let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
-        v = serde_json::from_str(&body).unwrap_or_default();
-        status == 200
-    });
+    let v = node_status(c, node);
     v["moves"]
         .as_array()
         .unwrap()
@@ -702,10 +696,9 @@ fn a_drain_refused_for_a_vm_without_a_place_changes_nothing_and_force_leaves_it(
     let o = c.nodes[1].ctl(&["node", "drain", "a"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "the drain was not refused");
-    assert!(stderr.contains("pinned"), "{stderr}");
-    assert_eq!(node_state(&c, "a"), "up");
-    let (_, body) = c.nodes[1].api("GET", "/api/v1/cluster/nodes/a", None);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(stderr.contains("pinned"), "{stderr}\n{}", c.logs());
+    let v = node_status(&c, "a");
+    assert_eq!(v["state"], "up", "{v}");
     assert!(
         v["moves"].as_array().is_none_or(|m| m.is_empty()),
         "a refused drain queued moves: {v}"
@@ -718,8 +711,13 @@ fn a_drain_refused_for_a_vm_without_a_place_changes_nothing_and_force_leaves_it(
     assert!(out.contains("free -> "), "{out}");
     assert!(out.contains("pinned stays on a"), "{out}");
     c.wait("a drained and paused", || node_state(&c, "a") == "paused");
-    assert_eq!(move_of(&c, "a", "free")["state"], "moved");
-    assert!(!c.runs(0, "free") && (c.runs(1, "free") ^ c.runs(2, "free")));
+    let m = move_of(&c, "a", "free");
+    assert_eq!(m["state"], "moved", "{m}\n{}", c.logs());
+    assert!(
+        !c.runs(0, "free") && (c.runs(1, "free") ^ c.runs(2, "free")),
+        "{}",
+        c.logs()
+    );
     assert_eq!(c.nodes[0].pid("pinned"), Some(pids[1]), "pinned left a");
     assert_eq!(c.owner("pinned").as_deref(), Some("a"));
 }
@@ -779,12 +777,22 @@ fn api_thread_policy(pid: i32) -> Option<(i32, i32)> {
 }
 
 fn node_state(c: &Cluster, node: &str) -> String {
-    let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    if status != 200 {
-        return String::new();
-    }
-    v["state"].as_str().unwrap_or_default().to_string()
+    node_status(c, node)["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Node `node`'s status as b reads it (`GET /api/v1/cluster/nodes/{node}`).
+fn node_status(c: &Cluster, node: &str) -> serde_json::Value {
+    // A 503 is "b cannot reach etcd now" (a loaded host): read again.
+    let mut v = serde_json::Value::Null;
+    c.wait(&format!("{node}'s status readable"), || {
+        let (status, body) = c.nodes[1].api("GET", &format!("/api/v1/cluster/nodes/{node}"), None);
+        v = serde_json::from_str(&body).unwrap_or_default();
+        status == 200
+    });
+    v
 }
 
 /// After a live move of `vm` to node `to` (its old VMM `old_pid`; `before`: the guest's

@@ -240,10 +240,26 @@ fn kept_points_a_test_failover_beside_replication_and_a_failover_to_an_older_poi
     b.ok("PUT", "/api/v1/vms/vm1/start", None);
     b.wait_serial("vm1", &format!("rw resume n={n_a}\n"), T);
 
-    // Deleting the primary's VM stops its replication loop and forgets its settings.
-    a.ok("PUT", "/api/v1/vms/vm1/kill", None);
+    // The old primary learns the failover from its replica's answer to its next round
+    // (one in flight at the pause may have brought it already): it kills its VM (no
+    // split brain) and shows the replication failed over.
+    if replication(a)["state"] != "failed-over-elsewhere" {
+        // Answered with 404 if the round in flight learnt it meanwhile.
+        a.api("POST", "/api/v1/vms/vm1/replication/resume", None);
+    }
+    let start = std::time::Instant::now();
+    while replication(a)["state"] != "failed-over-elsewhere" {
+        assert!(
+            start.elapsed() < T,
+            "host-a never learnt the failover: {}",
+            a.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    a.wait_state("vm1", "Stopped", T);
+    a.wait_log("replication-failed-over-elsewhere");
+    // Deleting the VM forgets the failover record with it.
     a.ok("DELETE", "/api/v1/vms/vm1", None);
-    a.wait_log("replication of a deleted VM stopped");
     let list = a.ok("GET", "/api/v1/replication", None);
     assert_eq!(list, json!([]), "{list}");
     let (s, body) = a.api("GET", "/api/v1/vms/vm1/replication", None);
@@ -332,4 +348,14 @@ fn a_thinned_history_keeps_points_spaced_and_its_oldest_point_is_the_guests_disk
     );
     assert!(latest > n0, "the oldest point is not older: {n0} {latest}");
     b.ctl_ok(&["replica", "test-failover", "vm1", "--stop"]);
+
+    // Deleting the primary's VM while it replicates stops its loop and forgets its
+    // settings.
+    a.ok("PUT", "/api/v1/vms/vm1/kill", None);
+    a.ok("DELETE", "/api/v1/vms/vm1", None);
+    a.wait_log("replication of a deleted VM stopped");
+    let list = a.ok("GET", "/api/v1/replication", None);
+    assert_eq!(list, json!([]), "{list}");
+    let (s, body) = a.api("GET", "/api/v1/vms/vm1/replication", None);
+    assert_eq!(s, 404, "{body}");
 }
