@@ -396,7 +396,9 @@ impl Executor {
     }
 
     /// A VM admitted for a move that did not end here (failed, or its ownership did
-    /// not move): killed and removed, it must not run twice.
+    /// not move), or whose ownership moved here and away again before the node loop
+    /// adopted it (a bulk stop right after a bulk move): killed and removed, it must
+    /// not run unowned nor twice.
     async fn forget_failed_arrivals(&self) -> Result<(), cluster::StoreError> {
         let arriving: Vec<String> = lock(&self.shared.incoming).iter().cloned().collect();
         for vm in arriving {
@@ -405,17 +407,29 @@ impl Executor {
                 .store
                 .get(&keys::move_key(&vm))
                 .await?
-                .and_then(|kv| keys::decode::<MoveRecord>(&kv.value));
-            let still = m.is_some_and(|m| {
-                m.to == self.node && matches!(m.state, MoveState::Migrating | MoveState::Moved)
-            });
+                .and_then(|kv| keys::decode::<MoveRecord>(&kv.value))
+                .filter(|m| m.to == self.node);
+            let still = match m.map(|m| m.state) {
+                // The source has not moved the ownership yet (or is writing it).
+                Some(MoveState::Migrating) => true,
+                // Moved: the ownership came here; kept only while it stays.
+                Some(MoveState::Moved) => self
+                    .store
+                    .get(&keys::owner_key(&vm))
+                    .await?
+                    .and_then(|kv| keys::decode::<OwnerRecord>(&kv.value))
+                    .is_some_and(
+                        |o| matches!(o, OwnerRecord::Node { node, .. } if node == self.node),
+                    ),
+                _ => false,
+            };
             if still && self.sup.get(&vm).is_ok() {
                 continue;
             }
             lock(&self.shared.incoming).remove(&vm);
             self.shared.publish(None);
             if self.sup.get(&vm).is_ok() {
-                warn!(vm, "a VM that arrived for a failed move: removing it");
+                warn!(vm, "a VM that arrived for a move that failed, or that this node no longer owns: removing it");
                 let _ = self.sup.kill(&vm).await;
                 let _ = self.sup.delete(&vm);
             }

@@ -19,6 +19,7 @@ use cluster::membership::{NodeAgent, Timing};
 use cluster::{ClusterStore, EtcdStore};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+use vireo_util::cpu_features::CpuFeatures;
 
 use crate::cluster_bulk as bulk;
 use crate::cluster_lease::{self, MonotonicBase};
@@ -65,6 +66,11 @@ pub struct ClusteredVmRequest {
     pub possible_owners: Vec<String>,
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// Processor compatibility mode: its vCPUs get only the CPU features every live
+    /// node has now (with its configuration's `cpus.features`, if any), so that it can
+    /// live-migrate between nodes of different CPU generations.
+    #[serde(default)]
+    pub cpu_compat: bool,
     /// Start it now (default true).
     #[serde(default = "yes")]
     pub start: bool,
@@ -754,6 +760,38 @@ fn list_json(
     })
 }
 
+/// The CPU features a VM in processor compatibility mode gets: those every live node
+/// that published its own has (`NodeRecord::cpuid`), within `asked` (the
+/// configuration's `cpus.features`) if given. Refused when no node published any, or
+/// when the set lacks the x86-64 baseline.
+pub fn compatibility_set(
+    snap: &Snapshot,
+    asked: Option<&CpuFeatures>,
+) -> Result<CpuFeatures, String> {
+    let sets: Vec<CpuFeatures> = snap
+        .nodes
+        .iter()
+        .filter_map(|(n, (r, _))| {
+            let f = r.cpuid.as_deref()?;
+            CpuFeatures::parse(f)
+                .map_err(
+                    |e| warn!(node = %n, error = %e, "a node's CPU fingerprint does not parse"),
+                )
+                .ok()
+        })
+        .collect();
+    let common = CpuFeatures::common(&sets).ok_or(
+        "processor compatibility: no live node published its CPU features (a node needs /dev/kvm)",
+    )?;
+    let set = match asked {
+        Some(a) => a.intersect(&common),
+        None => common,
+    };
+    // What a VM's mask must keep (the x86-64 baseline).
+    CpuFeatures::parse_mask(&set.to_string())
+        .map_err(|e| format!("processor compatibility: the nodes' common set: {e}"))
+}
+
 async fn define(
     State(node): N,
     UrlPath(name): UrlPath<String>,
@@ -773,7 +811,18 @@ async fn define(
     if let Err(e) = req.definition.validate() {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
-    let c = &req.definition.config;
+    let mut definition = req.definition;
+    if req.cpu_compat {
+        let snap = match Snapshot::read(&node.store).await {
+            Ok(s) => s,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+        match compatibility_set(&snap, definition.config.cpus.features.as_ref()) {
+            Ok(set) => definition.config.cpus.features = Some(set),
+            Err(why) => return error(StatusCode::BAD_REQUEST, format!("{name}: {why}")),
+        }
+    }
+    let c = &definition.config;
     let def = keys::VmDefinition {
         name: name.clone(),
         priority: req.priority,
@@ -784,10 +833,11 @@ async fn define(
         preferred_owners: req.preferred_owners,
         possible_owners: req.possible_owners,
         anti_affinity: req.anti_affinity,
-        config: match serde_json::to_value(&req.definition) {
+        config: match serde_json::to_value(&definition) {
             Ok(v) => v,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         },
+        cpu_features: c.cpus.features.as_ref().map(ToString::to_string),
     };
     match define_vm(&node.store, &def, req.start).await {
         // `revision`: a `GET /api/v1/cluster?min_revision=` at it shows the VM.
@@ -795,9 +845,59 @@ async fn define(
             "name": name,
             "priority": def.priority,
             "needs": def.needs,
+            "cpu_features": def.cpu_features,
             "revision": revision,
         }))
         .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "1.0:0000000000000000000000010700a371,7.0:00000000000000010000000000000000,80000001.0:00000000000000000000000020100800";
+    const NEW: &str = "1.0:0000000000000000100000010700a371,7.0:00000000000100010000000000000000,80000001.0:00000000000000000000000020100800";
+
+    fn snap(fingerprints: &[Option<&str>]) -> Snapshot {
+        let mut s = Snapshot::default();
+        for (i, f) in fingerprints.iter().enumerate() {
+            let name = format!("n{i}");
+            let rec = NodeRecord {
+                name: name.clone(),
+                version: "t".into(),
+                capacity: Resources {
+                    memory_mib: 1024,
+                    vcpus: 4,
+                },
+                cpu_features: vec![],
+                cpuid: f.map(String::from),
+                state: NodeState::Up,
+                peer_url: None,
+            };
+            s.nodes.insert(name, (rec, 1));
+        }
+        s
+    }
+
+    /// The set is what every node that published one has, within the VM's own mask;
+    /// nodes without a fingerprint do not count; none at all, or a set without the
+    /// x86-64 baseline, is refused with one line.
+    #[test]
+    fn the_compatibility_set_is_the_nodes_common_features_within_the_vms_own() {
+        let set = compatibility_set(&snap(&[Some(NEW), Some(OLD), None]), None).unwrap();
+        assert_eq!(set.to_string(), OLD);
+        let asked = CpuFeatures::parse(
+            "1.0:0000000000000000000000000700a371,80000001.0:00000000000000000000000020100800",
+        )
+        .unwrap();
+        let set = compatibility_set(&snap(&[Some(NEW), Some(NEW)]), Some(&asked)).unwrap();
+        assert_eq!(set, asked);
+        let e = compatibility_set(&snap(&[None]), None).unwrap_err();
+        assert!(e.contains("no live node published"), "{e}");
+        let bare = "1.0:0000000000000000000000000000a371";
+        let e = compatibility_set(&snap(&[Some(NEW), Some(bare)]), None).unwrap_err();
+        assert!(e.contains("baseline") && !e.contains('\n'), "{e}");
     }
 }

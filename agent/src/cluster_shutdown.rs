@@ -19,15 +19,32 @@ use crate::cluster_node::ClusterNode;
 /// Moves of a shutdown drain at once (vireoctl's default for `node drain`).
 pub const CONCURRENCY: u32 = 2;
 
-/// How often the drain's progress is read.
+/// How often the drain's progress is read (and a refused start asked again).
 const POLL: Duration = Duration::from_millis(250);
+
+/// How long a drain that cannot start for the store's sake is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(10);
 
 /// Drains `node` before it leaves and waits for the drain to end, at most `limit`.
 /// Past it, the moves not started are cancelled and those migrating are given
 /// `finish` more to end (a live migration is not cut halfway): what stays is stopped
 /// by the leave that follows and starts elsewhere.
 pub async fn drain_before_leaving(node: &ClusterNode, limit: Duration, finish: Duration) {
-    match drain::drain_for_shutdown(&node.store, &node.node, CONCURRENCY).await {
+    // A store that does not answer once (a loaded host, an etcd election) is asked
+    // again for a while: giving up at once would stop every clustered VM instead.
+    let asked = Instant::now();
+    let started = loop {
+        match drain::drain_for_shutdown(&node.store, &node.node, CONCURRENCY).await {
+            Err(e @ (AdminError::Store(_) | AdminError::Raced))
+                if asked.elapsed() + POLL < limit.min(STORE_RETRY) =>
+            {
+                warn!(node = %node.node, error = %e, "drain on shutdown: the cluster store did not answer; asking again");
+                tokio::time::sleep(POLL).await;
+            }
+            r => break r,
+        }
+    };
+    match started {
         Ok(plan) => info!(
             node = %node.node,
             moves = plan.moves.len(),

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use vireo_util::cpu_features::CpuFeatures;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -49,6 +50,12 @@ pub struct CpusConfig {
     /// socket of `boot` single-threaded cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<CpuTopology>,
+    /// Processor compatibility: the most CPU features the vCPUs get (a fingerprint
+    /// string, `vireo_util::cpu_features`); each feature leaf of the host's CPUID is
+    /// masked to it. A cluster gives its compatibility-mode VMs the features every
+    /// node has, so they live-migrate between CPU generations. Without it: the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<CpuFeatures>,
 }
 
 impl Default for CpusConfig {
@@ -56,6 +63,7 @@ impl Default for CpusConfig {
         Self {
             boot: 1,
             topology: None,
+            features: None,
         }
     }
 }
@@ -812,6 +820,17 @@ pub fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
                     threads,
                 });
             }
+            // Leaves joined by '+' (',' separates the flag's keys).
+            "features" => {
+                c.features = Some(CpuFeatures::parse_mask(&v.replace('+', ",")).map_err(|e| {
+                    ConfigError::BadValue {
+                        flag: F,
+                        key: k.clone(),
+                        value: v.clone(),
+                        reason: e.to_string(),
+                    }
+                })?)
+            }
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
@@ -1137,6 +1156,39 @@ mod tests {
         assert_eq!(serde_json::from_str::<CpusConfig>(&json).unwrap(), c);
         let plain = serde_json::to_string(&parse_cpus("boot=4").unwrap()).unwrap();
         assert_eq!(plain, r#"{"boot":4}"#);
+    }
+
+    /// `features=` takes a fingerprint with its leaves joined by '+' on the command
+    /// line, the same string with ',' in JSON; a mask without long mode, or a leaf
+    /// that lists no features, is one line naming why.
+    #[test]
+    fn cpu_features_parse_from_the_flag_and_json_and_bad_masks_are_refused() {
+        let one = "1.0:0000000000000000000000010789f3f9";
+        let lm = "80000001.0:00000000000000000000000020100800";
+        let c = parse_cpus(&format!("boot=2,features={one}+{lm}")).unwrap();
+        let f = c.features.clone().unwrap();
+        assert_eq!(f.to_string(), format!("{one},{lm}"));
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains(&format!(r#""features":"{one},{lm}""#)),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<CpusConfig>(&json).unwrap(), c);
+        for (bad, why) in [
+            (format!("boot=2,features={one}"), "x86-64 baseline"),
+            (
+                "boot=2,features=4.0:00000000000000000000000000000000".into(),
+                "lists no features",
+            ),
+            ("boot=2,features=1.0:12".into(), "LEAF.SUBLEAF"),
+        ] {
+            let e = parse_cpus(&bad).unwrap_err().to_string();
+            assert!(e.contains(why) && !e.contains('\n'), "{bad}: {e}");
+        }
+        let e = serde_json::from_str::<CpusConfig>(&format!(r#"{{"boot":1,"features":"{one}"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x86-64 baseline"), "{e}");
     }
     use super::*;
 

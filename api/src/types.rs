@@ -21,6 +21,11 @@ pub struct VmInfo {
     /// cleared by resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_reason: Option<String>,
+    /// The CPU features the vCPUs are given, as a fingerprint (`1.0:...,7.0:...`,
+    /// `vireo_util::cpu_features`): the host's, masked to `cpus.features` if set. What
+    /// a live migration's destination must give too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<String>,
 }
 
 /// `vm.snapshot`'s body (Cloud Hypervisor's): where to write, as a `file://` URL.

@@ -301,11 +301,13 @@ fn plan_migrate(
             continue;
         }
         let mut v = view(def);
+        // An empty list would mean every node: name them, so that narrowing it below
+        // can leave none.
+        if v.possible_owners.is_empty() {
+            v.possible_owners = snap.nodes.keys().cloned().collect();
+        }
         if named.is_none() {
-            // Anywhere but where it runs (an empty list would mean every node).
-            if v.possible_owners.is_empty() {
-                v.possible_owners = snap.nodes.keys().cloned().collect();
-            }
+            // Anywhere but where it runs.
             v.possible_owners.retain(|n| n != source);
             if v.possible_owners.is_empty() {
                 plan.no_place.push((
@@ -314,13 +316,21 @@ fn plan_migrate(
                 ));
                 continue;
             }
+            // Only nodes whose VMMs give it the CPU features it has on its node (a
+            // named node that does not is refused below, with that reason).
+            v.possible_owners
+                .retain(|n| drain::cpu_compatible(snap, def, source, n));
+            if v.possible_owners.is_empty() {
+                plan.no_place.push((
+                    vm.clone(),
+                    format!("no other node gives it the CPU features it has on {source}"),
+                ));
+                continue;
+            }
+        } else {
+            v.possible_owners
+                .retain(|n| n == source || drain::cpu_compatible(snap, def, source, n));
         }
-        // Only nodes whose VMMs give guests the same CPU features as its node's.
-        if v.possible_owners.is_empty() {
-            v.possible_owners = snap.nodes.keys().cloned().collect();
-        }
-        v.possible_owners
-            .retain(|n| drain::cpu_compatible(snap, source, n));
         from.insert(vm.clone(), source.to_string());
         to_place.push((v, Reason::Start));
     }
@@ -365,7 +375,7 @@ fn plan_migrate(
                     (Some(n), _)
                         if from
                             .get(&vm)
-                            .is_some_and(|src| !drain::cpu_compatible(snap, src, n)) =>
+                            .is_some_and(|src| !drain::cpu_compatible(snap, def, src, n)) =>
                     {
                         format!(
                             "{n}'s CPU features differ from those of {}: a live migration needs the same",

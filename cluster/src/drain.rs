@@ -24,12 +24,14 @@
 use std::collections::BTreeMap;
 
 use tracing::warn;
+use vireo_util::cpu_features::CpuFeatures;
 
 use crate::failover::{view, Snapshot};
 use crate::keys::{
     self, DrainInfo, MoveReason, MoveRecord, MoveState, NodeState, OwnerRecord, Priority,
+    VmDefinition,
 };
-use crate::placement::{self, Decision, NodeView, Reason};
+use crate::placement::{self, Decision, NodeView, Reason, VmView};
 use crate::store::{
     ClusterStore, CmpOp, Compare, KeyValue, Op, Revision, StoreResult, Txn, WatchEvent,
 };
@@ -84,25 +86,42 @@ fn list(v: &[(String, String)]) -> String {
 }
 
 /// The nodes placement may use for a VM leaving `node`: live, `up`, reachable for
-/// live migration, with its CPU features ([`cpu_compatible`]), with what they run.
+/// live migration, with what they run. Which of them suit each VM's CPU features is
+/// [`live_view`]'s part.
 pub(crate) fn targets(snap: &Snapshot, node: &str) -> Vec<NodeView> {
-    let mut views = node_views(snap, node, true);
-    for v in &mut views {
-        if !cpu_compatible(snap, node, &v.name) {
-            v.state = NodeState::Paused;
-        }
-    }
-    views
+    node_views(snap, node, true)
 }
 
-/// Whether a VM running on `from` can live-migrate to `to`: their VMMs give guests
-/// the same CPU features (`NodeRecord::cpuid`), which the destination VMM checks
-/// (a guest keeps what it probed). A node that published none restricts nothing.
-pub fn cpu_compatible(snap: &Snapshot, from: &str, to: &str) -> bool {
+/// VM `def`'s placement view for a live move from `from`: its possible owners narrowed
+/// to the nodes [`cpu_compatible`] with `from` for it. None when no node is.
+pub(crate) fn live_view(snap: &Snapshot, def: &VmDefinition, from: &str) -> Option<VmView> {
+    let mut v = view(def);
+    if v.possible_owners.is_empty() {
+        // An empty list would mean every node.
+        v.possible_owners = snap.nodes.keys().cloned().collect();
+    }
+    v.possible_owners
+        .retain(|n| cpu_compatible(snap, def, from, n));
+    (!v.possible_owners.is_empty()).then_some(v)
+}
+
+/// Whether VM `def` running on `from` can live-migrate to `to`: their VMMs give it the
+/// same CPU features (`NodeRecord::cpuid`), which the destination VMM checks (a guest
+/// keeps what it probed). For a VM in processor compatibility mode
+/// (`VmDefinition::cpu_features`) the same within its set is enough; otherwise the
+/// fingerprints must be equal. A node that published none restricts nothing.
+pub fn cpu_compatible(snap: &Snapshot, def: &VmDefinition, from: &str, to: &str) -> bool {
     let cpuid = |n: &str| snap.nodes.get(n).and_then(|(r, _)| r.cpuid.as_deref());
-    match (cpuid(from), cpuid(to)) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
+    let (Some(a), Some(b)) = (cpuid(from), cpuid(to)) else {
+        return true;
+    };
+    let mask = def
+        .cpu_features
+        .as_deref()
+        .and_then(|m| CpuFeatures::parse(m).ok());
+    match (mask, CpuFeatures::parse(a), CpuFeatures::parse(b)) {
+        (Some(m), Ok(a), Ok(b)) => a.intersect(&m) == b.intersect(&m),
+        _ => a == b,
     }
 }
 
@@ -150,12 +169,20 @@ pub fn owned_by(snap: &Snapshot, node: &str) -> Vec<String> {
 
 /// Where each VM of `node` would go.
 pub fn plan_drain(snap: &Snapshot, node: &str) -> DrainPlan {
-    let to_place: Vec<_> = owned_by(snap, node)
+    let mut plan = DrainPlan::default();
+    let mut to_place = Vec::new();
+    for d in owned_by(snap, node)
         .iter()
         .filter_map(|vm| snap.vms.get(vm))
-        .map(|d| (view(d), Reason::Start))
-        .collect();
-    let mut plan = DrainPlan::default();
+    {
+        match live_view(snap, d, node) {
+            Some(v) => to_place.push((v, Reason::Start)),
+            None => plan.no_place.push((
+                d.name.clone(),
+                format!("no other node gives it the CPU features it has on {node}"),
+            )),
+        }
+    }
     for d in placement::plan_without_preemption(&targets(snap, node), &to_place) {
         match d {
             Decision::Place { vm, node: to } => {

@@ -154,6 +154,7 @@ mod tests {
             possible_owners: vec![],
             anti_affinity: None,
             config: serde_json::json!({"kernel": name}),
+            cpu_features: None,
         }
     }
 

@@ -164,6 +164,12 @@ pub struct VmDefinition {
     /// The VM's configuration as the node agent runs it (opaque to the cluster).
     #[serde(default)]
     pub config: serde_json::Value,
+    /// The processor compatibility set its vCPUs are masked to (a CPU fingerprint,
+    /// `vireo_util::cpu_features`; the configuration's `cpus.features`): a live move
+    /// needs a node whose features give the same within it. None: the host's features,
+    /// and a live move needs a node with the same fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<String>,
 }
 
 /// Why a VM has no owner.

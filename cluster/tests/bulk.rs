@@ -79,6 +79,7 @@ async fn put_vm(s: &SimStore, v: Vm<'_>, owner: Option<(&str, LeaseId)>) {
         possible_owners: v.only.iter().map(|n| n.to_string()).collect(),
         anti_affinity: v.class.map(String::from),
         config: serde_json::Value::Null,
+        cpu_features: None,
     };
     define_vm(s, &def, false).await.unwrap();
     if let Some((node, lease)) = owner {

@@ -52,6 +52,19 @@ async fn join_with_cpu(s: &SimStore, node: &str, peerless: bool, cpuid: Option<&
 
 /// Defines `vm` and makes `node` (holding `lease`) its owner.
 async fn owned(s: &SimStore, vm: &str, p: Priority, node: &str, lease: LeaseId, only: &[&str]) {
+    owned_masked(s, vm, p, node, lease, only, None).await
+}
+
+/// [`owned`], the VM in processor compatibility mode with the CPU feature set `mask`.
+async fn owned_masked(
+    s: &SimStore,
+    vm: &str,
+    p: Priority,
+    node: &str,
+    lease: LeaseId,
+    only: &[&str],
+    mask: Option<&str>,
+) {
     let def = VmDefinition {
         name: vm.into(),
         priority: p,
@@ -63,6 +76,7 @@ async fn owned(s: &SimStore, vm: &str, p: Priority, node: &str, lease: LeaseId, 
         possible_owners: only.iter().map(|n| n.to_string()).collect(),
         anti_affinity: None,
         config: serde_json::Value::Null,
+        cpu_features: mask.map(String::from),
     };
     define_vm(s, &def, false).await.unwrap();
     let o = OwnerRecord::Node {
@@ -175,6 +189,54 @@ fn a_drain_moves_vms_only_to_nodes_with_the_same_cpu_features() {
         owned(&s, "v1", Priority::Medium, "a", a, &[]).await;
         let plan = drain::drain(&s, "a", false, 2).await.unwrap();
         assert_eq!(plan.moves[0].to, "d");
+    });
+}
+
+/// Fingerprints of two CPU generations: both with the x86-64 baseline; the newer with
+/// AVX (leaf 1 ecx 28) and AVX-512F (leaf 7.0 ebx 16) besides.
+const OLD_CPU: &str = "1.0:0000000000000000000000010700a371,7.0:00000000000000010000000000000000,80000001.0:00000000000000000000000020100800";
+const NEW_CPU: &str = "1.0:0000000000000000100000010700a371,7.0:00000000000100010000000000000000,80000001.0:00000000000000000000000020100800";
+
+/// Processor compatibility: a VM masked to the two generations' common set moves from
+/// the newer node to the older one; a VM with its host's features does not (no node
+/// with the same), nor does one whose set has AVX (the older node lacks it). The
+/// refusal names the two and the reason; forced, only the masked VM moves.
+#[test]
+fn a_vm_in_processor_compatibility_mode_moves_to_a_node_of_another_cpu_generation() {
+    use vireo_util::cpu_features::CpuFeatures;
+    block(async {
+        let s = SimStore::new();
+        let a = join_with_cpu(&s, "a", false, Some(NEW_CPU)).await;
+        join_with_cpu(&s, "b", false, Some(OLD_CPU)).await;
+        let common = CpuFeatures::common([
+            &CpuFeatures::parse(NEW_CPU).unwrap(),
+            &CpuFeatures::parse(OLD_CPU).unwrap(),
+        ])
+        .unwrap()
+        .to_string();
+        assert_eq!(common, OLD_CPU, "the older node's set is the common one");
+        owned_masked(&s, "compat", Priority::High, "a", a, &[], Some(&common)).await;
+        owned(&s, "native", Priority::High, "a", a, &[]).await;
+        owned_masked(&s, "avx", Priority::High, "a", a, &[], Some(NEW_CPU)).await;
+
+        let e = drain::drain(&s, "a", false, 2).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AdminError::NoPlace { .. }), "{msg}");
+        assert!(
+            msg.contains("native (") && msg.contains("avx (") && !msg.contains("compat ("),
+            "{msg}"
+        );
+        assert!(msg.contains("CPU features"), "{msg}");
+
+        let plan = drain::drain(&s, "a", true, 2).await.unwrap();
+        let moved: Vec<(&str, &str)> = plan
+            .moves
+            .iter()
+            .map(|m| (m.vm.as_str(), m.to.as_str()))
+            .collect();
+        assert_eq!(moved, [("compat", "b")]);
+        let (admin, _) = cluster::admin::read(&s, "a").await.unwrap();
+        assert_eq!(admin.drain.unwrap().left, ["avx", "native"]);
     });
 }
 
@@ -490,6 +552,7 @@ fn a_node_that_departs_three_times_is_quarantined_gets_no_vms_until_released() {
             possible_owners: vec![],
             anti_affinity: None,
             config: serde_json::Value::Null,
+            cpu_features: None,
         };
         define_vm(&s, &def, true).await.unwrap();
         let pass = step(&mut controller, &s, (&mut t, b)).await;

@@ -244,6 +244,7 @@ async fn a_node_cut_off_from_etcd_fences_itself_before_its_vm_moves() {
         possible_owners: vec![],
         anti_affinity: None,
         config: serde_json::Value::Null,
+        cpu_features: None,
     };
     let t0 = Instant::now();
     let clock = move || t0.elapsed();

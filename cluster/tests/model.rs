@@ -156,6 +156,7 @@ fn run_schedule(seed: u64, timing: Timing, honour_fencing: bool) -> Outcome {
             possible_owners: vec![],
             anti_affinity: rng.gen_bool(0.3).then(|| "class".to_string()),
             config: serde_json::Value::Null,
+            cpu_features: None,
         };
         now(define_vm(&store, &def, true)).expect("define");
         vms.push(def);

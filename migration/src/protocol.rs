@@ -104,67 +104,7 @@ pub struct GuestShape {
     pub cpuid: Vec<CpuidLeaf>,
 }
 
-/// One CPUID leaf (function, index) and its four registers.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CpuidLeaf {
-    pub function: u32,
-    pub index: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
-
-/// The CPUID leaves that list CPU features (with the registers that hold them), as a
-/// migration compares them: what a guest probed once must be there after the move.
-pub const FEATURE_LEAVES: [(u32, u32); 6] = [
-    (1, 0),
-    (7, 0),
-    (7, 1),
-    (0xd, 1),
-    (0x8000_0001, 0),
-    (0x8000_0007, 0),
-];
-
-impl CpuidLeaf {
-    /// `leaf` as a migration compares it, if it is one of [`FEATURE_LEAVES`]: the
-    /// registers that hold no feature bits (family, APIC IDs, counts, sizes) zeroed.
-    pub fn feature_part(mut self) -> Option<CpuidLeaf> {
-        if !FEATURE_LEAVES.contains(&(self.function, self.index)) {
-            return None;
-        }
-        match (self.function, self.index) {
-            // eax: family/model/stepping; ebx: APIC ID, CLFLUSH size, counts.
-            (1, 0) => (self.eax, self.ebx) = (0, 0),
-            // eax: the highest subleaf.
-            (7, 0) => self.eax = 0,
-            // Only eax lists features (XSAVEOPT, XSAVEC, ...); ebx is a size.
-            (0xd, 1) => (self.ebx, self.ecx, self.edx) = (0, 0, 0),
-            (0x8000_0001, 0) => (self.eax, self.ebx) = (0, 0),
-            _ => {}
-        }
-        Some(self)
-    }
-}
-
-/// The feature leaves as one string (sorted, hex): two hosts whose fingerprints are
-/// equal give their guests the same CPU features, so a live migration between them
-/// passes the VMM's CPUID comparison. Cluster nodes publish theirs; live moves go only
-/// between nodes with the same.
-pub fn cpuid_fingerprint(leaves: &[CpuidLeaf]) -> String {
-    let mut sorted: Vec<&CpuidLeaf> = leaves.iter().collect();
-    sorted.sort_by_key(|l| (l.function, l.index));
-    sorted
-        .iter()
-        .map(|l| {
-            format!(
-                "{:x}.{:x}:{:08x}{:08x}{:08x}{:08x}",
-                l.function, l.index, l.eax, l.ebx, l.ecx, l.edx
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub use vireo_util::cpu_features::{cpuid_fingerprint, CpuidLeaf, FEATURE_LEAVES};
 
 fn one() -> u32 {
     1
@@ -549,34 +489,6 @@ pub fn runs(payload: &[u8]) -> Result<Vec<PageRun<'_>>, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn leaf(function: u32, index: u32, r: u32) -> CpuidLeaf {
-        CpuidLeaf {
-            function,
-            index,
-            eax: r,
-            ebx: r + 1,
-            ecx: r + 2,
-            edx: r + 3,
-        }
-    }
-
-    #[test]
-    fn feature_parts_keep_feature_registers_only_and_the_fingerprint_is_sorted() {
-        assert_eq!(leaf(4, 0, 9).feature_part(), None, "not a feature leaf");
-        let one = leaf(1, 0, 0x10).feature_part().unwrap();
-        assert_eq!((one.eax, one.ebx, one.ecx, one.edx), (0, 0, 0x12, 0x13));
-        let xsave = leaf(0xd, 1, 0x20).feature_part().unwrap();
-        assert_eq!(
-            (xsave.eax, xsave.ebx, xsave.ecx, xsave.edx),
-            (0x20, 0, 0, 0)
-        );
-        let a = cpuid_fingerprint(&[leaf(7, 0, 1), one]);
-        let b = cpuid_fingerprint(&[one, leaf(7, 0, 1)]);
-        assert_eq!(a, b, "order does not matter");
-        assert!(a.starts_with("1.0:") && a.contains(",7.0:"), "{a}");
-        assert_ne!(a, cpuid_fingerprint(&[one, leaf(7, 0, 2)]));
-    }
 
     /// A peer that sends `data` and then ends, noting the largest buffer it was asked
     /// to fill (what the receiver had allocated for the bytes still to come).

@@ -225,3 +225,164 @@ fn thirty_two_busy_vcpus_live_migrate_and_every_ap_goes_on() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What `test=cpuid` printed: each feature leaf's registers (eax, ebx, ecx, edx) by
+/// `F.I`, and the XSAVE components leaf 0xd.0 offers.
+fn guest_cpuid(serial: &str) -> (std::collections::BTreeMap<String, [u32; 4]>, u64) {
+    let hex = |s: &str| u32::from_str_radix(s, 16).unwrap();
+    let mut leaves = std::collections::BTreeMap::new();
+    let mut xcr0 = None;
+    for line in serial.lines() {
+        let Some(rest) = line.strip_prefix("cpuid ") else {
+            continue;
+        };
+        let (leaf, regs) = rest.split_once(' ').unwrap();
+        if let Some(x) = regs.strip_prefix("xcr0=") {
+            xcr0 = Some(u64::from_str_radix(x.trim(), 16).unwrap());
+            continue;
+        }
+        let r: Vec<u32> = regs
+            .split_whitespace()
+            .map(|kv| hex(kv.split_once('=').unwrap().1))
+            .collect();
+        leaves.insert(leaf.to_string(), [r[0], r[1], r[2], r[3]]);
+    }
+    assert_eq!(leaves.len(), 5, "{serial}");
+    (leaves, xcr0.expect("an xcr0 line"))
+}
+
+/// Whether KVM here is the hardware-virtualization kind (kvm_intel/kvm_amd), whose
+/// CPUID exits always answer from the vCPU's CPUID table.
+fn standard_kvm() -> bool {
+    Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists()
+}
+
+/// `vm.info`'s `cpu_features`: the fingerprint of the CPUID the VMM gave the vCPUs.
+fn info_features(sock: &Path) -> vireo_util::cpu_features::CpuFeatures {
+    let (s, body) = api(sock, "GET", "vm.info", None);
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    vireo_util::cpu_features::CpuFeatures::parse(v["cpu_features"].as_str().unwrap()).unwrap()
+}
+
+/// Processor compatibility (`--cpus features=`): a VM given only the x86-64 baseline
+/// gets, in every feature leaf of the CPUID the VMM programs (`vm.info`'s
+/// `cpu_features`), exactly its host's features within the mask, and the guest reads
+/// them (leaf 0x8000_0001 everywhere; every leaf and the XSAVE components of leaf 0xd
+/// where KVM is VT-x/AMD-V: the PVM-style KVM of our test machines answers leaves 1, 7
+/// and 0xd at CPL0 with the host's values, whatever the VMM set). The masked VM
+/// live-migrates (both ends mask alike) and keeps its features.
+#[test]
+fn a_processor_compatibility_mask_hides_features_and_the_masked_vm_migrates() {
+    use vireo_util::cpu_features::CpuFeatures;
+    let dir = tempfile::tempdir().unwrap();
+    let host_sock = dir.path().join("host.sock");
+    let host_vm = Vireo::guest(
+        "test=cpuid period_ms=20",
+        &["--api-socket", host_sock.to_str().unwrap()],
+    )
+    .spawn();
+    wait_for_socket(&host_sock, T);
+    let (host_leaves, host_xcr0) = guest_cpuid(&host_vm.wait_serial("tick 1 ", T));
+    let host = info_features(&host_sock);
+    drop(host_vm);
+
+    let features =
+        "1.0:0000000000000000000000000700a371+80000001.0:00000000000000000000000020100800";
+    let mask = CpuFeatures::parse_mask(&features.replace('+', ",")).unwrap();
+    let sock = dir.path().join("src.sock");
+    let cpus = format!("boot=1,features={features}");
+    let vm = Vireo::guest(
+        "test=cpuid period_ms=20",
+        &["--cpus", &cpus, "--api-socket", sock.to_str().unwrap()],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    let (guest, xcr0) = guest_cpuid(&vm.wait_serial("tick 1 ", T));
+
+    // Programmed: the host's features within the mask, nothing beyond.
+    let given = info_features(&sock);
+    assert_eq!(given, host.intersect(&mask), "host {host}");
+    let hidden = given.lacks(&host);
+    assert!(
+        !hidden.is_empty(),
+        "the host has nothing beyond the baseline: {host}"
+    );
+
+    // Read by the guest. The VMM sets the hypervisor (leaf 1 ecx 31) and HTT (edx 28)
+    // bits itself, KVM OSXSAVE (ecx 27) from CR4.
+    let as_guest_reads = |f: &CpuFeatures, leaf: &str| -> [u32; 4] {
+        let (func, idx) = leaf.split_once('.').unwrap();
+        let func = u32::from_str_radix(func, 16).unwrap();
+        let idx = u32::from_str_radix(idx, 16).unwrap();
+        let l = f
+            .leaves()
+            .iter()
+            .find(|l| (l.function, l.index) == (func, idx))
+            .map_or([0; 4], |l| l.registers());
+        l
+    };
+    let own = |leaf: &str| -> [u32; 4] {
+        if leaf == "1.0" {
+            [u32::MAX, u32::MAX, !(1 << 27 | 1 << 31), !(1 << 28)]
+        } else {
+            [u32::MAX; 4]
+        }
+    };
+    let feature_regs: [(&str, [bool; 4]); 5] = [
+        ("1.0", [false, false, true, true]),
+        ("7.0", [false, true, true, true]),
+        ("7.1", [true, true, true, true]),
+        ("80000001.0", [false, false, true, true]),
+        ("80000007.0", [true, true, true, true]),
+    ];
+    let checked: Vec<&str> = if standard_kvm() {
+        feature_regs.iter().map(|(l, _)| *l).collect()
+    } else {
+        vec!["80000001.0"]
+    };
+    for (leaf, which) in feature_regs {
+        if !checked.contains(&leaf) {
+            continue;
+        }
+        let (want, read, o) = (as_guest_reads(&given, leaf), guest[leaf], own(leaf));
+        for k in 0..4 {
+            if which[k] {
+                assert_eq!(
+                    read[k] & o[k],
+                    want[k] & o[k],
+                    "leaf {leaf} reg {k}: the guest read {:#010x}, the VMM gave {:#010x}",
+                    read[k],
+                    want[k]
+                );
+            }
+        }
+    }
+    // XSAVE state of hidden features: AVX (2), MPX (3, 4), AVX-512 (5-7), PKRU (9),
+    // AMX (17, 18) go with them.
+    if standard_kvm() {
+        let gone: u64 = 1 << 2 | 3 << 3 | 7 << 5 | 1 << 9 | 3 << 17;
+        assert_eq!(xcr0, host_xcr0 & !gone, "{xcr0:#x} of {host_xcr0:#x}");
+    }
+    eprintln!(
+        "guest-read leaves checked: {checked:?} (standard KVM: {}); hidden: {}; host as read {host_leaves:x?}, xcr0 {host_xcr0:#x} -> {xcr0:#x}",
+        standard_kvm(),
+        hidden.len()
+    );
+
+    // Both ends mask alike: the migration's CPUID comparison passes, the guest goes on
+    // with the same features.
+    let dst = migrate_to_new_vmm(&sock, vm, dir.path());
+    let start = std::time::Instant::now();
+    while dst.serial_text().matches("tick ").count() < 5 {
+        assert!(start.elapsed() < T, "no ticks at the destination");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !dst.serial_text().contains("cpuid 1.0"),
+        "the guest started over at the destination"
+    );
+    assert_eq!(info_features(&dst.sock), given);
+    assert_eq!(api(&dst.sock, "PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(dst.wait().status.code(), Some(0));
+}

@@ -1,6 +1,7 @@
 //! Helpers shared by Vireo's crates (see README.md): zero detection, the data extents
-//! of sparse files, and poison-tolerant locks.
+//! of sparse files, poison-tolerant locks, and CPU feature sets (CPUID).
 
+pub mod cpu_features;
 pub mod extents;
 pub mod sync;
 pub mod zero;

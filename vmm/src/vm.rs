@@ -118,9 +118,13 @@ impl IncomingVm {
         })
     }
 
-    /// The CPU features this host gives the incoming VM's vCPUs.
+    /// The CPU features this host gives the incoming VM's vCPUs (masked to its
+    /// processor compatibility set, if it has one).
     pub fn cpu_features(&self) -> Result<Vec<migration::protocol::CpuidLeaf>, VmError> {
-        Ok(crate::arch::cpu::feature_leaves(&self.hv.kvm)?)
+        Ok(crate::arch::cpu::feature_leaves(
+            &self.hv.kvm,
+            self.config.cpus.features.as_ref(),
+        )?)
     }
 
     /// Opens the devices (and disks), puts back their state, the clock and every vCPU
@@ -174,11 +178,14 @@ impl IncomingVm {
         for s in &saved.vcpus {
             let fd = vm.hv.create_vcpu(s.id)?;
             let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
-            fd.set_cpuid2(&cpu::cpuid_for(&vm.hv.kvm, s.id, &topology, tsc_khz)?)
-                .map_err(|source| KvmError::Ioctl {
-                    op: "SET_CPUID2",
-                    source,
-                })?;
+            let features = vm.config.cpus.features.as_ref();
+            fd.set_cpuid2(&cpu::cpuid_for(
+                &vm.hv.kvm, s.id, &topology, features, tsc_khz,
+            )?)
+            .map_err(|source| KvmError::Ioctl {
+                op: "SET_CPUID2",
+                source,
+            })?;
             s.restore(&fd)?;
             vm.coalesce_mmio(&fd);
             let ctx = vm.vcpu_context();
@@ -412,7 +419,8 @@ impl Vm {
         let mut fds = Vec::with_capacity(apic_ids.len());
         for &id in &apic_ids {
             let fd = self.hv.create_vcpu(id)?;
-            cpu::setup_vcpu(&self.hv.kvm, &fd, id, &topology, entry)?;
+            let features = self.config.cpus.features.as_ref();
+            cpu::setup_vcpu(&self.hv.kvm, &fd, id, &topology, features, entry)?;
             self.coalesce_mmio(&fd);
             fds.push(fd);
         }
@@ -533,9 +541,13 @@ impl Vm {
         (self.mem.clone(), self.hv.vm.clone())
     }
 
-    /// The CPU features this host gives the VM's vCPUs (a migration's Hello says them).
+    /// The CPU features this host gives the VM's vCPUs (a migration's Hello says them):
+    /// masked to its processor compatibility set, if it has one.
     pub fn cpu_features(&self) -> Result<Vec<migration::protocol::CpuidLeaf>, VmError> {
-        Ok(crate::arch::cpu::feature_leaves(&self.hv.kvm)?)
+        Ok(crate::arch::cpu::feature_leaves(
+            &self.hv.kvm,
+            self.config.cpus.features.as_ref(),
+        )?)
     }
 
     /// Whether KVM's dirty log is under manual protection (cleared by its reader).
@@ -612,6 +624,11 @@ impl Vm {
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
             pause_reason: self.pause_reason.clone(),
+            cpu_features: self
+                .cpu_features()
+                .map_err(|e| tracing::warn!(error = %e, "the vCPUs' CPU features are not known"))
+                .ok()
+                .map(|l| vireo_util::cpu_features::cpuid_fingerprint(&l)),
         }
     }
 

@@ -41,12 +41,14 @@ const fn sub(leaf: u32, subleaf: u32) -> CpuidEntry {
 
 /// Filled at CPL0 by boot.rs; the 0xffff_ffff entry ends the list.
 #[no_mangle]
-static mut CPUID_TABLE: [CpuidEntry; 14] = [
+static mut CPUID_TABLE: [CpuidEntry; 16] = [
     leaf(0),
     leaf(1),
     leaf(7),
+    sub(7, 1),
     sub(0xb, 0),
     sub(0xb, 1),
+    sub(0xd, 0),
     leaf(0x15),
     leaf(0x16),
     leaf(0x4000_0000),

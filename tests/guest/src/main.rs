@@ -93,6 +93,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "blk-ro" => tests::blk_ro(),
         "blk-bench" => tests::blk_bench(),
         "counter" => tests::counter(),
+        "cpuid" => tests::cpuid_features(),
         "dirty" => tests::dirty(),
         "fault" => tests::fault(),
         "irq" => tests::irq(),

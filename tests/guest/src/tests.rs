@@ -207,6 +207,23 @@ pub fn blk_ro() -> ! {
     io::result_ok()
 }
 
+/// `test=cpuid`: prints the feature registers of the CPUID feature leaves as the VMM
+/// set them (read at CPL0 at boot), `cpuid F.I eax=.. ebx=.. ecx=.. edx=..`, and leaf
+/// 0xd.0's XSAVE components (`cpuid d.0 xcr0=..`); then runs `counter` (a host can
+/// migrate it and see it go on).
+pub fn cpuid_features() -> ! {
+    for (f, i) in [(1, 0), (7, 0), (7, 1), (0x8000_0001, 0), (0x8000_0007, 0)] {
+        let e = crate::cpuid::cpuid_sub(f, i);
+        println!(
+            "cpuid {:x}.{:x} eax={:08x} ebx={:08x} ecx={:08x} edx={:08x}",
+            f, i, e.eax, e.ebx, e.ecx, e.edx
+        );
+    }
+    let d = crate::cpuid::cpuid_sub(0xd, 0);
+    println!("cpuid d.0 xcr0={:08x}{:08x}", d.edx, d.eax);
+    counter()
+}
+
 /// `test=counter [period_ms=P] [ticks=T]`: forever (or T ticks) print `tick <n> tsc=<tsc>`
 /// every P ms. A tick that is late (VM paused) is not caught up: the next one is scheduled P
 /// ms after it, so a pause shows as a gap in the tsc values, not as a burst of ticks.

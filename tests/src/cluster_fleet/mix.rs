@@ -76,5 +76,6 @@ pub fn vm(i: usize) -> VmDefinition {
         possible_owners: vec![],
         anti_affinity: (i % 20 == 7).then(|| "db".to_string()),
         config,
+        cpu_features: None,
     }
 }

@@ -6,6 +6,7 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use vireo_util::cpu_features::CpuFeatures;
 use vm_memory::{Bytes, GuestAddress};
 
 use devices::virtio::GuestMemoryMmap;
@@ -101,13 +102,15 @@ const CPUID_TSC_LEAF: u32 = 0x4000_0010;
 const LAPIC_TIMER_KHZ: u32 = 1_000_000;
 
 /// The feature leaves of the CPUID this host gives vCPUs (registers that hold no
-/// feature bits zeroed: `CpuidLeaf::feature_part`).
-pub fn feature_leaves(kvm: &Kvm) -> Result<Vec<migration::protocol::CpuidLeaf>, KvmError> {
-    let cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(ioctl("GET_SUPPORTED_CPUID"))?;
-    Ok(cpuid
-        .as_slice()
+/// feature bits zeroed: `CpuidLeaf::feature_part`), masked to `features` when the VM
+/// has a processor compatibility set.
+pub fn feature_leaves(
+    kvm: &Kvm,
+    features: Option<&CpuFeatures>,
+) -> Result<Vec<migration::protocol::CpuidLeaf>, KvmError> {
+    let mut entries = supported(kvm)?;
+    mask(&mut entries, features);
+    Ok(entries
         .iter()
         .filter_map(|e| {
             migration::protocol::CpuidLeaf {
@@ -123,19 +126,36 @@ pub fn feature_leaves(kvm: &Kvm) -> Result<Vec<migration::protocol::CpuidLeaf>, 
         .collect())
 }
 
-/// The CPUID a vCPU sees: KVM's supported set, with this vCPU's APIC ID, its place in
-/// the topology (leaves 1, 4, 0xB, 0x1F, 0x8000_0008), the hypervisor bit and (when
-/// known) the TSC frequency leaf.
+fn supported(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, KvmError> {
+    Ok(kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("GET_SUPPORTED_CPUID"))?
+        .as_slice()
+        .to_vec())
+}
+
+/// Masks every feature leaf (and the XSAVE components of leaf 0xd.0) to `features`.
+fn mask(entries: &mut [kvm_cpuid_entry2], features: Option<&CpuFeatures>) {
+    let Some(f) = features else { return };
+    for e in entries.iter_mut() {
+        let mut regs = [e.eax, e.ebx, e.ecx, e.edx];
+        f.mask_entry(e.function, e.index, &mut regs);
+        [e.eax, e.ebx, e.ecx, e.edx] = regs;
+    }
+}
+
+/// The CPUID a vCPU sees: KVM's supported set (masked to the VM's `features`, if
+/// any), with this vCPU's APIC ID, its place in the topology (leaves 1, 4, 0xB, 0x1F,
+/// 0x8000_0008), the hypervisor bit and (when known) the TSC frequency leaf.
 pub fn cpuid_for(
     kvm: &Kvm,
     apic: u8,
     topology: &CpuTopology,
+    features: Option<&CpuFeatures>,
     tsc_khz: Option<u32>,
 ) -> Result<CpuId, KvmError> {
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(ioctl("GET_SUPPORTED_CPUID"))?;
-    let mut entries: Vec<kvm_cpuid_entry2> = supported.as_slice().to_vec();
+    let mut entries = supported(kvm)?;
+    mask(&mut entries, features);
     if let Some(khz) = tsc_khz {
         let mut has_leaf = false;
         for e in entries.iter_mut() {
@@ -243,10 +263,11 @@ pub fn setup_vcpu(
     vcpu: &VcpuFd,
     cpu: u8,
     topology: &CpuTopology,
+    features: Option<&CpuFeatures>,
     boot: BootEntry,
 ) -> Result<(), KvmError> {
     let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
-    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, topology, tsc_khz)?)
+    vcpu.set_cpuid2(&cpuid_for(kvm, cpu, topology, features, tsc_khz)?)
         .map_err(ioctl("SET_CPUID2"))?;
 
     let msrs = Msrs::from_entries(&[

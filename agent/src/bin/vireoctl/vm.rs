@@ -49,6 +49,10 @@ pub(crate) enum VmCommand {
         /// With --cluster: define it without starting it.
         #[arg(long, requires = "cluster")]
         no_start: bool,
+        /// With --cluster: processor compatibility mode — its vCPUs get only the CPU
+        /// features every node has now, so it can live-migrate between CPU generations.
+        #[arg(long, requires = "cluster")]
+        cpu_compat: bool,
     },
     /// Start a VM; returns when it runs. With --selector: the clustered VMs it
     /// selects that are off are asked to run (the cluster places them).
@@ -322,6 +326,7 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             possible_owners,
             anti_affinity,
             no_start,
+            cpu_compat,
         } => {
             let def = read_definition(&file, priority, restart, max_restarts)?;
             // Checked here too, for an error that points at the file.
@@ -344,6 +349,7 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
                     "preferred_owners": preferred_owners,
                     "possible_owners": possible_owners,
                     "anti_affinity": anti_affinity,
+                    "cpu_compat": cpu_compat,
                     "start": !no_start,
                 });
                 let v = ctx.json(

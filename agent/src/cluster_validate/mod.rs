@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::cluster_node::ClusterNode;
+
+mod cpu;
 use crate::supervisor::Supervisor;
 
 /// Clock skew against the coordinator: warn above, fail above.
@@ -447,8 +449,9 @@ pub async fn validate(node: &ClusterNode) -> Result<Report, String> {
     checks.extend(reachability(&nodes));
     checks.extend(kvm_checks(&nodes));
     checks.extend(version_checks(&nodes));
-    checks.extend(cpu_checks(&snap));
-    checks.extend(cpuid_checks(&snap));
+    checks.extend(cpu::feature_checks(&snap));
+    checks.extend(cpu::fingerprint_checks(&snap));
+    checks.extend(cpu::compatibility_checks(&snap));
     checks.extend(storage_checks(&node.node, &nodes, &written, &content));
     checks.extend(skew_checks(&skew));
     checks.extend(cert_checks(&nodes, crate::now_ms()));
@@ -607,83 +610,6 @@ fn version_checks(nodes: &BTreeMap<String, Result<NodeFacts, String>>) -> Vec<Ch
         }
     }
     out
-}
-
-/// Nodes grouped by CPU fingerprint (the CPUID their VMMs give guests): live moves go
-/// only within a group, so each node is told how many others it can live-migrate to.
-fn cpuid_checks(snap: &Snapshot) -> Vec<Check> {
-    let mut groups: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
-    for (n, (r, _)) in &snap.nodes {
-        if let Some(f) = r.cpuid.as_deref() {
-            groups.entry(f).or_default().push(n);
-        }
-    }
-    snap.nodes
-        .iter()
-        .map(|(n, (r, _))| match r.cpuid.as_deref() {
-            None => check(
-                "cpu-fingerprint",
-                Some(n),
-                Status::Warn,
-                "published no CPU fingerprint (no /dev/kvm, or an older vireod): its live moves are not matched".into(),
-            ),
-            Some(f) => {
-                let peers = groups.get(f).map_or(0, |g| g.len() - 1);
-                let others = snap.nodes.len() - 1;
-                if peers == others {
-                    check("cpu-fingerprint", Some(n), Status::Pass, "the same CPUID as every other node".into())
-                } else {
-                    check(
-                        "cpu-fingerprint",
-                        Some(n),
-                        Status::Warn,
-                        format!(
-                            "the same CPUID as {peers} of the {others} other nodes: its VMs live-migrate (drain, bulk moves) only to those; {} CPU groups in the cluster",
-                            groups.len()
-                        ),
-                    )
-                }
-            }
-        })
-        .collect()
-}
-
-fn cpu_checks(snap: &Snapshot) -> Vec<Check> {
-    let sets: BTreeMap<&String, BTreeSet<&String>> = snap
-        .nodes
-        .iter()
-        .map(|(n, (r, _))| (n, r.cpu_features.iter().collect()))
-        .collect();
-    let all: BTreeSet<&String> = sets.values().flatten().copied().collect();
-    let common: BTreeSet<&String> = sets
-        .values()
-        .fold(None::<BTreeSet<&String>>, |acc, s| {
-            Some(match acc {
-                None => s.clone(),
-                Some(a) => a.intersection(s).copied().collect(),
-            })
-        })
-        .unwrap_or_default();
-    sets.iter()
-        .map(|(n, s)| {
-            let missing: Vec<&str> = all.difference(s).map(|f| f.as_str()).collect();
-            if s.is_empty() {
-                check("cpu-features", Some(n), Status::Warn, "registered no CPU features".into())
-            } else if missing.is_empty() {
-                check("cpu-features", Some(n), Status::Pass, format!("{} features, all common to the cluster ({})", s.len(), common.len()))
-            } else {
-                check(
-                    "cpu-features",
-                    Some(n),
-                    Status::Warn,
-                    format!(
-                        "lacks {} that other nodes have: a VM started elsewhere may use them and not run here after a live migration",
-                        missing.join(" ")
-                    ),
-                )
-            }
-        })
-        .collect()
 }
 
 fn storage_checks(
