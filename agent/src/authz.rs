@@ -530,12 +530,12 @@ mod tests {
     use std::collections::BTreeSet;
 
     /// (route, method) of every `.route(...)` call in server.rs, cluster_node.rs and
-    /// replication.rs.
+    /// replication/routes.rs.
     fn served() -> BTreeSet<(String, String)> {
         let src = [
             include_str!("server.rs"),
             include_str!("cluster_node.rs"),
-            include_str!("replication.rs"),
+            include_str!("replication/routes.rs"),
         ]
         .concat();
         routes_in(&src)

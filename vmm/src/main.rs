@@ -28,7 +28,7 @@ struct Cli {
     /// Initial ramdisk.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// vCPUs: boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs).
+    /// vCPUs: boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs)[,features=LEAF.SUB:HEX+...] (processor compatibility: the most CPU features the vCPUs get, a fingerprint as `vm.info` shows with its leaves joined by +; it must keep the x86-64 baseline).
     #[arg(long, default_value = "boot=1")]
     cpus: String,
     /// A virtual NUMA node: node=N,cpus=0-3[:8-11],memory=SIZE[,host_node=H][,distances=M@D[:M@D...]] (repeatable; vCPU indices, not APIC IDs; nodes take consecutive RAM in node order and their memory adds up to --memory's size; host_node binds the node's memory to that host node with mbind; distances go to the SLIT, 10 local, 20 by default).

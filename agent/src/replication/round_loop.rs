@@ -1,0 +1,148 @@
+//! One VM's replication loop: a round every interval (cut, ship, commit), retried
+//! with a doubling backoff, its figures kept in the status; a full replica pauses it,
+//! a failover elsewhere ends it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::{lock, ReplicationStatus, Replications, MIN_INTERVAL};
+use crate::client;
+use crate::replica_primary::{ShipError, Shipper};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const CUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One VM's loop.
+pub(super) async fn run(
+    owner: std::sync::Weak<Replications>,
+    shipper: Shipper,
+    interval: Duration,
+    status: Arc<Mutex<ReplicationStatus>>,
+    mut paused: watch::Receiver<bool>,
+) {
+    let Some(sup) = owner.upgrade().map(|r| r.sup.clone()) else {
+        return;
+    };
+    let name = shipper.vm.clone();
+    let mut backoff = Duration::from_secs(1);
+    let mut failing = false;
+    loop {
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+        }
+        let socket = sup.socket_path(&name);
+        let cut_at = std::sync::atomic::AtomicU64::new(0);
+        let cut_id = std::sync::atomic::AtomicU64::new(0);
+        let cut_held_us = std::sync::atomic::AtomicU64::new(u64::MAX);
+        let cut = || async {
+            cut_at.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+            let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
+                .await
+                .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
+            if !r.ok() {
+                return Err(format!("vm.replica-cut: {}", r.error_message()));
+            }
+            let answer = r.json();
+            let id = answer
+                .as_ref()
+                .and_then(|v| v["cut_id"].as_u64())
+                .unwrap_or(0);
+            cut_id.store(id, std::sync::atomic::Ordering::Relaxed);
+            if let Some(held) = answer.as_ref().and_then(|v| v["held_us"].as_u64()) {
+                cut_held_us.store(held, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(id)
+        };
+        let began = std::time::Instant::now();
+        let result = shipper.round(cut).await;
+        if let Err(ShipError::FailedOverElsewhere { .. }) = &result {
+            // Retrying would be refused for good, and the VM must not run here —
+            // unless the replica was failed over before this replication reached it
+            // (a stale replica: an error like any other, for the operator).
+            let Some(r) = owner.upgrade() else { return };
+            if r.established(&name) {
+                r.failed_over_elsewhere(&name, false).await;
+                return;
+            }
+        }
+        if result.is_ok() {
+            if let Some(r) = owner.upgrade() {
+                r.set_established(&name);
+            }
+        }
+        let full = match &result {
+            Err(e @ ShipError::ReplicaFull { .. }) => Some(format!("replica full: {e}")),
+            _ => None,
+        };
+        let wait = {
+            let mut st = lock(&status);
+            st.rounds += 1;
+            let held = cut_held_us.load(std::sync::atomic::Ordering::Relaxed);
+            if held != u64::MAX {
+                st.last_cut_held_us = Some(held);
+                st.max_cut_held_us = st.max_cut_held_us.max(held);
+            }
+            match result {
+                Ok(s) => {
+                    st.base_bytes_sent += s.base_bytes;
+                    st.base_differing_bytes += s.base_differing_bytes;
+                    st.segment_bytes_sent += s.segment_bytes;
+                    st.segments_sent += s.segments_sent;
+                    if let Some(p) = s.point {
+                        st.last_point = Some(p);
+                        st.last_point_at_ms = Some(crate::now_ms());
+                        st.last_point_cut_at_ms = (p
+                            == cut_id.load(std::sync::atomic::Ordering::Relaxed))
+                        .then(|| cut_at.load(std::sync::atomic::Ordering::Relaxed));
+                    }
+                    st.last_error = None;
+                    if !st.paused {
+                        st.state = "replicating".into();
+                    }
+                    backoff = Duration::from_secs(1);
+                    if failing {
+                        failing = false;
+                        sup.replication_event(&name, "replication-recovered", None);
+                    }
+                    // The interval is from cut to cut: a round that took longer is
+                    // followed by the next at once.
+                    interval.saturating_sub(began.elapsed())
+                }
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    warn!(vm = %name, error = %msg, retry_in = ?backoff, "replication round failed");
+                    st.failed_rounds += 1;
+                    st.last_error = Some(msg.clone());
+                    if !st.paused {
+                        st.state = "retrying".into();
+                    }
+                    // A full replica pauses (below) with its own event.
+                    if !failing && full.is_none() {
+                        failing = true;
+                        sup.replication_event(&name, "replication-failing", Some(msg));
+                    }
+                    let w = backoff.min(interval.max(MIN_INTERVAL) * 4).min(MAX_BACKOFF);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    w
+                }
+            }
+        };
+        if let Some(reason) = full {
+            // Retrying would fail the same way: wait for `replica resume`.
+            let Some(r) = owner.upgrade() else { return };
+            r.pause_for(&name, reason);
+            failing = false;
+            backoff = Duration::from_secs(1);
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = paused.changed() => if r.is_err() { return },
+        }
+    }
+}
