@@ -247,6 +247,25 @@ impl Hosts {
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 
+    /// Bytes host-a's TCP sockets hold unacknowledged or unsent (`tx_queue` of
+    /// /proc/net/tcp{,6} in its namespace): written before a limit changed, they go out
+    /// at the link's speed whatever the new limit.
+    pub fn a_tcp_send_queue(&self) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", self.ns_a.name()])
+            .args(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let queues = l.split_whitespace().nth(4)?;
+                let (tx, _) = queues.split_once(':')?;
+                u64::from_str_radix(tx, 16).ok()
+            })
+            .sum()
+    }
+
     pub fn replication(&self) -> Value {
         self.a.ok("GET", "/api/v1/vms/vm1/replication", None)
     }
