@@ -115,12 +115,16 @@ pub fn cpu_compatible(snap: &Snapshot, def: &VmDefinition, from: &str, to: &str)
     let (Some(a), Some(b)) = (cpuid(from), cpuid(to)) else {
         return true;
     };
-    let mask = def
+    // Parsed only for a VM with a set: placement asks this for every VM and node.
+    let Some(mask) = def
         .cpu_features
         .as_deref()
-        .and_then(|m| CpuFeatures::parse(m).ok());
-    match (mask, CpuFeatures::parse(a), CpuFeatures::parse(b)) {
-        (Some(m), Ok(a), Ok(b)) => a.intersect(&m) == b.intersect(&m),
+        .and_then(|m| CpuFeatures::parse(m).ok())
+    else {
+        return a == b;
+    };
+    match (CpuFeatures::parse(a), CpuFeatures::parse(b)) {
+        (Ok(a), Ok(b)) => a.intersect(&mask) == b.intersect(&mask),
         _ => a == b,
     }
 }
