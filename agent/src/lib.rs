@@ -29,6 +29,10 @@
 //!   vireod) and over mutual TLS (vireod → a peer's vireod);
 //! - [`procfs`]: what the agent reads from /proc.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod audit;
 pub mod authz;
 pub mod cgroup;

@@ -1,7 +1,7 @@
 //! The OpenAPI document lists exactly the routes the server serves; the shipped
 //! systemd units verify; vireoctl's completions and man page render.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

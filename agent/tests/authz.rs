@@ -4,7 +4,7 @@
 //! everything, every change (allowed or refused) is in the audit trail with the
 //! caller's uid and pid, and the VMs' own sockets are vireod's alone.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -1,6 +1,6 @@
 //! Bad input: each a 4xx/5xx with a message, the inventory unchanged, no orphan process.
 
-mod common;
+use crate::common;
 
 use common::{Daemon, T};
 use serde_json::{json, Value};

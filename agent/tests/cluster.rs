@@ -4,7 +4,7 @@
 //! (kill -9), both VMs run again on the other node, the High one placed first, with
 //! newer tokens recorded beside their disks.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@
 //! Root only (namespaces). The tests of this file run one at a time: each keeps two
 //! guests busy writing, and etcd must keep its leases on a 2-core machine.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

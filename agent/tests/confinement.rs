@@ -3,7 +3,7 @@
 //! symlink swapped in after the definition was accepted is not followed at start;
 //! formats are declared at define time; vireod's own files are private.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! (vireod → the VMM's vm.serial-input → the UART's receive FIFO), and the guest's
 //! answer comes back on the console output.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

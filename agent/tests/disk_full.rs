@@ -4,7 +4,7 @@
 //! resume through vireod lets the guest finish, and every sector it wrote is on the
 //! host.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! in TLS. The two "hosts" are two vireods on 127.0.0.1 ports with their own
 //! directories and certificates.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

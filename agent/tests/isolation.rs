@@ -2,7 +2,7 @@
 //! VM's relative weight (cgroup v1 cpu.shares); on cgroup v2 vireod lives in a leaf and
 //! each VMM in `<root>/vms/NAME` from exec on; without cgroups nothing fails.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! files on disk and what the VMMs themselves report (the `test-hooks` build of vireo
 //! tries to open `VIREO_TEST_OPEN` once confined and logs the outcome).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;

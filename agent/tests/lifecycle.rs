@@ -1,7 +1,7 @@
 //! define → start → guest ticks → pause/resume → stop through vireod and vireoctl,
 //! with `list` telling the truth at each step, and the state changes on the SSE stream.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

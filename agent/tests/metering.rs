@@ -1,6 +1,6 @@
 //! Metering numbers match what the guest did.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

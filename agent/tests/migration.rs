@@ -2,7 +2,7 @@
 //! directories), real VMMs running the test guest: the queue's concurrency limit,
 //! the hand-over of ownership, and failures that leave the VM on the source.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@
 //! and store nothing; a corrupt segment is refused, changes nothing, and is taken when
 //! re-sent intact.
 
-mod common;
+use crate::common;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;

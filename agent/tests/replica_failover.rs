@@ -5,7 +5,7 @@
 //! link cut: the latest recovery point, a crash-consistent prefix of the guest's
 //! writes, and a primary that comes back changes nothing).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -13,7 +13,7 @@
 //!   and the oldest, rebuilt through merged undo data, is the guest's disks at a cut;
 //! - deleting the primary's VM stops its replication loop.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -8,7 +8,7 @@
 //! time may carry at the limit (a loaded machine only sends fewer), plus, after a
 //! change, what the kernel already held for the connection.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

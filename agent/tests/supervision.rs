@@ -1,7 +1,7 @@
 //! vireod dies and comes back; VMMs die and are recorded and restarted per policy;
 //! automatic start in priority order; host shutdown lowest priority first.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

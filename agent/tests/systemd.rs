@@ -8,7 +8,7 @@
 //! launcher's protocol is checked call by call. systemd_pid1.rs runs the same launcher
 //! against a real systemd as PID 1 of its own namespaces.
 
-mod common;
+use crate::common;
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};

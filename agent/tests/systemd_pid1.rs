@@ -9,7 +9,7 @@
 //! watchdog is shortened by a drop-in. The test is skipped, with a message, where it
 //! cannot run (not root, no systemd binary, no unshare/nsenter).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -4,6 +4,10 @@
 //! The server never touches VM internals: each HTTP request becomes an [`ApiRequest`]
 //! sent to the VMM's control loop, which answers on a one-shot channel.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod config;
 pub mod host;
 pub mod json;

@@ -1,5 +1,9 @@
 //! Vireo's failover cluster (see README.md and docs/cluster.md).
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod endpoints;
 pub mod etcd;
 pub mod hooked;

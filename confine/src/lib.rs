@@ -11,6 +11,10 @@
 //! - [`create_private`], [`mkdir_private`], [`write_private_atomic`]: 0600 files and
 //!   0700 directories created with `O_EXCL|O_NOFOLLOW` / `mkdirat` relative to a dir fd.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod beneath;
 pub mod broker;
 mod error;

@@ -12,6 +12,10 @@
 //! Devices know nothing of KVM: interrupts leave through the [`interrupt`] traits,
 //! which the VMM implements.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod block;
 pub mod bus;
 pub mod interrupt;

@@ -14,6 +14,10 @@
 //!
 //! This crate knows the formats, not the VM: the VMM decides what the state contains.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod allowlist;
 pub mod auth;
 pub mod memory;

@@ -5,6 +5,10 @@
 //! (`struct virtio_net_hdr_mrg_rxbuf`, virtio 1.0), so a virtio-net device can move
 //! frames between the guest's buffers and the tap without rewriting them.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod mac;
 mod tap;
 

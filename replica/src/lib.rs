@@ -6,6 +6,10 @@
 //!
 //! The on-disk format and the crash argument are in docs/replica.md.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod apply;
 mod error;
 mod format;

@@ -4,6 +4,10 @@
 //! capabilities and resources ([`privileges`]), and file-system domains ([`landlock`]). Each program keeps its own thread
 //! roles and allowlists.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod filters;
 pub mod landlock;
 pub mod panic;

@@ -16,6 +16,10 @@
 //!   [`Switch::poll_egress`] and [`Switch::next_deadline`].
 //! - [`Switch`]: ports, classification, learning, flooding, egress tagging.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod acl;
 pub mod bucket;
 pub mod conntrack;

@@ -5,6 +5,10 @@
 //! from several threads; the BAT is behind a lock that is never held across
 //! data I/O.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod bat;
 mod bytes;
 mod create;

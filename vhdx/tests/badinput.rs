@@ -1,7 +1,7 @@
 //! Malformed, truncated and hostile images: a clear error naming what is
 //! wrong, never a panic, and a file that failed to parse is never written.
 
-mod common;
+use crate::common;
 use common::*;
 use rand::Rng;
 use std::path::Path;

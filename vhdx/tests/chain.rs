@@ -1,7 +1,7 @@
 //! Differencing chains against a raw model, and the whole-image operations:
 //! commit, resize, compact, convert (library and vireo-img).
 
-mod common;
+use crate::common;
 use common::*;
 use rand::Rng;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! real SIGKILLs of a writer process. After reopening, qemu-img check passes
 //! and every write followed by a completed flush reads back.
 
-mod common;
+use crate::common;
 use common::*;
 use rand::Rng;
 use std::io::{self, BufRead};
@@ -331,7 +331,7 @@ fn sigkill_writer_then_reopen() {
         .unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
-                "sigkill_child_writer",
+                "crash::sigkill_child_writer",
                 "--exact",
                 "--ignored",
                 "--nocapture",

@@ -2,7 +2,7 @@
 //! aligned I/O bypasses the page cache, everything else stays buffered, and
 //! the bytes are the same either way.
 
-mod common;
+use crate::common;
 use common::*;
 use rand::Rng;
 use std::os::fd::AsRawFd;

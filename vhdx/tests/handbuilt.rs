@@ -1,7 +1,7 @@
 //! Images as Hyper-V leaves them and qemu never writes: pending logs with data
 //! and zero descriptors, twin headers, every BAT state, user metadata.
 
-mod common;
+use crate::common;
 use common::*;
 use vhdx::{bat_entry as be, CreateOptions, DiskKind, OpenOptions, Vhdx};
 

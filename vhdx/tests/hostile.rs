@@ -3,7 +3,7 @@
 //! (bytes checksummed and copied by the log scan) or on the error, never on
 //! time: the figures of the crafted images are in docs/vhdx.md.
 
-mod common;
+use crate::common;
 use common::*;
 use std::io;
 use std::path::Path;

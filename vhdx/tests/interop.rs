@@ -1,6 +1,6 @@
 //! Interoperability with the real qemu-img / qemu-io, both directions.
 
-mod common;
+use crate::common;
 use common::*;
 use rand::Rng;
 use vhdx::{CreateOptions, DiskKind, OpenOptions, Vhdx};

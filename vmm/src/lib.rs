@@ -3,6 +3,10 @@
 //! [`vmm::Vmm`] is the control loop; [`vm::Vm`] one VM built from an
 //! [`api::VmConfig`]; [`kvm`] the only module that speaks ioctls for VM set-up.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod activator;
 pub mod arch;
 pub mod boot;

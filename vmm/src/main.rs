@@ -1,5 +1,9 @@
 //! `vireo`: one VMM process per VM.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;

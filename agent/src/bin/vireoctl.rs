@@ -1,5 +1,9 @@
 //! `vireoctl`: the command-line client of vireod (or, with `--vm-socket`, of one VMM).
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -8,6 +8,10 @@
 //! /sys/fs/cgroup/cpu/vireo-bench-PID, removed at the end), so that the same build
 //! shows the figures with and without it.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -1,6 +1,10 @@
 //! `vireod`: the host agent. Owns the host's VMs (definitions, `vireo` processes,
 //! sockets, metering) and serves its REST API on a unix socket.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -8,6 +8,10 @@
 //! its uid with `--user`), sets no_new_privs and its rlimits, and each thread installs
 //! its seccomp filter ([`confinement`]). Any panic ends the whole process.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod afpacket;
 mod config;
 mod confinement;

@@ -14,6 +14,10 @@
 //! Build the binaries first (`cargo build --release -p vhdx --bins`): the
 //! convert bench runs the `vireo-img` that sits next to this executable.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod alloc;
 mod convert;
 mod crash;

@@ -1,5 +1,9 @@
 //! `vireo-img`: the disk tool, with qemu-img's verbs.
 
+// Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
+// code, built with cfg(test), may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod check;
 mod convert;
 mod size;
