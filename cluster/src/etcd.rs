@@ -281,6 +281,29 @@ impl EtcdStore {
         }
         r
     }
+
+    /// A read (idempotent): one request as [`EtcdStore::call`], asked again of the next
+    /// member when the one in use did not answer, each member at most once. A member
+    /// that is busy or cut off costs one [`REQUEST_TIMEOUT`], not the caller's request.
+    async fn read<T, Fut>(&self, what: &str, request: impl Fn(Client) -> Fut) -> StoreResult<T>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut asked = 0;
+        loop {
+            let (i, client) = self.client();
+            let r = timed(what, self.inner.request_timeout, request(client)).await;
+            let Err(e @ StoreError::Unavailable(_)) = &r else {
+                return r;
+            };
+            self.failed(i, e);
+            asked += 1;
+            if asked >= self.inner.members.len() || self.inner.endpoints.current() == i {
+                return r;
+            }
+            debug!(what, error = %e, "read asked again of another etcd member");
+        }
+    }
 }
 
 /// Probes member `i` every [`PROBE_PERIOD`] until the store is dropped.
@@ -316,7 +339,7 @@ fn lease_gone(lease: LeaseId) -> impl Fn(StoreError) -> StoreError {
 impl ClusterStore for EtcdStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         let resp = self
-            .call("get", |c| async move { c.kv_client().get(key, None).await })
+            .read("get", |c| async move { c.kv_client().get(key, None).await })
             .await?;
         resp.kvs().first().map(key_value).transpose()
     }
@@ -324,7 +347,7 @@ impl ClusterStore for EtcdStore {
     /// A count-only read of one key: the answer's header carries the revision.
     async fn current_revision(&self) -> StoreResult<Revision> {
         let resp = self
-            .call("revision", |c| async move {
+            .read("revision", |c| async move {
                 c.kv_client()
                     .get(
                         crate::keys::NODES,
@@ -361,11 +384,13 @@ impl ClusterStore for EtcdStore {
             if revision != 0 {
                 opts = opts.with_revision(revision);
             }
-            let key = from.clone();
             let resp = self
-                .call("get prefix", |c| async move {
-                    let mut kv = c.kv_client().max_decoding_message_size(MAX_ANSWER);
-                    kv.get(key, Some(opts)).await
+                .read("get prefix", |c| {
+                    let (key, opts) = (from.clone(), opts.clone());
+                    async move {
+                        let mut kv = c.kv_client().max_decoding_message_size(MAX_ANSWER);
+                        kv.get(key, Some(opts)).await
+                    }
                 })
                 .await?;
             if revision == 0 {

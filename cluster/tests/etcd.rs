@@ -204,6 +204,39 @@ async fn etcd_keeps_the_store_contract() {
     .await;
 }
 
+/// A node's store (requests bounded at 400 ms) reads on while the member it uses is
+/// frozen: the read that member leaves unanswered is asked of another member, and the
+/// caller sees the answer, not the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_member_in_use_leaves_unanswered_is_asked_of_another() {
+    let etcd = EtcdCluster::start(3);
+    // The store uses its first endpoint first: a follower, so that freezing it leaves
+    // the leader and a quorum.
+    let leader = etcd.leader();
+    let follower = (leader + 1) % 3;
+    let all = etcd.endpoints();
+    let mut endpoints = vec![all[follower].clone()];
+    endpoints.extend((0..3).filter(|&i| i != follower).map(|i| all[i].clone()));
+    let writer =
+        EtcdStore::connect_with_timeout(&all, &EtcdSecurity::Insecure, Duration::from_secs(5))
+            .await
+            .unwrap();
+    writer.put("t/a", b"1".to_vec(), 0).await.unwrap();
+    writer.put("t/b", b"2".to_vec(), 0).await.unwrap();
+    let store = EtcdStore::connect(&endpoints, &EtcdSecurity::Insecure)
+        .await
+        .unwrap();
+    assert_eq!(store.get("t/a").await.unwrap().unwrap().value, b"1");
+
+    etcd.freeze(follower);
+    let read = store.get("t/b").await;
+    let prefix = store.get_prefix("t/").await;
+    etcd.thaw(follower);
+    assert_eq!(read.unwrap().unwrap().value, b"2");
+    let (kvs, _) = prefix.unwrap();
+    assert_eq!(kvs.len(), 2);
+}
+
 fn node(name: &str) -> NodeRecord {
     NodeRecord {
         name: name.into(),

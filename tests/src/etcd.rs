@@ -384,6 +384,30 @@ impl EtcdCluster {
         }
     }
 
+    /// Stops member `i` (SIGSTOP): its connections stay open and it answers nothing, as
+    /// a member on a stalled host does, until [`EtcdCluster::thaw`].
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Lets a frozen member go on (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        let child = self.members[i].child.as_ref().expect("member running");
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            r,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Restarts a killed member from its data directory.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
