@@ -58,8 +58,11 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/export", get(export))
         .route("/api/v1/vms", get(list))
         .route("/api/v1/vms/{name}", put(define).get(info).delete(delete))
+        .route("/api/v1/vms/{name}/definition", put(set_definition))
         .route("/api/v1/vms/{name}/start", put(start))
         .route("/api/v1/vms/{name}/stop", put(stop))
+        .route("/api/v1/vms/{name}/shutdown", put(shutdown))
+        .route("/api/v1/vms/{name}/reset", put(reset))
         .route("/api/v1/vms/{name}/kill", put(kill))
         .route("/api/v1/vms/{name}/pause", put(pause))
         .route("/api/v1/vms/{name}/resume", put(resume))
@@ -133,6 +136,19 @@ async fn define(State(s): S, UrlPath(name): UrlPath<String>, body: Bytes) -> Res
     }
 }
 
+/// A changed definition for a defined VM (`vireoctl vm set`, `vm edit`).
+async fn set_definition(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Response {
+    // An unknown VM is 404 whatever the body.
+    if let Err(e) = s.get(&name) {
+        return error(e.status(), error_chain(&e));
+    }
+    let def: VmDefinition = match body("VM definition", &b) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    reply(s.set_definition(&name, def))
+}
+
 async fn info(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
     reply(s.get(&name))
 }
@@ -154,6 +170,18 @@ async fn stop(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
         Err(r) => return *r,
     };
     reply(s.stop(&name, timeout).await)
+}
+
+async fn shutdown(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
+    let timeout = match number(&q, "timeout_s") {
+        Ok(t) => t.map(Duration::from_secs),
+        Err(r) => return *r,
+    };
+    reply(s.shutdown(&name, timeout).await)
+}
+
+async fn reset(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
+    reply(s.reset(&name).await)
 }
 
 async fn kill(State(s): S, UrlPath(name): UrlPath<String>) -> Response {

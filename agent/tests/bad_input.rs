@@ -75,7 +75,7 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
         400,
     );
     assert!(
-        m.contains("config.disks[0].format: unknown variant `qcow`, expected `raw` or `vhdx`"),
+        m.contains("config.disks[0].format: unknown value `qcow`, expected `raw` or `vhdx`"),
         "{m}"
     );
     let m = error_of(

@@ -44,7 +44,7 @@ fn define_start_pause_resume_stop_with_list_telling_the_truth() {
     assert!(
         table
             .lines()
-            .any(|l| l.starts_with("web") && l.contains("Stopped") && l.contains("Low")),
+            .any(|l| l.starts_with("web") && l.contains("Stopped") && l.contains(" low ")),
         "{table}"
     );
 
@@ -147,7 +147,7 @@ fn define_start_pause_resume_stop_with_list_telling_the_truth() {
     // Export, then delete: the VM and its files are gone.
     let export = d.ctl_ok(&["vm", "export", "web"]);
     let def: Value = serde_json::from_str(&export).unwrap();
-    assert_eq!(def["priority"], "Low");
+    assert_eq!(def["priority"], "low");
     assert_eq!(def["config"]["memory"]["size"], 32u64 << 20);
     d.ctl_ok(&["vm", "delete", "web"]);
     assert_eq!(list_state(&d, "web"), "absent");

@@ -19,6 +19,7 @@ mod jailed;
 mod lifecycle;
 mod metering;
 mod migration;
+mod operators;
 mod replica;
 mod replica_failover;
 mod replica_history;

@@ -28,9 +28,13 @@ pub const CPU_WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
 /// Automatic start order at agent start (Hyper-V's automatic start action plus an
 /// order): High first, then Medium, then Low; Off VMs are not started automatically.
 /// Host shutdown goes the other way (Off and Low first).
+///
+/// Written in lower case (`high`), as every enum of the host API (`on-failure`); the
+/// capitalized names of older definitions (`High`) are read too.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum,
 )]
+#[serde(rename_all = "lowercase")]
 pub enum Priority {
     High,
     Medium,
@@ -39,7 +43,29 @@ pub enum Priority {
     Off,
 }
 
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(&text))
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(&text, &["high", "medium", "low", "off"])
+            })
+    }
+}
+
 impl Priority {
+    /// The name the API reads and writes (`high`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Medium => "medium",
+            Priority::Low => "low",
+            Priority::Off => "off",
+        }
+    }
+
     pub const ALL: [Priority; 4] = [
         Priority::High,
         Priority::Medium,
@@ -49,7 +75,7 @@ impl Priority {
 }
 
 /// What happens when a VM's `vireo` process ends without being asked to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Never restart.
@@ -60,6 +86,29 @@ pub enum RestartPolicy {
     OnFailure,
     /// Restart after any exit that vireod did not ask for, up to `max_restarts`.
     Always,
+}
+
+impl RestartPolicy {
+    /// The name the API reads and writes (`on-failure`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+}
+
+impl std::fmt::Display for Priority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn default_max_restarts() -> u32 {
@@ -230,7 +279,8 @@ pub struct ExitRecord {
     pub status: Option<i32>,
     /// The signal that ended it, when known.
     pub signal: Option<i32>,
-    /// "requested" (stop/kill), "power-off" (status 0), "crashed", "start-failed",
+    /// "requested" (stop/kill), "guest-shutdown" (a shutdown the guest carried out on
+    /// the ACPI power button), "power-off" (status 0), "crashed", "start-failed",
     /// or "unknown" (a re-adopted process whose status vireod cannot see).
     pub reason: String,
     /// The last lines of the guest's serial output.
@@ -268,6 +318,14 @@ pub struct VmStatus {
     /// Only in `GET /api/v1/vms/{name}`: the stored definition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<VmDefinition>,
+    /// The stored definition changed while the VM ran: its VMM still runs the one it
+    /// started with, and the stored one applies at its next start.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub definition_pending: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Resource metering of one VM since `since_ms` (Hyper-V's `Measure-VM`).
@@ -628,6 +686,46 @@ mod tests {
             r#"{"config":{"payload":{"kernel":"/k"}},"prio":"High"}"#
         )
         .is_err());
+    }
+
+    /// One casing: priorities and restart policies are written in lower case (as
+    /// `--priority high`, `--restart on-failure` take them); the capitalized
+    /// priorities older definitions hold are still read.
+    #[test]
+    fn enums_are_written_in_lower_case_and_old_priorities_read() {
+        for (text, p) in [
+            ("high", Priority::High),
+            ("High", Priority::High),
+            ("off", Priority::Off),
+            ("Medium", Priority::Medium),
+        ] {
+            let d: VmDefinition = serde_json::from_str(&format!(
+                r#"{{"config":{{"payload":{{"kernel":"/k"}}}},"priority":"{text}"}}"#
+            ))
+            .unwrap();
+            assert_eq!(d.priority, p, "{text}");
+            let v = serde_json::to_value(&d).unwrap();
+            assert_eq!(v["priority"], p.as_str());
+            assert_eq!(v["priority"], text.to_lowercase());
+            assert_eq!(v["restart"], "on-failure");
+            assert_eq!(p.to_string(), text.to_lowercase());
+        }
+        for p in Priority::ALL {
+            let cli = clap::ValueEnum::to_possible_value(&p).unwrap();
+            assert_eq!(cli.get_name(), p.as_str());
+        }
+        let cli = clap::ValueEnum::to_possible_value(&RestartPolicy::OnFailure).unwrap();
+        assert_eq!(cli.get_name(), RestartPolicy::OnFailure.as_str());
+        let e = crate::json::from_slice::<VmDefinition>(
+            br#"{"config":{"payload":{"kernel":"/k"}},"priority":"urgent"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(
+                "priority: unknown value `urgent`, expected one of `high`, `medium`, `low`, `off`"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

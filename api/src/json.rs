@@ -1,5 +1,5 @@
 //! JSON bodies and files read into the API's types with errors a person can act on:
-//! the path of the field at fault (`disks[0].format: unknown variant ...`), and no
+//! the path of the field at fault (`disks[0].format: unknown value ...`), and no
 //! Rust type names (each type says what it expects, `#[serde(expecting = ...)]`).
 //! Sizes are bytes or strings with a K/M/G/T suffix ([`size`]).
 
@@ -26,7 +26,7 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, St
 
 fn describe<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
     let path = e.path().to_string();
-    let inner = plain_words(&e.inner().to_string());
+    let inner = no_type_names(&plain_words(&e.inner().to_string()));
     if path.is_empty() || path == "." {
         inner
     } else {
@@ -68,6 +68,66 @@ fn plain_words(message: &str) -> String {
     m
 }
 
+/// Serde's phrases that name Rust types (`expected struct VmConfig with 8 elements`,
+/// `expected unit variant OutputConfig::Tty`), in words: a person writing JSON knows
+/// objects and values, not the types behind them.
+fn no_type_names(message: &str) -> String {
+    const KINDS: [&str; 6] = [
+        "expected unit variant ",
+        "expected struct variant ",
+        "expected tuple variant ",
+        "expected newtype variant ",
+        "expected tuple struct ",
+        "expected struct ",
+    ];
+    let mut m = message.to_string();
+    while let Some((at, kind)) = KINDS
+        .iter()
+        .filter_map(|k| m.find(k).map(|i| (i, *k)))
+        .min_by_key(|(i, k)| (*i, usize::MAX - k.len()))
+    {
+        let name_start = at + kind.len();
+        let name_len = m[name_start..]
+            .find(|c: char| c.is_whitespace())
+            .unwrap_or(m.len() - name_start);
+        let name = &m[name_start..name_start + name_len];
+        let variant = name.rsplit("::").next().unwrap_or(name).to_lowercase();
+        let mut end = name_start + name_len;
+        let words = match kind {
+            "expected unit variant " => {
+                format!("expected no value here (\"{variant}\" takes none)")
+            }
+            "expected struct " => {
+                // "... with 8 elements": serde counting the fields of an array.
+                let rest = &m[end..];
+                if let Some(tail) = rest.strip_prefix(" with ") {
+                    if let Some(j) = tail.find(" element") {
+                        end += " with ".len() + j + " element".len();
+                        if m[end..].starts_with('s') {
+                            end += 1;
+                        }
+                    }
+                }
+                "expected an object".to_string()
+            }
+            "expected tuple struct " => "expected a value".to_string(),
+            _ => format!("expected the value of \"{variant}\""),
+        };
+        m.replace_range(at..end, &words);
+    }
+    // Enum variants are values to a JSON writer.
+    m = m.replace("unknown variant `", "unknown value `");
+    // An array where an object belongs: serde says "invalid length N".
+    if let Some(rest) = m.strip_prefix("invalid length ") {
+        if let Some(i) = rest.find(", expected ") {
+            if rest[i..].contains("object") {
+                m = format!("invalid type: array{}", &rest[i..]);
+            }
+        }
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use crate::VmConfig;
@@ -85,7 +145,7 @@ mod tests {
             ),
             (
                 r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/d","format":"qcow"}]}"#,
-                "disks[0].format: unknown variant `qcow`, expected `raw` or `vhdx`",
+                "disks[0].format: unknown value `qcow`, expected `raw` or `vhdx`",
             ),
             (
                 r#"{"payload":{"kernel":"/k"},"cpus":{"boot":"two"}}"#,
@@ -111,6 +171,54 @@ mod tests {
                 assert!(!e.contains(rust), "{body}: {e}");
             }
         }
+    }
+
+    /// Bodies whose errors serde words with Rust type names (`OutputConfig::Tty`,
+    /// `struct NumaNode with 5 elements`) get plain words naming the field.
+    #[test]
+    fn serde_type_phrases_become_plain_words() {
+        let cases = [
+            (
+                r#"{"payload":{"kernel":"/k"},"serial":{"mode":"tty","file":"/x"}}"#,
+                r#"serial.file: invalid type: string "/x", expected no value here ("tty" takes none)"#,
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"numa":[[]]}"#,
+                "numa[0]: invalid type: array, expected an object",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"write_lease":[]}"#,
+                "write_lease: invalid type: array, expected an object",
+            ),
+            (
+                r#"{"payload":[]}"#,
+                "payload: invalid type: array, expected payload: an object",
+            ),
+        ];
+        for (body, expect) in cases {
+            let e = err(body);
+            assert!(e.starts_with(expect), "{body}: {e}");
+            for rust in [
+                "::",
+                "struct ",
+                "variant ",
+                "element",
+                "NumaNode",
+                "WriteLease",
+            ] {
+                assert!(!e.contains(rust), "{body}: {e}");
+            }
+        }
+        let e = super::from_slice::<crate::host::VmDefinition>(br#"{"config":[]}"#).unwrap_err();
+        assert!(
+            e.starts_with("config: invalid type: array, expected a VM configuration"),
+            "{e}"
+        );
+        assert_eq!(
+            super::no_type_names("expected struct variant Foo::BarBaz or x"),
+            r#"expected the value of "barbaz" or x"#
+        );
+        assert_eq!(super::no_type_names("nothing to do"), "nothing to do");
     }
 
     #[test]

@@ -1104,16 +1104,24 @@ fn destination_refuses_a_bad_url_and_a_second_vm() {
     let _ = &dst.serial;
 }
 
-/// A VMM waiting for a migration refuses `vm.create` and `vm.restore` (409: the VM
-/// that arrives is this VMM's); once the wait ended (here: no source came within
-/// `timeout_s`), a VM created then is kept — the failed receive tears nothing down.
+/// A VMM waiting for a migration refuses everything that would make it a VM other than
+/// the one that arrives — `vm.create`, `vm.restore`, `vm.boot`, a second
+/// `vm.receive-migration` — with 409 and a message saying why; once the wait ended
+/// (here: no source came within `timeout_s`), a VM created and booted then is kept and
+/// runs: the failed receive tears nothing down.
 #[test]
 fn a_vmm_waiting_for_a_migration_refuses_a_second_vm_and_keeps_one_made_after() {
     let dir = tempfile::tempdir().unwrap();
     let dst = Destination::start(dir.path());
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     dst.listen_config(&guest_config(), &url, r#","timeout_s":2"#);
-    let create_body = serde_json::json!({"payload": {"kernel": vireo_e2e::guest()}}).to_string();
+    let later_serial = dir.path().join("later.log");
+    let create_body = serde_json::json!({
+        "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=counter period_ms=10"},
+        "memory": {"size": 32u64 << 20},
+        "serial": {"mode": "file", "file": later_serial},
+    })
+    .to_string();
     let (s, b) = api(&dst.sock, "PUT", "vm.create", Some(&create_body));
     assert_eq!(s, 409, "{b}");
     assert!(b.contains("receiving a migration"), "{b}");
@@ -1121,6 +1129,13 @@ fn a_vmm_waiting_for_a_migration_refuses_a_second_vm_and_keeps_one_made_after() 
     let (s, b) = api(&dst.sock, "PUT", "vm.restore", Some(&restore));
     assert_eq!(s, 409, "{b}");
     assert!(b.contains("receiving a migration"), "{b}");
+    let (s, b) = api(&dst.sock, "PUT", "vm.boot", None);
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("receiving a migration"), "{b}");
+    let again = format!(r#"{{"receiver_url":"{url}"{}}}"#, guest_config());
+    let (s, b) = api(&dst.sock, "PUT", "vm.receive-migration", Some(&again));
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("already in progress"), "{b}");
     assert_eq!(api(&dst.sock, "GET", "vm.info", None).0, 404);
 
     // The wait ends: no source within 2 s.
@@ -1136,12 +1151,23 @@ fn a_vmm_waiting_for_a_migration_refuses_a_second_vm_and_keeps_one_made_after() 
     }
     let (s, b) = api(&dst.sock, "PUT", "vm.create", Some(&create_body));
     assert_eq!(s, 204, "{b}");
-    std::thread::sleep(Duration::from_millis(500));
+    let (s, b) = api(&dst.sock, "PUT", "vm.boot", None);
+    assert_eq!(s, 204, "{b}");
+    // The guest made after the failed receive runs: it counts on its serial port.
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&later_serial)
+        .unwrap_or_default()
+        .contains("tick 5 ")
+    {
+        assert!(
+            t0.elapsed() < T,
+            "the VM created after the failed receive does not run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (s, b) = api(&dst.sock, "GET", "vm.info", None);
-    assert_eq!(
-        s, 200,
-        "the VM created after the failed receive is gone: {b}"
-    );
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"Running\""), "{b}");
 }
 
 fn disk_info(sock: &Path) -> serde_json::Value {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use api::config::{self, PayloadConfig};
+use api::config;
 use api::VmConfig;
 use vmm::jail::JailPath;
 use vmm::landlock::{ControlDomain, Use};
@@ -23,53 +23,10 @@ use vmm::vmm::{error_chain, Vmm};
 #[derive(Parser, Debug)]
 #[command(name = "vireo", version, about)]
 struct Cli {
-    /// Kernel to boot: a PVH ELF (vmlinux, the Vireo test guest).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long)]
-    cmdline: Option<String>,
-    /// Initial ramdisk.
-    #[arg(long)]
-    initramfs: Option<PathBuf>,
-    /// vCPUs: boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs)[,features=LEAF.SUB:HEX+...] (processor compatibility: the most CPU features the vCPUs get, a fingerprint as `vm.info` shows with its leaves joined by +; it must keep the x86-64 baseline).
-    #[arg(long, default_value = "boot=1")]
-    cpus: String,
-    /// A virtual NUMA node: node=N,cpus=0-3[:8-11],memory=SIZE[,host_node=H][,distances=M@D[:M@D...]] (repeatable; vCPU indices, not APIC IDs; nodes take consecutive RAM in node order and their memory adds up to --memory's size; host_node binds the node's memory to that host node with mbind; distances go to the SLIT, 10 local, 20 by default).
-    #[arg(long)]
-    numa: Vec<String>,
-    /// A virtio-balloon: size=SIZE (asked back at start; vm.resize changes it)[,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=SECONDS] (default 1; 0: no statistics). Pages the guest gives go back to the host (madvise); not with hugepages.
-    #[arg(long)]
-    balloon: Option<String>,
-    /// Memory: size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed)[,shared=on] (memfd-backed RAM a vhost-user backend can map; needed by --net vhost-user).
-    #[arg(long, default_value = "size=512M")]
-    memory: String,
-    /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]
-    /// [,poll_us=US][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]
-    /// (repeatable; format is never guessed from the content: without format=, raw
-    /// unless FILE ends in .vhdx; poll_us: how long a queue
-    /// worker polls for the next request before it sleeps, default 50, 0 = never).
-    #[arg(long)]
-    disk: Vec<String>,
-    /// Serial port (COM1): off, null, tty (the default) or file=PATH[,max_size=BYTES]
-    /// (the file rotates to PATH.1 at max_size, default 16M). Without --kernel or
-    /// --config, applies to the VM that arrives (--restore, vm.restore, an incoming
-    /// migration) in place of its own configuration's.
-    #[arg(long)]
-    serial: Option<String>,
-    /// virtio-console: off, null, tty (stdout; input from stdin) or
-    /// file=PATH[,max_size=BYTES] (rotates to PATH.1 at max_size, default 16M).
-    #[arg(long, default_value = "off")]
-    console: String,
-    /// Add a virtio-rng device.
-    #[arg(long)]
-    rng: bool,
-    /// A network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56][,id=ID]
-    /// (repeatable; the tap is created if it does not exist, which needs
-    /// CAP_NET_ADMIN; without mac= a random local one, kept by snapshots and
-    /// migrations; default id net0, net1, ...).
-    #[arg(long)]
-    net: Vec<String>,
+    /// The VM: --kernel, --cpus, --memory, --disk, --net, ... (the same flags as
+    /// `vireoctl vm create`).
+    #[command(flatten)]
+    vm: config::VmFlags,
     /// The VM as a JSON file (the same schema as `vm.create`); flags are then ignored.
     #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk", "net"])]
     config: Option<PathBuf>,
@@ -142,49 +99,7 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
         cfg.validate()?;
         return Ok(Some(cfg));
     }
-    let Some(kernel) = &cli.kernel else {
-        return Ok(None);
-    };
-    let (serial, serial_max_size) =
-        config::parse_output_capped("--serial", cli.serial.as_deref().unwrap_or("tty"))?;
-    let (console, console_max_size) = config::parse_output_capped("--console", &cli.console)?;
-    let cfg = VmConfig {
-        payload: PayloadConfig {
-            kernel: kernel.clone(),
-            cmdline: cli.cmdline.clone(),
-            initramfs: cli.initramfs.clone(),
-        },
-        cpus: config::parse_cpus(&cli.cpus)?,
-        memory: config::parse_memory(&cli.memory)?,
-        disks: cli
-            .disk
-            .iter()
-            .map(|d| config::parse_disk(d))
-            .collect::<Result<_, _>>()?,
-        serial,
-        console,
-        serial_max_size,
-        console_max_size,
-        rng: cli.rng,
-        nets: cli
-            .net
-            .iter()
-            .map(|n| config::parse_net(n))
-            .collect::<Result<_, _>>()?,
-        write_lease: None,
-        balloon: cli
-            .balloon
-            .as_deref()
-            .map(config::parse_balloon)
-            .transpose()?,
-        numa: cli
-            .numa
-            .iter()
-            .map(|n| api::numa::parse_numa(n))
-            .collect::<Result<_, _>>()?,
-    };
-    cfg.validate()?;
-    Ok(Some(cfg))
+    Ok(cli.vm.config("tty")?)
 }
 
 /// `--restore DIR` or `--restore source_url=file:///DIR[,resume=on]`: (dir, resume).
@@ -325,7 +240,7 @@ fn jail_paths(
         }
         output(&cfg.serial, &mut paths);
         output(&cfg.console, &mut paths);
-    } else if let Some(s) = cli.serial.as_deref() {
+    } else if let Some(s) = cli.vm.serial.as_deref() {
         if let Ok(o) = config::parse_output("--serial", s) {
             output(&o, &mut paths);
         }
@@ -344,7 +259,7 @@ fn jail_paths(
                     writable: !d.readonly,
                 });
             }
-            if cli.serial.is_none() {
+            if cli.vm.serial.is_none() {
                 output(&saved.serial, &mut paths);
             }
             output(&saved.console, &mut paths);
@@ -376,6 +291,7 @@ fn control_domain(cli: &Cli, cfg: Option<&VmConfig>) -> ControlDomain {
         }
     };
     if let Some(Ok(o)) = cli
+        .vm
         .serial
         .as_deref()
         .map(|s| config::parse_output("--serial", s))
@@ -516,7 +432,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // this process's --serial says, if it says.
     if cfg_is_none {
         vmm.set_serial_override(
-            cli.serial
+            cli.vm
+                .serial
                 .as_deref()
                 .map(|s| config::parse_output("--serial", s))
                 .transpose()?,
@@ -581,5 +498,15 @@ fn main() -> ExitCode {
             eprintln!("vireo: error: {}", error_chain(e.as_ref()));
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -381,6 +381,11 @@ impl Vmm {
                         .map_err(|e| ApiError::bad_request(error_chain(&e)))
                 }
             }
+            // No VM to boot yet: the one that arrives is this VMM's (it runs when its
+            // source commits).
+            VmAction::Boot if self.vm.is_none() && self.receiving() => {
+                Err(ApiError::conflict(RECEIVING))
+            }
             VmAction::Boot => self
                 .vm_mut()
                 .and_then(|vm| vm.boot().map(|_| None).map_err(api_error)),
@@ -506,9 +511,10 @@ impl Vmm {
     }
 }
 
-/// The refusal of `vm.create` and `vm.restore` while a migration is received.
+/// The refusal of `vm.create`, `vm.restore` and `vm.boot` while a migration is
+/// awaited or received.
 const RECEIVING: &str =
-    "this VMM is receiving a migration (vm.receive-migration): its VM is the one that arrives; create or restore after the migration ended";
+    "this VMM is receiving a migration (vm.receive-migration): its VM is the one that arrives; create, restore or boot a VM after the migration ended (vm.migration-info)";
 
 impl Vmm {
     /// The figures `vm.migration-info` reports (the last send's or receive's).

@@ -13,7 +13,7 @@ use agent::audit::Entry as AuditEntry;
 use agent::client;
 use agent::model::{
     MeteringReport, MigrationRecord, MigrationState, Priority, RestartPolicy, VmDefinition,
-    VmStatus,
+    VmState, VmStatus,
 };
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -25,10 +25,14 @@ mod cluster;
 mod cluster_events;
 #[path = "vireoctl/console.rs"]
 mod console;
+#[path = "vireoctl/definitions.rs"]
+mod definitions;
 #[path = "vireoctl/migration.rs"]
 mod migration;
 #[path = "vireoctl/output.rs"]
 mod output;
+#[path = "vireoctl/power.rs"]
+mod power;
 #[path = "vireoctl/replica.rs"]
 mod replica;
 #[path = "vireoctl/vm.rs"]
@@ -498,5 +502,56 @@ fn main() -> ExitCode {
                 _ => ExitCode::from(1),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks over every command (flattened VM flags beside
+    /// vireoctl's own: no clashing names).
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vm_create_takes_vireos_flags() {
+        let cli = Cli::try_parse_from([
+            "vireoctl",
+            "vm",
+            "create",
+            "web",
+            "--kernel",
+            "/k",
+            "--memory",
+            "2G",
+            "--cpus",
+            "4",
+            "--disk",
+            "path=/d.vhdx",
+            "--net",
+            "tap=t0",
+            "--priority",
+            "high",
+            "--restart",
+            "on-failure",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Create { vm, policy, .. }) = cli.command else {
+            panic!("not vm create");
+        };
+        let cfg = vm.config("tty").unwrap().unwrap();
+        assert_eq!(cfg.memory.size, 2 << 30);
+        assert_eq!(cfg.cpus.boot, 4);
+        assert_eq!(cfg.nets.len(), 1);
+        assert_eq!(policy.priority, Some(Priority::High));
+        assert_eq!(policy.restart, Some(RestartPolicy::OnFailure));
+        assert!(Cli::try_parse_from(["vireoctl", "vm", "destroy", "web"]).is_ok());
+        assert!(Cli::try_parse_from(["vireoctl", "vm", "undefine", "web"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["vireoctl", "vm", "create", "w", "--priority", "High"]).is_err()
+        );
     }
 }

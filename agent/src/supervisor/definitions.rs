@@ -1,9 +1,11 @@
-//! Definitions: define, redefine and delete a VM (checked against the storage roots).
+//! Definitions: define, redefine (internally, stopped VMs), change (an operator's,
+//! also while the VM runs: at its next start) and delete a VM (checked against the
+//! storage roots).
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{lock, Supervisor, Vm};
-use crate::model::{validate_name, VmDefinition, VmStatus};
+use crate::model::{validate_name, VmDefinition, VmState, VmStatus};
 use crate::{now_ms, AgentError};
 
 impl Supervisor {
@@ -51,6 +53,52 @@ impl Supervisor {
         let st = self.status_of(name, vm, true);
         drop(vms);
         self.emit(name, "redefined", None);
+        Ok(st)
+    }
+
+    /// Changes the definition of VM `name` (an operator's `vm set`/`vm edit`), checked
+    /// against the storage roots like a new one. A VM without a VMM takes it at once;
+    /// a running one keeps what its VMM was started with, and the stored definition
+    /// applies at its next start (`definition_pending` says so meanwhile). Refused
+    /// while the VM migrates (the definition travels with it).
+    pub fn set_definition(
+        &self,
+        name: &str,
+        mut def: VmDefinition,
+    ) -> Result<VmStatus, AgentError> {
+        def.validate()?;
+        self.confine(name, &mut def)?;
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get_mut(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if vm.migration.is_some() || matches!(vm.state, VmState::Migrating | VmState::Incoming) {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: vm.state.to_string(),
+                action: "change its definition (its migration carries it; change it after)",
+            });
+        }
+        lock(&self.inv).update(name, &def)?;
+        let detail = if !vm.state.has_process() {
+            vm.def = def;
+            vm.pending_def = None;
+            None
+        } else if def == vm.def {
+            vm.pending_def = None;
+            None
+        } else {
+            vm.pending_def = Some(def);
+            Some("applies at the next start".to_string())
+        };
+        info!(
+            vm = name,
+            pending = vm.pending_def.is_some(),
+            "definition changed"
+        );
+        let st = self.status_of(name, vm, true);
+        drop(vms);
+        self.emit(name, "redefined", detail);
         Ok(st)
     }
 

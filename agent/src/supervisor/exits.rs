@@ -106,7 +106,7 @@ impl Supervisor {
             return;
         }
         let reason = if vm.stop_requested {
-            "requested"
+            vm.stop_reason.take().unwrap_or("requested")
         } else if exit.status == Some(0) {
             "power-off"
         } else if exit.status.is_none() && exit.signal.is_none() {

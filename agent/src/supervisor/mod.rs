@@ -10,7 +10,8 @@
 //! jobs are in the submodules:
 //! - [`definitions`]: define, redefine, delete;
 //! - [`start`]: starting a VM's VMM; [`exits`]: watching it end, the restart policy;
-//! - [`stop`]: stop, kill, pause, resume;
+//! - [`stop`]: stop, kill, pause, resume; [`power`]: the guest's shutdown (ACPI power
+//!   button, then stop), reset;
 //! - [`recovery`]: re-adopting running VMMs after a vireod restart;
 //! - [`ordering`]: automatic start and host shutdown in priority order;
 //! - [`status`]: queries of the per-VM state; [`events`]: event publication;
@@ -28,6 +29,7 @@ pub use incoming::IncomingGuard;
 mod ordering;
 mod outgoing;
 mod paths;
+mod power;
 mod records;
 mod recovery;
 mod start;
@@ -111,6 +113,12 @@ struct Vm {
     last_exit: Option<ExitRecord>,
     /// Set by stop/kill: the coming exit was asked for.
     stop_requested: bool,
+    /// The exit record's reason for the coming requested exit when it is not plain
+    /// "requested" (a shutdown the guest carries out).
+    stop_reason: Option<&'static str>,
+    /// A definition stored while the VMM ran (`set_definition`): it replaces `def` at
+    /// the next start; `def` stays what the running VMM was started with.
+    pending_def: Option<VmDefinition>,
     /// Which process the watcher belongs to (a stale watcher must not touch a new one).
     generation: u64,
     /// The live migration (outgoing or incoming) that owns this VM's VMM right now:
@@ -129,6 +137,8 @@ impl Vm {
             restarts: 0,
             last_exit: None,
             stop_requested: false,
+            stop_reason: None,
+            pending_def: None,
             generation: 0,
             migration: None,
         }

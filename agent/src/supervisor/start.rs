@@ -45,11 +45,15 @@ impl Supervisor {
                 vm.restarts = 0;
             }
             vm.stop_requested = false;
+            vm.stop_reason = None;
             vm.adopted = false;
+            if let Some(def) = vm.pending_def.take() {
+                vm.def = def;
+            }
             vm.generation = self.generation.fetch_add(1, Ordering::Relaxed);
             let detail = match kind {
                 StartKind::User => None,
-                StartKind::Auto => Some(format!("automatic start, priority {:?}", vm.def.priority)),
+                StartKind::Auto => Some(format!("automatic start, priority {}", vm.def.priority)),
                 StartKind::Restart => Some(format!(
                     "restart {} of {}",
                     vm.restarts, vm.def.max_restarts

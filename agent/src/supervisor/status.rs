@@ -40,7 +40,8 @@ impl Supervisor {
             restarts: vm.restarts,
             last_exit: vm.last_exit.clone(),
             migration: vm.migration.clone(),
-            definition: with_definition.then(|| vm.def.clone()),
+            definition: with_definition.then(|| vm.pending_def.as_ref().unwrap_or(&vm.def).clone()),
+            definition_pending: vm.pending_def.is_some(),
         }
     }
 
@@ -63,7 +64,12 @@ impl Supervisor {
     pub fn export(&self) -> BTreeMap<String, VmDefinition> {
         let vms = lock(&self.vms);
         vms.iter()
-            .map(|(n, vm)| (n.clone(), vm.def.clone()))
+            .map(|(n, vm)| {
+                (
+                    n.clone(),
+                    vm.pending_def.as_ref().unwrap_or(&vm.def).clone(),
+                )
+            })
             .collect()
     }
 

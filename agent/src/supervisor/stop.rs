@@ -13,7 +13,7 @@ use crate::{error_chain, AgentError};
 
 /// A pause answers once every vCPU has left the guest; on an overcommitted host that
 /// takes a scheduling round of every busy vCPU (seconds with hundreds of them).
-const TRANSITION_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const TRANSITION_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Supervisor {
     /// Asks the VMM to shut the VM down; kills it after `timeout`. Returns once the
@@ -24,9 +24,21 @@ impl Supervisor {
         timeout: Option<Duration>,
     ) -> Result<VmStatus, AgentError> {
         let handle = self.begin_stop(name, "stop it")?;
+        self.power_off(name, &handle, timeout.unwrap_or(self.cfg.stop_timeout))
+            .await;
+        self.get(name)
+    }
+
+    /// `vm.shutdown` to the VMM of a VM [`Self::begin_stop`] was called for; SIGKILL
+    /// after `timeout`, or at once when the VMM refuses. Returns once it is gone.
+    pub(super) async fn power_off(
+        self: &Arc<Self>,
+        name: &str,
+        handle: &Handle,
+        timeout: Duration,
+    ) {
         crate::metering::sample_one(self, name).await;
         let sock = self.socket_path(name);
-        let timeout = timeout.unwrap_or(self.cfg.stop_timeout);
         // The VMM answers once its vCPUs have stopped: let them run at the VMMs' share
         // meanwhile (they are gone with the process).
         self.cfg.launcher.boost(&self.spec(name), handle.pid);
@@ -40,13 +52,12 @@ impl Supervisor {
         .await;
         // A VMM that refuses (or cannot be reached) is killed at once.
         let asked = matches!(&asked, Ok(r) if r.ok());
-        let gone = asked && self.wait_gone(name, &handle, timeout).await;
+        let gone = asked && self.wait_gone(name, handle, timeout).await;
         if !gone {
             warn!(vm = name, "VMM did not stop in time; killing it");
             let _ = handle.signal(libc::SIGKILL);
-            self.wait_gone(name, &handle, Duration::from_secs(10)).await;
+            self.wait_gone(name, handle, Duration::from_secs(10)).await;
         }
-        self.get(name)
     }
 
     /// SIGKILL to the VMM; returns once it is gone.
@@ -61,7 +72,11 @@ impl Supervisor {
         self.get(name)
     }
 
-    fn begin_stop(&self, name: &str, action: &'static str) -> Result<Handle, AgentError> {
+    pub(super) fn begin_stop(
+        &self,
+        name: &str,
+        action: &'static str,
+    ) -> Result<Handle, AgentError> {
         let mut vms = lock(&self.vms);
         let vm = vms
             .get_mut(name)

@@ -95,9 +95,17 @@ impl CpusConfig {
     }
 }
 
+/// `--cpus`: `boot=N[,topology=S:C:T][,features=...]`, or just `N` (= `boot=N`).
 pub fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
     const F: &str = "--cpus";
     let mut c = CpusConfig::default();
+    let long;
+    let s = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        long = format!("boot={s}");
+        long.as_str()
+    } else {
+        s
+    };
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
             "boot" => {
@@ -164,6 +172,9 @@ mod tests {
         // Without a topology: one socket of single-threaded cores, IDs 0..n.
         let c = parse_cpus("boot=5").unwrap();
         assert_eq!(c.apic_ids(), vec![0, 1, 2, 3, 4]);
+        // A bare count is boot=N.
+        assert_eq!(parse_cpus("5").unwrap(), c);
+        assert!(parse_cpus("5x").is_err());
         assert_eq!(c.topology().package_bits(), 3);
     }
 

@@ -63,9 +63,17 @@ fn is_off(b: &bool) -> bool {
     !*b
 }
 
+/// `--memory`: `size=SIZE[,hugepages=on,...]`, or just `SIZE` (= `size=SIZE`).
 pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
     const F: &str = "--memory";
     let mut m = MemoryConfig::default();
+    let long;
+    let s = if !s.contains('=') && parse_size(s).is_some() {
+        long = format!("size={s}");
+        long.as_str()
+    } else {
+        s
+    };
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
             "size" => {
@@ -91,4 +99,19 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
         }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_size_is_the_size() {
+        assert_eq!(parse_memory("2G").unwrap().size, 2 << 30);
+        assert_eq!(
+            parse_memory("2G").unwrap(),
+            parse_memory("size=2G").unwrap()
+        );
+        assert!(parse_memory("lots").is_err());
+    }
 }

@@ -9,6 +9,7 @@
 mod balloon;
 mod cpus;
 mod disks;
+mod flags;
 mod memory;
 mod nets;
 mod options;
@@ -21,6 +22,7 @@ pub use cpus::{parse_cpus, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disks::{
     parse_disk, DiskConfig, DiskFormat, OnError, RateLimitConfig, TokenBucket, DEFAULT_POLL_US,
 };
+pub use flags::VmFlags;
 pub use memory::{parse_memory, MemoryConfig, MAX_MEMORY, MIN_MEMORY};
 pub use nets::{parse_net, NetConfig};
 pub use options::parse_size;

@@ -56,8 +56,8 @@ pub(crate) fn status_table(s: &VmStatus) {
     print_pairs(&[
         ("name", s.name.clone()),
         ("state", s.state.to_string()),
-        ("priority", format!("{:?}", s.priority)),
-        ("restart", format!("{:?}", s.restart)),
+        ("priority", s.priority.to_string()),
+        ("restart", s.restart.to_string()),
         ("pid", s.pid.map(|p| p.to_string()).unwrap_or("-".into())),
         ("socket", s.socket.clone().unwrap_or("-".into())),
         ("adopted", s.adopted.to_string()),
@@ -72,6 +72,9 @@ pub(crate) fn status_table(s: &VmStatus) {
         ("restarts", s.restarts.to_string()),
         ("last exit", exit.unwrap_or("-".into())),
     ]);
+    if s.definition_pending {
+        println!("the definition was changed while the VM ran: it applies at the next start");
+    }
     if let Some(e) = &s.last_exit {
         if !e.serial_tail.is_empty() {
             println!("last serial lines:");
@@ -113,6 +116,16 @@ pub(crate) fn metrics_table(m: &MeteringReport) {
         ),
         ("samples", m.samples.to_string()),
     ]);
+}
+
+/// Bytes as the flags write them: 512M, 2G, 1536M.
+pub(crate) fn fmt_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 pub(crate) fn fmt_time(ms: Option<u64>) -> String {

@@ -3,21 +3,6 @@
 
 use super::*;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub(crate) enum PriorityArg {
-    High,
-    Medium,
-    Low,
-    Off,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub(crate) enum RestartArg {
-    Never,
-    OnFailure,
-    Always,
-}
-
 #[derive(Subcommand, Debug)]
 pub(crate) enum VmCommand {
     /// Define a VM from a JSON file: a VM config (as `vireo --config` takes) or a full
@@ -28,9 +13,9 @@ pub(crate) enum VmCommand {
         #[arg(long, short)]
         file: PathBuf,
         #[arg(long, value_enum)]
-        priority: Option<PriorityArg>,
+        priority: Option<Priority>,
         #[arg(long, value_enum)]
-        restart: Option<RestartArg>,
+        restart: Option<RestartPolicy>,
         #[arg(long)]
         max_restarts: Option<u32>,
         /// Define it in the cluster (vireod must be a cluster node): it runs on the
@@ -53,6 +38,62 @@ pub(crate) enum VmCommand {
         /// features every node has now, so it can live-migrate between CPU generations.
         #[arg(long, requires = "cluster")]
         cpu_compat: bool,
+    },
+    /// Define a VM from flags — the same flags as `vireo` (--kernel, --cpus, --memory,
+    /// --disk, --net, --console, ...), no JSON file needed — through vireod as `vm
+    /// define` does. Relative paths are taken from the current directory.
+    Create {
+        name: String,
+        #[command(flatten)]
+        vm: api::config::VmFlags,
+        #[command(flatten)]
+        policy: PolicyFlags,
+        /// Start it once defined.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Change a defined VM: the flags given replace what the definition says (--disk,
+    /// --net and --numa replace the whole list), validated by vireod. A running VM
+    /// keeps running as it is; the change applies at its next start.
+    Set {
+        name: String,
+        #[command(flatten)]
+        vm: api::config::VmFlags,
+        #[command(flatten)]
+        policy: PolicyFlags,
+    },
+    /// Edit a VM's definition (JSON) in $EDITOR (default vi); vireod validates it.
+    /// Invalid JSON or a refused definition: edit again or give up (nothing changes).
+    Edit {
+        name: String,
+    },
+    /// Shut a running VM down the guest's way (ACPI power button); a guest that has not
+    /// powered off after --timeout is stopped (as `vm stop`).
+    Shutdown {
+        name: String,
+        /// Seconds the guest gets (vireod's --stop-timeout-s if not given).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Reboot the guest's way: `vm shutdown` (same --timeout), then `vm start`.
+    Reboot {
+        name: String,
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Reset a running or paused VM (the machine's reset button: the guest is not
+    /// asked); it runs again in the same VMM.
+    Reset {
+        name: String,
+    },
+    /// Start the VM when vireod starts (its priority; medium unless --priority), or
+    /// with --disable not (priority off).
+    Autostart {
+        name: String,
+        #[arg(long)]
+        disable: bool,
+        #[arg(long, value_enum, conflicts_with = "disable")]
+        priority: Option<Priority>,
     },
     /// Start a VM; returns when it runs. With --selector: the clustered VMs it
     /// selects that are off are asked to run (the cluster places them).
@@ -84,7 +125,8 @@ pub(crate) enum VmCommand {
         #[arg(long, required_unless_present = "names", conflicts_with = "names")]
         selector: Option<String>,
     },
-    /// Kill a VM's VMM at once.
+    /// Kill a VM's VMM at once (virsh: destroy).
+    #[command(visible_alias = "destroy")]
     Kill {
         name: String,
     },
@@ -94,8 +136,12 @@ pub(crate) enum VmCommand {
     Resume {
         name: Option<String>,
     },
-    /// All VMs and their state.
-    List,
+    /// All VMs: state, priority, vCPUs, memory, pid, uptime, restarts.
+    List {
+        /// Only VMs in this state (running, stopped, paused, crashed, ...).
+        #[arg(long)]
+        state: Option<String>,
+    },
     /// One VM: state, process, last exit, definition.
     Info {
         name: Option<String>,
@@ -182,7 +228,8 @@ pub(crate) enum VmCommand {
         #[arg(long)]
         reset: bool,
     },
-    /// Remove a stopped VM's definition and history.
+    /// Remove a stopped VM's definition and history (virsh: undefine).
+    #[command(visible_alias = "undefine")]
     Delete {
         name: String,
     },
@@ -192,6 +239,23 @@ pub(crate) enum VmCommand {
     },
 }
 
+/// What vireod does with a VM (as `vm define` takes them).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct PolicyFlags {
+    /// Automatic start order when vireod starts (off: not started).
+    #[arg(long, value_enum)]
+    pub priority: Option<Priority>,
+    /// What happens when its VMM ends without being asked to.
+    #[arg(long, value_enum)]
+    pub restart: Option<RestartPolicy>,
+    /// Restarts in a row before the VM is left Crashed.
+    #[arg(long)]
+    pub max_restarts: Option<u32>,
+    /// Relative CPU weight against the host's other VMs (1..=10000, default 100).
+    #[arg(long)]
+    pub cpu_weight: Option<u32>,
+}
+
 pub(crate) fn name_of(n: &Option<String>) -> Result<&str, CtlError> {
     n.as_deref()
         .ok_or_else(|| CtlError::Usage("a VM name is required (or --vm-socket PATH)".into()))
@@ -199,8 +263,8 @@ pub(crate) fn name_of(n: &Option<String>) -> Result<&str, CtlError> {
 
 pub(crate) fn read_definition(
     file: &Path,
-    priority: Option<PriorityArg>,
-    restart: Option<RestartArg>,
+    priority: Option<Priority>,
+    restart: Option<RestartPolicy>,
     max_restarts: Option<u32>,
 ) -> Result<Value, CtlError> {
     let text = if file == Path::new("-") {
@@ -228,21 +292,10 @@ pub(crate) fn read_definition(
         serde_json::json!({ "config": v })
     };
     if let Some(p) = priority {
-        def["priority"] = serde_json::to_value(match p {
-            PriorityArg::High => Priority::High,
-            PriorityArg::Medium => Priority::Medium,
-            PriorityArg::Low => Priority::Low,
-            PriorityArg::Off => Priority::Off,
-        })
-        .unwrap_or(Value::Null);
+        def["priority"] = p.as_str().into();
     }
     if let Some(r) = restart {
-        def["restart"] = serde_json::to_value(match r {
-            RestartArg::Never => RestartPolicy::Never,
-            RestartArg::OnFailure => RestartPolicy::OnFailure,
-            RestartArg::Always => RestartPolicy::Always,
-        })
-        .unwrap_or(Value::Null);
+        def["restart"] = r.as_str().into();
     }
     if let Some(m) = max_restarts {
         def["max_restarts"] = m.into();
@@ -297,6 +350,10 @@ pub(crate) fn direct(ctx: &Ctx, cmd: &VmCommand, out: Output) -> Result<(), CtlE
 }
 
 pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError> {
+    // A bad name is refused here, before any request: vireod's own rule.
+    for n in names_in(&cmd) {
+        agent::model::validate_name(n).map_err(|e| CtlError::Usage(e.to_string()))?;
+    }
     let path = |n: &str, verb: &str| {
         if verb.is_empty() {
             format!("/api/v1/vms/{n}")
@@ -337,11 +394,9 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
                 )));
             }
             if cluster {
-                let priority = match priority.unwrap_or(PriorityArg::Medium) {
-                    PriorityArg::High => "high",
-                    PriorityArg::Medium => "medium",
-                    PriorityArg::Low => "low",
-                    PriorityArg::Off => "no_auto_start",
+                let priority = match priority.unwrap_or(Priority::Medium) {
+                    Priority::Off => "no_auto_start",
+                    p => p.as_str(),
                 };
                 let req = serde_json::json!({
                     "definition": def,
@@ -407,6 +462,24 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             show_status(ctx.json("PUT", &(path(n, "stop") + &q), None)?)
         }
         VmCommand::Kill { name } => show_status(ctx.json("PUT", &path(&name, "kill"), None)?),
+        VmCommand::Create {
+            name,
+            vm,
+            policy,
+            start,
+        } => definitions::create(ctx, &name, &vm, &policy, start, out),
+        VmCommand::Set { name, vm, policy } => definitions::set(ctx, &name, &vm, &policy, out),
+        VmCommand::Edit { name } => definitions::edit(ctx, &name, out),
+        VmCommand::Autostart {
+            name,
+            disable,
+            priority,
+        } => definitions::autostart(ctx, &name, disable, priority, out),
+        VmCommand::Shutdown { name, timeout } => {
+            power::shutdown(ctx, &name, timeout, out).map(drop)
+        }
+        VmCommand::Reboot { name, timeout } => power::reboot(ctx, &name, timeout, out),
+        VmCommand::Reset { name } => show_status(ctx.json("PUT", &path(&name, "reset"), None)?),
         VmCommand::Pause { name } => {
             show_status(ctx.json("PUT", &path(name_of(&name)?, "pause"), None)?)
         }
@@ -416,38 +489,7 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
         VmCommand::Info { name } => {
             show_status(ctx.json("GET", &path(name_of(&name)?, ""), None)?)
         }
-        VmCommand::List => {
-            let v = ctx.json("GET", "/api/v1/vms", None)?;
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => {
-                    let list: Vec<VmStatus> =
-                        serde_json::from_value(v).map_err(|e| CtlError::Api(e.to_string()))?;
-                    let rows: Vec<Vec<String>> = list
-                        .iter()
-                        .map(|s| {
-                            vec![
-                                s.name.clone(),
-                                s.state.to_string(),
-                                format!("{:?}", s.priority),
-                                s.pid.map(|p| p.to_string()).unwrap_or("-".into()),
-                                if s.pid.is_some() {
-                                    fmt_ms_ago(s.started_at_ms)
-                                } else {
-                                    "-".into()
-                                },
-                                s.restarts.to_string(),
-                            ]
-                        })
-                        .collect();
-                    print_table(
-                        &["NAME", "STATE", "PRIORITY", "PID", "UPTIME", "RESTARTS"],
-                        &rows,
-                    );
-                }
-            }
-            Ok(())
-        }
+        VmCommand::List { state } => list(ctx, state.as_deref(), out),
         VmCommand::Console {
             name,
             lines,
@@ -586,4 +628,91 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             Ok(())
         }
     }
+}
+
+/// The VM names a command carries (checked before anything is sent).
+fn names_in(cmd: &VmCommand) -> Vec<&str> {
+    match cmd {
+        VmCommand::Define { name, .. }
+        | VmCommand::Create { name, .. }
+        | VmCommand::Set { name, .. }
+        | VmCommand::Edit { name }
+        | VmCommand::Shutdown { name, .. }
+        | VmCommand::Reboot { name, .. }
+        | VmCommand::Reset { name }
+        | VmCommand::Autostart { name, .. }
+        | VmCommand::Kill { name }
+        | VmCommand::Console { name, .. }
+        | VmCommand::Delete { name } => vec![name.as_str()],
+        VmCommand::Start { name, .. }
+        | VmCommand::Stop { name, .. }
+        | VmCommand::Pause { name }
+        | VmCommand::Resume { name }
+        | VmCommand::Info { name }
+        | VmCommand::Metrics { name, .. }
+        | VmCommand::Export { name } => name.iter().map(String::as_str).collect(),
+        VmCommand::Save { names, .. } | VmCommand::Migrate { names, .. } => {
+            names.iter().map(String::as_str).collect()
+        }
+        VmCommand::List { .. } => Vec::new(),
+    }
+}
+
+/// `vm list [--state S]`: the VMs with their vCPUs and memory (from their definitions).
+fn list(ctx: &Ctx, state: Option<&str>, out: Output) -> Result<(), CtlError> {
+    let wanted = state
+        .map(|s| {
+            VmState::ALL
+                .into_iter()
+                .find(|v| v.as_str().eq_ignore_ascii_case(s))
+                .ok_or_else(|| {
+                    let all: Vec<String> = VmState::ALL
+                        .iter()
+                        .map(|v| v.as_str().to_lowercase())
+                        .collect();
+                    CtlError::Usage(format!("--state {s}: expected one of {}", all.join(", ")))
+                })
+        })
+        .transpose()?;
+    let v = ctx.json("GET", "/api/v1/vms", None)?;
+    let list: Vec<VmStatus> =
+        serde_json::from_value(v).map_err(|e| CtlError::Api(e.to_string()))?;
+    let list: Vec<VmStatus> = list
+        .into_iter()
+        .filter(|s| wanted.is_none_or(|w| s.state == w))
+        .collect();
+    if out == Output::Json {
+        print_json(&serde_json::to_value(&list).map_err(|e| CtlError::Api(e.to_string()))?);
+        return Ok(());
+    }
+    let defs: std::collections::BTreeMap<String, VmDefinition> =
+        serde_json::from_value(ctx.json("GET", "/api/v1/export", None)?)
+            .map_err(|e| CtlError::Api(e.to_string()))?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            let def = defs.get(&s.name);
+            vec![
+                s.name.clone(),
+                s.state.to_string(),
+                s.priority.to_string(),
+                def.map_or("-".into(), |d| d.config.cpus.boot.to_string()),
+                def.map_or("-".into(), |d| fmt_size(d.config.memory.size)),
+                s.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                if s.pid.is_some() {
+                    fmt_ms_ago(s.started_at_ms)
+                } else {
+                    "-".into()
+                },
+                s.restarts.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME", "STATE", "PRIORITY", "VCPUS", "MEMORY", "PID", "UPTIME", "RESTARTS",
+        ],
+        &rows,
+    );
+    Ok(())
 }
