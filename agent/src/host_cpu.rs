@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use migration::protocol::{cpuid_fingerprint, CpuidLeaf};
+use migration::protocol::cpuid_fingerprint;
 
 /// KVM's supported CPUID (what `vireo` gives vCPUs), its feature leaves as one string;
 /// read once. None without a usable `/dev/kvm` (the node then restricts nothing).
@@ -28,21 +28,7 @@ fn read() -> Option<String> {
             return None;
         }
     };
-    let leaves: Vec<CpuidLeaf> = cpuid
-        .as_slice()
-        .iter()
-        .filter_map(|e| {
-            CpuidLeaf {
-                function: e.function,
-                index: e.index,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            }
-            .feature_part()
-        })
-        .collect();
+    let leaves = vireo_util::cpu_features::feature_leaves_of(cpuid.as_slice());
     Some(cpuid_fingerprint(&leaves))
 }
 

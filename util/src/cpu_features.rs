@@ -25,6 +25,28 @@ pub struct CpuidLeaf {
     pub edx: u32,
 }
 
+impl From<&kvm_bindings::kvm_cpuid_entry2> for CpuidLeaf {
+    fn from(e: &kvm_bindings::kvm_cpuid_entry2) -> Self {
+        CpuidLeaf {
+            function: e.function,
+            index: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+}
+
+/// The feature leaves of KVM's CPUID entries (`CpuidLeaf::feature_part` of each): what
+/// the VMM compares before a migration and a node publishes as its fingerprint.
+pub fn feature_leaves_of(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuidLeaf> {
+    entries
+        .iter()
+        .filter_map(|e| CpuidLeaf::from(e).feature_part())
+        .collect()
+}
+
 /// The CPUID leaves that list CPU features (with the registers that hold them), as a
 /// migration compares them: what a guest probed once must be there after the move.
 pub const FEATURE_LEAVES: [(u32, u32); 6] = [

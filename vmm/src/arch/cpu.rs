@@ -110,20 +110,7 @@ pub fn feature_leaves(
 ) -> Result<Vec<migration::protocol::CpuidLeaf>, KvmError> {
     let mut entries = supported(kvm)?;
     mask(&mut entries, features);
-    Ok(entries
-        .iter()
-        .filter_map(|e| {
-            migration::protocol::CpuidLeaf {
-                function: e.function,
-                index: e.index,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            }
-            .feature_part()
-        })
-        .collect())
+    Ok(vireo_util::cpu_features::feature_leaves_of(&entries))
 }
 
 fn supported(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, KvmError> {
