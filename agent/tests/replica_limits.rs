@@ -110,12 +110,23 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
     h.a.ctl_ok(&["replica", "bandwidth", "vm1", "4"]);
     let (t1, tx1) = (Instant::now(), h.a_tx_bytes());
     let queued = h.a_tcp_send_queue();
+    let written1 = h.replication()["wire_bytes_sent"].as_u64().unwrap();
     let v = h.wait("the first recovery point", |v| point(v) >= 1);
+    let elapsed = t1.elapsed();
     let sent = h.a_tx_bytes() - tx1;
-    let bound = at_most(4.0, t1.elapsed()) + queued;
+    let written = v["wire_bytes_sent"].as_u64().unwrap() - written1;
+    // What the limiter handed to the kernel: within the rate (no margin but its
+    // 50 ms bucket and one TLS record in flight).
+    let strict = (4e6 / 8.0 * elapsed.as_secs_f64()) as u64 + 25_000 + 17_000;
+    assert!(
+        written <= strict,
+        "4 Mbit/s: the limiter wrote {written} bytes > {strict} in {elapsed:?}"
+    );
+    let bound = at_most(4.0, elapsed) + queued;
     assert!(
         sent <= bound,
-        "4 Mbit/s: {sent} bytes > {bound} ({queued} queued in the kernel at the change)"
+        "4 Mbit/s: {sent} bytes on host-a's link > {bound} in {elapsed:?} ({queued} queued \
+         in the kernel at the change; the limiter wrote {written})"
     );
     // The filler went over the link (the windows above carried real data).
     assert!(h.a_tx_bytes() - tx0 >= filler, "{v}");
