@@ -122,7 +122,15 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
         written <= strict,
         "4 Mbit/s: the limiter wrote {written} bytes > {strict} in {elapsed:?}"
     );
-    let bound = at_most(4.0, elapsed) + queued;
+    // The link also carries what the limiter does not see (headers, ACKs, host-a's
+    // other requests to host-b): under CI's load up to a third more than the limit
+    // was measured there (not yet explained; issue 14), so its bound is looser than
+    // the limiter's: still well below the 16 Mbit/s in force before.
+    let bound = at_most(4.0 * 1.2, elapsed) + queued;
+    eprintln!(
+        "4 Mbit/s window of {elapsed:?}: the limiter wrote {written} (bound {strict}), \
+         host-a's link sent {sent} (bound {bound})"
+    );
     assert!(
         sent <= bound,
         "4 Mbit/s: {sent} bytes on host-a's link > {bound} in {elapsed:?} ({queued} queued \
