@@ -84,10 +84,12 @@ pub(crate) fn create(
     } else {
         v
     };
-    show(v, out)
+    show_status(v, out)
 }
 
-fn show(v: Value, out: Output) -> Result<(), CtlError> {
+/// A VM's status as vireod answered it: its table, or the JSON asked for (or when it
+/// is not a status).
+pub(super) fn show_status(v: Value, out: Output) -> Result<(), CtlError> {
     match out {
         Output::Json => print_json(&v),
         Output::Table => match serde_json::from_value::<VmStatus>(v.clone()) {

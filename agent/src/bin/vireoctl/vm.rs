@@ -361,16 +361,7 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             format!("/api/v1/vms/{n}/{verb}")
         }
     };
-    let show_status = |v: Value| -> Result<(), CtlError> {
-        match out {
-            Output::Json => print_json(&v),
-            Output::Table => match serde_json::from_value::<VmStatus>(v.clone()) {
-                Ok(s) => status_table(&s),
-                Err(_) => print_json(&v),
-            },
-        }
-        Ok(())
-    };
+    let show_status = |v: Value| super::definitions::show_status(v, out);
     match cmd {
         VmCommand::Define {
             name,
