@@ -81,24 +81,8 @@ impl Supervisor {
     /// it runs afterwards, with the same VMM process.
     pub async fn reset(&self, name: &str) -> Result<VmStatus, AgentError> {
         self.require_state(name, &[VmState::Running, VmState::Paused], "reset it")?;
-        let r = client::request(
-            &self.socket_path(name),
-            "PUT",
-            "/api/v1/vm.reboot",
-            None,
-            TRANSITION_TIMEOUT,
-        )
-        .await
-        .map_err(|e| AgentError::Vmm {
-            name: name.to_string(),
-            message: error_chain(&e),
-        })?;
-        if !r.ok() {
-            return Err(AgentError::Vmm {
-                name: name.to_string(),
-                message: format!("vm.reboot: {} {}", r.status, r.error_message()),
-            });
-        }
+        self.vmm_put(name, "vm.reboot", None, TRANSITION_TIMEOUT)
+            .await?;
         let mut vms = lock(&self.vms);
         if let Some(vm) = vms.get_mut(name) {
             if vm.state == VmState::Paused {

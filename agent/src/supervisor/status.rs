@@ -7,11 +7,11 @@ use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use super::{lock, Supervisor, Vm, VMM_TIMEOUT};
-use crate::client;
+
 use crate::inventory::Inventory;
 use crate::launcher::{self, Launcher};
 use crate::model::{ExitRecord, HostInfo, VmDefinition, VmState, VmStatus};
-use crate::{error_chain, AgentError};
+use crate::AgentError;
 
 impl Supervisor {
     /// Stores (or with `None` removes) VM `name`'s replication settings.
@@ -114,28 +114,17 @@ impl Supervisor {
                 });
             }
         }
-        let sock = self.socket_path(name);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut sent = 0;
         while sent < bytes.len() && Instant::now() < deadline {
-            let r = client::request(
-                &sock,
-                "PUT",
-                "/api/v1/vm.serial-input",
-                Some(bytes[sent..].to_vec()),
-                VMM_TIMEOUT,
-            )
-            .await
-            .map_err(|e| AgentError::Vmm {
-                name: name.to_string(),
-                message: error_chain(&e),
-            })?;
-            if !r.ok() {
-                return Err(AgentError::Vmm {
-                    name: name.to_string(),
-                    message: format!("vm.serial-input: {} {}", r.status, r.error_message()),
-                });
-            }
+            let r = self
+                .vmm_put(
+                    name,
+                    "vm.serial-input",
+                    Some(bytes[sent..].to_vec()),
+                    VMM_TIMEOUT,
+                )
+                .await?;
             let queued = r
                 .json()
                 .and_then(|v| v.get("queued").and_then(|q| q.as_u64()))

@@ -16,6 +16,31 @@ use crate::{error_chain, AgentError};
 pub(super) const TRANSITION_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Supervisor {
+    /// `PUT /api/v1/{route}` to VM `name`'s VMM: its answer when it succeeded, else an
+    /// [`AgentError::Vmm`] naming the route and what the VMM said.
+    pub(super) async fn vmm_put(
+        &self,
+        name: &str,
+        route: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<client::Response, AgentError> {
+        let path = format!("/api/v1/{route}");
+        let r = client::request(&self.socket_path(name), "PUT", &path, body, timeout)
+            .await
+            .map_err(|e| AgentError::Vmm {
+                name: name.to_string(),
+                message: error_chain(&e),
+            })?;
+        if !r.ok() {
+            return Err(AgentError::Vmm {
+                name: name.to_string(),
+                message: format!("{route}: {} {}", r.status, r.error_message()),
+            });
+        }
+        Ok(r)
+    }
+
     /// Asks the VMM to shut the VM down; kills it after `timeout`. Returns once the
     /// process is gone.
     pub async fn stop(
@@ -169,7 +194,6 @@ impl Supervisor {
                 });
             }
         }
-        let sock = self.socket_path(name);
         // A pause waits for every vCPU to leave the guest: they get the VMMs' share
         // for that moment, then go back to the VM's own (parked, they use none).
         let pid = lock(&self.vms)
@@ -179,27 +203,11 @@ impl Supervisor {
         if let Some(pid) = boost {
             self.cfg.launcher.boost(&self.spec(name), pid);
         }
-        let r = client::request(
-            &sock,
-            "PUT",
-            &format!("/api/v1/{route}"),
-            None,
-            TRANSITION_TIMEOUT,
-        )
-        .await;
+        let r = self.vmm_put(name, route, None, TRANSITION_TIMEOUT).await;
         if let Some(pid) = boost {
             self.cfg.launcher.unboost(&self.spec(name), pid);
         }
-        let r = r.map_err(|e| AgentError::Vmm {
-            name: name.to_string(),
-            message: error_chain(&e),
-        })?;
-        if !r.ok() {
-            return Err(AgentError::Vmm {
-                name: name.to_string(),
-                message: format!("{route}: {} {}", r.status, r.error_message()),
-            });
-        }
+        r?;
         let mut vms = lock(&self.vms);
         if let Some(vm) = vms.get_mut(name) {
             if vm.state == from {
