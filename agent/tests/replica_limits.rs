@@ -108,12 +108,13 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
     // already held for the connection (written at 16 Mbit/s while the replica read
     // slowly) leaves at the link's speed: it is added to the bound.
     h.a.ctl_ok(&["replica", "bandwidth", "vm1", "4"]);
-    let (t1, tx1) = (Instant::now(), h.a_tx_bytes());
+    let (t1, tx1, counters1) = (Instant::now(), h.a_tx_bytes(), h.a_tcp_counters());
     let queued = h.a_tcp_send_queue();
     let written1 = h.replication()["wire_bytes_sent"].as_u64().unwrap();
     let v = h.wait("the first recovery point", |v| point(v) >= 1);
     let elapsed = t1.elapsed();
     let sent = h.a_tx_bytes() - tx1;
+    let counters = h.a_tcp_counters() - counters1;
     let written = v["wire_bytes_sent"].as_u64().unwrap() - written1;
     // What the limiter handed to the kernel: within the rate (no margin but its
     // 50 ms bucket and one TLS record in flight).
@@ -122,19 +123,20 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
         written <= strict,
         "4 Mbit/s: the limiter wrote {written} bytes > {strict} in {elapsed:?}"
     );
-    // The link also carries what the limiter does not see (headers, ACKs, host-a's
-    // other requests to host-b): under CI's load up to a third more than the limit
-    // was measured there (not yet explained; issue 14), so its bound is looser than
-    // the limiter's: still well below the 16 Mbit/s in force before.
-    let bound = at_most(4.0 * 1.2, elapsed) + queued;
+    // The link also carries what the limiter does not see (TCP/IP headers, ACKs):
+    // a quarter more at most. (Before the limiter granted only useful amounts, a
+    // writer coming straight back was handed the trickle of bytes that came in
+    // meanwhile, a packet each: CI measured the link at 2.7 times the limiter's
+    // bytes.) The counters printed say how many packets carried them.
+    let bound = at_most(4.0, elapsed) + queued;
     eprintln!(
         "4 Mbit/s window of {elapsed:?}: the limiter wrote {written} (bound {strict}), \
-         host-a's link sent {sent} (bound {bound})"
+         host-a's link sent {sent} (bound {bound}); {counters:?}"
     );
     assert!(
         sent <= bound,
         "4 Mbit/s: {sent} bytes on host-a's link > {bound} in {elapsed:?} ({queued} queued \
-         in the kernel at the change; the limiter wrote {written})"
+         in the kernel at the change; the limiter wrote {written}; {counters:?})"
     );
     // The filler went over the link (the windows above carried real data).
     assert!(h.a_tx_bytes() - tx0 >= filler, "{v}");

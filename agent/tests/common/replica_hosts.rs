@@ -247,6 +247,42 @@ impl Hosts {
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 
+    /// host-a's TCP counters (/proc/net/snmp in its namespace): connections opened,
+    /// segments sent and retransmitted, and its link's packets: what explains the
+    /// link's bytes beyond the limiter's.
+    pub fn a_tcp_counters(&self) -> TcpCounters {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", self.ns_a.name()])
+            .args([
+                "cat",
+                "/proc/net/snmp",
+                "/sys/class/net/va/statistics/tx_packets",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
+        let field = |name: &str| -> u64 {
+            names
+                .split_whitespace()
+                .position(|n| n == name)
+                .and_then(|i| values.split_whitespace().nth(i))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        TcpCounters {
+            opens: field("ActiveOpens"),
+            out_segs: field("OutSegs"),
+            retrans_segs: field("RetransSegs"),
+            tx_packets: text
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or(0),
+        }
+    }
+
     /// Bytes host-a's TCP sockets hold unacknowledged or unsent (`tx_queue` of
     /// /proc/net/tcp{,6} in its namespace): written before a limit changed, they go out
     /// at the link's speed whatever the new limit.
@@ -309,4 +345,25 @@ pub fn last_rw(serial: &str) -> u64 {
         .filter_map(|n| n.trim().parse().ok())
         .max()
         .unwrap_or(0)
+}
+
+/// host-a's TCP counters, see [`Hosts::a_tcp_counters`].
+#[derive(Debug, Clone, Copy)]
+pub struct TcpCounters {
+    pub opens: u64,
+    pub out_segs: u64,
+    pub retrans_segs: u64,
+    pub tx_packets: u64,
+}
+
+impl std::ops::Sub for TcpCounters {
+    type Output = TcpCounters;
+    fn sub(self, o: TcpCounters) -> TcpCounters {
+        TcpCounters {
+            opens: self.opens.saturating_sub(o.opens),
+            out_segs: self.out_segs.saturating_sub(o.out_segs),
+            retrans_segs: self.retrans_segs.saturating_sub(o.retrans_segs),
+            tx_packets: self.tx_packets.saturating_sub(o.tx_packets),
+        }
+    }
 }
