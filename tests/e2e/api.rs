@@ -172,6 +172,39 @@ fn short_cpus_and_memory_flags_boot_the_vm_they_say() {
     assert!(text.contains("boot cpus=2 mem_mib=128"), "{text}");
 }
 
+/// `--config FILE` with VM flags beside it: each flag overrides the file's value (the
+/// guest sees the flags' 2 vCPUs and 96 MiB, not the file's 1 and 64 MiB, and its
+/// command line), none is dropped; the rest of the file stands (its serial file).
+#[test]
+fn flags_beside_a_config_file_override_its_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let cfg = dir.path().join("vm.json");
+    let file = serde_json::json!({
+        "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=nothing-here"},
+        "cpus": {"boot": 1},
+        "memory": {"size": 64 << 20},
+        "serial": {"mode": "file", "file": serial},
+    });
+    std::fs::write(&cfg, file.to_string()).unwrap();
+    let child = std::process::Command::new(vireo_e2e::bin("vireo"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--cmdline", "test=boot", "--cpus", "2", "--memory", "96M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = vireo_e2e::wait_with_timeout(child, T);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.contains("boot cpus=2 mem_mib=96"), "{text}");
+}
+
 #[test]
 fn openapi_document_lists_exactly_the_served_routes() {
     let doc: serde_json::Value = {

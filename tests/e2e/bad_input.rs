@@ -326,3 +326,19 @@ fn bench_help_prints_usage_and_runs_nothing() {
     assert!(stderr.contains("invalid value 'bogus'"), "{stderr}");
     assert!(out.stdout.is_empty(), "ran the benchmark: {stderr}");
 }
+
+/// VM flags without a VM to describe (no --kernel or --config: a VMM waiting for
+/// vm.create, or restoring a snapshot) are refused by name, not dropped; --serial
+/// alone is taken (it applies to the VM that arrives).
+#[test]
+fn vm_flags_without_a_new_vm_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let sock = sock.to_str().unwrap();
+    let (code, err) = vireo(&["--api-socket", sock, "--cpus", "2", "--memory", "1G"]);
+    assert_one_line_error(code, &err, "--cpus, --memory describe a new VM");
+    let (code, err) = vireo(&["--restore", dir.path().to_str().unwrap(), "--rng"]);
+    assert_one_line_error(code, &err, "--rng describe");
+    let (code, err) = vireo(&["--api-socket", sock, "--rng=maybe"]);
+    assert_one_line_error(code, &err, "on or off");
+}

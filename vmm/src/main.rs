@@ -27,8 +27,10 @@ struct Cli {
     /// `vireoctl vm create`).
     #[command(flatten)]
     vm: config::VmFlags,
-    /// The VM as a JSON file (the same schema as `vm.create`); flags are then ignored.
-    #[arg(long, conflicts_with_all = ["kernel", "cmdline", "initramfs", "disk", "net"])]
+    /// The VM as a JSON file (the same schema as `vm.create`); the VM flags given
+    /// beside it override the file's values (`--disk`, `--net` and `--numa` its
+    /// whole list).
+    #[arg(long)]
     config: Option<PathBuf>,
     /// Restore a snapshot: DIR or source_url=file:///DIR[,resume=on]. The VM comes up
     /// paused (resume with `vm.resume`) unless resume=on.
@@ -79,6 +81,8 @@ enum CliError {
     },
     #[error("config file {path}: {reason}")]
     ParseConfig { path: String, reason: String },
+    #[error("{} describe a new VM: give --kernel or --config with them (a restored or arriving VM keeps its own configuration; only --serial applies to it)", .0.join(", "))]
+    FlagsWithoutVm(Vec<&'static str>),
     #[error("nothing to run: give --kernel (or --config, --restore), or --api-socket to wait for vm.create")]
     NothingToRun,
     #[error("--restore: {0}")]
@@ -94,10 +98,17 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             path: p.clone(),
             source,
         })?;
-        let cfg: VmConfig = api::json::from_slice(text.as_bytes())
+        let mut cfg: VmConfig = api::json::from_slice(text.as_bytes())
             .map_err(|reason| CliError::ParseConfig { path: p, reason })?;
+        cli.vm.apply(&mut cfg)?;
         cfg.validate()?;
         return Ok(Some(cfg));
+    }
+    if cli.vm.kernel.is_none() {
+        let given = cli.vm.new_vm_flags();
+        if !given.is_empty() {
+            return Err(CliError::FlagsWithoutVm(given));
+        }
     }
     Ok(cli.vm.config("tty")?)
 }

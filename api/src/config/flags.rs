@@ -16,10 +16,10 @@ pub struct VmFlags {
     /// Kernel to boot: a PVH ELF (vmlinux, the Vireo test guest).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line ('' for none).
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Initial ramdisk.
+    /// Initial ramdisk ('' for none).
     #[arg(long)]
     pub initramfs: Option<PathBuf>,
     /// vCPUs: N or boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs)[,features=LEAF.SUB:HEX+...] (processor compatibility: the most CPU features the vCPUs get, a fingerprint as `vm.info` shows with its leaves joined by +; it must keep the x86-64 baseline). Default 1.
@@ -28,7 +28,7 @@ pub struct VmFlags {
     /// A virtual NUMA node: node=N,cpus=0-3[:8-11],memory=SIZE[,host_node=H][,distances=M@D[:M@D...]] (repeatable; vCPU indices, not APIC IDs; nodes take consecutive RAM in node order and their memory adds up to --memory's size; host_node binds the node's memory to that host node with mbind; distances go to the SLIT, 10 local, 20 by default).
     #[arg(long)]
     pub numa: Vec<String>,
-    /// A virtio-balloon: size=SIZE (asked back at start; vm.resize changes it)[,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=SECONDS] (default 1; 0: no statistics). Pages the guest gives go back to the host (madvise); not with hugepages.
+    /// A virtio-balloon (off: none): size=SIZE (asked back at start; vm.resize changes it)[,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=SECONDS] (default 1; 0: no statistics). Pages the guest gives go back to the host (madvise); not with hugepages.
     #[arg(long)]
     pub balloon: Option<String>,
     /// Memory: SIZE or size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed)[,shared=on] (memfd-backed RAM a vhost-user backend can map; needed by --net vhost-user). Default 512M.
@@ -51,9 +51,10 @@ pub struct VmFlags {
     /// file=PATH[,max_size=BYTES] (rotates to PATH.1 at max_size, default 16M).
     #[arg(long)]
     pub console: Option<String>,
-    /// Add a virtio-rng device.
-    #[arg(long)]
-    pub rng: bool,
+    /// A virtio-rng device: --rng (or --rng=on) adds it, --rng=off removes it.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "on",
+          value_name = "on|off", value_parser = parse_rng)]
+    pub rng: Option<bool>,
     /// A network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56][,id=ID]
     /// (repeatable; the tap is created if it does not exist, which needs
     /// CAP_NET_ADMIN; without mac= a random local one, kept by snapshots and
@@ -95,16 +96,18 @@ impl VmFlags {
     }
 
     /// Changes `cfg` by the flags given; the rest keeps its value. `--disk`, `--net`
-    /// and `--numa` replace the whole list they are part of. Not validated.
+    /// and `--numa` replace the whole list they are part of; an empty `--cmdline` or
+    /// `--initramfs`, `--balloon off` and `--rng=off` remove what they name. Not
+    /// validated.
     pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), ConfigError> {
         if let Some(k) = &self.kernel {
             cfg.payload.kernel = k.clone();
         }
         if let Some(c) = &self.cmdline {
-            cfg.payload.cmdline = Some(c.clone());
+            cfg.payload.cmdline = Some(c.clone()).filter(|c| !c.is_empty());
         }
         if let Some(i) = &self.initramfs {
-            cfg.payload.initramfs = Some(i.clone());
+            cfg.payload.initramfs = Some(i.clone()).filter(|i| !i.as_os_str().is_empty());
         }
         if let Some(c) = &self.cpus {
             cfg.cpus = parse_cpus(c)?;
@@ -117,7 +120,10 @@ impl VmFlags {
                 .collect::<Result<_, _>>()?;
         }
         if let Some(b) = &self.balloon {
-            cfg.balloon = Some(parse_balloon(b)?);
+            cfg.balloon = match b.as_str() {
+                "off" => None,
+                b => Some(parse_balloon(b)?),
+            };
         }
         if let Some(m) = &self.memory {
             cfg.memory = parse_memory(m)?;
@@ -135,8 +141,8 @@ impl VmFlags {
         if let Some(c) = &self.console {
             (cfg.console, cfg.console_max_size) = parse_output_capped("--console", c)?;
         }
-        if self.rng {
-            cfg.rng = true;
+        if let Some(rng) = self.rng {
+            cfg.rng = rng;
         }
         if !self.net.is_empty() {
             cfg.nets = self
@@ -148,10 +154,34 @@ impl VmFlags {
         Ok(())
     }
 
+    /// The flags given that describe a new VM (every one but `--serial`, which also
+    /// applies to a VM that arrives), by name.
+    pub fn new_vm_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--kernel", self.kernel.is_some()),
+            ("--cmdline", self.cmdline.is_some()),
+            ("--initramfs", self.initramfs.is_some()),
+            ("--cpus", self.cpus.is_some()),
+            ("--numa", !self.numa.is_empty()),
+            ("--balloon", self.balloon.is_some()),
+            ("--memory", self.memory.is_some()),
+            ("--disk", !self.disk.is_empty()),
+            ("--console", self.console.is_some()),
+            ("--rng", self.rng.is_some()),
+            ("--net", !self.net.is_empty()),
+        ];
+        given.iter().filter(|(_, g)| *g).map(|(n, _)| *n).collect()
+    }
+
     /// No flag given.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+}
+
+/// `--rng`'s value.
+fn parse_rng(v: &str) -> Result<bool, ConfigError> {
+    super::options::on_off("--rng", "rng", v)
 }
 
 #[cfg(test)]
@@ -201,10 +231,18 @@ mod tests {
 
     #[test]
     fn apply_changes_only_what_is_given() {
-        let mut c = flags(&["--kernel", "/k", "--disk", "path=/d", "--rng"])
-            .config("tty")
-            .unwrap()
-            .unwrap();
+        let mut c = flags(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/d",
+            "--rng",
+            "--cmdline",
+            "x",
+        ])
+        .config("tty")
+        .unwrap()
+        .unwrap();
         let before = c.clone();
         let set = flags(&["--memory", "1G", "--cpus", "boot=2,topology=1:2:1"]);
         assert!(!set.is_empty());
@@ -216,5 +254,48 @@ mod tests {
             (&before.disks, true, &before.payload)
         );
         assert!(flags(&[]).is_empty());
+    }
+
+    #[test]
+    fn empty_values_and_off_remove_what_they_name() {
+        let mut c = flags(&[
+            "--kernel",
+            "/k",
+            "--cmdline",
+            "console=ttyS0",
+            "--initramfs",
+            "/i",
+            "--rng",
+            "--balloon",
+            "size=1M",
+        ])
+        .config("tty")
+        .unwrap()
+        .unwrap();
+        assert!(c.rng && c.balloon.is_some() && c.payload.initramfs.is_some());
+        flags(&[
+            "--cmdline",
+            "",
+            "--initramfs",
+            "",
+            "--rng=off",
+            "--balloon",
+            "off",
+        ])
+        .apply(&mut c)
+        .unwrap();
+        assert_eq!(
+            (c.rng, c.balloon, c.payload.cmdline, c.payload.initramfs),
+            (false, None, None, None)
+        );
+        let bad = <VmFlagsCli as clap::Parser>::try_parse_from(["t", "--rng=maybe"]);
+        let e = bad.unwrap_err().to_string();
+        assert!(e.contains("--rng") && e.contains("on or off"), "{e}");
+    }
+
+    #[derive(clap::Parser)]
+    struct VmFlagsCli {
+        #[command(flatten)]
+        _vm: VmFlags,
     }
 }
