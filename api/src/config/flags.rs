@@ -20,7 +20,7 @@ pub struct VmFlags {
     #[arg(long)]
     pub cmdline: Option<String>,
     /// Initial ramdisk ('' for none).
-    #[arg(long)]
+    #[arg(long, value_parser = path_or_none)]
     pub initramfs: Option<PathBuf>,
     /// vCPUs: N or boot=N[,topology=SOCKETS:CORES:THREADS] (the product must be N; APIC IDs follow the topology; at most 254 vCPUs)[,features=LEAF.SUB:HEX+...] (processor compatibility: the most CPU features the vCPUs get, a fingerprint as `vm.info` shows with its leaves joined by +; it must keep the x86-64 baseline). Default 1.
     #[arg(long)]
@@ -179,6 +179,11 @@ impl VmFlags {
     }
 }
 
+/// A path, or '' (clap's own parser refuses an empty one).
+fn path_or_none(v: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(v))
+}
+
 /// `--rng`'s value.
 fn parse_rng(v: &str) -> Result<bool, ConfigError> {
     super::options::on_off("--rng", "rng", v)
@@ -293,7 +298,7 @@ mod tests {
         assert!(e.contains("--rng") && e.contains("on or off"), "{e}");
     }
 
-    #[derive(clap::Parser)]
+    #[derive(clap::Parser, Debug)]
     struct VmFlagsCli {
         #[command(flatten)]
         _vm: VmFlags,
