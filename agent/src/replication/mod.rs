@@ -31,6 +31,7 @@ use axum::Json;
 use tokio::sync::watch;
 
 use crate::client::Endpoint;
+use crate::kept_connections::KeptConnections;
 use crate::replica_primary::{DiskSource, Extras};
 use crate::replica_server::ReplicaServer;
 use crate::supervisor::Supervisor;
@@ -59,6 +60,7 @@ struct Job {
     settings: Settings,
     status: Arc<Mutex<ReplicationStatus>>,
     throttle: Arc<Throttle>,
+    connections: Arc<KeptConnections>,
     paused: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
