@@ -400,6 +400,23 @@ impl Shipper {
         .await
     }
 
+    /// Bytes the disks' change logs hold (every segment, the open one too): what the
+    /// replica still has to take, at most.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.disks
+            .iter()
+            .filter_map(|d| std::fs::read_dir(&d.log_dir).ok())
+            .flat_map(|entries| entries.filter_map(Result::ok))
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(replica::SEGMENT_SUFFIX))
+            })
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// The sealed segments of disk `i` (the newest file is the open one when it has no
     /// trailer).
     fn sealed(&self, i: usize) -> Result<Sealed, ShipError> {

@@ -2,7 +2,7 @@
 //! guest on two raw disks): a bandwidth limit bounds the bytes host-a's end of the
 //! link sends (the kernel's own count), changes live and lifts with `off`; a replica
 //! whose storage fills up makes the primary pause with an event, keeping its change
-//! log, and `replica resume` after space is freed catches up byte for byte.
+//! log, and resumes by itself once space is freed, catching up byte for byte.
 //!
 //! Timing is asserted only as an upper bound on bytes: what a window of wall-clock
 //! time may carry at the limit (a loaded machine only sends fewer), plus, after a
@@ -210,9 +210,11 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
 /// to the last byte. The replica refuses the next round with "replica full" (507);
 /// host-a pauses replication of vm1 with event `replica-paused` and the reason in
 /// `replica status`, and keeps every segment the replica lacks. With the space freed,
-/// `replica resume` catches up: the replica ends equal to the disks byte for byte.
+/// the paused loop (asking the replica every 5 s) resumes by itself with event
+/// `replication-resumed` saying why, and catches up: the replica ends equal to the
+/// disks byte for byte.
 #[test]
-fn a_full_replica_pauses_replication_with_an_event_and_resume_catches_up_byte_for_byte() {
+fn a_full_replica_pauses_replication_with_an_event_and_it_resumes_by_itself_once_there_is_room() {
     if !vireo_e2e::netns::is_root() {
         vireo_e2e::skip_or_fail_under_ci("network namespaces need root");
         return;
@@ -293,14 +295,28 @@ fn a_full_replica_pauses_replication_with_an_event_and_resume_catches_up_byte_fo
             "disk {i}: a gap in the change log {seqs:?}"
         );
     }
-    // Paused means paused: a resume is needed, the point stays.
-    assert_eq!(point(&h.replication()), at_pause);
+    // Paused means paused while the replica is full (it is asked every 5 s): the
+    // point stays.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let v = h.replication();
+    assert_eq!(
+        (point(&v), &v["state"]),
+        (at_pause, &json!("paused")),
+        "{v}"
+    );
 
-    // Space freed, resumed: replication catches up byte for byte.
+    // Space freed: replication resumes by itself, saying why, and catches up byte
+    // for byte.
     drop(ballast);
     std::fs::remove_file(&ballast_path).unwrap();
-    h.a.ctl_ok(&["replica", "resume", "vm1"]);
-    events.until("vm1", "replication-resumed");
+    let seen = events.until("vm1", "replication-resumed");
+    let resumed = seen.last().unwrap();
+    assert!(
+        resumed["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("room again") && d.contains("MiB free")),
+        "{resumed}"
+    );
     let v = h.wait("a new point after the resume", |v| point(v) > at_pause);
     assert!(v["paused_reason"].is_null(), "{v}");
     assert_eq!(v["state"], "replicating", "{v}");

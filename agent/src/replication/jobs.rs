@@ -219,7 +219,14 @@ impl Replications {
             .replication_event(name, "replica-paused", Some(reason));
     }
 
-    pub(super) fn set_paused(&self, name: &str, paused: bool) -> Option<ReplicationStatus> {
+    /// Pauses or resumes VM `name`'s replication (an operator's word, or `detail`
+    /// when the loop resumes itself: its event says why).
+    pub(super) fn set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        detail: Option<String>,
+    ) -> Option<ReplicationStatus> {
         let mut jobs = lock(&self.jobs);
         let job = jobs.get_mut(name)?;
         job.settings.paused = paused;
@@ -241,7 +248,7 @@ impl Replications {
         } else {
             "replication-resumed"
         };
-        self.sup.replication_event(name, event, None);
+        self.sup.replication_event(name, event, detail);
         Some(st.clone())
     }
 

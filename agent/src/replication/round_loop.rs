@@ -1,12 +1,12 @@
 //! One VM's replication loop: a round every interval (cut, ship, commit), retried
-//! with a doubling backoff, its figures kept in the status; a full replica pauses it,
-//! a failover elsewhere ends it.
+//! with a doubling backoff, its figures kept in the status; a full replica pauses it
+//! until the replica has room for the backlog again, a failover elsewhere ends it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{lock, ReplicationStatus, Replications, MIN_INTERVAL};
 use crate::client;
@@ -14,6 +14,12 @@ use crate::replica_primary::{ShipError, Shipper};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A loop paused by a full replica asks it for its free space this often (or every
+/// interval, if that is longer, up to a minute).
+const FULL_PROBE: Duration = Duration::from_secs(5);
+/// Free space the replica keeps beyond twice the backlog (each segment is staged,
+/// then written to an image that may be sparse where it lands).
+const FULL_HEADROOM: u64 = 16 << 20;
 
 /// One VM's loop.
 pub(super) async fn run(
@@ -29,10 +35,30 @@ pub(super) async fn run(
     let name = shipper.vm.clone();
     let mut backoff = Duration::from_secs(1);
     let mut failing = false;
+    let full_probe = interval.clamp(FULL_PROBE, MAX_BACKOFF);
     loop {
         while *paused.borrow_and_update() {
-            if paused.changed().await.is_err() {
-                return;
+            // Paused by an operator: until they resume. Paused by a full replica:
+            // also until the replica has room for what the logs hold.
+            let self_paused = lock(&status).paused_reason.is_some();
+            if !self_paused {
+                if paused.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                r = paused.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(full_probe) => {}
+            }
+            if let Some(detail) = room_on_replica(&shipper).await {
+                let Some(r) = owner.upgrade() else { return };
+                r.set_paused(&name, false, Some(detail));
             }
         }
         let socket = sup.socket_path(&name);
@@ -133,7 +159,8 @@ pub(super) async fn run(
             }
         };
         if let Some(reason) = full {
-            // Retrying would fail the same way: wait for `replica resume`.
+            // Retrying now would fail the same way: paused until the replica has
+            // room (or `replica resume`).
             let Some(r) = owner.upgrade() else { return };
             r.pause_for(&name, reason);
             failing = false;
@@ -145,4 +172,27 @@ pub(super) async fn run(
             r = paused.changed() => if r.is_err() { return },
         }
     }
+}
+
+/// Why a loop paused by a full replica may go on (the replica's free space holds
+/// twice the logs' backlog and [`FULL_HEADROOM`]), or None (no room yet, or no
+/// answer).
+async fn room_on_replica(shipper: &Shipper) -> Option<String> {
+    let free = match shipper.status().await {
+        Ok(st) => st.free_bytes?,
+        Err(e) => {
+            debug!(vm = %shipper.vm, error = %crate::error_chain(&e), "a full replica's status: no answer");
+            return None;
+        }
+    };
+    let backlog = shipper.backlog_bytes();
+    let need = backlog.saturating_mul(2).saturating_add(FULL_HEADROOM);
+    debug!(vm = %shipper.vm, free, backlog, need, "a full replica's room");
+    (free >= need).then(|| {
+        format!(
+            "the replica has room again: {} MiB free for a backlog of {} MiB",
+            free >> 20,
+            backlog.div_ceil(1 << 20)
+        )
+    })
 }

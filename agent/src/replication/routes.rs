@@ -85,7 +85,7 @@ async fn disable(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
 }
 
 async fn pause(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
-    match r.set_paused(&name, true) {
+    match r.set_paused(&name, true, None) {
         Some(s) => Json(s).into_response(),
         None => not_enabled(&r, &name),
     }
@@ -121,7 +121,7 @@ async fn bandwidth(
 }
 
 async fn resume(State(r): R, UrlPath(name): UrlPath<String>) -> Response {
-    match r.set_paused(&name, false) {
+    match r.set_paused(&name, false, None) {
         Some(s) => Json(s).into_response(),
         None => not_enabled(&r, &name),
     }

@@ -41,6 +41,11 @@ pub struct VmStatus {
     /// The kept points, oldest first (the last is `point`).
     #[serde(default)]
     pub points: Vec<PointInfo>,
+    /// Bytes free for the replica on its file system (what an unprivileged writer
+    /// may still use): a primary paused by a full replica resumes once its backlog
+    /// fits. None from a replica that does not say.
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
 }
 
 impl ReplicaVm {
@@ -72,6 +77,7 @@ impl ReplicaVm {
             keep: self.state.keep,
             spacing_s: self.state.spacing_s,
             points: self.state.history.clone(),
+            free_bytes: free_bytes(self.dir.as_fd()),
         })
     }
 
@@ -103,4 +109,19 @@ impl ReplicaVm {
             )))
         }
     }
+}
+
+/// The bytes an unprivileged writer may still use on `dir`'s file system.
+fn free_bytes(dir: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `dir` is an open descriptor for the call's duration and `st` is
+    // writable memory of the struct's size, which fstatvfs fills on success.
+    let rc = unsafe { libc::fstatvfs(dir.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatvfs returned 0: the struct is initialised.
+    let st = unsafe { st.assume_init() };
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
