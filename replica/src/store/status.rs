@@ -123,5 +123,5 @@ fn free_bytes(dir: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     }
     // SAFETY: fstatvfs returned 0: the struct is initialised.
     let st = unsafe { st.assume_init() };
-    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
