@@ -442,6 +442,29 @@ impl Vmm {
                     .map(|_| None)
                     .map_err(ApiError::conflict)
             }),
+            VmAction::ResizeRam(bytes) => self.vm_mut().and_then(|vm| {
+                let m = &vm.config().memory;
+                let block = api::config::HOTPLUG_BLOCK_SIZE;
+                let Some(hotplug) = m.hotplug_size else {
+                    return Err(ApiError::bad_request(
+                        "desired_ram needs a hotplug region (--memory ...,hotplug_size=SIZE)",
+                    ));
+                };
+                let (boot, max) = (m.size, m.size + hotplug);
+                if *bytes < boot || *bytes > max || !(*bytes - boot).is_multiple_of(block) {
+                    return Err(ApiError::bad_request(format!(
+                        "desired_ram ({bytes} bytes) must be the boot memory ({} MiB) plus a \
+                         multiple of the {} MiB block, at most {} MiB",
+                        boot >> 20,
+                        block >> 20,
+                        max >> 20
+                    )));
+                }
+                vm.devices()
+                    .resize_hotplug(*bytes - boot)
+                    .map(|_| None)
+                    .map_err(ApiError::bad_request)
+            }),
             VmAction::PowerButton => self
                 .vm_mut()
                 .and_then(|vm| vm.power_button().map(|_| None).map_err(api_error)),
