@@ -7,7 +7,9 @@
 //! then follows `requested_size`: it plugs blocks, writes a pattern into every page of
 //! each block it plugged and reads every plugged block back; it unplugs from the top
 //! when the host asks for less, checking that an unplugged block reads zero (the host
-//! dropped it). Lines on the serial port report each step.
+//! dropped it). Lines on the serial port report each step. `plug_delay_ms=N` waits N ms
+//! after each block it plugs and fills, so that a live migration finds it writing
+//! plugged blocks (which only the dirty log of the hotplug region carries over).
 
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
@@ -168,6 +170,17 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
     );
 
     let khz = crate::timer::tsc_khz().khz;
+    let delay_ms = match crate::hvm::CMDLINE.num("plug_delay_ms") {
+        Some(Ok(v)) => v,
+        Some(Err(())) => fail!("bad plug_delay_ms= value"),
+        None => 0,
+    };
+    let spin = |ms: u64| {
+        let t0 = rdtsc();
+        while rdtsc() - t0 < khz * ms {
+            core::hint::spin_loop();
+        }
+    };
     let nblocks = c.usable / c.block;
     let mut plugged = 0u64; // blocks 0..plugged are plugged
     let mut announced = u64::MAX;
@@ -181,6 +194,7 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
                 RESP_ACK => {
                     fill(&c, plugged);
                     plugged += 1;
+                    spin(delay_ms);
                 }
                 // The host lowered its request meanwhile: look again.
                 RESP_NACK => {}
@@ -210,9 +224,6 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
             );
             announced = plugged;
         }
-        let t0 = rdtsc();
-        while rdtsc() - t0 < khz * 2 {
-            core::hint::spin_loop();
-        }
+        spin(2);
     }
 }
