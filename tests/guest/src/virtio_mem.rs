@@ -87,7 +87,12 @@ fn fill(c: &Config, i: u64) {
     let mut off = 0;
     while off < c.block {
         // SAFETY: a plugged block of the hotplug region, identity-mapped at start.
-        unsafe { core::ptr::write_volatile((base + off) as *mut u64, MARK | (c.addr + i * c.block + off)) };
+        unsafe {
+            core::ptr::write_volatile(
+                (base + off) as *mut u64,
+                MARK | (c.addr + i * c.block + off),
+            )
+        };
         off += PAGE;
     }
 }
@@ -118,8 +123,8 @@ fn zeroed(c: &Config, i: u64) -> bool {
 pub fn run(si: &crate::hvm::StartInfo) -> ! {
     let mut root = pci::root();
     pci::assign_bars(&mut root, crate::hvm::CMDLINE.get("verbose").is_some());
-    let found =
-        pci::functions(&root).find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Memory));
+    let found = pci::functions(&root)
+        .find(|(_, info)| virtio_device_type(info) == Some(DeviceType::Memory));
     let Some((df, _)) = found else {
         fail!("no virtio-mem device on bus 0");
     };
@@ -132,13 +137,17 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
     let features = t.read_device_features() & F_VERSION_1;
     t.write_driver_features(features);
     t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-    let mut q = Queue::new(&mut t, 0, false, false)
-        .unwrap_or_else(|e| fail!("virtio-mem: queue: {:?}", e));
+    let mut q =
+        Queue::new(&mut t, 0, false, false).unwrap_or_else(|e| fail!("virtio-mem: queue: {:?}", e));
     t.finish_init();
 
     let c = config(&t);
     if c.block == 0 || c.region == 0 || c.region % c.block != 0 {
-        fail!("virtio-mem: bad config block={} region={}", c.block, c.region);
+        fail!(
+            "virtio-mem: bad config block={} region={}",
+            c.block,
+            c.region
+        );
     }
     let in_e820 = si
         .memmap()
@@ -155,7 +164,14 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
         fail!("virtio-mem: UNPLUG_ALL refused");
     }
     let last = c.addr + c.usable - c.block;
-    let beyond = request(&mut q, &mut t, REQ_PLUG, c.addr, (c.usable / c.block).min(u16::MAX as u64) as u16).0;
+    let beyond = request(
+        &mut q,
+        &mut t,
+        REQ_PLUG,
+        c.addr,
+        (c.usable / c.block).min(u16::MAX as u64) as u16,
+    )
+    .0;
     let unplugged = request(&mut q, &mut t, REQ_UNPLUG, last, 1).0;
     let unaligned = request(&mut q, &mut t, REQ_PLUG, c.addr + PAGE, 1).0;
     let outside = request(&mut q, &mut t, REQ_STATE, c.addr + c.usable, 1).0;
