@@ -282,3 +282,22 @@ fn blocks_written_during_a_live_migration_arrive_through_the_dirty_log() {
         0,
     );
 }
+
+/// A reboot builds the VM again: the blocks are gone, the host's request is not, and
+/// the new guest plugs up to it.
+#[test]
+fn a_reboot_keeps_the_requested_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let vm = hotplug_vm(&sock);
+    let serial = || vm.serial_text();
+    wait_line(serial, "virtio-mem plugged=0", 0);
+    assert_eq!(resize(&sock, 320 * MIB).0, 204);
+    wait_line(serial, "virtio-mem plugged=32 device=32 verified=32", 0);
+    let (s, body) = api(&sock, "PUT", "vm.reboot", None);
+    assert_eq!(s, 204, "{body}");
+    // The rebooted VM writes its serial output anew.
+    let at = wait_line(serial, "plugged=0 requested=67108864 in_e820=0", 0);
+    wait_line(serial, "virtio-mem plugged=32 device=32 verified=32", at);
+    assert_eq!(info(&sock)["memory_plugged_size"], 64 * MIB);
+}

@@ -281,9 +281,17 @@ impl Vmm {
             return Ok(());
         };
         let config = old.config().clone();
+        // The host's virtio-mem request outlives the guest (its blocks do not: the new
+        // guest plugs them again), as `desired_ram` is the VM's, not the boot's.
+        let requested = old.devices().hotplug_sizes().map(|(_, r)| r);
         let _ = old.shutdown();
         drop(old); // Releases disk locks before the new VM takes them.
         let mut vm = Vm::new(config, self.events_tx.clone(), self.seccomp.clone())?;
+        if let Some(r) = requested.filter(|&r| r > 0) {
+            if let Err(e) = vm.devices().resize_hotplug(r) {
+                tracing::warn!(error = %e, "virtio-mem: requested size not kept across the reboot");
+            }
+        }
         vm.boot()?;
         self.vm = Some(vm);
         tracing::info!("VM rebooted");

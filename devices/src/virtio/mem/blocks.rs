@@ -190,10 +190,23 @@ impl Blocks {
     /// Runs of plugged (`plugged`) or unplugged blocks as guest-physical ranges.
     pub fn runs(&self, plugged: bool) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for i in 0..self.nblocks() {
-            if self.is_plugged(i) != plugged {
+        let n = self.nblocks();
+        let mut i = 0;
+        while i < n {
+            // A word with no block of the kind asked for is skipped whole (a guest's
+            // UNPLUG_ALL of a large, mostly unplugged region costs its words, not its
+            // blocks).
+            let word = self.plugged.get((i / 64) as usize).copied().unwrap_or(0);
+            if i % 64 == 0 && (if plugged { word } else { !word }) == 0 {
+                i += 64;
                 continue;
             }
+            let this = i;
+            i += 1;
+            if self.is_plugged(this) != plugged {
+                continue;
+            }
+            let i = this;
             let gpa = self.addr + i * self.block_size;
             match out.last_mut() {
                 Some((s, l)) if *s + *l == gpa => *l += self.block_size,
@@ -296,6 +309,17 @@ mod tests {
         assert_eq!(b.runs(false)[0], (BASE + B, B));
         assert_eq!(b.unplug_all().kind, RESP_ACK);
         assert_eq!(b.plugged_size(), 0);
+        assert_eq!(b.runs(true), vec![]);
+        assert_eq!(b.runs(false), vec![(BASE, 16 * B)]);
+        // Runs across whole words, skipped or not.
+        let mut big = Blocks::new(BASE, 200 * B, B).unwrap();
+        big.set_requested(200 * B).unwrap();
+        assert_eq!(big.plug(BASE + 60 * B, 80).kind, RESP_ACK);
+        assert_eq!(big.runs(true), vec![(BASE + 60 * B, 80 * B)]);
+        assert_eq!(
+            big.runs(false),
+            vec![(BASE, 60 * B), (BASE + 140 * B, 60 * B)]
+        );
     }
 
     #[test]
