@@ -92,6 +92,7 @@ fn hotplug_regions_that_cannot_be_are_one_clear_error() {
             "memory.size + memory.hotplug_size must be at most 4096 GiB",
         ),
         ("size=256M,hotplug_size=lots", "hotplug_size"),
+        ("size=256M,hotplug_size=1T", "exceeds this host's"),
     ] {
         let (code, err) = vireo(&["--kernel", kernel, "--memory", memory]);
         assert_one_line_error(code, &err, says);

@@ -117,7 +117,7 @@ fn region_memfd(start: u64, len: u64) -> std::io::Result<File> {
 /// `hotplug` bytes of virtio-mem region (at [`layout::hotplug_region`]) are one more
 /// region, private and `MAP_NORESERVE` always (the configuration refuses it with huge
 /// pages or shared memory): nothing of it is backed until the guest plugs a block and
-/// touches it, and it does not count against the host's RAM.
+/// touches it; it counts against the host's RAM as RAM does (the guest may plug it all).
 pub fn create_guest_memory(
     size: u64,
     hugepages: Option<u64>,
@@ -125,10 +125,12 @@ pub fn create_guest_memory(
     shared: bool,
     hotplug: Option<u64>,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    // The hotplug region counts: the guest may plug all of it.
+    let total = size.saturating_add(hotplug.unwrap_or(0));
     if let Some(host) = host_ram().filter(|_| !overcommit) {
-        if size > host {
+        if total > host {
             return Err(MemoryError::MoreThanHost {
-                requested: size >> 20,
+                requested: total >> 20,
                 host: host >> 20,
             });
         }
