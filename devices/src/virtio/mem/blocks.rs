@@ -229,6 +229,11 @@ impl Blocks {
             });
         }
         self.plugged.clone_from(&saved.plugged);
+        // Bits past the last block mean nothing: a crafted state must not count them.
+        let tail = self.nblocks() % 64;
+        if let (Some(last), true) = (self.plugged.last_mut(), tail != 0) {
+            *last &= (1u64 << tail) - 1;
+        }
         self.set_requested(saved.requested_size)
     }
 }
@@ -347,5 +352,11 @@ mod tests {
         assert_eq!(c, b);
         let mut other = Blocks::new(BASE, 64 * B, B).unwrap();
         assert!(other.restore(&b).is_err());
+        // Bits past the region's 100 blocks are dropped.
+        let mut crafted = Blocks::new(BASE, 100 * B, B).unwrap();
+        crafted.plugged = vec![0, u64::MAX];
+        let mut d = Blocks::new(BASE, 100 * B, B).unwrap();
+        d.restore(&crafted).unwrap();
+        assert_eq!(d.plugged_blocks(), 36);
     }
 }
