@@ -255,7 +255,17 @@ async fn send_migration(State(state): State<AppState>, body: Bytes) -> Response 
 
 async fn resize(State(state): State<AppState>, body: Bytes) -> Response {
     match crate::json::from_slice::<ResizeRequest>(&body) {
-        Ok(r) => action(State(state), VmAction::ResizeBalloon(r.desired_balloon)).await,
+        Ok(ResizeRequest {
+            desired_balloon: Some(b),
+            desired_ram: None,
+        }) => action(State(state), VmAction::ResizeBalloon(b)).await,
+        Ok(ResizeRequest {
+            desired_balloon: None,
+            desired_ram: Some(r),
+        }) => action(State(state), VmAction::ResizeRam(r)).await,
+        Ok(_) => error_response(ApiError::bad_request(
+            "invalid resize request: give one of desired_balloon and desired_ram",
+        )),
         Err(e) => error_response(ApiError::bad_request(format!(
             "invalid resize request: {e}"
         ))),

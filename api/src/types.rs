@@ -16,6 +16,12 @@ pub struct VmInfo {
     pub state: VmState,
     pub config: VmConfig,
     pub memory_actual_size: u64,
+    /// Bytes of the hotplug region the guest plugged (virtio-mem); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_plugged_size: Option<u64>,
+    /// Bytes of the hotplug region the host asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_requested_size: Option<u64>,
     pub uptime_ms: u64,
     /// Why the VMM paused the VM by itself (a disk stopped on a host I/O error);
     /// cleared by resume.
@@ -207,11 +213,15 @@ pub struct MigrationInfo {
     pub last_refusal: Option<String>,
 }
 
-/// `vm.resize`'s body (Cloud Hypervisor's field name): the balloon's new size in bytes.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// `vm.resize`'s body (Cloud Hypervisor's field names): the balloon's new size, or the
+/// guest's new memory size (boot RAM + virtio-mem blocks), in bytes; one of them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ResizeRequest {
-    pub desired_balloon: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_balloon: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_ram: Option<u64>,
 }
 
 /// `vm.migrate-disk`'s body: move disk `id` to a new image while the VM runs.
@@ -302,6 +312,9 @@ pub enum VmAction {
     VmmShutdown,
     /// Asks the guest's balloon for this many bytes (`vm.resize`'s `desired_balloon`).
     ResizeBalloon(u64),
+    /// Asks the guest for this much memory in all (`vm.resize`'s `desired_ram`): boot
+    /// RAM plus the virtio-mem blocks it should have plugged.
+    ResizeRam(u64),
     /// Bytes for the guest to read from its serial port (COM1's receive FIFO, 64
     /// bytes: the answer says how many were taken; the caller sends the rest later).
     SerialInput(Vec<u8>),

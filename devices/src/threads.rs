@@ -11,6 +11,8 @@ pub enum WorkerKind {
     Net,
     Rng,
     Balloon,
+    /// The virtio-mem request queue.
+    Mem,
     /// Watches a vhost-user backend's socket and connects again when it goes away.
     VhostUserLink,
 }

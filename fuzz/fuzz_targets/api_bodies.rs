@@ -8,8 +8,8 @@
 use api::config::{self, VmConfig};
 use api::host::{IncomingRequest, MigrateRequest, VmDefinition};
 use api::{
-    MigrateDiskRequest, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest,
-    SnapshotRequest,
+    MigrateDiskRequest, ReceiveMigrationRequest, ResizeRequest, RestoreRequest,
+    SendMigrationRequest, SnapshotRequest,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::{de::DeserializeOwned, Serialize};
@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
         }
         7 => {
             let _ = body::<MigrateDiskRequest>(b);
+            let _ = body::<ResizeRequest>(b);
         }
         8 => {
             if let Ok(s) = std::str::from_utf8(b) {

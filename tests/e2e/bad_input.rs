@@ -67,6 +67,38 @@ fn guest_memory_beyond_the_host_or_the_limit_is_one_clear_error() {
     assert_one_line_error(code, &err, "overcommit");
 }
 
+/// A virtio-mem hotplug region that is not whole blocks, or with memory it cannot
+/// give back block by block: one clear line each.
+#[test]
+fn hotplug_regions_that_cannot_be_are_one_clear_error() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    for (memory, says) in [
+        (
+            "size=256M,hotplug_size=3M",
+            "multiple of the virtio-mem block size (2 MiB)",
+        ),
+        ("size=256M,hotplug_size=0", "non-zero multiple"),
+        (
+            "size=256M,hotplug_size=1G,hugepages=on",
+            "hotplug_size cannot be used with hugepages",
+        ),
+        (
+            "size=256M,hotplug_size=1G,shared=on",
+            "hotplug_size cannot be used with memory.shared",
+        ),
+        (
+            "size=256M,hotplug_size=5T,overcommit=on",
+            "memory.size + memory.hotplug_size must be at most 4096 GiB",
+        ),
+        ("size=256M,hotplug_size=lots", "hotplug_size"),
+        ("size=256M,hotplug_size=1T", "exceeds this host's"),
+    ] {
+        let (code, err) = vireo(&["--kernel", kernel, "--memory", memory]);
+        assert_one_line_error(code, &err, says);
+    }
+}
+
 /// vCPU counts and topologies the VMM cannot give a guest: one clear line each.
 #[test]
 fn vcpu_counts_and_topologies_that_cannot_be_are_one_clear_error() {

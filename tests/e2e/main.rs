@@ -20,3 +20,4 @@ mod qemu_reference;
 mod replica;
 mod storage_roots;
 mod vcpus;
+mod virtio_mem;

@@ -188,7 +188,7 @@ mod tests {
         let rd_path = dir.path().join("initrd");
         std::fs::write(&rd_path, &rd_bytes).unwrap();
 
-        let mem = crate::memory::create_guest_memory(MEM, None, false, false).unwrap();
+        let mem = crate::memory::create_guest_memory(MEM, None, false, false, None).unwrap();
         let (proto, kernel_end) = load_kernel(&mem, &kernel).unwrap();
         let BootProtocol::Linux64 { entry, header } = proto else {
             panic!("expected the Linux 64-bit protocol, got {proto:?}");
@@ -243,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rd = dir.path().join("big");
         std::fs::File::create(&rd).unwrap().set_len(MEM).unwrap();
-        let mem = crate::memory::create_guest_memory(MEM, None, false, false).unwrap();
+        let mem = crate::memory::create_guest_memory(MEM, None, false, false, None).unwrap();
         assert!(matches!(
             load_initramfs(&mem, MEM, 2 << 20, &rd),
             Err(BootError::InitramfsTooBig { .. })

@@ -33,6 +33,8 @@ use api::VmConfig;
 pub enum DeviceError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error(transparent)]
+    VirtioMem(#[from] devices::virtio::mem::BlocksError),
     #[error("cannot map a device on the bus: {0}")]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -427,6 +429,24 @@ impl DeviceManager {
                 });
             dm.add_virtio(hv, mem, BALLOON_ID.into(), Box::new(balloon))?;
         }
+        if let Some((addr, region_size)) =
+            layout::hotplug_region(config.memory.size, config.memory.hotplug_size)
+        {
+            let dev = devices::virtio::mem::VirtioMem::new(
+                devices::virtio::mem::VirtioMemConfig {
+                    addr,
+                    region_size,
+                    block_size: api::config::HOTPLUG_BLOCK_SIZE,
+                },
+                mem.clone(),
+            )?;
+            tracing::info!(
+                addr = format_args!("{addr:#x}"),
+                region_mib = region_size >> 20,
+                "virtio-mem device"
+            );
+            dm.add_virtio(hv, mem, MEM_ID.into(), Box::new(dev))?;
+        }
         Ok(dm)
     }
 
@@ -565,6 +585,36 @@ impl DeviceManager {
         }
     }
 
+    /// The virtio-mem device, if the VM has a hotplug region, with `f` run on it.
+    fn with_virtio_mem<T>(
+        &self,
+        f: impl FnOnce(&mut devices::virtio::mem::VirtioMem) -> T,
+    ) -> Option<T> {
+        let func = self.functions.iter().find(|f| f.id == MEM_ID)?;
+        let mut d = sync::lock(&func.device);
+        d.device_mut()
+            .as_any_mut()
+            .downcast_mut::<devices::virtio::mem::VirtioMem>()
+            .map(f)
+    }
+
+    /// Asks the guest to have `bytes` of the hotplug region plugged (a configuration
+    /// change interrupt tells it); the workers keep running.
+    pub fn resize_hotplug(&self, bytes: u64) -> Result<(), String> {
+        self.with_virtio_mem(|m| m.resize(bytes).map_err(|e| e.to_string()))
+            .unwrap_or_else(|| {
+                Err("this VM has no hotplug region (--memory ...,hotplug_size=)".into())
+            })
+    }
+
+    /// The hotplug region's (plugged, requested) bytes, if the VM has one.
+    pub fn hotplug_sizes(&self) -> Option<(u64, u64)> {
+        self.with_virtio_mem(|m| {
+            let (plugged, requested, _, _) = m.sizes();
+            (plugged, requested)
+        })
+    }
+
     /// Flushes and closes every disk and tap (they must be paused), so a migration
     /// destination can open them; stops at the first failure.
     pub fn detach_storage(&self) -> Result<(), String> {
@@ -649,6 +699,8 @@ impl DeviceManager {
 
 /// The balloon's device id (at most one balloon per VM).
 const BALLOON_ID: &str = "balloon0";
+/// The virtio-mem device's id (at most one hotplug region per VM).
+const MEM_ID: &str = "mem0";
 
 /// BAR 0's address in saved configuration registers (64-bit BAR at registers 4 and 5).
 fn state_bar0(s: &devices::virtio::VirtioPciState) -> u64 {

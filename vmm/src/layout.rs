@@ -8,6 +8,8 @@
 //! 0xe000_0000 ..0xf000_0000  PCIe ECAM (bus 0 used)
 //! 0xfec0_0000                IOAPIC      0xfee0_0000  LAPIC
 //! 0x1_0000_0000..            RAM above 4 GiB (the rest of the memory)
+//! (next 1 GiB boundary)..     the virtio-mem hotplug region (`--memory hotplug_size=`;
+//!                             not RAM in the e820 map: the guest learns it from the device)
 //! ```
 
 /// Linux boot protocol: the zero page (boot_params).
@@ -51,9 +53,43 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// The hotplug region's alignment: a whole number of 1 GiB pages of the guest's identity
+/// map, and of any virtio-mem block size.
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// Where the virtio-mem hotplug region of `hotplug` bytes lies for `size` bytes of RAM:
+/// above 4 GiB (never in the PCI hole or MMIO), after the last RAM, aligned.
+pub fn hotplug_region(size: u64, hotplug: Option<u64>) -> Option<(u64, u64)> {
+    let len = hotplug.filter(|&h| h > 0)?;
+    let ram_end = ram_ranges(size)
+        .last()
+        .map_or(0, |&(start, len)| start + len)
+        .max(RAM_64BIT_START);
+    Some((ram_end.next_multiple_of(HOTPLUG_ALIGN), len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hotplug_region_follows_ram_above_4_gib() {
+        assert_eq!(hotplug_region(512 << 20, None), None);
+        assert_eq!(
+            hotplug_region(512 << 20, Some(1 << 30)),
+            Some((RAM_64BIT_START, 1 << 30))
+        );
+        // 4 GiB of RAM: 3 GiB low, 1 GiB from 4 GiB; the region starts at 5 GiB.
+        assert_eq!(
+            hotplug_region(4 << 30, Some(2 << 20)),
+            Some((5 << 30, 2 << 20))
+        );
+        // Not aligned RAM end: rounded up.
+        assert_eq!(
+            hotplug_region((4 << 30) + (2 << 20), Some(2 << 20)),
+            Some((6 << 30, 2 << 20))
+        );
+    }
 
     #[test]
     fn memory_splits_around_the_pci_hole() {

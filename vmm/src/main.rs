@@ -403,6 +403,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
             devices::threads::WorkerKind::VhostUserLink => ThreadKind::VhostUserLink,
             devices::threads::WorkerKind::Balloon => ThreadKind::BalloonWorker,
+            devices::threads::WorkerKind::Mem => ThreadKind::MemWorker,
         })
     }));
     vmm::activator::start(filters.clone())?;

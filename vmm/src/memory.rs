@@ -113,16 +113,24 @@ fn region_memfd(start: u64, len: u64) -> std::io::Result<File> {
 /// reaches the page the pool could not give. A guest larger than the host is refused
 /// unless `overcommit`. With `shared` (not with huge pages: the configuration refuses
 /// it) each region is a memfd mapped `MAP_SHARED`, for a vhost-user backend.
+///
+/// `hotplug` bytes of virtio-mem region (at [`layout::hotplug_region`]) are one more
+/// region, private and `MAP_NORESERVE` always (the configuration refuses it with huge
+/// pages or shared memory): nothing of it is backed until the guest plugs a block and
+/// touches it; it counts against the host's RAM as RAM does (the guest may plug it all).
 pub fn create_guest_memory(
     size: u64,
     hugepages: Option<u64>,
     overcommit: bool,
     shared: bool,
+    hotplug: Option<u64>,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    // The hotplug region counts: the guest may plug all of it.
+    let total = size.saturating_add(hotplug.unwrap_or(0));
     if let Some(host) = host_ram().filter(|_| !overcommit) {
-        if size > host {
+        if total > host {
             return Err(MemoryError::MoreThanHost {
-                requested: size >> 20,
+                requested: total >> 20,
                 host: host >> 20,
             });
         }
@@ -170,6 +178,23 @@ pub fn create_guest_memory(
             builder = builder.with_file_offset(FileOffset::new(file, 0));
         }
         let mapping = builder.build().map_err(|e| map_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| map_err("region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    if let Some((start, len)) = layout::hotplug_region(size, hotplug) {
+        let map_err = |reason: String| MemoryError::Map {
+            size: len >> 20,
+            addr: start,
+            hint: " (the virtio-mem hotplug region)",
+            reason,
+        };
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(len as usize, DirtyBitmap::with_len(len as usize))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| map_err("region wraps the address space".into()))?;
         regions.push(region);

@@ -47,6 +47,9 @@ pub enum ThreadKind {
     /// The virtio-balloon worker: madvise(MADV_DONTNEED) on guest memory the guest
     /// gives back (in COMMON), epoll, interrupts.
     BalloonWorker,
+    /// The virtio-mem worker: madvise(MADV_DONTNEED) on blocks the guest unplugs (in
+    /// COMMON), epoll, interrupts.
+    MemWorker,
     /// The virtio-net worker: readv/writev on its tap (opened and configured with
     /// TUNSETIFF & co. before any filter, or by the control thread on reattach),
     /// epoll, interrupts.
@@ -73,7 +76,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 13] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -82,6 +85,7 @@ impl ThreadKind {
         ThreadKind::RngWorker,
         ThreadKind::ConsoleWorker,
         ThreadKind::BalloonWorker,
+        ThreadKind::MemWorker,
         ThreadKind::NetWorker,
         ThreadKind::VhostUserLink,
         ThreadKind::PageStream,
@@ -284,7 +288,10 @@ fn rules_for(kind: ThreadKind) -> Result<Rules, String> {
             allow(&mut rules, &[libc::SYS_timerfd_settime]);
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
-        ThreadKind::RngWorker | ThreadKind::NetWorker | ThreadKind::BalloonWorker => {
+        ThreadKind::RngWorker
+        | ThreadKind::NetWorker
+        | ThreadKind::BalloonWorker
+        | ThreadKind::MemWorker => {
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
         ThreadKind::ConsoleWorker => {

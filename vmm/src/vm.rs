@@ -101,6 +101,7 @@ impl IncomingVm {
             config.memory.huge_page(),
             config.memory.overcommit,
             config.memory.shared,
+            config.memory.hotplug_size,
         )?);
         if !config.numa.is_empty() {
             let ranges = api::numa::node_ranges(
@@ -615,10 +616,14 @@ impl Vm {
     }
 
     pub fn info(&self) -> VmInfo {
+        let hotplug = self.devices.hotplug_sizes();
+        let plugged = hotplug.map(|(p, _)| p);
         VmInfo {
             state: self.state,
             config: self.config.clone(),
-            memory_actual_size: self.config.memory.size,
+            memory_actual_size: self.config.memory.size + plugged.unwrap_or(0),
+            memory_plugged_size: plugged,
+            memory_requested_size: hotplug.map(|(_, r)| r),
             uptime_ms: self
                 .booted_at
                 .map(|t| t.elapsed().as_millis() as u64)

@@ -281,9 +281,17 @@ impl Vmm {
             return Ok(());
         };
         let config = old.config().clone();
+        // The host's virtio-mem request outlives the guest (its blocks do not: the new
+        // guest plugs them again), as `desired_ram` is the VM's, not the boot's.
+        let requested = old.devices().hotplug_sizes().map(|(_, r)| r);
         let _ = old.shutdown();
         drop(old); // Releases disk locks before the new VM takes them.
         let mut vm = Vm::new(config, self.events_tx.clone(), self.seccomp.clone())?;
+        if let Some(r) = requested.filter(|&r| r > 0) {
+            if let Err(e) = vm.devices().resize_hotplug(r) {
+                tracing::warn!(error = %e, "virtio-mem: requested size not kept across the reboot");
+            }
+        }
         vm.boot()?;
         self.vm = Some(vm);
         tracing::info!("VM rebooted");
@@ -441,6 +449,29 @@ impl Vmm {
                     .resize_balloon(*bytes)
                     .map(|_| None)
                     .map_err(ApiError::conflict)
+            }),
+            VmAction::ResizeRam(bytes) => self.vm_mut().and_then(|vm| {
+                let m = &vm.config().memory;
+                let block = api::config::HOTPLUG_BLOCK_SIZE;
+                let Some(hotplug) = m.hotplug_size else {
+                    return Err(ApiError::bad_request(
+                        "desired_ram needs a hotplug region (--memory ...,hotplug_size=SIZE)",
+                    ));
+                };
+                let (boot, max) = (m.size, m.size + hotplug);
+                if *bytes < boot || *bytes > max || !(*bytes - boot).is_multiple_of(block) {
+                    return Err(ApiError::bad_request(format!(
+                        "desired_ram ({bytes} bytes) must be the boot memory ({} MiB) plus a \
+                         multiple of the {} MiB block, at most {} MiB",
+                        boot >> 20,
+                        block >> 20,
+                        max >> 20
+                    )));
+                }
+                vm.devices()
+                    .resize_hotplug(*bytes - boot)
+                    .map(|_| None)
+                    .map_err(ApiError::bad_request)
             }),
             VmAction::PowerButton => self
                 .vm_mut()

@@ -31,7 +31,7 @@ pub struct VmFlags {
     /// A virtio-balloon (off: none): size=SIZE (asked back at start; vm.resize changes it)[,deflate_on_oom=on][,free_page_reporting=on][,stats_interval=SECONDS] (default 1; 0: no statistics). Pages the guest gives go back to the host (madvise); not with hugepages.
     #[arg(long)]
     pub balloon: Option<String>,
-    /// Memory: SIZE or size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed)[,shared=on] (memfd-backed RAM a vhost-user backend can map; needed by --net vhost-user). Default 512M.
+    /// Memory: SIZE or size=SIZE[,hugepages=on[,hugepage_size=2M|1G]][,overcommit=on] (huge pages are reserved from the host pool at start; overcommit: SIZE may exceed the host's RAM, only what the guest touches is backed)[,shared=on] (memfd-backed RAM a vhost-user backend can map; needed by --net vhost-user)[,hotplug_size=SIZE] (a virtio-mem region after RAM, plugged by the guest in 2 MiB blocks as vm.resize desired_ram asks). Default 512M.
     #[arg(long)]
     pub memory: Option<String>,
     /// A disk: path=FILE[,format=raw|vhdx][,readonly=on][,direct=on][,locking=off][,serial=S][,num_queues=N][,id=ID]

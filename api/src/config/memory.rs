@@ -37,7 +37,19 @@ pub struct MemoryConfig {
     /// map the guest's memory (Cloud Hypervisor's `shared=on`). Not with hugepages.
     #[serde(default, skip_serializing_if = "is_off")]
     pub shared: bool,
+    /// Bytes of hotplug region after guest RAM, plugged and unplugged by the guest
+    /// through a virtio-mem device in blocks of [`HOTPLUG_BLOCK_SIZE`] (Cloud
+    /// Hypervisor's `hotplug_size`); `vm.resize`'s `desired_ram` asks for some of it.
+    #[serde(
+        default,
+        deserialize_with = "crate::json::size::de_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hotplug_size: Option<u64>,
 }
+
+/// virtio-mem's block: the unit the guest plugs and unplugs.
+pub const HOTPLUG_BLOCK_SIZE: u64 = 2 << 20;
 
 impl MemoryConfig {
     /// The huge page size in bytes when huge pages are on.
@@ -55,6 +67,7 @@ impl Default for MemoryConfig {
             hugepage_size: None,
             overcommit: false,
             shared: false,
+            hotplug_size: None,
         }
     }
 }
@@ -95,6 +108,14 @@ pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
             }
             "overcommit" => m.overcommit = on_off(F, &k, &v)?,
             "shared" => m.shared = on_off(F, &k, &v)?,
+            "hotplug_size" => {
+                m.hotplug_size = Some(parse_size(&v).ok_or_else(|| ConfigError::BadValue {
+                    flag: F,
+                    key: k.clone(),
+                    value: v.clone(),
+                    reason: "expected a size such as 1G".into(),
+                })?)
+            }
             _ => return Err(ConfigError::UnknownKey { flag: F, key: k }),
         }
     }
@@ -113,5 +134,17 @@ mod tests {
             parse_memory("size=2G").unwrap()
         );
         assert!(parse_memory("lots").is_err());
+    }
+
+    #[test]
+    fn hotplug_size_is_a_size() {
+        assert_eq!(
+            parse_memory("size=1G,hotplug_size=2G")
+                .unwrap()
+                .hotplug_size,
+            Some(2 << 30)
+        );
+        assert_eq!(parse_memory("1G").unwrap().hotplug_size, None);
+        assert!(parse_memory("size=1G,hotplug_size=x").is_err());
     }
 }

@@ -23,7 +23,7 @@ pub use disks::{
     parse_disk, DiskConfig, DiskFormat, OnError, RateLimitConfig, TokenBucket, DEFAULT_POLL_US,
 };
 pub use flags::VmFlags;
-pub use memory::{parse_memory, MemoryConfig, MAX_MEMORY, MIN_MEMORY};
+pub use memory::{parse_memory, MemoryConfig, HOTPLUG_BLOCK_SIZE, MAX_MEMORY, MIN_MEMORY};
 pub use nets::{parse_net, NetConfig};
 pub use options::parse_size;
 pub use output::{parse_output, parse_output_capped, OutputConfig, DEFAULT_OUTPUT_MAX_SIZE};

@@ -117,8 +117,10 @@ fn the_openapi_document_describes_every_config_field() {
             initramfs: None,
         },
         cpus: parse_cpus("boot=2,topology=1:2:1").unwrap(),
-        memory: parse_memory("size=1G,hugepages=on,hugepage_size=2M,overcommit=on,shared=on")
-            .unwrap(),
+        memory: parse_memory(
+            "size=1G,hugepages=on,hugepage_size=2M,overcommit=on,shared=on,hotplug_size=1G",
+        )
+        .unwrap(),
         disks: vec![parse_disk("path=/d").unwrap()],
         serial: OutputConfig::Null,
         console: OutputConfig::Off,

@@ -3,6 +3,44 @@
 use super::{ConfigError, OutputConfig, VmConfig, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
 
 impl VmConfig {
+    /// `memory.hotplug_size`: whole virtio-mem blocks, normal private pages (unplugged
+    /// blocks go back with madvise), RAM and region within the largest guest.
+    fn validate_hotplug(&self) -> Result<(), ConfigError> {
+        let Some(hotplug) = self.memory.hotplug_size else {
+            return Ok(());
+        };
+        let block = super::HOTPLUG_BLOCK_SIZE;
+        if hotplug == 0 || !hotplug.is_multiple_of(block) {
+            return Err(ConfigError::Invalid(format!(
+                "memory.hotplug_size ({hotplug} bytes) must be a non-zero multiple of the \
+                 virtio-mem block size ({} MiB)",
+                block >> 20
+            )));
+        }
+        if self.memory.hugepages {
+            return Err(ConfigError::Invalid(
+                "memory.hotplug_size cannot be used with hugepages yet (virtio-mem gives \
+                 unplugged blocks back with madvise on normal pages)"
+                    .into(),
+            ));
+        }
+        if self.memory.shared {
+            return Err(ConfigError::Invalid(
+                "memory.hotplug_size cannot be used with memory.shared yet (the hotplug \
+                 region is private memory a vhost-user backend could not map)"
+                    .into(),
+            ));
+        }
+        if self.memory.size.saturating_add(hotplug) > MAX_MEMORY {
+            return Err(ConfigError::Invalid(format!(
+                "memory.size + memory.hotplug_size must be at most {} GiB, got {} GiB",
+                MAX_MEMORY >> 30,
+                self.memory.size.saturating_add(hotplug) >> 30
+            )));
+        }
+        Ok(())
+    }
+
     /// An empty path is named as such (not as a file that cannot be opened).
     fn no_empty_paths(&self) -> Result<(), ConfigError> {
         let empty = |p: &std::path::Path| p.as_os_str().is_empty();
@@ -122,6 +160,7 @@ impl VmConfig {
                 )));
             }
         }
+        self.validate_hotplug()?;
         if self.memory.overcommit && self.memory.hugepages {
             return Err(ConfigError::Invalid(
                 "memory.overcommit cannot be used with hugepages (a huge page the pool \

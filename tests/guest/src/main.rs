@@ -19,6 +19,7 @@ mod rt;
 mod smp;
 mod tests;
 mod timer;
+mod virtio_mem;
 
 #[path = "../netframe.rs"]
 mod netframe;
@@ -111,6 +112,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "smp" => tests::smp(&si),
         "numa" => tests::numa(&si),
         "balloon" => balloon::run(&si),
+        "virtio-mem" => virtio_mem::run(&si),
         "replica-writer" => tests::replica_writer(),
         _ => {
             println!("vireo-guest: result fail unknown test");

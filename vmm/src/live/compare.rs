@@ -87,6 +87,14 @@ pub fn same_guest(source: &Side<'_>, destination: &Side<'_>) -> Result<(), Misma
     if s.memory.size != d.memory.size {
         return Err(differ("memory.size", s.memory.size, d.memory.size));
     }
+    if s.memory.hotplug_size != d.memory.hotplug_size {
+        let show = |h: Option<u64>| h.map_or("none".to_string(), |h| h.to_string());
+        return Err(differ(
+            "memory.hotplug_size",
+            show(s.memory.hotplug_size),
+            show(d.memory.hotplug_size),
+        ));
+    }
     cpuid(&source.shape.cpuid, &destination.shape.cpuid)?;
     devices(s, d)?;
     for (i, (a, b)) in s.disks.iter().zip(&d.disks).enumerate() {
@@ -292,6 +300,14 @@ mod tests {
         assert_eq!(
             check(|c, _| c.memory.size = 1 << 30).unwrap_err(),
             "memory.size: source 1073741824, destination 536870912"
+        );
+    }
+
+    #[test]
+    fn hotplug_size_differs() {
+        assert_eq!(
+            check(|c, _| c.memory.hotplug_size = Some(1 << 30)).unwrap_err(),
+            "memory.hotplug_size: source 1073741824, destination none"
         );
     }
 

@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn populated_pages_are_the_written_ones() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem = crate::memory::create_guest_memory(64 << 20, None, false, false).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, None, false, false, None).unwrap();
         let written = [0u64, 1, 513, 4096, 16383];
         for p in written {
             mem.write_obj(0xa5u8, GuestAddress(p * PAGE_SIZE + 7))
