@@ -500,7 +500,9 @@ async fn status(
 ) -> Response {
     let name = vm.clone();
     match with_vm(&s, &primary, &vm, move |dir| {
-        ReplicaVm::open(dir.as_fd(), &name)?.status()
+        let mut st = ReplicaVm::open(dir.as_fd(), &name)?.status()?;
+        st.free_bytes = replica::free_bytes(dir.as_fd());
+        Ok(st)
     })
     .await
     {

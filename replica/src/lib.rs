@@ -30,8 +30,8 @@ pub use resync::{
 };
 pub use segment::{ends_with_trailer, Record, SegmentReader, Trailer};
 pub use store::{
-    Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus, MAX_BASE_CHUNK,
-    MAX_DISKS, MAX_SPACING_S,
+    free_bytes, Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus,
+    MAX_BASE_CHUNK, MAX_DISKS, MAX_SPACING_S,
 };
 
 #[cfg(test)]

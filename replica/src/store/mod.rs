@@ -52,7 +52,7 @@ pub use extras::Extra;
 pub use points::MAX_SPACING_S;
 pub use records::Point;
 pub use stage::Staged;
-pub use status::{DiskStatus, VmStatus};
+pub use status::{free_bytes, DiskStatus, VmStatus};
 
 use records::VmState;
 

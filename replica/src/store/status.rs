@@ -42,8 +42,9 @@ pub struct VmStatus {
     #[serde(default)]
     pub points: Vec<PointInfo>,
     /// Bytes free for the replica on its file system (what an unprivileged writer
-    /// may still use): a primary paused by a full replica resumes once its backlog
-    /// fits. None from a replica that does not say.
+    /// may still use; the replica server adds it with [`free_bytes`], the store's own
+    /// status leaves it None): a primary paused by a full replica resumes once its
+    /// backlog fits. None from a replica that does not say.
     #[serde(default)]
     pub free_bytes: Option<u64>,
 }
@@ -77,7 +78,7 @@ impl ReplicaVm {
             keep: self.state.keep,
             spacing_s: self.state.spacing_s,
             points: self.state.history.clone(),
-            free_bytes: free_bytes(self.dir.as_fd()),
+            free_bytes: None,
         })
     }
 
@@ -112,7 +113,7 @@ impl ReplicaVm {
 }
 
 /// The bytes an unprivileged writer may still use on `dir`'s file system.
-fn free_bytes(dir: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+pub fn free_bytes(dir: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     use std::os::fd::AsRawFd;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `dir` is an open descriptor for the call's duration and `st` is
