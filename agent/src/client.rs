@@ -122,7 +122,7 @@ fn dead_peer_detection(tcp: &tokio::net::TcpStream) {
 
 /// Connects to `to` (with the TLS handshake for a peer); with `throttle`, the bytes
 /// written to a peer's TCP connection draw from it (TLS included).
-pub(crate) async fn connect(
+async fn connect(
     to: &Endpoint,
     throttle: Option<&Arc<Throttle>>,
 ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
@@ -207,23 +207,18 @@ pub async fn send_to(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<hyper::Response<Incoming>, ClientError> {
-    let mut sender = connect(to, None).await?;
-    sender
-        .send_request(build_request(to, method, path, body.map(Bytes::from))?)
-        .await
-        .map_err(|source| ClientError::Http {
-            to: to.to_string(),
-            source,
-        })
+    send_via(to, None, method, path, body).await
 }
 
-/// The request `method path` with `body` (JSON) as it goes to `to`.
-pub(crate) fn build_request(
+/// [`send_to`], the request's bytes drawn from `throttle` (a peer only).
+async fn send_via(
     to: &Endpoint,
+    throttle: Option<&Arc<Throttle>>,
     method: &str,
     path: &str,
-    body: Option<Bytes>,
-) -> Result<hyper::Request<Full<Bytes>>, ClientError> {
+    body: Option<Vec<u8>>,
+) -> Result<hyper::Response<Incoming>, ClientError> {
+    let mut sender = connect(to, throttle).await?;
     let host = match to {
         Endpoint::Unix(_) => "localhost".to_string(),
         Endpoint::Https { authority, .. } => authority.clone(),
@@ -235,26 +230,16 @@ pub(crate) fn build_request(
     if body.is_some() {
         req = req.header("content-type", "application/json");
     }
-    req.body(Full::new(body.unwrap_or_default()))
-        .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))
-}
-
-/// A response's status and whole body.
-pub(crate) async fn read_whole(
-    to: &Endpoint,
-    resp: hyper::Response<Incoming>,
-) -> Result<Response, ClientError> {
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))?;
+    sender
+        .send_request(req)
         .await
         .map_err(|source| ClientError::Http {
             to: to.to_string(),
             source,
-        })?
-        .to_bytes();
-    Ok(Response { status, body })
+        })
 }
 
 /// Sends one request and reads the whole response, all within `timeout`.
@@ -275,8 +260,7 @@ pub async fn request(
     .await
 }
 
-/// [`request`] to any endpoint (one connection per request; a peer's replication
-/// keeps its connections: [`crate::kept_connections`]).
+/// [`request`] to any endpoint.
 pub async fn request_to(
     to: &Endpoint,
     method: &str,
@@ -284,7 +268,33 @@ pub async fn request_to(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let work = async { read_whole(to, send_to(to, method, path, body).await?).await };
+    request_via(to, None, method, path, body, timeout).await
+}
+
+/// [`request_to`] with the bytes sent to a peer drawn from `throttle` (a bandwidth
+/// limit, and the count of bytes on the wire).
+pub async fn request_via(
+    to: &Endpoint,
+    throttle: Option<&Arc<Throttle>>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let work = async {
+        let resp = send_via(to, throttle, method, path, body).await?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| ClientError::Http {
+                to: to.to_string(),
+                source,
+            })?
+            .to_bytes();
+        Ok(Response { status, body })
+    };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| ClientError::Timeout {

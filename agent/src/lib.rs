@@ -51,7 +51,6 @@ pub mod host_cpu;
 pub mod hosttls;
 pub mod inventory;
 pub mod jailing;
-pub mod kept_connections;
 pub mod launcher;
 pub mod metering;
 pub mod migration_ports;

@@ -27,7 +27,6 @@ use serde_json::{json, Value};
 use tracing::{debug, info};
 
 use crate::client::{self, Endpoint};
-use crate::kept_connections::KeptConnections;
 use crate::throttle::Throttle;
 
 /// How long one request to the replica may take.
@@ -152,8 +151,6 @@ pub struct Shipper {
     pub reverse: bool,
     /// The bandwidth limit every byte to the replica draws from (and their count).
     pub throttle: Arc<Throttle>,
-    /// The connections to the replica, kept open between requests and rounds.
-    pub connections: Arc<KeptConnections>,
     /// Segments already read whole and found sealed (a sealed file never changes).
     pub verified: VerifiedSegments,
 }
@@ -190,9 +187,7 @@ impl Shipper {
         // limit (a quarter more for TLS and HTTP) on top of the usual bound.
         let len = body.as_ref().map_or(0, Vec::len) as u64;
         let timeout = REQUEST_TIMEOUT + self.throttle.time_for(len + len / 4);
-        let r = self
-            .connections
-            .request(&self.to, Some(&self.throttle), method, path, body, timeout)
+        let r = client::request_via(&self.to, Some(&self.throttle), method, path, body, timeout)
             .await
             .map_err(|source| ShipError::Transport {
                 to: self.to.to_string(),

@@ -39,7 +39,7 @@ pub async fn replica_failed_over(
     timeout: Duration,
 ) -> Result<bool, String> {
     let path = format!("/peer/v1/replica/{vm}");
-    let r = client::request_to(to, "GET", &path, None, timeout)
+    let r = client::request_via(to, None, "GET", &path, None, timeout)
         .await
         .map_err(|e| format!("replica {to}: {}", crate::error_chain(&e)))?;
     match r.status {

@@ -141,7 +141,6 @@ pub async fn reverse(
         history_spacing_s: 0,
         reverse: true,
         throttle: crate::throttle::Throttle::new(None),
-        connections: Default::default(),
         verified: Default::default(),
     };
     let held = probe.status().await.map_err(|e| {

@@ -415,7 +415,6 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         history_spacing_s: 0,
         reverse: false,
         throttle: agent::throttle::Throttle::new(None),
-        connections: Default::default(),
         verified: Default::default(),
     };
     let same = |what: &str| {
@@ -460,7 +459,6 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
         history_spacing_s: 0,
         reverse: false,
         throttle: agent::throttle::Throttle::new(None),
-        connections: Default::default(),
         verified: Default::default(),
     };
     vm.lock().unwrap().write(0, 800_000, 3, 4096);

@@ -175,19 +175,7 @@ fn a_bandwidth_limit_bounds_the_bytes_on_the_wire_changes_live_and_lifts_with_of
     assert!(out.contains("LIMIT"), "{out}");
     h.a.ok("PUT", "/api/v1/vms/vm1/resume", None);
     let now = point(&h.replication());
-    let v = h.wait("points with the guest writing", |v| point(v) >= now + 2);
-    // Rounds go on kept connections (one per request in flight, not one per request):
-    // a new one only after a failure dropped one.
-    let (opened, rounds) = (
-        v["connections_opened"].as_u64().unwrap(),
-        v["rounds"].as_u64().unwrap(),
-    );
-    eprintln!(
-        "{rounds} rounds ({} failed) on {opened} connections",
-        v["failed_rounds"]
-    );
-    let failed = v["failed_rounds"].as_u64().unwrap();
-    assert!(opened >= 1 && opened <= 2 + failed && rounds >= 4, "{v}");
+    h.wait("points with the guest writing", |v| point(v) >= now + 2);
 
     assert_replica_equals_primary(&h, "after the limited copy");
 

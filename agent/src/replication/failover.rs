@@ -85,7 +85,6 @@ impl Replications {
             history_spacing_s: settings.history_spacing_s,
             reverse: settings.reverse,
             throttle: Throttle::new(limit_of(settings)),
-            connections: Default::default(),
             verified: Default::default(),
         };
         let running = self.sup.get(name).map_err(|e| e.to_string())?;

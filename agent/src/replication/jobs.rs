@@ -12,7 +12,6 @@ use super::settings::limit_of;
 use super::{
     lock, run, EnableRequest, Job, ReplicationStatus, Replications, Settings, MIN_INTERVAL,
 };
-use crate::kept_connections::KeptConnections;
 use crate::replica_primary::Shipper;
 use crate::throttle::Throttle;
 
@@ -118,7 +117,6 @@ impl Replications {
         }));
         let (paused, paused_rx) = watch::channel(settings.paused);
         let throttle = Throttle::new(limit_of(&settings));
-        let connections = Arc::new(KeptConnections::default());
         let shipper = Shipper {
             to,
             vm: name.to_string(),
@@ -128,7 +126,6 @@ impl Replications {
             history_spacing_s: settings.history_spacing_s,
             reverse: settings.reverse,
             throttle: throttle.clone(),
-            connections: connections.clone(),
             verified: Default::default(),
         };
         let task = tokio::spawn(run(
@@ -142,7 +139,6 @@ impl Replications {
             settings,
             status,
             throttle,
-            connections,
             paused,
             task,
         })
@@ -239,7 +235,6 @@ impl Replications {
         st.paused = paused;
         st.paused_reason = None;
         st.wire_bytes_sent = job.throttle.written();
-        st.connections_opened = job.connections.opened();
         if paused {
             st.state = "paused".into();
         }

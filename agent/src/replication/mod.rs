@@ -31,7 +31,6 @@ use axum::Json;
 use tokio::sync::watch;
 
 use crate::client::Endpoint;
-use crate::kept_connections::KeptConnections;
 use crate::replica_primary::{DiskSource, Extras};
 use crate::replica_server::ReplicaServer;
 use crate::supervisor::Supervisor;
@@ -60,7 +59,6 @@ struct Job {
     settings: Settings,
     status: Arc<Mutex<ReplicationStatus>>,
     throttle: Arc<Throttle>,
-    connections: Arc<KeptConnections>,
     paused: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }

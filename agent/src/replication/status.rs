@@ -31,9 +31,6 @@ pub struct ReplicationStatus {
     /// Every byte this loop wrote to the replica's connections (TLS included): what
     /// the limit counts.
     pub wire_bytes_sent: u64,
-    /// Connections this loop opened to the replica (each a TCP and a TLS handshake;
-    /// requests go on kept connections).
-    pub connections_opened: u64,
     pub last_point: Option<u64>,
     /// When the replica acknowledged the point (committed, verified, synced).
     pub last_point_at_ms: Option<u64>,
@@ -61,7 +58,6 @@ impl Job {
     pub(super) fn snapshot(&self) -> ReplicationStatus {
         let mut st = lock(&self.status).clone();
         st.wire_bytes_sent = self.throttle.written();
-        st.connections_opened = self.connections.opened();
         st
     }
 }
