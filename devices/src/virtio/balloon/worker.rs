@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{BalloonStats, Shared};
 use super::{F_REPORTING, F_STATS_VQ, PAGE_SHIFT};
+use crate::virtio::memory::discard;
 use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptKind};
 
 const TOKEN_STOP: u64 = u64::MAX;
@@ -92,28 +93,6 @@ pub(super) struct BalloonWorker {
     stats_held: Option<u16>,
     stop: EventFd,
     epoll: Epoll,
-}
-
-/// Gives guest memory `[gpa, gpa + len)` back to the host. Refused (false) when the
-/// range is not guest RAM within one region.
-fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> bool {
-    let Ok(len_usize) = usize::try_from(len) else {
-        return false;
-    };
-    let Ok(slice) = mem.get_slice(GuestAddress(gpa), len_usize) else {
-        return false;
-    };
-    // SAFETY: `slice` is `len` bytes of our guest RAM mapping (checked by get_slice);
-    // MADV_DONTNEED drops those pages: the guest gave them away and reads zeros if it
-    // touches them again, as the balloon protocol allows.
-    let rc = unsafe {
-        libc::madvise(
-            slice.ptr_guard_mut().as_ptr().cast(),
-            len_usize,
-            libc::MADV_DONTNEED,
-        )
-    };
-    rc == 0
 }
 
 impl BalloonWorker {
@@ -387,6 +366,7 @@ fn read_pfns<M: std::ops::Deref<Target = GuestMemoryMmap>>(
 mod tests {
     use super::*;
     use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
 
     fn q(index: u16) -> ActivatedQueue {
         ActivatedQueue {

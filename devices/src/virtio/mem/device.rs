@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use vireo_util::sync::lock;
 
 use super::blocks::{Blocks, BlocksError};
-use super::worker::{discard, MemWorker};
+use super::worker::MemWorker;
 use super::CONFIG_LEN;
+use crate::virtio::memory::discard;
 use crate::virtio::workers::Workers;
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,

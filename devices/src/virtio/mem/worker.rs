@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use vireo_util::sync::lock;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,32 +17,11 @@ use super::device::Shared;
 use super::{
     REQ_LEN, REQ_PLUG, REQ_STATE, REQ_UNPLUG, REQ_UNPLUG_ALL, RESP_ACK, RESP_ERROR, RESP_LEN,
 };
+use crate::virtio::memory::discard;
 use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioInterrupt, VirtioInterruptKind};
 
 const TOKEN_STOP: u64 = u64::MAX;
 const TOKEN_QUEUE: u64 = 0;
-
-/// Gives guest memory `[gpa, gpa + len)` back to the host. False when the range is not
-/// within one region of guest memory, or madvise refused.
-pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> bool {
-    let Ok(len_usize) = usize::try_from(len) else {
-        return false;
-    };
-    let Ok(slice) = mem.get_slice(GuestAddress(gpa), len_usize) else {
-        return false;
-    };
-    // SAFETY: `slice` is `len` bytes of our guest memory mapping (checked by
-    // get_slice); MADV_DONTNEED drops those pages: the guest unplugged them and reads
-    // zeros if it touches them again, as virtio-mem allows.
-    let rc = unsafe {
-        libc::madvise(
-            slice.ptr_guard_mut().as_ptr().cast(),
-            len_usize,
-            libc::MADV_DONTNEED,
-        )
-    };
-    rc == 0
-}
 
 /// One request as the driver sent it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,6 +205,7 @@ mod tests {
     use crate::virtio::mem::{Blocks, RESP_NACK};
     use std::sync::atomic::AtomicU64;
     use std::sync::Mutex;
+    use vm_memory::GuestAddress;
 
     const B: u64 = 2 << 20;
     const BASE: u64 = 0x1_0000_0000;
