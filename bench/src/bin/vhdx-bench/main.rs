@@ -11,7 +11,7 @@
 //!    crashed image is reopened by the engine and by qemu and every write
 //!    acknowledged by a completed flush must read back.
 //!
-//! Build the binaries first (`cargo build --release -p vhdx --bins`): the
+//! Build the binaries first (`cargo build --release -p vhdx -p vireo-bench --bins`): the
 //! convert bench runs the `vireo-img` that sits next to this executable.
 
 // Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
@@ -182,7 +182,7 @@ pub fn vireo_img() -> BenchResult<PathBuf> {
         .join("vireo-img");
     if !p.exists() {
         return Err(format!(
-            "{} not found: build it first with `cargo build --release -p vhdx --bins`",
+            "{} not found: build it first with `cargo build --release -p vhdx -p vireo-bench --bins`",
             p.display()
         )
         .into());
