@@ -85,6 +85,8 @@ pub const RULES: &[Rule] = &[
     rule("PUT", "/api/v1/vms/{name}/kill", Operator),
     rule("PUT", "/api/v1/vms/{name}/pause", Operator),
     rule("PUT", "/api/v1/vms/{name}/resume", Operator),
+    rule("PUT", "/api/v1/vms/{name}/save", Operator),
+    rule("DELETE", "/api/v1/vms/{name}/saved-state", Operator),
     rule("PUT", "/api/v1/vms/{name}/migrate", Operator),
     rule("GET", "/api/v1/migrations", Viewer),
     rule("POST", "/api/v1/migrations/incoming", Operator),

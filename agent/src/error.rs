@@ -31,6 +31,8 @@ pub enum AgentError {
         to: String,
         why: String,
     },
+    #[error("VM {name:?} cannot be saved: {why}")]
+    NotSavable { name: String, why: &'static str },
     #[error("VM {name:?} failed to start: {reason}")]
     StartFailed { name: String, reason: String },
     #[error("inventory database {path}: {source}")]
@@ -96,6 +98,7 @@ impl AgentError {
             | AgentError::WrongState { .. }
             | AgentError::VmmStillRuns { .. }
             | AgentError::FailedOverElsewhere { .. }
+            | AgentError::NotSavable { .. }
             | AgentError::MigrationConflict { .. } => 409,
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,

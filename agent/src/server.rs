@@ -14,7 +14,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
@@ -57,7 +57,10 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/export", get(export))
         .route("/api/v1/vms", get(list))
-        .route("/api/v1/vms/{name}", put(define).get(info).delete(delete))
+        .route(
+            "/api/v1/vms/{name}",
+            put(define).get(info).delete(delete_vm),
+        )
         .route("/api/v1/vms/{name}/definition", put(set_definition))
         .route("/api/v1/vms/{name}/start", put(start))
         .route("/api/v1/vms/{name}/stop", put(stop))
@@ -66,6 +69,11 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/vms/{name}/kill", put(kill))
         .route("/api/v1/vms/{name}/pause", put(pause))
         .route("/api/v1/vms/{name}/resume", put(resume))
+        .route("/api/v1/vms/{name}/save", put(save))
+        .route(
+            "/api/v1/vms/{name}/saved-state",
+            delete(discard_saved_state),
+        )
         .route("/api/v1/vms/{name}/migrate", put(migrate))
         .route("/api/v1/migrations", get(migrations))
         .route("/api/v1/migrations/incoming", post(incoming))
@@ -153,7 +161,7 @@ async fn info(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
     reply(s.get(&name))
 }
 
-async fn delete(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
+async fn delete_vm(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
     match s.delete(&name) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(e.status(), error_chain(&e)),
@@ -194,6 +202,14 @@ async fn pause(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
 
 async fn resume(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
     reply(s.resume(&name).await)
+}
+
+async fn save(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
+    reply(s.save(&name).await)
+}
+
+async fn discard_saved_state(State(s): S, UrlPath(name): UrlPath<String>) -> Response {
+    reply(s.discard_saved_state(&name))
 }
 
 /// Parses a JSON body, or answers 400 with what is wrong.

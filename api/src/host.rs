@@ -223,6 +223,9 @@ pub enum VmState {
     Migrating,
     /// A VMM waits for this VM to arrive from another host by live migration.
     Incoming,
+    /// No VMM process: the VM's memory and device state are on disk (`save`); a start
+    /// resumes the guest where it was (Hyper-V's Saved state).
+    Saved,
 }
 
 impl VmState {
@@ -239,7 +242,7 @@ impl VmState {
         )
     }
 
-    pub const ALL: [VmState; 8] = [
+    pub const ALL: [VmState; 9] = [
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
@@ -248,6 +251,7 @@ impl VmState {
         VmState::Crashed,
         VmState::Migrating,
         VmState::Incoming,
+        VmState::Saved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -260,6 +264,7 @@ impl VmState {
             VmState::Crashed => "Crashed",
             VmState::Migrating => "Migrating",
             VmState::Incoming => "Incoming",
+            VmState::Saved => "Saved",
         }
     }
 }

@@ -19,7 +19,8 @@
 //!   lower priorities as it does); refused when one could not be placed even so,
 //!   unless `force`. **Stop** turns VMs off: the ownership record becomes `off`, and
 //!   the node running one kills its VMM (a power-off, not a guest shutdown).
-//! - **Save** is refused ([`BulkError::Unsupported`]): vireod has no save of a VM.
+//! - **Save** is refused ([`BulkError::Unsupported`]): vireod saves only VMs that are
+//!   not clustered.
 //! - **Recorded** as `vireo/requests/ID` ([`BulkRecord`]), written with the first
 //!   [`MOVES_PER_TXN`] moves (or ownership changes) in one transaction; later parts
 //!   hold only while the record is unchanged (no cancel between).
@@ -251,7 +252,7 @@ pub fn plan(
 }
 
 /// Why a bulk save is refused.
-pub const SAVE_UNSUPPORTED: &str = "save is not available for clustered VMs: vireod has no save of a VM (its API has no save or snapshot to disk), and a node starts a clustered VM whose VMM ended again while it owns it; stop (turn off) or migrate them instead";
+pub const SAVE_UNSUPPORTED: &str = "save is not available for clustered VMs: a node starts a clustered VM whose VMM ended again while it owns it, and a saved state would stay on that node's own disk (vireod saves VMs that are not clustered: vireoctl vm save NAME on their host); stop (turn off) or migrate them instead";
 
 fn op_name(op: BulkOp) -> &'static str {
     match op {

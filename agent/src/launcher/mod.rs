@@ -33,6 +33,9 @@ pub enum VmmArgs {
     /// Wait, with no VM, for one to arrive by live migration; its serial port goes to
     /// `serial` (`vireo --serial file=...`, which replaces the arriving VM's own).
     Receive { serial: PathBuf },
+    /// Resume the VM saved in this snapshot directory (`vireo --restore
+    /// source_url=file://DIR,resume=on`); it names its own configuration.
+    Restore { dir: PathBuf },
 }
 
 /// Where one VM's VMM finds its configuration and puts its socket, logs and pid.
@@ -134,6 +137,13 @@ impl LaunchSpec {
                 let mut s = OsString::from("file=");
                 s.push(serial);
                 v.push("--serial".into());
+                v.push(s);
+            }
+            VmmArgs::Restore { dir } => {
+                let mut s = OsString::from("source_url=file://");
+                s.push(dir);
+                s.push(",resume=on");
+                v.push("--restore".into());
                 v.push(s);
             }
         }

@@ -41,11 +41,11 @@ impl Supervisor {
         let vm = vms
             .get_mut(name)
             .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
-        if vm.state.has_process() {
+        if vm.state.has_process() || vm.state == VmState::Saved {
             return Err(AgentError::WrongState {
                 name: name.to_string(),
                 state: vm.state.to_string(),
-                action: "change its definition (stop it first)",
+                action: "change its definition (stop it, or discard its saved state, first)",
             });
         }
         lock(&self.inv).update(name, &def)?;
@@ -72,6 +72,13 @@ impl Supervisor {
         let vm = vms
             .get_mut(name)
             .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if vm.state == VmState::Saved {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: vm.state.to_string(),
+                action: "change its definition (the saved guest resumes with the one it was saved with: discard its saved state first)",
+            });
+        }
         if vm.migration.is_some() || matches!(vm.state, VmState::Migrating | VmState::Incoming) {
             return Err(AgentError::WrongState {
                 name: name.to_string(),

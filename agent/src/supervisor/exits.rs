@@ -137,7 +137,9 @@ impl Supervisor {
                 RestartPolicy::Always => true,
             };
         let detail = Some(format!("{reason}: {}", describe_exit(exit)));
-        let state = if vm.stop_requested || reason == "power-off" {
+        let state = if reason == super::SAVED {
+            VmState::Saved
+        } else if vm.stop_requested || reason == "power-off" {
             VmState::Stopped
         } else {
             VmState::Crashed

@@ -11,7 +11,7 @@
 //! - [`definitions`]: define, redefine, delete;
 //! - [`start`]: starting a VM's VMM; [`exits`]: watching it end, the restart policy;
 //! - [`stop`]: stop, kill, pause, resume; [`power`]: the guest's shutdown (ACPI power
-//!   button, then stop), reset;
+//!   button, then stop), reset; [`save`]: save (Hyper-V's saved state) and discard;
 //! - [`recovery`]: re-adopting running VMMs after a vireod restart;
 //! - [`ordering`]: automatic start and host shutdown in priority order;
 //! - [`status`]: queries of the per-VM state; [`events`]: event publication;
@@ -32,6 +32,8 @@ mod paths;
 mod power;
 mod records;
 mod recovery;
+mod save;
+pub use save::SAVED;
 mod start;
 mod status;
 mod stop;
@@ -260,6 +262,9 @@ impl Supervisor {
             let last_exit = inv.exits(&name, 1)?.into_iter().next();
             let mut vm = Vm::new(def);
             vm.last_exit = last_exit;
+            if save::is_complete(&cfg.state_dir.join("vms").join(&name).join("saved")) {
+                vm.state = VmState::Saved;
+            }
             vms.insert(name, vm);
         }
         let (migrations, interrupted) =

@@ -41,7 +41,7 @@ impl Supervisor {
             return Ok(None);
         };
         let uid = lock(&self.inv).jail_uid(name, ids.range())?;
-        let mut all = vec![self.vm_run_dir(name)];
+        let mut all = vec![self.vm_run_dir(name), self.saved_dir(name)];
         all.extend(binds);
         Ok(Some(launcher::JailSpec {
             uid,
@@ -92,11 +92,28 @@ impl Supervisor {
             log: self.vm_dir(name).join("vireo.log"),
             pid_file: run.join(format!("{name}.pid")),
             env_file: run.join(format!("{name}.env")),
-            storage_roots: self.cfg.storage_roots.clone(),
+            // The VM's saved-state area is one more root of its own (see `save`).
+            storage_roots: self
+                .cfg
+                .storage_roots
+                .iter()
+                .cloned()
+                .chain([self.saved_dir(name)])
+                .collect(),
             block_devices: self.cfg.block_devices.clone(),
             socket_dirs: self.send_socket_dirs(),
             memory: None,
             jail: None,
+        }
+    }
+
+    /// The launch of a VMM that resumes the VM from its saved state.
+    pub(super) fn restore_spec(&self, name: &str) -> LaunchSpec {
+        LaunchSpec {
+            args: VmmArgs::Restore {
+                dir: self.saved_state(name),
+            },
+            ..self.spec(name)
         }
     }
 

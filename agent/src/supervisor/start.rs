@@ -29,7 +29,7 @@ impl Supervisor {
     ) -> Result<VmStatus, AgentError> {
         self.no_vmm_answers(name)?;
         self.not_failed_over_elsewhere(name)?;
-        let (def, generation) = {
+        let (def, generation, saved) = {
             let mut vms = lock(&self.vms);
             let vm = vms
                 .get_mut(name)
@@ -44,6 +44,8 @@ impl Supervisor {
             if kind == StartKind::User {
                 vm.restarts = 0;
             }
+            // A saved VM resumes where it was (its definition cannot have changed).
+            let saved = vm.state == VmState::Saved;
             vm.stop_requested = false;
             vm.stop_reason = None;
             vm.adopted = false;
@@ -59,10 +61,15 @@ impl Supervisor {
                     vm.restarts, vm.def.max_restarts
                 )),
             };
+            let detail = match (saved, detail) {
+                (true, Some(d)) => Some(format!("{d}, from its saved state")),
+                (true, None) => Some("from its saved state".into()),
+                (false, d) => d,
+            };
             self.set_state(name, vm, VmState::Starting, detail);
-            (vm.def.clone(), vm.generation)
+            (vm.def.clone(), vm.generation, saved)
         };
-        match self.launch(name, &def, generation).await {
+        match self.launch(name, &def, generation, saved).await {
             Ok(()) => self.get(name),
             Err((err, exit)) => {
                 let mut vms = lock(&self.vms);
@@ -72,7 +79,13 @@ impl Supervisor {
                         if let Some(e) = exit {
                             vm.last_exit = Some(e);
                         }
-                        self.set_state(name, vm, VmState::Stopped, Some(err.to_string()));
+                        // A saved VM that did not resume keeps its saved state.
+                        let back = if saved && super::save::is_complete(&self.saved_dir(name)) {
+                            VmState::Saved
+                        } else {
+                            VmState::Stopped
+                        };
+                        self.set_state(name, vm, back, Some(err.to_string()));
                     }
                 }
                 drop(vms);
@@ -115,20 +128,28 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Writes the runtime config, spawns the VMM and waits until it reports the VM
-    /// running; then hands the process to a watcher task.
+    /// Writes the runtime config, spawns the VMM (booting the VM, or resuming it from
+    /// its saved state when `saved`) and waits until it reports the VM running; then
+    /// hands the process to a watcher task.
     async fn launch(
         self: &Arc<Self>,
         name: &str,
         def: &VmDefinition,
         generation: u64,
+        saved: bool,
     ) -> Result<(), (AgentError, Option<ExitRecord>)> {
+        let base = if saved {
+            self.restore_spec(name)
+        } else {
+            self.spec(name)
+        };
         let mut spec = LaunchSpec {
             memory: Some(def.config.memory.size),
-            ..self.spec(name)
+            ..base
         };
         mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
         mkdir(&self.vm_run_dir(name), 0o700).map_err(|e| (e, None))?;
+        mkdir(&self.saved_dir(name), 0o700).map_err(|e| (e, None))?;
         spec.jail = self
             .jail_spec(name, Vec::new(), Vec::new())
             .map_err(|e| (e, None))?;
@@ -254,6 +275,9 @@ impl Supervisor {
                     );
                 }
             }
+        }
+        if saved {
+            self.spend_saved_state(name);
         }
         self.private_socket(name, &spec.socket);
         self.cfg
