@@ -230,6 +230,7 @@ fn failover_definition(dir: &Path, disk_dir: &Path, held: &Held) -> Result<VmDef
         restart: theirs.restart,
         max_restarts: theirs.max_restarts,
         cpu_weight: None,
+        stop_action: theirs.stop_action,
     })
 }
 

@@ -135,3 +135,49 @@ fn saves_that_cannot_be_are_refused_and_the_vm_goes_on() {
     d.wait_serial("web", &format!("tick {} ", n + 5), T);
     d.ok("PUT", "/api/v1/vms/web/kill", None);
 }
+
+#[test]
+fn a_vm_whose_stop_action_is_save_is_saved_when_vireod_stops_and_resumes_when_it_starts() {
+    let mut d = Daemon::start(&[]);
+    let def = serde_json::json!({
+        "config": common::counter_config(),
+        "priority": "low",
+        "restart": "never",
+        "stop_action": "save",
+    });
+    d.ok("PUT", "/api/v1/vms/web", Some(&def.to_string()));
+    // Its neighbour keeps the default stop action (turn-off): it boots afresh.
+    d.define_counter("plain", "low", "never");
+    assert_eq!(d.vm("plain")["definition"]["stop_action"], Value::Null);
+    d.ok("PUT", "/api/v1/vms/web/start", None);
+    d.ok("PUT", "/api/v1/vms/plain/start", None);
+    d.wait_serial("web", "tick 10 ", T);
+    d.wait_serial("plain", "tick 10 ", T);
+
+    // vireod stops (no --keep-vms-on-exit): web is saved, plain turned off.
+    d.terminate(T);
+    let last_before = *d.tick_numbers("web").last().unwrap();
+    assert!(saved_state(&d, "web").join("snapshot.json").is_file());
+    assert!(!saved_state(&d, "plain").exists());
+
+    // vireod starts again (automatic start): web resumes where it was, plain boots.
+    d.spawn();
+    d.wait_state("web", "Running", T);
+    d.wait_state("plain", "Running", T);
+    d.wait_serial("web", &format!("tick {} ", last_before + 5), T);
+    let ticks = d.tick_numbers("web");
+    let resumed = ticks.iter().copied().find(|&t| t > last_before);
+    assert!(
+        resumed.is_some_and(|t| t <= last_before + 3),
+        "web did not resume where it was saved (last {last_before}): {ticks:?}"
+    );
+    d.wait_serial("plain", "tick 3 ", T);
+    let first = d.tick_numbers("plain")[0];
+    assert!(
+        first <= 2,
+        "plain did not boot afresh: ticks begin at {first}"
+    );
+    assert_eq!(d.vm("web")["definition"]["stop_action"], "save");
+    d.ok("PUT", "/api/v1/vms/web/kill", None);
+    d.ok("PUT", "/api/v1/vms/plain/kill", None);
+}

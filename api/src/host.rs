@@ -131,6 +131,40 @@ pub struct VmDefinition {
     /// 1..=10000; default 100. See the agent's `cgroup` module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_weight: Option<u32>,
+    /// What vireod does with the VM when it stops and takes its VMs down (Hyper-V's
+    /// automatic stop action); default `turn-off`.
+    #[serde(default, skip_serializing_if = "StopAction::is_default")]
+    pub stop_action: StopAction,
+}
+
+/// What happens to a running VM when vireod stops its VMs (its own stop, a host
+/// shutdown): Hyper-V's automatic stop action.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopAction {
+    /// The VMM ends the VM at once (`vireoctl vm stop`), killed after the stop timeout.
+    #[default]
+    TurnOff,
+    /// The guest is asked to shut down (ACPI power button, `vireoctl vm shutdown`) and
+    /// turned off if it has not within the stop timeout.
+    Shutdown,
+    /// The VM is saved (`vireoctl vm save`): the next start resumes it where it was. A
+    /// VM that cannot be saved is turned off.
+    Save,
+}
+
+impl StopAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopAction::TurnOff => "turn-off",
+            StopAction::Shutdown => "shutdown",
+            StopAction::Save => "save",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == StopAction::TurnOff
+    }
 }
 
 /// VM names become file names (socket, pid file, state directory): letters, digits,

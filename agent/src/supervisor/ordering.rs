@@ -8,7 +8,7 @@ use tracing::warn;
 
 use super::{lock, StartKind, Supervisor};
 use crate::error_chain;
-use crate::model::Priority;
+use crate::model::{Priority, StopAction};
 
 impl Supervisor {
     /// Starts every VM whose priority is not Off and that is not running: all High
@@ -39,7 +39,8 @@ impl Supervisor {
     }
 
     /// Host shutdown: stops every running VM, lowest priority first (Off, Low,
-    /// Medium, High), each group within the stop timeout.
+    /// Medium, High), each group within the stop timeout, each VM by its stop
+    /// action (turned off, shut down the guest's way, or saved).
     pub async fn shutdown_all(self: &Arc<Self>) {
         for prio in Priority::ALL.iter().rev() {
             let names: Vec<String> = lock(&self.vms)
@@ -50,13 +51,32 @@ impl Supervisor {
             let mut tasks = tokio::task::JoinSet::new();
             for name in names {
                 let me = self.clone();
-                tasks.spawn(async move {
-                    if let Err(e) = me.stop(&name, None).await {
-                        warn!(vm = %name, error = %error_chain(&e), "stop at shutdown failed");
-                    }
-                });
+                tasks.spawn(async move { me.take_down(&name).await });
             }
             while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// One VM at vireod's stop, by its stop action; a save or guest shutdown that
+    /// cannot be done turns the VM off instead.
+    async fn take_down(self: &Arc<Self>, name: &str) {
+        let action = lock(&self.vms).get(name).map(|vm| vm.def.stop_action);
+        let done = match action {
+            Some(StopAction::Save) => self.save(name).await.map(drop),
+            Some(StopAction::Shutdown) => self.shutdown(name, None).await.map(drop),
+            _ => self.stop(name, None).await.map(drop),
+        };
+        let Err(e) = done else {
+            return;
+        };
+        warn!(vm = %name, action = ?action, error = %error_chain(&e), "stop action at shutdown failed; turning the VM off");
+        let still = lock(&self.vms)
+            .get(name)
+            .is_some_and(|vm| vm.handle.is_some());
+        if still {
+            if let Err(e) = self.stop(name, None).await {
+                warn!(vm = %name, error = %error_chain(&e), "stop at shutdown failed");
+            }
         }
     }
 }

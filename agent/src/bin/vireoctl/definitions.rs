@@ -50,6 +50,9 @@ fn apply_policy(def: &mut VmDefinition, p: &PolicyFlags) {
     if let Some(x) = p.cpu_weight {
         def.cpu_weight = Some(x);
     }
+    if let Some(x) = p.stop_action {
+        def.stop_action = x;
+    }
 }
 
 fn body_of(def: &VmDefinition) -> Result<Vec<u8>, CtlError> {
@@ -136,6 +139,7 @@ pub(crate) fn set(
         && policy.restart.is_none()
         && policy.max_restarts.is_none()
         && policy.cpu_weight.is_none()
+        && policy.stop_action.is_none()
     {
         return Err(CtlError::Usage(
             "vm set: nothing to change (give --memory, --cpus, --disk, --priority, ...)".into(),

@@ -260,6 +260,10 @@ pub(crate) struct PolicyFlags {
     /// Relative CPU weight against the host's other VMs (1..=10000, default 100).
     #[arg(long)]
     pub cpu_weight: Option<u32>,
+    /// What vireod does with the VM when it stops its VMs (Hyper-V's automatic stop
+    /// action): turn-off (default), shutdown (the guest's way), or save.
+    #[arg(long, value_enum)]
+    pub stop_action: Option<api::host::StopAction>,
 }
 
 pub(crate) fn name_of(n: &Option<String>) -> Result<&str, CtlError> {
