@@ -236,12 +236,10 @@ impl Switch {
                     });
                 }
             }
-            if p.config.vhost_user.is_none()
-                && config.vhost_user.is_none()
-                && p.config.iface() == config.iface()
-            {
+            let theirs = p.config.interfaces();
+            if let Some(iface) = config.interfaces().into_iter().find(|i| theirs.contains(i)) {
                 return Err(SwitchError::DuplicateIface {
-                    iface: config.iface().to_string(),
+                    iface: iface.to_string(),
                     port: p.config.name.clone(),
                 });
             }
