@@ -208,6 +208,11 @@ impl Switch {
         cfg.mtu + ETH_HLEN + VLAN_HLEN
     }
 
+    /// How long a learned address lives unseen.
+    pub fn aging(&self) -> Duration {
+        self.cfg.aging
+    }
+
     /// Adds an extension after the others of its stage.
     pub fn add_extension(&mut self, ext: Box<dyn Extension>) {
         self.chain.push(ext);

@@ -28,6 +28,7 @@ use crate::config::{parse_port, Config};
 use crate::control::{self, Request, MAX_REQUEST};
 use crate::opener::{privileged, Opener};
 use crate::seccomp::{Filters, Role};
+use crate::team_io::{TeamPort, Teams, LINK_POLL};
 use crate::vhost_user::{Inbound, ToSwitch, VhostPortError, VhostUserPort};
 
 /// The signalfd, the control socket and the vhost-user wake eventfd come first.
@@ -94,6 +95,8 @@ pub struct Daemon {
     /// Makes and removes sockets once the switch is confined.
     opener: Option<Opener>,
     ports: HashMap<PortId, PacketPort>,
+    /// Team ports (several member interfaces each).
+    teams: Teams,
     vhost: VhostPorts,
     listener: UnixListener,
     control_path: PathBuf,
@@ -148,6 +151,7 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
 fn open_port(
     sw: &mut Switch,
     ports: &mut HashMap<PortId, PacketPort>,
+    teams: &mut Teams,
     vhost: &mut VhostPorts,
     opener: Option<&Opener>,
     cfg: PortConfig,
@@ -155,6 +159,20 @@ fn open_port(
     // Checked before the socket opens, so a duplicate (or a mirror to nowhere) never
     // touches the interface.
     sw.check_port(&cfg)?;
+    if let Some(spec) = cfg.team.clone() {
+        let aging = sw.aging();
+        let mut team = privileged(opener, move || TeamPort::open(&spec, aging))
+            .ok_or(DaemonError::OpenerGone)??;
+        let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
+        let members = cfg.interfaces().join("+");
+        let id = sw.add_port(cfg)?;
+        // Read on this thread: the opener's filter has no SIOCGIFFLAGS. Nothing is
+        // learnt yet, so there is nothing to announce.
+        let _ = team.poll_links(&name);
+        teams.ports.insert(id, team);
+        info!(port = %name, %members, id, vlan = ?mode, "team port up");
+        return Ok(id);
+    }
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
@@ -214,6 +232,7 @@ impl Daemon {
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let mut sw = Switch::new(cfg.switch);
         let mut ports = HashMap::new();
+        let mut teams = Teams::default();
         let (tx, inbound) = std::sync::mpsc::channel();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DaemonError::EventFd)?);
         let mut vhost = VhostPorts {
@@ -229,7 +248,7 @@ impl Daemon {
             if let Some(m) = p.mirror.take() {
                 mirrors.push((p.name.clone(), m));
             }
-            open_port(&mut sw, &mut ports, &mut vhost, None, p)?;
+            open_port(&mut sw, &mut ports, &mut teams, &mut vhost, None, p)?;
         }
         for (port, m) in mirrors {
             sw.mirror_set(&port, &m.to, m.direction)?;
@@ -241,6 +260,7 @@ impl Daemon {
             sw,
             opener: None,
             ports,
+            teams,
             vhost,
             listener: bind_control(&cfg.control)?,
             control_path: cfg.control,
@@ -269,7 +289,7 @@ impl Daemon {
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::probe_syscall("switch");
         info!(
-            ports = self.ports.len() + self.vhost.ports.len(),
+            ports = self.ports.len() + self.teams.ports.len() + self.vhost.ports.len(),
             control = %self.control_path.display(),
             "vireo-switch ready"
         );
@@ -284,6 +304,7 @@ impl Daemon {
 
     fn poll_loop(&mut self) -> Result<(), DaemonError> {
         let mut last_expiry = Instant::now();
+        let mut last_links = Instant::now();
         loop {
             let port_ids: Vec<PortId> = self.ports.keys().copied().collect();
             let mut fds = vec![
@@ -296,6 +317,8 @@ impl Daemon {
                     .iter()
                     .map(|id| pollfd(self.ports[id].as_raw_fd(), libc::POLLIN)),
             );
+            let team_fds = self.teams.fds();
+            fds.extend(team_fds.iter().map(|t| pollfd(t.2, libc::POLLIN)));
             fds.extend(self.clients.iter().map(|c| {
                 let ev = if c.outbuf.is_empty() {
                     libc::POLLIN
@@ -305,10 +328,14 @@ impl Daemon {
                 pollfd(c.stream.as_raw_fd(), ev)
             }));
             // Queued frames (QoS) leave on time: the poll ends at the next deadline.
-            let wait = match self.sw.next_deadline() {
+            let mut wait = match self.sw.next_deadline() {
                 Some(d) => d.saturating_sub(self.epoch.elapsed()).min(IDLE_WAIT),
                 None => IDLE_WAIT,
             };
+            // Team members' links are read every LINK_POLL.
+            if !team_fds.is_empty() {
+                wait = wait.min(LINK_POLL.saturating_sub(last_links.elapsed()));
+            }
             let timeout = libc::timespec {
                 tv_sec: wait.as_secs() as libc::time_t,
                 tv_nsec: wait.subsec_nanos() as libc::c_long,
@@ -342,7 +369,13 @@ impl Daemon {
                     self.serve_port(*id);
                 }
             }
-            let client_events: Vec<i16> = fds[FIXED_FDS + port_ids.len()..]
+            let teams_at = FIXED_FDS + port_ids.len();
+            for (i, (id, m, _)) in team_fds.iter().enumerate() {
+                if fds[teams_at + i].revents != 0 {
+                    self.serve_team(*id, *m);
+                }
+            }
+            let client_events: Vec<i16> = fds[teams_at + team_fds.len()..]
                 .iter()
                 .map(|f| f.revents)
                 .collect();
@@ -356,6 +389,10 @@ impl Daemon {
                 self.accept();
             }
             self.serve_egress();
+            if !team_fds.is_empty() && last_links.elapsed() >= LINK_POLL {
+                self.poll_team_links();
+                last_links = Instant::now();
+            }
             if last_expiry.elapsed().as_secs() >= 1 {
                 self.sw.expire(self.epoch.elapsed());
                 last_expiry = Instant::now();
@@ -389,6 +426,84 @@ impl Daemon {
             self.sw.process(id, &self.rx[..len], now, &mut self.out);
             self.dispatch_trace();
             self.send_out();
+        }
+    }
+
+    /// Switches what member `m` of team port `id` received and the team lets in;
+    /// a receive error saying the interface went down fails the member over.
+    fn serve_team(&mut self, id: PortId, m: usize) {
+        for _ in 0..BURST {
+            let Some(team) = self.teams.ports.get_mut(&id) else {
+                return;
+            };
+            let Some(port) = team.member(m) else { return };
+            let len = match port.recv(&mut self.rx) {
+                Ok(Rx::Frame(n)) => n,
+                Ok(Rx::Truncated) => {
+                    self.sw.record_rx_drop(id, DropReason::OVERSIZE);
+                    continue;
+                }
+                Ok(Rx::WouldBlock) => return,
+                Err(e) => {
+                    warn!(iface = port.iface(), error = %e, "team member receive failed");
+                    if e.raw_os_error() == Some(libc::ENETDOWN) {
+                        let name = self.sw.port_config(id).map_or("?", |c| c.name.as_str());
+                        if let Some(tk) = team.set_link(name, m, false) {
+                            self.announce(id, tk);
+                        }
+                    }
+                    return;
+                }
+            };
+            let now = self.epoch.elapsed();
+            if !team.accept_rx(m, &self.rx[..len], now) {
+                continue;
+            }
+            self.out.clear();
+            self.sw.process(id, &self.rx[..len], now, &mut self.out);
+            self.dispatch_trace();
+            self.send_out();
+        }
+    }
+
+    /// Reads the team members' links; a failover sends its announces.
+    fn poll_team_links(&mut self) {
+        let ids: Vec<PortId> = self.teams.ports.keys().copied().collect();
+        for id in ids {
+            let name = self
+                .sw
+                .port_config(id)
+                .map_or_else(String::new, |c| c.name.clone());
+            let takeover = self
+                .teams
+                .ports
+                .get_mut(&id)
+                .and_then(|t| t.poll_links(&name));
+            if let Some(tk) = takeover {
+                self.announce(id, tk);
+            }
+        }
+    }
+
+    /// Announces every address learnt behind the other ports out of the member of
+    /// team port `id` that took the traffic over.
+    fn announce(&mut self, id: PortId, tk: switch::team::state::Takeover) {
+        let now = self.epoch.elapsed();
+        let learnt: Vec<_> = self
+            .sw
+            .mac_table(now)
+            .into_iter()
+            .filter_map(|r| {
+                let vlan = switch::port::VlanId::new(r.vlan).ok()?;
+                let mac = r.mac.parse::<net::MacAddr>().ok()?;
+                Some((r.port, vlan, mac.bytes()))
+            })
+            .collect();
+        let Some(cfg) = self.sw.port_config(id) else {
+            return;
+        };
+        if let Some(t) = self.teams.ports.get_mut(&id) {
+            t.announce(&cfg.name, id, &cfg.vlan, &learnt, tk, now);
         }
     }
 
@@ -429,7 +544,19 @@ impl Daemon {
 
     /// Sends the frames the switch produced to their ports.
     fn send_out(&mut self) {
+        let mut takeovers = Vec::new();
         for e in self.out.drain(..) {
+            if let Some(t) = self.teams.ports.get_mut(&e.port) {
+                let name = self.sw.port_config(e.port).map_or("?", |c| c.name.as_str());
+                let (sent, takeover) = t.send(name, &e.frame, self.epoch.elapsed());
+                if !sent {
+                    self.sw.record_tx_failure(e.port);
+                }
+                if let Some(tk) = takeover {
+                    takeovers.push((e.port, tk));
+                }
+                continue;
+            }
             if let Some(v) = self.vhost.ports.get(&e.port) {
                 if let Err(why) = v.shared.deliver(e.frame) {
                     self.sw.record_tx_drop(e.port, why);
@@ -446,6 +573,9 @@ impl Daemon {
                 }
                 None => {}
             }
+        }
+        for (id, tk) in takeovers {
+            self.announce(id, tk);
         }
     }
 
@@ -605,6 +735,9 @@ impl Daemon {
                         if let Some(v) = self.vhost.ports.get(&(id as PortId)) {
                             p["connected"] = json!(v.shared.is_connected());
                         }
+                        if let Some(t) = self.teams.ports.get(&(id as PortId)) {
+                            p["team"] = json!(t.status());
+                        }
                         let queued = self.sw.queued(id as PortId);
                         if queued > 0 {
                             p["qos_queued"] = json!(queued);
@@ -619,6 +752,10 @@ impl Daemon {
                 .map(|c| json!({ "port": port, "counters": c }))
                 .and_then(|mut v| {
                     v["qos"] = json!(self.sw.qos_status(&port)?);
+                    let id = self.sw.port_id(&port)?;
+                    if let Some(t) = self.teams.ports.get(&id) {
+                        v["team"] = json!(t.status());
+                    }
                     Ok(v)
                 })
                 .map_err(|e| e.to_string()),
@@ -653,6 +790,7 @@ impl Daemon {
                     open_port(
                         &mut self.sw,
                         &mut self.ports,
+                        &mut self.teams,
                         &mut self.vhost,
                         self.opener.as_ref(),
                         cfg,
@@ -723,6 +861,7 @@ impl Daemon {
             Request::PortRemove { port } => match self.sw.remove_port(&port) {
                 Ok(id) => {
                     self.ports.remove(&id);
+                    self.teams.ports.remove(&id);
                     if let Some(v) = self.vhost.ports.remove(&id) {
                         // No new VMM can connect; a connected one's frames are ignored
                         // (the switch no longer knows the port).
