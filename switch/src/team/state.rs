@@ -257,19 +257,28 @@ impl Team {
         let Some(m) = self.members.get(member) else {
             return false;
         };
+        let primary = self.active == Some(member);
         let (Some(dst), Some(src)) = (
             frame.get(0..6).and_then(|s| <[u8; 6]>::try_from(s).ok()),
             frame.get(6..12).and_then(|s| <[u8; 6]>::try_from(s).ok()),
         ) else {
-            // Too short for the switch anyway: let it count it as malformed.
-            return m.up && self.active == Some(member);
+            // Too short for the switch anyway: from the active member it enters (and
+            // is counted there as malformed).
+            let ok = m.up && primary;
+            let c = &mut self.members[member].counters;
+            if ok {
+                c.rx_packets += 1;
+                c.rx_bytes += frame.len() as u64;
+            } else {
+                c.rx_dropped += 1;
+            }
+            return ok;
         };
         let looped = self.members.iter().any(|o| {
             o.sent
                 .get(&src)
                 .is_some_and(|t| now.saturating_sub(*t) < LOOP_WINDOW)
         });
-        let primary = self.active == Some(member);
         let ok = m.up
             && match self.mode {
                 TeamMode::ActiveBackup => primary,
