@@ -30,6 +30,8 @@ pub mod extension;
 pub mod fdb;
 pub mod frame;
 pub mod guards;
+#[cfg(test)]
+mod meter_tests;
 pub mod mirror;
 pub mod pcap;
 #[cfg(test)]
