@@ -470,6 +470,90 @@ mod tests {
         assert_eq!((c1.rx_packets, c1.rx_dropped, c1.tx_packets), (1, 3, 1));
     }
 
+    /// The fuzz target's invariants (fuzz/fuzz_targets/switch_team.rs) over
+    /// pseudo-random operations (a fixed LCG: the same sequences every run).
+    #[test]
+    fn random_link_changes_and_frames_keep_the_invariants() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let macs = [
+            VM,
+            PEER,
+            [0xff; 6],
+            [0x01, 0, 0x5e, 0, 0, 1],
+            [0x52, 0x54, 0, 0, 0, 3],
+        ];
+        for run in 0..400 {
+            let mode = if run % 2 == 0 {
+                TeamMode::ActiveBackup
+            } else {
+                TeamMode::Hash
+            };
+            let n = 1 + next(4) as usize;
+            let mut t = team(mode, n);
+            let mut up = vec![false; n];
+            let mut received = vec![0u64; n];
+            let mut now = Duration::ZERO;
+            for _ in 0..200 {
+                match next(4) {
+                    0 => {
+                        let m = next(n as u64) as usize;
+                        let state = next(2) == 1;
+                        let takeover = t.set_link(m, state);
+                        up[m] = state;
+                        if let Some(tk) = takeover {
+                            assert!(up[tk.member]);
+                        }
+                    }
+                    1 => {
+                        let dst = macs[next(5) as usize];
+                        let src = macs[next(2) as usize * 4];
+                        let f = unicast(dst, src, next(64) as u16);
+                        match t.tx_member(&f) {
+                            None => assert!(up.iter().all(|u| !u)),
+                            Some(m) => {
+                                assert!(up[m]);
+                                assert_eq!(t.tx_member(&f), Some(m));
+                                if mode == TeamMode::ActiveBackup || dst[0] & 1 == 1 {
+                                    assert_eq!(Some(m), t.active());
+                                }
+                                t.record_tx(m, &f, next(8) != 0, now);
+                            }
+                        }
+                    }
+                    2 => {
+                        let m = next(n as u64) as usize;
+                        let f = unicast(macs[next(5) as usize], macs[next(2) as usize], 1);
+                        let f = &f[..next(f.len() as u64 + 1) as usize];
+                        received[m] += 1;
+                        if t.accept_rx(m, f, now) {
+                            assert!(up[m]);
+                            if mode == TeamMode::ActiveBackup
+                                || f.first().is_none_or(|b| b & 1 == 1)
+                            {
+                                assert_eq!(Some(m), t.active());
+                            }
+                        }
+                    }
+                    _ => now += Duration::from_millis(next(3000)),
+                }
+                assert_eq!(t.active().is_none(), up.iter().all(|u| !u));
+                if let Some(a) = t.active() {
+                    assert!(up[a]);
+                }
+            }
+            for (m, r) in received.iter().enumerate() {
+                let c = t.counters(m).unwrap();
+                assert_eq!(c.rx_packets + c.rx_dropped + c.rx_looped, *r);
+            }
+        }
+    }
+
     fn bcast_from(src: [u8; 6]) -> Vec<u8> {
         build::ethernet([0xff; 6], src, None, 0x88b5, b"ours")
     }
