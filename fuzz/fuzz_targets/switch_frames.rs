@@ -1,7 +1,7 @@
 //! Frames from hostile ports through vireo-switch's core: records of (port, clock
 //! step, length, bytes) into a switch with access, trunk, private-VLAN and guarded
 //! ports (every guard, ND included), an ACL with a stateful rule (a small flow
-//! table), a storm limit, mirrors to a monitor port and QoS (a cap out, a cap in, an
+//! table), an ACL meter, a storm limit, mirrors to a monitor port and QoS (a cap out, a cap in, an
 //! uplink with a rate, weights and a minimum: frames queue at the scheduled ports and
 //! leave when the switch's deadline comes, polled on the fuzzed clock, and live
 //! `qos-set`/`qos-clear` driven by the input). Besides "no panic", checks
@@ -77,6 +77,10 @@ fuzz_target!(|data: &[u8]| {
         let rule = serde_json::from_str(r).expect("rule");
         sw.acl_add("vm3", rule).expect("acl");
     }
+    // A meter on vm2, both ways: one bucket on the fuzzed clock.
+    let meter =
+        serde_json::from_str(r#"{"action":"meter","rate":"64k","burst":2000}"#).expect("rule");
+    sw.acl_add("vm2", meter).expect("acl");
     sw.mirror_set("vm2", "mon", MirrorDirection::Both)
         .expect("mirror");
     sw.mirror_set("up", "mon", MirrorDirection::In)

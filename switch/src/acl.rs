@@ -25,12 +25,23 @@ use net::MacAddr;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
+use crate::bucket::ByteBucket;
 use crate::conntrack::{ConnTable, FlowKey, FlowStats, MAX_FLOWS_PER_PORT};
 use crate::extension::{Direction, DropReason, Extension, FrameCtx, Stage, Verdict};
 use crate::frame::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4};
+use crate::qos::Rate;
 use crate::PortId;
 
 pub const ACL_DROP: DropReason = DropReason("acl");
+/// Over a `meter` rule's rate.
+pub const ACL_METER_DROP: DropReason = DropReason("acl-meter");
+/// A meter's bucket holds this long of its rate (at least [`METER_MIN_BURST`]).
+pub const METER_BURST: std::time::Duration = std::time::Duration::from_millis(10);
+/// The least a meter's bucket holds: one largest frame at the default MTU (1500 +
+/// Ethernet header + tag).
+pub const METER_MIN_BURST: u64 = 1522;
+/// The largest meter burst, in bytes (1 GiB).
+pub const MAX_METER_BURST: u64 = 1 << 30;
 /// Rules one port may hold.
 pub const MAX_RULES_PER_PORT: usize = 1024;
 
@@ -39,6 +50,9 @@ pub const MAX_RULES_PER_PORT: usize = 1024;
 pub enum Action {
     Allow,
     Deny,
+    /// Passes matching frames up to `rate` (a token bucket per rule); the excess is
+    /// dropped (`acl-meter`).
+    Meter,
 }
 
 /// An IPv4 or IPv6 prefix, `10.0.0.0/8` or `fe80::/10` (a bare address is a host).
@@ -220,6 +234,12 @@ pub struct AclRule {
     /// direction only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stateful: bool,
+    /// A meter's rate (bits/s: a number or `"8M"`), meter rules only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// A meter's burst in bytes (default: 10 ms of the rate, at least 1522).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
 }
 
 impl AclRule {
@@ -256,7 +276,30 @@ impl AclRule {
         within(self.src_port, src) && within(self.dst_port, dst)
     }
 
+    /// A meter's bucket size in bytes.
+    fn meter_burst(&self, rate: Rate) -> u64 {
+        self.burst.unwrap_or_else(|| {
+            let ten_ms = u128::from(rate.bits_per_s()) * METER_BURST.as_nanos() / 8_000_000_000;
+            u64::try_from(ten_ms)
+                .unwrap_or(u64::MAX)
+                .max(METER_MIN_BURST)
+        })
+    }
+
     fn validate(&self) -> Result<(), AclError> {
+        match (self.action, self.rate) {
+            (Action::Meter, None) => return Err(AclError::MeterNeedsRate),
+            (Action::Allow | Action::Deny, Some(_)) => return Err(AclError::RateNeedsMeter),
+            _ => {}
+        }
+        if let Some(b) = self.burst {
+            if self.action != Action::Meter {
+                return Err(AclError::RateNeedsMeter);
+            }
+            if !(64..=MAX_METER_BURST).contains(&b) {
+                return Err(AclError::Burst(b));
+            }
+        }
         if self.stateful && self.action != Action::Allow {
             return Err(AclError::StatefulDeny);
         }
@@ -289,6 +332,14 @@ pub struct InstalledRule {
     pub return_packets: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub return_bytes: u64,
+    /// Frames a meter rule matched but dropped (over its rate); in `packets` too.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub metered_packets: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub metered_bytes: u64,
+    /// A meter's bucket (made at its first match, on the clock then).
+    #[serde(skip)]
+    pub meter: Option<ByteBucket>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -303,6 +354,12 @@ pub enum AclError {
     PortsNeedProtocol,
     #[error("src_ip and dst_ip are of different IP families")]
     MixedFamilies,
+    #[error("a meter rule needs a rate (\"rate\": \"8M\", bits/s)")]
+    MeterNeedsRate,
+    #[error("rate and burst are for meter rules only")]
+    RateNeedsMeter,
+    #[error("meter burst {0} is out of range (64-{MAX_METER_BURST} bytes)")]
+    Burst(u64),
     #[error("a stateful rule must be an allow (a deny keeps no state)")]
     StatefulDeny,
     #[error("a stateful rule needs a direction (outbound: flows the VM opens)")]
@@ -362,6 +419,9 @@ impl Acl {
             bytes: 0,
             return_packets: 0,
             return_bytes: 0,
+            metered_packets: 0,
+            metered_bytes: 0,
+            meter: None,
         });
         // Stable: equal priorities keep the order they were added in.
         list.sort_by_key(|r| std::cmp::Reverse(r.rule.priority));
@@ -418,8 +478,24 @@ impl Acl {
             }
             r.packets += 1;
             r.bytes += len;
-            if r.rule.action == Action::Deny {
-                return Verdict::Drop(ACL_DROP);
+            match r.rule.action {
+                Action::Deny => return Verdict::Drop(ACL_DROP),
+                Action::Meter => {
+                    let Some(rate) = r.rule.rate else {
+                        return Verdict::Pass;
+                    };
+                    let burst = r.rule.meter_burst(rate);
+                    let bucket = r
+                        .meter
+                        .get_or_insert_with(|| ByteBucket::full(rate.bits_per_s(), burst, ctx.now));
+                    if bucket.take(ctx.frame.bytes.len(), ctx.now) {
+                        return Verdict::Pass;
+                    }
+                    r.metered_packets += 1;
+                    r.metered_bytes += len;
+                    return Verdict::Drop(ACL_METER_DROP);
+                }
+                Action::Allow => {}
             }
             if r.rule.stateful {
                 if let (Some(t), Some(k)) = (

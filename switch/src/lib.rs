@@ -14,6 +14,9 @@
 //!   minimums; [`scheduler`]: the egress scheduler of ports with a known rate
 //!   (deficit round robin, minimums first, shaped), polled by the I/O layer through
 //!   [`Switch::poll_egress`] and [`Switch::next_deadline`].
+//! - [`team`]: NIC teaming of uplinks (active-backup, address hash): the member
+//!   selection, the failover state machine and the announces; the I/O is the
+//!   binary's.
 //! - [`Switch`]: ports, classification, learning, flooding, egress tagging.
 
 // Product code has no unwrap()/expect(): bad input gets an error, never a panic (test
@@ -27,6 +30,8 @@ pub mod extension;
 pub mod fdb;
 pub mod frame;
 pub mod guards;
+#[cfg(test)]
+mod meter_tests;
 pub mod mirror;
 pub mod pcap;
 #[cfg(test)]
@@ -38,6 +43,7 @@ mod qos_tests;
 pub mod scheduler;
 pub mod storm;
 mod switch;
+pub mod team;
 #[cfg(test)]
 mod tests;
 

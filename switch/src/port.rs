@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::mirror::{MirrorDirection, MirrorSpec};
 use crate::qos::{check_weight, QosError, QosSpec};
 use crate::storm::MAX_STORM_PPS;
+use crate::team::{TeamError, TeamMode, TeamSpec};
 
 /// A VLAN id a port can carry: 1..=4094 (0 is "priority only", 4095 reserved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -147,6 +148,9 @@ pub struct PortConfig {
     /// virtio-net queues as a vhost-user backend (the VMM connects).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost_user: Option<PathBuf>,
+    /// Instead of one interface: a team of member interfaces ([`crate::team`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<TeamSpec>,
     pub vlan: VlanMode,
     /// The address the VM behind the port owns (for the MAC and ARP guards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,11 +193,27 @@ impl PortConfig {
         self.iface.as_deref().unwrap_or(&self.name)
     }
 
+    /// The host interfaces the port sits on: its interface, a team's members, none
+    /// for a vhost-user port.
+    pub fn interfaces(&self) -> Vec<&str> {
+        match (&self.vhost_user, &self.team) {
+            (Some(_), _) => Vec::new(),
+            (None, Some(t)) => t.members.iter().map(String::as_str).collect(),
+            (None, None) => vec![self.iface()],
+        }
+    }
+
     /// Checks what the types cannot: a usable name, a non-empty trunk, guards that
     /// need a MAC have one.
     pub fn validate(&self) -> Result<(), PortError> {
         if !valid_name(&self.name) {
             return Err(PortError::Name(self.name.clone()));
+        }
+        if let Some(team) = &self.team {
+            if self.iface.is_some() || self.vhost_user.is_some() {
+                return Err(PortError::TeamAndIface(self.name.clone()));
+            }
+            team.validate(&self.name)?;
         }
         match &self.vhost_user {
             Some(path) => {
@@ -204,6 +224,7 @@ impl PortConfig {
                     return Err(PortError::Socket(path.display().to_string()));
                 }
             }
+            None if self.team.is_some() => {}
             None => {
                 net::validate_tap_name(self.iface()).map_err(|e| PortError::Iface(e.to_string()))?
             }
@@ -239,7 +260,7 @@ pub enum PortError {
     VlanRange(u32),
     #[error("bad {0} value '{1}'")]
     Value(&'static str, String),
-    #[error("unknown port option '{0}' (known: name, iface, vhost-user, vlan, pvlan, trunk, native, mac, ip, guard, storm, mirror, max, rate, weight, min)")]
+    #[error("unknown port option '{0}' (known: name, iface, vhost-user, team, team-mode, vlan, pvlan, trunk, native, mac, ip, guard, storm, mirror, max, rate, weight, min)")]
     Option(String),
     #[error("port name '{0}' is not 1-64 characters of [A-Za-z0-9-_.]")]
     Name(String),
@@ -265,6 +286,12 @@ pub enum PortError {
     MirrorSelf(String),
     #[error("{0}")]
     Qos(#[from] QosError),
+    #[error("{0}")]
+    Team(#[from] TeamError),
+    #[error("port '{0}': a team (team=) has no iface= or vhost-user=")]
+    TeamAndIface(String),
+    #[error("team-mode= needs team=")]
+    ModeWithoutTeam,
 }
 
 fn parse_guards(s: &str) -> Result<Guards, PortError> {
@@ -336,7 +363,7 @@ impl FromStr for PortConfig {
     /// Trunk VLANs are separated by `:` (a `,` separates options).
     fn from_str(s: &str) -> Result<Self, PortError> {
         let (mut name, mut iface, mut vlan, mut trunk, mut native) = (None, None, None, None, None);
-        let mut vhost_user = None;
+        let (mut vhost_user, mut team_members, mut team_mode) = (None, None, None);
         let (mut private, mut mac, mut ips, mut guards) =
             (None, None, Vec::new(), Guards::default());
         let (mut storm, mut mirror, mut qos) = (None, None, QosSpec::default());
@@ -348,6 +375,8 @@ impl FromStr for PortConfig {
                 "name" => name = Some(v.to_string()),
                 "iface" => iface = Some(v.to_string()),
                 "vhost-user" => vhost_user = Some(PathBuf::from(v)),
+                "team" => team_members = Some(TeamSpec::parse_members(v)),
+                "team-mode" => team_mode = Some(v.parse::<TeamMode>()?),
                 "vlan" => vlan = Some(v.parse::<VlanId>()?),
                 "native" => native = Some(v.parse::<VlanId>()?),
                 "trunk" => {
@@ -391,6 +420,14 @@ impl FromStr for PortConfig {
             }
         }
         let name = name.ok_or(PortError::NoName)?;
+        let team = match (team_members, team_mode) {
+            (Some(members), mode) => Some(TeamSpec {
+                members,
+                mode: mode.unwrap_or_default(),
+            }),
+            (None, Some(_)) => return Err(PortError::ModeWithoutTeam),
+            (None, None) => None,
+        };
         let vlan = match (vlan, trunk) {
             (Some(_), Some(_)) => return Err(PortError::VlanAndTrunk(name)),
             (v, None) => {
@@ -413,6 +450,7 @@ impl FromStr for PortConfig {
             name,
             iface,
             vhost_user,
+            team,
             vlan,
             mac,
             ips,
@@ -469,6 +507,21 @@ mod tests {
     }
 
     #[test]
+    fn parses_teams() {
+        let t: PortConfig = "name=up,team=m0+m1,team-mode=hash,trunk=10:20"
+            .parse()
+            .unwrap();
+        let team = t.team.as_ref().unwrap();
+        assert_eq!(team.members, ["m0", "m1"]);
+        assert_eq!(team.mode, TeamMode::Hash);
+        assert_eq!(t.interfaces(), ["m0", "m1"]);
+        let ab: PortConfig = "name=up,team=eth1".parse().unwrap();
+        assert_eq!(ab.team.unwrap().mode, TeamMode::ActiveBackup);
+        let plain: PortConfig = "name=vm1,iface=tap0".parse().unwrap();
+        assert_eq!(plain.interfaces(), ["tap0"]);
+    }
+
+    #[test]
     fn refuses_bad_ports_with_one_clear_line() {
         let cases = [
             ("name=a,vlan=4095", "VLAN 4095 is out of range"),
@@ -508,6 +561,17 @@ mod tests {
             (
                 "name=a,iface=waytoolonginterfacename",
                 "longer than 15 bytes",
+            ),
+            ("name=up,team=", "team 'up' has no members"),
+            ("name=up,team=m0+m0", "team 'up' names member 'm0' twice"),
+            (
+                "name=up,team=m0+m1,team-mode=lacp",
+                "unknown team mode 'lacp' (known: active-backup, hash)",
+            ),
+            ("name=up,team-mode=hash", "team-mode= needs team="),
+            (
+                "name=up,iface=m0,team=m0+m1",
+                "a team (team=) has no iface= or vhost-user=",
             ),
         ];
         for (spec, want) in cases {

@@ -208,6 +208,11 @@ impl Switch {
         cfg.mtu + ETH_HLEN + VLAN_HLEN
     }
 
+    /// How long a learned address lives unseen.
+    pub fn aging(&self) -> Duration {
+        self.cfg.aging
+    }
+
     /// Adds an extension after the others of its stage.
     pub fn add_extension(&mut self, ext: Box<dyn Extension>) {
         self.chain.push(ext);
@@ -236,12 +241,10 @@ impl Switch {
                     });
                 }
             }
-            if p.config.vhost_user.is_none()
-                && config.vhost_user.is_none()
-                && p.config.iface() == config.iface()
-            {
+            let theirs = p.config.interfaces();
+            if let Some(iface) = config.interfaces().into_iter().find(|i| theirs.contains(i)) {
                 return Err(SwitchError::DuplicateIface {
-                    iface: config.iface().to_string(),
+                    iface: iface.to_string(),
                     port: p.config.name.clone(),
                 });
             }

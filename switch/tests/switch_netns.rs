@@ -508,6 +508,56 @@ fn an_acl_deny_drops_and_counts_until_removed() {
 }
 
 #[test]
+fn an_acl_meter_passes_its_burst_and_drops_and_counts_the_excess() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::start("meter", &[("vm", ",vlan=1"), ("peer", ",vlan=1")], &[]);
+    // 8 kbit/s (1,000 bytes/s), a 1,000-byte bucket: a burst of 30 100-byte frames
+    // gets its first 10 through (plus what the rate earns while it is sent).
+    let r = lab.ctl(
+        r#"{"op":"acl-add","port":"vm","rule":{"action":"meter","direction":"outbound","protocol":"udp","rate":"8k","burst":1000}}"#,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let (src, dst) = (Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2));
+    let f = build::udp4_frame(mac(2), mac(1), None, src, dst, 4000, 9, &[5u8; 58]);
+    assert_eq!(f.len(), 100);
+    for _ in 0..30 {
+        lab.wire("vm").send(&f);
+    }
+    // A frame the meter does not match, behind them: once it is in, the switch has
+    // decided on all 30.
+    let marker = frame(mac(2), mac(1), None, 20);
+    lab.wire("vm").send(&marker);
+    let mut delivered = 0u64;
+    loop {
+        let got = lab.wire("peer").recv(T).expect("frames at the peer");
+        if got == marker {
+            break;
+        }
+        assert_eq!(got, f, "byte-exact");
+        delivered += 1;
+    }
+    let rules = lab.ctl(r#"{"op":"acl-list","port":"vm"}"#);
+    let metered = rules["rules"][0]["metered_packets"].as_u64().unwrap_or(0);
+    assert!(delivered >= 10, "the burst passes: {delivered}");
+    assert_eq!(delivered + metered, 30, "{rules}");
+    assert_eq!(rules["rules"][0]["packets"], 30, "{rules}");
+    assert_eq!(lab.counters("vm")["rx_dropped"]["acl-meter"], metered);
+    println!("meter: {delivered} of 30 passed a 1000-byte, 8 kbit/s meter");
+    // A meter without a rate: one line.
+    let v = lab.ctl(r#"{"op":"acl-add","port":"vm","rule":{"action":"meter"}}"#);
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("a meter rule needs a rate"),
+        "{v}"
+    );
+}
+
+#[test]
 fn the_dhcp_guard_drops_a_rogue_offer_from_a_vm_port() {
     if skip_unless_root() {
         return;

@@ -21,6 +21,7 @@ mod domain;
 mod opener;
 mod privileges;
 mod seccomp;
+mod team_io;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 mod vhost_user;
@@ -45,7 +46,8 @@ enum Cmd {
     Run {
         /// A port: name=N[,iface=IF|,vhost-user=SOCKET][,vlan=V[,pvlan=isolated|community:C|promiscuous]]
         /// [,trunk=V:V..[,native=V]][,mac=M][,ip=A]..[,guard=mac+dhcp+router+arp+nd|all]
-        /// [,storm=PPS][,mirror=MONITOR[:in|out|both]]
+        /// [,storm=PPS][,mirror=MONITOR[:in|out|both]]; a team of uplinks:
+        /// name=N,team=IF+IF..[,team-mode=active-backup|hash][,vlan/trunk options]
         #[arg(long = "port", value_name = "SPEC")]
         ports: Vec<String>,
         /// A TOML (or .json) file with control, aging_secs, mtu, ports and acls.

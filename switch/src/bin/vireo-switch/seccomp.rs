@@ -19,6 +19,12 @@ pub use sandbox::{Filters, SeccompMode};
 const SIOCGIFINDEX: u64 = 0x8933;
 /// `FIONBIO`: std's `set_nonblocking` on control clients and sockets.
 const FIONBIO: u64 = 0x5421;
+/// `SIOCGIFFLAGS`: a team member's link state (read only).
+const SIOCGIFFLAGS: u64 = 0x8913;
+/// `SIOCETHTOOL`: a team member's carrier (the switch thread asks `ETHTOOL_GLINK`
+/// only; the other ethtool commands that change a device need `CAP_NET_ADMIN`,
+/// which the switch does not hold).
+const SIOCETHTOOL: u64 = 0x8946;
 
 /// What a thread of `vireo-switch` does, and so which filter it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,8 +32,9 @@ pub enum Role {
     /// The main thread (`vireo-switch`): the poll loop that receives and switches every
     /// frame (from AF_PACKET ports and from the vhost-user workers), sends them out and
     /// serves the control socket: receiving and sending on sockets it has, accepting
-    /// control clients (`FIONBIO` on them), nothing else. No socket, bind, unlink, ioctl
-    /// of any other kind, or thread: it asks the opener.
+    /// control clients (`FIONBIO` on them), reading team members' link state
+    /// (`SIOCGIFFLAGS`, `SIOCETHTOOL`), nothing else. No socket, bind, unlink, ioctl of any other
+    /// kind, or thread: it asks the opener.
     Switch,
     /// The opener (`vireo-sw-open`): opens and removes ports for the switch thread:
     /// AF_PACKET and unix sockets only (`socket`'s family is checked), `bind`,
@@ -66,7 +73,10 @@ impl ThreadRole for Role {
         match self {
             Role::Switch => {
                 allow(&mut rules, SWITCH);
-                rules.insert(libc::SYS_ioctl, ioctl_rules(&[FIONBIO])?);
+                rules.insert(
+                    libc::SYS_ioctl,
+                    ioctl_rules(&[FIONBIO, SIOCGIFFLAGS, SIOCETHTOOL])?,
+                );
             }
             Role::Opener => {
                 allow(&mut rules, LISTENER);

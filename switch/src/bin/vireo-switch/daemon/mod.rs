@@ -28,7 +28,10 @@ use crate::config::{parse_port, Config};
 use crate::control::{self, Request, MAX_REQUEST};
 use crate::opener::{privileged, Opener};
 use crate::seccomp::{Filters, Role};
+use crate::team_io::{TeamPort, Teams, LINK_POLL};
 use crate::vhost_user::{Inbound, ToSwitch, VhostPortError, VhostUserPort};
+
+mod team;
 
 /// The signalfd, the control socket and the vhost-user wake eventfd come first.
 const FIXED_FDS: usize = 3;
@@ -94,6 +97,8 @@ pub struct Daemon {
     /// Makes and removes sockets once the switch is confined.
     opener: Option<Opener>,
     ports: HashMap<PortId, PacketPort>,
+    /// Team ports (several member interfaces each).
+    teams: Teams,
     vhost: VhostPorts,
     listener: UnixListener,
     control_path: PathBuf,
@@ -148,6 +153,7 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
 fn open_port(
     sw: &mut Switch,
     ports: &mut HashMap<PortId, PacketPort>,
+    teams: &mut Teams,
     vhost: &mut VhostPorts,
     opener: Option<&Opener>,
     cfg: PortConfig,
@@ -155,6 +161,20 @@ fn open_port(
     // Checked before the socket opens, so a duplicate (or a mirror to nowhere) never
     // touches the interface.
     sw.check_port(&cfg)?;
+    if let Some(spec) = cfg.team.clone() {
+        let aging = sw.aging();
+        let mut team = privileged(opener, move || TeamPort::open(&spec, aging))
+            .ok_or(DaemonError::OpenerGone)??;
+        let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
+        let members = cfg.interfaces().join("+");
+        let id = sw.add_port(cfg)?;
+        // Read on this thread: the opener's filter has no SIOCGIFFLAGS. Nothing is
+        // learnt yet, so there is nothing to announce.
+        let _ = team.poll_links(&name);
+        teams.ports.insert(id, team);
+        info!(port = %name, %members, id, vlan = ?mode, "team port up");
+        return Ok(id);
+    }
     if let Some(path) = cfg.vhost_user.clone() {
         let (name, mode) = (cfg.name.clone(), cfg.vlan.clone());
         let id = sw.add_port(cfg)?;
@@ -214,6 +234,7 @@ impl Daemon {
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let mut sw = Switch::new(cfg.switch);
         let mut ports = HashMap::new();
+        let mut teams = Teams::default();
         let (tx, inbound) = std::sync::mpsc::channel();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DaemonError::EventFd)?);
         let mut vhost = VhostPorts {
@@ -229,7 +250,7 @@ impl Daemon {
             if let Some(m) = p.mirror.take() {
                 mirrors.push((p.name.clone(), m));
             }
-            open_port(&mut sw, &mut ports, &mut vhost, None, p)?;
+            open_port(&mut sw, &mut ports, &mut teams, &mut vhost, None, p)?;
         }
         for (port, m) in mirrors {
             sw.mirror_set(&port, &m.to, m.direction)?;
@@ -241,6 +262,7 @@ impl Daemon {
             sw,
             opener: None,
             ports,
+            teams,
             vhost,
             listener: bind_control(&cfg.control)?,
             control_path: cfg.control,
@@ -269,7 +291,7 @@ impl Daemon {
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::probe_syscall("switch");
         info!(
-            ports = self.ports.len() + self.vhost.ports.len(),
+            ports = self.ports.len() + self.teams.ports.len() + self.vhost.ports.len(),
             control = %self.control_path.display(),
             "vireo-switch ready"
         );
@@ -284,6 +306,7 @@ impl Daemon {
 
     fn poll_loop(&mut self) -> Result<(), DaemonError> {
         let mut last_expiry = Instant::now();
+        let mut last_links = Instant::now();
         loop {
             let port_ids: Vec<PortId> = self.ports.keys().copied().collect();
             let mut fds = vec![
@@ -296,6 +319,8 @@ impl Daemon {
                     .iter()
                     .map(|id| pollfd(self.ports[id].as_raw_fd(), libc::POLLIN)),
             );
+            let team_fds = self.teams.fds();
+            fds.extend(team_fds.iter().map(|t| pollfd(t.2, libc::POLLIN)));
             fds.extend(self.clients.iter().map(|c| {
                 let ev = if c.outbuf.is_empty() {
                     libc::POLLIN
@@ -305,10 +330,14 @@ impl Daemon {
                 pollfd(c.stream.as_raw_fd(), ev)
             }));
             // Queued frames (QoS) leave on time: the poll ends at the next deadline.
-            let wait = match self.sw.next_deadline() {
+            let mut wait = match self.sw.next_deadline() {
                 Some(d) => d.saturating_sub(self.epoch.elapsed()).min(IDLE_WAIT),
                 None => IDLE_WAIT,
             };
+            // Team members' links are read every LINK_POLL.
+            if !team_fds.is_empty() {
+                wait = wait.min(LINK_POLL.saturating_sub(last_links.elapsed()));
+            }
             let timeout = libc::timespec {
                 tv_sec: wait.as_secs() as libc::time_t,
                 tv_nsec: wait.subsec_nanos() as libc::c_long,
@@ -342,7 +371,13 @@ impl Daemon {
                     self.serve_port(*id);
                 }
             }
-            let client_events: Vec<i16> = fds[FIXED_FDS + port_ids.len()..]
+            let teams_at = FIXED_FDS + port_ids.len();
+            for (i, (id, m, _)) in team_fds.iter().enumerate() {
+                if fds[teams_at + i].revents != 0 {
+                    self.serve_team(*id, *m);
+                }
+            }
+            let client_events: Vec<i16> = fds[teams_at + team_fds.len()..]
                 .iter()
                 .map(|f| f.revents)
                 .collect();
@@ -356,6 +391,10 @@ impl Daemon {
                 self.accept();
             }
             self.serve_egress();
+            if !team_fds.is_empty() && last_links.elapsed() >= LINK_POLL {
+                self.poll_team_links();
+                last_links = Instant::now();
+            }
             if last_expiry.elapsed().as_secs() >= 1 {
                 self.sw.expire(self.epoch.elapsed());
                 last_expiry = Instant::now();
@@ -429,7 +468,19 @@ impl Daemon {
 
     /// Sends the frames the switch produced to their ports.
     fn send_out(&mut self) {
+        let mut takeovers = Vec::new();
         for e in self.out.drain(..) {
+            if let Some(t) = self.teams.ports.get_mut(&e.port) {
+                let name = self.sw.port_config(e.port).map_or("?", |c| c.name.as_str());
+                let (sent, takeover) = t.send(name, &e.frame, self.epoch.elapsed());
+                if !sent {
+                    self.sw.record_tx_failure(e.port);
+                }
+                if let Some(tk) = takeover {
+                    takeovers.push((e.port, tk));
+                }
+                continue;
+            }
             if let Some(v) = self.vhost.ports.get(&e.port) {
                 if let Err(why) = v.shared.deliver(e.frame) {
                     self.sw.record_tx_drop(e.port, why);
@@ -446,6 +497,9 @@ impl Daemon {
                 }
                 None => {}
             }
+        }
+        for (id, tk) in takeovers {
+            self.announce(id, tk);
         }
     }
 
@@ -605,6 +659,9 @@ impl Daemon {
                         if let Some(v) = self.vhost.ports.get(&(id as PortId)) {
                             p["connected"] = json!(v.shared.is_connected());
                         }
+                        if let Some(t) = self.teams.ports.get(&(id as PortId)) {
+                            p["team"] = json!(t.status());
+                        }
                         let queued = self.sw.queued(id as PortId);
                         if queued > 0 {
                             p["qos_queued"] = json!(queued);
@@ -619,6 +676,10 @@ impl Daemon {
                 .map(|c| json!({ "port": port, "counters": c }))
                 .and_then(|mut v| {
                     v["qos"] = json!(self.sw.qos_status(&port)?);
+                    let id = self.sw.port_id(&port)?;
+                    if let Some(t) = self.teams.ports.get(&id) {
+                        v["team"] = json!(t.status());
+                    }
                     Ok(v)
                 })
                 .map_err(|e| e.to_string()),
@@ -653,6 +714,7 @@ impl Daemon {
                     open_port(
                         &mut self.sw,
                         &mut self.ports,
+                        &mut self.teams,
                         &mut self.vhost,
                         self.opener.as_ref(),
                         cfg,
@@ -723,6 +785,7 @@ impl Daemon {
             Request::PortRemove { port } => match self.sw.remove_port(&port) {
                 Ok(id) => {
                     self.ports.remove(&id);
+                    self.teams.ports.remove(&id);
                     if let Some(v) = self.vhost.ports.remove(&id) {
                         // No new VMM can connect; a connected one's frames are ignored
                         // (the switch no longer knows the port).
