@@ -8,7 +8,7 @@
 //!
 //! `vfio-user-dead`: scratch check, prints `vfio-user ready`, then reads the ID
 //! register every millisecond until it reads all ones (the server was killed) and
-//! prints `vfio-user gone id=0xffffffff after_ms=N`.
+//! prints `vfio-user gone id=0xffffffff after_ms=N` (then runs on for `hold_ms=`).
 
 use crate::hvm::CMDLINE;
 use crate::io::{self, rdtsc};
@@ -211,5 +211,11 @@ pub fn dead() -> ! {
     // Writes to a dead device are dropped; reads stay all ones.
     f.write(SCRATCH, 1);
     println!("vfio-user after scratch={:#x}", f.read(SCRATCH));
+    // `hold_ms=`: keep running a while, so the host can look at the VM.
+    let hold = num("hold_ms", 0);
+    let t = rdtsc();
+    while (rdtsc() - t) / khz < hold {
+        core::hint::spin_loop();
+    }
     io::result_ok()
 }
