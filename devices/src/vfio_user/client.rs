@@ -88,6 +88,11 @@ impl Client {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::over(stream)
+    }
+
+    /// Negotiates over a connected stream.
+    pub(super) fn over(stream: UnixStream) -> Result<Self, ClientError> {
         for t in [
             UnixStream::set_read_timeout as fn(&UnixStream, _) -> _,
             UnixStream::set_write_timeout,

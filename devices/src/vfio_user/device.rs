@@ -430,3 +430,33 @@ impl PciDevice for UserPciDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(caps: &[(usize, u8, u8)]) -> ServerConfig {
+        let mut c = [0u8; CONFIG_READ];
+        c[6] = 1 << 4;
+        c[0x34] = caps.first().map_or(0, |c| c.0 as u8);
+        for &(at, id, next) in caps {
+            c[at] = id;
+            c[at + 1] = next;
+        }
+        ServerConfig(c)
+    }
+
+    #[test]
+    fn a_capability_list_that_loops_or_leaves_the_space_finds_nothing() {
+        assert_eq!(
+            config(&[(0x40, 0x05, 0x50), (0x50, 0x11, 0)]).msix_cap(),
+            Some(0x50)
+        );
+        assert_eq!(
+            config(&[(0x40, 0x05, 0x48), (0x48, 0x09, 0x40)]).msix_cap(),
+            None
+        );
+        assert_eq!(config(&[(0x40, 0x05, 0xfc)]).msix_cap(), None);
+        assert_eq!(config(&[(0x40, 0x05, 0x10)]).msix_cap(), None);
+    }
+}

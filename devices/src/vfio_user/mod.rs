@@ -8,5 +8,8 @@ mod device;
 mod irq;
 mod wire;
 
+#[cfg(test)]
+mod tests;
+
 pub use client::ClientError;
 pub use device::{UserDeviceError, UserDeviceStatus, UserPciDevice};
