@@ -99,6 +99,9 @@ pub struct UserPciDevice {
     /// None once the server failed.
     client: Option<Client>,
     msix: Option<MsixLayout>,
+    /// Each BAR region's size as the server gave it (the BAR the guest sees is
+    /// rounded up to a power of two of at least 4 KiB; the rest is not forwarded).
+    region_sizes: [u64; 6],
     table: Arc<Mutex<MsixTable>>,
     sink: Arc<dyn MsiSink>,
     status: Arc<UserDeviceStatus>,
@@ -208,7 +211,7 @@ impl UserPciDevice {
                     r.size
                 )));
             }
-            *size = r.size.next_power_of_two().max(0x1000);
+            *size = r.size;
             config.add_bar(PciBar {
                 index: i,
                 kind: BarKind::Memory32,
@@ -290,6 +293,7 @@ impl UserPciDevice {
             config,
             client: Some(client),
             msix,
+            region_sizes: bar_sizes,
             table,
             sink,
             status,
@@ -299,6 +303,25 @@ impl UserPciDevice {
 
     pub fn status(&self) -> Arc<UserDeviceStatus> {
         self.status.clone()
+    }
+
+    /// Whether an access lies inside the server's region (and is small enough to send).
+    fn forwarded(&self, bar: usize, offset: u64, len: usize) -> bool {
+        let size = self.region_sizes.get(bar).copied().unwrap_or(0);
+        len <= MAX_ACCESS
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= size)
+    }
+
+    /// A failed access: the server's refusal of one access (its errno) leaves the
+    /// connection usable; anything else ends it.
+    fn access_failed(&mut self, bar: usize, offset: u64, e: &ClientError) {
+        if let ClientError::Server { errno, .. } = e {
+            crate::guest_warn!(device = %self.id, bar, offset, errno, "vfio-user server refused a BAR access");
+            return;
+        }
+        self.fail(e);
     }
 
     fn fail(&mut self, e: &ClientError) {
@@ -400,7 +423,7 @@ impl PciDevice for UserPciDevice {
             None => {}
         }
         data.fill(0xff);
-        if data.len() > MAX_ACCESS {
+        if !self.forwarded(bar, offset, data.len()) {
             return;
         }
         let Some(client) = self.client.as_mut() else {
@@ -409,7 +432,7 @@ impl PciDevice for UserPciDevice {
         self.status.region_reads.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = client.region_read(bar as u32, offset, data) {
             data.fill(0xff);
-            self.fail(&e);
+            self.access_failed(bar, offset, &e);
         }
     }
 
@@ -421,12 +444,15 @@ impl PciDevice for UserPciDevice {
             Some((false, _)) => return,
             None => {}
         }
+        if !self.forwarded(bar, offset, data.len()) {
+            return;
+        }
         let Some(client) = self.client.as_mut() else {
             return;
         };
         self.status.region_writes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = client.region_write(bar as u32, offset, data) {
-            self.fail(&e);
+            self.access_failed(bar, offset, &e);
         }
     }
 }
