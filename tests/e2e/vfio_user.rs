@@ -63,6 +63,22 @@ impl Drop for Server {
     }
 }
 
+/// The `Seccomp:` mode of the thread of `pid` named `name`.
+fn seccomp_of(pid: u32, name: &str) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        if comm.trim() != name {
+            return None;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -267,6 +283,13 @@ fn snapshot_and_migration_of_a_vm_with_a_user_device_are_refused() {
     .spawn();
     wait_for_socket(&sock, T);
     vm.wait_serial("vfio-user ready", T);
+    // The interrupt forwarder runs under its own filter.
+    let pid = vm.child.as_ref().unwrap().id();
+    assert_eq!(
+        seccomp_of(pid, "vireo-vfu-irq"),
+        Some(2),
+        "vireo-vfu-irq must run under a seccomp filter"
+    );
     let snap = dir.path().join("snap");
     let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
     let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
