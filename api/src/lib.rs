@@ -20,7 +20,7 @@ pub use config::VmConfig;
 pub use lifecycle::{Action, InvalidTransition, VmState};
 pub use server::{serve, Dispatch, ServerError, ServerHandle};
 pub use types::{
-    file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DiskMigrationInfo,
+    file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DeviceFault, DiskMigrationInfo,
     MigrateDiskRequest, MigrationInfo, MigrationStatus, ReceiveMigrationRequest,
     ReceiveMigrationTls, ReplicaCutInfo, ReplicaSegmentInfo, ResizeRequest, RestoreRequest,
     SendMigrationRequest, SendMigrationTls, SnapshotRequest, VmAction, VmInfo, WriteLease,

@@ -32,6 +32,16 @@ pub struct VmInfo {
     /// a live migration's destination must give too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_features: Option<String>,
+    /// Devices that failed while the VM runs (a vfio-user server that went away).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_errors: Vec<DeviceFault>,
+}
+
+/// One failed device in [`VmInfo`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceFault {
+    pub id: String,
+    pub error: String,
 }
 
 /// `vm.snapshot`'s body (Cloud Hypervisor's): where to write, as a `file://` URL.

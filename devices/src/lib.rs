@@ -25,6 +25,7 @@ pub mod output;
 pub mod pci;
 pub mod rate_limiter;
 pub mod threads;
+pub mod vfio_user;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

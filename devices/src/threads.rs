@@ -15,6 +15,8 @@ pub enum WorkerKind {
     Mem,
     /// Watches a vhost-user backend's socket and connects again when it goes away.
     VhostUserLink,
+    /// Turns a vfio-user server's interrupt eventfds into MSI-X messages.
+    UserDeviceIrq,
 }
 
 type Hook = Box<dyn Fn(WorkerKind) + Send + Sync>;

@@ -20,4 +20,5 @@ mod qemu_reference;
 mod replica;
 mod storage_roots;
 mod vcpus;
+mod vfio_user;
 mod virtio_mem;

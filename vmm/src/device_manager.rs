@@ -19,6 +19,7 @@ use devices::virtio::net::{Net, NetConfig, VhostUserNet};
 
 /// How long a VMM waits for a vhost-user backend (a switch starting, restarting).
 const VHOST_USER_CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+use devices::vfio_user::UserPciDevice;
 use devices::virtio::{
     GuestMemoryMmap, VirtioDevice, VirtioPciDevice, VirtioPciError, VIRTIO_PCI_BAR_SIZE,
 };
@@ -49,6 +50,10 @@ pub enum DeviceError {
     VhostUser(#[from] devices::virtio::net::VhostUserError),
     #[error("vhost-user socket {0}")]
     SocketConfined(String),
+    #[error(transparent)]
+    UserDevice(#[from] devices::vfio_user::UserDeviceError),
+    #[error("vfio-user device {id}: guest memory region at {addr:#x} is not shared (fd-backed)")]
+    UnsharedMemory { id: String, addr: u64 },
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
         path: String,
@@ -87,6 +92,8 @@ pub struct DeviceManager {
     /// The ACPI Generic Event Device (power button).
     pub ged: Arc<AcpiGed>,
     pub functions: Vec<PciFunction>,
+    /// vfio-user functions by id, with what the API reports of them.
+    pub user_devices: Vec<(String, Arc<devices::vfio_user::UserDeviceStatus>)>,
     /// The replicated disks (id, backend): what `vm.replica-cut` holds and seals.
     pub replicated: Vec<(String, Arc<dyn BlockBackend>)>,
     /// A clustered VM's write lease: every disk's writes pass it (see
@@ -360,6 +367,7 @@ impl DeviceManager {
             ioapic,
             ged,
             functions: Vec::new(),
+            user_devices: Vec::new(),
             replicated: Vec::new(),
             write_lease: config
                 .write_lease
@@ -403,6 +411,12 @@ impl DeviceManager {
             tracing::info!(%id, tap = %n.tap, %mac, "network device");
             let dev = Net::new(tap, NetConfig { mac }).with_reopen(reopen_tap(&n.tap));
             dm.add_virtio(hv, mem, id, Box::new(dev))?;
+        }
+        for (i, u) in config.user_devices.iter().enumerate() {
+            let id = u.id.clone().unwrap_or_else(|| format!("user{i}"));
+            crate::confinement::check_socket(&u.socket)
+                .map_err(|e| DeviceError::SocketConfined(e.to_string()))?;
+            dm.add_user_device(hv, mem, id, &u.socket)?;
         }
         if config.console != OutputConfig::Off {
             let input = match config.console {
@@ -485,6 +499,61 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Connects a vfio-user server's PCI function, lets it map every RAM region (by
+    /// the region's memfd) for DMA, and plugs it into the PCI root.
+    fn add_user_device(
+        &mut self,
+        hv: &Hypervisor,
+        mem: &Arc<GuestMemoryMmap>,
+        id: String,
+        socket: &std::path::Path,
+    ) -> Result<(), DeviceError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut dma = Vec::new();
+        for r in mem.iter() {
+            let addr = r.start_addr().0;
+            let fo = r.file_offset().ok_or_else(|| DeviceError::UnsharedMemory {
+                id: id.clone(),
+                addr,
+            })?;
+            dma.push((fo.file(), fo.start(), addr, r.len()));
+        }
+        let dev = UserPciDevice::connect(&id, socket, &dma, hv.msi_sink())?;
+        let status = dev.status();
+        let mut dev = dev;
+        let mut bars = Vec::new();
+        let layout: Vec<(usize, u64)> = dev.config().bars().map(|b| (b.index, b.size)).collect();
+        for (index, size) in layout {
+            let addr = self.allocate_bar(size)?;
+            dev.config_mut().set_bar_address(index, addr);
+            bars.push((index, addr));
+        }
+        dev.config_mut().enable_memory_and_master();
+        let slot = self.pci.add_device(Arc::new(Mutex::new(dev)))?;
+        tracing::info!(%id, slot, ?bars, "vfio-user device added");
+        self.user_devices.push((id, status));
+        Ok(())
+    }
+
+    /// Why this VM's devices cannot be saved (a snapshot, a live migration): a
+    /// vfio-user device's state lives in its server, which this VMM cannot save.
+    pub fn migration_blocker(&self) -> Option<String> {
+        self.user_devices.first().map(|(id, _)| {
+            format!(
+                "vfio-user device {id} does not support migration (its state lives in its \
+                 server; the vfio-user migration region is not implemented)"
+            )
+        })
+    }
+
+    /// Devices that failed while the VM runs, with why.
+    pub fn device_faults(&self) -> Vec<(String, String)> {
+        self.user_devices
+            .iter()
+            .filter_map(|(id, s)| s.failure().map(|f| (id.clone(), f)))
+            .collect()
+    }
+
     /// Coalesces each virtio function's `queue_select` register (crate::coalesced): the
     /// VM's ring must be mapped and drained by its vCPUs first.
     pub fn coalesce_queue_selects(&self, hv: &Hypervisor) -> Result<(), KvmError> {
@@ -502,6 +571,11 @@ impl DeviceManager {
                 let d = sync::lock(&f.device);
                 (f.id.clone(), d.device().counters())
             })
+            .chain(
+                self.user_devices
+                    .iter()
+                    .map(|(id, s)| (id.clone(), s.counters())),
+            )
             .collect()
     }
 }

@@ -402,6 +402,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             devices::threads::WorkerKind::Console => ThreadKind::ConsoleWorker,
             devices::threads::WorkerKind::Net => ThreadKind::NetWorker,
             devices::threads::WorkerKind::VhostUserLink => ThreadKind::VhostUserLink,
+            devices::threads::WorkerKind::UserDeviceIrq => ThreadKind::UserDeviceIrq,
             devices::threads::WorkerKind::Balloon => ThreadKind::BalloonWorker,
             devices::threads::WorkerKind::Mem => ThreadKind::MemWorker,
         })

@@ -59,6 +59,10 @@ pub enum ThreadKind {
     /// the rings (unix sockets: socket, connect, sendmsg/recvmsg with fds; no files, no
     /// ioctls). Started by the control thread when the device is created.
     VhostUserLink,
+    /// A vfio-user device's interrupt forwarder (`vireo-vfu-irq`): it waits on the
+    /// eventfds the server signals and delivers MSI-X messages (epoll, read,
+    /// KVM_SIGNAL_MSI). Started by the control thread when the device is created.
+    UserDeviceIrq,
     /// A live migration page stream (`vireo-mig-in*`, `vireo-mig-out*`): it parses or
     /// writes the network stream and copies pages through the guest memory mapping;
     /// no files, no ioctls, no new sockets.
@@ -76,7 +80,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 14] = [
+    pub const ALL: [ThreadKind; 15] = [
         ThreadKind::Control,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -88,6 +92,7 @@ impl ThreadKind {
         ThreadKind::MemWorker,
         ThreadKind::NetWorker,
         ThreadKind::VhostUserLink,
+        ThreadKind::UserDeviceIrq,
         ThreadKind::PageStream,
         ThreadKind::Receive,
         ThreadKind::Files,
@@ -262,6 +267,10 @@ fn rules_for(kind: ThreadKind) -> Result<Rules, String> {
                 &mut rules,
                 &[libc::SYS_pwrite64, libc::SYS_pread64, libc::SYS_ftruncate],
             );
+            // vfio-user BAR accesses are requests on the device's socket, which the
+            // control thread connected: send and receive (std's socket reads are
+            // recvfrom), no new sockets.
+            allow(&mut rules, &[libc::SYS_sendto, libc::SYS_recvfrom]);
             let mut allowed = vec![KVM_RUN, KVM_GET_REGS, KVM_SIGNAL_MSI, TCGETS, TIOCGWINSZ];
             allowed.extend(ioctls::KVM_VCPU_SAVE);
             rules.insert(libc::SYS_ioctl, ioctls(&allowed)?);
@@ -291,7 +300,8 @@ fn rules_for(kind: ThreadKind) -> Result<Rules, String> {
         ThreadKind::RngWorker
         | ThreadKind::NetWorker
         | ThreadKind::BalloonWorker
-        | ThreadKind::MemWorker => {
+        | ThreadKind::MemWorker
+        | ThreadKind::UserDeviceIrq => {
             rules.insert(libc::SYS_ioctl, ioctls(&[KVM_SIGNAL_MSI])?);
         }
         ThreadKind::ConsoleWorker => {

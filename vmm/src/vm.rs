@@ -634,6 +634,12 @@ impl Vm {
                 .map_err(|e| tracing::warn!(error = %e, "the vCPUs' CPU features are not known"))
                 .ok()
                 .map(|l| vireo_util::cpu_features::cpuid_fingerprint(&l)),
+            device_errors: self
+                .devices
+                .device_faults()
+                .into_iter()
+                .map(|(id, error)| api::DeviceFault { id, error })
+                .collect(),
         }
     }
 

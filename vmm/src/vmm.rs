@@ -479,9 +479,14 @@ impl Vmm {
             VmAction::Snapshot(_) if self.disk_migration.is_some() => Err(ApiError::conflict(
                 "a storage migration is in progress; snapshot after it",
             )),
-            VmAction::Snapshot(dir) => self
-                .vm_mut()
-                .and_then(|vm| vm.snapshot(dir).map(|_| None).map_err(api_error)),
+            VmAction::Snapshot(dir) => self.vm_mut().and_then(|vm| {
+                if let Some(why) = vm.devices().migration_blocker() {
+                    return Err(ApiError::conflict(format!(
+                        "cannot snapshot this VM: {why}"
+                    )));
+                }
+                vm.snapshot(dir).map(|_| None).map_err(api_error)
+            }),
             VmAction::Restore(dir) => {
                 if self.vm.is_some() {
                     Err(ApiError::conflict("a VM already exists in this VMM"))
@@ -611,6 +616,9 @@ impl Vmm {
         let events = self.events_tx.clone();
         let info = self.migration.clone();
         let vm = self.vm_mut()?;
+        if let Some(why) = vm.devices().migration_blocker() {
+            return Err(ApiError::conflict(format!("cannot migrate this VM: {why}")));
+        }
         if !matches!(vm.state(), VmState::Running | VmState::Paused) {
             return Err(ApiError::conflict(format!(
                 "cannot migrate a VM that is {:?}",

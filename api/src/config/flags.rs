@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use super::{
     parse_balloon, parse_cpus, parse_disk, parse_memory, parse_net, parse_output_capped,
-    ConfigError, CpusConfig, MemoryConfig, OutputConfig, PayloadConfig, VmConfig,
+    parse_user_device, ConfigError, CpusConfig, MemoryConfig, OutputConfig, PayloadConfig,
+    VmConfig,
 };
 
 /// What a command line says about a VM. Every flag is optional: [`VmFlags::config`]
@@ -61,6 +62,11 @@ pub struct VmFlags {
     /// migrations; default id net0, net1, ...).
     #[arg(long)]
     pub net: Vec<String>,
+    /// A vfio-user device: socket=PATH[,id=ID] (repeatable; a PCI function emulated by
+    /// the server listening on PATH, which maps guest memory: needs --memory ...,shared=on;
+    /// default id user0, user1, ...).
+    #[arg(long)]
+    pub user_device: Vec<String>,
 }
 
 impl VmFlags {
@@ -86,6 +92,7 @@ impl VmFlags {
             console_max_size: None,
             rng: false,
             nets: Vec::new(),
+            user_devices: Vec::new(),
             write_lease: None,
             balloon: None,
             numa: Vec::new(),
@@ -151,6 +158,13 @@ impl VmFlags {
                 .map(|n| parse_net(n))
                 .collect::<Result<_, _>>()?;
         }
+        if !self.user_device.is_empty() {
+            cfg.user_devices = self
+                .user_device
+                .iter()
+                .map(|d| parse_user_device(d))
+                .collect::<Result<_, _>>()?;
+        }
         Ok(())
     }
 
@@ -169,6 +183,7 @@ impl VmFlags {
             ("--console", self.console.is_some()),
             ("--rng", self.rng.is_some()),
             ("--net", !self.net.is_empty()),
+            ("--user-device", !self.user_device.is_empty()),
         ];
         given.iter().filter(|(_, g)| *g).map(|(n, _)| *n).collect()
     }

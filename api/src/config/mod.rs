@@ -2,7 +2,7 @@
 //! (parsed in Cloud Hypervisor's `key=value,key=value` style) and the REST API.
 //!
 //! The types live by topic (`vm`: the whole description and its payload; `cpus`,
-//! `memory`, `balloon`, `disks`, `nets`, `output`), each with its flag's parser;
+//! `memory`, `balloon`, `disks`, `nets`, `user_devices`, `output`), each with its flag's parser;
 //! `options` splits the `key=value` strings and reads their values, `validate` checks
 //! what serde cannot. Everything public is re-exported here, as `api::config::...`.
 
@@ -14,6 +14,7 @@ mod memory;
 mod nets;
 mod options;
 mod output;
+mod user_devices;
 mod validate;
 mod vm;
 
@@ -27,6 +28,7 @@ pub use memory::{parse_memory, MemoryConfig, HOTPLUG_BLOCK_SIZE, MAX_MEMORY, MIN
 pub use nets::{parse_net, NetConfig};
 pub use options::parse_size;
 pub use output::{parse_output, parse_output_capped, OutputConfig, DEFAULT_OUTPUT_MAX_SIZE};
+pub use user_devices::{parse_user_device, UserDeviceConfig};
 pub use vm::{PayloadConfig, VmConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

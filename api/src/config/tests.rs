@@ -132,6 +132,7 @@ fn the_openapi_document_describes_every_config_field() {
             vhost_user: Some("/run/vs/n.sock".into()),
             ..parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()
         }],
+        user_devices: vec![crate::config::parse_user_device("socket=/run/u.sock,id=u").unwrap()],
         write_lease: Some(crate::WriteLease {
             deadline_monotonic_ns: 1,
         }),

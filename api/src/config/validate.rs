@@ -221,6 +221,21 @@ impl VmConfig {
                 )));
             }
         }
+        for u in &self.user_devices {
+            if !u.socket.is_absolute() {
+                return Err(ConfigError::Invalid(format!(
+                    "vfio-user socket {} must be an absolute path",
+                    u.socket.display()
+                )));
+            }
+            if !self.memory.shared {
+                return Err(ConfigError::Invalid(format!(
+                    "vfio-user device {} needs shared guest memory (--memory ...,shared=on) \
+                     so its server can map it for DMA",
+                    u.socket.display()
+                )));
+            }
+        }
         let mut ids = std::collections::BTreeSet::new();
         for id in self.device_ids() {
             if !ids.insert(id.clone()) {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BalloonConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, OutputConfig};
+use super::{
+    BalloonConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, OutputConfig, UserDeviceConfig,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +61,9 @@ pub struct VmConfig {
     /// without networking read as before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+    /// vfio-user devices (PCI functions served by other processes; omitted when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_devices: Vec<UserDeviceConfig>,
     /// A clustered VM's write lease: its disks take writes only before this deadline
     /// (see [`crate::WriteLease`]); none for a VM outside a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,7 +89,7 @@ impl VmConfig {
         }
     }
 
-    /// Every virtio device's API id, with the defaults filled in (disk0.., net0..).
+    /// Every device's API id, with the defaults filled in (disk0.., net0.., user0..).
     pub fn device_ids(&self) -> Vec<String> {
         let disks = self
             .disks
@@ -96,6 +101,11 @@ impl VmConfig {
             .iter()
             .enumerate()
             .map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}")));
-        disks.chain(nets).collect()
+        let users = self
+            .user_devices
+            .iter()
+            .enumerate()
+            .map(|(i, u)| u.id.clone().unwrap_or_else(|| format!("user{i}")));
+        disks.chain(nets).chain(users).collect()
     }
 }

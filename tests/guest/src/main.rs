@@ -19,6 +19,7 @@ mod rt;
 mod smp;
 mod tests;
 mod timer;
+mod vfio_user;
 mod virtio_mem;
 
 #[path = "../netframe.rs"]
@@ -114,6 +115,8 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "balloon" => balloon::run(&si),
         "virtio-mem" => virtio_mem::run(&si),
         "replica-writer" => tests::replica_writer(),
+        "vfio-user" => vfio_user::run(),
+        "vfio-user-dead" => vfio_user::dead(),
         _ => {
             println!("vireo-guest: result fail unknown test");
             io::exit(1)
