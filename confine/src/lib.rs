@@ -27,7 +27,9 @@ pub use private::{
     create_private, fd_path, mkdir_private, open_dir, open_dir_at, open_file_at, set_private_umask,
     unlink_at, write_private_atomic, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE,
 };
-pub use roots::{check_lexical, in_socket_dir, open_path_nofollow, Kind, Roots};
+pub use roots::{
+    check_lexical, in_socket_dir, open_path_nofollow, open_socket_path_nofollow, Kind, Roots,
+};
 
 #[cfg(test)]
 mod tests;

@@ -224,6 +224,15 @@ impl Roots {
         check_node(path, fd, listed)
     }
 
+    /// As [`Roots::open_path`], for a unix socket (one a VMM connects to): beneath its
+    /// root with no symlink, and anything but a socket refused.
+    pub fn open_socket_path(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
+        let (root, rest) = self.locate(path)?;
+        let fd = open_beneath(root.dir.as_fd(), &root.canonical, &rest, libc::O_PATH, 0)
+            .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
+        check_socket_node(path, fd)
+    }
+
     /// Opens a regular file (or allow-listed block device) for reading, or reading and
     /// writing.
     pub fn open_file(&self, path: &Path, write: bool) -> Result<File, ConfineError> {
@@ -309,6 +318,39 @@ pub fn open_path_nofollow(path: &Path) -> Result<OwnedFd, ConfineError> {
     )
     .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
     check_node(path, fd, true)
+}
+
+/// As [`open_path_nofollow`], for a unix socket: anything else is refused.
+pub fn open_socket_path_nofollow(path: &Path) -> Result<OwnedFd, ConfineError> {
+    check_lexical(path)?;
+    let fd = crate::beneath::openat(
+        at_fdcwd(),
+        path.as_os_str(),
+        libc::O_PATH | libc::O_NOFOLLOW,
+        0,
+    )
+    .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
+    check_socket_node(path, fd)
+}
+
+/// An `O_PATH` descriptor's file must be a unix socket.
+fn check_socket_node(path: &Path, fd: OwnedFd) -> Result<OwnedFd, ConfineError> {
+    let st = fstat(fd.as_fd()).map_err(|e| ConfineError::Io {
+        path: path.to_path_buf(),
+        what: "fstat",
+        source: e,
+    })?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => Ok(fd),
+        libc::S_IFLNK => Err(ConfineError::Symlink {
+            path: path.to_path_buf(),
+        }),
+        _ => Err(ConfineError::WrongType {
+            path: path.to_path_buf(),
+            expected: "unix socket",
+            found: kind_name(st.st_mode),
+        }),
+    }
 }
 
 /// An `O_PATH` descriptor's file must be a regular file, a directory or (`block`) a

@@ -85,20 +85,14 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-#[test]
-fn the_guest_drives_a_vfio_user_function_scratch_dma_and_msix() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), "normal");
-    let (out, serial) = Vireo::guest(
-        "test=vfio-user len=8192 seed=17",
-        &[
-            "--memory",
-            "size=256M,shared=on",
-            "--user-device",
-            &server.arg(),
-        ],
-    )
-    .run(T);
+/// The guest's whole check (scratch register, DMA of `len` bytes, one MSI-X vector)
+/// against a fresh server in `dir`, with `extra` VMM arguments; asserts both sides.
+fn drive_and_check(dir: &Path, extra: &[&str]) {
+    let server = Server::start(dir, "normal");
+    let arg = server.arg();
+    let mut args = vec!["--memory", "size=256M,shared=on", "--user-device", &arg];
+    args.extend_from_slice(extra);
+    let (out, serial) = Vireo::guest("test=vfio-user len=8192 seed=17", &args).run(T);
     assert_guest_ok(&out, &serial);
     let line = serial_line(&serial, "vfio-user scratch=");
     assert_eq!(field(line, "scratch"), "0x5eedc0de", "{line}");
@@ -116,6 +110,64 @@ fn the_guest_drives_a_vfio_user_function_scratch_dma_and_msix() {
     assert_eq!(field(line, "commands"), "1", "{report}");
     assert_eq!(field(line, "dma_bytes"), "8192", "{report}");
     assert_eq!(field(line, "irqs"), "1", "{report}");
+}
+
+#[test]
+fn the_guest_drives_a_vfio_user_function_scratch_dma_and_msix() {
+    let dir = tempfile::tempdir().unwrap();
+    drive_and_check(dir.path(), &[]);
+}
+
+/// A jailed VMM (its own uid, root and mount namespace) reaches its server through
+/// the one socket bound into the jail: the same DMA and interrupt outcomes.
+#[test]
+fn a_jailed_vmm_drives_a_vfio_user_function_through_its_bound_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = dir.path().join("servers");
+    std::fs::create_dir(&servers).unwrap();
+    // Something else in the socket's directory that the jail must not show.
+    std::fs::write(servers.join("other"), b"not for the VMM").unwrap();
+    let jail = format!(
+        "uid=100104,gid=100104,root={}",
+        dir.path().join("root").display()
+    );
+    drive_and_check(&servers, &["--jail", &jail]);
+    // Only the socket was bound and given to the jail's uid (the server removed it
+    // when its client went): its directory and its neighbour were left alone.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&servers).unwrap().uid(), 0);
+    assert_eq!(std::fs::metadata(servers.join("other")).unwrap().uid(), 0);
+}
+
+/// A user device whose socket path is not a socket: the jail refuses to start (it
+/// never makes an empty file in a server's place).
+#[test]
+fn a_jailed_vmm_refuses_a_user_device_path_that_is_not_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.sock");
+    let jail = format!(
+        "uid=100104,gid=100104,root={}",
+        dir.path().join("root").display()
+    );
+    let (out, _serial) = Vireo::guest(
+        "test=vfio-user len=8192 seed=17",
+        &[
+            "--memory",
+            "size=256M,shared=on",
+            "--user-device",
+            &format!("socket={}", missing.display()),
+            "--jail",
+            &jail,
+        ],
+    )
+    .run(T);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.sock"), "{err}");
+    assert!(
+        !missing.exists(),
+        "the jail made a file at the socket's path"
+    );
 }
 
 #[test]

@@ -217,8 +217,13 @@ impl std::str::FromStr for JailConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailPath {
     pub path: PathBuf,
-    /// The VMM writes it: chowned to the jail's uid (created empty if missing).
+    /// The VMM writes it: chowned to the jail's uid (created empty if missing, unless
+    /// it is a socket).
     pub writable: bool,
+    /// A unix socket another process listens on and the VMM connects to (a vfio-user
+    /// server's): it must exist and be a socket (never created), and is chowned to the
+    /// jail's uid (connecting needs write permission on it).
+    pub socket: bool,
 }
 
 impl JailPath {
@@ -226,12 +231,22 @@ impl JailPath {
         Self {
             path: path.into(),
             writable: false,
+            socket: false,
         }
     }
     pub fn writable(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             writable: true,
+            socket: false,
+        }
+    }
+    /// A server's socket the VMM connects to (see [`JailPath::socket`]).
+    pub fn socket(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: true,
+            socket: true,
         }
     }
 }
@@ -374,13 +389,15 @@ struct Opened {
 fn open_for_jail(p: &JailPath, roots: Option<&confine::Roots>) -> Result<Opened, JailError> {
     let path = p.path.as_path();
     let beneath = roots.filter(|r| r.contains(path));
-    let open = || match beneath {
-        Some(r) => r.open_path(path),
-        None => confine::open_path_nofollow(path),
+    let open = || match (beneath, p.socket) {
+        (Some(r), false) => r.open_path(path),
+        (Some(r), true) => r.open_socket_path(path),
+        (None, false) => confine::open_path_nofollow(path),
+        (None, true) => confine::open_socket_path_nofollow(path),
     };
     let fd = match open() {
         Err(confine::ConfineError::Io { source, .. })
-            if p.writable && source.kind() == std::io::ErrorKind::NotFound =>
+            if p.writable && !p.socket && source.kind() == std::io::ErrorKind::NotFound =>
         {
             create_private(path, beneath)?;
             open()?
@@ -590,6 +607,28 @@ fn drop_privileges(cfg: &JailConfig) -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_path_must_exist_and_be_a_socket_and_is_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone.sock");
+        assert!(open_for_jail(&JailPath::socket(&missing), None).is_err());
+        assert!(!missing.exists(), "a missing socket must not become a file");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            open_for_jail(&JailPath::socket(&file), None),
+            Err(JailError::Confine(confine::ConfineError::WrongType { path, .. })) if path == file
+        ));
+        let sock = dir.path().join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let o = open_for_jail(&JailPath::socket(&sock), None).unwrap();
+        assert!(o.writable && !o.dir);
+        // A writable file still is created when missing.
+        let made = dir.path().join("made");
+        open_for_jail(&JailPath::writable(&made), None).unwrap();
+        assert!(made.is_file());
+    }
 
     #[test]
     fn parses_a_full_jail_option() {

@@ -231,6 +231,7 @@ fn jail_paths(
             paths.push(JailPath {
                 path: d.path.clone(),
                 writable: !d.readonly,
+                socket: false,
             });
             paths.extend(
                 vhdx_parents(d, roots.as_ref())
@@ -249,6 +250,12 @@ fn jail_paths(
                 paths.push(JailPath::writable(log));
             }
         }
+        // A vfio-user server's socket: bound alone (not its directory), at its path,
+        // and given to the jail's uid so that the VMM may connect to it. Beneath a
+        // storage root it is opened as the disks are (no symlinks); inside the jail
+        // the device manager checks it against the roots and `--socket-dir` as it
+        // does a vhost-user socket.
+        paths.extend(cfg.user_devices.iter().map(|u| JailPath::socket(&u.socket)));
         output(&cfg.serial, &mut paths);
         output(&cfg.console, &mut paths);
     } else if let Some(s) = cli.vm.serial.as_deref() {
@@ -268,6 +275,7 @@ fn jail_paths(
                 paths.push(JailPath {
                     path: d.path.clone(),
                     writable: !d.readonly,
+                    socket: false,
                 });
             }
             if cli.vm.serial.is_none() {

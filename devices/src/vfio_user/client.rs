@@ -92,7 +92,7 @@ impl Client {
     }
 
     /// Negotiates over a connected stream.
-    pub(super) fn over(stream: UnixStream) -> Result<Self, ClientError> {
+    pub(crate) fn over(stream: UnixStream) -> Result<Self, ClientError> {
         for t in [
             UnixStream::set_read_timeout as fn(&UnixStream, _) -> _,
             UnixStream::set_write_timeout,

@@ -164,6 +164,39 @@ impl UserPciDevice {
         dma: &[(&F, u64, u64, u64)],
         sink: Arc<dyn MsiSink>,
     ) -> Result<Self, UserDeviceError> {
+        let client = Client::connect(path).map_err(|source| UserDeviceError::Client {
+            id: id.into(),
+            path: path.into(),
+            source,
+        })?;
+        Self::set_up(id, path, client, dma, sink)
+    }
+
+    /// As [`Self::connect`], over a stream already connected to the server (one end
+    /// of a socketpair: the fuzz target `vfio_user_replies` plays a hostile server on
+    /// the other). `label` names the server in errors and logs.
+    pub fn over_stream<F: std::os::fd::AsRawFd>(
+        id: &str,
+        label: &Path,
+        stream: std::os::unix::net::UnixStream,
+        dma: &[(&F, u64, u64, u64)],
+        sink: Arc<dyn MsiSink>,
+    ) -> Result<Self, UserDeviceError> {
+        let client = Client::over(stream).map_err(|source| UserDeviceError::Client {
+            id: id.into(),
+            path: label.into(),
+            source,
+        })?;
+        Self::set_up(id, label, client, dma, sink)
+    }
+
+    fn set_up<F: std::os::fd::AsRawFd>(
+        id: &str,
+        path: &Path,
+        mut client: Client,
+        dma: &[(&F, u64, u64, u64)],
+        sink: Arc<dyn MsiSink>,
+    ) -> Result<Self, UserDeviceError> {
         let client_err = |source| UserDeviceError::Client {
             id: id.into(),
             path: path.into(),
@@ -174,7 +207,6 @@ impl UserPciDevice {
             path: path.into(),
             reason,
         };
-        let mut client = Client::connect(path).map_err(client_err)?;
         let info = client.device_info().map_err(client_err)?;
         if info.regions <= wire::CONFIG_REGION {
             return Err(invalid(format!(
