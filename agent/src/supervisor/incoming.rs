@@ -303,7 +303,7 @@ impl Supervisor {
         };
         mkdir(&self.vm_dir(name), 0o750)?;
         mkdir(&self.vm_run_dir(name), 0o700)?;
-        mkdir(&self.saved_dir(name), 0o700)?;
+        self.prepare_saved_area(name)?;
         let cfg = self.receive_config(name, &req.definition);
         let mut binds: Vec<std::path::PathBuf> = req.storage_dir.iter().cloned().collect();
         let mut read_only = vec![cfg.payload.kernel.clone()];

@@ -38,6 +38,32 @@ impl Supervisor {
         self.vm_dir(name).join("saved")
     }
 
+    /// Makes the VM's saved-state area ready for a VMM launch: vireod's own (0700)
+    /// again, as its last VMM's jail had handed it to the VM's uid. A VMM starts as
+    /// root without CAP_DAC_OVERRIDE under systemd: it opens its storage roots, and
+    /// reads a saved state's configuration, before its jail hands them over; so a
+    /// saved state stays traversable (0711) and its `config.json` readable (0644)
+    /// beneath the area no one else may enter.
+    pub(super) fn prepare_saved_area(&self, name: &str) -> Result<(), AgentError> {
+        use std::os::unix::fs::PermissionsExt;
+        let area = self.saved_dir(name);
+        super::mkdir(&area, 0o700)?;
+        // SAFETY: geteuid/getegid have no preconditions.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        std::os::unix::fs::chown(&area, Some(uid), Some(gid))
+            .map_err(|e| AgentError::io("cannot take back the saved-state area", &area, e))?;
+        let state = self.saved_state(name);
+        if is_complete(&area) {
+            let set = |p: &Path, mode: u32| {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| AgentError::io("cannot set permissions of", p, e))
+            };
+            set(&state, 0o711)?;
+            set(&state.join("config.json"), 0o644)?;
+        }
+        Ok(())
+    }
+
     /// The saved state itself (a snapshot directory).
     pub(super) fn saved_state(&self, name: &str) -> PathBuf {
         self.saved_dir(name).join("state")

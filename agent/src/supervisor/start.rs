@@ -149,7 +149,7 @@ impl Supervisor {
         };
         mkdir(&self.vm_dir(name), 0o750).map_err(|e| (e, None))?;
         mkdir(&self.vm_run_dir(name), 0o700).map_err(|e| (e, None))?;
-        mkdir(&self.saved_dir(name), 0o700).map_err(|e| (e, None))?;
+        self.prepare_saved_area(name).map_err(|e| (e, None))?;
         spec.jail = self
             .jail_spec(name, Vec::new(), Vec::new())
             .map_err(|e| (e, None))?;
