@@ -330,35 +330,6 @@ fn malformed_disk_config_file() {
     assert_one_line_error(code, &err, "vm.json");
 }
 
-/// `vireo-bench --help` prints its usage and runs nothing (it used to run every
-/// benchmark); an unknown part is refused with one error line before anything runs.
-#[test]
-fn bench_help_prints_usage_and_runs_nothing() {
-    let run = |args: &[&str]| {
-        let child = Command::new(bin("vireo-bench"))
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_with_timeout(child, T)
-    };
-    let out = run(&["--help"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("Usage: vireo-bench"), "{stdout}");
-    assert!(stdout.contains("--only"), "{stdout}");
-    assert!(
-        !stdout.contains("## vireo VMM"),
-        "ran the benchmark: {stdout}"
-    );
-    let out = run(&["--only", "bogus"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("invalid value 'bogus'"), "{stderr}");
-    assert!(out.stdout.is_empty(), "ran the benchmark: {stderr}");
-}
-
 /// VM flags without a VM to describe (no --kernel or --config: a VMM waiting for
 /// vm.create, or restoring a snapshot) are refused by name, not dropped; --serial
 /// alone is taken (it applies to the VM that arrives).
