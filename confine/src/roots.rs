@@ -215,21 +215,24 @@ impl Roots {
     pub fn open_path(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
         let listed = self.block_devices.iter().any(|d| d == path);
         let fd = if listed {
-            open_path_nofollow(path)?
+            o_path_nofollow(path)?
         } else {
-            let (root, rest) = self.locate(path)?;
-            open_beneath(root.dir.as_fd(), &root.canonical, &rest, libc::O_PATH, 0)
-                .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?
+            self.o_path_beneath(path)?
         };
         check_node(path, fd, listed)
+    }
+
+    /// An `O_PATH` descriptor of `path`, beneath its root with no symlink.
+    fn o_path_beneath(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
+        let (root, rest) = self.locate(path)?;
+        open_beneath(root.dir.as_fd(), &root.canonical, &rest, libc::O_PATH, 0)
+            .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))
     }
 
     /// As [`Roots::open_path`], for a unix socket (one a VMM connects to): beneath its
     /// root with no symlink, and anything but a socket refused.
     pub fn open_socket_path(&self, path: &Path) -> Result<OwnedFd, ConfineError> {
-        let (root, rest) = self.locate(path)?;
-        let fd = open_beneath(root.dir.as_fd(), &root.canonical, &rest, libc::O_PATH, 0)
-            .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
+        let fd = self.o_path_beneath(path)?;
         check_socket_node(path, fd)
     }
 
@@ -309,28 +312,27 @@ impl Roots {
 /// component (earlier components resolve as usual: for paths outside the storage roots,
 /// in directories only root may change); a regular file, directory or block device.
 pub fn open_path_nofollow(path: &Path) -> Result<OwnedFd, ConfineError> {
-    check_lexical(path)?;
-    let fd = crate::beneath::openat(
-        at_fdcwd(),
-        path.as_os_str(),
-        libc::O_PATH | libc::O_NOFOLLOW,
-        0,
-    )
-    .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
+    let fd = o_path_nofollow(path)?;
     check_node(path, fd, true)
 }
 
 /// As [`open_path_nofollow`], for a unix socket: anything else is refused.
 pub fn open_socket_path_nofollow(path: &Path) -> Result<OwnedFd, ConfineError> {
+    let fd = o_path_nofollow(path)?;
+    check_socket_node(path, fd)
+}
+
+/// An `O_PATH` descriptor of `path` (lexically checked), its last component not
+/// followed if it is a symlink.
+fn o_path_nofollow(path: &Path) -> Result<OwnedFd, ConfineError> {
     check_lexical(path)?;
-    let fd = crate::beneath::openat(
+    crate::beneath::openat(
         at_fdcwd(),
         path.as_os_str(),
         libc::O_PATH | libc::O_NOFOLLOW,
         0,
     )
-    .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))?;
-    check_socket_node(path, fd)
+    .map_err(|e| ConfineError::from_open(path.to_path_buf(), "cannot open", e))
 }
 
 /// An `O_PATH` descriptor's file must be a unix socket.

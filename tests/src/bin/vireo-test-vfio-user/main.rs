@@ -12,6 +12,9 @@
 //! `--mode garbage` answers the first message with bytes that are no vfio-user reply;
 //! `--mode close` closes every connection at once: the VMM must refuse both.
 
+// No unwrap()/expect(): a protocol error from the VMM under test is reported, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
