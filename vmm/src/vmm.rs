@@ -335,6 +335,14 @@ impl Vmm {
             if let Some(exit) = exit {
                 if let Some(vm) = &mut self.vm {
                     let _ = vm.shutdown();
+                    // The VM's last figures (exits, each device's counters), for whoever
+                    // ran it: a poll of vm.counters cannot see them once the VMM exits.
+                    match serde_json::to_string(&vm.counters()) {
+                        Ok(json) => {
+                            tracing::info!(counters = %json, "the VM's counters at its end")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot encode the VM's counters"),
+                    }
                 }
                 tracing::debug!("vCPUs stopped");
                 // Dropping the VM stops device workers and flushes disks.

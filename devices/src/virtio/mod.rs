@@ -9,6 +9,7 @@ pub mod block;
 pub mod console;
 pub mod dirty_bitmap;
 pub mod guest_io;
+mod kicks;
 pub mod mem;
 mod memory;
 pub mod net;

@@ -3,7 +3,8 @@
 //! 1. exec → first guest serial byte, and exec → guest power-off (`test=boot`).
 //! 2. VMM memory overhead: process RSS minus the RSS of guest RAM.
 //! 3. In-guest virtio-blk (`test=blk-bench`, queue depth 1 and 32): 4K random read/write IOPS
-//!    and 1 MiB sequential MB/s on raw and on dynamic VHDX images.
+//!    and 1 MiB sequential MB/s on raw and on dynamic VHDX images, with what a request
+//!    costs per stage (`blk.rs`; alone: `--only blk`).
 //!
 //! 4. Live migration on one host: total time and downtime, idle and dirtying guests.
 //!
@@ -50,13 +51,14 @@
 //! Prints markdown tables for docs/benchmarks.md.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
 mod balloon;
+mod blk;
 mod cluster_failover;
 mod cluster_scale;
 mod large_memory;
@@ -258,169 +260,6 @@ fn memory_table() {
         );
     }
     println!("\nGoal: Vireo's overhead ≤ 5 MiB.\n");
-}
-
-/// Parses `bench <phase> ops=.. iops=.. mbps=.. avg_us=..` lines.
-fn bench_lines(serial: &str) -> Vec<(String, f64, f64)> {
-    serial
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("bench ")?;
-            let mut it = rest.split_whitespace();
-            let phase = it.next()?.to_string();
-            if phase.starts_with("capacity") {
-                return None;
-            }
-            let mut iops = 0.0;
-            let mut mbps = 0.0;
-            for kv in it {
-                if let Some(v) = kv.strip_prefix("iops=") {
-                    iops = v.parse().unwrap_or(0.0);
-                }
-                if let Some(v) = kv.strip_prefix("mbps=") {
-                    mbps = v.parse().unwrap_or(0.0);
-                }
-            }
-            Some((phase, iops, mbps))
-        })
-        .collect()
-}
-
-/// One blk-bench run; `vireo_opts` are more `--disk` keys for Vireo (e.g. `,poll_us=0`).
-fn run_blk_bench(
-    vmm: Vmm,
-    disk: &Path,
-    fmt: &str,
-    qd: u32,
-    vireo_opts: &str,
-) -> Vec<(String, f64, f64)> {
-    let cmdline = format!("test=blk-bench ms=2000 span_mib=512 seed=3 qd={qd}");
-    let mut cmd = match vmm {
-        Vmm::Vireo => {
-            let mut c = vmm.command(&cmdline, 512, None);
-            c.args(["--disk", &format!("path={}{vireo_opts}", disk.display())]);
-            c
-        }
-        Vmm::Qemu => vmm.command(&cmdline, 512, Some((disk, fmt))),
-    };
-    let out = cmd.stderr(Stdio::null()).output().expect("run blk-bench");
-    let s = String::from_utf8_lossy(&out.stdout).to_string();
-    let lines = bench_lines(&s);
-    assert!(
-        !lines.is_empty(),
-        "{} on {fmt}: no bench output:\n{s}",
-        vmm.name()
-    );
-    lines
-}
-
-fn prepare_images(dir: &Path) -> (PathBuf, PathBuf) {
-    let raw = dir.join("bench.raw");
-    let vhdx = dir.join("bench.vhdx");
-    // Fully written images: the figures are for allocated blocks.
-    let status = Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            &format!("of={}", raw.display()),
-            "bs=1M",
-            "count=1024",
-            "status=none",
-        ])
-        .status()
-        .expect("dd");
-    assert!(status.success());
-    // Through the page cache (vireo-img's default is O_DIRECT), then both images are
-    // read once: both sides start with their image cached.
-    let status = Command::new(bin("vireo-img"))
-        .args(["convert", "-t", "writeback", "-f", "raw", "-O", "vhdx"])
-        .arg(&raw)
-        .arg(&vhdx)
-        .status()
-        .expect("vireo-img convert");
-    assert!(status.success());
-    for img in [&raw, &vhdx] {
-        let mut f = std::fs::File::open(img).expect("image");
-        std::io::copy(&mut f, &mut std::io::sink()).expect("read image");
-    }
-    (raw, vhdx)
-}
-
-fn blk_table() {
-    let dir =
-        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-            .expect("tempdir");
-    let (raw, vhdx) = prepare_images(dir.path());
-    // Queue depth 32 fills the guest driver's queue (virtio-drivers, vendored with a
-    // 32-entry block queue; one indirect descriptor per request).
-    for qd in [1, 32] {
-        blk_table_at(&raw, &vhdx, qd);
-    }
-}
-
-/// Median of each phase over `rounds` runs of one configuration.
-fn blk_median(runs: &[Vec<(String, f64, f64)>]) -> [f64; 4] {
-    let phases = [
-        ("rand4k-read", false),
-        ("rand4k-write", false),
-        ("seq1m-write", true),
-        ("seq1m-read", true),
-    ];
-    phases.map(|(p, mb)| {
-        let mut v: Vec<f64> = runs
-            .iter()
-            .filter_map(|r| {
-                r.iter()
-                    .find(|(ph, _, _)| ph == p)
-                    .map(|(_, i, m)| if mb { *m } else { *i })
-            })
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    })
-}
-
-fn blk_table_at(raw: &Path, vhdx: &Path, qd: u32) {
-    let rounds: usize = std::env::var("BLK_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    println!("### In-guest virtio-blk, queue depth {qd} (test=blk-bench, 2 s per phase, 512 MiB span of a 1 GiB fully allocated image, host page cache on both sides, median of {rounds} rounds, configurations alternating)\n");
-    println!("| VMM | image | rand 4K read IOPS | rand 4K write IOPS | seq 1M write MB/s | seq 1M read MB/s |");
-    println!("|---|---|---|---|---|---|");
-    let configs = [
-        (Vmm::Vireo, raw, "raw", "", "vireo"),
-        (Vmm::Vireo, vhdx, "vhdx", "", "vireo"),
-        (Vmm::Vireo, vhdx, "vhdx", ",poll_us=0", "vireo, poll_us=0"),
-        (Vmm::Qemu, raw, "raw", "", "qemu microvm"),
-        (Vmm::Qemu, vhdx, "vhdx", "", "qemu microvm"),
-    ];
-    let mut runs: Vec<Vec<Vec<(String, f64, f64)>>> = vec![Vec::new(); configs.len()];
-    for _ in 0..rounds.max(1) {
-        for (i, &(vmm, img, fmt, opts, _)) in configs.iter().enumerate() {
-            runs[i].push(run_blk_bench(vmm, img, fmt, qd, opts));
-        }
-    }
-    let mut results = Vec::new();
-    for (i, &(_, _, fmt, _, label)) in configs.iter().enumerate() {
-        let row = blk_median(&runs[i]);
-        println!(
-            "| {label} | {fmt} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            row[0], row[1], row[2], row[3]
-        );
-        results.push(row);
-    }
-    let ratio = |a: usize, b: usize| -> String {
-        (0..4)
-            .map(|i| format!("{:.2}", results[a][i] / results[b][i].max(1e-9)))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
-    println!("\nVireo VHDX ÷ Vireo raw (read IOPS / write IOPS / seq write / seq read): {} (goal ≥ 0.90)", ratio(1, 0));
-    println!("Vireo VHDX ÷ QEMU VHDX: {} (goal ≥ 1.5)", ratio(1, 4));
-    println!(
-        "Vireo VHDX with polling ÷ without (poll_us=0): {}\n",
-        ratio(1, 2)
-    );
 }
 
 /// One QMP session (QEMU's JSON control protocol) on a unix socket.
@@ -1323,7 +1162,7 @@ fn main() {
         memory_table();
     }
     if want(Part::Blk) && !cli.skip_blk {
-        blk_table();
+        blk::table();
     }
     if want(Part::Migration) {
         migration_table();
