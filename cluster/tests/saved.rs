@@ -357,3 +357,27 @@ fn a_bulk_save_asks_each_owner_and_a_discard_turns_a_saved_vm_off() {
         ));
     });
 }
+
+#[test]
+fn a_drain_of_a_node_whose_vm_was_saved_there_moves_only_what_runs() {
+    block(async {
+        let s = SimStore::new();
+        let a = join(&s, "a").await;
+        join(&s, "b").await;
+        put_vm(&s, "web", "a", a).await;
+        put_vm(&s, "db", "a", a).await;
+        let g = saved::prepare(&s, "web", "a").await.unwrap();
+        saved::commit(&s, &g).await.unwrap();
+        // Only db runs on a: the drain moves it and does not fail on web, which is
+        // placed nowhere (and stays saved).
+        let plan = cluster::drain::drain(&s, "a", false, 2).await.unwrap();
+        let moved: Vec<&str> = plan.moves.iter().map(|m| m.vm.as_str()).collect();
+        assert_eq!(moved, ["db"]);
+        assert!(plan.no_place.is_empty(), "{:?}", plan.no_place);
+        assert_eq!(
+            owner(&s, "web").await.0,
+            OwnerRecord::Unowned(Unowned::Saved)
+        );
+        assert!(saved::saved_of(&s, "web").await.unwrap().is_some());
+    });
+}
