@@ -246,7 +246,14 @@ pub fn plan(
         BulkOp::Migrate => plan_migrate(snap, moves, req, id, &selected)?,
         BulkOp::Start => plan_start(snap, &selected),
         BulkOp::Stop => plan_stop(snap, moves, &selected),
-        BulkOp::Save => plan_save(snap, moves, saved, &selected, id),
+        BulkOp::Save => {
+            let (saves, skipped) = crate::saved::plan_requests(snap, moves, saved, &selected, id);
+            BulkPlan {
+                saves,
+                skipped,
+                ..BulkPlan::default()
+            }
+        }
     };
     if !plan.no_place.is_empty() && !req.force {
         return Err(BulkError::NoPlace {
@@ -488,65 +495,6 @@ fn plan_stop(
     plan
 }
 
-fn plan_save(
-    snap: &Snapshot,
-    moves: &BTreeMap<String, (MoveRecord, Revision)>,
-    saved: &BTreeMap<String, SaveState>,
-    selected: &[String],
-    id: &str,
-) -> BulkPlan {
-    let mut plan = BulkPlan::default();
-    for vm in selected {
-        let skip = match snap.owners.get(vm) {
-            Some((OwnerRecord::Unowned(Unowned::Saved), _)) => Some("already saved".into()),
-            _ if saved.get(vm) == Some(&SaveState::Requested) => {
-                Some("a save of it is requested already".into())
-            }
-            _ if saved.contains_key(vm) => {
-                Some("its last saved state is not spent yet (it is resuming)".into())
-            }
-            _ if moves.get(vm).is_some_and(|(m, _)| !m.state.finished()) => {
-                Some("a move of it is unfinished: save it once the move ended".into())
-            }
-            Some((OwnerRecord::Node { node, lease }, rev)) if snap.alive(node, *lease) => {
-                plan.saves.push(SavedRecord {
-                    vm: vm.clone(),
-                    state: SaveState::Requested,
-                    node: node.clone(),
-                    token: *rev,
-                    request: Some(id.to_string()),
-                    at_ms: keys::now_ms(),
-                });
-                None
-            }
-            Some((OwnerRecord::Node { node, .. }, _)) => {
-                Some(format!("its node {node} is gone: nothing runs it"))
-            }
-            Some((OwnerRecord::Unowned(u), _)) => {
-                Some(format!("not running ({u:?}): only a running VM is saved").to_lowercase())
-            }
-            None => Some("no ownership record".into()),
-        };
-        if let Some(why) = skip {
-            plan.skipped.push((vm.clone(), why));
-        }
-    }
-    plan
-}
-
-/// Every VM with a record under `vireo/saved/`, and its state.
-pub async fn read_saved<S: ClusterStore>(store: &S) -> StoreResult<BTreeMap<String, SaveState>> {
-    let (kvs, _) = store.get_prefix(keys::SAVED).await?;
-    Ok(kvs
-        .iter()
-        .filter_map(|kv| {
-            let vm = keys::name_of(keys::SAVED, &kv.key)?;
-            let r = keys::decode::<SavedRecord>(&kv.value)?;
-            Some((vm.to_string(), r.state))
-        })
-        .collect())
-}
-
 /// A new request's id: its time and a random part (`b-MS-XXXX`).
 fn new_id() -> String {
     let r = std::collections::hash_map::RandomState::new()
@@ -562,7 +510,7 @@ pub async fn request<S: ClusterStore>(
 ) -> Result<(BulkRecord, BulkPlan), BulkError> {
     let snap = Snapshot::read(store).await?;
     let moves = read_moves(store).await?;
-    let saved = read_saved(store).await?;
+    let saved = crate::saved::read_saved(store).await?;
     let id = new_id();
     let mut plan = plan(&snap, &moves, &saved, req, &id)?;
     let mut record = BulkRecord {

@@ -24,10 +24,15 @@
 //!   (`crate::bulk`); each owner carries its own out ([`requested_of`]) and, when it
 //!   cannot, drops the request ([`drop_request`]).
 
+use std::collections::BTreeMap;
+
 use tracing::{info, warn};
 
-use crate::keys::{self, ClusterEvent, OwnerRecord, SaveState, SavedRecord, Unowned};
-use crate::store::{ClusterStore, CmpOp, Compare, LeaseId, Op, Revision, StoreError, Txn};
+use crate::failover::Snapshot;
+use crate::keys::{self, ClusterEvent, MoveRecord, OwnerRecord, SaveState, SavedRecord, Unowned};
+use crate::store::{
+    ClusterStore, CmpOp, Compare, LeaseId, Op, Revision, StoreError, StoreResult, Txn,
+};
 
 /// Why a save, resume or discard is refused.
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +329,69 @@ pub async fn drop_request<S: ClusterStore>(
         .await;
     }
     Ok(outcome.succeeded)
+}
+
+/// A bulk save of `selected` (request `id`): a request to the owner of each running VM
+/// (its `token`: the ownership record's revision read), and the VMs skipped, with why.
+/// `saved`: the VMs with a record under `vireo/saved/` ([`read_saved`]).
+#[allow(clippy::type_complexity)]
+pub(crate) fn plan_requests(
+    snap: &Snapshot,
+    moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    saved: &BTreeMap<String, SaveState>,
+    selected: &[String],
+    id: &str,
+) -> (Vec<SavedRecord>, Vec<(String, String)>) {
+    let (mut saves, mut skipped) = (Vec::new(), Vec::new());
+    for vm in selected {
+        let skip = match snap.owners.get(vm) {
+            Some((OwnerRecord::Unowned(Unowned::Saved), _)) => Some("already saved".into()),
+            _ if saved.get(vm) == Some(&SaveState::Requested) => {
+                Some("a save of it is requested already".into())
+            }
+            _ if saved.contains_key(vm) => {
+                Some("its last saved state is not spent yet (it is resuming)".into())
+            }
+            _ if moves.get(vm).is_some_and(|(m, _)| !m.state.finished()) => {
+                Some("a move of it is unfinished: save it once the move ended".into())
+            }
+            Some((OwnerRecord::Node { node, lease }, rev)) if snap.alive(node, *lease) => {
+                saves.push(SavedRecord {
+                    vm: vm.clone(),
+                    state: SaveState::Requested,
+                    node: node.clone(),
+                    token: *rev,
+                    request: Some(id.to_string()),
+                    at_ms: keys::now_ms(),
+                });
+                None
+            }
+            Some((OwnerRecord::Node { node, .. }, _)) => {
+                Some(format!("its node {node} is gone: nothing runs it"))
+            }
+            Some((OwnerRecord::Unowned(u), _)) => {
+                Some(format!("not running ({u:?}): only a running VM is saved").to_lowercase())
+            }
+            None => Some("no ownership record".into()),
+        };
+        if let Some(why) = skip {
+            skipped.push((vm.clone(), why));
+        }
+    }
+    (saves, skipped)
+}
+
+/// Every VM with a record under `vireo/saved/`, and its state.
+pub async fn read_saved<S: ClusterStore>(store: &S) -> StoreResult<BTreeMap<String, SaveState>> {
+    let (kvs, _) = store.get_prefix(keys::SAVED).await?;
+    Ok(kvs
+        .iter()
+        .filter_map(|kv| {
+            let vm = keys::name_of(keys::SAVED, &kv.key)?;
+            let r = keys::decode::<SavedRecord>(&kv.value)?;
+            Some((vm.to_string(), r.state))
+        })
+        .collect())
 }
 
 fn rev_is(key: String, revision: Revision) -> Compare {
