@@ -102,6 +102,7 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/metrics", Viewer),
     rule("GET", "/api/v1/cluster", Viewer),
     rule("PUT", "/api/v1/cluster/vms/{name}", Operator),
+    rule("DELETE", "/api/v1/cluster/vms/{name}/saved-state", Operator),
     rule("GET", "/api/v1/cluster/nodes/{node}", Viewer),
     rule("POST", "/api/v1/cluster/nodes/{node}/drain", Operator),
     rule("DELETE", "/api/v1/cluster/nodes/{node}/drain", Operator),

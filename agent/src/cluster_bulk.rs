@@ -1,6 +1,6 @@
 //! The API of bulk requests and of the cluster-wide migration queue
-//! (`cluster::bulk`): `POST /api/v1/cluster/bulk` (migrate, start or stop a selection
-//! of clustered VMs; save is refused), `DELETE /api/v1/cluster/bulk/{id}` (cancel its
+//! (`cluster::bulk`): `POST /api/v1/cluster/bulk` (migrate, start, stop or save a
+//! selection of clustered VMs), `DELETE /api/v1/cluster/bulk/{id}` (cancel its
 //! queued moves) and `GET /api/v1/cluster/migrations` (every move, with its request).
 //! The moves are carried out by each source node's vireod (`cluster_moves`).
 
@@ -84,7 +84,6 @@ fn bulk_error(e: BulkError) -> Response {
             StatusCode::NOT_FOUND
         }
         E::NoPlace { .. } | E::NotCancellable(_) | E::Raced => StatusCode::CONFLICT,
-        E::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let mut body = serde_json::json!({ "error": e.to_string() });

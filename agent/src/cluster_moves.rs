@@ -62,6 +62,8 @@ pub struct MoveShared {
     /// VMs that left by a migration whose ownership did not follow: the node loop
     /// forgets them as running (it starts them again while it owns them).
     lost: Mutex<BTreeSet<String>>,
+    /// VMs this node is saving (`cluster_save`): their VMMs ending is the save's.
+    pub(crate) saving: Mutex<BTreeSet<String>>,
 }
 
 pub type Shared = Arc<MoveShared>;

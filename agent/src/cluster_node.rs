@@ -31,6 +31,9 @@ use crate::supervisor::Supervisor;
 /// The agent loop's period; the controller runs every other turn.
 const TURN: Duration = Duration::from_millis(100);
 
+/// Every this many turns the node looks for saves bulk requests asked of it.
+const SAVE_REQUESTS_EVERY: u64 = 5;
+
 /// This node's view of the cluster, for the API.
 #[derive(Clone)]
 pub struct ClusterNode {
@@ -222,6 +225,7 @@ impl ClusterNode {
     /// Starts `vm` here with `token` on every disk and a write lease ending at
     /// `deadline_ns` (`CLOCK_MONOTONIC`).
     async fn start_owned(&self, vm: &str, token: i64, deadline_ns: u64) -> Result<(), String> {
+        let revision = token;
         let kv = self
             .store
             .get(&keys::vm_key(vm))
@@ -239,12 +243,17 @@ impl ClusterNode {
         local.config.write_lease = Some(api::WriteLease {
             deadline_monotonic_ns: deadline_ns,
         });
+        // Saved: it resumes from its state on the shared storage.
+        let saved = crate::cluster_save::saved_record(&self.store, vm).await?;
         if self.sup.get(vm).is_ok() {
             // A definition from an earlier ownership: replace it (its token is old).
             let _ = self.sup.kill(vm).await;
             self.sup.delete(vm).map_err(|e| e.to_string())?;
         }
         self.sup.define(vm, local).map_err(|e| e.to_string())?;
+        if let Some(record) = saved {
+            return crate::cluster_save::resume_here(self, vm, revision, record).await;
+        }
         self.sup.start(vm).await.map_err(|e| e.to_string())?;
         info!(vm, token, "clustered VM started");
         Ok(())
@@ -255,6 +264,12 @@ impl ClusterNode {
     pub fn start_moves(&self) {
         self.sup
             .set_incoming_guard(Arc::new(crate::cluster_moves::Guard {
+                store: self.store.clone(),
+                node: self.node.clone(),
+                shared: self.moves.clone(),
+            }));
+        self.sup
+            .set_cluster_saves(Arc::new(crate::cluster_save::Saves {
                 store: self.store.clone(),
                 node: self.node.clone(),
                 shared: self.moves.clone(),
@@ -330,6 +345,7 @@ impl ClusterNode {
         let mut pruner = cluster::history::Pruner::new(&self.node, self.retention);
         let mut turn: u64 = 0;
         let mut resumed = false;
+        let mut save_requests = std::collections::HashMap::new();
         loop {
             let turn_start = t0.elapsed();
             let r = agent.step(turn_start).await;
@@ -337,8 +353,9 @@ impl ClusterNode {
                 resumed = crate::cluster_shutdown::resume_after_shutdown(&self).await;
             }
             for vm in &r.stop {
-                if self.sup.get(vm).is_err() {
-                    // Moved away (a drain's migration): nothing runs here.
+                if self.sup.get(vm).is_err() || self.moves.saving(vm) {
+                    // Moved away (a drain's migration): nothing runs here. Saved: the
+                    // save ends its VMM.
                     continue;
                 }
                 warn!(vm, "stopping a clustered VM this node no longer may run");
@@ -376,12 +393,16 @@ impl ClusterNode {
             for vm in agent.running().keys().cloned().collect::<Vec<_>>() {
                 // A VMM that ended handing its VM over (a move) is no crash: until the
                 // ownership follows, nothing of it may start here again.
-                if self.moves.moving_out(&vm) {
+                if self.moves.moving_out(&vm) || self.moves.saving(&vm) {
                     continue;
                 }
                 if self.sup.get(&vm).is_ok_and(|s| s.pid.is_none()) {
                     agent.exited(&vm);
                 }
+            }
+            self.moves.settle_saving(agent.running());
+            if turn.is_multiple_of(SAVE_REQUESTS_EVERY) && !agent.fenced(t0.elapsed()) {
+                crate::cluster_save::run_requests(&self, agent.running(), &mut save_requests).await;
             }
             if turn.is_multiple_of(2) && !agent.fenced(t0.elapsed()) {
                 if let Err(e) = controller.step(&self.store, t0.elapsed()).await {
@@ -416,13 +437,18 @@ where
     moves.publish(Some(agent.running().keys().cloned().collect()));
 }
 
-/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}`, a node's
+/// Routes: `GET /api/v1/cluster`, `PUT /api/v1/cluster/vms/{name}` (and its saved
+/// state's discard), a node's
 /// status, drain, resume and release, updates, validation, bulk requests, the
 /// migration queue and the failover events.
 pub fn router(node: Option<Arc<ClusterNode>>) -> Router {
     Router::new()
         .route("/api/v1/cluster", get(status))
         .route("/api/v1/cluster/vms/{name}", put(define))
+        .route(
+            "/api/v1/cluster/vms/{name}/saved-state",
+            delete(crate::cluster_save::discard),
+        )
         .route("/api/v1/cluster/nodes/{node}", get(node_status))
         .route(
             "/api/v1/cluster/nodes/{node}/drain",

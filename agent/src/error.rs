@@ -33,6 +33,13 @@ pub enum AgentError {
     },
     #[error("VM {name:?} cannot be saved: {why}")]
     NotSavable { name: String, why: &'static str },
+    /// The cluster refused (or could not record) a clustered VM's save.
+    #[error("VM {name:?} cannot be saved: {source}")]
+    ClusterSave {
+        name: String,
+        #[source]
+        source: cluster::saved::SaveError,
+    },
     #[error("VM {name:?} failed to start: {reason}")]
     StartFailed { name: String, reason: String },
     #[error("inventory database {path}: {source}")]
@@ -100,6 +107,11 @@ impl AgentError {
             | AgentError::FailedOverElsewhere { .. }
             | AgentError::NotSavable { .. }
             | AgentError::MigrationConflict { .. } => 409,
+            AgentError::ClusterSave { source, .. } => match source {
+                cluster::saved::SaveError::UnknownVm(_) => 404,
+                cluster::saved::SaveError::Store(_) => 503,
+                _ => 409,
+            },
             AgentError::StartFailed { .. } => 500,
             AgentError::Vmm { .. } => 502,
             AgentError::NoMigrationPort(_) => 503,

@@ -10,6 +10,7 @@ mod authz;
 mod bad_input;
 mod cluster;
 mod cluster_hosts;
+mod cluster_save;
 mod confinement;
 mod console;
 mod disk_full;

@@ -1,4 +1,4 @@
-//! Bulk requests: migrate, start or stop a selection of clustered VMs in one call
+//! Bulk requests: migrate, start, stop or save a selection of clustered VMs in one call
 //! (`vireoctl vm migrate --selector priority=low --to b`, or a list of names), and the
 //! cluster-wide migration queue.
 //!
@@ -19,8 +19,11 @@
 //!   lower priorities as it does); refused when one could not be placed even so,
 //!   unless `force`. **Stop** turns VMs off: the ownership record becomes `off`, and
 //!   the node running one kills its VMM (a power-off, not a guest shutdown).
-//! - **Save** is refused ([`BulkError::Unsupported`]): vireod saves only VMs that are
-//!   not clustered.
+//! - **Save** asks each selected running VM's owner to save it to the cluster's shared
+//!   storage: a `vireo/saved/VM` record ([`SaveState::Requested`]) naming the owner and
+//!   the VM's fencing token, written only while neither changed and no other save of
+//!   it is recorded (`crate::saved`). VMs not running, or moving, are skipped.
+//!   A start of saved VMs resumes them; a stop skips them.
 //! - **Recorded** as `vireo/requests/ID` ([`BulkRecord`]), written with the first
 //!   [`MOVES_PER_TXN`] moves (or ownership changes) in one transaction; later parts
 //!   hold only while the record is unchanged (no cancel between).
@@ -36,8 +39,8 @@ use tracing::{info, warn};
 use crate::drain::{self, commit_anchored, read_moves, write_moves, MOVES_PER_TXN};
 use crate::failover::{view, Snapshot};
 use crate::keys::{
-    self, BulkOp, BulkRecord, MoveReason, MoveRecord, MoveState, OwnerRecord, Priority, Unowned,
-    VmDefinition,
+    self, BulkOp, BulkRecord, MoveReason, MoveRecord, MoveState, OwnerRecord, Priority, SaveState,
+    SavedRecord, Unowned, VmDefinition,
 };
 use crate::placement::{self, Decision, Reason, VmView};
 use crate::store::{ClusterStore, CmpOp, Compare, Op, Revision, StoreError, StoreResult, Txn};
@@ -60,8 +63,6 @@ pub enum BulkError {
     UnknownNode(String),
     #[error("migrate needs a destination: a node's name, or auto")]
     NoDestination,
-    #[error("{0}")]
-    Unsupported(String),
     #[error("cannot {op}: {}", list(.no_place))]
     NoPlace {
         op: &'static str,
@@ -207,6 +208,9 @@ pub struct BulkPlan {
     pub moves: Vec<MoveRecord>,
     /// Start/stop: each VM's new ownership record, over the revision read.
     pub owners: Vec<(String, OwnerRecord, Revision)>,
+    /// Save: each VM's request to its owner (its `token`: the ownership record's
+    /// revision read).
+    pub saves: Vec<SavedRecord>,
     pub skipped: Vec<(String, String)>,
     pub no_place: Vec<(String, String)>,
 }
@@ -228,10 +232,12 @@ fn needs(def: &VmDefinition) -> String {
     )
 }
 
-/// Decides `req` on `snap` (`moves`: the records under `vireo/moves/`), writing nothing.
+/// Decides `req` on `snap` (`moves`: the records under `vireo/moves/`; `saved`: the
+/// VMs with a record under `vireo/saved/`), writing nothing.
 pub fn plan(
     snap: &Snapshot,
     moves: &BTreeMap<String, (MoveRecord, Revision)>,
+    saved: &BTreeMap<String, SaveState>,
     req: &BulkRequest,
     id: &str,
 ) -> Result<BulkPlan, BulkError> {
@@ -240,7 +246,14 @@ pub fn plan(
         BulkOp::Migrate => plan_migrate(snap, moves, req, id, &selected)?,
         BulkOp::Start => plan_start(snap, &selected),
         BulkOp::Stop => plan_stop(snap, moves, &selected),
-        BulkOp::Save => return Err(BulkError::Unsupported(SAVE_UNSUPPORTED.to_string())),
+        BulkOp::Save => {
+            let (saves, skipped) = crate::saved::plan_requests(snap, moves, saved, &selected, id);
+            BulkPlan {
+                saves,
+                skipped,
+                ..BulkPlan::default()
+            }
+        }
     };
     if !plan.no_place.is_empty() && !req.force {
         return Err(BulkError::NoPlace {
@@ -250,9 +263,6 @@ pub fn plan(
     }
     Ok(plan)
 }
-
-/// Why a bulk save is refused.
-pub const SAVE_UNSUPPORTED: &str = "save is not available for clustered VMs: a node starts a clustered VM whose VMM ended again while it owns it, and a saved state would stay on that node's own disk (vireod saves VMs that are not clustered: vireoctl vm save NAME on their host); stop (turn off) or migrate them instead";
 
 fn op_name(op: BulkOp) -> &'static str {
     match op {
@@ -406,7 +416,8 @@ fn plan_start(snap: &Snapshot, selected: &[String]) -> BulkPlan {
             continue;
         };
         match snap.owners.get(vm) {
-            Some((OwnerRecord::Unowned(Unowned::Off), rev)) => {
+            // A saved VM resumes on the node it is placed on (`crate::saved`).
+            Some((OwnerRecord::Unowned(Unowned::Off | Unowned::Saved), rev)) => {
                 revs.insert(vm.clone(), *rev);
                 to_place.push((view(def), Reason::Start));
             }
@@ -462,6 +473,12 @@ fn plan_stop(
             Some((OwnerRecord::Unowned(Unowned::Off), _)) => {
                 plan.skipped.push((vm.clone(), "already off".into()));
             }
+            Some((OwnerRecord::Unowned(Unowned::Saved), _)) => {
+                plan.skipped.push((
+                    vm.clone(),
+                    "saved: nothing runs (discard its saved state to turn it off)".into(),
+                ));
+            }
             Some((_, rev)) if moves.get(vm).is_none_or(|(m, _)| m.state.finished()) => {
                 plan.owners
                     .push((vm.clone(), OwnerRecord::Unowned(Unowned::Off), *rev));
@@ -493,8 +510,9 @@ pub async fn request<S: ClusterStore>(
 ) -> Result<(BulkRecord, BulkPlan), BulkError> {
     let snap = Snapshot::read(store).await?;
     let moves = read_moves(store).await?;
+    let saved = crate::saved::read_saved(store).await?;
     let id = new_id();
-    let mut plan = plan(&snap, &moves, req, &id)?;
+    let mut plan = plan(&snap, &moves, &saved, req, &id)?;
     let mut record = BulkRecord {
         id: id.clone(),
         op: req.op,
@@ -507,6 +525,7 @@ pub async fn request<S: ClusterStore>(
             .iter()
             .map(|m| m.vm.clone())
             .chain(plan.owners.iter().map(|(vm, _, _)| vm.clone()))
+            .chain(plan.saves.iter().map(|r| r.vm.clone()))
             .collect(),
         skipped: plan.skipped.clone(),
         left: plan.no_place.clone(),
@@ -520,9 +539,18 @@ pub async fn request<S: ClusterStore>(
             return Err(BulkError::Raced);
         };
         (written, plan.moves.len(), rev)
-    } else {
+    } else if req.op == BulkOp::Save {
+        let changes: Vec<Change> = plan.saves.iter().map(Change::save).collect();
         let Some((written, rev)) =
-            write_owners(store, &key, keys::encode(&record), &plan.owners).await?
+            write_changes(store, &key, keys::encode(&record), &changes).await?
+        else {
+            return Err(BulkError::Raced);
+        };
+        (written, plan.saves.len(), rev)
+    } else {
+        let changes: Vec<Change> = plan.owners.iter().map(Change::owner).collect();
+        let Some((written, rev)) =
+            write_changes(store, &key, keys::encode(&record), &changes).await?
         else {
             return Err(BulkError::Raced);
         };
@@ -535,6 +563,12 @@ pub async fn request<S: ClusterStore>(
                 .split_off(written)
                 .into_iter()
                 .map(|m| m.vm)
+                .collect()
+        } else if req.op == BulkOp::Save {
+            plan.saves
+                .split_off(written)
+                .into_iter()
+                .map(|r| r.vm)
                 .collect()
         } else {
             plan.owners
@@ -576,17 +610,65 @@ pub async fn request<S: ClusterStore>(
     Ok((record, plan))
 }
 
-/// Writes the request record (`key`, new) with the first [`MOVES_PER_TXN`] ownership
-/// changes, then the others as long as the record is unchanged. Each change holds only
-/// over the revision read. Returns how many were written and the record's revision;
-/// `None` when the first transaction lost.
-async fn write_owners<S: ClusterStore>(
+/// One VM's change of a start, stop or save request: a write that holds only while
+/// the keys compared are as read.
+struct Change {
+    when: Vec<Compare>,
+    put: Op,
+}
+
+impl Change {
+    /// Start/stop: the ownership record, over the revision read.
+    fn owner((vm, o, r): &(String, OwnerRecord, Revision)) -> Change {
+        Change {
+            when: vec![Compare::ModRevision {
+                key: keys::owner_key(vm),
+                op: CmpOp::Equal,
+                revision: *r,
+            }],
+            put: Op::Put {
+                key: keys::owner_key(vm),
+                value: keys::encode(o),
+                lease: 0,
+            },
+        }
+    }
+
+    /// Save: the request to the owner, while the ownership is the one read (its
+    /// token) and no other save of the VM is recorded.
+    fn save(r: &SavedRecord) -> Change {
+        Change {
+            when: vec![
+                Compare::ModRevision {
+                    key: keys::owner_key(&r.vm),
+                    op: CmpOp::Equal,
+                    revision: r.token,
+                },
+                Compare::ModRevision {
+                    key: keys::saved_key(&r.vm),
+                    op: CmpOp::Equal,
+                    revision: 0,
+                },
+            ],
+            put: Op::Put {
+                key: keys::saved_key(&r.vm),
+                value: keys::encode(r),
+                lease: 0,
+            },
+        }
+    }
+}
+
+/// Writes the request record (`key`, new) with the first [`MOVES_PER_TXN`] changes,
+/// then the others as long as the record is unchanged. Returns how many were written
+/// and the record's revision; `None` when the first transaction lost.
+async fn write_changes<S: ClusterStore>(
     store: &S,
     key: &str,
     value: Vec<u8>,
-    owners: &[(String, OwnerRecord, Revision)],
+    changes: &[Change],
 ) -> StoreResult<Option<(usize, Revision)>> {
-    let mut parts: Vec<&[(String, OwnerRecord, Revision)]> = owners.chunks(MOVES_PER_TXN).collect();
+    let mut parts: Vec<&[Change]> = changes.chunks(MOVES_PER_TXN).collect();
     if parts.is_empty() {
         // Nothing to change: the record alone.
         parts.push(&[]);
@@ -607,17 +689,9 @@ async fn write_owners<S: ClusterStore>(
                 lease: 0,
             });
         }
-        for (vm, o, r) in part {
-            when.push(Compare::ModRevision {
-                key: keys::owner_key(vm),
-                op: CmpOp::Equal,
-                revision: *r,
-            });
-            then.push(Op::Put {
-                key: keys::owner_key(vm),
-                value: keys::encode(o),
-                lease: 0,
-            });
+        for c in part {
+            when.extend(c.when.iter().cloned());
+            then.push(c.put.clone());
         }
         let outcome = store
             .txn(Txn {

@@ -471,7 +471,9 @@ impl Controller {
                 OwnerRecord::Unowned(Unowned::Pending | Unowned::Preempted) => {
                     to_place.push((view(def), Reason::Start));
                 }
-                OwnerRecord::Unowned(Unowned::Off) => {}
+                // Off, or saved (its state on the shared storage): placed nowhere
+                // until a start asks for it.
+                OwnerRecord::Unowned(Unowned::Off | Unowned::Saved) => {}
             }
         }
         self.dead_since = still_dead;

@@ -9,6 +9,7 @@
 //! | `vireo/admin/NODE` | [`NodeAdmin`]: administrative state (draining, paused, quarantined) and ungraceful departures | none: it outlives the node's lease |
 //! | `vireo/moves/VM` | [`MoveRecord`]: a drain's, fail-back's or bulk request's live migration of the VM | none |
 //! | `vireo/requests/ID` | [`BulkRecord`]: a bulk request (migrate, start, stop a selection) | none |
+//! | `vireo/saved/VM` | [`SavedRecord`]: a save asked of the VM's owner (bulk save), or the VM's saved state on the cluster's shared storage (`crate::saved`) | none |
 //! | `vireo/intake/NODE` | [`Intake`]: the moves arriving at NODE as last admitted; every move's start into NODE rewrites it (compare-and-swap), so two sources cannot both take its last slot | none |
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,7 @@ pub const ADMIN: &str = "vireo/admin/";
 pub const MOVES: &str = "vireo/moves/";
 pub const REQUESTS: &str = "vireo/requests/";
 pub const INTAKE: &str = "vireo/intake/";
+pub const SAVED: &str = "vireo/saved/";
 /// Every key of the cluster is under it.
 pub const ROOT: &str = "vireo/";
 
@@ -50,6 +52,9 @@ pub fn request_key(id: &str) -> String {
 }
 pub fn intake_key(node: &str) -> String {
     format!("{INTAKE}{node}")
+}
+pub fn saved_key(vm: &str) -> String {
+    format!("{SAVED}{vm}")
 }
 
 /// The name a key holds under `prefix` (`vireo/nodes/a` → `a`).
@@ -182,6 +187,10 @@ pub enum Unowned {
     Preempted,
     /// Off (No Auto Start after its node died, or stopped by an operator).
     Off,
+    /// Saved: its memory and device state are on the cluster's shared storage
+    /// (`vireo/saved/VM`, [`SaveState::Saved`]); nothing runs it, failover leaves it
+    /// alone, and a start resumes it where it was on whichever node it is placed.
+    Saved,
 }
 
 /// `vireo/owners/VM`: who runs the VM. The key's `mod_revision` is the fencing token.
@@ -341,7 +350,7 @@ pub enum BulkOp {
     Start,
     /// Turn each VM off (its node kills its VMM; it stays off).
     Stop,
-    /// Save each VM's state: not available for clustered VMs (refused).
+    /// Save each VM's state to the cluster's shared storage (its owner saves it).
     Save,
 }
 
@@ -379,6 +388,32 @@ pub struct BulkRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intake {
     pub vms: Vec<String>,
+}
+
+/// Where a clustered VM's save is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveState {
+    /// A bulk request asked `node` (the VM's owner then) to save it.
+    Requested,
+    /// The saved state is complete on the shared storage; the VM's ownership record
+    /// says [`Unowned::Saved`] (or pending/owned while a start resumes it).
+    Saved,
+}
+
+/// `vireo/saved/VM`: a clustered VM's save.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRecord {
+    pub vm: String,
+    pub state: SaveState,
+    /// The node that saves (requested) or saved it.
+    pub node: String,
+    /// The VM's fencing token on that node when it was asked or saved.
+    pub token: i64,
+    /// The bulk request that asked for it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    pub at_ms: u64,
 }
 
 /// Milliseconds since the Unix epoch (records' wall-clock times).

@@ -23,5 +23,6 @@ pub mod inventory;
 pub mod keys;
 pub mod membership;
 pub mod placement;
+pub mod saved;
 pub mod update;
 pub mod view;

@@ -7,5 +7,6 @@ mod etcd;
 mod history;
 mod inventory;
 mod model;
+mod saved;
 mod scale;
 mod update;

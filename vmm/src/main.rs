@@ -277,6 +277,11 @@ fn jail_paths(
                     writable: !d.readonly,
                     socket: false,
                 });
+                // A clustered disk's fencing record, as for a boot (a VM saved on one
+                // cluster node resumes on another under its new token).
+                if d.fencing_token.is_some() {
+                    paths.push(JailPath::writable(vmm::fencing::record_path(&d.path)));
+                }
             }
             if cli.vm.serial.is_none() {
                 output(&saved.serial, &mut paths);

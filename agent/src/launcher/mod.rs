@@ -34,8 +34,10 @@ pub enum VmmArgs {
     /// `serial` (`vireo --serial file=...`, which replaces the arriving VM's own).
     Receive { serial: PathBuf },
     /// Resume the VM saved in this snapshot directory (`vireo --restore
-    /// source_url=file://DIR,resume=on`); it names its own configuration.
-    Restore { dir: PathBuf },
+    /// source_url=file://DIR,resume=on`); it names its own configuration, but its
+    /// serial output goes to `serial` (`--serial file=...`: this host's file of it, also
+    /// when it was saved on another cluster node).
+    Restore { dir: PathBuf, serial: PathBuf },
 }
 
 /// Where one VM's VMM finds its configuration and puts its socket, logs and pid.
@@ -139,11 +141,15 @@ impl LaunchSpec {
                 v.push("--serial".into());
                 v.push(s);
             }
-            VmmArgs::Restore { dir } => {
+            VmmArgs::Restore { dir, serial } => {
                 let mut s = OsString::from("source_url=file://");
                 s.push(dir);
                 s.push(",resume=on");
                 v.push("--restore".into());
+                v.push(s);
+                let mut s = OsString::from("file=");
+                s.push(serial);
+                v.push("--serial".into());
                 v.push(s);
             }
         }

@@ -24,6 +24,7 @@ impl Supervisor {
             return Err(AgentError::Duplicate(name.to_string()));
         }
         lock(&self.inv).insert(name, &def, now_ms())?;
+        self.note_saved_area(name, &def);
         let vm = Vm::new(def);
         let st = self.status_of(name, &vm, true);
         vms.insert(name.to_string(), vm);
@@ -49,6 +50,7 @@ impl Supervisor {
             });
         }
         lock(&self.inv).update(name, &def)?;
+        self.note_saved_area(name, &def);
         vm.def = def;
         let st = self.status_of(name, vm, true);
         drop(vms);
@@ -88,6 +90,7 @@ impl Supervisor {
         }
         lock(&self.inv).update(name, &def)?;
         let detail = if !vm.state.has_process() {
+            self.note_saved_area(name, &def);
             vm.def = def;
             vm.pending_def = None;
             None
@@ -124,6 +127,7 @@ impl Supervisor {
         self.give_back_files(name, &vm.def);
         lock(&self.inv).delete(name)?;
         vms.remove(name);
+        lock(&self.saved_areas).remove(name);
         drop(vms);
         self.remove_run_files(name);
         let dir = self.vm_dir(name);

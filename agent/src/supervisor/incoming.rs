@@ -223,6 +223,7 @@ impl Supervisor {
                 });
                 return Err(e);
             }
+            self.note_saved_area(&name, &req.definition);
             let mut vm = Vm::new(req.definition.clone());
             vm.migration = Some(rec.id.clone());
             vm.generation = self

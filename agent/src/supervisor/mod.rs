@@ -33,7 +33,7 @@ mod power;
 mod records;
 mod recovery;
 mod save;
-pub use save::SAVED;
+pub use save::{area_beside_disks, shared_saved_area, Answer, ClusterSaves, SAVED};
 mod start;
 mod status;
 mod stop;
@@ -168,6 +168,13 @@ pub struct Supervisor {
     gateways: Mutex<Vec<std::sync::Weak<crate::tls_gateway::GatewayStats>>>,
     /// A cluster node's check of incoming VMs (see [`incoming::IncomingGuard`]).
     incoming_guard: std::sync::OnceLock<Arc<dyn incoming::IncomingGuard>>,
+    /// A cluster node's side of saving clustered VMs (see [`save::ClusterSaves`]).
+    cluster_saves: std::sync::OnceLock<Arc<dyn save::ClusterSaves>>,
+    /// The saved-state areas on the cluster's shared storage of the clustered VMs
+    /// defined here ([`shared_saved_area`]); the others have theirs under the state
+    /// directory. Kept beside `vms` (a leaf lock: nothing is locked while it is held)
+    /// so that a path can be found with `vms` held.
+    saved_areas: Mutex<std::collections::HashMap<String, PathBuf>>,
 }
 
 /// How a start was asked for.
@@ -258,7 +265,11 @@ impl Supervisor {
         mkdir(&cfg.run_dir.join("jail"), 0o700)?;
         let mut inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
         let mut vms = BTreeMap::new();
+        let mut saved_areas = std::collections::HashMap::new();
         for (name, def) in inv.list()? {
+            if let Some(area) = shared_saved_area(&name, &def) {
+                saved_areas.insert(name.clone(), area);
+            }
             let last_exit = inv.exits(&name, 1)?.into_iter().next();
             let mut vm = Vm::new(def);
             vm.last_exit = last_exit;
@@ -288,6 +299,8 @@ impl Supervisor {
             vmm_events_seen: Mutex::default(),
             gateways: Mutex::default(),
             incoming_guard: std::sync::OnceLock::new(),
+            cluster_saves: std::sync::OnceLock::new(),
+            saved_areas: Mutex::new(saved_areas),
         }))
     }
 
@@ -297,6 +310,23 @@ impl Supervisor {
         if self.incoming_guard.set(guard).is_err() {
             warn!("an incoming guard is set already; keeping the first");
         }
+    }
+
+    /// Has `saves` carry out the cluster's part of saving clustered VMs (set once: a
+    /// cluster node's).
+    pub fn set_cluster_saves(&self, saves: Arc<dyn save::ClusterSaves>) {
+        if self.cluster_saves.set(saves).is_err() {
+            warn!("cluster saves are set already; keeping the first");
+        }
+    }
+
+    /// Follows `def` (a VM's new definition): where its saved state lives.
+    fn note_saved_area(&self, name: &str, def: &VmDefinition) {
+        let mut areas = lock(&self.saved_areas);
+        match shared_saved_area(name, def) {
+            Some(area) => areas.insert(name.to_string(), area),
+            None => areas.remove(name),
+        };
     }
 
     /// Keeps track of a migration gateway for [`Supervisor::cut_untrusted_migrations`].

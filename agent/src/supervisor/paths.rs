@@ -112,6 +112,7 @@ impl Supervisor {
         LaunchSpec {
             args: VmmArgs::Restore {
                 dir: self.saved_state(name),
+                serial: self.serial_path(name),
             },
             ..self.spec(name)
         }

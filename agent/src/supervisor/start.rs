@@ -50,6 +50,7 @@ impl Supervisor {
             vm.stop_reason = None;
             vm.adopted = false;
             if let Some(def) = vm.pending_def.take() {
+                self.note_saved_area(name, &def);
                 vm.def = def;
             }
             vm.generation = self.generation.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +154,14 @@ impl Supervisor {
         spec.jail = self
             .jail_spec(name, Vec::new(), Vec::new())
             .map_err(|e| (e, None))?;
+        if saved && self.has_shared_saved_area(name) {
+            self.renew_saved_config(name, def).map_err(|e| (e, None))?;
+        }
+        if let (true, Some(jail)) = (saved, &spec.jail) {
+            // Saved on another node, its state may be another jail uid's.
+            self.hand_saved_state(name, jail.uid)
+                .map_err(|e| (e, None))?;
+        }
         // Each replicated disk's change log: made beneath its root, the jail's uid's.
         let uid = spec.jail.as_ref().map(|j| j.uid);
         for d in def.config.disks.iter().filter(|d| !d.readonly) {
@@ -276,7 +285,9 @@ impl Supervisor {
                 }
             }
         }
-        if saved {
+        // A clustered VM's state is spent once the cluster's record of it is gone
+        // (`cluster_node`): the record first, then the files.
+        if saved && !self.has_shared_saved_area(name) {
             self.spend_saved_state(name);
         }
         self.private_socket(name, &spec.socket);

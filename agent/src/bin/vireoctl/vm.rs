@@ -106,6 +106,10 @@ pub(crate) enum VmCommand {
         /// With --selector: start those that have a place, leave the others.
         #[arg(long, requires = "selector")]
         force: bool,
+        /// NAME is a clustered VM that is off or saved: the cluster places it (a saved
+        /// one resumes where it was on whichever node it is placed).
+        #[arg(long, requires = "name", conflicts_with = "selector")]
+        cluster: bool,
     },
     /// Shut a VM down (killed after the timeout). With --selector: the clustered VMs
     /// it selects are turned off (their nodes kill their VMMs) and stay off.
@@ -119,9 +123,9 @@ pub(crate) enum VmCommand {
         selector: Option<String>,
     },
     /// Save VMs (Hyper-V's Save): each one's memory and device state go to disk and
-    /// its VMM ends; `vm start` resumes the guest where it was. With --selector:
-    /// clustered VMs through the cluster (refused for now: a node starts its VMs again;
-    /// the answer says why).
+    /// its VMM ends; `vm start` resumes the guest where it was. A clustered VM is
+    /// saved by its owner (run this there) to the cluster's shared storage. With
+    /// --selector: clustered VMs through the cluster (each owner saves its own).
     Save {
         names: Vec<String>,
         #[arg(long, required_unless_present = "names", conflicts_with = "names")]
@@ -130,6 +134,10 @@ pub(crate) enum VmCommand {
     /// Delete a saved VM's saved state: it is Stopped and its next start boots afresh.
     DiscardSavedState {
         name: String,
+        /// NAME is a saved clustered VM: its state on the shared storage is discarded
+        /// cluster-wide (it is off).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Kill a VM's VMM at once (virsh: destroy).
     #[command(visible_alias = "destroy")]
@@ -432,6 +440,18 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             };
             bulk::request(ctx, ask, out)
         }
+        VmCommand::Start {
+            name: Some(name),
+            cluster: true,
+            ..
+        } => {
+            let ask = bulk::Ask {
+                op: "start",
+                names: std::slice::from_ref(&name),
+                ..Default::default()
+            };
+            bulk::request(ctx, ask, out)
+        }
         VmCommand::Start { name, .. } => {
             show_status(ctx.json("PUT", &path(name_of(&name)?, "start"), None)?)
         }
@@ -455,7 +475,22 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             }
             Ok(())
         }
-        VmCommand::DiscardSavedState { name } => {
+        VmCommand::DiscardSavedState {
+            name,
+            cluster: true,
+        } => {
+            let v = ctx.json(
+                "DELETE",
+                &format!("/api/v1/cluster/vms/{name}/saved-state"),
+                None,
+            )?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => println!("{name}: saved state discarded; off"),
+            }
+            Ok(())
+        }
+        VmCommand::DiscardSavedState { name, .. } => {
             show_status(ctx.json("DELETE", &path(&name, "saved-state"), None)?)
         }
         VmCommand::Save { names, selector } => {
@@ -655,7 +690,7 @@ fn names_in(cmd: &VmCommand) -> Vec<&str> {
         | VmCommand::Reset { name }
         | VmCommand::Autostart { name, .. }
         | VmCommand::Kill { name }
-        | VmCommand::DiscardSavedState { name }
+        | VmCommand::DiscardSavedState { name, .. }
         | VmCommand::Console { name, .. }
         | VmCommand::Delete { name } => vec![name.as_str()],
         VmCommand::Start { name, .. }
