@@ -368,6 +368,7 @@ impl PrimaryVm {
                 log_dir: self.dir.path().join(format!("log{i}")),
                 image: self.dir.path().join(format!("disk{i}.img")),
                 size: DISK,
+                format: agent::replica_primary::ImageFormat::Raw,
             })
             .collect()
     }
