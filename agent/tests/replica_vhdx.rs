@@ -248,3 +248,137 @@ fn a_damaged_vhdx_is_refused_and_an_unplanned_failover_of_a_vhdx_vm_gives_its_wr
     h.b.ok("PUT", "/api/v1/vms/vm1/start", None);
     h.b.wait_serial("vm1", "rw n=5\n", T);
 }
+
+/// A host crash while the guest wrote to a VHDX disk: vireod and the VMM killed
+/// together, the writer mark rewritten to another boot, and on the image only (as
+/// the crash may leave them) a 4 KiB write into a block the VHDX had not allocated and
+/// the release of the block that held its other data. After the restart the replica
+/// is reset and resynchronised from the VHDX's virtual content: the differing blocks
+/// only, the released block sent as zeros and a hole again on the replica, the lost
+/// write there; the replica equals `qemu-img convert -O raw` of the VHDX byte for
+/// byte.
+#[test]
+fn after_a_host_crash_a_vhdx_disk_is_resynchronised_from_its_virtual_content() {
+    use crate::replica::{primary_host, replica_server, replication, wait_replication};
+    let pki = common::pki::Pki::new();
+    let (_b, addr, dir, _store) = replica_server(&pki, &[]);
+    let (mut a, disks_dir) = primary_host(&pki);
+    let size = common::writer::DISK_SIZE;
+    let img = disks_dir.join("d0.vhdx");
+    let log = disks_dir.join("d0.rlog");
+    let v = vhdx::Vhdx::create(
+        &img,
+        &vhdx::CreateOptions {
+            size,
+            kind: vhdx::DiskKind::Dynamic,
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    v.write_at(&vhdx_data(0), VHDX_DATA_AT).unwrap();
+    v.close().unwrap();
+    let def = serde_json::json!({
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=replica-writer disks=1 blocks=64"},
+            "memory": {"size": 32u64 << 20},
+            "disks": [{"path": img, "format": "vhdx", "replica_log": log}],
+        },
+        "restart": "never",
+    });
+    a.ok("PUT", "/api/v1/vms/vm1", Some(&def.to_string()));
+    a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    a.wait_serial("vm1", "rw n=10\n", T);
+    let enable =
+        serde_json::json!({"to": addr, "server_name": "host-b", "interval_s": 1}).to_string();
+    a.ok("PUT", "/api/v1/vms/vm1/replication", Some(&enable));
+    wait_replication(&a, "vm1", "a second recovery point", |v| point(v) >= 2);
+
+    let pid = a.pid("vm1").unwrap();
+    a.kill9();
+    // SAFETY: a plain kill(2) of the VMM this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    common::wait_dead(pid, T);
+    let mark = log.join(agent::replica_crash::WRITER_MARK);
+    std::fs::write(&mark, "00000000-0000-0000-0000-000000000000").unwrap();
+    let lost = vec![0xeeu8; 4096];
+    let v = open_for_writing(&img);
+    v.write_at(&lost, 3 * MIB + 4096).unwrap();
+    v.discard(VHDX_DATA_AT, MIB).unwrap();
+    v.close().unwrap();
+
+    a.spawn();
+    a.wait_log("replication restored");
+    a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    a.wait_log("replication-resync-required");
+    let v = wait_replication(&a, "vm1", "a point after the resync", |v| {
+        point(v) >= 1 && v["base_bytes_sent"].as_u64().unwrap_or(0) > 0
+    });
+    let differing = v["base_differing_bytes"].as_u64().unwrap();
+    // The released block's 512 KiB of data (now zeros) and the lost write's block,
+    // and at most the guest's four blocks: not the disk.
+    assert!(
+        differing >= VHDX_DATA_LEN as u64 + 4096
+            && differing <= VHDX_DATA_LEN as u64 + 5 * (64 << 10),
+        "the resync sends the differing blocks only: {v}"
+    );
+
+    // A VMM killed on this boot leaves its VHDX unclosed (blocks it allocated since
+    // the guest's last flush are not on the image, their writes are in the log): the
+    // log gets the unclean mark and the next start resyncs again.
+    let resyncs = |a: &common::Daemon| a.log().matches("replication-resync-required").count();
+    let before = resyncs(&a);
+    let pid = a.pid("vm1").unwrap();
+    a.ok("PUT", "/api/v1/vms/vm1/kill", None);
+    common::wait_dead(pid, T);
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&mark).ok().as_deref() != Some(agent::replica_crash::UNCLEAN) {
+        assert!(start.elapsed() < T, "no unclean mark after the kill");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    a.ok("PUT", "/api/v1/vms/vm1/start", None);
+    while resyncs(&a) <= before {
+        assert!(start.elapsed() < T * 2, "no second resync:\n{}", a.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let now = point(&replication(&a, "vm1"));
+    wait_replication(&a, "vm1", "a point after the second resync", |v| {
+        point(v) >= now + 2
+    });
+
+    // A planned failover (the VM shut down, its VHDX closed, the last changes sent):
+    // the replica is the VHDX's virtual content.
+    a.ctl_ok(&["replica", "failover", "vm1", "--planned", "--no-start"]);
+    let replica_img = dir.join("host-a/vm1/disk-0.img");
+    let replica = std::fs::read(&replica_img).unwrap();
+    let at = (3 * MIB + 4096) as usize;
+    assert!(
+        replica[at..at + 4096] == lost[..],
+        "the lost write is missing"
+    );
+    let peer = virtual_content(&img);
+    assert!(
+        replica == peer,
+        "the replica differs from qemu-img's raw of the VHDX"
+    );
+    let after = next_data(&replica_img, VHDX_DATA_AT).unwrap();
+    assert!(
+        after >= 3 * MIB,
+        "the released block is not a hole on the replica: data at {after}"
+    );
+}
+
+/// Opens the VHDX at `path` for writing once the killed VMM's lock on it is gone (the
+/// kernel releases it as the process's files are closed).
+fn open_for_writing(path: &Path) -> vhdx::Vhdx {
+    let start = std::time::Instant::now();
+    loop {
+        match vhdx::Vhdx::open(path, vhdx::OpenOptions::default()) {
+            Ok(v) => return v,
+            Err(vhdx::Error::Locked { .. }) if start.elapsed() < T => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
