@@ -146,7 +146,7 @@ fn check_vhdx(roots: &Arc<Roots>, file: std::fs::File, path: &Path) -> Result<()
 
 /// A VHDX parent: in the child's directory (opened without following a link) or
 /// beneath a storage root.
-fn parent_opener(roots: Arc<Roots>) -> vhdx::ParentOpener {
+pub(crate) fn parent_opener(roots: Arc<Roots>) -> vhdx::ParentOpener {
     vhdx::ParentOpener(Arc::new(move |child: &Path, candidate: &Path| {
         let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         let same_dir = confine::check_lexical(candidate).is_ok()

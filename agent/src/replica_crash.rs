@@ -18,6 +18,14 @@
 //!   and runs the initial copy again, which sends only the blocks whose hashes differ;
 //!   the mark goes once the replica is reset.
 //!
+//! A VHDX disk is different: its VMM writes a newly allocated block's BAT entry only
+//! at a flush, so a VMM killed or crashed (even on this boot) may leave the image
+//! without blocks the guest wrote since its last flush, while the log holds those
+//! writes. So a VMM with replicated VHDX disks that ended without exit status 0 gets
+//! the mark [`UNCLEAN`] (of no boot) instead of none, and a mark of this boot found on
+//! a VHDX disk's log at a start (its VMM ended while vireod was down) is taken as
+//! unclean too: the next start resyncs.
+//!
 //! A clean host shutdown (vireod stops its VMs) leaves no mark. With
 //! `--keep-vms-on-exit` the marks stay, and a reboot resyncs (safe, not needed).
 
@@ -32,6 +40,9 @@ use tracing::warn;
 pub const WRITER_MARK: &str = "writer.boot";
 /// The log was restarted after a host crash: the replica must be reset and resynced.
 pub const RESYNC_MARK: &str = "resync.required";
+
+/// The writer mark of a VHDX disk's log whose VMM ended without closing the image.
+pub const UNCLEAN: &str = "vhdx-unclean";
 
 /// This boot's id.
 pub fn boot_id() -> io::Result<String> {
@@ -112,6 +123,12 @@ pub fn sync_writes(dir: BorrowedFd<'_>, image: Option<BorrowedFd<'_>>) -> io::Re
     Ok(())
 }
 
+/// Marks the change log in `dir` as one whose VMM left its VHDX disk unclosed: the
+/// next start resyncs the replica.
+pub fn mark_unclean(dir: BorrowedFd<'_>) -> io::Result<()> {
+    confine::write_private_atomic(dir, OsStr::new(WRITER_MARK), UNCLEAN.as_bytes())
+}
+
 /// Removes the writer mark of the change log in `dir` (its writes are durable).
 pub fn unmark_writer(dir: BorrowedFd<'_>) -> io::Result<()> {
     match confine::unlink_at(dir, OsStr::new(WRITER_MARK)) {
@@ -135,18 +152,36 @@ pub fn resync_requested(dir: &Path) {
     }
 }
 
-/// [`before_writer`] for a VM's change logs at `logs` beneath `roots`, logged.
-pub fn prepare_logs(roots: &confine::Roots, vm: &str, logs: &[&Path]) -> io::Result<bool> {
+/// Before a VMM opens the change log in `dir` of a VHDX disk: a writer mark of this
+/// boot means its last VMM ended while vireod was down (nothing settled it), perhaps
+/// without closing the image: it becomes [`UNCLEAN`]. Returns whether it did.
+pub fn unsettled_vhdx(dir: BorrowedFd<'_>, boot: &str) -> io::Result<bool> {
+    if read_at(dir, WRITER_MARK)?.is_some_and(|m| m == boot) {
+        mark_unclean(dir)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// [`before_writer`] for a VM's change logs at `logs` (each with whether its disk is a
+/// VHDX: [`unsettled_vhdx`] first) beneath `roots`, logged.
+pub fn prepare_logs(roots: &confine::Roots, vm: &str, logs: &[(&Path, bool)]) -> io::Result<bool> {
     let dirs: Vec<OwnedFd> = logs
         .iter()
-        .map(|log| {
+        .map(|(log, _)| {
             roots
                 .open_dir(log)
                 .map_err(|e| io::Error::other(e.to_string()))
         })
         .collect::<Result<_, _>>()?;
     let fds: Vec<BorrowedFd<'_>> = dirs.iter().map(|d| d.as_fd()).collect();
-    let crashed = before_writer(&fds, &boot_id()?)?;
+    let boot = boot_id()?;
+    for (fd, (_, vhdx)) in fds.iter().zip(logs) {
+        if *vhdx {
+            unsettled_vhdx(*fd, &boot)?;
+        }
+    }
+    let crashed = before_writer(&fds, &boot)?;
     if crashed {
         warn!(
             vm,
@@ -241,6 +276,29 @@ mod tests {
                 "boot-2"
             );
         }
+    }
+
+    #[test]
+    fn a_vhdx_log_whose_vmm_ended_unclosed_or_unsettled_restarts_for_a_resync() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = dir_fd(d.path());
+        std::fs::write(d.path().join(replica::segment_file_name(5)), b"x").unwrap();
+        // Settled after an unclean end: the next start resyncs.
+        mark_unclean(dir.as_fd()).unwrap();
+        assert!(before_writer(&[dir.as_fd()], "boot-1").unwrap());
+        assert!(resync_required(d.path()));
+        resync_requested(d.path());
+        // Not settled (vireod was down when the VMM ended): a mark of this boot on a
+        // VHDX disk's log is taken as unclean; on a raw disk's it is not.
+        std::fs::write(d.path().join(replica::segment_file_name(6)), b"x").unwrap();
+        assert!(!unsettled_vhdx(dir.as_fd(), "boot-2").unwrap());
+        assert!(unsettled_vhdx(dir.as_fd(), "boot-1").unwrap());
+        assert!(before_writer(&[dir.as_fd()], "boot-1").unwrap());
+        assert!(!d.path().join(replica::segment_file_name(6)).exists());
+        // A settled clean end leaves no mark: no resync.
+        unmark_writer(dir.as_fd()).unwrap();
+        assert!(!unsettled_vhdx(dir.as_fd(), "boot-1").unwrap());
+        assert!(!before_writer(&[dir.as_fd()], "boot-1").unwrap());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! points there.
 //!
 //! A round ([`Shipper::round`]): ask the replica what it holds (declaring the VM if it
-//! is new); send the initial copy if it is not complete (raw images, all-zero chunks
-//! skipped); cut (the caller's cut: `vm.replica-cut` in the VMM); send every sealed
+//! is new); send the initial copy if it is not complete (a resync by block hashes of
+//! each disk's virtual content: raw images, or VHDX read through the `vhdx` crate); cut (the caller's cut: `vm.replica-cut` in the VMM); send every sealed
 //! segment the replica has not applied, zstd-compressed; commit the newest cut every
 //! disk has a segment for; delete the segments the replica applied, except each disk's
 //! newest (the VMM's log continues its cut ids from it after a restart).
@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use replica::{segment_file_name, BlockHash, ChangeLog, Extra, PendingSeal, Resync, SegmentReader};
+use replica::{
+    segment_file_name, BlockHash, ChangeLog, DiskImage, Extra, PendingSeal, Resync, SegmentReader,
+};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
@@ -88,6 +90,10 @@ pub enum ShipError {
         #[source]
         source: replica::ResyncError,
     },
+    #[error(transparent)]
+    Image(#[from] replica::SourceError),
+    #[error("disk {path} is {now} bytes now, {size} when its replication began")]
+    Resized { path: PathBuf, now: u64, size: u64 },
     #[error("the cut failed: {0}")]
     Cut(String),
     /// The replica was failed over (an operator started the VM there from a recovery
@@ -112,12 +118,87 @@ pub struct Extras {
     pub(crate) sent: AtomicBool,
 }
 
-/// One replicated disk of the primary: its change log's directory and its raw image.
+/// How a replicated disk's image is read for the initial copy.
+#[derive(Clone, Debug, Default)]
+pub enum ImageFormat {
+    /// The file's bytes.
+    #[default]
+    Raw,
+    /// The virtual content, through the `vhdx` crate (never the file's bytes): a
+    /// differencing disk's parents opened by `parents` (the storage roots' rules;
+    /// `None`: by the locator's paths).
+    Vhdx { parents: Option<vhdx::ParentOpener> },
+}
+
+/// One replicated disk of the primary: its change log's directory, its image and the
+/// size the guest sees (a VHDX's virtual size).
 #[derive(Clone, Debug)]
 pub struct DiskSource {
     pub log_dir: PathBuf,
     pub image: PathBuf,
     pub size: u64,
+    pub format: ImageFormat,
+}
+
+impl DiskSource {
+    /// The disk at `image`: a raw image's size is its file's length; a VHDX is opened
+    /// (with its parent chain) to check that it reads, and its size is its virtual
+    /// size. A VHDX that cannot be opened or is damaged is an error naming it.
+    pub fn new(log_dir: PathBuf, image: PathBuf, format: ImageFormat) -> Result<Self, ShipError> {
+        let mut d = DiskSource {
+            log_dir,
+            image,
+            size: 0,
+            format,
+        };
+        d.size = match &d.format {
+            ImageFormat::Raw => std::fs::metadata(&d.image)
+                .map_err(|source| ShipError::Io {
+                    what: "reading the image",
+                    path: d.image.clone(),
+                    source,
+                })?
+                .len(),
+            ImageFormat::Vhdx { parents } => d.open_vhdx(parents.clone())?.size(),
+        };
+        Ok(d)
+    }
+
+    fn open_vhdx(
+        &self,
+        parents: Option<vhdx::ParentOpener>,
+    ) -> Result<replica::VhdxImage, ShipError> {
+        let f = std::fs::File::open(&self.image).map_err(|source| ShipError::Io {
+            what: "opening the VHDX disk",
+            path: self.image.clone(),
+            source,
+        })?;
+        Ok(replica::VhdxImage::open(f, &self.image, parents)?)
+    }
+
+    /// The disk as the guest sees it, for reading (a VHDX without its lock: the VMM
+    /// holds it). A disk whose size changed since replication began is refused.
+    pub fn open(&self) -> Result<Box<dyn DiskImage>, ShipError> {
+        let image: Box<dyn DiskImage> = match &self.format {
+            ImageFormat::Raw => {
+                let f = std::fs::File::open(&self.image).map_err(|source| ShipError::Io {
+                    what: "reading the image",
+                    path: self.image.clone(),
+                    source,
+                })?;
+                Box::new(replica::RawImage::new(f, self.size))
+            }
+            ImageFormat::Vhdx { parents } => Box::new(self.open_vhdx(parents.clone())?),
+        };
+        if image.size() != self.size {
+            return Err(ShipError::Resized {
+                path: self.image.clone(),
+                now: image.size(),
+                size: self.size,
+            });
+        }
+        Ok(image)
+    }
 }
 
 /// What one round did.
@@ -282,8 +363,8 @@ impl Shipper {
                 path: d.image.clone(),
                 source,
             };
-            let f = std::fs::File::open(&d.image).map_err(io)?;
-            let mut pass = Resync::new(&f, d.size, BASE_CHUNK);
+            let image = d.open()?;
+            let mut pass = Resync::new(&*image, BASE_CHUNK);
             while !pass.done() {
                 let start = pass.next_block();
                 let theirs = self.hashes(i, d.size, start).await?;
@@ -295,6 +376,8 @@ impl Shipper {
                 }
             }
             differing += pass.differing_bytes;
+            debug!(vm = %self.vm, disk = i, read = pass.read_bytes, unallocated = pass.unallocated_bytes,
+                differing = pass.differing_bytes, "replica: disk read for the initial copy");
             whole.push(hex::encode(pass.finish()));
         }
         let body = json!({ "image_sha256": whole }).to_string().into_bytes();

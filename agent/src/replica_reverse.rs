@@ -31,7 +31,7 @@ use replica::{ReplicaVm, StoreError};
 use serde::Deserialize;
 use tracing::info;
 
-use crate::replica_primary::{DiskSource, Shipper};
+use crate::replica_primary::{DiskSource, ImageFormat, Shipper};
 use crate::replica_server::ReplicaServer;
 use crate::replication::{EnableRequest, ReplicationStatus, Replications};
 use crate::supervisor::Supervisor;
@@ -125,6 +125,8 @@ pub async fn reverse(
             log_dir: log,
             image: d.path.clone(),
             size,
+            // A failed-over replica's images: raw.
+            format: ImageFormat::Raw,
         });
     }
     let history = req.history.unwrap_or(1);
@@ -240,15 +242,15 @@ pub async fn seed_here(
     }
     let mut seed = Vec::new();
     let mut sizes = Vec::new();
-    for d in def.config.disks.iter().filter(|d| d.replica_log.is_some()) {
-        let f = std::fs::File::open(&d.path)
-            .map_err(|e| conflict(format!("disk {}: {e}", d.path.display())))?;
-        let len = f
-            .metadata()
-            .map_err(|e| conflict(format!("disk {}: {e}", d.path.display())))?
-            .len();
-        sizes.push(len);
-        seed.push(f);
+    for d in &def.config.disks {
+        let Some(log) = &d.replica_log else { continue };
+        // Raw or VHDX: the replica's raw image starts as the disk's virtual content.
+        let source = crate::replication::disk_source(sup.roots(), d, log).map_err(conflict)?;
+        let image = source
+            .open()
+            .map_err(|e| conflict(crate::error_chain(&e)))?;
+        sizes.push(source.size);
+        seed.push(image);
     }
     if sizes != disk_sizes {
         return Err(conflict(format!(

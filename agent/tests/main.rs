@@ -25,6 +25,7 @@ mod replica;
 mod replica_failover;
 mod replica_history;
 mod replica_limits;
+mod replica_vhdx;
 mod saved_state;
 mod supervision;
 mod systemd;

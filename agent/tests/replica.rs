@@ -65,7 +65,7 @@ fn image(dir: &Path, primary: &str, vm: &str, disk: usize) -> Vec<u8> {
 
 /// A replica server admitting host-a (allowed to replicate) and host-c (a peer that
 /// is not), with `extra` flags; its replica directory.
-fn replica_server(
+pub(crate) fn replica_server(
     pki: &Pki,
     extra: &[&str],
 ) -> (common::Daemon, String, PathBuf, tempfile::TempDir) {
@@ -368,6 +368,7 @@ impl PrimaryVm {
                 log_dir: self.dir.path().join(format!("log{i}")),
                 image: self.dir.path().join(format!("disk{i}.img")),
                 size: DISK,
+                format: agent::replica_primary::ImageFormat::Raw,
             })
             .collect()
     }
@@ -494,7 +495,7 @@ fn the_primary_s_rounds_resume_after_a_cut_link_and_a_torn_cut_without_a_full_co
 
 /// The primary host-a's vireod (no autostart) and a directory for its disks beneath
 /// one of its storage roots.
-fn primary_host(pki: &Pki) -> (common::Daemon, PathBuf) {
+pub(crate) fn primary_host(pki: &Pki) -> (common::Daemon, PathBuf) {
     let a_id = pki.host("host-a");
     let mut args = common::pki::tls_args(&a_id);
     args.push("--no-autostart".into());
@@ -506,12 +507,12 @@ fn primary_host(pki: &Pki) -> (common::Daemon, PathBuf) {
 }
 
 /// The replication status of `vm` on `d` (its unix socket API).
-fn replication(d: &common::Daemon, vm: &str) -> Value {
+pub(crate) fn replication(d: &common::Daemon, vm: &str) -> Value {
     d.ok("GET", &format!("/api/v1/vms/{vm}/replication"), None)
 }
 
 /// Waits until `vm`'s replication satisfies `done`.
-fn wait_replication(
+pub(crate) fn wait_replication(
     d: &common::Daemon,
     vm: &str,
     what: &str,

@@ -17,6 +17,7 @@ mod history;
 mod log;
 mod resync;
 mod segment;
+mod source;
 mod store;
 
 pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
@@ -29,6 +30,7 @@ pub use resync::{
     MAX_HASHES_PER_REQUEST,
 };
 pub use segment::{ends_with_trailer, Record, SegmentReader, Trailer};
+pub use source::{DiskImage, RawImage, SourceError, VhdxImage};
 pub use store::{
     free_bytes, Committed, DiskStatus, Extra, Point, ReplicaVm, Staged, StoreError, VmStatus,
     MAX_BASE_CHUNK, MAX_DISKS, MAX_SPACING_S,
@@ -38,6 +40,8 @@ pub use store::{
 mod history_tests;
 #[cfg(test)]
 mod resync_tests;
+#[cfg(test)]
+mod source_tests;
 #[cfg(test)]
 mod store_tests;
 #[cfg(test)]

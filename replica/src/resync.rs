@@ -10,6 +10,10 @@
 //! ([`image_hash`]). The replica keeps only bytes it computed or was sent: it trusts
 //! no hash of the sender's for what it keeps.
 //!
+//! The sender reads its disk's virtual content ([`DiskImage`]): a block its image
+//! has not allocated (a VHDX's unallocated or zero blocks) is not read but taken as
+//! zeros, so a new (sparse, zero) replica is sent nothing for it and stays sparse.
+//!
 //! A list of the wrong length, or for another block size, is refused
 //! ([`check_hash_list`]).
 
@@ -18,6 +22,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha256};
+
+use crate::source::DiskImage;
 
 /// The size of a hashed block (the last block of a disk may be shorter).
 pub const HASH_BLOCK: u64 = 64 << 10;
@@ -122,26 +128,33 @@ pub struct Run {
 /// The sender's pass over its image: reads each block once, compares its hash with the
 /// replica's and yields the differing bytes in runs of at most `max_run` bytes.
 pub struct Resync<'a> {
-    image: &'a File,
+    image: &'a dyn DiskImage,
     size: u64,
     next_block: u64,
     max_run: usize,
     whole: Sha256,
     /// Bytes of the image read so far.
     pub read_bytes: u64,
+    /// Bytes taken as zeros without a read (ranges the image has not allocated).
+    pub unallocated_bytes: u64,
+    /// The hash of a whole block of zeros.
+    zero_hash: BlockHash,
     /// Bytes in the runs yielded so far.
     pub differing_bytes: u64,
 }
 
 impl<'a> Resync<'a> {
-    pub fn new(image: &'a File, size: u64, max_run: usize) -> Self {
+    /// A pass over `image` (its [`DiskImage::size`] bytes).
+    pub fn new(image: &'a dyn DiskImage, max_run: usize) -> Self {
         Resync {
             image,
-            size,
+            size: image.size(),
             next_block: 0,
             max_run: max_run.max(HASH_BLOCK as usize),
             whole: Sha256::new(),
             read_bytes: 0,
+            unallocated_bytes: 0,
+            zero_hash: Sha256::digest([0u8; HASH_BLOCK as usize]).into(),
             differing_bytes: 0,
         }
     }
@@ -179,11 +192,21 @@ impl<'a> Resync<'a> {
             {
                 break;
             }
-            self.image.read_exact_at(&mut buf[..n], at)?;
+            let mine: BlockHash = if self.image.reads_as_zero(at, n as u64)? {
+                buf[..n].fill(0);
+                self.unallocated_bytes += n as u64;
+                if n == HASH_BLOCK as usize {
+                    self.zero_hash
+                } else {
+                    Sha256::digest(&buf[..n]).into()
+                }
+            } else {
+                self.image.read_exact_at(&mut buf[..n], at)?;
+                self.read_bytes += n as u64;
+                Sha256::digest(&buf[..n]).into()
+            };
             self.whole.update(&buf[..n]);
-            self.read_bytes += n as u64;
             self.next_block += 1;
-            let mine: BlockHash = Sha256::digest(&buf[..n]).into();
             if mine == *their {
                 if run.is_some() {
                     break;

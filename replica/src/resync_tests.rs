@@ -28,7 +28,8 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// `per_request` at a time, through their hex form as on the wire); returns the
 /// bytes sent and the whole-image hash.
 fn resync(primary: &std::fs::File, vm: &mut ReplicaVm, per_request: u64) -> (u64, BlockHash) {
-    let mut pass = Resync::new(primary, SIZE, 128 << 10);
+    let image = RawImage::new(primary.try_clone().unwrap(), SIZE);
+    let mut pass = Resync::new(&image, 128 << 10);
     let mut sent = 0;
     while !pass.done() {
         let start = pass.next_block();

@@ -31,7 +31,7 @@ use axum::Json;
 use tokio::sync::watch;
 
 use crate::client::Endpoint;
-use crate::replica_primary::{DiskSource, Extras};
+use crate::replica_primary::{DiskSource, Extras, ImageFormat};
 use crate::replica_server::ReplicaServer;
 use crate::supervisor::Supervisor;
 use crate::throttle::Throttle;
@@ -79,6 +79,25 @@ fn error(status: StatusCode, msg: String) -> Response {
     (status, Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
+/// Replicated disk `d` (change log `log`): a raw image, or a VHDX whose parents (of a
+/// differencing disk) are opened under the storage roots' rules, as the VMM's are.
+pub(crate) fn disk_source(
+    roots: &Arc<confine::Roots>,
+    d: &api::config::DiskConfig,
+    log: &std::path::Path,
+) -> Result<DiskSource, String> {
+    let format = match d.effective_format() {
+        api::config::DiskFormat::Raw => ImageFormat::Raw,
+        api::config::DiskFormat::Vhdx => ImageFormat::Vhdx {
+            parents: Some(crate::confinement::parent_opener(roots.clone())),
+        },
+    };
+    DiskSource::new(log.to_path_buf(), d.path.clone(), format).map_err(|e| match e {
+        crate::replica_primary::ShipError::Image(e) => e.to_string(),
+        e => format!("disk {}: {}", d.path.display(), crate::error_chain(&e)),
+    })
+}
+
 impl Replications {
     pub fn new(sup: Arc<Supervisor>, replica: Option<Arc<ReplicaServer>>) -> Arc<Self> {
         Arc::new(Self {
@@ -101,27 +120,16 @@ impl Replications {
         })
     }
 
-    /// The replicated disks of VM `name` (raw images with `replica_log`).
+    /// The replicated disks of VM `name` (its disks with `replica_log`, raw or VHDX:
+    /// a VHDX that cannot be opened or is damaged is refused here, before anything
+    /// is stored or sent).
     fn sources(&self, name: &str) -> Result<Vec<DiskSource>, String> {
         let defs = self.sup.export();
         let def = defs.get(name).ok_or(format!("no VM named {name:?}"))?;
         let mut out = Vec::new();
         for d in &def.config.disks {
             let Some(log) = &d.replica_log else { continue };
-            if d.effective_format() != api::config::DiskFormat::Raw {
-                return Err(format!(
-                    "disk {}: only raw images are replicated yet (the initial copy reads the image)",
-                    d.path.display()
-                ));
-            }
-            let size = std::fs::metadata(&d.path)
-                .map_err(|e| format!("disk {}: {e}", d.path.display()))?
-                .len();
-            out.push(DiskSource {
-                log_dir: log.clone(),
-                image: d.path.clone(),
-                size,
-            });
+            out.push(disk_source(self.sup.roots(), d, log)?);
         }
         if out.is_empty() {
             return Err(format!(

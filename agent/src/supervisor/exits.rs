@@ -44,10 +44,22 @@ impl Supervisor {
     /// After VM `name`'s VMM of `generation` ended: its replicated disks' writes made
     /// durable and their change logs' writer marks removed, unless a new VMM of the VM
     /// began meanwhile (see `replica_crash`). On a blocking thread.
-    fn settle_replica_logs(self: &Arc<Self>, name: &str, def: &VmDefinition, generation: u64) {
+    /// A VMM that did not end cleanly (`clean`: exit status 0) left its VHDX disks
+    /// unclosed: their logs get the unclean mark instead, so the next start resyncs.
+    fn settle_replica_logs(
+        self: &Arc<Self>,
+        name: &str,
+        def: &VmDefinition,
+        generation: u64,
+        clean: bool,
+    ) {
+        let unclosed: Vec<bool> = replica_logs(def)
+            .iter()
+            .map(|(_, _, vhdx)| *vhdx && !clean)
+            .collect();
         let logs: Vec<(PathBuf, PathBuf)> = replica_logs(def)
             .into_iter()
-            .map(|(l, i)| (l.to_path_buf(), i.to_path_buf()))
+            .map(|(l, i, _)| (l.to_path_buf(), i.to_path_buf()))
             .collect();
         if logs.is_empty() {
             return;
@@ -57,8 +69,13 @@ impl Supervisor {
             let settled = crate::replica_crash::sync_logs(&me.roots, &logs).and_then(|dirs| {
                 let vms = lock(&me.vms);
                 if vms.get(&name).is_some_and(|vm| vm.generation == generation) {
-                    for d in &dirs {
-                        crate::replica_crash::unmark_writer(std::os::fd::AsFd::as_fd(d))?;
+                    for (d, unclosed) in dirs.iter().zip(&unclosed) {
+                        let d = std::os::fd::AsFd::as_fd(d);
+                        if *unclosed {
+                            crate::replica_crash::mark_unclean(d)?;
+                        } else {
+                            crate::replica_crash::unmark_writer(d)?;
+                        }
                     }
                 }
                 Ok(())
@@ -78,7 +95,7 @@ impl Supervisor {
         if vm.generation != generation {
             return;
         }
-        self.settle_replica_logs(name, &vm.def, generation);
+        self.settle_replica_logs(name, &vm.def, generation, exit.status == Some(0));
         if vm.migration.is_some() {
             // The migration's task decides what this exit means (handed over, or lost).
             let reason = if vm.stop_requested {

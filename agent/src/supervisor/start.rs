@@ -173,11 +173,11 @@ impl Supervisor {
         // resynchronised (see `replica_crash`); each gets this boot's writer mark.
         let logs = replica_logs(def);
         if !logs.is_empty() {
-            let logs: Vec<&Path> = logs.iter().map(|(l, _)| *l).collect();
+            let logs: Vec<(&Path, bool)> = logs.iter().map(|(l, _, v)| (*l, *v)).collect();
             let restarted =
                 crate::replica_crash::prepare_logs(&self.roots, name, &logs).map_err(|e| {
                     (
-                        AgentError::io("cannot mark the change logs", logs[0], e),
+                        AgentError::io("cannot mark the change logs", logs[0].0, e),
                         None,
                     )
                 })?;
@@ -186,7 +186,7 @@ impl Supervisor {
                     name,
                     "replication-resync-required",
                     Some(
-                        "the host went down while the VM wrote: the change logs start again".into(),
+                        "the host went down (or a VMM with VHDX disks ended without closing them) while the VM wrote: the change logs start again".into(),
                     ),
                 );
             }
@@ -313,12 +313,17 @@ impl Supervisor {
     }
 }
 
-/// A VM's writable replicated disks: (change-log directory, image).
-pub(super) fn replica_logs(def: &VmDefinition) -> Vec<(&Path, &Path)> {
+/// A VM's writable replicated disks: (change-log directory, image, whether a VHDX).
+pub(super) fn replica_logs(def: &VmDefinition) -> Vec<(&Path, &Path, bool)> {
     def.config
         .disks
         .iter()
         .filter(|d| !d.readonly)
-        .filter_map(|d| d.replica_log.as_deref().map(|l| (l, d.path.as_path())))
+        .filter_map(|d| {
+            let vhdx = d.effective_format() == api::config::DiskFormat::Vhdx;
+            d.replica_log
+                .as_deref()
+                .map(|l| (l, d.path.as_path(), vhdx))
+        })
         .collect()
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use vireo_e2e::netns::NetNs;
 
 use super::pki::{tls_args, Pki};
-use super::writer::start_writer_vm_with;
+use super::writer::start_writer_vm_on;
 use super::{Daemon, T};
 
 pub const A_IP: &str = "10.77.0.1";
@@ -34,6 +34,8 @@ pub struct Options<'a> {
     pub skip_enable: bool,
     /// vm1's start priority on host-a (default Off: not started automatically).
     pub priority: Option<&'a str>,
+    /// vm1's disks are dynamic VHDX images (`writer::start_writer_vm_on`).
+    pub vhdx: bool,
 }
 
 /// A tmpfs mounted for a test, unmounted when dropped.
@@ -185,7 +187,7 @@ impl Hosts {
             }
         };
         let disks_dir = a.dir.path().join("disks");
-        let images = start_writer_vm_with(&a, &disks_dir, false, opts.fill, opts.priority);
+        let images = start_writer_vm_on(&a, &disks_dir, false, opts.fill, opts.priority, opts.vhdx);
         let h = Hosts {
             a,
             b,

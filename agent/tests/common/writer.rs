@@ -41,10 +41,83 @@ pub fn start_writer_vm_with(
     fill: bool,
     priority: Option<&str>,
 ) -> Vec<std::path::PathBuf> {
+    start_writer_vm_on(daemon, disks_dir, resume, fill, priority, false)
+}
+
+/// Where a VHDX disk of [`start_writer_vm_on`] holds data the guest never touches
+/// (VHDX block 2 of 1 MiB blocks; blocks 1 and 3 are never allocated).
+pub const VHDX_DATA_AT: u64 = 2 << 20;
+/// How much data is there.
+pub const VHDX_DATA_LEN: usize = 512 << 10;
+
+/// What VHDX disk `i` holds at [`VHDX_DATA_AT`].
+pub fn vhdx_data(i: u64) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64 + i;
+    (0..VHDX_DATA_LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The disk as the guest sees it: a VHDX converted by the peer implementation
+/// (`qemu-img convert -O raw`), a raw image read as it is.
+pub fn virtual_content(image: &std::path::Path) -> Vec<u8> {
+    if image.extension().is_none_or(|e| e != "vhdx") {
+        return std::fs::read(image).unwrap();
+    }
+    let out = image.with_extension("qemu.raw");
+    let o = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "vhdx", "-O", "raw"])
+        .arg(image)
+        .arg(&out)
+        .output()
+        .expect("qemu-img (scripts/setup installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let b = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    b
+}
+
+/// [`start_writer_vm_with`]; with `vhdx`, the disks are dynamic VHDX images (1 MiB
+/// blocks) holding [`vhdx_data`] at [`VHDX_DATA_AT`] (`fill` is for raw disks).
+pub fn start_writer_vm_on(
+    daemon: &super::Daemon,
+    disks_dir: &std::path::Path,
+    resume: bool,
+    fill: bool,
+    priority: Option<&str>,
+    vhdx: bool,
+) -> Vec<std::path::PathBuf> {
     std::fs::create_dir(disks_dir).unwrap();
     let mut disks = Vec::new();
     let mut images = Vec::new();
     for i in 0..2u64 {
+        if vhdx {
+            let img = disks_dir.join(format!("d{i}.vhdx"));
+            let v = vhdx::Vhdx::create(
+                &img,
+                &vhdx::CreateOptions {
+                    size: DISK_SIZE,
+                    kind: vhdx::DiskKind::Dynamic,
+                    block_size: Some(1 << 20),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            v.write_at(&vhdx_data(i), VHDX_DATA_AT).unwrap();
+            v.close().unwrap();
+            disks.push(serde_json::json!({
+                "path": img,
+                "format": "vhdx",
+                "replica_log": disks_dir.join(format!("d{i}.rlog")),
+            }));
+            images.push(img);
+            continue;
+        }
         let img = disks_dir.join(format!("d{i}.raw"));
         std::fs::File::create(&img)
             .unwrap()

@@ -28,9 +28,7 @@ impl ReplicaVm {
                 data.len()
             )));
         }
-        self.images[i]
-            .write_all_at(data, offset)
-            .map_err(io_err(disk_image_name(i)))
+        write_sparse(&self.images[i], data, offset).map_err(io_err(disk_image_name(i)))
     }
 
     /// The initial copy is all there: the images are synced and the fact recorded.
@@ -113,4 +111,49 @@ impl ReplicaVm {
         }
         self.complete_base()
     }
+}
+
+/// Writes `data` at `offset` of `image`, each [`resync::HASH_BLOCK`] of zeros (a block
+/// the primary's disk has not allocated, or zeroed) punched as a hole instead, so an
+/// image that held data there becomes sparse again (a file system without hole
+/// punching gets the zeros written).
+fn write_sparse(image: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let block = resync::HASH_BLOCK as usize;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + block).min(data.len());
+        if data[at..end].iter().any(|&b| b != 0) {
+            // A run of non-zero blocks goes in one write.
+            let mut stop = end;
+            while stop < data.len() {
+                let next = (stop + block).min(data.len());
+                if data[stop..next].iter().all(|&b| b == 0) {
+                    break;
+                }
+                stop = next;
+            }
+            image.write_all_at(&data[at..stop], offset + at as u64)?;
+            at = stop;
+            continue;
+        }
+        // SAFETY: fallocate on a descriptor `image` owns; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                image.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (offset + at as u64) as libc::off_t,
+                (end - at) as libc::off_t,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(e);
+            }
+            image.write_all_at(&data[at..end], offset + at as u64)?;
+        }
+        at = end;
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use crate::apply::ReplicaDisk;
 use crate::history::PointInfo;
 use crate::log::sync_dir;
+use crate::source::DiskImage;
 
 use super::layout::{
     advise, disk_dir_name, disk_image_name, open_or_create_dir, open_rw_at, read_opt, HISTORY_DIR,
@@ -30,14 +31,15 @@ impl ReplicaVm {
     }
 
     /// As [`Self::create_or_open`]; a new replica's images start as copies of
-    /// `seed` (one file per disk, of the disk's size: an older copy of the disks, as
-    /// the old primary's own disks for a reverse replication) instead of zero. The
+    /// `seed` (one disk image per disk, of the disk's size: an older copy of the
+    /// disks, as the old primary's own disks — raw or VHDX, read as the guest sees
+    /// them — for a reverse replication) instead of zero. The
     /// initial copy then is a resync that sends only the blocks that differ.
     pub fn create_or_open_seeded(
         parent: BorrowedFd<'_>,
         name: &str,
         disk_sizes: &[u64],
-        seed: Option<&[File]>,
+        seed: Option<&[Box<dyn DiskImage>]>,
     ) -> Result<Self, StoreError> {
         if let Some(seed) = seed {
             if seed.len() != disk_sizes.len() {
@@ -86,7 +88,7 @@ impl ReplicaVm {
             image.set_len(0).map_err(io_err(disk_image_name(i)))?;
             image.set_len(size).map_err(io_err(disk_image_name(i)))?;
             if let Some(from) = seed.and_then(|s| s.get(i)) {
-                copy_sparse(from, &image, size).map_err(io_err(format!(
+                copy_sparse(from.as_ref(), &image, size).map_err(io_err(format!(
                     "seeding {} from an existing copy",
                     disk_image_name(i)
                 )))?;
@@ -189,10 +191,11 @@ impl ReplicaVm {
     }
 }
 
-/// Copies the first `size` bytes of `from` into `to` (new and zero: all-zero
-/// chunks are left as holes). `from` must hold `size` bytes.
-fn copy_sparse(from: &File, to: &File, size: u64) -> io::Result<()> {
-    let len = from.metadata()?.len();
+/// Copies the `size` bytes of `from` into `to` (new and zero: all-zero chunks, and
+/// ranges `from` has not allocated, are left as holes). `from` must be a disk of
+/// `size` bytes.
+fn copy_sparse(from: &dyn DiskImage, to: &File, size: u64) -> io::Result<()> {
+    let len = from.size();
     if len != size {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -203,9 +206,11 @@ fn copy_sparse(from: &File, to: &File, size: u64) -> io::Result<()> {
     let mut at = 0;
     while at < size {
         let n = (size - at).min(buf.len() as u64) as usize;
-        from.read_exact_at(&mut buf[..n], at)?;
-        if buf[..n].iter().any(|&b| b != 0) {
-            to.write_all_at(&buf[..n], at)?;
+        if !from.reads_as_zero(at, n as u64)? {
+            from.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                to.write_all_at(&buf[..n], at)?;
+            }
         }
         at += n as u64;
     }
