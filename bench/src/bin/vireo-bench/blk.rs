@@ -46,6 +46,7 @@ struct VmmCounters {
     notifications: f64,
     wakeups: f64,
     polled: f64,
+    missed_kicks: f64,
     execute_ns: f64,
     service_ns: f64,
 }
@@ -74,6 +75,7 @@ impl VmmCounters {
             c.notifications += n("notifications");
             c.wakeups += n("wakeups");
             c.polled += n("polled");
+            c.missed_kicks += n("missed_kicks");
             c.execute_ns += n("execute_ns");
             c.service_ns += n("service_ns");
         }
@@ -89,6 +91,7 @@ impl VmmCounters {
             notifications: d(self.notifications, base.notifications),
             wakeups: d(self.wakeups, base.wakeups),
             polled: d(self.polled, base.polled),
+            missed_kicks: d(self.missed_kicks, base.missed_kicks),
             execute_ns: d(self.execute_ns, base.execute_ns),
             service_ns: d(self.service_ns, base.service_ns),
         }
@@ -371,9 +374,9 @@ fn table_at(raw: &Path, vhdx: &Path, qd: u32) {
         ratio(1, 2)
     );
 
-    println!("What a request costs, queue depth {qd} (medians over the rounds; per request: vCPU exits, queue notifications, worker wake-ups, polls that found work; host µs executing it (I/O and copies) and from ring to ring; guest µs in its submit call and waiting for the used ring):\n");
-    println!("| VMM | image | phase | exits | notifies | wake-ups | polls found | host execute µs | host ring-to-ring µs | guest submit µs | guest wait µs |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("What a request costs, queue depth {qd} (medians over the rounds; per request: vCPU exits, queue notifications, worker wake-ups, polls that found work, requests found by the recheck after a sleep without a kick; host µs executing it (I/O and copies) and from ring to ring; guest µs in its submit call and waiting for the used ring):\n");
+    println!("| VMM | image | phase | exits | notifies | wake-ups | polls found | missed kicks | host execute µs | host ring-to-ring µs | guest submit µs | guest wait µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (ci, c) in configs.iter().enumerate() {
         for (pi, (phase, _)) in PHASES.iter().enumerate() {
             let r = &runs[ci][pi];
@@ -400,13 +403,14 @@ fn table_at(raw: &Path, vhdx: &Path, qd: u32) {
                 }
             };
             println!(
-                "| {} | {} | {phase} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {phase} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 c.label,
                 c.format,
                 of(&per_req(|c| c.exits)),
                 of(&per_req(|c| c.notifications)),
                 of(&per_req(|c| c.wakeups)),
                 of(&per_req(|c| c.polled)),
+                of(&per_req(|c| c.missed_kicks)),
                 of(&us(|c| c.execute_ns)),
                 of(&us(|c| c.service_ns)),
                 of(&|x: &PhaseRun| Some(x.submit_ns / 1000.0)),

@@ -72,6 +72,9 @@ pub struct BlockCounters {
     pub notifications: AtomicU64,
     /// Times a request had to wait for the rate limiter.
     pub throttled: AtomicU64,
+    /// Times the worker found requests on its ring after it slept without a kick (a
+    /// driver that read a held-off `avail_event`: see the worker's recheck).
+    pub missed_kicks: AtomicU64,
     /// Nanoseconds the workers spent executing requests (the backend's I/O and the
     /// copies to and from guest memory), summed over every request.
     pub execute_ns: AtomicU64,
@@ -383,6 +386,7 @@ impl VirtioDevice for Block {
             ("polled", c.polled.load(Ordering::Relaxed)),
             ("wakeups", c.wakeups.load(Ordering::Relaxed)),
             ("notifications", c.notifications.load(Ordering::Relaxed)),
+            ("missed_kicks", c.missed_kicks.load(Ordering::Relaxed)),
             ("execute_ns", c.execute_ns.load(Ordering::Relaxed)),
             ("service_ns", c.service_ns.load(Ordering::Relaxed)),
         ]
