@@ -7,12 +7,12 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::pki::{call_raw, endpoint, tls_args};
-use common::replica_hosts::{listening_daemon, Hosts, A_IP, B_IP, PEER_PORT};
+use common::replica_hosts::{disk_paths, listening_daemon, wait_on, Hosts, A_IP, B_IP, PEER_PORT};
 use common::writer::prefix_of;
-use common::{Daemon, T};
+use common::T;
 use serde_json::{json, Value};
 
 fn point(v: &Value) -> u64 {
@@ -168,31 +168,6 @@ fn an_unplanned_failover_starts_the_latest_point_and_a_returning_primary_changes
         Some(&json!({"point": "2026-01-01T00:00:00Z"}).to_string()),
     );
     assert_eq!(s, 400, "{body}");
-}
-
-/// The replication status of vm1 on `d` once it satisfies `done`.
-fn wait_on(d: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let start = std::time::Instant::now();
-    loop {
-        let (s, body) = d.api("GET", "/api/v1/vms/vm1/replication", None);
-        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        if s == 200 && done(&v) {
-            return v;
-        }
-        assert!(start.elapsed() < T * 3, "{what}: {body}\nlog:\n{}", d.log());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// vm1's disk paths in `d`'s definition.
-fn disk_paths(d: &Daemon) -> Vec<PathBuf> {
-    let def = d.ok("GET", "/api/v1/vms/vm1", None);
-    def["definition"]["config"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
-        .collect()
 }
 
 /// The round trip: a planned failover to host-b, `replica reverse` there replicates

@@ -9,11 +9,11 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::replica_hosts::{Hosts, Options, A_IP, PEER_PORT};
+use common::replica_hosts::{disk_paths, wait_on, Hosts, Options, A_IP, PEER_PORT};
 use common::writer::{prefix_of, vhdx_data, virtual_content, VHDX_DATA_AT, VHDX_DATA_LEN};
-use common::{Daemon, T};
+use common::T;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -50,28 +50,6 @@ fn equals_virtual_content_and_sparse(img: &Path, vhdx: &Path, what: &str) {
         None,
         "{what}: data after the VHDX's last allocated bytes"
     );
-}
-
-fn wait_on(d: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let start = std::time::Instant::now();
-    loop {
-        let v = d.ok("GET", "/api/v1/vms/vm1/replication", None);
-        if done(&v) {
-            return v;
-        }
-        assert!(start.elapsed() < T * 3, "{what}: {v}\n{}", d.log());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-fn disk_paths(d: &Daemon) -> Vec<PathBuf> {
-    let def = d.ok("GET", "/api/v1/vms/vm1", None);
-    def["definition"]["config"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
-        .collect()
 }
 
 /// Planned failover of a VM on dynamic VHDX disks: the replica equals the stopped

@@ -369,3 +369,28 @@ impl std::ops::Sub for TcpCounters {
         }
     }
 }
+
+/// The replication status of vm1 on `d` once it satisfies `done`.
+pub fn wait_on(d: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let (s, body) = d.api("GET", "/api/v1/vms/vm1/replication", None);
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if s == 200 && done(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < T * 3, "{what}: {body}\nlog:\n{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// vm1's disk paths in `d`'s definition.
+pub fn disk_paths(d: &Daemon) -> Vec<PathBuf> {
+    let def = d.ok("GET", "/api/v1/vms/vm1", None);
+    def["definition"]["config"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .collect()
+}
