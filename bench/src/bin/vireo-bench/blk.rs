@@ -5,7 +5,8 @@
 //! Each phase is its own VM run (`phases=NAME`), so that the VMM's counters at its end
 //! (`vireo` logs them as it exits) belong to that phase alone; a run with no phase
 //! measures what booting and powering off cost, and is subtracted. Every cell is run
-//! `BLK_ROUNDS` times (default 5), the configurations alternating, and printed as the
+//! `BLK_ROUNDS` times (default 5; `BLK_MS` per phase, default 2000; `BLK_QD=1` or `32`
+//! for one table), the configurations alternating, and printed as the
 //! median with the spread (min–max) of the rounds. Beside the figures, for each phase:
 //! vCPU exits, queue notifications, worker wake-ups and polls that found work, per
 //! request; the host's time per request executing it (backend I/O and copies) and from
@@ -199,8 +200,7 @@ fn prepare_images(dir: &Path) -> (PathBuf, PathBuf) {
         .status()
         .expect("dd");
     assert!(status.success());
-    // Through the page cache (vireo-img's default is O_DIRECT), then both images are
-    // read once: both sides start with their image cached.
+    // Through the page cache (vireo-img's default is O_DIRECT).
     let status = Command::new(bin("vireo-img"))
         .args(["convert", "-t", "writeback", "-f", "raw", "-O", "vhdx"])
         .arg(&raw)
@@ -209,10 +209,44 @@ fn prepare_images(dir: &Path) -> (PathBuf, PathBuf) {
         .expect("vireo-img convert");
     assert!(status.success());
     for img in [&raw, &vhdx] {
-        let mut f = std::fs::File::open(img).expect("image");
-        std::io::copy(&mut f, &mut std::io::sink()).expect("read image");
+        cache_in_small_pages(img);
     }
     (raw, vhdx)
+}
+
+/// Both sides start with their image cached, and cached alike: written back, dropped,
+/// then read again 4 KiB at a time without readahead, so the page cache holds the image
+/// in 4 KiB pages, as a cache filled by a guest's random reads would. How a file came
+/// into the cache matters for buffered writes: ext4 (kernel 6.18) walks every block of
+/// the folio a write lands in, so a 4 KiB write into the 2 MiB folios that `dd`, a
+/// copy or this host's 8 MiB readahead leave costs ~35 µs instead of ~5 µs (perf: 79 %
+/// of it in `ext4_block_write_begin`; docs/benchmarks.md) — and the two images, written
+/// differently, held folios of different sizes.
+fn cache_in_small_pages(img: &Path) {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .expect("image");
+    f.sync_all().expect("fsync image");
+    let fd = f.as_raw_fd();
+    // SAFETY: plain advice calls on a descriptor this function owns.
+    let (drop, random) = unsafe {
+        (
+            libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED),
+            libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM),
+        )
+    };
+    assert_eq!((drop, random), (0, 0), "posix_fadvise on {}", img.display());
+    let len = f.metadata().expect("image size").len();
+    let mut page = [0u8; 4096];
+    let mut at = 0;
+    while at < len {
+        f.read_at(&mut page, at).expect("read image");
+        at += page.len() as u64;
+    }
 }
 
 /// The host the figures come from: CPU, kernel, which KVM, and how busy it was.
@@ -256,8 +290,12 @@ pub fn table() {
     println!("{}\n", host_line());
     // Queue depth 32 fills the guest driver's queue (virtio-drivers, vendored with a
     // 32-entry block queue; one indirect descriptor per request).
+    // BLK_QD=1 or BLK_QD=32 runs one of the two tables.
+    let only_qd: Option<u32> = std::env::var("BLK_QD").ok().and_then(|v| v.parse().ok());
     for qd in [1, 32] {
-        table_at(&raw, &vhdx, qd);
+        if only_qd.is_none_or(|q| q == qd) {
+            table_at(&raw, &vhdx, qd);
+        }
     }
     println!("load average at the end: {}\n", load_average());
 }
@@ -344,7 +382,7 @@ fn table_at(raw: &Path, vhdx: &Path, qd: u32) {
             }
         }
     }
-    println!("### In-guest virtio-blk, queue depth {qd} (test=blk-bench, one run per phase of {ms} ms, 512 MiB span of a 1 GiB fully allocated image, host page cache on both sides; median (min–max) of {rounds} rounds, configurations alternating)\n");
+    println!("### In-guest virtio-blk, queue depth {qd} (test=blk-bench, one run per phase of {ms} ms, 512 MiB span of a 1 GiB fully allocated image, cached in the host's page cache alike for both (4 KiB pages); median (min–max) of {rounds} rounds, configurations alternating)\n");
     println!("| VMM | image | rand 4K read IOPS | rand 4K write IOPS | seq 1M write MB/s | seq 1M read MB/s |");
     println!("|---|---|---|---|---|---|");
     let mut medians = Vec::new();

@@ -263,6 +263,13 @@ impl BlockWorker {
         let mut service = StageClock::default();
         while let Some(chain) = self.q.queue.pop_descriptor_chain(mem) {
             let taken = Instant::now();
+            // Each request taken moves the held-off event a ring past it: in a long pass
+            // (a deep queue refilled as requests complete) the driver's new requests
+            // would otherwise pass the event written at the pass's start and kick again,
+            // one exit per request.
+            if let Err(e) = crate::virtio::kicks::hold_off(&self.q.queue, mem) {
+                crate::guest_warn!(error = ?e, "cannot hold off queue notifications");
+            }
             let head = chain.head_index();
             let parsed = Request::parse(mem, chain);
             if let (Ok(req), Some(t)) = (&parsed, &mut self.throttle) {
