@@ -10,7 +10,8 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{percentile, Qmp, Vmm};
+use crate::qmp::Qmp;
+use crate::{percentile, Vmm};
 
 const GUEST_MIB: u32 = 2048;
 const BALLOON_MIB: u64 = 1024;

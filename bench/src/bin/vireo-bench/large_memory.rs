@@ -9,7 +9,8 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::{migrate_once, spread, Vmm};
+use crate::migration::{migrate_once, spread};
+use crate::Vmm;
 
 const TOUCHED_MIB: u64 = 768;
 const SIZES_MIB: [u32; 2] = [1024, 1 << 20];
