@@ -15,7 +15,8 @@ use cluster::keys::BulkOp;
 use serde::Deserialize;
 use tracing::info;
 
-use crate::cluster_node::{error, not_clustered, ClusterNode};
+use crate::cluster_node::ClusterNode;
+use crate::cluster_routes::{error, not_clustered};
 
 type N = State<Option<Arc<ClusterNode>>>;
 

@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use crate::cluster_node::{error, not_clustered, ClusterNode};
+use crate::cluster_node::ClusterNode;
+use crate::cluster_routes::{error, not_clustered};
 
 type N = State<Option<Arc<ClusterNode>>>;
 

@@ -25,7 +25,8 @@ use cluster::{ClusterStore, EtcdStore};
 use tracing::{info, warn};
 
 use crate::cluster_moves::{MoveShared, Shared};
-use crate::cluster_node::{error, not_clustered, ClusterNode};
+use crate::cluster_node::ClusterNode;
+use crate::cluster_routes::{error, not_clustered};
 use crate::supervisor::{Answer, ClusterSaves, Supervisor};
 use crate::{error_chain, AgentError};
 

@@ -42,6 +42,7 @@ pub mod cluster_events;
 pub mod cluster_lease;
 pub mod cluster_moves;
 pub mod cluster_node;
+pub mod cluster_routes;
 pub mod cluster_save;
 pub mod cluster_shutdown;
 pub mod cluster_update;

@@ -567,7 +567,7 @@ async fn run(
     let learner = replications.clone();
     let app = authz::protect(
         server::router(sup.clone())
-            .merge(agent::cluster_node::router(cluster))
+            .merge(agent::cluster_routes::router(cluster))
             .merge(agent::replication::router(replications)),
         sup.clone(),
         policy.clone(),
