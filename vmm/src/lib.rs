@@ -13,6 +13,7 @@ pub mod boot;
 pub mod cgroup2;
 pub mod coalesced;
 pub mod confinement;
+pub mod control;
 pub mod device_manager;
 pub mod events;
 pub mod fencing;

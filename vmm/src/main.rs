@@ -483,12 +483,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         server.shutdown();
     }
     match &exit {
-        vmm::vmm::VmmExit::Crashed(why) => eprintln!("vireo: error: {why}"),
-        vmm::vmm::VmmExit::GuestFailure(code) => {
+        vmm::control::VmmExit::Crashed(why) => eprintln!("vireo: error: {why}"),
+        vmm::control::VmmExit::GuestFailure(code) => {
             eprintln!("vireo: guest reported failure (debug-exit code {code:#x})")
         }
-        vmm::vmm::VmmExit::PowerOff => {}
-        vmm::vmm::VmmExit::Migrated => {
+        vmm::control::VmmExit::PowerOff => {}
+        vmm::control::VmmExit::Migrated => {
             tracing::info!("the VM runs at its migration destination");
             // The final figures, for whoever launched this VMM: it exits before a poll of
             // vm.migration-info would see them (vireod reads this line from the log).

@@ -66,7 +66,7 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub ioapic: Arc<devices::legacy::Ioapic>,
     pub seccomp: crate::seccomp::Filters,
-    pub events: std::sync::mpsc::Sender<crate::vmm::ControlEvent>,
+    pub events: std::sync::mpsc::Sender<crate::control::ControlEvent>,
     /// MSRs a state save reads (KVM's index list) and whether KVM has XCRs.
     pub msr_indices: Arc<Vec<u32>>,
     pub has_xcrs: bool,
@@ -333,7 +333,7 @@ fn run_loop(
     shared: &(Mutex<Shared>, Condvar),
     exits: &AtomicU64,
 ) {
-    use crate::vmm::ControlEvent;
+    use crate::control::ControlEvent;
     let report = |e: VcpuEvent| {
         let _ = ctx.events.send(ControlEvent::Vcpu(e));
     };

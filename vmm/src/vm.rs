@@ -12,11 +12,11 @@ use devices::virtio::GuestMemoryMmap;
 use crate::arch::cpu::BootEntry;
 use crate::arch::{acpi, cpu, cpu_state, linux, pvh};
 use crate::boot::{self, BootError, BootProtocol};
+use crate::control::ControlEvent;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::kvm::{Hypervisor, KvmError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
-use crate::vmm::ControlEvent;
 use api::config::ConfigError;
 use api::{Action, Counters, InvalidTransition, VmConfig, VmInfo, VmState};
 

@@ -14,7 +14,7 @@ use api::{DiskMigrationInfo, MigrationStatus};
 use devices::block::Mirror;
 
 use super::MigrationEvent;
-use crate::vmm::ControlEvent;
+use crate::control::ControlEvent;
 
 /// A storage migration in progress (owned by the control loop).
 pub struct DiskMigration {

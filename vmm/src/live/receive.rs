@@ -21,8 +21,8 @@ use super::compare::{self, Side};
 use super::gate::Gate;
 use super::parallel_receive::{self, RoundBarrier};
 use super::MigrationEvent;
+use crate::control::ControlEvent;
 use crate::vm::{IncomingVm, SavedVm};
-use crate::vmm::ControlEvent;
 
 pub struct ReceiveJob {
     /// Already bound: the API call returns only once a source can connect.

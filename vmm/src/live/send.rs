@@ -16,8 +16,8 @@ use super::dirty::{self, Bitmaps, DirtyLog};
 use super::pages::{self, Wire};
 use super::parallel_send::PageStreams;
 use super::MigrationEvent;
+use crate::control::ControlEvent;
 use crate::vcpu::{Throttle, ThrottleTicker};
-use crate::vmm::ControlEvent;
 
 /// After this many rounds without convergence the switch-over happens anyway.
 pub const MAX_ROUNDS: u32 = 30;
