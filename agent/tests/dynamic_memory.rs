@@ -49,13 +49,14 @@ fn rss(pid: i32) -> u64 {
         * 1024
 }
 
-/// The last `dynmem used_mib=...` line of a guest, as (key, value) pairs.
+/// The last complete `dynmem used_mib=...` line of a guest, as (key, value) pairs.
 fn last_report(d: &Daemon, name: &str) -> Vec<(String, u64)> {
-    let serial = d.serial(name);
+    let mut serial = d.serial(name);
+    serial.truncate(serial.rfind('\n').map_or(0, |i| i + 1));
     let Some(line) = serial
         .lines()
-        .filter(|l| l.starts_with("dynmem used_mib="))
-        .last()
+        .rev()
+        .find(|l| l.starts_with("dynmem used_mib="))
     else {
         return Vec::new();
     };
@@ -179,6 +180,10 @@ fn memory_follows_use_within_the_budget_never_below_minimum() {
         rss_after >> 20,
         assigned >> 20,
         info["memory_plugged_size"].as_u64().unwrap() >> 20
+    );
+    eprintln!(
+        "memory targets set so far: {}",
+        d.log().matches("memory target").count()
     );
     let list = d.ctl_ok(&["vm", "list"]);
     assert!(list.contains("192M (demand 192M)"), "{list}");

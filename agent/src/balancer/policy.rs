@@ -237,7 +237,7 @@ impl Devices {
     /// memory virtio-mem plugs (`desired_ram`) and the balloon is empty; below it
     /// the balloon holds the difference and nothing is plugged.
     pub fn plan(&self, target: u64) -> Result<Plan, PlanError> {
-        if target % BLOCK != 0 {
+        if !target.is_multiple_of(BLOCK) {
             return Err(PlanError::NotBlocks(target));
         }
         let (lo, hi) = self.range();

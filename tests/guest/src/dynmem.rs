@@ -173,7 +173,11 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
         block
     );
 
-    let (use_from, use_to, step) = (num("use_mib", 16), num("use_to_mib", 16), num("use_step_mib", 16));
+    let (use_from, use_to, step) = (
+        num("use_mib", 16),
+        num("use_to_mib", 16),
+        num("use_step_mib", 16),
+    );
     let mut want_mib = use_from;
     let khz = crate::timer::tsc_khz().khz;
     let mut next_step = rdtsc() + khz * 250;
@@ -188,11 +192,21 @@ pub fn run(si: &crate::hvm::StartInfo) -> ! {
         let target = (bt.read_config_space::<u32>(0).unwrap_or(0) as u64).min(pool_pages);
         if target > ballooned {
             let n = (target - ballooned).min(BATCH as u64);
-            send_pfns(&mut inflate, &mut bt, pool + (pool_pages - ballooned - n) * PAGE, n as usize);
+            send_pfns(
+                &mut inflate,
+                &mut bt,
+                pool + (pool_pages - ballooned - n) * PAGE,
+                n as usize,
+            );
             ballooned += n;
         } else if target < ballooned {
             let n = (ballooned - target).min(BATCH as u64);
-            send_pfns(&mut deflate, &mut bt, pool + (pool_pages - ballooned) * PAGE, n as usize);
+            send_pfns(
+                &mut deflate,
+                &mut bt,
+                pool + (pool_pages - ballooned) * PAGE,
+                n as usize,
+            );
             ballooned -= n;
         }
         let _ = bt.write_config_space::<u32>(4, ballooned as u32);
