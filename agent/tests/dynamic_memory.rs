@@ -105,6 +105,32 @@ fn memory_follows_use_within_the_budget_never_below_minimum() {
     // idle: boots with 512 MiB (192..512), uses 400 MiB at first, then 16.
     let idle = definition("use_mib=400 use_to_mib=16 use_step_mib=400", 512, 192, 512);
     d.ok("PUT", "/api/v1/vms/idle", Some(&idle.to_string()));
+    // vireoctl changes the settings it is given and keeps the others; a change that
+    // breaks a rule is refused with its line and changes nothing.
+    d.ctl_ok(&[
+        "vm",
+        "set",
+        "grow",
+        "--dynamic-memory",
+        "weight=9000,buffer=25",
+    ]);
+    let dm = &d.vm("grow")["definition"]["dynamic_memory"];
+    assert_eq!(
+        (dm["weight"].as_u64(), dm["buffer"].as_u64()),
+        (Some(9000), Some(25)),
+        "{dm}"
+    );
+    assert_eq!(dm["maximum"], 1024 * M, "{dm}");
+    let o = d.ctl(&["vm", "set", "grow", "--dynamic-memory", "min=300M"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("minimum <= startup <= maximum"),
+        "{o:?}"
+    );
+    assert_eq!(
+        d.vm("grow")["definition"]["dynamic_memory"]["minimum"],
+        128 * M
+    );
     // A definition out of order gets one clear line.
     let bad = definition("", 256, 512, 1024);
     let (s, body) = d.api("PUT", "/api/v1/vms/bad", Some(&bad.to_string()));
@@ -223,4 +249,61 @@ fn memory_follows_use_within_the_budget_never_below_minimum() {
     assert_eq!(d.pid("idle"), Some(idle_pid));
     d.ok("PUT", "/api/v1/vms/grow/kill", None);
     d.ok("PUT", "/api/v1/vms/idle/kill", None);
+}
+
+/// A static VM (boot memory, a hotplug region, a balloon) resized by hand: up through
+/// virtio-mem, down through the balloon, and no further than its devices reach.
+#[test]
+fn a_static_vm_is_resized_through_the_devices_it_has() {
+    let d = Daemon::start(&["--no-autostart"]);
+    let def = json!({
+        "config": {
+            "payload": {"kernel": vireo_e2e::guest(), "cmdline": "test=dynmem use_mib=16"},
+            "memory": {"size": 256 * M, "hotplug_size": 256 * M},
+            "balloon": {},
+        },
+    });
+    d.ok("PUT", "/api/v1/vms/s", Some(&def.to_string()));
+    let (s, body) = d.api("PUT", "/api/v1/vms/s/memory", Some(r#"{"memory":"384M"}"#));
+    assert_eq!(s, 409, "not running: {body}");
+    d.ok("PUT", "/api/v1/vms/s/start", None);
+    d.wait_serial("s", "dynmem ready", T);
+
+    d.ctl_ok(&["vm", "resize", "s", "--memory", "384M"]);
+    wait_for("the guest to plug 128 MiB", &d, || {
+        let r = last_report(&d, "s");
+        (get(&r, "plugged_mib") == 128 && get(&r, "balloon_mib") == 0)
+            .then_some(())
+            .ok_or(format!("{r:?}"))
+    });
+    assert_eq!(
+        vmm(&d, "s", "/api/v1/vm.info")["memory_plugged_size"],
+        128 * M
+    );
+    assert_eq!(memory(&d, "s")["target_bytes"], 384 * M);
+
+    d.ctl_ok(&["vm", "resize", "s", "--memory", "128M"]);
+    wait_for("the guest to unplug and balloon 128 MiB", &d, || {
+        let r = last_report(&d, "s");
+        (get(&r, "plugged_mib") == 0 && get(&r, "balloon_mib") == 128)
+            .then_some(())
+            .ok_or(format!("{r:?}"))
+    });
+    let c = vmm(&d, "s", "/api/v1/vm.counters");
+    assert_eq!(c["balloon0"]["actual_bytes"], 128 * M, "{c}");
+
+    // Beyond boot memory + hotplug region, or not in blocks: refused, nothing asked.
+    let o = d.ctl(&["vm", "resize", "s", "--memory", "1G"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("above the VM's maximum of 512 MiB"), "{err}");
+    let (s, body) = d.api("PUT", "/api/v1/vms/s/memory", Some(r#"{"memory":1000000}"#));
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("multiple of the 2 MiB block"), "{body}");
+    let (s, body) = d.api("PUT", "/api/v1/vms/s/memory", Some(r#"{"size":"1G"}"#));
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(memory(&d, "s")["target_bytes"], 128 * M);
+    let c = vmm(&d, "s", "/api/v1/vm.counters");
+    assert_eq!(c["balloon0"]["target_bytes"], 128 * M, "{c}");
+    d.ok("PUT", "/api/v1/vms/s/kill", None);
 }
