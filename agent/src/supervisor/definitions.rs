@@ -131,6 +131,7 @@ impl Supervisor {
         lock(&self.inv).delete(name)?;
         vms.remove(name);
         lock(&self.saved_areas).remove(name);
+        lock(&self.memory).remove(name);
         drop(vms);
         self.remove_run_files(name);
         let dir = self.vm_dir(name);
