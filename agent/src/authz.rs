@@ -88,6 +88,7 @@ pub const RULES: &[Rule] = &[
     rule("PUT", "/api/v1/vms/{name}/save", Operator),
     rule("DELETE", "/api/v1/vms/{name}/saved-state", Operator),
     rule("PUT", "/api/v1/vms/{name}/migrate", Operator),
+    rule("PUT", "/api/v1/vms/{name}/memory", Operator),
     rule("GET", "/api/v1/migrations", Viewer),
     rule("POST", "/api/v1/migrations/incoming", Operator),
     rule("GET", "/api/v1/migrations/{id}", Viewer),

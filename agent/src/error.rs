@@ -69,6 +69,8 @@ pub enum AgentError {
     BadMigration(String),
     #[error("migration {id}: {reason}")]
     MigrationConflict { id: String, reason: String },
+    #[error("VM {name:?} cannot be resized: {reason}")]
+    Resize { name: String, reason: String },
     #[error("VMM of {name:?}: {message}")]
     Vmm { name: String, message: String },
     #[error(transparent)]
@@ -99,7 +101,8 @@ impl AgentError {
         match self {
             AgentError::BadName { .. }
             | AgentError::BadDefinition(_)
-            | AgentError::BadMigration(_) => 400,
+            | AgentError::BadMigration(_)
+            | AgentError::Resize { .. } => 400,
             AgentError::UnknownVm(_) | AgentError::UnknownMigration(_) => 404,
             AgentError::Duplicate(_)
             | AgentError::WrongState { .. }

@@ -12,6 +12,8 @@
 //! - [`migrations`]: the migration records and the host's migration queue;
 //! - [`migration_ports`]: the port range receiving VMMs listen on (`--migration-ports`);
 //! - [`supervisor`]: the VMs' lifecycle, restart policy, auto start, host shutdown;
+//! - [`balancer`]: Dynamic Memory: each round, every Dynamic Memory VM's memory
+//!   follows its guest's use within the host's budget (virtio-mem, balloon);
 //! - [`metering`]: sampling CPU, memory and disk I/O of every running VM;
 //! - [`server`]: the REST API (axum on a unix socket), SSE events, Prometheus text;
 //! - [`authz`]: who may call which route (roles from the caller's SO_PEERCRED);
@@ -35,6 +37,7 @@
 
 pub mod audit;
 pub mod authz;
+pub mod balancer;
 pub mod cgroup;
 pub mod client;
 pub mod cluster_bulk;

@@ -89,6 +89,14 @@ pub fn mem_total_bytes() -> u64 {
         * 1024
 }
 
+/// Memory the host can give without swapping (MemAvailable); None if unreadable.
+pub fn mem_available_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_kb_field(&t, "MemAvailable:"))
+        .map(|kb| kb * 1024)
+}
+
 /// Milliseconds since boot (/proc/uptime).
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")

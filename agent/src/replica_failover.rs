@@ -231,6 +231,7 @@ fn failover_definition(dir: &Path, disk_dir: &Path, held: &Held) -> Result<VmDef
         max_restarts: theirs.max_restarts,
         cpu_weight: None,
         stop_action: theirs.stop_action,
+        dynamic_memory: theirs.dynamic_memory.clone(),
     })
 }
 

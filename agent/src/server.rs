@@ -75,6 +75,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
             delete(discard_saved_state),
         )
         .route("/api/v1/vms/{name}/migrate", put(migrate))
+        .route("/api/v1/vms/{name}/memory", put(resize_memory))
         .route("/api/v1/migrations", get(migrations))
         .route("/api/v1/migrations/incoming", post(incoming))
         .route("/api/v1/migrations/{id}", get(migration).delete(cancel))
@@ -230,6 +231,19 @@ async fn migrate(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Respo
         Ok(rec) => (StatusCode::ACCEPTED, Json(rec)).into_response(),
         Err(e) => error(e.status(), error_chain(&e)),
     }
+}
+
+/// A running VM's memory now (`vireoctl vm resize NAME --memory SIZE`).
+async fn resize_memory(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Response {
+    // An unknown VM is 404 whatever the body.
+    if let Err(e) = s.get(&name) {
+        return error(e.status(), error_chain(&e));
+    }
+    let req: crate::model::MemoryResize = match body("memory resize", &b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    reply(s.resize_memory(&name, req.memory).await)
 }
 
 async fn migrations(State(s): S) -> Response {

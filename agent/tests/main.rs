@@ -14,6 +14,7 @@ mod cluster_save;
 mod confinement;
 mod console;
 mod disk_full;
+mod dynamic_memory;
 mod hosts;
 mod isolation;
 mod jailed;

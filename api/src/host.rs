@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::OutputConfig;
+pub use crate::dynamic_memory::{DynamicMemory, MemoryResize, MemoryStatus};
 use crate::VmConfig;
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +136,11 @@ pub struct VmDefinition {
     /// automatic stop action); default `turn-off`.
     #[serde(default, skip_serializing_if = "StopAction::is_default")]
     pub stop_action: StopAction,
+    /// Hyper-V's Dynamic Memory: vireod's balancer moves the VM's memory between
+    /// `minimum` and `maximum` by what the guest uses (see [`DynamicMemory`]); none: the
+    /// memory stays as the config says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_memory: Option<DynamicMemory>,
 }
 
 /// What happens to a running VM when vireod stops its VMs (its own stop, a host
@@ -192,6 +198,16 @@ pub fn validate_name(name: &str) -> Result<(), ModelError> {
 }
 
 impl VmDefinition {
+    /// Derives what the definition's other settings imply: the VMM's memory devices
+    /// of a Dynamic Memory VM ([`DynamicMemory::apply`]). vireod calls it on every
+    /// definition it is given, before [`Self::validate`].
+    pub fn normalize(&mut self) -> Result<(), ModelError> {
+        if let Some(dm) = self.dynamic_memory.as_mut() {
+            dm.apply(&mut self.config)?;
+        }
+        Ok(())
+    }
+
     /// Checks what vireod needs beyond `VmConfig::validate`: absolute paths (vireod's
     /// working directory means nothing to a user) and no terminal (a daemon has none).
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -223,6 +239,9 @@ impl VmDefinition {
         }
         if let OutputConfig::File(p) = &self.config.console {
             abs("console", p)?;
+        }
+        if let Some(dm) = &self.dynamic_memory {
+            dm.check_config(&self.config)?;
         }
         if let Some(w) = self.cpu_weight {
             if !CPU_WEIGHTS.contains(&w) {
@@ -361,6 +380,10 @@ pub struct VmStatus {
     /// started with, and the stored one applies at its next start.
     #[serde(default, skip_serializing_if = "is_false")]
     pub definition_pending: bool,
+    /// A running VM's memory: assigned, used, demand, target (see [`MemoryStatus`]);
+    /// present for Dynamic Memory VMs and VMs resized by `resize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod dynamic_memory;
 pub mod host;
 pub mod json;
 pub mod lifecycle;

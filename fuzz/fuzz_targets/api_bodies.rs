@@ -38,8 +38,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         1 => {
-            if let Some(d) = body::<VmDefinition>(b) {
+            if let Some(mut d) = body::<VmDefinition>(b) {
                 let _ = d.validate();
+                // What vireod does with it: derive (Dynamic Memory), then check.
+                if d.normalize().is_ok() {
+                    let _ = d.validate();
+                }
             }
         }
         2 => {

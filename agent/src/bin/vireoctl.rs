@@ -27,6 +27,8 @@ mod cluster_events;
 mod console;
 #[path = "vireoctl/definitions.rs"]
 mod definitions;
+#[path = "vireoctl/memory.rs"]
+mod memory;
 #[path = "vireoctl/migration.rs"]
 mod migration;
 #[path = "vireoctl/output.rs"]

@@ -44,6 +44,16 @@ struct Cli {
     /// Metering sample period in milliseconds.
     #[arg(long, default_value_t = 1000)]
     meter_interval_ms: u64,
+    /// Dynamic Memory: bytes all Dynamic Memory VMs together may have (e.g. 8G).
+    /// Default: the host's available memory plus what they have, less --memory-reserve.
+    #[arg(long, value_name = "SIZE", value_parser = size_flag)]
+    memory_budget: Option<u64>,
+    /// Dynamic Memory: memory the host keeps for itself when the budget is derived.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = size_flag)]
+    memory_reserve: u64,
+    /// Dynamic Memory: milliseconds between the balancer's rounds.
+    #[arg(long, default_value_t = 1000)]
+    balance_interval_ms: u64,
     /// Do not start VMs automatically (their priority is ignored).
     #[arg(long)]
     no_autostart: bool,
@@ -486,6 +496,11 @@ async fn run(
             .as_deref()
             .map(std::path::absolute)
             .transpose()?,
+        balancer: agent::balancer::BalancerConfig {
+            budget: cli.memory_budget,
+            reserve: cli.memory_reserve,
+            interval: Duration::from_millis(cli.balance_interval_ms.max(50)),
+        },
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;
@@ -513,6 +528,7 @@ async fn run(
     };
     sup.recover().await;
     tokio::spawn(metering::run(sup.clone()));
+    tokio::spawn(agent::balancer::run(sup.clone()));
     // The cluster node's loop and what tells it to leave when vireod stops.
     let mut node_loop = None;
     let cluster = match (&cli.cluster_etcd, &cli.node_name) {
@@ -739,4 +755,9 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A size flag: bytes, or a size such as 512M or 8G.
+fn size_flag(s: &str) -> Result<u64, String> {
+    api::config::parse_size(s).ok_or_else(|| format!("{s:?}: expected a size such as 512M or 8G"))
 }

@@ -17,6 +17,7 @@ impl Supervisor {
 
     pub fn define(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {
         validate_name(name)?;
+        def.normalize()?;
         def.validate()?;
         self.confine(name, &mut def)?;
         let mut vms = lock(&self.vms);
@@ -36,6 +37,7 @@ impl Supervisor {
     /// Replaces the definition of VM `name`, which must not be running (checked
     /// against the storage roots like a new one).
     pub fn redefine(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {
+        def.normalize()?;
         def.validate()?;
         self.confine(name, &mut def)?;
         let mut vms = lock(&self.vms);
@@ -68,6 +70,7 @@ impl Supervisor {
         name: &str,
         mut def: VmDefinition,
     ) -> Result<VmStatus, AgentError> {
+        def.normalize()?;
         def.validate()?;
         self.confine(name, &mut def)?;
         let mut vms = lock(&self.vms);
@@ -128,6 +131,7 @@ impl Supervisor {
         lock(&self.inv).delete(name)?;
         vms.remove(name);
         lock(&self.saved_areas).remove(name);
+        lock(&self.memory).remove(name);
         drop(vms);
         self.remove_run_files(name);
         let dir = self.vm_dir(name);

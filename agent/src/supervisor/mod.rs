@@ -16,7 +16,8 @@
 //! - [`ordering`]: automatic start and host shutdown in priority order;
 //! - [`status`]: queries of the per-VM state; [`events`]: event publication;
 //! - [`paths`]: where a VM's files live and how its VMM is launched;
-//! - [`records`]: the migration records.
+//! - [`records`]: the migration records;
+//! - [`memory`]: running VMs' memory (Dynamic Memory VMs for the balancer, resize).
 //!
 //! Live migration between two vireods is in [`outgoing`] (the source's queue and
 //! hand-over) and [`incoming`] (the destination's receiving VMM).
@@ -25,7 +26,9 @@ mod definitions;
 mod events;
 mod exits;
 mod incoming;
+mod memory;
 pub use incoming::IncomingGuard;
+pub use memory::{devices_of, Current, DynamicVm};
 mod ordering;
 mod outgoing;
 mod paths;
@@ -101,6 +104,8 @@ pub struct Config {
     /// The replica directory (`--replica-dir`) when this host is a replica server:
     /// an arriving VM may name only its own primary's part of it.
     pub replica_dir: Option<PathBuf>,
+    /// The Dynamic Memory balancer's budget, reserve and period.
+    pub balancer: crate::balancer::BalancerConfig,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,6 +180,9 @@ pub struct Supervisor {
     /// directory. Kept beside `vms` (a leaf lock: nothing is locked while it is held)
     /// so that a path can be found with `vms` held.
     saved_areas: Mutex<std::collections::HashMap<String, PathBuf>>,
+    /// Per VM: its VMM process and what was last seen of its memory (the balancer's
+    /// round, a resize). A leaf lock, like `saved_areas`.
+    memory: Mutex<std::collections::HashMap<String, (i32, crate::model::MemoryStatus)>>,
 }
 
 /// How a start was asked for.
@@ -301,6 +309,7 @@ impl Supervisor {
             incoming_guard: std::sync::OnceLock::new(),
             cluster_saves: std::sync::OnceLock::new(),
             saved_areas: Mutex::new(saved_areas),
+            memory: Mutex::default(),
         }))
     }
 

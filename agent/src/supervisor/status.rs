@@ -42,6 +42,7 @@ impl Supervisor {
             migration: vm.migration.clone(),
             definition: with_definition.then(|| vm.pending_def.as_ref().unwrap_or(&vm.def).clone()),
             definition_pending: vm.pending_def.is_some(),
+            memory: self.memory_of(name, vm.handle.as_ref().map(|h| h.pid)),
         }
     }
 

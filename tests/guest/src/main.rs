@@ -11,6 +11,7 @@ extern crate alloc;
 mod balloon;
 mod boot;
 mod cpuid;
+mod dynmem;
 mod hvm;
 mod io;
 mod paging;
@@ -114,6 +115,7 @@ extern "C" fn guest_main(start_info_addr: u64) -> ! {
         "numa" => tests::numa(&si),
         "balloon" => balloon::run(&si),
         "virtio-mem" => virtio_mem::run(&si),
+        "dynmem" => dynmem::run(&si),
         "replica-writer" => tests::replica_writer(),
         "vfio-user" => vfio_user::run(),
         "vfio-user-dead" => vfio_user::dead(),

@@ -37,7 +37,7 @@ fn absolute_paths(cfg: &mut api::VmConfig) -> Result<(), CtlError> {
     Ok(())
 }
 
-fn apply_policy(def: &mut VmDefinition, p: &PolicyFlags) {
+fn apply_policy(def: &mut VmDefinition, p: &PolicyFlags) -> Result<(), CtlError> {
     if let Some(x) = p.priority {
         def.priority = x;
     }
@@ -53,6 +53,10 @@ fn apply_policy(def: &mut VmDefinition, p: &PolicyFlags) {
     if let Some(x) = p.stop_action {
         def.stop_action = x;
     }
+    if let Some(x) = &p.dynamic_memory {
+        def.dynamic_memory = super::memory::parse_dynamic_memory(x, def.dynamic_memory.as_ref())?;
+    }
+    Ok(())
 }
 
 fn body_of(def: &VmDefinition) -> Result<Vec<u8>, CtlError> {
@@ -80,7 +84,7 @@ pub(crate) fn create(
     absolute_paths(&mut config)?;
     let mut def: VmDefinition = serde_json::from_value(serde_json::json!({ "config": config }))
         .map_err(|e| CtlError::Api(format!("cannot build the definition: {e}")))?;
-    apply_policy(&mut def, policy);
+    apply_policy(&mut def, policy)?;
     let v = ctx.json("PUT", &format!("/api/v1/vms/{name}"), Some(body_of(&def)?))?;
     let v = if start {
         ctx.json("PUT", &format!("/api/v1/vms/{name}/start"), None)?
@@ -140,15 +144,23 @@ pub(crate) fn set(
         && policy.max_restarts.is_none()
         && policy.cpu_weight.is_none()
         && policy.stop_action.is_none()
+        && policy.dynamic_memory.is_none()
     {
         return Err(CtlError::Usage(
             "vm set: nothing to change (give --memory, --cpus, --disk, --priority, ...)".into(),
         ));
     }
     let mut def = stored(ctx, name)?;
+    let size = def.config.memory.size;
     flags.apply(&mut def.config).map_err(config_error)?;
+    // --memory of a Dynamic Memory VM is its startup memory.
+    if let Some(dm) = def.dynamic_memory.as_mut() {
+        if def.config.memory.size != size {
+            dm.startup = Some(def.config.memory.size);
+        }
+    }
     absolute_paths(&mut def.config)?;
-    apply_policy(&mut def, policy);
+    apply_policy(&mut def, policy)?;
     put_definition(ctx, name, &def, out)
 }
 

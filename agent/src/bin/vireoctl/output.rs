@@ -71,6 +71,10 @@ pub(crate) fn status_table(s: &VmStatus) {
         ),
         ("restarts", s.restarts.to_string()),
         ("last exit", exit.unwrap_or("-".into())),
+        (
+            "memory",
+            super::memory::memory_cell(s.memory.as_ref(), s.definition.as_ref()),
+        ),
     ]);
     if s.definition_pending {
         println!("the definition was changed while the VM ran: it applies at the next start");

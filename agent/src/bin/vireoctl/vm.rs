@@ -62,6 +62,15 @@ pub(crate) enum VmCommand {
         #[command(flatten)]
         policy: PolicyFlags,
     },
+    /// Resize a running VM's memory now: virtio-mem above its boot memory, the balloon
+    /// below it (a Dynamic Memory VM within its minimum..maximum; the balancer moves
+    /// it again afterwards). A size the VM cannot reach is refused.
+    Resize {
+        name: String,
+        /// The memory it should have (e.g. 1G, 1536M): a multiple of 2 MiB.
+        #[arg(long)]
+        memory: String,
+    },
     /// Edit a VM's definition (JSON) in $EDITOR (default vi); vireod validates it.
     /// Invalid JSON or a refused definition: edit again or give up (nothing changes).
     Edit {
@@ -272,6 +281,11 @@ pub(crate) struct PolicyFlags {
     /// action): turn-off (default), shutdown (the guest's way), or save.
     #[arg(long, value_enum)]
     pub stop_action: Option<api::host::StopAction>,
+    /// Dynamic Memory (Hyper-V's): min=SIZE,max=SIZE[,startup=SIZE,buffer=PCT,weight=N]
+    /// (buffer default 20 %, weight 0..=10000 default 5000), or off. vireod's
+    /// balancer then moves the VM's memory between min and max by what the guest uses.
+    #[arg(long, value_name = "min=..,max=..|off")]
+    pub dynamic_memory: Option<String>,
 }
 
 pub(crate) fn name_of(n: &Option<String>) -> Result<&str, CtlError> {
@@ -518,6 +532,7 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
         } => definitions::create(ctx, &name, &vm, &policy, start, out),
         VmCommand::Set { name, vm, policy } => definitions::set(ctx, &name, &vm, &policy, out),
         VmCommand::Edit { name } => definitions::edit(ctx, &name, out),
+        VmCommand::Resize { name, memory } => super::memory::resize(ctx, &name, &memory, out),
         VmCommand::Autostart {
             name,
             disable,
@@ -685,6 +700,7 @@ fn names_in(cmd: &VmCommand) -> Vec<&str> {
         | VmCommand::Create { name, .. }
         | VmCommand::Set { name, .. }
         | VmCommand::Edit { name }
+        | VmCommand::Resize { name, .. }
         | VmCommand::Shutdown { name, .. }
         | VmCommand::Reboot { name, .. }
         | VmCommand::Reset { name }
@@ -746,7 +762,7 @@ fn list(ctx: &Ctx, state: Option<&str>, out: Output) -> Result<(), CtlError> {
                 s.state.to_string(),
                 s.priority.to_string(),
                 def.map_or("-".into(), |d| d.config.cpus.boot.to_string()),
-                def.map_or("-".into(), |d| fmt_size(d.config.memory.size)),
+                super::memory::memory_cell(s.memory.as_ref(), def),
                 s.pid.map(|p| p.to_string()).unwrap_or("-".into()),
                 if s.pid.is_some() {
                     fmt_ms_ago(s.started_at_ms)
