@@ -140,7 +140,9 @@ impl Drop for ThrottleTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("the vCPU throttle ticker panicked");
+            }
         }
     }
 }
@@ -273,7 +275,9 @@ impl VcpuHandle {
         self.set_wanted(Wanted::Stop);
         self.kick_until(|s| s.exited);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
         }
     }
 }

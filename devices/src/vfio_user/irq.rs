@@ -114,7 +114,9 @@ impl Drop for IrqForwarder {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("the vfio-user interrupt forwarder panicked");
+            }
         }
     }
 }

@@ -344,7 +344,9 @@ impl ConsoleWorker {
             let written = fill_chain(mem, chain, &mut self.pending);
             self.bytes_in
                 .fetch_add(u64::from(written), Ordering::Relaxed);
-            let _ = self.rx.queue.add_used(mem, head, written);
+            if let Err(e) = self.rx.queue.add_used(mem, head, written) {
+                crate::guest_warn!(error = ?e, "console: cannot return a receive buffer");
+            }
             done = true;
         }
         if self.pending.len() < MAX_PENDING_INPUT {

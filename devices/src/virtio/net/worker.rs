@@ -226,7 +226,9 @@ impl NetWorker {
                 }
                 Err((head, e)) => {
                     crate::guest_warn!(error = %e, "net: unusable receive buffer");
-                    let _ = self.rx.queue.add_used(mem, head, 0);
+                    if let Err(e) = self.rx.queue.add_used(mem, head, 0) {
+                        crate::guest_warn!(error = ?e, "net: cannot return a receive buffer");
+                    }
                     returned = true;
                 }
             }
@@ -289,7 +291,9 @@ impl NetWorker {
                     crate::guest_warn!(error = %e, "net: receive buffer outside guest memory");
                     if let Some(bad) = self.held.remove(i) {
                         self.held_bytes -= bad.len;
-                        let _ = self.rx.queue.add_used(mem, bad.head, 0);
+                        if let Err(e) = self.rx.queue.add_used(mem, bad.head, 0) {
+                            crate::guest_warn!(error = ?e, "net: cannot return a receive buffer");
+                        }
                     }
                     return Ok(false);
                 }
