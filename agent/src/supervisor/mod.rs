@@ -37,6 +37,7 @@ pub use save::{area_beside_disks, shared_saved_area, Answer, ClusterSaves, SAVED
 mod start;
 mod status;
 mod stop;
+mod switching;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,10 @@ pub struct Config {
     /// The replica directory (`--replica-dir`) when this host is a replica server:
     /// an arriving VM may name only its own primary's part of it.
     pub replica_dir: Option<PathBuf>,
+    /// The host's virtual switches vireod runs (`--switch`), see [`crate::switches`].
+    pub switches: Vec<crate::switches::SwitchSpec>,
+    /// The `vireo-switch` binary.
+    pub switch_bin: PathBuf,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,6 +180,8 @@ pub struct Supervisor {
     /// directory. Kept beside `vms` (a leaf lock: nothing is locked while it is held)
     /// so that a path can be found with `vms` held.
     saved_areas: Mutex<std::collections::HashMap<String, PathBuf>>,
+    /// The host's switches and the running VMs' ports on them.
+    switches: crate::switches::Switches,
 }
 
 /// How a start was asked for.
@@ -284,6 +291,13 @@ impl Supervisor {
             inv.save_migration(rec)?;
         }
         let (events, _) = broadcast::channel(4096);
+        let switches = crate::switches::Switches::new(
+            &cfg.switches,
+            &cfg.run_dir,
+            &cfg.state_dir,
+            cfg.switch_bin.clone(),
+        )?;
+        switches.start();
         Ok(Arc::new(Self {
             cfg,
             inv: Mutex::new(inv),
@@ -301,6 +315,7 @@ impl Supervisor {
             incoming_guard: std::sync::OnceLock::new(),
             cluster_saves: std::sync::OnceLock::new(),
             saved_areas: Mutex::new(saved_areas),
+            switches,
         }))
     }
 
@@ -357,5 +372,10 @@ impl Supervisor {
     /// The storage roots, opened.
     pub fn roots(&self) -> &Arc<confine::Roots> {
         &self.roots
+    }
+
+    /// The host's switches, as `GET /api/v1/switches` shows them.
+    pub fn switches(&self) -> Vec<crate::switches::SwitchStatus> {
+        self.switches.status()
     }
 }
