@@ -197,6 +197,23 @@ fn vms_on_a_vireod_switch_exchange_frames_and_survive_a_killed_switch() {
         })
         .unwrap();
     assert_ne!(uid, "0");
+    // Its socket directory is its jail's group's (setgid), the switch's socket in it
+    // that group's too, and nobody else's.
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let uid: u32 = uid.parse().unwrap();
+        let dir = d.run_dir.join("switches/lan/vm/a");
+        let m = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.permissions().mode() & 0o7777),
+            (0, uid, 0o2750)
+        );
+        let m = std::fs::metadata(dir.join("0.sock")).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.permissions().mode() & 0o777),
+            (0, uid, 0o770)
+        );
+    }
 
     // The switch dies; vireod starts it again and the ports come back.
     d.wait_serial("a", "net receiving", T);
