@@ -70,6 +70,7 @@ use Role::{Operator, Viewer};
 /// route is missing). A matched route without a rule needs an operator.
 pub const RULES: &[Rule] = &[
     rule("GET", "/api/v1/host.info", Viewer),
+    rule("GET", "/api/v1/switches", Viewer),
     rule("GET", "/api/v1/openapi.yaml", Viewer),
     rule("GET", "/api/v1/events", Viewer),
     rule("GET", "/api/v1/export", Viewer),

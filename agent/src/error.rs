@@ -42,6 +42,20 @@ pub enum AgentError {
     },
     #[error("VM {name:?} failed to start: {reason}")]
     StartFailed { name: String, reason: String },
+    /// A definition's network adapter names a switch this vireod does not run.
+    #[error("invalid VM definition: nets[{index}] names switch {switch:?}, which this host does not have (vireod --switch; known: {known})")]
+    UnknownSwitch {
+        index: usize,
+        switch: String,
+        known: String,
+    },
+    /// A host switch refused a VM's port (its options, a clash).
+    #[error("switch {switch:?} refused port {port}: {reason}")]
+    SwitchPort {
+        switch: String,
+        port: String,
+        reason: String,
+    },
     #[error("inventory database {path}: {source}")]
     Db {
         path: PathBuf,
@@ -102,6 +116,7 @@ impl AgentError {
             AgentError::BadName { .. }
             | AgentError::BadDefinition(_)
             | AgentError::BadMigration(_)
+            | AgentError::UnknownSwitch { .. }
             | AgentError::Resize { .. } => 400,
             AgentError::UnknownVm(_) | AgentError::UnknownMigration(_) => 404,
             AgentError::Duplicate(_)
@@ -109,6 +124,7 @@ impl AgentError {
             | AgentError::VmmStillRuns { .. }
             | AgentError::FailedOverElsewhere { .. }
             | AgentError::NotSavable { .. }
+            | AgentError::SwitchPort { .. }
             | AgentError::MigrationConflict { .. } => 409,
             AgentError::ClusterSave { source, .. } => match source {
                 cluster::saved::SaveError::UnknownVm(_) => 404,

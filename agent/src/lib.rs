@@ -74,6 +74,7 @@ pub mod replica_upload;
 pub mod replication;
 pub mod server;
 pub mod supervisor;
+pub mod switches;
 pub mod throttle;
 pub mod tls_gateway;
 pub mod vmm_events;

@@ -53,6 +53,7 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
 pub fn router(sup: Arc<Supervisor>) -> Router {
     Router::new()
         .route("/api/v1/host.info", get(host_info))
+        .route("/api/v1/switches", get(switches))
         .route("/api/v1/openapi.yaml", get(openapi))
         .route("/api/v1/events", get(events))
         .route("/api/v1/export", get(export))
@@ -116,6 +117,10 @@ fn number(q: &Q, key: &str) -> Result<Option<u64>, Box<Response>> {
 
 async fn host_info(State(s): S) -> Response {
     (StatusCode::OK, Json(s.host_info())).into_response()
+}
+
+async fn switches(State(s): S) -> Response {
+    (StatusCode::OK, Json(s.switches())).into_response()
 }
 
 async fn openapi() -> Response {

@@ -29,6 +29,7 @@ mod replica_limits;
 mod replica_vhdx;
 mod saved_state;
 mod supervision;
+mod switches;
 mod systemd;
 mod systemd_pid1;
 mod units;

@@ -50,6 +50,8 @@ pub enum DeviceError {
     VhostUser(#[from] devices::virtio::net::VhostUserError),
     #[error("vhost-user socket {0}")]
     SocketConfined(String),
+    #[error("a network device names switch {0}: only vireod connects a VM to its host's switches (give vhost-user=SOCKET)")]
+    SwitchAdapter(String),
     #[error(transparent)]
     UserDevice(#[from] devices::vfio_user::UserDeviceError),
     #[error("vfio-user device {id}: guest memory region at {addr:#x} is not shared (fd-backed)")]
@@ -399,6 +401,9 @@ impl DeviceManager {
             let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
             // `Vm::new` assigned one; a configuration restored from elsewhere may lack it.
             let mac = n.mac.unwrap_or_else(net::MacAddr::random_local);
+            if let Some(sw) = &n.switch {
+                return Err(DeviceError::SwitchAdapter(sw.clone()));
+            }
             if let Some(path) = &n.vhost_user {
                 crate::confinement::check_socket(path)
                     .map_err(|e| DeviceError::SocketConfined(e.to_string()))?;

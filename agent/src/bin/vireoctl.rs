@@ -165,6 +165,9 @@ enum PkiCommand {
 enum HostCommand {
     /// vireod's version, directories and VM counts.
     Info,
+    /// The host's virtual switches (vireod --switch): running or not, restarts, and
+    /// the running VMs' ports on each.
+    Switches,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +341,48 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             let man = clap_mangen::Man::new(Cli::command());
             man.render(&mut std::io::stdout())
                 .map_err(|e| CtlError::Api(format!("cannot write the man page: {e}")))
+        }
+        Command::Host(HostCommand::Switches) => {
+            let ctx = Ctx {
+                socket: cli.socket,
+                what: "vireod",
+                rt,
+            };
+            let v = ctx.json("GET", "/api/v1/switches", None)?;
+            match cli.output {
+                Output::Json => print_json(&v),
+                Output::Table => {
+                    let s = |x: &Value| x.as_str().unwrap_or("-").to_string();
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|w| {
+                            let ports: Vec<String> = w["ports"]
+                                .as_array()
+                                .map(Vec::as_slice)
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|p| s(&p["port"]))
+                                .collect();
+                            vec![
+                                s(&w["name"]),
+                                s(&w["uplink"]),
+                                if w["running"] == true { "yes" } else { "no" }.into(),
+                                w["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+                                w["restarts"].to_string(),
+                                ports.join(","),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["NAME", "UPLINK", "RUNNING", "PID", "RESTARTS", "PORTS"],
+                        &rows,
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Host(HostCommand::Info) => {
             let ctx = Ctx {

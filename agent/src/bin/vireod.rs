@@ -32,6 +32,15 @@ struct Cli {
     /// The VMM binary (default: `vireo` next to vireod, else from PATH).
     #[arg(long)]
     vireo_bin: Option<PathBuf>,
+    /// A virtual switch on this host that VMs' adapters may name
+    /// (`{"switch":"NAME","vlan":10}`): NAME[,uplink=IF[,trunk=V:V..][,native=V]].
+    /// vireod runs `vireo-switch` for it, restarts it when it ends and adds its running
+    /// VMs' ports again (docs/switch.md, "With vireod"). Repeatable.
+    #[arg(long = "switch", value_name = "NAME[,uplink=IF]")]
+    switches: Vec<agent::switches::SwitchSpec>,
+    /// The `vireo-switch` binary (default: beside vireod, else on PATH).
+    #[arg(long)]
+    switch_bin: Option<PathBuf>,
     /// At most this many VMs start at once during automatic start.
     #[arg(long, default_value_t = 4)]
     max_concurrent_starts: usize,
@@ -317,25 +326,25 @@ fn policy(cli: &Cli) -> Result<Policy, String> {
     })
 }
 
-fn find_vireo() -> PathBuf {
+fn find_bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(PathBuf::from))
     {
-        let p = dir.join("vireo");
+        let p = dir.join(name);
         if p.is_file() {
             return p;
         }
     }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
-            let p = dir.join("vireo");
+            let p = dir.join(name);
             if p.is_file() {
                 return p;
             }
         }
     }
-    PathBuf::from("vireo")
+    PathBuf::from(name)
 }
 
 /// SIGHUP: the host identity's files again (a rotated certificate and key, a new CA
@@ -473,7 +482,7 @@ async fn run(
     let cfg = Config {
         state_dir: cli.state_dir.clone(),
         run_dir: cli.run_dir.clone(),
-        vireo_bin: cli.vireo_bin.clone().unwrap_or_else(find_vireo),
+        vireo_bin: cli.vireo_bin.clone().unwrap_or_else(|| find_bin("vireo")),
         max_concurrent_starts: cli.max_concurrent_starts,
         start_timeout: Duration::from_secs(cli.start_timeout_s),
         stop_timeout: Duration::from_secs(cli.stop_timeout_s),
@@ -501,6 +510,11 @@ async fn run(
             reserve: cli.memory_reserve,
             interval: Duration::from_millis(cli.balance_interval_ms.max(50)),
         },
+        switches: cli.switches.clone(),
+        switch_bin: cli
+            .switch_bin
+            .clone()
+            .unwrap_or_else(|| find_bin("vireo-switch")),
     };
     let policy = policy(&cli)?;
     let sup = Supervisor::open(cfg)?;

@@ -12,7 +12,8 @@ impl Supervisor {
     /// Checks every path `def` names against the storage roots and declares each
     /// disk's format (see [`crate::confinement`]).
     pub(crate) fn confine(&self, name: &str, def: &mut VmDefinition) -> Result<(), AgentError> {
-        crate::confinement::confine_definition(&self.roots, &self.vm_dir(name), def)
+        crate::confinement::confine_definition(&self.roots, &self.vm_dir(name), def)?;
+        self.switches.check_definition(name, def)
     }
 
     pub fn define(&self, name: &str, mut def: VmDefinition) -> Result<VmStatus, AgentError> {

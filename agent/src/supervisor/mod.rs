@@ -40,6 +40,7 @@ pub use save::{area_beside_disks, shared_saved_area, Answer, ClusterSaves, SAVED
 mod start;
 mod status;
 mod stop;
+mod switching;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -106,6 +107,10 @@ pub struct Config {
     pub replica_dir: Option<PathBuf>,
     /// The Dynamic Memory balancer's budget, reserve and period.
     pub balancer: crate::balancer::BalancerConfig,
+    /// The host's virtual switches vireod runs (`--switch`), see [`crate::switches`].
+    pub switches: Vec<crate::switches::SwitchSpec>,
+    /// The `vireo-switch` binary.
+    pub switch_bin: PathBuf,
 }
 
 const VMM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -183,6 +188,8 @@ pub struct Supervisor {
     /// Per VM: its VMM process and what was last seen of its memory (the balancer's
     /// round, a resize). A leaf lock, like `saved_areas`.
     memory: Mutex<std::collections::HashMap<String, (i32, crate::model::MemoryStatus)>>,
+    /// The host's switches and the running VMs' ports on them.
+    switches: crate::switches::Switches,
 }
 
 /// How a start was asked for.
@@ -292,6 +299,13 @@ impl Supervisor {
             inv.save_migration(rec)?;
         }
         let (events, _) = broadcast::channel(4096);
+        let switches = crate::switches::Switches::new(
+            &cfg.switches,
+            &cfg.run_dir,
+            &cfg.state_dir,
+            cfg.switch_bin.clone(),
+        )?;
+        switches.start();
         Ok(Arc::new(Self {
             cfg,
             inv: Mutex::new(inv),
@@ -310,6 +324,7 @@ impl Supervisor {
             cluster_saves: std::sync::OnceLock::new(),
             saved_areas: Mutex::new(saved_areas),
             memory: Mutex::default(),
+            switches,
         }))
     }
 
@@ -366,5 +381,10 @@ impl Supervisor {
     /// The storage roots, opened.
     pub fn roots(&self) -> &Arc<confine::Roots> {
         &self.roots
+    }
+
+    /// The host's switches, as `GET /api/v1/switches` shows them.
+    pub fn switches(&self) -> Vec<crate::switches::SwitchStatus> {
+        self.switches.status()
     }
 }

@@ -129,6 +129,8 @@ impl Supervisor {
     }
 
     pub(super) fn remove_run_files(&self, name: &str) {
+        // Its switch ports go with its VMM.
+        self.switches.detach(name);
         let s = self.spec(name);
         for p in [
             &s.socket,

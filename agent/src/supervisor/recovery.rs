@@ -140,6 +140,7 @@ impl Supervisor {
                 if state == VmState::Incoming {
                     self.cfg.launcher.booting(handle.pid);
                 } else {
+                    self.reattach_ports(name).await;
                     let (weight, vcpus) = lock(&self.vms)
                         .get(name)
                         .map(|vm| (vm.def.weight(), usize::from(vm.def.config.cpus.boot)))

@@ -194,6 +194,9 @@ impl Supervisor {
         let mut cfg = def.config.clone();
         // vireod owns the serial port: it goes to a file it can show and tail.
         cfg.serial = OutputConfig::File(self.serial_path(name));
+        let ports = self
+            .switch_ports(name, def, &mut spec, &mut cfg)
+            .map_err(|e| (e, None))?;
         let json = serde_json::to_vec_pretty(&cfg)
             .map_err(|e| (AgentError::BadDefinition(e.to_string()), None))?;
         let config = self.config_path(name);
@@ -203,6 +206,10 @@ impl Supervisor {
                 None,
             )
         })?;
+        // The ports first: the VMM connects to their sockets as it starts.
+        self.attach_ports(name, ports)
+            .await
+            .map_err(|e| (e, None))?;
         let (handle, mut watch) = self
             .cfg
             .launcher

@@ -27,6 +27,76 @@ pub struct NetConfig {
     /// Device id for the API (default: net0, net1, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// A vireod definition's adapter on one of its host's virtual switches (`vireod
+    /// --switch NAME`), instead of a tap or a socket: vireod adds a port for it to the
+    /// switch at each start and hands the VMM the port's socket (`vhost_user`). A
+    /// `vireo` started by hand refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    /// With `switch`: the port's access VLAN (1-4094; default: the switch's untagged
+    /// VLAN 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// With `switch`: the port's guards, `mac+dhcp+router+arp+nd` (any of them) or
+    /// `all` (docs/switch.md, "Guards"; `mac`, `arp` and `nd` need `mac`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
+    /// With `switch`: the port's QoS cap, `RATE[:in|out|both]` in bits/s with a k/M/G/T
+    /// suffix (`100M:out`; docs/switch.md, "QoS").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<String>,
+}
+
+impl NetConfig {
+    /// The switch options' problems, if any (checked without the switch: what the
+    /// switch's port parser would refuse beyond the characters is refused when the
+    /// port is added, at start).
+    pub fn check_switch_options(&self) -> Result<(), String> {
+        let Some(sw) = &self.switch else {
+            for (set, what) in [
+                (self.vlan.is_some(), "vlan"),
+                (self.guard.is_some(), "guard"),
+                (self.max.is_some(), "max"),
+            ] {
+                if set {
+                    return Err(format!("{what} is a switch port's option: it needs switch"));
+                }
+            }
+            return Ok(());
+        };
+        if !self.tap.is_empty() || self.vhost_user.is_some() {
+            return Err(format!(
+                "a network device on switch {sw} has no tap or vhost_user of its own"
+            ));
+        }
+        if let Some(v) = self.vlan {
+            if !(1..=4094).contains(&v) {
+                return Err(format!("vlan {v} is outside 1-4094"));
+            }
+        }
+        if let Some(g) = &self.guard {
+            const KNOWN: [&str; 6] = ["mac", "dhcp", "router", "arp", "nd", "all"];
+            if let Some(bad) = g.split('+').find(|t| !KNOWN.contains(t)) {
+                return Err(format!(
+                    "guard {g:?}: unknown guard {bad:?} (known: mac, dhcp, router, arp, nd, all)"
+                ));
+            }
+        }
+        if let Some(m) = &self.max {
+            let (rate, dir) = m.split_once(':').unwrap_or((m.as_str(), "out"));
+            let digits = rate.trim_end_matches(['k', 'K', 'M', 'G', 'T']);
+            if digits.is_empty()
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || rate.len() > digits.len() + 1
+                || !["in", "out", "both"].contains(&dir)
+            {
+                return Err(format!(
+                    "max {m:?}: expected RATE[:in|out|both], RATE bits/s with a k/M/G/T suffix (100M:out)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `--net tap=NAME[,mac=52:54:00:12:34:56][,id=ID]` or
@@ -39,6 +109,10 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
         vhost_user: None,
         mac: None,
         id: None,
+        switch: None,
+        vlan: None,
+        guard: None,
+        max: None,
     };
     for (k, v) in pairs(F, s)? {
         match k.as_str() {
@@ -188,5 +262,40 @@ mod tests {
         // A configuration without networking serializes without the field.
         let plain: VmConfig = serde_json::from_str(r#"{"payload":{"kernel":"/k"}}"#).unwrap();
         assert!(serde_json::to_value(&plain).unwrap().get("nets").is_none());
+    }
+
+    #[test]
+    fn switch_adapters_are_checked_without_a_tap_and_their_options_need_a_switch() {
+        let def = |nets: &str| -> Result<(), String> {
+            let c: VmConfig = serde_json::from_str(&format!(
+                r#"{{"payload":{{"kernel":"/k"}},"nets":[{nets}]}}"#
+            ))
+            .map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())
+        };
+        // No tap, no socket, no shared memory: vireod gives those.
+        def(r#"{"switch":"lan","vlan":10,"guard":"mac+arp","max":"100M:out"}"#).unwrap();
+        def(r#"{"switch":"lan","guard":"all","max":"1G"}"#).unwrap();
+        for (bad, needle) in [
+            (r#"{"tap":"t","vlan":10}"#, "vlan is a switch port's option"),
+            (
+                r#"{"tap":"t","guard":"all"}"#,
+                "guard is a switch port's option",
+            ),
+            (r#"{"switch":"lan","tap":"t"}"#, "no tap or vhost_user"),
+            (r#"{"switch":"lan","vlan":4095}"#, "outside 1-4094"),
+            (r#"{"switch":"lan","vlan":0}"#, "outside 1-4094"),
+            (
+                r#"{"switch":"lan","guard":"mac,vhost-user=/x"}"#,
+                "unknown guard",
+            ),
+            (r#"{"switch":"lan","max":"1G,vlan=20"}"#, "expected RATE"),
+            (r#"{"switch":"lan","max":"fast"}"#, "expected RATE"),
+            (r#"{"switch":"lan","max":"1G:sideways"}"#, "expected RATE"),
+        ] {
+            let e = def(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+            assert!(!e.contains('\n'));
+        }
     }
 }

@@ -130,6 +130,10 @@ fn the_openapi_document_describes_every_config_field() {
         // Every field at once, for the keys (a valid device has a tap or a socket).
         nets: vec![NetConfig {
             vhost_user: Some("/run/vs/n.sock".into()),
+            switch: Some("sw".into()),
+            vlan: Some(10),
+            guard: Some("all".into()),
+            max: Some("1G".into()),
             ..parse_net("tap=t,mac=52:54:00:00:00:01,id=n").unwrap()
         }],
         user_devices: vec![crate::config::parse_user_device("socket=/run/u.sock,id=u").unwrap()],

@@ -192,6 +192,10 @@ impl VmConfig {
         }
         let mut taps = std::collections::BTreeSet::new();
         for n in &self.nets {
+            n.check_switch_options().map_err(ConfigError::Invalid)?;
+            if n.switch.is_some() {
+                continue;
+            }
             if let Some(path) = &n.vhost_user {
                 if !n.tap.is_empty() {
                     return Err(ConfigError::Invalid(

@@ -417,7 +417,11 @@ mod tests {
                 tap: "t1".into(),
                 vhost_user: None,
                 mac: None,
-                id: None
+                id: None,
+                switch: None,
+                vlan: None,
+                guard: None,
+                max: None,
             }))
             .unwrap_err(),
             "devices[3]: source net 'net1', destination console 'console'"
