@@ -537,12 +537,12 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// (route, method) of every `.route(...)` call in server.rs, cluster_node.rs and
+    /// (route, method) of every `.route(...)` call in server.rs, cluster_routes.rs and
     /// replication/routes.rs.
     fn served() -> BTreeSet<(String, String)> {
         let src = [
             include_str!("server.rs"),
-            include_str!("cluster_node.rs"),
+            include_str!("cluster_routes.rs"),
             include_str!("replication/routes.rs"),
         ]
         .concat();

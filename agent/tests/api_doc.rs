@@ -28,11 +28,11 @@ fn documented() -> BTreeSet<(String, String)> {
 }
 
 /// (path, method) pairs of the router, read from the `.route(...)` calls of server.rs
-/// cluster_node.rs and replication/routes.rs (the cluster and replication routes,
+/// cluster_routes.rs and replication/routes.rs (the cluster and replication routes,
 /// merged in by vireod).
 fn routed() -> BTreeSet<(String, String)> {
     let src = workspace_file("agent/src/server.rs")
-        + &workspace_file("agent/src/cluster_node.rs")
+        + &workspace_file("agent/src/cluster_routes.rs")
         + &workspace_file("agent/src/replication/routes.rs");
     agent::authz::routes_in(&src)
 }

@@ -602,6 +602,9 @@ async fn run(
         sup.clone(),
         policy.clone(),
     );
+    // What the host's automatic start considers: the VMs defined before any API or
+    // peer serves (one a client defines meanwhile is the client's to start).
+    let boot_vms = sup.defined_now();
     let reloader = peer_listener.as_ref().map(|l| l.reloader());
     let peers = peer_listener.map(|l| tokio::spawn(l.serve(sup.clone())));
     let identity = sup.cfg.identity.clone();
@@ -640,11 +643,12 @@ async fn run(
     agent::notify::notify("READY=1");
     if !cli.no_autostart {
         let s = sup.clone();
+        let defined = boot_vms;
         // A VM its replica host failed over while this host was down must not start
         // here: the replica hosts are asked first (each at most 10 s).
         tokio::spawn(async move {
             learner.learn_failovers(Duration::from_secs(10)).await;
-            s.autostart().await
+            s.autostart(&defined).await
         });
     } else {
         tokio::spawn(async move { learner.learn_failovers(Duration::from_secs(10)).await });

@@ -11,14 +11,24 @@ use crate::error_chain;
 use crate::model::{Priority, StopAction};
 
 impl Supervisor {
-    /// Starts every VM whose priority is not Off and that is not running: all High
-    /// ones first, then Medium, then Low; at most `max_concurrent_starts` at a time.
-    pub async fn autostart(self: &Arc<Self>) {
+    /// The VMs defined now: what the host's automatic start considers (taken before
+    /// the API serves, so that a VM a client defines meanwhile is the client's to
+    /// start, not raced by the automatic start).
+    pub fn defined_now(&self) -> std::collections::HashSet<String> {
+        lock(&self.vms).keys().cloned().collect()
+    }
+
+    /// Starts every VM of `defined` (see [`Self::defined_now`]) whose priority is not
+    /// Off and that is not running: all High ones first, then Medium, then Low; at most
+    /// `max_concurrent_starts` at a time.
+    pub async fn autostart(self: &Arc<Self>, defined: &std::collections::HashSet<String>) {
         let sem = Arc::new(Semaphore::new(self.cfg.max_concurrent_starts.max(1)));
         for prio in [Priority::High, Priority::Medium, Priority::Low] {
             let names: Vec<String> = lock(&self.vms)
                 .iter()
-                .filter(|(_, vm)| vm.def.priority == prio && !vm.state.has_process())
+                .filter(|(n, vm)| {
+                    defined.contains(*n) && vm.def.priority == prio && !vm.state.has_process()
+                })
                 .map(|(n, _)| n.clone())
                 .collect();
             let mut tasks = tokio::task::JoinSet::new();
