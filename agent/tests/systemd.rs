@@ -114,7 +114,11 @@ fn vireo_pings_the_watchdog_at_half_the_interval_while_healthy_and_not_when_froz
         // Two pings after the thaw show the loop runs again; 2 s leaves room for a
         // machine busy with other tests (one ping per 200 ms when it is not).
         let thawed = pings(&collect(&server, Duration::from_millis(2000)));
-        assert!(thawed.len() >= 2, "{} pings in 2 s after SIGCONT", thawed.len());
+        assert!(
+            thawed.len() >= 2,
+            "{} pings in 2 s after SIGCONT",
+            thawed.len()
+        );
     });
     kill(libc::SIGCONT);
     let _ = child.kill();
