@@ -210,7 +210,8 @@ fn vmm_fence_record(disk: &Path) -> PathBuf {
 
 use vireo_util::sync::lock;
 
-fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
+/// Makes `path` (and its parents) and gives it `mode` whatever the umask.
+pub(crate) fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)

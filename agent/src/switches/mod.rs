@@ -33,6 +33,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::model::VmDefinition;
+use crate::supervisor::mkdir;
 use crate::AgentError;
 use vireo_util::sync::lock;
 
@@ -193,17 +194,6 @@ pub struct Switches {
     log_dir: PathBuf,
     bin: PathBuf,
     hosts: BTreeMap<String, Arc<Host>>,
-}
-
-fn mkdir(path: &Path, mode: u32) -> Result<(), AgentError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(|e| AgentError::io("cannot create directory", path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| AgentError::io("cannot set permissions of", path, e))
 }
 
 impl Switches {
