@@ -338,9 +338,12 @@ impl UserPciDevice {
     }
 
     /// Whether an access lies inside the server's region (and is small enough to send).
+    /// An empty access is never sent: it says nothing, and `0 <= size` would let it name
+    /// a region the server never announced (the ROM, a BAR of size 0).
     fn forwarded(&self, bar: usize, offset: u64, len: usize) -> bool {
         let size = self.region_sizes.get(bar).copied().unwrap_or(0);
-        len <= MAX_ACCESS
+        len != 0
+            && len <= MAX_ACCESS
             && offset
                 .checked_add(len as u64)
                 .is_some_and(|end| end <= size)
