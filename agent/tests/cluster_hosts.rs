@@ -1161,7 +1161,18 @@ fn a_bulk_migration_moves_a_selection_to_one_node_one_at_a_time_high_first() {
         c.logs()
     );
     assert!(c.runs(2, "hi"), "hi was stopped too");
+    let started: Vec<usize> = starts_everywhere(&c, &low)
+        .iter()
+        .map(|s| s.iter().sum())
+        .collect();
     c.nodes[0].ctl_ok(&["vm", "start", "--selector", "priority=low"]);
+    // vireod logs a start once its VMM is up (after the fencing token is written).
+    c.wait("the bulk start logged on the low VMs' nodes", || {
+        starts_everywhere(&c, &low)
+            .iter()
+            .zip(&started)
+            .all(|(s, n)| s.iter().sum::<usize>() > *n)
+    });
     for (vm, (disk, before)) in low.iter().zip(low_disks.iter().zip(&before)) {
         let i = c.runner(vm, NODES.len());
         c.wait(&format!("{vm}'s fencing token grown"), || {
@@ -1173,6 +1184,79 @@ fn a_bulk_migration_moves_a_selection_to_one_node_one_at_a_time_high_first() {
             "{vm} runs on {} and elsewhere",
             NODES[i]
         );
+    }
+
+    // A request cancelled as soon as it is queued: one move at a time, so its later
+    // moves have not started; those are dropped (failed, "cancelled ...") and their VMs
+    // never left (the same VMMs run them); what had started finishes. Either way every
+    // VM runs on exactly one node and none was started again.
+    c.wait("every VM running", || {
+        vms.iter().all(|vm| (0..NODES.len()).any(|i| c.runs(i, vm)))
+    });
+    let at: Vec<usize> = vms.iter().map(|vm| c.runner(vm, NODES.len())).collect();
+    // A node holding at most one of them (three VMs, three nodes): the others move there.
+    let to = (0..NODES.len())
+        .min_by_key(|&i| at.iter().filter(|&&a| a == i).count())
+        .unwrap();
+    let moving: Vec<(usize, &str)> = vms
+        .iter()
+        .zip(&at)
+        .filter(|&(_, &a)| a != to)
+        .map(|(vm, &a)| (a, *vm))
+        .collect();
+    assert!(moving.len() >= 2, "{at:?} -> {to}");
+    let pids: Vec<i32> = moving
+        .iter()
+        .map(|&(i, vm)| c.nodes[i].pid(vm).unwrap())
+        .collect();
+    let starts_before = starts_everywhere(&c, &vms);
+    let mut args = vec!["vm", "migrate"];
+    args.extend(moving.iter().map(|&(_, vm)| vm));
+    args.extend(["--to", NODES[to], "--concurrency", "1"]);
+    let out = c.nodes[1].ctl_ok(&args);
+    let request = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|id| id.strip_suffix(':'))
+        .unwrap_or_else(|| panic!("no request id in: {out}"))
+        .to_string();
+    let out = c.nodes[2].ctl_ok(&["migration", "cancel", "--cluster", &request]);
+    assert!(
+        out.contains(&format!("request {request} cancelled")),
+        "{out}"
+    );
+    c.wait("every move of the cancelled request finished", || {
+        moving.iter().all(|(_, vm)| {
+            queued_move(&c, vm).is_some_and(|m| {
+                m["request"] == request.as_str()
+                    && ["moved", "failed"].contains(&m["state"].as_str().unwrap_or(""))
+            })
+        })
+    });
+    let mut dropped = 0;
+    for (k, &(i, vm)) in moving.iter().enumerate() {
+        let m = queued_move(&c, vm).unwrap();
+        let cancelled = m["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("cancelled"));
+        if cancelled {
+            dropped += 1;
+            assert!(out.contains(vm), "{vm} dropped but not named: {out}");
+            assert_eq!(m["state"], "failed", "{m}");
+            assert_eq!(c.nodes[i].pid(vm), Some(pids[k]), "{vm} left: {m}");
+            assert_eq!(c.owner(vm).as_deref(), Some(NODES[i]), "{m}");
+        } else {
+            assert_eq!(m["state"], "moved", "{vm}: {m}\n{}", c.logs());
+            assert_eq!(c.owner(vm).as_deref(), Some(NODES[to]), "{m}");
+        }
+        let on: Vec<usize> = (0..NODES.len()).filter(|&j| c.runs(j, vm)).collect();
+        assert_eq!(on.len(), 1, "{vm} runs on {on:?}: {m}\n{}", c.logs());
+    }
+    // One at a time: the last of the request cannot have started before the cancel.
+    assert!(dropped >= 1, "nothing was cancelled: {out}\n{}", c.logs());
+    for (k, vm) in vms.iter().enumerate() {
+        let starts: Vec<usize> = c.nodes.iter().map(|d| starts(&d.log(), vm)).collect();
+        assert_eq!(starts, starts_before[k], "{vm} was started again");
     }
 }
 

@@ -384,22 +384,39 @@ impl Supervisor {
             name: name.to_string(),
             reason,
         };
+        // Whether an earlier try may have reached the VMM (it timed out or broke after
+        // connecting): a VMM slow to answer under load may still have taken it.
+        let mut maybe_taken = false;
         loop {
             if !self.has_process(name, generation) {
                 let why = crate::launcher::tail_lines(&spec.log, 3).join(" / ");
                 return Err(failed(format!("the receiving VMM ended: {why}")));
             }
             if spec.socket.exists() {
-                if let Ok(r) = client::request(
+                let sent = client::request(
                     &spec.socket,
                     "PUT",
                     "/api/v1/vm.receive-migration",
                     Some(body.to_string().into_bytes()),
                     VMM_TIMEOUT,
                 )
-                .await
-                {
+                .await;
+                if let Err(e) = &sent {
+                    if !matches!(e, client::ClientError::Connect { .. }) {
+                        warn!(vm = name, error = %e, "vm.receive-migration unanswered; asking again");
+                        maybe_taken = true;
+                    }
+                }
+                if let Ok(r) = sent {
                     if r.ok() {
+                        break;
+                    }
+                    // The try before did reach it: this VMM (ours alone) is receiving.
+                    if r.status == 409 && maybe_taken && vmm_receiving(&spec.socket).await {
+                        info!(
+                            vm = name,
+                            "the VMM took the unanswered vm.receive-migration"
+                        );
                         break;
                     }
                     let _ = handle.signal(libc::SIGKILL);
@@ -720,4 +737,22 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Whether the VMM at `socket` says it is receiving a migration (`vm.migration-info`).
+async fn vmm_receiving(socket: &std::path::Path) -> bool {
+    let Ok(r) = client::request(
+        socket,
+        "GET",
+        "/api/v1/vm.migration-info",
+        None,
+        VMM_TIMEOUT,
+    )
+    .await
+    else {
+        return false;
+    };
+    r.ok()
+        && serde_json::from_slice::<api::MigrationInfo>(&r.body)
+            .is_ok_and(|i| i.status == api::MigrationStatus::Receiving)
 }
