@@ -565,7 +565,16 @@ impl Executor {
                     .fail(m, move_rev, "the VM's ownership changed".into())
                     .await;
             }
-            Err(e) => return self.fail(m, move_rev, format!("cluster store: {e}")).await,
+            // No answer: the transaction may have committed. Landed, the move goes on
+            // under its token; not, nothing was written and the move stays queued.
+            Err(e) => match landed(&self.store, &m).await {
+                Ok(Some(token)) => token,
+                Ok(None) => {
+                    warn!(vm = %m.vm, error = %e, "cluster store: the move waits for the next pass");
+                    return;
+                }
+                Err(_) => return self.fail(m, move_rev, format!("cluster store: {e}")).await,
+            },
         };
         info!(vm = %m.vm, to = %m.to, token, "moving a clustered VM");
         let req = MigrateRequest {
@@ -683,6 +692,26 @@ fn moves_to_start(
 /// landed although the store's answer was lost. A record another execution or node
 /// changed since is left as it is: a failure written over a move that goes on has the
 /// destination drop the VM it is receiving.
+/// Whether the transaction that started move `m` (its record `Migrating`, with this
+/// start time) committed although its answer was lost: the revision it committed at
+/// (the VM's new fencing token), or `None` when the record is not that write.
+async fn landed<S: ClusterStore>(
+    store: &S,
+    m: &MoveRecord,
+) -> Result<Option<Revision>, cluster::StoreError> {
+    let found = store.get(&keys::move_key(&m.vm)).await?;
+    Ok(found.and_then(|kv| {
+        keys::decode::<MoveRecord>(&kv.value)
+            .filter(|r| {
+                r.state == MoveState::Migrating
+                    && r.from == m.from
+                    && r.started_ms == m.started_ms
+                    && r.token_before == m.token_before
+            })
+            .map(|_| kv.mod_revision)
+    }))
+}
+
 async fn record_failed<S: ClusterStore>(
     store: &S,
     mut m: MoveRecord,
@@ -818,6 +847,24 @@ mod tests {
         assert_eq!(m.state, MoveState::Failed);
         assert_eq!(m.error.as_deref(), Some("store timeout"));
     }
+
+    #[tokio::test]
+    async fn a_start_whose_answer_was_lost_goes_on_only_when_its_write_landed() {
+        let store = SimStore::new();
+        put(&store, &queued("vm")).await;
+        let mut mine = migrating("vm", 4_000);
+        mine.token_before = Some(7);
+        // Not landed: the record is still queued; the move waits for the next pass.
+        assert_eq!(landed(&store, &mine).await.unwrap(), None);
+        // Landed: the move goes on under the revision the write committed at.
+        let rev = put(&store, &mine).await;
+        assert_eq!(landed(&store, &mine).await.unwrap(), Some(rev));
+        // Another execution's start (another time) is not this one's.
+        let mut other = mine.clone();
+        other.started_ms = Some(4_001);
+        assert_eq!(landed(&store, &other).await.unwrap(), None);
+    }
+
     #[test]
     fn a_move_carried_out_already_is_not_started_again_and_low_waits_behind_it() {
         // Two at once: only the filter keeps hi from starting twice.

@@ -879,12 +879,16 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start();
-    let vms = ["hi", "lo1", "lo2"];
-    let disks = [
-        c.define("hi", "high"),
-        c.define("lo1", "low"),
-        c.define("lo2", "low"),
-    ];
+    // Six VMs (the drain): one High, two Medium, three Low.
+    let vms = ["hi", "med1", "med2", "lo1", "lo2", "lo3"];
+    let rank = |vm: &str| ["hi", "med", "lo"].iter().position(|p| vm.starts_with(p));
+    let disks: Vec<PathBuf> = vms
+        .iter()
+        .map(|vm| {
+            let priority = ["high", "medium", "low"][rank(vm).unwrap()];
+            c.define(vm, priority)
+        })
+        .collect();
     c.wait("every VM running on a", || {
         vms.iter().all(|vm| c.runs(0, vm))
     });
@@ -920,12 +924,17 @@ fn draining_a_node_moves_its_vms_high_first_and_resume_with_failback_brings_them
     for m in &moves {
         assert_eq!(m["state"], "moved", "{m}\n{}", c.logs());
     }
-    let hi_done = moves[0]["finished_ms"].as_u64().unwrap();
-    for m in &moves[1..] {
-        assert!(
-            m["started_ms"].as_u64().unwrap() >= hi_done,
-            "a Low VM started moving before hi had moved: {moves:?}"
-        );
+    // By priority: no move started before every move of a higher priority had finished.
+    for (j, later) in vms.iter().enumerate() {
+        for (k, earlier) in vms.iter().enumerate() {
+            if rank(earlier) < rank(later) {
+                assert!(
+                    moves[j]["started_ms"].as_u64().unwrap()
+                        >= moves[k]["finished_ms"].as_u64().unwrap(),
+                    "{later} started moving before {earlier} had moved: {moves:?}"
+                );
+            }
+        }
     }
     let mut at = Vec::new();
     for (k, vm) in vms.iter().enumerate() {
