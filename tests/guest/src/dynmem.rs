@@ -19,6 +19,9 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use crate::hvm::CMDLINE;
 use crate::io::rdtsc;
 use crate::pci::{self, GuestHal};
+use crate::virtio_mem::{
+    self, config_u64, Queue as MemQueue, REQ_PLUG, REQ_UNPLUG, REQ_UNPLUG_ALL, RESP_ACK,
+};
 use crate::{fail, println};
 
 const F_VERSION_1: u64 = 1 << 32;
@@ -26,15 +29,10 @@ const F_STATS_VQ: u64 = 1 << 1;
 const PAGE: u64 = 4096;
 const BATCH: usize = 256;
 const MARK: u64 = 0xd7e3_0000_0000_0000;
-const REQ_PLUG: u16 = 0;
-const REQ_UNPLUG: u16 = 1;
-const REQ_UNPLUG_ALL: u16 = 2;
-const RESP_ACK: u16 = 0;
 /// The statistics queue comes right after inflate and deflate.
 const STATS_QUEUE: u16 = 2;
 
 type Queue = VirtQueue<GuestHal, 64>;
-type MemQueue = VirtQueue<GuestHal, 16>;
 
 fn num(key: &str, default: u64) -> u64 {
     match CMDLINE.num(key) {
@@ -61,22 +59,9 @@ fn features_ok(t: &mut PciTransport, wanted: u64) -> u64 {
     f
 }
 
-fn config_u64(t: &PciTransport, offset: usize) -> u64 {
-    let lo = t.read_config_space::<u32>(offset).unwrap_or(0) as u64;
-    let hi = t.read_config_space::<u32>(offset + 4).unwrap_or(0) as u64;
-    lo | (hi << 32)
-}
-
+/// A virtio-mem request (`virtio_mem.rs`'s driver): the response's type.
 fn mem_request(q: &mut MemQueue, t: &mut PciTransport, kind: u16, addr: u64, nb: u16) -> u16 {
-    let mut req = [0u8; 24];
-    req[0..2].copy_from_slice(&kind.to_le_bytes());
-    req[8..16].copy_from_slice(&addr.to_le_bytes());
-    req[16..18].copy_from_slice(&nb.to_le_bytes());
-    let mut resp = [0xffu8; 10];
-    if let Err(e) = q.add_notify_wait_pop(&[&req[..]], &mut [&mut resp[..]], t) {
-        fail!("dynmem: virtio-mem queue {:?}", e);
-    }
-    u16::from_le_bytes([resp[0], resp[1]])
+    virtio_mem::request(q, t, kind, addr, nb).0
 }
 
 fn send_pfns(q: &mut Queue, t: &mut PciTransport, first: u64, n: usize) {

@@ -20,22 +20,22 @@ use crate::pci::{self, GuestHal};
 use crate::{fail, println};
 
 const F_VERSION_1: u64 = 1 << 32;
-const QSIZE: usize = 16;
+pub(crate) const QSIZE: usize = 16;
 const PAGE: u64 = 4096;
 const MARK: u64 = 0x3e30_0000_0000_0000;
 
-const REQ_PLUG: u16 = 0;
-const REQ_UNPLUG: u16 = 1;
-const REQ_UNPLUG_ALL: u16 = 2;
+pub(crate) const REQ_PLUG: u16 = 0;
+pub(crate) const REQ_UNPLUG: u16 = 1;
+pub(crate) const REQ_UNPLUG_ALL: u16 = 2;
 const REQ_STATE: u16 = 3;
-const RESP_ACK: u16 = 0;
+pub(crate) const RESP_ACK: u16 = 0;
 const RESP_NACK: u16 = 1;
 const RESP_ERROR: u16 = 3;
 const STATE_UNPLUGGED: u16 = 1;
 
-type Queue = VirtQueue<GuestHal, QSIZE>;
+pub(crate) type Queue = VirtQueue<GuestHal, QSIZE>;
 
-fn config_u64(t: &PciTransport, offset: usize) -> u64 {
+pub(crate) fn config_u64(t: &PciTransport, offset: usize) -> u64 {
     let lo = t.read_config_space::<u32>(offset).unwrap_or(0) as u64;
     let hi = t.read_config_space::<u32>(offset + 4).unwrap_or(0) as u64;
     lo | (hi << 32)
@@ -62,7 +62,13 @@ fn config(t: &PciTransport) -> Config {
 }
 
 /// Sends one request; the response's (type, state).
-fn request(q: &mut Queue, t: &mut PciTransport, kind: u16, addr: u64, nb: u16) -> (u16, u16) {
+pub(crate) fn request(
+    q: &mut Queue,
+    t: &mut PciTransport,
+    kind: u16,
+    addr: u64,
+    nb: u16,
+) -> (u16, u16) {
     let mut req = [0u8; 24];
     req[0..2].copy_from_slice(&kind.to_le_bytes());
     req[8..16].copy_from_slice(&addr.to_le_bytes());
