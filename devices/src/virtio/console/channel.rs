@@ -123,7 +123,12 @@ impl AgentChannel {
         self.state().dropped
     }
 
-    // The port worker's side.
+    // The port's side: the worker's (and a test's stand-in for a guest).
+
+    /// Takes every byte waiting for the guest.
+    pub fn take_for_guest(&self) -> Vec<u8> {
+        self.state().to_guest.drain(..).collect()
+    }
 
     pub(super) fn wake_fd(&self) -> RawFd {
         self.shared.wake.as_raw_fd()
@@ -144,7 +149,7 @@ impl AgentChannel {
 
     /// Appends bytes from the guest, at most up to [`MAX_FROM_GUEST`]; returns how
     /// many were dropped.
-    pub(super) fn push_from_guest(&self, bytes: &[u8]) -> usize {
+    pub fn push_from_guest(&self, bytes: &[u8]) -> usize {
         let mut s = self.state();
         let room = MAX_FROM_GUEST.saturating_sub(s.from_guest.len());
         let take = bytes.len().min(room);
