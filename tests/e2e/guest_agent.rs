@@ -135,3 +135,88 @@ fn a_vm_without_the_channel_refuses_guest_commands() {
     let (status, _) = command(&sock, r#"{"execute": "guest-ping", "bogus": 1}"#);
     assert_eq!(status, 400);
 }
+
+#[test]
+fn a_jailed_vmm_under_its_filters_serves_guest_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let api_dir = dir.path().join("api");
+    std::fs::create_dir(&api_dir).unwrap();
+    let sock = api_dir.join("vm.sock");
+    let jail = format!(
+        "uid=100103,gid=100103,root={}",
+        dir.path().join("root").display()
+    );
+    let disk_arg = format!("path={}", disk.display());
+    let vm = Vireo::guest(
+        "test=replica-writer blocks=16 agent",
+        &[
+            "--disk",
+            &disk_arg,
+            "--guest-agent",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--jail",
+            &jail,
+        ],
+    )
+    .spawn();
+    wait_for_socket(&sock, T);
+    vm.wait_serial("rw n=5\n", T);
+    for (cmd, want) in [
+        ("guest-fsfreeze-freeze", serde_json::json!({"return": 1})),
+        (
+            "guest-fsfreeze-status",
+            serde_json::json!({"return": "frozen"}),
+        ),
+        ("guest-fsfreeze-thaw", serde_json::json!({"return": 1})),
+    ] {
+        let (status, reply) = command(&sock, &format!(r#"{{"execute": "{cmd}"}}"#));
+        assert_eq!((status, reply), (200, want), "{cmd}");
+    }
+    let after = last_write(&vm);
+    vm.wait_serial(&format!("rw n={}\n", after + 5), T);
+    // Still the same process (no seccomp kill on the command thread).
+    let (status, _) = api(&sock, "GET", "vm.info", None);
+    assert_eq!(status, 200);
+}
+
+/// The control protocol's state is device state: a restored guest, which does not
+/// repeat the console handshake, still has its agent port open to the new VMM.
+#[test]
+fn after_a_snapshot_and_restore_the_guest_agent_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, sock) = writer_vm(dir.path(), "test=replica-writer blocks=64 agent", true);
+    vm.wait_serial("rw n=10\n", T);
+    let (status, _) = command(&sock, r#"{"execute": "guest-ping"}"#);
+    assert_eq!(status, 200);
+    assert_eq!(api(&sock, "PUT", "vm.pause", None).0, 204);
+    let snap = dir.path().join("snap");
+    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    let (s, body) = api(&sock, "PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(api(&sock, "PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(vm.wait(T).status.code(), Some(0));
+
+    let rsock = dir.path().join("restored.sock");
+    let rserial = dir.path().join("restored.log");
+    let mut restored = vireo_e2e::mobility::restore(&snap, &rserial, Some(&rsock));
+    wait_for_socket(&rsock, T);
+    let (status, reply) = command(&rsock, r#"{"execute": "guest-fsfreeze-status"}"#);
+    assert_eq!(
+        (status, &reply),
+        (200, &serde_json::json!({"return": "thawed"}))
+    );
+    let text = std::fs::read_to_string(&rserial).unwrap_or_default();
+    assert!(
+        !text.contains("agent ready"),
+        "the guest started over: {text}"
+    );
+    assert!(text.contains("agent cmd=guest-fsfreeze-status"), "{text}");
+    restored.kill().unwrap();
+    restored.wait().unwrap();
+}

@@ -183,7 +183,8 @@ pub(super) struct PortWorker {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     state: PortState,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it).
+    _stop: EventFd,
     epoll: Epoll,
 }
 
@@ -215,7 +216,7 @@ impl PortWorker {
             mem,
             interrupt,
             state,
-            stop,
+            _stop: stop,
             epoll,
         })
     }
@@ -238,10 +239,9 @@ impl PortWorker {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_STOP => {
-                        let _ = self.stop.read();
-                        return self.into_parts();
-                    }
+                    // Not read (it would reset the count): the console worker
+                    // waits on the same eventfd.
+                    TOKEN_STOP => return self.into_parts(),
                     TOKEN_CTRL_TX => {
                         let _ = self.q.ctrl_tx.kick.read();
                         self.control_in();
