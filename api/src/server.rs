@@ -14,8 +14,9 @@ use axum::{Json, Router};
 use tokio::sync::oneshot;
 
 use crate::types::{
-    file_url_path, ApiError, ApiRequest, ApiResponse, MigrateDiskRequest, ReceiveMigrationRequest,
-    ResizeRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest, VmAction, WriteLease,
+    file_url_path, ApiError, ApiRequest, ApiResponse, GuestCommandRequest, MigrateDiskRequest,
+    ReceiveMigrationRequest, ResizeRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
+    VmAction, WriteLease,
 };
 use crate::VmConfig;
 
@@ -201,6 +202,7 @@ fn router(state: AppState) -> Router {
             put(|s| action(s, VmAction::ReplicaCut)),
         )
         .route("/api/v1/vm.serial-input", put(serial_input))
+        .route("/api/v1/vm.guest-command", put(guest_command))
         .route("/api/v1/vm.lease", put(lease))
         .route("/api/v1/vm.info", get(|s| action(s, VmAction::Info)))
         .route(
@@ -300,6 +302,13 @@ async fn lease(State(state): State<AppState>, body: Bytes) -> Response {
 /// The body is the raw bytes (no JSON).
 async fn serial_input(State(state): State<AppState>, body: Bytes) -> Response {
     action(State(state), VmAction::SerialInput(body.to_vec())).await
+}
+
+async fn guest_command(State(state): State<AppState>, body: Bytes) -> Response {
+    match crate::json::from_slice::<GuestCommandRequest>(&body) {
+        Ok(r) => action(State(state), VmAction::GuestCommand(r)).await,
+        Err(e) => error_response(ApiError::bad_request(format!("invalid guest command: {e}"))),
+    }
 }
 
 async fn action(State(state): State<AppState>, action: VmAction) -> Response {

@@ -67,6 +67,19 @@ pub fn file_url_path(url: &str) -> Result<std::path::PathBuf, String> {
     }
 }
 
+/// `vm.guest-command`'s body: one qemu-guest-agent command (`execute`, `arguments` as
+/// the guest agent takes them) and how long to wait for the guest's reply.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuestCommandRequest {
+    pub execute: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+    /// Milliseconds to wait for the guest (default 5,000; at most 300,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
 /// `vm.send-migration`'s body: where the destination listens (`unix:/path` or
 /// `tcp:host:port`) and the longest pause the guest should see.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -328,6 +341,9 @@ pub enum VmAction {
     /// Bytes for the guest to read from its serial port (COM1's receive FIFO, 64
     /// bytes: the answer says how many were taken; the caller sends the rest later).
     SerialInput(Vec<u8>),
+    /// One command to the guest agent (`vm.guest-command`); answered from a thread of
+    /// its own, so a guest that does not answer holds nothing but the request.
+    GuestCommand(GuestCommandRequest),
 }
 
 /// An error as the client sees it: an HTTP status and a one-line message.
@@ -355,6 +371,20 @@ impl ApiError {
     pub fn conflict(m: impl Into<String>) -> Self {
         Self {
             status: 409,
+            message: m.into(),
+        }
+    }
+    /// The guest (behind the VMM) answered with something that is not a reply.
+    pub fn bad_gateway(m: impl Into<String>) -> Self {
+        Self {
+            status: 502,
+            message: m.into(),
+        }
+    }
+    /// The guest (behind the VMM) did not answer in time.
+    pub fn gateway_timeout(m: impl Into<String>) -> Self {
+        Self {
+            status: 504,
             message: m.into(),
         }
     }

@@ -11,6 +11,7 @@ mod confinement;
 mod disk;
 mod disk_full;
 mod fencing;
+mod guest_agent;
 mod guest_output;
 mod linux_boot;
 mod mobility;

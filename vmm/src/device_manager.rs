@@ -68,6 +68,8 @@ pub enum DeviceError {
     Fence(#[from] crate::fencing::FenceError),
     #[error("replica: {0}")]
     Replica(String),
+    #[error("cannot set up the guest agent channel: {0}")]
+    GuestAgent(#[source] std::io::Error),
     #[error("the PCI MMIO window is full")]
     MmioExhausted,
     #[error("disk {path}: the configuration declares {declared} bytes, the image has {actual}")]
@@ -101,6 +103,9 @@ pub struct DeviceManager {
     /// A clustered VM's write lease: every disk's writes pass it (see
     /// `devices::block::Leased`).
     pub write_lease: Option<Arc<WriteLease>>,
+    /// The host end of the guest agent's console port (`vm.guest-command`), if the VM
+    /// has one.
+    pub guest_agent: Option<devices::virtio::console::AgentChannel>,
     next_bar: u64,
 }
 
@@ -374,6 +379,7 @@ impl DeviceManager {
             write_lease: config
                 .write_lease
                 .map(|l| Arc::new(WriteLease::new(l.deadline_monotonic_ns))),
+            guest_agent: None,
             next_bar: layout::PCI_MMIO_START,
         };
         for (i, disk) in config.disks.iter().enumerate() {
@@ -423,15 +429,23 @@ impl DeviceManager {
                 .map_err(|e| DeviceError::SocketConfined(e.to_string()))?;
             dm.add_user_device(hv, mem, id, &u.socket)?;
         }
-        if config.console != OutputConfig::Off {
+        if config.console != OutputConfig::Off || config.guest_agent {
             let input = match config.console {
                 OutputConfig::Tty => stdin_for_guest(),
                 _ => None,
             };
-            let console = devices::virtio::console::Console::new(
+            // Off with a guest agent: the console's output is discarded.
+            let mut console = devices::virtio::console::Console::new(
                 serial_output(&config.console, config.console_max_size)?,
                 input,
             );
+            if config.guest_agent {
+                let agent = devices::virtio::console::AgentChannel::new()
+                    .map_err(DeviceError::GuestAgent)?;
+                tracing::info!("guest agent channel: console port org.qemu.guest_agent.0");
+                console = console.with_guest_agent(agent.clone());
+                dm.guest_agent = Some(agent);
+            }
             dm.add_virtio(hv, mem, "console0".into(), Box::new(console))?;
         }
         if config.rng {

@@ -18,6 +18,7 @@ pub mod device_manager;
 pub mod events;
 pub mod fencing;
 pub mod file_broker;
+pub mod guest_agent;
 pub mod jail;
 pub mod kvm;
 pub mod landlock;

@@ -45,6 +45,8 @@ pub struct Vmm {
     incoming_lease: Option<Arc<devices::block::WriteLease>>,
     /// The lease in force, renewed by the API thread itself (see `lease_slot`).
     lease_slot: crate::lease_slot::LeaseSlot,
+    /// `vm.guest-command`s, one at a time on their own thread.
+    guest_commands: crate::guest_agent::GuestCommands,
 }
 
 impl Vmm {
@@ -63,6 +65,7 @@ impl Vmm {
             remote_mirrors: Vec::new(),
             copying_storage: false,
             disk_info: Arc::new(Mutex::new(api::DiskMigrationInfo::default())),
+            guest_commands: Default::default(),
             watchdog: None,
             events: Default::default(),
             incoming_lease: None,
@@ -350,6 +353,17 @@ impl Vmm {
     }
 
     fn handle_api(&mut self, req: ApiRequest) -> Option<VmmExit> {
+        if let VmAction::GuestCommand(cmd) = &req.action {
+            let cmd = cmd.clone();
+            match self.vm_mut() {
+                Err(e) => req.respond(Err(e)),
+                Ok(vm) => {
+                    let channel = vm.devices().guest_agent.clone();
+                    self.guest_commands.start(channel, cmd, req);
+                }
+            }
+            return None;
+        }
         let mut exit = None;
         let result: ApiResponse = match &req.action {
             VmAction::Ping => Ok(Some(
@@ -514,6 +528,8 @@ impl Vmm {
                 exit = Some(VmmExit::PowerOff);
                 Ok(None)
             }
+            // Answered above, from a thread of its own.
+            VmAction::GuestCommand(_) => Err(ApiError::internal("guest command misrouted")),
             VmAction::SerialInput(bytes) => self.vm_mut().map(|vm| {
                 let queued = sync::lock(&vm.devices().serial).enqueue_input(bytes);
                 Some(serde_json::json!({ "queued": queued }))

@@ -56,6 +56,12 @@ pub struct VmFlags {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "on",
           value_name = "on|off", value_parser = parse_rng)]
     pub rng: Option<bool>,
+    /// A guest agent channel (the console's port `org.qemu.guest_agent.0`, where a
+    /// guest's qemu-ga listens; see `vm.guest-command`): --guest-agent (or =on) adds
+    /// it, --guest-agent=off removes it.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "on",
+          value_name = "on|off", value_parser = parse_guest_agent)]
+    pub guest_agent: Option<bool>,
     /// A network device on a host tap: tap=NAME[,mac=52:54:00:12:34:56][,id=ID]
     /// (repeatable; the tap is created if it does not exist, which needs
     /// CAP_NET_ADMIN; without mac= a random local one, kept by snapshots and
@@ -91,6 +97,7 @@ impl VmFlags {
             serial_max_size,
             console_max_size: None,
             rng: false,
+            guest_agent: false,
             nets: Vec::new(),
             user_devices: Vec::new(),
             write_lease: None,
@@ -151,6 +158,9 @@ impl VmFlags {
         if let Some(rng) = self.rng {
             cfg.rng = rng;
         }
+        if let Some(ga) = self.guest_agent {
+            cfg.guest_agent = ga;
+        }
         if !self.net.is_empty() {
             cfg.nets = self
                 .net
@@ -182,6 +192,7 @@ impl VmFlags {
             ("--disk", !self.disk.is_empty()),
             ("--console", self.console.is_some()),
             ("--rng", self.rng.is_some()),
+            ("--guest-agent", self.guest_agent.is_some()),
             ("--net", !self.net.is_empty()),
             ("--user-device", !self.user_device.is_empty()),
         ];
@@ -202,6 +213,11 @@ fn path_or_none(v: &str) -> Result<PathBuf, std::convert::Infallible> {
 /// `--rng`'s value.
 fn parse_rng(v: &str) -> Result<bool, ConfigError> {
     super::options::on_off("--rng", "rng", v)
+}
+
+/// `--guest-agent`'s value.
+fn parse_guest_agent(v: &str) -> Result<bool, ConfigError> {
+    super::options::on_off("--guest-agent", "guest_agent", v)
 }
 
 #[cfg(test)]

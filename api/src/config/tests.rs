@@ -127,6 +127,7 @@ fn the_openapi_document_describes_every_config_field() {
         serial_max_size: Some(1 << 20),
         console_max_size: Some(1 << 20),
         rng: true,
+        guest_agent: true,
         // Every field at once, for the keys (a valid device has a tap or a socket).
         nets: vec![NetConfig {
             vhost_user: Some("/run/vs/n.sock".into()),

@@ -57,6 +57,11 @@ pub struct VmConfig {
     pub console_max_size: Option<u64>,
     #[serde(default)]
     pub rng: bool,
+    /// A guest agent channel: the console becomes multiport and its port 1,
+    /// `org.qemu.guest_agent.0`, is served by the VMM (`vm.guest-command`); a console
+    /// device is added (output discarded) when `console` is off. Omitted when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
     /// virtio-net devices, each on a tap (omitted when empty, so configurations
     /// without networking read as before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+mod agent;
 mod balloon;
 mod boot;
 mod cpuid;

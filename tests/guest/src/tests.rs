@@ -1064,6 +1064,9 @@ pub fn replica_writer() -> ! {
         }
     }
     println!("rw start disks={} blocks={}", disks, blocks);
+    // With `agent`: a guest agent on the console's agent port, served between writes;
+    // while frozen no block is written.
+    let mut agent = CMDLINE.get("agent").is_some().then(crate::agent::Agent::open);
     let mut buf = vec![0u8; 4096];
     let mut n = 1u64;
     if CMDLINE.get("resume").is_some() {
@@ -1089,6 +1092,14 @@ pub fn replica_writer() -> ! {
                 core::hint::spin_loop();
             }
         }
+        if let Some(a) = &mut agent {
+            let mut w = Writer(&mut blks);
+            a.poll(&mut w);
+            while a.frozen {
+                a.poll(&mut w);
+                core::hint::spin_loop();
+            }
+        }
         pattern::fill(n, lba, &mut buf);
         let t0 = rdtsc();
         for (d, b) in blks.iter_mut().enumerate() {
@@ -1110,6 +1121,24 @@ pub fn replica_writer() -> ! {
             io::result_ok();
         }
         n += 1;
+    }
+}
+
+/// The replica writer's disks as the guest agent freezes them: a freeze flushes every
+/// disk (the writer then writes nothing until the thaw).
+struct Writer<'a>(&'a mut alloc::vec::Vec<Blk>);
+
+impl crate::agent::Freezable for Writer<'_> {
+    fn freeze(&mut self) -> usize {
+        for (d, b) in self.0.iter_mut().enumerate() {
+            if let Err(e) = b.flush() {
+                fail!("agent freeze: flush disk={}: {:?}", d, e);
+            }
+        }
+        self.0.len()
+    }
+    fn thaw(&mut self) -> usize {
+        self.0.len()
     }
 }
 

@@ -138,7 +138,10 @@ fn device_list(c: &VmConfig) -> Vec<(&'static str, String)> {
     for (i, id) in ids.into_iter().enumerate() {
         out.push((if i < c.disks.len() { "disk" } else { "net" }, id));
     }
-    if c.console != OutputConfig::Off {
+    if c.guest_agent {
+        // Multiport: more queues and the control protocol's state.
+        out.push(("console", "console (guest agent)".into()));
+    } else if c.console != OutputConfig::Off {
         out.push(("console", "console".into()));
     }
     if c.rng {

@@ -1,10 +1,16 @@
-//! virtio-console (virtio 1.2, section 5.3), single port: guest output to a file or
-//! the terminal, terminal input to the guest.
+//! virtio-console (virtio 1.2, section 5.3): port 0 is the console (guest output to a
+//! file or the terminal, terminal input to the guest); with a guest agent the device
+//! is multiport and port 1, `org.qemu.guest_agent.0`, has the VMM as its host end.
 
+mod channel;
+pub mod control;
 mod device;
+mod ports;
 mod worker;
 
+pub use channel::{AgentChannel, ChannelError, MAX_FROM_GUEST, MAX_TO_GUEST};
 pub use device::{Console, ConsoleInput, ConsoleOutput};
+pub use ports::{PortState, MAX_CONTROL_CHAIN, MAX_PENDING_CONTROL};
 
 /// Entry points of the virtio-console fuzz target (fuzz/): the worker's chain handling
 /// without its files, on chains a (hostile) driver wrote.

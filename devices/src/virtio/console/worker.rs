@@ -120,7 +120,8 @@ pub(super) struct ConsoleWorker {
     bytes_in: Arc<AtomicU64>,
     /// Transmit chains cut short (over the cap or outside guest memory).
     truncated: Arc<AtomicU64>,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it).
+    _stop: EventFd,
     epoll: Epoll,
 }
 
@@ -173,7 +174,7 @@ impl ConsoleWorker {
             bytes_out,
             bytes_in,
             truncated,
-            stop,
+            _stop: stop,
             epoll,
         })
     }
@@ -195,10 +196,8 @@ impl ConsoleWorker {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_STOP => {
-                        let _ = self.stop.read();
-                        return self.into_parts();
-                    }
+                    // Not read: the port worker waits on the same eventfd.
+                    TOKEN_STOP => return self.into_parts(),
                     TOKEN_TX => {
                         let _ = self.tx.kick.read();
                         self.transmit();
