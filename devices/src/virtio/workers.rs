@@ -27,6 +27,10 @@ impl<T: Send + 'static> Workers<T> {
     }
 
     /// The stop eventfd, for a worker to wait on (readable once [`Self::stop`] runs).
+    /// No worker reads it: it is written once and must stay readable until every
+    /// worker has seen it (a worker that read it reset it, and another one, busy at
+    /// that moment, then never stopped: `stop` hung joining it). Each activation has
+    /// its own.
     pub fn stop_fd(&self) -> Result<EventFd, ActivateError> {
         self.stop
             .try_clone()

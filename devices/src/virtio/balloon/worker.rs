@@ -155,7 +155,7 @@ impl BalloonWorker {
             };
             for ev in &events[..n] {
                 if ev.data() == TOKEN_STOP {
-                    let _ = self.stop.read();
+                    // Not read: the activation's other workers wait on it too (`Workers`).
                     return self.finish();
                 }
             }

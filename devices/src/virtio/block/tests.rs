@@ -281,3 +281,92 @@ fn each_request_taken_moves_the_held_off_event_a_ring_past_it() {
     });
     block.reset();
 }
+
+/// A disk whose writes wait until `release` is set, saying when one has begun.
+struct SlowDisk {
+    writing: AtomicBool,
+    release: AtomicBool,
+}
+
+impl BlockBackend for SlowDisk {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_vectored_at(&self, _: &IoBufsMut<'_>, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_vectored_at(&self, _: &IoBufs<'_>, _: u64) -> std::io::Result<()> {
+        self.writing.store(true, Ordering::SeqCst);
+        wait_for("the test to release the write", || {
+            self.release.load(Ordering::SeqCst)
+        });
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Two queues, two workers sharing one stop eventfd: the idle worker stops at once;
+/// the one busy with a request when the pause came must still see the stop once its
+/// request is done (a worker that read the eventfd reset it for the other, and the
+/// pause hung joining it).
+#[test]
+fn a_pause_stops_a_worker_that_was_busy_when_another_one_stopped() {
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap());
+    let vq0 = MockSplitQueue::create(mem.as_ref(), GuestAddress(0x1_0000), 16);
+    let vq1 = MockSplitQueue::create(mem.as_ref(), GuestAddress(0), 16);
+    let disk = Arc::new(SlowDisk {
+        writing: AtomicBool::new(false),
+        release: AtomicBool::new(false),
+    });
+    let mut block = Block::new(
+        disk.clone(),
+        BlockConfig {
+            read_only: false,
+            serial: "t".into(),
+            num_queues: 2,
+            rate_limiter: RateLimiterConfig::default(),
+            poll_us: 0,
+            on_error: ErrorPolicy::Report,
+            stop_sink: None,
+        },
+    );
+    submit_write(&mem, &vq1, 0x5a);
+    let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    let queues = [&vq0, &vq1]
+        .iter()
+        .zip(&kicks)
+        .enumerate()
+        .map(|(index, (vq, kick))| ActivatedQueue {
+            index: index as u16,
+            queue: vq.create_queue().unwrap(),
+            kick: kick.try_clone().unwrap(),
+        })
+        .collect();
+    block
+        .activate(mem.clone(), Arc::new(Irqs::default()), queues)
+        .unwrap();
+    wait_for("queue 1's worker inside the write", || {
+        disk.writing.load(Ordering::SeqCst)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pausing = std::thread::spawn(move || {
+        let queues = block.pause();
+        tx.send(queues.len()).unwrap();
+        block
+    });
+    // The idle worker has long seen the stop when the busy one finishes its request.
+    std::thread::sleep(Duration::from_millis(100));
+    disk.release.store(true, Ordering::SeqCst);
+    let stopped = rx.recv_timeout(Duration::from_secs(30));
+    assert_eq!(stopped, Ok(2), "the pause did not stop both workers");
+    assert_eq!(vq1.used().idx().load(), 1, "the busy request completed");
+    pausing.join().unwrap().reset();
+}

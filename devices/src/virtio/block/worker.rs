@@ -145,7 +145,7 @@ impl BlockWorker {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => {
-                        let _ = self.stop.read();
+                        // Not read: the activation's other workers wait on it too (`Workers`).
                         return self.q;
                     }
                     TOKEN_THROTTLE => {

@@ -143,7 +143,7 @@ impl MemWorker {
                 }
             };
             if events[..n].iter().any(|ev| ev.data() == TOKEN_STOP) {
-                let _ = self.stop.read();
+                // Not read: the activation's other workers wait on it too (`Workers`).
                 return vec![self.q];
             }
             let _ = self.q.kick.read();

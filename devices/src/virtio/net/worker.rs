@@ -126,7 +126,7 @@ impl NetWorker {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => {
-                        let _ = self.stop.read();
+                        // Not read: the activation's other workers wait on it too (`Workers`).
                         return self.into_queues();
                     }
                     TOKEN_RX_KICK => {

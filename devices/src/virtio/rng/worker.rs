@@ -87,7 +87,7 @@ impl RngWorker {
             };
             for ev in &events[..n] {
                 if ev.data() == TOKEN_STOP {
-                    let _ = self.stop.read();
+                    // Not read: the activation's other workers wait on it too (`Workers`).
                     return self.q;
                 }
                 let _ = self.q.kick.read();
