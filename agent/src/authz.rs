@@ -100,6 +100,7 @@ pub const RULES: &[Rule] = &[
     // Console output is for viewers; console input drives the guest.
     rule("GET", "/api/v1/vms/{name}/serial", Viewer),
     rule("POST", "/api/v1/vms/{name}/serial", Operator),
+    rule("POST", "/api/v1/vms/{name}/guest-command", Operator),
     rule("GET", "/api/v1/audit", Operator),
     rule("GET", "/metrics", Viewer),
     rule("GET", "/api/v1/cluster", Viewer),

@@ -84,6 +84,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/api/v1/vms/{name}/metrics/reset", put(metrics_reset))
         .route("/api/v1/vms/{name}/exits", get(exits))
         .route("/api/v1/vms/{name}/serial", get(serial).post(serial_input))
+        .route("/api/v1/vms/{name}/guest-command", post(guest_command))
         .route("/api/v1/audit", get(crate::audit::list))
         .route("/metrics", get(prometheus))
         .fallback(|| async { error(404, "no such API endpoint".into()) })
@@ -308,6 +309,25 @@ async fn serial(State(s): S, UrlPath(name): UrlPath<String>, q: Q) -> Response {
             Err(e) => error(e.status(), error_chain(&e)),
         },
         Err(r) => *r,
+    }
+}
+
+/// One command to the guest's agent (`vm.guest-command` of its VMM): the guest's
+/// reply, or the VMM's refusal with its status (504: the guest did not answer).
+async fn guest_command(State(s): S, UrlPath(name): UrlPath<String>, b: Bytes) -> Response {
+    if let Err(e) = s.get(&name) {
+        return error(e.status(), error_chain(&e));
+    }
+    let req: api::GuestCommandRequest = match body("guest command", &b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    match s.guest_command(&name, &req).await {
+        Ok((status, reply)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, Json(reply)).into_response()
+        }
+        Err(e) => error(e.status(), error_chain(&e)),
     }
 }
 

@@ -11,7 +11,7 @@ use super::{lock, Supervisor, Vm, VMM_TIMEOUT};
 use crate::inventory::Inventory;
 use crate::launcher::{self, Launcher};
 use crate::model::{ExitRecord, HostInfo, VmDefinition, VmState, VmStatus};
-use crate::AgentError;
+use crate::{client, error_chain, AgentError};
 
 impl Supervisor {
     /// Stores (or with `None` removes) VM `name`'s replication settings.
@@ -98,23 +98,61 @@ impl Supervisor {
 
     /// Gives `bytes` to the guest's serial port, as fast as the guest reads them (the
     /// UART's receive FIFO holds 64); returns how many it took within 10 s.
-    pub async fn serial_input(&self, name: &str, bytes: &[u8]) -> Result<usize, AgentError> {
-        {
-            let vms = lock(&self.vms);
-            let vm = vms
-                .get(name)
-                .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
-            if !matches!(
-                vm.state,
-                VmState::Running | VmState::Paused | VmState::Migrating
-            ) {
-                return Err(AgentError::WrongState {
-                    name: name.to_string(),
-                    state: vm.state.to_string(),
-                    action: "send it serial input",
-                });
-            }
+    /// Refuses `action` unless the VM has a VMM (running, paused or migrating).
+    fn running_for(&self, name: &str, action: &'static str) -> Result<(), AgentError> {
+        let vms = lock(&self.vms);
+        let vm = vms
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))?;
+        if matches!(
+            vm.state,
+            VmState::Running | VmState::Paused | VmState::Migrating
+        ) {
+            return Ok(());
         }
+        Err(AgentError::WrongState {
+            name: name.to_string(),
+            state: vm.state.to_string(),
+            action,
+        })
+    }
+
+    /// Sends one guest agent command through the VM's VMM (`vm.guest-command`): the
+    /// VMM's status and body as they are (the guest's reply; 504 when it did not
+    /// answer, 409 without a guest agent channel).
+    pub async fn guest_command(
+        &self,
+        name: &str,
+        req: &api::GuestCommandRequest,
+    ) -> Result<(u16, serde_json::Value), AgentError> {
+        self.running_for(name, "send its guest agent a command")?;
+        let body = serde_json::to_vec(req).map_err(|e| AgentError::Vmm {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        // The VMM answers within the command's own timeout (default 5 s, at most 300 s).
+        let wait =
+            Duration::from_millis(req.timeout_ms.unwrap_or(5_000).min(300_000)) + VMM_TIMEOUT;
+        let r = client::request(
+            &self.socket_path(name),
+            "PUT",
+            "/api/v1/vm.guest-command",
+            Some(body),
+            wait,
+        )
+        .await
+        .map_err(|e| AgentError::Vmm {
+            name: name.to_string(),
+            message: error_chain(&e),
+        })?;
+        let reply = r
+            .json()
+            .unwrap_or_else(|| serde_json::json!({ "error": r.error_message() }));
+        Ok((r.status, reply))
+    }
+
+    pub async fn serial_input(&self, name: &str, bytes: &[u8]) -> Result<usize, AgentError> {
+        self.running_for(name, "send it serial input")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut sent = 0;
         while sent < bytes.len() && Instant::now() < deadline {

@@ -169,6 +169,20 @@ pub(crate) enum VmCommand {
     Info {
         name: Option<String>,
     },
+    /// One command to the guest's agent (qemu-guest-agent protocol; the definition
+    /// needs guest_agent: true), as virsh qemu-agent-command: prints the guest's reply.
+    GuestCommand {
+        name: String,
+        /// The command: guest-ping, guest-fsfreeze-freeze, guest-fsfreeze-thaw, ...
+        execute: String,
+        /// Its arguments, a JSON object.
+        #[arg(long)]
+        arguments: Option<String>,
+        /// Seconds to wait for the guest (default 5, at most 100: vireoctl's own
+        /// requests end after 120 s; the API takes up to 300).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// The guest's serial console: its output, and with --input (or --send) input.
     Console {
         name: String,
@@ -560,6 +574,12 @@ pub(crate) fn vm(ctx: &Ctx, cmd: VmCommand, out: Output) -> Result<(), CtlError>
             send,
             input,
         } => console(ctx, &name, lines, follow || input, send, input),
+        VmCommand::GuestCommand {
+            name,
+            execute,
+            arguments,
+            timeout,
+        } => guest_command(ctx, &name, execute, arguments.as_deref(), timeout),
         VmCommand::Migrate {
             names,
             selector,
@@ -708,6 +728,7 @@ fn names_in(cmd: &VmCommand) -> Vec<&str> {
         | VmCommand::Kill { name }
         | VmCommand::DiscardSavedState { name, .. }
         | VmCommand::Console { name, .. }
+        | VmCommand::GuestCommand { name, .. }
         | VmCommand::Delete { name } => vec![name.as_str()],
         VmCommand::Start { name, .. }
         | VmCommand::Stop { name, .. }
@@ -721,6 +742,45 @@ fn names_in(cmd: &VmCommand) -> Vec<&str> {
         }
         VmCommand::List { .. } => Vec::new(),
     }
+}
+
+/// `vm guest-command NAME EXECUTE [--arguments JSON] [--timeout S]`: the guest's reply.
+fn guest_command(
+    ctx: &Ctx,
+    name: &str,
+    execute: String,
+    arguments: Option<&str>,
+    timeout: Option<u64>,
+) -> Result<(), CtlError> {
+    let arguments = arguments
+        .map(|a| {
+            serde_json::from_str::<Value>(a)
+                .ok()
+                .filter(Value::is_object)
+                .ok_or_else(|| CtlError::Usage(format!("--arguments {a:?}: not a JSON object")))
+        })
+        .transpose()?;
+    let timeout_ms = timeout
+        .map(|t| {
+            (1..=100)
+                .contains(&t)
+                .then_some(t * 1000)
+                .ok_or_else(|| CtlError::Usage(format!("--timeout {t}: 1 to 100 seconds")))
+        })
+        .transpose()?;
+    let req = api::GuestCommandRequest {
+        execute,
+        arguments,
+        timeout_ms,
+    };
+    let body = serde_json::to_vec(&req).map_err(|e| CtlError::Usage(e.to_string()))?;
+    let reply = ctx.json(
+        "POST",
+        &format!("/api/v1/vms/{name}/guest-command"),
+        Some(body),
+    )?;
+    print_json(&reply);
+    Ok(())
 }
 
 /// `vm list [--state S]`: the VMs with their vCPUs and memory (from their definitions).
