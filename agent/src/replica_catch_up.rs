@@ -25,7 +25,8 @@ use crate::replica_primary::{ShipError, Shipper, BASE_CHUNK, ZSTD_LEVEL};
 /// The replica was reset for the catch-up from this log's frozen map.
 pub const CATCH_UP_STARTED: &str = "catchup.started";
 
-/// The names a host-crash restart of a log removes besides its segments.
+/// The names a host-crash restart of a log removes besides its segments (the VMM makes
+/// a new spare live map at its next open).
 pub const CATCH_UP_FILES: [&str; 3] = [DEGRADED_MAP, CATCH_UP_MAP, CATCH_UP_STARTED];
 
 fn remove(dir: &Path, name: &str) -> Result<(), ShipError> {
@@ -43,9 +44,12 @@ fn remove(dir: &Path, name: &str) -> Result<(), ShipError> {
 impl Shipper {
     /// Whether a disk's change log is over its budget (keeps a region bitmap).
     pub fn log_degraded(&self) -> bool {
-        self.disks
-            .iter()
-            .any(|d| d.log_dir.join(DEGRADED_MAP).exists())
+        self.disks.iter().any(|d| {
+            std::fs::read(d.log_dir.join(DEGRADED_MAP))
+                .ok()
+                .and_then(|b| RegionMap::decode(&b).ok())
+                .is_some_and(|m| m.active)
+        })
     }
 
     pub(crate) fn catch_up_started(&self) -> bool {

@@ -685,7 +685,7 @@ impl Shipper {
     {
         let mut stats = RoundStats::default();
         self.resync_after_a_host_crash().await?;
-        let status = self.status().await?;
+        let mut status = self.status().await?;
         if status.failed_over && !self.reverse {
             return Err(ShipError::FailedOverElsewhere {
                 to: self.to.to_string(),
@@ -698,6 +698,9 @@ impl Shipper {
         if !maps.is_empty() && (status.base_complete || self.catch_up_started()) {
             (stats.catch_up_bytes, stats.catch_up_region_bytes) = self.catch_up(&maps).await?;
             stats.caught_up = true;
+            // The reset dropped the replica's applied segments: the logs' new ones
+            // (from 1) go next.
+            status = self.status().await?;
         } else if !status.base_complete {
             // The initial copy never completed: the maps do not tell what the replica
             // lacks; a resync by block hashes reads after the logs restarted.

@@ -115,34 +115,45 @@ fn over_its_budget_the_log_keeps_a_bitmap_of_every_unsent_range_and_a_catch_up_g
         }
         i += 1;
     }
-    assert!(segment_bytes(p) <= BUDGET);
+    let at_degrade = segment_bytes(p);
+    assert!(at_degrade <= BUDGET);
+    assert!(map(p, DEGRADED_MAP).active);
+    assert!(matches!(log.seal(1000), Err(LogError::Degraded { .. })));
+    let mut after = BTreeSet::new();
+    for j in i..i + 40 {
+        write(&mut log, &mut disk, &mut after, j);
+    }
+    log.sync().unwrap();
+    assert_eq!(segment_bytes(p), at_degrade, "nothing more is appended");
+    let live = marked(&map(p, DEGRADED_MAP));
+    assert!(after.is_subset(&live));
+    unsent.extend(after);
+    // A kill -9 and a new VMM: still degraded, the budget kept; the segments' ranges
+    // went into the map and the segments away.
+    drop(log);
+    let mut log = open(p);
+    assert!(log.degraded());
+    assert_eq!(log.budget(), Some(BUDGET));
     assert_eq!(
         segments(p).len(),
         1,
         "only the (empty) open segment is left"
     );
-    assert!(matches!(log.seal(1000), Err(LogError::Degraded { .. })));
-    for j in i..i + 40 {
-        write(&mut log, &mut disk, &mut unsent, j);
-    }
-    log.sync().unwrap();
     assert_eq!(segment_bytes(p), 64, "a degraded log carries no data");
     // The map holds every unsent write's region, and segment 2's (still in the log).
     let live = marked(&map(p, DEGRADED_MAP));
     assert!(unsent.is_subset(&live));
     let segment_2: BTreeSet<u64> = touched.iter().copied().collect();
     assert!(live.is_subset(&unsent.union(&segment_2).copied().collect()));
-    // A kill -9 and a new VMM: still degraded, the same map, the budget kept.
-    drop(log);
-    let mut log = open(p);
-    assert!(log.degraded());
-    assert_eq!(log.budget(), Some(BUDGET));
-    assert_eq!(marked(&map(p, DEGRADED_MAP)), live);
     // The link is back: the catch-up restarts the log and the regions are read after.
     let frozen = log.restart_for_catch_up().unwrap();
     assert!(!log.degraded());
     assert_eq!(segments(p), [1]);
-    assert!(!p.join(DEGRADED_MAP).exists());
+    let spare = map(p, DEGRADED_MAP);
+    assert!(
+        !spare.active && spare.regions() == 0,
+        "the live map is a spare again"
+    );
     assert!(frozen.restarted && marked(&frozen) == live);
     assert_eq!(map(p, CATCH_UP_MAP), frozen);
     let mut k = i + 40;
@@ -192,10 +203,25 @@ fn a_kill_at_each_step_of_degrading_or_restarting_loses_no_region() {
         std::fs::copy(p.join(&n), save.path().join(&n)).unwrap();
     }
     log.set_budget(Some(segment_bytes(p))).unwrap();
+    // A kill between the degrading write's bits and the active flag: that write
+    // never reached the disk, and the next open clears the bits.
+    let spare = std::fs::read(p.join(DEGRADED_MAP)).unwrap();
     write(&mut log, &mut disk, &mut all, 7);
     assert!(log.degraded());
     drop(log);
-    // Killed after the map was stored, before the segments went: they come back.
+    let active = std::fs::read(p.join(DEGRADED_MAP)).unwrap();
+    let mut torn = RegionMap::decode(&active).unwrap();
+    torn.active = false;
+    std::fs::write(p.join(DEGRADED_MAP), torn.encode()).unwrap();
+    let log = open(p);
+    assert!(!log.degraded());
+    let cleared = map(p, DEGRADED_MAP);
+    assert!(!cleared.active && cleared.regions() == 0);
+    assert_eq!(cleared.encode().len(), spare.len());
+    drop(log);
+    // Killed once degraded, before any open settled the segments (as they were when
+    // the budget was passed).
+    std::fs::write(p.join(DEGRADED_MAP), &active).unwrap();
     for e in std::fs::read_dir(save.path()).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), p.join(e.file_name())).unwrap();
@@ -227,7 +253,7 @@ fn a_kill_at_each_step_of_degrading_or_restarting_loses_no_region() {
     assert!(!log.degraded());
     assert_eq!((r.seq, r.last_cut_id), (1, 5));
     assert_eq!(segments(p), [1]);
-    assert!(!p.join(DEGRADED_MAP).exists());
+    assert!(!map(p, DEGRADED_MAP).active);
     let after = map(p, CATCH_UP_MAP);
     assert!(after.restarted);
     assert_eq!(marked(&after), all);

@@ -77,8 +77,10 @@ pub struct ChangeLog {
     /// Bytes of the directory's segment files other than the one being written, as
     /// last counted (at open, at each seal; the primary deletes applied ones between).
     held_bytes: u64,
-    /// Over budget: the region bitmap (and its file) that replaces the segments.
-    degraded: Option<(crate::regions::RegionMap, File)>,
+    /// The live region bitmap and its file (a zero spare until the log degrades).
+    map: Option<(crate::regions::RegionMap, File)>,
+    /// Over budget: writes go to the bitmap, not the segments.
+    degraded: bool,
 }
 
 /// A segment a cut sealed while it held the disk: its trailer is written, its bytes
@@ -190,7 +192,8 @@ impl ChangeLog {
             broken: None,
             budget: None,
             held_bytes: 0,
-            degraded: None,
+            map: None,
+            degraded: false,
         }
     }
 
@@ -421,7 +424,7 @@ impl ChangeLog {
         if let Some(why) = &self.broken {
             return Err(self.corrupt(self.seq, why.clone()));
         }
-        if self.degraded.is_some() {
+        if self.degraded {
             return Err(LogError::Degraded {
                 file: self.label.clone(),
             });

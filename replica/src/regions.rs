@@ -20,7 +20,7 @@ use crate::error::LogError;
 
 /// The bytes one bit stands for (the resync's hash block: a catch-up may compare them).
 pub const REGION: u64 = crate::resync::HASH_BLOCK;
-/// The live map of a degraded log.
+/// The live map of a log (active once the log is degraded; a zero spare until then).
 pub const DEGRADED_MAP: &str = "regions.map";
 /// The frozen map a catch-up sends from (the log restarted beside it).
 pub const CATCH_UP_MAP: &str = "regions.catchup";
@@ -29,6 +29,7 @@ const MAGIC: &[u8; 8] = b"VIREORGN";
 const VERSION: u32 = 1;
 pub(crate) const MAP_HEADER_LEN: usize = 64;
 const FLAG_RESTARTED: u32 = 1;
+const FLAG_ACTIVE: u32 = 2;
 
 /// The set of changed regions of one disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +39,10 @@ pub struct RegionMap {
     pub last_cut_id: u64,
     /// A catch-up map: the log's old segments are gone and it started again beside it.
     pub restarted: bool,
+    /// A live map in use: the log passed its budget (a live map that is not active
+    /// is the spare the log keeps open, all zeros, so that degrading on the guest's
+    /// write path needs no new file).
+    pub active: bool,
     bits: Vec<u8>,
 }
 
@@ -49,6 +54,7 @@ impl RegionMap {
             disk_size,
             last_cut_id,
             restarted: false,
+            active: false,
             bits: vec![0; regions.div_ceil(8) as usize],
         }
     }
@@ -124,7 +130,8 @@ impl RegionMap {
         let mut h = [0u8; MAP_HEADER_LEN];
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        let flags = if self.restarted { FLAG_RESTARTED } else { 0 };
+        let flags = if self.restarted { FLAG_RESTARTED } else { 0 }
+            | if self.active { FLAG_ACTIVE } else { 0 };
         h[12..16].copy_from_slice(&flags.to_le_bytes());
         h[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
         h[24..32].copy_from_slice(&REGION.to_le_bytes());
@@ -170,6 +177,7 @@ impl RegionMap {
         }
         let mut map = RegionMap::new(u64_at(16), u64_at(32));
         map.restarted = u32_at(12) & FLAG_RESTARTED != 0;
+        map.active = u32_at(12) & FLAG_ACTIVE != 0;
         let body = &b[MAP_HEADER_LEN..];
         if body.len() != map.bits.len() {
             return Err(format!(
@@ -224,6 +232,17 @@ impl RegionMap {
     pub(crate) fn write_header(&self, file: &File) -> io::Result<()> {
         file.write_all_at(&self.header(), 0)
     }
+
+    /// Rewrites the whole map in its file and makes it durable.
+    pub(crate) fn write_all(&self, file: &File) -> io::Result<()> {
+        file.write_all_at(&self.encode(), 0)?;
+        file.sync_data()
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        self.bits.fill(0);
+    }
 }
 
 #[cfg(test)]
@@ -255,8 +274,9 @@ mod tests {
         let mut other = RegionMap::new(size, 9);
         other.mark(5 * REGION, 1);
         other.restarted = true;
+        other.active = true;
         let again = RegionMap::decode(&other.encode()).unwrap();
-        assert!(again.restarted);
+        assert!(again.restarted && again.active);
         m.merge(&again);
         assert_eq!((m.regions(), m.last_cut_id), (8, 9));
     }

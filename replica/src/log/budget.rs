@@ -1,22 +1,24 @@
 //! The log's budget (docs/replica.md, "The log's budget"): the bytes of segments a
-//! disk's change log may hold. An append that would pass it *degrades* the log: every
-//! range its segments record is marked in a region bitmap ([`RegionMap`], file
-//! [`DEGRADED_MAP`]), made durable, and only then are the segments removed; from then on
-//! each write marks its regions (one `pwrite` of the changed bitmap bytes before the
-//! disk write, like a record) and no cut seals the log. A catch-up
+//! disk's change log may hold. The log keeps a zero region bitmap open beside it
+//! ([`RegionMap`], file [`DEGRADED_MAP`]: made at open, where files may be made). An
+//! append that would pass the budget *degrades* the log on the guest's write path with
+//! `pwrite`s only (the VMM's I/O threads may not create or remove files): from then on
+//! each write marks its regions in the map (the changed bytes before the disk write,
+//! like a record; the first one then flags the map active) and nothing is appended to
+//! the segments; no cut seals the log. The segments' own ranges go into the map, and
+//! the segments away, at the next open or the catch-up. A catch-up
 //! ([`ChangeLog::restart_for_catch_up`]) freezes the map as [`CATCH_UP_MAP`] and starts
 //! the segments again at sequence 1; the primary sends the frozen regions' current
 //! contents, then the new segments.
 //!
 //! Crash safety, step by step (a kill -9 keeps every `pwrite` in the page cache; a host
 //! crash resyncs by block hashes anyway, `agent/src/replica_crash.rs`):
-//! - degrading: the map is written whole (temporary file, fsync, rename, directory
-//!   fsync) before any segment goes; a kill before the rename leaves the segments as
-//!   they were (the log reopens within its budget plus the write that tripped it, and
-//!   degrades at its next append); after it, the next open finds the map and removes
-//!   what is left of the segments (all of them are in the map).
+//! - degrading: the first write's bits, then the header's active flag, then the disk
+//!   write. A kill before the flag leaves an inactive map (its bits cleared at the
+//!   next open; that write never reached the disk); after it, the next open marks every
+//!   segment's ranges in the map (synced) before it removes the segments.
 //! - degraded: a region's bit is written before the disk write it describes, so every
-//!   write that reached the image is in the map (as for a record).
+//!   write that reached the image is in the map or the segments (as for a record).
 //! - restarting for a catch-up: the frozen map (old frozen map, live map and every
 //!   segment's ranges merged) is written whole first, flagged "not restarted"; then the
 //!   live map and the segments are removed and the flag set. A kill in between is
@@ -89,24 +91,55 @@ pub(super) fn finish_restart(dir: BorrowedFd<'_>, label: &str) -> Result<u64, Lo
 }
 
 impl ChangeLog {
-    /// After the segments were opened: the stored budget, and a live map (a degraded
-    /// log: what is left of its segments removed).
+    /// After the segments were opened: the stored budget, and the live map — made
+    /// (a zero spare) if there is none; an active one (a degraded log) gets every
+    /// range the remaining segments record, then the segments go. Runs where files
+    /// may be made (the VMM's file thread), unlike [`Self::bitmap_instead`].
     pub(super) fn after_open(&mut self) -> Result<(), LogError> {
         self.budget = read_budget(self.dir.as_fd());
-        if let Some(map) = RegionMap::load(self.dir.as_fd(), &self.label, DEGRADED_MAP)? {
-            if map.disk_size() != self.disk_size {
+        let dir = self.dir.as_fd();
+        let map = match RegionMap::load(dir, &self.label, DEGRADED_MAP)? {
+            Some(map) if map.disk_size() != self.disk_size => {
                 return Err(LogError::DiskSize {
                     logged: map.disk_size(),
                     actual: self.disk_size,
-                });
+                })
             }
-            self.last_cut_id = self.last_cut_id.max(map.last_cut_id);
-            self.trim_to_current()?;
-            let file = self.map_file()?;
-            tracing::warn!(log = %self.label, regions = map.regions(), "change log: degraded (over its budget): a region bitmap");
-            self.degraded = Some((map, file));
-        }
+            Some(map) => map,
+            None => {
+                let spare = RegionMap::new(self.disk_size, 0);
+                spare.store(dir, &self.label, DEGRADED_MAP)?;
+                spare
+            }
+        };
+        let file = self.map_file()?;
+        self.map = Some((map, file));
+        self.settle()?;
         self.count_held();
+        Ok(())
+    }
+
+    /// An active map takes the segments' ranges and the segments go; an inactive one
+    /// with bits (a kill between a degrading write's bits and its header: that write
+    /// never reached the disk) is cleared.
+    fn settle(&mut self) -> Result<(), LogError> {
+        let Some((mut map, file)) = self.map.take() else {
+            return Ok(());
+        };
+        let err = self.map_err(DEGRADED_MAP);
+        if map.active {
+            self.mark_segments(&mut map)?;
+            map.last_cut_id = map.last_cut_id.max(self.last_cut_id);
+            map.write_all(&file).map_err(&err)?;
+            self.last_cut_id = map.last_cut_id;
+            self.trim_to_current()?;
+            self.degraded = true;
+            tracing::warn!(log = %self.label, regions = map.regions(), "change log: degraded (over its budget): a region bitmap");
+        } else if map.regions() > 0 {
+            map.clear();
+            map.write_all(&file).map_err(&err)?;
+        }
+        self.map = Some((map, file));
         Ok(())
     }
 
@@ -160,7 +193,7 @@ impl ChangeLog {
 
     /// Whether the log is degraded to a region bitmap.
     pub fn degraded(&self) -> bool {
-        self.degraded.is_some()
+        self.degraded
     }
 
     /// Bytes of segments the log holds (as last counted, and the one being written).
@@ -168,37 +201,52 @@ impl ChangeLog {
         self.held_bytes + self.end
     }
 
-    /// Called by an append of `len` bytes at `offset` carrying `data_len` bytes: true
-    /// when the write is recorded in the bitmap instead of a record (the log is
-    /// degraded, or this write passed the budget and degraded it).
+    /// Called by an append of `len` bytes at `offset` carrying `data_len` bytes, on the
+    /// guest's write path (no file is made or removed there: `pwrite`s of the open
+    /// map only): true when the write is recorded in the bitmap instead of a record.
+    /// The write that passes the budget activates the map: its bits, then the header
+    /// (a kill between leaves an inactive map, cleared at the next open, and no disk
+    /// write). The segments stay until the next open or catch-up; nothing more is
+    /// appended to them.
     pub(super) fn bitmap_instead(
         &mut self,
         offset: u64,
         len: u64,
         data_len: u64,
     ) -> Result<bool, LogError> {
-        if self.degraded.is_none() {
+        if !self.degraded {
             let records = data_len.div_ceil(crate::format::MAX_RECORD_DATA).max(1);
             let need = records * RECORD_HEADER_LEN as u64 + data_len;
             match self.budget {
-                Some(b) if self.held_bytes + self.end + need > b => self.degrade()?,
+                Some(b) if self.held_bytes + self.end + need > b => {}
                 _ => return Ok(false),
             }
         }
         let err = self.map_err(DEGRADED_MAP);
-        if let Some((map, file)) = &mut self.degraded {
-            if let Some(range) = map.mark(offset, len) {
-                map.write_bits(file, range).map_err(err)?;
-            }
+        let Some((map, file)) = &mut self.map else {
+            return Err(LogError::Degraded {
+                file: self.label.clone(),
+            });
+        };
+        if let Some(range) = map.mark(offset, len) {
+            map.write_bits(file, range).map_err(&err)?;
+        }
+        if !self.degraded {
+            map.active = true;
+            map.last_cut_id = self.last_cut_id;
+            map.write_header(file).map_err(&err)?;
+            self.degraded = true;
+            tracing::warn!(log = %self.label, budget = ?self.budget, held = self.held_bytes + self.end,
+                "change log over its budget: degraded to a region bitmap");
         }
         Ok(true)
     }
 
     pub(super) fn sync_bitmap(&mut self) -> Result<(), LogError> {
         let err = self.map_err(DEGRADED_MAP);
-        match &self.degraded {
-            Some((_, file)) => file.sync_data().map_err(err),
-            None => Ok(()),
+        match &self.map {
+            Some((_, file)) if self.degraded => file.sync_data().map_err(err),
+            _ => Ok(()),
         }
     }
 
@@ -252,31 +300,19 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Over budget: the segments' ranges go into a durable region bitmap, then the
-    /// segments go (see the module doc).
-    fn degrade(&mut self) -> Result<(), LogError> {
-        let mut map = RegionMap::new(self.disk_size, self.last_cut_id);
-        self.mark_segments(&mut map)?;
-        map.store(self.dir.as_fd(), &self.label, DEGRADED_MAP)?;
-        self.trim_to_current()?;
-        let file = self.map_file()?;
-        tracing::warn!(log = %self.label, budget = ?self.budget, regions = map.regions(),
-            "change log over its budget: degraded to a region bitmap");
-        self.degraded = Some((map, file));
-        Ok(())
-    }
-
-    /// For a catch-up (the caller holds the disk): everything the log holds — the live
-    /// map, every segment's ranges, an earlier catch-up's frozen map — is frozen into
-    /// [`CATCH_UP_MAP`], the segments and the live map removed, and the log starts
-    /// again at sequence 1 (its cut ids go on). Returns the frozen map. The primary
-    /// sends its regions' current contents (read after this), then the new segments.
+    /// For a catch-up (the caller holds the disk; where files may be made): everything
+    /// the log holds — the active map, every segment's ranges, an earlier catch-up's
+    /// frozen map — is frozen into [`CATCH_UP_MAP`], the segments removed, the live
+    /// map cleared to a spare, and the log starts again at sequence 1 (its cut ids go
+    /// on). Returns the frozen map. The primary sends its regions' current contents
+    /// (read after this), then the new segments.
     pub fn restart_for_catch_up(&mut self) -> Result<RegionMap, LogError> {
         let dir = self.dir.as_fd();
-        let mut map = match &self.degraded {
-            Some((m, _)) => m.clone(),
-            None => RegionMap::new(self.disk_size, self.last_cut_id),
+        let mut map = match &self.map {
+            Some((m, _)) if self.degraded => m.clone(),
+            _ => RegionMap::new(self.disk_size, self.last_cut_id),
         };
+        map.active = false;
         self.mark_segments(&mut map)?;
         if let Some(earlier) = RegionMap::load(dir, &self.label, CATCH_UP_MAP)? {
             map.merge(&earlier);
@@ -285,9 +321,13 @@ impl ChangeLog {
         map.restarted = false;
         map.store(dir, &self.label, CATCH_UP_MAP)?;
         let err = self.map_err(CATCH_UP_MAP);
-        unlink_if_there(dir, DEGRADED_MAP).map_err(&err)?;
         remove_segments(dir, None).map_err(&err)?;
         crate::log::sync_dir(dir).map_err(&err)?;
+        if let Some((live, file)) = &mut self.map {
+            live.clear();
+            live.active = false;
+            live.write_all(file).map_err(self.map_err(DEGRADED_MAP))?;
+        }
         map.restarted = true;
         let frozen = OpenOptions::new()
             .write(true)
@@ -297,7 +337,7 @@ impl ChangeLog {
         map.write_header(&frozen)
             .and_then(|()| frozen.sync_data())
             .map_err(&err)?;
-        self.degraded = None;
+        self.degraded = false;
         self.last_cut_id = map.last_cut_id;
         self.start(1)?;
         self.held_bytes = 0;
