@@ -65,6 +65,7 @@ pub mod peer_scope;
 pub mod peer_server;
 pub mod pki;
 pub mod procfs;
+pub mod replica_catch_up;
 pub mod replica_crash;
 pub mod replica_failover;
 pub mod replica_primary;

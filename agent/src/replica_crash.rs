@@ -80,7 +80,12 @@ pub fn restart_for_resync(dir: BorrowedFd<'_>, boot: &str) -> io::Result<()> {
     let listing = format!("/proc/self/fd/{}", dir.as_raw_fd());
     for entry in std::fs::read_dir(&listing)? {
         let name = entry?.file_name();
-        if is_segment(&name) {
+        // The region maps of a log over its budget and a catch-up's marker go too:
+        // after a host crash the resync by block hashes tells what differs.
+        let catch_up = name
+            .to_str()
+            .is_some_and(|n| crate::replica_catch_up::CATCH_UP_FILES.contains(&n));
+        if is_segment(&name) || catch_up {
             confine::unlink_at(dir, &name)?;
         }
     }

@@ -34,8 +34,8 @@ use crate::throttle::Throttle;
 /// How long one request to the replica may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// The initial copy goes in chunks of this size.
-const BASE_CHUNK: usize = 4 << 20;
-const ZSTD_LEVEL: i32 = 3;
+pub(crate) const BASE_CHUNK: usize = 4 << 20;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 /// The replica's block hashes are fetched this many at a time (1 GiB of disk).
 const HASH_WINDOW: u64 = 1 << 14;
 
@@ -215,6 +215,12 @@ pub struct RoundStats {
     /// The recovery point committed in this round, if a new one.
     pub point: Option<u64>,
     pub segments_deleted: u64,
+    /// A catch-up from the logs' region maps ran (and completed) in this round.
+    pub caught_up: bool,
+    /// Bytes of the catch-up on the wire (compressed), and of the disks it sent
+    /// (the maps' regions) before compression.
+    pub catch_up_bytes: u64,
+    pub catch_up_region_bytes: u64,
 }
 
 /// Ships one VM to one replica.
@@ -254,11 +260,11 @@ struct VerifiedSegment {
 }
 
 impl Shipper {
-    fn base_path(&self) -> String {
+    pub(crate) fn base_path(&self) -> String {
         format!("/peer/v1/replica/{}", self.vm)
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,
@@ -277,7 +283,7 @@ impl Shipper {
         Ok((r.status, r.json().unwrap_or(Value::Null)))
     }
 
-    async fn ok(
+    pub(crate) async fn ok(
         &self,
         method: &str,
         path: &str,
@@ -452,6 +458,18 @@ impl Shipper {
             let (log, _) = ChangeLog::open(dir, &label, d.size)
                 .map_err(|source| ShipError::Log { label, source })?;
             logs.push(log);
+        }
+        // A log over its budget seals nothing: every log restarts for a catch-up
+        // first (the VM is stopped: one moment for all), and the round sends the maps'
+        // regions before the (empty) segments sealed here.
+        if logs.iter().any(ChangeLog::degraded) {
+            for (log, d) in logs.iter_mut().zip(&self.disks) {
+                log.restart_for_catch_up()
+                    .map_err(|source| ShipError::Log {
+                        label: d.log_dir.display().to_string(),
+                        source,
+                    })?;
+            }
         }
         let cut = logs.iter().map(ChangeLog::last_cut_id).max().unwrap_or(0) + 1;
         for (log, d) in logs.iter_mut().zip(&self.disks) {
@@ -645,15 +663,48 @@ impl Shipper {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<u64, String>>,
     {
+        self.round_with(cut, || async {
+            Err("a change log is degraded and this round cannot restart it".to_string())
+        })
+        .await
+    }
+
+    /// [`Self::round`], with `catch_up` (the VMM's `vm.replica-cut` with `catch_up`)
+    /// asked first when a change log is over its budget (degraded to a region map):
+    /// the round then catches up from the maps ([`crate::replica_catch_up`]).
+    pub async fn round_with<F, Fut, C, CFut>(
+        &self,
+        cut: F,
+        catch_up: C,
+    ) -> Result<RoundStats, ShipError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<u64, String>>,
+        C: FnOnce() -> CFut,
+        CFut: std::future::Future<Output = Result<(), String>>,
+    {
         let mut stats = RoundStats::default();
         self.resync_after_a_host_crash().await?;
-        let status = self.status().await?;
+        let mut status = self.status().await?;
         if status.failed_over && !self.reverse {
             return Err(ShipError::FailedOverElsewhere {
                 to: self.to.to_string(),
             });
         }
-        if !status.base_complete {
+        if self.log_degraded() {
+            catch_up().await.map_err(ShipError::Cut)?;
+        }
+        let maps = self.catch_up_maps()?;
+        if !maps.is_empty() && (status.base_complete || self.catch_up_started()) {
+            (stats.catch_up_bytes, stats.catch_up_region_bytes) = self.catch_up(&maps).await?;
+            stats.caught_up = true;
+            // The reset dropped the replica's applied segments: the logs' new ones
+            // (from 1) go next.
+            status = self.status().await?;
+        } else if !status.base_complete {
+            // The initial copy never completed: the maps do not tell what the replica
+            // lacks; a resync by block hashes reads after the logs restarted.
+            self.drop_catch_up_maps()?;
             (stats.base_bytes, stats.base_differing_bytes) = self.send_base().await?;
         }
         self.send_extras().await?;

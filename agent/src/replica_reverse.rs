@@ -179,6 +179,7 @@ pub async fn reverse(
             history: req.history,
             history_spacing_s: None,
             bandwidth_mbit: serde_json::Value::Null,
+            log_budget: serde_json::Value::Null,
             reverse: true,
         },
     )?;

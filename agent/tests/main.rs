@@ -23,6 +23,7 @@ mod metering;
 mod migration;
 mod operators;
 mod replica;
+mod replica_budget;
 mod replica_failover;
 mod replica_history;
 mod replica_limits;

@@ -23,9 +23,9 @@ pub use server::{serve, Dispatch, ServerError, ServerHandle};
 pub use types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, Counters, DeviceFault, DiskMigrationInfo,
     GuestCommandRequest, MigrateDiskRequest, MigrationInfo, MigrationStatus,
-    ReceiveMigrationRequest, ReceiveMigrationTls, ReplicaCutInfo, ReplicaSegmentInfo,
-    ResizeRequest, RestoreRequest, SendMigrationRequest, SendMigrationTls, SnapshotRequest,
-    VmAction, VmInfo, WriteLease,
+    ReceiveMigrationRequest, ReceiveMigrationTls, ReplicaCatchUpInfo, ReplicaCutInfo,
+    ReplicaCutRequest, ReplicaSegmentInfo, ResizeRequest, RestoreRequest, SendMigrationRequest,
+    SendMigrationTls, SnapshotRequest, VmAction, VmInfo, WriteLease,
 };
 
 /// The OpenAPI document of the per-VM API.

@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::types::{
     file_url_path, ApiError, ApiRequest, ApiResponse, GuestCommandRequest, MigrateDiskRequest,
-    ReceiveMigrationRequest, ResizeRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
-    VmAction, WriteLease,
+    ReceiveMigrationRequest, ReplicaCutRequest, ResizeRequest, RestoreRequest,
+    SendMigrationRequest, SnapshotRequest, VmAction, WriteLease,
 };
 use crate::VmConfig;
 
@@ -197,10 +197,7 @@ fn router(state: AppState) -> Router {
             "/api/v1/vm.migration-info",
             get(|s| action(s, VmAction::MigrationInfo)),
         )
-        .route(
-            "/api/v1/vm.replica-cut",
-            put(|s| action(s, VmAction::ReplicaCut)),
-        )
+        .route("/api/v1/vm.replica-cut", put(replica_cut))
         .route("/api/v1/vm.serial-input", put(serial_input))
         .route("/api/v1/vm.guest-command", put(guest_command))
         .route("/api/v1/vm.lease", put(lease))
@@ -296,6 +293,21 @@ async fn lease(State(state): State<AppState>, body: Bytes) -> Response {
     match crate::json::from_slice::<WriteLease>(&body) {
         Ok(l) => action(State(state), VmAction::Lease(l)).await,
         Err(e) => error_response(ApiError::bad_request(format!("invalid write lease: {e}"))),
+    }
+}
+
+/// An empty body is a plain cut.
+async fn replica_cut(State(state): State<AppState>, body: Bytes) -> Response {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return action(
+            State(state),
+            VmAction::ReplicaCut(ReplicaCutRequest::default()),
+        )
+        .await;
+    }
+    match crate::json::from_slice::<ReplicaCutRequest>(&body) {
+        Ok(r) => action(State(state), VmAction::ReplicaCut(r)).await,
+        Err(e) => error_response(ApiError::bad_request(format!("invalid replica cut: {e}"))),
     }
 }
 

@@ -299,6 +299,32 @@ pub struct ReplicaCutInfo {
     /// holding the last of them to releasing them all; the sealed files are synced after.
     #[serde(default)]
     pub held_us: u64,
+    /// A catch-up's answer (`catch_up` asked): each disk's log restarted beside the
+    /// frozen region map the primary sends from (no segment was sealed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catch_up: Vec<ReplicaCatchUpInfo>,
+}
+
+/// `vm.replica-cut`'s request (an empty body: a plain cut).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicaCutRequest {
+    /// Each disk's change log holds at most this many bytes of segments; over it the
+    /// log degrades to a region bitmap (stored in the log's directory; 0: no bound).
+    pub log_budget: Option<u64>,
+    /// Instead of a cut: every disk's log (degraded or not) is frozen into a region map
+    /// and starts again at segment 1, for a catch-up from the map.
+    pub catch_up: bool,
+}
+
+/// One disk's log restarted for a catch-up.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaCatchUpInfo {
+    pub disk: String,
+    /// Regions (64 KiB) the frozen map marks.
+    pub regions: u64,
+    /// Bytes of the disk they cover.
+    pub dirty_bytes: u64,
 }
 
 /// What the API asks of the control loop.
@@ -328,7 +354,7 @@ pub enum VmAction {
     ReceiveMigration(ReceiveMigrationRequest),
     MigrationInfo,
     /// Seals every replicated disk's change log at one crash-consistent point.
-    ReplicaCut,
+    ReplicaCut(ReplicaCutRequest),
     /// Moves the write lease's deadline forward (refused once it passed).
     Lease(WriteLease),
     /// Ends the VMM process (after shutting the VM down).

@@ -17,6 +17,10 @@ pub enum LogError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("change log was made for a disk of {logged} bytes, the disk has {actual}")]
     DiskSize { logged: u64, actual: u64 },
+    /// Over its budget the log keeps a region bitmap, not segments: no cut seals it
+    /// until a catch-up restarts it.
+    #[error("change log {file} is over its budget and keeps a region bitmap: only a catch-up restarts its segments")]
+    Degraded { file: String },
 }
 
 /// Why a segment is refused (torn, corrupt, or not what it claims).

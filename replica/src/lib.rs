@@ -15,6 +15,7 @@ mod error;
 mod format;
 mod history;
 mod log;
+mod regions;
 mod resync;
 mod segment;
 mod source;
@@ -24,7 +25,8 @@ pub use apply::{Applied, ApplyError, ApplyOutcome, Image, ReplicaDisk};
 pub use error::{LogError, SegmentError};
 pub use format::{segment_file_name, RecordKind, MAX_RECORD_DATA, SEGMENT_SUFFIX};
 pub use history::{PointInfo, MAX_HISTORY};
-pub use log::{ChangeLog, PendingSeal, Recovery, SealedSegment};
+pub use log::{ChangeLog, PendingSeal, Recovery, SealedSegment, BUDGET_FILE};
+pub use regions::{RegionMap, CATCH_UP_MAP, DEGRADED_MAP, REGION};
 pub use resync::{
     block_count, check_hash_list, image_hash, BlockHash, Resync, ResyncError, Run, HASH_BLOCK,
     MAX_HASHES_PER_REQUEST,
@@ -36,6 +38,8 @@ pub use store::{
     MAX_BASE_CHUNK, MAX_DISKS, MAX_SPACING_S,
 };
 
+#[cfg(test)]
+mod budget_tests;
 #[cfg(test)]
 mod history_tests;
 #[cfg(test)]

@@ -25,6 +25,9 @@ use crate::format::{
 };
 use crate::segment::SegmentReader;
 
+mod budget;
+pub use budget::BUDGET_FILE;
+
 /// What opening found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovery {
@@ -69,6 +72,15 @@ pub struct ChangeLog {
     /// A seal that wrote its trailer but could not start the next file: every append
     /// fails until the log is opened again (which starts it).
     broken: Option<String>,
+    /// At most this many bytes of segments (None: no bound); see [`budget`].
+    budget: Option<u64>,
+    /// Bytes of the directory's segment files other than the one being written, as
+    /// last counted (at open, at each seal; the primary deletes applied ones between).
+    held_bytes: u64,
+    /// The live region bitmap and its file (a zero spare until the log degrades).
+    map: Option<(crate::regions::RegionMap, File)>,
+    /// Over budget: writes go to the bitmap, not the segments.
+    degraded: bool,
 }
 
 /// A segment a cut sealed while it held the disk: its trailer is written, its bytes
@@ -106,6 +118,19 @@ impl ChangeLog {
     /// of `disk_size` bytes; `label` names it in errors. Recovers from a crash: a torn
     /// last record is cut off, a file whose predecessor was sealed is started.
     pub fn open(dir: OwnedFd, label: &str, disk_size: u64) -> Result<(Self, Recovery), LogError> {
+        let floor = budget::finish_restart(dir.as_fd(), label)?;
+        let (mut log, mut recovery) = Self::open_segments(dir, label, disk_size)?;
+        log.last_cut_id = log.last_cut_id.max(floor);
+        recovery.last_cut_id = log.last_cut_id;
+        log.after_open()?;
+        Ok((log, recovery))
+    }
+
+    fn open_segments(
+        dir: OwnedFd,
+        label: &str,
+        disk_size: u64,
+    ) -> Result<(Self, Recovery), LogError> {
         let io_err = |source: io::Error| LogError::Io {
             file: label.to_string(),
             source,
@@ -165,6 +190,10 @@ impl ChangeLog {
             last_cut_id: 0,
             entry_durable: true,
             broken: None,
+            budget: None,
+            held_bytes: 0,
+            map: None,
+            degraded: false,
         }
     }
 
@@ -344,6 +373,9 @@ impl ChangeLog {
     pub fn append_data(&mut self, offset: u64, data: &[u8]) -> Result<(), LogError> {
         let len = data.len() as u64;
         self.check(offset, len)?;
+        if self.bitmap_instead(offset, len, len)? {
+            return Ok(());
+        }
         // A request larger than a record holds is logged as several records.
         let mut done = 0usize;
         for chunk in data.chunks(MAX_RECORD_DATA as usize) {
@@ -362,6 +394,9 @@ impl ChangeLog {
     /// Records that `offset..offset+len` reads as zeros (write-zeroes, discard).
     pub fn append_zeroes(&mut self, offset: u64, len: u64) -> Result<(), LogError> {
         self.check(offset, len)?;
+        if self.bitmap_instead(offset, len, 0)? {
+            return Ok(());
+        }
         let h = RecordHeader {
             kind: RecordKind::Zeroes,
             offset,
@@ -374,6 +409,7 @@ impl ChangeLog {
     /// Makes every appended record durable (a guest flush; before the disk's), with
     /// the file's directory entry if a cut started it.
     pub fn sync(&mut self) -> Result<(), LogError> {
+        self.sync_bitmap()?;
         self.file.sync_data().map_err(|e| self.io(e))?;
         if !self.entry_durable {
             self.sync_dir()?;
@@ -387,6 +423,11 @@ impl ChangeLog {
     pub fn seal(&mut self, cut_id: u64) -> Result<PendingSeal, LogError> {
         if let Some(why) = &self.broken {
             return Err(self.corrupt(self.seq, why.clone()));
+        }
+        if self.degraded {
+            return Err(LogError::Degraded {
+                file: self.label.clone(),
+            });
         }
         let t = TrailerFields {
             seq: self.seq,
@@ -420,6 +461,7 @@ impl ChangeLog {
             }
         };
         tracing::debug!(log = %self.label, seq = segment.seq, cut_id, records = segment.records, "change log: segment sealed");
+        self.count_held();
         Ok(PendingSeal {
             segment,
             file,

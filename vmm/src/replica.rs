@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use api::config::DiskConfig;
-use api::{ApiError, ReplicaCutInfo, ReplicaSegmentInfo};
+use api::{ApiError, ReplicaCatchUpInfo, ReplicaCutInfo, ReplicaCutRequest, ReplicaSegmentInfo};
 use devices::block::{BlockBackend, Tracked};
 
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -50,17 +50,23 @@ fn track_here(
 }
 
 /// Seals every replicated disk's log at one crash-consistent point (on the file
-/// thread: each seal makes the log's next segment file).
-pub fn cut(devices: &DeviceManager, disks: &[DiskConfig]) -> Result<ReplicaCutInfo, ApiError> {
+/// thread: each seal makes the log's next segment file); with `catch_up`, restarts
+/// every log for a catch-up instead (see [`catch_up_here`]).
+pub fn cut(
+    devices: &DeviceManager,
+    disks: &[DiskConfig],
+    req: ReplicaCutRequest,
+) -> Result<ReplicaCutInfo, ApiError> {
     let (replicated, disks) = (devices.replicated.clone(), disks.to_vec());
     crate::file_broker::run(crate::file_broker::FileOp::SealChangeLogs, move || {
-        cut_here(&replicated, &disks)
+        cut_here(&replicated, &disks, &req)
     })
 }
 
 fn cut_here(
     replicated: &[(String, Arc<dyn BlockBackend>)],
     disks: &[DiskConfig],
+    req: &ReplicaCutRequest,
 ) -> Result<ReplicaCutInfo, ApiError> {
     let tracked: Vec<(&str, &Tracked)> = replicated
         .iter()
@@ -74,6 +80,22 @@ fn cut_here(
     // Hold all of them before sealing any (always in the same order).
     let mut held: Vec<_> = tracked.iter().map(|(id, t)| (*id, t.hold())).collect();
     let held_at = std::time::Instant::now();
+    if let Some(budget) = req.log_budget {
+        for (id, h) in held.iter_mut() {
+            h.set_budget(Some(budget)).map_err(|e| {
+                ApiError::internal(format!("disk '{id}': storing the log's budget: {e}"))
+            })?;
+        }
+    }
+    if req.catch_up {
+        return catch_up_here(held, held_at);
+    }
+    // A degraded log seals nothing: the cut is refused before any disk is sealed.
+    if let Some((id, _)) = held.iter().find(|(_, h)| h.degraded()) {
+        return Err(ApiError::conflict(format!(
+            "disk '{id}': its change log is over its budget and keeps a region bitmap: a catch-up (catch_up) restarts it"
+        )));
+    }
     let cut_id = held.iter().map(|(_, h)| h.last_cut_id()).max().unwrap_or(0) + 1;
     let mut pending = Vec::with_capacity(held.len());
     for (id, h) in held.iter_mut() {
@@ -101,6 +123,46 @@ fn cut_here(
         cut_id,
         segments,
         held_us,
+        catch_up: Vec::new(),
+    })
+}
+
+/// A catch-up: with every disk held, each log (degraded or not) freezes all it holds
+/// into a region map and starts again at segment 1 — at one moment for all disks, so
+/// the new segments of every disk begin at the same point. The primary then reads the
+/// maps' regions (after this moment) and sends them before the new segments.
+fn catch_up_here(
+    mut held: Vec<(&str, devices::block::Held<'_>)>,
+    held_at: std::time::Instant,
+) -> Result<ReplicaCutInfo, ApiError> {
+    let mut out = Vec::with_capacity(held.len());
+    let mut cut_id = 0;
+    for (id, h) in held.iter_mut() {
+        let map = h.restart_for_catch_up().map_err(|e| {
+            tracing::error!(disk = %id, error = %e, "replica: restart for a catch-up failed");
+            ApiError::internal(format!(
+                "disk '{id}': restarting its log for a catch-up: {e}"
+            ))
+        })?;
+        cut_id = cut_id.max(map.last_cut_id);
+        out.push(ReplicaCatchUpInfo {
+            disk: id.to_string(),
+            regions: map.regions(),
+            dirty_bytes: map.dirty_bytes(),
+        });
+    }
+    drop(held);
+    let held_us = u64::try_from(held_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+    tracing::info!(
+        disks = out.len(),
+        held_us,
+        "replica: logs restarted for a catch-up"
+    );
+    Ok(ReplicaCutInfo {
+        cut_id,
+        segments: Vec::new(),
+        held_us,
+        catch_up: out,
     })
 }
 

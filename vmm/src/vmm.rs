@@ -505,8 +505,8 @@ impl Vmm {
             VmAction::MigrationInfo => serde_json::to_value(self.migration_info())
                 .map(Some)
                 .map_err(|e| ApiError::internal(e.to_string())),
-            VmAction::ReplicaCut => self.vm_mut().and_then(|vm| {
-                let cut = crate::replica::cut(vm.devices(), &vm.config().disks)?;
+            VmAction::ReplicaCut(req) => self.vm_mut().and_then(|vm| {
+                let cut = crate::replica::cut(vm.devices(), &vm.config().disks, req.clone())?;
                 serde_json::to_value(cut)
                     .map(Some)
                     .map_err(|e| ApiError::internal(e.to_string()))

@@ -53,6 +53,7 @@ impl Replications {
             ));
         }
         let bandwidth_mbit = crate::throttle::parse_limit(&req.bandwidth_mbit).map_err(bad)?;
+        let log_budget = super::settings::parse_log_budget(&req.log_budget).map_err(bad)?;
         let settings = Settings {
             to: req.to.clone(),
             server_name: req.server_name.clone().unwrap_or(host),
@@ -66,6 +67,7 @@ impl Replications {
             established: false,
             bandwidth_mbit,
             paused_reason: None,
+            log_budget,
         };
         let mut jobs = lock(&self.jobs);
         if jobs.contains_key(name) {
@@ -107,6 +109,7 @@ impl Replications {
             bandwidth_mbit: settings.bandwidth_mbit,
             history: settings.history,
             history_spacing_s: settings.history_spacing_s,
+            log_budget: settings.log_budget,
             state: if settings.paused {
                 "paused"
             } else {
@@ -132,6 +135,7 @@ impl Replications {
             Arc::downgrade(self),
             shipper,
             interval,
+            settings.log_budget,
             status.clone(),
             paused_rx,
         ));

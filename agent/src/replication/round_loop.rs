@@ -26,6 +26,7 @@ pub(super) async fn run(
     owner: std::sync::Weak<Replications>,
     shipper: Shipper,
     interval: Duration,
+    log_budget: u64,
     status: Arc<Mutex<ReplicationStatus>>,
     mut paused: watch::Receiver<bool>,
 ) {
@@ -67,9 +68,18 @@ pub(super) async fn run(
         let cut_held_us = std::sync::atomic::AtomicU64::new(u64::MAX);
         let cut = || async {
             cut_at.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
-            let r = client::request(&socket, "PUT", "/api/v1/vm.replica-cut", None, CUT_TIMEOUT)
-                .await
-                .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
+            let body = serde_json::json!({ "log_budget": log_budget })
+                .to_string()
+                .into_bytes();
+            let r = client::request(
+                &socket,
+                "PUT",
+                "/api/v1/vm.replica-cut",
+                Some(body),
+                CUT_TIMEOUT,
+            )
+            .await
+            .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
             if !r.ok() {
                 return Err(format!("vm.replica-cut: {}", r.error_message()));
             }
@@ -84,8 +94,28 @@ pub(super) async fn run(
             }
             Ok(id)
         };
+        // Every log of the VM restarted at one moment for a catch-up from the maps.
+        let catch_up = || async {
+            let body = serde_json::json!({ "log_budget": log_budget, "catch_up": true })
+                .to_string()
+                .into_bytes();
+            let r = client::request(
+                &socket,
+                "PUT",
+                "/api/v1/vm.replica-cut",
+                Some(body),
+                CUT_TIMEOUT,
+            )
+            .await
+            .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
+            if !r.ok() {
+                return Err(format!("vm.replica-cut (catch-up): {}", r.error_message()));
+            }
+            Ok(())
+        };
+        note_degraded(&shipper, &status, &sup, &name, log_budget);
         let began = std::time::Instant::now();
-        let result = shipper.round(cut).await;
+        let result = shipper.round_with(cut, catch_up).await;
         if let Err(ShipError::FailedOverElsewhere { .. }) = &result {
             // Retrying would be refused for good, and the VM must not run here —
             // unless the replica was failed over before this replication reached it
@@ -115,6 +145,19 @@ pub(super) async fn run(
             }
             match result {
                 Ok(s) => {
+                    if s.caught_up {
+                        st.catch_ups += 1;
+                        st.catch_up_bytes_sent += s.catch_up_bytes;
+                        st.catch_up_region_bytes += s.catch_up_region_bytes;
+                        sup.replication_event(
+                            &name,
+                            "replication-caught-up",
+                            Some(format!(
+                                "from the change logs' region maps: {} bytes of regions, {} bytes on the wire",
+                                s.catch_up_region_bytes, s.catch_up_bytes
+                            )),
+                        );
+                    }
                     st.base_bytes_sent += s.base_bytes;
                     st.base_differing_bytes += s.base_differing_bytes;
                     st.segment_bytes_sent += s.segment_bytes;
@@ -158,6 +201,7 @@ pub(super) async fn run(
                 }
             }
         };
+        note_degraded(&shipper, &status, &sup, &name, log_budget);
         if let Some(reason) = full {
             // Retrying now would fail the same way: paused until the replica has
             // room (or `replica resume`).
@@ -171,6 +215,30 @@ pub(super) async fn run(
             _ = tokio::time::sleep(wait) => {}
             r = paused.changed() => if r.is_err() { return },
         }
+    }
+}
+
+/// Shows whether a change log is over its budget (degraded to a region bitmap) in the
+/// status, with an event when it became so.
+fn note_degraded(
+    shipper: &Shipper,
+    status: &Mutex<ReplicationStatus>,
+    sup: &crate::supervisor::Supervisor,
+    name: &str,
+    log_budget: u64,
+) {
+    let degraded = shipper.log_degraded();
+    let was = std::mem::replace(&mut lock(status).log_degraded, degraded);
+    if degraded && !was {
+        warn!(vm = %name, log_budget, "a change log passed its budget: it keeps a region bitmap until a catch-up");
+        sup.replication_event(
+            name,
+            "replication-log-degraded",
+            Some(format!(
+                "a change log passed its budget of {} MiB: it keeps a region bitmap, no recovery point until the replica caught up from it",
+                log_budget >> 20
+            )),
+        );
     }
 }
 

@@ -32,6 +32,11 @@ pub struct EnableRequest {
     /// A bandwidth limit in Mbit/s (a number, a string of one, or "off"/null: none).
     #[serde(default)]
     pub bandwidth_mbit: serde_json::Value,
+    /// Bytes of segments each disk's change log may hold (a number, or a string
+    /// like "2G", "512M"; default 2 GiB): over it the log keeps a region bitmap and
+    /// replication catches up from it.
+    #[serde(default)]
+    pub log_budget: serde_json::Value,
     /// Set by a reverse replication (not part of the REST body).
     #[serde(skip)]
     pub reverse: bool,
@@ -77,6 +82,60 @@ pub struct Settings {
     /// Why replication paused by itself (a full replica), kept across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_reason: Option<String>,
+    /// Bytes of segments each disk's change log may hold (the VMM is told with each
+    /// cut and keeps it beside the log).
+    #[serde(default = "default_log_budget")]
+    pub log_budget: u64,
+}
+
+/// A change log's budget when none is given: 2 GiB.
+pub const DEFAULT_LOG_BUDGET: u64 = 2 << 30;
+/// The smallest budget taken (a budget below a few segments degrades at once).
+pub const MIN_LOG_BUDGET: u64 = 1 << 20;
+
+fn default_log_budget() -> u64 {
+    DEFAULT_LOG_BUDGET
+}
+
+/// A budget from the REST body: a number of bytes or a string with an optional K, M,
+/// G or T suffix (powers of 1024); null: the default. Below 1 MiB or unreadable: an
+/// error in one line.
+pub fn parse_log_budget(v: &serde_json::Value) -> Result<u64, String> {
+    let bytes = match v {
+        serde_json::Value::Null => return Ok(DEFAULT_LOG_BUDGET),
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => {
+            let t = s.trim();
+            let (num, shift) = match t.char_indices().last() {
+                Some((i, c)) if c.is_ascii_alphabetic() => {
+                    let shift = match c.to_ascii_uppercase() {
+                        'K' => 10,
+                        'M' => 20,
+                        'G' => 30,
+                        'T' => 40,
+                        _ => 64,
+                    };
+                    (&t[..i], shift)
+                }
+                _ => (t, 0),
+            };
+            num.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|_| shift < 64)
+                .and_then(|n| n.checked_mul(1u64 << shift))
+        }
+        _ => None,
+    };
+    match bytes {
+        Some(b) if b >= MIN_LOG_BUDGET => Ok(b),
+        Some(b) => Err(format!(
+            "log_budget {b} bytes: at least {MIN_LOG_BUDGET} (1M)"
+        )),
+        None => Err(format!(
+            "log_budget {v}: expected bytes, or a number with K, M, G or T (e.g. 2G)"
+        )),
+    }
 }
 
 fn is_zero(n: &u64) -> bool {

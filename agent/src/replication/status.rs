@@ -51,6 +51,16 @@ pub struct ReplicationStatus {
     pub last_cut_held_us: Option<u64>,
     pub max_cut_held_us: u64,
     pub last_error: Option<String>,
+    /// Bytes of segments each disk's change log may hold.
+    pub log_budget: u64,
+    /// A change log is over its budget: it keeps a region bitmap, and the next round
+    /// that reaches the replica catches up from it (no recovery point until then).
+    pub log_degraded: bool,
+    /// Catch-ups from the region maps completed, their bytes on the wire (compressed)
+    /// and the bytes of the disks they sent (the maps' regions).
+    pub catch_ups: u64,
+    pub catch_up_bytes_sent: u64,
+    pub catch_up_region_bytes: u64,
 }
 
 impl Job {

@@ -35,6 +35,22 @@ impl Held<'_> {
     pub fn last_cut_id(&self) -> u64 {
         self.log.last_cut_id()
     }
+
+    /// The log's budget in bytes of segments (None: none); see `replica::ChangeLog`.
+    pub fn set_budget(&mut self, budget: Option<u64>) -> Result<(), LogError> {
+        self.log.set_budget(budget)
+    }
+
+    /// Whether the log is over its budget and keeps a region bitmap.
+    pub fn degraded(&self) -> bool {
+        self.log.degraded()
+    }
+
+    /// Freezes everything the log holds into a region map and starts it again (a
+    /// catch-up; no segment is sealed).
+    pub fn restart_for_catch_up(&mut self) -> Result<replica::RegionMap, LogError> {
+        self.log.restart_for_catch_up()
+    }
 }
 
 fn log_error(e: LogError) -> io::Error {

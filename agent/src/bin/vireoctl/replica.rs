@@ -28,6 +28,11 @@ pub(crate) enum ReplicaCommand {
         /// Limit the bytes sent to the replica to MBIT Mbit/s (0.1 to 100000).
         #[arg(long, value_name = "MBIT")]
         bandwidth: Option<String>,
+        /// Bytes of segments each disk's change log may hold while the replica is
+        /// unreachable (2G, 512M ...; default 2G, at least 1M): over it the log keeps
+        /// a region bitmap and replication catches up from it.
+        #[arg(long, value_name = "BYTES")]
+        log_budget: Option<String>,
     },
     /// Change NAME's bandwidth limit to MBIT Mbit/s, or lift it (`off`); the sender
     /// obeys it from its next write.
@@ -177,8 +182,9 @@ pub(crate) fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(),
             history,
             history_spacing,
             bandwidth,
+            log_budget,
         } => {
-            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history, "history_spacing_s": history_spacing, "bandwidth_mbit": bandwidth.as_deref().map(limit_value)});
+            let body = serde_json::json!({"to": to, "server_name": to_name, "interval_s": interval, "history": history, "history_spacing_s": history_spacing, "bandwidth_mbit": bandwidth.as_deref().map(limit_value), "log_budget": log_budget});
             ctx.json("PUT", &path(name), Some(body.to_string().into_bytes()))?
         }
         ReplicaCommand::Bandwidth { name, mbit } => {
@@ -331,7 +337,11 @@ pub(crate) fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(),
             vec![
                 cell(&r["vm"]),
                 cell(&r["to"]),
-                cell(&r["state"]),
+                if r["log_degraded"] == true {
+                    format!("{} (log over budget: region bitmap)", cell(&r["state"]))
+                } else {
+                    cell(&r["state"])
+                },
                 r["last_point"]
                     .as_u64()
                     .map(|p| p.to_string())
@@ -341,6 +351,7 @@ pub(crate) fn replica(ctx: &Ctx, cmd: ReplicaCommand, out: Output) -> Result<(),
                     "{}",
                     r["segment_bytes_sent"].as_u64().unwrap_or(0)
                         + r["base_bytes_sent"].as_u64().unwrap_or(0)
+                        + r["catch_up_bytes_sent"].as_u64().unwrap_or(0)
                 ),
                 r["bandwidth_mbit"]
                     .as_f64()
