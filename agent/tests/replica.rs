@@ -373,9 +373,16 @@ impl PrimaryVm {
             .collect()
     }
 
+    /// The segment files in disk `i`'s log (beside them: its region map).
     fn log_files(&self, i: usize) -> usize {
         std::fs::read_dir(self.dir.path().join(format!("log{i}")))
             .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(replica::SEGMENT_SUFFIX))
+            })
             .count()
     }
 }

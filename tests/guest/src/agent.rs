@@ -53,7 +53,8 @@ impl RxBufs {
             tokens: Vec::new(),
         };
         for _ in 0..n {
-            r.bufs.push(Box::into_raw(alloc::vec![0u8; len].into_boxed_slice()));
+            r.bufs
+                .push(Box::into_raw(alloc::vec![0u8; len].into_boxed_slice()));
             r.tokens.push(0);
         }
         for i in 0..n {
@@ -173,7 +174,10 @@ impl Agent {
         m[..4].copy_from_slice(&id.to_le_bytes());
         m[4..6].copy_from_slice(&event.to_le_bytes());
         m[6..].copy_from_slice(&value.to_le_bytes());
-        if let Err(e) = self.ctrl_tx.add_notify_wait_pop(&[&m], &mut [], &mut self.t) {
+        if let Err(e) = self
+            .ctrl_tx
+            .add_notify_wait_pop(&[&m], &mut [], &mut self.t)
+        {
             fail!("agent: control send: {:?}", e);
         }
     }
@@ -203,7 +207,10 @@ impl Agent {
 
     fn send(&mut self, bytes: &[u8]) {
         for chunk in bytes.chunks(1024) {
-            if let Err(e) = self.port_tx.add_notify_wait_pop(&[chunk], &mut [], &mut self.t) {
+            if let Err(e) = self
+                .port_tx
+                .add_notify_wait_pop(&[chunk], &mut [], &mut self.t)
+            {
                 fail!("agent: port send: {:?}", e);
             }
         }
@@ -236,7 +243,8 @@ impl Agent {
     fn command(&mut self, line: &[u8], work: &mut dyn Freezable) {
         let line = String::from_utf8_lossy(line);
         let Some(cmd) = string_after(&line, "\"execute\"") else {
-            return self.send(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"no execute\"}}\n");
+            return self
+                .send(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"no execute\"}}\n");
         };
         println!("agent cmd={}", cmd);
         let reply = match cmd {
@@ -280,7 +288,11 @@ impl Agent {
 /// The string value after `key` (`"key": "value"`).
 fn string_after<'a>(s: &'a str, key: &str) -> Option<&'a str> {
     let rest = &s[s.find(key)? + key.len()..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
     Some(&rest[..rest.find('"')?])
 }
 
@@ -288,6 +300,8 @@ fn string_after<'a>(s: &'a str, key: &str) -> Option<&'a str> {
 fn number_after(s: &str, key: &str) -> Option<u64> {
     let rest = &s[s.find(key)? + key.len()..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }

@@ -1066,7 +1066,10 @@ pub fn replica_writer() -> ! {
     println!("rw start disks={} blocks={}", disks, blocks);
     // With `agent`: a guest agent on the console's agent port, served between writes;
     // while frozen no block is written.
-    let mut agent = CMDLINE.get("agent").is_some().then(crate::agent::Agent::open);
+    let mut agent = CMDLINE
+        .get("agent")
+        .is_some()
+        .then(crate::agent::Agent::open);
     let mut buf = vec![0u8; 4096];
     let mut n = 1u64;
     if CMDLINE.get("resume").is_some() {

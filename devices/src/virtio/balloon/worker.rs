@@ -91,7 +91,8 @@ pub(super) struct BalloonWorker {
     stats_interval: Option<Duration>,
     /// The statistics buffer the device holds (its head index) until the next request.
     stats_held: Option<u16>,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it; never read).
+    _stop: EventFd,
     epoll: Epoll,
 }
 
@@ -125,7 +126,7 @@ impl BalloonWorker {
             stats_interval: (stats_interval_s > 0)
                 .then(|| Duration::from_secs(u64::from(stats_interval_s))),
             stats_held: None,
-            stop,
+            _stop: stop,
             epoll,
         })
     }

@@ -56,7 +56,8 @@ pub(super) struct BlockWorker {
     poll: PollWindow,
     /// A host I/O error stopped this queue (on_error): requests wait for a resume.
     stopped: bool,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it; never read).
+    _stop: EventFd,
     epoll: Epoll,
 }
 
@@ -100,7 +101,7 @@ impl BlockWorker {
             config,
             counters,
             throttle,
-            stop,
+            _stop: stop,
             epoll,
         })
     }

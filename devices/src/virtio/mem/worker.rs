@@ -95,7 +95,8 @@ pub(super) struct MemWorker {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     shared: Arc<Shared>,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it; never read).
+    _stop: EventFd,
     epoll: Epoll,
 }
 
@@ -123,7 +124,7 @@ impl MemWorker {
             mem,
             interrupt,
             shared,
-            stop,
+            _stop: stop,
             epoll,
         })
     }

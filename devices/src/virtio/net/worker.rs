@@ -39,7 +39,8 @@ pub(super) struct NetWorker {
     /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several receive buffers.
     mergeable: bool,
     counters: Arc<NetCounters>,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it; never read).
+    _stop: EventFd,
     epoll: Epoll,
     /// Receive buffers taken from the ring but not used yet (in ring order). A
     /// stopped worker puts them back (rewinds the ring) so nothing is lost.
@@ -93,7 +94,7 @@ impl NetWorker {
             backend,
             mergeable,
             counters,
-            stop,
+            _stop: stop,
             epoll,
             held: VecDeque::new(),
             held_bytes: 0,

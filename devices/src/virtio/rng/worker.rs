@@ -21,7 +21,8 @@ pub(super) struct RngWorker {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     bytes: Arc<AtomicU64>,
-    stop: EventFd,
+    /// Kept open for the epoll interest (the device's workers share it; never read).
+    _stop: EventFd,
     epoll: Epoll,
 }
 
@@ -66,7 +67,7 @@ impl RngWorker {
             mem,
             interrupt,
             bytes,
-            stop,
+            _stop: stop,
             epoll,
         })
     }
