@@ -66,23 +66,29 @@ pub(super) async fn run(
         let cut_at = std::sync::atomic::AtomicU64::new(0);
         let cut_id = std::sync::atomic::AtomicU64::new(0);
         let cut_held_us = std::sync::atomic::AtomicU64::new(u64::MAX);
+        // One vm.replica-cut request: the VMM's answer, or why there is none.
+        let replica_cut = |body: serde_json::Value, what: &'static str| {
+            let (socket, name) = (&socket, &name);
+            async move {
+                let r = client::request(
+                    socket,
+                    "PUT",
+                    "/api/v1/vm.replica-cut",
+                    Some(body.to_string().into_bytes()),
+                    CUT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
+                if !r.ok() {
+                    return Err(format!("{what}: {}", r.error_message()));
+                }
+                Ok(r)
+            }
+        };
         let cut = || async {
             cut_at.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
-            let body = serde_json::json!({ "log_budget": log_budget })
-                .to_string()
-                .into_bytes();
-            let r = client::request(
-                &socket,
-                "PUT",
-                "/api/v1/vm.replica-cut",
-                Some(body),
-                CUT_TIMEOUT,
-            )
-            .await
-            .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
-            if !r.ok() {
-                return Err(format!("vm.replica-cut: {}", r.error_message()));
-            }
+            let body = serde_json::json!({ "log_budget": log_budget });
+            let r = replica_cut(body, "vm.replica-cut").await?;
             let answer = r.json();
             let id = answer
                 .as_ref()
@@ -96,22 +102,10 @@ pub(super) async fn run(
         };
         // Every log of the VM restarted at one moment for a catch-up from the maps.
         let catch_up = || async {
-            let body = serde_json::json!({ "log_budget": log_budget, "catch_up": true })
-                .to_string()
-                .into_bytes();
-            let r = client::request(
-                &socket,
-                "PUT",
-                "/api/v1/vm.replica-cut",
-                Some(body),
-                CUT_TIMEOUT,
-            )
-            .await
-            .map_err(|e| format!("VM {name:?} (is it running?): {}", crate::error_chain(&e)))?;
-            if !r.ok() {
-                return Err(format!("vm.replica-cut (catch-up): {}", r.error_message()));
-            }
-            Ok(())
+            let body = serde_json::json!({ "log_budget": log_budget, "catch_up": true });
+            replica_cut(body, "vm.replica-cut (catch-up)")
+                .await
+                .map(|_| ())
         };
         note_degraded(&shipper, &status, &sup, &name, log_budget);
         let began = std::time::Instant::now();
